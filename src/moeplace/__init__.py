@@ -1,0 +1,3 @@
+"""moeplace: affinity-aware expert placement for Mixture-of-Experts inference."""
+
+__version__ = "0.1.0"

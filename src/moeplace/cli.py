@@ -1,0 +1,94 @@
+"""`moeplace` command line: one sub-command per pipeline stage.
+
+Each stage owns its command in its own module; this group imports a module only when its
+command runs, so `moeplace --help` stays fast (no torch import) and a stage's heavy
+dependencies never slow the others. Any MoeplaceError becomes one line on stderr and its exit
+code (2 for bad input, 1 for a regression); there is never a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from moeplace import __version__
+from moeplace.errors import MoeplaceError
+
+# name -> (module, attribute, one-line help shown by `moeplace --help`)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "trace": ("moeplace.trace.cli", "trace", "Record per-token routing of a Hugging Face MoE model into a trace."),
+    "import": ("moeplace.trace.importers_cli", "import_", "Convert traces of other tools (CSV, ExFlow, SGLang) to moeplace's format."),
+    "analyze": ("moeplace.analyze.cli", "analyze", "Report load skew, inter-layer affinity and its stability, with figures."),
+    "solve": ("moeplace.solve.cli", "solve", "Place experts on GPUs so consecutive experts of a token share a GPU."),
+    "eval": ("moeplace.eval.cli", "eval_", "Replay a trace against a placement: traffic, imbalance, cost vs baselines."),
+    "check": ("moeplace.eval.cli", "check", "CI gate: fail when placements regress past thresholds in a YAML file."),
+    "serve": ("moeplace.serve.cli", "serve", "Expert-parallel inference under torchrun with the placement applied."),
+    "export": ("moeplace.export.cli", "export", "Write a placement in the format SGLang, vLLM or DeepSeek EPLB reads."),
+    "permute-checkpoint": ("moeplace.export.cli", "permute_checkpoint", "Renumber a checkpoint's experts so a contiguous layout realises a placement."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            help_text = COMMANDS[name][2]
+
+            @click.command(name, help=f"{help_text} (unavailable: {e})")
+            def unavailable() -> None:
+                raise MoeplaceError(f"'{name}' is unavailable in this install: {e}")
+
+            return unavailable
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_text) for name, (_, _, help_text) in COMMANDS.items()]
+        with formatter.section("Commands (the pipeline: trace -> analyze -> solve -> eval -> serve/export)"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="moeplace")
+def main() -> None:
+    """moeplace: place Mixture-of-Experts experts on GPUs using inter-layer expert affinity.
+
+    \b
+    Typical use:
+      moeplace solve traces/flame-moe-290m-decoder.npz --gpus 8 -o placement.json
+      moeplace eval placement.json traces/flame-moe-290m-decoder.npz
+    Run `moeplace COMMAND --help` for each command's inputs, outputs and defaults.
+    """
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning moeplace errors into one line and an exit code."""
+    try:
+        main.main(args=argv, prog_name="moeplace", standalone_mode=False)
+    except MoeplaceError as e:
+        click.echo(f"moeplace: error: {e}", err=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("moeplace: aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("moeplace: interrupted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    return 0
+
+
+def entry() -> Any:
+    sys.exit(run())

@@ -1,0 +1,23 @@
+"""Errors that the CLI turns into one clean line and an exit code (never a traceback)."""
+
+from __future__ import annotations
+
+
+class MoeplaceError(Exception):
+    """Bad input or an impossible request: printed as one line, exit code 2."""
+
+    exit_code = 2
+
+
+class RegressionError(MoeplaceError):
+    """A placement regressed past a user threshold (`moeplace eval --max-...`): exit code 1."""
+
+    exit_code = 1
+
+
+class TraceError(MoeplaceError):
+    """A trace file is malformed, truncated or inconsistent."""
+
+
+class PlacementError(MoeplaceError):
+    """A placement file is malformed or does not fit the trace/model it is used with."""

@@ -1,0 +1,211 @@
+"""The placement (format v1) shared by solve, eval, serve and export.
+
+A JSON file:
+
+    format         "moeplace.placement/v1"
+    num_layers     MoE layers L
+    num_experts    logical experts per layer E
+    num_gpus       G (expert-parallel ranks)
+    gpus_per_node  GPUs per node (G % gpus_per_node == 0); node of gpu g = g // gpus_per_node
+    expert_to_gpu  [L][E] GPU of each expert's primary copy
+    replicas       [L] lists of [expert, gpu]: extra copies (redundant experts); [] when none
+    objective, solver, bound, gap, metrics, trace_sha256, split: how it was made (informative)
+
+Physical slots (what engines number): on each GPU, its primary experts in ascending id, then
+its replicas in the listed order; GPU 0's slots first. See `physical_slots`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeplace.errors import PlacementError
+from moeplace.io import write_json_atomic
+
+PLACEMENT_FORMAT = "moeplace.placement/v1"
+
+
+@dataclass
+class Placement:
+    expert_to_gpu: np.ndarray  # int64 [L, E]
+    num_gpus: int
+    gpus_per_node: int
+    replicas: list[list[tuple[int, int]]] = field(default_factory=list)  # per layer (expert, gpu)
+    objective: dict[str, Any] = field(default_factory=dict)
+    solver: dict[str, Any] = field(default_factory=dict)
+    bound: float | None = None
+    gap: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    trace_sha256: str | None = None
+    split: dict[str, Any] | None = None  # {"train_fraction": f, "seed": s} when fitted on a split
+    extra: dict[str, Any] = field(default_factory=dict)  # other keys, kept on round-trip
+
+    def __post_init__(self) -> None:
+        self.expert_to_gpu = np.asarray(self.expert_to_gpu, dtype=np.int64)
+        if not self.replicas:
+            self.replicas = [[] for _ in range(self.num_layers)]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.expert_to_gpu.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.expert_to_gpu.shape[1])
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_gpus // self.gpus_per_node
+
+    @property
+    def num_replicas(self) -> int:
+        return max((len(r) for r in self.replicas), default=0)
+
+    def node_of(self, gpu: np.ndarray | int) -> np.ndarray | int:
+        return gpu // self.gpus_per_node
+
+    def holders(self, layer: int) -> list[list[int]]:
+        """GPUs holding a copy of each expert of `layer` (primary first)."""
+        out = [[int(g)] for g in self.expert_to_gpu[layer]]
+        for e, g in self.replicas[layer]:
+            out[e].append(int(g))
+        return out
+
+    def experts_on_gpu(self, layer: int, gpu: int) -> list[int]:
+        """Logical experts of `layer` with a copy on `gpu`, in physical slot order."""
+        primary = [int(e) for e in np.flatnonzero(self.expert_to_gpu[layer] == gpu)]
+        return primary + [int(e) for e, g in self.replicas[layer] if g == gpu]
+
+    def physical_slots(self, layer: int) -> list[tuple[int, int]]:
+        """(gpu, logical expert) of each physical slot of `layer`, GPU-major."""
+        return [(g, e) for g in range(self.num_gpus) for e in self.experts_on_gpu(layer, g)]
+
+    def check_fits(self, num_layers: int, num_experts: int, what: str = "trace") -> None:
+        """Reject a placement made for another model (layer or expert count)."""
+        if (self.num_layers, self.num_experts) != (num_layers, num_experts):
+            raise PlacementError(
+                f"placement is for {self.num_layers} MoE layers x {self.num_experts} experts, "
+                f"but the {what} has {num_layers} x {num_experts}"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PLACEMENT_FORMAT,
+            "num_layers": self.num_layers,
+            "num_experts": self.num_experts,
+            "num_gpus": self.num_gpus,
+            "gpus_per_node": self.gpus_per_node,
+            "expert_to_gpu": self.expert_to_gpu.tolist(),
+            "replicas": [[[int(e), int(g)] for e, g in r] for r in self.replicas],
+            "objective": self.objective,
+            "solver": self.solver,
+            "bound": self.bound,
+            "gap": self.gap,
+            "metrics": self.metrics,
+            "trace_sha256": self.trace_sha256,
+            "split": self.split,
+            **self.extra,
+        }
+
+    def save(self, path: str | Path) -> None:
+        validate_placement(self, str(path))
+        write_json_atomic(path, self.to_json())
+
+
+_KNOWN = {
+    "format", "num_layers", "num_experts", "num_gpus", "gpus_per_node", "expert_to_gpu", "replicas",
+    "objective", "solver", "bound", "gap", "metrics", "trace_sha256", "split",
+}
+
+
+def validate_placement(p: Placement, name: str = "placement") -> Placement:
+    """Check internal consistency; raise PlacementError naming `name` and the problem."""
+    e2g = p.expert_to_gpu
+    if e2g.ndim != 2 or 0 in e2g.shape:
+        raise PlacementError(f"{name}: expert_to_gpu must be a non-empty [layers][experts] table")
+    if p.num_gpus < 1 or p.gpus_per_node < 1:
+        raise PlacementError(f"{name}: num_gpus and gpus_per_node must be >= 1")
+    if p.num_gpus % p.gpus_per_node:
+        raise PlacementError(f"{name}: num_gpus={p.num_gpus} is not a multiple of gpus_per_node={p.gpus_per_node}")
+    if e2g.min() < 0 or e2g.max() >= p.num_gpus:
+        raise PlacementError(f"{name}: a GPU id in expert_to_gpu is outside [0, {p.num_gpus})")
+    if len(p.replicas) != p.num_layers:
+        raise PlacementError(f"{name}: replicas must have one list per layer ({p.num_layers}), got {len(p.replicas)}")
+    for layer, reps in enumerate(p.replicas):
+        seen: set[tuple[int, int]] = set()
+        for e, g in reps:
+            if not (0 <= e < p.num_experts and 0 <= g < p.num_gpus):
+                raise PlacementError(f"{name}: replica ({e}, {g}) of layer {layer} is out of range")
+            if g == e2g[layer, e] or (e, g) in seen:
+                raise PlacementError(f"{name}: expert {e} of layer {layer} has two copies on GPU {g}")
+            seen.add((e, g))
+    return p
+
+
+def load_placement(path: str | Path) -> Placement:
+    p = Path(path)
+    if not p.is_file():
+        raise PlacementError(f"{p}: no such file")
+    try:
+        doc = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PlacementError(f"{p}: not valid JSON ({e})") from None
+    return placement_from_json(doc, str(p))
+
+
+def placement_from_json(doc: Any, name: str = "placement") -> Placement:
+    if not isinstance(doc, dict):
+        raise PlacementError(f"{name}: a placement is a JSON object")
+    if doc.get("format") != PLACEMENT_FORMAT:
+        raise PlacementError(f"{name}: not a moeplace placement (format {doc.get('format')!r}, expected {PLACEMENT_FORMAT!r})")
+    for key in ("num_layers", "num_experts", "num_gpus", "gpus_per_node", "expert_to_gpu"):
+        if key not in doc:
+            raise PlacementError(f"{name}: missing '{key}'")
+    try:
+        e2g = np.asarray(doc["expert_to_gpu"])
+        replicas = [[(int(e), int(g)) for e, g in r] for r in (doc.get("replicas") or [])]
+        num_gpus, gpn = int(doc["num_gpus"]), int(doc["gpus_per_node"])
+    except (TypeError, ValueError) as e:
+        raise PlacementError(f"{name}: malformed expert_to_gpu/replicas ({e})") from None
+    if e2g.ndim != 2 or not np.issubdtype(e2g.dtype, np.integer):
+        raise PlacementError(f"{name}: expert_to_gpu must be a rectangular table of integer GPU ids")
+    if e2g.shape != (int(doc["num_layers"]), int(doc["num_experts"])):
+        raise PlacementError(
+            f"{name}: expert_to_gpu is {e2g.shape[0]}x{e2g.shape[1]} but num_layers x num_experts "
+            f"is {doc['num_layers']}x{doc['num_experts']}"
+        )
+    p = Placement(
+        expert_to_gpu=e2g,
+        num_gpus=num_gpus,
+        gpus_per_node=gpn,
+        replicas=replicas,
+        objective=doc.get("objective") or {},
+        solver=doc.get("solver") or {},
+        bound=doc.get("bound"),
+        gap=doc.get("gap"),
+        metrics=doc.get("metrics") or {},
+        trace_sha256=doc.get("trace_sha256"),
+        split=doc.get("split"),
+        extra={k: v for k, v in doc.items() if k not in _KNOWN},
+    )
+    return validate_placement(p, name)
+
+
+def check_topology(num_experts: int, num_gpus: int, gpus_per_node: int, balanced: bool = True) -> None:
+    """Reject impossible clusters before any work: one clear line each."""
+    if num_gpus < 1:
+        raise PlacementError(f"--gpus must be >= 1, got {num_gpus}")
+    if gpus_per_node < 1 or num_gpus % gpus_per_node:
+        raise PlacementError(f"--gpus {num_gpus} is not a multiple of --gpus-per-node {gpus_per_node}")
+    if balanced and num_experts % num_gpus:
+        raise PlacementError(
+            f"{num_experts} experts per layer cannot be split equally over {num_gpus} GPUs "
+            f"({num_experts} % {num_gpus} = {num_experts % num_gpus})"
+        )
+    if num_gpus > num_experts:
+        raise PlacementError(f"{num_gpus} GPUs for {num_experts} experts: some GPU would hold no expert")

@@ -1,0 +1,40 @@
+"""Progress on stderr for long work: a line per update when not a TTY, a rewritten line on a TTY."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    """Reports at most every `every` seconds; silent for work that finishes within `after` s."""
+
+    def __init__(self, label: str, total: float | None = None, every: float = 0.5, after: float = 1.0,
+                 enabled: bool = True) -> None:
+        self.label, self.total, self.every, self.after = label, total, every, after
+        self.enabled = enabled
+        self.start = time.monotonic()
+        self._last = 0.0
+        self._tty = sys.stderr.isatty()
+        self._shown = False
+
+    def update(self, done: float, note: str = "") -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.start < self.after or now - self._last < self.every:
+            return
+        self._last = now
+        frac = f" {done / self.total:5.1%}" if self.total else ""
+        msg = f"{self.label}:{frac} {note} [{now - self.start:.1f}s]"
+        if self._tty:
+            sys.stderr.write("\r\x1b[K" + msg)
+        else:
+            sys.stderr.write(msg + "\n")
+        sys.stderr.flush()
+        self._shown = True
+
+    def close(self, note: str = "") -> None:
+        if self.enabled and (self._shown or note):
+            end = "\n" if self._tty and self._shown else ""
+            msg = f"{self.label}: done {note} [{time.monotonic() - self.start:.1f}s]"
+            sys.stderr.write(("\r\x1b[K" if self._tty and self._shown else "") + msg + "\n" if note else end)
+            sys.stderr.flush()

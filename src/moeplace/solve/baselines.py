@@ -1,0 +1,61 @@
+"""Placements that engines use today, computed alongside every solve for comparison.
+
+All keep E/G experts of each layer per GPU. Shapes: loads float [L, E]; result int [L, E] GPU ids.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def contiguous(num_layers: int, num_experts: int, num_gpus: int) -> np.ndarray:
+    """Experts [g*E/G, (g+1)*E/G) on GPU g: the default of Megatron, DeepSpeed, vLLM, SGLang."""
+    per_gpu = num_experts // num_gpus
+    return np.tile(np.arange(num_experts) // per_gpu, (num_layers, 1))
+
+
+def round_robin(num_layers: int, num_experts: int, num_gpus: int) -> np.ndarray:
+    """Expert e on GPU e % G."""
+    return np.tile(np.arange(num_experts) % num_gpus, (num_layers, 1))
+
+
+def random_balanced(num_layers: int, num_experts: int, num_gpus: int, seed: int = 0) -> np.ndarray:
+    """A seeded random permutation of the contiguous layout, per layer."""
+    rng = np.random.default_rng(seed)
+    base = np.arange(num_experts) // (num_experts // num_gpus)
+    return np.stack([rng.permutation(base) for _ in range(num_layers)])
+
+
+def greedy_load(loads: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Load-only balancing (EPLB without replicas): heaviest expert to the lightest GPU with room.
+
+    1. sort each layer's experts by load, descending;
+    2. give each to the least-loaded GPU that still holds fewer than E/G experts.
+    """
+    num_layers, num_experts = loads.shape
+    per_gpu = num_experts // num_gpus
+    out = np.empty((num_layers, num_experts), dtype=np.int64)
+    for layer in range(num_layers):
+        gpu_load = np.zeros(num_gpus)
+        count = np.zeros(num_gpus, dtype=np.int64)
+        for e in np.argsort(-loads[layer], kind="stable"):
+            room = np.flatnonzero(count < per_gpu)
+            g = room[np.argmin(gpu_load[room])]
+            out[layer, e] = g
+            gpu_load[g] += loads[layer, e]
+            count[g] += 1
+    return out
+
+
+BASELINES = ("contiguous", "round_robin", "random", "greedy_load")
+
+
+def all_baselines(loads: np.ndarray, num_gpus: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Every baseline layout for loads [L, E], keyed by name."""
+    num_layers, num_experts = loads.shape
+    return {
+        "contiguous": contiguous(num_layers, num_experts, num_gpus),
+        "round_robin": round_robin(num_layers, num_experts, num_gpus),
+        "random": random_balanced(num_layers, num_experts, num_gpus, seed),
+        "greedy_load": greedy_load(loads, num_gpus),
+    }

@@ -1,0 +1,351 @@
+"""The routing trace (format v1) shared by every stage, and the load-only input.
+
+Trace v1 is an `.npz` holding:
+
+    topk_ids      int   [tokens, moe_layers, k]  expert ids, highest gate weight first
+    topk_weights  float [tokens, moe_layers, k]  gate weights (optional)
+    num_experts   int   scalar                   (optional; inferred as max id + 1)
+    token_ids     int   [tokens]                 (optional) vocabulary ids
+    sequence_ids  int   [tokens]                 (optional) which sequence a token belongs to
+    positions     int   [tokens]                 (optional) position in its sequence
+    meta          str   scalar JSON              (optional) model, moe_layers, source, corpus...
+
+ExFlow's trace, a `.npy` int array [tokens, moe_layers] of top-1 ids, is read as k = 1.
+
+Load-only input (format "moeplace.loads/v1"), for sources that have no per-token paths (SGLang
+`stat` dumps, Mixtral MMLU popularity counts): an `.npz` with `expert_loads` float
+[moe_layers, experts] (token-expert selections per expert) and `meta`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeplace.errors import TraceError
+from moeplace.io import save_npz_atomic
+
+TRACE_FORMAT = "moeplace.trace/v1"
+LOADS_FORMAT = "moeplace.loads/v1"
+_PER_TOKEN = ("token_ids", "sequence_ids", "positions")
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Per-token routing: which experts each token used at each MoE layer."""
+
+    topk_ids: np.ndarray  # int64 [T, L, k]
+    num_experts: int
+    topk_weights: np.ndarray | None = None  # float32 [T, L, k]
+    token_ids: np.ndarray | None = None  # int64 [T]
+    sequence_ids: np.ndarray | None = None  # int64 [T]
+    positions: np.ndarray | None = None  # int64 [T]
+    meta: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""  # of the file it was loaded from ("" if built in memory)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.topk_ids.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.topk_ids.shape[1])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.topk_ids.shape[2])
+
+    def weights_or_uniform(self) -> np.ndarray:
+        """Gate weights [T, L, k]; 1/k each when the trace has none (ExFlow, top-1 imports)."""
+        if self.topk_weights is not None:
+            return self.topk_weights
+        return np.full(self.topk_ids.shape, 1.0 / self.top_k, dtype=np.float32)
+
+    def select_tokens(self, index: np.ndarray) -> "Trace":
+        """The sub-trace of the given token indices (or boolean mask)."""
+        pick = lambda a: None if a is None else a[index]  # noqa: E731
+        return replace(
+            self,
+            topk_ids=self.topk_ids[index],
+            topk_weights=pick(self.topk_weights),
+            token_ids=pick(self.token_ids),
+            sequence_ids=pick(self.sequence_ids),
+            positions=pick(self.positions),
+        )
+
+    def expert_loads(self) -> np.ndarray:
+        """Token-expert selections per expert, float64 [L, E] (each of the k choices counts 1)."""
+        loads = np.zeros((self.num_layers, self.num_experts), dtype=np.float64)
+        layer = np.broadcast_to(np.arange(self.num_layers)[None, :, None], self.topk_ids.shape)
+        np.add.at(loads, (layer.ravel(), self.topk_ids.ravel()), 1.0)
+        return loads
+
+
+def split_tokens(num_tokens: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random split of token indices into (train, held_out), both sorted."""
+    if not 0.0 < train_fraction <= 1.0:
+        raise TraceError(f"train fraction must be in (0, 1], got {train_fraction}")
+    perm = np.random.default_rng(seed).permutation(num_tokens)
+    n_train = max(1, int(round(train_fraction * num_tokens)))
+    return np.sort(perm[:n_train]), np.sort(perm[n_train:])
+
+
+def validate_trace(trace: Trace, name: str = "trace") -> Trace:
+    """Check shapes, dtypes and ranges; raise TraceError naming `name` and the problem."""
+    ids = trace.topk_ids
+    if ids.ndim != 3:
+        raise TraceError(f"{name}: topk_ids must be [tokens, moe_layers, k], got shape {list(ids.shape)}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TraceError(f"{name}: topk_ids must be integers, got dtype {ids.dtype}")
+    t, l, k = ids.shape
+    if t == 0 or l == 0 or k == 0:
+        raise TraceError(f"{name}: empty trace (shape {list(ids.shape)})")
+    if trace.num_experts <= 0:
+        raise TraceError(f"{name}: num_experts must be positive, got {trace.num_experts}")
+    if ids.min() < 0 or ids.max() >= trace.num_experts:
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise TraceError(f"{name}: expert id {bad} out of range [0, {trace.num_experts})")
+    if k > trace.num_experts:
+        raise TraceError(f"{name}: k={k} exceeds num_experts={trace.num_experts}")
+    if k > 1:
+        s = np.sort(ids, axis=-1)
+        dup = np.argwhere((s[..., 1:] == s[..., :-1]).any(axis=-1))
+        if len(dup):
+            tok, lay = (int(x) for x in dup[0])
+            raise TraceError(
+                f"{name}: duplicate expert ids in the top-k of token {tok} at layer {lay} "
+                f"({len(dup)} token-layers affected)"
+            )
+    w = trace.topk_weights
+    if w is not None:
+        if w.shape != ids.shape:
+            raise TraceError(f"{name}: topk_weights shape {list(w.shape)} != topk_ids shape {list(ids.shape)}")
+        if not np.issubdtype(w.dtype, np.floating):
+            raise TraceError(f"{name}: topk_weights must be floats, got dtype {w.dtype}")
+        if np.isnan(w).any():
+            raise TraceError(f"{name}: topk_weights contains NaN")
+        if (w < 0).any():
+            raise TraceError(f"{name}: topk_weights contains negative values")
+    for key in _PER_TOKEN:
+        a = getattr(trace, key)
+        if a is not None and (a.ndim != 1 or a.shape[0] != t):
+            raise TraceError(f"{name}: {key} must be [tokens={t}], got shape {list(a.shape)}")
+        if a is not None and not np.issubdtype(a.dtype, np.integer):
+            raise TraceError(f"{name}: {key} must be integers, got dtype {a.dtype}")
+    return trace
+
+
+def make_trace(
+    topk_ids: np.ndarray,
+    topk_weights: np.ndarray | None = None,
+    num_experts: int | None = None,
+    *,
+    token_ids: np.ndarray | None = None,
+    sequence_ids: np.ndarray | None = None,
+    positions: np.ndarray | None = None,
+    meta: dict[str, Any] | None = None,
+    name: str = "trace",
+) -> Trace:
+    """Build and validate a Trace from arrays (ids cast to int64, weights to float32)."""
+    ids = np.asarray(topk_ids)
+    if ids.ndim == 2:  # top-1 [T, L]
+        ids = ids[:, :, None]
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TraceError(f"{name}: topk_ids must be integers, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    if num_experts is None:
+        if ids.size == 0:
+            raise TraceError(f"{name}: empty trace (shape {list(ids.shape)})")
+        num_experts = int(ids.max()) + 1
+    w = None
+    if topk_weights is not None:
+        w = np.asarray(topk_weights)
+        if w.ndim == 2:
+            w = w[:, :, None]
+        if not np.issubdtype(w.dtype, np.floating):
+            raise TraceError(f"{name}: topk_weights must be floats, got dtype {w.dtype}")
+        w = w.astype(np.float32, copy=False)
+    as_int = lambda a: None if a is None else np.asarray(a).astype(np.int64, copy=False)  # noqa: E731
+    trace = Trace(
+        topk_ids=ids,
+        num_experts=int(num_experts),
+        topk_weights=w,
+        token_ids=as_int(token_ids),
+        sequence_ids=as_int(sequence_ids),
+        positions=as_int(positions),
+        meta=dict(meta or {}),
+    )
+    return validate_trace(trace, name)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_trace(path: str | Path) -> Trace:
+    """Load a v1 `.npz` trace or an ExFlow `.npy` top-1 trace, validated.
+
+    Raises TraceError (one line naming the file) for anything missing, malformed or truncated.
+    """
+    p = Path(path)
+    name = str(p)
+    if not p.is_file():
+        raise TraceError(f"{name}: no such file")
+    if p.stat().st_size == 0:
+        raise TraceError(f"{name}: file is empty")
+    if p.suffix == ".npy":
+        trace = _load_exflow_npy(p)
+    else:
+        trace = _load_npz(p)
+    return replace(trace, sha256=file_sha256(p))
+
+
+def _load_exflow_npy(p: Path) -> Trace:
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except ValueError as e:  # object arrays need pickle: refuse them
+        raise TraceError(f"{p}: not a plain numeric .npy array ({e})") from None
+    except (OSError, EOFError) as e:
+        raise TraceError(f"{p}: truncated or unreadable .npy ({e})") from None
+    if arr.ndim != 2:
+        raise TraceError(f"{p}: an ExFlow trace is [tokens, moe_layers] of top-1 ids, got shape {list(arr.shape)}")
+    return make_trace(arr, meta={"source": "exflow-npy", "file": p.name}, name=str(p))
+
+
+def _load_npz(p: Path) -> Trace:
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            keys = set(z.files)
+            if "topk_ids" not in keys:
+                hint = " (this is a load-only file: use it where expert loads are accepted)" if "expert_loads" in keys else ""
+                raise TraceError(f"{p}: not a moeplace trace: no 'topk_ids' array{hint}")
+            arrays = {k: z[k] for k in keys}
+    except TraceError:
+        raise
+    except ValueError as e:
+        raise TraceError(f"{p}: unreadable array (object arrays are refused; {e})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise TraceError(f"{p}: truncated or not an .npz file ({type(e).__name__}: {e})") from None
+    if arrays["topk_ids"].ndim != 3:
+        raise TraceError(f"{p}: topk_ids must be [tokens, moe_layers, k], got shape {list(arrays['topk_ids'].shape)}")
+    meta = _parse_meta(arrays.get("meta"), p)
+    fmt = meta.get("format", TRACE_FORMAT)
+    if fmt != TRACE_FORMAT:
+        raise TraceError(f"{p}: unsupported trace format {fmt!r} (this moeplace reads {TRACE_FORMAT})")
+    num_experts = arrays.get("num_experts")
+    if num_experts is not None:
+        if num_experts.size != 1 or not np.issubdtype(num_experts.dtype, np.integer):
+            raise TraceError(f"{p}: num_experts must be one integer")
+        num_experts = int(num_experts.reshape(()))
+    return make_trace(
+        arrays["topk_ids"],
+        arrays.get("topk_weights"),
+        num_experts,
+        token_ids=arrays.get("token_ids"),
+        sequence_ids=arrays.get("sequence_ids"),
+        positions=arrays.get("positions"),
+        meta=meta,
+        name=str(p),
+    )
+
+
+def _parse_meta(raw: np.ndarray | None, p: Path) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(str(raw.reshape(())))
+    except (ValueError, TypeError) as e:
+        raise TraceError(f"{p}: 'meta' is not a JSON string ({e})") from None
+    if not isinstance(meta, dict):
+        raise TraceError(f"{p}: 'meta' must be a JSON object")
+    return meta
+
+
+def save_trace(trace: Trace, path: str | Path) -> None:
+    """Write a v1 trace atomically (temp file + rename)."""
+    validate_trace(trace, str(path))
+    arrays: dict[str, np.ndarray] = {
+        "topk_ids": trace.topk_ids.astype(_id_dtype(trace.num_experts)),
+        "num_experts": np.asarray(trace.num_experts, dtype=np.int64),
+        "meta": np.asarray(json.dumps({**trace.meta, "format": TRACE_FORMAT})),
+    }
+    if trace.topk_weights is not None:
+        arrays["topk_weights"] = trace.topk_weights.astype(np.float32)
+    for key in _PER_TOKEN:
+        a = getattr(trace, key)
+        if a is not None:
+            arrays[key] = a.astype(np.int64)
+    save_npz_atomic(path, **arrays)
+
+
+def _id_dtype(num_experts: int) -> type:
+    # ids are stored compactly; loading widens them to int64
+    return np.int16 if num_experts <= np.iinfo(np.int16).max else np.int32
+
+
+@dataclass(frozen=True)
+class ExpertLoads:
+    """Load-only routing statistics: token-expert selections per expert and layer."""
+
+    loads: np.ndarray  # float64 [L, E]
+    meta: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.loads.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.loads.shape[1])
+
+
+def make_loads(loads: np.ndarray, meta: dict[str, Any] | None = None, name: str = "loads") -> ExpertLoads:
+    a = np.asarray(loads)
+    if a.ndim != 2 or 0 in a.shape:
+        raise TraceError(f"{name}: expert_loads must be a non-empty [moe_layers, experts] array, got shape {list(a.shape)}")
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise TraceError(f"{name}: expert_loads must be numeric, got dtype {a.dtype}")
+    a = a.astype(np.float64)
+    if np.isnan(a).any() or (a < 0).any():
+        raise TraceError(f"{name}: expert_loads must be finite and non-negative")
+    return ExpertLoads(a, dict(meta or {}))
+
+
+def save_loads(loads: ExpertLoads, path: str | Path) -> None:
+    save_npz_atomic(
+        path,
+        expert_loads=loads.loads,
+        meta=np.asarray(json.dumps({**loads.meta, "format": LOADS_FORMAT})),
+    )
+
+
+def load_loads(path: str | Path) -> ExpertLoads:
+    """Load a load-only `.npz`; a per-token trace is accepted too and summed into loads."""
+    p = Path(path)
+    if not p.is_file():
+        raise TraceError(f"{p}: no such file")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            keys = set(z.files)
+            raw = z["expert_loads"] if "expert_loads" in keys else None
+            meta_raw = z["meta"] if "meta" in keys else None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise TraceError(f"{p}: truncated or not an .npz file ({type(e).__name__}: {e})") from None
+    if raw is None:
+        if "topk_ids" in keys:
+            t = load_trace(p)
+            return ExpertLoads(t.expert_loads(), {**t.meta, "from_trace": True}, t.sha256)
+        raise TraceError(f"{p}: neither 'expert_loads' nor 'topk_ids' found")
+    loads = make_loads(raw, _parse_meta(meta_raw, p), str(p))
+    return replace(loads, sha256=file_sha256(p))

@@ -1,0 +1,146 @@
+"""Trace and placement formats: round trips and every bad-input case gets one clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moeplace.errors import PlacementError, TraceError
+from moeplace.placement import Placement, check_topology, load_placement
+from moeplace.trace.format import load_loads, load_trace, make_loads, make_trace, save_loads, save_trace, split_tokens
+
+
+def test_trace_round_trip(tmp_path: Path, small_trace) -> None:
+    path = tmp_path / "t.npz"
+    save_trace(small_trace, path)
+    back = load_trace(path)
+    np.testing.assert_array_equal(back.topk_ids, small_trace.topk_ids)
+    np.testing.assert_allclose(back.topk_weights, small_trace.topk_weights)
+    np.testing.assert_array_equal(back.sequence_ids, small_trace.sequence_ids)
+    assert back.num_experts == 8 and back.top_k == 2 and len(back.sha256) == 64
+    assert not list(tmp_path.glob("*.tmp")), "atomic write left a temp file"
+
+
+def test_exflow_npy_is_top1(tmp_path: Path) -> None:
+    path = tmp_path / "exflow.npy"
+    np.save(path, np.array([[0, 3], [2, 1], [3, 3]], dtype=np.int32))
+    t = load_trace(path)
+    assert t.topk_ids.shape == (3, 2, 1) and t.num_experts == 4 and t.topk_weights is None
+
+
+def _npz(path: Path, **arrays) -> Path:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"topk_ids": np.zeros((4, 2), np.int64) + [[0, 1]]}, "topk_ids must be"),
+        ({"topk_ids": np.zeros((4, 2, 2), np.float32)}, "must be integers"),
+        ({"topk_ids": np.array([[[0, 9]]]), "num_experts": np.array(8)}, "expert id 9 out of range"),
+        ({"topk_ids": np.array([[[0, -1]]]), "num_experts": np.array(8)}, "expert id -1 out of range"),
+        ({"topk_ids": np.array([[[2, 2]]]), "num_experts": np.array(8)}, "duplicate expert ids"),
+        ({"topk_ids": np.array([[[0, 1]]]), "topk_weights": np.array([[[np.nan, 0.1]]])}, "NaN"),
+        ({"topk_ids": np.array([[[0, 1]]]), "topk_weights": np.array([[[-0.5, 0.1]]])}, "negative"),
+        ({"topk_ids": np.array([[[0, 1]]]), "topk_weights": np.array([[0.5, 0.1]])}, "shape"),
+        ({"topk_ids": np.zeros((0, 2, 2), np.int64), "num_experts": np.array(8)}, "empty trace"),
+        ({"topk_ids": np.array([[[0, 1]]]), "meta": np.array("{not json")}, "not a JSON"),
+        ({"topk_ids": np.array([[[0, 1]]]), "sequence_ids": np.array([0, 1])}, "sequence_ids must be"),
+        ({"expert_loads": np.ones((2, 4))}, "load-only"),
+    ],
+)
+def test_bad_trace_is_one_clear_error(tmp_path: Path, arrays, message) -> None:
+    path = _npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(TraceError, match=message) as err:
+        load_trace(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_truncated_and_empty_and_pickled(tmp_path: Path, small_trace) -> None:
+    good = tmp_path / "good.npz"
+    save_trace(small_trace, good)
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(TraceError, match="truncated"):
+        load_trace(cut)
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    with pytest.raises(TraceError, match="empty"):
+        load_trace(empty)
+    pickled = tmp_path / "obj.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(TraceError, match="not a plain numeric"):
+        load_trace(pickled)
+    with pytest.raises(TraceError, match="no such file"):
+        load_trace(tmp_path / "missing.npz")
+
+
+def test_split_is_seeded_and_disjoint() -> None:
+    a_train, a_test = split_tokens(100, 0.5, seed=3)
+    b_train, _ = split_tokens(100, 0.5, seed=3)
+    np.testing.assert_array_equal(a_train, b_train)
+    assert len(a_train) == 50 and not set(a_train) & set(a_test)
+    assert len(set(a_train) | set(a_test)) == 100
+
+
+def test_loads_round_trip_and_from_trace(tmp_path: Path, small_trace) -> None:
+    save_loads(make_loads(np.arange(8).reshape(2, 4), {"source": "x"}), tmp_path / "l.npz")
+    back = load_loads(tmp_path / "l.npz")
+    assert back.loads.shape == (2, 4) and back.meta["source"] == "x"
+    save_trace(small_trace, tmp_path / "t.npz")
+    from_trace = load_loads(tmp_path / "t.npz")
+    assert from_trace.loads.sum() == small_trace.num_tokens * small_trace.num_layers * small_trace.top_k
+
+
+def test_placement_round_trip_and_checks(tmp_path: Path) -> None:
+    p = Placement(np.array([[0, 0, 1, 1], [1, 0, 1, 0]]), num_gpus=2, gpus_per_node=1,
+                  replicas=[[(2, 0)], []], metrics={"x": 1.0})
+    p.save(tmp_path / "p.json")
+    back = load_placement(tmp_path / "p.json")
+    np.testing.assert_array_equal(back.expert_to_gpu, p.expert_to_gpu)
+    assert back.replicas == [[(2, 0)], []]
+    assert back.physical_slots(0) == [(0, 0), (0, 1), (0, 2), (1, 2), (1, 3)]
+    assert back.holders(0)[2] == [1, 0]
+    with pytest.raises(PlacementError, match="placement is for 2 MoE layers x 4 experts"):
+        back.check_fits(3, 4)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(format="other"), "not a moeplace placement"),
+        (lambda d: d.pop("expert_to_gpu"), "missing 'expert_to_gpu'"),
+        (lambda d: d.update(expert_to_gpu=[[0, 5, 1, 1], [1, 0, 1, 0]]), "outside"),
+        (lambda d: d.update(num_experts=5), "num_layers x num_experts"),
+        (lambda d: d.update(num_gpus=3), "not a multiple"),
+        (lambda d: d.update(replicas=[[[2, 1]], []]), "two copies"),
+    ],
+)
+def test_bad_placement(tmp_path: Path, mutate, message) -> None:
+    doc = Placement(np.array([[0, 0, 1, 1], [1, 0, 1, 0]]), num_gpus=2, gpus_per_node=2).to_json()
+    mutate(doc)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(PlacementError, match=message):
+        load_placement(path)
+    path.write_text("{")
+    with pytest.raises(PlacementError, match="not valid JSON"):
+        load_placement(path)
+
+
+def test_impossible_topology() -> None:
+    with pytest.raises(PlacementError, match="cannot be split equally"):
+        check_topology(64, 6, 6)
+    with pytest.raises(PlacementError, match="not a multiple"):
+        check_topology(64, 8, 3)
+    check_topology(64, 8, 4)
+
+
+def test_make_trace_infers_experts() -> None:
+    t = make_trace(np.array([[[0, 5]], [[1, 2]]]))
+    assert t.num_experts == 6 and t.num_layers == 1
