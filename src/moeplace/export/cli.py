@@ -1,0 +1,215 @@
+"""`moeplace export` and `moeplace permute-checkpoint`: hand a placement to the engines people run."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import click
+
+from moeplace.errors import MoeplaceError, PlacementError
+from moeplace.placement import Placement, load_placement
+
+TO_FORMATS = ("sglang", "vllm", "vllm-ascend", "eplb")
+
+
+@contextlib.contextmanager
+def _os_errors(output: Path, directory: bool = False) -> Iterator[None]:
+    """Turn an OS failure (output is a directory, no permission, disk full) into one clear line."""
+    if output.is_dir() and not directory:
+        raise MoeplaceError(f"-o {output}: is a directory")
+    try:
+        yield
+    except OSError as e:
+        raise MoeplaceError(f"{e.filename or output}: {e.strerror or e}") from None
+
+
+def parse_layers(spec: str) -> list[int]:
+    """'3-60' or '0,2,4-7' -> decoder layer ids (ranges inclusive)."""
+    layers: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            layers.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise MoeplaceError(f"--moe-layers {spec!r}: expected ids and inclusive ranges like '3-60' or '0,2,4-7'") from None
+    return layers
+
+
+def _model_layers(model: Path | None, trace: Path | None, moe_layers: str | None, num_hidden_layers: int | None,
+                  placement: Placement | None) -> tuple[list[int] | None, int | None, int | None]:
+    """(decoder layer ids of the MoE layers, decoder depth, experts per layer) from --model,
+    --trace (the meta `moeplace trace` records) or --moe-layers."""
+    if sum(x is not None for x in (model, trace, moe_layers)) > 1:
+        raise MoeplaceError("give one of --model, --trace or --moe-layers")
+    if trace is not None:
+        from moeplace.trace.format import load_trace
+
+        t = load_trace(trace)
+        if placement is not None:
+            placement.check_fits(t.num_layers, t.num_experts, what=f"trace {trace}")
+        layers, depth = t.meta.get("moe_layers"), t.meta.get("num_decoder_layers")
+        if not isinstance(layers, list) or len(layers) != t.num_layers:
+            raise MoeplaceError(f"{trace}: its meta does not list the decoder layer of each MoE layer "
+                                "(traces from `moeplace trace` do): use --model or --moe-layers")
+        return [int(x) for x in layers], num_hidden_layers or (int(depth) if isinstance(depth, int) else None), t.num_experts
+    if model is not None:
+        from moeplace.export.permute import moe_blocks, open_checkpoint, text_config
+
+        ckpt = open_checkpoint(model)
+        blocks = moe_blocks(ckpt)
+        if placement is not None:
+            placement.check_fits(len(blocks), blocks[0].num_experts, what=f"model {model}")
+        depth = text_config(ckpt.config).get("num_hidden_layers")
+        depth = num_hidden_layers or (int(depth) if isinstance(depth, int) else None)
+        return [b.layer for b in blocks], depth, blocks[0].num_experts
+    return (parse_layers(moe_layers) if moe_layers else None), num_hidden_layers, None
+
+
+EXPORT_HELP = """Write a placement in the format an engine reads, or read an engine's file back.
+
+\b
+--to FORMAT: INPUT is a moeplace placement (v1 JSON); -o gets:
+  sglang       {"physical_to_logical_map": [decoder layers][physical]} for SGLang's
+               --init-expert-location (rows for every decoder layer: give --model, --trace
+               or --moe-layers/--num-hidden-layers when some layers are dense)
+  vllm         vLLM EplbState arrays (physical_to_logical_map, logical_to_physical_map,
+               logical_replica_count) with ep_size; upstream vLLM has no file option:
+               see docs/engines/vllm.md (use permute-checkpoint)
+  vllm-ascend  the expert map read by vllm-ascend's expert_map_path
+  eplb         DeepSeek EPLB phy2log / log2phy / logcnt (JSON; .npz when -o ends in .npz)
+--from FORMAT (sglang, vllm, vllm-ascend, eplb): INPUT is that engine's file; -o gets a
+  moeplace placement for `moeplace eval`. Give --gpus (the engine's EP size) unless the file
+  says it; --model/--trace/--moe-layers select the MoE rows of an SGLang map.
+
+Physical expert s is on GPU s // (physical / GPUs) in every format, so each GPU must hold the
+same number of copies. Docs: docs/engines/{sglang,vllm,eplb}.md.
+
+\b
+Examples:
+  moeplace export placement.json --to sglang --model ./DeepSeek-V3 -o expert_location.json
+  moeplace export placement.json --to eplb -o eplb.npz
+  moeplace export --from sglang expert_location.json --gpus 8 --moe-layers 3-60 -o running.json
+"""
+
+
+@click.command("export", help=EXPORT_HELP, no_args_is_help=True)
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("--to", "to_format", type=click.Choice(TO_FORMATS), help="Write INPUT (a placement) in this format.")
+@click.option("--from", "from_format", type=click.Choice(TO_FORMATS), help="Read INPUT (this engine's file) into a placement.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="File to write (atomically).")
+@click.option("--model", type=click.Path(path_type=Path),
+              help="Hugging Face model dir: which decoder layers are MoE (sglang rows) and a fit check.")
+@click.option("--trace", type=click.Path(path_type=Path),
+              help="A `moeplace trace` file of this model: its meta says which decoder layers are MoE (sglang rows).")
+@click.option("--moe-layers", help="Decoder layer ids of the MoE layers, e.g. '3-60' (default: all layers, in order).")
+@click.option("--num-hidden-layers", type=click.IntRange(min=1), help="Decoder layers for SGLang rows (default: from --model, else the last MoE layer + 1).")
+@click.option("--gpus", type=click.IntRange(min=1), help="--from: the engine's expert-parallel size (default: from the file).")
+@click.option("--gpus-per-node", type=click.IntRange(min=1), help="--from: GPUs per node (default: from the file, else --gpus).")
+def export(input_path: Path, to_format: str | None, from_format: str | None, output: Path, model: Path | None,
+           trace: Path | None, moe_layers: str | None, num_hidden_layers: int | None, gpus: int | None, gpus_per_node: int | None) -> None:
+    if (to_format is None) == (from_format is None):
+        raise MoeplaceError("give exactly one of --to FORMAT (write a placement) or --from FORMAT (read an engine file)")
+    if to_format:
+        if gpus is not None or gpus_per_node is not None:
+            raise MoeplaceError("--gpus/--gpus-per-node are for --from; --to uses the placement's own topology")
+        placement = load_placement(input_path)
+        with _os_errors(output):
+            _write(placement, to_format, output, model, trace, moe_layers, num_hidden_layers)
+    else:
+        assert from_format is not None
+        with _os_errors(output):
+            _read(input_path, from_format, output, model, trace, moe_layers, gpus, gpus_per_node)
+
+
+def _write(placement: Placement, fmt: str, output: Path, model: Path | None, trace: Path | None,
+           moe_layers: str | None, num_hidden_layers: int | None) -> None:
+    from moeplace.export import eplb, sglang, vllm
+
+    if fmt != "sglang" and (model or trace or moe_layers or num_hidden_layers):
+        raise MoeplaceError(f"--model/--trace/--moe-layers/--num-hidden-layers only apply to sglang "
+                            f"(a {fmt} file has MoE layers only)")
+    redundant = placement.num_replicas  # the same in every layer once written
+    ep = f"EP size {placement.num_gpus}"
+    if fmt == "sglang":
+        if output.suffix != ".json":
+            raise MoeplaceError(f"-o {output}: SGLang reads --init-expert-location as a JSON file only when its name "
+                                "ends in .json (.pt means torch.load, anything else is parsed as inline JSON)")
+        layers, depth, _ = _model_layers(model, trace, moe_layers, num_hidden_layers, placement)
+        table = sglang.write_sglang(placement, output, layers, depth)
+        click.echo(f"wrote {output}: {table.shape[0]} decoder layers x {table.shape[1]} physical experts "
+                   f"({placement.num_experts} logical + {redundant} redundant). SGLang: --ep-size {placement.num_gpus} "
+                   f"--ep-num-redundant-experts {redundant} --ep-dispatch-algorithm static --init-expert-location {output} "
+                   "(docs/engines/sglang.md)", err=True)
+    elif fmt == "vllm":
+        vllm.write_vllm(placement, output)
+        click.echo(f"wrote {output}: vLLM EplbState arrays for {ep}; upstream vLLM cannot load them from a file: "
+                   "see docs/engines/vllm.md (moeplace permute-checkpoint)", err=True)
+    elif fmt == "vllm-ascend":
+        vllm.write_vllm_ascend(placement, output)
+        click.echo(f"wrote {output}: vllm-ascend expert map for {ep}: --additional-config "
+                   f"'{{\"expert_map_path\": \"{output}\"}}'", err=True)
+    else:
+        eplb.write_eplb(placement, output)
+        click.echo(f"wrote {output}: phy2log/log2phy/logcnt for {placement.num_layers} MoE layers, {ep}, "
+                   f"{redundant} redundant experts", err=True)
+
+
+def _read(path: Path, fmt: str, output: Path, model: Path | None, trace: Path | None, moe_layers: str | None,
+          gpus: int | None, gpus_per_node: int | None) -> None:
+    from moeplace.export import eplb, sglang, vllm
+
+    if fmt != "sglang" and (model or trace or moe_layers):
+        raise MoeplaceError(f"--model/--trace/--moe-layers only apply to --from sglang (a {fmt} file has MoE layers only)")
+    if fmt == "sglang":
+        if gpus is None:
+            raise PlacementError("--from sglang needs --gpus (the --ep-size the map is for)")
+        layers, _, num_experts = _model_layers(model, trace, moe_layers, None, None)
+        placement = sglang.read_sglang(path, gpus, gpus_per_node or gpus, layers, num_experts)
+    elif fmt == "eplb":
+        placement = eplb.read_eplb(path, gpus, gpus_per_node)
+    else:
+        placement = vllm.read_vllm(path, gpus, gpus_per_node)
+    placement.save(output)
+    click.echo(f"wrote {output}: {placement.num_layers} MoE layers x {placement.num_experts} experts on "
+               f"{placement.num_gpus} GPUs, {sum(map(len, placement.replicas))} replicas in all", err=True)
+
+
+PERMUTE_HELP = """Renumber a Hugging Face safetensors checkpoint's experts so that a plain
+contiguous expert-parallel layout (rank g holds experts [g*E/G, (g+1)*E/G)) realises PLACEMENT.
+
+\b
+Inputs:  MODEL_DIR  config.json + model.safetensors (or shards + model.safetensors.index.json),
+                    per-expert (experts.{e}.*) or fused (experts.gate_up_proj [E, ...]) layout
+         PLACEMENT  moeplace placement for this model, no replicas, E/G experts per GPU
+Output:  OUT_DIR    same files, each MoE layer's experts and router rows (weight, bias,
+                    e_score_correction_bias) in the placement's order; config and tokenizer
+                    copied; moeplace_permutation.json records new_to_old per MoE layer
+
+The model computes the same function (same logits); expert ids change, so serve OUT_DIR with
+expert parallelism of size G and the engine's default layout. Streams byte ranges shard by
+shard: memory stays flat whatever the checkpoint size. OUT_DIR appears only when complete.
+
+\b
+Example:
+  moeplace permute-checkpoint ./Qwen3-30B-A3B placement.json -o ./Qwen3-30B-A3B-placed
+"""
+
+
+@click.command("permute-checkpoint", help=PERMUTE_HELP, no_args_is_help=True)
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("placement_path", metavar="PLACEMENT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True, help="Directory to create.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete).")
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+def permute_checkpoint(model_dir: Path, placement_path: Path, out_dir: Path, overwrite: bool, quiet: bool) -> None:
+    from moeplace.export.permute import permute_checkpoint as run
+
+    placement = load_placement(placement_path)
+    with _os_errors(out_dir, directory=True):
+        record = run(model_dir, placement, out_dir, overwrite=overwrite, progress=not quiet)
+    skipped = f"; not copied (unpermuted weights): {', '.join(record['skipped'])}" if record["skipped"] else ""
+    click.echo(f"wrote {out_dir}: {len(record['moe_layers'])} MoE layers renumbered, {record['experts_per_gpu']} "
+               f"experts per GPU on {placement.num_gpus} GPUs: serve with expert parallelism of size "
+               f"{placement.num_gpus}{skipped}", err=True)

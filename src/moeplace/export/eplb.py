@@ -1,0 +1,202 @@
+"""DeepSeek EPLB's arrays: the physical-expert layout every engine format is built from.
+
+DeepSeek's `eplb.rebalance_experts` (github.com/deepseek-ai/EPLB, eplb.py) returns, per MoE layer:
+
+    phy2log  int [layers, physical]                 logical expert held by each physical slot
+    log2phy  int [layers, logical, physical-logical+1]  physical slots of each logical expert, -1 padded
+    logcnt   int [layers, logical]                  number of copies of each logical expert
+
+Physical slot s lives on GPU s // (physical / gpus): every GPU holds the same number of slots.
+A moeplace placement numbers its slots the same way (`Placement.physical_slots`: GPU-major,
+on each GPU its primary experts in ascending id, then its replicas), so
+
+    phy2log[l] = [expert for gpu, expert in placement.physical_slots(l)]
+
+File forms written here: JSON {"phy2log", "log2phy", "logcnt", "num_gpus", "gpus_per_node"} or,
+for an output path ending in .npz, the same arrays in an .npz.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeplace.errors import PlacementError
+from moeplace.io import save_npz_atomic, write_json_atomic
+from moeplace.placement import Placement, validate_placement
+
+
+def physical_to_logical(placement: Placement) -> np.ndarray:
+    """phy2log int64 [L, P] of a placement whose GPUs all hold the same number of slots.
+
+    Engines infer a slot's GPU from its index alone (s // (P / G)), so a placement with
+    unequal slot counts per GPU, or a different slot count per layer, has no engine form.
+    """
+    rows: list[list[int]] = []
+    for layer in range(placement.num_layers):
+        per_gpu = [placement.experts_on_gpu(layer, gpu) for gpu in range(placement.num_gpus)]
+        counts = {len(experts) for experts in per_gpu}
+        if len(counts) > 1:
+            fewest = min(range(placement.num_gpus), key=lambda g: len(per_gpu[g]))
+            most = max(range(placement.num_gpus), key=lambda g: len(per_gpu[g]))
+            raise PlacementError(
+                f"layer {layer}: GPU {most} holds {len(per_gpu[most])} physical experts but GPU {fewest} "
+                f"holds {len(per_gpu[fewest])}; engines give every GPU the same number of slots "
+                "(slot s on GPU s // slots_per_gpu): re-solve with an equal number of copies per GPU"
+            )
+        rows.append([expert for experts in per_gpu for expert in experts])
+    widths = {len(r) for r in rows}
+    if len(widths) > 1:
+        raise PlacementError(
+            f"layers have different numbers of physical experts ({sorted(widths)}); engines use one "
+            "count for every layer (logical experts + redundant experts): give every layer the same "
+            "number of replicas"
+        )
+    return np.asarray(rows, dtype=np.int64)
+
+
+def logical_to_physical(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(log2phy int64 [L, E, P - E + 1] -1 padded, slots ascending; logcnt int64 [L, E])."""
+    num_layers, num_physical = phy2log.shape
+    log2phy = np.full((num_layers, num_experts, num_physical - num_experts + 1), -1, dtype=np.int64)
+    logcnt = np.zeros((num_layers, num_experts), dtype=np.int64)
+    for layer in range(num_layers):
+        for slot, expert in enumerate(phy2log[layer]):
+            log2phy[layer, expert, logcnt[layer, expert]] = slot
+            logcnt[layer, expert] += 1
+    return log2phy, logcnt
+
+
+def placement_from_physical(
+    phy2log: Any, num_gpus: int, gpus_per_node: int, num_experts: int | None = None,
+    name: str = "file", source: str = "engine",
+) -> Placement:
+    """Read a [layers, physical] slot table back into a placement.
+
+    1. slot s lives on GPU s // (P / G);
+    2. an expert's first slot is its primary copy, later slots on other GPUs its replicas;
+    3. a second copy on the same GPU adds nothing (DeepSeek EPLB can emit one,
+       deepseek-ai/EPLB#22): it is dropped with a note on stderr.
+    """
+    table = _int_table(phy2log, name, "physical_to_logical map")
+    num_layers, num_physical = table.shape
+    if num_gpus < 1 or gpus_per_node < 1 or num_gpus % gpus_per_node:
+        raise PlacementError(f"--gpus {num_gpus} must be >= 1 and a multiple of --gpus-per-node {gpus_per_node}")
+    if num_physical % num_gpus:
+        raise PlacementError(
+            f"{name}: {num_physical} physical experts per layer cannot be split equally over {num_gpus} GPUs; "
+            "is --gpus the engine's expert-parallel size?"
+        )
+    num_experts = int(table.max()) + 1 if num_experts is None else num_experts
+    if table.min() < 0 or table.max() >= num_experts:
+        raise PlacementError(f"{name}: a logical expert id is outside [0, {num_experts})")
+    slots_per_gpu = num_physical // num_gpus
+    expert_to_gpu = np.full((num_layers, num_experts), -1, dtype=np.int64)
+    replicas: list[list[tuple[int, int]]] = []
+    dropped = 0
+    for layer in range(num_layers):
+        seen: set[tuple[int, int]] = set()
+        reps: list[tuple[int, int]] = []
+        for slot, expert in enumerate(table[layer].tolist()):
+            gpu = slot // slots_per_gpu
+            if (expert, gpu) in seen:
+                dropped += 1
+            elif expert_to_gpu[layer, expert] < 0:
+                expert_to_gpu[layer, expert] = gpu
+            else:
+                reps.append((expert, gpu))
+            seen.add((expert, gpu))
+        missing = np.flatnonzero(expert_to_gpu[layer] < 0)
+        if missing.size:
+            raise PlacementError(f"{name}: layer {layer} has no physical copy of expert {int(missing[0])}")
+        replicas.append(reps)
+    if dropped:
+        print(f"moeplace: note: {name}: {dropped} second copies of an expert on the same GPU counted once",
+              file=sys.stderr)
+    placement = Placement(expert_to_gpu=expert_to_gpu, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
+                          replicas=replicas, solver={"name": f"{source} import", "file": name})
+    return validate_placement(placement, name)
+
+
+def write_eplb(placement: Placement, path: str | Path) -> None:
+    """Write phy2log / log2phy / logcnt as JSON, or .npz when `path` ends in .npz."""
+    phy2log = physical_to_logical(placement)
+    log2phy, logcnt = logical_to_physical(phy2log, placement.num_experts)
+    meta = {"num_gpus": placement.num_gpus, "gpus_per_node": placement.gpus_per_node}
+    if str(path).endswith(".npz"):
+        save_npz_atomic(path, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt,
+                        **{k: np.asarray(v) for k, v in meta.items()})
+    else:
+        write_json_atomic(path, {"phy2log": phy2log, "log2phy": log2phy, "logcnt": logcnt, **meta})
+
+
+def read_eplb(path: str | Path, num_gpus: int | None, gpus_per_node: int | None) -> Placement:
+    """Read an EPLB file (JSON or .npz with at least `phy2log`) into a placement.
+
+    --gpus / --gpus-per-node default to the file's num_gpus / gpus_per_node when it has them.
+    """
+    p = Path(path)
+    doc = read_document(p)
+    if "phy2log" not in doc:
+        raise PlacementError(f"{p}: no 'phy2log' array (keys: {sorted(doc)})")
+    file_gpus = _int_or_none(doc.get("num_gpus"))
+    if num_gpus is not None and file_gpus is not None and num_gpus != file_gpus:
+        raise PlacementError(f"{p}: the file is for {file_gpus} GPUs but --gpus is {num_gpus}")
+    num_gpus = num_gpus if num_gpus is not None else file_gpus
+    if num_gpus is None:
+        raise PlacementError(f"{p}: the file does not say how many GPUs it is for: pass --gpus")
+    gpus_per_node = gpus_per_node or _int_or_none(doc.get("gpus_per_node")) or num_gpus
+    num_experts = None
+    if "logcnt" in doc:
+        num_experts = _int_table(doc["logcnt"], str(p), "logcnt").shape[1]
+    placement = placement_from_physical(doc["phy2log"], num_gpus, gpus_per_node, num_experts, str(p), "eplb")
+    if "logcnt" in doc:
+        _, logcnt = logical_to_physical(_int_table(doc["phy2log"], str(p), "phy2log"), placement.num_experts)
+        if not np.array_equal(logcnt, _int_table(doc["logcnt"], str(p), "logcnt")):
+            raise PlacementError(f"{p}: 'logcnt' does not match the copies counted in 'phy2log'")
+    return placement
+
+
+def read_document(p: Path) -> dict[str, Any]:
+    """A JSON object, or the arrays of an .npz (never unpickled), or one clear error."""
+    if not p.is_file():
+        raise PlacementError(f"{p}: no such file")
+    if p.suffix == ".npz":
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+            raise PlacementError(f"{p}: not a readable .npz ({e})") from None
+    try:
+        doc = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PlacementError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise PlacementError(f"{p}: expected a JSON object")
+    return doc
+
+
+def _int_table(value: Any, name: str, what: str) -> np.ndarray:
+    """A rectangular 2-D integer table, or one clear error."""
+    try:
+        table = np.asarray(value)
+    except (TypeError, ValueError):
+        table = np.asarray(None)
+    if table.ndim != 2 or 0 in table.shape or not np.issubdtype(table.dtype, np.integer):
+        raise PlacementError(f"{name}: {what} must be a non-empty rectangular [layers][experts] table of integers")
+    return table.astype(np.int64)
+
+
+def _int_or_none(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(np.asarray(value).reshape(()))
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,102 @@
+"""SGLang's `--init-expert-location` file: {"physical_to_logical_map": [layers][physical experts]}.
+
+Source: sgl-project/sglang python/sglang/srt/eplb/expert_location.py,
+`compute_initial_expert_location_metadata`: a .json (or .pt, or inline JSON) object holding
+`physical_to_logical_map` is passed as keyword arguments to `ExpertLocationMetadata.init_by_mapping`,
+so it must hold that key and nothing else; SGLang derives `logical_to_all_physical_map` itself.
+(An object holding `logical_count` instead makes SGLang run its own EPLB on those loads.)
+
+Layout SGLang assumes:
+    rows      one per decoder layer, `config.num_hidden_layers` of them, dense layers included
+              (DeepSeek-V3's first_k_dense_replace layers); those rows are never read, and get
+              SGLang's trivial map (slot s -> expert s % E).
+    columns   num_physical = num_logical + --ep-num-redundant-experts, divisible by --ep-size;
+              physical expert s lives on EP rank s // (num_physical / ep_size).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeplace.errors import PlacementError
+from moeplace.export.eplb import physical_to_logical, placement_from_physical, read_document
+from moeplace.io import write_json_atomic
+from moeplace.placement import Placement
+
+KEY = "physical_to_logical_map"
+
+
+def sglang_map(placement: Placement, moe_layers: list[int] | None = None, num_hidden_layers: int | None = None) -> np.ndarray:
+    """physical_to_logical_map int64 [num_hidden_layers, P]: MoE layer i in row moe_layers[i].
+
+    Defaults: MoE layer i is decoder layer i and there are no other layers.
+    """
+    phy2log = physical_to_logical(placement)
+    moe_layers = list(range(placement.num_layers)) if moe_layers is None else moe_layers
+    rows = max(moe_layers, default=-1) + 1 if num_hidden_layers is None else num_hidden_layers
+    _check_layers(moe_layers, placement.num_layers, rows)
+    num_physical = phy2log.shape[1]
+    table = np.tile(np.arange(num_physical) % placement.num_experts, (rows, 1))
+    table[moe_layers] = phy2log
+    return table
+
+
+def write_sglang(placement: Placement, path: str | Path, moe_layers: list[int] | None = None,
+                 num_hidden_layers: int | None = None) -> np.ndarray:
+    table = sglang_map(placement, moe_layers, num_hidden_layers)
+    write_json_atomic(path, {KEY: table})
+    return table
+
+
+def read_sglang(path: str | Path, num_gpus: int, gpus_per_node: int, moe_layers: list[int] | None = None,
+                num_experts: int | None = None) -> Placement:
+    """Read an `--init-expert-location` file (.json, or .pt read with weights_only) into a placement.
+
+    `moe_layers` picks the rows of MoE layers (default: every row is one); `num_experts`
+    defaults to the largest id + 1.
+    """
+    p = Path(path)
+    doc = _load(p)
+    if KEY not in doc:
+        if "logical_count" in doc:
+            raise PlacementError(
+                f"{p}: holds 'logical_count' (expert loads, from which SGLang computes its own EPLB placement), "
+                "not a placement; import it as loads with `moeplace import` and solve"
+            )
+        raise PlacementError(f"{p}: no '{KEY}' (keys: {sorted(doc)})")
+    table = doc[KEY]
+    table = table.numpy() if hasattr(table, "numpy") else table
+    try:
+        table = np.asarray(table)
+    except ValueError:
+        raise PlacementError(f"{p}: '{KEY}' must be a rectangular [layers][physical experts] table") from None
+    if moe_layers is not None:
+        if table.ndim != 2:
+            raise PlacementError(f"{p}: '{KEY}' must be a [layers][physical experts] table")
+        _check_layers(moe_layers, len(moe_layers), table.shape[0])
+        table = table[moe_layers]
+    return placement_from_physical(table, num_gpus, gpus_per_node, num_experts, name=str(p), source="sglang")
+
+
+def _load(p: Path) -> dict[str, Any]:
+    if p.suffix == ".pt" and p.is_file():
+        import torch  # only here: a .pt map is rare and torch is slow to import
+
+        try:
+            doc = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a bad or unsafe file
+            raise PlacementError(f"{p}: not a readable weights-only torch file ({type(e).__name__}: {e})") from None
+        if not isinstance(doc, dict):
+            raise PlacementError(f"{p}: expected a dict with '{KEY}'")
+        return doc
+    return read_document(p)
+
+
+def _check_layers(moe_layers: list[int], num_moe_layers: int, rows: int) -> None:
+    if len(moe_layers) != num_moe_layers:
+        raise PlacementError(f"{len(moe_layers)} MoE layer ids given for a placement of {num_moe_layers} MoE layers")
+    if len(set(moe_layers)) != len(moe_layers) or min(moe_layers) < 0 or max(moe_layers) >= rows:
+        raise PlacementError(f"MoE layer ids must be distinct and within [0, {rows}) decoder layers")

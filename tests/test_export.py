@@ -1,0 +1,266 @@
+"""export: engine files have the engines' exact shapes, read back to the same placement, and bad input gets one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from moeplace.cli import run
+from moeplace.errors import PlacementError
+from moeplace.export.eplb import logical_to_physical, physical_to_logical, placement_from_physical
+from moeplace.export.sglang import sglang_map
+from moeplace.placement import Placement, load_placement
+from moeplace.solve.baselines import random_balanced
+from moeplace.trace.format import make_trace, save_trace
+
+FORMATS = ("sglang", "vllm", "vllm-ascend", "eplb")
+
+
+def plain() -> Placement:
+    return Placement(expert_to_gpu=random_balanced(3, 8, 4, seed=3), num_gpus=4, gpus_per_node=2)
+
+
+def replicated() -> Placement:
+    """One extra copy on every GPU (of an expert of the next GPU): 3 slots per GPU and layer."""
+    e2g = random_balanced(3, 8, 4, seed=4)
+    replicas = []
+    for layer in range(3):
+        reps = []
+        for gpu in range(4):
+            expert = next(int(e) for e in np.flatnonzero(e2g[layer] == (gpu + 1) % 4))
+            reps.append((expert, gpu))
+        replicas.append(reps)
+    return Placement(expert_to_gpu=e2g, num_gpus=4, gpus_per_node=2, replicas=replicas)
+
+
+def slots_by_gpu(p: Placement) -> list[list[list[int]]]:
+    return [[sorted(p.experts_on_gpu(layer, g)) for g in range(p.num_gpus)] for layer in range(p.num_layers)]
+
+
+def cli(*args: str) -> int:
+    return run(["export", *args])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_without_replicas_is_exact(tmp_path: Path, fmt: str) -> None:
+    src, out, back = tmp_path / "p.json", tmp_path / f"engine.{fmt}.json", tmp_path / "back.json"
+    plain().save(src)
+    assert cli(str(src), "--to", fmt, "-o", str(out)) == 0
+    assert cli("--from", fmt, str(out), "--gpus", "4", "--gpus-per-node", "2", "-o", str(back)) == 0
+    p = load_placement(back)
+    np.testing.assert_array_equal(p.expert_to_gpu, plain().expert_to_gpu)
+    assert not any(p.replicas) and (p.num_gpus, p.gpus_per_node) == (4, 2)
+    assert not list(tmp_path.glob(".*")), "atomic write left a temp file"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_with_replicas_keeps_every_copy(tmp_path: Path, fmt: str) -> None:
+    src, out, back = tmp_path / "p.json", tmp_path / "engine.json", tmp_path / "back.json"
+    replicated().save(src)
+    assert cli(str(src), "--to", fmt, "-o", str(out)) == 0
+    gpus = [] if fmt != "sglang" else ["--gpus", "4", "--gpus-per-node", "2"]  # the others say their GPU count
+    assert cli("--from", fmt, str(out), *gpus, "-o", str(back)) == 0
+    p = load_placement(back)
+    assert slots_by_gpu(p) == slots_by_gpu(replicated())
+    assert [sorted(map(sorted, p.holders(layer))) for layer in range(3)] == \
+        [sorted(map(sorted, replicated().holders(layer))) for layer in range(3)]
+
+
+def test_eplb_arrays_follow_deepseek_layout(tmp_path: Path) -> None:
+    p = replicated()
+    assert cli(_save(p, tmp_path), "--to", "eplb", "-o", str(tmp_path / "e.npz")) == 0
+    with np.load(tmp_path / "e.npz") as z:
+        phy2log, log2phy, logcnt = z["phy2log"], z["log2phy"], z["logcnt"]
+    assert phy2log.shape == (3, 12) and log2phy.shape == (3, 8, 12 - 8 + 1) and logcnt.shape == (3, 8)
+    for layer in range(3):
+        for gpu in range(4):  # slot s on GPU s // 3
+            assert sorted(phy2log[layer, gpu * 3:(gpu + 1) * 3].tolist()) == sorted(p.experts_on_gpu(layer, gpu))
+        for expert in range(8):
+            slots = log2phy[layer, expert, :logcnt[layer, expert]]
+            assert (phy2log[layer, slots] == expert).all() and (log2phy[layer, expert, logcnt[layer, expert]:] == -1).all()
+            assert sorted(slots // 3) == sorted(p.holders(layer)[expert])
+
+
+def test_sglang_file_holds_only_the_map_with_a_row_per_decoder_layer(tmp_path: Path) -> None:
+    """DeepSeek-like: layer 0 dense, 1-2 MoE, 3 a multi-token-prediction layer past num_hidden_layers."""
+    model = fake_checkpoint(tmp_path / "model", moe_layers=(1, 2, 3), num_hidden_layers=3)
+    p = Placement(expert_to_gpu=random_balanced(2, 8, 4, seed=5), num_gpus=4, gpus_per_node=4)
+    out = tmp_path / "loc.json"
+    assert cli(_save(p, tmp_path), "--to", "sglang", "--model", str(model), "-o", str(out)) == 0
+    doc = json.loads(out.read_text())
+    assert list(doc) == ["physical_to_logical_map"]  # SGLang passes the keys as kwargs to init_by_mapping
+    table = np.asarray(doc["physical_to_logical_map"])
+    assert table.shape == (3, 8)
+    np.testing.assert_array_equal(table[0], np.arange(8))  # dense row: SGLang's trivial map
+    np.testing.assert_array_equal(table[1:], physical_to_logical(p))
+    back = tmp_path / "back.json"
+    assert cli("--from", "sglang", str(out), "--gpus", "4", "--model", str(model), "-o", str(back)) == 0
+    np.testing.assert_array_equal(load_placement(back).expert_to_gpu, p.expert_to_gpu)
+    np.testing.assert_array_equal(sglang_map(p, [1, 2], 3), table)
+    assert cli(_save(p, tmp_path), "--to", "sglang", "--moe-layers", "1-2", "--num-hidden-layers", "3",
+               "-o", str(tmp_path / "loc2.json")) == 0
+    assert json.loads((tmp_path / "loc2.json").read_text()) == doc
+
+
+def test_sglang_rows_from_a_trace_meta(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`moeplace trace` records which decoder layers are MoE: the trace a placement was fit to says the rows."""
+    ids = np.argsort(np.random.default_rng(0).random((16, 2, 8)), axis=-1)[..., :2]  # distinct top-2
+    p = Placement(expert_to_gpu=random_balanced(2, 8, 4, seed=6), num_gpus=4, gpus_per_node=4)
+    save_trace(make_trace(ids, num_experts=8, meta={"moe_layers": [1, 3], "num_decoder_layers": 4}), tmp_path / "t.npz")
+    out = tmp_path / "loc.json"
+    assert cli(_save(p, tmp_path), "--to", "sglang", "--trace", str(tmp_path / "t.npz"), "-o", str(out)) == 0
+    np.testing.assert_array_equal(np.asarray(json.loads(out.read_text())["physical_to_logical_map"]),
+                                  sglang_map(p, [1, 3], 4))
+    save_trace(make_trace(ids, num_experts=8), tmp_path / "bare.npz")
+    assert cli(_save(p, tmp_path), "--to", "sglang", "--trace", str(tmp_path / "bare.npz"), "-o", str(out)) == 2
+    assert "does not list the decoder layer of each MoE layer" in capsys.readouterr().err
+
+
+def test_sglang_pt_file_is_read_weights_only(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "loc.pt"
+    torch.save({"physical_to_logical_map": torch.as_tensor(physical_to_logical(plain()))}, path)
+    back = tmp_path / "back.json"
+    assert cli("--from", "sglang", str(path), "--gpus", "4", "--gpus-per-node", "2", "-o", str(back)) == 0
+    np.testing.assert_array_equal(load_placement(back).expert_to_gpu, plain().expert_to_gpu)
+
+
+def test_vllm_files(tmp_path: Path) -> None:
+    p = replicated()
+    assert cli(_save(p, tmp_path), "--to", "vllm", "-o", str(tmp_path / "v.json")) == 0
+    doc = json.loads((tmp_path / "v.json").read_text())
+    assert (doc["ep_size"], doc["num_redundant_experts"], doc["num_moe_layers"]) == (4, 4, 3)
+    assert np.asarray(doc["logical_to_physical_map"]).shape == (3, 8, 5)
+    assert np.asarray(doc["logical_replica_count"]).sum(axis=1).tolist() == [12, 12, 12]
+    assert cli(_save(p, tmp_path), "--to", "vllm-ascend", "-o", str(tmp_path / "a.json")) == 0
+    doc = json.loads((tmp_path / "a.json").read_text())
+    assert doc["moe_layer_count"] == 3 and doc["layer_list"][2]["device_count"] == 4
+    device = doc["layer_list"][2]["device_list"][1]
+    assert device["device_id"] == 1 and sorted(device["device_expert"]) == sorted(p.experts_on_gpu(2, 1))
+
+
+def test_duplicate_copy_on_one_gpu_is_counted_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """DeepSeek EPLB can put two copies of a hot expert on one GPU (deepseek-ai/EPLB#22)."""
+    table = [[0, 0, 1, 2, 3, 1]]  # GPU 0: 0, 0, 1; GPU 1: 2, 3, 1
+    p = placement_from_physical(table, num_gpus=2, gpus_per_node=2)
+    assert p.expert_to_gpu.tolist() == [[0, 0, 1, 1]] and p.replicas == [[(1, 1)]]
+    assert "counted once" in capsys.readouterr().err
+
+
+def test_logical_to_physical_pads_with_minus_one() -> None:
+    log2phy, logcnt = logical_to_physical(np.array([[0, 1, 0]]), 2)
+    assert log2phy.tolist() == [[[0, 2], [1, -1]]] and logcnt.tolist() == [[2, 1]]
+
+
+def test_placements_with_no_engine_form_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    uneven = plain()
+    uneven.expert_to_gpu[0] = [0, 0, 0, 1, 1, 2, 2, 3]
+    with pytest.raises(PlacementError, match="layer 0: GPU 0 holds 3 physical experts but GPU 3 holds 1"):
+        physical_to_logical(uneven)
+    ragged = replicated()
+    ragged.replicas[1] = ragged.replicas[1][:0]  # layer 1 without replicas: 8 slots vs 12
+    with pytest.raises(PlacementError, match="different numbers of physical experts"):
+        physical_to_logical(ragged)
+
+
+@pytest.mark.parametrize("content,args,message", [
+    ('{"logical_count": [[1, 2]]}', ["--from", "sglang", "--gpus", "2"], "holds 'logical_count'"),
+    ('{"other": 1}', ["--from", "sglang", "--gpus", "2"], "no 'physical_to_logical_map'"),
+    ('{"physical_to_logical_map": [[0, 1], [0]]}', ["--from", "sglang", "--gpus", "2"], "rectangular"),
+    ('{"physical_to_logical_map": [[0, 1, 2]]}', ["--from", "sglang", "--gpus", "2"], "cannot be split equally over 2 GPUs"),
+    ('{"physical_to_logical_map": [[0, 2, 2, 0]]}', ["--from", "sglang", "--gpus", "2"], "no physical copy of expert 1"),
+    ('{"physical_to_logical_map": [[0, 1]]}', ["--from", "sglang"], "needs --gpus"),
+    ('{"physical_to_logical_map": [[0, 1]]}', ["--from", "sglang", "--gpus", "2", "--moe-layers", "x"], "--moe-layers 'x'"),
+    ('{"physical_to_logical_map": [[0, 1]]}', ["--from", "sglang", "--gpus", "2", "--moe-layers", "4"], "within [0, 1)"),
+    ('{"phy2log": [[0, 1]], "logcnt": [[1, 2]]}', ["--from", "eplb", "--gpus", "2"], "'logcnt' does not match"),
+    ('{"phy2log": [[0, 1]]}', ["--from", "eplb"], "pass --gpus"),
+    ('{"phy2log": [[0, 1]], "num_gpus": 2}', ["--from", "eplb", "--gpus", "1"], "for 2 GPUs but --gpus is 1"),
+    ('{"layer_list": [{"device_list": [{"device_expert": [0]}]}], "moe_layer_count": 2}', ["--from", "vllm"],
+     "moe_layer_count is 2"),
+    ('{"layer_list": "x"}', ["--from", "vllm", "--gpus", "1"], "malformed vllm-ascend expert map"),
+    ('{"unknown": []}', ["--from", "vllm", "--gpus", "1"], "neither a vLLM EPLB state"),
+    ("not json", ["--from", "eplb", "--gpus", "1"], "not valid JSON"),
+    ("[1, 2]", ["--from", "vllm", "--gpus", "1"], "expected a JSON object"),
+])
+def test_bad_engine_files_get_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str,
+                                       args: list[str], message: str) -> None:
+    path = tmp_path / "engine.json"
+    path.write_text(content)
+    fmt_at = args.index("--from") + 1
+    argv = args[:fmt_at + 1] + [str(path)] + args[fmt_at + 1:]
+    assert cli(*argv, "-o", str(tmp_path / "p.json")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moeplace: error:") and message in err and "\n" not in err, err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_bad_export_requests_get_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _save(plain(), tmp_path)
+    uneven = plain()
+    uneven.expert_to_gpu[2] = [0, 0, 0, 1, 1, 2, 2, 3]
+    uneven_path = tmp_path / "uneven.json"
+    uneven.save(uneven_path)
+    npz = tmp_path / "bad.npz"
+    npz.write_bytes(b"PK\x03\x04 truncated")
+    x = str(tmp_path / "x.json")
+    cases = [
+        ([src, "-o", x], "exactly one of --to"),
+        ([src, "--to", "eplb", "--from", "eplb", "-o", x], "exactly one of --to"),
+        ([src, "--to", "eplb", "--gpus", "4", "-o", x], "--gpus/--gpus-per-node are for --from"),
+        ([src, "--to", "vllm", "--moe-layers", "1-3", "-o", x], "only apply to sglang"),
+        ([str(uneven_path), "--to", "sglang", "-o", x], "layer 2: GPU 0 holds 3"),
+        ([src, "--to", "sglang", "--model", str(tmp_path), "-o", x], "no .safetensors weights"),
+        ([str(tmp_path / "missing.json"), "--to", "sglang", "-o", x], "no such file"),
+        ([src, "--to", "eplb", "-o", str(tmp_path)], "is a directory"),
+        ([src, "--to", "sglang", "-o", str(tmp_path / "loc.pt")], "ends in .json"),
+        (["--from", "eplb", str(npz), "--gpus", "2", "-o", x], "not a readable .npz"),
+    ]
+    for argv, message in cases:
+        assert cli(*argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("moeplace: error:") and message in err and "\n" not in err, (argv, err)
+    assert not Path(x).exists()
+
+
+def test_sglang_model_of_another_size_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = fake_checkpoint(tmp_path / "model", moe_layers=(0, 1), num_hidden_layers=2)
+    assert cli(_save(plain(), tmp_path), "--to", "sglang", "--model", str(model), "-o", str(tmp_path / "o.json")) == 2
+    assert "placement is for 3 MoE layers x 8 experts, but the model" in capsys.readouterr().err
+
+
+def test_sglang_map_missing_the_last_expert_is_caught_with_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = fake_checkpoint(tmp_path / "model", moe_layers=(0,), num_hidden_layers=1)
+    path = tmp_path / "loc.json"
+    path.write_text(json.dumps({"physical_to_logical_map": [[0, 1, 2, 3, 4, 5, 6, 0]]}))
+    assert cli("--from", "sglang", str(path), "--gpus", "2", "--model", str(model), "-o", str(tmp_path / "p.json")) == 2
+    assert "no physical copy of expert 7" in capsys.readouterr().err
+
+
+def test_help_teaches_inputs_outputs_and_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("--help") == 0
+    text = capsys.readouterr().out
+    for needle in ("--to", "--from", "physical_to_logical_map", "phy2log", "Examples:", "moeplace export"):
+        assert needle in text
+
+
+def _save(p: Placement, tmp_path: Path) -> str:
+    path = tmp_path / "placement.json"
+    p.save(path)
+    return str(path)
+
+
+def fake_checkpoint(root: Path, moe_layers: tuple[int, ...], num_hidden_layers: int, num_experts: int = 8) -> Path:
+    """Headers are all that export reads: a few tiny tensors named like a DeepSeek checkpoint."""
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps({"num_hidden_layers": num_hidden_layers}))
+    tensors = {"model.layers.0.mlp.gate_proj.weight": np.zeros((2, 2), np.float32)}
+    for layer in moe_layers:
+        tensors[f"model.layers.{layer}.mlp.gate.weight"] = np.zeros((num_experts, 2), np.float32)
+        for e in range(num_experts):
+            tensors[f"model.layers.{layer}.mlp.experts.{e}.down_proj.weight"] = np.zeros((2, 2), np.float32)
+    save_file(tensors, str(root / "model.safetensors"))
+    return root

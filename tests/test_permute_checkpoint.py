@@ -1,0 +1,268 @@
+"""permute-checkpoint: the renumbered model computes the same logits and realises the placement."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moeplace.cli import run
+from moeplace.errors import PlacementError
+from moeplace.export.permute import CheckpointError, check_group_routing, permute_checkpoint
+from moeplace.placement import Placement
+from moeplace.solve.baselines import random_balanced
+
+transformers = pytest.importorskip("transformers")
+
+NUM_EXPERTS = 8
+# decoder layer ids of the MoE layers of each 3-layer tiny model (Qwen: layer 1 dense; DeepSeek: layer 0)
+MOE_LAYERS = {"mixtral": [0, 1, 2], "qwen2_moe": [0, 2], "qwen3_moe": [0, 2], "olmoe": [0, 1, 2],
+              "deepseek_v2": [1, 2], "deepseek_v3": [1, 2], "gpt_oss": [0, 1, 2]}
+
+
+def build(family: str, out: Path, fused: bool = False, shard_size: str | None = None) -> Path:
+    """The tiny `family` model in hub layout (per-expert keys; GPT-OSS fused), or re-saved
+    sharded, or fused (transformers 5 in-memory names: experts.gate_up_proj [E, ...])."""
+    from transformers import AutoModelForCausalLM
+
+    from moeplace.models.tiny import build_tiny_model
+
+    build_tiny_model(family, out, num_experts=NUM_EXPERTS, num_layers=3, seed=0)
+    if fused or shard_size:
+        model = AutoModelForCausalLM.from_pretrained(out)
+        if shard_size:
+            (out / "model.safetensors").unlink()
+            model.save_pretrained(out, max_shard_size=shard_size)
+        else:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
+                      metadata={"format": "pt"})
+    return out
+
+
+def logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def group_preserving(num_layers: int, num_gpus: int, num_groups: int, seed: int) -> np.ndarray:
+    """Balanced expert_to_gpu whose GPU blocks keep DeepSeek's routing groups (contiguous ids) whole."""
+    rng = np.random.default_rng(seed)
+    size, per_gpu = NUM_EXPERTS // num_groups, NUM_EXPERTS // num_gpus
+    out = np.empty((num_layers, NUM_EXPERTS), dtype=np.int64)
+    for layer in range(num_layers):
+        order = np.concatenate([rng.permutation(np.arange(g * size, (g + 1) * size)) for g in rng.permutation(num_groups)])
+        out[layer, order] = np.arange(NUM_EXPERTS) // per_gpu
+    return out
+
+
+def router_rows(model_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in model_dir.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys() if k.endswith(("gate.weight", "router.weight"))
+                        and "shared_expert_gate" not in k and "mlp.gate_proj" not in k})
+    return out
+
+
+@pytest.mark.parametrize("family,fused,shards", [
+    ("mixtral", False, "40KB"),  # sharded: the index is rewritten
+    ("qwen2_moe", False, None),
+    ("qwen3_moe", True, None),
+    ("olmoe", False, None),
+    ("deepseek_v2", False, None),
+    ("deepseek_v3", False, "40KB"),
+    ("gpt_oss", False, None),
+])
+def test_permuted_model_has_same_logits(tmp_path: Path, family: str, fused: bool, shards: str | None) -> None:
+    src = build(family, tmp_path / "src", fused=fused, shard_size=shards)
+    num_layers, num_gpus = len(MOE_LAYERS[family]), 4
+    num_groups = json.loads((src / "config.json").read_text()).get("n_group") or 1
+    e2g = group_preserving(num_layers, num_gpus, num_groups, seed=1)
+    placement = Placement(expert_to_gpu=e2g, num_gpus=num_gpus, gpus_per_node=2)
+    record = permute_checkpoint(src, placement, tmp_path / "out", progress=False)
+    assert record["moe_layers"] == MOE_LAYERS[family]
+
+    new_to_old = np.asarray(record["new_to_old"])
+    assert new_to_old.tolist() != np.tile(np.arange(NUM_EXPERTS), (num_layers, 1)).tolist(), "test needs a real permutation"
+    for layer in range(num_layers):  # contiguous block g of new ids = the placement's experts on GPU g
+        for gpu in range(num_gpus):
+            block = new_to_old[layer, gpu * 2:(gpu + 1) * 2]
+            assert sorted(block.tolist()) == placement.experts_on_gpu(layer, gpu)
+    before, after = router_rows(src), router_rows(tmp_path / "out")
+    for i, name in enumerate(sorted(before, key=lambda k: int(k.split("layers.")[1].split(".")[0]))):
+        torch.testing.assert_close(after[name], before[name][torch.as_tensor(new_to_old[i])], rtol=0, atol=0)
+
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
+    reference = logits(src, ids)
+    torch.testing.assert_close(logits(tmp_path / "out", ids), reference, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp directory left behind"
+
+
+def test_any_dtype_is_permuted_by_bytes_and_extra_layers_are_left_alone(tmp_path: Path) -> None:
+    """Fused uint8 blocks (MXFP4-like), a shared 0-d scale, per-expert fp16 + fp8-style scales,
+    and a layer past num_hidden_layers (DeepSeek's MTP layer), which is not part of the placement."""
+    from safetensors.numpy import load_file, save_file as save_numpy
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    experts = np.arange(4)
+    tensors = {
+        "model.layers.0.mlp.router.weight": np.repeat(experts[:, None], 3, 1).astype(np.float32),
+        "model.layers.0.mlp.router.bias": experts.astype(np.float32),
+        "model.layers.0.mlp.experts.gate_up_proj_blocks": np.broadcast_to(experts[:, None, None], (4, 2, 5)).astype(np.uint8),
+        "model.layers.0.mlp.experts.input_scale": np.array(7.0, np.float32),
+    }
+    for layer in (1, 2):
+        tensors[f"model.layers.{layer}.mlp.gate.weight"] = np.repeat(experts[:, None], 3, 1).astype(np.float32)
+        for e in experts:
+            tensors[f"model.layers.{layer}.mlp.experts.{e}.weight"] = np.full((2, 2), e, np.float16)
+            tensors[f"model.layers.{layer}.mlp.experts.{e}.weight_scale_inv"] = np.full((1, 1), e, np.float32)
+    save_numpy(tensors, str(src / "model.safetensors"))
+    placement = Placement(expert_to_gpu=np.array([[1, 0, 1, 0], [0, 1, 1, 0]]), num_gpus=2, gpus_per_node=2)
+    record = permute_checkpoint(src, placement, tmp_path / "out", progress=False)
+    assert record["moe_layers"] == [0, 1] and np.asarray(record["new_to_old"]).tolist() == [[1, 3, 0, 2], [0, 3, 1, 2]]
+
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert out.keys() == tensors.keys()
+    assert out["model.layers.0.mlp.experts.gate_up_proj_blocks"][:, 0, 0].tolist() == [1, 3, 0, 2]
+    assert out["model.layers.0.mlp.router.bias"].tolist() == [1, 3, 0, 2]
+    assert out["model.layers.0.mlp.router.weight"][:, 0].tolist() == [1, 3, 0, 2]
+    assert out["model.layers.0.mlp.experts.input_scale"] == 7.0
+    assert out["model.layers.1.mlp.gate.weight"][:, 0].tolist() == [0, 3, 1, 2]
+    assert [out[f"model.layers.1.mlp.experts.{j}.weight_scale_inv"].item() for j in range(4)] == [0, 3, 1, 2]
+    assert [out[f"model.layers.1.mlp.experts.{j}.weight"][0, 0] for j in range(4)] == [0, 3, 1, 2]
+    for name, value in tensors.items():
+        if name.startswith("model.layers.2."):  # the extra layer is untouched
+            np.testing.assert_array_equal(out[name], value)
+
+
+@pytest.mark.parametrize("tensors,index,message", [
+    ({"model.layers.0.mlp.gate.weight": (4, 3), **{f"model.layers.0.mlp.experts.{e}.w": (2,) for e in range(3)}},
+     None, "expert ids 0..2 (3 experts) but its router scores 4"),
+    ({"model.layers.0.mlp.experts.0.w": (2,)}, None, "no [experts, hidden] router"),
+    ({"model.layers.0.mlp.gate.weight": (4, 3), "model.layers.0.mlp.experts.down_proj": (3, 2)}, None,
+     "no leading expert dimension of 4"),
+    ({"model.layers.0.mlp.gate.weight": (4, 3), "model.layers.0.mlp.experts.down_proj": (4, 2)},
+     {"model.layers.0.mlp.gate.weight": "model.safetensors"}, "index.json and the shards disagree"),
+    ({"model.norm.weight": (3,)}, None, "no MoE layers found"),
+])
+def test_inconsistent_checkpoints_are_refused(tmp_path: Path, tensors: dict, index: dict | None, message: str) -> None:
+    from safetensors.numpy import save_file as save_numpy
+
+    src = tmp_path / "src"
+    src.mkdir()
+    save_numpy({k: np.zeros(shape, np.float32) for k, shape in tensors.items()}, str(src / "model.safetensors"))
+    if index is not None:
+        (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    placement = Placement(expert_to_gpu=np.array([[0, 0, 1, 1]]), num_gpus=2, gpus_per_node=2)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        permute_checkpoint(src, placement, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build("qwen3_moe", tmp_path_factory.mktemp("qwen") / "model", shard_size="40KB")
+
+
+def _placement(num_layers: int = 2, **kw) -> Placement:
+    return Placement(expert_to_gpu=random_balanced(num_layers, NUM_EXPERTS, 4, seed=2), num_gpus=4, gpus_per_node=4, **kw)
+
+
+def test_a_wrong_order_is_caught_by_the_logits(qwen: Path, tmp_path: Path) -> None:
+    """Guard on the logits test itself: renumbering experts without their router rows changes logits."""
+    out = tmp_path / "out"
+    permute_checkpoint(qwen, _placement(), out, progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shard = out / index["weight_map"]["model.layers.0.mlp.gate.weight"]
+    with safe_open(str(shard), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.layers.0.mlp.gate.weight"] = torch.flip(tensors["model.layers.0.mlp.gate.weight"], [0])
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(logits(out, ids), logits(qwen, ids), atol=1e-4)
+
+
+def test_replicas_uneven_and_foreign_placements_are_refused(qwen: Path, tmp_path: Path) -> None:
+    with pytest.raises(PlacementError, match="replicates experts.*--to sglang"):
+        permute_checkpoint(qwen, _placement(replicas=[[(0, 3)], []]), tmp_path / "a", progress=False)
+    uneven = _placement()
+    uneven.expert_to_gpu[1] = [0, 0, 0, 1, 1, 2, 2, 3]
+    with pytest.raises(PlacementError, match="layer 1: GPU 0 holds 3 physical experts but GPU 3 holds 1"):
+        permute_checkpoint(qwen, uneven, tmp_path / "b", progress=False)
+    with pytest.raises(PlacementError, match="placement is for 3 MoE layers x 8 experts, but the checkpoint has 2 x 8"):
+        permute_checkpoint(qwen, _placement(num_layers=3), tmp_path / "c", progress=False)
+    assert not list(tmp_path.iterdir()), "a refused request wrote something"
+
+
+def test_group_check_follows_the_routing_config() -> None:
+    mixing = np.array([[0, 2, 1, 3, 4, 6, 5, 7]])  # new group 0 = old experts 0, 2 (groups of 2)
+    check_group_routing({"n_group": 4, "topk_group": 4}, mixing)  # every group kept: no constraint
+    check_group_routing({"n_group": 4, "topk_group": 2, "topk_method": "greedy"}, mixing)  # V2 greedy ignores groups
+    check_group_routing({"text_config": {"n_group": 4, "topk_group": 2}}, np.array([[2, 3, 0, 1, 6, 7, 4, 5]]))
+    with pytest.raises(PlacementError, match=r"mix old groups \[0, 1\] in new group 0"):
+        check_group_routing({"text_config": {"n_group": 4, "topk_group": 2}}, mixing)
+
+
+def test_group_breaking_renumbering_is_refused(tmp_path: Path) -> None:
+    src = build("deepseek_v3", tmp_path / "ds")
+    e2g = np.tile(np.arange(NUM_EXPERTS) % 4, (2, 1))  # round robin: every GPU block mixes two groups
+    with pytest.raises(PlacementError, match="n_group=4, topk_group=2.*mix old groups"):
+        permute_checkpoint(src, Placement(expert_to_gpu=e2g, num_gpus=4, gpus_per_node=4), tmp_path / "o", progress=False)
+
+
+def test_bad_checkpoints_and_outputs_get_one_line(qwen: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    placement = tmp_path / "p.json"
+    _placement().save(placement)
+
+    def fails(*args: str) -> str:
+        assert run(["permute-checkpoint", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("moeplace: error:") and "\n" not in err and "Traceback" not in err
+        return err
+
+    assert "no such model directory" in fails(str(tmp_path / "nope"), str(placement), "-o", str(tmp_path / "o"))
+    assert "outside MODEL_DIR" in fails(str(qwen), str(placement), "-o", str(qwen / "sub"))
+    (tmp_path / "exists").mkdir()
+    assert "--overwrite" in fails(str(qwen), str(placement), "-o", str(tmp_path / "exists"))
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    assert "pickled weights" in fails(str(pickled), str(placement), "-o", str(tmp_path / "o"))
+
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in qwen.iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes())
+    shard = sorted(truncated.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert "truncated" in fails(str(truncated), str(placement), "-o", str(tmp_path / "o"))
+    shard.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    assert "not a safetensors file or truncated" in fails(str(truncated), str(placement), "-o", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_overwrite_replaces_only_when_done(qwen: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    placement = tmp_path / "p.json"
+    _placement().save(placement)
+    assert run(["permute-checkpoint", str(qwen), str(placement), "-o", str(out), "--overwrite", "--quiet"]) == 0
+    assert not (out / "stale.txt").exists() and (out / "moeplace_permutation.json").is_file()
+    assert "experts per GPU on 4 GPUs" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "p.json"]
