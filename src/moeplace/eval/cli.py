@@ -1,0 +1,235 @@
+"""`moeplace eval` (replay a trace against a placement, beside the baselines) and `moeplace check`
+(the same, for a list of placements and thresholds read from YAML: a CI regression gate)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import click
+
+from moeplace.errors import MoeplaceError, RegressionError
+from moeplace.eval.report import MetricFn, build_report, render_table
+from moeplace.io import write_json_atomic
+from moeplace.placement import load_placement
+from moeplace.trace.format import load_trace
+
+# threshold name (CLI --max-NAME, YAML max_NAME[_vs_contiguous]) -> metric it bounds
+THRESHOLDS: dict[str, str] = {
+    "cross_gpu": "cross_gpu_top1",
+    "cross_node": "cross_node_top1",
+    "dest_gpus": "dest_gpus_topk",
+    "dest_nodes": "dest_nodes_topk",
+    "imbalance": "imbalance_max",
+}
+_VS = "_vs_contiguous"
+
+
+class Verdict(NamedTuple):
+    what: str  # the metric, or "metric/contiguous" for a ratio
+    value: float
+    limit: float
+    passed: bool
+
+
+def threshold_results(report: dict[str, Any], limits: dict[str, float]) -> list[Verdict]:
+    """The verdict of each limit on the report's placement.
+
+    `limits` keys: `max_NAME` bounds the metric, `max_NAME_vs_contiguous` its ratio to contiguous.
+    """
+    out = []
+    for key, limit in limits.items():
+        name = key.removeprefix("max_").removesuffix(_VS)
+        metric = THRESHOLDS[name]
+        if key.endswith(_VS):
+            ratios = report["vs_contiguous"].get("placement", {})
+            if metric not in ratios:
+                raise MoeplaceError(f"{key}: no contiguous {metric} to compare with on this trace")
+            what, value = f"{metric}/contiguous", ratios[metric]
+        else:
+            what, value = metric, report["layouts"]["placement"][metric]
+        out.append(Verdict(what, float(value), float(limit), value <= limit))
+    return out
+
+
+def _describe(verdicts: list[Verdict]) -> str:
+    return ", ".join(f"{v.what} {v.value:.4f} {'<=' if v.passed else '>'} {v.limit:g}" for v in verdicts)
+
+
+def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_fns: Sequence[MetricFn] = ()) -> dict[str, Any]:
+    """Load both files and build the report (`metric_fns` add metrics to every layout)."""
+    placement = load_placement(placement_path)
+    trace = load_trace(trace_path)
+    try:
+        placement.check_fits(trace.num_layers, trace.num_experts)
+    except MoeplaceError as e:
+        raise type(e)(f"{placement_path} does not fit {trace_path}: {e}") from None
+    return build_report(placement, trace, all_tokens=all_tokens, placement_name=str(placement_path),
+                        trace_name=str(trace_path), metric_fns=metric_fns)
+
+
+_LIMIT = dict(type=click.FloatRange(min=0), default=None, metavar="X")
+
+
+@click.command("eval")
+@click.argument("placement", type=click.Path(path_type=Path))
+@click.argument("trace", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the JSON report to this file (atomically).")
+@click.option("--all-tokens", is_flag=True,
+              help="Evaluate every token, even when the placement was fitted on part of this trace.")
+@click.option("--max-cross-gpu", **_LIMIT, help="Exit 1 if the fraction of top-1 transitions crossing GPUs exceeds X.")
+@click.option("--max-cross-node", **_LIMIT, help="Exit 1 if the fraction crossing nodes exceeds X.")
+@click.option("--max-dest-gpus", **_LIMIT, help="Exit 1 if the mean remote GPUs per token (top-k) exceeds X.")
+@click.option("--max-dest-nodes", **_LIMIT, help="Exit 1 if the mean remote nodes per token (top-k) exceeds X.")
+@click.option("--max-imbalance", **_LIMIT, help="Exit 1 if the worst layer's max/mean load per GPU exceeds X.")
+def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_tokens: bool, **limits: float | None) -> None:
+    """Replay TRACE against PLACEMENT, side by side with the baseline layouts.
+
+    \b
+    Inputs: PLACEMENT (moeplace.placement/v1 JSON, from `moeplace solve`); TRACE (v1 .npz or
+    ExFlow .npy) of the same model (same MoE layers and experts).
+    Tokens: when PLACEMENT was fitted on a split of this very trace (same sha256), only the
+    held-out tokens are evaluated (--all-tokens: all); any other trace is evaluated whole.
+    Baselines, on the same GPUs and tokens: contiguous, round_robin, random (the solve's seed) and
+    greedy_load (load balancing fitted on the tokens the placement was fitted on).
+
+    \b
+    Metrics (per layout; definitions in docs/eval.md):
+      cross-GPU / cross-node top-1   fraction of top-1 transitions l -> l+1 that change GPU / node
+      dest GPUs / nodes top-k        mean Alltoall destinations per token: GPUs (nodes) other
+                                     than the token's own that hold one of its k experts
+      imbalance                      per layer max/mean token load per GPU (max and mean over layers)
+    Output: tables with the ratio to contiguous (lower is better), or JSON with --json.
+
+    \b
+    Regression gate: --max-* thresholds bound the placement's metrics; any exceeded -> a
+    message naming metric, value and threshold, exit code 1 (bad input: exit code 2).
+
+    \b
+    Example:
+      moeplace eval out/placement.json traces/flame-moe-290m-decoder.npz --max-cross-gpu 0.5
+    """
+    report = _evaluate(placement, trace, all_tokens)
+    if output is not None:
+        try:
+            write_json_atomic(output, report)
+        except OSError as e:
+            raise MoeplaceError(f"cannot write {output}: {e.strerror or e}") from None
+    click.echo(json.dumps(report, indent=2) if as_json else render_table(report))
+    results = threshold_results(report, {key: v for key, v in limits.items() if v is not None})
+    failed = [v for v in results if not v.passed]
+    if failed:
+        flags = {THRESHOLDS[n]: f"--max-{n.replace('_', '-')}" for n in THRESHOLDS}
+        raise RegressionError(
+            f"regression on {report['tokens']['subset']} tokens: "
+            + "; ".join(f"{v.what} = {v.value:.4f} > {v.limit:g} ({flags[v.what]})" for v in failed)
+        )
+
+
+# --- moeplace check ------------------------------------------------------------------------------
+
+_CHECK_KEYS = {"name", "placement", "trace", "all_tokens"}
+_LIMIT_KEYS = {f"max_{n}{vs}" for n in THRESHOLDS for vs in ("", _VS)}
+
+
+def read_checks(path: Path) -> list[dict[str, Any]]:
+    """The checks of a YAML file, validated, with `defaults` merged and paths made absolute.
+
+    Paths are relative to the YAML file's folder, so a config works from any directory.
+    """
+    import yaml
+
+    if not path.is_file():
+        raise MoeplaceError(f"{path}: no such file")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MoeplaceError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("checks"), list) or not doc["checks"]:
+        raise MoeplaceError(f"{path}: expected a mapping with a non-empty 'checks' list")
+    unknown_top = set(doc) - {"checks", "defaults"}
+    if unknown_top:
+        raise MoeplaceError(f"{path}: unknown top-level keys {sorted(unknown_top)} (expected checks, defaults)")
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise MoeplaceError(f"{path}: 'defaults' must be a mapping")
+    checks = []
+    for i, raw in enumerate(doc["checks"]):
+        if not isinstance(raw, dict):
+            raise MoeplaceError(f"{path}: check {i + 1} must be a mapping")
+        check = {**defaults, **raw}
+        label = f"{path}: check {i + 1} ({check.get('name', 'unnamed')})"
+        unknown = set(check) - _CHECK_KEYS - _LIMIT_KEYS
+        if unknown:
+            raise MoeplaceError(
+                f"{label}: unknown keys {sorted(unknown)}; thresholds are max_<{'|'.join(THRESHOLDS)}>[{_VS}]"
+            )
+        for key in ("placement", "trace"):
+            if not isinstance(check.get(key), str):
+                raise MoeplaceError(f"{label}: '{key}' (a path) is required")
+            check[key] = path.parent / check[key]
+        limits = {k: check.pop(k) for k in list(check) if k in _LIMIT_KEYS}
+        if not limits:
+            raise MoeplaceError(f"{label}: no thresholds; set at least one of {sorted(_LIMIT_KEYS)}")
+        for k, v in limits.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise MoeplaceError(f"{label}: {k} must be a non-negative number, got {v!r}")
+        if not isinstance(check.get("all_tokens", False), bool):
+            raise MoeplaceError(f"{label}: all_tokens must be true or false")
+        check["limits"] = limits
+        check.setdefault("name", f"check {i + 1}")
+        checks.append(check)
+    return checks
+
+
+@click.command("check")
+@click.argument("config", type=click.Path(path_type=Path))
+def check(config: Path) -> None:
+    """CI regression gate: run the checks of a YAML file; exit 1 if any fails.
+
+    \b
+    Each check evaluates one placement on one trace (as `moeplace eval` does: held-out tokens
+    when the placement was fitted on a split of that trace) and compares the placement's
+    metrics with thresholds. Output: one PASS/FAIL line per check. Exit 0 all pass, 1 any
+    fails, 2 a check could not run (missing or malformed file) or the YAML is malformed.
+
+    \b
+    YAML (paths relative to the YAML file; `defaults` apply to every check):
+      defaults:
+        trace: ../traces/flame-moe-290m-decoder.npz
+      checks:
+        - name: flame-8gpu
+          placement: ../out/placement.json
+          all_tokens: false                    # optional
+          max_cross_gpu_vs_contiguous: 0.70    # ratio to the contiguous layout
+          max_dest_gpus: 3.0                   # absolute
+    Thresholds: max_cross_gpu, max_cross_node, max_dest_gpus, max_dest_nodes, max_imbalance
+    (worst layer's max/mean load), each also as max_<name>_vs_contiguous.
+
+    \b
+    Example (after `make demo`):
+      moeplace check configs/check-example.yaml
+    """
+    checks = read_checks(config)
+    failed, broken = 0, 0
+    for c in checks:
+        try:
+            report = _evaluate(c["placement"], c["trace"], c.get("all_tokens", False))
+            results = threshold_results(report, c["limits"])
+        except MoeplaceError as e:
+            broken += 1
+            click.echo(f"ERROR {c['name']}: {e}")
+            continue
+        ok = all(v.passed for v in results)
+        failed += not ok
+        t = report["tokens"]
+        click.echo(f"{'PASS' if ok else 'FAIL'}  {c['name']} ({t['evaluated']} {t['subset']} tokens): {_describe(results)}")
+    if broken:
+        raise MoeplaceError(f"{broken} of {len(checks)} checks could not run")
+    if failed:
+        raise RegressionError(f"{failed} of {len(checks)} checks failed")
+    click.echo(f"all {len(checks)} checks passed")

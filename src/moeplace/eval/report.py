@@ -1,0 +1,205 @@
+"""The eval report: a placement and the baselines replayed on the same tokens, as data and as text.
+
+The report is a plain dict (what `--json` prints):
+
+    placement, trace                     paths as given
+    num_layers, num_experts, top_k, num_gpus, gpus_per_node, num_nodes
+    tokens      {"subset": "held-out" | "all", "evaluated": n, "total": T, "note": why}
+    layouts     {name: metrics}          "placement" first, then each baseline; metrics are
+                                         metrics.evaluate()'s plus those of any `metric_fns`
+    vs_contiguous {name: {metric: value / contiguous value}}   scalar float metrics only
+
+Columns and per-layer sections are lists of data (`COLUMNS`, `PER_LAYER`): a new metric (e.g. the
+cost model's predicted MoE-layer time) is a `metric_fns` entry plus a Column, nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from moeplace.errors import PlacementError
+from moeplace.eval.metrics import evaluate
+from moeplace.placement import Placement
+from moeplace.progress import Progress
+from moeplace.solve.baselines import all_baselines
+from moeplace.trace.format import Trace, split_tokens
+
+MetricFn = Callable[[Placement, Trace], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # metric name in each layout's metrics
+    label: str
+    fmt: str = ".4f"
+    multi_node: bool = False  # shown only when the cluster has more than one node
+
+
+COLUMNS: list[Column] = [
+    Column("cross_gpu_top1", "cross-GPU top-1"),
+    Column("cross_node_top1", "cross-node top-1", multi_node=True),
+    Column("dest_gpus_topk", "dest GPUs top-k", ".3f"),
+    Column("dest_nodes_topk", "dest nodes top-k", ".3f", multi_node=True),
+    Column("imbalance_max", "imbalance max", ".3f"),
+    Column("imbalance_mean", "imbalance mean", ".3f"),
+]
+
+# (per-layer metric [L], title) shown as one table of layers x layouts
+PER_LAYER: list[tuple[str, str]] = [("imbalance_per_layer", "max/mean token load per GPU, per layer")]
+
+
+def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+    """(tokens to evaluate, tokens the placement was fitted on, note); None means all tokens.
+
+    Held-out by default when the placement was fitted on a split of this very trace (same
+    sha256); a different trace is evaluated whole, and the fit tokens are then unknown (None).
+    """
+    if not placement.trace_sha256 or placement.trace_sha256 != trace.sha256:
+        why = "a trace the placement was not fitted on" if placement.trace_sha256 else "the placement records no trace"
+        return None, None, f"all tokens ({why}); greedy_load fitted on them too"
+    split = placement.split
+    if not split:
+        return None, None, "all tokens: in-sample, the placement was fitted on all of them (solve --train-fraction holds some out)"
+    try:
+        fraction, seed = float(split["train_fraction"]), int(split["seed"])
+    except (KeyError, TypeError, ValueError):
+        raise PlacementError(f"placement 'split' must hold train_fraction and seed, got {split!r}") from None
+    train, held = split_tokens(trace.num_tokens, fraction, seed)
+    if all_tokens:
+        return None, train, f"all tokens (--all-tokens), {len(train)} of them seen by the solver"
+    if len(held) == 0:
+        return None, train, f"all tokens: in-sample (train_fraction {fraction} leaves none held out)"
+    return held, train, (
+        f"held-out tokens, not seen by the solver (split train_fraction {fraction}, seed {seed}); "
+        "--all-tokens to use every token"
+    )
+
+
+def build_report(
+    placement: Placement,
+    trace: Trace,
+    *,
+    all_tokens: bool = False,
+    placement_name: str = "placement",
+    trace_name: str = "trace",
+    metric_fns: Sequence[MetricFn] = (),
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Replay `trace` on `placement` and on every baseline (module docstring: the layout).
+
+    1. pick the tokens (held-out when the placement was fitted on a split of this trace);
+    2. baselines on the same cluster; greedy_load balances the loads of the fit tokens, random
+       is seeded as the solve was (its `solver.seed`, else 0) unless `seed` is given;
+    3. evaluate each layout, add `metric_fns` metrics, and ratios against contiguous.
+    """
+    placement.check_fits(trace.num_layers, trace.num_experts)
+    eval_idx, fit_idx, note = token_subsets(placement, trace, all_tokens)
+    evaluated = trace if eval_idx is None else trace.select_tokens(eval_idx)
+    fit = evaluated if fit_idx is None else trace.select_tokens(fit_idx)
+
+    layouts: dict[str, Placement] = {"placement": placement}
+    g, gpn = placement.num_gpus, placement.gpus_per_node
+    if seed is None:
+        seed = placement.solver.get("seed") if isinstance(placement.solver.get("seed"), int) else 0
+    if trace.num_experts % g == 0:
+        for name, e2g in all_baselines(fit.expert_loads(), g, seed).items():
+            layouts[name] = Placement(e2g, num_gpus=g, gpus_per_node=gpn)
+    else:
+        note += f"; no baselines: {trace.num_experts} experts do not split equally over {g} GPUs"
+
+    metrics: dict[str, dict[str, Any]] = {}
+    progress = Progress("eval: replaying layouts", total=len(layouts))
+    for i, (name, layout) in enumerate(layouts.items()):
+        m = evaluate(layout, evaluated)
+        for fn in metric_fns:
+            m.update(fn(layout, evaluated))
+        metrics[name] = m
+        progress.update(i + 1, name)
+    progress.close()
+    return {
+        "placement": placement_name,
+        "trace": trace_name,
+        "num_layers": trace.num_layers,
+        "num_experts": trace.num_experts,
+        "top_k": trace.top_k,
+        "num_gpus": g,
+        "gpus_per_node": gpn,
+        "num_nodes": placement.num_nodes,
+        "tokens": {
+            "subset": "all" if eval_idx is None else "held-out",
+            "evaluated": evaluated.num_tokens,
+            "total": trace.num_tokens,
+            "note": note,
+        },
+        "layouts": metrics,
+        "vs_contiguous": _ratios(metrics),
+    }
+
+
+def _ratios(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    base = metrics.get("contiguous")
+    if base is None:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for name, m in metrics.items():
+        out[name] = {
+            k: v / base[k]
+            for k, v in m.items()
+            if isinstance(v, float) and isinstance(base.get(k), float) and base[k] > 0
+        }
+    return out
+
+
+def visible_columns(report: dict[str, Any], columns: Sequence[Column] = COLUMNS) -> list[Column]:
+    """Columns this report can fill (node columns only for multi-node clusters)."""
+    first = next(iter(report["layouts"].values()))
+    return [c for c in columns if c.key in first and (report["num_nodes"] > 1 or not c.multi_node)]
+
+
+def render_table(
+    report: dict[str, Any],
+    columns: Sequence[Column] = COLUMNS,
+    per_layer: Sequence[tuple[str, str]] = PER_LAYER,
+) -> str:
+    """Human-readable report: a summary table (value and x contiguous) and per-layer tables."""
+    cols = visible_columns(report, columns)
+    t = report["tokens"]
+    lines = [
+        f"placement {report['placement']} on trace {report['trace']}",
+        f"  {report['num_layers']} MoE layers x {report['num_experts']} experts, top-{report['top_k']}; "
+        f"{report['num_gpus']} GPUs, {report['gpus_per_node']} per node ({report['num_nodes']} node"
+        f"{'s' if report['num_nodes'] > 1 else ''})",
+        f"  tokens: {t['evaluated']} of {t['total']}, {t['note']}",
+        "",
+    ]
+    ratios = report["vs_contiguous"]
+    rows = [["layout"] + [c.label for c in cols]]
+    for name, m in report["layouts"].items():
+        cells = [name]
+        for c in cols:
+            cell = format(m[c.key], c.fmt)
+            r = ratios.get(name, {}).get(c.key)
+            cells.append(cell + (f" ({r:.2f}x)" if r is not None else ""))
+        rows.append(cells)
+    lines += _align(rows)
+    if ratios:
+        lines.append("  (x: ratio to contiguous, the default layout of Megatron, DeepSpeed, vLLM and SGLang; lower is better)")
+    for key, title in per_layer:
+        if key not in next(iter(report["layouts"].values())):
+            continue
+        lines += ["", title + ":"]
+        names = list(report["layouts"])
+        table = [["layer"] + names]
+        for layer in range(report["num_layers"]):
+            table.append([str(layer)] + [f"{report['layouts'][n][key][layer]:.3f}" for n in names])
+        lines += _align(table)
+    return "\n".join(lines)
+
+
+def _align(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows]

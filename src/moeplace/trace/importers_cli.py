@@ -1,0 +1,164 @@
+"""`moeplace import ...`: other tools' routing dumps -> a v1 trace or a load-only file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from moeplace.errors import MoeplaceError
+from moeplace.trace.format import ExpertLoads, Trace, make_trace, save_loads, save_trace
+from moeplace.trace.importers import import_csv, import_loads_json, import_sglang
+
+_OUTPUT = click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the result (.npz; written atomically).",
+)
+_META = click.option(
+    "--meta", "meta", multiple=True, metavar="KEY=VALUE",
+    help="Extra provenance stored in the file's meta (repeatable; VALUE parsed as JSON when it is).",
+)
+_NUM_EXPERTS = click.option(
+    "--num-experts", type=click.IntRange(min=1), default=None,
+    help="Experts per layer. Default: from the dump, else max id + 1 (too low if the last expert is never used).",
+)
+
+
+def _parse_meta(pairs: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MoeplaceError(f"--meta expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _write(result: Trace | ExpertLoads, output: Path, meta: Sequence[str]) -> None:
+    """Save a trace or a load-only file with the user's meta, and say what was written."""
+    extra = _parse_meta(meta)
+    try:
+        if isinstance(result, Trace):
+            save_trace(replace(result, meta={**result.meta, **extra}), output)
+        else:
+            save_loads(replace(result, meta={**result.meta, **extra}), output)
+    except OSError as e:
+        raise MoeplaceError(f"cannot write {output}: {e.strerror or e}") from None
+    if isinstance(result, Trace):
+        click.echo(
+            f"wrote {output}: trace of {result.num_tokens} tokens x {result.num_layers} MoE layers x "
+            f"top-{result.top_k} over {result.num_experts} experts"
+            f"{'' if result.topk_weights is not None else ' (no gate weights)'}"
+        )
+    else:
+        click.echo(
+            f"wrote {output}: load-only file, {result.num_layers} MoE layers x {result.num_experts} experts, "
+            f"{result.loads.sum():.0f} token-expert selections (usable where expert loads are accepted)"
+        )
+
+
+@click.group("import")
+def import_() -> None:
+    """Convert routing recorded by other tools into moeplace's formats.
+
+    \b
+    Per-token paths become a v1 trace (.npz: topk_ids [tokens, moe_layers, k], ...), usable by
+    every stage. Counts without paths become a load-only file (.npz: expert_loads
+    [moe_layers, experts]), usable where balancing needs only loads. Layouts: docs/import.md.
+    """
+
+
+@import_.command("csv")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=None,
+              help="Experts per token. Default: the most non-zero entries in any row.")
+@_OUTPUT
+@_META
+def csv_cmd(paths: tuple[Path, ...], top_k: int | None, output: Path, meta: tuple[str, ...]) -> None:
+    """Dense per-layer CSVs (one file per layer, one row per token, one column per expert).
+
+    \b
+    PATHS is either one directory or the layer files of one token set:
+      DIR/layerN.csv ...            one token set; N is the MoE layer index
+      DIR/<position>/layerN.csv     a folder per decode position (FLAME: 1st ... 10th); row r
+                                    of every folder is sequence r, folders sorted by number
+      layer2.csv layer3.csv ...     files, ordered by N when all are named layerN.csv
+    Header: `expert_0 ... expert_{E-1}` columns (gate weight, 0 when not selected), optional
+    `token_id` (row/sequence id). A `tokens.txt` beside the files gives token ids (FLAME).
+
+    \b
+    Example (the bundled real trace):
+      moeplace import csv ../shared/data/flame-moe-290m-decoder -o traces/flame-moe-290m-decoder.npz
+    """
+    _write(import_csv(paths, top_k), output, meta)
+
+
+@import_.command("exflow")
+@click.argument("path", type=click.Path(path_type=Path))
+@_NUM_EXPERTS
+@_OUTPUT
+@_META
+def exflow_cmd(path: Path, num_experts: int | None, output: Path, meta: tuple[str, ...]) -> None:
+    """ExFlow's trace: a .npy integer array [tokens, moe_layers] of top-1 expert ids.
+
+    \b
+    The result is a top-1 trace without gate weights (every stage also reads the .npy directly;
+    importing records --num-experts and provenance once).
+    Example:
+      moeplace import exflow exflow_trace.npy --num-experts 8 -o trace.npz
+    """
+    from moeplace.trace.format import load_trace
+
+    if path.suffix != ".npy":
+        raise MoeplaceError(f"{path}: an ExFlow trace is a .npy file")
+    trace = load_trace(path)
+    if num_experts is not None:
+        trace = make_trace(trace.topk_ids, None, num_experts, meta=trace.meta, name=str(path))
+    _write(trace, output, meta)
+
+
+@import_.command("sglang")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_NUM_EXPERTS
+@_OUTPUT
+@_META
+def sglang_cmd(paths: tuple[Path, ...], num_experts: int | None, output: Path, meta: tuple[str, ...]) -> None:
+    """SGLang expert-distribution recorder dumps (.pt files, or a directory of them).
+
+    \b
+    The mode is read from the files:
+      per_token  (--expert-distribution-recorder-mode per_token): one file per rank ->
+                 a v1 trace: logical expert ids, token ids, positions; no gate weights
+      stat       (mode stat): logical_count [steps, layers, experts] summed over steps ->
+                 a load-only file for balancing
+    Layers that route no token (dense layers) are dropped; their indices go to meta.moe_layers.
+    Files are read with torch.load(weights_only=True): a file needing arbitrary objects is refused.
+
+    \b
+    Example (SGLang writes the dumps to $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR):
+      moeplace import sglang $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR -o trace.npz
+    """
+    _write(import_sglang(paths, num_experts), output, meta)
+
+
+@import_.command("loads-json")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_OUTPUT
+@_META
+def loads_json_cmd(paths: tuple[Path, ...], output: Path, meta: tuple[str, ...]) -> None:
+    """Per-layer expert counts in JSON -> a load-only file (several files are summed).
+
+    \b
+    Each file is an object with `expert_popularity` (fiddler's Mixtral-8x7B MMLU dumps) or
+    `expert_loads`: [layers][experts] numbers of token selections; `total_input_tokens` is kept.
+    Example:
+      moeplace import loads-json ../shared/data/mixtral-8x7b-expert-loads/mixtral_8x7b_original/*.json \\
+          -o mixtral-loads.npz
+    """
+    _write(import_loads_json(paths), output, meta)

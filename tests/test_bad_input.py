@@ -1,0 +1,195 @@
+"""Bad input at the command line (solve, eval, check, import): one clear line on stderr, exit 2.
+
+Every case runs the real CLI entry point; a traceback would escape `run` and fail the test.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from moeplace.cli import run
+from moeplace.placement import Placement
+from moeplace.trace.format import make_trace, save_trace
+
+Setup = Callable[[Path], list[str]]
+
+
+def _trace(tmp: Path, layers: int = 4, name: str = "t.npz") -> Path:
+    rng = np.random.default_rng(0)
+    ids = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(layers)]) for _ in range(16)])
+    save_trace(make_trace(ids, num_experts=8), tmp / name)
+    return tmp / name
+
+
+def _placement(tmp: Path, layers: int = 4) -> Path:
+    Placement(np.tile(np.arange(8) // 2, (layers, 1)), 4, 2).save(tmp / "p.json")
+    return tmp / "p.json"
+
+
+def _json(tmp: Path, doc: object, name: str = "p.json") -> Path:
+    (tmp / name).write_text(json.dumps(doc))
+    return tmp / name
+
+
+def _text(tmp: Path, name: str, text: str) -> Path:
+    (tmp / name).write_text(text)
+    return tmp / name
+
+
+def _npz(tmp: Path, name: str, **arrays: np.ndarray) -> Path:
+    with open(tmp / name, "wb") as f:
+        np.savez(f, **arrays)
+    return tmp / name
+
+
+def _truncated(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _torch_save(tmp: Path, name: str, obj: object) -> Path:
+    import torch
+
+    torch.save(obj, tmp / name)
+    return tmp / name
+
+
+def _good_placement_doc() -> dict:
+    return Placement(np.tile(np.arange(8) // 2, (4, 1)), 4, 2).to_json()
+
+
+def _eval(placement: Callable[[Path], Path], trace: Callable[[Path], Path] = _trace) -> Setup:
+    return lambda tmp: ["eval", str(placement(tmp)), str(trace(tmp))]
+
+
+def _record(layers: int, fill: int = 0) -> dict:
+    import torch
+
+    return {"forward_pass_id": 0, "rank": 0, "input_ids": [1], "positions": [0],
+            "topk_ids_of_layer": torch.full((layers, 1, 8), fill, dtype=torch.int32)}
+
+
+CSV_HEADER = "token_id,expert_0,expert_1,expert_2,expert_3\n"
+
+
+def _position_folders(tmp: Path, layers: dict[str, list[int]]) -> Path:
+    """FLAME-style dir: a folder per position holding layerN.csv files."""
+    for folder, numbers in layers.items():
+        (tmp / "trace" / folder).mkdir(parents=True)
+        for n in numbers:
+            _text(tmp / "trace" / folder, f"layer{n}.csv", CSV_HEADER + "0,0.5,0.5,0,0\n")
+    return tmp / "trace"
+
+EVAL_CASES: list[tuple[str, Setup, str]] = [
+    ("placement-missing", _eval(lambda t: t / "none.json"), "none.json: no such file"),
+    ("placement-not-json", _eval(lambda t: _text(t, "p.json", "{oops")), "not valid JSON"),
+    ("placement-wrong-format", _eval(lambda t: _json(t, {"format": "other"})), "not a moeplace placement"),
+    ("placement-other-model", _eval(lambda t: _placement(t, layers=3)),
+     "placement is for 3 MoE layers x 8 experts, but the trace has 4 x 8"),
+    ("placement-gpu-out-of-range", _eval(lambda t: _json(t, {**_good_placement_doc(), "num_gpus": 2, "gpus_per_node": 2})),
+     "outside [0, 2)"),
+    ("placement-ragged", _eval(lambda t: _json(t, {**_good_placement_doc(), "expert_to_gpu": [[0, 1], [0]]})),
+     "malformed expert_to_gpu"),
+    ("trace-truncated", _eval(_placement, lambda t: _truncated(_trace(t))), "truncated or not an .npz file"),
+    ("trace-empty", _eval(_placement, lambda t: _text(t, "t.npz", "")), "file is empty"),
+    ("trace-id-out-of-range", _eval(_placement, lambda t: _npz(t, "t.npz", topk_ids=np.array([[[0, 9]] * 4]),
+                                                                 num_experts=np.array(8))), "expert id 9 out of range"),
+    ("trace-is-loads-only", _eval(_placement, lambda t: _npz(t, "t.npz", expert_loads=np.ones((4, 8)))), "load-only"),
+    ("check-config-missing", lambda t: ["check", str(t / "ci.yaml")], "ci.yaml: no such file"),
+]
+
+IMPORT_CASES: list[tuple[str, Setup, str]] = [
+    ("csv-missing", lambda t: ["import", "csv", str(t / "nodir"), "-o", str(t / "o.npz")], "no such file"),
+    ("csv-truncated-row", lambda t: ["import", "csv", str(_text(t, "layer0.csv", CSV_HEADER + "0,0.5,0.5,0,0\n1,0.5,0.5\n")),
+                                     "-o", str(t / "o.npz")], "row 3 has 3 fields, header has 5 (truncated?)"),
+    ("csv-wrong-columns", lambda t: ["import", "csv", str(_text(t, "layer0.csv", "token_id,a,b\n0,1,2\n")),
+                                     "-o", str(t / "o.npz")], "no 'expert_N' columns"),
+    ("csv-bad-expert-names", lambda t: ["import", "csv", str(_text(t, "layer0.csv", "expert_a,expert_b\n1,0\n")),
+                                        "-o", str(t / "o.npz")], "expert columns must be named"),
+    ("csv-not-a-number", lambda t: ["import", "csv", str(_text(t, "layer0.csv", CSV_HEADER + "0,0.5,x,0,0\n")),
+                                    "-o", str(t / "o.npz")], "row 2: could not convert"),
+    ("csv-empty", lambda t: ["import", "csv", str(_text(t, "layer0.csv", "")), "-o", str(t / "o.npz")], "no data rows"),
+    ("csv-mismatched-layers", lambda t: ["import", "csv", str(_text(t, "layer0.csv", CSV_HEADER + "0,0.5,0.5,0,0\n")),
+                                         str(_text(t, "layer1.csv", CSV_HEADER + "0,0.5,0.5,0,0\n1,0.5,0.5,0,0\n")),
+                                         "-o", str(t / "o.npz")], "2 rows, but"),
+    ("csv-folders-disagree", lambda t: ["import", "csv", str(_position_folders(t, {"1st": [0, 1], "2nd": [0]})),
+                                        "-o", str(t / "o.npz")], "layers [0] differ"),
+    ("csv-dir-without-layers", lambda t: ["import", "csv", str(t), "-o", str(t / "o.npz")], "no layerN.csv files"),
+    ("exflow-3d", lambda t: (np.save(t / "e.npy", np.zeros((2, 2, 2), np.int64)),
+                             ["import", "exflow", str(t / "e.npy"), "-o", str(t / "o.npz")])[1], "[tokens, moe_layers]"),
+    ("exflow-pickled", lambda t: (np.save(t / "e.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
+                                  ["import", "exflow", str(t / "e.npy"), "-o", str(t / "o.npz")])[1], "not a plain numeric"),
+    ("exflow-floats", lambda t: (np.save(t / "e.npy", np.zeros((2, 2))),
+                                 ["import", "exflow", str(t / "e.npy"), "-o", str(t / "o.npz")])[1], "must be integers"),
+    ("exflow-num-experts-too-small", lambda t: (np.save(t / "e.npy", np.array([[0, 5]])),
+                                                ["import", "exflow", str(t / "e.npy"), "--num-experts", "4",
+                                                 "-o", str(t / "o.npz")])[1], "expert id 5 out of range [0, 4)"),
+    ("exflow-suffix", lambda t: ["import", "exflow", str(_text(t, "e.txt", "0 1")), "-o", str(t / "o.npz")], "is a .npy file"),
+    ("sglang-arbitrary-object", lambda t: ["import", "sglang", str(_torch_save(t, "d.pt", {"records": [], "x": Path("a")})),
+                                           "-o", str(t / "o.npz")], "refused: loading needs unpickling"),
+    ("sglang-truncated", lambda t: ["import", "sglang", str(_truncated(_torch_save(t, "d.pt", {"records": [_record(2)]}))),
+                                    "-o", str(t / "o.npz")], "truncated or not a torch.save file"),
+    ("sglang-not-torch", lambda t: ["import", "sglang", str(_text(t, "d.pt", "hello")), "-o", str(t / "o.npz")],
+     "truncated or not a torch.save file"),
+    ("sglang-wrong-keys", lambda t: ["import", "sglang", str(_torch_save(t, "d.pt", {"weights": 1})), "-o", str(t / "o.npz")],
+     "not an SGLang expert-distribution dump"),
+    ("sglang-mismatched-layers", lambda t: ["import", "sglang", str(_torch_save(t, "d.pt", {"records": [_record(2), _record(3)]})),
+                                            "-o", str(t / "o.npz")], "disagree on the number of layers"),
+    ("sglang-no-expert", lambda t: ["import", "sglang", str(_torch_save(t, "d.pt", {"records": [_record(2, fill=-1)]})),
+                                    "-o", str(t / "o.npz")], "record no expert at any layer"),
+    ("sglang-bad-input-ids", lambda t: ["import", "sglang", str(_torch_save(t, "d.pt", {"records": [{**_record(2), "input_ids": 7}]})),
+                                        "-o", str(t / "o.npz")], "input_ids: expected an integer array of 1 dimensions"),
+    ("sglang-empty-dir", lambda t: ["import", "sglang", str(t), "-o", str(t / "o.npz")], "no .pt files"),
+    ("loads-json-no-key", lambda t: ["import", "loads-json", str(_json(t, {"counts": []}, "l.json")), "-o", str(t / "o.npz")],
+     "no 'expert_popularity' or 'expert_loads'"),
+    ("loads-json-ragged", lambda t: ["import", "loads-json", str(_json(t, {"expert_loads": [[1, 2], [3]]}, "l.json")),
+                                     "-o", str(t / "o.npz")], "rectangular"),
+    ("loads-json-negative", lambda t: ["import", "loads-json", str(_json(t, {"expert_loads": [[1, -2]]}, "l.json")),
+                                       "-o", str(t / "o.npz")], "finite and non-negative"),
+    ("import-bad-meta", lambda t: ["import", "loads-json", str(_json(t, {"expert_loads": [[1, 2]]}, "l.json")),
+                                   "--meta", "novalue", "-o", str(t / "o.npz")], "--meta expects KEY=VALUE"),
+]
+
+SOLVE_CASES: list[tuple[str, Setup, str]] = [
+    ("solve-truncated-trace", lambda t: ["solve", str(_truncated(_trace(t))), "--gpus", "4", "-o", str(t / "p.json")],
+     "truncated or not an .npz file"),
+    ("solve-uneven-gpus", lambda t: ["solve", str(_trace(t)), "--gpus", "3", "--gpus-per-node", "1", "-o", str(t / "p.json")],
+     "cannot be split equally over 3 GPUs"),
+    ("solve-bad-node-size", lambda t: ["solve", str(_trace(t)), "--gpus", "4", "--gpus-per-node", "3", "-o", str(t / "p.json")],
+     "not a multiple of --gpus-per-node 3"),
+]
+
+
+def _solve_available() -> bool:
+    try:
+        importlib.import_module("moeplace.solve.cli")
+        return True
+    except ImportError:
+        return False
+
+
+def _params(cases: list[tuple[str, Setup, str]], marks: tuple = ()) -> list:
+    return [pytest.param(setup, message, id=name, marks=marks) for name, setup, message in cases]
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    _params(EVAL_CASES) + _params(IMPORT_CASES)
+    + _params(SOLVE_CASES, (pytest.mark.skipif(not _solve_available(), reason="moeplace.solve.cli not built yet"),)),
+)
+def test_bad_input_is_one_line_exit_2(tmp_path: Path, setup: Setup, message: str, capsys) -> None:
+    argv = setup(tmp_path)
+    capsys.readouterr()
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("moeplace: error: ") and message in lines[0], lines[0]
+    assert not list(tmp_path.glob("o.npz")), "no output may be left behind on error"

@@ -1,0 +1,191 @@
+"""`moeplace eval` and `moeplace check`: token subsets, baselines, report, regression gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT
+from moeplace.cli import run
+from moeplace.eval.cli import read_checks
+from moeplace.eval.metrics import evaluate
+from moeplace.placement import Placement
+from moeplace.solve.baselines import contiguous, greedy_load
+from moeplace.trace.format import load_trace, make_trace, save_trace, split_tokens
+
+
+@pytest.fixture
+def trace_path(tmp_path: Path) -> Path:
+    """200 tokens x 4 layers x top-2 over 8 experts, with strong affinity e -> e + 1 (mod 8)."""
+    rng = np.random.default_rng(1)
+    first = rng.integers(0, 8, size=200)
+    top1 = (first[:, None] + np.arange(4)[None, :]) % 8
+    noise = rng.random((200, 4)) < 0.2
+    top1 = np.where(noise, rng.integers(0, 8, size=(200, 4)), top1)
+    second = (top1 + 1 + rng.integers(0, 7, size=top1.shape)) % 8
+    path = tmp_path / "trace.npz"
+    save_trace(make_trace(np.stack([top1, second], axis=-1), num_experts=8), path)
+    return path
+
+
+def affinity_placement(trace_path: Path, split: dict | None, path: Path) -> Placement:
+    """Experts e+l and e+l+1 paired on a GPU at every layer: what a solver finds on this trace."""
+    trace = load_trace(trace_path)
+    e2g = np.stack([((np.arange(8) - layer) % 8) // 2 for layer in range(4)])
+    p = Placement(e2g, num_gpus=4, gpus_per_node=2, trace_sha256=trace.sha256, split=split)
+    p.save(path)
+    return p
+
+
+def eval_json(capsys, *args: str) -> tuple[int, dict]:
+    rc = run(["eval", *args, "--json"])
+    out = capsys.readouterr().out
+    return rc, json.loads(out)
+
+
+def test_held_out_tokens_by_default(tmp_path: Path, trace_path: Path, capsys) -> None:
+    split = {"train_fraction": 0.6, "seed": 3}
+    p = affinity_placement(trace_path, split, tmp_path / "p.json")
+    rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(trace_path))
+    assert rc == 0
+    trace = load_trace(trace_path)
+    train, held = split_tokens(trace.num_tokens, 0.6, 3)
+    assert report["tokens"]["subset"] == "held-out" and report["tokens"]["evaluated"] == len(held) == 80
+    held_trace = trace.select_tokens(held)
+    assert report["layouts"]["placement"]["cross_gpu_top1"] == pytest.approx(evaluate(p, held_trace)["cross_gpu_top1"])
+    # greedy_load is fitted on the placement's training tokens, evaluated on the held-out ones
+    greedy = Placement(greedy_load(trace.select_tokens(train).expert_loads(), 4), 4, 2)
+    assert report["layouts"]["greedy_load"] == pytest.approx(evaluate(greedy, held_trace))
+    assert list(report["layouts"]) == ["placement", "contiguous", "round_robin", "random", "greedy_load"]
+    cont = evaluate(Placement(contiguous(4, 8, 4), 4, 2), held_trace)
+    ratio = report["vs_contiguous"]["placement"]["dest_gpus_topk"]
+    assert ratio == pytest.approx(report["layouts"]["placement"]["dest_gpus_topk"] / cont["dest_gpus_topk"])
+    assert report["layouts"]["placement"]["cross_gpu_top1"] < 0.6 * cont["cross_gpu_top1"]  # the affinity pays
+
+
+def test_all_tokens_and_other_traces(tmp_path: Path, trace_path: Path, capsys) -> None:
+    affinity_placement(trace_path, {"train_fraction": 0.5, "seed": 0}, tmp_path / "p.json")
+    rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(trace_path), "--all-tokens")
+    assert rc == 0 and report["tokens"]["subset"] == "all" and report["tokens"]["evaluated"] == 200
+    other = tmp_path / "other.npz"  # same model, different tokens: a different sha256
+    t = load_trace(trace_path)
+    save_trace(t.select_tokens(np.arange(150)), other)
+    rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(other))
+    assert rc == 0 and report["tokens"]["subset"] == "all" and report["tokens"]["evaluated"] == 150
+    assert "not fitted on" in report["tokens"]["note"]
+
+
+def test_table_output_and_report_file(tmp_path: Path, trace_path: Path, capsys) -> None:
+    affinity_placement(trace_path, {"train_fraction": 0.5, "seed": 0}, tmp_path / "p.json")
+    out = tmp_path / "report.json"
+    assert run(["eval", str(tmp_path / "p.json"), str(trace_path), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "held-out tokens" in text and "cross-node top-1" in text and "greedy_load" in text
+    assert "max/mean token load per GPU, per layer" in text
+    report = json.loads(out.read_text())
+    assert report["tokens"]["evaluated"] == 100 and len(report["layouts"]["placement"]["imbalance_per_layer"]) == 4
+
+
+def test_regression_gate_exit_codes(tmp_path: Path, trace_path: Path, capsys) -> None:
+    affinity_placement(trace_path, {"train_fraction": 0.5, "seed": 0}, tmp_path / "p.json")
+    _, report = eval_json(capsys, str(tmp_path / "p.json"), str(trace_path))
+    cross = report["layouts"]["placement"]["cross_gpu_top1"]
+    args = ["eval", str(tmp_path / "p.json"), str(trace_path)]
+    assert run(args + ["--max-cross-gpu", f"{cross + 0.01}", "--max-imbalance", "10"]) == 0
+    capsys.readouterr()
+    assert run(args + ["--max-cross-gpu", f"{cross - 0.01}", "--max-imbalance", "1.0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moeplace: error: regression on held-out tokens: cross_gpu_top1 = ")
+    assert f"> {cross - 0.01:g} (--max-cross-gpu)" in err and "imbalance_max" in err and "(--max-imbalance)" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_uneven_experts_have_no_baselines(tmp_path: Path, capsys) -> None:
+    trace = make_trace(np.array([[[0], [1]], [[2], [4]], [[5], [3]]]), num_experts=6)
+    save_trace(trace, tmp_path / "t.npz")
+    Placement(np.array([[0, 0, 1, 1, 2, 3], [0, 1, 1, 2, 3, 3]]), 4, 4).save(tmp_path / "p.json")
+    rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(tmp_path / "t.npz"))
+    assert rc == 0 and list(report["layouts"]) == ["placement"] and "no baselines" in report["tokens"]["note"]
+
+
+def write_checks(path: Path, checks: list[dict], defaults: dict | None = None) -> Path:
+    path.write_text(yaml.safe_dump({"defaults": defaults or {}, "checks": checks}))
+    return path
+
+
+def test_check_pass_and_fail(tmp_path: Path, trace_path: Path, capsys) -> None:
+    affinity_placement(trace_path, {"train_fraction": 0.5, "seed": 0}, tmp_path / "good.json")
+    bad = Placement(contiguous(4, 8, 4), 4, 2, trace_sha256=load_trace(trace_path).sha256,
+                    split={"train_fraction": 0.5, "seed": 0})
+    bad.save(tmp_path / "bad.json")
+    limits = {"max_cross_gpu_vs_contiguous": 0.7, "max_imbalance": 5}
+    cfg = write_checks(tmp_path / "ci.yaml", [{"name": "good", "placement": "good.json", **limits}],
+                       defaults={"trace": "trace.npz"})
+    assert run(["check", str(cfg)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("PASS  good (100 held-out tokens): cross_gpu_top1/contiguous ") and out[-1] == "all 1 checks passed"
+    cfg = write_checks(tmp_path / "ci.yaml", [{"name": "good", "placement": "good.json", **limits},
+                                              {"name": "bad", "placement": "bad.json", **limits}],
+                       defaults={"trace": "trace.npz"})
+    assert run(["check", str(cfg)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("PASS  good") and lines[1].startswith("FAIL  bad")
+    assert "cross_gpu_top1/contiguous 1.0000 > 0.7" in lines[1]
+    assert captured.err.strip() == "moeplace: error: 1 of 2 checks failed"
+
+
+def test_check_missing_file_is_an_error_line(tmp_path: Path, trace_path: Path, capsys) -> None:
+    affinity_placement(trace_path, None, tmp_path / "good.json")
+    cfg = write_checks(tmp_path / "ci.yaml", [
+        {"name": "gone", "placement": "missing.json", "trace": "trace.npz", "max_cross_gpu": 1},
+        {"name": "ok", "placement": "good.json", "trace": "trace.npz", "max_cross_gpu": 1},
+    ])
+    assert run(["check", str(cfg)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0].startswith("ERROR gone: ") and "missing.json: no such file" in captured.out
+    assert captured.out.splitlines()[1].startswith("PASS  ok (200 all tokens)")
+    assert captured.err.strip() == "moeplace: error: 1 of 2 checks could not run"
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ("checks: []", "non-empty 'checks' list"),
+        ("checks: [{placement: p.json, trace: t.npz, max_cross_gpus: 0.5}]", "unknown keys ['max_cross_gpus']"),
+        ("checks: [{placement: p.json, trace: t.npz}]", "no thresholds"),
+        ("checks: [{placement: p.json, max_cross_gpu: 0.5}]", "'trace' (a path) is required"),
+        ("checks: [{placement: p.json, trace: t.npz, max_imbalance: high}]", "must be a non-negative number"),
+        ("checks: [{placement: p.json, trace: t.npz, max_imbalance: 2}]\nextra: 1", "unknown top-level keys"),
+        ("checks: [unclosed", "not valid YAML"),
+    ],
+)
+def test_check_config_errors(tmp_path: Path, doc: str, message: str, capsys) -> None:
+    cfg = tmp_path / "ci.yaml"
+    cfg.write_text(doc)
+    assert run(["check", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_shipped_check_example_passes_on_the_bundled_trace(tmp_path: Path, capsys) -> None:
+    """configs/check-example.yaml after the documented solve (make demo), in a copy of the layout."""
+    pytest.importorskip("moeplace.solve.cli")
+    src = ROOT / "configs" / "check-example.yaml"
+    checks = read_checks(src)
+    assert checks and all(c["trace"].resolve().is_file() for c in checks), "the example must point at a bundled trace"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "traces").mkdir()
+    cfg = tmp_path / "configs" / src.name
+    cfg.write_text(src.read_text())
+    trace_path = tmp_path / "traces" / "flame-moe-290m-decoder.npz"
+    trace_path.write_bytes((ROOT / "traces" / trace_path.name).read_bytes())
+    solve = ["solve", str(trace_path), "--gpus", "8", "--gpus-per-node", "4", "--train-fraction", "0.5", "--seed", "0"]
+    assert run(solve + ["-o", str(tmp_path / "out" / "placement.json")]) == 0
+    capsys.readouterr()
+    assert run(["check", str(cfg)]) == 0, capsys.readouterr()
+    assert capsys.readouterr().out.startswith("PASS  flame-decoder-8gpu-2node (320 held-out tokens)")
