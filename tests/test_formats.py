@@ -78,6 +78,13 @@ def test_truncated_and_empty_and_pickled(tmp_path: Path, small_trace) -> None:
         load_trace(pickled)
     with pytest.raises(TraceError, match="no such file"):
         load_trace(tmp_path / "missing.npz")
+    npy_named_npz = tmp_path / "array.npz"
+    with open(npy_named_npz, "wb") as f:
+        np.save(f, np.zeros((2, 2), np.int64))
+    with pytest.raises(TraceError, match="not an .npz archive"):
+        load_trace(npy_named_npz)
+    with pytest.raises(TraceError, match="not an .npz archive"):
+        load_loads(npy_named_npz)
 
 
 def test_split_is_seeded_and_disjoint() -> None:

@@ -224,7 +224,7 @@ def _load_exflow_npy(p: Path) -> Trace:
 
 def _load_npz(p: Path) -> Trace:
     try:
-        with np.load(p, allow_pickle=False) as z:
+        with _open_npz(p) as z:
             keys = set(z.files)
             if "topk_ids" not in keys:
                 hint = " (this is a load-only file: use it where expert loads are accepted)" if "expert_loads" in keys else ""
@@ -257,6 +257,14 @@ def _load_npz(p: Path) -> Trace:
         meta=meta,
         name=str(p),
     )
+
+
+def _open_npz(p: Path) -> np.lib.npyio.NpzFile:
+    """np.load that refuses pickles and a plain .npy array under an .npz name."""
+    loaded = np.load(p, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise TraceError(f"{p}: not an .npz archive (a single array: name it .npy if it is an ExFlow trace)")
+    return loaded
 
 
 def _parse_meta(raw: np.ndarray | None, p: Path) -> dict[str, Any]:
@@ -336,10 +344,12 @@ def load_loads(path: str | Path) -> ExpertLoads:
     if not p.is_file():
         raise TraceError(f"{p}: no such file")
     try:
-        with np.load(p, allow_pickle=False) as z:
+        with _open_npz(p) as z:
             keys = set(z.files)
             raw = z["expert_loads"] if "expert_loads" in keys else None
             meta_raw = z["meta"] if "meta" in keys else None
+    except TraceError:
+        raise
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         raise TraceError(f"{p}: truncated or not an .npz file ({type(e).__name__}: {e})") from None
     if raw is None:
