@@ -1,0 +1,201 @@
+"""`moeplace analyze`: does this model's routing have affinity worth exploiting?"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import click
+import numpy as np
+
+from moeplace.analyze.affinity import trace_modes
+from moeplace.analyze.report import AnalyzeConfig, Source, build_report, layer_names, source_loads, summary
+from moeplace.errors import MoeplaceError, TraceError
+from moeplace.io import write_json_atomic
+from moeplace.placement import check_topology
+from moeplace.trace.format import Trace, load_loads, load_trace
+
+JSON_NAME = "analyze.json"
+MAX_DEFAULT_GPUS = 8
+
+
+def default_gpus(num_experts: int) -> int:
+    """8 GPUs, or the largest divisor of E below that (so every GPU holds E/G experts)."""
+    return max(g for g in range(1, MAX_DEFAULT_GPUS + 1) if num_experts % g == 0)
+
+
+def parse_pairs(spec: str | None, num_pairs: int) -> list[int]:
+    """Layer pairs to draw: "0,3,5-6" (pair l is MoE layer l -> l+1, 0-based in the trace).
+
+    Default: up to four pairs spread from the first to the last.
+    """
+    if num_pairs < 1:
+        return []
+    if spec is None:
+        return sorted({int(round(x)) for x in np.linspace(0, num_pairs - 1, min(4, num_pairs))})
+    pairs: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi or lo)
+            if last < first:
+                raise ValueError(part)
+            pairs += list(range(first, last + 1))
+    except ValueError:
+        raise MoeplaceError(f"--layers {spec!r}: expected comma-separated pair indices or ranges, e.g. 0,3,5-6") from None
+    bad = [p for p in pairs if not 0 <= p < num_pairs]
+    if bad or not pairs:
+        raise MoeplaceError(f"--layers {spec!r}: pair indices must be in [0, {num_pairs - 1}] (pair l is MoE layer l -> l+1)")
+    return sorted(set(pairs))
+
+
+def load_source(path: str) -> Source:
+    """A per-token trace, or a load-only file (moeplace.loads/v1) when that is what `path` holds."""
+    if Path(path).suffix == ".npy":  # ExFlow's top-1 trace
+        return load_trace(path)
+    load_only = False  # unless it is a readable .npz holding loads; load_trace reports any other problem
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        z = None
+    if isinstance(z, np.ndarray):  # .npy content under another name
+        raise TraceError(f"{path}: holds one .npy array, not an .npz trace (an ExFlow trace must be named .npy)")
+    if isinstance(z, np.lib.npyio.NpzFile):
+        with z:
+            load_only = "expert_loads" in z.files and "topk_ids" not in z.files
+    return load_loads(path) if load_only else load_trace(path)
+
+
+def _check_compatible(a: Source, b: Source, path_b: str) -> None:
+    if (a.num_layers, a.num_experts) != (b.num_layers, b.num_experts):
+        raise TraceError(
+            f"{path_b}: --compare needs an input of the same model, but it has {b.num_layers} MoE layers x "
+            f"{b.num_experts} experts and TRACE has {a.num_layers} x {a.num_experts}"
+        )
+
+
+@click.command("analyze", context_settings={"max_content_width": 100})
+@click.argument("trace_path", metavar="TRACE")
+@click.option("-o", "--output", "out_dir", default=None, metavar="DIR",
+              help="Directory for analyze.json and the PNG figures (created if needed). "
+                   "[default: analyze-<TRACE name>]")
+@click.option("--compare", "compare_path", default=None, metavar="B.npz",
+              help="A second trace of the same model (e.g. another domain): its statistics side by side, "
+                   "transition-matrix correlation and placement gain transferred from TRACE to B.")
+@click.option("--layers", "layers_spec", default=None, metavar="PAIRS",
+              help="Layer pairs for the transition heatmaps: '0,3,5-6', where pair l is MoE layer l -> l+1 "
+                   "(0-based in the trace). [default: up to 4 spread from first to last]")
+@click.option("--gpus", type=int, default=None, metavar="N",
+              help="GPUs for the placement-transfer test. [default: 8, or the largest divisor of E below 8]")
+@click.option("--gpus-per-node", type=int, default=None, metavar="N", help="GPUs per node. [default: all GPUs in one node]")
+@click.option("--time-limit", type=click.FloatRange(min=0.0, min_open=True), default=10.0, show_default=True, metavar="SECONDS",
+              help="Seconds per placement solve (two per comparison).")
+@click.option("--no-solve", is_flag=True, help="Skip the placement-transfer test (statistics only; fast).")
+@click.option("--shuffles", type=click.IntRange(1, 1000), default=8, show_default=True,
+              help="Token shuffles for the MI / capture baseline (mean and std reported).")
+@click.option("--hottest", type=click.IntRange(1, 100), default=4, show_default=True,
+              help="Hottest experts listed per layer.")
+@click.option("--heatmap-mode", type=click.Choice(["top1", "topk", "gated"]), default=None,
+              help="Transitions drawn in the heatmaps. [default: topk, or top1 when k = 1]")
+@click.option("--no-figures", is_flag=True, help="Write the JSON only.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the shuffles, the halves split and the solver.")
+def analyze(
+    trace_path: str,
+    out_dir: str | None,
+    compare_path: str | None,
+    layers_spec: str | None,
+    gpus: int | None,
+    gpus_per_node: int | None,
+    time_limit: float,
+    no_solve: bool,
+    shuffles: int,
+    hottest: int,
+    heatmap_mode: str | None,
+    no_figures: bool,
+    seed: int,
+) -> None:
+    """Report load skew, inter-layer affinity and its stability for TRACE, with figures.
+
+    TRACE is a v1 trace (.npz) or an ExFlow .npy; a load-only .npz (moeplace.loads/v1) gets the
+    load skew (and, with --compare, the per-layer load correlation) only.
+
+    \b
+    Answers, per MoE layer and per consecutive layer pair l -> l+1:
+      load skew      max/mean, coefficient of variation, Gini, entropy, hottest experts;
+      affinity       P(j at l+1 | i at l) for top-1, top-k and gate-weighted top-k choices;
+                     its conditional entropy (vs log E); mutual information beside a
+                     token-shuffled baseline (mean +- std of --shuffles shuffles), which
+                     absorbs the upward bias of MI on few tokens; share of transitions going
+                     to each expert's top-1/2/4 successors (real and shuffled);
+      stability      two seeded halves (by sequence when the trace has sequence ids):
+                     correlation of transition matrices, top-m capture of one half by the
+                     other's successors, and the placement gain transferred: a placement
+                     solved on half 1 replayed on half 2, vs one solved on half 2.
+
+    \b
+    Outputs (in -o DIR): analyze.json (everything above), load_heatmap.png,
+    transitions.png (P(j | i) of the --layers pairs), affinity.png (MI vs shuffled and
+    top-m capture per layer pair). A summary is printed; progress goes to stderr.
+
+    \b
+    Examples:
+      moeplace analyze traces/flame-moe-290m-decoder.npz -o out/flame
+      moeplace analyze wiki.npz --compare code.npz --gpus 8 -o out/wiki-vs-code
+    """
+    sources: dict[str, tuple[Source, str]] = {"A": (load_source(trace_path), trace_path)}
+    if compare_path is not None:
+        sources["B"] = (load_source(compare_path), compare_path)
+        _check_compatible(sources["A"][0], sources["B"][0], compare_path)
+    first = sources["A"][0]
+    traces = [s for s, _ in sources.values() if isinstance(s, Trace)]
+    all_traces = len(traces) == len(sources)
+    # transitions need per-token paths in every input
+    modes = [m for m in trace_modes(traces[0]) if all(m in trace_modes(t) for t in traces)] if all_traces else []
+    pairs = parse_pairs(layers_spec, first.num_layers - 1) if all_traces else []
+    if heatmap_mode is not None and heatmap_mode not in modes:
+        raise MoeplaceError(f"--heatmap-mode {heatmap_mode}: not available for this input "
+                            f"(available: {', '.join(modes) or 'none'})")
+    num_gpus = None
+    if not no_solve:
+        num_gpus = gpus if gpus is not None else default_gpus(first.num_experts)
+        gpus_per_node = gpus_per_node if gpus_per_node is not None else num_gpus
+        check_topology(first.num_experts, num_gpus, gpus_per_node)
+    out = Path(out_dir) if out_dir else Path(f"analyze-{Path(trace_path).stem}")
+    if out.exists() and not out.is_dir():
+        raise MoeplaceError(f"-o {out}: exists and is not a directory")
+    try:  # fail before the work, not after it
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MoeplaceError(f"-o {out}: cannot create the output directory ({e.strerror})") from None
+
+    cfg = AnalyzeConfig(num_shuffles=shuffles, seed=seed, hottest=hottest, num_gpus=num_gpus,
+                        gpus_per_node=gpus_per_node or 1, time_limit=time_limit)
+    report, conditionals = build_report(sources, cfg)
+    figures: list[str] = []
+    try:
+        if not no_figures:
+            mode = heatmap_mode or ("topk" if "topk" in modes else "top1")
+            figures = [str(p) for p in _draw(report, conditionals, sources, pairs, mode, out)]
+        report["figures"] = figures
+        report["json"] = str(out / JSON_NAME)
+        write_json_atomic(out / JSON_NAME, report)
+    except OSError as e:
+        raise MoeplaceError(f"-o {out}: cannot write the report ({e.strerror or e})") from None
+    click.echo(summary(report))
+
+
+def _draw(report: dict, conditionals: dict, sources: dict, pairs: list[int], mode: str, out: Path) -> list[Path]:
+    from moeplace.analyze import plots  # matplotlib only when drawing
+
+    keys = list(sources)
+    titles = [f"{key} ({Path(path).stem})" for key, (_, path) in sources.items()]
+    first = sources["A"][0]
+    labels = layer_names(first.meta, first.num_layers)
+    loads = [source_loads(s) for s, _ in sources.values()]
+    paths = [plots.load_heatmap(loads, titles, labels, out / "load_heatmap.png")]
+    if pairs:  # only when every input is a per-token trace with layer pairs
+        cond = [conditionals[key][mode] for key in keys]
+        paths.append(plots.transition_heatmaps(cond, titles, pairs, labels, mode, out / "transitions.png"))
+        affs = [report["traces"][key]["affinity"] for key in keys]
+        paths.append(plots.affinity_plot(affs, keys, labels, affs[0]["log_num_experts"], out / "affinity.png"))
+    return paths

@@ -1,0 +1,140 @@
+"""PNG figures of an analysis: load heatmap, transition heatmaps, affinity per layer pair.
+
+matplotlib is imported only here and only when a figure is drawn; figures are built with the
+object API (no pyplot global state, no display needed) and written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from moeplace.io import atomic_path
+
+# One colour per input (A, B); capture depths m are told apart by marker.
+TRACE_COLORS = ("tab:blue", "tab:orange")
+MODE_TITLES = {"top1": "top-1", "topk": "top-k (k x k pairs)", "gated": "gate-weighted top-k"}
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return path
+
+
+def _pair_labels(layer_names: Sequence[int]) -> list[str]:
+    return [f"{a}>{b}" for a, b in zip(layer_names[:-1], layer_names[1:])]
+
+
+def _thin(labels: Sequence[str], most: int = 16) -> tuple[list[int], list[str]]:
+    """Positions and labels of at most `most` evenly spaced ticks (deep models have 60 layers)."""
+    step = -(-len(labels) // most)
+    pos = list(range(0, len(labels), step))
+    return pos, [labels[i] for i in pos]
+
+
+def load_heatmap(loads: Sequence[np.ndarray], names: Sequence[str], layer_names: Sequence[int], path: Path) -> Path:
+    """Relative load (selections / layer mean) of each expert, one panel per trace. loads: [L, E] each."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    rel = [x / np.where(x.mean(1, keepdims=True) > 0, x.mean(1, keepdims=True), 1.0) for x in loads]
+    # diverging around 1.0: blue = under-loaded, red = over-loaded
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(2.0, *(float(r.max()) for r in rel)))
+    num_layers, num_experts = loads[0].shape
+    fig = _figure(min(4 + 0.12 * num_experts, 16) * len(loads), min(1.8 + 0.3 * num_layers, 10))
+    axes = fig.subplots(1, len(loads), squeeze=False)[0]
+    for ax, r, name in zip(axes, rel, names):
+        im = ax.imshow(r, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
+        ax.set_title(f"{name}: expert load / layer mean")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        ax.set_yticks(*_thin([str(n) for n in layer_names], 24))
+    fig.colorbar(im, ax=list(axes), label="load / mean (1 = even)")
+    return _save(fig, path)
+
+
+def transition_heatmaps(
+    conditionals: Sequence[np.ndarray],
+    names: Sequence[str],
+    pairs: Sequence[int],
+    layer_names: Sequence[int],
+    mode: str,
+    path: Path,
+) -> Path:
+    """P(expert j at l+1 | expert i at l) for the chosen pairs; a row of panels per trace.
+
+    conditionals: [L-1, E, E] per trace. The colour scale is capped at the 99.5th percentile of
+    the non-zero cells so a few certain transitions do not wash out the rest.
+    """
+    shown = np.concatenate([c[pairs].ravel() for c in conditionals])
+    nonzero = shown[shown > 0]
+    vmax = float(np.quantile(nonzero, 0.995)) if nonzero.size else 1.0
+    fig = _figure(3.4 * len(pairs) + 1.2, 3.2 * len(conditionals) + 0.4)
+    axes = fig.subplots(len(conditionals), len(pairs), squeeze=False)
+    labels = _pair_labels(layer_names)
+    for row, (cond, name) in enumerate(zip(conditionals, names)):
+        for col, pair in enumerate(pairs):
+            ax = axes[row, col]
+            im = ax.imshow(cond[pair], cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+            ax.set_title(f"{name}: layer {labels[pair]}", fontsize=10)
+            ax.set_xlabel(f"expert j at layer {layer_names[pair + 1]}")
+            ax.set_ylabel(f"expert i at layer {layer_names[pair]}")
+    fig.suptitle(f"P(j | i), {MODE_TITLES[mode]}")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="P(j | i)", shrink=0.8)
+    return _save(fig, path)
+
+
+def affinity_plot(
+    affinities: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    layer_names: Sequence[int],
+    log_num_experts: float,
+    path: Path,
+) -> Path:
+    """Per layer pair: MI vs its shuffled baseline (top row) and top-m capture (bottom), per mode.
+
+    affinities: the `affinity()` result of each trace (same pairs; modes drawn if all have them).
+    """
+    modes = [m for m in affinities[0]["modes"] if all(m in a["modes"] for a in affinities)]
+    labels = _pair_labels(layer_names)
+    x = np.arange(len(labels))
+    ms = 6 if len(labels) <= 16 else 3  # marker size: keep deep models' lines readable
+    fig = _figure(max(4.2, 0.1 * len(labels)) * len(modes) + 0.5, 6.4)
+    axes = fig.subplots(2, len(modes), squeeze=False)
+    for col, mode in enumerate(modes):
+        ax_mi, ax_cap = axes[0, col], axes[1, col]
+        for aff, name, color in zip(affinities, names, TRACE_COLORS):
+            rows = aff["modes"][mode]["per_pair"]
+            mi = np.array([r["mi"] for r in rows])
+            base = np.array([r.get("mi_baseline", np.nan) for r in rows])
+            std = np.array([r.get("mi_baseline_std", 0.0) for r in rows])
+            ax_mi.plot(x, mi, "o-", color=color, markersize=ms, label=f"{name}: MI")
+            ax_mi.plot(x, base, "--", color=color, alpha=0.8, label=f"{name}: shuffled +-2 std")
+            ax_mi.fill_between(x, base - 2 * std, base + 2 * std, color=color, alpha=0.2)
+            for m, marker in zip(rows[0]["capture"], "os^"):
+                ax_cap.plot(x, [r["capture"][m] for r in rows], marker + "-", color=color, markersize=ms,
+                            label=f"{name}: top-{m}")
+                if "capture_baseline" in rows[0]:
+                    ax_cap.plot(x, [r["capture_baseline"][m] for r in rows], marker + ":", color=color,
+                                markersize=ms, alpha=0.5, markerfacecolor="none")
+        ax_mi.set_title(f"{MODE_TITLES[mode]}: MI (log E = {log_num_experts:.2f})", fontsize=10)
+        ax_mi.set_ylabel("nats")
+        ax_mi.set_ylim(bottom=0)
+        ax_cap.set_title("top-m successor capture (dotted: shuffled)", fontsize=10)
+        ax_cap.set_ylim(0, 1.02)
+        ax_cap.set_ylabel("share of transitions")
+        for ax in (ax_mi, ax_cap):
+            ax.set_xticks(*_thin(labels), rotation=45 if len(labels) > 8 else 0, fontsize=8)
+            ax.set_xlabel("layer pair")
+            ax.grid(alpha=0.3)
+        ax_mi.legend(fontsize=7)
+        ax_cap.legend(fontsize=7, ncol=len(affinities))
+    return _save(fig, path)

@@ -1,0 +1,327 @@
+"""`moeplace analyze`: statistics on constructed traces with known answers, and the command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moeplace.analyze.affinity import (
+    affinity,
+    capture,
+    conditional,
+    conditional_entropy,
+    gini,
+    load_skew,
+    mutual_information,
+    pair_counts,
+    topm_capture,
+    transition_counts,
+)
+from moeplace.analyze.stability import compare_affinity, matrix_correlations, split_halves
+from moeplace.cli import run
+from moeplace.trace.format import Trace, make_loads, make_trace, save_loads, save_trace
+
+from conftest import ROOT
+
+
+def planted(num_tokens: int = 1024, num_layers: int = 4, num_experts: int = 16, seed: int = 0) -> Trace:
+    """Top-2 trace whose top-1 expert at l+1 is a fixed permutation of the one at l.
+
+    Top-1 at layer 0 is exactly uniform (num_tokens a multiple of E), so MI(top-1) = log E.
+    The second choice is random (distinct from the first).
+    """
+    rng = np.random.default_rng(seed)
+    top1 = np.empty((num_tokens, num_layers), dtype=np.int64)
+    top1[:, 0] = rng.permutation(np.arange(num_tokens) % num_experts)
+    for layer in range(1, num_layers):
+        top1[:, layer] = rng.permutation(num_experts)[top1[:, layer - 1]]
+    second = (top1 + rng.integers(1, num_experts, top1.shape)) % num_experts
+    ids = np.stack([top1, second], axis=-1)
+    w = np.stack([np.full(top1.shape, 0.7), np.full(top1.shape, 0.3)], axis=-1).astype(np.float32)
+    seqs = np.repeat(np.arange(num_tokens // 8), 8)
+    return make_trace(ids, w, num_experts, sequence_ids=seqs, meta={"moe_layers": [3, 5, 7, 9][:num_layers]})
+
+
+def shuffled_layers(trace: Trace, seed: int = 1) -> Trace:
+    """The same trace with tokens permuted independently at every layer: no affinity left."""
+    rng = np.random.default_rng(seed)
+    ids = np.stack([trace.topk_ids[rng.permutation(trace.num_tokens), layer] for layer in range(trace.num_layers)], 1)
+    return make_trace(ids, num_experts=trace.num_experts)
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_skew_hand_computed() -> None:
+    rows = load_skew(np.array([[2.0, 2, 2, 2], [8.0, 0, 0, 0], [3.0, 1, 0, 0]]), hottest=2)
+    even, one_hot, mixed = rows
+    assert even["max_over_mean"] == pytest.approx(1.0) and even["cv"] == pytest.approx(0.0)
+    assert even["gini"] == pytest.approx(0.0) and even["entropy_frac"] == pytest.approx(1.0)
+    assert one_hot["max_over_mean"] == pytest.approx(4.0) and one_hot["cv"] == pytest.approx(np.sqrt(3))
+    assert one_hot["gini"] == pytest.approx(0.75) and one_hot["entropy_frac"] == pytest.approx(0.0)
+    assert one_hot["unused"] == 3
+    assert [h["expert"] for h in mixed["hottest"]] == [0, 1]
+    assert [h["share"] for h in mixed["hottest"]] == pytest.approx([0.75, 0.25])
+    # Gini of [0, 0, 1, 3] = sum_ij |xi - xj| / (2 n^2 mean) = (2 * 2 * 4 + 2 * 2) / 32
+    assert mixed["gini"] == pytest.approx(20 / 32)
+    assert gini(np.zeros((1, 4)))[0] == 0.0
+
+
+def test_pair_counts_top1_topk_and_gated_by_hand() -> None:
+    # one token, two layers, top-2: layer 0 experts (0, 1) gates (3, 1); layer 1 experts (2, 3) gates (1, 1)
+    t = make_trace(np.array([[[0, 1], [2, 3]]]), np.array([[[3.0, 1.0], [1.0, 1.0]]], dtype=np.float32), 4)
+    top1, topk, gated = (transition_counts(t, m)[0] for m in ("top1", "topk", "gated"))
+    assert top1[0, 2] == 1.0 and top1.sum() == 1.0
+    assert topk[[0, 0, 1, 1], [2, 3, 2, 3]] == pytest.approx([0.25] * 4) and topk.sum() == pytest.approx(1.0)
+    assert gated[[0, 0, 1, 1], [2, 3, 2, 3]] == pytest.approx([0.375, 0.375, 0.125, 0.125])
+
+
+def test_pair_counts_chunking_matches_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    t = planted(256)
+    whole = transition_counts(t, "gated")
+    monkeypatch.setattr("moeplace.analyze.affinity._CHUNK_PAIRS", 7)  # many tiny chunks
+    assert np.allclose(transition_counts(t, "gated"), whole)
+    assert whole.sum(axis=(1, 2)) == pytest.approx([256] * 3)  # every token carries mass 1 per pair
+    with pytest.raises(ValueError, match="both masses or neither"):
+        pair_counts(t.topk_ids[:, :-1], t.topk_ids[:, 1:], 16, t.topk_weights[:, :-1], None)
+
+
+def test_mi_conditional_entropy_and_capture_by_hand() -> None:
+    independent = np.outer([1.0, 3.0], [2.0, 2.0])[None]  # P(i, j) = P(i) P(j)
+    diagonal = np.diag([5.0, 5.0])[None]
+    assert mutual_information(independent)[0] == pytest.approx(0.0, abs=1e-12)
+    assert mutual_information(diagonal)[0] == pytest.approx(np.log(2))
+    assert conditional_entropy(independent)[0] == pytest.approx(np.log(2))
+    assert conditional_entropy(diagonal)[0] == pytest.approx(0.0)
+    counts = np.array([[[6.0, 2.0, 0.0], [1.0, 1.0, 2.0], [0.0, 0.0, 0.0]]])
+    assert conditional(counts)[0, 0] == pytest.approx([0.75, 0.25, 0.0])
+    assert conditional(counts)[0, 2] == pytest.approx([0.0, 0.0, 0.0])  # unseen expert: zero row
+    assert topm_capture(counts, 1)[0] == pytest.approx((6 + 2) / 12)
+    assert topm_capture(counts, 2)[0] == pytest.approx((8 + 3) / 12)
+    assert capture(counts, np.array([[[2], [2], [2]]]))[0] == pytest.approx(2 / 12)
+
+
+def test_planted_transitions_have_mi_log_e_and_full_capture() -> None:
+    t = planted()
+    aff = affinity(t, num_shuffles=4, seed=0)
+    log_e = np.log(t.num_experts)
+    for row in aff["modes"]["top1"]["per_pair"]:
+        assert row["mi"] == pytest.approx(log_e)
+        assert row["mi_frac"] == pytest.approx(1.0)
+        assert row["cond_entropy"] == pytest.approx(0.0, abs=1e-9)
+        assert row["capture"] == pytest.approx({"1": 1.0, "2": 1.0, "4": 1.0})
+        # the shuffled baseline is the small-sample bias only: far below log E, capture far below 1
+        assert row["mi_baseline"] < 0.2 * log_e
+        assert row["capture_baseline"]["1"] < 0.3
+        assert row["mi_excess"] > 0.8 * log_e
+    assert aff["conditional"]["top1"].shape == (3, 16, 16)
+    assert np.allclose(aff["conditional"]["top1"].max(axis=-1), 1.0)  # each row one certain successor
+    # top-k and gated modes see the affinity diluted by the random second choice, but clearly
+    for mode in ("topk", "gated"):
+        for row in aff["modes"][mode]["per_pair"]:
+            assert row["mi"] > row["mi_baseline"] + 10 * row["mi_baseline_std"]
+
+
+def test_shuffled_trace_mi_is_within_its_baseline() -> None:
+    t = shuffled_layers(planted(2048, num_experts=8))
+    aff = affinity(t, num_shuffles=16, seed=3)
+    for mode in ("top1", "topk"):
+        for row in aff["modes"][mode]["per_pair"]:
+            assert row["mi"] > 0  # the plug-in estimate is biased upward ...
+            assert abs(row["mi_excess"]) < 4 * row["mi_baseline_std"] + 1e-3  # ... by what the baseline says
+            assert abs(row["capture"]["1"] - row["capture_baseline"]["1"]) < 0.05
+
+
+def test_one_layer_and_top1_traces() -> None:
+    one_layer = make_trace(np.arange(8).reshape(8, 1, 1) % 4, num_experts=4)
+    assert affinity(one_layer, 2)["modes"] == {}
+    top1 = make_trace(planted().topk_ids[:, :, 0], num_experts=16)
+    assert list(affinity(top1, 2)["modes"]) == ["top1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# stability
+# ---------------------------------------------------------------------------------------------
+
+
+def test_split_halves_by_sequence_and_by_token() -> None:
+    t = planted(512)
+    a, b, info = split_halves(t, seed=5)
+    assert info["by"] == "sequence" and a.num_tokens + b.num_tokens == 512
+    assert not set(a.sequence_ids.tolist()) & set(b.sequence_ids.tolist())
+    again = split_halves(t, seed=5)[0]
+    assert np.array_equal(again.sequence_ids, a.sequence_ids)  # seeded
+    no_seq = make_trace(t.topk_ids, num_experts=16)
+    a, b, info = split_halves(no_seq, seed=5)
+    assert info["by"] == "token" and info["tokens"] == [256, 256]
+
+
+def test_identical_traces_correlate_perfectly() -> None:
+    t = planted(512)
+    counts = transition_counts(t, "topk")
+    rows = matrix_correlations(counts, counts)
+    assert all(r["corr_joint"] == pytest.approx(1.0) and r["corr_excess"] == pytest.approx(1.0) for r in rows)
+    res = compare_affinity(t, t)["topk"]["mean"]
+    assert res["capture_heldout"] == pytest.approx(res["capture_in_sample"])
+
+
+def test_planted_halves_transfer_and_shuffled_do_not() -> None:
+    a, b, _ = split_halves(planted(1024), seed=0)
+    res = compare_affinity(a, b)["top1"]["mean"]
+    assert res["corr_excess"] > 0.95
+    assert res["capture_heldout"]["1"] == pytest.approx(1.0)
+    assert res["capture_heldout_marginal"]["1"] < 0.15  # busiest expert: ~1/16 of transitions
+    # against a trace of the same model with no affinity, nothing transfers
+    res = compare_affinity(a, shuffled_layers(b))["top1"]["mean"]
+    assert abs(res["corr_excess"]) < 0.2
+    assert res["capture_heldout"]["1"] < 0.15
+
+
+# ---------------------------------------------------------------------------------------------
+# command
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def planted_file(tmp_path: Path) -> Path:
+    path = tmp_path / "planted.npz"
+    save_trace(planted(512, num_experts=8), path)
+    return path
+
+
+def test_cli_writes_json_and_figures(planted_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    other = tmp_path / "other.npz"
+    save_trace(shuffled_layers(planted(512, num_experts=8)), other)
+    out = tmp_path / "new" / "dir"
+    code = run(["analyze", str(planted_file), "--compare", str(other), "-o", str(out), "--no-solve",
+                "--shuffles", "2", "--layers", "0,2"])
+    assert code == 0
+    report = json.loads((out / "analyze.json").read_text())
+    assert report["format"] == "moeplace.analyze/v1"
+    assert set(report["traces"]) == {"A", "B"}
+    a_mi = report["traces"]["A"]["affinity"]["modes"]["top1"]["mean"]["mi_excess"]
+    b_mi = report["traces"]["B"]["affinity"]["modes"]["top1"]["mean"]["mi_excess"]
+    assert a_mi > 1.0 > 0.1 > b_mi
+    assert report["traces"]["A"]["info"]["moe_layers"] == [3, 5, 7, 9]
+    assert report["traces"]["A"]["verdict"]["significant_pairs"]["top1"] == 3
+    assert report["traces"]["A"]["halves"]["split"]["by"] == "sequence"
+    assert "placement" not in report["transfer"]  # --no-solve
+    assert report["transfer"]["modes"]["top1"]["mean"]["capture_heldout"]["1"] < 0.3
+    names = sorted(Path(p).name for p in report["figures"])
+    assert names == ["affinity.png", "load_heatmap.png", "transitions.png"]
+    for p in report["figures"]:
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = capsys.readouterr().out
+    assert "Domain shift A -> B" in text and "transitions.png" in text
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_cli_with_solver(planted_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("moeplace.solve.solver")
+    # B: the same model, but its chains follow other permutations (a different "domain")
+    other = tmp_path / "other.npz"
+    save_trace(planted(512, num_experts=8, seed=7), other)
+    out = tmp_path / "o"
+    assert run(["analyze", str(planted_file), "--compare", str(other), "-o", str(out), "--no-figures",
+                "--shuffles", "2", "--gpus", "4", "--gpus-per-node", "2", "--time-limit", "1"]) == 0
+    report = json.loads((out / "analyze.json").read_text())
+    for name in ("A", "B"):  # within one domain a placement transfers between halves, both ways
+        pl = report["traces"][name]["halves"]["placement"]
+        assert pl["num_gpus"] == 4 and pl["gpus_per_node"] == 2
+        for direction in ("a_to_b", "b_to_a"):
+            on_target = pl[direction]["evaluated"]
+            # the planted chains can each live on one GPU: both solved placements cut traffic to ~0
+            assert on_target["solved_on_target"]["cross_gpu_top1"] < 0.05
+            assert on_target["solved_on_source"]["cross_gpu_top1"] < 0.05
+            assert on_target["contiguous"]["cross_gpu_top1"] > 0.3
+            assert pl[direction]["transferred"]["cross_gpu_top1"] > 0.9
+    across = report["transfer"]["placement"]["a_to_b"]
+    assert across["evaluated"]["solved_on_target"]["cross_gpu_top1"] < 0.05
+    assert across["transferred"]["cross_gpu_top1"] < 0.5  # A's chains are not B's
+    assert "cross_gpu_top1 gain over contiguous" in capsys.readouterr().out
+
+
+def test_cli_one_layer_and_exflow_npy(tmp_path: Path) -> None:
+    one_layer = tmp_path / "one.npz"
+    save_trace(make_trace(np.arange(40).reshape(40, 1, 1) % 4, num_experts=4), one_layer)
+    assert run(["analyze", str(one_layer), "-o", str(tmp_path / "a"), "--shuffles", "2"]) == 0
+    report = json.loads((tmp_path / "a" / "analyze.json").read_text())
+    assert report["traces"]["A"]["halves"] == {"skipped": "one MoE layer: no layer pairs"}
+    assert [Path(p).name for p in report["figures"]] == ["load_heatmap.png"]
+    npy = tmp_path / "exflow.npy"
+    np.save(npy, planted(64, num_experts=8).topk_ids[:, :, 0])
+    assert run(["analyze", str(npy), "-o", str(tmp_path / "b"), "--shuffles", "2", "--no-solve", "--no-figures"]) == 0
+    modes = json.loads((tmp_path / "b" / "analyze.json").read_text())["traces"]["A"]["affinity"]["modes"]
+    assert list(modes) == ["top1"] and modes["top1"]["mean"]["mi"] == pytest.approx(np.log(8))
+
+
+def test_cli_load_only_inputs(planted_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    hot_first = tmp_path / "a.npz"
+    save_loads(make_loads(np.array([[8.0, 4, 2, 2, 1, 1, 1, 1]] * 4)), hot_first)
+    hot_last = tmp_path / "b.npz"
+    save_loads(make_loads(np.array([[1.0, 1, 1, 1, 2, 2, 4, 8]] * 4)), hot_last)
+    out = tmp_path / "o"
+    assert run(["analyze", str(hot_first), "--compare", str(hot_last), "-o", str(out)]) == 0
+    report = json.loads((out / "analyze.json").read_text())
+    a = report["traces"]["A"]
+    assert a["info"]["load_only"] and a["affinity"]["modes"] == {} and "skipped" in a["halves"]
+    assert a["load"][0]["max_over_mean"] == pytest.approx(8 / 2.5)
+    corr = report["transfer"]["load_corr"]
+    assert corr["mean"] == pytest.approx(np.corrcoef([8, 4, 2, 2, 1, 1, 1, 1], [1, 1, 1, 1, 2, 2, 4, 8])[0, 1])
+    assert "placement" not in report["transfer"] and "modes" not in report["transfer"]
+    assert [Path(p).name for p in report["figures"]] == ["load_heatmap.png"]
+    assert "load-only input" in capsys.readouterr().out
+    # a trace against loads of the same model: load correlation only
+    assert run(["analyze", str(planted_file), "--compare", str(hot_last), "-o", str(out), "--no-solve",
+                "--no-figures", "--shuffles", "2"]) == 0
+    report = json.loads((out / "analyze.json").read_text())
+    assert set(report["transfer"]) == {"load_corr"} and report["traces"]["A"]["affinity"]["modes"]
+
+
+def test_flame_trace_has_affinity_above_shuffled(tmp_path: Path) -> None:
+    path = ROOT / "traces" / "flame-moe-290m-decoder.npz"
+    out = tmp_path / "flame"
+    assert run(["analyze", str(path), "-o", str(out), "--no-solve", "--no-figures", "--shuffles", "4"]) == 0
+    modes = json.loads((out / "analyze.json").read_text())["traces"]["A"]["affinity"]["modes"]
+    for mode in ("top1", "topk", "gated"):
+        for row in modes[mode]["per_pair"]:
+            assert row["mi_excess"] > 5 * row["mi_baseline_std"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.npz"], "no such file"),
+        (["{bad}"], "truncated or not an .npz"),
+        (["{trace}", "--compare", "{other}"], "same model"),
+        (["{trace}", "--layers", "5"], "pair indices must be in [0, 2]"),
+        (["{trace}", "--layers", "a-b"], "expected comma-separated"),
+        (["{trace}", "--gpus", "3"], "cannot be split equally"),
+        (["{trace}", "--gpus", "4", "--gpus-per-node", "3"], "not a multiple"),
+        (["{trace}", "-o", "{bad}"], "not a directory"),
+        (["{top1}", "--heatmap-mode", "gated"], "not available"),
+        (["{npy_as_npz}"], "holds one .npy array"),
+        (["{trace}", "--layers", "2-1"], "expected comma-separated"),
+    ],
+)
+def test_cli_bad_input_is_one_line(args: list[str], message: str, planted_file: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(planted_file.read_bytes()[:100])
+    other = tmp_path / "other.npz"
+    save_trace(make_trace(np.zeros((4, 2, 1), dtype=np.int64), num_experts=8), other)
+    top1 = tmp_path / "top1.npz"
+    save_trace(make_trace(planted(64, num_experts=8).topk_ids[:, :, :1], num_experts=8), top1)
+    npy_as_npz = tmp_path / "npy.npz"
+    with open(npy_as_npz, "wb") as f:
+        np.save(f, np.zeros((4, 2), dtype=np.int64))
+    paths = {"trace": planted_file, "bad": bad, "other": other, "top1": top1, "npy_as_npz": npy_as_npz}
+    argv = ["analyze", *(a.format(**paths) for a in args), "--no-figures"]
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moeplace: error:") and message in err[0], err
