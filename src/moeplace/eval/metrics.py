@@ -22,33 +22,85 @@ from moeplace.placement import Placement
 from moeplace.trace.format import Trace
 
 
+def initial_homes(num_tokens: int, num_gpus: int) -> np.ndarray:
+    """GPU each token sits on before the first MoE layer, int64 [T]: data-parallel attention
+    spreads tokens round-robin (the trace has no earlier expert to place them)."""
+    return np.arange(num_tokens, dtype=np.int64) % num_gpus
+
+
 def token_gpus(placement: Placement, trace: Trace) -> np.ndarray:
     """GPU that serves each token-expert choice, int64 [T, L, k].
 
-    Without replicas it is the expert's GPU. With replicas a token uses the copy on its current
-    GPU (top-1 GPU of the previous layer), else one on its current node, else the primary.
+    Without replicas it is the expert's GPU. With replicas (the rule eval, the cost model and
+    the runtime share, see `serve_layer`) a token uses the copy on its current GPU (top-1 GPU
+    of the previous layer; `initial_homes` at layer 0), else one on its current node, else the
+    least-loaded copy.
     """
     layers = np.arange(trace.num_layers)[None, :, None]
     gpus = placement.expert_to_gpu[layers, trace.topk_ids]
     if not any(placement.replicas):
         return gpus
-    gpus = gpus.copy()
-    gpn = placement.gpus_per_node
-    for layer in range(1, trace.num_layers):
-        here = gpus[:, layer - 1, 0]
-        for expert, copies in enumerate(placement.holders(layer)):
-            if len(copies) == 1:
-                continue
-            copies_arr = np.asarray(copies)
-            hit = trace.topk_ids[:, layer, :] == expert  # [T, k]
-            tok, slot = np.nonzero(hit)
-            cur = here[tok]
-            same_gpu = copies_arr[None, :] == cur[:, None]
-            same_node = copies_arr[None, :] // gpn == cur[:, None] // gpn
-            # first matching copy by preference: same GPU, same node, primary
-            pick = np.where(same_gpu.any(1), same_gpu.argmax(1), np.where(same_node.any(1), same_node.argmax(1), 0))
-            gpus[tok, layer, slot] = copies_arr[pick]
+    home = initial_homes(trace.num_tokens, placement.num_gpus)
+    for layer in range(trace.num_layers):
+        if placement.replicas[layer]:
+            gpus[:, layer] = serve_layer(placement.holders(layer), trace.topk_ids[:, layer], gpus[:, layer], home,
+                                         placement.gpus_per_node, placement.num_gpus)
+        home = gpus[:, layer, 0]
     return gpus
+
+
+def serve_layer(holders: list[list[int]], ids: np.ndarray, primary_gpus: np.ndarray, home: np.ndarray,
+                gpus_per_node: int, num_gpus: int) -> np.ndarray:
+    """Replica choice of one layer: GPU serving each token-expert choice, int64 [T, k].
+
+    holders: GPUs of each expert's copies (primary first); ids/primary_gpus [T, k]; home [T].
+    1. a token whose current GPU holds a copy uses it; else one on its node (lowest GPU id);
+    2. the other tokens of an expert go to its least-loaded copies: counting the pinned load
+       of step 1 and of single-copy experts, experts with the most unpinned tokens first fill
+       their copies' GPUs up to a common level (ties: lower load, then lower GPU id; tokens in
+       trace order).
+    """
+    gpus = primary_gpus.copy()
+    node = home // gpus_per_node
+    free: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (expert, tok, slot, copies)
+    for expert, copies in enumerate(holders):
+        if len(copies) < 2:
+            continue
+        copies_arr = np.asarray(copies)
+        tok, slot = np.nonzero(ids == expert)
+        same_gpu = copies_arr[None, :] == home[tok, None]
+        same_node = copies_arr[None, :] // gpus_per_node == node[tok, None]
+        local = same_gpu | same_node
+        pick = np.where(same_gpu.any(1), same_gpu.argmax(1), same_node.argmax(1))
+        pinned = local.any(1)
+        gpus[tok[pinned], slot[pinned]] = copies_arr[pick[pinned]]
+        gpus[tok[~pinned], slot[~pinned]] = -1
+        free.append((expert, tok[~pinned], slot[~pinned], copies_arr))
+    load = np.bincount(gpus[gpus >= 0], minlength=num_gpus).astype(np.float64)
+    for _, tok, slot, copies_arr in sorted(free, key=lambda f: (-len(f[1]), f[0])):
+        counts = _water_fill(load[copies_arr], len(tok))
+        gpus[tok, slot] = np.repeat(copies_arr, counts)
+        load[copies_arr] += counts
+    return gpus
+
+
+def _water_fill(level: np.ndarray, n: int) -> np.ndarray:
+    """Split n units over bins at `level` [c] so the fullest ends as low as possible. int [c]."""
+    order = np.lexsort((np.arange(len(level)), level))
+    lv = level[order]
+    c = len(lv)
+    m = c
+    for i in range(1, c):  # fewest bins whose common level stays below the next bin's
+        if (n + lv[:i].sum()) / i <= lv[i]:
+            m = i
+            break
+    top = (n + lv[:m].sum()) / m
+    take = np.zeros(c, dtype=np.int64)
+    take[:m] = np.floor(top - lv[:m] + 1e-9).astype(np.int64)
+    take[: n - take.sum()] += 1  # the remainder, one each, to the least-loaded bins
+    out = np.empty(c, dtype=np.int64)
+    out[order] = take
+    return out
 
 
 def gpu_loads(placement: Placement, trace: Trace, gpus: np.ndarray | None = None) -> np.ndarray:

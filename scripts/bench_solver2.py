@@ -1,0 +1,100 @@
+"""Solver II benchmark: balance vs DeepSeek EPLB on the real Mixtral loads; latency on FLAME.
+
+    python scripts/bench_solver2.py mixtral [--time-limit S]
+    python scripts/bench_solver2.py flame [--seeds N]
+    python scripts/bench_solver2.py deepseek [--time-limit S]
+
+mixtral: every file of ../shared/data/mixtral-8x7b-expert-loads (2 variants x 7 subjects), 4 and 8
+GPUs, 0 and 8 redundant experts: mean over layers of max/mean GPU load for moeplace balance, EPLB
+hierarchical and global (EPLB's own equal-split-per-slot figure), and the number of layers where
+moeplace is worse / better than the best EPLB.
+flame: held-out predicted MoE time (cost model) of traffic, balance, latency and MoETuner
+placements on traces/flame-moe-290m-decoder.npz, fitted on seeded halves.
+deepseek: SYNTHETIC planted-affinity trace (solve/synthetic.py) of DeepSeek-V3 size: 4096 tokens,
+58 layers x 256 experts, top-8, 64 GPUs in 8 nodes, 32 redundant experts, latency objective
+under configs/cluster/h100-8x8-ib.yaml: wall time, peak memory, value, bound, gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def mixtral(time_limit: float) -> None:
+    from moeplace.solve import eplb
+    from moeplace.solve.balance import balance_placement, expected_gpu_loads
+
+    worse_total = 0
+    print(f"{'input':48} G  R   moeplace  eplb-hier  eplb-glob  worse  better  gap    s")
+    for f in sorted((DATA / "mixtral-8x7b-expert-loads").glob("*/*.json")):
+        w = np.array(json.loads(f.read_text())["expert_popularity"], dtype=float)
+        for gpus in (4, 8):
+            for redundant in (0, 8):
+                t0 = time.monotonic()
+                p = balance_placement(w, gpus, gpus, redundant, time_limit, progress=False)
+                mean = w.sum(1) / gpus
+                ours = expected_gpu_loads(p, w).max(1) / mean
+                own = {pol: eplb.eplb_placement(w, gpus, gpus, redundant, 1, pol)[1].max(1) / mean for pol in eplb.POLICIES}
+                best = np.minimum(*own.values())
+                worse, better = int((ours > best + 1e-9).sum()), int((ours < best - 1e-9).sum())
+                worse_total += worse
+                print(f"{f.parent.name[-8:] + '/' + f.stem[18:]:48} {gpus}  {redundant}   {ours.mean():.4f}    "
+                      f"{own['hierarchical'].mean():.4f}     {own['global'].mean():.4f}     {worse:3d}    {better:3d}  "
+                      f"{p.gap:.4f} {time.monotonic() - t0:4.1f}", flush=True)
+    print(f"layers worse than EPLB, all inputs: {worse_total}")
+
+
+def flame(seeds: int, time_limit: float) -> None:
+    from moeplace.solve.costmodel import load_cost_model, predict
+    from moeplace.solve.moetuner import moetuner_placement
+    from moeplace.solve.solver import solve_placement
+    from moeplace.trace.format import load_trace, split_tokens
+
+    trace = load_trace(ROOT / "traces" / "flame-moe-290m-decoder.npz")
+    for cluster, gpus in (("h100-1x8-nvlink", 8), ("h100-2x8-ib", 16)):
+        cm = load_cost_model(ROOT / "configs" / "cluster" / f"{cluster}.yaml", ROOT / "configs" / "model" / "flame-moe-290m.yaml")
+        rows: dict[str, list[float]] = {}
+        for seed in range(seeds):
+            train, held = split_tokens(trace.num_tokens, 0.5, seed)
+            held_trace = trace.select_tokens(held)
+            for name, opts in (("traffic", {}), ("balance", {}), ("latency", {"cost": cm})):
+                p = solve_placement(trace, gpus, 8, time_limit, seed, objective=name, train_fraction=0.5, **opts)
+                rows.setdefault(name, []).append(predict(cm, p, held_trace).total_us.sum())
+            p = moetuner_placement(trace.select_tokens(train), gpus, 8, time_limit)
+            rows.setdefault("moetuner", []).append(predict(cm, p, held_trace).total_us.sum())
+        print(cluster, {k: round(float(np.mean(v)), 1) for k, v in rows.items()}, flush=True)
+
+
+def deepseek(time_limit: float) -> None:
+    import resource
+
+    from moeplace.solve.costmodel import load_cost_model
+    from moeplace.solve.solver import solve_placement
+    from moeplace.solve.synthetic import planted_trace
+
+    trace, _ = planted_trace(4096, 58, 256, 8, 64, gpus_per_node=8, seed=0)
+    cm = load_cost_model(ROOT / "configs" / "cluster" / "h100-8x8-ib.yaml", ROOT / "configs" / "model" / "deepseek-v3.yaml")
+    t0 = time.monotonic()
+    p = solve_placement(trace, 64, 8, time_limit, 0, objective="latency", cost=cm, redundant=32)
+    s = p.solver
+    print(f"deepseek-v3 size (synthetic): {time.monotonic() - t0:.1f} s, peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; predicted {p.objective['value']:.0f} us "
+          f"(starts {', '.join(f'{k} {v:.0f}' for k, v in s['start_costs'].items())}), bound {p.bound:.0f}, gap {p.gap:.3f}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=("mixtral", "flame", "deepseek"))
+    ap.add_argument("--time-limit", type=float, default=2.0)
+    ap.add_argument("--seeds", type=int, default=5)
+    a = ap.parse_args()
+    {"mixtral": lambda: mixtral(a.time_limit), "flame": lambda: flame(a.seeds, a.time_limit),
+     "deepseek": lambda: deepseek(a.time_limit)}[a.what]()

@@ -1,0 +1,332 @@
+"""The `balance` objective: minimise each layer's max token load per GPU, with optional replicas.
+
+For load-only inputs (SGLang `stat` dumps, per-layer count files) this is the only objective.
+Load model: the serving rule of eval/metrics.serve_layer on aggregate loads (`layer_loads`):
+without token positions every token of a replicated expert goes to its least-loaded copy, so an
+expert's load fills its copies' GPUs to a common level. Per layer, with w [E] the expert loads,
+x[e, g] = 1 when GPU g holds a copy of e and f[e, g] the load it serves:
+
+    min  T
+    s.t. sum_g f[e, g] = w[e],   f[e, g] <= w[e] x[e, g],   sum_g x[e, g] >= 1
+         sum_{e, g} x[e, g] = E + R                 exactly R redundant copies
+         sum_e x[e, g] <= S                         slots per GPU
+         sum_e f[e, g] <= T                         load of GPU g
+    (S = ceil((E + R) / G), or the --max-experts-per-gpu cap)
+
+HiGHS solves it where small; LPT on EPLB's replica counts and EPLB itself (both policies, when
+its topology rules allow) give further candidates, each improved by swap / re-replication
+descent, and a layer keeps the best under the serving rule. Lower bound per layer: the ILP's dual
+bound, and always max(mean load, least max load per replica for R replicas) (EPLB's
+replication rule is optimal for the latter).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pulp
+
+from moeplace.errors import PlacementError
+from moeplace.placement import Placement
+from moeplace.progress import Progress
+from moeplace.solve import eplb
+
+IMPROVE_MAX_EXPERTS = 64  # per layer; the descent is quadratic in experts (pure Python)
+ILP_MAX_VARS = 4096  # per layer; above this the heuristics alone (HiGHS would prove little)
+
+
+@dataclass
+class LayerPlan:
+    copies: list[list[int]]  # GPUs of each expert's copies, primary first
+    max_load: float
+    bound: float
+    method: str
+
+
+def expected_gpu_loads(placement: Placement, loads: np.ndarray) -> np.ndarray:
+    """Token load per GPU under the serving rule without token paths, float [L, G] (see layer_loads)."""
+    return np.stack([layer_loads(loads[layer], placement.holders(layer), placement.num_gpus)
+                     for layer in range(placement.num_layers)])
+
+
+def layer_loads(weight: np.ndarray, copies: list[list[int]], num_gpus: int, passes: int = 50) -> np.ndarray:
+    """Load per GPU of one layer, float [G]: least-loaded serving on aggregate loads.
+
+    A load-only input has no token positions, so every token of a replicated expert is free to
+    go to its least-loaded copy (eval/metrics.serve_layer's last rule). Single-copy experts load
+    their GPU; experts with several copies, heaviest first, fill their copies' GPUs to a common
+    level; then each re-fills given the others until nothing moves (the balanced split: no
+    token could move to a less loaded copy).
+    """
+    load = np.zeros(num_gpus)
+    multi = []
+    for e, gpus in enumerate(copies):
+        if len(gpus) == 1:
+            load[gpus[0]] += weight[e]
+        else:
+            multi.append(e)
+    multi.sort(key=lambda e: (-weight[e], e))
+    share = {e: np.zeros(len(copies[e])) for e in multi}
+    for _ in range(passes if multi else 0):
+        moved = 0.0
+        for e in multi:
+            gpus = np.asarray(copies[e])
+            base = load[gpus] - share[e]
+            new = _fill(base, weight[e]) - base
+            moved = max(moved, float(np.abs(new - share[e]).max()))
+            load[gpus] = base + new
+            share[e] = new
+        if moved <= 1e-9 * max(weight.sum(), 1.0):
+            break
+    return load
+
+
+def _fill(level: np.ndarray, amount: float) -> np.ndarray:
+    """Pour `amount` into bins at `level` [c], lowest first, to a common level. float [c]."""
+    lv = np.sort(level)
+    for m in range(len(lv), 0, -1):
+        top = (amount + lv[:m].sum()) / m
+        if top >= lv[m - 1]:
+            return np.maximum(level, top)
+    return level  # unreachable: m = 1 always qualifies
+
+
+def slots_per_gpu(num_experts: int, num_gpus: int, redundant: int, max_experts_per_gpu: int | None = None) -> int:
+    """Physical expert slots a GPU may hold per layer."""
+    need = math.ceil((num_experts + redundant) / num_gpus)
+    if max_experts_per_gpu is None:
+        return need
+    if max_experts_per_gpu < need:
+        raise PlacementError(
+            f"--max-experts-per-gpu {max_experts_per_gpu} cannot hold {num_experts} experts + {redundant} "
+            f"redundant over {num_gpus} GPUs (needs >= {need})"
+        )
+    return max_experts_per_gpu
+
+
+def replication_bound(weight: np.ndarray, num_gpus: int, redundant: int) -> float:
+    """A valid lower bound on one layer's max GPU load: max(mean, least possible max load per replica)."""
+    if redundant == 0:
+        per_replica = weight.max()
+    else:
+        _, _, logcnt = eplb.replicate_experts(weight[None, :], len(weight) + redundant)
+        per_replica = (weight / logcnt[0]).max()  # uncapped counts: a relaxation, so still a bound
+    return float(max(weight.sum() / num_gpus, per_replica))
+
+
+def lpt_layer(weight: np.ndarray, num_gpus: int, slots: int, redundant: int) -> list[list[int]]:
+    """Heuristic: EPLB's replica counts (capped at G), then heaviest replica to the lightest GPU
+    with room that holds no copy of the same expert (longest processing time first)."""
+    num_experts = len(weight)
+    _, _, logcnt = eplb.replicate_experts(weight[None, :], num_experts + redundant)
+    count = np.minimum(logcnt[0], num_gpus)
+    extra = num_experts + redundant - count.sum()  # copies lost to the cap: give them to the next hottest
+    while extra > 0:
+        room = np.flatnonzero(count < num_gpus)
+        e = room[np.argmax(weight[room] / count[room])]
+        count[e] += 1
+        extra -= 1
+    items = [(weight[e] / count[e], e) for e in range(num_experts) for _ in range(count[e])]
+    items.sort(key=lambda it: (-it[0], it[1]))
+    load, used = np.zeros(num_gpus), np.zeros(num_gpus, dtype=np.int64)
+    copies: list[list[int]] = [[] for _ in range(num_experts)]
+    for w, e in items:
+        ok = np.flatnonzero((used < slots) & ~np.isin(np.arange(num_gpus), copies[e]))
+        g = int(ok[np.argmin(load[ok])])
+        copies[e].append(g)
+        load[g] += w
+        used[g] += 1
+    return copies
+
+
+def improve_layer(weight: np.ndarray, copies: list[list[int]], num_gpus: int, slots: int, lower: float = 0.0,
+                  deadline: float = float("inf")) -> list[list[int]]:
+    """Steepest descent on (max load, sum of squared loads) with moves off the most loaded GPU:
+    swap one of its copies with a copy elsewhere, or hand its slot of an expert with several
+    copies to another expert (re-replication). Slot counts per GPU never change."""
+    copies = [list(c) for c in copies]
+    num_experts = len(weight)
+
+    def key(load: np.ndarray) -> tuple[float, float]:
+        return (round(float(load.max()), 9), float((load ** 2).sum()))
+
+    cur = layer_loads(weight, copies, num_gpus)
+    best_key = key(cur)
+    for _ in range(8 * (num_experts + slots * num_gpus)):
+        if cur.max() <= lower * (1 + 1e-9) or time.monotonic() > deadline:
+            break  # provably optimal, or out of time
+        hi = int(np.argmax(cur))
+        best: tuple[tuple[float, float], list[list[int]]] | None = None
+        for e in [e for e in range(num_experts) if hi in copies[e]]:
+            for f in range(num_experts):
+                if f == e:
+                    continue
+                moves = []
+                if hi not in copies[f]:
+                    moves += [("swap", g) for g in copies[f] if g not in copies[e]]
+                    if len(copies[e]) > 1 and len(copies[f]) < num_gpus:
+                        moves.append(("rep", hi))
+                for kind, g in moves:
+                    trial = [list(c) for c in (copies[e], copies[f])]
+                    if kind == "swap":
+                        trial[0][trial[0].index(hi)] = g
+                        trial[1][trial[1].index(g)] = hi
+                    else:
+                        trial[0].remove(hi)
+                        trial[1].append(hi)
+                    k = key(layer_loads(weight, [trial[0] if x == e else trial[1] if x == f else c
+                                                 for x, c in enumerate(copies)], num_gpus))
+                    if k < best_key and (best is None or k < best[0]):
+                        best = (k, [e, f, trial[0], trial[1]])
+        if best is None:
+            break
+        best_key, (e, f, ce, cf) = best
+        copies[e], copies[f] = ce, cf
+        cur = layer_loads(weight, copies, num_gpus)
+    return copies
+
+
+def ilp_layer(weight: np.ndarray, num_gpus: int, slots: int, redundant: int,
+              time_limit: float) -> tuple[list[list[int]] | None, float]:
+    """The model of the module docstring for one layer: (copies or None, dual bound)."""
+    num_experts = len(weight)
+    experts, gpus = range(num_experts), range(num_gpus)
+    prob = pulp.LpProblem("balance", pulp.LpMinimize)
+    x = {(e, g): pulp.LpVariable(f"x_{e}_{g}", cat="Binary") for e in experts for g in gpus}
+    f = {(e, g): pulp.LpVariable(f"f_{e}_{g}", lowBound=0) for e in experts for g in gpus}
+    top = pulp.LpVariable("T", lowBound=0)
+    prob += top
+    for e in experts:
+        prob += pulp.lpSum(f[e, g] for g in gpus) == float(weight[e])
+        prob += pulp.lpSum(x[e, g] for g in gpus) >= 1
+        for g in gpus:
+            prob += f[e, g] <= float(weight[e]) * x[e, g]
+    prob += pulp.lpSum(x.values()) == num_experts + redundant
+    for g in gpus:
+        prob += pulp.lpSum(x[e, g] for e in experts) <= slots
+        prob += pulp.lpSum(f[e, g] for e in experts) <= top
+    prob += top >= replication_bound(weight, num_gpus, redundant)  # a valid cut that tightens the LP
+    prob.solve(pulp.HiGHS(msg=False, timeLimit=max(time_limit, 0.05), threads=1))
+    bound = _dual_bound(prob)
+    if top.varValue is None:
+        return None, bound
+    copies = [[g for g in gpus if (x[e, g].varValue or 0) > 0.5] for e in experts]
+    if any(len(c) == 0 for c in copies):
+        return None, bound
+    return copies, bound
+
+
+def _dual_bound(prob: pulp.LpProblem) -> float:
+    try:
+        return float(prob.solverModel.getInfo().mip_dual_bound)
+    except AttributeError:
+        return 0.0
+
+
+def layer_max_load(weight: np.ndarray, copies: list[list[int]], num_gpus: int) -> float:
+    return float(layer_loads(weight, copies, num_gpus).max())
+
+
+def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redundant: int = 0,
+                      time_limit: float = 30.0, max_experts_per_gpu: int | None = None, num_groups: int = 1,
+                      progress: bool = True) -> Placement:
+    """Solve `balance` for loads float [L, E]: a Placement with bound, gap and EPLB comparison.
+
+    1. per layer, candidates: LPT, EPLB (hierarchical and global when its rules allow; freed
+       duplicate slots refilled) and the ILP when small enough (its share of the time limit);
+    2. each improved by `improve_layer` (up to IMPROVE_MAX_EXPERTS experts), the best kept under
+       `layer_loads`: never worse than EPLB's candidates;
+    3. objective = mean over layers of max / mean GPU load; bound from the per-layer bounds.
+    """
+    num_layers, num_experts = loads.shape
+    slots = slots_per_gpu(num_experts, num_gpus, redundant, max_experts_per_gpu)
+    if slots * num_gpus < num_experts + redundant:
+        raise PlacementError(f"{num_gpus} GPUs x {slots} slots cannot hold {num_experts + redundant} expert copies")
+    if max_experts_per_gpu is None and redundant == 0 and num_experts % num_gpus:
+        raise PlacementError(
+            f"{num_experts} experts per layer cannot be split equally over {num_gpus} GPUs; pass "
+            f"--max-experts-per-gpu or --redundant-experts to fill the slots"
+        )
+    deadline = time.monotonic() + time_limit
+    eplb_layers = _eplb_candidates(loads, num_gpus, gpus_per_node, redundant, num_groups, slots)
+    plans: list[LayerPlan] = []
+    bar = Progress("balance", total=num_layers, enabled=progress)
+    nvars = 2 * num_experts * num_gpus
+    for layer in range(num_layers):
+        w = loads[layer]
+        bound = replication_bound(w, num_gpus, redundant)
+        candidates = [(lpt_layer(w, num_gpus, slots, redundant), "lpt")]
+        candidates += [(c[layer], name) for name, c in eplb_layers.items()]
+        left = deadline - time.monotonic()
+        if nvars <= ILP_MAX_VARS and left > 0:
+            copies, ilp_bound = ilp_layer(w, num_gpus, slots, redundant, min(1.0, left / (num_layers - layer)))
+            bound = max(bound, ilp_bound)
+            if copies is not None:
+                candidates.append((copies, "ilp"))
+        if num_experts <= IMPROVE_MAX_EXPERTS:
+            stop = time.monotonic() + max(deadline - time.monotonic(), 0.0) / (num_layers - layer)
+            candidates = [(improve_layer(w, c, num_gpus, slots, bound, stop), m) for c, m in candidates]
+        scored = [(layer_max_load(w, c, num_gpus), i, c, m) for i, (c, m) in enumerate(candidates)]
+        best, _, copies, method = min(scored, key=lambda s: (s[0], s[1]))
+        plans.append(LayerPlan(copies, best, min(bound, best), method))
+        bar.update(layer + 1, f"layer {layer + 1}/{num_layers}")
+    bar.close()
+    return _to_placement(plans, loads, num_gpus, gpus_per_node, redundant, slots)
+
+
+def _eplb_candidates(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redundant: int, num_groups: int,
+                     slots: int) -> dict[str, list[list[list[int]]]]:
+    """EPLB's per-layer copies under each policy its topology rules allow."""
+    out: dict[str, list[list[list[int]]]] = {}
+    num_experts = loads.shape[1]
+    if (num_experts + redundant) % num_gpus or (num_experts + redundant) // num_gpus > slots:
+        return out
+    for policy in eplb.POLICIES:
+        try:
+            p, _ = eplb.eplb_placement(loads, num_gpus, gpus_per_node, redundant, num_groups, policy)
+        except PlacementError:
+            continue
+        out[f"eplb-{policy}"] = [_fill_free_slots(loads[layer], p.holders(layer), num_gpus, slots, num_experts + redundant)
+                                 for layer in range(p.num_layers)]
+    return out
+
+
+def _fill_free_slots(weight: np.ndarray, copies: list[list[int]], num_gpus: int, slots: int, total: int) -> list[list[int]]:
+    """Give slots left free (EPLB's merged duplicates) to the experts with the most load per copy,
+    on the least-loaded GPU with room that holds none of their copies."""
+    copies = [list(c) for c in copies]
+    used = np.bincount([g for c in copies for g in c], minlength=num_gpus)
+    for _ in range(total - int(used.sum())):
+        load = layer_loads(weight, copies, num_gpus)
+        for e in np.argsort([-weight[e] / len(c) for e, c in enumerate(copies)], kind="stable"):
+            room = [g for g in np.argsort(load, kind="stable") if used[g] < slots and g not in copies[e]]
+            if room:
+                copies[e].append(int(room[0]))
+                used[room[0]] += 1
+                break
+    return copies
+
+
+def _to_placement(plans: list[LayerPlan], loads: np.ndarray, num_gpus: int, gpus_per_node: int, redundant: int,
+                  slots: int) -> Placement:
+    mean = loads.sum(axis=1) / num_gpus
+    safe = np.where(mean > 0, mean, 1.0)
+    ratio = np.array([p.max_load for p in plans]) / safe
+    bound = np.array([p.bound for p in plans]) / safe
+    obj, lb = float(ratio.mean()), float(bound.mean())
+    e2g = np.array([[c[0] for c in p.copies] for p in plans], dtype=np.int64)
+    replicas = [[(e, g) for e, c in enumerate(p.copies) for g in c[1:]] for p in plans]
+    methods = [p.method for p in plans]
+    return Placement(
+        e2g, num_gpus, gpus_per_node, replicas,
+        objective={"name": "balance", "value": obj, "definition": "mean over layers of max/mean token load per GPU",
+                   "load_model": "equal split over replicas"},
+        solver={"name": "balance-ilp+lpt+eplb", "redundant_experts": redundant, "slots_per_gpu": slots,
+                "layer_methods": {m: methods.count(m) for m in sorted(set(methods))}},
+        bound=lb,
+        gap=(obj - lb) / obj if obj > 0 else 0.0,
+        metrics={"imbalance_per_layer": ratio.tolist(), "imbalance_mean": obj, "imbalance_max": float(ratio.max())},
+    )

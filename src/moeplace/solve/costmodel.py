@@ -1,0 +1,276 @@
+"""Predicted MoE-layer time: a cluster + model config (YAML) applied to a trace and a placement.
+
+Per MoE layer l (tail latency, the quantity MoETuner targets; docs/cost-model.md):
+
+    time[l]     = max_g compute[l, g] + dispatch[l] + combine[l]
+    compute     = expert_fixed_us * active experts on g + expert_us_per_token * token-expert load on g
+    dispatch    = max_g Alltoall time of GPU g: a token sends its hidden state once to every GPU,
+                  other than its current one, that serves one of its k experts (DeepEP-style
+                  de-duplication per destination GPU)
+    combine     = likewise, each serving GPU returns its partial output to the token's new home,
+                  the GPU of its top-1 expert (context-coherent EP: the token continues there)
+    GPU g's Alltoall time = max(send, receive), each = max(NVLink bytes / NVLink bandwidth,
+                  network bytes / network bandwidth) + the latency of the slowest link class used
+                  (NVLink and the NIC are separate engines and run concurrently).
+
+Token counts are scaled from the trace to `batch_tokens` tokens per step (model config) so
+times are those of a realistic batch. Where tokens sit follows eval/metrics.py: the top-1 GPU
+of the previous layer, `initial_homes` at layer 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from moeplace.errors import MoeplaceError
+from moeplace.eval.metrics import initial_homes, token_gpus
+from moeplace.placement import Placement
+from moeplace.trace.format import Trace
+
+SELF, INTRA, INTER = 0, 1, 2  # link classes
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    num_nodes: int
+    gpus_per_node: int
+    intra_gbps: float  # GB/s per GPU per direction, effective Alltoall bandwidth inside a node
+    intra_latency_us: float
+    inter_gbps: float  # GB/s per GPU per direction across nodes
+    inter_latency_us: float
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    name: str
+    hidden_size: int
+    dispatch_bytes: float  # bytes per hidden element sent to experts (1 for FP8 dispatch)
+    combine_bytes: float  # bytes per hidden element returned (2 for BF16 combine)
+    expert_us_per_token: float  # one token through one expert FFN
+    expert_fixed_us: float  # per active expert per layer: reading its weights
+    batch_tokens: int | None  # tokens per step the trace is scaled to (None: as traced)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    cluster: Cluster
+    model: ModelCost
+
+    def link_class(self) -> np.ndarray:
+        """SELF / INTRA / INTER of each (source, destination) GPU pair, int [G, G]."""
+        node = np.arange(self.cluster.num_gpus) // self.cluster.gpus_per_node
+        same_node = node[:, None] == node[None, :]
+        return np.where(np.eye(len(node), dtype=bool), SELF, np.where(same_node, INTRA, INTER))
+
+    def check(self, num_gpus: int, gpus_per_node: int) -> None:
+        c = self.cluster
+        if (num_gpus, gpus_per_node) != (c.num_gpus, c.gpus_per_node):
+            raise MoeplaceError(
+                f"cluster config {c.name!r} has {c.num_nodes} node(s) x {c.gpus_per_node} GPUs, but the placement "
+                f"uses {num_gpus} GPUs with {gpus_per_node} per node"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        return {"cluster": self.cluster.__dict__, "model": self.model.__dict__}
+
+
+def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = None) -> CostModel:
+    """Read a cluster YAML (with an optional `model:` section) and an optional model YAML.
+
+    Raises MoeplaceError naming the file and the missing or bad field.
+    """
+    doc = _read_yaml(cluster_path)
+    if "cluster" not in doc:
+        raise MoeplaceError(f"{cluster_path}: no 'cluster:' section (see configs/cluster/*.yaml)")
+    model_doc, model_src = doc.get("model"), str(cluster_path)
+    if model_path is not None:
+        mdoc = _read_yaml(model_path)
+        model_doc, model_src = mdoc.get("model", mdoc), str(model_path)
+    if model_doc is None:
+        raise MoeplaceError(f"{cluster_path}: no 'model:' section; pass a model config (configs/model/*.yaml)")
+    return CostModel(_cluster(doc["cluster"], str(cluster_path)), _model(model_doc, model_src))
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise MoeplaceError(f"{p}: no such file")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise MoeplaceError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise MoeplaceError(f"{p}: expected a YAML mapping")
+    return doc
+
+
+def _field(d: Any, key: str, src: str, kind: type = float, positive: bool = True, default: Any = ...) -> Any:
+    if not isinstance(d, dict):
+        raise MoeplaceError(f"{src}: expected a mapping holding '{key}'")
+    if key not in d or d[key] is None:
+        if default is not ...:
+            return default
+        raise MoeplaceError(f"{src}: missing '{key}'")
+    try:
+        v = kind(d[key])
+    except (TypeError, ValueError):
+        raise MoeplaceError(f"{src}: '{key}' must be a {kind.__name__}, got {d[key]!r}") from None
+    if kind is float and not np.isfinite(v):
+        raise MoeplaceError(f"{src}: '{key}' must be finite, got {d[key]!r}")
+    if (v <= 0) if positive else (v < 0):
+        raise MoeplaceError(f"{src}: '{key}' must be {'positive' if positive else 'non-negative'}, got {d[key]!r}")
+    return v
+
+
+def _cluster(d: Any, src: str) -> Cluster:
+    src = f"{src}: cluster"
+    intra, inter = (d.get(k, {}) if isinstance(d, dict) else None for k in ("intra_node", "inter_node"))
+    num_nodes = _field(d, "nodes", src, int)
+    multi = num_nodes > 1  # a single node never uses the network: its figures are optional
+    return Cluster(
+        name=str(d.get("name", src)),
+        num_nodes=num_nodes,
+        gpus_per_node=_field(d, "gpus_per_node", src, int),
+        intra_gbps=_field(intra, "bandwidth_GBps", f"{src}.intra_node"),
+        intra_latency_us=_field(intra, "latency_us", f"{src}.intra_node", positive=False),
+        inter_gbps=_field(inter, "bandwidth_GBps", f"{src}.inter_node", default=... if multi else 1.0),
+        inter_latency_us=_field(inter, "latency_us", f"{src}.inter_node", positive=False, default=... if multi else 0.0),
+    )
+
+
+def _model(d: Any, src: str) -> ModelCost:
+    src = f"{src}: model"
+    dtype = _field(d, "dtype_bytes", src, default=2.0)
+    batch = _field(d, "batch_tokens", src, int, default=None)
+    return ModelCost(
+        name=str(d.get("name", src)),
+        hidden_size=_field(d, "hidden_size", src, int),
+        dispatch_bytes=_field(d, "dispatch_dtype_bytes", src, default=dtype),
+        combine_bytes=_field(d, "combine_dtype_bytes", src, default=dtype),
+        expert_us_per_token=_field(d, "expert_us_per_token", src),
+        expert_fixed_us=_field(d, "expert_fixed_us", src, positive=False, default=0.0),
+        batch_tokens=batch,
+    )
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """Predicted time of each MoE layer, microseconds, float [L] each."""
+
+    compute_us: np.ndarray
+    dispatch_us: np.ndarray
+    combine_us: np.ndarray
+
+    @property
+    def total_us(self) -> np.ndarray:
+        return self.compute_us + self.dispatch_us + self.combine_us
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "moe_time_us": float(self.total_us.sum()),
+            "compute_us": float(self.compute_us.sum()),
+            "dispatch_us": float(self.dispatch_us.sum()),
+            "combine_us": float(self.combine_us.sum()),
+            "per_layer_us": [round(float(t), 3) for t in self.total_us],
+        }
+
+
+def alltoall_us(counts: np.ndarray, bytes_per_token: float, cost: CostModel, links: np.ndarray | None = None) -> float:
+    """Time of one Alltoall phase: the slowest GPU's max(send, receive). counts float [G, G]."""
+    c = cost.cluster
+    links = cost.link_class() if links is None else links
+    b = counts * bytes_per_token
+    intra, inter = np.where(links == INTRA, b, 0.0), np.where(links == INTER, b, 0.0)
+
+    def side(axis: int) -> np.ndarray:
+        bi, bx = intra.sum(axis), inter.sum(axis)
+        lat = np.maximum(np.where(bi > 0, c.intra_latency_us, 0.0), np.where(bx > 0, c.inter_latency_us, 0.0))
+        return np.maximum(bi / (c.intra_gbps * 1e3), bx / (c.inter_gbps * 1e3)) + lat  # GB/s = 1e3 bytes/us
+
+    return float(np.maximum(side(1), side(0)).max())
+
+
+def layer_traffic(home: np.ndarray, gpus: np.ndarray, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token hidden states moved by one layer's dispatch and combine, float [G, G] each.
+
+    home int [T] current GPU of each token; gpus int [T, k] GPUs serving its k experts (top-1 first).
+    """
+    s = np.sort(gpus, axis=1)
+    distinct = np.ones_like(s, dtype=bool)
+    distinct[:, 1:] = s[:, 1:] != s[:, :-1]
+    new_home = gpus[:, 0]
+    flat = num_gpus * num_gpus
+    go = distinct & (s != home[:, None])
+    dispatch = np.bincount((home[:, None] * num_gpus + s)[go], minlength=flat)
+    back = distinct & (s != new_home[:, None])
+    combine = np.bincount((s * num_gpus + new_home[:, None])[back], minlength=flat)
+    return dispatch.reshape(num_gpus, num_gpus).astype(np.float64), combine.reshape(num_gpus, num_gpus).astype(np.float64)
+
+
+def layer_time(cost: CostModel, home: np.ndarray, gpus: np.ndarray, experts: np.ndarray, scale: float,
+               links: np.ndarray | None = None) -> tuple[float, float, float]:
+    """(compute, dispatch, combine) microseconds of one layer; gpus/experts int [T, k]."""
+    g_count = cost.cluster.num_gpus
+    m = cost.model
+    load = np.bincount(gpus.ravel(), minlength=g_count) * scale
+    pairs = np.unique(gpus.ravel() * (experts.max() + 1) + experts.ravel())
+    active = np.bincount(pairs // (experts.max() + 1), minlength=g_count)
+    compute = float((m.expert_fixed_us * active + m.expert_us_per_token * load).max())
+    dispatch, combine = layer_traffic(home, gpus, g_count)
+    bytes_d, bytes_c = m.hidden_size * m.dispatch_bytes, m.hidden_size * m.combine_bytes
+    return (compute, alltoall_us(dispatch * scale, bytes_d, cost, links), alltoall_us(combine * scale, bytes_c, cost, links))
+
+
+def token_scale(cost: CostModel, num_tokens: int) -> float:
+    return cost.model.batch_tokens / num_tokens if cost.model.batch_tokens else 1.0
+
+
+def predict(cost: CostModel, placement: Placement, trace: Trace) -> LayerTimes:
+    """Predicted per-layer MoE time of `placement` serving `trace` (replicas by metrics.token_gpus)."""
+    cost.check(placement.num_gpus, placement.gpus_per_node)
+    placement.check_fits(trace.num_layers, trace.num_experts)
+    gpus = token_gpus(placement, trace)
+    return predict_gpus(cost, gpus, trace.topk_ids)
+
+
+def predict_gpus(cost: CostModel, gpus: np.ndarray, experts: np.ndarray) -> LayerTimes:
+    """As `predict`, from the serving GPU of each token-expert choice, int [T, L, k] each."""
+    num_tokens, num_layers, _ = gpus.shape
+    scale, links = token_scale(cost, num_tokens), cost.link_class()
+    home = initial_homes(num_tokens, cost.cluster.num_gpus)
+    out = np.zeros((3, num_layers))
+    for layer in range(num_layers):
+        out[:, layer] = layer_time(cost, home, gpus[:, layer], experts[:, layer], scale, links)
+        home = gpus[:, layer, 0]
+    return LayerTimes(*out)
+
+
+def _columns() -> tuple[list[Any], list[tuple[str, str]]]:
+    from moeplace.eval.report import Column
+    return ([Column("moe_time_us", "MoE time us", ".1f"), Column("compute_us", "compute us", ".1f"),
+             Column("dispatch_us", "dispatch us", ".1f"), Column("combine_us", "combine us", ".1f")],
+            [("moe_time_per_layer", "predicted MoE-layer time (us), per layer")])
+
+
+COST_COLUMNS, COST_PER_LAYER = _columns()
+
+
+def cost_metric_fn(cluster_path: str | Path, model_path: str | Path | None = None) -> Callable[[Placement, Trace], dict[str, Any]]:
+    """An eval report metric: the predicted MoE time of a layout (`moeplace eval --cluster`)."""
+    cost = load_cost_model(cluster_path, model_path)
+
+    def metric(placement: Placement, trace: Trace) -> dict[str, Any]:
+        times = predict(cost, placement, trace)
+        return {**times.summary(), "moe_time_per_layer": times.total_us.tolist()}
+
+    return metric

@@ -1,0 +1,277 @@
+"""The `latency` objective: minimise the cost model's predicted MoE time summed over layers.
+
+    cost(x) = sum_l  compute_weight * max_g compute[l, g] + dispatch[l] + combine[l]
+
+(costmodel.py; compute_weight = 1 is the predicted time, 0 pure traffic, large pure balance:
+`--pareto` sweeps it). The communication terms come from where tokens sit, i.e. the top-1 GPU of
+the previous layer, so they carry the inter-layer affinity.
+
+1. starts: the traffic placement (solver.solve_traffic), the balance placement and, per layer,
+   whichever of the two is cheaper given its neighbours; the exact predicted cost picks the best;
+2. per layer, a MILP (PuLP + HiGHS) with auxiliary max-load and max-link variables on a linear
+   surrogate: compute load per GPU, and per-GPU, per-link-class dispatch volumes of this layer
+   (from the fixed previous layer) and of the next (whose tokens start where this layer's top-1
+   experts sit); accepted only when the predicted cost drops on all the training tokens and by
+   HALF_MARGIN on each of two seeded halves of them (few tokens: a guard against fitting noise);
+3. swap descent with exact per-layer costs (a swap at layer l changes layers l and l+1) on moves
+   off the slowest GPU, until no move helps or the time limit;
+4. `--redundant-experts R`: replicate.add_replicas, chosen on the exact cost;
+5. lower bound: per layer, compute >= max(mean GPU, hottest replica) and each Alltoall phase >= the least
+   volume any placement must move (ceil(k / slots) - 1 remote GPUs per token) spread evenly
+   over the GPUs at NVLink speed, plus the NVLink latency when that volume is positive.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import pulp
+
+from moeplace.errors import MoeplaceError
+from moeplace.eval.metrics import initial_homes
+from moeplace.progress import Progress
+from moeplace.solve.balance import balance_placement, replication_bound
+from moeplace.solve.costmodel import INTER, INTRA, CostModel, layer_time, load_cost_model, token_scale
+from moeplace.trace.format import Trace, split_tokens
+
+LAYER_MILP_MAX_VARS = 2048  # E x G of one layer above which step 2 is skipped
+# A move must cut the touched layers' cost by this share on each half of the training tokens:
+# smaller gains are within the counting noise of a few hundred tokens and do not carry over to
+# unseen tokens (chosen among 0, 0.2% and 1% on the FLAME trace's held-out halves).
+HALF_MARGIN = 0.01
+
+
+def shrunk_loads(loads: np.ndarray) -> np.ndarray:
+    """Expert loads [L, E] shrunk toward each layer's mean by the share of their spread that is
+    not counting noise (empirical Bayes: Poisson noise variance = mean count). float [L, E]"""
+    mean = loads.mean(axis=1, keepdims=True)
+    spread = loads.var(axis=1, keepdims=True)
+    keep = np.divide(np.maximum(spread - mean, 0.0), spread, out=np.zeros_like(spread), where=spread > 0)
+    return mean + keep * (loads - mean)
+
+
+class LatencyModel:
+    """Exact predicted cost of an expert_to_gpu [L, E] on a trace, with per-layer caching."""
+
+    def __init__(self, cost: CostModel, trace: Trace, compute_weight: float = 1.0, smooth: bool = False) -> None:
+        self.cost, self.trace, self.w = cost, trace, compute_weight
+        self.scale = token_scale(cost, trace.num_tokens)
+        self.links = cost.link_class()
+        self.home0 = initial_homes(trace.num_tokens, cost.cluster.num_gpus)
+        self.loads = shrunk_loads(trace.expert_loads()) * self.scale if smooth else None
+
+    def layer(self, e2g: np.ndarray, layer: int) -> np.ndarray:
+        """(compute, dispatch, combine) of one layer, float [3]."""
+        ids = self.trace.topk_ids
+        home = self.home0 if layer == 0 else e2g[layer - 1][ids[:, layer - 1, 0]]
+        out = np.array(layer_time(self.cost, home, e2g[layer][ids[:, layer]], ids[:, layer], self.scale, self.links))
+        if self.loads is not None:
+            m, num_gpus = self.cost.model, self.cost.cluster.num_gpus
+            gpu_load = np.bincount(e2g[layer], weights=self.loads[layer], minlength=num_gpus)
+            active = np.bincount(e2g[layer][self.loads[layer] > 0], minlength=num_gpus)
+            out[0] = float((m.expert_fixed_us * active + m.expert_us_per_token * gpu_load).max())
+        return out
+
+    def weighted(self, parts: np.ndarray) -> float:
+        return float(self.w * parts[..., 0].sum() + parts[..., 1:].sum())
+
+    def all_layers(self, e2g: np.ndarray) -> np.ndarray:
+        return np.stack([self.layer(e2g, layer) for layer in range(e2g.shape[0])])  # [L, 3]
+
+
+def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: float, seed: int,
+                  progress: bool = True, *, cluster: str | None = None, model_config: str | None = None,
+                  cost: CostModel | None = None, compute_weight: float = 1.0, redundant: int = 0,
+                  traffic_options: dict[str, Any] | None = None) -> Any:
+    """The `latency` objective (module docstring) -> solver.SolveOutcome."""
+    from moeplace.solve import replicate
+    from moeplace.solve.solver import SolveOutcome, relative_gap, solve_traffic
+
+    if cost is None:
+        if cluster is None:
+            raise MoeplaceError("--objective latency needs --cluster CONFIG.yaml (see configs/cluster/)")
+        cost = load_cost_model(cluster, model_config)
+    cost.check(num_gpus, gpus_per_node)
+    start = time.monotonic()
+    end = start + time_limit
+    deadline = start + (0.6 if redundant else 1.0) * time_limit  # the rest is the replicas'
+    model = LatencyModel(cost, trace, compute_weight)
+    # moves must also help each half of the tokens: a guard against fitting noise (few tokens)
+    half_a, half_b = split_tokens(trace.num_tokens, 0.5, seed)
+    folds = [LatencyModel(cost, trace.select_tokens(h), compute_weight, smooth=True) for h in (half_a, half_b)] if len(half_b) else []
+    search = LatencyModel(cost, trace, compute_weight, smooth=True)
+    bar = Progress("latency", enabled=progress)
+
+    # 1. starts
+    traffic = solve_traffic(trace, num_gpus, gpus_per_node, 0.3 * time_limit, seed, False, **(traffic_options or {}))
+    balanced = balance_placement(trace.expert_loads(), num_gpus, gpus_per_node, 0, 0.1 * time_limit, progress=False)
+    starts = {"traffic": traffic.expert_to_gpu, "balance": balanced.expert_to_gpu}
+    scored = {name: model.weighted(model.all_layers(x)) for name, x in starts.items()}
+    start_name = min(scored, key=scored.get)
+    best = starts[start_name].copy()
+    parts = [m.all_layers(best) for m in [search, *folds]]
+    bar.update(0, f"start {start_name} {scored[start_name]:.1f}")
+
+    # 2. per-layer MILP on the surrogate, 3. swap descent on the exact cost
+    stats = {"milp_accepted": 0, "swaps_accepted": 0, "sweeps": 0}
+    rng = np.random.default_rng(seed)
+    small = trace.num_experts * num_gpus <= LAYER_MILP_MAX_VARS
+    for sweep in range(20):
+        improved = False
+        for layer in range(trace.num_layers):
+            if time.monotonic() > deadline:
+                break
+            if small:
+                cand = best.copy()
+                cand[layer] = _layer_milp(search, best, layer, max(0.05, min(0.5, (deadline - time.monotonic()) / 8)))
+                if _accept([search, *folds], best, cand, parts, layer):
+                    stats["milp_accepted"] += 1
+                    improved = True
+            n = _swap_descent([search, *folds], best, parts, layer, rng, deadline)
+            stats["swaps_accepted"] += n
+            improved |= n > 0
+        stats["sweeps"] = sweep + 1
+        bar.update(sweep + 1, f"sweep {sweep + 1}: {model.weighted(parts[0]):.1f}")
+        if not improved or time.monotonic() > deadline:
+            break
+
+    # 4. replicas
+    replicas: list[list[tuple[int, int]]] = [[] for _ in range(trace.num_layers)]
+    value = model.weighted(model.all_layers(best))
+    if redundant:
+        replicas, value = replicate.add_replicas(model, best, redundant, end, (half_a, half_b) if folds else (), HALF_MARGIN)
+
+    # 5. bound
+    bound = latency_bound(model, num_gpus, redundant)
+    bar.close(f"cost {value:.1f} us, bound {bound:.1f}")
+    return SolveOutcome(
+        expert_to_gpu=best,
+        replicas=replicas,
+        objective={"name": "latency" if compute_weight == 1.0 else "latency-weighted", "value": value,
+                   "compute_weight": compute_weight, "unit": "us (predicted, summed over layers)",
+                   "cost_model": cost.describe(), "definition": "docs/cost-model.md"},
+        solver={"method": "starts+layer-milp+swap-descent" + ("+replication" if redundant else ""),
+                "start": start_name, "start_costs": scored, "redundant_experts": redundant, "seed": seed,
+                "time_limit_s": time_limit, "seconds": round(time.monotonic() - start, 3),
+                "stopped_by_time_limit": time.monotonic() > end, **stats},
+        bound=bound,
+        gap=relative_gap(value, bound),
+    )
+
+
+def _accept(models: list[LatencyModel], best: np.ndarray, cand: np.ndarray, parts: list[np.ndarray], layer: int) -> bool:
+    """Replace `best` by `cand` (differs at `layer`) in place if the cost drops on all the tokens
+    and by HALF_MARGIN on each half; parts[i] float [L, 3] of models[i] is kept current."""
+    touched = [layer] + ([layer + 1] if layer + 1 < best.shape[0] else [])
+    new = [np.stack([m.layer(cand, t) for t in touched]) for m in models]
+    deltas = [m.weighted(n) - m.weighted(p[touched]) for m, n, p in zip(models, new, parts)]
+    if deltas[0] < -1e-9 and all(d <= -HALF_MARGIN * m.weighted(p[touched]) for d, m, p in zip(deltas[1:], models[1:], parts[1:])):
+        best[layer] = cand[layer]
+        for p, n in zip(parts, new):
+            p[touched] = n
+        return True
+    return False
+
+
+def _swap_descent(models: list[LatencyModel], best: np.ndarray, parts: list[np.ndarray], layer: int,
+                  rng: np.random.Generator, deadline: float, tries: int = 64) -> int:
+    """Swap two experts of `layer` on different GPUs while the exact cost drops: one expert from
+    the GPU with the most compute or traffic, the other at random. Returns swaps accepted."""
+    model = models[0]
+    ids = model.trace.topk_ids
+    accepted = 0
+    for _ in range(tries):
+        if time.monotonic() > deadline:
+            break
+        row = best[layer]
+        load = np.bincount(row[ids[:, layer]].ravel(), minlength=model.cost.cluster.num_gpus)
+        hot = np.flatnonzero(row == np.argmax(load)) if rng.random() < 0.5 else np.arange(len(row))
+        a = int(rng.choice(hot))
+        others = np.flatnonzero(row != row[a])
+        b = int(rng.choice(others))
+        cand = best.copy()
+        cand[layer, [a, b]] = cand[layer, [b, a]]
+        accepted += _accept(models, best, cand, parts, layer)
+    return accepted
+
+
+def _layer_milp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: float) -> np.ndarray:
+    """Re-place one layer given its neighbours: the linear surrogate of the module docstring."""
+    cost, trace = model.cost, model.trace
+    num_gpus, num_experts = cost.cluster.num_gpus, trace.num_experts
+    ids = trace.topk_ids
+    scale, m, c = model.scale, cost.model, cost.cluster
+    links = model.links
+    per_gpu = num_experts // num_gpus
+    # us per token hidden state sent over each link class, per phase
+    us = {cls: m.hidden_size * m.dispatch_bytes * scale / (bw * 1e3) for cls, bw in ((INTRA, c.intra_gbps), (INTER, c.inter_gbps))}
+    home = model.home0 if layer == 0 else e2g[layer - 1][ids[:, layer - 1, 0]]
+    homed = np.zeros((num_gpus, num_experts))  # tokens at GPU h selecting expert e
+    np.add.at(homed, (np.repeat(home, trace.top_k), ids[:, layer].ravel()), 1.0)
+    load = model.loads[layer] if model.loads is not None else np.bincount(ids[:, layer].ravel(), minlength=num_experts) * scale
+
+    prob = pulp.LpProblem("latency_layer", pulp.LpMinimize)
+    x = {(e, g): pulp.LpVariable(f"x_{e}_{g}", cat="Binary") for e in range(num_experts) for g in range(num_gpus)}
+    t_comp, t_in, t_out = (pulp.LpVariable(n, lowBound=0) for n in ("compute", "dispatch_in", "dispatch_next"))
+    prob += model.w * t_comp + t_in + t_out
+    for e in range(num_experts):
+        prob += pulp.lpSum(x[e, g] for g in range(num_gpus)) == 1
+    for g in range(num_gpus):
+        prob += pulp.lpSum(x[e, g] for e in range(num_experts)) == per_gpu
+        prob += t_comp >= m.expert_us_per_token * pulp.lpSum(float(load[e]) * x[e, g] for e in range(num_experts))
+        for cls in (INTRA, INTER):
+            peers = np.flatnonzero(links[g] == cls)
+            if len(peers) == 0:
+                continue
+            # this layer's dispatch: tokens at g whose expert sits on a peer; tokens at peers whose expert sits on g
+            prob += t_in >= us[cls] * pulp.lpSum(float(homed[g, e]) * x[e, p] for e in range(num_experts) for p in peers if homed[g, e])
+            into = homed[peers].sum(0)
+            prob += t_in >= us[cls] * pulp.lpSum(float(into[e]) * x[e, g] for e in range(num_experts) if into[e])
+    if layer + 1 < trace.num_layers:
+        # next layer's dispatch: tokens whose top-1 here is e start on e's GPU; their next experts are fixed
+        nxt_gpu = e2g[layer + 1][ids[:, layer + 1]]  # [T, k]
+        flow = np.zeros((num_experts, num_gpus))  # tokens with top-1 e going to GPU d next
+        np.add.at(flow, (np.repeat(ids[:, layer, 0], trace.top_k), nxt_gpu.ravel()), 1.0)
+        for g in range(num_gpus):
+            for cls in (INTRA, INTER):
+                peers = np.flatnonzero(links[g] == cls)
+                if len(peers) == 0:
+                    continue
+                out = flow[:, peers].sum(1)
+                prob += t_out >= us[cls] * pulp.lpSum(float(out[e]) * x[e, g] for e in range(num_experts) if out[e])
+                prob += t_out >= us[cls] * pulp.lpSum(float(flow[e, g]) * x[e, p] for e in range(num_experts)
+                                                       for p in peers if flow[e, g])
+    prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit, threads=1))
+    row = e2g[layer].copy()
+    if t_comp.varValue is None:
+        return row
+    for (e, g), var in x.items():
+        if (var.varValue or 0) > 0.5:
+            row[e] = g
+    if np.bincount(row, minlength=num_gpus).max() != per_gpu:
+        return e2g[layer].copy()
+    return row
+
+
+def latency_bound(model: LatencyModel, num_gpus: int, redundant: int) -> float:
+    """A valid lower bound on the weighted cost (module docstring, step 5)."""
+    trace, cost = model.trace, model.cost
+    c, m = cost.cluster, cost.model
+    slots = math.ceil((trace.num_experts + redundant) / num_gpus)
+    loads = trace.expert_loads() * model.scale
+    total = 0.0
+    for layer in range(trace.num_layers):
+        # the slowest GPU is at least the mean GPU, and at least the hottest replica's tokens
+        mean = (m.expert_fixed_us * np.count_nonzero(loads[layer]) + m.expert_us_per_token * loads[layer].sum()) / num_gpus
+        compute = max(mean, m.expert_us_per_token * replication_bound(loads[layer], num_gpus, redundant))
+        remote = max(0, math.ceil(trace.top_k / slots) - 1) * trace.num_tokens * model.scale
+        comm = 0.0
+        if remote > 0:
+            for dtype_bytes in (m.dispatch_bytes, m.combine_bytes):
+                comm += remote * m.hidden_size * dtype_bytes / num_gpus / (max(c.intra_gbps, c.inter_gbps) * 1e3)
+                comm += min(c.intra_latency_us, c.inter_latency_us) if c.num_nodes > 1 else c.intra_latency_us
+        total += model.w * compute + comm
+    return total

@@ -1,0 +1,96 @@
+"""Cost model (solve/costmodel.py) and the replica serving rule (eval/metrics.serve_layer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moeplace.errors import MoeplaceError
+from moeplace.eval.metrics import serve_layer, token_gpus
+from moeplace.placement import Placement
+from moeplace.solve.costmodel import load_cost_model, predict
+from moeplace.trace.format import make_trace
+
+from conftest import ROOT
+
+CLUSTERS = sorted((ROOT / "configs" / "cluster").glob("*.yaml"))
+
+
+def _write(tmp: Path, text: str) -> Path:
+    p = tmp / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+MODEL = "\nmodel: {hidden_size: 8, expert_us_per_token: 1}"
+TINY = """
+cluster: {nodes: 1, gpus_per_node: 2, intra_node: {bandwidth_GBps: 1, latency_us: 3}}
+model: {hidden_size: 1000, dtype_bytes: 1, expert_us_per_token: 2, expert_fixed_us: 10}
+"""
+
+
+@pytest.mark.parametrize("path", CLUSTERS, ids=[p.stem for p in CLUSTERS])
+def test_shipped_configs_load(path: Path) -> None:
+    cm = load_cost_model(path, ROOT / "configs" / "model" / "flame-moe-290m.yaml")
+    assert cm.cluster.num_gpus in (8, 16, 64)
+
+
+def test_hand_computed_layer_times(tmp_path: Path) -> None:
+    cm = load_cost_model(_write(tmp_path, TINY))
+    # 2 tokens, 1 layer, top-2 over 4 experts; experts 0,1 on GPU 0, experts 2,3 on GPU 1
+    trace = make_trace(np.array([[[0, 2]], [[1, 0]]]), num_experts=4)
+    p = Placement(np.array([[0, 0, 1, 1]]), 2, 2)
+    t = predict(cm, p, trace)
+    # loads: GPU0 serves 3 token-experts (2 experts), GPU1 1 (1 expert): 10*2 + 2*3 = 26 us
+    assert t.compute_us[0] == pytest.approx(26.0)
+    # token 0 sits on GPU 0 (initial home), sends 1000 B to GPU 1: 1000 B / (1 GB/s) = 1 us + 3 us
+    assert t.dispatch_us[0] == pytest.approx(4.0)
+    # combine: GPU 1 returns token 0's partial output to its new home GPU 0
+    assert t.combine_us[0] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ("cluster: {nodes: 1}" + MODEL, "gpus_per_node"),
+    ("cluster: {nodes: 2, gpus_per_node: 8, intra_node: {bandwidth_GBps: 1, latency_us: 1}}" + MODEL, "bandwidth_GBps"),
+    ("cluster: {nodes: 1, gpus_per_node: 8, intra_node: {bandwidth_GBps: -1, latency_us: 1}}" + MODEL, "positive"),
+    ("cluster: {nodes: 1, gpus_per_node: 8, intra_node: {bandwidth_GBps: 1, latency_us: 1}}\nmodel: {hidden_size: 8}", "expert_us_per_token"),
+    ("[1, 2", "not valid YAML"),
+    ("model: {hidden_size: 1}", "no 'cluster:'"),
+])
+def test_bad_configs_one_clear_error(tmp_path: Path, bad: str, msg: str) -> None:
+    with pytest.raises(MoeplaceError, match=msg):
+        load_cost_model(_write(tmp_path, bad))
+
+
+def test_topology_mismatch(tmp_path: Path, small_trace) -> None:
+    cm = load_cost_model(_write(tmp_path, TINY))
+    with pytest.raises(MoeplaceError, match="node"):
+        predict(cm, Placement(np.zeros((3, 8), dtype=int) + np.arange(8) // 2, 4, 4), small_trace)
+
+
+def test_serve_layer_prefers_own_gpu_then_least_loaded() -> None:
+    holders = [[0, 1], [2]]  # expert 0 on GPUs 0 and 1; expert 1 on GPU 2
+    ids = np.array([[0], [0], [0], [1], [1]])
+    home = np.array([1, 3, 3, 2, 2])
+    gpus = serve_layer(holders, ids, np.array([[0], [0], [0], [2], [2]]), home, gpus_per_node=4, num_gpus=4)
+    assert gpus[0, 0] == 1  # its own GPU holds a copy
+    # tokens 1 and 2 sit on GPU 3, same node as both copies: the first copy on their node
+    assert gpus[1, 0] == 0 and gpus[2, 0] == 0
+    far = serve_layer(holders, ids, np.array([[0], [0], [0], [2], [2]]), home + 4, gpus_per_node=4, num_gpus=8)
+    assert sorted(far[:3, 0].tolist()) == [0, 0, 1] or sorted(far[:3, 0].tolist()) == [0, 1, 1]
+
+
+def test_token_gpus_with_replicas_uses_local_copy(small_trace) -> None:
+    e2g = np.tile(np.arange(8) // 2, (3, 1))
+    plain = Placement(e2g, 4, 2)
+    with_copy = Placement(e2g, 4, 2, replicas=[[], [(e, g) for e in range(8) for g in range(4) if g != e // 2][:6], []])
+    a, b = token_gpus(plain, small_trace), token_gpus(with_copy, small_trace)
+    assert (a[:, 0] == b[:, 0]).all() and (a[:, 2] == b[:, 2]).all()
+    here = b[:, 0, 0]
+    for t in range(small_trace.num_tokens):
+        for s in range(2):
+            e = small_trace.topk_ids[t, 1, s]
+            if here[t] in with_copy.holders(1)[e]:
+                assert b[t, 1, s] == here[t]
