@@ -1,0 +1,202 @@
+"""`moeplace trace`: run a Hugging Face MoE model on text and record its routing as a v1 trace."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import click
+
+from moeplace.errors import MoeplaceError
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@click.command("trace", context_settings={"show_default": True, "max_content_width": 100})
+@click.option("--model", "model_ref", required=True, metavar="PATH_OR_ID",
+              help="save_pretrained directory (or a hub id, fetched only when online).")
+@click.option("--data", "data", required=True, multiple=True, type=click.Path(path_type=Path),
+              metavar="FILE", help="Text: .txt (one document), .jsonl (a 'text' field per line) or a "
+                                   "directory of them. Repeat for several.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Trace file to write (.npz, moeplace trace v1).")
+@click.option("--seq-len", default=512, type=int, help="Tokens per sequence (each document is cut into windows).")
+@click.option("--max-tokens", default=None, type=int, help="Stop after this many tokens  [default: all text]")
+@click.option("--batch-size", default=8, type=int, help="Sequences per forward pass.")
+@click.option("--dtype", default="auto", type=click.Choice(_DTYPES), help="Weights dtype; auto = the checkpoint's.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), help="auto = cuda when available.")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="CPU threads for torch  [default: torch's choice; 1 is often faster on a busy machine]")
+@click.option("--tokenizer", "tokenizer_ref", default=None, metavar="PATH_OR_ID",
+              help="Tokenizer to use  [default: the model's]")
+@click.option("--corpus", default=None, help="Corpus label stored in the trace meta  [default: the data file names]")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int, max_tokens: int | None,
+          batch_size: int, dtype: str, device: str, threads: int | None, tokenizer_ref: str | None,
+          corpus: str | None, quiet: bool) -> None:
+    """Record, for every token, the top-k experts and gate weights the model's own routers pick.
+
+    \b
+    Hooks the router of every sparse MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+    DeepSeek-V2/V3 with grouped and bias-corrected routing, GPT-OSS, and any transformers
+    model built the same way); dense decoder layers are skipped and the MoE layers' decoder
+    indices are stored in the trace meta ("moe_layers"). Text is tokenised without special
+    tokens and cut into --seq-len windows, each window one sequence of the trace.
+    \b
+    Output: TRACE.npz with topk_ids / topk_weights [tokens, moe_layers, k] (highest weight
+    first), token_ids, sequence_ids, positions and meta (model, moe_layers, dtype, corpus...).
+    Routing is spooled to disk per batch; Ctrl-C writes the batches completed so far as a
+    valid, shorter trace (exit code 130). The output file is replaced atomically.
+    \b
+    Example:
+      moeplace trace --model checkpoints/tiny-moe --data ../shared/data/text/c4_texts.txt \\
+          --max-tokens 20000 --seq-len 256 --dtype float32 -o c4.npz
+    """
+    import torch
+
+    from moeplace.models.discovery import find_moe_layers, num_decoder_layers
+    from moeplace.trace.collect import collect
+    from moeplace.trace.format import save_trace
+    from moeplace.trace.text import expand_paths, iter_batches, iter_windows
+
+    if seq_len < 1 or batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise MoeplaceError("--seq-len, --batch-size and --max-tokens must be >= 1")
+    files = expand_paths(data)
+    _check_writable(output)  # fail before the model loads, not after the run
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = _device(device, torch)
+    model = _load_model(model_ref, dtype, dev)
+    tokenizer = _load_tokenizer(tokenizer_ref or model_ref)
+    layers = find_moe_layers(model)
+    vocab = model.get_input_embeddings().weight.shape[0]
+
+    def tokenize(text: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids and max(ids) >= vocab:
+            raise MoeplaceError(f"tokenizer produced id {max(ids)} >= the model's vocabulary size {vocab}")
+        return ids
+
+    n_dec = num_decoder_layers(model)
+    moe_idx = [m.layer_index for m in layers]
+    meta: dict[str, Any] = {
+        "source": "moeplace trace",
+        "model": model_ref,
+        "model_type": getattr(model.config, "model_type", None),
+        "architecture": type(model).__name__,
+        "moe_layers": moe_idx,
+        "dense_layers": [i for i in range(n_dec) if i not in moe_idx],
+        "num_decoder_layers": n_dec,
+        "num_experts": layers[0].num_experts,
+        "top_k": layers[0].top_k,
+        "num_groups": layers[0].num_groups,
+        "corpus": corpus or ",".join(f.stem for f in files),
+        "data": [str(f) for f in files],
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(dev),
+        "seq_len": seq_len,
+        "tokenizer": tokenizer_ref or model_ref,
+    }
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = iter_batches(iter_windows(files, tokenize, seq_len, max_tokens), batch_size, pad_id)
+    result = collect(model, layers, batches, device=dev, meta=meta, spool_dir=output.parent,
+                     max_tokens=max_tokens, progress=not quiet)
+    if result.trace is None:
+        if result.interrupted:
+            click.echo("interrupted before the first batch completed: no trace written", err=True)
+            raise KeyboardInterrupt  # the CLI turns it into exit code 130
+        raise MoeplaceError(f"no tokens in {', '.join(map(str, files))}")
+    t = result.trace
+    if result.interrupted:
+        t.meta["interrupted"] = True
+    save_trace(t, output)
+    note = " (interrupted: a valid shorter trace)" if result.interrupted else ""
+    click.echo(f"wrote {output}: {t.num_tokens} tokens x {t.num_layers} MoE layers x top-{t.top_k} "
+               f"over {t.num_experts} experts, decoder layers {moe_idx}{note}", err=True)
+    if result.interrupted:
+        raise KeyboardInterrupt
+
+
+def _check_writable(output: Path) -> None:
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output.parent):
+            pass
+    except OSError as e:
+        raise MoeplaceError(f"cannot write {output}: {e.strerror or e}") from None
+
+
+def _device(choice: str, torch: Any) -> Any:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise MoeplaceError("--device cuda: no CUDA device available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def _load_model(ref: str, dtype: str, device: Any) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # moeplace reports its own progress
+    local = _resolve(ref, "model", "config.json")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            ref, dtype="auto" if dtype == "auto" else getattr(torch, dtype), local_files_only=local,
+        )
+    except Exception as e:  # corrupt files raise library-specific types (SafetensorError, ...)
+        raise MoeplaceError(f"cannot load model {ref!r}: {_first_line(e)}") from None
+    return model.to(device).eval()
+
+
+def _load_tokenizer(ref: str) -> Any:
+    from transformers import AutoTokenizer
+
+    local = _resolve(ref, "tokenizer", "tokenizer_config.json")
+    try:
+        return AutoTokenizer.from_pretrained(ref, local_files_only=local)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MoeplaceError(f"cannot load a tokenizer from {ref!r} ({_first_line(e)}); pass --tokenizer PATH") from None
+
+
+def _resolve(ref: str, what: str, probe_file: str) -> bool:
+    """True when `ref` is a local directory; for a hub id, fail fast when the hub is unreachable."""
+    if Path(ref).is_dir():
+        return True
+    if Path(ref).exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep in ref.replace("/", ""):
+        raise MoeplaceError(f"{what} {ref!r}: not a directory")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or not _hub_reachable():
+        if _cached(ref, probe_file):
+            return True
+        raise MoeplaceError(f"{what} {ref!r} is neither a local directory nor in the Hugging Face cache, "
+                            f"and the hub is unreachable (offline); pass a save_pretrained directory")
+    return False
+
+
+def _cached(ref: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(ref, filename), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+

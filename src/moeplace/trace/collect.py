@@ -1,0 +1,168 @@
+"""Record what a transformers MoE model's own routers select, token by token.
+
+A forward hook on each router found by `find_moe_layers` keeps the router's output
+(topk_weights [T, k], topk_ids [T, k]): exactly the experts the block then runs, with the
+family's routing (softmax or sigmoid, groups, correction bias, renormalisation, scaling)
+applied by the model itself, never re-implemented here. Router logits [T, E] are dropped in
+the hook, so memory per batch is O(T * L * k).
+
+Per batch the rows are re-ordered highest weight first (DeepSeek's top-k is unsorted), padding
+positions are dropped, and the result is spooled to an `.npz` part file; `collect` assembles the
+parts into one Trace at the end (or at Ctrl-C, with whatever batches completed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moeplace.errors import MoeplaceError
+from moeplace.models.discovery import MoELayer
+from moeplace.progress import Progress
+from moeplace.trace.format import Trace, make_trace
+from moeplace.trace.text import Batch
+
+
+class RouterRecorder:
+    """Forward hooks on every MoE router; `take()` returns and clears the routing of the last forward.
+
+    Use as a context manager so the hooks are always removed.
+    """
+
+    def __init__(self, layers: list[MoELayer]) -> None:
+        self.layers = layers
+        self._ids: list[torch.Tensor | None] = [None] * len(layers)
+        self._weights: list[torch.Tensor | None] = [None] * len(layers)
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "RouterRecorder":
+        for layer in self.layers:
+            self._handles.append(layer.router.register_forward_hook(self._hook(layer.moe_index)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, moe_index: int) -> Any:
+        path = self.layers[moe_index].router_path
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not (isinstance(output, tuple) and len(output) == 3 and not output[2].is_floating_point()):
+                raise MoeplaceError(
+                    f"router {path} ({type(module).__name__}) does not return (logits, topk_weights, topk_ids); "
+                    f"this model's routing is not supported"
+                )
+            _, weights, ids = output
+            self._ids[moe_index] = ids.detach().reshape(-1, ids.shape[-1])
+            self._weights[moe_index] = weights.detach().reshape(-1, weights.shape[-1])
+
+        return hook
+
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        """(topk_ids int64 [T, L, k], topk_weights float32 [T, L, k]) of the last forward,
+        each row sorted by weight, highest first (ties keep the router's order)."""
+        missing = [self.layers[i].router_path for i, t in enumerate(self._ids) if t is None]
+        if missing:
+            raise MoeplaceError(f"routers did not run in the forward pass: {', '.join(missing)}")
+        ids = torch.stack(self._ids, dim=1).cpu()  # type: ignore[arg-type]
+        weights = torch.stack(self._weights, dim=1).float().cpu()  # type: ignore[arg-type]
+        order = torch.sort(weights, dim=-1, descending=True, stable=True).indices
+        self._ids = [None] * len(self.layers)
+        self._weights = [None] * len(self.layers)
+        return ids.gather(-1, order).numpy().astype(np.int64), weights.gather(-1, order).numpy()
+
+
+@torch.inference_mode()
+def route_batch(model: nn.Module, recorder: RouterRecorder, input_ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Run `model` on input_ids [B, S]; (topk_ids [B*S, L, k], topk_weights [B*S, L, k]), row-major."""
+    model(input_ids=input_ids, use_cache=False)
+    return recorder.take()
+
+
+@dataclass
+class Collected:
+    trace: Trace | None  # None when no batch completed
+    interrupted: bool = False  # Ctrl-C stopped the run: `trace` holds the completed batches
+    num_batches: int = 0
+    seconds: float = 0.0
+
+
+def collect(
+    model: nn.Module,
+    layers: list[MoELayer],
+    batches: Iterable[Batch],
+    *,
+    device: torch.device,
+    meta: dict[str, Any],
+    spool_dir: str | Path | None = None,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> Collected:
+    """Route every batch through `model`; return the trace of all completed batches.
+
+    Ctrl-C stops between or inside a batch: the batches already spooled form the trace and
+    `interrupted` is set (trace is None when no batch completed).
+    """
+    num_experts = layers[0].num_experts
+    if any(m.num_experts != num_experts or m.top_k != layers[0].top_k for m in layers):
+        raise MoeplaceError("MoE layers differ in num_experts or top_k; one trace needs them equal")
+    bar = Progress("trace", total=max_tokens, enabled=progress)
+    start = time.monotonic()
+    done_tokens = 0
+    interrupted = False
+    parts: list[Path] = []
+    with _spool(spool_dir) as spool, RouterRecorder(layers) as recorder:
+        try:
+            for n, batch in enumerate(batches):
+                ids, weights = route_batch(model, recorder, torch.from_numpy(batch.input_ids).to(device))
+                keep = batch.valid_mask().reshape(-1)
+                part = spool / f"{n:06d}.npz"
+                np.savez(part, ids=ids[keep].astype(np.int32), weights=weights[keep], tokens=_token_columns(batch))
+                parts.append(part)  # only complete parts: Ctrl-C inside savez leaves this one out
+                done_tokens += batch.num_tokens
+                rate = done_tokens / max(time.monotonic() - start, 1e-9)
+                bar.update(done_tokens, f"{done_tokens} tokens, {rate:,.0f} tokens/s")
+        except KeyboardInterrupt:
+            interrupted = True
+        seconds = time.monotonic() - start
+        bar.close(f"{done_tokens} tokens in {seconds:.1f}s" + (" (interrupted)" if interrupted else ""))
+        trace = _assemble(parts, num_experts, meta) if parts else None
+    return Collected(trace, interrupted, len(parts), seconds)
+
+
+def _token_columns(batch: Batch) -> np.ndarray:
+    """int64 [T_real, 3]: token id, sequence id, position of each real token, row-major."""
+    mask = batch.valid_mask()
+    positions = np.broadcast_to(np.arange(batch.input_ids.shape[1])[None, :], mask.shape)
+    seq = np.broadcast_to(batch.sequence_ids[:, None], mask.shape)
+    return np.stack([batch.input_ids[mask], seq[mask], positions[mask]], axis=1)
+
+
+def _assemble(parts: list[Path], num_experts: int, meta: dict[str, Any]) -> Trace:
+    loaded = []
+    for p in parts:
+        with np.load(p) as z:
+            loaded.append({key: z[key] for key in z.files})
+    ids, weights, cols = (np.concatenate([z[key] for z in loaded]) for key in ("ids", "weights", "tokens"))
+    return make_trace(ids, weights, num_experts, token_ids=cols[:, 0], sequence_ids=cols[:, 1],
+                      positions=cols[:, 2], meta=meta)
+
+
+@contextlib.contextmanager
+def _spool(spool_dir: str | Path | None) -> Iterator[Path]:
+    """A temp directory for per-batch parts, removed afterwards (even on Ctrl-C)."""
+    if spool_dir is not None:
+        Path(spool_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".moeplace-trace-", dir=spool_dir) as d:
+        yield Path(d)

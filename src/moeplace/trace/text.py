@@ -1,0 +1,159 @@
+"""Input text for `moeplace trace`: files -> token windows -> padded batches.
+
+Documents:  a `.txt` file is one document (read in blocks of lines, so a large file streams);
+            a `.jsonl` file holds one document per line, in its `text` field;
+            a directory contributes its `.txt` and `.jsonl` files, sorted, recursively.
+Windows:    each document's token stream is cut into windows of at most `seq_len` tokens; a
+            window is one sequence of the trace (its `sequence_id`), positions restart at 0.
+Batches:    `batch_size` windows, right-padded to the longest. Right padding is exact for causal
+            MoE models: a real token attends only to earlier (real) tokens, and routing is per
+            token, so padded positions are simply dropped from the trace.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moeplace.errors import MoeplaceError
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+_BLOCK_CHARS = 1 << 18  # tokenise .txt files in ~256 KB blocks of whole lines
+
+Tokenize = Callable[[str], list[int]]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """`input_ids` int64 [B, S] right-padded; `lengths` int64 [B]; `sequence_ids` int64 [B]."""
+
+    input_ids: np.ndarray
+    lengths: np.ndarray
+    sequence_ids: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def valid_mask(self) -> np.ndarray:
+        """bool [B, S]: True at real (non-padding) positions."""
+        return np.arange(self.input_ids.shape[1])[None, :] < self.lengths[:, None]
+
+
+def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files to read, in order: given files as is, directories' .txt/.jsonl files sorted."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+            if not found:
+                raise MoeplaceError(f"{p}: directory holds no .txt or .jsonl files")
+            files.extend(found)
+        elif p.is_file():
+            if p.suffix not in TEXT_SUFFIXES:
+                raise MoeplaceError(f"{p}: unsupported text file (expected .txt or .jsonl)")
+            files.append(p)
+        else:
+            raise MoeplaceError(f"{p}: no such file or directory")
+    return files
+
+
+def iter_documents(files: Iterable[Path]) -> Iterator[Iterator[str]]:
+    """Every document of `files`, as its text pieces in order."""
+    for f in files:
+        if f.suffix == ".jsonl":
+            for text in _jsonl_texts(f):
+                yield iter([text])
+        else:
+            yield _txt_blocks(f)
+
+
+def _txt_blocks(f: Path) -> Iterator[str]:
+    try:
+        with open(f, encoding="utf-8") as fh:
+            block: list[str] = []
+            size = 0
+            for line in fh:
+                block.append(line)
+                size += len(line)
+                if size >= _BLOCK_CHARS:
+                    yield "".join(block)
+                    block, size = [], 0
+            if block:
+                yield "".join(block)
+    except UnicodeDecodeError as e:
+        raise MoeplaceError(f"{f}: not UTF-8 text ({e})") from None
+
+
+def _jsonl_texts(f: Path) -> Iterator[str]:
+    try:
+        with open(f, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise MoeplaceError(f"{f}:{n}: not a JSON line ({e})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise MoeplaceError(f"{f}:{n}: expected an object with a string 'text' field")
+                yield record["text"]
+    except UnicodeDecodeError as e:
+        raise MoeplaceError(f"{f}: not UTF-8 text ({e})") from None
+
+
+def iter_windows(files: Sequence[Path], tokenize: Tokenize, seq_len: int,
+                 max_tokens: int | None = None) -> Iterator[np.ndarray]:
+    """Token windows int64 [<= seq_len] over all documents, stopping after `max_tokens` tokens."""
+    if seq_len < 1:
+        raise MoeplaceError(f"--seq-len must be >= 1, got {seq_len}")
+    if max_tokens is not None and max_tokens < 1:
+        raise MoeplaceError(f"--max-tokens must be >= 1, got {max_tokens}")
+    remaining = max_tokens if max_tokens is not None else sys.maxsize
+    for pieces in iter_documents(files):
+        pending: list[int] = []
+        for piece in pieces:
+            pending.extend(tokenize(piece))
+            full = len(pending) - len(pending) % seq_len
+            for start in range(0, full, seq_len):
+                window = pending[start: start + min(seq_len, remaining)]
+                remaining -= len(window)
+                yield np.asarray(window, dtype=np.int64)
+                if remaining == 0:
+                    return
+            del pending[:full]
+        if pending:
+            window = pending[:remaining]
+            remaining -= len(window)
+            yield np.asarray(window, dtype=np.int64)
+            if remaining == 0:
+                return
+
+
+def iter_batches(windows: Iterable[np.ndarray], batch_size: int, pad_id: int = 0) -> Iterator[Batch]:
+    """Group windows into right-padded batches; sequence ids count windows from 0."""
+    if batch_size < 1:
+        raise MoeplaceError(f"--batch-size must be >= 1, got {batch_size}")
+    group: list[np.ndarray] = []
+    seq = 0
+    for w in windows:
+        group.append(w)
+        if len(group) == batch_size:
+            yield _pad(group, seq, pad_id)
+            seq += len(group)
+            group = []
+    if group:
+        yield _pad(group, seq, pad_id)
+
+
+def _pad(group: list[np.ndarray], first_seq: int, pad_id: int) -> Batch:
+    lengths = np.array([len(w) for w in group], dtype=np.int64)
+    ids = np.full((len(group), int(lengths.max())), pad_id, dtype=np.int64)
+    for row, w in enumerate(group):
+        ids[row, : len(w)] = w
+    return Batch(ids, lengths, np.arange(first_seq, first_seq + len(group), dtype=np.int64))

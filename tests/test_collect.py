@@ -1,0 +1,304 @@
+"""`moeplace trace`: recorded routing equals the model's own, on tiny models of every family."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT, SHARED_DATA
+from moeplace.analyze.affinity import affinity
+from moeplace.cli import run
+from moeplace.models.discovery import find_moe_layers
+from moeplace.models.tiny import FAMILIES, build_tiny_model, byte_tokenizer
+from moeplace.trace import text as text_mod
+from moeplace.trace.collect import RouterRecorder, collect, route_batch
+from moeplace.trace.format import load_trace
+from moeplace.trace.text import Batch, expand_paths, iter_batches, iter_windows
+
+transformers = pytest.importorskip("transformers")
+F = torch.nn.functional
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    # a larger init spread than the default makes routing decisive (no near-ties in the reference)
+    return {f: build_tiny_model(f, root / f, initializer_range=0.2) for f in FAMILIES}
+
+
+def load(path: Path) -> nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+# ---- reference routing: each family's rule re-derived from its router logits -------------------
+
+def reference_route(family: str, logits: torch.Tensor, router: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [T, k], weights [T, k]) highest weight first, from router logits [T, E]."""
+    k, logits = router.top_k, logits.float()
+    if family == "gpt_oss":
+        top, ids = logits.topk(k, dim=-1)
+        return ids, top.softmax(-1)
+    if family == "deepseek_v3":
+        scores = logits.sigmoid()
+        choice = scores + router.e_score_correction_bias
+        t, e, g = choice.shape[0], choice.shape[1], router.num_group
+        group_score = choice.view(t, g, e // g).topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros(t, g).scatter(1, group_score.topk(router.topk_group, dim=-1).indices, 1.0)
+        choice = choice.masked_fill(keep.repeat_interleave(e // g, dim=1) == 0, float("-inf"))
+        ids = choice.topk(k, dim=-1).indices
+        w = scores.gather(1, ids)
+        w = w / w.sum(-1, keepdim=True) * router.routed_scaling_factor
+        return _sorted(ids, w)
+    probs = logits.softmax(-1)
+    if family == "deepseek_v2":
+        t, e, g = probs.shape[0], probs.shape[1], router.num_group
+        group_score = probs.view(t, g, e // g).max(-1).values
+        keep = torch.zeros(t, g).scatter(1, group_score.topk(router.topk_group, dim=-1).indices, 1.0)
+        w, ids = probs.masked_fill(keep.repeat_interleave(e // g, dim=1) == 0, 0.0).topk(k, dim=-1)
+        return _sorted(ids, w * router.routed_scaling_factor)
+    w, ids = probs.topk(k, dim=-1)
+    if getattr(router, "norm_topk_prob", family == "mixtral"):
+        w = w / w.sum(-1, keepdim=True)
+    return ids, w
+
+
+def _sorted(ids: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = w.argsort(dim=-1, descending=True, stable=True)
+    return ids.gather(-1, order), w.gather(-1, order)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recorded_routing_equals_router_rule(tiny_dirs: dict[str, Path], family: str) -> None:
+    model = load(tiny_dirs[family])
+    layers = find_moe_layers(model)
+    x = torch.randint(0, 256, (3, 11), generator=torch.Generator().manual_seed(1))
+    with RouterRecorder(layers) as rec:
+        ids, weights = route_batch(model, rec, x)
+    assert ids.shape == weights.shape == (33, len(layers), 2)
+    assert (np.diff(weights, axis=-1) <= 0).all()  # highest weight first
+    with torch.no_grad():
+        logits = model(input_ids=x, output_router_logits=True).router_logits
+    assert len(logits) == len(layers)
+    for m, layer_logits in zip(layers, logits):
+        ref_ids, ref_w = reference_route(family, layer_logits, m.router)
+        np.testing.assert_array_equal(ids[:, m.moe_index], ref_ids.numpy())
+        np.testing.assert_allclose(weights[:, m.moe_index], ref_w.numpy(), rtol=1e-5, atol=1e-6)
+    if family == "deepseek_v3":  # the bias and groups change the choice: plain top-k would differ
+        plain = logits[0].sigmoid().topk(2, dim=-1).indices.sort(-1).values.numpy()
+        assert (np.sort(ids[:, 0], -1) != plain).any()
+
+
+def test_right_padding_is_exact(tiny_dirs: dict[str, Path]) -> None:
+    model = load(tiny_dirs["qwen3_moe"])
+    layers = find_moe_layers(model)
+    long, short = torch.randint(0, 256, (1, 12)), torch.randint(0, 256, (1, 5))
+    with RouterRecorder(layers) as rec:
+        alone = route_batch(model, rec, short)[0]
+        padded = route_batch(model, rec, torch.cat([long, F.pad(short, (0, 7), value=3)]))[0]
+    np.testing.assert_array_equal(padded[12:17], alone)
+
+
+def test_collect_interrupted_keeps_completed_batches(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    model = load(tiny_dirs["mixtral"])
+    layers = find_moe_layers(model)
+    windows = [np.arange(i, i + 6) for i in range(5)]
+
+    def interrupted() -> Iterator[Batch]:
+        for n, b in enumerate(iter_batches(windows, 2)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield b
+
+    out = collect(model, layers, interrupted(), device=torch.device("cpu"), meta={}, spool_dir=tmp_path,
+                  progress=False)
+    assert out.interrupted and out.num_batches == 2 and out.trace is not None
+    assert out.trace.num_tokens == 24 and out.trace.sequence_ids.max() == 3
+    assert list(tmp_path.iterdir()) == []  # the spool directory is gone
+
+
+# ---- text input ----------------------------------------------------------------------------------
+
+def test_windows_and_batches(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("x" * 10)
+    (tmp_path / "b.jsonl").write_text('{"text": "yyy"}\n\n{"text": "zzzzz"}\n')
+    files = expand_paths([tmp_path])
+    tok = lambda s: [ord(c) for c in s]  # noqa: E731
+    assert [len(w) for w in iter_windows(files, tok, 4)] == [4, 4, 2, 3, 4, 1]
+    assert [len(w) for w in iter_windows(files, tok, 4, max_tokens=9)] == [4, 4, 1]
+    batches = list(iter_batches(iter_windows(files, tok, 4), 4, pad_id=0))
+    assert [b.input_ids.shape for b in batches] == [(4, 4), (2, 4)]
+    assert batches[0].lengths.tolist() == [4, 4, 2, 3] and batches[1].sequence_ids.tolist() == [4, 5]
+    assert batches[0].num_tokens == 13 and batches[0].input_ids[2, 2:].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"text": 3}\n', "string 'text' field"),
+    ("not json\n", "not a JSON line"),
+])
+def test_bad_jsonl(tmp_path: Path, content: str, match: str) -> None:
+    f = tmp_path / "d.jsonl"
+    f.write_text(content)
+    with pytest.raises(Exception, match=match):
+        list(iter_windows([f], list, 4))
+
+
+# ---- the CLI end to end --------------------------------------------------------------------------
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    f = tmp_path / "corpus.txt"
+    f.write_text("Experts that fire together are placed together. " * 12)
+    return f
+
+
+def trace_cli(model: Path, data: Path, out: Path, *extra: str) -> int:
+    return run(["trace", "--model", str(model), "--data", str(data), "-o", str(out), "-q", *extra])
+
+
+def test_cli_end_to_end(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t.npz"
+    assert trace_cli(tiny_dirs["qwen2_moe"], corpus, out, "--seq-len", "64", "--batch-size", "3",
+                     "--max-tokens", "500") == 0
+    t = load_trace(out)
+    expected_ids = byte_tokenizer()(corpus.read_text(), add_special_tokens=False)["input_ids"][:500]
+    assert t.num_tokens == 500 and t.token_ids.tolist() == expected_ids
+    assert (t.num_layers, t.top_k, t.num_experts) == (3, 2, 8)
+    assert t.meta["moe_layers"] == [0, 2, 3] and t.meta["dense_layers"] == [1]
+    assert t.sequence_ids.tolist() == np.repeat(np.arange(8), 64)[:500].tolist()
+    assert t.positions.tolist() == np.tile(np.arange(64), 8)[:500].tolist()
+    assert t.meta["corpus"] == "corpus" and t.meta["dtype"] == "float32"
+    # the same tokens routed directly give the same ids
+    model = load(tiny_dirs["qwen2_moe"])
+    with RouterRecorder(find_moe_layers(model)) as rec:
+        direct = route_batch(model, rec, torch.tensor([expected_ids[:64]]))[0]
+    np.testing.assert_array_equal(t.topk_ids[:64], direct)
+
+
+def test_cli_interrupt_writes_valid_shorter_trace(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    real = text_mod.iter_batches
+
+    def stop_after(n: int):  # Ctrl-C arrives while batch n is being produced
+        def batches(*args: object, **kw: object) -> Iterator[Batch]:
+            for i, b in enumerate(real(*args, **kw)):  # type: ignore[arg-type]
+                if i == n:
+                    raise KeyboardInterrupt
+                yield b
+        return batches
+
+    out = tmp_path / "t.npz"
+    monkeypatch.setattr(text_mod, "iter_batches", stop_after(2))
+    assert trace_cli(tiny_dirs["olmoe"], corpus, out, "--seq-len", "16", "--batch-size", "2") == 130
+    t = load_trace(out)
+    assert t.num_tokens == 64 and t.meta["interrupted"] is True
+    monkeypatch.setattr(text_mod, "iter_batches", stop_after(0))
+    out0 = tmp_path / "none.npz"
+    assert trace_cli(tiny_dirs["olmoe"], corpus, out0) == 130
+    assert not out0.exists() and [p.name for p in tmp_path.iterdir()] == ["corpus.txt", "t.npz"]
+
+
+def test_cli_bad_inputs(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "t.npz"
+    model = tiny_dirs["mixtral"]
+    no_tok = tmp_path / "no-tokenizer"
+    no_tok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (no_tok / f).write_bytes((model / f).read_bytes())
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "config.json").write_bytes((model / "config.json").read_bytes())
+    (truncated / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:5000])
+    dense = tmp_path / "dense"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    )).save_pretrained(dense)
+    byte_tokenizer().save_pretrained(dense)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "data.csv").write_text("a,b\n")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00garbage")
+    small_vocab = build_tiny_model("mixtral", tmp_path / "small-vocab", vocab_size=64)
+    cases = [
+        (["--model", str(tmp_path / "missing")], "not a directory"),
+        (["--model", "some-org/some-moe"], "unreachable"),
+        (["--model", str(dense)], "no sparse MoE block"),
+        (["--model", str(no_tok)], "--tokenizer"),
+        (["--model", str(truncated)], "cannot load model"),
+        (["--model", str(model), "--data", str(tmp_path / "nope.txt")], "no such file"),
+        (["--model", str(model), "--data", str(tmp_path / "data.csv")], "unsupported text file"),
+        (["--model", str(model), "--data", str(tmp_path / "empty.txt")], "no tokens"),
+        (["--model", str(model), "--data", str(tmp_path / "binary.txt")], "not UTF-8"),
+        (["--model", str(small_vocab)], "vocabulary size 64"),
+        (["--model", str(model), "--seq-len", "0"], "must be >= 1"),
+        (["--model", str(model), "-o", str(corpus / "t.npz")], "cannot write"),
+        (["--model", str(model), "--device", "cuda"] if not torch.cuda.is_available() else None, "no CUDA"),
+    ]
+    for args, message in cases:
+        if args is None:
+            continue
+        data = [] if "--data" in args else ["--data", str(corpus)]
+        full = ["trace", *data, "-o", str(out), "-q", *args]
+        assert run(full) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("moeplace: error:") and message in err[-1], (args, err)
+        assert "Traceback" not in "\n".join(err)
+    assert not out.exists()
+
+
+def test_cli_directory_and_separate_tokenizer(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("first document")
+    (data / "sub" / "b.jsonl").write_text('{"text": "second"}\n{"text": "third one"}\n')
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (weights_only / f).write_bytes((tiny_dirs["deepseek_v2"] / f).read_bytes())
+    out = tmp_path / "t.npz"
+    assert trace_cli(weights_only, data, out, "--tokenizer", str(tiny_dirs["mixtral"]), "--seq-len", "8") == 0
+    t = load_trace(out)
+    lengths = [len("first document"), len("second"), len("third one")]
+    assert t.num_tokens == sum(lengths) and t.meta["corpus"] == "a,b"
+    # windows never cross documents: 14 -> 8 + 6, 6, 9 -> 8 + 1
+    assert np.bincount(t.sequence_ids).tolist() == [8, 6, 6, 8, 1]
+    assert t.meta["moe_layers"] == [1, 2, 3] and t.meta["dense_layers"] == [0]
+
+
+def test_trace_help_teaches() -> None:
+    from click.testing import CliRunner
+
+    from moeplace.trace.cli import trace
+
+    text = CliRunner().invoke(trace, ["--help"]).output
+    for needle in ("--model", "--data", "--seq-len", "--max-tokens", "--batch-size", "--dtype", "--device",
+                   "Example", "moe_layers", "Ctrl-C"):
+        assert needle in text
+
+
+def test_meta_is_json_serialisable(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t.npz"
+    assert trace_cli(tiny_dirs["gpt_oss"], corpus, out, "--max-tokens", "40", "--dtype", "bfloat16") == 0
+    t = load_trace(out)
+    assert t.meta["dtype"] == "bfloat16" and t.meta["model_type"] == "gpt_oss"
+    json.dumps(t.meta)
+
+
+# ---- the committed trained checkpoint -------------------------------------------------------------
+
+def test_trained_checkpoint_has_learned_affinity(tmp_path: Path) -> None:
+    ckpt, text = ROOT / "checkpoints" / "tiny-moe", SHARED_DATA / "text" / "wikipedia_texts.txt"
+    if not ckpt.is_dir() or not text.is_file():
+        pytest.skip("checkpoints/tiny-moe or ../shared/data/text absent")
+    assert transformers.AutoTokenizer.from_pretrained(ckpt)("hello world")["input_ids"]
+    out = tmp_path / "t.npz"
+    assert trace_cli(ckpt, text, out, "--max-tokens", "3000", "--seq-len", "128", "--dtype", "float32") == 0
+    t = load_trace(out)
+    assert (t.num_experts, t.top_k, t.num_layers) == (16, 2, 4)
+    for pair in affinity(t, num_shuffles=4)["modes"]["top1"]["per_pair"]:
+        assert pair["mi"] > 3 * pair["mi_baseline"], pair
