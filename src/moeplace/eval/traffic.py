@@ -1,0 +1,91 @@
+"""Predicted cross-rank Alltoall traffic of decoding a routing trace under a placement.
+
+The prediction `moeplace serve` must match (scripts/bench_serve.py checks it against the
+runtime's counters). It uses the same token -> GPU map as metrics.py (`token_gpus`), so the
+coherent dispatch rows of layers 1.. are exactly `dest_gpus_topk` per token.
+
+Runtime conventions (src/moeplace/serve): sequence s is homed on rank s % G; every decoded token
+of the trace is one row of each MoE layer's Alltoalls. For token t at MoE layer l with distinct
+expert ranks D (|D| <= k) and current rank `here`:
+
+    standard   dispatch rows |D - {home}|, combine rows |D - {home}| (the reverse Alltoall)
+    coherent   here = home for a sequence's first decoded token, else the top-1 rank of the last
+               MoE layer of its previous token; at layer l > 0 here = top-1 rank at l-1;
+               dispatch rows |D - {here}|, combine rows |D| - 1 (k > 1 only; none for top-1)
+
+Row sizes: a dispatch row is [hidden | k expert ids | k gate weights | slot] = hidden * b +
+4 * (2k + 1) bytes (b: bytes per activation element); a combine row is hidden * b bytes.
+Collectives per MoE layer and step: standard 2, coherent 1 for top-1 and 2 for top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moeplace.errors import TraceError
+from moeplace.eval.metrics import _remote_destinations, token_gpus
+from moeplace.placement import Placement
+from moeplace.trace.format import Trace
+
+MODES = ("standard", "coherent")
+
+
+def dispatch_row_bytes(hidden_size: int, top_k: int, element_bytes: int) -> int:
+    return hidden_size * element_bytes + 4 * (2 * top_k + 1)
+
+
+def start_ranks(trace: Trace, gpus: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Rank where each token starts its step in coherent decode, int64 [T].
+
+    Home (sequence % G) for a sequence's first token in the trace, else the top-1 rank at the
+    last MoE layer of the token before it in its sequence (by position).
+    """
+    if trace.sequence_ids is None or trace.positions is None:
+        raise TraceError("traffic prediction needs sequence_ids and positions in the trace")
+    seq, pos = trace.sequence_ids, trace.positions
+    start = seq % num_gpus
+    order = np.lexsort((pos, seq))
+    follows = seq[order][1:] == seq[order][:-1]  # token order[i+1] follows order[i] in its sequence
+    start[order[1:][follows]] = gpus[order[:-1][follows], -1, 0]
+    return start
+
+
+def predict_traffic(placement: Placement, trace: Trace, mode: str, hidden_size: int,
+                    element_bytes: int) -> dict[str, Any]:
+    """Cross-rank rows and bytes of each Alltoall kind, totals and per generated token.
+
+    trace: the decoded tokens (sequence_ids and positions required); placement: no replicas.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    placement.check_fits(trace.num_layers, trace.num_experts)
+    num_gpus, k = placement.num_gpus, trace.top_k
+    gpus = token_gpus(placement, trace)  # [T, L, k]
+    distinct = _remote_destinations(gpus, np.full(gpus.shape[:2], -1))  # |D| [T, L]
+    if mode == "standard":
+        home = trace.sequence_ids % num_gpus if trace.sequence_ids is not None else None
+        if home is None:
+            raise TraceError("traffic prediction needs sequence_ids in the trace")
+        dispatch = _remote_destinations(gpus, np.broadcast_to(home[:, None], gpus.shape[:2]))
+        combine = dispatch
+    else:
+        here = np.concatenate([start_ranks(trace, gpus, num_gpus)[:, None], gpus[:, :-1, 0]], axis=1)
+        dispatch = _remote_destinations(gpus, here)
+        combine = distinct - 1 if k > 1 else np.zeros_like(distinct)
+    d_bytes = int(dispatch.sum()) * dispatch_row_bytes(hidden_size, k, element_bytes)
+    c_bytes = int(combine.sum()) * hidden_size * element_bytes
+    tokens = max(trace.num_tokens, 1)
+    return {
+        "mode": mode,
+        "tokens": trace.num_tokens,
+        "dispatch_rows": int(dispatch.sum()),
+        "combine_rows": int(combine.sum()),
+        "dispatch_bytes": d_bytes,
+        "combine_bytes": c_bytes,
+        "alltoall_bytes": d_bytes + c_bytes,
+        "alltoall_bytes_per_token": (d_bytes + c_bytes) / tokens,
+        "alltoalls_per_layer": 1 if mode == "coherent" and k == 1 else 2,
+        "cross_rank_rows_per_layer": (dispatch + combine).sum(axis=0).tolist(),
+    }

@@ -1,0 +1,284 @@
+"""`moeplace serve`: expert-parallel greedy generation under torchrun, batch or HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from moeplace.errors import MoeplaceError
+
+EPILOG = """\b
+Examples (4 CPU ranks with gloo; on GPUs the same command uses NCCL, one GPU per rank):
+  torchrun --nproc-per-node 4 -m moeplace serve --model checkpoints/tiny-moe \\
+      --placement placement.json --prompts prompts.txt --out out.jsonl --max-new-tokens 32
+  torchrun --nproc-per-node 4 -m moeplace serve --model checkpoints/tiny-moe \\
+      --placement placement.json --port 8000
+  curl -s localhost:8000/v1/completions -d '{"prompt": "Hello", "max_tokens": 16}'
+Without torchrun it runs as one rank holding every expert.
+"""
+
+
+@click.command("serve", epilog=EPILOG, context_settings={"max_content_width": 100})
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+              help="Checkpoint directory (save_pretrained: config.json + safetensors). Mixtral, Qwen3-MoE "
+                   "and OLMoE families.")
+@click.option("--placement", "placement_path", type=click.Path(dir_okay=False),
+              help="Placement JSON from `moeplace solve`; its GPU count must equal the number of ranks. "
+                   "Default: contiguous blocks of experts.")
+@click.option("--mode", type=click.Choice(["coherent", "standard"]), default="coherent", show_default=True,
+              help="coherent: ExFlow context-coherent decode (a token continues on its top-1 expert's rank, "
+                   "one Alltoall per MoE layer for top-1). standard: classic dispatch + combine to a home rank.")
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False),
+              help="Batch input: one prompt per line, or JSONL with {\"prompt\": text or [token ids], "
+                   "\"max_tokens\": n}.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False),
+              help="Batch output JSONL: one {index, prompt, token_ids, text, finish_reason} per prompt "
+                   "(default: stdout).")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 1 << 16),
+              help="Greedy tokens per prompt (a JSONL max_tokens overrides it).")
+@click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1, 1 << 14),
+              help="Sequences decoded together.")
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at the end-of-sequence token.")
+@click.option("--port", type=click.IntRange(0, 65535),
+              help="Serve HTTP on rank 0: POST /v1/completions, GET /health, GET /metrics.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address (loopback by default).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA + NCCL when GPUs are visible, else CPU + gloo.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Weights and activations. Default: float32 on CPU, bfloat16 on CUDA.")
+@click.option("--timeout", "timeout_s", default=60.0, show_default=True, type=click.FloatRange(1.0),
+              help="Seconds a rank waits for a silent or dead peer before exiting with an error.")
+@click.option("--stats-out", type=click.Path(dir_okay=False),
+              help="Batch: write counters JSON (collectives, tokens and bytes to other ranks, tokens/s).")
+@click.option("--routing-out", type=click.Path(dir_okay=False),
+              help="Batch: write the decode routing as a moeplace trace (.npz), e.g. to predict traffic.")
+def serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: str | None, out_path: str | None,
+          max_new_tokens: int, max_batch: int, ignore_eos: bool, port: int | None, host: str, device: str,
+          dtype: str | None, timeout_s: float, stats_out: str | None, routing_out: str | None) -> None:
+    """Expert-parallel inference with a placement applied: each rank holds the non-expert weights
+    and only its own experts, read straight from the checkpoint's safetensors.
+
+    \b
+    Inputs:  --model checkpoint, --placement JSON, and --prompts FILE (batch) or --port (HTTP).
+    Outputs: --out JSONL generations; --stats-out counters; --routing-out decode routing trace.
+    A placement for another model or another world size is rejected before any weight is read;
+    a rank that dies makes the others exit with an error within --timeout.
+    """
+    from moeplace.serve.dist import world_from_env
+
+    if (prompts_path is None) == (port is None):
+        raise MoeplaceError("give exactly one of --prompts FILE (batch) or --port N (HTTP server)")
+    rank, world = world_from_env()
+    try:
+        _serve(model_dir, placement_path, mode, prompts_path, out_path, max_new_tokens, max_batch, ignore_eos,
+               port, host, device, dtype, timeout_s, stats_out, routing_out)
+    except (MoeplaceError, KeyboardInterrupt):
+        if world == 1:
+            raise
+        exit_hard(sys.exc_info()[1])
+    except RuntimeError as e:  # a collective failed (torch.distributed.DistError, gloo/NCCL errors)
+        if world == 1:
+            raise
+        from moeplace.serve.dist import distributed_failure
+
+        exit_hard(distributed_failure(rank, e))
+    except Exception as e:  # a bug: still one line per rank, and no hang in a broken process group
+        if world == 1:
+            raise
+        exit_hard(MoeplaceError(f"rank {rank}: internal error {type(e).__name__}: {e}"))
+
+
+def exit_hard(e: BaseException | None) -> None:
+    """Print one line and leave at once: tearing down a broken process group can hang."""
+    code = e.exit_code if isinstance(e, MoeplaceError) else 130
+    msg = str(e) if isinstance(e, MoeplaceError) else "interrupted"
+    click.echo(f"moeplace: error: {msg}", err=True)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: str | None, out_path: str | None,
+           max_new_tokens: int, max_batch: int, ignore_eos: bool, port: int | None, host: str, device: str,
+           dtype: str | None, timeout_s: float, stats_out: str | None, routing_out: str | None) -> None:
+    import torch.distributed as dist
+
+    from moeplace.progress import Progress
+    from moeplace.serve import engine
+
+    spec, placement = engine.prepare(model_dir, placement_path, mode)
+    rank, world, dev = engine.init_distributed(timeout_s, device)
+    # rank 0's own inputs, checked before any weight is read; the others learn the verdict
+    error: MoeplaceError | None = None
+    tokenizer = prompts = server = None
+    if rank == 0:
+        try:
+            tokenizer = load_tokenizer(model_dir)
+            if prompts_path:
+                prompts = read_prompts(prompts_path, tokenizer, spec.vocab_size, spec.max_positions, max_new_tokens)
+            else:
+                server = bind_http(host, port or 0)
+        except MoeplaceError as e:
+            error = e
+    engine.agree(rank, world, dev, str(error) if error else None)
+    if error:
+        raise error
+    progress = Progress("serve: loading weights", enabled=rank == 0)
+    rt = engine.load_runtime(spec, placement, mode, rank, world, dev, dtype)
+    progress.close(f"rank {rank}: {sum(len(e) for e in rt.model.local_experts)} experts")
+    if rank > 0:
+        engine.worker_loop(rt)
+    elif server is not None:
+        from moeplace.serve.httpserver import serve_forever
+
+        click.echo(f"moeplace serve: http://{host}:{server.server_address[1]} ({world} ranks, {mode})", err=True)
+        try:
+            serve_forever(rt, server, tokenizer, max_batch, max_new_tokens, heartbeat_s=max(0.5, timeout_s / 4),
+                          model_name=Path(model_dir).name)
+        finally:
+            engine.send_command(rt, engine.STOP)
+    else:
+        assert prompts is not None
+        run_batch(rt, prompts, max_batch, ignore_eos, tokenizer, out_path, stats_out, routing_out, placement_path)
+        engine.send_command(rt, engine.STOP)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def load_tokenizer(model_dir: str) -> Any:
+    """The checkpoint's tokenizer, or None when it ships none (prompts must then be token ids)."""
+    d = Path(model_dir)
+    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(d))
+    except Exception as e:
+        raise MoeplaceError(f"{d}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
+
+
+def bind_http(host: str, port: int) -> Any:
+    from moeplace.serve.httpserver import make_server
+
+    try:
+        return make_server(host, port)
+    except OSError as e:
+        raise MoeplaceError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+
+
+def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int,
+                 max_new_tokens: int) -> list[tuple[Any, list[int], int]]:
+    """(original prompt, token ids, max new tokens) per prompt; plain lines or JSONL."""
+    p = Path(path)
+    if not p.is_file():
+        raise MoeplaceError(f"{p}: no such file")
+    try:
+        lines = p.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise MoeplaceError(f"{p}: not UTF-8 text") from None
+    jsonl = p.suffix == ".jsonl" or next((ln.lstrip().startswith("{") for ln in lines if ln.strip()), False)
+    out = []
+    for num, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{p}:{num}"
+        limit = max_new_tokens
+        if jsonl:
+            try:
+                doc = json.loads(line)
+            except ValueError as e:
+                raise MoeplaceError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(doc, dict) or "prompt" not in doc:
+                raise MoeplaceError(f"{where}: expected an object with a \"prompt\"")
+            prompt, limit = doc["prompt"], doc.get("max_tokens", max_new_tokens)
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                raise MoeplaceError(f"{where}: max_tokens must be a positive integer")
+        else:
+            prompt = line
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise MoeplaceError(f"{where}: text prompt, but the model has no tokenizer (give token ids in JSONL)")
+            ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = prompt
+        else:
+            raise MoeplaceError(f"{where}: prompt must be text or a list of token ids")
+        if not ids:
+            raise MoeplaceError(f"{where}: empty prompt")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise MoeplaceError(f"{where}: token id out of range [0, {vocab})")
+        if len(ids) + limit > max_positions:
+            raise MoeplaceError(f"{where}: {len(ids)} prompt tokens + {limit} new exceed the model's "
+                                f"{max_positions} positions")
+        out.append((prompt, ids, limit))
+    if not out:
+        raise MoeplaceError(f"{p}: no prompts")
+    return out
+
+
+def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int]], max_batch: int, ignore_eos: bool, tokenizer: Any,
+              out_path: str | None, stats_out: str | None, routing_out: str | None,
+              placement_path: str | None) -> None:
+    """Rank 0: drive the batches, then write generations, counters and routing (atomically)."""
+    import numpy as np
+
+    from moeplace.io import write_json_atomic, write_text_atomic
+    from moeplace.progress import Progress
+    from moeplace.serve import engine
+    from moeplace.trace.format import make_trace, save_trace
+
+    spec = rt.model.spec
+    # batches start at multiples of the world size, so a prompt's home rank is index % world
+    max_batch = max(max_batch - max_batch % rt.comm.world, rt.comm.world)
+    results: list[list[int]] = []
+    routing: list[np.ndarray] = []
+    seconds = 0.0
+    progress = Progress("serve: generating", total=len(prompts))
+    for start in range(0, len(prompts), max_batch):
+        chunk = prompts[start:start + max_batch]
+        req = engine.Request([c[1] for c in chunk], [c[2] for c in chunk], ignore_eos, routing_out is not None)
+        engine.send_command(rt, engine.GENERATE, req)
+        res = engine.run_request(rt, req)
+        results += res.tokens
+        seconds += res.seconds
+        if res.routing is not None:
+            res.routing[:, 0] += start  # slot -> prompt index
+            routing.append(res.routing)
+        progress.update(start + len(chunk))
+    counters = engine.merged_counters(rt)
+    generated = sum(len(t) for t in results)
+    progress.close(f"{generated} tokens")
+    lines = []
+    for i, ((prompt, _, _), toks) in enumerate(zip(prompts, results)):
+        finish = "stop" if toks and toks[-1] in spec.eos_token_ids and not ignore_eos else "length"
+        text = tokenizer.decode(toks) if tokenizer is not None else None
+        lines.append(json.dumps({"index": i, "prompt": prompt, "token_ids": toks, "text": text,
+                                 "finish_reason": finish}))
+    if out_path:
+        write_text_atomic(out_path, "\n".join(lines) + "\n")
+    else:
+        click.echo("\n".join(lines))
+    if stats_out:
+        write_json_atomic(stats_out, {
+            "mode": rt.mode, "world": rt.comm.world, "model": str(spec.path), "placement": placement_path,
+            "top_k": spec.top_k, "hidden_size": spec.hidden_size, "dtype": str(rt.model.dtype).removeprefix("torch."),
+            "prompts": len(prompts), "generated_tokens": generated, "decode_seconds": seconds,
+            "tokens_per_s": generated / seconds if seconds > 0 else None,
+            "decode": counters.summary("decode", generated), "prefill": counters.summary("prefill"),
+        })
+    if routing_out:
+        rows = np.concatenate(routing)
+        layers, k = len(spec.moe_layers), spec.top_k
+        tokens = rows.reshape(-1, layers, 3 + k)
+        trace = make_trace(tokens[:, :, 3:], None, spec.num_experts, sequence_ids=tokens[:, 0, 0],
+                           positions=tokens[:, 0, 1], name=routing_out,
+                           meta={"source": "moeplace serve (decode)", "model": str(spec.path),
+                                 "moe_layers": list(spec.moe_layers), "home_rank": "sequence_id % world",
+                                 "world": rt.comm.world})
+        save_trace(trace, routing_out)

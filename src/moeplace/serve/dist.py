@@ -1,0 +1,138 @@
+"""Process group set-up and the counted collectives every mode is built from.
+
+NCCL on CUDA (one GPU per rank, LOCAL_RANK picks it), gloo on CPU. Both get a timeout on
+`init_process_group`, so a rank that never arrives or dies makes the others raise instead of
+hang: gloo notices a closed peer connection at once and a silent peer after `timeout_s`; NCCL is
+put in blocking-wait mode so its timeout raises too. Without torchrun (no WORLD_SIZE) everything
+runs in one process and the collectives are local copies.
+
+Payloads are row tables [rows, width] in the activation dtype; integer and float32 metadata
+ride in the same rows, bit-cast (`pack`/`unpack`), so one Alltoall carries a token's hidden
+state, its experts, gate weights and sequence slot.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moeplace.errors import MoeplaceError
+from moeplace.serve.counters import Counters
+
+
+def world_from_env() -> tuple[int, int]:
+    """(rank, world size) that torchrun gave this process; (0, 1) when not under torchrun."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise MoeplaceError("RANK/WORLD_SIZE must be integers (set by torchrun)") from None
+
+
+def init_distributed(timeout_s: float, device: str = "auto") -> tuple[int, int, torch.device]:
+    """Join the process group; returns (rank, world, device)."""
+    rank, world = world_from_env()
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise MoeplaceError("--device cuda, but no CUDA device is visible")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        try:
+            dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        except Exception as e:  # an unreachable master or a rank that never arrives
+            raise MoeplaceError(f"rank {rank}: cannot join the process group ({type(e).__name__}: {e})") from None
+    return rank, world, dev
+
+
+@dataclass
+class Comm:
+    """Counted collectives of one rank."""
+
+    rank: int
+    world: int
+    device: torch.device
+    counters: Counters
+
+    def alltoall(self, rows: torch.Tensor, send_counts: list[int], kind: str, layer: int | None = None,
+                 recv_counts: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Send rows [m, W] (grouped by destination rank, `send_counts[r]` each) to their ranks.
+
+        When the receivers cannot know how many rows arrive (`recv_counts` None), a counts
+        Alltoall of `world` integers goes first. Returns (received rows grouped by source rank,
+        counts per source).
+        """
+        remote = sum(send_counts) - send_counts[self.rank]
+        row_bytes = rows.shape[1] * rows.element_size()
+        if self.world == 1:
+            self.counters.record(kind, 0, 0, layer)
+            return rows, list(send_counts)
+        if recv_counts is None:
+            sent = torch.tensor(send_counts, dtype=torch.int64, device=self.device)
+            got = torch.empty_like(sent)
+            dist.all_to_all_single(got, sent)
+            self.counters.record("counts", self.world - 1, 8 * (self.world - 1))
+            recv_counts = got.tolist()
+        out = rows.new_empty((sum(recv_counts), rows.shape[1]))
+        dist.all_to_all_single(out, rows.contiguous(), recv_counts, send_counts)
+        self.counters.record(kind, remote, remote * row_bytes, layer)
+        return out, recv_counts
+
+    def replicate(self, rows: torch.Tensor, kind: str) -> torch.Tensor:
+        """Send the same rows to every other rank; returns the rows of all ranks (own included)."""
+        if self.world == 1:
+            self.counters.record(kind, 0, 0)
+            return rows
+        copies = rows.repeat(self.world, 1)
+        out, _ = self.alltoall(copies, [rows.shape[0]] * self.world, kind)
+        return out
+
+    def max_reduce(self, values: torch.Tensor, kind: str) -> torch.Tensor:
+        """Element-wise max over ranks (each rank fills what it knows, -1 elsewhere)."""
+        if self.world > 1:
+            values = values.to(self.device)
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        nbytes = values.numel() * values.element_size() * (self.world - 1)
+        self.counters.record(kind, 0, nbytes)
+        return values
+
+
+def pack(h: torch.Tensor, *meta: torch.Tensor) -> torch.Tensor:
+    """Rows [n, H] + metadata columns (int32 or float32 [n, c]) bit-cast into h's dtype."""
+    parts = [h]
+    for m in meta:
+        m = m[:, None] if m.dim() == 1 else m
+        m = m.to(torch.int32) if not m.is_floating_point() else m.to(torch.float32)
+        parts.append(m.contiguous().view(h.dtype))
+    return torch.cat(parts, dim=1)
+
+
+def unpack(rows: torch.Tensor, hidden: int, widths: list[tuple[int, torch.dtype]]) -> list[torch.Tensor]:
+    """Inverse of `pack`: [h [n, hidden], meta_1 [n, c_1], ...] (metadata as int32/float32)."""
+    out = [rows[:, :hidden]]
+    scale = 4 // rows.element_size()  # elements of the row dtype per 4-byte metadata value
+    col = hidden
+    for width, dtype in widths:
+        out.append(rows[:, col:col + width * scale].contiguous().view(dtype))
+        col += width * scale
+    return out
+
+
+def row_width(hidden: int, meta_values: int, dtype: torch.dtype) -> int:
+    """Elements per packed row: hidden + 4-byte metadata values expressed in `dtype` elements."""
+    return hidden + meta_values * (4 // torch.empty((), dtype=dtype).element_size())
+
+
+def distributed_failure(rank: int, e: BaseException) -> MoeplaceError:
+    """One-line error for a collective that failed because a peer died or went silent."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return MoeplaceError(f"rank {rank}: lost contact with a peer rank (it died or timed out): {msg[:300]}")

@@ -1,0 +1,155 @@
+"""One rank of `moeplace serve`: checks, loading, and the command loop rank 0 drives.
+
+Order on every rank (so a bad placement costs nothing):
+    1. read the checkpoint's config and safetensors headers, the placement, and the world size;
+       reject a placement made for another model or another world size (no weight read yet)
+    2. join the process group (timeout: a rank that never arrives is an error, not a hang); rank 0
+       checks its own inputs (prompts file, HTTP port) and broadcasts the verdict (`agree`)
+    3. load the replicated weights and this rank's experts
+    4. rank 0 reads requests (file or HTTP) and broadcasts each batch as a command; the other
+       ranks follow the commands; idle rank 0 sends heartbeats, so a dead rank is noticed by
+       the others within the timeout even when no request arrives
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moeplace.errors import MoeplaceError
+from moeplace.placement import Placement, load_placement
+from moeplace.serve.counters import Counters
+from moeplace.serve.dist import Comm, init_distributed, world_from_env
+from moeplace.serve.generate import MODES, Result, Runtime
+from moeplace.serve.model import ModelSpec, RankModel, read_spec
+from moeplace.solve.baselines import contiguous
+
+NOOP, GENERATE, STOP = 0, 1, 2  # commands rank 0 broadcasts
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Request:
+    prompts: list[list[int]]
+    max_new_tokens: list[int]
+    ignore_eos: bool = False
+    record_routing: bool = False  # gather the decode routing (for traffic checks)
+
+    @property
+    def flags(self) -> int:
+        return int(self.ignore_eos) | 2 * int(self.record_routing)
+
+
+def check_placement(spec: ModelSpec, placement: Placement | None, world: int) -> Placement:
+    """The placement this run uses; contiguous blocks when none is given. Raises before any load."""
+    moe_layers, experts = len(spec.moe_layers), spec.num_experts
+    if placement is None:
+        if experts % world:
+            raise MoeplaceError(f"{experts} experts cannot be split over {world} ranks; pass a --placement")
+        return Placement(contiguous(moe_layers, experts, world), num_gpus=world, gpus_per_node=world)
+    placement.check_fits(moe_layers, experts, what=f"model {spec.path}")
+    if placement.num_gpus != world:
+        raise MoeplaceError(f"placement is for {placement.num_gpus} GPUs but {world} ranks are running "
+                            f"(torchrun --nproc-per-node {placement.num_gpus})")
+    if placement.num_replicas:
+        raise MoeplaceError("placements with replicated experts are not served yet (one copy per expert)")
+    return placement
+
+
+def prepare(model_dir: str, placement_path: str | None, mode: str) -> tuple[ModelSpec, Placement]:
+    """Step 1 on every rank: config, safetensors headers and placement checks, no weights."""
+    if mode not in MODES:
+        raise MoeplaceError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    _, world = world_from_env()
+    spec = read_spec(model_dir)
+    return spec, check_placement(spec, load_placement(placement_path) if placement_path else None, world)
+
+
+def agree(rank: int, world: int, device: torch.device, error: str | None) -> None:
+    """After joining: rank 0 tells the others whether its own input checks passed."""
+    if world == 1:
+        return
+    flag = torch.tensor([int(error is not None)], dtype=torch.int64, device=device)
+    dist.broadcast(flag, 0)
+    if rank > 0 and flag.item():
+        raise MoeplaceError(f"rank {rank}: rank 0 rejected its input (see rank 0's error)")
+
+
+def load_runtime(spec: ModelSpec, placement: Placement, mode: str, rank: int, world: int, device: torch.device,
+                 dtype: str | None = None) -> Runtime:
+    """Step 3: this rank's weights (replicated part + its experts) and communicator."""
+    torch_dtype = DTYPES[dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    local = [placement.experts_on_gpu(m, rank) for m in range(placement.num_layers)]
+    model = RankModel(spec, local, device, torch_dtype)
+    comm = Comm(rank, world, device, Counters(len(spec.moe_layers)))
+    return Runtime(model, comm, torch.as_tensor(placement.expert_to_gpu, device=device), mode)
+
+
+def build_runtime(model_dir: str, placement_path: str | None, mode: str, timeout_s: float,
+                  device: str = "auto", dtype: str | None = None) -> Runtime:
+    """Steps 1-3 above on this rank (no rank-0 input to check)."""
+    spec, placement = prepare(model_dir, placement_path, mode)
+    rank, world, dev = init_distributed(timeout_s, device)
+    return load_runtime(spec, placement, mode, rank, world, dev, dtype)
+
+
+def receive_command(rt: Runtime) -> tuple[int, Request | None]:
+    """Worker side of send_command: (command, request when GENERATE)."""
+    dev = rt.comm.device
+    header = torch.zeros(4, dtype=torch.int64, device=dev)
+    dist.broadcast(header, 0)
+    cmd, n, total, flags = header.tolist()
+    if cmd != GENERATE:
+        return cmd, None
+    body = torch.zeros(2 * n + total, dtype=torch.int64, device=dev)
+    dist.broadcast(body, 0)
+    vals = body.tolist()
+    lens, max_new, flat = vals[:n], vals[n:2 * n], vals[2 * n:]
+    starts = np.cumsum([0] + lens)
+    prompts = [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
+    return cmd, Request(prompts, max_new, bool(flags & 1), bool(flags & 2))
+
+
+def send_command(rt: Runtime, cmd: int, req: Request | None = None) -> None:
+    """Rank 0 side: broadcast (cmd, request) to the other ranks."""
+    if rt.comm.world == 1:
+        return
+    dev = rt.comm.device
+    n = len(req.prompts) if req else 0
+    total = sum(len(p) for p in req.prompts) if req else 0
+    header = torch.tensor([cmd, n, total, req.flags if req else 0], dtype=torch.int64, device=dev)
+    dist.broadcast(header, 0)
+    if cmd == GENERATE and req is not None:
+        body = torch.tensor([len(p) for p in req.prompts] + list(req.max_new_tokens)
+                            + [t for p in req.prompts for t in p], dtype=torch.int64, device=dev)
+        dist.broadcast(body, 0)
+
+
+def run_request(rt: Runtime, req: Request) -> Result:
+    """Every rank: generate for the request (rank 0 has already broadcast it)."""
+    rt.record_routing = req.record_routing
+    return rt.generate(req.prompts, req.max_new_tokens, req.ignore_eos)
+
+
+def merged_counters(rt: Runtime) -> Counters:
+    """Counters summed over ranks (one all-reduce, not itself counted)."""
+    c = rt.comm.counters
+    vec = torch.tensor(c.as_vector(), dtype=torch.int64, device=rt.comm.device)
+    if rt.comm.world > 1:
+        dist.all_reduce(vec)
+    return Counters.from_vector(c.num_moe_layers, vec.tolist(), rt.comm.world)
+
+
+def worker_loop(rt: Runtime) -> None:
+    """Ranks > 0: follow rank 0's commands until STOP (NOOP is rank 0's idle heartbeat)."""
+    while True:
+        cmd, req = receive_command(rt)
+        if cmd == GENERATE:
+            assert req is not None
+            run_request(rt, req)
+            merged_counters(rt)
+        elif cmd == STOP:
+            return

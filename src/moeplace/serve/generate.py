@@ -1,0 +1,187 @@
+"""Batched greedy decoding over the expert-parallel ranks (SPMD: every rank runs this loop).
+
+Sequences get slots 0..B-1; slot s is homed on rank s % world. Per call:
+
+    prefill   standard path: each rank runs the prompts of its home slots (all positions at
+              once); context-coherent mode then replicates the prompts' K/V on every rank
+              (one kv_sync Alltoall)
+    decode    one token per unfinished sequence per step; a token starts the step on the rank
+              where its previous token ended (home in standard mode, the top-1 expert's rank of
+              the last MoE layer in coherent mode); after the last layer:
+                - tokens all-reduce: every rank learns every sequence's next token
+                - coherent only: kv_sync Alltoall of the step's new K/V entries (all layers)
+
+Greedy argmax; a sequence stops at its max_new_tokens or at an EOS id (unless ignore_eos).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from moeplace.serve.coherent import moe_coherent
+from moeplace.serve.dist import Comm, pack, unpack
+from moeplace.serve.model import KVCache, RankModel
+from moeplace.serve.standard import moe_standard
+
+MODES = ("coherent", "standard")
+
+
+@dataclass
+class Result:
+    tokens: list[list[int]]  # generated ids per prompt
+    seconds: float  # wall time of decode (prefill excluded)
+    logits: list[torch.Tensor] | None = None  # [steps, vocab] per prompt when collected
+    # decode routing, gathered on every rank: (slot, position, moe layer) -> top-k ids
+    routing: np.ndarray | None = None  # int64 [rows, 3 + k]
+
+
+@dataclass
+class Runtime:
+    model: RankModel
+    comm: Comm
+    expert_gpu: torch.Tensor  # int64 [moe_layers, E], rank of each expert
+    mode: str = "coherent"
+    record_routing: bool = False
+    _routing: list[torch.Tensor] = field(default_factory=list)
+
+    def moe(self, moe: int, h: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+            coherent: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, weights = self.model.route(moe, h)
+        if self.record_routing and self.comm.counters.phase == "decode":
+            meta = torch.stack([slots, positions, torch.full_like(slots, moe)], dim=1)
+            self._routing.append(torch.cat([meta, ids], dim=1).cpu())
+        if coherent:
+            return moe_coherent(self.model, self.comm, self.expert_gpu, moe, h, slots, ids, weights)
+        return moe_standard(self.model, self.comm, self.expert_gpu, moe, h, slots, ids, weights), slots
+
+    def forward(self, h: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache, coherent: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """All decoder layers for the rows here. Returns (h, slots) of the rows that end here and
+        the K/V rows this rank computed, [slot, position, layer | k | v] packed, for kv_sync."""
+        spec = self.model.spec
+        kv_rows = []
+        for layer in range(spec.num_layers):
+            h, k, v = self.model.attention(layer, h, slots, positions, cache)
+            if coherent:
+                meta = torch.stack([slots, positions, torch.full_like(slots, layer)], dim=1)
+                kv_rows.append(pack(torch.cat([k.flatten(1), v.flatten(1)], dim=1), meta))
+            if layer in spec.moe_layers:
+                h, slots = self.moe(spec.moe_layers.index(layer), h, slots, positions, coherent)
+                positions = lengths[slots] if coherent else positions
+            else:
+                h = self.model.dense_mlp(layer, h)
+        return h, slots, kv_rows
+
+    def sync_kv(self, kv_rows: list[torch.Tensor], cache: KVCache) -> None:
+        """Replicate this rank's new K/V entries on every rank and write the others' into the cache."""
+        spec = self.model.spec
+        width = 2 * spec.num_kv_heads * spec.head_dim
+        rows = torch.cat(kv_rows) if kv_rows else cache.k.new_empty((0, width + 3 * (4 // cache.k.element_size())))
+        got = self.comm.replicate(rows, "kv_sync")
+        kv, meta = unpack(got, width, [(3, torch.int32)])
+        meta = meta.long()
+        k, v = kv.view(-1, 2, spec.num_kv_heads, spec.head_dim).unbind(1)
+        for layer in range(spec.num_layers):
+            sel = meta[:, 2] == layer
+            cache.write(layer, meta[sel, 0], meta[sel, 1], k[sel], v[sel])
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: list[int], ignore_eos: bool = False,
+                 collect_logits: bool = False) -> Result:
+        """Greedy continuation of every prompt (same arguments on every rank)."""
+        model, comm, dev = self.model, self.comm, self.comm.device
+        spec = model.spec
+        coherent = self.mode == "coherent" and comm.world > 1
+        num = len(prompts)
+        if num == 0 or min(map(len, prompts)) == 0:
+            raise ValueError("generate needs at least one prompt and no empty prompt")
+        self._routing = []
+        cache = KVCache(spec, num, max(len(p) + n for p, n in zip(prompts, max_new_tokens)), dev, model.dtype,
+                        stride=1 if coherent else comm.world)
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=dev)
+        budget = torch.tensor(max_new_tokens, dtype=torch.int64, device=dev)
+        generated: list[list[int]] = [[] for _ in range(num)]
+        logits_out: list[list[torch.Tensor]] = [[] for _ in range(num)]
+        eos = torch.tensor(spec.eos_token_ids or [-2], device=dev)
+
+        # prefill: home slots, all prompt positions at once, standard path
+        comm.counters.phase = "prefill"
+        home = [s for s in range(num) if s % comm.world == comm.rank]
+        slots = torch.tensor([s for s in home for _ in prompts[s]], dtype=torch.int64, device=dev)
+        positions = torch.tensor([i for s in home for i in range(len(prompts[s]))], dtype=torch.int64, device=dev)
+        ids = torch.tensor([t for s in home for t in prompts[s]], dtype=torch.int64, device=dev)
+        h, _, kv_rows = self.forward(model.embed_tokens(ids), slots, lengths, positions, cache, coherent=False)
+        if coherent:
+            meta = torch.stack([slots, positions], dim=1)
+            kv_rows = [pack(torch.cat([cache.k[layer, slots, :, positions].flatten(1),  # stride 1: row = slot
+                                       cache.v[layer, slots, :, positions].flatten(1)], dim=1),
+                            torch.cat([meta, torch.full_like(slots, layer)[:, None]], dim=1))
+                       for layer in range(spec.num_layers)]
+            self.sync_kv(kv_rows, cache)
+        last = positions == lengths[slots] - 1
+        here, h = slots[last], h[last]
+        comm.counters.steps["prefill"] += 1
+        comm.counters.tokens["prefill"] += int(lengths.sum())
+
+        comm.counters.phase = "decode"
+        done = budget <= 0
+        start = time.perf_counter()
+        while True:
+            logits = model.logits(h)  # [n, V] for the sequences whose token ended here
+            next_ids = torch.full((num,), -1, dtype=torch.int64, device=dev)
+            next_ids[here] = logits.argmax(-1)
+            next_ids = comm.max_reduce(next_ids, "tokens")
+            if collect_logits:
+                full = torch.full((num, spec.vocab_size), float("-inf"), device=dev)
+                full[here] = logits
+                full = comm.max_reduce(full, "debug")
+                for s in torch.nonzero(~done, as_tuple=True)[0].tolist():
+                    logits_out[s].append(full[s].cpu())
+            for s in torch.nonzero(~done, as_tuple=True)[0].tolist():
+                generated[s].append(int(next_ids[s]))
+            budget -= (~done).long()
+            hit_eos = torch.isin(next_ids, eos) & ~torch.tensor(ignore_eos, device=dev)
+            done = done | (budget <= 0) | hit_eos
+            if bool(done.all()):
+                break
+            # next step: unfinished sequences continue where their last token ended
+            here = here[~done[here]]
+            positions = lengths[here]
+            h, here, kv_rows = self.forward(model.embed_tokens(next_ids[here]), here, lengths, positions,
+                                            cache, coherent)
+            lengths = lengths + (~done).long()
+            if coherent:
+                self.sync_kv(kv_rows, cache)
+            comm.counters.steps["decode"] += 1
+            comm.counters.tokens["decode"] += int((~done).sum())
+        seconds = time.perf_counter() - start
+        return Result(
+            tokens=generated,
+            seconds=seconds,
+            logits=[torch.stack(x) if x else torch.empty(0, spec.vocab_size) for x in logits_out]
+            if collect_logits else None,
+            routing=self._gather_routing() if self.record_routing else None,
+        )
+
+    def _gather_routing(self) -> np.ndarray:
+        """All ranks' decode routing rows [slot, position, moe, ids...], sorted (not counted)."""
+        k = self.model.spec.top_k
+        mine = torch.cat(self._routing) if self._routing else torch.empty((0, 3 + k), dtype=torch.int64)
+        if self.comm.world > 1:
+            import torch.distributed as dist
+
+            size = torch.tensor([mine.shape[0]], device=self.comm.device)
+            sizes = [torch.empty_like(size) for _ in range(self.comm.world)]
+            dist.all_gather(sizes, size)
+            top = int(max(s.item() for s in sizes))
+            padded = torch.full((top, 3 + k), -1, dtype=torch.int64, device=self.comm.device)
+            padded[: mine.shape[0]] = mine.to(self.comm.device)
+            parts = [torch.empty_like(padded) for _ in range(self.comm.world)]
+            dist.all_gather(parts, padded)
+            mine = torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).cpu()
+        rows = mine.numpy()
+        return rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))]

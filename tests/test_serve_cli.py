@@ -1,0 +1,182 @@
+"""`moeplace serve` command: torchrun batch run, HTTP server, dead rank, rejected inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeplace.cli import run
+from moeplace.eval.traffic import predict_traffic
+from moeplace.models.tiny import build_tiny_model
+from moeplace.placement import Placement, load_placement
+from moeplace.solve.baselines import random_balanced
+from moeplace.trace.format import load_trace
+from test_serve import free_port
+
+PROMPT_IDS = [[5, 6, 7, 8, 9], [10, 11, 12]]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]]]:
+    """Tiny Qwen3-MoE (top-2, a dense layer, byte tokenizer) and its greedy 6 tokens per prompt."""
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny_model("qwen3_moe", tmp_path_factory.mktemp("serve-cli") / "qwen3", num_experts=8, top_k=2,
+                            num_layers=3, seed=2)
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    expected = []
+    for prompt in PROMPT_IDS:
+        ids = torch.tensor([prompt])
+        for _ in range(6):
+            with torch.no_grad():
+                ids = torch.cat([ids, ref(ids).logits[0, -1].argmax().view(1, 1)], dim=1)
+        expected.append(ids[0, len(prompt):].tolist())
+    return path, expected
+
+
+def save_placement(path: Path, layers: int, experts: int, gpus: int, seed: int = 3) -> Path:
+    Placement(random_balanced(layers, experts, gpus, seed), num_gpus=gpus, gpus_per_node=gpus).save(path)
+    return path
+
+
+def launch(rank: int, world: int, port: int, args: list[str]) -> subprocess.Popen[str]:
+    """One rank as torchrun would start it (direct, so a killed rank is not cleaned up by torchrun)."""
+    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "moeplace", "serve", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_torchrun_batch_matches_transformers_and_prediction(model: tuple[Path, list[list[int]]],
+                                                            tmp_path: Path) -> None:
+    path, expected = model
+    placement = save_placement(tmp_path / "p.json", 2, 8, 2)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPT_IDS)
+                       + '\n{"prompt": "hi there", "max_tokens": 3}\n')
+    out, stats, routing = tmp_path / "out.jsonl", tmp_path / "stats.json", tmp_path / "routing.npz"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(free_port()), "-m", "moeplace", "serve", "--model", str(path), "--placement", str(placement),
+           "--prompts", str(prompts), "--out", str(out), "--stats-out", str(stats), "--routing-out", str(routing),
+           "--max-new-tokens", "6", "--ignore-eos", "--timeout", "60"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["token_ids"] for r in rows[:2]] == expected
+    assert len(rows[2]["token_ids"]) == 3 and rows[2]["prompt"] == "hi there" and isinstance(rows[2]["text"], str)
+    s = json.loads(stats.read_text())
+    assert s["world"] == 2 and s["mode"] == "coherent" and s["generated_tokens"] == 15
+    predicted = predict_traffic(load_placement(placement), load_trace(routing), "coherent", 32, 4)
+    assert s["decode"]["alltoall_bytes"] == predicted["alltoall_bytes"]
+    assert s["decode"]["alltoalls_per_layer_step"] == 2.0  # top-2: dispatch + combine
+
+
+def test_wrong_world_size_rejected_on_every_rank(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:
+    path, _ = model
+    placement = save_placement(tmp_path / "p4.json", 2, 8, 4)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    port = free_port()
+    procs = [launch(r, 2, port, ["--model", str(path), "--placement", str(placement), "--prompts", str(prompts),
+                                 "--timeout", "20"]) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2
+        assert "placement is for 4 GPUs but 2 ranks are running" in err and "Traceback" not in err
+
+
+def test_placement_for_another_model_rejected(model: tuple[Path, list[list[int]]], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path, _ = model
+    placement = save_placement(tmp_path / "p16.json", 2, 16, 1)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    assert run(["serve", "--model", str(path), "--placement", str(placement), "--prompts", str(prompts)]) == 2
+    assert "placement is for 2 MoE layers x 16 experts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": [1, 2]\n', "not valid JSON"),
+    ('{"prompt": [1, 999]}\n', "token id out of range"),
+    ('{"text": "x"}\n', "expected an object with a \"prompt\""),
+    ("\n\n", "no prompts"),
+])
+def test_bad_prompts_file(model: tuple[Path, list[list[int]]], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                          content: str, message: str) -> None:
+    prompts = tmp_path / "bad.jsonl"
+    prompts.write_text(content)
+    assert run(["serve", "--model", str(model[0]), "--prompts", str(prompts)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_model_and_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["serve", "--model", str(tmp_path), "--prompts", "x.txt"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert run(["serve", "--model", str(tmp_path)]) == 2
+    assert "exactly one of --prompts" in capsys.readouterr().err
+
+
+def http(port: int, path: str, body: bytes | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:
+    path, expected = model
+    placement = save_placement(tmp_path / "p.json", 2, 8, 2)
+    http_port = free_port()
+    args = ["--model", str(path), "--placement", str(placement), "--port", str(http_port), "--timeout", "8",
+            "--max-new-tokens", "16", "--mode", "standard"]
+    port = free_port()
+    procs = [launch(r, 2, port, args) for r in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if http(http_port, "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert procs[0].poll() is None, procs[0].communicate()[1]
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.3)
+        code, body = http(http_port, "/v1/completions", json.dumps({"prompt": PROMPT_IDS[0], "max_tokens": 6}).encode())
+        assert code == 200
+        doc = json.loads(body)
+        assert doc["choices"][0]["token_ids"][:6] == expected[0][: len(doc["choices"][0]["token_ids"])]
+        assert doc["usage"]["prompt_tokens"] == 5 and doc["object"] == "text_completion"
+        code, body = http(http_port, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}).encode())
+        assert code == 200 and isinstance(json.loads(body)["choices"][0]["text"], str)
+        for bad in (b"{not json", b'{"prompt": [1, 100000]}', b'{"prompt": [1], "max_tokens": 0}',
+                    b'{"prompt": 7}', b'[]', b'{"prompt": [1], "max_tokens": 17}'):
+            assert http(http_port, "/v1/completions", bad)[0] == 400, bad
+        assert http(http_port, "/nowhere")[0] == 404
+        code, metrics = http(http_port, "/metrics")
+        assert code == 200 and 'moeplace_alltoall_bytes_total{phase="decode"}' in metrics
+        assert 'moeplace_cross_rank_tokens_total{phase="decode",layer="0"}' in metrics
+        # a rank dies: rank 0 notices within the timeout (heartbeats) and exits with one clear line
+        procs[1].send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        assert procs[0].returncode not in (0, None)
+        assert "lost contact with a peer rank" in err and "Traceback" not in err
+        assert time.monotonic() - start < 30
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
