@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from moeplace.solve.eplb import balanced_packing
+
 
 def contiguous(num_layers: int, num_experts: int, num_gpus: int) -> np.ndarray:
     """Experts [g*E/G, (g+1)*E/G) on GPU g: the default of Megatron, DeepSpeed, vLLM, SGLang."""
@@ -29,22 +31,9 @@ def random_balanced(num_layers: int, num_experts: int, num_gpus: int, seed: int 
 def greedy_load(loads: np.ndarray, num_gpus: int) -> np.ndarray:
     """Load-only balancing (EPLB without replicas): heaviest expert to the lightest GPU with room.
 
-    1. sort each layer's experts by load, descending;
-    2. give each to the least-loaded GPU that still holds fewer than E/G experts.
+    EPLB's balanced packing of each layer's experts into G GPUs of E/G experts each.
     """
-    num_layers, num_experts = loads.shape
-    per_gpu = num_experts // num_gpus
-    out = np.empty((num_layers, num_experts), dtype=np.int64)
-    for layer in range(num_layers):
-        gpu_load = np.zeros(num_gpus)
-        count = np.zeros(num_gpus, dtype=np.int64)
-        for e in np.argsort(-loads[layer], kind="stable"):
-            room = np.flatnonzero(count < per_gpu)
-            g = room[np.argmin(gpu_load[room])]
-            out[layer, e] = g
-            gpu_load[g] += loads[layer, e]
-            count[g] += 1
-    return out
+    return balanced_packing(loads, num_gpus)[0]
 
 
 BASELINES = ("contiguous", "round_robin", "random", "greedy_load")
