@@ -1,15 +1,17 @@
 """Solver II benchmark: balance vs DeepSeek EPLB on the real Mixtral loads; latency on FLAME.
 
     python scripts/bench_solver2.py mixtral [--time-limit S]
-    python scripts/bench_solver2.py flame [--seeds N]
+    python scripts/bench_solver2.py joint [--trace PATH] [--seeds N]
     python scripts/bench_solver2.py deepseek [--time-limit S]
 
 mixtral: every file of ../shared/data/mixtral-8x7b-expert-loads (2 variants x 7 subjects), 4 and 8
 GPUs, 0 and 8 redundant experts: mean over layers of max/mean GPU load for moeplace balance, EPLB
 hierarchical and global (EPLB's own equal-split-per-slot figure), and the number of layers where
 moeplace is worse / better than the best EPLB.
-flame: held-out predicted MoE time (cost model) of traffic, balance, latency and MoETuner
-placements on traces/flame-moe-290m-decoder.npz, fitted on seeded halves.
+joint: held-out predicted MoE time (cost model, configs/model/flame-moe-290m.yaml) of traffic,
+balance, latency (and, when E divides by G, balance and latency with G redundant experts) and
+MoETuner placements, fitted on seeded halves of a trace (default traces/flame-moe-290m-decoder.npz),
+under the 8-GPU and 2-node clusters; mean over seeds and latency - traffic per seed.
 deepseek: SYNTHETIC planted-affinity trace (solve/synthetic.py) of DeepSeek-V3 size: 4096 tokens,
 58 layers x 256 experts, top-8, 64 GPUs in 8 nodes, 32 redundant experts, latency objective
 under configs/cluster/h100-8x8-ib.yaml: wall time, peak memory, value, bound, gap.
@@ -52,25 +54,33 @@ def mixtral(time_limit: float) -> None:
     print(f"layers worse than EPLB, all inputs: {worse_total}")
 
 
-def flame(seeds: int, time_limit: float) -> None:
+def joint(trace_path: Path, seeds: int, time_limit: float) -> None:
     from moeplace.solve.costmodel import load_cost_model, predict
     from moeplace.solve.moetuner import moetuner_placement
     from moeplace.solve.solver import solve_placement
     from moeplace.trace.format import load_trace, split_tokens
 
-    trace = load_trace(ROOT / "traces" / "flame-moe-290m-decoder.npz")
+    trace = load_trace(trace_path)
+    print(f"{trace_path.name}: {trace.num_tokens} tokens, {trace.num_layers} x {trace.num_experts}, top-{trace.top_k}")
     for cluster, gpus in (("h100-1x8-nvlink", 8), ("h100-2x8-ib", 16)):
         cm = load_cost_model(ROOT / "configs" / "cluster" / f"{cluster}.yaml", ROOT / "configs" / "model" / "flame-moe-290m.yaml")
+        redundant = gpus if trace.num_experts % gpus == 0 else 0  # one extra slot per GPU
         rows: dict[str, list[float]] = {}
         for seed in range(seeds):
             train, held = split_tokens(trace.num_tokens, 0.5, seed)
             held_trace = trace.select_tokens(held)
-            for name, opts in (("traffic", {}), ("balance", {}), ("latency", {"cost": cm})):
-                p = solve_placement(trace, gpus, 8, time_limit, seed, objective=name, train_fraction=0.5, **opts)
+            runs = [("traffic", "traffic", 0), ("balance", "balance", 0), ("latency", "latency", 0)]
+            if redundant:
+                runs += [(f"balance+R{redundant}", "balance", redundant), (f"latency+R{redundant}", "latency", redundant)]
+            for name, objective, r in runs:
+                opts = ({"cost": cm} if objective == "latency" else {}) | ({"redundant": r} if r else {})
+                p = solve_placement(trace, gpus, 8, time_limit, seed, objective=objective, train_fraction=0.5, **opts)
                 rows.setdefault(name, []).append(predict(cm, p, held_trace).total_us.sum())
             p = moetuner_placement(trace.select_tokens(train), gpus, 8, time_limit)
             rows.setdefault("moetuner", []).append(predict(cm, p, held_trace).total_us.sum())
-        print(cluster, {k: round(float(np.mean(v)), 1) for k, v in rows.items()}, flush=True)
+        mean = {k: round(float(np.mean(v)), 1) for k, v in rows.items()}
+        diff = np.array(rows["latency"]) - np.array(rows["traffic"])
+        print(cluster, mean, "| latency - traffic per seed:", np.round(diff, 1).tolist(), flush=True)
 
 
 def deepseek(time_limit: float) -> None:
@@ -92,9 +102,10 @@ def deepseek(time_limit: float) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("mixtral", "flame", "deepseek"))
+    ap.add_argument("what", choices=("mixtral", "joint", "deepseek"))
+    ap.add_argument("--trace", type=Path, default=ROOT / "traces" / "flame-moe-290m-decoder.npz")
     ap.add_argument("--time-limit", type=float, default=2.0)
     ap.add_argument("--seeds", type=int, default=5)
     a = ap.parse_args()
-    {"mixtral": lambda: mixtral(a.time_limit), "flame": lambda: flame(a.seeds, a.time_limit),
+    {"mixtral": lambda: mixtral(a.time_limit), "joint": lambda: joint(a.trace, a.seeds, a.time_limit),
      "deepseek": lambda: deepseek(a.time_limit)}[a.what]()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moeplace.cli import run
+from moeplace.errors import MoeplaceError
 from moeplace.placement import load_placement
 from moeplace.solve import eplb
 from moeplace.solve.balance import balance_placement, expected_gpu_loads, layer_loads
@@ -52,17 +53,48 @@ def test_latency_reports_valid_bound_and_is_no_worse_than_its_starts() -> None:
     p = solve_placement(trace, 8, 8, time_limit=6, seed=0, objective="latency", cost=cm)
     assert 0 < p.bound <= p.objective["value"] and 0 <= p.gap < 1
     assert p.objective["value"] == pytest.approx(predict(cm, p, trace).total_us.sum(), rel=1e-6)
-    assert p.objective["value"] <= min(p.solver["start_costs"].values()) + 1e-6
+    # the search starts from traffic and only accepts cuts on the training tokens
+    assert p.objective["value"] <= p.solver["start_costs"][p.solver["start"]] + 1e-6
+    assert p.objective["value"] <= p.solver["start_costs"]["traffic"] + 1e-6
     assert (np.bincount(p.expert_to_gpu[0], minlength=8) == 2).all()
 
 
-def test_latency_with_replicas_respects_slots() -> None:
+def test_acceptance_rule_rejects_cuts_within_fold_noise() -> None:
+    from moeplace.solve.latency import Z_ACCEPT, fold_tokens, significant
+
+    folds = fold_tokens(100, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(100))  # disjoint, covering
+    assert fold_tokens(5, seed=0) == []
+    steady = np.array([-10.0, -11.0, -9.0, -10.0])  # se = 0.41: a cut of 10 is 24 se
+    noisy = np.array([-40.0, 30.0, -35.0, 5.0])  # se = 17.5
+    assert significant(-10.0, steady) and not significant(-10.0, noisy)
+    se = float(np.std(noisy, ddof=1)) / 2
+    assert significant(-(Z_ACCEPT + 0.01) * se, noisy) and not significant(-(Z_ACCEPT - 0.01) * se, noisy)
+    assert not significant(0.0, np.array([])) and not significant(5.0, steady)
+
+
+@pytest.mark.parametrize("redundant", [8, 16])
+def test_latency_replicas_fill_every_gpu_equally(redundant: int) -> None:
     trace, _ = planted_trace(256, 3, 16, 2, 8, seed=4, zipf=1.2)
     cm = load_cost_model(CLUSTER, MODEL)
-    p = solve_placement(trace, 8, 8, time_limit=4, seed=0, objective="latency", cost=cm, redundant=8)
+    p = solve_placement(trace, 8, 8, time_limit=3, seed=0, objective="latency", cost=cm, redundant=redundant)
+    # what engines need: exactly R copies per layer, (E + R) / G slots on every GPU, no GPU twice per expert
+    assert [len(r) for r in p.replicas] == [redundant] * 3
     for layer in range(3):
-        assert max(len(p.experts_on_gpu(layer, g)) for g in range(8)) <= 3
+        assert [len(p.experts_on_gpu(layer, g)) for g in range(8)] == [(16 + redundant) // 8] * 8
+        assert all(len(set(h)) == len(h) for h in p.holders(layer))
     assert p.objective["value"] == pytest.approx(predict(cm, p, trace).total_us.sum(), rel=1e-6)
+
+
+def test_latency_replicas_uneven_mode_and_impossible_count() -> None:
+    trace, _ = planted_trace(64, 2, 16, 2, 8, seed=4)
+    cm = load_cost_model(CLUSTER, MODEL)
+    p = solve_placement(trace, 8, 8, time_limit=1, seed=0, objective="latency", cost=cm, redundant=4)
+    assert [len(r) for r in p.replicas] == [4, 4] and not p.solver["equal_slots"]
+    for layer in range(2):  # 20 copies on 8 GPUs: four hold 3, four hold 2
+        assert sorted(len(p.experts_on_gpu(layer, g)) for g in range(8)) == [2] * 4 + [3] * 4
+    with pytest.raises(MoeplaceError, match="at most 112 copies"):
+        solve_placement(trace, 8, 8, time_limit=1, seed=0, objective="latency", cost=cm, redundant=113)
 
 
 def test_moetuner_is_balanced_per_layer() -> None:

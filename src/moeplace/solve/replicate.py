@@ -1,15 +1,19 @@
 """`--redundant-experts R`: extra copies of hot experts, chosen on the exact predicted cost.
 
+Engines (SGLang `physical_to_logical_map`, vLLM, EPLB `phy2log`) need the same number of
+physical slots in every layer and on every GPU, so each layer gets EXACTLY R copies, never two
+of one expert on a GPU, and when G divides R (the primaries hold E / G per GPU) every GPU ends
+with (E + R) / G experts. Otherwise (uneven mode, e.g. 256 + 32 experts on 64 GPUs) every GPU
+holds ceil((E + R) / G) or one fewer: engines that need equal slots must pick R = multiple of G.
 Per layer, in order (a layer's replicas move its tokens' top-1 GPUs, hence the next layer's
 traffic), given the placement of the primaries:
 1. propose R copies one at a time: the expert with the highest load per copy (EPLB's rule)
-   goes to the GPU with a free slot that sends it the most tokens (affinity: the copy serves
-   tokens where they are), ties to the least-loaded GPU;
-2. keep the prefix of those proposals (0, R/4, R/2, 3R/4 or R copies) whose exact cost of this
-   layer and the next is lowest, served by eval/metrics.serve_layer (own GPU, own node, else
-   the least-loaded copy), among those that also cut the cost of each given half of the tokens
-   by `margin` (latency.HALF_MARGIN: a guard against fitting counting noise).
-Slots: every GPU holds at most ceil((E + R) / G) experts of a layer.
+   goes to a GPU with a free slot that does not hold it: under the `load` rule the least-loaded
+   one (EPLB), under the `affinity` rule the one that sends it the most tokens (the copy serves
+   tokens where they are; ties to the least-loaded);
+2. score both on the exact cost of this layer and the next, served by eval/metrics.serve_layer
+   (own GPU, own node, else the least-loaded copy); `affinity` replaces `load` only if it passes
+   latency's acceptance rule (latency.significant over the given token folds).
 """
 
 from __future__ import annotations
@@ -27,8 +31,13 @@ if TYPE_CHECKING:
     from moeplace.solve.latency import LatencyModel
 
 
-def propose(homed: np.ndarray, load: np.ndarray, e2g_row: np.ndarray, redundant: int, slots: int) -> list[tuple[int, int]]:
-    """Step 1 for one layer. homed float [G, E] tokens at GPU g selecting e; load float [E]."""
+RULES = ("load", "affinity")
+
+
+def propose(homed: np.ndarray, load: np.ndarray, e2g_row: np.ndarray, redundant: int, slots: int,
+            rule: str = "affinity") -> list[tuple[int, int]]:
+    """Step 1 for one layer. homed float [G, E] tokens at GPU g selecting e; load float [E].
+    Returns `redundant` (expert, gpu) copies (fewer only if the slots run out)."""
     num_gpus, num_experts = homed.shape
     copies = [[int(g)] for g in e2g_row]
     used = np.bincount(e2g_row, minlength=num_gpus)
@@ -42,7 +51,8 @@ def propose(homed: np.ndarray, load: np.ndarray, e2g_row: np.ndarray, redundant:
                 break
         else:
             break
-        g = int(free[np.lexsort((gpu_load[free], -homed[free, e]))[0]])
+        keys = (gpu_load[free], -homed[free, e]) if rule == "affinity" else (-homed[free, e], gpu_load[free])
+        g = int(free[np.lexsort(keys)[0]])
         share = load[e] / (len(copies[e]) + 1)
         gpu_load[copies[e]] -= load[e] / len(copies[e]) - share
         gpu_load[g] += share
@@ -53,8 +63,11 @@ def propose(homed: np.ndarray, load: np.ndarray, e2g_row: np.ndarray, redundant:
 
 
 def add_replicas(model: "LatencyModel", e2g: np.ndarray, redundant: int, deadline: float,
-                 halves: tuple[np.ndarray, ...] = (), margin: float = 0.0) -> tuple[list[list[tuple[int, int]]], float]:
-    """Replicas per layer [(expert, gpu)] and the weighted cost with them (module docstring)."""
+                 folds: list[np.ndarray] | None = None) -> tuple[list[list[tuple[int, int]]], float]:
+    """Replicas per layer [(expert, gpu)] and the weighted cost with them (module docstring).
+    e2g int [L, E]; folds: token index arrays for the acceptance rule."""
+    from moeplace.solve.latency import significant
+
     trace, cost = model.trace, model.cost
     num_layers, num_experts = e2g.shape
     num_gpus, gpn = cost.cluster.num_gpus, cost.cluster.gpus_per_node
@@ -66,25 +79,21 @@ def add_replicas(model: "LatencyModel", e2g: np.ndarray, redundant: int, deadlin
     for layer in range(num_layers):
         homed = np.zeros((num_gpus, num_experts))
         np.add.at(homed, (np.repeat(home, trace.top_k), ids[:, layer].ravel()), 1.0)
-        proposals = propose(homed, homed.sum(0), e2g[layer], redundant, slots) if time.monotonic() < deadline else []
-        best: tuple[float, list[tuple[int, int]], np.ndarray] | None = None
-        base: list[float] = []  # cost of each half without replicas
-        for n in sorted({len(proposals) * q // 4 for q in range(5)}):
-            chosen = proposals[:n]
+        rules = RULES if time.monotonic() < deadline else RULES[:1]
+        scored = []  # (cost on all tokens, costs per fold, copies, serving GPUs [T, k])
+        for rule in rules:
+            chosen = propose(homed, homed.sum(0), e2g[layer], redundant, slots, rule)
             holders = [[int(g)] for g in e2g[layer]]
             for e, g in chosen:
                 holders[e].append(g)
-            gpus = serve_layer(holders, ids[:, layer], served[:, layer], home, gpn, num_gpus) if chosen else served[:, layer]
-            value, *by_half = (_pair_cost(model, home, gpus, served, layer, idx) for idx in (slice(None), *halves))
-            if n == 0:
-                base = by_half
-            elif any(h > (1 - margin) * b for h, b in zip(by_half, base)):
-                continue  # must help each half of the tokens too: a guard against fitting noise
-            if best is None or value < best[0] - 1e-9:
-                best = (value, chosen, gpus)
-        assert best is not None
-        replicas[layer] = best[1]
-        served[:, layer] = best[2]
+            gpus = serve_layer(holders, ids[:, layer], served[:, layer], home, gpn, num_gpus)
+            value, *by_fold = (_pair_cost(model, home, gpus, served, layer, idx) for idx in (slice(None), *(folds or ())))
+            scored.append((value, np.array(by_fold), chosen, gpus))
+        pick = scored[0]
+        if len(scored) > 1 and significant(scored[1][0] - pick[0], scored[1][1] - pick[1]):
+            pick = scored[1]
+        replicas[layer] = pick[2]
+        served[:, layer] = pick[3]
         home = served[:, layer, 0]
     value = model.weighted(np.stack([
         layer_time(cost, model.home0 if l == 0 else served[:, l - 1, 0], served[:, l], ids[:, l], model.scale, model.links)
