@@ -10,7 +10,8 @@ from typing import Any, NamedTuple, Sequence
 import click
 
 from moeplace.errors import MoeplaceError, RegressionError
-from moeplace.eval.report import MetricFn, build_report, render_table
+from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_report, render_table,
+                                  traffic_metric_fn)
 from moeplace.io import write_json_atomic
 from moeplace.placement import load_placement
 from moeplace.trace.format import load_trace
@@ -70,6 +71,51 @@ def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_f
 
 
 _LIMIT = dict(type=click.FloatRange(min=0), default=None, metavar="X")
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def read_model_shape(model_dir: Path) -> dict[str, int]:
+    """hidden_size and the K/V shape from a checkpoint's config.json (no torch, no transformers)."""
+    path = model_dir / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except OSError as e:
+        raise MoeplaceError(f"--model {model_dir}: cannot read config.json: {e.strerror or e}") from None
+    except ValueError as e:
+        raise MoeplaceError(f"--model {model_dir}: config.json is not valid JSON ({e})") from None
+    try:
+        heads = int(cfg["num_attention_heads"])
+        return {
+            "hidden_size": int(cfg["hidden_size"]),
+            "num_layers": int(cfg["num_hidden_layers"]),
+            "num_kv_heads": int(cfg.get("num_key_value_heads") or heads),
+            "head_dim": int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+            "num_experts": int(cfg.get("num_local_experts") or cfg.get("num_experts") or cfg["n_routed_experts"]),
+            "top_k": int(cfg["num_experts_per_tok"]),
+        }
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise MoeplaceError(f"--model {model_dir}: config.json has no usable hidden size, K/V shape or experts "
+                            f"for the traffic prediction ({type(e).__name__}: {e})") from None
+
+
+def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str | None,
+                    runtime_mode: str | None) -> dict[str, Any] | None:
+    """The traffic settings of `eval` (None when no prediction is asked), validated."""
+    if model_dir is None and hidden_size is None:
+        if dtype is not None or runtime_mode is not None:
+            raise MoeplaceError("--dtype and --runtime-mode need --hidden-size or --model")
+        return None
+    if model_dir is not None and hidden_size is not None:
+        raise MoeplaceError("give --hidden-size or --model, not both")
+    b = ELEMENT_BYTES[dtype or "bf16"]
+    shape = read_model_shape(model_dir) if model_dir is not None else {"hidden_size": hidden_size}
+    kv = None
+    if "num_kv_heads" in shape:  # kv_sync row per decoder layer: [k | v] + int32 slot, position, layer
+        kv = shape["num_layers"] * (2 * shape["num_kv_heads"] * shape["head_dim"] * b + 12)
+    return {"hidden_size": shape["hidden_size"], "dtype": dtype or "bf16", "element_bytes": b,
+            "modes": ["standard", "coherent"] if runtime_mode in (None, "both") else [runtime_mode],
+            "kv_bytes_per_rank": kv, "model": None if model_dir is None else str(model_dir),
+            "model_routing": (shape["num_experts"], shape["top_k"]) if model_dir is not None else None}
 
 
 @click.command("eval")
@@ -85,7 +131,23 @@ _LIMIT = dict(type=click.FloatRange(min=0), default=None, metavar="X")
 @click.option("--max-dest-gpus", **_LIMIT, help="Exit 1 if the mean remote GPUs per token (top-k) exceeds X.")
 @click.option("--max-dest-nodes", **_LIMIT, help="Exit 1 if the mean remote nodes per token (top-k) exceeds X.")
 @click.option("--max-imbalance", **_LIMIT, help="Exit 1 if the worst layer's max/mean load per GPU exceeds X.")
-def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_tokens: bool, **limits: float | None) -> None:
+@click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Cluster config YAML (configs/cluster/*.yaml): adds the predicted MoE-layer time, per layer too.")
+@click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Model config YAML (configs/model/*.yaml) for --cluster, when the cluster file has no model section.")
+@click.option("--hidden-size", type=click.IntRange(min=1), default=None, metavar="H",
+              help="Predict `moeplace serve`'s decode Alltoall bytes for activations of width H.")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Checkpoint folder: hidden size and K/V shape from its config.json (adds the kv_sync column).")
+@click.option("--dtype", type=click.Choice(list(ELEMENT_BYTES)), default=None,
+              help="Activation dtype of the run predicted (bytes per element): serve runs bf16 on CUDA, "
+                   "fp32 on CPU.  [default: bf16]")
+@click.option("--runtime-mode", type=click.Choice(["standard", "coherent", "both"]), default=None,
+              help="Runtime mode(s) to predict.  [default: both]")
+def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_tokens: bool,
+          cluster: Path | None = None, model_config: Path | None = None, hidden_size: int | None = None,
+          model_dir: Path | None = None, dtype: str | None = None, runtime_mode: str | None = None,
+          **limits: float | None) -> None:
     """Replay TRACE against PLACEMENT, side by side with the baseline layouts.
 
     \b
@@ -105,20 +167,54 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
     Output: tables with the ratio to contiguous (lower is better), or JSON with --json.
 
     \b
+    Traffic prediction (--hidden-size H or --model DIR; --dtype, --runtime-mode): for every
+    layout and runtime mode, the cross-rank rows and bytes that `moeplace serve` would send to
+    decode TRACE's tokens, with the rules of docs/runtime.md (home rank = sequence % GPUs; TRACE
+    needs sequence ids and positions, as `serve --routing-out` writes them):
+      standard   dispatch + combine Alltoall per MoE layer (to the home rank and back)
+      coherent   dispatch Alltoall (+ combine to the top-1 rank when k > 1), the token follows
+                 its top-1 expert; its K/V replication (kv_sync, once per step) is its own column
+    Shown per decoded token, with the ratio to standard + contiguous (the runtime's baseline);
+    JSON adds totals and cross-rank rows per layer. Measured bytes of a run equal the prediction
+    on the routing it recorded.
+
+    \b
     Regression gate: --max-* thresholds bound the placement's metrics; any exceeded -> a
     message naming metric, value and threshold, exit code 1 (bad input: exit code 2).
 
     \b
     Example:
       moeplace eval out/placement.json traces/flame-moe-290m-decoder.npz --max-cross-gpu 0.5
+      moeplace eval out/placement.json traces/flame-moe-290m-decoder.npz \\
+          --cluster configs/cluster/h100-1x8-nvlink.yaml --model-config configs/model/flame-moe-290m.yaml
+      moeplace serve ... --placement P.json --routing-out routing.npz   # then:
+      moeplace eval P.json routing.npz --model MODEL_DIR --dtype fp32
     """
-    report = _evaluate(placement, trace, all_tokens)
+    columns, per_layer, fns = COLUMNS, PER_LAYER, []
+    if cluster is not None:
+        from moeplace.solve.costmodel import COST_COLUMNS, COST_PER_LAYER, cost_metric_fn
+        fns = [cost_metric_fn(cluster, model_config)]
+        columns, per_layer = [*COLUMNS, *COST_COLUMNS], [*PER_LAYER, *COST_PER_LAYER]
+    elif model_config is not None:
+        raise MoeplaceError("--model-config needs --cluster")
+    traffic = traffic_options(model_dir, hidden_size, dtype, runtime_mode)
+    if traffic is not None:
+        fns.append(traffic_metric_fn(traffic["hidden_size"], traffic["element_bytes"], traffic["modes"],
+                                     traffic["kv_bytes_per_rank"]))
+    report = _evaluate(placement, trace, all_tokens, fns)
+    if traffic is not None:
+        routing = traffic.pop("model_routing")
+        if routing not in (None, (report["num_experts"], report["top_k"])):
+            raise MoeplaceError(f"--model {model_dir} is not the model of {trace}: {routing[0]} experts top-{routing[1]}, "
+                                f"the trace {report['num_experts']} experts top-{report['top_k']}")
+        report["traffic"] = traffic
+        add_traffic_ratios(report)
     if output is not None:
         try:
             write_json_atomic(output, report)
         except OSError as e:
             raise MoeplaceError(f"cannot write {output}: {e.strerror or e}") from None
-    click.echo(json.dumps(report, indent=2) if as_json else render_table(report))
+    click.echo(json.dumps(report, indent=2) if as_json else render_table(report, columns, per_layer))
     results = threshold_results(report, {key: v for key, v in limits.items() if v is not None})
     failed = [v for v in results if not v.passed]
     if failed:

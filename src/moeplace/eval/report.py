@@ -9,6 +9,10 @@ The report is a plain dict (what `--json` prints):
                                          metrics.evaluate()'s plus those of any `metric_fns`
     vs_contiguous {name: {metric: value / contiguous value}}   scalar float metrics only
 
+With a `traffic_metric_fn` (eval --hidden-size/--model), each layout's metrics also hold
+`traffic` {mode: eval/traffic.py's prediction + `kv_sync_bytes_per_token` (coherent, when the
+K/V shape is known) + `vs_standard_contiguous` (after `add_traffic_ratios`)}.
+
 Columns and per-layer sections are lists of data (`COLUMNS`, `PER_LAYER`): a new metric (e.g. the
 cost model's predicted MoE-layer time) is a `metric_fns` entry plus a Column, nothing else.
 """
@@ -22,6 +26,7 @@ import numpy as np
 
 from moeplace.errors import PlacementError
 from moeplace.eval.metrics import evaluate
+from moeplace.eval.traffic import predict_traffic
 from moeplace.placement import Placement
 from moeplace.progress import Progress
 from moeplace.solve.baselines import all_baselines
@@ -49,6 +54,36 @@ COLUMNS: list[Column] = [
 
 # (per-layer metric [L], title) shown as one table of layers x layouts
 PER_LAYER: list[tuple[str, str]] = [("imbalance_per_layer", "max/mean token load per GPU, per layer")]
+
+
+def traffic_metric_fn(hidden_size: int, element_bytes: int, modes: Sequence[str],
+                      kv_bytes_per_rank: int | None = None) -> MetricFn:
+    """A metric fn adding `traffic` {mode: predict_traffic(...)} to every layout.
+
+    kv_bytes_per_rank: K/V bytes one decoded token sends to each other rank in coherent mode's
+    kv_sync (all decoder layers, metadata included); None when the model's K/V shape is unknown.
+    """
+    def fn(layout: Placement, trace: Trace) -> dict[str, Any]:
+        out = {}
+        for mode in modes:
+            p = predict_traffic(layout, trace, mode, hidden_size, element_bytes)
+            if mode == "coherent" and kv_bytes_per_rank is not None:
+                p["kv_sync_bytes_per_token"] = float(kv_bytes_per_rank * (layout.num_gpus - 1))
+            out[mode] = p
+        return {"traffic": out}
+    return fn
+
+
+def add_traffic_ratios(report: dict[str, Any]) -> None:
+    """Each layout's and mode's predicted bytes per token over standard + contiguous (the
+    runtime's baseline: classic expert parallelism, default layout), in place. None without a
+    contiguous baseline (uneven placement) or without the standard mode (--runtime-mode coherent)."""
+    base = report["layouts"].get("contiguous", {}).get("traffic", {}).get("standard")
+    if base is None or base["alltoall_bytes_per_token"] == 0:
+        return
+    for m in report["layouts"].values():
+        for p in m["traffic"].values():
+            p["vs_standard_contiguous"] = p["alltoall_bytes_per_token"] / base["alltoall_bytes_per_token"]
 
 
 def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> tuple[np.ndarray | None, np.ndarray | None, str]:
@@ -196,7 +231,32 @@ def render_table(
         for layer in range(report["num_layers"]):
             table.append([str(layer)] + [f"{report['layouts'][n][key][layer]:.3f}" for n in names])
         lines += _align(table)
+    if "traffic" in next(iter(report["layouts"].values())):
+        lines += ["", *render_traffic(report)]
     return "\n".join(lines)
+
+
+def render_traffic(report: dict[str, Any]) -> list[str]:
+    """The predicted decode Alltoall traffic: a row per layout and runtime mode."""
+    rows = [["layout", "mode", "alltoalls/layer", "dispatch rows/token", "combine rows/token", "bytes/token",
+             "x standard+contiguous", "kv_sync bytes/token"]]
+    for name, m in report["layouts"].items():
+        for mode, p in m["traffic"].items():
+            tokens = max(p["tokens"], 1)
+            ratio = p.get("vs_standard_contiguous")
+            kv = p.get("kv_sync_bytes_per_token")
+            rows.append([name, mode, str(p["alltoalls_per_layer"]), f"{p['dispatch_rows'] / tokens:.3f}",
+                         f"{p['combine_rows'] / tokens:.3f}", f"{p['alltoall_bytes_per_token']:.1f}",
+                         "-" if ratio is None else f"{ratio:.2f}x",
+                         "-" if kv is None and mode == "coherent" else f"{kv or 0:.1f}"])
+    t = report.get("traffic", {})
+    return [
+        f"predicted decode Alltoall traffic per token (hidden {t.get('hidden_size')}, {t.get('element_bytes')} B/element; "
+        "moeplace serve's dispatch + combine payload, docs/runtime.md):",
+        *_align(rows),
+        "  (kv_sync: coherent mode's per-step K/V replication, a separate Alltoall not in bytes/token; "
+        "'-': kv_sync needs --model, the ratio the standard mode and a contiguous baseline)",
+    ]
 
 
 def _align(rows: list[list[str]]) -> list[str]:
