@@ -13,7 +13,8 @@ Steps (the launcher, run plainly):
     4. `torchrun --nproc-per-node G` on this script (--worker): prompts from --eval-text (a
        different text), per variant and set-up: one counted pass recording the routing, then
        --repeats timed passes interleaved across set-ups (throughput ratios from one run)
-    5. prediction: eval/traffic.py on the recorded routing, compared with the measured bytes
+    5. prediction: `moeplace eval PLACEMENT ROUTING.npz --hidden-size H --dtype D --json` on the
+       recorded routing (the CLI path a user runs), compared with the measured bytes
 
 Prints a markdown table and writes --out JSON. Same script on GPUs: the worker uses NCCL when
 CUDA is visible (bfloat16 activations), gloo on CPU.
@@ -130,9 +131,28 @@ def launcher(args: argparse.Namespace) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+def eval_prediction(placement: str, trace, mode: str, hidden_size: int, element_bytes: int) -> dict:
+    """`moeplace eval` of the recorded routing: the placement's predicted traffic in `mode`."""
+    import contextlib
+    import io
+
+    from moeplace.cli import run
+    from moeplace.trace.format import save_trace
+
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
+        routing, out = Path(tmp) / "routing.npz", Path(tmp) / "report.json"
+        save_trace(trace, routing)
+        dtype = {2: "bf16", 4: "fp32"}[element_bytes]
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = run(["eval", placement, str(routing), "--hidden-size", str(hidden_size), "--dtype", dtype,
+                        "--runtime-mode", mode, "--json", "-o", str(out)])
+        if code != 0:
+            raise SystemExit(f"moeplace eval failed on the recorded routing (exit {code})")
+        return json.loads(out.read_text())["layouts"]["placement"]["traffic"][mode]
+
+
 def report(measured: dict, variants: list[dict], args: argparse.Namespace) -> None:
     """5. predictions vs measurements; the table; the thresholds of the issue."""
-    from moeplace.eval.traffic import predict_traffic
     from moeplace.placement import load_placement
 
     rows, checks = [], []
@@ -141,7 +161,7 @@ def report(measured: dict, variants: list[dict], args: argparse.Namespace) -> No
         for (mode, pname), run in zip(SETUPS, m["setups"]):
             placement = load_placement(v["placements"][pname])
             trace = routing_trace(np.asarray(run["routing"]), placement.num_layers, placement.num_experts)
-            pred = predict_traffic(placement, trace, mode, m["hidden_size"], m["element_bytes"])
+            pred = eval_prediction(v["placements"][pname], trace, mode, m["hidden_size"], m["element_bytes"])
             dec = run["decode"]
             gen = run["generated_tokens"]
             tps = statistics.median(run["tokens_per_s"])

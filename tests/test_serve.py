@@ -1,4 +1,5 @@
-"""`moeplace serve` runtime: token-identical to transformers on 1, 2 and 4 gloo ranks, both modes.
+"""`moeplace serve` runtime: token-identical to transformers on 1, 2 and 4 gloo ranks, both modes,
+with and without replicated experts.
 
 One process group per world size runs every (model, placement, mode) job, so the suite pays the
 start-up of each world once. Each job checks, against a single-process transformers greedy run
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from moeplace.eval.metrics import evaluate
-from moeplace.eval.traffic import predict_traffic
+from moeplace.eval.traffic import predict_traffic, serving_gpus
 from moeplace.models.tiny import build_tiny_model
 from moeplace.placement import Placement, load_placement
 from moeplace.serve.model import read_spec
@@ -73,6 +74,19 @@ def placements(root: Path, path: Path, world: int) -> dict[str, Path]:
                         ("permuted", random_balanced(layers, experts, world, 7))):
         out[name] = root / f"{path.name}-{name}-{world}.json"
         Placement(table, num_gpus=world, gpus_per_node=world).save(out[name])
+    return out
+
+
+def replicated(root: Path, path: Path, world: int, gpus_per_node: int, full: bool = False) -> Path:
+    """The permuted placement plus copies: of every other expert on its rank's node partner
+    (rank ^ 1), or with `full` of every expert on every rank."""
+    spec = read_spec(path)
+    layers, experts = len(spec.moe_layers), spec.num_experts
+    table = random_balanced(layers, experts, world, 7)
+    replicas = [[(e, g) for e in range(experts) for g in range(world) if g != table[m, e]] if full else
+                [(e, int(table[m, e]) ^ 1) for e in range(0, experts, 2)] for m in range(layers)]
+    out = root / f"{path.name}-replicated-{world}-{gpus_per_node}{'-full' if full else ''}.json"
+    Placement(table, num_gpus=world, gpus_per_node=gpus_per_node, replicas=replicas).save(out)
     return out
 
 
@@ -140,11 +154,16 @@ def check_job(job: tuple[str, str, str], result: dict, models: dict, world: int)
     k = spec.top_k
     steps = measured["steps"]
     assert measured["dispatch"]["collectives"] == steps * placement.num_layers
+    # one routing all-reduce per step and MoE layer with replicas, none without
+    assert measured["routing"]["collectives"] == steps * sum(map(bool, placement.replicas))
+    if placement.num_replicas:  # the replicas served some choices: not the primaries' routing
+        primaries = placement.expert_to_gpu[np.arange(placement.num_layers)[None, :, None], trace.topk_ids]
+        assert (serving_gpus(placement, trace, mode) != primaries).any()
     # coherent top-1: exactly one Alltoall per MoE layer and step; otherwise dispatch + combine
     assert measured["alltoalls_per_layer_step"] == (1.0 if mode == "coherent" and k == 1 else 2.0)
     if mode == "coherent":  # dispatch rows of layers 1.. are eval's Alltoall destinations
         d_rows = np.asarray(predicted["cross_rank_rows_per_layer"])
-        if k == 1:
+        if k == 1 and not placement.num_replicas:  # with replicas eval batches the whole trace at once
             assert d_rows[1:].sum() == pytest.approx(evaluate(placement, trace)["dest_gpus_topk"]
                                                      * trace.num_tokens * (placement.num_layers - 1))
 
@@ -162,8 +181,22 @@ def test_two_ranks_all_modes_and_placements(models: dict, tmp_path: Path) -> Non
     jobs += [(str(models["qwen3_moe"][0]), str(pl["qwen3_moe"]["permuted"]), "coherent"),
              (str(models["qwen3_moe"][0]), str(pl["qwen3_moe"]["contiguous"]), "standard"),
              (str(models["olmoe"][0]), str(pl["olmoe"]["permuted"]), "coherent")]
-    for job, result in zip(jobs, run_world(2, jobs, tmp_path)):
+    # replicas: a copy on the token's own rank serves it there (gpus_per_node 1: own rank or other)
+    mixtral_rep = str(replicated(tmp_path, models["mixtral"][0], 2, 1))
+    qwen_full = str(replicated(tmp_path, models["qwen3_moe"][0], 2, 2, full=True))
+    jobs += [(str(models["mixtral"][0]), mixtral_rep, mode) for mode in ("coherent", "standard")]
+    jobs += [(str(models["qwen3_moe"][0]), qwen_full, mode) for mode in ("coherent", "standard")]
+    results = run_world(2, jobs, tmp_path)
+    for job, result in zip(jobs, results):
         check_job(job, result, models, 2)
+    by_job = dict(zip(jobs, results))
+    for mode in ("coherent", "standard"):
+        # every expert on every rank: no token ever leaves its rank
+        assert by_job[(str(models["qwen3_moe"][0]), qwen_full, mode)]["decode"]["alltoall_bytes"] == 0
+        # half the experts also on the other rank: less traffic than the same primaries alone
+        bytes_of = {pl_path: by_job[(str(models["mixtral"][0]), pl_path, mode)]["decode"]["alltoall_bytes"]
+                    for pl_path in (str(pl["mixtral"]["permuted"]), mixtral_rep)}
+        assert bytes_of[mixtral_rep] < bytes_of[str(pl["mixtral"]["permuted"])]
 
 
 def test_four_ranks_both_modes(models: dict, tmp_path: Path) -> None:
@@ -171,6 +204,9 @@ def test_four_ranks_both_modes(models: dict, tmp_path: Path) -> None:
     jobs = [(str(models["mixtral"][0]), str(pl["mixtral"]["permuted"]), "coherent"),
             (str(models["qwen3_moe"][0]), str(pl["qwen3_moe"]["permuted"]), "coherent"),
             (str(models["qwen3_moe"][0]), str(pl["qwen3_moe"]["contiguous"]), "standard")]
+    # replicas on the node partner (2 nodes of 2): tokens of the other node fill the least-loaded copy
+    qwen_rep = str(replicated(tmp_path, models["qwen3_moe"][0], 4, 2))
+    jobs += [(str(models["qwen3_moe"][0]), qwen_rep, mode) for mode in ("coherent", "standard")]
     if "tiny-moe" in models:  # the trained checkpoint (bf16 weights, tied embeddings, 16 experts)
         jobs.append((str(models["tiny-moe"][0]), str(pl["tiny-moe"]["permuted"]), "coherent"))
     for job, result in zip(jobs, run_world(4, jobs, tmp_path)):

@@ -15,6 +15,7 @@ from moeplace.serve.counters import Counters
 from moeplace.serve.dist import Comm
 from moeplace.serve.generate import Runtime
 from moeplace.serve.model import RankModel, read_spec
+from moeplace.serve.replicas import ExpertMap
 
 PROMPTS = [[3, 4, 5], [9, 8]]
 
@@ -30,7 +31,8 @@ def greedy(path: Path, experts: list[list[int]] | None = None) -> tuple[RankMode
     local = experts or [list(range(spec.num_experts))] * len(spec.moe_layers)
     model = RankModel(spec, local, torch.device("cpu"), torch.float32)
     rt = Runtime(model, Comm(0, 1, torch.device("cpu"), Counters(len(spec.moe_layers))),
-                 torch.zeros(len(spec.moe_layers), spec.num_experts, dtype=torch.int64))
+                 ExpertMap(torch.zeros(len(spec.moe_layers), spec.num_experts, dtype=torch.int64),
+                           [None] * len(spec.moe_layers), 1))
     return model, rt.generate(PROMPTS, [4, 4], ignore_eos=True).tokens
 
 

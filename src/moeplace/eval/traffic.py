@@ -1,8 +1,11 @@
 """Predicted cross-rank Alltoall traffic of decoding a routing trace under a placement.
 
 The prediction `moeplace serve` must match (scripts/bench_serve.py checks it against the
-runtime's counters). It uses the same token -> GPU map as metrics.py (`token_gpus`), so the
-coherent dispatch rows of layers 1.. are exactly `dest_gpus_topk` per token.
+runtime's counters). Without replicas it uses the same token -> GPU map as metrics.py
+(`token_gpus`), so the coherent dispatch rows of layers 1.. are exactly `dest_gpus_topk` per
+token. With replicas it applies the same rule (`metrics.serve_layer`) to the batches the runtime
+decides on (`serving_gpus`): one decode step at a time (a sequence's i-th token of the trace is in
+step i), tokens ordered by sequence, home = the token's current rank in that mode.
 
 Runtime conventions (src/moeplace/serve): sequence s is homed on rank s % G; every decoded token
 of the trace is one row of each MoE layer's Alltoalls. For token t at MoE layer l with distinct
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import TraceError
-from moeplace.eval.metrics import _remote_destinations, token_gpus
+from moeplace.eval.metrics import _remote_destinations, serve_layer, token_gpus
 from moeplace.placement import Placement
 from moeplace.trace.format import Trace
 
@@ -36,15 +39,58 @@ def dispatch_row_bytes(hidden_size: int, top_k: int, element_bytes: int) -> int:
     return hidden_size * element_bytes + 4 * (2 * top_k + 1)
 
 
+def serving_gpus(placement: Placement, trace: Trace, mode: str) -> np.ndarray:
+    """GPU serving each token-expert choice in the runtime's batched decode, int64 [T, L, k].
+
+    Without replicas: the experts' GPUs. With replicas, per decode step (all sequences' i-th
+    tokens, ordered by sequence, as the runtime's global batch) and layer: serve_layer with
+    home = the token's home rank (standard) or its current rank (coherent: where its previous
+    token ended at step start, then the top-1 GPU of the previous layer).
+    """
+    if not any(placement.replicas):
+        return token_gpus(placement, trace)
+    seq, pos = _sequences(trace)
+    num_gpus, num_tokens = placement.num_gpus, trace.num_tokens
+    layers = np.arange(trace.num_layers)[None, :, None]
+    gpus = placement.expert_to_gpu[layers, trace.topk_ids]  # primaries; replica layers rewritten below
+    # 1. step of each token (its rank in its sequence) and the token before it (-1: none)
+    order = np.lexsort((pos, seq))
+    starts = np.r_[True, seq[order][1:] != seq[order][:-1]]
+    run_start = np.maximum.accumulate(np.where(starts, np.arange(num_tokens), 0))
+    step = np.empty(num_tokens, dtype=np.int64)
+    step[order] = np.arange(num_tokens) - run_start
+    prev = np.full(num_tokens, -1, dtype=np.int64)
+    prev[order[1:][~starts[1:]]] = order[:-1][~starts[1:]]
+    # 2. steps in order (a coherent step starts where the previous one left each token)
+    holders = [placement.holders(layer) if placement.replicas[layer] else None for layer in range(trace.num_layers)]
+    for s in range(int(step.max()) + 1 if num_tokens else 0):
+        tok = np.flatnonzero(step == s)
+        tok = tok[np.argsort(seq[tok], kind="stable")]
+        here = seq[tok] % num_gpus
+        if mode == "coherent":
+            here = np.where(prev[tok] >= 0, gpus[prev[tok], -1, 0], here)
+        for layer, copies in enumerate(holders):
+            if copies is not None:
+                gpus[tok, layer] = serve_layer(copies, trace.topk_ids[tok, layer], gpus[tok, layer], here,
+                                               placement.gpus_per_node, num_gpus)
+            if mode == "coherent":
+                here = gpus[tok, layer, 0]
+    return gpus
+
+
+def _sequences(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
+    if trace.sequence_ids is None or trace.positions is None:
+        raise TraceError("traffic prediction needs sequence_ids and positions in the trace")
+    return trace.sequence_ids, trace.positions
+
+
 def start_ranks(trace: Trace, gpus: np.ndarray, num_gpus: int) -> np.ndarray:
     """Rank where each token starts its step in coherent decode, int64 [T].
 
     Home (sequence % G) for a sequence's first token in the trace, else the top-1 rank at the
     last MoE layer of the token before it in its sequence (by position).
     """
-    if trace.sequence_ids is None or trace.positions is None:
-        raise TraceError("traffic prediction needs sequence_ids and positions in the trace")
-    seq, pos = trace.sequence_ids, trace.positions
+    seq, pos = _sequences(trace)
     start = seq % num_gpus
     order = np.lexsort((pos, seq))
     follows = seq[order][1:] == seq[order][:-1]  # token order[i+1] follows order[i] in its sequence
@@ -56,13 +102,13 @@ def predict_traffic(placement: Placement, trace: Trace, mode: str, hidden_size: 
                     element_bytes: int) -> dict[str, Any]:
     """Cross-rank rows and bytes of each Alltoall kind, totals and per generated token.
 
-    trace: the decoded tokens (sequence_ids and positions required); placement: no replicas.
+    trace: the decoded tokens (sequence_ids and positions required); placement: replicas allowed.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     placement.check_fits(trace.num_layers, trace.num_experts)
     num_gpus, k = placement.num_gpus, trace.top_k
-    gpus = token_gpus(placement, trace)  # [T, L, k]
+    gpus = serving_gpus(placement, trace, mode)  # [T, L, k]
     distinct = _remote_destinations(gpus, np.full(gpus.shape[:2], -1))  # |D| [T, L]
     if mode == "standard":
         home = trace.sequence_ids % num_gpus if trace.sequence_ids is not None else None

@@ -8,6 +8,8 @@ Kinds of collective:
                know them); tiny, reported apart from the payload bytes
     kv_sync    Alltoall replicating each step's new K/V entries on every rank (context-coherent)
     tokens     all-reduce of the step's sampled token ids (every rank learns every sequence's state)
+    routing    all-reduce of a MoE layer's routing table, only for layers with replicated experts
+               (every rank picks the same copies, replicas.py)
 
 Each rank counts what it sends to other ranks (never to itself); `merge` sums ranks. Collective
 counts are the same on every rank (they are collectives), so merged counts take one rank's.
@@ -19,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("dispatch", "combine", "counts", "kv_sync", "tokens")
+KINDS = ("dispatch", "combine", "counts", "kv_sync", "tokens", "routing")
 PAYLOAD = ("dispatch", "combine")  # the Alltoalls whose bytes the placement decides
 
 

@@ -25,6 +25,7 @@ from moeplace.serve.counters import Counters
 from moeplace.serve.dist import Comm, init_distributed, world_from_env
 from moeplace.serve.generate import MODES, Result, Runtime
 from moeplace.serve.model import ModelSpec, RankModel, read_spec
+from moeplace.serve.replicas import ExpertMap
 from moeplace.solve.baselines import contiguous
 
 NOOP, GENERATE, STOP = 0, 1, 2  # commands rank 0 broadcasts
@@ -54,8 +55,6 @@ def check_placement(spec: ModelSpec, placement: Placement | None, world: int) ->
     if placement.num_gpus != world:
         raise MoeplaceError(f"placement is for {placement.num_gpus} GPUs but {world} ranks are running "
                             f"(torchrun --nproc-per-node {placement.num_gpus})")
-    if placement.num_replicas:
-        raise MoeplaceError("placements with replicated experts are not served yet (one copy per expert)")
     return placement
 
 
@@ -80,12 +79,14 @@ def agree(rank: int, world: int, device: torch.device, error: str | None) -> Non
 
 def load_runtime(spec: ModelSpec, placement: Placement, mode: str, rank: int, world: int, device: torch.device,
                  dtype: str | None = None) -> Runtime:
-    """Step 3: this rank's weights (replicated part + its experts) and communicator."""
+    """Step 3: this rank's weights (replicated part + its experts' copies, primary or replica)
+    and communicator."""
     torch_dtype = DTYPES[dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    local = [placement.experts_on_gpu(m, rank) for m in range(placement.num_layers)]
+    # ascending ids: partial sums add up in transformers' expert order
+    local = [sorted(placement.experts_on_gpu(m, rank)) for m in range(placement.num_layers)]
     model = RankModel(spec, local, device, torch_dtype)
     comm = Comm(rank, world, device, Counters(len(spec.moe_layers)))
-    return Runtime(model, comm, torch.as_tensor(placement.expert_to_gpu, device=device), mode)
+    return Runtime(model, comm, ExpertMap.from_placement(placement, device), mode)
 
 
 def build_runtime(model_dir: str, placement_path: str | None, mode: str, timeout_s: float,

@@ -11,6 +11,9 @@ Sequences get slots 0..B-1; slot s is homed on rank s % world. Per call:
                 - tokens all-reduce: every rank learns every sequence's next token
                 - coherent only: kv_sync Alltoall of the step's new K/V entries (all layers)
 
+A forward's global batch (the rows of every rank, ordered by (slot, position)) numbers its rows
+`first[slot] + position`; MoE layers with replicated experts choose copies on it (replicas.py).
+
 Greedy argmax; a sequence stops at its max_new_tokens or at an EOS id (unless ignore_eos).
 """
 
@@ -25,6 +28,7 @@ import torch
 from moeplace.serve.coherent import moe_coherent
 from moeplace.serve.dist import Comm, pack, unpack
 from moeplace.serve.model import KVCache, RankModel
+from moeplace.serve.replicas import ExpertMap
 from moeplace.serve.standard import moe_standard
 
 MODES = ("coherent", "standard")
@@ -43,25 +47,31 @@ class Result:
 class Runtime:
     model: RankModel
     comm: Comm
-    expert_gpu: torch.Tensor  # int64 [moe_layers, E], rank of each expert
+    experts: ExpertMap  # which rank serves each token-expert choice
     mode: str = "coherent"
     record_routing: bool = False
     _routing: list[torch.Tensor] = field(default_factory=list)
 
     def moe(self, moe: int, h: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-            coherent: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            batch: tuple[torch.Tensor, int], coherent: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ids, weights = self.model.route(moe, h)
+        first, size = batch
+        gpus = self.experts.serving(self.comm, moe, ids, first[slots] + positions, size)
         if self.record_routing and self.comm.counters.phase == "decode":
             meta = torch.stack([slots, positions, torch.full_like(slots, moe)], dim=1)
             self._routing.append(torch.cat([meta, ids], dim=1).cpu())
         if coherent:
-            return moe_coherent(self.model, self.comm, self.expert_gpu, moe, h, slots, ids, weights)
-        return moe_standard(self.model, self.comm, self.expert_gpu, moe, h, slots, ids, weights), slots
+            return moe_coherent(self.model, self.comm, moe, h, slots, ids, weights, gpus)
+        return moe_standard(self.model, self.comm, moe, h, slots, ids, weights, gpus), slots
 
     def forward(self, h: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache, coherent: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+                batch: tuple[torch.Tensor, int], cache: KVCache,
+                coherent: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """All decoder layers for the rows here. Returns (h, slots) of the rows that end here and
-        the K/V rows this rank computed, [slot, position, layer | k | v] packed, for kv_sync."""
+        the K/V rows this rank computed, [slot, position, layer | k | v] packed, for kv_sync.
+
+        batch: (first [B], size): the global batch's row of (slot, position) is first[slot] + position.
+        """
         spec = self.model.spec
         kv_rows = []
         for layer in range(spec.num_layers):
@@ -70,7 +80,7 @@ class Runtime:
                 meta = torch.stack([slots, positions, torch.full_like(slots, layer)], dim=1)
                 kv_rows.append(pack(torch.cat([k.flatten(1), v.flatten(1)], dim=1), meta))
             if layer in spec.moe_layers:
-                h, slots = self.moe(spec.moe_layers.index(layer), h, slots, positions, coherent)
+                h, slots = self.moe(spec.moe_layers.index(layer), h, slots, positions, batch, coherent)
                 positions = lengths[slots] if coherent else positions
             else:
                 h = self.model.dense_mlp(layer, h)
@@ -114,7 +124,9 @@ class Runtime:
         slots = torch.tensor([s for s in home for _ in prompts[s]], dtype=torch.int64, device=dev)
         positions = torch.tensor([i for s in home for i in range(len(prompts[s]))], dtype=torch.int64, device=dev)
         ids = torch.tensor([t for s in home for t in prompts[s]], dtype=torch.int64, device=dev)
-        h, _, kv_rows = self.forward(model.embed_tokens(ids), slots, lengths, positions, cache, coherent=False)
+        prefill_batch = (torch.cumsum(lengths, 0) - lengths, int(lengths.sum()))  # every prompt position
+        h, _, kv_rows = self.forward(model.embed_tokens(ids), slots, lengths, positions, prefill_batch, cache,
+                                     coherent=False)
         if coherent:
             meta = torch.stack([slots, positions], dim=1)
             kv_rows = [pack(torch.cat([cache.k[layer, slots, :, positions].flatten(1),  # stride 1: row = slot
@@ -151,8 +163,9 @@ class Runtime:
             # next step: unfinished sequences continue where their last token ended
             here = here[~done[here]]
             positions = lengths[here]
+            step_batch = (torch.arange(num, device=dev) - lengths, num)  # one row per slot: the row is the slot
             h, here, kv_rows = self.forward(model.embed_tokens(next_ids[here]), here, lengths, positions,
-                                            cache, coherent)
+                                            step_batch, cache, coherent)
             lengths = lengths + (~done).long()
             if coherent:
                 self.sync_kv(kv_rows, cache)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from moeplace.serve.counters import KINDS
 from moeplace.serve.engine import GENERATE, NOOP, Request, merged_counters, run_request, send_command
 from moeplace.serve.generate import Runtime
 
@@ -104,7 +105,7 @@ def metrics_text(stats: Stats, mode: str, world: int) -> str:
     c = stats.counters
     for phase in ("prefill", "decode"):
         s = c.get(phase, {})
-        for kind in ("dispatch", "combine", "counts", "kv_sync", "tokens"):
+        for kind in KINDS:
             if kind in s:
                 lines.append(f'moeplace_collective_bytes_total{{phase="{phase}",kind="{kind}"}} {s[kind]["bytes"]}')
                 lines.append(f'moeplace_collectives_total{{phase="{phase}",kind="{kind}"}} {s[kind]["collectives"]}')

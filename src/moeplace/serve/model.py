@@ -307,7 +307,9 @@ class RankModel:
         return ids, weights
 
     def experts(self, moe: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Sum over this rank's experts of gate_weight * expert(norm(h)), [n, H] (0 for others)."""
+        """Sum over this rank's experts of gate_weight * expert(norm(h)), [n, H] (0 for others).
+
+        ids [n, k]: a negative id is a choice another rank serves (see standard.row_ids); skipped."""
         s = self.spec
         x = rms_norm(h, self.layers[s.moe_layers[moe]]["post_norm"], s.rms_eps)
         out = torch.zeros_like(x)

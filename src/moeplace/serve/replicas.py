@@ -1,0 +1,60 @@
+"""Which rank serves each token-expert choice: the expert's rank, or the replica eval picks.
+
+Without replicas a choice goes to the rank of the expert's only copy. A MoE layer with replicas
+applies `eval.metrics.serve_layer`, the one replica rule eval and the cost model use, to the
+layer's *global* batch, so that every rank reaches the same decisions and the runtime's routing
+equals the prediction (eval/traffic.py):
+
+    1. each rank writes its tokens' row [current rank | k expert ids] into a table of the global
+       batch (indexed by (slot, position), the same order on every rank; -1 elsewhere)
+    2. one all-reduce (max) of the table: every rank knows every token's experts and rank
+       (counted as the `routing` collective, metadata apart from the payload bytes)
+    3. serve_layer on the rows present, in (slot, position) order, with home = the token's
+       current rank (standard mode: its home rank; coherent: the rank it is on)
+    4. each rank keeps the rows of its own tokens
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moeplace.eval.metrics import serve_layer
+from moeplace.placement import Placement
+from moeplace.serve.dist import Comm
+
+
+@dataclass
+class ExpertMap:
+    expert_gpu: torch.Tensor  # int64 [moe_layers, E]: rank of each expert's primary copy
+    holders: list[list[list[int]] | None]  # per MoE layer: ranks of each expert's copies; None: no replicas
+    gpus_per_node: int
+
+    @classmethod
+    def from_placement(cls, placement: Placement, device: torch.device) -> "ExpertMap":
+        holders = [placement.holders(m) if placement.replicas[m] else None for m in range(placement.num_layers)]
+        return cls(torch.as_tensor(placement.expert_to_gpu, device=device), holders, placement.gpus_per_node)
+
+    def serving(self, comm: Comm, moe: int, ids: torch.Tensor, index: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Rank serving each choice of this rank's tokens, int64 [n, k].
+
+        ids [n, k]: their experts at MoE layer `moe`; index [n]: their rows in the global batch
+        of `batch_size` rows (every rank calls this, with the same batch, for every MoE layer).
+        """
+        gpu_of = self.expert_gpu[moe]
+        holders = self.holders[moe]
+        if holders is None:
+            return gpu_of[ids]
+        table = torch.full((batch_size, 1 + ids.shape[1]), -1, dtype=torch.int64, device=ids.device)
+        table[index, 0] = comm.rank
+        table[index, 1:] = ids
+        table = comm.max_reduce(table, "routing")  # step 2
+        present = table[:, 0] >= 0
+        rows = table[present].cpu().numpy()
+        global_ids = rows[:, 1:]
+        gpus = serve_layer(holders, global_ids, gpu_of.cpu().numpy()[global_ids], rows[:, 0],  # step 3
+                           self.gpus_per_node, comm.world)
+        compact = torch.cumsum(present.long(), 0) - 1  # global row -> row among those present
+        return torch.as_tensor(gpus, device=ids.device)[compact[index]]
