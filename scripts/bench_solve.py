@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Benchmark of `moeplace solve` (issue 2): held-out quality and scale. Prints the figures.
+
+Quality: fit on a seeded random half of a trace, evaluate on the other half, mean over seeded
+splits, as ratios to the contiguous layout (lower is better), for moeplace and for the plain
+reference heuristic (coordinate ascent on gate-weighted transitions). On the real FLAME trace,
+and on a SYNTHETIC planted-affinity trace of the same shape (to check that nothing is tuned to
+FLAME).
+
+Scale: SYNTHETIC planted-affinity traces of Mixtral-8x7B, OLMoE and DeepSeek-V3 sizes; each case
+runs in a fresh subprocess so its peak RSS is its own. recovery = (C(contiguous) - C(found)) /
+(C(contiguous) - C(planted)) with C the solver's objective on the trace: the share of the
+planted placement's improvement over contiguous that the solver finds (1.0 = as good as
+planted; above 1 when noise lets it do better).
+
+    python scripts/bench_solve.py                  # everything
+    python scripts/bench_solve.py --only quality --splits 5
+    python scripts/bench_solve.py --only quality --trace /tmp/q/wiki.npz   # also other traces
+    python scripts/bench_solve.py --only scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAME = ROOT / "traces" / "flame-moe-290m-decoder.npz"
+THRESHOLDS = ROOT / "tests" / "regression_thresholds.yaml"
+METRICS = ("cross_gpu_top1", "dest_gpus_topk")
+# name: (tokens, layers, experts, top_k, gpus, gpus_per_node, target seconds)
+SCALE = {
+    "mixtral-8x7b": (2048, 32, 8, 2, 8, 8, 5.0),
+    "olmoe": (2048, 16, 64, 8, 8, 8, 5.0),
+    "deepseek-v3": (4096, 58, 256, 8, 64, 8, 60.0),
+}
+
+
+def held_out_ratios(trace, num_gpus: int, splits: range) -> dict[str, np.ndarray]:
+    """Mean over splits of held-out metric / contiguous: moeplace, moeplace with the default edge
+    weights fixed (no cross-validation) and the plain reference."""
+    from threadpoolctl import threadpool_limits
+
+    from moeplace.eval.metrics import evaluate
+    from moeplace.placement import Placement
+    from moeplace.solve.baselines import contiguous
+    from moeplace.solve.solver import plain_coordinate_ascent, solve_placement
+    from moeplace.trace.format import split_tokens
+
+    from moeplace.solve.solver import DEFAULT_WEIGHTS
+
+    out: dict[str, list[list[float]]] = {"moeplace": [], "defaults": [], "plain": []}
+    for seed in splits:
+        # moeplace as shipped (weights chosen by cross-validation) and with the default weights fixed
+        for method, weights in (("moeplace", {}), ("defaults", DEFAULT_WEIGHTS)):
+            placement = solve_placement(trace, num_gpus, time_limit=60, seed=seed, train_fraction=0.5, **weights)
+            held = placement.metrics["held_out"]
+            out[method].append([held["placement"][m] / held["contiguous"][m] for m in METRICS])
+        train_idx, held_idx = split_tokens(trace.num_tokens, 0.5, seed)
+        with threadpool_limits(1, "blas"):
+            plain = plain_coordinate_ascent(trace.select_tokens(train_idx), num_gpus)
+        sub = trace.select_tokens(held_idx)
+        base = evaluate(Placement(contiguous(trace.num_layers, trace.num_experts, num_gpus), num_gpus, num_gpus), sub)
+        m = evaluate(Placement(plain, num_gpus, num_gpus), sub)
+        out["plain"].append([m[k] / base[k] for k in METRICS])
+    return {k: np.mean(v, axis=0) for k, v in out.items()}
+
+
+def quality(splits: int, extra: list[Path]) -> None:
+    from moeplace.solve.synthetic import planted_trace
+    from moeplace.trace.format import load_trace
+
+    traces = {}
+    if FLAME.is_file():
+        traces["FLAME-MoE-290M decoder (real)"] = load_trace(FLAME)
+    traces["SYNTHETIC planted, 640 x 8 x 64 top-6"] = planted_trace(640, 8, 64, 6, 8, affinity=0.6, boost=8.0, seed=7)[0]
+    for path in extra:
+        traces[path.name] = load_trace(path)
+    print("held-out ratio to contiguous (lower is better), mean over splits")
+    results: dict[int, np.ndarray] = {}
+    print(f"{'trace':40} {'splits':>7} {'GPUs':>5} {'method':>9} {'cross-GPU top-1':>16} {'remote GPUs top-k':>18}")
+    for name, trace in traces.items():
+        for split_range in (range(splits), range(100, 100 + splits)):
+            for gpus in (4, 8):
+                t = time.monotonic()
+                r = held_out_ratios(trace, gpus, split_range)
+                for method, (top1, dest) in r.items():
+                    label = f"{split_range.start}..{split_range.stop - 1}"
+                    print(f"{name:40} {label:>7} {gpus:>5} {method:>9} {top1:>16.3f} {dest:>18.3f}")
+                print(f"{'':40} {'':>7} {'':>5} {'(time)':>9} {time.monotonic() - t:>15.1f}s", flush=True)
+                if name.startswith("FLAME") and split_range.start == 0:
+                    results[gpus] = r["moeplace"]
+    print_targets(results, splits)
+
+
+def print_targets(results: dict[int, np.ndarray], splits: int) -> None:
+    """Issue 2's targets (tests/regression_thresholds.yaml `targets`) against the FLAME ratios."""
+    import yaml
+
+    spec = yaml.safe_load(THRESHOLDS.read_text())["traces"][FLAME.name]
+    if not results or splits != spec["splits"]:
+        return
+    print(f"issue 2 targets on {FLAME.name} (splits 0..{splits - 1}):")
+    for gpus, targets in spec["targets"].items():
+        for metric, target in targets.items():
+            ratio = results[int(gpus)][METRICS.index(metric)]
+            print(f"  {gpus} GPUs {metric:16} {ratio:.3f} <= {target}: {'met' if ratio <= target else 'NOT MET'}")
+
+
+def scale_case(name: str) -> dict:
+    """One scale case (run in its own process): solve time, recovery, gap."""
+    from threadpoolctl import threadpool_limits
+
+    from moeplace.solve.affinity import distance_matrix, edge_weights, placement_cost
+    from moeplace.solve.baselines import contiguous
+    from moeplace.solve.solver import solve_placement
+    from moeplace.solve.synthetic import planted_trace
+
+    tokens, layers, experts, k, gpus, gpn, target = SCALE[name]
+    trace, planted = planted_trace(tokens, layers, experts, k, gpus, gpn, seed=0)
+    t = time.monotonic()
+    placement = solve_placement(trace, gpus, gpn, time_limit=target, seed=0)
+    seconds = time.monotonic() - t
+    with threadpool_limits(1, "blas"):
+        o = placement.objective
+        graph = edge_weights(trace, o["top1_weight"], o["coselect_weight"], o["smoothing"], o["prior"])
+        d = distance_matrix(gpus, gpn, o["node_cost"])
+        c_contig, c_planted, c_found = (placement_cost(graph, x, d) for x in
+                                        (contiguous(layers, experts, gpus), planted, placement.expert_to_gpu))
+    return {
+        "case": name, "shape": f"{layers}x{experts} top-{k}, {tokens} tokens, {gpus} GPUs / {gpus // gpn} nodes",
+        "seconds": seconds, "target_s": target,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "recovery": (c_contig - c_found) / (c_contig - c_planted),
+        "gap": placement.gap, "method": placement.solver["method"],
+        "cross_gpu_top1_vs_contiguous": placement.metrics["train"]["placement"]["cross_gpu_top1"]
+        / placement.metrics["train"]["contiguous"]["cross_gpu_top1"],
+    }
+
+
+def scale() -> None:
+    print("SYNTHETIC planted-affinity traces; solve_placement(time_limit=target) incl. edge weights and "
+          "baseline metrics; peak RSS of the whole process")
+    print(f"{'case':14} {'shape':46} {'seconds':>8} {'target':>7} {'peak GiB':>9} {'recovery':>9} {'gap':>7}  method")
+    for name in SCALE:
+        proc = subprocess.run([sys.executable, __file__, "--case", name], capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{name:14} FAILED: {proc.stderr.strip().splitlines()[-1:]}")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        gap = "n/a" if r["gap"] is None else f"{r['gap']:.1%}"
+        print(f"{r['case']:14} {r['shape']:46} {r['seconds']:>8.1f} {r['target_s']:>7.0f} {r['peak_rss_gib']:>9.2f} "
+              f"{r['recovery']:>9.4f} {gap:>7}  {r['method']}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=("quality", "scale"))
+    ap.add_argument("--splits", type=int, default=5)
+    ap.add_argument("--trace", type=Path, action="append", default=[], help="another trace for the quality table")
+    ap.add_argument("--case", choices=tuple(SCALE), help=argparse.SUPPRESS)  # internal: one scale case
+    args = ap.parse_args()
+    if args.case:
+        print(json.dumps(scale_case(args.case)))
+        return
+    if args.only in (None, "quality"):
+        quality(args.splits, args.trace)
+    if args.only in (None, "scale"):
+        scale()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""`moeplace solve`: fit an expert-to-GPU placement on a trace and write it as placement JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from moeplace.placement import Placement
+
+METRICS = (  # (key, column title) of the summary table
+    ("cross_gpu_top1", "cross-GPU top-1"),
+    ("cross_node_top1", "cross-node top-1"),
+    ("dest_gpus_topk", "remote GPUs top-k"),
+    ("imbalance_max", "imbalance max"),
+)
+
+
+def summary(placement: Placement, trace_name: str) -> str:
+    """Human summary: the placement vs every baseline, on train and held-out tokens."""
+    s, o = placement.solver, placement.objective
+    lines = [f"moeplace solve: {trace_name} -> {placement.num_gpus} GPUs "
+             f"({placement.num_nodes} node{'s' if placement.num_nodes > 1 else ''} x {placement.gpus_per_node})"]
+    if placement.split:
+        lines.append(f"fitted on a {placement.split['train_fraction']:g} split of the tokens (seed {placement.split['seed']})")
+    gap = "unknown" if placement.gap is None else f"{placement.gap:.1%}"
+    bound = "none" if placement.bound is None else f"{placement.bound:.6g}"
+    lines.append(f"objective {o.get('name')}: {o.get('value', float('nan')):.6g}, lower bound {bound}, gap {gap} "
+                 f"({s.get('method')}, {s.get('seconds', 0):.1f} s"
+                 f"{', stopped by --time-limit' if s.get('stopped_by_time_limit') else ''})")
+    for part, results in placement.metrics.items():
+        base = results.get("contiguous", {})
+        lines.append("")
+        lines.append(f"{part.replace('_', '-')} tokens ({results['placement']['tokens']}):".ljust(26)
+                     + "".join(title.rjust(20) for _, title in METRICS))
+        for name, m in results.items():
+            cells = []
+            for key, _ in METRICS:
+                ratio = f" ({m[key] / base[key]:.2f}x)" if base.get(key) and name != "contiguous" and key != "imbalance_max" else ""
+                cells.append(f"{m[key]:.3f}{ratio}".rjust(20))
+            lines.append(f"  {'moeplace' if name == 'placement' else name}".ljust(26) + "".join(cells))
+    return "\n".join(lines)
+
+
+def _objective_names() -> list[str]:
+    from moeplace.solve.solver import OBJECTIVES
+    return list(OBJECTIVES)
+
+
+@click.command("solve", context_settings={"max_content_width": 100})
+@click.argument("trace_path", metavar="TRACE", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--gpus", "-g", type=int, required=True, help="Expert-parallel GPUs G; each holds E/G experts of every layer.")
+@click.option("--gpus-per-node", type=int, default=None, help="GPUs per node (default: all G on one node).")
+@click.option("--objective", type=click.Choice(_objective_names()), default="traffic", show_default=True,
+              help="What to minimise. traffic: weighted cross-GPU/cross-node transitions (docs/solver.md); "
+                   "latency: predicted MoE-layer time under --cluster; balance: max token load per GPU, the only "
+                   "one for load-only inputs (docs/cost-model.md).")
+@click.option("--time-limit", type=float, default=60.0, show_default=True,
+              help="Seconds; the best placement found by then is written.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the search (same seed, same result).")
+@click.option("--train-fraction", type=float, default=1.0, show_default=True,
+              help="Fit on this seeded random fraction of the tokens; metrics also on the rest (held out).")
+@click.option("--node-cost", type=float, default=2.0, show_default=True,
+              help="Cost of a cross-node move relative to a cross-GPU move inside a node.")
+@click.option("--top1-weight", type=float, default=1.0, show_default=True, help="Extra edge weight of the top-1 -> top-1 transition.")
+@click.option("--coselect-weight", type=float, default=None,
+              help="Weight of co-selection edges within a layer (top-k). Default: chosen from 1, 2, 4 by "
+                   "2-fold cross-validation on the training tokens (2 on large traces).")
+@click.option("--smoothing", type=float, default=None,
+              help="Gate-weighted spread of edges over all k sources. Default: chosen with --prior (equal) from "
+                   "0.5, 2 by cross-validation (0.5 on large traces).")
+@click.option("--prior", type=float, default=None, help="Weight of the gate-weighted all-pairs transition prior "
+                                                        "(default: see --smoothing).")
+@click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="latency: cluster config YAML (configs/cluster/*.yaml; docs/cost-model.md).")
+@click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="latency: model config YAML (configs/model/*.yaml) when the cluster file has no model section.")
+@click.option("--compute-weight", type=float, default=1.0, show_default=True,
+              help="latency: weight of the compute (balance) term against communication (1 = predicted time).")
+@click.option("--redundant-experts", type=int, default=0, show_default=True,
+              help="latency/balance: extra expert copies per layer (as EPLB, vLLM num_redundant_experts).")
+@click.option("--max-experts-per-gpu", type=int, default=None,
+              help="balance: per-layer expert slots a GPU may hold (default ceil((E + R) / G)); above that, "
+                   "per-GPU counts may differ (MoETuner-style uneven layouts).")
+@click.option("--pareto", is_flag=True,
+              help="latency: also solve for compute weights 0 (traffic only), 1, 4, 16, 64 (balance heavy) and print the "
+                   "compute / communication front; writes the weight-1 placement.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Placement JSON to write.")
+@click.option("--quiet", "-q", is_flag=True, help="No summary on stdout, no progress on stderr.")
+def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str, time_limit: float, seed: int,
+          train_fraction: float, node_cost: float, top1_weight: float, coselect_weight: float | None,
+          smoothing: float | None, prior: float | None, cluster: Path | None, model_config: Path | None, compute_weight: float,
+          redundant_experts: int, max_experts_per_gpu: int | None, pareto: bool, output: Path, quiet: bool) -> None:
+    """Place experts on GPUs so that a token's consecutive experts share a GPU.
+
+    \b
+    Input:  TRACE, a moeplace v1 .npz trace or an ExFlow .npy [tokens, layers] top-1 trace; with
+            --objective balance also a load-only .npz (moeplace.loads/v1, `moeplace import`).
+    Output: a placement JSON (moeplace.placement/v1) with the objective, solver settings, lower
+            bound and gap, metrics of the placement and of the baselines (contiguous, round-robin,
+            random, greedy_load) on the training tokens and, with --train-fraction < 1, on the
+            held-out rest (evaluate it again with `moeplace eval`); a summary on stdout.
+    Every GPU holds E/G experts of each layer. Exact integer programming (PuLP + HiGHS) when the
+    model is small, else heuristics with ILP sub-problems; deterministic for a given --seed.
+
+    \b
+    Example:
+      moeplace solve traces/flame-moe-290m-decoder.npz --gpus 8 --gpus-per-node 4 \\
+          --train-fraction 0.5 --seed 0 -o placement.json
+      moeplace solve traces/flame-moe-290m-decoder.npz --gpus 16 --gpus-per-node 8 --objective latency \\
+          --cluster configs/cluster/h100-2x8-ib.yaml --model-config configs/model/flame-moe-290m.yaml \\
+          --redundant-experts 16 --train-fraction 0.5 -o placement.json
+    """
+    from moeplace.errors import MoeplaceError
+    from moeplace.solve.solver import solve_placement
+    from moeplace.trace.format import load_trace
+
+    for name, value in (("--node-cost", node_cost), ("--top1-weight", top1_weight),
+                        ("--coselect-weight", coselect_weight), ("--smoothing", smoothing), ("--prior", prior)):
+        if value is not None and not value >= 0:
+            raise MoeplaceError(f"{name} must be >= 0, got {value}")
+    if redundant_experts < 0 or not compute_weight >= 0:
+        raise MoeplaceError("--redundant-experts and --compute-weight must be >= 0")
+    if objective == "traffic" and (redundant_experts or cluster or model_config):
+        raise MoeplaceError("--redundant-experts, --cluster and --model-config apply to --objective latency or balance")
+    if _is_load_only(trace_path):
+        if objective != "balance":
+            raise MoeplaceError(f"{trace_path} holds expert loads only (no token paths): use --objective balance")
+        return _solve_loads(trace_path, gpus, gpus_per_node, redundant_experts, max_experts_per_gpu, time_limit, output, quiet)
+    trace = load_trace(trace_path)
+    options: dict[str, Any] = {}
+    if objective == "traffic":
+        options = dict(node_cost=node_cost, top1_weight=top1_weight, coselect_weight=coselect_weight,
+                       smoothing=smoothing, prior=prior)
+    if objective == "latency":
+        options = dict(cluster=cluster, model_config=model_config, compute_weight=compute_weight,
+                       redundant=redundant_experts)
+    if objective == "balance":
+        options = dict(redundant=redundant_experts, max_experts_per_gpu=max_experts_per_gpu)
+    elif max_experts_per_gpu is not None:
+        raise MoeplaceError("--max-experts-per-gpu applies to --objective balance")
+    if pareto:
+        if objective != "latency":
+            raise MoeplaceError("--pareto sweeps the latency objective's --compute-weight: add --objective latency")
+        click.echo(pareto_front(trace, gpus, gpus_per_node, time_limit, seed, train_fraction, options))
+        options["compute_weight"] = 1.0
+    placement = solve_placement(trace, gpus, gpus_per_node, time_limit, seed, objective=objective,
+                                train_fraction=train_fraction, progress=not quiet, **options)
+    placement.save(output)
+    if not quiet:
+        click.echo(summary(placement, trace_path.name))
+        click.echo(f"\nwrote {output}")
+
+
+def _is_load_only(path: Path) -> bool:
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return "expert_loads" in z.files
+    except Exception:  # not an .npz: load_trace gives the clear error
+        return False
+
+
+def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: int, max_experts_per_gpu: int | None,
+                 time_limit: float, output: Path, quiet: bool) -> None:
+    """`balance` on a load-only input (moeplace.loads/v1): per-layer loads, no token paths."""
+    from moeplace.placement import check_topology
+    from moeplace.solve.balance import balance_placement
+    from moeplace.trace.format import load_loads
+
+    loads = load_loads(path)
+    gpn = gpus_per_node or gpus
+    check_topology(loads.num_experts, gpus, gpn, balanced=False)
+    placement = balance_placement(loads.loads, gpus, gpn, redundant, time_limit, max_experts_per_gpu, progress=not quiet)
+    placement.trace_sha256 = loads.sha256 or None
+    placement.save(output)
+    if not quiet:
+        m = placement.metrics
+        click.echo(f"moeplace solve: {path.name} (load only) -> {gpus} GPUs, {redundant} redundant experts per layer")
+        click.echo(f"balance: max/mean load per GPU, mean over layers {m['imbalance_mean']:.4f}, worst layer "
+                   f"{m['imbalance_max']:.4f}; lower bound {placement.bound:.4f}, gap {placement.gap:.2%}")
+        click.echo(f"wrote {output}")
+
+
+PARETO_WEIGHTS = (0.0, 1.0, 4.0, 16.0, 64.0)
+
+
+def pareto_front(trace: Any, gpus: int, gpus_per_node: int | None, time_limit: float, seed: int,
+                 train_fraction: float, options: dict[str, Any]) -> str:
+    """Solve `latency` at each compute weight; one row per weight: predicted compute and
+    communication (held-out tokens when there is a split), cross-GPU top-1 and imbalance."""
+    from moeplace.solve.costmodel import load_cost_model, predict
+    from moeplace.solve.solver import solve_placement
+    from moeplace.trace.format import split_tokens
+
+    cost = load_cost_model(options["cluster"], options["model_config"]) if options.get("cluster") else None
+    if cost is None:
+        from moeplace.errors import MoeplaceError
+        raise MoeplaceError("--pareto needs --cluster CONFIG.yaml")
+    _, held = split_tokens(trace.num_tokens, train_fraction, seed)
+    sub = trace.select_tokens(held) if train_fraction < 1.0 and len(held) else trace
+    part = "held_out" if sub is not trace else "train"
+    rows = [f"pareto front ({part} tokens; weight = compute weight, 0 = traffic only):",
+            f"{'weight':>8}{'compute us':>12}{'comm us':>10}{'MoE time us':>13}{'cross-GPU':>11}{'imbalance':>11}"]
+    opts = {k: v for k, v in options.items() if k not in ("cluster", "model_config", "compute_weight")}
+    for w in PARETO_WEIGHTS:
+        p = solve_placement(trace, gpus, gpus_per_node, time_limit / len(PARETO_WEIGHTS), seed, objective="latency",
+                            train_fraction=train_fraction, cost=cost, compute_weight=w, **opts)
+        t = predict(cost, p, sub)
+        m = p.metrics[part]["placement"]
+        comm = t.dispatch_us.sum() + t.combine_us.sum()
+        rows.append(f"{w:>8g}{t.compute_us.sum():>12.1f}{comm:>10.1f}{t.total_us.sum():>13.1f}"
+                    f"{m['cross_gpu_top1']:>11.4f}{m['imbalance_max']:>11.3f}")
+    return "\n".join(rows)

@@ -1,0 +1,236 @@
+"""Local search for the traffic objective (affinity.placement_cost), layer by layer.
+
+Shapes: expert_to_gpu int [L, E]; a layer's cost table float64 [E, G] (cost of expert e on GPU
+g with every other expert fixed); distance float64 [G, G] (affinity.distance_matrix).
+
+The moves, all keeping E/G experts of each layer per GPU:
+    * improve_layer: optimal re-assignment of one layer given its neighbours (assign_layer).
+      Without intra-layer edges this is a transport problem solved exactly
+      (linear_sum_assignment over E/G slots per GPU); the intra-layer part is linearised around
+      the current layer, so the result is only kept when the exact cost improves. Then
+    * swap_descent: Kernighan-Lin style best-improvement swaps of two experts of one layer on
+      different GPUs, with exact deltas including intra-layer edges.
+    * chain_init: greedy chaining, an anchor layer grouped by co-selection into GPUs then nodes
+      (cluster_layer, balanced_groups), each layer outwards assigned optimally to its neighbour.
+    * perturb: a seeded random shuffle of a window of layers (iterated local search kicks).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from moeplace.solve.affinity import AffinityGraph, one_hot
+
+
+def layer_costs(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distance: np.ndarray,
+                intra: bool = True) -> np.ndarray:
+    """Cost of each expert of `layer` on each GPU, all other experts fixed. float64 [E, G].
+
+    in-edges from layer-1, out-edges to layer+1, and (when `intra`) co-selection edges to the
+    other experts of this layer at their current GPUs.
+    """
+    num_gpus = distance.shape[0]
+    num_layers = expert_to_gpu.shape[0]
+    cost = np.zeros((expert_to_gpu.shape[1], num_gpus))
+    if layer > 0:  # sum_i inter[l-1, i, e] D[g(i), g]
+        cost += graph.inter[layer - 1].T @ (one_hot(expert_to_gpu[layer - 1], num_gpus) @ distance)
+    if layer < num_layers - 1:  # sum_j inter[l, e, j] D[g, g(j)]
+        cost += graph.inter[layer] @ (one_hot(expert_to_gpu[layer + 1], num_gpus) @ distance.T)
+    if intra:
+        cost += graph.intra[layer] @ (one_hot(expert_to_gpu[layer], num_gpus) @ distance)
+    return cost
+
+
+def layer_cost(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distance: np.ndarray) -> float:
+    """Exact objective terms touching `layer` (in-, out- and intra-layer edges)."""
+    ext = layer_costs(graph, expert_to_gpu, layer, distance, intra=False)
+    gpus = expert_to_gpu[layer]
+    own = ext[np.arange(len(gpus)), gpus].sum()
+    return float(own + (graph.intra[layer] * distance[gpus][:, gpus]).sum() / 2)
+
+
+def assign_layer(cost: np.ndarray) -> np.ndarray:
+    """Min-cost balanced assignment of E experts to G GPUs, E/G each. cost [E, G] -> int [E].
+
+    A transport problem with unit supplies; as an assignment over E slots (slot s on GPU
+    s // (E/G)) it is solved exactly by the Hungarian method.
+    """
+    num_experts, num_gpus = cost.shape
+    slots = np.repeat(np.arange(num_gpus), num_experts // num_gpus)
+    rows, cols = linear_sum_assignment(cost[:, slots])
+    out = np.empty(num_experts, dtype=np.int64)
+    out[rows] = slots[cols]
+    return out
+
+
+def swap_descent(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distance: np.ndarray,
+                 max_swaps: int = 100_000, tol: float = 1e-9) -> float:
+    """Best-improvement swaps within one layer until none improves. Updates `gpus` [E] and
+    `cost` [E, G] in place; returns the total improvement (>= 0).
+
+    delta(a, b) = C[a,g_b] - C[a,g_a] + C[b,g_a] - C[b,g_b] + 2 intra[a,b] D[g_a,g_b]
+    (the last term undoes the a-b edge that both one-sided moves count).
+    """
+    gained = 0.0
+    has_intra = bool(intra.any())
+    for _ in range(max_swaps):
+        own = cost[np.arange(len(gpus)), gpus]
+        cross = cost[:, gpus]  # [a, b] = C[a, g_b]
+        delta = cross - own[:, None] + cross.T - own[None, :]
+        if has_intra:
+            delta += 2.0 * intra * distance[gpus][:, gpus]
+        flat = int(np.argmin(delta))
+        best = float(delta.flat[flat])
+        if best >= -tol:
+            break
+        a, b = divmod(flat, len(gpus))
+        ga, gb = gpus[a], gpus[b]
+        if has_intra:  # experts co-selected with a (b) see a (b) change GPU
+            cost += np.outer(intra[:, a], distance[gb] - distance[ga])
+            cost += np.outer(intra[:, b], distance[ga] - distance[gb])
+        gpus[a], gpus[b] = gb, ga
+        gained -= best
+    return gained
+
+
+def improve_layer(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distance: np.ndarray) -> float:
+    """Re-assign `layer` optimally given its neighbours, then swap-descend. In place; returns the gain."""
+    before = layer_cost(graph, expert_to_gpu, layer, distance)
+    current = expert_to_gpu[layer].copy()
+    candidate = assign_layer(layer_costs(graph, expert_to_gpu, layer, distance))
+    expert_to_gpu[layer] = candidate
+    if layer_cost(graph, expert_to_gpu, layer, distance) > before:
+        expert_to_gpu[layer] = current
+    gpus = expert_to_gpu[layer].copy()
+    swap_descent(layer_costs(graph, expert_to_gpu, layer, distance), gpus, graph.intra[layer], distance)
+    expert_to_gpu[layer] = gpus
+    return before - layer_cost(graph, expert_to_gpu, layer, distance)
+
+
+def coordinate_descent(graph: AffinityGraph, expert_to_gpu: np.ndarray, distance: np.ndarray,
+                       max_sweeps: int = 50, rel_tol: float = 1e-6, layers: range | None = None,
+                       deadline: float | None = None) -> int:
+    """Sweep improve_layer forward and backward until a sweep gains less than rel_tol of the
+    total edge weight, or time.monotonic() passes `deadline`. In place; returns the sweeps run."""
+    order = list(layers if layers is not None else range(expert_to_gpu.shape[0]))
+    scale = max(graph.total_weight(), 1e-12)
+    for sweep in range(1, max_sweeps + 1):
+        gain = 0.0
+        for layer in order if sweep % 2 else order[::-1]:
+            if deadline is not None and time.monotonic() > deadline:
+                return sweep
+            gain += improve_layer(graph, expert_to_gpu, layer, distance)
+        if gain <= rel_tol * scale:
+            return sweep
+    return max_sweeps
+
+
+def balanced_groups(weight: np.ndarray, num_groups: int, rng: np.random.Generator) -> np.ndarray:
+    """Split n items into num_groups groups of n / num_groups, keeping heavy pairs together.
+
+    weight [n, n] symmetric -> int [n] group ids.
+    1. average-linkage agglomeration: merge the two clusters with the highest mean weight
+       between them (ties broken by seeded noise) while the merged cluster fits in one group;
+    2. first-fit decreasing of the clusters into the groups; members of a cluster that fits
+       nowhere go one by one to the groups with most room.
+    """
+    n = weight.shape[0]
+    cap = n // num_groups
+    link = weight * (1.0 + 1e-6 * rng.random(weight.shape))
+    link = (link + link.T) / 2
+    np.fill_diagonal(link, 0.0)
+    size = np.ones(n)
+    label = np.arange(n)
+    alive = np.ones(n, dtype=bool)
+    while True:
+        score = link / np.outer(size, size)  # average linkage
+        score[~alive, :] = -1.0
+        score[:, ~alive] = -1.0
+        score[size[:, None] + size[None, :] > cap] = -1.0
+        np.fill_diagonal(score, -1.0)
+        flat = int(np.argmax(score))
+        if score.flat[flat] <= 0.0:
+            break
+        a, b = divmod(flat, n)
+        link[a] += link[b]
+        link[:, a] += link[:, b]
+        link[a, a] = 0.0
+        size[a] += size[b]
+        alive[b] = False
+        label[label == b] = a
+    clusters = sorted((np.flatnonzero(label == r) for r in np.unique(label)), key=lambda c: (-len(c), c[0]))
+    out = np.empty(n, dtype=np.int64)
+    room = np.full(num_groups, cap)
+    leftovers: list[int] = []
+    for members in clusters:
+        fits = np.flatnonzero(room >= len(members))
+        if len(fits):
+            g = fits[np.argmin(room[fits])]  # tightest fit keeps big holes for big clusters
+            out[members] = g
+            room[g] -= len(members)
+        else:
+            leftovers.extend(int(i) for i in members)
+    for i in leftovers:
+        g = int(np.argmax(room))
+        out[i] = g
+        room[g] -= 1
+    return out
+
+
+def cluster_layer(intra: np.ndarray, num_gpus: int, gpus_per_node: int, rng: np.random.Generator) -> np.ndarray:
+    """Balanced grouping of one layer's experts by co-selection, GPUs then nodes.
+
+    intra [E, E] -> int [E] GPU ids. Experts are grouped into GPUs (balanced_groups); then the
+    GPU groups are grouped into nodes by the co-selection weight between them.
+    """
+    group = balanced_groups(intra, num_gpus, rng)  # [E] arbitrary GPU labels
+    num_nodes = num_gpus // gpus_per_node
+    if num_nodes == 1:
+        return group
+    member = one_hot(group, num_gpus)  # [E, G]
+    between = member.T @ intra @ member
+    np.fill_diagonal(between, 0.0)
+    node = balanced_groups(between, num_nodes, rng)  # [G] node of each GPU group
+    label = np.empty(num_gpus, dtype=np.int64)
+    for n in range(num_nodes):
+        members = np.flatnonzero(node == n)
+        label[members] = n * gpus_per_node + np.arange(len(members))
+    return label[group]
+
+
+def chain_init(graph: AffinityGraph, num_gpus: int, gpus_per_node: int, distance: np.ndarray,
+               rng: np.random.Generator, anchor: int | None = None) -> np.ndarray:
+    """Greedy chaining from an anchor layer: the anchor grouped by co-selection (cluster_layer;
+    seeded random when it has no intra-layer edges), then each layer outwards assigned
+    optimally (assign_layer) to the one before it."""
+    num_layers, num_experts = graph.num_layers, graph.num_experts
+    if anchor is None:
+        anchor = int(np.argmax(graph.intra.sum(axis=(1, 2))))
+    out = np.empty((num_layers, num_experts), dtype=np.int64)
+    if graph.intra[anchor].any():
+        out[anchor] = cluster_layer(graph.intra[anchor], num_gpus, gpus_per_node, rng)
+    else:
+        out[anchor] = rng.permutation(np.repeat(np.arange(num_gpus), num_experts // num_gpus))
+    for layer in range(anchor + 1, num_layers):
+        prev = one_hot(out[layer - 1], num_gpus) @ distance  # [E, G]
+        out[layer] = assign_layer(graph.inter[layer - 1].T @ prev)
+    for layer in range(anchor - 1, -1, -1):
+        nxt = one_hot(out[layer + 1], num_gpus) @ distance.T
+        out[layer] = assign_layer(graph.inter[layer] @ nxt)
+    return out
+
+
+def perturb(expert_to_gpu: np.ndarray, rng: np.random.Generator, window: int, strength: float) -> range:
+    """Swap a `strength` fraction of expert pairs in a random window of layers. In place;
+    returns the layers touched."""
+    num_layers, num_experts = expert_to_gpu.shape
+    start = int(rng.integers(0, max(num_layers - window, 0) + 1))
+    layers = range(start, min(start + window, num_layers))
+    for layer in layers:
+        for _ in range(max(1, int(strength * num_experts / 2))):
+            a, b = rng.choice(num_experts, 2, replace=False)
+            expert_to_gpu[layer, [a, b]] = expert_to_gpu[layer, [b, a]]
+    return layers

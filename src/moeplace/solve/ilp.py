@@ -1,0 +1,145 @@
+"""Integer programs for the traffic objective (PuLP model, HiGHS solver), and a valid lower bound.
+
+`solve_window` re-optimises a window of consecutive layers exactly, every other layer fixed; the
+window of all layers is the exact model. Variables (never one per token: edges are aggregated):
+
+    x[l, e, g] in {0, 1}     expert e of layer l on GPU g       sum_g x = 1, sum_e x = E/G
+    y[edge, g] in [0, 1]     both endpoints on GPU g            y <= x[u, g], y <= x[v, g]
+    z[edge, n] in [0, 1]     both endpoints on node n           z <= sum_{g in n} x[u, g], same for v
+
+An edge of weight w inside the window costs w * (node_cost - (node_cost - 1) sum_n z - sum_g y)
+(the distance 0 / 1 / node_cost of affinity.distance_matrix; z is dropped on one node), an edge
+to a fixed layer is linear in x. Maximising y, z at the optimum makes them the indicators.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pulp
+
+from moeplace.solve.affinity import AffinityGraph, one_hot
+
+
+@dataclass(frozen=True)
+class IlpResult:
+    expert_to_gpu: np.ndarray  # int64 [L, E], the window replaced when a solution was found
+    cost: float | None  # window terms of the objective at the returned solution (None: no solution)
+    bound: float | None  # valid lower bound on those window terms (HiGHS dual bound)
+    optimal: bool
+    seconds: float
+
+
+def window_size(graph: AffinityGraph, layers: range, num_gpus: int, num_nodes: int) -> int:
+    """Number of variables of the window model (to decide whether it is tractable)."""
+    edges = sum(int(np.count_nonzero(graph.intra[l])) // 2 for l in layers)
+    edges += sum(int(np.count_nonzero(graph.inter[l])) for l in layers if l + 1 in layers)
+    per_edge = num_gpus + (num_nodes if num_nodes > 1 else 0)
+    return len(layers) * graph.num_experts * num_gpus + edges * per_edge
+
+
+def solve_window(graph: AffinityGraph, expert_to_gpu: np.ndarray, layers: range, distance: np.ndarray,
+                 gpus_per_node: int, time_limit: float, pin_first: bool = False) -> IlpResult:
+    """Optimal placement of `layers` given every other layer of expert_to_gpu [L, E].
+
+    `pin_first` fixes expert 0 of the first window layer to GPU 0: valid only when nothing
+    outside the window is fixed (GPUs are interchangeable then), it removes that symmetry.
+    """
+    start = time.monotonic()
+    num_layers, num_experts = expert_to_gpu.shape
+    num_gpus = distance.shape[0]
+    num_nodes = num_gpus // gpus_per_node
+    node_cost = float(distance.max()) if num_nodes > 1 else 1.0
+    per_gpu = num_experts // num_gpus
+    gpus, experts = range(num_gpus), range(num_experts)
+
+    prob = pulp.LpProblem("moeplace_window", pulp.LpMinimize)
+    x = {(l, e, g): pulp.LpVariable(f"x_{l}_{e}_{g}", cat=pulp.LpBinary) for l in layers for e in experts for g in gpus}
+    for l in layers:
+        for e in experts:
+            prob += pulp.lpSum(x[l, e, g] for g in gpus) == 1
+        for g in gpus:
+            prob += pulp.lpSum(x[l, e, g] for e in experts) == per_gpu
+    if pin_first:
+        prob += x[layers[0], 0, 0] == 1
+
+    terms: list[tuple[pulp.LpVariable, float]] = []
+    constant = 0.0
+    # edges to fixed layers: linear in x
+    for l in layers:
+        fixed = np.zeros((num_experts, num_gpus))
+        if l - 1 >= 0 and l - 1 not in layers:
+            fixed += graph.inter[l - 1].T @ (one_hot(expert_to_gpu[l - 1], num_gpus) @ distance)
+        if l + 1 < num_layers and l + 1 not in layers:
+            fixed += graph.inter[l] @ (one_hot(expert_to_gpu[l + 1], num_gpus) @ distance.T)
+        terms += [(x[l, e, g], float(fixed[e, g])) for e in experts for g in gpus if fixed[e, g]]
+    # edges inside the window: pair variables
+    edges: list[tuple[tuple[int, int], tuple[int, int], float]] = []
+    for l in layers:
+        iu = np.argwhere(np.triu(graph.intra[l], 1) > 0)
+        edges += [((l, int(a)), (l, int(b)), float(graph.intra[l][a, b])) for a, b in iu]
+        if l + 1 in layers:
+            edges += [((l, int(a)), (l + 1, int(b)), float(graph.inter[l][a, b])) for a, b in np.argwhere(graph.inter[l] > 0)]
+    for n, ((lu, u), (lv, v), w) in enumerate(edges):
+        constant += w * node_cost
+        for g in gpus:
+            y = pulp.LpVariable(f"y_{n}_{g}", 0, 1)
+            prob += y <= x[lu, u, g]
+            prob += y <= x[lv, v, g]
+            terms.append((y, -w))
+        if num_nodes > 1:
+            for node in range(num_nodes):
+                z = pulp.LpVariable(f"z_{n}_{node}", 0, 1)
+                members = range(node * gpus_per_node, (node + 1) * gpus_per_node)
+                prob += z <= pulp.lpSum(x[lu, u, g] for g in members)
+                prob += z <= pulp.lpSum(x[lv, v, g] for g in members)
+                terms.append((z, -(node_cost - 1.0) * w))
+    prob += pulp.LpAffineExpression(terms)
+
+    solver = pulp.HiGHS(msg=False, timeLimit=max(time_limit, 0.1), threads=1)
+    prob.solve(solver)
+    info = prob.solverModel.getInfo()
+    out = expert_to_gpu.copy()
+    has_solution = info.primal_solution_status == 2  # kSolutionStatusFeasible
+    cost = None
+    if has_solution:
+        for l in layers:
+            for e in experts:
+                out[l, e] = max(gpus, key=lambda g: x[l, e, g].varValue or 0.0)
+        cost = float(pulp.value(prob.objective) or 0.0) + constant
+    dual = info.mip_dual_bound
+    bound = float(dual) + constant if np.isfinite(dual) else None
+    optimal = pulp.LpStatus[prob.status] == "Optimal"
+    return IlpResult(out, cost, bound, optimal, time.monotonic() - start)
+
+
+def combinatorial_bound(graph: AffinityGraph, num_gpus: int, gpus_per_node: int, node_cost: float) -> float:
+    """A valid lower bound on the objective from per-expert capacity (sum of per-pair bounds).
+
+    Each edge costs node_cost - (node_cost - 1) [same node] - [same GPU]. An expert shares its GPU
+    with exactly E/G experts of the next layer and E/G - 1 of its own, its node with E/N and
+    E/N - 1: the weight saved is at most its heaviest such edges, counted from whichever side
+    (rows or columns of inter) gives less.
+    """
+    num_experts = graph.num_experts
+    num_nodes = num_gpus // gpus_per_node
+    if num_nodes == 1:
+        node_cost = 1.0
+
+    def saved(capacity: int) -> float:
+        if capacity <= 0:
+            return 0.0
+        total = 0.0
+        for w in graph.inter:
+            rows = -np.sort(-w, axis=1)[:, :capacity].sum()
+            cols = -np.sort(-w, axis=0)[:capacity, :].sum()
+            total += min(rows, cols, w.sum())
+        for w in graph.intra:
+            total += min(-np.sort(-w, axis=1)[:, : capacity - 1].sum() / 2, w.sum() / 2)
+        return float(total)
+
+    gpu_saved = saved(num_experts // num_gpus)
+    node_saved = saved(num_experts // num_nodes) if num_nodes > 1 else 0.0
+    return max(0.0, node_cost * graph.total_weight() - (node_cost - 1.0) * node_saved - gpu_saved)

@@ -1,0 +1,388 @@
+"""`solve_placement`: fit a placement on (a split of) a trace, with baselines and held-out metrics.
+
+Objectives are pluggable: OBJECTIVES maps an `--objective` name to a function
+(trace, num_gpus, gpus_per_node, time_limit, seed, progress, **options) -> SolveOutcome. This
+module implements `traffic` (docs/solver.md states it exactly):
+
+    0. the regularisation of the edge weights (co-selection weight, smoothing = prior) chosen
+       per trace by cross-validation inside the training tokens (select_weights), unless fixed;
+    1. edge weights from the training tokens (affinity.edge_weights);
+    2. exact integer program (ilp.solve_window over all layers) when the model is small, after a
+       heuristic incumbent; otherwise
+    3. `restarts` greedy chainings, each improved by coordinate descent (optimal per-layer
+       transport re-assignment + Kernighan-Lin swaps), the best kept;
+    4. `kicks` rounds of iterated local search (perturb a window of layers, descend, keep if
+       better), then ILP re-optimisation of single layers where tractable;
+    5. a valid lower bound (ILP dual bound or ilp.combinatorial_bound) and the gap.
+
+Determinism: every random choice comes from `seed`; the amount of work is fixed by `restarts`
+and `kicks`. `time_limit` only cuts work short (recorded as solver.stopped_by_time_limit), and
+the best placement found so far is always returned.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from moeplace.errors import MoeplaceError
+from moeplace.eval.metrics import evaluate
+from moeplace.placement import Placement, check_topology
+from moeplace.progress import Progress
+from moeplace.solve import ilp
+from moeplace.solve.affinity import (
+    distance_matrix, edge_weights, gate_weighted_transitions, placement_cost,
+)
+from moeplace.solve.baselines import all_baselines, contiguous
+from moeplace.solve.heuristics import chain_init, coordinate_descent, perturb
+from moeplace.trace.format import Trace, split_tokens
+
+EXACT_MAX_VARS = 1_500  # window_size of the whole model below which the exact ILP is tried
+LAYER_ILP_MAX_VARS = 3_000  # window_size of one layer below which it is re-solved by ILP
+# Cross-validated regularisation (select_weights). The grid spans the estimators that the
+# held-out results of different traces favour (docs/benchmarks.md); the default comes first, so
+# it wins ties. "shrinkage" sets smoothing = prior: how far the sparse top-1 counts are pulled
+# toward the gate-weighted all-pairs estimate.
+DEFAULT_WEIGHTS = {"coselect_weight": 2.0, "smoothing": 0.5, "prior": 0.5}
+CV_GRID = {"coselect_weight": (2.0, 1.0, 4.0), "shrinkage": (0.5, 2.0)}
+CV_FOLDS = 2
+CV_MAX_TOKENS_PER_PAIR = 50.0  # above this many training tokens per expert pair, noise is small: no CV
+CV_TIME_SHARE = 0.5  # at most this share of the time limit goes to cross-validation
+
+
+@dataclass
+class SolveOutcome:
+    """What an objective returns; solve_placement wraps it into a Placement."""
+
+    expert_to_gpu: np.ndarray  # int64 [L, E]
+    objective: dict[str, Any]  # name, exact formula parameters, value
+    solver: dict[str, Any]  # method, settings, timings
+    bound: float | None = None
+    gap: float | None = None
+    replicas: list[list[tuple[int, int]]] = field(default_factory=list)
+
+
+def relative_gap(cost: float, bound: float | None) -> float | None:
+    if bound is None:
+        return None
+    return max(0.0, cost - bound) / max(abs(cost), 1e-12)
+
+
+def cv_folds(trace: Trace, folds: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Fold of each token, int [T], by sequence when sequence_ids exist (tokens of one sequence
+    route alike, so splitting them would flatter the less regularised candidates); None when
+    there are too few sequences (or tokens) for every fold to be non-empty."""
+    if trace.sequence_ids is not None:
+        sequences, inverse = np.unique(trace.sequence_ids, return_inverse=True)
+        if len(sequences) < folds:
+            return None
+        return rng.permutation(len(sequences))[inverse] % folds
+    return rng.permutation(trace.num_tokens) % folds if trace.num_tokens >= folds else None
+
+
+def select_weights(
+    trace: Trace,
+    num_gpus: int,
+    gpus_per_node: int,
+    seed: int,
+    deadline: float,
+    fixed: dict[str, float | None],
+    progress: bool = False,
+    **options: Any,
+) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """Edge-weight regularisation for `trace` [T, L, k], chosen by cross-validation on its tokens.
+
+    How much to smooth the sparse transition counts depends on the trace (tokens per expert
+    pair, strength of the affinity, k), so it is estimated, not fixed:
+
+    1. candidates: CV_GRID over the weights that `fixed` leaves None (fixed ones are kept);
+    2. the tokens are split into CV_FOLDS folds (cv_folds);
+    3. every candidate is solved on all folds but one (short heuristic search: 2 restarts,
+       4 kicks, no whole-model ILP) and scored on the one left out: the metrics the objective
+       targets (cross_gpu_top1 and dest_gpus_topk, plus their node versions with several
+       nodes), each as a ratio to the contiguous layout, summed over metrics and folds;
+    4. the lowest score wins; the default candidate comes first and wins ties.
+
+    Skipped (defaults, or the fixed values) when nothing is left to choose, when the trace has
+    more than CV_MAX_TOKENS_PER_PAIR tokens per expert pair, when the model is large (L x E >
+    4096, where one solve is expensive) or when the folds cannot be formed. Stops early, keeping
+    the best candidate so far, at `deadline`. `options` (node_cost, top1_weight) go to every solve.
+
+    Returns (weights: coselect_weight, smoothing, prior; a record for the placement JSON or None).
+    """
+    free = [name for name, unset in (("coselect_weight", fixed["coselect_weight"] is None),
+                                     ("shrinkage", fixed["smoothing"] is None or fixed["prior"] is None)) if unset]
+    weights = {name: DEFAULT_WEIGHTS[name] if value is None else value for name, value in fixed.items()}
+    tokens_per_pair = trace.num_tokens / trace.num_experts ** 2
+    fold = cv_folds(trace, CV_FOLDS, np.random.default_rng(seed))
+    if not free or tokens_per_pair > CV_MAX_TOKENS_PER_PAIR or trace.num_layers * trace.num_experts > 4096 \
+            or fold is None:
+        return weights, None
+
+    # 1. candidates over the free knobs; "shrinkage" fills whichever of smoothing/prior is free
+    candidates = []
+    for values in itertools.product(*(CV_GRID[name] for name in free)):
+        cand = dict(weights)
+        for name, value in zip(free, values):
+            if name == "shrinkage":
+                cand.update({k: value for k in ("smoothing", "prior") if fixed[k] is None})
+            else:
+                cand[name] = value
+        candidates.append(cand)
+    metrics = ("cross_gpu_top1", "dest_gpus_topk") + (
+        ("cross_node_top1", "dest_nodes_topk") if num_gpus > gpus_per_node else ())
+    contiguous_layout = contiguous(trace.num_layers, trace.num_experts, num_gpus)
+
+    # 2-3. fit on the other folds, score on the left-out one
+    splits = []
+    for f in range(CV_FOLDS):
+        held = trace.select_tokens(np.flatnonzero(fold == f))
+        base = evaluate(Placement(contiguous_layout, num_gpus, gpus_per_node), held)
+        splits.append((trace.select_tokens(np.flatnonzero(fold != f)), held, base))
+    bar = Progress("cross-validation", total=len(candidates), enabled=progress)
+    scores: list[float] = []
+    for cand in candidates:
+        if time.monotonic() > deadline:
+            break  # out of time: compare the candidates scored so far
+        score = 0.0
+        for fit, held, base in splits:
+            out = solve_traffic(fit, num_gpus, gpus_per_node, max(deadline - time.monotonic(), 0.0), seed, False,
+                                restarts=2, kicks=4, exact=False, **cand, **options)
+            m = evaluate(Placement(out.expert_to_gpu, num_gpus, gpus_per_node), held)
+            score += sum(m[k] / max(base[k], 1e-12) for k in metrics) / CV_FOLDS
+        scores.append(score)
+        bar.update(len(scores), f"candidate {len(scores)}/{len(candidates)}")
+
+    # 4. the best (the default when time ran out before any was scored)
+    best = int(np.argmin(scores)) if scores else 0
+    bar.close(f"chose {candidates[best]}" if time.monotonic() - bar.start > bar.after else "")
+    record = {"folds": CV_FOLDS, "by": "sequence" if trace.sequence_ids is not None else "token",
+              "candidates": candidates, "scores": [round(x, 5) for x in scores], "chosen": best,
+              "stopped_by_time_limit": len(scores) < len(candidates)}
+    return candidates[best], record
+
+
+def solve_traffic(
+    trace: Trace,
+    num_gpus: int,
+    gpus_per_node: int,
+    time_limit: float,
+    seed: int,
+    progress: bool = True,
+    *,
+    node_cost: float = 2.0,
+    top1_weight: float = 1.0,
+    coselect_weight: float | None = None,
+    smoothing: float | None = None,
+    prior: float | None = None,
+    restarts: int | None = None,
+    kicks: int | None = None,
+    exact: bool = True,
+) -> SolveOutcome:
+    """Minimise the traffic objective (affinity.placement_cost) of `trace`; see the module doc.
+
+    coselect_weight/smoothing/prior: None = chosen by select_weights (cross-validation).
+    restarts/kicks default by size (deterministic): 8/20 up to 4096 experts in all layers, else 2/4.
+    exact=False skips the whole-model ILP (heuristic search only).
+    """
+    start = time.monotonic()
+    large = trace.num_layers * trace.num_experts > 4096
+    restarts = (2 if large else 8) if restarts is None else restarts
+    kicks = (4 if large else 20) if kicks is None else kicks
+    deadline = start + time_limit
+    fixed = {"coselect_weight": coselect_weight, "smoothing": smoothing, "prior": prior}
+    weights, cv = select_weights(trace, num_gpus, gpus_per_node, seed, start + CV_TIME_SHARE * time_limit, fixed,
+                                 progress, node_cost=node_cost, top1_weight=top1_weight)
+    chosen_by = "cross-validation" if cv else "given" if None not in fixed.values() else "defaults"
+    coselect_weight, smoothing, prior = weights["coselect_weight"], weights["smoothing"], weights["prior"]
+    graph = edge_weights(trace, top1_weight, coselect_weight, smoothing, prior)
+    distance = distance_matrix(num_gpus, gpus_per_node, node_cost)
+    num_nodes = num_gpus // gpus_per_node
+    rng = np.random.default_rng(seed)
+    bar = Progress("solve", total=restarts + kicks, enabled=progress)
+    stats: dict[str, Any] = {"restarts_run": 0, "kicks_run": 0, "kicks_accepted": 0, "layer_ilps": 0}
+
+    # 1. incumbent: contiguous, then greedy chaining + coordinate descent from `restarts` seeds
+    best = contiguous(graph.num_layers, graph.num_experts, num_gpus)
+    best_cost = placement_cost(graph, best, distance)
+    for r in range(restarts):
+        if time.monotonic() > deadline:
+            break
+        anchor = None if r == 0 else int(rng.integers(graph.num_layers))  # diversify restarts
+        x = chain_init(graph, num_gpus, gpus_per_node, distance, rng, anchor)
+        coordinate_descent(graph, x, distance, deadline=deadline)
+        cost = placement_cost(graph, x, distance)
+        if cost < best_cost:
+            best, best_cost = x, cost
+        stats["restarts_run"] = r + 1
+        bar.update(r + 1, f"restart {r + 1}/{restarts} cost {best_cost:.4g}")
+
+    # 2. exact model when small enough; it also gives the bound
+    bound = ilp.combinatorial_bound(graph, num_gpus, gpus_per_node, node_cost)
+    all_layers = range(graph.num_layers)
+    method = "chain+coordinate-descent+ils"
+    if exact and ilp.window_size(graph, all_layers, num_gpus, num_nodes) <= EXACT_MAX_VARS \
+            and time.monotonic() < deadline:
+        res = ilp.solve_window(graph, best, all_layers, distance, gpus_per_node,
+                               deadline - time.monotonic(), pin_first=True)
+        if res.cost is not None and res.cost < best_cost - 1e-9:
+            best, best_cost = res.expert_to_gpu, placement_cost(graph, res.expert_to_gpu, distance)
+        if res.bound is not None:
+            bound = max(bound, res.bound)
+        method = "exact-ilp" if res.optimal else "ilp(time-limited)+heuristic"
+    else:
+        # 3. iterated local search: kick a window of layers, descend, keep if better
+        for k in range(kicks):
+            if time.monotonic() > deadline:
+                break
+            x = best.copy()
+            touched = perturb(x, rng, window=2, strength=0.3)
+            span = range(max(touched.start - 1, 0), min(touched.stop + 1, graph.num_layers))
+            coordinate_descent(graph, x, distance, layers=span, deadline=deadline)
+            cost = placement_cost(graph, x, distance)
+            if cost < best_cost - 1e-9:
+                best, best_cost = x, cost
+                stats["kicks_accepted"] += 1
+            stats["kicks_run"] = k + 1
+            bar.update(restarts + k + 1, f"kick {k + 1}/{kicks} cost {best_cost:.4g}")
+        # 4. single layers with their intra-layer edges, exactly, where the ILP is small
+        for layer in all_layers:
+            if time.monotonic() > deadline:
+                break
+            one = range(layer, layer + 1)
+            # without intra edges a layer is a transport problem, already solved exactly
+            if not graph.intra[layer].any() or ilp.window_size(graph, one, num_gpus, num_nodes) > LAYER_ILP_MAX_VARS:
+                continue
+            res = ilp.solve_window(graph, best, one, distance, gpus_per_node,
+                                   min(deadline - time.monotonic(), 5.0))
+            stats["layer_ilps"] += 1
+            if res.cost is not None:
+                cost = placement_cost(graph, res.expert_to_gpu, distance)
+                if cost < best_cost - 1e-9:
+                    best, best_cost = res.expert_to_gpu, cost
+    bar.close(f"cost {best_cost:.6g}, bound {bound:.6g}" if time.monotonic() - start > bar.after else "")
+
+    elapsed = time.monotonic() - start
+    return SolveOutcome(
+        expert_to_gpu=best,
+        objective={
+            "name": "traffic",
+            "value": best_cost,
+            "node_cost": node_cost,
+            "top1_weight": top1_weight,
+            "coselect_weight": coselect_weight,
+            "smoothing": smoothing,
+            "prior": prior,
+            "weights_chosen_by": chosen_by,
+            "total_edge_weight": graph.total_weight(),
+            "definition": "docs/solver.md",
+        },
+        solver={
+            "method": method,
+            "restarts": restarts,
+            "kicks": kicks,
+            "seed": seed,
+            "time_limit_s": time_limit,
+            "seconds": round(elapsed, 3),
+            "cross_validation": cv,
+            "stopped_by_time_limit": bool(cv and cv["stopped_by_time_limit"]) or method != "exact-ilp" and (
+                stats["restarts_run"] < restarts or time.monotonic() > deadline
+                or (method.startswith("chain") and stats["kicks_run"] < kicks)),
+            **stats,
+        },
+        bound=bound,
+        gap=relative_gap(best_cost, bound),
+    )
+
+
+def plain_coordinate_ascent(trace: Trace, num_gpus: int, max_sweeps: int = 50) -> np.ndarray:
+    """The plain reference heuristic of the benchmark: coordinate ascent on gate-weighted
+    transitions (no intra-layer edges, no regularisation) from the contiguous layout.
+
+    Returns int64 [L, E]."""
+    graph = gate_weighted_transitions(trace)
+    distance = distance_matrix(num_gpus, num_gpus, 1.0)
+    x = contiguous(trace.num_layers, trace.num_experts, num_gpus)
+    coordinate_descent(graph, x, distance, max_sweeps=max_sweeps)
+    return x
+
+
+ObjectiveFn = Callable[..., SolveOutcome]
+OBJECTIVES: dict[str, ObjectiveFn] = {"traffic": solve_traffic}
+
+
+def _solve_latency(*args: Any, **options: Any) -> SolveOutcome:  # imported late: latency builds on this module
+    from moeplace.solve.latency import solve_latency
+    return solve_latency(*args, **options)
+
+
+def _solve_balance(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: float, seed: int,
+                   progress: bool = True, *, redundant: int = 0, max_experts_per_gpu: int | None = None) -> SolveOutcome:
+    from moeplace.solve.balance import balance_placement
+    p = balance_placement(trace.expert_loads(), num_gpus, gpus_per_node, redundant, time_limit,
+                          max_experts_per_gpu, progress=progress)
+    return SolveOutcome(p.expert_to_gpu, p.objective, p.solver, p.bound, p.gap, p.replicas)
+
+
+OBJECTIVES["latency"] = _solve_latency
+OBJECTIVES["balance"] = _solve_balance
+
+
+def solve_placement(
+    trace: Trace,
+    num_gpus: int,
+    gpus_per_node: int | None = None,
+    time_limit: float = 60.0,
+    seed: int = 0,
+    *,
+    objective: str = "traffic",
+    train_fraction: float = 1.0,
+    progress: bool = False,
+    **options: Any,
+) -> Placement:
+    """Fit a placement of `trace` [T, L, k] on `num_gpus` GPUs (`gpus_per_node` per node,
+    default all on one node), and report metrics of it and of every baseline.
+
+    With train_fraction < 1 the objective sees only a seeded random split of the tokens
+    (split_tokens(T, train_fraction, seed)); metrics["held_out"] replays the rest.
+    `options` go to the objective (e.g. node_cost, restarts for `traffic`).
+    """
+    gpus_per_node = num_gpus if gpus_per_node is None else gpus_per_node
+    check_topology(trace.num_experts, num_gpus, gpus_per_node)
+    if objective not in OBJECTIVES:
+        raise MoeplaceError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
+    if time_limit <= 0:
+        raise MoeplaceError(f"--time-limit must be positive, got {time_limit}")
+    train_idx, held_idx = split_tokens(trace.num_tokens, train_fraction, seed)
+    fit = trace.select_tokens(train_idx) if train_fraction < 1.0 else trace
+    held = trace.select_tokens(held_idx) if len(held_idx) else None
+
+    # small dense products: threaded BLAS only adds sync overhead (16x slower on a busy 2-core box)
+    with threadpool_limits(limits=1, user_api="blas"):
+        outcome = OBJECTIVES[objective](fit, num_gpus, gpus_per_node, time_limit, seed, progress, **options)
+    placement = Placement(
+        expert_to_gpu=outcome.expert_to_gpu,
+        num_gpus=num_gpus,
+        gpus_per_node=gpus_per_node,
+        replicas=outcome.replicas,
+        objective=outcome.objective,
+        solver=outcome.solver,
+        bound=outcome.bound,
+        gap=outcome.gap,
+        trace_sha256=trace.sha256 or None,
+        split={"train_fraction": train_fraction, "seed": seed} if train_fraction < 1.0 else None,
+    )
+    baselines = all_baselines(fit.expert_loads(), num_gpus, seed)
+    parts = {"train": fit, "held_out": held} if held is not None else {"train": fit}
+    placement.metrics = {
+        part: {"placement": evaluate(placement, sub)} | {
+            name: evaluate(Placement(layout, num_gpus, gpus_per_node), sub) for name, layout in baselines.items()
+        }
+        for part, sub in parts.items()
+    }
+    return placement

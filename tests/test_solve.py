@@ -1,0 +1,309 @@
+"""The traffic solver: edge weights, objective, exact sub-problems, bounds, search, CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+import numpy as np
+import pytest
+
+from moeplace.cli import run
+from moeplace.eval.metrics import evaluate
+from moeplace.placement import Placement, load_placement
+from moeplace.solve import ilp
+from moeplace.solve.affinity import AffinityGraph, distance_matrix, edge_weights, placement_cost
+from moeplace.solve.baselines import contiguous
+from moeplace.solve.heuristics import assign_layer, cluster_layer, layer_cost, layer_costs, swap_descent
+from moeplace.solve.solver import (
+    DEFAULT_WEIGHTS, cv_folds, plain_coordinate_ascent, select_weights, solve_placement, solve_traffic,
+)
+from moeplace.solve.synthetic import planted_trace
+from moeplace.trace.format import load_trace, make_trace, save_trace, split_tokens
+
+
+def balanced_layouts(num_experts: int, num_gpus: int):
+    """Every balanced layout of one layer (with repeats: dedupe with set())."""
+    per = num_experts // num_gpus
+    for perm in itertools.permutations(np.repeat(np.arange(num_gpus), per)):
+        yield tuple(int(g) for g in perm)
+
+
+def random_graph(rng, layers: int, experts: int) -> AffinityGraph:
+    inter = rng.random((layers - 1, experts, experts)) * (rng.random((layers - 1, experts, experts)) < 0.6)
+    intra = rng.random((layers, experts, experts)) * (rng.random((layers, experts, experts)) < 0.5)
+    intra = np.triu(intra, 1)
+    return AffinityGraph(inter, intra + intra.transpose(0, 2, 1))
+
+
+def brute_cost(graph: AffinityGraph, x: np.ndarray, d: np.ndarray) -> float:
+    c = 0.0
+    for l, i, j in itertools.product(range(x.shape[0] - 1), range(x.shape[1]), range(x.shape[1])):
+        c += graph.inter[l, i, j] * d[x[l, i], x[l + 1, j]]
+    for l, i, j in itertools.product(range(x.shape[0]), range(x.shape[1]), range(x.shape[1])):
+        if i < j:
+            c += graph.intra[l, i, j] * d[x[l, i], x[l, j]]
+    return c
+
+
+def test_edge_weights_count_tokens_exactly():
+    # 2 tokens, 2 layers, top-2 over 4 experts
+    ids = np.array([[[0, 1], [2, 3]], [[0, 2], [2, 1]]])
+    g = edge_weights(make_trace(ids, num_experts=4), top1_weight=1.0, coselect_weight=1.0, smoothing=0.0, prior=0.0)
+    want = np.zeros((4, 4))
+    want[0, 2] += 2 + 2  # both tokens: top-1 0 -> top-1 2 (1 + top1_weight)
+    want[0, 3] += 1
+    want[0, 1] += 1
+    np.testing.assert_allclose(g.inter[0], want)
+    assert not g.intra[0].any()  # layer 0 is no destination
+    assert g.intra[1][2, 3] == g.intra[1][3, 2] == 1.0 and g.intra[1][1, 2] == 1.0 and g.intra[1].sum() == 4.0
+
+
+def test_smoothing_and_prior_only_add_weight(small_trace):
+    base = edge_weights(small_trace, smoothing=0.0, prior=0.0)
+    reg = edge_weights(small_trace, smoothing=0.5, prior=0.5)
+    assert (reg.inter >= base.inter - 1e-12).all() and reg.inter.sum() > base.inter.sum()
+    np.testing.assert_allclose(reg.intra, base.intra)
+
+
+@pytest.mark.parametrize("gpus,gpn", [(2, 2), (4, 2)])
+def test_placement_cost_matches_edge_by_edge_sum(gpus, gpn):
+    rng = np.random.default_rng(1)
+    graph = random_graph(rng, 3, 8)
+    d = distance_matrix(gpus, gpn, 3.0)
+    for _ in range(3):
+        x = np.stack([rng.permutation(contiguous(1, 8, gpus)[0]) for _ in range(3)])
+        assert placement_cost(graph, x, d) == pytest.approx(brute_cost(graph, x, d))
+
+
+def test_assign_layer_is_the_optimal_balanced_assignment():
+    rng = np.random.default_rng(2)
+    cost = rng.random((6, 3))
+    best = min(sum(cost[e, g] for e, g in enumerate(p)) for p in set(balanced_layouts(6, 3)))
+    got = assign_layer(cost)
+    assert np.bincount(got, minlength=3).tolist() == [2, 2, 2]
+    assert cost[np.arange(6), got].sum() == pytest.approx(best)
+
+
+def test_swap_descent_reports_the_exact_gain():
+    rng = np.random.default_rng(3)
+    graph = random_graph(rng, 3, 8)
+    d = distance_matrix(4, 2, 2.0)
+    x = np.stack([rng.permutation(contiguous(1, 8, 4)[0]) for _ in range(3)])
+    before = layer_cost(graph, x, 1, d)
+    gpus = x[1].copy()
+    gained = swap_descent(layer_costs(graph, x, 1, d), gpus, graph.intra[1], d)
+    x[1] = gpus
+    assert gained > 0
+    assert before - layer_cost(graph, x, 1, d) == pytest.approx(gained)
+    assert np.bincount(gpus, minlength=4).tolist() == [2, 2, 2, 2]
+
+
+def test_exact_ilp_and_bounds_match_brute_force():
+    rng = np.random.default_rng(4)
+    graph = random_graph(rng, 2, 6)
+    d = distance_matrix(3, 3, 1.0)
+    layouts = list({tuple(p) for p in balanced_layouts(6, 3)})
+    brute = min(placement_cost(graph, np.array([a, b]), d) for a in layouts if a[0] == 0 for b in layouts)
+    res = ilp.solve_window(graph, contiguous(2, 6, 3), range(2), d, 3, time_limit=30, pin_first=True)
+    assert res.optimal and res.cost == pytest.approx(brute)
+    assert res.bound <= brute + 1e-6
+    assert placement_cost(graph, res.expert_to_gpu, d) == pytest.approx(brute)
+    assert 0 <= ilp.combinatorial_bound(graph, 3, 3, 1.0) <= brute + 1e-9
+
+
+def test_combinatorial_bound_is_valid_with_nodes():
+    rng = np.random.default_rng(6)
+    graph = random_graph(rng, 2, 4)
+    d = distance_matrix(4, 2, 3.0)
+    perms = [np.array(p) for p in itertools.permutations(range(4))]
+    best = min(placement_cost(graph, np.stack([a, b]), d) for a in perms for b in perms)
+    assert 0 < ilp.combinatorial_bound(graph, 4, 2, 3.0) <= best + 1e-9
+
+
+def test_cluster_layer_recovers_planted_gpu_and_node_groups():
+    rng = np.random.default_rng(7)
+    gpu = rng.permutation(np.repeat(np.arange(8), 4))  # 32 experts, 8 GPUs, 2 nodes of 4
+    same_gpu = gpu[:, None] == gpu[None, :]
+    same_node = gpu[:, None] // 4 == gpu[None, :] // 4
+    weight = 10.0 * same_gpu + 3.0 * same_node + rng.random((32, 32))
+    weight = np.triu(weight, 1) + np.triu(weight, 1).T
+    got = cluster_layer(weight, 8, 4, rng)
+    assert np.bincount(got, minlength=8).tolist() == [4] * 8
+    np.testing.assert_array_equal(got[:, None] == got[None, :], same_gpu)
+    np.testing.assert_array_equal(got[:, None] // 4 == got[None, :] // 4, same_node)
+
+
+def test_window_ilp_with_fixed_neighbours_and_nodes():
+    rng = np.random.default_rng(5)
+    graph = random_graph(rng, 3, 4)
+    d = distance_matrix(4, 2, 2.5)
+    x = np.stack([rng.permutation(4) for _ in range(3)])
+    res = ilp.solve_window(graph, x, range(1, 2), d, 2, time_limit=30)
+    best = min(layer_cost(graph, np.stack([x[0], p, x[2]]), 1, d) for p in itertools.permutations(range(4)))
+    assert res.optimal and res.cost == pytest.approx(best)
+    np.testing.assert_array_equal(res.expert_to_gpu[[0, 2]], x[[0, 2]])
+
+
+def test_small_models_are_solved_exactly(small_trace):
+    out = solve_traffic(small_trace, 2, 2, time_limit=30, seed=0, progress=False)
+    assert out.solver["method"] == "exact-ilp"
+    assert out.gap == pytest.approx(0.0, abs=1e-6)
+    assert np.bincount(out.expert_to_gpu[0], minlength=2).tolist() == [4, 4]
+
+
+def test_planted_affinity_is_recovered_across_nodes():
+    trace, planted = planted_trace(1500, 6, 32, 4, 8, 4, seed=3)
+    p = solve_placement(trace, 8, 4, time_limit=30, seed=0)
+    o = p.objective
+    graph = edge_weights(trace, o["top1_weight"], o["coselect_weight"], o["smoothing"], o["prior"])
+    d = distance_matrix(8, 4, o["node_cost"])
+    c0, cp, cf = (placement_cost(graph, x, d) for x in (contiguous(6, 32, 8), planted, p.expert_to_gpu))
+    assert (c0 - cf) / (c0 - cp) >= 0.99
+    assert p.bound is not None and p.bound <= cf + 1e-6 and 0 <= p.gap < 1
+    m = p.metrics["train"]
+    assert m["placement"]["cross_gpu_top1"] < 0.5 * m["contiguous"]["cross_gpu_top1"]
+
+
+def test_beats_the_plain_heuristic_on_held_out_synthetic_tokens():
+    trace, _ = planted_trace(640, 8, 64, 6, 8, affinity=0.6, boost=8.0, seed=11)
+    p = solve_placement(trace, 8, time_limit=30, seed=1, train_fraction=0.5)
+    train_idx, held_idx = split_tokens(640, 0.5, 1)
+    plain = plain_coordinate_ascent(trace.select_tokens(train_idx), 8)
+    held = trace.select_tokens(held_idx)
+    ours, theirs, base = (evaluate(Placement(x, 8, 8), held) for x in (p.expert_to_gpu, plain, contiguous(8, 64, 8)))
+    for metric in ("cross_gpu_top1", "dest_gpus_topk"):
+        assert ours[metric] < theirs[metric] - 0.02 * base[metric]
+
+
+def test_deterministic_per_seed_and_balanced():
+    trace, _ = planted_trace(400, 5, 16, 2, 4, seed=1)
+    a = solve_placement(trace, 4, time_limit=30, seed=7, train_fraction=0.5)
+    b = solve_placement(trace, 4, time_limit=30, seed=7, train_fraction=0.5)
+    np.testing.assert_array_equal(a.expert_to_gpu, b.expert_to_gpu)
+    assert all(np.bincount(row, minlength=4).tolist() == [4] * 4 for row in a.expert_to_gpu)
+    assert a.split == {"train_fraction": 0.5, "seed": 7}
+    held = a.metrics["held_out"]
+    assert set(held) == {"placement", "contiguous", "round_robin", "random", "greedy_load"}
+    assert held["placement"]["tokens"] == 200
+
+
+def test_time_limit_is_honoured_with_a_valid_placement():
+    trace, _ = planted_trace(2000, 24, 64, 6, 8, 4, seed=2)
+    t = time.monotonic()
+    p = solve_placement(trace, 8, 4, time_limit=0.05, seed=0)
+    assert time.monotonic() - t < 0.05 + 6.0  # edge weights and baseline metrics come on top
+    assert p.solver["stopped_by_time_limit"]
+    assert all(np.bincount(row, minlength=8).tolist() == [8] * 8 for row in p.expert_to_gpu)
+    assert p.objective["value"] <= placement_cost(
+        edge_weights(trace, 1.0, 2.0, 0.5, 0.5), contiguous(24, 64, 8), distance_matrix(8, 4, 2.0)) + 1e-6
+
+
+@pytest.fixture
+def trace_file(tmp_path):
+    trace, _ = planted_trace(300, 4, 16, 2, 4, seed=0)
+    path = tmp_path / "t.npz"
+    save_trace(trace, path)
+    return path
+
+
+def test_cli_writes_a_placement_and_a_summary(trace_file, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert run(["solve", str(trace_file), "--gpus", "4", "--gpus-per-node", "2", "--train-fraction", "0.5",
+                "--seed", "3", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "held-out tokens (150)" in text and "contiguous" in text and "moeplace" in text
+    p = load_placement(out)
+    assert (p.num_gpus, p.gpus_per_node, p.split) == (4, 2, {"train_fraction": 0.5, "seed": 3})
+    doc = json.loads(out.read_text())
+    assert doc["trace_sha256"] and doc["objective"]["name"] == "traffic" and doc["objective"]["node_cost"] == 2.0
+    assert doc["bound"] <= doc["objective"]["value"] + 1e-6
+    cv = doc["solver"]["cross_validation"]  # with several nodes the node metrics are scored too
+    assert doc["objective"]["weights_chosen_by"] == "cross-validation" and len(cv["scores"]) == 6
+    assert {k: doc["objective"][k] for k in DEFAULT_WEIGHTS} == cv["candidates"][cv["chosen"]]
+    _, held_idx = split_tokens(300, 0.5, 3)  # eval replays the same held-out tokens
+    held = evaluate(p, load_trace(trace_file).select_tokens(held_idx))
+    assert doc["metrics"]["held_out"]["placement"]["cross_gpu_top1"] == pytest.approx(held["cross_gpu_top1"])
+
+
+def test_cli_reads_exflow_npy(tmp_path, capsys):
+    path = tmp_path / "exflow.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 8, (100, 4)))
+    out = tmp_path / "p.json"
+    assert run(["solve", str(path), "--gpus", "2", "--time-limit", "2", "--coselect-weight", "3", "-o", str(out),
+                "-q"]) == 0
+    assert load_placement(out).num_experts == 8 and capsys.readouterr().out == ""
+    doc = json.loads(out.read_text())  # a given weight is kept; the others are chosen, folds by token
+    cv = doc["solver"]["cross_validation"]
+    assert doc["objective"]["coselect_weight"] == 3.0 and cv["by"] == "token" and len(cv["candidates"]) == 2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--gpus", "3"], "cannot be split equally"),
+    (["--gpus", "4", "--gpus-per-node", "3"], "not a multiple"),
+    (["--gpus", "32"], "cannot be split equally"),
+    (["--gpus", "0"], "must be >= 1"),
+    (["--gpus", "4", "--train-fraction", "0"], "train fraction"),
+    (["--gpus", "4", "--train-fraction", "1.5"], "train fraction"),
+    (["--gpus", "4", "--time-limit", "0"], "time-limit"),
+    (["--gpus", "4", "--node-cost", "-1"], "--node-cost"),
+])
+def test_cli_bad_options_exit_2_with_one_line(trace_file, tmp_path, capsys, args, needle):
+    out = tmp_path / "p.json"
+    assert run(["solve", str(trace_file), *args, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moeplace: error:") and needle in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", b"not a trace at all"])
+def test_cli_bad_trace_files_exit_2(tmp_path, capsys, content):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(content)
+    assert run(["solve", str(bad), "--gpus", "2", "-o", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0]
+
+
+def test_cli_missing_trace_exit_2(tmp_path, capsys):
+    assert run(["solve", str(tmp_path / "nope.npz"), "--gpus", "2", "-o", str(tmp_path / "p.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_cv_folds_keep_sequences_together(small_trace):
+    fold = cv_folds(small_trace, 2, np.random.default_rng(0))
+    for seq in np.unique(small_trace.sequence_ids):
+        assert len(set(fold[small_trace.sequence_ids == seq])) == 1
+    assert np.bincount(fold, minlength=2).tolist() == [12, 12]  # 4 sequences of 6 tokens, 2 per fold
+    assert cv_folds(small_trace.select_tokens(np.arange(6)), 2, np.random.default_rng(0)) is None  # one sequence
+
+
+def test_select_weights_scores_every_candidate_and_keeps_given_weights():
+    trace, _ = planted_trace(160, 3, 16, 2, 4, seed=5)
+    far = time.monotonic() + 60
+    free = dict.fromkeys(("coselect_weight", "smoothing", "prior"))
+    weights, record = select_weights(trace, 4, 4, 0, far, free)
+    assert len(record["candidates"]) == len(record["scores"]) == 6 and not record["stopped_by_time_limit"]
+    assert weights == record["candidates"][int(np.argmin(record["scores"]))]
+    assert record["candidates"][0] == DEFAULT_WEIGHTS  # first: wins ties
+    given, rec = select_weights(trace, 4, 4, 0, far, free | {"coselect_weight": 3.0})
+    assert len(rec["candidates"]) == 2 and {c["coselect_weight"] for c in rec["candidates"]} == {3.0}
+    assert all(c["smoothing"] == c["prior"] for c in rec["candidates"])
+    assert select_weights(trace, 4, 4, 0, far, dict(coselect_weight=1.0, smoothing=0.0, prior=0.0)) == (
+        dict(coselect_weight=1.0, smoothing=0.0, prior=0.0), None)
+    many, _ = planted_trace(240, 4, 2, 2, 2, seed=5)  # 60 tokens per expert pair: no cross-validation
+    assert select_weights(many, 2, 2, 0, far, free) == (DEFAULT_WEIGHTS, None)
+    late, rec = select_weights(trace, 4, 4, 0, time.monotonic() - 1, free)  # out of time: the default
+    assert late == DEFAULT_WEIGHTS and rec["scores"] == [] and rec["stopped_by_time_limit"]
+
+
+def test_cross_validated_weights_beat_the_defaults_on_held_out_synthetic_tokens():
+    """The synthetic planted trace favours more co-selection weight than the default."""
+    trace, _ = planted_trace(640, 8, 64, 6, 8, affinity=0.6, boost=8.0, seed=7)
+    _, held_idx = split_tokens(640, 0.5, 0)
+    held = trace.select_tokens(held_idx)
+    cv, fixed = (solve_placement(trace, 8, time_limit=30, seed=0, train_fraction=0.5, **w) for w in ({}, DEFAULT_WEIGHTS))
+    assert cv.objective["weights_chosen_by"] == "cross-validation" and fixed.objective["weights_chosen_by"] == "given"
+    ours, theirs = (evaluate(Placement(p.expert_to_gpu, 8, 8), held) for p in (cv, fixed))
+    assert ours["cross_gpu_top1"] + ours["dest_gpus_topk"] < theirs["cross_gpu_top1"] + theirs["dest_gpus_topk"]
