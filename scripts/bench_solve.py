@@ -85,7 +85,7 @@ def quality(splits: int, extra: list[Path]) -> None:
         traces[path.name] = load_trace(path)
     print("held-out ratio to contiguous (lower is better), mean over splits")
     results: dict[int, np.ndarray] = {}
-    print(f"{'trace':40} {'splits':>7} {'GPUs':>5} {'method':>9} {'cross-GPU top-1':>16} {'remote GPUs top-k':>18}")
+    print(f"{'trace':40} {'splits':>7} {'GPUs':>5} {'method':>9} {'cross-GPU top-1':>16} {'dest GPUs top-k':>18}")
     for name, trace in traces.items():
         for split_range in (range(splits), range(100, 100 + splits)):
             for gpus in (4, 8):

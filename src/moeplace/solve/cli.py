@@ -12,7 +12,7 @@ from moeplace.placement import Placement
 METRICS = (  # (key, column title) of the summary table
     ("cross_gpu_top1", "cross-GPU top-1"),
     ("cross_node_top1", "cross-node top-1"),
-    ("dest_gpus_topk", "remote GPUs top-k"),
+    ("dest_gpus_topk", "dest GPUs top-k"),
     ("imbalance_max", "imbalance max"),
 )
 
