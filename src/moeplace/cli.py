@@ -42,11 +42,11 @@ class LazyGroup(click.Group):
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
-            help_text = COMMANDS[name][2]
+            reason = str(e)  # `e` is unbound once the except block ends: the closure keeps the text
 
-            @click.command(name, help=f"{help_text} (unavailable: {e})")
+            @click.command(name, help=f"{COMMANDS[name][2]} (unavailable: {reason})")
             def unavailable() -> None:
-                raise MoeplaceError(f"'{name}' is unavailable in this install: {e}")
+                raise MoeplaceError(f"'{name}' is unavailable in this install: {reason}")
 
             return unavailable
 

@@ -42,6 +42,17 @@ def _umask() -> int:
     return mask
 
 
+def read_json(path: str | os.PathLike[str], error: type[Exception] = ValueError) -> Any:
+    """Parse a JSON file; a missing or malformed file raises `error` with one line naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{p}: no such file")
+    try:
+        return json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{p}: not valid JSON ({e})") from None
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

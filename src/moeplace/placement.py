@@ -17,7 +17,6 @@ its replicas in the listed order; GPU 0's slots first. See `physical_slots`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import PlacementError
-from moeplace.io import write_json_atomic
+from moeplace.io import read_json, write_json_atomic
 
 PLACEMENT_FORMAT = "moeplace.placement/v1"
 
@@ -148,14 +147,7 @@ def validate_placement(p: Placement, name: str = "placement") -> Placement:
 
 
 def load_placement(path: str | Path) -> Placement:
-    p = Path(path)
-    if not p.is_file():
-        raise PlacementError(f"{p}: no such file")
-    try:
-        doc = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PlacementError(f"{p}: not valid JSON ({e})") from None
-    return placement_from_json(doc, str(p))
+    return placement_from_json(read_json(path, PlacementError), str(path))
 
 
 def placement_from_json(doc: Any, name: str = "placement") -> Placement:

@@ -272,7 +272,7 @@ def summary(report: dict[str, Any]) -> str:
             out += _affinity_lines(tr, mode)
         halves = tr["halves"]
         split = halves.get("split", {})
-        out.append(f"Stability between two halves" + (f" (split by {split['by']}, {split['tokens'][0]}/{split['tokens'][1]} tokens)" if split else "") + ":")
+        out.append("Stability between two halves" + (f" (split by {split['by']}, {split['tokens'][0]}/{split['tokens'][1]} tokens)" if split else "") + ":")
         out += _stability_lines(halves, "half 1", "half 2")
         out.append(f"Verdict [{name}]: {tr['verdict']['text']}")
         out.append("")

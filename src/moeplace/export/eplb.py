@@ -18,7 +18,6 @@ for an output path ending in .npz, the same arrays in an .npz.
 
 from __future__ import annotations
 
-import json
 import sys
 import zipfile
 import zlib
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import PlacementError
-from moeplace.io import save_npz_atomic, write_json_atomic
+from moeplace.io import read_json, save_npz_atomic, write_json_atomic
 from moeplace.placement import Placement, validate_placement
 
 
@@ -173,10 +172,7 @@ def read_document(p: Path) -> dict[str, Any]:
                 return {k: z[k] for k in z.files}
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
             raise PlacementError(f"{p}: not a readable .npz ({e})") from None
-    try:
-        doc = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PlacementError(f"{p}: not valid JSON ({e})") from None
+    doc = read_json(p, PlacementError)
     if not isinstance(doc, dict):
         raise PlacementError(f"{p}: expected a JSON object")
     return doc

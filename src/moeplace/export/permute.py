@@ -38,7 +38,7 @@ import numpy as np
 
 from moeplace.errors import MoeplaceError, PlacementError
 from moeplace.export.eplb import physical_to_logical
-from moeplace.io import _umask, write_json_atomic
+from moeplace.io import _umask, read_json, write_json_atomic
 from moeplace.placement import Placement
 from moeplace.progress import Progress
 
@@ -126,10 +126,7 @@ def open_checkpoint(model_dir: str | Path) -> Checkpoint:
     if not root.is_dir():
         raise CheckpointError(f"{root}: no such model directory")
     config_path = root / "config.json"
-    try:
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    config = read_json(config_path, CheckpointError) if config_path.is_file() else {}
     index = None
     if (root / INDEX_NAME).is_file():
         try:

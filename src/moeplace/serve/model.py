@@ -10,7 +10,6 @@ before any weight is read, which is when a placement for another model is reject
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from moeplace.errors import MoeplaceError
+from moeplace.io import read_json
 from moeplace.models.discovery import checkpoint_expert_keys, checkpoint_keys
 
 # model_type -> (q/k norm kind, top-k weights renormalised when config lacks norm_topk_prob)
@@ -75,10 +75,7 @@ def _read_spec(path: Path) -> ModelSpec:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise MoeplaceError(f"{path}: no config.json (expected a save_pretrained checkpoint directory)")
-    try:
-        cfg: dict[str, Any] = json.loads(cfg_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MoeplaceError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg: dict[str, Any] = read_json(cfg_path, MoeplaceError)
     family = cfg.get("model_type")
     if family not in FAMILIES:
         raise MoeplaceError(f"{path}: model_type {family!r} is not served (supported: {', '.join(FAMILIES)})")

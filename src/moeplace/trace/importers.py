@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from moeplace.errors import TraceError
+from moeplace.io import read_json
 from moeplace.progress import Progress
 from moeplace.trace.format import ExpertLoads, Trace, make_loads, make_trace
 
@@ -438,12 +438,7 @@ def import_loads_json(paths: Sequence[Path]) -> ExpertLoads:
         raise TraceError("no JSON files given")
     total, tokens = None, 0
     for path in map(Path, paths):
-        if not path.is_file():
-            raise TraceError(f"{path}: no such file")
-        try:
-            doc = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise TraceError(f"{path}: not valid JSON ({e})") from None
+        doc = read_json(path, TraceError)
         key = next((k for k in _COUNT_KEYS if isinstance(doc, dict) and k in doc), None)
         if key is None:
             raise TraceError(f"{path}: no {' or '.join(repr(k) for k in _COUNT_KEYS)} [layers][experts] counts")
