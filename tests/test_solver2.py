@@ -126,3 +126,61 @@ def test_cli_latency_eval_and_load_only_balance(tmp_path: Path, capsys: pytest.C
     assert run(["solve", str(loads10), "--gpus", "4", "--objective", "balance", "--max-experts-per-gpu", "3",
                 "--time-limit", "1", "-q", "-o", str(out)]) == 0
     assert max(len(load_placement(out).experts_on_gpu(0, g)) for g in range(4)) <= 3
+
+
+def _skewed_loads(num_layers: int, num_experts: int, seed: int) -> np.ndarray:
+    """Loads float [L, E]: light experts plus one hot expert per layer (heavier than a GPU's fair share)."""
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(1.0, 3.0, (num_layers, num_experts))
+    w[np.arange(num_layers), rng.permutation(num_experts)[:num_layers]] += 2.0 * w.sum(1) / 4
+    return w
+
+
+def test_total_cap_holds_and_beats_equal_counts_on_skewed_loads() -> None:
+    w = _skewed_loads(4, 16, seed=7)
+    equal = balance_placement(w, 4, 4, time_limit=2.0, progress=False)
+    capped = balance_placement(w, 4, 4, time_limit=2.0, progress=False, max_experts_per_gpu_total=16)
+    counts = np.array([[len(capped.experts_on_gpu(layer, g)) for g in range(4)] for layer in range(4)])
+    assert (counts.sum(0) <= 16).all() and (counts >= 1).all()  # the total cap; every GPU serves each layer
+    assert len(set(map(tuple, counts))) > 1 and capped.solver["max_experts_per_gpu_total"] == 16
+    assert all([len(h) for h in capped.holders(layer)] == [1] * 16 for layer in range(4))  # each expert once
+    mean = w.sum(1) / 4
+    ratio = {name: (expected_gpu_loads(p, w).max(1) / mean).mean() for name, p in (("equal", equal), ("capped", capped))}
+    assert ratio["capped"] < ratio["equal"] - 0.05
+    assert capped.bound <= capped.objective["value"] + 1e-9
+    assert capped.objective["value"] == pytest.approx(ratio["capped"])
+
+
+def test_total_cap_with_replicas_and_impossible_cap() -> None:
+    w = _skewed_loads(3, 8, seed=8)
+    p = balance_placement(w, 4, 4, redundant=4, time_limit=1.0, progress=False, max_experts_per_gpu_total=9)
+    counts = np.array([[len(p.experts_on_gpu(layer, g)) for g in range(4)] for layer in range(3)])
+    assert (counts.sum(0) <= 9).all() and (counts.sum(1) == 12).all() and (counts >= 1).all()
+    assert all(len(set(h)) == len(h) for layer in range(3) for h in p.holders(layer))
+    with pytest.raises(MoeplaceError, match="cannot hold 3 layers x 12 expert copies"):
+        balance_placement(w, 4, 4, redundant=4, progress=False, max_experts_per_gpu_total=8)  # 32 < 36
+    # one layer, C = E / G: the free counts (hot expert alone) must be repaired back to equal counts,
+    # and the repair plus descent reach the equal-count optimum
+    w1 = _skewed_loads(1, 8, seed=3)
+    tight = balance_placement(w1, 4, 4, time_limit=1.0, progress=False, max_experts_per_gpu_total=2)
+    equal = balance_placement(w1, 4, 4, time_limit=1.0, progress=False)
+    assert [len(tight.experts_on_gpu(0, g)) for g in range(4)] == [2] * 4
+    assert tight.objective["value"] <= equal.objective["value"] + 1e-9
+
+
+def test_cli_total_cap_balance_eval_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from moeplace.trace.format import save_trace
+    trace, _ = planted_trace(128, 3, 16, 2, 8, seed=6)
+    save_trace(trace, tmp_path / "t.npz")
+    out = tmp_path / "p.json"
+    base = ["solve", str(tmp_path / "t.npz"), "--gpus", "8", "--time-limit", "1", "-q", "-o", str(out)]
+    assert run(base + ["--objective", "balance", "--max-experts-per-gpu-total", "6"]) == 0
+    p = load_placement(out)
+    assert max(sum(len(p.experts_on_gpu(layer, g)) for layer in range(3)) for g in range(8)) <= 6
+    assert run(["eval", str(out), str(tmp_path / "t.npz")]) == 0
+    capsys.readouterr()
+    assert run(base + ["--objective", "balance", "--max-experts-per-gpu-total", "5"]) == 2  # 5 x 8 < 3 x 16
+    assert "--max-experts-per-gpu-total 5" in capsys.readouterr().err
+    assert run(base + ["--objective", "latency", "--cluster", str(CLUSTER), "--model-config", str(MODEL),
+                       "--max-experts-per-gpu-total", "6"]) == 2
+    assert "balance only" in capsys.readouterr().err

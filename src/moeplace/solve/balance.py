@@ -11,7 +11,14 @@ x[e, g] = 1 when GPU g holds a copy of e and f[e, g] the load it serves:
          sum_{e, g} x[e, g] = E + R                 exactly R redundant copies
          sum_e x[e, g] <= S                         slots per GPU
          sum_e f[e, g] <= T                         load of GPU g
+         sum_e x[e, g] >= 1                         every GPU serves (when E + R >= G)
     (S = ceil((E + R) / G), or the --max-experts-per-gpu cap)
+
+With a total cap C (--max-experts-per-gpu-total) per-layer counts may differ between GPUs
+(MoETuner) as long as sum_l sum_e x[l, e, g] <= C: each layer is solved with free counts (a
+relaxation, so its bounds stay valid), GPUs are relabelled per layer so that totals balance (the
+objective is blind to GPU names within a layer), and while a GPU is over C the copy move to a GPU
+under C that raises its layer's max/mean load least is made (`fit_total_cap`).
 
 HiGHS solves it where small; LPT on EPLB's replica counts and EPLB itself (both policies, when
 its topology rules allow) give further candidates, each improved by swap / re-replication
@@ -135,7 +142,7 @@ def lpt_layer(weight: np.ndarray, num_gpus: int, slots: int, redundant: int) -> 
     copies: list[list[int]] = [[] for _ in range(num_experts)]
     for w, e in items:
         ok = np.flatnonzero((used < slots) & ~np.isin(np.arange(num_gpus), copies[e]))
-        g = int(ok[np.argmin(load[ok])])
+        g = int(ok[np.lexsort((used[ok], load[ok]))[0]])  # ties to the emptiest: zero-load experts spread
         copies[e].append(g)
         load[g] += w
         used[g] += 1
@@ -207,6 +214,8 @@ def ilp_layer(weight: np.ndarray, num_gpus: int, slots: int, redundant: int,
     prob += pulp.lpSum(x.values()) == num_experts + redundant
     for g in gpus:
         prob += pulp.lpSum(x[e, g] for e in experts) <= slots
+        if num_experts + redundant >= num_gpus:
+            prob += pulp.lpSum(x[e, g] for e in experts) >= 1
         prob += pulp.lpSum(f[e, g] for e in experts) <= top
     prob += top >= replication_bound(weight, num_gpus, redundant)  # a valid cut that tightens the LP
     prob.solve(pulp.HiGHS(msg=False, timeLimit=max(time_limit, 0.05), threads=1))
@@ -230,27 +239,46 @@ def layer_max_load(weight: np.ndarray, copies: list[list[int]], num_gpus: int) -
     return float(layer_loads(weight, copies, num_gpus).max())
 
 
+def total_slots_per_gpu(num_layers: int, num_experts: int, num_gpus: int, redundant: int, cap: int,
+                        max_experts_per_gpu: int | None = None) -> int:
+    """Check a total cap C (copies per GPU over all layers); return the per-layer slot cap, which
+    is free (every other GPU keeps one copy) unless --max-experts-per-gpu sets it."""
+    copies = num_experts + redundant
+    if cap * num_gpus < num_layers * copies:
+        raise PlacementError(
+            f"--max-experts-per-gpu-total {cap} x {num_gpus} GPUs cannot hold {num_layers} layers x {copies} "
+            f"expert copies (needs >= {math.ceil(num_layers * copies / num_gpus)})"
+        )
+    free = max(math.ceil(copies / num_gpus), copies - num_gpus + 1)
+    return free if max_experts_per_gpu is None else slots_per_gpu(num_experts, num_gpus, redundant, max_experts_per_gpu)
+
+
 def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redundant: int = 0,
                       time_limit: float = 30.0, max_experts_per_gpu: int | None = None, num_groups: int = 1,
-                      progress: bool = True) -> Placement:
+                      progress: bool = True, max_experts_per_gpu_total: int | None = None) -> Placement:
     """Solve `balance` for loads float [L, E]: a Placement with bound, gap and EPLB comparison.
 
     1. per layer, candidates: LPT, EPLB (hierarchical and global when its rules allow; freed
        duplicate slots refilled) and the ILP when small enough (its share of the time limit);
     2. each improved by `improve_layer` (up to IMPROVE_MAX_EXPERTS experts), the best kept under
        `layer_loads`: never worse than EPLB's candidates;
-    3. objective = mean over layers of max / mean GPU load; bound from the per-layer bounds.
+    3. with max_experts_per_gpu_total, `fit_total_cap` makes the free per-layer counts fit it;
+    4. objective = mean over layers of max / mean GPU load; bound from the per-layer bounds.
     """
     num_layers, num_experts = loads.shape
-    slots = slots_per_gpu(num_experts, num_gpus, redundant, max_experts_per_gpu)
+    total_cap = max_experts_per_gpu_total
+    if total_cap is not None:
+        slots = total_slots_per_gpu(num_layers, num_experts, num_gpus, redundant, total_cap, max_experts_per_gpu)
+    else:
+        slots = slots_per_gpu(num_experts, num_gpus, redundant, max_experts_per_gpu)
+        if max_experts_per_gpu is None and redundant == 0 and num_experts % num_gpus:
+            raise PlacementError(
+                f"{num_experts} experts per layer cannot be split equally over {num_gpus} GPUs; pass "
+                f"--max-experts-per-gpu, --max-experts-per-gpu-total or --redundant-experts to fill the slots"
+            )
     if slots * num_gpus < num_experts + redundant:
         raise PlacementError(f"{num_gpus} GPUs x {slots} slots cannot hold {num_experts + redundant} expert copies")
-    if max_experts_per_gpu is None and redundant == 0 and num_experts % num_gpus:
-        raise PlacementError(
-            f"{num_experts} experts per layer cannot be split equally over {num_gpus} GPUs; pass "
-            f"--max-experts-per-gpu or --redundant-experts to fill the slots"
-        )
-    deadline = time.monotonic() + time_limit
+    deadline = time.monotonic() + time_limit * (0.8 if total_cap is not None else 1.0)  # the rest: step 3
     eplb_layers = _eplb_candidates(loads, num_gpus, gpus_per_node, redundant, num_groups, slots)
     plans: list[LayerPlan] = []
     bar = Progress("balance", total=num_layers, enabled=progress)
@@ -274,7 +302,76 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
         plans.append(LayerPlan(copies, best, min(bound, best), method))
         bar.update(layer + 1, f"layer {layer + 1}/{num_layers}")
     bar.close()
-    return _to_placement(plans, loads, num_gpus, gpus_per_node, redundant, slots)
+    if total_cap is not None:
+        plans = fit_total_cap(plans, loads, num_gpus, slots, total_cap, deadline + 0.2 * time_limit)
+    return _to_placement(plans, loads, num_gpus, gpus_per_node, redundant, slots, total_cap)
+
+
+def copy_counts(plans: list[LayerPlan], num_gpus: int) -> np.ndarray:
+    """Expert copies per GPU per layer, int [L, G]."""
+    return np.array([np.bincount([g for c in p.copies for g in c], minlength=num_gpus) for p in plans])
+
+
+def fit_total_cap(plans: list[LayerPlan], loads: np.ndarray, num_gpus: int, slots: int, cap: int,
+                  deadline: float = float("inf")) -> list[LayerPlan]:
+    """Make per-layer plans with free copy counts hold at most `cap` copies per GPU in total.
+
+    1. relabel GPUs per layer, most uneven layer first: its fullest GPU takes the label with the
+       fewest copies so far (a layer's loads do not depend on which GPU is called what);
+    2. while some GPU h is over the cap, move one copy off h (from a layer where h keeps another)
+       to a GPU under the cap with room and no copy of that expert, choosing the move that raises
+       its layer's max / mean load least (copy share: load / copies);
+    3. re-run `improve_layer` (counts fixed) on the layers step 2 changed.
+    """
+    plans = [LayerPlan([list(c) for c in p.copies], p.max_load, p.bound, p.method) for p in plans]
+    counts = copy_counts(plans, num_gpus)
+    total = np.zeros(num_gpus, dtype=np.int64)
+    for layer in np.argsort(counts.min(1) - counts.max(1), kind="stable"):
+        label = np.empty(num_gpus, dtype=np.int64)
+        label[np.argsort(-counts[layer], kind="stable")] = np.argsort(total, kind="stable")
+        plans[layer].copies = [[int(label[g]) for g in c] for c in plans[layer].copies]
+        counts[layer, label] = counts[layer].copy()
+        total += counts[layer]
+    layer_load = [layer_loads(loads[layer], p.copies, num_gpus) for layer, p in enumerate(plans)]
+    mean = np.maximum(loads.sum(axis=1) / num_gpus, 1e-12)
+    changed: set[int] = set()
+    while total.max() > cap:
+        h = int(np.argmax(total))
+        best: tuple[float, int, int, int] | None = None  # (rise in max / mean, layer, expert, to GPU)
+        for layer in np.flatnonzero(counts[:, h] >= 2):
+            load, w, copies = layer_load[layer], loads[layer], plans[layer].copies
+            room = (counts[layer] < slots) & (total < cap)
+            for e in [e for e, c in enumerate(copies) if h in c]:
+                ok = room.copy()
+                ok[copies[e]] = False
+                if not ok.any():
+                    continue
+                g = int(np.flatnonzero(ok)[np.argmin(load[ok])])
+                share = w[e] / len(copies[e])
+                rest = np.delete(load, [h, g])
+                new_max = max(rest.max(initial=0.0), load[h] - share, load[g] + share)
+                rise = (new_max - load.max()) / mean[layer]
+                if best is None or rise < best[0]:
+                    best = (rise, int(layer), e, g)
+        if best is None:
+            raise PlacementError(f"cannot move a copy off GPU {h} to fit --max-experts-per-gpu-total {cap} "
+                                 f"(per-layer slots {slots})")
+        _, layer, e, g = best
+        copies = plans[layer].copies
+        copies[e][copies[e].index(h)] = g
+        counts[layer, h] -= 1
+        counts[layer, g] += 1
+        total[h] -= 1
+        total[g] += 1
+        layer_load[layer] = layer_loads(loads[layer], copies, num_gpus)
+        changed.add(layer)
+    for layer in sorted(changed):
+        p, w = plans[layer], loads[layer]
+        if loads.shape[1] <= IMPROVE_MAX_EXPERTS:
+            p.copies = improve_layer(w, p.copies, num_gpus, slots, p.bound, deadline)
+        p.max_load = layer_max_load(w, p.copies, num_gpus)
+        p.method += "+cap"
+    return plans
 
 
 def _eplb_candidates(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redundant: int, num_groups: int,
@@ -311,7 +408,7 @@ def _fill_free_slots(weight: np.ndarray, copies: list[list[int]], num_gpus: int,
 
 
 def _to_placement(plans: list[LayerPlan], loads: np.ndarray, num_gpus: int, gpus_per_node: int, redundant: int,
-                  slots: int) -> Placement:
+                  slots: int, total_cap: int | None = None) -> Placement:
     mean = loads.sum(axis=1) / num_gpus
     safe = np.where(mean > 0, mean, 1.0)
     ratio = np.array([p.max_load for p in plans]) / safe
@@ -325,6 +422,7 @@ def _to_placement(plans: list[LayerPlan], loads: np.ndarray, num_gpus: int, gpus
         objective={"name": "balance", "value": obj, "definition": "mean over layers of max/mean token load per GPU",
                    "load_model": "equal split over replicas"},
         solver={"name": "balance-ilp+lpt+eplb", "redundant_experts": redundant, "slots_per_gpu": slots,
+                "max_experts_per_gpu_total": total_cap,
                 "layer_methods": {m: methods.count(m) for m in sorted(set(methods))}},
         bound=lb,
         gap=(obj - lb) / obj if obj > 0 else 0.0,

@@ -83,6 +83,10 @@ def _objective_names() -> list[str]:
 @click.option("--max-experts-per-gpu", type=int, default=None,
               help="balance: per-layer expert slots a GPU may hold (default ceil((E + R) / G)); above that, "
                    "per-GPU counts may differ (MoETuner-style uneven layouts).")
+@click.option("--max-experts-per-gpu-total", type=int, default=None,
+              help="balance: expert copies a GPU may hold summed over all layers (memory); per-layer counts may "
+                   "then differ between GPUs (MoETuner), at least 1 each. Needs C x G >= L x (E + R). Default: "
+                   "equal counts in every layer (ExFlow, fixed-layout engines).")
 @click.option("--pareto", is_flag=True,
               help="latency: also solve for compute weights 0 (traffic only), 1, 4, 16, 64 (balance heavy) and print the "
                    "compute / communication front; writes the weight-1 placement.")
@@ -91,7 +95,8 @@ def _objective_names() -> list[str]:
 def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str, time_limit: float, seed: int,
           train_fraction: float, node_cost: float, top1_weight: float, coselect_weight: float | None,
           smoothing: float | None, prior: float | None, cluster: Path | None, model_config: Path | None, compute_weight: float,
-          redundant_experts: int, max_experts_per_gpu: int | None, pareto: bool, output: Path, quiet: bool) -> None:
+          redundant_experts: int, max_experts_per_gpu: int | None, max_experts_per_gpu_total: int | None, pareto: bool,
+          output: Path, quiet: bool) -> None:
     """Place experts on GPUs so that a token's consecutive experts share a GPU.
 
     \b
@@ -101,13 +106,15 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
             bound and gap, metrics of the placement and of the baselines (contiguous, round-robin,
             random, greedy_load) on the training tokens and, with --train-fraction < 1, on the
             held-out rest (evaluate it again with `moeplace eval`); a summary on stdout.
-    Every GPU holds E/G experts of each layer. Exact integer programming (PuLP + HiGHS) when the
-    model is small, else heuristics with ILP sub-problems; deterministic for a given --seed.
+    Every GPU holds E/G experts of each layer (balance: see --max-experts-per-gpu[-total]).
+    Exact integer programming (PuLP + HiGHS) when the model is small, else heuristics with ILP
+    sub-problems; deterministic for a given --seed.
 
     \b
     Example:
       moeplace solve traces/flame-moe-290m-decoder.npz --gpus 8 --gpus-per-node 4 \\
           --train-fraction 0.5 --seed 0 -o placement.json
+      moeplace solve loads.npz --gpus 4 --objective balance --max-experts-per-gpu-total 24 -o placement.json
       moeplace solve traces/flame-moe-290m-decoder.npz --gpus 16 --gpus-per-node 8 --objective latency \\
           --cluster configs/cluster/h100-2x8-ib.yaml --model-config configs/model/flame-moe-290m.yaml \\
           --redundant-experts 16 --train-fraction 0.5 -o placement.json
@@ -122,12 +129,15 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
             raise MoeplaceError(f"{name} must be >= 0, got {value}")
     if redundant_experts < 0 or not compute_weight >= 0:
         raise MoeplaceError("--redundant-experts and --compute-weight must be >= 0")
+    if max_experts_per_gpu_total is not None and objective != "balance":
+        raise MoeplaceError("--max-experts-per-gpu-total applies to --objective balance only")
     if objective == "traffic" and (redundant_experts or cluster or model_config):
         raise MoeplaceError("--redundant-experts, --cluster and --model-config apply to --objective latency or balance")
     if _is_load_only(trace_path):
         if objective != "balance":
             raise MoeplaceError(f"{trace_path} holds expert loads only (no token paths): use --objective balance")
-        return _solve_loads(trace_path, gpus, gpus_per_node, redundant_experts, max_experts_per_gpu, time_limit, output, quiet)
+        return _solve_loads(trace_path, gpus, gpus_per_node, redundant_experts, max_experts_per_gpu,
+                            max_experts_per_gpu_total, time_limit, output, quiet)
     trace = load_trace(trace_path)
     options: dict[str, Any] = {}
     if objective == "traffic":
@@ -137,7 +147,8 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         options = dict(cluster=cluster, model_config=model_config, compute_weight=compute_weight,
                        redundant=redundant_experts)
     if objective == "balance":
-        options = dict(redundant=redundant_experts, max_experts_per_gpu=max_experts_per_gpu)
+        options = dict(redundant=redundant_experts, max_experts_per_gpu=max_experts_per_gpu,
+                       max_experts_per_gpu_total=max_experts_per_gpu_total)
     elif max_experts_per_gpu is not None:
         raise MoeplaceError("--max-experts-per-gpu applies to --objective balance")
     if pareto:
@@ -163,7 +174,7 @@ def _is_load_only(path: Path) -> bool:
 
 
 def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: int, max_experts_per_gpu: int | None,
-                 time_limit: float, output: Path, quiet: bool) -> None:
+                 max_experts_per_gpu_total: int | None, time_limit: float, output: Path, quiet: bool) -> None:
     """`balance` on a load-only input (moeplace.loads/v1): per-layer loads, no token paths."""
     from moeplace.placement import check_topology
     from moeplace.solve.balance import balance_placement
@@ -172,7 +183,8 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
     loads = load_loads(path)
     gpn = gpus_per_node or gpus
     check_topology(loads.num_experts, gpus, gpn, balanced=False)
-    placement = balance_placement(loads.loads, gpus, gpn, redundant, time_limit, max_experts_per_gpu, progress=not quiet)
+    placement = balance_placement(loads.loads, gpus, gpn, redundant, time_limit, max_experts_per_gpu, progress=not quiet,
+                                  max_experts_per_gpu_total=max_experts_per_gpu_total)
     placement.trace_sha256 = loads.sha256 or None
     placement.save(output)
     if not quiet:

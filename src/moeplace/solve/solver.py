@@ -322,10 +322,11 @@ def _solve_latency(*args: Any, **options: Any) -> SolveOutcome:  # imported late
 
 
 def _solve_balance(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: float, seed: int,
-                   progress: bool = True, *, redundant: int = 0, max_experts_per_gpu: int | None = None) -> SolveOutcome:
+                   progress: bool = True, *, redundant: int = 0, max_experts_per_gpu: int | None = None,
+                   max_experts_per_gpu_total: int | None = None) -> SolveOutcome:
     from moeplace.solve.balance import balance_placement
     p = balance_placement(trace.expert_loads(), num_gpus, gpus_per_node, redundant, time_limit,
-                          max_experts_per_gpu, progress=progress)
+                          max_experts_per_gpu, progress=progress, max_experts_per_gpu_total=max_experts_per_gpu_total)
     return SolveOutcome(p.expert_to_gpu, p.objective, p.solver, p.bound, p.gap, p.replicas)
 
 
