@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.placement import Placement
-from moeplace.trace.format import Trace
+from moeplace.trace.format import Trace, layer_counts
 
 
 def initial_homes(num_tokens: int, num_gpus: int) -> np.ndarray:
@@ -107,10 +107,7 @@ def gpu_loads(placement: Placement, trace: Trace, gpus: np.ndarray | None = None
     """Token-expert selections served by each GPU, float64 [L, G]."""
     if gpus is None:
         gpus = token_gpus(placement, trace)
-    loads = np.zeros((trace.num_layers, placement.num_gpus))
-    layer = np.broadcast_to(np.arange(trace.num_layers)[None, :, None], gpus.shape)
-    np.add.at(loads, (layer.ravel(), gpus.ravel()), 1.0)
-    return loads
+    return layer_counts(gpus, placement.num_gpus)
 
 
 def evaluate(placement: Placement, trace: Trace) -> dict[str, Any]:
@@ -124,8 +121,8 @@ def evaluate(placement: Placement, trace: Trace) -> dict[str, Any]:
         here, nxt = gpus[:, :-1, 0], gpus[:, 1:, 0]
         out["cross_gpu_top1"] = float((here != nxt).mean())
         out["cross_node_top1"] = float((here // gpn != nxt // gpn).mean())
-        out["dest_gpus_topk"] = float(_remote_destinations(gpus[:, 1:, :], here).mean())
-        out["dest_nodes_topk"] = float(_remote_destinations(nodes[:, 1:, :], here // gpn).mean())
+        out["dest_gpus_topk"] = float(remote_destinations(gpus[:, 1:, :], here).mean())
+        out["dest_nodes_topk"] = float(remote_destinations(nodes[:, 1:, :], here // gpn).mean())
     else:
         out.update(cross_gpu_top1=0.0, cross_node_top1=0.0, dest_gpus_topk=0.0, dest_nodes_topk=0.0)
     loads = gpu_loads(placement, trace, gpus)
@@ -137,9 +134,14 @@ def evaluate(placement: Placement, trace: Trace) -> dict[str, Any]:
     return out
 
 
-def _remote_destinations(dest: np.ndarray, here: np.ndarray) -> np.ndarray:
-    """Distinct values in dest[..., k] other than `here`, per token-layer. [T, L-1]"""
+def remote_mask(dest: np.ndarray, here: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """dest sorted along its last axis, and which of its entries are distinct values other than
+    `here`: the Alltoall destinations. dest int [..., k]; here int [...]; both results [..., k]."""
     s = np.sort(dest, axis=-1)
     distinct = np.concatenate([np.ones_like(s[..., :1], dtype=bool), s[..., 1:] != s[..., :-1]], axis=-1)
-    remote = distinct & (s != here[..., None])
-    return remote.sum(axis=-1)
+    return s, distinct & (s != here[..., None])
+
+
+def remote_destinations(dest: np.ndarray, here: np.ndarray) -> np.ndarray:
+    """Number of distinct values in dest[..., k] other than `here`. int [...]"""
+    return remote_mask(dest, here)[1].sum(axis=-1)

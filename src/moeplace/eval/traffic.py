@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import TraceError
-from moeplace.eval.metrics import _remote_destinations, serve_layer, token_gpus
+from moeplace.eval.metrics import remote_destinations, serve_layer, token_gpus
 from moeplace.placement import Placement
 from moeplace.trace.format import Trace
 
@@ -109,16 +109,16 @@ def predict_traffic(placement: Placement, trace: Trace, mode: str, hidden_size: 
     placement.check_fits(trace.num_layers, trace.num_experts)
     num_gpus, k = placement.num_gpus, trace.top_k
     gpus = serving_gpus(placement, trace, mode)  # [T, L, k]
-    distinct = _remote_destinations(gpus, np.full(gpus.shape[:2], -1))  # |D| [T, L]
+    distinct = remote_destinations(gpus, np.full(gpus.shape[:2], -1))  # |D| [T, L]
     if mode == "standard":
         home = trace.sequence_ids % num_gpus if trace.sequence_ids is not None else None
         if home is None:
             raise TraceError("traffic prediction needs sequence_ids in the trace")
-        dispatch = _remote_destinations(gpus, np.broadcast_to(home[:, None], gpus.shape[:2]))
+        dispatch = remote_destinations(gpus, np.broadcast_to(home[:, None], gpus.shape[:2]))
         combine = dispatch
     else:
         here = np.concatenate([start_ranks(trace, gpus, num_gpus)[:, None], gpus[:, :-1, 0]], axis=1)
-        dispatch = _remote_destinations(gpus, here)
+        dispatch = remote_destinations(gpus, here)
         combine = distinct - 1 if k > 1 else np.zeros_like(distinct)
     d_bytes = int(dispatch.sum()) * dispatch_row_bytes(hidden_size, k, element_bytes)
     c_bytes = int(combine.sum()) * hidden_size * element_bytes

@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 
 from moeplace.errors import MoeplaceError
-from moeplace.eval.metrics import initial_homes, token_gpus
+from moeplace.eval.metrics import initial_homes, remote_mask, token_gpus
 from moeplace.placement import Placement
 from moeplace.trace.format import Trace
 
@@ -205,14 +205,11 @@ def layer_traffic(home: np.ndarray, gpus: np.ndarray, num_gpus: int) -> tuple[np
 
     home int [T] current GPU of each token; gpus int [T, k] GPUs serving its k experts (top-1 first).
     """
-    s = np.sort(gpus, axis=1)
-    distinct = np.ones_like(s, dtype=bool)
-    distinct[:, 1:] = s[:, 1:] != s[:, :-1]
     new_home = gpus[:, 0]
     flat = num_gpus * num_gpus
-    go = distinct & (s != home[:, None])
+    s, go = remote_mask(gpus, home)
+    _, back = remote_mask(gpus, new_home)
     dispatch = np.bincount((home[:, None] * num_gpus + s)[go], minlength=flat)
-    back = distinct & (s != new_home[:, None])
     combine = np.bincount((s * num_gpus + new_home[:, None])[back], minlength=flat)
     return dispatch.reshape(num_gpus, num_gpus).astype(np.float64), combine.reshape(num_gpus, num_gpus).astype(np.float64)
 

@@ -41,7 +41,7 @@ from moeplace.eval.metrics import initial_homes
 from moeplace.progress import Progress
 from moeplace.solve.balance import balance_placement, replication_bound
 from moeplace.solve.costmodel import INTER, INTRA, CostModel, layer_time, load_cost_model, token_scale
-from moeplace.trace.format import Trace
+from moeplace.trace.format import Trace, pair_counts
 
 LAYER_MILP_MAX_VARS = 2048  # E x G of one layer above which step 2 is skipped
 # Fixed a priori, not fitted to any trace: hundreds of candidate moves are tried per solve, so a
@@ -240,8 +240,7 @@ def _layer_milp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: fl
     # us per token hidden state sent over each link class, per phase
     us = {cls: m.hidden_size * m.dispatch_bytes * scale / (bw * 1e3) for cls, bw in ((INTRA, c.intra_gbps), (INTER, c.inter_gbps))}
     home = model.home0 if layer == 0 else e2g[layer - 1][ids[:, layer - 1, 0]]
-    homed = np.zeros((num_gpus, num_experts))  # tokens at GPU h selecting expert e
-    np.add.at(homed, (np.repeat(home, trace.top_k), ids[:, layer].ravel()), 1.0)
+    homed = pair_counts(home, ids[:, layer], num_gpus, num_experts)  # tokens at GPU h selecting expert e
     load = model.loads[layer] if model.loads is not None else np.bincount(ids[:, layer].ravel(), minlength=num_experts) * scale
 
     prob = pulp.LpProblem("latency_layer", pulp.LpMinimize)
@@ -264,8 +263,7 @@ def _layer_milp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: fl
     if layer + 1 < trace.num_layers:
         # next layer's dispatch: tokens whose top-1 here is e start on e's GPU; their next experts are fixed
         nxt_gpu = e2g[layer + 1][ids[:, layer + 1]]  # [T, k]
-        flow = np.zeros((num_experts, num_gpus))  # tokens with top-1 e going to GPU d next
-        np.add.at(flow, (np.repeat(ids[:, layer, 0], trace.top_k), nxt_gpu.ravel()), 1.0)
+        flow = pair_counts(ids[:, layer, 0], nxt_gpu, num_experts, num_gpus)  # tokens with top-1 e going to GPU d next
         for g in range(num_gpus):
             for cls in (INTRA, INTER):
                 peers = np.flatnonzero(links[g] == cls)

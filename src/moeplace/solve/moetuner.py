@@ -17,7 +17,7 @@ import pulp
 
 from moeplace.placement import Placement
 from moeplace.solve.balance import balance_placement
-from moeplace.trace.format import Trace
+from moeplace.trace.format import Trace, pair_counts
 
 
 def assign_clusters(flow: np.ndarray) -> np.ndarray:
@@ -44,8 +44,7 @@ def moetuner_placement(trace: Trace, num_gpus: int, gpus_per_node: int, time_lim
     ids = trace.topk_ids
     for layer in range(1, trace.num_layers):
         src = e2g[layer - 1][ids[:, layer - 1, 0]]  # GPU of each token's top-1 at the previous layer
-        flow = np.zeros((num_gpus, num_gpus))
-        np.add.at(flow, (src[:, None].repeat(trace.top_k, 1), clusters[layer][ids[:, layer]]), 1.0)
+        flow = pair_counts(src, clusters[layer][ids[:, layer]], num_gpus, num_gpus)
         perm = assign_clusters(flow)  # cluster d of this layer goes to GPU perm[d]
         e2g[layer] = perm[clusters[layer]]
     return Placement(e2g, num_gpus, gpus_per_node, objective={"name": "moetuner"},

@@ -81,10 +81,21 @@ class Trace:
 
     def expert_loads(self) -> np.ndarray:
         """Token-expert selections per expert, float64 [L, E] (each of the k choices counts 1)."""
-        loads = np.zeros((self.num_layers, self.num_experts), dtype=np.float64)
-        layer = np.broadcast_to(np.arange(self.num_layers)[None, :, None], self.topk_ids.shape)
-        np.add.at(loads, (layer.ravel(), self.topk_ids.ravel()), 1.0)
-        return loads
+        return layer_counts(self.topk_ids, self.num_experts)
+
+
+def layer_counts(values: np.ndarray, size: int) -> np.ndarray:
+    """How often each value in [0, size) occurs at each layer: values int [T, L, k] -> float64 [L, size]."""
+    num_layers = values.shape[1]
+    flat = (np.arange(num_layers)[None, :, None] * size + values).ravel()
+    return np.bincount(flat, minlength=num_layers * size).reshape(num_layers, size).astype(np.float64)
+
+
+def pair_counts(src: np.ndarray, dst: np.ndarray, num_src: int, num_dst: int) -> np.ndarray:
+    """Tokens going from each source to each destination: src int [T], dst int [T, k] -> float64
+    [num_src, num_dst] (a token counts once per destination entry)."""
+    flat = (src[:, None] * num_dst + dst).ravel()
+    return np.bincount(flat, minlength=num_src * num_dst).reshape(num_src, num_dst).astype(np.float64)
 
 
 def split_tokens(num_tokens: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
