@@ -38,7 +38,7 @@ import numpy as np
 
 from moeplace.errors import MoeplaceError, PlacementError
 from moeplace.export.eplb import physical_to_logical
-from moeplace.io import _umask, read_json, write_json_atomic
+from moeplace.io import current_umask, read_json, write_json_atomic
 from moeplace.placement import Placement
 from moeplace.progress import Progress
 
@@ -292,7 +292,7 @@ def permute_checkpoint(
             "skipped": skipped,
         }
         write_json_atomic(tmp / PERMUTATION_NAME, record)
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         _swap_into_place(tmp, out)
     finally:
         if tmp.exists():
