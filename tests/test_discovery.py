@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ import torch
 from torch import nn
 
 from moeplace.errors import MoeplaceError
-from moeplace.models.discovery import checkpoint_expert_keys, find_moe_layers, num_decoder_layers
+from moeplace.models.checkpoint import CheckpointError, moe_blocks, open_checkpoint
+from moeplace.models.discovery import find_moe_layers, num_decoder_layers
 from moeplace.models.tiny import FAMILIES, build_tiny_model
 
 transformers = pytest.importorskip("transformers")
@@ -57,17 +60,23 @@ def test_find_moe_layers_each_family(tiny_dirs: dict[str, Path], family: str) ->
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_checkpoint_keys_cover_every_expert(tiny_dirs: dict[str, Path], family: str) -> None:
-    keys = checkpoint_expert_keys(tiny_dirs[family])
-    moe = [i for i in range(4) if i not in DENSE.get(family, set())]
-    assert list(keys) == moe
-    for layer in keys.values():
-        assert layer.router and all(k.startswith(layer.block_prefix) for k in layer.router)
+def test_checkpoint_layout_agrees_with_the_module_tree(tiny_dirs: dict[str, Path], family: str) -> None:
+    """The torch-free reader of the files finds the same MoE layers, expert counts and router
+    parameters as discovery on the loaded model, though the files use the hub layout."""
+    blocks = moe_blocks(open_checkpoint(tiny_dirs[family]))
+    modules = find_moe_layers(load(tiny_dirs[family]))
+    assert [b.layer for b in blocks] == [m.layer_index for m in modules]
+    for block, module in zip(blocks, modules):
+        assert block.num_experts == module.num_experts == 8
+        assert all(k.startswith(f"{block.prefix}.{module.router_name}.") for k in block.router)
+        assert {k.rpartition(".")[2] for k in block.router} == set(module.router_expert_params)
         if family == "gpt_oss":
-            assert len(layer.fused) == 4 and not layer.per_expert
+            assert not block.per_expert
+            assert {k.rpartition(".")[2] for k in block.fused} == set(module.expert_params)
         else:
-            assert sorted(layer.per_expert) == list(range(8)) and not layer.fused
-            assert all(len(v) == 3 for v in layer.per_expert.values())
+            assert sorted(block.per_expert) == list(range(8)) and not block.fused
+            assert all(len(keys) == 3 and all(k.startswith(f"{block.prefix}.experts.{e}.") for k in keys)
+                       for e, keys in block.per_expert.items())
 
 
 def test_tiny_model_is_deterministic(tmp_path: Path) -> None:
@@ -88,11 +97,15 @@ def test_not_a_moe_model_names_what_is_missing() -> None:
 
 
 def test_checkpoint_without_experts(tmp_path: Path) -> None:
-    with pytest.raises(MoeplaceError, match="no model.safetensors"):
-        checkpoint_expert_keys(tmp_path)
-    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
-    with pytest.raises(MoeplaceError):
-        checkpoint_expert_keys(tmp_path)
+    with pytest.raises(CheckpointError, match="no .safetensors weights"):
+        open_checkpoint(tmp_path)
+    header = json.dumps({"model.norm.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(CheckpointError, match="no MoE layers found"):
+        moe_blocks(open_checkpoint(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    with pytest.raises(CheckpointError, match="truncated"):
+        open_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize("family, kwargs, match", [

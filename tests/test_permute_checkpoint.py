@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from moeplace.cli import run
 from moeplace.errors import PlacementError
-from moeplace.export.permute import CheckpointError, check_group_routing, permute_checkpoint
+from moeplace.export.permute import check_group_routing, permute_checkpoint
+from moeplace.models.checkpoint import CheckpointError
 from moeplace.placement import Placement
 from moeplace.solve.baselines import random_balanced
 

@@ -55,7 +55,7 @@ def _model_layers(model: Path | None, trace: Path | None, moe_layers: str | None
                                 "(traces from `moeplace trace` do): use --model or --moe-layers")
         return [int(x) for x in layers], num_hidden_layers or (int(depth) if isinstance(depth, int) else None), t.num_experts
     if model is not None:
-        from moeplace.export.permute import moe_blocks, open_checkpoint, text_config
+        from moeplace.models.checkpoint import moe_blocks, open_checkpoint, text_config
 
         ckpt = open_checkpoint(model)
         blocks = moe_blocks(ckpt)

@@ -10,7 +10,7 @@ order puts exactly the placement's experts in each block:
 and the router's rows (weight, bias, e_score_correction_bias) are permuted the same way, so the
 model computes the same function: logits are unchanged, only expert ids move.
 
-Both checkpoint layouts are handled, told apart per tensor name:
+Each MoE block's tensors, as `moeplace.models.checkpoint.moe_blocks` finds them, are rewritten:
 
     per-expert  {block}.experts.{e}.{rest}      renamed to {block}.experts.{j}.{rest}, bytes untouched
     fused       {block}.experts.{name} [E, ...]  rows reordered along dim 0
@@ -26,181 +26,35 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import struct
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from moeplace.errors import MoeplaceError, PlacementError
+from moeplace.errors import PlacementError
 from moeplace.export.eplb import physical_to_logical
-from moeplace.io import current_umask, read_json, write_json_atomic
+from moeplace.io import current_umask, write_json_atomic
+from moeplace.models.checkpoint import (
+    INDEX_NAME,
+    PICKLED_WEIGHTS,
+    Checkpoint,
+    CheckpointError,
+    MoeBlock,
+    TensorEntry,
+    moe_blocks,
+    open_checkpoint,
+    text_config,
+)
 from moeplace.placement import Placement
 from moeplace.progress import Progress
 
-INDEX_NAME = "model.safetensors.index.json"
 PERMUTATION_NAME = "moeplace_permutation.json"
 PERMUTATION_FORMAT = "moeplace.permutation/v1"
-_HEADER_LIMIT = 100 * 2**20  # the safetensors library's own cap on a header
 _COPY_CHUNK = 64 * 2**20
-_PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")  # never read; never copied next to permuted weights
-# {block}.experts.{rest}, where block is one decoder layer's MoE module (mlp, block_sparse_moe, ...)
-_EXPERTS = re.compile(r"^(?P<block>(?:.*\.)?layers\.(?P<layer>\d+)\.[^.]+)\.experts\.(?P<rest>.+)$")
-_PER_EXPERT = re.compile(r"^(?P<expert>\d+)\.(?P<rest>.+)$")
-_ROUTER_MODULES = ("gate", "router")
-
-
-class CheckpointError(MoeplaceError):
-    """A checkpoint directory or safetensors file is missing, malformed or truncated."""
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where a tensor's bytes are in its safetensors file."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int  # absolute file offsets
-    end: int
-
-
-@dataclass(frozen=True)
-class MoeBlock:
-    """One MoE layer of a checkpoint."""
-
-    layer: int  # decoder layer index
-    prefix: str  # e.g. "model.layers.3.mlp"
-    num_experts: int
-
-
-@dataclass
-class Checkpoint:
-    root: Path
-    config: dict[str, Any]
-    shards: dict[str, dict[str, TensorEntry]]  # shard file name -> tensor name -> entry
-    metadata: dict[str, dict[str, str] | None]  # shard file name -> its __metadata__
-    index: dict[str, Any] | None  # model.safetensors.index.json, when sharded
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: e.shape for tensors in self.shards.values() for name, e in tensors.items()}
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str] | None]:
-    """Parse a safetensors header; reject truncated or inconsistent files before any copy."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated (no safetensors header)")
-        (length,) = struct.unpack("<Q", raw)
-        if length > min(_HEADER_LIMIT, size - 8):
-            raise CheckpointError(f"{path}: not a safetensors file or truncated (header of {length} bytes)")
-        try:
-            header = json.loads(f.read(length))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: malformed safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: malformed safetensors header")
-    metadata = header.pop("__metadata__", None)
-    base = 8 + length
-    entries: dict[str, TensorEntry] = {}
-    try:
-        for name, info in header.items():
-            begin, end = (int(x) for x in info["data_offsets"])
-            entries[name] = TensorEntry(str(info["dtype"]), tuple(int(d) for d in info["shape"]), base + begin, base + end)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: malformed safetensors header entry ({e!r})") from None
-    end = max((e.end for e in entries.values()), default=base)
-    if end > size or any(e.begin > e.end or e.begin < base for e in entries.values()):
-        raise CheckpointError(f"{path}: truncated or corrupt: tensor data runs past the end of the file ({size} bytes)")
-    return entries, metadata
-
-
-def open_checkpoint(model_dir: str | Path) -> Checkpoint:
-    """Read config.json, the shard index (if any) and every shard's header; no tensor data."""
-    root = Path(model_dir)
-    if not root.is_dir():
-        raise CheckpointError(f"{root}: no such model directory")
-    config_path = root / "config.json"
-    config = read_json(config_path, CheckpointError) if config_path.is_file() else {}
-    index = None
-    if (root / INDEX_NAME).is_file():
-        try:
-            index = json.loads((root / INDEX_NAME).read_text())
-            names = sorted(set(index["weight_map"].values()))
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{root / INDEX_NAME}: malformed shard index ({e!r})") from None
-    else:
-        names = sorted(p.name for p in root.glob("*.safetensors"))
-        if len(names) > 1:
-            raise CheckpointError(f"{root}: {len(names)} .safetensors files but no {INDEX_NAME} to say which form the model")
-    if not names:
-        pickled = [p.name for p in root.iterdir() if p.suffix in _PICKLED_WEIGHTS]
-        hint = " (found pickled weights, which moeplace never loads: convert them to safetensors first)" if pickled else ""
-        raise CheckpointError(f"{root}: no .safetensors weights{hint}")
-    shards, metadata = {}, {}
-    for name in names:
-        if not (root / name).is_file():
-            raise CheckpointError(f"{root}: shard {name} listed in {INDEX_NAME} is missing")
-        shards[name], metadata[name] = read_safetensors_header(root / name)
-    if index is not None:
-        listed = set(index["weight_map"])
-        present = {k for tensors in shards.values() for k in tensors}
-        if listed != present:
-            missing = sorted(listed - present)[:3] or sorted(present - listed)[:3]
-            raise CheckpointError(f"{root}: {INDEX_NAME} and the shards disagree (e.g. {missing})")
-    return Checkpoint(root, config, shards, metadata, index)
-
-
-def text_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The language model's config of a possibly multimodal config."""
-    sub = config.get("text_config")
-    return sub if isinstance(sub, dict) else config
-
-
-def moe_blocks(ckpt: Checkpoint) -> list[MoeBlock]:
-    """The checkpoint's MoE layers in decoder order, found from tensor names and shapes.
-
-    Layers at or past config.num_hidden_layers (DeepSeek's multi-token-prediction layer) are
-    not part of the decoder stack a placement is made for and are left as they are.
-    """
-    num_hidden = text_config(ckpt.config).get("num_hidden_layers")
-    shapes = ckpt.shapes()
-    per_expert: dict[str, set[int]] = {}
-    layers: dict[str, int] = {}
-    for name in shapes:
-        m = _EXPERTS.match(name)
-        if not m or (isinstance(num_hidden, int) and int(m["layer"]) >= num_hidden):
-            continue
-        layers[m["block"]] = int(m["layer"])
-        pm = _PER_EXPERT.match(m["rest"])
-        if pm:
-            per_expert.setdefault(m["block"], set()).add(int(pm["expert"]))
-    blocks = []
-    for prefix, layer in sorted(layers.items(), key=lambda kv: kv[1]):
-        router = [shapes[f"{prefix}.{mod}.weight"] for mod in _ROUTER_MODULES if f"{prefix}.{mod}.weight" in shapes]
-        if not router or len(router[0]) != 2:
-            raise CheckpointError(f"{ckpt.root}: MoE block {prefix} has experts but no [experts, hidden] router "
-                                  f"({prefix}.gate.weight or .router.weight)")
-        num_experts = router[0][0]
-        ids = per_expert.get(prefix)
-        if ids is not None and ids != set(range(num_experts)):
-            raise CheckpointError(
-                f"{ckpt.root}: {prefix} has expert ids {min(ids)}..{max(ids)} ({len(ids)} experts) but its router "
-                f"scores {num_experts}"
-            )
-        blocks.append(MoeBlock(layer, prefix, num_experts))
-    if not blocks:
-        raise CheckpointError(f"{ckpt.root}: no MoE layers found (no '...layers.N.<block>.experts...' tensors)")
-    if len({b.layer for b in blocks}) != len(blocks):
-        raise CheckpointError(f"{ckpt.root}: more than one MoE block in a decoder layer is not supported")
-    if len({b.num_experts for b in blocks}) > 1:
-        raise CheckpointError(f"{ckpt.root}: MoE layers have different expert counts; not supported")
-    return blocks
 
 
 def permutation(placement: Placement) -> np.ndarray:
@@ -262,8 +116,8 @@ def permute_checkpoint(
     free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
     if free < total:
         raise CheckpointError(f"{out.parent}: {free / 2**30:.1f} GiB free, the permuted checkpoint needs {total / 2**30:.1f} GiB")
+    plan = _plan(ckpt, blocks, new_to_old)
 
-    plan = _Plan(blocks, new_to_old)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -300,47 +154,37 @@ def permute_checkpoint(
     return record
 
 
-class _Plan:
-    """What happens to each tensor name: (new name, row order or None)."""
+def _plan(ckpt: Checkpoint, blocks: list[MoeBlock], new_to_old: np.ndarray) -> dict[str, tuple[str, np.ndarray | None]]:
+    """MoE tensor name -> (new name, row order [E] or None); tensors not listed are copied as they are.
 
-    def __init__(self, blocks: list[MoeBlock], new_to_old: np.ndarray) -> None:
-        self.by_prefix = {b.prefix: (b, new_to_old[i]) for i, b in enumerate(blocks)}
-        self.old_to_new = {b.prefix: np.argsort(new_to_old[i]) for i, b in enumerate(blocks)}
-
-    def __call__(self, name: str, entry: TensorEntry) -> tuple[str, np.ndarray | None]:
-        m = _EXPERTS.match(name)
-        if m and m["block"] in self.by_prefix:
-            block, order = self.by_prefix[m["block"]]
-            pm = _PER_EXPERT.match(m["rest"])
-            if pm:
-                new_id = int(self.old_to_new[block.prefix][int(pm["expert"])])
-                return f"{block.prefix}.experts.{new_id}.{pm['rest']}", None
-            return name, self._rows(name, entry, block, order)
-        module, _, param = name.rpartition(".")
-        prefix, _, leaf = module.rpartition(".")
-        if leaf in _ROUTER_MODULES and prefix in self.by_prefix:
-            block, order = self.by_prefix[prefix]
-            return name, self._rows(name, entry, block, order)
-        return name, None
-
-    @staticmethod
-    def _rows(name: str, entry: TensorEntry, block: MoeBlock, order: np.ndarray) -> np.ndarray | None:
-        if not entry.shape:
-            return None  # a scalar shared by all experts (e.g. a quantisation scale)
-        if entry.shape[0] != block.num_experts or (entry.end - entry.begin) % block.num_experts:
-            raise CheckpointError(
-                f"{name}: shape {list(entry.shape)} has no leading expert dimension of {block.num_experts}; "
-                "don't know how to renumber it"
-            )
-        return order
+    new_to_old int64 [L, E]: per-expert tensors are renamed to their new id, fused and router
+    tensors [E, ...] keep their name and have their rows reordered.
+    """
+    entries = {name: e for tensors in ckpt.shards.values() for name, e in tensors.items()}
+    plan: dict[str, tuple[str, np.ndarray | None]] = {}
+    for block, order in zip(blocks, new_to_old):
+        old_to_new = np.argsort(order)
+        for expert, names in block.per_expert.items():
+            old, new = f"{block.prefix}.experts.{expert}.", f"{block.prefix}.experts.{int(old_to_new[expert])}."
+            plan.update({name: (new + name[len(old):], None) for name in names})
+        for name in (*block.fused, *block.router):
+            entry = entries[name]
+            if not entry.shape:
+                continue  # a 0-d scale shared by all experts
+            if (entry.end - entry.begin) % block.num_experts:  # sub-byte packing across rows
+                raise CheckpointError(f"{name}: {entry.end - entry.begin} bytes do not split into "
+                                      f"{block.num_experts} expert rows; don't know how to renumber it")
+            plan[name] = (name, order)
+    return plan
 
 
 def _write_shard(
-    src: Path, tensors: dict[str, TensorEntry], metadata: dict[str, str] | None, plan: _Plan, dst: Path,
+    src: Path, tensors: dict[str, TensorEntry], metadata: dict[str, str] | None,
+    plan: dict[str, tuple[str, np.ndarray | None]], dst: Path,
 ) -> Iterator[tuple[str, str, int]]:
     """Write one shard with renamed / row-reordered tensors; yield (old, new, bytes) per tensor."""
     ordered = sorted(tensors.items(), key=lambda kv: kv[1].begin)
-    jobs = [(name, *plan(name, entry), entry) for name, entry in ordered]
+    jobs = [(name, *plan.get(name, (name, None)), entry) for name, entry in ordered]
     header: dict[str, Any] = {"__metadata__": metadata} if metadata is not None else {}
     offset = 0
     for _, new, _, entry in jobs:
@@ -379,8 +223,8 @@ def _copy_other_files(ckpt: Checkpoint, dst: Path) -> list[str]:
         name = path.name
         if name in ckpt.shards or name == INDEX_NAME or name.startswith("."):
             continue
-        holds_weights = path.suffix in _PICKLED_WEIGHTS + (".safetensors",) or (
-            path.is_dir() and any(p.suffix in _PICKLED_WEIGHTS + (".safetensors",) for p in path.rglob("*"))
+        holds_weights = path.suffix in PICKLED_WEIGHTS + (".safetensors",) or (
+            path.is_dir() and any(p.suffix in PICKLED_WEIGHTS + (".safetensors",) for p in path.rglob("*"))
         )
         if holds_weights:
             skipped.append(name)

@@ -27,32 +27,18 @@ In-memory layout in transformers 5.23 (expert dim 0 everywhere):
                                                         on the last dim), gate_up_proj_bias [E, 2I],
                                                         down_proj [E, I, H], down_proj_bias [E, H]
 
-Checkpoint (safetensors) layout written by `save_pretrained` in transformers 5.23: it converts
-back to each family's hub format, so the files do NOT mirror the module tree:
+The safetensors files do not mirror this module tree (`save_pretrained` converts back to each
+family's hub format): their layout is read, torch-free, by `moeplace.models.checkpoint`.
 
-    mixtral       model.layers.{l}.block_sparse_moe.gate.weight
-                  model.layers.{l}.block_sparse_moe.experts.{e}.w1|w2|w3.weight   (w1 gate, w2 down, w3 up)
-    qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3
-                  model.layers.{l}.mlp.gate.weight (+ .e_score_correction_bias for deepseek_v3)
-                  model.layers.{l}.mlp.experts.{e}.gate_proj|up_proj|down_proj.weight
-    gpt_oss       model.layers.{l}.mlp.router.weight|bias
-                  model.layers.{l}.mlp.experts.gate_up_proj|gate_up_proj_bias|down_proj|down_proj_bias
-                  (fused, expert dim 0)
-
-`checkpoint_expert_keys(model_dir)` reads that layout from the files (per-expert or fused),
-which is what renumbering experts in a checkpoint needs. Renumbering must permute, with the
-same permutation, the router rows (`weight`), every per-expert router vector (`bias`,
-`e_score_correction_bias`) and the experts; with grouped routing (`MoELayer.num_groups` > 1,
-DeepSeek) expert e belongs to group e // (E / num_groups), so a renumbering that moves experts
-across groups changes which experts a token can reach.
+Renumbering experts must permute, with the same permutation, the router rows (`weight`), every
+per-expert router vector (`bias`, `e_score_correction_bias`) and the experts; with grouped
+routing (`MoELayer.num_groups` > 1, DeepSeek) expert e belongs to group e // (E / num_groups), so
+a renumbering that moves experts across groups changes which experts a token can reach.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -209,68 +195,3 @@ def _describe(path: str, block: nn.Module, router_name: str, experts_name: str, 
         num_groups=int(grouped),
     )
 
-
-# ---- checkpoint files ------------------------------------------------------------------------
-
-_PER_EXPERT = re.compile(r"^(?P<block>.*\.layers\.(?P<layer>\d+)\.[^.]+)\.experts\.(?P<expert>\d+)\.(?P<param>.+)$")
-_FUSED = re.compile(r"^(?P<block>.*\.layers\.(?P<layer>\d+)\.[^.]+)\.experts\.(?P<param>[A-Za-z_][^.]*)$")
-_ROUTER = re.compile(r"^(?P<block>.*\.layers\.(?P<layer>\d+)\.[^.]+)\.(?:gate|router)\.(?P<param>[^.]+)$")
-
-
-@dataclass
-class CheckpointExperts:
-    """Safetensors keys of one decoder layer's routed experts and router."""
-
-    layer_index: int
-    block_prefix: str  # e.g. "model.layers.3.mlp" or "model.layers.3.block_sparse_moe"
-    # per-expert keys: expert id -> its keys (empty when fused)
-    per_expert: dict[int, list[str]] = field(default_factory=dict)
-    fused: list[str] = field(default_factory=list)  # fused keys, expert dim 0 (empty when per-expert)
-    router: list[str] = field(default_factory=list)  # router keys, expert dim 0 (weight, bias, ...)
-
-
-def checkpoint_keys(model_dir: str | Path) -> dict[str, str]:
-    """Tensor key -> safetensors file name, for a `save_pretrained` directory (sharded or not)."""
-    d = Path(model_dir)
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            return dict(json.loads(index.read_text())["weight_map"])
-        except (ValueError, KeyError) as e:
-            raise MoeplaceError(f"{index}: malformed safetensors index ({e})") from None
-    single = d / "model.safetensors"
-    if not single.is_file():
-        raise MoeplaceError(f"{d}: no model.safetensors or model.safetensors.index.json")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(single), "pt") as f:
-            return {k: single.name for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated headers
-        raise MoeplaceError(f"{single}: unreadable safetensors file ({e})") from None
-
-
-def checkpoint_expert_keys(model_dir: str | Path) -> dict[int, CheckpointExperts]:
-    """Decoder layer index -> the keys of its experts and router in the checkpoint files.
-
-    Router keys are only those of MoE layers (a dense layer's `gate_proj` does not match).
-    """
-    layers: dict[int, CheckpointExperts] = {}
-
-    def entry(m: re.Match[str]) -> CheckpointExperts:
-        li = int(m["layer"])
-        return layers.setdefault(li, CheckpointExperts(li, m["block"]))
-
-    keys = sorted(checkpoint_keys(model_dir))
-    for key in keys:
-        if m := _PER_EXPERT.match(key):
-            entry(m).per_expert.setdefault(int(m["expert"]), []).append(key)
-        elif m := _FUSED.match(key):
-            entry(m).fused.append(key)
-    for key in keys:
-        m = _ROUTER.match(key)
-        if m and int(m["layer"]) in layers and layers[int(m["layer"])].block_prefix == m["block"]:
-            layers[int(m["layer"])].router.append(key)
-    if not layers:
-        raise MoeplaceError(f"{model_dir}: no expert tensors found (expected keys like '*.layers.N.*.experts.*')")
-    return dict(sorted(layers.items()))

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from moeplace.errors import MoeplaceError
-from moeplace.io import read_json
-from moeplace.models.discovery import checkpoint_expert_keys, checkpoint_keys
+from moeplace.models.checkpoint import moe_blocks, open_checkpoint
 
 # model_type -> (q/k norm kind, top-k weights renormalised when config lacks norm_topk_prob)
 FAMILIES: dict[str, tuple[str, bool]] = {
@@ -72,31 +71,29 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
 
 
 def _read_spec(path: Path) -> ModelSpec:
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
+    if not (path / "config.json").is_file():
         raise MoeplaceError(f"{path}: no config.json (expected a save_pretrained checkpoint directory)")
-    cfg: dict[str, Any] = read_json(cfg_path, MoeplaceError)
+    ckpt = open_checkpoint(path)  # the same reader as `moeplace permute-checkpoint`
+    cfg: dict[str, Any] = ckpt.config
     family = cfg.get("model_type")
     if family not in FAMILIES:
         raise MoeplaceError(f"{path}: model_type {family!r} is not served (supported: {', '.join(FAMILIES)})")
-    files = {k: str(path / f) for k, f in checkpoint_keys(path).items()}
+    files = {k: str(f) for k, f in ckpt.files().items()}
     qk_norm, renorm_default = FAMILIES[family]
     num_layers = int(cfg["num_hidden_layers"])
     rope = cfg.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         raise MoeplaceError(f"{path}: rope_type {rope.get('rope_type')!r} is not supported (only default RoPE)")
-    blocks = checkpoint_expert_keys(path)  # the same checkpoint discovery as `moeplace trace`
-    moe_layers = tuple(blocks)
-    prefixes = tuple(blocks[i].block_prefix for i in moe_layers)
+    blocks = moe_blocks(ckpt)
+    moe_layers = tuple(b.layer for b in blocks)
+    prefixes = tuple(b.prefix for b in blocks)
     for i in range(num_layers):
-        if i not in blocks and f"model.layers.{i}.mlp.gate_proj.weight" not in files:
+        if i not in moe_layers and f"model.layers.{i}.mlp.gate_proj.weight" not in files:
             raise MoeplaceError(f"{path}: decoder layer {i} has neither routed experts nor a dense MLP")
-    first = blocks[moe_layers[0]]
-    fused = bool(first.fused)
+    fused = not blocks[0].per_expert
     names = next((n for n in _EXPERT_NAMES if f"{prefixes[0]}.experts.0.{n[0]}.weight" in files), None)
     if not fused and names is None:
         raise MoeplaceError(f"{path}: unrecognised expert weights under {prefixes[0]}.experts")
-    num_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts"))
     heads = int(cfg["num_attention_heads"])
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
@@ -117,7 +114,7 @@ def _read_spec(path: Path) -> ModelSpec:
         sliding_window=int(window) if window else None,
         moe_layers=moe_layers,
         moe_prefix=prefixes,
-        num_experts=num_experts,
+        num_experts=blocks[0].num_experts,
         top_k=int(cfg["num_experts_per_tok"]),
         renormalize=bool(cfg.get("norm_topk_prob", renorm_default)),
         fused_experts=fused,
