@@ -1,7 +1,7 @@
 """Solver II benchmark: balance vs DeepSeek EPLB on the real Mixtral loads; latency on FLAME.
 
     python scripts/bench_solver2.py mixtral [--time-limit S]
-    python scripts/bench_solver2.py joint [--trace PATH] [--seeds N]
+    python scripts/bench_solver2.py joint [--trace PATH] [--seeds N] [--total-cap]
     python scripts/bench_solver2.py deepseek [--time-limit S]
 
 mixtral: every file of ../shared/data/mixtral-8x7b-expert-loads (2 variants x 7 subjects), 4 and 8
@@ -11,7 +11,8 @@ moeplace is worse / better than the best EPLB.
 joint: held-out predicted MoE time (cost model, configs/model/flame-moe-290m.yaml) of traffic,
 balance, latency (and, when E divides by G, balance and latency with G redundant experts) and
 MoETuner placements, fitted on seeded halves of a trace (default traces/flame-moe-290m-decoder.npz),
-under the 8-GPU and 2-node clusters; mean over seeds and latency - traffic per seed.
+under the 8-GPU and 2-node clusters; mean over seeds and latency - traffic per seed. --total-cap
+adds balance and latency with uneven per-layer counts under a total cap of L x E / G per GPU.
 deepseek: SYNTHETIC planted-affinity trace (solve/synthetic.py) of DeepSeek-V3 size: 4096 tokens,
 58 layers x 256 experts, top-8, 64 GPUs in 8 nodes, 32 redundant experts, latency objective
 under configs/cluster/h100-8x8-ib.yaml: wall time, peak memory, value, bound, gap.
@@ -54,7 +55,7 @@ def mixtral(time_limit: float) -> None:
     print(f"layers worse than EPLB, all inputs: {worse_total}")
 
 
-def joint(trace_path: Path, seeds: int, time_limit: float) -> None:
+def joint(trace_path: Path, seeds: int, time_limit: float, total_cap: bool = False) -> None:
     from moeplace.solve.costmodel import load_cost_model, predict
     from moeplace.solve.moetuner import moetuner_placement
     from moeplace.solve.solver import solve_placement
@@ -72,8 +73,12 @@ def joint(trace_path: Path, seeds: int, time_limit: float) -> None:
             runs = [("traffic", "traffic", 0), ("balance", "balance", 0), ("latency", "latency", 0)]
             if redundant:
                 runs += [(f"balance+R{redundant}", "balance", redundant), (f"latency+R{redundant}", "latency", redundant)]
-            for name, objective, r in runs:
-                opts = ({"cost": cm} if objective == "latency" else {}) | ({"redundant": r} if r else {})
+            cap = trace.num_layers * trace.num_experts // gpus  # the memory of the equal layout
+            if total_cap:
+                runs += [(f"balance cap{cap}", "balance", -cap), (f"latency cap{cap}", "latency", -cap)]
+            for name, objective, r in runs:  # r < 0: a total cap of -r experts per GPU instead of replicas
+                opts = ({"cost": cm} if objective == "latency" else {}) | (
+                    {"redundant": r} if r > 0 else {"max_experts_per_gpu_total": -r} if r < 0 else {})
                 p = solve_placement(trace, gpus, 8, time_limit, seed, objective=objective, train_fraction=0.5, **opts)
                 rows.setdefault(name, []).append(predict(cm, p, held_trace).total_us.sum())
             p = moetuner_placement(trace.select_tokens(train), gpus, 8, time_limit)
@@ -106,6 +111,8 @@ if __name__ == "__main__":
     ap.add_argument("--trace", type=Path, default=ROOT / "traces" / "flame-moe-290m-decoder.npz")
     ap.add_argument("--time-limit", type=float, default=2.0)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--total-cap", action="store_true",
+                    help="joint: also balance and latency with per-layer counts free under a total cap of L x E / G")
     a = ap.parse_args()
-    {"mixtral": lambda: mixtral(a.time_limit), "joint": lambda: joint(a.trace, a.seeds, a.time_limit),
+    {"mixtral": lambda: mixtral(a.time_limit), "joint": lambda: joint(a.trace, a.seeds, a.time_limit, a.total_cap),
      "deepseek": lambda: deepseek(a.time_limit)}[a.what]()

@@ -33,8 +33,8 @@ def token_gpus(placement: Placement, trace: Trace) -> np.ndarray:
 
     Without replicas it is the expert's GPU. With replicas (the rule eval, the cost model and
     the runtime share, see `serve_layer`) a token uses the copy on its current GPU (top-1 GPU
-    of the previous layer; `initial_homes` at layer 0), else one on its current node, else the
-    least-loaded copy.
+    of the previous layer; `initial_homes` at layer 0), else the least-loaded copy on its
+    current node, else the least-loaded copy.
     """
     layers = np.arange(trace.num_layers)[None, :, None]
     gpus = placement.expert_to_gpu[layers, trace.topk_ids]
@@ -54,30 +54,34 @@ def serve_layer(holders: list[list[int]], ids: np.ndarray, primary_gpus: np.ndar
     """Replica choice of one layer: GPU serving each token-expert choice, int64 [T, k].
 
     holders: GPUs of each expert's copies (primary first); ids/primary_gpus [T, k]; home [T].
-    1. a token whose current GPU holds a copy uses it; else one on its node (lowest GPU id);
-    2. the other tokens of an expert go to its least-loaded copies: counting the pinned load
-       of step 1 and of single-copy experts, experts with the most unpinned tokens first fill
-       their copies' GPUs up to a common level (ties: lower load, then lower GPU id; tokens in
-       trace order).
+    1. a token whose current GPU holds a copy uses it (no transfer at all);
+    2. the other tokens of an expert go to its least-loaded copies on their own node when the
+       node holds any (an intra-node move instead of a cross-node one), else to its least-loaded
+       copies anywhere: counting the load of step 1 and of single-copy experts, groups (expert,
+       node) with the most such tokens first fill their copies' GPUs up to a common level (ties:
+       lower load, then lower GPU id; tokens in trace order).
+    On one node every copy is on the token's node, so step 2 is plain least-loaded balancing,
+    which is what replicas of a hot expert are for.
     """
     gpus = primary_gpus.copy()
     node = home // gpus_per_node
-    free: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (expert, tok, slot, copies)
+    free: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]] = []  # (expert, node, tok, slot, copies)
     for expert, copies in enumerate(holders):
         if len(copies) < 2:
             continue
         copies_arr = np.asarray(copies)
         tok, slot = np.nonzero(ids == expert)
-        same_gpu = copies_arr[None, :] == home[tok, None]
-        same_node = copies_arr[None, :] // gpus_per_node == node[tok, None]
-        local = same_gpu | same_node
-        pick = np.where(same_gpu.any(1), same_gpu.argmax(1), same_node.argmax(1))
-        pinned = local.any(1)
-        gpus[tok[pinned], slot[pinned]] = copies_arr[pick[pinned]]
-        gpus[tok[~pinned], slot[~pinned]] = -1
-        free.append((expert, tok[~pinned], slot[~pinned], copies_arr))
+        own = (copies_arr[None, :] == home[tok, None]).any(1)
+        gpus[tok[own], slot[own]] = home[tok[own]]  # step 1
+        tok, slot = tok[~own], slot[~own]
+        gpus[tok, slot] = -1
+        copy_node = copies_arr // gpus_per_node
+        for n in np.unique(node[tok]):
+            mine = node[tok] == n
+            local = copies_arr[copy_node == n]
+            free.append((expert, int(n), tok[mine], slot[mine], local if len(local) else copies_arr))
     load = np.bincount(gpus[gpus >= 0], minlength=num_gpus).astype(np.float64)
-    for _, tok, slot, copies_arr in sorted(free, key=lambda f: (-len(f[1]), f[0])):
+    for _, _, tok, slot, copies_arr in sorted(free, key=lambda f: (-len(f[2]), f[0], f[1])):  # step 2
         counts = _water_fill(load[copies_arr], len(tok))
         gpus[tok, slot] = np.repeat(copies_arr, counts)
         load[copies_arr] += counts

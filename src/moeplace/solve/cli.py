@@ -84,9 +84,10 @@ def _objective_names() -> list[str]:
               help="balance: per-layer expert slots a GPU may hold (default ceil((E + R) / G)); above that, "
                    "per-GPU counts may differ (MoETuner-style uneven layouts).")
 @click.option("--max-experts-per-gpu-total", type=int, default=None,
-              help="balance: expert copies a GPU may hold summed over all layers (memory); per-layer counts may "
-                   "then differ between GPUs (MoETuner), at least 1 each. Needs C x G >= L x (E + R). Default: "
-                   "equal counts in every layer (ExFlow, fixed-layout engines).")
+              help="latency/balance: expert copies a GPU may hold summed over all layers (memory); per-layer "
+                   "counts may then differ between GPUs (MoETuner), at least 1 each. Needs C x G >= L x (E + R); "
+                   "latency: without --redundant-experts. Default: equal counts in every layer (ExFlow, "
+                   "fixed-layout engines).")
 @click.option("--pareto", is_flag=True,
               help="latency: also solve for compute weights 0 (traffic only), 1, 4, 16, 64 (balance heavy) and print the "
                    "compute / communication front; writes the weight-1 placement.")
@@ -106,7 +107,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
             bound and gap, metrics of the placement and of the baselines (contiguous, round-robin,
             random, greedy_load) on the training tokens and, with --train-fraction < 1, on the
             held-out rest (evaluate it again with `moeplace eval`); a summary on stdout.
-    Every GPU holds E/G experts of each layer (balance: see --max-experts-per-gpu[-total]).
+    Every GPU holds E/G experts of each layer (latency, balance: see --max-experts-per-gpu-total).
     Exact integer programming (PuLP + HiGHS) when the model is small, else heuristics with ILP
     sub-problems; deterministic for a given --seed.
 
@@ -129,8 +130,9 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
             raise MoeplaceError(f"{name} must be >= 0, got {value}")
     if redundant_experts < 0 or not compute_weight >= 0:
         raise MoeplaceError("--redundant-experts and --compute-weight must be >= 0")
-    if max_experts_per_gpu_total is not None and objective != "balance":
-        raise MoeplaceError("--max-experts-per-gpu-total applies to --objective balance only")
+    if max_experts_per_gpu_total is not None and objective == "traffic":
+        raise MoeplaceError("--max-experts-per-gpu-total needs a load term: traffic alone would pile a layer's experts "
+                            "on one GPU; use --objective latency (or balance)")
     if objective == "traffic" and (redundant_experts or cluster or model_config):
         raise MoeplaceError("--redundant-experts, --cluster and --model-config apply to --objective latency or balance")
     if _is_load_only(trace_path):
@@ -145,7 +147,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
                        smoothing=smoothing, prior=prior)
     if objective == "latency":
         options = dict(cluster=cluster, model_config=model_config, compute_weight=compute_weight,
-                       redundant=redundant_experts)
+                       redundant=redundant_experts, max_experts_per_gpu_total=max_experts_per_gpu_total)
     if objective == "balance":
         options = dict(redundant=redundant_experts, max_experts_per_gpu=max_experts_per_gpu,
                        max_experts_per_gpu_total=max_experts_per_gpu_total)

@@ -6,11 +6,14 @@
 `--pareto` sweeps it). The communication terms come from where tokens sit, i.e. the top-1 GPU of
 the previous layer, so they carry the inter-layer affinity.
 
-Acceptance rule (every step): a change is kept only if it cuts the exact cost on the training
-tokens by more than Z_ACCEPT standard errors. The standard error comes from the same change
-measured on FOLDS disjoint seeded folds of the training tokens (each scaled to the full batch):
-sd(fold deltas) / sqrt(FOLDS). A trace of a few hundred tokens makes the max-load term mostly
-counting noise; this keeps only the changes that noise does not explain.
+Acceptance rule (every step): a change is kept only if it cuts the cost on the training tokens
+by more than Z_ACCEPT standard errors. The standard error comes from the same change measured on
+FOLDS disjoint seeded folds of the training tokens (each scaled to the full batch):
+sd(fold deltas) / sqrt(FOLDS). The compute term of that cost uses expert loads shrunk toward
+their layer mean by their Poisson noise (shrunk_loads, per fold too): a trace of a few hundred
+tokens makes the raw max-load term mostly counting noise, and a move that relieves a GPU hot
+by chance in the training tokens passes the fold test as well, since the folds share that
+chance. The reported value is the exact cost (what `moeplace eval --cluster` predicts).
 
 1. start: the traffic placement (solver.solve_traffic); the balance placement replaces it only
    if it passes the acceptance rule;
@@ -18,8 +21,13 @@ counting noise; this keeps only the changes that noise does not explain.
    surrogate: compute load per GPU (loads shrunk toward the layer mean by their Poisson noise),
    and per-GPU, per-link-class dispatch volumes of this layer (from the fixed previous layer)
    and of the next (whose tokens start where this layer's top-1 experts sit);
-3. swap descent with exact per-layer costs (a swap at layer l changes layers l and l+1) on moves
+3. swap descent on per-layer costs (a swap at layer l changes layers l and l+1) on moves
    off the slowest GPU, until no move passes or the time limit;
+   With a total cap C (`--max-experts-per-gpu-total`, MoETuner) per-layer counts may differ
+   between GPUs (at least 1 each, at most C summed over layers): the balance start is solved
+   under the cap, the MILP bounds each GPU's count by what its other layers leave of C, and
+   the descent also tries cap moves (one expert off the layer's slowest GPU to a GPU with room
+   under C, or, with no room, paired with a move back at the layer where that costs least);
 4. `--redundant-experts R`: replicate.add_replicas (exactly R copies per layer; R / G per GPU
    when G divides R, else the uneven mode of replicate.py);
 5. lower bound: per layer, compute >= max(mean GPU, hottest replica) and each Alltoall phase >= the least
@@ -39,7 +47,7 @@ import pulp
 from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import initial_homes
 from moeplace.progress import Progress
-from moeplace.solve.balance import balance_placement, replication_bound
+from moeplace.solve.balance import balance_placement, replication_bound, total_slots_per_gpu
 from moeplace.solve.costmodel import INTER, INTRA, CostModel, layer_time, load_cost_model, token_scale
 from moeplace.trace.format import Trace, pair_counts
 
@@ -109,6 +117,7 @@ class LatencyModel:
 def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: float, seed: int,
                   progress: bool = True, *, cluster: str | None = None, model_config: str | None = None,
                   cost: CostModel | None = None, compute_weight: float = 1.0, redundant: int = 0,
+                  max_experts_per_gpu_total: int | None = None,
                   traffic_options: dict[str, Any] | None = None) -> Any:
     """The `latency` objective (module docstring) -> solver.SolveOutcome."""
     from moeplace.solve import replicate
@@ -122,18 +131,25 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
     start = time.monotonic()
     end = start + time_limit
     deadline = start + (0.6 if redundant else 1.0) * time_limit  # the rest is the replicas'
-    model = LatencyModel(cost, trace, compute_weight)
+    exact = LatencyModel(cost, trace, compute_weight)  # the reported value: the cost model as eval predicts it
+    model = LatencyModel(cost, trace, compute_weight, smooth=True)  # what the search and the acceptance rule see
     if redundant > trace.num_experts * (num_gpus - 1):
         raise MoeplaceError(f"--redundant-experts {redundant}: at most {trace.num_experts * (num_gpus - 1)} copies "
                             f"fit {num_gpus} GPUs without two copies of one expert on a GPU")
+    cap = max_experts_per_gpu_total
+    if cap is not None:
+        if redundant:
+            raise MoeplaceError("--max-experts-per-gpu-total with --redundant-experts: replicas need equal slots "
+                                "per GPU; use --objective balance for both, or drop one")
+        total_slots_per_gpu(trace.num_layers, trace.num_experts, num_gpus, 0, cap)  # C x G >= L x E, or a clear error
     token_folds = fold_tokens(trace.num_tokens, seed)
-    folds = [LatencyModel(cost, trace.select_tokens(f), compute_weight) for f in token_folds]
-    search = LatencyModel(cost, trace, compute_weight, smooth=True)  # the MILP's noise-shrunk loads
+    folds = [LatencyModel(cost, trace.select_tokens(f), compute_weight, smooth=True) for f in token_folds]
     bar = Progress("latency", enabled=progress)
 
     # 1. starts
     traffic = solve_traffic(trace, num_gpus, gpus_per_node, 0.3 * time_limit, seed, False, **(traffic_options or {}))
-    balanced = balance_placement(trace.expert_loads(), num_gpus, gpus_per_node, 0, 0.1 * time_limit, progress=False)
+    balanced = balance_placement(trace.expert_loads(), num_gpus, gpus_per_node, 0, 0.1 * time_limit, progress=False,
+                                 max_experts_per_gpu_total=cap)
     starts = {"traffic": traffic.expert_to_gpu, "balance": balanced.expert_to_gpu}
     scored = {name: model.weighted(model.all_layers(x)) for name, x in starts.items()}
     by_fold = {name: np.array([f.weighted(f.all_layers(x)) for f in folds]) for name, x in starts.items()}
@@ -145,7 +161,7 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
     bar.update(0, f"start {start_name} {scored[start_name]:.1f}")
 
     # 2. per-layer MILP on the surrogate, 3. swap descent on the exact cost
-    stats = {"milp_accepted": 0, "swaps_accepted": 0, "sweeps": 0}
+    stats = {"milp_accepted": 0, "swaps_accepted": 0, "sweeps": 0} | ({"cap_moves_accepted": 0} if cap else {})
     rng = np.random.default_rng(seed)
     small = trace.num_experts * num_gpus <= LAYER_MILP_MAX_VARS
     for sweep in range(20):
@@ -155,13 +171,18 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
                 break
             if small:
                 cand = best.copy()
-                cand[layer] = _layer_milp(search, best, layer, max(0.05, min(0.5, (deadline - time.monotonic()) / 8)))
-                if _accept(models, best, cand, parts, layer):
+                cand[layer] = _layer_milp(model, best, layer, max(0.05, min(0.5, (deadline - time.monotonic()) / 8)),
+                                          count_range(best, layer, num_gpus, cap))
+                if _accept(models, best, cand, parts, [layer]):
                     stats["milp_accepted"] += 1
                     improved = True
             n = _swap_descent(models, best, parts, layer, rng, deadline)
             stats["swaps_accepted"] += n
             improved |= n > 0
+            if cap is not None:
+                n = _cap_moves(models, best, parts, layer, cap, rng, deadline)
+                stats["cap_moves_accepted"] += n
+                improved |= n > 0
         stats["sweeps"] = sweep + 1
         bar.update(sweep + 1, f"sweep {sweep + 1}: {model.weighted(parts[0]):.1f}")
         if not improved or time.monotonic() > deadline:
@@ -169,12 +190,12 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
 
     # 4. replicas
     replicas: list[list[tuple[int, int]]] = [[] for _ in range(trace.num_layers)]
-    value = model.weighted(model.all_layers(best))
+    value = exact.weighted(exact.all_layers(best))
     if redundant:
-        replicas, value = replicate.add_replicas(model, best, redundant, end, token_folds)
+        replicas, value = replicate.add_replicas(exact, best, redundant, end, token_folds)
 
     # 5. bound
-    bound = latency_bound(model, num_gpus, redundant)
+    bound = latency_bound(exact, num_gpus, redundant, cap)
     bar.close(f"cost {value:.1f} us, bound {bound:.1f}")
     return SolveOutcome(
         expert_to_gpu=best,
@@ -183,9 +204,12 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
                    "compute_weight": compute_weight, "unit": "us (predicted, summed over layers)",
                    "cost_model": cost.describe(), "definition": "docs/cost-model.md"},
         solver={"method": "starts+layer-milp+swap-descent" + ("+replication" if redundant else ""),
-                "start": start_name, "start_costs": scored, "acceptance": {"z": Z_ACCEPT, "folds": len(folds)},
-                "slots_per_gpu": math.ceil((trace.num_experts + redundant) / num_gpus),
-                "equal_slots": redundant % num_gpus == 0, "redundant_experts": redundant, "seed": seed,
+                "start": start_name, "start_costs": {name: exact.weighted(exact.all_layers(x)) for name, x in starts.items()},
+                "search_costs": {"starts": scored, "final": model.weighted(model.all_layers(best))},
+                "acceptance": {"z": Z_ACCEPT, "folds": len(folds), "loads": "shrunk"},
+                "slots_per_gpu": math.ceil((trace.num_experts + redundant) / num_gpus) if cap is None else None,
+                "equal_slots": cap is None and redundant % num_gpus == 0, "max_experts_per_gpu_total": cap,
+                "redundant_experts": redundant, "seed": seed,
                 "time_limit_s": time_limit, "seconds": round(time.monotonic() - start, 3),
                 "stopped_by_time_limit": time.monotonic() > end, **stats},
         bound=bound,
@@ -193,14 +217,15 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
     )
 
 
-def _accept(models: list[LatencyModel], best: np.ndarray, cand: np.ndarray, parts: list[np.ndarray], layer: int) -> bool:
-    """Replace `best` by `cand` (differs at `layer`) in place if the change passes the acceptance
+def _accept(models: list[LatencyModel], best: np.ndarray, cand: np.ndarray, parts: list[np.ndarray],
+            layers: list[int]) -> bool:
+    """Replace `best` by `cand` (differs at `layers`) in place if the change passes the acceptance
     rule; models = [all training tokens, *folds], parts[i] float [L, 3] of models[i] kept current."""
-    touched = [layer] + ([layer + 1] if layer + 1 < best.shape[0] else [])
+    touched = sorted({t for layer in layers for t in (layer, layer + 1) if t < best.shape[0]})
     new = [np.stack([m.layer(cand, t) for t in touched]) for m in models]
     deltas = np.array([m.weighted(n) - m.weighted(p[touched]) for m, n, p in zip(models, new, parts)])
     if significant(deltas[0], deltas[1:]):
-        best[layer] = cand[layer]
+        best[layers] = cand[layers]
         for p, n in zip(parts, new):
             p[touched] = n
         return True
@@ -225,18 +250,67 @@ def _swap_descent(models: list[LatencyModel], best: np.ndarray, parts: list[np.n
         b = int(rng.choice(others))
         cand = best.copy()
         cand[layer, [a, b]] = cand[layer, [b, a]]
-        accepted += _accept(models, best, cand, parts, layer)
+        accepted += _accept(models, best, cand, parts, [layer])
     return accepted
 
 
-def _layer_milp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: float) -> np.ndarray:
-    """Re-place one layer given its neighbours: the linear surrogate of the module docstring."""
+def count_range(e2g: np.ndarray, layer: int, num_gpus: int, cap: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(least, most) experts each GPU may hold at `layer`, int [G] each: E / G both without a total
+    cap; with one, at least 1 and at most what the GPU's other layers leave of the cap."""
+    num_experts = e2g.shape[1]
+    if cap is None:
+        equal = np.full(num_gpus, num_experts // num_gpus)
+        return equal, equal
+    counts = np.stack([np.bincount(row, minlength=num_gpus) for row in e2g])  # [L, G]
+    others = counts.sum(0) - counts[layer]
+    return np.ones(num_gpus, dtype=np.int64), cap - others
+
+
+def _cap_moves(models: list[LatencyModel], best: np.ndarray, parts: list[np.ndarray], layer: int, cap: int,
+               rng: np.random.Generator, deadline: float, tries: int = 16) -> int:
+    """Under a total cap: move an expert off `layer`'s slowest GPU a (by token load) to a GPU b.
+    If b has room under the cap, alone; else paired with a move of one of b's experts to a at the
+    layer where a has the most spare load (so totals stay put). Returns moves accepted."""
+    model = models[0]
+    ids, num_gpus = model.trace.topk_ids, model.cost.cluster.num_gpus
+    expert_load = np.stack([np.bincount(ids[:, t].ravel(), minlength=best.shape[1]) for t in range(best.shape[0])])
+    accepted = 0
+    for _ in range(tries if num_gpus > 1 else 0):
+        if time.monotonic() > deadline:
+            break
+        counts = np.stack([np.bincount(row, minlength=num_gpus) for row in best])  # [L, G]
+        gpu_load = np.stack([np.bincount(row, weights=w, minlength=num_gpus) for row, w in zip(best, expert_load)])
+        a = int(np.argmax(gpu_load[layer]))
+        if counts[layer, a] < 2:
+            break
+        b = int(rng.choice(np.flatnonzero(np.arange(num_gpus) != a)))
+        cand = best.copy()
+        cand[layer, rng.choice(np.flatnonzero(best[layer] == a))] = b
+        changed = [layer]
+        if counts[:, b].sum() >= cap:
+            # the partner layer: b can give one up and a has the most spare load there
+            ok = np.flatnonzero((counts[:, b] >= 2) & (np.arange(best.shape[0]) != layer))
+            if len(ok) == 0:
+                continue
+            spare = gpu_load[ok].max(1) - gpu_load[ok, a]
+            partner = int(ok[np.argmax(spare)])
+            mine = np.flatnonzero(best[partner] == b)
+            cand[partner, mine[np.argmin(expert_load[partner, mine])]] = a
+            changed.append(partner)
+        accepted += _accept(models, best, cand, parts, changed)
+    return accepted
+
+
+def _layer_milp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: float,
+                counts: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Re-place one layer given its neighbours: the linear surrogate of the module docstring, with
+    GPU g holding between counts[0][g] and counts[1][g] experts (count_range)."""
     cost, trace = model.cost, model.trace
     num_gpus, num_experts = cost.cluster.num_gpus, trace.num_experts
     ids = trace.topk_ids
     scale, m, c = model.scale, cost.model, cost.cluster
     links = model.links
-    per_gpu = num_experts // num_gpus
+    least, most = counts
     # us per token hidden state sent over each link class, per phase
     us = {cls: m.hidden_size * m.dispatch_bytes * scale / (bw * 1e3) for cls, bw in ((INTRA, c.intra_gbps), (INTER, c.inter_gbps))}
     home = model.home0 if layer == 0 else e2g[layer - 1][ids[:, layer - 1, 0]]
@@ -250,7 +324,12 @@ def _layer_milp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: fl
     for e in range(num_experts):
         prob += pulp.lpSum(x[e, g] for g in range(num_gpus)) == 1
     for g in range(num_gpus):
-        prob += pulp.lpSum(x[e, g] for e in range(num_experts)) == per_gpu
+        held = pulp.lpSum(x[e, g] for e in range(num_experts))
+        if least[g] == most[g]:
+            prob += held == int(least[g])
+        else:
+            prob += held >= int(least[g])
+            prob += held <= int(most[g])
         prob += t_comp >= m.expert_us_per_token * pulp.lpSum(float(load[e]) * x[e, g] for e in range(num_experts))
         for cls in (INTRA, INTER):
             peers = np.flatnonzero(links[g] == cls)
@@ -280,16 +359,21 @@ def _layer_milp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: fl
     for (e, g), var in x.items():
         if (var.varValue or 0) > 0.5:
             row[e] = g
-    if np.bincount(row, minlength=num_gpus).max() != per_gpu:
+    held = np.bincount(row, minlength=num_gpus)
+    if (held < least).any() or (held > most).any():
         return e2g[layer].copy()
     return row
 
 
-def latency_bound(model: LatencyModel, num_gpus: int, redundant: int) -> float:
-    """A valid lower bound on the weighted cost (module docstring, step 5)."""
+def latency_bound(model: LatencyModel, num_gpus: int, redundant: int, cap: int | None = None) -> float:
+    """A valid lower bound on the weighted cost (module docstring, step 5). Under a total cap a
+    GPU may hold up to E - G + 1 experts of a layer (each other GPU keeps one), and no more than
+    the cap leaves after one per other layer."""
     trace, cost = model.trace, model.cost
     c, m = cost.cluster, cost.model
     slots = math.ceil((trace.num_experts + redundant) / num_gpus)
+    if cap is not None:
+        slots = max(slots, min(trace.num_experts - num_gpus + 1, cap - (trace.num_layers - 1)))
     loads = trace.expert_loads() * model.scale
     total = 0.0
     for layer in range(trace.num_layers):

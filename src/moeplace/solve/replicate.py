@@ -12,7 +12,7 @@ traffic), given the placement of the primaries:
    one (EPLB), under the `affinity` rule the one that sends it the most tokens (the copy serves
    tokens where they are; ties to the least-loaded);
 2. score both on the exact cost of this layer and the next, served by eval/metrics.serve_layer
-   (own GPU, own node, else the least-loaded copy); `affinity` replaces `load` only if it passes
+   (own GPU, else the least-loaded copies on its node, else anywhere); `affinity` replaces `load` only if it passes
    latency's acceptance rule (latency.significant over the given token folds).
 """
 
