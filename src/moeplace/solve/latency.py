@@ -160,8 +160,8 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
     parts = [m.all_layers(best) for m in models]
     bar.update(0, f"start {start_name} {scored[start_name]:.1f}")
 
-    # 2. per-layer MILP on the surrogate, 3. swap descent on the exact cost
-    stats = {"milp_accepted": 0, "swaps_accepted": 0, "sweeps": 0} | ({"cap_moves_accepted": 0} if cap else {})
+    # 2. per-layer MILP on the surrogate, 3. swap descent (and cap moves), each through the acceptance rule
+    stats = {"milp_accepted": 0, "swaps_accepted": 0, "sweeps": 0} | ({"cap_moves_accepted": 0} if cap is not None else {})
     rng = np.random.default_rng(seed)
     small = trace.num_experts * num_gpus <= LAYER_MILP_MAX_VARS
     for sweep in range(20):
