@@ -64,6 +64,7 @@ def test_latency_reports_valid_bound_and_is_no_worse_than_its_starts() -> None:
 def test_acceptance_rule_rejects_cuts_within_fold_noise() -> None:
     from moeplace.solve.latency import Z_ACCEPT, fold_tokens, significant
 
+    assert Z_ACCEPT == pytest.approx(3.482, abs=1e-3)  # Student's t, 98% one-sided, 3 degrees of freedom
     folds = fold_tokens(100, seed=0)
     assert sorted(np.concatenate(folds).tolist()) == list(range(100))  # disjoint, covering
     assert fold_tokens(5, seed=0) == []

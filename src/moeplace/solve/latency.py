@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import pulp
+from scipy.stats import t as student_t
 
 from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import initial_homes
@@ -53,10 +54,11 @@ from moeplace.trace.format import Trace, pair_counts
 
 LAYER_MILP_MAX_VARS = 2048  # E x G of one layer above which step 2 is skipped
 # Fixed a priori, not fitted to any trace: hundreds of candidate moves are tried per solve, so a
-# one-sided test at ~98% (z = 2) keeps the share of noise moves that slip through small; 4 folds
-# give a spread (3 degrees of freedom) while each fold keeps a quarter of the tokens.
-Z_ACCEPT = 2.0
+# one-sided test at 98% keeps the share of noise moves that slip through small; 4 folds give a
+# spread while each fold keeps a quarter of the tokens. The standard error comes from 4 values
+# (3 degrees of freedom), so the critical value is Student's t, not the normal 2.05.
 FOLDS = 4
+Z_ACCEPT = float(student_t.ppf(0.98, FOLDS - 1))  # 3.48
 
 
 def significant(delta: float, fold_deltas: np.ndarray) -> bool:
