@@ -48,9 +48,20 @@ from scipy.stats import t as student_t
 from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import initial_homes
 from moeplace.progress import Progress
-from moeplace.solve.balance import balance_placement, replication_bound, total_slots_per_gpu
-from moeplace.solve.costmodel import INTER, INTRA, CostModel, layer_time, load_cost_model, token_scale
-from moeplace.trace.format import Trace, pair_counts
+from moeplace.solve.balance import (
+    balance_placement,
+    replication_bound,
+    total_slots_per_gpu,
+)
+from moeplace.solve.costmodel import (
+    INTER,
+    INTRA,
+    CostModel,
+    layer_time,
+    load_cost_model,
+    token_scale,
+)
+from moeplace.trace.format import Trace, layer_counts, pair_counts
 
 LAYER_MILP_MAX_VARS = 2048  # E x G of one layer above which step 2 is skipped
 # Fixed a priori, not fitted to any trace: hundreds of candidate moves are tried per solve, so a
@@ -263,7 +274,7 @@ def count_range(e2g: np.ndarray, layer: int, num_gpus: int, cap: int | None) -> 
     if cap is None:
         equal = np.full(num_gpus, num_experts // num_gpus)
         return equal, equal
-    counts = np.stack([np.bincount(row, minlength=num_gpus) for row in e2g])  # [L, G]
+    counts = layer_counts(e2g.T[:, :, None], num_gpus).astype(np.int64)  # experts per GPU, [L, G]
     others = counts.sum(0) - counts[layer]
     return np.ones(num_gpus, dtype=np.int64), cap - others
 
@@ -274,13 +285,13 @@ def _cap_moves(models: list[LatencyModel], best: np.ndarray, parts: list[np.ndar
     If b has room under the cap, alone; else paired with a move of one of b's experts to a at the
     layer where a has the most spare load (so totals stay put). Returns moves accepted."""
     model = models[0]
-    ids, num_gpus = model.trace.topk_ids, model.cost.cluster.num_gpus
-    expert_load = np.stack([np.bincount(ids[:, t].ravel(), minlength=best.shape[1]) for t in range(best.shape[0])])
+    num_gpus = model.cost.cluster.num_gpus
+    expert_load = model.trace.expert_loads()  # [L, E]
     accepted = 0
     for _ in range(tries if num_gpus > 1 else 0):
         if time.monotonic() > deadline:
             break
-        counts = np.stack([np.bincount(row, minlength=num_gpus) for row in best])  # [L, G]
+        counts = layer_counts(best.T[:, :, None], num_gpus)  # experts per GPU, [L, G]
         gpu_load = np.stack([np.bincount(row, weights=w, minlength=num_gpus) for row, w in zip(best, expert_load)])
         a = int(np.argmax(gpu_load[layer]))
         if counts[layer, a] < 2:
