@@ -48,19 +48,8 @@ from scipy.stats import t as student_t
 from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import initial_homes
 from moeplace.progress import Progress
-from moeplace.solve.balance import (
-    balance_placement,
-    replication_bound,
-    total_slots_per_gpu,
-)
-from moeplace.solve.costmodel import (
-    INTER,
-    INTRA,
-    CostModel,
-    layer_time,
-    load_cost_model,
-    token_scale,
-)
+from moeplace.solve.balance import balance_placement, replication_bound, total_slots_per_gpu
+from moeplace.solve.costmodel import INTER, INTRA, CostModel, layer_time, load_cost_model, token_scale
 from moeplace.trace.format import Trace, layer_counts, pair_counts
 
 LAYER_MILP_MAX_VARS = 2048  # E x G of one layer above which step 2 is skipped
