@@ -70,15 +70,15 @@ def joint(trace_path: Path, seeds: int, time_limit: float, total_cap: bool = Fal
         for seed in range(seeds):
             train, held = split_tokens(trace.num_tokens, 0.5, seed)
             held_trace = trace.select_tokens(held)
-            runs = [("traffic", "traffic", 0), ("balance", "balance", 0), ("latency", "latency", 0)]
+            runs: list[tuple[str, str, dict]] = [("traffic", "traffic", {}), ("balance", "balance", {}),
+                                                 ("latency", "latency", {})]
             if redundant:
-                runs += [(f"balance+R{redundant}", "balance", redundant), (f"latency+R{redundant}", "latency", redundant)]
+                runs += [(f"{o}+R{redundant}", o, {"redundant": redundant}) for o in ("balance", "latency")]
             cap = trace.num_layers * trace.num_experts // gpus  # the memory of the equal layout
             if total_cap:
-                runs += [(f"balance cap{cap}", "balance", -cap), (f"latency cap{cap}", "latency", -cap)]
-            for name, objective, r in runs:  # r < 0: a total cap of -r experts per GPU instead of replicas
-                opts = ({"cost": cm} if objective == "latency" else {}) | (
-                    {"redundant": r} if r > 0 else {"max_experts_per_gpu_total": -r} if r < 0 else {})
+                runs += [(f"{o} cap{cap}", o, {"max_experts_per_gpu_total": cap}) for o in ("balance", "latency")]
+            for name, objective, extra in runs:
+                opts = ({"cost": cm} if objective == "latency" else {}) | extra
                 p = solve_placement(trace, gpus, 8, time_limit, seed, objective=objective, train_fraction=0.5, **opts)
                 rows.setdefault(name, []).append(predict(cm, p, held_trace).total_us.sum())
             p = moetuner_placement(trace.select_tokens(train), gpus, 8, time_limit)
