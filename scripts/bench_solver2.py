@@ -55,7 +55,7 @@ def mixtral(time_limit: float) -> None:
     print(f"layers worse than EPLB, all inputs: {worse_total}")
 
 
-def joint(trace_path: Path, seeds: int, time_limit: float, total_cap: bool = False) -> None:
+def joint(trace_path: Path, seeds: int, time_limit: float, total_cap: bool = False, only: list[str] | None = None) -> None:
     from moeplace.solve.costmodel import load_cost_model, predict
     from moeplace.solve.moetuner import moetuner_placement
     from moeplace.solve.solver import solve_placement
@@ -67,6 +67,7 @@ def joint(trace_path: Path, seeds: int, time_limit: float, total_cap: bool = Fal
         cm = load_cost_model(ROOT / "configs" / "cluster" / f"{cluster}.yaml", ROOT / "configs" / "model" / "flame-moe-290m.yaml")
         redundant = gpus if trace.num_experts % gpus == 0 else 0  # one extra slot per GPU
         rows: dict[str, list[float]] = {}
+        cut: list[str] = []  # solves the time limit cut short: their result depends on the machine's speed
         for seed in range(seeds):
             train, held = split_tokens(trace.num_tokens, 0.5, seed)
             held_trace = trace.select_tokens(held)
@@ -78,14 +79,20 @@ def joint(trace_path: Path, seeds: int, time_limit: float, total_cap: bool = Fal
             if total_cap:
                 runs += [(f"{o} cap{cap}", o, {"max_experts_per_gpu_total": cap}) for o in ("balance", "latency")]
             for name, objective, extra in runs:
+                if only and name.rstrip("0123456789") not in only:  # "latency+R16" -> "latency+R"
+                    continue
                 opts = ({"cost": cm} if objective == "latency" else {}) | extra
                 p = solve_placement(trace, gpus, 8, time_limit, seed, objective=objective, train_fraction=0.5, **opts)
                 rows.setdefault(name, []).append(predict(cm, p, held_trace).total_us.sum())
-            p = moetuner_placement(trace.select_tokens(train), gpus, 8, time_limit)
-            rows.setdefault("moetuner", []).append(predict(cm, p, held_trace).total_us.sum())
+                if p.solver.get("stopped_by_time_limit"):
+                    cut.append(f"{name} seed {seed}")
+            if not only or "moetuner" in only:
+                p = moetuner_placement(trace.select_tokens(train), gpus, 8, time_limit)
+                rows.setdefault("moetuner", []).append(predict(cm, p, held_trace).total_us.sum())
         mean = {k: round(float(np.mean(v)), 1) for k, v in rows.items()}
-        diff = np.array(rows["latency"]) - np.array(rows["traffic"])
-        print(cluster, mean, "| latency - traffic per seed:", np.round(diff, 1).tolist(), flush=True)
+        diffs = {f"{k} - traffic": np.round(np.array(rows[k]) - np.array(rows["traffic"]), 1).tolist()
+                 for k in rows if k.startswith("latency") and "traffic" in rows}
+        print(cluster, mean, "| per seed:", diffs, f"| cut by the time limit: {cut or 'none'}", flush=True)
 
 
 def deepseek(time_limit: float) -> None:
@@ -111,8 +118,11 @@ if __name__ == "__main__":
     ap.add_argument("--trace", type=Path, default=ROOT / "traces" / "flame-moe-290m-decoder.npz")
     ap.add_argument("--time-limit", type=float, default=2.0)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--only", nargs="+", metavar="NAME",
+                    help="joint: only these set-ups (traffic balance latency balance+R latency+R 'balance cap' "
+                         "'latency cap' moetuner)")
     ap.add_argument("--total-cap", action="store_true",
                     help="joint: also balance and latency with per-layer counts free under a total cap of L x E / G")
     a = ap.parse_args()
-    {"mixtral": lambda: mixtral(a.time_limit), "joint": lambda: joint(a.trace, a.seeds, a.time_limit, a.total_cap),
+    {"mixtral": lambda: mixtral(a.time_limit), "joint": lambda: joint(a.trace, a.seeds, a.time_limit, a.total_cap, a.only),
      "deepseek": lambda: deepseek(a.time_limit)}[a.what]()

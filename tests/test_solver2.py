@@ -207,3 +207,62 @@ def test_latency_total_cap_holds_and_beats_equal_counts_on_skewed_loads(seed: in
     assert capped.objective["value"] == pytest.approx(predict(cm, capped, trace).total_us.sum(), rel=1e-6)
     assert capped.bound <= capped.objective["value"]
     assert capped.objective["value"] < 0.97 * equal.objective["value"]
+
+
+def test_round_assignment_keeps_counts_and_the_largest_fractions() -> None:
+    from moeplace.solve.latency import round_assignment
+
+    frac = np.array([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.7, 0.0, 0.3], [0.2, 0.8, 0.0]])  # [E=4, G=3]
+    # equal counts would not fit 4 on 3 GPUs; free counts 1..2: GPU 2 must get one (mandatory slot)
+    out = round_assignment(frac, least=np.array([1, 1, 1]), most=np.array([2, 2, 2]))
+    assert np.bincount(out, minlength=3).tolist() == [2, 1, 1]
+    assert out.tolist() == [0, 0, 2, 1]  # the kept fraction 0.9 + 0.6 + 0.3 + 0.8 is the largest possible
+    assert round_assignment(frac, np.array([2, 1, 1]), np.array([2, 1, 1])).tolist() == [0, 0, 2, 1]
+
+
+@pytest.mark.parametrize("options", [{}, {"redundant": 8}, {"max_experts_per_gpu_total": 7}])
+def test_latency_is_deterministic_per_seed(options: dict) -> None:
+    # no step reads the clock unless the time limit cuts the work short (then it says so)
+    trace, _ = planted_trace(256, 3, 16, 2, 8, seed=5, zipf=1.2)
+    cm = load_cost_model(CLUSTER, MODEL)
+    a, b = (solve_placement(trace, 8, 8, time_limit=60, seed=3, objective="latency", cost=cm, **options)
+            for _ in range(2))
+    assert not a.solver["stopped_by_time_limit"] and not b.solver["stopped_by_time_limit"]
+    np.testing.assert_array_equal(a.expert_to_gpu, b.expert_to_gpu)
+    assert a.replicas == b.replicas and a.objective["value"] == b.objective["value"]
+
+
+def test_balance_is_deterministic_and_ignores_unproven_ilp_incumbents() -> None:
+    from moeplace.solve.balance import ilp_layer, layer_max_load, lpt_layer
+
+    w = _skewed_loads(3, 32, seed=2)
+    a, b = (balance_placement(w, 4, 4, redundant=4, time_limit=60.0, progress=False) for _ in range(2))
+    assert a.solver["stopped_by_time_limit"] is False
+    np.testing.assert_array_equal(a.expert_to_gpu, b.expert_to_gpu)
+    assert a.replicas == b.replicas
+    # a time-limited ILP gives no placement (its incumbent would depend on the machine's speed),
+    # only its dual bound, still valid
+    rng = np.random.default_rng(0)
+    big = rng.poisson(30.0, 64).astype(float)
+    copies, bound = ilp_layer(big, 8, 8, 0, time_limit=0.3)  # it has an incumbent by then, not a proof
+    assert copies is None and bound <= layer_max_load(big, lpt_layer(big, 8, 8, 0), 8) + 1e-6
+
+
+def test_latency_replicas_go_on_the_best_of_the_search_and_its_starts() -> None:
+    from moeplace.solve.latency import LatencyModel, fold_tokens
+    from moeplace.solve.replicate import add_replicas
+    from moeplace.solve.solver import solve_traffic
+
+    # the search never sees replicas, so copies on one of its starts can beat copies on its result
+    trace, _ = planted_trace(128, 2, 32, 2, 16, gpus_per_node=8, seed=5, zipf=1.2)
+    cm = load_cost_model(ROOT / "configs" / "cluster" / "h100-2x8-ib.yaml", MODEL)
+    p = solve_placement(trace, 16, 8, time_limit=60, seed=0, objective="latency", cost=cm, redundant=16)
+    assert not p.solver["stopped_by_time_limit"]
+    starts = {"traffic": solve_traffic(trace, 16, 8, 18.0, 0, False).expert_to_gpu,
+              "balance": balance_placement(trace.expert_loads(), 16, 8, 0, 18.0, progress=False).expert_to_gpu}
+    model, folds = LatencyModel(cm, trace), fold_tokens(trace.num_tokens, 0)
+    for x in starts.values():
+        assert p.objective["value"] <= add_replicas(model, x, 16, float("inf"), folds)[1] + 1e-6
+    assert p.solver["replicas_on"] == "balance"
+    np.testing.assert_array_equal(p.expert_to_gpu, starts["balance"])
+    assert p.objective["value"] == pytest.approx(predict(cm, p, trace).total_us.sum(), rel=1e-6)

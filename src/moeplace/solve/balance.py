@@ -20,7 +20,7 @@ relaxation, so its bounds stay valid), GPUs are relabelled per layer so that tot
 objective is blind to GPU names within a layer), and while a GPU is over C the copy move to a GPU
 under C that raises its layer's max/mean load least is made (`fit_total_cap`).
 
-HiGHS solves it where small; LPT on EPLB's replica counts and EPLB itself (both policies, when
+HiGHS solves it where small (a candidate only when proven optimal); LPT on EPLB's replica counts and EPLB itself (both policies, when
 its topology rules allow) give further candidates, each improved by swap / re-replication
 descent, and a layer keeps the best under the serving rule. Lower bound per layer: the ILP's dual
 bound, and always max(mean load, least max load per replica for R replicas) (EPLB's
@@ -33,6 +33,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import highspy
 import numpy as np
 import pulp
 
@@ -68,37 +69,43 @@ def layer_loads(weight: np.ndarray, copies: list[list[int]], num_gpus: int, pass
     level; then each re-fills given the others until nothing moves (the balanced split: no
     token could move to a less loaded copy).
     """
-    load = np.zeros(num_gpus)
+    # Plain Python floats: the experts hold 2-3 copies each, where numpy's per-call overhead
+    # would dominate (improve_layer calls this once per trial move).
+    load = [0.0] * num_gpus
     multi = []
     for e, gpus in enumerate(copies):
         if len(gpus) == 1:
-            load[gpus[0]] += weight[e]
+            load[gpus[0]] += float(weight[e])
         else:
             multi.append(e)
     multi.sort(key=lambda e: (-weight[e], e))
-    share = {e: np.zeros(len(copies[e])) for e in multi}
+    share = {e: [0.0] * len(copies[e]) for e in multi}
+    tolerance = 1e-9 * max(float(weight.sum()), 1.0)
     for _ in range(passes if multi else 0):
         moved = 0.0
         for e in multi:
-            gpus = np.asarray(copies[e])
-            base = load[gpus] - share[e]
-            new = _fill(base, weight[e]) - base
-            moved = max(moved, float(np.abs(new - share[e]).max()))
-            load[gpus] = base + new
+            gpus, old = copies[e], share[e]
+            base = [load[g] - s for g, s in zip(gpus, old)]
+            new = [f - b for f, b in zip(_fill(base, float(weight[e])), base)]
+            moved = max(moved, max(abs(n - o) for n, o in zip(new, old)))
+            for g, b, n in zip(gpus, base, new):
+                load[g] = b + n
             share[e] = new
-        if moved <= 1e-9 * max(weight.sum(), 1.0):
+        if moved <= tolerance:
             break
-    return load
+    return np.array(load)
 
 
-def _fill(level: np.ndarray, amount: float) -> np.ndarray:
-    """Pour `amount` into bins at `level` [c], lowest first, to a common level. float [c]."""
-    lv = np.sort(level)
+def _fill(level: list[float], amount: float) -> list[float]:
+    """Pour `amount` into bins at `level` [c], lowest first, to a common level. [c]"""
+    lv = sorted(level)
+    below = sum(lv)
     for m in range(len(lv), 0, -1):
-        top = (amount + lv[:m].sum()) / m
+        top = (amount + below) / m
         if top >= lv[m - 1]:
-            return np.maximum(level, top)
-    return level  # unreachable: m = 1 always qualifies
+            return [max(x, top) for x in level]
+        below -= lv[m - 1]
+    return list(level)  # unreachable: m = 1 always qualifies
 
 
 def slots_per_gpu(num_experts: int, num_gpus: int, redundant: int, max_experts_per_gpu: int | None = None) -> int:
@@ -220,12 +227,21 @@ def ilp_layer(weight: np.ndarray, num_gpus: int, slots: int, redundant: int,
     prob += top >= replication_bound(weight, num_gpus, redundant)  # a valid cut that tightens the LP
     prob.solve(pulp.HiGHS(msg=False, timeLimit=max(time_limit, 0.05), threads=1))
     bound = _dual_bound(prob)
-    if top.varValue is None:
+    # A time-limited incumbent would make the placement depend on the machine's speed: only a
+    # proven optimum is a candidate (the dual bound stays valid either way).
+    if top.varValue is None or not _proven_optimal(prob):
         return None, bound
     copies = [[g for g in gpus if (x[e, g].varValue or 0) > 0.5] for e in experts]
     if any(len(c) == 0 for c in copies):
         return None, bound
     return copies, bound
+
+
+def _proven_optimal(prob: pulp.LpProblem) -> bool:
+    try:
+        return prob.solverModel.getModelStatus() == highspy.HighsModelStatus.kOptimal
+    except AttributeError:
+        return False
 
 
 def _dual_bound(prob: pulp.LpProblem) -> float:
@@ -259,11 +275,15 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
     """Solve `balance` for loads float [L, E]: a Placement with bound, gap and EPLB comparison.
 
     1. per layer, candidates: LPT, EPLB (hierarchical and global when its rules allow; freed
-       duplicate slots refilled) and the ILP when small enough (its share of the time limit);
+       duplicate slots refilled) and the ILP when small enough and proven optimal within its
+       share of the time limit;
     2. each improved by `improve_layer` (up to IMPROVE_MAX_EXPERTS experts), the best kept under
        `layer_loads`: never worse than EPLB's candidates;
     3. with max_experts_per_gpu_total, `fit_total_cap` makes the free per-layer counts fit it;
     4. objective = mean over layers of max / mean GPU load; bound from the per-layer bounds.
+    The placement is deterministic unless the time limit cut a step short (recorded as
+    solver.stopped_by_time_limit); the ILP's dual bound, hence the reported gap, may be tighter
+    on a faster machine.
     """
     num_layers, num_experts = loads.shape
     total_cap = max_experts_per_gpu_total
@@ -281,6 +301,7 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
     deadline = time.monotonic() + time_limit * (0.8 if total_cap is not None else 1.0)  # the rest: step 3
     eplb_layers = _eplb_candidates(loads, num_gpus, gpus_per_node, redundant, num_groups, slots)
     plans: list[LayerPlan] = []
+    cut_short = False
     bar = Progress("balance", total=num_layers, enabled=progress)
     nvars = 2 * num_experts * num_gpus
     for layer in range(num_layers):
@@ -289,6 +310,7 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
         candidates = [(lpt_layer(w, num_gpus, slots, redundant), "lpt")]
         candidates += [(c[layer], name) for name, c in eplb_layers.items()]
         left = deadline - time.monotonic()
+        cut_short |= nvars <= ILP_MAX_VARS and left <= 0
         if nvars <= ILP_MAX_VARS and left > 0:
             copies, ilp_bound = ilp_layer(w, num_gpus, slots, redundant, min(1.0, left / (num_layers - layer)))
             bound = max(bound, ilp_bound)
@@ -297,6 +319,7 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
         if num_experts <= IMPROVE_MAX_EXPERTS:
             stop = time.monotonic() + max(deadline - time.monotonic(), 0.0) / (num_layers - layer)
             candidates = [(improve_layer(w, c, num_gpus, slots, bound, stop), m) for c, m in candidates]
+            cut_short |= time.monotonic() > stop  # a descent may have stopped before its last move
         scored = [(layer_max_load(w, c, num_gpus), i, c, m) for i, (c, m) in enumerate(candidates)]
         best, _, copies, method = min(scored, key=lambda s: (s[0], s[1]))
         plans.append(LayerPlan(copies, best, min(bound, best), method))
@@ -304,7 +327,10 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
     bar.close()
     if total_cap is not None:
         plans = fit_total_cap(plans, loads, num_gpus, slots, total_cap, deadline + 0.2 * time_limit)
-    return _to_placement(plans, loads, num_gpus, gpus_per_node, redundant, slots, total_cap)
+        cut_short |= time.monotonic() > deadline + 0.2 * time_limit
+    placement = _to_placement(plans, loads, num_gpus, gpus_per_node, redundant, slots, total_cap)
+    placement.solver["stopped_by_time_limit"] = cut_short  # else deterministic: no step reads the clock
+    return placement
 
 
 def copy_counts(plans: list[LayerPlan], num_gpus: int) -> np.ndarray:

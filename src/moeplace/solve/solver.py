@@ -300,16 +300,27 @@ def solve_traffic(
     )
 
 
-def plain_coordinate_ascent(trace: Trace, num_gpus: int, max_sweeps: int = 50) -> np.ndarray:
+def plain_coordinate_ascent(trace: Trace, num_gpus: int, restarts: int = 8, seed: int = 0,
+                            max_sweeps: int = 50) -> np.ndarray:
     """The plain reference heuristic of the benchmark: coordinate ascent on gate-weighted
-    transitions (no intra-layer edges, no regularisation) from the contiguous layout.
+    transitions (no intra-layer edges, no regularisation) from `restarts` seeded random
+    balanced layouts, the best on the trace kept. With 8 starts it reproduces the reference
+    figures issue 2 quotes for FLAME (about 0.60x, 0.66x, 0.67x); from the contiguous layout
+    alone it is ~0.01 worse on each (docs/benchmarks.md).
 
     Returns int64 [L, E]."""
     graph = gate_weighted_transitions(trace)
     distance = distance_matrix(num_gpus, num_gpus, 1.0)
-    x = contiguous(trace.num_layers, trace.num_experts, num_gpus)
-    coordinate_descent(graph, x, distance, max_sweeps=max_sweeps)
-    return x
+    rng = np.random.default_rng(seed)
+    blocks = contiguous(1, trace.num_experts, num_gpus)[0]
+    best, best_cost = contiguous(trace.num_layers, trace.num_experts, num_gpus), float("inf")
+    for _ in range(restarts):
+        x = np.stack([rng.permutation(blocks) for _ in range(trace.num_layers)])
+        coordinate_descent(graph, x, distance, max_sweeps=max_sweeps)
+        cost = placement_cost(graph, x, distance)
+        if cost < best_cost:
+            best, best_cost = x, cost
+    return best
 
 
 ObjectiveFn = Callable[..., SolveOutcome]
