@@ -109,7 +109,8 @@ def deepseek(time_limit: float) -> None:
     s = p.solver
     print(f"deepseek-v3 size (synthetic): {time.monotonic() - t0:.1f} s, peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; predicted {p.objective['value']:.0f} us "
-          f"(starts {', '.join(f'{k} {v:.0f}' for k, v in s['start_costs'].items())}), bound {p.bound:.0f}, gap {p.gap:.3f}")
+          f"(starts {', '.join(f'{k} {v:.0f}' for k, v in s['start_costs'].items())}; copies on {s['replicas_on']}), "
+          f"bound {p.bound:.0f}, gap {p.gap:.3f}, cut by the time limit: {s['stopped_by_time_limit']}")
 
 
 if __name__ == "__main__":
