@@ -20,9 +20,10 @@ relaxation, so its bounds stay valid), GPUs are relabelled per layer so that tot
 objective is blind to GPU names within a layer), and while a GPU is over C the copy move to a GPU
 under C that raises its layer's max/mean load least is made (`fit_total_cap`).
 
-HiGHS solves it where small (a candidate only when proven optimal); LPT on EPLB's replica counts and EPLB itself (both policies, when
-its topology rules allow) give further candidates, each improved by swap / re-replication
-descent, and a layer keeps the best under the serving rule. Lower bound per layer: the ILP's dual
+HiGHS solves it where small (a candidate only when proven optimal); LPT on EPLB's replica
+counts and EPLB itself (both policies, when its topology rules allow) give further candidates,
+each improved by swap / re-replication descent, and a layer keeps the best under the serving
+rule. Lower bound per layer: the ILP's dual
 bound, and always max(mean load, least max load per replica for R replicas) (EPLB's
 replication rule is optimal for the latter).
 """
