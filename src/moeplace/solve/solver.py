@@ -38,7 +38,7 @@ from moeplace.solve import ilp
 from moeplace.solve.affinity import (
     distance_matrix, edge_weights, gate_weighted_transitions, placement_cost,
 )
-from moeplace.solve.baselines import all_baselines, contiguous
+from moeplace.solve.baselines import all_baselines, contiguous, random_balanced
 from moeplace.solve.heuristics import chain_init, coordinate_descent, perturb
 from moeplace.trace.format import Trace, split_tokens
 
@@ -311,11 +311,9 @@ def plain_coordinate_ascent(trace: Trace, num_gpus: int, restarts: int = 8, seed
     Returns int64 [L, E]."""
     graph = gate_weighted_transitions(trace)
     distance = distance_matrix(num_gpus, num_gpus, 1.0)
-    rng = np.random.default_rng(seed)
-    blocks = contiguous(1, trace.num_experts, num_gpus)[0]
     best, best_cost = contiguous(trace.num_layers, trace.num_experts, num_gpus), float("inf")
-    for _ in range(restarts):
-        x = np.stack([rng.permutation(blocks) for _ in range(trace.num_layers)])
+    for r in range(restarts):
+        x = random_balanced(trace.num_layers, trace.num_experts, num_gpus, seed * restarts + r)
         coordinate_descent(graph, x, distance, max_sweeps=max_sweeps)
         cost = placement_cost(graph, x, distance)
         if cost < best_cost:
