@@ -48,6 +48,15 @@ def _npz(tmp: Path, name: str, **arrays: np.ndarray) -> Path:
     return tmp / name
 
 
+def _zip(tmp: Path, name: str, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(tmp / name, "w") as z:
+        for member, data in members.items():
+            z.writestr(member, data)
+    return tmp / name
+
+
 def _truncated(path: Path) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -103,6 +112,34 @@ EVAL_CASES: list[tuple[str, Setup, str]] = [
                                                                  num_experts=np.array(8))), "expert id 9 out of range"),
     ("trace-is-loads-only", _eval(_placement, lambda t: _npz(t, "t.npz", expert_loads=np.ones((4, 8)))), "load-only"),
     ("check-config-missing", lambda t: ["check", str(t / "ci.yaml")], "ci.yaml: no such file"),
+    # found by an adversarial pass (2026-11-23): each was a traceback or a silent acceptance
+    ("trace-member-not-npy", _eval(_placement, lambda t: _zip(t, "t.npz", {"topk_ids.npy": b"junk"})),
+     "member 'topk_ids' is not a .npy array"),
+    ("trace-text-named-npz", _eval(_placement, lambda t: _text(t, "t.npz", "hello, not an archive")),
+     "not an .npz file (no zip archive signature)"),
+    ("trace-float-positions", _eval(_placement, lambda t: _npz(t, "t.npz", topk_ids=np.zeros((3, 4, 1), np.int64),
+                                                                num_experts=np.array(8), positions=np.arange(3) + 0.5)),
+     "positions must be integers"),
+    ("trace-inf-weight", _eval(_placement, lambda t: _npz(t, "t.npz", topk_ids=np.zeros((3, 4, 1), np.int64),
+                                                           topk_weights=np.full((3, 4, 1), np.inf), num_experts=np.array(8))),
+     "topk_weights contains NaN or infinite values"),
+    ("trace-absurd-num-experts", _eval(_placement, lambda t: _npz(t, "t.npz", topk_ids=np.zeros((3, 4, 1), np.int64),
+                                                                   num_experts=np.array(10**12))),
+     "num_experts must be in [1, 65536]"),
+    ("placement-float-count", _eval(lambda t: _json(t, {**_good_placement_doc(), "gpus_per_node": 1.5})),
+     "gpus_per_node must be a positive integer, got 1.5"),
+    ("placement-bool-gpu", _eval(lambda t: _json(t, {**_good_placement_doc(),
+                                                     "expert_to_gpu": [[True] + [0] * 7] + [[0] * 8] * 3})),
+     "expert_to_gpu must be a list of lists of integer GPU ids"),
+    ("placement-negative-split-seed", _eval(lambda t: _json(t, {**_good_placement_doc(),
+                                                                "split": {"train_fraction": 0.5, "seed": -1}})),
+     "integer seed >= 0"),
+    ("placement-is-a-directory", _eval(lambda t: (t / "pdir").mkdir() or t / "pdir"), "is a directory"),
+    ("eval-nan-threshold", lambda t: ["eval", str(_placement(t)), str(_trace(t)), "--max-cross-gpu", "nan"],
+     "'--max-cross-gpu': 'nan' is not a finite number"),
+    ("check-nan-threshold", lambda t: ["check", str(_text(t, "ci.yaml", f"checks:\n- placement: {_placement(t)}\n"
+                                                                   f"  trace: {_trace(t)}\n  max_cross_gpu: .nan\n"))],
+     "max_cross_gpu must be a non-negative number, got nan"),
 ]
 
 IMPORT_CASES: list[tuple[str, Setup, str]] = [
@@ -137,7 +174,7 @@ IMPORT_CASES: list[tuple[str, Setup, str]] = [
     ("sglang-truncated", lambda t: ["import", "sglang", str(_truncated(_torch_save(t, "d.pt", {"records": [_record(2)]}))),
                                     "-o", str(t / "o.npz")], "truncated or not a torch.save file"),
     ("sglang-not-torch", lambda t: ["import", "sglang", str(_text(t, "d.pt", "hello")), "-o", str(t / "o.npz")],
-     "truncated or not a torch.save file"),
+     "not a torch.save file"),
     ("sglang-wrong-keys", lambda t: ["import", "sglang", str(_torch_save(t, "d.pt", {"weights": 1})), "-o", str(t / "o.npz")],
      "not an SGLang expert-distribution dump"),
     ("sglang-mismatched-layers", lambda t: ["import", "sglang", str(_torch_save(t, "d.pt", {"records": [_record(2), _record(3)]})),
@@ -153,6 +190,16 @@ IMPORT_CASES: list[tuple[str, Setup, str]] = [
                                      "-o", str(t / "o.npz")], "rectangular"),
     ("loads-json-negative", lambda t: ["import", "loads-json", str(_json(t, {"expert_loads": [[1, -2]]}, "l.json")),
                                        "-o", str(t / "o.npz")], "finite and non-negative"),
+    ("loads-json-bool", lambda t: ["import", "loads-json", str(_json(t, {"expert_loads": [[1, True]]}, "l.json")),
+                                   "-o", str(t / "o.npz")], "must hold numbers, not true/false"),
+    ("loads-json-infinite", lambda t: ["import", "loads-json", str(_text(t, "l.json", '{"expert_loads": [[1, 1e400]]}')),
+                                       "-o", str(t / "o.npz")], "finite and non-negative"),
+    ("loads-json-bad-token-count", lambda t: ["import", "loads-json", str(_json(t, {"expert_loads": [[1, 2]],
+                                                                                     "total_input_tokens": "many"}, "l.json")),
+                                              "-o", str(t / "o.npz")], "'total_input_tokens' must be a non-negative integer"),
+    ("exflow-absurd-num-experts", lambda t: (np.save(t / "e.npy", np.array([[0, 1]])),
+                                             ["import", "exflow", str(t / "e.npy"), "--num-experts", str(10**20),
+                                              "-o", str(t / "o.npz")])[1], "num_experts must be in [1, 65536]"),
     ("import-bad-meta", lambda t: ["import", "loads-json", str(_json(t, {"expert_loads": [[1, 2]]}, "l.json")),
                                    "--meta", "novalue", "-o", str(t / "o.npz")], "--meta expects KEY=VALUE"),
 ]
@@ -164,6 +211,11 @@ SOLVE_CASES: list[tuple[str, Setup, str]] = [
      "cannot be split equally over 3 GPUs"),
     ("solve-bad-node-size", lambda t: ["solve", str(_trace(t)), "--gpus", "4", "--gpus-per-node", "3", "-o", str(t / "p.json")],
      "not a multiple of --gpus-per-node 3"),
+    ("solve-usage-error", lambda t: ["solve", str(_trace(t)), "--gpus", "abc", "-o", str(t / "p.json")],
+     "'--gpus' / '-g': 'abc' is not a valid integer"),
+    ("solve-too-many-replicas", lambda t: ["solve", str(_npz(t, "l.npz", expert_loads=np.ones((4, 8)))), "--gpus", "4",
+                                           "--objective", "balance", "--redundant-experts", "25", "-o", str(t / "p.json")],
+     "at most 24 copies fit 4 GPUs"),
 ]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import ROOT, SHARED_DATA
@@ -224,7 +225,18 @@ def test_cli_bad_inputs(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path
     (tmp_path / "data.csv").write_text("a,b\n")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00garbage")
     small_vocab = build_tiny_model("mixtral", tmp_path / "small-vocab", vocab_size=64)
+    # weights of a layer missing: transformers would initialise them at random and trace noise
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for f in model.iterdir():
+        if f.name != "model.safetensors":
+            (partial / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(model / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.1.")}, str(partial / "model.safetensors"),
+              metadata={"format": "pt"})
     cases = [
+        (["--model", str(partial)], "missing from the checkpoint, e.g. model.layers.1."),
+        (["--model", str(model), "--seq-len", "100000"], "exceeds the model's max_position_embeddings"),
         (["--model", str(tmp_path / "missing")], "not a directory"),
         (["--model", "some-org/some-moe"], "unreachable"),
         (["--model", str(dense)], "no sparse MoE block"),

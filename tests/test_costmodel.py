@@ -58,6 +58,14 @@ def test_hand_computed_layer_times(tmp_path: Path) -> None:
     ("cluster: {nodes: 1, gpus_per_node: 8, intra_node: {bandwidth_GBps: 1, latency_us: 1}}\nmodel: {hidden_size: 8}", "expert_us_per_token"),
     ("[1, 2", "not valid YAML"),
     ("model: {hidden_size: 1}", "no 'cluster:'"),
+    ("cluster: {nodes: 1, gpus_per_node: 8.5, intra_node: {bandwidth_GBps: 1, latency_us: 1}}" + MODEL,
+     "'gpus_per_node' must be an integer, got 8.5"),
+    ("cluster: {nodes: true, gpus_per_node: 8, intra_node: {bandwidth_GBps: 1, latency_us: 1}}" + MODEL,
+     "'nodes' must be an integer, got True"),
+    ("cluster: {nodes: 1, gpus_per_node: 8, bogus: 1, intra_node: {bandwidth_GBps: 1, latency_us: 1}}" + MODEL,
+     r"unknown key\(s\) \['bogus'\]"),
+    ("cluster: {nodes: 1, gpus_per_node: 8, intra_node: {bandwidth_GBps: 1, latency_us: 1}}"
+     "\nmodel: {hidden_size: 8, expert_us_per_token: 1, dispatch_dtype_byte: 1}", "dispatch_dtype_byte"),
 ])
 def test_bad_configs_one_clear_error(tmp_path: Path, bad: str, msg: str) -> None:
     with pytest.raises(MoeplaceError, match=msg):

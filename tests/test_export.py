@@ -226,10 +226,13 @@ def test_bad_export_requests_get_one_line(tmp_path: Path, capsys: pytest.Capture
     assert not Path(x).exists()
 
 
-def test_sglang_model_of_another_size_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("fmt", ["sglang", "vllm", "eplb"])
+def test_model_of_another_size_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str) -> None:
     model = fake_checkpoint(tmp_path / "model", moe_layers=(0, 1), num_hidden_layers=2)
-    assert cli(_save(plain(), tmp_path), "--to", "sglang", "--model", str(model), "-o", str(tmp_path / "o.json")) == 2
+    out = tmp_path / ("o.json" if fmt != "eplb" else "o.npz")
+    assert cli(_save(plain(), tmp_path), "--to", fmt, "--model", str(model), "-o", str(out)) == 2
     assert "placement is for 3 MoE layers x 8 experts, but the model" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_sglang_map_missing_the_last_expert_is_caught_with_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -257,6 +257,47 @@ def test_bad_checkpoints_and_outputs_get_one_line(qwen: Path, tmp_path: Path, ca
     assert not (tmp_path / "o").exists()
 
 
+def _rewrite_header(path: Path, edit) -> None:
+    """Edit one tensor's header entry in place, padding the header to its old length."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    name = next(k for k in header if k != "__metadata__")
+    edit(header[name])
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    assert len(raw) <= length
+    path.write_bytes(data[:8] + raw + b" " * (length - len(raw)) + data[8 + length:])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda e: e.update(dtype="Q9"), "unknown dtype 'Q9'"),
+    (lambda e: e.update(data_offsets=[e["data_offsets"][0], e["data_offsets"][1] - 2]), "(corrupt header)"),
+])
+def test_corrupt_safetensors_headers_are_refused(qwen: Path, tmp_path: Path, edit, message: str) -> None:
+    """A header whose dtype or byte range does not match its shape was copied into a corrupt output."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in qwen.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    _rewrite_header(sorted(bad.glob("*.safetensors"))[0], edit)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        permute_checkpoint(bad, _placement(), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_index_may_not_point_outside_the_model(qwen: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in qwen.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../../etc/passwd"
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=re.escape("shard '../../etc/passwd' is not a file name inside")):
+        permute_checkpoint(bad, _placement(), tmp_path / "out", progress=False)
+
+
 def test_overwrite_replaces_only_when_done(qwen: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     out.mkdir()

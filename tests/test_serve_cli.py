@@ -126,6 +126,44 @@ def test_bad_model_and_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "exactly one of --prompts" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"num_experts_per_tok": 99}, "num_experts_per_tok 99 is not in [1, 8]"),
+    ({"num_experts_per_tok": 0}, "num_experts_per_tok 0 is not in [1, 8]"),
+    ({"num_attention_heads": 3}, "num_key_value_heads 2 does not divide num_attention_heads 3"),
+    ({"num_attention_heads": 6}, "config.json does not match the weights"),
+    ({"vocab_size": 100}, "model.embed_tokens.weight"),
+    ({"model_type": "olmoe"}, "q_norm.weight is"),  # OLMoE norms whole projections, Qwen3 each head
+])
+def test_config_that_does_not_match_the_weights(model: tuple[Path, list[list[int]]], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str], change: dict, message: str) -> None:
+    """Before: a traceback mid-forward ("selected index k out of range"), or no error at all."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in model[0].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, **change}))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    assert run(["serve", "--model", str(bad), "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_unwritable_outputs_fail_before_the_weights_load(model: tuple[Path, list[list[int]]], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text("keep me\n")
+    (tmp_path / "file").write_text("in the way")
+    assert run(["serve", "--model", str(model[0]), "--prompts", str(prompts), "--out", str(out),
+                "--stats-out", str(tmp_path / "file" / "s.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"moeplace: error: --stats-out {tmp_path / 'file' / 's.json'}: {tmp_path / 'file'} is not a directory"]
+    assert out.read_text() == "keep me\n"
+
+
 def http(port: int, path: str, body: bytes | None = None) -> tuple[int, str]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST" if body is not None else "GET")
     try:

@@ -243,18 +243,30 @@ def test_cli_reads_exflow_npy(tmp_path, capsys):
     (["--gpus", "3"], "cannot be split equally"),
     (["--gpus", "4", "--gpus-per-node", "3"], "not a multiple"),
     (["--gpus", "32"], "cannot be split equally"),
-    (["--gpus", "0"], "must be >= 1"),
-    (["--gpus", "4", "--train-fraction", "0"], "train fraction"),
-    (["--gpus", "4", "--train-fraction", "1.5"], "train fraction"),
+    (["--gpus", "0"], "'--gpus' / '-g': 0 is not in the range x>=1"),
+    (["--gpus", "4", "--train-fraction", "0"], "--train-fraction"),
+    (["--gpus", "4", "--train-fraction", "1.5"], "--train-fraction"),
     (["--gpus", "4", "--time-limit", "0"], "time-limit"),
+    (["--gpus", "4", "--time-limit", "nan"], "'--time-limit': 'nan' is not a finite number"),
     (["--gpus", "4", "--node-cost", "-1"], "--node-cost"),
+    (["--gpus", "4", "--node-cost", "inf"], "'--node-cost': 'inf' is not a finite number"),
+    (["--gpus", "4", "--seed", "-1"], "'--seed': -1 is not in the range x>=0"),
+    (["--gpus", "4", "--objective", "latency", "--compute-weight", "inf"], "--compute-weight"),
 ])
 def test_cli_bad_options_exit_2_with_one_line(trace_file, tmp_path, capsys, args, needle):
     out = tmp_path / "p.json"
     assert run(["solve", str(trace_file), *args, "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("moeplace: error:") and needle in err[0]
+    assert len(err) == 1 and err[0].startswith("moeplace: error:") and needle in err[0], err
     assert not out.exists()
+
+
+def test_cli_unwritable_output_fails_before_the_solve(trace_file, tmp_path, capsys):
+    (tmp_path / "file").write_text("in the way")
+    out = tmp_path / "file" / "p.json"
+    assert run(["solve", str(trace_file), "--gpus", "4", "--time-limit", "30", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"moeplace: error: -o {out}: {tmp_path / 'file'} is not a directory"]
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", b"not a trace at all"])

@@ -2,13 +2,15 @@
 
 Each stage owns its command in its own module; this group imports a module only when its
 command runs, so `moeplace --help` stays fast (no torch import) and a stage's heavy
-dependencies never slow the others. Any MoeplaceError becomes one line on stderr and its exit
-code (2 for bad input, 1 for a regression); there is never a traceback for bad input.
+dependencies never slow the others. Any MoeplaceError or bad option becomes one line on stderr
+and its exit code (2 for bad input, 1 for a regression); anything else is a bug, reported in
+one line with exit code 3 (MOEPLACE_TRACEBACK=1 re-raises it).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -73,8 +75,8 @@ def run(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning moeplace errors into one line and an exit code."""
     try:
         main.main(args=argv, prog_name="moeplace", standalone_mode=False)
-    except MoeplaceError as e:
-        click.echo(f"moeplace: error: {e}", err=True)
+    except MoeplaceError as e:  # one line even when it quotes a library's multi-line message
+        click.echo(f"moeplace: error: {' '.join(str(e).split())}", err=True)
         return e.exit_code
     except click.exceptions.Abort:
         click.echo("moeplace: aborted", err=True)
@@ -82,11 +84,25 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("moeplace: interrupted", err=True)
         return 130
+    except click.UsageError as e:  # a bad option or argument: one line, not click's usage block
+        where = e.ctx.command_path if e.ctx is not None else "moeplace"
+        message = " ".join(e.format_message().split())
+        click.echo(f"moeplace: error: {message} (see '{where} --help')", err=True)
+        return e.exit_code
     except click.ClickException as e:
-        e.show()
+        click.echo(f"moeplace: error: {' '.join(e.format_message().split())}", err=True)
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
+    except MemoryError:
+        click.echo("moeplace: error: out of memory (is the input far larger than intended?)", err=True)
+        return 2
+    except Exception as e:  # a bug, not bad input: still one line; the traceback on request
+        if os.environ.get("MOEPLACE_TRACEBACK"):
+            raise
+        click.echo(f"moeplace: internal error: {type(e).__name__}: {' '.join(str(e).split())} "
+                   "(a bug: please report it; MOEPLACE_TRACEBACK=1 shows the traceback)", err=True)
+        return 3
     return 0
 
 

@@ -7,6 +7,7 @@ and never clobbers the previous good file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -23,8 +24,14 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     `suffix` keeps extensions that writers insist on (np.savez appends '.npz' otherwise).
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    except OSError as e:  # name the output, not the temp file; "File exists" for a file in the way reads badly
+        in_the_way = next((a for a in target.parents if a.exists() and not a.is_dir()), None)
+        if in_the_way is not None:
+            raise NotADirectoryError(errno.ENOTDIR, f"{in_the_way} is not a directory", str(target)) from None
+        raise type(e)(e.errno, e.strerror, str(target)) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -45,6 +52,8 @@ def current_umask() -> int:
 def read_json(path: str | os.PathLike[str], error: type[Exception] = ValueError) -> Any:
     """Parse a JSON file; a missing or malformed file raises `error` with one line naming it."""
     p = Path(path)
+    if p.is_dir():
+        raise error(f"{p}: is a directory, not a JSON file")
     if not p.is_file():
         raise error(f"{p}: no such file")
     try:

@@ -158,19 +158,34 @@ def placement_from_json(doc: Any, name: str = "placement") -> Placement:
     for key in ("num_layers", "num_experts", "num_gpus", "gpus_per_node", "expert_to_gpu"):
         if key not in doc:
             raise PlacementError(f"{name}: missing '{key}'")
+    num_layers, num_experts, num_gpus, gpn = (_json_int(doc[k], k, name) for k in
+                                               ("num_layers", "num_experts", "num_gpus", "gpus_per_node"))
+    rows = doc["expert_to_gpu"]
+    if not (isinstance(rows, list) and all(isinstance(r, list) and all(_is_int(x) for x in r) for r in rows)):
+        raise PlacementError(f"{name}: expert_to_gpu must be a list of lists of integer GPU ids")
+    reps = doc.get("replicas") or []
+    if not (isinstance(reps, list) and all(isinstance(r, list) and all(
+            isinstance(c, list) and len(c) == 2 and all(_is_int(x) for x in c) for c in r) for r in reps)):
+        raise PlacementError(f"{name}: replicas must be one list per layer of [expert, gpu] integer pairs")
+    replicas = [[(int(e), int(g)) for e, g in r] for r in reps]
     try:
-        e2g = np.asarray(doc["expert_to_gpu"])
-        replicas = [[(int(e), int(g)) for e, g in r] for r in (doc.get("replicas") or [])]
-        num_gpus, gpn = int(doc["num_gpus"]), int(doc["gpus_per_node"])
-    except (TypeError, ValueError) as e:
-        raise PlacementError(f"{name}: malformed expert_to_gpu/replicas ({e})") from None
-    if e2g.ndim != 2 or not np.issubdtype(e2g.dtype, np.integer):
+        e2g = np.asarray(rows, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise PlacementError(f"{name}: malformed expert_to_gpu ({e})") from None
+    if e2g.ndim != 2:
         raise PlacementError(f"{name}: expert_to_gpu must be a rectangular table of integer GPU ids")
-    if e2g.shape != (int(doc["num_layers"]), int(doc["num_experts"])):
+    if e2g.shape != (num_layers, num_experts):
         raise PlacementError(
             f"{name}: expert_to_gpu is {e2g.shape[0]}x{e2g.shape[1]} but num_layers x num_experts "
-            f"is {doc['num_layers']}x{doc['num_experts']}"
+            f"is {num_layers}x{num_experts}"
         )
+    split = doc.get("split")
+    if split is not None and not (
+            isinstance(split, dict) and isinstance(split.get("train_fraction"), (int, float))
+            and not isinstance(split.get("train_fraction"), bool) and 0 < split["train_fraction"] <= 1
+            and _is_int(split.get("seed")) and split["seed"] >= 0):
+        raise PlacementError(f"{name}: 'split' must hold train_fraction in (0, 1] and an integer seed >= 0, "
+                             f"got {split!r}")
     p = Placement(
         expert_to_gpu=e2g,
         num_gpus=num_gpus,
@@ -186,6 +201,16 @@ def placement_from_json(doc: Any, name: str = "placement") -> Placement:
         extra={k: v for k, v in doc.items() if k not in _KNOWN},
     )
     return validate_placement(p, name)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true would pass as 1
+
+
+def _json_int(value: Any, key: str, name: str) -> int:
+    if not _is_int(value) or not 1 <= value <= 1 << 31:
+        raise PlacementError(f"{name}: {key} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def check_topology(num_experts: int, num_gpus: int, gpus_per_node: int, balanced: bool = True) -> None:

@@ -12,6 +12,7 @@ from moeplace.analyze.affinity import trace_modes
 from moeplace.analyze.report import AnalyzeConfig, Source, build_report, layer_names, source_loads, summary
 from moeplace.errors import MoeplaceError, TraceError
 from moeplace.io import write_json_atomic
+from moeplace.options import POSITIVE, POSITIVE_INT, SEED
 from moeplace.placement import check_topology
 from moeplace.trace.format import Trace, load_loads, load_trace
 
@@ -85,10 +86,10 @@ def _check_compatible(a: Source, b: Source, path_b: str) -> None:
 @click.option("--layers", "layers_spec", default=None, metavar="PAIRS",
               help="Layer pairs for the transition heatmaps: '0,3,5-6', where pair l is MoE layer l -> l+1 "
                    "(0-based in the trace). [default: up to 4 spread from first to last]")
-@click.option("--gpus", type=int, default=None, metavar="N",
+@click.option("--gpus", type=POSITIVE_INT, default=None, metavar="N",
               help="GPUs for the placement-transfer test. [default: 8, or the largest divisor of E below 8]")
-@click.option("--gpus-per-node", type=int, default=None, metavar="N", help="GPUs per node. [default: all GPUs in one node]")
-@click.option("--time-limit", type=click.FloatRange(min=0.0, min_open=True), default=10.0, show_default=True, metavar="SECONDS",
+@click.option("--gpus-per-node", type=POSITIVE_INT, default=None, metavar="N", help="GPUs per node. [default: all GPUs in one node]")
+@click.option("--time-limit", type=POSITIVE, default=10.0, show_default=True, metavar="SECONDS",
               help="Seconds per placement solve (two per comparison).")
 @click.option("--no-solve", is_flag=True, help="Skip the placement-transfer test (statistics only; fast).")
 @click.option("--shuffles", type=click.IntRange(1, 1000), default=8, show_default=True,
@@ -98,7 +99,7 @@ def _check_compatible(a: Source, b: Source, path_b: str) -> None:
 @click.option("--heatmap-mode", type=click.Choice(["top1", "topk", "gated"]), default=None,
               help="Transitions drawn in the heatmaps. [default: topk, or top1 when k = 1]")
 @click.option("--no-figures", is_flag=True, help="Write the JSON only.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the shuffles, the halves split and the solver.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the shuffles, the halves split and the solver.")
 def analyze(
     trace_path: str,
     out_dir: str | None,

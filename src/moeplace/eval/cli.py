@@ -13,6 +13,7 @@ from moeplace.errors import MoeplaceError, RegressionError
 from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_report, render_table,
                                   traffic_metric_fn)
 from moeplace.io import write_json_atomic
+from moeplace.options import NON_NEGATIVE
 from moeplace.placement import load_placement
 from moeplace.trace.format import load_trace
 
@@ -70,7 +71,7 @@ def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_f
                         trace_name=str(trace_path), metric_fns=metric_fns)
 
 
-_LIMIT = dict(type=click.FloatRange(min=0), default=None, metavar="X")
+_LIMIT = dict(type=NON_NEGATIVE, default=None, metavar="X")
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -238,6 +239,8 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
     """
     import yaml
 
+    if path.is_dir():
+        raise MoeplaceError(f"{path}: is a directory, not a YAML file")
     if not path.is_file():
         raise MoeplaceError(f"{path}: no such file")
     try:
@@ -272,7 +275,7 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
         if not limits:
             raise MoeplaceError(f"{label}: no thresholds; set at least one of {sorted(_LIMIT_KEYS)}")
         for k, v in limits.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
                 raise MoeplaceError(f"{label}: {k} must be a non-negative number, got {v!r}")
         if not isinstance(check.get("all_tokens", False), bool):
             raise MoeplaceError(f"{label}: all_tokens must be true or false")

@@ -24,7 +24,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from moeplace.errors import PlacementError
 from moeplace.eval.metrics import evaluate
 from moeplace.eval.traffic import predict_traffic
 from moeplace.placement import Placement
@@ -98,10 +97,7 @@ def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> tuple
     split = placement.split
     if not split:
         return None, None, "all tokens: in-sample, the placement was fitted on all of them (solve --train-fraction holds some out)"
-    try:
-        fraction, seed = float(split["train_fraction"]), int(split["seed"])
-    except (KeyError, TypeError, ValueError):
-        raise PlacementError(f"placement 'split' must hold train_fraction and seed, got {split!r}") from None
+    fraction, seed = split["train_fraction"], split["seed"]  # checked when the placement was loaded
     train, held = split_tokens(trace.num_tokens, fraction, seed)
     if all_tokens:
         return None, train, f"all tokens (--all-tokens), {len(train)} of them seen by the solver"

@@ -31,9 +31,14 @@ def parse_layers(spec: str) -> list[int]:
     try:
         for part in spec.split(","):
             lo, _, hi = part.strip().partition("-")
-            layers.extend(range(int(lo), int(hi or lo) + 1))
+            first, last = int(lo), int(hi or lo)
+            if first > last:
+                raise MoeplaceError(f"--moe-layers {spec!r}: range {part.strip()!r} runs backwards")
+            layers.extend(range(first, last + 1))
     except ValueError:
         raise MoeplaceError(f"--moe-layers {spec!r}: expected ids and inclusive ranges like '3-60' or '0,2,4-7'") from None
+    if len(set(layers)) != len(layers):
+        raise MoeplaceError(f"--moe-layers {spec!r}: a layer is listed twice")
     return layers
 
 
@@ -100,9 +105,11 @@ Examples:
 @click.option("--from", "from_format", type=click.Choice(TO_FORMATS), help="Read INPUT (this engine's file) into a placement.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="File to write (atomically).")
 @click.option("--model", type=click.Path(path_type=Path),
-              help="Hugging Face model dir: which decoder layers are MoE (sglang rows) and a fit check.")
+              help="Hugging Face model dir: checks the placement fits it (any format); for sglang also which "
+                   "decoder layers are MoE.")
 @click.option("--trace", type=click.Path(path_type=Path),
-              help="A `moeplace trace` file of this model: its meta says which decoder layers are MoE (sglang rows).")
+              help="A `moeplace trace` file of this model: checks the placement fits it (any format); for sglang "
+                   "its meta also says which decoder layers are MoE.")
 @click.option("--moe-layers", help="Decoder layer ids of the MoE layers, e.g. '3-60' (default: all layers, in order).")
 @click.option("--num-hidden-layers", type=click.IntRange(min=1), help="Decoder layers for SGLang rows (default: from --model, else the last MoE layer + 1).")
 @click.option("--gpus", type=click.IntRange(min=1), help="--from: the engine's expert-parallel size (default: from the file).")
@@ -127,9 +134,10 @@ def _write(placement: Placement, fmt: str, output: Path, model: Path | None, tra
            moe_layers: str | None, num_hidden_layers: int | None) -> None:
     from moeplace.export import eplb, sglang, vllm
 
-    if fmt != "sglang" and (model or trace or moe_layers or num_hidden_layers):
-        raise MoeplaceError(f"--model/--trace/--moe-layers/--num-hidden-layers only apply to sglang "
-                            f"(a {fmt} file has MoE layers only)")
+    if fmt != "sglang" and (moe_layers or num_hidden_layers):
+        raise MoeplaceError(f"--moe-layers/--num-hidden-layers only apply to sglang (a {fmt} file has MoE layers only)")
+    if fmt != "sglang" and (model or trace):
+        _model_layers(model, trace, None, None, placement)  # the fit check alone
     redundant = placement.num_replicas  # the same in every layer once written
     ep = f"EP size {placement.num_gpus}"
     if fmt == "sglang":

@@ -113,14 +113,18 @@ def permute_checkpoint(
     new_to_old = permutation(placement)
     check_group_routing(ckpt.config, new_to_old)
     total = sum(e.end - e.begin for tensors in ckpt.shards.values() for e in tensors.values())
-    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
-    if free < total:
-        raise CheckpointError(f"{out.parent}: {free / 2**30:.1f} GiB free, the permuted checkpoint needs {total / 2**30:.1f} GiB")
     plan = _plan(ckpt, blocks, new_to_old)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:  # where it cannot be written, say so (not "0.0 GiB free" as a pseudo-filesystem reports)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise CheckpointError(f"-o {out}: cannot create it ({e.strerror or e})") from None
     try:
+        free = shutil.disk_usage(out.parent).free
+        if free < total:
+            raise CheckpointError(f"{out.parent}: {free / 2**30:.1f} GiB free, the permuted checkpoint needs "
+                                  f"{total / 2**30:.1f} GiB")
         skipped = _copy_other_files(ckpt, tmp)
         bar = Progress("permute-checkpoint", total=total, enabled=progress)
         done = 0

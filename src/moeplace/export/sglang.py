@@ -16,6 +16,7 @@ Layout SGLang assumes:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,9 @@ def _load(p: Path) -> dict[str, Any]:
         import torch  # only here: a .pt map is rare and torch is slow to import
 
         try:
-            doc = torch.load(p, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about the file before refusing it: the error says it all
+                warnings.simplefilter("ignore")
+                doc = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a bad or unsafe file
             raise PlacementError(f"{p}: not a readable weights-only torch file ({type(e).__name__}: {e})") from None
         if not isinstance(doc, dict):

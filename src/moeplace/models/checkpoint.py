@@ -30,6 +30,7 @@ router vector and the experts; `moeplace.export.permute` does that from these ke
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -90,6 +91,12 @@ class MoeBlock:
     router: tuple[str, ...]  # {prefix}.{gate|router}.{param} tensors: [E, ...] (weight [E, hidden], bias, ...)
 
 
+# bits per element of every safetensors dtype (safetensors' Dtype enum)
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+               "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+               "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str] | None]:
     """Parse a safetensors header; reject truncated or inconsistent files before any data is read."""
     size = path.stat().st_size
@@ -115,6 +122,13 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[st
             entries[name] = TensorEntry(str(info["dtype"]), tuple(int(d) for d in info["shape"]), base + begin, base + end)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: malformed safetensors header entry ({e!r})") from None
+    for name, e in entries.items():
+        bits = _DTYPE_BITS.get(e.dtype)
+        if bits is None:
+            raise CheckpointError(f"{path}: tensor {name} has unknown dtype {e.dtype!r}")
+        if (e.end - e.begin) * 8 != bits * math.prod(e.shape):
+            raise CheckpointError(f"{path}: tensor {name} holds {e.end - e.begin} bytes, but {e.dtype} "
+                                  f"{list(e.shape)} needs {bits * math.prod(e.shape) / 8:g} (corrupt header)")
     end = max((e.end for e in entries.values()), default=base)
     if end > size or any(e.begin > e.end or e.begin < base for e in entries.values()):
         raise CheckpointError(f"{path}: truncated or corrupt: tensor data runs past the end of the file ({size} bytes)")
@@ -147,6 +161,8 @@ def open_checkpoint(model_dir: str | Path) -> Checkpoint:
         raise CheckpointError(f"{root}: no .safetensors weights{hint}")
     shards, metadata = {}, {}
     for name in names:
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"{root / INDEX_NAME}: shard {name!r} is not a file name inside {root}")
         if not (root / name).is_file():
             raise CheckpointError(f"{root}: shard {name} listed in {INDEX_NAME} is missing")
         shards[name], metadata[name] = read_safetensors_header(root / name)

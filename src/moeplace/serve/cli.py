@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from moeplace.errors import MoeplaceError
+from moeplace.options import check_writable
 
 EPILOG = """\b
 Examples (4 CPU ranks with gloo; on GPUs the same command uses NCCL, one GPU per rank):
@@ -93,10 +94,17 @@ def serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: s
         exit_hard(MoeplaceError(f"rank {rank}: internal error {type(e).__name__}: {e}"))
 
 
+def _writing(path: str, write: Any, *args: Any) -> None:
+    try:
+        write(*args)
+    except OSError as e:
+        raise MoeplaceError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def exit_hard(e: BaseException | None) -> None:
     """Print one line and leave at once: tearing down a broken process group can hang."""
     code = e.exit_code if isinstance(e, MoeplaceError) else 130
-    msg = str(e) if isinstance(e, MoeplaceError) else "interrupted"
+    msg = " ".join(str(e).split()) if isinstance(e, MoeplaceError) else "interrupted"
     click.echo(f"moeplace: error: {msg}", err=True)
     sys.stderr.flush()
     sys.stdout.flush()
@@ -118,6 +126,9 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
     tokenizer = prompts = server = None
     if rank == 0:
         try:
+            for option, path in (("--out", out_path), ("--stats-out", stats_out), ("--routing-out", routing_out)):
+                if path:
+                    check_writable(Path(path), option)  # before the run, not after it
             tokenizer = load_tokenizer(model_dir)
             if prompts_path:
                 prompts = read_prompts(prompts_path, tokenizer, spec.vocab_size, spec.max_positions, max_new_tokens)
@@ -261,11 +272,11 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int]], max_batch: int
         lines.append(json.dumps({"index": i, "prompt": prompt, "token_ids": toks, "text": text,
                                  "finish_reason": finish}))
     if out_path:
-        write_text_atomic(out_path, "\n".join(lines) + "\n")
+        _writing(out_path, write_text_atomic, out_path, "\n".join(lines) + "\n")
     else:
         click.echo("\n".join(lines))
     if stats_out:
-        write_json_atomic(stats_out, {
+        _writing(stats_out, write_json_atomic, stats_out, {
             "mode": rt.mode, "world": rt.comm.world, "model": str(spec.path), "placement": placement_path,
             "top_k": spec.top_k, "hidden_size": spec.hidden_size, "dtype": str(rt.model.dtype).removeprefix("torch."),
             "prompts": len(prompts), "generated_tokens": generated, "decode_seconds": seconds,
@@ -281,4 +292,4 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int]], max_batch: int
                            meta={"source": "moeplace serve (decode)", "model": str(spec.path),
                                  "moe_layers": list(spec.moe_layers), "home_rank": "sequence_id % world",
                                  "world": rt.comm.world})
-        save_trace(trace, routing_out)
+        _writing(routing_out, save_trace, trace, routing_out)

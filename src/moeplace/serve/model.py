@@ -95,10 +95,12 @@ def _read_spec(path: Path) -> ModelSpec:
     if not fused and names is None:
         raise MoeplaceError(f"{path}: unrecognised expert weights under {prefixes[0]}.experts")
     heads = int(cfg["num_attention_heads"])
+    if heads < 1:
+        raise MoeplaceError(f"{path}: config.json num_attention_heads must be >= 1, got {heads}")
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-    return ModelSpec(
+    spec = ModelSpec(
         path=path,
         family=family,
         vocab_size=int(cfg["vocab_size"]),
@@ -124,6 +126,36 @@ def _read_spec(path: Path) -> ModelSpec:
         max_positions=int(cfg.get("max_position_embeddings", 4096)),
         files=files,
     )
+    _check_config(spec, ckpt.shapes())
+    return spec
+
+
+def _check_config(s: ModelSpec, shapes: dict[str, tuple[int, ...]]) -> None:
+    """config.json against the tensors the checkpoint holds (headers only): a mismatch would
+    otherwise surface mid-forward as a shape error, or not at all (a wrong vocab_size)."""
+    if not 1 <= s.top_k <= s.num_experts:
+        raise MoeplaceError(f"{s.path}: config.json num_experts_per_tok {s.top_k} is not in [1, {s.num_experts}] "
+                            f"(the checkpoint's routers have {s.num_experts} experts)")
+    if s.num_kv_heads < 1 or s.num_heads % s.num_kv_heads:
+        raise MoeplaceError(f"{s.path}: config.json num_key_value_heads {s.num_kv_heads} does not divide "
+                            f"num_attention_heads {s.num_heads}")
+    p = "model.layers.0"
+    expect = {
+        "model.embed_tokens.weight": (s.vocab_size, s.hidden_size),
+        f"{p}.self_attn.q_proj.weight": (s.num_heads * s.head_dim, s.hidden_size),
+        f"{p}.self_attn.k_proj.weight": (s.num_kv_heads * s.head_dim, s.hidden_size),
+        f"{s.moe_prefix[0]}.gate.weight": (s.num_experts, s.hidden_size),
+    }
+    if s.qk_norm != "none":  # the family decides which norms exist: a wrong model_type shows here
+        q_norm = f"{p}.self_attn.q_norm.weight"
+        expect[q_norm] = (s.head_dim,) if s.qk_norm == "head" else (s.num_heads * s.head_dim,)
+    for key, shape in expect.items():
+        found = shapes.get(key)
+        if found is None:
+            raise MoeplaceError(f"{s.path}: tensor {key} is missing (model_type {s.family!r} expects it)")
+        if tuple(found) != shape:
+            raise MoeplaceError(f"{s.path}: tensor {key} is {list(found)}, config.json implies {list(shape)} "
+                                "(config.json does not match the weights)")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

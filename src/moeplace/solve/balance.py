@@ -287,6 +287,9 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
     on a faster machine.
     """
     num_layers, num_experts = loads.shape
+    if redundant > num_experts * (num_gpus - 1):
+        raise PlacementError(f"--redundant-experts {redundant}: at most {num_experts * (num_gpus - 1)} copies "
+                             f"fit {num_gpus} GPUs without two copies of one expert on a GPU")
     total_cap = max_experts_per_gpu_total
     if total_cap is not None:
         slots = total_slots_per_gpu(num_layers, num_experts, num_gpus, redundant, total_cap, max_experts_per_gpu)

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from moeplace.options import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, FiniteFloat, check_writable
 from moeplace.placement import Placement
 
 METRICS = (  # (key, column title) of the summary table
@@ -50,40 +51,40 @@ def _objective_names() -> list[str]:
 
 @click.command("solve", context_settings={"max_content_width": 100})
 @click.argument("trace_path", metavar="TRACE", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--gpus", "-g", type=int, required=True, help="Expert-parallel GPUs G; each holds E/G experts of every layer.")
-@click.option("--gpus-per-node", type=int, default=None, help="GPUs per node (default: all G on one node).")
+@click.option("--gpus", "-g", type=POSITIVE_INT, required=True, help="Expert-parallel GPUs G; each holds E/G experts of every layer.")
+@click.option("--gpus-per-node", type=POSITIVE_INT, default=None, help="GPUs per node (default: all G on one node).")
 @click.option("--objective", type=click.Choice(_objective_names()), default="traffic", show_default=True,
               help="What to minimise. traffic: weighted cross-GPU/cross-node transitions (docs/solver.md); "
                    "latency: predicted MoE-layer time under --cluster; balance: max token load per GPU, the only "
                    "one for load-only inputs (docs/cost-model.md).")
-@click.option("--time-limit", type=float, default=60.0, show_default=True,
+@click.option("--time-limit", type=POSITIVE, default=60.0, show_default=True,
               help="Seconds; the best placement found by then is written.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the search (same seed, same result).")
-@click.option("--train-fraction", type=float, default=1.0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the split and the search (same seed, same result).")
+@click.option("--train-fraction", type=FiniteFloat(0.0, 1.0, min_open=True), default=1.0, show_default=True,
               help="Fit on this seeded random fraction of the tokens; metrics also on the rest (held out).")
-@click.option("--node-cost", type=float, default=2.0, show_default=True,
+@click.option("--node-cost", type=NON_NEGATIVE, default=2.0, show_default=True,
               help="Cost of a cross-node move relative to a cross-GPU move inside a node.")
-@click.option("--top1-weight", type=float, default=1.0, show_default=True, help="Extra edge weight of the top-1 -> top-1 transition.")
-@click.option("--coselect-weight", type=float, default=None,
+@click.option("--top1-weight", type=NON_NEGATIVE, default=1.0, show_default=True, help="Extra edge weight of the top-1 -> top-1 transition.")
+@click.option("--coselect-weight", type=NON_NEGATIVE, default=None,
               help="Weight of co-selection edges within a layer (top-k). Default: chosen from 1, 2, 4 by "
                    "2-fold cross-validation on the training tokens (2 on large traces).")
-@click.option("--smoothing", type=float, default=None,
+@click.option("--smoothing", type=NON_NEGATIVE, default=None,
               help="Gate-weighted spread of edges over all k sources. Default: chosen with --prior (equal) from "
                    "0.5, 2 by cross-validation (0.5 on large traces).")
-@click.option("--prior", type=float, default=None, help="Weight of the gate-weighted all-pairs transition prior "
+@click.option("--prior", type=NON_NEGATIVE, default=None, help="Weight of the gate-weighted all-pairs transition prior "
                                                         "(default: see --smoothing).")
 @click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="latency: cluster config YAML (configs/cluster/*.yaml; docs/cost-model.md).")
 @click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="latency: model config YAML (configs/model/*.yaml) when the cluster file has no model section.")
-@click.option("--compute-weight", type=float, default=1.0, show_default=True,
+@click.option("--compute-weight", type=NON_NEGATIVE, default=1.0, show_default=True,
               help="latency: weight of the compute (balance) term against communication (1 = predicted time).")
-@click.option("--redundant-experts", type=int, default=0, show_default=True,
+@click.option("--redundant-experts", type=NON_NEGATIVE_INT, default=0, show_default=True,
               help="latency/balance: extra expert copies per layer (as EPLB, vLLM num_redundant_experts).")
-@click.option("--max-experts-per-gpu", type=int, default=None,
+@click.option("--max-experts-per-gpu", type=POSITIVE_INT, default=None,
               help="balance: per-layer expert slots a GPU may hold (default ceil((E + R) / G)); above that, "
                    "per-GPU counts may differ (MoETuner-style uneven layouts).")
-@click.option("--max-experts-per-gpu-total", type=int, default=None,
+@click.option("--max-experts-per-gpu-total", type=POSITIVE_INT, default=None,
               help="latency/balance: expert copies a GPU may hold summed over all layers (memory); per-layer "
                    "counts may then differ between GPUs (MoETuner), at least 1 each. Needs C x G >= L x (E + R); "
                    "latency: without --redundant-experts. Default: equal counts in every layer (ExFlow, "
@@ -124,12 +125,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     from moeplace.solve.solver import solve_placement
     from moeplace.trace.format import load_trace
 
-    for name, value in (("--node-cost", node_cost), ("--top1-weight", top1_weight),
-                        ("--coselect-weight", coselect_weight), ("--smoothing", smoothing), ("--prior", prior)):
-        if value is not None and not value >= 0:
-            raise MoeplaceError(f"{name} must be >= 0, got {value}")
-    if redundant_experts < 0 or not compute_weight >= 0:
-        raise MoeplaceError("--redundant-experts and --compute-weight must be >= 0")
+    check_writable(output)  # before the solve, not after it
     if max_experts_per_gpu_total is not None and objective == "traffic":
         raise MoeplaceError("--max-experts-per-gpu-total needs a load term: traffic alone would pile a layer's experts "
                             "on one GPU; use --objective latency (or balance)")
@@ -160,10 +156,18 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         options["compute_weight"] = 1.0
     placement = solve_placement(trace, gpus, gpus_per_node, time_limit, seed, objective=objective,
                                 train_fraction=train_fraction, progress=not quiet, **options)
-    placement.save(output)
+    _save(placement, output)
     if not quiet:
         click.echo(summary(placement, trace_path.name))
         click.echo(f"\nwrote {output}")
+
+
+def _save(placement: Placement, output: Path) -> None:
+    from moeplace.errors import MoeplaceError
+    try:
+        placement.save(output)
+    except OSError as e:
+        raise MoeplaceError(f"cannot write {output}: {e.strerror or e}") from None
 
 
 def _is_load_only(path: Path) -> bool:
@@ -188,7 +192,7 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
     placement = balance_placement(loads.loads, gpus, gpn, redundant, time_limit, max_experts_per_gpu, progress=not quiet,
                                   max_experts_per_gpu_total=max_experts_per_gpu_total)
     placement.trace_sha256 = loads.sha256 or None
-    placement.save(output)
+    _save(placement, output)
     if not quiet:
         m = placement.metrics
         click.echo(f"moeplace solve: {path.name} (load only) -> {gpus} GPUs, {redundant} redundant experts per layer")

@@ -92,9 +92,12 @@ def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = No
     doc = _read_yaml(cluster_path)
     if "cluster" not in doc:
         raise MoeplaceError(f"{cluster_path}: no 'cluster:' section (see configs/cluster/*.yaml)")
+    _known(doc, {"cluster", "model"}, str(cluster_path))
     model_doc, model_src = doc.get("model"), str(cluster_path)
     if model_path is not None:
         mdoc = _read_yaml(model_path)
+        if "model" in mdoc:
+            _known(mdoc, {"model"}, str(model_path))
         model_doc, model_src = mdoc.get("model", mdoc), str(model_path)
     if model_doc is None:
         raise MoeplaceError(f"{cluster_path}: no 'model:' section; pass a model config (configs/model/*.yaml)")
@@ -103,6 +106,8 @@ def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = No
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise MoeplaceError(f"{p}: is a directory, not a YAML file")
     if not p.is_file():
         raise MoeplaceError(f"{p}: no such file")
     try:
@@ -114,6 +119,19 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return doc
 
 
+_CLUSTER_KEYS = {"name", "nodes", "gpus_per_node", "intra_node", "inter_node"}
+_LINK_KEYS = {"bandwidth_GBps", "latency_us"}
+_MODEL_KEYS = {"name", "hidden_size", "dtype_bytes", "dispatch_dtype_bytes", "combine_dtype_bytes",
+               "expert_us_per_token", "expert_fixed_us", "batch_tokens"}
+
+
+def _known(d: Any, keys: set[str], src: str) -> None:
+    """A mistyped optional key would silently fall back to its default: refuse unknown keys."""
+    unknown = set(d) - keys if isinstance(d, dict) else set()
+    if unknown:
+        raise MoeplaceError(f"{src}: unknown key(s) {sorted(map(str, unknown))} (known: {', '.join(sorted(keys))})")
+
+
 def _field(d: Any, key: str, src: str, kind: type = float, positive: bool = True, default: Any = ...) -> Any:
     if not isinstance(d, dict):
         raise MoeplaceError(f"{src}: expected a mapping holding '{key}'")
@@ -121,10 +139,12 @@ def _field(d: Any, key: str, src: str, kind: type = float, positive: bool = True
         if default is not ...:
             return default
         raise MoeplaceError(f"{src}: missing '{key}'")
-    try:
-        v = kind(d[key])
-    except (TypeError, ValueError):
-        raise MoeplaceError(f"{src}: '{key}' must be a {kind.__name__}, got {d[key]!r}") from None
+    raw = d[key]
+    # YAML `true` is an int to Python, and int(8.5) would truncate: only real numbers of the kind asked
+    ok = not isinstance(raw, bool) and (isinstance(raw, int) if kind is int else isinstance(raw, (int, float)))
+    if not ok:
+        raise MoeplaceError(f"{src}: '{key}' must be {'an integer' if kind is int else 'a number'}, got {raw!r}")
+    v = kind(raw)
     if kind is float and not np.isfinite(v):
         raise MoeplaceError(f"{src}: '{key}' must be finite, got {d[key]!r}")
     if (v <= 0) if positive else (v < 0):
@@ -135,6 +155,9 @@ def _field(d: Any, key: str, src: str, kind: type = float, positive: bool = True
 def _cluster(d: Any, src: str) -> Cluster:
     src = f"{src}: cluster"
     intra, inter = (d.get(k, {}) if isinstance(d, dict) else None for k in ("intra_node", "inter_node"))
+    _known(d, _CLUSTER_KEYS, src)
+    _known(intra, _LINK_KEYS, f"{src}.intra_node")
+    _known(inter, _LINK_KEYS, f"{src}.inter_node")
     num_nodes = _field(d, "nodes", src, int)
     multi = num_nodes > 1  # a single node never uses the network: its figures are optional
     return Cluster(
@@ -150,6 +173,7 @@ def _cluster(d: Any, src: str) -> Cluster:
 
 def _model(d: Any, src: str) -> ModelCost:
     src = f"{src}: model"
+    _known(d, _MODEL_KEYS, src)
     dtype = _field(d, "dtype_bytes", src, default=2.0)
     batch = _field(d, "batch_tokens", src, int, default=None)
     return ModelCost(

@@ -24,7 +24,9 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
                                    "directory of them. Repeat for several.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Trace file to write (.npz, moeplace trace v1).")
-@click.option("--seq-len", default=512, type=int, help="Tokens per sequence (each document is cut into windows).")
+@click.option("--seq-len", default=None, type=int, show_default=False,
+              help="Tokens per sequence (each document is cut into windows)  [default: 512, or the model's "
+                   "max_position_embeddings when smaller]")
 @click.option("--max-tokens", default=None, type=int, help="Stop after this many tokens  [default: all text]")
 @click.option("--batch-size", default=8, type=int, help="Sequences per forward pass.")
 @click.option("--dtype", default="auto", type=click.Choice(_DTYPES), help="Weights dtype; auto = the checkpoint's.")
@@ -35,7 +37,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
               help="Tokenizer to use  [default: the model's]")
 @click.option("--corpus", default=None, help="Corpus label stored in the trace meta  [default: the data file names]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int, max_tokens: int | None,
+def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | None, max_tokens: int | None,
           batch_size: int, dtype: str, device: str, threads: int | None, tokenizer_ref: str | None,
           corpus: str | None, quiet: bool) -> None:
     """Record, for every token, the top-k experts and gate weights the model's own routers pick.
@@ -63,7 +65,7 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int, ma
     from moeplace.trace.format import save_trace
     from moeplace.trace.text import expand_paths, iter_batches, iter_windows
 
-    if seq_len < 1 or batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+    if (seq_len is not None and seq_len < 1) or batch_size < 1 or (max_tokens is not None and max_tokens < 1):
         raise MoeplaceError("--seq-len, --batch-size and --max-tokens must be >= 1")
     files = expand_paths(data)
     _check_writable(output)  # fail before the model loads, not after the run
@@ -73,6 +75,17 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int, ma
     model = _load_model(model_ref, dtype, dev)
     tokenizer = _load_tokenizer(tokenizer_ref or model_ref)
     layers = find_moe_layers(model)
+    bad_k = next((m for m in layers if not 1 <= m.top_k <= m.num_experts), None)
+    if bad_k is not None:
+        raise MoeplaceError(f"{model_ref}: config routes each token to {bad_k.top_k} of {bad_k.num_experts} experts "
+                            f"(decoder layer {bad_k.layer_index}): top-k must be in [1, experts]")
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(max_positions, int) or max_positions < 1:
+        max_positions = None
+    if seq_len is None:
+        seq_len = min(512, max_positions or 512)
+    elif max_positions is not None and seq_len > max_positions:
+        raise MoeplaceError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
     vocab = model.get_input_embeddings().weight.shape[0]
 
     def tokenize(text: str) -> list[int]:
@@ -145,12 +158,23 @@ def _load_model(ref: str, dtype: str, device: Any) -> Any:
 
     hf_logging.disable_progress_bar()  # moeplace reports its own progress
     local = _resolve(ref, "model", "config.json")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its multi-line load report: the problems are raised below, in one line
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             ref, dtype="auto" if dtype == "auto" else getattr(torch, dtype), local_files_only=local,
+            output_loading_info=True,
         )
     except Exception as e:  # corrupt files raise library-specific types (SafetensorError, ...)
         raise MoeplaceError(f"cannot load model {ref!r}: {_first_line(e)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # transformers initialises missing or mis-shaped weights at random and carries on: routing
+    # recorded from them would look real and be noise
+    for key, what in (("missing_keys", "missing from the checkpoint"), ("mismatched_keys", "of the wrong shape")):
+        bad = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or [])
+        if bad:
+            raise MoeplaceError(f"cannot load model {ref!r}: {len(bad)} weight(s) {what}, e.g. {bad[0]}")
     return model.to(device).eval()
 
 

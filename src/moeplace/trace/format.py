@@ -34,6 +34,9 @@ from moeplace.io import save_npz_atomic
 TRACE_FORMAT = "moeplace.trace/v1"
 LOADS_FORMAT = "moeplace.loads/v1"
 _PER_TOKEN = ("token_ids", "sequence_ids", "positions")
+# Far above any real MoE (DeepSeek-V3: 256 routed experts); every stage allocates [E, E] or
+# [L, E] arrays, so an absurd num_experts must fail here, not as a 58 TiB allocation.
+MAX_EXPERTS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,8 @@ def validate_trace(trace: Trace, name: str = "trace") -> Trace:
     t, l, k = ids.shape
     if t == 0 or l == 0 or k == 0:
         raise TraceError(f"{name}: empty trace (shape {list(ids.shape)})")
-    if trace.num_experts <= 0:
-        raise TraceError(f"{name}: num_experts must be positive, got {trace.num_experts}")
+    if not 0 < trace.num_experts <= MAX_EXPERTS:
+        raise TraceError(f"{name}: num_experts must be in [1, {MAX_EXPERTS}], got {trace.num_experts}")
     if ids.min() < 0 or ids.max() >= trace.num_experts:
         bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
         raise TraceError(f"{name}: expert id {bad} out of range [0, {trace.num_experts})")
@@ -139,8 +142,8 @@ def validate_trace(trace: Trace, name: str = "trace") -> Trace:
             raise TraceError(f"{name}: topk_weights shape {list(w.shape)} != topk_ids shape {list(ids.shape)}")
         if not np.issubdtype(w.dtype, np.floating):
             raise TraceError(f"{name}: topk_weights must be floats, got dtype {w.dtype}")
-        if np.isnan(w).any():
-            raise TraceError(f"{name}: topk_weights contains NaN")
+        if not np.isfinite(w).all():
+            raise TraceError(f"{name}: topk_weights contains NaN or infinite values")
         if (w < 0).any():
             raise TraceError(f"{name}: topk_weights contains negative values")
     for key in _PER_TOKEN:
@@ -182,14 +185,25 @@ def make_trace(
         if not np.issubdtype(w.dtype, np.floating):
             raise TraceError(f"{name}: topk_weights must be floats, got dtype {w.dtype}")
         w = w.astype(np.float32, copy=False)
-    as_int = lambda a: None if a is None else np.asarray(a).astype(np.int64, copy=False)  # noqa: E731
+    def as_int(key: str, a: np.ndarray | None) -> np.ndarray | None:
+        if a is None:
+            return None
+        a = np.asarray(a)
+        if not np.issubdtype(a.dtype, np.integer):  # checked before the cast, which would truncate
+            raise TraceError(f"{name}: {key} must be integers, got dtype {a.dtype}")
+        return a.astype(np.int64, copy=False)
+
+    if isinstance(num_experts, (bool, np.bool_)) or not isinstance(num_experts, (int, np.integer)):
+        raise TraceError(f"{name}: num_experts must be an integer, got {num_experts!r}")
+    if not 0 < num_experts <= MAX_EXPERTS:
+        raise TraceError(f"{name}: num_experts must be in [1, {MAX_EXPERTS}], got {num_experts}")
     trace = Trace(
         topk_ids=ids,
         num_experts=int(num_experts),
         topk_weights=w,
-        token_ids=as_int(token_ids),
-        sequence_ids=as_int(sequence_ids),
-        positions=as_int(positions),
+        token_ids=as_int("token_ids", token_ids),
+        sequence_ids=as_int("sequence_ids", sequence_ids),
+        positions=as_int("positions", positions),
         meta=dict(meta or {}),
     )
     return validate_trace(trace, name)
@@ -210,6 +224,8 @@ def load_trace(path: str | Path) -> Trace:
     """
     p = Path(path)
     name = str(p)
+    if p.is_dir():
+        raise TraceError(f"{name}: is a directory, not a trace file")
     if not p.is_file():
         raise TraceError(f"{name}: no such file")
     if p.stat().st_size == 0:
@@ -241,6 +257,9 @@ def _load_npz(p: Path) -> Trace:
                 hint = " (this is a load-only file: use it where expert loads are accepted)" if "expert_loads" in keys else ""
                 raise TraceError(f"{p}: not a moeplace trace: no 'topk_ids' array{hint}")
             arrays = {k: z[k] for k in keys}
+        for k, a in arrays.items():
+            if not isinstance(a, np.ndarray):  # NpzFile hands back a member that is not .npy as raw bytes
+                raise TraceError(f"{p}: member {k!r} is not a .npy array (truncated or not an .npz file)")
     except TraceError:
         raise
     except ValueError as e:
@@ -272,6 +291,10 @@ def _load_npz(p: Path) -> Trace:
 
 def _open_npz(p: Path) -> np.lib.npyio.NpzFile:
     """np.load that refuses pickles and a plain .npy array under an .npz name."""
+    with open(p, "rb") as f:
+        magic = f.read(6)
+    if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
+        raise TraceError(f"{p}: not an .npz file (no zip archive signature)")
     loaded = np.load(p, allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise TraceError(f"{p}: not an .npz archive (a single array: name it .npy if it is an ExFlow trace)")
@@ -336,7 +359,7 @@ def make_loads(loads: np.ndarray, meta: dict[str, Any] | None = None, name: str 
     if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
         raise TraceError(f"{name}: expert_loads must be numeric, got dtype {a.dtype}")
     a = a.astype(np.float64)
-    if np.isnan(a).any() or (a < 0).any():
+    if not np.isfinite(a).all() or (a < 0).any():
         raise TraceError(f"{name}: expert_loads must be finite and non-negative")
     return ExpertLoads(a, dict(meta or {}))
 
@@ -352,6 +375,8 @@ def save_loads(loads: ExpertLoads, path: str | Path) -> None:
 def load_loads(path: str | Path) -> ExpertLoads:
     """Load a load-only `.npz`; a per-token trace is accepted too and summed into loads."""
     p = Path(path)
+    if p.is_dir():
+        raise TraceError(f"{p}: is a directory, not a loads file")
     if not p.is_file():
         raise TraceError(f"{p}: no such file")
     try:
@@ -359,6 +384,8 @@ def load_loads(path: str | Path) -> ExpertLoads:
             keys = set(z.files)
             raw = z["expert_loads"] if "expert_loads" in keys else None
             meta_raw = z["meta"] if "meta" in keys else None
+        if any(a is not None and not isinstance(a, np.ndarray) for a in (raw, meta_raw)):
+            raise TraceError(f"{p}: a member is not a .npy array (truncated or not an .npz file)")
     except TraceError:
         raise
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:

@@ -230,6 +230,12 @@ def load_torch_dump(path: Path) -> Any:
         raise TraceError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise TraceError(f"{path}: file is empty")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive (legacy: a pickle, protocol 2 starts with 0x80): anything
+    # else is the wrong file, not an unsafe one
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise TraceError(f"{path}: not a torch.save file (no zip or pickle signature)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -442,15 +448,21 @@ def import_loads_json(paths: Sequence[Path]) -> ExpertLoads:
         key = next((k for k in _COUNT_KEYS if isinstance(doc, dict) and k in doc), None)
         if key is None:
             raise TraceError(f"{path}: no {' or '.join(repr(k) for k in _COUNT_KEYS)} [layers][experts] counts")
+        rows = doc[key]
+        if isinstance(rows, list) and any(isinstance(x, bool) for r in rows if isinstance(r, list) for x in r):
+            raise TraceError(f"{path}: '{key}' must hold numbers, not true/false")
         try:
-            counts = np.asarray(doc[key], dtype=np.float64)
+            counts = np.asarray(rows, dtype=np.float64)
         except (TypeError, ValueError):
             raise TraceError(f"{path}: '{key}' must be a rectangular [layers][experts] table of numbers") from None
         counts = make_loads(counts, name=f"{path}: {key}").loads
         if total is not None and counts.shape != total.shape:
             raise TraceError(f"{path}: {key} is {list(counts.shape)}, but {paths[0]} has {list(total.shape)}")
         total = counts if total is None else total + counts
-        tokens += int(doc.get("total_input_tokens") or 0)
+        n = doc.get("total_input_tokens", 0)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise TraceError(f"{path}: 'total_input_tokens' must be a non-negative integer, got {n!r}")
+        tokens += n
     meta: dict[str, Any] = {"source": "loads-json", "input": [Path(p).name for p in paths]}
     if tokens:
         meta["total_input_tokens"] = tokens

@@ -58,6 +58,8 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
             if p.suffix not in TEXT_SUFFIXES:
                 raise MoeplaceError(f"{p}: unsupported text file (expected .txt or .jsonl)")
             files.append(p)
+        elif p.exists():
+            raise MoeplaceError(f"{p}: not a regular file (a device or pipe; save the text to a .txt file)")
         else:
             raise MoeplaceError(f"{p}: no such file or directory")
     return files
