@@ -62,6 +62,23 @@ def read_json(path: str | os.PathLike[str], error: type[Exception] = ValueError)
         raise error(f"{p}: not valid JSON ({e})") from None
 
 
+def read_yaml(path: str | os.PathLike[str], error: type[Exception] = ValueError) -> Any:
+    """Parse a YAML file (safe_load: plain data only); a missing or malformed file raises `error`
+    with one line naming it."""
+    import yaml  # only the config readers need it
+
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"{p}: is a directory, not a YAML file")
+    if not p.is_file():
+        raise error(f"{p}: no such file")
+    try:
+        return yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise error(f"{p}: not valid YAML ({first})") from None
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

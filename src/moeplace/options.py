@@ -6,8 +6,10 @@ limit or an infinite edge weight only fails deep inside a solver; these fail as 
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +42,9 @@ POSITIVE = FiniteFloat(min=0.0, min_open=True)
 
 
 def check_writable(path: Path, option: str = "-o") -> None:
-    """Fail before a long run, not after it, when `path` cannot be written (atomic_path makes
-    missing parent directories, so the nearest existing ancestor decides)."""
+    """Fail before a long run, not after it, when `path` cannot be written. atomic_path makes
+    missing parent directories, so the nearest existing ancestor decides; a real temp file tells
+    (os.access says yes to root even on a read-only or pseudo file system)."""
     if path.is_dir():
         raise MoeplaceError(f"{option} {path}: is a directory")
     parent = path.parent
@@ -49,5 +52,17 @@ def check_writable(path: Path, option: str = "-o") -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise MoeplaceError(f"{option} {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise MoeplaceError(f"{option} {path}: no permission to write in {parent}")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise MoeplaceError(f"{option} {path}: cannot write in {parent} ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Turn an OS failure while writing `path` (no permission, disk full) into one clear line."""
+    try:
+        yield
+    except OSError as e:
+        raise MoeplaceError(f"cannot write {path}: {e.strerror or e}") from None

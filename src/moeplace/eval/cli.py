@@ -12,8 +12,8 @@ import click
 from moeplace.errors import MoeplaceError, RegressionError
 from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_report, render_table,
                                   traffic_metric_fn)
-from moeplace.io import write_json_atomic
-from moeplace.options import NON_NEGATIVE
+from moeplace.io import read_yaml, write_json_atomic
+from moeplace.options import NON_NEGATIVE, writing
 from moeplace.placement import load_placement
 from moeplace.trace.format import load_trace
 
@@ -211,10 +211,8 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
         report["traffic"] = traffic
         add_traffic_ratios(report)
     if output is not None:
-        try:
+        with writing(output):
             write_json_atomic(output, report)
-        except OSError as e:
-            raise MoeplaceError(f"cannot write {output}: {e.strerror or e}") from None
     click.echo(json.dumps(report, indent=2) if as_json else render_table(report, columns, per_layer))
     results = threshold_results(report, {key: v for key, v in limits.items() if v is not None})
     failed = [v for v in results if not v.passed]
@@ -237,17 +235,7 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
 
     Paths are relative to the YAML file's folder, so a config works from any directory.
     """
-    import yaml
-
-    if path.is_dir():
-        raise MoeplaceError(f"{path}: is a directory, not a YAML file")
-    if not path.is_file():
-        raise MoeplaceError(f"{path}: no such file")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MoeplaceError(f"{path}: not valid YAML ({first})") from None
+    doc = read_yaml(path, MoeplaceError)
     if not isinstance(doc, dict) or not isinstance(doc.get("checks"), list) or not doc["checks"]:
         raise MoeplaceError(f"{path}: expected a mapping with a non-empty 'checks' list")
     unknown_top = set(doc) - {"checks", "defaults"}

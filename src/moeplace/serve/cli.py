@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from moeplace.errors import MoeplaceError
-from moeplace.options import check_writable
+from moeplace.options import check_writable, writing
 
 EPILOG = """\b
 Examples (4 CPU ranks with gloo; on GPUs the same command uses NCCL, one GPU per rank):
@@ -92,13 +92,6 @@ def serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: s
         if world == 1:
             raise
         exit_hard(MoeplaceError(f"rank {rank}: internal error {type(e).__name__}: {e}"))
-
-
-def _writing(path: str, write: Any, *args: Any) -> None:
-    try:
-        write(*args)
-    except OSError as e:
-        raise MoeplaceError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def exit_hard(e: BaseException | None) -> None:
@@ -272,11 +265,13 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int]], max_batch: int
         lines.append(json.dumps({"index": i, "prompt": prompt, "token_ids": toks, "text": text,
                                  "finish_reason": finish}))
     if out_path:
-        _writing(out_path, write_text_atomic, out_path, "\n".join(lines) + "\n")
+        with writing(out_path):
+            write_text_atomic(out_path, "\n".join(lines) + "\n")
     else:
         click.echo("\n".join(lines))
     if stats_out:
-        _writing(stats_out, write_json_atomic, stats_out, {
+        with writing(stats_out):
+            write_json_atomic(stats_out, {
             "mode": rt.mode, "world": rt.comm.world, "model": str(spec.path), "placement": placement_path,
             "top_k": spec.top_k, "hidden_size": spec.hidden_size, "dtype": str(rt.model.dtype).removeprefix("torch."),
             "prompts": len(prompts), "generated_tokens": generated, "decode_seconds": seconds,
@@ -292,4 +287,5 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int]], max_batch: int
                            meta={"source": "moeplace serve (decode)", "model": str(spec.path),
                                  "moe_layers": list(spec.moe_layers), "home_rank": "sequence_id % world",
                                  "world": rt.comm.world})
-        _writing(routing_out, save_trace, trace, routing_out)
+        with writing(routing_out):
+            save_trace(trace, routing_out)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from moeplace.options import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, FiniteFloat, check_writable
+from moeplace.options import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, FiniteFloat, check_writable, writing
 from moeplace.placement import Placement
 
 METRICS = (  # (key, column title) of the summary table
@@ -156,18 +156,11 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         options["compute_weight"] = 1.0
     placement = solve_placement(trace, gpus, gpus_per_node, time_limit, seed, objective=objective,
                                 train_fraction=train_fraction, progress=not quiet, **options)
-    _save(placement, output)
+    with writing(output):
+        placement.save(output)
     if not quiet:
         click.echo(summary(placement, trace_path.name))
         click.echo(f"\nwrote {output}")
-
-
-def _save(placement: Placement, output: Path) -> None:
-    from moeplace.errors import MoeplaceError
-    try:
-        placement.save(output)
-    except OSError as e:
-        raise MoeplaceError(f"cannot write {output}: {e.strerror or e}") from None
 
 
 def _is_load_only(path: Path) -> bool:
@@ -192,7 +185,8 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
     placement = balance_placement(loads.loads, gpus, gpn, redundant, time_limit, max_experts_per_gpu, progress=not quiet,
                                   max_experts_per_gpu_total=max_experts_per_gpu_total)
     placement.trace_sha256 = loads.sha256 or None
-    _save(placement, output)
+    with writing(output):
+        placement.save(output)
     if not quiet:
         m = placement.metrics
         click.echo(f"moeplace solve: {path.name} (load only) -> {gpus} GPUs, {redundant} redundant experts per layer")

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import yaml
 
 from moeplace.errors import MoeplaceError
+from moeplace.io import read_yaml
 from moeplace.eval.metrics import initial_homes, remote_mask, token_gpus
 from moeplace.placement import Placement
 from moeplace.trace.format import Trace
@@ -105,17 +105,9 @@ def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = No
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if p.is_dir():
-        raise MoeplaceError(f"{p}: is a directory, not a YAML file")
-    if not p.is_file():
-        raise MoeplaceError(f"{p}: no such file")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise MoeplaceError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    doc = read_yaml(path, MoeplaceError)
     if not isinstance(doc, dict):
-        raise MoeplaceError(f"{p}: expected a YAML mapping")
+        raise MoeplaceError(f"{path}: expected a YAML mapping")
     return doc
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -12,6 +11,7 @@ from urllib.parse import urlparse
 import click
 
 from moeplace.errors import MoeplaceError
+from moeplace.options import check_writable
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -68,7 +68,7 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     if (seq_len is not None and seq_len < 1) or batch_size < 1 or (max_tokens is not None and max_tokens < 1):
         raise MoeplaceError("--seq-len, --batch-size and --max-tokens must be >= 1")
     files = expand_paths(data)
-    _check_writable(output)  # fail before the model loads, not after the run
+    check_writable(output)  # fail before the model loads, not after the run
     if threads is not None:
         torch.set_num_threads(threads)
     dev = _device(device, torch)
@@ -132,15 +132,6 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
                f"over {t.num_experts} experts, decoder layers {moe_idx}{note}", err=True)
     if result.interrupted:
         raise KeyboardInterrupt
-
-
-def _check_writable(output: Path) -> None:
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output.parent):
-            pass
-    except OSError as e:
-        raise MoeplaceError(f"cannot write {output}: {e.strerror or e}") from None
 
 
 def _device(choice: str, torch: Any) -> Any:

@@ -195,8 +195,6 @@ def make_trace(
 
     if isinstance(num_experts, (bool, np.bool_)) or not isinstance(num_experts, (int, np.integer)):
         raise TraceError(f"{name}: num_experts must be an integer, got {num_experts!r}")
-    if not 0 < num_experts <= MAX_EXPERTS:
-        raise TraceError(f"{name}: num_experts must be in [1, {MAX_EXPERTS}], got {num_experts}")
     trace = Trace(
         topk_ids=ids,
         num_experts=int(num_experts),

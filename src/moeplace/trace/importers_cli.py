@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import click
 
 from moeplace.errors import MoeplaceError
+from moeplace.options import writing
 from moeplace.trace.format import ExpertLoads, Trace, make_trace, save_loads, save_trace
 from moeplace.trace.importers import import_csv, import_loads_json, import_sglang
 
@@ -43,13 +44,11 @@ def _parse_meta(pairs: Sequence[str]) -> dict[str, Any]:
 def _write(result: Trace | ExpertLoads, output: Path, meta: Sequence[str]) -> None:
     """Save a trace or a load-only file with the user's meta, and say what was written."""
     extra = _parse_meta(meta)
-    try:
+    with writing(output):
         if isinstance(result, Trace):
             save_trace(replace(result, meta={**result.meta, **extra}), output)
         else:
             save_loads(replace(result, meta={**result.meta, **extra}), output)
-    except OSError as e:
-        raise MoeplaceError(f"cannot write {output}: {e.strerror or e}") from None
     if isinstance(result, Trace):
         click.echo(
             f"wrote {output}: trace of {result.num_tokens} tokens x {result.num_layers} MoE layers x "
