@@ -49,13 +49,19 @@ def current_umask() -> int:
     return mask
 
 
-def read_json(path: str | os.PathLike[str], error: type[Exception] = ValueError) -> Any:
-    """Parse a JSON file; a missing or malformed file raises `error` with one line naming it."""
+def existing_file(path: str | os.PathLike[str], kind: str, error: type[Exception] = ValueError) -> Path:
+    """`path` as a Path when it is a file; else `error` with one line saying what it is instead."""
     p = Path(path)
     if p.is_dir():
-        raise error(f"{p}: is a directory, not a JSON file")
+        raise error(f"{p}: is a directory, not a {kind} file")
     if not p.is_file():
         raise error(f"{p}: no such file")
+    return p
+
+
+def read_json(path: str | os.PathLike[str], error: type[Exception] = ValueError) -> Any:
+    """Parse a JSON file; a missing or malformed file raises `error` with one line naming it."""
+    p = existing_file(path, "JSON", error)
     try:
         return json.loads(p.read_text())
     except (ValueError, UnicodeDecodeError) as e:
@@ -67,11 +73,7 @@ def read_yaml(path: str | os.PathLike[str], error: type[Exception] = ValueError)
     with one line naming it."""
     import yaml  # only the config readers need it
 
-    p = Path(path)
-    if p.is_dir():
-        raise error(f"{p}: is a directory, not a YAML file")
-    if not p.is_file():
-        raise error(f"{p}: no such file")
+    p = existing_file(path, "YAML", error)
     try:
         return yaml.safe_load(p.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:

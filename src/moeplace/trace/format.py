@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import TraceError
-from moeplace.io import save_npz_atomic
+from moeplace.io import existing_file, save_npz_atomic
 
 TRACE_FORMAT = "moeplace.trace/v1"
 LOADS_FORMAT = "moeplace.loads/v1"
@@ -220,12 +220,8 @@ def load_trace(path: str | Path) -> Trace:
 
     Raises TraceError (one line naming the file) for anything missing, malformed or truncated.
     """
-    p = Path(path)
+    p = existing_file(path, "trace", TraceError)
     name = str(p)
-    if p.is_dir():
-        raise TraceError(f"{name}: is a directory, not a trace file")
-    if not p.is_file():
-        raise TraceError(f"{name}: no such file")
     if p.stat().st_size == 0:
         raise TraceError(f"{name}: file is empty")
     if p.suffix == ".npy":
@@ -372,11 +368,7 @@ def save_loads(loads: ExpertLoads, path: str | Path) -> None:
 
 def load_loads(path: str | Path) -> ExpertLoads:
     """Load a load-only `.npz`; a per-token trace is accepted too and summed into loads."""
-    p = Path(path)
-    if p.is_dir():
-        raise TraceError(f"{p}: is a directory, not a loads file")
-    if not p.is_file():
-        raise TraceError(f"{p}: no such file")
+    p = existing_file(path, "loads", TraceError)
     try:
         with _open_npz(p) as z:
             keys = set(z.files)
