@@ -17,6 +17,12 @@ planted; above 1 when noise lets it do better).
     python scripts/bench_solve.py --only quality --splits 5
     python scripts/bench_solve.py --only quality --trace /tmp/q/wiki.npz   # also other traces
     python scripts/bench_solve.py --only scale
+    python scripts/bench_solve.py --only learning-curve --splits 6
+
+Learning curve: how the held-out ratio moves with the number of training tokens on FLAME. Per
+split, a seeded permutation keeps 160 tokens for testing and fits on the first n of the other
+480 (n = 80 ... 480), so every n is scored on the same tokens; mean and standard error over
+splits, and the in-sample ratio on the n training tokens beside it.
 """
 
 from __future__ import annotations
@@ -114,6 +120,43 @@ def print_targets(results: dict[int, np.ndarray], splits: int) -> None:
             print(f"  {gpus} GPUs {metric:16} {ratio:.3f} <= {target}: {'met' if ratio <= target else 'NOT MET'}")
 
 
+LEARNING_SIZES = (80, 160, 240, 320, 480)
+LEARNING_TEST = 160
+
+
+def learning_curve(splits: int) -> None:
+    from moeplace.eval.metrics import evaluate
+    from moeplace.placement import Placement
+    from moeplace.solve.baselines import contiguous
+    from moeplace.solve.solver import solve_placement
+    from moeplace.trace.format import load_trace
+
+    trace = load_trace(FLAME)
+    print(f"{FLAME.name}: held-out ratio to contiguous against training tokens ({LEARNING_TEST} test tokens, "
+          f"{splits} splits, mean +- standard error)")
+    print(f"{'GPUs':>5} {'train tokens':>13} {'held-out top-1':>18} {'held-out top-k':>18} {'in-sample top-1':>16} "
+          f"{'top-k':>6}")
+    for gpus in (4, 8):
+        contiguous_layout = Placement(contiguous(trace.num_layers, trace.num_experts, gpus), gpus, gpus)
+        held, train = {n: [] for n in LEARNING_SIZES}, {n: [] for n in LEARNING_SIZES}
+        for seed in range(splits):
+            order = np.random.default_rng(1000 + seed).permutation(trace.num_tokens)
+            test = trace.select_tokens(np.sort(order[:LEARNING_TEST]))
+            base = evaluate(contiguous_layout, test)
+            for n in LEARNING_SIZES:
+                fit = trace.select_tokens(np.sort(order[LEARNING_TEST:LEARNING_TEST + n]))
+                placement = solve_placement(fit, gpus, time_limit=60, seed=seed, progress=False)
+                m = evaluate(Placement(placement.expert_to_gpu, gpus, gpus), test)
+                held[n].append([m[k] / base[k] for k in METRICS])
+                own = placement.metrics["train"]
+                train[n].append([own["placement"][k] / own["contiguous"][k] for k in METRICS])
+        for n in LEARNING_SIZES:
+            h, t = np.array(held[n]), np.mean(train[n], axis=0)
+            se = h.std(axis=0, ddof=1) / np.sqrt(len(h)) if len(h) > 1 else np.zeros(2)
+            print(f"{gpus:>5} {n:>13} {h[:, 0].mean():>11.3f} +- {se[0]:.3f} {h[:, 1].mean():>11.3f} +- {se[1]:.3f} "
+                  f"{t[0]:>16.3f} {t[1]:>6.3f}", flush=True)
+
+
 def scale_case(name: str) -> dict:
     """One scale case (run in its own process): solve time, recovery, gap."""
     from threadpoolctl import threadpool_limits
@@ -162,7 +205,7 @@ def scale() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("quality", "scale"))
+    ap.add_argument("--only", choices=("quality", "scale", "learning-curve"))
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--trace", type=Path, action="append", default=[], help="another trace for the quality table")
     ap.add_argument("--case", choices=tuple(SCALE), help=argparse.SUPPRESS)  # internal: one scale case
@@ -174,6 +217,8 @@ def main() -> None:
         quality(args.splits, args.trace)
     if args.only in (None, "scale"):
         scale()
+    if args.only == "learning-curve":  # not part of the default run: ~10 min on 2 cores
+        learning_curve(args.splits)
 
 
 if __name__ == "__main__":

@@ -104,12 +104,15 @@ def test_regression_gate_exit_codes(tmp_path: Path, trace_path: Path, capsys) ->
     assert len(err.splitlines()) == 1
 
 
-def test_uneven_experts_have_no_baselines(tmp_path: Path, capsys) -> None:
+def test_uneven_experts_get_uneven_baselines(tmp_path: Path, capsys) -> None:
     trace = make_trace(np.array([[[0], [1]], [[2], [4]], [[5], [3]]]), num_experts=6)
     save_trace(trace, tmp_path / "t.npz")
     Placement(np.array([[0, 0, 1, 1, 2, 3], [0, 1, 1, 2, 3, 3]]), 4, 4).save(tmp_path / "p.json")
     rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(tmp_path / "t.npz"))
-    assert rc == 0 and list(report["layouts"]) == ["placement"] and "no baselines" in report["tokens"]["note"]
+    assert rc == 0 and list(report["layouts"]) == ["placement", "contiguous", "round_robin", "random", "greedy_load"]
+    # contiguous: the first E % G = 2 GPUs hold 2 experts, the others 1 (vLLM's expert map);
+    # token 0 goes 0 -> 1 (GPU 0 -> 0), token 1: 2 -> 4 (1 -> 2), token 2: 5 -> 3 (3 -> 1)
+    assert report["layouts"]["contiguous"]["cross_gpu_top1"] == 2 / 3
 
 
 def write_checks(path: Path, checks: list[dict], defaults: dict | None = None) -> Path:

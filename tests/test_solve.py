@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from moeplace.solve.solver import (
 )
 from moeplace.solve.synthetic import planted_trace
 from moeplace.trace.format import load_trace, make_trace, save_trace, split_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def balanced_layouts(num_experts: int, num_gpus: int):
@@ -242,7 +245,10 @@ def test_cli_reads_exflow_npy(tmp_path, capsys):
 @pytest.mark.parametrize("args,needle", [
     (["--gpus", "3"], "cannot be split equally"),
     (["--gpus", "4", "--gpus-per-node", "3"], "not a multiple"),
-    (["--gpus", "32"], "cannot be split equally"),
+    (["--gpus", "32"], "32 GPUs for 16 experts: some GPU would hold no expert"),
+    (["--gpus", "3", "--objective", "latency", "--cluster",
+      str(ROOT / "configs" / "cluster" / "h100-1x8-nvlink.yaml")],
+     "--objective latency keeps E/G experts per GPU; --objective balance with --redundant-experts"),
     (["--gpus", "0"], "'--gpus' / '-g': 0 is not in the range x>=1"),
     (["--gpus", "4", "--train-fraction", "0"], "--train-fraction"),
     (["--gpus", "4", "--train-fraction", "1.5"], "--train-fraction"),
@@ -259,6 +265,21 @@ def test_cli_bad_options_exit_2_with_one_line(trace_file, tmp_path, capsys, args
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("moeplace: error:") and needle in err[0], err
     assert not out.exists()
+
+
+def test_cli_balance_places_uneven_counts_on_a_trace(trace_file, tmp_path, capsys):
+    # 16 experts on 3 GPUs: only balance can, with slots for the remainder (--redundant-experts 2: 18 slots)
+    out = tmp_path / "p.json"
+    assert run(["solve", str(trace_file), "--gpus", "3", "--objective", "balance", "--redundant-experts", "2",
+                "--train-fraction", "0.5", "--time-limit", "5", "-o", str(out), "-q"]) == 0
+    p = load_placement(out)
+    assert [len(p.physical_slots(layer)) for layer in range(p.num_layers)] == [18] * p.num_layers
+    slots = [[sum(g == gpu for g, _ in p.physical_slots(layer)) for gpu in range(3)] for layer in range(p.num_layers)]
+    assert all(row == [6, 6, 6] for row in slots), slots
+    # the baselines hold 6, 5, 5 experts (vLLM's uneven expert map) and are reported beside it
+    held = json.loads(out.read_text())["metrics"]["held_out"]
+    assert set(held) == {"placement", "contiguous", "round_robin", "random", "greedy_load"}
+    assert held["placement"]["imbalance_max"] < held["contiguous"]["imbalance_max"]
 
 
 def test_cli_unwritable_output_fails_before_the_solve(trace_file, tmp_path, capsys):
@@ -319,3 +340,17 @@ def test_cross_validated_weights_beat_the_defaults_on_held_out_synthetic_tokens(
     assert cv.objective["weights_chosen_by"] == "cross-validation" and fixed.objective["weights_chosen_by"] == "given"
     ours, theirs = (evaluate(Placement(p.expert_to_gpu, 8, 8), held) for p in (cv, fixed))
     assert ours["cross_gpu_top1"] + ours["dest_gpus_topk"] < theirs["cross_gpu_top1"] + theirs["dest_gpus_topk"]
+
+
+def test_uneven_baselines_keep_vllm_counts_and_greedy_balances():
+    from moeplace.solve.baselines import experts_per_gpu, greedy_load, random_balanced, round_robin
+
+    assert experts_per_gpu(16, 3).tolist() == [6, 5, 5] and experts_per_gpu(16, 4).tolist() == [4, 4, 4, 4]
+    assert contiguous(1, 7, 3).tolist() == [[0, 0, 0, 1, 1, 2, 2]]
+    loads = np.array([[50.0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 9]])
+    for layout in (random_balanced(2, 7, 3, 5), round_robin(2, 7, 3), greedy_load(loads, 3)):
+        assert all(sorted(np.bincount(row, minlength=3).tolist()) == [2, 2, 3] for row in layout)
+    greedy = greedy_load(loads, 3)
+    # the hot expert gets a GPU with the fewest others: its GPU carries 50 + 1, the others 3 and 2
+    assert np.bincount(greedy[0], weights=loads[0], minlength=3).max() == 51.0
+    assert np.bincount(greedy[0], minlength=3)[greedy[0, 0]] == 2

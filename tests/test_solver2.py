@@ -266,3 +266,25 @@ def test_latency_replicas_go_on_the_best_of_the_search_and_its_starts() -> None:
     assert p.solver["replicas_on"] == "balance"
     np.testing.assert_array_equal(p.expert_to_gpu, starts["balance"])
     assert p.objective["value"] == pytest.approx(predict(cm, p, trace).total_us.sum(), rel=1e-6)
+
+
+def test_balance_descends_no_candidate_once_one_is_at_the_bound(monkeypatch) -> None:
+    from moeplace.solve import balance
+
+    descended = []
+    real = balance.improve_layer
+
+    def spy(weight, copies, *args, **kwargs):
+        descended.append(len(weight))
+        return real(weight, copies, *args, **kwargs)
+
+    monkeypatch.setattr(balance, "improve_layer", spy)
+    even = np.full((1, 8), 10.0)  # every candidate already sits at the bound (mean load 20)
+    p = balance_placement(even, 4, 4, time_limit=5.0, progress=False)
+    assert descended == [] and p.gap == 0.0
+    # 2 experts per GPU: the best is 40 + 1 = 41 above the bound max(mean, hottest) = 40, so with
+    # no ILP (its bound would prove 41) no candidate reaches the bound and every one is descended
+    monkeypatch.setattr(balance, "ILP_MAX_VARS", 0)
+    skewed = np.array([[40.0, 30, 9, 8, 7, 3, 2, 1]])
+    p = balance_placement(skewed, 4, 4, time_limit=5.0, progress=False)
+    assert len(descended) >= 2 and expected_gpu_loads(p, skewed).max() == 41.0 and p.bound == pytest.approx(40 / 25)

@@ -59,7 +59,7 @@ def serve_layer(holders: list[list[int]], ids: np.ndarray, primary_gpus: np.ndar
        node holds any (an intra-node move instead of a cross-node one), else to its least-loaded
        copies anywhere: counting the load of step 1 and of single-copy experts, groups (expert,
        node) with the most such tokens first fill their copies' GPUs up to a common level (ties:
-       lower load, then lower GPU id; tokens in trace order).
+       lower load, then copy order, primary first; tokens in trace order).
     On one node every copy is on the token's node, so step 2 is plain least-loaded balancing,
     which is what replicas of a hot expert are for.
     """

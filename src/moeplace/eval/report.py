@@ -135,11 +135,11 @@ def build_report(
     g, gpn = placement.num_gpus, placement.gpus_per_node
     if seed is None:
         seed = placement.solver.get("seed") if isinstance(placement.solver.get("seed"), int) else 0
-    if trace.num_experts % g == 0:
+    if g <= trace.num_experts:  # uneven E / G: the first E % G GPUs hold one more (baselines.py)
         for name, e2g in all_baselines(fit.expert_loads(), g, seed).items():
             layouts[name] = Placement(e2g, num_gpus=g, gpus_per_node=gpn)
     else:
-        note += f"; no baselines: {trace.num_experts} experts do not split equally over {g} GPUs"
+        note += f"; no baselines: {g} GPUs for {trace.num_experts} experts leave some GPU without one"
 
     metrics: dict[str, dict[str, Any]] = {}
     progress = Progress("eval: replaying layouts", total=len(layouts))

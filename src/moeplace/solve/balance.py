@@ -279,7 +279,8 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
        duplicate slots refilled) and the ILP when small enough and proven optimal within its
        share of the time limit;
     2. each improved by `improve_layer` (up to IMPROVE_MAX_EXPERTS experts), the best kept under
-       `layer_loads`: never worse than EPLB's candidates;
+       `layer_loads`: never worse than EPLB's candidates; once a candidate sits at the lower
+       bound (as given, else after its descent), no further one is descended: it is optimal;
     3. with max_experts_per_gpu_total, `fit_total_cap` makes the free per-layer counts fit it;
     4. objective = mean over layers of max / mean GPU load; bound from the per-layer bounds.
     The placement is deterministic unless the time limit cut a step short (recorded as
@@ -320,11 +321,17 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
             bound = max(bound, ilp_bound)
             if copies is not None:
                 candidates.append((copies, "ilp"))
-        if num_experts <= IMPROVE_MAX_EXPERTS:
-            stop = time.monotonic() + max(deadline - time.monotonic(), 0.0) / (num_layers - layer)
-            candidates = [(improve_layer(w, c, num_gpus, slots, bound, stop), m) for c, m in candidates]
-            cut_short |= time.monotonic() > stop  # a descent may have stopped before its last move
         scored = [(layer_max_load(w, c, num_gpus), i, c, m) for i, (c, m) in enumerate(candidates)]
+        if num_experts <= IMPROVE_MAX_EXPERTS and not any(s[0] <= bound * (1 + 1e-9) for s in scored):
+            stop = time.monotonic() + max(deadline - time.monotonic(), 0.0) / (num_layers - layer)
+            improved = []
+            for _, i, c, m in scored:
+                c = improve_layer(w, c, num_gpus, slots, bound, stop)
+                improved.append((layer_max_load(w, c, num_gpus), i, c, m))
+                if improved[-1][0] <= bound * (1 + 1e-9):
+                    break  # at the bound: provably optimal, the other candidates cannot beat it
+            scored = improved
+            cut_short |= time.monotonic() > stop  # a descent may have stopped before its last move
         best, _, copies, method = min(scored, key=lambda s: (s[0], s[1]))
         plans.append(LayerPlan(copies, best, min(bound, best), method))
         bar.update(layer + 1, f"layer {layer + 1}/{num_layers}")
