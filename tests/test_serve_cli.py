@@ -206,6 +206,9 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
         code, metrics = http(http_port, "/metrics")
         assert code == 200 and 'moeplace_alltoall_bytes_total{phase="decode"}' in metrics
         assert 'moeplace_cross_rank_tokens_total{phase="decode",layer="0"}' in metrics
+        values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
+        assert values["moeplace_requests_total"] == "2" and values["moeplace_rejected_requests_total"] == "7"
+        assert float(values["moeplace_decode_seconds_total"]) > 0
         # a rank dies: rank 0 notices within the timeout (heartbeats) and exits with one clear line
         procs[1].send_signal(signal.SIGKILL)
         start = time.monotonic()

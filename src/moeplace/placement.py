@@ -65,9 +65,6 @@ class Placement:
     def num_replicas(self) -> int:
         return max((len(r) for r in self.replicas), default=0)
 
-    def node_of(self, gpu: np.ndarray | int) -> np.ndarray | int:
-        return gpu // self.gpus_per_node
-
     def holders(self, layer: int) -> list[list[int]]:
         """GPUs holding a copy of each expert of `layer` (primary first)."""
         out = [[int(g)] for g in self.expert_to_gpu[layer]]

@@ -127,11 +127,6 @@ def unpack(rows: torch.Tensor, hidden: int, widths: list[tuple[int, torch.dtype]
     return out
 
 
-def row_width(hidden: int, meta_values: int, dtype: torch.dtype) -> int:
-    """Elements per packed row: hidden + 4-byte metadata values expressed in `dtype` elements."""
-    return hidden + meta_values * (4 // torch.empty((), dtype=dtype).element_size())
-
-
 def distributed_failure(rank: int, e: BaseException) -> MoeplaceError:
     """One-line error for a collective that failed because a peer died or went silent."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

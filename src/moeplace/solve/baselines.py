@@ -58,9 +58,6 @@ def greedy_load(loads: np.ndarray, num_gpus: int) -> np.ndarray:
     return out
 
 
-BASELINES = ("contiguous", "round_robin", "random", "greedy_load")
-
-
 def all_baselines(loads: np.ndarray, num_gpus: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Every baseline layout for loads [L, E], keyed by name."""
     num_layers, num_experts = loads.shape
