@@ -1,5 +1,5 @@
 """`moeplace serve` runtime: token-identical to transformers on 1, 2 and 4 gloo ranks, both modes,
-with and without replicated experts.
+with and without replicated experts, with equal and uneven expert counts per rank.
 
 One process group per world size runs every (model, placement, mode) job, so the suite pays the
 start-up of each world once. Each job checks, against a single-process transformers greedy run
@@ -87,6 +87,19 @@ def replicated(root: Path, path: Path, world: int, gpus_per_node: int, full: boo
                 [(e, int(table[m, e]) ^ 1) for e in range(0, experts, 2)] for m in range(layers)]
     out = root / f"{path.name}-replicated-{world}-{gpus_per_node}{'-full' if full else ''}.json"
     Placement(table, num_gpus=world, gpus_per_node=gpus_per_node, replicas=replicas).save(out)
+    return out
+
+
+def uneven(root: Path, path: Path, counts: list[int]) -> Path:
+    """Experts per rank that differ between ranks (`counts`, rotated by one rank per layer), as
+    `solve --objective balance --max-experts-per-gpu-total` gives; experts shuffled (seeded)."""
+    spec = read_spec(path)
+    layers, world = len(spec.moe_layers), len(counts)
+    assert sum(counts) == spec.num_experts
+    rng = np.random.default_rng(11)
+    table = np.stack([rng.permutation(np.repeat((np.arange(world) + m) % world, counts)) for m in range(layers)])
+    out = root / f"{path.name}-uneven-{world}.json"
+    Placement(table, num_gpus=world, gpus_per_node=world).save(out)
     return out
 
 
@@ -207,6 +220,8 @@ def test_four_ranks_both_modes(models: dict, tmp_path: Path) -> None:
     # replicas on the node partner (2 nodes of 2): tokens of the other node fill the least-loaded copy
     qwen_rep = str(replicated(tmp_path, models["qwen3_moe"][0], 4, 2))
     jobs += [(str(models["qwen3_moe"][0]), qwen_rep, mode) for mode in ("coherent", "standard")]
+    mixtral_uneven = str(uneven(tmp_path, models["mixtral"][0], [3, 2, 2, 1]))
+    jobs += [(str(models["mixtral"][0]), mixtral_uneven, mode) for mode in ("coherent", "standard")]
     if "tiny-moe" in models:  # the trained checkpoint (bf16 weights, tied embeddings, 16 experts)
         jobs.append((str(models["tiny-moe"][0]), str(pl["tiny-moe"]["permuted"]), "coherent"))
     for job, result in zip(jobs, run_world(4, jobs, tmp_path)):
