@@ -210,16 +210,18 @@ def _json_int(value: Any, key: str, name: str) -> int:
     return int(value)
 
 
-def check_topology(num_experts: int, num_gpus: int, gpus_per_node: int, balanced: bool = True) -> None:
-    """Reject impossible clusters before any work: one clear line each."""
+def check_topology(num_experts: int, num_gpus: int, gpus_per_node: int, balanced: bool = True,
+                   hint: str = "") -> None:
+    """Reject impossible clusters before any work: one clear line each (`hint` ends the line
+    about unequal counts: what the caller offers instead)."""
     if num_gpus < 1:
         raise PlacementError(f"--gpus must be >= 1, got {num_gpus}")
     if gpus_per_node < 1 or num_gpus % gpus_per_node:
         raise PlacementError(f"--gpus {num_gpus} is not a multiple of --gpus-per-node {gpus_per_node}")
+    if num_gpus > num_experts:
+        raise PlacementError(f"{num_gpus} GPUs for {num_experts} experts: some GPU would hold no expert")
     if balanced and num_experts % num_gpus:
         raise PlacementError(
             f"{num_experts} experts per layer cannot be split equally over {num_gpus} GPUs "
-            f"({num_experts} % {num_gpus} = {num_experts % num_gpus})"
+            f"({num_experts} % {num_gpus} = {num_experts % num_gpus}){': ' + hint if hint else ''}"
         )
-    if num_gpus > num_experts:
-        raise PlacementError(f"{num_gpus} GPUs for {num_experts} experts: some GPU would hold no expert")

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from moeplace.errors import MoeplaceError, PlacementError
+from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import evaluate
 from moeplace.placement import Placement, check_topology
 from moeplace.progress import Progress
@@ -365,13 +365,9 @@ def solve_placement(
     gpus_per_node = num_gpus if gpus_per_node is None else gpus_per_node
     if objective not in OBJECTIVES:
         raise MoeplaceError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
-    num_experts = trace.num_experts
-    check_topology(num_experts, num_gpus, gpus_per_node, balanced=False)  # balance checks its own counts
-    if objective != "balance" and num_experts % num_gpus:
-        raise PlacementError(
-            f"{num_experts} experts per layer cannot be split equally over {num_gpus} GPUs ({num_experts} % "
-            f"{num_gpus} = {num_experts % num_gpus}): --objective {objective} keeps E/G experts per GPU; "
-            f"--objective balance with --redundant-experts or --max-experts-per-gpu places them unevenly")
+    check_topology(trace.num_experts, num_gpus, gpus_per_node, balanced=objective != "balance",  # balance: own check
+                   hint=f"--objective {objective} keeps E/G experts per GPU; --objective balance with "
+                        "--redundant-experts or --max-experts-per-gpu places them unevenly")
     if time_limit <= 0:
         raise MoeplaceError(f"--time-limit must be positive, got {time_limit}")
     train_idx, held_idx = split_tokens(trace.num_tokens, train_fraction, seed)
