@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Launch `moeplace serve` on N CPU ranks (gloo) with torchrun; extra arguments go to serve.
+# Run `moeplace serve` on N CPU ranks (gloo, one thread each); extra arguments go to serve.
 #   scripts/serve_cpu.sh 4 --model checkpoints/tiny-moe --placement placement.json --port 8000
 #   scripts/serve_cpu.sh 4 --model checkpoints/tiny-moe --prompts prompts.txt --out out.jsonl
-# On GPUs run the same torchrun line without --device cpu: one rank per GPU, NCCL.
+# On GPUs: `moeplace serve --nproc-per-node N ...` without --device cpu (one rank per GPU, NCCL).
 set -euo pipefail
 if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ ]]; then
   echo "usage: $0 NUM_RANKS [moeplace serve options...]" >&2
@@ -11,5 +11,4 @@ fi
 ranks=$1
 shift
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # ranks share the cores: one thread each
-exec torchrun --nproc-per-node "$ranks" --master-port "${MASTER_PORT:-29500}" \
-  -m moeplace serve --device cpu "$@"
+exec moeplace serve --nproc-per-node "$ranks" --device cpu "$@"

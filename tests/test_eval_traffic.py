@@ -17,7 +17,6 @@ from moeplace.models.tiny import build_tiny_model
 from moeplace.placement import Placement
 from moeplace.solve.baselines import random_balanced
 from moeplace.trace.format import make_trace, save_trace
-from test_serve import free_port
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +38,7 @@ def test_eval_predicts_measured_serve_bytes(model: Path, tmp_path: Path, capsys:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ([5, 6, 7, 8, 9], [10, 11, 12], [40] * 7)) + "\n")
     stats, routing = tmp_path / "stats.json", tmp_path / "routing.npz"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "moeplace", "serve", "--model", str(model), "--placement", str(placement), "--prompts", str(prompts),
+    cmd = [sys.executable, "-m", "moeplace", "serve", "--nproc-per-node", "2", "--device", "cpu", "--model", str(model), "--placement", str(placement), "--prompts", str(prompts),
            "--out", str(tmp_path / "out.jsonl"), "--stats-out", str(stats), "--routing-out", str(routing),
            "--max-new-tokens", "8", "--ignore-eos", "--timeout", "60"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))

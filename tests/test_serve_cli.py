@@ -221,3 +221,69 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
             if p.poll() is None:
                 p.kill()
                 p.communicate()
+
+
+def serve_launcher(args: list[str]) -> subprocess.Popen[str]:
+    """`moeplace serve --nproc-per-node 2` as a user runs it (the launcher starts the ranks)."""
+    return subprocess.Popen([sys.executable, "-m", "moeplace", "serve", "--nproc-per-node", "2", "--device", "cpu",
+                             *args], env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")},
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_launcher_runs_the_ranks(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:
+    path, expected = model
+    placement = save_placement(tmp_path / "p.json", 2, 8, 2, seed=5)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPT_IDS) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = serve_launcher(["--model", str(path), "--placement", str(placement), "--prompts", str(prompts),
+                           "--out", str(out), "--max-new-tokens", "6", "--ignore-eos", "--mode", "standard"])
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    assert [json.loads(line)["token_ids"] for line in out.read_text().splitlines()] == expected
+    assert "OMP_NUM_THREADS" not in err and "Traceback" not in err  # torchrun's banner and report stay out
+
+
+@pytest.mark.parametrize("case", ["world size", "bad prompt"])
+def test_launcher_failures_are_one_line(model: tuple[Path, list[list[int]]], tmp_path: Path, case: str) -> None:
+    """Before: after the rank's line, torchrun's ChildFailedError traceback and failure table."""
+    prompts = tmp_path / "p.jsonl"
+    if case == "world size":  # checked once, before any rank starts
+        placement, expect = save_placement(tmp_path / "p4.json", 2, 8, 4), ["placement is for 4 GPUs but 2 ranks"]
+        prompts.write_text('{"prompt": [1, 2]}\n')
+    else:  # rank 0 rejects it; rank 1 hears so; the launcher adds nothing
+        placement, expect = save_placement(tmp_path / "p2.json", 2, 8, 2), ["token id out of range",
+                                                                           "rank 0 rejected its input"]
+        prompts.write_text('{"prompt": [1, 100000]}\n')
+    proc = serve_launcher(["--model", str(model[0]), "--placement", str(placement), "--prompts", str(prompts)])
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == len(expect) and all(any(m in line for line in lines) for m in expect), err
+
+
+def test_launcher_reports_a_killed_rank(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:
+    placement = save_placement(tmp_path / "p.json", 2, 8, 2)
+    proc = serve_launcher(["--model", str(model[0]), "--placement", str(placement), "--port", "0", "--timeout", "8"])
+    try:
+        assert proc.stderr is not None
+        while "moeplace serve: http://" not in (line := proc.stderr.readline()):
+            assert line, "the server did not come up"
+        ranks = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+                 for pid in (task / "children").read_text().split()]
+        rank1 = next(pid for pid in ranks if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        os.kill(rank1, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2
+        assert err.strip().splitlines() == ["moeplace: error: rank 1 of 2 was killed by SIGKILL"], err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_launcher_refused_under_torchrun(model: tuple[Path, list[list[int]]], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run(["serve", "--nproc-per-node", "2", "--model", str(model[0]), "--port", "0"]) == 2
+    assert "under torchrun leave it out" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from moeplace import __version__
-from moeplace.errors import MoeplaceError
+from moeplace.errors import AlreadyReported, MoeplaceError
 
 # name -> (module, attribute, one-line help shown by `moeplace --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -76,6 +76,8 @@ def run(argv: list[str] | None = None) -> int:
     try:
         main.main(args=argv, prog_name="moeplace", standalone_mode=False)
     except MoeplaceError as e:  # one line even when it quotes a library's multi-line message
+        if isinstance(e, AlreadyReported):
+            return e.exit_code
         click.echo(f"moeplace: error: {' '.join(str(e).split())}", err=True)
         return e.exit_code
     except click.exceptions.Abort:

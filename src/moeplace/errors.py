@@ -21,3 +21,11 @@ class TraceError(MoeplaceError):
 
 class PlacementError(MoeplaceError):
     """A placement file is malformed or does not fit the trace/model it is used with."""
+
+
+class AlreadyReported(MoeplaceError):
+    """A failure whose one line was printed elsewhere (by a serve rank): exit with its code, say nothing."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(f"exit code {exit_code}")
+        self.exit_code = exit_code

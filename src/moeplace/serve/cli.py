@@ -14,17 +14,23 @@ from moeplace.errors import MoeplaceError
 from moeplace.options import check_writable, writing
 
 EPILOG = """\b
-Examples (4 CPU ranks with gloo; on GPUs the same command uses NCCL, one GPU per rank):
-  torchrun --nproc-per-node 4 -m moeplace serve --model checkpoints/tiny-moe \\
+Examples (4 ranks: gloo on CPU; on GPUs the same command uses NCCL, one GPU per rank):
+  moeplace serve --nproc-per-node 4 --model checkpoints/tiny-moe \\
       --placement placement.json --prompts prompts.txt --out out.jsonl --max-new-tokens 32
-  torchrun --nproc-per-node 4 -m moeplace serve --model checkpoints/tiny-moe \\
+  moeplace serve --nproc-per-node 4 --model checkpoints/tiny-moe \\
       --placement placement.json --port 8000
   curl -s localhost:8000/v1/completions -d '{"prompt": "Hello", "max_tokens": 16}'
-Without torchrun it runs as one rank holding every expert.
+Several nodes: `torchrun --nnodes ... --nproc-per-node 8 -m moeplace serve ...` on each node
+(the same options, without --nproc-per-node). Without either it runs as one rank holding every
+expert.
 """
 
 
 @click.command("serve", epilog=EPILOG, context_settings={"max_content_width": 100})
+@click.option("--nproc-per-node", type=click.IntRange(1, 1024),
+              help="Start this many ranks on this node (torchrun's launcher, a free local port), after "
+                   "checking the model and placement once; a failed rank ends all with one line. "
+                   "Leave it out under torchrun.")
 @click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
               help="Checkpoint directory (save_pretrained: config.json + safetensors). Mixtral, Qwen3-MoE "
                    "and OLMoE families.")
@@ -58,14 +64,16 @@ Without torchrun it runs as one rank holding every expert.
               help="Batch: write counters JSON (collectives, tokens and bytes to other ranks, tokens/s).")
 @click.option("--routing-out", type=click.Path(dir_okay=False),
               help="Batch: write the decode routing as a moeplace trace (.npz), e.g. to predict traffic.")
-def serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: str | None, out_path: str | None,
-          max_new_tokens: int, max_batch: int, ignore_eos: bool, port: int | None, host: str, device: str,
-          dtype: str | None, timeout_s: float, stats_out: str | None, routing_out: str | None) -> None:
+def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None, mode: str,
+          prompts_path: str | None, out_path: str | None, max_new_tokens: int, max_batch: int, ignore_eos: bool,
+          port: int | None, host: str, device: str, dtype: str | None, timeout_s: float, stats_out: str | None,
+          routing_out: str | None) -> None:
     """Expert-parallel inference with a placement applied: each rank holds the non-expert weights
     and only its own experts, read straight from the checkpoint's safetensors.
 
     \b
-    Inputs:  --model checkpoint, --placement JSON, and --prompts FILE (batch) or --port (HTTP).
+    Inputs:  --model checkpoint, --placement JSON, and --prompts FILE (batch) or --port (HTTP);
+             --nproc-per-node N starts N ranks here (or launch it under torchrun).
     Outputs: --out JSONL generations; --stats-out counters; --routing-out decode routing trace.
     A placement for another model or another world size is rejected before any weight is read;
     a rank that dies makes the others exit with an error within --timeout.
@@ -74,6 +82,14 @@ def serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: s
 
     if (prompts_path is None) == (port is None):
         raise MoeplaceError("give exactly one of --prompts FILE (batch) or --port N (HTTP server)")
+    if nproc_per_node is not None:
+        from moeplace.serve import launch
+
+        if launch.under_torchrun():
+            raise MoeplaceError("--nproc-per-node starts the ranks itself; under torchrun leave it out")
+        launch.precheck(model_dir, placement_path, mode, device, nproc_per_node)
+        launch.launch(nproc_per_node, launch.command_line(click.get_current_context(), "nproc_per_node"))
+        return
     rank, world = world_from_env()
     try:
         _serve(model_dir, placement_path, mode, prompts_path, out_path, max_new_tokens, max_batch, ignore_eos,

@@ -54,7 +54,7 @@ def check_placement(spec: ModelSpec, placement: Placement | None, world: int) ->
     placement.check_fits(moe_layers, experts, what=f"model {spec.path}")
     if placement.num_gpus != world:
         raise MoeplaceError(f"placement is for {placement.num_gpus} GPUs but {world} ranks are running "
-                            f"(torchrun --nproc-per-node {placement.num_gpus})")
+                            f"(--nproc-per-node {placement.num_gpus})")
     return placement
 
 
