@@ -244,8 +244,8 @@ def test_balance_is_deterministic_and_ignores_unproven_ilp_incumbents() -> None:
     # only its dual bound, still valid
     rng = np.random.default_rng(0)
     big = rng.poisson(30.0, 64).astype(float)
-    copies, bound = ilp_layer(big, 8, 8, 0, time_limit=0.3)  # it has an incumbent by then, not a proof
-    assert copies is None and bound <= layer_max_load(big, lpt_layer(big, 8, 8, 0), 8) + 1e-6
+    copies, bound, timed_out = ilp_layer(big, 8, 8, 0, time_limit=0.3)  # an incumbent by then, not a proof
+    assert copies is None and timed_out and bound <= layer_max_load(big, lpt_layer(big, 8, 8, 0), 8) + 1e-6
 
 
 def test_latency_replicas_go_on_the_best_of_the_search_and_its_starts() -> None:
@@ -288,3 +288,56 @@ def test_balance_descends_no_candidate_once_one_is_at_the_bound(monkeypatch) -> 
     skewed = np.array([[40.0, 30, 9, 8, 7, 3, 2, 1]])
     p = balance_placement(skewed, 4, 4, time_limit=5.0, progress=False)
     assert len(descended) >= 2 and expected_gpu_loads(p, skewed).max() == 41.0 and p.bound == pytest.approx(40 / 25)
+
+
+def test_batch_layer_loads_is_layer_loads_per_layout() -> None:
+    """The descent scores its moves in one batch: each layout's loads are those of layer_loads,
+    and do not depend on which other layouts share the batch."""
+    from moeplace.solve.balance import _holds, batch_layer_loads, lpt_layer
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        experts, gpus = int(rng.integers(4, 33)), int(rng.integers(2, 13))
+        redundant = int(rng.integers(0, min(experts, experts * (gpus - 1)) + 1))
+        w = rng.gamma(0.7, 100.0, experts) * (rng.random(experts) > 0.1)  # skewed, some idle experts
+        layouts = [lpt_layer(w, gpus, -(-(experts + redundant) // gpus), redundant)]
+        for _ in range(4):  # swap one copy of two experts, where legal
+            c = [list(x) for x in layouts[0]]
+            e, f = rng.choice(experts, 2, replace=False)
+            if c[f][-1] not in c[e] and c[e][0] not in c[f]:
+                c[e][0], c[f][-1] = c[f][-1], c[e][0]
+            layouts.append(c)
+        holds = np.stack([_holds(c, gpus) for c in layouts])
+        batch = batch_layer_loads(w, holds, gpus)
+        for i, c in enumerate(layouts):
+            np.testing.assert_allclose(batch[i], layer_loads(w, c, gpus), rtol=0, atol=1e-9 * w.sum())
+            np.testing.assert_array_equal(batch_layer_loads(w, holds[i:i + 1], gpus)[0], batch[i])
+
+
+def test_balance_flags_an_unproven_candidate_ilp_and_keeps_larger_ilps_to_the_bound(monkeypatch) -> None:
+    """Whether HiGHS proves a layer in time depends on the machine: where its optimum would be a
+    candidate, running out of time is reported; above ILP_CANDIDATE_MAX_VARS it only bounds."""
+    from moeplace.solve import balance
+
+    rng = np.random.default_rng(0)
+    small = rng.poisson(30.0, (1, 32)).astype(float)  # 32 x 4: a candidate ILP; total 959 is not a multiple
+    assert small.sum() % 4 != 0  # of 4, so the proof needs branching, far beyond 0.3 s
+    p = balance_placement(small, 4, 4, time_limit=0.3, progress=False)
+    assert p.solver["stopped_by_time_limit"] is True
+    # without descents, only the ILP finds this layer's optimum (8 experts + 4 copies on 4 GPUs)
+    monkeypatch.setattr(balance, "IMPROVE_MAX_EXPERTS", 0)
+    w = np.array([[54.0, 21, 39, 1, 17, 17, 0, 27]])
+    assert balance_placement(w, 4, 4, 4, time_limit=30.0, progress=False).solver["layer_methods"] == {"ilp": 1}
+    calls = []
+    real = balance.ilp_layer
+
+    def spy(weight, gpus, slots, redundant, time_limit):
+        out = real(weight, gpus, slots, redundant, time_limit)
+        calls.append((time_limit, out[0] is not None))
+        return out
+
+    monkeypatch.setattr(balance, "ilp_layer", spy)
+    monkeypatch.setattr(balance, "ILP_CANDIDATE_MAX_VARS", 2 * 8 * 4 - 1)  # 8 x 4 now only bounds
+    p = balance_placement(w, 4, 4, 4, time_limit=30.0, progress=False)
+    assert calls == [(1.0, True)]  # proven within its 1 s, yet not a candidate
+    assert "ilp" not in p.solver["layer_methods"] and p.solver["stopped_by_time_limit"] is False

@@ -20,7 +20,9 @@ relaxation, so its bounds stay valid), GPUs are relabelled per layer so that tot
 objective is blind to GPU names within a layer), and while a GPU is over C the copy move to a GPU
 under C that raises its layer's max/mean load least is made (`fit_total_cap`).
 
-HiGHS solves it where small (a candidate only when proven optimal); LPT on EPLB's replica
+HiGHS solves it where small (ILP_CANDIDATE_MAX_VARS: a candidate only when proven optimal; when
+its time runs out first the placement says stopped_by_time_limit, as a faster machine could have
+had one more candidate) and gives a dual bound up to ILP_MAX_VARS; LPT on EPLB's replica
 counts and EPLB itself (both policies, when its topology rules allow) give further candidates,
 each improved by swap / re-replication descent, and a layer keeps the best under the serving
 rule. Lower bound per layer: the ILP's dual
@@ -43,8 +45,13 @@ from moeplace.placement import Placement
 from moeplace.progress import Progress
 from moeplace.solve import eplb
 
-IMPROVE_MAX_EXPERTS = 64  # per layer; the descent is quadratic in experts (pure Python)
+IMPROVE_MAX_EXPERTS = 64  # per layer; the descent is quadratic in experts
 ILP_MAX_VARS = 4096  # per layer; above this the heuristics alone (HiGHS would prove little)
+# Per layer, at most this many variables: the ILP is also a candidate, given the layer's whole
+# share of the time. Above, it only gives a bound within 1 s: whether HiGHS proves optimality in
+# time depends on the machine (64 x 8 layers sit at ~1 s), so as a candidate it would make the
+# placement depend on the machine's speed too.
+ILP_CANDIDATE_MAX_VARS = 256
 
 
 @dataclass
@@ -161,52 +168,117 @@ def improve_layer(weight: np.ndarray, copies: list[list[int]], num_gpus: int, sl
                   deadline: float = float("inf")) -> list[list[int]]:
     """Steepest descent on (max load, sum of squared loads) with moves off the most loaded GPU:
     swap one of its copies with a copy elsewhere, or hand its slot of an expert with several
-    copies to another expert (re-replication). Slot counts per GPU never change."""
+    copies to another expert (re-replication). Slot counts per GPU never change.
+
+    Each step scores all its moves at once (`batch_layer_loads`), the current layout with them,
+    so every comparison uses the same arithmetic.
+    """
     copies = [list(c) for c in copies]
     num_experts = len(weight)
-
-    def key(load: np.ndarray) -> tuple[float, float]:
-        return (round(float(load.max()), 9), float((load ** 2).sum()))
-
-    cur = layer_loads(weight, copies, num_gpus)
-    best_key = key(cur)
+    cur = batch_layer_loads(weight, _holds(copies, num_gpus)[None], num_gpus)[0]
+    best_key = _keys(cur[None])[0]
     for _ in range(8 * (num_experts + slots * num_gpus)):
         if cur.max() <= lower * (1 + 1e-9) or time.monotonic() > deadline:
             break  # provably optimal, or out of time
         hi = int(np.argmax(cur))
-        best: tuple[tuple[float, float], list[list[int]]] | None = None
+        moves: list[tuple[int, int, list[int], list[int]]] = []
         for e in [e for e in range(num_experts) if hi in copies[e]]:
             for f in range(num_experts):
-                if f == e:
+                if f == e or hi in copies[f]:
                     continue
-                moves = []
-                if hi not in copies[f]:
-                    moves += [("swap", g) for g in copies[f] if g not in copies[e]]
-                    if len(copies[e]) > 1 and len(copies[f]) < num_gpus:
-                        moves.append(("rep", hi))
-                for kind, g in moves:
-                    trial = [list(c) for c in (copies[e], copies[f])]
-                    if kind == "swap":
-                        trial[0][trial[0].index(hi)] = g
-                        trial[1][trial[1].index(g)] = hi
-                    else:
-                        trial[0].remove(hi)
-                        trial[1].append(hi)
-                    k = key(layer_loads(weight, [trial[0] if x == e else trial[1] if x == f else c
-                                                 for x, c in enumerate(copies)], num_gpus))
-                    if k < best_key and (best is None or k < best[0]):
-                        best = (k, [e, f, trial[0], trial[1]])
-        if best is None:
+                for g in copies[f]:  # swap: e's copy on hi <-> f's copy on g
+                    if g not in copies[e]:
+                        moves.append((e, f, [g if x == hi else x for x in copies[e]],
+                                      [hi if x == g else x for x in copies[f]]))
+                if len(copies[e]) > 1 and len(copies[f]) < num_gpus:  # re-replication: hi's slot e -> f
+                    moves.append((e, f, [x for x in copies[e] if x != hi], copies[f] + [hi]))
+        if not moves:
             break
-        best_key, (e, f, ce, cf) = best
+        holds = np.repeat(_holds(copies, num_gpus)[None], len(moves), axis=0)
+        for t, (e, f, ce, cf) in enumerate(moves):
+            holds[t, e], holds[t, f] = False, False
+            holds[t, e, ce], holds[t, f, cf] = True, True
+        loads = batch_layer_loads(weight, holds, num_gpus)
+        keys = _keys(loads)
+        t = int(np.lexsort((np.arange(len(moves)), keys[:, 1], keys[:, 0]))[0])  # ties: first move
+        if tuple(keys[t]) >= tuple(best_key):
+            break
+        e, f, ce, cf = moves[t]
         copies[e], copies[f] = ce, cf
-        cur = layer_loads(weight, copies, num_gpus)
+        best_key, cur = keys[t], loads[t]
     return copies
 
 
+def _holds(copies: list[list[int]], num_gpus: int) -> np.ndarray:
+    """bool [E, G]: GPU g holds a copy of expert e."""
+    holds = np.zeros((len(copies), num_gpus), dtype=bool)
+    for e, gpus in enumerate(copies):
+        holds[e, gpus] = True
+    return holds
+
+
+def _keys(loads: np.ndarray) -> np.ndarray:
+    """Descent keys of loads [T, G]: float [T, 2] = (max rounded to 1e-9, sum of squares)."""
+    return np.stack([np.round(loads.max(1), 9), (loads ** 2).sum(1)], axis=1)
+
+
+def batch_layer_loads(weight: np.ndarray, holds: np.ndarray, num_gpus: int, passes: int = 50) -> np.ndarray:
+    """`layer_loads` of T layouts of one layer at once: holds bool [T, E, G] -> loads float [T, G].
+
+    The same Gauss-Seidel split, vectorised over layouts: step p of a pass re-fills, in every
+    layout, its p-th heaviest expert with several copies; a layout stops when a pass moves
+    nothing, as layer_loads does alone, so its result does not depend on the rest of the batch.
+    """
+    weight = np.asarray(weight, dtype=float)
+    num_layouts, num_experts, _ = holds.shape
+    count = holds.sum(2)  # [T, E] copies
+    load = np.einsum("teg,e->tg", (holds & (count == 1)[:, :, None]).astype(float), weight)  # [T, G]
+    multi = count > 1
+    rank = np.empty(num_experts, dtype=np.int64)
+    rank[np.lexsort((np.arange(num_experts), -weight))] = np.arange(num_experts)  # heaviest first
+    steps = int(multi.sum(1).max(initial=0))
+    by_rank = np.argsort(np.where(multi, rank, num_experts), axis=1, kind="stable")[:, :steps]  # [T, P]
+    present = np.take_along_axis(multi, by_rank, axis=1)  # [T, P]: the layout has a p-th such expert
+    share = np.zeros((num_layouts, steps, num_gpus))
+    active = multi.any(1)
+    tolerance = 1e-9 * max(float(weight.sum()), 1.0)
+    for _ in range(passes):
+        if not active.any():
+            break
+        moved = np.zeros(num_layouts)
+        for p in range(steps):
+            rows = np.flatnonzero(active & present[:, p])
+            if rows.size == 0:
+                continue
+            experts = by_rank[rows, p]
+            old = share[rows, p]
+            base = load[rows] - old
+            new = _fill_rows(base, holds[rows, experts], weight[experts])
+            moved[rows] = np.maximum(moved[rows], np.abs(new - old).max(1))
+            load[rows] = base + new
+            share[rows, p] = new
+        active &= moved > tolerance
+    return load
+
+
+def _fill_rows(base: np.ndarray, mask: np.ndarray, amount: np.ndarray) -> np.ndarray:
+    """`_fill` per row: pour amount [R] into the masked bins of base [R, G] to a common level;
+    returns what each bin received, float [R, G] (0 off the mask)."""
+    num = base.shape[1]
+    level = np.sort(np.where(mask, base, np.inf), axis=1)
+    count = mask.sum(1)
+    inside = np.arange(num)[None, :] < count[:, None]
+    top = (amount[:, None] + np.cumsum(np.where(inside, level, 0.0), axis=1)) / np.arange(1, num + 1)
+    fits = (top >= level) & inside  # pouring into the m lowest bins stays above the m-th
+    m = num - 1 - np.argmax(fits[:, ::-1], axis=1)  # the most bins that fit (1 always does)
+    surface = top[np.arange(len(top)), m]
+    return np.where(mask, np.maximum(base, surface[:, None]) - base, 0.0)
+
+
 def ilp_layer(weight: np.ndarray, num_gpus: int, slots: int, redundant: int,
-              time_limit: float) -> tuple[list[list[int]] | None, float]:
-    """The model of the module docstring for one layer: (copies or None, dual bound)."""
+              time_limit: float) -> tuple[list[list[int]] | None, float, bool]:
+    """The model of the module docstring for one layer: (copies or None, dual bound, whether the
+    time limit stopped HiGHS)."""
     num_experts = len(weight)
     experts, gpus = range(num_experts), range(num_gpus)
     prob = pulp.LpProblem("balance", pulp.LpMinimize)
@@ -228,21 +300,23 @@ def ilp_layer(weight: np.ndarray, num_gpus: int, slots: int, redundant: int,
     prob += top >= replication_bound(weight, num_gpus, redundant)  # a valid cut that tightens the LP
     prob.solve(pulp.HiGHS(msg=False, timeLimit=max(time_limit, 0.05), threads=1))
     bound = _dual_bound(prob)
+    status = _status(prob)
+    timed_out = status == highspy.HighsModelStatus.kTimeLimit
     # A time-limited incumbent would make the placement depend on the machine's speed: only a
     # proven optimum is a candidate (the dual bound stays valid either way).
-    if top.varValue is None or not _proven_optimal(prob):
-        return None, bound
+    if top.varValue is None or status != highspy.HighsModelStatus.kOptimal:
+        return None, bound, timed_out
     copies = [[g for g in gpus if (x[e, g].varValue or 0) > 0.5] for e in experts]
     if any(len(c) == 0 for c in copies):
-        return None, bound
-    return copies, bound
+        return None, bound, timed_out
+    return copies, bound, timed_out
 
 
-def _proven_optimal(prob: pulp.LpProblem) -> bool:
+def _status(prob: pulp.LpProblem) -> highspy.HighsModelStatus | None:
     try:
-        return prob.solverModel.getModelStatus() == highspy.HighsModelStatus.kOptimal
+        return prob.solverModel.getModelStatus()
     except AttributeError:
-        return False
+        return None
 
 
 def _dual_bound(prob: pulp.LpProblem) -> float:
@@ -276,16 +350,17 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
     """Solve `balance` for loads float [L, E]: a Placement with bound, gap and EPLB comparison.
 
     1. per layer, candidates: LPT, EPLB (hierarchical and global when its rules allow; freed
-       duplicate slots refilled) and the ILP when small enough and proven optimal within its
-       share of the time limit;
+       duplicate slots refilled) and the ILP when small enough (ILP_CANDIDATE_MAX_VARS) and
+       proven optimal within its share of the time limit; larger ILPs (up to ILP_MAX_VARS) only
+       give a bound;
     2. each improved by `improve_layer` (up to IMPROVE_MAX_EXPERTS experts), the best kept under
        `layer_loads`: never worse than EPLB's candidates; once a candidate sits at the lower
        bound (as given, else after its descent), no further one is descended: it is optimal;
     3. with max_experts_per_gpu_total, `fit_total_cap` makes the free per-layer counts fit it;
     4. objective = mean over layers of max / mean GPU load; bound from the per-layer bounds.
     The placement is deterministic unless the time limit cut a step short (recorded as
-    solver.stopped_by_time_limit); the ILP's dual bound, hence the reported gap, may be tighter
-    on a faster machine.
+    solver.stopped_by_time_limit: a descent, or a candidate ILP without its proof); the ILP's
+    dual bound, hence the reported gap, may be tighter on a faster machine.
     """
     num_layers, num_experts = loads.shape
     if redundant > num_experts * (num_gpus - 1):
@@ -315,12 +390,17 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
         candidates = [(lpt_layer(w, num_gpus, slots, redundant), "lpt")]
         candidates += [(c[layer], name) for name, c in eplb_layers.items()]
         left = deadline - time.monotonic()
-        cut_short |= nvars <= ILP_MAX_VARS and left <= 0
+        candidate_ilp = nvars <= ILP_CANDIDATE_MAX_VARS
+        cut_short |= candidate_ilp and left <= 0
         if nvars <= ILP_MAX_VARS and left > 0:
-            copies, ilp_bound = ilp_layer(w, num_gpus, slots, redundant, min(1.0, left / (num_layers - layer)))
+            share = left / (num_layers - layer)
+            copies, ilp_bound, timed_out = ilp_layer(w, num_gpus, slots, redundant,
+                                                     share if candidate_ilp else min(1.0, share))
             bound = max(bound, ilp_bound)
-            if copies is not None:
-                candidates.append((copies, "ilp"))
+            if candidate_ilp:
+                cut_short |= timed_out  # a faster machine might have proven it: another candidate
+                if copies is not None:
+                    candidates.append((copies, "ilp"))
         scored = [(layer_max_load(w, c, num_gpus), i, c, m) for i, (c, m) in enumerate(candidates)]
         if num_experts <= IMPROVE_MAX_EXPERTS and not any(s[0] <= bound * (1 + 1e-9) for s in scored):
             stop = time.monotonic() + max(deadline - time.monotonic(), 0.0) / (num_layers - layer)
