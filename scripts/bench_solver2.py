@@ -3,6 +3,7 @@
     python scripts/bench_solver2.py mixtral [--time-limit S]
     python scripts/bench_solver2.py joint [--trace PATH] [--seeds N] [--total-cap]
     python scripts/bench_solver2.py deepseek [--time-limit S]
+    python scripts/bench_solver2.py balance-speed [--trace PATH] [--time-limit S]
 
 mixtral: every file of ../shared/data/mixtral-8x7b-expert-loads (2 variants x 7 subjects), 4 and 8
 GPUs, 0 and 8 redundant experts: mean over layers of max/mean GPU load for moeplace balance, EPLB
@@ -16,6 +17,9 @@ adds balance and latency with uneven per-layer counts under a total cap of L x E
 deepseek: SYNTHETIC planted-affinity trace (solve/synthetic.py) of DeepSeek-V3 size: 4096 tokens,
 58 layers x 256 experts, top-8, 64 GPUs in 8 nodes, 32 redundant experts, latency objective
 under configs/cluster/h100-8x8-ib.yaml: wall time, peak memory, value, bound, gap.
+balance-speed: `balance` with G redundant experts on all tokens of a trace (default FLAME) for 8
+and 16 GPUs (2 nodes): wall time, how each layer's plan was found, max/mean, and whether the time
+limit cut it.
 """
 
 from __future__ import annotations
@@ -113,9 +117,24 @@ def deepseek(time_limit: float) -> None:
           f"bound {p.bound:.0f}, gap {p.gap:.3f}, cut by the time limit: {s['stopped_by_time_limit']}")
 
 
+def balance_speed(trace_path: Path, time_limit: float) -> None:
+    from moeplace.solve.balance import balance_placement
+    from moeplace.trace.format import load_trace
+
+    trace = load_trace(trace_path)
+    loads = trace.expert_loads()
+    print(f"{trace_path.name}: {trace.num_tokens} tokens, {trace.num_layers} x {trace.num_experts}, top-{trace.top_k}")
+    for gpus in (8, 16):
+        t0 = time.monotonic()
+        p = balance_placement(loads, gpus, 8, gpus, time_limit, progress=False)
+        print(f"{gpus} GPUs, R = {gpus}: {time.monotonic() - t0:.1f} s, max/mean {p.objective['value']:.4f}, gap "
+              f"{p.gap:.4f}, layers by {p.solver['layer_methods']}, cut by the time limit: "
+              f"{p.solver['stopped_by_time_limit']}", flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("mixtral", "joint", "deepseek"))
+    ap.add_argument("what", choices=("mixtral", "joint", "deepseek", "balance-speed"))
     ap.add_argument("--trace", type=Path, default=ROOT / "traces" / "flame-moe-290m-decoder.npz")
     ap.add_argument("--time-limit", type=float, default=2.0)
     ap.add_argument("--seeds", type=int, default=5)
@@ -126,4 +145,4 @@ if __name__ == "__main__":
                     help="joint: also balance and latency with per-layer counts free under a total cap of L x E / G")
     a = ap.parse_args()
     {"mixtral": lambda: mixtral(a.time_limit), "joint": lambda: joint(a.trace, a.seeds, a.time_limit, a.total_cap, a.only),
-     "deepseek": lambda: deepseek(a.time_limit)}[a.what]()
+     "deepseek": lambda: deepseek(a.time_limit), "balance-speed": lambda: balance_speed(a.trace, a.time_limit)}[a.what]()
