@@ -386,7 +386,9 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
     nvars = 2 * num_experts * num_gpus
     for layer in range(num_layers):
         w = loads[layer]
-        bound = replication_bound(w, num_gpus, redundant)
+        # `lower` steers the search (early exits), so it takes no bound that the clock decides;
+        # `bound`, reported, also takes a time-limited ILP's dual bound
+        lower = bound = replication_bound(w, num_gpus, redundant)
         candidates = [(lpt_layer(w, num_gpus, slots, redundant), "lpt")]
         candidates += [(c[layer], name) for name, c in eplb_layers.items()]
         left = deadline - time.monotonic()
@@ -399,16 +401,17 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
             bound = max(bound, ilp_bound)
             if candidate_ilp:
                 cut_short |= timed_out  # a faster machine might have proven it: another candidate
+                lower = bound
                 if copies is not None:
                     candidates.append((copies, "ilp"))
         scored = [(layer_max_load(w, c, num_gpus), i, c, m) for i, (c, m) in enumerate(candidates)]
-        if num_experts <= IMPROVE_MAX_EXPERTS and not any(s[0] <= bound * (1 + 1e-9) for s in scored):
+        if num_experts <= IMPROVE_MAX_EXPERTS and not any(s[0] <= lower * (1 + 1e-9) for s in scored):
             stop = time.monotonic() + max(deadline - time.monotonic(), 0.0) / (num_layers - layer)
             improved = []
             for _, i, c, m in scored:
-                c = improve_layer(w, c, num_gpus, slots, bound, stop)
+                c = improve_layer(w, c, num_gpus, slots, lower, stop)
                 improved.append((layer_max_load(w, c, num_gpus), i, c, m))
-                if improved[-1][0] <= bound * (1 + 1e-9):
+                if improved[-1][0] <= lower * (1 + 1e-9):
                     break  # at the bound: provably optimal, the other candidates cannot beat it
             scored = improved
             cut_short |= time.monotonic() > stop  # a descent may have stopped before its last move
