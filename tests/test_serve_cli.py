@@ -262,7 +262,17 @@ def test_launcher_failures_are_one_line(model: tuple[Path, list[list[int]]], tmp
     assert len(lines) == len(expect) and all(any(m in line for line in lines) for m in expect), err
 
 
-def test_launcher_reports_a_killed_rank(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting for its parent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("event", ["rank 1 killed", "launcher interrupted"])
+def test_launcher_reports_a_killed_rank_or_an_interrupt(model: tuple[Path, list[list[int]]], tmp_path: Path,
+                                                        event: str) -> None:
     placement = save_placement(tmp_path / "p.json", 2, 8, 2)
     proc = serve_launcher(["--model", str(model[0]), "--placement", str(placement), "--port", "0", "--timeout", "8"])
     try:
@@ -271,11 +281,18 @@ def test_launcher_reports_a_killed_rank(model: tuple[Path, list[list[int]]], tmp
             assert line, "the server did not come up"
         ranks = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
                  for pid in (task / "children").read_text().split()]
-        rank1 = next(pid for pid in ranks if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
-        os.kill(rank1, signal.SIGKILL)
+        if event == "rank 1 killed":
+            rank1 = next(pid for pid in ranks if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+            os.kill(rank1, signal.SIGKILL)
+        else:
+            proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 2
-        assert err.strip().splitlines() == ["moeplace: error: rank 1 of 2 was killed by SIGKILL"], err
+        lines = err.strip().splitlines()
+        if event == "rank 1 killed":
+            assert proc.returncode == 2 and lines == ["moeplace: error: rank 1 of 2 was killed by SIGKILL"], err
+        else:  # the ranks say they were interrupted, the launcher that it stopped them
+            assert proc.returncode == 130 and lines[-1] == "moeplace: interrupted (SIGINT); ranks stopped", err
+            assert "Traceback" not in err and not any(running(pid) for pid in ranks)
     finally:
         if proc.poll() is None:
             proc.kill()

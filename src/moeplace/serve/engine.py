@@ -58,11 +58,13 @@ def check_placement(spec: ModelSpec, placement: Placement | None, world: int) ->
     return placement
 
 
-def prepare(model_dir: str, placement_path: str | None, mode: str) -> tuple[ModelSpec, Placement]:
-    """Step 1 on every rank: config, safetensors headers and placement checks, no weights."""
+def prepare(model_dir: str, placement_path: str | None, mode: str,
+            world: int | None = None) -> tuple[ModelSpec, Placement]:
+    """Step 1 on every rank (and once in the launcher, for the `world` it starts): config,
+    safetensors headers and placement checks, no weights."""
     if mode not in MODES:
         raise MoeplaceError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    _, world = world_from_env()
+    world = world_from_env()[1] if world is None else world
     spec = read_spec(model_dir)
     return spec, check_placement(spec, load_placement(placement_path) if placement_path else None, world)
 

@@ -39,17 +39,13 @@ def command_line(ctx: click.Context, drop: str) -> list[str]:
 
 
 def precheck(model_dir: str, placement_path: str | None, mode: str, device: str, nproc: int) -> None:
-    """Step 1 of every rank (engine.prepare), done once for the world size about to start."""
+    """Every rank's step 1 (engine.prepare), once for the world size about to start, and one
+    GPU per rank."""
     import torch
 
-    from moeplace.placement import load_placement
-    from moeplace.serve.engine import check_placement
-    from moeplace.serve.generate import MODES
-    from moeplace.serve.model import read_spec
+    from moeplace.serve.engine import prepare
 
-    if mode not in MODES:
-        raise MoeplaceError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    check_placement(read_spec(model_dir), load_placement(placement_path) if placement_path else None, nproc)
+    prepare(model_dir, placement_path, mode, world=nproc)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and nproc > torch.cuda.device_count():
         raise MoeplaceError(f"--nproc-per-node {nproc}, but {torch.cuda.device_count()} CUDA device(s) are "
@@ -76,14 +72,12 @@ def launch(nproc: int, serve_argv: list[str]) -> None:
         if code < 0:
             raise MoeplaceError(f"rank {rank} of {nproc} was killed by {_signal_name(-code)}") from None
         raise MoeplaceError(f"rank {rank} of {nproc} failed with exit code {code} (its output is above)") from None
-    except (SignalException, KeyboardInterrupt) as e:
-        sig = getattr(e, "sigval", signal.SIGINT)
-        click.echo(f"moeplace: interrupted ({_signal_name(int(sig))}); ranks stopped", err=True)
-        raise AlreadyReported(130) from None
+    except SignalException as e:  # SIGINT/SIGTERM to the launcher: the agent has stopped the ranks
+        click.echo(f"moeplace: interrupted ({_signal_name(int(e.sigval))}); ranks stopped", err=True)
+        raise AlreadyReported(130) from None  # (a KeyboardInterrupt here would be click's "Aborted!")
     except Exception as e:  # rendezvous or agent errors: torch's message, on one line
         raise MoeplaceError(f"cannot start {nproc} ranks ({type(e).__name__}: "
                             f"{' '.join(str(e).split())[:300]})") from None
-    return 0
 
 
 def _quiet_torch_launcher() -> None:
