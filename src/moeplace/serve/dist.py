@@ -32,10 +32,15 @@ def world_from_env() -> tuple[int, int]:
         raise MoeplaceError("RANK/WORLD_SIZE must be integers (set by torchrun)") from None
 
 
+def wants_cuda(device: str) -> bool:
+    """--device auto|cpu|cuda -> whether ranks run on CUDA (auto: when a GPU is visible)."""
+    return torch.cuda.is_available() if device == "auto" else device == "cuda"
+
+
 def init_distributed(timeout_s: float, device: str = "auto") -> tuple[int, int, torch.device]:
     """Join the process group; returns (rank, world, device)."""
     rank, world = world_from_env()
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    use_cuda = wants_cuda(device)
     if use_cuda and not torch.cuda.is_available():
         raise MoeplaceError("--device cuda, but no CUDA device is visible")
     if use_cuda:

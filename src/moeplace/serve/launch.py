@@ -43,11 +43,11 @@ def precheck(model_dir: str, placement_path: str | None, mode: str, device: str,
     GPU per rank."""
     import torch
 
+    from moeplace.serve.dist import wants_cuda
     from moeplace.serve.engine import prepare
 
     prepare(model_dir, placement_path, mode, world=nproc)
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and nproc > torch.cuda.device_count():
+    if wants_cuda(device) and nproc > torch.cuda.device_count():
         raise MoeplaceError(f"--nproc-per-node {nproc}, but {torch.cuda.device_count()} CUDA device(s) are "
                             f"visible (one rank per GPU; --device cpu runs ranks on the CPU)")
 
