@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from unittest import mock
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +128,8 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str, str]], 
 
 def run_world(world: int, jobs: list[tuple[str, str, str]], tmp: Path) -> list[dict]:
     if world == 1:  # no process group: the runtime's single-rank path, in this process
-        _worker(0, 1, 0, jobs, str(tmp))
+        with mock.patch.dict(os.environ):  # _worker sets RANK/WORLD_SIZE: not for the tests after it
+            _worker(0, 1, 0, jobs, str(tmp))
     else:
         import torch.multiprocessing as mp
 

@@ -226,8 +226,7 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
 def serve_launcher(args: list[str]) -> subprocess.Popen[str]:
     """`moeplace serve --nproc-per-node 2` as a user runs it (the launcher starts the ranks)."""
     return subprocess.Popen([sys.executable, "-m", "moeplace", "serve", "--nproc-per-node", "2", "--device", "cpu",
-                             *args], env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")},
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             *args], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_launcher_runs_the_ranks(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:
