@@ -18,11 +18,18 @@ planted; above 1 when noise lets it do better).
     python scripts/bench_solve.py --only quality --trace /tmp/q/wiki.npz   # also other traces
     python scripts/bench_solve.py --only scale
     python scripts/bench_solve.py --only learning-curve --splits 6
+    python scripts/bench_solve.py --only tokens
 
 Learning curve: how the held-out ratio moves with the number of training tokens on FLAME. Per
 split, a seeded permutation keeps 160 tokens for testing and fits on the first n of the other
 480 (n = 80 ... 480), so every n is scored on the same tokens; mean and standard error over
 splits, and the in-sample ratio on the n training tokens beside it.
+
+Tokens: how `moeplace solve` (traffic, default settings, --train-fraction 0.5) scales with the
+length of a trace: SYNTHETIC planted traces of OLMoE shape (16 x 64, top-8, 8 GPUs) of 10,000 to
+200,000 tokens, each in a fresh process: wall time of solve_placement (cross-validation, search,
+baseline metrics on both halves), the cross-validation's share, peak RSS, and whether the time
+limit cut anything.
 """
 
 from __future__ import annotations
@@ -203,15 +210,52 @@ def scale() -> None:
               f"{r['recovery']:>9.4f} {gap:>7}  {r['method']}", flush=True)
 
 
+TOKENS = (10_000, 50_000, 200_000)
+
+
+def tokens_case(num_tokens: int) -> dict:
+    """One trace length (run in its own process)."""
+    from moeplace.solve.solver import solve_placement
+    from moeplace.solve.synthetic import planted_trace
+
+    trace, _ = planted_trace(num_tokens, 16, 64, 8, 8, 8, seed=0)
+    t = time.monotonic()
+    placement = solve_placement(trace, 8, 8, time_limit=60.0, seed=0, train_fraction=0.5)
+    seconds = time.monotonic() - t
+    held = placement.metrics["held_out"]
+    return {"tokens": num_tokens, "seconds": seconds, "solve_s": placement.solver["seconds"],
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "cut": placement.solver["stopped_by_time_limit"],
+            "cross_validation": placement.solver["cross_validation"] is not None,
+            "held_out_top1_vs_contiguous": held["placement"]["cross_gpu_top1"] / held["contiguous"]["cross_gpu_top1"]}
+
+
+def tokens() -> None:
+    print("SYNTHETIC planted traces, 16 x 64 top-8, 8 GPUs; solve_placement(train_fraction=0.5, time_limit=60)")
+    print(f"{'tokens':>8} {'total s':>8} {'objective s':>12} {'CV':>4} {'peak GiB':>9} {'cut':>5} {'held-out top-1':>15}")
+    for n in TOKENS:
+        proc = subprocess.run([sys.executable, __file__, "--tokens-case", str(n)], capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{n:>8} FAILED: {proc.stderr.strip().splitlines()[-1:]}")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{r['tokens']:>8} {r['seconds']:>8.1f} {r['solve_s']:>12.1f} {'yes' if r['cross_validation'] else 'no':>4} "
+              f"{r['peak_rss_gib']:>9.2f} {str(r['cut']):>5} {r['held_out_top1_vs_contiguous']:>14.3f}x", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("quality", "scale", "learning-curve"))
+    ap.add_argument("--only", choices=("quality", "scale", "learning-curve", "tokens"))
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--trace", type=Path, action="append", default=[], help="another trace for the quality table")
     ap.add_argument("--case", choices=tuple(SCALE), help=argparse.SUPPRESS)  # internal: one scale case
+    ap.add_argument("--tokens-case", type=int, help=argparse.SUPPRESS)  # internal: one trace length
     args = ap.parse_args()
     if args.case:
         print(json.dumps(scale_case(args.case)))
+        return
+    if args.tokens_case:
+        print(json.dumps(tokens_case(args.tokens_case)))
         return
     if args.only in (None, "quality"):
         quality(args.splits, args.trace)
@@ -219,6 +263,8 @@ def main() -> None:
         scale()
     if args.only == "learning-curve":  # not part of the default run: ~10 min on 2 cores
         learning_curve(args.splits)
+    if args.only == "tokens":  # not part of the default run: ~2 min on 2 cores
+        tokens()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python scripts/bench_solver2.py joint [--trace PATH] [--seeds N] [--total-cap]
     python scripts/bench_solver2.py deepseek [--time-limit S]
     python scripts/bench_solver2.py balance-speed [--trace PATH] [--time-limit S]
+    python scripts/bench_solver2.py latency-speed [--time-limit S]
 
 mixtral: every file of ../shared/data/mixtral-8x7b-expert-loads (2 variants x 7 subjects), 4 and 8
 GPUs, 0 and 8 redundant experts: mean over layers of max/mean GPU load for moeplace balance, EPLB
@@ -20,6 +21,10 @@ under configs/cluster/h100-8x8-ib.yaml: wall time, peak memory, value, bound, ga
 balance-speed: `balance` with G redundant experts on all tokens of a trace (default FLAME) for 8
 and 16 GPUs (2 nodes): wall time, how each layer's plan was found, max/mean, and whether the time
 limit cut it.
+latency-speed: the latency objective on SYNTHETIC planted traces of OLMoE shape (16 x 64, top-8,
+8 GPUs, configs/cluster/h100-1x8-nvlink.yaml) of 2,000 to 20,000 tokens, half for training:
+wall time, the sweeps of its descent (it stops after 20 or when a sweep accepts nothing), and
+whether the time limit cut it (then more time could give a different placement).
 """
 
 from __future__ import annotations
@@ -132,9 +137,25 @@ def balance_speed(trace_path: Path, time_limit: float) -> None:
               f"{p.solver['stopped_by_time_limit']}", flush=True)
 
 
+def latency_speed(time_limit: float) -> None:
+    from moeplace.solve.costmodel import load_cost_model
+    from moeplace.solve.solver import solve_placement
+    from moeplace.solve.synthetic import planted_trace
+
+    cm = load_cost_model(ROOT / "configs" / "cluster" / "h100-1x8-nvlink.yaml", ROOT / "configs" / "model" / "flame-moe-290m.yaml")
+    for tokens in (2_000, 5_000, 20_000):
+        trace, _ = planted_trace(tokens, 16, 64, 8, 8, 8, seed=1)
+        t0 = time.monotonic()
+        p = solve_placement(trace, 8, 8, time_limit, 0, objective="latency", cost=cm, train_fraction=0.5)
+        s = p.solver
+        print(f"{tokens} tokens (train {tokens // 2}): {time.monotonic() - t0:.1f} s, {s['sweeps']} sweeps, predicted "
+              f"{p.objective['value']:.1f} us (traffic start {s['start_costs']['traffic']:.1f}), cut by the time "
+              f"limit: {s['stopped_by_time_limit']}", flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("mixtral", "joint", "deepseek", "balance-speed"))
+    ap.add_argument("what", choices=("mixtral", "joint", "deepseek", "balance-speed", "latency-speed"))
     ap.add_argument("--trace", type=Path, default=ROOT / "traces" / "flame-moe-290m-decoder.npz")
     ap.add_argument("--time-limit", type=float, default=2.0)
     ap.add_argument("--seeds", type=int, default=5)
@@ -145,4 +166,5 @@ if __name__ == "__main__":
                     help="joint: also balance and latency with per-layer counts free under a total cap of L x E / G")
     a = ap.parse_args()
     {"mixtral": lambda: mixtral(a.time_limit), "joint": lambda: joint(a.trace, a.seeds, a.time_limit, a.total_cap, a.only),
-     "deepseek": lambda: deepseek(a.time_limit), "balance-speed": lambda: balance_speed(a.trace, a.time_limit)}[a.what]()
+     "deepseek": lambda: deepseek(a.time_limit), "balance-speed": lambda: balance_speed(a.trace, a.time_limit),
+     "latency-speed": lambda: latency_speed(a.time_limit)}[a.what]()

@@ -341,3 +341,38 @@ def test_balance_flags_an_unproven_candidate_ilp_and_keeps_larger_ilps_to_the_bo
     p = balance_placement(w, 4, 4, 4, time_limit=30.0, progress=False)
     assert calls == [(1.0, True)]  # proven within its 1 s, yet not a candidate
     assert "ilp" not in p.solver["layer_methods"] and p.solver["stopped_by_time_limit"] is False
+    # tight_bound=False skips the bound-only ILP: the same layout, a weaker (still valid) bound
+    calls.clear()
+    loose = balance_placement(w, 4, 4, 4, time_limit=30.0, progress=False, tight_bound=False)
+    assert calls == [] and loose.expert_to_gpu.tolist() == p.expert_to_gpu.tolist()
+    assert loose.replicas == p.replicas and loose.bound <= p.bound
+
+
+def test_search_models_give_each_model_what_it_gives_alone() -> None:
+    """One pass over the training tokens, each tagged with its fold, gives every fold's and the
+    whole set's layer costs: the same numbers as each model evaluated on its own tokens."""
+    from moeplace.solve.costmodel import layer_traffic
+    from moeplace.solve.latency import LatencyModel, SearchModels, fold_tokens
+
+    trace, _ = planted_trace(203, 3, 16, 4, 4, 2, seed=4)  # 203 tokens: folds of unequal size
+    cm = load_cost_model(ROOT / "configs/cluster/h100-2x8-ib.yaml", MODEL)
+    cm.check(16, 8)
+    rng = np.random.default_rng(1)
+    e2g = np.stack([rng.permutation(np.repeat(np.arange(16), 1)) for _ in range(3)])
+    folds = fold_tokens(trace.num_tokens, seed=2)
+    models = SearchModels(LatencyModel(cm, trace, 1.0, smooth=True), folds)
+    alone = [LatencyModel(cm, trace, 1.0, smooth=True)] + [
+        LatencyModel(cm, trace.select_tokens(f), 1.0, smooth=True) for f in folds]
+    for layer in range(3):
+        together = models.layer(e2g, layer)
+        assert len(together) == 5
+        for mine, model in zip(together, alone):
+            np.testing.assert_array_equal(mine, model.layer(e2g, layer))
+    # the grouped counts are the per-group counts
+    home, gpus = rng.integers(0, 4, 50), rng.integers(0, 4, (50, 3))
+    group = rng.integers(0, 3, 50)
+    grouped = layer_traffic(home, gpus, 4, group, 3)
+    for g in range(3):
+        mine = group == g
+        for got, want in zip(grouped, layer_traffic(home[mine], gpus[mine], 4)):
+            np.testing.assert_array_equal(got[g], want)

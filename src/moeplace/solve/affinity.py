@@ -35,6 +35,8 @@ import numpy as np
 
 from moeplace.trace.format import Trace
 
+PAIR_CHUNK = 1 << 18  # token-expert pairs per chunk of pair_weights: a few MB of temporaries
+
 
 @dataclass(frozen=True)
 class AffinityGraph:
@@ -58,27 +60,65 @@ class AffinityGraph:
 
 def pair_weights(src: np.ndarray, src_w: np.ndarray, dst: np.ndarray, dst_w: np.ndarray,
                  num_experts: int) -> np.ndarray:
-    """sum_t src_w[t, a] * dst_w[t, b] on edge (src[t, a], dst[t, b]). [T, A], [T, B] -> [E, E]."""
-    index = src[:, :, None] * num_experts + dst[:, None, :]
-    weight = src_w[:, :, None] * dst_w[:, None, :]
-    return np.bincount(index.ravel(), weight.ravel(), minlength=num_experts * num_experts).reshape(
-        num_experts, num_experts)
+    """sum_t src_w[t, a] * dst_w[t, b] on edge (src[t, a], dst[t, b]). [T, A], [T, B] -> [E, E].
+
+    Accumulated in token order (np.add.at) over chunks of tokens: the same sums, bit for bit,
+    as one bincount over all T x A x B pairs, without its [T, A, B] temporaries (512 MB each
+    for a million tokens at top-8)."""
+    out = np.zeros(num_experts * num_experts)
+    chunk = max(1, PAIR_CHUNK // (src.shape[1] * dst.shape[1]))
+    for lo in range(0, src.shape[0], chunk):
+        hi = lo + chunk
+        index = src[lo:hi, :, None] * num_experts + dst[lo:hi, None, :]
+        np.add.at(out, index.ravel(), (src_w[lo:hi, :, None] * dst_w[lo:hi, None, :]).ravel())
+    return out.reshape(num_experts, num_experts)
 
 
-def edge_weights(
-    trace: Trace,
-    top1_weight: float = 1.0,
-    coselect_weight: float = 1.0,
-    smoothing: float = 0.5,
-    prior: float = 0.5,
-) -> AffinityGraph:
-    """Aggregate a trace [T, L, k] into an AffinityGraph (weights per token as in the docstring).
+@dataclass(frozen=True)
+class EdgeTerms:
+    """The sums over tokens behind edge_weights, before the regularisation is chosen (float64).
+
+    Cross-validation scores several (coselect_weight, smoothing, prior) on one set of tokens:
+    the token sums are taken once here, and each weighting is a few array operations (`graph`).
+
+        top1     [L-1, E, E]  sources: the top-1 expert at layer l
+        smooth   [L-1, E, E]  sources: all k experts at layer l, renormalised gate weights
+        pairs    [L-1, E, E]  gate_weighted_transitions (the prior)
+        coselect [L, E, E]    co-selection counts at layer l (zero diagonal, zero at layer 0)
+
+    Destinations of top1/smooth are the k experts at l+1, weight 1 (+ top1_weight for top-1).
+    Every term is a sum over tokens, so the terms of disjoint token sets add up (`+`).
+    """
+
+    top1: np.ndarray
+    smooth: np.ndarray
+    pairs: np.ndarray
+    coselect: np.ndarray
+    top_k: int
+
+    def __add__(self, other: EdgeTerms) -> EdgeTerms:
+        return EdgeTerms(self.top1 + other.top1, self.smooth + other.smooth, self.pairs + other.pairs,
+                         self.coselect + other.coselect, self.top_k)
+
+    def graph(self, coselect_weight: float = 1.0, smoothing: float = 0.5, prior: float = 0.5) -> AffinityGraph:
+        """The AffinityGraph of one weighting (module docstring)."""
+        inter = self.top1.copy()
+        if smoothing > 0:
+            inter += smoothing * self.smooth
+        if prior > 0 and inter.shape[0] > 0:
+            inter += prior * (inter.sum() / max(self.pairs.sum(), 1e-300)) * self.pairs
+        intra = self.coselect * (coselect_weight / (self.top_k - 1)) if self.top_k > 1 else np.zeros_like(self.coselect)
+        return AffinityGraph(inter=inter, intra=intra)
+
+
+def edge_terms(trace: Trace, top1_weight: float = 1.0) -> EdgeTerms:
+    """The token sums of a trace [T, L, k] that every weighting of edge_weights combines.
 
     1. destinations of a token at layer l+1: its k experts, weight 1 (+ top1_weight for top-1);
-    2. sources at layer l: its top-1 (weight 1) and, times `smoothing`, all k experts with
-       renormalised gate weights;
-    3. inter[l] = pair weights of sources x destinations; intra[l] = co-selection / (k - 1);
-    4. add the rescaled gate-weighted all-pairs prior.
+    2. sources at layer l: its top-1 (weight 1) -> `top1`; all k experts with renormalised gate
+       weights -> `smooth`;
+    3. co-selection counts of the k experts at each layer but the first -> `coselect`;
+    4. gate-weighted transitions of all k x k pairs -> `pairs`.
     """
     t, num_layers, k = trace.topk_ids.shape
     e = trace.num_experts
@@ -90,21 +130,30 @@ def edge_weights(
     dst_w[:, 0] += top1_weight
     ones = np.ones((t, 1))
 
-    inter = np.zeros((max(num_layers - 1, 0), e, e))
-    intra = np.zeros((num_layers, e, e))
+    top1 = np.zeros((max(num_layers - 1, 0), e, e))
+    smooth = np.zeros_like(top1)
+    coselect = np.zeros((num_layers, e, e))
     for layer in range(1, num_layers):  # layer 0 is nobody's destination in the metrics
         dst = ids[:, layer]
         if k > 1:
-            co = pair_weights(dst, np.ones((t, k)), dst, np.ones((t, k)), e)
-            np.fill_diagonal(co, 0.0)
-            intra[layer] = co * (coselect_weight / (k - 1))
-        inter[layer - 1] = pair_weights(ids[:, layer - 1, :1], ones, dst, dst_w, e)
-        if smoothing > 0:
-            inter[layer - 1] += smoothing * pair_weights(ids[:, layer - 1], gate[:, layer - 1], dst, dst_w, e)
-    if prior > 0 and num_layers > 1:
-        pairs = gate_weighted_transitions(trace).inter
-        inter += prior * (inter.sum() / max(pairs.sum(), 1e-300)) * pairs
-    return AffinityGraph(inter=inter, intra=intra)
+            coselect[layer] = pair_weights(dst, np.ones((t, k)), dst, np.ones((t, k)), e)
+            np.fill_diagonal(coselect[layer], 0.0)
+        top1[layer - 1] = pair_weights(ids[:, layer - 1, :1], ones, dst, dst_w, e)
+        smooth[layer - 1] = pair_weights(ids[:, layer - 1], gate[:, layer - 1], dst, dst_w, e)
+    return EdgeTerms(top1=top1, smooth=smooth, pairs=gate_weighted_transitions(trace).inter, coselect=coselect,
+                     top_k=k)
+
+
+def edge_weights(
+    trace: Trace,
+    top1_weight: float = 1.0,
+    coselect_weight: float = 1.0,
+    smoothing: float = 0.5,
+    prior: float = 0.5,
+) -> AffinityGraph:
+    """Aggregate a trace [T, L, k] into an AffinityGraph (weights per token as in the docstring):
+    edge_terms(trace, top1_weight).graph(coselect_weight, smoothing, prior)."""
+    return edge_terms(trace, top1_weight).graph(coselect_weight, smoothing, prior)
 
 
 def gate_weighted_transitions(trace: Trace) -> AffinityGraph:

@@ -346,7 +346,8 @@ def total_slots_per_gpu(num_layers: int, num_experts: int, num_gpus: int, redund
 
 def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redundant: int = 0,
                       time_limit: float = 30.0, max_experts_per_gpu: int | None = None, num_groups: int = 1,
-                      progress: bool = True, max_experts_per_gpu_total: int | None = None) -> Placement:
+                      progress: bool = True, max_experts_per_gpu_total: int | None = None,
+                      tight_bound: bool = True) -> Placement:
     """Solve `balance` for loads float [L, E]: a Placement with bound, gap and EPLB comparison.
 
     1. per layer, candidates: LPT, EPLB (hierarchical and global when its rules allow; freed
@@ -360,7 +361,9 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
     4. objective = mean over layers of max / mean GPU load; bound from the per-layer bounds.
     The placement is deterministic unless the time limit cut a step short (recorded as
     solver.stopped_by_time_limit: a descent, or a candidate ILP without its proof); the ILP's
-    dual bound, hence the reported gap, may be tighter on a faster machine.
+    dual bound, hence the reported gap, may be tighter on a faster machine. tight_bound=False
+    skips the bound-only ILPs (up to 1 s a layer): the same placement, with the replication
+    bound only, for callers that use the placement and not its gap (the latency objective's start).
     """
     num_layers, num_experts = loads.shape
     if redundant > num_experts * (num_gpus - 1):
@@ -394,7 +397,7 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
         left = deadline - time.monotonic()
         candidate_ilp = nvars <= ILP_CANDIDATE_MAX_VARS
         cut_short |= candidate_ilp and left <= 0
-        if nvars <= ILP_MAX_VARS and left > 0:
+        if nvars <= ILP_MAX_VARS and left > 0 and (candidate_ilp or tight_bound):
             share = left / (num_layers - layer)
             copies, ilp_bound, timed_out = ilp_layer(w, num_gpus, slots, redundant,
                                                      share if candidate_ilp else min(1.0, share))

@@ -216,18 +216,23 @@ def alltoall_us(counts: np.ndarray, bytes_per_token: float, cost: CostModel, lin
     return float(np.maximum(side(1), side(0)).max())
 
 
-def layer_traffic(home: np.ndarray, gpus: np.ndarray, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
+def layer_traffic(home: np.ndarray, gpus: np.ndarray, num_gpus: int, group: np.ndarray | None = None,
+                  num_groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Token hidden states moved by one layer's dispatch and combine, float [G, G] each.
 
     home int [T] current GPU of each token; gpus int [T, k] GPUs serving its k experts (top-1 first).
+    With group int [T] (values < num_groups) the counts are kept per group of tokens, float
+    [num_groups, G, G] each, in the same pass.
     """
     new_home = gpus[:, 0]
     flat = num_gpus * num_gpus
     s, go = remote_mask(gpus, home)
     _, back = remote_mask(gpus, new_home)
-    dispatch = np.bincount((home[:, None] * num_gpus + s)[go], minlength=flat)
-    combine = np.bincount((s * num_gpus + new_home[:, None])[back], minlength=flat)
-    return dispatch.reshape(num_gpus, num_gpus).astype(np.float64), combine.reshape(num_gpus, num_gpus).astype(np.float64)
+    base = 0 if group is None else group[:, None] * flat
+    dispatch = np.bincount((base + home[:, None] * num_gpus + s)[go], minlength=flat * num_groups)
+    combine = np.bincount((base + s * num_gpus + new_home[:, None])[back], minlength=flat * num_groups)
+    shape = (num_gpus, num_gpus) if group is None else (num_groups, num_gpus, num_gpus)
+    return dispatch.reshape(shape).astype(np.float64), combine.reshape(shape).astype(np.float64)
 
 
 def layer_time(cost: CostModel, home: np.ndarray, gpus: np.ndarray, experts: np.ndarray, scale: float,

@@ -6,7 +6,8 @@ module implements `traffic` (docs/solver.md states it exactly):
 
     0. the regularisation of the edge weights (co-selection weight, smoothing = prior) chosen
        per trace by cross-validation inside the training tokens (select_weights), unless fixed;
-    1. edge weights from the training tokens (affinity.edge_weights);
+    1. edge weights from the training tokens (affinity.edge_terms, the token sums, re-weighted);
+       steps 2-5 are search_traffic on that graph, which cross-validation also runs per candidate;
     2. exact integer program (ilp.solve_window over all layers) when the model is small, after a
        heuristic incumbent; otherwise
     3. `restarts` greedy chainings, each improved by coordinate descent (optimal per-layer
@@ -22,7 +23,9 @@ the best placement found so far is always returned.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -36,7 +39,7 @@ from moeplace.placement import Placement, check_topology
 from moeplace.progress import Progress
 from moeplace.solve import ilp
 from moeplace.solve.affinity import (
-    distance_matrix, edge_weights, gate_weighted_transitions, placement_cost,
+    AffinityGraph, EdgeTerms, distance_matrix, edge_terms, gate_weighted_transitions, placement_cost,
 )
 from moeplace.solve.baselines import all_baselines, contiguous, random_balanced
 from moeplace.solve.heuristics import chain_init, coordinate_descent, perturb
@@ -93,8 +96,10 @@ def select_weights(
     deadline: float,
     fixed: dict[str, float | None],
     progress: bool = False,
-    **options: Any,
-) -> tuple[dict[str, float], dict[str, Any] | None]:
+    *,
+    node_cost: float = 2.0,
+    top1_weight: float = 1.0,
+) -> tuple[dict[str, float], dict[str, Any] | None, EdgeTerms | None]:
     """Edge-weight regularisation for `trace` [T, L, k], chosen by cross-validation on its tokens.
 
     How much to smooth the sparse transition counts depends on the trace (tokens per expert
@@ -111,9 +116,10 @@ def select_weights(
     Skipped (defaults, or the fixed values) when nothing is left to choose, when the trace has
     more than CV_MAX_TOKENS_PER_PAIR tokens per expert pair, when the model is large (L x E >
     4096, where one solve is expensive) or when the folds cannot be formed. Stops early, keeping
-    the best candidate so far, at `deadline`. `options` (node_cost, top1_weight) go to every solve.
+    the best candidate so far, at `deadline`. node_cost and top1_weight are those of the final solve.
 
-    Returns (weights: coselect_weight, smoothing, prior; a record for the placement JSON or None).
+    Returns (weights: coselect_weight, smoothing, prior; a record for the placement JSON or None;
+    the edge_terms of the whole trace when cross-validation computed them, else None).
     """
     free = [name for name, unset in (("coselect_weight", fixed["coselect_weight"] is None),
                                      ("shrinkage", fixed["smoothing"] is None or fixed["prior"] is None)) if unset]
@@ -122,7 +128,7 @@ def select_weights(
     fold = cv_folds(trace, CV_FOLDS, np.random.default_rng(seed))
     if not free or tokens_per_pair > CV_MAX_TOKENS_PER_PAIR or trace.num_layers * trace.num_experts > 4096 \
             or fold is None:
-        return weights, None
+        return weights, None, None
 
     # 1. candidates over the free knobs; "shrinkage" fills whichever of smoothing/prior is free
     candidates = []
@@ -138,22 +144,25 @@ def select_weights(
         ("cross_node_top1", "dest_nodes_topk") if num_gpus > gpus_per_node else ())
     contiguous_layout = contiguous(trace.num_layers, trace.num_experts, num_gpus)
 
-    # 2-3. fit on the other folds, score on the left-out one
-    splits = []
-    for f in range(CV_FOLDS):
-        held = trace.select_tokens(np.flatnonzero(fold == f))
-        base = evaluate(Placement(contiguous_layout, num_gpus, gpus_per_node), held)
-        splits.append((trace.select_tokens(np.flatnonzero(fold != f)), held, base))
+    # 2-3. fit on the other folds, score on the left-out one; the token sums of each fit are
+    # taken once (affinity.edge_terms) and every candidate only re-weights them
     bar = Progress("cross-validation", total=len(candidates), enabled=progress)
+    held_out = [trace.select_tokens(np.flatnonzero(fold == f)) for f in range(CV_FOLDS)]
+    own = [edge_terms(held, top1_weight) for held in held_out]  # each fold's own token sums
+    splits = []
+    for f, held in enumerate(held_out):
+        base = evaluate(Placement(contiguous_layout, num_gpus, gpus_per_node), held)
+        splits.append((functools.reduce(operator.add, own[:f] + own[f + 1:]), held, base))
     scores: list[float] = []
     for cand in candidates:
         if time.monotonic() > deadline:
             break  # out of time: compare the candidates scored so far
         score = 0.0
-        for fit, held, base in splits:
-            out = solve_traffic(fit, num_gpus, gpus_per_node, max(deadline - time.monotonic(), 0.0), seed, False,
-                                restarts=2, kicks=4, exact=False, **cand, **options)
-            m = evaluate(Placement(out.expert_to_gpu, num_gpus, gpus_per_node), held)
+        for terms, held, base in splits:
+            found = search_traffic(terms.graph(cand["coselect_weight"], cand["smoothing"], cand["prior"]),
+                                   num_gpus, gpus_per_node, node_cost, deadline, seed, restarts=2, kicks=4,
+                                   exact=False)
+            m = evaluate(Placement(found.expert_to_gpu, num_gpus, gpus_per_node), held)
             score += sum(m[k] / max(base[k], 1e-12) for k in metrics) / CV_FOLDS
         scores.append(score)
         bar.update(len(scores), f"candidate {len(scores)}/{len(candidates)}")
@@ -164,46 +173,44 @@ def select_weights(
     record = {"folds": CV_FOLDS, "by": "sequence" if trace.sequence_ids is not None else "token",
               "candidates": candidates, "scores": [round(x, 5) for x in scores], "chosen": best,
               "stopped_by_time_limit": len(scores) < len(candidates)}
-    return candidates[best], record
+    return candidates[best], record, functools.reduce(operator.add, own)
 
 
-def solve_traffic(
-    trace: Trace,
+@dataclass
+class SearchResult:
+    """What search_traffic found for one AffinityGraph."""
+
+    expert_to_gpu: np.ndarray  # int64 [L, E]
+    cost: float
+    bound: float
+    method: str
+    stats: dict[str, Any]
+    cut: bool  # work left undone at the deadline
+
+
+def search_traffic(
+    graph: AffinityGraph,
     num_gpus: int,
     gpus_per_node: int,
-    time_limit: float,
+    node_cost: float,
+    deadline: float,
     seed: int,
-    progress: bool = True,
-    *,
-    node_cost: float = 2.0,
-    top1_weight: float = 1.0,
-    coselect_weight: float | None = None,
-    smoothing: float | None = None,
-    prior: float | None = None,
-    restarts: int | None = None,
-    kicks: int | None = None,
+    restarts: int,
+    kicks: int,
     exact: bool = True,
-) -> SolveOutcome:
-    """Minimise the traffic objective (affinity.placement_cost) of `trace`; see the module doc.
+    progress: bool = False,
+) -> SearchResult:
+    """Steps 1-5 of the module docstring on a fixed graph: the placement of least
+    placement_cost, int64 [L, E], with a valid lower bound.
 
-    coselect_weight/smoothing/prior: None = chosen by select_weights (cross-validation).
-    restarts/kicks default by size (deterministic): 8/20 up to 4096 experts in all layers, else 2/4.
-    exact=False skips the whole-model ILP (heuristic search only).
+    The first greedy chaining always runs, even past `deadline` (it takes milliseconds), so a
+    time limit spent elsewhere (e.g. on cross-validation of a large trace) still returns a
+    placement built from the graph, never the bare contiguous start.
     """
-    start = time.monotonic()
-    large = trace.num_layers * trace.num_experts > 4096
-    restarts = (2 if large else 8) if restarts is None else restarts
-    kicks = (4 if large else 20) if kicks is None else kicks
-    deadline = start + time_limit
-    fixed = {"coselect_weight": coselect_weight, "smoothing": smoothing, "prior": prior}
-    weights, cv = select_weights(trace, num_gpus, gpus_per_node, seed, start + CV_TIME_SHARE * time_limit, fixed,
-                                 progress, node_cost=node_cost, top1_weight=top1_weight)
-    chosen_by = "cross-validation" if cv else "given" if None not in fixed.values() else "defaults"
-    coselect_weight, smoothing, prior = weights["coselect_weight"], weights["smoothing"], weights["prior"]
-    graph = edge_weights(trace, top1_weight, coselect_weight, smoothing, prior)
     distance = distance_matrix(num_gpus, gpus_per_node, node_cost)
     num_nodes = num_gpus // gpus_per_node
     rng = np.random.default_rng(seed)
+    start = time.monotonic()
     bar = Progress("solve", total=restarts + kicks, enabled=progress)
     stats: dict[str, Any] = {"restarts_run": 0, "kicks_run": 0, "kicks_accepted": 0, "layer_ilps": 0}
 
@@ -211,7 +218,7 @@ def solve_traffic(
     best = contiguous(graph.num_layers, graph.num_experts, num_gpus)
     best_cost = placement_cost(graph, best, distance)
     for r in range(restarts):
-        if time.monotonic() > deadline:
+        if r > 0 and time.monotonic() > deadline:
             break
         anchor = None if r == 0 else int(rng.integers(graph.num_layers))  # diversify restarts
         x = chain_init(graph, num_gpus, gpus_per_node, distance, rng, anchor)
@@ -266,13 +273,55 @@ def solve_traffic(
                 if cost < best_cost - 1e-9:
                     best, best_cost = res.expert_to_gpu, cost
     bar.close(f"cost {best_cost:.6g}, bound {bound:.6g}" if time.monotonic() - start > bar.after else "")
+    cut = method != "exact-ilp" and (stats["restarts_run"] < restarts or time.monotonic() > deadline
+                                     or (method.startswith("chain") and stats["kicks_run"] < kicks))
+    return SearchResult(best, best_cost, bound, method, stats, cut)
+
+
+def solve_traffic(
+    trace: Trace,
+    num_gpus: int,
+    gpus_per_node: int,
+    time_limit: float,
+    seed: int,
+    progress: bool = True,
+    *,
+    node_cost: float = 2.0,
+    top1_weight: float = 1.0,
+    coselect_weight: float | None = None,
+    smoothing: float | None = None,
+    prior: float | None = None,
+    restarts: int | None = None,
+    kicks: int | None = None,
+    exact: bool = True,
+) -> SolveOutcome:
+    """Minimise the traffic objective (affinity.placement_cost) of `trace`; see the module doc.
+
+    coselect_weight/smoothing/prior: None = chosen by select_weights (cross-validation).
+    restarts/kicks default by size (deterministic): 8/20 up to 4096 experts in all layers, else 2/4.
+    exact=False skips the whole-model ILP (heuristic search only).
+    """
+    start = time.monotonic()
+    large = trace.num_layers * trace.num_experts > 4096
+    restarts = (2 if large else 8) if restarts is None else restarts
+    kicks = (4 if large else 20) if kicks is None else kicks
+    deadline = start + time_limit
+    fixed = {"coselect_weight": coselect_weight, "smoothing": smoothing, "prior": prior}
+    weights, cv, terms = select_weights(trace, num_gpus, gpus_per_node, seed, start + CV_TIME_SHARE * time_limit,
+                                        fixed, progress, node_cost=node_cost, top1_weight=top1_weight)
+    chosen_by = "cross-validation" if cv else "given" if None not in fixed.values() else "defaults"
+    coselect_weight, smoothing, prior = weights["coselect_weight"], weights["smoothing"], weights["prior"]
+    terms = edge_terms(trace, top1_weight) if terms is None else terms  # the folds' sums add up to the trace's
+    graph = terms.graph(coselect_weight, smoothing, prior)
+    del terms
+    found = search_traffic(graph, num_gpus, gpus_per_node, node_cost, deadline, seed, restarts, kicks, exact, progress)
 
     elapsed = time.monotonic() - start
     return SolveOutcome(
-        expert_to_gpu=best,
+        expert_to_gpu=found.expert_to_gpu,
         objective={
             "name": "traffic",
-            "value": best_cost,
+            "value": found.cost,
             "node_cost": node_cost,
             "top1_weight": top1_weight,
             "coselect_weight": coselect_weight,
@@ -283,20 +332,18 @@ def solve_traffic(
             "definition": "docs/solver.md",
         },
         solver={
-            "method": method,
+            "method": found.method,
             "restarts": restarts,
             "kicks": kicks,
             "seed": seed,
             "time_limit_s": time_limit,
             "seconds": round(elapsed, 3),
             "cross_validation": cv,
-            "stopped_by_time_limit": bool(cv and cv["stopped_by_time_limit"]) or method != "exact-ilp" and (
-                stats["restarts_run"] < restarts or time.monotonic() > deadline
-                or (method.startswith("chain") and stats["kicks_run"] < kicks)),
-            **stats,
+            "stopped_by_time_limit": bool(cv and cv["stopped_by_time_limit"]) or found.cut,
+            **found.stats,
         },
-        bound=bound,
-        gap=relative_gap(best_cost, bound),
+        bound=found.bound,
+        gap=relative_gap(found.cost, found.bound),
     )
 
 
