@@ -313,7 +313,7 @@ def solve_traffic(
     coselect_weight, smoothing, prior = weights["coselect_weight"], weights["smoothing"], weights["prior"]
     terms = edge_terms(trace, top1_weight) if terms is None else terms  # the folds' sums add up to the trace's
     graph = terms.graph(coselect_weight, smoothing, prior)
-    del terms
+    del terms  # four [L, E, E] arrays the search does not need
     found = search_traffic(graph, num_gpus, gpus_per_node, node_cost, deadline, seed, restarts, kicks, exact, progress)
 
     elapsed = time.monotonic() - start
