@@ -162,9 +162,9 @@ class SearchModels:
         """(compute, dispatch, combine) of one layer for each model, float [3] each."""
         whole = self.all[0]
         ids, num_gpus, num_folds = whole.trace.topk_ids, whole.cost.cluster.num_gpus, len(self.all) - 1
-        gpus = e2g[layer][ids[:, layer]]
         if num_folds == 0:
             return [whole.layer(e2g, layer)]
+        gpus = e2g[layer][ids[:, layer]]
         home = self.fold_home0 if layer == 0 else e2g[layer - 1][ids[:, layer - 1, 0]]
         dispatch, combine = layer_traffic(home, gpus, num_gpus, self.fold, num_folds)  # [F, G, G] each
         own = layer_traffic(whole.home0, gpus, num_gpus) if layer == 0 else (dispatch.sum(0), combine.sum(0))
@@ -206,7 +206,7 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
         total_slots_per_gpu(trace.num_layers, trace.num_experts, num_gpus, 0, cap)  # C x G >= L x E, or a clear error
     token_folds = fold_tokens(trace.num_tokens, seed)
     models = SearchModels(model, token_folds)
-    folds = models.all[1:]
+    all_layers = list(range(trace.num_layers))
     bar = Progress("latency", enabled=progress)
 
     # 1. starts
@@ -214,12 +214,14 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
     balanced = balance_placement(trace.expert_loads(), num_gpus, gpus_per_node, 0, 0.3 * time_limit, progress=False,
                                  max_experts_per_gpu_total=cap, tight_bound=False)  # a start: its gap is not used
     starts = {"traffic": traffic.expert_to_gpu, "balance": balanced.expert_to_gpu}
-    scored = {name: model.weighted(model.all_layers(x)) for name, x in starts.items()}
-    by_fold = {name: np.array([f.weighted(f.all_layers(x)) for f in folds]) for name, x in starts.items()}
+    costs = {name: np.array([m.weighted(p) for m, p in zip(models.all, models.layers(x, all_layers))])
+             for name, x in starts.items()}  # [whole, *folds] per start
+    scored = {name: float(c[0]) for name, c in costs.items()}
+    by_fold = {name: c[1:] for name, c in costs.items()}
     switch = significant(scored["balance"] - scored["traffic"], by_fold["balance"] - by_fold["traffic"])
     start_name = "balance" if switch else "traffic"
     best = starts[start_name].copy()
-    parts = models.layers(best, list(range(trace.num_layers)))
+    parts = models.layers(best, all_layers)
     bar.update(0, f"start {start_name} {scored[start_name]:.1f}")
 
     # 2. per-layer LP on the surrogate, rounded, 3. swap descent (and cap moves), each through the acceptance rule
@@ -281,7 +283,7 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
         solver={"method": "starts+layer-lp+swap-descent" + ("+replication" if redundant else ""),
                 "start": start_name, "start_costs": {name: exact.weighted(exact.all_layers(x)) for name, x in starts.items()},
                 "search_costs": {"starts": scored, "final": searched},
-                "acceptance": {"z": Z_ACCEPT, "folds": len(folds), "loads": "shrunk"},
+                "acceptance": {"z": Z_ACCEPT, "folds": len(models.all) - 1, "loads": "shrunk"},
                 "slots_per_gpu": math.ceil((trace.num_experts + redundant) / num_gpus) if cap is None else None,
                 "equal_slots": cap is None and redundant % num_gpus == 0, "max_experts_per_gpu_total": cap,
                 "redundant_experts": redundant, "replicas_on": replicas_on, "seed": seed,
