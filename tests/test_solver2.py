@@ -368,6 +368,30 @@ def test_search_models_give_each_model_what_it_gives_alone() -> None:
         assert len(together) == 5
         for mine, model in zip(together, alone):
             np.testing.assert_array_equal(mine, model.layer(e2g, layer))
+    # a move counted incrementally (only the tokens it touches) gives what a full recount gives,
+    # for swaps at the first, a middle and the last layer, a whole new row, and moves at two layers
+    for folds_used in (folds, []):
+        models = SearchModels(LatencyModel(cm, trace, 1.0, smooth=True), folds_used)
+        best = e2g.copy()
+        models.reset(best)
+        for changed in ([0], [1], [2], [0, 1], [0, 2]):
+            cand = best.copy()
+            for layer in changed:
+                if layer == 1:
+                    cand[layer] = rng.permutation(cand[layer])
+                else:
+                    a, b = rng.choice(16, 2, replace=False)
+                    cand[layer, [a, b]] = cand[layer, [b, a]]
+            touched = sorted({t for layer in changed for t in (layer, layer + 1) if t < 3})
+            costs, counts = models.propose(best, cand, touched)
+            full = models.layers(cand, touched)
+            assert len(costs) == 1 + len(folds_used)
+            for got, want in zip(costs, full):
+                np.testing.assert_array_equal(got, want)
+            models.commit(touched, counts)  # the next move starts from this one
+            best = cand
+            for got, want in zip(models.counts, [models._count(best, layer) for layer in range(3)]):
+                np.testing.assert_array_equal(got, want)
     # the grouped counts are the per-group counts
     home, gpus = rng.integers(0, 4, 50), rng.integers(0, 4, (50, 3))
     group = rng.integers(0, 3, 50)

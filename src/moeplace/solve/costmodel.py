@@ -201,8 +201,9 @@ class LayerTimes:
         }
 
 
-def alltoall_us(counts: np.ndarray, bytes_per_token: float, cost: CostModel, links: np.ndarray | None = None) -> float:
-    """Time of one Alltoall phase: the slowest GPU's max(send, receive). counts float [G, G]."""
+def alltoall_us(counts: np.ndarray, bytes_per_token: float, cost: CostModel, links: np.ndarray | None = None) -> float | np.ndarray:
+    """Time of one Alltoall phase: the slowest GPU's max(send, receive). counts float [G, G] ->
+    float; a stack of them, float [M, G, G] -> float [M]."""
     c = cost.cluster
     links = cost.link_class() if links is None else links
     b = counts * bytes_per_token
@@ -213,7 +214,8 @@ def alltoall_us(counts: np.ndarray, bytes_per_token: float, cost: CostModel, lin
         lat = np.maximum(np.where(bi > 0, c.intra_latency_us, 0.0), np.where(bx > 0, c.inter_latency_us, 0.0))
         return np.maximum(bi / (c.intra_gbps * 1e3), bx / (c.inter_gbps * 1e3)) + lat  # GB/s = 1e3 bytes/us
 
-    return float(np.maximum(side(1), side(0)).max())
+    slowest = np.maximum(side(-1), side(-2)).max(-1)  # sends, receives
+    return float(slowest) if counts.ndim == 2 else slowest
 
 
 def layer_traffic(home: np.ndarray, gpus: np.ndarray, num_gpus: int, group: np.ndarray | None = None,

@@ -146,34 +146,125 @@ class SearchModels:
     fold, gives every fold's dispatch and combine counts, and their sum is the whole set's (the
     same integers as a pass of its own). Layer 0 is the exception: each fold starts its tokens
     on its own round-robin homes, so there the whole set gets a pass of its own.
+
+    Trial moves are counted incrementally (`propose`): the counts of the current placement are
+    kept (`reset`, `commit`), and a move re-counts only the tokens it touches: at a layer, those
+    selecting an expert it moved and those whose previous top-1 expert it moved (their home).
+    The counts are integers, so this gives the numbers of a full recount, bit for bit.
     """
 
     def __init__(self, whole: LatencyModel, token_folds: list[np.ndarray]) -> None:
         assert whole.loads is not None, "the search sees smoothed models"
-        self.all = [whole] + [LatencyModel(whole.cost, whole.trace.select_tokens(f), whole.w, smooth=True)
+        trace = whole.trace
+        self.all = [whole] + [LatencyModel(whole.cost, trace.select_tokens(f), whole.w, smooth=True)
                               for f in token_folds]
-        self.fold = np.zeros(whole.trace.num_tokens, dtype=np.int64)
-        self.fold_home0 = np.zeros(whole.trace.num_tokens, dtype=np.int64)
+        self.num_gpus, self.num_folds = whole.cost.cluster.num_gpus, len(token_folds)
+        self.fold = np.zeros(trace.num_tokens, dtype=np.int64)
+        self.fold_home0 = whole.home0.copy()  # each token's layer-0 home in its fold
         for f, (tokens, model) in enumerate(zip(token_folds, self.all[1:])):
             self.fold[tokens] = f
             self.fold_home0[tokens] = model.home0
+        self.ids = trace.topk_ids
+        self.selecting = [_tokens_by_expert(self.ids[:, layer], trace.num_experts) for layer in range(trace.num_layers)]
+        self.top1 = [_tokens_by_expert(self.ids[:, layer, :1], trace.num_experts) for layer in range(trace.num_layers)]
+        self.loads = np.stack([m.loads for m in self.all])  # type: ignore[misc]  # [M, L, E]
+        self.scales = np.array([m.scale for m in self.all])[:, None, None]
+        self.counts: list[np.ndarray] = []  # the current placement's, per layer (`_count`)
+
+    def _count(self, e2g: np.ndarray, layer: int, tokens: np.ndarray | slice = slice(None),
+               cand: np.ndarray | None = None) -> np.ndarray:
+        """Dispatch and combine token counts of one layer for each model from `tokens` (all by
+        default), float [2, M, G, G]; with `cand`, those of cand minus those of e2g."""
+        rows = [e2g] if cand is None else [e2g, cand]
+        ids = self.ids[tokens, layer]
+        gpus = np.concatenate([x[layer][ids] for x in rows])
+        if layer == 0:
+            homes = [self.fold_home0[tokens]] * len(rows)
+        else:
+            top1 = self.ids[tokens, layer - 1, 0]
+            homes = [x[layer - 1][top1] for x in rows]
+        fold, n = self.fold[tokens], len(rows)
+
+        def by_row(counts: tuple[np.ndarray, np.ndarray]) -> np.ndarray:  # [2, n * groups, G, G] -> [2, groups, G, G]
+            c = np.stack(counts).reshape(2, n, -1, self.num_gpus, self.num_gpus)
+            return c[:, 0] if n == 1 else c[:, 1] - c[:, 0]
+
+        if self.num_folds == 0:  # fold_home0 is the whole set's own
+            return by_row(layer_traffic(np.concatenate(homes), gpus, self.num_gpus, np.repeat(np.arange(n), len(fold)), n))
+        grouped = by_row(layer_traffic(np.concatenate(homes), gpus, self.num_gpus,
+                                       np.concatenate([fold + i * self.num_folds for i in range(n)]), n * self.num_folds))
+        if layer == 0:
+            whole = by_row(layer_traffic(np.concatenate([self.all[0].home0[tokens]] * n), gpus, self.num_gpus,
+                                         np.repeat(np.arange(n), len(fold)), n))
+        else:
+            whole = grouped.sum(1, keepdims=True)
+        return np.concatenate([whole, grouped], axis=1)
+
+    def _costs(self, e2g: np.ndarray, layer: int, counts: np.ndarray) -> np.ndarray:
+        """(compute, dispatch, combine) of one layer for each model from its counts [2, M, G, G]
+        (LatencyModel.from_counts, for all models at once), float [M, 3]."""
+        cost, links = self.all[0].cost, self.all[0].links
+        m, num_models = cost.model, len(self.all)
+        loads = self.loads[:, layer]  # [M, E]
+        at = (np.arange(num_models)[:, None] * self.num_gpus + e2g[layer][None, :]).ravel()
+        size = num_models * self.num_gpus
+        gpu_load = np.bincount(at, weights=loads.ravel(), minlength=size).reshape(num_models, -1)
+        active = np.bincount(at[loads.ravel() > 0], minlength=size).reshape(num_models, -1)
+        return np.stack([(m.expert_fixed_us * active + m.expert_us_per_token * gpu_load).max(1),
+                         alltoall_us(counts[0] * self.scales, m.hidden_size * m.dispatch_bytes, cost, links),
+                         alltoall_us(counts[1] * self.scales, m.hidden_size * m.combine_bytes, cost, links)], axis=1)
+
+    def _per_model(self, costs: list[np.ndarray]) -> list[np.ndarray]:
+        """Per-layer costs float [M, 3] each -> float [layers, 3] for each model."""
+        return list(np.stack(costs, axis=1))
 
     def layer(self, e2g: np.ndarray, layer: int) -> list[np.ndarray]:
         """(compute, dispatch, combine) of one layer for each model, float [3] each."""
-        whole = self.all[0]
-        ids, num_gpus, num_folds = whole.trace.topk_ids, whole.cost.cluster.num_gpus, len(self.all) - 1
-        if num_folds == 0:
-            return [whole.layer(e2g, layer)]
-        gpus = e2g[layer][ids[:, layer]]
-        home = self.fold_home0 if layer == 0 else e2g[layer - 1][ids[:, layer - 1, 0]]
-        dispatch, combine = layer_traffic(home, gpus, num_gpus, self.fold, num_folds)  # [F, G, G] each
-        own = layer_traffic(whole.home0, gpus, num_gpus) if layer == 0 else (dispatch.sum(0), combine.sum(0))
-        return [whole.from_counts(e2g, layer, *own)] + [
-            model.from_counts(e2g, layer, d, c) for model, d, c in zip(self.all[1:], dispatch, combine)]
+        return list(self._costs(e2g, layer, self._count(e2g, layer)))
 
     def layers(self, e2g: np.ndarray, layers: list[int]) -> list[np.ndarray]:
         """float [len(layers), 3] for each model."""
-        return [np.stack(rows) for rows in zip(*(self.layer(e2g, layer) for layer in layers))]
+        return self._per_model([self._costs(e2g, layer, self._count(e2g, layer)) for layer in layers])
+
+    def reset(self, e2g: np.ndarray) -> list[np.ndarray]:
+        """Make e2g the current placement; its float [L, 3] for each model."""
+        self.counts = [self._count(e2g, layer) for layer in range(e2g.shape[0])]
+        return self._per_model([self._costs(e2g, layer, c) for layer, c in enumerate(self.counts)])
+
+    def propose(self, e2g: np.ndarray, cand: np.ndarray, touched: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Layers `touched` of `cand`, which differs from the current placement e2g at no layer
+        outside `touched` and at none whose next layer is outside it: (float [len(touched), 3]
+        for each model, the counts to `commit` if cand is kept)."""
+        num_tokens = len(self.fold)
+        mark = np.zeros(num_tokens, dtype=bool)
+        new_counts = []
+        for layer in touched:
+            mark[:] = False
+            for e in np.flatnonzero(e2g[layer] != cand[layer]):
+                mark[self.selecting[layer][e]] = True
+            if layer > 0:
+                for e in np.flatnonzero(e2g[layer - 1] != cand[layer - 1]):
+                    mark[self.top1[layer - 1][e]] = True
+            tokens = np.flatnonzero(mark)
+            if len(tokens) == 0:
+                new_counts.append(self.counts[layer])
+            elif 2 * len(tokens) > num_tokens:  # cheaper to count them all
+                new_counts.append(self._count(cand, layer))
+            else:
+                new_counts.append(self.counts[layer] + self._count(e2g, layer, tokens, cand))
+        costs = self._per_model([self._costs(cand, layer, c) for layer, c in zip(touched, new_counts)])
+        return costs, new_counts
+
+    def commit(self, touched: list[int], new_counts: list[np.ndarray]) -> None:
+        for layer, c in zip(touched, new_counts):
+            self.counts[layer] = c
+
+
+def _tokens_by_expert(ids: np.ndarray, num_experts: int) -> list[np.ndarray]:
+    """The tokens selecting each expert: ids int [T, k] -> num_experts int arrays of token indices."""
+    order = np.argsort(ids.ravel(), kind="stable")
+    tokens = (order // ids.shape[1]).astype(np.int32 if len(ids) < 2**31 else np.int64)
+    return np.split(tokens, np.cumsum(np.bincount(ids.ravel(), minlength=num_experts))[:-1])
 
 
 def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: float, seed: int,
@@ -221,7 +312,7 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
     switch = significant(scored["balance"] - scored["traffic"], by_fold["balance"] - by_fold["traffic"])
     start_name = "balance" if switch else "traffic"
     best = starts[start_name].copy()
-    parts = models.layers(best, all_layers)
+    parts = models.reset(best)
     bar.update(0, f"start {start_name} {scored[start_name]:.1f}")
 
     # 2. per-layer LP on the surrogate, rounded, 3. swap descent (and cap moves), each through the acceptance rule
@@ -299,10 +390,11 @@ def _accept(models: SearchModels, best: np.ndarray, cand: np.ndarray, parts: lis
     """Replace `best` by `cand` (differs at `layers`) in place if the change passes the acceptance
     rule; parts[i] float [L, 3] of models.all[i] (all training tokens, then the folds) kept current."""
     touched = sorted({t for layer in layers for t in (layer, layer + 1) if t < best.shape[0]})
-    new = models.layers(cand, touched)
+    new, counts = models.propose(best, cand, touched)
     deltas = np.array([m.weighted(n) - m.weighted(p[touched]) for m, n, p in zip(models.all, new, parts)])
     if significant(deltas[0], deltas[1:]):
         best[layers] = cand[layers]
+        models.commit(touched, counts)
         for p, n in zip(parts, new):
             p[touched] = n
         return True
@@ -314,13 +406,13 @@ def _swap_descent(models: SearchModels, best: np.ndarray, parts: list[np.ndarray
     """Swap two experts of `layer` on different GPUs while the exact cost drops: one expert from
     the GPU with the most compute or traffic, the other at random. Returns swaps accepted."""
     model = models.all[0]
-    ids = model.trace.topk_ids
+    expert_load = model.trace.expert_loads()[layer]  # integer counts: the GPU sums below are exact
     accepted = 0
     for _ in range(tries):
         if time.monotonic() > deadline:
             break
         row = best[layer]
-        load = np.bincount(row[ids[:, layer]].ravel(), minlength=model.cost.cluster.num_gpus)
+        load = np.bincount(row, weights=expert_load, minlength=model.cost.cluster.num_gpus)
         hot = np.flatnonzero(row == np.argmax(load)) if rng.random() < 0.5 else np.arange(len(row))
         a = int(rng.choice(hot))
         others = np.flatnonzero(row != row[a])
