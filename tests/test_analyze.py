@@ -137,6 +137,24 @@ def test_shuffled_trace_mi_is_within_its_baseline() -> None:
             assert abs(row["capture"]["1"] - row["capture_baseline"]["1"]) < 0.05
 
 
+def test_baseline_on_threads_is_the_serial_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shuffles are counted on one thread per CPU; the baseline is the same, bit for bit, as
+    one thread counting them in order (and as the shuffles of shuffle_perms counted by hand)."""
+    from moeplace.analyze import affinity as aff_mod
+
+    t = planted(512, num_experts=8)
+    monkeypatch.setattr(aff_mod, "available_cpus", lambda: 3)
+    threaded = affinity(t, num_shuffles=5, seed=2)
+    monkeypatch.setattr(aff_mod, "available_cpus", lambda: 1)
+    serial = affinity(t, num_shuffles=5, seed=2)
+    assert threaded["modes"] == serial["modes"]
+    perms = aff_mod.shuffle_perms(t.num_tokens, 5, 2)
+    mi = np.stack([mutual_information(transition_counts(t, "gated", p)) for p in perms])
+    for pair, row in enumerate(threaded["modes"]["gated"]["per_pair"]):
+        assert row["mi_baseline"] == float(mi[:, pair].mean())
+        assert row["mi_baseline_std"] == float(mi[:, pair].std())
+
+
 def test_one_layer_and_top1_traces() -> None:
     one_layer = make_trace(np.arange(8).reshape(8, 1, 1) % 4, num_experts=4)
     assert affinity(one_layer, 2)["modes"] == {}
