@@ -400,3 +400,26 @@ def test_search_models_give_each_model_what_it_gives_alone() -> None:
         mine = group == g
         for got, want in zip(grouped, layer_traffic(home[mine], gpus[mine], 4)):
             np.testing.assert_array_equal(got[g], want)
+
+
+def test_latency_lp_step_is_not_solved_again_where_nothing_it_reads_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer's LP step is skipped while the layer, its neighbours and its count range are what
+    they were when its rounding was refused: the same placement as solving it every time, with
+    fewer LPs."""
+    from moeplace.solve import latency
+
+    trace, _ = planted_trace(600, 4, 32, 4, 8, 8, seed=3)
+    cm = load_cost_model(ROOT / "configs/cluster/h100-1x8-nvlink.yaml", MODEL)
+    solved: list[int] = []
+    lp = latency._layer_lp
+    monkeypatch.setattr(latency, "_layer_lp", lambda *a: solved.append(a[2]) or lp(*a))
+    remembered = latency.solve_latency(trace, 8, 8, 60.0, 0, False, cost=cm)
+    with_memo = len(solved)
+    solved.clear()
+    fresh = iter(range(10**6))
+    monkeypatch.setattr(latency, "_lp_inputs", lambda *a: str(next(fresh)).encode())  # never the same
+    every_time = latency.solve_latency(trace, 8, 8, 60.0, 0, False, cost=cm)
+    assert remembered.solver["stopped_by_time_limit"] is False and remembered.solver["sweeps"] >= 2
+    assert remembered.expert_to_gpu.tolist() == every_time.expert_to_gpu.tolist()
+    assert remembered.solver == {**every_time.solver, "seconds": remembered.solver["seconds"]}
+    assert 0 < with_memo < len(solved) == 4 * every_time.solver["sweeps"]

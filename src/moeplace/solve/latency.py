@@ -319,18 +319,27 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
     stats = {"lp_accepted": 0, "swaps_accepted": 0, "sweeps": 0} | ({"cap_moves_accepted": 0} if cap is not None else {})
     rng = np.random.default_rng(seed)
     small = trace.num_experts * num_gpus <= LAYER_LP_MAX_VARS
+    lp_refused: dict[int, bytes] = {}  # layer -> its neighbourhood when its LP step was refused
     for sweep in range(20):
         improved = False
         for layer in range(trace.num_layers):
             if time.monotonic() > deadline:
                 break
             if small:
-                cand = best.copy()
-                cand[layer] = _layer_lp(model, best, layer, max(0.05, deadline - time.monotonic()),
-                                        count_range(best, layer, num_gpus, cap))
-                if _accept(models, best, cand, parts, [layer]):
-                    stats["lp_accepted"] += 1
-                    improved = True
+                counts = count_range(best, layer, num_gpus, cap)
+                # the LP and the test of its rounding read only this layer, its neighbours and the
+                # count range: if none changed since the LP here was refused, it would be again
+                seen = _lp_inputs(best, layer, counts)
+                row = None if lp_refused.get(layer) == seen else \
+                    _layer_lp(model, best, layer, max(0.05, deadline - time.monotonic()), counts)
+                if row is not None:
+                    cand = best.copy()
+                    cand[layer] = row
+                    if _accept(models, best, cand, parts, [layer]):
+                        stats["lp_accepted"] += 1
+                        improved = True
+                    else:
+                        lp_refused[layer] = seen
             n = _swap_descent(models, best, parts, layer, rng, deadline)
             stats["swaps_accepted"] += n
             improved |= n > 0
@@ -470,11 +479,16 @@ def _cap_moves(models: SearchModels, best: np.ndarray, parts: list[np.ndarray], 
     return accepted
 
 
+def _lp_inputs(e2g: np.ndarray, layer: int, counts: tuple[np.ndarray, np.ndarray]) -> bytes:
+    """What the LP step at `layer` and the test of its rounding read of the placement."""
+    return b"".join(a.tobytes() for a in (e2g[max(0, layer - 1):layer + 2], *counts))
+
+
 def _layer_lp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: float,
-              counts: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+              counts: tuple[np.ndarray, np.ndarray]) -> np.ndarray | None:
     """Re-place one layer given its neighbours: the LP relaxation of the linear surrogate of the
     module docstring (GPU g holding between counts[0][g] and counts[1][g] experts, count_range),
-    rounded by `round_assignment`. Returns int [E]: the new row, or the old one if unsolved.
+    rounded by `round_assignment`. Returns int [E]: the new row, or None if unsolved.
 
     An LP and not the MILP: HiGHS needs seconds per layer to close the MILP, so a MILP step
     would be cut by a time limit, and its incumbent (hence the placement) would depend on the
@@ -529,7 +543,7 @@ def _layer_lp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: floa
                                        for e in range(num_experts) for p in peers if flow[e, g])
     prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit, threads=1))
     if pulp.LpStatus[prob.status] != "Optimal":
-        return e2g[layer].copy()
+        return None
     frac = np.array([[x[e, g].varValue or 0.0 for g in range(num_gpus)] for e in range(num_experts)])
     return round_assignment(frac, least, most)
 
