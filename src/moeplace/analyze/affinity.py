@@ -274,7 +274,8 @@ def affinity(trace: Trace, num_shuffles: int = 8, seed: int = 0, progress: Any =
     out: dict[str, Any] = {"log_num_experts": float(np.log(trace.num_experts)), "shuffles": num_shuffles,
                            "seed": seed, "modes": {}, "conditional": {}}
     done = 0
-    with ThreadPoolExecutor(max(1, min(num_shuffles, available_cpus()))) as pool:
+    pool = ThreadPoolExecutor(max(1, min(num_shuffles, available_cpus())))
+    try:
         for mode in modes:
             arrays = mode_arrays(trace, mode)
             counts = transition_counts(trace, mode, arrays=arrays)
@@ -288,6 +289,8 @@ def affinity(trace: Trace, num_shuffles: int = 8, seed: int = 0, progress: Any =
             out["modes"][mode] = {"per_pair": per_pair, "mean": mean_stats(per_pair)}
             out["conditional"][mode] = conditional(counts).astype(np.float32)
             done += 1
+    finally:  # on Ctrl-C, drop the shuffles not started rather than count them first
+        pool.shutdown(wait=True, cancel_futures=True)
     return out
 
 
