@@ -140,12 +140,13 @@ def test_shuffled_trace_mi_is_within_its_baseline() -> None:
 def test_baseline_on_threads_is_the_serial_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """The shuffles are counted on one thread per CPU; the baseline is the same, bit for bit, as
     one thread counting them in order (and as the shuffles of shuffle_perms counted by hand)."""
+    from moeplace import parallel
     from moeplace.analyze import affinity as aff_mod
 
     t = planted(512, num_experts=8)
-    monkeypatch.setattr(aff_mod, "available_cpus", lambda: 3)
+    monkeypatch.setattr(parallel, "available_cpus", lambda: 3)
     threaded = affinity(t, num_shuffles=5, seed=2)
-    monkeypatch.setattr(aff_mod, "available_cpus", lambda: 1)
+    monkeypatch.setattr(parallel, "available_cpus", lambda: 1)
     serial = affinity(t, num_shuffles=5, seed=2)
     assert threaded["modes"] == serial["modes"]
     perms = aff_mod.shuffle_perms(t.num_tokens, 5, 2)

@@ -17,13 +17,12 @@ both marginals and the sample size and destroys the pairing.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
 import numpy as np
 
+from moeplace.parallel import thread_map
 from moeplace.trace.format import Trace
 
 MODES = ("top1", "topk", "gated")
@@ -266,42 +265,33 @@ def affinity(trace: Trace, num_shuffles: int = 8, seed: int = 0, progress: Any =
     Returns {"modes": {mode: {"per_pair": [...], "mean": {...}}}, "log_num_experts": log E,
     "shuffles": S, "seed": seed}; and the conditional matrices P(j | i) float32 [L-1, E, E] per
     mode under "conditional" (arrays, for figures; not JSON). The shuffles are counted on up to
-    one thread per CPU (np.bincount releases the GIL; each count is the same as alone), with one
-    shuffled [L-1, E, E] count array alive per thread.
+    one thread per CPU (parallel.thread_map), with one shuffled [L-1, E, E] count array alive
+    per thread.
     """
     modes = trace_modes(trace) if trace.num_layers > 1 else ()
     perms = shuffle_perms(trace.num_tokens, num_shuffles, seed)
     out: dict[str, Any] = {"log_num_experts": float(np.log(trace.num_experts)), "shuffles": num_shuffles,
                            "seed": seed, "modes": {}, "conditional": {}}
     done = 0
-    pool = ThreadPoolExecutor(max(1, min(num_shuffles, available_cpus())))
-    try:
-        for mode in modes:
-            arrays = mode_arrays(trace, mode)
-            counts = transition_counts(trace, mode, arrays=arrays)
-            baseline = []
-            for stats in pool.map(partial(_shuffled, trace, mode, arrays), perms):  # in order, as alone
-                baseline.append(stats)
-                done += 1
-                if progress is not None:
-                    progress.update(done, f"{mode} shuffle {len(baseline)}/{num_shuffles}")
-            per_pair = pair_stats(counts, baseline, trace.num_experts)
-            out["modes"][mode] = {"per_pair": per_pair, "mean": mean_stats(per_pair)}
-            out["conditional"][mode] = conditional(counts).astype(np.float32)
+    for mode in modes:
+        arrays = mode_arrays(trace, mode)
+        counts = transition_counts(trace, mode, arrays=arrays)
+        baseline = []
+        for stats in thread_map(partial(_shuffled, trace, mode, arrays), perms):
+            baseline.append(stats)
             done += 1
-    finally:  # on Ctrl-C, drop the shuffles not started rather than count them first
-        pool.shutdown(wait=True, cancel_futures=True)
+            if progress is not None:
+                progress.update(done, f"{mode} shuffle {len(baseline)}/{num_shuffles}")
+        per_pair = pair_stats(counts, baseline, trace.num_experts)
+        out["modes"][mode] = {"per_pair": per_pair, "mean": mean_stats(per_pair)}
+        out["conditional"][mode] = conditional(counts).astype(np.float32)
+        done += 1
     return out
 
 
 def _shuffled(trace: Trace, mode: str, arrays: tuple[np.ndarray, np.ndarray | None],
               perm: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     return shuffled_stats(transition_counts(trace, mode, perm, arrays), trace.num_experts)
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def mean_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from threadpoolctl import threadpool_limits
 
 from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import evaluate
+from moeplace.parallel import thread_map
 from moeplace.placement import Placement, check_topology
 from moeplace.progress import Progress
 from moeplace.solve import ilp
@@ -148,7 +149,7 @@ def select_weights(
     # taken once (affinity.edge_terms) and every candidate only re-weights them
     bar = Progress("cross-validation", total=len(candidates), enabled=progress)
     held_out = [trace.select_tokens(np.flatnonzero(fold == f)) for f in range(CV_FOLDS)]
-    own = [edge_terms(held, top1_weight) for held in held_out]  # each fold's own token sums
+    own = list(thread_map(functools.partial(edge_terms, top1_weight=top1_weight), held_out))  # each fold's token sums
     splits = []
     for f, held in enumerate(held_out):
         base = evaluate(Placement(contiguous_layout, num_gpus, gpus_per_node), held)
