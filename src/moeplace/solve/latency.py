@@ -118,24 +118,30 @@ class LatencyModel:
         gpus = e2g[layer][ids[:, layer]]
         if self.loads is None:
             return np.array(layer_time(self.cost, home, gpus, ids[:, layer], self.scale, self.links))
-        return self.from_counts(e2g, layer, *layer_traffic(home, gpus, self.cost.cluster.num_gpus))
-
-    def from_counts(self, e2g: np.ndarray, layer: int, dispatch: np.ndarray, combine: np.ndarray) -> np.ndarray:
-        """(compute, dispatch, combine) of one layer of a smoothed model from its token counts
-        [G, G] (costmodel.layer_traffic): the compute term comes from the shrunk loads."""
-        assert self.loads is not None
-        m, num_gpus = self.cost.model, self.cost.cluster.num_gpus
-        gpu_load = np.bincount(e2g[layer], weights=self.loads[layer], minlength=num_gpus)
-        active = np.bincount(e2g[layer][self.loads[layer] > 0], minlength=num_gpus)
-        return np.array([float((m.expert_fixed_us * active + m.expert_us_per_token * gpu_load).max()),
-                         alltoall_us(dispatch * self.scale, m.hidden_size * m.dispatch_bytes, self.cost, self.links),
-                         alltoall_us(combine * self.scale, m.hidden_size * m.combine_bytes, self.cost, self.links)])
+        counts = np.stack(layer_traffic(home, gpus, self.cost.cluster.num_gpus))[:, None]  # [2, 1, G, G]
+        return smoothed_costs(self.cost, self.links, e2g[layer], self.loads[layer][None], np.array([self.scale]), counts)[0]
 
     def weighted(self, parts: np.ndarray) -> float:
         return float(self.w * parts[..., 0].sum() + parts[..., 1:].sum())
 
     def all_layers(self, e2g: np.ndarray) -> np.ndarray:
         return np.stack([self.layer(e2g, layer) for layer in range(e2g.shape[0])])  # [L, 3]
+
+
+def smoothed_costs(cost: CostModel, links: np.ndarray, row: np.ndarray, loads: np.ndarray, scales: np.ndarray,
+                   counts: np.ndarray) -> np.ndarray:
+    """(compute, dispatch, combine) of one layer placed as row int [E] for M smoothed models,
+    float [M, 3]: compute from each model's shrunk loads float [M, E] (already scaled to the
+    batch), dispatch and combine from its token counts float [2, M, G, G] (costmodel.layer_traffic)
+    scaled by scales float [M]."""
+    m, (num_models, num_gpus) = cost.model, (len(loads), links.shape[0])
+    at = (np.arange(num_models)[:, None] * num_gpus + row[None, :]).ravel()  # (model, GPU) of each expert
+    gpu_load = np.bincount(at, weights=loads.ravel(), minlength=num_models * num_gpus).reshape(num_models, -1)
+    active = np.bincount(at[loads.ravel() > 0], minlength=num_models * num_gpus).reshape(num_models, -1)
+    volume = counts * scales[None, :, None, None]
+    return np.stack([(m.expert_fixed_us * active + m.expert_us_per_token * gpu_load).max(1),
+                     alltoall_us(volume[0], m.hidden_size * m.dispatch_bytes, cost, links),
+                     alltoall_us(volume[1], m.hidden_size * m.combine_bytes, cost, links)], axis=1)
 
 
 class SearchModels:
@@ -168,7 +174,7 @@ class SearchModels:
         self.selecting = [_tokens_by_expert(self.ids[:, layer], trace.num_experts) for layer in range(trace.num_layers)]
         self.top1 = [_tokens_by_expert(self.ids[:, layer, :1], trace.num_experts) for layer in range(trace.num_layers)]
         self.loads = np.stack([m.loads for m in self.all])  # type: ignore[misc]  # [M, L, E]
-        self.scales = np.array([m.scale for m in self.all])[:, None, None]
+        self.scales = np.array([m.scale for m in self.all])
         self.counts: list[np.ndarray] = []  # the current placement's, per layer (`_count`)
 
     def _count(self, e2g: np.ndarray, layer: int, tokens: np.ndarray | slice = slice(None),
@@ -201,18 +207,9 @@ class SearchModels:
         return np.concatenate([whole, grouped], axis=1)
 
     def _costs(self, e2g: np.ndarray, layer: int, counts: np.ndarray) -> np.ndarray:
-        """(compute, dispatch, combine) of one layer for each model from its counts [2, M, G, G]
-        (LatencyModel.from_counts, for all models at once), float [M, 3]."""
-        cost, links = self.all[0].cost, self.all[0].links
-        m, num_models = cost.model, len(self.all)
-        loads = self.loads[:, layer]  # [M, E]
-        at = (np.arange(num_models)[:, None] * self.num_gpus + e2g[layer][None, :]).ravel()
-        size = num_models * self.num_gpus
-        gpu_load = np.bincount(at, weights=loads.ravel(), minlength=size).reshape(num_models, -1)
-        active = np.bincount(at[loads.ravel() > 0], minlength=size).reshape(num_models, -1)
-        return np.stack([(m.expert_fixed_us * active + m.expert_us_per_token * gpu_load).max(1),
-                         alltoall_us(counts[0] * self.scales, m.hidden_size * m.dispatch_bytes, cost, links),
-                         alltoall_us(counts[1] * self.scales, m.hidden_size * m.combine_bytes, cost, links)], axis=1)
+        """float [M, 3]: smoothed_costs of every model from its counts [2, M, G, G]."""
+        whole = self.all[0]
+        return smoothed_costs(whole.cost, whole.links, e2g[layer], self.loads[:, layer], self.scales, counts)
 
     def _per_model(self, costs: list[np.ndarray]) -> list[np.ndarray]:
         """Per-layer costs float [M, 3] each -> float [layers, 3] for each model."""
