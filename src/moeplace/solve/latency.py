@@ -171,6 +171,7 @@ class SearchModels:
             self.fold[tokens] = f
             self.fold_home0[tokens] = model.home0
         self.ids = trace.topk_ids
+        self.selections = trace.expert_loads()  # [L, E] token-expert selections (integers)
         self.selecting = [_tokens_by_expert(self.ids[:, layer], trace.num_experts) for layer in range(trace.num_layers)]
         self.top1 = [_tokens_by_expert(self.ids[:, layer, :1], trace.num_experts) for layer in range(trace.num_layers)]
         self.loads = np.stack([m.loads for m in self.all])  # type: ignore[misc]  # [M, L, E]
@@ -412,7 +413,7 @@ def _swap_descent(models: SearchModels, best: np.ndarray, parts: list[np.ndarray
     """Swap two experts of `layer` on different GPUs while the exact cost drops: one expert from
     the GPU with the most compute or traffic, the other at random. Returns swaps accepted."""
     model = models.all[0]
-    expert_load = model.trace.expert_loads()[layer]  # integer counts: the GPU sums below are exact
+    expert_load = models.selections[layer]  # integers: the GPU sums below are exact
     accepted = 0
     for _ in range(tries):
         if time.monotonic() > deadline:
@@ -448,7 +449,7 @@ def _cap_moves(models: SearchModels, best: np.ndarray, parts: list[np.ndarray], 
     layer where a has the most spare load (so totals stay put). Returns moves accepted."""
     model = models.all[0]
     num_gpus = model.cost.cluster.num_gpus
-    expert_load = model.trace.expert_loads()  # [L, E]
+    expert_load = models.selections  # [L, E]
     accepted = 0
     for _ in range(tries if num_gpus > 1 else 0):
         if time.monotonic() > deadline:
