@@ -196,10 +196,11 @@ class SearchModels:
             c = np.stack(counts).reshape(2, n, -1, self.num_gpus, self.num_gpus)
             return c[:, 0] if n == 1 else c[:, 1] - c[:, 0]
 
-        if self.num_folds == 0:  # fold_home0 is the whole set's own
-            return by_row(layer_traffic(np.concatenate(homes), gpus, self.num_gpus, np.repeat(np.arange(n), len(fold)), n))
+        groups = max(self.num_folds, 1)  # no folds: one group, all tokens, on the whole set's homes
         grouped = by_row(layer_traffic(np.concatenate(homes), gpus, self.num_gpus,
-                                       np.concatenate([fold + i * self.num_folds for i in range(n)]), n * self.num_folds))
+                                       np.concatenate([fold + i * groups for i in range(n)]), n * groups))
+        if self.num_folds == 0:
+            return grouped
         if layer == 0:
             whole = by_row(layer_traffic(np.concatenate([self.all[0].home0[tokens]] * n), gpus, self.num_gpus,
                                          np.repeat(np.arange(n), len(fold)), n))
