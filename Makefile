@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRACE ?= traces/flame-moe-290m-decoder.npz
 OUT ?= out
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
@@ -19,6 +19,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+lint:  # pyflakes-level errors and the type hints (mypy settings in pyproject.toml)
+	@$(PY) -m pip install -q -e ".[lint]"
+	$(PY) -m ruff check --select F,E9 src tests scripts
+	$(PY) -m mypy
 
 bench: install
 	$(PY) scripts/bench_solve.py

@@ -93,7 +93,7 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
 def save_npz_atomic(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object stops numpy appending '.npz' to the name
-            np.savez_compressed(f, **arrays)
+            np.savez_compressed(f, allow_pickle=False, **arrays)  # never write object arrays
 
 
 def _json_default(obj: Any) -> Any:

@@ -146,7 +146,7 @@ def pair_counts(
         cell = cur_ids[sl] * e + pair_base
         np.add(cell[:, :, :, None], np.ascontiguousarray(nxt_ids[rows])[:, :, None, :], out=index[:n])
         w = None
-        if weights is not None:
+        if weights is not None and cur_mass is not None and nxt_mass is not None:
             cw, nw = np.ascontiguousarray(cur_mass[sl]), np.ascontiguousarray(nxt_mass[rows])
             w = np.multiply(cw[:, :, :, None], nw[:, :, None, :], out=weights[:n]).ravel()
         counts += np.bincount(index[:n].ravel(), weights=w, minlength=p * e * e)

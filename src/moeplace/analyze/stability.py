@@ -44,10 +44,11 @@ def split_halves(trace: Trace, seed: int) -> tuple[Trace, Trace, dict[str, Any]]
     Splitting by sequence keeps a sequence's tokens together, so the halves do not share
     context (neighbouring tokens of one text route alike and would flatter the stability).
     """
-    seqs = None if trace.sequence_ids is None else np.unique(trace.sequence_ids)
-    if seqs is not None and len(seqs) >= 2:
+    seq_ids = trace.sequence_ids
+    seqs = None if seq_ids is None else np.unique(seq_ids)
+    if seq_ids is not None and seqs is not None and len(seqs) >= 2:
         perm = np.random.default_rng(seed).permutation(seqs)
-        in_a = np.isin(trace.sequence_ids, perm[: len(seqs) // 2])
+        in_a = np.isin(seq_ids, perm[: len(seqs) // 2])
         idx_a, idx_b = np.flatnonzero(in_a), np.flatnonzero(~in_a)
         by = "sequence"
     else:

@@ -71,7 +71,7 @@ def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_f
                         trace_name=str(trace_path), metric_fns=metric_fns)
 
 
-_LIMIT = dict(type=NON_NEGATIVE, default=None, metavar="X")
+_LIMIT: dict[str, Any] = dict(type=NON_NEGATIVE, default=None, metavar="X")
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -109,7 +109,11 @@ def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str 
     if model_dir is not None and hidden_size is not None:
         raise MoeplaceError("give --hidden-size or --model, not both")
     b = ELEMENT_BYTES[dtype or "bf16"]
-    shape = read_model_shape(model_dir) if model_dir is not None else {"hidden_size": hidden_size}
+    if model_dir is not None:
+        shape = read_model_shape(model_dir)
+    else:
+        assert hidden_size is not None  # one of the two, checked above
+        shape = {"hidden_size": hidden_size}
     kv = None
     if "num_kv_heads" in shape:  # kv_sync row per decoder layer: [k | v] + int32 slot, position, layer
         kv = shape["num_layers"] * (2 * shape["num_kv_heads"] * shape["head_dim"] * b + 12)

@@ -134,7 +134,8 @@ def build_report(
     layouts: dict[str, Placement] = {"placement": placement}
     g, gpn = placement.num_gpus, placement.gpus_per_node
     if seed is None:
-        seed = placement.solver.get("seed") if isinstance(placement.solver.get("seed"), int) else 0
+        fitted_seed = placement.solver.get("seed")
+        seed = fitted_seed if isinstance(fitted_seed, int) else 0
     if g <= trace.num_experts:  # uneven E / G: the first E % G GPUs hold one more (baselines.py)
         for name, e2g in all_baselines(fit.expert_loads(), g, seed).items():
             layouts[name] = Placement(e2g, num_gpus=g, gpus_per_node=gpn)

@@ -78,6 +78,7 @@ def read_vllm(path: str | Path, num_gpus: int | None, gpus_per_node: int | None)
     """
     p = Path(path)
     doc = read_document(p)
+    file_gpus: Any
     if "layer_list" in doc:
         table, file_gpus = _ascend_table(doc, p)
     elif "physical_to_logical_map" in doc:

@@ -122,13 +122,14 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[st
             entries[name] = TensorEntry(str(info["dtype"]), tuple(int(d) for d in info["shape"]), base + begin, base + end)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: malformed safetensors header entry ({e!r})") from None
-    for name, e in entries.items():
-        bits = _DTYPE_BITS.get(e.dtype)
+    for name, entry in entries.items():
+        bits = _DTYPE_BITS.get(entry.dtype)
         if bits is None:
-            raise CheckpointError(f"{path}: tensor {name} has unknown dtype {e.dtype!r}")
-        if (e.end - e.begin) * 8 != bits * math.prod(e.shape):
-            raise CheckpointError(f"{path}: tensor {name} holds {e.end - e.begin} bytes, but {e.dtype} "
-                                  f"{list(e.shape)} needs {bits * math.prod(e.shape) / 8:g} (corrupt header)")
+            raise CheckpointError(f"{path}: tensor {name} has unknown dtype {entry.dtype!r}")
+        nbytes, shape = entry.end - entry.begin, list(entry.shape)
+        if nbytes * 8 != bits * math.prod(shape):
+            raise CheckpointError(f"{path}: tensor {name} holds {nbytes} bytes, but {entry.dtype} "
+                                  f"{shape} needs {bits * math.prod(shape) / 8:g} (corrupt header)")
     end = max((e.end for e in entries.values()), default=base)
     if end > size or any(e.begin > e.end or e.begin < base for e in entries.values()):
         raise CheckpointError(f"{path}: truncated or corrupt: tensor data runs past the end of the file ({size} bytes)")

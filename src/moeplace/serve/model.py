@@ -140,7 +140,7 @@ def _check_config(s: ModelSpec, shapes: dict[str, tuple[int, ...]]) -> None:
         raise MoeplaceError(f"{s.path}: config.json num_key_value_heads {s.num_kv_heads} does not divide "
                             f"num_attention_heads {s.num_heads}")
     p = "model.layers.0"
-    expect = {
+    expect: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (s.vocab_size, s.hidden_size),
         f"{p}.self_attn.q_proj.weight": (s.num_heads * s.head_dim, s.hidden_size),
         f"{p}.self_attn.k_proj.weight": (s.num_kv_heads * s.head_dim, s.hidden_size),
@@ -241,18 +241,19 @@ class RankModel:
         self.embed = self._get("model.embed_tokens.weight")
         self.lm_head = self.embed if s.tie_embeddings else self._get("lm_head.weight")
         self.final_norm = self._get("model.norm.weight")
-        self.layers: list[dict[str, torch.Tensor | None]] = []
+        # per decoder layer; optional tensors (biases, q/k norms) are absent keys, read with .get
+        self.layers: list[dict[str, torch.Tensor]] = []
         for i in range(s.num_layers):
             p = f"model.layers.{i}"
-            w: dict[str, torch.Tensor | None] = {
+            w: dict[str, torch.Tensor] = {
                 "in_norm": self._get(f"{p}.input_layernorm.weight"),
                 "post_norm": self._get(f"{p}.post_attention_layernorm.weight"),
             }
             for n in ("q", "k", "v", "o"):
                 w[n] = self._get(f"{p}.self_attn.{n}_proj.weight")
-                w[n + "_bias"] = self._maybe(f"{p}.self_attn.{n}_proj.bias")
-            w["q_norm"] = self._maybe(f"{p}.self_attn.q_norm.weight")
-            w["k_norm"] = self._maybe(f"{p}.self_attn.k_norm.weight")
+            optional = {n + "_bias": f"{p}.self_attn.{n}_proj.bias" for n in ("q", "k", "v", "o")}
+            optional |= {"q_norm": f"{p}.self_attn.q_norm.weight", "k_norm": f"{p}.self_attn.k_norm.weight"}
+            w |= {name: t for name, key in optional.items() if (t := self._maybe(key)) is not None}
             if i not in s.moe_layers:
                 for n in ("gate", "up", "down"):
                     w[n] = self._get(f"{p}.mlp.{n}_proj.weight")
@@ -272,7 +273,9 @@ class RankModel:
                     d = self._get(f"{prefix}.experts.down_proj", e)
                 else:
                     g, u, d = (self._get(f"{prefix}.experts.{e}.{n}.weight") for n in s.expert_names)
-                gates.append(g), ups.append(u), downs.append(d)
+                gates.append(g)
+                ups.append(u)
+                downs.append(d)
             for table, ws in ((self.w_gate, gates), (self.w_up, ups), (self.w_down, downs)):
                 table.append(torch.stack(ws) if ws else torch.empty(0, device=self.device, dtype=self.dtype))
 
@@ -290,7 +293,7 @@ class RankModel:
         s, w = self.spec, self.layers[layer]
         n = h.shape[0]
         x = rms_norm(h, w["in_norm"], s.rms_eps)
-        q, k, v = (F.linear(x, w[c], w[c + "_bias"]) for c in ("q", "k", "v"))
+        q, k, v = (F.linear(x, w[c], w.get(c + "_bias")) for c in ("q", "k", "v"))
         if s.qk_norm == "full":
             q, k = rms_norm(q, w["q_norm"], s.rms_eps), rms_norm(k, w["k_norm"], s.rms_eps)
         if s.clip_qkv is not None:
@@ -315,7 +318,7 @@ class RankModel:
         scores = scores.masked_fill(masked[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(h.dtype)
         out = torch.einsum("nhs,nhsd->nhd", probs, values).reshape(n, s.num_heads * s.head_dim)
-        return h + F.linear(out, w["o"], w["o_bias"]), k, v
+        return h + F.linear(out, w["o"], w.get("o_bias")), k, v
 
     def dense_mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         w = self.layers[layer]

@@ -248,7 +248,8 @@ def layer_time(cost: CostModel, home: np.ndarray, gpus: np.ndarray, experts: np.
     compute = float((m.expert_fixed_us * active + m.expert_us_per_token * load).max())
     dispatch, combine = layer_traffic(home, gpus, g_count)
     bytes_d, bytes_c = m.hidden_size * m.dispatch_bytes, m.hidden_size * m.combine_bytes
-    return (compute, alltoall_us(dispatch * scale, bytes_d, cost, links), alltoall_us(combine * scale, bytes_c, cost, links))
+    return (compute, float(alltoall_us(dispatch * scale, bytes_d, cost, links)),
+            float(alltoall_us(combine * scale, bytes_c, cost, links)))
 
 
 def token_scale(cost: CostModel, num_tokens: int) -> float:

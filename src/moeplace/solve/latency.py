@@ -519,7 +519,7 @@ def _layer_lp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: floa
             prob += held <= int(most[g])
         prob += t_comp >= _expr((x[e, g], m.expert_us_per_token * float(load[e])) for e in range(num_experts))
         for cls in (INTRA, INTER):
-            peers = np.flatnonzero(links[g] == cls)
+            peers = np.flatnonzero(links[g] == cls).tolist()
             if len(peers) == 0:
                 continue
             # this layer's dispatch: tokens at g whose expert sits on a peer; tokens at peers whose expert sits on g
@@ -533,7 +533,7 @@ def _layer_lp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: floa
         flow = pair_counts(ids[:, layer, 0], nxt_gpu, num_experts, num_gpus)  # tokens with top-1 e going to GPU d next
         for g in range(num_gpus):
             for cls in (INTRA, INTER):
-                peers = np.flatnonzero(links[g] == cls)
+                peers = np.flatnonzero(links[g] == cls).tolist()
                 if len(peers) == 0:
                     continue
                 out = flow[:, peers].sum(1)

@@ -152,10 +152,11 @@ def _load_model(ref: str, dtype: str, device: Any) -> Any:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its multi-line load report: the problems are raised below, in one line
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             ref, dtype="auto" if dtype == "auto" else getattr(torch, dtype), local_files_only=local,
             output_loading_info=True,
         )
+        model, info = loaded
     except Exception as e:  # corrupt files raise library-specific types (SafetensorError, ...)
         raise MoeplaceError(f"cannot load model {ref!r}: {_first_line(e)}") from None
     finally:

@@ -266,11 +266,12 @@ def _load_npz(p: Path) -> Trace:
     fmt = meta.get("format", TRACE_FORMAT)
     if fmt != TRACE_FORMAT:
         raise TraceError(f"{p}: unsupported trace format {fmt!r} (this moeplace reads {TRACE_FORMAT})")
-    num_experts = arrays.get("num_experts")
-    if num_experts is not None:
-        if num_experts.size != 1 or not np.issubdtype(num_experts.dtype, np.integer):
+    stored = arrays.get("num_experts")
+    num_experts: int | None = None
+    if stored is not None:
+        if stored.size != 1 or not np.issubdtype(stored.dtype, np.integer):
             raise TraceError(f"{p}: num_experts must be one integer")
-        num_experts = int(num_experts.reshape(()))
+        num_experts = int(stored.reshape(()))
     return make_trace(
         arrays["topk_ids"],
         arrays.get("topk_weights"),

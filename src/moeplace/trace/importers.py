@@ -61,7 +61,7 @@ def read_dense_csv(path: Path, expert_prefix: str = "expert_") -> tuple[np.ndarr
         for r, row in enumerate(body):
             try:
                 dense[r, experts] = [float(row[i]) for i in cols]
-                if tok is not None:
+                if tok is not None and tok_col is not None:
                     tok[r] = int(row[tok_col])
             except ValueError as e:
                 raise TraceError(f"{path}: row {r + 2}: {e}") from None
@@ -88,7 +88,10 @@ def import_csv_layers(
     files: Sequence[Path], k: int | None = None, on_file: Callable[[Path], None] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
     """Layer files (in layer order) -> ids [T, L, k], weights [T, L, k], row token ids [T], experts E."""
-    ids, weights, row_ids, num_experts = [], [], None, 0
+    ids: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    row_ids: np.ndarray | None = None
+    num_experts = 0
     for path in files:
         dense, tok = read_dense_csv(path)
         if on_file is not None:
@@ -140,8 +143,9 @@ def import_csv(paths: Sequence[Path], k: int | None = None) -> Trace:
     for p in paths:
         if not p.is_file():
             raise TraceError(f"{p}: no such file (give one directory, or layer CSV files)")
-    numbers = [int(m.group(1)) if (m := _LAYER_FILE.search(p.name)) else None for p in paths]
-    if all(n is not None for n in numbers):
+    matches = [_LAYER_FILE.search(p.name) for p in paths]
+    numbers = [int(m.group(1)) for m in matches if m is not None]
+    if len(numbers) == len(paths):
         if len(set(numbers)) != len(numbers):
             raise TraceError(f"layer numbers repeat among the files: {sorted(numbers)}")
         paths = [p for _, p in sorted(zip(numbers, paths))]
@@ -182,7 +186,11 @@ def _import_csv_groups(
     groups: Sequence[tuple[int | None, list[Path]]], layers: list[int], k: int | None, name: str, source: Any
 ) -> Trace:
     """Token sets (position or None, layer files) -> one Trace; row r of a set is sequence r."""
-    all_ids, all_w, seq, pos, toks = [], [], [], [], []
+    all_ids: list[np.ndarray] = []
+    all_w: list[np.ndarray] = []
+    seq: list[np.ndarray] = []
+    pos: list[np.ndarray] = []
+    toks: list[np.ndarray | None] = []
     num_experts = 0
     progress = Progress("import csv: reading layer files", total=sum(len(files) for _, files in groups))
     read: list[Path] = []
@@ -202,7 +210,8 @@ def _import_csv_groups(
         t = _tokens_txt_ids(files[0].parent / "tokens.txt")
         toks.append(t if t is not None and len(t) == n else None)
     progress.close()
-    token_ids = np.concatenate(toks) if all(t is not None for t in toks) else None
+    known = [t for t in toks if t is not None]
+    token_ids = np.concatenate(known) if len(known) == len(toks) else None
     has_positions = any(position is not None for position, _ in groups)
     return make_trace(
         np.concatenate(all_ids),
@@ -442,7 +451,8 @@ def import_loads_json(paths: Sequence[Path]) -> ExpertLoads:
     """
     if not paths:
         raise TraceError("no JSON files given")
-    total, tokens = None, 0
+    total: np.ndarray | None = None
+    tokens = 0
     for path in map(Path, paths):
         doc = read_json(path, TraceError)
         key = next((k for k in _COUNT_KEYS if isinstance(doc, dict) and k in doc), None)
@@ -463,6 +473,7 @@ def import_loads_json(paths: Sequence[Path]) -> ExpertLoads:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise TraceError(f"{path}: 'total_input_tokens' must be a non-negative integer, got {n!r}")
         tokens += n
+    assert total is not None  # paths is not empty
     meta: dict[str, Any] = {"source": "loads-json", "input": [Path(p).name for p in paths]}
     if tokens:
         meta["total_input_tokens"] = tokens
