@@ -144,7 +144,7 @@ def _match_block(module: nn.Module) -> tuple[str, str, int] | None:
             continue
         weight = getattr(child, "weight", None)
         if isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[0] == num_experts:
-            return name, experts_name, int(num_experts)  # type: ignore[arg-type]
+            return name, experts_name, int(num_experts)
     return None
 
 
