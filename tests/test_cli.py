@@ -24,6 +24,13 @@ def test_every_command_has_help(name: str, capsys: pytest.CaptureFixture[str]) -
     assert "unavailable" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv", [[], ["import"], ["export"], ["permute-checkpoint"]])
+def test_bare_command_prints_its_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.run(argv) == 0  # what --help gives, not a usage error squeezed into one line
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith(f"Usage: moeplace {' '.join(argv)}".rstrip()) and out.count("\n") > 5
+
+
 def test_unimportable_command_is_one_line_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(cli.COMMANDS, "ghost", ("moeplace.no_such_module", "ghost", "A stage that is not installed."))
     assert cli.run(["ghost"]) == 2

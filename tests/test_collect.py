@@ -182,7 +182,8 @@ def test_cli_end_to_end(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path
 
 
 def test_cli_interrupt_writes_valid_shorter_trace(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     real = text_mod.iter_batches
 
     def stop_after(n: int):  # Ctrl-C arrives while batch n is being produced
@@ -196,11 +197,15 @@ def test_cli_interrupt_writes_valid_shorter_trace(tiny_dirs: dict[str, Path], co
     out = tmp_path / "t.npz"
     monkeypatch.setattr(text_mod, "iter_batches", stop_after(2))
     assert trace_cli(tiny_dirs["olmoe"], corpus, out, "--seq-len", "16", "--batch-size", "2") == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("(interrupted: a valid shorter trace)"), err  # and no "aborted" after it
     t = load_trace(out)
     assert t.num_tokens == 64 and t.meta["interrupted"] is True
     monkeypatch.setattr(text_mod, "iter_batches", stop_after(0))
     out0 = tmp_path / "none.npz"
     assert trace_cli(tiny_dirs["olmoe"], corpus, out0) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "moeplace: error: interrupted before the first batch completed: no trace written")
     assert not out0.exists() and [p.name for p in tmp_path.iterdir()] == ["corpus.txt", "t.npz"]
 
 
@@ -247,7 +252,7 @@ def test_cli_bad_inputs(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path
         (["--model", str(model), "--data", str(tmp_path / "empty.txt")], "no tokens"),
         (["--model", str(model), "--data", str(tmp_path / "binary.txt")], "not UTF-8"),
         (["--model", str(small_vocab)], "vocabulary size 64"),
-        (["--model", str(model), "--seq-len", "0"], "must be >= 1"),
+        (["--model", str(model), "--seq-len", "0"], "'--seq-len': 0 is not in the range x>=1"),
         (["--model", str(model), "-o", str(corpus / "t.npz")], f"{corpus} is not a directory"),
         (["--model", str(model), "--device", "cuda"] if not torch.cuda.is_available() else None, "no CUDA"),
     ]

@@ -43,7 +43,8 @@ def _npz(path: Path, **arrays) -> Path:
         ({"topk_ids": np.zeros((4, 2), np.int64) + [[0, 1]]}, "topk_ids must be"),
         ({"topk_ids": np.zeros((4, 2, 2), np.float32)}, "must be integers"),
         ({"topk_ids": np.array([[[0, 9]]]), "num_experts": np.array(8)}, "expert id 9 out of range"),
-        ({"topk_ids": np.array([[[0, -1]]]), "num_experts": np.array(8)}, "expert id -1 out of range"),
+        ({"topk_ids": np.array([[[0, -1]]]), "num_experts": np.array(8)}, "expert id -1 is negative"),
+        ({"topk_ids": np.array([[[-1, -2]]])}, "expert id -2 is negative"),  # no num_experts to infer from
         ({"topk_ids": np.array([[[2, 2]]]), "num_experts": np.array(8)}, "duplicate expert ids"),
         ({"topk_ids": np.array([[[0, 1]]]), "topk_weights": np.array([[[np.nan, 0.1]]])}, "NaN"),
         ({"topk_ids": np.array([[[0, 1]]]), "topk_weights": np.array([[[-0.5, 0.1]]])}, "negative"),

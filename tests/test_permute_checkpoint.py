@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from moeplace.cli import run
 from moeplace.errors import PlacementError
-from moeplace.export.permute import check_group_routing, permute_checkpoint
+from moeplace.export.permute import check_group_routing, check_not_applied, permute_checkpoint
 from moeplace.models.checkpoint import CheckpointError
 from moeplace.placement import Placement
 from moeplace.solve.baselines import random_balanced
@@ -209,6 +209,28 @@ def test_replicas_uneven_and_foreign_placements_are_refused(qwen: Path, tmp_path
     assert not list(tmp_path.iterdir()), "a refused request wrote something"
 
 
+def test_a_placement_is_not_applied_twice(qwen: Path, tmp_path: Path) -> None:
+    """Serving (or permuting) a renumbered checkpoint with the placement it realises moved the
+    experts twice and silently lost the gain (found 2026-11-23)."""
+    from moeplace.serve.engine import check_placement
+    from moeplace.serve.model import read_spec
+
+    sha = "ab" * 32
+    placed = _placement(trace_sha256=sha)
+    permute_checkpoint(qwen, placed, tmp_path / "out", progress=False)
+    with pytest.raises(PlacementError, match="renumbered by `moeplace permute-checkpoint` for this placement"):
+        permute_checkpoint(tmp_path / "out", placed, tmp_path / "again", progress=False)
+    with pytest.raises(PlacementError, match="for this placement"):
+        check_placement(read_spec(tmp_path / "out"), _placement(), world=4)  # same layout, no trace recorded
+    other = random_balanced(2, NUM_EXPERTS, 4, seed=7)
+    with pytest.raises(PlacementError, match="for a placement fitted on the same trace as this one"):
+        check_not_applied(tmp_path / "out", Placement(other, num_gpus=4, gpus_per_node=4, trace_sha256=sha))
+    # a placement of the renumbered model (another layout, fitted on its own trace), or the original model
+    fresh = Placement(other, num_gpus=4, gpus_per_node=4, trace_sha256="cd" * 32)
+    assert check_placement(read_spec(tmp_path / "out"), fresh, world=4) is fresh
+    check_not_applied(qwen, placed)
+
+
 def test_group_check_follows_the_routing_config() -> None:
     mixing = np.array([[0, 2, 1, 3, 4, 6, 5, 7]])  # new group 0 = old experts 0, 2 (groups of 2)
     check_group_routing({"n_group": 4, "topk_group": 4}, mixing)  # every group kept: no constraint
@@ -252,6 +274,14 @@ def test_bad_checkpoints_and_outputs_get_one_line(qwen: Path, tmp_path: Path, ca
     shard = sorted(truncated.glob("*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[:-100])
     assert "truncated" in fails(str(truncated), str(placement), "-o", str(tmp_path / "o"))
+    config = json.loads((qwen / "config.json").read_text())
+    key = next(k for k in ("num_experts", "num_local_experts") if k in config)  # as transformers saves it
+    (truncated / "config.json").write_text(json.dumps({**config, key: NUM_EXPERTS // 2}))
+    for f in qwen.glob("*.safetensors"):  # whole weights, config edited apart from them
+        (truncated / f.name).write_bytes(f.read_bytes())
+    assert (f"config.json {key} is {NUM_EXPERTS // 2}, but the weights hold {NUM_EXPERTS} experts"
+            in fails(str(truncated), str(placement), "-o", str(tmp_path / "o")))
+    (truncated / "config.json").write_text(json.dumps(config))
     shard.write_bytes(struct.pack("<Q", 10**12) + b"{}")
     assert "not a safetensors file or truncated" in fails(str(truncated), str(placement), "-o", str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -77,6 +78,11 @@ def test_unsupported_and_broken_checkpoints(mixtral: Path, tmp_path: Path) -> No
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(MoeplaceError):
         greedy(broken)
+    shutil.copy(mixtral / "model.safetensors", broken / "model.safetensors")
+    config = json.loads((mixtral / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "num_local_experts": 4}))
+    with pytest.raises(MoeplaceError, match="config.json num_local_experts is 4, but the weights hold 8 experts"):
+        read_spec(broken)  # served by the weights' count, it ran and routed over 8 (found 2026-11-23)
     (broken / "config.json").write_text("{")
     with pytest.raises(MoeplaceError, match="not valid JSON"):
         read_spec(broken)

@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# click >= 8.2 raises this usage error for a group given no command (older ones print the help)
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -86,6 +90,9 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("moeplace: interrupted", err=True)
         return 130
+    except _NO_ARGS_IS_HELP as e:  # a bare `moeplace` or `moeplace import`: the help, as --help gives it
+        click.echo(e.ctx.get_help() if e.ctx is not None else main.get_help(click.Context(main)))
+        return 0
     except click.UsageError as e:  # a bad option or argument: one line, not click's usage block
         where = e.ctx.command_path if e.ctx is not None else "moeplace"
         message = " ".join(e.format_message().split())

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 
 class MoeplaceError(Exception):
-    """Bad input or an impossible request: printed as one line, exit code 2."""
+    """Bad input or an impossible request: printed as one line, exit code 2 (or the one given)."""
 
     exit_code = 2
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 class RegressionError(MoeplaceError):
@@ -27,5 +32,4 @@ class AlreadyReported(MoeplaceError):
     """A failure whose one line was printed elsewhere (by a serve rank): exit with its code, say nothing."""
 
     def __init__(self, exit_code: int) -> None:
-        super().__init__(f"exit code {exit_code}")
-        self.exit_code = exit_code
+        super().__init__(f"exit code {exit_code}", exit_code)

@@ -1,7 +1,8 @@
-"""Atomic file output: write to a temp file beside the target, then rename.
+"""File I/O shared by every stage: atomic output, JSON/YAML input with one-line errors.
 
-A crash or Ctrl-C mid-write never leaves a half-written file where the user expects a result,
-and never clobbers the previous good file.
+Output goes to a temp file beside the target, then is renamed: a crash or Ctrl-C mid-write never
+leaves a half-written file where the user expects a result, and never clobbers the previous good
+file.
 """
 
 from __future__ import annotations
@@ -59,12 +60,36 @@ def existing_file(path: str | os.PathLike[str], kind: str, error: type[Exception
     return p
 
 
+def looks_like(path: Path) -> str | None:
+    """What a file's first bytes say it is, for errors on a file given in the wrong place
+    (`eval TRACE PLACEMENT`, a CSV where a trace goes); None when nothing is recognised."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "a zip archive (an .npz trace?)"
+    if head.startswith(b"\x93NUMPY"):
+        return "a .npy array (an ExFlow trace?)"
+    text = head.decode("utf-8", errors="replace").lstrip()
+    if text.startswith(("{", "[")):
+        return "JSON (a placement?)"
+    first = text.split("\n", 1)[0]
+    if first.count(",") >= 2 and "\ufffd" not in first:
+        return "CSV (convert it with `moeplace import csv`)"
+    return None
+
+
 def read_json(path: str | os.PathLike[str], error: type[Exception] = ValueError) -> Any:
     """Parse a JSON file; a missing or malformed file raises `error` with one line naming it."""
     p = existing_file(path, "JSON", error)
     try:
         return json.loads(p.read_text())
     except (ValueError, UnicodeDecodeError) as e:
+        kind = looks_like(p)
+        if kind is not None and not kind.startswith("JSON"):
+            raise error(f"{p}: not JSON but {kind}: is it the right file, or are two arguments swapped?") from None
         raise error(f"{p}: not valid JSON ({e})") from None
 
 

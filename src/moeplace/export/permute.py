@@ -37,7 +37,7 @@ import numpy as np
 
 from moeplace.errors import PlacementError
 from moeplace.export.eplb import physical_to_logical
-from moeplace.io import current_umask, write_json_atomic
+from moeplace.io import current_umask, read_json, write_json_atomic
 from moeplace.models.checkpoint import (
     INDEX_NAME,
     PICKLED_WEIGHTS,
@@ -67,6 +67,32 @@ def permutation(placement: Placement) -> np.ndarray:
             "replicas from --init-expert-location) or re-solve without replicas"
         )
     return physical_to_logical(placement)
+
+
+def check_not_applied(model_dir: str | Path, placement: Placement) -> None:
+    """Refuse `placement` on a checkpoint that `permute-checkpoint` already renumbered for it.
+
+    The renumbered checkpoint realises the placement under a contiguous layout; applying the
+    placement again moves experts a second time and silently loses its gain. "For it" means the
+    same layout, or a placement fitted on the same trace (so written in the original numbering).
+    """
+    path = Path(model_dir) / PERMUTATION_NAME
+    if not path.is_file():
+        return
+    record = read_json(path, CheckpointError)
+    if not isinstance(record, dict) or record.get("format") != PERMUTATION_FORMAT:
+        return
+    same_trace = placement.trace_sha256 is not None and placement.trace_sha256 == record.get("placement_trace_sha256")
+    try:
+        same_layout = np.array_equal(permutation(placement), np.asarray(record.get("new_to_old")))
+    except PlacementError:  # replicas or uneven counts: not a layout permute-checkpoint writes
+        same_layout = False
+    if same_trace or same_layout:
+        why = "this placement" if same_layout else "a placement fitted on the same trace as this one"
+        raise PlacementError(
+            f"{model_dir} was renumbered by `moeplace permute-checkpoint` for {why} ({PERMUTATION_NAME}): "
+            f"its contiguous layout already realises it, and applying it again would move the experts a second "
+            f"time. Use this checkpoint without the placement, or the original ({record.get('source')}) with it")
 
 
 def check_group_routing(config: dict[str, Any], new_to_old: np.ndarray) -> None:
@@ -110,6 +136,7 @@ def permute_checkpoint(
     _check_output(ckpt.root, out, overwrite)
     blocks = moe_blocks(ckpt)
     placement.check_fits(len(blocks), blocks[0].num_experts, what="checkpoint")
+    check_not_applied(ckpt.root, placement)
     new_to_old = permutation(placement)
     check_group_routing(ckpt.config, new_to_old)
     total = sum(e.end - e.begin for tensors in ckpt.shards.values() for e in tensors.values())

@@ -176,6 +176,11 @@ def open_checkpoint(model_dir: str | Path) -> Checkpoint:
     return Checkpoint(root, config, shards, metadata, index)
 
 
+# where each family's config.json states its routed experts per MoE layer (Mixtral/GPT-OSS,
+# Qwen-MoE/OLMoE, DeepSeek)
+_CONFIG_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
 def text_config(config: dict[str, Any]) -> dict[str, Any]:
     """The language model's config of a possibly multimodal config."""
     sub = config.get("text_config")
@@ -238,4 +243,10 @@ def moe_blocks(ckpt: Checkpoint) -> list[MoeBlock]:
         raise CheckpointError(f"{ckpt.root}: more than one MoE block in a decoder layer is not supported")
     if len({b.num_experts for b in blocks}) > 1:
         raise CheckpointError(f"{ckpt.root}: MoE layers have different expert counts; not supported")
+    # a config.json edited apart from its weights: the weights are what routing and a placement see
+    cfg = text_config(ckpt.config)
+    for key in _CONFIG_EXPERT_KEYS:
+        if isinstance(cfg.get(key), int) and cfg[key] != blocks[0].num_experts:
+            raise CheckpointError(f"{ckpt.root}: config.json {key} is {cfg[key]}, but the weights hold "
+                                  f"{blocks[0].num_experts} experts per MoE layer")
     return blocks

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moeplace.errors import MoeplaceError
+from moeplace.errors import AlreadyReported, MoeplaceError
+from moeplace.export.permute import check_not_applied
 from moeplace.placement import Placement, load_placement
 from moeplace.serve.counters import Counters
 from moeplace.serve.dist import Comm, init_distributed, world_from_env
@@ -52,6 +53,7 @@ def check_placement(spec: ModelSpec, placement: Placement | None, world: int) ->
             raise MoeplaceError(f"{experts} experts cannot be split over {world} ranks; pass a --placement")
         return Placement(contiguous(moe_layers, experts, world), num_gpus=world, gpus_per_node=world)
     placement.check_fits(moe_layers, experts, what=f"model {spec.path}")
+    check_not_applied(spec.path, placement)
     if placement.num_gpus != world:
         raise MoeplaceError(f"placement is for {placement.num_gpus} GPUs but {world} ranks are running "
                             f"(--nproc-per-node {placement.num_gpus})")
@@ -76,7 +78,7 @@ def agree(rank: int, world: int, device: torch.device, error: str | None) -> Non
     flag = torch.tensor([int(error is not None)], dtype=torch.int64, device=device)
     dist.broadcast(flag, 0)
     if rank > 0 and flag.item():
-        raise MoeplaceError(f"rank {rank}: rank 0 rejected its input (see rank 0's error)")
+        raise AlreadyReported(MoeplaceError.exit_code)  # rank 0's line says why; one line, not N
 
 
 def load_runtime(spec: ModelSpec, placement: Placement, mode: str, rank: int, world: int, device: torch.device,

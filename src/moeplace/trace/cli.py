@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import click
 
-from moeplace.errors import MoeplaceError
+from moeplace.errors import AlreadyReported, MoeplaceError
 from moeplace.options import check_writable
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -24,11 +24,11 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
                                    "directory of them. Repeat for several.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Trace file to write (.npz, moeplace trace v1).")
-@click.option("--seq-len", default=None, type=int, show_default=False,
+@click.option("--seq-len", default=None, type=click.IntRange(min=1), show_default=False,
               help="Tokens per sequence (each document is cut into windows)  [default: 512, or the model's "
                    "max_position_embeddings when smaller]")
-@click.option("--max-tokens", default=None, type=int, help="Stop after this many tokens  [default: all text]")
-@click.option("--batch-size", default=8, type=int, help="Sequences per forward pass.")
+@click.option("--max-tokens", default=None, type=click.IntRange(min=1), help="Stop after this many tokens  [default: all text]")
+@click.option("--batch-size", default=8, type=click.IntRange(min=1), help="Sequences per forward pass.")
 @click.option("--dtype", default="auto", type=click.Choice(_DTYPES), help="Weights dtype; auto = the checkpoint's.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), help="auto = cuda when available.")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
@@ -65,8 +65,6 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     from moeplace.trace.format import save_trace
     from moeplace.trace.text import expand_paths, iter_batches, iter_windows
 
-    if (seq_len is not None and seq_len < 1) or batch_size < 1 or (max_tokens is not None and max_tokens < 1):
-        raise MoeplaceError("--seq-len, --batch-size and --max-tokens must be >= 1")
     files = expand_paths(data)
     check_writable(output)  # fail before the model loads, not after the run
     if threads is not None:
@@ -120,8 +118,7 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
                      max_tokens=max_tokens, progress=not quiet)
     if result.trace is None:
         if result.interrupted:
-            click.echo("interrupted before the first batch completed: no trace written", err=True)
-            raise KeyboardInterrupt  # the CLI turns it into exit code 130
+            raise MoeplaceError("interrupted before the first batch completed: no trace written", exit_code=130)
         raise MoeplaceError(f"no tokens in {', '.join(map(str, files))}")
     t = result.trace
     if result.interrupted:
@@ -131,7 +128,7 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     click.echo(f"wrote {output}: {t.num_tokens} tokens x {t.num_layers} MoE layers x top-{t.top_k} "
                f"over {t.num_experts} experts, decoder layers {moe_idx}{note}", err=True)
     if result.interrupted:
-        raise KeyboardInterrupt
+        raise AlreadyReported(130)  # the line above says what was written
 
 
 def _device(choice: str, torch: Any) -> Any:
@@ -158,6 +155,12 @@ def _load_model(ref: str, dtype: str, device: Any) -> Any:
         )
         model, info = loaded
     except Exception as e:  # corrupt files raise library-specific types (SafetensorError, ...)
+        if local:  # transformers' message may point at a report it did not print: say what is wrong
+            from moeplace.models.checkpoint import CheckpointError, moe_blocks, open_checkpoint
+            try:
+                moe_blocks(open_checkpoint(ref))
+            except CheckpointError as reason:
+                raise MoeplaceError(f"cannot load model: {reason}") from None
         raise MoeplaceError(f"cannot load model {ref!r}: {_first_line(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)

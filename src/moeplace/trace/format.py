@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import TraceError
-from moeplace.io import existing_file, save_npz_atomic
+from moeplace.io import existing_file, looks_like, save_npz_atomic
 
 TRACE_FORMAT = "moeplace.trace/v1"
 LOADS_FORMAT = "moeplace.loads/v1"
@@ -120,11 +120,12 @@ def validate_trace(trace: Trace, name: str = "trace") -> Trace:
     t, l, k = ids.shape
     if t == 0 or l == 0 or k == 0:
         raise TraceError(f"{name}: empty trace (shape {list(ids.shape)})")
+    if ids.min() < 0:  # before num_experts: inferred from all-negative ids it reads 0
+        raise TraceError(f"{name}: expert id {int(ids.min())} is negative (ids count from 0)")
     if not 0 < trace.num_experts <= MAX_EXPERTS:
         raise TraceError(f"{name}: num_experts must be in [1, {MAX_EXPERTS}], got {trace.num_experts}")
-    if ids.min() < 0 or ids.max() >= trace.num_experts:
-        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
-        raise TraceError(f"{name}: expert id {bad} out of range [0, {trace.num_experts})")
+    if ids.max() >= trace.num_experts:
+        raise TraceError(f"{name}: expert id {int(ids.max())} out of range [0, {trace.num_experts})")
     if k > trace.num_experts:
         raise TraceError(f"{name}: k={k} exceeds num_experts={trace.num_experts}")
     if k > 1:
@@ -289,7 +290,9 @@ def _open_npz(p: Path) -> np.lib.npyio.NpzFile:
     with open(p, "rb") as f:
         magic = f.read(6)
     if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
-        raise TraceError(f"{p}: not an .npz file (no zip archive signature)")
+        kind = looks_like(p)
+        hint = f"; it looks like {kind}" if kind is not None else ""
+        raise TraceError(f"{p}: not an .npz file (no zip archive signature{hint})")
     loaded = np.load(p, allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise TraceError(f"{p}: not an .npz archive (a single array: name it .npy if it is an ExFlow trace)")
