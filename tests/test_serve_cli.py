@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +21,8 @@ from moeplace.cli import run
 from moeplace.eval.traffic import predict_traffic
 from moeplace.models.tiny import build_tiny_model
 from moeplace.placement import Placement, load_placement
+from moeplace.serve.counters import Counters
+from moeplace.serve.httpserver import BadRequest, Stats, metrics_text, parse_completion
 from moeplace.solve.baselines import random_balanced
 from moeplace.trace.format import load_trace
 from test_serve import free_port
@@ -164,13 +168,68 @@ def test_unwritable_outputs_fail_before_the_weights_load(model: tuple[Path, list
     assert out.read_text() == "keep me\n"
 
 
-def http(port: int, path: str, body: bytes | None = None) -> tuple[int, str]:
+def http(port: int, path: str, body: bytes | None = None) -> tuple[int, str, Any]:
+    """(status, body, headers); POST when there is a body."""
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST" if body is not None else "GET")
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, r.read().decode()
+            return r.status, r.read().decode(), r.headers
     except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+        return e.code, e.read().decode(), e.headers
+
+
+def exposition(text: str) -> dict[str, str]:
+    """Check Prometheus' text format: every sample's family has one HELP and one TYPE line before
+    its samples, and the family's samples are one contiguous group. Returns sample -> value."""
+    helps: set[str] = set()
+    types: dict[str, str] = {}
+    family, values = None, {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            family = line.split()[2]
+            assert family not in helps, f"{family}: a second group"
+            helps.add(family)
+        elif line.startswith("# TYPE "):
+            name, kind = line.split()[2:4]
+            assert name == family and name not in types and kind in ("counter", "gauge"), line
+            types[name] = kind
+        else:
+            sample, value = line.rsplit(" ", 1)
+            assert sample.split("{")[0] == family and family in types, f"{line!r} is not in its family's group"
+            float(value)
+            values[sample] = value
+    return values
+
+
+def test_metrics_text_is_valid_exposition() -> None:
+    """Before: collectives_total samples inside collective_bytes_total's group; moeplace_info,
+    moeplace_collectives_total and moeplace_cross_rank_tokens_total without HELP/TYPE."""
+    counters = Counters(2)
+    for phase in ("prefill", "decode"):
+        counters.phase = phase
+        for layer in range(2):
+            counters.record("dispatch", 3 + layer, 64 * (3 + layer), layer)
+            counters.record("combine", 2, 128, layer)
+        counters.record("kv_sync", 4, 256)
+        counters.steps[phase] += 1
+    stats = Stats(generated_tokens=5, requests=1, counters={p: counters.summary(p) for p in ("prefill", "decode")})
+    values = exposition(metrics_text(stats, "coherent", 2))
+    assert values['moeplace_collectives_total{phase="decode",kind="dispatch"}'] == "2"
+    assert values['moeplace_collective_bytes_total{phase="prefill",kind="kv_sync"}'] == "256"
+    assert values['moeplace_cross_rank_tokens_total{phase="decode",layer="1"}'] == "6"  # 4 dispatched + 2 combined
+    assert values['moeplace_info{mode="coherent",world="2"}'] == "1"
+
+
+@pytest.mark.parametrize("field, message", [({"stream": True}, "stream"), ({"n": 2}, "\"n\" must be 1"),
+                                            ({"n": True}, "\"n\" must be 1")])
+def test_completion_options_the_server_cannot_honour(field: dict, message: str) -> None:
+    """Before: "stream": true and "n": 2 were answered 200 with one non-streamed completion."""
+    with pytest.raises(BadRequest, match=message):
+        parse_completion(json.dumps({"prompt": [1, 2], **field}).encode(), None, 100, 64, 16)
+    # sampling fields OpenAI clients send by default: accepted (and ignored: decoding is greedy)
+    job = parse_completion(json.dumps({"prompt": [1, 2], "stream": False, "n": 1, "temperature": 0.7,
+                                       "top_p": 0.9}).encode(), None, 100, 64, 16)
+    assert job.prompts == [[1, 2]] and job.max_tokens == 16
 
 
 def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:
@@ -192,22 +251,37 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
             assert procs[0].poll() is None, procs[0].communicate()[1]
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.3)
-        code, body = http(http_port, "/v1/completions", json.dumps({"prompt": PROMPT_IDS[0], "max_tokens": 6}).encode())
+        code, body, _ = http(http_port, "/v1/completions", json.dumps({"prompt": PROMPT_IDS[0], "max_tokens": 6}).encode())
         assert code == 200
         doc = json.loads(body)
         assert doc["choices"][0]["token_ids"][:6] == expected[0][: len(doc["choices"][0]["token_ids"])]
         assert doc["usage"]["prompt_tokens"] == 5 and doc["object"] == "text_completion"
-        code, body = http(http_port, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}).encode())
+        code, body, _ = http(http_port, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}).encode())
         assert code == 200 and isinstance(json.loads(body)["choices"][0]["text"], str)
+        # sampling fields are ignored: the same greedy tokens
+        code, body, _ = http(http_port, "/v1/completions", json.dumps(
+            {"prompt": PROMPT_IDS[0], "max_tokens": 6, "temperature": 0.9, "top_p": 0.5, "n": 1}).encode())
+        assert code == 200 and json.loads(body)["choices"][0]["token_ids"] == doc["choices"][0]["token_ids"]
         for bad in (b"{not json", b'{"prompt": [1, 100000]}', b'{"prompt": [1], "max_tokens": 0}',
-                    b'{"prompt": 7}', b'[]', b'{"prompt": [1], "max_tokens": 17}'):
+                    b'{"prompt": 7}', b'[]', b'{"prompt": [1], "max_tokens": 17}', b'{"prompt": [1], "stream": true}',
+                    b'{"prompt": [1], "n": 2}'):
             assert http(http_port, "/v1/completions", bad)[0] == 400, bad
+        code, body, _ = http(http_port, "/v1/completions", b'{"prompt": [1], "stream": true}')
+        assert code == 400 and "\"stream\": true is not supported" in json.loads(body)["error"]["message"]
         assert http(http_port, "/nowhere")[0] == 404
-        code, metrics = http(http_port, "/metrics")
-        assert code == 200 and 'moeplace_alltoall_bytes_total{phase="decode"}' in metrics
-        assert 'moeplace_cross_rank_tokens_total{phase="decode",layer="0"}' in metrics
-        values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
-        assert values["moeplace_requests_total"] == "2" and values["moeplace_rejected_requests_total"] == "7"
+        code, body, headers = http(http_port, "/v1/completions")  # before: 404
+        assert code == 405 and headers["Allow"] == "POST" and "takes POST" in json.loads(body)["error"]["message"]
+        code, _, headers = http(http_port, "/health", b"{}")
+        assert code == 405 and headers["Allow"] == "GET"
+        code, body, _ = http(http_port, "/v1/models")  # before: 404
+        assert code == 200 and [(m["id"], m["object"]) for m in json.loads(body)["data"]] == [(path.name, "model")]
+        assert json.loads(body)["object"] == "list"
+        code, metrics, _ = http(http_port, "/metrics")
+        assert code == 200
+        values = exposition(metrics)
+        assert 'moeplace_alltoall_bytes_total{phase="decode"}' in values
+        assert 'moeplace_cross_rank_tokens_total{phase="decode",layer="0"}' in values
+        assert values["moeplace_requests_total"] == "3" and values["moeplace_rejected_requests_total"] == "12"
         assert float(values["moeplace_decode_seconds_total"]) > 0
         # a rank dies: rank 0 notices within the timeout (heartbeats) and exits with one clear line
         procs[1].send_signal(signal.SIGKILL)
@@ -243,22 +317,24 @@ def test_launcher_runs_the_ranks(model: tuple[Path, list[list[int]]], tmp_path: 
     assert "OMP_NUM_THREADS" not in err and "Traceback" not in err  # torchrun's banner and report stay out
 
 
-@pytest.mark.parametrize("case", ["world size", "bad prompt"])
+@pytest.mark.parametrize("case", ["world size", "bad prompt", "too long"])
 def test_launcher_failures_are_one_line(model: tuple[Path, list[list[int]]], tmp_path: Path, case: str) -> None:
-    """Before: after the rank's line, torchrun's ChildFailedError traceback and failure table."""
+    """Before: after the rank's line, torchrun's ChildFailedError traceback and failure table; then
+    rank 1's "rank 0 rejected its input", sometimes first."""
     prompts = tmp_path / "p.jsonl"
+    args = ["--max-new-tokens", "65536"] if case == "too long" else []
     if case == "world size":  # checked once, before any rank starts
-        placement, expect = save_placement(tmp_path / "p4.json", 2, 8, 4), ["placement is for 4 GPUs but 2 ranks"]
+        placement, expect = save_placement(tmp_path / "p4.json", 2, 8, 4), "placement is for 4 GPUs but 2 ranks"
         prompts.write_text('{"prompt": [1, 2]}\n')
-    else:  # rank 0 rejects it; rank 1 hears so; the launcher adds nothing
-        placement, expect = save_placement(tmp_path / "p2.json", 2, 8, 2), ["token id out of range",
-                                                                           "rank 0 rejected its input"]
-        prompts.write_text('{"prompt": [1, 100000]}\n')
-    proc = serve_launcher(["--model", str(model[0]), "--placement", str(placement), "--prompts", str(prompts)])
+    else:  # rank 0 rejects it and says why; rank 1 hears so and leaves quietly; the launcher adds nothing
+        placement = save_placement(tmp_path / "p2.json", 2, 8, 2)
+        prompts.write_text('{"prompt": [1, 100000]}\n' if case == "bad prompt" else '{"prompt": [1, 2]}\n')
+        expect = "token id out of range" if case == "bad prompt" else "2 prompt tokens + 65536 new exceed"
+    proc = serve_launcher(["--model", str(model[0]), "--placement", str(placement), "--prompts", str(prompts), *args])
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 2
     lines = err.strip().splitlines()
-    assert len(lines) == len(expect) and all(any(m in line for line in lines) for m in expect), err
+    assert len(lines) == 1 and lines[0].startswith("moeplace: error: ") and expect in lines[0], err
 
 
 def running(pid: int) -> bool:
@@ -269,17 +345,33 @@ def running(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("event", ["rank 1 killed", "launcher interrupted"])
+@pytest.mark.parametrize("event", ["rank 1 killed", "launcher interrupted", "launcher killed"])
 def test_launcher_reports_a_killed_rank_or_an_interrupt(model: tuple[Path, list[list[int]]], tmp_path: Path,
                                                         event: str) -> None:
     placement = save_placement(tmp_path / "p.json", 2, 8, 2)
     proc = serve_launcher(["--model", str(model[0]), "--placement", str(placement), "--port", "0", "--timeout", "8"])
+    ranks: list[int] = []
     try:
         assert proc.stderr is not None
         while "moeplace serve: http://" not in (line := proc.stderr.readline()):
             assert line, "the server did not come up"
+        http_port = int(line.split("http://", 1)[1].split()[0].rsplit(":", 1)[1])
         ranks = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
                  for pid in (task / "children").read_text().split()]
+        assert len(ranks) == 2
+        if event == "launcher killed":  # before: both ranks kept running, rank 0 kept the port
+            proc.send_signal(signal.SIGKILL)
+
+            def listening() -> bool:  # (binding the port to test it is racy: it is an ephemeral one)
+                with socket.socket() as s:
+                    return s.connect_ex(("127.0.0.1", http_port)) == 0
+
+            # a rank's main thread turns zombie before its other threads have closed its files
+            deadline = time.monotonic() + 10
+            while (any(running(pid) for pid in ranks) or listening()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not any(running(pid) for pid in ranks) and not listening()
+            return
         if event == "rank 1 killed":
             rank1 = next(pid for pid in ranks if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
             os.kill(rank1, signal.SIGKILL)
@@ -289,13 +381,16 @@ def test_launcher_reports_a_killed_rank_or_an_interrupt(model: tuple[Path, list[
         lines = err.strip().splitlines()
         if event == "rank 1 killed":
             assert proc.returncode == 2 and lines == ["moeplace: error: rank 1 of 2 was killed by SIGKILL"], err
-        else:  # the ranks say they were interrupted, the launcher that it stopped them
-            assert proc.returncode == 130 and lines[-1] == "moeplace: interrupted (SIGINT); ranks stopped", err
-            assert "Traceback" not in err and not any(running(pid) for pid in ranks)
+        else:  # before: a "moeplace: error: interrupted" line per rank first
+            assert proc.returncode == 130 and lines == ["moeplace: interrupted (SIGINT); ranks stopped"], err
+            assert not any(running(pid) for pid in ranks)
     finally:
+        for pid in ranks:  # only when the test failed: never leave a server behind
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+        proc.communicate()
 
 
 def test_launcher_refused_under_torchrun(model: tuple[Path, list[list[int]]], tmp_path: Path,

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from moeplace.errors import MoeplaceError
+from moeplace.errors import AlreadyReported, MoeplaceError
 from moeplace.options import check_writable, writing
 
 EPILOG = """\b
@@ -113,8 +113,9 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
 def exit_hard(e: BaseException | None) -> None:
     """Print one line and leave at once: tearing down a broken process group can hang."""
     code = e.exit_code if isinstance(e, MoeplaceError) else 130
-    msg = " ".join(str(e).split()) if isinstance(e, MoeplaceError) else "interrupted"
-    click.echo(f"moeplace: error: {msg}", err=True)
+    if not isinstance(e, AlreadyReported):  # rank 0 printed the line (engine.agree)
+        msg = " ".join(str(e).split()) if isinstance(e, MoeplaceError) else "interrupted"
+        click.echo(f"moeplace: error: {msg}", err=True)
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(code)

@@ -9,12 +9,19 @@ runs in one process and the collectives are local copies.
 Payloads are row tables [rows, width] in the activation dtype; integer and float32 metadata
 ride in the same rows, bit-cast (`pack`/`unpack`), so one Alltoall carries a token's hidden
 state, its experts, gate weights and sequence slot.
+
+A rank started by torchrun's agent (or `--nproc-per-node`, which runs the same agent) lives in
+its own session, so it dies with the agent (`tie_to_launcher`): a SIGKILLed launcher must not
+leave ranks running, rank 0 still holding its HTTP port.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -37,9 +44,44 @@ def wants_cuda(device: str) -> bool:
     return torch.cuda.is_available() if device == "auto" else device == "cuda"
 
 
+LAUNCHER_ENV = "MOEPLACE_SERVE_LAUNCHER"  # `--nproc-per-node` sets it to its pid; it reports failures and Ctrl-C
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def launcher_pid() -> int | None:
+    """The torchrun agent that started this rank (its parent); None when not started by one."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    return int(os.environ.get(LAUNCHER_ENV) or os.getppid())
+
+
+def tie_to_launcher() -> None:
+    """Under torchrun's agent: die with it, and under `--nproc-per-node` let Ctrl-C end quietly.
+
+    1. Linux: PR_SET_PDEATHSIG, the kernel sends SIGKILL when the agent exits, even when it was
+       SIGKILLed itself (elsewhere rank 0's heartbeat polls its parent, httpserver.serve_forever);
+    2. the agent may have died before that call: this rank's parent is then init (or a
+       subreaper), and it leaves at once;
+    3. `--nproc-per-node` forwards SIGINT to the ranks and prints the one line itself: the
+       default action (exit, no KeyboardInterrupt line per rank) suffices.
+    """
+    agent = launcher_pid()
+    if agent is None:
+        return
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != agent:
+        sys.stderr.write(f"moeplace: error: the launcher (pid {agent}) exited before this rank started\n")
+        os._exit(1)
+    if os.environ.get(LAUNCHER_ENV):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def init_distributed(timeout_s: float, device: str = "auto") -> tuple[int, int, torch.device]:
-    """Join the process group; returns (rank, world, device)."""
+    """Join the process group (tied to the launcher's life, see `tie_to_launcher`); returns
+    (rank, world, device)."""
     rank, world = world_from_env()
+    tie_to_launcher()
     use_cuda = wants_cuda(device)
     if use_cuda and not torch.cuda.is_available():
         raise MoeplaceError("--device cuda, but no CUDA device is visible")

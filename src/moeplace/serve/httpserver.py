@@ -3,17 +3,22 @@
 Handler threads only validate and enqueue; rank 0's main thread (`serve_forever`) drains the
 queue in batches, broadcasts each batch to the other ranks and runs it, so the expert-parallel
 collectives stay on one thread. While idle it sends heartbeats: a dead rank surfaces within the
-timeout even with no traffic, and the server then exits with that error instead of hanging.
+timeout even with no traffic, and the server then exits with that error instead of hanging; it
+also stops when its launcher has gone (dist.tie_to_launcher).
 
     POST /v1/completions  {"prompt": str | [int] | [str, ...], "max_tokens": int = min(16, cap)}
-                          (cap: the server's --max-new-tokens)
+                          (cap: the server's --max-new-tokens). Greedy: temperature, top_p and
+                          the like are accepted and ignored; "stream": true and "n" > 1 are 400.
+    GET  /v1/models       OpenAI list format: the one served model (the checkpoint's directory name)
     GET  /health          {"status": "ok", "world": N, "mode": ...}
     GET  /metrics         Prometheus text (tokens/s, Alltoall bytes, per-layer cross-rank tokens)
+Unknown path: 404; a route with the wrong method: 405 and an Allow header.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
@@ -22,11 +27,14 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from moeplace.errors import MoeplaceError
 from moeplace.serve.counters import KINDS
+from moeplace.serve.dist import launcher_pid
 from moeplace.serve.engine import GENERATE, NOOP, Request, merged_counters, run_request, send_command
 from moeplace.serve.generate import Runtime
 
 MAX_BODY = 1 << 20  # bytes
+ROUTES = {"/v1/completions": "POST", "/v1/models": "GET", "/health": "GET", "/metrics": "GET"}
 
 
 class BadRequest(ValueError):
@@ -61,6 +69,11 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
         raise BadRequest(f"body is not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise BadRequest("body must be a JSON object")
+    if doc.get("stream") not in (None, False):
+        raise BadRequest("\"stream\": true is not supported: each completion comes back in one response")
+    n = doc.get("n", 1)
+    if n != 1 or isinstance(n, bool):
+        raise BadRequest("\"n\" must be 1: decoding is greedy, one completion per prompt")
     prompt = doc.get("prompt")
     max_tokens = doc.get("max_tokens", min(16, max_tokens_limit))
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= max_tokens_limit:
@@ -86,38 +99,41 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
 
 
 def metrics_text(stats: Stats, mode: str, world: int) -> str:
-    """Prometheus exposition text of the server's counters."""
-    lines = [
-        "# HELP moeplace_generated_tokens_total Tokens generated.",
-        "# TYPE moeplace_generated_tokens_total counter",
-        f"moeplace_generated_tokens_total {stats.generated_tokens}",
-        "# HELP moeplace_tokens_per_second Decode throughput of the last batch.",
-        "# TYPE moeplace_tokens_per_second gauge",
-        f"moeplace_tokens_per_second {stats.last_tokens_per_s:.3f}",
-        "# HELP moeplace_decode_seconds_total Wall time of generation, summed over batches.",
-        "# TYPE moeplace_decode_seconds_total counter",
-        f"moeplace_decode_seconds_total {stats.decode_seconds:.6f}",
-        "# HELP moeplace_requests_total Completion requests served.",
-        "# TYPE moeplace_requests_total counter",
-        f"moeplace_requests_total {stats.requests}",
-        "# HELP moeplace_rejected_requests_total Requests answered with an error (400, 404, 413, 503).",
-        "# TYPE moeplace_rejected_requests_total counter",
-        f"moeplace_rejected_requests_total {stats.rejected}",
-        f'moeplace_info{{mode="{mode}",world="{world}"}} 1',
-        "# HELP moeplace_collective_bytes_total Bytes sent to other ranks, summed over ranks.",
-        "# TYPE moeplace_collective_bytes_total counter",
-    ]
+    """Prometheus text exposition of the server's counters: each metric family one contiguous
+    group (HELP, TYPE, then its samples)."""
     c = stats.counters
-    for phase in ("prefill", "decode"):
-        s = c.get(phase, {})
-        for kind in KINDS:
-            if kind in s:
-                lines.append(f'moeplace_collective_bytes_total{{phase="{phase}",kind="{kind}"}} {s[kind]["bytes"]}')
-                lines.append(f'moeplace_collectives_total{{phase="{phase}",kind="{kind}"}} {s[kind]["collectives"]}')
-        if "alltoall_bytes" in s:
-            lines.append(f'moeplace_alltoall_bytes_total{{phase="{phase}"}} {s["alltoall_bytes"]}')
-        for layer, rows in enumerate(s.get("cross_rank_rows_per_layer", [])):
-            lines.append(f'moeplace_cross_rank_tokens_total{{phase="{phase}",layer="{layer}"}} {rows}')
+    phases = [(phase, c[phase]) for phase in ("prefill", "decode") if phase in c]
+    families: list[tuple[str, str, str, list[tuple[str, Any]]]] = [  # name, type, help, [(labels, value)]
+        ("moeplace_info", "gauge", "Constant 1; the labels describe the server.",
+         [(f'mode="{mode}",world="{world}"', 1)]),
+        ("moeplace_generated_tokens_total", "counter", "Tokens generated.", [("", stats.generated_tokens)]),
+        ("moeplace_tokens_per_second", "gauge", "Decode throughput of the last batch.",
+         [("", f"{stats.last_tokens_per_s:.3f}")]),
+        ("moeplace_decode_seconds_total", "counter", "Wall time of generation, summed over batches.",
+         [("", f"{stats.decode_seconds:.6f}")]),
+        ("moeplace_requests_total", "counter", "Completion requests served.", [("", stats.requests)]),
+        ("moeplace_rejected_requests_total", "counter",
+         "Requests answered with an error (400, 404, 405, 413, 503).", [("", stats.rejected)]),
+        ("moeplace_collective_bytes_total", "counter", "Bytes sent to other ranks by kind of collective, "
+         "summed over ranks.",
+         [(f'phase="{phase}",kind="{kind}"', s[kind]["bytes"]) for phase, s in phases for kind in KINDS if kind in s]),
+        ("moeplace_collectives_total", "counter", "Collectives issued by kind (the same count on every rank).",
+         [(f'phase="{phase}",kind="{kind}"', s[kind]["collectives"])
+          for phase, s in phases for kind in KINDS if kind in s]),
+        ("moeplace_alltoall_bytes_total", "counter", "Bytes of the dispatch and combine Alltoalls (the traffic "
+         "the placement decides), summed over ranks.",
+         [(f'phase="{phase}"', s["alltoall_bytes"]) for phase, s in phases if "alltoall_bytes" in s]),
+        ("moeplace_cross_rank_tokens_total", "counter", "Token rows sent to another rank by the dispatch and "
+         "combine Alltoalls, per MoE layer.",
+         [(f'phase="{phase}",layer="{layer}"', rows) for phase, s in phases
+          for layer, rows in enumerate(s.get("cross_rank_rows_per_layer", []))]),
+    ]
+    lines = []
+    for name, metric_type, help_text, samples in families:
+        if not samples:
+            continue
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {metric_type}"]
+        lines += [f"{name}{{{labels}}} {value}" if labels else f"{name} {value}" for labels, value in samples]
     return "\n".join(lines) + "\n"
 
 
@@ -130,32 +146,50 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet: no per-request stderr lines
         pass
 
-    def _send(self, code: int, body: str, ctype: str = "application/json") -> None:
+    def _send(self, code: int, body: str, ctype: str = "application/json",
+              headers: dict[str, str] | None = None) -> None:
         data = body.encode()
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, code: int, msg: str) -> None:
+    def _error(self, code: int, msg: str, headers: dict[str, str] | None = None) -> None:
         self.server.stats.rejected += 1
+        self.close_connection = True  # the body may be unread: it must not parse as the next request
         kind = "invalid_request_error" if code < 500 else "server_error"
-        self._send(code, json.dumps({"error": {"message": msg, "type": kind, "code": code}}))
+        self._send(code, json.dumps({"error": {"message": msg, "type": kind, "code": code}}), headers=headers)
+
+    def _route(self, method: str) -> str | None:
+        """The request's path when `method` serves it; else answers 404 or 405 and returns None."""
+        path = self.path.split("?", 1)[0]
+        allowed = ROUTES.get(path)
+        if allowed is None:
+            self._error(404, f"no route {path}")
+        elif allowed != method:
+            self._error(405, f"{path} takes {allowed}", {"Allow": allowed})
+        else:
+            return path
+        return None
 
     def do_GET(self) -> None:
         srv = self.server
-        if self.path == "/health":
+        path = self._route("GET")
+        if path == "/health":
             self._send(200, json.dumps({"status": "ok", "world": srv.world, "mode": srv.mode}))
-        elif self.path == "/metrics":
+        elif path == "/metrics":
             self._send(200, metrics_text(srv.stats, srv.mode, srv.world), "text/plain; version=0.0.4")
-        else:
-            self._error(404, f"no route {self.path}")
+        elif path == "/v1/models":
+            self._send(200, json.dumps({"object": "list", "data": [
+                {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "moeplace"}]}))
 
     def do_POST(self) -> None:
         srv = self.server
-        if self.path != "/v1/completions":
-            return self._error(404, f"no route {self.path}")
+        if self._route("POST") is None:
+            return
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
@@ -195,6 +229,7 @@ class Server(ThreadingHTTPServer):
     mode: str
     world: int
     model_name: str
+    created: int  # start time, the model's "created" in /v1/models
     max_tokens_limit: int
     jobs: "queue.Queue[Job]"
     stats: Stats
@@ -209,9 +244,10 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
                   heartbeat_s: float, model_name: str) -> None:
     """Rank 0: answer HTTP and drive the other ranks until interrupted or a rank fails."""
     server.spec, server.tokenizer, server.mode, server.world = rt.model.spec, tokenizer, rt.mode, rt.comm.world
-    server.model_name, server.max_tokens_limit = model_name, max_tokens_limit
+    server.model_name, server.max_tokens_limit, server.created = model_name, max_tokens_limit, int(time.time())
     server.jobs, server.stats = queue.Queue(), Stats()
     jobs, stats = server.jobs, server.stats
+    launcher = launcher_pid()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -220,6 +256,8 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
                 batch = [jobs.get(timeout=heartbeat_s)]
             except queue.Empty:
                 send_command(rt, NOOP)  # heartbeat: raises if a rank died
+                if launcher is not None and os.getppid() != launcher:  # where no PR_SET_PDEATHSIG (not Linux)
+                    raise MoeplaceError(f"rank 0: the launcher (pid {launcher}) exited; stopping")
                 continue
             while len(batch) < max_batch and not jobs.empty():
                 batch.append(jobs.get_nowait())

@@ -6,7 +6,8 @@ the same elastic agent in-process (torch.distributed.run, `--standalone`: a free
 that:
     1. the model and placement are checked once here, before N ranks start and import torch;
     2. a rank that exits 2 has already said why in one line: nothing is added;
-    3. a rank that crashes or is killed gives one line naming it, and a non-zero exit.
+    3. a rank that crashes or is killed gives one line naming it, and a non-zero exit;
+    4. Ctrl-C or SIGTERM stops the ranks with one line; a SIGKILLed launcher takes them with it.
 Several nodes: run `torchrun ... -m moeplace serve` on each (its own failure report applies).
 """
 
@@ -58,7 +59,10 @@ def launch(nproc: int, serve_argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from moeplace.serve.dist import LAUNCHER_ENV
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning banner
+    os.environ[LAUNCHER_ENV] = str(os.getpid())  # the ranks die with this process (dist.tie_to_launcher)
     _quiet_torch_launcher()
     args = parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "moeplace", "serve",
                        *serve_argv])
