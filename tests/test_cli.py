@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,35 @@ def test_bare_command_prints_its_help(argv: list[str], capsys: pytest.CaptureFix
     assert cli.run(argv) == 0  # what --help gives, not a usage error squeezed into one line
     out, err = capsys.readouterr()
     assert err == "" and out.startswith(f"Usage: moeplace {' '.join(argv)}".rstrip()) and out.count("\n") > 5
+
+
+def test_silenced_turns_off_progress_made_inside_it(capsys: pytest.CaptureFixture[str]) -> None:
+    from moeplace.progress import Progress, silenced
+
+    def report() -> str:
+        Progress("step", after=0.0, every=0.0).update(1, "working")
+        return capsys.readouterr().err
+
+    with silenced():
+        with silenced(False):  # an inner command without --quiet stays quiet
+            assert report() == ""
+        assert report() == ""
+    assert "step:" in report()
+
+
+def test_quiet_commands_print_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    layer = "token_id,expert_0,expert_1,expert_2,expert_3\n" + "".join(
+        f"{t},{0.6 if t % 2 else 0.0},{0.0 if t % 2 else 0.7},0.4,0.3\n" for t in range(16))
+    for n in (2, 3):
+        (tmp_path / f"layer{n}.csv").write_text(layer)
+    trace = tmp_path / "t.npz"
+    assert cli.run(["import", "csv", str(tmp_path), "-k", "2", "-o", str(trace), "-q"]) == 0
+    assert cli.run(["analyze", str(trace), "-o", str(tmp_path / "a"), "--shuffles", "2", "--gpus", "2", "-q"]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert (tmp_path / "a" / "analyze.json").is_file()
+    assert cli.run(["analyze", str(trace), "-o", str(tmp_path / "b"), "--shuffles", "2", "--gpus", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "Load skew per layer" in out and "solving placements" in err  # what -q silenced
 
 
 def test_unimportable_command_is_one_line_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

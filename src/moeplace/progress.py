@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
+
+_silenced = False
+
+
+@contextlib.contextmanager
+def silenced(quiet: bool = True) -> Iterator[None]:
+    """Every Progress made inside is off (a command's --quiet: the bars live deep in the stages)."""
+    global _silenced
+    before, _silenced = _silenced, _silenced or quiet
+    try:
+        yield
+    finally:
+        _silenced = before
 
 
 class Progress:
@@ -12,7 +27,7 @@ class Progress:
     def __init__(self, label: str, total: float | None = None, every: float = 0.5, after: float = 1.0,
                  enabled: bool = True) -> None:
         self.label, self.total, self.every, self.after = label, total, every, after
-        self.enabled = enabled
+        self.enabled = enabled and not _silenced
         self.start = time.monotonic()
         self._last = 0.0
         self._tty = sys.stderr.isatty()

@@ -14,6 +14,7 @@ from moeplace.errors import MoeplaceError, TraceError
 from moeplace.io import write_json_atomic
 from moeplace.options import POSITIVE, POSITIVE_INT, SEED
 from moeplace.placement import check_topology
+from moeplace.progress import silenced
 from moeplace.trace.format import Trace, load_loads, load_trace
 
 JSON_NAME = "analyze.json"
@@ -100,6 +101,7 @@ def _check_compatible(a: Source, b: Source, path_b: str) -> None:
               help="Transitions drawn in the heatmaps. [default: topk, or top1 when k = 1]")
 @click.option("--no-figures", is_flag=True, help="Write the JSON only.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the shuffles, the halves split and the solver.")
+@click.option("-q", "--quiet", is_flag=True, help="No summary on stdout, no progress on stderr.")
 def analyze(
     trace_path: str,
     out_dir: str | None,
@@ -114,6 +116,7 @@ def analyze(
     heatmap_mode: str | None,
     no_figures: bool,
     seed: int,
+    quiet: bool,
 ) -> None:
     """Report load skew, inter-layer affinity and its stability for TRACE, with figures.
 
@@ -171,7 +174,8 @@ def analyze(
 
     cfg = AnalyzeConfig(num_shuffles=shuffles, seed=seed, hottest=hottest, num_gpus=num_gpus,
                         gpus_per_node=gpus_per_node or 1, time_limit=time_limit)
-    report, conditionals = build_report(sources, cfg)
+    with silenced(quiet):
+        report, conditionals = build_report(sources, cfg)
     figures: list[str] = []
     try:
         if not no_figures:
@@ -182,7 +186,8 @@ def analyze(
         write_json_atomic(out / JSON_NAME, report)
     except OSError as e:
         raise MoeplaceError(f"-o {out}: cannot write the report ({e.strerror or e})") from None
-    click.echo(summary(report))
+    if not quiet:
+        click.echo(summary(report))
 
 
 def _draw(report: dict, conditionals: dict, sources: dict, pairs: list[int], mode: str, out: Path) -> list[Path]:

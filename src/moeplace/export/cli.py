@@ -210,7 +210,7 @@ Example:
 @click.argument("placement_path", metavar="PLACEMENT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True, help="Directory to create.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete).")
-@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def permute_checkpoint(model_dir: Path, placement_path: Path, out_dir: Path, overwrite: bool, quiet: bool) -> None:
     from moeplace.export.permute import permute_checkpoint as run
 

@@ -11,6 +11,7 @@ import click
 
 from moeplace.errors import MoeplaceError
 from moeplace.options import writing
+from moeplace.progress import silenced
 from moeplace.trace.format import ExpertLoads, Trace, make_trace, save_loads, save_trace
 from moeplace.trace.importers import import_csv, import_loads_json, import_sglang
 
@@ -18,6 +19,7 @@ _OUTPUT = click.option(
     "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
     help="Where to write the result (.npz; written atomically).",
 )
+_QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress on stderr, no summary line.")
 _META = click.option(
     "--meta", "meta", multiple=True, metavar="KEY=VALUE",
     help="Extra provenance stored in the file's meta (repeatable; VALUE parsed as JSON when it is).",
@@ -41,7 +43,7 @@ def _parse_meta(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _write(result: Trace | ExpertLoads, output: Path, meta: Sequence[str]) -> None:
+def _write(result: Trace | ExpertLoads, output: Path, meta: Sequence[str], quiet: bool) -> None:
     """Save a trace or a load-only file with the user's meta, and say what was written."""
     extra = _parse_meta(meta)
     with writing(output):
@@ -49,6 +51,8 @@ def _write(result: Trace | ExpertLoads, output: Path, meta: Sequence[str]) -> No
             save_trace(replace(result, meta={**result.meta, **extra}), output)
         else:
             save_loads(replace(result, meta={**result.meta, **extra}), output)
+    if quiet:
+        return
     if isinstance(result, Trace):
         click.echo(
             f"wrote {output}: trace of {result.num_tokens} tokens x {result.num_layers} MoE layers x "
@@ -79,7 +83,8 @@ def import_() -> None:
               help="Experts per token. Default: the most non-zero entries in any row.")
 @_OUTPUT
 @_META
-def csv_cmd(paths: tuple[Path, ...], top_k: int | None, output: Path, meta: tuple[str, ...]) -> None:
+@_QUIET
+def csv_cmd(paths: tuple[Path, ...], top_k: int | None, output: Path, meta: tuple[str, ...], quiet: bool) -> None:
     """Dense per-layer CSVs (one file per layer, one row per token, one column per expert).
 
     \b
@@ -95,7 +100,9 @@ def csv_cmd(paths: tuple[Path, ...], top_k: int | None, output: Path, meta: tupl
     Example (the bundled real trace):
       moeplace import csv ../shared/data/flame-moe-290m-decoder -o traces/flame-moe-290m-decoder.npz
     """
-    _write(import_csv(paths, top_k), output, meta)
+    with silenced(quiet):
+        trace = import_csv(paths, top_k)
+    _write(trace, output, meta, quiet)
 
 
 @import_.command("exflow")
@@ -103,7 +110,8 @@ def csv_cmd(paths: tuple[Path, ...], top_k: int | None, output: Path, meta: tupl
 @_NUM_EXPERTS
 @_OUTPUT
 @_META
-def exflow_cmd(path: Path, num_experts: int | None, output: Path, meta: tuple[str, ...]) -> None:
+@_QUIET
+def exflow_cmd(path: Path, num_experts: int | None, output: Path, meta: tuple[str, ...], quiet: bool) -> None:
     """ExFlow's trace: a .npy integer array [tokens, moe_layers] of top-1 expert ids.
 
     \b
@@ -119,7 +127,7 @@ def exflow_cmd(path: Path, num_experts: int | None, output: Path, meta: tuple[st
     trace = load_trace(path)
     if num_experts is not None:
         trace = make_trace(trace.topk_ids, None, num_experts, meta=trace.meta, name=str(path))
-    _write(trace, output, meta)
+    _write(trace, output, meta, quiet)
 
 
 @import_.command("sglang")
@@ -127,7 +135,9 @@ def exflow_cmd(path: Path, num_experts: int | None, output: Path, meta: tuple[st
 @_NUM_EXPERTS
 @_OUTPUT
 @_META
-def sglang_cmd(paths: tuple[Path, ...], num_experts: int | None, output: Path, meta: tuple[str, ...]) -> None:
+@_QUIET
+def sglang_cmd(paths: tuple[Path, ...], num_experts: int | None, output: Path, meta: tuple[str, ...],
+               quiet: bool) -> None:
     """SGLang expert-distribution recorder dumps (.pt files, or a directory of them).
 
     \b
@@ -143,14 +153,15 @@ def sglang_cmd(paths: tuple[Path, ...], num_experts: int | None, output: Path, m
     Example (SGLang writes the dumps to $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR):
       moeplace import sglang $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR -o trace.npz
     """
-    _write(import_sglang(paths, num_experts), output, meta)
+    _write(import_sglang(paths, num_experts), output, meta, quiet)
 
 
 @import_.command("loads-json")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_OUTPUT
 @_META
-def loads_json_cmd(paths: tuple[Path, ...], output: Path, meta: tuple[str, ...]) -> None:
+@_QUIET
+def loads_json_cmd(paths: tuple[Path, ...], output: Path, meta: tuple[str, ...], quiet: bool) -> None:
     """Per-layer expert counts in JSON -> a load-only file (several files are summed).
 
     \b
@@ -160,4 +171,4 @@ def loads_json_cmd(paths: tuple[Path, ...], output: Path, meta: tuple[str, ...])
       moeplace import loads-json ../shared/data/mixtral-8x7b-expert-loads/mixtral_8x7b_original/*.json \\
           -o mixtral-loads.npz
     """
-    _write(import_loads_json(paths), output, meta)
+    _write(import_loads_json(paths), output, meta, quiet)
