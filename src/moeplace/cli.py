@@ -91,7 +91,7 @@ def run(argv: list[str] | None = None) -> int:
         click.echo("moeplace: interrupted", err=True)
         return 130
     except _NO_ARGS_IS_HELP as e:  # a bare `moeplace` or `moeplace import`: the help, as --help gives it
-        click.echo(e.ctx.get_help() if e.ctx is not None else main.get_help(click.Context(main)))
+        click.echo(e.ctx.get_help())  # click raises it with the group's context
         return 0
     except click.UsageError as e:  # a bad option or argument: one line, not click's usage block
         where = e.ctx.command_path if e.ctx is not None else "moeplace"
