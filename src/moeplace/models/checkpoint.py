@@ -198,7 +198,8 @@ def moe_blocks(ckpt: Checkpoint) -> list[MoeBlock]:
     Layers at or past config.num_hidden_layers (DeepSeek's multi-token-prediction layer) are
     not part of the decoder stack a placement is made for and are left out.
     """
-    num_hidden = text_config(ckpt.config).get("num_hidden_layers")
+    cfg = text_config(ckpt.config)
+    num_hidden = cfg.get("num_hidden_layers")
     shapes = ckpt.shapes()
     # 1. expert tensors: block prefix -> (decoder layer, {expert: names}, fused names)
     found: dict[str, tuple[int, dict[int, list[str]], list[str]]] = {}
@@ -244,7 +245,6 @@ def moe_blocks(ckpt: Checkpoint) -> list[MoeBlock]:
     if len({b.num_experts for b in blocks}) > 1:
         raise CheckpointError(f"{ckpt.root}: MoE layers have different expert counts; not supported")
     # a config.json edited apart from its weights: the weights are what routing and a placement see
-    cfg = text_config(ckpt.config)
     for key in _CONFIG_EXPERT_KEYS:
         if isinstance(cfg.get(key), int) and cfg[key] != blocks[0].num_experts:
             raise CheckpointError(f"{ckpt.root}: config.json {key} is {cfg[key]}, but the weights hold "
