@@ -362,3 +362,20 @@ def test_uneven_baselines_keep_vllm_counts_and_greedy_balances():
     # the hot expert gets a GPU with the fewest others: its GPU carries 50 + 1, the others 3 and 2
     assert np.bincount(greedy[0], weights=loads[0], minlength=3).max() == 51.0
     assert np.bincount(greedy[0], minlength=3)[greedy[0, 0]] == 2
+
+
+def test_one_layer_trace_is_balanced_by_load():
+    """One MoE layer has no layer pairs, so traffic is 0 for every layout: the solver must
+    return the load-balanced one, not the contiguous start (which is lumpy under skewed loads)."""
+    rng = np.random.default_rng(0)
+    # skewed top-2 routing of one layer: experts 0-3 take most tokens, and contiguous puts them together
+    probs = np.r_[np.full(4, 0.2), np.full(12, 0.2 / 12)]
+    ids = np.stack([rng.choice(16, size=2, replace=False, p=probs) for _ in range(400)])[:, None, :]
+    trace = make_trace(ids, num_experts=16)
+    p = solve_placement(trace, num_gpus=4)
+    assert p.objective["value"] == 0.0 and p.bound == 0.0 and p.gap == 0.0
+    assert "no layer pairs" in p.solver["method"]
+    assert np.bincount(p.expert_to_gpu[0], minlength=4).tolist() == [4, 4, 4, 4]
+    train = p.metrics["train"]
+    assert train["placement"]["imbalance_max"] == pytest.approx(train["greedy_load"]["imbalance_max"])
+    assert train["placement"]["imbalance_max"] < train["contiguous"]["imbalance_max"] - 0.5

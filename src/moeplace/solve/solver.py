@@ -42,7 +42,7 @@ from moeplace.solve import ilp
 from moeplace.solve.affinity import (
     AffinityGraph, EdgeTerms, distance_matrix, edge_terms, gate_weighted_transitions, placement_cost,
 )
-from moeplace.solve.baselines import all_baselines, contiguous, random_balanced
+from moeplace.solve.baselines import all_baselines, contiguous, greedy_load, random_balanced
 from moeplace.solve.heuristics import chain_init, coordinate_descent, perturb
 from moeplace.trace.format import Trace, split_tokens
 
@@ -303,6 +303,8 @@ def solve_traffic(
     exact=False skips the whole-model ILP (heuristic search only).
     """
     start = time.monotonic()
+    if trace.num_layers < 2:
+        return _no_layer_pairs(trace, num_gpus, node_cost, top1_weight, seed, time_limit, start)
     large = trace.num_layers * trace.num_experts > 4096
     restarts = (2 if large else 8) if restarts is None else restarts
     kicks = (4 if large else 20) if kicks is None else kicks
@@ -345,6 +347,23 @@ def solve_traffic(
         },
         bound=found.bound,
         gap=relative_gap(found.cost, found.bound),
+    )
+
+
+def _no_layer_pairs(trace: Trace, num_gpus: int, node_cost: float, top1_weight: float, seed: int,
+                    time_limit: float, start: float) -> SolveOutcome:
+    """A one-layer trace has no layer pairs, so every placement has traffic cost 0: of those,
+    take the one that balances token load (greedy_load, equal counts per GPU) rather than the
+    arbitrary contiguous start."""
+    return SolveOutcome(
+        expert_to_gpu=greedy_load(trace.expert_loads(), num_gpus),
+        objective={"name": "traffic", "value": 0.0, "node_cost": node_cost, "top1_weight": top1_weight,
+                   "total_edge_weight": 0.0, "definition": "docs/solver.md"},
+        solver={"method": "greedy-load: one MoE layer, no layer pairs",
+                "seed": seed, "time_limit_s": time_limit, "seconds": round(time.monotonic() - start, 3),
+                "cross_validation": None, "stopped_by_time_limit": False},
+        bound=0.0,
+        gap=0.0,
     )
 
 
