@@ -338,3 +338,19 @@ def test_overwrite_replaces_only_when_done(qwen: Path, tmp_path: Path, capsys: p
     assert not (out / "stale.txt").exists() and (out / "moeplace_permutation.json").is_file()
     assert "experts per GPU on 4 GPUs" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "p.json"]
+
+
+def test_another_ep_size_gets_a_note(qwen: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A renumbered checkpoint served on another number of ranks runs, but no longer as the placement."""
+    from moeplace.export.permute import ep_size_note
+
+    permute_checkpoint(qwen, _placement(), tmp_path / "out", progress=False)  # for 4 GPUs
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": [1, 2, 3]}\n')
+    assert run(["serve", "--model", str(tmp_path / "out"), "--prompts", str(tmp_path / "prompts.jsonl"),
+                "--out", str(tmp_path / "gen.jsonl"), "--max-new-tokens", "1"]) == 0  # one rank, no torchrun
+    assert "note: " + ep_size_note(tmp_path / "out", 1) in capsys.readouterr().err
+    assert ep_size_note(tmp_path / "out", 4) is None
+    assert ep_size_note(qwen, 2) is None  # not renumbered: nothing to say
+    assert ep_size_note(tmp_path / "out", 2).endswith("runs on 2 ranks: each rank holds 2 of the placement's GPUs whole")
+    assert "each of the placement's GPUs is split over 2 ranks; solve for 8 GPUs" in ep_size_note(tmp_path / "out", 8)
+    assert "its GPUs do not map onto the ranks; solve for 3 GPUs" in ep_size_note(tmp_path / "out", 3)

@@ -69,6 +69,34 @@ def permutation(placement: Placement) -> np.ndarray:
     return physical_to_logical(placement)
 
 
+def permutation_record(model_dir: str | Path) -> dict[str, Any] | None:
+    """The PERMUTATION_NAME record `permute-checkpoint` left in `model_dir`, or None."""
+    path = Path(model_dir) / PERMUTATION_NAME
+    if not path.is_file():
+        return None
+    record = read_json(path, CheckpointError)
+    return record if isinstance(record, dict) and record.get("format") == PERMUTATION_FORMAT else None
+
+
+def ep_size_note(model_dir: str | Path, world: int) -> str | None:
+    """A note when a renumbered checkpoint runs contiguous on another number of ranks than the
+    placement it realises was made for, else None.
+
+    That is legal, but the layout is then no longer the placement: with fewer ranks each holds
+    several of its GPUs whole (the gain stays); with more, each GPU's experts are cut in
+    contiguous blocks that the solver never chose.
+    """
+    record = permutation_record(model_dir)
+    num_gpus = record.get("num_gpus") if record else None
+    if not isinstance(num_gpus, int) or num_gpus == world:
+        return None
+    head = f"{model_dir} was renumbered for {num_gpus} GPUs and runs on {world} rank{'s' if world > 1 else ''}: "
+    if num_gpus % world == 0:
+        return head + f"each rank holds {num_gpus // world} of the placement's GPUs whole"
+    return head + (f"each of the placement's GPUs is split over {world // num_gpus} ranks" if world % num_gpus == 0
+                   else "its GPUs do not map onto the ranks") + f"; solve for {world} GPUs to keep the gain"
+
+
 def check_not_applied(model_dir: str | Path, placement: Placement) -> None:
     """Refuse `placement` on a checkpoint that `permute-checkpoint` already renumbered for it.
 
@@ -76,11 +104,8 @@ def check_not_applied(model_dir: str | Path, placement: Placement) -> None:
     placement again moves experts a second time and silently loses its gain. "For it" means the
     same layout, or a placement fitted on the same trace (so written in the original numbering).
     """
-    path = Path(model_dir) / PERMUTATION_NAME
-    if not path.is_file():
-        return
-    record = read_json(path, CheckpointError)
-    if not isinstance(record, dict) or record.get("format") != PERMUTATION_FORMAT:
+    record = permutation_record(model_dir)
+    if record is None:
         return
     same_trace = placement.trace_sha256 is not None and placement.trace_sha256 == record.get("placement_trace_sha256")
     try:

@@ -126,6 +126,7 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
            dtype: str | None, timeout_s: float, stats_out: str | None, routing_out: str | None) -> None:
     import torch.distributed as dist
 
+    from moeplace.export.permute import ep_size_note
     from moeplace.progress import Progress
     from moeplace.serve import engine
 
@@ -149,6 +150,8 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
     engine.agree(rank, world, dev, str(error) if error else None)
     if error:
         raise error
+    if rank == 0 and placement_path is None and (note := ep_size_note(model_dir, world)):
+        click.echo(f"moeplace serve: note: {note}", err=True)
     progress = Progress("serve: loading weights", enabled=rank == 0)
     rt = engine.load_runtime(spec, placement, mode, rank, world, dev, dtype)
     progress.close(f"rank {rank}: {sum(len(e) for e in rt.model.local_experts)} experts")
