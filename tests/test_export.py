@@ -85,12 +85,14 @@ def test_eplb_arrays_follow_deepseek_layout(tmp_path: Path) -> None:
             assert sorted(slots // 3) == sorted(p.holders(layer)[expert])
 
 
-def test_sglang_file_holds_only_the_map_with_a_row_per_decoder_layer(tmp_path: Path) -> None:
+def test_sglang_file_holds_only_the_map_with_a_row_per_decoder_layer(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """DeepSeek-like: layer 0 dense, 1-2 MoE, 3 a multi-token-prediction layer past num_hidden_layers."""
     model = fake_checkpoint(tmp_path / "model", moe_layers=(1, 2, 3), num_hidden_layers=3)
     p = Placement(expert_to_gpu=random_balanced(2, 8, 4, seed=5), num_gpus=4, gpus_per_node=4)
     out = tmp_path / "loc.json"
     assert cli(_save(p, tmp_path), "--to", "sglang", "--model", str(model), "-o", str(out)) == 0
+    assert "note:" not in capsys.readouterr().err  # SGLang's DeepSeek classes read the map
     doc = json.loads(out.read_text())
     assert list(doc) == ["physical_to_logical_map"]  # SGLang passes the keys as kwargs to init_by_mapping
     table = np.asarray(doc["physical_to_logical_map"])
@@ -217,6 +219,7 @@ def test_bad_export_requests_get_one_line(tmp_path: Path, capsys: pytest.Capture
         ([str(tmp_path / "missing.json"), "--to", "sglang", "-o", x], "no such file"),
         ([src, "--to", "eplb", "-o", str(tmp_path)], "is a directory"),
         ([src, "--to", "sglang", "-o", str(tmp_path / "loc.pt")], "ends in .json"),
+        ([src, "--to", "vllm-ascend", "-o", str(tmp_path / "map.txt")], "does not end in .json"),
         (["--from", "eplb", str(npz), "--gpus", "2", "-o", x], "not a readable .npz"),
     ]
     for argv, message in cases:
@@ -256,10 +259,11 @@ def _save(p: Placement, tmp_path: Path) -> str:
     return str(path)
 
 
-def fake_checkpoint(root: Path, moe_layers: tuple[int, ...], num_hidden_layers: int, num_experts: int = 8) -> Path:
+def fake_checkpoint(root: Path, moe_layers: tuple[int, ...], num_hidden_layers: int, num_experts: int = 8,
+                    model_type: str = "deepseek_v3") -> Path:
     """Headers are all that export reads: a few tiny tensors named like a DeepSeek checkpoint."""
     root.mkdir(parents=True)
-    (root / "config.json").write_text(json.dumps({"num_hidden_layers": num_hidden_layers}))
+    (root / "config.json").write_text(json.dumps({"num_hidden_layers": num_hidden_layers, "model_type": model_type}))
     tensors = {"model.layers.0.mlp.gate_proj.weight": np.zeros((2, 2), np.float32)}
     for layer in moe_layers:
         tensors[f"model.layers.{layer}.mlp.gate.weight"] = np.zeros((num_experts, 2), np.float32)
@@ -267,3 +271,12 @@ def fake_checkpoint(root: Path, moe_layers: tuple[int, ...], num_hidden_layers: 
             tensors[f"model.layers.{layer}.mlp.experts.{e}.down_proj.weight"] = np.zeros((2, 2), np.float32)
     save_file(tensors, str(root / "model.safetensors"))
     return root
+
+
+def test_sglang_export_for_a_model_sglang_gives_no_map_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SGLang 0.5.23's Mixtral and OLMoE classes build no expert-location metadata: the map would be
+    ignored silently (found by running SGLang's loader, scripts/check_engines.py)."""
+    model = fake_checkpoint(tmp_path / "model", moe_layers=(0, 1), num_hidden_layers=2, model_type="mixtral")
+    p = Placement(expert_to_gpu=random_balanced(2, 8, 4, seed=5), num_gpus=4, gpus_per_node=4)
+    assert cli(_save(p, tmp_path), "--to", "sglang", "--model", str(model), "-o", str(tmp_path / "loc.json")) == 0
+    assert "does not use an expert map for Mixtral models" in capsys.readouterr().err

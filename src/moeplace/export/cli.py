@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import click
 
@@ -70,6 +70,12 @@ def _model_layers(model: Path | None, trace: Path | None, moe_layers: str | None
         depth = num_hidden_layers or (int(depth) if isinstance(depth, int) else None)
         return [b.layer for b in blocks], depth, blocks[0].num_experts
     return (parse_layers(moe_layers) if moe_layers else None), num_hidden_layers, None
+
+
+def _model_type(model: Path) -> Any:
+    from moeplace.models.checkpoint import open_checkpoint, text_config
+
+    return text_config(open_checkpoint(model).config).get("model_type")
 
 
 EXPORT_HELP = """Write a placement in the format an engine reads, or read an engine's file back.
@@ -148,8 +154,12 @@ def _write(placement: Placement, fmt: str, output: Path, model: Path | None, tra
         table = sglang.write_sglang(placement, output, layers, depth)
         click.echo(f"wrote {output}: {table.shape[0]} decoder layers x {table.shape[1]} physical experts "
                    f"({placement.num_experts} logical + {redundant} redundant). SGLang: --ep-size {placement.num_gpus} "
-                   f"--ep-num-redundant-experts {redundant} --ep-dispatch-algorithm static --init-expert-location {output} "
-                   "(docs/engines/sglang.md)", err=True)
+                   f"--ep-num-redundant-experts {redundant} --init-expert-location {output} --ep-dispatch-algorithm static "
+                   "with an all-to-all backend (--moe-a2a-backend deepep), dynamic without one (docs/engines/sglang.md)",
+                   err=True)
+        if model is not None and (family := sglang.MAP_IGNORED.get(str(_model_type(model)))):
+            click.echo(f"note: SGLang (0.5.23) does not use an expert map for {family} models; realise the placement "
+                       "with `moeplace permute-checkpoint` instead (docs/engines/checkpoint.md)", err=True)
     elif fmt == "vllm":
         vllm.write_vllm(placement, output)
         click.echo(f"wrote {output}: vLLM EplbState arrays for {ep}; upstream vLLM cannot load them from a file: "

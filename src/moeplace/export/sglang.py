@@ -28,6 +28,10 @@ from moeplace.io import write_json_atomic
 from moeplace.placement import Placement
 
 KEY = "physical_to_logical_map"
+# model_type of the SGLang model classes without `get_model_config_for_expert_location` (0.5.23,
+# run by scripts/check_engines.py): SGLang builds no expert-location metadata for them, so it
+# never reads an --init-expert-location map.
+MAP_IGNORED = {"mixtral": "Mixtral", "olmoe": "OLMoE"}
 
 
 def sglang_map(placement: Placement, moe_layers: list[int] | None = None, num_hidden_layers: int | None = None) -> np.ndarray:

@@ -15,12 +15,15 @@ vLLM's `EplbState` (vllm/distributed/eplb/eplb_state.py), for tooling that sets 
 Physical expert s lives on EP rank s // (physical / ep_size), as in SGLang and DeepSeek EPLB.
 
 vllm-ascend reads a static placement from `--additional-config '{"expert_map_path": FILE}'`
-(vllm_ascend/ops/expert_load_balancer.py, `ExpertLoadBalancer._expert_file_to_tensor`):
+(0.23: vllm_ascend/eplb/core/eplb_utils.py, `expert_file_to_tensor` / `init_eplb_config`; run
+against it by scripts/check_engines.py):
 
     {"moe_layer_count": L, "layer_list": [{"layer_id": l, "device_count": G,
       "device_list": [{"device_id": g, "device_expert": [logical experts on g]}]}]}
 
-It stacks the lists into one tensor, so every device holds the same number of experts.
+It takes the i-th MoE layer's entry and the devices by list position (the ids are labels), and
+stacks the lists into one tensor, so every device holds the same number of experts. FILE must
+end in .json (vllm_ascend/ascend_config.py refuses any other name).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ def write_vllm(placement: Placement, path: str | Path) -> None:
 
 
 def write_vllm_ascend(placement: Placement, path: str | Path) -> None:
+    if not str(path).endswith(".json"):
+        raise PlacementError(f"-o {path}: vllm-ascend refuses an expert_map_path whose name does not end in .json")
     phy2log = physical_to_logical(placement)
     per_gpu = phy2log.shape[1] // placement.num_gpus
     write_json_atomic(path, {

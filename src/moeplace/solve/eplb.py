@@ -10,6 +10,12 @@ compare with it on the same inputs and use it as the warm start / fallback of `b
 - global policy (otherwise): the same with one group and one node: replicate over all slots,
   then pack to GPUs.
 
+Run side by side with SGLang 0.5.23's and vLLM 0.33's copies (scripts/check_engines.py,
+docs/engines/eplb.md): the same per-GPU loads on every layer tried, and SGLang's phy2log on every
+Mixtral layer. Tied experts are visited in ascending id here (stable sort); upstream's order for
+ties is whatever torch.sort / np.argsort give, so tied experts (many in small counts) may swap
+GPUs, the loads unchanged.
+
 Load model (EPLB's): an expert's load is split equally over its replicas.
 Shapes: weight float [L, E]; phy2log int [L, P] (P = physical slots, GPU-major: slot s is on GPU
 s // (P / G)); logcnt int [L, E] replicas per expert.
