@@ -267,7 +267,7 @@ def sglang_server_args(root: Path) -> None:
     ns = ast_functions(hook_file, {"handle_eplb_and_dispatch"}, set())
     ns["logger"] = logging.getLogger("sglang")
     ns["resolving_view"] = ns["resolved_view"] = lambda args: args
-    ns["declare_resolution"] = lambda args, _source, **fields: [setattr(args, k, v) for k, v in fields.items()]
+    ns["declare_resolution"] = lambda args, _source, **fields: args.__dict__.update(fields)
 
     def resolve(a2a: str, dispatch: str | None) -> str:
         args = types.SimpleNamespace(enable_eplb=False, expert_distribution_recorder_mode=None, moe_a2a_backend=a2a,
