@@ -18,12 +18,14 @@ planted; above 1 when noise lets it do better).
     python scripts/bench_solve.py --only quality --trace /tmp/q/wiki.npz   # also other traces
     python scripts/bench_solve.py --only scale
     python scripts/bench_solve.py --only learning-curve --splits 6
+    python scripts/bench_solve.py --only learning-curve --splits 3 --trace T.npz --sizes 320,2500,10000 --test-tokens 5000
     python scripts/bench_solve.py --only tokens
 
 Learning curve: how the held-out ratio moves with the number of training tokens on FLAME. Per
 split, a seeded permutation keeps 160 tokens for testing and fits on the first n of the other
 480 (n = 80 ... 480), so every n is scored on the same tokens; mean and standard error over
-splits, and the in-sample ratio on the n training tokens beside it.
+splits, and the in-sample ratio on the n training tokens and the plain reference (fitted on the
+same n tokens) beside it. --trace, --sizes and --test-tokens run it on another trace.
 
 Tokens: how `moeplace solve` (traffic, default settings, --train-fraction 0.5) scales with the
 length of a trace: SYNTHETIC planted traces of OLMoE shape (16 x 64, top-8, 8 GPUs) of 10,000 to
@@ -131,37 +133,46 @@ LEARNING_SIZES = (80, 160, 240, 320, 480)
 LEARNING_TEST = 160
 
 
-def learning_curve(splits: int) -> None:
+def learning_curve(splits: int, path: Path = FLAME, sizes: tuple[int, ...] = LEARNING_SIZES,
+                   test_tokens: int = LEARNING_TEST) -> None:
+    from threadpoolctl import threadpool_limits
+
     from moeplace.eval.metrics import evaluate
     from moeplace.placement import Placement
     from moeplace.solve.baselines import contiguous
-    from moeplace.solve.solver import solve_placement
+    from moeplace.solve.solver import plain_coordinate_ascent, solve_placement
     from moeplace.trace.format import load_trace
 
-    trace = load_trace(FLAME)
-    print(f"{FLAME.name}: held-out ratio to contiguous against training tokens ({LEARNING_TEST} test tokens, "
-          f"{splits} splits, mean +- standard error)")
+    trace = load_trace(path)
+    if test_tokens + max(sizes) > trace.num_tokens:
+        raise SystemExit(f"{path.name} has {trace.num_tokens} tokens, fewer than {test_tokens} test + {max(sizes)}")
+    print(f"{path.name}: held-out ratio to contiguous against training tokens ({test_tokens} test tokens, "
+          f"{splits} splits, mean +- standard error; plain = the reference heuristic on the same tokens)")
     print(f"{'GPUs':>5} {'train tokens':>13} {'held-out top-1':>18} {'held-out top-k':>18} {'in-sample top-1':>16} "
-          f"{'top-k':>6}")
+          f"{'top-k':>6} {'plain top-1':>12} {'top-k':>6}")
     for gpus in (4, 8):
         contiguous_layout = Placement(contiguous(trace.num_layers, trace.num_experts, gpus), gpus, gpus)
-        held, train = {n: [] for n in LEARNING_SIZES}, {n: [] for n in LEARNING_SIZES}
+        held, train, plain = ({n: [] for n in sizes} for _ in range(3))
         for seed in range(splits):
             order = np.random.default_rng(1000 + seed).permutation(trace.num_tokens)
-            test = trace.select_tokens(np.sort(order[:LEARNING_TEST]))
+            test = trace.select_tokens(np.sort(order[:test_tokens]))
             base = evaluate(contiguous_layout, test)
-            for n in LEARNING_SIZES:
-                fit = trace.select_tokens(np.sort(order[LEARNING_TEST:LEARNING_TEST + n]))
+            for n in sizes:
+                fit = trace.select_tokens(np.sort(order[test_tokens:test_tokens + n]))
                 placement = solve_placement(fit, gpus, time_limit=60, seed=seed, progress=False)
                 m = evaluate(Placement(placement.expert_to_gpu, gpus, gpus), test)
                 held[n].append([m[k] / base[k] for k in METRICS])
                 own = placement.metrics["train"]
                 train[n].append([own["placement"][k] / own["contiguous"][k] for k in METRICS])
-        for n in LEARNING_SIZES:
-            h, t = np.array(held[n]), np.mean(train[n], axis=0)
+                with threadpool_limits(1, "blas"):
+                    ref = plain_coordinate_ascent(fit, gpus, seed=seed)
+                m = evaluate(Placement(ref, gpus, gpus), test)
+                plain[n].append([m[k] / base[k] for k in METRICS])
+        for n in sizes:
+            h, t, p = np.array(held[n]), np.mean(train[n], axis=0), np.mean(plain[n], axis=0)
             se = h.std(axis=0, ddof=1) / np.sqrt(len(h)) if len(h) > 1 else np.zeros(2)
             print(f"{gpus:>5} {n:>13} {h[:, 0].mean():>11.3f} +- {se[0]:.3f} {h[:, 1].mean():>11.3f} +- {se[1]:.3f} "
-                  f"{t[0]:>16.3f} {t[1]:>6.3f}", flush=True)
+                  f"{t[0]:>16.3f} {t[1]:>6.3f} {p[0]:>12.3f} {p[1]:>6.3f}", flush=True)
 
 
 def scale_case(name: str) -> dict:
@@ -247,7 +258,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=("quality", "scale", "learning-curve", "tokens"))
     ap.add_argument("--splits", type=int, default=5)
-    ap.add_argument("--trace", type=Path, action="append", default=[], help="another trace for the quality table")
+    ap.add_argument("--trace", type=Path, action="append", default=[],
+                    help="quality: another trace for the table; learning-curve: the trace (default FLAME)")
+    ap.add_argument("--sizes", type=lambda v: tuple(int(x) for x in v.split(",")), default=LEARNING_SIZES,
+                    help="learning-curve: training-token counts, comma-separated")
+    ap.add_argument("--test-tokens", type=int, default=LEARNING_TEST, help="learning-curve: tokens held out")
     ap.add_argument("--case", choices=tuple(SCALE), help=argparse.SUPPRESS)  # internal: one scale case
     ap.add_argument("--tokens-case", type=int, help=argparse.SUPPRESS)  # internal: one trace length
     args = ap.parse_args()
@@ -262,7 +277,7 @@ def main() -> None:
     if args.only in (None, "scale"):
         scale()
     if args.only == "learning-curve":  # not part of the default run: ~10 min on 2 cores
-        learning_curve(args.splits)
+        learning_curve(args.splits, args.trace[0] if args.trace else FLAME, args.sizes, args.test_tokens)
     if args.only == "tokens":  # not part of the default run: ~2 min on 2 cores
         tokens()
 

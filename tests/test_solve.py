@@ -18,7 +18,8 @@ from moeplace.solve.affinity import AffinityGraph, distance_matrix, edge_terms, 
 from moeplace.solve.baselines import contiguous
 from moeplace.solve.heuristics import assign_layer, cluster_layer, layer_cost, layer_costs, swap_descent
 from moeplace.solve.solver import (
-    DEFAULT_WEIGHTS, cv_folds, plain_coordinate_ascent, select_weights, solve_placement, solve_traffic,
+    DEFAULT_WEIGHTS, cv_folds, plain_coordinate_ascent, search_traffic, select_weights, solve_placement,
+    solve_traffic,
 )
 from moeplace.solve.synthetic import planted_trace
 from moeplace.trace.format import load_trace, make_trace, save_trace, split_tokens
@@ -114,6 +115,54 @@ def test_exact_ilp_and_bounds_match_brute_force():
     assert res.bound <= brute + 1e-6
     assert placement_cost(graph, res.expert_to_gpu, d) == pytest.approx(brute)
     assert 0 <= ilp.combinatorial_bound(graph, 3, 3, 1.0) <= brute + 1e-9
+
+
+
+def test_proven_optimal_reads_highs_status_not_pulps():
+    """PuLP reports HiGHS' time-limit stop with an incumbent as "Optimal"; proven_optimal does not."""
+    import pulp
+    rng = np.random.default_rng(0)
+    prob = pulp.LpProblem("knapsacks", pulp.LpMaximize)
+    x = [pulp.LpVariable(f"x{i}", cat="Binary") for i in range(40)]
+    prob += pulp.lpSum(float(v) * xi for v, xi in zip(rng.integers(1, 100, 40), x))
+    for _ in range(8):
+        a = rng.integers(1, 100, 40)
+        prob += pulp.lpSum(float(c) * xi for c, xi in zip(a, x)) <= float(a.sum() // 2)
+    assert ilp.highs_status(prob) is None  # never solved
+    prob.solve(pulp.HiGHS(msg=False, timeLimit=0.0, threads=1))
+    assert not ilp.proven_optimal(prob)
+    prob.solve(pulp.HiGHS(msg=False, threads=1))
+    assert ilp.proven_optimal(prob) and pulp.LpStatus[prob.status] == "Optimal"
+
+
+def test_layer_ilps_keep_only_proven_optima_and_cross_validation_runs_none(monkeypatch):
+    """Step 4 drops an ILP stopped at its cap (its incumbent depends on the machine's speed) and
+    says the solve was cut; the short searches of cross-validation run no ILP at all."""
+    graph = random_graph(np.random.default_rng(8), 3, 8)
+    far = time.monotonic() + 60
+    real = ilp.solve_window
+    calls: list[bool] = []
+
+    def capped(graph, expert_to_gpu, layers, *args, **kwargs):  # a "better" layout, not proven optimal
+        calls.append(True)
+        out = real(graph, expert_to_gpu, layers, *args, **kwargs)
+        lie = out.expert_to_gpu.copy()
+        lie[layers[0]] = lie[layers[0]][::-1]
+        return ilp.IlpResult(lie, -1.0, None, False, 5.0)
+
+    honest = search_traffic(graph, 2, 2, 2.0, far, 0, restarts=2, kicks=4, exact=False)
+    assert honest.stats["layer_ilps"] == 3 and honest.stats["layer_ilps_cut"] == 0 and not honest.cut
+    monkeypatch.setattr(ilp, "solve_window", capped)
+    got = search_traffic(graph, 2, 2, 2.0, far, 0, restarts=2, kicks=4, exact=False)
+    assert got.stats["layer_ilps"] == got.stats["layer_ilps_cut"] == len(calls) == 3 and got.cut
+    assert got.cost == pytest.approx(placement_cost(graph, got.expert_to_gpu, distance_matrix(2, 2, 2.0)))
+    assert got.cost >= honest.cost - 1e-9  # the optimal layer ILPs can only have helped
+    calls.clear()
+    skipped = search_traffic(graph, 2, 2, 2.0, far, 0, restarts=2, kicks=4, exact=False, layer_ilps=False)
+    assert not calls and skipped.stats["layer_ilps"] == 0 and not skipped.cut
+    trace, _ = planted_trace(160, 3, 16, 2, 4, seed=5)
+    _, record, _ = select_weights(trace, 4, 4, 0, far, dict.fromkeys(("coselect_weight", "smoothing", "prior")))
+    assert len(record["scores"]) == 6 and not calls
 
 
 def test_combinatorial_bound_is_valid_with_nodes():

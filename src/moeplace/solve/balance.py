@@ -43,7 +43,7 @@ import pulp
 from moeplace.errors import PlacementError
 from moeplace.placement import Placement
 from moeplace.progress import Progress
-from moeplace.solve import eplb
+from moeplace.solve import eplb, ilp
 
 IMPROVE_MAX_EXPERTS = 64  # per layer; the descent is quadratic in experts
 ILP_MAX_VARS = 4096  # per layer; above this the heuristics alone (HiGHS would prove little)
@@ -300,7 +300,7 @@ def ilp_layer(weight: np.ndarray, num_gpus: int, slots: int, redundant: int,
     prob += top >= replication_bound(weight, num_gpus, redundant)  # a valid cut that tightens the LP
     prob.solve(pulp.HiGHS(msg=False, timeLimit=max(time_limit, 0.05), threads=1))
     bound = _dual_bound(prob)
-    status = _status(prob)
+    status = ilp.highs_status(prob)
     timed_out = status == highspy.HighsModelStatus.kTimeLimit
     # A time-limited incumbent would make the placement depend on the machine's speed: only a
     # proven optimum is a candidate (the dual bound stays valid either way).
@@ -310,13 +310,6 @@ def ilp_layer(weight: np.ndarray, num_gpus: int, slots: int, redundant: int,
     if any(len(c) == 0 for c in copies):
         return None, bound, timed_out
     return copies, bound, timed_out
-
-
-def _status(prob: pulp.LpProblem) -> highspy.HighsModelStatus | None:
-    try:
-        return prob.solverModel.getModelStatus()
-    except AttributeError:
-        return None
 
 
 def _dual_bound(prob: pulp.LpProblem) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import highspy
 import numpy as np
 import pulp
 
@@ -111,8 +112,21 @@ def solve_window(graph: AffinityGraph, expert_to_gpu: np.ndarray, layers: range,
         cost = float(pulp.value(prob.objective) or 0.0) + constant
     dual = info.mip_dual_bound
     bound = float(dual) + constant if np.isfinite(dual) else None
-    optimal = pulp.LpStatus[prob.status] == "Optimal"
-    return IlpResult(out, cost, bound, optimal, time.monotonic() - start)
+    return IlpResult(out, cost, bound, proven_optimal(prob), time.monotonic() - start)
+
+
+def proven_optimal(prob: pulp.LpProblem) -> bool:
+    """Whether HiGHS proved `prob` optimal. Not `pulp.LpStatus[prob.status] == "Optimal"`: PuLP
+    maps HiGHS' time-limit (and iteration-limit, interrupt) stops to LpStatusOptimal too."""
+    return highs_status(prob) == highspy.HighsModelStatus.kOptimal
+
+
+def highs_status(prob: pulp.LpProblem) -> highspy.HighsModelStatus | None:
+    """HiGHS' own model status of a problem solved with pulp.HiGHS (None: it never ran)."""
+    try:
+        return prob.solverModel.getModelStatus()
+    except AttributeError:
+        return None
 
 
 def combinatorial_bound(graph: AffinityGraph, num_gpus: int, gpus_per_node: int, node_cost: float) -> float:

@@ -64,6 +64,7 @@ from moeplace.solve.balance import balance_placement, replication_bound, total_s
 from moeplace.solve.costmodel import (
     INTER, INTRA, CostModel, alltoall_us, layer_time, layer_traffic, load_cost_model, token_scale,
 )
+from moeplace.solve.ilp import proven_optimal
 from moeplace.trace.format import Trace, layer_counts, pair_counts
 
 LAYER_LP_MAX_VARS = 2048  # E x G of one layer above which step 2 is skipped
@@ -541,7 +542,7 @@ def _layer_lp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: floa
                 prob += t_out >= _expr((x[e, p], us[cls] * float(flow[e, g]))
                                        for e in range(num_experts) for p in peers if flow[e, g])
     prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit, threads=1))
-    if pulp.LpStatus[prob.status] != "Optimal":
+    if not proven_optimal(prob):  # a time-limited LP iterate would depend on the machine's speed
         return None
     frac = np.array([[x[e, g].varValue or 0.0 for g in range(num_gpus)] for e in range(num_experts)])
     return round_assignment(frac, least, most)

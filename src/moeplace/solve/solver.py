@@ -13,12 +13,14 @@ module implements `traffic` (docs/solver.md states it exactly):
     3. `restarts` greedy chainings, each improved by coordinate descent (optimal per-layer
        transport re-assignment + Kernighan-Lin swaps), the best kept;
     4. `kicks` rounds of iterated local search (perturb a window of layers, descend, keep if
-       better), then ILP re-optimisation of single layers where tractable;
+       better), then ILP re-optimisation of single layers where tractable (each capped at
+       LAYER_ILP_SECONDS; only a proven optimum is taken, so the result does not depend on how
+       fast the machine got near one; a capped ILP is recorded as a cut);
     5. a valid lower bound (ILP dual bound or ilp.combinatorial_bound) and the gap.
 
 Determinism: every random choice comes from `seed`; the amount of work is fixed by `restarts`
-and `kicks`. `time_limit` only cuts work short (recorded as solver.stopped_by_time_limit), and
-the best placement found so far is always returned.
+and `kicks`. `time_limit` (and the per-layer ILP cap of step 4) only cuts work short, recorded as
+solver.stopped_by_time_limit, and the best placement found so far is always returned.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from moeplace.trace.format import Trace, split_tokens
 
 EXACT_MAX_VARS = 1_500  # window_size of the whole model below which the exact ILP is tried
 LAYER_ILP_MAX_VARS = 3_000  # window_size of one layer below which it is re-solved by ILP
+LAYER_ILP_SECONDS = 5.0  # cap on one layer's ILP (step 4)
 # Cross-validated regularisation (select_weights). The grid spans the estimators that the
 # held-out results of different traces favour (docs/benchmarks.md); the default comes first, so
 # it wins ties. "shrinkage" sets smoothing = prior: how far the sparse top-1 counts are pulled
@@ -109,7 +112,7 @@ def select_weights(
     1. candidates: CV_GRID over the weights that `fixed` leaves None (fixed ones are kept);
     2. the tokens are split into CV_FOLDS folds (cv_folds);
     3. every candidate is solved on all folds but one (short heuristic search: 2 restarts,
-       4 kicks, no whole-model ILP) and scored on the one left out: the metrics the objective
+       4 kicks, no ILP) and scored on the one left out: the metrics the objective
        targets (cross_gpu_top1 and dest_gpus_topk, plus their node versions with several
        nodes), each as a ratio to the contiguous layout, summed over metrics and folds;
     4. the lowest score wins; the default candidate comes first and wins ties.
@@ -162,7 +165,7 @@ def select_weights(
         for terms, held, base in splits:
             found = search_traffic(terms.graph(cand["coselect_weight"], cand["smoothing"], cand["prior"]),
                                    num_gpus, gpus_per_node, node_cost, deadline, seed, restarts=2, kicks=4,
-                                   exact=False)
+                                   exact=False, layer_ilps=False)
             m = evaluate(Placement(found.expert_to_gpu, num_gpus, gpus_per_node), held)
             score += sum(m[k] / max(base[k], 1e-12) for k in metrics) / CV_FOLDS
         scores.append(score)
@@ -200,9 +203,13 @@ def search_traffic(
     kicks: int,
     exact: bool = True,
     progress: bool = False,
+    layer_ilps: bool = True,
 ) -> SearchResult:
     """Steps 1-5 of the module docstring on a fixed graph: the placement of least
-    placement_cost, int64 [L, E], with a valid lower bound.
+    placement_cost, int64 [L, E], with a valid lower bound. exact=False skips step 2's
+    whole-model ILP, layer_ilps=False step 4's single-layer ones (cross-validation's short
+    searches skip both: on traces with few distinct co-selected pairs the layer ILPs are most
+    of the time of a solve).
 
     The first greedy chaining always runs, even past `deadline` (it takes milliseconds), so a
     time limit spent elsewhere (e.g. on cross-validation of a large trace) still returns a
@@ -213,7 +220,8 @@ def search_traffic(
     rng = np.random.default_rng(seed)
     start = time.monotonic()
     bar = Progress("solve", total=restarts + kicks, enabled=progress)
-    stats: dict[str, Any] = {"restarts_run": 0, "kicks_run": 0, "kicks_accepted": 0, "layer_ilps": 0}
+    stats: dict[str, Any] = {"restarts_run": 0, "kicks_run": 0, "kicks_accepted": 0, "layer_ilps": 0,
+                             "layer_ilps_cut": 0}
 
     # 1. incumbent: contiguous, then greedy chaining + coordinate descent from `restarts` seeds
     best = contiguous(graph.num_layers, graph.num_experts, num_gpus)
@@ -259,7 +267,7 @@ def search_traffic(
             stats["kicks_run"] = k + 1
             bar.update(restarts + k + 1, f"kick {k + 1}/{kicks} cost {best_cost:.4g}")
         # 4. single layers with their intra-layer edges, exactly, where the ILP is small
-        for layer in all_layers:
+        for layer in all_layers if layer_ilps else ():
             if time.monotonic() > deadline:
                 break
             one = range(layer, layer + 1)
@@ -267,15 +275,18 @@ def search_traffic(
             if not graph.intra[layer].any() or ilp.window_size(graph, one, num_gpus, num_nodes) > LAYER_ILP_MAX_VARS:
                 continue
             res = ilp.solve_window(graph, best, one, distance, gpus_per_node,
-                                   min(deadline - time.monotonic(), 5.0))
+                                   min(deadline - time.monotonic(), LAYER_ILP_SECONDS))
             stats["layer_ilps"] += 1
-            if res.cost is not None:
+            if not res.optimal:  # HiGHS' incumbent at the cap: how good it is depends on the machine
+                stats["layer_ilps_cut"] += 1
+            elif res.cost is not None:
                 cost = placement_cost(graph, res.expert_to_gpu, distance)
                 if cost < best_cost - 1e-9:
                     best, best_cost = res.expert_to_gpu, cost
     bar.close(f"cost {best_cost:.6g}, bound {bound:.6g}" if time.monotonic() - start > bar.after else "")
     cut = method != "exact-ilp" and (stats["restarts_run"] < restarts or time.monotonic() > deadline
-                                     or (method.startswith("chain") and stats["kicks_run"] < kicks))
+                                     or (method.startswith("chain") and stats["kicks_run"] < kicks)
+                                     or stats["layer_ilps_cut"] > 0)
     return SearchResult(best, best_cost, bound, method, stats, cut)
 
 
@@ -300,7 +311,7 @@ def solve_traffic(
 
     coselect_weight/smoothing/prior: None = chosen by select_weights (cross-validation).
     restarts/kicks default by size (deterministic): 8/20 up to 4096 experts in all layers, else 2/4.
-    exact=False skips the whole-model ILP (heuristic search only).
+    exact=False skips the whole-model ILP of step 2 (step 4's single-layer ILPs still run).
     """
     start = time.monotonic()
     if trace.num_layers < 2:
