@@ -155,8 +155,11 @@ def test_layer_ilps_keep_only_proven_optima_and_cross_validation_runs_none(monke
     monkeypatch.setattr(ilp, "solve_window", capped)
     got = search_traffic(graph, 2, 2, 2.0, far, 0, restarts=2, kicks=4, exact=False)
     assert got.stats["layer_ilps"] == got.stats["layer_ilps_cut"] == len(calls) == 3 and got.cut
+    assert got.method == "chain+coordinate-descent+ils"
     assert got.cost == pytest.approx(placement_cost(graph, got.expert_to_gpu, distance_matrix(2, 2, 2.0)))
     assert got.cost >= honest.cost - 1e-9  # the optimal layer ILPs can only have helped
+    whole = search_traffic(graph, 2, 2, 2.0, far, 0, restarts=2, kicks=4)  # the exact model, "stopped" too
+    assert whole.method == "ilp(time-limited)+heuristic" and whole.cut
     calls.clear()
     skipped = search_traffic(graph, 2, 2, 2.0, far, 0, restarts=2, kicks=4, exact=False, layer_ilps=False)
     assert not calls and skipped.stats["layer_ilps"] == 0 and not skipped.cut

@@ -285,6 +285,7 @@ def search_traffic(
                     best, best_cost = res.expert_to_gpu, cost
     bar.close(f"cost {best_cost:.6g}, bound {bound:.6g}" if time.monotonic() - start > bar.after else "")
     cut = method != "exact-ilp" and (stats["restarts_run"] < restarts or time.monotonic() > deadline
+                                     or method.startswith("ilp(time-limited)")
                                      or (method.startswith("chain") and stats["kicks_run"] < kicks)
                                      or stats["layer_ilps_cut"] > 0)
     return SearchResult(best, best_cost, bound, method, stats, cut)
