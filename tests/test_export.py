@@ -280,3 +280,11 @@ def test_sglang_export_for_a_model_sglang_gives_no_map_says_so(tmp_path: Path, c
     p = Placement(expert_to_gpu=random_balanced(2, 8, 4, seed=5), num_gpus=4, gpus_per_node=4)
     assert cli(_save(p, tmp_path), "--to", "sglang", "--model", str(model), "-o", str(tmp_path / "loc.json")) == 0
     assert "does not use an expert map for Mixtral models" in capsys.readouterr().err
+    # the trace a placement was fit to names the model too (`moeplace trace` records model_type)
+    ids = np.argsort(np.random.default_rng(1).random((16, 2, 8)), axis=-1)[..., :2]
+    for model_type, noted in (("olmoe", True), ("qwen3_moe", False)):
+        save_trace(make_trace(ids, num_experts=8, meta={"moe_layers": [0, 1], "num_decoder_layers": 2,
+                                                        "model_type": model_type}), tmp_path / "t.npz")
+        assert cli(_save(p, tmp_path), "--to", "sglang", "--trace", str(tmp_path / "t.npz"),
+                   "-o", str(tmp_path / "loc.json")) == 0
+        assert ("does not use an expert map for OLMoE models" in capsys.readouterr().err) == noted

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import click
 
@@ -43,9 +43,9 @@ def parse_layers(spec: str) -> list[int]:
 
 
 def _model_layers(model: Path | None, trace: Path | None, moe_layers: str | None, num_hidden_layers: int | None,
-                  placement: Placement | None) -> tuple[list[int] | None, int | None, int | None]:
-    """(decoder layer ids of the MoE layers, decoder depth, experts per layer) from --model,
-    --trace (the meta `moeplace trace` records) or --moe-layers."""
+                  placement: Placement | None) -> tuple[list[int] | None, int | None, int | None, str | None]:
+    """(decoder layer ids of the MoE layers, decoder depth, experts per layer, the model's
+    `model_type`) from --model, --trace (the meta `moeplace trace` records) or --moe-layers."""
     if sum(x is not None for x in (model, trace, moe_layers)) > 1:
         raise MoeplaceError("give one of --model, --trace or --moe-layers")
     if trace is not None:
@@ -58,7 +58,9 @@ def _model_layers(model: Path | None, trace: Path | None, moe_layers: str | None
         if not isinstance(layers, list) or len(layers) != t.num_layers:
             raise MoeplaceError(f"{trace}: its meta does not list the decoder layer of each MoE layer "
                                 "(traces from `moeplace trace` do): use --model or --moe-layers")
-        return [int(x) for x in layers], num_hidden_layers or (int(depth) if isinstance(depth, int) else None), t.num_experts
+        model_type = t.meta.get("model_type")
+        return ([int(x) for x in layers], num_hidden_layers or (int(depth) if isinstance(depth, int) else None),
+                t.num_experts, model_type if isinstance(model_type, str) else None)
     if model is not None:
         from moeplace.models.checkpoint import moe_blocks, open_checkpoint, text_config
 
@@ -66,16 +68,11 @@ def _model_layers(model: Path | None, trace: Path | None, moe_layers: str | None
         blocks = moe_blocks(ckpt)
         if placement is not None:
             placement.check_fits(len(blocks), blocks[0].num_experts, what=f"model {model}")
-        depth = text_config(ckpt.config).get("num_hidden_layers")
+        config = text_config(ckpt.config)
+        depth, model_type = config.get("num_hidden_layers"), config.get("model_type")
         depth = num_hidden_layers or (int(depth) if isinstance(depth, int) else None)
-        return [b.layer for b in blocks], depth, blocks[0].num_experts
-    return (parse_layers(moe_layers) if moe_layers else None), num_hidden_layers, None
-
-
-def _model_type(model: Path) -> Any:
-    from moeplace.models.checkpoint import open_checkpoint, text_config
-
-    return text_config(open_checkpoint(model).config).get("model_type")
+        return [b.layer for b in blocks], depth, blocks[0].num_experts, model_type if isinstance(model_type, str) else None
+    return (parse_layers(moe_layers) if moe_layers else None), num_hidden_layers, None, None
 
 
 EXPORT_HELP = """Write a placement in the format an engine reads, or read an engine's file back.
@@ -150,14 +147,14 @@ def _write(placement: Placement, fmt: str, output: Path, model: Path | None, tra
         if output.suffix != ".json":
             raise MoeplaceError(f"-o {output}: SGLang reads --init-expert-location as a JSON file only when its name "
                                 "ends in .json (.pt means torch.load, anything else is parsed as inline JSON)")
-        layers, depth, _ = _model_layers(model, trace, moe_layers, num_hidden_layers, placement)
+        layers, depth, _, model_type = _model_layers(model, trace, moe_layers, num_hidden_layers, placement)
         table = sglang.write_sglang(placement, output, layers, depth)
         click.echo(f"wrote {output}: {table.shape[0]} decoder layers x {table.shape[1]} physical experts "
                    f"({placement.num_experts} logical + {redundant} redundant). SGLang: --ep-size {placement.num_gpus} "
                    f"--ep-num-redundant-experts {redundant} --init-expert-location {output} --ep-dispatch-algorithm static "
                    "with an all-to-all backend (--moe-a2a-backend deepep), dynamic without one (docs/engines/sglang.md)",
                    err=True)
-        if model is not None and (family := sglang.MAP_IGNORED.get(str(_model_type(model)))):
+        if family := sglang.MAP_IGNORED.get(str(model_type)):
             click.echo(f"note: SGLang (0.5.23) does not use an expert map for {family} models; realise the placement "
                        "with `moeplace permute-checkpoint` instead (docs/engines/checkpoint.md)", err=True)
     elif fmt == "vllm":
@@ -183,7 +180,7 @@ def _read(path: Path, fmt: str, output: Path, model: Path | None, trace: Path | 
     if fmt == "sglang":
         if gpus is None:
             raise PlacementError("--from sglang needs --gpus (the --ep-size the map is for)")
-        layers, _, num_experts = _model_layers(model, trace, moe_layers, None, None)
+        layers, _, num_experts, _ = _model_layers(model, trace, moe_layers, None, None)
         placement = sglang.read_sglang(path, gpus, gpus_per_node or gpus, layers, num_experts)
     elif fmt == "eplb":
         placement = eplb.read_eplb(path, gpus, gpus_per_node)
