@@ -144,9 +144,6 @@ def _write(placement: Placement, fmt: str, output: Path, model: Path | None, tra
     redundant = placement.num_replicas  # the same in every layer once written
     ep = f"EP size {placement.num_gpus}"
     if fmt == "sglang":
-        if output.suffix != ".json":
-            raise MoeplaceError(f"-o {output}: SGLang reads --init-expert-location as a JSON file only when its name "
-                                "ends in .json (.pt means torch.load, anything else is parsed as inline JSON)")
         layers, depth, _, model_type = _model_layers(model, trace, moe_layers, num_hidden_layers, placement)
         table = sglang.write_sglang(placement, output, layers, depth)
         click.echo(f"wrote {output}: {table.shape[0]} decoder layers x {table.shape[1]} physical experts "

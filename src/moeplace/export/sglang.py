@@ -51,6 +51,9 @@ def sglang_map(placement: Placement, moe_layers: list[int] | None = None, num_hi
 
 def write_sglang(placement: Placement, path: str | Path, moe_layers: list[int] | None = None,
                  num_hidden_layers: int | None = None) -> np.ndarray:
+    if not str(path).endswith(".json"):
+        raise PlacementError(f"-o {path}: SGLang reads --init-expert-location as a JSON file only when its name "
+                             "ends in .json (.pt means torch.load, anything else is parsed as inline JSON)")
     table = sglang_map(placement, moe_layers, num_hidden_layers)
     write_json_atomic(path, {KEY: table})
     return table
