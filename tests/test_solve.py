@@ -117,9 +117,9 @@ def test_exact_ilp_and_bounds_match_brute_force():
     assert 0 <= ilp.combinatorial_bound(graph, 3, 3, 1.0) <= brute + 1e-9
 
 
-
 def test_proven_optimal_reads_highs_status_not_pulps():
-    """PuLP reports HiGHS' time-limit stop with an incumbent as "Optimal"; proven_optimal does not."""
+    """proven_optimal is HiGHS' own status: False at a time-limit stop, True at a proof. (PuLP
+    reports a time-limit stop *with an incumbent* as "Optimal", which no fixed input can force.)"""
     import pulp
     rng = np.random.default_rng(0)
     prob = pulp.LpProblem("knapsacks", pulp.LpMaximize)
