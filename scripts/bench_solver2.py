@@ -5,6 +5,7 @@
     python scripts/bench_solver2.py deepseek [--time-limit S]
     python scripts/bench_solver2.py balance-speed [--trace PATH] [--time-limit S]
     python scripts/bench_solver2.py latency-speed [--time-limit S]
+    python scripts/bench_solver2.py balance-ilp [--trace PATH] [--seeds N] [--time-limit S]
 
 mixtral: every file of ../shared/data/mixtral-8x7b-expert-loads (2 variants x 7 subjects), 4 and 8
 GPUs, 0 and 8 redundant experts: mean over layers of max/mean GPU load for moeplace balance, EPLB
@@ -25,6 +26,9 @@ latency-speed: the latency objective on SYNTHETIC planted traces of OLMoE shape 
 8 GPUs, configs/cluster/h100-1x8-nvlink.yaml) of 2,000 to 20,000 tokens, half for training:
 wall time, the sweeps of its descent (it stops after 20 or when a sweep accepts nothing), and
 whether the time limit cut it (then more time could give a different placement).
+balance-ilp: the per-layer balance ILP (balance.ilp_layer, no replicas, per-layer counts free as
+under a total cap of L x E / G) on the training half of each seed, 8 GPUs, --time-limit per
+layer: seconds, whether HiGHS proved it optimal, max load and dual bound of every layer.
 """
 
 from __future__ import annotations
@@ -153,9 +157,28 @@ def latency_speed(time_limit: float) -> None:
               f"limit: {s['stopped_by_time_limit']}", flush=True)
 
 
+def balance_ilp(trace_path: Path, seeds: int, time_limit: float) -> None:
+    from moeplace.solve.balance import ilp_layer, layer_max_load, total_slots_per_gpu
+    from moeplace.trace.format import load_trace, split_tokens
+
+    trace, gpus = load_trace(trace_path), 8
+    slots = total_slots_per_gpu(trace.num_layers, trace.num_experts, gpus, 0, trace.num_layers * trace.num_experts // gpus)
+    print(f"{trace_path.name}: {trace.num_layers} x {trace.num_experts}, {gpus} GPUs, at most {slots} experts per GPU")
+    for seed in range(seeds):
+        loads = trace.select_tokens(split_tokens(trace.num_tokens, 0.5, seed)[0]).expert_loads()
+        for layer in range(trace.num_layers):
+            t0 = time.monotonic()
+            copies, bound, timed_out = ilp_layer(loads[layer], gpus, slots, 0, time_limit)
+            value = "-" if copies is None else f"{layer_max_load(loads[layer], copies, gpus):.0f}"
+            print(f"seed {seed} layer {layer}: {time.monotonic() - t0:5.2f} s, "
+                  f"{'proven' if copies is not None else 'cut' if timed_out else 'no result'}, max load {value}, "
+                  f"bound {bound:.2f}", flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("mixtral", "joint", "deepseek", "balance-speed", "latency-speed"))
+    ap.add_argument("what", choices=("mixtral", "joint", "deepseek", "balance-speed", "latency-speed",
+                                           "balance-ilp"))
     ap.add_argument("--trace", type=Path, default=ROOT / "traces" / "flame-moe-290m-decoder.npz")
     ap.add_argument("--time-limit", type=float, default=2.0)
     ap.add_argument("--seeds", type=int, default=5)
@@ -167,4 +190,5 @@ if __name__ == "__main__":
     a = ap.parse_args()
     {"mixtral": lambda: mixtral(a.time_limit), "joint": lambda: joint(a.trace, a.seeds, a.time_limit, a.total_cap, a.only),
      "deepseek": lambda: deepseek(a.time_limit), "balance-speed": lambda: balance_speed(a.trace, a.time_limit),
-     "latency-speed": lambda: latency_speed(a.time_limit)}[a.what]()
+     "latency-speed": lambda: latency_speed(a.time_limit),
+     "balance-ilp": lambda: balance_ilp(a.trace, a.seeds, a.time_limit)}[a.what]()

@@ -248,6 +248,27 @@ def test_balance_is_deterministic_and_ignores_unproven_ilp_incumbents() -> None:
     assert copies is None and timed_out and bound <= layer_max_load(big, lpt_layer(big, 8, 8, 0), 8) + 1e-6
 
 
+def test_balance_ilp_symmetry_cut_keeps_an_optimum() -> None:
+    import itertools
+
+    from moeplace.solve.balance import ilp_layer, layer_max_load
+
+    # without replicas the ILP fixes x[e, g] = 0 for g above e's rank in decreasing load; the
+    # best layout must survive it: compare with every assignment of 7 experts to 3 GPUs, on
+    # loads with ties (ranks broken by expert id) and free or equal-ish slot caps
+    rng = np.random.default_rng(4)
+    for case in range(12):
+        w = rng.integers(0, 6, 7).astype(float) if case % 2 else rng.poisson(20.0, 7).astype(float)
+        slots = (3, 5, 7)[case % 3]
+        best = min(max(np.bincount(a, weights=w, minlength=3).max(), 0.0)
+                   for a in itertools.product(range(3), repeat=7)
+                   if np.bincount(a, minlength=3).max() <= slots and np.bincount(a, minlength=3).min() >= 1)
+        copies, bound, timed_out = ilp_layer(w, 3, slots, 0, time_limit=30.0)
+        assert copies is not None and not timed_out
+        assert all(len(c) == 1 for c in copies) and max(np.bincount([c[0] for c in copies], minlength=3)) <= slots
+        assert layer_max_load(w, copies, 3) == pytest.approx(best) and bound == pytest.approx(best)
+
+
 def test_latency_replicas_go_on_the_best_of_the_search_and_its_starts() -> None:
     from moeplace.solve.latency import LatencyModel, fold_tokens
     from moeplace.solve.replicate import add_replicas
