@@ -289,6 +289,23 @@ def test_latency_replicas_go_on_the_best_of_the_search_and_its_starts() -> None:
     assert p.objective["value"] == pytest.approx(predict(cm, p, trace).total_us.sum(), rel=1e-6)
 
 
+def test_balance_bound_is_rounded_up_only_when_loads_are_whole_and_unreplicated(monkeypatch) -> None:
+    from moeplace.solve import balance
+
+    # no ILP: the bound is the mean, 11 / 2 = 5.5 per GPU; with whole token counts and no copies
+    # every GPU's load is an integer, so 6 is a valid bound and proves the layout (3 + 3 | 3 + 2)
+    monkeypatch.setattr(balance, "ILP_MAX_VARS", 0)
+    whole = np.array([[3.0, 3.0, 3.0, 2.0]])
+    p = balance_placement(whole, 2, 2, time_limit=5.0, progress=False)
+    assert p.objective["value"] == pytest.approx(6 / 5.5) and p.bound == pytest.approx(6 / 5.5) and p.gap == 0.0
+    # fractional loads (shrunk or scaled) are not rounded: bound 5.75 (the mean), best 3.5 + 2 | 3 + 3
+    p = balance_placement(whole + [[0.5, 0.0, 0.0, 0.0]], 2, 2, time_limit=5.0, progress=False)
+    assert p.bound == pytest.approx(1.0) and p.objective["value"] == pytest.approx(6 / 5.75)
+    # a copy splits its expert's load, so loads need not be whole: not rounded either
+    p = balance_placement(whole, 2, 2, redundant=1, max_experts_per_gpu=3, time_limit=5.0, progress=False)
+    assert p.bound == pytest.approx(1.0) and p.objective["value"] == pytest.approx(1.0)
+
+
 def test_balance_descends_no_candidate_once_one_is_at_the_bound(monkeypatch) -> None:
     from moeplace.solve import balance
 

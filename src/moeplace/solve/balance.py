@@ -32,7 +32,8 @@ counts and EPLB itself (both policies, when its topology rules allow) give furth
 each improved by swap / re-replication descent, and a layer keeps the best under the serving
 rule. Lower bound per layer: the ILP's dual
 bound, and always max(mean load, least max load per replica for R replicas) (EPLB's
-replication rule is optimal for the latter).
+replication rule is optimal for the latter); without replicas, on integer loads (token counts),
+rounded up, since every GPU's load is then an integer.
 """
 
 from __future__ import annotations
@@ -537,7 +538,10 @@ def _to_placement(plans: list[LayerPlan], loads: np.ndarray, num_gpus: int, gpus
     mean = loads.sum(axis=1) / num_gpus
     safe = np.where(mean > 0, mean, 1.0)
     ratio = np.array([p.max_load for p in plans]) / safe
-    bound = np.array([p.bound for p in plans]) / safe
+    bound = np.array([p.bound for p in plans])
+    if redundant == 0 and np.array_equal(loads, np.round(loads)):
+        bound = np.ceil(bound - 1e-6)  # each GPU's load is a sum of whole expert loads: an integer
+    bound = bound / safe
     obj, lb = float(ratio.mean()), float(bound.mean())
     e2g = np.array([[c[0] for c in p.copies] for p in plans], dtype=np.int64)
     replicas = [[(e, g) for e, c in enumerate(p.copies) for g in c[1:]] for p in plans]
