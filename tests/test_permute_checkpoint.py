@@ -260,7 +260,9 @@ def test_bad_checkpoints_and_outputs_get_one_line(qwen: Path, tmp_path: Path, ca
     assert "no such model directory" in fails(str(tmp_path / "nope"), str(placement), "-o", str(tmp_path / "o"))
     assert "outside MODEL_DIR" in fails(str(qwen), str(placement), "-o", str(qwen / "sub"))
     (tmp_path / "exists").mkdir()
-    assert "--overwrite" in fails(str(qwen), str(placement), "-o", str(tmp_path / "exists"))
+    assert "is not a permute-checkpoint output" in fails(str(qwen), str(placement), "-o", str(tmp_path / "exists"))
+    (tmp_path / "file").write_text("x")
+    assert "exists and is not a directory" in fails(str(qwen), str(placement), "-o", str(tmp_path / "file"))
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -328,16 +330,99 @@ def test_index_may_not_point_outside_the_model(qwen: Path, tmp_path: Path) -> No
         permute_checkpoint(bad, _placement(), tmp_path / "out", progress=False)
 
 
+def _cli(qwen: Path, placement: Path, out: Path | str, *flags: str) -> int:
+    return run(["permute-checkpoint", str(qwen), str(placement), "-o", str(out), "--quiet", *flags])
+
+
 def test_overwrite_replaces_only_when_done(qwen: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
     placement = tmp_path / "p.json"
     _placement().save(placement)
-    assert run(["permute-checkpoint", str(qwen), str(placement), "-o", str(out), "--overwrite", "--quiet"]) == 0
+    assert _cli(qwen, placement, out) == 0
+    (out / "stale.txt").write_text("old")
+    capsys.readouterr()
+    assert _cli(qwen, placement, out) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert _cli(qwen, placement, out, "--overwrite") == 0
     assert not (out / "stale.txt").exists() and (out / "moeplace_permutation.json").is_file()
     assert "experts per GPU on 4 GPUs" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "p.json"]
+
+
+def test_overwrite_refuses_what_is_not_an_earlier_output(qwen: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--overwrite deleted any directory wholesale: unrelated files, the placement input (found 2026-11-23)."""
+    placement = tmp_path / "p.json"
+    _placement().save(placement)
+
+    def refused(out: Path, *args: str, placement: Path = placement) -> str:
+        files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert _cli(qwen, placement, out, "--overwrite", *args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("moeplace: error:") and "\n" not in err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files, "a refused output was changed"
+        assert not [p for p in tmp_path.rglob(".*")], "temp directory left behind"
+        return err
+
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    (unrelated / "keep.txt").write_text("keep")
+    assert "not a permute-checkpoint output (no valid moeplace_permutation.json); remove it" in refused(unrelated)
+    (unrelated / "moeplace_permutation.json").write_text("{not json")
+    assert "not a permute-checkpoint output" in refused(unrelated)
+
+    scratch = tmp_path / "scratch"  # the reported case: the placement input inside -o
+    scratch.mkdir()
+    (scratch / "p.json").write_bytes(placement.read_bytes())
+    assert "holds" in refused(scratch, placement=scratch / "p.json")  # the CLI names its placement input
+
+    # an earlier output that now holds the placement: refused too, by the CLI and by the library
+    # when told its inputs
+    earlier = tmp_path / "earlier"
+    permute_checkpoint(qwen, _placement(), earlier, progress=False)
+    (earlier / "p.json").write_bytes(placement.read_bytes())
+    assert "p.json, an input of this run" in refused(earlier, placement=earlier / "p.json")
+    with pytest.raises(CheckpointError, match="holds .*p.json, an input of this run"):
+        permute_checkpoint(qwen, _placement(), earlier, overwrite=True, progress=False, inputs=[earlier / "p.json"])
+    assert (earlier / "p.json").read_bytes() == placement.read_bytes()
+    assert "an input of this run" in refused(tmp_path)  # holds all of the above, the placement too
+
+
+def test_overwrite_of_the_cwd_is_refused_up_front(qwen: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`-o . --overwrite` did the work, then failed with 'Device or resource busy' and left `..XXXX.old/`."""
+    placement = tmp_path / "p.json"
+    _placement().save(placement)
+    earlier = tmp_path / "work" / "earlier"
+    permute_checkpoint(qwen, _placement(), earlier, progress=False)  # passes the marker check: only the cwd rule stops it
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    monkeypatch.chdir(earlier)
+    for out in (".", "..", str(earlier), str(tmp_path)):
+        assert _cli(qwen, placement, out, "--overwrite") == 2
+        err = capsys.readouterr().err.strip()
+        assert f"-o {out}: is the current directory or contains it ({earlier})" in err and "\n" not in err
+    assert _cli(qwen, placement, "/", "--overwrite") == 2  # also holds MODEL_DIR, which that rule names
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "something was created or removed"
+
+
+def test_a_failed_swap_puts_the_earlier_output_back(qwen: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    out = tmp_path / "out"
+    permute_checkpoint(qwen, _placement(), out, progress=False)
+    (out / "mine.txt").write_text("earlier")
+    real = os.replace
+
+    def failing(src: str | Path, dst: str | Path) -> None:  # the new output cannot be renamed into place
+        if str(src).endswith(".tmp") and Path(dst) == out:
+            raise OSError(5, "Input/output error", str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        permute_checkpoint(qwen, _placement(), out, overwrite=True, progress=False)
+    assert (out / "mine.txt").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "temp or .old directory left behind"
 
 
 def test_another_ep_size_gets_a_note(qwen: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -213,14 +213,16 @@ Example:
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.argument("placement_path", metavar="PLACEMENT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True, help="Directory to create.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is an earlier permute-checkpoint output (only once the new one is "
+              "complete); any other existing directory is refused.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def permute_checkpoint(model_dir: Path, placement_path: Path, out_dir: Path, overwrite: bool, quiet: bool) -> None:
     from moeplace.export.permute import permute_checkpoint as run
 
     placement = load_placement(placement_path)
     with _os_errors(out_dir, directory=True):
-        record = run(model_dir, placement, out_dir, overwrite=overwrite, progress=not quiet)
+        record = run(model_dir, placement, out_dir, overwrite=overwrite, progress=not quiet,
+                     inputs=[placement_path])
     skipped = f"; not copied (unpermuted weights): {', '.join(record['skipped'])}" if record["skipped"] else ""
     click.echo(f"wrote {out_dir}: {len(record['moe_layers'])} MoE layers renumbered, {record['experts_per_gpu']} "
                f"experts per GPU on {placement.num_gpus} GPUs: serve with expert parallelism of size "

@@ -29,7 +29,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +148,12 @@ def check_group_routing(config: dict[str, Any], new_to_old: np.ndarray) -> None:
 
 def permute_checkpoint(
     model_dir: str | Path, placement: Placement, out_dir: str | Path, overwrite: bool = False, progress: bool = True,
+    inputs: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Write the renumbered checkpoint to `out_dir` atomically; return the permutation record.
+
+    `overwrite` replaces only an earlier output of this function (it holds PERMUTATION_NAME);
+    `inputs` are the other files this run reads (the placement file): `out_dir` may not hold them.
 
     1. read headers, find the MoE layers, check the placement fits the model;
     2. new_to_old from the placement (no replicas, E/G experts per GPU; group routing kept);
@@ -157,8 +161,8 @@ def permute_checkpoint(
     4. rename the finished temp directory onto `out_dir`.
     """
     ckpt = open_checkpoint(model_dir)
-    out = Path(out_dir)
-    _check_output(ckpt.root, out, overwrite)
+    shown = Path(out_dir)
+    out = _check_output(ckpt.root, shown, overwrite, [Path(p) for p in inputs])  # resolved
     blocks = moe_blocks(ckpt)
     placement.check_fits(len(blocks), blocks[0].num_experts, what="checkpoint")
     check_not_applied(ckpt.root, placement)
@@ -171,7 +175,7 @@ def permute_checkpoint(
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as e:
-        raise CheckpointError(f"-o {out}: cannot create it ({e.strerror or e})") from None
+        raise CheckpointError(f"-o {shown}: cannot create it ({e.strerror or e})") from None
     try:
         free = shutil.disk_usage(out.parent).free
         if free < total:
@@ -291,22 +295,58 @@ def _copy_other_files(ckpt: Checkpoint, dst: Path) -> list[str]:
     return skipped
 
 
-def _check_output(src: Path, out: Path, overwrite: bool) -> None:
-    src_r, out_r = src.resolve(), out.resolve()
+def _check_output(src: Path, out: Path, overwrite: bool, inputs: list[Path]) -> Path:
+    """The resolved output directory, or a one-line refusal before any work.
+
+    Replacing a directory deletes it, so only an earlier permute-checkpoint output (it holds
+    PERMUTATION_NAME) may be replaced, never one holding an input of this run or the cwd; and the
+    temp siblings get a real name (`-o .` has none).
+    """
+    src_r, out_r, cwd = src.resolve(), out.resolve(), Path.cwd().resolve()
     if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
         raise CheckpointError(f"-o {out}: must be a directory outside MODEL_DIR {src} (and not containing it)")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"-o {out}: already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
+    if out_r == cwd or out_r in cwd.parents:
+        raise CheckpointError(f"-o {out}: is the current directory or contains it ({cwd}); pick another path")
+    for path in inputs:
+        if out_r in path.resolve().parents:
+            raise CheckpointError(f"-o {out}: holds {path}, an input of this run; pick another path")
+    if not (out_r.exists() or out_r.is_symlink()):
+        return out_r
+    if not out_r.is_dir():
         raise CheckpointError(f"-o {out}: exists and is not a directory")
+    try:
+        ours = permutation_record(out_r) is not None
+    except CheckpointError:  # an unreadable marker is not ours either
+        ours = False
+    if not ours:
+        raise CheckpointError(f"-o {out}: exists and is not a permute-checkpoint output (no valid {PERMUTATION_NAME}); "
+                              "remove it or pick another path")
+    if not overwrite:
+        raise CheckpointError(f"-o {out}: already exists; pass --overwrite to replace it")
+    return out_r
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename `tmp` onto `out`; an existing `out` is replaced only after the new one is complete."""
+    """Rename `tmp` onto the resolved `out`; an existing `out` is replaced only after the new one
+    is complete, and is put back if the swap fails, so no .old directory is left behind."""
     if not out.exists():
         os.replace(tmp, out)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
+    moved = old / out.name
+    try:
+        os.replace(out, moved)
+    except OSError:
+        old.rmdir()
+        raise
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        try:
+            os.replace(moved, out)
+        except OSError as e:
+            raise CheckpointError(f"{out}: replacing it failed and the earlier output is left in {moved} "
+                                  f"({e.strerror or e})") from None
+        old.rmdir()
+        raise
     shutil.rmtree(old, ignore_errors=True)
