@@ -66,3 +66,18 @@ def test_unimportable_command_is_one_line_error(monkeypatch: pytest.MonkeyPatch,
     assert cli.run(["ghost"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("moeplace: error: 'ghost' is unavailable in this install") and "\n" not in err
+
+
+def test_quiet_solve_prints_nothing_on_stdout_not_even_the_highs_banner(tmp_path: Path) -> None:
+    from moeplace.solve.synthetic import planted_trace
+    from moeplace.trace.format import save_trace
+
+    # HiGHS prints a banner on stdout when a process makes its first solver object, whatever
+    # PuLP's msg=False says; a fresh process, and balance on 16 x 4 layers, which always runs
+    # the per-layer ILP
+    save_trace(planted_trace(200, 2, 16, 2, 4, seed=0)[0], tmp_path / "t.npz")
+    cmd = [sys.executable, "-m", "moeplace", "solve", str(tmp_path / "t.npz"), "--gpus", "4", "--objective",
+           "balance", "-q", "-o", str(tmp_path / "p.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and (tmp_path / "p.json").exists()

@@ -308,7 +308,7 @@ def ilp_layer(weight: np.ndarray, num_gpus: int, slots: int, redundant: int,
             prob += pulp.lpSum(x[e, g] for e in experts) >= 1
         prob += pulp.lpSum(f[e, g] for e in experts) <= top
     prob += top >= replication_bound(weight, num_gpus, redundant)  # a valid cut that tightens the LP
-    prob.solve(pulp.HiGHS(msg=False, timeLimit=max(time_limit, 0.05), threads=1))
+    prob.solve(ilp.highs(max(time_limit, 0.05)))
     bound = _dual_bound(prob)
     status = ilp.highs_status(prob)
     timed_out = status == highspy.HighsModelStatus.kTimeLimit

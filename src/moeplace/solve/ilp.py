@@ -14,6 +14,9 @@ to a fixed layer is linear in x. Maximising y, z at the optimum makes them the i
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -22,6 +25,31 @@ import numpy as np
 import pulp
 
 from moeplace.solve.affinity import AffinityGraph, one_hot
+
+_banner_lock = threading.Lock()
+_banner_done = False
+
+
+def highs(time_limit: float | None = None) -> pulp.HiGHS:
+    """PuLP's HiGHS interface, silent, on one thread. msg=False turns off the solve log, but
+    HiGHS prints its banner on stdout when a process makes its first solver object, before any
+    option can stop it, and stdout is the commands' output (`-q`, JSON): that first object is
+    made here with file descriptor 1 pointed at /dev/null."""
+    global _banner_done
+    with _banner_lock:
+        if not _banner_done:
+            _banner_done = True
+            sys.stdout.flush()
+            saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, 1)
+                highspy.Highs()
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+                os.close(devnull)
+    options = {} if time_limit is None else {"timeLimit": time_limit}
+    return pulp.HiGHS(msg=False, threads=1, **options)
 
 
 @dataclass(frozen=True)
@@ -99,8 +127,7 @@ def solve_window(graph: AffinityGraph, expert_to_gpu: np.ndarray, layers: range,
                 terms.append((z, -(node_cost - 1.0) * w))
     prob += pulp.LpAffineExpression(terms)
 
-    solver = pulp.HiGHS(msg=False, timeLimit=max(time_limit, 0.1), threads=1)
-    prob.solve(solver)
+    prob.solve(highs(max(time_limit, 0.1)))
     info = prob.solverModel.getInfo()
     out = expert_to_gpu.copy()
     has_solution = info.primal_solution_status == 2  # kSolutionStatusFeasible

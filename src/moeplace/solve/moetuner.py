@@ -17,6 +17,7 @@ import pulp
 
 from moeplace.placement import Placement
 from moeplace.solve.balance import balance_placement
+from moeplace.solve.ilp import highs
 from moeplace.trace.format import Trace, pair_counts
 
 
@@ -29,7 +30,7 @@ def assign_clusters(flow: np.ndarray) -> np.ndarray:
     for i in range(g_count):
         prob += pulp.lpSum(x[i, d] for d in range(g_count)) == 1
         prob += pulp.lpSum(x[c, i] for c in range(g_count)) == 1
-    prob.solve(pulp.HiGHS(msg=False, threads=1))
+    prob.solve(highs())
     perm = np.empty(g_count, dtype=np.int64)
     for (c, d), var in x.items():
         if (var.varValue or 0) > 0.5:
