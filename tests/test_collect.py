@@ -209,6 +209,29 @@ def test_cli_interrupt_writes_valid_shorter_trace(tiny_dirs: dict[str, Path], co
     assert not out0.exists() and [p.name for p in tmp_path.iterdir()] == ["corpus.txt", "t.npz"]
 
 
+def test_sigterm_removes_the_spool_and_writes_nothing(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # `kill`, `timeout` or a cancelled CI job: one line, exit 128 + 15, and neither the hidden
+    # spool of routed batches nor a partial trace left behind (Python's default would leave both)
+    cmd = [sys.executable, "-m", "moeplace", "trace", "--model", str(ROOT / "checkpoints" / "tiny-moe"), "--data",
+           str(SHARED_DATA / "text" / "c4_texts.txt"), "--seq-len", "64", "--batch-size", "2", "--threads", "1",
+           "-o", str(tmp_path / "t.npz")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".moeplace-trace-") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, "trace ended before it spooled a batch"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1] == "moeplace: terminated (SIGTERM)"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_bad_inputs(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path,
                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "t.npz"

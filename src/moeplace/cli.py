@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from typing import Any
 
@@ -115,5 +116,16 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (`kill`, `timeout`, a cancelled CI job): unwind like an error, so that temporary
+    files and trace spools are removed on the way out (Python's default for SIGTERM is to die
+    on the spot, leaving them behind)."""
+    click.echo(f"moeplace: terminated ({signal.Signals(signum).name})", err=True)
+    raise SystemExit(128 + signum)
+
+
 def entry() -> Any:
+    # not in a rank under torchrun: its agent stops ranks with SIGTERM and handles that itself
+    if "LOCAL_RANK" not in os.environ:
+        signal.signal(signal.SIGTERM, _terminated)
     sys.exit(run())
