@@ -272,6 +272,12 @@ def test_cli_one_layer_and_exflow_npy(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "a" / "analyze.json").read_text())
     assert report["traces"]["A"]["halves"] == {"skipped": "one MoE layer: no layer pairs"}
     assert [Path(p).name for p in report["figures"]] == ["load_heatmap.png"]
+    # a re-run into the same directory that draws nothing removes the earlier run's figures
+    # (they would pass for this run's), and nothing else
+    (tmp_path / "a" / "notes.txt").write_text("mine")
+    (tmp_path / "a" / "transitions.png").write_bytes(b"stale")
+    assert run(["analyze", str(one_layer), "-o", str(tmp_path / "a"), "--shuffles", "2", "--no-figures"]) == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["analyze.json", "notes.txt"]
     npy = tmp_path / "exflow.npy"
     np.save(npy, planted(64, num_experts=8).topk_ids[:, :, 0])
     assert run(["analyze", str(npy), "-o", str(tmp_path / "b"), "--shuffles", "2", "--no-solve", "--no-figures"]) == 0

@@ -139,7 +139,9 @@ def analyze(
     \b
     Outputs (in -o DIR): analyze.json (everything above), load_heatmap.png,
     transitions.png (P(j | i) of the --layers pairs), affinity.png (MI vs shuffled and
-    top-m capture per layer pair). A summary is printed; progress goes to stderr.
+    top-m capture per layer pair); a figure of an earlier run in DIR that this run does not
+    draw (--no-figures, load-only input) is removed. A summary is printed; progress goes to
+    stderr.
 
     \b
     Examples:
@@ -184,10 +186,16 @@ def analyze(
         report["figures"] = figures
         report["json"] = str(out / JSON_NAME)
         write_json_atomic(out / JSON_NAME, report)
+        for name in FIGURES:  # an earlier run's figure beside this run's JSON would pass for its own
+            if str(out / name) not in figures:
+                (out / name).unlink(missing_ok=True)
     except OSError as e:
         raise MoeplaceError(f"-o {out}: cannot write the report ({e.strerror or e})") from None
     if not quiet:
         click.echo(summary(report))
+
+
+FIGURES = ("load_heatmap.png", "transitions.png", "affinity.png")
 
 
 def _draw(report: dict, conditionals: dict, sources: dict, pairs: list[int], mode: str, out: Path) -> list[Path]:
@@ -198,10 +206,10 @@ def _draw(report: dict, conditionals: dict, sources: dict, pairs: list[int], mod
     first = sources["A"][0]
     labels = layer_names(first.meta, first.num_layers)
     loads = [source_loads(s) for s, _ in sources.values()]
-    paths = [plots.load_heatmap(loads, titles, labels, out / "load_heatmap.png")]
+    paths = [plots.load_heatmap(loads, titles, labels, out / FIGURES[0])]
     if pairs:  # only when every input is a per-token trace with layer pairs
         cond = [conditionals[key][mode] for key in keys]
-        paths.append(plots.transition_heatmaps(cond, titles, pairs, labels, mode, out / "transitions.png"))
+        paths.append(plots.transition_heatmaps(cond, titles, pairs, labels, mode, out / FIGURES[1]))
         affs = [report["traces"][key]["affinity"] for key in keys]
-        paths.append(plots.affinity_plot(affs, keys, labels, affs[0]["log_num_experts"], out / "affinity.png"))
+        paths.append(plots.affinity_plot(affs, keys, labels, affs[0]["log_num_experts"], out / FIGURES[2]))
     return paths
