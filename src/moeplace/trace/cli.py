@@ -173,10 +173,17 @@ def _load_model(ref: str, dtype: str, device: Any) -> Any:
     return model.to(device).eval()
 
 
+# what a Hugging Face tokenizer directory holds (one of them at least)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def _load_tokenizer(ref: str) -> Any:
     from transformers import AutoTokenizer
 
     local = _resolve(ref, "tokenizer", "tokenizer_config.json")
+    if local and not any((Path(ref) / f).exists() for f in TOKENIZER_FILES):
+        raise MoeplaceError(f"cannot load a tokenizer from {ref!r}: it holds none of {', '.join(TOKENIZER_FILES)}; "
+                            "pass --tokenizer PATH")
     try:
         return AutoTokenizer.from_pretrained(ref, local_files_only=local)
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -350,15 +350,17 @@ class ExpertLoads:
         return int(self.loads.shape[1])
 
 
-def make_loads(loads: np.ndarray, meta: dict[str, Any] | None = None, name: str = "loads") -> ExpertLoads:
+def make_loads(loads: np.ndarray, meta: dict[str, Any] | None = None, name: str = "loads",
+               what: str = "expert_loads") -> ExpertLoads:
+    """Checked load-only input; errors read "{name}: {what} must be ..." (what: the field)."""
     a = np.asarray(loads)
     if a.ndim != 2 or 0 in a.shape:
-        raise TraceError(f"{name}: expert_loads must be a non-empty [moe_layers, experts] array, got shape {list(a.shape)}")
+        raise TraceError(f"{name}: {what} must be a non-empty [moe_layers, experts] array, got shape {list(a.shape)}")
     if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-        raise TraceError(f"{name}: expert_loads must be numeric, got dtype {a.dtype}")
+        raise TraceError(f"{name}: {what} must be numeric, got dtype {a.dtype}")
     a = a.astype(np.float64)
     if not np.isfinite(a).all() or (a < 0).any():
-        raise TraceError(f"{name}: expert_loads must be finite and non-negative")
+        raise TraceError(f"{name}: {what} must be finite and non-negative")
     return ExpertLoads(a, dict(meta or {}))
 
 

@@ -465,7 +465,7 @@ def import_loads_json(paths: Sequence[Path]) -> ExpertLoads:
             counts = np.asarray(rows, dtype=np.float64)
         except (TypeError, ValueError):
             raise TraceError(f"{path}: '{key}' must be a rectangular [layers][experts] table of numbers") from None
-        counts = make_loads(counts, name=f"{path}: {key}").loads
+        counts = make_loads(counts, name=str(path), what=f"'{key}'").loads
         if total is not None and counts.shape != total.shape:
             raise TraceError(f"{path}: {key} is {list(counts.shape)}, but {paths[0]} has {list(total.shape)}")
         total = counts if total is None else total + counts
