@@ -64,7 +64,7 @@ from moeplace.solve.balance import balance_placement, replication_bound, total_s
 from moeplace.solve.costmodel import (
     INTER, INTRA, CostModel, alltoall_us, layer_time, layer_traffic, load_cost_model, token_scale,
 )
-from moeplace.solve.ilp import proven_optimal
+from moeplace.solve.ilp import highs, proven_optimal
 from moeplace.trace.format import Trace, layer_counts, pair_counts
 
 LAYER_LP_MAX_VARS = 2048  # E x G of one layer above which step 2 is skipped
@@ -131,12 +131,13 @@ class LatencyModel:
 
 def smoothed_costs(cost: CostModel, links: np.ndarray, row: np.ndarray, loads: np.ndarray, scales: np.ndarray,
                    counts: np.ndarray) -> np.ndarray:
-    """(compute, dispatch, combine) of one layer placed as row int [E] for M smoothed models,
-    float [M, 3]: compute from each model's shrunk loads float [M, E] (already scaled to the
-    batch), dispatch and combine from its token counts float [2, M, G, G] (costmodel.layer_traffic)
-    scaled by scales float [M]."""
+    """(compute, dispatch, combine) of one layer placed as row int [E] (or each model's layer as
+    its row int [M, E]) for M smoothed models, float [M, 3]: compute from each model's shrunk
+    loads float [M, E] (already scaled to the batch), dispatch and combine from its token counts
+    float [2, M, G, G] (costmodel.layer_traffic) scaled by scales float [M]. Each model's numbers
+    are those it gets alone."""
     m, (num_models, num_gpus) = cost.model, (len(loads), links.shape[0])
-    at = (np.arange(num_models)[:, None] * num_gpus + row[None, :]).ravel()  # (model, GPU) of each expert
+    at = (np.arange(num_models)[:, None] * num_gpus + row).ravel()  # (model, GPU) of each expert
     gpu_load = np.bincount(at, weights=loads.ravel(), minlength=num_models * num_gpus).reshape(num_models, -1)
     active = np.bincount(at[loads.ravel() > 0], minlength=num_models * num_gpus).reshape(num_models, -1)
     volume = counts * scales[None, :, None, None]
@@ -157,7 +158,9 @@ class SearchModels:
     Trial moves are counted incrementally (`propose`): the counts of the current placement are
     kept (`reset`, `commit`), and a move re-counts only the tokens it touches: at a layer, those
     selecting an expert it moved and those whose previous top-1 expert it moved (their home).
-    The counts are integers, so this gives the numbers of a full recount, bit for bit.
+    The counts are integers, so this gives the numbers of a full recount, bit for bit. The
+    difference of the touched tokens' counts is taken without sorting their GPUs (`_delta`), from
+    the current placement's multiplicities (how many of a token's k experts sit on each GPU).
     """
 
     def __init__(self, whole: LatencyModel, token_folds: list[np.ndarray]) -> None:
@@ -171,6 +174,7 @@ class SearchModels:
         for f, (tokens, model) in enumerate(zip(token_folds, self.all[1:])):
             self.fold[tokens] = f
             self.fold_home0[tokens] = model.home0
+        self.fold_at = self.fold * self.num_gpus**2  # where each token's fold starts in flat counts
         self.ids = trace.topk_ids
         self.selections = trace.expert_loads()  # [L, E] token-expert selections (integers)
         self.selecting = [_tokens_by_expert(self.ids[:, layer], trace.num_experts) for layer in range(trace.num_layers)]
@@ -178,6 +182,11 @@ class SearchModels:
         self.loads = np.stack([m.loads for m in self.all])  # type: ignore[misc]  # [M, L, E]
         self.scales = np.array([m.scale for m in self.all])
         self.counts: list[np.ndarray] = []  # the current placement's, per layer (`_count`)
+        self.first = [np.ascontiguousarray(self.ids[:, layer, 0]) for layer in range(trace.num_layers)]  # top-1 ids
+        self.e2g = np.zeros((0, 0), dtype=np.int64)  # the current placement (`reset`, `commit`)
+        self.mult: list[np.ndarray] = []  # its multiplicities per layer, int [G, T] (`_multiplicities`)
+        self.pos = np.zeros(trace.num_tokens, dtype=np.int64)  # scratch: a token's row in `_delta`
+        self.proposed: tuple[dict[int, np.ndarray], list[np.ndarray]] | None = None  # rows, counts
 
     def _count(self, e2g: np.ndarray, layer: int, tokens: np.ndarray | slice = slice(None),
                cand: np.ndarray | None = None) -> np.ndarray:
@@ -209,6 +218,93 @@ class SearchModels:
             whole = grouped.sum(1, keepdims=True)
         return np.concatenate([whole, grouped], axis=1)
 
+    def _multiplicities(self, row: np.ndarray, layer: int) -> np.ndarray:
+        """How many of each token's k experts at `layer` sit on each GPU under row int [E],
+        int8 [G, T] (GPU-major: a move reads and writes a few GPUs' rows; int16 past k = 127)."""
+        ids = self.ids[:, layer]
+        flat = (row[ids] * len(ids) + np.arange(len(ids))[:, None]).ravel()
+        dtype = np.int8 if ids.shape[1] < 128 else np.int16
+        return np.bincount(flat, minlength=len(ids) * self.num_gpus).astype(dtype).reshape(self.num_gpus, -1)
+
+    def _touched(self, e2g: np.ndarray, cand: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens whose counts at `layer` cand changes, the experts it moved there), int [n], [m]:
+        those selecting a moved expert and those whose previous top-1 expert moved (their home)."""
+        mark = np.zeros(len(self.fold), dtype=bool)
+        moved = np.flatnonzero(e2g[layer] != cand[layer])
+        for e in moved:
+            mark[self.selecting[layer][e]] = True
+        if layer > 0:
+            for e in np.flatnonzero(e2g[layer - 1] != cand[layer - 1]):
+                mark[self.top1[layer - 1][e]] = True
+        return np.flatnonzero(mark), moved
+
+    def _delta(self, e2g: np.ndarray, cand: np.ndarray, layer: int, tokens: np.ndarray,
+               moved: np.ndarray) -> np.ndarray:
+        """The counts of `tokens` int [n] at `layer` under cand minus those under e2g, the current
+        placement, float [2, M, G, G]: the numbers of `_count(e2g, layer, tokens, cand)`, without
+        its sort. `tokens` holds (at least) those of `_touched`, `moved` its experts.
+
+        A token sends to each GPU holding one of its experts other than its home (dispatch) and
+        each such GPU other than its top-1 GPU sends back (combine), once per GPU: the GPUs where
+        its multiplicity is positive. Where its home (top-1 GPU) stays, its dispatch (combine)
+        entries change only at the GPUs where that positivity changed, some of `cols`, the old
+        and new GPUs of the moved experts; where it changed, its whole old row goes, the new comes."""
+        num_gpus, groups = self.num_gpus, max(self.num_folds, 1)
+        flat = num_gpus * num_gpus
+        mult = self.mult[layer]
+        cols = np.unique(np.concatenate([e2g[layer][moved], cand[layer][moved]]))  # int [c]
+        before = np.take(mult[cols], tokens, axis=1)  # int [c, n]
+        after = before.copy()
+        self.pos[tokens] = np.arange(len(tokens))
+        for e, was, now in zip(moved, np.searchsorted(cols, e2g[layer][moved]), np.searchsorted(cols, cand[layer][moved])):
+            rows = self.pos[self.selecting[layer][e]]  # a token selects an expert once: no repeats
+            after[was, rows] -= 1
+            after[now, rows] += 1
+        # +1 / -1 where GPU cols[j] starts / stops serving the token, int8 [c, n]
+        present = (after > 0).view(np.int8) - (before > 0).view(np.int8)
+        fold_at = self.fold_at[tokens]
+        if layer == 0:
+            home_old = home_new = self.fold_home0[tokens]
+        else:
+            first = self.first[layer - 1][tokens]
+            home_old, home_new = e2g[layer - 1][first], cand[layer - 1][first]
+        first = self.first[layer][tokens]
+        gpu = np.arange(num_gpus)
+        # Entries of the flat counts [2, groups, G, G] and their +1 / -1. A token's own home
+        # (top-1 GPU) is not skipped: it lands on the diagonal, which is zeroed at the end (no
+        # token sends to its home or has its top-1 GPU send back to itself).
+        index, weight = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int8)]
+        for phase, (here_old, here_new) in enumerate(((home_old, home_new), (e2g[layer][first], cand[layer][first]))):
+            # phase 0, dispatch: entry (home, serving GPU); 1, combine: (serving GPU, top-1 GPU)
+            row = fold_at + phase * groups * flat
+            stride = (num_gpus, 1) if phase == 0 else (1, num_gpus)
+            if len(cols):  # every token as if its home stayed
+                index.append(((row + here_old * stride[0])[None, :] + (cols * stride[1])[:, None]).ravel())
+                weight.append(present.ravel())
+            moves = np.flatnonzero(here_old != here_new)
+            if len(moves) == 0:
+                continue
+            # where it moved, that put (new - old) at cols on the old home's row, which should
+            # instead lose its old row and the new gain the new: the old row less the new at
+            # cols is the new row (the two differ only at cols), so the old row loses it all
+            served = np.take(mult, tokens[moves], axis=1) > 0  # bool [G, m]
+            served[cols] = after[:, moves] > 0
+            served = served.view(np.int8)
+            for here, sign in ((here_old, -1), (here_new, 1)):
+                index.append(((row + here * stride[0])[None, moves] + (gpu * stride[1])[:, None]).ravel())
+                weight.append(served.ravel() * np.int8(sign))
+        grouped = np.bincount(np.concatenate(index), weights=np.concatenate(weight),
+                              minlength=2 * groups * flat).reshape(2, groups, num_gpus, num_gpus)
+        grouped.reshape(-1, flat)[:, ::num_gpus + 1] = 0.0  # the diagonals
+        if self.num_folds == 0:
+            return grouped
+        whole = grouped.sum(1, keepdims=True)
+        if layer == 0:  # the whole set's own round-robin homes (they stay): its dispatch apart
+            at = (self.all[0].home0[tokens] * num_gpus)[None, :] + cols[:, None]
+            whole[0, 0] = np.bincount(at.ravel(), weights=present.ravel(), minlength=flat).reshape(num_gpus, num_gpus)
+            whole[0, 0].reshape(-1)[::num_gpus + 1] = 0.0
+        return np.concatenate([whole, grouped], axis=1)
+
     def _costs(self, e2g: np.ndarray, layer: int, counts: np.ndarray) -> np.ndarray:
         """float [M, 3]: smoothed_costs of every model from its counts [2, M, G, G]."""
         whole = self.all[0]
@@ -228,36 +324,45 @@ class SearchModels:
 
     def reset(self, e2g: np.ndarray) -> list[np.ndarray]:
         """Make e2g the current placement; its float [L, 3] for each model."""
+        self.e2g = e2g.copy()
+        self.mult = [self._multiplicities(row, layer) for layer, row in enumerate(e2g)]
         self.counts = [self._count(e2g, layer) for layer in range(e2g.shape[0])]
+        self.proposed = None
         return self._per_model([self._costs(e2g, layer, c) for layer, c in enumerate(self.counts)])
 
     def propose(self, e2g: np.ndarray, cand: np.ndarray, touched: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Layers `touched` of `cand`, which differs from the current placement e2g at no layer
         outside `touched` and at none whose next layer is outside it: (float [len(touched), 3]
         for each model, the counts to `commit` if cand is kept)."""
+        assert np.array_equal(e2g, self.e2g), "propose from the current placement (the one reset or committed)"
         num_tokens = len(self.fold)
-        mark = np.zeros(num_tokens, dtype=bool)
         new_counts = []
         for layer in touched:
-            mark[:] = False
-            for e in np.flatnonzero(e2g[layer] != cand[layer]):
-                mark[self.selecting[layer][e]] = True
-            if layer > 0:
-                for e in np.flatnonzero(e2g[layer - 1] != cand[layer - 1]):
-                    mark[self.top1[layer - 1][e]] = True
-            tokens = np.flatnonzero(mark)
+            tokens, moved = self._touched(e2g, cand, layer)
             if len(tokens) == 0:
                 new_counts.append(self.counts[layer])
             elif 2 * len(tokens) > num_tokens:  # cheaper to count them all
                 new_counts.append(self._count(cand, layer))
             else:
-                new_counts.append(self.counts[layer] + self._count(e2g, layer, tokens, cand))
-        costs = self._per_model([self._costs(cand, layer, c) for layer, c in zip(touched, new_counts)])
-        return costs, new_counts
+                new_counts.append(self.counts[layer] + self._delta(e2g, cand, layer, tokens, moved))
+        # all touched layers of all models in one evaluation, as models of their own
+        num_models, whole = len(self.all), self.all[0]
+        stacked = smoothed_costs(whole.cost, whole.links, np.repeat(cand[touched], num_models, axis=0),
+                                 self.loads[:, touched].transpose(1, 0, 2).reshape(len(touched) * num_models, -1),
+                                 np.tile(self.scales, len(touched)), np.concatenate(new_counts, axis=1))
+        self.proposed = ({layer: cand[layer].copy() for layer in touched}, new_counts)
+        return list(stacked.reshape(len(touched), num_models, 3).transpose(1, 0, 2)), new_counts
 
     def commit(self, touched: list[int], new_counts: list[np.ndarray]) -> None:
+        """Make the candidate of the last `propose` (whose counts new_counts are) current."""
+        assert self.proposed is not None and self.proposed[1] is new_counts, "commit what propose just gave"
+        rows = self.proposed[0]
         for layer, c in zip(touched, new_counts):
             self.counts[layer] = c
+            if (rows[layer] != self.e2g[layer]).any():
+                self.e2g[layer] = rows[layer]
+                self.mult[layer] = self._multiplicities(rows[layer], layer)
+        self.proposed = None
 
 
 def _tokens_by_expert(ids: np.ndarray, num_experts: int) -> list[np.ndarray]:
@@ -541,7 +646,7 @@ def _layer_lp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: floa
                 prob += t_out >= _expr((x[e, g], us[cls] * float(out[e])) for e in range(num_experts) if out[e])
                 prob += t_out >= _expr((x[e, p], us[cls] * float(flow[e, g]))
                                        for e in range(num_experts) for p in peers if flow[e, g])
-    prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit, threads=1))
+    prob.solve(highs(time_limit))
     if not proven_optimal(prob):  # a time-limited LP iterate would depend on the machine's speed
         return None
     frac = np.array([[x[e, g].varValue or 0.0 for g in range(num_gpus)] for e in range(num_experts)])
