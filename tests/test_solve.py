@@ -242,6 +242,14 @@ def test_deterministic_per_seed_and_balanced():
     held = a.metrics["held_out"]
     assert set(held) == {"placement", "contiguous", "round_robin", "random", "greedy_load"}
     assert held["placement"]["tokens"] == 200
+    # what determinism is relative to: another HiGHS may return another of tied LP/ILP optima
+    import pulp
+
+    import moeplace
+
+    software = a.solver["software"]
+    assert software["moeplace"] == moeplace.__version__ and software["pulp"] == pulp.__version__
+    assert software["numpy"] == np.__version__ and software["highs"].count(".") == 2
 
 
 def test_time_limit_is_honoured_with_a_valid_placement():

@@ -122,6 +122,7 @@ def test_cli_latency_eval_and_load_only_balance(tmp_path: Path, capsys: pytest.C
     assert run(["solve", str(tmp_path / "l.npz"), "--gpus", "4", "--objective", "balance", "--redundant-experts", "4",
                 "--time-limit", "2", "-q", "-o", str(out)]) == 0
     assert sum(len(r) for r in load_placement(out).replicas) == 8
+    assert set(json.loads(out.read_text())["solver"]["software"]) == {"moeplace", "highs", "pulp", "numpy"}
     loads10 = tmp_path / "l10.npz"
     save_loads(make_loads(np.random.default_rng(1).random((2, 10)) * 100), loads10)
     assert run(["solve", str(loads10), "--gpus", "4", "-q", "-o", str(out)]) == 2  # traffic needs token paths

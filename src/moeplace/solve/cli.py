@@ -179,6 +179,7 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
     """`balance` on a load-only input (moeplace.loads/v1): per-layer loads, no token paths."""
     from moeplace.placement import check_topology
     from moeplace.solve.balance import balance_placement
+    from moeplace.solve.ilp import software
     from moeplace.trace.format import load_loads
 
     loads = load_loads(path)
@@ -187,6 +188,7 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
     placement = balance_placement(loads.loads, gpus, gpn, redundant, time_limit, max_experts_per_gpu, progress=not quiet,
                                   max_experts_per_gpu_total=max_experts_per_gpu_total)
     placement.trace_sha256 = loads.sha256 or None
+    placement.solver["software"] = software()
     with writing(output):
         placement.save(output)
     if not quiet:

@@ -30,6 +30,15 @@ _banner_lock = threading.Lock()
 _banner_done = False
 
 
+def software() -> dict[str, str]:
+    """What a placement depends on besides its inputs and seed: where an LP or ILP has several
+    optima, another HiGHS release may return another (recorded as solver.software)."""
+    from moeplace import __version__
+
+    highs_version = f"{highspy.HIGHS_VERSION_MAJOR}.{highspy.HIGHS_VERSION_MINOR}.{highspy.HIGHS_VERSION_PATCH}"
+    return {"moeplace": __version__, "highs": highs_version, "pulp": pulp.__version__, "numpy": np.__version__}
+
+
 def highs(time_limit: float | None = None) -> pulp.HiGHS:
     """PuLP's HiGHS interface, silent, on one thread. msg=False turns off the solve log, but
     HiGHS prints its banner on stdout when a process makes its first solver object, before any

@@ -462,7 +462,7 @@ def solve_placement(
         gpus_per_node=gpus_per_node,
         replicas=outcome.replicas,
         objective=outcome.objective,
-        solver=outcome.solver,
+        solver=outcome.solver | {"software": ilp.software()},
         bound=outcome.bound,
         gap=outcome.gap,
         trace_sha256=trace.sha256 or None,
