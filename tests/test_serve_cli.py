@@ -72,7 +72,8 @@ def test_torchrun_batch_matches_transformers_and_prediction(model: tuple[Path, l
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(free_port()), "-m", "moeplace", "serve", "--model", str(path), "--placement", str(placement),
            "--prompts", str(prompts), "--out", str(out), "--stats-out", str(stats), "--routing-out", str(routing),
-           "--max-new-tokens", "6", "--ignore-eos", "--timeout", "60"]
+           "--max-new-tokens", "6", "--ignore-eos", "--timeout", "60",
+           "--max-batch", "2"]  # 3 prompts: two batches (the second used to deadlock on the counters' all-reduce)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]

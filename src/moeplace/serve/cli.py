@@ -269,13 +269,13 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int]], max_batch: int
         req = engine.Request([c[1] for c in chunk], [c[2] for c in chunk], ignore_eos, routing_out is not None)
         engine.send_command(rt, engine.GENERATE, req)
         res = engine.run_request(rt, req)
+        counters = engine.merged_counters(rt)  # the other ranks all-reduce after every request
         results += res.tokens
         seconds += res.seconds
         if res.routing is not None:
             res.routing[:, 0] += start  # slot -> prompt index
             routing.append(res.routing)
         progress.update(start + len(chunk))
-    counters = engine.merged_counters(rt)
     generated = sum(len(t) for t in results)
     progress.close(f"{generated} tokens")
     lines = []
