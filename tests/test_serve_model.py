@@ -37,6 +37,19 @@ def greedy(path: Path, experts: list[list[int]] | None = None) -> tuple[RankMode
     return model, rt.generate(PROMPTS, [4, 4], ignore_eos=True).tokens
 
 
+def test_mixtral_renormalises_whatever_its_config_says(mixtral: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    # transformers' Mixtral router always divides the top-k weights by their sum; a config with
+    # norm_topk_prob false (which it saves if given) must not switch that off here
+    copy = tmp_path / "m"
+    shutil.copytree(mixtral, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(cfg | {"norm_topk_prob": False}))
+    assert read_spec(mixtral).renormalize and read_spec(copy).renormalize
+
+
 def test_rank_holds_only_its_experts(mixtral: Path) -> None:
     spec = read_spec(mixtral)
     assert spec.moe_layers == (0, 1) and spec.top_k == 2 and not spec.fused_experts

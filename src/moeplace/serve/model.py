@@ -118,7 +118,9 @@ def _read_spec(path: Path) -> ModelSpec:
         moe_prefix=prefixes,
         num_experts=blocks[0].num_experts,
         top_k=int(cfg["num_experts_per_tok"]),
-        renormalize=bool(cfg.get("norm_topk_prob", renorm_default)),
+        # Mixtral always renormalises its top-k gate weights (transformers has no switch for it,
+        # even when a config carries norm_topk_prob); the others follow norm_topk_prob
+        renormalize=True if family == "mixtral" else bool(cfg.get("norm_topk_prob", renorm_default)),
         fused_experts=fused,
         expert_names=names or _EXPERT_NAMES[0],
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in files,
