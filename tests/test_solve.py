@@ -319,6 +319,8 @@ def test_cli_reads_exflow_npy(tmp_path, capsys):
     (["--gpus", "4", "--time-limit", "0"], "time-limit"),
     (["--gpus", "4", "--time-limit", "nan"], "'--time-limit': 'nan' is not a finite number"),
     (["--gpus", "4", "--node-cost", "-1"], "--node-cost"),
+    # below 1 the exact ILP optimised another objective and the "bound" exceeded the cost found
+    (["--gpus", "4", "--node-cost", "0.5"], "'--node-cost': 0.5 is not in the range x>=1"),
     (["--gpus", "4", "--node-cost", "inf"], "'--node-cost': 'inf' is not a finite number"),
     (["--gpus", "4", "--seed", "-1"], "'--seed': -1 is not in the range x>=0"),
     (["--gpus", "4", "--objective", "latency", "--compute-weight", "inf"], "--compute-weight"),
@@ -329,6 +331,14 @@ def test_cli_bad_options_exit_2_with_one_line(trace_file, tmp_path, capsys, args
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("moeplace: error:") and needle in err[0], err
     assert not out.exists()
+
+
+def test_library_refuses_node_cost_below_one():
+    from moeplace.errors import MoeplaceError
+
+    trace, _ = planted_trace(100, 2, 8, 2, 4, seed=0)
+    with pytest.raises(MoeplaceError, match="--node-cost 0.5: must be >= 1"):
+        solve_placement(trace, 4, 2, time_limit=5, seed=0, node_cost=0.5)
 
 
 def test_cli_balance_places_uneven_counts_on_a_trace(trace_file, tmp_path, capsys):

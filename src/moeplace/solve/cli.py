@@ -62,8 +62,9 @@ def _objective_names() -> list[str]:
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the split and the search (same seed, same result).")
 @click.option("--train-fraction", type=FiniteFloat(0.0, 1.0, min_open=True), default=1.0, show_default=True,
               help="Fit on this seeded random fraction of the tokens; metrics also on the rest (held out).")
-@click.option("--node-cost", type=NON_NEGATIVE, default=2.0, show_default=True,
-              help="Cost of a cross-node move relative to a cross-GPU move inside a node.")
+@click.option("--node-cost", type=FiniteFloat(min=1.0), default=2.0, show_default=True,
+              help="Cost of a cross-node move relative to a cross-GPU move inside a node (>= 1: a move across "
+                   "nodes is never cheaper than one inside a node).")
 @click.option("--top1-weight", type=NON_NEGATIVE, default=1.0, show_default=True, help="Extra edge weight of the top-1 -> top-1 transition.")
 @click.option("--coselect-weight", type=NON_NEGATIVE, default=None,
               help="Weight of co-selection edges within a layer (top-k). Default: chosen from 1, 2, 4 by "

@@ -315,6 +315,9 @@ def solve_traffic(
     exact=False skips the whole-model ILP of step 2 (step 4's single-layer ILPs still run).
     """
     start = time.monotonic()
+    if not node_cost >= 1.0:  # the ILP and the bound take the dearest move to be the cross-node one
+        raise MoeplaceError(f"--node-cost {node_cost}: must be >= 1 (a cross-node move costs at least a "
+                            "cross-GPU move inside a node)")
     if trace.num_layers < 2:
         return _no_layer_pairs(trace, num_gpus, node_cost, top1_weight, seed, time_limit, start)
     large = trace.num_layers * trace.num_experts > 4096
