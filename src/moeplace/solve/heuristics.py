@@ -134,8 +134,8 @@ def balanced_groups(weight: np.ndarray, num_groups: int, rng: np.random.Generato
     weight [n, n] symmetric -> int [n] group ids.
     1. average-linkage agglomeration: merge the two clusters with the highest mean weight
        between them (ties broken by seeded noise) while the merged cluster fits in one group;
-    2. first-fit decreasing of the clusters into the groups; members of a cluster that fits
-       nowhere go one by one to the groups with most room.
+    2. best-fit decreasing of the clusters into the groups (the fullest group that still fits);
+       members of a cluster that fits nowhere go one by one to the groups with most room.
     """
     n = weight.shape[0]
     cap = n // num_groups

@@ -8,10 +8,10 @@ module implements `traffic` (docs/solver.md states it exactly):
        per trace by cross-validation inside the training tokens (select_weights), unless fixed;
     1. edge weights from the training tokens (affinity.edge_terms, the token sums, re-weighted);
        steps 2-5 are search_traffic on that graph, which cross-validation also runs per candidate;
-    2. exact integer program (ilp.solve_window over all layers) when the model is small, after a
-       heuristic incumbent; otherwise
-    3. `restarts` greedy chainings, each improved by coordinate descent (optimal per-layer
-       transport re-assignment + Kernighan-Lin swaps), the best kept;
+    2. the incumbent: `restarts` greedy chainings, each improved by coordinate descent (optimal
+       per-layer transport re-assignment + Kernighan-Lin swaps), the best kept;
+    3. exact integer program (ilp.solve_window over all layers) when the model is small, from
+       that incumbent;
     4. `kicks` rounds of iterated local search (perturb a window of layers, descend, keep if
        better), then ILP re-optimisation of single layers where tractable (each capped at
        LAYER_ILP_SECONDS; only a proven optimum is taken, so the result does not depend on how
@@ -114,7 +114,7 @@ def select_weights(
     3. every candidate is solved on all folds but one (short heuristic search: 2 restarts,
        4 kicks, no ILP) and scored on the one left out: the metrics the objective
        targets (cross_gpu_top1 and dest_gpus_topk, plus their node versions with several
-       nodes), each as a ratio to the contiguous layout, summed over metrics and folds;
+       nodes), each as a ratio to the contiguous layout, summed over metrics, averaged over folds;
     4. the lowest score wins; the default candidate comes first and wins ties.
 
     Skipped (defaults, or the fixed values) when nothing is left to choose, when the trace has
