@@ -86,6 +86,23 @@ def test_torchrun_batch_matches_transformers_and_prediction(model: tuple[Path, l
     assert s["decode"]["alltoalls_per_layer_step"] == 2.0  # top-2: dispatch + combine
 
 
+def test_ranks_with_different_placements_refuse_to_run(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:
+    path, _ = model
+    # each placement fits the model and the world size: only comparing them across ranks shows
+    # that a token would reach a rank without its expert (and silently get nothing from it)
+    a, b = save_placement(tmp_path / "a.json", 2, 8, 2, seed=3), save_placement(tmp_path / "b.json", 2, 8, 2, seed=5)
+    assert load_placement(a).expert_to_gpu.tolist() != load_placement(b).expert_to_gpu.tolist()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    port = free_port()
+    procs = [launch(r, 2, port, ["--model", str(path), "--placement", str(p), "--prompts", str(prompts),
+                                 "--timeout", "20"]) for r, p in enumerate((a, b))]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2, err[-1000:]
+        assert "started with different placements" in err and "Traceback" not in err
+
+
 def test_wrong_world_size_rejected_on_every_rank(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:
     path, _ = model
     placement = save_placement(tmp_path / "p4.json", 2, 8, 4)

@@ -147,7 +147,7 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
                 server = bind_http(host, port or 0)
         except MoeplaceError as e:
             error = e
-    engine.agree(rank, world, dev, str(error) if error else None)
+    engine.agree(rank, world, dev, str(error) if error else None, engine.fingerprint(spec, placement, mode))
     if error:
         raise error
     if rank == 0 and placement_path is None and (note := ep_size_note(model_dir, world)):

@@ -13,6 +13,8 @@ Order on every rank (so a bad placement costs nothing):
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,14 +73,32 @@ def prepare(model_dir: str, placement_path: str | None, mode: str,
     return spec, check_placement(spec, load_placement(placement_path) if placement_path else None, world)
 
 
-def agree(rank: int, world: int, device: torch.device, error: str | None) -> None:
-    """After joining: rank 0 tells the others whether its own input checks passed."""
+def fingerprint(spec: ModelSpec, placement: Placement, mode: str) -> int:
+    """What every rank must share (placement, mode, model shapes), as a 63-bit integer."""
+    doc = {"expert_to_gpu": placement.expert_to_gpu.tolist(), "replicas": placement.replicas, "mode": mode,
+           "model": [spec.family, spec.num_layers, spec.hidden_size, spec.vocab_size, spec.num_experts, spec.top_k,
+                     list(spec.moe_layers)]}
+    return int.from_bytes(hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).digest()[:8], "big") >> 1
+
+
+def agree(rank: int, world: int, device: torch.device, error: str | None, shared: int = 0) -> None:
+    """After joining: rank 0 tells the others whether its own input checks passed; then every
+    rank checks that all run the same `shared` fingerprint (placement, mode, model): ranks
+    started with different --placement files would route a token to a rank that lacks its
+    expert and silently add nothing for it."""
     if world == 1:
         return
     flag = torch.tensor([int(error is not None)], dtype=torch.int64, device=device)
     dist.broadcast(flag, 0)
-    if rank > 0 and flag.item():
-        raise AlreadyReported(MoeplaceError.exit_code)  # rank 0's line says why; one line, not N
+    if flag.item():
+        if rank > 0:
+            raise AlreadyReported(MoeplaceError.exit_code)  # rank 0's line says why; one line, not N
+        return
+    spread = torch.tensor([shared, -shared], dtype=torch.int64, device=device)
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+    if spread[0].item() != -spread[1].item():
+        raise MoeplaceError(f"rank {rank}: the ranks were started with different placements, modes or models; "
+                            "give every rank the same --placement, --mode and --model")
 
 
 def load_runtime(spec: ModelSpec, placement: Placement, mode: str, rank: int, world: int, device: torch.device,
