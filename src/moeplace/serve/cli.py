@@ -161,11 +161,18 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
         from moeplace.serve.httpserver import serve_forever
 
         click.echo(f"moeplace serve: http://{host}:{server.server_address[1]} ({world} ranks, {mode})", err=True)
+        stop = True
         try:
             serve_forever(rt, server, tokenizer, max_batch, max_new_tokens, heartbeat_s=max(0.5, timeout_s / 4),
                           model_name=Path(model_dir).name)
+        except MoeplaceError:
+            # a failed collective: one more broadcast on the broken group would only wait out the
+            # timeout and replace the real error; the other ranks fail on their own
+            stop = False
+            raise
         finally:
-            engine.send_command(rt, engine.STOP)
+            if stop:
+                engine.send_command(rt, engine.STOP)
     else:
         assert prompts is not None
         run_batch(rt, prompts, max_batch, ignore_eos, tokenizer, out_path, stats_out, routing_out, placement_path)
