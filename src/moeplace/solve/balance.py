@@ -288,10 +288,11 @@ def ilp_layer(weight: np.ndarray, num_gpus: int, slots: int, redundant: int,
     num_experts = len(weight)
     experts, gpus = range(num_experts), range(num_gpus)
     prob = pulp.LpProblem("balance", pulp.LpMinimize)
-    # rank 0 = heaviest; ties by expert id so the model is the same on every run
-    rank = np.argsort(np.argsort(-weight, kind="stable"), kind="stable") if redundant == 0 else np.full(num_experts, num_gpus)
-    # binary, fixed at 0 above rank(e) (PuLP's "Binary" would reset the bound to 1)
-    x = {(e, g): pulp.LpVariable(f"x_{e}_{g}", lowBound=0, upBound=int(g <= rank[e]), cat="Integer")
+    # the symmetry cut's last GPU per expert: its rank in decreasing load (ties by expert id, so
+    # the model is the same on every run); none with replicas
+    last = np.argsort(np.argsort(-weight, kind="stable"), kind="stable") if redundant == 0 else None
+    # binary, fixed at 0 past `last` (PuLP's "Binary" would reset that bound to 1)
+    x = {(e, g): pulp.LpVariable(f"x_{e}_{g}", lowBound=0, upBound=int(last is None or g <= last[e]), cat="Integer")
          for e in experts for g in gpus}
     f = {(e, g): pulp.LpVariable(f"f_{e}_{g}", lowBound=0) for e in experts for g in gpus}
     top = pulp.LpVariable("T", lowBound=0)
