@@ -217,19 +217,23 @@ def test_sigterm_removes_the_spool_and_writes_nothing(tmp_path: Path) -> None:
 
     # `kill`, `timeout` or a cancelled CI job: one line, exit 128 + 15, and neither the hidden
     # spool of routed batches nor a partial trace left behind (Python's default would leave both)
+    corpus = tmp_path / "corpus.txt"  # long enough that the run is far from done at its first batch
+    words = np.random.default_rng(0).choice(["expert", "token", "layer", "route", "gpu", "node"], 400_000)
+    corpus.write_text(" ".join(words))
+    out = tmp_path / "out"
+    out.mkdir()
     cmd = [sys.executable, "-m", "moeplace", "trace", "--model", str(ROOT / "checkpoints" / "tiny-moe"), "--data",
-           str(SHARED_DATA / "text" / "c4_texts.txt"), "--seq-len", "64", "--batch-size", "2", "--threads", "1",
-           "-o", str(tmp_path / "t.npz")]
+           str(corpus), "--seq-len", "64", "--batch-size", "2", "--threads", "1", "-o", str(out / "t.npz")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not any(p.name.startswith(".moeplace-trace-") for p in tmp_path.iterdir()):
+    while not any(p.name.startswith(".moeplace-trace-") for p in out.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, "trace ended before it spooled a batch"
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM
     assert err.strip().splitlines()[-1] == "moeplace: terminated (SIGTERM)"
-    assert list(tmp_path.iterdir()) == []
+    assert list(out.iterdir()) == []
 
 
 def test_cli_bad_inputs(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path,
