@@ -310,7 +310,7 @@ def _check_output(src: Path, out: Path, overwrite: bool, inputs: list[Path]) -> 
     for path in inputs:
         if out_r in path.resolve().parents:
             raise CheckpointError(f"-o {out}: holds {path}, an input of this run; pick another path")
-    if not (out_r.exists() or out_r.is_symlink()):
+    if not out_r.exists():  # resolved: a dangling link is its missing target
         return out_r
     if not out_r.is_dir():
         raise CheckpointError(f"-o {out}: exists and is not a directory")

@@ -191,7 +191,8 @@ class SearchModels:
     def _count(self, e2g: np.ndarray, layer: int, tokens: np.ndarray | slice = slice(None),
                cand: np.ndarray | None = None) -> np.ndarray:
         """Dispatch and combine token counts of one layer for each model from `tokens` (all by
-        default), float [2, M, G, G]; with `cand`, those of cand minus those of e2g."""
+        default), float [2, M, G, G]; with `cand`, those of cand minus those of e2g (by sorting
+        each token's GPUs: the search takes that difference from `_delta`, tested against this)."""
         rows = [e2g] if cand is None else [e2g, cand]
         ids = self.ids[tokens, layer]
         gpus = np.concatenate([x[layer][ids] for x in rows])
