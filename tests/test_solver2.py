@@ -462,3 +462,49 @@ def test_latency_lp_step_is_not_solved_again_where_nothing_it_reads_changed(monk
     assert remembered.expert_to_gpu.tolist() == every_time.expert_to_gpu.tolist()
     assert remembered.solver == {**every_time.solver, "seconds": remembered.solver["seconds"]}
     assert 0 < with_memo < len(solved) == 4 * every_time.solver["sweeps"]
+
+
+def test_latency_bound_holds_when_a_gpu_sends_on_both_links() -> None:
+    """The cost model lets a GPU drive NVLink and its NIC at once, so the bound's least volume
+    moves at the two bandwidths summed: with equal bandwidths, one at the faster link alone gave
+    a 'bound' of 12 us for a placement costing 8."""
+    from moeplace.solve.costmodel import Cluster, CostModel, ModelCost
+    from moeplace.solve.latency import LatencyModel, latency_bound
+    from moeplace.trace.format import make_trace
+
+    mc = ModelCost("m", hidden_size=1000, dispatch_bytes=2.0, combine_bytes=2.0, expert_us_per_token=0.0,
+                   expert_fixed_us=0.0, batch_tokens=None)
+    t = np.arange(12)
+    trace = make_trace(np.stack([t % 4, (t % 4 + 1 + t // 4) % 4], 1)[:, None, :], num_experts=4)
+    model = LatencyModel(CostModel(Cluster("2x2", 2, 2, 1.0, 0.0, 1.0, 0.0), mc), trace)
+    assert model.weighted(model.all_layers(np.array([[0, 1, 2, 3]]))) == pytest.approx(8.0)
+    assert latency_bound(model, 4, 0) <= 8.0 + 1e-9
+    # and on random placements of random traces, one node and several, links equal or not
+    rng = np.random.default_rng(0)
+    mc = ModelCost("m", 1000, 2.0, 2.0, expert_us_per_token=0.01, expert_fixed_us=0.5, batch_tokens=None)
+    for nodes, gpn, intra, inter in [(2, 2, 1.0, 1.0), (4, 1, 1.0, 3.0), (1, 4, 2.0, 2.0), (2, 2, 3.0, 0.5)]:
+        cost = CostModel(Cluster("c", nodes, gpn, intra, 1.0, inter, 2.0), mc)
+        ids = np.stack([rng.permutation(8)[:3] for _ in range(60 * 3)]).reshape(60, 3, 3)
+        model = LatencyModel(cost, make_trace(ids, num_experts=8))
+        bound = latency_bound(model, 4, 0)
+        for _ in range(20):
+            e2g = np.stack([rng.permutation(np.repeat(np.arange(4), 2)) for _ in range(3)])
+            assert bound <= model.weighted(model.all_layers(e2g)) + 1e-9
+
+
+def test_latency_folds_stand_for_the_whole_training_set() -> None:
+    """A fold's counts are scaled to the batch the whole set predicts, with or without
+    `batch_tokens`: a config without it searches exactly as one whose batch is the trace (before,
+    its folds stayed a quarter of the tokens and the acceptance rule's spread shrank with them)."""
+    import dataclasses
+
+    trace, _ = planted_trace(256, 3, 16, 2, 8, seed=5, zipf=1.2)
+    cm = load_cost_model(CLUSTER, MODEL)
+    as_traced = dataclasses.replace(cm, model=dataclasses.replace(cm.model, batch_tokens=None))
+    as_batch = dataclasses.replace(cm, model=dataclasses.replace(cm.model, batch_tokens=trace.num_tokens))
+    a, b = (solve_placement(trace, 8, 8, time_limit=60, seed=3, objective="latency", cost=c, redundant=8)
+            for c in (as_traced, as_batch))
+    assert not a.solver["stopped_by_time_limit"] and not b.solver["stopped_by_time_limit"]
+    np.testing.assert_array_equal(a.expert_to_gpu, b.expert_to_gpu)
+    assert a.replicas == b.replicas and a.objective["value"] == b.objective["value"]
+    assert a.solver["search_costs"] == b.solver["search_costs"]

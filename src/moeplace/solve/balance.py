@@ -550,7 +550,7 @@ def _to_placement(plans: list[LayerPlan], loads: np.ndarray, num_gpus: int, gpus
     return Placement(
         e2g, num_gpus, gpus_per_node, replicas,
         objective={"name": "balance", "value": obj, "definition": "mean over layers of max/mean token load per GPU",
-                   "load_model": "equal split over replicas"},
+                   "load_model": "least-loaded serving over replicas (layer_loads)"},
         solver={"name": "balance-ilp+lpt+eplb", "redundant_experts": redundant, "slots_per_gpu": slots,
                 "max_experts_per_gpu_total": total_cap,
                 "layer_methods": {m: methods.count(m) for m in sorted(set(methods))}},

@@ -252,8 +252,11 @@ def layer_time(cost: CostModel, home: np.ndarray, gpus: np.ndarray, experts: np.
             float(alltoall_us(combine * scale, bytes_c, cost, links)))
 
 
-def token_scale(cost: CostModel, num_tokens: int) -> float:
-    return cost.model.batch_tokens / num_tokens if cost.model.batch_tokens else 1.0
+def token_scale(cost: CostModel, num_tokens: int, stands_for: int | None = None) -> float:
+    """Factor from `num_tokens` traced tokens to the batch they predict: `batch_tokens` of the
+    model config, else `stands_for` (a sample of a larger set, e.g. a fold of the training
+    tokens, predicts that set's batch), else the tokens themselves (1)."""
+    return (cost.model.batch_tokens or stands_for or num_tokens) / num_tokens
 
 
 def predict(cost: CostModel, placement: Placement, trace: Trace) -> LayerTimes:

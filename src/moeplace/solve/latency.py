@@ -39,7 +39,8 @@ chance. The reported value is the exact cost (what `moeplace eval --cluster` pre
    the tokens, scaled to the batch, are too noisy to confirm even that 10% difference;
 5. lower bound: per layer, compute >= max(mean GPU, hottest replica) and each Alltoall phase >= the least
    volume any placement must move (ceil(k / slots) - 1 remote GPUs per token) spread evenly
-   over the GPUs at NVLink speed, plus the NVLink latency when that volume is positive.
+   over the GPUs at the GPU's NVLink and network bandwidths summed (it sends on both at once),
+   plus the smallest link latency when that volume is positive.
 
 Deterministic for a seed: the amount of work is fixed (20 sweeps at most, fixed tries per step)
 and no step's result reads the clock. The time limit only cuts work short, recorded as
@@ -105,9 +106,10 @@ def shrunk_loads(loads: np.ndarray) -> np.ndarray:
 class LatencyModel:
     """Exact predicted cost of an expert_to_gpu [L, E] on a trace, with per-layer caching."""
 
-    def __init__(self, cost: CostModel, trace: Trace, compute_weight: float = 1.0, smooth: bool = False) -> None:
+    def __init__(self, cost: CostModel, trace: Trace, compute_weight: float = 1.0, smooth: bool = False,
+                 stands_for: int | None = None) -> None:
         self.cost, self.trace, self.w = cost, trace, compute_weight
-        self.scale = token_scale(cost, trace.num_tokens)
+        self.scale = token_scale(cost, trace.num_tokens, stands_for)  # a fold stands for the whole set
         self.links = cost.link_class()
         self.home0 = initial_homes(trace.num_tokens, cost.cluster.num_gpus)
         self.loads = shrunk_loads(trace.expert_loads()) * self.scale if smooth else None
@@ -166,8 +168,8 @@ class SearchModels:
     def __init__(self, whole: LatencyModel, token_folds: list[np.ndarray]) -> None:
         assert whole.loads is not None, "the search sees smoothed models"
         trace = whole.trace
-        self.all = [whole] + [LatencyModel(whole.cost, trace.select_tokens(f), whole.w, smooth=True)
-                              for f in token_folds]
+        self.all = [whole] + [LatencyModel(whole.cost, trace.select_tokens(f), whole.w, smooth=True,
+                                           stands_for=trace.num_tokens) for f in token_folds]
         self.num_gpus, self.num_folds = whole.cost.cluster.num_gpus, len(token_folds)
         self.fold = np.zeros(trace.num_tokens, dtype=np.int64)
         self.fold_home0 = whole.home0.copy()  # each token's layer-0 home in its fold
@@ -685,6 +687,9 @@ def latency_bound(model: LatencyModel, num_gpus: int, redundant: int, cap: int |
     if cap is not None:
         slots = max(slots, min(trace.num_experts - num_gpus + 1, cap - (trace.num_layers - 1)))
     loads = trace.expert_loads() * model.scale
+    # a GPU sends on its NVLink and its network link at once (costmodel.alltoall_us): at best
+    # every byte moves at the two bandwidths summed
+    bandwidth = (c.intra_gbps if c.gpus_per_node > 1 else 0.0) + (c.inter_gbps if c.num_nodes > 1 else 0.0)
     total = 0.0
     for layer in range(trace.num_layers):
         # the slowest GPU is at least the mean GPU, and at least the hottest replica's tokens
@@ -694,7 +699,7 @@ def latency_bound(model: LatencyModel, num_gpus: int, redundant: int, cap: int |
         comm = 0.0
         if remote > 0:
             for dtype_bytes in (m.dispatch_bytes, m.combine_bytes):
-                comm += remote * m.hidden_size * dtype_bytes / num_gpus / (max(c.intra_gbps, c.inter_gbps) * 1e3)
+                comm += remote * m.hidden_size * dtype_bytes / num_gpus / (bandwidth * 1e3)
                 comm += min(c.intra_latency_us, c.inter_latency_us) if c.num_nodes > 1 else c.intra_latency_us
         total += model.w * compute + comm
     return total

@@ -105,7 +105,7 @@ def _pair_cost(model: "LatencyModel", home: np.ndarray, gpus: np.ndarray, served
                idx: slice | np.ndarray) -> float:
     """Weighted cost of `layer` (served by gpus [T, k]) and the next, on the tokens `idx`."""
     ids = model.trace.topk_ids[idx]
-    scale = token_scale(model.cost, len(ids))
+    scale = token_scale(model.cost, len(ids), stands_for=model.trace.num_tokens)
     parts = [layer_time(model.cost, home[idx], gpus[idx], ids[:, layer], scale, model.links)]
     if layer + 1 < ids.shape[1]:
         parts.append(layer_time(model.cost, gpus[idx][:, 0], served[idx][:, layer + 1], ids[:, layer + 1], scale, model.links))

@@ -449,7 +449,7 @@ def solve_placement(
         raise MoeplaceError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
     check_topology(trace.num_experts, num_gpus, gpus_per_node, balanced=objective != "balance",  # balance: own check
                    hint=f"--objective {objective} keeps E/G experts per GPU; --objective balance with "
-                        "--redundant-experts or --max-experts-per-gpu places them unevenly")
+                        "--redundant-experts, --max-experts-per-gpu or --max-experts-per-gpu-total places them unevenly")
     if time_limit <= 0:
         raise MoeplaceError(f"--time-limit must be positive, got {time_limit}")
     train_idx, held_idx = split_tokens(trace.num_tokens, train_fraction, seed)
