@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from moeplace.errors import MoeplaceError
+from moeplace.io import read_json
 from moeplace.models.checkpoint import moe_blocks, open_checkpoint
 
 # model_type -> (q/k norm kind, top-k weights renormalised when config lacks norm_topk_prob)
@@ -97,7 +98,7 @@ def _read_spec(path: Path) -> ModelSpec:
     heads = int(cfg["num_attention_heads"])
     if heads < 1:
         raise MoeplaceError(f"{path}: config.json num_attention_heads must be >= 1, got {heads}")
-    eos = cfg.get("eos_token_id")
+    eos = _eos_token_id(path, cfg)
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     spec = ModelSpec(
@@ -130,6 +131,16 @@ def _read_spec(path: Path) -> ModelSpec:
     )
     _check_config(spec, ckpt.shapes())
     return spec
+
+
+def _eos_token_id(path: Path, cfg: dict[str, Any]) -> Any:
+    """The EOS id(s) transformers' `generate` stops at: generation_config.json's when the file
+    exists (Qwen3 lists two there, one in config.json; none there means none), else config.json's."""
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        gen_cfg = read_json(gen, MoeplaceError)
+        return gen_cfg.get("eos_token_id") if isinstance(gen_cfg, dict) else None
+    return cfg.get("eos_token_id")
 
 
 def _check_config(s: ModelSpec, shapes: dict[str, tuple[int, ...]]) -> None:
