@@ -17,7 +17,7 @@ from moeplace.solve.costmodel import load_cost_model, predict
 from moeplace.solve.moetuner import moetuner_placement
 from moeplace.solve.solver import solve_placement
 from moeplace.solve.synthetic import planted_trace
-from moeplace.trace.format import make_loads, save_loads
+from moeplace.trace.format import make_loads, save_loads, save_trace
 
 from conftest import ROOT, SHARED_DATA
 
@@ -508,3 +508,31 @@ def test_latency_folds_stand_for_the_whole_training_set() -> None:
     np.testing.assert_array_equal(a.expert_to_gpu, b.expert_to_gpu)
     assert a.replicas == b.replicas and a.objective["value"] == b.objective["value"]
     assert a.solver["search_costs"] == b.solver["search_costs"]
+
+
+def test_latency_total_cap_places_experts_gpus_do_not_divide(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """16 experts on 6 GPUs: equal counts are impossible, and so is the traffic start; under a
+    total cap the latency search starts from the capped balance placement and improves on it."""
+    import dataclasses
+
+    trace, _ = planted_trace(256, 3, 16, 2, 6, seed=4, zipf=1.2)
+    base = load_cost_model(CLUSTER, MODEL)
+    cm = dataclasses.replace(base, cluster=dataclasses.replace(base.cluster, gpus_per_node=6))
+    p = solve_placement(trace, 6, 6, time_limit=10, seed=0, objective="latency", cost=cm, max_experts_per_gpu_total=9)
+    counts = np.stack([np.bincount(row, minlength=6) for row in p.expert_to_gpu])  # [L, G]
+    assert (counts.sum(0) <= 9).all() and (counts >= 1).all()
+    assert p.solver["start"] == "balance" and set(p.solver["start_costs"]) == {"balance"}
+    assert p.objective["value"] == pytest.approx(predict(cm, p, trace).total_us.sum(), rel=1e-6)
+    assert p.objective["value"] <= p.solver["start_costs"]["balance"] + 1e-6
+    assert 0 < p.bound <= p.objective["value"]
+    # without the cap: one line naming the way out, exit 2
+    path = tmp_path / "t.npz"
+    save_trace(trace, path)
+    cluster = tmp_path / "c6.yaml"
+    cluster.write_text(CLUSTER.read_text().replace("gpus_per_node: 8", "gpus_per_node: 6"))
+    args = ["solve", str(path), "--gpus", "6", "--objective", "latency", "--cluster", str(cluster), "--model-config",
+            str(MODEL), "-q", "-o", str(tmp_path / "p.json")]
+    assert run(args) == 2
+    assert "latency with --max-experts-per-gpu-total" in capsys.readouterr().err
+    assert run(args + ["--max-experts-per-gpu-total", "9"]) == 0
+    assert load_placement(tmp_path / "p.json").num_gpus == 6

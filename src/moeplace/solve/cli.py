@@ -110,8 +110,8 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
             random, greedy_load) on the training tokens and, with --train-fraction < 1, on the
             held-out rest (evaluate it again with `moeplace eval`); a summary on stdout.
     Every GPU holds E/G experts of each layer (latency, balance: see --max-experts-per-gpu-total);
-    when G does not divide E only balance can place them, given --redundant-experts,
-    --max-experts-per-gpu or --max-experts-per-gpu-total.
+    when G does not divide E, balance places them given --redundant-experts,
+    --max-experts-per-gpu or --max-experts-per-gpu-total, and latency given the last.
     Exact integer programming (PuLP + HiGHS) when the model is small, else heuristics with ILP
     sub-problems; deterministic for a given --seed.
 

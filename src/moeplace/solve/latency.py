@@ -16,7 +16,7 @@ by chance in the training tokens passes the fold test as well, since the folds s
 chance. The reported value is the exact cost (what `moeplace eval --cluster` predicts).
 
 1. start: the traffic placement (solver.solve_traffic); the balance placement replaces it only
-   if it passes the acceptance rule;
+   if it passes the acceptance rule (and is the only start where G does not divide E, under a cap);
 2. per layer, the LP relaxation (PuLP + HiGHS) of a MILP with auxiliary max-load and max-link
    variables on a linear surrogate: compute load per GPU (loads shrunk toward the layer mean by
    their Poisson noise), and per-GPU, per-link-class dispatch volumes of this layer (from the
@@ -408,16 +408,20 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
     all_layers = list(range(trace.num_layers))
     bar = Progress("latency", enabled=progress)
 
-    # 1. starts
-    traffic = solve_traffic(trace, num_gpus, gpus_per_node, 0.3 * time_limit, seed, False, **(traffic_options or {}))
-    balanced = balance_placement(trace.expert_loads(), num_gpus, gpus_per_node, 0, 0.3 * time_limit, progress=False,
-                                 max_experts_per_gpu_total=cap, tight_bound=False)  # a start: its gap is not used
-    starts = {"traffic": traffic.expert_to_gpu, "balance": balanced.expert_to_gpu}
+    # 1. starts (traffic keeps E / G experts per GPU: where G does not divide E, only a cap
+    # allows a placement, and balance is the one start)
+    firsts = {"balance": balance_placement(trace.expert_loads(), num_gpus, gpus_per_node, 0, 0.3 * time_limit,
+                                           progress=False, max_experts_per_gpu_total=cap, tight_bound=False)}  # a start: its gap is not used
+    if trace.num_experts % num_gpus == 0:
+        firsts["traffic"] = solve_traffic(trace, num_gpus, gpus_per_node, 0.3 * time_limit, seed, False,
+                                          **(traffic_options or {}))
+    starts = {name: firsts[name].expert_to_gpu for name in ("traffic", "balance") if name in firsts}
     costs = {name: np.array([m.weighted(p) for m, p in zip(models.all, models.layers(x, all_layers))])
              for name, x in starts.items()}  # [whole, *folds] per start
     scored = {name: float(c[0]) for name, c in costs.items()}
     by_fold = {name: c[1:] for name, c in costs.items()}
-    switch = significant(scored["balance"] - scored["traffic"], by_fold["balance"] - by_fold["traffic"])
+    switch = "traffic" not in starts or significant(scored["balance"] - scored["traffic"],
+                                                     by_fold["balance"] - by_fold["traffic"])
     start_name = "balance" if switch else "traffic"
     best = starts[start_name].copy()
     parts = models.reset(best)
@@ -459,8 +463,7 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
         bar.update(sweep + 1, f"sweep {sweep + 1}: {model.weighted(parts[0]):.1f}")
         if not improved or time.monotonic() > deadline:
             break
-    cut_short = time.monotonic() > deadline or any(
-        first.solver.get("stopped_by_time_limit") for first in (traffic, balanced))
+    cut_short = time.monotonic() > deadline or any(first.solver.get("stopped_by_time_limit") for first in firsts.values())
     searched = model.weighted(parts[0])
 
     # 4. replicas, on the searched placement and on the two starts (module docstring)

@@ -447,9 +447,11 @@ def solve_placement(
     gpus_per_node = num_gpus if gpus_per_node is None else gpus_per_node
     if objective not in OBJECTIVES:
         raise MoeplaceError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
-    check_topology(trace.num_experts, num_gpus, gpus_per_node, balanced=objective != "balance",  # balance: own check
+    uneven = objective == "balance" or options.get("max_experts_per_gpu_total") is not None  # their own checks
+    check_topology(trace.num_experts, num_gpus, gpus_per_node, balanced=not uneven,
                    hint=f"--objective {objective} keeps E/G experts per GPU; --objective balance with "
-                        "--redundant-experts, --max-experts-per-gpu or --max-experts-per-gpu-total places them unevenly")
+                        "--redundant-experts, --max-experts-per-gpu or --max-experts-per-gpu-total, or latency with "
+                        "--max-experts-per-gpu-total, places them unevenly")
     if time_limit <= 0:
         raise MoeplaceError(f"--time-limit must be positive, got {time_limit}")
     train_idx, held_idx = split_tokens(trace.num_tokens, train_fraction, seed)
