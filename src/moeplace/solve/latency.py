@@ -410,12 +410,13 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
 
     # 1. starts (traffic keeps E / G experts per GPU: where G does not divide E, only a cap
     # allows a placement, and balance is the one start)
-    firsts = {"balance": balance_placement(trace.expert_loads(), num_gpus, gpus_per_node, 0, 0.3 * time_limit,
-                                           progress=False, max_experts_per_gpu_total=cap, tight_bound=False)}  # a start: its gap is not used
+    balanced = balance_placement(trace.expert_loads(), num_gpus, gpus_per_node, 0, 0.3 * time_limit, progress=False,
+                                 max_experts_per_gpu_total=cap, tight_bound=False)  # a start: its gap is not used
+    firsts: dict[str, Any] = {"balance": balanced}
     if trace.num_experts % num_gpus == 0:
         firsts["traffic"] = solve_traffic(trace, num_gpus, gpus_per_node, 0.3 * time_limit, seed, False,
                                           **(traffic_options or {}))
-    starts = {name: firsts[name].expert_to_gpu for name in ("traffic", "balance") if name in firsts}
+    starts: dict[str, np.ndarray] = {name: firsts[name].expert_to_gpu for name in ("traffic", "balance") if name in firsts}
     costs = {name: np.array([m.weighted(p) for m, p in zip(models.all, models.layers(x, all_layers))])
              for name, x in starts.items()}  # [whole, *folds] per start
     scored = {name: float(c[0]) for name, c in costs.items()}
