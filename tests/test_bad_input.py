@@ -253,3 +253,52 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, setup: Setup, message: str
     assert len(lines) == 1, err
     assert lines[0].startswith("moeplace: error: ") and message in lines[0], lines[0]
     assert not list(tmp_path.glob("o.npz")), "no output may be left behind on error"
+
+
+def _exflow(tmp: Path) -> Path:
+    np.save(tmp / "ex.npy", np.random.default_rng(0).integers(0, 8, (16, 4)))
+    return tmp / "ex.npy"
+
+
+@pytest.mark.parametrize("argv", [
+    lambda t: ["solve", str(_trace(t)), "--gpus", "4", "-o", str(t / "t.npz")],
+    lambda t: ["solve", str(_trace(t)), "--gpus", "4", "-o", str(t / "sub" / ".." / "t.npz")],
+    lambda t: ["eval", str(_placement(t)), str(_trace(t)), "-o", str(t / "p.json")],
+    lambda t: ["eval", str(_placement(t)), str(_trace(t)), "-o", str(t / "t.npz")],
+    lambda t: ["export", str(_placement(t)), "--to", "sglang", "-o", str(t / "p.json")],
+    lambda t: ["import", "exflow", str(_exflow(t)), "-o", str(t / "ex.npy")],
+    lambda t: ["import", "loads-json", str(_json(t, {"expert_popularity": [[1, 2], [3, 4]]}, "l.json")),
+               "-o", str(t / "l.json")],
+])
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path: Path, argv: Callable[[Path], list[str]],
+                                                                   capsys) -> None:
+    """-o naming a file the run reads would replace it with the result: one line, exit 2, before
+    any work, the input byte for byte as it was (also through a `..` path or a symlink)."""
+    (tmp_path / "sub").mkdir()
+    args = argv(tmp_path)
+    target = Path(args[-1]).resolve()
+    before = target.read_bytes()
+    capsys.readouterr()
+    assert run(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is an input of this run" in err[0], err
+    assert target.read_bytes() == before
+    (tmp_path / "link").symlink_to(target)
+    assert run(args[:-1] + [str(tmp_path / "link")]) == 2
+    assert target.read_bytes() == before and (tmp_path / "link").is_symlink()
+
+
+def test_a_yaml_key_given_twice_is_refused(tmp_path: Path, capsys) -> None:
+    """PyYAML keeps the last of two equal keys: a repeated gate threshold would loosen it unseen."""
+    p = _placement(tmp_path)
+    t = _trace(tmp_path)
+    ci = _text(tmp_path, "ci.yaml", f"checks:\n- placement: {p}\n  trace: {t}\n  max_cross_gpu: 0.0\n"
+                                    "  max_cross_gpu: 0.99\n")
+    capsys.readouterr()
+    assert run(["check", str(ci)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ci.yaml" in err[0] and "'max_cross_gpu' appears twice" in err[0] and "line 5" in err[0]
+    # a `<<:` merge overridden by the mapping's own key is YAML, not a repeat
+    from moeplace.io import read_yaml
+    merged = _text(tmp_path, "m.yaml", "base: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 5\n")
+    assert read_yaml(merged)["c"] == {"x": 5, "y": 2}

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Hashable, Iterator
 
 import numpy as np
 
@@ -98,9 +98,27 @@ def read_yaml(path: str | os.PathLike[str], error: type[Exception] = ValueError)
     with one line naming it."""
     import yaml  # only the config readers need it
 
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """safe_load that refuses a key given twice in one mapping: PyYAML keeps the last, so a
+        repeated threshold in a CI gate file would loosen it without a word."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):  # PyYAML's own error follows
+                    continue
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
     p = existing_file(path, "YAML", error)
     try:
-        return yaml.safe_load(p.read_text())
+        return yaml.load(p.read_text(), Loader=UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise error(f"{p}: not valid YAML ({first})") from None

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,16 @@ NON_NEGATIVE = FiniteFloat(min=0.0)
 POSITIVE = FiniteFloat(min=0.0, min_open=True)
 
 
-def check_writable(path: Path, option: str = "-o") -> None:
-    """Fail before a long run, not after it, when `path` cannot be written. atomic_path makes
+def check_writable(path: Path, option: str = "-o", inputs: Iterable[Path | str | None] = ()) -> None:
+    """Fail before a long run, not after it, when `path` cannot be written, or is one of the
+    run's `inputs` (a file the run reads would be replaced by what it writes). atomic_path makes
     missing parent directories, so the nearest existing ancestor decides; a real temp file tells
     (os.access says yes to root even on a read-only or pseudo file system)."""
     if path.is_dir():
         raise MoeplaceError(f"{option} {path}: is a directory")
+    for source in inputs:
+        if source is not None and same_file(path, Path(source)):
+            raise MoeplaceError(f"{option} {path}: is an input of this run ({source}); write the output elsewhere")
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
@@ -57,6 +62,14 @@ def check_writable(path: Path, option: str = "-o") -> None:
             pass
     except OSError as e:
         raise MoeplaceError(f"{option} {path}: cannot write in {parent} ({e.strerror or e})") from None
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """True when both paths name one existing file (through links, `..` or a relative path)."""
+    try:
+        return a.is_file() and b.is_file() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

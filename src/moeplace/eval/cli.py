@@ -13,7 +13,7 @@ from moeplace.errors import MoeplaceError, RegressionError
 from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_report, render_table,
                                   traffic_metric_fn)
 from moeplace.io import read_yaml, write_json_atomic
-from moeplace.options import NON_NEGATIVE, writing
+from moeplace.options import NON_NEGATIVE, check_writable, writing
 from moeplace.placement import load_placement
 from moeplace.trace.format import load_trace
 
@@ -195,6 +195,8 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
       moeplace serve ... --placement P.json --routing-out routing.npz   # then:
       moeplace eval P.json routing.npz --model MODEL_DIR --dtype fp32
     """
+    if output is not None:
+        check_writable(output, inputs=[placement, trace])
     columns, per_layer, fns = COLUMNS, PER_LAYER, []
     if cluster is not None:
         from moeplace.solve.costmodel import COST_COLUMNS, COST_PER_LAYER, cost_metric_fn

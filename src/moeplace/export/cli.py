@@ -10,6 +10,7 @@ import click
 
 from moeplace.errors import MoeplaceError, PlacementError
 from moeplace.placement import Placement, load_placement
+from moeplace.options import check_writable
 
 TO_FORMATS = ("sglang", "vllm", "vllm-ascend", "eplb")
 
@@ -121,6 +122,7 @@ def export(input_path: Path, to_format: str | None, from_format: str | None, out
            trace: Path | None, moe_layers: str | None, num_hidden_layers: int | None, gpus: int | None, gpus_per_node: int | None) -> None:
     if (to_format is None) == (from_format is None):
         raise MoeplaceError("give exactly one of --to FORMAT (write a placement) or --from FORMAT (read an engine file)")
+    check_writable(output, inputs=[input_path, trace])
     if to_format:
         if gpus is not None or gpus_per_node is not None:
             raise MoeplaceError("--gpus/--gpus-per-node are for --from; --to uses the placement's own topology")

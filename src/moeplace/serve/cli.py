@@ -139,7 +139,7 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
         try:
             for option, path in (("--out", out_path), ("--stats-out", stats_out), ("--routing-out", routing_out)):
                 if path:
-                    check_writable(Path(path), option)  # before the run, not after it
+                    check_writable(Path(path), option, inputs=[prompts_path, placement_path])  # before the run
             tokenizer = load_tokenizer(model_dir)
             if prompts_path:
                 prompts = read_prompts(prompts_path, tokenizer, spec.vocab_size, spec.max_positions, max_new_tokens)

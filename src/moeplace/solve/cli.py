@@ -128,7 +128,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     from moeplace.solve.solver import solve_placement
     from moeplace.trace.format import load_trace
 
-    check_writable(output)  # before the solve, not after it
+    check_writable(output, inputs=[trace_path])  # before the solve, not after it
     if max_experts_per_gpu_total is not None and objective == "traffic":
         raise MoeplaceError("--max-experts-per-gpu-total needs a load term: traffic alone would pile a layer's experts "
                             "on one GPU; use --objective latency (or balance)")

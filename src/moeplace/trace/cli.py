@@ -66,7 +66,7 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     from moeplace.trace.text import expand_paths, iter_batches, iter_windows
 
     files = expand_paths(data)
-    check_writable(output)  # fail before the model loads, not after the run
+    check_writable(output, inputs=files)  # fail before the model loads, not after the run
     if threads is not None:
         torch.set_num_threads(threads)
     dev = _device(device, torch)

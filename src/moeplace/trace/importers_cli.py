@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import click
 
 from moeplace.errors import MoeplaceError
-from moeplace.options import writing
+from moeplace.options import check_writable, writing
 from moeplace.progress import silenced
 from moeplace.trace.format import ExpertLoads, Trace, make_trace, save_loads, save_trace
 from moeplace.trace.importers import import_csv, import_loads_json, import_sglang
@@ -100,6 +100,7 @@ def csv_cmd(paths: tuple[Path, ...], top_k: int | None, output: Path, meta: tupl
     Example (the bundled real trace):
       moeplace import csv ../shared/data/flame-moe-290m-decoder -o traces/flame-moe-290m-decoder.npz
     """
+    check_writable(output, inputs=paths)
     with silenced(quiet):
         trace = import_csv(paths, top_k)
     _write(trace, output, meta, quiet)
@@ -124,6 +125,7 @@ def exflow_cmd(path: Path, num_experts: int | None, output: Path, meta: tuple[st
 
     if path.suffix != ".npy":
         raise MoeplaceError(f"{path}: an ExFlow trace is a .npy file")
+    check_writable(output, inputs=[path])
     trace = load_trace(path)
     if num_experts is not None:
         trace = make_trace(trace.topk_ids, None, num_experts, meta=trace.meta, name=str(path))
@@ -153,6 +155,7 @@ def sglang_cmd(paths: tuple[Path, ...], num_experts: int | None, output: Path, m
     Example (SGLang writes the dumps to $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR):
       moeplace import sglang $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR -o trace.npz
     """
+    check_writable(output, inputs=paths)
     _write(import_sglang(paths, num_experts), output, meta, quiet)
 
 
@@ -171,4 +174,5 @@ def loads_json_cmd(paths: tuple[Path, ...], output: Path, meta: tuple[str, ...],
       moeplace import loads-json ../shared/data/mixtral-8x7b-expert-loads/mixtral_8x7b_original/*.json \\
           -o mixtral-loads.npz
     """
+    check_writable(output, inputs=paths)
     _write(import_loads_json(paths), output, meta, quiet)
