@@ -67,7 +67,7 @@ def test_csv_ignores_other_columns(tmp_path: Path) -> None:
     [
         (np.array([[0.3, 0.6, 0.0, 0.0]]), "1 rows, but"),
         (np.array([[0.3, 0.6, 0.0], [0.0, 0.5, 0.2]]), "3 expert columns"),
-        (np.array([[0.3, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.2]]), "row 0 selects 1 experts, expected top-2"),
+        (np.array([[0.3, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.2]]), "layer1.csv: line 2 selects 1 experts, expected top-2"),
         (np.array([[0.3, -0.6, 0.0, 0.0], [0.0, 0.0, 0.5, 0.2]]), "finite and non-negative"),
     ],
 )
@@ -194,3 +194,228 @@ def test_loads_json_shapes_must_agree(tmp_path: Path) -> None:
     b.write_text(json.dumps({"expert_loads": [[1, 2, 3], [3, 4, 5]]}))
     with pytest.raises(TraceError, match=r"is \[2, 3\], but"):
         import_loads_json([a, b])
+
+
+# --- found by a first-use tour (tour29): each was silent, misleading or an internal error --------
+
+
+def _cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run the CLI expecting bad input: exit 2 and one `moeplace: error:` line, returned."""
+    assert run(list(argv)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moeplace: error: "), lines
+    return lines[0]
+
+
+def _positions(root: Path, folders: list[str], tokens: dict[str, str] | None = None) -> Path:
+    """FLAME-style dir: each folder holds layer0.csv and layer1.csv of 2 sequences (+ tokens.txt)."""
+    for folder in folders:
+        (root / folder).mkdir(parents=True)
+        for n in (0, 1):
+            write_layer_csv(root / folder / f"layer{n}.csv", np.array([[0.6, 0.4, 0.0], [0.0, 0.3, 0.7]]))
+        if tokens is not None and folder in tokens:
+            (root / folder / "tokens.txt").write_text(tokens[folder])
+    return root
+
+
+def _tokens_txt(ids: str) -> str:
+    return f"header\n----------------samples-----------------\ntorch.Size([2])\ntensor([{ids}])\n"
+
+
+def test_csv_position_folder_must_be_numbered(tmp_path: Path) -> None:
+    root = _positions(tmp_path / "t", ["1st", "2nd", "10th", "extra"])
+    with pytest.raises(TraceError, match=r"extra: position folders must be named by their number"):
+        import_csv([root])
+    root2 = _positions(tmp_path / "u", ["1st", "1st_copy"])
+    with pytest.raises(TraceError, match=r"1st_copy: position 1 again"):
+        import_csv([root2])
+    t = import_csv([_positions(tmp_path / "v", ["1st", "2nd", "10th"])])
+    np.testing.assert_array_equal(t.positions, [1, 1, 2, 2, 10, 10])
+
+
+def test_csv_tokens_txt_that_cannot_be_read_is_an_error(tmp_path: Path) -> None:
+    good = _tokens_txt("5,\n 6")
+    t = import_csv([_positions(tmp_path / "ok", ["1st", "2nd"], {"1st": good, "2nd": good})])
+    np.testing.assert_array_equal(t.token_ids, [5, 6, 5, 6])
+    bad = _positions(tmp_path / "bad", ["1st", "2nd"], {"1st": good, "2nd": _tokens_txt("5,\n x")})
+    with pytest.raises(TraceError, match=r"2nd/tokens.txt: line 5: 'x' is not a token id"):
+        import_csv([bad])
+    garbled = _positions(tmp_path / "garbled", ["1st"], {"1st": "no printout here\n"})
+    with pytest.raises(TraceError, match=r"1st/tokens.txt: no '----samples----'"):
+        import_csv([garbled])
+    count = _positions(tmp_path / "count", ["1st"], {"1st": _tokens_txt("5, 6, 7")})
+    with pytest.raises(TraceError, match=r"tokens.txt: 3 token ids, but the layer files beside it have 2 rows"):
+        import_csv([count])
+    partial = _positions(tmp_path / "partial", ["1st", "2nd"], {"1st": good})
+    with pytest.raises(TraceError, match=r"2nd: no tokens.txt, but .*1st has one"):
+        import_csv([partial])
+
+
+def test_csv_errors_name_the_file_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the header is line 1; every error about a row names its line, as an editor shows it
+    header = "token_id,expert_0,expert_1,expert_2\n"
+    cases = {
+        "short": (header + "0,0.5,0.5,0\n1,0.5,0.5,0\n2,0.5\n", "line 4 has 2 fields, header has 4"),
+        "nan": (header + "0,0.5,0.5,0\n1,0.5,0.5,0\n2,0.5,x,0\n", "line 4: could not convert"),
+        "top-k": (header + "0,0.5,0.5,0\n1,0.5,0.5,0\n2,0.5,0,0\n", "line 4 selects 1 experts, expected top-2"),
+        "negative": (header + "0,0.5,0.5,0\n1,0.5,0.5,0\n2,0.5,-1,0\n", "line 4: gate weights must be finite"),
+        "quoted": ('text,expert_0,expert_1\n"a\nb",0.5,0.5\nc,0.5,0\n', "line 4 selects 1 experts"),
+        "blank": (header + "0,0.5,0.5,0\n\n2,0.5,0.5,0\n", "line 3 is blank inside the table"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).mkdir()
+        f = tmp_path / name / "layer0.csv"
+        f.write_text(text)
+        assert message in _cli_error(capsys, "import", "csv", str(f), "-o", str(tmp_path / "o.npz")), name
+    write_layer_csv(tmp_path / "layer0.csv", np.array([[0.6, 0.4], [0.3, 0.7]]), np.array([0, 1]))
+    write_layer_csv(tmp_path / "layer1.csv", np.array([[0.6, 0.4], [0.3, 0.7]]), np.array([0, 9]))
+    with pytest.raises(TraceError, match=r"layer1.csv: line 3: token_id 9 differs"):
+        import_csv([tmp_path / "layer0.csv", tmp_path / "layer1.csv"])
+
+
+def test_csv_trailing_blank_lines_are_accepted(tmp_path: Path) -> None:
+    f = tmp_path / "layer0.csv"
+    f.write_text("expert_0,expert_1\n0.6,0.4\n0.3,0.7\n\n\n")
+    t = import_csv([f])
+    assert t.num_tokens == 2
+    np.testing.assert_array_equal(t.topk_ids[:, 0, 0], [0, 1])
+
+
+def test_csv_error_wording(tmp_path: Path) -> None:
+    layer = write_layer_csv(tmp_path / "layer2.csv", np.array([[0.6, 0.4]]))
+    with pytest.raises(TraceError, match=r"^\S+: a directory among files: give one directory alone"):
+        import_csv([tmp_path, layer])
+    gap = tmp_path / "gap.csv"
+    gap.write_text("expert_0,expert_1,expert_3,expert_4,expert_6\n1,0,0,0,0\n")
+    with pytest.raises(TraceError, match=r"gap.csv: no column expert_2, expert_5 \(expert columns go from expert_0 to expert_6\)"):
+        import_csv([gap])
+    (tmp_path / "a").mkdir()
+    other = write_layer_csv(tmp_path / "a" / "layer2.csv", np.array([[0.6, 0.4]]))
+    with pytest.raises(TraceError, match=r"^\S+/layer2.csv, \S+/a/layer2.csv: the same layer number 2 twice"):
+        import_csv([layer, other])
+
+
+# --- SGLang -------------------------------------------------------------------------------------
+
+
+def _save_dump(path: Path, records: list[dict], p2l: np.ndarray | None) -> Path:
+    import torch
+
+    dump: dict = {"records": records}
+    if p2l is not None:
+        dump["last_physical_to_logical_map"] = torch.tensor(p2l)
+    torch.save(dump, path)
+    return path
+
+
+def test_sglang_map_entry_of_minus_one_is_refused(tmp_path: Path) -> None:
+    p2l = P2L.copy()
+    p2l[2, 4] = -1
+    rec = _record(0, 0, [[[0, 4], [1, 4], [1, 0]], [[2, 3], [3, 0], [1, 2]]], [1, 2], [0, 1])
+    path = _save_dump(tmp_path / "d.pt", [rec], p2l)
+    with pytest.raises(TraceError, match=r"d.pt: last_physical_to_logical_map holds -1 at layer 2, physical slot 4"):
+        import_sglang([path])
+
+
+def test_sglang_dump_without_map_is_refused(tmp_path: Path) -> None:
+    rec = _record(0, 0, [[[0, 4], [5, 3], [1, 0]]], [1], [0])  # physical slots 4 and 5 are replicas
+    path = _save_dump(tmp_path / "d.pt", [rec], None)
+    with pytest.raises(TraceError, match=r"d.pt: no 'last_physical_to_logical_map'"):
+        import_sglang([path])
+
+
+def test_sglang_token_missing_an_expert_at_some_layers_is_refused(tmp_path: Path) -> None:
+    rec = _record(0, 0, [[[0, 1], [2, 3], [1, 0]], [[2, 3], [-1, -1], [1, 2]]], [1, 2], [0, 1])
+    path = _save_dump(tmp_path / "d.pt", [rec], P2L)
+    with pytest.raises(TraceError, match=r"d.pt: record 0: token 1 misses an expert at layer 2"):
+        import_sglang([path])
+
+
+def test_sglang_errors_name_the_files(tmp_path: Path) -> None:
+    dup = _record(0, 0, [[[1, 4], [1, 2], [1, 0]]], [1], [0])  # physical 1 and 4 are both logical 1
+    path = _save_dump(tmp_path / "d.pt", [dup], P2L)
+    with pytest.raises(TraceError, match=r"d.pt: record 0: token 0 selects the same logical expert twice at layer 1"):
+        import_sglang([path])
+    empty = _save_dump(tmp_path / "e.pt", [], P2L)
+    with pytest.raises(TraceError, match=r"e.pt: the SGLang dumps hold no tokens"):
+        import_sglang([empty])
+
+
+def test_sglang_stat_negative_count_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    count = np.ones((2, 3, 4), dtype=np.int64)
+    count[1, 2, 3] = -5
+    path = tmp_path / "stat.pt"
+    torch.save({"rank": 0, "logical_count": torch.tensor(count)}, path)
+    with pytest.raises(TraceError, match=r"stat.pt: logical_count is negative at layer 2 \(step 1, expert 3: -5\)"):
+        import_sglang([path])
+
+
+# --- loads-json and load-only files ------------------------------------------------------------
+
+
+def test_loads_json_same_file_twice_is_refused(tmp_path: Path) -> None:
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps({"expert_loads": [[1, 2], [3, 4]]}))
+    (tmp_path / "link.json").symlink_to(a)
+    for twice in ([a, a], [a, tmp_path / "." / "a.json"], [a, tmp_path / "link.json"]):
+        with pytest.raises(TraceError, match=r"the same file as .*a.json: given twice"):
+            import_loads_json(twice)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"expert_loads": [[0, 0], [0, 0]]}', "holds no expert selection"),
+        ('{"expert_loads": [[1e300, 1]]}', "holds 1e+300 at layer 0, expert 0: counts of token selections must be below 1e15"),
+        ('{"expert_loads": [[1, ' + "9" * 400 + ']]}', "must be below 1e15"),
+        ('{"expert_loads": [[1, 2.5]]}', "must hold whole counts of token selections: layer 0, expert 1 holds 2.5"),
+        ('{"expert_loads": [[1, "5"]]}', "must hold numbers, not str '5' (layer 0, expert 1)"),
+        ('{"expert_loads": [[1, null]]}', "must hold numbers, not null"),
+    ],
+)
+def test_loads_json_refuses_what_is_not_a_count(tmp_path: Path, text: str, message: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "l.json"
+    f.write_text(text)
+    assert message in _cli_error(capsys, "import", "loads-json", str(f), "-o", str(tmp_path / "o.npz"))
+    assert not (tmp_path / "o.npz").exists()
+
+
+@pytest.mark.parametrize("loads, message", [(np.array([[1e300, 1.0]]), "must be below 1e15"),
+                                             (np.zeros((2, 2)), "holds no expert selection")])
+def test_load_only_file_refuses_absurd_loads(tmp_path: Path, loads: np.ndarray, message: str) -> None:
+    f = tmp_path / "l.npz"
+    np.savez(f, expert_loads=loads, meta=np.asarray(json.dumps({"format": "moeplace.loads/v1"})))
+    with pytest.raises(TraceError, match=message):
+        load_loads(f)
+
+
+# --- exflow, meta, help --------------------------------------------------------------------------
+
+
+def test_npz_named_npy_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = tmp_path / "fake.npy"
+    with open(fake, "wb") as f:
+        np.savez(f, topk_ids=np.zeros((2, 2, 1), dtype=np.int64))
+    for argv in (["import", "exflow", str(fake), "-o", str(tmp_path / "f.npz")],
+                 ["solve", str(fake), "--gpus", "2", "-o", str(tmp_path / "p.json")]):
+        assert "fake.npy: an .npz archive named .npy" in _cli_error(capsys, *argv)
+
+
+def test_meta_may_not_contradict_the_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "e.npy"
+    np.save(src, np.array([[0, 3], [2, 1]]))
+    out = tmp_path / "t.npz"
+    line = _cli_error(capsys, "import", "exflow", str(src), "--meta", "num_experts=3", "-o", str(out))
+    assert "--meta num_experts=3 contradicts the imported data (num_experts 4)" in line and not out.exists()
+    assert "--meta format" in _cli_error(capsys, "import", "exflow", str(src), "--meta", "format=x", "-o", str(out))
+    assert run(["import", "exflow", str(src), "--meta", "num_experts=4", "--meta", "model=m", "-o", str(out)]) == 0
+    assert load_trace(out).meta["model"] == "m"
+
+
+def test_exflow_num_experts_help_does_not_promise_a_count_from_the_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["import", "exflow", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "from the dump" not in help_text and "Default: max id + 1" in help_text

@@ -37,6 +37,10 @@ _PER_TOKEN = ("token_ids", "sequence_ids", "positions")
 # Far above any real MoE (DeepSeek-V3: 256 routed experts); every stage allocates [E, E] or
 # [L, E] arrays, so an absurd num_experts must fail here, not as a 58 TiB allocation.
 MAX_EXPERTS = 1 << 16
+# Token-expert selections per expert and layer: far above any real count (DeepSeek-V3's 14.8T
+# training tokens x 8 / 256 experts is 4.6e11), exact in float64, and below HiGHS's
+# large_matrix_value (1e15), past which `solve --objective balance` cannot build its model.
+MAX_LOAD = 1e15
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,10 @@ def _load_exflow_npy(p: Path) -> Trace:
         raise TraceError(f"{p}: not a plain numeric .npy array ({e})") from None
     except (OSError, EOFError) as e:
         raise TraceError(f"{p}: truncated or unreadable .npy ({e})") from None
+    if not isinstance(arr, np.ndarray):  # np.load reads a zip archive (.npz) whatever its name
+        arr.close()
+        raise TraceError(f"{p}: an .npz archive named .npy; an ExFlow trace is a single .npy array "
+                         "(a moeplace trace: name it .npz)")
     if arr.ndim != 2:
         raise TraceError(f"{p}: an ExFlow trace is [tokens, moe_layers] of top-1 ids, got shape {list(arr.shape)}")
     return make_trace(arr, meta={"source": "exflow-npy", "file": p.name}, name=str(p))
@@ -361,6 +369,12 @@ def make_loads(loads: np.ndarray, meta: dict[str, Any] | None = None, name: str 
     a = a.astype(np.float64)
     if not np.isfinite(a).all() or (a < 0).any():
         raise TraceError(f"{name}: {what} must be finite and non-negative")
+    if (a >= MAX_LOAD).any():
+        layer, expert = (int(x) for x in np.argwhere(a >= MAX_LOAD)[0])
+        raise TraceError(f"{name}: {what} holds {a[layer, expert]:.6g} at layer {layer}, expert {expert}: "
+                         "counts of token selections must be below 1e15")
+    if not a.any():
+        raise TraceError(f"{name}: {what} holds no expert selection (every count is 0)")
     return ExpertLoads(a, dict(meta or {}))
 
 

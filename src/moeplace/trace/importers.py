@@ -23,21 +23,42 @@ import numpy as np
 from moeplace.errors import TraceError
 from moeplace.io import read_json
 from moeplace.progress import Progress
-from moeplace.trace.format import ExpertLoads, Trace, make_loads, make_trace
+from moeplace.trace.format import MAX_LOAD, ExpertLoads, Trace, make_loads, make_trace
 
 _LAYER_FILE = re.compile(r"layer[_-]?(\d+)\.csv$")
 
 
-def read_dense_csv(path: Path, expert_prefix: str = "expert_") -> tuple[np.ndarray, np.ndarray | None]:
-    """One layer file -> (gate weights float [rows, E], row token ids int [rows] or None)."""
+def _csv_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
+    """(header, data rows, line number of each row): lines count from 1 at the header.
+
+    Trailing blank lines are ignored; a blank line inside the table is an error (a lost row).
+    """
+    rows: list[list[str]] = []
+    lines: list[int] = []
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError) as e:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            start = 1
+            for row in reader:
+                rows.append(row)
+                lines.append(start)  # a quoted field may span lines: name the row's first one
+                start = reader.line_num + 1
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise TraceError(f"{path}: unreadable CSV ({e})") from None
+    while rows and not rows[-1]:
+        rows.pop()
+        lines.pop()
     if len(rows) < 2:
         raise TraceError(f"{path}: no data rows")
-    header = rows[0]
+    blank = next((i for i, row in enumerate(rows) if not row), None)
+    if blank is not None:
+        raise TraceError(f"{path}: line {lines[blank]} is blank inside the table (a lost row?)")
+    return rows[0], rows[1:], lines[1:]
+
+
+def read_dense_csv(path: Path, expert_prefix: str = "expert_") -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+    """One layer file -> (gate weights float [rows, E], row token ids int [rows] or None, line of each row)."""
+    header, body, lines = _csv_rows(path)
     cols = [i for i, h in enumerate(header) if h.startswith(expert_prefix)]
     if not cols:
         raise TraceError(f"{path}: no '{expert_prefix}N' columns in the header")
@@ -45,18 +66,22 @@ def read_dense_csv(path: Path, expert_prefix: str = "expert_") -> tuple[np.ndarr
     if not all(x.isdigit() for x in suffixes):
         raise TraceError(f"{path}: expert columns must be named {expert_prefix}0..{expert_prefix}N")
     experts = [int(x) for x in suffixes]
-    if sorted(experts) != list(range(len(experts))):
-        raise TraceError(f"{path}: expert columns are not expert_0..expert_{len(experts) - 1}")
+    repeated = sorted({e for e in experts if experts.count(e) > 1})
+    if repeated:
+        raise TraceError(f"{path}: column {expert_prefix}{repeated[0]} appears more than once in the header")
+    missing = sorted(set(range(max(experts) + 1)) - set(experts))
+    if missing:
+        names = ", ".join(f"{expert_prefix}{e}" for e in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise TraceError(f"{path}: no column {names} (expert columns go from {expert_prefix}0 to {expert_prefix}{max(experts)})")
     tok_col = header.index("token_id") if "token_id" in header else None
-    body = rows[1:]
     short = next((r for r, row in enumerate(body) if len(row) != len(header)), None)
     if short is not None:
-        raise TraceError(f"{path}: row {short + 2} has {len(body[short])} fields, header has {len(header)} (truncated?)")
+        raise TraceError(f"{path}: line {lines[short]} has {len(body[short])} fields, header has {len(header)} (truncated?)")
     dense = np.zeros((len(body), len(cols)))
     try:  # fast path: numpy parses the whole table when every column is numeric
         dense[:, experts] = np.array(body, dtype=np.float64)[:, cols]
         tok = np.array([row[tok_col] for row in body], dtype=np.int64) if tok_col is not None else None
-    except ValueError:  # other text columns, or a bad value: row by row, naming the bad row
+    except ValueError:  # other text columns, or a bad value: row by row, naming the bad line
         tok = np.zeros(len(body), dtype=np.int64) if tok_col is not None else None
         for r, row in enumerate(body):
             try:
@@ -64,22 +89,29 @@ def read_dense_csv(path: Path, expert_prefix: str = "expert_") -> tuple[np.ndarr
                 if tok is not None and tok_col is not None:
                     tok[r] = int(row[tok_col])
             except ValueError as e:
-                raise TraceError(f"{path}: row {r + 2}: {e}") from None
-    return dense, tok
+                raise TraceError(f"{path}: line {lines[r]}: {e}") from None
+    return dense, tok, lines
 
 
-def dense_to_topk(dense: np.ndarray, k: int | None, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Dense gate weights [T, E] -> (ids [T, k], weights [T, k]) sorted by weight, highest first."""
-    if not np.isfinite(dense).all() or (dense < 0).any():
-        raise TraceError(f"{name}: gate weights must be finite and non-negative")
+def dense_to_topk(
+    dense: np.ndarray, k: int | None, name: str, lines: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dense gate weights [T, E] -> (ids [T, k], weights [T, k]) sorted by weight, highest first.
+
+    `lines`: the file line of each row, so that errors name "line N" as the CSV reader does.
+    """
+    where = lambda r: f"line {lines[r]}" if lines is not None else f"row {r}"  # noqa: E731
+    bad = ~np.isfinite(dense) | (dense < 0)
+    if bad.any():
+        raise TraceError(f"{name}: {where(int(np.argmax(bad.any(axis=1))))}: gate weights must be finite and non-negative")
     nnz = (dense > 0).sum(axis=1)
     if k is None:
         k = int(nnz.max())
     if k == 0:
         raise TraceError(f"{name}: no row selects any expert (all gate weights are 0)")
     if (nnz < k).any():
-        bad = int(np.argmax(nnz < k))
-        raise TraceError(f"{name}: row {bad} selects {int(nnz[bad])} experts, expected top-{k}")
+        r = int(np.argmax(nnz < k))
+        raise TraceError(f"{name}: {where(r)} selects {int(nnz[r])} experts, expected top-{k}")
     ids = np.argsort(-dense, axis=1, kind="stable")[:, :k]
     return ids, np.take_along_axis(dense, ids, axis=1)
 
@@ -93,18 +125,20 @@ def import_csv_layers(
     row_ids: np.ndarray | None = None
     num_experts = 0
     for path in files:
-        dense, tok = read_dense_csv(path)
+        dense, tok, lines = read_dense_csv(path)
         if on_file is not None:
             on_file(path)
         if ids and dense.shape[1] != num_experts:
             raise TraceError(f"{path}: {dense.shape[1]} expert columns, but {files[0]} has {num_experts}")
         num_experts = dense.shape[1]
-        i, w = dense_to_topk(dense, k, str(path))
+        i, w = dense_to_topk(dense, k, str(path), lines)
         k = i.shape[1]
         if ids and i.shape[0] != ids[0].shape[0]:
             raise TraceError(f"{path}: {i.shape[0]} rows, but {files[0]} has {ids[0].shape[0]}: layers must list the same tokens")
         if row_ids is not None and tok is not None and not np.array_equal(tok, row_ids):
-            raise TraceError(f"{path}: token_id column differs from {files[0]}: rows are not the same tokens")
+            r = int(np.argmax(tok != row_ids))
+            raise TraceError(f"{path}: line {lines[r]}: token_id {tok[r]} differs from {files[0]} ({row_ids[r]}): "
+                             "rows are not the same tokens")
         row_ids = tok if row_ids is None else row_ids
         ids.append(i)
         weights.append(w)
@@ -119,16 +153,36 @@ def layer_files(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+_SAMPLES = re.compile(r"-samples-+\s*torch\.Size\(\[\d+\]\)\s*tensor\(\[(.*?)\]\)", re.S)
+
+
 def _tokens_txt_ids(path: Path) -> np.ndarray | None:
-    """Token ids printed as the 'samples' tensor of a FLAME tokens.txt (None if absent)."""
+    """Token ids printed as the 'samples' tensor of a FLAME tokens.txt (None if there is no file).
+
+    A tokens.txt that is there but unreadable is an error: silently dropping it would lose the
+    token ids of the whole trace.
+    """
     if not path.is_file():
         return None
-    text = path.read_text(errors="replace")
-    m = re.search(r"-samples-+\s*torch\.Size\(\[\d+\]\)\s*tensor\(\[(.*?)\]\)", text, re.S)
     try:
-        return np.array([int(x) for x in m.group(1).replace("\n", " ").split(",")]) if m else None
-    except ValueError:  # an unexpected printout: token ids are optional
-        return None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TraceError(f"{path}: unreadable ({e})") from None
+    m = _SAMPLES.search(text)
+    if m is None:
+        raise TraceError(f"{path}: no '----samples----' torch.Size(...) tensor([...]) printout of the token ids (FLAME's layout)")
+    first_line = text.count("\n", 0, m.start(1)) + 1
+    ids: list[int] = []
+    for offset, line in enumerate(m.group(1).split("\n")):
+        pieces = line.split(",")
+        if not pieces[-1].strip():
+            pieces.pop()  # torch ends each wrapped line with a comma
+        for x in pieces:
+            try:
+                ids.append(int(x))
+            except ValueError:
+                raise TraceError(f"{path}: line {first_line + offset}: {x.strip()!r} is not a token id") from None
+    return np.array(ids, dtype=np.int64)
 
 
 def import_csv(paths: Sequence[Path], k: int | None = None) -> Trace:
@@ -141,13 +195,17 @@ def import_csv(paths: Sequence[Path], k: int | None = None) -> Trace:
     if len(paths) == 1 and paths[0].is_dir():
         return import_csv_dir(paths[0], k)
     for p in paths:
+        if p.is_dir():
+            raise TraceError(f"{p}: a directory among files: give one directory alone, or layer CSV files only")
         if not p.is_file():
             raise TraceError(f"{p}: no such file (give one directory, or layer CSV files)")
     matches = [_LAYER_FILE.search(p.name) for p in paths]
     numbers = [int(m.group(1)) for m in matches if m is not None]
     if len(numbers) == len(paths):
-        if len(set(numbers)) != len(numbers):
-            raise TraceError(f"layer numbers repeat among the files: {sorted(numbers)}")
+        twice = next(n for n in numbers if numbers.count(n) > 1) if len(set(numbers)) != len(numbers) else None
+        if twice is not None:
+            same = ", ".join(str(p) for p, n in zip(paths, numbers) if n == twice)
+            raise TraceError(f"{same}: the same layer number {twice} twice (give each layer once)")
         paths = [p for _, p in sorted(zip(numbers, paths))]
         layers = sorted(numbers)
     else:
@@ -158,7 +216,9 @@ def import_csv(paths: Sequence[Path], k: int | None = None) -> Trace:
 def import_csv_dir(directory: Path, k: int | None = None) -> Trace:
     """A directory of `layerN.csv` files, or of position folders each holding such files.
 
-    Position folders (FLAME: `1st` ... `10th`) are sorted by their leading number; the row index
+    Position folders (FLAME: `1st` ... `10th`) are sorted by their leading number, which is the
+    token position: a folder without one (a copy such as `extra/`) or two folders with the same
+    number would give tokens the same (sequence, position), so both are refused. The row index
     within a folder is the sequence, so token (sequence s, position p) keeps the same sequence id
     across folders. Layers must be the same set in every folder.
     """
@@ -171,7 +231,17 @@ def import_csv_dir(directory: Path, k: int | None = None) -> Trace:
     sub = [p for p in directory.iterdir() if p.is_dir() and layer_files(p)]
     if not sub:
         raise TraceError(f"{directory}: no layerN.csv files, nor folders holding them")
-    folders = sorted((int(m.group()) if (m := re.match(r"\d+", p.name)) else 0, p) for p in sub)
+    numbered: list[tuple[int, Path]] = []
+    for p in sorted(sub):
+        m = re.match(r"\d+", p.name)
+        if m is None:
+            raise TraceError(f"{p}: position folders must be named by their number (1st, 2nd, ..., 10th); "
+                             "move this folder out or rename it")
+        numbered.append((int(m.group()), p))
+    folders = sorted(numbered)
+    for (a, pa), (b, pb) in zip(folders, folders[1:]):
+        if a == b:
+            raise TraceError(f"{pb}: position {b} again (also {pa.name}): each position folder must have its own number")
     layers0 = [n for n, _ in layer_files(folders[0][1])]
     groups: list[tuple[int | None, list[Path]]] = []
     for position, folder in folders:
@@ -207,11 +277,18 @@ def _import_csv_groups(
         all_w.append(w)
         seq.append(row_ids if row_ids is not None else np.arange(n))
         pos.append(np.full(n, position if position is not None else 0))
-        t = _tokens_txt_ids(files[0].parent / "tokens.txt")
-        toks.append(t if t is not None and len(t) == n else None)
+        txt = files[0].parent / "tokens.txt"
+        t = _tokens_txt_ids(txt)
+        if t is not None and len(t) != n:
+            raise TraceError(f"{txt}: {len(t)} token ids, but the layer files beside it have {n} rows")
+        toks.append(t)
     progress.close()
     known = [t for t in toks if t is not None]
-    token_ids = np.concatenate(known) if len(known) == len(toks) else None
+    if known and len(known) != len(toks):  # token ids for some folders only: say which lacks them
+        lacking = next(files[0].parent for (_, files), t in zip(groups, toks) if t is None)
+        having = next(files[0].parent for (_, files), t in zip(groups, toks) if t is not None)
+        raise TraceError(f"{lacking}: no tokens.txt, but {having} has one: token ids must cover every folder or none")
+    token_ids = np.concatenate(known) if known else None
     has_positions = any(position is not None for position, _ in groups)
     return make_trace(
         np.concatenate(all_ids),
@@ -275,6 +352,12 @@ def _dump_files(paths: Sequence[Path]) -> list[Path]:
     return out
 
 
+def _names(paths: Sequence[Path]) -> str:
+    """The files an error is about, for the `FILE: what is wrong` line."""
+    shown = ", ".join(map(str, paths[:3]))
+    return shown + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+
 def import_sglang(paths: Sequence[Path], num_experts: int | None = None) -> Trace | ExpertLoads:
     """SGLang expert-distribution recorder dumps -> Trace (`per_token` mode) or ExpertLoads (`stat`).
 
@@ -290,10 +373,12 @@ def import_sglang(paths: Sequence[Path], num_experts: int | None = None) -> Trac
                 f"(per_token mode) or 'logical_count' (stat mode), got {keys}"
             )
         dumps.append((path, dump))
-    modes = {"records" in d for _, d in dumps}
-    if len(modes) > 1:
-        raise TraceError("mixed SGLang dump modes: give either per_token dumps or stat dumps, not both")
-    if modes == {True}:
+    per_token = [p for p, d in dumps if "records" in d]
+    if per_token and len(per_token) != len(dumps):
+        stat = next(p for p, d in dumps if "records" not in d)
+        raise TraceError(f"{per_token[0]}, {stat}: mixed SGLang dump modes (per_token, stat): "
+                         "give either per_token dumps or stat dumps, not both")
+    if per_token:
         return sglang_per_token(dumps, num_experts)
     return sglang_stat(dumps, num_experts)
 
@@ -311,13 +396,28 @@ def _as_int_array(x: Any, name: str, ndim: int) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
-_SglangRecord = tuple[int, int, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
+# (forward pass, rank, logical ids [layers, n, 8], input ids [n], positions [n], "FILE: record r")
+_SglangRecord = tuple[int, int, np.ndarray, "np.ndarray | None", "np.ndarray | None", str]
+
+
+def _physical_to_logical(dump: dict, path: Path) -> np.ndarray | None:
+    """The dump's `last_physical_to_logical_map` [layers, physical], checked; None if absent."""
+    p2l = dump.get("last_physical_to_logical_map")
+    if p2l is None:
+        return None
+    p2l = _as_int_array(p2l, f"{path}: last_physical_to_logical_map", 2)
+    if p2l.size and p2l.min() < 0:  # SGLang maps every physical slot to a logical expert
+        layer, slot = (int(x) for x in np.argwhere(p2l < 0)[0])
+        raise TraceError(f"{path}: last_physical_to_logical_map holds {int(p2l[layer, slot])} at layer {layer}, "
+                         f"physical slot {slot}: every physical slot must map to a logical expert")
+    return p2l
 
 
 def _sglang_record(rec: Any, p2l: np.ndarray | None, name: str) -> _SglangRecord | None:
-    """One per_token record -> (forward pass, rank, logical ids [layers, n, 8], input ids [n], positions [n]).
+    """One per_token record -> (forward pass, rank, logical ids [layers, n, 8], input ids, positions, name).
 
-    None for an idle forward pass (no token).
+    Ids stay physical when the dump has no map (refused later, once the records are known to
+    hold experts). None for an idle forward pass (no token).
     """
     if not isinstance(rec, dict) or "topk_ids_of_layer" not in rec:
         raise TraceError(f"{name}: no 'topk_ids_of_layer' (is this a per_token dump?)")
@@ -343,7 +443,25 @@ def _sglang_record(rec: Any, p2l: np.ndarray | None, name: str) -> _SglangRecord
         pass_id, rank = int(rec.get("forward_pass_id") or 0), int(rec.get("rank") or 0)
     except (TypeError, ValueError):
         raise TraceError(f"{name}: forward_pass_id and rank must be integers") from None
-    return pass_id, rank, ids, per_token[0], per_token[1]
+    return pass_id, rank, ids, per_token[0], per_token[1], name
+
+
+def _check_record_experts(rec: _SglangRecord, moe_layers: np.ndarray, k: int) -> None:
+    """Each token of a record: k distinct experts at every MoE layer, or none at all (padding)."""
+    ids = rec[2][moe_layers, :, :k]  # [L, n, k]
+    s = np.sort(ids, axis=-1)
+    dup = np.argwhere(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any(axis=-1))
+    if len(dup):
+        layer, tok = (int(x) for x in dup[0])
+        raise TraceError(f"{rec[5]}: token {tok} selects the same logical expert twice at layer {int(moe_layers[layer])} "
+                         f"(duplicate expert ids; {len(dup)} token-layers affected)")
+    has = ids >= 0
+    partial = has.any(axis=(0, 2)) & ~has.all(axis=(0, 2))  # padding rows are -1 at every MoE layer
+    if partial.any():
+        tok = int(np.argmax(partial))
+        layer = int(np.argmax(~has[:, tok].all(axis=1)))
+        raise TraceError(f"{rec[5]}: token {tok} misses an expert at layer {int(moe_layers[layer])} but not at others "
+                         f"(only batch padding may be -1, and SGLang masks it at every layer)")
 
 
 def sglang_per_token(dumps: Sequence[tuple[Path, dict]], num_experts: int | None = None) -> Trace:
@@ -354,17 +472,24 @@ def sglang_per_token(dumps: Sequence[tuple[Path, dict]], num_experts: int | None
         record: {"forward_pass_id": int, "rank": int, "input_ids": [n], "positions": [n],
                  "topk_ids_of_layer": int32 [layers, n, 8] physical ids, -1 = no expert, ...}
     1. keep each distinct record once: without DP attention every rank records the same batch;
-    2. order by (forward_pass_id, rank) and map physical ids to logical ones through the map;
+    2. order by (forward_pass_id, rank) and map physical ids to logical ones through the map
+       (required: SGLang always writes it, and physical slot ids are not logical expert ids);
     3. MoE layers = layers with any id (dense layers stay -1); k = slots used at those layers;
-    4. drop token rows with a missing id (batch padding, which SGLang masks to -1).
+    4. drop token rows with no id at any MoE layer (batch padding, which SGLang masks to -1);
+       a row missing ids at some layers only is an error.
     """
+    paths = [p for p, _ in dumps]
+    files = _names(paths)
     records: list[_SglangRecord] = []
     seen: set[tuple[int, bytes]] = set()
+    no_map: list[Path] = []
+    map_experts = 0  # logical experts the maps name: the model's count unless --num-experts says
     for path, dump in dumps:
-        p2l = dump.get("last_physical_to_logical_map")
-        p2l = None if p2l is None else _as_int_array(p2l, f"{path}: last_physical_to_logical_map", 2)
-        if p2l is not None and num_experts is None:
-            num_experts = int(p2l.max()) + 1
+        p2l = _physical_to_logical(dump, path)
+        if p2l is None:
+            no_map.append(path)
+        else:
+            map_experts = max(map_experts, int(p2l.max()) + 1 if p2l.size else 0)
         if not isinstance(dump["records"], list):
             raise TraceError(f"{path}: 'records' must be a list")
         for r, rec in enumerate(dump["records"]):
@@ -377,21 +502,28 @@ def sglang_per_token(dumps: Sequence[tuple[Path, dict]], num_experts: int | None
                 seen.add(key)
                 records.append(parsed)
     if not records:
-        raise TraceError("the SGLang dumps hold no tokens (was recording started before the requests?)")
-    num_layers = {r[2].shape[0] for r in records}
+        raise TraceError(f"{files}: the SGLang dumps hold no tokens (was recording started before the requests?)")
+    num_layers = {r[2].shape[0]: r[5] for r in records}
     if len(num_layers) > 1:
-        raise TraceError(f"records disagree on the number of layers: {sorted(num_layers)}")
+        (la, a), (lb, b) = sorted(num_layers.items())[:2]
+        raise TraceError(f"{a} has {la} layers, {b} has {lb}: records disagree on the number of layers")
     records.sort(key=lambda r: (r[0], r[1]))
     ids = np.concatenate([r[2] for r in records], axis=1)  # [layers, T, slots]
     moe_layers = np.flatnonzero((ids >= 0).any(axis=(1, 2)))
     if not len(moe_layers):
-        raise TraceError("the SGLang dumps record no expert at any layer: nothing to import")
+        raise TraceError(f"{files}: the SGLang dumps record no expert at any layer: nothing to import")
+    if no_map:
+        raise TraceError(f"{_names(no_map)}: no 'last_physical_to_logical_map' (SGLang's per_token dumps carry it): "
+                         "the recorded ids are physical slots, which cannot be mapped to logical experts without it")
+    num_experts = num_experts if num_experts is not None else map_experts
     ids = ids[moe_layers]
     k = int(np.flatnonzero((ids >= 0).any(axis=(0, 1))).max()) + 1
+    for rec in records:
+        _check_record_experts(rec, moe_layers, k)
     ids = ids[:, :, :k].transpose(1, 0, 2)  # [T, L, k]
     keep = (ids >= 0).all(axis=(1, 2))
     if not keep.any():
-        raise TraceError("every recorded token misses an expert at some MoE layer: nothing to import")
+        raise TraceError(f"{files}: every recorded token misses an expert at some MoE layer: nothing to import")
 
     def per_token(i: int) -> np.ndarray | None:
         if any(r[i] is None for r in records):
@@ -401,13 +533,11 @@ def sglang_per_token(dumps: Sequence[tuple[Path, dict]], num_experts: int | None
     meta = {
         "source": "sglang-per_token",
         "moe_layers": moe_layers.tolist(),
-        "input": [p.name for p, _ in dumps],
+        "input": [p.name for p in paths],
         "records": len(records),
         "dropped_tokens": int((~keep).sum()),
     }
-    return make_trace(
-        ids[keep], None, num_experts, token_ids=per_token(3), positions=per_token(4), meta=meta, name="SGLang dumps"
-    )
+    return make_trace(ids[keep], None, num_experts, token_ids=per_token(3), positions=per_token(4), meta=meta, name=files)
 
 
 def sglang_stat(dumps: Sequence[tuple[Path, dict]], num_experts: int | None = None) -> ExpertLoads:
@@ -420,21 +550,27 @@ def sglang_stat(dumps: Sequence[tuple[Path, dict]], num_experts: int | None = No
     """
     total = None
     for path, dump in dumps:
-        counts = _as_int_array(dump["logical_count"], f"{path}: logical_count", 3).sum(axis=0)
+        step_counts = _as_int_array(dump["logical_count"], f"{path}: logical_count", 3)
+        if step_counts.size and step_counts.min() < 0:  # a count, never negative: not a dense layer either
+            step, layer, expert = (int(x) for x in np.argwhere(step_counts < 0)[0])
+            raise TraceError(f"{path}: logical_count is negative at layer {layer} "
+                             f"(step {step}, expert {expert}: {int(step_counts[step, layer, expert])})")
+        counts = step_counts.sum(axis=0)
         if total is not None and counts.shape != total.shape:
             raise TraceError(f"{path}: logical_count is {list(counts.shape)} per step, but {dumps[0][0]} has {list(total.shape)}")
         total = counts if total is None else total + counts
     assert total is not None
+    files = _names([p for p, _ in dumps])
     moe_layers = np.flatnonzero(total.sum(axis=1) > 0)
     if not len(moe_layers):
-        raise TraceError("the SGLang stat dumps count no expert selection (was recording started?)")
+        raise TraceError(f"{files}: the SGLang stat dumps count no expert selection (was recording started?)")
     loads = total[moe_layers]
     if num_experts is not None:
         if num_experts < loads.shape[1] and loads[:, num_experts:].any():
-            raise TraceError(f"--num-experts {num_experts}, but experts up to {loads.shape[1] - 1} were selected")
+            raise TraceError(f"{files}: --num-experts {num_experts}, but experts up to {loads.shape[1] - 1} were selected")
         loads = np.pad(loads, ((0, 0), (0, max(0, num_experts - loads.shape[1]))))[:, :num_experts]
     meta = {"source": "sglang-stat", "moe_layers": moe_layers.tolist(), "input": [p.name for p, _ in dumps]}
-    return make_loads(loads, meta, name="SGLang stat dumps")
+    return make_loads(loads, meta, name=files)
 
 
 # --- per-layer count JSON ------------------------------------------------------------------------
@@ -442,30 +578,65 @@ def sglang_stat(dumps: Sequence[tuple[Path, dict]], num_experts: int | None = No
 _COUNT_KEYS = ("expert_popularity", "expert_loads")
 
 
+def _count_table(rows: Any, path: Path, key: str) -> np.ndarray:
+    """JSON [layers][experts] of whole non-negative numbers (not strings, not true/false) -> float64."""
+    if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+        raise TraceError(f"{path}: '{key}' must be a rectangular [layers][experts] table of numbers")
+    for layer, row in enumerate(rows):
+        for expert, x in enumerate(row):
+            if isinstance(x, list):
+                raise TraceError(f"{path}: '{key}' must be a [layers][experts] table, got a list at layer {layer}, expert {expert}")
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                what = "true/false" if isinstance(x, bool) else "null" if x is None else f"{type(x).__name__} {x!r}"
+                raise TraceError(f"{path}: '{key}' must hold numbers, not {what} (layer {layer}, expert {expert})")
+            if isinstance(x, int) and abs(x) >= MAX_LOAD:  # a 400-digit int would overflow the float conversion
+                shown = f"{x:.6g}" if x.bit_length() < 1000 else f"a {x.bit_length()}-bit integer"
+                raise TraceError(f"{path}: '{key}' holds {shown} at layer {layer}, expert {expert}: "
+                                 "counts of token selections must be below 1e15")
+    try:
+        counts = np.asarray(rows, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise TraceError(f"{path}: '{key}' must be a rectangular [layers][experts] table of numbers") from None
+    counts = make_loads(counts, name=str(path), what=f"'{key}'").loads
+    fractional = np.argwhere(counts != np.floor(counts))
+    if len(fractional):
+        layer, expert = (int(x) for x in fractional[0])
+        raise TraceError(f"{path}: '{key}' must hold whole counts of token selections: "
+                         f"layer {layer}, expert {expert} holds {float(counts[layer, expert])!r}")
+    if not counts.any():
+        raise TraceError(f"{path}: '{key}' holds no expert selection (every count is 0)")
+    return counts
+
+
 def import_loads_json(paths: Sequence[Path]) -> ExpertLoads:
     """JSON objects holding per-layer counts [layers][experts] -> ExpertLoads (files summed).
 
     The counts sit under `expert_popularity` (fiddler's Mixtral-8x7B MMLU dumps, with
     `total_input_tokens`) or `expert_loads`. Summing several files (e.g. several subjects)
-    gives the load of the mixed traffic.
+    gives the load of the mixed traffic; a file given twice would be counted twice, so it is
+    refused.
     """
     if not paths:
         raise TraceError("no JSON files given")
+    paths = [Path(p) for p in paths]
+    seen: dict[Any, Path] = {}
+    for path in paths:
+        try:
+            st = path.stat()
+            ident: Any = (st.st_dev, st.st_ino)  # the same file under two names (a link, ./x vs x)
+        except OSError:
+            ident = path.resolve()  # missing: read_json names it below
+        if ident in seen:
+            raise TraceError(f"{path}: the same file as {seen[ident]}: given twice, its counts would be summed twice")
+        seen[ident] = path
     total: np.ndarray | None = None
     tokens = 0
-    for path in map(Path, paths):
+    for path in paths:
         doc = read_json(path, TraceError)
         key = next((k for k in _COUNT_KEYS if isinstance(doc, dict) and k in doc), None)
         if key is None:
             raise TraceError(f"{path}: no {' or '.join(repr(k) for k in _COUNT_KEYS)} [layers][experts] counts")
-        rows = doc[key]
-        if isinstance(rows, list) and any(isinstance(x, bool) for r in rows if isinstance(r, list) for x in r):
-            raise TraceError(f"{path}: '{key}' must hold numbers, not true/false")
-        try:
-            counts = np.asarray(rows, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise TraceError(f"{path}: '{key}' must be a rectangular [layers][experts] table of numbers") from None
-        counts = make_loads(counts, name=str(path), what=f"'{key}'").loads
+        counts = _count_table(doc[key], path, key)
         if total is not None and counts.shape != total.shape:
             raise TraceError(f"{path}: {key} is {list(counts.shape)}, but {paths[0]} has {list(total.shape)}")
         total = counts if total is None else total + counts
@@ -474,7 +645,7 @@ def import_loads_json(paths: Sequence[Path]) -> ExpertLoads:
             raise TraceError(f"{path}: 'total_input_tokens' must be a non-negative integer, got {n!r}")
         tokens += n
     assert total is not None  # paths is not empty
-    meta: dict[str, Any] = {"source": "loads-json", "input": [Path(p).name for p in paths]}
+    meta: dict[str, Any] = {"source": "loads-json", "input": [p.name for p in paths]}
     if tokens:
         meta["total_input_tokens"] = tokens
-    return make_loads(total, meta, name=str(paths[0]))
+    return make_loads(total, meta, name=_names(paths))

@@ -26,7 +26,13 @@ _META = click.option(
 )
 _NUM_EXPERTS = click.option(
     "--num-experts", type=click.IntRange(min=1), default=None,
-    help="Experts per layer. Default: from the dump, else max id + 1 (too low if the last expert is never used).",
+    help="Experts per layer. Default: from the dump (per_token: the physical-to-logical map; stat: "
+         "logical_count's width).",
+)
+_EXFLOW_NUM_EXPERTS = click.option(
+    "--num-experts", type=click.IntRange(min=1), default=None,
+    help="Experts per layer. Default: max id + 1 (an ExFlow .npy holds no count; too low if the "
+         "last expert is never selected).",
 )
 
 
@@ -43,9 +49,22 @@ def _parse_meta(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _check_meta(extra: dict[str, Any], result: Trace | ExpertLoads) -> None:
+    """--meta is free-form provenance, but may not contradict what the file itself holds."""
+    if "format" in extra:
+        raise MoeplaceError("--meta format: the format is set by moeplace, not by --meta")
+    own: dict[str, int] = {"num_experts": result.num_experts, "num_layers": result.num_layers}
+    if isinstance(result, Trace):
+        own.update(top_k=result.top_k, num_tokens=result.num_tokens)
+    for key, value in own.items():
+        if key in extra and extra[key] != value:
+            raise MoeplaceError(f"--meta {key}={json.dumps(extra[key])} contradicts the imported data ({key} {value})")
+
+
 def _write(result: Trace | ExpertLoads, output: Path, meta: Sequence[str], quiet: bool) -> None:
     """Save a trace or a load-only file with the user's meta, and say what was written."""
     extra = _parse_meta(meta)
+    _check_meta(extra, result)
     with writing(output):
         if isinstance(result, Trace):
             save_trace(replace(result, meta={**result.meta, **extra}), output)
@@ -108,7 +127,7 @@ def csv_cmd(paths: tuple[Path, ...], top_k: int | None, output: Path, meta: tupl
 
 @import_.command("exflow")
 @click.argument("path", type=click.Path(path_type=Path))
-@_NUM_EXPERTS
+@_EXFLOW_NUM_EXPERTS
 @_OUTPUT
 @_META
 @_QUIET
