@@ -130,7 +130,7 @@ def test_check_pass_and_fail(tmp_path: Path, trace_path: Path, capsys) -> None:
                        defaults={"trace": "trace.npz"})
     assert run(["check", str(cfg)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("PASS  good (100 held-out tokens): cross_gpu_top1/contiguous ") and out[-1] == "all 1 checks passed"
+    assert out[0].startswith("PASS  good (100 held-out tokens): cross_gpu_top1/contiguous ") and out[-1] == "the 1 check passed"
     cfg = write_checks(tmp_path / "ci.yaml", [{"name": "good", "placement": "good.json", **limits},
                                               {"name": "bad", "placement": "bad.json", **limits}],
                        defaults={"trace": "trace.npz"})
@@ -139,7 +139,7 @@ def test_check_pass_and_fail(tmp_path: Path, trace_path: Path, capsys) -> None:
     lines = captured.out.splitlines()
     assert lines[0].startswith("PASS  good") and lines[1].startswith("FAIL  bad")
     assert "cross_gpu_top1/contiguous 1.0000 > 0.7" in lines[1]
-    assert captured.err.strip() == "moeplace: error: 1 of 2 checks failed"
+    assert captured.err.strip() == "moeplace: error: 1 of 2 checks failed (1 passed)"
 
 
 def test_check_missing_file_is_an_error_line(tmp_path: Path, trace_path: Path, capsys) -> None:
@@ -152,7 +152,7 @@ def test_check_missing_file_is_an_error_line(tmp_path: Path, trace_path: Path, c
     captured = capsys.readouterr()
     assert captured.out.splitlines()[0].startswith("ERROR gone: ") and "missing.json: no such file" in captured.out
     assert captured.out.splitlines()[1].startswith("PASS  ok (200 all tokens)")
-    assert captured.err.strip() == "moeplace: error: 1 of 2 checks could not run"
+    assert captured.err.strip() == "moeplace: error: 1 of 2 checks could not run (1 passed, 0 failed)"
 
 
 @pytest.mark.parametrize(
@@ -162,6 +162,12 @@ def test_check_missing_file_is_an_error_line(tmp_path: Path, trace_path: Path, c
         ("checks: [{placement: p.json, trace: t.npz, max_cross_gpus: 0.5}]", "unknown keys ['max_cross_gpus']"),
         ("checks: [{placement: p.json, trace: t.npz}]", "no thresholds"),
         ("checks: [{placement: p.json, max_cross_gpu: 0.5}]", "'trace' (a path) is required"),
+        ("checks: [{placement: 123, trace: t.npz, max_cross_gpu: 0.5}]", "'placement' must be a path (a string), got 123"),
+        ("checks: [{placement: p.json, trace: t.npz, max_imbalance: .nan}]", "must be a non-negative number"),
+        ("checks: [{placement: p.json, trace: t.npz, max_imbalance: 'nan'}]", "must be a non-negative number, got 'nan'"),
+        ("checks: [{placement: p.json, trace: t.npz, max_imbalance: '-1e-1'}]", "must be a non-negative number"),
+        ("defaults: {max_imbalanse: 1.2}\nchecks: [{name: a, placement: p.json, trace: t.npz, max_cross_gpu: 0.5}]",
+         ": defaults: unknown keys ['max_imbalanse']"),
         ("checks: [{placement: p.json, trace: t.npz, max_imbalance: high}]", "must be a non-negative number"),
         ("checks: [{placement: p.json, trace: t.npz, max_imbalance: 2}]\nextra: 1", "unknown top-level keys"),
         ("checks: [unclosed", "not valid YAML"),
@@ -192,3 +198,64 @@ def test_shipped_check_example_passes_on_the_bundled_trace(tmp_path: Path, capsy
     capsys.readouterr()
     assert run(["check", str(cfg)]) == 0, capsys.readouterr()
     assert capsys.readouterr().out.startswith("PASS  flame-decoder-8gpu-2node (320 held-out tokens)")
+
+
+def test_check_duplicate_key_is_refused(tmp_path: Path, capsys) -> None:
+    """PyYAML keeps the last of two equal keys: a repeated threshold would loosen the gate silently."""
+    cfg = tmp_path / "ci.yaml"
+    cfg.write_text("checks:\n  - placement: p.json\n    trace: t.npz\n    max_cross_gpu: 0.5\n    max_cross_gpu: 0.7\n")
+    assert run(["check", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "max_cross_gpu" in err and "twice" in err, err
+
+
+def test_check_threshold_strings_that_are_numbers(tmp_path: Path, trace_path: Path, capsys) -> None:
+    """YAML 1.1 reads 1e-1 (no dot) as a string: it is the threshold 0.1, not an error."""
+    affinity_placement(trace_path, None, tmp_path / "good.json")
+    cfg = tmp_path / "ci.yaml"
+    cfg.write_text("checks:\n  - {placement: good.json, trace: trace.npz, max_cross_gpu: 1e-1, max_imbalance: 1e+1}\n")
+    assert read_checks(cfg)[0]["limits"] == {"max_cross_gpu": 0.1, "max_imbalance": 10.0}
+    assert run(["check", str(cfg)]) == 1
+    assert "> 0.1" in capsys.readouterr().out
+
+
+def test_check_summary_counts_every_kind(tmp_path: Path, trace_path: Path, capsys) -> None:
+    """PASS, FAIL and ERROR together: the summary used to say only how many could not run."""
+    affinity_placement(trace_path, None, tmp_path / "good.json")
+    cfg = write_checks(tmp_path / "ci.yaml", [
+        {"name": "pass", "placement": "good.json", "max_cross_gpu": 1},
+        {"name": "fail", "placement": "good.json", "max_cross_gpu": 0},
+        {"name": "gone", "placement": "missing.json", "max_cross_gpu": 1},
+        {"name": "gone2", "placement": "missing2.json", "max_cross_gpu": 1},
+    ], defaults={"trace": "trace.npz"})
+    assert run(["check", str(cfg)]) == 2  # docs/eval.md: 2 when a check could not run, failures or not
+    captured = capsys.readouterr()
+    assert [line.split()[0] for line in captured.out.splitlines()] == ["PASS", "FAIL", "ERROR", "ERROR"]
+    assert captured.err.strip() == "moeplace: error: 2 of 4 checks could not run (1 passed, 1 failed)"
+
+
+def test_gate_line_never_rounds_away_the_comparison(tmp_path: Path, trace_path: Path, capsys) -> None:
+    affinity_placement(trace_path, {"train_fraction": 0.5, "seed": 0}, tmp_path / "p.json")
+    _, report = eval_json(capsys, str(tmp_path / "p.json"), str(trace_path))
+    cross = report["layouts"]["placement"]["cross_gpu_top1"]
+    args = ["eval", str(tmp_path / "p.json"), str(trace_path)]
+    for limit in (f"{cross:.4f}", f"{cross - 1e-7:.10f}", f"{cross - 1e-12:.17g}"):
+        if float(limit) >= cross:
+            continue  # 4 decimals rounded up: not a failure
+        assert run(args + ["--max-cross-gpu", limit]) == 1
+        err = capsys.readouterr().err.strip()
+        value, shown_limit = err.split("cross_gpu_top1 = ")[1].split(" (")[0].split(" > ")
+        assert float(value) > float(shown_limit), err
+    assert run(args + ["--max-cross-gpu", f"{cross:.17g}"]) == 0  # equal passes
+
+
+def test_report_file_records_the_gates(tmp_path: Path, trace_path: Path, capsys) -> None:
+    affinity_placement(trace_path, {"train_fraction": 0.5, "seed": 0}, tmp_path / "p.json")
+    out = tmp_path / "r.json"
+    assert run(["eval", str(tmp_path / "p.json"), str(trace_path), "-o", str(out),
+                "--max-cross-gpu", "0", "--max-imbalance", "10"]) == 1
+    gates = json.loads(out.read_text())["gates"]
+    assert gates["thresholds"] == {"max_cross_gpu": 0.0, "max_imbalance": 10.0} and gates["passed"] is False
+    assert [(r["metric"], r["passed"]) for r in gates["results"]] == [("cross_gpu_top1", False), ("imbalance_max", True)]
+    assert run(["eval", str(tmp_path / "p.json"), str(trace_path), "-o", str(out)]) == 0
+    assert "gates" not in json.loads(out.read_text())

@@ -184,6 +184,19 @@ def test_placements_with_no_engine_form_are_refused(tmp_path: Path, capsys: pyte
     ('{"layer_list": [{"device_list": [{"device_expert": [0]}]}], "moe_layer_count": 2}', ["--from", "vllm"],
      "moe_layer_count is 2"),
     ('{"layer_list": "x"}', ["--from", "vllm", "--gpus", "1"], "malformed vllm-ascend expert map"),
+    # a --to vllm state whose counts or derived arrays contradict its map (used to be ignored)
+    ('{"physical_to_logical_map": [[0, 1, 2, 3]], "ep_size": 2, "num_logical_experts": 3}', ["--from", "vllm"],
+     "outside [0, 3) (num_logical_experts = 3)"),
+    ('{"physical_to_logical_map": [[0, 1, 2, 3]], "ep_size": 2, "num_logical_experts": 5}', ["--from", "vllm"],
+     "no physical copy of expert 4"),
+    ('{"physical_to_logical_map": [[0, 1, 2, 3]], "ep_size": 2, "logical_replica_count": [[1, 1, 1, 2]]}',
+     ["--from", "vllm"], "'logical_replica_count' does not match"),
+    ('{"physical_to_logical_map": [[0, 1, 2, 3]], "ep_size": 2, "logical_to_physical_map": [[[0], [2], [1], [3]]]}',
+     ["--from", "vllm"], "'logical_to_physical_map' does not list the slots"),
+    ('{"physical_to_logical_map": [[0, 1, 2, 3]], "ep_size": 2, "num_moe_layers": 2}', ["--from", "vllm"],
+     "'num_moe_layers' is 2 but physical_to_logical_map has 1"),
+    ('{"physical_to_logical_map": [[0, 1, 2, 3]], "ep_size": 2, "num_logical_experts": "x"}', ["--from", "vllm"],
+     "'num_logical_experts' must be an integer"),
     ('{"unknown": []}', ["--from", "vllm", "--gpus", "1"], "neither a vLLM EPLB state"),
     ("not json", ["--from", "eplb", "--gpus", "1"], "not valid JSON"),
     ("[1, 2]", ["--from", "vllm", "--gpus", "1"], "expected a JSON object"),
@@ -213,7 +226,7 @@ def test_bad_export_requests_get_one_line(tmp_path: Path, capsys: pytest.Capture
         ([src, "-o", x], "exactly one of --to"),
         ([src, "--to", "eplb", "--from", "eplb", "-o", x], "exactly one of --to"),
         ([src, "--to", "eplb", "--gpus", "4", "-o", x], "--gpus/--gpus-per-node are for --from"),
-        ([src, "--to", "vllm", "--moe-layers", "1-3", "-o", x], "only apply to sglang"),
+        ([src, "--to", "vllm", "--moe-layers", "1-3", "-o", x], "only apply to sglang (vllm files hold MoE layers only)"),
         ([str(uneven_path), "--to", "sglang", "-o", x], "layer 2: GPU 0 holds 3"),
         ([src, "--to", "sglang", "--model", str(tmp_path), "-o", x], "no .safetensors weights"),
         ([str(tmp_path / "missing.json"), "--to", "sglang", "-o", x], "no such file"),
@@ -288,3 +301,95 @@ def test_sglang_export_for_a_model_sglang_gives_no_map_says_so(tmp_path: Path, c
         assert cli(_save(p, tmp_path), "--to", "sglang", "--trace", str(tmp_path / "t.npz"),
                    "-o", str(tmp_path / "loc.json")) == 0
         assert ("does not use an expert map for OLMoE models" in capsys.readouterr().err) == noted
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_model_already_renumbered_for_the_placement_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               fmt: str) -> None:
+    """A permute-checkpoint output realises its placement under the contiguous layout: an engine
+    file of the same placement would move the experts a second time (serve and permute-checkpoint
+    refuse it already; export used to write it)."""
+    from moeplace.export.permute import check_not_applied, permute_checkpoint
+
+    model = fake_checkpoint(tmp_path / "model", moe_layers=(0, 1), num_hidden_layers=2)
+    p = Placement(expert_to_gpu=random_balanced(2, 8, 4, seed=5), num_gpus=4, gpus_per_node=4)
+    permute_checkpoint(model, p, tmp_path / "placed", progress=False)
+    out = tmp_path / ("o.npz" if fmt == "eplb" else "o.json")
+    assert cli(_save(p, tmp_path), "--to", fmt, "--model", str(tmp_path / "placed"), "-o", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    with pytest.raises(PlacementError) as shared:  # the very check (and words) of serve and permute-checkpoint
+        check_not_applied(tmp_path / "placed", p)
+    assert err == f"moeplace: error: {shared.value}" and not out.exists()
+    assert cli(_save(p, tmp_path), "--to", fmt, "--model", str(model), "-o", str(out)) == 0  # the original is fine
+
+
+def test_sglang_without_layer_source_notes_its_assumption(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, out = _save(plain(), tmp_path), str(tmp_path / "loc.json")
+    assert cli(src, "--to", "sglang", "-o", out) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "decoder layers 0-2 are all MoE" in notes[0]
+    assert cli(src, "--to", "sglang", "--moe-layers", "1-3", "-o", out) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_from_sglang_out_of_range_id_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Expert 0 replaced by id 8 in an 8-expert map: the count inferred from the ids is 9, and
+    "no physical copy of expert 0" alone hid the cause."""
+    path = tmp_path / "loc.json"
+    path.write_text(json.dumps({"physical_to_logical_map": [[8, 1, 2, 3, 4, 5, 6, 7]]}))
+    assert cli("--from", "sglang", str(path), "--gpus", "2", "-o", str(tmp_path / "p.json")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no physical copy of expert 0" in err and "largest id + 1 = 9: is id 8 out of range?" in err
+    model = fake_checkpoint(tmp_path / "model", moe_layers=(0,), num_hidden_layers=1)
+    assert cli("--from", "sglang", str(path), "--gpus", "2", "--model", str(model), "-o", str(tmp_path / "p.json")) == 2
+    assert "layer 0 slot 0 holds expert id 8, outside [0, 8) (--model: 8 experts)" in capsys.readouterr().err
+
+
+def test_from_eplb_names_the_files_gpu_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({"phy2log": [[0, 1, 2]], "num_gpus": 3, "gpus_per_node": 4}))
+    assert cli("--from", "eplb", str(path), "-o", str(tmp_path / "p.json")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "num_gpus = 3 must be a multiple of gpus_per_node = 4" in err and "--gpus" not in err, err
+    assert cli("--from", "eplb", str(path), "--gpus-per-node", "2", "-o", str(tmp_path / "p.json")) == 2
+    assert "num_gpus = 3 must be a multiple of --gpus-per-node 2" in capsys.readouterr().err
+
+
+def test_uneven_vllm_ascend_device_lists_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "map.json"
+    devices = [{"device_id": 0, "device_expert": [0, 1, 2]}, {"device_id": 1, "device_expert": [3]}]
+    path.write_text(json.dumps({"moe_layer_count": 1, "layer_list": [{"layer_id": 0, "device_list": devices}]}))
+    assert cli("--from", "vllm-ascend", str(path), "-o", str(tmp_path / "p.json")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "device 1: device_expert lists 1 experts but MoE layer 0, device 0 lists 3" in err, err
+    assert "physical_to_logical" not in err and "\n" not in err
+
+
+def test_from_vllm_ascend_takes_gpus_per_node_from_the_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The expert map records no node size: --gpus-per-node gives it; without it, one node, said on stderr."""
+    src, out, back = _save(plain(), tmp_path), tmp_path / "a.json", tmp_path / "back.json"
+    assert cli(src, "--to", "vllm-ascend", "-o", str(out)) == 0
+    capsys.readouterr()
+    assert cli("--from", "vllm-ascend", str(out), "--gpus-per-node", "2", "-o", str(back)) == 0
+    assert load_placement(back).gpus_per_node == 2 and "note" not in capsys.readouterr().err
+    assert cli("--from", "vllm-ascend", str(out), "-o", str(back)) == 0
+    assert load_placement(back).gpus_per_node == 4
+    assert "does not say how many GPUs a node has: all 4 taken as one node" in capsys.readouterr().err
+    assert cli("--help") == 0
+    assert "expert maps carry none" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("fmt", ["eplb", "vllm", "vllm-ascend"])
+def test_from_with_model_checks_the_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str) -> None:
+    """--help promises a fit check for any format; --from eplb/vllm used to refuse --model outright."""
+    engine, back = tmp_path / "engine.json", tmp_path / "back.json"
+    assert cli(_save(plain(), tmp_path), "--to", fmt, "-o", str(engine)) == 0
+    fits = fake_checkpoint(tmp_path / "fits", moe_layers=(0, 1, 2), num_hidden_layers=3)
+    assert cli("--from", fmt, str(engine), "--model", str(fits), "-o", str(back)) == 0
+    other = fake_checkpoint(tmp_path / "other", moe_layers=(0, 1), num_hidden_layers=2)
+    capsys.readouterr()
+    assert cli("--from", fmt, str(engine), "--model", str(other), "-o", str(tmp_path / "no.json")) == 2
+    assert "placement is for 3 MoE layers x 8 experts, but the model" in capsys.readouterr().err
+    assert cli("--from", fmt, str(engine), "--moe-layers", "0-2", "-o", str(tmp_path / "no.json")) == 2
+    assert f"--moe-layers only applies to --from sglang ({fmt} files hold MoE layers only)" in capsys.readouterr().err

@@ -55,8 +55,25 @@ def threshold_results(report: dict[str, Any], limits: dict[str, float]) -> list[
     return out
 
 
+def shown(v: Verdict) -> tuple[str, str]:
+    """(value, limit) as printed: 4 decimals and %g, unless that rounding would contradict the
+    verdict ("0.5839 > 0.5839"); then with as many significant digits as it takes (17 always do)."""
+    value, limit = f"{v.value:.4f}", f"{v.limit:g}"
+    digits = 6
+    while (float(value) <= float(limit)) != v.passed and digits <= 17:
+        value, limit = f"{v.value:.{digits}g}", f"{v.limit:.{digits}g}"
+        digits += 1
+    return value, limit
+
+
 def _describe(verdicts: list[Verdict]) -> str:
-    return ", ".join(f"{v.what} {v.value:.4f} {'<=' if v.passed else '>'} {v.limit:g}" for v in verdicts)
+    return ", ".join(f"{v.what} {shown(v)[0]} {'<=' if v.passed else '>'} {shown(v)[1]}" for v in verdicts)
+
+
+def gates(results: list[Verdict], limits: dict[str, float]) -> dict[str, Any]:
+    """The report's record of the regression gate: thresholds given, each verdict, overall."""
+    return {"thresholds": limits, "passed": all(v.passed for v in results),
+            "results": [{"metric": v.what, "value": v.value, "limit": v.limit, "passed": v.passed} for v in results]}
 
 
 def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_fns: Sequence[MetricFn] = ()) -> dict[str, Any]:
@@ -216,17 +233,20 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
                                 f"the trace {report['num_experts']} experts top-{report['top_k']}")
         report["traffic"] = traffic
         add_traffic_ratios(report)
+    given = {key: v for key, v in limits.items() if v is not None}
+    results = threshold_results(report, given)
+    if given:
+        report["gates"] = gates(results, given)
     if output is not None:
         with writing(output):
             write_json_atomic(output, report)
     click.echo(json.dumps(report, indent=2) if as_json else render_table(report, columns, per_layer))
-    results = threshold_results(report, {key: v for key, v in limits.items() if v is not None})
     failed = [v for v in results if not v.passed]
     if failed:
         flags = {THRESHOLDS[n]: f"--max-{n.replace('_', '-')}" for n in THRESHOLDS}
         raise RegressionError(
             f"regression on {report['tokens']['subset']} tokens: "
-            + "; ".join(f"{v.what} = {v.value:.4f} > {v.limit:g} ({flags[v.what]})" for v in failed)
+            + "; ".join(f"{v.what} = {shown(v)[0]} > {shown(v)[1]} ({flags[v.what]})" for v in failed)
         )
 
 
@@ -250,6 +270,10 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise MoeplaceError(f"{path}: 'defaults' must be a mapping")
+    unknown = set(defaults) - _CHECK_KEYS - _LIMIT_KEYS
+    if unknown:  # said here, not blamed on the first check it is merged into
+        raise MoeplaceError(f"{path}: defaults: unknown keys {sorted(unknown)}; thresholds are "
+                            f"max_<{'|'.join(THRESHOLDS)}>[{_VS}]")
     checks = []
     for i, raw in enumerate(doc["checks"]):
         if not isinstance(raw, dict):
@@ -262,21 +286,40 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
                 f"{label}: unknown keys {sorted(unknown)}; thresholds are max_<{'|'.join(THRESHOLDS)}>[{_VS}]"
             )
         for key in ("placement", "trace"):
-            if not isinstance(check.get(key), str):
+            if check.get(key) is None:
                 raise MoeplaceError(f"{label}: '{key}' (a path) is required")
+            if not isinstance(check[key], str):
+                raise MoeplaceError(f"{label}: '{key}' must be a path (a string), got {check[key]!r}")
             check[key] = path.parent / check[key]
-        limits = {k: check.pop(k) for k in list(check) if k in _LIMIT_KEYS}
+        limits = {k: _threshold(check.pop(k), k, label) for k in list(check) if k in _LIMIT_KEYS}
         if not limits:
             raise MoeplaceError(f"{label}: no thresholds; set at least one of {sorted(_LIMIT_KEYS)}")
-        for k, v in limits.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
-                raise MoeplaceError(f"{label}: {k} must be a non-negative number, got {v!r}")
         if not isinstance(check.get("all_tokens", False), bool):
             raise MoeplaceError(f"{label}: all_tokens must be true or false")
         check["limits"] = limits
         check.setdefault("name", f"check {i + 1}")
         checks.append(check)
     return checks
+
+
+def _threshold(value: Any, key: str, label: str) -> float:
+    """A threshold as a float: a number, or a string holding one (YAML 1.1 reads `1e-1`, with no
+    dot, as a string); finite and non-negative."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None or not 0 <= number < float("inf"):
+        raise MoeplaceError(f"{label}: {key} must be a non-negative number, got {value!r}")
+    return number
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 @click.command("check")
@@ -287,8 +330,9 @@ def check(config: Path) -> None:
     \b
     Each check evaluates one placement on one trace (as `moeplace eval` does: held-out tokens
     when the placement was fitted on a split of that trace) and compares the placement's
-    metrics with thresholds. Output: one PASS/FAIL line per check. Exit 0 all pass, 1 any
-    fails, 2 a check could not run (missing or malformed file) or the YAML is malformed.
+    metrics with thresholds. Output: one PASS/FAIL/ERROR line per check, then a summary counting
+    each kind. Exit 0 all pass, 1 any fails, 2 a check could not run (missing or malformed file;
+    2 wins over 1) or the YAML is malformed.
 
     \b
     YAML (paths relative to the YAML file; `defaults` apply to every check):
@@ -308,7 +352,7 @@ def check(config: Path) -> None:
       moeplace check configs/check-example.yaml
     """
     checks = read_checks(config)
-    failed, broken = 0, 0
+    failed, broken, n = 0, 0, len(checks)
     for c in checks:
         try:
             report = _evaluate(c["placement"], c["trace"], c.get("all_tokens", False))
@@ -321,8 +365,9 @@ def check(config: Path) -> None:
         failed += not ok
         t = report["tokens"]
         click.echo(f"{'PASS' if ok else 'FAIL'}  {c['name']} ({t['evaluated']} {t['subset']} tokens): {_describe(results)}")
-    if broken:
-        raise MoeplaceError(f"{broken} of {len(checks)} checks could not run")
+    passed = n - failed - broken
+    if broken:  # exit 2 wins: the gate did not run whole, whatever the others say
+        raise MoeplaceError(f"{broken} of {_plural(n, 'check')} could not run ({passed} passed, {failed} failed)")
     if failed:
-        raise RegressionError(f"{failed} of {len(checks)} checks failed")
-    click.echo(f"all {len(checks)} checks passed")
+        raise RegressionError(f"{failed} of {_plural(n, 'check')} failed ({passed} passed)")
+    click.echo(f"all {n} checks passed" if n > 1 else "the 1 check passed")

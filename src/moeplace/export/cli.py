@@ -90,7 +90,9 @@ EXPORT_HELP = """Write a placement in the format an engine reads, or read an eng
   eplb         DeepSeek EPLB phy2log / log2phy / logcnt (JSON; .npz when -o ends in .npz)
 --from FORMAT (sglang, vllm, vllm-ascend, eplb): INPUT is that engine's file; -o gets a
   moeplace placement for `moeplace eval`. Give --gpus (the engine's EP size) unless the file
-  says it; --model/--trace/--moe-layers select the MoE rows of an SGLang map.
+  says it, and --gpus-per-node unless the file says it (sglang and vllm-ascend files never do;
+  default: one node); --model/--trace check the placement fits the model and, with
+  --moe-layers, select the MoE rows of an SGLang map.
 
 Physical expert s is on GPU s // (physical / GPUs) in every format, so each GPU must hold the
 same number of copies. Docs: docs/engines/{sglang,vllm,eplb}.md.
@@ -109,15 +111,19 @@ Examples:
 @click.option("--from", "from_format", type=click.Choice(TO_FORMATS), help="Read INPUT (this engine's file) into a placement.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="File to write (atomically).")
 @click.option("--model", type=click.Path(path_type=Path),
-              help="Hugging Face model dir: checks the placement fits it (any format); for sglang also which "
-                   "decoder layers are MoE.")
+              help="Hugging Face model dir: checks the placement (written or read, any format) fits it; for sglang "
+                   "also which decoder layers are MoE. --to: refuses a `permute-checkpoint` output already "
+                   "renumbered for this placement.")
 @click.option("--trace", type=click.Path(path_type=Path),
-              help="A `moeplace trace` file of this model: checks the placement fits it (any format); for sglang "
-                   "its meta also says which decoder layers are MoE.")
-@click.option("--moe-layers", help="Decoder layer ids of the MoE layers, e.g. '3-60' (default: all layers, in order).")
+              help="A `moeplace trace` file of this model: checks the placement (written or read, any format) fits "
+                   "it; for sglang its meta also says which decoder layers are MoE.")
+@click.option("--moe-layers", help="sglang only: decoder layer ids of the MoE layers, e.g. '3-60' (default: all "
+                                   "layers, in order).")
 @click.option("--num-hidden-layers", type=click.IntRange(min=1), help="Decoder layers for SGLang rows (default: from --model, else the last MoE layer + 1).")
 @click.option("--gpus", type=click.IntRange(min=1), help="--from: the engine's expert-parallel size (default: from the file).")
-@click.option("--gpus-per-node", type=click.IntRange(min=1), help="--from: GPUs per node (default: from the file, else --gpus).")
+@click.option("--gpus-per-node", type=click.IntRange(min=1),
+              help="--from: GPUs per node (default: from the file, else one node; sglang maps and vllm-ascend "
+                   "expert maps carry none).")
 def export(input_path: Path, to_format: str | None, from_format: str | None, output: Path, model: Path | None,
            trace: Path | None, moe_layers: str | None, num_hidden_layers: int | None, gpus: int | None, gpus_per_node: int | None) -> None:
     if (to_format is None) == (from_format is None):
@@ -138,9 +144,12 @@ def export(input_path: Path, to_format: str | None, from_format: str | None, out
 def _write(placement: Placement, fmt: str, output: Path, model: Path | None, trace: Path | None,
            moe_layers: str | None, num_hidden_layers: int | None) -> None:
     from moeplace.export import eplb, sglang, vllm
+    from moeplace.export.permute import check_not_applied
 
     if fmt != "sglang" and (moe_layers or num_hidden_layers):
-        raise MoeplaceError(f"--moe-layers/--num-hidden-layers only apply to sglang (a {fmt} file has MoE layers only)")
+        raise MoeplaceError(f"--moe-layers/--num-hidden-layers only apply to sglang ({fmt} files hold MoE layers only)")
+    if model is not None:  # as serve and permute-checkpoint do: never apply a placement twice
+        check_not_applied(model, placement)
     if fmt != "sglang" and (model or trace):
         _model_layers(model, trace, None, None, placement)  # the fit check alone
     redundant = placement.num_replicas  # the same in every layer once written
@@ -148,6 +157,10 @@ def _write(placement: Placement, fmt: str, output: Path, model: Path | None, tra
     if fmt == "sglang":
         layers, depth, _, model_type = _model_layers(model, trace, moe_layers, num_hidden_layers, placement)
         table = sglang.write_sglang(placement, output, layers, depth)
+        if layers is None:
+            click.echo(f"note: no --model, --trace or --moe-layers: MoE layer i taken as decoder layer i, so decoder "
+                       f"layers 0-{placement.num_layers - 1} are all MoE; give one of them if the model has dense "
+                       "layers", err=True)
         click.echo(f"wrote {output}: {table.shape[0]} decoder layers x {table.shape[1]} physical experts "
                    f"({placement.num_experts} logical + {redundant} redundant). SGLang: --ep-size {placement.num_gpus} "
                    f"--ep-num-redundant-experts {redundant} --init-expert-location {output} --ep-dispatch-algorithm static "
@@ -174,17 +187,20 @@ def _read(path: Path, fmt: str, output: Path, model: Path | None, trace: Path | 
           gpus: int | None, gpus_per_node: int | None) -> None:
     from moeplace.export import eplb, sglang, vllm
 
-    if fmt != "sglang" and (model or trace or moe_layers):
-        raise MoeplaceError(f"--model/--trace/--moe-layers only apply to --from sglang (a {fmt} file has MoE layers only)")
+    if fmt != "sglang" and moe_layers:
+        raise MoeplaceError(f"--moe-layers only applies to --from sglang ({fmt} files hold MoE layers only)")
     if fmt == "sglang":
         if gpus is None:
             raise PlacementError("--from sglang needs --gpus (the --ep-size the map is for)")
         layers, _, num_experts, _ = _model_layers(model, trace, moe_layers, None, None)
-        placement = sglang.read_sglang(path, gpus, gpus_per_node or gpus, layers, num_experts)
-    elif fmt == "eplb":
-        placement = eplb.read_eplb(path, gpus, gpus_per_node)
+        gpus, gpus_per_node, note = eplb.resolve_gpus(str(path), gpus, gpus_per_node, None, None, "", "")
+        experts_from = f"{'--model' if model is not None else '--trace'}: {num_experts} experts" if num_experts else ""
+        placement = sglang.read_sglang(path, gpus, gpus_per_node, layers, num_experts, experts_from)
+        eplb.print_note(note)
     else:
-        placement = vllm.read_vllm(path, gpus, gpus_per_node)
+        placement = (eplb.read_eplb if fmt == "eplb" else vllm.read_vllm)(path, gpus, gpus_per_node)
+        if model is not None or trace is not None:
+            _model_layers(model, trace, None, None, placement)  # the fit check alone
     placement.save(output)
     click.echo(f"wrote {output}: {placement.num_layers} MoE layers x {placement.num_experts} experts on "
                f"{placement.num_gpus} GPUs, {sum(map(len, placement.replicas))} replicas in all", err=True)

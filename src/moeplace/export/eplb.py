@@ -74,7 +74,7 @@ def logical_to_physical(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarr
 
 def placement_from_physical(
     phy2log: Any, num_gpus: int, gpus_per_node: int, num_experts: int | None = None,
-    name: str = "file", source: str = "engine",
+    name: str = "file", source: str = "engine", what: str = "physical_to_logical map", experts_from: str = "",
 ) -> Placement:
     """Read a [layers, physical] slot table back into a placement.
 
@@ -82,19 +82,24 @@ def placement_from_physical(
     2. an expert's first slot is its primary copy, later slots on other GPUs its replicas;
     3. a second copy on the same GPU adds nothing (DeepSeek EPLB can emit one,
        deepseek-ai/EPLB#22): it is dropped with a note on stderr.
+
+    `num_experts` defaults to the largest id + 1; `experts_from` says where a given one came from.
     """
-    table = _int_table(phy2log, name, "physical_to_logical map")
+    table = int_table(phy2log, name, what)
     num_layers, num_physical = table.shape
-    if num_gpus < 1 or gpus_per_node < 1 or num_gpus % gpus_per_node:
+    if num_gpus < 1 or gpus_per_node < 1 or num_gpus % gpus_per_node:  # callers that read counts use resolve_gpus
         raise PlacementError(f"--gpus {num_gpus} must be >= 1 and a multiple of --gpus-per-node {gpus_per_node}")
     if num_physical % num_gpus:
         raise PlacementError(
             f"{name}: {num_physical} physical experts per layer cannot be split equally over {num_gpus} GPUs; "
             "is --gpus the engine's expert-parallel size?"
         )
+    inferred = num_experts is None
     num_experts = int(table.max()) + 1 if num_experts is None else num_experts
     if table.min() < 0 or table.max() >= num_experts:
-        raise PlacementError(f"{name}: a logical expert id is outside [0, {num_experts})")
+        layer, slot = (int(i[0]) for i in np.nonzero((table < 0) | (table >= num_experts)))
+        raise PlacementError(f"{name}: layer {layer} slot {slot} holds expert id {int(table[layer, slot])}, "
+                             f"outside [0, {num_experts})" + (f" ({experts_from})" if experts_from else ""))
     slots_per_gpu = num_physical // num_gpus
     expert_to_gpu = np.full((num_layers, num_experts), -1, dtype=np.int64)
     replicas: list[list[tuple[int, int]]] = []
@@ -113,7 +118,10 @@ def placement_from_physical(
             seen.add((expert, gpu))
         missing = np.flatnonzero(expert_to_gpu[layer] < 0)
         if missing.size:
-            raise PlacementError(f"{name}: layer {layer} has no physical copy of expert {int(missing[0])}")
+            # with the count inferred from the largest id, one id out of range shows up as a missing expert
+            hint = (f" (the expert count is taken as the largest id + 1 = {num_experts}: is id {num_experts - 1} "
+                    "out of range?)" if inferred else "")
+            raise PlacementError(f"{name}: layer {layer} has no physical copy of expert {int(missing[0])}{hint}")
         replicas.append(reps)
     if dropped:
         print(f"moeplace: note: {name}: {dropped} second copies of an expert on the same GPU counted once",
@@ -121,6 +129,38 @@ def placement_from_physical(
     placement = Placement(expert_to_gpu=expert_to_gpu, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
                           replicas=replicas, solver={"name": f"{source} import", "file": name})
     return validate_placement(placement, name)
+
+
+def resolve_gpus(name: str, gpus: int | None, gpus_per_node: int | None, file_gpus: int | None,
+                 file_gpus_per_node: int | None, gpus_field: str, gpus_per_node_field: str) -> tuple[int, int, str]:
+    """(GPUs, GPUs per node, note) from --gpus / --gpus-per-node, else the file's fields, checked,
+    with errors naming where each count came from. No GPUs-per-node anywhere means one node; the
+    note says so, for the caller to print once the file is read (the cross-node metrics depend on it)."""
+    if gpus is not None and file_gpus is not None and gpus != file_gpus:
+        raise PlacementError(f"{name}: the file is for {file_gpus} GPUs but --gpus is {gpus}")
+    if gpus is None and file_gpus is None:
+        raise PlacementError(f"{name}: the file does not say how many GPUs it is for: pass --gpus")
+    num_gpus, gpus_from = (gpus, f"--gpus {gpus}") if gpus is not None else (file_gpus, f"{gpus_field} = {file_gpus}")
+    assert num_gpus is not None  # one of the two, checked above
+    note = ""
+    if gpus_per_node is not None:
+        per_node, per_node_from = gpus_per_node, f"--gpus-per-node {gpus_per_node}"
+    elif file_gpus_per_node is not None:
+        per_node, per_node_from = file_gpus_per_node, f"{gpus_per_node_field} = {file_gpus_per_node}"
+    else:
+        per_node, per_node_from = num_gpus, ""
+        note = (f"moeplace: note: {name} does not say how many GPUs a node has: all {num_gpus} taken as one node "
+                "(pass --gpus-per-node)")
+    if num_gpus < 1:
+        raise PlacementError(f"{name}: {gpus_from} must be >= 1")
+    if per_node < 1 or num_gpus % per_node:
+        raise PlacementError(f"{name}: {gpus_from} must be a multiple of {per_node_from} (GPUs per node)")
+    return num_gpus, per_node, note
+
+
+def print_note(note: str) -> None:
+    if note:
+        print(note, file=sys.stderr)
 
 
 def write_eplb(placement: Placement, path: str | Path) -> None:
@@ -144,21 +184,17 @@ def read_eplb(path: str | Path, num_gpus: int | None, gpus_per_node: int | None)
     doc = read_document(p)
     if "phy2log" not in doc:
         raise PlacementError(f"{p}: no 'phy2log' array (keys: {sorted(doc)})")
-    file_gpus = _int_or_none(doc.get("num_gpus"))
-    if num_gpus is not None and file_gpus is not None and num_gpus != file_gpus:
-        raise PlacementError(f"{p}: the file is for {file_gpus} GPUs but --gpus is {num_gpus}")
-    num_gpus = num_gpus if num_gpus is not None else file_gpus
-    if num_gpus is None:
-        raise PlacementError(f"{p}: the file does not say how many GPUs it is for: pass --gpus")
-    gpus_per_node = gpus_per_node or _int_or_none(doc.get("gpus_per_node")) or num_gpus
+    num_gpus, gpus_per_node, note = resolve_gpus(str(p), num_gpus, gpus_per_node, int_or_none(doc.get("num_gpus")),
+                                           int_or_none(doc.get("gpus_per_node")), "num_gpus", "gpus_per_node")
     num_experts = None
     if "logcnt" in doc:
-        num_experts = _int_table(doc["logcnt"], str(p), "logcnt").shape[1]
+        num_experts = int_table(doc["logcnt"], str(p), "logcnt").shape[1]
     placement = placement_from_physical(doc["phy2log"], num_gpus, gpus_per_node, num_experts, str(p), "eplb")
     if "logcnt" in doc:
-        _, logcnt = logical_to_physical(_int_table(doc["phy2log"], str(p), "phy2log"), placement.num_experts)
-        if not np.array_equal(logcnt, _int_table(doc["logcnt"], str(p), "logcnt")):
+        _, logcnt = logical_to_physical(int_table(doc["phy2log"], str(p), "phy2log"), placement.num_experts)
+        if not np.array_equal(logcnt, int_table(doc["logcnt"], str(p), "logcnt")):
             raise PlacementError(f"{p}: 'logcnt' does not match the copies counted in 'phy2log'")
+    print_note(note)
     return placement
 
 
@@ -178,7 +214,7 @@ def read_document(p: Path) -> dict[str, Any]:
     return doc
 
 
-def _int_table(value: Any, name: str, what: str) -> np.ndarray:
+def int_table(value: Any, name: str, what: str) -> np.ndarray:
     """A rectangular 2-D integer table, or one clear error."""
     try:
         table = np.asarray(value)
@@ -189,7 +225,7 @@ def _int_table(value: Any, name: str, what: str) -> np.ndarray:
     return table.astype(np.int64)
 
 
-def _int_or_none(value: Any) -> int | None:
+def int_or_none(value: Any) -> int | None:
     if value is None:
         return None
     try:

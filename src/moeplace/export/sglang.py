@@ -60,7 +60,7 @@ def write_sglang(placement: Placement, path: str | Path, moe_layers: list[int] |
 
 
 def read_sglang(path: str | Path, num_gpus: int, gpus_per_node: int, moe_layers: list[int] | None = None,
-                num_experts: int | None = None) -> Placement:
+                num_experts: int | None = None, experts_from: str = "") -> Placement:
     """Read an `--init-expert-location` file (.json, or .pt read with weights_only) into a placement.
 
     `moe_layers` picks the rows of MoE layers (default: every row is one); `num_experts`
@@ -86,7 +86,8 @@ def read_sglang(path: str | Path, num_gpus: int, gpus_per_node: int, moe_layers:
             raise PlacementError(f"{p}: '{KEY}' must be a [layers][physical experts] table")
         _check_layers(moe_layers, len(moe_layers), table.shape[0])
         table = table[moe_layers]
-    return placement_from_physical(table, num_gpus, gpus_per_node, num_experts, name=str(p), source="sglang")
+    return placement_from_physical(table, num_gpus, gpus_per_node, num_experts, name=str(p), source="sglang",
+                                   experts_from=experts_from)
 
 
 def _load(p: Path) -> dict[str, Any]:

@@ -31,8 +31,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moeplace.errors import PlacementError
-from moeplace.export.eplb import logical_to_physical, physical_to_logical, placement_from_physical, read_document
+from moeplace.export.eplb import (int_or_none, int_table, logical_to_physical, physical_to_logical,
+                                  placement_from_physical, print_note, read_document, resolve_gpus)
 from moeplace.io import write_json_atomic
 from moeplace.placement import Placement
 
@@ -79,26 +82,75 @@ def write_vllm_ascend(placement: Placement, path: str | Path) -> None:
 def read_vllm(path: str | Path, num_gpus: int | None, gpus_per_node: int | None) -> Placement:
     """Read a `--to vllm` state file or a vllm-ascend expert map into a placement.
 
-    The expert map says its device count and the state file its ep_size; --gpus must agree.
+    The expert map says its device count and the state file its ep_size; --gpus must agree. An
+    expert map says nothing of nodes: --gpus-per-node gives it (default: one node). The state
+    file's other arrays and counts, when present, must agree with its physical_to_logical_map.
     """
     p = Path(path)
     doc = read_document(p)
-    file_gpus: Any
     if "layer_list" in doc:
-        table, file_gpus = _ascend_table(doc, p)
-    elif "physical_to_logical_map" in doc:
-        table, file_gpus = doc["physical_to_logical_map"], doc.get("ep_size")
-    else:
+        table, devices = _ascend_table(doc, p)
+        num_gpus, gpus_per_node, note = resolve_gpus(str(p), num_gpus, gpus_per_node, devices, None,
+                                                     "devices per layer in layer_list", "")
+        placement = placement_from_physical(table, num_gpus, gpus_per_node, name=str(p), source="vllm",
+                                            what="expert map (device_expert lists)")
+        print_note(note)
+        return placement
+    if "physical_to_logical_map" not in doc:
         raise PlacementError(f"{p}: neither a vLLM EPLB state ('physical_to_logical_map') nor a vllm-ascend "
                              f"expert map ('layer_list'); keys: {sorted(doc)}")
-    file_gpus = file_gpus if isinstance(file_gpus, int) else None
-    if num_gpus and file_gpus and num_gpus != file_gpus:
-        raise PlacementError(f"{p}: the file is for {file_gpus} GPUs but --gpus is {num_gpus}")
-    num_gpus = num_gpus or file_gpus
-    if num_gpus is None:
-        raise PlacementError(f"{p}: the file does not say how many GPUs it is for: pass --gpus")
-    gpus_per_node = gpus_per_node or doc.get("gpus_per_node") or num_gpus
-    return placement_from_physical(table, num_gpus, int(gpus_per_node), name=str(p), source="vllm")
+    counts = {key: _count(doc, key, p) for key in ("ep_size", "gpus_per_node", "num_logical_experts",
+                                                    "num_moe_layers", "num_redundant_experts")}
+    num_gpus, gpus_per_node, note = resolve_gpus(str(p), num_gpus, gpus_per_node, counts["ep_size"],
+                                                 counts["gpus_per_node"], "ep_size", "gpus_per_node")
+    placement = placement_from_physical(doc["physical_to_logical_map"], num_gpus, gpus_per_node,
+                                        counts["num_logical_experts"], name=str(p), source="vllm",
+                                        experts_from=f"num_logical_experts = {counts['num_logical_experts']}")
+    _check_state(doc, counts, p, placement.num_experts)
+    print_note(note)
+    return placement
+
+
+def _count(doc: dict[str, Any], key: str, p: Path) -> int | None:
+    """An integer field of a state file: None when absent, an error when not an integer."""
+    if key not in doc:
+        return None
+    value = int_or_none(doc[key])
+    if value is None:
+        raise PlacementError(f"{p}: '{key}' must be an integer, got {doc[key]!r}")
+    return value
+
+
+def _check_state(doc: dict[str, Any], counts: dict[str, int | None], p: Path, num_experts: int) -> None:
+    """Refuse a state file whose counts or derived arrays contradict its physical_to_logical_map:
+    vLLM reads each array as given, so a mismatch means the file is not one EplbState."""
+    phy2log = int_table(doc["physical_to_logical_map"], str(p), "physical_to_logical_map")
+    layers, physical = phy2log.shape
+    for key, expected in (("num_moe_layers", layers), ("num_redundant_experts", physical - num_experts)):
+        if counts[key] is not None and counts[key] != expected:
+            raise PlacementError(f"{p}: '{key}' is {counts[key]} but physical_to_logical_map has {expected}")
+    log2phy, replica_count = logical_to_physical(phy2log, num_experts)
+    if "logical_replica_count" in doc:
+        given = int_table(doc["logical_replica_count"], str(p), "logical_replica_count")
+        if not np.array_equal(given, replica_count):
+            raise PlacementError(f"{p}: 'logical_replica_count' does not match the copies counted in "
+                                 "'physical_to_logical_map'")
+    if "logical_to_physical_map" in doc:
+        given = np.asarray(doc["logical_to_physical_map"])
+        if (given.ndim != 3 or given.shape[:2] != (layers, num_experts) or not np.issubdtype(given.dtype, np.integer)
+                or not _same_slots(given, log2phy)):
+            raise PlacementError(f"{p}: 'logical_to_physical_map' does not list the slots of each expert in "
+                                 "'physical_to_logical_map'")
+
+
+def _same_slots(given: np.ndarray, log2phy: np.ndarray) -> bool:
+    """Same slots per (layer, expert) in any order, -1 padding of any width."""
+    width = max(given.shape[2], log2phy.shape[2])
+    pad = [(0, 0), (0, 0)]
+    a = np.pad(given, [*pad, (0, width - given.shape[2])], constant_values=-1)
+    b = np.pad(log2phy, [*pad, (0, width - log2phy.shape[2])], constant_values=-1)
+    a = np.where(a < 0, -1, a)
+    return bool(np.array_equal(np.sort(a, axis=-1), np.sort(b, axis=-1)))
 
 
 def _ascend_table(doc: dict[str, Any], p: Path) -> tuple[list[list[int]], int]:
@@ -106,15 +158,24 @@ def _ascend_table(doc: dict[str, Any], p: Path) -> tuple[list[list[int]], int]:
     try:
         layers = sorted(doc["layer_list"], key=lambda layer: int(layer.get("layer_id", 0)))
         rows, counts = [], set()
+        sizes: list[list[int]] = []
         for layer in layers:
             devices = sorted(layer["device_list"], key=lambda d: int(d.get("device_id", 0)))
             counts.add(len(devices))
             rows.append([int(e) for d in devices for e in d["device_expert"]])
+            sizes.append([len(d["device_expert"]) for d in devices])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise PlacementError(f"{p}: malformed vllm-ascend expert map ({e!r})") from None
     if len(counts) != 1:
         raise PlacementError(f"{p}: layers list different device counts {sorted(counts)}")
     if int(doc.get("moe_layer_count", len(rows))) != len(rows):
         raise PlacementError(f"{p}: moe_layer_count is {doc.get('moe_layer_count')} but layer_list has {len(rows)} layers")
+    # vllm-ascend stacks the device_expert lists into one tensor: every list has one length
+    first = sizes[0][0] if sizes and sizes[0] else 0
+    for i, per_device in enumerate(sizes):
+        odd = next((d for d, n in enumerate(per_device) if n != first), None)
+        if odd is not None:
+            raise PlacementError(f"{p}: MoE layer {i}, device {odd}: device_expert lists {per_device[odd]} experts but "
+                                 f"MoE layer 0, device 0 lists {first}; vllm-ascend stacks the lists into one tensor, "
+                                 "so every device of every layer needs the same number")
     return rows, counts.pop()
-
