@@ -294,6 +294,28 @@ def test_cli_writes_a_placement_and_a_summary(trace_file, tmp_path, capsys):
     assert doc["metrics"]["held_out"]["placement"]["cross_gpu_top1"] == pytest.approx(held["cross_gpu_top1"])
 
 
+def test_eval_knows_the_fit_trace_in_another_file(tmp_path, capsys):
+    """eval holds out the solver's tokens when the trace is the fit one in any file (an ExFlow
+    .npy imported to .npz, a re-save with other meta), not only the very same file; the same
+    routing in another token order is another trace, evaluated whole."""
+    npy = tmp_path / "exflow.npy"
+    np.save(npy, np.random.default_rng(0).integers(0, 8, (100, 4)))
+    out = tmp_path / "p.json"
+    assert run(["solve", str(npy), "--gpus", "4", "--train-fraction", "0.5", "-q", "-o", str(out)]) == 0
+    assert run(["import", "exflow", str(npy), "--meta", "note=copy", "-q", "-o", str(tmp_path / "t.npz")]) == 0
+    trace = load_trace(tmp_path / "t.npz")
+    save_trace(make_trace(trace.topk_ids[::-1].copy(), num_experts=8), tmp_path / "reversed.npz")
+    reports = []
+    for path in (npy, tmp_path / "t.npz", tmp_path / "reversed.npz"):
+        capsys.readouterr()
+        assert run(["eval", str(out), str(path), "--json"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert [r["tokens"]["subset"] for r in reports[:2]] == ["held-out", "held-out"]
+    assert reports[0]["tokens"]["evaluated"] == reports[1]["tokens"]["evaluated"] == 50
+    assert reports[0]["layouts"] == reports[1]["layouts"]
+    assert reports[2]["tokens"]["evaluated"] == 100 and "not fitted on" in reports[2]["tokens"]["note"]
+
+
 def test_cli_reads_exflow_npy(tmp_path, capsys):
     path = tmp_path / "exflow.npy"
     np.save(path, np.random.default_rng(0).integers(0, 8, (100, 4)))

@@ -175,7 +175,8 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
     \b
     Inputs: PLACEMENT (moeplace.placement/v1 JSON, from `moeplace solve`); TRACE (v1 .npz or
     ExFlow .npy) of the same model (same MoE layers and experts).
-    Tokens: when PLACEMENT was fitted on a split of this very trace (same sha256), only the
+    Tokens: when PLACEMENT was fitted on a split of this very trace (the same file, or the same
+    routing in another file: a copy, a re-import, a re-save with other meta), only the
     held-out tokens are evaluated (--all-tokens: all); any other trace is evaluated whole.
     Baselines, on the same GPUs and tokens: contiguous, round_robin, random (the solve's seed) and
     greedy_load (load balancing fitted on the tokens the placement was fitted on).

@@ -88,11 +88,14 @@ def add_traffic_ratios(report: dict[str, Any]) -> None:
 def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> tuple[np.ndarray | None, np.ndarray | None, str]:
     """(tokens to evaluate, tokens the placement was fitted on, note); None means all tokens.
 
-    Held-out by default when the placement was fitted on a split of this very trace (same
-    sha256); a different trace is evaluated whole, and the fit tokens are then unknown (None).
+    Held-out by default when the placement was fitted on a split of this very trace (the same
+    file, or the same routing in another file: a copy, a re-import, a re-save with other meta);
+    a different trace is evaluated whole, and the fit tokens are then unknown (None).
     """
-    if not placement.trace_sha256 or placement.trace_sha256 != trace.sha256:
-        why = "a trace the placement was not fitted on" if placement.trace_sha256 else "the placement records no trace"
+    same_file = bool(placement.trace_sha256) and placement.trace_sha256 == trace.sha256
+    if not same_file and (not placement.trace_routing_sha256 or placement.trace_routing_sha256 != trace.routing_sha256()):
+        recorded = placement.trace_sha256 or placement.trace_routing_sha256
+        why = "a trace the placement was not fitted on" if recorded else "the placement records no trace"
         return None, None, f"all tokens ({why}); greedy_load fitted on them too"
     split = placement.split
     if not split:

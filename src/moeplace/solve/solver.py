@@ -471,6 +471,7 @@ def solve_placement(
         bound=outcome.bound,
         gap=outcome.gap,
         trace_sha256=trace.sha256 or None,
+        trace_routing_sha256=trace.routing_sha256(),
         split={"train_fraction": train_fraction, "seed": seed} if train_fraction < 1.0 else None,
     )
     baselines = all_baselines(fit.expert_loads(), num_gpus, seed)

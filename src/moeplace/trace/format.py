@@ -60,6 +60,13 @@ class Trace:
     def num_tokens(self) -> int:
         return int(self.topk_ids.shape[0])
 
+    def routing_sha256(self) -> str:
+        """sha256 of the routing itself (topk_ids, token order included), whatever file holds
+        it: a copy, a re-import or a re-save with other meta has the file's sha256 changed, not this."""
+        h = hashlib.sha256(repr(self.topk_ids.shape).encode())
+        h.update(np.ascontiguousarray(self.topk_ids, dtype=np.int64).data)
+        return h.hexdigest()
+
     @property
     def num_layers(self) -> int:
         return int(self.topk_ids.shape[1])
