@@ -15,8 +15,11 @@ from moeplace.analyze.affinity import (
     conditional_entropy,
     gini,
     load_skew,
+    mode_arrays,
+    mode_counts,
     mutual_information,
     pair_counts,
+    shuffle_perms,
     topm_capture,
     transition_counts,
 )
@@ -89,6 +92,44 @@ def test_pair_counts_chunking_matches_one_pass(monkeypatch: pytest.MonkeyPatch) 
     assert whole.sum(axis=(1, 2)) == pytest.approx([256] * 3)  # every token carries mass 1 per pair
     with pytest.raises(ValueError, match="both masses or neither"):
         pair_counts(t.topk_ids[:, :-1], t.topk_ids[:, 1:], 16, t.topk_weights[:, :-1], None)
+
+
+def _token_major_counts(ids: np.ndarray, mass: np.ndarray | None, e: int, chunk: int,
+                        perm: np.ndarray | None) -> np.ndarray:
+    """The straightforward count: chunks of tokens, one bincount over [n, P, k, k] each."""
+    cur, nxt = ids[:, :-1], ids[:, 1:]
+    t, p, k = cur.shape
+    counts = np.zeros(p * e * e)
+    base = (np.arange(p) * e * e)[None, :, None, None]
+    for start in range(0, t, chunk):
+        rows = np.arange(start, min(start + chunk, t))
+        other = rows if perm is None else perm[rows]
+        index = (cur[rows] * e)[:, :, :, None] + nxt[other][:, :, None, :] + base
+        w = None if mass is None else (mass[rows, :-1][:, :, :, None] * mass[other, 1:][:, :, None, :]).astype(np.float64)
+        counts += np.bincount(index.ravel(), weights=None if w is None else w.ravel(), minlength=p * e * e)
+    return (counts if mass is not None else counts / (k * k)).reshape(p, e, e)
+
+
+def test_shared_pair_major_pass_is_the_token_major_count_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mode_counts counts topk and gated in one pass, laid out pair by pair: the float sums of each
+    cell must still be added in the token-major order, so the numbers are the same to the bit."""
+    rng = np.random.default_rng(4)
+    ids = np.argsort(rng.random((300, 5, 12)), axis=-1)[:, :, :3]  # top-3 of 12, distinct per token-layer
+    # masses over 2^-40..1: a cell's sum needs more than 53 bits, so its order shows in the result
+    weights = (rng.random((300, 5, 3)) * 2.0 ** -rng.integers(0, 40, (300, 5, 3))).astype(np.float32)
+    t = make_trace(ids, weights, 12)
+    monkeypatch.setattr("moeplace.analyze.affinity._CHUNK_PAIRS", 500)  # 13 tokens a chunk: 24 chunks
+    chunk = 500 // (4 * 3 * 3)
+    for perm in (None, shuffle_perms(300, 1, 9)[0]):
+        got = mode_counts(t, ("top1", "topk", "gated"), perm)
+        for mode in ("top1", "topk", "gated"):
+            ids_m, mass = mode_arrays(t, mode)
+            want = _token_major_counts(ids_m, mass, 12, 500 // (4 * ids_m.shape[2] ** 2), perm)
+            assert got[mode].tobytes() == want.tobytes(), mode
+            assert got[mode].tobytes() == transition_counts(t, mode, perm).tobytes(), mode
+        # a different chunking gives different float sums: the test can tell orders apart
+        gated = _token_major_counts(t.topk_ids, mode_arrays(t, "gated")[1], 12, chunk + 1, perm)
+        assert gated.tobytes() != got["gated"].tobytes()
 
 
 def test_mi_conditional_entropy_and_capture_by_hand() -> None:

@@ -18,7 +18,7 @@ both marginals and the sample size and destroys the pairing.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -131,28 +131,59 @@ def pair_counts(
     """
     if (cur_mass is None) != (nxt_mass is None):
         raise ValueError("pass both masses or neither")
+    uniform, weighted = _count_pairs(cur_ids, nxt_ids, num_experts, cur_mass, nxt_mass, perm, cur_mass is None)
+    out = uniform if cur_mass is None else weighted
+    assert out is not None
+    return out
+
+
+def _count_pairs(
+    cur_ids: np.ndarray,
+    nxt_ids: np.ndarray,
+    num_experts: int,
+    cur_mass: np.ndarray | None,
+    nxt_mass: np.ndarray | None,
+    perm: np.ndarray | None,
+    uniform: bool,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(counts with 1/k^2 per slot pair if `uniform`, counts weighted by the masses if given),
+    each float64 [P, E, E] or None, from one pass that builds each chunk's bin index once.
+
+    Each chunk's entries are laid out pair-major, [P, n, k, k], so a bincount walks one pair's
+    E x E bins at a time (cache-resident; token-major scatters over all P E^2 bins at once and
+    is ~3x slower). A bin only ever receives entries of its own pair, in token order then slot
+    order either way, and the chunks are the same as a token-major pass's, so the weighted float
+    sums are the same bit for bit; the uniform ones are exact integer counts until the division.
+    """
     t, p, k = cur_ids.shape
     e = num_experts
-    counts = np.zeros(p * e * e, dtype=np.float64)
-    pair_base = (np.arange(p) * e * e)[None, :, None]  # [1, P, 1] offset of each pair's matrix
-    chunk = max(1, _CHUNK_PAIRS // (p * k * k))
-    index = np.empty((min(chunk, t), p, k, k), dtype=np.int64)  # reused buffers: no page faults per chunk
-    weights = np.empty(index.shape) if cur_mass is not None else None
+    bins = p * e * e
+    whole = np.zeros(bins, dtype=np.int64) if uniform else None
+    weighted = np.zeros(bins, dtype=np.float64) if cur_mass is not None and nxt_mass is not None else None
+    pair_base = (np.arange(p) * e * e)[:, None, None]  # [P, 1, 1] offset of each pair's matrix
+    chunk = max(1, _CHUNK_PAIRS // (p * k * k))  # the chunks fix the float sums: keep them as they are
+    size = min(chunk, t) * p * k * k
+    index = np.empty(size, dtype=np.int64)  # reused buffers: no page faults per chunk
+    weights = np.empty(size) if weighted is not None else None
     for start in range(0, t, chunk):
         sl = slice(start, start + chunk)
         rows = sl if perm is None else perm[sl]
         n = min(chunk, t - start)
-        # contiguous chunk operands keep the [n, P, k, k] broadcasts fast
-        cell = cur_ids[sl] * e + pair_base
-        np.add(cell[:, :, :, None], np.ascontiguousarray(nxt_ids[rows])[:, :, None, :], out=index[:n])
-        w = None
-        if weights is not None and cur_mass is not None and nxt_mass is not None:
-            cw, nw = np.ascontiguousarray(cur_mass[sl]), np.ascontiguousarray(nxt_mass[rows])
-            w = np.multiply(cw[:, :, :, None], nw[:, :, None, :], out=weights[:n]).ravel()
-        counts += np.bincount(index[:n].ravel(), weights=w, minlength=p * e * e)
-    if cur_mass is None:
-        counts /= k * k
-    return counts.reshape(p, e, e)
+        flat = index[: n * p * k * k]
+        cell = cur_ids[sl].transpose(1, 0, 2) * e + pair_base  # [P, n, k]
+        nxt = nxt_ids[rows].transpose(1, 0, 2)
+        np.add(cell[:, :, :, None], nxt[:, :, None, :], out=flat.reshape(p, n, k, k))
+        if whole is not None:
+            whole += np.bincount(flat, minlength=bins)
+        if weighted is not None and weights is not None and cur_mass is not None and nxt_mass is not None:
+            cw, nw = cur_mass[sl].transpose(1, 0, 2), nxt_mass[rows].transpose(1, 0, 2)
+            w = weights[: flat.size]
+            np.multiply(cw[:, :, :, None], nw[:, :, None, :], out=w.reshape(p, n, k, k))
+            weighted += np.bincount(flat, weights=w, minlength=bins)
+    return (
+        None if whole is None else (whole / (k * k)).reshape(p, e, e),
+        None if weighted is None else weighted.reshape(p, e, e),
+    )
 
 
 def transition_counts(trace: Trace, mode: str, perm: np.ndarray | None = None,
@@ -162,6 +193,25 @@ def transition_counts(trace: Trace, mode: str, perm: np.ndarray | None = None,
     ids, mass = mode_arrays(trace, mode) if arrays is None else arrays
     cur_mass, nxt_mass = (None, None) if mass is None else (mass[:, :-1], mass[:, 1:])
     return pair_counts(ids[:, :-1], ids[:, 1:], trace.num_experts, cur_mass, nxt_mass, perm)
+
+
+def mode_counts(trace: Trace, modes: Sequence[str], perm: np.ndarray | None = None,
+                arrays: dict[str, tuple[np.ndarray, np.ndarray | None]] | None = None) -> dict[str, np.ndarray]:
+    """transition_counts of each of `modes` (same values), with topk and gated counted in one
+    pass: they pair the same top-k ids, so they share each chunk's bin index.
+    `arrays`: mode_arrays of each mode when the caller already has them."""
+    arrays = arrays if arrays is not None else {mode: mode_arrays(trace, mode) for mode in modes}
+    out: dict[str, np.ndarray] = {}
+    if "topk" in modes and "gated" in modes:
+        ids, mass = arrays["gated"]
+        assert mass is not None
+        topk, gated = _count_pairs(ids[:, :-1], ids[:, 1:], trace.num_experts, mass[:, :-1], mass[:, 1:], perm, True)
+        assert topk is not None and gated is not None
+        out["topk"], out["gated"] = topk, gated
+    for mode in modes:
+        if mode not in out:
+            out[mode] = transition_counts(trace, mode, perm, arrays[mode])
+    return {mode: out[mode] for mode in modes}
 
 
 def conditional(counts: np.ndarray) -> np.ndarray:
@@ -265,33 +315,36 @@ def affinity(trace: Trace, num_shuffles: int = 8, seed: int = 0, progress: Any =
     Returns {"modes": {mode: {"per_pair": [...], "mean": {...}}}, "log_num_experts": log E,
     "shuffles": S, "seed": seed}; and the conditional matrices P(j | i) float32 [L-1, E, E] per
     mode under "conditional" (arrays, for figures; not JSON). The shuffles are counted on up to
-    one thread per CPU (parallel.thread_map), with one shuffled [L-1, E, E] count array alive
-    per thread.
+    one thread per CPU (parallel.thread_map), every mode of a shuffle in one task (mode_counts),
+    with one shuffled [L-1, E, E] count array per mode alive per thread.
     """
     modes = trace_modes(trace) if trace.num_layers > 1 else ()
     perms = shuffle_perms(trace.num_tokens, num_shuffles, seed)
     out: dict[str, Any] = {"log_num_experts": float(np.log(trace.num_experts)), "shuffles": num_shuffles,
                            "seed": seed, "modes": {}, "conditional": {}}
-    done = 0
+    if not modes:
+        return out
+    arrays = {mode: mode_arrays(trace, mode) for mode in modes}
+    counts = mode_counts(trace, modes, arrays=arrays)
+    done = len(modes)
+    baseline: dict[str, list[tuple[np.ndarray, dict[int, np.ndarray]]]] = {mode: [] for mode in modes}
+    for shuffle, stats in enumerate(thread_map(partial(_shuffled, trace, modes, arrays), perms), 1):
+        for mode in modes:
+            baseline[mode].append(stats[mode])
+        done += len(modes)
+        if progress is not None:
+            progress.update(done, f"shuffle {shuffle}/{num_shuffles}")
     for mode in modes:
-        arrays = mode_arrays(trace, mode)
-        counts = transition_counts(trace, mode, arrays=arrays)
-        baseline = []
-        for stats in thread_map(partial(_shuffled, trace, mode, arrays), perms):
-            baseline.append(stats)
-            done += 1
-            if progress is not None:
-                progress.update(done, f"{mode} shuffle {len(baseline)}/{num_shuffles}")
-        per_pair = pair_stats(counts, baseline, trace.num_experts)
+        per_pair = pair_stats(counts[mode], baseline[mode], trace.num_experts)
         out["modes"][mode] = {"per_pair": per_pair, "mean": mean_stats(per_pair)}
-        out["conditional"][mode] = conditional(counts).astype(np.float32)
-        done += 1
+        out["conditional"][mode] = conditional(counts[mode]).astype(np.float32)
     return out
 
 
-def _shuffled(trace: Trace, mode: str, arrays: tuple[np.ndarray, np.ndarray | None],
-              perm: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    return shuffled_stats(transition_counts(trace, mode, perm, arrays), trace.num_experts)
+def _shuffled(trace: Trace, modes: Sequence[str], arrays: dict[str, tuple[np.ndarray, np.ndarray | None]],
+              perm: np.ndarray) -> dict[str, tuple[np.ndarray, dict[int, np.ndarray]]]:
+    counts = mode_counts(trace, modes, perm, arrays)
+    return {mode: shuffled_stats(c, trace.num_experts) for mode, c in counts.items()}
 
 
 def mean_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:

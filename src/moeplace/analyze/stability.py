@@ -25,12 +25,14 @@ from moeplace.analyze.affinity import (
     CAPTURE_M,
     capture,
     mean_stats,
+    mode_arrays,
+    mode_counts,
     topm_successors,
     trace_modes,
-    transition_counts,
 )
 from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import evaluate
+from moeplace.parallel import thread_map
 from moeplace.placement import Placement
 from moeplace.solve.baselines import contiguous, greedy_load
 from moeplace.trace.format import Trace, split_tokens
@@ -85,9 +87,14 @@ def matrix_correlations(counts_a: np.ndarray, counts_b: np.ndarray) -> list[dict
 def compare_affinity(trace_a: Trace, trace_b: Trace) -> dict[str, Any]:
     """Correlation and held-out top-m capture per mode and layer pair, A -> B."""
     modes = [m for m in trace_modes(trace_a) if m in trace_modes(trace_b)]
+    # the two traces are counted on a thread each (np.bincount releases the GIL); their mode
+    # arrays are made one after the other, so only one trace's temporaries are alive at a time
+    arrays = [{mode: mode_arrays(t, mode) for mode in modes} for t in (trace_a, trace_b)]
+    counts_a, counts_b = thread_map(lambda job: mode_counts(job[0], modes, arrays=job[1]),
+                                    list(zip((trace_a, trace_b), arrays)))
     out: dict[str, Any] = {}
     for mode in modes:
-        ca, cb = transition_counts(trace_a, mode), transition_counts(trace_b, mode)
+        ca, cb = counts_a[mode], counts_b[mode]
         rows = matrix_correlations(ca, cb)
         for m in CAPTURE_M:
             if m > trace_a.num_experts:
