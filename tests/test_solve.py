@@ -471,3 +471,19 @@ def test_one_layer_trace_is_balanced_by_load():
     train = p.metrics["train"]
     assert train["placement"]["imbalance_max"] == pytest.approx(train["greedy_load"]["imbalance_max"])
     assert train["placement"]["imbalance_max"] < train["contiguous"]["imbalance_max"] - 0.5
+
+
+@pytest.mark.parametrize("layers, experts, gpus, gpn", [(2, 4, 2, 1), (3, 4, 4, 2), (2, 6, 2, 2)])
+def test_exact_ilp_with_star_cuts_matches_brute_force(layers, experts, gpus, gpn):
+    """The star cuts (an expert shares its GPU with E/G experts of a neighbouring layer, its
+    node with E/N) are valid: the whole-model ILP finds the brute-force optimum, intra-layer
+    edges and nodes included, and its bound stays below it."""
+    rng = np.random.default_rng(layers * 10 + gpus)
+    graph = random_graph(rng, layers, experts)
+    d = distance_matrix(gpus, gpn, 2.5)
+    layouts = [np.array(p) for p in {tuple(p) for p in balanced_layouts(experts, gpus)}]
+    best = min(placement_cost(graph, np.stack(xs), d) for xs in itertools.product(layouts, repeat=layers))
+    res = ilp.solve_window(graph, contiguous(layers, experts, gpus), range(layers), d, gpn, time_limit=30, pin_first=True)
+    assert res.optimal and res.cost == pytest.approx(best)
+    assert placement_cost(graph, res.expert_to_gpu, d) == pytest.approx(best)
+    assert res.bound <= best + 1e-6

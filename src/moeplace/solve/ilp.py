@@ -82,8 +82,9 @@ def solve_window(graph: AffinityGraph, expert_to_gpu: np.ndarray, layers: range,
                  gpus_per_node: int, time_limit: float, pin_first: bool = False) -> IlpResult:
     """Optimal placement of `layers` given every other layer of expert_to_gpu [L, E].
 
-    `pin_first` fixes expert 0 of the first window layer to GPU 0: valid only when nothing
-    outside the window is fixed (GPUs are interchangeable then), it removes that symmetry.
+    `pin_first` breaks the symmetry of GPU labels on the first window layer (expert 0 on GPU 0;
+    on one node expert e on a GPU <= e): valid only when nothing outside the window is fixed
+    (GPUs are interchangeable then).
     """
     start = time.monotonic()
     num_layers, num_experts = expert_to_gpu.shape
@@ -101,7 +102,12 @@ def solve_window(graph: AffinityGraph, expert_to_gpu: np.ndarray, layers: range,
         for g in gpus:
             prob += pulp.lpSum(x[l, e, g] for e in experts) == per_gpu
     if pin_first:
-        prob += x[layers[0], 0, 0] == 1
+        # any relabelling of GPUs (of GPUs within nodes, and of whole nodes) leaves the cost as
+        # it is; on one node, number GPUs by first use over the first layer's experts: expert e
+        # then sits on a GPU <= e. Across nodes only expert 0 -> GPU 0 keeps that simple.
+        for e in experts if num_nodes == 1 else range(1):
+            for g in range(e + 1, num_gpus) if num_nodes == 1 else range(1, num_gpus):
+                prob += x[layers[0], e, g] == 0
 
     terms: list[tuple[pulp.LpVariable, float]] = []
     constant = 0.0
@@ -120,20 +126,38 @@ def solve_window(graph: AffinityGraph, expert_to_gpu: np.ndarray, layers: range,
         edges += [((l, int(a)), (l, int(b)), float(graph.intra[l][a, b])) for a, b in iu]
         if l + 1 in layers:
             edges += [((l, int(a)), (l + 1, int(b)), float(graph.inter[l][a, b])) for a, b in np.argwhere(graph.inter[l] > 0)]
+    # star cuts: an expert on GPU g shares it with exactly E/G experts of a neighbouring layer
+    # (E/G - 1 of its own), its node with E/N (E/N - 1). Implied by the integer model, not by its
+    # LP relaxation, where x = 1/G lets every pair variable reach 1/G (a bound of zero saved).
+    stars: dict[tuple[int, int, int], list[int]] = {}  # (layer, expert, neighbouring layer) -> edges
+    y: dict[tuple[int, int], pulp.LpVariable] = {}
+    z: dict[tuple[int, int], pulp.LpVariable] = {}
     for n, ((lu, u), (lv, v), w) in enumerate(edges):
         constant += w * node_cost
+        stars.setdefault((lu, u, lv), []).append(n)
+        stars.setdefault((lv, v, lu), []).append(n)
         for g in gpus:
-            y = pulp.LpVariable(f"y_{n}_{g}", 0, 1)
-            prob += y <= x[lu, u, g]
-            prob += y <= x[lv, v, g]
-            terms.append((y, -w))
+            y[n, g] = pulp.LpVariable(f"y_{n}_{g}", 0, 1)
+            prob += y[n, g] <= x[lu, u, g]
+            prob += y[n, g] <= x[lv, v, g]
+            terms.append((y[n, g], -w))
         if num_nodes > 1:
             for node in range(num_nodes):
-                z = pulp.LpVariable(f"z_{n}_{node}", 0, 1)
+                z[n, node] = pulp.LpVariable(f"z_{n}_{node}", 0, 1)
                 members = range(node * gpus_per_node, (node + 1) * gpus_per_node)
-                prob += z <= pulp.lpSum(x[lu, u, g] for g in members)
-                prob += z <= pulp.lpSum(x[lv, v, g] for g in members)
-                terms.append((z, -(node_cost - 1.0) * w))
+                prob += z[n, node] <= pulp.lpSum(x[lu, u, g] for g in members)
+                prob += z[n, node] <= pulp.lpSum(x[lv, v, g] for g in members)
+                terms.append((z[n, node], -(node_cost - 1.0) * w))
+    for (l, u, other), star in stars.items():
+        own = int(other == l)  # an expert is not its own neighbour
+        if len(star) > per_gpu - own:
+            for g in gpus:
+                prob += pulp.lpSum(y[n, g] for n in star) <= (per_gpu - own) * x[l, u, g]
+        if num_nodes > 1 and len(star) > per_gpu * gpus_per_node - own:
+            for node in range(num_nodes):
+                members = range(node * gpus_per_node, (node + 1) * gpus_per_node)
+                prob += pulp.lpSum(z[n, node] for n in star) <= \
+                    (per_gpu * gpus_per_node - own) * pulp.lpSum(x[l, u, g] for g in members)
     prob += pulp.LpAffineExpression(terms)
 
     prob.solve(highs(max(time_limit, 0.1)))
