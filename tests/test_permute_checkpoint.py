@@ -223,7 +223,8 @@ def test_a_placement_is_not_applied_twice(qwen: Path, tmp_path: Path) -> None:
     with pytest.raises(PlacementError, match="for this placement"):
         check_placement(read_spec(tmp_path / "out"), _placement(), world=4)  # same layout, no trace recorded
     other = random_balanced(2, NUM_EXPERTS, 4, seed=7)
-    with pytest.raises(PlacementError, match="for a placement fitted on the same trace as this one"):
+    with pytest.raises(PlacementError, match="for a placement fitted on the same trace as this one .* numbers the "
+                                             "experts as the original checkpoint does"):
         check_not_applied(tmp_path / "out", Placement(other, num_gpus=4, gpus_per_node=4, trace_sha256=sha))
     # a placement of the renumbered model (another layout, fitted on its own trace), or the original model
     fresh = Placement(other, num_gpus=4, gpus_per_node=4, trace_sha256="cd" * 32)

@@ -112,12 +112,17 @@ def check_not_applied(model_dir: str | Path, placement: Placement) -> None:
         same_layout = np.array_equal(permutation(placement), np.asarray(record.get("new_to_old")))
     except PlacementError:  # replicas or uneven counts: not a layout permute-checkpoint writes
         same_layout = False
-    if same_trace or same_layout:
-        why = "this placement" if same_layout else "a placement fitted on the same trace as this one"
+    if same_layout:
         raise PlacementError(
-            f"{model_dir} was renumbered by `moeplace permute-checkpoint` for {why} ({PERMUTATION_NAME}): "
+            f"{model_dir} was renumbered by `moeplace permute-checkpoint` for this placement ({PERMUTATION_NAME}): "
             f"its contiguous layout already realises it, and applying it again would move the experts a second "
             f"time. Use this checkpoint without the placement, or the original ({record.get('source')}) with it")
+    if same_trace:
+        raise PlacementError(
+            f"{model_dir} was renumbered by `moeplace permute-checkpoint` for a placement fitted on the same trace "
+            f"as this one ({PERMUTATION_NAME}): this placement numbers the experts as the original checkpoint does, "
+            f"not as this one, so applying it here would put other experts on each GPU. Use the original "
+            f"({record.get('source')}) with it")
 
 
 def check_group_routing(config: dict[str, Any], new_to_old: np.ndarray) -> None:
