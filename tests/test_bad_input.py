@@ -302,3 +302,14 @@ def test_a_yaml_key_given_twice_is_refused(tmp_path: Path, capsys) -> None:
     from moeplace.io import read_yaml
     merged = _text(tmp_path, "m.yaml", "base: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 5\n")
     assert read_yaml(merged)["c"] == {"x": 5, "y": 2}
+
+
+def test_a_file_is_called_json_or_csv_only_when_it_is_text(tmp_path: Path) -> None:
+    """looks_like names what a misplaced file is; random bytes that happen to begin with '[' are
+    not 'JSON (a placement?)', while a JSON whose 512th byte cuts a character still is."""
+    from moeplace.io import looks_like
+
+    (tmp_path / "r.bin").write_bytes(b"[" + np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    assert looks_like(tmp_path / "r.bin") is None
+    assert looks_like(_text(tmp_path, "p.json", '{"a": "' + "é" * 600 + '"}')) == "JSON (a placement?)"
+    assert looks_like(_text(tmp_path, "c.csv", "a,b,c\n1,2,3\n")).startswith("CSV")

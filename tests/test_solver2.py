@@ -17,7 +17,7 @@ from moeplace.solve.costmodel import load_cost_model, predict
 from moeplace.solve.moetuner import moetuner_placement
 from moeplace.solve.solver import solve_placement
 from moeplace.solve.synthetic import planted_trace
-from moeplace.trace.format import make_loads, save_loads, save_trace
+from moeplace.trace.format import make_loads, save_loads, save_trace, split_tokens
 
 from conftest import ROOT, SHARED_DATA
 
@@ -536,3 +536,36 @@ def test_latency_total_cap_places_experts_gpus_do_not_divide(tmp_path: Path, cap
     assert "latency with --max-experts-per-gpu-total" in capsys.readouterr().err
     assert run(args + ["--max-experts-per-gpu-total", "9"]) == 0
     assert load_placement(tmp_path / "p.json").num_gpus == 6
+
+
+def test_cli_pareto_writes_its_weight_1_row_and_refuses_flags_it_would_ignore(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--pareto writes the sweep's own weight-1 placement (the printed row describes the file,
+    also when the time limit cuts the sweep) and stores the front; flags an objective would
+    ignore are refused, not dropped."""
+    trace, _ = planted_trace(128, 3, 16, 2, 8, seed=6)
+    save_trace(trace, tmp_path / "t.npz")
+    out = tmp_path / "p.json"
+    cost = ["--cluster", str(CLUSTER), "--model-config", str(MODEL)]
+    assert run(["solve", str(tmp_path / "t.npz"), "--gpus", "8", "--objective", "latency", "--pareto", "--time-limit",
+                "2", "--train-fraction", "0.5", *cost, "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    p = load_placement(out)
+    front = p.solver["pareto"]
+    assert front["tokens"] == "held_out" and [r["compute_weight"] for r in front["rows"]] == [0, 1, 4, 16, 64]
+    one = front["rows"][1]
+    held = trace.select_tokens(split_tokens(trace.num_tokens, 0.5, 0)[1])
+    assert one["moe_time_us"] == pytest.approx(predict(load_cost_model(CLUSTER, MODEL), p, held).total_us.sum())
+    assert one["cross_gpu_top1"] == p.metrics["held_out"]["placement"]["cross_gpu_top1"]
+    assert p.objective["compute_weight"] == 1.0 and text.index("moeplace solve:") < text.index("pareto front")
+    assert f"{one['moe_time_us']:13.1f}" in text
+    for flags, message in [(["--objective", "balance", *cost], "--cluster and --model-config"),
+                           (["--compute-weight", "4"], "--compute-weight weighs the latency objective"),
+                           (["--redundant-experts", "8"], "--redundant-experts applies to")]:
+        assert run(["solve", str(tmp_path / "t.npz"), "--gpus", "8", *flags, "-o", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    # balance says how it was solved and how long it took
+    assert run(["solve", str(tmp_path / "t.npz"), "--gpus", "8", "--objective", "balance", "--time-limit", "2",
+                "-o", str(out)]) == 0
+    assert "(balance-ilp+lpt+eplb, " in capsys.readouterr().out
+    assert {"method", "seconds", "time_limit_s", "stopped_by_time_limit"} <= set(load_placement(out).solver)

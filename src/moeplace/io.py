@@ -7,6 +7,7 @@ file.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import json
@@ -72,11 +73,13 @@ def looks_like(path: Path) -> str | None:
         return "a zip archive (an .npz trace?)"
     if head.startswith(b"\x93NUMPY"):
         return "a .npy array (an ExFlow trace?)"
-    text = head.decode("utf-8", errors="replace").lstrip()
+    try:  # incremental: a last character cut at byte 512 is not an error
+        text = codecs.getincrementaldecoder("utf-8")().decode(head).lstrip()
+    except UnicodeDecodeError:
+        return None  # binary, whatever its first byte (random bytes may begin with '[')
     if text.startswith(("{", "[")):
         return "JSON (a placement?)"
-    first = text.split("\n", 1)[0]
-    if first.count(",") >= 2 and "\ufffd" not in first:
+    if text.split("\n", 1)[0].count(",") >= 2:
         return "CSV (convert it with `moeplace import csv`)"
     return None
 

@@ -255,7 +255,8 @@ def render_traffic(report: dict[str, Any]) -> list[str]:
         "moeplace serve's dispatch + combine payload, docs/runtime.md):",
         *_align(rows),
         "  (kv_sync: coherent mode's per-step K/V replication, a separate Alltoall not in bytes/token; "
-        "'-': kv_sync needs --model, the ratio the standard mode and a contiguous baseline)",
+        "'-': kv_sync is known only with --model, and the ratio only with standard mode and a contiguous "
+        "baseline in the table)",
     ]
 
 

@@ -385,7 +385,8 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
             )
     if slots * num_gpus < num_experts + redundant:
         raise PlacementError(f"{num_gpus} GPUs x {slots} slots cannot hold {num_experts + redundant} expert copies")
-    deadline = time.monotonic() + time_limit * (0.8 if total_cap is not None else 1.0)  # the rest: step 3
+    start = time.monotonic()
+    deadline = start + time_limit * (0.8 if total_cap is not None else 1.0)  # the rest: step 3
     eplb_layers = _eplb_candidates(loads, num_gpus, gpus_per_node, redundant, num_groups, slots)
     plans: list[LayerPlan] = []
     cut_short = False
@@ -430,7 +431,8 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
         plans = fit_total_cap(plans, loads, num_gpus, slots, total_cap, deadline + 0.2 * time_limit)
         cut_short |= time.monotonic() > deadline + 0.2 * time_limit
     placement = _to_placement(plans, loads, num_gpus, gpus_per_node, redundant, slots, total_cap)
-    placement.solver["stopped_by_time_limit"] = cut_short  # else deterministic: no step reads the clock
+    placement.solver |= {"time_limit_s": time_limit, "seconds": round(time.monotonic() - start, 3),
+                         "stopped_by_time_limit": cut_short}  # else deterministic: no step reads the clock
     return placement
 
 
@@ -551,7 +553,7 @@ def _to_placement(plans: list[LayerPlan], loads: np.ndarray, num_gpus: int, gpus
         e2g, num_gpus, gpus_per_node, replicas,
         objective={"name": "balance", "value": obj, "definition": "mean over layers of max/mean token load per GPU",
                    "load_model": "least-loaded serving over replicas (layer_loads)"},
-        solver={"name": "balance-ilp+lpt+eplb", "redundant_experts": redundant, "slots_per_gpu": slots,
+        solver={"method": "balance-ilp+lpt+eplb", "redundant_experts": redundant, "slots_per_gpu": slots,
                 "max_experts_per_gpu_total": total_cap,
                 "layer_methods": {m: methods.count(m) for m in sorted(set(methods))}},
         bound=lb,

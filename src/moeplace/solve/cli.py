@@ -91,8 +91,9 @@ def _objective_names() -> list[str]:
                    "latency: without --redundant-experts. Default: equal counts in every layer (ExFlow, "
                    "fixed-layout engines).")
 @click.option("--pareto", is_flag=True,
-              help="latency: also solve for compute weights 0 (traffic only), 1, 4, 16, 64 (balance heavy) and print the "
-                   "compute / communication front; writes the weight-1 placement.")
+              help="latency: solve for compute weights 0 (traffic only), 1, 4, 16, 64 (balance heavy), each in a fifth "
+                   "of --time-limit; print the compute / communication front and store it in the placement "
+                   "(solver.pareto); writes the weight-1 placement.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Placement JSON to write.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary on stdout, no progress on stderr.")
 def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str, time_limit: float, seed: int,
@@ -132,8 +133,14 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     if max_experts_per_gpu_total is not None and objective == "traffic":
         raise MoeplaceError("--max-experts-per-gpu-total needs a load term: traffic alone would pile a layer's experts "
                             "on one GPU; use --objective latency (or balance)")
-    if objective == "traffic" and (redundant_experts or cluster or model_config):
-        raise MoeplaceError("--redundant-experts, --cluster and --model-config apply to --objective latency or balance")
+    if objective != "latency" and (cluster or model_config):
+        raise MoeplaceError("--cluster and --model-config give the latency objective its cost model: add --objective "
+                            "latency (any placement's predicted time: moeplace eval --cluster)")
+    given = click.get_current_context().get_parameter_source("compute_weight") != click.core.ParameterSource.DEFAULT
+    if objective != "latency" and given:
+        raise MoeplaceError("--compute-weight weighs the latency objective's compute term: add --objective latency")
+    if objective == "traffic" and redundant_experts:
+        raise MoeplaceError("--redundant-experts applies to --objective latency or balance")
     if _is_load_only(trace_path):
         if objective != "balance":
             raise MoeplaceError(f"{trace_path} holds expert loads only (no token paths): use --objective balance")
@@ -155,14 +162,16 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     if pareto:
         if objective != "latency":
             raise MoeplaceError("--pareto sweeps the latency objective's --compute-weight: add --objective latency")
-        click.echo(pareto_front(trace, gpus, gpus_per_node, time_limit, seed, train_fraction, options))
-        options["compute_weight"] = 1.0
-    placement = solve_placement(trace, gpus, gpus_per_node, time_limit, seed, objective=objective,
-                                train_fraction=train_fraction, progress=not quiet, **options)
+        placement = pareto_front(trace, gpus, gpus_per_node, time_limit, seed, train_fraction, options, not quiet)
+    else:
+        placement = solve_placement(trace, gpus, gpus_per_node, time_limit, seed, objective=objective,
+                                    train_fraction=train_fraction, progress=not quiet, **options)
     with writing(output):
         placement.save(output)
     if not quiet:
         click.echo(summary(placement, trace_path.name))
+        if pareto:
+            click.echo("\n" + render_front(placement.solver["pareto"]))
         click.echo(f"\nwrote {output}")
 
 
@@ -204,9 +213,11 @@ PARETO_WEIGHTS = (0.0, 1.0, 4.0, 16.0, 64.0)
 
 
 def pareto_front(trace: Any, gpus: int, gpus_per_node: int | None, time_limit: float, seed: int,
-                 train_fraction: float, options: dict[str, Any]) -> str:
-    """Solve `latency` at each compute weight; one row per weight: predicted compute and
-    communication (held-out tokens when there is a split), cross-GPU top-1 and imbalance."""
+                 train_fraction: float, options: dict[str, Any], progress: bool = True) -> Placement:
+    """Solve `latency` at each compute weight, each in an equal share of the time limit; the
+    weight-1 placement, its solver["pareto"] holding one row per weight: predicted compute and
+    communication (held-out tokens when there is a split), cross-GPU top-1, imbalance, and
+    whether the time limit cut that solve."""
     from moeplace.solve.costmodel import load_cost_model, predict
     from moeplace.solve.solver import solve_placement
     from moeplace.trace.format import split_tokens
@@ -218,15 +229,29 @@ def pareto_front(trace: Any, gpus: int, gpus_per_node: int | None, time_limit: f
     _, held = split_tokens(trace.num_tokens, train_fraction, seed)
     sub = trace.select_tokens(held) if train_fraction < 1.0 and len(held) else trace
     part = "held_out" if sub is not trace else "train"
-    rows = [f"pareto front ({part} tokens; weight = compute weight, 0 = traffic only):",
-            f"{'weight':>8}{'compute us':>12}{'comm us':>10}{'MoE time us':>13}{'cross-GPU':>11}{'imbalance':>11}"]
     opts = {k: v for k, v in options.items() if k not in ("cluster", "model_config", "compute_weight")}
+    rows, chosen = [], None
     for w in PARETO_WEIGHTS:
         p = solve_placement(trace, gpus, gpus_per_node, time_limit / len(PARETO_WEIGHTS), seed, objective="latency",
-                            train_fraction=train_fraction, cost=cost, compute_weight=w, **opts)
+                            train_fraction=train_fraction, progress=progress, cost=cost, compute_weight=w, **opts)
         t = predict(cost, p, sub)
         m = p.metrics[part]["placement"]
-        comm = t.dispatch_us.sum() + t.combine_us.sum()
-        rows.append(f"{w:>8g}{t.compute_us.sum():>12.1f}{comm:>10.1f}{t.total_us.sum():>13.1f}"
-                    f"{m['cross_gpu_top1']:>11.4f}{m['imbalance_max']:>11.3f}")
-    return "\n".join(rows)
+        rows.append({"compute_weight": w, "compute_us": float(t.compute_us.sum()),
+                     "comm_us": float(t.dispatch_us.sum() + t.combine_us.sum()), "moe_time_us": float(t.total_us.sum()),
+                     "cross_gpu_top1": m["cross_gpu_top1"], "imbalance_max": m["imbalance_max"],
+                     "stopped_by_time_limit": bool(p.solver.get("stopped_by_time_limit"))})
+        chosen = p if w == 1.0 else chosen
+    assert chosen is not None
+    chosen.solver["pareto"] = {"tokens": part, "rows": rows}
+    return chosen
+
+
+def render_front(front: dict[str, Any]) -> str:
+    """The pareto front as a table (`solve --pareto`; the written placement is the weight-1 row)."""
+    lines = [f"pareto front ({front['tokens']} tokens; weight = compute weight, 0 = traffic only; written: weight 1):",
+             f"{'weight':>8}{'compute us':>12}{'comm us':>10}{'MoE time us':>13}{'cross-GPU':>11}{'imbalance':>11}"]
+    for r in front["rows"]:
+        lines.append(f"{r['compute_weight']:>8g}{r['compute_us']:>12.1f}{r['comm_us']:>10.1f}{r['moe_time_us']:>13.1f}"
+                     f"{r['cross_gpu_top1']:>11.4f}{r['imbalance_max']:>11.3f}"
+                     + ("  (cut by --time-limit)" if r["stopped_by_time_limit"] else ""))
+    return "\n".join(lines)

@@ -426,7 +426,7 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
     start_name = "balance" if switch else "traffic"
     best = starts[start_name].copy()
     parts = models.reset(best)
-    bar.update(0, f"start {start_name} {scored[start_name]:.1f}")
+    bar.update(0, f"start {start_name}, search cost {scored[start_name]:.1f}")
 
     # 2. per-layer LP on the surrogate, rounded, 3. swap descent (and cap moves), each through the acceptance rule
     stats = {"lp_accepted": 0, "swaps_accepted": 0, "sweeps": 0} | ({"cap_moves_accepted": 0} if cap is not None else {})
@@ -461,7 +461,7 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
                 stats["cap_moves_accepted"] += n
                 improved |= n > 0
         stats["sweeps"] = sweep + 1
-        bar.update(sweep + 1, f"sweep {sweep + 1}: {model.weighted(parts[0]):.1f}")
+        bar.update(sweep + 1, f"sweep {sweep + 1}: search cost {model.weighted(parts[0]):.1f}")  # shrunk loads
         if not improved or time.monotonic() > deadline:
             break
     cut_short = time.monotonic() > deadline or any(first.solver.get("stopped_by_time_limit") for first in firsts.values())
@@ -485,7 +485,7 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
 
     # 5. bound
     bound = latency_bound(exact, num_gpus, redundant, cap)
-    bar.close(f"cost {value:.1f} us, bound {bound:.1f}")
+    bar.close(f"predicted {value:.1f} us (exact loads), bound {bound:.1f}")
     return SolveOutcome(
         expert_to_gpu=best,
         replicas=replicas,
