@@ -123,6 +123,8 @@ def test_cli_latency_eval_and_load_only_balance(tmp_path: Path, capsys: pytest.C
                 "--time-limit", "2", "-q", "-o", str(out)]) == 0
     assert sum(len(r) for r in load_placement(out).replicas) == 8
     assert set(json.loads(out.read_text())["solver"]["software"]) == {"moeplace", "highs", "pulp", "numpy"}
+    m = load_placement(out).metrics  # EPLB on the same loads, alongside
+    assert m["eplb"]["policy"] in eplb.POLICIES and m["imbalance_mean"] <= m["eplb"]["imbalance_mean"] + 1e-9
     loads10 = tmp_path / "l10.npz"
     save_loads(make_loads(np.random.default_rng(1).random((2, 10)) * 100), loads10)
     assert run(["solve", str(loads10), "--gpus", "4", "-q", "-o", str(out)]) == 2  # traffic needs token paths
@@ -558,7 +560,7 @@ def test_cli_pareto_writes_its_weight_1_row_and_refuses_flags_it_would_ignore(tm
     assert one["moe_time_us"] == pytest.approx(predict(load_cost_model(CLUSTER, MODEL), p, held).total_us.sum())
     assert one["cross_gpu_top1"] == p.metrics["held_out"]["placement"]["cross_gpu_top1"]
     assert p.objective["compute_weight"] == 1.0 and text.index("moeplace solve:") < text.index("pareto front")
-    assert f"{one['moe_time_us']:13.1f}" in text
+    assert f"{one['moe_time_us']:13.1f}" in text and "cross-node" not in text  # one node: no cross-node column
     for flags, message in [(["--objective", "balance", *cost], "--cluster and --model-config"),
                            (["--compute-weight", "4"], "--compute-weight weighs the latency objective"),
                            (["--redundant-experts", "8"], "--redundant-experts applies to")]:

@@ -30,14 +30,15 @@ def summary(placement: Placement, trace_name: str) -> str:
     lines.append(f"objective {o.get('name')}: {o.get('value', float('nan')):.6g}, lower bound {bound}, gap {gap} "
                  f"({s.get('method')}, {s.get('seconds', 0):.1f} s"
                  f"{', stopped by --time-limit' if s.get('stopped_by_time_limit') else ''})")
+    shown = [(k, t) for k, t in METRICS if k != "cross_node_top1" or placement.num_nodes > 1]  # 0 on one node
     for part, results in placement.metrics.items():
         base = results.get("contiguous", {})
         lines.append("")
         lines.append(f"{part.replace('_', '-')} tokens ({results['placement']['tokens']}):".ljust(26)
-                     + "".join(title.rjust(20) for _, title in METRICS))
+                     + "".join(title.rjust(20) for _, title in shown))
         for name, m in results.items():
             cells = []
-            for key, _ in METRICS:
+            for key, _ in shown:
                 ratio = f" ({m[key] / base[key]:.2f}x)" if base.get(key) and name != "contiguous" and key != "imbalance_max" else ""
                 cells.append(f"{m[key]:.3f}{ratio}".rjust(20))
             lines.append(f"  {'moeplace' if name == 'placement' else name}".ljust(26) + "".join(cells))
@@ -199,14 +200,40 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
                                   max_experts_per_gpu_total=max_experts_per_gpu_total)
     placement.trace_sha256 = loads.sha256 or None
     placement.solver["software"] = software()
+    eplb = _eplb_imbalance(loads.loads, gpus, gpn, redundant)
+    if eplb is not None:
+        placement.metrics["eplb"] = eplb
     with writing(output):
         placement.save(output)
     if not quiet:
         m = placement.metrics
         click.echo(f"moeplace solve: {path.name} (load only) -> {gpus} GPUs, {redundant} redundant experts per layer")
         click.echo(f"balance: max/mean load per GPU, mean over layers {m['imbalance_mean']:.4f}, worst layer "
-                   f"{m['imbalance_max']:.4f}; lower bound {placement.bound:.4f}, gap {placement.gap:.2%}")
+                   f"{m['imbalance_max']:.4f}; lower bound {placement.bound:.4f}, gap {placement.gap:.2%} "
+                   f"({placement.solver['method']}, {placement.solver['seconds']:.1f} s)")
+        if eplb is not None:
+            click.echo(f"EPLB ({eplb['policy']}, DeepSeek's algorithm) on the same loads: mean {eplb['imbalance_mean']:.4f}, "
+                       f"worst layer {eplb['imbalance_max']:.4f}")
         click.echo(f"wrote {output}")
+
+
+def _eplb_imbalance(loads: Any, gpus: int, gpus_per_node: int, redundant: int) -> dict[str, Any] | None:
+    """EPLB's max/mean load per GPU on the same loads, under its own load model (an expert's load
+    split equally over its copies), the comparison docs/benchmarks.md makes; None where EPLB
+    cannot place them (its physical slots must split evenly over GPUs)."""
+    import numpy as np
+
+    from moeplace.errors import PlacementError
+    from moeplace.solve.eplb import eplb_placement
+
+    try:
+        p, own = eplb_placement(loads, gpus, gpus_per_node, redundant)
+    except PlacementError:
+        return None
+    mean = loads.sum(axis=1) / gpus
+    ratio = own.max(axis=1) / np.where(mean > 0, mean, 1.0)
+    return {"policy": p.solver["name"].removeprefix("eplb-"), "imbalance_mean": float(ratio.mean()), "imbalance_max": float(ratio.max()),
+            "load_model": "equal split over replicas"}
 
 
 PARETO_WEIGHTS = (0.0, 1.0, 4.0, 16.0, 64.0)
