@@ -326,6 +326,45 @@ def test_cli_one_layer_and_exflow_npy(tmp_path: Path) -> None:
     assert list(modes) == ["top1"] and modes["top1"]["mean"]["mi"] == pytest.approx(np.log(8))
 
 
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (hidden ones included) with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _interrupt(*args: object, **kwargs: object) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["moeplace.analyze.plots.transition_heatmaps", "moeplace.analyze.cli.write_json_atomic"])
+def test_cli_interrupted_leaves_dir_as_it_was(where: str, planted_file: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # an interrupt after the first figure (or after every figure, before the JSON) is written
+    other = tmp_path / "other.npz"
+    save_trace(shuffled_layers(planted(512, num_experts=8)), other)
+    out = tmp_path / "o"
+    args = ["--no-solve", "--shuffles", "2", "-q"]
+    assert run(["analyze", str(planted_file), "-o", str(out), *args]) == 0
+    (out / "notes.txt").write_text("mine")
+    before = _snapshot(out)
+    assert sorted(before) == ["affinity.png", "analyze.json", "load_heatmap.png", "notes.txt", "transitions.png"]
+    monkeypatch.setattr(where, _interrupt)
+    assert run(["analyze", str(other), "-o", str(out), *args]) == 130
+    assert _snapshot(out) == before  # no new figure beside the old JSON, no temp files left
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    fresh = tmp_path / "fresh"
+    assert run(["analyze", str(other), "-o", str(fresh), *args]) == 130
+    assert list(fresh.iterdir()) == []  # no figures without their analyze.json
+    monkeypatch.undo()  # the same run uninterrupted replaces every output, names the final paths
+    assert run(["analyze", str(other), "-o", str(out), *args]) == 0
+    after = _snapshot(out)
+    assert sorted(after) == sorted(before) and after["notes.txt"] == before["notes.txt"]
+    assert all(after[name] != before[name] for name in ("analyze.json", "load_heatmap.png"))
+    report = json.loads(after["analyze.json"])
+    assert report["json"] == str(out / "analyze.json")
+    assert sorted(report["figures"]) == sorted(str(out / name) for name in
+                                               ("affinity.png", "load_heatmap.png", "transitions.png"))
+
+
 def test_cli_load_only_inputs(planted_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     hot_first = tmp_path / "a.npz"
     save_loads(make_loads(np.array([[8.0, 4, 2, 2, 1, 1, 1, 1]] * 4)), hot_first)

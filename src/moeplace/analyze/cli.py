@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import click
 import numpy as np
@@ -140,8 +146,9 @@ def analyze(
     Outputs (in -o DIR): analyze.json (everything above), load_heatmap.png,
     transitions.png (P(j | i) of the --layers pairs), affinity.png (MI vs shuffled and
     top-m capture per layer pair); a figure of an earlier run in DIR that this run does not
-    draw (--no-figures, load-only input) is removed. A summary is printed; progress goes to
-    stderr.
+    draw (--no-figures, load-only input) is removed. All outputs are written first and then
+    moved into DIR together: an error or interrupt leaves DIR as it was. A summary is
+    printed; progress goes to stderr.
 
     \b
     Examples:
@@ -178,17 +185,16 @@ def analyze(
                         gpus_per_node=gpus_per_node or 1, time_limit=time_limit)
     with silenced(quiet):
         report, conditionals = build_report(sources, cfg)
-    figures: list[str] = []
     try:
-        if not no_figures:
-            mode = heatmap_mode or ("topk" if "topk" in modes else "top1")
-            figures = [str(p) for p in _draw(report, conditionals, sources, pairs, mode, out)]
-        report["figures"] = figures
-        report["json"] = str(out / JSON_NAME)
-        write_json_atomic(out / JSON_NAME, report)
-        for name in FIGURES:  # an earlier run's figure beside this run's JSON would pass for its own
-            if str(out / name) not in figures:
-                (out / name).unlink(missing_ok=True)
+        with _staging(out) as stage:  # all outputs or none: DIR never mixes two runs
+            drawn: list[Path] = []
+            if not no_figures:
+                mode = heatmap_mode or ("topk" if "topk" in modes else "top1")
+                drawn = _draw(report, conditionals, sources, pairs, mode, stage)
+            report["figures"] = [str(out / p.name) for p in drawn]  # where they will be, not the stage
+            report["json"] = str(out / JSON_NAME)
+            write_json_atomic(stage / JSON_NAME, report)
+            _publish(stage, out)
     except OSError as e:
         raise MoeplaceError(f"-o {out}: cannot write the report ({e.strerror or e})") from None
     if not quiet:
@@ -196,6 +202,45 @@ def analyze(
 
 
 FIGURES = ("load_heatmap.png", "transitions.png", "affinity.png")
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A hidden temp directory inside `out` to build the outputs in, removed on the way out
+    (error, Ctrl-C, or SIGTERM, which the CLI turns into SystemExit). Inside rather than beside
+    `out`: the same filesystem even when `out` is a mount point or a symlink, so the final
+    renames cannot fail with EXDEV, and no write access to `out`'s parent is needed."""
+    stage = Path(tempfile.mkdtemp(prefix=".analyze.", suffix=".tmp", dir=out))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move every staged output into `out` and remove the outputs of an earlier run that this run
+    did not make (an old figure beside this run's JSON would pass for its own). The JSON goes
+    last, and SIGINT/SIGTERM wait until all renames are done, so an interrupt cannot split them."""
+    with _signals_held():
+        for name in (*FIGURES, JSON_NAME):
+            if (stage / name).exists():
+                os.replace(stage / name, out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Block SIGINT and SIGTERM in this thread; a signal that came meanwhile is delivered on exit."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:  # Windows: no signal masks; the window is a handful of renames
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
 
 
 def _draw(report: dict, conditionals: dict, sources: dict, pairs: list[int], mode: str, out: Path) -> list[Path]:
