@@ -209,6 +209,84 @@ def test_cli_interrupt_writes_valid_shorter_trace(tiny_dirs: dict[str, Path], co
     assert not out0.exists() and [p.name for p in tmp_path.iterdir()] == ["corpus.txt", "t.npz"]
 
 
+def test_cli_interrupt_leaves_an_existing_trace_untouched(tiny_dirs: dict[str, Path], corpus: Path,
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.npz"
+    assert trace_cli(tiny_dirs["olmoe"], corpus, out, "--seq-len", "16", "--batch-size", "2") == 0
+    complete = out.read_bytes()
+    real = text_mod.iter_batches
+
+    def one_batch(*args: object, **kw: object) -> Iterator[Batch]:  # Ctrl-C after the first batch
+        batches = real(*args, **kw)  # type: ignore[arg-type]
+        yield next(batches)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(text_mod, "iter_batches", one_batch)
+    capsys.readouterr()
+    assert trace_cli(tiny_dirs["olmoe"], corpus, out, "--seq-len", "16", "--batch-size", "2") == 130
+    assert out.read_bytes() == complete  # the complete trace is not replaced by a partial one
+    beside = tmp_path / "out.interrupted.npz"
+    t = load_trace(beside)
+    assert t.num_tokens == 32 and t.meta["interrupted"] is True
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"wrote {beside}: 32 tokens x 4 MoE layers x top-2 over 8 experts, decoder layers [0, 1, 2, 3] "
+                   f"(interrupted: a valid shorter trace; {out} left as it was)"]
+
+
+def test_cli_messages(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    one_layer = build_tiny_model("qwen3_moe", tmp_path / "one-layer", num_layers=2)  # layer 1 is dense
+    out = tmp_path / "t.npz"
+    args = ["trace", "--model", str(one_layer), "--data", str(corpus), "-o", str(out), "--max-tokens", "100"]
+    assert run(args) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2].startswith("trace: done 100 tokens [") and " in " not in err[-2], err  # the time once
+    assert err[-1] == f"wrote {out}: 100 tokens x 1 MoE layer x top-2 over 8 experts, decoder layer [0]"
+    assert run([*args, "-q"]) == 0 and capsys.readouterr().err == ""  # -q: errors only
+    for name, text in (("empty.txt", ""), ("blank.jsonl", "\n  \n")):  # nothing to trace: no "done"
+        (tmp_path / name).write_text(text)
+        assert run(["trace", "--model", str(one_layer), "--data", str(tmp_path / name), "-o", str(out)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"moeplace: error: no tokens in {tmp_path / name}"]
+
+
+def test_cli_meta_lists_only_the_files_read(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    a, b = tmp_path / "a.txt", tmp_path / "b.jsonl"
+    a.write_text("x" * 40)
+    b.write_text('{"text": "more text"}\n')
+    out = tmp_path / "t.npz"
+    assert trace_cli(tiny_dirs["mixtral"], a, out, "--data", str(b), "--max-tokens", "30") == 0
+    t = load_trace(out)
+    assert t.meta["data"] == [str(a)] and t.meta["corpus"] == "a"
+    assert trace_cli(tiny_dirs["mixtral"], a, out, "--data", str(b), "--max-tokens", "45") == 0
+    t = load_trace(out)
+    assert t.meta["data"] == [str(a), str(b)] and t.meta["corpus"] == "a,b"
+
+
+def test_data_given_twice_is_refused(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "t.npz"
+    again = tmp_path / ".." / tmp_path.name / corpus.name  # the same file by another path
+    for extra, message in ((corpus, f"{corpus}: already read"), (again, f"{again}: already read as {corpus}"),
+                           (tmp_path, f"{corpus} (in {tmp_path}): already read")):
+        assert trace_cli(tiny_dirs["mixtral"], corpus, out, "--data", str(extra)) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"moeplace: error: --data {message}; give each file once (its text would be traced twice)"]
+    assert not out.exists()
+
+
+def test_directory_picks_text_files_in_any_case_skipping_hidden(tmp_path: Path) -> None:
+    for name in ("B.TXT", "a.jsonl", "sub/c.Txt", "notes.md", ".draft.txt", ".cache/d.txt", "sub/.e.jsonl"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text('{"text": "t"}\n')
+    assert [f.relative_to(tmp_path).as_posix() for f in expand_paths([tmp_path])] == ["B.TXT", "a.jsonl", "sub/c.Txt"]
+    assert expand_paths([tmp_path / "B.TXT"]) == [tmp_path / "B.TXT"]
+    sources: list[tuple[Path, int]] = []
+    windows = list(iter_windows(expand_paths([tmp_path]), lambda s: [ord(c) for c in s], 4, sources=sources))
+    assert [len(w) for w in windows] == [4, 4, 4, 2, 1, 4, 4, 4, 2]  # a.jsonl is one 1-token document
+    assert [(f.name, first) for f, first in sources] == [("B.TXT", 0), ("a.jsonl", 4), ("c.Txt", 5)]
+
+
 def test_sigterm_removes_the_spool_and_writes_nothing(tmp_path: Path) -> None:
     import signal
     import subprocess

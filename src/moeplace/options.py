@@ -79,3 +79,8 @@ def writing(path: Path | str) -> Iterator[None]:
         yield
     except OSError as e:
         raise MoeplaceError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 check', '2 checks': counts in messages."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

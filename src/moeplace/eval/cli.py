@@ -13,7 +13,7 @@ from moeplace.errors import MoeplaceError, RegressionError
 from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_report, render_table,
                                   traffic_metric_fn)
 from moeplace.io import read_yaml, write_json_atomic
-from moeplace.options import NON_NEGATIVE, check_writable, writing
+from moeplace.options import NON_NEGATIVE, check_writable, plural, writing
 from moeplace.placement import load_placement
 from moeplace.trace.format import load_trace
 
@@ -319,10 +319,6 @@ def _threshold(value: Any, key: str, label: str) -> float:
     return number
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 @click.command("check")
 @click.argument("config", type=click.Path(path_type=Path))
 def check(config: Path) -> None:
@@ -368,7 +364,7 @@ def check(config: Path) -> None:
         click.echo(f"{'PASS' if ok else 'FAIL'}  {c['name']} ({t['evaluated']} {t['subset']} tokens): {_describe(results)}")
     passed = n - failed - broken
     if broken:  # exit 2 wins: the gate did not run whole, whatever the others say
-        raise MoeplaceError(f"{broken} of {_plural(n, 'check')} could not run ({passed} passed, {failed} failed)")
+        raise MoeplaceError(f"{broken} of {plural(n, 'check')} could not run ({passed} passed, {failed} failed)")
     if failed:
-        raise RegressionError(f"{failed} of {_plural(n, 'check')} failed ({passed} passed)")
+        raise RegressionError(f"{failed} of {plural(n, 'check')} failed ({passed} passed)")
     click.echo(f"all {n} checks passed" if n > 1 else "the 1 check passed")

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError
-from moeplace.options import check_writable
+from moeplace.options import check_writable, plural
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -21,7 +21,8 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
               help="save_pretrained directory (or a hub id, fetched only when online).")
 @click.option("--data", "data", required=True, multiple=True, type=click.Path(path_type=Path),
               metavar="FILE", help="Text: .txt (one document), .jsonl (a 'text' field per line) or a "
-                                   "directory of them. Repeat for several.")
+                                   "directory of them (recursively, hidden names skipped). Repeat for "
+                                   "several; a file given twice is refused.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Trace file to write (.npz, moeplace trace v1).")
 @click.option("--seq-len", default=None, type=click.IntRange(min=1), show_default=False,
@@ -35,8 +36,9 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
               help="CPU threads for torch  [default: torch's choice; 1 is often faster on a busy machine]")
 @click.option("--tokenizer", "tokenizer_ref", default=None, metavar="PATH_OR_ID",
               help="Tokenizer to use  [default: the model's]")
-@click.option("--corpus", default=None, help="Corpus label stored in the trace meta  [default: the data file names]")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("--corpus", default=None,
+              help="Corpus label stored in the trace meta  [default: the names of the data files read]")
+@click.option("-q", "--quiet", is_flag=True, help="No progress and no summary on stderr; errors only.")
 def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | None, max_tokens: int | None,
           batch_size: int, dtype: str, device: str, threads: int | None, tokenizer_ref: str | None,
           corpus: str | None, quiet: bool) -> None:
@@ -52,7 +54,9 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     Output: TRACE.npz with topk_ids / topk_weights [tokens, moe_layers, k] (highest weight
     first), token_ids, sequence_ids, positions and meta (model, moe_layers, dtype, corpus...).
     Routing is spooled to disk per batch; Ctrl-C writes the batches completed so far as a
-    valid, shorter trace (exit code 130). The output file is replaced atomically.
+    valid, shorter trace (exit code 130), to -o when it does not exist yet, else beside it as
+    STEM.interrupted.npz (an existing trace is never replaced by a partial one). The output
+    file is replaced atomically.
     \b
     Example:
       moeplace trace --model checkpoints/tiny-moe --data ../shared/data/text/c4_texts.txt \\
@@ -105,15 +109,16 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
         "num_experts": layers[0].num_experts,
         "top_k": layers[0].top_k,
         "num_groups": layers[0].num_groups,
-        "corpus": corpus or ",".join(f.stem for f in files),
-        "data": [str(f) for f in files],
+        "corpus": corpus,  # set below from the files actually read
+        "data": [],
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(dev),
         "seq_len": seq_len,
         "tokenizer": tokenizer_ref or model_ref,
     }
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = iter_batches(iter_windows(files, tokenize, seq_len, max_tokens), batch_size, pad_id)
+    sources: list[tuple[Path, int]] = []  # (file, its first window): which files the trace read
+    batches = iter_batches(iter_windows(files, tokenize, seq_len, max_tokens, sources), batch_size, pad_id)
     result = collect(model, layers, batches, device=dev, meta=meta, spool_dir=output.parent,
                      max_tokens=max_tokens, progress=not quiet)
     if result.trace is None:
@@ -121,14 +126,28 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
             raise MoeplaceError("interrupted before the first batch completed: no trace written", exit_code=130)
         raise MoeplaceError(f"no tokens in {', '.join(map(str, files))}")
     t = result.trace
+    assert t.sequence_ids is not None  # collect always records them
+    windows = int(t.sequence_ids.max()) + 1
+    read = [f for f, first in sources if first < windows]  # --max-tokens or Ctrl-C may stop early
+    t.meta["data"] = [str(f) for f in read]
+    t.meta["corpus"] = corpus or ",".join(f.stem for f in read)
+    target = output
     if result.interrupted:
         t.meta["interrupted"] = True
-    save_trace(t, output)
-    note = " (interrupted: a valid shorter trace)" if result.interrupted else ""
-    click.echo(f"wrote {output}: {t.num_tokens} tokens x {t.num_layers} MoE layers x top-{t.top_k} "
-               f"over {t.num_experts} experts, decoder layers {moe_idx}{note}", err=True)
+        if output.exists():  # a complete trace may be there: a partial run must not replace it
+            target = output.with_name(output.stem + ".interrupted.npz")
+    save_trace(t, target)
     if result.interrupted:
-        raise AlreadyReported(130)  # the line above says what was written
+        kept = f"; {output} left as it was" if target != output else ""
+        click.echo(f"wrote {target}: {_summary(t, moe_idx)} (interrupted: a valid shorter trace{kept})", err=True)
+        raise AlreadyReported(130)  # the line above says what was written, also with -q
+    if not quiet:
+        click.echo(f"wrote {output}: {_summary(t, moe_idx)}", err=True)
+
+
+def _summary(t: Any, moe_idx: list[int]) -> str:
+    return (f"{plural(t.num_tokens, 'token')} x {plural(t.num_layers, 'MoE layer')} x top-{t.top_k} "
+            f"over {plural(t.num_experts, 'expert')}, decoder layer{'s' if len(moe_idx) != 1 else ''} {moe_idx}")
 
 
 def _device(choice: str, torch: Any) -> Any:

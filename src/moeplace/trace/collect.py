@@ -136,7 +136,8 @@ def collect(
         except KeyboardInterrupt:
             interrupted = True
         seconds = time.monotonic() - start
-        bar.close(f"{done_tokens} tokens in {seconds:.1f}s" + (" (interrupted)" if interrupted else ""))
+        # Progress adds the elapsed time; with no batch done the run failed: no "done" line
+        bar.close(f"{done_tokens} tokens" + (" (interrupted)" if interrupted else "") if parts else "")
         trace = _assemble(parts, num_experts, meta) if parts else None
     return Collected(trace, interrupted, len(parts), seconds)
 

@@ -1,8 +1,10 @@
 """Input text for `moeplace trace`: files -> token windows -> padded batches.
 
 Documents:  a `.txt` file is one document (read in blocks of lines, so a large file streams);
-            a `.jsonl` file holds one document per line, in its `text` field;
-            a directory contributes its `.txt` and `.jsonl` files, sorted, recursively.
+            a `.jsonl` file holds one document per line, in its `text` field (suffixes in any case);
+            a directory contributes its `.txt` and `.jsonl` files, recursively, sorted by path,
+            skipping hidden names (a leading dot) and not following links to directories.
+            A file reached twice (given twice, or also through a directory) is refused.
 Windows:    each document's token stream is cut into windows of at most `seq_len` tokens; a
             window is one sequence of the trace (its `sequence_id`), positions restart at 0.
 Batches:    `batch_size` windows, right-padded to the longest. Right padding is exact for causal
@@ -46,17 +48,25 @@ class Batch:
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
-    """Files to read, in order: given files as is, directories' .txt/.jsonl files sorted."""
+    """Files to read, in order: given files as is, directories' .txt/.jsonl files sorted by path.
+
+    A file reached twice is refused: its text would be traced twice and skew every statistic.
+    """
     files: list[Path] = []
+    seen: dict[Path, Path] = {}  # resolved path -> the path it was first read as
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _is_text(f)
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise MoeplaceError(f"{p}: directory holds no .txt or .jsonl files")
+                raise MoeplaceError(f"{p}: directory holds no .txt or .jsonl files (hidden names skipped)")
+            for f in found:
+                _once(f, seen, f"{f} (in {p})")
             files.extend(found)
         elif p.is_file():
-            if p.suffix not in TEXT_SUFFIXES:
+            if not _is_text(p):
                 raise MoeplaceError(f"{p}: unsupported text file (expected .txt or .jsonl)")
+            _once(p, seen, str(p))
             files.append(p)
         elif p.exists():
             raise MoeplaceError(f"{p}: not a regular file (a device or pipe; save the text to a .txt file)")
@@ -65,10 +75,21 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
+def _once(f: Path, seen: dict[Path, Path], name: str) -> None:
+    first = seen.setdefault(f.resolve(), f)
+    if first is not f:
+        also = "" if str(first) == str(f) else f" as {first}"
+        raise MoeplaceError(f"--data {name}: already read{also}; give each file once (its text would be traced twice)")
+
+
+def _is_text(f: Path) -> bool:
+    return f.suffix.lower() in TEXT_SUFFIXES
+
+
 def iter_documents(files: Iterable[Path]) -> Iterator[Iterator[str]]:
     """Every document of `files`, as its text pieces in order."""
     for f in files:
-        if f.suffix == ".jsonl":
+        if f.suffix.lower() == ".jsonl":
             for text in _jsonl_texts(f):
                 yield iter([text])
         else:
@@ -109,32 +130,44 @@ def _jsonl_texts(f: Path) -> Iterator[str]:
         raise MoeplaceError(f"{f}: not UTF-8 text ({e})") from None
 
 
-def iter_windows(files: Sequence[Path], tokenize: Tokenize, seq_len: int,
-                 max_tokens: int | None = None) -> Iterator[np.ndarray]:
-    """Token windows int64 [<= seq_len] over all documents, stopping after `max_tokens` tokens."""
+def iter_windows(files: Sequence[Path], tokenize: Tokenize, seq_len: int, max_tokens: int | None = None,
+                 sources: list[tuple[Path, int]] | None = None) -> Iterator[np.ndarray]:
+    """Token windows int64 [<= seq_len] over all documents, stopping after `max_tokens` tokens.
+
+    `sources`, when given, receives (file, index of its first window) as each file yields its
+    first window, so a caller knows which files the first N windows came from.
+    """
     if seq_len < 1:
         raise MoeplaceError(f"--seq-len must be >= 1, got {seq_len}")
     if max_tokens is not None and max_tokens < 1:
         raise MoeplaceError(f"--max-tokens must be >= 1, got {max_tokens}")
     remaining = max_tokens if max_tokens is not None else sys.maxsize
-    for pieces in iter_documents(files):
+    count = 0
+    for f in files:
+        first = count
+        for window in _file_windows(f, tokenize, seq_len):
+            window = window[:remaining]
+            if count == first and sources is not None:
+                sources.append((f, first))
+            count += 1
+            remaining -= len(window)
+            yield np.asarray(window, dtype=np.int64)
+            if remaining == 0:
+                return
+
+
+def _file_windows(f: Path, tokenize: Tokenize, seq_len: int) -> Iterator[list[int]]:
+    """The windows of every document of one file; windows never cross documents."""
+    for pieces in iter_documents([f]):
         pending: list[int] = []
         for piece in pieces:
             pending.extend(tokenize(piece))
             full = len(pending) - len(pending) % seq_len
             for start in range(0, full, seq_len):
-                window = pending[start: start + min(seq_len, remaining)]
-                remaining -= len(window)
-                yield np.asarray(window, dtype=np.int64)
-                if remaining == 0:
-                    return
+                yield pending[start: start + seq_len]
             del pending[:full]
         if pending:
-            window = pending[:remaining]
-            remaining -= len(window)
-            yield np.asarray(window, dtype=np.int64)
-            if remaining == 0:
-                return
+            yield pending
 
 
 def iter_batches(windows: Iterable[np.ndarray], batch_size: int, pad_id: int = 0) -> Iterator[Batch]:
