@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -344,7 +345,13 @@ def test_cli_bad_inputs(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path
     weights = load_file(str(model / "model.safetensors"))
     save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.1.")}, str(partial / "model.safetensors"),
               metadata={"format": "pt"})
+    # a config.json that disagrees with the weights' shapes: named, not "look at the report above"
+    reshaped = tmp_path / "reshaped"
+    shutil.copytree(model, reshaped)
+    cfg = json.loads((reshaped / "config.json").read_text())
+    (reshaped / "config.json").write_text(json.dumps(cfg | {"intermediate_size": 2 * cfg["intermediate_size"]}))
     cases = [
+        (["--model", str(reshaped)], "of the wrong shape, e.g. model.layers.0.mlp.experts."),
         (["--model", str(partial)], "missing from the checkpoint, e.g. model.layers.1."),
         (["--model", str(model), "--seq-len", "100000"], "exceeds the model's max_position_embeddings"),
         (["--model", str(tmp_path / "missing")], "not a directory"),

@@ -171,6 +171,7 @@ def _load_model(ref: str, dtype: str, device: Any) -> Any:
         loaded: Any = AutoModelForCausalLM.from_pretrained(
             ref, dtype="auto" if dtype == "auto" else getattr(torch, dtype), local_files_only=local,
             output_loading_info=True,
+            ignore_mismatched_sizes=True,  # else it raises, pointing at a report hidden above; refused below, by name
         )
         model, info = loaded
     except Exception as e:  # corrupt files raise library-specific types (SafetensorError, ...)
@@ -186,9 +187,10 @@ def _load_model(ref: str, dtype: str, device: Any) -> Any:
     # transformers initialises missing or mis-shaped weights at random and carries on: routing
     # recorded from them would look real and be noise
     for key, what in (("missing_keys", "missing from the checkpoint"), ("mismatched_keys", "of the wrong shape")):
-        bad = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or [])
+        bad = sorted((k,) if isinstance(k, str) else tuple(k) for k in info.get(key) or [])
         if bad:
-            raise MoeplaceError(f"cannot load model {ref!r}: {len(bad)} weight(s) {what}, e.g. {bad[0]}")
+            shapes = f" (checkpoint {list(bad[0][1])}, config.json makes {list(bad[0][2])})" if len(bad[0]) == 3 else ""
+            raise MoeplaceError(f"cannot load model {ref!r}: {len(bad)} weight(s) {what}, e.g. {bad[0][0]}{shapes}")
     return model.to(device).eval()
 
 
