@@ -259,3 +259,25 @@ def test_report_file_records_the_gates(tmp_path: Path, trace_path: Path, capsys)
     assert [(r["metric"], r["passed"]) for r in gates["results"]] == [("cross_gpu_top1", False), ("imbalance_max", True)]
     assert run(["eval", str(tmp_path / "p.json"), str(trace_path), "-o", str(out)]) == 0
     assert "gates" not in json.loads(out.read_text())
+
+
+def test_a_trace_of_another_model_is_noted(tmp_path: Path, trace_path: Path, capsys) -> None:
+    """Shapes are checked; a same-shape trace of another model family (or other MoE layer
+    indices) is evaluated but the report says the placement was fitted on another model."""
+    trace = load_trace(trace_path)
+    for name, meta in [("mixtral", {"model": "a/mixtral", "model_type": "mixtral", "moe_layers": [0, 1, 2, 3]}),
+                       ("copy", {"model": "elsewhere/mixtral", "model_type": "mixtral", "moe_layers": [0, 1, 2, 3]}),
+                       ("olmoe", {"model": "b/olmoe", "model_type": "olmoe", "moe_layers": [0, 1, 2, 3]}),
+                       ("deeper", {"model_type": "mixtral", "moe_layers": [1, 2, 3, 4]})]:
+        save_trace(make_trace(trace.topk_ids, trace.topk_weights, 8, meta=meta), tmp_path / f"{name}.npz")
+    out = tmp_path / "p.json"
+    assert run(["solve", str(tmp_path / "mixtral.npz"), "--gpus", "4", "-q", "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["trace_model"]["model_type"] == "mixtral"
+    notes = {}
+    for name in ("mixtral", "copy", "olmoe", "deeper"):
+        rc, report = eval_json(capsys, str(out), str(tmp_path / f"{name}.npz"))
+        assert rc == 0
+        notes[name] = report["tokens"]["note"]
+    assert "another model" not in notes["mixtral"] and "another model" not in notes["copy"]  # the path may differ
+    assert "another model's routing: model_type mixtral (this trace: olmoe)" in notes["olmoe"]
+    assert "moe_layers [0, 1, 2, 3] (this trace: [1, 2, 3, 4])" in notes["deeper"]

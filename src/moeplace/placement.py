@@ -9,8 +9,9 @@ A JSON file:
     gpus_per_node  GPUs per node (G % gpus_per_node == 0); node of gpu g = g // gpus_per_node
     expert_to_gpu  [L][E] GPU of each expert's primary copy
     replicas       [L] lists of [expert, gpu]: extra copies (redundant experts); [] when none
-    objective, solver, bound, gap, metrics, trace_sha256, trace_routing_sha256, split: how it was
-                   made (informative; eval finds the fit trace by either sha256 to hold out its split)
+    objective, solver, bound, gap, metrics, trace_sha256, trace_routing_sha256, trace_model, split:
+                   how it was made (informative; eval finds the fit trace by either sha256 to hold
+                   out its split, and notes a trace of another model_type or MoE layers)
 
 Physical slots (what engines number): on each GPU, its primary experts in ascending id, then
 its replicas in the listed order; GPU 0's slots first. See `physical_slots`.
@@ -43,6 +44,7 @@ class Placement:
     metrics: dict[str, Any] = field(default_factory=dict)
     trace_sha256: str | None = None
     trace_routing_sha256: str | None = None  # Trace.routing_sha256: the fit trace in any file
+    trace_model: dict[str, Any] | None = None  # Trace.model_identity of the fit trace
     split: dict[str, Any] | None = None  # {"train_fraction": f, "seed": s} when fitted on a split
     extra: dict[str, Any] = field(default_factory=dict)  # other keys, kept on round-trip
 
@@ -107,6 +109,7 @@ class Placement:
             "metrics": self.metrics,
             "trace_sha256": self.trace_sha256,
             "trace_routing_sha256": self.trace_routing_sha256,
+            "trace_model": self.trace_model,
             "split": self.split,
             **self.extra,
         }
@@ -118,7 +121,7 @@ class Placement:
 
 _KNOWN = {
     "format", "num_layers", "num_experts", "num_gpus", "gpus_per_node", "expert_to_gpu", "replicas",
-    "objective", "solver", "bound", "gap", "metrics", "trace_sha256", "trace_routing_sha256", "split",
+    "objective", "solver", "bound", "gap", "metrics", "trace_sha256", "trace_routing_sha256", "trace_model", "split",
 }
 
 
@@ -198,6 +201,7 @@ def placement_from_json(doc: Any, name: str = "placement") -> Placement:
         metrics=doc.get("metrics") or {},
         trace_sha256=doc.get("trace_sha256"),
         trace_routing_sha256=doc.get("trace_routing_sha256"),
+        trace_model=doc.get("trace_model") if isinstance(doc.get("trace_model"), dict) else None,
         split=doc.get("split"),
         extra={k: v for k, v in doc.items() if k not in _KNOWN},
     )

@@ -112,6 +112,18 @@ def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> tuple
     )
 
 
+def _other_model(fitted: dict[str, Any] | None, here: dict[str, Any] | None) -> str:
+    """A note when the placement was fitted on another model's routing of the same shape (the
+    shapes themselves are checked): model_type or MoE layer indices differ where both are known."""
+    if not fitted or not here:
+        return ""
+    differ = [key for key in ("model_type", "moe_layers") if key in fitted and key in here and fitted[key] != here[key]]
+    if not differ:
+        return ""
+    what = ", ".join(f"{key} {fitted[key]} (this trace: {here[key]})" for key in differ)
+    return f"; NOTE: the placement was fitted on another model's routing: {what}"
+
+
 def build_report(
     placement: Placement,
     trace: Trace,
@@ -131,6 +143,7 @@ def build_report(
     """
     placement.check_fits(trace.num_layers, trace.num_experts)
     eval_idx, fit_idx, note = token_subsets(placement, trace, all_tokens)
+    note += _other_model(placement.trace_model, trace.model_identity())
     evaluated = trace if eval_idx is None else trace.select_tokens(eval_idx)
     fit = evaluated if fit_idx is None else trace.select_tokens(fit_idx)
 

@@ -472,6 +472,7 @@ def solve_placement(
         gap=outcome.gap,
         trace_sha256=trace.sha256 or None,
         trace_routing_sha256=trace.routing_sha256(),
+        trace_model=trace.model_identity(),
         split={"train_fraction": train_fraction, "seed": seed} if train_fraction < 1.0 else None,
     )
     baselines = all_baselines(fit.expert_loads(), num_gpus, seed)

@@ -60,6 +60,12 @@ class Trace:
     def num_tokens(self) -> int:
         return int(self.topk_ids.shape[0])
 
+    def model_identity(self) -> dict[str, Any] | None:
+        """Which model the routing came from, as far as meta says: model (a path or hub id),
+        model_type and moe_layers (decoder layer indices); None when meta says none of them."""
+        found: dict[str, Any] = {key: self.meta[key] for key in ("model", "model_type", "moe_layers") if key in self.meta}
+        return found or None
+
     def routing_sha256(self) -> str:
         """sha256 of the routing itself (topk_ids, token order included), whatever file holds
         it: a copy, a re-import or a re-save with other meta has the file's sha256 changed, not this."""
