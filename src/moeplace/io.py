@@ -84,6 +84,16 @@ def looks_like(path: Path) -> str | None:
     return None
 
 
+def file_key(path: str | os.PathLike[str]) -> Any:
+    """What makes two paths one file: (device, inode), so links, `..` and relative spellings
+    agree; the resolved path for a file that cannot be stat'ed (its reader names the problem)."""
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return Path(path).resolve()
+
+
 def read_json(path: str | os.PathLike[str], error: type[Exception] = ValueError) -> Any:
     """Parse a JSON file; a missing or malformed file raises `error` with one line naming it."""
     p = existing_file(path, "JSON", error)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import click
 
 from moeplace.errors import MoeplaceError
+from moeplace.io import file_key
 
 
 class FiniteFloat(click.FloatRange):
@@ -66,10 +66,7 @@ def check_writable(path: Path, option: str = "-o", inputs: Iterable[Path | str |
 
 def same_file(a: Path, b: Path) -> bool:
     """True when both paths name one existing file (through links, `..` or a relative path)."""
-    try:
-        return a.is_file() and b.is_file() and os.path.samefile(a, b)
-    except OSError:
-        return False
+    return a.is_file() and b.is_file() and file_key(a) == file_key(b)
 
 
 @contextlib.contextmanager

@@ -67,7 +67,8 @@ def shown(v: Verdict) -> tuple[str, str]:
 
 
 def _describe(verdicts: list[Verdict]) -> str:
-    return ", ".join(f"{v.what} {shown(v)[0]} {'<=' if v.passed else '>'} {shown(v)[1]}" for v in verdicts)
+    return ", ".join(f"{v.what} {value} {'<=' if v.passed else '>'} {limit}"
+                     for v, (value, limit) in ((v, shown(v)) for v in verdicts))
 
 
 def gates(results: list[Verdict], limits: dict[str, float]) -> dict[str, Any]:

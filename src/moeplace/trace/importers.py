@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from moeplace.errors import TraceError
-from moeplace.io import read_json
+from moeplace.io import file_key, read_json
 from moeplace.progress import Progress
 from moeplace.trace.format import MAX_LOAD, ExpertLoads, Trace, make_loads, make_trace
 
@@ -603,8 +603,6 @@ def _count_table(rows: Any, path: Path, key: str) -> np.ndarray:
         layer, expert = (int(x) for x in fractional[0])
         raise TraceError(f"{path}: '{key}' must hold whole counts of token selections: "
                          f"layer {layer}, expert {expert} holds {float(counts[layer, expert])!r}")
-    if not counts.any():
-        raise TraceError(f"{path}: '{key}' holds no expert selection (every count is 0)")
     return counts
 
 
@@ -621,11 +619,7 @@ def import_loads_json(paths: Sequence[Path]) -> ExpertLoads:
     paths = [Path(p) for p in paths]
     seen: dict[Any, Path] = {}
     for path in paths:
-        try:
-            st = path.stat()
-            ident: Any = (st.st_dev, st.st_ino)  # the same file under two names (a link, ./x vs x)
-        except OSError:
-            ident = path.resolve()  # missing: read_json names it below
+        ident = file_key(path)  # the same file under two names (a link, ./x vs x); missing: read_json names it
         if ident in seen:
             raise TraceError(f"{path}: the same file as {seen[ident]}: given twice, its counts would be summed twice")
         seen[ident] = path

@@ -19,10 +19,12 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from moeplace.errors import MoeplaceError
+from moeplace.io import file_key
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 _BLOCK_CHARS = 1 << 18  # tokenise .txt files in ~256 KB blocks of whole lines
@@ -53,7 +55,7 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     A file reached twice is refused: its text would be traced twice and skew every statistic.
     """
     files: list[Path] = []
-    seen: dict[Path, Path] = {}  # resolved path -> the path it was first read as
+    seen: dict[Any, Path] = {}  # io.file_key -> the path it was first read as
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and _is_text(f)
@@ -75,8 +77,8 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _once(f: Path, seen: dict[Path, Path], name: str) -> None:
-    first = seen.setdefault(f.resolve(), f)
+def _once(f: Path, seen: dict[Any, Path], name: str) -> None:
+    first = seen.setdefault(file_key(f), f)
     if first is not f:
         also = "" if str(first) == str(f) else f" as {first}"
         raise MoeplaceError(f"--data {name}: already read{also}; give each file once (its text would be traced twice)")
