@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -386,6 +388,41 @@ def test_cli_load_only_inputs(planted_file: Path, tmp_path: Path, capsys: pytest
                 "--no-figures", "--shuffles", "2"]) == 0
     report = json.loads((out / "analyze.json").read_text())
     assert set(report["transfer"]) == {"load_corr"} and report["traces"]["A"]["affinity"]["modes"]
+    # the load-skew part's options apply to a load-only input
+    assert run(["analyze", str(hot_first), "-o", str(out), "--hottest", "2", "--no-figures", "-q"]) == 0
+    report = json.loads((out / "analyze.json").read_text())
+    assert [h["expert"] for h in report["traces"]["A"]["load"][0]["hottest"]] == [0, 1] and report["figures"] == []
+
+
+def _stage_holder(out: Path) -> subprocess.Popen:
+    """Another process that has entered analyze's staging in `out` and waits there."""
+    code = ("import sys, time; from pathlib import Path; from moeplace.analyze.cli import _staging\n"
+            "with _staging(Path(sys.argv[1])) as stage:\n"
+            "    (stage / 'analyze.json').write_text('{}'); print(stage, flush=True); time.sleep(300)")
+    return subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock: stages of killed runs are not swept")
+def test_cli_removes_stages_of_killed_runs_never_of_live_ones(planted_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".analyze.notes.tmp").write_text("a file of that name is not a stage")
+    live, killed = _stage_holder(out), _stage_holder(out)
+    try:
+        live_stage, killed_stage = (Path(p.stdout.readline().strip()) for p in (live, killed))  # type: ignore[union-attr]
+        assert live_stage.is_dir() and killed_stage.is_dir()
+        killed.kill()  # SIGKILL: no cleanup, its stage stays behind
+        killed.wait()
+        args = ["analyze", str(planted_file), "-o", str(out), "--no-solve", "--no-figures", "--shuffles", "2", "-q"]
+        assert run(args) == 0
+        assert not killed_stage.exists()
+        assert live_stage.is_dir() and (live_stage / "analyze.json").read_text() == "{}"  # a live run's: kept
+        assert sorted(p.name for p in out.iterdir()) == sorted([".analyze.notes.tmp", "analyze.json", live_stage.name])
+    finally:
+        live.kill()
+        live.wait()
+    assert run(args) == 0  # killed too now: the next run removes its stage
+    assert sorted(p.name for p in out.iterdir()) == [".analyze.notes.tmp", "analyze.json"]
 
 
 def test_flame_trace_has_affinity_above_shuffled(tmp_path: Path) -> None:
@@ -412,6 +449,15 @@ def test_flame_trace_has_affinity_above_shuffled(tmp_path: Path) -> None:
         (["{top1}", "--heatmap-mode", "gated"], "not available"),
         (["{npy_as_npz}"], "holds one .npy array"),
         (["{trace}", "--layers", "2-1"], "expected comma-separated"),
+        # options that cannot apply to a load-only input are refused, not silently ignored
+        (["{loads}", "--shuffles", "2"], "--shuffles: not applicable to a load-only input"),
+        (["{loads}", "--gpus", "4", "--no-solve", "--seed", "1"], "--gpus, --no-solve, --seed: not applicable"),
+        (["{loads}", "--time-limit", "1", "--gpus-per-node", "2"], "--gpus-per-node, --time-limit: not applicable"),
+        (["{loads}", "--layers", "0"], "--layers: not applicable to a load-only input"),
+        (["{loads}", "--heatmap-mode", "top1"], "--heatmap-mode: not applicable to a load-only input"),
+        (["{trace}", "--compare", "{loads}", "--layers", "0"], "--layers: the transition heatmaps need per-token"),
+        (["{loads}", "--compare", "{trace}", "--heatmap-mode", "top1"], "loads.npz is load-only"),
+        (["{one_layer}", "--layers", "0"], "one MoE layer, so no layer pairs"),
     ],
 )
 def test_cli_bad_input_is_one_line(args: list[str], message: str, planted_file: Path, tmp_path: Path,
@@ -425,7 +471,12 @@ def test_cli_bad_input_is_one_line(args: list[str], message: str, planted_file: 
     npy_as_npz = tmp_path / "npy.npz"
     with open(npy_as_npz, "wb") as f:
         np.save(f, np.zeros((4, 2), dtype=np.int64))
-    paths = {"trace": planted_file, "bad": bad, "other": other, "top1": top1, "npy_as_npz": npy_as_npz}
+    loads = tmp_path / "loads.npz"
+    save_loads(make_loads(np.ones((4, 8))), loads)  # planted_file's model: 4 MoE layers x 8 experts
+    one_layer = tmp_path / "one.npz"
+    save_trace(make_trace(np.arange(40).reshape(40, 1, 1) % 4, num_experts=4), one_layer)
+    paths = {"trace": planted_file, "bad": bad, "other": other, "top1": top1, "npy_as_npz": npy_as_npz, "loads": loads,
+             "one_layer": one_layer}
     argv = ["analyze", *(a.format(**paths) for a in args), "--no-figures"]
     assert run(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

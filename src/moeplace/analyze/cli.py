@@ -11,6 +11,11 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
+try:
+    import fcntl
+except ImportError:  # Windows: stages of killed runs are not swept
+    fcntl = None  # type: ignore[assignment]
+
 import click
 import numpy as np
 
@@ -38,6 +43,8 @@ def parse_pairs(spec: str | None, num_pairs: int) -> list[int]:
     Default: up to four pairs spread from the first to the last.
     """
     if num_pairs < 1:
+        if spec is not None:  # refused, not ignored, as every option that cannot apply
+            raise MoeplaceError(f"--layers {spec!r}: the trace has one MoE layer, so no layer pairs to draw")
         return []
     if spec is None:
         return sorted({int(round(x)) for x in np.linspace(0, num_pairs - 1, min(4, num_pairs))})
@@ -80,6 +87,34 @@ def _check_compatible(a: Source, b: Source, path_b: str) -> None:
             f"{path_b}: --compare needs an input of the same model, but it has {b.num_layers} MoE layers x "
             f"{b.num_experts} experts and TRACE has {a.num_layers} x {a.num_experts}"
         )
+
+
+# Options of the parts a load-only input does not get: affinity, stability halves and placement
+# transfer need per-token paths in some input, the transition heatmaps in every input. Given for
+# an input that lacks them, they are refused rather than silently ignored; the load-skew part's
+# options (-o, --compare, --hottest, --no-figures, -q) apply to any input.
+PER_TOKEN_OPTIONS = ("shuffles", "seed", "gpus", "gpus_per_node", "time_limit", "no_solve")
+HEATMAP_OPTIONS = ("layers_spec", "heatmap_mode")
+
+
+def _refuse_inapplicable(ctx: click.Context, sources: dict[str, tuple[Source, str]]) -> None:
+    """One line naming every option given on the command line that cannot apply to these inputs."""
+    load_only = [path for source, path in sources.values() if not isinstance(source, Trace)]
+    if not load_only:
+        return
+    every = len(load_only) == len(sources)
+    names = HEATMAP_OPTIONS + (PER_TOKEN_OPTIONS if every else ())
+    given = [max(p.opts, key=len) for p in ctx.command.params
+             if p.name in names and ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
+    if not given:
+        return
+    what = " and ".join(load_only)
+    if every:
+        raise MoeplaceError(f"{', '.join(given)}: not applicable to a load-only input ({what}: expert loads, no "
+                            "per-token paths), which gets the load skew only; drop "
+                            f"{'it' if len(given) == 1 else 'them'}")
+    raise MoeplaceError(f"{', '.join(given)}: the transition heatmaps need per-token paths in every input, and "
+                        f"{what} is load-only (expert loads); drop {'it' if len(given) == 1 else 'them'}")
 
 
 @click.command("analyze", context_settings={"max_content_width": 100})
@@ -127,7 +162,9 @@ def analyze(
     """Report load skew, inter-layer affinity and its stability for TRACE, with figures.
 
     TRACE is a v1 trace (.npz) or an ExFlow .npy; a load-only .npz (moeplace.loads/v1) gets the
-    load skew (and, with --compare, the per-layer load correlation) only.
+    load skew (and, with --compare, the per-layer load correlation) only, and the options of the
+    other parts (--shuffles, --seed, --gpus, --gpus-per-node, --time-limit, --no-solve; --layers
+    and --heatmap-mode whenever an input is load-only) are refused for it.
 
     \b
     Answers, per MoE layer and per consecutive layer pair l -> l+1:
@@ -147,7 +184,8 @@ def analyze(
     transitions.png (P(j | i) of the --layers pairs), affinity.png (MI vs shuffled and
     top-m capture per layer pair); a figure of an earlier run in DIR that this run does not
     draw (--no-figures, load-only input) is removed. All outputs are written first and then
-    moved into DIR together: an error or interrupt leaves DIR as it was. A summary is
+    moved into DIR together: an error or interrupt leaves DIR as it was (the hidden temp
+    directory of a run killed outright is removed by the next run into DIR). A summary is
     printed; progress goes to stderr.
 
     \b
@@ -162,6 +200,7 @@ def analyze(
     first = sources["A"][0]
     traces = [s for s, _ in sources.values() if isinstance(s, Trace)]
     all_traces = len(traces) == len(sources)
+    _refuse_inapplicable(click.get_current_context(), sources)
     # transitions need per-token paths in every input
     modes = [m for m in trace_modes(traces[0]) if all(m in trace_modes(t) for t in traces)] if all_traces else []
     pairs = parse_pairs(layers_spec, first.num_layers - 1) if all_traces else []
@@ -169,7 +208,7 @@ def analyze(
         raise MoeplaceError(f"--heatmap-mode {heatmap_mode}: not available for this input "
                             f"(available: {', '.join(modes) or 'none'})")
     num_gpus = None
-    if not no_solve:
+    if not no_solve and traces:  # a placement is solved on per-token paths only
         num_gpus = gpus if gpus is not None else default_gpus(first.num_experts)
         gpus_per_node = gpus_per_node if gpus_per_node is not None else num_gpus
         check_topology(first.num_experts, num_gpus, gpus_per_node)
@@ -204,17 +243,83 @@ def analyze(
 FIGURES = ("load_heatmap.png", "transitions.png", "affinity.png")
 
 
+STAGE_PATTERN = ".analyze.*.tmp"  # the staging directories' names (tempfile adds the middle)
+
+
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
     """A hidden temp directory inside `out` to build the outputs in, removed on the way out
     (error, Ctrl-C, or SIGTERM, which the CLI turns into SystemExit). Inside rather than beside
     `out`: the same filesystem even when `out` is a mount point or a symlink, so the final
-    renames cannot fail with EXDEV, and no write access to `out`'s parent is needed."""
-    stage = Path(tempfile.mkdtemp(prefix=".analyze.", suffix=".tmp", dir=out))
+    renames cannot fail with EXDEV, and no write access to `out`'s parent is needed.
+
+    A run killed outright (SIGKILL, OOM killer) cannot remove its stage; the next run into `out`
+    does. Each run holds an flock on its own stage while it lives and the kernel drops it when the
+    process dies, however it dies, so a stage nobody holds is a dead run's and one that is held
+    belongs to a live concurrent run (no pid or host names, which reuse and shared mounts fool)."""
+    _remove_dead_stages(out)
+    stage, fd = _new_stage(out)
     try:
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)  # after the removal: never an unlocked stage of a live run
+
+
+def _new_stage(out: Path) -> tuple[Path, int | None]:
+    """A fresh stage and the fd holding its lock (None where the file system has no flock: then
+    nothing is swept either)."""
+    for _ in range(100):
+        stage = Path(tempfile.mkdtemp(prefix=".analyze.", suffix=".tmp", dir=out))
+        try:
+            fd = _lock_dir(stage)
+        except (BlockingIOError, FileNotFoundError):
+            continue  # a sweeping run took it in the instant before our lock: make another
+        except OSError:
+            return stage, None
+        if _still_there(fd, stage):
+            return stage, fd
+        os.close(fd)  # swept in that instant (the sweeper held the lock while it removed it)
+    raise OSError(f"cannot create a staging directory in {out}")
+
+
+def _remove_dead_stages(out: Path) -> None:
+    """Remove the stages of dead runs: those whose lock can be taken. A held one, a symlink, a
+    file, or one on a file system without flock is left alone."""
+    for stage in out.glob(STAGE_PATTERN):
+        try:
+            fd = _lock_dir(stage)
+        except OSError:
+            continue
+        try:
+            if _still_there(fd, stage):
+                shutil.rmtree(stage, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _lock_dir(path: Path) -> int:
+    """An fd of directory `path` holding an exclusive flock on it. Raises BlockingIOError when
+    another process holds it, another OSError when `path` is not a directory (or a symlink) or
+    locks are unsupported here."""
+    if fcntl is None:  # Windows
+        raise OSError("no flock")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _still_there(fd: int, path: Path) -> bool:
+    """Whether `path` still names the directory `fd` holds open (not removed, not replaced)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+    except OSError:
+        return False
 
 
 def _publish(stage: Path, out: Path) -> None:
