@@ -81,3 +81,49 @@ def test_quiet_solve_prints_nothing_on_stdout_not_even_the_highs_banner(tmp_path
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("fraction, warned", [(0.5, ""), (0.96, "holds out 8 of 200 tokens"),
+                                              (0.04, "fits on 8 and holds out 192")])
+def test_solve_warns_when_a_split_part_has_fewer_tokens_than_experts(
+        fraction: float, warned: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from moeplace.solve.synthetic import planted_trace
+    from moeplace.trace.format import save_trace
+
+    save_trace(planted_trace(200, 2, 16, 2, 4, seed=0)[0], tmp_path / "t.npz")
+    assert cli.run(["solve", str(tmp_path / "t.npz"), "--gpus", "4", "--train-fraction", str(fraction),
+                    "--time-limit", "2", "-q", "-o", str(tmp_path / "p.json")]) == 0  # a warning, not an error
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    if not warned:
+        assert lines == []
+        return
+    assert len(lines) == 1 and warned in lines[0] and "16 experts per layer" in lines[0], lines
+    assert ("reliable fit" in lines[0]) == (fraction < 0.5) and ("held-out" in lines[0]) == (fraction > 0.5)
+
+
+def test_solve_refuses_a_train_fraction_for_load_only_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    from moeplace.trace.format import make_loads, save_loads
+
+    save_loads(make_loads(np.ones((2, 8))), tmp_path / "loads.npz")
+    argv = ["solve", str(tmp_path / "loads.npz"), "--gpus", "2", "--objective", "balance", "-q", "-o", str(tmp_path / "p.json")]
+    assert cli.run([*argv, "--train-fraction", "0.5"]) == 2  # it was silently fitted on all loads
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moeplace: error: --train-fraction:") and "no tokens to split" in err and "\n" not in err
+    assert not (tmp_path / "p.json").exists()
+    assert cli.run(argv) == 0
+
+
+@pytest.mark.parametrize("name", ["vocab.txt", "vocab.json", "tokenizer.model"])
+def test_serve_and_trace_accept_the_same_tokenizer_files(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    transformers = pytest.importorskip("transformers")
+    from moeplace.serve.cli import load_tokenizer
+    from moeplace.trace.cli import TOKENIZER_FILES
+
+    assert name in TOKENIZER_FILES
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path, **kw: ("tokenizer of", path))
+    assert load_tokenizer(str(tmp_path)) is None  # no tokenizer file: prompts must be token ids
+    (tmp_path / name).write_text("x")
+    # serve used to know only tokenizer.json/_config.json/.model: a vocab-only directory lost its tokenizer
+    assert load_tokenizer(str(tmp_path)) == ("tokenizer of", str(tmp_path))

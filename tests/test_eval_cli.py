@@ -79,6 +79,19 @@ def test_all_tokens_and_other_traces(tmp_path: Path, trace_path: Path, capsys) -
     assert "not fitted on" in report["tokens"]["note"]
 
 
+def test_tiny_held_out_part_is_scored_as_is_and_an_empty_one_in_sample(tmp_path: Path, trace_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # train_fraction 0.98 holds out 4 of 200 tokens (solve warns: fewer than the 8 experts); eval
+    # scores those 4, saying how many; 0.999 holds out none: every token, labelled in-sample
+    affinity_placement(trace_path, {"train_fraction": 0.98, "seed": 0}, tmp_path / "p.json")
+    rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(trace_path))
+    assert rc == 0 and report["tokens"]["subset"] == "held-out" and report["tokens"]["evaluated"] == 4
+    affinity_placement(trace_path, {"train_fraction": 0.999, "seed": 0}, tmp_path / "p.json")
+    rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(trace_path))
+    assert rc == 0 and report["tokens"]["subset"] == "all" and report["tokens"]["evaluated"] == 200
+    assert "in-sample" in report["tokens"]["note"] and "leaves none held out" in report["tokens"]["note"]
+
+
 def test_table_output_and_report_file(tmp_path: Path, trace_path: Path, capsys) -> None:
     affinity_placement(trace_path, {"train_fraction": 0.5, "seed": 0}, tmp_path / "p.json")
     out = tmp_path / "report.json"

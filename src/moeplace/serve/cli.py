@@ -12,6 +12,7 @@ import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError
 from moeplace.options import check_writable, writing
+from moeplace.trace.cli import TOKENIZER_FILES  # one list: a directory `trace` reads a tokenizer from, serve does too
 
 EPILOG = """\b
 Examples (4 ranks: gloo on CPU; on GPUs the same command uses NCCL, one GPU per rank):
@@ -184,7 +185,7 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
 def load_tokenizer(model_dir: str) -> Any:
     """The checkpoint's tokenizer, or None when it ships none (prompts must then be token ids)."""
     d = Path(model_dir)
-    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if not any((d / f).is_file() for f in TOKENIZER_FILES):
         return None
     try:
         from transformers import AutoTokenizer

@@ -62,7 +62,8 @@ def _objective_names() -> list[str]:
               help="Seconds; the best placement found by then is written.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the split and the search (same seed, same result).")
 @click.option("--train-fraction", type=FiniteFloat(0.0, 1.0, min_open=True), default=1.0, show_default=True,
-              help="Fit on this seeded random fraction of the tokens; metrics also on the rest (held out).")
+              help="Fit on this seeded random fraction of the tokens; metrics also on the rest (held out). "
+                   "Warns when either part has fewer tokens than experts per layer.")
 @click.option("--node-cost", type=FiniteFloat(min=1.0), default=2.0, show_default=True,
               help="Cost of a cross-node move relative to a cross-GPU move inside a node (>= 1: a move across "
                    "nodes is never cheaper than one inside a node).")
@@ -145,9 +146,13 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     if _is_load_only(trace_path):
         if objective != "balance":
             raise MoeplaceError(f"{trace_path} holds expert loads only (no token paths): use --objective balance")
+        if click.get_current_context().get_parameter_source("train_fraction") != click.core.ParameterSource.DEFAULT:
+            raise MoeplaceError(f"--train-fraction: {trace_path} holds expert loads only, no tokens to split")
         return _solve_loads(trace_path, gpus, gpus_per_node, redundant_experts, max_experts_per_gpu,
                             max_experts_per_gpu_total, time_limit, output, quiet)
     trace = load_trace(trace_path)
+    if train_fraction < 1.0:
+        warn_small_split(trace.num_tokens, trace.num_experts, train_fraction, seed)
     options: dict[str, Any] = {}
     if objective == "traffic":
         options = dict(node_cost=node_cost, top1_weight=top1_weight, coselect_weight=coselect_weight,
@@ -174,6 +179,23 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         if pareto:
             click.echo("\n" + render_front(placement.solver["pareto"]))
         click.echo(f"\nwrote {output}")
+
+
+def warn_small_split(num_tokens: int, num_experts: int, train_fraction: float, seed: int) -> None:
+    """One line on stderr when --train-fraction leaves a part with fewer tokens T than experts E
+    per layer. Then at least E - T experts of every layer are no token's top-1 in that part and at
+    most T of a layer pair's E x E top-1 transitions are seen: a fit places most experts without
+    evidence, and held-out metrics describe a handful of experts, not the placement. (`eval` scores
+    a small held-out part as it is, the count in its tokens line; an empty one falls back to all
+    tokens, in-sample, and says so.)"""
+    from moeplace.trace.format import split_tokens
+
+    train, held = split_tokens(num_tokens, train_fraction, seed)
+    few = [what for what, part in (("a reliable fit", train), ("reliable held-out metrics", held)) if len(part) < num_experts]
+    if few:
+        click.echo(f"warning: --train-fraction {train_fraction:g} fits on {len(train)} and holds out {len(held)} of "
+                   f"{num_tokens} tokens; fewer than the {num_experts} experts per layer leaves most expert pairs "
+                   f"unseen: too few tokens for {' or '.join(few)}", err=True)
 
 
 def _is_load_only(path: Path) -> bool:

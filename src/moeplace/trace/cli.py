@@ -194,7 +194,7 @@ def _load_model(ref: str, dtype: str, device: Any) -> Any:
     return model.to(device).eval()
 
 
-# what a Hugging Face tokenizer directory holds (one of them at least)
+# what a Hugging Face tokenizer directory holds (one of them at least); serve.cli.load_tokenizer uses it too
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
