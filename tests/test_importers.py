@@ -233,6 +233,25 @@ def test_csv_position_folder_must_be_numbered(tmp_path: Path) -> None:
     np.testing.assert_array_equal(t.positions, [1, 1, 2, 2, 10, 10])
 
 
+def test_csv_files_of_different_position_folders_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # FLAME's 1st/layer0.csv with 2nd/layer1.csv: row r of each is a different token (position 1
+    # vs 2 of sequence r); pairing them made a path no token took
+    root = _positions(tmp_path / "t", ["1st", "2nd"])
+    out = tmp_path / "o.npz"
+    err = _cli_error(capsys, "import", "csv", str(root / "1st" / "layer0.csv"), str(root / "2nd" / "layer1.csv"), "-o", str(out))
+    assert "1st/layer0.csv, " in err and "2nd/layer1.csv: layer files from different directories" in err
+    assert not out.exists()
+    # the files of one folder, however spelled, are one token set
+    t = import_csv([root / "1st" / "layer1.csv", root / "2nd" / ".." / "1st" / "layer0.csv"])
+    assert t.meta["moe_layers"] == [0, 1] and t.num_tokens == 2
+    # files not named layerN.csv (one folder per layer) are the user's order, wherever they are
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    for name, src in (("a", "layer0.csv"), ("b", "layer1.csv")):
+        (tmp_path / name / "routing.csv").write_bytes((root / "1st" / src).read_bytes())
+    u = import_csv([tmp_path / "a" / "routing.csv", tmp_path / "b" / "routing.csv"])
+    np.testing.assert_array_equal(u.topk_ids, t.topk_ids)
+
+
 def test_csv_tokens_txt_that_cannot_be_read_is_an_error(tmp_path: Path) -> None:
     good = _tokens_txt("5,\n 6")
     t = import_csv([_positions(tmp_path / "ok", ["1st", "2nd"], {"1st": good, "2nd": good})])

@@ -208,9 +208,24 @@ def import_csv(paths: Sequence[Path], k: int | None = None) -> Trace:
             raise TraceError(f"{same}: the same layer number {twice} twice (give each layer once)")
         paths = [p for _, p in sorted(zip(numbers, paths))]
         layers = sorted(numbers)
+        _check_one_directory(paths)
     else:
         layers = list(range(len(paths)))
     return _import_csv_groups([(None, paths)], layers, k, name=str(paths[0].parent), source=[p.name for p in paths])
+
+
+def _check_one_directory(paths: Sequence[Path]) -> None:
+    """`layerN.csv` files given one by one are one token set, and a directory of them holds one
+    token set (FLAME: a position folder): such files from two directories, e.g. 1st/layer2.csv with
+    2nd/layer3.csv, would pair rows of different tokens into one token's path. (Files named
+    otherwise, e.g. one folder per layer, are the user's order and are taken as given.)"""
+    first = paths[0].absolute().parent
+    for p in paths[1:]:
+        parent = p.absolute().parent
+        if parent != first and file_key(parent) != file_key(first):
+            raise TraceError(f"{paths[0]}, {p}: layer files from different directories (a directory holds one token "
+                             "set, e.g. one position folder): give files of one directory, or the directory above "
+                             "the position folders")
 
 
 def import_csv_dir(directory: Path, k: int | None = None) -> Trace:

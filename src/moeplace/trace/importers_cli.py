@@ -112,6 +112,7 @@ def csv_cmd(paths: tuple[Path, ...], top_k: int | None, output: Path, meta: tupl
       DIR/<position>/layerN.csv     a folder per decode position (FLAME: 1st ... 10th); row r
                                     of every folder is sequence r, folders sorted by number
       layer2.csv layer3.csv ...     files, ordered by N when all are named layerN.csv
+                                    (then all of one directory), else as given
     Header: `expert_0 ... expert_{E-1}` columns (gate weight, 0 when not selected), optional
     `token_id` (row/sequence id). A `tokens.txt` beside the files gives token ids (FLAME).
 
