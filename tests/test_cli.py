@@ -127,3 +127,11 @@ def test_serve_and_trace_accept_the_same_tokenizer_files(name: str, tmp_path: Pa
     (tmp_path / name).write_text("x")
     # serve used to know only tokenizer.json/_config.json/.model: a vocab-only directory lost its tokenizer
     assert load_tokenizer(str(tmp_path)) == ("tokenizer of", str(tmp_path))
+
+
+@pytest.mark.parametrize("option", ["--coselect-weight", "--top1-weight", "--smoothing", "--prior", "--node-cost",
+                                    "--compute-weight"])
+def test_huge_weights_are_refused_not_overflowed(option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 1e308 is finite but overflowed the edge sums into a numpy "invalid entries" crash (exit 3)
+    assert cli.run(["solve", str(tmp_path / "absent.npz"), "--gpus", "4", option, "1e308", "-o", str(tmp_path / "p.json")]) == 2
+    assert f"Invalid value for '{option}'" in capsys.readouterr().err

@@ -76,7 +76,7 @@ def test_all_tokens_and_other_traces(tmp_path: Path, trace_path: Path, capsys) -
     save_trace(t.select_tokens(np.arange(150)), other)
     rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(other))
     assert rc == 0 and report["tokens"]["subset"] == "all" and report["tokens"]["evaluated"] == 150
-    assert "not fitted on" in report["tokens"]["note"]
+    assert "not the trace the placement was fitted on" in report["tokens"]["note"]
 
 
 def test_tiny_held_out_part_is_scored_as_is_and_an_empty_one_in_sample(tmp_path: Path, trace_path: Path,

@@ -313,7 +313,7 @@ def test_eval_knows_the_fit_trace_in_another_file(tmp_path, capsys):
     assert [r["tokens"]["subset"] for r in reports[:2]] == ["held-out", "held-out"]
     assert reports[0]["tokens"]["evaluated"] == reports[1]["tokens"]["evaluated"] == 50
     assert reports[0]["layouts"] == reports[1]["layouts"]
-    assert reports[2]["tokens"]["evaluated"] == 100 and "not fitted on" in reports[2]["tokens"]["note"]
+    assert reports[2]["tokens"]["evaluated"] == 100 and "not the trace the placement was fitted on" in reports[2]["tokens"]["note"]
 
 
 def test_cli_reads_exflow_npy(tmp_path, capsys):
@@ -429,6 +429,9 @@ def test_select_weights_scores_every_candidate_and_keeps_given_weights():
     assert select_weights(many, 2, 2, 0, far, free) == (DEFAULT_WEIGHTS, None, None)
     late, rec, _ = select_weights(trace, 4, 4, 0, time.monotonic() - 1, free)  # out of time: the default
     assert late == DEFAULT_WEIGHTS and rec["scores"] == [] and rec["stopped_by_time_limit"]
+    # and the placement says the defaults were used, not that cross-validation chose them
+    cut = solve_placement(trace, 4, time_limit=1e-6, seed=0)
+    assert cut.objective["weights_chosen_by"].startswith("defaults (the time limit cut cross-validation")
 
 
 def test_cross_validated_weights_beat_the_defaults_on_held_out_synthetic_tokens():

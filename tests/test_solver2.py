@@ -197,6 +197,27 @@ def test_cli_total_cap_balance_eval_and_errors(tmp_path: Path, capsys: pytest.Ca
     assert "needs a load term" in capsys.readouterr().err
 
 
+def test_more_gpus_than_experts_with_enough_redundant_copies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Mixtral-style 8 experts on 16-way EP: 8 copies more give every GPU one
+    trace, _ = planted_trace(256, 3, 8, 2, 4, seed=2)
+    save_trace(trace, tmp_path / "t.npz")
+    out = tmp_path / "p.json"
+    base = ["solve", str(tmp_path / "t.npz"), "--gpus", "16", "--gpus-per-node", "8", "--objective", "balance",
+            "--time-limit", "2", "-q", "-o", str(out)]
+    assert run(base + ["--redundant-experts", "8"]) == 0
+    p = load_placement(out)
+    copies = [sum(len(p.experts_on_gpu(layer, g)) for layer in range(3)) for g in range(16)]
+    assert min(copies) == 3 and sum(copies) == 3 * 16  # one copy per GPU per layer
+    assert run(["eval", str(out), str(tmp_path / "t.npz")]) == 0
+    capsys.readouterr()
+    assert run(base + ["--redundant-experts", "7"]) == 2  # 15 copies for 16 GPUs
+    assert "16 GPUs for 8 experts + 7 redundant copies: some GPU would hold no expert" in capsys.readouterr().err
+    loads = tmp_path / "loads.npz"
+    save_loads(make_loads(trace.expert_loads()), loads)
+    assert run(["solve", str(loads), "--gpus", "16", "--gpus-per-node", "8", "--objective", "balance",
+                "--redundant-experts", "8", "-q", "-o", str(out)]) == 0
+
+
 @pytest.mark.parametrize("seed", [4, 5])
 def test_latency_total_cap_holds_and_beats_equal_counts_on_skewed_loads(seed: int) -> None:
     # hot experts: under the same memory (C = L x E / G) a GPU may hold fewer experts of a layer

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -40,6 +41,8 @@ NON_NEGATIVE_INT = Count(min=0)
 POSITIVE_INT = Count(min=1)
 NON_NEGATIVE = FiniteFloat(min=0.0)
 POSITIVE = FiniteFloat(min=0.0, min_open=True)
+MAX_WEIGHT = 1e6  # relative weights and costs: far past any useful ratio, far below overflow of the edge sums
+WEIGHT = FiniteFloat(0.0, MAX_WEIGHT)
 
 
 def check_writable(path: Path, option: str = "-o", inputs: Iterable[Path | str | None] = ()) -> None:
@@ -49,6 +52,10 @@ def check_writable(path: Path, option: str = "-o", inputs: Iterable[Path | str |
     (os.access says yes to root even on a read-only or pseudo file system)."""
     if path.is_dir():
         raise MoeplaceError(f"{option} {path}: is a directory")
+    if path.exists() and not path.is_file():  # /dev/null, a FIFO: written through (io.atomic_path)
+        if not os.access(path, os.W_OK):
+            raise MoeplaceError(f"{option} {path}: cannot write (no permission)")
+        return
     for source in inputs:
         if source is not None and same_file(path, Path(source)):
             raise MoeplaceError(f"{option} {path}: is an input of this run ({source}); write the output elsewhere")

@@ -219,15 +219,18 @@ def _json_int(value: Any, key: str, name: str) -> int:
 
 
 def check_topology(num_experts: int, num_gpus: int, gpus_per_node: int, balanced: bool = True,
-                   hint: str = "") -> None:
+                   hint: str = "", redundant: int = 0) -> None:
     """Reject impossible clusters before any work: one clear line each (`hint` ends the line
-    about unequal counts: what the caller offers instead)."""
+    about unequal counts: what the caller offers instead). `redundant` extra copies per layer
+    let more GPUs than experts each hold one (EPLB-style 16-way EP of 8 experts)."""
     if num_gpus < 1:
         raise PlacementError(f"--gpus must be >= 1, got {num_gpus}")
     if gpus_per_node < 1 or num_gpus % gpus_per_node:
         raise PlacementError(f"--gpus {num_gpus} is not a multiple of --gpus-per-node {gpus_per_node}")
-    if num_gpus > num_experts:
-        raise PlacementError(f"{num_gpus} GPUs for {num_experts} experts: some GPU would hold no expert")
+    if num_gpus > num_experts + redundant:
+        copies = f"{num_experts} experts" + (f" + {redundant} redundant copies" if redundant else "")
+        raise PlacementError(f"{num_gpus} GPUs for {copies}: some GPU would hold no expert"
+                             + ("" if redundant else " (--objective balance with --redundant-experts adds copies)"))
     if balanced and num_experts % num_gpus:
         raise PlacementError(
             f"{num_experts} experts per layer cannot be split equally over {num_gpus} GPUs "

@@ -95,7 +95,8 @@ def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> tuple
     same_file = bool(placement.trace_sha256) and placement.trace_sha256 == trace.sha256
     if not same_file and (not placement.trace_routing_sha256 or placement.trace_routing_sha256 != trace.routing_sha256()):
         recorded = placement.trace_sha256 or placement.trace_routing_sha256
-        why = "a trace the placement was not fitted on" if recorded else "the placement records no trace"
+        why = ("not the trace the placement was fitted on, by file and routing hash; tokens it shares with that "
+               "trace score in-sample") if recorded else "the placement records no trace"
         return None, None, f"all tokens ({why}); greedy_load fitted on them too"
     split = placement.split
     if not split:

@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from moeplace.options import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, FiniteFloat, check_writable, writing
+from moeplace.options import (MAX_WEIGHT, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, WEIGHT, FiniteFloat,
+                              check_writable, writing)
 from moeplace.placement import Placement
 
 METRICS = (  # (key, column title) of the summary table
@@ -64,23 +65,23 @@ def _objective_names() -> list[str]:
 @click.option("--train-fraction", type=FiniteFloat(0.0, 1.0, min_open=True), default=1.0, show_default=True,
               help="Fit on this seeded random fraction of the tokens; metrics also on the rest (held out). "
                    "Warns when either part has fewer tokens than experts per layer.")
-@click.option("--node-cost", type=FiniteFloat(min=1.0), default=2.0, show_default=True,
+@click.option("--node-cost", type=FiniteFloat(1.0, MAX_WEIGHT), default=2.0, show_default=True,
               help="Cost of a cross-node move relative to a cross-GPU move inside a node (>= 1: a move across "
                    "nodes is never cheaper than one inside a node).")
-@click.option("--top1-weight", type=NON_NEGATIVE, default=1.0, show_default=True, help="Extra edge weight of the top-1 -> top-1 transition.")
-@click.option("--coselect-weight", type=NON_NEGATIVE, default=None,
+@click.option("--top1-weight", type=WEIGHT, default=1.0, show_default=True, help="Extra edge weight of the top-1 -> top-1 transition.")
+@click.option("--coselect-weight", type=WEIGHT, default=None,
               help="Weight of co-selection edges within a layer (top-k). Default: chosen from 1, 2, 4 by "
                    "2-fold cross-validation on the training tokens (2 on large traces).")
-@click.option("--smoothing", type=NON_NEGATIVE, default=None,
+@click.option("--smoothing", type=WEIGHT, default=None,
               help="Gate-weighted spread of edges over all k sources. Default: chosen with --prior (equal) from "
                    "0.5, 2 by cross-validation (0.5 on large traces).")
-@click.option("--prior", type=NON_NEGATIVE, default=None, help="Weight of the gate-weighted all-pairs transition prior "
+@click.option("--prior", type=WEIGHT, default=None, help="Weight of the gate-weighted all-pairs transition prior "
                                                         "(default: see --smoothing).")
 @click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="latency: cluster config YAML (configs/cluster/*.yaml; docs/cost-model.md).")
 @click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="latency: model config YAML (configs/model/*.yaml) when the cluster file has no model section.")
-@click.option("--compute-weight", type=NON_NEGATIVE, default=1.0, show_default=True,
+@click.option("--compute-weight", type=WEIGHT, default=1.0, show_default=True,
               help="latency: weight of the compute (balance) term against communication (1 = predicted time).")
 @click.option("--redundant-experts", type=NON_NEGATIVE_INT, default=0, show_default=True,
               help="latency/balance: extra expert copies per layer (as EPLB, vLLM num_redundant_experts).")
@@ -217,7 +218,7 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
 
     loads = load_loads(path)
     gpn = gpus_per_node or gpus
-    check_topology(loads.num_experts, gpus, gpn, balanced=False)
+    check_topology(loads.num_experts, gpus, gpn, balanced=False, redundant=redundant)
     placement = balance_placement(loads.loads, gpus, gpn, redundant, time_limit, max_experts_per_gpu, progress=not quiet,
                                   max_experts_per_gpu_total=max_experts_per_gpu_total)
     placement.trace_sha256 = loads.sha256 or None

@@ -327,7 +327,8 @@ def solve_traffic(
     fixed = {"coselect_weight": coselect_weight, "smoothing": smoothing, "prior": prior}
     weights, cv, terms = select_weights(trace, num_gpus, gpus_per_node, seed, start + CV_TIME_SHARE * time_limit,
                                         fixed, progress, node_cost=node_cost, top1_weight=top1_weight)
-    chosen_by = "cross-validation" if cv else "given" if None not in fixed.values() else "defaults"
+    chosen_by = ("cross-validation" if cv["scores"] else "defaults (the time limit cut cross-validation before "
+                 "any candidate was scored)") if cv else "given" if None not in fixed.values() else "defaults"
     coselect_weight, smoothing, prior = weights["coselect_weight"], weights["smoothing"], weights["prior"]
     terms = edge_terms(trace, top1_weight) if terms is None else terms  # the folds' sums add up to the trace's
     graph = terms.graph(coselect_weight, smoothing, prior)
@@ -451,7 +452,8 @@ def solve_placement(
     check_topology(trace.num_experts, num_gpus, gpus_per_node, balanced=not uneven,
                    hint=f"--objective {objective} keeps E/G experts per GPU; --objective balance with "
                         "--redundant-experts, --max-experts-per-gpu or --max-experts-per-gpu-total, or latency with "
-                        "--max-experts-per-gpu-total, places them unevenly")
+                        "--max-experts-per-gpu-total, places them unevenly",
+                   redundant=options.get("redundant", 0) if objective == "balance" else 0)
     if time_limit <= 0:
         raise MoeplaceError(f"--time-limit must be positive, got {time_limit}")
     train_idx, held_idx = split_tokens(trace.num_tokens, train_fraction, seed)
