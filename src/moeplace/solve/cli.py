@@ -60,7 +60,8 @@ def _objective_names() -> list[str]:
                    "latency: predicted MoE-layer time under --cluster; balance: max token load per GPU, the only "
                    "one for load-only inputs (docs/cost-model.md).")
 @click.option("--time-limit", type=POSITIVE, default=60.0, show_default=True,
-              help="Seconds; the best placement found by then is written.")
+              help="Seconds for the search; the best placement found by then is written. Reading the "
+                   "tokens and the final metrics come on top (seconds on 100,000s of tokens).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the split and the search (same seed, same result).")
 @click.option("--train-fraction", type=FiniteFloat(0.0, 1.0, min_open=True), default=1.0, show_default=True,
               help="Fit on this seeded random fraction of the tokens; metrics also on the rest (held out). "

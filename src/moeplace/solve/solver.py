@@ -173,7 +173,8 @@ def select_weights(
 
     # 4. the best (the default when time ran out before any was scored)
     best = int(np.argmin(scores)) if scores else 0
-    bar.close(f"chose {candidates[best]}" if time.monotonic() - bar.start > bar.after else "")
+    chose = f"chose {candidates[best]}" if scores else "cut by the time limit before any candidate: the defaults"
+    bar.close(chose if time.monotonic() - bar.start > bar.after else "")
     record = {"folds": CV_FOLDS, "by": "sequence" if trace.sequence_ids is not None else "token",
               "candidates": candidates, "scores": [round(x, 5) for x in scores], "chosen": best,
               "stopped_by_time_limit": len(scores) < len(candidates)}
