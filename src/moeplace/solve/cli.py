@@ -299,7 +299,7 @@ def pareto_front(trace: Any, gpus: int, gpus_per_node: int | None, time_limit: f
 
 def render_front(front: dict[str, Any]) -> str:
     """The pareto front as a table (`solve --pareto`; the written placement is the weight-1 row)."""
-    lines = [f"pareto front ({front['tokens']} tokens; weight = compute weight, 0 = traffic only; written: weight 1):",
+    lines = [f"pareto front ({front['tokens'].replace('_', '-')} tokens; weight = compute weight, 0 = traffic only; written: weight 1):",
              f"{'weight':>8}{'compute us':>12}{'comm us':>10}{'MoE time us':>13}{'cross-GPU':>11}{'imbalance':>11}"]
     for r in front["rows"]:
         lines.append(f"{r['compute_weight']:>8g}{r['compute_us']:>12.1f}{r['comm_us']:>10.1f}{r['moe_time_us']:>13.1f}"
