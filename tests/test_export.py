@@ -177,7 +177,7 @@ def test_placements_with_no_engine_form_are_refused(tmp_path: Path, capsys: pyte
     ('{"physical_to_logical_map": [[0, 2, 2, 0]]}', ["--from", "sglang", "--gpus", "2"], "no physical copy of expert 1"),
     ('{"physical_to_logical_map": [[0, 1]]}', ["--from", "sglang"], "needs --gpus"),
     ('{"physical_to_logical_map": [[0, 1]]}', ["--from", "sglang", "--gpus", "2", "--moe-layers", "x"], "--moe-layers 'x'"),
-    ('{"physical_to_logical_map": [[0, 1]]}', ["--from", "sglang", "--gpus", "2", "--moe-layers", "4"], "within [0, 1)"),
+    ('{"physical_to_logical_map": [[0, 1]]}', ["--from", "sglang", "--gpus", "2", "--moe-layers", "4"], "1 row (SGLang writes one per decoder layer), but the MoE layers are decoder layers 4"),
     ('{"phy2log": [[0, 1]], "logcnt": [[1, 2]]}', ["--from", "eplb", "--gpus", "2"], "'logcnt' does not match"),
     ('{"phy2log": [[0, 1]]}', ["--from", "eplb"], "pass --gpus"),
     ('{"phy2log": [[0, 1]], "num_gpus": 2}', ["--from", "eplb", "--gpus", "1"], "for 2 GPUs but --gpus is 1"),
@@ -393,3 +393,25 @@ def test_from_with_model_checks_the_fit(tmp_path: Path, capsys: pytest.CaptureFi
     assert "placement is for 3 MoE layers x 8 experts, but the model" in capsys.readouterr().err
     assert cli("--from", fmt, str(engine), "--moe-layers", "0-2", "-o", str(tmp_path / "no.json")) == 2
     assert f"--moe-layers only applies to --from sglang ({fmt} files hold MoE layers only)" in capsys.readouterr().err
+
+
+def test_from_sglang_map_without_rows_for_the_traces_moe_layers_says_so(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A map of 8 rows read with a trace whose MoE layers are decoder layers 2-9 (FLAME's): the
+    error spoke of "MoE layer ids ... within [0, 8) decoder layers", ids the user never gave."""
+    ids = np.argsort(np.random.default_rng(0).random((16, 8, 8)), axis=-1)[..., :2]
+    trace = tmp_path / "t.npz"
+    save_trace(make_trace(ids, num_experts=8, meta={"moe_layers": list(range(2, 10))}), trace)
+    p = Placement(expert_to_gpu=random_balanced(8, 8, 4, seed=2), num_gpus=4, gpus_per_node=4)
+    loc = tmp_path / "loc.json"
+    assert cli(_save(p, tmp_path), "--to", "sglang", "-o", str(loc)) == 0  # no layer source: row i = MoE layer i
+    capsys.readouterr()
+    back = tmp_path / "back.json"
+    assert cli("--from", "sglang", str(loc), "--gpus", "4", "--trace", str(trace), "-o", str(back)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "distinct and within" not in err, err
+    assert (f"loc.json: 8 rows (SGLang writes one per decoder layer), but the MoE layers are decoder layers 2-9 "
+            f"(from --trace {trace}: meta.moe_layers), and there is no row 8-9") in err
+    assert "give --moe-layers 0-7" in err and not back.exists()
+    assert cli("--from", "sglang", str(loc), "--gpus", "4", "--moe-layers", "0-7", "-o", str(back)) == 0
+    np.testing.assert_array_equal(load_placement(back).expert_to_gpu, p.expert_to_gpu)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,33 @@ def test_impossible_topology() -> None:
 def test_make_trace_infers_experts() -> None:
     t = make_trace(np.array([[[0, 5]], [[1, 2]]]))
     assert t.num_experts == 6 and t.num_layers == 1
+
+
+def test_trace_weights_must_be_highest_first(tmp_path: Path, small_trace, capsys: pytest.CaptureFixture[str]) -> None:
+    # column 0 is every stage's top-1: a row whose weights rise was taken at its word
+    w = small_trace.topk_weights.copy()
+    w[5, 2] = w[5, 2, ::-1]
+    w[9, 0] = w[9, 0, ::-1]
+    w[9, 1] = [0.25, 0.25]  # ties are allowed
+    arrays = {"topk_ids": small_trace.topk_ids, "topk_weights": w, "num_experts": np.array(8)}
+    # another tool's file: read as stored (column 0 is the top-1), with a warning naming the first row
+    loaded = load_trace(_npz(tmp_path / "bad.npz", **arrays))
+    np.testing.assert_array_equal(loaded.topk_ids, small_trace.topk_ids)
+    assert re.search(r"warning: .*bad.npz: topk_weights of token 5 at layer 2 are not highest first "
+                     r"\(.*; 2 token-layers affected\): column 0 is taken", capsys.readouterr().err)
+    unsorted = make_trace(small_trace.topk_ids, w, 8)  # in memory it is not checked
+    with pytest.raises(TraceError, match=r"out.npz: topk_weights of token 5 at layer 2"):
+        save_trace(unsorted, tmp_path / "out.npz")
+    assert not (tmp_path / "out.npz").exists()
+    w[5, 2] = w[5, 2, ::-1]
+    w[9, 0] = w[9, 0, ::-1]
+    assert load_trace(_npz(tmp_path / "ok.npz", **{**arrays, "topk_weights": w})).num_tokens == 24
+    assert capsys.readouterr().err == ""
+
+
+def test_uint64_values_are_checked_before_the_int64_cast() -> None:
+    with pytest.raises(TraceError, match=r"expert id 18446744073709551615 out of range \(stored as uint64"):
+        make_trace(np.array([[[0, 2**64 - 1]]], dtype=np.uint64))
+    with pytest.raises(TraceError, match=r"token_ids value 9223372036854775808 out of range"):
+        make_trace(np.array([[[0]]]), token_ids=np.array([2**63], dtype=np.uint64))
+    assert make_trace(np.array([[[0, 3]]], dtype=np.uint64)).num_experts == 4

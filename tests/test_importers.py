@@ -438,3 +438,94 @@ def test_exflow_num_experts_help_does_not_promise_a_count_from_the_file(capsys: 
     assert run(["import", "exflow", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "from the dump" not in help_text and "Default: max id + 1" in help_text
+
+
+# --- found by the offline tour: layer files, k, gaps, help example, ExFlow range, SGLang copies ---
+
+
+def _layer_dir(root: Path, names: list[str]) -> Path:
+    """A directory of top-2 layer files (2 tokens x 3 experts) under the names given."""
+    root.mkdir(parents=True)
+    for name in names:
+        write_layer_csv(root / name, np.array([[0.6, 0.4, 0.0], [0.0, 0.3, 0.7]]))
+    return root
+
+
+def test_csv_dir_takes_each_layer_once_by_its_whole_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `copy_of_layer3.csv` was read as a second layer 3 (meta.moe_layers [2, 3, 3]), and so were
+    # layer2.csv with layer02.csv
+    out = tmp_path / "o.npz"
+    copy = _layer_dir(tmp_path / "copy", ["layer2.csv", "layer3.csv", "copy_of_layer3.csv"])
+    err = _cli_error(capsys, "import", "csv", str(copy), "-o", str(out))
+    assert "copy_of_layer3.csv beside the layerN.csv files" in err and not out.exists()
+    padded = _layer_dir(tmp_path / "padded", ["layer2.csv", "layer02.csv", "layer3.csv"])
+    assert "the same layer number 2 twice" in _cli_error(capsys, "import", "csv", str(padded), "-o", str(out))
+    folders = tmp_path / "folders"
+    _layer_dir(folders / "1st", ["layer0.csv", "layer1.csv"])
+    _layer_dir(folders / "2nd", ["layer0.csv", "layer1.csv", "layer1 (copy).csv"])
+    assert "2nd: layer1 (copy).csv beside" in _cli_error(capsys, "import", "csv", str(folders), "-o", str(out))
+    # hidden files (a macOS copy's ._layer2.csv) and other files are skipped
+    ok = _layer_dir(tmp_path / "ok", ["layer2.csv", "layer3.csv"])
+    (ok / "._layer2.csv").write_bytes(b"\x00\x05\x16\x07")
+    (ok / "notes.txt").write_text("x")
+    assert import_csv([ok]).meta["moe_layers"] == [2, 3]
+
+
+def test_csv_layer_gaps_are_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o.npz"
+    gaps = _layer_dir(tmp_path / "gaps", ["layer2.csv", "layer9.csv", "layer10.csv", "layer12.csv"])
+    assert run(["import", "csv", str(gaps), "-q", "-o", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: no layer files for layers 3-8, 11: layers 2, 9-10, 12 are "
+                                               "taken as consecutive MoE layers"), err
+    assert load_trace(out).meta["moe_layers"] == [2, 9, 10, 12]
+    assert run(["import", "csv", str(_layer_dir(tmp_path / "dense", ["layer2.csv", "layer3.csv"])), "-q",
+                "-o", str(out)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_csv_default_k_is_the_most_of_any_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # layer1.csv line 3 selects 3 experts: the default k was layer0.csv's 2, and that row was cut to 2
+    f0 = write_layer_csv(tmp_path / "layer0.csv", np.array([[0.6, 0.4, 0.0], [0.0, 0.3, 0.7]]))
+    f1 = write_layer_csv(tmp_path / "layer1.csv", np.array([[0.6, 0.4, 0.0], [0.2, 0.3, 0.5]]))
+    out = tmp_path / "o.npz"
+    err = _cli_error(capsys, "import", "csv", str(f0), str(f1), "-o", str(out))
+    assert "layer1.csv: line 3 selects 3 experts, but " in err and "layer0.csv line 2 selects 2" in err
+    assert not out.exists()
+    # also across position folders: the second folder's rows are checked against the first's k
+    root = tmp_path / "pos"
+    for folder, last in (("1st", [0.0, 0.3, 0.7]), ("2nd", [0.2, 0.3, 0.5])):
+        (root / folder).mkdir(parents=True)
+        for n in (0, 1):
+            write_layer_csv(root / folder / f"layer{n}.csv", np.array([[0.6, 0.4, 0.0], last]))
+    assert "2nd/layer0.csv: line 3 selects 3 experts" in _cli_error(capsys, "import", "csv", str(root), "-o", str(out))
+    # -k given: each row keeps its k highest, as --help says
+    t = import_csv([f0, f1], k=2)
+    np.testing.assert_array_equal(t.topk_ids[1, 1], [2, 1])
+    with pytest.raises(TraceError, match=r"layer0.csv: line 2 selects 2 experts, expected top-3"):
+        import_csv([f0, f1], k=3)
+
+
+def test_csv_help_example_keeps_the_bundled_trace(capsys: pytest.CaptureFixture[str]) -> None:
+    # run from the repository root, the example replaced traces/flame-moe-290m-decoder.npz and
+    # dropped its provenance
+    assert run(["import", "csv", "--help"]) == 0
+    example = capsys.readouterr().out.split("Example")[1].split("Options:")[0]
+    assert "traces/" not in example and "-o flame.npz" in example and "--meta model=flame-moe-290m" in example
+
+
+def test_exflow_uint64_id_is_named_as_stored(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "e.npy"
+    np.save(src, np.array([[0, 2**63 + 5], [1, 2]], dtype=np.uint64))
+    err = _cli_error(capsys, "import", "exflow", str(src), "-o", str(tmp_path / "o.npz"))
+    assert "expert id 9223372036854775813 out of range" in err and "negative" not in err
+
+
+def test_sglang_duplicate_records_are_counted_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = _per_token_dumps(tmp_path)  # rank 1 recorded rank 0's pass-0 batch again
+    assert import_sglang(paths).meta["duplicate_records"] == 1
+    out = tmp_path / "t.npz"
+    assert run(["import", "sglang", *map(str, paths), "-o", str(out)]) == 0
+    assert ("3 records kept, 1 duplicate record dropped (the same batch recorded by several ranks), "
+            "1 padding token dropped") in capsys.readouterr().out
+    assert load_trace(out).meta["duplicate_records"] == 1

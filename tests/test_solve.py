@@ -342,8 +342,8 @@ def test_cli_reads_exflow_npy(tmp_path, capsys):
     (["--gpus", "4", "--time-limit", "nan"], "'--time-limit': 'nan' is not a finite number"),
     (["--gpus", "4", "--node-cost", "-1"], "--node-cost"),
     # below 1 the exact ILP optimised another objective and the "bound" exceeded the cost found
-    (["--gpus", "4", "--node-cost", "0.5"], "'--node-cost': 0.5 is not in the range x>=1"),
-    (["--gpus", "4", "--node-cost", "inf"], "'--node-cost': 'inf' is not a finite number"),
+    (["--gpus", "4", "--node-cost", "0.5"], "'--node-cost': 0.5 is not in the range 1.0<=x<=1000000.0"),
+    (["--gpus", "4", "--node-cost", "inf"], "'--node-cost': inf is not in the range 1.0<=x<=1000000.0"),
     (["--gpus", "4", "--seed", "-1"], "'--seed': -1 is not in the range x>=0"),
     (["--gpus", "4", "--objective", "latency", "--compute-weight", "inf"], "--compute-weight"),
 ])

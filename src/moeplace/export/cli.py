@@ -195,7 +195,9 @@ def _read(path: Path, fmt: str, output: Path, model: Path | None, trace: Path | 
         layers, _, num_experts, _ = _model_layers(model, trace, moe_layers, None, None)
         gpus, gpus_per_node, note = eplb.resolve_gpus(str(path), gpus, gpus_per_node, None, None, "", "")
         experts_from = f"{'--model' if model is not None else '--trace'}: {num_experts} experts" if num_experts else ""
-        placement = sglang.read_sglang(path, gpus, gpus_per_node, layers, num_experts, experts_from)
+        layers_from = (f"--trace {trace}: meta.moe_layers" if trace is not None else f"--model {model}" if model is not None
+                       else f"--moe-layers {moe_layers}")
+        placement = sglang.read_sglang(path, gpus, gpus_per_node, layers, num_experts, experts_from, layers_from)
         eplb.print_note(note)
     else:
         placement = (eplb.read_eplb if fmt == "eplb" else vllm.read_vllm)(path, gpus, gpus_per_node)

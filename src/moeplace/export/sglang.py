@@ -26,6 +26,7 @@ from moeplace.errors import PlacementError
 from moeplace.export.eplb import physical_to_logical, placement_from_physical, read_document
 from moeplace.io import write_json_atomic
 from moeplace.placement import Placement
+from moeplace.trace.format import layer_ranges
 
 KEY = "physical_to_logical_map"
 # model_type of the SGLang model classes without `get_model_config_for_expert_location` (0.5.23,
@@ -60,10 +61,11 @@ def write_sglang(placement: Placement, path: str | Path, moe_layers: list[int] |
 
 
 def read_sglang(path: str | Path, num_gpus: int, gpus_per_node: int, moe_layers: list[int] | None = None,
-                num_experts: int | None = None, experts_from: str = "") -> Placement:
+                num_experts: int | None = None, experts_from: str = "", layers_from: str = "") -> Placement:
     """Read an `--init-expert-location` file (.json, or .pt read with weights_only) into a placement.
 
-    `moe_layers` picks the rows of MoE layers (default: every row is one); `num_experts`
+    `moe_layers` picks the rows of MoE layers (default: every row is one), `layers_from` says
+    where they came from (e.g. "--trace t.npz's meta.moe_layers"), for errors; `num_experts`
     defaults to the largest id + 1.
     """
     p = Path(path)
@@ -84,7 +86,18 @@ def read_sglang(path: str | Path, num_gpus: int, gpus_per_node: int, moe_layers:
     if moe_layers is not None:
         if table.ndim != 2:
             raise PlacementError(f"{p}: '{KEY}' must be a [layers][physical experts] table")
-        _check_layers(moe_layers, len(moe_layers), table.shape[0])
+        rows = table.shape[0]
+        if moe_layers and max(moe_layers) >= rows:
+            source = layers_from or "the moe_layers given"
+            found = (f"{p}: {rows} row{'s' * (rows != 1)} (SGLang writes one per decoder layer), but the MoE layers are "
+                     f"decoder layers {layer_ranges(moe_layers)} (from {source}), and there is no row "
+                     f"{layer_ranges([n for n in moe_layers if n >= rows])}")
+            if len(moe_layers) != rows or source.startswith("--moe-layers"):
+                raise PlacementError(f"{found}: a map of another model?")
+            raise PlacementError(f"{found}: a map of another model, or of the MoE layers only (MoE layer i in row i, "
+                                 "as `export --to sglang` writes without --model, --trace or --moe-layers)? For the "
+                                 f"latter give --moe-layers 0-{rows - 1}")
+        _check_layers(moe_layers, len(moe_layers), rows)
         table = table[moe_layers]
     return placement_from_physical(table, num_gpus, gpus_per_node, num_experts, name=str(p), source="sglang",
                                    experts_from=experts_from)

@@ -3,7 +3,7 @@
 Trace v1 is an `.npz` holding:
 
     topk_ids      int   [tokens, moe_layers, k]  expert ids, highest gate weight first
-    topk_weights  float [tokens, moe_layers, k]  gate weights (optional)
+    topk_weights  float [tokens, moe_layers, k]  gate weights (optional), each row non-increasing
     num_experts   int   scalar                   (optional; inferred as max id + 1)
     token_ids     int   [tokens]                 (optional) vocabulary ids
     sequence_ids  int   [tokens]                 (optional) which sequence a token belongs to
@@ -11,6 +11,11 @@ Trace v1 is an `.npz` holding:
     meta          str   scalar JSON              (optional) model, moe_layers, source, corpus...
 
 ExFlow's trace, a `.npy` int array [tokens, moe_layers] of top-1 ids, is read as k = 1.
+
+Column 0 is taken as each token's top-1 expert everywhere. Saving refuses topk_weights rows that
+increase anywhere (ties are allowed); loading such a file (another tool's convention, e.g. rows in
+selection-score order) warns on stderr and reads column 0 as the top-1, as stored. In memory
+(`make_trace`) the order is not checked.
 
 Load-only input (format "moeplace.loads/v1"), for sources that have no per-token paths (SGLang
 `stat` dumps, Mixtral MMLU popularity counts): an `.npz` with `expert_loads` float
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -118,6 +124,32 @@ def pair_counts(src: np.ndarray, dst: np.ndarray, num_src: int, num_dst: int) ->
     return np.bincount(flat, minlength=num_src * num_dst).reshape(num_src, num_dst).astype(np.float64)
 
 
+def layer_ranges(layers: list[int]) -> str:
+    """[2, 3, 4, 9] -> '2-4, 9': layer numbers as a reader scans them."""
+    spans: list[list[int]] = []
+    for n in sorted(layers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def weight_order_problem(trace: Trace, name: str = "trace") -> str | None:
+    """What is wrong when topk_weights rows are not highest first (the v1 rule: column 0 is the
+    top-1), else None. Vectorised: one diff over [T, L, k], milliseconds on 200k tokens."""
+    w = trace.topk_weights
+    if w is None or trace.top_k < 2:
+        return None
+    rising = (np.diff(w, axis=-1) > 0).any(axis=-1)  # [T, L]
+    if not rising.any():
+        return None
+    tok, lay = divmod(int(np.argmax(rising)), rising.shape[1])  # the first, token-major
+    row = ", ".join(f"{x:.4g}" for x in w[tok, lay])
+    return (f"{name}: topk_weights of token {tok} at layer {lay} are not highest first ({row}; "
+            f"{int(rising.sum())} token-layers affected)")
+
+
 def split_tokens(num_tokens: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded random split of token indices into (train, held_out), both sorted."""
     if not 0.0 < train_fraction <= 1.0:
@@ -190,6 +222,7 @@ def make_trace(
         ids = ids[:, :, None]
     if not np.issubdtype(ids.dtype, np.integer):
         raise TraceError(f"{name}: topk_ids must be integers, got dtype {ids.dtype}")
+    _check_fits_int64(ids, name, "expert id")
     ids = ids.astype(np.int64, copy=False)
     if num_experts is None:
         if ids.size == 0:
@@ -209,6 +242,7 @@ def make_trace(
         a = np.asarray(a)
         if not np.issubdtype(a.dtype, np.integer):  # checked before the cast, which would truncate
             raise TraceError(f"{name}: {key} must be integers, got dtype {a.dtype}")
+        _check_fits_int64(a, name, f"{key} value")
         return a.astype(np.int64, copy=False)
 
     if isinstance(num_experts, (bool, np.bool_)) or not isinstance(num_experts, (int, np.integer)):
@@ -223,6 +257,13 @@ def make_trace(
         meta=dict(meta or {}),
     )
     return validate_trace(trace, name)
+
+
+def _check_fits_int64(a: np.ndarray, name: str, what: str) -> None:
+    """A uint64 above 2**63 - 1 would wrap to a negative int64: name the value as stored."""
+    if a.size and a.dtype.kind == "u" and a.dtype.itemsize == 8 and a.max() > np.iinfo(np.int64).max:
+        raise TraceError(f"{name}: {what} {int(a.max())} out of range (stored as {a.dtype}, above the "
+                         "largest int64)")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -294,7 +335,7 @@ def _load_npz(p: Path) -> Trace:
         if stored.size != 1 or not np.issubdtype(stored.dtype, np.integer):
             raise TraceError(f"{p}: num_experts must be one integer")
         num_experts = int(stored.reshape(()))
-    return make_trace(
+    trace = make_trace(
         arrays["topk_ids"],
         arrays.get("topk_weights"),
         num_experts,
@@ -304,6 +345,10 @@ def _load_npz(p: Path) -> Trace:
         meta=meta,
         name=str(p),
     )
+    problem = weight_order_problem(trace, str(p))
+    if problem:  # another tool's convention (e.g. selection-score order), not a broken file: say how it is read
+        print(f"warning: {problem}: column 0 is taken as each token's top-1, as stored", file=sys.stderr)
+    return trace
 
 
 def _open_npz(p: Path) -> np.lib.npyio.NpzFile:
@@ -333,8 +378,10 @@ def _parse_meta(raw: np.ndarray | None, p: Path) -> dict[str, Any]:
 
 
 def save_trace(trace: Trace, path: str | Path) -> None:
-    """Write a v1 trace atomically (temp file + rename)."""
-    validate_trace(trace, str(path))
+    """Write a v1 trace atomically (temp file + rename); refuses what loading would refuse."""
+    problem = weight_order_problem(validate_trace(trace, str(path)), str(path))
+    if problem:  # what moeplace writes keeps the v1 promise
+        raise TraceError(f"{problem}: a v1 trace lists each token's experts by gate weight, highest first")
     arrays: dict[str, np.ndarray] = {
         "topk_ids": trace.topk_ids.astype(_id_dtype(trace.num_experts)),
         "num_experts": np.asarray(trace.num_experts, dtype=np.int64),

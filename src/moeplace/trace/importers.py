@@ -25,7 +25,8 @@ from moeplace.io import file_key, read_json
 from moeplace.progress import Progress
 from moeplace.trace.format import MAX_LOAD, ExpertLoads, Trace, make_loads, make_trace
 
-_LAYER_FILE = re.compile(r"layer[_-]?(\d+)\.csv$")
+# The whole name: `copy_of_layer3.csv` is not layer 3 (searching the name made it a second one)
+_LAYER_FILE = re.compile(r"layer[_-]?(\d+)\.csv")
 
 
 def _csv_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
@@ -117,9 +118,17 @@ def dense_to_topk(
 
 
 def import_csv_layers(
-    files: Sequence[Path], k: int | None = None, on_file: Callable[[Path], None] | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
-    """Layer files (in layer order) -> ids [T, L, k], weights [T, L, k], row token ids [T], experts E."""
+    files: Sequence[Path], k: int | None = None, on_file: Callable[[Path], None] | None = None,
+    explicit: bool | None = None, k_from: tuple[Path, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, tuple[Path, int] | None]:
+    """Layer files (in layer order) -> ids [T, L, k], weights [T, L, k], row token ids [T], experts E,
+    and (file, line) of the row that set k.
+
+    An explicit k (the user's -k; default: k given) keeps each row's k highest entries. Otherwise
+    k is the most non-zero entries of any row and every row must have that many: a row read after
+    k was set (by the first file, or `k_from` of an earlier call) with more is refused, not cut.
+    """
+    explicit = k is not None if explicit is None else explicit
     ids: list[np.ndarray] = []
     weights: list[np.ndarray] = []
     row_ids: np.ndarray | None = None
@@ -131,7 +140,18 @@ def import_csv_layers(
         if ids and dense.shape[1] != num_experts:
             raise TraceError(f"{path}: {dense.shape[1]} expert columns, but {files[0]} has {num_experts}")
         num_experts = dense.shape[1]
+        if not explicit and k is not None:
+            nnz = (dense > 0).sum(axis=1)
+            if (nnz > k).any():
+                r = int(np.argmax(nnz > k))
+                assert k_from is not None  # set with k, by the first file read
+                src, src_line = k_from
+                raise TraceError(f"{path}: line {lines[r]} selects {int(nnz[r])} experts, but {src} line {src_line} "
+                                 f"selects {k}: without -k every row must select the same number (the most in any "
+                                 f"row); give -k to keep each row's k highest")
         i, w = dense_to_topk(dense, k, str(path), lines)
+        if k is None:
+            k_from = (path, lines[0])
         k = i.shape[1]
         if ids and i.shape[0] != ids[0].shape[0]:
             raise TraceError(f"{path}: {i.shape[0]} rows, but {files[0]} has {ids[0].shape[0]}: layers must list the same tokens")
@@ -144,13 +164,35 @@ def import_csv_layers(
         weights.append(w)
     if not ids:
         raise TraceError("no layer CSV files given")
-    return np.stack(ids, axis=1), np.stack(weights, axis=1).astype(np.float32), row_ids, num_experts
+    return np.stack(ids, axis=1), np.stack(weights, axis=1).astype(np.float32), row_ids, num_experts, k_from
 
 
 def layer_files(directory: Path) -> list[tuple[int, Path]]:
-    """`layerN.csv` files of a directory, sorted by N."""
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _LAYER_FILE.search(p.name))]
-    return sorted(found)
+    """`layerN.csv` files of a directory, sorted by N ([] when it holds none).
+
+    A directory holding them is read whole, as one token set: another `.csv` beside them (a copy
+    such as `copy_of_layer3.csv`, or `layer3 (1).csv`) or a layer number twice (`layer2.csv` and
+    `layer02.csv`) is refused, not guessed at. Hidden files (`._layer2.csv` of a macOS copy) are
+    skipped.
+    """
+    found: list[tuple[int, Path]] = []
+    other: list[Path] = []
+    for p in directory.iterdir():
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        if m := _LAYER_FILE.fullmatch(p.name):
+            found.append((int(m.group(1)), p))
+        elif p.suffix.lower() == ".csv":
+            other.append(p)
+    found.sort()
+    if found and other:
+        names = ", ".join(sorted(p.name for p in other)[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise TraceError(f"{directory}: {names} beside the layerN.csv files: a directory of layer files is read whole, "
+                         "so move other CSV files out (or give the layer files one by one)")
+    for (a, pa), (b, pb) in zip(found, found[1:]):
+        if a == b:
+            raise TraceError(f"{pa}, {pb}: the same layer number {a} twice (give each layer once)")
+    return found
 
 
 _SAMPLES = re.compile(r"-samples-+\s*torch\.Size\(\[\d+\]\)\s*tensor\(\[(.*?)\]\)", re.S)
@@ -199,7 +241,7 @@ def import_csv(paths: Sequence[Path], k: int | None = None) -> Trace:
             raise TraceError(f"{p}: a directory among files: give one directory alone, or layer CSV files only")
         if not p.is_file():
             raise TraceError(f"{p}: no such file (give one directory, or layer CSV files)")
-    matches = [_LAYER_FILE.search(p.name) for p in paths]
+    matches = [_LAYER_FILE.fullmatch(p.name) for p in paths]
     numbers = [int(m.group(1)) for m in matches if m is not None]
     if len(numbers) == len(paths):
         twice = next(n for n in numbers if numbers.count(n) > 1) if len(set(numbers)) != len(numbers) else None
@@ -284,8 +326,9 @@ def _import_csv_groups(
         read.append(path)
         progress.update(len(read), path.name)
 
+    explicit, k_from = k is not None, None
     for position, files in groups:
-        ids, w, row_ids, num_experts = import_csv_layers(files, k, on_file)
+        ids, w, row_ids, num_experts, k_from = import_csv_layers(files, k, on_file, explicit, k_from)
         k = ids.shape[2]
         n = ids.shape[0]
         all_ids.append(ids)
@@ -486,7 +529,9 @@ def sglang_per_token(dumps: Sequence[tuple[Path, dict]], num_experts: int | None
         {"records": [record, ...], "last_physical_to_logical_map": int [layers, physical experts]}
         record: {"forward_pass_id": int, "rank": int, "input_ids": [n], "positions": [n],
                  "topk_ids_of_layer": int32 [layers, n, 8] physical ids, -1 = no expert, ...}
-    1. keep each distinct record once: without DP attention every rank records the same batch;
+    1. keep each distinct record once: without DP attention every rank records the same batch
+       (same forward pass, token ids and expert ids; rank ignored); the copies dropped are counted
+       in meta.duplicate_records;
     2. order by (forward_pass_id, rank) and map physical ids to logical ones through the map
        (required: SGLang always writes it, and physical slot ids are not logical expert ids);
     3. MoE layers = layers with any id (dense layers stay -1); k = slots used at those layers;
@@ -497,6 +542,7 @@ def sglang_per_token(dumps: Sequence[tuple[Path, dict]], num_experts: int | None
     files = _names(paths)
     records: list[_SglangRecord] = []
     seen: set[tuple[int, bytes]] = set()
+    duplicates = 0
     no_map: list[Path] = []
     map_experts = 0  # logical experts the maps name: the model's count unless --num-experts says
     for path, dump in dumps:
@@ -513,9 +559,11 @@ def sglang_per_token(dumps: Sequence[tuple[Path, dict]], num_experts: int | None
                 continue  # an idle forward pass
             tokens = parsed[3] if parsed[3] is not None else np.zeros(0, np.int64)
             key = (parsed[0], hashlib.sha256(parsed[2].tobytes() + tokens.tobytes()).digest())
-            if key not in seen:
-                seen.add(key)
-                records.append(parsed)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            records.append(parsed)
     if not records:
         raise TraceError(f"{files}: the SGLang dumps hold no tokens (was recording started before the requests?)")
     num_layers = {r[2].shape[0]: r[5] for r in records}
@@ -550,6 +598,7 @@ def sglang_per_token(dumps: Sequence[tuple[Path, dict]], num_experts: int | None
         "moe_layers": moe_layers.tolist(),
         "input": [p.name for p in paths],
         "records": len(records),
+        "duplicate_records": duplicates,
         "dropped_tokens": int((~keep).sum()),
     }
     return make_trace(ids[keep], None, num_experts, token_ids=per_token(3), positions=per_token(4), meta=meta, name=files)

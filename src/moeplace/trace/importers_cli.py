@@ -12,7 +12,7 @@ import click
 from moeplace.errors import MoeplaceError
 from moeplace.options import check_writable, writing
 from moeplace.progress import silenced
-from moeplace.trace.format import ExpertLoads, Trace, make_trace, save_loads, save_trace
+from moeplace.trace.format import ExpertLoads, Trace, layer_ranges, make_trace, save_loads, save_trace
 from moeplace.trace.importers import import_csv, import_loads_json, import_sglang
 
 _OUTPUT = click.option(
@@ -76,13 +76,22 @@ def _write(result: Trace | ExpertLoads, output: Path, meta: Sequence[str], quiet
         click.echo(
             f"wrote {output}: trace of {result.num_tokens} tokens x {result.num_layers} MoE layers x "
             f"top-{result.top_k} over {result.num_experts} experts"
-            f"{'' if result.topk_weights is not None else ' (no gate weights)'}"
+            f"{'' if result.topk_weights is not None else ' (no gate weights)'}{_sglang_note(result.meta)}"
         )
     else:
         click.echo(
             f"wrote {output}: load-only file, {result.num_layers} MoE layers x {result.num_experts} experts, "
             f"{result.loads.sum():.0f} token-expert selections (usable where expert loads are accepted)"
         )
+
+
+def _sglang_note(meta: dict[str, Any]) -> str:
+    """What an SGLang per_token import left out: records recorded twice, padding rows."""
+    if meta.get("source") != "sglang-per_token":
+        return ""
+    dup, pad = meta.get("duplicate_records", 0), meta.get("dropped_tokens", 0)
+    return (f"; {meta.get('records')} records kept, {dup} duplicate record{'s' * (dup != 1)} dropped (the same "
+            f"batch recorded by several ranks), {pad} padding token{'s' * (pad != 1)} dropped")
 
 
 @click.group("import")
@@ -99,7 +108,8 @@ def import_() -> None:
 @import_.command("csv")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=None,
-              help="Experts per token. Default: the most non-zero entries in any row.")
+              help="Experts per token: each row's k highest entries (a row with fewer non-zero is an error). "
+                   "Default: the most non-zero entries in any row of any file, which every row must then have.")
 @_OUTPUT
 @_META
 @_QUIET
@@ -113,17 +123,32 @@ def csv_cmd(paths: tuple[Path, ...], top_k: int | None, output: Path, meta: tupl
                                     of every folder is sequence r, folders sorted by number
       layer2.csv layer3.csv ...     files, ordered by N when all are named layerN.csv
                                     (then all of one directory), else as given
+    A directory of layer files may hold no other .csv file (a copy beside them is refused).
     Header: `expert_0 ... expert_{E-1}` columns (gate weight, 0 when not selected), optional
     `token_id` (row/sequence id). A `tokens.txt` beside the files gives token ids (FLAME).
+    Layer numbers with gaps (layer2, layer9) are taken as consecutive MoE layers, with a warning.
 
     \b
-    Example (the bundled real trace):
-      moeplace import csv ../shared/data/flame-moe-290m-decoder -o traces/flame-moe-290m-decoder.npz
+    Example (the FLAME data the bundled trace was made from; docs/import.md has all its --meta):
+      moeplace import csv ../shared/data/flame-moe-290m-decoder -o flame.npz \\
+          --meta model=flame-moe-290m --meta phase=decode
     """
     check_writable(output, inputs=paths)
     with silenced(quiet):
         trace = import_csv(paths, top_k)
+    warn_layer_gaps(trace.meta.get("moe_layers", []))
     _write(trace, output, meta, quiet)
+
+
+def warn_layer_gaps(layers: list[int]) -> None:
+    """One stderr line when layer numbers skip some (layer2.csv, layer9.csv): the stages see
+    adjacent trace layers, so 2 -> 9 is analysed and solved as one layer transition. Right when
+    the layers between are dense (no router), as in some models, so a warning, not an error."""
+    missing = sorted(set(range(min(layers, default=0), max(layers, default=0) + 1)) - set(layers))
+    if missing:
+        click.echo(f"warning: no layer files for layers {layer_ranges(missing)}: layers {layer_ranges(layers)} are "
+                   "taken as consecutive MoE layers (meta.moe_layers keeps their numbers); right only if the "
+                   "missing layers are dense (no experts)", err=True)
 
 
 @import_.command("exflow")
