@@ -184,6 +184,10 @@ def test_check_missing_file_is_an_error_line(tmp_path: Path, trace_path: Path, c
         ("checks: [{placement: p.json, trace: t.npz, max_imbalance: high}]", "must be a non-negative number"),
         ("checks: [{placement: p.json, trace: t.npz, max_imbalance: 2}]\nextra: 1", "unknown top-level keys"),
         ("checks: [unclosed", "not valid YAML"),
+        ("defaults: []\nchecks: [{placement: p.json, trace: t.npz, max_imbalance: 2}]", "'defaults' must be a mapping"),
+        ("checks: [{name: a, placement: p.json, trace: t.npz, max_imbalance: 2},\n"
+         "         {name: a, placement: q.json, trace: t.npz, max_imbalance: 2}]", "checks 1 and 2 are both named 'a'"),
+        ("checks: [{name: [a], placement: p.json, trace: t.npz, max_imbalance: 2}]", "name must be a string"),
     ],
 )
 def test_check_config_errors(tmp_path: Path, doc: str, message: str, capsys) -> None:

@@ -269,7 +269,7 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
     unknown_top = set(doc) - {"checks", "defaults"}
     if unknown_top:
         raise MoeplaceError(f"{path}: unknown top-level keys {sorted(unknown_top)} (expected checks, defaults)")
-    defaults = doc.get("defaults") or {}
+    defaults = {} if doc.get("defaults") is None else doc["defaults"]  # `defaults:` with nothing after it
     if not isinstance(defaults, dict):
         raise MoeplaceError(f"{path}: 'defaults' must be a mapping")
     unknown = set(defaults) - _CHECK_KEYS - _LIMIT_KEYS
@@ -300,6 +300,13 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
             raise MoeplaceError(f"{label}: all_tokens must be true or false")
         check["limits"] = limits
         check.setdefault("name", f"check {i + 1}")
+        if isinstance(check["name"], (int, float)) and not isinstance(check["name"], bool):
+            check["name"] = str(check["name"])  # `name: 2026` is a fine name
+        if not isinstance(check["name"], str):
+            raise MoeplaceError(f"{label}: name must be a string, got {check['name']!r}")
+        twice = next((c for c in checks if c["name"] == check["name"]), None)
+        if twice is not None:  # the PASS/FAIL lines and the JSON report name checks: one name, one check
+            raise MoeplaceError(f"{path}: checks {checks.index(twice) + 1} and {i + 1} are both named {check['name']!r}")
         checks.append(check)
     return checks
 
