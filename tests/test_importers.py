@@ -392,6 +392,7 @@ def test_loads_json_same_file_twice_is_refused(tmp_path: Path) -> None:
         ('{"expert_loads": [[1, 2.5]]}', "must hold whole counts of token selections: layer 0, expert 1 holds 2.5"),
         ('{"expert_loads": [[1, "5"]]}', "must hold numbers, not str '5' (layer 0, expert 1)"),
         ('{"expert_loads": [[1, null]]}', "must hold numbers, not null"),
+        ('{"expert_loads": [[1, 2]], "expert_popularity": [[3, 4]]}', "both 'expert_popularity' and 'expert_loads'"),
     ],
 )
 def test_loads_json_refuses_what_is_not_a_count(tmp_path: Path, text: str, message: str,

@@ -691,7 +691,10 @@ def import_loads_json(paths: Sequence[Path]) -> ExpertLoads:
     tokens = 0
     for path in paths:
         doc = read_json(path, TraceError)
-        key = next((k for k in _COUNT_KEYS if isinstance(doc, dict) and k in doc), None)
+        present = [k for k in _COUNT_KEYS if isinstance(doc, dict) and k in doc]
+        if len(present) > 1:  # which one holds the counts is a guess
+            raise TraceError(f"{path}: both {' and '.join(repr(k) for k in present)}: give one table of counts")
+        key = present[0] if present else None
         if key is None:
             raise TraceError(f"{path}: no {' or '.join(repr(k) for k in _COUNT_KEYS)} [layers][experts] counts")
         counts = _count_table(doc[key], path, key)
