@@ -530,3 +530,11 @@ def test_sglang_duplicate_records_are_counted_and_reported(tmp_path: Path, capsy
     assert ("3 records kept, 1 duplicate record dropped (the same batch recorded by several ranks), "
             "1 padding token dropped") in capsys.readouterr().out
     assert load_trace(out).meta["duplicate_records"] == 1
+
+
+def test_csv_dir_with_layer_files_and_position_folders_is_refused(tmp_path: Path) -> None:
+    root = _positions(tmp_path / "t", ["1st", "2nd"])
+    for f in (root / "1st").glob("layer*.csv"):
+        (root / f.name).write_bytes(f.read_bytes())  # the files of one folder copied up beside the folders
+    with pytest.raises(TraceError, match=r"layerN.csv files and position folders holding them \(1st, 2nd\)"):
+        import_csv([root])

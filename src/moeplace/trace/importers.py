@@ -284,6 +284,11 @@ def import_csv_dir(directory: Path, k: int | None = None) -> Trace:
         raise TraceError(f"{directory}: not a directory")
     direct = layer_files(directory)
     if direct:
+        beside = sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".") and layer_files(p))
+        if beside:  # two layouts in one: which tokens are meant is a guess
+            raise TraceError(f"{directory}: layerN.csv files and position folders holding them ({', '.join(beside[:3])}"
+                             f"{', ...' if len(beside) > 3 else ''}): give the files' directory or the folders' "
+                             "parent, not one holding both")
         return _import_csv_groups([(None, [p for _, p in direct])], [n for n, _ in direct], k, str(directory), directory.name)
     sub = [p for p in directory.iterdir() if p.is_dir() and layer_files(p)]
     if not sub:
