@@ -316,11 +316,11 @@ def test_cli_one_layer_and_exflow_npy(tmp_path: Path) -> None:
     assert report["traces"]["A"]["halves"] == {"skipped": "one MoE layer: no layer pairs"}
     assert [Path(p).name for p in report["figures"]] == ["load_heatmap.png"]
     # a re-run into the same directory that draws nothing removes the earlier run's figures
-    # (they would pass for this run's), and nothing else
+    # (they would pass for this run's), and nothing else: not a figure name its report does not list
     (tmp_path / "a" / "notes.txt").write_text("mine")
-    (tmp_path / "a" / "transitions.png").write_bytes(b"stale")
+    (tmp_path / "a" / "transitions.png").write_bytes(b"mine too")
     assert run(["analyze", str(one_layer), "-o", str(tmp_path / "a"), "--shuffles", "2", "--no-figures"]) == 0
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["analyze.json", "notes.txt"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["analyze.json", "notes.txt", "transitions.png"]
     npy = tmp_path / "exflow.npy"
     np.save(npy, planted(64, num_experts=8).topk_ids[:, :, 0])
     assert run(["analyze", str(npy), "-o", str(tmp_path / "b"), "--shuffles", "2", "--no-solve", "--no-figures"]) == 0
@@ -481,3 +481,22 @@ def test_cli_bad_input_is_one_line(args: list[str], message: str, planted_file: 
     assert run(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("moeplace: error:") and message in err[0], err
+
+
+def test_figure_names_are_removed_only_beside_an_earlier_report(planted_file: Path, tmp_path: Path) -> None:
+    # a user's own affinity.png in a folder that never held an analyze report is not ours to delete
+    out = tmp_path / "paper"
+    out.mkdir()
+    for name in ("affinity.png", "load_heatmap.png"):
+        (out / name).write_text("mine")
+    args = ["analyze", str(planted_file), "-o", str(out), "--no-solve", "--no-figures", "--shuffles", "2", "-q"]
+    assert run(args) == 0
+    assert (out / "affinity.png").read_text() == "mine" and (out / "load_heatmap.png").read_text() == "mine"
+    assert run(args) == 0  # nor beside a report that did not draw them
+    assert (out / "affinity.png").read_text() == "mine" and (out / "load_heatmap.png").read_text() == "mine"
+    # the figures an earlier report lists as its own are removed by a run that does not draw them
+    assert run(args[:-4] + ["--shuffles", "2", "-q"]) == 0  # with figures: they replace the user's
+    drawn = json.loads((out / "analyze.json").read_text())["figures"]
+    assert {Path(f).name for f in drawn} == {"affinity.png", "load_heatmap.png", "transitions.png"}
+    assert run(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["analyze.json"]

@@ -440,3 +440,29 @@ def test_another_ep_size_gets_a_note(qwen: Path, tmp_path: Path, capsys: pytest.
     assert ep_size_note(tmp_path / "out", 2).endswith("runs on 2 ranks: each rank holds 2 of the placement's GPUs whole")
     assert "each of the placement's GPUs is split over 2 ranks; solve for 8 GPUs" in ep_size_note(tmp_path / "out", 8)
     assert "its GPUs do not map onto the ranks; solve for 3 GPUs" in ep_size_note(tmp_path / "out", 3)
+
+
+def test_the_stage_of_a_killed_run_is_removed_never_a_live_one(qwen: Path, tmp_path: Path) -> None:
+    """Before: a SIGKILLed run's `.OUT.xxxx.tmp` (a whole checkpoint, hidden) stayed forever."""
+    import subprocess
+    import sys
+
+    placement = tmp_path / "p.json"
+    _placement().save(placement)
+    dead = tmp_path / ".out.k1ll3d.tmp"  # what a run killed outright leaves (no lock held)
+    dead.mkdir()
+    (dead / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 4096)
+    code = ("import sys, time; from pathlib import Path; from moeplace.io import locked_stage\n"
+            "with locked_stage(Path(sys.argv[1]), '.out.') as stage:\n"
+            "    print(stage, flush=True); time.sleep(300)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        live = Path(holder.stdout.readline().strip())  # type: ignore[union-attr]
+        assert live.name.startswith(".out.") and live.is_dir()
+        assert _cli(qwen, placement, tmp_path / "out") == 0
+        assert not dead.exists() and live.is_dir()  # a concurrent live run's stage is kept
+    finally:
+        holder.kill()  # SIGKILL: its stage stays behind, unlocked
+        holder.wait()
+    assert _cli(qwen, placement, tmp_path / "out", "--overwrite") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "p.json"]

@@ -10,11 +10,18 @@ from __future__ import annotations
 import codecs
 import contextlib
 import errno
+import glob
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Hashable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so stages of killed runs are not swept there
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 
@@ -24,8 +31,16 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     """Yield a temp path in the target's directory; rename it onto `path` on success.
 
     `suffix` keeps extensions that writers insist on (np.savez appends '.npz' otherwise).
+    A symlink is written through (its target is replaced, the link stays), and so is a path that
+    is not a regular file (`-o /dev/null`, a FIFO, /dev/stdout): renaming onto those would replace
+    a device or a link with a plain file, so the finished bytes are copied into them instead.
     """
     target = Path(path)
+    if target.exists() and not target.is_file() and not target.is_dir():
+        yield from _write_through(target, suffix)
+        return
+    if target.is_symlink():  # a regular file (or nothing yet) behind the link: replace that, keep the link
+        target = Path(os.path.realpath(target))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
@@ -43,6 +58,99 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _write_through(target: Path, suffix: str) -> Iterator[Path]:
+    """atomic_path for a device, FIFO or socket: the writer fills a private temp file, whose
+    bytes then go into `target` opened for writing (nothing is written there on failure)."""
+    fd, tmp = tempfile.mkstemp(prefix=".moeplace.", suffix=suffix + ".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as src, open(target, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked_stage(parent: Path, prefix: str, suffix: str = ".tmp") -> Iterator[Path]:
+    """A fresh hidden directory PARENT/PREFIX*SUFFIX to build outputs in, removed on the way out
+    (error, Ctrl-C, or SIGTERM, which the CLI turns into SystemExit) unless the caller renamed it
+    into place.
+
+    A run killed outright (SIGKILL, OOM killer) cannot remove its stage, which may be large (a
+    whole checkpoint); the next run with the same parent and prefix does, first thing. Each run
+    holds an flock on its own stage while it lives and the kernel drops it when the process dies,
+    however it dies, so a stage nobody holds is a dead run's and one that is held belongs to a
+    live concurrent run (no pid or host names, which reuse and shared mounts fool)."""
+    remove_dead_stages(parent, prefix, suffix)
+    stage, fd = _new_stage(parent, prefix, suffix)
+    try:
+        yield stage
+    finally:
+        # only while `stage` is still ours: renamed into place, the name may be another's now
+        if fd is None or _still_there(fd, stage):
+            shutil.rmtree(stage, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)  # after the removal: never an unlocked stage of a live run
+
+
+def _new_stage(parent: Path, prefix: str, suffix: str) -> tuple[Path, int | None]:
+    """A fresh stage and the fd holding its lock (None where the file system has no flock: then
+    nothing is swept either)."""
+    for _ in range(100):
+        stage = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+        try:
+            fd = _lock_dir(stage)
+        except (BlockingIOError, FileNotFoundError):
+            continue  # a sweeping run took it in the instant before our lock: make another
+        except OSError:
+            return stage, None
+        if _still_there(fd, stage):
+            return stage, fd
+        os.close(fd)  # swept in that instant (the sweeper held the lock while it removed it)
+    raise OSError(f"cannot create a staging directory in {parent}")
+
+
+def remove_dead_stages(parent: Path, prefix: str, suffix: str = ".tmp") -> None:
+    """Remove the stages of dead runs: those whose lock can be taken. A held one, a symlink, a
+    file, or one on a file system without flock is left alone."""
+    for stage in parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+        try:
+            fd = _lock_dir(stage)
+        except OSError:
+            continue
+        try:
+            if _still_there(fd, stage):
+                shutil.rmtree(stage, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _lock_dir(path: Path) -> int:
+    """An fd of directory `path` holding an exclusive flock on it. Raises BlockingIOError when
+    another process holds it, another OSError when `path` is not a directory (or a symlink) or
+    locks are unsupported here."""
+    if fcntl is None:  # Windows
+        raise OSError("no flock")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _still_there(fd: int, path: Path) -> bool:
+    """Whether `path` still names the directory `fd` holds open (not removed, not replaced)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+    except OSError:
+        return False
 
 
 def current_umask() -> int:

@@ -88,3 +88,19 @@ def writing(path: Path | str) -> Iterator[None]:
 def plural(n: int, noun: str) -> str:
     """'1 check', '2 checks': counts in messages."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def check_distinct_outputs(outputs: Iterable[tuple[str, Path | str | None]]) -> None:
+    """Refuse two output options naming one file (through links, `..` or a relative spelling;
+    a file not written yet by its resolved path): the later write would silently replace the
+    earlier one. `outputs`: (option, path or None when not given)."""
+    seen: dict[Any, tuple[str, Path | str]] = {}
+    for option, path in outputs:
+        if path is None:
+            continue
+        key = file_key(path)
+        if key in seen:
+            first, first_path = seen[key]
+            raise MoeplaceError(f"{option} {path}: is the same file as {first} {first_path}; "
+                                "give each output its own file")
+        seen[key] = (option, path)

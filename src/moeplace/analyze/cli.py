@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import shutil
 import signal
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterator
-
-try:
-    import fcntl
-except ImportError:  # Windows: stages of killed runs are not swept
-    fcntl = None  # type: ignore[assignment]
 
 import click
 import numpy as np
@@ -22,7 +16,7 @@ import numpy as np
 from moeplace.analyze.affinity import trace_modes
 from moeplace.analyze.report import AnalyzeConfig, Source, build_report, layer_names, source_loads, summary
 from moeplace.errors import MoeplaceError, TraceError
-from moeplace.io import write_json_atomic
+from moeplace.io import locked_stage, write_json_atomic
 from moeplace.options import POSITIVE, POSITIVE_INT, SEED
 from moeplace.placement import check_topology
 from moeplace.progress import silenced
@@ -182,8 +176,8 @@ def analyze(
     \b
     Outputs (in -o DIR): analyze.json (everything above), load_heatmap.png,
     transitions.png (P(j | i) of the --layers pairs), affinity.png (MI vs shuffled and
-    top-m capture per layer pair); a figure of an earlier run in DIR that this run does not
-    draw (--no-figures, load-only input) is removed. All outputs are written first and then
+    top-m capture per layer pair); a figure that an earlier run's analyze.json in DIR lists
+    and this run does not draw (--no-figures, load-only input) is removed. All outputs are written first and then
     moved into DIR together: an error or interrupt leaves DIR as it was (the hidden temp
     directory of a run killed outright is removed by the next run into DIR). A summary is
     printed; progress goes to stderr.
@@ -243,95 +237,45 @@ def analyze(
 FIGURES = ("load_heatmap.png", "transitions.png", "affinity.png")
 
 
-STAGE_PATTERN = ".analyze.*.tmp"  # the staging directories' names (tempfile adds the middle)
+STAGE_PREFIX = ".analyze."  # the staging directories' names: .analyze.*.tmp
 
 
-@contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A hidden temp directory inside `out` to build the outputs in, removed on the way out
-    (error, Ctrl-C, or SIGTERM, which the CLI turns into SystemExit). Inside rather than beside
-    `out`: the same filesystem even when `out` is a mount point or a symlink, so the final
-    renames cannot fail with EXDEV, and no write access to `out`'s parent is needed.
-
-    A run killed outright (SIGKILL, OOM killer) cannot remove its stage; the next run into `out`
-    does. Each run holds an flock on its own stage while it lives and the kernel drops it when the
-    process dies, however it dies, so a stage nobody holds is a dead run's and one that is held
-    belongs to a live concurrent run (no pid or host names, which reuse and shared mounts fool)."""
-    _remove_dead_stages(out)
-    stage, fd = _new_stage(out)
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if fd is not None:
-            os.close(fd)  # after the removal: never an unlocked stage of a live run
-
-
-def _new_stage(out: Path) -> tuple[Path, int | None]:
-    """A fresh stage and the fd holding its lock (None where the file system has no flock: then
-    nothing is swept either)."""
-    for _ in range(100):
-        stage = Path(tempfile.mkdtemp(prefix=".analyze.", suffix=".tmp", dir=out))
-        try:
-            fd = _lock_dir(stage)
-        except (BlockingIOError, FileNotFoundError):
-            continue  # a sweeping run took it in the instant before our lock: make another
-        except OSError:
-            return stage, None
-        if _still_there(fd, stage):
-            return stage, fd
-        os.close(fd)  # swept in that instant (the sweeper held the lock while it removed it)
-    raise OSError(f"cannot create a staging directory in {out}")
-
-
-def _remove_dead_stages(out: Path) -> None:
-    """Remove the stages of dead runs: those whose lock can be taken. A held one, a symlink, a
-    file, or one on a file system without flock is left alone."""
-    for stage in out.glob(STAGE_PATTERN):
-        try:
-            fd = _lock_dir(stage)
-        except OSError:
-            continue
-        try:
-            if _still_there(fd, stage):
-                shutil.rmtree(stage, ignore_errors=True)
-        finally:
-            os.close(fd)
-
-
-def _lock_dir(path: Path) -> int:
-    """An fd of directory `path` holding an exclusive flock on it. Raises BlockingIOError when
-    another process holds it, another OSError when `path` is not a directory (or a symlink) or
-    locks are unsupported here."""
-    if fcntl is None:  # Windows
-        raise OSError("no flock")
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _still_there(fd: int, path: Path) -> bool:
-    """Whether `path` still names the directory `fd` holds open (not removed, not replaced)."""
-    try:
-        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
-    except OSError:
-        return False
+def _staging(out: Path) -> contextlib.AbstractContextManager[Path]:
+    """A hidden stage inside `out` to build the outputs in (io.locked_stage: removed on the way
+    out, and a killed run's by the next run). Inside rather than beside `out`: the same
+    filesystem even when `out` is a mount point or a symlink, so the final renames cannot fail
+    with EXDEV, and no write access to `out`'s parent is needed."""
+    return locked_stage(out, STAGE_PREFIX)
 
 
 def _publish(stage: Path, out: Path) -> None:
-    """Move every staged output into `out` and remove the outputs of an earlier run that this run
-    did not make (an old figure beside this run's JSON would pass for its own). The JSON goes
-    last, and SIGINT/SIGTERM wait until all renames are done, so an interrupt cannot split them."""
+    """Move every staged output into `out` and remove the figures of an earlier run that this run
+    did not draw (an old figure beside this run's JSON would pass for its own): only those the
+    earlier run's JSON lists as its own, so a user's file of such a name is never touched. The
+    JSON goes last, and SIGINT/SIGTERM wait until all renames are done, so an interrupt cannot
+    split them."""
+    earlier = _figures_of_report(out / JSON_NAME)
     with _signals_held():
         for name in (*FIGURES, JSON_NAME):
             if (stage / name).exists():
                 os.replace(stage / name, out / name)
-            else:
+            elif name in earlier:
                 (out / name).unlink(missing_ok=True)
+
+
+def _figures_of_report(path: Path) -> set[str]:
+    """File names of the figures an analyze report at `path` says it drew (none when `path` is
+    missing or not such a report)."""
+    from moeplace.analyze.report import REPORT_FORMAT
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(doc, dict) or doc.get("format") != REPORT_FORMAT or not isinstance(doc.get("figures"), list):
+        return set()
+    return {Path(f).name for f in doc["figures"] if isinstance(f, str)} & set(FIGURES)
 
 
 @contextlib.contextmanager

@@ -276,7 +276,7 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
     if unknown:  # said here, not blamed on the first check it is merged into
         raise MoeplaceError(f"{path}: defaults: unknown keys {sorted(unknown)}; thresholds are "
                             f"max_<{'|'.join(THRESHOLDS)}>[{_VS}]")
-    checks = []
+    checks: list[dict[str, Any]] = []
     for i, raw in enumerate(doc["checks"]):
         if not isinstance(raw, dict):
             raise MoeplaceError(f"{path}: check {i + 1} must be a mapping")

@@ -24,6 +24,7 @@ OUT_DIR that is renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,7 +38,7 @@ import numpy as np
 
 from moeplace.errors import PlacementError
 from moeplace.export.eplb import physical_to_logical
-from moeplace.io import current_umask, read_json, write_json_atomic
+from moeplace.io import current_umask, locked_stage, read_json, write_json_atomic
 from moeplace.models.checkpoint import (
     INDEX_NAME,
     PICKLED_WEIGHTS,
@@ -176,13 +177,14 @@ def permute_checkpoint(
     total = sum(e.end - e.begin for tensors in ckpt.shards.values() for e in tensors.values())
     plan = _plan(ckpt, blocks, new_to_old)
 
-    try:  # where it cannot be written, say so (not "0.0 GiB free" as a pseudo-filesystem reports)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as e:
-        raise CheckpointError(f"-o {shown}: cannot create it ({e.strerror or e})") from None
-    try:
-        free = shutil.disk_usage(out.parent).free
+    with contextlib.ExitStack() as stack:
+        try:  # where it cannot be written, say so (not "0.0 GiB free" as a pseudo-filesystem reports)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # removed on the way out unless renamed into place; first sweeps the stages of killed runs
+            tmp = stack.enter_context(locked_stage(out.parent, f".{out.name}."))
+        except OSError as e:
+            raise CheckpointError(f"-o {shown}: cannot create it ({e.strerror or e})") from None
+        free = shutil.disk_usage(out.parent).free  # after the sweep: a killed run's stage is free space again
         if free < total:
             raise CheckpointError(f"{out.parent}: {free / 2**30:.1f} GiB free, the permuted checkpoint needs "
                                   f"{total / 2**30:.1f} GiB")
@@ -213,9 +215,6 @@ def permute_checkpoint(
         write_json_atomic(tmp / PERMUTATION_NAME, record)
         os.chmod(tmp, 0o777 & ~current_umask())
         _swap_into_place(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return record
 
 

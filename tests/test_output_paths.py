@@ -1,0 +1,77 @@
+"""Outputs that are not plain files: a symlink is written through (the link stays), a FIFO or
+device gets the bytes (never replaced by a regular file: as root, `-o /dev/null` would otherwise
+replace the system's /dev/null)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from moeplace import cli
+from moeplace.io import atomic_path, write_text_atomic
+from moeplace.trace.format import Trace, save_trace
+
+
+def _drain(fifo: Path, into: list[bytes]) -> threading.Thread:
+    def read() -> None:
+        with open(fifo, "rb") as f:
+            into.append(f.read())
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_is_written_through_not_replaced(tmp_path: Path) -> None:
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = _drain(fifo, got)
+    write_text_atomic(fifo, "hello\n")
+    reader.join(10)
+    assert got == [b"hello\n"]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.fifo"]  # no temp file left beside it
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_failed_write_sends_nothing_to_a_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(RuntimeError):
+        with atomic_path(fifo) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("writer failed")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # never opened: opening would block with no reader
+
+
+def test_symlink_output_replaces_its_target_and_keeps_the_link(tmp_path: Path) -> None:
+    real = tmp_path / "real.json"
+    real.write_text('{"old": 1}')
+    link = tmp_path / "link.json"
+    link.symlink_to(real.name)
+    write_text_atomic(link, '{"new": 1}')
+    assert link.is_symlink() and os.readlink(link) == real.name
+    assert json.loads(real.read_text()) == {"new": 1}
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to("later.json")
+    write_text_atomic(dangling, "x")
+    assert dangling.is_symlink() and (tmp_path / "later.json").read_text() == "x"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_solve_into_a_fifo(tmp_path: Path, small_trace: Trace) -> None:
+    save_trace(small_trace, tmp_path / "t.npz")
+    fifo = tmp_path / "placement.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = _drain(fifo, got)
+    assert cli.run(["solve", str(tmp_path / "t.npz"), "--gpus", "4", "-q", "-o", str(fifo)]) == 0
+    reader.join(30)
+    assert json.loads(got[0])["format"] == "moeplace.placement/v1"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
