@@ -328,10 +328,12 @@ def test_launcher_runs_the_ranks(model: tuple[Path, list[list[int]]], tmp_path: 
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPT_IDS) + "\n")
     out = tmp_path / "out.jsonl"
     proc = serve_launcher(["--model", str(path), "--placement", str(placement), "--prompts", str(prompts),
-                           "--out", str(out), "--max-new-tokens", "6", "--ignore-eos", "--mode", "standard"])
+                           "--out", str(out), "--max-new-tokens", "6", "--ignore-eos", "--mode", "standard",
+                           "--max-batch", "1"])
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-2000:]
     assert [json.loads(line)["token_ids"] for line in out.read_text().splitlines()] == expected
+    assert "--max-batch 1 runs as 2, a multiple of the 2 ranks" in err  # before: raised without a word
     assert "OMP_NUM_THREADS" not in err and "Traceback" not in err  # torchrun's banner and report stay out
 
 
@@ -416,3 +418,286 @@ def test_launcher_refused_under_torchrun(model: tuple[Path, list[list[int]]], tm
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert run(["serve", "--nproc-per-node", "2", "--model", str(model[0]), "--port", "0"]) == 2
     assert "under torchrun leave it out" in capsys.readouterr().err
+
+
+# --- runtime tour fixes -------------------------------------------------------------------------
+
+def test_two_outputs_naming_one_file_are_refused(model: tuple[Path, list[list[int]]], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: exit 0, and only the --stats-out JSON was left in same.json (the generations gone)."""
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": [1, 2]}\n')
+    base = ["serve", "--model", str(model[0]), "--prompts", str(prompts)]
+    cases = [
+        (["--out", "same.json", "--stats-out", "same.json"], "--stats-out same.json: is the same file as --out same.json"),
+        (["--out", "r.npz", "--routing-out", str(tmp_path / "sub" / ".." / "r.npz")], "is the same file as --out r.npz"),
+        (["--nproc-per-node", "2", "--device", "cpu", "--stats-out", "s.json", "--routing-out", "./s.json"],
+         "--routing-out ./s.json: is the same file as --stats-out s.json"),  # the launcher refuses it too
+    ]
+    for extra, message in cases:
+        assert run([*base, *extra]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("moeplace: error: ") and lines[0].endswith(
+            f"{message}; give each output its own file"), lines
+    (tmp_path / "existing.json").write_text("{}")
+    os.link(tmp_path / "existing.json", tmp_path / "hardlink.json")  # one file under two names
+    assert run([*base, "--out", "existing.json", "--stats-out", "hardlink.json"]) == 2
+    assert "is the same file as --out existing.json" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.json", "hardlink.json", "p.jsonl"]
+
+
+@pytest.mark.parametrize("extra", [["--out", "o.jsonl"], ["--stats-out", "s.json"], ["--routing-out", "r.npz"],
+                                   ["--ignore-eos"]])
+def test_batch_options_are_refused_with_port(model: tuple[Path, list[list[int]]], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str], extra: list[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the HTTP server started and ignored them (no --out file ever appeared)."""
+    import moeplace.serve.httpserver as httpserver
+
+    def started(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(httpserver, "serve_forever", started)
+    assert run(["serve", "--model", str(model[0]), "--port", "0", *extra]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"moeplace: error: {extra[0]} applies to batch runs (--prompts), not to the HTTP server (--port)"]
+
+
+def test_host_is_refused_in_a_batch_run(model: tuple[Path, list[list[int]]], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": [1, 2]}\n')
+    assert run(["serve", "--model", str(model[0]), "--prompts", str(prompts), "--host", "0.0.0.0"]) == 2
+    assert "--host applies to the HTTP server (--port), not to batch runs" in capsys.readouterr().err
+
+
+def test_prompt_lines_end_at_newline_only(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:
+    """Before: str.splitlines made 4 prompts of these 2 lines (U+2028, form feed, \\x1c, \\x85
+    split them) and a lone \\r split a line too (read_text's universal newlines)."""
+    from moeplace.serve.cli import load_tokenizer, read_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_bytes("one\u2028two\x0cthree\x1c\r\nfour\x85five\rsix\n\n".encode())
+    prompts = read_prompts(str(path), load_tokenizer(str(model[0])), 512, 4096, 4)
+    assert [p[0] for p in prompts] == ["one\u2028two\x0cthree\x1c", "four\x85five\rsix"]
+
+
+@pytest.mark.parametrize("name, first, jsonl", [("p.jsonl", '{"prompt": [1, 2]}', True),
+                                                ("p.txt", '{"prompt": [1, 2]}', False),  # before: read as JSONL
+                                                ("p.in", '{"prompt": [1, 2]}', True),
+                                                ("p.in", "hello {", False)])
+def test_prompts_format_follows_the_suffix_then_the_content(model: tuple[Path, list[list[int]]], tmp_path: Path,
+                                                            name: str, first: str, jsonl: bool) -> None:
+    from moeplace.serve.cli import load_tokenizer, read_prompts
+
+    path = tmp_path / name
+    path.write_text(f"\n{first}\n")
+    prompts = read_prompts(str(path), load_tokenizer(str(model[0])), 512, 4096, 4)
+    assert prompts[0][0] == ([1, 2] if jsonl else first)
+
+
+@pytest.mark.parametrize("field, value", [("stop", "\n"), ("stop", ["x"]), ("echo", True), ("logprobs", 1),
+                                          ("logprobs", 0), ("best_of", 2), ("best_of", True), ("suffix", "end")])
+def test_completion_fields_that_would_change_the_answer_are_refused(field: str, value: Any) -> None:
+    """Before: accepted and ignored ("stop" changes what a real server answers)."""
+    with pytest.raises(BadRequest, match=f"\"{field}\" is not supported"):
+        parse_completion(json.dumps({"prompt": [1, 2], field: value}).encode(), None, 100, 64, 16)
+
+
+def test_completion_fields_at_their_defaults_are_accepted() -> None:
+    body = {"prompt": [1, 2], "stop": None, "echo": False, "logprobs": None, "best_of": 1, "suffix": None}
+    assert parse_completion(json.dumps(body).encode(), None, 100, 64, 16).prompts == [[1, 2]]
+    assert parse_completion(json.dumps({"prompt": [1, 2], "stop": []}).encode(), None, 100, 64, 16).prompts == [[1, 2]]
+
+
+def test_a_request_never_exceeds_max_batch_sequences() -> None:
+    """Before: --max-batch counted requests: one request with 5000 prompts ran as one batch."""
+    import queue
+
+    from moeplace.serve.httpserver import Job, next_batch
+
+    class Tokenizer:
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            return [1]
+
+    with pytest.raises(BadRequest, match="3 prompts in one request; this server decodes at most 2 sequences"):
+        parse_completion(json.dumps({"prompt": ["a", "b", "c"]}).encode(), Tokenizer(), 100, 64, 16, max_prompts=2)
+    assert len(parse_completion(json.dumps({"prompt": ["a", "b"]}).encode(), Tokenizer(), 100, 64, 16,
+                                max_prompts=2).prompts) == 2
+    jobs: queue.Queue[Job] = queue.Queue()
+    sizes = [2, 1, 3, 1, 4, 1]
+    for n in sizes:
+        jobs.put(Job([[1]] * n, 4, False))
+    waiting: list[Job] = []
+    batches = []
+    while waiting or not jobs.empty():
+        batches.append([len(j.prompts) for j in next_batch(waiting, jobs, 4)])
+    assert batches == [[2, 1], [3, 1], [4], [1]]  # in order, each at most 4 sequences
+
+
+def test_a_client_that_leaves_mid_request_is_no_server_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a BrokenPipeError/ConnectionResetError traceback on the server's stderr."""
+    import queue
+    import struct
+    import threading
+    from types import SimpleNamespace
+
+    from moeplace.serve.httpserver import make_server
+
+    server = make_server("127.0.0.1", 0)
+    server.spec = SimpleNamespace(vocab_size=100, max_positions=64, eos_token_ids=[0])
+    server.tokenizer, server.mode, server.world, server.model_name, server.created = None, "standard", 1, "m", 0
+    server.max_tokens_limit, server.max_batch, server.jobs, server.stats = 16, 4, queue.Queue(), Stats()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def engine() -> None:  # answers each job once its client has gone
+        while True:
+            job = server.jobs.get()
+            time.sleep(0.3)
+            job.result = [[5] * 4000]  # a large answer: its write meets the closed socket
+            job.done.set()
+
+    threading.Thread(target=engine, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        for _ in range(2):
+            body = json.dumps({"prompt": [1, 2], "max_tokens": 4}).encode()
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+            time.sleep(0.8)
+        assert http(port, "/health")[0] == 200  # still serving
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err
+
+
+def test_the_failure_named_is_a_rank_killed_by_a_signal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: rank 0's exit 2 ("lost contact", the same second, the lower rank) was taken as the
+    failure and the SIGKILLed rank 1 went unnamed."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from moeplace.errors import AlreadyReported, MoeplaceError
+    from moeplace.serve import launch as launcher
+
+    failures = {0: ProcessFailure(0, 100, 2, ""), 1: ProcessFailure(1, 101, -signal.SIGKILL, "")}
+    failures[1].timestamp = failures[0].timestamp
+
+    def fail(args: Any) -> None:
+        raise ChildFailedError("serve", failures)
+
+    monkeypatch.setattr(torchrun, "run", fail)
+    with pytest.raises(MoeplaceError, match="^rank 1 of 2 was killed by SIGKILL$"):
+        launcher.launch(2, [])
+    failures[0].exitcode = -signal.SIGTERM  # rank 0 stopped by the agent, the same second
+    with pytest.raises(MoeplaceError, match="^rank 1 of 2 was killed by SIGKILL$"):
+        launcher.launch(2, [])
+    # rank 0 lost contact with a stopped rank 1, which the agent SIGKILLed after the grace: rank 0 said why
+    failures[0].exitcode, failures[1].timestamp = 2, failures[0].timestamp + 3
+    with pytest.raises(AlreadyReported):
+        launcher.launch(2, [])
+    del failures[1]
+    with pytest.raises(AlreadyReported):
+        launcher.launch(2, [])
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_launcher_exit_code_follows_the_signal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                               sig: signal.Signals, code: int) -> None:
+    """Before: 130 for SIGTERM too (the README's rule: 128 + the signal)."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from moeplace.errors import AlreadyReported
+    from moeplace.serve import launch as launcher
+
+    def stopped(args: Any) -> None:
+        raise SignalException("stopped", sigval=sig)
+
+    monkeypatch.setattr(torchrun, "run", stopped)
+    with pytest.raises(AlreadyReported) as info:
+        launcher.launch(2, [])
+    assert info.value.exit_code == code
+    assert capsys.readouterr().err == f"moeplace: interrupted ({sig.name}); ranks stopped\n"
+
+
+def test_gloo_advice_is_left_out_of_one_line_errors() -> None:
+    from moeplace.serve.dist import distributed_failure, error_text
+
+    e = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5000. This is "
+                     "typically caused by a remote worker crashing. GLHF!\nmore")
+    assert error_text(e) == "[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5000."
+    assert str(distributed_failure(1, e)).endswith("peer [127.0.0.1]:5000.")
+
+
+def test_one_rank_is_worded_as_one(model: tuple[Path, list[list[int]]], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: "placement is for 2 GPUs but 1 ranks are running"."""
+    placement = save_placement(tmp_path / "p.json", 2, 8, 2)
+    assert run(["serve", "--model", str(model[0]), "--placement", str(placement), "--port", "0"]) == 2
+    assert "placement is for 2 GPUs but 1 rank is running" in capsys.readouterr().err
+
+
+def test_a_stopped_rank_ends_the_run_within_a_few_seconds_of_the_timeout(model: tuple[Path, list[list[int]]],
+                                                                        tmp_path: Path) -> None:
+    """Before: rank 0's "lost contact" line came after --timeout, then the launcher waited out
+    torch's 30 s SIGTERM grace on the stopped rank before SIGKILL."""
+    placement = save_placement(tmp_path / "p.json", 2, 8, 2)
+    proc = serve_launcher(["--model", str(model[0]), "--placement", str(placement), "--port", "0", "--timeout", "2"])
+    ranks: list[int] = []
+    try:
+        assert proc.stderr is not None
+        while "moeplace serve: http://" not in (line := proc.stderr.readline()):
+            assert line, "the server did not come up"
+        ranks = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+                 for pid in (task / "children").read_text().split()]
+        rank1 = next(pid for pid in ranks if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        os.kill(rank1, signal.SIGSTOP)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - start < 2 + 12, err  # the timeout, the grace (3 s), slack for a busy machine
+        assert proc.returncode == 2 and "lost contact with a peer rank" in err and "Traceback" not in err, err
+        assert "GLHF" not in err and "typically caused" not in err
+    finally:
+        for pid in ranks:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_a_slow_prompts_file_on_rank_0_is_not_a_timeout(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:
+    """Before: the other ranks waited for rank 0's verdict under --timeout; tokenising a large
+    prompts file for longer than that failed with "lost contact with a peer rank"."""
+    path, expected = model
+    placement = save_placement(tmp_path / "p.json", 2, 8, 2)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPT_IDS) + "\n")
+    out = tmp_path / "out.jsonl"
+    code = ("import sys, time\nimport moeplace.serve.cli as c\nread = c.read_prompts\n"
+            "def slow(*a):\n    time.sleep(4)  # rank 0 only reads the prompts\n    return read(*a)\n"
+            "c.read_prompts = slow\nfrom moeplace.cli import entry\nsys.argv = ['moeplace', *sys.argv[1:]]\nentry()\n")
+    args = ["serve", "--model", str(path), "--placement", str(placement), "--prompts", str(prompts), "--out", str(out),
+            "--max-new-tokens", "6", "--ignore-eos", "--timeout", "1", "--mode", "standard"]
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", code, *args], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        errs = [p.communicate(timeout=180)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], errs
+        assert [json.loads(line)["token_ids"] for line in out.read_text().splitlines()] == expected
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()

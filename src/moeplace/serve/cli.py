@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError
-from moeplace.options import check_writable, writing
+from moeplace.options import check_distinct_outputs, check_writable, writing
 from moeplace.trace.cli import TOKENIZER_FILES  # one list: a directory `trace` reads a tokenizer from, serve does too
 
 EPILOG = """\b
@@ -42,18 +42,21 @@ expert.
               help="coherent: ExFlow context-coherent decode (a token continues on its top-1 expert's rank, "
                    "one Alltoall per MoE layer for top-1). standard: classic dispatch + combine to a home rank.")
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False),
-              help="Batch input: one prompt per line, or JSONL with {\"prompt\": text or [token ids], "
-                   "\"max_tokens\": n}.")
+              help="Batch input: one prompt per line (lines end at \\n only), or JSONL with {\"prompt\": "
+                   "text or [token ids], \"max_tokens\": n}. A .jsonl file is JSONL, a .txt file is text; "
+                   "any other name is JSONL when its first non-blank line starts with '{'.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
               help="Batch output JSONL: one {index, prompt, token_ids, text, finish_reason} per prompt "
                    "(default: stdout).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 1 << 16),
               help="Greedy tokens per prompt (a JSONL max_tokens overrides it).")
 @click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1, 1 << 14),
-              help="Sequences decoded together.")
-@click.option("--ignore-eos", is_flag=True, help="Do not stop at the end-of-sequence token.")
+              help="Sequences decoded together (batch: rounded down to a multiple of the number of ranks, "
+                   "at least one per rank; HTTP: a request with more prompts is refused).")
+@click.option("--ignore-eos", is_flag=True, help="Batch: do not stop at the end-of-sequence token.")
 @click.option("--port", type=click.IntRange(0, 65535),
-              help="Serve HTTP on rank 0: POST /v1/completions, GET /health, GET /metrics.")
+              help="Serve HTTP on rank 0: POST /v1/completions, GET /health, GET /metrics. The batch "
+                   "options (--out, --stats-out, --routing-out, --ignore-eos) do not apply.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address (loopback by default).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA + NCCL when GPUs are visible, else CPU + gloo.")
@@ -83,6 +86,8 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
 
     if (prompts_path is None) == (port is None):
         raise MoeplaceError("give exactly one of --prompts FILE (batch) or --port N (HTTP server)")
+    refuse_other_mode(click.get_current_context(), http=port is not None)
+    check_distinct_outputs([("--out", out_path), ("--stats-out", stats_out), ("--routing-out", routing_out)])
     if nproc_per_node is not None:
         from moeplace.serve import launch
 
@@ -111,6 +116,22 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
         exit_hard(MoeplaceError(f"rank {rank}: internal error {type(e).__name__}: {e}"))
 
 
+BATCH_ONLY = ("out_path", "stats_out", "routing_out", "ignore_eos")
+HTTP_ONLY = ("host",)
+
+
+def refuse_other_mode(ctx: click.Context, http: bool) -> None:
+    """An option given for the other mode would be silently ignored (an --out that never
+    appears): refuse it, naming it as the user spelled it."""
+    for param in ctx.command.params:
+        if param.name in (BATCH_ONLY if http else HTTP_ONLY) and \
+                ctx.get_parameter_source(param.name) != click.core.ParameterSource.DEFAULT:
+            flag = param.opts[0]
+            raise MoeplaceError(f"{flag} applies to batch runs (--prompts), not to the HTTP server (--port)"
+                                if http else f"{flag} applies to the HTTP server (--port), not to batch runs "
+                                "(--prompts)")
+
+
 def exit_hard(e: BaseException | None) -> None:
     """Print one line and leave at once: tearing down a broken process group can hang."""
     code = e.exit_code if isinstance(e, MoeplaceError) else 130
@@ -134,20 +155,21 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
     spec, placement = engine.prepare(model_dir, placement_path, mode)
     rank, world, dev = engine.init_distributed(timeout_s, device)
     # rank 0's own inputs, checked before any weight is read; the others learn the verdict
-    error: MoeplaceError | None = None
     tokenizer = prompts = server = None
-    if rank == 0:
-        try:
-            for option, path in (("--out", out_path), ("--stats-out", stats_out), ("--routing-out", routing_out)):
-                if path:
-                    check_writable(Path(path), option, inputs=[prompts_path, placement_path])  # before the run
-            tokenizer = load_tokenizer(model_dir)
-            if prompts_path:
-                prompts = read_prompts(prompts_path, tokenizer, spec.vocab_size, spec.max_positions, max_new_tokens)
-            else:
-                server = bind_http(host, port or 0)
-        except MoeplaceError as e:
-            error = e
+
+    def check() -> None:
+        nonlocal tokenizer, prompts, server
+        for option, path in (("--out", out_path), ("--stats-out", stats_out), ("--routing-out", routing_out)):
+            if path:
+                check_writable(Path(path), option, inputs=[prompts_path, placement_path])  # before the run
+        tokenizer = load_tokenizer(model_dir)
+        if prompts_path:
+            prompts = read_prompts(prompts_path, tokenizer, spec.vocab_size, spec.max_positions, max_new_tokens)
+        else:
+            server = bind_http(host, port or 0)
+
+    heartbeat_s = max(0.5, timeout_s / 4)
+    error = engine.check_inputs(rank, world, dev, check if rank == 0 else None, heartbeat_s)
     engine.agree(rank, world, dev, str(error) if error else None, engine.fingerprint(spec, placement, mode))
     if error:
         raise error
@@ -164,7 +186,7 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
         click.echo(f"moeplace serve: http://{host}:{server.server_address[1]} ({world} ranks, {mode})", err=True)
         stop = True
         try:
-            serve_forever(rt, server, tokenizer, max_batch, max_new_tokens, heartbeat_s=max(0.5, timeout_s / 4),
+            serve_forever(rt, server, tokenizer, max_batch, max_new_tokens, heartbeat_s=heartbeat_s,
                           model_name=Path(model_dir).name)
         except MoeplaceError:
             # a failed collective: one more broadcast on the broken group would only wait out the
@@ -206,15 +228,19 @@ def bind_http(host: str, port: int) -> Any:
 
 def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int,
                  max_new_tokens: int) -> list[tuple[Any, list[int], int]]:
-    """(original prompt, token ids, max new tokens) per prompt; plain lines or JSONL."""
+    """(original prompt, token ids, max new tokens) per prompt; plain lines or JSONL (see
+    prompts_are_jsonl). Lines end at "\n" (a "\r" before it is dropped) and at nothing else:
+    str.splitlines would also split at U+2028, form feeds, \x1c-\x1e and \x85 inside a prompt."""
     p = Path(path)
     if not p.is_file():
         raise MoeplaceError(f"{p}: no such file")
     try:
-        lines = p.read_text().splitlines()
+        lines = [ln.removesuffix("\r") for ln in p.read_bytes().decode("utf-8").split("\n")]
     except UnicodeDecodeError:
         raise MoeplaceError(f"{p}: not UTF-8 text") from None
-    jsonl = p.suffix == ".jsonl" or next((ln.lstrip().startswith("{") for ln in lines if ln.strip()), False)
+    except OSError as e:
+        raise MoeplaceError(f"{p}: cannot read it ({e.strerror or e})") from None
+    jsonl = prompts_are_jsonl(p, lines)
     out = []
     for num, line in enumerate(lines, 1):
         if not line.strip():
@@ -254,6 +280,15 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int,
     return out
 
 
+def prompts_are_jsonl(path: Path, lines: list[str]) -> bool:
+    """The prompts file's format: `.jsonl` is JSONL and `.txt` is text, whatever they hold;
+    another name is JSONL when its first non-blank line starts with "{"."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".txt"):
+        return suffix == ".jsonl"
+    return next((ln.lstrip().startswith("{") for ln in lines if ln.strip()), False)
+
+
 def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int]], max_batch: int, ignore_eos: bool, tokenizer: Any,
               out_path: str | None, stats_out: str | None, routing_out: str | None,
               placement_path: str | None) -> None:
@@ -267,7 +302,11 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int]], max_batch: int
 
     spec = rt.model.spec
     # batches start at multiples of the world size, so a prompt's home rank is index % world
-    max_batch = max(max_batch - max_batch % rt.comm.world, rt.comm.world)
+    world = rt.comm.world
+    if (batch := max(max_batch - max_batch % world, world)) != max_batch:
+        click.echo(f"moeplace serve: note: --max-batch {max_batch} runs as {batch}, a multiple of the {world} "
+                   f"ranks (a prompt's home rank is its index % {world})", err=True)
+    max_batch = batch
     results: list[list[int]] = []
     routing: list[np.ndarray] = []
     seconds = 0.0

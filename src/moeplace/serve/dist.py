@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -174,7 +175,17 @@ def unpack(rows: torch.Tensor, hidden: int, widths: list[tuple[int, torch.dtype]
     return out
 
 
+# gloo appends advice to its socket errors ("This is typically caused by a remote worker
+# crashing. ... GLHF!"): noise in a one-line error or a 503 body
+GLOO_ADVICE = re.compile(r"\s*This is typically caused by .*?(GLHF!|$)", re.S)
+
+
+def error_text(e: BaseException) -> str:
+    """An exception as one short line: its first line, without gloo's boilerplate advice."""
+    text = GLOO_ADVICE.sub("", str(e)).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 def distributed_failure(rank: int, e: BaseException) -> MoeplaceError:
     """One-line error for a collective that failed because a peer died or went silent."""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return MoeplaceError(f"rank {rank}: lost contact with a peer rank (it died or timed out): {msg[:300]}")
+    return MoeplaceError(f"rank {rank}: lost contact with a peer rank (it died or timed out): {error_text(e)}")

@@ -4,7 +4,8 @@ Order on every rank (so a bad placement costs nothing):
     1. read the checkpoint's config and safetensors headers, the placement, and the world size;
        reject a placement made for another model or another world size (no weight read yet)
     2. join the process group (timeout: a rank that never arrives is an error, not a hang); rank 0
-       checks its own inputs (prompts file, HTTP port) and broadcasts the verdict (`agree`)
+       checks its own inputs (prompts file, HTTP port) while telling the others it is still at it
+       (`check_inputs`: no timeout for a large prompts file), and broadcasts the verdict (`agree`)
     3. load the replicated weights and this rank's experts
     4. rank 0 reads requests (file or HTTP) and broadcasts each batch as a command; the other
        ranks follow the commands; idle rank 0 sends heartbeats, so a dead rank is noticed by
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,6 +26,7 @@ import torch.distributed as dist
 
 from moeplace.errors import AlreadyReported, MoeplaceError
 from moeplace.export.permute import check_not_applied
+from moeplace.options import plural
 from moeplace.placement import Placement, load_placement
 from moeplace.serve.counters import Counters
 from moeplace.serve.dist import Comm, init_distributed, world_from_env
@@ -57,8 +61,8 @@ def check_placement(spec: ModelSpec, placement: Placement | None, world: int) ->
     placement.check_fits(moe_layers, experts, what=f"model {spec.path}")
     check_not_applied(spec.path, placement)
     if placement.num_gpus != world:
-        raise MoeplaceError(f"placement is for {placement.num_gpus} GPUs but {world} ranks are running "
-                            f"(--nproc-per-node {placement.num_gpus})")
+        raise MoeplaceError(f"placement is for {plural(placement.num_gpus, 'GPU')} but {plural(world, 'rank')} "
+                            f"{'is' if world == 1 else 'are'} running (--nproc-per-node {placement.num_gpus})")
     return placement
 
 
@@ -79,6 +83,49 @@ def fingerprint(spec: ModelSpec, placement: Placement, mode: str) -> int:
            "model": [spec.family, spec.num_layers, spec.hidden_size, spec.vocab_size, spec.num_experts, spec.top_k,
                      list(spec.moe_layers)]}
     return int.from_bytes(hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).digest()[:8], "big") >> 1
+
+
+def check_inputs(rank: int, world: int, device: torch.device, check: Callable[[], None] | None,
+                 heartbeat_s: float) -> MoeplaceError | None:
+    """Rank 0 runs `check` (its own inputs; tokenising a large prompts file can outlast
+    --timeout) in a thread and tells the other ranks "still checking" every `heartbeat_s`, so
+    that their wait is not bounded by the collective timeout while rank 0 is alive; a dead rank 0
+    still ends it at once (gloo) and a hung one after the timeout. Returns rank 0's input error."""
+    if world == 1:
+        try:
+            if check is not None:
+                check()
+        except MoeplaceError as e:
+            return e
+        return None
+    if rank > 0:
+        flag = torch.zeros(1, dtype=torch.int64, device=device)
+        while True:
+            dist.broadcast(flag, 0)
+            if not flag.item():
+                return None
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            if check is not None:
+                check()
+        except BaseException as e:  # re-raised on the main thread
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="moeplace-input-check", daemon=True)
+    thread.start()
+    while True:
+        thread.join(heartbeat_s)
+        busy = thread.is_alive()
+        dist.broadcast(torch.tensor([int(busy)], dtype=torch.int64, device=device), 0)
+        if not busy:
+            break
+    if failure and isinstance(failure[0], MoeplaceError):
+        return failure[0]
+    if failure:
+        raise failure[0]
+    return None
 
 
 def agree(rank: int, world: int, device: torch.device, error: str | None, shared: int = 0) -> None:

@@ -8,7 +8,10 @@ also stops when its launcher has gone (dist.tie_to_launcher).
 
     POST /v1/completions  {"prompt": str | [int] | [str, ...], "max_tokens": int = min(16, cap)}
                           (cap: the server's --max-new-tokens). Greedy: temperature, top_p and
-                          the like are accepted and ignored; "stream": true and "n" > 1 are 400.
+                          the like are accepted and ignored; "stream": true, "n" > 1, and
+                          the fields that would change the answer (UNSUPPORTED: "stop", "echo",
+                          "logprobs", "best_of", "suffix") are 400 unless null or their default;
+                          so is a request with more prompts than --max-batch.
     GET  /v1/models       OpenAI list format: the one served model (the checkpoint's directory name)
     GET  /health          {"status": "ok", "world": N, "mode": ...}
     GET  /metrics         Prometheus text (tokens/s, Alltoall bytes, per-layer cross-rank tokens)
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -29,12 +33,19 @@ from typing import Any
 
 from moeplace.errors import MoeplaceError
 from moeplace.serve.counters import KINDS
-from moeplace.serve.dist import launcher_pid
+from moeplace.serve.dist import error_text, launcher_pid
 from moeplace.serve.engine import GENERATE, NOOP, Request, merged_counters, run_request, send_command
 from moeplace.serve.generate import Runtime
 
 MAX_BODY = 1 << 20  # bytes
 ROUTES = {"/v1/completions": "POST", "/v1/models": "GET", "/health": "GET", "/metrics": "GET"}
+
+
+# fields that change the completion, which this server does not implement: accepted only
+# absent or at these values (what OpenAI clients send by default); anything else is a 400
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "stop": (None, []), "echo": (None, False), "logprobs": (None,), "best_of": (None, 1), "suffix": (None, ""),
+}
 
 
 class BadRequest(ValueError):
@@ -61,8 +72,10 @@ class Stats:
     counters: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_tokens_limit: int) -> Job:
-    """Validate a /v1/completions body into a Job; raises BadRequest with a readable reason."""
+def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_tokens_limit: int,
+                     max_prompts: int | None = None) -> Job:
+    """Validate a /v1/completions body into a Job; raises BadRequest with a readable reason.
+    `max_prompts`: the server's --max-batch (one request runs in one batch)."""
     try:
         doc = json.loads(body or b"null")
     except (ValueError, UnicodeDecodeError) as e:
@@ -74,6 +87,12 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
     n = doc.get("n", 1)
     if n != 1 or isinstance(n, bool):
         raise BadRequest("\"n\" must be 1: decoding is greedy, one completion per prompt")
+    for name, defaults in UNSUPPORTED.items():
+        value = doc.get(name)
+        # bool is an int (True == 1): best_of true is not the default 1
+        if not any(value == d and type(value) is type(d) for d in defaults):
+            raise BadRequest(f"\"{name}\" is not supported (greedy decoding, plain completions): "
+                             f"leave it out or null, got {json.dumps(value)[:80]}")
     prompt = doc.get("prompt")
     max_tokens = doc.get("max_tokens", min(16, max_tokens_limit))
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= max_tokens_limit:
@@ -88,6 +107,9 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
         prompts, texts = [list(tokenizer.encode(p, add_special_tokens=False)) for p in prompt], True
     else:
         raise BadRequest("prompt must be a string, a list of strings or a list of token ids")
+    if max_prompts is not None and len(prompts) > max_prompts:
+        raise BadRequest(f"{len(prompts)} prompts in one request; this server decodes at most {max_prompts} "
+                         "sequences together (--max-batch): split the request")
     for p in prompts:
         if not p:
             raise BadRequest("empty prompt")
@@ -154,8 +176,11 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client left: nobody to answer
+            self.close_connection = True
 
     def _error(self, code: int, msg: str, headers: dict[str, str] | None = None) -> None:
         self.server.stats.rejected += 1
@@ -199,7 +224,7 @@ class Handler(BaseHTTPRequestHandler):
         spec = srv.spec
         try:
             job = parse_completion(self.rfile.read(length), srv.tokenizer, spec.vocab_size, spec.max_positions,
-                                   srv.max_tokens_limit)
+                                   srv.max_tokens_limit, srv.max_batch)
         except BadRequest as e:
             return self._error(400, str(e))
         srv.jobs.put(job)
@@ -231,8 +256,15 @@ class Server(ThreadingHTTPServer):
     model_name: str
     created: int  # start time, the model's "created" in /v1/models
     max_tokens_limit: int
+    max_batch: int  # sequences per batch; a request never has more
     jobs: "queue.Queue[Job]"
     stats: Stats
+
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that disconnects mid-request is no error of the server's (no traceback)."""
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
 
 
 def make_server(host: str, port: int) -> Server:
@@ -245,22 +277,24 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
     """Rank 0: answer HTTP and drive the other ranks until interrupted or a rank fails."""
     server.spec, server.tokenizer, server.mode, server.world = rt.model.spec, tokenizer, rt.mode, rt.comm.world
     server.model_name, server.max_tokens_limit, server.created = model_name, max_tokens_limit, int(time.time())
+    server.max_batch = max_batch
     server.jobs, server.stats = queue.Queue(), Stats()
     jobs, stats = server.jobs, server.stats
     launcher = launcher_pid()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    waiting: list[Job] = []  # taken from the queue, but did not fit in the last batch
     try:
         while True:
-            try:
-                batch = [jobs.get(timeout=heartbeat_s)]
-            except queue.Empty:
-                send_command(rt, NOOP)  # heartbeat: raises if a rank died
-                if launcher is not None and os.getppid() != launcher:  # where no PR_SET_PDEATHSIG (not Linux)
-                    raise MoeplaceError(f"rank 0: the launcher (pid {launcher}) exited; stopping")
-                continue
-            while len(batch) < max_batch and not jobs.empty():
-                batch.append(jobs.get_nowait())
+            if not waiting:
+                try:
+                    waiting.append(jobs.get(timeout=heartbeat_s))
+                except queue.Empty:
+                    send_command(rt, NOOP)  # heartbeat: raises if a rank died
+                    if launcher is not None and os.getppid() != launcher:  # where no PR_SET_PDEATHSIG (not Linux)
+                        raise MoeplaceError(f"rank 0: the launcher (pid {launcher}) exited; stopping")
+                    continue
+            batch = next_batch(waiting, jobs, max_batch)
             req = Request([p for j in batch for p in j.prompts],
                           [j.max_tokens for j in batch for _ in j.prompts])
             try:
@@ -268,8 +302,8 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
                 result = run_request(rt, req)
                 counters = merged_counters(rt)
             except BaseException as e:
-                for j in batch:
-                    j.error = f"runtime failed: {e}"
+                for j in batch + waiting:
+                    j.error = f"runtime failed: {error_text(e)}"
                     j.done.set()
                 raise
             it = iter(result.tokens)
@@ -285,3 +319,19 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
     finally:
         server.shutdown()
         server.server_close()
+
+
+def next_batch(waiting: list[Job], jobs: "queue.Queue[Job]", max_batch: int) -> list[Job]:
+    """The next batch: waiting jobs first, then queued ones, in order, while their prompts fit in
+    `max_batch` sequences (a job never has more: parse_completion). The job that does not fit
+    is left in `waiting` for the batch after."""
+    batch: list[Job] = []
+    size = 0
+    while waiting or not jobs.empty():
+        job = waiting.pop(0) if waiting else jobs.get_nowait()
+        if batch and size + len(job.prompts) > max_batch:
+            waiting.insert(0, job)
+            break
+        batch.append(job)
+        size += len(job.prompts)
+    return batch

@@ -6,8 +6,12 @@ the same elastic agent in-process (torch.distributed.run, `--standalone`: a free
 that:
     1. the model and placement are checked once here, before N ranks start and import torch;
     2. a rank that exits 2 has already said why in one line: nothing is added;
-    3. a rank that crashes or is killed gives one line naming it, and a non-zero exit;
-    4. Ctrl-C or SIGTERM stops the ranks with one line; a SIGKILLed launcher takes them with it.
+    3. a rank that crashes or is killed gives one line naming it, and a non-zero exit; a rank
+       killed by a signal is named before the ranks that lost contact with it;
+    4. Ctrl-C or SIGTERM stops the ranks with one line (exit 128 + the signal: 130, 143); a
+       SIGKILLed launcher takes them with it;
+    5. ranks that do not stop on SIGTERM (a stopped or hung process) are SIGKILLed after
+       SHUTDOWN_GRACE_S seconds, not torch's 30 (`_short_grace`).
 Several nodes: run `torchrun ... -m moeplace serve` on each (its own failure report applies).
 """
 
@@ -16,10 +20,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from typing import Any
 
 import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError
+
+SHUTDOWN_GRACE_S = 3  # SIGTERM -> SIGKILL; the ranks hold nothing that needs a clean exit
 
 
 def command_line(ctx: click.Context, drop: str) -> list[str]:
@@ -64,13 +71,13 @@ def launch(nproc: int, serve_argv: list[str]) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning banner
     os.environ[LAUNCHER_ENV] = str(os.getpid())  # the ranks die with this process (dist.tie_to_launcher)
     _quiet_torch_launcher()
+    _short_grace()
     args = parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "moeplace", "serve",
                        *serve_argv])
     try:
         run(args)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        code = failure.exitcode
+        rank, code = first_failure(e.failures)
         if code == MoeplaceError.exit_code:
             raise AlreadyReported(code) from None  # the rank printed its one-line reason
         if code < 0:
@@ -78,10 +85,53 @@ def launch(nproc: int, serve_argv: list[str]) -> None:
         raise MoeplaceError(f"rank {rank} of {nproc} failed with exit code {code} (its output is above)") from None
     except SignalException as e:  # SIGINT/SIGTERM to the launcher: the agent has stopped the ranks
         click.echo(f"moeplace: interrupted ({_signal_name(int(e.sigval))}); ranks stopped", err=True)
-        raise AlreadyReported(130) from None  # (a KeyboardInterrupt here would be click's "Aborted!")
+        # (a KeyboardInterrupt here would be click's "Aborted!")
+        raise AlreadyReported(128 + int(e.sigval)) from None
     except Exception as e:  # rendezvous or agent errors: torch's message, on one line
         raise MoeplaceError(f"cannot start {nproc} ranks ({type(e).__name__}: "
                             f"{' '.join(str(e).split())[:300]})") from None
+
+
+def _short_grace() -> None:
+    """SIGTERM -> SIGKILL grace of SHUTDOWN_GRACE_S seconds for the ranks, in this launcher process.
+
+    When one rank fails, the agent's process context SIGTERMs the others and waits up to 30 s
+    before SIGKILL. A rank that cannot take SIGTERM (stopped, or stuck in the kernel) kept the
+    command 30 s past its error line. That wait is `PContext.close(timeout=30)` called with its
+    default from the agent's poll, which neither torchrun's --shutdown-timeout nor
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT reach (they set the agent's own shutdown only), so the
+    default is capped here; the ranks hold nothing that needs longer to exit cleanly."""
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    close = PContext.close
+    if getattr(close, "moeplace_grace", False):
+        return
+
+    def close_soon(self: Any, death_sig: Any = None, timeout: int = SHUTDOWN_GRACE_S) -> None:
+        close(self, death_sig, min(timeout, SHUTDOWN_GRACE_S))
+
+    close_soon.moeplace_grace = True  # type: ignore[attr-defined]
+    PContext.close = close_soon  # type: ignore[method-assign]
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_GRACE_S))  # the agent's own shutdown
+
+
+def first_failure(failures: dict[int, Any]) -> tuple[int, int]:
+    """(rank, exit code) of the failure to name.
+
+    torch's get_first_failure takes the earliest timestamp (whole seconds), ties to the lowest
+    rank: a rank 1 SIGKILLed mid-batch and rank 0 exiting 2 for lost contact in the same second
+    named rank 0, and rank 1's death went unsaid. The failures also hold the ranks the agent
+    itself stopped afterwards (SIGTERM, or SIGKILL after the grace). So: among the failures of
+    the first second or so (the agent's first poll), a rank killed by a signal other than
+    SIGTERM, then one that exited with a code, then one that got SIGTERM; ties to the lowest rank."""
+    first = min(f.timestamp for f in failures.values())
+
+    def order(rank: int) -> tuple[int, int]:
+        code = failures[rank].exitcode
+        return (0 if code < 0 and -code != signal.SIGTERM else 1 if code >= 0 else 2), rank
+
+    rank = min((r for r, f in failures.items() if f.timestamp <= first + 1), key=order)
+    return rank, failures[rank].exitcode
 
 
 def _quiet_torch_launcher() -> None:
