@@ -183,3 +183,12 @@ def test_uint64_values_are_checked_before_the_int64_cast() -> None:
     with pytest.raises(TraceError, match=r"token_ids value 9223372036854775808 out of range"):
         make_trace(np.array([[[0]]]), token_ids=np.array([2**63], dtype=np.uint64))
     assert make_trace(np.array([[[0, 3]]], dtype=np.uint64)).num_experts == 4
+
+
+def test_meta_stored_as_bytes_is_read(tmp_path: Path) -> None:
+    # np.asarray(b'{...}') stores a bytes scalar (dtype S): the same JSON as a str one
+    ids = np.array([[[0, 1]]])
+    t = load_trace(_npz(tmp_path / "b.npz", topk_ids=ids, meta=np.asarray(b'{"model": "m"}')))
+    assert t.meta["model"] == "m"
+    with pytest.raises(TraceError, match="'meta' is not a JSON string"):
+        load_trace(_npz(tmp_path / "bad.npz", topk_ids=ids, meta=np.asarray(b"\xff{")))

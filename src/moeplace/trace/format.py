@@ -369,7 +369,8 @@ def _parse_meta(raw: np.ndarray | None, p: Path) -> dict[str, Any]:
     if raw is None:
         return {}
     try:
-        meta = json.loads(str(raw.reshape(())))
+        value = raw.reshape(()).item()
+        meta = json.loads(value.decode("utf-8") if isinstance(value, bytes) else str(value))  # bytes: np.asarray(b"{...}")
     except (ValueError, TypeError) as e:
         raise TraceError(f"{p}: 'meta' is not a JSON string ({e})") from None
     if not isinstance(meta, dict):
