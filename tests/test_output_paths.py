@@ -10,6 +10,7 @@ import stat
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moeplace import cli
@@ -75,3 +76,15 @@ def test_solve_into_a_fifo(tmp_path: Path, small_trace: Trace) -> None:
     reader.join(30)
     assert json.loads(got[0])["format"] == "moeplace.placement/v1"
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+@pytest.mark.parametrize("argv", [["solve", "{t}", "--gpus", "4"], ["import", "exflow", "{npy}"]])
+def test_output_with_a_trailing_separator_is_refused(argv: list[str], tmp_path: Path, small_trace: Trace,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # `-o out/` names a directory; pathlib drops the slash, so it wrote a file called `out`
+    save_trace(small_trace, tmp_path / "t.npz")
+    np.save(tmp_path / "x.npy", small_trace.topk_ids[:, :, 0])
+    args = [a.format(t=tmp_path / "t.npz", npy=tmp_path / "x.npy") for a in argv]
+    assert cli.run([*args, "-o", f"{tmp_path / 'out'}/"]) == 2
+    assert "ends with a path separator, so it names a directory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -36,6 +36,20 @@ class Count(click.IntRange):
     name = "integer"  # not click's "integer range"
 
 
+class OutputFile(click.Path):
+    """A file to write: `-o out/` names a directory (Path would drop the slash and write a file
+    called `out`), so a trailing separator is refused."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.endswith(("/", os.sep)):
+            self.fail(f"{value!r} ends with a path separator, so it names a directory: give a file name", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+OUTPUT_FILE = OutputFile()
 SEED = Count(min=0)
 NON_NEGATIVE_INT = Count(min=0)
 POSITIVE_INT = Count(min=1)

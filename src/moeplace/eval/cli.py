@@ -13,7 +13,7 @@ from moeplace.errors import MoeplaceError, RegressionError
 from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_report, render_table,
                                   traffic_metric_fn)
 from moeplace.io import read_yaml, write_json_atomic
-from moeplace.options import NON_NEGATIVE, check_writable, plural, writing
+from moeplace.options import NON_NEGATIVE, OUTPUT_FILE, check_writable, plural, writing
 from moeplace.placement import load_placement
 from moeplace.trace.format import load_trace
 
@@ -145,7 +145,7 @@ def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str 
 @click.argument("placement", type=click.Path(path_type=Path))
 @click.argument("trace", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("-o", "--output", type=OUTPUT_FILE, default=None,
               help="Also write the JSON report to this file (atomically).")
 @click.option("--all-tokens", is_flag=True,
               help="Evaluate every token, even when the placement was fitted on part of this trace.")

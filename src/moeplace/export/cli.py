@@ -10,7 +10,7 @@ import click
 
 from moeplace.errors import MoeplaceError, PlacementError
 from moeplace.placement import Placement, load_placement
-from moeplace.options import check_writable
+from moeplace.options import OUTPUT_FILE, check_writable
 
 TO_FORMATS = ("sglang", "vllm", "vllm-ascend", "eplb")
 
@@ -109,7 +109,7 @@ Examples:
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--to", "to_format", type=click.Choice(TO_FORMATS), help="Write INPUT (a placement) in this format.")
 @click.option("--from", "from_format", type=click.Choice(TO_FORMATS), help="Read INPUT (this engine's file) into a placement.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="File to write (atomically).")
+@click.option("-o", "--output", type=OUTPUT_FILE, required=True, help="File to write (atomically).")
 @click.option("--model", type=click.Path(path_type=Path),
               help="Hugging Face model dir: checks the placement (written or read, any format) fits it; for sglang "
                    "also which decoder layers are MoE. --to: refuses a `permute-checkpoint` output already "

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from moeplace.options import (MAX_WEIGHT, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, WEIGHT, FiniteFloat,
+from moeplace.options import (MAX_WEIGHT, NON_NEGATIVE_INT, OUTPUT_FILE, POSITIVE, POSITIVE_INT, SEED, WEIGHT, FiniteFloat,
                               check_writable, writing)
 from moeplace.placement import Placement
 
@@ -98,7 +98,7 @@ def _objective_names() -> list[str]:
               help="latency: solve for compute weights 0 (traffic only), 1, 4, 16, 64 (balance heavy), each in a fifth "
                    "of --time-limit; print the compute / communication front and store it in the placement "
                    "(solver.pareto); writes the weight-1 placement.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Placement JSON to write.")
+@click.option("--output", "-o", type=OUTPUT_FILE, required=True, help="Placement JSON to write.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary on stdout, no progress on stderr.")
 def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str, time_limit: float, seed: int,
           train_fraction: float, node_cost: float, top1_weight: float, coselect_weight: float | None,

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError
-from moeplace.options import check_writable, plural
+from moeplace.options import OUTPUT_FILE, check_writable, plural
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -23,7 +23,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
               metavar="FILE", help="Text: .txt (one document), .jsonl (a 'text' field per line) or a "
                                    "directory of them (recursively, hidden names skipped). Repeat for "
                                    "several; a file given twice is refused.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", required=True, type=OUTPUT_FILE,
               help="Trace file to write (.npz, moeplace trace v1).")
 @click.option("--seq-len", default=None, type=click.IntRange(min=1), show_default=False,
               help="Tokens per sequence (each document is cut into windows)  [default: 512, or the model's "

@@ -10,13 +10,13 @@ from typing import Any, Sequence
 import click
 
 from moeplace.errors import MoeplaceError
-from moeplace.options import check_writable, writing
+from moeplace.options import OUTPUT_FILE, check_writable, writing
 from moeplace.progress import silenced
 from moeplace.trace.format import ExpertLoads, Trace, layer_ranges, make_trace, save_loads, save_trace
 from moeplace.trace.importers import import_csv, import_loads_json, import_sglang
 
 _OUTPUT = click.option(
-    "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+    "-o", "--output", required=True, type=OUTPUT_FILE,
     help="Where to write the result (.npz; written atomically).",
 )
 _QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress on stderr, no summary line.")
