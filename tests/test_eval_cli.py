@@ -175,7 +175,7 @@ def test_check_missing_file_is_an_error_line(tmp_path: Path, trace_path: Path, c
         ("checks: [{placement: p.json, trace: t.npz, max_cross_gpus: 0.5}]", "unknown keys ['max_cross_gpus']"),
         ("checks: [{placement: p.json, trace: t.npz}]", "no thresholds"),
         ("checks: [{placement: p.json, max_cross_gpu: 0.5}]", "'trace' (a path) is required"),
-        ("checks: [{placement: 123, trace: t.npz, max_cross_gpu: 0.5}]", "'placement' must be a path (a string), got 123"),
+        ("checks: [{placement: 123, trace: t.npz, max_cross_gpu: 0.5}]", "'placement' must be a path (a non-empty string), got 123"),
         ("checks: [{placement: p.json, trace: t.npz, max_imbalance: .nan}]", "must be a non-negative number"),
         ("checks: [{placement: p.json, trace: t.npz, max_imbalance: 'nan'}]", "must be a non-negative number, got 'nan'"),
         ("checks: [{placement: p.json, trace: t.npz, max_imbalance: '-1e-1'}]", "must be a non-negative number"),
@@ -247,7 +247,9 @@ def test_check_summary_counts_every_kind(tmp_path: Path, trace_path: Path, capsy
     ], defaults={"trace": "trace.npz"})
     assert run(["check", str(cfg)]) == 2  # docs/eval.md: 2 when a check could not run, failures or not
     captured = capsys.readouterr()
-    assert [line.split()[0] for line in captured.out.splitlines()] == ["PASS", "FAIL", "ERROR", "ERROR"]
+    verdicts = [line.split()[0] for line in captured.out.splitlines() if not line.startswith(" ")]
+    assert verdicts == ["PASS", "FAIL", "ERROR", "ERROR"]
+    assert "      tokens: all tokens: in-sample" in captured.out  # fitted on all of them: said under each line
     assert captured.err.strip() == "moeplace: error: 2 of 4 checks could not run (1 passed, 1 failed)"
 
 
@@ -298,3 +300,32 @@ def test_a_trace_of_another_model_is_noted(tmp_path: Path, trace_path: Path, cap
     assert "another model" not in notes["mixtral"] and "another model" not in notes["copy"]  # the path may differ
     assert "another model's routing: model_type mixtral (this trace: olmoe)" in notes["olmoe"]
     assert "moe_layers [0, 1, 2, 3] (this trace: [1, 2, 3, 4])" in notes["deeper"]
+
+
+def test_check_node_gates_on_one_node_nulls_and_token_notes(tmp_path: Path, trace_path: Path, capsys) -> None:
+    trace = load_trace(trace_path)
+    one_node = Placement(np.stack([((np.arange(8) - layer) % 8) // 2 for layer in range(4)]), 4, 4,
+                         trace_sha256=trace.sha256, split={"train_fraction": 0.5, "seed": 0})
+    one_node.save(tmp_path / "one.json")
+    # a shared YAML's cross-node gate has nothing to measure on one node: n/a, not "could not run"
+    defaults = {"trace": "trace.npz", "max_cross_node_vs_contiguous": 0.6, "max_imbalance": 0.5}
+    cfg = write_checks(tmp_path / "ci.yaml", [{"name": "one", "placement": "one.json", "max_imbalance": None}],
+                       defaults=defaults)
+    assert run(["check", str(cfg)]) == 0  # `max_imbalance: null` dropped the default that would fail
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "PASS  one (100 held-out tokens): cross_node_top1/contiguous n/a (one node)"
+    # another trace than the fit one is scored whole, and the line under it says what eval knows
+    save_trace(trace.select_tokens(np.arange(150)), tmp_path / "other.npz")
+    cfg = write_checks(tmp_path / "ci.yaml", [{"name": "other", "placement": "one.json", "trace": "other.npz",
+                                               "max_imbalance": None}], defaults=defaults)
+    assert run(["check", str(cfg)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("PASS  other (150 all tokens)")
+    assert out[1].startswith("      tokens: all tokens (not the trace the placement was fitted on")
+    # paths: an empty one is refused; ~ is the home directory; shown without `..`
+    cfg = write_checks(tmp_path / "ci.yaml", [{"placement": "", "max_imbalance": 2}], defaults={"trace": "trace.npz"})
+    assert run(["check", str(cfg)]) == 2
+    assert "'placement' must be a path (a non-empty string), got ''" in capsys.readouterr().err
+    cfg = write_checks(tmp_path / "ci.yaml", [{"placement": "~/p.json", "trace": "sub/../t.npz", "max_imbalance": 2}])
+    (check,) = read_checks(cfg)
+    assert check["placement"] == Path.home() / "p.json" and check["trace"] == tmp_path / "t.npz"
