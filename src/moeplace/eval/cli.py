@@ -220,7 +220,8 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
     \b
     Example:
       moeplace eval out/placement.json traces/flame-moe-290m-decoder.npz --max-cross-gpu 0.5
-      moeplace eval out/placement.json traces/flame-moe-290m-decoder.npz \\
+      moeplace solve traces/flame-moe-290m-decoder.npz --gpus 8 --train-fraction 0.5 -o out/p1x8.json
+      moeplace eval out/p1x8.json traces/flame-moe-290m-decoder.npz \\
           --cluster configs/cluster/h100-1x8-nvlink.yaml --model-config configs/model/flame-moe-290m.yaml
       moeplace serve ... --placement P.json --routing-out routing.npz   # then:
       moeplace eval P.json routing.npz --model MODEL_DIR --dtype fp32

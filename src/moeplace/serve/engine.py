@@ -62,7 +62,8 @@ def check_placement(spec: ModelSpec, placement: Placement | None, world: int) ->
     check_not_applied(spec.path, placement)
     if placement.num_gpus != world:
         raise MoeplaceError(f"placement is for {plural(placement.num_gpus, 'GPU')} but {plural(world, 'rank')} "
-                            f"{'is' if world == 1 else 'are'} running (--nproc-per-node {placement.num_gpus})")
+                            f"{'is' if world == 1 else 'are'} running: start {placement.num_gpus} (--nproc-per-node "
+                            f"{placement.num_gpus}), or solve a placement for {world}")
     return placement
 
 

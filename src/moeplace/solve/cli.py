@@ -124,7 +124,8 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     Example:
       moeplace solve traces/flame-moe-290m-decoder.npz --gpus 8 --gpus-per-node 4 \\
           --train-fraction 0.5 --seed 0 -o placement.json
-      moeplace solve loads.npz --gpus 4 --objective balance --max-experts-per-gpu-total 64 -o placement.json
+      # loads only (mixtral-loads.npz: the `moeplace import loads-json --help` example)
+      moeplace solve mixtral-loads.npz --gpus 4 --objective balance --max-experts-per-gpu-total 64 -o placement.json
       moeplace solve traces/flame-moe-290m-decoder.npz --gpus 16 --gpus-per-node 8 --objective latency \\
           --cluster configs/cluster/h100-2x8-ib.yaml --model-config configs/model/flame-moe-290m.yaml \\
           --redundant-experts 16 --train-fraction 0.5 -o placement.json
