@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -354,7 +355,7 @@ def test_cli_bad_inputs(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path
         (["--model", str(reshaped)], "of the wrong shape, e.g. model.layers.0.mlp.experts."),
         (["--model", str(partial)], "missing from the checkpoint, e.g. model.layers.1."),
         (["--model", str(model), "--seq-len", "100000"], "exceeds the model's max_position_embeddings"),
-        (["--model", str(tmp_path / "missing")], "not a directory"),
+        (["--model", str(tmp_path / "missing")], "no such directory"),
         (["--model", "some-org/some-moe"], "unreachable"),
         (["--model", str(dense)], "no sparse MoE block"),
         (["--model", str(no_tok)], "--tokenizer"),
@@ -431,3 +432,144 @@ def test_trained_checkpoint_has_learned_affinity(tmp_path: Path) -> None:
     assert (t.num_experts, t.top_k, t.num_layers) == (16, 2, 4)
     for pair in affinity(t, num_shuffles=4)["modes"]["top1"]["per_pair"]:
         assert pair["mi"] > 3 * pair["mi_baseline"], pair
+
+
+# ---- trace tour fixes ------------------------------------------------------------------------------
+
+def test_output_inside_the_model_or_tokenizer_directory_is_refused(tiny_dirs: dict[str, Path], corpus: Path,
+                                                                   tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `-o CKPT/model.safetensors` ran and replaced the checkpoint's weights with a trace."""
+    victim = tmp_path / "victim"
+    shutil.copytree(tiny_dirs["mixtral"], victim)
+    tok = tmp_path / "tok"
+    byte_tokenizer().save_pretrained(tok)
+    before = {p: p.read_bytes() for d in (victim, tok) for p in d.iterdir()}
+    os.link(victim / "config.json", tmp_path / "hard.json")  # the checkpoint's file under another name
+    (tmp_path / "link.npz").symlink_to(victim / "model.safetensors")
+    cases = [
+        (victim / "model.safetensors", [], "--model"),
+        (victim / "config.json", [], "--model"),
+        (victim / "sub" / "new.npz", [], "--model"),  # a new file: it would become part of the checkpoint
+        (tmp_path / "hard.json", [], "--model"),
+        (tmp_path / "link.npz", [], "--model"),
+        (tok / "tokenizer.json", ["--tokenizer", str(tok)], "--tokenizer"),
+    ]
+    for out, extra, name in cases:
+        assert trace_cli(victim, corpus, out, *extra) == 2, out
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"moeplace: error: -o {out}: is inside the {name} directory"), err
+    assert {p: p.read_bytes() for d in (victim, tok) for p in d.iterdir()} == before
+    assert trace_cli(victim, corpus, tmp_path / "t.npz", "--tokenizer", str(tok), "--max-tokens", "20") == 0
+
+
+def test_a_long_line_reaches_the_tokenizer_in_bounded_pieces(tmp_path: Path) -> None:
+    """Before: a one-line file went to the tokenizer whole (20 MB: 5.6 GB, 45 s, deaf to Ctrl-C)."""
+    words = np.random.default_rng(0).choice(["expert", "token", "a", "b\tc", "layer  "], 400_000)
+    line = " ".join(words)  # ~2.4M characters, no newline
+    nospace = "x" * (5 * 65536 + 5)  # no whitespace at all: hard cuts
+    (tmp_path / "one.txt").write_text(line)
+    (tmp_path / "two.txt").write_text(nospace + " tail\n" + line[:1000])
+    (tmp_path / "doc.jsonl").write_text(json.dumps({"text": line}) + "\n")
+    for name, text in (("one.txt", line), ("two.txt", nospace + " tail\n" + line[:1000]), ("doc.jsonl", line)):
+        pieces: list[str] = []
+        tok = lambda s: pieces.append(s) or [ord(c) for c in s]  # noqa: E731
+        assert sum(len(w) for w in iter_windows([tmp_path / name], tok, 512)) == len(text)
+        assert "".join(pieces) == text and len(pieces) > 1, name
+        assert max(map(len, pieces)) <= (256 + 64) * 1024, name  # a block, plus at most one piece
+        assert all(p[0].isspace() for p in pieces[1:] if name != "two.txt"), name  # cut before whitespace
+    pieces = []
+    tok = lambda s: pieces.append(s) or [ord(c) for c in s]  # noqa: E731
+    assert sum(len(w) for w in iter_windows([tmp_path / "one.txt"], tok, 64, max_tokens=1000)) == 1000
+    assert len(pieces) == 1  # --max-tokens stops after the first bounded piece
+
+
+def test_lines_below_the_cut_are_tokenised_as_before(tmp_path: Path) -> None:
+    """Files of ordinary lines: the tokenizer sees the blocks of whole lines it always saw."""
+    rng = np.random.default_rng(1)
+    lines = [" ".join(rng.choice(["moe", "expert", "é", "\t"], int(n))) + "\n" for n in rng.integers(0, 5000, 400)]
+    f = tmp_path / "lines.txt"
+    f.write_text("".join(lines))
+    old, block = [], ""  # the blocks before the change: whole lines, flushed at >= 256K characters
+    for ln in lines:
+        block += ln
+        if len(block) >= text_mod._BLOCK_CHARS:
+            old.append(block)
+            block = ""
+    old.append(block)
+    pieces: list[str] = []
+    list(iter_windows([f], lambda s: pieces.append(s) or [1] * len(s), 512))
+    assert pieces == old and len(old) > 2
+
+
+def test_long_lines_keep_the_tokens_of_a_byte_level_bpe(tmp_path: Path) -> None:
+    ckpt = ROOT / "checkpoints" / "tiny-moe"
+    if not (ckpt / "tokenizer.json").is_file():
+        pytest.skip("checkpoints/tiny-moe absent")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
+    words = np.random.default_rng(2).choice(["Experts", "fire", "together,", "placed", "  apart.", "don't"], 150_000)
+    line = " ".join(words)
+    f = tmp_path / "long.txt"
+    f.write_text(line)
+    tok = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    got = np.concatenate(list(iter_windows([f], tok, 4096)))
+    assert got.tolist() == tok(line)  # cut before whitespace: a byte-level BPE word never spans a cut
+
+
+def test_bad_data_fails_before_the_model_loads_naming_the_line(tiny_dirs: dict[str, Path], corpus: Path,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a bad last line failed after the whole run (120 s on a 7521-line file), writing
+    nothing, and a bad UTF-8 byte was placed at "position 260" of a 256 KB block."""
+    import moeplace.trace.cli as trace_cli_mod
+
+    loads: list[str] = []
+    real_load = trace_cli_mod._load_model
+    monkeypatch.setattr(trace_cli_mod, "_load_model", lambda *a: loads.append(a[0]) or real_load(*a))
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "fine"}\n' * 5000 + '{"title": "no text"}\n')
+    big = tmp_path / "big.txt"
+    big.write_bytes(("x" * 99 + "\n").encode() * 3000 + "é\n".encode() + b"ok \xff end\n")
+    truncated = tmp_path / "trunc.txt"
+    truncated.write_bytes(b"line one\n\xe2\x82")
+    cases = [
+        (jsonl, f"{jsonl}:5001: expected an object with a string 'text' field"),
+        (big, f"{big}:3002: not UTF-8 text (byte 0xff at offset 300006: invalid start byte)"),
+        (truncated, f"{truncated}:2: not UTF-8 text (byte 0xe2 at offset 9: unexpected end of data)"),
+    ]
+    for bad, message in cases:
+        out = tmp_path / "t.npz"
+        assert trace_cli(tiny_dirs["mixtral"], corpus, out, "--data", str(bad), "--max-tokens", "50") == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"moeplace: error: {message}"]
+        assert loads == [] and not out.exists()
+
+
+def test_a_mistyped_local_path_is_no_hub_id(tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `--model models/mixtrl` waited for the hub probe, then blamed an unreachable hub."""
+    import moeplace.trace.cli as trace_cli_mod
+
+    def no_probe(*args: object) -> bool:
+        raise AssertionError("the hub was probed for a local path")
+
+    monkeypatch.setattr(trace_cli_mod, "_hub_reachable", no_probe)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mixtral").mkdir(parents=True)
+    for ref, message in (("models/mixtrl", "model 'models/mixtrl': no such directory; did you mean 'models/mixtral'?"),
+                         ("./models/zzz", "model './models/zzz': no such directory"),
+                         (str(corpus), f"model {str(corpus)!r}: not a directory")):
+        assert run(["trace", "--model", ref, "--data", str(corpus), "-o", "t.npz"]) == 2  # ref as typed
+        assert capsys.readouterr().err.strip().splitlines() == [f"moeplace: error: {message}"]
+    monkeypatch.setattr(trace_cli_mod, "_hub_reachable", lambda *a: False)  # ORG/NAME, no local ORG: a hub id
+    assert trace_cli(Path("some-org/some-moe"), corpus, tmp_path / "t.npz") == 2
+    assert "the hub is unreachable" in capsys.readouterr().err
+
+
+def test_a_given_tokenizer_directory_says_what_it_lacks(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "emptydir"
+    empty.mkdir()
+    assert trace_cli(tiny_dirs["mixtral"], corpus, tmp_path / "t.npz", "--tokenizer", str(empty)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"moeplace: error: cannot load a tokenizer from {str(empty)!r}: it holds none of tokenizer.json, "
+                   "tokenizer_config.json, tokenizer.model, vocab.json, vocab.txt; it is not a tokenizer directory"]

@@ -701,3 +701,26 @@ def test_a_slow_prompts_file_on_rank_0_is_not_a_timeout(model: tuple[Path, list[
             if p.poll() is None:
                 p.kill()
                 p.communicate()
+
+
+# --- trace tour fixes -----------------------------------------------------------------------------
+
+def test_an_output_inside_the_model_directory_is_refused(model: tuple[Path, list[list[int]]], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `--out CKPT/model.safetensors` served, then replaced the weights with generations."""
+    import shutil
+
+    victim = tmp_path / "victim"
+    shutil.copytree(model[0], victim)
+    before = {p.name: p.read_bytes() for p in victim.iterdir()}
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": [1, 2]}\n')
+    for option, name in (("--out", "model.safetensors"), ("--stats-out", "config.json"),
+                         ("--routing-out", "new.npz"), ("--out", "../victim/sub/o.jsonl")):
+        out = victim / name
+        assert run(["serve", "--model", str(victim), "--prompts", str(prompts), option, str(out),
+                    "--nproc-per-node", "2", "--device", "cpu"]) == 2  # refused before the ranks start
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"moeplace: error: {option} {out}: is inside the --model directory {victim} (it would "
+                       "replace or add to the files this run reads); write the output elsewhere"], err
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == before

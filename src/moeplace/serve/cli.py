@@ -12,7 +12,8 @@ import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError
 from moeplace.options import check_distinct_outputs, check_writable, writing
-from moeplace.trace.cli import TOKENIZER_FILES  # one list: a directory `trace` reads a tokenizer from, serve does too
+# one list: a directory `trace` reads a tokenizer from, serve does too; one rule for outputs inside the checkpoint
+from moeplace.trace.cli import TOKENIZER_FILES, check_outside
 
 EPILOG = """\b
 Examples (4 ranks: gloo on CPU; on GPUs the same command uses NCCL, one GPU per rank):
@@ -87,7 +88,11 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
     if (prompts_path is None) == (port is None):
         raise MoeplaceError("give exactly one of --prompts FILE (batch) or --port N (HTTP server)")
     refuse_other_mode(click.get_current_context(), http=port is not None)
-    check_distinct_outputs([("--out", out_path), ("--stats-out", stats_out), ("--routing-out", routing_out)])
+    outputs = [("--out", out_path), ("--stats-out", stats_out), ("--routing-out", routing_out)]
+    check_distinct_outputs(outputs)
+    for option, path in outputs:
+        if path is not None:  # `--out CKPT/model.safetensors` would replace the weights the ranks read
+            check_outside(Path(path), option, model_dir, "--model")
     if nproc_per_node is not None:
         from moeplace.serve import launch
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
 from pathlib import Path
@@ -11,6 +12,7 @@ from urllib.parse import urlparse
 import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError
+from moeplace.io import file_key
 from moeplace.options import OUTPUT_FILE, check_writable, plural
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -67,15 +69,19 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     from moeplace.models.discovery import find_moe_layers, num_decoder_layers
     from moeplace.trace.collect import collect
     from moeplace.trace.format import save_trace
-    from moeplace.trace.text import expand_paths, iter_batches, iter_windows
+    from moeplace.trace.text import expand_paths, iter_batches, iter_windows, validate
 
     files = expand_paths(data)
     check_writable(output, inputs=files)  # fail before the model loads, not after the run
+    check_outside(output, "-o", model_ref, "--model")
+    if tokenizer_ref is not None:
+        check_outside(output, "-o", tokenizer_ref, "--tokenizer")
+    validate(files)  # bad data found after an hour of tracing would throw the hour away
     if threads is not None:
         torch.set_num_threads(threads)
     dev = _device(device, torch)
     model = _load_model(model_ref, dtype, dev)
-    tokenizer = _load_tokenizer(tokenizer_ref or model_ref)
+    tokenizer = _load_tokenizer(tokenizer_ref or model_ref, given=tokenizer_ref is not None)
     layers = find_moe_layers(model)
     bad_k = next((m for m in layers if not 1 <= m.top_k <= m.num_experts), None)
     if bad_k is not None:
@@ -198,31 +204,74 @@ def _load_model(ref: str, dtype: str, device: Any) -> Any:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
-def _load_tokenizer(ref: str) -> Any:
+def _load_tokenizer(ref: str, given: bool) -> Any:
+    """The tokenizer of `ref`; `given`: it came from --tokenizer (so do not advise passing it)."""
     from transformers import AutoTokenizer
 
     local = _resolve(ref, "tokenizer", "tokenizer_config.json")
+    advice = "; it is not a tokenizer directory" if given else "; pass --tokenizer PATH"
     if local and not any((Path(ref) / f).exists() for f in TOKENIZER_FILES):
-        raise MoeplaceError(f"cannot load a tokenizer from {ref!r}: it holds none of {', '.join(TOKENIZER_FILES)}; "
-                            "pass --tokenizer PATH")
+        raise MoeplaceError(f"cannot load a tokenizer from {ref!r}: it holds none of {', '.join(TOKENIZER_FILES)}"
+                            + advice)
     try:
         return AutoTokenizer.from_pretrained(ref, local_files_only=local)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MoeplaceError(f"cannot load a tokenizer from {ref!r} ({_first_line(e)}); pass --tokenizer PATH") from None
+        raise MoeplaceError(f"cannot load a tokenizer from {ref!r} ({_first_line(e)})"
+                            + ("" if given else advice)) from None
+
+
+def check_outside(output: Path, option: str, directory: str | Path, name: str) -> None:
+    """Refuse an output inside a local directory the run reads (`name`: --model, --tokenizer):
+    `-o CKPT/model.safetensors` would replace the checkpoint's weights, and any new file there
+    becomes part of the checkpoint. A file of it reached through a link is refused too. A hub
+    id (no such local directory) has nothing here to protect."""
+    d = Path(directory)
+    if not d.is_dir():
+        return
+    root, real = Path(os.path.abspath(d)), d.resolve()
+    inside = Path(os.path.abspath(output)).is_relative_to(root) or output.resolve().is_relative_to(real)
+    if not inside and output.is_file():  # a hard link, or a link into a snapshot of the hub cache
+        key = file_key(output)
+        inside = any(file_key(Path(top) / f) == key for top, _, names in os.walk(d) for f in names)
+    if inside:
+        raise MoeplaceError(f"{option} {output}: is inside the {name} directory {directory} (it would replace "
+                            "or add to the files this run reads); write the output elsewhere")
 
 
 def _resolve(ref: str, what: str, probe_file: str) -> bool:
     """True when `ref` is a local directory; for a hub id, fail fast when the hub is unreachable."""
     if Path(ref).is_dir():
         return True
-    if Path(ref).exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep in ref.replace("/", ""):
+    if Path(ref).exists():
         raise MoeplaceError(f"{what} {ref!r}: not a directory")
+    if _is_path(ref) and not _cached(ref, probe_file):
+        raise MoeplaceError(f"{what} {ref!r}: no such directory{_did_you_mean(ref)}")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or not _hub_reachable():
         if _cached(ref, probe_file):
             return True
         raise MoeplaceError(f"{what} {ref!r} is neither a local directory nor in the Hugging Face cache, "
                             f"and the hub is unreachable (offline); pass a save_pretrained directory")
     return False
+
+
+def _is_path(ref: str) -> bool:
+    """A reference that is no hub id (NAME or ORG/NAME, never starting with '.'), or whose ORG is
+    a directory here (`models/mixtrl`, a typo): a path, refused at once, not probed on the hub."""
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep in ref.replace("/", ""):
+        return True
+    return "/" in ref and Path(ref.split("/")[0]).is_dir()
+
+
+def _did_you_mean(ref: str) -> str:
+    """'; did you mean PATH?' naming the closest directory beside where `ref` points, if any."""
+    path = Path(ref).expanduser()
+    try:
+        near = [p.name for p in path.parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return ""
+    match = difflib.get_close_matches(path.name, near, n=1)
+    head = ref.rstrip("/")[: len(ref.rstrip("/")) - len(path.name)]  # as the user spelled it: './', '~/'
+    return f"; did you mean {head + match[0]!r}?" if match and path.name else ""
 
 
 def _cached(ref: str, filename: str) -> bool:
