@@ -490,3 +490,18 @@ def test_exact_ilp_with_star_cuts_matches_brute_force(layers, experts, gpus, gpn
     assert res.optimal and res.cost == pytest.approx(best)
     assert placement_cost(graph, res.expert_to_gpu, d) == pytest.approx(best)
     assert res.bound <= best + 1e-6
+
+
+def test_summary_notes_when_traffic_piles_token_load_on_a_gpu() -> None:
+    from moeplace.solve.cli import summary
+
+    # traffic keeps E/G experts per GPU, not tokens: on a planted 256-expert trace at 64 GPUs its
+    # worst layer carried 1.7x contiguous's max/mean load, and nothing said so
+    def placement(objective: str, mine: float) -> Placement:
+        row = {"cross_gpu_top1": 0.5, "cross_node_top1": 0.2, "dest_gpus_topk": 2.0, "imbalance_max": mine, "tokens": 10}
+        return Placement(contiguous(2, 8, 4), 4, 4, objective={"name": objective},
+                         metrics={"train": {"placement": row, "contiguous": {**row, "imbalance_max": 2.0}}})
+    assert "note: the worst layer's max/mean token load per GPU is 3.00 against contiguous's 2.00" in \
+        summary(placement("traffic", 3.0), "t.npz")
+    assert "note:" not in summary(placement("traffic", 2.4), "t.npz")  # within 1.25x
+    assert "note:" not in summary(placement("latency", 3.0), "t.npz")  # latency weighs load itself
