@@ -365,6 +365,17 @@ def running(pid: int) -> bool:
         return False
 
 
+def wait_for_server(proc: subprocess.Popen) -> tuple[int, list[int]]:
+    """(HTTP port, rank pids) of a launcher once its server is up."""
+    assert proc.stderr is not None
+    while "moeplace serve: http://" not in (line := proc.stderr.readline()):
+        assert line, "the server did not come up"
+    http_port = int(line.split("http://", 1)[1].split()[0].rsplit(":", 1)[1])
+    ranks = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+             for pid in (task / "children").read_text().split()]
+    return http_port, ranks
+
+
 @pytest.mark.parametrize("event", ["rank 1 killed", "launcher interrupted", "launcher killed"])
 def test_launcher_reports_a_killed_rank_or_an_interrupt(model: tuple[Path, list[list[int]]], tmp_path: Path,
                                                         event: str) -> None:
@@ -372,12 +383,7 @@ def test_launcher_reports_a_killed_rank_or_an_interrupt(model: tuple[Path, list[
     proc = serve_launcher(["--model", str(model[0]), "--placement", str(placement), "--port", "0", "--timeout", "8"])
     ranks: list[int] = []
     try:
-        assert proc.stderr is not None
-        while "moeplace serve: http://" not in (line := proc.stderr.readline()):
-            assert line, "the server did not come up"
-        http_port = int(line.split("http://", 1)[1].split()[0].rsplit(":", 1)[1])
-        ranks = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
-                 for pid in (task / "children").read_text().split()]
+        http_port, ranks = wait_for_server(proc)
         assert len(ranks) == 2
         if event == "launcher killed":  # before: both ranks kept running, rank 0 kept the port
             proc.send_signal(signal.SIGKILL)
@@ -651,11 +657,7 @@ def test_a_stopped_rank_ends_the_run_within_a_few_seconds_of_the_timeout(model: 
     proc = serve_launcher(["--model", str(model[0]), "--placement", str(placement), "--port", "0", "--timeout", "2"])
     ranks: list[int] = []
     try:
-        assert proc.stderr is not None
-        while "moeplace serve: http://" not in (line := proc.stderr.readline()):
-            assert line, "the server did not come up"
-        ranks = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
-                 for pid in (task / "children").read_text().split()]
+        _, ranks = wait_for_server(proc)
         rank1 = next(pid for pid in ranks if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
         os.kill(rank1, signal.SIGSTOP)
         start = time.monotonic()
