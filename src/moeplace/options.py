@@ -85,6 +85,24 @@ def check_writable(path: Path, option: str = "-o", inputs: Iterable[Path | str |
         raise MoeplaceError(f"{option} {path}: cannot write in {parent} ({e.strerror or e})") from None
 
 
+def check_outside(output: Path, option: str, directory: str | Path, name: str) -> None:
+    """Refuse an output inside a local directory the run reads (`name`: --model, --tokenizer):
+    `-o CKPT/model.safetensors` would replace the checkpoint's weights, and any new file there
+    becomes part of the checkpoint. A file of it reached through a link is refused too. A hub
+    id (no such local directory) has nothing here to protect."""
+    d = Path(directory)
+    if not d.is_dir():
+        return
+    root, real = Path(os.path.abspath(d)), d.resolve()
+    inside = Path(os.path.abspath(output)).is_relative_to(root) or output.resolve().is_relative_to(real)
+    if not inside and output.is_file():  # a hard link, or a link into a snapshot of the hub cache
+        key = file_key(output)
+        inside = any(file_key(Path(top) / f) == key for top, _, names in os.walk(d) for f in names)
+    if inside:
+        raise MoeplaceError(f"{option} {output}: is inside the {name} directory {directory} (it would replace "
+                            "or add to the files this run reads); write the output elsewhere")
+
+
 def same_file(a: Path, b: Path) -> bool:
     """True when both paths name one existing file (through links, `..` or a relative path)."""
     return a.is_file() and b.is_file() and file_key(a) == file_key(b)

@@ -11,9 +11,8 @@ from typing import Any
 import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError
-from moeplace.options import check_distinct_outputs, check_writable, writing
-# one list: a directory `trace` reads a tokenizer from, serve does too; one rule for outputs inside the checkpoint
-from moeplace.trace.cli import TOKENIZER_FILES, check_outside
+from moeplace.options import check_distinct_outputs, check_outside, check_writable, writing
+from moeplace.trace.cli import TOKENIZER_FILES  # one list: a directory `trace` reads a tokenizer from, serve does too
 
 EPILOG = """\b
 Examples (4 ranks: gloo on CPU; on GPUs the same command uses NCCL, one GPU per rank):

@@ -12,8 +12,7 @@ from urllib.parse import urlparse
 import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError
-from moeplace.io import file_key
-from moeplace.options import OUTPUT_FILE, check_writable, plural
+from moeplace.options import OUTPUT_FILE, check_outside, check_writable, plural
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -218,24 +217,6 @@ def _load_tokenizer(ref: str, given: bool) -> Any:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise MoeplaceError(f"cannot load a tokenizer from {ref!r} ({_first_line(e)})"
                             + ("" if given else advice)) from None
-
-
-def check_outside(output: Path, option: str, directory: str | Path, name: str) -> None:
-    """Refuse an output inside a local directory the run reads (`name`: --model, --tokenizer):
-    `-o CKPT/model.safetensors` would replace the checkpoint's weights, and any new file there
-    becomes part of the checkpoint. A file of it reached through a link is refused too. A hub
-    id (no such local directory) has nothing here to protect."""
-    d = Path(directory)
-    if not d.is_dir():
-        return
-    root, real = Path(os.path.abspath(d)), d.resolve()
-    inside = Path(os.path.abspath(output)).is_relative_to(root) or output.resolve().is_relative_to(real)
-    if not inside and output.is_file():  # a hard link, or a link into a snapshot of the hub cache
-        key = file_key(output)
-        inside = any(file_key(Path(top) / f) == key for top, _, names in os.walk(d) for f in names)
-    if inside:
-        raise MoeplaceError(f"{option} {output}: is inside the {name} directory {directory} (it would replace "
-                            "or add to the files this run reads); write the output elsewhere")
 
 
 def _resolve(ref: str, what: str, probe_file: str) -> bool:
