@@ -88,3 +88,35 @@ def test_output_with_a_trailing_separator_is_refused(argv: list[str], tmp_path: 
     assert cli.run([*args, "-o", f"{tmp_path / 'out'}/"]) == 2
     assert "ends with a path separator, so it names a directory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_reading_the_umask_does_not_change_it() -> None:
+    # os.umask(0) and back, on every write, let another thread's new file come out world-writable
+    from moeplace.io import current_umask
+
+    old = os.umask(0o027)
+    try:
+        seen: list[int] = []
+        real_umask = os.umask
+
+        def watch(mask: int) -> int:
+            seen.append(mask)
+            return real_umask(mask)
+
+        os.umask = watch  # type: ignore[assignment]
+        try:
+            assert current_umask() == 0o027
+        finally:
+            os.umask = real_umask  # type: ignore[assignment]
+        if Path("/proc/self/status").exists():
+            assert seen == []  # read from /proc, never set
+    finally:
+        os.umask(old)
+
+
+def test_trace_meta_may_hold_numpy_values(tmp_path: Path) -> None:
+    from moeplace.trace.format import load_trace, make_trace
+
+    t = make_trace(np.array([[[0, 1]], [[1, 0]]]), num_experts=2, meta={"moe_layers": np.arange(1), "n": np.int64(3)})
+    save_trace(t, tmp_path / "t.npz")  # Placement.save took numpy values; save_trace raised TypeError
+    assert load_trace(tmp_path / "t.npz").meta["moe_layers"] == [0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from moeplace.cli import run
+from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import evaluate
 from moeplace.placement import Placement, load_placement
 from moeplace.solve import ilp
@@ -356,11 +358,11 @@ def test_cli_bad_options_exit_2_with_one_line(trace_file, tmp_path, capsys, args
 
 
 def test_library_refuses_node_cost_below_one():
-    from moeplace.errors import MoeplaceError
-
     trace, _ = planted_trace(100, 2, 8, 2, 4, seed=0)
-    with pytest.raises(MoeplaceError, match="--node-cost 0.5: must be >= 1"):
+    with pytest.raises(MoeplaceError, match=re.escape("node_cost must be a number in [1, 1e+06], got 0.5")):
         solve_placement(trace, 4, 2, time_limit=5, seed=0, node_cost=0.5)
+    with pytest.raises(MoeplaceError, match="--node-cost 0.5: must be >= 1"):  # the objective's own check
+        solve_traffic(trace, 4, 2, time_limit=5, seed=0, node_cost=0.5)
 
 
 def test_cli_balance_places_uneven_counts_on_a_trace(trace_file, tmp_path, capsys):
@@ -505,3 +507,47 @@ def test_summary_notes_when_traffic_piles_token_load_on_a_gpu() -> None:
         summary(placement("traffic", 3.0), "t.npz")
     assert "note:" not in summary(placement("traffic", 2.4), "t.npz")  # within 1.25x
     assert "note:" not in summary(placement("latency", 3.0), "t.npz")  # latency weighs load itself
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"time_limit": float("nan")}, "time_limit (--time-limit) must be a positive number"),
+    ({"coselect_weight": -5.0}, "coselect_weight must be a number in [0, 1e+06]"),
+    ({"smoothing": float("nan")}, "smoothing must be a number"),
+    ({"node_cost": 0.5}, "node_cost must be a number in [1, 1e+06]"),
+    ({"seed": -1}, "seed must be a whole number >= 0"),
+    ({"seed": 1.5}, "seed must be a whole number >= 0"),
+    ({"num_gpus": 4.0}, "num_gpus must be a whole number >= 1"),
+    ({"restarts": -1}, "restarts must be a whole number >= 0"),
+    ({"train_fraction": 0.0}, "train_fraction must be in (0, 1]"),
+    ({"objective": "balance", "redundant": -1}, "redundant must be a whole number >= 0"),
+])
+def test_library_arguments_are_checked_as_the_cli_options_are(kwargs: dict, message: str) -> None:
+    # the CLI's option types refused these; from Python they wrote NaN into the placement JSON,
+    # reported a negative cost under a positive bound, or failed deep in numpy
+    trace, _ = planted_trace(64, 3, 8, 2, 4, seed=1)
+    args = {"num_gpus": 4, "time_limit": 5.0, **kwargs}
+    with pytest.raises(MoeplaceError, match=re.escape(message)):
+        solve_placement(trace, **args)
+
+
+def test_concurrent_solves_give_back_the_callers_blas_threads() -> None:
+    import threading
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    if not blas_threads():
+        pytest.skip("no BLAS library found by threadpoolctl")
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        short, _ = planted_trace(64, 3, 8, 2, 4, seed=1)
+        long, _ = planted_trace(2000, 8, 32, 2, 4, seed=2)
+        threads = [threading.Thread(target=solve_placement, args=(t, 4), kwargs={"time_limit": 5.0})
+                   for t in (long, short)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # the short solve ended first: it must not restore while the long one runs, nor leave 1 behind
+        assert blas_threads() == before

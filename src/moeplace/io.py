@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Hashable, Iterator
 
@@ -154,9 +155,23 @@ def _still_there(fd: int, path: Path) -> bool:
 
 
 def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process umask, read without changing it where the OS allows (Linux: /proc): setting
+    it to 0 and back, the only portable way, would let a file another thread creates meanwhile
+    come out world-writable."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:  # other platforms: at least moeplace's own threads never race it
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
+
+
+_UMASK_LOCK = threading.Lock()
 
 
 def existing_file(path: str | os.PathLike[str], kind: str, error: type[Exception] = ValueError) -> Path:
@@ -251,7 +266,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 def save_npz_atomic(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
@@ -260,7 +275,7 @@ def save_npz_atomic(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
             np.savez_compressed(f, allow_pickle=False, **arrays)  # never write object arrays
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, np.floating):

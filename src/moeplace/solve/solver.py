@@ -25,12 +25,14 @@ solver.stopped_by_time_limit, and the best placement found so far is always retu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import operator
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -427,6 +429,63 @@ OBJECTIVES["latency"] = _solve_latency
 OBJECTIVES["balance"] = _solve_balance
 
 
+# what each number may be: the CLI's option types say the same; a library caller gets the same
+# one-line MoeplaceError instead of a NaN in the placement JSON or a numpy error from deep inside
+_WHOLE = {"num_gpus": 1, "gpus_per_node": 1, "seed": 0, "restarts": 0, "kicks": 0, "redundant": 0,
+          "max_experts_per_gpu": 1, "max_experts_per_gpu_total": 1}
+_WEIGHTS = ("node_cost", "top1_weight", "coselect_weight", "smoothing", "prior", "compute_weight")
+
+
+def check_arguments(**values: Any) -> None:
+    """Refuse arguments of solve_placement that are not what the CLI's options allow: whole
+    numbers (at least _WHOLE's minimum), finite weights in [0, MAX_WEIGHT] (node_cost from 1), a
+    finite positive time limit, a train fraction in (0, 1]. None means "not given"."""
+    from moeplace.options import MAX_WEIGHT
+
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name in _WHOLE:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < _WHOLE[name]:
+                raise MoeplaceError(f"{name} must be a whole number >= {_WHOLE[name]}, got {value!r}")
+            continue
+        number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        low = 1.0 if name == "node_cost" else 0.0
+        if name in _WEIGHTS and not (number and low <= value <= MAX_WEIGHT):
+            raise MoeplaceError(f"{name} must be a number in [{low:g}, {MAX_WEIGHT:g}], got {value!r}")
+        if name == "time_limit" and not (number and 0 < value < float("inf")):
+            raise MoeplaceError(f"time_limit (--time-limit) must be a positive number of seconds, got {value!r}")
+        if name == "train_fraction" and not (number and 0 < value <= 1):
+            raise MoeplaceError(f"train_fraction must be in (0, 1], got {value!r}")
+
+
+class _SingleBlasThread:
+    """BLAS limited to one thread while any solve runs, the caller's setting back when the last
+    one ends: concurrent solves each saving and restoring the process-wide limit would undo each
+    other and could leave it at 1 for good."""
+
+    def __init__(self) -> None:
+        self.lock, self.users, self.limiter = threading.Lock(), 0, None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self.lock:
+            if self.users == 0:
+                self.limiter = threadpool_limits(limits=1, user_api="blas")
+            self.users += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.users -= 1
+                if self.users == 0 and self.limiter is not None:
+                    self.limiter.restore_original_limits()
+                    self.limiter = None
+
+
+single_blas_thread = _SingleBlasThread()
+
+
 def solve_placement(
     trace: Trace,
     num_gpus: int,
@@ -449,20 +508,20 @@ def solve_placement(
     gpus_per_node = num_gpus if gpus_per_node is None else gpus_per_node
     if objective not in OBJECTIVES:
         raise MoeplaceError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
+    check_arguments(num_gpus=num_gpus, gpus_per_node=gpus_per_node, time_limit=time_limit, seed=seed,
+                    train_fraction=train_fraction, **options)
     uneven = objective == "balance" or options.get("max_experts_per_gpu_total") is not None  # their own checks
     check_topology(trace.num_experts, num_gpus, gpus_per_node, balanced=not uneven,
                    hint=f"--objective {objective} keeps E/G experts per GPU; --objective balance with "
                         "--redundant-experts, --max-experts-per-gpu or --max-experts-per-gpu-total, or latency with "
                         "--max-experts-per-gpu-total, places them unevenly",
                    redundant=options.get("redundant", 0) if objective == "balance" else 0)
-    if time_limit <= 0:
-        raise MoeplaceError(f"--time-limit must be positive, got {time_limit}")
     train_idx, held_idx = split_tokens(trace.num_tokens, train_fraction, seed)
     fit = trace.select_tokens(train_idx) if train_fraction < 1.0 else trace
     held = trace.select_tokens(held_idx) if len(held_idx) else None
 
     # small dense products: threaded BLAS only adds sync overhead (16x slower on a busy 2-core box)
-    with threadpool_limits(limits=1, user_api="blas"):
+    with single_blas_thread():
         outcome = OBJECTIVES[objective](fit, num_gpus, gpus_per_node, time_limit, seed, progress, **options)
     placement = Placement(
         expert_to_gpu=outcome.expert_to_gpu,

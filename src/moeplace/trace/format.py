@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import TraceError
-from moeplace.io import existing_file, looks_like, save_npz_atomic
+from moeplace.io import existing_file, json_default, looks_like, save_npz_atomic
 
 TRACE_FORMAT = "moeplace.trace/v1"
 LOADS_FORMAT = "moeplace.loads/v1"
@@ -386,7 +386,7 @@ def save_trace(trace: Trace, path: str | Path) -> None:
     arrays: dict[str, np.ndarray] = {
         "topk_ids": trace.topk_ids.astype(_id_dtype(trace.num_experts)),
         "num_experts": np.asarray(trace.num_experts, dtype=np.int64),
-        "meta": np.asarray(json.dumps({**trace.meta, "format": TRACE_FORMAT})),
+        "meta": np.asarray(json.dumps({**trace.meta, "format": TRACE_FORMAT}, default=json_default)),
     }
     if trace.topk_weights is not None:
         arrays["topk_weights"] = trace.topk_weights.astype(np.float32)
@@ -443,7 +443,7 @@ def save_loads(loads: ExpertLoads, path: str | Path) -> None:
     save_npz_atomic(
         path,
         expert_loads=loads.loads,
-        meta=np.asarray(json.dumps({**loads.meta, "format": LOADS_FORMAT})),
+        meta=np.asarray(json.dumps({**loads.meta, "format": LOADS_FORMAT}, default=json_default)),
     )
 
 
