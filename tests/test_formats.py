@@ -192,3 +192,23 @@ def test_meta_stored_as_bytes_is_read(tmp_path: Path) -> None:
     assert t.meta["model"] == "m"
     with pytest.raises(TraceError, match="'meta' is not a JSON string"):
         load_trace(_npz(tmp_path / "bad.npz", topk_ids=ids, meta=np.asarray(b"\xff{")))
+
+
+@pytest.mark.parametrize("args, message", [
+    ((np.full((2, 4), 7), 4, 4), r"GPU ids outside \[0, 4\)"),
+    ((np.full((2, 4), 0.9), 4, 4), "must be an integer array"),
+    ((np.zeros(4, dtype=int), 4, 4), "must be an integer array \\[layers, experts\\]"),
+    ((np.zeros((2, 4), dtype=int), 4, 0), "gpus_per_node must be a positive integer"),
+    ((np.zeros((2, 4), dtype=int), 4, 3), "num_gpus 4 is not a multiple of gpus_per_node 3"),
+])
+def test_placement_built_in_python_is_checked(args: tuple, message: str) -> None:
+    # from Python these failed later in numpy (reshape), truncated 0.9 to GPU 0, or divided by zero
+    with pytest.raises(PlacementError, match=message):
+        Placement(*args)
+
+
+def test_placement_copies_the_callers_layout() -> None:
+    layout = np.zeros((2, 4), dtype=np.int64)
+    p = Placement(layout, 4, 4)
+    layout[0, 0] = 99
+    assert p.expert_to_gpu[0, 0] == 0

@@ -49,7 +49,20 @@ class Placement:
     extra: dict[str, Any] = field(default_factory=dict)  # other keys, kept on round-trip
 
     def __post_init__(self) -> None:
-        self.expert_to_gpu = np.asarray(self.expert_to_gpu, dtype=np.int64)
+        raw = np.asarray(self.expert_to_gpu)
+        if raw.ndim != 2 or not (np.issubdtype(raw.dtype, np.integer) or raw.size == 0):
+            # a float layout would be truncated (0.9 -> GPU 0); a ragged one fails later, obscurely
+            raise PlacementError(f"expert_to_gpu must be an integer array [layers, experts], got {raw.dtype} "
+                                 f"of shape {raw.shape}")
+        self.expert_to_gpu = raw.astype(np.int64)  # a copy: the caller's array stays theirs
+        for name in ("num_gpus", "gpus_per_node"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise PlacementError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_gpus % self.gpus_per_node:
+            raise PlacementError(f"num_gpus {self.num_gpus} is not a multiple of gpus_per_node {self.gpus_per_node}")
+        if raw.size and not (0 <= self.expert_to_gpu.min() and self.expert_to_gpu.max() < self.num_gpus):
+            raise PlacementError(f"expert_to_gpu holds GPU ids outside [0, {self.num_gpus})")
         if not self.replicas:
             self.replicas = [[] for _ in range(self.num_layers)]
 
