@@ -93,7 +93,7 @@ def test_solve_warns_when_a_split_part_has_fewer_tokens_than_experts(
     save_trace(planted_trace(200, 2, 16, 2, 4, seed=0)[0], tmp_path / "t.npz")
     assert cli.run(["solve", str(tmp_path / "t.npz"), "--gpus", "4", "--train-fraction", str(fraction),
                     "--time-limit", "2", "-q", "-o", str(tmp_path / "p.json")]) == 0  # a warning, not an error
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moeplace: warning:")]
     if not warned:
         assert lines == []
         return

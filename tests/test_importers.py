@@ -477,7 +477,7 @@ def test_csv_layer_gaps_are_warned_about(tmp_path: Path, capsys: pytest.CaptureF
     gaps = _layer_dir(tmp_path / "gaps", ["layer2.csv", "layer9.csv", "layer10.csv", "layer12.csv"])
     assert run(["import", "csv", str(gaps), "-q", "-o", str(out)]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("warning: no layer files for layers 3-8, 11: layers 2, 9-10, 12 are "
+    assert len(err) == 1 and err[0].startswith("moeplace: warning: no layer files for layers 3-8, 11: layers 2, 9-10, 12 are "
                                                "taken as consecutive MoE layers"), err
     assert load_trace(out).meta["moe_layers"] == [2, 9, 10, 12]
     assert run(["import", "csv", str(_layer_dir(tmp_path / "dense", ["layer2.csv", "layer3.csv"])), "-q",

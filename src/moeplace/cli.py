@@ -13,12 +13,13 @@ import importlib
 import os
 import signal
 import sys
+import warnings
 from typing import Any
 
 import click
 
 from moeplace import __version__
-from moeplace.errors import AlreadyReported, MoeplaceError
+from moeplace.errors import AlreadyReported, MoeplaceError, MoeplaceWarning
 
 # name -> (module, attribute, one-line help shown by `moeplace --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -76,10 +77,25 @@ def main() -> None:
     """
 
 
+def _warning_line(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """MoeplaceWarning as `moeplace: warning: ...` (one line, like the errors); others as Python shows them."""
+    if issubclass(category, MoeplaceWarning):
+        click.echo(f"moeplace: warning: {' '.join(str(message).split())}", err=True)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
+
+
 def run(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning moeplace errors into one line and an exit code."""
     try:
-        main.main(args=argv, prog_name="moeplace", standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", MoeplaceWarning)  # each one, not once per code line
+            warnings.showwarning = _warning_line
+            main.main(args=argv, prog_name="moeplace", standalone_mode=False)
     except MoeplaceError as e:  # one line even when it quotes a library's multi-line message
         if isinstance(e, AlreadyReported):
             return e.exit_code

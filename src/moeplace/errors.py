@@ -33,3 +33,16 @@ class AlreadyReported(MoeplaceError):
 
     def __init__(self, exit_code: int) -> None:
         super().__init__(f"exit code {exit_code}", exit_code)
+
+
+class MoeplaceWarning(UserWarning):
+    """Something worth knowing that does not stop the work (a file read by another tool's
+    convention, a count taken by default). Library callers see it through the `warnings`
+    module (filter it, or turn it into an error); the CLI prints it as one line on stderr."""
+
+
+def warn(message: str) -> None:
+    """Emit a MoeplaceWarning from library code (never print: an embedding program decides)."""
+    import warnings
+
+    warnings.warn(message, MoeplaceWarning, stacklevel=3)

@@ -18,7 +18,6 @@ for an output path ending in .npz, the same arrays in an .npz.
 
 from __future__ import annotations
 
-import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from moeplace.errors import PlacementError
+from moeplace.errors import PlacementError, warn
 from moeplace.io import read_json, save_npz_atomic, write_json_atomic
 from moeplace.placement import Placement, validate_placement
 
@@ -124,8 +123,7 @@ def placement_from_physical(
             raise PlacementError(f"{name}: layer {layer} has no physical copy of expert {int(missing[0])}{hint}")
         replicas.append(reps)
     if dropped:
-        print(f"moeplace: note: {name}: {dropped} second copies of an expert on the same GPU counted once",
-              file=sys.stderr)
+        warn(f"{name}: {dropped} second copies of an expert on the same GPU counted once")
     placement = Placement(expert_to_gpu=expert_to_gpu, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
                           replicas=replicas, solver={"name": f"{source} import", "file": name})
     return validate_placement(placement, name)
@@ -149,7 +147,7 @@ def resolve_gpus(name: str, gpus: int | None, gpus_per_node: int | None, file_gp
         per_node, per_node_from = file_gpus_per_node, f"{gpus_per_node_field} = {file_gpus_per_node}"
     else:
         per_node, per_node_from = num_gpus, ""
-        note = (f"moeplace: note: {name} does not say how many GPUs a node has: all {num_gpus} taken as one node "
+        note = (f"{name} does not say how many GPUs a node has: all {num_gpus} taken as one node "
                 "(pass --gpus-per-node)")
     if num_gpus < 1:
         raise PlacementError(f"{name}: {gpus_from} must be >= 1")
@@ -160,7 +158,7 @@ def resolve_gpus(name: str, gpus: int | None, gpus_per_node: int | None, file_gp
 
 def print_note(note: str) -> None:
     if note:
-        print(note, file=sys.stderr)
+        warn(note)
 
 
 def write_eplb(placement: Placement, path: str | Path) -> None:

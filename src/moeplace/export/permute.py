@@ -153,7 +153,7 @@ def check_group_routing(config: dict[str, Any], new_to_old: np.ndarray) -> None:
 
 
 def permute_checkpoint(
-    model_dir: str | Path, placement: Placement, out_dir: str | Path, overwrite: bool = False, progress: bool = True,
+    model_dir: str | Path, placement: Placement, out_dir: str | Path, overwrite: bool = False, progress: bool = False,
     inputs: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Write the renumbered checkpoint to `out_dir` atomically; return the permutation record.

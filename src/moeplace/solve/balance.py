@@ -350,7 +350,7 @@ def total_slots_per_gpu(num_layers: int, num_experts: int, num_gpus: int, redund
 
 def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redundant: int = 0,
                       time_limit: float = 30.0, max_experts_per_gpu: int | None = None, num_groups: int = 1,
-                      progress: bool = True, max_experts_per_gpu_total: int | None = None,
+                      progress: bool = False, max_experts_per_gpu_total: int | None = None,
                       tight_bound: bool = True) -> Placement:
     """Solve `balance` for loads float [L, E]: a Placement with bound, gap and EPLB comparison.
 

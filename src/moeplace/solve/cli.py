@@ -215,7 +215,7 @@ def warn_small_split(num_tokens: int, num_experts: int, train_fraction: float, s
     train, held = split_tokens(num_tokens, train_fraction, seed)
     few = [what for what, part in (("a reliable fit", train), ("reliable held-out metrics", held)) if len(part) < num_experts]
     if few:
-        click.echo(f"warning: --train-fraction {train_fraction:g} fits on {len(train)} and holds out {len(held)} of "
+        click.echo(f"moeplace: warning: --train-fraction {train_fraction:g} fits on {len(train)} and holds out {len(held)} of "
                    f"{num_tokens} tokens; fewer than the {num_experts} experts per layer leaves most expert pairs "
                    f"unseen: too few tokens for {' or '.join(few)}", err=True)
 

@@ -376,7 +376,7 @@ def _tokens_by_expert(ids: np.ndarray, num_experts: int) -> list[np.ndarray]:
 
 
 def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: float, seed: int,
-                  progress: bool = True, *, cluster: str | None = None, model_config: str | None = None,
+                  progress: bool = False, *, cluster: str | None = None, model_config: str | None = None,
                   cost: CostModel | None = None, compute_weight: float = 1.0, redundant: int = 0,
                   max_experts_per_gpu_total: int | None = None,
                   traffic_options: dict[str, Any] | None = None) -> Any:

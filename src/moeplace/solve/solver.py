@@ -300,7 +300,7 @@ def solve_traffic(
     gpus_per_node: int,
     time_limit: float,
     seed: int,
-    progress: bool = True,
+    progress: bool = False,
     *,
     node_cost: float = 2.0,
     top1_weight: float = 1.0,
@@ -417,7 +417,7 @@ def _solve_latency(*args: Any, **options: Any) -> SolveOutcome:  # imported late
 
 
 def _solve_balance(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: float, seed: int,
-                   progress: bool = True, *, redundant: int = 0, max_experts_per_gpu: int | None = None,
+                   progress: bool = False, *, redundant: int = 0, max_experts_per_gpu: int | None = None,
                    max_experts_per_gpu_total: int | None = None) -> SolveOutcome:
     from moeplace.solve.balance import balance_placement
     p = balance_placement(trace.expert_loads(), num_gpus, gpus_per_node, redundant, time_limit,

@@ -107,7 +107,7 @@ def collect(
     meta: dict[str, Any],
     spool_dir: str | Path | None = None,
     max_tokens: int | None = None,
-    progress: bool = True,
+    progress: bool = False,
 ) -> Collected:
     """Route every batch through `model`; return the trace of all completed batches.
 

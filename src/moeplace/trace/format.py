@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from moeplace.errors import TraceError
+from moeplace.errors import TraceError, warn
 from moeplace.io import existing_file, json_default, looks_like, save_npz_atomic
 
 TRACE_FORMAT = "moeplace.trace/v1"
@@ -347,7 +346,7 @@ def _load_npz(p: Path) -> Trace:
     )
     problem = weight_order_problem(trace, str(p))
     if problem:  # another tool's convention (e.g. selection-score order), not a broken file: say how it is read
-        print(f"warning: {problem}: column 0 is taken as each token's top-1, as stored", file=sys.stderr)
+        warn(f"{problem}: column 0 is taken as each token's top-1, as stored")
     return trace
 
 

@@ -146,7 +146,7 @@ def warn_layer_gaps(layers: list[int]) -> None:
     the layers between are dense (no router), as in some models, so a warning, not an error."""
     missing = sorted(set(range(min(layers, default=0), max(layers, default=0) + 1)) - set(layers))
     if missing:
-        click.echo(f"warning: no layer files for layers {layer_ranges(missing)}: layers {layer_ranges(layers)} are "
+        click.echo(f"moeplace: warning: no layer files for layers {layer_ranges(missing)}: layers {layer_ranges(layers)} are "
                    "taken as consecutive MoE layers (meta.moe_layers keeps their numbers); right only if the "
                    "missing layers are dense (no experts)", err=True)
 
