@@ -33,6 +33,11 @@ PLACEMENT_FORMAT = "moeplace.placement/v1"
 
 @dataclass
 class Placement:
+    """Which GPU holds each expert of each MoE layer (placement format v1, docs/solver.md): the
+    primary copy in `expert_to_gpu` [L, E], extra copies in `replicas`, and what produced it
+    (objective, solver, bound/gap, metrics, the fit trace's hashes and split). Checked on
+    construction; `save` writes the JSON atomically, `load_placement` reads and checks it."""
+
     expert_to_gpu: np.ndarray  # int64 [L, E]
     num_gpus: int
     gpus_per_node: int
@@ -107,6 +112,7 @@ class Placement:
             )
 
     def to_json(self) -> dict[str, Any]:
+        """The v1 JSON document (a dict; numpy values are converted when written)."""
         return {
             "format": PLACEMENT_FORMAT,
             "num_layers": self.num_layers,
@@ -128,6 +134,7 @@ class Placement:
         }
 
     def save(self, path: str | Path) -> None:
+        """Check and write the v1 JSON to `path` atomically (temp file + rename)."""
         validate_placement(self, str(path))
         write_json_atomic(path, self.to_json())
 
@@ -163,10 +170,12 @@ def validate_placement(p: Placement, name: str = "placement") -> Placement:
 
 
 def load_placement(path: str | Path) -> Placement:
+    """Read and check a v1 placement JSON; PlacementError (one line naming the file) if it is not one."""
     return placement_from_json(read_json(path, PlacementError), str(path))
 
 
 def placement_from_json(doc: Any, name: str = "placement") -> Placement:
+    """A Placement from a parsed v1 JSON document, every field checked; `name` for the errors."""
     if not isinstance(doc, dict):
         raise PlacementError(f"{name}: a placement is a JSON object")
     if doc.get("format") != PLACEMENT_FORMAT:

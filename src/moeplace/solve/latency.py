@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import pulp
@@ -67,6 +67,10 @@ from moeplace.solve.costmodel import (
 )
 from moeplace.solve.ilp import highs, proven_optimal
 from moeplace.trace.format import Trace, layer_counts, pair_counts
+
+if TYPE_CHECKING:  # solver imports this module late: no cycle at run time
+    from moeplace.solve.solver import SolveOutcome
+
 
 LAYER_LP_MAX_VARS = 2048  # E x G of one layer above which step 2 is skipped
 # Fixed a priori, not fitted to any trace: hundreds of candidate moves are tried per solve, so a
@@ -379,7 +383,7 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
                   progress: bool = False, *, cluster: str | None = None, model_config: str | None = None,
                   cost: CostModel | None = None, compute_weight: float = 1.0, redundant: int = 0,
                   max_experts_per_gpu_total: int | None = None,
-                  traffic_options: dict[str, Any] | None = None) -> Any:
+                  traffic_options: dict[str, Any] | None = None) -> SolveOutcome:
     """The `latency` objective (module docstring) -> solver.SolveOutcome."""
     from moeplace.solve import replicate
     from moeplace.solve.solver import SolveOutcome, relative_gap, solve_traffic
