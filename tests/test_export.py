@@ -333,6 +333,23 @@ def test_sglang_without_layer_source_notes_its_assumption(tmp_path: Path, capsys
     assert "note:" not in capsys.readouterr().err
 
 
+def test_sglang_rows_from_the_placements_fit_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a placement solved on FLAME records moe_layers [2..9]; without --trace the map had rows
+    # 0-7, and SGLang (which does not check the row count) read every layer two rows off
+    p = plain()
+    p.trace_model = {"model": "m", "moe_layers": [2, 4, 5]}
+    src, out = _save(p, tmp_path), tmp_path / "loc.json"
+    assert cli(src, "--to", "sglang", "-o", str(out)) == 0
+    assert "MoE layers [2, 4, 5] from the placement's fit trace" in capsys.readouterr().err
+    table = json.loads(out.read_text())
+    rows = table["physical_to_logical_map"] if isinstance(table, dict) else table
+    assert len(rows) == 6
+    back = tmp_path / "back.json"
+    assert cli("--from", "sglang", str(out), "--moe-layers", "2,4-5", "--gpus", "4", "--gpus-per-node", "2",
+               "-o", str(back)) == 0
+    np.testing.assert_array_equal(load_placement(back).expert_to_gpu, p.expert_to_gpu)
+
+
 def test_from_sglang_out_of_range_id_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Expert 0 replaced by id 8 in an 8-expert map: the count inferred from the ids is 9, and
     "no physical copy of expert 0" alone hid the cause."""

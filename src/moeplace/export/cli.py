@@ -46,7 +46,8 @@ def parse_layers(spec: str) -> list[int]:
 def _model_layers(model: Path | None, trace: Path | None, moe_layers: str | None, num_hidden_layers: int | None,
                   placement: Placement | None) -> tuple[list[int] | None, int | None, int | None, str | None]:
     """(decoder layer ids of the MoE layers, decoder depth, experts per layer, the model's
-    `model_type`) from --model, --trace (the meta `moeplace trace` records) or --moe-layers."""
+    `model_type`) from --model, --trace (the meta `moeplace trace` records) or --moe-layers; with
+    none of them, from the placement's record of its fit trace (trace_model), else unknown."""
     if sum(x is not None for x in (model, trace, moe_layers)) > 1:
         raise MoeplaceError("give one of --model, --trace or --moe-layers")
     if trace is not None:
@@ -73,7 +74,15 @@ def _model_layers(model: Path | None, trace: Path | None, moe_layers: str | None
         depth, model_type = config.get("num_hidden_layers"), config.get("model_type")
         depth = num_hidden_layers or (int(depth) if isinstance(depth, int) else None)
         return [b.layer for b in blocks], depth, blocks[0].num_experts, model_type if isinstance(model_type, str) else None
-    return (parse_layers(moe_layers) if moe_layers else None), num_hidden_layers, None, None
+    if moe_layers:
+        return parse_layers(moe_layers), num_hidden_layers, None, None
+    fitted = placement.trace_model if placement is not None else None  # what the fit trace's meta said
+    layers = fitted.get("moe_layers") if fitted else None
+    if isinstance(layers, list) and placement is not None and len(layers) == placement.num_layers \
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        model_type = fitted.get("model_type") if fitted else None
+        return [int(x) for x in layers], num_hidden_layers, None, model_type if isinstance(model_type, str) else None
+    return None, num_hidden_layers, None, None
 
 
 EXPORT_HELP = """Write a placement in the format an engine reads, or read an engine's file back.
@@ -157,6 +166,9 @@ def _write(placement: Placement, fmt: str, output: Path, model: Path | None, tra
     if fmt == "sglang":
         layers, depth, _, model_type = _model_layers(model, trace, moe_layers, num_hidden_layers, placement)
         table = sglang.write_sglang(placement, output, layers, depth)
+        if layers is not None and model is None and trace is None and moe_layers is None:
+            click.echo(f"note: MoE layers {layers} from the placement's fit trace (trace_model.moe_layers); "
+                       "--model, --trace or --moe-layers overrides them", err=True)
         if layers is None:
             click.echo(f"note: no --model, --trace or --moe-layers: MoE layer i taken as decoder layer i, so decoder "
                        f"layers 0-{placement.num_layers - 1} are all MoE; give one of them if the model has dense "
