@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from moeplace.analyze.affinity import (
 )
 from moeplace.analyze.stability import compare_affinity, matrix_correlations, split_halves
 from moeplace.cli import run
-from moeplace.trace.format import Trace, make_loads, make_trace, save_loads, save_trace
+from moeplace.trace.format import Trace, load_trace, make_loads, make_trace, save_loads, save_trace
 
 from conftest import ROOT
 
@@ -500,3 +501,18 @@ def test_figure_names_are_removed_only_beside_an_earlier_report(planted_file: Pa
     assert {Path(f).name for f in drawn} == {"affinity.png", "load_heatmap.png", "transitions.png"}
     assert run(args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["analyze.json"]
+
+
+def test_compare_refuses_other_moe_layers_and_warns_on_another_top_k(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    trace = load_trace(ROOT / "traces" / "flame-moe-290m-decoder.npz")
+    shifted, top2 = tmp_path / "shifted.npz", tmp_path / "top2.npz"
+    save_trace(replace(trace, meta={**trace.meta, "moe_layers": [x + 1 for x in trace.meta["moe_layers"]]}), shifted)
+    save_trace(make_trace(trace.topk_ids[:, :, :2], trace.topk_weights[:, :, :2], 64, meta=trace.meta), top2)
+    base = ["analyze", str(ROOT / "traces" / "flame-moe-290m-decoder.npz"), "--no-solve", "--no-figures",
+            "--shuffles", "2", "-q", "-o", str(tmp_path / "o")]
+    # the same routing relabelled as other layers was accepted and drawn under A's layer labels
+    assert run(base + ["--compare", str(shifted)]) == 2
+    assert "--compare needs the same MoE layers, but its meta lists [3, 4," in capsys.readouterr().err
+    assert run(base + ["--compare", str(top2)]) == 0  # allowed, but k alone moves every figure: said
+    assert "moeplace: warning: " in capsys.readouterr().err

@@ -15,7 +15,7 @@ import numpy as np
 
 from moeplace.analyze.affinity import trace_modes
 from moeplace.analyze.report import AnalyzeConfig, Source, build_report, layer_names, source_loads, summary
-from moeplace.errors import MoeplaceError, TraceError
+from moeplace.errors import MoeplaceError, TraceError, warn
 from moeplace.io import locked_stage, write_json_atomic
 from moeplace.options import POSITIVE, POSITIVE_INT, SEED
 from moeplace.placement import check_topology
@@ -76,11 +76,21 @@ def load_source(path: str) -> Source:
 
 
 def _check_compatible(a: Source, b: Source, path_b: str) -> None:
+    """B must be routing of A's model: the same shape, and the same MoE layers where both metas
+    name them (a relabelled or other model's trace would be drawn under A's layer labels). A
+    different top-k is allowed but said: load skew and MI differ with k alone."""
     if (a.num_layers, a.num_experts) != (b.num_layers, b.num_experts):
         raise TraceError(
             f"{path_b}: --compare needs an input of the same model, but it has {b.num_layers} MoE layers x "
             f"{b.num_experts} experts and TRACE has {a.num_layers} x {a.num_experts}"
         )
+    layers_a, layers_b = a.meta.get("moe_layers"), b.meta.get("moe_layers")
+    if isinstance(layers_a, list) and isinstance(layers_b, list) and layers_a != layers_b:
+        raise TraceError(f"{path_b}: --compare needs the same MoE layers, but its meta lists {layers_b} and "
+                         f"TRACE's {layers_a}: routing of another model (or of other layers)")
+    if isinstance(a, Trace) and isinstance(b, Trace) and a.top_k != b.top_k:
+        warn(f"{path_b} routes each token to {b.top_k} experts and TRACE to {a.top_k}: load skew, MI and "
+             "capture differ with k alone, not only with the text")
 
 
 # Options of the parts a load-only input does not get: affinity, stability halves and placement
