@@ -516,3 +516,5 @@ def test_compare_refuses_other_moe_layers_and_warns_on_another_top_k(tmp_path: P
     assert "--compare needs the same MoE layers, but its meta lists [3, 4," in capsys.readouterr().err
     assert run(base + ["--compare", str(top2)]) == 0  # allowed, but k alone moves every figure: said
     assert "moeplace: warning: " in capsys.readouterr().err
+    assert run(base + ["--compare", str(ROOT / "traces" / "flame-moe-290m-decoder.npz")]) == 0
+    assert "holds the same routing as TRACE" in capsys.readouterr().err

@@ -88,6 +88,8 @@ def _check_compatible(a: Source, b: Source, path_b: str) -> None:
     if isinstance(layers_a, list) and isinstance(layers_b, list) and layers_a != layers_b:
         raise TraceError(f"{path_b}: --compare needs the same MoE layers, but its meta lists {layers_b} and "
                          f"TRACE's {layers_a}: routing of another model (or of other layers)")
+    if isinstance(a, Trace) and isinstance(b, Trace) and a.routing_sha256() == b.routing_sha256():
+        warn(f"{path_b} holds the same routing as TRACE: the domain-shift figures compare a trace with itself")
     if isinstance(a, Trace) and isinstance(b, Trace) and a.top_k != b.top_k:
         warn(f"{path_b} routes each token to {b.top_k} experts and TRACE to {a.top_k}: load skew, MI and "
              "capture differ with k alone, not only with the text")
