@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import zipfile
@@ -16,7 +15,7 @@ import numpy as np
 from moeplace.analyze.affinity import trace_modes
 from moeplace.analyze.report import AnalyzeConfig, Source, build_report, layer_names, source_loads, summary
 from moeplace.errors import MoeplaceError, TraceError, warn
-from moeplace.io import locked_stage, write_json_atomic
+from moeplace.io import locked_stage, read_json, write_json_atomic
 from moeplace.options import POSITIVE, POSITIVE_INT, SEED
 from moeplace.placement import check_topology
 from moeplace.progress import silenced
@@ -281,9 +280,8 @@ def _figures_of_report(path: Path) -> set[str]:
     from moeplace.analyze.report import REPORT_FORMAT
 
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
+        doc = read_json(path)
+    except (OSError, ValueError):  # missing, unreadable or not JSON: no report of ours
         return set()
     if not isinstance(doc, dict) or doc.get("format") != REPORT_FORMAT or not isinstance(doc.get("figures"), list):
         return set()

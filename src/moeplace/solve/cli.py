@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from moeplace.errors import warn
 from moeplace.options import (MAX_WEIGHT, NON_NEGATIVE_INT, OUTPUT_FILE, POSITIVE, POSITIVE_INT, SEED, WEIGHT, FiniteFloat,
                               check_writable, writing)
 from moeplace.placement import Placement
@@ -215,9 +216,9 @@ def warn_small_split(num_tokens: int, num_experts: int, train_fraction: float, s
     train, held = split_tokens(num_tokens, train_fraction, seed)
     few = [what for what, part in (("a reliable fit", train), ("reliable held-out metrics", held)) if len(part) < num_experts]
     if few:
-        click.echo(f"moeplace: warning: --train-fraction {train_fraction:g} fits on {len(train)} and holds out {len(held)} of "
-                   f"{num_tokens} tokens; fewer than the {num_experts} experts per layer leaves most expert pairs "
-                   f"unseen: too few tokens for {' or '.join(few)}", err=True)
+        warn(f"--train-fraction {train_fraction:g} fits on {len(train)} and holds out {len(held)} of {num_tokens} "
+             f"tokens; fewer than the {num_experts} experts per layer leaves most expert pairs unseen: too few "
+             f"tokens for {' or '.join(few)}")
 
 
 def _is_load_only(path: Path) -> bool:

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import click
 
-from moeplace.errors import MoeplaceError
+from moeplace.errors import MoeplaceError, warn
 from moeplace.options import OUTPUT_FILE, check_writable, writing
 from moeplace.progress import silenced
 from moeplace.trace.format import ExpertLoads, Trace, layer_ranges, make_trace, save_loads, save_trace
@@ -146,9 +146,9 @@ def warn_layer_gaps(layers: list[int]) -> None:
     the layers between are dense (no router), as in some models, so a warning, not an error."""
     missing = sorted(set(range(min(layers, default=0), max(layers, default=0) + 1)) - set(layers))
     if missing:
-        click.echo(f"moeplace: warning: no layer files for layers {layer_ranges(missing)}: layers {layer_ranges(layers)} are "
-                   "taken as consecutive MoE layers (meta.moe_layers keeps their numbers); right only if the "
-                   "missing layers are dense (no experts)", err=True)
+        warn(f"no layer files for layers {layer_ranges(missing)}: layers {layer_ranges(layers)} are taken as "
+             "consecutive MoE layers (meta.moe_layers keeps their numbers); right only if the missing layers are "
+             "dense (no experts)")
 
 
 @import_.command("exflow")
