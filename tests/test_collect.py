@@ -328,6 +328,9 @@ def test_cli_bad_inputs(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path
     truncated.mkdir()
     (truncated / "config.json").write_bytes((model / "config.json").read_bytes())
     (truncated / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:5000])
+    byte_tokenizer().save_pretrained(truncated)
+    not_a_tokenizer = tmp_path / "not-a-tokenizer"
+    not_a_tokenizer.mkdir()
     dense = tmp_path / "dense"
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -360,6 +363,8 @@ def test_cli_bad_inputs(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path
         (["--model", str(dense)], "no sparse MoE block"),
         (["--model", str(no_tok)], "--tokenizer"),
         (["--model", str(truncated)], "cannot load model"),
+        # the tokenizer is checked before the weights load (a real model takes minutes)
+        (["--model", str(truncated), "--tokenizer", str(not_a_tokenizer)], "cannot load a tokenizer"),
         (["--model", str(model), "--data", str(tmp_path / "nope.txt")], "no such file"),
         (["--model", str(model), "--data", str(tmp_path / "data.csv")], "unsupported text file"),
         (["--model", str(model), "--data", str(tmp_path / "empty.txt")], "no tokens"),

@@ -79,8 +79,9 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     if threads is not None:
         torch.set_num_threads(threads)
     dev = _device(device, torch)
-    model = _load_model(model_ref, dtype, dev)
+    # the tokenizer first: a bad --tokenizer must not wait for a model of tens of GB to load
     tokenizer = _load_tokenizer(tokenizer_ref or model_ref, given=tokenizer_ref is not None)
+    model = _load_model(model_ref, dtype, dev)
     layers = find_moe_layers(model)
     bad_k = next((m for m in layers if not 1 <= m.top_k <= m.num_experts), None)
     if bad_k is not None:
@@ -207,7 +208,8 @@ def _load_tokenizer(ref: str, given: bool) -> Any:
     """The tokenizer of `ref`; `given`: it came from --tokenizer (so do not advise passing it)."""
     from transformers import AutoTokenizer
 
-    local = _resolve(ref, "tokenizer", "tokenizer_config.json")
+    # without --tokenizer, `ref` is --model: a mistyped path is the model's problem, so say so
+    local = _resolve(ref, "tokenizer" if given else "model", "tokenizer_config.json")
     advice = "; it is not a tokenizer directory" if given else "; pass --tokenizer PATH"
     if local and not any((Path(ref) / f).exists() for f in TOKENIZER_FILES):
         raise MoeplaceError(f"cannot load a tokenizer from {ref!r}: it holds none of {', '.join(TOKENIZER_FILES)}"
