@@ -726,3 +726,32 @@ def test_an_output_inside_the_model_directory_is_refused(model: tuple[Path, list
         assert err == [f"moeplace: error: {option} {out}: is inside the --model directory {victim} (it would "
                        "replace or add to the files this run reads); write the output elsewhere"], err
     assert {p.name: p.read_bytes() for p in victim.iterdir()} == before
+
+
+def test_short_grace_caps_torch_wait_and_leaves_an_unknown_signature_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher caps torch's private 30 s SIGTERM -> SIGKILL wait; a changed signature is left as it is."""
+    from torch.distributed.elastic.multiprocessing import api
+
+    from moeplace.serve import launch
+
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)  # restored after the test
+    waits: list[int] = []
+
+    def close(self: Any, death_sig: Any = None, timeout: int = 30) -> None:
+        waits.append(timeout)
+
+    monkeypatch.setattr(api.PContext, "close", close)
+    launch._short_grace()
+    api.PContext.close(object())  # the agent's call, with torch's default
+    api.PContext.close(object(), None, 1)  # a shorter wait stays shorter
+    assert waits == [launch.SHUTDOWN_GRACE_S, 1]
+    launch._short_grace()  # idempotent: not wrapped twice
+    api.PContext.close(object())
+    assert waits[-1] == launch.SHUTDOWN_GRACE_S and len(waits) == 3
+
+    def moved(self: Any, timeout: int = 30, death_sig: Any = None) -> None:
+        waits.append(timeout)
+
+    monkeypatch.setattr(api.PContext, "close", moved)
+    launch._short_grace()
+    assert api.PContext.close is moved

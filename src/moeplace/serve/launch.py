@@ -101,11 +101,17 @@ def _short_grace() -> None:
     default from the agent's poll, which neither torchrun's --shutdown-timeout nor
     TORCH_ELASTIC_SHUTDOWN_TIMEOUT reach (they set the agent's own shutdown only), so the
     default is capped here; the ranks hold nothing that needs longer to exit cleanly."""
-    from torch.distributed.elastic.multiprocessing.api import PContext
+    import inspect
 
+    try:
+        from torch.distributed.elastic.multiprocessing.api import PContext
+    except ImportError:  # a torch that moved it: keep its own grace rather than fail the launch
+        return
     close = PContext.close
     if getattr(close, "moeplace_grace", False):
         return
+    if list(inspect.signature(close).parameters)[:3] != ["self", "death_sig", "timeout"]:
+        return  # a private method whose signature changed: patching it blind could break shutdown
 
     def close_soon(self: Any, death_sig: Any = None, timeout: int = SHUTDOWN_GRACE_S) -> None:
         close(self, death_sig, min(timeout, SHUTDOWN_GRACE_S))
