@@ -69,6 +69,7 @@ from moeplace.solve.ilp import highs, proven_optimal
 from moeplace.trace.format import Trace, layer_counts, pair_counts
 
 if TYPE_CHECKING:  # solver imports this module late: no cycle at run time
+    from moeplace.placement import Placement
     from moeplace.solve.solver import SolveOutcome
 
 
@@ -384,43 +385,35 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
                   cost: CostModel | None = None, compute_weight: float = 1.0, redundant: int = 0,
                   max_experts_per_gpu_total: int | None = None,
                   traffic_options: dict[str, Any] | None = None) -> SolveOutcome:
-    """The `latency` objective (module docstring) -> solver.SolveOutcome."""
-    from moeplace.solve import replicate
-    from moeplace.solve.solver import SolveOutcome, relative_gap, solve_traffic
+    """The `latency` objective (module docstring) -> solver.SolveOutcome.
+
+    1. starts: the traffic and balance placements, the better one by the acceptance rule;
+    2-3. per-layer LP and swap descent (and cap moves) from it, each step through that rule;
+    4. replicas, on the searched placement and on the starts, the best kept;
+    5. a lower bound on the predicted time, and the gap.
+    """
+    from moeplace.solve.solver import SolveOutcome, relative_gap
 
     if cost is None:
         if cluster is None:
             raise MoeplaceError("--objective latency needs --cluster CONFIG.yaml (see configs/cluster/)")
         cost = load_cost_model(cluster, model_config)
     cost.check(num_gpus, gpus_per_node)
+    cap = max_experts_per_gpu_total
+    _check_arguments(trace, num_gpus, redundant, cap)  # before the cost models are built: cheap errors first
     start = time.monotonic()
     end = start + time_limit
     deadline = start + (0.6 if redundant else 1.0) * time_limit  # the rest is the replicas'
     exact = LatencyModel(cost, trace, compute_weight)  # the reported value: the cost model as eval predicts it
     model = LatencyModel(cost, trace, compute_weight, smooth=True)  # what the search and the acceptance rule see
-    if redundant > trace.num_experts * (num_gpus - 1):
-        raise MoeplaceError(f"--redundant-experts {redundant}: at most {trace.num_experts * (num_gpus - 1)} copies "
-                            f"fit {num_gpus} GPUs without two copies of one expert on a GPU")
-    cap = max_experts_per_gpu_total
-    if cap is not None:
-        if redundant:
-            raise MoeplaceError("--max-experts-per-gpu-total with --redundant-experts: replicas need equal slots "
-                                "per GPU; use --objective balance for both, or drop one")
-        total_slots_per_gpu(trace.num_layers, trace.num_experts, num_gpus, 0, cap)  # C x G >= L x E, or a clear error
     token_folds = fold_tokens(trace.num_tokens, seed)
     models = SearchModels(model, token_folds)
-    all_layers = list(range(trace.num_layers))
     bar = Progress("latency", enabled=progress)
 
-    # 1. starts (traffic keeps E / G experts per GPU: where G does not divide E, only a cap
-    # allows a placement, and balance is the one start)
-    balanced = balance_placement(trace.expert_loads(), num_gpus, gpus_per_node, 0, 0.3 * time_limit, progress=False,
-                                 max_experts_per_gpu_total=cap, tight_bound=False)  # a start: its gap is not used
-    firsts: dict[str, Any] = {"balance": balanced}
-    if trace.num_experts % num_gpus == 0:
-        firsts["traffic"] = solve_traffic(trace, num_gpus, gpus_per_node, 0.3 * time_limit, seed, False,
-                                          **(traffic_options or {}))
+    # 1. starts
+    firsts = _starts(trace, num_gpus, gpus_per_node, time_limit, seed, cap, traffic_options)
     starts: dict[str, np.ndarray] = {name: firsts[name].expert_to_gpu for name in ("traffic", "balance") if name in firsts}
+    all_layers = list(range(trace.num_layers))
     costs = {name: np.array([m.weighted(p) for m, p in zip(models.all, models.layers(x, all_layers))])
              for name, x in starts.items()}  # [whole, *folds] per start
     scored = {name: float(c[0]) for name, c in costs.items()}
@@ -429,17 +422,86 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
                                                      by_fold["balance"] - by_fold["traffic"])
     start_name = "balance" if switch else "traffic"
     best = starts[start_name].copy()
-    parts = models.reset(best)
     bar.update(0, f"start {start_name}, search cost {scored[start_name]:.1f}")
 
-    # 2. per-layer LP on the surrogate, rounded, 3. swap descent (and cap moves), each through the acceptance rule
+    # 2-3. search, in place on `best`
+    stats, parts = _search(models, best, num_gpus, cap, np.random.default_rng(seed), deadline, bar)
+    cut_short = time.monotonic() > deadline or any(first.solver.get("stopped_by_time_limit") for first in firsts.values())
+    searched = model.weighted(parts[0])
+
+    # 4. replicas, on the searched placement and on the two starts (module docstring)
+    replicas: list[list[tuple[int, int]]] = [[] for _ in range(trace.num_layers)]
+    value = exact.weighted(exact.all_layers(best))
+    replicas_on = None
+    if redundant:
+        replicas_on, best, replicas, value = _replicas(exact, best, starts, redundant, end, token_folds)
+        cut_short |= time.monotonic() > end
+
+    # 5. bound
+    bound = latency_bound(exact, num_gpus, redundant, cap)
+    bar.close(f"predicted {value:.1f} us (exact loads), bound {bound:.1f}")
+    return SolveOutcome(
+        expert_to_gpu=best,
+        replicas=replicas,
+        objective={"name": "latency" if compute_weight == 1.0 else "latency-weighted", "value": value,
+                   "compute_weight": compute_weight, "unit": "us (predicted, summed over layers)",
+                   "cost_model": cost.describe(), "definition": "docs/cost-model.md"},
+        solver={"method": "starts+layer-lp+swap-descent" + ("+replication" if redundant else ""),
+                "start": start_name, "start_costs": {name: exact.weighted(exact.all_layers(x)) for name, x in starts.items()},
+                "search_costs": {"starts": scored, "final": searched},
+                "acceptance": {"z": Z_ACCEPT, "folds": len(models.all) - 1, "loads": "shrunk"},
+                "slots_per_gpu": math.ceil((trace.num_experts + redundant) / num_gpus) if cap is None else None,
+                "equal_slots": cap is None and redundant % num_gpus == 0, "max_experts_per_gpu_total": cap,
+                "redundant_experts": redundant, "replicas_on": replicas_on, "seed": seed,
+                "time_limit_s": time_limit, "seconds": round(time.monotonic() - start, 3),
+                "stopped_by_time_limit": cut_short, **stats},
+        bound=bound,
+        gap=relative_gap(value, bound),
+    )
+
+
+def _check_arguments(trace: Trace, num_gpus: int, redundant: int, cap: int | None) -> None:
+    """One-line errors for copies or a memory cap no placement can meet."""
+    if redundant > trace.num_experts * (num_gpus - 1):
+        raise MoeplaceError(f"--redundant-experts {redundant}: at most {trace.num_experts * (num_gpus - 1)} copies "
+                            f"fit {num_gpus} GPUs without two copies of one expert on a GPU")
+    if cap is not None:
+        if redundant:
+            raise MoeplaceError("--max-experts-per-gpu-total with --redundant-experts: replicas need equal slots "
+                                "per GPU; use --objective balance for both, or drop one")
+        total_slots_per_gpu(trace.num_layers, trace.num_experts, num_gpus, 0, cap)  # C x G >= L x E, or a clear error
+
+
+def _starts(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: float, seed: int, cap: int | None,
+            traffic_options: dict[str, Any] | None) -> dict[str, Placement | SolveOutcome]:
+    """The balance placement and, where G divides E, the traffic one, each with 0.3 of the time.
+
+    Traffic keeps E / G experts per GPU: where G does not divide E only a cap allows a
+    placement, and balance is the one start."""
+    from moeplace.solve.solver import solve_traffic
+
+    firsts: dict[str, Placement | SolveOutcome] = {"balance": balance_placement(trace.expert_loads(), num_gpus, gpus_per_node, 0, 0.3 * time_limit,
+        progress=False, max_experts_per_gpu_total=cap, tight_bound=False)}  # a start: its gap is not used
+    if trace.num_experts % num_gpus == 0:
+        firsts["traffic"] = solve_traffic(trace, num_gpus, gpus_per_node, 0.3 * time_limit, seed, False,
+                                          **(traffic_options or {}))
+    return firsts
+
+
+def _search(models: SearchModels, best: np.ndarray, num_gpus: int, cap: int | None, rng: np.random.Generator,
+            deadline: float, bar: Progress) -> tuple[dict[str, int], list[np.ndarray]]:
+    """Sweeps of per-layer LP (small layers), swap descent and cap moves over `best` int [L, E],
+    in place, each change through the acceptance rule, until a sweep changes nothing or the
+    deadline -> (counts of accepted steps, the models' per-layer parts of the result)."""
+    model = models.all[0]
+    num_layers, num_experts = best.shape
+    parts = models.reset(best)
     stats = {"lp_accepted": 0, "swaps_accepted": 0, "sweeps": 0} | ({"cap_moves_accepted": 0} if cap is not None else {})
-    rng = np.random.default_rng(seed)
-    small = trace.num_experts * num_gpus <= LAYER_LP_MAX_VARS
+    small = num_experts * num_gpus <= LAYER_LP_MAX_VARS
     lp_refused: dict[int, bytes] = {}  # layer -> its neighbourhood when its LP step was refused
     for sweep in range(20):
         improved = False
-        for layer in range(trace.num_layers):
+        for layer in range(num_layers):
             if time.monotonic() > deadline:
                 break
             if small:
@@ -468,46 +530,25 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
         bar.update(sweep + 1, f"sweep {sweep + 1}: search cost {model.weighted(parts[0]):.1f}")  # shrunk loads
         if not improved or time.monotonic() > deadline:
             break
-    cut_short = time.monotonic() > deadline or any(first.solver.get("stopped_by_time_limit") for first in firsts.values())
-    searched = model.weighted(parts[0])
+    return stats, parts
 
-    # 4. replicas, on the searched placement and on the two starts (module docstring)
-    replicas: list[list[tuple[int, int]]] = [[] for _ in range(trace.num_layers)]
-    value = exact.weighted(exact.all_layers(best))
-    replicas_on = None
-    if redundant:
-        pick: tuple[str, np.ndarray, list[list[tuple[int, int]]], float] | None = None
-        for name, x in (("search", best), *starts.items()):
-            if pick is not None and (time.monotonic() > end or (x == pick[1]).all()):
-                continue
-            reps, val = replicate.add_replicas(exact, x, redundant, end, token_folds)
-            if pick is None or val < pick[3] - 1e-9:
-                pick = (name, x, reps, val)
-        assert pick is not None
-        replicas_on, best, replicas, value = pick[0], pick[1].copy(), pick[2], pick[3]
-        cut_short |= time.monotonic() > end
 
-    # 5. bound
-    bound = latency_bound(exact, num_gpus, redundant, cap)
-    bar.close(f"predicted {value:.1f} us (exact loads), bound {bound:.1f}")
-    return SolveOutcome(
-        expert_to_gpu=best,
-        replicas=replicas,
-        objective={"name": "latency" if compute_weight == 1.0 else "latency-weighted", "value": value,
-                   "compute_weight": compute_weight, "unit": "us (predicted, summed over layers)",
-                   "cost_model": cost.describe(), "definition": "docs/cost-model.md"},
-        solver={"method": "starts+layer-lp+swap-descent" + ("+replication" if redundant else ""),
-                "start": start_name, "start_costs": {name: exact.weighted(exact.all_layers(x)) for name, x in starts.items()},
-                "search_costs": {"starts": scored, "final": searched},
-                "acceptance": {"z": Z_ACCEPT, "folds": len(models.all) - 1, "loads": "shrunk"},
-                "slots_per_gpu": math.ceil((trace.num_experts + redundant) / num_gpus) if cap is None else None,
-                "equal_slots": cap is None and redundant % num_gpus == 0, "max_experts_per_gpu_total": cap,
-                "redundant_experts": redundant, "replicas_on": replicas_on, "seed": seed,
-                "time_limit_s": time_limit, "seconds": round(time.monotonic() - start, 3),
-                "stopped_by_time_limit": cut_short, **stats},
-        bound=bound,
-        gap=relative_gap(value, bound),
-    )
+def _replicas(exact: LatencyModel, searched: np.ndarray, starts: dict[str, np.ndarray], redundant: int, end: float,
+              token_folds: list[np.ndarray]) -> tuple[str, np.ndarray, list[list[tuple[int, int]]], float]:
+    """`redundant` copies per layer added to the searched placement and to each start (one that
+    equals a layout already tried, or is reached after `end`, is skipped) -> (which layout,
+    expert_to_gpu int [L, E], replicas, predicted value) of the best."""
+    from moeplace.solve import replicate
+
+    pick: tuple[str, np.ndarray, list[list[tuple[int, int]]], float] | None = None
+    for name, x in (("search", searched), *starts.items()):
+        if pick is not None and (time.monotonic() > end or (x == pick[1]).all()):
+            continue
+        reps, val = replicate.add_replicas(exact, x, redundant, end, token_folds)
+        if pick is None or val < pick[3] - 1e-9:
+            pick = (name, x, reps, val)
+    assert pick is not None
+    return pick[0], pick[1].copy(), pick[2], pick[3]
 
 
 def _accept(models: SearchModels, best: np.ndarray, cand: np.ndarray, parts: list[np.ndarray],
