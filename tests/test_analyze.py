@@ -160,9 +160,10 @@ def test_planted_transitions_have_mi_log_e_and_full_capture() -> None:
         assert row["cond_entropy"] == pytest.approx(0.0, abs=1e-9)
         assert row["capture"] == pytest.approx({"1": 1.0, "2": 1.0, "4": 1.0})
         # the shuffled baseline is the small-sample bias only: far below log E, capture far below 1
-        assert row["mi_baseline"] < 0.2 * log_e
-        assert row["capture_baseline"]["1"] < 0.3
-        assert row["mi_excess"] > 0.8 * log_e
+        # (measured: 0.045, 0.12 and 0.96 log E; independent top-1 choices capture ~1/16 + noise)
+        assert row["mi_baseline"] < 0.1 * log_e
+        assert row["capture_baseline"]["1"] < 0.2
+        assert row["mi_excess"] > 0.9 * log_e
     assert aff["conditional"]["top1"].shape == (3, 16, 16)
     assert np.allclose(aff["conditional"]["top1"].max(axis=-1), 1.0)  # each row one certain successor
     # top-k and gated modes see the affinity diluted by the random second choice, but clearly
@@ -238,11 +239,11 @@ def test_planted_halves_transfer_and_shuffled_do_not() -> None:
     res = compare_affinity(a, b)["top1"]["mean"]
     assert res["corr_excess"] > 0.95
     assert res["capture_heldout"]["1"] == pytest.approx(1.0)
-    assert res["capture_heldout_marginal"]["1"] < 0.15  # busiest expert: ~1/16 of transitions
+    assert res["capture_heldout_marginal"]["1"] < 0.1  # busiest expert: ~1/16 of transitions (measured 0.041)
     # against a trace of the same model with no affinity, nothing transfers
     res = compare_affinity(a, shuffled_layers(b))["top1"]["mean"]
-    assert abs(res["corr_excess"]) < 0.2
-    assert res["capture_heldout"]["1"] < 0.15
+    assert abs(res["corr_excess"]) < 0.1  # (measured -0.020)
+    assert res["capture_heldout"]["1"] < 0.1  # ~1/16 (measured 0.061)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +286,6 @@ def test_cli_writes_json_and_figures(planted_file: Path, tmp_path: Path, capsys:
 
 
 def test_cli_with_solver(planted_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    pytest.importorskip("moeplace.solve.solver")
     # B: the same model, but its chains follow other permutations (a different "domain")
     other = tmp_path / "other.npz"
     save_trace(planted(512, num_experts=8, seed=7), other)

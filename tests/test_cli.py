@@ -117,7 +117,8 @@ def test_solve_refuses_a_train_fraction_for_load_only_input(tmp_path: Path, caps
 
 @pytest.mark.parametrize("name", ["vocab.txt", "vocab.json", "tokenizer.model"])
 def test_serve_and_trace_accept_the_same_tokenizer_files(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from moeplace.serve.cli import load_tokenizer
     from moeplace.trace.cli import TOKENIZER_FILES
 

@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import ROOT, SHARED_DATA
 from moeplace.analyze.affinity import affinity
 from moeplace.cli import run
+from moeplace.errors import MoeplaceError
 from moeplace.models.discovery import find_moe_layers
 from moeplace.models.tiny import FAMILIES, build_tiny_model, byte_tokenizer
 from moeplace.trace import text as text_mod
@@ -24,7 +26,6 @@ from moeplace.trace.collect import RouterRecorder, collect, route_batch
 from moeplace.trace.format import load_trace
 from moeplace.trace.text import Batch, expand_paths, iter_batches, iter_windows
 
-transformers = pytest.importorskip("transformers")
 F = torch.nn.functional
 
 
@@ -147,7 +148,7 @@ def test_windows_and_batches(tmp_path: Path) -> None:
 def test_bad_jsonl(tmp_path: Path, content: str, match: str) -> None:
     f = tmp_path / "d.jsonl"
     f.write_text(content)
-    with pytest.raises(Exception, match=match):
+    with pytest.raises(MoeplaceError, match=match):
         list(iter_windows([f], list, 4))
 
 
@@ -421,15 +422,15 @@ def test_meta_is_json_serialisable(tiny_dirs: dict[str, Path], corpus: Path, tmp
     assert trace_cli(tiny_dirs["gpt_oss"], corpus, out, "--max-tokens", "40", "--dtype", "bfloat16") == 0
     t = load_trace(out)
     assert t.meta["dtype"] == "bfloat16" and t.meta["model_type"] == "gpt_oss"
-    json.dumps(t.meta)
 
 
 # ---- the committed trained checkpoint -------------------------------------------------------------
 
 def test_trained_checkpoint_has_learned_affinity(tmp_path: Path) -> None:
     ckpt, text = ROOT / "checkpoints" / "tiny-moe", SHARED_DATA / "text" / "wikipedia_texts.txt"
-    if not ckpt.is_dir() or not text.is_file():
-        pytest.skip("checkpoints/tiny-moe or ../shared/data/text absent")
+    assert ckpt.is_dir(), f"{ckpt}: the committed trained checkpoint is missing"
+    if not text.is_file():
+        pytest.skip("../shared/data/text absent")
     assert transformers.AutoTokenizer.from_pretrained(ckpt)("hello world")["input_ids"]
     out = tmp_path / "t.npz"
     assert trace_cli(ckpt, text, out, "--max-tokens", "3000", "--seq-len", "128", "--dtype", "float32") == 0
@@ -509,8 +510,7 @@ def test_lines_below_the_cut_are_tokenised_as_before(tmp_path: Path) -> None:
 
 def test_long_lines_keep_the_tokens_of_a_byte_level_bpe(tmp_path: Path) -> None:
     ckpt = ROOT / "checkpoints" / "tiny-moe"
-    if not (ckpt / "tokenizer.json").is_file():
-        pytest.skip("checkpoints/tiny-moe absent")
+    assert (ckpt / "tokenizer.json").is_file(), f"{ckpt}: the committed trained checkpoint is missing"
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
     words = np.random.default_rng(2).choice(["Experts", "fire", "together,", "placed", "  apart.", "don't"], 150_000)
     line = " ".join(words)

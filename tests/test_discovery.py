@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 from moeplace.errors import MoeplaceError
@@ -15,7 +16,6 @@ from moeplace.models.checkpoint import CheckpointError, moe_blocks, open_checkpo
 from moeplace.models.discovery import find_moe_layers, num_decoder_layers
 from moeplace.models.tiny import FAMILIES, build_tiny_model
 
-transformers = pytest.importorskip("transformers")
 
 # decoder layers that the tiny config makes dense (see moeplace.models.tiny)
 DENSE = {"qwen2_moe": {1}, "qwen3_moe": {1}, "deepseek_v2": {0}, "deepseek_v3": {0}}

@@ -98,11 +98,21 @@ def test_sglang_file_holds_only_the_map_with_a_row_per_decoder_layer(tmp_path: P
     table = np.asarray(doc["physical_to_logical_map"])
     assert table.shape == (3, 8)
     np.testing.assert_array_equal(table[0], np.arange(8))  # dense row: SGLang's trivial map
-    np.testing.assert_array_equal(table[1:], physical_to_logical(p))
+    # MoE rows, by hand: slot s lies on GPU s // 2 (2 slots per GPU) and holds an expert placed there
+    for row, layer in ((1, 0), (2, 1)):
+        assert sorted(table[row]) == list(range(8))
+        np.testing.assert_array_equal(p.expert_to_gpu[layer, table[row]], np.arange(8) // 2)
     back = tmp_path / "back.json"
     assert cli("--from", "sglang", str(out), "--gpus", "4", "--model", str(model), "-o", str(back)) == 0
     np.testing.assert_array_equal(load_placement(back).expert_to_gpu, p.expert_to_gpu)
     np.testing.assert_array_equal(sglang_map(p, [1, 2], 3), table)
+    # with copies (12 physical slots), a dense row is SGLang's trivial map of 12 slots: ids stay < E
+    r = replicated()
+    dense_too = sglang_map(r, [0, 2, 3], 4)
+    np.testing.assert_array_equal(dense_too[1], np.arange(12) % 8)
+    for row, layer in ((0, 0), (2, 1), (3, 2)):
+        assert sorted(set(dense_too[row])) == list(range(8))  # every expert, 4 of them twice
+        np.testing.assert_array_equal(np.sort(np.bincount(dense_too[row], minlength=8)), [1] * 4 + [2] * 4)
     assert cli(_save(p, tmp_path), "--to", "sglang", "--moe-layers", "1-2", "--num-hidden-layers", "3",
                "-o", str(tmp_path / "loc2.json")) == 0
     assert json.loads((tmp_path / "loc2.json").read_text()) == doc
@@ -123,7 +133,8 @@ def test_sglang_rows_from_a_trace_meta(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_sglang_pt_file_is_read_weights_only(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     path = tmp_path / "loc.pt"
     torch.save({"physical_to_logical_map": torch.as_tensor(physical_to_logical(plain()))}, path)
     back = tmp_path / "back.json"
@@ -341,9 +352,10 @@ def test_sglang_rows_from_the_placements_fit_trace(tmp_path: Path, capsys: pytes
     src, out = _save(p, tmp_path), tmp_path / "loc.json"
     assert cli(src, "--to", "sglang", "-o", str(out)) == 0
     assert "MoE layers [2, 4, 5] from the placement's fit trace" in capsys.readouterr().err
-    table = json.loads(out.read_text())
-    rows = table["physical_to_logical_map"] if isinstance(table, dict) else table
-    assert len(rows) == 6
+    rows = np.asarray(json.loads(out.read_text())["physical_to_logical_map"])
+    assert rows.shape == (6, 8)
+    for dense in (0, 1, 3):  # decoder layers that are no MoE layer of the placement: the trivial map
+        np.testing.assert_array_equal(rows[dense], np.arange(8))
     back = tmp_path / "back.json"
     assert cli("--from", "sglang", str(out), "--moe-layers", "2,4-5", "--gpus", "4", "--gpus-per-node", "2",
                "-o", str(back)) == 0

@@ -20,7 +20,6 @@ from moeplace.models.checkpoint import CheckpointError
 from moeplace.placement import Placement
 from moeplace.solve.baselines import random_balanced
 
-transformers = pytest.importorskip("transformers")
 
 NUM_EXPERTS = 8
 # decoder layer ids of the MoE layers of each 3-layer tiny model (Qwen: layer 1 dense; DeepSeek: layer 0)

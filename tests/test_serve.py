@@ -48,8 +48,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, li
     out = {}
     paths = {family: build_tiny_model(family, root / family, num_experts=8, top_k=k, num_layers=3, seed=1)
              for family, k in MODELS}
-    if TRAINED.is_dir():
-        paths["tiny-moe"] = TRAINED
+    assert TRAINED.is_dir(), f"{TRAINED}: the committed trained checkpoint is missing"
+    paths["tiny-moe"] = TRAINED
     for family, path in paths.items():
         ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         ids_out, logits_out = [], []
@@ -154,7 +154,8 @@ def check_job(job: tuple[str, str, str], result: dict, models: dict, world: int)
     _, ref_ids, ref_logits = models[family]
     spec = read_spec(model_dir)
     assert result["tokens"] == ref_ids, f"{family} {mode} {placement_path} x{world}: generations differ"
-    for got, want in zip(result["logits"], ref_logits):
+    assert len(result["logits"]) == len(ref_logits) > 0, f"{family} {mode}: {len(result['logits'])} logits rows"
+    for got, want in zip(result["logits"], ref_logits, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     if world == 1:
         assert result["decode"]["alltoall_bytes"] == 0
@@ -185,7 +186,7 @@ def check_job(job: tuple[str, str, str], result: dict, models: dict, world: int)
 
 def test_single_rank_matches_transformers(models: dict, tmp_path: Path) -> None:
     jobs = [(str(models[f][0]), None, mode) for f in models for mode in ("coherent", "standard")]
-    for job, result in zip(jobs, run_world(1, jobs, tmp_path)):
+    for job, result in zip(jobs, run_world(1, jobs, tmp_path), strict=True):
         check_job(job, result, models, 1)
 
 
@@ -202,9 +203,9 @@ def test_two_ranks_all_modes_and_placements(models: dict, tmp_path: Path) -> Non
     jobs += [(str(models["mixtral"][0]), mixtral_rep, mode) for mode in ("coherent", "standard")]
     jobs += [(str(models["qwen3_moe"][0]), qwen_full, mode) for mode in ("coherent", "standard")]
     results = run_world(2, jobs, tmp_path)
-    for job, result in zip(jobs, results):
+    for job, result in zip(jobs, results, strict=True):
         check_job(job, result, models, 2)
-    by_job = dict(zip(jobs, results))
+    by_job = dict(zip(jobs, results, strict=True))
     for mode in ("coherent", "standard"):
         # every expert on every rank: no token ever leaves its rank
         assert by_job[(str(models["qwen3_moe"][0]), qwen_full, mode)]["decode"]["alltoall_bytes"] == 0
@@ -226,5 +227,5 @@ def test_four_ranks_both_modes(models: dict, tmp_path: Path) -> None:
     jobs += [(str(models["mixtral"][0]), mixtral_uneven, mode) for mode in ("coherent", "standard")]
     if "tiny-moe" in models:  # the trained checkpoint (bf16 weights, tied embeddings, 16 experts)
         jobs.append((str(models["tiny-moe"][0]), str(pl["tiny-moe"]["permuted"]), "coherent"))
-    for job, result in zip(jobs, run_world(4, jobs, tmp_path)):
+    for job, result in zip(jobs, run_world(4, jobs, tmp_path), strict=True):
         check_job(job, result, models, 4)

@@ -159,7 +159,7 @@ def test_eos_budgets_lengths_and_fewer_prompts_than_ranks(eos_model: tuple[Path,
     jobs.append((str(gen_only), placement, "coherent", EOS_PROMPTS, EOS_BUDGETS, False))
     results = run_two_ranks(jobs, tmp_path)
     refs = [ref for ref in refs for _ in ("coherent", "standard")] + [refs[2]] * 2 + [gen_ref]
-    for job, result, (ref_ids, ref_logits) in zip(jobs, results, refs):
+    for job, result, (ref_ids, ref_logits) in zip(jobs, results, refs, strict=True):
         model_dir, placement_path, mode, _, _, via_command = job
         if via_command:
             assert result["tokens"] == ref_ids, f"{mode}, through rank 0's command: generations differ"
@@ -178,7 +178,7 @@ def test_top3_both_modes_with_and_without_replicas(top3_models: list[Path], tmp_
     for path in top3_models:
         for placement in (placements(tmp_path, path, 2)["permuted"], replicated(tmp_path, path, 2, 1)):
             jobs += [(str(path), str(placement), mode, TOP3_PROMPTS, budgets, False) for mode in ("coherent", "standard")]
-    for job, result in zip(jobs, run_two_ranks(jobs, tmp_path)):
+    for job, result in zip(jobs, run_two_ranks(jobs, tmp_path), strict=True):
         check_job(job[:3], result, refs, 2)
 
 

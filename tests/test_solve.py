@@ -531,7 +531,8 @@ def test_library_arguments_are_checked_as_the_cli_options_are(kwargs: dict, mess
 
 
 def test_concurrent_solves_give_back_the_callers_blas_threads() -> None:
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     from threadpoolctl import threadpool_info, threadpool_limits
 
     def blas_threads() -> list[int]:
@@ -543,11 +544,9 @@ def test_concurrent_solves_give_back_the_callers_blas_threads() -> None:
         before = blas_threads()
         short, _ = planted_trace(64, 3, 8, 2, 4, seed=1)
         long, _ = planted_trace(2000, 8, 32, 2, 4, seed=2)
-        threads = [threading.Thread(target=solve_placement, args=(t, 4), kwargs={"time_limit": 5.0})
-                   for t in (long, short)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(solve_placement, t, 4, time_limit=5.0) for t in (long, short)]
+            placements = [f.result() for f in futures]  # a solve that failed in its thread fails here
+        assert [p.num_gpus for p in placements] == [4, 4]
         # the short solve ended first: it must not restore while the long one runs, nor leave 1 behind
         assert blas_threads() == before
