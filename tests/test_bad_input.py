@@ -20,9 +20,9 @@ from moeplace.trace.format import make_trace, save_trace
 Setup = Callable[[Path], list[str]]
 
 
-def _trace(tmp: Path, layers: int = 4, name: str = "t.npz") -> Path:
+def _trace(tmp: Path, layers: int = 4, name: str = "t.npz", tokens: int = 16) -> Path:
     rng = np.random.default_rng(0)
-    ids = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(layers)]) for _ in range(16)])
+    ids = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(layers)]) for _ in range(tokens)])
     save_trace(make_trace(ids, num_experts=8), tmp / name)
     return tmp / name
 
@@ -48,6 +48,12 @@ def _npz(tmp: Path, name: str, **arrays: np.ndarray) -> Path:
     return tmp / name
 
 
+def _npz_compressed(tmp: Path, name: str, **arrays: np.ndarray) -> Path:
+    with open(tmp / name, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    return tmp / name
+
+
 def _zip(tmp: Path, name: str, members: dict[str, bytes]) -> Path:
     import zipfile
 
@@ -60,6 +66,22 @@ def _zip(tmp: Path, name: str, members: dict[str, bytes]) -> Path:
 def _truncated(path: Path) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _corrupt(path: Path, member: str = "topk_ids.npy") -> Path:
+    """Flip 40 bytes inside one member's compressed data: the archive's directory stays intact, so
+    opening succeeds and decompressing that member fails (zlib.error, or a CRC mismatch)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(member)
+    data = bytearray(path.read_bytes())
+    at = info.header_offset
+    start = at + 30 + int.from_bytes(data[at + 26:at + 28], "little") + int.from_bytes(data[at + 28:at + 30], "little")
+    mid = start + info.compress_size // 2
+    data[mid:mid + 40] = bytes(b ^ 0xFF for b in data[mid:mid + 40])
+    path.write_bytes(bytes(data))
     return path
 
 
@@ -145,6 +167,20 @@ EVAL_CASES: list[tuple[str, Setup, str]] = [
     ("placement-is-a-directory", _eval(lambda t: (t / "pdir").mkdir() or t / "pdir"), "is a directory"),
     ("eval-nan-threshold", lambda t: ["eval", str(_placement(t)), str(_trace(t)), "--max-cross-gpu", "nan"],
      "'--max-cross-gpu': 'nan' is not a finite number"),
+    # found by a code review: zlib.error escaped every .npz reader but export's (an internal error)
+    ("trace-corrupt-member", _eval(_placement, lambda t: _corrupt(_trace(t, tokens=400))),
+     "t.npz: member 'topk_ids' is corrupt or truncated"),
+    ("analyze-corrupt-member", lambda t: ["analyze", str(_corrupt(_trace(t, tokens=400))), "-o", str(t / "a"),
+                                          "--no-figures", "--no-solve"], "t.npz: member 'topk_ids' is corrupt or truncated"),
+    ("loads-corrupt-member", lambda t: ["analyze", str(_corrupt(_npz_compressed(t, "l.npz", expert_loads=np.ones((40, 64))),
+                                                                "expert_loads.npy")), "-o", str(t / "a"), "--no-figures"],
+     "l.npz: member 'expert_loads' is corrupt or truncated"),
+    ("eplb-corrupt-member", lambda t: ["export", "--from", "eplb",
+                                       str(_corrupt(_npz_compressed(t, "e.npz", phy2log=np.arange(4096).reshape(4, -1) % 8),
+                                                    "phy2log.npy")), "--gpus", "4", "-o", str(t / "x.json")],
+     "e.npz: member 'phy2log' is corrupt or truncated"),
+    ("placement-solver-not-object", _eval(lambda t: _json(t, {**_good_placement_doc(), "solver": "x"})),
+     "p.json: 'solver' must be a JSON object or null, got 'x'"),
     ("check-nan-threshold", lambda t: ["check", str(_text(t, "ci.yaml", f"checks:\n- placement: {_placement(t)}\n"
                                                                    f"  trace: {_trace(t)}\n  max_cross_gpu: .nan\n"))],
      "max_cross_gpu must be a non-negative number, got nan"),
@@ -221,6 +257,8 @@ SOLVE_CASES: list[tuple[str, Setup, str]] = [
      "not a multiple of --gpus-per-node 3"),
     ("solve-usage-error", lambda t: ["solve", str(_trace(t)), "--gpus", "abc", "-o", str(t / "p.json")],
      "'--gpus' / '-g': 'abc' is not a valid integer"),
+    ("solve-corrupt-member", lambda t: ["solve", str(_corrupt(_trace(t, tokens=400))), "--gpus", "4", "-o", str(t / "p.json")],
+     "t.npz: member 'topk_ids' is corrupt or truncated"),
     ("solve-too-many-replicas", lambda t: ["solve", str(_npz(t, "l.npz", expert_loads=np.ones((4, 8)))), "--gpus", "4",
                                            "--objective", "balance", "--redundant-experts", "25", "-o", str(t / "p.json")],
      "at most 24 copies fit 4 GPUs"),

@@ -11,7 +11,8 @@ import pytest
 from moeplace import cli
 from moeplace.errors import MoeplaceWarning, PlacementError, TraceError
 from moeplace.placement import Placement, check_topology, load_placement
-from moeplace.trace.format import load_loads, load_trace, make_loads, make_trace, save_loads, save_trace, split_tokens
+from moeplace.trace.format import (is_load_only, load_loads, load_trace, make_loads, make_trace, save_loads, save_trace,
+                                   split_tokens)
 
 
 def test_trace_round_trip(tmp_path: Path, small_trace) -> None:
@@ -128,6 +129,16 @@ def test_placement_round_trip_and_checks(tmp_path: Path) -> None:
         (lambda d: d.update(num_experts=5), "num_layers x num_experts"),
         (lambda d: d.update(num_gpus=3), "not a multiple"),
         (lambda d: d.update(replicas=[[[2, 1]], []]), "two copies"),
+        # eval read solver.get(...) of whatever the file held: "x" was an AttributeError
+        (lambda d: d.update(solver="x"), "p.json: 'solver' must be a JSON object or null, got 'x'"),
+        (lambda d: d.update(metrics=[1]), "'metrics' must be a JSON object or null, got an array"),
+        (lambda d: d.update(objective="traffic"), "'objective' must be a JSON object or null, got 'traffic'"),
+        (lambda d: d.update(bound="0.5"), "'bound' must be a finite number or null, got '0.5'"),
+        (lambda d: d.update(gap=float("nan")), "'gap' must be a finite number or null, got nan"),
+        (lambda d: d.update(gap=True), "'gap' must be a finite number or null, got true"),
+        (lambda d: d.update(trace_sha256=5), "'trace_sha256' must be a string or null, got 5"),
+        (lambda d: d.update(trace_routing_sha256={}), "'trace_routing_sha256' must be a string or null, got an object"),
+        (lambda d: d.update(replicas=[[[2, 9]], []]), r"p.json: replica \(2, 9\) of layer 0 is out of range"),
     ],
 )
 def test_bad_placement(tmp_path: Path, mutate, message) -> None:
@@ -140,6 +151,14 @@ def test_bad_placement(tmp_path: Path, mutate, message) -> None:
     path.write_text("{")
     with pytest.raises(PlacementError, match="not valid JSON"):
         load_placement(path)
+
+
+def test_placement_fields_may_be_null(tmp_path: Path) -> None:
+    doc = Placement(np.array([[0, 1]]), num_gpus=2, gpus_per_node=2, bound=1.0, gap=0).to_json()
+    doc.update(objective=None, solver=None, metrics=None, bound=None, trace_sha256=None)
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    back = load_placement(tmp_path / "p.json")
+    assert (back.objective, back.solver, back.metrics, back.bound, back.gap) == ({}, {}, {}, None, 0)
 
 
 def test_impossible_topology() -> None:
@@ -205,6 +224,11 @@ def test_meta_stored_as_bytes_is_read(tmp_path: Path) -> None:
     ((np.zeros(4, dtype=int), 4, 4), "must be an integer array \\[layers, experts\\]"),
     ((np.zeros((2, 4), dtype=int), 4, 0), "gpus_per_node must be a positive integer"),
     ((np.zeros((2, 4), dtype=int), 4, 3), "num_gpus 4 is not a multiple of gpus_per_node 3"),
+    # replicas were checked only on save or load: holders(1) of these was an IndexError
+    ((np.zeros((4, 8), dtype=int), 4, 2, [[]]), r"replicas must have one list per layer \(4\), got 1"),
+    ((np.zeros((1, 4), dtype=int), 2, 1, [[(9, 1)]]), r"replica \(9, 1\) of layer 0 is out of range"),
+    ((np.zeros((1, 4), dtype=int), 2, 1, [[(0, 0)]]), "expert 0 of layer 0 has two copies on GPU 0"),
+    ((np.zeros((1, 4), dtype=int), 2, 1, [[(0,)]]), r"replica \(0,\) of layer 0 is not an \(expert, gpu\) pair"),
 ])
 def test_placement_built_in_python_is_checked(args: tuple, message: str) -> None:
     # from Python these failed later in numpy (reshape), truncated 0.9 to GPU 0, or divided by zero
@@ -217,3 +241,62 @@ def test_placement_copies_the_callers_layout() -> None:
     p = Placement(layout, 4, 4)
     layout[0, 0] = 99
     assert p.expert_to_gpu[0, 0] == 0
+
+
+def test_placement_replicas_in_python_are_kept() -> None:
+    p = Placement(np.zeros((2, 4), dtype=int), 2, 1, [[(1, 1)], [(np.int64(3), np.int64(1))]])  # type: ignore[list-item]
+    assert p.holders(1)[3] == [0, 1] and p.num_replicas == 1
+
+
+def _npz_member_header(path: Path, name: str, shape: tuple, payload: bytes) -> Path:
+    """An .npz whose one member declares `shape` of int64 and holds only `payload` after its header."""
+    import io
+    import zipfile
+
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<i8", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(name, head.getvalue() + payload)
+    return path
+
+
+def test_npz_members_are_read_safely(tmp_path: Path) -> None:
+    # a damaged header declaring 72 TiB made numpy allocate it: a MemoryError, not a clear line
+    huge = _npz_member_header(tmp_path / "huge.npz", "topk_ids.npy", (10**7, 10**6), bytes(64))
+    with pytest.raises(TraceError, match=r"huge.npz: member 'topk_ids' is truncated \(its header declares more"):
+        load_trace(huge)
+    short = _npz_member_header(tmp_path / "short.npz", "topk_ids.npy", (2, 1, 2), bytes(8 * 3))
+    with pytest.raises(TraceError, match="short.npz: member 'topk_ids' is truncated"):
+        load_trace(short)
+    fits = _npz_member_header(tmp_path / "fits.npz", "topk_ids.npy", (2, 1, 2), np.array([0, 1, 1, 0]).astype("<i8").tobytes())
+    assert load_trace(fits).topk_ids.tolist() == [[[0, 1]], [[1, 0]]]
+    pickled = _npz(tmp_path / "obj.npz", topk_ids=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(TraceError, match=r"obj.npz: member 'topk_ids' is not a readable array \(Object arrays"):
+        load_trace(pickled)
+
+
+def test_eplb_npz_is_read_by_the_same_reader(tmp_path: Path) -> None:
+    from moeplace.export.eplb import read_document
+
+    npy_named_npz = tmp_path / "e.npz"
+    with open(npy_named_npz, "wb") as f:
+        np.save(f, np.zeros((2, 2), np.int64))
+    # was `with ndarray`: a TypeError, reported as an internal error
+    with pytest.raises(PlacementError, match="e.npz: holds one .npy array, not an .npz archive"):
+        read_document(npy_named_npz)
+    assert read_document(_npz(tmp_path / "ok.npz", phy2log=np.zeros((1, 2), np.int64)))["phy2log"].shape == (1, 2)
+
+
+def test_one_rule_says_what_is_load_only(tmp_path: Path, small_trace) -> None:
+    loads = np.ones((3, 8))
+    both = _npz(tmp_path / "both.npz", topk_ids=small_trace.topk_ids, num_experts=np.array(8), expert_loads=loads)
+    only = _npz(tmp_path / "only.npz", expert_loads=loads)
+    np.save(tmp_path / "ex.npy", np.zeros((2, 3), np.int64))
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 junk")
+    assert is_load_only(only) and not is_load_only(both)
+    assert not any(is_load_only(tmp_path / n) for n in ("ex.npy", "junk.npz", "missing.npz"))
+    # a file holding both is the trace everywhere: load_loads sums its paths, as it does any trace's
+    assert load_loads(both).meta.get("from_trace") is True and load_loads(only).loads.sum() == 24
+    # solve took any file with expert_loads for load-only and refused the traffic objective on it
+    assert cli.run(["solve", str(both), "--gpus", "2", "--time-limit", "2", "-q", "-o", str(tmp_path / "p.json")]) == 0
+    assert load_placement(tmp_path / "p.json").objective["name"] == "traffic"

@@ -198,7 +198,8 @@ def test_a_wrong_order_is_caught_by_the_logits(qwen: Path, tmp_path: Path) -> No
 
 def test_replicas_uneven_and_foreign_placements_are_refused(qwen: Path, tmp_path: Path) -> None:
     with pytest.raises(PlacementError, match="replicates experts.*--to sglang"):
-        permute_checkpoint(qwen, _placement(replicas=[[(0, 3)], []]), tmp_path / "a", progress=False)
+        other_gpu = (int(_placement().expert_to_gpu[0, 0]) + 1) % 4  # a copy of expert 0 where it is not
+        permute_checkpoint(qwen, _placement(replicas=[[(0, other_gpu)], []]), tmp_path / "a", progress=False)
     uneven = _placement()
     uneven.expert_to_gpu[1] = [0, 0, 0, 1, 1, 2, 2, 3]
     with pytest.raises(PlacementError, match="layer 1: GPU 0 holds 3 physical experts but GPU 3 holds 1"):

@@ -12,12 +12,16 @@ import contextlib
 import errno
 import glob
 import json
+import math
 import os
 import shutil
 import tempfile
 import threading
+import tokenize
+import zipfile
+import zlib
 from pathlib import Path
-from typing import Any, Hashable, Iterator
+from typing import Any, Hashable, Iterable, Iterator
 
 try:
     import fcntl
@@ -25,6 +29,13 @@ except ImportError:  # Windows: no flock, so stages of killed runs are not swept
     fcntl = None  # type: ignore[assignment]
 
 import numpy as np
+
+from moeplace.errors import MoeplaceError
+
+try:
+    from lzma import LZMAError
+except ImportError:  # Python built without lzma: zipfile then cannot read LZMA members at all
+    LZMAError = OSError  # type: ignore[misc, assignment]
 
 
 @contextlib.contextmanager
@@ -258,6 +269,86 @@ def read_yaml(path: str | os.PathLike[str], error: type[Exception] = ValueError)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise error(f"{p}: not valid YAML ({first})") from None
+
+
+# What reading a damaged or hostile .npz raises: zipfile (BadZipFile, a CRC mismatch; KeyError;
+# NotImplementedError for an unknown compression method, RuntimeError for an encrypted member), the
+# decompressors (zlib.error, LZMAError, OSError from bz2), and numpy's .npy reader (ValueError: an
+# object array, which needs pickle, or a malformed header; EOFError; TokenError and SyntaxError
+# from parsing a garbled header).
+_NPZ_FAILURES = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, LZMAError,
+                 NotImplementedError, RuntimeError, tokenize.TokenError, SyntaxError)
+
+
+def read_npz(path: str | os.PathLike[str], what: str, error: type[MoeplaceError] = MoeplaceError,
+             members: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of the .npz archive at `path`: every member, or those of `members` it holds (one it
+    lacks is left out, for the caller to name). Never unpickles. Every failure (no such file, not a
+    zip archive, one bare .npy array, truncated or corrupt data, an object array, a member that is
+    not a .npy array) raises `error`, one line naming the file; `what` names the kind of file."""
+    p = existing_file(path, what, error)
+    with _open_npz(p, error) as z:
+        keys = z.files if members is None else [k for k in members if k in z.files]
+        return {k: _read_member(z, k, p, error) for k in keys}
+
+
+def npz_names(path: str | os.PathLike[str], what: str, error: type[MoeplaceError] = MoeplaceError) -> list[str]:
+    """The array names in the .npz archive at `path` (no data read); errors as read_npz's."""
+    with _open_npz(existing_file(path, what, error), error) as z:
+        return list(z.files)
+
+
+def _open_npz(p: Path, error: type[MoeplaceError]) -> Any:
+    """np.load of an .npz archive (an NpzFile, to close), or `error` saying what the file is instead."""
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(6)
+        if magic.startswith(b"\x93NUMPY"):  # refused before numpy reads the whole array
+            raise error(f"{p}: holds one .npy array, not an .npz archive (a single array, such as an ExFlow "
+                        "trace, is named .npy)")
+        if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+            kind = looks_like(p)
+            raise error(f"{p}: not an .npz file (no zip archive signature{'; it looks like ' + kind if kind else ''})")
+        return np.load(p, allow_pickle=False)
+    except MoeplaceError:
+        raise
+    except _NPZ_FAILURES as e:
+        raise error(f"{p}: not a readable .npz: truncated or not an .npz file ({type(e).__name__}: {e})") from None
+
+
+def _read_member(z: Any, key: str, p: Path, error: type[MoeplaceError]) -> np.ndarray:
+    """One array of the open NpzFile `z`, or `error` naming the file and the member."""
+    name = key if key in z.zip.namelist() else key + ".npy"  # NpzFile's own mapping of keys to members
+    try:
+        if not _declared_size_fits(z.zip, name):
+            raise error(f"{p}: member {key!r} is truncated (its header declares more data than it holds)")
+        value = z[key]
+    except MoeplaceError:
+        raise
+    except ValueError as e:
+        raise error(f"{p}: member {key!r} is not a readable array ({e})") from None
+    except _NPZ_FAILURES as e:
+        raise error(f"{p}: member {key!r} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if not isinstance(value, np.ndarray):  # NpzFile hands back a member that is not .npy as raw bytes
+        raise error(f"{p}: member {key!r} is not a .npy array (truncated or not an .npz file)")
+    return value
+
+
+def _declared_size_fits(zf: zipfile.ZipFile, name: str) -> bool:
+    """Whether a .npy member holds the data its header declares: checked before numpy allocates
+    the declared shape, which a damaged header can make terabytes (a MemoryError, not a clear
+    line). True for what this cannot tell (not .npy, a header version without a public reader)."""
+    info = zf.getinfo(name)
+    with zf.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+        except ValueError:  # not .npy: its reader says so
+            return True
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            return True
+        shape, _, dtype = readers[version](f)
+        return math.prod(shape) * dtype.itemsize <= info.file_size - f.tell()
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -19,6 +19,7 @@ its replicas in the listed order; GPU 0's slots first. See `physical_slots`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,9 @@ class Placement:
             raise PlacementError(f"expert_to_gpu holds GPU ids outside [0, {self.num_gpus})")
         if not self.replicas:
             self.replicas = [[] for _ in range(self.num_layers)]
+        problem = _replicas_problem(self.replicas, self.expert_to_gpu, self.num_gpus)
+        if problem:  # here, not as an IndexError in holders() later
+            raise PlacementError(problem)
 
     @property
     def num_layers(self) -> int:
@@ -156,17 +160,35 @@ def validate_placement(p: Placement, name: str = "placement") -> Placement:
         raise PlacementError(f"{name}: num_gpus={p.num_gpus} is not a multiple of gpus_per_node={p.gpus_per_node}")
     if e2g.min() < 0 or e2g.max() >= p.num_gpus:
         raise PlacementError(f"{name}: a GPU id in expert_to_gpu is outside [0, {p.num_gpus})")
-    if len(p.replicas) != p.num_layers:
-        raise PlacementError(f"{name}: replicas must have one list per layer ({p.num_layers}), got {len(p.replicas)}")
-    for layer, reps in enumerate(p.replicas):
-        seen: set[tuple[int, int]] = set()
-        for e, g in reps:
-            if not (0 <= e < p.num_experts and 0 <= g < p.num_gpus):
-                raise PlacementError(f"{name}: replica ({e}, {g}) of layer {layer} is out of range")
-            if g == e2g[layer, e] or (e, g) in seen:
-                raise PlacementError(f"{name}: expert {e} of layer {layer} has two copies on GPU {g}")
-            seen.add((e, g))
+    problem = _replicas_problem(p.replicas, e2g, p.num_gpus)
+    if problem:
+        raise PlacementError(f"{name}: {problem}")
     return p
+
+
+def _replicas_problem(replicas: Any, e2g: np.ndarray, num_gpus: int) -> str | None:
+    """What is wrong with `replicas` for the layout `e2g` [L, E] (one list per layer of (expert,
+    gpu) integer pairs in range, no second copy of an expert on one GPU), else None."""
+    num_layers, num_experts = e2g.shape
+    if not isinstance(replicas, list) or len(replicas) != num_layers:
+        got = len(replicas) if isinstance(replicas, list) else type(replicas).__name__
+        return f"replicas must have one list per layer ({num_layers}), got {got}"
+    for layer, reps in enumerate(replicas):
+        seen: set[tuple[int, int]] = set()
+        for pair in reps:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_index(x) for x in pair)):
+                return f"replica {pair!r} of layer {layer} is not an (expert, gpu) pair of integers"
+            e, g = (int(x) for x in pair)
+            if not (0 <= e < num_experts and 0 <= g < num_gpus):
+                return f"replica ({e}, {g}) of layer {layer} is out of range"
+            if g == e2g[layer, e] or (e, g) in seen:
+                return f"expert {e} of layer {layer} has two copies on GPU {g}"
+            seen.add((e, g))
+    return None
+
+
+def _is_index(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def load_placement(path: str | Path) -> Placement:
@@ -211,23 +233,47 @@ def placement_from_json(doc: Any, name: str = "placement") -> Placement:
             and _is_int(split.get("seed")) and split["seed"] >= 0):
         raise PlacementError(f"{name}: 'split' must hold train_fraction in (0, 1] and an integer seed >= 0, "
                              f"got {split!r}")
-    p = Placement(
-        expert_to_gpu=e2g,
-        num_gpus=num_gpus,
-        gpus_per_node=gpn,
-        replicas=replicas,
-        objective=doc.get("objective") or {},
-        solver=doc.get("solver") or {},
-        bound=doc.get("bound"),
-        gap=doc.get("gap"),
-        metrics=doc.get("metrics") or {},
-        trace_sha256=doc.get("trace_sha256"),
-        trace_routing_sha256=doc.get("trace_routing_sha256"),
-        trace_model=doc.get("trace_model") if isinstance(doc.get("trace_model"), dict) else None,
-        split=doc.get("split"),
-        extra={k: v for k, v in doc.items() if k not in _KNOWN},
-    )
+    for key in ("objective", "solver", "metrics"):  # objects as solve writes them; eval reads solver.get(...)
+        if not isinstance(doc.get(key, {}), (dict, type(None))):
+            raise PlacementError(f"{name}: '{key}' must be a JSON object or null, got {_json_kind(doc[key])}")
+    for key in ("bound", "gap"):
+        value = doc.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value)):
+            raise PlacementError(f"{name}: '{key}' must be a finite number or null, got {_json_kind(value)}")
+    for key in ("trace_sha256", "trace_routing_sha256"):
+        if not isinstance(doc.get(key), (str, type(None))):
+            raise PlacementError(f"{name}: '{key}' must be a string or null, got {_json_kind(doc[key])}")
+    try:
+        p = Placement(
+            expert_to_gpu=e2g,
+            num_gpus=num_gpus,
+            gpus_per_node=gpn,
+            replicas=replicas,
+            objective=doc.get("objective") or {},
+            solver=doc.get("solver") or {},
+            bound=doc.get("bound"),
+            gap=doc.get("gap"),
+            metrics=doc.get("metrics") or {},
+            trace_sha256=doc.get("trace_sha256"),
+            trace_routing_sha256=doc.get("trace_routing_sha256"),
+            trace_model=doc.get("trace_model") if isinstance(doc.get("trace_model"), dict) else None,
+            split=doc.get("split"),
+            extra={k: v for k, v in doc.items() if k not in _KNOWN},
+        )
+    except PlacementError as e:  # construction checks the layout and replicas: name the file
+        raise PlacementError(f"{name}: {e}") from None
     return validate_placement(p, name)
+
+
+def _json_kind(value: Any) -> str:
+    """A JSON value for an error line: numbers and short strings as written, else their JSON type."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)) or (isinstance(value, str) and len(value) <= 40):
+        return repr(value)  # NaN and Infinity, which Python's json reads, show as nan and inf
+    kinds: dict[type, str] = {str: "a long string", list: "an array", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _is_int(x: Any) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -19,7 +18,7 @@ from moeplace.io import locked_stage, read_json, write_json_atomic
 from moeplace.options import POSITIVE, POSITIVE_INT, SEED
 from moeplace.placement import check_topology
 from moeplace.progress import silenced
-from moeplace.trace.format import Trace, load_loads, load_trace
+from moeplace.trace.format import Trace, is_load_only, load_loads, load_trace
 
 JSON_NAME = "analyze.json"
 MAX_DEFAULT_GPUS = 8
@@ -59,19 +58,7 @@ def parse_pairs(spec: str | None, num_pairs: int) -> list[int]:
 
 def load_source(path: str) -> Source:
     """A per-token trace, or a load-only file (moeplace.loads/v1) when that is what `path` holds."""
-    if Path(path).suffix == ".npy":  # ExFlow's top-1 trace
-        return load_trace(path)
-    load_only = False  # unless it is a readable .npz holding loads; load_trace reports any other problem
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        z = None
-    if isinstance(z, np.ndarray):  # .npy content under another name
-        raise TraceError(f"{path}: holds one .npy array, not an .npz trace (an ExFlow trace must be named .npy)")
-    if isinstance(z, np.lib.npyio.NpzFile):
-        with z:
-            load_only = "expert_loads" in z.files and "topk_ids" not in z.files
-    return load_loads(path) if load_only else load_trace(path)
+    return load_loads(path) if is_load_only(path) else load_trace(path)
 
 
 def _check_compatible(a: Source, b: Source, path_b: str) -> None:

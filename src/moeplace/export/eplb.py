@@ -18,15 +18,13 @@ for an output path ending in .npz, the same arrays in an .npz.
 
 from __future__ import annotations
 
-import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from moeplace.errors import PlacementError, warn
-from moeplace.io import read_json, save_npz_atomic, write_json_atomic
+from moeplace.io import read_json, read_npz, save_npz_atomic, write_json_atomic
 from moeplace.placement import Placement, validate_placement
 
 
@@ -201,11 +199,7 @@ def read_document(p: Path) -> dict[str, Any]:
     if not p.is_file():
         raise PlacementError(f"{p}: no such file")
     if p.suffix == ".npz":
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-            raise PlacementError(f"{p}: not a readable .npz ({e})") from None
+        return read_npz(p, "EPLB", PlacementError)
     doc = read_json(p, PlacementError)
     if not isinstance(doc, dict):
         raise PlacementError(f"{p}: expected a JSON object")

@@ -152,7 +152,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     """
     from moeplace.errors import MoeplaceError
     from moeplace.solve.solver import solve_placement
-    from moeplace.trace.format import load_trace
+    from moeplace.trace.format import is_load_only, load_trace
 
     check_writable(output, inputs=[trace_path])  # before the solve, not after it
     if max_experts_per_gpu_total is not None and objective == "traffic":
@@ -166,7 +166,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         raise MoeplaceError("--compute-weight weighs the latency objective's compute term: add --objective latency")
     if objective == "traffic" and redundant_experts:
         raise MoeplaceError("--redundant-experts applies to --objective latency or balance")
-    if _is_load_only(trace_path):
+    if is_load_only(trace_path):
         if objective != "balance":
             raise MoeplaceError(f"{trace_path} holds expert loads only (no token paths): use --objective balance")
         if click.get_current_context().get_parameter_source("train_fraction") != click.core.ParameterSource.DEFAULT:
@@ -219,15 +219,6 @@ def warn_small_split(num_tokens: int, num_experts: int, train_fraction: float, s
         warn(f"--train-fraction {train_fraction:g} fits on {len(train)} and holds out {len(held)} of {num_tokens} "
              f"tokens; fewer than the {num_experts} experts per layer leaves most expert pairs unseen: too few "
              f"tokens for {' or '.join(few)}")
-
-
-def _is_load_only(path: Path) -> bool:
-    import numpy as np
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return "expert_loads" in z.files
-    except Exception:  # not an .npz: load_trace gives the clear error
-        return False
 
 
 def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: int, max_experts_per_gpu: int | None,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import TraceError, warn
-from moeplace.io import existing_file, json_default, looks_like, save_npz_atomic
+from moeplace.io import existing_file, json_default, npz_names, read_npz, save_npz_atomic
 
 TRACE_FORMAT = "moeplace.trace/v1"
 LOADS_FORMAT = "moeplace.loads/v1"
@@ -306,22 +305,10 @@ def _load_exflow_npy(p: Path) -> Trace:
 
 
 def _load_npz(p: Path) -> Trace:
-    try:
-        with _open_npz(p) as z:
-            keys = set(z.files)
-            if "topk_ids" not in keys:
-                hint = " (this is a load-only file: use it where expert loads are accepted)" if "expert_loads" in keys else ""
-                raise TraceError(f"{p}: not a moeplace trace: no 'topk_ids' array{hint}")
-            arrays = {k: z[k] for k in keys}
-        for k, a in arrays.items():
-            if not isinstance(a, np.ndarray):  # NpzFile hands back a member that is not .npy as raw bytes
-                raise TraceError(f"{p}: member {k!r} is not a .npy array (truncated or not an .npz file)")
-    except TraceError:
-        raise
-    except ValueError as e:
-        raise TraceError(f"{p}: unreadable array (object arrays are refused; {e})") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise TraceError(f"{p}: truncated or not an .npz file ({type(e).__name__}: {e})") from None
+    arrays = read_npz(p, "trace", TraceError)
+    if "topk_ids" not in arrays:
+        hint = " (this is a load-only file: use it where expert loads are accepted)" if "expert_loads" in arrays else ""
+        raise TraceError(f"{p}: not a moeplace trace: no 'topk_ids' array{hint}")
     if arrays["topk_ids"].ndim != 3:
         raise TraceError(f"{p}: topk_ids must be [tokens, moe_layers, k], got shape {list(arrays['topk_ids'].shape)}")
     meta = _parse_meta(arrays.get("meta"), p)
@@ -348,20 +335,6 @@ def _load_npz(p: Path) -> Trace:
     if problem:  # another tool's convention (e.g. selection-score order), not a broken file: say how it is read
         warn(f"{problem}: column 0 is taken as each token's top-1, as stored")
     return trace
-
-
-def _open_npz(p: Path) -> np.lib.npyio.NpzFile:
-    """np.load that refuses pickles and a plain .npy array under an .npz name."""
-    with open(p, "rb") as f:
-        magic = f.read(6)
-    if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
-        kind = looks_like(p)
-        hint = f"; it looks like {kind}" if kind is not None else ""
-        raise TraceError(f"{p}: not an .npz file (no zip archive signature{hint})")
-    loaded = np.load(p, allow_pickle=False)
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise TraceError(f"{p}: not an .npz archive (a single array: name it .npy if it is an ExFlow trace)")
-    return loaded
 
 
 def _parse_meta(raw: np.ndarray | None, p: Path) -> dict[str, Any]:
@@ -446,24 +419,32 @@ def save_loads(loads: ExpertLoads, path: str | Path) -> None:
     )
 
 
-def load_loads(path: str | Path) -> ExpertLoads:
-    """Load a load-only `.npz`; a per-token trace is accepted too and summed into loads."""
-    p = existing_file(path, "loads", TraceError)
+def is_load_only(path: str | Path) -> bool:
+    """Whether `path` is load-only input (moeplace.loads/v1) rather than a trace, the one rule
+    every stage uses: a readable .npz holding 'expert_loads' and no 'topk_ids' (a file with both
+    is read as the trace, whose per-token paths say more). False for anything else, unreadable
+    files included: load_trace then names the problem."""
+    if Path(path).suffix == ".npy":  # ExFlow's top-1 trace
+        return False
     try:
-        with _open_npz(p) as z:
-            keys = set(z.files)
-            raw = z["expert_loads"] if "expert_loads" in keys else None
-            meta_raw = z["meta"] if "meta" in keys else None
-        if any(a is not None and not isinstance(a, np.ndarray) for a in (raw, meta_raw)):
-            raise TraceError(f"{p}: a member is not a .npy array (truncated or not an .npz file)")
+        return _loads_only(npz_names(path, "trace", TraceError))
     except TraceError:
-        raise
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise TraceError(f"{p}: truncated or not an .npz file ({type(e).__name__}: {e})") from None
-    if raw is None:
-        if "topk_ids" in keys:
+        return False
+
+
+def _loads_only(names: list[str]) -> bool:
+    return "expert_loads" in names and "topk_ids" not in names
+
+
+def load_loads(path: str | Path) -> ExpertLoads:
+    """Load a load-only `.npz`; a per-token trace (see is_load_only) is accepted too and summed into loads."""
+    p = existing_file(path, "loads", TraceError)
+    names = npz_names(p, "loads", TraceError)
+    if not _loads_only(names):
+        if "topk_ids" in names:
             t = load_trace(p)
             return ExpertLoads(t.expert_loads(), {**t.meta, "from_trace": True}, t.sha256)
         raise TraceError(f"{p}: neither 'expert_loads' nor 'topk_ids' found")
-    loads = make_loads(raw, _parse_meta(meta_raw, p), str(p))
+    arrays = read_npz(p, "loads", TraceError, members=("expert_loads", "meta"))
+    loads = make_loads(arrays["expert_loads"], _parse_meta(arrays.get("meta"), p), str(p))
     return replace(loads, sha256=file_sha256(p))
