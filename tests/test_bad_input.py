@@ -69,6 +69,13 @@ def _truncated(path: Path) -> Path:
     return path
 
 
+def _npy_header_lies(tmp: Path, shape: bytes = b"'shape': (9999999999999, 8)") -> Path:
+    np.save(tmp / "e.npy", np.zeros((100, 8), dtype=np.int64))
+    data = (tmp / "e.npy").read_bytes()
+    (tmp / "e.npy").write_bytes(data.replace(b"'shape': (100, 8)", shape))
+    return tmp / "e.npy"
+
+
 def _corrupt(path: Path, member: str = "topk_ids.npy") -> Path:
     """Flip 40 bytes inside one member's compressed data: the archive's directory stays intact, so
     opening succeeds and decompressing that member fails (zlib.error, or a CRC mismatch)."""
@@ -207,6 +214,13 @@ IMPORT_CASES: list[tuple[str, Setup, str]] = [
                              ["import", "exflow", str(t / "e.npy"), "-o", str(t / "o.npz")])[1], "[tokens, moe_layers]"),
     ("exflow-pickled", lambda t: (np.save(t / "e.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
                                   ["import", "exflow", str(t / "e.npy"), "-o", str(t / "o.npz")])[1], "not a plain numeric"),
+    # a damaged header declaring 582 TiB: numpy would try to allocate it (MemoryError); a cut-off file
+    ("exflow-header-declares-too-much", lambda t: ["import", "exflow", str(_npy_header_lies(t)), "-o", str(t / "o.npz")],
+     "truncated .npy (its header declares more data than the file holds)"),
+    ("exflow-cut-off", lambda t: ["import", "exflow", str(_truncated(_exflow(t))), "-o", str(t / "o.npz")],
+     "truncated .npy (its header declares more data than the file holds)"),
+    ("exflow-garbled-header", lambda t: ["import", "exflow", str(_npy_header_lies(t, b"'shape': (100, 8")),
+                                         "-o", str(t / "o.npz")], "truncated or unreadable .npy (TokenError"),
     ("exflow-floats", lambda t: (np.save(t / "e.npy", np.zeros((2, 2))),
                                  ["import", "exflow", str(t / "e.npy"), "-o", str(t / "o.npz")])[1], "must be integers"),
     ("exflow-num-experts-too-small", lambda t: (np.save(t / "e.npy", np.array([[0, 5]])),

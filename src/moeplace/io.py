@@ -276,8 +276,8 @@ def read_yaml(path: str | os.PathLike[str], error: type[Exception] = ValueError)
 # decompressors (zlib.error, LZMAError, OSError from bz2), and numpy's .npy reader (ValueError: an
 # object array, which needs pickle, or a malformed header; EOFError; TokenError and SyntaxError
 # from parsing a garbled header).
-_NPZ_FAILURES = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, LZMAError,
-                 NotImplementedError, RuntimeError, tokenize.TokenError, SyntaxError)
+NPY_FAILURES = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, LZMAError,
+                NotImplementedError, RuntimeError, tokenize.TokenError, SyntaxError)
 
 
 def read_npz(path: str | os.PathLike[str], what: str, error: type[MoeplaceError] = MoeplaceError,
@@ -312,7 +312,7 @@ def _open_npz(p: Path, error: type[MoeplaceError]) -> Any:
         return np.load(p, allow_pickle=False)
     except MoeplaceError:
         raise
-    except _NPZ_FAILURES as e:
+    except NPY_FAILURES as e:
         raise error(f"{p}: not a readable .npz: truncated or not an .npz file ({type(e).__name__}: {e})") from None
 
 
@@ -327,7 +327,7 @@ def _read_member(z: Any, key: str, p: Path, error: type[MoeplaceError]) -> np.nd
         raise
     except ValueError as e:
         raise error(f"{p}: member {key!r} is not a readable array ({e})") from None
-    except _NPZ_FAILURES as e:
+    except NPY_FAILURES as e:
         raise error(f"{p}: member {key!r} is corrupt or truncated ({type(e).__name__}: {e})") from None
     if not isinstance(value, np.ndarray):  # NpzFile hands back a member that is not .npy as raw bytes
         raise error(f"{p}: member {key!r} is not a .npy array (truncated or not an .npz file)")
@@ -335,20 +335,26 @@ def _read_member(z: Any, key: str, p: Path, error: type[MoeplaceError]) -> np.nd
 
 
 def _declared_size_fits(zf: zipfile.ZipFile, name: str) -> bool:
-    """Whether a .npy member holds the data its header declares: checked before numpy allocates
-    the declared shape, which a damaged header can make terabytes (a MemoryError, not a clear
-    line). True for what this cannot tell (not .npy, a header version without a public reader)."""
+    """Whether a .npy member of `zf` holds the data its header declares (npy_data_fits)."""
     info = zf.getinfo(name)
     with zf.open(info) as f:
-        try:
-            version = np.lib.format.read_magic(f)
-        except ValueError:  # not .npy: its reader says so
-            return True
+        return npy_data_fits(f, info.file_size)
+
+
+def npy_data_fits(f: Any, size: int) -> bool:
+    """Whether the .npy stream `f` (at its start; `size` bytes in all) holds the data its header
+    declares: checked before numpy allocates the declared shape, which a damaged header can make
+    terabytes (a MemoryError, not a clear line). True for what this cannot tell (not .npy, a
+    header version without a public reader, a header numpy's own reader will refuse)."""
+    try:
+        version = np.lib.format.read_magic(f)
         readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
         if version not in readers:
             return True
         shape, _, dtype = readers[version](f)
-        return math.prod(shape) * dtype.itemsize <= info.file_size - f.tell()
+    except NPY_FAILURES:  # not .npy, or a garbled header: np.load says what is wrong
+        return True
+    return math.prod(shape) * dtype.itemsize <= size - f.tell()
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

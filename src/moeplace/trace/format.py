@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import TraceError, warn
-from moeplace.io import existing_file, json_default, npz_names, read_npz, save_npz_atomic
+from moeplace.io import NPY_FAILURES, existing_file, json_default, npy_data_fits, npz_names, read_npz, save_npz_atomic
 
 TRACE_FORMAT = "moeplace.trace/v1"
 LOADS_FORMAT = "moeplace.loads/v1"
@@ -290,11 +290,16 @@ def load_trace(path: str | Path) -> Trace:
 
 def _load_exflow_npy(p: Path) -> Trace:
     try:
+        with open(p, "rb") as f:
+            if not npy_data_fits(f, p.stat().st_size):
+                raise TraceError(f"{p}: truncated .npy (its header declares more data than the file holds)")
         arr = np.load(p, allow_pickle=False)
+    except TraceError:
+        raise
     except ValueError as e:  # object arrays need pickle: refuse them
         raise TraceError(f"{p}: not a plain numeric .npy array ({e})") from None
-    except (OSError, EOFError) as e:
-        raise TraceError(f"{p}: truncated or unreadable .npy ({e})") from None
+    except NPY_FAILURES as e:  # OSError, EOFError, and what a garbled header makes the parser raise
+        raise TraceError(f"{p}: truncated or unreadable .npy ({type(e).__name__}: {e})") from None
     if not isinstance(arr, np.ndarray):  # np.load reads a zip archive (.npz) whatever its name
         arr.close()
         raise TraceError(f"{p}: an .npz archive named .npy; an ExFlow trace is a single .npy array "
