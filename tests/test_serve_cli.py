@@ -755,3 +755,150 @@ def test_short_grace_caps_torch_wait_and_leaves_an_unknown_signature_alone(monke
     monkeypatch.setattr(api.PContext, "close", moved)
     launch._short_grace()
     assert api.PContext.close is moved
+
+
+class _FailingRuntime:
+    """Runs nothing: its first batch waits for `release`, then fails as a dead rank would."""
+
+    def __init__(self, started: Any, release: Any) -> None:
+        from types import SimpleNamespace
+
+        self.started, self.release = started, release
+        self.model = SimpleNamespace(spec=SimpleNamespace(vocab_size=100, max_positions=64, eos_token_ids=[0]))
+        self.comm = SimpleNamespace(world=1)  # no broadcasts
+        self.mode, self.record_routing = "standard", False
+
+    def generate(self, prompts: list[list[int]], max_new: list[int], ignore_eos: bool) -> Any:
+        self.started.set()
+        self.release.wait(30)
+        raise RuntimeError("rank 1 died")
+
+
+def test_queued_requests_get_503_when_the_runtime_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: only the running batch and `waiting` were answered; jobs still in the queue
+    waited on `done` until the process died (here: until the client's timeout)."""
+    import threading
+
+    from moeplace.serve.httpserver import Job, make_server, serve_forever
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)  # no launcher to watch
+    started, release = threading.Event(), threading.Event()
+    server = make_server("127.0.0.1", 0)
+    port = server.server_address[1]
+    failure: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            rt: Any = _FailingRuntime(started, release)
+            serve_forever(rt, server, None, 1, 16, heartbeat_s=0.1, model_name="m")
+        except BaseException as e:
+            failure.append(e)
+
+    answers: list[tuple[int, str]] = []
+
+    def client() -> None:
+        code, body, _ = http(port, "/v1/completions", json.dumps({"prompt": [1, 2], "max_tokens": 2}).encode())
+        answers.append((code, json.loads(body)["error"]["message"]))
+
+    main = threading.Thread(target=loop, daemon=True)
+    main.start()
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(4)]
+    clients[0].start()
+    assert started.wait(20), "the first request never ran"
+    for c in clients[1:]:  # queued behind the running batch
+        c.start()
+    deadline = time.monotonic() + 20
+    while server.jobs.qsize() < 3:
+        assert time.monotonic() < deadline, "the requests never reached the queue"
+        time.sleep(0.02)
+    release.set()
+    start = time.monotonic()
+    for c in clients:
+        c.join(timeout=10)
+    main.join(timeout=10)
+    assert not any(c.is_alive() for c in clients) and time.monotonic() - start < 5, answers
+    assert answers == [(503, "runtime failed: rank 1 died")] * 4
+    assert [type(e) for e in failure] == [RuntimeError] and not main.is_alive()
+    # closing: nothing is queued any more, whoever asks
+    assert server.closing == "runtime failed: rank 1 died"
+    assert not server.submit(Job([[1]], 1, False)) and server.jobs.empty()
+    assert server.stats.snapshot().rejected == 4
+
+
+def test_stats_snapshot_is_consistent_while_updated() -> None:
+    """Before: handler threads did `stats.rejected += 1` (lost updates) while the main thread
+    wrote the other fields one by one, and /metrics read them mid-update."""
+    import threading
+
+    stats = Stats()
+    stop = threading.Event()
+
+    def batches() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            stats.record_batch(1, 2, 0.5, {"batches": n})
+
+    def rejections() -> None:
+        for _ in range(5000):
+            stats.reject()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    threads = [threading.Thread(target=batches)] + [threading.Thread(target=rejections) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        snaps = [stats.snapshot() for _ in range(3000)]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(old)
+    for s in snaps:  # every field from the same batch
+        assert s.generated_tokens == 2 * s.requests and s.decode_seconds == 0.5 * s.requests
+        assert s.counters.get("batches", 0) == s.requests and s.last_tokens_per_s in (0.0, 4.0)
+    final = stats.snapshot()
+    assert final.rejected == 4 * 5000 and final.requests >= snaps[-1].requests
+    assert final is not stats and final.lock is not stats.lock
+    stats.reject()
+    assert final.rejected == 4 * 5000  # a copy: later updates leave it as it was
+
+
+def test_fingerprint_covers_gpus_per_node_and_dtype() -> None:
+    """Before: ranks that differed only in gpus_per_node (the replica rule reads it) or in
+    --dtype (the packed row width) passed the agreement check."""
+    from types import SimpleNamespace
+
+    from moeplace.serve.engine import fingerprint, resolve_dtype
+    from moeplace.solve.baselines import contiguous
+
+    spec: Any = SimpleNamespace(family="qwen3_moe", num_layers=3, hidden_size=16, vocab_size=100, num_experts=8, top_k=2,
+                           moe_layers=[1, 2])
+    one_node, two_nodes = (Placement(contiguous(2, 8, 4), num_gpus=4, gpus_per_node=n) for n in (4, 2))
+    assert fingerprint(spec, one_node, "standard") == fingerprint(spec, Placement(contiguous(2, 8, 4), 4, 4), "standard")
+    assert fingerprint(spec, one_node, "standard") != fingerprint(spec, two_nodes, "standard")
+    prints = {fingerprint(spec, one_node, "standard", d) for d in (None, torch.float32, torch.bfloat16, torch.float16)}
+    assert len(prints) == 4
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert (resolve_dtype(None, cpu), resolve_dtype(None, cuda), resolve_dtype("float16", cpu)) == \
+        (torch.float32, torch.bfloat16, torch.float16)
+
+
+def test_pack_refuses_rows_that_cannot_carry_the_metadata() -> None:
+    """Before: float64 rows failed in `view` on an odd metadata width and unpacked with scale 0
+    (empty metadata) otherwise."""
+    from moeplace.errors import MoeplaceError
+    from moeplace.serve.dist import pack, unpack
+
+    ids, weights = torch.tensor([[3, 1], [0, 2]], dtype=torch.int32), torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        h = torch.randn(2, 6).to(dtype)
+        rows = pack(h, ids, weights)
+        rh, rids, rweights = unpack(rows, 6, [(2, torch.int32), (2, torch.float32)])
+        assert torch.equal(rh, h) and torch.equal(rids, ids) and torch.equal(rweights, weights)
+    for dtype in (torch.float64, torch.uint8):
+        with pytest.raises(MoeplaceError, match="16- or 32-bit dtype"):
+            pack(torch.zeros(2, 6, dtype=dtype), ids)
+        with pytest.raises(MoeplaceError, match="16- or 32-bit dtype"):
+            unpack(torch.zeros(2, 8, dtype=dtype), 6, [(2, torch.int32)])

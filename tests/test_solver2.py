@@ -592,3 +592,18 @@ def test_cli_pareto_writes_its_weight_1_row_and_refuses_flags_it_would_ignore(tm
                 "-o", str(out)]) == 0
     assert "(balance-ilp+lpt+eplb, " in capsys.readouterr().out
     assert {"method", "seconds", "time_limit_s", "stopped_by_time_limit"} <= set(load_placement(out).solver)
+
+
+def test_moetuner_stage2_is_the_maximum_matching_and_a_failed_solve_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: HiGHS' status was not read and perm started as np.empty, so a solve that stopped
+    without an optimum gave whatever the memory held as GPU ids."""
+    import highspy
+
+    from moeplace.solve import moetuner
+
+    flow = np.array([[1.0, 9.0, 0.0], [0.0, 2.0, 8.0], [7.0, 0.0, 3.0]])  # best: c0->d1, c1->d2, c2->d0
+    assert moetuner.assign_clusters(flow).tolist() == [2, 0, 1]
+    monkeypatch.setattr(moetuner, "highs_status", lambda prob: highspy.HighsModelStatus.kTimeLimit)
+    with pytest.raises(MoeplaceError, match=r"moetuner stage 2 \(cluster-to-GPU assignment, layer 1\): HiGHS "
+                                            r"ended with kTimeLimit"):
+        moetuner_placement(planted_trace(200, 3, 16, 2, 4, seed=5)[0], 4, 4, time_limit=2)

@@ -174,7 +174,8 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
 
     heartbeat_s = max(0.5, timeout_s / 4)
     error = engine.check_inputs(rank, world, dev, check if rank == 0 else None, heartbeat_s)
-    engine.agree(rank, world, dev, str(error) if error else None, engine.fingerprint(spec, placement, mode))
+    engine.agree(rank, world, dev, str(error) if error else None,
+                 engine.fingerprint(spec, placement, mode, engine.resolve_dtype(dtype, dev)))
     if error:
         raise error
     if rank == 0 and placement_path is None and (note := ep_size_note(model_dir, world)):

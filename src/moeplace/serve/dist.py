@@ -154,8 +154,20 @@ class Comm:
         return values
 
 
+def meta_scale(dtype: torch.dtype) -> int:
+    """Elements of a row dtype per 4-byte metadata value (2 for 16-bit rows, 1 for 32-bit).
+    Other widths cannot carry the bit-cast metadata: 8-byte rows would need half elements, 1-byte
+    ones would hold no activation the model runs in; a clear error instead of misread rows."""
+    size = dtype.itemsize
+    if size not in (2, 4):
+        raise MoeplaceError(f"serve runs its activations in a 16- or 32-bit dtype (bfloat16, float16, float32), "
+                            f"not {str(dtype).removeprefix('torch.')}")
+    return 4 // size
+
+
 def pack(h: torch.Tensor, *meta: torch.Tensor) -> torch.Tensor:
     """Rows [n, H] + metadata columns (int32 or float32 [n, c]) bit-cast into h's dtype."""
+    meta_scale(h.dtype)
     parts = [h]
     for m in meta:
         m = m[:, None] if m.dim() == 1 else m
@@ -167,7 +179,7 @@ def pack(h: torch.Tensor, *meta: torch.Tensor) -> torch.Tensor:
 def unpack(rows: torch.Tensor, hidden: int, widths: list[tuple[int, torch.dtype]]) -> list[torch.Tensor]:
     """Inverse of `pack`: [h [n, hidden], meta_1 [n, c_1], ...] (metadata as int32/float32)."""
     out = [rows[:, :hidden]]
-    scale = 4 // rows.element_size()  # elements of the row dtype per 4-byte metadata value
+    scale = meta_scale(rows.dtype)
     col = hidden
     for width, dtype in widths:
         out.append(rows[:, col:col + width * scale].contiguous().view(dtype))

@@ -78,9 +78,17 @@ def prepare(model_dir: str, placement_path: str | None, mode: str,
     return spec, check_placement(spec, load_placement(placement_path) if placement_path else None, world)
 
 
-def fingerprint(spec: ModelSpec, placement: Placement, mode: str) -> int:
-    """What every rank must share (placement, mode, model shapes), as a 63-bit integer."""
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """--dtype, or the default for the device (bfloat16 on CUDA, float32 on CPU)."""
+    return DTYPES[dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+
+
+def fingerprint(spec: ModelSpec, placement: Placement, mode: str, dtype: torch.dtype | None = None) -> int:
+    """What every rank must share, as a 63-bit integer: the placement (with gpus_per_node, which
+    the replica rule reads), the mode, the model's shapes and the activation dtype (it sets the
+    packed row width and how the rows are read; None: left out, for callers that do not know it)."""
     doc = {"expert_to_gpu": placement.expert_to_gpu.tolist(), "replicas": placement.replicas, "mode": mode,
+           "gpus_per_node": placement.gpus_per_node, "dtype": None if dtype is None else str(dtype),
            "model": [spec.family, spec.num_layers, spec.hidden_size, spec.vocab_size, spec.num_experts, spec.top_k,
                      list(spec.moe_layers)]}
     return int.from_bytes(hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).digest()[:8], "big") >> 1
@@ -131,9 +139,10 @@ def check_inputs(rank: int, world: int, device: torch.device, check: Callable[[]
 
 def agree(rank: int, world: int, device: torch.device, error: str | None, shared: int = 0) -> None:
     """After joining: rank 0 tells the others whether its own input checks passed; then every
-    rank checks that all run the same `shared` fingerprint (placement, mode, model): ranks
-    started with different --placement files would route a token to a rank that lacks its
-    expert and silently add nothing for it."""
+    rank checks that all run the same `shared` fingerprint (placement, mode, model, dtype):
+    ranks started with different --placement files would route a token to a rank that lacks its
+    expert and silently add nothing for it; with different --dtype they would misread each
+    other's rows, or wait forever on Alltoalls of different sizes."""
     if world == 1:
         return
     flag = torch.tensor([int(error is not None)], dtype=torch.int64, device=device)
@@ -145,15 +154,15 @@ def agree(rank: int, world: int, device: torch.device, error: str | None, shared
     spread = torch.tensor([shared, -shared], dtype=torch.int64, device=device)
     dist.all_reduce(spread, op=dist.ReduceOp.MAX)
     if spread[0].item() != -spread[1].item():
-        raise MoeplaceError(f"rank {rank}: the ranks were started with different placements, modes or models; "
-                            "give every rank the same --placement, --mode and --model")
+        raise MoeplaceError(f"rank {rank}: the ranks were started with different placements, modes, models or "
+                            "dtypes; give every rank the same --placement, --mode, --model and --dtype")
 
 
 def load_runtime(spec: ModelSpec, placement: Placement, mode: str, rank: int, world: int, device: torch.device,
                  dtype: str | None = None) -> Runtime:
     """Step 3: this rank's weights (replicated part + its experts' copies, primary or replica)
     and communicator."""
-    torch_dtype = DTYPES[dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    torch_dtype = resolve_dtype(dtype, device)
     # ascending ids: partial sums add up in transformers' expert order
     local = [sorted(placement.experts_on_gpu(m, rank)) for m in range(placement.num_layers)]
     model = RankModel(spec, local, device, torch_dtype)

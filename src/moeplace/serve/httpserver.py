@@ -4,7 +4,8 @@ Handler threads only validate and enqueue; rank 0's main thread (`serve_forever`
 queue in batches, broadcasts each batch to the other ranks and runs it, so the expert-parallel
 collectives stay on one thread. While idle it sends heartbeats: a dead rank surfaces within the
 timeout even with no traffic, and the server then exits with that error instead of hanging; it
-also stops when its launcher has gone (dist.tie_to_launcher).
+also stops when its launcher has gone (dist.tie_to_launcher). On the way out every request not
+yet answered (running, queued, or arriving) gets a 503 with the reason.
 
     POST /v1/completions  {"prompt": str | [int] | [str, ...], "max_tokens": int = min(16, cap)}
                           (cap: the server's --max-new-tokens). Greedy: temperature, top_p and
@@ -20,6 +21,7 @@ Unknown path: 404; a route with the wrong method: 405 and an Allow header.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -64,12 +66,33 @@ class Job:
 
 @dataclass
 class Stats:
+    """Server counters. Handler threads count rejections while rank 0's main thread records
+    batches: both update under `lock`, and /metrics reads a `snapshot`, never a half-updated set."""
+
     generated_tokens: int = 0
     decode_seconds: float = 0.0
     last_tokens_per_s: float = 0.0
     requests: int = 0
     rejected: int = 0
-    counters: dict[str, Any] = field(default_factory=dict)
+    counters: dict[str, Any] = field(default_factory=dict)  # replaced whole, never mutated
+    lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    def reject(self) -> None:
+        with self.lock:
+            self.rejected += 1
+
+    def record_batch(self, requests: int, generated: int, seconds: float, counters: dict[str, Any]) -> None:
+        with self.lock:
+            self.requests += requests
+            self.generated_tokens += generated
+            self.decode_seconds += seconds
+            self.last_tokens_per_s = generated / seconds if seconds > 0 else 0.0
+            self.counters = counters
+
+    def snapshot(self) -> Stats:
+        """A consistent copy (with a lock of its own)."""
+        with self.lock:
+            return dataclasses.replace(self)
 
 
 def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_tokens_limit: int,
@@ -183,7 +206,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _error(self, code: int, msg: str, headers: dict[str, str] | None = None) -> None:
-        self.server.stats.rejected += 1
+        self.server.stats.reject()
         self.close_connection = True  # the body may be unread: it must not parse as the next request
         kind = "invalid_request_error" if code < 500 else "server_error"
         self._send(code, json.dumps({"error": {"message": msg, "type": kind, "code": code}}), headers=headers)
@@ -206,7 +229,7 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/health":
             self._send(200, json.dumps({"status": "ok", "world": srv.world, "mode": srv.mode}))
         elif path == "/metrics":
-            self._send(200, metrics_text(srv.stats, srv.mode, srv.world), "text/plain; version=0.0.4")
+            self._send(200, metrics_text(srv.stats.snapshot(), srv.mode, srv.world), "text/plain; version=0.0.4")
         elif path == "/v1/models":
             self._send(200, json.dumps({"object": "list", "data": [
                 {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "moeplace"}]}))
@@ -215,6 +238,8 @@ class Handler(BaseHTTPRequestHandler):
         srv = self.server
         if self._route("POST") is None:
             return
+        if srv.closing is not None:  # also checked where the job is queued (`submit`): this saves the parse
+            return self._error(503, srv.closing)
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
@@ -227,7 +252,15 @@ class Handler(BaseHTTPRequestHandler):
                                    srv.max_tokens_limit, srv.max_batch)
         except BadRequest as e:
             return self._error(400, str(e))
-        srv.jobs.put(job)
+        if not srv.submit(job):
+            return self._error(503, srv.closing or "the server is shutting down")
+        try:
+            self._answer(job)
+        finally:
+            srv.answered()
+
+    def _answer(self, job: Job) -> None:
+        srv, spec = self.server, self.server.spec
         job.done.wait()
         if job.error or job.result is None:
             return self._error(503, job.error or "generation failed")
@@ -260,6 +293,47 @@ class Server(ThreadingHTTPServer):
     jobs: "queue.Queue[Job]"
     stats: Stats
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # `closing` (the reason, once set) and `_in_flight` (jobs submitted, not yet answered)
+        # change only under `_cond`, so no job is queued after `close` drained the queue
+        self._cond = threading.Condition()
+        self.closing: str | None = None
+        self._in_flight = 0
+
+    def submit(self, job: Job) -> bool:
+        """Queue `job` for rank 0's main thread; False once the server is closing."""
+        with self._cond:
+            if self.closing is not None:
+                return False
+            self._in_flight += 1
+            self.jobs.put(job)
+        return True
+
+    def answered(self) -> None:
+        """A submitted job's response has been written (or its client has gone)."""
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+
+    def close(self, reason: str, waiting: list[Job], grace_s: float = 2.0) -> None:
+        """Refuse new jobs; fail `waiting` and every queued job with `reason` (a 503); then give
+        the handler threads up to `grace_s` to write those answers before the process exits
+        (they are daemon threads: nothing else waits for them)."""
+        with self._cond:
+            self.closing = reason
+        pending = list(waiting)
+        while True:
+            try:
+                pending.append(self.jobs.get_nowait())
+            except queue.Empty:
+                break
+        for job in pending:
+            if not job.done.is_set():
+                job.error = reason
+                job.done.set()
+        with self._cond:
+            self._cond.wait_for(lambda: self._in_flight <= 0, timeout=grace_s)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that disconnects mid-request is no error of the server's (no traceback)."""
@@ -284,6 +358,7 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     waiting: list[Job] = []  # taken from the queue, but did not fit in the last batch
+    reason = "the server is shutting down"
     try:
         while True:
             if not waiting:
@@ -302,7 +377,7 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
                 result = run_request(rt, req)
                 counters = merged_counters(rt)
             except BaseException as e:
-                for j in batch + waiting:
+                for j in batch:
                     j.error = f"runtime failed: {error_text(e)}"
                     j.done.set()
                 raise
@@ -310,13 +385,13 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
             for j in batch:
                 j.result = [next(it) for _ in j.prompts]
                 j.done.set()
-            generated = sum(len(t) for t in result.tokens)
-            stats.requests += len(batch)
-            stats.generated_tokens += generated
-            stats.decode_seconds += result.seconds
-            stats.last_tokens_per_s = generated / result.seconds if result.seconds > 0 else 0.0
-            stats.counters = {p: counters.summary(p) for p in ("prefill", "decode")}
+            stats.record_batch(len(batch), sum(len(t) for t in result.tokens), result.seconds,
+                               {p: counters.summary(p) for p in ("prefill", "decode")})
+    except Exception as e:  # a failed batch, heartbeat or launcher check: the queued jobs get it too
+        reason = f"runtime failed: {error_text(e)}"
+        raise
     finally:
+        server.close(reason, waiting)
         server.shutdown()
         server.server_close()
 

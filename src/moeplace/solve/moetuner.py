@@ -12,17 +12,20 @@ Shapes: topk_ids int [T, L, k]; result int [L, E] GPU ids.
 
 from __future__ import annotations
 
+import highspy
 import numpy as np
 import pulp
 
+from moeplace.errors import MoeplaceError
 from moeplace.placement import Placement
 from moeplace.solve.balance import balance_placement
-from moeplace.solve.ilp import highs
+from moeplace.solve.ilp import highs, highs_status
 from moeplace.trace.format import Trace, pair_counts
 
 
-def assign_clusters(flow: np.ndarray) -> np.ndarray:
-    """Maximum-weight perfect matching of clusters: flow float [G, G] -> perm int [G], perm[d] = c."""
+def assign_clusters(flow: np.ndarray, layer: int | None = None) -> np.ndarray:
+    """Maximum-weight perfect matching of clusters: flow float [G, G] -> perm int [G], perm[d] = c.
+    Raises MoeplaceError (naming stage 2 and `layer`) unless HiGHS proves an optimum."""
     g_count = flow.shape[0]
     prob = pulp.LpProblem("moetuner_stage2", pulp.LpMaximize)
     x = {(c, d): pulp.LpVariable(f"x_{c}_{d}", cat="Binary") for c in range(g_count) for d in range(g_count)}
@@ -31,10 +34,19 @@ def assign_clusters(flow: np.ndarray) -> np.ndarray:
         prob += pulp.lpSum(x[i, d] for d in range(g_count)) == 1
         prob += pulp.lpSum(x[c, i] for c in range(g_count)) == 1
     prob.solve(highs())
-    perm = np.empty(g_count, dtype=np.int64)
+    status = highs_status(prob)
+    where = "" if layer is None else f", layer {layer}"
+    if status != highspy.HighsModelStatus.kOptimal:
+        name = getattr(status, "name", None) or "no solve"
+        raise MoeplaceError(f"moetuner stage 2 (cluster-to-GPU assignment{where}): HiGHS ended with {name}, "
+                            "not an optimum")
+    perm = np.full(g_count, -1, dtype=np.int64)
     for (c, d), var in x.items():
         if (var.varValue or 0) > 0.5:
             perm[d] = c
+    if (perm < 0).any() or len(set(perm.tolist())) != g_count:  # a matching: every cluster on its own GPU
+        raise MoeplaceError(f"moetuner stage 2 (cluster-to-GPU assignment{where}): HiGHS' solution is not "
+                            "a one-to-one assignment")
     return perm
 
 
@@ -46,7 +58,7 @@ def moetuner_placement(trace: Trace, num_gpus: int, gpus_per_node: int, time_lim
     for layer in range(1, trace.num_layers):
         src = e2g[layer - 1][ids[:, layer - 1, 0]]  # GPU of each token's top-1 at the previous layer
         flow = pair_counts(src, clusters[layer][ids[:, layer]], num_gpus, num_gpus)
-        perm = assign_clusters(flow)  # cluster d of this layer goes to GPU perm[d]
+        perm = assign_clusters(flow, layer)  # cluster d of this layer goes to GPU perm[d]
         e2g[layer] = perm[clusters[layer]]
     return Placement(e2g, num_gpus, gpus_per_node, objective={"name": "moetuner"},
                      solver={"name": "moetuner-two-stage", "stage1": "balance", "stage2": "chained assignment ILP"})
