@@ -5,7 +5,6 @@ Every case runs the real CLI entry point; a traceback would escape `run` and fai
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -279,14 +278,6 @@ SOLVE_CASES: list[tuple[str, Setup, str]] = [
 ]
 
 
-def _solve_available() -> bool:
-    try:
-        importlib.import_module("moeplace.solve.cli")
-        return True
-    except ImportError:
-        return False
-
-
 def _params(cases: list[tuple[str, Setup, str]], marks: tuple = ()) -> list:
     return [pytest.param(setup, message, id=name, marks=marks) for name, setup, message in cases]
 
@@ -294,7 +285,7 @@ def _params(cases: list[tuple[str, Setup, str]], marks: tuple = ()) -> list:
 @pytest.mark.parametrize(
     "setup, message",
     _params(EVAL_CASES) + _params(IMPORT_CASES)
-    + _params(SOLVE_CASES, (pytest.mark.skipif(not _solve_available(), reason="moeplace.solve.cli not built yet"),)),
+    + _params(SOLVE_CASES),
 )
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, setup: Setup, message: str, capsys) -> None:
     argv = setup(tmp_path)

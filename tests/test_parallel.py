@@ -44,4 +44,4 @@ def test_threads_used_up_to_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
         return i
 
     assert list(parallel.thread_map(work, range(3))) == [0, 1, 2]
-    assert len(names) == 3 and parallel.available_cpus() == 3
+    assert len(names) == 3

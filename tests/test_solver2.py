@@ -216,6 +216,8 @@ def test_more_gpus_than_experts_with_enough_redundant_copies(tmp_path: Path, cap
     save_loads(make_loads(trace.expert_loads()), loads)
     assert run(["solve", str(loads), "--gpus", "16", "--gpus-per-node", "8", "--objective", "balance",
                 "--redundant-experts", "8", "-q", "-o", str(out)]) == 0
+    p = load_placement(out)
+    assert [sum(len(p.experts_on_gpu(layer, g)) for layer in range(3)) for g in range(16)] == [3] * 16
 
 
 @pytest.mark.parametrize("seed", [4, 5])
