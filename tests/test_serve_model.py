@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from moeplace.models.tiny import build_tiny_model
 from moeplace.serve.counters import Counters
 from moeplace.serve.dist import Comm
 from moeplace.serve.generate import Runtime
-from moeplace.serve.model import RankModel, read_spec
+from moeplace.serve.model import KVCache, RankModel, read_spec, rms_norm
 from moeplace.serve.replicas import ExpertMap
 
 PROMPTS = [[3, 4, 5], [9, 8]]
@@ -27,14 +29,18 @@ def mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             num_layers=2, seed=4)
 
 
-def greedy(path: Path, experts: list[list[int]] | None = None) -> tuple[RankModel, list[list[int]]]:
+def runtime(path: Path, experts: list[list[int]] | None = None) -> Runtime:
     spec = read_spec(path)
     local = experts or [list(range(spec.num_experts))] * len(spec.moe_layers)
     model = RankModel(spec, local, torch.device("cpu"), torch.float32)
-    rt = Runtime(model, Comm(0, 1, torch.device("cpu"), Counters(len(spec.moe_layers))),
-                 ExpertMap(torch.zeros(len(spec.moe_layers), spec.num_experts, dtype=torch.int64),
-                           [None] * len(spec.moe_layers), 1))
-    return model, rt.generate(PROMPTS, [4, 4], ignore_eos=True).tokens
+    return Runtime(model, Comm(0, 1, torch.device("cpu"), Counters(len(spec.moe_layers))),
+                   ExpertMap(torch.zeros(len(spec.moe_layers), spec.num_experts, dtype=torch.int64),
+                             [None] * len(spec.moe_layers), 1))
+
+
+def greedy(path: Path, experts: list[list[int]] | None = None) -> tuple[RankModel, list[list[int]]]:
+    rt = runtime(path, experts)
+    return rt.model, rt.generate(PROMPTS, [4, 4], ignore_eos=True).tokens
 
 
 def test_mixtral_renormalises_whatever_its_config_says(mixtral: Path, tmp_path: Path) -> None:
@@ -99,3 +105,63 @@ def test_unsupported_and_broken_checkpoints(mixtral: Path, tmp_path: Path) -> No
     (broken / "config.json").write_text("{")
     with pytest.raises(MoeplaceError, match="not valid JSON"):
         read_spec(broken)
+
+
+def test_generate_refuses_more_positions_than_the_model_has(mixtral: Path) -> None:
+    rt = runtime(mixtral)
+    assert rt.model.spec.max_positions == 256
+    # RoPE past max_position_embeddings is silently wrong: the Python API refuses like the CLI/HTTP do
+    with pytest.raises(MoeplaceError, match="prompt 1: 250 prompt tokens [+] 7 new exceed the model's 256 positions"):
+        rt.generate([[3, 4], [5] * 250], [7, 7], ignore_eos=True)
+    assert [len(t) for t in rt.generate([[3, 4], [5] * 250], [7, 6], ignore_eos=True).tokens] == [7, 6]
+
+
+def naive_attention(model: RankModel, layer: int, h: torch.Tensor) -> torch.Tensor:
+    """h + attention of one whole sequence h [L, H] from position 0: a loop per token and head."""
+    s, w = model.spec, model.layers[layer]
+    n, group = h.shape[0], s.num_heads // s.num_kv_heads
+    x = rms_norm(h, w["in_norm"], s.rms_eps)
+    q, k, v = ((x @ w[c].T).view(n, -1, s.head_dim) for c in ("q", "k", "v"))
+    inv_freq = s.rope_theta ** (-torch.arange(0, s.head_dim, 2).double() / s.head_dim)
+    angle = torch.arange(n).double()[:, None] * inv_freq
+    cos, sin = (torch.cat([f(angle), f(angle)], dim=-1).float()[:, None] for f in (torch.cos, torch.sin))
+
+    def rope(t: torch.Tensor) -> torch.Tensor:
+        half = s.head_dim // 2
+        return t * cos + torch.cat([-t[..., half:], t[..., :half]], dim=-1) * sin
+
+    q, k = rope(q), rope(k)
+    out = torch.zeros(n, s.num_heads, s.head_dim)
+    for i in range(n):
+        lo = 0 if s.sliding_window is None else max(0, i - s.sliding_window + 1)
+        for head in range(s.num_heads):
+            kv = head // group  # GQA: consecutive query heads share a K/V head
+            probs = torch.softmax(k[lo:i + 1, kv] @ q[i, head] / math.sqrt(s.head_dim), dim=0)
+            out[i, head] = probs @ v[lo:i + 1, kv]
+    return h + out.flatten(1) @ w["o"].T
+
+
+@pytest.mark.parametrize("window, stride", [(None, 1), (3, 2)])
+def test_attention_matches_naive_reference(mixtral: Path, window: int | None, stride: int) -> None:
+    """Prefill (rows shuffled across sequences), a chunk after cached tokens, then decode steps."""
+    spec = dataclasses.replace(read_spec(mixtral), sliding_window=window)
+    assert spec.num_heads == 2 * spec.num_kv_heads  # GQA
+    model = RankModel(spec, [[] for _ in spec.moe_layers], torch.device("cpu"), torch.float32)
+    lengths = {0: 10, 2: 7}  # with stride 2 both slots are homed on rank 0: cache rows 0 and 1
+    gen = torch.Generator().manual_seed(0)
+    hidden = {slot: torch.randn(n, spec.hidden_size, generator=gen) for slot, n in lengths.items()}
+    layer = 1
+    want = {slot: naive_attention(model, layer, h) for slot, h in hidden.items()}
+    cache = KVCache(spec, 3, 12, torch.device("cpu"), torch.float32, stride=stride)
+
+    def check(rows: list[tuple[int, int]], one_per_slot: bool = False) -> None:
+        slots, positions = (torch.tensor(c) for c in zip(*rows))
+        h = torch.stack([hidden[s][p] for s, p in rows])
+        got, _, _ = model.attention(layer, h, slots, positions, cache, one_per_slot=one_per_slot)
+        torch.testing.assert_close(got, torch.stack([want[s][p] for s, p in rows]))
+
+    prefill = [(0, p) for p in range(5)] + [(2, p) for p in range(4)]
+    check([prefill[i] for i in torch.randperm(len(prefill), generator=gen).tolist()])
+    check([(2, 4), (0, 5), (0, 6), (0, 7)])  # chunks that start after cached positions
+    for step in range(2):
+        check([(2, 5 + step), (0, 8 + step)], one_per_slot=True)

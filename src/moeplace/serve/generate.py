@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from moeplace.errors import MoeplaceError
 from moeplace.serve.coherent import moe_coherent
 from moeplace.serve.dist import Comm, pack, unpack
 from moeplace.serve.model import KVCache, RankModel
@@ -66,16 +67,17 @@ class Runtime:
 
     def forward(self, h: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
                 batch: tuple[torch.Tensor, int], cache: KVCache,
-                coherent: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+                coherent: bool, decode: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """All decoder layers for the rows here. Returns (h, slots) of the rows that end here and
         the K/V rows this rank computed, [slot, position, layer | k | v] packed, for kv_sync.
 
         batch: (first [B], size): the global batch's row of (slot, position) is first[slot] + position.
+        decode: one row per sequence (attention then needs no device sync).
         """
         spec = self.model.spec
         kv_rows = []
         for layer in range(spec.num_layers):
-            h, k, v = self.model.attention(layer, h, slots, positions, cache)
+            h, k, v = self.model.attention(layer, h, slots, positions, cache, one_per_slot=decode)
             if coherent:
                 meta = torch.stack([slots, positions, torch.full_like(slots, layer)], dim=1)
                 kv_rows.append(pack(torch.cat([k.flatten(1), v.flatten(1)], dim=1), meta))
@@ -109,14 +111,18 @@ class Runtime:
         num = len(prompts)
         if num == 0 or min(map(len, prompts)) == 0:
             raise ValueError("generate needs at least one prompt and no empty prompt")
+        for i, (p, n) in enumerate(zip(prompts, max_new_tokens)):
+            if len(p) + n > spec.max_positions:  # RoPE past the trained context: silent garbage
+                raise MoeplaceError(f"prompt {i}: {len(p)} prompt tokens + {n} new exceed the model's "
+                                    f"{spec.max_positions} positions")
         self._routing = []
         cache = KVCache(spec, num, max(len(p) + n for p, n in zip(prompts, max_new_tokens)), dev, model.dtype,
                         stride=1 if coherent else comm.world)
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=dev)
-        budget = torch.tensor(max_new_tokens, dtype=torch.int64, device=dev)
+        budget = list(max_new_tokens)  # host-side bookkeeping: one device read per step
         generated: list[list[int]] = [[] for _ in range(num)]
         logits_out: list[list[torch.Tensor]] = [[] for _ in range(num)]
-        eos = torch.tensor(spec.eos_token_ids or [-2], device=dev)
+        eos = set() if ignore_eos else set(spec.eos_token_ids)
 
         # prefill: home slots, all prompt positions at once, standard path
         comm.counters.phase = "prefill"
@@ -140,37 +146,39 @@ class Runtime:
         comm.counters.tokens["prefill"] += int(lengths.sum())
 
         comm.counters.phase = "decode"
-        done = budget <= 0
+        done = [b <= 0 for b in budget]
         start = time.perf_counter()
         while True:
             logits = model.logits(h)  # [n, V] for the sequences whose token ended here
             next_ids = torch.full((num,), -1, dtype=torch.int64, device=dev)
             next_ids[here] = logits.argmax(-1)
             next_ids = comm.max_reduce(next_ids, "tokens")
+            active = [s for s in range(num) if not done[s]]
             if collect_logits:
                 full = torch.full((num, spec.vocab_size), float("-inf"), device=dev)
                 full[here] = logits
-                full = comm.max_reduce(full, "debug")
-                for s in torch.nonzero(~done, as_tuple=True)[0].tolist():
-                    logits_out[s].append(full[s].cpu())
-            for s in torch.nonzero(~done, as_tuple=True)[0].tolist():
-                generated[s].append(int(next_ids[s]))
-            budget -= (~done).long()
-            hit_eos = torch.isin(next_ids, eos) & ~torch.tensor(ignore_eos, device=dev)
-            done = done | (budget <= 0) | hit_eos
-            if bool(done.all()):
+                rows = comm.max_reduce(full, "debug").cpu()
+                for s in active:
+                    logits_out[s].append(rows[s])
+            tokens = next_ids.tolist()
+            for s in active:
+                generated[s].append(tokens[s])
+                budget[s] -= 1
+                done[s] = budget[s] <= 0 or tokens[s] in eos
+            if all(done):
                 break
             # next step: unfinished sequences continue where their last token ended
-            here = here[~done[here]]
+            running = torch.tensor([not d for d in done], device=dev)
+            here = here[running[here]]
             positions = lengths[here]
             step_batch = (torch.arange(num, device=dev) - lengths, num)  # one row per slot: the row is the slot
             h, here, kv_rows = self.forward(model.embed_tokens(next_ids[here]), here, lengths, positions,
-                                            step_batch, cache, coherent)
-            lengths = lengths + (~done).long()
+                                            step_batch, cache, coherent, decode=True)
+            lengths = lengths + running.long()
             if coherent:
                 self.sync_kv(kv_rows, cache)
             comm.counters.steps["decode"] += 1
-            comm.counters.tokens["decode"] += int((~done).sum())
+            comm.counters.tokens["decode"] += num - sum(done)
         seconds = time.perf_counter() - start
         return Result(
             tokens=generated,

@@ -10,7 +10,6 @@ before any weight is read, which is when a placement for another model is reject
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +212,11 @@ class KVCache:
         rows = slots // self.stride
         return self.k[layer, rows], self.v[layer, rows]
 
+    def sequence(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (no copy) of K, V of one slot's first `length` positions: [kv_heads, length, head_dim]."""
+        row = slot // self.stride
+        return self.k[layer, row, :, :length], self.v[layer, row, :, :length]
+
 
 class RankModel:
     """Weights one rank holds; `local_experts[m]` lists the experts of MoE layer m it serves."""
@@ -297,9 +301,11 @@ class RankModel:
         return self.embed[token_ids]
 
     def attention(self, layer: int, h: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                  cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  cache: KVCache, one_per_slot: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Residual attention block for n tokens at (slot, position); writes their K/V first.
 
+        one_per_slot: no slot has two rows (a decode step), which allows one batched attention
+        without reading the rows to the host.
         Returns (h + attn [n, H], k [n, kv_heads, head_dim], v [n, kv_heads, head_dim]): the new
         cache entries, so context-coherent mode can share them with the other ranks.
         """
@@ -321,17 +327,51 @@ class RankModel:
         cos, sin = emb.cos().to(h.dtype)[:, None, :], emb.sin().to(h.dtype)[:, None, :]
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         cache.write(layer, slots, positions, k, v)
-        # attend over each token's own sequence up to its position: [n, heads, max_len]
-        keys, values = (t.repeat_interleave(s.num_heads // s.num_kv_heads, dim=1) for t in cache.read(layer, slots))
-        scores = torch.einsum("nhd,nhsd->nhs", q, keys) / math.sqrt(s.head_dim)
-        j = torch.arange(cache.max_len, device=h.device)[None, :]
-        masked = j > positions[:, None]
-        if s.sliding_window is not None:
-            masked |= j <= positions[:, None] - s.sliding_window
-        scores = scores.masked_fill(masked[:, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(h.dtype)
-        out = torch.einsum("nhs,nhsd->nhd", probs, values).reshape(n, s.num_heads * s.head_dim)
+        attend = self._attend_one_per_slot if one_per_slot else self._attend_by_sequence
+        out = attend(layer, q, slots, positions, cache).reshape(n, s.num_heads * s.head_dim)
         return h + F.linear(out, w["o"], w.get("o_bias")), k, v
+
+    def _allowed(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """Which of the first `length` cache positions each query position sees: bool [n, length]."""
+        j = torch.arange(length, device=positions.device)[None, :]
+        allowed = j <= positions[:, None]
+        if self.spec.sliding_window is not None:
+            allowed &= j > positions[:, None] - self.spec.sliding_window
+        return allowed
+
+    def _attend_one_per_slot(self, layer: int, q: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                             cache: KVCache) -> torch.Tensor:
+        """Attention of q [n, heads, D], one row per slot, over each row's cache: [n, heads, D].
+
+        One batched call over the whole cache length, masked per row: reading the rows' lengths to
+        trim it would cost a device sync per layer and step. K/V stay at kv_heads (enable_gqa)."""
+        keys, values = cache.read(layer, slots)  # [n, kv_heads, max_len, D]: one copy of n contexts
+        mask = self._allowed(positions, cache.max_len)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, enable_gqa=True)
+        return out[:, :, 0]
+
+    def _attend_by_sequence(self, layer: int, q: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                            cache: KVCache) -> torch.Tensor:
+        """Attention of q [n, heads, D] (any rows: a prefill, or a chunk after cached tokens), one
+        call per sequence over a view of that sequence's cache up to its last query: [n, heads, D].
+
+        Memory is one sequence's scores, never a copy of K/V per token."""
+        out = torch.empty_like(q)
+        order = torch.argsort(slots, stable=True)  # a sequence's rows side by side
+        seqs, counts = torch.unique_consecutive(slots[order], return_counts=True)
+        pos_list = positions[order].tolist()
+        start = 0
+        for slot, count in zip(seqs.tolist(), counts.tolist()):
+            pos, rows = pos_list[start:start + count], order[start:start + count]
+            keys, values = cache.sequence(layer, slot, max(pos) + 1)
+            # is_causal aligns the top-left corner: right only for a chunk from position 0
+            causal = self.spec.sliding_window is None and pos == list(range(count))
+            mask = None if causal else self._allowed(positions[rows], keys.shape[1])
+            y = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], keys[None], values[None],
+                                               attn_mask=mask, is_causal=causal, enable_gqa=True)
+            out[rows] = y[0].transpose(0, 1)
+            start += count
+        return out
 
     def dense_mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         w = self.layers[layer]
