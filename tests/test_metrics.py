@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moeplace.eval.metrics import evaluate, token_gpus
+from moeplace.eval.metrics import evaluate, gpu_loads, imbalance, token_gpus
 from moeplace.placement import Placement
 from moeplace.solve.baselines import all_baselines, greedy_load
 from moeplace.trace.format import make_trace
@@ -46,3 +46,13 @@ def test_greedy_load_beats_contiguous_on_skew() -> None:
     loads = np.array([[100.0, 90, 1, 1, 1, 1, 1, 1]])
     g = greedy_load(loads, 2)
     assert g[0, 0] != g[0, 1]  # the two hot experts are split
+
+
+def test_imbalance_is_max_over_mean_per_layer() -> None:
+    loads = np.array([[1.0, 3.0], [2.0, 2.0], [0.0, 0.0], [0.0, 5.0]])
+    # the same values the eval report shows (one definition, shared with solve's EPLB comparison)
+    assert imbalance(loads).tolist() == [1.5, 1.0, 1.0, 2.0]  # an empty layer counts as balanced
+    assert imbalance(loads.astype(np.int64)).dtype == np.float64
+    p = Placement(np.array([[0, 0, 1, 1]] * 2), num_gpus=2, gpus_per_node=1)
+    t = make_trace(np.array([[[0], [2]], [[1], [3]], [[2], [3]]]), num_experts=4)
+    assert evaluate(p, t)["imbalance_per_layer"] == imbalance(gpu_loads(p, t)).tolist() == [4 / 3, 2.0]

@@ -105,7 +105,12 @@ ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 def read_model_shape(model_dir: Path) -> dict[str, int]:
-    """hidden_size and the K/V shape from a checkpoint's config.json (no torch, no transformers)."""
+    """hidden_size and the K/V shape from a checkpoint's config.json (no torch, no transformers).
+
+    The checks and messages of `moeplace serve`'s read_spec (serve/model.py): sizes >= 1,
+    num_key_value_heads dividing num_attention_heads, num_experts_per_tok in [1, experts]; a
+    size must be a JSON integer, and null is absent (read_spec's int() and `or` are looser).
+    """
     path = model_dir / "config.json"
     try:
         cfg = json.loads(path.read_text())
@@ -113,19 +118,38 @@ def read_model_shape(model_dir: Path) -> dict[str, int]:
         raise MoeplaceError(f"--model {model_dir}: cannot read config.json: {e.strerror or e}") from None
     except ValueError as e:
         raise MoeplaceError(f"--model {model_dir}: config.json is not valid JSON ({e})") from None
-    try:
-        heads = int(cfg["num_attention_heads"])
-        return {
-            "hidden_size": int(cfg["hidden_size"]),
-            "num_layers": int(cfg["num_hidden_layers"]),
-            "num_kv_heads": int(cfg.get("num_key_value_heads") or heads),
-            "head_dim": int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
-            "num_experts": int(cfg.get("num_local_experts") or cfg.get("num_experts") or cfg["n_routed_experts"]),
-            "top_k": int(cfg["num_experts_per_tok"]),
-        }
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise MoeplaceError(f"--model {model_dir}: config.json has no usable hidden size, K/V shape or experts "
-                            f"for the traffic prediction ({type(e).__name__}: {e})") from None
+    where = f"--model {model_dir}: config.json"
+    if not isinstance(cfg, dict):
+        raise MoeplaceError(f"{where} is not a JSON object")
+
+    def size(*keys: str, default: int | None = None) -> int:
+        """The first of `keys` present (null: absent), a JSON integer >= 1; else `default`."""
+        key = next((k for k in keys if cfg.get(k) is not None), None)
+        if key is None:
+            if default is None:
+                raise MoeplaceError(f"{where} has no {' or '.join(keys)} (needed for the traffic prediction)")
+            return default
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise MoeplaceError(f"{where} {key} must be an integer, got {value!r}")
+        if value < 1:
+            raise MoeplaceError(f"{where} {key} must be >= 1, got {value}")
+        return value
+
+    hidden, heads = size("hidden_size"), size("num_attention_heads")
+    kv_heads = size("num_key_value_heads", default=heads)
+    if heads % kv_heads:
+        raise MoeplaceError(f"{where} num_key_value_heads {kv_heads} does not divide num_attention_heads {heads}")
+    experts, top_k = size("num_local_experts", "num_experts", "n_routed_experts"), size("num_experts_per_tok")
+    if top_k > experts:
+        raise MoeplaceError(f"{where} num_experts_per_tok {top_k} is not in [1, {experts}] "
+                            f"(config.json gives {experts} experts per layer)")
+    # no head_dim: hidden // heads, as read_spec and transformers take it (>= 1: heads > hidden is no model)
+    head_dim = size("head_dim", default=hidden // heads)
+    if head_dim < 1:
+        raise MoeplaceError(f"{where} has no head_dim and hidden_size {hidden} < num_attention_heads {heads}")
+    return {"hidden_size": hidden, "num_layers": size("num_hidden_layers"), "num_kv_heads": kv_heads,
+            "head_dim": head_dim, "num_experts": experts, "top_k": top_k}
 
 
 def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str | None,

@@ -66,7 +66,8 @@ def serve_layer(holders: list[list[int]], ids: np.ndarray, primary_gpus: np.ndar
     gpus = primary_gpus.copy()
     node = home // gpus_per_node
     free: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]] = []  # (expert, node, tok, slot, copies)
-    for expert, copies in enumerate(holders):
+    for expert in np.unique(ids).tolist():  # only the experts chosen: a decode step's batch is small
+        copies = holders[expert]
         if len(copies) < 2:
             continue
         copies_arr = np.asarray(copies)
@@ -114,6 +115,16 @@ def gpu_loads(placement: Placement, trace: Trace, gpus: np.ndarray | None = None
     return layer_counts(gpus, placement.num_gpus)
 
 
+def imbalance(gpu_loads: np.ndarray) -> np.ndarray:
+    """Max / mean load per GPU of each layer: gpu_loads float [L, G] -> float64 [L].
+
+    1.0 is perfect balance; a layer with no load at all counts as balanced (1.0, not 0/0).
+    """
+    loads = np.asarray(gpu_loads, dtype=np.float64)
+    mean = loads.mean(axis=1)
+    return np.divide(loads.max(axis=1), mean, out=np.ones_like(mean), where=mean > 0)
+
+
 def evaluate(placement: Placement, trace: Trace) -> dict[str, Any]:
     """All metrics of `placement` replayed on `trace` (see the module docstring)."""
     placement.check_fits(trace.num_layers, trace.num_experts)
@@ -129,9 +140,7 @@ def evaluate(placement: Placement, trace: Trace) -> dict[str, Any]:
         out["dest_nodes_topk"] = float(remote_destinations(nodes[:, 1:, :], here // gpn).mean())
     else:
         out.update(cross_gpu_top1=0.0, cross_node_top1=0.0, dest_gpus_topk=0.0, dest_nodes_topk=0.0)
-    loads = gpu_loads(placement, trace, gpus)
-    mean = loads.mean(axis=1)
-    imb = np.divide(loads.max(axis=1), mean, out=np.ones_like(mean), where=mean > 0)
+    imb = imbalance(gpu_loads(placement, trace, gpus))
     out["imbalance_per_layer"] = imb.tolist()
     out["imbalance_mean"] = float(imb.mean())
     out["imbalance_max"] = float(imb.max())

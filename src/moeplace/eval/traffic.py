@@ -61,11 +61,11 @@ def serving_gpus(placement: Placement, trace: Trace, mode: str) -> np.ndarray:
     step[order] = np.arange(num_tokens) - run_start
     prev = np.full(num_tokens, -1, dtype=np.int64)
     prev[order[1:][~starts[1:]]] = order[:-1][~starts[1:]]
-    # 2. steps in order (a coherent step starts where the previous one left each token)
+    # 2. steps in order (a coherent step starts where the previous one left each token); tokens
+    # grouped by step once, by sequence within a step (`order` is by sequence, the sort stable)
     holders = [placement.holders(layer) if placement.replicas[layer] else None for layer in range(trace.num_layers)]
-    for s in range(int(step.max()) + 1 if num_tokens else 0):
-        tok = np.flatnonzero(step == s)
-        tok = tok[np.argsort(seq[tok], kind="stable")]
+    by_step = order[np.argsort(step[order], kind="stable")]
+    for tok in np.split(by_step, np.cumsum(np.bincount(step))[:-1]) if num_tokens else []:
         here = seq[tok] % num_gpus
         if mode == "coherent":
             here = np.where(prev[tok] >= 0, gpus[prev[tok], -1, 0], here)
