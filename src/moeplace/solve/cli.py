@@ -257,17 +257,15 @@ def _eplb_imbalance(loads: Any, gpus: int, gpus_per_node: int, redundant: int) -
     """EPLB's max/mean load per GPU on the same loads, under its own load model (an expert's load
     split equally over its copies), the comparison docs/benchmarks.md makes; None where EPLB
     cannot place them (its physical slots must split evenly over GPUs)."""
-    import numpy as np
-
     from moeplace.errors import PlacementError
+    from moeplace.eval.metrics import imbalance
     from moeplace.solve.eplb import eplb_placement
 
     try:
         p, own = eplb_placement(loads, gpus, gpus_per_node, redundant)
     except PlacementError:
         return None
-    mean = loads.sum(axis=1) / gpus
-    ratio = own.max(axis=1) / np.where(mean > 0, mean, 1.0)
+    ratio = imbalance(own)  # own [L, G]: EPLB's per-GPU loads, each layer's total kept
     return {"policy": p.solver["name"].removeprefix("eplb-"), "imbalance_mean": float(ratio.mean()), "imbalance_max": float(ratio.max()),
             "load_model": "equal split over replicas"}
 
