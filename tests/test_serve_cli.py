@@ -150,7 +150,12 @@ def test_bad_model_and_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 @pytest.mark.parametrize("change, message", [
     ({"num_experts_per_tok": 99}, "num_experts_per_tok 99 is not in [1, 8]"),
-    ({"num_experts_per_tok": 0}, "num_experts_per_tok 0 is not in [1, 8]"),
+    ({"num_experts_per_tok": 0}, "config.json num_experts_per_tok must be >= 1, got 0"),
+    # mistyped sizes: int() used to take "2" and 2.5 as real sizes (models/config.py)
+    ({"num_key_value_heads": "2"}, "config.json num_key_value_heads must be an integer, got '2'"),
+    ({"hidden_size": 64.5}, "config.json hidden_size must be an integer, got 64.5"),
+    ({"num_key_value_heads": 0}, "config.json num_key_value_heads must be >= 1, got 0"),
+    ({"max_position_embeddings": True}, "config.json max_position_embeddings must be an integer, got True"),
     ({"num_attention_heads": 3}, "num_key_value_heads 2 does not divide num_attention_heads 3"),
     ({"num_attention_heads": 6}, "config.json does not match the weights"),
     ({"vocab_size": 100}, "model.embed_tokens.weight"),

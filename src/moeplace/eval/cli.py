@@ -14,6 +14,7 @@ from moeplace.errors import MoeplaceError, RegressionError
 from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_report, render_table,
                                   traffic_metric_fn)
 from moeplace.io import read_yaml, write_json_atomic
+from moeplace.models.config import attention_shape, config_size
 from moeplace.options import NON_NEGATIVE, OUTPUT_FILE, check_writable, plural, writing
 from moeplace.placement import load_placement
 from moeplace.trace.format import load_trace
@@ -107,9 +108,9 @@ ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 def read_model_shape(model_dir: Path) -> dict[str, int]:
     """hidden_size and the K/V shape from a checkpoint's config.json (no torch, no transformers).
 
-    The checks and messages of `moeplace serve`'s read_spec (serve/model.py): sizes >= 1,
-    num_key_value_heads dividing num_attention_heads, num_experts_per_tok in [1, experts]; a
-    size must be a JSON integer, and null is absent (read_spec's int() and `or` are looser).
+    Sizes are checked as `moeplace serve` checks them (models/config.py): JSON integers >= 1,
+    null is absent, num_key_value_heads divides num_attention_heads; here also
+    num_experts_per_tok in [1, experts] (serve checks it against the routers' weights).
     """
     path = model_dir / "config.json"
     try:
@@ -121,35 +122,15 @@ def read_model_shape(model_dir: Path) -> dict[str, int]:
     where = f"--model {model_dir}: config.json"
     if not isinstance(cfg, dict):
         raise MoeplaceError(f"{where} is not a JSON object")
-
-    def size(*keys: str, default: int | None = None) -> int:
-        """The first of `keys` present (null: absent), a JSON integer >= 1; else `default`."""
-        key = next((k for k in keys if cfg.get(k) is not None), None)
-        if key is None:
-            if default is None:
-                raise MoeplaceError(f"{where} has no {' or '.join(keys)} (needed for the traffic prediction)")
-            return default
-        value = cfg[key]
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise MoeplaceError(f"{where} {key} must be an integer, got {value!r}")
-        if value < 1:
-            raise MoeplaceError(f"{where} {key} must be >= 1, got {value}")
-        return value
-
-    hidden, heads = size("hidden_size"), size("num_attention_heads")
-    kv_heads = size("num_key_value_heads", default=heads)
-    if heads % kv_heads:
-        raise MoeplaceError(f"{where} num_key_value_heads {kv_heads} does not divide num_attention_heads {heads}")
-    experts, top_k = size("num_local_experts", "num_experts", "n_routed_experts"), size("num_experts_per_tok")
+    need = "the traffic prediction"
+    hidden, _, kv_heads, head_dim = attention_shape(cfg, where, need)
+    experts = config_size(cfg, where, "num_local_experts", "num_experts", "n_routed_experts", needed_for=need)
+    top_k = config_size(cfg, where, "num_experts_per_tok", needed_for=need)
     if top_k > experts:
         raise MoeplaceError(f"{where} num_experts_per_tok {top_k} is not in [1, {experts}] "
                             f"(config.json gives {experts} experts per layer)")
-    # no head_dim: hidden // heads, as read_spec and transformers take it (>= 1: heads > hidden is no model)
-    head_dim = size("head_dim", default=hidden // heads)
-    if head_dim < 1:
-        raise MoeplaceError(f"{where} has no head_dim and hidden_size {hidden} < num_attention_heads {heads}")
-    return {"hidden_size": hidden, "num_layers": size("num_hidden_layers"), "num_kv_heads": kv_heads,
-            "head_dim": head_dim, "num_experts": experts, "top_k": top_k}
+    return {"hidden_size": hidden, "num_layers": config_size(cfg, where, "num_hidden_layers", needed_for=need),
+            "num_kv_heads": kv_heads, "head_dim": head_dim, "num_experts": experts, "top_k": top_k}
 
 
 def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str | None,
@@ -254,7 +235,11 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
         check_writable(output, inputs=[placement, trace])
     columns, per_layer, fns = COLUMNS, PER_LAYER, []
     if cluster is not None:
-        from moeplace.solve.costmodel import COST_COLUMNS, COST_PER_LAYER, cost_metric_fn
+        from moeplace.solve.costmodel import (
+            COST_COLUMNS,
+            COST_PER_LAYER,
+            cost_metric_fn,
+        )
         fns = [cost_metric_fn(cluster, model_config)]
         columns, per_layer = [*COLUMNS, *COST_COLUMNS], [*PER_LAYER, *COST_PER_LAYER]
     elif model_config is not None:

@@ -27,7 +27,7 @@ import torch
 
 from moeplace.errors import MoeplaceError
 from moeplace.serve.coherent import moe_coherent
-from moeplace.serve.dist import Comm, pack, unpack
+from moeplace.serve.dist import Comm, meta_scale, pack, unpack
 from moeplace.serve.model import KVCache, RankModel
 from moeplace.serve.replicas import ExpertMap
 from moeplace.serve.standard import moe_standard
@@ -92,7 +92,7 @@ class Runtime:
         """Replicate this rank's new K/V entries on every rank and write the others' into the cache."""
         spec = self.model.spec
         width = 2 * spec.num_kv_heads * spec.head_dim
-        rows = torch.cat(kv_rows) if kv_rows else cache.k.new_empty((0, width + 3 * (4 // cache.k.element_size())))
+        rows = torch.cat(kv_rows) if kv_rows else cache.k.new_empty((0, width + 3 * meta_scale(cache.k.dtype)))
         got = self.comm.replicate(rows, "kv_sync")
         kv, meta = unpack(got, width, [(3, torch.int32)])
         meta = meta.long()

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from moeplace.errors import MoeplaceError
 from moeplace.io import read_json
 from moeplace.models.checkpoint import moe_blocks, open_checkpoint
+from moeplace.models.config import attention_shape, config_size
 
 # model_type -> (q/k norm kind, top-k weights renormalised when config lacks norm_topk_prob)
 FAMILIES: dict[str, tuple[str, bool]] = {
@@ -80,7 +81,8 @@ def _read_spec(path: Path) -> ModelSpec:
         raise MoeplaceError(f"{path}: model_type {family!r} is not served (supported: {', '.join(FAMILIES)})")
     files = {k: str(f) for k, f in ckpt.files().items()}
     qk_norm, renorm_default = FAMILIES[family]
-    num_layers = int(cfg["num_hidden_layers"])
+    where = f"{path}: config.json"
+    num_layers = config_size(cfg, where, "num_hidden_layers")
     rope = cfg.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         raise MoeplaceError(f"{path}: rope_type {rope.get('rope_type')!r} is not supported (only default RoPE)")
@@ -94,21 +96,20 @@ def _read_spec(path: Path) -> ModelSpec:
     names = next((n for n in _EXPERT_NAMES if f"{prefixes[0]}.experts.0.{n[0]}.weight" in files), None)
     if not fused and names is None:
         raise MoeplaceError(f"{path}: unrecognised expert weights under {prefixes[0]}.experts")
-    heads = int(cfg["num_attention_heads"])
-    if heads < 1:
-        raise MoeplaceError(f"{path}: config.json num_attention_heads must be >= 1, got {heads}")
+    hidden, heads, kv_heads, head_dim = attention_shape(cfg, where)
+    vocab = config_size(cfg, where, "vocab_size")
     eos = _eos_token_id(path, cfg)
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     spec = ModelSpec(
         path=path,
         family=family,
-        vocab_size=int(cfg["vocab_size"]),
-        hidden_size=int(cfg["hidden_size"]),
+        vocab_size=vocab,
+        hidden_size=hidden,
         num_layers=num_layers,
         num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
         rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
         qk_norm=qk_norm,
@@ -117,15 +118,15 @@ def _read_spec(path: Path) -> ModelSpec:
         moe_layers=moe_layers,
         moe_prefix=prefixes,
         num_experts=blocks[0].num_experts,
-        top_k=int(cfg["num_experts_per_tok"]),
+        top_k=config_size(cfg, where, "num_experts_per_tok"),
         # Mixtral always renormalises its top-k gate weights (transformers has no switch for it,
         # even when a config carries norm_topk_prob); the others follow norm_topk_prob
         renormalize=True if family == "mixtral" else bool(cfg.get("norm_topk_prob", renorm_default)),
         fused_experts=fused,
         expert_names=names or _EXPERT_NAMES[0],
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in files,
-        eos_token_ids=tuple(e for e in eos_ids if 0 <= e < int(cfg["vocab_size"])),
-        max_positions=int(cfg.get("max_position_embeddings", 4096)),
+        eos_token_ids=tuple(e for e in eos_ids if 0 <= e < vocab),
+        max_positions=config_size(cfg, where, "max_position_embeddings", default=4096),
         files=files,
     )
     _check_config(spec, ckpt.shapes())
@@ -148,9 +149,6 @@ def _check_config(s: ModelSpec, shapes: dict[str, tuple[int, ...]]) -> None:
     if not 1 <= s.top_k <= s.num_experts:
         raise MoeplaceError(f"{s.path}: config.json num_experts_per_tok {s.top_k} is not in [1, {s.num_experts}] "
                             f"(the checkpoint's routers have {s.num_experts} experts)")
-    if s.num_kv_heads < 1 or s.num_heads % s.num_kv_heads:
-        raise MoeplaceError(f"{s.path}: config.json num_key_value_heads {s.num_kv_heads} does not divide "
-                            f"num_attention_heads {s.num_heads}")
     p = "model.layers.0"
     expect: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (s.vocab_size, s.hidden_size),
