@@ -137,6 +137,8 @@ def test_placement_round_trip_and_checks(tmp_path: Path) -> None:
         (lambda d: d.update(gap=float("nan")), "'gap' must be a finite number or null, got nan"),
         (lambda d: d.update(gap=True), "'gap' must be a finite number or null, got true"),
         (lambda d: d.update(trace_sha256=5), "'trace_sha256' must be a string or null, got 5"),
+        # was dropped silently: export --to sglang then lost the fit trace's MoE layer numbers
+        (lambda d: d.update(trace_model="mixtral"), "'trace_model' must be a JSON object or null, got 'mixtral'"),
         (lambda d: d.update(trace_routing_sha256={}), "'trace_routing_sha256' must be a string or null, got an object"),
         (lambda d: d.update(replicas=[[[2, 9]], []]), r"p.json: replica \(2, 9\) of layer 0 is out of range"),
     ],

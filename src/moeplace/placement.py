@@ -233,7 +233,7 @@ def placement_from_json(doc: Any, name: str = "placement") -> Placement:
             and _is_int(split.get("seed")) and split["seed"] >= 0):
         raise PlacementError(f"{name}: 'split' must hold train_fraction in (0, 1] and an integer seed >= 0, "
                              f"got {split!r}")
-    for key in ("objective", "solver", "metrics"):  # objects as solve writes them; eval reads solver.get(...)
+    for key in ("objective", "solver", "metrics", "trace_model"):  # objects as solve writes them; eval reads solver.get(...)
         if not isinstance(doc.get(key, {}), (dict, type(None))):
             raise PlacementError(f"{name}: '{key}' must be a JSON object or null, got {_json_kind(doc[key])}")
     for key in ("bound", "gap"):
@@ -257,7 +257,7 @@ def placement_from_json(doc: Any, name: str = "placement") -> Placement:
             metrics=doc.get("metrics") or {},
             trace_sha256=doc.get("trace_sha256"),
             trace_routing_sha256=doc.get("trace_routing_sha256"),
-            trace_model=doc.get("trace_model") if isinstance(doc.get("trace_model"), dict) else None,
+            trace_model=doc.get("trace_model"),
             split=doc.get("split"),
             extra={k: v for k, v in doc.items() if k not in _KNOWN},
         )
