@@ -176,7 +176,7 @@ def _replicas_problem(replicas: Any, e2g: np.ndarray, num_gpus: int) -> str | No
     for layer, reps in enumerate(replicas):
         seen: set[tuple[int, int]] = set()
         for pair in reps:
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_index(x) for x in pair)):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(x) for x in pair)):
                 return f"replica {pair!r} of layer {layer} is not an (expert, gpu) pair of integers"
             e, g = (int(x) for x in pair)
             if not (0 <= e < num_experts and 0 <= g < num_gpus):
@@ -185,10 +185,6 @@ def _replicas_problem(replicas: Any, e2g: np.ndarray, num_gpus: int) -> str | No
                 return f"expert {e} of layer {layer} has two copies on GPU {g}"
             seen.add((e, g))
     return None
-
-
-def _is_index(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def load_placement(path: str | Path) -> Placement:
@@ -277,7 +273,9 @@ def _json_kind(value: Any) -> str:
 
 
 def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)  # JSON true would pass as 1
+    """An integer from JSON or numpy (library callers build replicas from arrays); not a bool,
+    which would pass as 1."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def _json_int(value: Any, key: str, name: str) -> int:
