@@ -104,11 +104,7 @@ def mode_arrays(trace: Trace, mode: str) -> tuple[np.ndarray, np.ndarray | None]
     if mode == "topk":
         return trace.topk_ids, None
     if mode == "gated":
-        w = trace.weights_or_uniform()
-        total = w.sum(axis=-1, keepdims=True)
-        # a token-layer whose top-k weights are all zero falls back to 1/k each
-        w = np.where(total > 0, w / np.where(total > 0, total, 1), np.float32(1.0 / trace.top_k))
-        return trace.topk_ids, w.astype(np.float32, copy=False)
+        return trace.topk_ids, trace.gate_shares(np.float32)
     raise ValueError(f"unknown transition mode {mode!r} (expected one of {MODES})")
 
 

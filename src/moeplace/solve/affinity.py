@@ -123,9 +123,7 @@ def edge_terms(trace: Trace, top1_weight: float = 1.0) -> EdgeTerms:
     t, num_layers, k = trace.topk_ids.shape
     e = trace.num_experts
     ids = trace.topk_ids
-    w = trace.weights_or_uniform().astype(np.float64)
-    w_sum = w.sum(axis=-1, keepdims=True)
-    gate = np.divide(w, w_sum, out=np.full_like(w, 1.0 / k), where=w_sum > 0)  # [T, L, k]
+    gate = trace.gate_shares()  # float64 [T, L, k]
     dst_w = np.ones((t, k))
     dst_w[:, 0] += top1_weight
     ones = np.ones((t, 1))

@@ -91,6 +91,13 @@ class Trace:
             return self.topk_weights
         return np.full(self.topk_ids.shape, 1.0 / self.top_k, dtype=np.float32)
 
+    def gate_shares(self, dtype: type = np.float64) -> np.ndarray:
+        """Each token-layer's top-k gate weights renormalised to sum to 1, [T, L, k] of `dtype`
+        (computed in it); 1/k each where the weights are all zero, or absent."""
+        w: np.ndarray = self.weights_or_uniform().astype(dtype, copy=False)
+        total = w.sum(axis=-1, keepdims=True)
+        return np.divide(w, total, out=np.full_like(w, 1.0 / self.top_k), where=total > 0)
+
     def select_tokens(self, index: np.ndarray) -> "Trace":
         """The sub-trace of the given token indices (or boolean mask)."""
         pick = lambda a: None if a is None else a[index]  # noqa: E731
