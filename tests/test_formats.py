@@ -302,3 +302,11 @@ def test_one_rule_says_what_is_load_only(tmp_path: Path, small_trace) -> None:
     # solve took any file with expert_loads for load-only and refused the traffic objective on it
     assert cli.run(["solve", str(both), "--gpus", "2", "--time-limit", "2", "-q", "-o", str(tmp_path / "p.json")]) == 0
     assert load_placement(tmp_path / "p.json").objective["name"] == "traffic"
+
+
+def test_gate_shares_renormalise_and_fall_back_to_uniform() -> None:
+    ids = np.array([[[0, 1]], [[2, 3]]])
+    t = make_trace(ids, np.array([[[0.6, 0.2]], [[0.0, 0.0]]], dtype=np.float32), num_experts=4)
+    np.testing.assert_allclose(t.gate_shares(), [[[0.75, 0.25]], [[0.5, 0.5]]])  # all-zero weights: 1/k each
+    assert t.gate_shares().dtype == np.float64 and t.gate_shares(np.float32).dtype == np.float32
+    np.testing.assert_array_equal(make_trace(ids, num_experts=4).gate_shares(), np.full((2, 1, 2), 0.5))
