@@ -61,8 +61,8 @@ def launch(rank: int, world: int, port: int, args: list[str]) -> subprocess.Pope
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_torchrun_batch_matches_transformers_and_prediction(model: tuple[Path, list[list[int]]],
-                                                            tmp_path: Path) -> None:
+def test_torchrun_batch_matches_transformers_and_prediction(model: tuple[Path, list[list[int]]], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     path, expected = model
     placement = save_placement(tmp_path / "p.json", 2, 8, 2)
     prompts = tmp_path / "prompts.jsonl"
@@ -82,8 +82,22 @@ def test_torchrun_batch_matches_transformers_and_prediction(model: tuple[Path, l
     s = json.loads(stats.read_text())
     assert s["world"] == 2 and s["mode"] == "coherent" and s["generated_tokens"] == 15
     predicted = predict_traffic(load_placement(placement), load_trace(routing), "coherent", 32, 4)
-    assert s["decode"]["alltoall_bytes"] == predicted["alltoall_bytes"]
-    assert s["decode"]["alltoalls_per_layer_step"] == 2.0  # top-2: dispatch + combine
+    decode = s["decode"]
+    assert decode["alltoall_bytes"] > 0 and decode["alltoall_bytes"] == predicted["alltoall_bytes"]
+    assert decode["alltoalls_per_layer_step"] == 2.0  # top-2: dispatch + combine
+
+    # `moeplace eval --model` on the recorded routing predicts what the ranks measured (issue 4)
+    capsys.readouterr()
+    assert run(["eval", str(placement), str(routing), "--model", str(path), "--dtype", "fp32", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["traffic"]["hidden_size"] == 32 and report["traffic"]["element_bytes"] == 4
+    cli = report["layouts"]["placement"]["traffic"]["coherent"]
+    assert cli["alltoall_bytes"] == decode["alltoall_bytes"]
+    assert cli["dispatch_rows"] == decode["dispatch"]["rows"] and cli["combine_rows"] == decode["combine"]["rows"]
+    assert cli["cross_rank_rows_per_layer"] == decode["cross_rank_rows_per_layer"]
+    assert cli["alltoalls_per_layer"] == decode["alltoalls_per_layer_step"]
+    # K/V replication: every decoded token's entries of all 3 layers go to the other rank
+    assert cli["kv_sync_bytes_per_token"] * cli["tokens"] == decode["kv_sync"]["bytes"] > 0
 
 
 def test_ranks_with_different_placements_refuse_to_run(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:

@@ -44,9 +44,6 @@ def greedy(path: Path, experts: list[list[int]] | None = None) -> tuple[RankMode
 
 
 def test_mixtral_renormalises_whatever_its_config_says(mixtral: Path, tmp_path: Path) -> None:
-    import json
-    import shutil
-
     # transformers' Mixtral router always divides the top-k weights by their sum; a config with
     # norm_topk_prob false (which it saves if given) must not switch that off here
     copy = tmp_path / "m"

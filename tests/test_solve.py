@@ -388,13 +388,18 @@ def test_cli_unwritable_output_fails_before_the_solve(trace_file, tmp_path, caps
     assert err == [f"moeplace: error: -o {out}: {tmp_path / 'file'} is not a directory"]
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", b"not a trace at all"])
-def test_cli_bad_trace_files_exit_2(tmp_path, capsys, content):
-    bad = tmp_path / "bad.npz"
+@pytest.mark.parametrize("content, reason", [
+    (b"", "file is empty"),
+    (b"PK\x03\x04 truncated", "not a readable .npz: truncated or not an .npz file"),
+    (b"not a trace at all", "not an .npz file (no zip archive signature)"),
+])
+def test_cli_bad_trace_files_exit_2(tmp_path, capsys, content, reason):
+    bad, out = tmp_path / "bad.npz", tmp_path / "p.json"
     bad.write_bytes(content)
-    assert run(["solve", str(bad), "--gpus", "2", "-o", str(tmp_path / "p.json")]) == 2
+    assert run(["solve", str(bad), "--gpus", "2", "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and str(bad) in err[0]
+    assert len(err) == 1 and err[0].startswith(f"moeplace: error: {bad}: {reason}"), err
+    assert not out.exists()
 
 
 def test_cli_missing_trace_exit_2(tmp_path, capsys):

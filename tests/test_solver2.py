@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 from pathlib import Path
 
+import highspy
 import numpy as np
 import pytest
 
 from moeplace.cli import run
 from moeplace.errors import MoeplaceError
 from moeplace.placement import load_placement
-from moeplace.solve import eplb
-from moeplace.solve.balance import balance_placement, expected_gpu_loads, layer_loads
-from moeplace.solve.costmodel import load_cost_model, predict
+from moeplace.solve import balance, eplb, latency, moetuner
+from moeplace.solve.balance import (_holds, balance_placement, batch_layer_loads, expected_gpu_loads, ilp_layer,
+                                   layer_loads, layer_max_load, lpt_layer)
+from moeplace.solve.costmodel import Cluster, CostModel, ModelCost, layer_traffic, load_cost_model, predict
+from moeplace.solve.latency import (Z_ACCEPT, LatencyModel, SearchModels, fold_tokens, latency_bound, round_assignment,
+                                   significant)
 from moeplace.solve.moetuner import moetuner_placement
-from moeplace.solve.solver import solve_placement
+from moeplace.solve.replicate import add_replicas
+from moeplace.solve.solver import solve_placement, solve_traffic
 from moeplace.solve.synthetic import planted_trace
-from moeplace.trace.format import make_loads, save_loads, save_trace, split_tokens
+from moeplace.trace.format import make_loads, make_trace, save_loads, save_trace, split_tokens
 
 from conftest import ROOT, SHARED_DATA
 
@@ -62,8 +69,6 @@ def test_latency_reports_valid_bound_and_is_no_worse_than_its_starts() -> None:
 
 
 def test_acceptance_rule_rejects_cuts_within_fold_noise() -> None:
-    from moeplace.solve.latency import Z_ACCEPT, fold_tokens, significant
-
     assert Z_ACCEPT == pytest.approx(3.482, abs=1e-3)  # Student's t, 98% one-sided, 3 degrees of freedom
     folds = fold_tokens(100, seed=0)
     assert sorted(np.concatenate(folds).tolist()) == list(range(100))  # disjoint, covering
@@ -108,7 +113,6 @@ def test_moetuner_is_balanced_per_layer() -> None:
 
 def test_cli_latency_eval_and_load_only_balance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trace, _ = planted_trace(128, 3, 16, 2, 8, seed=6)
-    from moeplace.trace.format import save_trace
     save_trace(trace, tmp_path / "t.npz")
     out = tmp_path / "p.json"
     assert run(["solve", str(tmp_path / "t.npz"), "--gpus", "8", "--objective", "latency", "--time-limit", "3",
@@ -175,7 +179,6 @@ def test_total_cap_with_replicas_and_impossible_cap() -> None:
 
 
 def test_cli_total_cap_balance_eval_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from moeplace.trace.format import save_trace
     trace, _ = planted_trace(128, 3, 16, 2, 8, seed=6)
     save_trace(trace, tmp_path / "t.npz")
     out = tmp_path / "p.json"
@@ -187,11 +190,11 @@ def test_cli_total_cap_balance_eval_and_errors(tmp_path: Path, capsys: pytest.Ca
     capsys.readouterr()
     assert run(base + ["--objective", "balance", "--max-experts-per-gpu-total", "5"]) == 2  # 5 x 8 < 3 x 16
     assert "--max-experts-per-gpu-total 5" in capsys.readouterr().err
-    latency = ["--objective", "latency", "--cluster", str(CLUSTER), "--model-config", str(MODEL)]
-    assert run(base + latency + ["--max-experts-per-gpu-total", "6"]) == 0
+    latency_args = ["--objective", "latency", "--cluster", str(CLUSTER), "--model-config", str(MODEL)]
+    assert run(base + latency_args + ["--max-experts-per-gpu-total", "6"]) == 0
     assert load_placement(out).solver["max_experts_per_gpu_total"] == 6
     capsys.readouterr()
-    assert run(base + latency + ["--max-experts-per-gpu-total", "6", "--redundant-experts", "8"]) == 2
+    assert run(base + latency_args + ["--max-experts-per-gpu-total", "6", "--redundant-experts", "8"]) == 2
     assert "equal slots" in capsys.readouterr().err
     assert run(base + ["--max-experts-per-gpu-total", "6"]) == 2  # traffic has no load term
     assert "needs a load term" in capsys.readouterr().err
@@ -236,8 +239,6 @@ def test_latency_total_cap_holds_and_beats_equal_counts_on_skewed_loads(seed: in
 
 
 def test_round_assignment_keeps_counts_and_the_largest_fractions() -> None:
-    from moeplace.solve.latency import round_assignment
-
     frac = np.array([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.7, 0.0, 0.3], [0.2, 0.8, 0.0]])  # [E=4, G=3]
     # equal counts would not fit 4 on 3 GPUs; free counts 1..2: GPU 2 must get one (mandatory slot)
     out = round_assignment(frac, least=np.array([1, 1, 1]), most=np.array([2, 2, 2]))
@@ -259,8 +260,6 @@ def test_latency_is_deterministic_per_seed(options: dict) -> None:
 
 
 def test_balance_is_deterministic_and_ignores_unproven_ilp_incumbents() -> None:
-    from moeplace.solve.balance import ilp_layer, layer_max_load, lpt_layer
-
     w = _skewed_loads(3, 32, seed=2)
     a, b = (balance_placement(w, 4, 4, redundant=4, time_limit=60.0, progress=False) for _ in range(2))
     assert a.solver["stopped_by_time_limit"] is False
@@ -275,10 +274,6 @@ def test_balance_is_deterministic_and_ignores_unproven_ilp_incumbents() -> None:
 
 
 def test_balance_ilp_symmetry_cut_keeps_an_optimum() -> None:
-    import itertools
-
-    from moeplace.solve.balance import ilp_layer, layer_max_load
-
     # without replicas the ILP fixes x[e, g] = 0 for g above e's rank in decreasing load; the
     # best layout must survive it: compare with every assignment of 7 experts to 3 GPUs, on
     # loads with ties (ranks broken by expert id) and free or equal-ish slot caps
@@ -296,10 +291,6 @@ def test_balance_ilp_symmetry_cut_keeps_an_optimum() -> None:
 
 
 def test_latency_replicas_go_on_the_best_of_the_search_and_its_starts() -> None:
-    from moeplace.solve.latency import LatencyModel, fold_tokens
-    from moeplace.solve.replicate import add_replicas
-    from moeplace.solve.solver import solve_traffic
-
     # the search never sees replicas, so copies on one of its starts can beat copies on its result
     trace, _ = planted_trace(128, 2, 32, 2, 16, gpus_per_node=8, seed=5, zipf=1.2)
     cm = load_cost_model(ROOT / "configs" / "cluster" / "h100-2x8-ib.yaml", MODEL)
@@ -316,8 +307,6 @@ def test_latency_replicas_go_on_the_best_of_the_search_and_its_starts() -> None:
 
 
 def test_balance_bound_is_rounded_up_only_when_loads_are_whole_and_unreplicated(monkeypatch) -> None:
-    from moeplace.solve import balance
-
     # no ILP: the bound is the mean, 11 / 2 = 5.5 per GPU; with whole token counts and no copies
     # every GPU's load is an integer, so 6 is a valid bound and proves the layout (3 + 3 | 3 + 2)
     monkeypatch.setattr(balance, "ILP_MAX_VARS", 0)
@@ -333,8 +322,6 @@ def test_balance_bound_is_rounded_up_only_when_loads_are_whole_and_unreplicated(
 
 
 def test_balance_descends_no_candidate_once_one_is_at_the_bound(monkeypatch) -> None:
-    from moeplace.solve import balance
-
     descended = []
     real = balance.improve_layer
 
@@ -357,8 +344,6 @@ def test_balance_descends_no_candidate_once_one_is_at_the_bound(monkeypatch) -> 
 def test_batch_layer_loads_is_layer_loads_per_layout() -> None:
     """The descent scores its moves in one batch: each layout's loads are those of layer_loads,
     and do not depend on which other layouts share the batch."""
-    from moeplace.solve.balance import _holds, batch_layer_loads, lpt_layer
-
     rng = np.random.default_rng(0)
     for _ in range(40):
         experts, gpus = int(rng.integers(4, 33)), int(rng.integers(2, 13))
@@ -381,8 +366,6 @@ def test_batch_layer_loads_is_layer_loads_per_layout() -> None:
 def test_balance_flags_an_unproven_candidate_ilp_and_keeps_larger_ilps_to_the_bound(monkeypatch) -> None:
     """Whether HiGHS proves a layer in time depends on the machine: where its optimum would be a
     candidate, running out of time is reported; above ILP_CANDIDATE_MAX_VARS it only bounds."""
-    from moeplace.solve import balance
-
     rng = np.random.default_rng(0)
     small = rng.poisson(30.0, (1, 32)).astype(float)  # 32 x 4: a candidate ILP; total 959 is not a multiple
     assert small.sum() % 4 != 0  # of 4, so the proof needs branching, far beyond 0.3 s
@@ -415,9 +398,6 @@ def test_balance_flags_an_unproven_candidate_ilp_and_keeps_larger_ilps_to_the_bo
 def test_search_models_give_each_model_what_it_gives_alone() -> None:
     """One pass over the training tokens, each tagged with its fold, gives every fold's and the
     whole set's layer costs: the same numbers as each model evaluated on its own tokens."""
-    from moeplace.solve.costmodel import layer_traffic
-    from moeplace.solve.latency import LatencyModel, SearchModels, fold_tokens
-
     trace, _ = planted_trace(203, 3, 16, 4, 4, 2, seed=4)  # 203 tokens: folds of unequal size
     cm = load_cost_model(ROOT / "configs/cluster/h100-2x8-ib.yaml", MODEL)
     cm.check(16, 8)
@@ -470,8 +450,6 @@ def test_latency_lp_step_is_not_solved_again_where_nothing_it_reads_changed(monk
     """A layer's LP step is skipped while the layer, its neighbours and its count range are what
     they were when its rounding was refused: the same placement as solving it every time, with
     fewer LPs."""
-    from moeplace.solve import latency
-
     trace, _ = planted_trace(600, 4, 32, 4, 8, 8, seed=3)
     cm = load_cost_model(ROOT / "configs/cluster/h100-1x8-nvlink.yaml", MODEL)
     solved: list[int] = []
@@ -493,10 +471,6 @@ def test_latency_bound_holds_when_a_gpu_sends_on_both_links() -> None:
     """The cost model lets a GPU drive NVLink and its NIC at once, so the bound's least volume
     moves at the two bandwidths summed: with equal bandwidths, one at the faster link alone gave
     a 'bound' of 12 us for a placement costing 8."""
-    from moeplace.solve.costmodel import Cluster, CostModel, ModelCost
-    from moeplace.solve.latency import LatencyModel, latency_bound
-    from moeplace.trace.format import make_trace
-
     mc = ModelCost("m", hidden_size=1000, dispatch_bytes=2.0, combine_bytes=2.0, expert_us_per_token=0.0,
                    expert_fixed_us=0.0, batch_tokens=None)
     t = np.arange(12)
@@ -521,8 +495,6 @@ def test_latency_folds_stand_for_the_whole_training_set() -> None:
     """A fold's counts are scaled to the batch the whole set predicts, with or without
     `batch_tokens`: a config without it searches exactly as one whose batch is the trace (before,
     its folds stayed a quarter of the tokens and the acceptance rule's spread shrank with them)."""
-    import dataclasses
-
     trace, _ = planted_trace(256, 3, 16, 2, 8, seed=5, zipf=1.2)
     cm = load_cost_model(CLUSTER, MODEL)
     as_traced = dataclasses.replace(cm, model=dataclasses.replace(cm.model, batch_tokens=None))
@@ -538,8 +510,6 @@ def test_latency_folds_stand_for_the_whole_training_set() -> None:
 def test_latency_total_cap_places_experts_gpus_do_not_divide(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """16 experts on 6 GPUs: equal counts are impossible, and so is the traffic start; under a
     total cap the latency search starts from the capped balance placement and improves on it."""
-    import dataclasses
-
     trace, _ = planted_trace(256, 3, 16, 2, 6, seed=4, zipf=1.2)
     base = load_cost_model(CLUSTER, MODEL)
     cm = dataclasses.replace(base, cluster=dataclasses.replace(base.cluster, gpus_per_node=6))
@@ -599,9 +569,6 @@ def test_cli_pareto_writes_its_weight_1_row_and_refuses_flags_it_would_ignore(tm
 def test_moetuner_stage2_is_the_maximum_matching_and_a_failed_solve_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: HiGHS' status was not read and perm started as np.empty, so a solve that stopped
     without an optimum gave whatever the memory held as GPU ids."""
-    import highspy
-
-    from moeplace.solve import moetuner
 
     flow = np.array([[1.0, 9.0, 0.0], [0.0, 2.0, 8.0], [7.0, 0.0, 3.0]])  # best: c0->d1, c1->d2, c2->d0
     assert moetuner.assign_clusters(flow).tolist() == [2, 0, 1]
