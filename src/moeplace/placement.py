@@ -12,6 +12,8 @@ A JSON file:
     objective, solver, bound, gap, metrics, trace_sha256, trace_routing_sha256, trace_model, split:
                    how it was made (informative; eval finds the fit trace by either sha256 to hold
                    out its split, and notes a trace of another model_type or MoE layers)
+    fit_paths      a fixed-size sketch of the fit tokens' routing paths (trace/paths.py): eval
+                   says what share of another trace's tokens repeat them (null when unknown)
 
 Physical slots (what engines number): on each GPU, its primary experts in ascending id, then
 its replicas in the listed order; GPU 0's slots first. See `physical_slots`.
@@ -28,6 +30,7 @@ import numpy as np
 
 from moeplace.errors import PlacementError
 from moeplace.io import read_json, write_json_atomic
+from moeplace.trace.paths import sketch_problem
 
 PLACEMENT_FORMAT = "moeplace.placement/v1"
 
@@ -52,6 +55,7 @@ class Placement:
     trace_routing_sha256: str | None = None  # Trace.routing_sha256: the fit trace in any file
     trace_model: dict[str, Any] | None = None  # Trace.model_identity of the fit trace
     split: dict[str, Any] | None = None  # {"train_fraction": f, "seed": s} when fitted on a split
+    fit_paths: dict[str, Any] | None = None  # trace/paths.py sketch of the fit tokens' routing paths
     extra: dict[str, Any] = field(default_factory=dict)  # other keys, kept on round-trip
 
     def __post_init__(self) -> None:
@@ -134,6 +138,7 @@ class Placement:
             "trace_routing_sha256": self.trace_routing_sha256,
             "trace_model": self.trace_model,
             "split": self.split,
+            "fit_paths": self.fit_paths,
             **self.extra,
         }
 
@@ -146,6 +151,7 @@ class Placement:
 _KNOWN = {
     "format", "num_layers", "num_experts", "num_gpus", "gpus_per_node", "expert_to_gpu", "replicas",
     "objective", "solver", "bound", "gap", "metrics", "trace_sha256", "trace_routing_sha256", "trace_model", "split",
+    "fit_paths",
 }
 
 
@@ -240,6 +246,10 @@ def placement_from_json(doc: Any, name: str = "placement") -> Placement:
     for key in ("trace_sha256", "trace_routing_sha256"):
         if not isinstance(doc.get(key), (str, type(None))):
             raise PlacementError(f"{name}: '{key}' must be a string or null, got {_json_kind(doc[key])}")
+    fit_paths = doc.get("fit_paths")
+    problem = None if fit_paths is None else sketch_problem(fit_paths)
+    if problem:
+        raise PlacementError(f"{name}: 'fit_paths' {problem}")
     try:
         p = Placement(
             expert_to_gpu=e2g,
@@ -255,6 +265,7 @@ def placement_from_json(doc: Any, name: str = "placement") -> Placement:
             trace_routing_sha256=doc.get("trace_routing_sha256"),
             trace_model=doc.get("trace_model"),
             split=doc.get("split"),
+            fit_paths=fit_paths,
             extra={k: v for k, v in doc.items() if k not in _KNOWN},
         )
     except PlacementError as e:  # construction checks the layout and replicas: name the file

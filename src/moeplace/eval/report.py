@@ -4,7 +4,9 @@ The report is a plain dict (what `--json` prints):
 
     placement, trace                     paths as given
     num_layers, num_experts, top_k, num_gpus, gpus_per_node, num_nodes
-    tokens      {"subset": "held-out" | "all", "evaluated": n, "total": T, "note": why}
+    tokens      {"subset": "held-out" | "all", "evaluated": n, "total": T, "note": why,
+                 "fit_path_share": share of the evaluated tokens whose routing path is a fit token's
+                                   (exact, or estimated from the placement's fit_paths; null if unknown)}
     layouts     {name: metrics}          "placement" first, then each baseline; metrics are
                                          metrics.evaluate()'s plus those of any `metric_fns`
     vs_contiguous {name: {metric: value / contiguous value}}   scalar float metrics only
@@ -29,6 +31,7 @@ from moeplace.eval.traffic import predict_traffic
 from moeplace.placement import Placement
 from moeplace.progress import Progress
 from moeplace.solve.baselines import all_baselines
+from moeplace.trace import paths
 from moeplace.trace.format import Trace, split_tokens
 
 MetricFn = Callable[[Placement, Trace], dict[str, Any]]
@@ -85,32 +88,52 @@ def add_traffic_ratios(report: dict[str, Any]) -> None:
             p["vs_standard_contiguous"] = p["alltoall_bytes_per_token"] / base["alltoall_bytes_per_token"]
 
 
-def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> tuple[np.ndarray | None, np.ndarray | None, str]:
-    """(tokens to evaluate, tokens the placement was fitted on, note); None means all tokens.
+@dataclass
+class TokenSubsets:
+    """Which tokens eval replays and what it knows of them (see token_subsets)."""
+
+    evaluated: np.ndarray | None  # token indices to evaluate; None: all
+    fit: np.ndarray | None  # token indices the placement was fitted on; None: all, or unknown
+    note: str
+    fit_path_share: float | None  # share of the evaluated tokens whose routing path is a fit token's
+
+
+def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> TokenSubsets:
+    """The tokens to evaluate and to fit the load baseline on, with a note for the report.
 
     Held-out by default when the placement was fitted on a split of this very trace (the same
     file, or the same routing in another file: a copy, a re-import, a re-save with other meta);
-    a different trace is evaluated whole, and the fit tokens are then unknown (None).
+    a different trace is evaluated whole, and the fit tokens are then unknown: the placement's
+    fit_paths sketch then estimates how many of them repeat a fit token's routing path (a
+    subset or a re-ordering of the fit trace: all of them).
     """
     same_file = bool(placement.trace_sha256) and placement.trace_sha256 == trace.sha256
     if not same_file and (not placement.trace_routing_sha256 or placement.trace_routing_sha256 != trace.routing_sha256()):
         recorded = placement.trace_sha256 or placement.trace_routing_sha256
         why = ("not the trace the placement was fitted on, by file and routing hash; tokens it shares with that "
                "trace score in-sample") if recorded else "the placement records no trace"
-        return None, None, f"all tokens ({why}); greedy_load fitted on them too"
+        share = None if placement.fit_paths is None else paths.fit_path_share(trace.topk_ids, placement.fit_paths)[0]
+        repeats = "" if share is None else f"; {share:.0%} of them repeat a fit token's routing path (fit_paths)"
+        return TokenSubsets(None, None, f"all tokens ({why}){repeats}; greedy_load fitted on them too", share)
     split = placement.split
     if not split:
-        return None, None, "all tokens: in-sample, the placement was fitted on all of them (solve --train-fraction holds some out)"
+        return TokenSubsets(None, None, "all tokens: in-sample, the placement was fitted on all of them "
+                                        "(solve --train-fraction holds some out)", 1.0)
     fraction, seed = split["train_fraction"], split["seed"]  # checked when the placement was loaded
     train, held = split_tokens(trace.num_tokens, fraction, seed)
+    evaluated = None if all_tokens or len(held) == 0 else held
+    fit_hashes = paths.path_hashes(trace.topk_ids[train])
+    ids = trace.topk_ids if evaluated is None else trace.topk_ids[evaluated]
+    share = float(np.isin(paths.path_hashes(ids), fit_hashes).mean()) if len(ids) else None
     if all_tokens:
-        return None, train, f"all tokens (--all-tokens), {len(train)} of them seen by the solver"
+        return TokenSubsets(None, train, f"all tokens (--all-tokens), {len(train)} of them seen by the solver", share)
     if len(held) == 0:
-        return None, train, f"all tokens: in-sample (train_fraction {fraction} leaves none held out)"
-    return held, train, (
+        return TokenSubsets(None, train, f"all tokens: in-sample (train_fraction {fraction} leaves none held out)",
+                            share)
+    return TokenSubsets(held, train, (
         f"held-out tokens, not seen by the solver (split train_fraction {fraction}, seed {seed}); "
         "--all-tokens to use every token"
-    )
+    ), share)
 
 
 def _other_model(fitted: dict[str, Any] | None, here: dict[str, Any] | None) -> str:
@@ -143,8 +166,9 @@ def build_report(
     3. evaluate each layout, add `metric_fns` metrics, and ratios against contiguous.
     """
     placement.check_fits(trace.num_layers, trace.num_experts)
-    eval_idx, fit_idx, note = token_subsets(placement, trace, all_tokens)
-    note += _other_model(placement.trace_model, trace.model_identity())
+    subsets = token_subsets(placement, trace, all_tokens)
+    eval_idx, fit_idx = subsets.evaluated, subsets.fit
+    note = subsets.note + _other_model(placement.trace_model, trace.model_identity())
     evaluated = trace if eval_idx is None else trace.select_tokens(eval_idx)
     fit = evaluated if fit_idx is None else trace.select_tokens(fit_idx)
 
@@ -181,6 +205,7 @@ def build_report(
             "subset": "all" if eval_idx is None else "held-out",
             "evaluated": evaluated.num_tokens,
             "total": trace.num_tokens,
+            "fit_path_share": subsets.fit_path_share,
             "note": note,
         },
         "layouts": metrics,

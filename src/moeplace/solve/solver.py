@@ -48,6 +48,7 @@ from moeplace.solve.affinity import (
 )
 from moeplace.solve.baselines import all_baselines, contiguous, greedy_load, random_balanced
 from moeplace.solve.heuristics import chain_init, coordinate_descent, perturb
+from moeplace.trace import paths
 from moeplace.trace.format import Trace, split_tokens
 
 EXACT_MAX_VARS = 1_500  # window_size of the whole model below which the exact ILP is tried
@@ -536,6 +537,7 @@ def solve_placement(
         trace_routing_sha256=trace.routing_sha256(),
         trace_model=trace.model_identity(),
         split={"train_fraction": train_fraction, "seed": seed} if train_fraction < 1.0 else None,
+        fit_paths=paths.sketch(fit.topk_ids),
     )
     baselines = all_baselines(fit.expert_loads(), num_gpus, seed)
     parts = {"train": fit, "held_out": held} if held is not None else {"train": fit}
