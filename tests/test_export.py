@@ -444,3 +444,43 @@ def test_from_sglang_map_without_rows_for_the_traces_moe_layers_says_so(tmp_path
     assert "give --moe-layers 0-7" in err and not back.exists()
     assert cli("--from", "sglang", str(loc), "--gpus", "4", "--moe-layers", "0-7", "-o", str(back)) == 0
     np.testing.assert_array_equal(load_placement(back).expert_to_gpu, p.expert_to_gpu)
+
+
+def test_vllm_ascend_map_is_read_in_list_order_as_vllm_ascend_does(tmp_path: Path) -> None:
+    """vllm-ascend's expert_file_to_tensor indexes layer_list and device_list by position; the ids
+    are labels. Before: both were sorted by id, so a map listing device 1 first read as another layout."""
+    layers = [{"layer_id": 5, "device_count": 2, "device_list": [{"device_id": 1, "device_expert": [0, 1]},
+                                                                 {"device_id": 0, "device_expert": [2, 3]}]},
+              {"layer_id": 3, "device_count": 2, "device_list": [{"device_id": 0, "device_expert": [0, 2]},
+                                                                 {"device_id": 1, "device_expert": [1, 3]}]}]
+    path, out = tmp_path / "map.json", tmp_path / "p.json"
+    path.write_text(json.dumps({"moe_layer_count": 2, "layer_list": layers}))
+    assert cli("--from", "vllm-ascend", str(path), "-o", str(out)) == 0
+    assert load_placement(out).expert_to_gpu.tolist() == [[0, 0, 1, 1], [0, 1, 0, 1]]
+
+
+@pytest.mark.parametrize("fmt, key, value", [
+    ("vllm", "ep_size", 2.9), ("vllm", "ep_size", True), ("vllm", "num_logical_experts", 4.7),
+    ("vllm", "num_logical_experts", "8"), ("eplb", "num_gpus", 4.0), ("eplb", "gpus_per_node", "2"),
+    ("vllm-ascend", "moe_layer_count", 3.0),
+])
+def test_integer_fields_of_engine_files_are_not_rounded(tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str,
+                                                        key: str, value: object) -> None:
+    """Before: int() made ep_size 2.9 two GPUs and true one; eplb took a non-integer num_gpus as absent."""
+    engine = tmp_path / "engine.json"
+    assert cli(_save(plain(), tmp_path), "--to", fmt, "-o", str(engine)) == 0
+    doc = json.loads(engine.read_text())
+    engine.write_text(json.dumps({**doc, key: value}))
+    capsys.readouterr()
+    assert cli("--from", fmt, str(engine), "-o", str(tmp_path / "back.json")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"moeplace: error: {engine}: '{key}' must be an integer, got {value!r}", err
+    assert not (tmp_path / "back.json").exists()
+
+
+def test_vllm_ascend_expert_ids_must_be_integers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "map.json"
+    devices = [{"device_id": 0, "device_expert": [0, 1.5]}, {"device_id": 1, "device_expert": [2, 3]}]
+    path.write_text(json.dumps({"moe_layer_count": 1, "layer_list": [{"layer_id": 0, "device_list": devices}]}))
+    assert cli("--from", "vllm-ascend", str(path), "-o", str(tmp_path / "p.json")) == 2
+    assert "device_expert holds 1.5, not an expert id" in capsys.readouterr().err

@@ -180,8 +180,8 @@ def read_eplb(path: str | Path, num_gpus: int | None, gpus_per_node: int | None)
     doc = read_document(p)
     if "phy2log" not in doc:
         raise PlacementError(f"{p}: no 'phy2log' array (keys: {sorted(doc)})")
-    num_gpus, gpus_per_node, note = resolve_gpus(str(p), num_gpus, gpus_per_node, int_or_none(doc.get("num_gpus")),
-                                           int_or_none(doc.get("gpus_per_node")), "num_gpus", "gpus_per_node")
+    num_gpus, gpus_per_node, note = resolve_gpus(str(p), num_gpus, gpus_per_node, int_field(doc, "num_gpus", str(p)),
+                                           int_field(doc, "gpus_per_node", str(p)), "num_gpus", "gpus_per_node")
     num_experts = None
     if "logcnt" in doc:
         num_experts = int_table(doc["logcnt"], str(p), "logcnt").shape[1]
@@ -217,10 +217,16 @@ def int_table(value: Any, name: str, what: str) -> np.ndarray:
     return table.astype(np.int64)
 
 
-def int_or_none(value: Any) -> int | None:
+def int_field(doc: dict[str, Any], key: str, name: str) -> int | None:
+    """An integer field of a JSON or .npz document: None when absent or null, else an integer (a
+    0-d or 1-element integer array from an .npz) or one clear error. 2.9, true and "4" are
+    refused: int() would quietly make them 2, 1 and 4 GPUs."""
+    value = doc.get(key)
     if value is None:
         return None
-    try:
-        return int(np.asarray(value).reshape(()))
-    except (TypeError, ValueError):
-        return None
+    if isinstance(value, np.ndarray) and value.size == 1 and np.issubdtype(value.dtype, np.integer):
+        return int(value.reshape(()))
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    shown = value if not isinstance(value, np.ndarray) else f"an array of {value.dtype} {list(value.shape)}"
+    raise PlacementError(f"{name}: '{key}' must be an integer, got {shown!r}")

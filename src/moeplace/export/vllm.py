@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import PlacementError
-from moeplace.export.eplb import (int_or_none, int_table, logical_to_physical, physical_to_logical,
+from moeplace.export.eplb import (int_field, int_table, logical_to_physical, physical_to_logical,
                                   placement_from_physical, print_note, read_document, resolve_gpus)
 from moeplace.io import write_json_atomic
 from moeplace.placement import Placement
@@ -99,7 +99,7 @@ def read_vllm(path: str | Path, num_gpus: int | None, gpus_per_node: int | None)
     if "physical_to_logical_map" not in doc:
         raise PlacementError(f"{p}: neither a vLLM EPLB state ('physical_to_logical_map') nor a vllm-ascend "
                              f"expert map ('layer_list'); keys: {sorted(doc)}")
-    counts = {key: _count(doc, key, p) for key in ("ep_size", "gpus_per_node", "num_logical_experts",
+    counts = {key: int_field(doc, key, str(p)) for key in ("ep_size", "gpus_per_node", "num_logical_experts",
                                                     "num_moe_layers", "num_redundant_experts")}
     num_gpus, gpus_per_node, note = resolve_gpus(str(p), num_gpus, gpus_per_node, counts["ep_size"],
                                                  counts["gpus_per_node"], "ep_size", "gpus_per_node")
@@ -109,16 +109,6 @@ def read_vllm(path: str | Path, num_gpus: int | None, gpus_per_node: int | None)
     _check_state(doc, counts, p, placement.num_experts)
     print_note(note)
     return placement
-
-
-def _count(doc: dict[str, Any], key: str, p: Path) -> int | None:
-    """An integer field of a state file: None when absent, an error when not an integer."""
-    if key not in doc:
-        return None
-    value = int_or_none(doc[key])
-    if value is None:
-        raise PlacementError(f"{p}: '{key}' must be an integer, got {doc[key]!r}")
-    return value
 
 
 def _check_state(doc: dict[str, Any], counts: dict[str, int | None], p: Path, num_experts: int) -> None:
@@ -154,21 +144,31 @@ def _same_slots(given: np.ndarray, log2phy: np.ndarray) -> bool:
 
 
 def _ascend_table(doc: dict[str, Any], p: Path) -> tuple[list[list[int]], int]:
-    """[layers][devices * experts per device] from an expert map, devices in device_id order."""
+    """[layers][devices * experts per device] from an expert map, layers and devices in list order:
+    vllm-ascend's expert_file_to_tensor indexes layer_list and device_list by position and never
+    reads layer_id or device_id (labels), so neither does this."""
     try:
-        layers = sorted(doc["layer_list"], key=lambda layer: int(layer.get("layer_id", 0)))
         rows, counts = [], set()
         sizes: list[list[int]] = []
-        for layer in layers:
-            devices = sorted(layer["device_list"], key=lambda d: int(d.get("device_id", 0)))
+        if not isinstance(doc["layer_list"], list):
+            raise TypeError(f"layer_list is {type(doc['layer_list']).__name__}, not a list")
+        for layer in doc["layer_list"]:
+            devices = layer["device_list"]
+            if not isinstance(devices, list):
+                raise TypeError(f"device_list is {type(devices).__name__}, not a list")
             counts.add(len(devices))
-            rows.append([int(e) for d in devices for e in d["device_expert"]])
+            experts = [e for d in devices for e in d["device_expert"]]
+            if not all(isinstance(e, int) and not isinstance(e, bool) for e in experts):
+                raise TypeError(f"device_expert holds {next(e for e in experts if not isinstance(e, int) or isinstance(e, bool))!r}, "
+                                "not an expert id")
+            rows.append(experts)
             sizes.append([len(d["device_expert"]) for d in devices])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise PlacementError(f"{p}: malformed vllm-ascend expert map ({e!r})") from None
     if len(counts) != 1:
         raise PlacementError(f"{p}: layers list different device counts {sorted(counts)}")
-    if int(doc.get("moe_layer_count", len(rows))) != len(rows):
+    layer_count = int_field(doc, "moe_layer_count", str(p))
+    if layer_count is not None and layer_count != len(rows):
         raise PlacementError(f"{p}: moe_layer_count is {doc.get('moe_layer_count')} but layer_list has {len(rows)} layers")
     # vllm-ascend stacks the device_expert lists into one tensor: every list has one length
     first = sizes[0][0] if sizes and sizes[0] else 0
