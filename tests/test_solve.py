@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import re
@@ -16,7 +17,7 @@ from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import evaluate
 from moeplace.placement import Placement, load_placement
 from moeplace.solve import ilp
-from moeplace.solve.affinity import AffinityGraph, distance_matrix, edge_terms, edge_weights, placement_cost
+from moeplace.solve.affinity import AffinityGraph, EdgeTerms, distance_matrix, edge_terms, edge_weights, placement_cost
 from moeplace.solve.baselines import contiguous
 from moeplace.solve.heuristics import assign_layer, cluster_layer, layer_cost, layer_costs, swap_descent
 from moeplace.solve.solver import (
@@ -555,3 +556,11 @@ def test_concurrent_solves_give_back_the_callers_blas_threads() -> None:
         assert [p.num_gpus for p in placements] == [4, 4]
         # the short solve ended first: it must not restore while the long one runs, nor leave 1 behind
         assert blas_threads() == before
+
+
+def test_edge_weights_defaults_are_the_solvers() -> None:
+    """A library caller of edge_weights/EdgeTerms.graph gets the weighting `moeplace solve` uses
+    by default (co-selection weight 1 used to be the library's, 2 the solver's)."""
+    for fn in (edge_weights, EdgeTerms.graph):
+        params = inspect.signature(fn).parameters
+        assert {name: params[name].default for name in DEFAULT_WEIGHTS} == DEFAULT_WEIGHTS

@@ -55,7 +55,7 @@ expert.
                    "at least one per rank; HTTP: a request with more prompts is refused).")
 @click.option("--ignore-eos", is_flag=True, help="Batch: do not stop at the end-of-sequence token.")
 @click.option("--port", type=click.IntRange(0, 65535),
-              help="Serve HTTP on rank 0: POST /v1/completions, GET /health, GET /metrics. The batch "
+              help="Serve HTTP on rank 0: POST /v1/completions, GET /v1/models, GET /health, GET /metrics. The batch "
                    "options (--out, --stats-out, --routing-out, --ignore-eos) do not apply.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address (loopback by default).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,

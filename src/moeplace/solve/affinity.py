@@ -100,7 +100,7 @@ class EdgeTerms:
         return EdgeTerms(self.top1 + other.top1, self.smooth + other.smooth, self.pairs + other.pairs,
                          self.coselect + other.coselect, self.top_k)
 
-    def graph(self, coselect_weight: float = 1.0, smoothing: float = 0.5, prior: float = 0.5) -> AffinityGraph:
+    def graph(self, coselect_weight: float = 2.0, smoothing: float = 0.5, prior: float = 0.5) -> AffinityGraph:
         """The AffinityGraph of one weighting (module docstring)."""
         inter = self.top1.copy()
         if smoothing > 0:
@@ -145,7 +145,7 @@ def edge_terms(trace: Trace, top1_weight: float = 1.0) -> EdgeTerms:
 def edge_weights(
     trace: Trace,
     top1_weight: float = 1.0,
-    coselect_weight: float = 1.0,
+    coselect_weight: float = 2.0,  # the defaults are solve's (solver.DEFAULT_WEIGHTS)
     smoothing: float = 0.5,
     prior: float = 0.5,
 ) -> AffinityGraph:

@@ -58,7 +58,7 @@ LAYER_ILP_SECONDS = 5.0  # cap on one layer's ILP (step 4)
 # held-out results of different traces favour (docs/benchmarks.md); the default comes first, so
 # it wins ties. "shrinkage" sets smoothing = prior: how far the sparse top-1 counts are pulled
 # toward the gate-weighted all-pairs estimate.
-DEFAULT_WEIGHTS = {"coselect_weight": 2.0, "smoothing": 0.5, "prior": 0.5}
+DEFAULT_WEIGHTS = {"coselect_weight": 2.0, "smoothing": 0.5, "prior": 0.5}  # also edge_weights' defaults
 CV_GRID = {"coselect_weight": (2.0, 1.0, 4.0), "shrinkage": (0.5, 2.0)}
 CV_FOLDS = 2
 CV_MAX_TOKENS_PER_PAIR = 50.0  # above this many training tokens per expert pair, noise is small: no CV
