@@ -21,6 +21,7 @@ from moeplace.cli import run
 from moeplace.errors import MoeplaceError
 from moeplace.models.discovery import find_moe_layers
 from moeplace.models.tiny import FAMILIES, build_tiny_model, byte_tokenizer
+from moeplace.parallel import available_cpus
 from moeplace.trace import text as text_mod
 from moeplace.trace.collect import RouterRecorder, collect, route_batch
 from moeplace.trace.format import load_trace
@@ -578,3 +579,15 @@ def test_a_given_tokenizer_directory_says_what_it_lacks(tiny_dirs: dict[str, Pat
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"moeplace: error: cannot load a tokenizer from {str(empty)!r}: it holds none of tokenizer.json, "
                    "tokenizer_config.json, tokenizer.model, vocab.json, vocab.txt; it is not a tokenizer directory"]
+
+
+def test_threads_past_the_cpus_are_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: --threads 100000 went to torch.set_num_threads and crashed its OpenMP pool (SIGSEGV)."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text\n")
+    too_many = available_cpus() + 1
+    assert run(["trace", "--model", str(tmp_path / "no-model"), "--data", str(corpus), "--threads", str(too_many),
+                "-o", str(tmp_path / "t.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"moeplace: error: --threads {too_many}: this process may use {available_cpus()} CPUs", err
+    assert not (tmp_path / "t.npz").exists()

@@ -13,6 +13,7 @@ import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError
 from moeplace.options import OUTPUT_FILE, check_outside, check_writable, plural
+from moeplace.parallel import available_cpus
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -34,7 +35,8 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 @click.option("--dtype", default="auto", type=click.Choice(_DTYPES), help="Weights dtype; auto = the checkpoint's.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), help="auto = cuda when available.")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
-              help="CPU threads for torch  [default: torch's choice; 1 is often faster on a busy machine]")
+              help="CPU threads for torch, at most the CPUs this process may use  [default: torch's choice; 1 is "
+                   "often faster on a busy machine]")
 @click.option("--tokenizer", "tokenizer_ref", default=None, metavar="PATH_OR_ID",
               help="Tokenizer to use  [default: the model's]")
 @click.option("--corpus", default=None,
@@ -70,6 +72,8 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     from moeplace.trace.format import save_trace
     from moeplace.trace.text import expand_paths, iter_batches, iter_windows, validate
 
+    if threads is not None and threads > available_cpus():  # 100000 threads crashed torch's OpenMP pool
+        raise MoeplaceError(f"--threads {threads}: this process may use {available_cpus()} CPUs")
     files = expand_paths(data)
     check_writable(output, inputs=files)  # fail before the model loads, not after the run
     check_outside(output, "-o", model_ref, "--model")
