@@ -6,15 +6,22 @@ Every case runs the real CLI entry point; a traceback would escape `run` and fai
 from __future__ import annotations
 
 import json
+import struct
+import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
 
+import moeplace.eval.cli as eval_cli
 from moeplace.cli import run
+from moeplace.errors import MoeplaceError
+from moeplace.io import looks_like, read_yaml
+from moeplace.models.checkpoint import CheckpointError, open_checkpoint, read_safetensors_header
 from moeplace.placement import Placement
 from moeplace.trace.format import make_trace, save_trace
+from moeplace.trace.text import validate
 
 Setup = Callable[[Path], list[str]]
 
@@ -54,8 +61,6 @@ def _npz_compressed(tmp: Path, name: str, **arrays: np.ndarray) -> Path:
 
 
 def _zip(tmp: Path, name: str, members: dict[str, bytes]) -> Path:
-    import zipfile
-
     with zipfile.ZipFile(tmp / name, "w") as z:
         for member, data in members.items():
             z.writestr(member, data)
@@ -78,8 +83,6 @@ def _npy_header_lies(tmp: Path, shape: bytes = b"'shape': (9999999999999, 8)") -
 def _corrupt(path: Path, member: str = "topk_ids.npy") -> Path:
     """Flip 40 bytes inside one member's compressed data: the archive's directory stays intact, so
     opening succeeds and decompressing that member fails (zlib.error, or a CRC mismatch)."""
-    import zipfile
-
     with zipfile.ZipFile(path) as z:
         info = z.getinfo(member)
     data = bytearray(path.read_bytes())
@@ -342,7 +345,6 @@ def test_a_yaml_key_given_twice_is_refused(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ci.yaml" in err[0] and "'max_cross_gpu' appears twice" in err[0] and "line 5" in err[0]
     # a `<<:` merge overridden by the mapping's own key is YAML, not a repeat
-    from moeplace.io import read_yaml
     merged = _text(tmp_path, "m.yaml", "base: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 5\n")
     assert read_yaml(merged)["c"] == {"x": 5, "y": 2}
 
@@ -350,9 +352,93 @@ def test_a_yaml_key_given_twice_is_refused(tmp_path: Path, capsys) -> None:
 def test_a_file_is_called_json_or_csv_only_when_it_is_text(tmp_path: Path) -> None:
     """looks_like names what a misplaced file is; random bytes that happen to begin with '[' are
     not 'JSON (a placement?)', while a JSON whose 512th byte cuts a character still is."""
-    from moeplace.io import looks_like
-
     (tmp_path / "r.bin").write_bytes(b"[" + np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
     assert looks_like(tmp_path / "r.bin") is None
     assert looks_like(_text(tmp_path, "p.json", '{"a": "' + "é" * 600 + '"}')) == "JSON (a placement?)"
     assert looks_like(_text(tmp_path, "c.csv", "a,b,c\n1,2,3\n")).startswith("CSV")
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # past the parser's recursion limit: was "internal error: RecursionError"
+
+
+def _one_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    capsys.readouterr()
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moeplace: error: "), err
+    return err[0]
+
+
+def test_deeply_nested_json_and_yaml_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    t = _trace(tmp_path)
+    assert "p.json: not valid JSON (nested too deeply)" in _one_error(capsys, ["eval", str(_text(tmp_path, "p.json", DEEP)), str(t)])
+    ci = _text(tmp_path, "ci.yaml", DEEP)
+    assert "ci.yaml: not valid YAML (nested too deeply)" in _one_error(capsys, ["check", str(ci)])
+
+
+def test_placement_with_a_bom_or_a_repeated_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    t = _trace(tmp_path)
+    text = json.dumps(_good_placement_doc())
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + text.encode())  # was "not JSON but CSV"
+    capsys.readouterr()
+    assert run(["eval", str(tmp_path / "bom.json"), str(t), "--all-tokens"]) == 0
+    dup = _text(tmp_path, "dup.json", text[:-1] + ', "gpus_per_node": 4}')  # was silently the last
+    assert "dup.json: key 'gpus_per_node' appears twice in one object" in _one_error(capsys, ["eval", str(dup), str(t)])
+
+
+@pytest.mark.parametrize("gpus", [1 << 31, 10**6])
+def test_more_gpus_than_expert_copies_is_refused_before_any_work(tmp_path: Path, gpus: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """2**31 GPUs: `export --to eplb` looped per GPU for ever, eval ran out of memory; 10**6 GPUs
+    for 8 experts was evaluated."""
+    p = _json(tmp_path, {**_good_placement_doc(), "num_gpus": gpus})
+    message = f"p.json: num_gpus {gpus} exceeds the 8 expert copies of a layer (8 experts): some GPU would hold no expert"
+    assert message in _one_error(capsys, ["eval", str(p), str(_trace(tmp_path))])
+    assert message in _one_error(capsys, ["export", str(p), "--to", "eplb", "-o", str(tmp_path / "e.json")])
+    assert not (tmp_path / "e.json").exists()
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy's cast-overflow warning printed two lines
+def test_overflowing_weights_and_wide_loads_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = np.stack([np.arange(2) + 2 * (i % 4) for i in range(8)])[:, None, :].repeat(2, axis=1)
+    w = np.full(ids.shape, 0.5)
+    w[3, 1, 0] = 1e300
+    huge = _npz(tmp_path, "w.npz", topk_ids=ids, topk_weights=w, num_experts=np.array(8))
+    line = _one_error(capsys, ["analyze", str(huge), "-o", str(tmp_path / "a"), "--no-figures"])
+    assert "w.npz: topk_weights holds 1e+300 (stored as float64), beyond the float32 range" in line
+    wide = _npz(tmp_path, "l.npz", expert_loads=np.ones((1, (1 << 16) + 1), np.uint8))
+    line = _one_error(capsys, ["analyze", str(wide), "-o", str(tmp_path / "a"), "--no-figures"])
+    assert "l.npz: num_experts must be in [1, 65536], got 65537" in line
+
+
+@pytest.mark.parametrize("error, message", [
+    (RecursionError, "moeplace: error: input nested too deeply in {p}, {t}"),
+    (MemoryError, "moeplace: error: out of memory reading or processing {p}, {t} (is the input far larger"),
+])
+def test_the_last_resort_lines_name_the_input_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str], error: type,
+                                                    message: str) -> None:
+    """A RecursionError a reader missed was exit 3 "internal error"; out of memory named no file.
+    The output (-o, here an existing file) is not an input and is not named."""
+    def fail(path: object) -> None:
+        raise error()
+
+    p, t, out = _placement(tmp_path), _trace(tmp_path), _text(tmp_path, "old.json", "{}")
+    monkeypatch.setattr(eval_cli, "load_placement", fail)
+    line = _one_error(capsys, ["eval", str(p), str(t), "-o", str(out)])
+    assert line.startswith(message.format(p=p, t=t)) and "old.json" not in line, line
+
+
+def test_deep_json_in_text_data_and_checkpoints(tmp_path: Path) -> None:
+    """The JSONL text reader and the safetensors header and index readers: one-line errors."""
+
+    data = _text(tmp_path, "d.jsonl", '{"text": "ok"}\n' + DEEP + "\n")
+    with pytest.raises(MoeplaceError, match=r"d.jsonl:2: not a JSON line \(nested too deeply\)"):
+        validate([data])
+    header = DEEP.encode()
+    (tmp_path / "m.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError, match=r"m.safetensors: malformed safetensors header \(nested too deeply\)"):
+        read_safetensors_header(tmp_path / "m.safetensors")
+    _json(tmp_path, {"model_type": "mixtral"}, "config.json")
+    _text(tmp_path, "model.safetensors.index.json", DEEP)
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: malformed shard index .*nested too deeply"):
+        open_checkpoint(tmp_path)

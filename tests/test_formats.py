@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +13,10 @@ import pytest
 
 from moeplace import cli
 from moeplace.errors import MoeplaceWarning, PlacementError, TraceError
+from moeplace.export.eplb import read_document
+from moeplace.io import loads_json, read_json, read_yaml
 from moeplace.placement import Placement, check_topology, load_placement
-from moeplace.trace.format import (is_load_only, load_loads, load_trace, make_loads, make_trace, save_loads, save_trace,
+from moeplace.trace.format import (MAX_EXPERTS, is_load_only, load_loads, load_trace, make_loads, make_trace, save_loads, save_trace,
                                    split_tokens)
 
 
@@ -252,9 +257,6 @@ def test_placement_replicas_in_python_are_kept() -> None:
 
 def _npz_member_header(path: Path, name: str, shape: tuple, payload: bytes) -> Path:
     """An .npz whose one member declares `shape` of int64 and holds only `payload` after its header."""
-    import io
-    import zipfile
-
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, {"descr": "<i8", "fortran_order": False, "shape": shape})
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
@@ -278,8 +280,6 @@ def test_npz_members_are_read_safely(tmp_path: Path) -> None:
 
 
 def test_eplb_npz_is_read_by_the_same_reader(tmp_path: Path) -> None:
-    from moeplace.export.eplb import read_document
-
     npy_named_npz = tmp_path / "e.npz"
     with open(npy_named_npz, "wb") as f:
         np.save(f, np.zeros((2, 2), np.int64))
@@ -310,3 +310,95 @@ def test_gate_shares_renormalise_and_fall_back_to_uniform() -> None:
     np.testing.assert_allclose(t.gate_shares(), [[[0.75, 0.25]], [[0.5, 0.5]]])  # all-zero weights: 1/k each
     assert t.gate_shares().dtype == np.float64 and t.gate_shares(np.float32).dtype == np.float32
     np.testing.assert_array_equal(make_trace(ids, num_experts=4).gate_shares(), np.full((2, 1, 2), 0.5))
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # past the parser's recursion limit
+
+
+def test_json_files_deep_bom_and_repeated_keys(tmp_path: Path) -> None:
+    """read_json: deep nesting was a RecursionError (exit 3), a UTF-8 BOM "not JSON but CSV", and
+    a key given twice silently kept the last (a second num_gpus overrode the first)."""
+    deep = tmp_path / "deep.json"
+    deep.write_text(DEEP)
+    with pytest.raises(PlacementError, match=r"deep.json: not valid JSON \(nested too deeply\)"):
+        read_json(deep, PlacementError)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        loads_json(DEEP.encode())
+    doc = Placement(np.tile(np.arange(8) // 2, (2, 1)), 4, 2).to_json()
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(doc).encode())
+    assert load_placement(bom).num_gpus == 4
+    dup = tmp_path / "dup.json"
+    dup.write_text(json.dumps(doc)[:-1] + ', "num_gpus": 8}')
+    with pytest.raises(PlacementError, match="dup.json: key 'num_gpus' appears twice in one object"):
+        load_placement(dup)
+    nested = tmp_path / "nested.json"
+    nested.write_text('{"a": {"b": 1, "b": 2}}')
+    with pytest.raises(ValueError, match="key 'b' appears twice"):
+        read_json(nested)
+    assert loads_json('{"b": 1, "b": 2}') == {"b": 2}  # only file inputs are strict; JSON allows it
+
+
+def test_deep_yaml_is_one_error(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.yaml"
+    deep.write_text(DEEP)
+    with pytest.raises(ValueError, match=r"deep.yaml: not valid YAML \(nested too deeply\)"):
+        read_yaml(deep)
+    huge = tmp_path / "huge.yaml"  # Python's int() refuses over 4300 digits: was an internal error
+    huge.write_text("max_cross_gpu: 1" + "0" * 5000 + "\n")
+    with pytest.raises(ValueError, match=r"huge.yaml: not valid YAML \(Exceeds the limit \(4300 digits\)"):
+        read_yaml(huge)
+
+
+def test_placement_with_more_gpus_than_expert_copies_is_refused(tmp_path: Path) -> None:
+    """num_gpus 2**31 made `export --to eplb` loop per GPU for ever and eval run out of memory."""
+    doc = Placement(np.tile(np.arange(8) // 2, (2, 1)), 4, 2).to_json()
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({**doc, "num_gpus": 1 << 31}))
+    with pytest.raises(PlacementError, match=r"p.json: num_gpus 2147483648 exceeds the 8 expert copies of a layer"):
+        load_placement(path)
+    path.write_text(json.dumps({**doc, "num_gpus": 10}))
+    with pytest.raises(PlacementError, match="num_gpus 10 exceeds the 8 expert copies"):
+        load_placement(path)
+    # replicas are copies too: 16 GPUs for 8 experts + 8 replicas (EPLB-style), one layer short of them is fine
+    e2g = np.tile(np.arange(8), (2, 1))
+    reps = [[(e, 8 + e) for e in range(8)], [(e, 8 + e) for e in range(7)]]
+    ok = Placement(e2g, 16, 8, replicas=reps)
+    ok.save(path)
+    assert load_placement(path).num_gpus == 16
+    with pytest.raises(PlacementError, match=r"num_gpus 24 exceeds the 16 expert copies of a layer \(8 experts \+ 8 "):
+        Placement(e2g, 24, 8, replicas=reps).save(tmp_path / "q.json")
+    assert not (tmp_path / "q.json").exists()
+
+
+def test_load_only_input_has_the_trace_expert_cap(tmp_path: Path) -> None:
+    """A trace refused num_experts past MAX_EXPERTS, but expert_loads of any width went through."""
+    message = rf"num_experts must be in \[1, {MAX_EXPERTS}\], got {MAX_EXPERTS + 1}"
+    with pytest.raises(TraceError, match="l: " + message):
+        make_loads(np.ones((1, MAX_EXPERTS + 1), np.float32), name="l")
+    path = _npz(tmp_path / "l.npz", expert_loads=np.ones((1, MAX_EXPERTS + 1), np.uint8))
+    with pytest.raises(TraceError, match="l.npz: " + message):
+        load_loads(path)
+    assert make_loads(np.ones((1, MAX_EXPERTS))).num_experts == MAX_EXPERTS
+
+
+def test_float64_weights_past_float32_are_refused_without_warnings() -> None:
+    """1e300 printed numpy's two-line cast RuntimeWarning, then was called "NaN or infinite"."""
+    ids = np.array([[[0, 1]], [[2, 3]]])
+    w = np.array([[[1e300, 0.5]], [[0.6, 0.4]]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TraceError, match=r"t: topk_weights holds 1e\+300 \(stored as float64\), beyond the float32"):
+            make_trace(ids, w, num_experts=4, name="t")
+        w[0, 0, 0] = 0.9  # float64 within range: read as before
+        kept = make_trace(ids, w, num_experts=4).topk_weights
+        assert kept is not None and kept.dtype == np.float32
+        w[0, 0, 0] = np.inf  # really infinite: the existing wording
+        with pytest.raises(TraceError, match="NaN or infinite"):
+            make_trace(ids, w, num_experts=4)
+
+
+def test_trace_meta_nested_too_deeply(tmp_path: Path) -> None:
+    path = _npz(tmp_path / "t.npz", topk_ids=np.zeros((2, 1, 1), np.int64), meta=np.asarray(DEEP))
+    with pytest.raises(TraceError, match=r"t.npz: 'meta' is not a JSON string \(nested too deeply\)"):
+        load_trace(path)

@@ -921,3 +921,29 @@ def test_pack_refuses_rows_that_cannot_carry_the_metadata() -> None:
             pack(torch.zeros(2, 6, dtype=dtype), ids)
         with pytest.raises(MoeplaceError, match="16- or 32-bit dtype"):
             unpack(torch.zeros(2, 8, dtype=dtype), 6, [(2, torch.int32)])
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # past the parser's recursion limit
+
+
+def test_deeply_nested_json_is_a_bad_request_or_one_line(tmp_path: Path) -> None:
+    """Was a RecursionError: an HTTP handler crash, an "internal error" for a prompts file."""
+    from moeplace.errors import MoeplaceError
+    from moeplace.serve.cli import read_prompts
+
+    with pytest.raises(BadRequest, match=r"body is not valid JSON \(nested too deeply\)"):
+        parse_completion(DEEP.encode(), None, 100, 64, 16)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": [1, 2]}\n' + DEEP + "\n")
+    with pytest.raises(MoeplaceError, match=r"p.jsonl:2: not valid JSON \(nested too deeply\)"):
+        read_prompts(str(prompts), None, 100, 64, 4)
+
+
+@pytest.mark.parametrize("value, message", [("nan", "'nan' is not a finite number"), ("inf", "1000000"),
+                                            ("1e20", "1000000"), ("0.5", "0.5")])
+def test_timeout_must_be_a_finite_number_of_seconds(tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str,
+                                                    message: str) -> None:
+    """click's FloatRange(1.0) let nan and inf through, and 1e20 s overflows the collectives' timeout."""
+    assert run(["serve", "--model", str(tmp_path), "--prompts", "x.txt", "--timeout", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--timeout" in err[0] and message in err[0], err

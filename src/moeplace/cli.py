@@ -121,7 +121,16 @@ def run(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as e:
         return e.exit_code
     except MemoryError:
-        click.echo("moeplace: error: out of memory (is the input far larger than intended?)", err=True)
+        files = _file_arguments(sys.argv[1:] if argv is None else argv)
+        what = f" reading or processing {files}" if files else ""
+        click.echo(f"moeplace: error: out of memory{what} (is the input far larger than intended?)", err=True)
+        return 2
+    except RecursionError:  # a safety net: readers turn deep nesting into their own one-line error
+        if os.environ.get("MOEPLACE_TRACEBACK"):
+            raise
+        files = _file_arguments(sys.argv[1:] if argv is None else argv)
+        what = f" in {files}" if files else ""
+        click.echo(f"moeplace: error: input nested too deeply{what}", err=True)
         return 2
     except Exception as e:  # a bug, not bad input: still one line; the traceback on request
         if os.environ.get("MOEPLACE_TRACEBACK"):
@@ -130,6 +139,28 @@ def run(argv: list[str] | None = None) -> int:
                    "(a bug: please report it; MOEPLACE_TRACEBACK=1 shows the traceback)", err=True)
         return 3
     return 0
+
+
+def _file_arguments(argv: list[str]) -> str:
+    """The arguments (or `--option=value` values) that name existing files, for an error that
+    cannot tell which input was at fault ("" when none): the first three, then how many more."""
+    files: list[str] = []
+    for i, arg in enumerate(argv):
+        option, _, v = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if _is_output(option) or (i and _is_output(argv[i - 1])):  # a file written, not read
+            continue
+        try:
+            if v and v not in files and os.path.isfile(v):
+                files.append(v)
+        except (OSError, ValueError):  # a name with a NUL byte, too long a name
+            continue
+    more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+    return ", ".join(files[:3]) + more
+
+
+def _is_output(option: str) -> bool:
+    """Whether `option` names an output file (-o/--output, --out, --stats-out, --routing-out)."""
+    return option in ("-o", "--output") or (option.startswith("--") and option.endswith("-out"))
 
 
 def _terminated(signum: int, frame: Any) -> None:

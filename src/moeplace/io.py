@@ -228,11 +228,38 @@ def file_key(path: str | os.PathLike[str]) -> Any:
         return Path(path).resolve()
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object that gives one key twice (json keeps the last without a word)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook refusing a repeated key: a second num_gpus would silently win."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def loads_json(text: str | bytes, unique_keys: bool = False) -> Any:
+    """json.loads that fails with ValueError, never RecursionError, on deeply nested input
+    ('[' * 100000 exhausts the parser's recursion limit), so every reader's one-line
+    ValueError handling covers it; `unique_keys` refuses a key given twice in one object."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def read_json(path: str | os.PathLike[str], error: type[Exception] = ValueError) -> Any:
-    """Parse a JSON file; a missing or malformed file raises `error` with one line naming it."""
+    """Parse a JSON file (a UTF-8 BOM is allowed; a key twice in one object is refused); a
+    missing or malformed file raises `error` with one line naming it."""
     p = existing_file(path, "JSON", error)
     try:
-        return json.loads(p.read_text())
+        return loads_json(p.read_text(encoding="utf-8-sig"), unique_keys=True)
+    except DuplicateKeyError as e:
+        raise error(f"{p}: {e}") from None
     except (ValueError, UnicodeDecodeError) as e:
         kind = looks_like(p)
         if kind is not None and not kind.startswith("JSON"):
@@ -269,6 +296,10 @@ def read_yaml(path: str | os.PathLike[str], error: type[Exception] = ValueError)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise error(f"{p}: not valid YAML ({first})") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise error(f"{p}: not valid YAML (nested too deeply)") from None
+    except ValueError as e:  # an integer of over 4300 digits: Python's int() refuses to parse it
+        raise error(f"{p}: not valid YAML ({' '.join(str(e).split(':')[0].split())})") from None
 
 
 # What reading a damaged or hostile .npz raises: zipfile (BadZipFile, a CRC mismatch; KeyError;

@@ -169,6 +169,11 @@ def validate_placement(p: Placement, name: str = "placement") -> Placement:
     problem = _replicas_problem(p.replicas, e2g, p.num_gpus)
     if problem:
         raise PlacementError(f"{name}: {problem}")
+    copies = p.num_experts + p.num_replicas  # the most copies any layer has
+    if p.num_gpus > copies:  # checked before any stage loops or allocates per GPU (2**31 of them)
+        held = f"{p.num_experts} experts" + (f" + {p.num_replicas} replicas" if p.num_replicas else "")
+        raise PlacementError(f"{name}: num_gpus {p.num_gpus} exceeds the {copies} expert copies of a layer "
+                             f"({held}): some GPU would hold no expert")
     return p
 
 

@@ -29,7 +29,6 @@ router vector and the experts; `moeplace.export.permute` does that from these ke
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import struct
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from moeplace.errors import MoeplaceError
-from moeplace.io import read_json
+from moeplace.io import loads_json, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")  # never read
@@ -108,7 +107,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[st
         if length > min(_HEADER_LIMIT, size - 8):
             raise CheckpointError(f"{path}: not a safetensors file or truncated (header of {length} bytes)")
         try:
-            header = json.loads(f.read(length))
+            header = loads_json(f.read(length))
         except (ValueError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: malformed safetensors header ({e})") from None
     if not isinstance(header, dict):
@@ -148,7 +147,7 @@ def open_checkpoint(model_dir: str | Path) -> Checkpoint:
     index = None
     if (root / INDEX_NAME).is_file():
         try:
-            index = json.loads((root / INDEX_NAME).read_text())
+            index = loads_json((root / INDEX_NAME).read_text())
             names = sorted(set(index["weight_map"].values()))
         except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{root / INDEX_NAME}: malformed shard index ({e!r})") from None

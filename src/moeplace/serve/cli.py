@@ -11,8 +11,13 @@ from typing import Any
 import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError
-from moeplace.options import check_distinct_outputs, check_outside, check_writable, writing
+from moeplace.io import loads_json
+from moeplace.options import FiniteFloat, check_distinct_outputs, check_outside, check_writable, writing
 from moeplace.trace.cli import TOKENIZER_FILES  # one list: a directory `trace` reads a tokenizer from, serve does too
+
+# --timeout's ceiling (11.6 days): "wait for ever" in effect, far below what datetime.timedelta
+# and the collectives' millisecond timeouts overflow at (1e20 seconds would fail deep in torch)
+MAX_TIMEOUT_S = 1e6
 
 EPILOG = """\b
 Examples (4 ranks: gloo on CPU; on GPUs the same command uses NCCL, one GPU per rank):
@@ -62,7 +67,7 @@ expert.
               help="auto: CUDA + NCCL when GPUs are visible, else CPU + gloo.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Weights and activations. Default: float32 on CPU, bfloat16 on CUDA.")
-@click.option("--timeout", "timeout_s", default=60.0, show_default=True, type=click.FloatRange(1.0),
+@click.option("--timeout", "timeout_s", default=60.0, show_default=True, type=FiniteFloat(1.0, MAX_TIMEOUT_S),
               help="Seconds a rank waits for a silent or dead peer before exiting with an error.")
 @click.option("--stats-out", type=click.Path(dir_okay=False),
               help="Batch: write counters JSON (collectives, tokens and bytes to other ranks, tokens/s).")
@@ -254,7 +259,7 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int,
         limit = max_new_tokens
         if jsonl:
             try:
-                doc = json.loads(line)
+                doc = loads_json(line)
             except ValueError as e:
                 raise MoeplaceError(f"{where}: not valid JSON ({e})") from None
             if not isinstance(doc, dict) or "prompt" not in doc:

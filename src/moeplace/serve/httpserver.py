@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from moeplace.errors import MoeplaceError
+from moeplace.io import loads_json
 from moeplace.serve.counters import KINDS
 from moeplace.serve.dist import error_text, launcher_pid
 from moeplace.serve.engine import GENERATE, NOOP, Request, merged_counters, run_request, send_command
@@ -100,7 +101,7 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
     """Validate a /v1/completions body into a Job; raises BadRequest with a readable reason.
     `max_prompts`: the server's --max-batch (one request runs in one batch)."""
     try:
-        doc = json.loads(body or b"null")
+        doc = loads_json(body or b"null")  # deep nesting: ValueError, so a 400 like any bad body
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"body is not valid JSON ({e})") from None
     if not isinstance(doc, dict):

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import TraceError, warn
-from moeplace.io import NPY_FAILURES, existing_file, json_default, npy_data_fits, npz_names, read_npz, save_npz_atomic
+from moeplace.io import (NPY_FAILURES, existing_file, json_default, loads_json, npy_data_fits, npz_names, read_npz,
+                         save_npz_atomic)
 
 TRACE_FORMAT = "moeplace.trace/v1"
 LOADS_FORMAT = "moeplace.loads/v1"
@@ -240,6 +241,7 @@ def make_trace(
             w = w[:, :, None]
         if not np.issubdtype(w.dtype, np.floating):
             raise TraceError(f"{name}: topk_weights must be floats, got dtype {w.dtype}")
+        _check_fits_float32(w, name)
         w = w.astype(np.float32, copy=False)
     def as_int(key: str, a: np.ndarray | None) -> np.ndarray | None:
         if a is None:
@@ -262,6 +264,19 @@ def make_trace(
         meta=dict(meta or {}),
     )
     return validate_trace(trace, name)
+
+
+def _check_fits_float32(w: np.ndarray, name: str) -> None:
+    """A finite float64 weight past float32's range would become inf in the cast (with numpy's
+    overflow warning on stderr) and then be called infinite: name the value as stored."""
+    if w.dtype.itemsize <= 4 or not w.size:
+        return
+    with np.errstate(invalid="ignore"):
+        over = np.isfinite(w) & (np.abs(w) > np.finfo(np.float32).max)
+    if over.any():
+        where = np.unravel_index(int(np.argmax(over)), w.shape)
+        raise TraceError(f"{name}: topk_weights holds {float(w[where]):.6g} (stored as {w.dtype}), beyond the "
+                         f"float32 range weights are kept in (|w| <= {float(np.finfo(np.float32).max):.4g})")
 
 
 def _check_fits_int64(a: np.ndarray, name: str, what: str) -> None:
@@ -354,7 +369,7 @@ def _parse_meta(raw: np.ndarray | None, p: Path) -> dict[str, Any]:
         return {}
     try:
         value = raw.reshape(()).item()
-        meta = json.loads(value.decode("utf-8") if isinstance(value, bytes) else str(value))  # bytes: np.asarray(b"{...}")
+        meta = loads_json(value.decode("utf-8") if isinstance(value, bytes) else str(value))  # bytes: np.asarray(b"{...}")
     except (ValueError, TypeError) as e:
         raise TraceError(f"{p}: 'meta' is not a JSON string ({e})") from None
     if not isinstance(meta, dict):
@@ -411,6 +426,8 @@ def make_loads(loads: np.ndarray, meta: dict[str, Any] | None = None, name: str 
         raise TraceError(f"{name}: {what} must be a non-empty [moe_layers, experts] array, got shape {list(a.shape)}")
     if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
         raise TraceError(f"{name}: {what} must be numeric, got dtype {a.dtype}")
+    if a.shape[1] > MAX_EXPERTS:  # as a trace's: every stage allocates [E, E] or [L, E] arrays
+        raise TraceError(f"{name}: num_experts must be in [1, {MAX_EXPERTS}], got {a.shape[1]}")
     a = a.astype(np.float64)
     if not np.isfinite(a).all() or (a < 0).any():
         raise TraceError(f"{name}: {what} must be finite and non-negative")

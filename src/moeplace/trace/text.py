@@ -22,7 +22,6 @@ Batches:    `batch_size` windows, right-padded to the longest. Right padding is 
 from __future__ import annotations
 
 import codecs
-import json
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import MoeplaceError
-from moeplace.io import file_key
+from moeplace.io import file_key, loads_json
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 _BLOCK_CHARS = 1 << 18  # tokenise .txt files in ~256K-character blocks of whole lines
@@ -186,7 +185,7 @@ def _jsonl_texts(f: Path) -> Iterator[str]:
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = loads_json(line)
                 except ValueError as e:
                     raise MoeplaceError(f"{f}:{n}: not a JSON line ({e})") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
