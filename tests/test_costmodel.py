@@ -11,7 +11,7 @@ from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import serve_layer, token_gpus
 from moeplace.placement import Placement
 from moeplace.solve.costmodel import load_cost_model, predict
-from moeplace.trace.format import make_trace
+from moeplace.trace.format import Trace, make_trace
 
 from conftest import ROOT
 
@@ -114,3 +114,59 @@ def test_token_gpus_with_replicas_uses_local_copy(small_trace) -> None:
             e = small_trace.topk_ids[t, 1, s]
             if here[t] in with_copy.holders(1)[e]:
                 assert b[t, 1, s] == here[t]
+
+
+ONE_NODE = "cluster: {nodes: 1, gpus_per_node: 8, intra_node: {bandwidth_GBps: BW, latency_us: 1}}"
+
+
+@pytest.mark.parametrize("bad, msg", [
+    # sizes past any model: a 1e300 hidden size overflowed float (exit 3), a 1e42 batch broke HiGHS
+    (ONE_NODE.replace("BW", "1") + "\nmodel: {hidden_size: 1" + "0" * 300 + ", expert_us_per_token: 1}",
+     "'hidden_size' must be at most 1048576, got 10000000000000000000... (301 characters)"),
+    (ONE_NODE.replace("BW", "1") + "\nmodel: {hidden_size: 8, expert_us_per_token: 1, batch_tokens: 1" + "0" * 42 + "}",
+     "'batch_tokens' must be at most 1099511627776"),
+    (ONE_NODE.replace("BW", "1").replace("nodes: 1", "nodes: 1" + "0" * 400) + MODEL, "'nodes' must be at most 1048576"),
+    # YAML 1.1 reads 1e308 (no dot) as a string: a number, out of range; a 400-digit int likewise
+    (ONE_NODE.replace("BW", "1e308") + MODEL, "'bandwidth_GBps' must be at most 1e+12, got '1e308'"),
+    (ONE_NODE.replace("BW", "1" + "0" * 400) + MODEL, "'bandwidth_GBps' must be at most 1e+12"),
+    (ONE_NODE.replace("BW", "1e-320") + MODEL, "'bandwidth_GBps' must be at least 1e-06, got '1e-320'"),
+    (ONE_NODE.replace("BW", "'inf'") + MODEL, "'bandwidth_GBps' must be finite, got 'inf'"),
+    (ONE_NODE.replace("BW", "fast") + MODEL, "'bandwidth_GBps' must be a number, got 'fast'"),
+    (ONE_NODE.replace("BW", "1") + "\nmodel: {hidden_size: 8, expert_us_per_token: 1e13}",
+     "'expert_us_per_token' must be at most 1e+12, got '1e13'"),
+    (ONE_NODE.replace("BW", "1") + "\nmodel: {hidden_size: 1e3, expert_us_per_token: 1}",
+     "'hidden_size' must be an integer, got '1e3'"),  # integers stay integers
+], ids=["hidden_1e300", "batch_1e42", "nodes_1e400", "bw_str_1e308", "bw_int_1e400", "bw_1e-320", "bw_inf", "bw_word",
+        "expert_us_1e13", "hidden_str"])
+def test_out_of_range_figures_one_clear_error(tmp_path: Path, bad: str, msg: str) -> None:
+    with pytest.raises(MoeplaceError) as e:
+        load_cost_model(_write(tmp_path, bad))
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path: Path) -> None:
+    """`1e3` (no dot) is a string to YAML 1.1, as check's thresholds already knew."""
+    cm = load_cost_model(_write(tmp_path, ONE_NODE.replace("BW", "4e2")
+                                + "\nmodel: {hidden_size: 8, expert_us_per_token: 1e-2, batch_tokens: 1099511627776}"))
+    assert cm.cluster.intra_gbps == 400.0 and cm.model.expert_us_per_token == 0.01
+    assert cm.model.batch_tokens == 2**40  # the bound itself is allowed
+
+
+def test_topology_mismatch_names_the_file(tmp_path: Path, small_trace: Trace) -> None:
+    path = _write(tmp_path, TINY.replace("nodes: 1", "name: shared, nodes: 1"))
+    cm = load_cost_model(path)
+    with pytest.raises(MoeplaceError, match=f"cluster config {path} has 1 node"):
+        predict(cm, Placement(np.zeros((3, 8), dtype=int) + np.arange(8) // 2, 4, 4), small_trace)
+
+
+def test_latency_solve_at_the_largest_figures(small_trace: Trace) -> None:
+    """A 2**40-token batch of 1e12-us experts over 1e-6 GB/s links gives LP coefficients past
+    HiGHS' 1e15 (PuLP then raised IndexError): the layer LP scales them and still solves."""
+    from moeplace.solve.costmodel import Cluster, CostModel, ModelCost
+    from moeplace.solve.latency import LatencyModel, _layer_lp, count_range
+    cost = CostModel(Cluster("c", 2, 2, 1e-6, 1e12, 1e12, 0.0),
+                     ModelCost("m", 2**20, 64.0, 64.0, expert_us_per_token=1e12, expert_fixed_us=1e12, batch_tokens=2**40))
+    model = LatencyModel(cost, small_trace)
+    e2g = np.tile(np.arange(8) // 2, (3, 1))
+    row = _layer_lp(model, e2g, 1, 10.0, count_range(e2g, 1, 4, None))
+    assert row is not None and np.bincount(row, minlength=4).tolist() == [2, 2, 2, 2]

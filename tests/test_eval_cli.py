@@ -188,6 +188,14 @@ def test_check_missing_file_is_an_error_line(tmp_path: Path, trace_path: Path, c
         ("checks: [{name: a, placement: p.json, trace: t.npz, max_imbalance: 2},\n"
          "         {name: a, placement: q.json, trace: t.npz, max_imbalance: 2}]", "checks 1 and 2 are both named 'a'"),
         ("checks: [{name: [a], placement: p.json, trace: t.npz, max_imbalance: 2}]", "name must be a string"),
+        # keys of mixed types (1 and foo) were sorted together: TypeError, exit 3
+        ("checks: [{placement: p.json, trace: t.npz, max_imbalance: 2}]\n1: x\nfoo: y", "unknown top-level keys ['1', 'foo']"),
+        ("defaults: {1: a, b: c}\nchecks: [{placement: p.json, trace: t.npz, max_imbalance: 2}]",
+         "defaults: unknown keys ['1', 'b']"),
+        ("checks: [{placement: p.json, trace: t.npz, max_imbalance: 2, 1: x, foo: y}]", "unknown keys ['1', 'foo']"),
+        # a 401-digit threshold overflowed float(): OverflowError, exit 3
+        ("checks: [{placement: p.json, trace: t.npz, max_cross_gpu: 1" + "0" * 400 + "}]",
+         "max_cross_gpu must be a non-negative number, got 10000000000000000000... (401 characters)"),
     ],
 )
 def test_check_config_errors(tmp_path: Path, doc: str, message: str, capsys) -> None:
@@ -329,3 +337,66 @@ def test_check_node_gates_on_one_node_nulls_and_token_notes(tmp_path: Path, trac
     cfg = write_checks(tmp_path / "ci.yaml", [{"placement": "~/p.json", "trace": "sub/../t.npz", "max_imbalance": 2}])
     (check,) = read_checks(cfg)
     assert check["placement"] == Path.home() / "p.json" and check["trace"] == tmp_path / "t.npz"
+
+
+def test_check_goes_on_after_out_of_memory_or_deep_nesting(tmp_path: Path, trace_path: Path,
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check whose input exhausts memory or the recursion limit is an ERROR line; the gate
+    runs the other checks (it used to abort on the first)."""
+    import moeplace.eval.cli as eval_cli
+    affinity_placement(trace_path, None, tmp_path / "good.json")
+    real = eval_cli.load_placement
+
+    def load(path: Path) -> Placement:
+        if path.name in ("big.json", "deep.json"):
+            raise MemoryError() if path.name == "big.json" else RecursionError("maximum recursion depth exceeded")
+        return real(path)
+
+    monkeypatch.setattr(eval_cli, "load_placement", load)
+    cfg = write_checks(tmp_path / "ci.yaml", [
+        {"name": "big", "placement": "big.json", "max_cross_gpu": 1},
+        {"name": "deep", "placement": "deep.json", "max_cross_gpu": 1},
+        {"name": "ok", "placement": "good.json", "max_cross_gpu": 1},
+    ], defaults={"trace": "trace.npz"})
+    assert run(["check", str(cfg)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == f"ERROR big: out of memory evaluating {tmp_path / 'big.json'} on {trace_path} (is an input far larger than intended?)"
+    assert lines[1] == f"ERROR deep: input nested too deeply, evaluating {tmp_path / 'deep.json'} on {trace_path}"
+    assert lines[2].startswith("PASS  ok (200 all tokens)")
+    assert captured.err.strip() == "moeplace: error: 2 of 3 checks could not run (1 passed, 0 failed)"
+
+
+def test_eval_sizes_are_bounded(tmp_path: Path, trace_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 1e300 hidden size overflowed float (exit 3): from --hidden-size, config.json or a cost-model
+    YAML it is one line, exit 2."""
+    affinity_placement(trace_path, None, tmp_path / "p.json")
+    args = ["eval", str(tmp_path / "p.json"), str(trace_path)]
+    trace = load_trace(trace_path)
+    seqs = tmp_path / "seqs.npz"  # traffic needs sequences and positions
+    save_trace(make_trace(trace.topk_ids, num_experts=8, sequence_ids=np.repeat(np.arange(20), 10),
+                          positions=np.tile(np.arange(10), 20)), seqs)
+    assert run([*args[:2], str(seqs), "--hidden-size", "1" + "0" * 400]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not an integer in the range 1<=x<=1048576" in err and len(err) < 200, err
+    assert run([*args[:2], str(seqs), "--hidden-size", str(2**20), "--json"]) == 0  # the bound itself is fine
+    assert json.loads(capsys.readouterr().out)["traffic"]["hidden_size"] == 2**20
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "hidden_size": 10**300, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_local_experts": 8, "num_experts_per_tok": 2}))
+    assert run(args + ["--model", str(model)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json hidden_size 10000000000000000000... (301 characters) is more than 1048576" in err
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text("cluster: {nodes: 2, gpus_per_node: 2, intra_node: {bandwidth_GBps: 400, latency_us: 5},\n"
+                       "          inter_node: {bandwidth_GBps: 50, latency_us: 10}}\n"
+                       "model: {hidden_size: 1" + "0" * 300 + ", expert_us_per_token: 0.01}\n")
+    assert run(args + ["--cluster", str(cluster)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'hidden_size' must be at most 1048576" in err, err
+    cluster.write_text(cluster.read_text().replace("1" + "0" * 300, "64").replace("nodes: 2", "nodes: 1"))
+    assert run(args + ["--cluster", str(cluster)]) == 2  # the placement is 2 x 2 GPUs
+    assert f"cluster config {cluster} has 1 node(s) x 2 GPUs" in capsys.readouterr().err

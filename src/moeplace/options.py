@@ -35,6 +35,15 @@ class FiniteFloat(click.FloatRange):
 class Count(click.IntRange):
     name = "integer"  # not click's "integer range"
 
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            if not isinstance(value, str) or len(value) <= 40:
+                raise
+            # click would print all 400 digits of `--hidden-size 1000...0`
+            self.fail(f"{brief(value)} is not an integer in the range {self._describe_range()}.", param, ctx)
+
 
 class OutputFile(click.Path):
     """A file to write: `-o out/` names a directory (Path would drop the slash and write a file
@@ -57,6 +66,40 @@ NON_NEGATIVE = FiniteFloat(min=0.0)
 POSITIVE = FiniteFloat(min=0.0, min_open=True)
 MAX_WEIGHT = 1e6  # relative weights and costs: far past any useful ratio, far below overflow of the edge sums
 WEIGHT = FiniteFloat(0.0, MAX_WEIGHT)
+# sizes far past any model (DeepSeek-V3: hidden 7168) and any step's batch, far below float overflow
+# and the magnitudes an LP solver can handle (a 1e42-token batch broke HiGHS)
+MAX_HIDDEN_SIZE = 2**20
+MAX_BATCH_TOKENS = 2**40
+
+
+def yaml_number(value: Any) -> float | None:
+    """A number read from YAML as a float, None when it is not one: an int or a float, or a
+    string holding one (PyYAML reads YAML 1.1, where `1e-1` or `1e308`, with no dot, is a
+    string). An integer too large for a float is inf, for the caller's range check to refuse."""
+    if isinstance(value, bool):  # YAML `true` is an int to Python
+        return None
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def brief(value: Any, width: int = 40) -> str:
+    """repr(value), cut to about `width` characters: a one-line error about a 400-digit number."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's limit on digits printed
+        return "an integer too large to print"
+    return text if len(text) <= width else f"{text[:width - 20]}... ({len(text)} characters)"
 
 
 def check_writable(path: Path, option: str = "-o", inputs: Iterable[Path | str | None] = ()) -> None:

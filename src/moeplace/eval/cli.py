@@ -13,9 +13,10 @@ import click
 from moeplace.errors import MoeplaceError, RegressionError
 from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_report, render_table,
                                   traffic_metric_fn)
-from moeplace.io import read_yaml, write_json_atomic
+from moeplace.io import loads_json, read_yaml, write_json_atomic
 from moeplace.models.config import attention_shape, config_size
-from moeplace.options import NON_NEGATIVE, OUTPUT_FILE, check_writable, plural, writing
+from moeplace.options import (MAX_HIDDEN_SIZE, NON_NEGATIVE, OUTPUT_FILE, Count, brief, check_writable, plural,
+                               writing, yaml_number)
 from moeplace.placement import load_placement
 from moeplace.trace.format import load_trace
 
@@ -114,7 +115,7 @@ def read_model_shape(model_dir: Path) -> dict[str, int]:
     """
     path = model_dir / "config.json"
     try:
-        cfg = json.loads(path.read_text())
+        cfg = loads_json(path.read_text())
     except OSError as e:
         raise MoeplaceError(f"--model {model_dir}: cannot read config.json: {e.strerror or e}") from None
     except ValueError as e:
@@ -124,6 +125,9 @@ def read_model_shape(model_dir: Path) -> dict[str, int]:
         raise MoeplaceError(f"{where} is not a JSON object")
     need = "the traffic prediction"
     hidden, _, kv_heads, head_dim = attention_shape(cfg, where, need)
+    for what, width in (("hidden_size", hidden), ("num_key_value_heads x head_dim", kv_heads * head_dim)):
+        if width > MAX_HIDDEN_SIZE:  # bytes past any model's, and past float range for a 1e300 one
+            raise MoeplaceError(f"{where} {what} {brief(width)} is more than {MAX_HIDDEN_SIZE} (2**20)")
     experts = config_size(cfg, where, "num_local_experts", "num_experts", "n_routed_experts", needed_for=need)
     top_k = config_size(cfg, where, "num_experts_per_tok", needed_for=need)
     if top_k > experts:
@@ -174,8 +178,8 @@ def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str 
               help="Cluster config YAML (configs/cluster/*.yaml): adds the predicted MoE-layer time, per layer too.")
 @click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Model config YAML (configs/model/*.yaml) for --cluster, when the cluster file has no model section.")
-@click.option("--hidden-size", type=click.IntRange(min=1), default=None, metavar="H",
-              help="Predict `moeplace serve`'s decode Alltoall bytes for activations of width H.")
+@click.option("--hidden-size", type=Count(min=1, max=MAX_HIDDEN_SIZE), default=None, metavar="H",
+              help=f"Predict `moeplace serve`'s decode Alltoall bytes for activations of width H (at most {MAX_HIDDEN_SIZE}).")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Checkpoint folder: hidden size and K/V shape from its config.json (adds the kv_sync column).")
 @click.option("--dtype", type=click.Choice(list(ELEMENT_BYTES)), default=None,
@@ -289,13 +293,13 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
         raise MoeplaceError(f"{path}: expected a mapping with a non-empty 'checks' list")
     unknown_top = set(doc) - {"checks", "defaults"}
     if unknown_top:
-        raise MoeplaceError(f"{path}: unknown top-level keys {sorted(unknown_top)} (expected checks, defaults)")
+        raise MoeplaceError(f"{path}: unknown top-level keys {_names(unknown_top)} (expected checks, defaults)")
     defaults = {} if doc.get("defaults") is None else doc["defaults"]  # `defaults:` with nothing after it
     if not isinstance(defaults, dict):
         raise MoeplaceError(f"{path}: 'defaults' must be a mapping")
     unknown = set(defaults) - _CHECK_KEYS - _LIMIT_KEYS
     if unknown:  # said here, not blamed on the first check it is merged into
-        raise MoeplaceError(f"{path}: defaults: unknown keys {sorted(unknown)}; thresholds are "
+        raise MoeplaceError(f"{path}: defaults: unknown keys {_names(unknown)}; thresholds are "
                             f"max_<{'|'.join(THRESHOLDS)}>[{_VS}]")
     checks: list[dict[str, Any]] = []
     for i, raw in enumerate(doc["checks"]):
@@ -306,7 +310,7 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
         unknown = set(check) - _CHECK_KEYS - _LIMIT_KEYS
         if unknown:
             raise MoeplaceError(
-                f"{label}: unknown keys {sorted(unknown)}; thresholds are max_<{'|'.join(THRESHOLDS)}>[{_VS}]"
+                f"{label}: unknown keys {_names(unknown)}; thresholds are max_<{'|'.join(THRESHOLDS)}>[{_VS}]"
             )
         for key in ("placement", "trace"):
             if check.get(key) is None:
@@ -333,20 +337,28 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
     return checks
 
 
+def _names(keys: set[Any]) -> list[str]:
+    """Keys of a YAML mapping, sorted for a message: `1: x` beside `foo: y` is an int beside a str."""
+    return sorted(map(str, keys))
+
+
 def _threshold(value: Any, key: str, label: str) -> float:
     """A threshold as a float: a number, or a string holding one (YAML 1.1 reads `1e-1`, with no
-    dot, as a string); finite and non-negative."""
-    number = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            pass
+    dot, as a string); finite (a 400-digit integer is not) and non-negative."""
+    number = yaml_number(value)
     if number is None or not 0 <= number < float("inf"):
-        raise MoeplaceError(f"{label}: {key} must be a non-negative number, got {value!r}")
+        raise MoeplaceError(f"{label}: {key} must be a non-negative number, got {brief(value)}")
     return number
+
+
+def _why(e: BaseException, check: dict[str, Any]) -> str:
+    """A check's failure in one line; out of memory and too deep a nesting name its files."""
+    files = f"{check['placement']} on {check['trace']}"
+    if isinstance(e, MemoryError):
+        return f"out of memory evaluating {files} (is an input far larger than intended?)"
+    if isinstance(e, RecursionError):
+        return f"input nested too deeply, evaluating {files}"
+    return str(e)
 
 
 @click.command("check")
@@ -386,9 +398,9 @@ def check(config: Path) -> None:
         try:
             report = _evaluate(c["placement"], c["trace"], c.get("all_tokens", False))
             results = threshold_results(report, c["limits"])
-        except MoeplaceError as e:
+        except (MoeplaceError, MemoryError, RecursionError) as e:  # one bad input stops its check, not the gate
             broken += 1
-            click.echo(f"ERROR {c['name']}: {e}")
+            click.echo(f"ERROR {c['name']}: {_why(e, c)}")
             continue
         ok = all(v.passed for v in results)
         failed += not ok

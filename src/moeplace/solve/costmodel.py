@@ -20,6 +20,7 @@ of the previous layer, `initial_homes` at layer 0.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ import numpy as np
 
 from moeplace.errors import MoeplaceError
 from moeplace.io import read_yaml
+from moeplace.options import MAX_BATCH_TOKENS, MAX_HIDDEN_SIZE, brief, yaml_number
 from moeplace.eval.metrics import initial_homes, remote_mask, token_gpus
 from moeplace.placement import Placement
 from moeplace.trace.format import Trace
@@ -65,6 +67,7 @@ class ModelCost:
 class CostModel:
     cluster: Cluster
     model: ModelCost
+    source: str | None = None  # the cluster YAML, for errors (the cluster's `name` may be shared or absent)
 
     def link_class(self) -> np.ndarray:
         """SELF / INTRA / INTER of each (source, destination) GPU pair, int [G, G]."""
@@ -75,8 +78,9 @@ class CostModel:
     def check(self, num_gpus: int, gpus_per_node: int) -> None:
         c = self.cluster
         if (num_gpus, gpus_per_node) != (c.num_gpus, c.gpus_per_node):
+            where = f"cluster config {self.source}" if self.source else f"cluster config {c.name!r}"
             raise MoeplaceError(
-                f"cluster config {c.name!r} has {c.num_nodes} node(s) x {c.gpus_per_node} GPUs, but the placement "
+                f"{where} has {c.num_nodes} node(s) x {c.gpus_per_node} GPUs, but the placement "
                 f"uses {num_gpus} GPUs with {gpus_per_node} per node"
             )
 
@@ -101,7 +105,7 @@ def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = No
         model_doc, model_src = mdoc.get("model", mdoc), str(model_path)
     if model_doc is None:
         raise MoeplaceError(f"{cluster_path}: no 'model:' section; pass a model config (configs/model/*.yaml)")
-    return CostModel(_cluster(doc["cluster"], str(cluster_path)), _model(model_doc, model_src))
+    return CostModel(_cluster(doc["cluster"], str(cluster_path)), _model(model_doc, model_src), str(cluster_path))
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
@@ -124,7 +128,18 @@ def _known(d: Any, keys: set[str], src: str) -> None:
         raise MoeplaceError(f"{src}: unknown key(s) {sorted(map(str, unknown))} (known: {', '.join(sorted(keys))})")
 
 
-def _field(d: Any, key: str, src: str, kind: type = float, positive: bool = True, default: Any = ...) -> Any:
+# upper bounds of the figures: far past any hardware or model, far below what overflows a
+# predicted time (hidden size x batch x bytes / bandwidth stays finite) or what HiGHS can solve
+MAX_TIME_US = 1e12  # latencies and per-expert times (11 days)
+MAX_GBPS = 1e12
+MIN_GBPS = 1e-6  # 1 KB/s: a byte over a 1e-320 GB/s link takes an infinite time
+MAX_DTYPE_BYTES = 64.0
+MAX_GPUS = 2**20  # nodes, GPUs per node
+
+
+def _field(d: Any, key: str, src: str, kind: type = float, positive: bool = True, default: Any = ...,
+           most: float = MAX_TIME_US, least: float = 0.0) -> Any:
+    """d[key] as `kind`, in [least, most] (and above 0 when `positive`), else one-line MoeplaceError."""
     if not isinstance(d, dict):
         raise MoeplaceError(f"{src}: expected a mapping holding '{key}'")
     if key not in d or d[key] is None:
@@ -133,15 +148,20 @@ def _field(d: Any, key: str, src: str, kind: type = float, positive: bool = True
         raise MoeplaceError(f"{src}: missing '{key}'")
     raw = d[key]
     # YAML `true` is an int to Python, and int(8.5) would truncate: only real numbers of the kind asked
-    ok = not isinstance(raw, bool) and (isinstance(raw, int) if kind is int else isinstance(raw, (int, float)))
-    if not ok:
-        raise MoeplaceError(f"{src}: '{key}' must be {'an integer' if kind is int else 'a number'}, got {raw!r}")
-    v = kind(raw)
-    if kind is float and not np.isfinite(v):
-        raise MoeplaceError(f"{src}: '{key}' must be finite, got {d[key]!r}")
-    if (v <= 0) if positive else (v < 0):
-        raise MoeplaceError(f"{src}: '{key}' must be {'positive' if positive else 'non-negative'}, got {d[key]!r}")
-    return v
+    # (a string holding a number is one: YAML 1.1 reads `1e3` as a string; not for integers)
+    number = yaml_number(raw) if kind is float else None
+    if kind is int and isinstance(raw, int) and not isinstance(raw, bool):
+        number = raw
+    if number is None:
+        raise MoeplaceError(f"{src}: '{key}' must be {'an integer' if kind is int else 'a number'}, got {brief(raw)}")
+    if not isinstance(raw, int) and not math.isfinite(number):  # nan, inf; a 400-digit int is out of range below
+        raise MoeplaceError(f"{src}: '{key}' must be finite, got {brief(raw)}")
+    if (number <= 0) if positive else (number < 0):
+        raise MoeplaceError(f"{src}: '{key}' must be {'positive' if positive else 'non-negative'}, got {brief(raw)}")
+    if not least <= number <= most:
+        bound = f"at least {least:g}" if number < least else f"at most {most:{'d' if kind is int else 'g'}}"
+        raise MoeplaceError(f"{src}: '{key}' must be {bound}, got {brief(raw)}")
+    return kind(number)
 
 
 def _cluster(d: Any, src: str) -> Cluster:
@@ -150,15 +170,16 @@ def _cluster(d: Any, src: str) -> Cluster:
     _known(d, _CLUSTER_KEYS, src)
     _known(intra, _LINK_KEYS, f"{src}.intra_node")
     _known(inter, _LINK_KEYS, f"{src}.inter_node")
-    num_nodes = _field(d, "nodes", src, int)
+    num_nodes = _field(d, "nodes", src, int, most=MAX_GPUS)
     multi = num_nodes > 1  # a single node never uses the network: its figures are optional
     return Cluster(
         name=str(d.get("name", src)),
         num_nodes=num_nodes,
-        gpus_per_node=_field(d, "gpus_per_node", src, int),
-        intra_gbps=_field(intra, "bandwidth_GBps", f"{src}.intra_node"),
+        gpus_per_node=_field(d, "gpus_per_node", src, int, most=MAX_GPUS),
+        intra_gbps=_field(intra, "bandwidth_GBps", f"{src}.intra_node", least=MIN_GBPS, most=MAX_GBPS),
         intra_latency_us=_field(intra, "latency_us", f"{src}.intra_node", positive=False),
-        inter_gbps=_field(inter, "bandwidth_GBps", f"{src}.inter_node", default=... if multi else 1.0),
+        inter_gbps=_field(inter, "bandwidth_GBps", f"{src}.inter_node", default=... if multi else 1.0,
+                          least=MIN_GBPS, most=MAX_GBPS),
         inter_latency_us=_field(inter, "latency_us", f"{src}.inter_node", positive=False, default=... if multi else 0.0),
     )
 
@@ -166,13 +187,13 @@ def _cluster(d: Any, src: str) -> Cluster:
 def _model(d: Any, src: str) -> ModelCost:
     src = f"{src}: model"
     _known(d, _MODEL_KEYS, src)
-    dtype = _field(d, "dtype_bytes", src, default=2.0)
-    batch = _field(d, "batch_tokens", src, int, default=None)
+    dtype = _field(d, "dtype_bytes", src, default=2.0, most=MAX_DTYPE_BYTES)
+    batch = _field(d, "batch_tokens", src, int, default=None, most=MAX_BATCH_TOKENS)
     return ModelCost(
         name=str(d.get("name", src)),
-        hidden_size=_field(d, "hidden_size", src, int),
-        dispatch_bytes=_field(d, "dispatch_dtype_bytes", src, default=dtype),
-        combine_bytes=_field(d, "combine_dtype_bytes", src, default=dtype),
+        hidden_size=_field(d, "hidden_size", src, int, most=MAX_HIDDEN_SIZE),
+        dispatch_bytes=_field(d, "dispatch_dtype_bytes", src, default=dtype, most=MAX_DTYPE_BYTES),
+        combine_bytes=_field(d, "combine_dtype_bytes", src, default=dtype, most=MAX_DTYPE_BYTES),
         expert_us_per_token=_field(d, "expert_us_per_token", src),
         expert_fixed_us=_field(d, "expert_fixed_us", src, positive=False, default=0.0),
         batch_tokens=batch,

@@ -661,6 +661,11 @@ def _layer_lp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: floa
     home = model.home0 if layer == 0 else e2g[layer - 1][ids[:, layer - 1, 0]]
     homed = pair_counts(home, ids[:, layer], num_gpus, num_experts)  # tokens at GPU h selecting expert e
     load = model.loads[layer] if model.loads is not None else np.bincount(ids[:, layer].ravel(), minlength=num_experts) * scale
+    # HiGHS refuses coefficients past 1e15 (PuLP then fails on an IndexError), which a batch of 2**40
+    # tokens or a slow expert reaches: divide all by one power of two, which leaves the solution as it is
+    unit = lp_unit(max(m.expert_us_per_token * float(load.max()), max(us.values()) * len(ids)))
+    us = {cls: u / unit for cls, u in us.items()}
+    per_token = m.expert_us_per_token / unit
 
     prob = pulp.LpProblem("latency_layer", pulp.LpMinimize)
     x = {(e, g): pulp.LpVariable(f"x_{e}_{g}", 0, 1) for e in range(num_experts) for g in range(num_gpus)}
@@ -675,7 +680,7 @@ def _layer_lp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: floa
         else:
             prob += held >= int(least[g])
             prob += held <= int(most[g])
-        prob += t_comp >= _expr((x[e, g], m.expert_us_per_token * float(load[e])) for e in range(num_experts))
+        prob += t_comp >= _expr((x[e, g], per_token * float(load[e])) for e in range(num_experts))
         for cls in (INTRA, INTER):
             peers = np.flatnonzero(links[g] == cls).tolist()
             if len(peers) == 0:
@@ -703,6 +708,14 @@ def _layer_lp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: floa
         return None
     frac = np.array([[x[e, g].varValue or 0.0 for g in range(num_gpus)] for e in range(num_experts)])
     return round_assignment(frac, least, most)
+
+
+def lp_unit(largest: float) -> float:
+    """The power of two to divide LP coefficients by so that `largest` stays below 2**32 (1:
+    it does already, as with any realistic batch, so the LP is left unchanged)."""
+    if not largest > 2.0**32:
+        return 1.0
+    return 2.0 ** (math.frexp(largest)[1] - 32)
 
 
 def _expr(terms: Iterable[tuple[pulp.LpVariable, float]]) -> pulp.LpAffineExpression:
