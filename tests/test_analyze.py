@@ -518,3 +518,15 @@ def test_compare_refuses_other_moe_layers_and_warns_on_another_top_k(tmp_path: P
     assert "moeplace: warning: " in capsys.readouterr().err
     assert run(base + ["--compare", str(ROOT / "traces" / "flame-moe-290m-decoder.npz")]) == 0
     assert "holds the same routing as TRACE" in capsys.readouterr().err
+
+
+def test_layers_range_is_checked_before_it_is_expanded(planted_file: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """'0-99999999999' was expanded into a list first: out of memory, naming nothing."""
+    from moeplace.analyze.cli import parse_pairs
+
+    argv = ["analyze", str(planted_file), "--no-solve", "--no-figures", "-o", str(tmp_path / "out"), "--layers"]
+    assert run([*argv, f"0-{2**62}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"moeplace: error: --layers '0-{2**62}': pair indices must be in [0, 2] (pair l is MoE layer l -> l+1)"]
+    assert parse_pairs("2,0-1", 3) == [0, 1, 2]

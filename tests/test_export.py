@@ -484,3 +484,91 @@ def test_vllm_ascend_expert_ids_must_be_integers(tmp_path: Path, capsys: pytest.
     path.write_text(json.dumps({"moe_layer_count": 1, "layer_list": [{"layer_id": 0, "device_list": devices}]}))
     assert cli("--from", "vllm-ascend", str(path), "-o", str(tmp_path / "p.json")) == 2
     assert "device_expert holds 1.5, not an expert id" in capsys.readouterr().err
+
+
+# --- bad input found by the CLI audit: each was an internal error, an out-of-memory or accepted
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    assert cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moeplace: error:") and "\n" not in err, err
+    return err
+
+
+def test_from_vllm_ragged_logical_to_physical_map_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"physical_to_logical_map": [[0, 1, 2, 3]], "ep_size": 2,
+                                "logical_to_physical_map": [[[0], [1], [2, -1], [3]]]}))  # was ValueError in np.asarray
+    err = _one_line_error(capsys, "--from", "vllm", str(path), "-o", str(tmp_path / "p.json"))
+    assert "'logical_to_physical_map' does not list the slots of each expert" in err
+
+
+@pytest.mark.parametrize("log2phy", [[[[0], [2], [1], [3]]], [[[0], [1]], [[2]]], "x", [[[0.0], [1.0], [2.0], [3.0]]]])
+def test_from_eplb_checks_log2phy(tmp_path: Path, capsys: pytest.CaptureFixture[str], log2phy: object) -> None:
+    path = tmp_path / "e.json"
+    doc = {"phy2log": [[0, 1, 2, 3]], "num_gpus": 2}
+    path.write_text(json.dumps({**doc, "log2phy": log2phy}))  # was ignored
+    err = _one_line_error(capsys, "--from", "eplb", str(path), "-o", str(tmp_path / "p.json"))
+    assert "'log2phy' does not list the slots of each expert in 'phy2log'" in err
+    path.write_text(json.dumps({**doc, "log2phy": [[[0, -1], [1, -1], [2, -1], [3, -1]]]}))  # padding of any width
+    assert cli("--from", "eplb", str(path), "-o", str(tmp_path / "p.json")) == 0
+
+
+def test_layer_counts_are_checked_before_rows_are_made(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each was a table sized by the value: "out of memory", naming nothing."""
+    src, out = _save(plain(), tmp_path), str(tmp_path / "s.json")
+    huge = str(2**62)
+    assert "--moe-layers '0,1,4611686018427387904': layer 4611686018427387904 is beyond 65535" in _one_line_error(
+        capsys, src, "--to", "sglang", "--moe-layers", f"0,1,{huge}", "-o", out)
+    assert "--moe-layers '0-4611686018427387904': layer 4611686018427387904 is beyond" in _one_line_error(
+        capsys, src, "--to", "sglang", "--moe-layers", f"0-{huge}", "-o", out)
+    assert f"--num-hidden-layers {huge}: more than the 65536 decoder layers" in _one_line_error(
+        capsys, src, "--to", "sglang", "--num-hidden-layers", huge, "-o", out)
+    assert "layer 5 is beyond the model's 5 decoder layers (--num-hidden-layers 5)" in _one_line_error(
+        capsys, src, "--to", "sglang", "--moe-layers", "1,3,5", "--num-hidden-layers", "5", "-o", out)
+    assert not Path(out).exists()
+    assert cli(src, "--to", "sglang", "--moe-layers", "1,3,5", "--num-hidden-layers", "6", "-o", out) == 0
+
+
+def test_trace_meta_layers_beyond_what_moeplace_handles_are_refused(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "t.npz"
+    ids = np.tile(np.arange(2)[None, None, :], (4, 3, 1))
+    save_trace(make_trace(ids, num_experts=8, meta={"moe_layers": [0, 1, 2**40]}), trace)
+    err = _one_line_error(capsys, _save(plain(), tmp_path), "--to", "sglang", "--trace", str(trace),
+                          "-o", str(tmp_path / "s.json"))
+    assert "meta.moe_layers: MoE layer at decoder layer 1099511627776, beyond the 65536 decoder layers" in err
+
+
+def test_moe_layers_out_of_order_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, out = _save(plain(), tmp_path), str(tmp_path / "s.json")
+    assert "--moe-layers '7,6,5': list the layers in ascending order" in _one_line_error(
+        capsys, src, "--to", "sglang", "--moe-layers", "7,6,5", "-o", out)  # was accepted: MoE layer 0 in row 7
+    assert cli(src, "--to", "sglang", "--moe-layers", "5,6,7", "-o", out) == 0
+    capsys.readouterr()
+    path = tmp_path / "loc.json"
+    path.write_text(json.dumps({"physical_to_logical_map": [[0, 1, 2, 3]] * 3}))
+    assert "list the layers in ascending order" in _one_line_error(
+        capsys, "--from", "sglang", str(path), "--gpus", "2", "--moe-layers", "2,0", "-o", str(tmp_path / "p.json"))
+
+
+def test_from_sglang_huge_expert_id_is_refused_before_sizing_by_it(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "loc.json"
+    path.write_text(json.dumps({"physical_to_logical_map": [[0, 1, 2, 2**62]]}))  # was a [1, 2**62 + 1] table
+    err = _one_line_error(capsys, "--from", "sglang", str(path), "--gpus", "2", "-o", str(tmp_path / "p.json"))
+    assert "layer 0 slot 3 holds expert id 4611686018427387904: moeplace handles at most 65536 experts per layer" in err
+
+
+def test_from_sglang_map_naming_few_experts_is_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            recwarn: pytest.WarningsRecorder) -> None:
+    path = tmp_path / "loc.json"
+    path.write_text(json.dumps({"physical_to_logical_map": [[0] * 8] * 2}))  # all zero: 1 expert, 8 slots
+    assert cli("--from", "sglang", str(path), "--gpus", "2", "-o", str(tmp_path / "p.json")) == 0
+    assert ("loc.json: the map names only 1 logical expert (largest id + 1) for 8 physical slots per layer"
+            in capsys.readouterr().err)
+    recwarn.clear()
+    placement_from_physical([[0, 1, 2, 3, 0, 1]], 2, 2, name="usual")  # fewer redundant slots than experts
+    placement_from_physical([[0] * 4], 2, 2, 1, name="given")  # the count given, not inferred
+    assert not [w for w in recwarn if "names only" in str(w.message)]

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, SHARED_DATA
 from moeplace.cli import run
 from moeplace.errors import TraceError
-from moeplace.trace.format import load_loads, load_trace
+from moeplace.trace.format import Trace, load_loads, load_trace
 from moeplace.trace.importers import import_csv, import_loads_json, import_sglang
 
 FLAME = SHARED_DATA / "flame-moe-290m-decoder"
@@ -538,3 +538,76 @@ def test_csv_dir_with_layer_files_and_position_folders_is_refused(tmp_path: Path
         (root / f.name).write_bytes(f.read_bytes())  # the files of one folder copied up beside the folders
     with pytest.raises(TraceError, match=r"layerN.csv files and position folders holding them \(1st, 2nd\)"):
         import_csv([root])
+
+
+# --- bad input found by the CLI audit: each was an internal error, an out-of-memory or silently wrong
+
+
+@pytest.mark.parametrize("shape, what", [((0, 2, 8), "no layers"), ((4, 2, 0), "no expert slots")])
+def test_sglang_record_without_layers_or_slots_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           shape: tuple[int, int, int], what: str) -> None:
+    import torch
+
+    rec = _record(0, 0, [[[0, 1], [2, 3], [1, 0]], [[2, 3], [3, 0], [1, 2]]], [1, 2], [0, 1])
+    rec["topk_ids_of_layer"] = torch.zeros(shape, dtype=torch.int32)  # was ValueError of ids.min() on no ids
+    path = _save_dump(tmp_path / "d.pt", [rec], P2L)
+    line = _cli_error(capsys, "import", "sglang", str(path), "-o", str(tmp_path / "t.npz"))
+    assert f"d.pt: record 0: topk_ids_of_layer has shape {list(shape)} (layers, tokens, slots): {what}" in line
+
+
+def _stat_dump(path: Path, count: np.ndarray) -> Path:
+    import torch
+
+    torch.save({"rank": 0, "logical_count": torch.tensor(count)}, path)
+    return path
+
+
+def test_sglang_num_experts_is_checked_before_the_loads_are_padded(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path = _stat_dump(tmp_path / "stat.pt", np.ones((2, 3, 4), dtype=np.int64))
+    with pytest.raises(TraceError, match=r"num_experts must be in \[1, 65536\], got 1099511627776"):
+        import_sglang([path], num_experts=2**40)  # was a [3, 2**40] pad: out of memory, naming nothing
+    line = _cli_error(capsys, "import", "sglang", str(path), "--num-experts", str(2**40), "-o", str(tmp_path / "o.npz"))
+    assert f"--num-experts {2**40}: num_experts must be in [1, 65536]" in line
+    loads = import_sglang([path], num_experts=6)
+    assert not isinstance(loads, Trace) and loads.loads.shape == (3, 6)
+
+
+def test_sglang_stat_counts_that_overflow_int64_are_refused(tmp_path: Path) -> None:
+    count = np.full((4, 2, 3), 10, dtype=np.int64)
+    count[:, 0, 0] = 2**62
+    count[3, 0, 0] += 4  # four steps sum to 2**64 + 4, which int64 wraps to 4
+    path = _stat_dump(tmp_path / "stat.pt", count)
+    with pytest.raises(TraceError, match=r"stat.pt: logical_count sums to 1.84467e\+19 at layer 0, expert 0 over 4 "
+                                         r"steps: counts of token selections must be below 1e15"):
+        import_sglang([path])
+
+
+def test_sglang_same_file_twice_is_refused(tmp_path: Path) -> None:
+    a, _ = _per_token_dumps(tmp_path)  # without the check, a per_token file twice was dropped as duplicate records
+    (tmp_path / "stats").mkdir()
+    stat = _stat_dump(tmp_path / "stats" / "stat.pt", np.ones((2, 3, 4), dtype=np.int64))  # was summed twice
+    for twice in ([a, a], [a, tmp_path / "." / a.name], [tmp_path, a], [stat, stat]):
+        with pytest.raises(TraceError, match=r"the same file as .*\.pt: given twice, its contents would be counted twice"):
+            import_sglang(twice)
+
+
+def test_meta_must_fit_the_data_and_be_standard_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "e.npy"
+    np.save(src, np.array([[0, 3, 1, 2], [2, 1, 0, 3]]))  # 4 MoE layers
+    out = tmp_path / "t.npz"
+    for meta, message in (
+        ("moe_layers=[1]", "--meta moe_layers=[1]: lists 1 layer, but the imported data has 4 MoE layers"),
+        ("moe_layers=[4,3,2,1]", "decoder layer ids must be non-negative and ascending, each once"),
+        ("moe_layers=[1,2,2,3]", "decoder layer ids must be non-negative and ascending, each once"),
+        ('moe_layers=["a","b","c","d"]', "must be a JSON list of decoder layer ids"),
+        ("x=NaN", "--meta x=NaN: NaN and Infinity are not standard JSON"),
+        ("x={\"a\":[1,Infinity]}", "NaN and Infinity are not standard JSON"),
+    ):
+        assert message in _cli_error(capsys, "import", "exflow", str(src), "--meta", meta, "-o", str(out)), meta
+        assert not out.exists()
+    line = _cli_error(capsys, "import", "exflow", str(src), "--meta", "a=1", "--meta", "a=2", "-o", str(out))
+    assert "--meta a: given twice (1 and 2)" in line
+    assert run(["import", "exflow", str(src), "--meta", "moe_layers=[1,3,5,7]", "--meta", 'x="NaN"', "-o", str(out)]) == 0
+    stored = load_trace(out).meta
+    assert stored["moe_layers"] == [1, 3, 5, 7] and stored["x"] == "NaN"

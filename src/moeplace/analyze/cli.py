@@ -47,12 +47,12 @@ def parse_pairs(spec: str | None, num_pairs: int) -> list[int]:
             first, last = int(lo), int(hi or lo)
             if last < first:
                 raise ValueError(part)
+            if first < 0 or last >= num_pairs:  # before expanding: '0-99999999999' is refused, not built
+                raise MoeplaceError(f"--layers {spec!r}: pair indices must be in [0, {num_pairs - 1}] "
+                                    "(pair l is MoE layer l -> l+1)")
             pairs += list(range(first, last + 1))
     except ValueError:
         raise MoeplaceError(f"--layers {spec!r}: expected comma-separated pair indices or ranges, e.g. 0,3,5-6") from None
-    bad = [p for p in pairs if not 0 <= p < num_pairs]
-    if bad or not pairs:
-        raise MoeplaceError(f"--layers {spec!r}: pair indices must be in [0, {num_pairs - 1}] (pair l is MoE layer l -> l+1)")
     return sorted(set(pairs))
 
 

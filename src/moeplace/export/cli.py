@@ -9,6 +9,7 @@ from typing import Iterator
 import click
 
 from moeplace.errors import MoeplaceError, PlacementError
+from moeplace.export.sglang import MAX_DECODER_LAYERS
 from moeplace.placement import Placement, load_placement
 from moeplace.options import OUTPUT_FILE, check_writable
 
@@ -26,8 +27,10 @@ def _os_errors(output: Path, directory: bool = False) -> Iterator[None]:
         raise MoeplaceError(f"{e.filename or output}: {e.strerror or e}") from None
 
 
-def parse_layers(spec: str) -> list[int]:
-    """'3-60' or '0,2,4-7' -> decoder layer ids (ranges inclusive)."""
+def parse_layers(spec: str, limit: int = MAX_DECODER_LAYERS, limit_from: str = "") -> list[int]:
+    """'3-60' or '0,2,4-7' -> decoder layer ids (ranges inclusive), ascending, each below `limit`
+    (the model's decoder layers, `limit_from` saying where that count came from; default: the most
+    moeplace handles), checked before a range is expanded: '0-99999999999' is refused, not built."""
     layers: list[int] = []
     try:
         for part in spec.split(","):
@@ -35,12 +38,34 @@ def parse_layers(spec: str) -> list[int]:
             first, last = int(lo), int(hi or lo)
             if first > last:
                 raise MoeplaceError(f"--moe-layers {spec!r}: range {part.strip()!r} runs backwards")
+            if last >= limit:
+                raise MoeplaceError(f"--moe-layers {spec!r}: layer {last} is beyond the model's {limit} decoder layers "
+                                    f"({limit_from})" if limit_from else
+                                    f"--moe-layers {spec!r}: layer {last} is beyond {limit - 1}, the largest decoder layer id "
+                                    "moeplace handles")
             layers.extend(range(first, last + 1))
     except ValueError:
         raise MoeplaceError(f"--moe-layers {spec!r}: expected ids and inclusive ranges like '3-60' or '0,2,4-7'") from None
     if len(set(layers)) != len(layers):
         raise MoeplaceError(f"--moe-layers {spec!r}: a layer is listed twice")
+    if layers != sorted(layers):  # MoE layer i goes to row layers[i]: 7,6,5 would reverse the model
+        raise MoeplaceError(f"--moe-layers {spec!r}: list the layers in ascending order (MoE layer i is the i-th id)")
     return layers
+
+
+def _check_layers(layers: list[int], depth: int | None, layers_from: str, depth_from: str) -> None:
+    """Decoder layer ids from a model, a trace's meta or a placement's record, and the decoder
+    depth, checked before the SGLang rows are sized by them: ascending, each once, within the
+    depth (or what moeplace handles)."""
+    if depth is not None and depth > MAX_DECODER_LAYERS:
+        raise MoeplaceError(f"{depth_from}: {depth} decoder layers, more than the {MAX_DECODER_LAYERS} moeplace handles")
+    if any(x < 0 for x in layers) or any(b <= a for a, b in zip(layers, layers[1:])):
+        raise MoeplaceError(f"{layers_from}: MoE layers {layers[:8]}{'...' if len(layers) > 8 else ''}: decoder layer "
+                            "ids must be non-negative and ascending, each once")
+    limit, limit_from = (depth, depth_from) if depth is not None else (MAX_DECODER_LAYERS, "what moeplace handles")
+    if layers and layers[-1] >= limit:
+        raise MoeplaceError(f"{layers_from}: MoE layer at decoder layer {layers[-1]}, beyond the {limit} decoder layers "
+                            f"({limit_from})")
 
 
 def _model_layers(model: Path | None, trace: Path | None, moe_layers: str | None, num_hidden_layers: int | None,
@@ -50,6 +75,23 @@ def _model_layers(model: Path | None, trace: Path | None, moe_layers: str | None
     none of them, from the placement's record of its fit trace (trace_model), else unknown."""
     if sum(x is not None for x in (model, trace, moe_layers)) > 1:
         raise MoeplaceError("give one of --model, --trace or --moe-layers")
+    if num_hidden_layers is not None and num_hidden_layers > MAX_DECODER_LAYERS:
+        raise MoeplaceError(f"--num-hidden-layers {num_hidden_layers}: more than the {MAX_DECODER_LAYERS} decoder layers "
+                            "moeplace handles")
+    found = _model_layers_unchecked(model, trace, moe_layers, num_hidden_layers, placement)
+    layers, depth = found[0], found[1]
+    if layers is not None:
+        depth_from = "--num-hidden-layers" if num_hidden_layers is not None else (
+            f"--trace {trace}: meta.num_decoder_layers" if trace is not None else f"--model {model}: num_hidden_layers")
+        layers_from = (f"--trace {trace}: meta.moe_layers" if trace is not None else f"--model {model}" if model is not None
+                       else f"--moe-layers {moe_layers}" if moe_layers else "the placement's trace_model.moe_layers")
+        _check_layers(layers, depth, layers_from, depth_from)
+    return found
+
+
+def _model_layers_unchecked(model: Path | None, trace: Path | None, moe_layers: str | None,
+                            num_hidden_layers: int | None, placement: Placement | None
+                            ) -> tuple[list[int] | None, int | None, int | None, str | None]:
     if trace is not None:
         from moeplace.trace.format import load_trace
 
@@ -57,7 +99,8 @@ def _model_layers(model: Path | None, trace: Path | None, moe_layers: str | None
         if placement is not None:
             placement.check_fits(t.num_layers, t.num_experts, what=f"trace {trace}")
         layers, depth = t.meta.get("moe_layers"), t.meta.get("num_decoder_layers")
-        if not isinstance(layers, list) or len(layers) != t.num_layers:
+        if not isinstance(layers, list) or len(layers) != t.num_layers \
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
             raise MoeplaceError(f"{trace}: its meta does not list the decoder layer of each MoE layer "
                                 "(traces from `moeplace trace` do): use --model or --moe-layers")
         model_type = t.meta.get("model_type")
@@ -75,7 +118,8 @@ def _model_layers(model: Path | None, trace: Path | None, moe_layers: str | None
         depth = num_hidden_layers or (int(depth) if isinstance(depth, int) else None)
         return [b.layer for b in blocks], depth, blocks[0].num_experts, model_type if isinstance(model_type, str) else None
     if moe_layers:
-        return parse_layers(moe_layers), num_hidden_layers, None, None
+        limit_from = f"--num-hidden-layers {num_hidden_layers}" if num_hidden_layers is not None else ""
+        return parse_layers(moe_layers, num_hidden_layers or MAX_DECODER_LAYERS, limit_from), num_hidden_layers, None, None
     fitted = placement.trace_model if placement is not None else None  # what the fit trace's meta said
     layers = fitted.get("moe_layers") if fitted else None
     if isinstance(layers, list) and placement is not None and len(layers) == placement.num_layers \

@@ -26,6 +26,7 @@ import numpy as np
 from moeplace.errors import PlacementError, warn
 from moeplace.io import read_json, read_npz, save_npz_atomic, write_json_atomic
 from moeplace.placement import Placement, validate_placement
+from moeplace.trace.format import MAX_EXPERTS
 
 
 def physical_to_logical(placement: Placement) -> np.ndarray:
@@ -92,6 +93,12 @@ def placement_from_physical(
             "is --gpus the engine's expert-parallel size?"
         )
     inferred = num_experts is None
+    if (table >= MAX_EXPERTS).any() or (num_experts is not None and num_experts > MAX_EXPERTS):
+        # before anything is sized by the count: an id of 1e9 would make a [layers, 1e9] table
+        big = np.argwhere(table >= MAX_EXPERTS)
+        where = (f"layer {int(big[0][0])} slot {int(big[0][1])} holds expert id {int(table[tuple(big[0])])}"
+                 if len(big) else f"{num_experts} experts" + (f" ({experts_from})" if experts_from else ""))
+        raise PlacementError(f"{name}: {where}: moeplace handles at most {MAX_EXPERTS} experts per layer")
     num_experts = int(table.max()) + 1 if num_experts is None else num_experts
     if table.min() < 0 or table.max() >= num_experts:
         layer, slot = (int(i[0]) for i in np.nonzero((table < 0) | (table >= num_experts)))
@@ -122,6 +129,10 @@ def placement_from_physical(
         replicas.append(reps)
     if dropped:
         warn(f"{name}: {dropped} second copies of an expert on the same GPU counted once")
+    if inferred and num_physical >= 2 * num_experts:  # engines add fewer redundant slots than experts
+        warn(f"{name}: the map names only {num_experts} logical expert{'s' * (num_experts != 1)} (largest id + 1) for "
+             f"{num_physical} physical slots per layer, so most slots would be copies: is it the right map? "
+             "--model or --trace gives the model's expert count")
     placement = Placement(expert_to_gpu=expert_to_gpu, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
                           replicas=replicas, solver={"name": f"{source} import", "file": name})
     return validate_placement(placement, name)
@@ -186,12 +197,39 @@ def read_eplb(path: str | Path, num_gpus: int | None, gpus_per_node: int | None)
     if "logcnt" in doc:
         num_experts = int_table(doc["logcnt"], str(p), "logcnt").shape[1]
     placement = placement_from_physical(doc["phy2log"], num_gpus, gpus_per_node, num_experts, str(p), "eplb")
+    phy2log = int_table(doc["phy2log"], str(p), "phy2log")
+    log2phy, logcnt = logical_to_physical(phy2log, placement.num_experts)
     if "logcnt" in doc:
-        _, logcnt = logical_to_physical(int_table(doc["phy2log"], str(p), "phy2log"), placement.num_experts)
         if not np.array_equal(logcnt, int_table(doc["logcnt"], str(p), "logcnt")):
             raise PlacementError(f"{p}: 'logcnt' does not match the copies counted in 'phy2log'")
+    if "log2phy" in doc:
+        check_slot_lists(doc["log2phy"], log2phy, str(p), "log2phy", "phy2log")
     print_note(note)
     return placement
+
+
+def check_slot_lists(value: Any, log2phy: np.ndarray, name: str, key: str, phy_key: str) -> None:
+    """A file's logical-to-physical array [layers, logical, width] must list, per (layer, expert),
+    the slots `log2phy` (derived from its physical-to-logical map) lists: in any order, padded
+    with -1 to any width. Engines read each array as given, so a mismatch is not one layout."""
+    try:
+        given = np.asarray(value)
+    except (TypeError, ValueError):  # ragged nested lists
+        given = np.asarray(None)
+    if (given.ndim != 3 or given.shape[:2] != log2phy.shape[:2] or not np.issubdtype(given.dtype, np.integer)
+            or not _same_slots(given, log2phy)):
+        raise PlacementError(f"{name}: '{key}' does not list the slots of each expert in '{phy_key}' (expected an "
+                             f"integer [layers={log2phy.shape[0]}][experts={log2phy.shape[1]}][copies] table, -1 padded)")
+
+
+def _same_slots(given: np.ndarray, log2phy: np.ndarray) -> bool:
+    """Same slots per (layer, expert) in any order, -1 padding of any width."""
+    width = max(given.shape[2], log2phy.shape[2])
+    pad = [(0, 0), (0, 0)]
+    a = np.pad(given.astype(np.int64), [*pad, (0, width - given.shape[2])], constant_values=-1)
+    b = np.pad(log2phy, [*pad, (0, width - log2phy.shape[2])], constant_values=-1)
+    a = np.where(a < 0, -1, a)
+    return bool(np.array_equal(np.sort(a, axis=-1), np.sort(b, axis=-1)))
 
 
 def read_document(p: Path) -> dict[str, Any]:

@@ -33,6 +33,9 @@ KEY = "physical_to_logical_map"
 # run by scripts/check_engines.py): SGLang builds no expert-location metadata for them, so it
 # never reads an --init-expert-location map.
 MAP_IGNORED = {"mixtral": "Mixtral", "olmoe": "OLMoE"}
+# Decoder layers a map may have rows for: far above any model (DeepSeek-V3 has 61), low enough
+# that a typo (--num-hidden-layers 100000000) is refused instead of sizing a table by it.
+MAX_DECODER_LAYERS = 1 << 16
 
 
 def sglang_map(placement: Placement, moe_layers: list[int] | None = None, num_hidden_layers: int | None = None) -> np.ndarray:
@@ -43,6 +46,8 @@ def sglang_map(placement: Placement, moe_layers: list[int] | None = None, num_hi
     phy2log = physical_to_logical(placement)
     moe_layers = list(range(placement.num_layers)) if moe_layers is None else moe_layers
     rows = max(moe_layers, default=-1) + 1 if num_hidden_layers is None else num_hidden_layers
+    if rows > MAX_DECODER_LAYERS:
+        raise PlacementError(f"{rows} decoder layers: more than the {MAX_DECODER_LAYERS} moeplace handles")
     _check_layers(moe_layers, placement.num_layers, rows)
     num_physical = phy2log.shape[1]
     table = np.tile(np.arange(num_physical) % placement.num_experts, (rows, 1))

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import PlacementError
-from moeplace.export.eplb import (int_field, int_table, logical_to_physical, physical_to_logical,
+from moeplace.export.eplb import (check_slot_lists, int_field, int_table, logical_to_physical, physical_to_logical,
                                   placement_from_physical, print_note, read_document, resolve_gpus)
 from moeplace.io import write_json_atomic
 from moeplace.placement import Placement
@@ -126,21 +126,8 @@ def _check_state(doc: dict[str, Any], counts: dict[str, int | None], p: Path, nu
             raise PlacementError(f"{p}: 'logical_replica_count' does not match the copies counted in "
                                  "'physical_to_logical_map'")
     if "logical_to_physical_map" in doc:
-        given = np.asarray(doc["logical_to_physical_map"])
-        if (given.ndim != 3 or given.shape[:2] != (layers, num_experts) or not np.issubdtype(given.dtype, np.integer)
-                or not _same_slots(given, log2phy)):
-            raise PlacementError(f"{p}: 'logical_to_physical_map' does not list the slots of each expert in "
-                                 "'physical_to_logical_map'")
-
-
-def _same_slots(given: np.ndarray, log2phy: np.ndarray) -> bool:
-    """Same slots per (layer, expert) in any order, -1 padding of any width."""
-    width = max(given.shape[2], log2phy.shape[2])
-    pad = [(0, 0), (0, 0)]
-    a = np.pad(given, [*pad, (0, width - given.shape[2])], constant_values=-1)
-    b = np.pad(log2phy, [*pad, (0, width - log2phy.shape[2])], constant_values=-1)
-    a = np.where(a < 0, -1, a)
-    return bool(np.array_equal(np.sort(a, axis=-1), np.sort(b, axis=-1)))
+        check_slot_lists(doc["logical_to_physical_map"], log2phy, str(p), "logical_to_physical_map",
+                         "physical_to_logical_map")
 
 
 def _ascend_table(doc: dict[str, Any], p: Path) -> tuple[list[list[int]], int]:

@@ -23,7 +23,7 @@ import numpy as np
 from moeplace.errors import TraceError
 from moeplace.io import file_key, read_json
 from moeplace.progress import Progress
-from moeplace.trace.format import MAX_LOAD, ExpertLoads, Trace, make_loads, make_trace
+from moeplace.trace.format import MAX_EXPERTS, MAX_LOAD, ExpertLoads, Trace, make_loads, make_trace
 
 # The whole name: `copy_of_layer3.csv` is not layer 3 (searching the name made it a second one)
 _LAYER_FILE = re.compile(r"layer[_-]?(\d+)\.csv")
@@ -425,9 +425,19 @@ def import_sglang(paths: Sequence[Path], num_experts: int | None = None) -> Trac
     """SGLang expert-distribution recorder dumps -> Trace (`per_token` mode) or ExpertLoads (`stat`).
 
     The mode is read from the dumps' keys: `records` (per_token) or `logical_count` (stat).
+    A file given twice (also through its directory, a link or another spelling) is refused: its
+    records or counts would be counted twice.
     """
+    _check_num_experts(num_experts)
+    files = _dump_files(paths)
+    seen: dict[Any, Path] = {}
+    for path in files:
+        ident = file_key(path)  # the same file under two names (a link, ./x vs x, dir/x beside dir)
+        if ident in seen:
+            raise TraceError(f"{path}: the same file as {seen[ident]}: given twice, its contents would be counted twice")
+        seen[ident] = path
     dumps = []
-    for path in _dump_files(paths):
+    for path in files:
         dump = load_torch_dump(path)
         if not isinstance(dump, dict) or not ({"records", "logical_count"} & set(dump)):
             keys = sorted(map(str, dump)) if isinstance(dump, dict) else type(dump).__name__
@@ -444,6 +454,12 @@ def import_sglang(paths: Sequence[Path], num_experts: int | None = None) -> Trac
     if per_token:
         return sglang_per_token(dumps, num_experts)
     return sglang_stat(dumps, num_experts)
+
+
+def _check_num_experts(num_experts: int | None) -> None:
+    """A given expert count within what the formats hold, before anything is sized by it."""
+    if num_experts is not None and not 1 <= num_experts <= MAX_EXPERTS:
+        raise TraceError(f"num_experts must be in [1, {MAX_EXPERTS}], got {num_experts}")
 
 
 def _as_int_array(x: Any, name: str, ndim: int) -> np.ndarray:
@@ -487,6 +503,9 @@ def _sglang_record(rec: Any, p2l: np.ndarray | None, name: str) -> _SglangRecord
     ids = _as_int_array(rec["topk_ids_of_layer"], f"{name}: topk_ids_of_layer", 3)
     if ids.shape[1] == 0:
         return None
+    if ids.shape[0] == 0 or ids.shape[2] == 0:  # SGLang writes every layer and its top-k slots
+        raise TraceError(f"{name}: topk_ids_of_layer has shape {list(ids.shape)} (layers, tokens, slots): "
+                         f"no {'layers' if ids.shape[0] == 0 else 'expert slots'}")
     per_token = []
     for key in ("input_ids", "positions"):
         v = rec.get(key)
@@ -617,7 +636,9 @@ def sglang_stat(dumps: Sequence[tuple[Path, dict]], num_experts: int | None = No
          "average_utilization_rate_over_window": float or None}
     Layers with no selection at all are dense layers of the model and are dropped.
     """
+    _check_num_experts(num_experts)
     total = None
+    exact = None  # the same sums in float64, which cannot wrap: int64 sums are kept only below MAX_LOAD
     for path, dump in dumps:
         step_counts = _as_int_array(dump["logical_count"], f"{path}: logical_count", 3)
         if step_counts.size and step_counts.min() < 0:  # a count, never negative: not a dense layer either
@@ -628,6 +649,13 @@ def sglang_stat(dumps: Sequence[tuple[Path, dict]], num_experts: int | None = No
         if total is not None and counts.shape != total.shape:
             raise TraceError(f"{path}: logical_count is {list(counts.shape)} per step, but {dumps[0][0]} has {list(total.shape)}")
         total = counts if total is None else total + counts
+        sums = step_counts.sum(axis=0, dtype=np.float64)
+        exact = sums if exact is None else exact + sums
+        if (exact >= MAX_LOAD).any():  # int64 may have wrapped (4 x 2**62 sums to 0): refuse before using it
+            layer, expert = (int(x) for x in np.argwhere(exact >= MAX_LOAD)[0])
+            raise TraceError(f"{path}: logical_count sums to {exact[layer, expert]:.6g} at layer {layer}, expert {expert} "
+                             f"over {step_counts.shape[0]} steps{' and the files before' if total is not counts else ''}: "
+                             "counts of token selections must be below 1e15")
     assert total is not None
     files = _names([p for p, _ in dumps])
     moe_layers = np.flatnonzero(total.sum(axis=1) > 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -10,9 +11,11 @@ from typing import Any, Sequence
 import click
 
 from moeplace.errors import MoeplaceError, warn
+from moeplace.io import loads_json
 from moeplace.options import OUTPUT_FILE, check_writable, writing
 from moeplace.progress import silenced
-from moeplace.trace.format import ExpertLoads, Trace, layer_ranges, make_trace, save_loads, save_trace
+from moeplace.trace.format import (MAX_EXPERTS, ExpertLoads, Trace, layer_ranges, make_trace, save_loads,
+                                   save_trace)
 from moeplace.trace.importers import import_csv, import_loads_json, import_sglang
 
 _OUTPUT = click.option(
@@ -22,7 +25,8 @@ _OUTPUT = click.option(
 _QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress on stderr, no summary line.")
 _META = click.option(
     "--meta", "meta", multiple=True, metavar="KEY=VALUE",
-    help="Extra provenance stored in the file's meta (repeatable; VALUE parsed as JSON when it is).",
+    help="Extra provenance stored in the file's meta (repeatable, each KEY once; VALUE parsed as JSON when it is, "
+         "NaN/Infinity refused; moe_layers: one ascending decoder layer id per MoE layer).",
 )
 _NUM_EXPERTS = click.option(
     "--num-experts", type=click.IntRange(min=1), default=None,
@@ -36,17 +40,42 @@ _EXFLOW_NUM_EXPERTS = click.option(
 )
 
 
+def _check_num_experts(num_experts: int | None) -> None:
+    """Before anything is sized by it: --num-experts 1000000000 was a table of a billion columns."""
+    if num_experts is not None and num_experts > MAX_EXPERTS:
+        raise MoeplaceError(f"--num-experts {num_experts}: num_experts must be in [1, {MAX_EXPERTS}]")
+
+
 def _parse_meta(pairs: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs, VALUE as JSON when it parses; a key given twice or a non-finite number
+    (NaN, Infinity: not standard JSON, which other readers of the meta refuse) is refused."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise MoeplaceError(f"--meta expects KEY=VALUE, got {pair!r}")
+        if key in out:
+            raise MoeplaceError(f"--meta {key}: given twice ({json.dumps(out[key])} and {value}); give each key once")
         try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
+            parsed = loads_json(value)
+        except ValueError:  # text, and JSON nested too deeply to be meant as JSON
+            parsed = value
+        if not _finite(parsed):
+            raise MoeplaceError(f"--meta {pair}: NaN and Infinity are not standard JSON; quote the value "
+                                f"(--meta '{key}=\"{value}\"') to store it as text")
+        out[key] = parsed
     return out
+
+
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in a parsed JSON value."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(map(_finite, value))
+    if isinstance(value, dict):
+        return all(map(_finite, value.values()))
+    return True
 
 
 def _check_meta(extra: dict[str, Any], result: Trace | ExpertLoads) -> None:
@@ -59,6 +88,16 @@ def _check_meta(extra: dict[str, Any], result: Trace | ExpertLoads) -> None:
     for key, value in own.items():
         if key in extra and extra[key] != value:
             raise MoeplaceError(f"--meta {key}={json.dumps(extra[key])} contradicts the imported data ({key} {value})")
+    if "moe_layers" in extra:  # read by export --trace, analyze and eval as the decoder layer of each MoE layer
+        layers = extra["moe_layers"]
+        shown = f"--meta moe_layers={json.dumps(layers)}"
+        if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            raise MoeplaceError(f"{shown}: must be a JSON list of decoder layer ids, e.g. [1,3,5]")
+        if len(layers) != result.num_layers:
+            raise MoeplaceError(f"{shown}: lists {len(layers)} layer{'s' * (len(layers) != 1)}, but the imported data "
+                                f"has {result.num_layers} MoE layers (one decoder layer id each)")
+        if any(x < 0 for x in layers) or any(b <= a for a, b in zip(layers, layers[1:])):
+            raise MoeplaceError(f"{shown}: decoder layer ids must be non-negative and ascending, each once")
 
 
 def _write(result: Trace | ExpertLoads, output: Path, meta: Sequence[str], quiet: bool) -> None:
@@ -170,6 +209,7 @@ def exflow_cmd(path: Path, num_experts: int | None, output: Path, meta: tuple[st
 
     if path.suffix != ".npy":
         raise MoeplaceError(f"{path}: an ExFlow trace is a .npy file")
+    _check_num_experts(num_experts)
     check_writable(output, inputs=[path])
     trace = load_trace(path)
     if num_experts is not None:
@@ -200,6 +240,7 @@ def sglang_cmd(paths: tuple[Path, ...], num_experts: int | None, output: Path, m
     Example (SGLang writes the dumps to $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR):
       moeplace import sglang $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR -o trace.npz
     """
+    _check_num_experts(num_experts)
     check_writable(output, inputs=paths)
     _write(import_sglang(paths, num_experts), output, meta, quiet)
 
