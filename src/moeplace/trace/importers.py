@@ -428,14 +428,9 @@ def import_sglang(paths: Sequence[Path], num_experts: int | None = None) -> Trac
     A file given twice (also through its directory, a link or another spelling) is refused: its
     records or counts would be counted twice.
     """
-    _check_num_experts(num_experts)
+    check_num_experts(num_experts)
     files = _dump_files(paths)
-    seen: dict[Any, Path] = {}
-    for path in files:
-        ident = file_key(path)  # the same file under two names (a link, ./x vs x, dir/x beside dir)
-        if ident in seen:
-            raise TraceError(f"{path}: the same file as {seen[ident]}: given twice, its contents would be counted twice")
-        seen[ident] = path
+    _refuse_repeated_files(files)
     dumps = []
     for path in files:
         dump = load_torch_dump(path)
@@ -456,10 +451,23 @@ def import_sglang(paths: Sequence[Path], num_experts: int | None = None) -> Trac
     return sglang_stat(dumps, num_experts)
 
 
-def _check_num_experts(num_experts: int | None) -> None:
-    """A given expert count within what the formats hold, before anything is sized by it."""
+def check_num_experts(num_experts: int | None, given_as: str = "") -> None:
+    """A given expert count within what the formats hold, before anything is sized by it
+    (--num-experts 1000000000 was a table of a billion columns); `given_as` names the option."""
     if num_experts is not None and not 1 <= num_experts <= MAX_EXPERTS:
-        raise TraceError(f"num_experts must be in [1, {MAX_EXPERTS}], got {num_experts}")
+        where = f"{given_as} {num_experts}: " if given_as else ""
+        raise TraceError(f"{where}num_experts must be in [1, {MAX_EXPERTS}], got {num_experts}")
+
+
+def _refuse_repeated_files(paths: Sequence[Path]) -> None:
+    """One file given twice (a link, ./x beside x, a directory beside a file in it) would have its
+    records or counts counted twice: refused. A missing file is left for its reader to name."""
+    seen: dict[Any, Path] = {}
+    for path in paths:
+        ident = file_key(path)
+        if ident in seen:
+            raise TraceError(f"{path}: the same file as {seen[ident]}: given twice, its contents would be counted twice")
+        seen[ident] = path
 
 
 def _as_int_array(x: Any, name: str, ndim: int) -> np.ndarray:
@@ -636,7 +644,7 @@ def sglang_stat(dumps: Sequence[tuple[Path, dict]], num_experts: int | None = No
          "average_utilization_rate_over_window": float or None}
     Layers with no selection at all are dense layers of the model and are dropped.
     """
-    _check_num_experts(num_experts)
+    check_num_experts(num_experts)
     total = None
     exact = None  # the same sums in float64, which cannot wrap: int64 sums are kept only below MAX_LOAD
     for path, dump in dumps:
@@ -714,12 +722,7 @@ def import_loads_json(paths: Sequence[Path]) -> ExpertLoads:
     if not paths:
         raise TraceError("no JSON files given")
     paths = [Path(p) for p in paths]
-    seen: dict[Any, Path] = {}
-    for path in paths:
-        ident = file_key(path)  # the same file under two names (a link, ./x vs x); missing: read_json names it
-        if ident in seen:
-            raise TraceError(f"{path}: the same file as {seen[ident]}: given twice, its counts would be summed twice")
-        seen[ident] = path
+    _refuse_repeated_files(paths)
     total: np.ndarray | None = None
     tokens = 0
     for path in paths:

@@ -14,9 +14,9 @@ from moeplace.errors import MoeplaceError, warn
 from moeplace.io import loads_json
 from moeplace.options import OUTPUT_FILE, check_writable, writing
 from moeplace.progress import silenced
-from moeplace.trace.format import (MAX_EXPERTS, ExpertLoads, Trace, layer_ranges, make_trace, save_loads,
+from moeplace.trace.format import (ExpertLoads, Trace, layer_ranges, make_trace, save_loads,
                                    save_trace)
-from moeplace.trace.importers import import_csv, import_loads_json, import_sglang
+from moeplace.trace.importers import check_num_experts, import_csv, import_loads_json, import_sglang
 
 _OUTPUT = click.option(
     "-o", "--output", required=True, type=OUTPUT_FILE,
@@ -38,12 +38,6 @@ _EXFLOW_NUM_EXPERTS = click.option(
     help="Experts per layer. Default: max id + 1 (an ExFlow .npy holds no count; too low if the "
          "last expert is never selected).",
 )
-
-
-def _check_num_experts(num_experts: int | None) -> None:
-    """Before anything is sized by it: --num-experts 1000000000 was a table of a billion columns."""
-    if num_experts is not None and num_experts > MAX_EXPERTS:
-        raise MoeplaceError(f"--num-experts {num_experts}: num_experts must be in [1, {MAX_EXPERTS}]")
 
 
 def _parse_meta(pairs: Sequence[str]) -> dict[str, Any]:
@@ -209,7 +203,7 @@ def exflow_cmd(path: Path, num_experts: int | None, output: Path, meta: tuple[st
 
     if path.suffix != ".npy":
         raise MoeplaceError(f"{path}: an ExFlow trace is a .npy file")
-    _check_num_experts(num_experts)
+    check_num_experts(num_experts, "--num-experts")
     check_writable(output, inputs=[path])
     trace = load_trace(path)
     if num_experts is not None:
@@ -240,7 +234,7 @@ def sglang_cmd(paths: tuple[Path, ...], num_experts: int | None, output: Path, m
     Example (SGLang writes the dumps to $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR):
       moeplace import sglang $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR -o trace.npz
     """
-    _check_num_experts(num_experts)
+    check_num_experts(num_experts, "--num-experts")
     check_writable(output, inputs=paths)
     _write(import_sglang(paths, num_experts), output, meta, quiet)
 
