@@ -14,8 +14,7 @@ from moeplace.errors import MoeplaceError, warn
 from moeplace.io import loads_json
 from moeplace.options import OUTPUT_FILE, check_writable, writing
 from moeplace.progress import silenced
-from moeplace.trace.format import (ExpertLoads, Trace, layer_ranges, make_trace, save_loads,
-                                   save_trace)
+from moeplace.trace.format import ExpertLoads, Trace, layer_ranges, make_trace, save_loads, save_trace
 from moeplace.trace.importers import check_num_experts, import_csv, import_loads_json, import_sglang
 
 _OUTPUT = click.option(
