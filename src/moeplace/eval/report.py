@@ -122,9 +122,9 @@ def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> Token
     fraction, seed = split["train_fraction"], split["seed"]  # checked when the placement was loaded
     train, held = split_tokens(trace.num_tokens, fraction, seed)
     evaluated = None if all_tokens or len(held) == 0 else held
-    fit_hashes = paths.path_hashes(trace.topk_ids[train])
-    ids = trace.topk_ids if evaluated is None else trace.topk_ids[evaluated]
-    share = float(np.isin(paths.path_hashes(ids), fit_hashes).mean()) if len(ids) else None
+    hashes = paths.path_hashes(trace.topk_ids)  # [T]: the fit tokens are known, so the share is exact
+    scored = hashes if evaluated is None else hashes[evaluated]
+    share = float(np.isin(scored, hashes[train]).mean()) if len(scored) else None
     if all_tokens:
         return TokenSubsets(None, train, f"all tokens (--all-tokens), {len(train)} of them seen by the solver", share)
     if len(held) == 0:
