@@ -83,10 +83,17 @@ def _model_layers(model: Path | None, trace: Path | None, moe_layers: str | None
     if layers is not None:
         depth_from = "--num-hidden-layers" if num_hidden_layers is not None else (
             f"--trace {trace}: meta.num_decoder_layers" if trace is not None else f"--model {model}: num_hidden_layers")
-        layers_from = (f"--trace {trace}: meta.moe_layers" if trace is not None else f"--model {model}" if model is not None
-                       else f"--moe-layers {moe_layers}" if moe_layers else "the placement's trace_model.moe_layers")
-        _check_layers(layers, depth, layers_from, depth_from)
+        _check_layers(layers, depth, _layers_source(model, trace, moe_layers), depth_from)
     return found
+
+
+def _layers_source(model: Path | None, trace: Path | None, moe_layers: str | None) -> str:
+    """Where the MoE layers' decoder ids came from, for errors (the first of _model_layers' sources)."""
+    if trace is not None:
+        return f"--trace {trace}: meta.moe_layers"
+    if model is not None:
+        return f"--model {model}"
+    return f"--moe-layers {moe_layers}" if moe_layers else "the placement's trace_model.moe_layers"
 
 
 def _model_layers_unchecked(model: Path | None, trace: Path | None, moe_layers: str | None,
@@ -251,9 +258,8 @@ def _read(path: Path, fmt: str, output: Path, model: Path | None, trace: Path | 
         layers, _, num_experts, _ = _model_layers(model, trace, moe_layers, None, None)
         gpus, gpus_per_node, note = eplb.resolve_gpus(str(path), gpus, gpus_per_node, None, None, "", "")
         experts_from = f"{'--model' if model is not None else '--trace'}: {num_experts} experts" if num_experts else ""
-        layers_from = (f"--trace {trace}: meta.moe_layers" if trace is not None else f"--model {model}" if model is not None
-                       else f"--moe-layers {moe_layers}")
-        placement = sglang.read_sglang(path, gpus, gpus_per_node, layers, num_experts, experts_from, layers_from)
+        placement = sglang.read_sglang(path, gpus, gpus_per_node, layers, num_experts, experts_from,
+                                       _layers_source(model, trace, moe_layers))
         eplb.print_note(note)
     else:
         placement = (eplb.read_eplb if fmt == "eplb" else vllm.read_vllm)(path, gpus, gpus_per_node)
