@@ -7,6 +7,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from moeplace.errors import MoeplaceError
 from moeplace.models.discovery import find_moe_layers
 from moeplace.models.tiny import FAMILIES, build_tiny_model, byte_tokenizer
 from moeplace.parallel import available_cpus
+from moeplace.trace import collect as collect_mod
 from moeplace.trace import text as text_mod
 from moeplace.trace.collect import RouterRecorder, collect, route_batch
 from moeplace.trace.format import load_trace
@@ -125,6 +127,25 @@ def test_collect_interrupted_keeps_completed_batches(tiny_dirs: dict[str, Path],
     assert out.interrupted and out.num_batches == 2 and out.trace is not None
     assert out.trace.num_tokens == 24 and out.trace.sequence_ids.max() == 3
     assert list(tmp_path.iterdir()) == []  # the spool directory is gone
+
+
+def test_progress_rate_leaves_the_warm_up_out(tiny_dirs: dict[str, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    model = load(tiny_dirs["mixtral"])
+    layers = find_moe_layers(model)
+    clock = iter([0.0, 10.0, 11.0, 12.0, 12.0])  # start, after batches 1 (10 s of warm-up), 2, 3, end
+    monkeypatch.setattr(collect_mod, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    notes: list[str] = []
+
+    class Recording:
+        def __init__(self, *args: object, **kw: object) -> None: ...
+        def update(self, done: float, note: str = "") -> None: notes.append(note)
+        def close(self, note: str = "") -> None: ...
+
+    monkeypatch.setattr(collect_mod, "Progress", Recording)
+    windows = [np.arange(i, i + 6) for i in range(6)]  # 3 batches of 2 x 6 tokens
+    collect(model, layers, iter_batches(windows, 2), device=torch.device("cpu"), meta={}, spool_dir=tmp_path)
+    assert notes == ["12 tokens, 1 tokens/s", "24 tokens, 12 tokens/s", "36 tokens, 12 tokens/s"]
 
 
 # ---- text input ----------------------------------------------------------------------------------
@@ -244,10 +265,11 @@ def test_cli_messages(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path,
     out = tmp_path / "t.npz"
     args = ["trace", "--model", str(one_layer), "--data", str(corpus), "-o", str(out), "--max-tokens", "100"]
     assert run(args) == 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-2].startswith("trace: done 100 tokens [") and " in " not in err[-2], err  # the time once
-    assert err[-1] == f"wrote {out}: 100 tokens x 1 MoE layer x top-2 over 8 experts, decoder layer [0]"
-    assert run([*args, "-q"]) == 0 and capsys.readouterr().err == ""  # -q: errors only
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert err[-1].startswith("trace: done 100 tokens [") and " in " not in err[-1], err  # the time once
+    assert cap.out == f"wrote {out}: 100 tokens x 1 MoE layer x top-2 over 8 experts, decoder layer [0]\n"
+    assert run([*args, "-q"]) == 0 and capsys.readouterr() == ("", "")  # -q: errors only
     for name, text in (("empty.txt", ""), ("blank.jsonl", "\n  \n")):  # nothing to trace: no "done"
         (tmp_path / name).write_text(text)
         assert run(["trace", "--model", str(one_layer), "--data", str(tmp_path / name), "-o", str(out)]) == 2

@@ -41,7 +41,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
               help="Tokenizer to use  [default: the model's]")
 @click.option("--corpus", default=None,
               help="Corpus label stored in the trace meta  [default: the names of the data files read]")
-@click.option("-q", "--quiet", is_flag=True, help="No progress and no summary on stderr; errors only.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress (stderr) and no summary line (stdout); errors only.")
 def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | None, max_tokens: int | None,
           batch_size: int, dtype: str, device: str, threads: int | None, tokenizer_ref: str | None,
           corpus: str | None, quiet: bool) -> None:
@@ -151,8 +151,8 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
         kept = f"; {output} left as it was" if target != output else ""
         click.echo(f"wrote {target}: {_summary(t, moe_idx)} (interrupted: a valid shorter trace{kept})", err=True)
         raise AlreadyReported(130)  # the line above says what was written, also with -q
-    if not quiet:
-        click.echo(f"wrote {output}: {_summary(t, moe_idx)}", err=True)
+    if not quiet:  # the summary goes to stdout, like solve's, import's and export's; progress stays on stderr
+        click.echo(f"wrote {output}: {_summary(t, moe_idx)}")
 
 
 def _summary(t: Any, moe_idx: list[int]) -> str:

@@ -120,6 +120,7 @@ def collect(
     bar = Progress("trace", total=max_tokens, enabled=progress)
     start = time.monotonic()
     done_tokens = 0
+    warm: tuple[int, float] | None = None  # (tokens, time) after the first batch, which pays the warm-up
     interrupted = False
     parts: list[Path] = []
     with _spool(spool_dir) as spool, RouterRecorder(layers) as recorder:
@@ -131,7 +132,10 @@ def collect(
                 np.savez(part, ids=ids[keep].astype(np.int32), weights=weights[keep], tokens=_token_columns(batch))
                 parts.append(part)  # only complete parts: Ctrl-C inside savez leaves this one out
                 done_tokens += batch.num_tokens
-                rate = done_tokens / max(time.monotonic() - start, 1e-9)
+                now = time.monotonic()
+                since = warm or (0, start)  # from the second batch on, the rate leaves the warm-up out
+                rate = (done_tokens - since[0]) / max(now - since[1], 1e-9)
+                warm = warm or (done_tokens, now)
                 bar.update(done_tokens, f"{done_tokens} tokens, {rate:,.0f} tokens/s")
         except KeyboardInterrupt:
             interrupted = True
