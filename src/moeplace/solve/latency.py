@@ -66,7 +66,7 @@ from moeplace.solve.costmodel import (
     INTER, INTRA, CostModel, alltoall_us, layer_time, layer_traffic, load_cost_model, token_scale,
 )
 from moeplace.solve.ilp import highs, proven_optimal
-from moeplace.trace.format import Trace, layer_counts, pair_counts
+from moeplace.trace.format import Trace, flow_counts, layer_counts
 
 if TYPE_CHECKING:  # solver imports this module late: no cycle at run time
     from moeplace.placement import Placement
@@ -659,7 +659,7 @@ def _layer_lp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: floa
     # us per token hidden state sent over each link class, per phase
     us = {cls: m.hidden_size * m.dispatch_bytes * scale / (bw * 1e3) for cls, bw in ((INTRA, c.intra_gbps), (INTER, c.inter_gbps))}
     home = model.home0 if layer == 0 else e2g[layer - 1][ids[:, layer - 1, 0]]
-    homed = pair_counts(home, ids[:, layer], num_gpus, num_experts)  # tokens at GPU h selecting expert e
+    homed = flow_counts(home, ids[:, layer], num_gpus, num_experts)  # tokens at GPU h selecting expert e
     load = model.loads[layer] if model.loads is not None else np.bincount(ids[:, layer].ravel(), minlength=num_experts) * scale
     # HiGHS refuses coefficients past 1e15 (PuLP then fails on an IndexError), which a batch of 2**40
     # tokens or a slow expert reaches: divide all by one power of two, which leaves the solution as it is
@@ -693,7 +693,7 @@ def _layer_lp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: floa
     if layer + 1 < trace.num_layers:
         # next layer's dispatch: tokens whose top-1 here is e start on e's GPU; their next experts are fixed
         nxt_gpu = e2g[layer + 1][ids[:, layer + 1]]  # [T, k]
-        flow = pair_counts(ids[:, layer, 0], nxt_gpu, num_experts, num_gpus)  # tokens with top-1 e going to GPU d next
+        flow = flow_counts(ids[:, layer, 0], nxt_gpu, num_experts, num_gpus)  # tokens with top-1 e going to GPU d next
         for g in range(num_gpus):
             for cls in (INTRA, INTER):
                 peers = np.flatnonzero(links[g] == cls).tolist()

@@ -20,7 +20,7 @@ from moeplace.errors import MoeplaceError
 from moeplace.placement import Placement
 from moeplace.solve.balance import balance_placement
 from moeplace.solve.ilp import highs, highs_status
-from moeplace.trace.format import Trace, pair_counts
+from moeplace.trace.format import Trace, flow_counts
 
 
 def assign_clusters(flow: np.ndarray, layer: int | None = None) -> np.ndarray:
@@ -57,7 +57,7 @@ def moetuner_placement(trace: Trace, num_gpus: int, gpus_per_node: int, time_lim
     ids = trace.topk_ids
     for layer in range(1, trace.num_layers):
         src = e2g[layer - 1][ids[:, layer - 1, 0]]  # GPU of each token's top-1 at the previous layer
-        flow = pair_counts(src, clusters[layer][ids[:, layer]], num_gpus, num_gpus)
+        flow = flow_counts(src, clusters[layer][ids[:, layer]], num_gpus, num_gpus)
         perm = assign_clusters(flow, layer)  # cluster d of this layer goes to GPU perm[d]
         e2g[layer] = perm[clusters[layer]]
     return Placement(e2g, num_gpus, gpus_per_node, objective={"name": "moetuner"},

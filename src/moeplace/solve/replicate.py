@@ -26,7 +26,7 @@ import numpy as np
 
 from moeplace.eval.metrics import serve_layer
 from moeplace.solve.costmodel import layer_time, token_scale
-from moeplace.trace.format import pair_counts
+from moeplace.trace.format import flow_counts
 
 if TYPE_CHECKING:
     from moeplace.solve.latency import LatencyModel
@@ -78,7 +78,7 @@ def add_replicas(model: "LatencyModel", e2g: np.ndarray, redundant: int, deadlin
     served = e2g[np.arange(num_layers)[None, :, None], ids]  # [T, L, k], updated layer by layer
     home = model.home0
     for layer in range(num_layers):
-        homed = pair_counts(home, ids[:, layer], num_gpus, num_experts)
+        homed = flow_counts(home, ids[:, layer], num_gpus, num_experts)
         rules = RULES if time.monotonic() < deadline else RULES[:1]
         scored = []  # (cost on all tokens, costs per fold, copies, serving GPUs [T, k])
         for rule in rules:

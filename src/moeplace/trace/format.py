@@ -123,7 +123,7 @@ def layer_counts(values: np.ndarray, size: int) -> np.ndarray:
     return np.bincount(flat, minlength=num_layers * size).reshape(num_layers, size).astype(np.float64)
 
 
-def pair_counts(src: np.ndarray, dst: np.ndarray, num_src: int, num_dst: int) -> np.ndarray:
+def flow_counts(src: np.ndarray, dst: np.ndarray, num_src: int, num_dst: int) -> np.ndarray:
     """Tokens going from each source to each destination: src int [T], dst int [T, k] -> float64
     [num_src, num_dst] (a token counts once per destination entry)."""
     flat = (src[:, None] * num_dst + dst).ravel()
