@@ -10,7 +10,9 @@ import pytest
 from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import serve_layer, token_gpus
 from moeplace.placement import Placement
-from moeplace.solve.costmodel import load_cost_model, predict
+from moeplace.solve.costmodel import Cluster, CostModel, ModelCost, active_probability, load_cost_model, predict
+from moeplace.solve.latency import LatencyModel, _layer_lp, count_range, latency_bound, shrunk_loads
+from moeplace.solve.solver import solve_placement
 from moeplace.trace.format import Trace, make_trace
 
 from conftest import ROOT
@@ -72,7 +74,7 @@ def test_bad_configs_one_clear_error(tmp_path: Path, bad: str, msg: str) -> None
         load_cost_model(_write(tmp_path, bad))
 
 
-def test_topology_mismatch(tmp_path: Path, small_trace) -> None:
+def test_topology_mismatch(tmp_path: Path, small_trace: Trace) -> None:
     cm = load_cost_model(_write(tmp_path, TINY))
     with pytest.raises(MoeplaceError, match="node"):
         predict(cm, Placement(np.zeros((3, 8), dtype=int) + np.arange(8) // 2, 4, 4), small_trace)
@@ -102,7 +104,7 @@ def test_serve_layer_prefers_own_gpu_then_least_loaded() -> None:
     assert far[:, 0].tolist() == [0, 0, 1, 2, 2]
 
 
-def test_token_gpus_with_replicas_uses_local_copy(small_trace) -> None:
+def test_token_gpus_with_replicas_uses_local_copy(small_trace: Trace) -> None:
     e2g = np.tile(np.arange(8) // 2, (3, 1))
     plain = Placement(e2g, 4, 2)
     with_copy = Placement(e2g, 4, 2, replicas=[[], [(e, g) for e in range(8) for g in range(4) if g != e // 2][:6], []])
@@ -162,11 +164,61 @@ def test_topology_mismatch_names_the_file(tmp_path: Path, small_trace: Trace) ->
 def test_latency_solve_at_the_largest_figures(small_trace: Trace) -> None:
     """A 2**40-token batch of 1e12-us experts over 1e-6 GB/s links gives LP coefficients past
     HiGHS' 1e15 (PuLP then raised IndexError): the layer LP scales them and still solves."""
-    from moeplace.solve.costmodel import Cluster, CostModel, ModelCost
-    from moeplace.solve.latency import LatencyModel, _layer_lp, count_range
     cost = CostModel(Cluster("c", 2, 2, 1e-6, 1e12, 1e12, 0.0),
                      ModelCost("m", 2**20, 64.0, 64.0, expert_us_per_token=1e12, expert_fixed_us=1e12, batch_tokens=2**40))
     model = LatencyModel(cost, small_trace)
     e2g = np.tile(np.arange(8) // 2, (3, 1))
     row = _layer_lp(model, e2g, 1, 10.0, count_range(e2g, 1, 4, None))
     assert row is not None and np.bincount(row, minlength=4).tolist() == [2, 2, 2, 2]
+
+
+def _cold_trace() -> Trace:
+    """10 tokens, 1 layer, top-1: expert 0 takes 9, expert 1 (cold) 1, experts 2 and 3 none."""
+    return make_trace(np.array([0] * 9 + [1]).reshape(10, 1, 1), num_experts=4)
+
+
+@pytest.mark.parametrize("batch, active", [
+    (None, 2.0),  # the batch is the trace itself: both experts with tokens are active
+    (2, (1 - 0.1**2) + (1 - 0.9**2)),  # 0.99 + 0.19: the cold expert likely gets no token
+    (20, 1.0 + (1 - 0.9**20)),  # 1 + 0.8784
+    (1000, 2.0),  # 1 - 0.9**1000 = 1 - 2e-46: certain
+])
+def test_per_expert_term_counts_experts_expected_active_in_the_batch(tmp_path: Path, batch: int | None,
+                                                                     active: float) -> None:
+    text = TINY if batch is None else TINY.replace("expert_fixed_us: 10", f"expert_fixed_us: 10, batch_tokens: {batch}")
+    cm = load_cost_model(_write(tmp_path, text))
+    # experts 0 and 1 on GPU 0 (all 10 token-experts), 2 and 3 on GPU 1 (none)
+    t = predict(cm, Placement(np.array([[0, 0, 1, 1]]), 2, 2), _cold_trace())
+    tokens = 10 if batch is None else batch
+    assert t.compute_us[0] == pytest.approx(10 * active + 2 * tokens, rel=1e-12)
+
+
+def test_per_expert_term_of_a_hot_trace_is_the_plain_count(tmp_path: Path, small_trace: Trace) -> None:
+    """Every expert busy (share x batch far past 37): exactly the count of experts with tokens."""
+    cm = load_cost_model(_write(tmp_path, TINY.replace("expert_fixed_us: 10", "expert_fixed_us: 10, batch_tokens: 8192")))
+    e2g = np.tile(np.arange(8) // 4, (3, 1))
+    t = predict(cm, Placement(e2g, 2, 2), small_trace)
+    for layer in range(3):
+        ids = small_trace.topk_ids[:, layer]
+        load = np.bincount(e2g[layer][ids].ravel(), minlength=2) * (8192 / 24)
+        experts = np.bincount(e2g[layer][np.unique(ids)], minlength=2)
+        assert t.compute_us[layer] == (10.0 * experts + 2.0 * load).max()  # bit for bit
+    assert (active_probability(np.array([0.0, 40 / 8192, 1.0]), 24, 8192 / 24) == [0.0, 1.0, 1.0]).all()
+
+
+def test_search_model_and_bound_use_the_expected_count(small_trace: Trace) -> None:
+    """The search's smoothed model counts each expert by its chance of a token in the batch from
+    its shrunk share, and the bound stays below the value where that chance is far from 1."""
+    cost = CostModel(Cluster("c", 1, 2, 1.0, 0.0, 1.0, 0.0),
+                     ModelCost("m", 8, 1.0, 1.0, expert_us_per_token=1.0, expert_fixed_us=100.0, batch_tokens=2))
+    model = LatencyModel(cost, small_trace, smooth=True)
+    share = shrunk_loads(small_trace.expert_loads()) / small_trace.num_tokens
+    assert model.active is not None
+    np.testing.assert_allclose(model.active, 1 - (1 - share) ** 2, rtol=1e-12)
+    assert (model.active < 0.6).all()  # shares of 1/4 at most: nowhere near the plain count 1
+    # the bound's fixed part is the expected count spread over the GPUs, not the 8 experts
+    exact = LatencyModel(cost, small_trace)
+    assert latency_bound(exact, 2, 0) < 3 * 100.0 * 8 / 2
+    for redundant in (0, 2):
+        p = solve_placement(small_trace, 2, 2, time_limit=5, seed=0, objective="latency", cost=cost, redundant=redundant)
+        assert p.bound is not None and 0 < p.bound <= p.objective["value"] + 1e-9

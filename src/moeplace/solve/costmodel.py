@@ -3,7 +3,9 @@
 Per MoE layer l (tail latency, the quantity MoETuner targets; docs/cost-model.md):
 
     time[l]     = max_g compute[l, g] + dispatch[l] + combine[l]
-    compute     = expert_fixed_us * active experts on g + expert_us_per_token * token-expert load on g
+    compute     = expert_fixed_us * expected active experts on g + expert_us_per_token * token-expert load on g
+                  (an expert, or a copy, serving a share p of the traced tokens is active in a batch
+                  of B tokens with probability 1 - (1 - p)^B; B = the traced tokens: active if p > 0)
     dispatch    = max_g Alltoall time of GPU g: a token sends its hidden state once to every GPU,
                   other than its current one, that serves one of its k experts (DeepEP-style
                   de-duplication per destination GPU)
@@ -258,14 +260,33 @@ def layer_traffic(home: np.ndarray, gpus: np.ndarray, num_gpus: int, group: np.n
     return dispatch.reshape(shape).astype(np.float64), combine.reshape(shape).astype(np.float64)
 
 
+def active_probability(share: np.ndarray, num_tokens: int, scale: float) -> np.ndarray:
+    """Probability that an expert (or one copy of it) taking share float [...] of `num_tokens`
+    traced tokens is active (gets at least one token) in the batch they are scaled to by `scale`
+    (token_scale), float [...]: 1 - (1 - share)^B for a batch of B independent tokens.
+
+    Scale 1: the batch is the traced tokens themselves, whose active experts are known (share > 0).
+    Exactly 1.0 once share x B exceeds about 37, so a trace whose experts are all busy keeps the
+    plain count of active experts, bit for bit; exactly 0.0 at share 0."""
+    share = np.clip(share, 0.0, 1.0)
+    if scale == 1:
+        return (share > 0).astype(np.float64)
+    with np.errstate(divide="ignore"):  # share 1: log1p(-1) = -inf, probability 1
+        return -np.expm1(num_tokens * scale * np.log1p(-share))
+
+
 def layer_time(cost: CostModel, home: np.ndarray, gpus: np.ndarray, experts: np.ndarray, scale: float,
                links: np.ndarray | None = None) -> tuple[float, float, float]:
     """(compute, dispatch, combine) microseconds of one layer; gpus/experts int [T, k]."""
     g_count = cost.cluster.num_gpus
     m = cost.model
+    num_tokens = len(gpus)
     load = np.bincount(gpus.ravel(), minlength=g_count) * scale
-    pairs = np.unique(gpus.ravel() * (experts.max() + 1) + experts.ravel())
-    active = np.bincount(pairs // (experts.max() + 1), minlength=g_count)
+    # the per-expert term counts the (GPU, expert) pairs expected active in the scaled batch, from
+    # each pair's share of the traced tokens (a token selects an expert at most once)
+    pairs, served = np.unique(gpus.ravel() * (experts.max() + 1) + experts.ravel(), return_counts=True)
+    active = np.bincount(pairs // (experts.max() + 1), minlength=g_count,
+                         weights=active_probability(served / num_tokens, num_tokens, scale))
     compute = float((m.expert_fixed_us * active + m.expert_us_per_token * load).max())
     dispatch, combine = layer_traffic(home, gpus, g_count)
     bytes_d, bytes_c = m.hidden_size * m.dispatch_bytes, m.hidden_size * m.combine_bytes

@@ -63,7 +63,7 @@ from moeplace.eval.metrics import initial_homes
 from moeplace.progress import Progress
 from moeplace.solve.balance import balance_placement, replication_bound, total_slots_per_gpu
 from moeplace.solve.costmodel import (
-    INTER, INTRA, CostModel, alltoall_us, layer_time, layer_traffic, load_cost_model, token_scale,
+    INTER, INTRA, CostModel, active_probability, alltoall_us, layer_time, layer_traffic, load_cost_model, token_scale,
 )
 from moeplace.solve.ilp import highs, proven_optimal
 from moeplace.trace.format import Trace, flow_counts, layer_counts
@@ -117,7 +117,11 @@ class LatencyModel:
         self.scale = token_scale(cost, trace.num_tokens, stands_for)  # a fold stands for the whole set
         self.links = cost.link_class()
         self.home0 = initial_homes(trace.num_tokens, cost.cluster.num_gpus)
-        self.loads = shrunk_loads(trace.expert_loads()) * self.scale if smooth else None
+        shrunk = shrunk_loads(trace.expert_loads()) if smooth else None
+        self.loads = shrunk * self.scale if shrunk is not None else None
+        # each expert's chance of a token in the batch, from its shrunk share (costmodel.layer_time)
+        self.active = active_probability(shrunk / trace.num_tokens, trace.num_tokens, self.scale) \
+            if shrunk is not None else None
 
     def layer(self, e2g: np.ndarray, layer: int) -> np.ndarray:
         """(compute, dispatch, combine) of one layer, float [3]."""
@@ -127,7 +131,9 @@ class LatencyModel:
         if self.loads is None:
             return np.array(layer_time(self.cost, home, gpus, ids[:, layer], self.scale, self.links))
         counts = np.stack(layer_traffic(home, gpus, self.cost.cluster.num_gpus))[:, None]  # [2, 1, G, G]
-        return smoothed_costs(self.cost, self.links, e2g[layer], self.loads[layer][None], np.array([self.scale]), counts)[0]
+        assert self.active is not None
+        return smoothed_costs(self.cost, self.links, e2g[layer], self.loads[layer][None], self.active[layer][None],
+                              np.array([self.scale]), counts)[0]
 
     def weighted(self, parts: np.ndarray) -> float:
         return float(self.w * parts[..., 0].sum() + parts[..., 1:].sum())
@@ -136,19 +142,20 @@ class LatencyModel:
         return np.stack([self.layer(e2g, layer) for layer in range(e2g.shape[0])])  # [L, 3]
 
 
-def smoothed_costs(cost: CostModel, links: np.ndarray, row: np.ndarray, loads: np.ndarray, scales: np.ndarray,
-                   counts: np.ndarray) -> np.ndarray:
+def smoothed_costs(cost: CostModel, links: np.ndarray, row: np.ndarray, loads: np.ndarray, active: np.ndarray,
+                   scales: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """(compute, dispatch, combine) of one layer placed as row int [E] (or each model's layer as
     its row int [M, E]) for M smoothed models, float [M, 3]: compute from each model's shrunk
-    loads float [M, E] (already scaled to the batch), dispatch and combine from its token counts
+    loads float [M, E] (already scaled to the batch) and its experts' chances of being active in
+    the batch float [M, E] (LatencyModel.active), dispatch and combine from its token counts
     float [2, M, G, G] (costmodel.layer_traffic) scaled by scales float [M]. Each model's numbers
     are those it gets alone."""
     m, (num_models, num_gpus) = cost.model, (len(loads), links.shape[0])
     at = (np.arange(num_models)[:, None] * num_gpus + row).ravel()  # (model, GPU) of each expert
     gpu_load = np.bincount(at, weights=loads.ravel(), minlength=num_models * num_gpus).reshape(num_models, -1)
-    active = np.bincount(at[loads.ravel() > 0], minlength=num_models * num_gpus).reshape(num_models, -1)
+    gpu_active = np.bincount(at, weights=active.ravel(), minlength=num_models * num_gpus).reshape(num_models, -1)
     volume = counts * scales[None, :, None, None]
-    return np.stack([(m.expert_fixed_us * active + m.expert_us_per_token * gpu_load).max(1),
+    return np.stack([(m.expert_fixed_us * gpu_active + m.expert_us_per_token * gpu_load).max(1),
                      alltoall_us(volume[0], m.hidden_size * m.dispatch_bytes, cost, links),
                      alltoall_us(volume[1], m.hidden_size * m.combine_bytes, cost, links)], axis=1)
 
@@ -187,6 +194,7 @@ class SearchModels:
         self.selecting = [_tokens_by_expert(self.ids[:, layer], trace.num_experts) for layer in range(trace.num_layers)]
         self.top1 = [_tokens_by_expert(self.ids[:, layer, :1], trace.num_experts) for layer in range(trace.num_layers)]
         self.loads = np.stack([m.loads for m in self.all])  # type: ignore[misc]  # [M, L, E]
+        self.active = np.stack([m.active for m in self.all])  # type: ignore[misc]  # [M, L, E]
         self.scales = np.array([m.scale for m in self.all])
         self.counts: list[np.ndarray] = []  # the current placement's, per layer (`_count`)
         self.first = [np.ascontiguousarray(self.ids[:, layer, 0]) for layer in range(trace.num_layers)]  # top-1 ids
@@ -316,7 +324,8 @@ class SearchModels:
     def _costs(self, e2g: np.ndarray, layer: int, counts: np.ndarray) -> np.ndarray:
         """float [M, 3]: smoothed_costs of every model from its counts [2, M, G, G]."""
         whole = self.all[0]
-        return smoothed_costs(whole.cost, whole.links, e2g[layer], self.loads[:, layer], self.scales, counts)
+        return smoothed_costs(whole.cost, whole.links, e2g[layer], self.loads[:, layer], self.active[:, layer],
+                              self.scales, counts)
 
     def _per_model(self, costs: list[np.ndarray]) -> list[np.ndarray]:
         """Per-layer costs float [M, 3] each -> float [layers, 3] for each model."""
@@ -357,6 +366,7 @@ class SearchModels:
         num_models, whole = len(self.all), self.all[0]
         stacked = smoothed_costs(whole.cost, whole.links, np.repeat(cand[touched], num_models, axis=0),
                                  self.loads[:, touched].transpose(1, 0, 2).reshape(len(touched) * num_models, -1),
+                                 self.active[:, touched].transpose(1, 0, 2).reshape(len(touched) * num_models, -1),
                                  np.tile(self.scales, len(touched)), np.concatenate(new_counts, axis=1))
         self.proposed = ({layer: cand[layer].copy() for layer in touched}, new_counts)
         return list(stacked.reshape(len(touched), num_models, 3).transpose(1, 0, 2)), new_counts
@@ -749,13 +759,16 @@ def latency_bound(model: LatencyModel, num_gpus: int, redundant: int, cap: int |
     if cap is not None:
         slots = max(slots, min(trace.num_experts - num_gpus + 1, cap - (trace.num_layers - 1)))
     loads = trace.expert_loads() * model.scale
+    # an expert's copies together are at least as likely active as one copy taking all its tokens
+    # (1 - (1 - p)^B is concave and 0 at 0, so subadditive): the layout-free active count
+    active = active_probability(trace.expert_loads() / trace.num_tokens, trace.num_tokens, model.scale).sum(1)
     # a GPU sends on its NVLink and its network link at once (costmodel.alltoall_us): at best
     # every byte moves at the two bandwidths summed
     bandwidth = (c.intra_gbps if c.gpus_per_node > 1 else 0.0) + (c.inter_gbps if c.num_nodes > 1 else 0.0)
     total = 0.0
     for layer in range(trace.num_layers):
         # the slowest GPU is at least the mean GPU, and at least the hottest replica's tokens
-        mean = (m.expert_fixed_us * np.count_nonzero(loads[layer]) + m.expert_us_per_token * loads[layer].sum()) / num_gpus
+        mean = (m.expert_fixed_us * active[layer] + m.expert_us_per_token * loads[layer].sum()) / num_gpus
         compute = max(mean, m.expert_us_per_token * replication_bound(loads[layer], num_gpus, redundant))
         remote = max(0, math.ceil(trace.top_k / slots) - 1) * trace.num_tokens * model.scale
         comm = 0.0
