@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, SHARED_DATA
 from moeplace.cli import run
-from moeplace.errors import TraceError
+from moeplace.errors import MoeplaceWarning, TraceError
 from moeplace.trace.format import Trace, load_loads, load_trace
 from moeplace.trace.importers import import_csv, import_loads_json, import_sglang
 
@@ -96,7 +97,6 @@ P2L = np.array([[0, 1, 2, 3, 1, 2]] * 4)
 
 
 def _record(pass_id: int, rank: int, physical: list[list[list[int]]], input_ids: list[int], positions: list[int]) -> dict:
-    import torch
 
     n = len(input_ids)
     ids = torch.full((4, n, 8), -1, dtype=torch.int32)
@@ -109,8 +109,6 @@ def _record(pass_id: int, rank: int, physical: list[list[list[int]]], input_ids:
 
 
 def _per_token_dumps(tmp_path: Path) -> list[Path]:
-    import torch
-
     a = _record(0, 0, [[[0, 4], [5, 3], [1, 0]], [[2, 3], [3, 0], [4, 5]]], [11, 12], [0, 1])
     b = _record(1, 0, [[[3, 2], [0, 1], [2, 3]]], [13], [2])
     c = _record(0, 1, [[[1, 2], [2, 1], [3, 2]], [[-1, -1], [-1, -1], [-1, -1]]], [21, 0], [0, 0])  # DP rank 1 + padding row
@@ -124,7 +122,8 @@ def _per_token_dumps(tmp_path: Path) -> list[Path]:
 
 
 def test_sglang_per_token_to_trace(tmp_path: Path) -> None:
-    t = import_sglang(_per_token_dumps(tmp_path))
+    with pytest.warns(MoeplaceWarning, match="pass 0 holds different batches on ranks 0 and 1: DP attention"):
+        t = import_sglang(_per_token_dumps(tmp_path))
     assert t.meta["moe_layers"] == [1, 2, 3] and t.meta["dropped_tokens"] == 1 and t.meta["records"] == 3
     assert t.num_experts == 4 and t.top_k == 2 and t.topk_weights is None
     # order: pass 0 rank 0 (tokens 11, 12), pass 0 rank 1 (21; padding dropped), pass 1 (13)
@@ -144,8 +143,6 @@ def test_sglang_cli_writes_trace(tmp_path: Path) -> None:
 
 
 def test_sglang_stat_to_loads(tmp_path: Path) -> None:
-    import torch
-
     rng = np.random.default_rng(0)
     count = rng.integers(0, 50, size=(5, 3, 8))
     count[:, 0] = 0  # a dense layer
@@ -160,7 +157,6 @@ def test_sglang_stat_to_loads(tmp_path: Path) -> None:
 
 
 def test_sglang_refuses_arbitrary_objects(tmp_path: Path) -> None:
-    import torch
 
     path = tmp_path / "evil.pt"
     torch.save({"records": [], "payload": Path("x")}, path)  # a pathlib object needs real unpickling
@@ -169,7 +165,6 @@ def test_sglang_refuses_arbitrary_objects(tmp_path: Path) -> None:
 
 
 def test_sglang_physical_id_out_of_range(tmp_path: Path) -> None:
-    import torch
 
     rec = _record(0, 0, [[[0, 6], [1, 2], [3, 0]]], [1], [0])
     path = tmp_path / "d.pt"
@@ -318,7 +313,6 @@ def test_csv_error_wording(tmp_path: Path) -> None:
 
 
 def _save_dump(path: Path, records: list[dict], p2l: np.ndarray | None) -> Path:
-    import torch
 
     dump: dict = {"records": records}
     if p2l is not None:
@@ -361,7 +355,6 @@ def test_sglang_errors_name_the_files(tmp_path: Path) -> None:
 
 
 def test_sglang_stat_negative_count_is_refused(tmp_path: Path) -> None:
-    import torch
 
     count = np.ones((2, 3, 4), dtype=np.int64)
     count[1, 2, 3] = -5
@@ -524,12 +517,40 @@ def test_exflow_uint64_id_is_named_as_stored(tmp_path: Path, capsys: pytest.Capt
 
 def test_sglang_duplicate_records_are_counted_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     paths = _per_token_dumps(tmp_path)  # rank 1 recorded rank 0's pass-0 batch again
-    assert import_sglang(paths).meta["duplicate_records"] == 1
+    with pytest.warns(MoeplaceWarning, match="DP attention"):
+        assert import_sglang(paths).meta["duplicate_records"] == 1
     out = tmp_path / "t.npz"
     assert run(["import", "sglang", *map(str, paths), "-o", str(out)]) == 0
+    cap = capsys.readouterr()
     assert ("3 records kept, 1 duplicate record dropped (the same batch recorded by several ranks), "
-            "1 padding token dropped") in capsys.readouterr().out
+            "1 padding token dropped") in cap.out
+    assert "forward pass 0 holds different batches on ranks 0 and 1: DP attention" in cap.err  # the CLI says it too
     assert load_trace(out).meta["duplicate_records"] == 1
+
+
+def _rank_dumps(tmp_path: Path, records_of_rank: dict[int, list[dict]]) -> list[Path]:
+    tmp_path.mkdir()
+    paths = []
+    for rank, records in records_of_rank.items():
+        path = tmp_path / f"expert_distribution_recorder_1700000000.0_{rank}.pt"
+        torch.save({"records": records, "last_physical_to_logical_map": torch.tensor(P2L)}, path)
+        paths.append(path)
+    return paths
+
+
+def test_sglang_dp_attention_is_detected_and_its_limits_said(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    """The dump has no DP rank: the same batch on two ranks of one pass counts once, as TP copies
+    must (silently); different batches in one pass prove DP attention, which a warning names."""
+    a = _record(0, 0, [[[0, 4], [5, 3], [1, 0]]], [11], [0])
+    b = _record(0, 1, [[[1, 2], [2, 1], [3, 2]]], [21], [0])
+    later = _record(1, 1, [[[3, 2], [0, 1], [2, 3]]], [12], [1])
+    tp = import_sglang(_rank_dumps(tmp_path / "tp", {0: [a], 1: [{**a, "rank": 1}]}))
+    assert isinstance(tp, Trace) and tp.num_tokens == 1 and tp.meta["duplicate_records"] == 1 and not recwarn.list
+    with pytest.warns(MoeplaceWarning, match=r"forward pass 0 holds different batches on ranks 0 and 1: "
+                                             r"DP attention.*count once \(1 dropped\).*--moe-a2a-backend none"):
+        dp = import_sglang(_rank_dumps(tmp_path / "dp", {0: [a, later], 1: [b, {**a, "rank": 1}]}))
+    assert isinstance(dp, Trace)
+    np.testing.assert_array_equal(dp.token_ids, [11, 21, 12])  # rank 1's copy of rank 0's batch counted once
 
 
 def test_csv_dir_with_layer_files_and_position_folders_is_refused(tmp_path: Path) -> None:
@@ -546,7 +567,6 @@ def test_csv_dir_with_layer_files_and_position_folders_is_refused(tmp_path: Path
 @pytest.mark.parametrize("shape, what", [((0, 2, 8), "no layers"), ((4, 2, 0), "no expert slots")])
 def test_sglang_record_without_layers_or_slots_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                            shape: tuple[int, int, int], what: str) -> None:
-    import torch
 
     rec = _record(0, 0, [[[0, 1], [2, 3], [1, 0]], [[2, 3], [3, 0], [1, 2]]], [1, 2], [0, 1])
     rec["topk_ids_of_layer"] = torch.zeros(shape, dtype=torch.int32)  # was ValueError of ids.min() on no ids
@@ -556,7 +576,6 @@ def test_sglang_record_without_layers_or_slots_is_one_line(tmp_path: Path, capsy
 
 
 def _stat_dump(path: Path, count: np.ndarray) -> Path:
-    import torch
 
     torch.save({"rank": 0, "logical_count": torch.tensor(count)}, path)
     return path

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import save_file
 
 from moeplace.cli import run
@@ -149,12 +150,68 @@ def test_any_dtype_is_permuted_by_bytes_and_extra_layers_are_left_alone(tmp_path
             np.testing.assert_array_equal(out[name], value)
 
 
+def test_fp8_scales_move_with_their_experts_and_per_tensor_ones_stay(tmp_path: Path) -> None:
+    """fp8 checkpoints: per-expert scales of shape [] (neuralmagic Mixtral FP8) or [1] and block
+    scales move with their expert; a per-tensor scale of a fused experts module or of a quantized
+    router, shape [1] or [1, hidden/128] (all experts in one block), is one value for every expert
+    and stays as it is, as a 0-d one does. Run through the CLI."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    experts = np.arange(4)
+    rows = np.repeat(experts[:, None], 3, 1)
+    tensors: dict[str, np.ndarray] = {"model.layers.0.block_sparse_moe.gate.weight": rows.astype(np.float32)}
+    for e in experts:
+        moe = f"model.layers.0.block_sparse_moe.experts.{e}"
+        tensors[f"{moe}.w1.weight"] = np.full((2, 2), e, np.uint8)  # fp8 bytes
+        tensors[f"{moe}.w1.weight_scale"] = np.array(e + 10.0, np.float32)  # shape []
+        tensors[f"{moe}.w1.input_scale"] = np.array([e + 20.0], np.float32)  # shape [1]
+        tensors[f"{moe}.w1.weight_scale_inv"] = np.full((1, 1), e + 30.0, np.float32)
+    tensors |= {
+        "model.layers.1.mlp.gate.weight": rows.astype(np.uint8),  # an fp8 router
+        "model.layers.1.mlp.gate.weight_scale": np.array([5.0], np.float32),
+        "model.layers.1.mlp.gate.input_scale": np.array([6.0], np.float32),
+        "model.layers.1.mlp.gate.weight_scale_inv": np.array([[7.0]], np.float32),
+        "model.layers.1.mlp.gate.e_score_correction_bias": experts.astype(np.float32),
+        "model.layers.1.mlp.experts.gate_up_proj": np.broadcast_to(experts[:, None, None], (4, 2, 2)).astype(np.uint8),
+        "model.layers.1.mlp.experts.gate_up_proj_scale": np.broadcast_to(experts[:, None, None], (4, 1, 2)).astype(np.float32),
+        "model.layers.1.mlp.experts.gate_up_proj_input_scale": np.array([8.0], np.float32),
+        "model.layers.1.mlp.experts.down_proj_input_scale": np.array(9.0, np.float32),
+    }
+    save_numpy(tensors, str(src / "model.safetensors"))
+    placement = Placement(expert_to_gpu=np.array([[1, 0, 1, 0], [0, 1, 1, 0]]), num_gpus=2, gpus_per_node=2)
+    placement.save(tmp_path / "p.json")
+    assert run(["permute-checkpoint", str(src), str(tmp_path / "p.json"), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+
+    out = load_numpy(str(tmp_path / "out" / "model.safetensors"))
+    assert out.keys() == tensors.keys()
+    order = [[1, 3, 0, 2], [0, 3, 1, 2]]  # new expert j = old expert order[layer][j]
+    moe = "model.layers.0.block_sparse_moe"
+    assert out[f"{moe}.gate.weight"][:, 0].tolist() == order[0]
+    for j, old in enumerate(order[0]):
+        assert out[f"{moe}.experts.{j}.w1.weight"][0, 0] == old
+        assert out[f"{moe}.experts.{j}.w1.weight_scale"].shape == () and out[f"{moe}.experts.{j}.w1.weight_scale"] == old + 10
+        assert out[f"{moe}.experts.{j}.w1.input_scale"].tolist() == [old + 20]
+        assert out[f"{moe}.experts.{j}.w1.weight_scale_inv"].tolist() == [[old + 30]]
+    assert out["model.layers.1.mlp.gate.weight"][:, 0].tolist() == order[1]
+    assert out["model.layers.1.mlp.gate.e_score_correction_bias"].tolist() == order[1]
+    assert out["model.layers.1.mlp.experts.gate_up_proj"][:, 0, 0].tolist() == order[1]
+    assert out["model.layers.1.mlp.experts.gate_up_proj_scale"][:, 0, 0].tolist() == order[1]
+    for name in ("gate.weight_scale", "gate.input_scale", "gate.weight_scale_inv", "experts.gate_up_proj_input_scale",
+                 "experts.down_proj_input_scale"):
+        np.testing.assert_array_equal(out[f"model.layers.1.mlp.{name}"], tensors[f"model.layers.1.mlp.{name}"])
+
+
 @pytest.mark.parametrize("tensors,index,message", [
     ({"model.layers.0.mlp.gate.weight": (4, 3), **{f"model.layers.0.mlp.experts.{e}.w": (2,) for e in range(3)}},
      None, "expert ids 0..2 (3 experts) but its router scores 4"),
     ({"model.layers.0.mlp.experts.0.w": (2,)}, None, "no [experts, hidden] router"),
     ({"model.layers.0.mlp.gate.weight": (4, 3), "model.layers.0.mlp.experts.down_proj": (3, 2)}, None,
      "no leading expert dimension of 4"),
+    # DeepSeek-style block scale of an fp8 router with more than 128 experts in blocks of 2: rows cannot move alone
+    ({"model.layers.0.mlp.gate.weight": (4, 3), "model.layers.0.mlp.gate.weight_scale_inv": (2, 1),
+      "model.layers.0.mlp.experts.down_proj": (4, 2)}, None,
+     "gate.weight_scale_inv of shape [2, 1] has no leading expert dimension of 4 (nor 1"),
     ({"model.layers.0.mlp.gate.weight": (4, 3), "model.layers.0.mlp.experts.down_proj": (4, 2)},
      {"model.layers.0.mlp.gate.weight": "model.safetensors"}, "index.json and the shards disagree"),
     ({"model.norm.weight": (3,)}, None, "no MoE layers found"),

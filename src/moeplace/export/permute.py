@@ -15,6 +15,7 @@ Each MoE block's tensors, as `moeplace.models.checkpoint.moe_blocks` finds them,
     per-expert  {block}.experts.{e}.{rest}      renamed to {block}.experts.{j}.{rest}, bytes untouched
     fused       {block}.experts.{name} [E, ...]  rows reordered along dim 0
     router      {block}.{gate|router}.{param} [E, ...]  rows reordered along dim 0
+    shared      either of the last two, [] or [1, ...]  copied as they are (one value for all experts)
 
 The rewrite streams bytes: a tensor's rows are contiguous in a safetensors file, so reordering
 is copying row ranges. No tensor is decoded (any dtype, fp8 and MXFP4 blocks included) and memory
@@ -232,9 +233,7 @@ def _plan(ckpt: Checkpoint, blocks: list[MoeBlock], new_to_old: np.ndarray) -> d
             old, new = f"{block.prefix}.experts.{expert}.", f"{block.prefix}.experts.{int(old_to_new[expert])}."
             plan.update({name: (new + name[len(old):], None) for name in names})
         for name in (*block.fused, *block.router):
-            entry = entries[name]
-            if not entry.shape:
-                continue  # a 0-d scale shared by all experts
+            entry = entries[name]  # [E, ...]: moe_blocks put the [] and [1, ...] ones in block.shared
             if (entry.end - entry.begin) % block.num_experts:  # sub-byte packing across rows
                 raise CheckpointError(f"{name}: {entry.end - entry.begin} bytes do not split into "
                                       f"{block.num_experts} expert rows; don't know how to renumber it")

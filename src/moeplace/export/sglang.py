@@ -9,7 +9,10 @@ so it must hold that key and nothing else; SGLang derives `logical_to_all_physic
 Layout SGLang assumes:
     rows      one per decoder layer, `config.num_hidden_layers` of them, dense layers included
               (DeepSeek-V3's first_k_dense_replace layers); those rows are never read, and get
-              SGLang's trivial map (slot s -> expert s % E).
+              SGLang's trivial map (slot s -> expert s % E). SGLang checks no row count:
+              `init_by_mapping` takes the table as given (metadata.num_layers = its rows) and each
+              lookup indexes it by the MoE layer's decoder id, so a map ending at the last MoE
+              layer (no depth known) runs the same; only `init_trivial`'s shape has more rows.
     columns   num_physical = num_logical + --ep-num-redundant-experts, divisible by --ep-size;
               physical expert s lives on EP rank s // (num_physical / ep_size).
 """
@@ -45,6 +48,7 @@ def sglang_map(placement: Placement, moe_layers: list[int] | None = None, num_hi
     """
     phy2log = physical_to_logical(placement)
     moe_layers = list(range(placement.num_layers)) if moe_layers is None else moe_layers
+    # without the depth, rows end at the last MoE layer: trailing dense rows are never read by SGLang
     rows = max(moe_layers, default=-1) + 1 if num_hidden_layers is None else num_hidden_layers
     if rows > MAX_DECODER_LAYERS:
         raise PlacementError(f"{rows} decoder layers: more than the {MAX_DECODER_LAYERS} moeplace handles")

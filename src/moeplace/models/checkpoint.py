@@ -7,10 +7,15 @@ Pickled weights (.bin, .pt, ...) are never read.
 The MoE layout comes from tensor names and shapes, not from a per-family table. A decoder
 layer's MoE block is the module holding an `experts` child; its keys take two forms:
 
-    per-expert  {block}.experts.{e}.{rest}                 one set of tensors per expert id e
-    fused       {block}.experts.{name} [E, ...]            expert dim 0 (or a 0-d shared scale)
+    per-expert  {block}.experts.{e}.{rest}                 one set of tensors per expert id e, any
+                                                           shape (fp8 weight_scale/input_scale [] or
+                                                           [1], weight_scale_inv blocks)
+    fused       {block}.experts.{name} [E, ...]            expert dim 0
     router      {block}.{gate|router}.{param} [E, ...]     weight [E, hidden], bias,
                                                            e_score_correction_bias
+    shared      either of the last two, 0-d or [1, ...]    broadcast over the experts: a per-tensor
+                                                           fp8 scale, a router's weight_scale_inv
+                                                           [1, hidden/128] when E <= 128
 
 Layout written by `save_pretrained` in transformers 5.23 (it converts back to each family's hub
 format, so the files do NOT mirror the module tree of `moeplace.models.discovery`):
@@ -86,8 +91,10 @@ class MoeBlock:
     prefix: str  # e.g. "model.layers.3.mlp" or "model.layers.3.block_sparse_moe"
     num_experts: int  # E, rows of the router weight
     per_expert: dict[int, tuple[str, ...]]  # expert id -> its {prefix}.experts.{e}.* tensors ({} when fused)
-    fused: tuple[str, ...]  # {prefix}.experts.{name} tensors: [E, ...] or a 0-d scale shared by all experts
-    router: tuple[str, ...]  # {prefix}.{gate|router}.{param} tensors: [E, ...] (weight [E, hidden], bias, ...)
+    fused: tuple[str, ...]  # {prefix}.experts.{name} tensors [E, ...]
+    router: tuple[str, ...]  # {prefix}.{gate|router}.{param} tensors [E, ...] (weight [E, hidden], bias, ...)
+    # experts or router tensors of shape [] or [1, ...] (E > 1): one value for all experts, left as they are
+    shared: tuple[str, ...] = ()
 
 
 # bits per element of every safetensors dtype (safetensors' Dtype enum)
@@ -192,7 +199,8 @@ def moe_blocks(ckpt: Checkpoint) -> list[MoeBlock]:
     1. group `{block}.experts.*` tensors by block: per-expert `{e}.*` or fused;
     2. collect each block's router tensors `{block}.{gate|router}.{param}`; the router weight
        [E, hidden] gives E (a dense layer's `mlp.gate_proj` is no router);
-    3. check the per-expert ids are 0..E-1 and fused/router tensors have a leading E (or are 0-d).
+    3. check the per-expert ids are 0..E-1 and fused/router tensors have a leading E; those of
+       shape [] or [1, ...] are broadcast over the experts (per-tensor fp8 scales) and go to `shared`.
 
     Layers at or past config.num_hidden_layers (DeepSeek's multi-token-prediction layer) are
     not part of the decoder stack a placement is made for and are left out.
@@ -231,12 +239,17 @@ def moe_blocks(ckpt: Checkpoint) -> list[MoeBlock]:
                 f"but its router scores {num_experts}"
             )
         router = routers.get(prefix, [])
+        # a per-tensor scale is saved as [] or [1] (both occur in fp8 checkpoints): either way one value
+        # for every expert, which renumbering leaves alone; with E = 1 the order is the identity anyway
+        shared = [n for n in (*fused, *router) if not shapes[n] or (shapes[n][0] == 1 != num_experts)]
         for name in (*fused, *router):
-            if shapes[name] and shapes[name][0] != num_experts:
+            if name not in shared and shapes[name][0] != num_experts:
                 raise CheckpointError(f"{ckpt.root}: {name} of shape {list(shapes[name])} has no leading expert "
-                                      f"dimension of {num_experts}")
+                                      f"dimension of {num_experts} (nor 1, one value for all experts): don't know "
+                                      "how to renumber it")
         blocks.append(MoeBlock(layer, prefix, num_experts, {e: tuple(k) for e, k in sorted(per_expert.items())},
-                               tuple(fused), tuple(router)))
+                               tuple(n for n in fused if n not in shared), tuple(n for n in router if n not in shared),
+                               tuple(shared)))
     if not blocks:
         raise CheckpointError(f"{ckpt.root}: no MoE layers found (no '...layers.N.<block>.experts...' tensors)")
     if len({b.layer for b in blocks}) != len(blocks):

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from moeplace.errors import TraceError
+from moeplace.errors import TraceError, warn
 from moeplace.io import file_key, read_json
 from moeplace.progress import Progress
 from moeplace.trace.format import MAX_EXPERTS, MAX_LOAD, ExpertLoads, Trace, make_loads, make_trace
@@ -563,7 +563,12 @@ def sglang_per_token(dumps: Sequence[tuple[Path, dict]], num_experts: int | None
                  "topk_ids_of_layer": int32 [layers, n, 8] physical ids, -1 = no expert, ...}
     1. keep each distinct record once: without DP attention every rank records the same batch
        (same forward pass, token ids and expert ids; rank ignored); the copies dropped are counted
-       in meta.duplicate_records;
+       in meta.duplicate_records. A record's `rank` is the TP rank (ModelRunner passes
+       rank=self.tp_rank); nothing in the dump gives the DP rank (tp_rank // (tp_size / dp_size),
+       sglang/srt/layers/dp_attention.py compute_dp_attention_world_info) or says DP attention was
+       on. So with DP attention two DP ranks that ran the identical batch in one pass count once
+       too; two different batches in one pass prove DP attention, and a warning then says so
+       (and that without an all-to-all backend the records of DP ranks past 0 are not theirs);
     2. order by (forward_pass_id, rank) and map physical ids to logical ones through the map
        (required: SGLang always writes it, and physical slot ids are not logical expert ids);
     3. MoE layers = layers with any id (dense layers stay -1); k = slots used at those layers;
@@ -575,6 +580,8 @@ def sglang_per_token(dumps: Sequence[tuple[Path, dict]], num_experts: int | None
     records: list[_SglangRecord] = []
     seen: set[tuple[int, bytes]] = set()
     duplicates = 0
+    first_rank: dict[int, int] = {}  # forward pass -> rank of its first distinct record
+    dp_seen: tuple[int, int, int] | None = None  # (pass, rank, rank) with different batches: DP attention
     no_map: list[Path] = []
     map_experts = 0  # logical experts the maps name: the model's count unless --num-experts says
     for path, dump in dumps:
@@ -590,12 +597,17 @@ def sglang_per_token(dumps: Sequence[tuple[Path, dict]], num_experts: int | None
             if parsed is None:
                 continue  # an idle forward pass
             tokens = parsed[3] if parsed[3] is not None else np.zeros(0, np.int64)
+            # the rank is not in the key: the dump cannot tell TP copies of one batch from two DP
+            # ranks that ran the same batch (see step 1)
             key = (parsed[0], hashlib.sha256(parsed[2].tobytes() + tokens.tobytes()).digest())
             if key in seen:
                 duplicates += 1
                 continue
             seen.add(key)
             records.append(parsed)
+            rank = first_rank.setdefault(parsed[0], parsed[1])
+            if dp_seen is None and rank != parsed[1]:
+                dp_seen = (parsed[0], rank, parsed[1])
     if not records:
         raise TraceError(f"{files}: the SGLang dumps hold no tokens (was recording started before the requests?)")
     num_layers = {r[2].shape[0]: r[5] for r in records}
@@ -625,6 +637,11 @@ def sglang_per_token(dumps: Sequence[tuple[Path, dict]], num_experts: int | None
             return None
         return np.concatenate([r[i] for r in records])[keep]
 
+    if dp_seen is not None:
+        warn(f"{files}: forward pass {dp_seen[0]} holds different batches on ranks {dp_seen[1]} and {dp_seen[2]}: "
+             f"DP attention; the dump has no DP rank, so identical batches of one pass count once ({duplicates} "
+             "dropped), and with --moe-a2a-backend none the records of DP ranks past 0 hold other ranks' experts "
+             "(docs/import.md)")
     meta = {
         "source": "sglang-per_token",
         "moe_layers": moe_layers.tolist(),
