@@ -12,10 +12,12 @@ import yaml
 from conftest import ROOT
 from moeplace.cli import run
 from moeplace.eval.cli import read_checks
-from moeplace.eval.metrics import evaluate
+from moeplace.eval.metrics import evaluate, imbalance
 from moeplace.placement import Placement
+from moeplace.solve.balance import expected_gpu_loads
 from moeplace.solve.baselines import contiguous, greedy_load
-from moeplace.trace.format import load_trace, make_trace, save_trace, split_tokens
+from moeplace.solve.eplb import eplb_placement
+from moeplace.trace.format import ExpertLoads, load_trace, make_trace, save_loads, save_trace, split_tokens
 
 
 @pytest.fixture
@@ -109,12 +111,24 @@ def test_regression_gate_exit_codes(tmp_path: Path, trace_path: Path, capsys) ->
     cross = report["layouts"]["placement"]["cross_gpu_top1"]
     args = ["eval", str(tmp_path / "p.json"), str(trace_path)]
     assert run(args + ["--max-cross-gpu", f"{cross + 0.01}", "--max-imbalance", "10"]) == 0
-    capsys.readouterr()
+    captured = capsys.readouterr()  # a pass says so, one line per gate, on stdout; nothing on stderr
+    passes = [line for line in captured.out.splitlines() if line.startswith("moeplace eval: ")]
+    assert passes == [f"moeplace eval: PASS: cross-GPU top-1 {cross:.4f} <= {cross + 0.01:g} (--max-cross-gpu; 100 held-out tokens)",
+                      f"moeplace eval: PASS: imbalance max {report['layouts']['placement']['imbalance_max']:.4f} <= 10 "
+                      "(--max-imbalance; 100 held-out tokens)"]
+    assert captured.err == ""
     assert run(args + ["--max-cross-gpu", f"{cross - 0.01}", "--max-imbalance", "1.0"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("moeplace: error: regression on held-out tokens: cross_gpu_top1 = ")
-    assert f"> {cross - 0.01:g} (--max-cross-gpu)" in err and "imbalance_max" in err and "(--max-imbalance)" in err
-    assert len(err.splitlines()) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()  # a failed gate is a verdict, not bad input: no `moeplace: error:`
+    assert err == [f"moeplace eval: FAIL: cross-GPU top-1 {cross:.4f} > {cross - 0.01:g} (--max-cross-gpu; 100 held-out tokens)",
+                   f"moeplace eval: FAIL: imbalance max {report['layouts']['placement']['imbalance_max']:.4f} > 1 "
+                   "(--max-imbalance; 100 held-out tokens)"]
+    # --json: stdout is the report alone (its `gates` say it), a failure still on stderr
+    assert run(args + ["--max-cross-gpu", f"{cross + 0.01}", "--max-imbalance", "1.0", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["gates"]["passed"] is False
+    assert captured.err.startswith("moeplace eval: FAIL: imbalance max ") and len(captured.err.splitlines()) == 1
+    assert run(args + ["--max-cross-gpu", "-1"]) == 2  # bad input keeps exit 2
 
 
 def test_uneven_experts_get_uneven_baselines(tmp_path: Path, capsys) -> None:
@@ -152,7 +166,7 @@ def test_check_pass_and_fail(tmp_path: Path, trace_path: Path, capsys) -> None:
     lines = captured.out.splitlines()
     assert lines[0].startswith("PASS  good") and lines[1].startswith("FAIL  bad")
     assert "cross_gpu_top1/contiguous 1.0000 > 0.7" in lines[1]
-    assert captured.err.strip() == "moeplace: error: 1 of 2 checks failed (1 passed)"
+    assert captured.err.strip() == "moeplace check: FAIL: 1 of 2 checks failed (1 passed)"
 
 
 def test_check_missing_file_is_an_error_line(tmp_path: Path, trace_path: Path, capsys) -> None:
@@ -271,7 +285,7 @@ def test_gate_line_never_rounds_away_the_comparison(tmp_path: Path, trace_path: 
             continue  # 4 decimals rounded up: not a failure
         assert run(args + ["--max-cross-gpu", limit]) == 1
         err = capsys.readouterr().err.strip()
-        value, shown_limit = err.split("cross_gpu_top1 = ")[1].split(" (")[0].split(" > ")
+        value, shown_limit = err.split("cross-GPU top-1 ")[1].split(" (")[0].split(" > ")
         assert float(value) > float(shown_limit), err
     assert run(args + ["--max-cross-gpu", f"{cross:.17g}"]) == 0  # equal passes
 
@@ -400,3 +414,152 @@ def test_eval_sizes_are_bounded(tmp_path: Path, trace_path: Path, capsys: pytest
     cluster.write_text(cluster.read_text().replace("1" + "0" * 300, "64").replace("nodes: 2", "nodes: 1"))
     assert run(args + ["--cluster", str(cluster)]) == 2  # the placement is 2 x 2 GPUs
     assert f"cluster config {cluster} has 1 node(s) x 2 GPUs" in capsys.readouterr().err
+
+
+CLUSTER_2X2 = ("cluster: {nodes: 2, gpus_per_node: 2, intra_node: {bandwidth_GBps: 400, latency_us: 5},\n"
+               "          inter_node: {bandwidth_GBps: 50, latency_us: 10}}\n"
+               "model: {hidden_size: 64, expert_us_per_token: 0.01}\n")
+
+
+def test_moe_time_ratio_gate_in_eval_and_check(tmp_path: Path, trace_path: Path, capsys) -> None:
+    """The quantity the latency objective optimises can gate CI: eval --max-moe-time-ratio, check's max_moe_time_ratio."""
+    affinity_placement(trace_path, {"train_fraction": 0.5, "seed": 0}, tmp_path / "p.json")
+    (tmp_path / "cfg").mkdir()
+    cluster = tmp_path / "cfg" / "c.yaml"
+    cluster.write_text(CLUSTER_2X2)
+    args = ["eval", str(tmp_path / "p.json"), str(trace_path), "--cluster", str(cluster)]
+    rc, report = eval_json(capsys, *args[1:])
+    ratio = report["vs_contiguous"]["placement"]["moe_time_us"]
+    assert rc == 0 and 0 < ratio < 1  # the affinity pays in predicted time too
+    assert run(args + ["--max-moe-time-ratio", f"{ratio + 0.01}"]) == 0
+    assert f"moeplace eval: PASS: predicted MoE time / contiguous {ratio:.4f} <= {ratio + 0.01:g} (--max-moe-time-ratio" \
+        in capsys.readouterr().out
+    assert run(args + ["--max-moe-time-ratio", f"{ratio - 0.01}", "-o", str(tmp_path / "r.json")]) == 1
+    assert capsys.readouterr().err.startswith("moeplace eval: FAIL: predicted MoE time / contiguous ")
+    (result,) = json.loads((tmp_path / "r.json").read_text())["gates"]["results"]
+    assert result["metric"] == "moe_time_us/contiguous" and result["value"] == pytest.approx(ratio)
+    assert run(args[:3] + ["--max-moe-time-ratio", "1"]) == 2  # no cost model, no time
+    assert "--max-moe-time-ratio needs --cluster" in capsys.readouterr().err
+    # check: cluster (and model_config) relative to the YAML file
+    cfg = write_checks(tmp_path / "cfg" / "ci.yaml", [
+        {"name": "fast", "placement": "../p.json", "cluster": "c.yaml", "max_moe_time_ratio": ratio + 0.01},
+        {"name": "slow", "placement": "../p.json", "cluster": "c.yaml", "max_moe_time_ratio": ratio - 0.01},
+    ], defaults={"trace": f"../{trace_path.name}"})
+    assert run(["check", str(cfg)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("PASS  fast (100 held-out tokens): moe_time_us/contiguous ")
+    assert lines[1].startswith("FAIL  slow (100 held-out tokens): moe_time_us/contiguous ")
+    cfg = write_checks(tmp_path / "ci.yaml", [{"placement": "p.json", "trace": "trace.npz", "max_moe_time_ratio": 1}])
+    assert run(["check", str(cfg)]) == 2
+    assert "max_moe_time_ratio needs 'cluster'" in capsys.readouterr().err
+
+
+def replicated_placement(trace_path: Path, split: dict | None, path: Path) -> Placement:
+    """The affinity layout plus a copy of experts 0-3 on the next GPU: 4 redundant experts per layer."""
+    trace = load_trace(trace_path)
+    e2g = np.stack([((np.arange(8) - layer) % 8) // 2 for layer in range(4)])
+    replicas = [[(e, int((e2g[layer, e] + 1) % 4)) for e in range(4)] for layer in range(4)]
+    p = Placement(e2g, num_gpus=4, gpus_per_node=2, replicas=replicas, trace_sha256=trace.sha256, split=split)
+    p.save(path)
+    return p
+
+
+def test_replicas_get_an_eplb_baseline_with_as_many_copies(tmp_path: Path, trace_path: Path, capsys) -> None:
+    replicated_placement(trace_path, {"train_fraction": 0.5, "seed": 0}, tmp_path / "p.json")
+    rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(trace_path))
+    assert rc == 0 and list(report["layouts"]) == ["placement", "contiguous", "round_robin", "random", "greedy_load", "eplb"]
+    trace = load_trace(trace_path)
+    train, held = split_tokens(trace.num_tokens, 0.5, 0)
+    eplb, _ = eplb_placement(trace.select_tokens(train).expert_loads(), 4, 2, redundant=4)  # on the fit tokens
+    assert report["layouts"]["eplb"] == pytest.approx(evaluate(eplb, trace.select_tokens(held)))
+    assert report["copies"] == {"placement": 16, "contiguous": 0, "round_robin": 0, "random": 0, "greedy_load": 0,
+                                "eplb": sum(len(r) for r in eplb.replicas)}
+    assert "eplb: DeepSeek's EPLB with 4 redundant experts per layer" in report["baselines_note"]
+    assert "fitted on the placement's fit tokens" in report["baselines_note"]
+    assert run(["eval", str(tmp_path / "p.json"), str(trace_path)]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[4].split() == ["layout", "copies", "cross-GPU", "top-1", "cross-node", "top-1", "dest", "GPUs", "top-k",
+                               "dest", "nodes", "top-k", "imbalance", "max", "imbalance", "mean"]
+    assert text[5].split()[:2] == ["placement", "16"] and text[6].split()[:2] == ["contiguous", "0"]
+    # another trace: the fit tokens are unknown, so eplb balances the evaluated ones, and says so
+    save_trace(trace.select_tokens(np.arange(150)), tmp_path / "other.npz")
+    rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(tmp_path / "other.npz"))
+    assert "fitted on the evaluated tokens" in report["baselines_note"]
+    # no replicas: no eplb row, no copies column (the table as it was)
+    affinity_placement(trace_path, None, tmp_path / "q.json")
+    assert run(["eval", str(tmp_path / "q.json"), str(trace_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[4].split()[:2] == ["layout", "cross-GPU"] and [line.split()[0] for line in out[5:10]] == [
+        "placement", "contiguous", "round_robin", "random", "greedy_load"] and out[10].startswith("  (x: ")
+
+
+def test_a_trace_of_a_renumbered_checkpoint_warns(tmp_path: Path, trace_path: Path, capsys) -> None:
+    """A trace of a `permute-checkpoint` output uses its re-ordered ids: eval used to score the
+    placement 2.5x worse than contiguous without a word. It warns (never refuses)."""
+    trace = load_trace(trace_path)
+    placed = tmp_path / "tiny-moe-placed"
+    placed.mkdir()
+    (placed / "moeplace_permutation.json").write_text(json.dumps({"format": "moeplace.permutation/v1",
+                                                                  "source": "ckpt/tiny-moe"}))
+    meta = {"model_type": "mixtral", "moe_layers": [0, 1, 2, 3]}
+    save_trace(make_trace(trace.topk_ids, trace.topk_weights, 8, meta={**meta, "model": "ckpt/tiny-moe"}), tmp_path / "fit.npz")
+    save_trace(make_trace(trace.topk_ids[:100], None, 8, meta={**meta, "model": str(placed)}), tmp_path / "perm.npz")
+    save_trace(make_trace(trace.topk_ids[:100], None, 8, meta={**meta, "model": "ckpt/other-moe"}), tmp_path / "other.npz")
+    save_trace(make_trace(trace.topk_ids[:100], None, 8, meta={**meta, "model": "moved/tiny-moe"}), tmp_path / "moved.npz")
+    out = tmp_path / "p.json"
+    assert run(["solve", str(tmp_path / "fit.npz"), "--gpus", "4", "-q", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert run(["eval", str(out), str(tmp_path / "perm.npz")]) == 0
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert warning.startswith(f"moeplace: warning: {tmp_path / 'perm.npz'} is a trace of {placed}, the placement was "
+                              "fitted on ckpt/tiny-moe's routing")
+    assert "renumbered by `moeplace permute-checkpoint` (from ckpt/tiny-moe)" in warning and "contiguous row" in warning
+    assert run(["eval", str(out), str(tmp_path / "other.npz")]) == 0
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert "is a trace of ckpt/other-moe, the placement was fitted on ckpt/tiny-moe's routing" in warning
+    assert run(["eval", str(out), str(tmp_path / "moved.npz")]) == 0  # the same checkpoint moved: no warning
+    assert capsys.readouterr().err == ""
+
+
+def test_eval_and_check_score_a_placement_on_a_load_only_file(tmp_path: Path, capsys) -> None:
+    """`moeplace import loads-json` output: eval scores load balance against contiguous, greedy_load and eplb."""
+    loads = np.array([[40, 10, 10, 10, 5, 5, 10, 10], [1, 2, 3, 4, 5, 6, 7, 8]], dtype=np.float64)
+    save_loads(ExpertLoads(loads, {"source": "loads-json"}), tmp_path / "loads.npz")
+    replicas = [[(0, 1), (0, 2), (0, 3), (1, 2)], [(7, 0), (6, 1), (7, 1), (6, 0)]]  # 8 + 4 slots on 4 GPUs
+    p = Placement(np.array([[0, 0, 1, 1, 2, 2, 3, 3], [0, 0, 1, 1, 2, 2, 3, 3]]), 4, 4, replicas=replicas)
+    p.save(tmp_path / "p.json")
+    args = ["eval", str(tmp_path / "p.json"), str(tmp_path / "loads.npz")]
+    rc, report = eval_json(capsys, *args[1:])
+    assert rc == 0 and list(report["layouts"]) == ["placement", "contiguous", "greedy_load", "eplb"]
+    expected = imbalance(expected_gpu_loads(p, loads))
+    assert report["layouts"]["placement"]["imbalance_per_layer"] == pytest.approx(expected.tolist())
+    assert report["layouts"]["contiguous"]["imbalance_per_layer"] == pytest.approx([50 / 25, 15 / 9])
+    assert "cross_gpu_top1" not in report["layouts"]["placement"] and "no token paths" in report["loads"]["note"]
+    assert report["copies"]["placement"] == 8 and report["copies"]["eplb"] > 0
+    assert run(args + ["--max-imbalance", f"{expected.max() - 0.01}"]) == 1
+    assert capsys.readouterr().err.startswith("moeplace eval: FAIL: imbalance max ")
+    assert run(args + ["--max-imbalance", "5"]) == 0
+    assert "moeplace eval: PASS: imbalance max" in capsys.readouterr().out
+    assert run(args + ["--max-cross-gpu", "1"]) == 2
+    assert "load-only file (no token paths): only the imbalance thresholds apply" in capsys.readouterr().err
+    assert run(args + ["--hidden-size", "64"]) == 2
+    assert "load-only file" in capsys.readouterr().err
+    cfg = write_checks(tmp_path / "ci.yaml", [{"placement": "p.json", "trace": "loads.npz", "max_imbalance_vs_contiguous": 0.9}])
+    assert run(["check", str(cfg)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("PASS  check 1 (expert loads): imbalance_max/contiguous ") and lines[1].startswith("      loads: ")
+
+
+def test_eval_dtype_takes_serve_and_short_spellings(tmp_path: Path, trace_path: Path, capsys) -> None:
+    affinity_placement(trace_path, None, tmp_path / "p.json")
+    trace = load_trace(trace_path)
+    seqs = tmp_path / "seqs.npz"
+    save_trace(make_trace(trace.topk_ids, num_experts=8, sequence_ids=np.repeat(np.arange(20), 10),
+                          positions=np.tile(np.arange(10), 20)), seqs)
+    got = {}
+    for dtype in ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16"):
+        rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(seqs), "--hidden-size", "64", "--dtype", dtype)
+        assert rc == 0
+        got[dtype] = (report["traffic"]["dtype"], report["traffic"]["element_bytes"])
+    assert got["fp32"] == got["float32"] == ("float32", 4)
+    assert got["bf16"] == got["bfloat16"] == ("bfloat16", 2) and got["fp16"] == got["float16"] == ("float16", 2)

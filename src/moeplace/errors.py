@@ -14,12 +14,6 @@ class MoeplaceError(Exception):
             self.exit_code = exit_code
 
 
-class RegressionError(MoeplaceError):
-    """A placement regressed past a user threshold (`moeplace eval --max-...`): exit code 1."""
-
-    exit_code = 1
-
-
 class TraceError(MoeplaceError):
     """A trace file is malformed, truncated or inconsistent."""
 

@@ -179,3 +179,24 @@ def check_distinct_outputs(outputs: Iterable[tuple[str, Path | str | None]]) -> 
             raise MoeplaceError(f"{option} {path}: is the same file as {first} {first_path}; "
                                 "give each output its own file")
         seen[key] = (option, path)
+
+
+# Activation/weight dtype spellings: trace and serve say torch's names, eval said the short ones;
+# every command accepts both. Key: any accepted spelling; value: torch's name (the canonical one).
+DTYPE_SPELLINGS: dict[str, str] = {
+    "float32": "float32", "fp32": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16",
+}
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}  # by canonical name
+
+
+class DtypeChoice(click.Choice):
+    """A dtype in either spelling (DTYPE_SPELLINGS), converted to torch's name."""
+
+    def __init__(self, extra: tuple[str, ...] = ()) -> None:
+        super().__init__([*DTYPE_SPELLINGS, *extra])
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        return DTYPE_SPELLINGS.get(rv, rv)

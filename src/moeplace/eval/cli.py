@@ -10,15 +10,15 @@ from typing import Any, NamedTuple, Sequence
 
 import click
 
-from moeplace.errors import MoeplaceError, RegressionError
-from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_report, render_table,
-                                  traffic_metric_fn)
+from moeplace.errors import AlreadyReported, MoeplaceError
+from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_load_report, build_report,
+                                  render_table, traffic_metric_fn)
 from moeplace.io import loads_json, read_yaml, write_json_atomic
 from moeplace.models.config import attention_shape, config_size
-from moeplace.options import (MAX_HIDDEN_SIZE, NON_NEGATIVE, OUTPUT_FILE, Count, brief, check_writable, plural,
-                               writing, yaml_number)
+from moeplace.options import (DTYPE_BYTES, MAX_HIDDEN_SIZE, NON_NEGATIVE, OUTPUT_FILE, Count, DtypeChoice, brief,
+                               check_writable, plural, writing, yaml_number)
 from moeplace.placement import load_placement
-from moeplace.trace.format import load_trace
+from moeplace.trace.format import is_load_only, load_loads, load_trace
 
 # threshold name (CLI --max-NAME, YAML max_NAME[_vs_contiguous]) -> metric it bounds
 THRESHOLDS: dict[str, str] = {
@@ -28,7 +28,15 @@ THRESHOLDS: dict[str, str] = {
     "dest_nodes": "dest_nodes_topk",
     "imbalance": "imbalance_max",
 }
+# ratio-only thresholds (CLI --max-NAME, YAML max_NAME) -> metric whose ratio to contiguous they bound;
+# the predicted MoE time needs a cost model (--cluster), and only its ratio travels between clusters
+RATIO_THRESHOLDS: dict[str, str] = {"moe_time_ratio": "moe_time_us"}
 _VS = "_vs_contiguous"
+# how a gate line names a metric
+LABELS: dict[str, str] = {
+    "cross_gpu_top1": "cross-GPU top-1", "cross_node_top1": "cross-node top-1", "dest_gpus_topk": "dest GPUs top-k",
+    "dest_nodes_topk": "dest nodes top-k", "imbalance_max": "imbalance max", "moe_time_us": "predicted MoE time",
+}
 
 
 class Verdict(NamedTuple):
@@ -36,30 +44,44 @@ class Verdict(NamedTuple):
     value: float | None  # None: not applicable (a node ratio on one node)
     limit: float
     passed: bool
+    key: str = ""  # the threshold: max_NAME[_vs_contiguous]
+
+
+def gate_metric(key: str) -> tuple[str, bool]:
+    """(metric, whether the threshold bounds its ratio to contiguous) of a `max_...` threshold."""
+    name = key.removeprefix("max_")
+    if name in RATIO_THRESHOLDS:
+        return RATIO_THRESHOLDS[name], True
+    return THRESHOLDS[name.removesuffix(_VS)], name.endswith(_VS)
 
 
 def threshold_results(report: dict[str, Any], limits: dict[str, float]) -> list[Verdict]:
     """The verdict of each limit on the report's placement.
 
-    `limits` keys: `max_NAME` bounds the metric, `max_NAME_vs_contiguous` its ratio to contiguous.
+    `limits` keys: `max_NAME` bounds the metric, `max_NAME_vs_contiguous` its ratio to contiguous,
+    `max_moe_time_ratio` the predicted MoE time's ratio (the report needs the cost model's metrics).
     """
     out = []
     for key, limit in limits.items():
-        name = key.removeprefix("max_").removesuffix(_VS)
-        metric = THRESHOLDS[name]
-        if key.endswith(_VS):
+        metric, ratio = gate_metric(key)
+        if metric not in report["layouts"]["placement"]:
+            if "loads" in report:
+                raise MoeplaceError(f"{key}: {report['trace']} is a load-only file (no token paths): only the "
+                                    "imbalance thresholds apply to it")
+            raise MoeplaceError(f"{key}: the report has no {metric} (the predicted MoE time needs a cluster config)")
+        if ratio:
             ratios = report["vs_contiguous"].get("placement", {})
             if metric not in ratios and metric in NODE_METRICS and not report["layouts"]["placement"].get(metric):
                 # one node: nothing crosses nodes in any layout, so there is no ratio and nothing to regress
                 # (a shared YAML's cross-node gate then holds, shown as n/a, rather than failing the run)
-                out.append(Verdict(f"{metric}/contiguous", None, float(limit), True))
+                out.append(Verdict(f"{metric}/contiguous", None, float(limit), True, key))
                 continue
             if metric not in ratios:
                 raise MoeplaceError(f"{key}: no contiguous {metric} to compare with on this trace")
             what, value = f"{metric}/contiguous", ratios[metric]
         else:
             what, value = metric, report["layouts"]["placement"][metric]
-        out.append(Verdict(what, float(value), float(limit), value <= limit))
+        out.append(Verdict(what, float(value), float(limit), value <= limit, key))
     return out
 
 
@@ -84,15 +106,51 @@ def _describe(verdicts: list[Verdict]) -> str:
                      for v, (value, limit) in ((v, shown(v)) for v in verdicts))
 
 
+def gate_line(v: Verdict, tokens: str) -> str:
+    """`moeplace eval`'s line for one gate: `moeplace eval: FAIL: cross-GPU top-1 0.7100 > 0.6 (--max-cross-gpu; ...)`."""
+    metric, ratio = gate_metric(v.key)
+    what = LABELS[metric] + (" / contiguous" if ratio else "")
+    value, limit = shown(v)
+    verdict = "n/a (one node)" if v.value is None else f"{value} {'<=' if v.passed else '>'} {limit}"
+    return f"moeplace eval: {'PASS' if v.passed else 'FAIL'}: {what} {verdict} (--{v.key.replace('_', '-')}; {tokens})"
+
+
+def _scored(report: dict[str, Any]) -> str:
+    """What the gates judged: '320 held-out tokens', or 'expert loads' for a load-only file."""
+    t = report.get("tokens")
+    return "expert loads" if t is None else f"{t['evaluated']} {t['subset']} tokens"
+
+
 def gates(results: list[Verdict], limits: dict[str, float]) -> dict[str, Any]:
     """The report's record of the regression gate: thresholds given, each verdict, overall."""
     return {"thresholds": limits, "passed": all(v.passed for v in results),
-            "results": [{"metric": v.what, "value": v.value, "limit": v.limit, "passed": v.passed} for v in results]}
+            "results": [{"threshold": v.key, "metric": v.what, "value": v.value, "limit": v.limit, "passed": v.passed}
+                        for v in results]}
+
+
+def _check_metric_fns(check: dict[str, Any]) -> list[MetricFn]:
+    """A check's extra metrics: the predicted MoE time when it names a cluster config."""
+    if "cluster" not in check:
+        return []
+    from moeplace.solve.costmodel import cost_metric_fn
+    return [cost_metric_fn(check["cluster"], check.get("model_config"))]
 
 
 def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_fns: Sequence[MetricFn] = ()) -> dict[str, Any]:
-    """Load both files and build the report (`metric_fns` add metrics to every layout)."""
+    """Load both files and build the report (`metric_fns` add metrics to every layout); a
+    load-only TRACE (moeplace.loads/v1) gets build_load_report's, load balance only."""
     placement = load_placement(placement_path)
+    if is_load_only(trace_path):
+        if metric_fns:
+            raise MoeplaceError(f"{trace_path} is a load-only file (expert loads, no token paths): the predicted "
+                                "time and traffic need a routing trace; drop --cluster/--hidden-size/--model")
+        loads = load_loads(trace_path)
+        try:
+            placement.check_fits(loads.loads.shape[0], loads.loads.shape[1], what="loads")
+        except MoeplaceError as e:
+            raise type(e)(f"{placement_path} does not fit {trace_path}: {e}") from None
+        return build_load_report(placement, loads.loads, placement_name=str(placement_path),
+                                 loads_name=str(trace_path), num_groups=loads.meta.get("num_groups", 1))
     trace = load_trace(trace_path)
     try:
         placement.check_fits(trace.num_layers, trace.num_experts)
@@ -103,7 +161,6 @@ def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_f
 
 
 _LIMIT: dict[str, Any] = dict(type=NON_NEGATIVE, default=None, metavar="X")
-ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 def read_model_shape(model_dir: Path) -> dict[str, int]:
@@ -146,7 +203,8 @@ def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str 
         return None
     if model_dir is not None and hidden_size is not None:
         raise MoeplaceError("give --hidden-size or --model, not both")
-    b = ELEMENT_BYTES[dtype or "bf16"]
+    dtype = dtype or "bfloat16"  # DtypeChoice gives torch's name (options.DTYPE_SPELLINGS)
+    b = DTYPE_BYTES[dtype]
     if model_dir is not None:
         shape = read_model_shape(model_dir)
     else:
@@ -155,7 +213,7 @@ def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str 
     kv = None
     if "num_kv_heads" in shape:  # kv_sync row per decoder layer: [k | v] + int32 slot, position, layer
         kv = shape["num_layers"] * (2 * shape["num_kv_heads"] * shape["head_dim"] * b + 12)
-    return {"hidden_size": shape["hidden_size"], "dtype": dtype or "bf16", "element_bytes": b,
+    return {"hidden_size": shape["hidden_size"], "dtype": dtype, "element_bytes": b,
             "modes": ["standard", "coherent"] if runtime_mode in (None, "both") else [runtime_mode],
             "kv_bytes_per_rank": kv, "model": None if model_dir is None else str(model_dir),
             "model_routing": (shape["num_experts"], shape["top_k"]) if model_dir is not None else None}
@@ -174,6 +232,8 @@ def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str 
 @click.option("--max-dest-gpus", **_LIMIT, help="Exit 1 if the mean remote GPUs per token (top-k) exceeds X.")
 @click.option("--max-dest-nodes", **_LIMIT, help="Exit 1 if the mean remote nodes per token (top-k) exceeds X.")
 @click.option("--max-imbalance", **_LIMIT, help="Exit 1 if the worst layer's max/mean load per GPU exceeds X.")
+@click.option("--max-moe-time-ratio", **_LIMIT,
+              help="Exit 1 if the placement's predicted MoE time over contiguous's exceeds X (needs --cluster).")
 @click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Cluster config YAML (configs/cluster/*.yaml): adds the predicted MoE-layer time, per layer too.")
 @click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -182,9 +242,9 @@ def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str 
               help=f"Predict `moeplace serve`'s decode Alltoall bytes for activations of width H (at most {MAX_HIDDEN_SIZE}).")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Checkpoint folder: hidden size and K/V shape from its config.json (adds the kv_sync column).")
-@click.option("--dtype", type=click.Choice(list(ELEMENT_BYTES)), default=None,
-              help="Activation dtype of the run predicted (bytes per element): serve runs bf16 on CUDA, "
-                   "fp32 on CPU.  [default: bf16]")
+@click.option("--dtype", type=DtypeChoice(), default=None,
+              help="Activation dtype of the run predicted (bytes per element), as serve's --dtype or short "
+                   "(bf16, fp16, fp32): serve runs bfloat16 on CUDA, float32 on CPU.  [default: bfloat16]")
 @click.option("--runtime-mode", type=click.Choice(["standard", "coherent", "both"]), default=None,
               help="Runtime mode(s) to predict.  [default: both]")
 def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_tokens: bool,
@@ -195,12 +255,16 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
 
     \b
     Inputs: PLACEMENT (moeplace.placement/v1 JSON, from `moeplace solve`); TRACE (v1 .npz or
-    ExFlow .npy) of the same model (same MoE layers and experts).
+    ExFlow .npy) of the same model (same MoE layers and experts), or a load-only .npz
+    (moeplace.loads/v1, `moeplace import loads-json`): then load balance only (imbalance
+    columns and gates), against contiguous, greedy_load and eplb. A TRACE of another model
+    than the placement's (trace meta) is evaluated with a warning.
     Tokens: when PLACEMENT was fitted on a split of this very trace (the same file, or the same
     routing in another file: a copy, a re-import, a re-save with other meta), only the
     held-out tokens are evaluated (--all-tokens: all); any other trace is evaluated whole.
     Baselines, on the same GPUs and tokens: contiguous, round_robin, random (the solve's seed) and
-    greedy_load (load balancing fitted on the tokens the placement was fitted on).
+    greedy_load (load balancing fitted on the tokens the placement was fitted on); with replicas
+    also eplb (DeepSeek's EPLB with as many redundant experts), and a `copies` column.
 
     \b
     Metrics (per layout; definitions in docs/eval.md):
@@ -223,20 +287,27 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
     on the routing it recorded.
 
     \b
-    Regression gate: --max-* thresholds bound the placement's metrics; any exceeded -> a
-    message naming metric, value and threshold, exit code 1 (bad input: exit code 2).
+    Regression gate: --max-* thresholds bound the placement's metrics (--max-moe-time-ratio: its
+    predicted MoE time over contiguous's, with --cluster). One line per gate after the report,
+    `moeplace eval: PASS: ...` (stdout; not with --json, whose report gets `gates`) or
+    `moeplace eval: FAIL: cross-GPU top-1 0.7100 > 0.6 (--max-cross-gpu; ...)` (stderr).
+    Exit 0 all pass, 1 any fails, 2 bad input.
 
     \b
     Example:
       moeplace eval out/placement.json traces/flame-moe-290m-decoder.npz --max-cross-gpu 0.5
       moeplace solve traces/flame-moe-290m-decoder.npz --gpus 8 --train-fraction 0.5 -o out/p1x8.json
       moeplace eval out/p1x8.json traces/flame-moe-290m-decoder.npz \\
-          --cluster configs/cluster/h100-1x8-nvlink.yaml --model-config configs/model/flame-moe-290m.yaml
+          --cluster configs/cluster/h100-1x8-nvlink.yaml --model-config configs/model/flame-moe-290m.yaml \\
+          --max-moe-time-ratio 0.95
       moeplace serve ... --placement P.json --routing-out routing.npz   # then:
       moeplace eval P.json routing.npz --model MODEL_DIR --dtype fp32
     """
     if output is not None:
         check_writable(output, inputs=[placement, trace])
+    given = {key: v for key, v in limits.items() if v is not None}
+    if cluster is None and any(gate_metric(key)[0] == "moe_time_us" for key in given):
+        raise MoeplaceError("--max-moe-time-ratio needs --cluster (the cost model predicts the MoE time)")
     columns, per_layer, fns = COLUMNS, PER_LAYER, []
     if cluster is not None:
         from moeplace.solve.costmodel import (
@@ -260,7 +331,6 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
                                 f"the trace {report['num_experts']} experts top-{report['top_k']}")
         report["traffic"] = traffic
         add_traffic_ratios(report)
-    given = {key: v for key, v in limits.items() if v is not None}
     results = threshold_results(report, given)
     if given:
         report["gates"] = gates(results, given)
@@ -268,19 +338,19 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
         with writing(output):
             write_json_atomic(output, report)
     click.echo(json.dumps(report, indent=2) if as_json else render_table(report, columns, per_layer))
-    failed = [v for v in results if not v.passed]
-    if failed:
-        flags = {THRESHOLDS[n]: f"--max-{n.replace('_', '-')}" for n in THRESHOLDS}
-        raise RegressionError(
-            f"regression on {report['tokens']['subset']} tokens: "
-            + "; ".join(f"{v.what} = {shown(v)[0]} > {shown(v)[1]} ({flags[v.what]})" for v in failed)
-        )
+    tokens = _scored(report)
+    for v in results:  # a failure on stderr, so that --json's stdout stays the report alone
+        if not v.passed or not as_json:
+            click.echo(gate_line(v, tokens), err=not v.passed)
+    if not all(v.passed for v in results):
+        raise AlreadyReported(1)  # said above, one line per failed gate
 
 
 # --- moeplace check ------------------------------------------------------------------------------
 
-_CHECK_KEYS = {"name", "placement", "trace", "all_tokens"}
-_LIMIT_KEYS = {f"max_{n}{vs}" for n in THRESHOLDS for vs in ("", _VS)}
+_CHECK_KEYS = {"name", "placement", "trace", "all_tokens", "cluster", "model_config"}
+_LIMIT_KEYS = {f"max_{n}{vs}" for n in THRESHOLDS for vs in ("", _VS)} | {f"max_{n}" for n in RATIO_THRESHOLDS}
+_THRESHOLD_NAMES = f"max_<{'|'.join(THRESHOLDS)}>[{_VS}], {', '.join(f'max_{n}' for n in RATIO_THRESHOLDS)}"
 
 
 def read_checks(path: Path) -> list[dict[str, Any]]:
@@ -299,8 +369,7 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
         raise MoeplaceError(f"{path}: 'defaults' must be a mapping")
     unknown = set(defaults) - _CHECK_KEYS - _LIMIT_KEYS
     if unknown:  # said here, not blamed on the first check it is merged into
-        raise MoeplaceError(f"{path}: defaults: unknown keys {_names(unknown)}; thresholds are "
-                            f"max_<{'|'.join(THRESHOLDS)}>[{_VS}]")
+        raise MoeplaceError(f"{path}: defaults: unknown keys {_names(unknown)}; thresholds are {_THRESHOLD_NAMES}")
     checks: list[dict[str, Any]] = []
     for i, raw in enumerate(doc["checks"]):
         if not isinstance(raw, dict):
@@ -309,21 +378,27 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
         label = f"{path}: check {i + 1} ({check.get('name', 'unnamed')})"
         unknown = set(check) - _CHECK_KEYS - _LIMIT_KEYS
         if unknown:
-            raise MoeplaceError(
-                f"{label}: unknown keys {_names(unknown)}; thresholds are max_<{'|'.join(THRESHOLDS)}>[{_VS}]"
-            )
-        for key in ("placement", "trace"):
+            raise MoeplaceError(f"{label}: unknown keys {_names(unknown)}; thresholds are {_THRESHOLD_NAMES}")
+        for key in ("placement", "trace", "cluster", "model_config"):
             if check.get(key) is None:
-                raise MoeplaceError(f"{label}: '{key}' (a path) is required")
+                if key in ("placement", "trace"):
+                    raise MoeplaceError(f"{label}: '{key}' (a path) is required")
+                check.pop(key, None)  # `cluster: null` drops a default's
+                continue
             if not isinstance(check[key], str) or not check[key].strip():
                 raise MoeplaceError(f"{label}: '{key}' must be a path (a non-empty string), got {check[key]!r}")
             check[key] = Path(os.path.normpath(path.parent / Path(check[key]).expanduser()))
+        if "model_config" in check and "cluster" not in check:
+            raise MoeplaceError(f"{label}: model_config needs cluster")
         # `max_x: null` in a check drops a threshold its defaults set
         limits = {k: _threshold(v, k, label) for k in list(check) if k in _LIMIT_KEYS and (v := check.pop(k)) is not None}
         if not limits:
             raise MoeplaceError(f"{label}: no thresholds; set at least one of {sorted(_LIMIT_KEYS)}")
         if not isinstance(check.get("all_tokens", False), bool):
             raise MoeplaceError(f"{label}: all_tokens must be true or false")
+        if "cluster" not in check and any(gate_metric(k)[0] == "moe_time_us" for k in limits):
+            raise MoeplaceError(f"{label}: max_moe_time_ratio needs 'cluster' (a cluster config YAML; "
+                                "model_config too when it has no model section)")
         check["limits"] = limits
         check.setdefault("name", f"check {i + 1}")
         if isinstance(check["name"], (int, float)) and not isinstance(check["name"], bool):
@@ -383,10 +458,16 @@ def check(config: Path) -> None:
           all_tokens: false                    # optional
           max_cross_gpu_vs_contiguous: 0.70    # ratio to the contiguous layout
           max_dest_gpus: 3.0                   # absolute
+        - name: flame-1x8-latency              # needs cluster: adds the predicted MoE time
+          placement: ../out/p1x8.json
+          cluster: ../configs/cluster/h100-1x8-nvlink.yaml
+          model_config: ../configs/model/flame-moe-290m.yaml   # when the cluster file has no model
+          max_moe_time_ratio: 0.95             # placement's MoE time / contiguous's
     Thresholds: max_cross_gpu, max_cross_node, max_dest_gpus, max_dest_nodes, max_imbalance
-    (worst layer's max/mean load), each also as max_<name>_vs_contiguous; `null` in a check
-    drops a default's threshold; a node ratio on a one-node placement is n/a and holds. When the
-    tokens are not a held-out split, a `tokens:` line under the check says what they are.
+    (worst layer's max/mean load), each also as max_<name>_vs_contiguous, and
+    max_moe_time_ratio; `null` in a check drops a default's threshold (or cluster); a node
+    ratio on a one-node placement is n/a and holds. When the tokens are not a held-out split,
+    a `tokens:` line under the check says what they are.
 
     \b
     Example (after `make demo`):
@@ -396,7 +477,7 @@ def check(config: Path) -> None:
     failed, broken, n = 0, 0, len(checks)
     for c in checks:
         try:
-            report = _evaluate(c["placement"], c["trace"], c.get("all_tokens", False))
+            report = _evaluate(c["placement"], c["trace"], c.get("all_tokens", False), _check_metric_fns(c))
             results = threshold_results(report, c["limits"])
         except (MoeplaceError, MemoryError, RecursionError) as e:  # one bad input stops its check, not the gate
             broken += 1
@@ -404,13 +485,16 @@ def check(config: Path) -> None:
             continue
         ok = all(v.passed for v in results)
         failed += not ok
-        t = report["tokens"]
-        click.echo(f"{'PASS' if ok else 'FAIL'}  {c['name']} ({t['evaluated']} {t['subset']} tokens): {_describe(results)}")
-        if t["subset"] != "held-out":  # what eval says of these tokens (in-sample, another trace, another model)
+        t = report.get("tokens")
+        click.echo(f"{'PASS' if ok else 'FAIL'}  {c['name']} ({_scored(report)}): {_describe(results)}")
+        if t is None:
+            click.echo(f"      loads: {report['loads']['note']}")
+        elif t["subset"] != "held-out":  # what eval says of these tokens (in-sample, another trace, another model)
             click.echo(f"      tokens: {t['note']}")
     passed = n - failed - broken
     if broken:  # exit 2 wins: the gate did not run whole, whatever the others say
         raise MoeplaceError(f"{broken} of {plural(n, 'check')} could not run ({passed} passed, {failed} failed)")
-    if failed:
-        raise RegressionError(f"{failed} of {plural(n, 'check')} failed ({passed} passed)")
+    if failed:  # a verdict, not bad input: not the `moeplace: error:` line
+        click.echo(f"moeplace check: FAIL: {failed} of {plural(n, 'check')} failed ({passed} passed)", err=True)
+        raise AlreadyReported(1)
     click.echo(f"all {n} checks passed" if n > 1 else "the 1 check passed")

@@ -10,6 +10,8 @@ The report is a plain dict (what `--json` prints):
     layouts     {name: metrics}          "placement" first, then each baseline; metrics are
                                          metrics.evaluate()'s plus those of any `metric_fns`
     vs_contiguous {name: {metric: value / contiguous value}}   scalar float metrics only
+    copies      {name: extra expert copies (replicas), summed over layers}
+    baselines_note  how the baselines were fitted (the eplb one: on which loads)
 
 With a `traffic_metric_fn` (eval --hidden-size/--model), each layout's metrics also hold
 `traffic` {mode: eval/traffic.py's prediction + `kv_sync_bytes_per_token` (coherent, when the
@@ -22,11 +24,13 @@ cost model's predicted MoE-layer time) is a `metric_fns` entry plus a Column, no
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from moeplace.eval.metrics import evaluate
+from moeplace.errors import MoeplaceError, warn
+from moeplace.eval.metrics import evaluate, imbalance
 from moeplace.eval.traffic import predict_traffic
 from moeplace.placement import Placement
 from moeplace.progress import Progress
@@ -136,6 +140,21 @@ def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> Token
     ), share)
 
 
+def eplb_baseline(loads: np.ndarray, placement: Placement, num_groups: Any = 1) -> tuple[Placement | None, str]:
+    """DeepSeek's EPLB (solve/eplb.py) with as many redundant experts per layer as `placement`
+    holds (its largest layer's), on `loads` [L, E]; (None, why) when EPLB cannot take the shape."""
+    from moeplace.solve.eplb import eplb_placement
+    redundant = placement.num_replicas
+    groups = num_groups if isinstance(num_groups, int) and num_groups > 0 and loads.shape[1] % num_groups == 0 else 1
+    try:
+        layout, _ = eplb_placement(loads, placement.num_gpus, placement.gpus_per_node, redundant, groups)
+    except MoeplaceError as e:
+        return None, f"no eplb baseline ({e})"
+    merged = layout.solver.get("merged_duplicates", 0)
+    return layout, (f"eplb: DeepSeek's EPLB with {redundant} redundant experts per layer ({layout.solver['name']}"
+                    + (f"; {merged} copies it put on a GPU already holding the expert merged" if merged else "") + ")")
+
+
 def _other_model(fitted: dict[str, Any] | None, here: dict[str, Any] | None) -> str:
     """A note when the placement was fitted on another model's routing of the same shape (the
     shapes themselves are checked): model_type or MoE layer indices differ where both are known."""
@@ -172,14 +191,24 @@ def build_report(
     evaluated = trace if eval_idx is None else trace.select_tokens(eval_idx)
     fit = evaluated if fit_idx is None else trace.select_tokens(fit_idx)
 
+    warning = model_mismatch(placement, trace, trace_name)
+    if warning:
+        warn(warning)
     layouts: dict[str, Placement] = {"placement": placement}
     g, gpn = placement.num_gpus, placement.gpus_per_node
     if seed is None:
         fitted_seed = placement.solver.get("seed")
         seed = fitted_seed if isinstance(fitted_seed, int) else 0
+    baselines_note = ""
     if g <= trace.num_experts:  # uneven E / G: the first E % G GPUs hold one more (baselines.py)
         for name, e2g in all_baselines(fit.expert_loads(), g, seed).items():
             layouts[name] = Placement(e2g, num_gpus=g, gpus_per_node=gpn)
+        if placement.num_replicas:  # like for like: a load balancer given the same copies
+            eplb, baselines_note = eplb_baseline(fit.expert_loads(), placement, trace.meta.get("num_groups", 1))
+            baselines_note += (", fitted on the placement's fit tokens" if fit_idx is not None
+                               else ", fitted on the evaluated tokens (the placement's fit loads are not known here)")
+            if eplb is not None:
+                layouts["eplb"] = eplb
     else:
         note += f"; no baselines: {g} GPUs for {trace.num_experts} experts leave some GPU without one"
 
@@ -210,7 +239,92 @@ def build_report(
         },
         "layouts": metrics,
         "vs_contiguous": _ratios(metrics),
+        "copies": {name: sum(len(r) for r in layout.replicas) for name, layout in layouts.items()},
+        "baselines_note": baselines_note,
     }
+
+
+def build_load_report(placement: Placement, loads: np.ndarray, *, placement_name: str = "placement",
+                      loads_name: str = "loads", num_groups: Any = 1) -> dict[str, Any]:
+    """The report on a load-only input (moeplace.loads/v1: expert loads [L, E], no token paths).
+
+    Per layer max/mean load per GPU (the serving rule on aggregate loads, solve/balance.py's
+    `expected_gpu_loads`) of the placement, contiguous, greedy_load and eplb (with the placement's
+    redundant experts); the traffic metrics need token paths and are absent. Same layout as
+    build_report's, with `tokens` replaced by `loads` {total, note}.
+    """
+    from moeplace.solve.balance import expected_gpu_loads
+    from moeplace.solve.baselines import contiguous, greedy_load
+    num_layers, num_experts = loads.shape
+    placement.check_fits(num_layers, num_experts, what="loads")
+    g, gpn = placement.num_gpus, placement.gpus_per_node
+    layouts: dict[str, Placement] = {"placement": placement}
+    baselines_note = ""
+    if g <= loads.shape[1]:
+        layouts["contiguous"] = Placement(contiguous(num_layers, num_experts, g), g, gpn)
+        layouts["greedy_load"] = Placement(greedy_load(loads, g), g, gpn)
+        eplb, baselines_note = eplb_baseline(loads, placement, num_groups)
+        baselines_note += ", fitted on these loads"
+        if eplb is not None:
+            layouts["eplb"] = eplb
+    metrics = {}
+    for name, layout in layouts.items():
+        imb = imbalance(expected_gpu_loads(layout, loads))
+        metrics[name] = {"imbalance_per_layer": imb.tolist(), "imbalance_mean": float(imb.mean()),
+                         "imbalance_max": float(imb.max())}
+    return {
+        "placement": placement_name, "trace": loads_name,
+        "num_layers": loads.shape[0], "num_experts": loads.shape[1], "top_k": None,
+        "num_gpus": g, "gpus_per_node": gpn, "num_nodes": placement.num_nodes,
+        "loads": {"total": float(loads.sum()), "note": (
+            "a load-only file (expert loads, no token paths): load balance only; the traffic metrics "
+            "(cross-GPU/node, destinations, predicted time and bytes) need a routing trace")},
+        "layouts": metrics,
+        "vs_contiguous": _ratios(metrics),
+        "copies": {name: sum(len(r) for r in layout.replicas) for name, layout in layouts.items()},
+        "baselines_note": baselines_note,
+    }
+
+
+def model_mismatch(placement: Placement, trace: Trace, trace_name: str) -> str:
+    """A one-line warning when `trace` is of another model than the placement was fitted on, else "".
+
+    Another model_type or MoE layers, another checkpoint name (the last part of meta.model: the
+    same checkpoint moved or re-downloaded keeps it), or a traced directory renumbered by
+    `moeplace permute-checkpoint` (its moeplace_permutation.json, when that directory is here):
+    its expert ids are not the placement's. Never an error: another model's traffic is a
+    legitimate test of a placement, but its ratios to the baselines then mean something else.
+    """
+    fitted, here = placement.trace_model or {}, trace.model_identity() or {}
+    fitted_model, here_model = fitted.get("model"), here.get("model")
+    renumbered = _permutation_source(here_model)
+    differ = [key for key in ("model_type", "moe_layers") if key in fitted and key in here and fitted[key] != here[key]]
+    names_differ = (isinstance(fitted_model, str) and isinstance(here_model, str)
+                    and Path(fitted_model).name != Path(here_model).name)
+    if not (differ or names_differ or renumbered is not None):
+        return ""
+    line = (f"{trace_name} is a trace of {here_model or 'another model'}, the placement was fitted on "
+            f"{fitted_model or 'another model'}'s routing")
+    if differ:
+        line += " (" + ", ".join(f"{key} {fitted[key]} vs {here[key]}" for key in differ) + ")"
+    if renumbered is not None:
+        return (line + f"; {here_model} was renumbered by `moeplace permute-checkpoint` (from {renumbered}): the "
+                "trace uses its re-ordered expert ids, in which the identity layout (the contiguous row) is the "
+                "placement, so evaluate that, or evaluate on a trace of the original checkpoint")
+    return line + "; if its expert ids number other experts the comparison with the baselines means little"
+
+
+def _permutation_source(model: Any) -> str | None:
+    """The original checkpoint of a traced directory `permute-checkpoint` renumbered (its record's
+    source), or None: not a local directory, or not renumbered (the trace itself does not say)."""
+    if not isinstance(model, str) or not Path(model).is_dir():
+        return None
+    from moeplace.export.permute import permutation_record
+    try:
+        record = permutation_record(model)
+    except MoeplaceError:
+        return None  # an unreadable record: the warning about the name still applies
+    return None if record is None else str(record.get("source", "the original"))
 
 
 def _ratios(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -240,19 +354,23 @@ def render_table(
 ) -> str:
     """Human-readable report: a summary table (value and x contiguous) and per-layer tables."""
     cols = visible_columns(report, columns)
-    t = report["tokens"]
+    loads = report.get("loads")
+    top_k = "" if report["top_k"] is None else f", top-{report['top_k']}"
     lines = [
-        f"placement {report['placement']} on trace {report['trace']}",
-        f"  {report['num_layers']} MoE layers x {report['num_experts']} experts, top-{report['top_k']}; "
+        f"placement {report['placement']} on {'loads' if loads else 'trace'} {report['trace']}",
+        f"  {report['num_layers']} MoE layers x {report['num_experts']} experts{top_k}; "
         f"{report['num_gpus']} GPUs, {report['gpus_per_node']} per node ({report['num_nodes']} node"
         f"{'s' if report['num_nodes'] > 1 else ''})",
-        f"  tokens: {t['evaluated']} of {t['total']}, {t['note']}",
+        f"  loads: {loads['total']:g} token-expert selections, {loads['note']}" if loads else
+        f"  tokens: {report['tokens']['evaluated']} of {report['tokens']['total']}, {report['tokens']['note']}",
         "",
     ]
     ratios = report["vs_contiguous"]
-    rows = [["layout"] + [c.label for c in cols]]
+    copies = report.get("copies", {})
+    with_copies = any(copies.values())
+    rows = [["layout"] + (["copies"] if with_copies else []) + [c.label for c in cols]]
     for name, m in report["layouts"].items():
-        cells = [name]
+        cells = [name] + ([str(copies.get(name, 0))] if with_copies else [])
         for c in cols:
             cell = format(m[c.key], c.fmt)
             r = ratios.get(name, {}).get(c.key)
@@ -261,6 +379,9 @@ def render_table(
     lines += _align(rows)
     if ratios:
         lines.append("  (x: ratio to contiguous, the default layout of Megatron, DeepSpeed, vLLM and SGLang; lower is better)")
+    if with_copies:
+        lines.append("  (copies: extra expert copies, summed over layers; layouts with 0 hold one copy of each expert"
+                     + (f"; {report['baselines_note']})" if report.get("baselines_note") else ")"))
     for key, title in per_layer:
         if key not in next(iter(report["layouts"].values())):
             continue
