@@ -6,9 +6,11 @@ import inspect
 import itertools
 import json
 import re
+import shlex
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 
@@ -19,6 +21,7 @@ from moeplace.placement import Placement, load_placement
 from moeplace.solve import ilp
 from moeplace.solve.affinity import AffinityGraph, EdgeTerms, distance_matrix, edge_terms, edge_weights, placement_cost
 from moeplace.solve.baselines import contiguous
+from moeplace.solve.cli import solve as solve_command, summary
 from moeplace.solve.heuristics import assign_layer, cluster_layer, layer_cost, layer_costs, swap_descent
 from moeplace.solve.solver import (
     DEFAULT_WEIGHTS, cv_folds, plain_coordinate_ascent, search_traffic, select_weights, solve_placement,
@@ -501,8 +504,6 @@ def test_exact_ilp_with_star_cuts_matches_brute_force(layers, experts, gpus, gpn
 
 
 def test_summary_notes_when_traffic_piles_token_load_on_a_gpu() -> None:
-    from moeplace.solve.cli import summary
-
     # traffic keeps E/G experts per GPU, not tokens: on a planted 256-expert trace at 64 GPUs its
     # worst layer carried 1.7x contiguous's max/mean load, and nothing said so
     def placement(objective: str, mine: float) -> Placement:
@@ -564,3 +565,60 @@ def test_edge_weights_defaults_are_the_solvers() -> None:
     for fn in (edge_weights, EdgeTerms.graph):
         params = inspect.signature(fn).parameters
         assert {name: params[name].default for name in DEFAULT_WEIGHTS} == DEFAULT_WEIGHTS
+
+
+def test_load_note_gives_the_latency_command_and_it_runs(tmp_path, capsys, monkeypatch) -> None:
+    """The adoption review's tour (tiny-moe, 4 GPUs): traffic held 3.0 max/mean load against
+    contiguous's 1.78 and the note named no way on. It now gives the latency solve's command line
+    with the shipped 4-GPU cluster and tiny-moe configs, looking at the train tokens too; the
+    command runs as printed."""
+    monkeypatch.chdir(ROOT)
+    trace, _ = planted_trace(200, 3, 16, 2, 4, seed=0)
+    save_trace(make_trace(trace.topk_ids, num_experts=16, meta={"model": "checkpoints/tiny-moe"}), tmp_path / "t.npz")
+    row = {"cross_gpu_top1": 0.5, "cross_node_top1": 0.2, "dest_gpus_topk": 2.0, "imbalance_max": 1.5, "tokens": 10}
+    bad = {**row, "imbalance_max": 3.0}
+    p = Placement(contiguous(3, 16, 4), 4, 4, objective={"name": "traffic"}, solver={"seed": 2},
+                  split={"train_fraction": 0.5, "seed": 2}, trace_model={"model": "checkpoints/tiny-moe"},
+                  metrics={"train": {"placement": bad, "contiguous": row}, "held_out": {"placement": row, "contiguous": row}})
+    text = summary(p, "t.npz", str(tmp_path / "t.npz"), str(tmp_path / "p.json"))
+    assert "max/mean token load per GPU is 3.00 against contiguous's 1.50 (train tokens)" in text  # held-out is fine
+    command = text.splitlines()[-1].strip()
+    assert command == (f"moeplace solve {tmp_path / 't.npz'} --gpus 4 --train-fraction 0.5 --seed 2 --objective latency "
+                       "--cluster configs/cluster/h100-1x4-nvlink.yaml --model-config configs/model/tiny-moe.yaml "
+                       f"-o {tmp_path / 'p-latency.json'}")
+    args = shlex.split(command)
+    assert args[:2] == ["moeplace", "solve"] and run(args[1:] + ["--time-limit", "5", "-q"]) == 0
+    assert load_placement(tmp_path / "p-latency.json").objective["name"] == "latency"
+    # no shipped config for 3 nodes x 4 GPUs nor for an unknown model: placeholders, each explained
+    odd = Placement(contiguous(3, 24, 12), 12, 4, objective={"name": "traffic"},
+                    metrics={"train": {"placement": bad, "contiguous": row}})
+    lines = summary(odd, "t.npz").splitlines()
+    assert "--cluster CLUSTER.yaml --model-config MODEL.yaml -o PLACEMENT.json" in lines[-3]
+    assert "--gpus 12 --gpus-per-node 4" in lines[-3] and "nodes: 3, gpus_per_node: 4" in lines[-2]
+
+
+def test_cluster_without_objective_solves_latency_and_traffic_refuses_it(trace_file, tmp_path, capsys) -> None:
+    """A cost model is only the latency objective's: --cluster alone now asks for it (one note on
+    stderr) instead of failing; --objective traffic with it is still refused, not ignored."""
+    cost = ["--cluster", str(ROOT / "configs" / "cluster" / "h100-1x4-nvlink.yaml"),
+            "--model-config", str(ROOT / "configs" / "model" / "tiny-moe.yaml")]
+    out = tmp_path / "p.json"
+    assert run(["solve", str(trace_file), "--gpus", "4", "--time-limit", "3", *cost, "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "note: --cluster given: solving --objective latency" in err
+    assert load_placement(out).objective["name"] == "latency"
+    assert run(["solve", str(trace_file), "--gpus", "4", "--objective", "traffic", *cost, "-o", str(out)]) == 2
+    assert "--cluster and --model-config give the latency objective its cost model" in capsys.readouterr().err
+    assert run(["solve", str(trace_file), "--gpus", "4", "--time-limit", "3", "-q", "-o", str(out)]) == 0
+    assert load_placement(out).objective["name"] == "traffic" and capsys.readouterr().err == ""  # still the default
+    assert run(["solve", str(trace_file), "--gpus", "4", *cost[2:], "-o", str(out)]) == 2  # a model without a cluster
+    assert "--model-config completes the latency objective's --cluster: add --cluster" in capsys.readouterr().err
+
+
+def test_gpus_help_says_when_counts_may_differ(capsys) -> None:
+    # "each holds E/G experts of every layer" was false for balance/latency with a cap or copies
+    helps = {option.name: option.help for option in solve_command.params if isinstance(option, click.Option)}
+    assert helps["gpus"] == ("Expert-parallel GPUs G: each holds E/G experts of every layer, unless --redundant-experts "
+                             "or --max-experts-per-gpu(-total) allow other counts (latency, balance; see above).")
+    assert "(default: latency with --cluster, else traffic)" in helps["objective"]
+    assert run(["solve", "--help"]) == 0 and "Expert-parallel GPUs G: each holds" in capsys.readouterr().out

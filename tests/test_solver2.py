@@ -13,13 +13,14 @@ import pytest
 
 from moeplace.cli import run
 from moeplace.errors import MoeplaceError
-from moeplace.placement import load_placement
+from moeplace.placement import Placement, load_placement
 from moeplace.solve import balance, eplb, latency, moetuner
 from moeplace.solve.balance import (_holds, balance_placement, batch_layer_loads, expected_gpu_loads, ilp_layer,
                                    layer_loads, layer_max_load, lpt_layer)
 from moeplace.solve.costmodel import Cluster, CostModel, ModelCost, layer_traffic, load_cost_model, predict
 from moeplace.solve.latency import (Z_ACCEPT, LatencyModel, SearchModels, fold_tokens, latency_bound, round_assignment,
                                    significant)
+from moeplace.solve.baselines import all_baselines
 from moeplace.solve.moetuner import moetuner_placement
 from moeplace.solve.replicate import add_replicas
 from moeplace.solve.solver import solve_placement, solve_traffic
@@ -576,3 +577,50 @@ def test_moetuner_stage2_is_the_maximum_matching_and_a_failed_solve_is_an_error(
     with pytest.raises(MoeplaceError, match=r"moetuner stage 2 \(cluster-to-GPU assignment, layer 1\): HiGHS "
                                             r"ended with kTimeLimit"):
         moetuner_placement(planted_trace(200, 3, 16, 2, 4, seed=5)[0], 4, 4, time_limit=2)
+
+
+def test_latency_summary_gives_the_unit_and_the_predicted_time_of_every_baseline(tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`objective latency: 69.9993` had no unit and no baseline to compare with: the summary now
+    names the unit and tables the predicted MoE time of the placement, every baseline and the
+    traffic start (train tokens) per token part as ratios to contiguous, stored in the metrics."""
+    trace, _ = planted_trace(256, 3, 16, 2, 8, seed=6)
+    save_trace(trace, tmp_path / "t.npz")
+    out = tmp_path / "p.json"
+    assert run(["solve", str(tmp_path / "t.npz"), "--gpus", "8", "--objective", "latency", "--time-limit", "3",
+                "--train-fraction", "0.5", "--cluster", str(CLUSTER), "--model-config", str(MODEL), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    p = load_placement(out)
+    assert f"objective latency: {p.objective['value']:.6g} us (predicted MoE time, summed over layers)" in text
+    cost = load_cost_model(CLUSTER, MODEL)
+    parts = {part: trace.select_tokens(idx) for part, idx in zip(("train", "held_out"), split_tokens(trace.num_tokens, 0.5, 0))}
+    baselines = all_baselines(parts["train"].expert_loads(), 8, 0)  # as solve builds them: from the training loads
+    for part, sub in parts.items():
+        assert set(p.metrics[part]) == {"placement", *baselines}
+        for name, m in p.metrics[part].items():
+            layout = p if name == "placement" else Placement(baselines[name], 8, 8)
+            assert m["moe_time_us"] == pytest.approx(predict(cost, layout, sub).total_us.sum())
+    assert p.metrics["train"]["placement"]["moe_time_us"] == pytest.approx(p.objective["value"])
+    table = text[text.index("predicted MoE time (us, summed over 3 layers; 1 node x 8 H100 (NVLink4)):"):].splitlines()
+    assert table[1].split() == ["train", "tokens", "held-out", "tokens"]
+    base = {part: p.metrics[part]["contiguous"]["moe_time_us"] for part in ("train", "held_out")}
+    mine = {part: p.metrics[part]["placement"]["moe_time_us"] for part in ("train", "held_out")}
+    assert table[2].split() == ["moeplace", f"{mine['train']:.1f}", f"({mine['train'] / base['train']:.2f}x)",
+                                f"{mine['held_out']:.1f}", f"({mine['held_out'] / base['held_out']:.2f}x)"]
+    assert table[3].split() == ["contiguous", f"{base['train']:.1f}", f"{base['held_out']:.1f}"]
+    traffic = p.solver["start_costs"]["traffic"]
+    assert table[7].split() == ["traffic", f"{traffic:.1f}", f"({traffic / base['train']:.2f}x)", "-"]
+
+
+def test_shipped_tour_configs_are_the_8_gpu_node_sliced_and_tiny_moe_scaled_from_flame() -> None:
+    """The tour's 4-GPU solve on checkpoints/tiny-moe needs a 4-GPU cluster and a tiny-moe model
+    config; neither was shipped, so a user had to write both."""
+    four, eight = (load_cost_model(ROOT / "configs" / "cluster" / f"h100-1x{g}-nvlink.yaml", MODEL) for g in (4, 8))
+    assert (four.cluster.num_nodes, four.cluster.gpus_per_node) == (1, 4)
+    assert (four.cluster.intra_gbps, four.cluster.intra_latency_us) == (eight.cluster.intra_gbps, eight.cluster.intra_latency_us)
+    tiny = load_cost_model(ROOT / "configs" / "cluster" / "h100-1x4-nvlink.yaml", ROOT / "configs" / "model" / "tiny-moe.yaml").model
+    config = json.loads((ROOT / "checkpoints" / "tiny-moe" / "config.json").read_text())
+    assert tiny.hidden_size == config["hidden_size"] and config["dtype"] == "bfloat16" and tiny.dispatch_bytes == 2
+    flame = eight.model  # SwiGLU experts: 3 matmuls of hidden x intermediate; FLAME's is 1024 x 704
+    ratio = (config["hidden_size"] * config["intermediate_size"]) / (1024 * 704)
+    assert tiny.expert_us_per_token == pytest.approx(flame.expert_us_per_token * ratio, rel=0.01)

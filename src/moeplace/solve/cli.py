@@ -20,8 +20,9 @@ METRICS = (  # (key, column title) of the summary table
 )
 
 
-def summary(placement: Placement, trace_name: str) -> str:
-    """Human summary: the placement vs every baseline, on train and held-out tokens."""
+def summary(placement: Placement, trace_name: str, trace_path: str | None = None, output: str | None = None) -> str:
+    """Human summary: the placement vs every baseline, on train and held-out tokens.
+    trace_path, output: as given on the command line, for the command the load note suggests."""
     s, o = placement.solver, placement.objective
     lines = [f"moeplace solve: {trace_name} -> {placement.num_gpus} GPUs "
              f"({placement.num_nodes} node{'s' if placement.num_nodes > 1 else ''} x {placement.gpus_per_node})"]
@@ -29,7 +30,7 @@ def summary(placement: Placement, trace_name: str) -> str:
         lines.append(f"fitted on a {placement.split['train_fraction']:g} split of the tokens (seed {placement.split['seed']})")
     gap = "unknown" if placement.gap is None else f"{placement.gap:.1%}"
     bound = "none" if placement.bound is None else f"{placement.bound:.6g}"
-    lines.append(f"objective {o.get('name')}: {o.get('value', float('nan')):.6g}, lower bound {bound}, gap {gap} "
+    lines.append(f"objective {o.get('name')}: {o.get('value', float('nan')):.6g}{_unit(o)}, lower bound {bound}, gap {gap} "
                  f"({s.get('method')}, {s.get('seconds', 0):.1f} s"
                  f"{', stopped by --time-limit' if s.get('stopped_by_time_limit') else ''})")
     shown = [(k, t) for k, t in METRICS if k != "cross_node_top1" or placement.num_nodes > 1]  # 0 on one node
@@ -44,26 +45,112 @@ def summary(placement: Placement, trace_name: str) -> str:
                 ratio = f" ({m[key] / base[key]:.2f}x)" if base.get(key) and name != "contiguous" and key != "imbalance_max" else ""
                 cells.append(f"{m[key]:.3f}{ratio}".rjust(20))
             lines.append(f"  {'moeplace' if name == 'placement' else name}".ljust(26) + "".join(cells))
-    lines.extend(_load_note(placement))
+    lines.extend(_time_table(placement))
+    lines.extend(_load_note(placement, trace_path or trace_name, output))
     return "\n".join(lines)
 
 
+def _unit(objective: dict[str, Any]) -> str:
+    """The unit of a latency objective's value (predicted time); traffic's is a weighted count of
+    moves and balance's a load ratio, both said by their docs, not here."""
+    if objective.get("name") == "latency":
+        return " us (predicted MoE time, summed over layers)"
+    if objective.get("name") == "latency-weighted":
+        return f" us (predicted MoE time summed over layers, compute term x{objective.get('compute_weight', 1):g})"
+    return ""
+
+
+def _time_table(placement: Placement) -> list[str]:
+    """Predicted MoE time of the placement and each baseline (metrics[part][name]["moe_time_us"],
+    written by a latency solve) per token part, as ratios to contiguous; with the traffic start
+    of the latency search on the training tokens (solver.start_costs, the predicted time when the
+    compute weight is 1; its layout is not kept, so it has no held-out figure)."""
+    parts = {part: r for part, r in placement.metrics.items() if "moe_time_us" in r.get("placement", {})}
+    if not parts:
+        return []
+    cluster = placement.objective.get("cost_model", {}).get("cluster", {}).get("name", "the --cluster config")
+    names = list(next(iter(parts.values())))
+    traffic = placement.solver.get("start_costs", {}).get("traffic")
+    rows = {name: {part: r[name]["moe_time_us"] for part, r in parts.items() if name in r} for name in names}
+    if traffic is not None and placement.objective.get("name") == "latency":
+        rows["traffic"] = {"train": traffic}
+    lines = ["", f"predicted MoE time (us, summed over {placement.num_layers} layers; {cluster}):",
+             "".ljust(26) + "".join(f"{part.replace('_', '-')} tokens".rjust(20) for part in parts)]
+    for name, times in rows.items():
+        cells = []
+        for part, r in parts.items():
+            t, base = times.get(part), r.get("contiguous", {}).get("moe_time_us")
+            ratio = f" ({t / base:.2f}x)" if t is not None and base and name != "contiguous" else ""
+            cells.append(("-" if t is None else f"{t:.1f}{ratio}").rjust(20))
+        lines.append(f"  {'moeplace' if name == 'placement' else name}".ljust(26) + "".join(cells))
+    if "traffic" in rows:
+        lines.append("  (traffic: the traffic placement the latency search started from"
+                     + ("; not kept, so no held-out figure)" if len(parts) > 1 else ")"))
+    return lines
+
+
 LOAD_NOTE_RATIO = 1.25  # worst-layer max/mean load this far above contiguous's is worth a line
+# shipped configs (repository configs/) by (nodes, GPUs per node) and by a name in the trace's model
+SHIPPED_CLUSTERS = {(1, 4): "configs/cluster/h100-1x4-nvlink.yaml", (1, 8): "configs/cluster/h100-1x8-nvlink.yaml",
+                    (2, 8): "configs/cluster/h100-2x8-ib.yaml", (8, 8): "configs/cluster/h100-8x8-ib.yaml"}
+SHIPPED_MODELS = {"tiny-moe": "configs/model/tiny-moe.yaml", "flame-moe-290m": "configs/model/flame-moe-290m.yaml",
+                  "mixtral-8x7b": "configs/model/mixtral-8x7b.yaml", "deepseek-v3": "configs/model/deepseek-v3.yaml"}
 
 
-def _load_note(placement: Placement) -> list[str]:
-    """A line when `traffic` bought its traffic with token load: it keeps E/G experts per GPU,
+def _load_note(placement: Placement, trace_path: str, output: str | None = None) -> list[str]:
+    """Lines when `traffic` bought its traffic with token load: it keeps E/G experts per GPU,
     not tokens, so at many GPUs co-selected experts can pile tokens on one GPU (1.7x contiguous's
-    max/mean at 64 GPUs on a planted trace)."""
+    max/mean at 64 GPUs on a planted trace; 3.0 against 1.78 on the tour's 4-GPU tiny model).
+    Worst of the train and held-out parts; the next step is the latency solve's command line."""
     if placement.objective.get("name") != "traffic":
         return []
-    part = placement.metrics.get("held_out") or placement.metrics.get("train") or {}
-    mine, base = (part.get(k, {}).get("imbalance_max") for k in ("placement", "contiguous"))
-    if not mine or not base or mine <= LOAD_NOTE_RATIO * base:
+    worst: tuple[str, float, float] | None = None
+    for part, r in placement.metrics.items():
+        mine, base = (r.get(k, {}).get("imbalance_max") for k in ("placement", "contiguous"))
+        if mine and base and mine > LOAD_NOTE_RATIO * base and (worst is None or mine / base > worst[1] / worst[2]):
+            worst = (part, mine, base)
+    if worst is None:
         return []
-    return ["", f"note: the worst layer's max/mean token load per GPU is {mine:.2f} against contiguous's {base:.2f}: "
-                "--objective traffic keeps equal expert counts, not token load; --objective latency weighs "
-                "both (docs/cost-model.md)"]
+    part, mine, base = worst
+    return ["", f"note: the worst layer's max/mean token load per GPU is {mine:.2f} against contiguous's {base:.2f} "
+                f"({part.replace('_', '-')} tokens): --objective traffic keeps equal expert counts, not token load; "
+                "--objective latency weighs both by predicted time (docs/cost-model.md):",
+            *("  " + line for line in latency_command(placement, trace_path, output))]
+
+
+def latency_command(placement: Placement, trace_path: str, output: str | None = None) -> list[str]:
+    """The `moeplace solve --objective latency` command line for the same trace, GPUs and split,
+    with the shipped cluster and model configs where one fits, else placeholders and a line on
+    what to put in them."""
+    from shlex import quote
+
+    topology = (placement.num_nodes, placement.gpus_per_node)
+    model = str((placement.trace_model or {}).get("model", "")).lower()
+    cluster = _shipped(SHIPPED_CLUSTERS.get(topology, "CLUSTER.yaml"))
+    model_config = _shipped(next((path for name, path in SHIPPED_MODELS.items() if name in model), "MODEL.yaml"))
+    out = "PLACEMENT.json" if output is None else str(Path(output).with_name(Path(output).stem + "-latency.json"))
+    args = ["moeplace solve", quote(trace_path), f"--gpus {placement.num_gpus}"]
+    if placement.num_nodes > 1:
+        args.append(f"--gpus-per-node {placement.gpus_per_node}")
+    if placement.split:
+        args.append(f"--train-fraction {placement.split['train_fraction']:g}")
+    if placement.solver.get("seed"):
+        args.append(f"--seed {placement.solver['seed']}")
+    args += ["--objective latency", f"--cluster {quote(cluster)}", f"--model-config {quote(model_config)}", f"-o {quote(out)}"]
+    lines = [" ".join(args)]
+    if cluster == "CLUSTER.yaml":
+        lines.append(f"(CLUSTER.yaml: configs/cluster/h100-1x8-nvlink.yaml with nodes: {topology[0]}, "
+                     f"gpus_per_node: {topology[1]})")
+    if model_config == "MODEL.yaml":
+        lines.append("(MODEL.yaml: your model's figures, as in configs/model/*.yaml)")
+    return lines
+
+
+def _shipped(config: str) -> str:
+    """A shipped config's path as the user can type it: relative where the working directory is
+    the repository, else the checkout's absolute path (editable install), else as in the repository."""
+    repository = Path(__file__).resolve().parents[3] / config
+    return config if Path(config).exists() or not repository.exists() else str(repository)
 
 
 def _objective_names() -> list[str]:
@@ -73,10 +160,13 @@ def _objective_names() -> list[str]:
 
 @click.command("solve", context_settings={"max_content_width": 100})
 @click.argument("trace_path", metavar="TRACE", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--gpus", "-g", type=POSITIVE_INT, required=True, help="Expert-parallel GPUs G; each holds E/G experts of every layer.")
+@click.option("--gpus", "-g", type=POSITIVE_INT, required=True,
+              help="Expert-parallel GPUs G: each holds E/G experts of every layer, unless --redundant-experts or "
+                   "--max-experts-per-gpu(-total) allow other counts (latency, balance; see above).")
 @click.option("--gpus-per-node", type=POSITIVE_INT, default=None, help="GPUs per node (default: all G on one node).")
-@click.option("--objective", type=click.Choice(_objective_names()), default="traffic", show_default=True,
-              help="What to minimise. traffic: weighted cross-GPU/cross-node transitions (docs/solver.md); "
+@click.option("--objective", type=click.Choice(_objective_names()), default=None,
+              help="What to minimise (default: latency with --cluster, else traffic). traffic: weighted "
+                   "cross-GPU/cross-node transitions (docs/solver.md); "
                    "latency: predicted MoE-layer time under --cluster; balance: max token load per GPU, the only "
                    "one for load-only inputs (docs/cost-model.md).")
 @click.option("--time-limit", type=POSITIVE, default=60.0, show_default=True,
@@ -120,7 +210,7 @@ def _objective_names() -> list[str]:
                    "(solver.pareto); writes the weight-1 placement.")
 @click.option("--output", "-o", type=OUTPUT_FILE, required=True, help="Placement JSON to write.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary on stdout, no progress on stderr.")
-def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str, time_limit: float, seed: int,
+def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str | None, time_limit: float, seed: int,
           train_fraction: float, node_cost: float, top1_weight: float, coselect_weight: float | None,
           smoothing: float | None, prior: float | None, cluster: Path | None, model_config: Path | None, compute_weight: float,
           redundant_experts: int, max_experts_per_gpu: int | None, max_experts_per_gpu_total: int | None, pareto: bool,
@@ -134,9 +224,10 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
             bound and gap, metrics of the placement and of the baselines (contiguous, round-robin,
             random, greedy_load) on the training tokens and, with --train-fraction < 1, on the
             held-out rest (evaluate it again with `moeplace eval`); a summary on stdout.
-    Every GPU holds E/G experts of each layer (latency, balance: see --max-experts-per-gpu-total);
-    when G does not divide E, balance places them given --redundant-experts,
-    --max-experts-per-gpu or --max-experts-per-gpu-total, and latency given the last.
+    Every GPU holds E/G experts of each layer, plus its share of the --redundant-experts copies
+    (latency, balance), unless --max-experts-per-gpu (balance) or --max-experts-per-gpu-total
+    (latency, balance) lets the counts differ; when G does not divide E, balance needs one of
+    those three options and latency the last. With --cluster the objective defaults to latency.
     Exact integer programming (PuLP + HiGHS) when the model is small, else heuristics with ILP
     sub-problems; deterministic for a given --seed.
 
@@ -155,6 +246,14 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     from moeplace.trace.format import is_load_only, load_trace
 
     check_writable(output, inputs=[trace_path])  # before the solve, not after it
+    if objective is None and model_config and not cluster:
+        raise MoeplaceError("--model-config completes the latency objective's --cluster: add --cluster CONFIG.yaml "
+                            "(configs/cluster/*.yaml)")
+    if objective is None:  # only latency reads a cluster: giving one asks for it
+        objective = "latency" if cluster else "traffic"
+        if cluster and not quiet:
+            click.echo("moeplace solve: note: --cluster given: solving --objective latency (predicted MoE time; "
+                       "--objective traffic would ignore the cluster)", err=True)
     if max_experts_per_gpu_total is not None and objective == "traffic":
         raise MoeplaceError("--max-experts-per-gpu-total needs a load term: traffic alone would pile a layer's experts "
                             "on one GPU; use --objective latency (or balance)")
@@ -198,7 +297,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     with writing(output):
         placement.save(output)
     if not quiet:
-        click.echo(summary(placement, trace_path.name))
+        click.echo(summary(placement, trace_path.name, str(trace_path), str(output)))
         if pareto:
             click.echo("\n" + render_front(placement.solver["pareto"]))
         click.echo(f"\nwrote {output}")

@@ -547,4 +547,21 @@ def solve_placement(
         }
         for part, sub in parts.items()
     }
+    if objective == "latency":
+        add_predicted_times(placement, baselines, parts, options)
     return placement
+
+
+def add_predicted_times(placement: Placement, baselines: dict[str, np.ndarray], parts: dict[str, Trace],
+                        options: dict[str, Any]) -> None:
+    """metrics[part][layout]["moe_time_us"]: the predicted MoE time (us, summed over layers;
+    costmodel.predict, as `moeplace eval --cluster`) of the placement and of every baseline under
+    the cost model the latency solve used, so its summary can say what the objective value buys."""
+    from moeplace.solve.costmodel import load_cost_model, predict
+
+    cost = options.get("cost") or load_cost_model(options["cluster"], options.get("model_config"))
+    for part, sub in parts.items():
+        for name, m in placement.metrics[part].items():
+            layout = placement if name == "placement" else Placement(baselines[name], placement.num_gpus,
+                                                                     placement.gpus_per_node)
+            m["moe_time_us"] = float(predict(cost, layout, sub).total_us.sum())
