@@ -232,7 +232,7 @@ def worker(cfg_path: str) -> None:
             counters = merged_counters(rt)
             gen = sum(map(len, res.tokens))
             first_tokens = first_tokens or res.tokens
-            setups.append({"decode": counters.summary("decode", gen), "generated_tokens": gen,
+            setups.append({"decode": counters.summary("decode"), "generated_tokens": gen,
                            "routing": res.routing.tolist(), "tokens_per_s": [],
                            "same_tokens_as_first": res.tokens == first_tokens})
             rt.record_routing = False

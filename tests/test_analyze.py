@@ -306,7 +306,14 @@ def test_cli_with_solver(planted_file: Path, tmp_path: Path, capsys: pytest.Capt
     across = report["transfer"]["placement"]["a_to_b"]
     assert across["evaluated"]["solved_on_target"]["cross_gpu_top1"] < 0.05
     assert across["transferred"]["cross_gpu_top1"] < 0.5  # A's chains are not B's
-    assert "cross_gpu_top1 gain over contiguous" in capsys.readouterr().out
+    # ratios to contiguous, as solve and eval print them; the absolute difference named as one
+    text = capsys.readouterr().out
+    ev = across["evaluated"]
+    ratio = ev["solved_on_target"]["cross_gpu_top1"] / ev["contiguous"]["cross_gpu_top1"]
+    assert "replayed on B (x: ratio to contiguous, lower is better):" in text
+    assert f"solved on B {ratio:.2f}x of contiguous; reduction (contiguous - placement) " in text, text
+    row = next(line for line in text.splitlines() if line.strip().startswith("solved on B ") and "x)" in line)
+    assert f"({ratio:.2f}x)" in row and "gain over contiguous" not in text
 
 
 def test_cli_one_layer_and_exflow_npy(tmp_path: Path) -> None:

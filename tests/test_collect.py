@@ -255,8 +255,8 @@ def test_cli_interrupt_leaves_an_existing_trace_untouched(tiny_dirs: dict[str, P
     t = load_trace(beside)
     assert t.num_tokens == 32 and t.meta["interrupted"] is True
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"wrote {beside}: 32 tokens x 4 MoE layers x top-2 over 8 experts, decoder layers [0, 1, 2, 3] "
-                   f"(interrupted: a valid shorter trace; {out} left as it was)"]
+    assert err == [f"wrote {beside}: 32 tokens x 4 MoE layers x top-2 over 8 experts, decoder layers [0, 1, 2, 3], "
+                   f"from corpus.txt (interrupted: a valid shorter trace; {out} left as it was)"]
 
 
 def test_cli_messages(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path,
@@ -268,7 +268,7 @@ def test_cli_messages(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path,
     cap = capsys.readouterr()
     err = cap.err.strip().splitlines()
     assert err[-1].startswith("trace: done 100 tokens [") and " in " not in err[-1], err  # the time once
-    assert cap.out == f"wrote {out}: 100 tokens x 1 MoE layer x top-2 over 8 experts, decoder layer [0]\n"
+    assert cap.out == f"wrote {out}: 100 tokens x 1 MoE layer x top-2 over 8 experts, decoder layer [0], from corpus.txt\n"
     assert run([*args, "-q"]) == 0 and capsys.readouterr() == ("", "")  # -q: errors only
     for name, text in (("empty.txt", ""), ("blank.jsonl", "\n  \n")):  # nothing to trace: no "done"
         (tmp_path / name).write_text(text)
@@ -311,6 +311,42 @@ def test_directory_picks_text_files_in_any_case_skipping_hidden(tmp_path: Path) 
     windows = list(iter_windows(expand_paths([tmp_path]), lambda s: [ord(c) for c in s], 4, sources=sources))
     assert [len(w) for w in windows] == [4, 4, 4, 2, 1, 4, 4, 4, 2]  # a.jsonl is one 1-token document
     assert [(f.name, first) for f, first in sources] == [("B.TXT", 0), ("a.jsonl", 4), ("c.Txt", 5)]
+
+
+def test_directory_skips_licence_and_notice_files_unless_named(tmp_path: Path) -> None:
+    for name in ("LICENSE-olmoe-apache-2.0.txt", "licence.txt", "sub/COPYING.TXT", "Notice.jsonl", "a.txt",
+                 "licensed_text.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text('{"text": "t"}\n')
+    skipped: list[Path] = []
+    assert [f.name for f in expand_paths([tmp_path], skipped)] == ["a.txt", "licensed_text.txt"]
+    assert sorted(f.name for f in skipped) == ["COPYING.TXT", "LICENSE-olmoe-apache-2.0.txt", "Notice.jsonl",
+                                               "licence.txt"]
+    assert expand_paths([tmp_path / "licence.txt"]) == [tmp_path / "licence.txt"]  # named: read
+    only = tmp_path / "sub"
+    with pytest.raises(MoeplaceError, match="licence/notice files skipped"):
+        expand_paths([only])
+
+
+def test_cli_says_which_licence_files_it_skipped_and_names_the_corpus(tiny_dirs: dict[str, Path], tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "LICENSE-olmoe-apache-2.0.txt").write_text("Apache License " * 20)
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (data / name).write_text(f"text of {name} ")
+    out = tmp_path / "t.npz"
+    assert run(["trace", "--model", str(tiny_dirs["olmoe"]), "--data", str(data), "-o", str(out)]) == 0
+    cap = capsys.readouterr()
+    assert (f"trace: skipped 1 licence/notice file in --data directories: {data / 'LICENSE-olmoe-apache-2.0.txt'} "
+            "(give a file as --data itself to read it)") in cap.err.splitlines()
+    assert cap.out.endswith(", from 4 files\n"), cap.out
+    t = load_trace(out)
+    assert t.meta["corpus"] == "a,b,c,d" and "LICENSE" not in " ".join(t.meta["data"])
+    assert run(["trace", "--model", str(tiny_dirs["olmoe"]), "--data", str(data / "a.txt"), "--data",
+                str(data / "b.txt"), "-o", str(out)]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.endswith(", from a.txt, b.txt\n") and "skipped" not in cap.err, cap
 
 
 def test_sigterm_removes_the_spool_and_writes_nothing(tmp_path: Path) -> None:
@@ -445,6 +481,14 @@ def test_meta_is_json_serialisable(tiny_dirs: dict[str, Path], corpus: Path, tmp
     assert trace_cli(tiny_dirs["gpt_oss"], corpus, out, "--max-tokens", "40", "--dtype", "bfloat16") == 0
     t = load_trace(out)
     assert t.meta["dtype"] == "bfloat16" and t.meta["model_type"] == "gpt_oss"
+
+
+def test_dtype_takes_evals_spelling_too(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path) -> None:
+    """Before: trace took float32|bfloat16|float16 only, eval bf16|fp16|fp32 only."""
+    out = tmp_path / "t.npz"
+    for given, stored in (("bf16", "bfloat16"), ("fp32", "float32")):
+        assert trace_cli(tiny_dirs["mixtral"], corpus, out, "--max-tokens", "20", "--dtype", given) == 0
+        assert load_trace(out).meta["dtype"] == stored
 
 
 # ---- the committed trained checkpoint -------------------------------------------------------------

@@ -314,6 +314,19 @@ def test_sglang_export_for_a_model_sglang_gives_no_map_says_so(tmp_path: Path, c
         assert ("does not use an expert map for OLMoE models" in capsys.readouterr().err) == noted
 
 
+def test_sglang_export_of_replicas_for_mixtral_names_a_way_that_works(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: the note sent the user to permute-checkpoint, which refuses replicas and sends them back here."""
+    model = fake_checkpoint(tmp_path / "model", moe_layers=(0, 1, 2), num_hidden_layers=3, model_type="mixtral")
+    assert cli(_save(replicated(), tmp_path), "--to", "sglang", "--model", str(model),
+               "-o", str(tmp_path / "loc.json")) == 0
+    note = capsys.readouterr().err.strip().splitlines()[-1]
+    assert note.startswith("note: SGLang (0.5.23) does not use an expert map for Mixtral models, and `moeplace "
+                           "permute-checkpoint` cannot create this placement's 4 redundant experts."), note
+    assert "`moeplace serve --placement` runs it, copies included" in note
+    assert "solve again without --redundant-experts" in note and "--to sglang" not in note
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_model_already_renumbered_for_the_placement_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                fmt: str) -> None:

@@ -266,6 +266,21 @@ def test_replicas_uneven_and_foreign_placements_are_refused(qwen: Path, tmp_path
     assert not list(tmp_path.iterdir()), "a refused request wrote something"
 
 
+def test_replicas_on_mixtral_name_the_ways_that_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: "use `moeplace export --to sglang`", which for Mixtral says to use permute-checkpoint."""
+    model = build("mixtral", tmp_path / "mixtral")
+    other_gpu = (int(_placement(3).expert_to_gpu[0, 0]) + 1) % 4
+    placement = tmp_path / "p.json"
+    _placement(3, replicas=[[(0, other_gpu)], [], []]).save(placement)
+    capsys.readouterr()  # building the model prints transformers' progress
+    assert run(["permute-checkpoint", str(model), str(placement), "-o", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "renumbering a checkpoint cannot create copies" in err[0], err
+    assert "`moeplace serve --placement` runs it, copies included" in err[0]
+    assert "solve again without --redundant-experts" in err[0] and "--to sglang" not in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_placement_is_not_applied_twice(qwen: Path, tmp_path: Path) -> None:
     """Serving (or permuting) a renumbered checkpoint with the placement it realises moved the
     experts twice and silently lost the gain (found 2026-11-23)."""

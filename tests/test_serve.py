@@ -116,7 +116,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str, str]], 
         res = rt.generate(PROMPTS, [NEW_TOKENS] * len(PROMPTS), ignore_eos=True, collect_logits=True)
         counters = merged_counters(rt)
         results.append({"tokens": res.tokens, "logits": res.logits, "routing": res.routing,
-                        "decode": counters.summary("decode", sum(map(len, res.tokens)))})
+                        "decode": counters.summary("decode", per_token=True)})
     if rank == 0:
         torch.save(results, Path(out_dir) / "results.pt")
     if world > 1:  # leave cleanly: a process group torn down at interpreter exit can abort

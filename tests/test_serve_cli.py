@@ -21,6 +21,7 @@ from moeplace.cli import run
 from moeplace.eval.traffic import predict_traffic
 from moeplace.models.tiny import build_tiny_model
 from moeplace.placement import Placement, load_placement
+from moeplace.serve.cli import held_experts
 from moeplace.serve.counters import Counters
 from moeplace.serve.httpserver import BadRequest, Stats, metrics_text, parse_completion
 from moeplace.solve.baselines import random_balanced
@@ -98,6 +99,10 @@ def test_torchrun_batch_matches_transformers_and_prediction(model: tuple[Path, l
     assert cli["alltoalls_per_layer"] == decode["alltoalls_per_layer_step"]
     # K/V replication: every decoded token's entries of all 3 layers go to the other rank
     assert cli["kv_sync_bytes_per_token"] * cli["tokens"] == decode["kv_sync"]["bytes"] > 0
+    # one key, one meaning: per token decoded (12: each prompt's last new token is never fed back), not per
+    # token generated (15)
+    assert decode["tokens_processed"] == cli["tokens"] == 12
+    assert decode["alltoall_bytes_per_token"] == pytest.approx(cli["alltoall_bytes_per_token"])
 
 
 def test_ranks_with_different_placements_refuse_to_run(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:
@@ -263,10 +268,34 @@ def test_completion_options_the_server_cannot_honour(field: dict, message: str) 
     """Before: "stream": true and "n": 2 were answered 200 with one non-streamed completion."""
     with pytest.raises(BadRequest, match=message):
         parse_completion(json.dumps({"prompt": [1, 2], **field}).encode(), None, 100, 64, 16)
-    # sampling fields OpenAI clients send by default: accepted (and ignored: decoding is greedy)
-    job = parse_completion(json.dumps({"prompt": [1, 2], "stream": False, "n": 1, "temperature": 0.7,
-                                       "top_p": 0.9}).encode(), None, 100, 64, 16)
+    # greedy's own values of the sampling fields: accepted
+    job = parse_completion(json.dumps({"prompt": [1, 2], "stream": False, "n": 1, "temperature": 0,
+                                       "top_p": 0.9, "seed": 7}).encode(), None, 100, 64, 16)
     assert job.prompts == [[1, 2]] and job.max_tokens == 16
+
+
+@pytest.mark.parametrize("field, message", [
+    ({"temperature": 0.7}, "\"temperature\": 0.7 is not supported: this server decodes greedily; send temperature 0"),
+    ({"temperature": 1}, "\"temperature\": 1 is not supported"),
+    ({"temperature": "0"}, "\"temperature\": \"0\" is not supported"),
+    ({"top_p": 0.9}, "\"top_p\": 0.9 asks for sampling, which this server does not do (greedy decoding): leave it "
+                     "out, 1 or 1.0, or send temperature 0"),
+    ({"top_k": 40}, "\"top_k\": 40 asks for sampling"),
+    ({"temperature": None, "min_p": 0.1}, "\"min_p\": 0.1 asks for sampling"),
+    ({"presence_penalty": 0.5}, "\"presence_penalty\" is not supported"),
+    ({"logit_bias": {"5": 100}}, "\"logit_bias\" is not supported")])
+def test_sampling_is_refused_not_silently_greedy(field: dict, message: str) -> None:
+    """Before: "temperature": 0.7 or "top_p": 0.9 were answered 200 with the greedy completion."""
+    with pytest.raises(BadRequest) as e:
+        parse_completion(json.dumps({"prompt": [1, 2], **field}).encode(), None, 100, 64, 16)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_greedy_values_of_the_sampling_fields_are_accepted() -> None:
+    for body in ({"temperature": 0.0, "top_p": 0.5, "top_k": 50}, {"top_p": 1, "top_k": -1, "min_p": 0},
+                 {"temperature": None, "top_p": None, "presence_penalty": 0, "frequency_penalty": 0.0,
+                  "repetition_penalty": 1.0, "logit_bias": {}, "user": "u"}):
+        assert parse_completion(json.dumps({"prompt": [1, 2], **body}).encode(), None, 100, 64, 16).prompts == [[1, 2]]
 
 
 def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:
@@ -295,10 +324,13 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
         assert doc["usage"]["prompt_tokens"] == 5 and doc["object"] == "text_completion"
         code, body, _ = http(http_port, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}).encode())
         assert code == 200 and isinstance(json.loads(body)["choices"][0]["text"], str)
-        # sampling fields are ignored: the same greedy tokens
+        # greedy asked for explicitly: the same tokens; sampling asked for: refused, naming what is supported
         code, body, _ = http(http_port, "/v1/completions", json.dumps(
-            {"prompt": PROMPT_IDS[0], "max_tokens": 6, "temperature": 0.9, "top_p": 0.5, "n": 1}).encode())
+            {"prompt": PROMPT_IDS[0], "max_tokens": 6, "temperature": 0, "top_p": 0.5, "n": 1}).encode())
         assert code == 200 and json.loads(body)["choices"][0]["token_ids"] == doc["choices"][0]["token_ids"]
+        code, body, _ = http(http_port, "/v1/completions", json.dumps(
+            {"prompt": PROMPT_IDS[0], "max_tokens": 6, "temperature": 0.9}).encode())
+        assert code == 400 and "send temperature 0 or leave it out" in json.loads(body)["error"]["message"]
         for bad in (b"{not json", b'{"prompt": [1, 100000]}', b'{"prompt": [1], "max_tokens": 0}',
                     b'{"prompt": 7}', b'[]', b'{"prompt": [1], "max_tokens": 17}', b'{"prompt": [1], "stream": true}',
                     b'{"prompt": [1], "n": 2}'):
@@ -318,7 +350,7 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
         values = exposition(metrics)
         assert 'moeplace_alltoall_bytes_total{phase="decode"}' in values
         assert 'moeplace_cross_rank_tokens_total{phase="decode",layer="0"}' in values
-        assert values["moeplace_requests_total"] == "3" and values["moeplace_rejected_requests_total"] == "12"
+        assert values["moeplace_requests_total"] == "3" and values["moeplace_rejected_requests_total"] == "13"
         assert float(values["moeplace_decode_seconds_total"]) > 0
         # a rank dies: rank 0 notices within the timeout (heartbeats) and exits with one clear line
         procs[1].send_signal(signal.SIGKILL)
@@ -842,6 +874,39 @@ def test_queued_requests_get_503_when_the_runtime_fails(monkeypatch: pytest.Monk
     assert server.closing == "runtime failed: rank 1 died"
     assert not server.submit(Job([[1]], 1, False)) and server.jobs.empty()
     assert server.stats.snapshot().rejected == 4
+
+
+def test_dtype_takes_evals_spelling_too(model: tuple[Path, list[list[int]]], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: serve took float32|bfloat16|float16 only, eval bf16|fp16|fp32 only."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPT_IDS[0]}) + "\n")
+    for given, stored in (("bf16", "bfloat16"), ("fp32", "float32"), ("float16", "float16")):
+        stats = tmp_path / f"{given}.json"
+        assert run(["serve", "--model", str(model[0]), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+                    "--stats-out", str(stats), "--max-new-tokens", "2", "--dtype", given]) == 0
+        assert json.loads(stats.read_text())["dtype"] == stored
+    assert "of 8 experts in each of 2 MoE layers" in capsys.readouterr().err
+
+
+def test_the_loaded_line_counts_experts_per_layer() -> None:
+    """Before: "done rank 0: 32 experts" on a 16-expert model (8 per layer, summed over 4 layers)."""
+    assert held_experts([[0, 1, 2, 3, 4, 5, 6, 7]] * 4, 16) == \
+        "8 of 16 experts in each of 4 MoE layers (32 expert FFNs, replicas included)"
+    assert held_experts([[0, 1], [2, 3, 4]], 4) == \
+        "2-3 of 4 experts per MoE layer over 2 layers (5 expert FFNs, replicas included)"
+    assert held_experts([[0]], 4) == "1 of 4 experts in the MoE layer (1 expert FFN, replicas included)"
+
+
+def test_bytes_per_token_are_per_token_the_phase_processed() -> None:
+    """Before: serve divided decode bytes by the tokens generated (32 for 2 x 16), eval by the
+    tokens decoded (30), under the same key."""
+    c = Counters(num_moe_layers=1)
+    c.record("dispatch", rows=10, nbytes=3000, layer=0)
+    c.tokens["decode"], c.steps["decode"] = 30, 15
+    s = c.summary("decode", per_token=True)
+    assert s["alltoall_bytes_per_token"] == 100.0 and s["all_bytes_per_token"] == 100.0
+    assert "alltoall_bytes_per_token" not in c.summary("decode")
 
 
 def test_stats_snapshot_is_consistent_while_updated() -> None:

@@ -107,7 +107,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[Job], out_dir: str) -> 
         res = rt.generate(prompts, budgets, collect_logits=True)
         counters = merged_counters(rt)
         results.append({"tokens": res.tokens, "logits": res.logits, "routing": res.routing,
-                        "decode": counters.summary("decode", sum(map(len, res.tokens)))})
+                        "decode": counters.summary("decode", per_token=True)})
     if rank == 0:
         torch.save(results, Path(out_dir) / "results.pt")
     dist.barrier()  # leave cleanly: a process group torn down at interpreter exit can abort

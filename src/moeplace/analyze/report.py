@@ -4,6 +4,8 @@ Report schema ("moeplace.analyze/v1"):
 
     traces     {"A": trace_report, "B": trace_report (with --compare)}
     transfer   A -> B stability (with --compare): correlation, held-out capture, placement gain
+               (printed as ratios to contiguous, `0.41x` as solve and eval print them, and the
+               reduction contiguous - placement that `transferred` divides)
     figures    paths of the PNGs written
 
     trace_report = {info, load: [per layer], load_mean, affinity: {modes: {mode: {per_pair,
@@ -137,7 +139,8 @@ def verdict(tr: dict[str, Any]) -> dict[str, Any]:
                      f"transitions vs {m['capture_heldout_marginal']['1']:.2f} without affinity")
     if "placement" in halves:
         moved = halves["placement"]["a_to_b"]["transferred"]["cross_gpu_top1"]
-        parts.append(f"a placement solved on one half keeps {_pct(moved)} of its cross-GPU gain on the other"
+        parts.append(f"a placement solved on one half keeps {_pct(moved)} of its cross-GPU reduction (vs contiguous) "
+                     "on the other"
                      if moved is not None else "solving a placement gains nothing over contiguous here")
     out["text"] = "; ".join(parts) + "." if parts else "no layer pairs to analyse."
     return out
@@ -239,19 +242,34 @@ def _stability_lines(st: dict[str, Any], a: str, b: str) -> list[str]:
 
 
 def _transfer_lines(pl: dict[str, Any], direction: str, a: str, b: str) -> list[str]:
+    """The replay table with each layout's ratio to contiguous (`0.41x`, as solve and eval print
+    it), then per metric the ratios and the reduction (contiguous - placement) that `transferred`
+    divides."""
     res = pl[direction]
-    lines = [f"  placement on {pl['num_gpus']} GPUs ({pl['gpus_per_node']} per node), replayed on {b}:",
-             f"    {'':22} {'cross_gpu_top1':>14} {'dest_gpus_topk':>14} {'imbalance_max':>13}"]
+    ev = res["evaluated"]
+    base = ev["contiguous"]
+    lines = [f"  placement on {pl['num_gpus']} GPUs ({pl['gpus_per_node']} per node), replayed on {b} "
+             "(x: ratio to contiguous, lower is better):",
+             f"    {'':22} {'cross_gpu_top1':>16} {'dest_gpus_topk':>16} {'imbalance_max':>13}"]
     for key, label in (("contiguous", "contiguous"), ("greedy_load_from_source", f"greedy_load ({a})"),
                        ("solved_on_source", f"solved on {a}"), ("solved_on_target", f"solved on {b}")):
-        m = res["evaluated"][key]
-        lines.append(f"    {label:22} {m['cross_gpu_top1']:14.3f} {m['dest_gpus_topk']:14.3f} {m['imbalance_max']:13.3f}")
+        m = ev[key]
+        cells = [f"{m[metric]:.3f}" + ("" if key == "contiguous" else f" ({_x(m[metric], base[metric])})")
+                 for metric in ("cross_gpu_top1", "dest_gpus_topk")]
+        lines.append(f"    {label:22} {cells[0]:>16} {cells[1]:>16} {m['imbalance_max']:13.3f}")
     for metric, ratio in res["transferred"].items():
         gain = res["gain"][metric]
-        lines.append(f"    {metric} gain over contiguous on {b}: solved on {a} {gain['solved_on_source']:.3f}, "
-                     f"solved on {b} {gain['solved_on_target']:.3f} -> transferred "
-                     + (_pct(ratio) if ratio is not None else f"n/a (solving on {b} gains nothing)"))
+        lines.append(f"    {metric} on {b}: solved on {a} {_x(ev['solved_on_source'][metric], base[metric])}, "
+                     f"solved on {b} {_x(ev['solved_on_target'][metric], base[metric])} of contiguous; reduction "
+                     f"(contiguous - placement) {gain['solved_on_source']:.3f} vs {gain['solved_on_target']:.3f} "
+                     "-> transferred "
+                     + (_pct(ratio) if ratio is not None else f"n/a (solving on {b} reduces nothing)"))
     return lines
+
+
+def _x(value: float, base: float) -> str:
+    """`value` as a ratio to the contiguous layout's, worded as solve and eval word it."""
+    return f"{value / base:.2f}x" if base else "n/a"
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -230,8 +230,16 @@ def _write(placement: Placement, fmt: str, output: Path, model: Path | None, tra
                    "with an all-to-all backend (--moe-a2a-backend deepep), dynamic without one (docs/engines/sglang.md)",
                    err=True)
         if family := sglang.MAP_IGNORED.get(str(model_type)):
-            click.echo(f"note: SGLang (0.5.23) does not use an expert map for {family} models; realise the placement "
-                       "with `moeplace permute-checkpoint` instead (docs/engines/checkpoint.md)", err=True)
+            if redundant:  # permute-checkpoint cannot make copies either: name what can run them
+                from moeplace.export.permute import replicas_way_out
+
+                click.echo(f"note: SGLang (0.5.23) does not use an expert map for {family} models, and "
+                           f"`moeplace permute-checkpoint` cannot create this placement's {redundant} redundant "
+                           f"experts. {replicas_way_out(str(model_type))}", err=True)
+            else:
+                click.echo(f"note: SGLang (0.5.23) does not use an expert map for {family} models; realise the "
+                           "placement with `moeplace permute-checkpoint` instead (docs/engines/checkpoint.md)",
+                           err=True)
     elif fmt == "vllm":
         vllm.write_vllm(placement, output)
         click.echo(f"wrote {output}: vLLM EplbState arrays for {ep}; upstream vLLM cannot load them from a file: "

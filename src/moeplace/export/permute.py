@@ -59,16 +59,33 @@ PERMUTATION_FORMAT = "moeplace.permutation/v1"
 _COPY_CHUNK = 64 * 2**20
 
 
-def permutation(placement: Placement) -> np.ndarray:
-    """new_to_old int64 [L, E] realising `placement` under a contiguous layout, or a clear error."""
+def permutation(placement: Placement, model_type: str | None = None) -> np.ndarray:
+    """new_to_old int64 [L, E] realising `placement` under a contiguous layout, or a clear error
+    (`model_type`, when known, narrows the ways out it names)."""
     if placement.num_replicas:
         layer = next(i for i, r in enumerate(placement.replicas) if r)
         raise PlacementError(
             f"the placement replicates experts (layer {layer} has {len(placement.replicas[layer])} extra copies): "
-            "renumbering a checkpoint cannot create copies. Use `moeplace export --to sglang` (SGLang loads "
-            "replicas from --init-expert-location) or re-solve without replicas"
+            f"renumbering a checkpoint cannot create copies. {replicas_way_out(model_type)}"
         )
     return physical_to_logical(placement)
+
+
+def replicas_way_out(model_type: str | None) -> str:
+    """How to run a placement with replicas, for `model_type` (None: any model). permute-checkpoint
+    cannot make copies and SGLang ignores maps for some families, so each names only what works."""
+    from moeplace.export.sglang import MAP_IGNORED
+    from moeplace.serve.model import FAMILIES  # torch: imported only on this error path
+
+    ways = []
+    if model_type is None or model_type in FAMILIES:
+        ways.append("`moeplace serve --placement` runs it, copies included"
+                    + ("" if model_type else f" ({', '.join(FAMILIES)} models)"))
+    if model_type not in MAP_IGNORED:
+        ignored = "" if model_type else f" (not for {' or '.join(MAP_IGNORED.values())} models)"
+        ways.append(f"`moeplace export --to sglang` hands it to SGLang, which loads the copies{ignored}")
+    ways.append("drop the copies: solve again without --redundant-experts, then `moeplace permute-checkpoint`")
+    return "To run it: " + "; ".join(ways[:-1]) + "; or " + ways[-1] + " (docs/engines/checkpoint.md)"
 
 
 def permutation_record(model_dir: str | Path) -> dict[str, Any] | None:
@@ -173,7 +190,7 @@ def permute_checkpoint(
     blocks = moe_blocks(ckpt)
     placement.check_fits(len(blocks), blocks[0].num_experts, what="checkpoint")
     check_not_applied(ckpt.root, placement)
-    new_to_old = permutation(placement)
+    new_to_old = permutation(placement, ckpt.config.get("model_type"))
     check_group_routing(ckpt.config, new_to_old)
     total = sum(e.end - e.begin for tensors in ckpt.shards.values() for e in tensors.values())
     plan = _plan(ckpt, blocks, new_to_old)

@@ -12,7 +12,15 @@ import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError
 from moeplace.io import loads_json
-from moeplace.options import FiniteFloat, check_distinct_outputs, check_outside, check_writable, writing
+from moeplace.options import (
+    DtypeChoice,
+    FiniteFloat,
+    check_distinct_outputs,
+    check_outside,
+    check_writable,
+    plural,
+    writing,
+)
 from moeplace.trace.cli import TOKENIZER_FILES  # one list: a directory `trace` reads a tokenizer from, serve does too
 
 # --timeout's ceiling (11.6 days): "wait for ever" in effect, far below what datetime.timedelta
@@ -27,8 +35,8 @@ Examples (4 ranks: gloo on CPU; on GPUs the same command uses NCCL, one GPU per 
       --placement placement.json --port 8000
   curl -s localhost:8000/v1/completions -d '{"prompt": "Hello", "max_tokens": 16}'
 Several nodes: `torchrun --nnodes ... --nproc-per-node 8 -m moeplace serve ...` on each node
-(the same options, without --nproc-per-node). Without either it runs as one rank holding every
-expert.
+(the same options, without --nproc-per-node; on a failure torchrun adds its own traceback after
+the ranks' one line and exits 1). Without either it runs as one rank holding every expert.
 """
 
 
@@ -65,8 +73,9 @@ expert.
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address (loopback by default).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA + NCCL when GPUs are visible, else CPU + gloo.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="Weights and activations. Default: float32 on CPU, bfloat16 on CUDA.")
+@click.option("--dtype", type=DtypeChoice(),
+              help="Weights and activations (fp32 = float32, bf16 = bfloat16, fp16 = float16). Default: float32 "
+                   "on CPU, bfloat16 on CUDA.")
 @click.option("--timeout", "timeout_s", default=60.0, show_default=True, type=FiniteFloat(1.0, MAX_TIMEOUT_S),
               help="Seconds a rank waits for a silent or dead peer before exiting with an error.")
 @click.option("--stats-out", type=click.Path(dir_okay=False),
@@ -187,7 +196,7 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
         click.echo(f"moeplace serve: note: {note}", err=True)
     progress = Progress("serve: loading weights", enabled=rank == 0)
     rt = engine.load_runtime(spec, placement, mode, rank, world, dev, dtype)
-    progress.close(f"rank {rank}: {sum(len(e) for e in rt.model.local_experts)} experts")
+    progress.close(f"rank {rank}: {held_experts(rt.model.local_experts, spec.num_experts)}")
     if rank > 0:
         engine.worker_loop(rt)
     elif server is not None:
@@ -212,6 +221,17 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
         engine.send_command(rt, engine.STOP)
     if world > 1:
         dist.destroy_process_group()
+
+
+def held_experts(local_experts: list[list[int]], num_experts: int) -> str:
+    """What a rank loaded, counted per MoE layer: a bare sum over layers ("32 experts" on a
+    16-expert model) read as more experts than the model has."""
+    counts = [len(e) for e in local_experts]
+    total = f"({plural(sum(counts), 'expert FFN')}, replicas included)"
+    if min(counts) == max(counts):
+        layers = "the MoE layer" if len(counts) == 1 else f"each of {len(counts)} MoE layers"
+        return f"{counts[0]} of {num_experts} experts in {layers} {total}"
+    return f"{min(counts)}-{max(counts)} of {num_experts} experts per MoE layer over {len(counts)} layers {total}"
 
 
 def load_tokenizer(model_dir: str) -> Any:
@@ -353,7 +373,7 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int]], max_batch: int
             "top_k": spec.top_k, "hidden_size": spec.hidden_size, "dtype": str(rt.model.dtype).removeprefix("torch."),
             "prompts": len(prompts), "generated_tokens": generated, "decode_seconds": seconds,
             "tokens_per_s": generated / seconds if seconds > 0 else None,
-            "decode": counters.summary("decode", generated), "prefill": counters.summary("prefill"),
+            "decode": counters.summary("decode", per_token=True), "prefill": counters.summary("prefill"),
         })
     if routing_out:
         rows = np.concatenate(routing)

@@ -74,8 +74,14 @@ class Counters:
             c.tokens[phase] = next(it) // world
         return c
 
-    def summary(self, phase: str = "decode", generated_tokens: int | None = None) -> dict[str, Any]:
-        """Totals of one phase; per generated token when `generated_tokens` is given."""
+    def summary(self, phase: str = "decode", per_token: bool = False) -> dict[str, Any]:
+        """Totals of one phase; with `per_token`, also bytes per token the phase processed.
+
+        Per token means per token routed in that phase (`tokens_processed`): in decode, each
+        sequence's last generated token is never fed back, so 2 prompts x 16 new tokens decode
+        30 tokens, not 32. That is the denominator `moeplace eval` uses for the routing trace
+        (`--routing-out`) of the same run, so the two per-token figures agree.
+        """
         steps = max(self.steps.get(phase, 0), 1)
         out: dict[str, Any] = {"phase": phase, "steps": self.steps.get(phase, 0),
                                "tokens_processed": self.tokens.get(phase, 0)}
@@ -91,8 +97,7 @@ class Counters:
         out["cross_rank_rows_per_layer"] = [
             sum(self.per_layer.get((phase, k, m), [0, 0, 0])[1] for k in PAYLOAD) for m in range(self.num_moe_layers)
         ]
-        if generated_tokens:
-            out["alltoall_bytes_per_token"] = payload / generated_tokens
-            out["all_bytes_per_token"] = sum(
-                self.totals.get((phase, k), [0, 0, 0])[2] for k in KINDS) / generated_tokens
+        if per_token and (tokens := self.tokens.get(phase, 0)):
+            out["alltoall_bytes_per_token"] = payload / tokens
+            out["all_bytes_per_token"] = sum(self.totals.get((phase, k), [0, 0, 0])[2] for k in KINDS) / tokens
         return out

@@ -8,11 +8,13 @@ also stops when its launcher has gone (dist.tie_to_launcher). On the way out eve
 yet answered (running, queued, or arriving) gets a 503 with the reason.
 
     POST /v1/completions  {"prompt": str | [int] | [str, ...], "max_tokens": int = min(16, cap)}
-                          (cap: the server's --max-new-tokens). Greedy: temperature, top_p and
-                          the like are accepted and ignored; "stream": true, "n" > 1, and
-                          the fields that would change the answer (UNSUPPORTED: "stop", "echo",
-                          "logprobs", "best_of", "suffix") are 400 unless null or their default;
-                          so is a request with more prompts than --max-batch.
+                          (cap: the server's --max-new-tokens). Greedy only: "temperature" other
+                          than 0 and sampling filters (SAMPLING: "top_p" < 1, ...) are 400, since
+                          the answer would silently be greedy anyway; "stream": true, "n" > 1, and
+                          the other fields that would change the answer (UNSUPPORTED: "stop",
+                          "echo", "logprobs", "best_of", "suffix", penalties, "logit_bias") are
+                          400 unless null or their default; so is a request with more prompts
+                          than --max-batch. "seed" and "user" are accepted (greedy needs no seed).
     GET  /v1/models       OpenAI list format: the one served model (the checkpoint's directory name)
     GET  /health          {"status": "ok", "world": N, "mode": ...}
     GET  /metrics         Prometheus text (tokens/s, Alltoall bytes, per-layer cross-rank tokens)
@@ -48,7 +50,13 @@ ROUTES = {"/v1/completions": "POST", "/v1/models": "GET", "/health": "GET", "/me
 # absent or at these values (what OpenAI clients send by default); anything else is a 400
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "stop": (None, []), "echo": (None, False), "logprobs": (None,), "best_of": (None, 1), "suffix": (None, ""),
+    # these reshape the logits, so they change even a greedy answer
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
+    "logit_bias": (None, {}),
 }
+# sampling filters (OpenAI's top_p; vLLM's and SGLang's top_k, min_p) at values that keep greedy
+# decoding greedy: moot when temperature is 0, refused when the request would otherwise sample
+SAMPLING: dict[str, tuple[Any, ...]] = {"top_p": (None, 1, 1.0), "top_k": (None, -1, 0, 1), "min_p": (None, 0, 0.0)}
 
 
 class BadRequest(ValueError):
@@ -96,6 +104,28 @@ class Stats:
             return dataclasses.replace(self)
 
 
+def _is_one_of(value: Any, allowed: tuple[Any, ...]) -> bool:
+    # bool is an int (True == 1): best_of true is not the default 1
+    return any(value == d and type(value) is type(d) for d in allowed)
+
+
+def check_greedy(doc: dict[str, Any]) -> None:
+    """Refuse a request that asks for sampling: this server decodes greedily, and answering a
+    "temperature": 0.7 request with the greedy completion would hide that it ignored it."""
+    temperature = doc.get("temperature")
+    if temperature is not None and (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+                                    or temperature != 0):
+        raise BadRequest(f"\"temperature\": {json.dumps(temperature)[:80]} is not supported: this server decodes "
+                         "greedily; send temperature 0 or leave it out")
+    if temperature == 0:  # greedy asked for: a filter on the sampled set changes nothing
+        return
+    for name, neutral in SAMPLING.items():
+        if not _is_one_of(doc.get(name), neutral):
+            shown = " or ".join(json.dumps(v) for v in neutral[1:])
+            raise BadRequest(f"\"{name}\": {json.dumps(doc.get(name))[:80]} asks for sampling, which this server "
+                             f"does not do (greedy decoding): leave it out, {shown}, or send temperature 0")
+
+
 def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_tokens_limit: int,
                      max_prompts: int | None = None) -> Job:
     """Validate a /v1/completions body into a Job; raises BadRequest with a readable reason.
@@ -112,11 +142,10 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
     if n != 1 or isinstance(n, bool):
         raise BadRequest("\"n\" must be 1: decoding is greedy, one completion per prompt")
     for name, defaults in UNSUPPORTED.items():
-        value = doc.get(name)
-        # bool is an int (True == 1): best_of true is not the default 1
-        if not any(value == d and type(value) is type(d) for d in defaults):
+        if not _is_one_of(doc.get(name), defaults):
             raise BadRequest(f"\"{name}\" is not supported (greedy decoding, plain completions): "
-                             f"leave it out or null, got {json.dumps(value)[:80]}")
+                             f"leave it out or null, got {json.dumps(doc.get(name))[:80]}")
+    check_greedy(doc)
     prompt = doc.get("prompt")
     max_tokens = doc.get("max_tokens", min(16, max_tokens_limit))
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= max_tokens_limit:

@@ -12,10 +12,8 @@ from urllib.parse import urlparse
 import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError
-from moeplace.options import OUTPUT_FILE, check_outside, check_writable, plural
+from moeplace.options import OUTPUT_FILE, DtypeChoice, check_outside, check_writable, plural
 from moeplace.parallel import available_cpus
-
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @click.command("trace", context_settings={"show_default": True, "max_content_width": 100})
@@ -23,8 +21,9 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
               help="save_pretrained directory (or a hub id, fetched only when online).")
 @click.option("--data", "data", required=True, multiple=True, type=click.Path(path_type=Path),
               metavar="FILE", help="Text: .txt (one document), .jsonl (a 'text' field per line) or a "
-                                   "directory of them (recursively, hidden names skipped). Repeat for "
-                                   "several; a file given twice is refused.")
+                                   "directory of them (recursively, hidden names and LICENSE*/NOTICE*/"
+                                   "COPYING* files skipped). Repeat for several; a file given twice is "
+                                   "refused.")
 @click.option("-o", "--output", required=True, type=OUTPUT_FILE,
               help="Trace file to write (.npz, moeplace trace v1).")
 @click.option("--seq-len", default=None, type=click.IntRange(min=1), show_default=False,
@@ -32,7 +31,8 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
                    "max_position_embeddings when smaller]")
 @click.option("--max-tokens", default=None, type=click.IntRange(min=1), help="Stop after this many tokens  [default: all text]")
 @click.option("--batch-size", default=8, type=click.IntRange(min=1), help="Sequences per forward pass.")
-@click.option("--dtype", default="auto", type=click.Choice(_DTYPES), help="Weights dtype; auto = the checkpoint's.")
+@click.option("--dtype", default="auto", type=DtypeChoice(extra=("auto",)),
+              help="Weights dtype (fp32 = float32, bf16 = bfloat16, fp16 = float16); auto = the checkpoint's.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), help="auto = cuda when available.")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="CPU threads for torch, at most the CPUs this process may use  [default: torch's choice; 1 is "
@@ -74,7 +74,11 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
 
     if threads is not None and threads > available_cpus():  # 100000 threads crashed torch's OpenMP pool
         raise MoeplaceError(f"--threads {threads}: this process may use {available_cpus()} CPUs")
-    files = expand_paths(data)
+    skipped: list[Path] = []
+    files = expand_paths(data, skipped)
+    if skipped and not quiet:  # said, since a directory's file list is otherwise silent
+        click.echo(f"trace: skipped {plural(len(skipped), 'licence/notice file')} in --data directories: "
+                   f"{', '.join(map(str, skipped))} (give a file as --data itself to read it)", err=True)
     check_writable(output, inputs=files)  # fail before the model loads, not after the run
     check_outside(output, "-o", model_ref, "--model")
     if tokenizer_ref is not None:
@@ -149,15 +153,21 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     save_trace(t, target)
     if result.interrupted:
         kept = f"; {output} left as it was" if target != output else ""
-        click.echo(f"wrote {target}: {_summary(t, moe_idx)} (interrupted: a valid shorter trace{kept})", err=True)
+        click.echo(f"wrote {target}: {_summary(t, moe_idx, read)} (interrupted: a valid shorter trace{kept})", err=True)
         raise AlreadyReported(130)  # the line above says what was written, also with -q
     if not quiet:  # the summary goes to stdout, like solve's, import's and export's; progress stays on stderr
-        click.echo(f"wrote {output}: {_summary(t, moe_idx)}")
+        click.echo(f"wrote {output}: {_summary(t, moe_idx, read)}")
 
 
-def _summary(t: Any, moe_idx: list[int]) -> str:
+def _summary(t: Any, moe_idx: list[int], read: list[Path]) -> str:
     return (f"{plural(t.num_tokens, 'token')} x {plural(t.num_layers, 'MoE layer')} x top-{t.top_k} "
-            f"over {plural(t.num_experts, 'expert')}, decoder layer{'s' if len(moe_idx) != 1 else ''} {moe_idx}")
+            f"over {plural(t.num_experts, 'expert')}, decoder layer{'s' if len(moe_idx) != 1 else ''} {moe_idx}, "
+            f"from {_files_read(read)}")
+
+
+def _files_read(read: list[Path]) -> str:
+    """The files a trace read, by name, or their count when many (meta 'data' lists them all)."""
+    return ", ".join(f.name for f in read) if len(read) <= 3 else f"{len(read)} files"
 
 
 def _device(choice: str, torch: Any) -> Any:

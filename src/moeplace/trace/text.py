@@ -8,7 +8,10 @@ Documents:  a `.txt` file is one document, read and tokenised in blocks of ~256K
             tokenised in such pieces too. Cuts fall only where a block ends, so text below
             those sizes is tokenised exactly as one string per block.
             A directory contributes its `.txt` and `.jsonl` files, recursively, sorted by path,
-            skipping hidden names (a leading dot) and not following links to directories.
+            skipping hidden names (a leading dot), licence and notice files (LICENSE*, LICENCE*,
+            COPYING*, NOTICE*, any case, the word not running on into letters: a model's licence
+            beside its data is no corpus text)
+            and not following links to directories; such a file named itself is read.
             A file reached twice (given twice, or also through a directory) is refused.
 Checks:     `validate` reads every file once before the model loads (UTF-8, JSONL structure),
             so bad data fails in seconds, naming FILE:LINE, not after a long run.
@@ -35,6 +38,8 @@ from moeplace.errors import MoeplaceError
 from moeplace.io import file_key, loads_json
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
+# names a directory's expansion skips: the word, then no letter (LICENSE-apache.txt, not licensed_text.txt)
+_NOTICE_NAME = re.compile(r"(LICEN[CS]ES?|COPYING|NOTICES?)(?![A-Z])", re.IGNORECASE)
 _BLOCK_CHARS = 1 << 18  # tokenise .txt files in ~256K-character blocks of whole lines
 # longer lines are read in pieces: a 20 MB one-line file tokenised whole took 5.6 GB and 45 s, deaf to Ctrl-C
 _LINE_CHARS = 1 << 16
@@ -60,10 +65,12 @@ class Batch:
         return np.arange(self.input_ids.shape[1])[None, :] < self.lengths[:, None]
 
 
-def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+def expand_paths(paths: Sequence[str | Path], skipped: list[Path] | None = None) -> list[Path]:
     """Files to read, in order: given files as is, directories' .txt/.jsonl files sorted by path.
 
-    A file reached twice is refused: its text would be traced twice and skew every statistic.
+    A directory's licence and notice files are left out (appended to `skipped` when given, for
+    the caller to report). A file reached twice is refused: its text would be traced twice and
+    skew every statistic.
     """
     files: list[Path] = []
     seen: dict[Any, Path] = {}  # io.file_key -> the path it was first read as
@@ -71,8 +78,13 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and _is_text(f)
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            notices = [f for f in found if is_notice(f)]
+            found = [f for f in found if not is_notice(f)]
+            if skipped is not None:
+                skipped.extend(notices)
             if not found:
-                raise MoeplaceError(f"{p}: directory holds no .txt or .jsonl files (hidden names skipped)")
+                raise MoeplaceError(f"{p}: directory holds no .txt or .jsonl files "
+                                    f"(hidden names and licence/notice files skipped)")
             for f in found:
                 _once(f, seen, f"{f} (in {p})")
             files.extend(found)
@@ -86,6 +98,11 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
         else:
             raise MoeplaceError(f"{p}: no such file or directory")
     return files
+
+
+def is_notice(f: Path) -> bool:
+    """A licence or notice file (LICENSE*, LICENCE*, COPYING*, NOTICE*, any case): legal text, not corpus."""
+    return _NOTICE_NAME.match(f.name) is not None
 
 
 def _once(f: Path, seen: dict[Any, Path], name: str) -> None:
