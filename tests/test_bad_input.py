@@ -141,7 +141,9 @@ EVAL_CASES: list[tuple[str, Setup, str]] = [
     ("trace-empty", _eval(_placement, lambda t: _text(t, "t.npz", "")), "file is empty"),
     ("trace-id-out-of-range", _eval(_placement, lambda t: _npz(t, "t.npz", topk_ids=np.array([[[0, 9]] * 4]),
                                                                  num_experts=np.array(8))), "expert id 9 out of range"),
-    ("trace-is-loads-only", _eval(_placement, lambda t: _npz(t, "t.npz", expert_loads=np.ones((4, 8)))), "load-only"),
+    # eval scores a placement on loads (balance only): a traffic gate on them is the error
+    ("trace-is-loads-only", lambda t: [*_eval(_placement, lambda t: _npz(t, "t.npz", expert_loads=np.ones((4, 8))))(t),
+                                       "--max-cross-gpu", "0.5"], "load-only"),
     ("check-config-missing", lambda t: ["check", str(t / "ci.yaml")], "ci.yaml: no such file"),
     # found by an adversarial pass (2026-11-23): each was a traceback or a silent acceptance
     ("trace-member-not-npy", _eval(_placement, lambda t: _zip(t, "t.npz", {"topk_ids.npy": b"junk"})),

@@ -206,6 +206,21 @@ def test_cli_end_to_end(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path
     np.testing.assert_array_equal(t.topk_ids[:64], direct)
 
 
+def test_trace_of_a_renumbered_checkpoint_says_so(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path) -> None:
+    """A `permute-checkpoint` output renumbers experts: its trace records the original, so eval can
+    warn about a placement of the original even when the directory is gone."""
+    placed = tmp_path / "placed"
+    shutil.copytree(tiny_dirs["qwen2_moe"], placed)
+    assert trace_cli(placed, corpus, tmp_path / "plain.npz", "--max-tokens", "50") == 0
+    assert "renumbered_from" not in load_trace(tmp_path / "plain.npz").meta
+    (placed / "moeplace_permutation.json").write_text(json.dumps({"format": "moeplace.permutation/v1",
+                                                                  "source": "ckpt/original"}))
+    assert trace_cli(placed, corpus, tmp_path / "t.npz", "--max-tokens", "50") == 0
+    t = load_trace(tmp_path / "t.npz")
+    assert t.meta["renumbered_from"] == "ckpt/original"
+    assert (t.model_identity() or {})["renumbered_from"] == "ckpt/original"
+
+
 def test_cli_interrupt_writes_valid_shorter_trace(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:

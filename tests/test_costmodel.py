@@ -36,7 +36,8 @@ model: {hidden_size: 1000, dtype_bytes: 1, expert_us_per_token: 2, expert_fixed_
 @pytest.mark.parametrize("path", CLUSTERS, ids=[p.stem for p in CLUSTERS])
 def test_shipped_configs_load(path: Path) -> None:
     cm = load_cost_model(path, ROOT / "configs" / "model" / "flame-moe-290m.yaml")
-    assert cm.cluster.num_gpus in (8, 16, 64)
+    nodes, gpus = map(int, path.stem.split("-")[1].split("x"))  # h100-2x8-ib: 2 nodes of 8 GPUs
+    assert (cm.cluster.num_gpus, cm.cluster.gpus_per_node) == (nodes * gpus, gpus)
 
 
 def test_hand_computed_layer_times(tmp_path: Path) -> None:

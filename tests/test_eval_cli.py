@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -518,6 +519,18 @@ def test_a_trace_of_a_renumbered_checkpoint_warns(tmp_path: Path, trace_path: Pa
     (warning,) = capsys.readouterr().err.splitlines()
     assert "is a trace of ckpt/other-moe, the placement was fitted on ckpt/tiny-moe's routing" in warning
     assert run(["eval", str(out), str(tmp_path / "moved.npz")]) == 0  # the same checkpoint moved: no warning
+    assert capsys.readouterr().err == ""
+    # the trace's meta says it (trace records renumbered_from): the directory need not be here
+    shutil.rmtree(placed)
+    gone = {**meta, "model": str(placed), "renumbered_from": "ckpt/tiny-moe"}
+    save_trace(make_trace(trace.topk_ids[:100], None, 8, meta=gone), tmp_path / "gone.npz")
+    assert run(["eval", str(out), str(tmp_path / "gone.npz")]) == 0
+    assert "renumbered by `moeplace permute-checkpoint` (from ckpt/tiny-moe)" in capsys.readouterr().err
+    # a placement fitted on the renumbered checkpoint's routing, scored on more of it: the same ids
+    save_trace(make_trace(trace.topk_ids, trace.topk_weights, 8, meta=gone), tmp_path / "fit-placed.npz")
+    assert run(["solve", str(tmp_path / "fit-placed.npz"), "--gpus", "4", "-q", "-o", str(tmp_path / "q.json")]) == 0
+    capsys.readouterr()
+    assert run(["eval", str(tmp_path / "q.json"), str(tmp_path / "gone.npz")]) == 0
     assert capsys.readouterr().err == ""
 
 

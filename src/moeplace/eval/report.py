@@ -291,13 +291,17 @@ def model_mismatch(placement: Placement, trace: Trace, trace_name: str) -> str:
 
     Another model_type or MoE layers, another checkpoint name (the last part of meta.model: the
     same checkpoint moved or re-downloaded keeps it), or a traced directory renumbered by
-    `moeplace permute-checkpoint` (its moeplace_permutation.json, when that directory is here):
+    `moeplace permute-checkpoint` (meta.renumbered_from, which `trace` records, or for older traces
+    the directory's moeplace_permutation.json when it is here):
     its expert ids are not the placement's. Never an error: another model's traffic is a
     legitimate test of a placement, but its ratios to the baselines then mean something else.
     """
     fitted, here = placement.trace_model or {}, trace.model_identity() or {}
     fitted_model, here_model = fitted.get("model"), here.get("model")
-    renumbered = _permutation_source(here_model)
+    # trace meta says it since `trace` records it; older traces: the directory, when it is here
+    renumbered = here.get("renumbered_from") or _permutation_source(here_model)
+    if renumbered == (fitted.get("renumbered_from") or _permutation_source(fitted_model)):
+        renumbered = None  # both renumbered alike (or neither): the same expert ids
     differ = [key for key in ("model_type", "moe_layers") if key in fitted and key in here and fitted[key] != here[key]]
     names_differ = (isinstance(fitted_model, str) and isinstance(here_model, str)
                     and Path(fitted_model).name != Path(here_model).name)

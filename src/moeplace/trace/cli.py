@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError
+from moeplace.export.permute import permutation_record
 from moeplace.options import OUTPUT_FILE, DtypeChoice, check_outside, check_writable, plural
 from moeplace.parallel import available_cpus
 
@@ -130,6 +131,10 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
         "seq_len": seq_len,
         "tokenizer": tokenizer_ref or model_ref,
     }
+    if os.path.isdir(model_ref) and (record := permutation_record(model_ref)) is not None:
+        # a checkpoint `permute-checkpoint` renumbered: its expert ids are not the original's, and a
+        # placement of the original must not be scored on them unawares (eval warns)
+        meta["renumbered_from"] = str(record.get("source", "unknown"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sources: list[tuple[Path, int]] = []  # (file, its first window): which files the trace read
     batches = iter_batches(iter_windows(files, tokenize, seq_len, max_tokens, sources), batch_size, pad_id)

@@ -67,8 +67,10 @@ class Trace:
 
     def model_identity(self) -> dict[str, Any] | None:
         """Which model the routing came from, as far as meta says: model (a path or hub id),
-        model_type and moe_layers (decoder layer indices); None when meta says none of them."""
-        found: dict[str, Any] = {key: self.meta[key] for key in ("model", "model_type", "moe_layers") if key in self.meta}
+        model_type, moe_layers (decoder layer indices) and renumbered_from (the original of a
+        checkpoint `permute-checkpoint` renumbered); None when meta says none of them."""
+        found: dict[str, Any] = {key: self.meta[key] for key in ("model", "model_type", "moe_layers", "renumbered_from")
+                                 if key in self.meta}
         return found or None
 
     def routing_sha256(self) -> str:
