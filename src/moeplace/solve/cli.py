@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 import click
@@ -122,8 +123,6 @@ def latency_command(placement: Placement, trace_path: str, output: str | None = 
     """The `moeplace solve --objective latency` command line for the same trace, GPUs and split,
     with the shipped cluster and model configs where one fits, else placeholders and a line on
     what to put in them."""
-    from shlex import quote
-
     topology = (placement.num_nodes, placement.gpus_per_node)
     model = str((placement.trace_model or {}).get("model", "")).lower()
     cluster = _shipped(SHIPPED_CLUSTERS.get(topology, "CLUSTER.yaml"))
