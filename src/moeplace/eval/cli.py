@@ -140,22 +140,23 @@ def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_f
     """Load both files and build the report (`metric_fns` add metrics to every layout); a
     load-only TRACE (moeplace.loads/v1) gets build_load_report's, load balance only."""
     placement = load_placement(placement_path)
+
+    def check_fits(num_layers: int, num_experts: int, what: str = "trace") -> None:
+        try:
+            placement.check_fits(num_layers, num_experts, what=what)
+        except MoeplaceError as e:
+            raise type(e)(f"{placement_path} does not fit {trace_path}: {e}") from None
+
     if is_load_only(trace_path):
         if metric_fns:
             raise MoeplaceError(f"{trace_path} is a load-only file (expert loads, no token paths): the predicted "
                                 "time and traffic need a routing trace; drop --cluster/--hidden-size/--model")
         loads = load_loads(trace_path)
-        try:
-            placement.check_fits(loads.loads.shape[0], loads.loads.shape[1], what="loads")
-        except MoeplaceError as e:
-            raise type(e)(f"{placement_path} does not fit {trace_path}: {e}") from None
+        check_fits(loads.loads.shape[0], loads.loads.shape[1], what="loads")
         return build_load_report(placement, loads.loads, placement_name=str(placement_path),
                                  loads_name=str(trace_path), num_groups=loads.meta.get("num_groups", 1))
     trace = load_trace(trace_path)
-    try:
-        placement.check_fits(trace.num_layers, trace.num_experts)
-    except MoeplaceError as e:
-        raise type(e)(f"{placement_path} does not fit {trace_path}: {e}") from None
+    check_fits(trace.num_layers, trace.num_experts)
     return build_report(placement, trace, all_tokens=all_tokens, placement_name=str(placement_path),
                         trace_name=str(trace_path), metric_fns=metric_fns)
 

@@ -32,9 +32,12 @@ import numpy as np
 from moeplace.errors import MoeplaceError, warn
 from moeplace.eval.metrics import evaluate, imbalance
 from moeplace.eval.traffic import predict_traffic
+from moeplace.export.permute import permutation_record
 from moeplace.placement import Placement
 from moeplace.progress import Progress
-from moeplace.solve.baselines import all_baselines
+from moeplace.solve.balance import expected_gpu_loads
+from moeplace.solve.baselines import all_baselines, contiguous, greedy_load
+from moeplace.solve.eplb import eplb_placement
 from moeplace.trace import paths
 from moeplace.trace.format import Trace, split_tokens
 
@@ -143,7 +146,6 @@ def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> Token
 def eplb_baseline(loads: np.ndarray, placement: Placement, num_groups: Any = 1) -> tuple[Placement | None, str]:
     """DeepSeek's EPLB (solve/eplb.py) with as many redundant experts per layer as `placement`
     holds (its largest layer's), on `loads` [L, E]; (None, why) when EPLB cannot take the shape."""
-    from moeplace.solve.eplb import eplb_placement
     redundant = placement.num_replicas
     groups = num_groups if isinstance(num_groups, int) and num_groups > 0 and loads.shape[1] % num_groups == 0 else 1
     try:
@@ -253,8 +255,6 @@ def build_load_report(placement: Placement, loads: np.ndarray, *, placement_name
     redundant experts); the traffic metrics need token paths and are absent. Same layout as
     build_report's, with `tokens` replaced by `loads` {total, note}.
     """
-    from moeplace.solve.balance import expected_gpu_loads
-    from moeplace.solve.baselines import contiguous, greedy_load
     num_layers, num_experts = loads.shape
     placement.check_fits(num_layers, num_experts, what="loads")
     g, gpn = placement.num_gpus, placement.gpus_per_node
@@ -323,7 +323,6 @@ def _permutation_source(model: Any) -> str | None:
     source), or None: not a local directory, or not renumbered (the trace itself does not say)."""
     if not isinstance(model, str) or not Path(model).is_dir():
         return None
-    from moeplace.export.permute import permutation_record
     try:
         record = permutation_record(model)
     except MoeplaceError:
