@@ -162,11 +162,21 @@ def _other_model(fitted: dict[str, Any] | None, here: dict[str, Any] | None) -> 
     shapes themselves are checked): model_type or MoE layer indices differ where both are known."""
     if not fitted or not here:
         return ""
-    differ = [key for key in ("model_type", "moe_layers") if key in fitted and key in here and fitted[key] != here[key]]
+    differ = _differing(fitted, here)
     if not differ:
         return ""
     what = ", ".join(f"{key} {fitted[key]} (this trace: {here[key]})" for key in differ)
     return f"; NOTE: the placement was fitted on another model's routing: {what}"
+
+
+def _differing(fitted: dict[str, Any], here: dict[str, Any]) -> list[str]:
+    """The model-identity keys (model_type, moe_layers) both sides know and disagree on."""
+    return [key for key in ("model_type", "moe_layers") if key in fitted and key in here and fitted[key] != here[key]]
+
+
+def _copies(layouts: dict[str, Placement]) -> dict[str, int]:
+    """Extra expert copies (replicas) of each layout, summed over layers: the report's `copies`."""
+    return {name: sum(len(r) for r in layout.replicas) for name, layout in layouts.items()}
 
 
 def build_report(
@@ -241,7 +251,7 @@ def build_report(
         },
         "layouts": metrics,
         "vs_contiguous": _ratios(metrics),
-        "copies": {name: sum(len(r) for r in layout.replicas) for name, layout in layouts.items()},
+        "copies": _copies(layouts),
         "baselines_note": baselines_note,
     }
 
@@ -281,7 +291,7 @@ def build_load_report(placement: Placement, loads: np.ndarray, *, placement_name
             "(cross-GPU/node, destinations, predicted time and bytes) need a routing trace")},
         "layouts": metrics,
         "vs_contiguous": _ratios(metrics),
-        "copies": {name: sum(len(r) for r in layout.replicas) for name, layout in layouts.items()},
+        "copies": _copies(layouts),
         "baselines_note": baselines_note,
     }
 
@@ -302,7 +312,7 @@ def model_mismatch(placement: Placement, trace: Trace, trace_name: str) -> str:
     renumbered = here.get("renumbered_from") or _permutation_source(here_model)
     if renumbered == (fitted.get("renumbered_from") or _permutation_source(fitted_model)):
         renumbered = None  # both renumbered alike (or neither): the same expert ids
-    differ = [key for key in ("model_type", "moe_layers") if key in fitted and key in here and fitted[key] != here[key]]
+    differ = _differing(fitted, here)
     names_differ = (isinstance(fitted_model, str) and isinstance(here_model, str)
                     and Path(fitted_model).name != Path(here_model).name)
     if not (differ or names_differ or renumbered is not None):
