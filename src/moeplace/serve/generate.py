@@ -67,17 +67,19 @@ class Runtime:
 
     def forward(self, h: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
                 batch: tuple[torch.Tensor, int], cache: KVCache,
-                coherent: bool, decode: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+                coherent: bool, context: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """All decoder layers for the rows here. Returns (h, slots) of the rows that end here and
         the K/V rows this rank computed, [slot, position, layer | k | v] packed, for kv_sync.
 
         batch: (first [B], size): the global batch's row of (slot, position) is first[slot] + position.
-        decode: one row per sequence (attention then needs no device sync).
+        context: a decode step (one row per sequence: attention then needs no device sync), every
+        position < context (a host-side bound: attention reads only that much of the cache).
         """
         spec = self.model.spec
         kv_rows = []
         for layer in range(spec.num_layers):
-            h, k, v = self.model.attention(layer, h, slots, positions, cache, one_per_slot=decode)
+            h, k, v = self.model.attention(layer, h, slots, positions, cache, one_per_slot=context is not None,
+                                           context=context)
             if coherent:
                 meta = torch.stack([slots, positions, torch.full_like(slots, layer)], dim=1)
                 kv_rows.append(pack(torch.cat([k.flatten(1), v.flatten(1)], dim=1), meta))
@@ -147,6 +149,7 @@ class Runtime:
 
         comm.counters.phase = "decode"
         done = [b <= 0 for b in budget]
+        longest = max(map(len, prompts))  # host-side bound of every sequence's length
         start = time.perf_counter()
         while True:
             logits = model.logits(h)  # [n, V] for the sequences whose token ended here
@@ -172,8 +175,9 @@ class Runtime:
             here = here[running[here]]
             positions = lengths[here]
             step_batch = (torch.arange(num, device=dev) - lengths, num)  # one row per slot: the row is the slot
+            longest += 1  # this step writes position lengths[s] <= longest - 1
             h, here, kv_rows = self.forward(model.embed_tokens(next_ids[here]), here, lengths, positions,
-                                            step_batch, cache, coherent, decode=True)
+                                            step_batch, cache, coherent, context=longest)
             lengths = lengths + running.long()
             if coherent:
                 self.sync_kv(kv_rows, cache)

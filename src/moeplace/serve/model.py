@@ -205,10 +205,11 @@ class KVCache:
         self.k[layer, rows, :, positions] = k
         self.v[layer, rows, :, positions] = v
 
-    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whole K, V of the given slots: [n, kv_heads, max_len, head_dim] each."""
+    def read(self, layer: int, slots: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the given slots' first `length` positions (default all): [n, kv_heads, length, head_dim] each."""
         rows = slots // self.stride
-        return self.k[layer, rows], self.v[layer, rows]
+        length = self.max_len if length is None else length
+        return self.k[layer, rows, :, :length], self.v[layer, rows, :, :length]
 
     def sequence(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (no copy) of K, V of one slot's first `length` positions: [kv_heads, length, head_dim]."""
@@ -299,11 +300,13 @@ class RankModel:
         return self.embed[token_ids]
 
     def attention(self, layer: int, h: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                  cache: KVCache, one_per_slot: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  cache: KVCache, one_per_slot: bool = False,
+                  context: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Residual attention block for n tokens at (slot, position); writes their K/V first.
 
         one_per_slot: no slot has two rows (a decode step), which allows one batched attention
-        without reading the rows to the host.
+        without reading the rows to the host. context (with one_per_slot): a host-known bound,
+        every position < context, so the batched attention reads only that much of the cache.
         Returns (h + attn [n, H], k [n, kv_heads, head_dim], v [n, kv_heads, head_dim]): the new
         cache entries, so context-coherent mode can share them with the other ranks.
         """
@@ -325,8 +328,11 @@ class RankModel:
         cos, sin = emb.cos().to(h.dtype)[:, None, :], emb.sin().to(h.dtype)[:, None, :]
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         cache.write(layer, slots, positions, k, v)
-        attend = self._attend_one_per_slot if one_per_slot else self._attend_by_sequence
-        out = attend(layer, q, slots, positions, cache).reshape(n, s.num_heads * s.head_dim)
+        if one_per_slot:
+            out = self._attend_one_per_slot(layer, q, slots, positions, cache, context)
+        else:
+            out = self._attend_by_sequence(layer, q, slots, positions, cache)
+        out = out.reshape(n, s.num_heads * s.head_dim)
         return h + F.linear(out, w["o"], w.get("o_bias")), k, v
 
     def _allowed(self, positions: torch.Tensor, length: int) -> torch.Tensor:
@@ -338,13 +344,15 @@ class RankModel:
         return allowed
 
     def _attend_one_per_slot(self, layer: int, q: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                             cache: KVCache) -> torch.Tensor:
+                             cache: KVCache, context: int | None = None) -> torch.Tensor:
         """Attention of q [n, heads, D], one row per slot, over each row's cache: [n, heads, D].
 
-        One batched call over the whole cache length, masked per row: reading the rows' lengths to
-        trim it would cost a device sync per layer and step. K/V stay at kv_heads (enable_gqa)."""
-        keys, values = cache.read(layer, slots)  # [n, kv_heads, max_len, D]: one copy of n contexts
-        mask = self._allowed(positions, cache.max_len)[:, None, None, :]
+        One batched call over the first `context` cache positions (default the whole cache), masked
+        per row: the caller's host-side bound, since reading the rows' lengths from the device would
+        cost a sync per layer and step. K/V stay at kv_heads (enable_gqa)."""
+        context = cache.max_len if context is None else min(context, cache.max_len)
+        keys, values = cache.read(layer, slots, context)  # [n, kv_heads, context, D]: one copy of n contexts
+        mask = self._allowed(positions, context)[:, None, None, :]
         out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, enable_gqa=True)
         return out[:, :, 0]
 
