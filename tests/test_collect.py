@@ -498,6 +498,15 @@ def test_meta_is_json_serialisable(tiny_dirs: dict[str, Path], corpus: Path, tmp
     assert t.meta["dtype"] == "bfloat16" and t.meta["model_type"] == "gpt_oss"
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3"])
+def test_trace_records_the_models_hidden_size(family: str, corpus: Path, tmp_path: Path) -> None:
+    """meta hidden_size, from the model's config: what a cost model's hidden_size is checked against."""
+    model = build_tiny_model(family, tmp_path / family, hidden_size=48)  # not the tiny models' 32
+    assert trace_cli(model, corpus, tmp_path / "t.npz", "--max-tokens", "20") == 0
+    assert load_trace(tmp_path / "t.npz").meta["hidden_size"] == 48
+    assert json.loads((model / "config.json").read_text())["hidden_size"] == 48
+
+
 def test_dtype_takes_evals_spelling_too(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path) -> None:
     """Before: trace took float32|bfloat16|float16 only, eval bf16|fp16|fp32 only."""
     out = tmp_path / "t.npz"

@@ -482,10 +482,24 @@ def test_replicas_get_an_eplb_baseline_with_as_many_copies(tmp_path: Path, trace
     assert text[4].split() == ["layout", "copies", "cross-GPU", "top-1", "cross-node", "top-1", "dest", "GPUs", "top-k",
                                "dest", "nodes", "top-k", "imbalance", "max", "imbalance", "mean"]
     assert text[5].split()[:2] == ["placement", "16"] and text[6].split()[:2] == ["contiguous", "0"]
-    # another trace: the fit tokens are unknown, so eplb balances the evaluated ones, and says so
-    save_trace(trace.select_tokens(np.arange(150)), tmp_path / "other.npz")
+    # another trace: the fit tokens are unknown, so without recorded fit loads eplb balances the
+    # evaluated ones, and says so
+    other = trace.select_tokens(np.arange(150))
+    save_trace(other, tmp_path / "other.npz")
     rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(tmp_path / "other.npz"))
-    assert "fitted on the evaluated tokens" in report["baselines_note"]
+    assert "fitted on the evaluated tokens (the placement records no fit loads)" in report["baselines_note"]
+    # with them (solve records them), greedy_load and eplb are the layouts fitted on those, not an
+    # oracle fitted on the replayed tokens
+    p = replicated_placement(trace_path, None, tmp_path / "p.json")
+    fit_loads = trace.select_tokens(train).expert_loads()
+    p.fit_loads = fit_loads
+    p.save(tmp_path / "p.json")
+    rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(tmp_path / "other.npz"))
+    assert rc == 0 and "greedy_load and eplb fitted on the placement's recorded fit loads" in report["baselines_note"]
+    eplb, _ = eplb_placement(fit_loads, 4, 2, redundant=4)
+    assert report["layouts"]["eplb"] == pytest.approx(evaluate(eplb, other))
+    assert report["layouts"]["greedy_load"] == pytest.approx(evaluate(Placement(greedy_load(fit_loads, 4), 4, 2), other))
+    assert not np.array_equal(greedy_load(fit_loads, 4), greedy_load(other.expert_loads(), 4))  # the test can tell
     # no replicas: no eplb row, no copies column (the table as it was)
     affinity_placement(trace_path, None, tmp_path / "q.json")
     assert run(["eval", str(tmp_path / "q.json"), str(trace_path)]) == 0
@@ -561,6 +575,15 @@ def test_eval_and_check_score_a_placement_on_a_load_only_file(tmp_path: Path, ca
     assert run(["check", str(cfg)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("PASS  check 1 (expert loads): imbalance_max/contiguous ") and lines[1].startswith("      loads: ")
+    # a placement that records its fit loads: the baselines are fitted on those, not on the file replayed
+    fit = np.array([[10, 10, 10, 10, 10, 10, 10, 40], [8, 7, 6, 5, 4, 3, 2, 1]], dtype=np.float64)
+    p.fit_loads = fit
+    p.save(tmp_path / "p.json")
+    rc, report = eval_json(capsys, *args[1:])
+    assert rc == 0 and "greedy_load and eplb fitted on the placement's recorded fit loads" in report["baselines_note"]
+    want = imbalance(expected_gpu_loads(Placement(greedy_load(fit, 4), 4, 4), loads))
+    assert report["layouts"]["greedy_load"]["imbalance_per_layer"] == pytest.approx(want.tolist())
+    assert not np.array_equal(greedy_load(fit, 4), greedy_load(loads, 4))
 
 
 def test_eval_dtype_takes_serve_and_short_spellings(tmp_path: Path, trace_path: Path, capsys) -> None:
@@ -576,3 +599,41 @@ def test_eval_dtype_takes_serve_and_short_spellings(tmp_path: Path, trace_path: 
         got[dtype] = (report["traffic"]["dtype"], report["traffic"]["element_bytes"])
     assert got["fp32"] == got["float32"] == ("float32", 4)
     assert got["bf16"] == got["bfloat16"] == ("bfloat16", 2) and got["fp16"] == got["float16"] == ("float16", 2)
+
+
+def test_a_cost_model_of_another_hidden_size_than_the_traced_one_warns(tmp_path: Path, trace_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """eval --cluster/--model-config, --hidden-size and check never compared the hidden size they
+    predict with to the traced model's (trace meta hidden_size, `moeplace trace` records it): one
+    warning line each naming both values and files; equal sizes, or no meta hidden_size, say nothing."""
+    trace = load_trace(trace_path)
+    tokens = trace.num_tokens
+    for name, meta in [("h64", {"hidden_size": 64}), ("h1024", {"hidden_size": 1024}), ("plain", {})]:
+        save_trace(make_trace(trace.topk_ids, num_experts=8, sequence_ids=np.arange(tokens) // 10,
+                              positions=np.arange(tokens) % 10, meta=meta), tmp_path / f"{name}.npz")
+    affinity_placement(trace_path, None, tmp_path / "p.json")
+    (tmp_path / "c.yaml").write_text(CLUSTER_2X2.split("model:")[0])
+    (tmp_path / "m.yaml").write_text("model: {hidden_size: 1024, expert_us_per_token: 0.01}\n")
+    cost = ["--cluster", str(tmp_path / "c.yaml"), "--model-config", str(tmp_path / "m.yaml")]
+
+    def warnings(name: str, *args: str) -> list[str]:
+        assert run(["eval", str(tmp_path / "p.json"), str(tmp_path / f"{name}.npz"), *args]) == 0
+        return [line for line in capsys.readouterr().err.splitlines() if "hidden_size" in line]
+
+    (line,) = warnings("h64", *cost)
+    assert line.startswith(f"moeplace: warning: {tmp_path / 'h64.npz'} is a trace of a model of hidden_size 64 "
+                           f"(trace meta), {tmp_path / 'm.yaml'} gives hidden_size 1024: ")
+    assert warnings("h1024", *cost) == [] and warnings("plain", *cost) == []
+    (line,) = warnings("h1024", "--hidden-size", "512")
+    assert "hidden_size 1024 (trace meta), --hidden-size gives hidden_size 512: " in line
+    assert warnings("h64", "--hidden-size", "64") == [] and warnings("plain", "--hidden-size", "512") == []
+    # both predictions, each its own size: one line for the one that differs
+    (line,) = warnings("h64", *cost, "--hidden-size", "64")
+    assert f"{tmp_path / 'm.yaml'} gives hidden_size 1024" in line
+    # check, a cost model with the model section in the cluster file: that file is named
+    (tmp_path / "cm.yaml").write_text(CLUSTER_2X2)
+    cfg = write_checks(tmp_path / "ci.yaml", [{"placement": "p.json", "trace": "h1024.npz", "cluster": "cm.yaml",
+                                                "max_moe_time_ratio": 10}])
+    assert run(["check", str(cfg)]) == 0
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "hidden_size" in line]
+    assert f"hidden_size 1024 (trace meta), {tmp_path / 'cm.yaml'} gives hidden_size 64" in line

@@ -114,11 +114,14 @@ def test_loads_round_trip_and_from_trace(tmp_path: Path, small_trace) -> None:
 
 def test_placement_round_trip_and_checks(tmp_path: Path) -> None:
     p = Placement(np.array([[0, 0, 1, 1], [1, 0, 1, 0]]), num_gpus=2, gpus_per_node=1,
-                  replicas=[[(2, 0)], []], metrics={"x": 1.0})
+                  replicas=[[(2, 0)], []], metrics={"x": 1.0}, fit_loads=np.array([[3, 0, 5, 1], [2, 2, 4, 1.5]]))
     p.save(tmp_path / "p.json")
     back = load_placement(tmp_path / "p.json")
     np.testing.assert_array_equal(back.expert_to_gpu, p.expert_to_gpu)
     assert back.replicas == [[(2, 0)], []]
+    assert back.fit_loads is not None and back.fit_loads.tolist() == [[3, 0, 5, 1], [2, 2, 4, 1.5]]
+    counts = Placement(np.array([[0, 1]]), 2, 2, fit_loads=np.array([[7.0, 2.0]])).to_json()["fit_loads"]
+    assert counts == [[7, 2]] and isinstance(counts[0][0], int)  # token counts are written as integers
     assert back.physical_slots(0) == [(0, 0), (0, 1), (0, 2), (1, 2), (1, 3)]
     assert back.holders(0)[2] == [1, 0]
     with pytest.raises(PlacementError, match="placement is for 2 MoE layers x 4 experts"):
@@ -146,6 +149,12 @@ def test_placement_round_trip_and_checks(tmp_path: Path) -> None:
         (lambda d: d.update(trace_model="mixtral"), "'trace_model' must be a JSON object or null, got 'mixtral'"),
         (lambda d: d.update(trace_routing_sha256={}), "'trace_routing_sha256' must be a string or null, got an object"),
         (lambda d: d.update(replicas=[[[2, 9]], []]), r"p.json: replica \(2, 9\) of layer 0 is out of range"),
+        (lambda d: d.update(fit_loads=[[1, 2, 3, 4]]), r"p.json: fit_loads must be .* shape \[layers, experts\] "
+                                                       r"\(2, 4\), got shape \(1, 4\)"),
+        (lambda d: d.update(fit_loads=[[1, 2, 3, -4], [0, 0, 0, 0]]), "fit_loads must be finite, non-negative"),
+        (lambda d: d.update(fit_loads=[[1, 2, 3, True], [0, 0, 0, 0]]), "'fit_loads' must be one list of numbers"),
+        (lambda d: d.update(fit_loads=[[1, 2, 3], [0, 0, 0, 0]]), "malformed fit_loads"),
+        (lambda d: d.update(fit_loads="x"), "'fit_loads' must be one list of numbers per layer, or null"),
     ],
 )
 def test_bad_placement(tmp_path: Path, mutate, message) -> None:

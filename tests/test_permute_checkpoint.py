@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +16,16 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
 from moeplace.cli import run
 from moeplace.errors import PlacementError
-from moeplace.export.permute import check_group_routing, check_not_applied, permute_checkpoint
+from moeplace.export.permute import check_group_routing, check_not_applied, ep_size_note, permute_checkpoint
 from moeplace.models.checkpoint import CheckpointError
+from moeplace.models.tiny import build_tiny_model
 from moeplace.placement import Placement
+from moeplace.serve.engine import check_placement
+from moeplace.serve.model import read_spec
 from moeplace.solve.baselines import random_balanced
 
 
@@ -31,10 +38,6 @@ MOE_LAYERS = {"mixtral": [0, 1, 2], "qwen2_moe": [0, 2], "qwen3_moe": [0, 2], "o
 def build(family: str, out: Path, fused: bool = False, shard_size: str | None = None) -> Path:
     """The tiny `family` model in hub layout (per-expert keys; GPT-OSS fused), or re-saved
     sharded, or fused (transformers 5 in-memory names: experts.gate_up_proj [E, ...])."""
-    from transformers import AutoModelForCausalLM
-
-    from moeplace.models.tiny import build_tiny_model
-
     build_tiny_model(family, out, num_experts=NUM_EXPERTS, num_layers=3, seed=0)
     if fused or shard_size:
         model = AutoModelForCausalLM.from_pretrained(out)
@@ -48,8 +51,6 @@ def build(family: str, out: Path, fused: bool = False, shard_size: str | None = 
 
 
 def logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
         return model(ids).logits
@@ -114,8 +115,6 @@ def test_permuted_model_has_same_logits(tmp_path: Path, family: str, fused: bool
 def test_any_dtype_is_permuted_by_bytes_and_extra_layers_are_left_alone(tmp_path: Path) -> None:
     """Fused uint8 blocks (MXFP4-like), a shared 0-d scale, per-expert fp16 + fp8-style scales,
     and a layer past num_hidden_layers (DeepSeek's MTP layer), which is not part of the placement."""
-    from safetensors.numpy import load_file, save_file as save_numpy
-
     src = tmp_path / "src"
     src.mkdir()
     (src / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
@@ -136,7 +135,7 @@ def test_any_dtype_is_permuted_by_bytes_and_extra_layers_are_left_alone(tmp_path
     record = permute_checkpoint(src, placement, tmp_path / "out", progress=False)
     assert record["moe_layers"] == [0, 1] and np.asarray(record["new_to_old"]).tolist() == [[1, 3, 0, 2], [0, 3, 1, 2]]
 
-    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    out = load_numpy(str(tmp_path / "out" / "model.safetensors"))
     assert out.keys() == tensors.keys()
     assert out["model.layers.0.mlp.experts.gate_up_proj_blocks"][:, 0, 0].tolist() == [1, 3, 0, 2]
     assert out["model.layers.0.mlp.router.bias"].tolist() == [1, 3, 0, 2]
@@ -217,8 +216,6 @@ def test_fp8_scales_move_with_their_experts_and_per_tensor_ones_stay(tmp_path: P
     ({"model.norm.weight": (3,)}, None, "no MoE layers found"),
 ])
 def test_inconsistent_checkpoints_are_refused(tmp_path: Path, tensors: dict, index: dict | None, message: str) -> None:
-    from safetensors.numpy import save_file as save_numpy
-
     src = tmp_path / "src"
     src.mkdir()
     save_numpy({k: np.zeros(shape, np.float32) for k, shape in tensors.items()}, str(src / "model.safetensors"))
@@ -284,9 +281,6 @@ def test_replicas_on_mixtral_name_the_ways_that_work(tmp_path: Path, capsys: pyt
 def test_a_placement_is_not_applied_twice(qwen: Path, tmp_path: Path) -> None:
     """Serving (or permuting) a renumbered checkpoint with the placement it realises moved the
     experts twice and silently lost the gain (found 2026-11-23)."""
-    from moeplace.serve.engine import check_placement
-    from moeplace.serve.model import read_spec
-
     sha = "ab" * 32
     placed = _placement(trace_sha256=sha)
     permute_checkpoint(qwen, placed, tmp_path / "out", progress=False)
@@ -479,8 +473,6 @@ def test_overwrite_of_the_cwd_is_refused_up_front(qwen: Path, tmp_path: Path, mo
 
 
 def test_a_failed_swap_puts_the_earlier_output_back(qwen: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
     out = tmp_path / "out"
     permute_checkpoint(qwen, _placement(), out, progress=False)
     (out / "mine.txt").write_text("earlier")
@@ -500,8 +492,6 @@ def test_a_failed_swap_puts_the_earlier_output_back(qwen: Path, tmp_path: Path, 
 
 def test_another_ep_size_gets_a_note(qwen: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A renumbered checkpoint served on another number of ranks runs, but no longer as the placement."""
-    from moeplace.export.permute import ep_size_note
-
     permute_checkpoint(qwen, _placement(), tmp_path / "out", progress=False)  # for 4 GPUs
     (tmp_path / "prompts.jsonl").write_text('{"prompt": [1, 2, 3]}\n')
     assert run(["serve", "--model", str(tmp_path / "out"), "--prompts", str(tmp_path / "prompts.jsonl"),
@@ -516,9 +506,6 @@ def test_another_ep_size_gets_a_note(qwen: Path, tmp_path: Path, capsys: pytest.
 
 def test_the_stage_of_a_killed_run_is_removed_never_a_live_one(qwen: Path, tmp_path: Path) -> None:
     """Before: a SIGKILLed run's `.OUT.xxxx.tmp` (a whole checkpoint, hidden) stayed forever."""
-    import subprocess
-    import sys
-
     placement = tmp_path / "p.json"
     _placement().save(placement)
     dead = tmp_path / ".out.k1ll3d.tmp"  # what a run killed outright leaves (no lock held)

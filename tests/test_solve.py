@@ -245,6 +245,8 @@ def test_deterministic_per_seed_and_balanced():
     np.testing.assert_array_equal(a.expert_to_gpu, b.expert_to_gpu)
     assert all(np.bincount(row, minlength=4).tolist() == [4] * 4 for row in a.expert_to_gpu)
     assert a.split == {"train_fraction": 0.5, "seed": 7}
+    train, _ = split_tokens(400, 0.5, 7)  # the fit tokens' loads: eval's load baselines are fitted on them
+    np.testing.assert_array_equal(a.fit_loads, trace.select_tokens(train).expert_loads())
     held = a.metrics["held_out"]
     assert set(held) == {"placement", "contiguous", "round_robin", "random", "greedy_load"}
     assert held["placement"]["tokens"] == 200
@@ -622,3 +624,63 @@ def test_gpus_help_says_when_counts_may_differ(capsys) -> None:
                              "or --max-experts-per-gpu(-total) allow other counts (latency, balance; see above).")
     assert "(default: latency with --cluster, else traffic)" in helps["objective"]
     assert run(["solve", "--help"]) == 0 and "Expert-parallel GPUs G: each holds" in capsys.readouterr().out
+
+
+def _table(text: str, header: str) -> dict[str, dict[str, str]]:
+    """A summary table of `text` (the block from the line starting `header`): {row label: {column title: cell}}."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(header))
+    titles = re.split(r"\s{2,}", lines[start].strip())[1:]
+    rows = {}
+    for line in lines[start + 1:]:
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) != len(titles) + 1:
+            break
+        rows[cells[0]] = dict(zip(titles, cells[1:]))
+    return rows
+
+
+def test_solve_and_eval_print_a_metric_with_the_same_digits(trace_file: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """solve printed cross-GPU top-1 with 3 decimals, eval with 4: the same figure of the same
+    placement read differently. Both take eval's column formats now (node metrics too: 2 nodes)."""
+    out = tmp_path / "p.json"
+    assert run(["solve", str(trace_file), "--gpus", "4", "--gpus-per-node", "2", "--train-fraction", "0.5",
+                "--time-limit", "5", "-o", str(out)]) == 0
+    solved = _table(capsys.readouterr().out, "held-out tokens (150):")
+    assert run(["eval", str(out), str(trace_file)]) == 0
+    evaluated = _table(capsys.readouterr().out, "layout")
+    assert set(solved["moeplace"]) == {"cross-GPU top-1", "cross-node top-1", "dest GPUs top-k", "imbalance max"}
+    for mine, theirs in (("moeplace", "placement"), ("contiguous", "contiguous")):
+        for title, cell in solved[mine].items():  # the value; solve shows no ratio for imbalance
+            assert cell.split()[0] == evaluated[theirs][title].split()[0], (mine, title)
+    cross = solved["moeplace"]["cross-GPU top-1"]
+    assert cross == evaluated["placement"]["cross-GPU top-1"] and re.fullmatch(r"0\.\d{4} \(\d\.\d\dx\)", cross)
+
+
+@pytest.mark.parametrize("meta, warned", [({"hidden_size": 64}, True), ({"hidden_size": 1024}, False), ({}, False),
+                                          ({"hidden_size": "64"}, False)])
+def test_latency_solve_warns_when_the_model_config_is_not_the_traced_width(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                           meta: dict, warned: bool) -> None:
+    """A model config's hidden_size was never checked against the traced model's (trace meta,
+    `moeplace trace` records it): a mismatch is one warning line naming both (a what-if is
+    legitimate, so never an error); no meta hidden_size, or not a number there: nothing said."""
+    trace, _ = planted_trace(64, 3, 8, 2, 4, seed=1)
+    save_trace(make_trace(trace.topk_ids, num_experts=8, meta=meta), tmp_path / "t.npz")
+    (tmp_path / "c.yaml").write_text("cluster: {nodes: 1, gpus_per_node: 4, intra_node: {bandwidth_GBps: 400, latency_us: 5}}\n")
+    (tmp_path / "m.yaml").write_text("model: {hidden_size: 1024, expert_us_per_token: 0.01}\n")
+    args = ["solve", str(tmp_path / "t.npz"), "--gpus", "4", "--objective", "latency", "--cluster", str(tmp_path / "c.yaml"),
+            "--model-config", str(tmp_path / "m.yaml"), "--time-limit", "2", "-o", str(tmp_path / "p.json")]
+    assert run(args) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "hidden_size" in line]
+    if not warned:
+        assert lines == []
+        return
+    assert lines == [f"moeplace: warning: {tmp_path / 't.npz'} is a trace of a model of hidden_size 64 (trace meta), "
+                     f"{tmp_path / 'm.yaml'} gives hidden_size 1024: predicted bytes and times are those of hidden_size "
+                     "1024 (if that is not the what-if intended, give the traced model's figures)"]
+    # the model section in the cluster file: that file is named
+    (tmp_path / "cm.yaml").write_text((tmp_path / "c.yaml").read_text() + (tmp_path / "m.yaml").read_text())
+    assert run(args[:7] + [str(tmp_path / "cm.yaml"), "--pareto", "--time-limit", "2", "-q", "-o", str(tmp_path / "q.json")]) == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"hidden_size 64 (trace meta), {tmp_path / 'cm.yaml'} gives hidden_size 1024" in line

@@ -123,10 +123,12 @@ def test_cli_latency_eval_and_load_only_balance(tmp_path: Path, capsys: pytest.C
     assert "predicted MoE-layer time" in capsys.readouterr().out
     assert run(["eval", str(out), str(tmp_path / "t.npz"), "--model-config", str(MODEL)]) == 2
     assert run(["solve", str(tmp_path / "t.npz"), "--gpus", "8", "--objective", "latency", "-q", "-o", str(out)]) == 2
-    save_loads(make_loads(np.random.default_rng(0).random((2, 8)) * 100), tmp_path / "l.npz")
+    fit_loads = np.random.default_rng(0).random((2, 8)) * 100
+    save_loads(make_loads(fit_loads), tmp_path / "l.npz")
     assert run(["solve", str(tmp_path / "l.npz"), "--gpus", "4", "--objective", "balance", "--redundant-experts", "4",
                 "--time-limit", "2", "-q", "-o", str(out)]) == 0
     assert sum(len(r) for r in load_placement(out).replicas) == 8
+    np.testing.assert_allclose(load_placement(out).fit_loads, fit_loads)  # eval fits its baselines on them
     assert set(json.loads(out.read_text())["solver"]["software"]) == {"moeplace", "highs", "pulp", "numpy"}
     m = load_placement(out).metrics  # EPLB on the same loads, alongside
     assert m["eplb"]["policy"] in eplb.POLICIES and m["imbalance_mean"] <= m["eplb"]["imbalance_mean"] + 1e-9

@@ -14,6 +14,9 @@ A JSON file:
                    out its split, and notes a trace of another model_type or MoE layers)
     fit_paths      a fixed-size sketch of the fit tokens' routing paths (trace/paths.py): eval
                    says what share of another trace's tokens repeat them (null when unknown)
+    fit_loads      [L][E] token-expert selections per expert of the fit tokens (or the fit load
+                   file): eval fits its load-balancing baselines on them whatever trace it replays
+                   (null when unknown: a placement of an older moeplace, or built by hand)
 
 Physical slots (what engines number): on each GPU, its primary experts in ascending id, then
 its replicas in the listed order; GPU 0's slots first. See `physical_slots`.
@@ -56,6 +59,7 @@ class Placement:
     trace_model: dict[str, Any] | None = None  # Trace.model_identity of the fit trace
     split: dict[str, Any] | None = None  # {"train_fraction": f, "seed": s} when fitted on a split
     fit_paths: dict[str, Any] | None = None  # trace/paths.py sketch of the fit tokens' routing paths
+    fit_loads: np.ndarray | None = None  # float64 [L, E] expert loads of the fit tokens
     extra: dict[str, Any] = field(default_factory=dict)  # other keys, kept on round-trip
 
     def __post_init__(self) -> None:
@@ -73,6 +77,12 @@ class Placement:
             raise PlacementError(f"num_gpus {self.num_gpus} is not a multiple of gpus_per_node {self.gpus_per_node}")
         if raw.size and not (0 <= self.expert_to_gpu.min() and self.expert_to_gpu.max() < self.num_gpus):
             raise PlacementError(f"expert_to_gpu holds GPU ids outside [0, {self.num_gpus})")
+        if self.fit_loads is not None:
+            loads = np.asarray(self.fit_loads, dtype=np.float64)
+            if loads.shape != raw.shape or not np.isfinite(loads).all() or (loads < 0).any():
+                raise PlacementError(f"fit_loads must be finite, non-negative loads of shape [layers, experts] "
+                                     f"{tuple(raw.shape)}, got shape {loads.shape}")
+            self.fit_loads = loads
         if not self.replicas:
             self.replicas = [[] for _ in range(self.num_layers)]
         problem = _replicas_problem(self.replicas, self.expert_to_gpu, self.num_gpus)
@@ -139,6 +149,7 @@ class Placement:
             "trace_model": self.trace_model,
             "split": self.split,
             "fit_paths": self.fit_paths,
+            "fit_loads": None if self.fit_loads is None else _numbers(self.fit_loads),
             **self.extra,
         }
 
@@ -151,7 +162,7 @@ class Placement:
 _KNOWN = {
     "format", "num_layers", "num_experts", "num_gpus", "gpus_per_node", "expert_to_gpu", "replicas",
     "objective", "solver", "bound", "gap", "metrics", "trace_sha256", "trace_routing_sha256", "trace_model", "split",
-    "fit_paths",
+    "fit_paths", "fit_loads",
 }
 
 
@@ -255,6 +266,15 @@ def placement_from_json(doc: Any, name: str = "placement") -> Placement:
     problem = None if fit_paths is None else sketch_problem(fit_paths)
     if problem:
         raise PlacementError(f"{name}: 'fit_paths' {problem}")
+    fit_loads = doc.get("fit_loads")
+    if fit_loads is not None:
+        if not (isinstance(fit_loads, list) and all(isinstance(r, list) and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in r) for r in fit_loads)):
+            raise PlacementError(f"{name}: 'fit_loads' must be one list of numbers per layer, or null")
+        try:
+            fit_loads = np.asarray(fit_loads, dtype=np.float64)
+        except (ValueError, OverflowError) as e:  # ragged rows
+            raise PlacementError(f"{name}: malformed fit_loads ({e})") from None
     try:
         p = Placement(
             expert_to_gpu=e2g,
@@ -271,11 +291,18 @@ def placement_from_json(doc: Any, name: str = "placement") -> Placement:
             trace_model=doc.get("trace_model"),
             split=doc.get("split"),
             fit_paths=fit_paths,
+            fit_loads=fit_loads,
             extra={k: v for k, v in doc.items() if k not in _KNOWN},
         )
     except PlacementError as e:  # construction checks the layout and replicas: name the file
         raise PlacementError(f"{name}: {e}") from None
     return validate_placement(p, name)
+
+
+def _numbers(a: np.ndarray) -> list[Any]:
+    """A float array as JSON lists, whole numbers (token counts) written as integers."""
+    return a.astype(np.int64).tolist() if np.array_equal(a, np.round(a)) and np.abs(a).max(initial=0) < 2 ** 53 \
+        else a.tolist()
 
 
 def _json_kind(value: Any) -> str:

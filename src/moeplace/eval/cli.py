@@ -10,7 +10,7 @@ from typing import Any, NamedTuple, Sequence
 
 import click
 
-from moeplace.errors import AlreadyReported, MoeplaceError
+from moeplace.errors import AlreadyReported, MoeplaceError, warn
 from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_load_report, build_report,
                                   render_table, traffic_metric_fn)
 from moeplace.io import loads_json, read_yaml, write_json_atomic
@@ -128,17 +128,33 @@ def gates(results: list[Verdict], limits: dict[str, float]) -> dict[str, Any]:
                         for v in results]}
 
 
-def _check_metric_fns(check: dict[str, Any]) -> list[MetricFn]:
+# (hidden size, what gave it) of a prediction, checked against the trace meta's hidden_size
+HiddenSize = tuple[int, str]
+
+
+def _cost_metric(cluster: Path, model_config: Path | None) -> tuple[MetricFn, HiddenSize]:
+    """The predicted MoE time metric of a cluster (+ model) config, and the hidden size it assumes."""
+    from moeplace.solve.costmodel import cost_metric, load_cost_model
+
+    cost = load_cost_model(cluster, model_config)
+    return cost_metric(cost), (cost.model.hidden_size, str(cost.model_source))
+
+
+def _check_metric_fns(check: dict[str, Any]) -> tuple[list[MetricFn], list[HiddenSize]]:
     """A check's extra metrics: the predicted MoE time when it names a cluster config."""
     if "cluster" not in check:
-        return []
-    from moeplace.solve.costmodel import cost_metric_fn
-    return [cost_metric_fn(check["cluster"], check.get("model_config"))]
+        return [], []
+    fn, hidden = _cost_metric(check["cluster"], check.get("model_config"))
+    return [fn], [hidden]
 
 
-def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_fns: Sequence[MetricFn] = ()) -> dict[str, Any]:
+def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_fns: Sequence[MetricFn] = (),
+              hidden_sizes: Sequence[HiddenSize] = ()) -> dict[str, Any]:
     """Load both files and build the report (`metric_fns` add metrics to every layout); a
-    load-only TRACE (moeplace.loads/v1) gets build_load_report's, load balance only."""
+    load-only TRACE (moeplace.loads/v1) gets build_load_report's, load balance only.
+    hidden_sizes: those the metrics assume; one warning line each that the trace meta contradicts."""
+    from moeplace.solve.costmodel import hidden_size_mismatch
+
     placement = load_placement(placement_path)
 
     def check_fits(num_layers: int, num_experts: int, what: str = "trace") -> None:
@@ -157,6 +173,9 @@ def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_f
                                  loads_name=str(trace_path), num_groups=loads.meta.get("num_groups", 1))
     trace = load_trace(trace_path)
     check_fits(trace.num_layers, trace.num_experts)
+    for hidden, source in hidden_sizes:
+        if line := hidden_size_mismatch(trace, str(trace_path), hidden, source):
+            warn(line)
     return build_report(placement, trace, all_tokens=all_tokens, placement_name=str(placement_path),
                         trace_name=str(trace_path), metric_fns=metric_fns)
 
@@ -309,14 +328,12 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
     given = {key: v for key, v in limits.items() if v is not None}
     if cluster is None and any(gate_metric(key)[0] == "moe_time_us" for key in given):
         raise MoeplaceError("--max-moe-time-ratio needs --cluster (the cost model predicts the MoE time)")
-    columns, per_layer, fns = COLUMNS, PER_LAYER, []
+    columns, per_layer, fns, hidden_sizes = COLUMNS, PER_LAYER, [], []
     if cluster is not None:
-        from moeplace.solve.costmodel import (
-            COST_COLUMNS,
-            COST_PER_LAYER,
-            cost_metric_fn,
-        )
-        fns = [cost_metric_fn(cluster, model_config)]
+        from moeplace.solve.costmodel import COST_COLUMNS, COST_PER_LAYER
+
+        fn, hidden = _cost_metric(cluster, model_config)
+        fns, hidden_sizes = [fn], [hidden]
         columns, per_layer = [*COLUMNS, *COST_COLUMNS], [*PER_LAYER, *COST_PER_LAYER]
     elif model_config is not None:
         raise MoeplaceError("--model-config needs --cluster")
@@ -324,7 +341,8 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
     if traffic is not None:
         fns.append(traffic_metric_fn(traffic["hidden_size"], traffic["element_bytes"], traffic["modes"],
                                      traffic["kv_bytes_per_rank"]))
-    report = _evaluate(placement, trace, all_tokens, fns)
+        hidden_sizes.append((traffic["hidden_size"], "--hidden-size" if model_dir is None else f"--model {model_dir}"))
+    report = _evaluate(placement, trace, all_tokens, fns, hidden_sizes)
     if traffic is not None:
         routing = traffic.pop("model_routing")
         if routing not in (None, (report["num_experts"], report["top_k"])):
@@ -478,7 +496,7 @@ def check(config: Path) -> None:
     failed, broken, n = 0, 0, len(checks)
     for c in checks:
         try:
-            report = _evaluate(c["placement"], c["trace"], c.get("all_tokens", False), _check_metric_fns(c))
+            report = _evaluate(c["placement"], c["trace"], c.get("all_tokens", False), *_check_metric_fns(c))
             results = threshold_results(report, c["limits"])
         except (MoeplaceError, MemoryError, RecursionError) as e:  # one bad input stops its check, not the gate
             broken += 1

@@ -11,7 +11,7 @@ The report is a plain dict (what `--json` prints):
                                          metrics.evaluate()'s plus those of any `metric_fns`
     vs_contiguous {name: {metric: value / contiguous value}}   scalar float metrics only
     copies      {name: extra expert copies (replicas), summed over layers}
-    baselines_note  how the baselines were fitted (the eplb one: on which loads)
+    baselines_note  on which loads the load baselines (greedy_load, eplb) were fitted; eplb's policy
 
 With a `traffic_metric_fn` (eval --hidden-size/--model), each layout's metrics also hold
 `traffic` {mode: eval/traffic.py's prediction + `kv_sync_bytes_per_token` (coherent, when the
@@ -121,7 +121,7 @@ def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> Token
                "trace score in-sample") if recorded else "the placement records no trace"
         share = None if placement.fit_paths is None else paths.fit_path_share(trace.topk_ids, placement.fit_paths)[0]
         repeats = "" if share is None else f"; {share:.0%} of them repeat a fit token's routing path (fit_paths)"
-        return TokenSubsets(None, None, f"all tokens ({why}){repeats}; greedy_load fitted on them too", share)
+        return TokenSubsets(None, None, f"all tokens ({why}){repeats}", share)
     split = placement.split
     if not split:
         return TokenSubsets(None, None, "all tokens: in-sample, the placement was fitted on all of them "
@@ -213,12 +213,19 @@ def build_report(
         seed = fitted_seed if isinstance(fitted_seed, int) else 0
     baselines_note = ""
     if g <= trace.num_experts:  # uneven E / G: the first E % G GPUs hold one more (baselines.py)
-        for name, e2g in all_baselines(fit.expert_loads(), g, seed).items():
+        # the load baselines see what the placement saw: its fit tokens, not the replayed ones
+        if fit_idx is not None:
+            fit_loads, fitted = fit.expert_loads(), "the placement's fit tokens"
+        elif placement.fit_loads is not None:
+            fit_loads, fitted = placement.fit_loads, "the placement's recorded fit loads"
+        else:
+            fit_loads, fitted = fit.expert_loads(), "the evaluated tokens (the placement records no fit loads)"
+        for name, e2g in all_baselines(fit_loads, g, seed).items():
             layouts[name] = Placement(e2g, num_gpus=g, gpus_per_node=gpn)
+        baselines_note = f"greedy_load fitted on {fitted}"
         if placement.num_replicas:  # like for like: a load balancer given the same copies
-            eplb, baselines_note = eplb_baseline(fit.expert_loads(), placement, trace.meta.get("num_groups", 1))
-            baselines_note += (", fitted on the placement's fit tokens" if fit_idx is not None
-                               else ", fitted on the evaluated tokens (the placement's fit loads are not known here)")
+            eplb, eplb_note = eplb_baseline(fit_loads, placement, trace.meta.get("num_groups", 1))
+            baselines_note = f"{eplb_note}; greedy_load and eplb fitted on {fitted}"
             if eplb is not None:
                 layouts["eplb"] = eplb
     else:
@@ -271,10 +278,12 @@ def build_load_report(placement: Placement, loads: np.ndarray, *, placement_name
     layouts: dict[str, Placement] = {"placement": placement}
     baselines_note = ""
     if g <= loads.shape[1]:
+        fit_loads, fitted = ((loads, "these loads") if placement.fit_loads is None
+                             else (placement.fit_loads, "the placement's recorded fit loads"))
         layouts["contiguous"] = Placement(contiguous(num_layers, num_experts, g), g, gpn)
-        layouts["greedy_load"] = Placement(greedy_load(loads, g), g, gpn)
-        eplb, baselines_note = eplb_baseline(loads, placement, num_groups)
-        baselines_note += ", fitted on these loads"
+        layouts["greedy_load"] = Placement(greedy_load(fit_loads, g), g, gpn)
+        eplb, eplb_note = eplb_baseline(fit_loads, placement, num_groups)
+        baselines_note = f"{eplb_note}; greedy_load and eplb fitted on {fitted}"
         if eplb is not None:
             layouts["eplb"] = eplb
     metrics = {}
@@ -395,6 +404,8 @@ def render_table(
     if with_copies:
         lines.append("  (copies: extra expert copies, summed over layers; layouts with 0 hold one copy of each expert"
                      + (f"; {report['baselines_note']})" if report.get("baselines_note") else ")"))
+    elif report.get("baselines_note"):
+        lines.append(f"  ({report['baselines_note']})")
     for key, title in per_layer:
         if key not in next(iter(report["layouts"].values())):
             continue

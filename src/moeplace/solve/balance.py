@@ -559,4 +559,5 @@ def _to_placement(plans: list[LayerPlan], loads: np.ndarray, num_gpus: int, gpus
         bound=lb,
         gap=(obj - lb) / obj if obj > 0 else 0.0,
         metrics={"imbalance_per_layer": ratio.tolist(), "imbalance_mean": obj, "imbalance_max": float(ratio.max())},
+        fit_loads=loads,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from shlex import quote
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -13,12 +13,12 @@ from moeplace.options import (MAX_WEIGHT, NON_NEGATIVE_INT, OUTPUT_FILE, POSITIV
                               check_writable, writing)
 from moeplace.placement import Placement
 
-METRICS = (  # (key, column title) of the summary table
-    ("cross_gpu_top1", "cross-GPU top-1"),
-    ("cross_node_top1", "cross-node top-1"),
-    ("dest_gpus_topk", "dest GPUs top-k"),
-    ("imbalance_max", "imbalance max"),
-)
+if TYPE_CHECKING:
+    from moeplace.eval.report import Column
+
+# metrics of the summary table; their titles and formats are eval's (eval/report.py COLUMNS), so
+# the same figure of the same placement reads the same in `solve` and in `eval`
+METRICS = ("cross_gpu_top1", "cross_node_top1", "dest_gpus_topk", "imbalance_max")
 
 
 def summary(placement: Placement, trace_name: str, trace_path: str | None = None, output: str | None = None) -> str:
@@ -34,21 +34,40 @@ def summary(placement: Placement, trace_name: str, trace_path: str | None = None
     lines.append(f"objective {o.get('name')}: {o.get('value', float('nan')):.6g}{_unit(o)}, lower bound {bound}, gap {gap} "
                  f"({s.get('method')}, {s.get('seconds', 0):.1f} s"
                  f"{', stopped by --time-limit' if s.get('stopped_by_time_limit') else ''})")
-    shown = [(k, t) for k, t in METRICS if k != "cross_node_top1" or placement.num_nodes > 1]  # 0 on one node
+    columns = summary_columns(placement.num_nodes)
     for part, results in placement.metrics.items():
         base = results.get("contiguous", {})
         lines.append("")
         lines.append(f"{part.replace('_', '-')} tokens ({results['placement']['tokens']}):".ljust(26)
-                     + "".join(title.rjust(20) for _, title in shown))
+                     + "".join(c.label.rjust(20) for c in columns))
         for name, m in results.items():
             cells = []
-            for key, _ in shown:
+            for c in columns:
+                key = c.key
                 ratio = f" ({m[key] / base[key]:.2f}x)" if base.get(key) and name != "contiguous" and key != "imbalance_max" else ""
-                cells.append(f"{m[key]:.3f}{ratio}".rjust(20))
+                cells.append(f"{format(m[key], c.fmt)}{ratio}".rjust(20))
             lines.append(f"  {'moeplace' if name == 'placement' else name}".ljust(26) + "".join(cells))
     lines.extend(_time_table(placement))
     lines.extend(_load_note(placement, trace_path or trace_name, output))
     return "\n".join(lines)
+
+
+def summary_columns(num_nodes: int) -> list[Column]:
+    """eval's Column of each summary metric (eval/report.py: key, label, fmt), in METRICS' order;
+    the node metric only across nodes (0 on one)."""
+    from moeplace.eval.report import COLUMNS
+
+    by_key = {c.key: c for c in COLUMNS}
+    return [by_key[key] for key in METRICS if num_nodes > 1 or not by_key[key].multi_node]
+
+
+def eval_format(value: float, key: str) -> str:
+    """A metric as `moeplace eval` prints it: the format of its eval column (eval/report.py
+    COLUMNS, or the cost model's COST_COLUMNS for the predicted times)."""
+    from moeplace.eval.report import COLUMNS
+    from moeplace.solve.costmodel import COST_COLUMNS
+
+    return format(value, next(c.fmt for c in [*COLUMNS, *COST_COLUMNS] if c.key == key))
 
 
 def _unit(objective: dict[str, Any]) -> str:
@@ -82,7 +101,7 @@ def _time_table(placement: Placement) -> list[str]:
         for part, r in parts.items():
             t, base = times.get(part), r.get("contiguous", {}).get("moe_time_us")
             ratio = f" ({t / base:.2f}x)" if t is not None and base and name != "contiguous" else ""
-            cells.append(("-" if t is None else f"{t:.1f}{ratio}").rjust(20))
+            cells.append(("-" if t is None else f"{eval_format(t, 'moe_time_us')}{ratio}").rjust(20))
         lines.append(f"  {'moeplace' if name == 'placement' else name}".ljust(26) + "".join(cells))
     if "traffic" in rows:
         lines.append("  (traffic: the traffic placement the latency search started from"
@@ -281,6 +300,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     if objective == "latency":
         options = dict(cluster=cluster, model_config=model_config, compute_weight=compute_weight,
                        redundant=redundant_experts, max_experts_per_gpu_total=max_experts_per_gpu_total)
+        warn_hidden_size(cluster, model_config, trace, trace_path)
     if objective == "balance":
         options = dict(redundant=redundant_experts, max_experts_per_gpu=max_experts_per_gpu,
                        max_experts_per_gpu_total=max_experts_per_gpu_total)
@@ -300,6 +320,24 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         if pareto:
             click.echo("\n" + render_front(placement.solver["pareto"]))
         click.echo(f"\nwrote {output}")
+
+
+def warn_hidden_size(cluster: Path | None, model_config: Path | None, trace: Any, trace_path: Path) -> None:
+    """One line on stderr, before the solve, when the cost model's hidden_size is not the one the
+    trace meta records. A config that does not load says nothing here: the solver refuses it, in
+    its order (cheap argument and topology checks first)."""
+    from moeplace.errors import MoeplaceError
+    from moeplace.solve.costmodel import hidden_size_mismatch, load_cost_model
+
+    if cluster is None or trace.meta_hidden_size() is None:
+        return
+    try:
+        cost = load_cost_model(cluster, model_config)
+    except MoeplaceError:
+        return
+    line = hidden_size_mismatch(trace, str(trace_path), cost.model.hidden_size, str(cost.model_source))
+    if line:
+        warn(line)
 
 
 def warn_small_split(num_tokens: int, num_experts: int, train_fraction: float, seed: int) -> None:
@@ -342,12 +380,14 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
     if not quiet:
         m = placement.metrics
         click.echo(f"moeplace solve: {path.name} (load only) -> {gpus} GPUs, {redundant} redundant experts per layer")
-        click.echo(f"balance: max/mean load per GPU, mean over layers {m['imbalance_mean']:.4f}, worst layer "
-                   f"{m['imbalance_max']:.4f}; lower bound {placement.bound:.4f}, gap {placement.gap:.2%} "
+        click.echo(f"balance: max/mean load per GPU, mean over layers {eval_format(m['imbalance_mean'], 'imbalance_mean')}, "
+                   f"worst layer {eval_format(m['imbalance_max'], 'imbalance_max')}; lower bound "
+                   f"{placement.bound:.4f}, gap {placement.gap:.2%} "
                    f"({placement.solver['method']}, {placement.solver['seconds']:.1f} s)")
         if eplb is not None:
-            click.echo(f"EPLB ({eplb['policy']}, DeepSeek's algorithm) on the same loads: mean {eplb['imbalance_mean']:.4f}, "
-                       f"worst layer {eplb['imbalance_max']:.4f}")
+            click.echo(f"EPLB ({eplb['policy']}, DeepSeek's algorithm) on the same loads: mean "
+                       f"{eval_format(eplb['imbalance_mean'], 'imbalance_mean')}, "
+                       f"worst layer {eval_format(eplb['imbalance_max'], 'imbalance_max')}")
         click.echo(f"wrote {output}")
 
 
@@ -411,6 +451,7 @@ def render_front(front: dict[str, Any]) -> str:
              f"{'weight':>8}{'compute us':>12}{'comm us':>10}{'MoE time us':>13}{'cross-GPU':>11}{'imbalance':>11}"]
     for r in front["rows"]:
         lines.append(f"{r['compute_weight']:>8g}{r['compute_us']:>12.1f}{r['comm_us']:>10.1f}{r['moe_time_us']:>13.1f}"
-                     f"{r['cross_gpu_top1']:>11.4f}{r['imbalance_max']:>11.3f}"
+                     f"{eval_format(r['cross_gpu_top1'], 'cross_gpu_top1'):>11}"
+                     f"{eval_format(r['imbalance_max'], 'imbalance_max'):>11}"
                      + ("  (cut by --time-limit)" if r["stopped_by_time_limit"] else ""))
     return "\n".join(lines)

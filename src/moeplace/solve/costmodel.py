@@ -70,6 +70,7 @@ class CostModel:
     cluster: Cluster
     model: ModelCost
     source: str | None = None  # the cluster YAML, for errors (the cluster's `name` may be shared or absent)
+    model_source: str | None = None  # the YAML holding the model section (--model-config, else the cluster's)
 
     def link_class(self) -> np.ndarray:
         """SELF / INTRA / INTER of each (source, destination) GPU pair, int [G, G]."""
@@ -107,7 +108,22 @@ def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = No
         model_doc, model_src = mdoc.get("model", mdoc), str(model_path)
     if model_doc is None:
         raise MoeplaceError(f"{cluster_path}: no 'model:' section; pass a model config (configs/model/*.yaml)")
-    return CostModel(_cluster(doc["cluster"], str(cluster_path)), _model(model_doc, model_src), str(cluster_path))
+    return CostModel(_cluster(doc["cluster"], str(cluster_path)), _model(model_doc, model_src), str(cluster_path),
+                     model_src)
+
+
+def hidden_size_mismatch(trace: Trace, trace_name: str, hidden_size: int, source: str) -> str:
+    """A one-line warning when `trace`'s meta records another hidden size than the `hidden_size`
+    that `source` (a model config, a cluster YAML, --hidden-size) gives the prediction, else "".
+    Never an error: modelling other hardware or a bigger model on a trace is a legitimate what-if,
+    but a mistyped config silently scales every predicted byte. No meta hidden_size (imports,
+    older traces): nothing to compare, nothing said."""
+    traced = trace.meta_hidden_size()
+    if traced is None or traced == hidden_size:
+        return ""
+    return (f"{trace_name} is a trace of a model of hidden_size {traced} (trace meta), {source} gives hidden_size "
+            f"{hidden_size}: predicted bytes and times are those of hidden_size {hidden_size} (if that is not the "
+            "what-if intended, give the traced model's figures)")
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
@@ -331,9 +347,8 @@ def _columns() -> tuple[list[Any], list[tuple[str, str]]]:
 COST_COLUMNS, COST_PER_LAYER = _columns()
 
 
-def cost_metric_fn(cluster_path: str | Path, model_path: str | Path | None = None) -> Callable[[Placement, Trace], dict[str, Any]]:
-    """An eval report metric: the predicted MoE time of a layout (`moeplace eval --cluster`)."""
-    cost = load_cost_model(cluster_path, model_path)
+def cost_metric(cost: CostModel) -> Callable[[Placement, Trace], dict[str, Any]]:
+    """An eval report metric: the predicted MoE time of a layout under `cost` (`moeplace eval --cluster`)."""
 
     def metric(placement: Placement, trace: Trace) -> dict[str, Any]:
         times = predict(cost, placement, trace)

@@ -538,6 +538,7 @@ def solve_placement(
         trace_model=trace.model_identity(),
         split={"train_fraction": train_fraction, "seed": seed} if train_fraction < 1.0 else None,
         fit_paths=paths.sketch(fit.topk_ids),
+        fit_loads=fit.expert_loads(),
     )
     baselines = all_baselines(fit.expert_loads(), num_gpus, seed)
     parts = {"train": fit, "held_out": held} if held is not None else {"train": fit}

@@ -131,6 +131,8 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
         "seq_len": seq_len,
         "tokenizer": tokenizer_ref or model_ref,
     }
+    if (hidden := _hidden_size(model.config)) is not None:  # a cost model's hidden_size is checked against it
+        meta["hidden_size"] = hidden
     if os.path.isdir(model_ref) and (record := permutation_record(model_ref)) is not None:
         # a checkpoint `permute-checkpoint` renumbered: its expert ids are not the original's, and a
         # placement of the original must not be scored on them unawares (eval warns)
@@ -168,6 +170,14 @@ def _summary(t: Any, moe_idx: list[int], read: list[Path]) -> str:
     return (f"{plural(t.num_tokens, 'token')} x {plural(t.num_layers, 'MoE layer')} x top-{t.top_k} "
             f"over {plural(t.num_experts, 'expert')}, decoder layer{'s' if len(moe_idx) != 1 else ''} {moe_idx}, "
             f"from {_files_read(read)}")
+
+
+def _hidden_size(config: Any) -> int | None:
+    """The width of the hidden states the routers see: `hidden_size` of the model's (text) config,
+    as Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3 and GPT-OSS configs all name it; None if absent."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "hidden_size", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def _files_read(read: list[Path]) -> str:

@@ -8,7 +8,7 @@ Trace v1 is an `.npz` holding:
     token_ids     int   [tokens]                 (optional) vocabulary ids
     sequence_ids  int   [tokens]                 (optional) which sequence a token belongs to
     positions     int   [tokens]                 (optional) position in its sequence
-    meta          str   scalar JSON              (optional) model, moe_layers, source, corpus...
+    meta          str   scalar JSON              (optional) model, moe_layers, hidden_size, source, corpus...
 
 ExFlow's trace, a `.npy` int array [tokens, moe_layers] of top-1 ids, is read as k = 1.
 
@@ -72,6 +72,13 @@ class Trace:
         found: dict[str, Any] = {key: self.meta[key] for key in ("model", "model_type", "moe_layers", "renumbered_from")
                                  if key in self.meta}
         return found or None
+
+    def meta_hidden_size(self) -> int | None:
+        """The traced model's hidden size, meta `hidden_size` (`moeplace trace` records it from the
+        model's config), to compare with a cost model's; None when meta has none (imports, older
+        traces) or holds no whole number >= 1 there (another tool's file: not worth refusing)."""
+        value = self.meta.get("hidden_size")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
     def routing_sha256(self) -> str:
         """sha256 of the routing itself (topk_ids, token order included), whatever file holds
