@@ -23,6 +23,7 @@ from moeplace.solve.latency import (Z_ACCEPT, LatencyModel, SearchModels, fold_t
 from moeplace.solve.baselines import all_baselines
 from moeplace.solve.moetuner import moetuner_placement
 from moeplace.solve.replicate import add_replicas
+from moeplace.solve.cli import summary
 from moeplace.solve.solver import solve_placement, solve_traffic
 from moeplace.solve.synthetic import planted_trace
 from moeplace.trace.format import make_loads, make_trace, save_loads, save_trace, split_tokens
@@ -585,7 +586,7 @@ def test_latency_summary_gives_the_unit_and_the_predicted_time_of_every_baseline
                                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """`objective latency: 69.9993` had no unit and no baseline to compare with: the summary now
     names the unit and tables the predicted MoE time of the placement, every baseline and the
-    traffic start (train tokens) per token part as ratios to contiguous, stored in the metrics."""
+    traffic start per token part as ratios to contiguous, stored in the metrics."""
     trace, _ = planted_trace(256, 3, 16, 2, 8, seed=6)
     save_trace(trace, tmp_path / "t.npz")
     out = tmp_path / "p.json"
@@ -610,8 +611,20 @@ def test_latency_summary_gives_the_unit_and_the_predicted_time_of_every_baseline
     assert table[2].split() == ["moeplace", f"{mine['train']:.1f}", f"({mine['train'] / base['train']:.2f}x)",
                                 f"{mine['held_out']:.1f}", f"({mine['held_out'] / base['held_out']:.2f}x)"]
     assert table[3].split() == ["contiguous", f"{base['train']:.1f}", f"{base['held_out']:.1f}"]
-    traffic = p.solver["start_costs"]["traffic"]
-    assert table[7].split() == ["traffic", f"{traffic:.1f}", f"({traffic / base['train']:.2f}x)", "-"]
+    # the traffic start on both parts: what `--objective traffic` gives with the same seed and split
+    assert run(["solve", str(tmp_path / "t.npz"), "--gpus", "8", "--time-limit", "3", "--train-fraction", "0.5",
+                "-q", "-o", str(tmp_path / "traffic.json")]) == 0
+    start = Placement(load_placement(tmp_path / "traffic.json").expert_to_gpu, 8, 8)
+    traffic = {part: float(predict(cost, start, sub).total_us.sum()) for part, sub in parts.items()}
+    assert p.solver["start_times_us"]["traffic"] == pytest.approx(traffic)
+    assert traffic["train"] == pytest.approx(p.solver["start_costs"]["traffic"])
+    assert table[7].split() == ["traffic", f"{traffic['train']:.1f}", f"({traffic['train'] / base['train']:.2f}x)",
+                                f"{traffic['held_out']:.1f}", f"({traffic['held_out'] / base['held_out']:.2f}x)"]
+    # a placement of an older version recorded the start's training figure only
+    p.solver.pop("start_times_us")
+    old_table = summary(p, "t.npz").splitlines()
+    assert [line.split() for line in old_table if line.strip().startswith("traffic ")][0] == [
+        "traffic", f"{traffic['train']:.1f}", f"({traffic['train'] / base['train']:.2f}x)", "-"]
 
 
 def test_shipped_tour_configs_are_the_8_gpu_node_sliced_and_tiny_moe_scaled_from_flame() -> None:

@@ -83,17 +83,19 @@ def _unit(objective: dict[str, Any]) -> str:
 def _time_table(placement: Placement) -> list[str]:
     """Predicted MoE time of the placement and each baseline (metrics[part][name]["moe_time_us"],
     written by a latency solve) per token part, as ratios to contiguous; with the traffic start
-    of the latency search on the training tokens (solver.start_costs, the predicted time when the
-    compute weight is 1; its layout is not kept, so it has no held-out figure)."""
+    of the latency search (solver.start_times_us; placements of older versions recorded only its
+    training figure, solver.start_costs)."""
     parts = {part: r for part, r in placement.metrics.items() if "moe_time_us" in r.get("placement", {})}
     if not parts:
         return []
     cluster = placement.objective.get("cost_model", {}).get("cluster", {}).get("name", "the --cluster config")
     names = list(next(iter(parts.values())))
-    traffic = placement.solver.get("start_costs", {}).get("traffic")
+    traffic = placement.solver.get("start_times_us", {}).get("traffic")
+    if traffic is None and "traffic" in placement.solver.get("start_costs", {}):
+        traffic = {"train": placement.solver["start_costs"]["traffic"]}
     rows = {name: {part: r[name]["moe_time_us"] for part, r in parts.items() if name in r} for name in names}
     if traffic is not None and placement.objective.get("name") == "latency":
-        rows["traffic"] = {"train": traffic}
+        rows["traffic"] = traffic
     lines = ["", f"predicted MoE time (us, summed over {placement.num_layers} layers; {cluster}):",
              "".ljust(26) + "".join(f"{part.replace('_', '-')} tokens".rjust(20) for part in parts)]
     for name, times in rows.items():
@@ -104,8 +106,8 @@ def _time_table(placement: Placement) -> list[str]:
             cells.append(("-" if t is None else f"{eval_format(t, 'moe_time_us')}{ratio}").rjust(20))
         lines.append(f"  {'moeplace' if name == 'placement' else name}".ljust(26) + "".join(cells))
     if "traffic" in rows:
-        lines.append("  (traffic: the traffic placement the latency search started from"
-                     + ("; not kept, so no held-out figure)" if len(parts) > 1 else ")"))
+        lines.append("  (traffic: the traffic placement the latency search started from, "
+                     "`--objective traffic` with the same seed and split unless a time limit cut either)")
     return lines
 
 

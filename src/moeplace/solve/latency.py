@@ -467,6 +467,7 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
                 "stopped_by_time_limit": cut_short, **stats},
         bound=bound,
         gap=relative_gap(value, bound),
+        starts=starts,
     )
 
 

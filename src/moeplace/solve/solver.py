@@ -75,6 +75,7 @@ class SolveOutcome:
     bound: float | None = None
     gap: float | None = None
     replicas: list[list[tuple[int, int]]] = field(default_factory=list)
+    starts: dict[str, np.ndarray] = field(default_factory=dict)  # latency: its start layouts [L, E] (not saved)
 
 
 def relative_gap(cost: float, bound: float | None) -> float | None:
@@ -549,20 +550,26 @@ def solve_placement(
         for part, sub in parts.items()
     }
     if objective == "latency":
-        add_predicted_times(placement, baselines, parts, options)
+        add_predicted_times(placement, baselines, parts, options, outcome.starts)
     return placement
 
 
 def add_predicted_times(placement: Placement, baselines: dict[str, np.ndarray], parts: dict[str, Trace],
-                        options: dict[str, Any]) -> None:
+                        options: dict[str, Any], starts: dict[str, np.ndarray] | None = None) -> None:
     """metrics[part][layout]["moe_time_us"]: the predicted MoE time (us, summed over layers;
     costmodel.predict, as `moeplace eval --cluster`) of the placement and of every baseline under
-    the cost model the latency solve used, so its summary can say what the objective value buys."""
+    the cost model the latency solve used, so its summary can say what the objective value buys;
+    solver["start_times_us"][start][part] the same of the search's start layouts (the traffic
+    placement: does the latency search beat it on tokens it did not see?)."""
     from moeplace.solve.costmodel import load_cost_model, predict
 
     cost = options.get("cost") or load_cost_model(options["cluster"], options.get("model_config"))
+    g, gpn = placement.num_gpus, placement.gpus_per_node
     for part, sub in parts.items():
         for name, m in placement.metrics[part].items():
-            layout = placement if name == "placement" else Placement(baselines[name], placement.num_gpus,
-                                                                     placement.gpus_per_node)
+            layout = placement if name == "placement" else Placement(baselines[name], g, gpn)
             m["moe_time_us"] = float(predict(cost, layout, sub).total_us.sum())
+    if starts:
+        placement.solver["start_times_us"] = {
+            name: {part: float(predict(cost, Placement(layout, g, gpn), sub).total_us.sum()) for part, sub in parts.items()}
+            for name, layout in starts.items()}
