@@ -70,10 +70,13 @@ def placement_file(folder: Path, config: str, objective: str, seed: int) -> Path
 
 
 def get_placement(folder: Path, trace: Trace, config: str, objective: str, seed: int) -> Placement:
-    """The solve `moeplace solve TRACE --train-fraction 0.5 --seed S` makes, cached in folder."""
+    """The solve `moeplace solve TRACE --train-fraction 0.5 --seed S` makes, cached in folder
+    (a cached file fitted on another trace, by routing hash, is solved again)."""
     path = placement_file(folder, config, objective, seed)
     if path.exists():
-        return load_placement(path)
+        cached = load_placement(path)
+        if cached.trace_routing_sha256 == trace.routing_sha256():
+            return cached
     from moeplace.solve.solver import solve_placement
     cluster, gpus, per_node = CONFIGS[config]
     options: dict[str, Any] = {"cluster": str(cluster), "model_config": str(MODEL)} if objective == "latency" else {}

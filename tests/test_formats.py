@@ -122,6 +122,14 @@ def test_placement_round_trip_and_checks(tmp_path: Path) -> None:
     assert back.fit_loads is not None and back.fit_loads.tolist() == [[3, 0, 5, 1], [2, 2, 4, 1.5]]
     counts = Placement(np.array([[0, 1]]), 2, 2, fit_loads=np.array([[7.0, 2.0]])).to_json()["fit_loads"]
     assert counts == [[7, 2]] and isinstance(counts[0][0], int)  # token counts are written as integers
+    late = Placement(np.array([[0, 1]]), 2, 2)
+    late.fit_loads = np.ones((3, 3))  # set after construction: save checks it, writes nothing
+    with pytest.raises(PlacementError, match=r"late.json: fit_loads must have the layout's shape"):
+        late.save(tmp_path / "late.json")
+    assert not (tmp_path / "late.json").exists()
+    late.fit_loads = [[1, 2]]  # a list, as a library caller may give it
+    late.save(tmp_path / "late.json")
+    assert load_placement(tmp_path / "late.json").fit_loads.tolist() == [[1, 2]]
     assert back.physical_slots(0) == [(0, 0), (0, 1), (0, 2), (1, 2), (1, 3)]
     assert back.holders(0)[2] == [1, 0]
     with pytest.raises(PlacementError, match="placement is for 2 MoE layers x 4 experts"):
@@ -149,9 +157,12 @@ def test_placement_round_trip_and_checks(tmp_path: Path) -> None:
         (lambda d: d.update(trace_model="mixtral"), "'trace_model' must be a JSON object or null, got 'mixtral'"),
         (lambda d: d.update(trace_routing_sha256={}), "'trace_routing_sha256' must be a string or null, got an object"),
         (lambda d: d.update(replicas=[[[2, 9]], []]), r"p.json: replica \(2, 9\) of layer 0 is out of range"),
-        (lambda d: d.update(fit_loads=[[1, 2, 3, 4]]), r"p.json: fit_loads must be .* shape \[layers, experts\] "
-                                                       r"\(2, 4\), got shape \(1, 4\)"),
-        (lambda d: d.update(fit_loads=[[1, 2, 3, -4], [0, 0, 0, 0]]), "fit_loads must be finite, non-negative"),
+        (lambda d: d.update(fit_loads=[[1, 2, 3, 4]]), r"p.json: fit_loads must have the layout's shape "
+                                                       r"\[layers, experts\] \(2, 4\), got \(1, 4\)"),
+        (lambda d: d.update(fit_loads=[[1, 2, 3, -4], [0, 0, 0, 0]]),
+         "fit_loads must be finite and non-negative: layer 0, expert 3 holds -4.0"),
+        (lambda d: d.update(fit_loads=[[1, 2, 3, 4], [0, float("nan"), 0, 0]]), "layer 1, expert 1 holds nan"),
+        (lambda d: d.update(fit_loads=[[1e308] * 4, [0, 0, 0, 0]]), "fit_loads must sum to a finite load per layer"),
         (lambda d: d.update(fit_loads=[[1, 2, 3, True], [0, 0, 0, 0]]), "'fit_loads' must be one list of numbers"),
         (lambda d: d.update(fit_loads=[[1, 2, 3], [0, 0, 0, 0]]), "malformed fit_loads"),
         (lambda d: d.update(fit_loads="x"), "'fit_loads' must be one list of numbers per layer, or null"),

@@ -78,11 +78,7 @@ class Placement:
         if raw.size and not (0 <= self.expert_to_gpu.min() and self.expert_to_gpu.max() < self.num_gpus):
             raise PlacementError(f"expert_to_gpu holds GPU ids outside [0, {self.num_gpus})")
         if self.fit_loads is not None:
-            loads = np.asarray(self.fit_loads, dtype=np.float64)
-            if loads.shape != raw.shape or not np.isfinite(loads).all() or (loads < 0).any():
-                raise PlacementError(f"fit_loads must be finite, non-negative loads of shape [layers, experts] "
-                                     f"{tuple(raw.shape)}, got shape {loads.shape}")
-            self.fit_loads = loads
+            self.fit_loads = _checked_loads(self.fit_loads, raw.shape)
         if not self.replicas:
             self.replicas = [[] for _ in range(self.num_layers)]
         problem = _replicas_problem(self.replicas, self.expert_to_gpu, self.num_gpus)
@@ -180,12 +176,37 @@ def validate_placement(p: Placement, name: str = "placement") -> Placement:
     problem = _replicas_problem(p.replicas, e2g, p.num_gpus)
     if problem:
         raise PlacementError(f"{name}: {problem}")
+    if p.fit_loads is not None:  # also when set after construction (solve fills fields in later)
+        try:
+            p.fit_loads = _checked_loads(p.fit_loads, e2g.shape)
+        except PlacementError as e:
+            raise PlacementError(f"{name}: {e}") from None
     copies = p.num_experts + p.num_replicas  # the most copies any layer has
     if p.num_gpus > copies:  # checked before any stage loops or allocates per GPU (2**31 of them)
         held = f"{p.num_experts} experts" + (f" + {p.num_replicas} replicas" if p.num_replicas else "")
         raise PlacementError(f"{name}: num_gpus {p.num_gpus} exceeds the {copies} expert copies of a layer "
                              f"({held}): some GPU would hold no expert")
     return p
+
+
+def _checked_loads(loads: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """`fit_loads` as float64 [L, E] of the layout's `shape`: finite, non-negative, with finite
+    per-layer sums (the load baselines add them up); else PlacementError saying what is wrong."""
+    try:
+        a = np.asarray(loads, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise PlacementError(f"fit_loads must be numbers [layers, experts] ({e})") from None
+    if a.shape != tuple(shape):
+        raise PlacementError(f"fit_loads must have the layout's shape [layers, experts] {tuple(shape)}, got {a.shape}")
+    bad = ~np.isfinite(a) | (a < 0)
+    if bad.any():
+        layer, expert = (int(i) for i in np.argwhere(bad)[0])
+        raise PlacementError(f"fit_loads must be finite and non-negative: layer {layer}, expert {expert} holds "
+                             f"{float(a[layer, expert])}")
+    with np.errstate(over="ignore"):
+        if not np.isfinite(a.sum(axis=1)).all():
+            raise PlacementError("fit_loads must sum to a finite load per layer")
+    return a
 
 
 def _replicas_problem(replicas: Any, e2g: np.ndarray, num_gpus: int) -> str | None:

@@ -83,16 +83,13 @@ def _unit(objective: dict[str, Any]) -> str:
 def _time_table(placement: Placement) -> list[str]:
     """Predicted MoE time of the placement and each baseline (metrics[part][name]["moe_time_us"],
     written by a latency solve) per token part, as ratios to contiguous; with the traffic start
-    of the latency search (solver.start_times_us; placements of older versions recorded only its
-    training figure, solver.start_costs)."""
+    of the latency search (solver.start_times_us)."""
     parts = {part: r for part, r in placement.metrics.items() if "moe_time_us" in r.get("placement", {})}
     if not parts:
         return []
     cluster = placement.objective.get("cost_model", {}).get("cluster", {}).get("name", "the --cluster config")
     names = list(next(iter(parts.values())))
     traffic = placement.solver.get("start_times_us", {}).get("traffic")
-    if traffic is None and "traffic" in placement.solver.get("start_costs", {}):
-        traffic = {"train": placement.solver["start_costs"]["traffic"]}
     rows = {name: {part: r[name]["moe_time_us"] for part, r in parts.items() if name in r} for name in names}
     if traffic is not None and placement.objective.get("name") == "latency":
         rows["traffic"] = traffic
@@ -107,7 +104,8 @@ def _time_table(placement: Placement) -> list[str]:
         lines.append(f"  {'moeplace' if name == 'placement' else name}".ljust(26) + "".join(cells))
     if "traffic" in rows:
         lines.append("  (traffic: the traffic placement the latency search started from, "
-                     "`--objective traffic` with the same seed and split unless a time limit cut either)")
+                     "`--objective traffic` with the same seed and split unless a time limit cut either; "
+                     "like the baselines, it holds no replicas)")
     return lines
 
 
@@ -381,10 +379,11 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
         placement.save(output)
     if not quiet:
         m = placement.metrics
+        bound = float("nan") if placement.bound is None else placement.bound  # balance always sets one
         click.echo(f"moeplace solve: {path.name} (load only) -> {gpus} GPUs, {redundant} redundant experts per layer")
         click.echo(f"balance: max/mean load per GPU, mean over layers {eval_format(m['imbalance_mean'], 'imbalance_mean')}, "
                    f"worst layer {eval_format(m['imbalance_max'], 'imbalance_max')}; lower bound "
-                   f"{placement.bound:.4f}, gap {placement.gap:.2%} "
+                   f"{eval_format(bound, 'imbalance_mean')}, gap {placement.gap:.2%} "
                    f"({placement.solver['method']}, {placement.solver['seconds']:.1f} s)")
         if eplb is not None:
             click.echo(f"EPLB ({eplb['policy']}, DeepSeek's algorithm) on the same loads: mean "

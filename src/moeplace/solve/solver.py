@@ -525,6 +525,7 @@ def solve_placement(
     # small dense products: threaded BLAS only adds sync overhead (16x slower on a busy 2-core box)
     with single_blas_thread():
         outcome = OBJECTIVES[objective](fit, num_gpus, gpus_per_node, time_limit, seed, progress, **options)
+    fit_loads = fit.expert_loads()
     placement = Placement(
         expert_to_gpu=outcome.expert_to_gpu,
         num_gpus=num_gpus,
@@ -539,9 +540,9 @@ def solve_placement(
         trace_model=trace.model_identity(),
         split={"train_fraction": train_fraction, "seed": seed} if train_fraction < 1.0 else None,
         fit_paths=paths.sketch(fit.topk_ids),
-        fit_loads=fit.expert_loads(),
+        fit_loads=fit_loads,
     )
-    baselines = all_baselines(fit.expert_loads(), num_gpus, seed)
+    baselines = all_baselines(fit_loads, num_gpus, seed)
     parts = {"train": fit, "held_out": held} if held is not None else {"train": fit}
     placement.metrics = {
         part: {"placement": evaluate(placement, sub)} | {
