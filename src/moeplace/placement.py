@@ -194,8 +194,8 @@ def _checked_loads(loads: Any, shape: tuple[int, ...]) -> np.ndarray:
     per-layer sums (the load baselines add them up); else PlacementError saying what is wrong."""
     try:
         a = np.asarray(loads, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise PlacementError(f"fit_loads must be numbers [layers, experts] ({e})") from None
+    except (TypeError, ValueError, OverflowError) as e:  # ragged rows, a huge JSON integer
+        raise PlacementError(f"malformed fit_loads, not numbers [layers, experts] ({e})") from None
     if a.shape != tuple(shape):
         raise PlacementError(f"fit_loads must have the layout's shape [layers, experts] {tuple(shape)}, got {a.shape}")
     bad = ~np.isfinite(a) | (a < 0)
@@ -292,10 +292,6 @@ def placement_from_json(doc: Any, name: str = "placement") -> Placement:
         if not (isinstance(fit_loads, list) and all(isinstance(r, list) and all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in r) for r in fit_loads)):
             raise PlacementError(f"{name}: 'fit_loads' must be one list of numbers per layer, or null")
-        try:
-            fit_loads = np.asarray(fit_loads, dtype=np.float64)
-        except (ValueError, OverflowError) as e:  # ragged rows
-            raise PlacementError(f"{name}: malformed fit_loads ({e})") from None
     try:
         p = Placement(
             expert_to_gpu=e2g,
