@@ -308,7 +308,7 @@ def placement_from_json(doc: Any, name: str = "placement") -> Placement:
             trace_model=doc.get("trace_model"),
             split=doc.get("split"),
             fit_paths=fit_paths,
-            fit_loads=fit_loads,
+            fit_loads=None if fit_loads is None else _checked_loads(fit_loads, e2g.shape),
             extra={k: v for k, v in doc.items() if k not in _KNOWN},
         )
     except PlacementError as e:  # construction checks the layout and replicas: name the file
