@@ -141,6 +141,24 @@ def test_cli_latency_eval_and_load_only_balance(tmp_path: Path, capsys: pytest.C
     assert max(len(load_placement(out).experts_on_gpu(0, g)) for g in range(4)) <= 3
 
 
+def test_cli_latency_reads_its_cost_config_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hidden-size check, the solver, its predicted times and --pareto's five solves share one
+    load of --cluster/--model-config."""
+    from moeplace.solve import costmodel
+
+    trace, _ = planted_trace(64, 3, 16, 2, 8, seed=6)
+    save_trace(trace, tmp_path / "t.npz")
+    calls = []
+    real = costmodel.load_cost_model
+    for module in (costmodel, latency):  # latency imported it by name
+        monkeypatch.setattr(module, "load_cost_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    base = ["solve", str(tmp_path / "t.npz"), "--gpus", "8", "--objective", "latency", "--time-limit", "5",
+            "--cluster", str(CLUSTER), "--model-config", str(MODEL), "--train-fraction", "0.5", "-q"]
+    assert run(base + ["-o", str(tmp_path / "p.json")]) == 0 and len(calls) == 1
+    assert run(base + ["--pareto", "-o", str(tmp_path / "q.json")]) == 0 and len(calls) == 2
+    assert load_placement(tmp_path / "p.json").metrics["held_out"]["placement"]["moe_time_us"] > 0
+
+
 def _skewed_loads(num_layers: int, num_experts: int, seed: int) -> np.ndarray:
     """Loads float [L, E]: light experts plus one hot expert per layer (heavier than a GPU's fair share)."""
     rng = np.random.default_rng(seed)

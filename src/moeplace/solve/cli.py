@@ -300,7 +300,9 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     if objective == "latency":
         options = dict(cluster=cluster, model_config=model_config, compute_weight=compute_weight,
                        redundant=redundant_experts, max_experts_per_gpu_total=max_experts_per_gpu_total)
-        warn_hidden_size(cluster, model_config, trace, trace_path)
+        if (cost := loaded_cost_model(cluster, model_config)) is not None:
+            options["cost"] = cost  # read once: the solver, its predicted times and --pareto take it
+            warn_hidden_size(cost, trace, trace_path)
     if objective == "balance":
         options = dict(redundant=redundant_experts, max_experts_per_gpu=max_experts_per_gpu,
                        max_experts_per_gpu_total=max_experts_per_gpu_total)
@@ -322,18 +324,26 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         click.echo(f"\nwrote {output}")
 
 
-def warn_hidden_size(cluster: Path | None, model_config: Path | None, trace: Any, trace_path: Path) -> None:
-    """One line on stderr, before the solve, when the cost model's hidden_size is not the one the
-    trace meta records. A config that does not load says nothing here: the solver refuses it, in
-    its order (cheap argument and topology checks first)."""
+def loaded_cost_model(cluster: Path | None, model_config: Path | None) -> Any:
+    """The cost model of --cluster/--model-config, or None when there is none or it does not
+    load: the solver then refuses it, in its order (cheap argument and topology checks first)."""
     from moeplace.errors import MoeplaceError
-    from moeplace.solve.costmodel import hidden_size_mismatch, load_cost_model
+    from moeplace.solve.costmodel import load_cost_model
 
-    if cluster is None or trace.meta_hidden_size() is None:
-        return
+    if cluster is None:
+        return None
     try:
-        cost = load_cost_model(cluster, model_config)
+        return load_cost_model(cluster, model_config)
     except MoeplaceError:
+        return None
+
+
+def warn_hidden_size(cost: Any, trace: Any, trace_path: Path) -> None:
+    """One line on stderr, before the solve, when the cost model's hidden_size is not the one the
+    trace meta records (nothing for a trace that records none)."""
+    from moeplace.solve.costmodel import hidden_size_mismatch
+
+    if trace.meta_hidden_size() is None:
         return
     line = hidden_size_mismatch(trace, str(trace_path), cost.model.hidden_size, str(cost.model_source))
     if line:
@@ -422,14 +432,15 @@ def pareto_front(trace: Any, gpus: int, gpus_per_node: int | None, time_limit: f
     from moeplace.solve.solver import solve_placement
     from moeplace.trace.format import split_tokens
 
-    cost = load_cost_model(options["cluster"], options["model_config"]) if options.get("cluster") else None
+    cost = options.get("cost") or (load_cost_model(options["cluster"], options["model_config"])
+                                   if options.get("cluster") else None)
     if cost is None:
         from moeplace.errors import MoeplaceError
         raise MoeplaceError("--pareto needs --cluster CONFIG.yaml")
     _, held = split_tokens(trace.num_tokens, train_fraction, seed)
     sub = trace.select_tokens(held) if train_fraction < 1.0 and len(held) else trace
     part = "held_out" if sub is not trace else "train"
-    opts = {k: v for k, v in options.items() if k not in ("cluster", "model_config", "compute_weight")}
+    opts = {k: v for k, v in options.items() if k not in ("cluster", "model_config", "compute_weight", "cost")}
     rows, chosen = [], None
     for w in PARETO_WEIGHTS:
         p = solve_placement(trace, gpus, gpus_per_node, time_limit / len(PARETO_WEIGHTS), seed, objective="latency",
