@@ -12,7 +12,8 @@ import pytest
 
 from moeplace.cli import run
 from moeplace.eval.metrics import serve_layer
-from moeplace.eval.traffic import serving_gpus
+from moeplace.errors import TraceError
+from moeplace.eval.traffic import dispatch_row_bytes, predict_traffic, serving_gpus
 from moeplace.placement import Placement
 from moeplace.solve.baselines import random_balanced
 from moeplace.trace.format import Trace, make_trace, save_trace
@@ -195,3 +196,32 @@ def test_step_grouping_matches_a_per_step_loop(mode: str) -> None:
     got = serving_gpus(placement, trace, mode)
     assert (got != placement.expert_to_gpu[np.arange(3)[None, :, None], trace.topk_ids]).any()  # replicas used
     assert got.dtype == expected.dtype and np.array_equal(got, expected)
+
+
+def test_per_token_bytes_and_alltoall_counts_by_hand() -> None:
+    # 2 GPUs, expert e on GPU e; sequences 0 and 1 (homes 0 and 1), top-1, 3 tokens, 1 MoE layer
+    placement = Placement(np.array([[0, 1]]), num_gpus=2, gpus_per_node=2)
+    trace = make_trace(np.array([[[1]], [[1]], [[0]]]), None, 2, sequence_ids=np.array([0, 1, 1]),
+                       positions=np.array([0, 0, 1]))
+    # standard: token 0 (home 0) goes to GPU 1 and back, token 1 is served at home (1), token 2
+    # (home 1) goes to GPU 0 and back -> 2 dispatch + 2 combine rows; 2 Alltoalls a layer at top-1 too
+    p = predict_traffic(placement, trace, "standard", hidden_size=4, element_bytes=2)
+    row = dispatch_row_bytes(4, 1, 2)
+    assert row == 4 * 2 + 4 * 3
+    assert (p["dispatch_rows"], p["combine_rows"], p["alltoalls_per_layer"]) == (2, 2, 2)
+    assert p["alltoall_bytes"] == 2 * row + 2 * 8
+    assert p["alltoall_bytes_per_token"] == pytest.approx((2 * row + 2 * 8) / 3)
+    # coherent: token 0 starts at home (0) -> 1 row; token 1 at home (1) -> none; token 2 starts
+    # where token 1 ended (1) -> 1 row to expert 0; top-1 has no combine and one Alltoall per layer
+    p = predict_traffic(placement, trace, "coherent", hidden_size=4, element_bytes=2)
+    assert (p["dispatch_rows"], p["combine_rows"], p["alltoalls_per_layer"]) == (2, 0, 1)
+    assert p["alltoall_bytes_per_token"] == pytest.approx(2 * row / 3)
+
+
+def test_unknown_mode_and_missing_positions_are_refused() -> None:
+    placement = Placement(np.array([[0, 1]]), num_gpus=2, gpus_per_node=2)
+    no_positions = make_trace(np.array([[[1]], [[0]]]), None, 2, sequence_ids=np.array([0, 0]))
+    with pytest.raises(TraceError, match="needs sequence_ids and positions"):
+        predict_traffic(placement, no_positions, "coherent", 4, 2)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        predict_traffic(placement, no_positions, "eager", 4, 2)

@@ -16,8 +16,8 @@ from moeplace.errors import MoeplaceWarning, PlacementError, TraceError
 from moeplace.export.eplb import read_document
 from moeplace.io import loads_json, read_json, read_yaml
 from moeplace.placement import Placement, check_topology, load_placement
-from moeplace.trace.format import (MAX_EXPERTS, is_load_only, load_loads, load_trace, make_loads, make_trace, save_loads, save_trace,
-                                   split_tokens)
+from moeplace.trace.format import (MAX_EXPERTS, Trace, is_load_only, load_loads, load_trace, make_loads, make_trace, save_loads,
+                                   save_trace, split_tokens)
 
 
 def test_trace_round_trip(tmp_path: Path, small_trace) -> None:
@@ -422,3 +422,165 @@ def test_trace_meta_nested_too_deeply(tmp_path: Path) -> None:
     path = _npz(tmp_path / "t.npz", topk_ids=np.zeros((2, 1, 1), np.int64), meta=np.asarray(DEEP))
     with pytest.raises(TraceError, match=r"t.npz: 'meta' is not a JSON string \(nested too deeply\)"):
         load_trace(path)
+
+
+@pytest.mark.parametrize("layout", [[[0, -1]], [[0, 2]], [[2, 2]]])
+def test_placement_gpu_ids_at_the_range_edges_are_refused(layout: list) -> None:
+    # GPU ids are [0, num_gpus): -1 and num_gpus itself are out, whatever the other entries hold
+    with pytest.raises(PlacementError, match=r"GPU ids outside \[0, 2\)"):
+        Placement(np.array(layout), num_gpus=2, gpus_per_node=1)
+    assert Placement(np.array([[0, 1]]), num_gpus=2, gpus_per_node=1).expert_to_gpu.tolist() == [[0, 1]]
+
+
+def test_placement_constructor_checks_small_and_empty_layouts(tmp_path: Path) -> None:
+    # a one-expert float layout is refused as a larger one is (only an empty one has no dtype to go by)
+    with pytest.raises(PlacementError, match="must be an integer array"):
+        Placement(np.array([[0.0]]), num_gpus=1, gpus_per_node=1)
+    # fit_loads given to the constructor is checked and kept as float64 there, not only on save
+    with pytest.raises(PlacementError, match=r"fit_loads must have the layout's shape \[layers, experts\] \(1, 2\)"):
+        Placement(np.array([[0, 1]]), 2, 2, fit_loads=np.ones((3, 3)))
+    loads = Placement(np.array([[0, 1]]), 2, 2, fit_loads=[[1, 2]]).fit_loads  # type: ignore[arg-type]
+    assert isinstance(loads, np.ndarray) and loads.dtype == np.float64 and loads.tolist() == [[1.0, 2.0]]
+    # an empty layout can be built (no dtype to check) but is never written
+    with pytest.raises(PlacementError, match="expert_to_gpu must be a non-empty"):
+        Placement(np.zeros((0, 4), dtype=np.int64), 4, 4).save(tmp_path / "empty.json")
+    assert not (tmp_path / "empty.json").exists()
+
+
+def test_save_checks_fields_changed_after_construction(tmp_path: Path) -> None:
+    # Placement is a mutable dataclass: save re-checks what construction checked, writes nothing bad
+    p = Placement(np.array([[0, 1], [1, 0]]), num_gpus=2, gpus_per_node=2)
+    p.expert_to_gpu[1, 0] = 2
+    with pytest.raises(PlacementError, match=r"q.json: a GPU id in expert_to_gpu is outside \[0, 2\)"):
+        p.save(tmp_path / "q.json")
+    p.expert_to_gpu[1, 0] = -1
+    with pytest.raises(PlacementError, match="outside"):
+        p.save(tmp_path / "q.json")
+    p.expert_to_gpu[1, 0] = 1
+    p.gpus_per_node = 0
+    with pytest.raises(PlacementError, match="q.json: num_gpus and gpus_per_node must be >= 1"):
+        p.save(tmp_path / "q.json")
+    p.gpus_per_node, p.num_gpus = 2, 0
+    with pytest.raises(PlacementError, match="must be >= 1"):
+        p.save(tmp_path / "q.json")
+    p.num_gpus = 3
+    with pytest.raises(PlacementError, match="q.json: num_gpus=3 is not a multiple of gpus_per_node=2"):
+        p.save(tmp_path / "q.json")
+    assert not (tmp_path / "q.json").exists()
+    p.num_gpus = 2
+    p.replicas[1].append((1, 0))  # expert 1 of layer 1 is on GPU 0 already
+    with pytest.raises(PlacementError, match="q.json: expert 1 of layer 1 has two copies on GPU 0"):
+        p.save(tmp_path / "q.json")
+    p.replicas[1].clear()
+    p.save(tmp_path / "q.json")
+    Placement(np.array([[0, 0]]), num_gpus=1, gpus_per_node=1).save(tmp_path / "one.json")  # one GPU is fine
+    assert load_placement(tmp_path / "one.json").num_gpus == 1
+    assert load_placement(tmp_path / "q.json").expert_to_gpu.tolist() == [[0, 1], [1, 0]]
+
+
+@pytest.mark.parametrize("pair", [(1, 1.5), (1.0, 1), (1, True)])
+def test_replica_pairs_need_two_integers(pair: tuple) -> None:
+    # int() would have read 1.5 as GPU 1 and True as 1
+    with pytest.raises(PlacementError, match=r"of layer 0 is not an \(expert, gpu\) pair of integers"):
+        Placement(np.zeros((1, 4), dtype=int), 2, 1, [[pair]])
+
+
+def test_replica_ids_at_the_range_edges_are_refused() -> None:
+    # expert ids are [0, experts), GPU ids [0, gpus): the first id past each end is out
+    for pair in [(4, 1), (0, 2), (-1, 1), (0, -1)]:
+        with pytest.raises(PlacementError, match=rf"replica \({pair[0]}, {pair[1]}\) of layer 0 is out of range"):
+            Placement(np.zeros((1, 4), dtype=int), 2, 1, [[pair]])
+    assert Placement(np.zeros((1, 4), dtype=int), 2, 1, [[(3, 1)]]).holders(0)[3] == [0, 1]
+
+
+def test_check_topology_edges() -> None:
+    check_topology(4, 1, 1)  # one GPU
+    check_topology(4, 4, 2)  # one expert per GPU
+    check_topology(4, 5, 5, balanced=False, redundant=1)  # a redundant copy lets a fifth GPU hold one
+    with pytest.raises(PlacementError, match="--gpus must be >= 1, got 0"):
+        check_topology(4, 0, 1)
+    with pytest.raises(PlacementError, match="--gpus 4 is not a multiple of --gpus-per-node 0"):
+        check_topology(4, 4, 0)
+    with pytest.raises(PlacementError, match=r"^5 GPUs for 4 experts: some GPU would hold no expert \(--objective"):
+        check_topology(4, 5, 5, balanced=False)
+    with pytest.raises(PlacementError, match=r"^6 GPUs for 4 experts \+ 1 redundant copies: some GPU would hold no expert$"):
+        check_topology(4, 6, 6, balanced=False, redundant=1)
+    with pytest.raises(PlacementError, match=r"^6 experts per layer cannot be split equally over 4 GPUs \(6 % 4 = 2\): "
+                                             r"use balance$"):
+        check_topology(6, 4, 2, hint="use balance")
+    check_topology(6, 4, 2, balanced=False)
+
+
+def test_trace_expert_ids_and_counts_at_the_edges() -> None:
+    ids = np.array([[[0, 1]], [[1, 0]]])
+    with pytest.raises(TraceError, match=r"t: expert id 8 out of range \[0, 8\)"):
+        make_trace(np.array([[[0, 8]]]), num_experts=8, name="t")
+    assert make_trace(np.array([[[0, 7]]]), num_experts=8).num_experts == 8
+    assert make_trace(np.zeros((3, 2, 1), np.int64), num_experts=1).num_experts == 1  # a single expert
+    assert make_trace(ids, num_experts=MAX_EXPERTS).num_experts == MAX_EXPERTS
+    for bad in (0, -3, MAX_EXPERTS + 1):
+        with pytest.raises(TraceError, match=rf"t: num_experts must be in \[1, {MAX_EXPERTS}\], got {bad}$"):
+            make_trace(ids, num_experts=bad, name="t")
+    # more choices than experts is named as such, not as the duplicates it implies
+    with pytest.raises(TraceError, match="t: k=3 exceeds num_experts=2"):
+        make_trace(np.array([[[0, 1, 0]]]), num_experts=2, name="t")
+
+
+def test_trace_built_by_hand_is_checked_on_save(tmp_path: Path) -> None:
+    # make_trace reshapes and casts; a Trace built directly reaches validate_trace as it is
+    for ids, message in [(np.zeros((2, 2), np.int64), r"topk_ids must be \[tokens, moe_layers, k\], got shape \[2, 2\]"),
+                         (np.zeros((1, 1, 1, 1), np.int64), r"got shape \[1, 1, 1, 1\]"),
+                         (np.zeros((2, 1, 1)), "topk_ids must be integers, got dtype float64")]:
+        with pytest.raises(TraceError, match=message):
+            save_trace(Trace(topk_ids=ids, num_experts=4), tmp_path / "t.npz")
+    ints = np.ones((2, 1, 1), np.int64)
+    with pytest.raises(TraceError, match="topk_weights must be floats, got dtype int64"):
+        save_trace(Trace(topk_ids=np.zeros((2, 1, 1), np.int64), num_experts=4, topk_weights=ints), tmp_path / "t.npz")
+    with pytest.raises(TraceError, match="sequence_ids must be integers, got dtype float64"):
+        save_trace(Trace(topk_ids=np.zeros((2, 1, 1), np.int64), num_experts=4, sequence_ids=np.zeros(2)),
+                   tmp_path / "t.npz")
+    assert not (tmp_path / "t.npz").exists()
+    with pytest.raises(TraceError, match=r"topk_ids must be \[tokens, moe_layers, k\], got shape \[3\]"):
+        make_trace(np.array([0, 1, 2]))
+    # no ids to infer num_experts from: the empty trace is named, not a numpy error on max()
+    with pytest.raises(TraceError, match=r"t: empty trace \(shape \[0, 2, 2\]\)"):
+        make_trace(np.zeros((0, 2, 2), np.int64), name="t")
+
+
+def test_duplicate_expert_anywhere_in_the_top_k_is_named() -> None:
+    ids = np.array([[[0, 1, 2], [0, 1, 2]], [[3, 4, 5], [3, 4, 5]], [[0, 1, 2], [2, 5, 2]]])  # top-3, not adjacent
+    with pytest.raises(TraceError, match=r"t: duplicate expert ids in the top-k of token 2 at layer 1 "
+                                         r"\(1 token-layers affected\)"):
+        make_trace(ids, num_experts=6, name="t")
+
+
+def test_make_trace_refuses_what_a_cast_would_hide(tmp_path: Path) -> None:
+    ids = np.array([[[0, 1]], [[1, 0]]])
+    with pytest.raises(TraceError, match="t: topk_weights must be floats, got dtype int64"):
+        make_trace(ids, np.ones((2, 1, 2), np.int64), 2, name="t")
+    with pytest.raises(TraceError, match="t: sequence_ids must be integers, got dtype float64"):
+        make_trace(ids, num_experts=2, sequence_ids=np.array([0.5, 1.0]), name="t")  # int64 would truncate 0.5
+    for bad in (2.0, True, "2"):
+        with pytest.raises(TraceError, match=rf"t: num_experts must be an integer, got {bad!r}"):
+            make_trace(ids, num_experts=bad, name="t")  # type: ignore[arg-type]
+    assert make_trace(ids, num_experts=np.int32(2)).num_experts == 2  # type: ignore[arg-type]
+    top1 = make_trace(np.array([[0, 1], [1, 0]]), np.array([[1.0, 0.5], [0.9, 1.0]]), 2)  # [T, L]: top-1
+    assert top1.topk_ids.shape == (2, 2, 1) and top1.topk_weights is not None
+    assert top1.topk_weights.shape == (2, 2, 1) and top1.topk_weights[1, 0, 0] == np.float32(0.9)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(TraceError, match=r"empty.npy: file is empty$"):
+        load_trace(tmp_path / "empty.npy")
+
+
+def test_npz_trace_header_fields_are_checked(tmp_path: Path, small_trace: Trace) -> None:
+    ids = np.array([[[0, 1]]])
+    with pytest.raises(TraceError, match=r"v2.npz: unsupported trace format 'moeplace.trace/v2' \(this moeplace reads "):
+        load_trace(_npz(tmp_path / "v2.npz", topk_ids=ids, meta=np.asarray('{"format": "moeplace.trace/v2"}')))
+    for stored in (np.array([8, 8]), np.array(8.0)):
+        with pytest.raises(TraceError, match="n.npz: num_experts must be one integer"):
+            load_trace(_npz(tmp_path / "n.npz", topk_ids=ids, num_experts=stored))
+    assert load_trace(_npz(tmp_path / "ok.npz", topk_ids=ids, num_experts=np.array([8]))).num_experts == 8
+    save_trace(small_trace, tmp_path / "good.npz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a well-ordered file loads without any warning
+        assert load_trace(tmp_path / "good.npz").num_tokens == small_trace.num_tokens
