@@ -10,10 +10,14 @@ import pytest
 from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import serve_layer, token_gpus
 from moeplace.placement import Placement
-from moeplace.solve.costmodel import Cluster, CostModel, ModelCost, active_probability, load_cost_model, predict
-from moeplace.solve.latency import LatencyModel, _layer_lp, count_range, latency_bound, shrunk_loads
+from moeplace.solve.affinity import distance_matrix, edge_terms, gate_weighted_transitions
+from moeplace.solve.costmodel import (Cluster, CostModel, ModelCost, active_probability, alltoall_us, load_cost_model,
+                                      predict)
+from moeplace.solve.latency import LatencyModel, _layer_lp, count_range, fold_tokens, latency_bound, shrunk_loads
+from moeplace.solve.replicate import _pair_cost, add_replicas, propose
 from moeplace.solve.solver import solve_placement
-from moeplace.trace.format import Trace, make_trace
+from moeplace.solve.synthetic import planted_trace
+from moeplace.trace.format import Trace, flow_counts, make_trace
 
 from conftest import ROOT
 
@@ -223,3 +227,119 @@ def test_search_model_and_bound_use_the_expected_count(small_trace: Trace) -> No
     for redundant in (0, 2):
         p = solve_placement(small_trace, 2, 2, time_limit=5, seed=0, objective="latency", cost=cost, redundant=redundant)
         assert p.bound is not None and 0 < p.bound <= p.objective["value"] + 1e-9
+
+
+def test_replicas_past_the_deadline_are_the_load_rule_copies() -> None:
+    """Out of time, add_replicas still places R copies per layer, by the `load` rule alone (EPLB's),
+    and its cost is the prediction of the placement with them."""
+    trace, _ = planted_trace(128, 2, 16, 2, 8, seed=4, zipf=1.2)
+    cm = load_cost_model(ROOT / "configs/cluster/h100-1x8-nvlink.yaml", ROOT / "configs/model/flame-moe-290m.yaml")
+    model = LatencyModel(cm, trace)
+    e2g = np.tile(np.arange(16) % 8, (2, 1))
+    replicas, value = add_replicas(model, e2g, 8, deadline=0.0)
+    homed = flow_counts(model.home0, trace.topk_ids[:, 0], 8, 16)
+    assert replicas[0] == propose(homed, homed.sum(0), e2g[0], 8, 3, "load")
+    assert [len(r) for r in replicas] == [8, 8]
+    assert value == pytest.approx(predict(cm, Placement(e2g, 8, 8, replicas), trace).total_us.sum(), rel=1e-6)
+
+
+def test_replicas_take_the_affinity_copies_where_they_cost_less() -> None:
+    """Two nodes, a skewed planted trace: on layer 0 the copies beside the GPUs sending each expert
+    its tokens (`affinity`) pass the acceptance rule, and the whole prediction is lower with them
+    than with the `load` rule's copies there (the other layers as chosen)."""
+    trace, planted = planted_trace(512, 3, 16, 2, 16, gpus_per_node=8, seed=1, zipf=1.5)
+    cm = load_cost_model(ROOT / "configs/cluster/h100-2x8-ib.yaml", ROOT / "configs/model/flame-moe-290m.yaml")
+    model = LatencyModel(cm, trace)
+    replicas, value = add_replicas(model, planted, 16, float("inf"), fold_tokens(trace.num_tokens, 0))
+    homed = flow_counts(model.home0, trace.topk_ids[:, 0], 16, 16)
+    by_load = propose(homed, homed.sum(0), planted[0], 16, 2, "load")
+    assert replicas[0] == propose(homed, homed.sum(0), planted[0], 16, 2, "affinity") != by_load
+    assert value == pytest.approx(predict(cm, Placement(planted, 16, 8, replicas), trace).total_us.sum(), rel=1e-6)
+    assert value < predict(cm, Placement(planted, 16, 8, [by_load, *replicas[1:]]), trace).total_us.sum()
+
+
+def test_replica_pair_cost_is_this_layer_and_the_next_as_predicted() -> None:
+    """add_replicas scores a layer's copies on that layer and the next (whose tokens start on this
+    layer's top-1 GPUs): the same figures as `predict` of the placement, the last layer alone."""
+    trace, planted = planted_trace(256, 3, 16, 2, 16, gpus_per_node=8, seed=1, zipf=1.5)
+    cm = load_cost_model(ROOT / "configs/cluster/h100-2x8-ib.yaml", ROOT / "configs/model/flame-moe-290m.yaml")
+    model = LatencyModel(cm, trace)
+    placement = Placement(planted, 16, 8, [[(0, 9), (1, 3)], [(2, 12)], [(5, 0), (6, 15)]])
+    served = token_gpus(placement, trace)  # [T, L, k]
+    times = predict(cm, placement, trace).total_us
+    assert _pair_cost(model, model.home0, served[:, 0], served, 0, slice(None)) == pytest.approx(times[0] + times[1])
+    assert _pair_cost(model, served[:, 0, 0], served[:, 1], served, 1, slice(None)) == pytest.approx(times[1] + times[2])
+    assert _pair_cost(model, served[:, 1, 0], served[:, 2], served, 2, slice(None)) == pytest.approx(times[2])
+
+
+def test_alltoall_hand_figures_on_two_nodes() -> None:
+    """2 nodes x 2 GPUs, 1 GB/s + 3 us inside a node, 0.5 GB/s + 10 us across (1 GB/s = 1000 B/us):
+    the slowest GPU's bytes over its link's bandwidth plus that link's latency, paid only by a GPU
+    that sends or receives something on that link, however little."""
+    cost = CostModel(Cluster("t", 2, 2, 1.0, 3.0, 0.5, 10.0), ModelCost("m", 1, 1.0, 1.0, 1.0, 0.0, None))
+    counts = np.zeros((4, 4, 4))
+    counts[1, 0, 1] = 2  # 2000 B inside node 0: 2 us + 3 us
+    counts[2, 0, 2] = 1  # 1000 B across: 1000 / 500 = 2 us + 10 us
+    counts[3, 0, 1] = counts[3, 3, 2] = 0.25  # a scaled quarter of a token (250 B) still pays latency
+    assert np.asarray(alltoall_us(counts, 1000.0, cost)).tolist() == pytest.approx([0.0, 5.0, 12.0, 3.25])
+    assert alltoall_us(counts[2], 1000.0, cost) == pytest.approx(12.0)
+    # mirrored GPUs, and under a byte each: the latency still counts
+    assert np.asarray(alltoall_us(counts[:, ::-1, ::-1] * 1e-3, 1.0, cost)).tolist() == pytest.approx(
+        [0.0, 3 + 2e-6, 10 + 2e-6, 3 + 2.5e-7], rel=1e-12)
+
+
+def test_hand_computed_layer_times_scaled_with_own_dtypes(tmp_path: Path) -> None:
+    """The hand case of test_hand_computed_layer_times (2 tokens, top-2, experts 0,1 on GPU 0) with a
+    batch of 4 (scale 2), BF16 dispatch and FP32 combine: every count doubles, bytes follow the dtype."""
+    cm = load_cost_model(_write(tmp_path, TINY.replace(
+        "dtype_bytes: 1, expert_us_per_token: 2, expert_fixed_us: 10",
+        "dispatch_dtype_bytes: 2, combine_dtype_bytes: 4, expert_us_per_token: 2, expert_fixed_us: 0, batch_tokens: 4")))
+    trace = make_trace(np.array([[[0, 2]], [[1, 0]]]), num_experts=4)
+    t = predict(cm, Placement(np.array([[0, 0, 1, 1]]), 2, 2), trace)
+    assert t.compute_us[0] == pytest.approx(2 * 3 * 2)  # GPU 0: 3 token-experts x 2, 2 us each
+    # each GPU sends one token (x2) of 1000 x 2 B: 4000 B / (1 GB/s) = 4 us + 3 us
+    assert t.dispatch_us[0] == pytest.approx(7.0)
+    # GPU 1 returns token 0's partial output (x2) to GPU 0 at 1000 x 4 B: 8 us + 3 us
+    assert t.combine_us[0] == pytest.approx(11.0)
+
+
+def test_active_experts_are_counted_per_gpu(tmp_path: Path) -> None:
+    """Expert 1 on GPU 0, expert 0 on GPU 1, top-1 tokens choosing 1, 0, 0: one active expert per
+    GPU (10 us) plus 2 us a token: GPU 1's 10 + 2 x 2 = 14 us. At scale 1 an expert with no token
+    is inactive, exactly."""
+    cm = load_cost_model(_write(tmp_path, TINY))
+    trace = make_trace(np.array([[[1]], [[0]], [[0]]]), num_experts=2)
+    assert predict(cm, Placement(np.array([[1, 0]]), 2, 2), trace).compute_us[0] == pytest.approx(14.0)
+    assert active_probability(np.array([0.0, 0.25, 1.0]), 4, 1.0).tolist() == [0.0, 1.0, 1.0]
+
+
+def test_traffic_objective_terms_of_one_token_by_hand() -> None:
+    """The traffic objective's edge weights (solve/affinity.py) for one token, top-2: layer 0 experts
+    0, 1 (gates .6, .2: shares .75, .25), layer 1 experts 2, 0 (gates .5, .3), destinations weighted
+    2 (top-1) and 1. Defaults: smoothing .5, prior .5 rescaled to the other terms' sum, coselect 2."""
+    trace = make_trace(np.array([[[0, 1], [2, 0]]]), np.array([[[0.6, 0.2], [0.5, 0.3]]], dtype=np.float32),
+                       num_experts=3)
+    terms = edge_terms(trace)
+    pairs = np.array([[0.18, 0, 0.3], [0.06, 0, 0.1], [0, 0, 0]])  # raw gate products, layer 0 -> 1
+    np.testing.assert_allclose(gate_weighted_transitions(trace).inter[0], pairs, rtol=1e-6)
+    np.testing.assert_allclose(terms.top1[0], [[1, 0, 2], [0, 0, 0], [0, 0, 0]])
+    np.testing.assert_allclose(terms.smooth[0], np.array([[0.75, 0, 1.5], [0.25, 0, 0.5], [0, 0, 0]]))
+    graph = terms.graph()
+    # top1 + .5 smooth sums to 4.5; the prior adds .5 x 4.5 / .64 x pairs (2.25 in all)
+    np.testing.assert_allclose(graph.inter[0], np.array([[1.375, 0, 2.75], [0.125, 0, 0.25], [0, 0, 0]]) + 0.5 * 4.5 / 0.64 * pairs,
+                               rtol=1e-6)
+    assert graph.intra[1][0, 2] == graph.intra[1][2, 0] == 2.0 and graph.intra[1].sum() == 4.0
+    assert graph.total_weight() == pytest.approx(6.75 + 2.0, rel=1e-6)
+    assert distance_matrix(4, 2, 3.0).tolist() == [[0, 1, 3, 3], [1, 0, 3, 3], [3, 3, 0, 1], [3, 3, 1, 0]]
+    # three layers: each layer's pairs go to the next one; one layer: no transitions at all
+    three = make_trace(np.array([[[0, 1], [2, 0], [1, 2]]]), np.array([[[0.6, 0.2], [0.5, 0.3], [0.4, 0.4]]],
+                                                                     dtype=np.float32), num_experts=3)
+    np.testing.assert_allclose(gate_weighted_transitions(three).inter[0], pairs, rtol=1e-6)
+    np.testing.assert_allclose(gate_weighted_transitions(three).inter[1][[2, 2, 0, 0], [1, 2, 1, 2]], [0.2, 0.2, 0.12, 0.12],
+                               rtol=1e-6)
+    one = make_trace(np.array([[[0, 1]]]), num_experts=3)
+    assert edge_terms(one).top1.shape == gate_weighted_transitions(one).inter.shape == (0, 3, 3)
+    # co-selection is per pair of the k experts, normalised by k - 1; top-1 has none
+    top3 = edge_terms(make_trace(np.array([[[0, 1, 2], [0, 1, 2]]]), num_experts=3)).graph()
+    assert top3.intra[1][0, 1] == 1.0 and top3.intra[1].sum() == 6.0
+    assert not edge_terms(make_trace(np.array([[[0], [1]]]), num_experts=3)).graph().intra.any()
