@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -585,3 +586,87 @@ def test_from_sglang_map_naming_few_experts_is_warned_about(tmp_path: Path, caps
     placement_from_physical([[0, 1, 2, 3, 0, 1]], 2, 2, name="usual")  # fewer redundant slots than experts
     placement_from_physical([[0] * 4], 2, 2, 1, name="given")  # the count given, not inferred
     assert not [w for w in recwarn if "names only" in str(w.message)]
+
+
+def test_wrong_log2phy_error_names_the_expected_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The one line says which table was expected: phy2log's layers and logical experts."""
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({"phy2log": [[0, 1, 2, 0], [2, 1, 0, 1]], "num_gpus": 2, "log2phy": [[[0]]]}))
+    err = _one_line_error(capsys, "--from", "eplb", str(path), "-o", str(tmp_path / "p.json"))
+    assert "expected an integer [layers=2][experts=3][copies] table, -1 padded" in err
+
+
+def test_from_eplb_log2phy_narrower_than_the_derived_one_is_read(tmp_path: Path) -> None:
+    """6 slots for 4 experts gives moeplace's log2phy 3 columns; a file with 2 (every expert has
+    at most 2 copies) lists the same slots, padded with -1 to its own width."""
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({"phy2log": [[0, 1, 2, 3, 0, 1]], "num_gpus": 2,
+                                "log2phy": [[[0, 4], [1, 5], [2, -1], [3, -1]]]}))
+    assert cli("--from", "eplb", str(path), "-o", str(tmp_path / "p.json")) == 0
+    p = load_placement(tmp_path / "p.json")
+    assert p.expert_to_gpu.tolist() == [[0, 0, 0, 1]] and p.replicas == [[(0, 1), (1, 1)]]
+
+
+def test_sglang_map_checks_its_layer_arguments() -> None:
+    """The Python API refuses what the CLI refuses: a depth beyond 65536 decoder layers (the
+    table is sized by it), and MoE layer ids that are not one per placement layer."""
+    p = plain()  # 3 MoE layers of 8 experts on 4 GPUs
+    assert sglang_map(p, [0, 1, 65535], 1 << 16).shape == (1 << 16, 8)  # the limit itself is allowed
+    with pytest.raises(PlacementError, match="65537 decoder layers: more than the 65536 moeplace handles"):
+        sglang_map(p, [0, 1, 2], (1 << 16) + 1)
+    with pytest.raises(PlacementError, match="2 MoE layer ids given for a placement of 3 MoE layers"):
+        sglang_map(p, [0, 1], 4)
+    with pytest.raises(PlacementError, match=r"distinct and within \[0, 4\) decoder layers"):
+        sglang_map(p, [0, 1, 4], 4)
+    with pytest.raises(PlacementError, match="distinct"):
+        sglang_map(p, [0, 0, 1], 4)  # unchecked, layer 0's row would silently hold MoE layer 1's slots
+    with pytest.raises(PlacementError, match="distinct and within"):
+        sglang_map(p, [-1, 0, 1], 4)  # unchecked, numpy would write the last row
+
+
+def test_from_vllm_state_with_only_the_physical_map(tmp_path: Path) -> None:
+    """The derived arrays and counts are optional: checked when present, not required."""
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"physical_to_logical_map": [[0, 1, 2, 3, 1, 0]], "ep_size": 2}))
+    assert cli("--from", "vllm", str(path), "-o", str(tmp_path / "p.json")) == 0
+    p = load_placement(tmp_path / "p.json")  # slots 0-2 on GPU 0, 3-5 on GPU 1
+    assert p.expert_to_gpu.tolist() == [[0, 0, 0, 1]] and p.replicas == [[(1, 1), (0, 1)]]
+
+
+@pytest.mark.parametrize("gpus, per_node", [(0, 1), (4, 0), (4, 3)])
+def test_placement_from_physical_refuses_bad_gpu_counts(gpus: int, per_node: int) -> None:
+    with pytest.raises(PlacementError, match=f"--gpus {gpus} must be >= 1 and a multiple of --gpus-per-node {per_node}"):
+        placement_from_physical([[0, 1, 2, 3]], num_gpus=gpus, gpus_per_node=per_node)
+
+
+def test_placement_from_physical_on_one_gpu_and_one_gpu_per_node() -> None:
+    assert placement_from_physical([[0, 1, 2, 3]], num_gpus=1, gpus_per_node=1).expert_to_gpu.tolist() == [[0] * 4]
+    p = placement_from_physical([[0, 1, 2, 3]], num_gpus=2, gpus_per_node=1)
+    assert p.expert_to_gpu.tolist() == [[0, 0, 1, 1]] and p.gpus_per_node == 1
+
+
+def test_placement_from_physical_expert_count_limit_is_exact() -> None:
+    """Ids are < 65536 and a layer has at most 65536 experts: id 65536 is refused by name, a
+    count of 65536 is not (a map that then lacks most experts is refused for that instead)."""
+    with pytest.raises(PlacementError, match="layer 0 slot 1 holds expert id 65536: moeplace handles at most 65536"):
+        placement_from_physical([[0, 65536]], num_gpus=2, gpus_per_node=2)
+    with pytest.raises(PlacementError, match="65537 experts: moeplace handles at most 65536"):
+        placement_from_physical([[0, 1]], num_gpus=2, gpus_per_node=2, num_experts=65537)
+    with pytest.raises(PlacementError, match="layer 0 has no physical copy of expert 2$"):
+        placement_from_physical([[0, 1]], num_gpus=2, gpus_per_node=2, num_experts=65536)
+
+
+def test_placement_from_physical_names_a_negative_id() -> None:
+    """numpy would read id -1 as the last expert: refused, naming its slot."""
+    with pytest.raises(PlacementError, match=r"layer 0 slot 1 holds expert id -1, outside \[0, 3\)"):
+        placement_from_physical([[0, -1, 1, 2]], num_gpus=2, gpus_per_node=2)
+
+
+def test_map_with_as_many_redundant_slots_as_experts_is_warned_about() -> None:
+    """Engines add fewer redundant slots than logical experts: 2 x E slots (E inferred) is
+    suspect, one slot fewer is not."""
+    with pytest.warns(MoeplaceWarning, match="names only 2 logical experts"):
+        placement_from_physical([[0, 1, 0, 1]], num_gpus=2, gpus_per_node=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert placement_from_physical([[0, 1, 0]], num_gpus=3, gpus_per_node=3).replicas == [[(0, 2)]]

@@ -6,7 +6,10 @@ import dataclasses
 import json
 import math
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -14,11 +17,13 @@ from safetensors.torch import load_file, save_file
 
 from moeplace.errors import MoeplaceError
 from moeplace.models.tiny import build_tiny_model
+from moeplace.serve.coherent import moe_coherent
 from moeplace.serve.counters import Counters
 from moeplace.serve.dist import Comm
 from moeplace.serve.generate import Runtime
 from moeplace.serve.model import KVCache, RankModel, read_spec, rms_norm
 from moeplace.serve.replicas import ExpertMap
+from moeplace.serve.standard import moe_standard
 
 PROMPTS = [[3, 4, 5], [9, 8]]
 
@@ -164,3 +169,170 @@ def test_attention_matches_naive_reference(mixtral: Path, window: int | None, st
         check([(2, 5 + step), (0, 8 + step)], one_per_slot=True)
     # a decode step reading only the cache positions a host-side bound allows (here the tight one)
     check([(2, 6), (0, 9)], one_per_slot=True, context=10)  # the last step again: same K/V written
+
+
+def test_counters_merged_over_ranks_and_summarised() -> None:
+    """Two ranks' counters summed as merged_counters does (one all-reduce of as_vector): a
+    collective and a step are counted once, rows and bytes add up. Figures by hand."""
+    vectors = []
+    for rank in range(2):
+        c = Counters(num_moe_layers=2)
+        c.phase = "prefill"
+        c.record("dispatch", 1, 10, 0)
+        c.steps["prefill"], c.tokens["prefill"] = 1, 5
+        c.phase = "decode"
+        for _ in range(3):
+            for layer in range(2):
+                c.record("dispatch", rank + layer + 1, 100 * (rank + layer + 1), layer)
+                c.record("combine", 1, 100, layer)
+            c.record("tokens", 0, 8)
+        c.record("counts", 1, 8)  # no layer: totals only
+        c.steps["decode"], c.tokens["decode"] = 3, 6
+        vectors.append(c.as_vector())
+    merged = Counters.from_vector(2, [a + b for a, b in zip(*vectors)], world=2)
+    s = merged.summary("decode", per_token=True)
+    assert (s["steps"], s["tokens_processed"]) == (3, 6)
+    assert s["dispatch"] == {"collectives": 6, "rows": 24, "bytes": 2400}  # 3 steps x (1+2 + 2+3) rows
+    assert s["combine"] == {"collectives": 6, "rows": 12, "bytes": 1200}
+    assert s["tokens"] == {"collectives": 3, "rows": 0, "bytes": 48}
+    assert s["counts"] == {"collectives": 1, "rows": 2, "bytes": 16}
+    assert s["kv_sync"] == s["routing"] == {"collectives": 0, "rows": 0, "bytes": 0}
+    assert s["alltoall_bytes"] == 3600 and s["alltoall_bytes_per_step"] == 1200
+    assert s["alltoalls_per_layer_step"] == 2.0  # (6 dispatch + 6 combine) / (3 steps x 2 layers)
+    assert s["collectives_per_step"] == pytest.approx(16 / 3)
+    assert s["cross_rank_rows_per_layer"] == [15, 21]  # dispatch 9 + combine 6; 15 + 6
+    assert s["alltoall_bytes_per_token"] == 600 and s["all_bytes_per_token"] == pytest.approx(3664 / 6)
+    p = merged.summary("prefill")
+    assert (p["steps"], p["tokens_processed"], p["dispatch"]["collectives"], p["dispatch"]["bytes"]) == (1, 5, 1, 20)
+    assert p["cross_rank_rows_per_layer"] == [2, 0] and p["combine"]["collectives"] == 0
+    assert p["alltoalls_per_layer_step"] == 0.5  # 1 dispatch, no combine / (1 step x 2 layers)
+    # before any request (what /metrics shows at start): zeros, no division by 0, also once merged
+    for empty in (Counters(2), Counters.from_vector(2, [2 * x for x in Counters(2).as_vector()], world=2)):
+        e = empty.summary("decode", per_token=True)
+        assert (e["steps"], e["tokens_processed"], e["alltoall_bytes"], e["alltoall_bytes_per_step"]) == (0, 0, 0, 0)
+        assert e["cross_rank_rows_per_layer"] == [0, 0] and "alltoall_bytes_per_token" not in e
+        assert e["alltoalls_per_layer_step"] == e["collectives_per_step"] == 0
+    assert Counters(0).summary("decode")["alltoalls_per_layer_step"] == 0  # no MoE layer: no division by 0
+    assert {key[2] for key in c.per_layer} == {0, 1}  # the counts collective has no layer entry
+    assert merged.per_layer[("decode", "dispatch", 0)] == [3, 9, 900]  # [collectives, rows, bytes]
+
+
+def serving_on_all_ranks(emap: ExpertMap, ids: list[list[int]], rows: list[list[int]],
+                         batch_size: int) -> list[list[list[int]]]:
+    """ExpertMap.serving of MoE layer 0 on each rank of len(ids), in one process: a first pass
+    collects each rank's routing table, a second gives every rank their all-reduced max."""
+    world, cpu, tables = len(ids), torch.device("cpu"), []
+
+    class Collect(Comm):
+        def max_reduce(self, values: torch.Tensor, kind: str) -> torch.Tensor:
+            tables.append(values.clone())
+            return values
+
+    class Reduced(Comm):
+        def max_reduce(self, values: torch.Tensor, kind: str) -> torch.Tensor:
+            return torch.stack(tables).amax(0)
+
+    out = []
+    for comm_type in (Collect, Reduced):
+        out = [emap.serving(comm_type(r, world, cpu, Counters(1)), 0, torch.tensor(ids[r]).view(-1, 1),
+                            torch.tensor(rows[r]), batch_size).tolist() for r in range(world)]
+    return out
+
+
+def test_replica_choice_ignores_the_rows_of_finished_sequences() -> None:
+    """A decode step's global batch has one row per slot; a finished sequence's row is absent (-1
+    in the all-reduced table) and must not count as load. Expert 0: primary on rank 1, copy on
+    rank 2; rank 0 holds neither, so its token goes to the least-loaded copy: ranks 1 and 2 each
+    serve one single-copy expert, the tie goes to the primary. Counting the absent row 0 (as
+    rank 0's, expert 0, taking rank 1 first) would send it to rank 2."""
+    emap = ExpertMap(torch.tensor([[1, 1, 2]]), [[[1, 2], [1], [2]]], gpus_per_node=3)
+    ids, rows = [[0], [1], [2]], [[1], [2], [3]]  # rank r: one token of expert r, global row r + 1
+    assert serving_on_all_ranks(emap, ids, rows, 4) == [[[1]], [[1]], [[2]]]
+    # the same as the batch without the absent row
+    assert serving_on_all_ranks(emap, ids, [[0], [1], [2]], 3) == [[[1]], [[1]], [[2]]]
+    # two tokens of expert 0 on rank 0 split over its copies, in batch order
+    assert serving_on_all_ranks(emap, [[0, 0], [1], [2]], [[1, 3], [2], [4]], 5) == [[[1], [2]], [[1]], [[2]]]
+
+
+@dataclasses.dataclass
+class ThreadComm(Comm):
+    """A rank run as a thread of this process: Alltoalls through a mailbox all ranks share."""
+
+    mailbox: dict[int, tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
+    barrier: threading.Barrier = dataclasses.field(default_factory=lambda: threading.Barrier(1))
+
+    def alltoall(self, rows: torch.Tensor, send_counts: list[int], kind: str, layer: int | None = None,
+                 recv_counts: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+        self.mailbox[self.rank] = rows.split(send_counts)
+        self.barrier.wait()
+        got = [self.mailbox[src][self.rank] for src in range(self.world)]
+        self.barrier.wait()  # every rank has read its rows before the next Alltoall refills the mailbox
+        counts = [g.shape[0] for g in got]
+        # a receiver that says what arrives (combine) must expect exactly what the senders send
+        assert recv_counts is None or recv_counts == counts, (kind, self.rank, recv_counts, counts)
+        remote = sum(send_counts) - send_counts[self.rank]
+        self.counters.record(kind, remote, remote * rows.shape[1] * rows.element_size(), layer)
+        return torch.cat(got), counts
+
+
+def on_ranks(world: int, fn: Callable[[ThreadComm], Any]) -> list[Any]:
+    """fn(comm) on each of `world` ranks at once (threads); a rank that raises fails the others."""
+    mailbox: dict[int, tuple[torch.Tensor, ...]] = {}
+    barrier = threading.Barrier(world, timeout=60)
+    comms = [ThreadComm(r, world, torch.device("cpu"), Counters(1), mailbox, barrier) for r in range(world)]
+
+    def body(comm: ThreadComm) -> Any:
+        try:
+            return fn(comm)
+        except BaseException:
+            barrier.abort()
+            raise
+
+    with ThreadPoolExecutor(world) as pool:
+        return [f.result() for f in [pool.submit(body, c) for c in comms]]
+
+
+@pytest.mark.parametrize("mode, top_k", [("standard", 2), ("coherent", 2), ("coherent", 1)])
+def test_moe_layer_on_three_ranks_matches_one_rank_holding_every_expert(mixtral: Path, mode: str, top_k: int) -> None:
+    """One top-k MoE layer, expert e on rank e % 3, token t (slot t) on rank t % 3, routing drawn
+    at random: h + moe(h) equals one rank holding every expert; standard keeps each token where it
+    is, coherent moves it to its top-1 expert's rank (slot-sorted); cross-rank rows per token are
+    the modules' figures: |D - {here}| each way in standard, |D - {here}| dispatch and |D| - 1
+    combine in coherent (D = the ranks serving its choices); coherent top-1 has no combine at all."""
+    spec = dataclasses.replace(read_spec(mixtral), top_k=top_k)
+    world, n, k, experts = 3, 24, spec.top_k, spec.num_experts
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:2] for _ in range(n)])
+    # rank 2 computes partials of slot 23 (the largest) for rank 0 and of slot 0 for rank 1: its
+    # combine rows must go grouped by rank, then by slot
+    ids[0], ids[n - 1] = torch.tensor([1, 2]), torch.tensor([0, 2])
+    ids = ids[:, :k]
+    weights, h = torch.rand(n, k, generator=gen), torch.randn(n, spec.hidden_size, generator=gen)
+    full = RankModel(spec, [list(range(experts))] * len(spec.moe_layers), torch.device("cpu"), torch.float32)
+    want = h + full.experts(0, h, ids, weights)
+    rank_of = torch.arange(experts) % world
+    here = torch.arange(n) % world
+    models = [RankModel(spec, [[e for e in range(experts) if e % world == r]] * len(spec.moe_layers),
+                        torch.device("cpu"), torch.float32) for r in range(world)]
+
+    def layer(comm: ThreadComm) -> tuple[torch.Tensor, torch.Tensor, Counters]:
+        mine = torch.nonzero(here == comm.rank)[:, 0]
+        args = (models[comm.rank], comm, 0, h[mine], mine, ids[mine], weights[mine], rank_of[ids[mine]])
+        if mode == "standard":
+            return moe_standard(*args), mine, comm.counters
+        return (*moe_coherent(*args), comm.counters)
+
+    results = on_ranks(world, layer)
+    top1_rank = rank_of[ids[:, 0]]
+    for rank, (out, slots, _) in enumerate(results):
+        where = here if mode == "standard" else top1_rank
+        assert slots.tolist() == torch.nonzero(where == rank)[:, 0].tolist()
+        torch.testing.assert_close(out, want[slots])
+    serving = [set(rank_of[ids[t]].tolist()) for t in range(n)]
+    away = sum(len(d - {int(here[t])}) for t, d in enumerate(serving))
+    back = away if mode == "standard" else sum(len(d) - 1 for d in serving)
+    assert 0 < back != away or mode == "standard" or top_k == 1  # the draw has tokens where the figures differ
+    rows = {kind: sum(c.totals[("decode", kind)][1] for _, _, c in results) for kind in ("dispatch", "combine")}
+    assert rows == {"dispatch": away, "combine": back}
+    combines = 0 if mode == "coherent" and top_k == 1 else 1  # collectives each rank issues
+    assert [c.totals[("decode", "combine")][0] for _, _, c in results] == [combines] * world
