@@ -584,3 +584,73 @@ def test_npz_trace_header_fields_are_checked(tmp_path: Path, small_trace: Trace)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a well-ordered file loads without any warning
         assert load_trace(tmp_path / "good.npz").num_tokens == small_trace.num_tokens
+
+
+def _placement_doc(**changes: object) -> dict:
+    doc = Placement(np.array([[0, 0, 1, 1], [1, 0, 1, 0]]), num_gpus=2, gpus_per_node=2).to_json()
+    doc.update(changes)
+    return doc
+
+
+@pytest.mark.parametrize("doc, message", [
+    ([1, 2], r"/p.json: a placement is a JSON object$"),
+    (_placement_doc(replicas="x"), "p.json: replicas must be one list per layer of"),
+    (_placement_doc(replicas=[[[2, 1]], "x"]), "p.json: replicas must be one list per layer of"),
+    (_placement_doc(replicas=[[[2, 1, 0]], []]), "p.json: replicas must be one list per layer of"),
+    (_placement_doc(replicas=[[[2, 1], 5], []]), "p.json: replicas must be one list per layer of"),
+    (_placement_doc(replicas=[[[2, "a"]], []]), "p.json: replicas must be one list per layer of"),
+    (_placement_doc(replicas=[[[2, True]], []]), "p.json: replicas must be one list per layer of"),
+    (_placement_doc(expert_to_gpu=[]), "p.json: expert_to_gpu must be a rectangular table"),
+    (_placement_doc(num_experts=5), r"p.json: expert_to_gpu is 2x4 but num_layers x num_experts is 2x5$"),
+    (_placement_doc(split={"train_fraction": 0, "seed": 0}), r"'split' must hold train_fraction in \(0, 1\]"),
+    (_placement_doc(split={"train_fraction": 1.5, "seed": 0}), r"'split' must hold train_fraction in \(0, 1\]"),
+    (_placement_doc(split={"train_fraction": 0.5, "seed": -1}), "an integer seed >= 0"),
+    (_placement_doc(num_gpus=0), "p.json: num_gpus must be a positive integer, got 0$"),
+    (_placement_doc(num_layers=0, expert_to_gpu=[]), "p.json: num_layers must be a positive integer, got 0$"),
+    (_placement_doc(num_layers=(1 << 31) + 1), "p.json: num_layers must be a positive integer, got 2147483649$"),
+    (_placement_doc(num_gpus=1 << 31), "p.json: num_gpus 2147483648 exceeds the 4 expert copies"),  # 2**31: the edge
+])
+def test_placement_json_shapes_are_one_error(tmp_path: Path, doc: object, message: str) -> None:
+    # each is a PlacementError naming the file, not an AttributeError/ValueError from unpacking
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    with pytest.raises(PlacementError, match=message):
+        load_placement(tmp_path / "p.json")
+
+
+def test_placement_json_keeps_split_edges_unknown_keys_and_huge_loads(tmp_path: Path) -> None:
+    for split in ({"train_fraction": 1, "seed": 0}, {"train_fraction": 1e-9, "seed": 7}):  # (0, 1], seed >= 0
+        (tmp_path / "p.json").write_text(json.dumps(_placement_doc(split=split)))
+        assert load_placement(tmp_path / "p.json").split == split
+    # keys another tool added travel through load and save unchanged; known keys are not duplicated
+    (tmp_path / "p.json").write_text(json.dumps(_placement_doc(note={"by": "me"})))
+    back = load_placement(tmp_path / "p.json")
+    assert back.extra == {"note": {"by": "me"}} and back.to_json()["note"] == {"by": "me"}
+    # whole numbers past int64 stay floats (an int64 cast would wrap them); small ones become ints
+    p = Placement(np.array([[0, 1]]), 2, 2, fit_loads=np.array([[1.0, 1e19]]))
+    assert p.to_json()["fit_loads"] == [[1.0, 1e19]]
+    p.save(tmp_path / "big.json")
+    big = load_placement(tmp_path / "big.json").fit_loads
+    assert big is not None and big.tolist() == [[1.0, 1e19]]
+
+
+def test_weights_rising_anywhere_in_a_top3_row_are_refused(tmp_path: Path) -> None:
+    ids = np.array([[[0, 1, 2]], [[3, 4, 5]]])
+    w = np.array([[[0.5, 0.3, 0.2]], [[0.5, 0.2, 0.3]]])  # token 1 rises only from column 1 to 2
+    with pytest.raises(TraceError, match=r"t.npz: topk_weights of token 1 at layer 0 are not highest first "
+                                         r"\(0.5, 0.2, 0.3; 1 token-layers affected\)"):
+        save_trace(make_trace(ids, w, 8), tmp_path / "t.npz")
+    save_trace(make_trace(ids, np.sort(w, axis=-1)[..., ::-1], 8), tmp_path / "t.npz")
+    stored = np.load(tmp_path / "t.npz")["topk_ids"]
+    assert stored.dtype == np.int16  # ids are stored compactly; load_trace widens them
+    assert load_trace(tmp_path / "t.npz").topk_ids.dtype == np.int64
+
+
+@pytest.mark.parametrize("loads, message", [
+    (np.array([1.0, 2.0]), r"^x: expert_loads must be a non-empty \[moe_layers, experts\] array, got shape \[2\]$"),
+    (np.zeros((2, 0)), r"^x: expert_loads must be a non-empty \[moe_layers, experts\] array, got shape \[2, 0\]$"),
+    (np.array([[True, False]]), r"^x: expert_loads must be numeric, got dtype bool$"),  # not counts
+    (np.array([["1", "2"]]), r"^x: expert_loads must be numeric, got dtype <U1$"),
+])
+def test_make_loads_refuses_wrong_shapes_and_dtypes(loads: np.ndarray, message: str) -> None:
+    with pytest.raises(TraceError, match=message):
+        make_loads(loads, name="x")
