@@ -18,14 +18,14 @@ from moeplace.cli import run
 from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import evaluate
 from moeplace.placement import Placement, load_placement
-from moeplace.solve import ilp
+from moeplace.solve import heuristics, ilp
 from moeplace.solve.affinity import AffinityGraph, EdgeTerms, distance_matrix, edge_terms, edge_weights, placement_cost
 from moeplace.solve.baselines import contiguous
 from moeplace.solve.cli import solve as solve_command, summary
 from moeplace.solve.heuristics import assign_layer, cluster_layer, layer_cost, layer_costs, swap_descent
 from moeplace.solve.solver import (
-    DEFAULT_WEIGHTS, cv_folds, plain_coordinate_ascent, search_traffic, select_weights, solve_placement,
-    solve_traffic,
+    DEFAULT_WEIGHTS, cv_folds, plain_coordinate_ascent, relative_gap, search_traffic, select_weights,
+    solve_placement, solve_traffic,
 )
 from moeplace.solve.synthetic import planted_trace
 from moeplace.trace.format import load_trace, make_trace, save_trace, split_tokens
@@ -684,3 +684,118 @@ def test_latency_solve_warns_when_the_model_config_is_not_the_traced_width(tmp_p
     assert run(args[:7] + [str(tmp_path / "cm.yaml"), "--pareto", "--time-limit", "2", "-q", "-o", str(tmp_path / "q.json")]) == 0
     (line,) = capsys.readouterr().err.splitlines()
     assert f"hidden_size 64 (trace meta), {tmp_path / 'cm.yaml'} gives hidden_size 1024" in line
+
+
+def test_combinatorial_bound_is_the_hand_figure_and_tight_on_uniform_edges() -> None:
+    """All-ones 4 x 4 layer pair plus a weight-2 intra pair (total 18). One node of 2 GPUs (node
+    cost ignored): each expert saves its 2 heaviest next-layer edges (8) and its heaviest intra one
+    (2): 18 - 10 = 8. Two nodes of 2 GPUs, node cost 3: GPUs save 4 (one edge each), nodes 8 + 2,
+    so 3 x 18 - 2 x 10 - 4 = 30. A single sender (row 0 all ones) saves 2 on its GPU, counted from
+    the rows; its transpose, a single receiver, from the columns: 4 - 2 = 2. Every figure is the
+    brute-force optimum."""
+    inter = np.ones((1, 4, 4))
+    intra = np.zeros((2, 4, 4))
+    intra[0, 0, 1] = intra[0, 1, 0] = 2.0
+    graph = AffinityGraph(inter, intra)
+    sender = np.zeros((1, 4, 4))
+    sender[0, 0] = 1.0
+    cases = [(graph, 2, 2, 3.0, 8.0), (graph, 4, 2, 3.0, 30.0),
+             (AffinityGraph(sender, np.zeros((2, 4, 4))), 2, 2, 1.0, 2.0),
+             (AffinityGraph(sender.transpose(0, 2, 1).copy(), np.zeros((2, 4, 4))), 2, 2, 1.0, 2.0)]
+    for g, gpus, gpn, node_cost, figure in cases:
+        d = distance_matrix(gpus, gpn, node_cost)
+        layouts = [np.array(p) for p in set(itertools.permutations(np.repeat(np.arange(gpus), 4 // gpus)))]
+        brute = min(placement_cost(g, np.stack([a, b]), d) for a in layouts for b in layouts)
+        assert ilp.combinatorial_bound(g, gpus, gpn, node_cost) == pytest.approx(figure) == brute
+
+
+def test_relative_gap_is_the_share_of_the_cost_above_the_bound() -> None:
+    assert relative_gap(10.0, 8.0) == pytest.approx(0.2)
+    assert relative_gap(8.0, 10.0) == 0.0  # a bound above the cost (rounding): no negative gap
+    assert relative_gap(0.0, 0.0) == 0.0 and relative_gap(3.0, None) is None
+
+
+def _pair_cost(inter: np.ndarray, a: np.ndarray, b: np.ndarray, d: np.ndarray) -> float:
+    """Traffic of one layer pair: sum_ij inter[i, j] D[a(i), b(j)]."""
+    return float((inter * d[a][:, b]).sum())
+
+
+def test_chain_init_assigns_each_layer_optimally_to_the_one_before_it() -> None:
+    """2 GPUs x 4 experts, 4 layers: from the anchor (the layer with the most intra-layer weight,
+    grouped by co-selection), each later layer is the cheapest balanced layout given the layer
+    before it and each earlier one given the layer after it (brute force over the 6 layouts)."""
+    rng = np.random.default_rng(11)
+    inter = rng.random((3, 4, 4))
+    intra = np.zeros((4, 4, 4))
+    intra[2, 0, 3] = intra[2, 3, 0] = intra[2, 1, 2] = intra[2, 2, 1] = 1.0  # anchor 2: {0, 3} | {1, 2}
+    graph = AffinityGraph(inter, intra)
+    d = distance_matrix(2, 2, 1.0)
+    layouts = [np.array(p) for p in set(itertools.permutations([0, 0, 1, 1]))]
+    x = heuristics.chain_init(graph, 2, 2, d, np.random.default_rng(0))
+    assert (x[2][0] == x[2][3]) and (x[2][1] == x[2][2]) and x[2][0] != x[2][1]
+    assert _pair_cost(inter[2], x[2], x[3], d) == pytest.approx(min(_pair_cost(inter[2], x[2], b, d) for b in layouts))
+    for layer in (1, 0):
+        assert _pair_cost(inter[layer], x[layer], x[layer + 1], d) == pytest.approx(
+            min(_pair_cost(inter[layer], a, x[layer + 1], d) for a in layouts))
+    y = heuristics.chain_init(graph, 2, 2, d, np.random.default_rng(0), anchor=0)  # no intra: a seeded shuffle
+    assert np.bincount(y[0], minlength=2).tolist() == [2, 2]
+    for layer in (1, 2, 3):
+        assert _pair_cost(inter[layer - 1], y[layer - 1], y[layer], d) == pytest.approx(
+            min(_pair_cost(inter[layer - 1], y[layer - 1], b, d) for b in layouts))
+
+
+def test_improve_layer_and_coordinate_descent_reach_each_layers_transport_optimum() -> None:
+    """Without intra-layer edges a layer's best layout given its neighbours is a transport problem:
+    improve_layer reaches the brute-force optimum over the 6 balanced layouts and reports the exact
+    gain; after coordinate descent no single layer can improve; a passed deadline stops it at once."""
+    rng = np.random.default_rng(12)
+    graph = AffinityGraph(rng.random((2, 4, 4)), np.zeros((3, 4, 4)))
+    d = distance_matrix(2, 2, 1.0)
+    layouts = [np.array(p) for p in set(itertools.permutations([0, 0, 1, 1]))]
+
+    def best_cost(x: np.ndarray, layer: int) -> float:
+        return min(layer_cost(graph, np.concatenate([x[:layer], a[None], x[layer + 1:]]), layer, d) for a in layouts)
+
+    x = np.array([[0, 1, 0, 1], [1, 1, 0, 0], [1, 0, 0, 1]])  # layer 1 is its worst layout
+    before = layer_cost(graph, x, 1, d)
+    gain = heuristics.improve_layer(graph, x, 1, d)
+    assert gain > 1.0
+    assert layer_cost(graph, x, 1, d) == pytest.approx(best_cost(x, 1)) and gain == pytest.approx(before - best_cost(x, 1))
+    assert np.bincount(x[1], minlength=2).tolist() == [2, 2]
+    start = x.copy()
+    assert heuristics.coordinate_descent(graph, x, d, deadline=time.monotonic() - 1) == 1
+    np.testing.assert_array_equal(x, start)
+    sweeps = heuristics.coordinate_descent(graph, x, d)
+    assert 1 <= sweeps <= 50
+    for layer in range(3):
+        assert layer_cost(graph, x, layer, d) == pytest.approx(best_cost(x, layer))
+
+
+def test_perturb_swaps_pairs_only_inside_its_window() -> None:
+    x = np.tile(np.repeat(np.arange(4), 2), (6, 1))
+    y = x.copy()
+    layers = heuristics.perturb(y, np.random.default_rng(0), window=2, strength=0.5)
+    assert len(layers) == 2 and 0 <= layers.start <= 4
+    for layer in range(6):
+        assert np.bincount(y[layer], minlength=4).tolist() == [2] * 4
+        if layer not in layers:
+            np.testing.assert_array_equal(y[layer], x[layer])
+    assert any((y[layer] != x[layer]).any() for layer in layers)
+    assert heuristics.perturb(x.copy(), np.random.default_rng(0), window=10, strength=0.5) == range(0, 6)
+
+
+def test_check_arguments_bounds_are_inclusive_where_the_cli_options_are() -> None:
+    """The edges of what the CLI accepts: whole numbers from their minimum (numpy integers too,
+    never bools), weights in [0, MAX_WEIGHT] (node_cost from 1), a finite positive time limit, a
+    train fraction in (0, 1]; None and names it does not know are let through."""
+    from moeplace.options import MAX_WEIGHT
+    from moeplace.solve.solver import check_arguments
+
+    check_arguments(num_gpus=1, seed=np.int64(0), max_experts_per_gpu=1, coselect_weight=0.0, smoothing=MAX_WEIGHT,
+                    node_cost=1.0, top1_weight=np.float32(2.0), time_limit=1e-6, train_fraction=1.0, prior=None,
+                    objective="balance")
+    for bad in ({"num_gpus": 0}, {"seed": True}, {"kicks": 2.0}, {"coselect_weight": MAX_WEIGHT * 2},
+                {"node_cost": 0.99}, {"prior": True}, {"compute_weight": "1"}, {"time_limit": float("inf")},
+                {"time_limit": 0.0}, {"time_limit": -1.0}, {"train_fraction": 1.5}, {"train_fraction": -0.5}):
+        with pytest.raises(MoeplaceError, match=f"^{next(iter(bad))}"):
+            check_arguments(**bad)

@@ -651,3 +651,144 @@ def test_shipped_tour_configs_are_the_8_gpu_node_sliced_and_tiny_moe_scaled_from
     flame = eight.model  # SwiGLU experts: 3 matmuls of hidden x intermediate; FLAME's is 1024 x 704
     ratio = (config["hidden_size"] * config["intermediate_size"]) / (1024 * 704)
     assert tiny.expert_us_per_token == pytest.approx(flame.expert_us_per_token * ratio, rel=0.01)
+
+
+def test_layer_loads_refill_until_no_copy_moves() -> None:
+    """Two replicated experts that share GPU 1 settle only after several passes; a copy on a GPU
+    above the common level (GPU 2, expert 2's 10 tokens) serves nothing and never moves, so it
+    must not stop the passes. Balanced split: A gives 10/3 to GPU 0 and 8/3 to GPU 1, B 2/3 to
+    GPU 1 and 10/3 to GPU 3 (the first pass alone gives 3, 3.5, 10, 3.5)."""
+    load = layer_loads(np.array([6.0, 4.0, 10.0]), [[0, 1, 2], [1, 3, 2], [2]], num_gpus=4)
+    assert load.tolist() == pytest.approx([10 / 3, 10 / 3, 10.0, 10 / 3], rel=1e-6)
+
+
+def test_improve_layer_swaps_and_re_replicates_down_to_the_mean() -> None:
+    """Swaps: 4+3 | 2+1 becomes 4+1 | 3+2 (loads 5, 5; of the tied best swaps the first, expert 0
+    with expert 2). Re-replication: from 1+2 | 4+7 | 4+7 (max 5.5) the 7 must end on all three
+    GPUs (bases 1, 2, 4) to bring every GPU to the mean 14/3; slots per GPU never change. At the
+    lower bound, or past the deadline, nothing moves."""
+    w = np.array([4.0, 3.0, 2.0, 1.0])
+    start = [[0], [0], [1], [1]]
+    assert balance.improve_layer(w, start, 2, 2) == [[1], [0], [0], [1]]
+    assert balance.improve_layer(w, start, 2, 2, lower=7.0) == start
+    assert balance.improve_layer(w, start, 2, 2, lower=5.0) == [[1], [0], [0], [1]]  # stops at the bound, not before
+    assert balance.improve_layer(w, start, 2, 2, deadline=0.0) == start
+    assert balance.improve_layer(w, [[0], [0], [0], [0]], 1, 4) == [[0], [0], [0], [0]]  # one GPU: no move at all
+    # a tie on the max goes to the lower sum of squares: 3+7 | 5+3 | 5+9 -> swapping the 5 on GPU 2
+    # with GPU 1's 3 (10, 10, 12), not with GPU 0's (12, 8, 12); then no move lowers the key: stop
+    w = np.array([5.0, 3.0, 5.0, 9.0, 3.0, 7.0])
+    out = balance.improve_layer(w, [[1], [0], [2], [2], [1], [0]], 3, 2)
+    assert layer_loads(w, out, 3).tolist() == [10.0, 10.0, 12.0]
+    assert balance.improve_layer(np.array([2.0, 2.0, 1.0, 1.0]), [[0], [0], [1], [1]], 2, 2) == [[1], [0], [0], [1]]
+    w = np.array([2.0, 4.0, 7.0, 1.0])
+    start = [[0], [1, 2], [1, 2], [0]]
+    assert layer_max_load(w, start, 3) == pytest.approx(5.5)
+    out = balance.improve_layer(w, start, 3, 2)
+    assert layer_max_load(w, out, 3) == pytest.approx(14 / 3) and sorted(out[2]) == [0, 1, 2]
+    assert np.bincount([g for c in out for g in c], minlength=3).tolist() == [2, 2, 2]
+
+
+def test_improve_layer_keeps_each_gpus_slots_and_distinct_copies() -> None:
+    """Its contract on layouts fitted to other loads: the same copies per GPU, every expert on at
+    least one GPU and never twice on one, and no worse a max load."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        experts, gpus = int(rng.integers(3, 9)), int(rng.integers(2, 5))
+        redundant = int(rng.integers(0, experts + 1))
+        slots = -(-(experts + redundant) // gpus)
+        w = rng.integers(0, 20, experts).astype(float)
+        start = lpt_layer(rng.permutation(w), gpus, slots, redundant)
+        out = balance.improve_layer(w, start, gpus, slots)
+        assert np.bincount([g for c in out for g in c], minlength=gpus).tolist() == \
+            np.bincount([g for c in start for g in c], minlength=gpus).tolist()
+        assert all(len(set(c)) == len(c) >= 1 for c in out)
+        assert layer_max_load(w, out, gpus) <= layer_max_load(w, start, gpus) + 1e-9
+
+
+def test_ilp_layer_replicates_the_heaviest_expert_and_bounds_fractional_loads() -> None:
+    """With a redundant copy the hot expert goes on both GPUs (10 + 1 + 1 over 2 GPUs: 6 each),
+    which the no-replica symmetry cut (expert of rank r only on GPUs <= r) would forbid. Loads
+    below one token (scaled counts) get their own optimum as the bound: 0.3, not 1."""
+    copies, bound, timed_out = ilp_layer(np.array([10.0, 1.0, 1.0]), 2, 2, 1, time_limit=30.0)
+    assert copies is not None and sorted(copies[0]) == [0, 1] and not timed_out
+    assert layer_max_load(np.array([10.0, 1.0, 1.0]), copies, 2) == pytest.approx(6.0) and bound == pytest.approx(6.0)
+    copies, bound, _ = ilp_layer(np.array([0.3, 0.2]), 2, 1, 0, time_limit=30.0)
+    assert copies is not None and sorted(copies) == [[0], [1]] and bound == pytest.approx(0.3)
+    # every GPU serves when there are copies enough: 10 | 1 + 1 | 1 | - (or 10/2 | 10/2 | 1 + 1 | -)
+    # ties 10 | 1 | 1 | 1 (5 | 5 | 1 | 1) on the max, but leaves a GPU idle
+    for w, redundant in (([10.0, 1.0, 1.0, 1.0], 0), ([10.0, 1.0, 1.0], 1)):
+        copies, _, _ = ilp_layer(np.array(w), 4, 4, redundant, time_limit=30.0)
+        assert copies is not None and np.bincount([g for c in copies for g in c], minlength=4).tolist() == [1, 1, 1, 1]
+
+
+def test_fit_total_cap_relabels_gpus_then_moves_the_copy_that_raises_the_max_least(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 1: layers with counts 1 | 3 and 3 | 1 fit a cap of 4 once the second layer's GPUs
+    swap names (its fullest GPU takes the label with fewer copies so far); nothing moves. Step 2
+    on 4 | 3+2+1 (cap 2, relabelled 3+2+1 | 4): moving the 1 gives 5 | 5, the 2 gives 4 | 6 and
+    the 3 gives 3 | 7, so the 1 moves (the descent of step 3 turned off: it would hide the choice)."""
+    monkeypatch.setattr(balance, "improve_layer", lambda weight, copies, *args, **kwargs: copies)
+    two = np.array([[4.0, 3.0, 2.0, 1.0], [1.0, 1.0, 1.0, 5.0]])
+    plans = [balance.LayerPlan([[0], [1], [1], [1]], 6.0, 5.0, "lpt"), balance.LayerPlan([[0], [0], [0], [1]], 5.0, 4.0, "lpt")]
+    out = balance.fit_total_cap(plans, two, 2, 3, 4)
+    assert [p.copies for p in out] == [[[1], [0], [0], [0]], [[1], [1], [1], [0]]] and [p.method for p in out] == ["lpt"] * 2
+    assert plans[1].copies == [[0], [0], [0], [1]]  # the caller's plans are left as they were
+    out = balance.fit_total_cap(plans[:1], two[:1], 2, 3, 2)
+    assert out[0].copies == [[1], [0], [0], [1]] and out[0].max_load == 5.0 and out[0].method == "lpt+cap"
+    with pytest.raises(MoeplaceError, match="cannot move a copy off GPU 0"):
+        balance.fit_total_cap(plans[:1], two[:1], 2, 3, 1)  # GPU 1 is at the cap too
+
+
+def test_fit_total_cap_moves_where_the_layers_max_over_mean_rises_least(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers 10+10+10 | 40 and 1+1 | 1+1 (relabelled: totals 5 | 3, cap 4): moving a 10 raises
+    the first layer's max 40 -> 50 over mean 35 (+0.29), moving a 1 the second's 2 -> 3 over mean
+    2 (+0.5): the first. With loads 1+1+1 | 3 and 1+1 | 10+10, +1/3 against 20 -> 21 over mean 11
+    (+0.09): the second, from a GPU that holds two of its copies. The objective is max / mean per
+    layer, so the rise is relative, not in tokens."""
+    monkeypatch.setattr(balance, "improve_layer", lambda weight, copies, *args, **kwargs: copies)
+    plans = [balance.LayerPlan([[0], [0], [0], [1]], 0.0, 0.0, "a"), balance.LayerPlan([[0], [0], [1], [1]], 0.0, 0.0, "b")]
+    first = balance.fit_total_cap(plans, np.array([[10.0, 10.0, 10.0, 40.0], [1.0, 1.0, 1.0, 1.0]]), 2, 3, 4)
+    assert [(p.copies, p.method) for p in first] == [([[1], [0], [0], [1]], "a+cap"), ([[1], [1], [0], [0]], "b")]
+    second = balance.fit_total_cap(plans, np.array([[1.0, 1.0, 1.0, 3.0], [10.0, 10.0, 1.0, 1.0]]), 2, 3, 4)
+    assert [(p.copies, p.method) for p in second] == [([[0], [0], [0], [1]], "a"), ([[1], [1], [1], [0]], "b+cap")]
+
+
+def test_fit_total_cap_relabels_the_most_uneven_layer_first() -> None:
+    """Copies per GPU 2 | 2 | 1, 2 | 2 | 1 and 3 | 1 | 1 (cap 5 = 15 copies / 3 GPUs): the 3 | 1 | 1
+    layer first, then each fullest GPU on the label with the fewest copies, gives totals 5 | 5 | 5
+    and no copy has to move; in the given order the totals would be 5 | 6 | 4."""
+    plans = [balance.LayerPlan([[0], [0], [1], [1], [2]], 0.0, 0.0, "x"),
+             balance.LayerPlan([[0], [0], [1], [1], [2]], 0.0, 0.0, "x"),
+             balance.LayerPlan([[0], [0], [0], [1], [2]], 0.0, 0.0, "x")]
+    out = balance.fit_total_cap(plans, np.ones((3, 5)), 3, 3, 5)
+    assert balance.copy_counts(out, 3).sum(0).tolist() == [5, 5, 5] and [p.method for p in out] == ["x"] * 3
+
+
+def test_fit_total_cap_counts_each_move_and_descends_the_layers_it_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """10+1+1+1 | 7 under a cap of 3: the best single move (a 1) gives 12 | 8, and the descent
+    that follows reaches 11 (7+1+1 | 10+1, the best with 3 | 2 copies). Then 5+5+5+5 | 1 | 100 under a cap of 2: the
+    first 5 goes to the idle GPU 1, which is then at the cap, so the second goes to GPU 2."""
+    w = np.array([[10.0, 1.0, 1.0, 1.0, 7.0]])
+    out = balance.fit_total_cap([balance.LayerPlan([[0], [0], [0], [0], [1]], 13.0, 10.0, "x")], w, 2, 4, 3)
+    assert out[0].max_load == pytest.approx(11.0) and out[0].method == "x+cap"
+    assert balance.copy_counts(out, 2).tolist() == [[3, 2]]
+    monkeypatch.setattr(balance, "improve_layer", lambda weight, copies, *args, **kwargs: copies)
+    w = np.array([[5.0, 5.0, 5.0, 5.0, 1.0, 100.0]])
+    out = balance.fit_total_cap([balance.LayerPlan([[0], [0], [0], [0], [1], [2]], 0.0, 0.0, "x")], w, 3, 4, 2)
+    assert out[0].copies == [[1], [2], [0], [0], [1], [2]] and balance.copy_counts(out, 3).tolist() == [[2, 2, 2]]
+
+
+def test_balance_ratios_are_scale_free_and_an_idle_layer_counts_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """max / mean per layer: 3+3 | 3+2 is 6 / 5.5 whether the loads are token counts or scaled
+    below one token per GPU; a layer with no tokens counts 0 (not NaN), and with no tokens at all
+    the gap is 0. An idle layer halves objective and bound alike, not the gap: 3.5+2 | 3+3 against
+    the mean 5.75 (no ILP, fractional loads: no rounding) keeps its gap of 1 - 5.75 / 6."""
+    w = np.array([[3.0, 3.0, 3.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
+    for scale in (1.0, 0.01):
+        p = balance_placement(w * scale, 2, 2, time_limit=5.0, progress=False)
+        assert p.metrics["imbalance_per_layer"] == pytest.approx([6 / 5.5, 0.0]) and p.metrics["imbalance_max"] == pytest.approx(6 / 5.5)
+        assert p.objective["value"] == pytest.approx(3 / 5.5) and p.gap == pytest.approx(0.0, abs=1e-9)
+    idle = balance_placement(np.zeros((1, 4)), 2, 2, time_limit=5.0, progress=False)
+    assert idle.objective["value"] == 0.0 and idle.gap == 0.0
+    monkeypatch.setattr(balance, "ILP_MAX_VARS", 0)
+    half = balance_placement(w + [[0.5, 0.0, 0.0, 0.0], [0.0] * 4], 2, 2, time_limit=5.0, progress=False)
+    assert half.objective["value"] == pytest.approx(6 / 5.75 / 2) and half.gap == pytest.approx(1 - 5.75 / 6)
