@@ -15,17 +15,28 @@ does (ids identical, logits close, Alltoall bytes equal to the eval prediction f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from moeplace.models.tiny import build_tiny_model
+from moeplace.placement import load_placement
+from moeplace.serve.counters import Counters
+from moeplace.serve.dist import Comm
+from moeplace.serve.generate import Result, Runtime
+from moeplace.serve.model import RankModel, read_spec
+from moeplace.serve.replicas import ExpertMap
 from test_serve import check_job, free_port, placements, replicated
+from test_serve_model import ThreadComm
 
 # slots 0..4 (homes: rank 0, 1, 0, 1, 0); lengths 3, 5, 2, 2, 1
 EOS_PROMPTS = [[42, 43, 44], [5, 6, 7, 8, 9], [100, 20], [10, 11], [7]]
@@ -198,3 +209,89 @@ def test_eos_ids_come_from_generation_config(eos_model: tuple[Path, int], tmp_pa
     (copy / "generation_config.json").write_text("{")
     with pytest.raises(MoeplaceError, match="generation_config.json: not valid JSON"):
         read_spec(copy)
+
+
+@dataclasses.dataclass
+class ThreadRanks(ThreadComm):
+    """ThreadComm with the all-reduce too: a whole `generate` on ranks that are threads."""
+
+    def max_reduce(self, values: torch.Tensor, kind: str) -> torch.Tensor:
+        self.mailbox[self.rank] = (values.clone(),)
+        self.barrier.wait()
+        out = torch.stack([self.mailbox[src][0] for src in range(self.world)]).amax(0)
+        self.barrier.wait()
+        self.counters.record(kind, 0, values.numel() * values.element_size() * (self.world - 1))
+        return out
+
+
+class OwnRouting(Runtime):
+    """A thread rank's routing rows, unmerged (the real gather is a process-group all_gather)."""
+
+    def _gather_routing(self) -> np.ndarray:
+        return torch.cat(self._routing).numpy() if self._routing else np.empty((0, 3 + self.model.spec.top_k))
+
+
+@pytest.mark.parametrize("mode, copies", [("standard", False), ("coherent", False), ("coherent", True)])
+def test_generate_on_two_thread_ranks_matches_transformers(tmp_path: Path, mode: str, copies: bool) -> None:
+    """In-process and fast: greedy ids and logits of transformers' `generate`, with an EOS mid-way
+    (prompt 0 stops at its 3rd token), a budget of 1, a budget of 0 and uneven prompt lengths,
+    on a permuted placement (slot s homed on rank s % 2), with copies of every other expert on the
+    other rank or none; Alltoall figures as eval predicts."""
+    path = build_tiny_model("mixtral", tmp_path / "m", num_experts=4, top_k=2, num_layers=2, seed=7)
+    prompts, budgets = [[42, 43, 44], [5, 6, 7, 8, 9], [100], [10, 11]], [6, 5, 1, 4]
+    ids, _ = reference(path, prompts[:1], [3])
+    set_eos(path, [ids[0][2]])
+    want_ids, want_logits = reference(path, prompts, budgets)
+    assert len(want_ids[0]) == 3 and [len(t) for t in want_ids[1:]] == budgets[1:]
+    spec = read_spec(path)
+    layers, world = len(spec.moe_layers), 2
+    placement_path = replicated(tmp_path, path, world, world) if copies else placements(tmp_path, path, world)["permuted"]
+    placement = load_placement(placement_path)
+    emap = ExpertMap.from_placement(placement, torch.device("cpu"))
+    mailbox: dict[int, tuple[torch.Tensor, ...]] = {}
+    barrier = threading.Barrier(world, timeout=60)
+
+    def rank(r: int) -> tuple[Result, Counters]:
+        local = [sorted(placement.experts_on_gpu(m, r)) for m in range(layers)]
+        comm = ThreadRanks(r, world, torch.device("cpu"), Counters(layers), mailbox, barrier)
+        rt = OwnRouting(RankModel(spec, local, torch.device("cpu"), torch.float32), comm, emap, mode,
+                        record_routing=True)
+        try:
+            return rt.generate(prompts + [[3]], budgets + [0], collect_logits=True), comm.counters
+        except BaseException:
+            barrier.abort()
+            raise
+
+    with ThreadPoolExecutor(world) as pool:
+        results = list(pool.map(rank, range(world)))
+    assert results[0][0].tokens == results[1][0].tokens and results[0][0].logits is not None
+    assert results[0][0].logits[-1].shape == (0, spec.vocab_size)
+    for res, _ in results[1:]:
+        for got, want in zip(res.logits or [], results[0][0].logits, strict=True):
+            torch.testing.assert_close(got, want)
+    routing = np.concatenate([res.routing for res, _ in results])
+    vec = np.sum([c.as_vector() for _, c in results], axis=0).tolist()
+    result = {"tokens": results[0][0].tokens, "logits": results[0][0].logits,
+              "routing": routing[np.lexsort((routing[:, 2], routing[:, 1], routing[:, 0]))],
+              "decode": Counters.from_vector(layers, vec, world).summary("decode", per_token=True)}
+    models = {"m": (path, want_ids + [[]], want_logits + [torch.empty(0, spec.vocab_size)])}
+    check_job((str(path), str(placement_path), mode), result, models, world)
+
+
+@pytest.mark.parametrize("family, overrides", [("qwen3_moe", {}), ("olmoe", {"clip_qkv": 0.1})])
+def test_qk_norms_and_clip_qkv_match_transformers(tmp_path: Path, family: str, overrides: dict) -> None:
+    """One rank, in-process: Qwen3's per-head q/k RMSNorm, OLMoE's whole-projection one and its
+    clip_qkv (q, k, v clamped after the norms) give transformers' greedy ids and logits."""
+    path = build_tiny_model(family, tmp_path / family, num_experts=4, top_k=2, num_layers=2, seed=3, **overrides)
+    spec = read_spec(path)
+    assert spec.qk_norm == {"qwen3_moe": "head", "olmoe": "full"}[family] and spec.clip_qkv == overrides.get("clip_qkv")
+    prompts, budgets = [[42, 43, 44, 45], [7, 8]], [3, 3]
+    want_ids, want_logits = reference(path, prompts, budgets)
+    layers = len(spec.moe_layers)
+    rt = Runtime(RankModel(spec, [list(range(spec.num_experts))] * layers, torch.device("cpu"), torch.float32),
+                 Comm(0, 1, torch.device("cpu"), Counters(layers)),
+                 ExpertMap(torch.zeros(layers, spec.num_experts, dtype=torch.int64), [None] * layers, 1))
+    res = rt.generate(prompts, budgets, ignore_eos=True, collect_logits=True)
+    assert res.tokens == want_ids and res.logits is not None
+    for got, want in zip(res.logits, want_logits):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from moeplace.errors import MoeplaceError
@@ -118,6 +119,13 @@ def test_generate_refuses_more_positions_than_the_model_has(mixtral: Path) -> No
     assert [len(t) for t in rt.generate([[3, 4], [5] * 250], [7, 6], ignore_eos=True).tokens] == [7, 6]
 
 
+def test_generate_refuses_no_prompt_and_an_empty_prompt(mixtral: Path) -> None:
+    rt = runtime(mixtral)
+    for prompts in ([], [[3, 4], []], [[], [5]]):
+        with pytest.raises(ValueError, match="at least one prompt and no empty prompt"):
+            rt.generate(prompts, [2] * len(prompts))
+
+
 def naive_attention(model: RankModel, layer: int, h: torch.Tensor) -> torch.Tensor:
     """h + attention of one whole sequence h [L, H] from position 0: a loop per token and head."""
     s, w = model.spec, model.layers[layer]
@@ -169,6 +177,9 @@ def test_attention_matches_naive_reference(mixtral: Path, window: int | None, st
         check([(2, 5 + step), (0, 8 + step)], one_per_slot=True)
     # a decode step reading only the cache positions a host-side bound allows (here the tight one)
     check([(2, 6), (0, 9)], one_per_slot=True, context=10)  # the last step again: same K/V written
+    # a bound past the cache's end (generate's grows by one per step, past a short-budget longest prompt)
+    check([(2, 6), (0, 9)], one_per_slot=True, context=20)
+    check([(0, p) for p in range(10)])  # a whole prefill in order: the is_causal path unless a window
 
 
 def test_counters_merged_over_ranks_and_summarised() -> None:
@@ -336,3 +347,87 @@ def test_moe_layer_on_three_ranks_matches_one_rank_holding_every_expert(mixtral:
     assert rows == {"dispatch": away, "combine": back}
     combines = 0 if mode == "coherent" and top_k == 1 else 1  # collectives each rank issues
     assert [c.totals[("decode", "combine")][0] for _, _, c in results] == [combines] * world
+
+
+def test_rms_norm_by_hand() -> None:
+    # mean square of [3, 4] is 12.5; with eps 3.5 the scale is 1 / sqrt(16) = 0.25, then the weight
+    x, weight = torch.tensor([[3.0, 4.0]]), torch.tensor([1.0, 2.0])
+    torch.testing.assert_close(rms_norm(x, weight, 3.5), torch.tensor([[0.75, 2.0]]))
+    # computed in float32, returned in the input's dtype
+    half = rms_norm(x.to(torch.bfloat16), weight.to(torch.bfloat16), 3.5)
+    assert half.dtype == torch.bfloat16 and half.tolist() == [[0.75, 2.0]]
+
+
+def test_kv_cache_rows_follow_the_stride(mixtral: Path) -> None:
+    """Stride = world keeps only ceil(slots / world) rows: slot s in row s // stride."""
+    spec, cpu = read_spec(mixtral), torch.device("cpu")
+    assert KVCache(spec, 5, 4, cpu, torch.float32).k.shape[1] == 5  # default stride 1: every slot
+    cache = KVCache(spec, 5, 4, cpu, torch.float32, stride=2)
+    assert cache.k.shape == (spec.num_layers, 3, spec.num_kv_heads, 4, spec.head_dim) and cache.max_len == 4
+    k = torch.randn(2, spec.num_kv_heads, spec.head_dim)
+    cache.write(1, torch.tensor([4, 2]), torch.tensor([3, 0]), k, -k)
+    torch.testing.assert_close(cache.k[1, 2, :, 3], k[0])  # slot 4 -> row 2
+    torch.testing.assert_close(cache.v[1, 1, :, 0], -k[1])  # slot 2 -> row 1
+    keys, values = cache.read(1, torch.tensor([4]), 4)
+    assert keys.shape == (1, spec.num_kv_heads, 4, spec.head_dim)
+    torch.testing.assert_close(keys[0, :, 3], k[0])
+    assert cache.read(1, torch.tensor([4]))[0].shape[2] == 4  # default: every position
+    assert not cache.k[0].any() and not cache.k[1, 0].any()  # nothing else written
+
+
+def _by_hand(path: Path, layer: int, h: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The checkpoint's tensors and the post-attention RMSNorm of h, computed from the file."""
+    spec, tensors = read_spec(path), load_file(path / "model.safetensors")
+    weight = tensors[f"model.layers.{layer}.post_attention_layernorm.weight"]
+    return tensors, weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + spec.rms_eps)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_is_softmax_then_top_k(mixtral: Path, renormalize: bool) -> None:
+    """Router logits -> softmax over all experts -> the k largest, descending; renormalised
+    weights sum to 1 (Mixtral), raw ones are the softmax probabilities (OLMoE, Qwen3 off)."""
+    spec = dataclasses.replace(read_spec(mixtral), renormalize=renormalize)
+    model = RankModel(spec, [[] for _ in spec.moe_layers], torch.device("cpu"), torch.float32)
+    h = torch.randn(6, spec.hidden_size, generator=torch.Generator().manual_seed(2))
+    tensors, x = _by_hand(mixtral, 1, h)
+    probs = torch.softmax(x.double() @ tensors["model.layers.1.block_sparse_moe.gate.weight"].double().T, dim=1)
+    ids, weights = model.route(1, h)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32 and ids.shape == (6, spec.top_k)
+    want = probs.sort(dim=1, descending=True)
+    assert ids.tolist() == want.indices[:, :2].tolist()
+    top = want.values[:, :2]
+    torch.testing.assert_close(weights.double(), top / top.sum(1, keepdim=True) if renormalize else top)
+
+
+def test_renormalisation_follows_each_family(tmp_path: Path) -> None:
+    # Qwen3-MoE follows norm_topk_prob (transformers' default False); OLMoE's tiny config leaves it False
+    qwen = build_tiny_model("qwen3_moe", tmp_path / "qwen", num_experts=4, top_k=2, num_layers=2)
+    olmoe = build_tiny_model("olmoe", tmp_path / "olmoe", num_experts=4, top_k=2, num_layers=2)
+    assert read_spec(qwen).renormalize and not read_spec(olmoe).renormalize
+    config = json.loads((qwen / "config.json").read_text())
+    for value in (False, None):
+        cfg = {k: v for k, v in config.items() if k != "norm_topk_prob"}
+        (qwen / "config.json").write_text(json.dumps(cfg if value is None else cfg | {"norm_topk_prob": value}))
+        assert not read_spec(qwen).renormalize
+
+
+def test_experts_sum_the_weighted_swiglu_of_local_choices(mixtral: Path) -> None:
+    """out[t] = sum over choices j of token t served here: weights[t, j] * down(silu(gate x) * up x);
+    choices of other ranks' experts, and negative ids, add nothing."""
+    spec = read_spec(mixtral)
+    local = [[0, 2], [1, 6]]
+    model = RankModel(spec, local, torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(4, spec.hidden_size, generator=gen)
+    ids = torch.tensor([[6, 1], [3, 6], [-1, 7], [0, 5]])  # expert 1 has one token; tokens 2, 3 none here
+    weights = torch.rand(4, 2, generator=gen)
+    tensors, x = _by_hand(mixtral, 1, h)
+    want = torch.zeros_like(h)
+    for t in range(4):
+        for j, e in enumerate(ids[t].tolist()):
+            if e in local[1]:
+                w = {n: tensors[f"model.layers.1.block_sparse_moe.experts.{e}.{n}.weight"] for n in ("w1", "w2", "w3")}
+                want[t] += weights[t, j] * (w["w2"] @ (F.silu(w["w1"] @ x[t]) * (w["w3"] @ x[t])))
+    got = model.experts(1, h, ids, weights)
+    torch.testing.assert_close(got, want)
+    assert not got[2:].any() and want[0].abs().sum() > 0
