@@ -16,12 +16,15 @@ from moeplace.analyze.affinity import (
     capture,
     conditional,
     conditional_entropy,
+    entropy,
     gini,
     load_skew,
+    mean_stats,
     mode_arrays,
     mode_counts,
     mutual_information,
     pair_counts,
+    pair_stats,
     shuffle_perms,
     topm_capture,
     transition_counts,
@@ -537,3 +540,72 @@ def test_layers_range_is_checked_before_it_is_expanded(planted_file: Path, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"moeplace: error: --layers '0-{2**62}': pair indices must be in [0, 2] (pair l is MoE layer l -> l+1)"]
     assert parse_pairs("2,0-1", 3) == [0, 1, 2]
+
+
+def test_pair_stats_and_their_mean_by_hand() -> None:
+    # pair 0: expert i always goes to i (MI = log 2); pair 1: P(i, j) = P(i) P(j) (MI = 0)
+    counts = np.stack([np.diag([5.0, 5.0]), np.outer([1.0, 3.0], [2.0, 2.0])])
+    # two shuffled copies' (MI [P], top-m capture [P] per m), as shuffled_stats returns them
+    baseline = [(np.array([0.1, 0.3]), {1: np.array([0.5, 0.6]), 2: np.array([1.0, 1.0])}),
+                (np.array([0.3, 0.1]), {1: np.array([0.7, 0.4]), 2: np.array([1.0, 1.0])})]
+    diag, indep = pair_stats(counts, baseline, 2)
+    log2 = np.log(2)
+    assert diag["pair"] == [0, 1] and indep["pair"] == [1, 2]
+    assert diag["mi"] == pytest.approx(log2) and diag["mi_frac"] == pytest.approx(1.0)
+    assert diag["next_entropy"] == pytest.approx(log2) and indep["next_entropy"] == pytest.approx(log2)
+    assert diag["cond_entropy"] == pytest.approx(0.0, abs=1e-12) and diag["cond_entropy_frac"] == pytest.approx(0.0, abs=1e-12)
+    assert indep["cond_entropy"] == pytest.approx(log2) and indep["cond_entropy_frac"] == pytest.approx(1.0)
+    assert diag["capture"] == pytest.approx({"1": 1.0, "2": 1.0})  # depths m <= E: 1 and 2
+    assert indep["capture"] == pytest.approx({"1": 0.5, "2": 1.0})  # (2 + 6) of 16 go to each row's top-1
+    assert diag["mi_baseline"] == pytest.approx(0.2) and diag["mi_baseline_std"] == pytest.approx(0.1)
+    assert diag["mi_excess"] == pytest.approx(log2 - 0.2) and diag["mi_ratio"] == pytest.approx(log2 / 0.2)
+    assert indep["mi_excess"] == pytest.approx(-0.2) and indep["mi_ratio"] == pytest.approx(0.0, abs=1e-12)
+    assert diag["capture_baseline"] == pytest.approx({"1": 0.6, "2": 1.0})
+    assert indep["capture_baseline"] == pytest.approx({"1": 0.5, "2": 1.0})
+    mean = mean_stats([diag, indep])
+    assert "pair" not in mean and mean["mi"] == pytest.approx(log2 / 2)
+    assert mean["capture"] == pytest.approx({"1": 0.75, "2": 1.0})
+    assert mean["mi_ratio"] == pytest.approx(log2 / 0.4)
+    # no baseline: no baseline fields; a zero baseline MI: no ratio, and the mean skips it
+    assert "mi_baseline" not in pair_stats(counts, [], 2)[0]
+    zero = [(np.zeros(2), {1: np.ones(2), 2: np.ones(2)})]
+    rows = pair_stats(counts, zero, 2)
+    assert [r["mi_ratio"] for r in rows] == [None, None] and "mi_ratio" not in mean_stats(rows)
+    assert mean_stats([]) == {}
+
+
+def test_pair_stats_of_one_expert_have_zero_fractions() -> None:
+    # log E = 0: the fractions of log E are 0, not 0 / 0
+    (row,) = pair_stats(np.array([[[4.0]]]), [], 1)
+    assert row["mi_frac"] == 0.0 and row["cond_entropy_frac"] == 0.0 and row["capture"] == {"1": 1.0}
+
+
+def test_load_skew_of_a_layer_no_token_reached() -> None:
+    even, empty = load_skew(np.array([[1.0, 2, 3, 4, 5, 6], [0.0] * 6]))
+    assert len(even["hottest"]) == 4 and [h["expert"] for h in even["hottest"]] == [5, 4, 3, 2]
+    assert even["hottest"][0]["share"] == pytest.approx(6 / 21)
+    assert empty["max_over_mean"] == 0.0 and empty["cv"] == 0.0 and empty["gini"] == 0.0
+    assert empty["entropy_frac"] == 0.0 and empty["unused"] == 6
+    assert [h["share"] for h in empty["hottest"]] == [0.0] * 4
+
+
+def test_statistics_of_fractional_masses_and_small_counts() -> None:
+    # gated counts and shares are fractions: sums below 1 are normalised like any other
+    assert gini(np.array([[0.0, 0.5]]))[0] == pytest.approx(0.5)  # = (E-1)/E: one expert has all
+    assert entropy(np.array([0.25, 0.25])) == pytest.approx(np.log(2))
+    assert conditional(np.array([[[0.25, 0.25], [0.0, 0.0]]]))[0, 0] == pytest.approx([0.5, 0.5])
+    assert capture(np.array([[[0.375, 0.125], [0.0, 0.0]]]), np.array([[[0], [0]]]))[0] == pytest.approx(0.75)
+    assert capture(np.zeros((1, 2, 2)), np.array([[[0], [0]]]))[0] == 0.0  # no transitions: 0, not 0 / 0
+    # one selection in four experts: mean 0.25
+    (row,) = load_skew(np.array([[1.0, 0, 0, 0]]))
+    assert row["max_over_mean"] == pytest.approx(4.0) and row["cv"] == pytest.approx(np.sqrt(3))
+    (one,) = load_skew(np.array([[5.0]]))  # one expert: evenly loaded by definition
+    assert one["entropy_frac"] == 1.0 and one["max_over_mean"] == 1.0
+    with pytest.raises(ValueError, match="unknown transition mode 'nope'"):
+        mode_arrays(planted(16), "nope")
+
+
+def test_mean_stats_of_one_row_and_of_partly_missing_ratios() -> None:
+    assert mean_stats([{"pair": [0, 1], "mi": 0.5, "capture": {"1": 0.25}}]) == {"mi": 0.5, "capture": {"1": 0.25}}
+    rows = [{"layer": 0, "mi_ratio": None, "gini": 0.5}, {"layer": 1, "mi_ratio": 2.0, "gini": 0.25}]
+    assert mean_stats(rows) == {"mi_ratio": 2.0, "gini": 0.375}  # None skipped; the layer index is no statistic

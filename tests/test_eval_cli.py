@@ -637,3 +637,18 @@ def test_a_cost_model_of_another_hidden_size_than_the_traced_one_warns(tmp_path:
     assert run(["check", str(cfg)]) == 0
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "hidden_size" in line]
     assert f"hidden_size 1024 (trace meta), {tmp_path / 'cm.yaml'} gives hidden_size 64" in line
+
+
+def test_load_report_baselines_need_an_expert_per_gpu() -> None:
+    from moeplace.eval.report import build_load_report
+
+    loads = np.array([[4.0, 2.0, 1.0, 1.0]])
+    report = build_load_report(Placement(np.array([[0, 1, 2, 3]]), 4, 4), loads)  # G == E: one expert each
+    assert list(report["layouts"]) == ["placement", "contiguous", "greedy_load", "eplb"]
+    assert report["num_layers"] == 1 and report["num_experts"] == 4 and report["loads"]["total"] == 8.0
+    assert report["baselines_note"].endswith("greedy_load and eplb fitted on these loads")
+    # 2 experts on 4 GPUs (copies fill the rest): no baseline can give every GPU an expert
+    spread = Placement(np.array([[0, 1]]), 4, 4, replicas=[[(0, 2), (1, 3)]])
+    report = build_load_report(spread, np.array([[3.0, 1.0]]))
+    assert list(report["layouts"]) == ["placement"] and report["baselines_note"] == "" and report["vs_contiguous"] == {}
+    assert report["layouts"]["placement"]["imbalance_per_layer"] == pytest.approx([1.5 / 1.0])

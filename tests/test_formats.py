@@ -654,3 +654,38 @@ def test_weights_rising_anywhere_in_a_top3_row_are_refused(tmp_path: Path) -> No
 def test_make_loads_refuses_wrong_shapes_and_dtypes(loads: np.ndarray, message: str) -> None:
     with pytest.raises(TraceError, match=message):
         make_loads(loads, name="x")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0])
+def test_make_loads_refuses_one_bad_count_among_good_ones(bad: float) -> None:
+    loads = np.ones((2, 4))
+    loads[1, 2] = bad  # one bad cell is enough: the others are valid counts
+    with pytest.raises(TraceError, match=r"^x: expert_loads must be finite and non-negative$"):
+        make_loads(loads, name="x")
+
+
+def test_make_loads_names_the_first_count_at_or_past_1e15() -> None:
+    loads = np.ones((3, 4))
+    loads[1, 2] = 1e15  # the bound itself is refused: counts must be below it
+    loads[2, 0] = 5e15
+    with pytest.raises(TraceError, match=r"^x: expert_loads holds 1e\+15 at layer 1, expert 2: counts of token "
+                                         r"selections must be below 1e15$"):
+        make_loads(loads, name="x")
+    with pytest.raises(TraceError, match=r"holds 1e\+15 at layer 0, expert 1"):
+        make_loads(np.array([[1.0, 1e15]]), name="x")  # the bound alone
+    assert make_loads(np.full((1, 2), np.nextafter(1e15, 0))).loads.max() < 1e15
+
+
+def test_make_loads_refuses_all_zero_counts() -> None:
+    with pytest.raises(TraceError, match=r"^x: expert_loads holds no expert selection \(every count is 0\)$"):
+        make_loads(np.zeros((2, 3), np.int64), name="x")
+    assert make_loads(np.array([[0, 0, 1]])).loads.sum() == 1  # one selection is enough
+
+
+def test_load_loads_of_an_npz_with_neither_member_and_npz_named_npy(tmp_path: Path) -> None:
+    path = _npz(tmp_path / "other.npz", counts=np.ones((2, 2)))
+    with pytest.raises(TraceError, match="other.npz: neither 'expert_loads' nor 'topk_ids' found$"):
+        load_loads(path)
+    # a .npy name is an ExFlow trace to every stage, whatever it holds: load_trace names the problem
+    assert not is_load_only(_npz(tmp_path / "loads.npy", expert_loads=np.ones((2, 2))))
+    assert is_load_only(_npz(tmp_path / "loads.npz", expert_loads=np.ones((2, 2))))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from conftest import ROOT, SHARED_DATA
 from moeplace.cli import run
 from moeplace.errors import MoeplaceWarning, TraceError
 from moeplace.trace.format import Trace, load_loads, load_trace
-from moeplace.trace.importers import import_csv, import_loads_json, import_sglang
+from moeplace.trace.importers import import_csv, import_csv_layers, import_loads_json, import_sglang
 
 FLAME = SHARED_DATA / "flame-moe-290m-decoder"
 MIXTRAL = SHARED_DATA / "mixtral-8x7b-expert-loads"
@@ -630,3 +631,90 @@ def test_meta_must_fit_the_data_and_be_standard_json(tmp_path: Path, capsys: pyt
     assert run(["import", "exflow", str(src), "--meta", "moe_layers=[1,3,5,7]", "--meta", 'x="NaN"', "-o", str(out)]) == 0
     stored = load_trace(out).meta
     assert stored["moe_layers"] == [1, 3, 5, 7] and stored["x"] == "NaN"
+
+
+@pytest.mark.parametrize("text, message", [
+    # a blank line before the header: the table's first line is blank, counted as line 1
+    ("\nexpert_0,expert_1\n0.6,0.4\n", "line 1 is blank inside the table"),
+    ("expert_0,expert_x\n0.6,0.4\n", "expert columns must be named expert_0..expert_N"),  # one bad name is enough
+    ("expert_0,expert_1,expert_1\n0.6,0.4,0\n", "column expert_1 appears more than once in the header"),
+    ("expert_0,expert_2,expert_0,expert_1,expert_2\n1,0,0,0,0\n", "column expert_0 appears more than once"),  # lowest
+    # five missing columns are all named; past five, the rest are counted
+    ("expert_0,expert_6\n1,0\n", "no column expert_1, expert_2, expert_3, expert_4, expert_5 (expert columns"),
+    ("expert_0,expert_7\n1,0\n", "no column expert_1, expert_2, expert_3, expert_4, expert_5 and 1 more (expert"),
+    ("expert_0,expert_1\n0,0\n0.0,0\n", "no row selects any expert (all gate weights are 0)"),
+])
+def test_csv_header_and_table_errors(tmp_path: Path, text: str, message: str) -> None:
+    f = tmp_path / "layer0.csv"
+    f.write_text(text)
+    with pytest.raises(TraceError, match=f"^{re.escape(str(f))}: .*{re.escape(message)}"):
+        import_csv([f])
+
+
+def test_csv_layers_with_a_given_k_keep_each_rows_k_highest(tmp_path: Path) -> None:
+    # k given (the user's -k): a row with more non-zero entries is cut to its k highest, not refused
+    f0 = write_layer_csv(tmp_path / "layer0.csv", np.array([[0.2, 0.5, 0.3], [0.0, 0.4, 0.6]]))
+    f1 = write_layer_csv(tmp_path / "layer1.csv", np.array([[0.9, 0.0, 0.1], [0.3, 0.3, 0.4]]))
+    ids, w, row_ids, num_experts, _ = import_csv_layers([f0, f1], k=1)
+    np.testing.assert_array_equal(ids[:, :, 0], [[1, 0], [2, 2]])
+    np.testing.assert_allclose(w[:, :, 0], [[0.5, 0.9], [0.6, 0.4]])
+    assert row_ids is None and num_experts == 3
+    read: list[Path] = []  # the progress callback sees every file, in order
+    import_csv_layers([f0, f1], k=1, on_file=read.append)
+    assert read == [f0, f1]
+
+
+def test_csv_layer_with_other_experts_names_the_first_file(tmp_path: Path) -> None:
+    dense = np.array([[0.3, 0.6, 0.0, 0.0], [0.0, 0.0, 0.5, 0.2]])
+    files = [write_layer_csv(tmp_path / f"layer{n}.csv", dense) for n in (0, 1)]
+    files.append(write_layer_csv(tmp_path / "layer2.csv", dense[:, :3]))
+    with pytest.raises(TraceError, match=r"layer2.csv: 3 expert columns, but \S+/layer0.csv has 4$"):
+        import_csv(files)
+    # 3 tokens of top-2: the counts named are rows, never k
+    dense = np.array([[0.3, 0.6, 0.0], [0.0, 0.5, 0.2], [0.1, 0.0, 0.9]])
+    files = [write_layer_csv(tmp_path / f"layer{n}.csv", dense) for n in (0, 1)]
+    files.append(write_layer_csv(tmp_path / "layer2.csv", dense[:1]))
+    with pytest.raises(TraceError, match=r"layer2.csv: 1 rows, but \S+/layer0.csv has 3: layers must list the same"):
+        import_csv(files)
+
+
+def test_csv_row_selecting_more_than_k_names_the_row_that_set_k(tmp_path: Path) -> None:
+    two = np.array([[0.3, 0.6, 0.0], [0.0, 0.5, 0.2]])
+    files = [write_layer_csv(tmp_path / f"layer{n}.csv", two) for n in (0, 1)]
+    files.append(write_layer_csv(tmp_path / "layer2.csv", np.array([[0.3, 0.6, 0.0], [0.2, 0.5, 0.3]])))
+    with pytest.raises(TraceError, match=r"layer2.csv: line 3 selects 3 experts, but \S+/layer0.csv line 2 selects 2"):
+        import_csv(files)
+
+
+def test_csv_token_ids_differing_name_the_first_file(tmp_path: Path) -> None:
+    dense = np.array([[0.6, 0.4], [0.3, 0.7]])
+    files = [write_layer_csv(tmp_path / f"layer{n}.csv", dense, np.array([0, 1])) for n in (0, 1)]
+    files.append(write_layer_csv(tmp_path / "layer2.csv", dense, np.array([0, 9])))
+    with pytest.raises(TraceError, match=r"layer2.csv: line 3: token_id 9 differs from \S+/layer0.csv \(1\)"):
+        import_csv(files)
+
+
+def test_csv_no_files_is_one_line() -> None:
+    with pytest.raises(TraceError, match="^no layer CSV files given$"):
+        import_csv_layers([])
+    with pytest.raises(TraceError, match="^no layer CSV files given$"):  # was an IndexError
+        import_csv([])
+
+
+@pytest.mark.parametrize("others, named", [
+    (["a.csv", "b.csv", "c.csv"], "a.csv, b.csv, c.csv beside"),
+    (["a.csv", "b.csv", "c.csv", "d.csv", "e.csv"], "a.csv, b.csv, c.csv and 2 more beside"),
+])
+def test_csv_dir_names_three_other_csv_files_and_counts_the_rest(tmp_path: Path, others: list[str], named: str) -> None:
+    write_layer_csv(tmp_path / "layer0.csv", np.array([[0.6, 0.4]]))
+    for name in others:
+        (tmp_path / name).write_text("x\n1\n")
+    with pytest.raises(TraceError, match=re.escape(f"{tmp_path}: {named} the layerN.csv files")):
+        import_csv([tmp_path])
+
+
+def test_csv_files_with_a_layer_number_twice_name_that_number(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    files = [write_layer_csv(tmp_path / name, np.array([[0.6, 0.4]])) for name in ("layer1.csv", "layer2.csv", "a/layer2.csv")]
+    with pytest.raises(TraceError, match=r"layer2.csv, \S+/a/layer2.csv: the same layer number 2 twice"):
+        import_csv(files)

@@ -234,6 +234,8 @@ def import_csv(paths: Sequence[Path], k: int | None = None) -> Trace:
     other names keep the order given, layer l being the l-th file.
     """
     paths = [Path(p) for p in paths]
+    if not paths:  # the CLI requires one; the API got an IndexError
+        raise TraceError("no layer CSV files given")
     if len(paths) == 1 and paths[0].is_dir():
         return import_csv_dir(paths[0], k)
     for p in paths:
