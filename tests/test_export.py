@@ -670,3 +670,154 @@ def test_map_with_as_many_redundant_slots_as_experts_is_warned_about() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert placement_from_physical([[0, 1, 0]], num_gpus=3, gpus_per_node=3).replicas == [[(0, 2)]]
+
+
+# --- engine files found by the mutation pass on the export readers
+
+
+def test_from_eplb_gpu_count_is_checked_against_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One GPU is a valid file; 0 is refused by the file's own field name, even when 0 is a
+    multiple of gpus_per_node (0 % 1 == 0 would let it through to a message naming --gpus)."""
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({"phy2log": [[0, 1]], "num_gpus": 1, "gpus_per_node": 1}))
+    assert cli("--from", "eplb", str(path), "-o", str(tmp_path / "p.json")) == 0
+    assert load_placement(tmp_path / "p.json").expert_to_gpu.tolist() == [[0, 0]]
+    capsys.readouterr()
+    path.write_text(json.dumps({"phy2log": [[0, 1]], "num_gpus": 0, "gpus_per_node": 1}))
+    err = _one_line_error(capsys, "--from", "eplb", str(path), "-o", str(tmp_path / "q.json"))
+    assert err.endswith(f"{path}: num_gpus = 0 must be >= 1"), err
+    path.write_text(json.dumps({"phy2log": [[0, 1]], "num_gpus": 2, "gpus_per_node": 0}))  # not a modulo by zero
+    err = _one_line_error(capsys, "--from", "eplb", str(path), "-o", str(tmp_path / "q.json"))
+    assert err.endswith("num_gpus = 2 must be a multiple of gpus_per_node = 0 (GPUs per node)"), err
+    assert not (tmp_path / "q.json").exists()
+
+
+def test_from_eplb_logcnt_narrower_than_the_ids_names_logcnt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """logcnt [layers, logical] gives the expert count: an id beyond it is named with its source."""
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({"phy2log": [[0, 1, 2, 3]], "num_gpus": 2, "logcnt": [[1, 1, 1]]}))
+    err = _one_line_error(capsys, "--from", "eplb", str(path), "-o", str(tmp_path / "p.json"))
+    assert "layer 0 slot 3 holds expert id 3, outside [0, 3) (the width of logcnt)" in err, err
+
+
+def test_from_vllm_ascend_empty_layer_list_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"moe_layer_count": 0, "layer_list": []}))  # was "different device counts []"
+    err = _one_line_error(capsys, "--from", "vllm-ascend", str(path), "--gpus", "1", "-o", str(tmp_path / "p.json"))
+    assert "layer_list is empty" in err, err
+
+
+@pytest.mark.parametrize("value, message", [
+    ("grad", "must be a non-empty rectangular [layers][experts] table of integers"),  # float: detached, then refused
+    ("bf16", "must be a rectangular [layers][physical experts] table of integers (Got unsupported ScalarType BFloat16)"),
+    ("sparse", "must be a rectangular [layers][physical experts] table of integers"),
+], ids=["requires_grad", "bfloat16", "sparse"])
+def test_from_sglang_pt_tensors_numpy_cannot_read_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             value: str, message: str) -> None:
+    """Each was an internal error from tensor.numpy() (RuntimeError / TypeError)."""
+    torch = pytest.importorskip("torch")
+    tensors = {"grad": lambda: torch.tensor([[0.0, 1.0]], requires_grad=True),
+               "bf16": lambda: torch.tensor([[0, 1]], dtype=torch.bfloat16),
+               "sparse": lambda: torch.tensor([[0, 1]]).to_sparse()}
+    path = tmp_path / "loc.pt"
+    torch.save({"physical_to_logical_map": tensors[value]()}, path)
+    err = _one_line_error(capsys, "--from", "sglang", str(path), "--gpus", "1", "-o", str(tmp_path / "p.json"))
+    assert message in err, err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_from_sglang_pt_with_non_string_keys_lists_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "loc.pt"
+    torch.save({1: torch.tensor([0]), "a": torch.tensor([1])}, path)  # sorted() of int and str keys was a TypeError
+    err = _one_line_error(capsys, "--from", "sglang", str(path), "--gpus", "1", "-o", str(tmp_path / "p.json"))
+    assert "no 'physical_to_logical_map' (keys: ['1', 'a'])" in err, err
+
+
+def test_from_eplb_without_phy2log_lists_the_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({"num_gpus": 2, "logcnt": [[1, 1]]}))
+    err = _one_line_error(capsys, "--from", "eplb", str(path), "-o", str(tmp_path / "p.json"))
+    assert err.endswith(f"{path}: no 'phy2log' array (keys: ['logcnt', 'num_gpus'])"), err
+
+
+def test_from_eplb_npz_round_trip_reads_the_gpu_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An .npz stores num_gpus / gpus_per_node as 0-d integer arrays: read back as the counts."""
+    out, back = tmp_path / "eplb.npz", tmp_path / "back.json"
+    assert cli(_save(replicated(), tmp_path), "--to", "eplb", "-o", str(out)) == 0
+    with np.load(out) as z:
+        assert z["num_gpus"].shape == () and int(z["num_gpus"]) == 4 and int(z["gpus_per_node"]) == 2
+    assert cli("--from", "eplb", str(out), "-o", str(back)) == 0
+    p = load_placement(back)
+    assert (p.num_gpus, p.gpus_per_node) == (4, 2) and slots_by_gpu(p) == slots_by_gpu(replicated())
+
+
+@pytest.mark.parametrize("phy2log", [[[0, 1.5]], [[0, 1], [2]], "x", [[]], [[0, True]]])
+def test_from_eplb_phy2log_that_is_not_an_integer_table_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                  phy2log: object) -> None:
+    """1.5 would be cut to 1 and true read as 1; a ragged or string table was an internal error."""
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({"phy2log": phy2log, "num_gpus": 1}))
+    err = _one_line_error(capsys, "--from", "eplb", str(path), "-o", str(tmp_path / "p.json"))
+    assert "physical_to_logical map must be a non-empty rectangular [layers][experts] table of integers" in err, err
+
+
+def test_from_sglang_moe_layers_beyond_the_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Row 2 of a 2-row map is missing (not "ids out of range"); with the layers from --moe-layers
+    the map holding only the MoE layers is no explanation, so that hint is left out."""
+    path = tmp_path / "loc.json"
+    path.write_text(json.dumps({"physical_to_logical_map": [[0, 1, 2, 3]] * 2}))
+    err = _one_line_error(capsys, "--from", "sglang", str(path), "--gpus", "2", "--moe-layers", "0,2",
+                          "-o", str(tmp_path / "p.json"))
+    assert "2 rows (SGLang writes one per decoder layer), but the MoE layers are decoder layers 0, 2 (from --moe-layers 0,2)" in err, err
+    assert err.endswith("and there is no row 2: a map of another model?"), err
+
+
+def test_from_sglang_map_that_is_not_a_table_with_moe_layers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "loc.json"
+    path.write_text(json.dumps({"physical_to_logical_map": 5}))  # rows were counted from its shape: IndexError
+    err = _one_line_error(capsys, "--from", "sglang", str(path), "--gpus", "2", "--moe-layers", "0",
+                          "-o", str(tmp_path / "p.json"))
+    assert err.endswith("'physical_to_logical_map' must be a [layers][physical experts] table"), err
+
+
+def test_from_sglang_map_holding_true_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """numpy reads [[0, true]] as the ids [[0, 1]]: a JSON boolean is not an expert id."""
+    path = tmp_path / "loc.json"
+    path.write_text(json.dumps({"physical_to_logical_map": [[0, True]]}))
+    err = _one_line_error(capsys, "--from", "sglang", str(path), "--gpus", "1", "-o", str(tmp_path / "p.json"))
+    assert "'physical_to_logical_map' must be a table of integers (it holds true/false)" in err, err
+
+
+def test_from_sglang_pt_holding_a_bare_tensor_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "loc.pt"
+    torch.save(torch.tensor([[0, 1]]), path)  # the map itself, not SGLang's {"physical_to_logical_map": ...}
+    err = _one_line_error(capsys, "--from", "sglang", str(path), "--gpus", "1", "-o", str(tmp_path / "p.json"))
+    assert err.endswith(f"{path}: expected a dict with 'physical_to_logical_map'"), err
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"layer_list": {"0": {"device_list": []}}}, "layer_list is dict, not a list"),
+    ({"layer_list": [{"device_list": "0"}]}, "device_list is str, not a list"),
+])
+def test_vllm_ascend_map_lists_must_be_lists(tmp_path: Path, capsys: pytest.CaptureFixture[str], doc: object,
+                                            message: str) -> None:
+    """Indexing a dict or string in their place failed somewhere inside: the error names the field."""
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(doc))
+    err = _one_line_error(capsys, "--from", "vllm-ascend", str(path), "--gpus", "1", "-o", str(tmp_path / "p.json"))
+    assert "malformed vllm-ascend expert map" in err and message in err, err
+
+
+def test_vllm_ascend_map_device_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Layers with different device counts are named as such; a layer with no devices is a map for 0 GPUs."""
+    path, out = tmp_path / "map.json", str(tmp_path / "p.json")
+    two = {"device_list": [{"device_expert": [0]}, {"device_expert": [1]}]}
+    one = {"device_list": [{"device_expert": [0]}]}
+    path.write_text(json.dumps({"layer_list": [two, one]}))
+    assert "layers list different device counts [1, 2]" in _one_line_error(
+        capsys, "--from", "vllm-ascend", str(path), "-o", out)
+    path.write_text(json.dumps({"layer_list": [{"device_list": []}]}))
+    assert _one_line_error(capsys, "--from", "vllm-ascend", str(path), "--gpus", "1", "-o", out).endswith(
+        "the file is for 0 GPUs but --gpus is 1")

@@ -196,7 +196,8 @@ def read_eplb(path: str | Path, num_gpus: int | None, gpus_per_node: int | None)
     num_experts = None
     if "logcnt" in doc:
         num_experts = int_table(doc["logcnt"], str(p), "logcnt").shape[1]
-    placement = placement_from_physical(doc["phy2log"], num_gpus, gpus_per_node, num_experts, str(p), "eplb")
+    placement = placement_from_physical(doc["phy2log"], num_gpus, gpus_per_node, num_experts, str(p), "eplb",
+                                        experts_from="the width of logcnt" if num_experts else "")
     phy2log = int_table(doc["phy2log"], str(p), "phy2log")
     log2phy, logcnt = logical_to_physical(phy2log, placement.num_experts)
     if "logcnt" in doc:
@@ -245,14 +246,22 @@ def read_document(p: Path) -> dict[str, Any]:
 
 
 def int_table(value: Any, name: str, what: str) -> np.ndarray:
-    """A rectangular 2-D integer table, or one clear error."""
+    """A rectangular 2-D integer table, or one clear error. true/false in a JSON table are refused:
+    numpy would read [[0, true]] as the ids [[0, 1]]."""
     try:
         table = np.asarray(value)
     except (TypeError, ValueError):
         table = np.asarray(None)
+    if holds_bool(value):
+        table = np.asarray(None)
     if table.ndim != 2 or 0 in table.shape or not np.issubdtype(table.dtype, np.integer):
         raise PlacementError(f"{name}: {what} must be a non-empty rectangular [layers][experts] table of integers")
     return table.astype(np.int64)
+
+
+def holds_bool(value: Any) -> bool:
+    """Whether a JSON [rows][columns] list holds a true/false, which numpy would read as 1/0."""
+    return isinstance(value, list) and any(isinstance(x, bool) for row in value if isinstance(row, list) for x in row)
 
 
 def int_field(doc: dict[str, Any], key: str, name: str) -> int | None:

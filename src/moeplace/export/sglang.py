@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import PlacementError
-from moeplace.export.eplb import physical_to_logical, placement_from_physical, read_document
+from moeplace.export.eplb import holds_bool, physical_to_logical, placement_from_physical, read_document
 from moeplace.io import write_json_atomic
 from moeplace.placement import Placement
 from moeplace.trace.format import layer_ranges
@@ -85,13 +85,16 @@ def read_sglang(path: str | Path, num_gpus: int, gpus_per_node: int, moe_layers:
                 f"{p}: holds 'logical_count' (expert loads, from which SGLang computes its own EPLB placement), "
                 "not a placement; import it as loads with `moeplace import` and solve"
             )
-        raise PlacementError(f"{p}: no '{KEY}' (keys: {sorted(doc)})")
+        raise PlacementError(f"{p}: no '{KEY}' (keys: {sorted(map(str, doc))})")  # a .pt dict may have int keys
     table = doc[KEY]
-    table = table.numpy() if hasattr(table, "numpy") else table
     try:
-        table = np.asarray(table)
-    except ValueError:
-        raise PlacementError(f"{p}: '{KEY}' must be a rectangular [layers][physical experts] table") from None
+        # a .pt tensor: detached (one saved with requires_grad refuses .numpy()); bfloat16 and sparse raise
+        table = table.detach().numpy() if hasattr(table, "numpy") else np.asarray(table)
+    except (TypeError, ValueError, RuntimeError) as e:  # ragged lists, tensor kinds numpy lacks
+        raise PlacementError(f"{p}: '{KEY}' must be a rectangular [layers][physical experts] table of integers "
+                             f"({e})") from None
+    if holds_bool(doc[KEY]):
+        raise PlacementError(f"{p}: '{KEY}' must be a table of integers (it holds true/false)")
     if moe_layers is not None:
         if table.ndim != 2:
             raise PlacementError(f"{p}: '{KEY}' must be a [layers][physical experts] table")

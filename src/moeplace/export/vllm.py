@@ -152,6 +152,8 @@ def _ascend_table(doc: dict[str, Any], p: Path) -> tuple[list[list[int]], int]:
             sizes.append([len(d["device_expert"]) for d in devices])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise PlacementError(f"{p}: malformed vllm-ascend expert map ({e!r})") from None
+    if not rows:
+        raise PlacementError(f"{p}: layer_list is empty: the expert map places no MoE layer")
     if len(counts) != 1:
         raise PlacementError(f"{p}: layers list different device counts {sorted(counts)}")
     layer_count = int_field(doc, "moe_layer_count", str(p))
