@@ -87,14 +87,15 @@ def read_sglang(path: str | Path, num_gpus: int, gpus_per_node: int, moe_layers:
             )
         raise PlacementError(f"{p}: no '{KEY}' (keys: {sorted(map(str, doc))})")  # a .pt dict may have int keys
     table = doc[KEY]
+    if holds_bool(table):
+        raise PlacementError(f"{p}: '{KEY}' must be a table of integers (it holds true/false)")
     try:
         # a .pt tensor: detached (one saved with requires_grad refuses .numpy()); bfloat16 and sparse raise
         table = table.detach().numpy() if hasattr(table, "numpy") else np.asarray(table)
     except (TypeError, ValueError, RuntimeError) as e:  # ragged lists, tensor kinds numpy lacks
+        why = (str(e).splitlines() or [type(e).__name__])[0]  # torch's messages may run over several lines
         raise PlacementError(f"{p}: '{KEY}' must be a rectangular [layers][physical experts] table of integers "
-                             f"({e})") from None
-    if holds_bool(doc[KEY]):
-        raise PlacementError(f"{p}: '{KEY}' must be a table of integers (it holds true/false)")
+                             f"({why})") from None
     if moe_layers is not None:
         if table.ndim != 2:
             raise PlacementError(f"{p}: '{KEY}' must be a [layers][physical experts] table")
