@@ -799,3 +799,107 @@ def test_check_arguments_bounds_are_inclusive_where_the_cli_options_are() -> Non
                 {"time_limit": 0.0}, {"time_limit": -1.0}, {"train_fraction": 1.5}, {"train_fraction": -0.5}):
         with pytest.raises(MoeplaceError, match=f"^{next(iter(bad))}"):
             check_arguments(**bad)
+
+
+def test_improve_layer_keeps_only_exact_improvements_and_solves_three_gpu_transport() -> None:
+    """6 experts on 3 GPUs, layer 1 of random graphs. With intra-layer edges the re-assignment is
+    linearised, so improve_layer keeps it only when the exact cost improves: the gain is never
+    negative (seed 5's linearised layout is worse, even after swaps). Without them it is the
+    transport optimum over all 90 balanced layouts, also where only a 3-cycle (no single swap)
+    improves (seeds 5, 15, 18, 29 start at such a swap-local optimum)."""
+    d = distance_matrix(3, 3, 1.0)
+    layouts = [np.array(p) for p in set(balanced_layouts(6, 3))]
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        graph = random_graph(rng, 3, 6)
+        x = np.stack([rng.permutation(np.repeat(np.arange(3), 2)) for _ in range(3)])
+        y = x.copy()
+        before = layer_cost(graph, y, 1, d)
+        gain = heuristics.improve_layer(graph, y, 1, d)
+        assert gain >= -1e-9 and gain == pytest.approx(before - layer_cost(graph, y, 1, d))
+        plain = AffinityGraph(graph.inter, np.zeros_like(graph.intra))
+        y = x.copy()
+        heuristics.improve_layer(plain, y, 1, d)
+        best = min(layer_cost(plain, np.stack([x[0], a, x[2]]), 1, d) for a in layouts)
+        assert layer_cost(plain, y, 1, d) == pytest.approx(best)
+
+
+def test_coordinate_descent_alternates_sweep_direction_until_a_sweep_gains_too_little(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sweeps run forward, backward, forward, ... over `layers`; the first sweep whose total gain
+    is at most rel_tol x total edge weight (here 1e-6 x 12) is the last, and its number is returned."""
+    graph = AffinityGraph(np.full((3, 2, 2), 1.0), np.zeros((4, 2, 2)))  # total weight 12
+    gains = iter([1.0] * 6 + [1e-3, 0.0, 0.0] + [0.0] * 3)  # sweeps 1-2 gain 3, 3 gains 1e-3, 4 nothing
+    calls: list[int] = []
+
+    def fake_improve(graph: AffinityGraph, x: np.ndarray, layer: int, distance: np.ndarray) -> float:
+        calls.append(layer)
+        return next(gains)
+
+    monkeypatch.setattr(heuristics, "improve_layer", fake_improve)
+    x = np.zeros((4, 2), dtype=np.int64)
+    assert heuristics.coordinate_descent(graph, x, distance_matrix(2, 2, 1.0), layers=range(1, 4)) == 4
+    assert calls == [1, 2, 3, 3, 2, 1, 1, 2, 3, 3, 2, 1]
+
+
+def test_chain_init_groups_the_anchor_by_coselection_or_shuffles_it_by_seed() -> None:
+    """An anchor with intra-layer edges is grouped by them for every seed; one without is a seeded
+    random balanced layout (not one fixed layout). The anchor may be the last layer: the chain
+    then runs backwards only, each layer optimal given the one after it."""
+    rng = np.random.default_rng(13)
+    inter = rng.random((3, 4, 4))
+    intra = np.zeros((4, 4, 4))
+    intra[3, 0, 3] = intra[3, 3, 0] = intra[3, 1, 2] = intra[3, 2, 1] = 1.0  # anchor 3: {0, 3} | {1, 2}
+    graph = AffinityGraph(inter, intra)
+    d = distance_matrix(2, 2, 1.0)
+    layouts = [np.array(p) for p in set(itertools.permutations([0, 0, 1, 1]))]
+    for seed in range(8):
+        x = heuristics.chain_init(graph, 2, 2, d, np.random.default_rng(seed))
+        assert (x[3][0] == x[3][3]) and (x[3][1] == x[3][2]) and x[3][0] != x[3][1]
+        for layer in (2, 1, 0):
+            assert _pair_cost(inter[layer], x[layer], x[layer + 1], d) == pytest.approx(
+                min(_pair_cost(inter[layer], a, x[layer + 1], d) for a in layouts))
+    shuffled = {tuple(heuristics.chain_init(graph, 2, 2, d, np.random.default_rng(seed), anchor=0)[0])
+                for seed in range(8)}
+    assert len(shuffled) > 1 and all(sorted(s) == [0, 0, 1, 1] for s in shuffled)
+
+
+def test_combinatorial_bound_counts_only_the_intra_pairs_a_gpu_or_node_can_hold() -> None:
+    """One layer of 4 experts, all 6 intra pairs weight 1 (total 6), no next-layer traffic. On 2
+    GPUs each expert keeps 1 partner: 4 / 2 = 2 pairs saved (below the total 6), bound 6 - 2 = 4.
+    On 4 GPUs in 2 nodes, node cost 3: no pair shares a GPU, 2 share a node: 3 x 6 - 2 x 2 = 14.
+    Both are the brute-force optimum."""
+    intra = np.ones((2, 4, 4))
+    intra[1] = 0.0
+    for layer in intra:
+        np.fill_diagonal(layer, 0.0)
+    graph = AffinityGraph(np.zeros((1, 4, 4)), intra)
+    for gpus, gpn, node_cost, figure in ((2, 2, 1.0, 4.0), (4, 2, 3.0, 14.0)):
+        d = distance_matrix(gpus, gpn, node_cost)
+        layouts = [np.array(p) for p in set(itertools.permutations(np.repeat(np.arange(gpus), 4 // gpus)))]
+        brute = min(placement_cost(graph, np.stack([a, np.zeros(4, dtype=np.int64)]), d) for a in layouts)
+        assert ilp.combinatorial_bound(graph, gpus, gpn, node_cost) == pytest.approx(figure) == brute
+
+
+def test_perturb_makes_strength_times_half_the_experts_swaps_at_least_one() -> None:
+    """8 experts, one per GPU, so each swap is a transposition of the layer's permutation: after
+    k swaps its parity is k mod 2 and at most 2k experts moved. Strength 0 still swaps one pair
+    (exactly 2 moved); strength 0.75 swaps 0.75 x 8 / 2 = 3 pairs: an odd permutation, and more
+    than the 2 experts one swap could move in some layer."""
+    def parity(perm: np.ndarray) -> int:
+        seen, cycles = np.zeros(len(perm), dtype=bool), 0
+        for i in range(len(perm)):
+            if not seen[i]:
+                cycles += 1
+                while not seen[i]:
+                    seen[i], i = True, int(perm[i])
+        return (len(perm) - cycles) % 2
+
+    x = np.tile(np.arange(8), (5, 1))
+    y = x.copy()
+    heuristics.perturb(y, np.random.default_rng(0), window=5, strength=0.0)
+    assert [int((y[layer] != x[layer]).sum()) for layer in range(5)] == [2] * 5
+    y = x.copy()
+    heuristics.perturb(y, np.random.default_rng(0), window=5, strength=0.75)
+    assert [parity(y[layer]) for layer in range(5)] == [1] * 5
+    assert max(int((y[layer] != x[layer]).sum()) for layer in range(5)) > 2

@@ -7,7 +7,7 @@ The moves, all keeping E/G experts of each layer per GPU:
     * improve_layer: optimal re-assignment of one layer given its neighbours (assign_layer).
       Without intra-layer edges this is a transport problem solved exactly
       (linear_sum_assignment over E/G slots per GPU); the intra-layer part is linearised around
-      the current layer, so the result is only kept when the exact cost improves. Then
+      the current layer, so the result is kept unless the exact cost gets worse. Then
     * swap_descent: Kernighan-Lin style best-improvement swaps of two experts of one layer on
       different GPUs, with exact deltas including intra-layer edges.
     * chain_init: greedy chaining, an anchor layer grouped by co-selection into GPUs then nodes
