@@ -720,17 +720,24 @@ def _pair_cost(inter: np.ndarray, a: np.ndarray, b: np.ndarray, d: np.ndarray) -
     return float((inter * d[a][:, b]).sum())
 
 
+LAYOUTS_2X4 = [np.array(p) for p in sorted(set(itertools.permutations([0, 0, 1, 1])))]  # 4 experts, 2 GPUs
+
+
+def _anchored(anchor: int, seed: int) -> tuple[np.ndarray, AffinityGraph]:
+    """Random inter edges [3, 4, 4] over 4 layers; intra edges only at layer `anchor`, grouping
+    its experts {0, 3} | {1, 2}."""
+    inter = np.random.default_rng(seed).random((3, 4, 4))
+    intra = np.zeros((4, 4, 4))
+    intra[anchor, 0, 3] = intra[anchor, 3, 0] = intra[anchor, 1, 2] = intra[anchor, 2, 1] = 1.0
+    return inter, AffinityGraph(inter, intra)
+
+
 def test_chain_init_assigns_each_layer_optimally_to_the_one_before_it() -> None:
     """2 GPUs x 4 experts, 4 layers: from the anchor (the layer with the most intra-layer weight,
     grouped by co-selection), each later layer is the cheapest balanced layout given the layer
     before it and each earlier one given the layer after it (brute force over the 6 layouts)."""
-    rng = np.random.default_rng(11)
-    inter = rng.random((3, 4, 4))
-    intra = np.zeros((4, 4, 4))
-    intra[2, 0, 3] = intra[2, 3, 0] = intra[2, 1, 2] = intra[2, 2, 1] = 1.0  # anchor 2: {0, 3} | {1, 2}
-    graph = AffinityGraph(inter, intra)
-    d = distance_matrix(2, 2, 1.0)
-    layouts = [np.array(p) for p in set(itertools.permutations([0, 0, 1, 1]))]
+    inter, graph = _anchored(2, seed=11)
+    d, layouts = distance_matrix(2, 2, 1.0), LAYOUTS_2X4
     x = heuristics.chain_init(graph, 2, 2, d, np.random.default_rng(0))
     assert (x[2][0] == x[2][3]) and (x[2][1] == x[2][2]) and x[2][0] != x[2][1]
     assert _pair_cost(inter[2], x[2], x[3], d) == pytest.approx(min(_pair_cost(inter[2], x[2], b, d) for b in layouts))
@@ -751,7 +758,7 @@ def test_improve_layer_and_coordinate_descent_reach_each_layers_transport_optimu
     rng = np.random.default_rng(12)
     graph = AffinityGraph(rng.random((2, 4, 4)), np.zeros((3, 4, 4)))
     d = distance_matrix(2, 2, 1.0)
-    layouts = [np.array(p) for p in set(itertools.permutations([0, 0, 1, 1]))]
+    layouts = LAYOUTS_2X4
 
     def best_cost(x: np.ndarray, layer: int) -> float:
         return min(layer_cost(graph, np.concatenate([x[:layer], a[None], x[layer + 1:]]), layer, d) for a in layouts)
@@ -846,13 +853,8 @@ def test_chain_init_groups_the_anchor_by_coselection_or_shuffles_it_by_seed() ->
     """An anchor with intra-layer edges is grouped by them for every seed; one without is a seeded
     random balanced layout (not one fixed layout). The anchor may be the last layer: the chain
     then runs backwards only, each layer optimal given the one after it."""
-    rng = np.random.default_rng(13)
-    inter = rng.random((3, 4, 4))
-    intra = np.zeros((4, 4, 4))
-    intra[3, 0, 3] = intra[3, 3, 0] = intra[3, 1, 2] = intra[3, 2, 1] = 1.0  # anchor 3: {0, 3} | {1, 2}
-    graph = AffinityGraph(inter, intra)
-    d = distance_matrix(2, 2, 1.0)
-    layouts = [np.array(p) for p in set(itertools.permutations([0, 0, 1, 1]))]
+    inter, graph = _anchored(3, seed=13)
+    d, layouts = distance_matrix(2, 2, 1.0), LAYOUTS_2X4
     for seed in range(8):
         x = heuristics.chain_init(graph, 2, 2, d, np.random.default_rng(seed))
         assert (x[3][0] == x[3][3]) and (x[3][1] == x[3][2]) and x[3][0] != x[3][1]
