@@ -15,6 +15,7 @@ from moeplace.placement import Placement
 
 if TYPE_CHECKING:
     from moeplace.eval.report import Column
+    from moeplace.solve.costmodel import CostModel
 
 # metrics of the summary table; their titles and formats are eval's (eval/report.py COLUMNS), so
 # the same figure of the same placement reads the same in `solve` and in `eval`
@@ -324,7 +325,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         click.echo(f"\nwrote {output}")
 
 
-def loaded_cost_model(cluster: Path | None, model_config: Path | None) -> Any:
+def loaded_cost_model(cluster: Path | None, model_config: Path | None) -> CostModel | None:
     """The cost model of --cluster/--model-config, or None when there is none or it does not
     load: the solver then refuses it, in its order (cheap argument and topology checks first)."""
     from moeplace.errors import MoeplaceError
@@ -338,7 +339,7 @@ def loaded_cost_model(cluster: Path | None, model_config: Path | None) -> Any:
         return None
 
 
-def warn_hidden_size(cost: Any, trace: Any, trace_path: Path) -> None:
+def warn_hidden_size(cost: CostModel, trace: Any, trace_path: Path) -> None:
     """One line on stderr, before the solve, when the cost model's hidden_size is not the one the
     trace meta records (nothing for a trace that records none)."""
     from moeplace.solve.costmodel import hidden_size_mismatch
