@@ -109,6 +109,68 @@ def test_serve_layer_prefers_own_gpu_then_least_loaded() -> None:
     assert far[:, 0].tolist() == [0, 0, 1, 2, 2]
 
 
+def _serve_layer_per_expert(holders: list[list[int]], ids: np.ndarray, primary_gpus: np.ndarray, home: np.ndarray,
+                            gpus_per_node: int, num_gpus: int) -> np.ndarray:
+    """serve_layer's rule written the direct way, one expert and one (expert, node) group at a
+    time with numpy water filling (the implementation before the vectorised one)."""
+    gpus = primary_gpus.copy()
+    node = home // gpus_per_node
+    groups = []
+    for expert in np.unique(ids).tolist():
+        copies = np.asarray(holders[expert])
+        if len(copies) < 2:
+            continue
+        tok, slot = np.nonzero(ids == expert)
+        own = (copies[None, :] == home[tok, None]).any(1)
+        gpus[tok[own], slot[own]] = home[tok[own]]
+        tok, slot = tok[~own], slot[~own]
+        gpus[tok, slot] = -1
+        for n in np.unique(node[tok]):
+            local = copies[copies // gpus_per_node == n]
+            groups.append((expert, int(n), tok[node[tok] == n], slot[node[tok] == n], local if len(local) else copies))
+    load = np.bincount(gpus[gpus >= 0], minlength=num_gpus).astype(np.float64)
+    for _, _, tok, slot, copies in sorted(groups, key=lambda g: (-len(g[2]), g[0], g[1])):
+        level = load[copies]
+        order = np.lexsort((np.arange(len(level)), level))
+        lv, m = level[order], len(level)
+        for i in range(1, len(lv)):
+            if (len(tok) + lv[:i].sum()) / i <= lv[i]:
+                m = i
+                break
+        take = np.zeros(len(lv), dtype=np.int64)
+        take[:m] = np.floor((len(tok) + lv[:m].sum()) / m - lv[:m] + 1e-9)
+        take[: len(tok) - take.sum()] += 1
+        counts = np.empty_like(take)
+        counts[order] = take
+        gpus[tok, slot] = np.repeat(copies, counts)
+        load[copies] += counts
+    return gpus
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_serve_layer_equals_the_per_expert_rule(seed: int) -> None:
+    # the vectorised serve_layer (one pass over all replicated choices, Python only for the
+    # water filling) must pick the same copy for every choice as the direct per-expert rule,
+    # over random copies, homes, node sizes and batch sizes (many groups share GPUs and nodes)
+    rng = np.random.default_rng(seed)
+    for _ in range(150):
+        num_gpus = int(rng.choice([1, 2, 4, 6, 8]))
+        gpus_per_node = int(rng.choice([d for d in range(1, num_gpus + 1) if num_gpus % d == 0]))
+        num_experts = int(rng.integers(1, 24))
+        k = int(rng.integers(1, min(num_experts, 4) + 1))
+        primary = rng.integers(0, num_gpus, num_experts)
+        holders = [[int(g)] for g in primary]
+        for _ in range(int(rng.integers(0, 2 * num_experts))):
+            e, g = int(rng.integers(num_experts)), int(rng.integers(num_gpus))
+            if g not in holders[e]:
+                holders[e].append(g)
+        ids = np.stack([rng.choice(num_experts, k, replace=False) for _ in range(int(rng.integers(1, 40)))])
+        home = rng.integers(0, num_gpus, len(ids))
+        want = _serve_layer_per_expert(holders, ids, primary[ids], home, gpus_per_node, num_gpus)
+        got = serve_layer(holders, ids, primary[ids], home, gpus_per_node, num_gpus)
+        assert got.dtype == np.int64 and got.tolist() == want.tolist()
+
+
 def test_token_gpus_with_replicas_uses_local_copy(small_trace: Trace) -> None:
     e2g = np.tile(np.arange(8) // 2, (3, 1))
     plain = Placement(e2g, 4, 2)

@@ -14,6 +14,7 @@ Metrics (averaged over tokens and the L-1 consecutive layer pairs):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -62,49 +63,73 @@ def serve_layer(holders: list[list[int]], ids: np.ndarray, primary_gpus: np.ndar
        lower load, then copy order, primary first; tokens in trace order).
     On one node every copy is on the token's node, so step 2 is plain least-loaded balancing,
     which is what replicas of a hot expert are for.
+
+    The runtime applies this to every replicated layer of every decode step, so the choices of
+    all replicated experts are handled in one vectorised pass and only the water filling of the
+    (expert, node) groups, a few copies each, is a Python loop.
     """
     gpus = primary_gpus.copy()
-    node = home // gpus_per_node
-    free: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]] = []  # (expert, node, tok, slot, copies)
-    for expert in np.unique(ids).tolist():  # only the experts chosen: a decode step's batch is small
+    replicated = [e for e in np.unique(ids).tolist() if len(holders[e]) > 1]
+    if not replicated:
+        return gpus
+    num_nodes = -(-num_gpus // gpus_per_node)
+    row = np.full(len(holders), -1, dtype=np.int64)  # expert -> its row in `holds`
+    row[replicated] = np.arange(len(replicated))
+    holds = np.zeros((len(replicated), num_gpus), dtype=bool)  # GPUs with a copy
+    for r, expert in enumerate(replicated):
+        holds[r, holders[expert]] = True
+    tok, slot = np.nonzero(row[ids] >= 0)  # choices of a replicated expert, in trace order
+    expert_of = ids[tok, slot]
+    own = holds[row[expert_of], home[tok]]
+    gpus[tok[own], slot[own]] = home[tok[own]]  # step 1
+    tok, slot, expert_of = tok[~own], slot[~own], expert_of[~own]
+    gpus[tok, slot] = -1
+    load = np.bincount(gpus[gpus >= 0], minlength=num_gpus).astype(np.float64).tolist()
+    # step 2: one group per (expert, node); a stable sort keeps each group's tokens in trace order
+    key = expert_of * num_nodes + home[tok] // gpus_per_node
+    order = np.argsort(key, kind="stable")
+    keys, first, size = np.unique(key[order], return_index=True, return_counts=True)
+    served = [0] * len(order)
+    group_order = np.lexsort((keys, -size)).tolist()  # most tokens first, then expert, then node
+    keys, first, size = keys.tolist(), first.tolist(), size.tolist()
+    for g in group_order:
+        expert, node = divmod(keys[g], num_nodes)
         copies = holders[expert]
-        if len(copies) < 2:
-            continue
-        copies_arr = np.asarray(copies)
-        tok, slot = np.nonzero(ids == expert)
-        own = (copies_arr[None, :] == home[tok, None]).any(1)
-        gpus[tok[own], slot[own]] = home[tok[own]]  # step 1
-        tok, slot = tok[~own], slot[~own]
-        gpus[tok, slot] = -1
-        copy_node = copies_arr // gpus_per_node
-        for n in np.unique(node[tok]):
-            mine = node[tok] == n
-            local = copies_arr[copy_node == n]
-            free.append((expert, int(n), tok[mine], slot[mine], local if len(local) else copies_arr))
-    load = np.bincount(gpus[gpus >= 0], minlength=num_gpus).astype(np.float64)
-    for _, _, tok, slot, copies_arr in sorted(free, key=lambda f: (-len(f[2]), f[0], f[1])):  # step 2
-        counts = _water_fill(load[copies_arr], len(tok))
-        gpus[tok, slot] = np.repeat(copies_arr, counts)
-        load[copies_arr] += counts
+        local = [c for c in copies if c // gpus_per_node == node] or copies
+        counts = _fill([load[c] for c in local], size[g])
+        for c, n in zip(local, counts):
+            load[c] += n
+        served[first[g]: first[g] + size[g]] = [c for c, n in zip(local, counts) for _ in range(n)]
+    gpus[tok[order], slot[order]] = served
     return gpus
 
 
 def _water_fill(level: np.ndarray, n: int) -> np.ndarray:
     """Split n units over bins at `level` [c] so the fullest ends as low as possible. int [c]."""
-    order = np.lexsort((np.arange(len(level)), level))
-    lv = level[order]
-    c = len(lv)
+    return np.asarray(_fill(np.asarray(level, dtype=np.float64).tolist(), n), dtype=np.int64)
+
+
+def _fill(level: list[float], n: int) -> list[int]:
+    """`_water_fill` on a short list (a group's copies): plain Python, no per-call numpy overhead."""
+    c = len(level)
+    if n == 1:  # most groups of a decode step: the unit goes to the least-loaded, earliest bin
+        out = [0] * c
+        out[min(range(c), key=lambda i: (level[i], i))] = 1
+        return out
+    order = sorted(range(c), key=lambda i: (level[i], i))  # ties: earlier bin first
+    lv = [level[i] for i in order]
     m = c
     for i in range(1, c):  # fewest bins whose common level stays below the next bin's
-        if (n + lv[:i].sum()) / i <= lv[i]:
+        if (n + sum(lv[:i])) / i <= lv[i]:
             m = i
             break
-    top = (n + lv[:m].sum()) / m
-    take = np.zeros(c, dtype=np.int64)
-    take[:m] = np.floor(top - lv[:m] + 1e-9).astype(np.int64)
-    take[: n - take.sum()] += 1  # the remainder, one each, to the least-loaded bins
-    out = np.empty(c, dtype=np.int64)
-    out[order] = take
+    top = (n + sum(lv[:m])) / m
+    take = [math.floor(top - lv[j] + 1e-9) for j in range(m)] + [0] * (c - m)
+    for j in range(n - sum(take)):  # the remainder, one each, to the least-loaded bins
+        take[j] += 1
+    out = [0] * c
+    for j, i in enumerate(order):
+        out[i] = take[j]
     return out
 
 

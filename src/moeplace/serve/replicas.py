@@ -16,8 +16,9 @@ equals the prediction (eval/traffic.py):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from moeplace.eval.metrics import serve_layer
@@ -30,6 +31,10 @@ class ExpertMap:
     expert_gpu: torch.Tensor  # int64 [moe_layers, E]: rank of each expert's primary copy
     holders: list[list[list[int]] | None]  # per MoE layer: ranks of each expert's copies; None: no replicas
     gpus_per_node: int
+    expert_gpu_host: np.ndarray = field(init=False, repr=False)  # expert_gpu for the replica rule, on the host
+
+    def __post_init__(self) -> None:
+        self.expert_gpu_host = self.expert_gpu.cpu().numpy()
 
     @classmethod
     def from_placement(cls, placement: Placement, device: torch.device) -> "ExpertMap":
@@ -42,18 +47,17 @@ class ExpertMap:
         ids [n, k]: their experts at MoE layer `moe`; index [n]: their rows in the global batch
         of `batch_size` rows (every rank calls this, with the same batch, for every MoE layer).
         """
-        gpu_of = self.expert_gpu[moe]
         holders = self.holders[moe]
         if holders is None:
-            return gpu_of[ids]
+            return self.expert_gpu[moe][ids]
         table = torch.full((batch_size, 1 + ids.shape[1]), -1, dtype=torch.int64, device=ids.device)
         table[index, 0] = comm.rank
         table[index, 1:] = ids
-        table = comm.max_reduce(table, "routing")  # step 2
-        present = table[:, 0] >= 0
-        rows = table[present].cpu().numpy()
-        global_ids = rows[:, 1:]
-        gpus = serve_layer(holders, global_ids, gpu_of.cpu().numpy()[global_ids], rows[:, 0],  # step 3
-                           self.gpus_per_node, comm.world)
-        compact = torch.cumsum(present.long(), 0) - 1  # global row -> row among those present
-        return torch.as_tensor(gpus, device=ids.device)[compact[index]]
+        # step 2, then one copy to the host (the rule runs there): a single device sync per layer
+        rows = comm.max_reduce(table, "routing").cpu().numpy()
+        present = rows[:, 0] >= 0
+        global_ids = rows[present, 1:]
+        served = np.full((batch_size, ids.shape[1]), -1, dtype=np.int64)
+        served[present] = serve_layer(holders, global_ids, self.expert_gpu_host[moe][global_ids],  # step 3
+                                      rows[present, 0], self.gpus_per_node, comm.world)
+        return torch.as_tensor(served, device=ids.device)[index]  # step 4
