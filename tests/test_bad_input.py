@@ -155,7 +155,7 @@ EVAL_CASES: list[tuple[str, Setup, str]] = [
      "t.npz: not JSON but a zip archive (an .npz trace?): is it the right file, or are two arguments swapped?"),
     ("solve-a-layer-csv", lambda t: ["solve", str(_text(t, "layer2.csv", CSV_HEADER + "0,0.5,0.5,0,0\n")),
                                      "--gpus", "2", "-o", str(t / "p.json")],
-     "layer2.csv: not an .npz file (no zip archive signature; it looks like CSV (convert it with `moeplace import csv`))"),
+     "layer2.csv: not an .npz file (no zip archive signature; it looks like CSV (per-token gate weights, one file per layer? `moeplace import csv` converts those))"),
     ("analyze-a-placement", lambda t: ["analyze", str(_placement(t)), "-o", str(t / "report")],
      "p.json: not an .npz file (no zip archive signature; it looks like JSON (a placement?))"),
     ("trace-float-positions", _eval(_placement, lambda t: _npz(t, "t.npz", topk_ids=np.zeros((3, 4, 1), np.int64),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from moeplace import cli
 
 
@@ -115,6 +116,32 @@ def test_solve_refuses_a_train_fraction_for_load_only_input(tmp_path: Path, caps
     assert cli.run(argv) == 0
 
 
+@pytest.mark.parametrize("redundant, load_only, warned", [(1, False, True), (4, False, False), (3, True, True),
+                                                     (0, True, False)])
+def test_solve_says_when_no_engine_can_take_the_placement(redundant: int, load_only: bool, warned: bool, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # 8 experts + R copies on 4 GPUs: with R = 1 or 3 some GPU holds one more slot, which no
+    # engine file can say (export refuses it); solve says so when it writes it, not export later
+    import numpy as np
+
+    from moeplace.solve.synthetic import planted_trace
+    from moeplace.trace.format import make_loads, save_loads, save_trace
+
+    path = tmp_path / "t.npz"
+    if load_only:
+        save_loads(make_loads(np.arange(1, 17).reshape(2, 8)), path)
+    else:
+        save_trace(planted_trace(200, 2, 8, 2, 4, seed=0)[0], path)
+    out = tmp_path / "p.json"
+    assert cli.run(["solve", str(path), "--gpus", "4", "--objective", "balance", "--redundant-experts", str(redundant),
+                    "--time-limit", "2", "-q", "-o", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "no SGLang/vLLM/EPLB form" in line]
+    assert len(lines) == int(warned), lines
+    if warned:
+        assert "holds 3 physical experts but GPU" in lines[0] and "holds 2" in lines[0]
+    assert cli.run(["export", str(out), "--to", "eplb", "-o", str(tmp_path / "e.json")]) == (2 if warned else 0)
+
+
 @pytest.mark.parametrize("name", ["vocab.txt", "vocab.json", "tokenizer.model"])
 def test_serve_and_trace_accept_the_same_tokenizer_files(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import transformers
@@ -136,3 +163,26 @@ def test_huge_weights_are_refused_not_overflowed(option: str, tmp_path: Path, ca
     # 1e308 is finite but overflowed the edge sums into a numpy "invalid entries" crash (exit 3)
     assert cli.run(["solve", str(tmp_path / "absent.npz"), "--gpus", "4", option, "1e308", "-o", str(tmp_path / "p.json")]) == 2
     assert f"Invalid value for '{option}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--objective", "balance", "--top1-weight", "2"], "--top1-weight: set the traffic objective's edge costs, which balance"),
+    (["--objective", "balance", "--smoothing", "1", "--node-cost", "3"], "--node-cost, --smoothing: set the traffic"),
+    (["--objective", "latency", "--coselect-weight", "4"], "--coselect-weight: set the traffic objective's edge costs, "
+                                                           "which latency does not read"),
+    (["--objective", "latency", "--pareto", "--compute-weight", "4"], "--pareto solves for compute weights"),
+])
+def test_solve_refuses_options_its_objective_would_ignore(args: list[str], message: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # they were accepted and silently ignored, so a user believed the placement reflected them
+    from moeplace.solve.synthetic import planted_trace
+    from moeplace.trace.format import save_trace
+
+    save_trace(planted_trace(64, 2, 8, 2, 4, seed=0)[0], tmp_path / "t.npz")
+    cluster = ["--cluster", str(ROOT / "configs/cluster/h100-1x4-nvlink.yaml"),
+               "--model-config", str(ROOT / "configs/model/tiny-moe.yaml")] if "latency" in args else []
+    assert cli.run(["solve", str(tmp_path / "t.npz"), "--gpus", "4", *args, *cluster, "-q",
+                    "-o", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "p.json").exists()

@@ -16,7 +16,7 @@ from moeplace.export.eplb import logical_to_physical, physical_to_logical, place
 from moeplace.export.sglang import sglang_map
 from moeplace.placement import Placement, load_placement
 from moeplace.solve.baselines import random_balanced
-from moeplace.trace.format import make_trace, save_trace
+from moeplace.trace.format import make_loads, make_trace, save_loads, save_trace
 
 FORMATS = ("sglang", "vllm", "vllm-ascend", "eplb")
 
@@ -376,6 +376,28 @@ def test_sglang_rows_from_the_placements_fit_trace(tmp_path: Path, capsys: pytes
     np.testing.assert_array_equal(load_placement(back).expert_to_gpu, p.expert_to_gpu)
 
 
+def test_sglang_rows_of_a_placement_solved_on_a_load_only_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # an SGLang stat dump of a model with a dense first layer imports as loads of decoder layers
+    # 1-3; the balance solve must record them, and --trace must accept the load file, or the map
+    # is written with MoE layer i on decoder layer i (every layer one row off)
+    loads = make_loads(np.random.default_rng(0).integers(1, 50, (3, 8)), meta={"moe_layers": [1, 2, 3]})
+    save_loads(loads, tmp_path / "stat.npz")
+    placement = tmp_path / "p.json"
+    assert run(["solve", str(tmp_path / "stat.npz"), "--gpus", "4", "--objective", "balance",
+                "--redundant-experts", "4", "-q", "-o", str(placement)]) == 0
+    p = load_placement(placement)
+    assert p.trace_model == {"moe_layers": [1, 2, 3]}
+    for extra in ([], ["--trace", str(tmp_path / "stat.npz")]):
+        out = tmp_path / "loc.json"
+        assert cli(str(placement), "--to", "sglang", *extra, "-o", str(out)) == 0
+        np.testing.assert_array_equal(np.asarray(json.loads(out.read_text())["physical_to_logical_map"]),
+                                      sglang_map(p, [1, 2, 3], 4))
+    assert cli(str(placement), "--to", "vllm", "--trace", str(tmp_path / "stat.npz"), "-o", str(tmp_path / "v.json")) == 0
+    save_loads(make_loads(np.ones((2, 8))), tmp_path / "other.npz")  # the fit check reads a load file too
+    assert cli(str(placement), "--to", "eplb", "--trace", str(tmp_path / "other.npz"), "-o", str(tmp_path / "e.json")) == 2
+    assert "placement is for 3 MoE layers x 8 experts, but the trace" in capsys.readouterr().err
+
+
 def test_from_sglang_out_of_range_id_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Expert 0 replaced by id 8 in an 8-expert map: the count inferred from the ids is 9, and
     "no physical copy of expert 0" alone hid the cause."""
@@ -622,6 +644,9 @@ def test_sglang_map_checks_its_layer_arguments() -> None:
         sglang_map(p, [0, 0, 1], 4)  # unchecked, layer 0's row would silently hold MoE layer 1's slots
     with pytest.raises(PlacementError, match="distinct and within"):
         sglang_map(p, [-1, 0, 1], 4)  # unchecked, numpy would write the last row
+    with pytest.raises(PlacementError, match="^2 decoder layers cannot hold the placement's 3 MoE layers$"):
+        sglang_map(p, None, 2)  # no ids given: the error used to be about ids
+    assert sglang_map(p, None, 3).shape == (3, 8)
 
 
 def test_from_vllm_state_with_only_the_physical_map(tmp_path: Path) -> None:
@@ -741,9 +766,11 @@ def test_from_eplb_without_phy2log_lists_the_keys(tmp_path: Path, capsys: pytest
     assert err.endswith(f"{path}: no 'phy2log' array (keys: ['logcnt', 'num_gpus'])"), err
 
 
-def test_from_eplb_npz_round_trip_reads_the_gpu_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("name", ["eplb.npz", "EPLB.NPZ"])  # an upper-case name got JSON inside
+def test_from_eplb_npz_round_trip_reads_the_gpu_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       name: str) -> None:
     """An .npz stores num_gpus / gpus_per_node as 0-d integer arrays: read back as the counts."""
-    out, back = tmp_path / "eplb.npz", tmp_path / "back.json"
+    out, back = tmp_path / name, tmp_path / "back.json"
     assert cli(_save(replicated(), tmp_path), "--to", "eplb", "-o", str(out)) == 0
     with np.load(out) as z:
         assert z["num_gpus"].shape == () and int(z["num_gpus"]) == 4 and int(z["gpus_per_node"]) == 2

@@ -55,6 +55,23 @@ def test_csv_files_are_ordered_by_layer_number(tmp_path: Path) -> None:
     assert t.positions is None and t.num_experts == 4
 
 
+def test_csv_of_expert_counts_is_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a per-layer count table (layer,expert_0..) imports as "tokens" selecting every expert with
+    # counts as gate weights; the import says what it read and where counts belong
+    counts = tmp_path / "counts.csv"
+    counts.write_text("layer,expert_0,expert_1,expert_2,expert_3\n0,120,30,55,80\n1,10,300,5,8\n")
+    assert run(["import", "csv", str(counts), "-o", str(tmp_path / "c.npz")]) == 0
+    err = capsys.readouterr().err
+    assert "looks like a table of expert counts" in err and "up to 300" in err and "import loads-json" in err
+    # gate weights of a real top-k (some zero in every row), or all experts chosen with
+    # probabilities below 1, get no such line
+    for name, table in (("top2.csv", np.array([[0.3, 0.6, 0.0, 0.0], [0.0, 0.0, 5.0, 2.0]])),
+                        ("all.csv", np.array([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]]))):
+        path = write_layer_csv(tmp_path / name, table, np.array([0, 1]))
+        assert run(["import", "csv", str(path), "-o", str(tmp_path / "t.npz")]) == 0
+        assert "counts" not in capsys.readouterr().err
+
+
 def test_csv_ignores_other_columns(tmp_path: Path) -> None:
     f = tmp_path / "layer0.csv"
     f.write_text("text,expert_1,expert_0,token_id\nhello,0.2,0.7,4\n\"a, b\",0.9,0.0,5\n")

@@ -214,7 +214,7 @@ def looks_like(path: Path) -> str | None:
     if text.startswith(("{", "[")):
         return "JSON (a placement?)"
     if text.split("\n", 1)[0].count(",") >= 2:
-        return "CSV (convert it with `moeplace import csv`)"
+        return "CSV (per-token gate weights, one file per layer? `moeplace import csv` converts those)"
     return None
 
 

@@ -100,9 +100,9 @@ def _model_layers_unchecked(model: Path | None, trace: Path | None, moe_layers: 
                             num_hidden_layers: int | None, placement: Placement | None
                             ) -> tuple[list[int] | None, int | None, int | None, str | None]:
     if trace is not None:
-        from moeplace.trace.format import load_trace
+        from moeplace.trace.format import ExpertLoads, Trace, is_load_only, load_loads, load_trace
 
-        t = load_trace(trace)
+        t: Trace | ExpertLoads = load_loads(trace) if is_load_only(trace) else load_trace(trace)
         if placement is not None:
             placement.check_fits(t.num_layers, t.num_experts, what=f"trace {trace}")
         layers, depth = t.meta.get("moe_layers"), t.meta.get("num_decoder_layers")
@@ -175,8 +175,9 @@ Examples:
                    "also which decoder layers are MoE. --to: refuses a `permute-checkpoint` output already "
                    "renumbered for this placement.")
 @click.option("--trace", type=click.Path(path_type=Path),
-              help="A `moeplace trace` file of this model: checks the placement (written or read, any format) fits "
-                   "it; for sglang its meta also says which decoder layers are MoE.")
+              help="A trace of this model (`moeplace trace`, or a load-only file `moeplace import` wrote): checks the "
+                   "placement (written or read, any format) fits it; for sglang its meta also says which decoder "
+                   "layers are MoE.")
 @click.option("--moe-layers", help="sglang only: decoder layer ids of the MoE layers, e.g. '3-60' (default: all "
                                    "layers, in order).")
 @click.option("--num-hidden-layers", type=click.IntRange(min=1), help="Decoder layers for SGLang rows (default: from --model, else the last MoE layer + 1).")

@@ -175,7 +175,7 @@ def write_eplb(placement: Placement, path: str | Path) -> None:
     phy2log = physical_to_logical(placement)
     log2phy, logcnt = logical_to_physical(phy2log, placement.num_experts)
     meta = {"num_gpus": placement.num_gpus, "gpus_per_node": placement.gpus_per_node}
-    if str(path).endswith(".npz"):
+    if str(path).lower().endswith(".npz"):  # OUT.NPZ too: the name says the format
         save_npz_atomic(path, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt,
                         **{k: np.asarray(v) for k, v in meta.items()})
     else:
@@ -237,7 +237,7 @@ def read_document(p: Path) -> dict[str, Any]:
     """A JSON object, or the arrays of an .npz (never unpickled), or one clear error."""
     if not p.is_file():
         raise PlacementError(f"{p}: no such file")
-    if p.suffix == ".npz":
+    if p.suffix.lower() == ".npz":
         return read_npz(p, "EPLB", PlacementError)
     doc = read_json(p, PlacementError)
     if not isinstance(doc, dict):

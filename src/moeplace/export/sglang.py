@@ -47,7 +47,11 @@ def sglang_map(placement: Placement, moe_layers: list[int] | None = None, num_hi
     Defaults: MoE layer i is decoder layer i and there are no other layers.
     """
     phy2log = physical_to_logical(placement)
-    moe_layers = list(range(placement.num_layers)) if moe_layers is None else moe_layers
+    if moe_layers is None:
+        if num_hidden_layers is not None and num_hidden_layers < placement.num_layers:
+            raise PlacementError(f"{num_hidden_layers} decoder layers cannot hold the placement's {placement.num_layers} "
+                                 "MoE layers")
+        moe_layers = list(range(placement.num_layers))
     # without the depth, rows end at the last MoE layer: trailing dense rows are never read by SGLang
     rows = max(moe_layers, default=-1) + 1 if num_hidden_layers is None else num_hidden_layers
     if rows > MAX_DECODER_LAYERS:
@@ -117,7 +121,7 @@ def read_sglang(path: str | Path, num_gpus: int, gpus_per_node: int, moe_layers:
 
 
 def _load(p: Path) -> dict[str, Any]:
-    if p.suffix == ".pt" and p.is_file():
+    if p.suffix.lower() == ".pt" and p.is_file():
         import torch  # only here: a .pt map is rare and torch is slow to import
 
         try:

@@ -196,16 +196,16 @@ def _objective_names() -> list[str]:
               help="Fit on this seeded random fraction of the tokens; metrics also on the rest (held out). "
                    "Warns when either part has fewer tokens than experts per layer.")
 @click.option("--node-cost", type=FiniteFloat(1.0, MAX_WEIGHT), default=2.0, show_default=True,
-              help="Cost of a cross-node move relative to a cross-GPU move inside a node (>= 1: a move across "
+              help="traffic: cost of a cross-node move relative to a cross-GPU move inside a node (>= 1: a move across "
                    "nodes is never cheaper than one inside a node).")
-@click.option("--top1-weight", type=WEIGHT, default=1.0, show_default=True, help="Extra edge weight of the top-1 -> top-1 transition.")
+@click.option("--top1-weight", type=WEIGHT, default=1.0, show_default=True, help="traffic: extra edge weight of the top-1 -> top-1 transition.")
 @click.option("--coselect-weight", type=WEIGHT, default=None,
-              help="Weight of co-selection edges within a layer (top-k). Default: chosen from 1, 2, 4 by "
+              help="traffic: weight of co-selection edges within a layer (top-k). Default: chosen from 1, 2, 4 by "
                    "2-fold cross-validation on the training tokens (2 on large traces).")
 @click.option("--smoothing", type=WEIGHT, default=None,
-              help="Gate-weighted spread of edges over all k sources. Default: chosen with --prior (equal) from "
+              help="traffic: gate-weighted spread of edges over all k sources. Default: chosen with --prior (equal) from "
                    "0.5, 2 by cross-validation (0.5 on large traces).")
-@click.option("--prior", type=WEIGHT, default=None, help="Weight of the gate-weighted all-pairs transition prior "
+@click.option("--prior", type=WEIGHT, default=None, help="traffic: weight of the gate-weighted all-pairs transition prior "
                                                         "(default: see --smoothing).")
 @click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="latency: cluster config YAML (configs/cluster/*.yaml; docs/cost-model.md).")
@@ -279,9 +279,17 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     if objective != "latency" and (cluster or model_config):
         raise MoeplaceError("--cluster and --model-config give the latency objective its cost model: add --objective "
                             "latency (any placement's predicted time: moeplace eval --cluster)")
-    given = click.get_current_context().get_parameter_source("compute_weight") != click.core.ParameterSource.DEFAULT
-    if objective != "latency" and given:
+    ctx = click.get_current_context()
+    given = {name for name in ("compute_weight", "node_cost", "top1_weight", "coselect_weight", "smoothing", "prior")
+             if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    if objective != "latency" and "compute_weight" in given:
         raise MoeplaceError("--compute-weight weighs the latency objective's compute term: add --objective latency")
+    if pareto and "compute_weight" in given:
+        raise MoeplaceError("--pareto solves for compute weights 0, 1, 4, 16 and 64 itself: drop --compute-weight")
+    if objective != "traffic" and (weights := sorted(given - {"compute_weight"})):
+        flags = ", ".join("--" + name.replace("_", "-") for name in weights)
+        raise MoeplaceError(f"{flags}: set the traffic objective's edge costs, which {objective} does not read "
+                            "(latency takes its costs from --cluster; balance has only loads)")
     if objective == "traffic" and redundant_experts:
         raise MoeplaceError("--redundant-experts applies to --objective latency or balance")
     if is_load_only(trace_path):
@@ -318,11 +326,26 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
                                     train_fraction=train_fraction, progress=not quiet, **options)
     with writing(output):
         placement.save(output)
+    warn_no_engine_form(placement)
     if not quiet:
         click.echo(summary(placement, trace_path.name, str(trace_path), str(output)))
         if pareto:
             click.echo("\n" + render_front(placement.solver["pareto"]))
         click.echo(f"\nwrote {output}")
+
+
+def warn_no_engine_form(placement: Placement) -> None:
+    """One line on stderr when GPUs hold different numbers of copies (uneven counts, or E + R not
+    a multiple of G): eval and serve take such a placement, SGLang, vLLM and EPLB files cannot
+    express it, so `moeplace export` will refuse it; better said at solve time than at export."""
+    from moeplace.errors import PlacementError
+    from moeplace.export.eplb import physical_to_logical
+
+    try:
+        physical_to_logical(placement)
+    except PlacementError as e:
+        warn(f"this placement has no SGLang/vLLM/EPLB form ({str(e).split(';')[0]}): `moeplace eval` and "
+             "`moeplace serve` take it, `moeplace export` will refuse it")
 
 
 def loaded_cost_model(cluster: Path | None, model_config: Path | None) -> CostModel | None:
@@ -382,12 +405,14 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
     placement = balance_placement(loads.loads, gpus, gpn, redundant, time_limit, max_experts_per_gpu, progress=not quiet,
                                   max_experts_per_gpu_total=max_experts_per_gpu_total)
     placement.trace_sha256 = loads.sha256 or None
+    placement.trace_model = loads.model_identity()  # its moe_layers map MoE rows to decoder layers on export
     placement.solver["software"] = software()
     eplb = _eplb_imbalance(loads.loads, gpus, gpn, redundant)
     if eplb is not None:
         placement.metrics["eplb"] = eplb
     with writing(output):
         placement.save(output)
+    warn_no_engine_form(placement)
     if not quiet:
         m = placement.metrics
         bound = float("nan") if placement.bound is None else placement.bound  # balance always sets one

@@ -66,12 +66,7 @@ class Trace:
         return int(self.topk_ids.shape[0])
 
     def model_identity(self) -> dict[str, Any] | None:
-        """Which model the routing came from, as far as meta says: model (a path or hub id),
-        model_type, moe_layers (decoder layer indices) and renumbered_from (the original of a
-        checkpoint `permute-checkpoint` renumbered); None when meta says none of them."""
-        found: dict[str, Any] = {key: self.meta[key] for key in ("model", "model_type", "moe_layers", "renumbered_from")
-                                 if key in self.meta}
-        return found or None
+        return model_identity(self.meta)
 
     def meta_hidden_size(self) -> int | None:
         """The traced model's hidden size, meta `hidden_size` (`moeplace trace` records it from the
@@ -312,7 +307,7 @@ def load_trace(path: str | Path) -> Trace:
     name = str(p)
     if p.stat().st_size == 0:
         raise TraceError(f"{name}: file is empty")
-    if p.suffix == ".npy":
+    if p.suffix.lower() == ".npy":
         trace = _load_exflow_npy(p)
     else:
         trace = _load_npz(p)
@@ -426,6 +421,19 @@ class ExpertLoads:
     def num_experts(self) -> int:
         return int(self.loads.shape[1])
 
+    def model_identity(self) -> dict[str, Any] | None:
+        return model_identity(self.meta)
+
+
+def model_identity(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """Which model a trace's or load file's routing came from, as far as its meta says: model (a
+    path or hub id), model_type, moe_layers (decoder layer indices) and renumbered_from (the
+    original of a checkpoint `permute-checkpoint` renumbered); None when meta says none of them.
+    A placement records it (trace_model) so that export and serve can check and map layers."""
+    found: dict[str, Any] = {key: meta[key] for key in ("model", "model_type", "moe_layers", "renumbered_from")
+                             if key in meta}
+    return found or None
+
 
 def make_loads(loads: np.ndarray, meta: dict[str, Any] | None = None, name: str = "loads",
                what: str = "expert_loads") -> ExpertLoads:
@@ -462,7 +470,7 @@ def is_load_only(path: str | Path) -> bool:
     every stage uses: a readable .npz holding 'expert_loads' and no 'topk_ids' (a file with both
     is read as the trace, whose per-token paths say more). False for anything else, unreadable
     files included: load_trace then names the problem."""
-    if Path(path).suffix == ".npy":  # ExFlow's top-1 trace
+    if Path(path).suffix.lower() == ".npy":  # ExFlow's top-1 trace
         return False
     try:
         return _loads_only(npz_names(path, "trace", TraceError))

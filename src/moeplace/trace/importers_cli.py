@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import click
+import numpy as np
 
 from moeplace.errors import MoeplaceError, warn
 from moeplace.io import loads_json
@@ -169,7 +170,18 @@ def csv_cmd(paths: tuple[Path, ...], top_k: int | None, output: Path, meta: tupl
     with silenced(quiet):
         trace = import_csv(paths, top_k)
     warn_layer_gaps(trace.meta.get("moe_layers", []))
+    warn_counts_table(trace)
     _write(trace, output, meta, quiet)
+
+
+def warn_counts_table(trace: Trace) -> None:
+    """One stderr line when the "gate weights" look like a per-layer table of expert counts (every
+    row selects every expert, whole numbers above 1): imported, each layer row became a token."""
+    w = trace.topk_weights
+    if trace.top_k == trace.num_experts > 1 and w is not None and w.max() > 1 and np.array_equal(w, np.round(w)):
+        warn(f"every row selects all {trace.num_experts} experts with whole numbers up to {w.max():g}: this looks like "
+             "a table of expert counts, not per-token gate weights (each row was read as a token); per-layer counts "
+             "belong in a load-only file: `moeplace import loads-json` (JSON [layers][experts])")
 
 
 def warn_layer_gaps(layers: list[int]) -> None:
@@ -200,7 +212,7 @@ def exflow_cmd(path: Path, num_experts: int | None, output: Path, meta: tuple[st
     """
     from moeplace.trace.format import load_trace
 
-    if path.suffix != ".npy":
+    if path.suffix.lower() != ".npy":
         raise MoeplaceError(f"{path}: an ExFlow trace is a .npy file")
     check_num_experts(num_experts, "--num-experts")
     check_writable(output, inputs=[path])
