@@ -12,6 +12,7 @@ import yaml
 
 from conftest import ROOT
 from moeplace.cli import run
+from moeplace.errors import MoeplaceError
 from moeplace.eval.cli import read_checks
 from moeplace.eval.metrics import evaluate, imbalance
 from moeplace.placement import Placement
@@ -652,3 +653,220 @@ def test_load_report_baselines_need_an_expert_per_gpu() -> None:
     report = build_load_report(spread, np.array([[3.0, 1.0]]))
     assert list(report["layouts"]) == ["placement"] and report["baselines_note"] == "" and report["vs_contiguous"] == {}
     assert report["layouts"]["placement"]["imbalance_per_layer"] == pytest.approx([1.5 / 1.0])
+
+
+def test_random_baseline_is_seeded_as_the_solve_was(trace_path: Path) -> None:
+    """build_report: random uses the placement's solver.seed, else 0; an explicit seed wins."""
+    from moeplace.eval.report import build_report
+    from moeplace.solve.baselines import random_balanced
+
+    trace = load_trace(trace_path)
+    e2g = np.stack([((np.arange(8) - layer) % 8) // 2 for layer in range(4)])
+
+    def random_row(seed: int) -> dict:
+        return evaluate(Placement(random_balanced(4, 8, 4, seed), 4, 2), trace)
+
+    assert len({random_row(s)["cross_gpu_top1"] for s in (0, 5, 8)}) == 3  # the test can tell the seeds apart
+    seeded = Placement(e2g, 4, 2, solver={"name": "x", "seed": 5})
+    assert build_report(seeded, trace)["layouts"]["random"] == pytest.approx(random_row(5))
+    assert build_report(seeded, trace, seed=8)["layouts"]["random"] == pytest.approx(random_row(8))
+    unseeded = Placement(e2g, 4, 2, solver={"name": "x", "seed": "5"})  # not an int: seed 0
+    assert build_report(unseeded, trace)["layouts"]["random"] == pytest.approx(random_row(0))
+
+
+def test_baselines_need_an_expert_per_gpu_and_eplb_may_refuse(tmp_path: Path) -> None:
+    """build_report: G == E still gets every baseline; G > E none (said in the note); a replica
+    count EPLB cannot lay out (E + R not a multiple of G) drops the eplb row, the note says why."""
+    from moeplace.eval.report import build_load_report, build_report
+
+    ids = np.array([[[0], [1]], [[2], [3]], [[3], [0]]])
+    trace = make_trace(ids, num_experts=4)
+    report = build_report(Placement(np.array([[0, 1, 2, 3], [1, 2, 3, 0]]), 4, 2), trace)  # G == E
+    assert list(report["layouts"]) == ["placement", "contiguous", "round_robin", "random", "greedy_load"]
+    assert report["tokens"]["note"] == "all tokens (the placement records no trace)"
+    spread = Placement(np.array([[0, 1, 2, 3], [0, 1, 2, 3]]), 8, 4,
+                       replicas=[[(0, 4), (1, 5), (2, 6), (3, 7)], [(0, 4), (1, 5), (2, 6), (3, 7)]])
+    report = build_report(spread, trace)  # 8 GPUs for 4 experts: no baseline can fill them
+    assert list(report["layouts"]) == ["placement"] and report["vs_contiguous"] == {} and report["baselines_note"] == ""
+    assert report["tokens"]["note"].endswith("; no baselines: 8 GPUs for 4 experts leave some GPU without one")
+    # 4 experts + 1 copy = 5 slots on 4 GPUs: EPLB refuses, the other baselines stay
+    one_copy = Placement(np.array([[0, 1, 2, 3], [1, 2, 3, 0]]), 4, 2, replicas=[[(0, 1)], []])
+    why = ("no eplb baseline (EPLB needs physical slots (5) >= experts (4) and a multiple of GPUs (4), and GPUs "
+           "a multiple of nodes (2)); greedy_load and eplb fitted on the evaluated tokens (the placement records "
+           "no fit loads)")
+    report = build_report(one_copy, trace)
+    assert list(report["layouts"]) == ["placement", "contiguous", "round_robin", "random", "greedy_load"]
+    assert report["baselines_note"] == why and report["copies"]["placement"] == 1
+    report = build_load_report(one_copy, trace.expert_loads())
+    assert list(report["layouts"]) == ["placement", "contiguous", "greedy_load"]
+    assert report["baselines_note"] == why.split("; ")[0] + "; greedy_load and eplb fitted on these loads"
+
+
+def test_replay_progress_counts_each_layout(trace_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The progress line (shown on a replay longer than a second) counts up to every layout, by name."""
+    import moeplace.eval.report as report_module
+
+    calls: list[tuple[float, str]] = []
+
+    class Recorder:
+        def __init__(self, label: str, total: float | None = None) -> None:
+            assert total == 5  # the placement and 4 baselines
+
+        def update(self, done: float, note: str = "") -> None:
+            calls.append((done, note))
+
+        def close(self) -> None:
+            calls.append((-1, "closed"))
+
+    monkeypatch.setattr(report_module, "Progress", Recorder)
+    report_module.build_report(Placement(contiguous(4, 8, 4), 4, 2), load_trace(trace_path))
+    assert calls == [(1, "placement"), (2, "contiguous"), (3, "round_robin"), (4, "random"), (5, "greedy_load"),
+                     (-1, "closed")]
+
+
+def test_threshold_results_on_ratios_and_missing_metrics() -> None:
+    """A node ratio on two nodes is judged like any other; only a one-node placement (nothing
+    crosses nodes anywhere, no ratio) holds as n/a; a missing ratio or metric is one line."""
+    from moeplace.errors import MoeplaceError
+    from moeplace.eval.cli import Verdict, threshold_results
+
+    report = {"trace": "t.npz",
+              "layouts": {"placement": {"cross_gpu_top1": 0.0, "cross_node_top1": 0.3, "dest_nodes_topk": 0.0},
+                          "contiguous": {"cross_gpu_top1": 0.0, "cross_node_top1": 0.4, "dest_nodes_topk": 0.0}},
+              "vs_contiguous": {"placement": {"cross_node_top1": 0.75}}}
+    assert threshold_results(report, {"max_cross_node_vs_contiguous": 0.5, "max_dest_nodes_vs_contiguous": 0.5}) == [
+        Verdict("cross_node_top1/contiguous", 0.75, 0.5, False, "max_cross_node_vs_contiguous"),
+        Verdict("dest_nodes_topk/contiguous", None, 0.5, True, "max_dest_nodes_vs_contiguous")]
+    with pytest.raises(MoeplaceError, match=r"^max_cross_gpu_vs_contiguous: no contiguous cross_gpu_top1 to compare "
+                                            r"with on this trace$"):
+        threshold_results(report, {"max_cross_gpu_vs_contiguous": 1.0})
+    with pytest.raises(MoeplaceError, match=r"^max_moe_time_ratio: the report has no moe_time_us \(the predicted MoE "
+                                            r"time needs a cluster config\)$"):
+        threshold_results(report, {"max_moe_time_ratio": 1.0})
+
+
+def test_gate_values_take_the_fewest_digits_that_keep_the_verdict() -> None:
+    """shown(): 4 decimals unless they contradict the verdict, then 6 significant digits, 7, ..."""
+    from moeplace.eval.cli import Verdict, shown
+
+    assert shown(Verdict("x", 0.58394, 0.6, True)) == ("0.5839", "0.6")
+    assert shown(Verdict("x", 0.5839126, 0.58391, False)) == ("0.583913", "0.58391")  # 0.5839 <= 0.58391 would pass
+    assert shown(Verdict("x", 0.58391234, 0.583912, False)) == ("0.5839123", "0.583912")
+    # one ulp apart: only 17 significant digits tell them apart (16 give 0.3000000000000000 > 0.3)
+    assert shown(Verdict("x", float(np.nextafter(0.3, 1)), 0.3, False)) == ("0.30000000000000004", "0.29999999999999999")
+
+
+def test_eval_option_checks_json_layout_and_check_summary(tmp_path: Path, trace_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    affinity_placement(trace_path, None, tmp_path / "p.json")
+    args = ["eval", str(tmp_path / "p.json"), str(trace_path)]
+    (tmp_path / "m.yaml").write_text("model: {hidden_size: 64, expert_us_per_token: 0.01}\n")
+    assert run(args + ["--model-config", str(tmp_path / "m.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "moeplace: error: --model-config needs --cluster"
+    assert run(args + ["--json"]) == 0  # the report as JSON, indented by 2 (as -o writes it)
+    out = capsys.readouterr().out
+    assert out.startswith('{\n  "placement": ') and out == json.dumps(json.loads(out), indent=2) + "\n"
+    cfg = write_checks(tmp_path / "ci.yaml", [{"name": "a", "placement": "p.json", "max_cross_gpu": 1},
+                                              {"name": "b", "placement": "p.json", "max_imbalance": 10}],
+                       defaults={"trace": "trace.npz"})
+    assert run(["check", str(cfg)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "all 2 checks passed"
+
+
+def test_eplb_baseline_takes_the_expert_groups_of_the_trace_meta(trace_path: Path) -> None:
+    """num_groups in the trace meta reaches EPLB: groups that divide the experts and spread over the
+    nodes give its hierarchical policy; none, or groups that do not divide the experts, the global one."""
+    from moeplace.eval.report import build_report
+
+    trace = load_trace(trace_path)
+    e2g = np.stack([((np.arange(8) - layer) % 8) // 2 for layer in range(4)])
+    replicas = [[(e, int((e2g[layer, e] + 1) % 4)) for e in range(4)] for layer in range(4)]
+    p = Placement(e2g, 4, 2, replicas=replicas)  # 8 experts + 4 copies on 2 nodes x 2 GPUs
+    policies = {}
+    for groups in (None, 2, 3):
+        meta = {} if groups is None else {"num_groups": groups}
+        note = build_report(p, make_trace(trace.topk_ids, num_experts=8, meta=meta))["baselines_note"]
+        policies[groups] = note.split("redundant experts per layer (")[1].split(")")[0]
+    assert policies == {None: "eplb-global", 2: "eplb-hierarchical", 3: "eplb-global"}
+
+
+@pytest.mark.parametrize("doc, message", [
+    ("checks: [{placement: p.json, trace: t.npz, max_imbalance: 2}, 3]", "ci.yaml: check 2 must be a mapping"),
+    ("checks: [{name: a, placement: p.json, trace: t.npz, max_imbalance: 2},\n"
+     "         {placement: q.json, trace: t.npz, max_imbalanse: 2}]", "ci.yaml: check 2 (unnamed): unknown keys ['max_imbalanse']; thresholds are "
+     "max_<cross_gpu|cross_node|dest_gpus|dest_nodes|imbalance>[_vs_contiguous], max_moe_time_ratio"),
+    ("checks: [{name: a, placement: p.json, trace: t.npz, model_config: m.yaml, max_imbalance: 2}]",
+     "ci.yaml: check 1 (a): model_config needs cluster"),
+    ("checks: [{placement: p.json, trace: t.npz, all_tokens: 'yes', max_imbalance: 2}]",
+     "ci.yaml: check 1 (unnamed): all_tokens must be true or false"),
+    ("checks: [{placement: p.json, trace: t.npz, max_imbalance: -0.5}]",
+     "ci.yaml: check 1 (unnamed): max_imbalance must be a non-negative number, got -0.5"),
+    ("checks: [{placement: p.json, trace: t.npz, max_imbalance: 2, max_moe_time_ratio: 1}]",
+     "ci.yaml: check 1 (unnamed): max_moe_time_ratio needs 'cluster' (a cluster config YAML; model_config too "
+     "when it has no model section)"),
+    ("checks: [{name: true, placement: p.json, trace: t.npz, max_imbalance: 2}]",
+     "ci.yaml: check 1 (True): name must be a string, got True"),  # a bool is no numeric name
+])
+def test_check_config_errors_name_the_check(tmp_path: Path, doc: str, message: str) -> None:
+    from moeplace.errors import MoeplaceError
+
+    cfg = tmp_path / "ci.yaml"
+    cfg.write_text(doc)
+    with pytest.raises(MoeplaceError) as e:
+        read_checks(cfg)
+    assert str(e.value) == f"{tmp_path}/{message}"
+
+
+def test_check_config_values_as_read(tmp_path: Path) -> None:
+    """read_checks: a 0 threshold is valid, `cluster: null` drops the default's, numeric names become
+    strings, an unnamed check is `check N`, all_tokens is kept."""
+    cfg = tmp_path / "ci.yaml"
+    cfg.write_text("defaults: {trace: t.npz, cluster: c.yaml}\n"
+                   "checks:\n"
+                   "  - {name: 2026, placement: p.json, cluster: null, max_imbalance: 0, all_tokens: true}\n"
+                   "  - {placement: q.json, max_moe_time_ratio: 0.9}\n")
+    first, second = read_checks(cfg)
+    assert first == {"name": "2026", "placement": tmp_path / "p.json", "trace": tmp_path / "t.npz", "all_tokens": True,
+                     "limits": {"max_imbalance": 0.0}}
+    assert second == {"name": "check 2", "placement": tmp_path / "q.json", "trace": tmp_path / "t.npz",
+                      "cluster": tmp_path / "c.yaml", "limits": {"max_moe_time_ratio": 0.9}}
+
+
+def test_traffic_report_names_the_model_folder_or_none(tmp_path: Path, trace_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    affinity_placement(trace_path, None, tmp_path / "p.json")
+    trace = load_trace(trace_path)
+    seqs = tmp_path / "seqs.npz"
+    save_trace(make_trace(trace.topk_ids, num_experts=8, sequence_ids=np.repeat(np.arange(20), 10),
+                          positions=np.tile(np.arange(10), 20)), seqs)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_local_experts": 8, "num_experts_per_tok": 2}))
+    rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(seqs), "--hidden-size", "64")
+    assert rc == 0 and report["traffic"]["model"] is None and report["traffic"]["kv_bytes_per_rank"] is None
+    rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(seqs), "--model", str(model))
+    # kv_sync row per decoder layer: 2 x 2 K/V heads x head_dim 16 x 2 bytes + 12 = 140, x 4 layers
+    assert rc == 0 and report["traffic"]["model"] == str(model) and report["traffic"]["kv_bytes_per_rank"] == 4 * 140
+
+
+def test_check_without_the_defaults_cluster_drops_its_cost_model_parts(tmp_path: Path) -> None:
+    # `cluster: null` in a check used to keep the defaults' model_config ("model_config needs
+    # cluster") and max_moe_time_ratio ("needs 'cluster'"): a check could not opt out in one key
+    cfg = tmp_path / "ci.yaml"
+    cfg.write_text("defaults: {trace: t.npz, cluster: c.yaml, model_config: m.yaml, max_moe_time_ratio: 0.9,\n"
+                   "           max_imbalance: 1.5}\n"
+                   "checks:\n"
+                   "  - {name: loads, placement: p.json, cluster: null}\n"
+                   "  - {name: own, placement: p.json, cluster: null, max_moe_time_ratio: 0.8}\n"
+                   "  - {name: timed, placement: q.json}\n")
+    with pytest.raises(MoeplaceError, match=r"check 2 \(own\): max_moe_time_ratio needs 'cluster'"):
+        read_checks(cfg)  # one the check sets itself is still refused without a cluster
+    cfg.write_text(cfg.read_text().replace("  - {name: own, placement: p.json, cluster: null, max_moe_time_ratio: 0.8}\n", ""))
+    loads, timed = read_checks(cfg)
+    assert loads == {"name": "loads", "placement": tmp_path / "p.json", "trace": tmp_path / "t.npz",
+                     "limits": {"max_imbalance": 1.5}}
+    assert timed["cluster"] == tmp_path / "c.yaml" and timed["model_config"] == tmp_path / "m.yaml"
+    assert timed["limits"] == {"max_moe_time_ratio": 0.9, "max_imbalance": 1.5}

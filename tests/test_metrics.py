@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moeplace.eval.metrics import _water_fill, evaluate, gpu_loads, imbalance, serve_layer, token_gpus
+from moeplace.eval.metrics import _fill, evaluate, gpu_loads, imbalance, serve_layer, token_gpus
 from moeplace.placement import Placement
 from moeplace.solve.baselines import all_baselines, contiguous, experts_per_gpu, greedy_load, random_balanced, round_robin
 from moeplace.trace.format import make_trace
@@ -106,10 +106,15 @@ def test_equal_groups_are_served_by_expert_id_then_node() -> None:
 
 def test_water_fill_by_hand() -> None:
     # 2 units on levels [0, 0, 3]: one each to the empty bins (common level 1 stays below 3)
-    assert _water_fill(np.array([0.0, 0.0, 3.0]), 2).tolist() == [1, 1, 0]
+    assert _fill([0.0, 0.0, 3.0], 2) == [1, 1, 0]
     # 3 units on [2, 1, 2]: bin 1 rises to 2, then the 2 left go one each to the least-loaded
     # bins, bin 1 first, then by bin order: levels end at [3, 3, 2], the lowest maximum
-    assert _water_fill(np.array([2.0, 1.0, 2.0]), 3).tolist() == [1, 2, 0]
+    assert _fill([2.0, 1.0, 2.0], 3) == [1, 2, 0]
+    # one unit: the least-loaded bin, the earliest among equals (the decode-step fast path)
+    assert _fill([2.0, 1.0, 1.0], 1) == [0, 1, 0] and _fill([0.0], 1) == [1]
+    # the lowest bins rise to a common level below the next; what is left goes to the bins that
+    # were lowest before, by bin order: [1, 0] + 2 -> [0, 2] (not [1, 1], which ties on the max)
+    assert _fill([1.0, 0.0], 2) == [0, 2] and _fill([0.0, 5.0, 0.0], 7) == [4, 0, 3]
 
 
 def test_baselines_when_gpus_do_not_divide_experts() -> None:

@@ -9,6 +9,7 @@ import re
 import shlex
 import time
 from pathlib import Path
+from typing import Callable
 
 import click
 import numpy as np
@@ -24,11 +25,11 @@ from moeplace.solve.baselines import contiguous
 from moeplace.solve.cli import solve as solve_command, summary
 from moeplace.solve.heuristics import assign_layer, cluster_layer, layer_cost, layer_costs, swap_descent
 from moeplace.solve.solver import (
-    DEFAULT_WEIGHTS, cv_folds, plain_coordinate_ascent, relative_gap, search_traffic, select_weights,
+    DEFAULT_WEIGHTS, SearchResult, cv_folds, plain_coordinate_ascent, relative_gap, search_traffic, select_weights,
     solve_placement, solve_traffic,
 )
 from moeplace.solve.synthetic import planted_trace
-from moeplace.trace.format import load_trace, make_trace, save_trace, split_tokens
+from moeplace.trace.format import Trace, load_trace, make_trace, save_trace, split_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -905,3 +906,134 @@ def test_perturb_makes_strength_times_half_the_experts_swaps_at_least_one() -> N
     heuristics.perturb(y, np.random.default_rng(0), window=5, strength=0.75)
     assert [parity(y[layer]) for layer in range(5)] == [1] * 5
     assert max(int((y[layer] != x[layer]).sum()) for layer in range(5)) > 2
+
+
+def _contiguous_search(calls: list[dict]) -> Callable[..., SearchResult]:
+    """A stand-in for the short searches of cross-validation: records its arguments and returns
+    the contiguous layout, so that every metric scores exactly its contiguous baseline."""
+    def search(graph: AffinityGraph, num_gpus: int, gpus_per_node: int, node_cost: float, deadline: float, seed: int,
+               **kwargs: object) -> SearchResult:
+        calls.append(dict(graph=graph, num_gpus=num_gpus, node_cost=node_cost, seed=seed, **kwargs))
+        layout = contiguous(graph.num_layers, graph.num_experts, num_gpus)
+        return SearchResult(layout, 0.0, 0.0, "stub", {}, False)
+    return search
+
+
+def test_select_weights_scores_each_metric_as_a_ratio_to_contiguous_averaged_over_folds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layout that scores as contiguous on every fold scores 1 per metric: 2 on one node
+    (cross_gpu_top1, dest_gpus_topk), 4 on two (+ cross_node_top1, dest_nodes_topk). Each
+    candidate is fitted on the other fold's tokens only, by a short search (2 restarts, 4 kicks,
+    no ILP) with the final solve's node cost and seed."""
+    from moeplace.solve import solver
+
+    calls: list[dict] = []
+    monkeypatch.setattr(solver, "search_traffic", _contiguous_search(calls))
+    trace, _ = planted_trace(160, 3, 16, 2, 4, seed=5)
+    free = dict.fromkeys(("coselect_weight", "smoothing", "prior"))
+    far = time.monotonic() + 60
+    _, one_node, _ = select_weights(trace, 4, 4, 7, far, free, node_cost=3.0)
+    assert one_node is not None
+    assert one_node["scores"] == [2.0] * 6 and one_node["by"] == "token" and one_node["chosen"] == 0
+    fold = cv_folds(trace, 2, np.random.default_rng(7))
+    folds = [edge_terms(trace.select_tokens(np.flatnonzero(fold == f))) for f in range(2)]
+    assert len(calls) == 12
+    for i, cand in enumerate(one_node["candidates"]):  # one fit per fold, each on that fold's tokens alone
+        fits = [terms.graph(cand["coselect_weight"], cand["smoothing"], cand["prior"]) for terms in folds]
+        got = [calls[2 * i]["graph"], calls[2 * i + 1]["graph"]]
+        same = [[np.allclose(g.inter, f.inter, rtol=1e-12, atol=1e-12) and np.allclose(g.intra, f.intra, rtol=1e-12, atol=1e-12)
+                 for f in fits] for g in got]
+        assert same in ([[True, False], [False, True]], [[False, True], [True, False]])
+    for call in calls:
+        assert (call["num_gpus"], call["node_cost"], call["seed"]) == (4, 3.0, 7)
+        assert (call["restarts"], call["kicks"], call["exact"], call["layer_ilps"]) == (2, 4, False, False)
+    _, two_nodes, _ = select_weights(trace, 4, 2, 7, far, free)
+    assert two_nodes is not None and two_nodes["scores"] == [4.0] * 6
+
+
+def test_select_weights_keeps_a_given_smoothing_and_chooses_the_prior(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--smoothing given, --prior not: the shrinkage grid (0.5, 2) fills the prior alone."""
+    from moeplace.solve import solver
+
+    monkeypatch.setattr(solver, "search_traffic", _contiguous_search([]))
+    trace, _ = planted_trace(160, 3, 16, 2, 4, seed=5)
+    free: dict[str, float | None] = dict(coselect_weight=None, smoothing=1.5, prior=None)
+    _, record, _ = select_weights(trace, 4, 4, 0, time.monotonic() + 60, free)
+    assert record is not None and [(c["coselect_weight"], c["smoothing"], c["prior"]) for c in record["candidates"]] == [
+        (2.0, 1.5, 0.5), (2.0, 1.5, 2.0), (1.0, 1.5, 0.5), (1.0, 1.5, 2.0), (4.0, 1.5, 0.5), (4.0, 1.5, 2.0)]
+
+
+def test_select_weights_skip_rules_at_their_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cross-validation runs at 50 tokens per expert pair and at L x E = 4096, and is skipped
+    (defaults, no record) just above either, and when the folds cannot be formed (one sequence)."""
+    from moeplace.solve import solver
+
+    monkeypatch.setattr(solver, "search_traffic", _contiguous_search([]))
+    rng = np.random.default_rng(0)
+    free = dict.fromkeys(("coselect_weight", "smoothing", "prior"))
+    far = time.monotonic() + 60
+
+    def chosen(tokens: int, layers: int, experts: int, sequence_ids: np.ndarray | None = None) -> bool:
+        trace = make_trace(rng.integers(0, experts, (tokens, layers, 1)), num_experts=experts, sequence_ids=sequence_ids)
+        weights, record, terms = select_weights(trace, 2, 2, 0, far, free)
+        assert (record is None) == (terms is None) and (record is not None or weights == DEFAULT_WEIGHTS)
+        return record is not None
+
+    assert chosen(200, 1, 2) and not chosen(201, 1, 2)  # 50 and 50.25 tokens per pair
+    assert chosen(4, 64, 64) and not chosen(4, 17, 241)  # L x E = 4096 and 4097
+    assert chosen(4, 1, 4, sequence_ids=np.array([0, 0, 1, 1]))
+    assert not chosen(4, 1, 4, sequence_ids=np.zeros(4, dtype=np.int64))
+
+
+def test_select_weights_prints_nothing_when_it_is_quick(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The progress bar stays silent for work under a second, its closing line included."""
+    from moeplace.solve import solver
+
+    monkeypatch.setattr(solver, "search_traffic", _contiguous_search([]))
+    trace, _ = planted_trace(160, 3, 16, 2, 4, seed=5)
+    select_weights(trace, 4, 4, 0, time.monotonic() + 60, dict.fromkeys(("coselect_weight", "smoothing", "prior")),
+                   progress=True)
+    assert capsys.readouterr().err == ""
+
+
+def test_cross_validation_gets_half_of_the_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moeplace.solve import solver
+
+    class Stop(Exception):
+        pass
+
+    got: list[float] = []
+
+    def record(trace: Trace, num_gpus: int, gpus_per_node: int, seed: int, deadline: float, *args: object,
+               **kwargs: object) -> None:
+        got.append(deadline)
+        raise Stop
+
+    monkeypatch.setattr(solver, "select_weights", record)
+    trace, _ = planted_trace(160, 3, 16, 2, 4, seed=5)
+    start = time.monotonic()
+    with pytest.raises(Stop):
+        solver.solve_traffic(trace, 4, 4, 100.0, 0)
+    assert got[0] - start == pytest.approx(50.0, abs=1.0)
+
+
+def test_select_weights_records_the_fold_average_of_the_ratios_to_5_decimals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search that returns contiguous with each layer's experts shifted by one: its recorded
+    score is, averaged over the two held-out folds, the sum of its metrics over contiguous's, rounded."""
+    from moeplace.solve import solver
+
+    def shifted(graph: AffinityGraph, num_gpus: int, *args: object, **kwargs: object) -> SearchResult:
+        return SearchResult(np.roll(contiguous(graph.num_layers, graph.num_experts, num_gpus), 1, axis=1),
+                            0.0, 0.0, "stub", {}, False)
+
+    monkeypatch.setattr(solver, "search_traffic", shifted)
+    trace, _ = planted_trace(160, 3, 16, 2, 4, seed=5)
+    _, record, _ = select_weights(trace, 4, 4, 0, time.monotonic() + 60, dict(coselect_weight=None, smoothing=1.0, prior=1.0))
+    fold = cv_folds(trace, 2, np.random.default_rng(0))
+    ratio = []
+    for f in range(2):
+        held = trace.select_tokens(np.flatnonzero(fold == f))
+        ours = evaluate(Placement(np.roll(contiguous(3, 16, 4), 1, axis=1), 4, 4), held)
+        base = evaluate(Placement(contiguous(3, 16, 4), 4, 4), held)
+        ratio.append(sum(ours[k] / base[k] for k in ("cross_gpu_top1", "dest_gpus_topk")))
+    expected = round((ratio[0] + ratio[1]) / 2, 5)
+    assert record is not None and expected != round(expected, 4) and record["scores"] == [expected] * 3

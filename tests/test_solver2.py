@@ -777,18 +777,89 @@ def test_fit_total_cap_counts_each_move_and_descends_the_layers_it_changed(monke
     assert out[0].copies == [[1], [2], [0], [0], [1], [2]] and balance.copy_counts(out, 3).tolist() == [[2, 2, 2]]
 
 
-def test_balance_ratios_are_scale_free_and_an_idle_layer_counts_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_balance_ratios_are_scale_free_and_an_idle_layer_counts_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """max / mean per layer: 3+3 | 3+2 is 6 / 5.5 whether the loads are token counts or scaled
-    below one token per GPU; a layer with no tokens counts 0 (not NaN), and with no tokens at all
-    the gap is 0. An idle layer halves objective and bound alike, not the gap: 3.5+2 | 3+3 against
-    the mean 5.75 (no ILP, fractional loads: no rounding) keeps its gap of 1 - 5.75 / 6."""
+    below one token per GPU; a layer with no tokens counts 1.0 (balanced, as eval and EPLB's
+    figure say; not NaN, and not 0, which made the mean look better than balance can be), in
+    objective and bound alike. With the layer ILP off (fractional loads: no rounding), 3.5+2 |
+    3+3 against the mean 5.75 has the bound 1 beside 6 / 5.75, and the idle layer adds 1 to both."""
     w = np.array([[3.0, 3.0, 3.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
     for scale in (1.0, 0.01):
         p = balance_placement(w * scale, 2, 2, time_limit=5.0, progress=False)
-        assert p.metrics["imbalance_per_layer"] == pytest.approx([6 / 5.5, 0.0]) and p.metrics["imbalance_max"] == pytest.approx(6 / 5.5)
-        assert p.objective["value"] == pytest.approx(3 / 5.5) and p.gap == pytest.approx(0.0, abs=1e-9)
+        assert p.metrics["imbalance_per_layer"] == pytest.approx([6 / 5.5, 1.0]) and p.metrics["imbalance_max"] == pytest.approx(6 / 5.5)
+        assert p.objective["value"] == pytest.approx((6 / 5.5 + 1) / 2) and p.gap == pytest.approx(0.0, abs=1e-9)
     idle = balance_placement(np.zeros((1, 4)), 2, 2, time_limit=5.0, progress=False)
-    assert idle.objective["value"] == 0.0 and idle.gap == 0.0
+    assert idle.objective["value"] == 1.0 and idle.bound == 1.0 and idle.gap == 0.0
     monkeypatch.setattr(balance, "ILP_MAX_VARS", 0)
     half = balance_placement(w + [[0.5, 0.0, 0.0, 0.0], [0.0] * 4], 2, 2, time_limit=5.0, progress=False)
-    assert half.objective["value"] == pytest.approx(6 / 5.75 / 2) and half.gap == pytest.approx(1 - 5.75 / 6)
+    obj = (6 / 5.75 + 1) / 2
+    assert half.objective["value"] == pytest.approx(obj) and half.bound == pytest.approx(1.0)
+    assert half.gap == pytest.approx(1 - 1 / obj)
+
+
+def test_fit_total_cap_never_moves_a_copy_onto_a_gpu_whose_layer_slots_are_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 GPUs, 3 slots, cap 5; counts 3 | 3 | 1 in both layers, the second relabelled 3 | 1 | 3
+    (totals 6 | 4 | 4). The first layer's loads 10+1+1 | 0.1 x 3 | 10: its lightest GPU 1 has no
+    free slot, so a 1 goes to GPU 2 (12 -> 11); moving the 10 to GPU 1 would lower the max more
+    (to 10.3) but give GPU 1 four copies in a layer. The second layer (all 1s) gains nothing."""
+    monkeypatch.setattr(balance, "improve_layer", lambda weight, copies, *args, **kwargs: copies)
+    w = np.array([[10.0, 1.0, 1.0, 0.1, 0.1, 0.1, 10.0], [1.0] * 7])
+    plan = [[0], [0], [0], [1], [1], [1], [2]]
+    out = balance.fit_total_cap([balance.LayerPlan(plan, 0.0, 0.0, "x"), balance.LayerPlan(plan, 0.0, 0.0, "x")], w, 3, 3, 5)
+    assert [p.copies for p in out] == [[[0], [2], [0], [1], [1], [1], [2]], [[2], [2], [2], [0], [0], [0], [1]]]
+    assert balance.copy_counts(out, 3).tolist() == [[2, 3, 2], [3, 1, 3]] and [p.method for p in out] == ["x+cap", "x"]
+
+
+
+def test_fit_total_cap_rates_a_move_by_its_copy_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A move of a copy with share s (load / copies) off h to g is rated max(other GPUs, h - s, g + s).
+    6+3+1 | 2 (cap 2): moving the 6 gives 4 | 8, the 3 gives 7 | 5, the 1 gives 9 | 3: the 3 moves.
+    Expert 0 (6) on GPUs 0 and 1, 8+8 on GPU 0 and 7 on GPU 2 (loads 16 | 6 | 7, cap 2): its copy on
+    GPU 0 has share 6 / 2 = 3, and moving it to GPU 2 gives max(6, 13, 10) = 13, moving an 8 to
+    GPU 1 max(7, 8, 14) = 14: the replica's copy moves."""
+    monkeypatch.setattr(balance, "improve_layer", lambda weight, copies, *args, **kwargs: copies)
+    out = balance.fit_total_cap([balance.LayerPlan([[0], [0], [0], [1]], 0.0, 0.0, "x")], np.array([[6.0, 3.0, 1.0, 2.0]]), 2, 3, 2)
+    assert out[0].copies == [[0], [1], [0], [1]]
+    out = balance.fit_total_cap([balance.LayerPlan([[0, 1], [0], [0], [2]], 0.0, 0.0, "x")],
+                                np.array([[6.0, 8.0, 8.0, 7.0]]), 3, 3, 2)
+    assert out[0].copies == [[2, 1], [0], [0], [2]] and out[0].max_load == 16.0
+
+
+def test_fit_total_cap_rates_a_move_against_the_largest_other_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 GPUs, cap 4; counts 3 | 2 | 2 | 1 and 2 | 2 | 2 | 2 (relabelled GPU 3 -> 0, 0 -> 3: totals
+    5 | 4 | 4 | 3, GPU 3 the only one with room). The first layer (1+4+6 | 12 | 5 | 4) keeps its max
+    12 on GPU 1 whatever GPU 0 gives GPU 3: no move lowers it (rise 0). The second (4.6+0.4 | 4 | 4 | 4):
+    the 0.4 to GPU 3 lowers its max 5 -> 4.6 (rise -0.4 / 4.25), so that move is made."""
+    monkeypatch.setattr(balance, "improve_layer", lambda weight, copies, *args, **kwargs: copies)
+    w = np.array([[1.0, 4.0, 6.0, 12.0, 5.0, 4.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 4.6, 0.4]])
+    plans = [balance.LayerPlan([[0], [0], [0], [1], [2], [3], [1], [2]], 0.0, 0.0, "a"),
+             balance.LayerPlan([[0], [0], [1], [1], [2], [2], [3], [3]], 0.0, 0.0, "b")]
+    out = balance.fit_total_cap(plans, w, 4, 3, 4)
+    assert [(p.copies, p.method) for p in out] == [([[0], [0], [0], [1], [2], [3], [1], [2]], "a"),
+                                                   ([[3], [3], [1], [1], [2], [2], [0], [3]], "b+cap")]
+
+
+def test_fit_total_cap_leaves_each_gpu_a_copy_in_every_layer_over_several_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 GPUs, cap 4; counts 4 | 1 | 1 and 2 | 2 | 2 (relabelled GPU 2 -> 0: totals 6 | 3 | 3), so GPU 0
+    gives two copies. First the second layer's 10 (10+0.01 | 0 | 0 -> 0.01 | 10 | 0: rise -0.01 / 3.34, as
+    for the 0.01: a tie goes to the first copy);
+    GPU 0 then keeps one copy there, so the second comes off the first layer (1 x 4 | 10 | 10: a 1 to
+    GPU 2, the only one under the cap, rise +1 / 8), not the 0.01 (rise 0)."""
+    monkeypatch.setattr(balance, "improve_layer", lambda weight, copies, *args, **kwargs: copies)
+    w = np.array([[1.0, 1.0, 1.0, 1.0, 10.0, 10.0], [10.0, 0.01, 0.0, 0.0, 0.0, 0.0]])
+    plans = [balance.LayerPlan([[0], [0], [0], [0], [1], [2]], 0.0, 0.0, "x"),
+             balance.LayerPlan([[2], [2], [0], [0], [1], [1]], 0.0, 0.0, "x")]
+    out = balance.fit_total_cap(plans, w, 3, 5, 4)
+    assert [p.copies for p in out] == [[[2], [0], [0], [0], [1], [2]], [[1], [0], [1], [1], [2], [2]]]
+    assert balance.copy_counts(out, 3).tolist() == [[3, 1, 2], [1, 3, 2]]
+
+
+def test_fit_total_cap_descends_only_layers_of_at_most_improve_max_experts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """10+1+1+1 | 7 (5 experts, cap 3): the move gives 12 | 8 and the descent 11, which runs only
+    while the layer has at most IMPROVE_MAX_EXPERTS experts (the count of experts, not of layers)."""
+    w = np.array([[10.0, 1.0, 1.0, 1.0, 7.0]])
+    plan = balance.LayerPlan([[0], [0], [0], [0], [1]], 13.0, 10.0, "x")
+    for limit, max_load in ((5, 11.0), (4, 12.0)):
+        monkeypatch.setattr(balance, "IMPROVE_MAX_EXPERTS", limit)
+        assert balance.fit_total_cap([plan], w, 2, 4, 3)[0].max_load == pytest.approx(max_load)
+

@@ -166,7 +166,8 @@ def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_f
     if is_load_only(trace_path):
         if metric_fns:
             raise MoeplaceError(f"{trace_path} is a load-only file (expert loads, no token paths): the predicted "
-                                "time and traffic need a routing trace; drop --cluster/--hidden-size/--model")
+                                "time and traffic need a routing trace; drop --cluster/--hidden-size/--model (in "
+                                "`moeplace check`: `cluster: null` in that check)")
         loads = load_loads(trace_path)
         check_fits(loads.loads.shape[0], loads.loads.shape[1], what="loads")
         return build_load_report(placement, loads.loads, placement_name=str(placement_path),
@@ -395,6 +396,10 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
             raise MoeplaceError(f"{path}: check {i + 1} must be a mapping")
         check = {**defaults, **raw}
         label = f"{path}: check {i + 1} ({check.get('name', 'unnamed')})"
+        if "cluster" in raw and raw["cluster"] is None:  # no cost model here: nor the defaults' parts of one
+            for key in ("model_config", *(k for k in _LIMIT_KEYS if gate_metric(k)[0] == "moe_time_us")):
+                if key not in raw:
+                    check.pop(key, None)
         unknown = set(check) - _CHECK_KEYS - _LIMIT_KEYS
         if unknown:
             raise MoeplaceError(f"{label}: unknown keys {_names(unknown)}; thresholds are {_THRESHOLD_NAMES}")

@@ -104,13 +104,13 @@ def serve_layer(holders: list[list[int]], ids: np.ndarray, primary_gpus: np.ndar
     return gpus
 
 
-def _water_fill(level: np.ndarray, n: int) -> np.ndarray:
-    """Split n units over bins at `level` [c] so the fullest ends as low as possible. int [c]."""
-    return np.asarray(_fill(np.asarray(level, dtype=np.float64).tolist(), n), dtype=np.int64)
-
-
 def _fill(level: list[float], n: int) -> list[int]:
-    """`_water_fill` on a short list (a group's copies): plain Python, no per-call numpy overhead."""
+    """Split n units over bins at `level` [c] so the fullest ends as low as possible; units per bin.
+
+    Water filling: the lowest bins rise to a common level that stays at or below the next bin's,
+    the units that rounding leaves go one each to the bins that were lowest (ties: earlier bin).
+    Plain Python: a group's copies are a few bins, and numpy's per-call overhead would dominate.
+    """
     c = len(level)
     if n == 1:  # most groups of a decode step: the unit goes to the least-loaded, earliest bin
         out = [0] * c

@@ -540,11 +540,12 @@ def _to_placement(plans: list[LayerPlan], loads: np.ndarray, num_gpus: int, gpus
                   slots: int, total_cap: int | None = None) -> Placement:
     mean = loads.sum(axis=1) / num_gpus
     safe = np.where(mean > 0, mean, 1.0)
-    ratio = np.array([p.max_load for p in plans]) / safe
+    # a layer with no load (a dense layer recorded as zeros) is balanced: 1.0, as eval.metrics.imbalance says
+    ratio = np.where(mean > 0, np.array([p.max_load for p in plans]) / safe, 1.0)
     bound = np.array([p.bound for p in plans])
     if redundant == 0 and np.array_equal(loads, np.round(loads)):
         bound = np.ceil(bound - 1e-6)  # each GPU's load is a sum of whole expert loads: an integer
-    bound = bound / safe
+    bound = np.where(mean > 0, bound / safe, 1.0)
     obj, lb = float(ratio.mean()), float(bound.mean())
     e2g = np.array([[c[0] for c in p.copies] for p in plans], dtype=np.int64)
     replicas = [[(e, g) for e, c in enumerate(p.copies) for g in c[1:]] for p in plans]
