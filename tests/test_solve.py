@@ -331,7 +331,12 @@ def test_cli_reads_exflow_npy(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert run(["solve", str(path), "--gpus", "2", "--time-limit", "2", "--coselect-weight", "3", "-o", str(out),
                 "-q"]) == 0
-    assert load_placement(out).num_experts == 8 and capsys.readouterr().out == ""
+    captured = capsys.readouterr()
+    assert load_placement(out).num_experts == 8 and captured.out == ""
+    # the .npy holds no expert count: a model whose top expert no token picked would get a
+    # placement for one expert fewer, so the solve names the count it assumed and the way out
+    assert "exflow.npy: an ExFlow .npy records no expert count: 8 assumed (its largest id + 1)" in captured.err
+    assert "moeplace import exflow" in captured.err
     doc = json.loads(out.read_text())  # a given weight is kept; the others are chosen, folds by token
     cv = doc["solver"]["cross_validation"]
     assert doc["objective"]["coselect_weight"] == 3.0 and cv["by"] == "token" and len(cv["candidates"]) == 2

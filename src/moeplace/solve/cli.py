@@ -300,6 +300,9 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         return _solve_loads(trace_path, gpus, gpus_per_node, redundant_experts, max_experts_per_gpu,
                             max_experts_per_gpu_total, time_limit, output, quiet)
     trace = load_trace(trace_path)
+    if trace.meta.get("source") == "exflow-npy":  # the placement's expert count comes from the ids alone
+        warn(f"{trace_path}: an ExFlow .npy records no expert count: {trace.num_experts} assumed (its largest id + 1); "
+             f"if the model has more, `moeplace import exflow {trace_path} --num-experts N -o TRACE.npz` records it")
     if train_fraction < 1.0:
         warn_small_split(trace.num_tokens, trace.num_experts, train_fraction, seed)
     options: dict[str, Any] = {}
