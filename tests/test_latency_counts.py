@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moeplace.solve.costmodel import load_cost_model
+from moeplace.solve.costmodel import Cluster, CostModel, ModelCost, load_cost_model
+from moeplace.solve import latency
 from moeplace.solve.latency import LatencyModel, SearchModels, fold_tokens
 from moeplace.solve.solver import solve_placement
 from moeplace.solve.synthetic import planted_trace
+from moeplace.trace.format import Trace, make_trace
 
 from conftest import ROOT
 
@@ -120,3 +122,153 @@ def test_solve_is_the_same_as_with_full_recounts(monkeypatch: pytest.MonkeyPatch
     moves = ("swaps_accepted", "lp_accepted", "cap_moves_accepted")
     assert [fast[2].get(m) for m in moves] == [slow[2].get(m) for m in moves]
     assert fast[2]["swaps_accepted"] > 0  # the descent's trial moves were counted, and some kept
+
+
+def test_multiplicities_hold_a_token_with_128_experts_on_one_gpu() -> None:
+    """int8 holds a token's count of experts on a GPU up to k = 127; at k = 128 all of a token's
+    experts on one GPU count 128 (int16), not -128."""
+    ids = np.tile(np.arange(128), (8, 1, 1))  # 8 tokens, 1 layer, each selecting all 128 experts
+    cm = load_cost_model(ROOT / "configs/cluster/h100-1x8-nvlink.yaml", MODEL)
+    models = SearchModels(LatencyModel(cm, make_trace(ids, num_experts=128), 1.0, smooth=True), [])
+    mult = models._multiplicities(np.zeros(128, dtype=np.int64), 0)
+    assert mult.shape == (8, 8) and mult[0].tolist() == [128] * 8 and not mult[1:].any()
+    one_each = models._multiplicities(np.arange(128) % 8, 0)
+    assert (one_each == 16).all()
+
+
+def test_touched_tokens_select_a_moved_expert_or_start_on_one() -> None:
+    """_touched at a layer: the tokens selecting an expert moved there, and those whose top-1
+    expert of the layer before moved (their home); layer 0 has no layer before (its homes are
+    round-robin), so a move at the last layer touches nothing there."""
+    t = np.arange(8)
+    ids = np.stack([np.stack([t % 4, (t + 1) % 4], 1), np.stack([(t + 2) % 4, (t + 3) % 4], 1)], 1)  # [8, 2, 2]
+    cm = load_cost_model(ROOT / "configs/cluster/h100-1x8-nvlink.yaml", MODEL)
+    models = SearchModels(LatencyModel(cm, make_trace(ids, num_experts=4), 1.0, smooth=True), [])
+    e2g = np.array([[0, 1, 2, 3], [0, 1, 2, 3]])
+    last = e2g.copy()
+    last[1, 0] = 5  # expert 0 of layer 1, selected by tokens with t % 4 in (1, 2)
+    assert [x.tolist() for x in models._touched(e2g, last, 1)] == [[1, 2, 5, 6], [0]]
+    assert [x.tolist() for x in models._touched(e2g, last, 0)] == [[], []]
+    first = e2g.copy()
+    first[0, 1] = 5  # expert 1 of layer 0: selected by t % 4 in (0, 1), the top-1 of t % 4 == 1
+    assert [x.tolist() for x in models._touched(e2g, first, 0)] == [[0, 1, 4, 5], [1]]
+    assert [x.tolist() for x in models._touched(e2g, first, 1)] == [[1, 5], []]
+
+
+def test_commit_takes_only_the_counts_of_the_last_proposal() -> None:
+    """Counts of an earlier proposal, or a commit with none since `reset`, would make another
+    placement's counts current: refused."""
+    trace, _ = planted_trace(64, 2, 16, 2, 8, seed=1)
+    cm = load_cost_model(ROOT / "configs/cluster/h100-1x8-nvlink.yaml", MODEL)
+    models = SearchModels(LatencyModel(cm, trace, 1.0, smooth=True), fold_tokens(trace.num_tokens, seed=0))
+    e2g = np.tile(np.arange(16) % 8, (2, 1))
+    models.reset(e2g)
+    with pytest.raises(AssertionError, match="commit what propose just gave"):
+        models.commit([0, 1], [c.copy() for c in models.counts])
+    first, second = e2g.copy(), e2g.copy()
+    first[0, [0, 1]], second[0, [0, 2]] = [1, 0], [2, 0]
+    _, stale = models.propose(e2g, first, [0, 1])
+    _, fresh = models.propose(e2g, second, [0, 1])
+    with pytest.raises(AssertionError, match="commit what propose just gave"):
+        models.commit([0, 1], stale)
+    models.commit([0, 1], fresh)
+    np.testing.assert_array_equal(models.e2g, second)
+
+
+def _recorded_search(monkeypatch: pytest.MonkeyPatch, num_layers: int, seed: int
+                     ) -> tuple[Trace, SearchModels, np.ndarray, list[np.ndarray], list[tuple[np.ndarray, list[int]]]]:
+    """A skewed 16-expert trace on 8 GPUs, its search models, a random 2-per-GPU layout and its
+    parts, with latency._accept replaced by a stand-in that notes each (candidate, layers) and
+    keeps none."""
+    trace, _ = planted_trace(200, num_layers, 16, 2, 8, seed=seed, zipf=1.2)
+    cm = load_cost_model(ROOT / "configs/cluster/h100-1x8-nvlink.yaml", MODEL)
+    models = SearchModels(LatencyModel(cm, trace, 1.0, smooth=True), fold_tokens(trace.num_tokens, seed=0))
+    best = np.stack([np.random.default_rng(layer).permutation(np.arange(16) % 8) for layer in range(num_layers)])
+    tried: list[tuple[np.ndarray, list[int]]] = []
+
+    def record(models: SearchModels, best: np.ndarray, cand: np.ndarray, parts: list[np.ndarray], layers: list[int]) -> bool:
+        tried.append((cand, layers))
+        return False
+
+    monkeypatch.setattr(latency, "_accept", record)
+    return trace, models, best, models.reset(best), tried
+
+
+@pytest.mark.parametrize("num_layers, cap", [(3, 7), (3, 6), (2, 4)])
+def test_cap_moves_take_an_expert_off_the_hottest_gpu_and_pair_it_where_b_is_full(
+        monkeypatch: pytest.MonkeyPatch, num_layers: int, cap: int) -> None:
+    """Each cap move (latency._cap_moves) takes one expert off the layer's GPU with the most
+    selections to another GPU b; under a cap of 7 (6 held each) b has room and the move is alone;
+    at a cap of 6 b is full, so one of b's experts goes to a at the other layer where a has the
+    most spare load (the hottest GPU's load less a's), b's least selected expert there (also
+    with 2 layers, where the other layer is the one partner)."""
+    trace, models, best, parts, tried = _recorded_search(monkeypatch, num_layers, seed=7)
+    loads = trace.expert_loads()
+    gpu_load = np.stack([np.bincount(row, weights=w, minlength=8) for row, w in zip(best, loads)])  # [L, G]
+    layer = 1
+    a = int(np.argmax(gpu_load[layer]))
+    assert latency._cap_moves(models, best, parts, layer, cap, np.random.default_rng(0), 0.0) == 0 and tried == []
+    assert latency._cap_moves(models, best, parts, layer, cap, np.random.default_rng(0), float("inf")) == 0
+    assert len(tried) == 16
+    for cand, layers in tried:
+        moved = np.flatnonzero(cand[layer] != best[layer])
+        assert len(moved) == 1 and best[layer, moved[0]] == a and cand[layer, moved[0]] != a
+        b = int(cand[layer, moved[0]])
+        others = [t for t in range(num_layers) if t != layer]
+        if cap > 2 * num_layers:
+            assert layers == [layer] and (cand[others] == best[others]).all()
+            continue
+        partner = others[int(np.argmax([gpu_load[t].max() - gpu_load[t, a] for t in others]))]
+        assert layers == [layer, partner]
+        mine = np.flatnonzero(best[partner] == b)
+        back = mine[np.argmin(loads[partner, mine])]
+        assert np.flatnonzero(cand[partner] != best[partner]).tolist() == [back] and cand[partner, back] == a
+        assert (np.bincount(cand.ravel(), minlength=8) == cap).all()  # totals stay at the cap
+
+
+def test_swap_descent_swaps_across_gpus_mostly_off_the_hottest_and_stops_at_the_deadline(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """64 tries per call, each a swap of two experts of the layer on different GPUs, one of them
+    on the GPU with the most selections in about half the tries (the other half at random: an
+    expert there 1 time in 8, or its partner); none once the deadline has passed."""
+    trace, models, best, parts, tried = _recorded_search(monkeypatch, 3, seed=6)
+    assert latency._swap_descent(models, best, parts, 2, np.random.default_rng(0), 0.0) == 0 and tried == []
+    assert latency._swap_descent(models, best, parts, 2, np.random.default_rng(0), float("inf")) == 0
+    hottest = int(np.argmax(np.bincount(best[2], weights=trace.expert_loads()[2], minlength=8)))
+    on_hottest = 0
+    assert len(tried) == 64
+    for cand, layers in tried:
+        a, b = np.flatnonzero(cand[2] != best[2])
+        assert layers == [2] and (cand[:2] == best[:2]).all() and best[2, a] != best[2, b]
+        assert (cand[2, a], cand[2, b]) == (best[2, b], best[2, a])
+        on_hottest += hottest in (best[2, a], best[2, b])
+    assert on_hottest > 0.5 * 64
+
+
+def test_cap_moves_on_one_gpu_try_nothing() -> None:
+    """A single GPU has nowhere to move an expert to: no tries (and no error)."""
+    trace, _ = planted_trace(64, 2, 4, 2, 1, seed=2)
+    mc = ModelCost("m", 1000, 2.0, 2.0, expert_us_per_token=1.0, expert_fixed_us=1.0, batch_tokens=None)
+    cost = CostModel(Cluster("1x1", 1, 1, 1.0, 0.0, 1.0, 0.0), mc)
+    models = SearchModels(LatencyModel(cost, trace, 1.0, smooth=True), fold_tokens(trace.num_tokens, seed=0))
+    best = np.zeros((2, 4), dtype=np.int64)
+    parts = models.reset(best)
+    assert latency._cap_moves(models, best, parts, 0, 8, np.random.default_rng(0), float("inf")) == 0
+    assert (best == 0).all()
+
+
+def test_cap_moves_leave_a_hottest_gpu_holding_one_expert_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every GPU keeps at least one expert of each layer: when the hottest GPU holds a single
+    expert (expert 0, chosen by every token), no move is tried."""
+    t = np.arange(64)
+    layer_ids = np.stack([np.zeros(64, dtype=np.int64), 1 + t % 15], 1)
+    trace = make_trace(np.stack([layer_ids, layer_ids], 1), num_experts=16)
+    cm = load_cost_model(ROOT / "configs/cluster/h100-1x8-nvlink.yaml", MODEL)
+    models = SearchModels(LatencyModel(cm, trace, 1.0, smooth=True), fold_tokens(trace.num_tokens, seed=0))
+    row = np.concatenate([[0], 1 + np.arange(15) % 7])  # expert 0 alone on GPU 0, 2 or 3 on the others
+    best = np.stack([row, row])
+    parts = models.reset(best)
+    tried: list[list[int]] = []
+    monkeypatch.setattr(latency, "_accept", lambda models, best, cand, parts, layers: tried.append(layers) or False)
+    assert latency._cap_moves(models, best, parts, 0, 6, np.random.default_rng(0), float("inf")) == 0
+    assert tried == []

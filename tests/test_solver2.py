@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from pathlib import Path
 
 import highspy
@@ -18,8 +19,8 @@ from moeplace.solve import balance, eplb, latency, moetuner
 from moeplace.solve.balance import (_holds, balance_placement, batch_layer_loads, expected_gpu_loads, ilp_layer,
                                    layer_loads, layer_max_load, lpt_layer)
 from moeplace.solve.costmodel import Cluster, CostModel, ModelCost, layer_traffic, load_cost_model, predict
-from moeplace.solve.latency import (Z_ACCEPT, LatencyModel, SearchModels, fold_tokens, latency_bound, round_assignment,
-                                   significant)
+from moeplace.solve.latency import (Z_ACCEPT, LatencyModel, SearchModels, count_range, fold_tokens, latency_bound,
+                                   round_assignment, shrunk_loads, significant)
 from moeplace.solve.baselines import all_baselines
 from moeplace.solve.moetuner import moetuner_placement
 from moeplace.solve.replicate import add_replicas
@@ -863,3 +864,127 @@ def test_fit_total_cap_descends_only_layers_of_at_most_improve_max_experts(monke
         monkeypatch.setattr(balance, "IMPROVE_MAX_EXPERTS", limit)
         assert balance.fit_total_cap([plan], w, 2, 4, 3)[0].max_load == pytest.approx(max_load)
 
+
+
+def test_acceptance_rule_edges_no_folds_two_folds_and_ties() -> None:
+    """Without folds (a trace too small to split) any cut past the 1e-9 rounding slack passes;
+    with two folds the rule still asks for Z_ACCEPT standard errors; a cut of exactly that many
+    does not pass (the rule wants more)."""
+    assert significant(-10.0, np.array([])) and significant(-10.0, np.array([-1.0]))
+    assert not significant(-1e-9, np.array([])) and not significant(-1e-9, np.zeros(4))
+    assert not significant(-1.0, np.array([-40.0, 30.0]))  # se = 35: a cut of 1 is noise
+    assert significant(-250.0, np.array([-40.0, 30.0]))  # 7.1 se
+    noisy = np.array([-40.0, 30.0, -35.0, 5.0])
+    assert not significant(-Z_ACCEPT * float(np.std(noisy, ddof=1)) / math.sqrt(4), noisy)
+
+
+def test_folds_need_two_tokens_each() -> None:
+    """FOLDS folds of at least two tokens each: 8 tokens split 2 + 2 + 2 + 2, 7 do not split."""
+    assert [f.tolist() for f in fold_tokens(8, seed=1)] == [sorted(f.tolist()) for f in fold_tokens(8, seed=1)]
+    assert [len(f) for f in fold_tokens(8, seed=1)] == [2, 2, 2, 2] and fold_tokens(7, seed=1) == []
+
+
+def test_shrunk_loads_keep_the_share_of_the_spread_past_counting_noise() -> None:
+    """Per layer: mean + (var - mean) / var x (load - mean). [0, 10, 20]: mean 10, var 200 / 3,
+    so 0.85 of each deviation stays; a spread within Poisson noise (var <= mean) and an even
+    layer (var 0) give the layer mean."""
+    loads = np.array([[0.0, 10.0, 20.0], [9.0, 10.0, 11.0], [4.0, 4.0, 4.0]])
+    np.testing.assert_allclose(shrunk_loads(loads), [[1.5, 10.0, 18.5], [10.0] * 3, [4.0] * 3], rtol=1e-12)
+
+
+def test_count_range_is_equal_counts_or_what_the_other_layers_leave_of_the_cap() -> None:
+    e2g = np.array([[0, 0, 1, 2], [0, 1, 1, 2]])  # experts per GPU: [2, 1, 1] at layer 0, [1, 2, 1] at layer 1
+    least, most = count_range(e2g, 0, 3, cap=4)
+    assert least.tolist() == [1, 1, 1] and most.tolist() == [3, 2, 3]  # 4 - [1, 2, 1]
+    assert [r.tolist() for r in count_range(e2g, 1, 3, cap=4)] == [[1, 1, 1], [2, 3, 3]]  # 4 - [2, 1, 1]
+    assert [r.tolist() for r in count_range(e2g, 1, 2, cap=None)] == [[2, 2], [2, 2]]  # E / G
+
+
+def test_latency_bound_figures_by_hand() -> None:
+    """Step 5 of the latency module docstring on 8 tokens, 2 layers, 8 experts, top-3, 4 GPUs.
+    Layer 0: expert 0 takes every token (8), experts 1-4 two each, 5 and 6 four, 7 none (7
+    active); layer 1: 3 each (8 active). Compute: max(mean GPU, hottest expert) = max((0.5 x 7 +
+    24) / 4, 8) = 8 and max((0.5 x 8 + 24) / 4, 3) = 7. Traffic: 2 slots per GPU, so each token
+    has ceil(3 / 2) - 1 = 1 remote GPU: 8 tokens x 1000 x 2 (dispatch) or 1 (combine) bytes over
+    the 4 GPUs at (1 + 3) GB/s = 1.0 and 0.5 us, plus the least link latency 0.25 per phase."""
+    t = np.arange(8)
+    ids = np.stack([np.stack([np.zeros(8, dtype=int), 1 + t % 4, 5 + t % 2], 1),
+                    np.stack([t, (t + 1) % 8, (t + 2) % 8], 1)], 1)  # [8, 2, 3]
+    trace = make_trace(ids, num_experts=8)
+    mc = ModelCost("m", 1000, 2.0, 1.0, expert_us_per_token=1.0, expert_fixed_us=0.5, batch_tokens=None)
+    two_nodes = CostModel(Cluster("2x2", 2, 2, 1.0, 0.5, 3.0, 0.25), mc)
+    assert latency_bound(LatencyModel(two_nodes, trace), 4, 0) == pytest.approx(8 + 7 + 2 * (1.0 + 0.5 + 2 * 0.25))
+    assert latency_bound(LatencyModel(two_nodes, trace, compute_weight=2.0), 4, 0) == pytest.approx(2 * 15 + 4.0)
+    # one node: NVLink alone (1 GB/s: 4.0 and 2.0 us), its latency 0.5
+    one_node = CostModel(Cluster("1x4", 1, 4, 1.0, 0.5, 3.0, 0.25), mc)
+    assert latency_bound(LatencyModel(one_node, trace), 4, 0) == pytest.approx(15 + 2 * (4.0 + 2.0 + 2 * 0.5))
+    # one GPU per node: the network alone (3 GB/s: 4 / 3 and 2 / 3 us), the least latency 0.25
+    four_nodes = CostModel(Cluster("4x1", 4, 1, 1.0, 0.5, 3.0, 0.25), mc)
+    assert latency_bound(LatencyModel(four_nodes, trace), 4, 0) == pytest.approx(15 + 2 * (2.0 + 2 * 0.25))
+    # token 0 alone: 3 experts a layer, (0.5 x 3 + 3) / 4 = 1.125; one remote GPU for its one token
+    # (1000 x 3 bytes / 4 GPUs / 4 GB/s) is a positive volume, so it pays the latency too
+    one = LatencyModel(two_nodes, make_trace(ids[:1], num_experts=8))
+    assert latency_bound(one, 4, 0) == pytest.approx(2 * 1.125 + 2 * (0.1875 + 2 * 0.25))
+    # a batch of 16 (scale 2): loads and traffic double, experts active with 1 - (1 - share)^16
+    batch = dataclasses.replace(two_nodes, model=dataclasses.replace(mc, batch_tokens=16))
+    share = trace.expert_loads() / 8
+    active = (1 - (1 - share) ** 16).sum(1)
+    compute = max((0.5 * active[0] + 48) / 4, 16.0) + max((0.5 * active[1] + 48) / 4, 6.0)
+    assert latency_bound(LatencyModel(batch, trace), 4, 0) == pytest.approx(compute + 2 * (2.0 + 1.0 + 2 * 0.25))
+    # 8 copies (4 slots per GPU: ceil(3 / 4) - 1 = 0 remote GPUs, no traffic): the hottest
+    # replica (at most 8 / 2 once expert 0 is copied) is below the mean GPU, 6.875 and 7
+    assert latency_bound(LatencyModel(two_nodes, trace), 4, 8) == pytest.approx(6.875 + 7)
+    # a total cap of 4 over 2 layers lets a GPU hold min(8 - 4 + 1, 4 - 1) = 3 experts of a layer:
+    # ceil(3 / 3) - 1 = 0 remote GPUs; a cap of 2 leaves the 2 slots of equal counts
+    assert latency_bound(LatencyModel(two_nodes, trace), 4, 0, cap=4) == pytest.approx(15)
+    assert latency_bound(LatencyModel(two_nodes, trace), 4, 0, cap=2) == pytest.approx(19)
+
+
+def test_latency_replicas_take_the_lowest_value_ties_to_the_search_and_skip_repeats(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 4: copies go on the searched layout, then each start; the lowest value wins, a tie
+    (within 1e-9) keeps the searched one, a start equal to the layout picked so far is not tried
+    again, and past the end only the searched layout gets copies."""
+    from moeplace.solve import replicate
+    values = {0: 10.0, 1: 10.0 - 1e-10, 2: 9.0}  # by the layout's first GPU id
+    calls: list[int] = []
+
+    def fake(exact, x, redundant, end, folds):  # type: ignore[no-untyped-def]
+        calls.append(int(x[0, 0]))
+        return [[(int(x[0, 0]), 0)]], values[int(x[0, 0])]
+
+    monkeypatch.setattr(replicate, "add_replicas", fake)
+    search, traffic, balance = (np.full((1, 4), v) for v in (0, 1, 2))
+    name, x, reps, value = latency._replicas(None, search, {"traffic": traffic, "balance": balance},  # type: ignore[arg-type]
+                                             2, float("inf"), [])
+    assert (name, x.tolist(), reps, value, calls) == ("balance", balance.tolist(), [[(2, 0)]], 9.0, [0, 1, 2])
+    values[2], calls[:] = 10.0, []
+    assert latency._replicas(None, search, {"traffic": traffic, "balance": balance},  # type: ignore[arg-type]
+                             2, float("inf"), [])[0] == "search"
+    calls.clear()
+    assert latency._replicas(None, search, {"traffic": search.copy(), "balance": balance},  # type: ignore[arg-type]
+                             2, float("inf"), [])[0] == "search" and calls == [0, 2]
+    calls.clear()
+    assert latency._replicas(None, search, {"traffic": traffic, "balance": balance},  # type: ignore[arg-type]
+                             2, 0.0, [])[0] == "search" and calls == [0]
+
+
+def test_round_assignment_fills_each_gpus_least_count_before_any_fraction() -> None:
+    """The bonus of a mandatory slot beats any fraction kept: both experts wholly on GPU 0 still
+    leave GPU 1 its one expert (a bonus of 1 would tie), and one that GPU 1 has room for 3
+    (slots 2 and 3 not mandatory) cannot draw both experts off GPU 0's mandatory slot."""
+    assert round_assignment(np.array([[1.0, 0.0], [1.0, 0.0]]), np.array([1, 1]), np.array([2, 2])).tolist() == [0, 1]
+    even = np.full((2, 2), 0.5)
+    assert np.bincount(round_assignment(even, np.array([1, 1]), np.array([1, 3])), minlength=2).tolist() == [1, 1]
+
+
+def test_latency_bound_under_a_cap_lets_one_gpu_hold_all_but_one_expert_per_other_gpu() -> None:
+    """6 experts on 4 GPUs under a loose cap (6 over 2 layers): a GPU may hold 6 - 4 + 1 = 3 of a
+    layer, so top-3 tokens may need no remote GPU (bound 0) and top-4 ones ceil(4 / 3) - 1 = 1:
+    8 tokens x 1000 x (2 + 1) bytes over 4 GPUs at 4 GB/s, 1.5 us, plus 2 x 0.25 latency, a layer."""
+    mc = ModelCost("m", 1000, 2.0, 1.0, expert_us_per_token=0.0, expert_fixed_us=0.0, batch_tokens=None)
+    cost = CostModel(Cluster("2x2", 2, 2, 1.0, 0.5, 3.0, 0.25), mc)
+    t = np.arange(8)
+    for k, want in ((3, 0.0), (4, 2 * (1.5 + 0.5))):
+        ids = np.stack([(t + j) % 6 for j in range(k)], 1)[:, None, :].repeat(2, axis=1)  # [8, 2, k]
+        assert latency_bound(LatencyModel(cost, make_trace(ids, num_experts=6)), 4, 0, cap=6) == pytest.approx(want)
