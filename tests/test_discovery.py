@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -178,3 +180,137 @@ def test_router_returning_logits_only_is_refused() -> None:
         # routers bypassed (e.g. a fused kernel replacing the block's forward): an error, not a silent gap
         with pytest.raises(MoeplaceError, match="did not run"):
             route_batch(_Model(), rec, torch.zeros(1, 3, dtype=torch.long))
+
+
+def _shard(path: Path, header: dict | list, data: bytes) -> Path:
+    """A safetensors file written by hand, so that a header may lie about its data."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def _f32(begin: int, end: int, *shape: int) -> dict:
+    return {"dtype": "F32", "shape": list(shape), "data_offsets": [begin, end]}
+
+
+def test_safetensors_header_edge_cases(tmp_path: Path) -> None:
+    """What the safetensors library writes is read (no tensors at all, a 0-size tensor); a tensor
+    that starts before the data, or a later one cut off by a truncated file, is refused."""
+    from safetensors.numpy import save_file
+
+    from moeplace.models.checkpoint import read_safetensors_header
+
+    save_file({}, str(tmp_path / "empty.safetensors"), metadata={"format": "pt"})  # header fills the file
+    assert read_safetensors_header(tmp_path / "empty.safetensors") == ({}, {"format": "pt"})
+    save_file({"a": np.zeros((0, 3), np.float32), "b": np.ones(2, np.float32)}, str(tmp_path / "zero.safetensors"))
+    entries, metadata = read_safetensors_header(tmp_path / "zero.safetensors")
+    base = (tmp_path / "zero.safetensors").stat().st_size - 8  # data section: b's 8 bytes at the end
+    assert metadata is None and entries["a"].begin == entries["a"].end == base and entries["b"].end == base + 8
+    assert entries["b"].shape == (2,) and entries["a"].shape == (0, 3)
+
+    before = _shard(tmp_path / "before.safetensors", {"a": _f32(0, 8, 2), "b": _f32(-4, 4, 2)}, bytes(8))
+    with pytest.raises(CheckpointError, match="before.safetensors: truncated or corrupt"):
+        read_safetensors_header(before)
+    cut = _shard(tmp_path / "cut.safetensors", {"a": _f32(0, 8, 2), "b": _f32(8, 16, 2)}, bytes(12))
+    size = cut.stat().st_size  # b's data is 4 bytes short
+    with pytest.raises(CheckpointError, match=rf"cut.safetensors: truncated or corrupt: .* \({size} bytes\)"):
+        read_safetensors_header(cut)
+    short = tmp_path / "short.safetensors"  # a header 4 bytes longer than the file holds (under the cap)
+    short.write_bytes(struct.pack("<Q", 12) + b'{"a": 1}')
+    with pytest.raises(CheckpointError, match=r"not a safetensors file or truncated \(header of 12 bytes\)"):
+        read_safetensors_header(short)
+    short.write_bytes(b"\x08\x00\x00")
+    with pytest.raises(CheckpointError, match=r"short.safetensors: truncated \(no safetensors header\)"):
+        read_safetensors_header(short)
+    listed = _shard(tmp_path / "list.safetensors", [], b"")
+    with pytest.raises(CheckpointError, match=r"list.safetensors: malformed safetensors header$"):
+        read_safetensors_header(listed)
+    bad = _shard(tmp_path / "bad.safetensors", {"a": _f32(0, 6, 2)}, bytes(6))
+    with pytest.raises(CheckpointError, match=r"tensor a holds 6 bytes, but F32 \[2\] needs 8 \(corrupt header\)"):
+        read_safetensors_header(bad)
+
+
+def _moe_dir(root: Path, tensors: dict[str, tuple[int, ...]], config: dict | None = None) -> Path:
+    from safetensors.numpy import save_file
+
+    root.mkdir()
+    save_file({k: np.zeros(shape, np.float32) for k, shape in tensors.items()}, str(root / "model.safetensors"))
+    if config is not None:
+        (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def _layer(layer: int, experts: int = 4, block: str = "mlp") -> dict[str, tuple[int, ...]]:
+    return {f"model.layers.{layer}.{block}.gate.weight": (experts, 3),
+            **{f"model.layers.{layer}.{block}.experts.{e}.w": (2,) for e in range(experts)}}
+
+
+def test_moe_blocks_come_in_decoder_order_past_ten_layers(tmp_path: Path) -> None:
+    """A placement's row l is the l-th MoE layer in decoder order: layer 10 sorts after 9 and 2,
+    not between them as its name does ("layers.10" < "layers.2")."""
+    ckpt = open_checkpoint(_moe_dir(tmp_path / "m", {**_layer(2), **_layer(9), **_layer(10), **_layer(11)},
+                                    {"num_hidden_layers": 12}))
+    blocks = moe_blocks(ckpt)
+    assert [(b.layer, b.prefix) for b in blocks] == [(layer, f"model.layers.{layer}.mlp") for layer in (2, 9, 10, 11)]
+    assert blocks[2].per_expert[3] == ("model.layers.10.mlp.experts.3.w",)
+
+
+@pytest.mark.parametrize("tensors, config, match", [
+    ({**_layer(0), **_layer(0, block="moe")}, None, "more than one MoE block in a decoder layer"),
+    ({**_layer(0), **_layer(1, experts=6)}, None, "MoE layers have different expert counts"),
+    ({**_layer(0), **_layer(1)}, {"text_config": {"n_routed_experts": 8}},
+     "config.json n_routed_experts is 8, but the weights hold 4 experts"),
+    (_layer(0), {"num_local_experts": 6}, "config.json num_local_experts is 6, but the weights hold 4 experts"),
+    ({"model.layers.0.mlp.gate.weight": (0, 3), "model.layers.0.mlp.experts.0.w": (2,)}, None,
+     "no [experts, hidden] router"),
+    ({"model.layers.0.mlp.gate.weight": (4,), "model.layers.0.mlp.experts.0.w": (2,)}, None,
+     "no [experts, hidden] router"),
+])
+def test_moe_layouts_moeplace_cannot_renumber_are_refused(tmp_path: Path, tensors: dict, config: dict | None,
+                                                          match: str) -> None:
+    with pytest.raises(CheckpointError, match=re.escape(match)):
+        moe_blocks(open_checkpoint(_moe_dir(tmp_path / "m", tensors, config)))
+
+
+def test_index_disagreement_names_the_tensor(tmp_path: Path) -> None:
+    root = _moe_dir(tmp_path / "m", _layer(0))
+    weight_map = {k: "model.safetensors" for k in _layer(0)}
+    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {**weight_map, "ghost": "model.safetensors"}}))
+    with pytest.raises(CheckpointError, match=re.escape("the shards disagree (e.g. ['ghost'])")):
+        open_checkpoint(root)
+    del weight_map["model.layers.0.mlp.experts.2.w"]  # a tensor in the shard that the index leaves out
+    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=re.escape("the shards disagree (e.g. ['model.layers.0.mlp.experts.2.w'])")):
+        open_checkpoint(root)
+
+
+def test_a_moe_block_lists_exactly_its_expert_and_router_tensors(tmp_path: Path) -> None:
+    """Qwen2-MoE's shared_expert_gate [1, H] sits beside the router but scores no routed expert:
+    it is neither renumbered nor counted as a per-tensor scale; nor is a dense layer's gate_proj."""
+    from moeplace.models.checkpoint import MoeBlock
+
+    moe = "model.layers.0.mlp"
+    ckpt = open_checkpoint(_moe_dir(tmp_path / "m", {
+        **_layer(0), f"{moe}.gate.e_score_correction_bias": (4,), f"{moe}.experts.input_scale": (),
+        f"{moe}.shared_expert_gate.weight": (1, 3), f"{moe}.shared_expert.gate_proj.weight": (2, 3),
+        "model.layers.1.mlp.gate_proj.weight": (2, 3)}, {"num_experts": 4}))
+    assert moe_blocks(ckpt) == [MoeBlock(
+        layer=0, prefix=moe, num_experts=4, per_expert={e: (f"{moe}.experts.{e}.w",) for e in range(4)}, fused=(),
+        router=(f"{moe}.gate.e_score_correction_bias", f"{moe}.gate.weight"), shared=(f"{moe}.experts.input_scale",))]
+
+
+def test_directories_that_do_not_say_which_files_form_the_model(tmp_path: Path) -> None:
+    """Two shards and no index (e.g. model.safetensors beside consolidated.safetensors) would be
+    merged into one model; an index naming a missing shard, or a config that is no object, is refused."""
+    root = _moe_dir(tmp_path / "m", _layer(0))
+    (root / "consolidated.safetensors").write_bytes((root / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="2 .safetensors files but no model.safetensors.index.json"):
+        open_checkpoint(root)
+    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
+    with pytest.raises(CheckpointError, match="shard gone.safetensors listed in model.safetensors.index.json is missing"):
+        open_checkpoint(root)
+    (root / "model.safetensors.index.json").unlink()
+    (root / "consolidated.safetensors").unlink()
+    (root / "config.json").write_text("[4]")
+    with pytest.raises(CheckpointError, match=r"config.json: not a JSON object"):
+        open_checkpoint(root)

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from moeplace.cli import run
 from moeplace.errors import PlacementError
 from moeplace.export.permute import check_group_routing, check_not_applied, ep_size_note, permute_checkpoint
-from moeplace.models.checkpoint import CheckpointError
+from moeplace.models.checkpoint import CheckpointError, open_checkpoint
 from moeplace.models.tiny import build_tiny_model
 from moeplace.placement import Placement
 from moeplace.serve.engine import check_placement
@@ -525,3 +526,89 @@ def test_the_stage_of_a_killed_run_is_removed_never_a_live_one(qwen: Path, tmp_p
         holder.wait()
     assert _cli(qwen, placement, tmp_path / "out", "--overwrite") == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "p.json"]
+
+
+def _small(root: Path, extra: dict[str, np.ndarray] | None = None) -> Path:
+    """One MoE layer of 4 per-expert experts (expert e's bytes all e) and a router whose row e is e."""
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({"num_hidden_layers": 1}))
+    tensors: dict[str, np.ndarray] = {
+        "model.layers.0.mlp.gate.weight": np.repeat(np.arange(4)[:, None], 3, 1).astype(np.float32),
+        **{f"model.layers.0.mlp.experts.{e}.w": np.full(5, e, np.uint8) for e in range(4)}, **(extra or {})}
+    save_numpy(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
+    return root
+
+
+_SMALL_PLACEMENT = Placement(expert_to_gpu=np.array([[1, 0, 0, 1]]), num_gpus=2, gpus_per_node=2, trace_sha256="ef" * 32)
+
+
+def test_the_record_other_files_and_output_shards(tmp_path: Path) -> None:
+    """The record names what the run did; other files are copied, pickled weights skipped (even
+    in a sub-directory); every shard keeps its metadata and 8-byte aligned data, as the
+    safetensors library writes it; the directory gets the umask's mode, not mkdtemp's 0o700."""
+    src = _small(tmp_path / "src", {"model.embed.weight": np.arange(3, dtype=np.uint8),
+                                    "model.layers.0.mlp.experts.scale": np.arange(4, dtype=np.uint8)[:, None]})
+    (src / "tokenizer").mkdir()
+    (src / "tokenizer" / "vocab.txt").write_text("a b")
+    (src / "old").mkdir()
+    (src / "old" / "weights.pt").write_bytes(b"\x80")
+    (src / "pytorch_model.bin").write_bytes(b"\x80")
+    scale = "model.layers.0.mlp.experts.scale"  # fused [4, 1] uint8, after 23 bytes of uint8 data: an odd offset
+    assert open_checkpoint(src).shards["model.safetensors"][scale].begin % 2 == 1
+    record = permute_checkpoint(src, _SMALL_PLACEMENT, tmp_path / "out", progress=False)
+    expected = {"format": "moeplace.permutation/v1", "source": str(src), "num_gpus": 2, "experts_per_gpu": 2,
+                "moe_layers": [0], "new_to_old": [[1, 2, 0, 3]], "placement_trace_sha256": "ef" * 32,
+                "skipped": ["old", "pytorch_model.bin"]}
+    assert {**record, "new_to_old": np.asarray(record["new_to_old"]).tolist()} == expected
+    assert json.loads((tmp_path / "out" / "moeplace_permutation.json").read_text()) == expected
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "moeplace_permutation.json",
+                                                     "tokenizer"]
+    assert (out / "tokenizer" / "vocab.txt").read_text() == "a b"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o7777 == 0o777 & ~umask
+    data = (out / "model.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    assert length % 8 == 0 and json.loads(data[8:8 + length])["__metadata__"] == {"format": "pt"}
+    tensors = load_numpy(str(out / "model.safetensors"))
+    assert [tensors[f"model.layers.0.mlp.experts.{j}.w"][0] for j in range(4)] == [1, 2, 0, 3]
+    assert tensors["model.layers.0.mlp.gate.weight"][:, 0].tolist() == [1, 2, 0, 3]
+    assert tensors[scale][:, 0].tolist() == [1, 2, 0, 3] and tensors["model.embed.weight"].tolist() == [0, 1, 2]
+
+
+def test_rows_that_do_not_split_into_bytes_and_a_full_disk_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fused F6 tensor [4, 1] is 3 bytes: its rows share bytes, so copying byte rows would write
+    an empty tensor. A disk with less free space than the tensors is refused before writing."""
+    src = _small(tmp_path / "src")
+    data = (src / "model.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    end = max(e["data_offsets"][1] for k, e in header.items() if k != "__metadata__")
+    header["model.layers.0.mlp.experts.w6"] = {"dtype": "F6_E2M3", "shape": [4, 1], "data_offsets": [end, end + 3]}
+    raw = json.dumps(header).encode()
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length:] + bytes(3))
+    with pytest.raises(CheckpointError, match=re.escape("experts.w6: 3 bytes do not split into 4 expert rows")):
+        permute_checkpoint(packed, _SMALL_PLACEMENT, tmp_path / "out", progress=False)
+
+    total = end  # bytes of tensor data in the shard
+    monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(free=total - 1))
+    with pytest.raises(CheckpointError, match=r": 0\.0 GiB free, the permuted checkpoint needs 0\.0 GiB"):
+        permute_checkpoint(src, _SMALL_PLACEMENT, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed", "src"], "a refused run left something"
+    monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(free=2 * total))  # the need is the tensors
+    permute_checkpoint(src, _SMALL_PLACEMENT, tmp_path / "out", progress=False)
+
+
+def test_a_file_cut_while_copying_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    from moeplace.export.permute import _copy_range
+
+    (tmp_path / "short").write_bytes(b"0123456789")
+    with open(tmp_path / "short", "rb") as fin, open(tmp_path / "copy", "wb") as fout:
+        _copy_range(fin, fout, 4, 3)
+        with pytest.raises(CheckpointError, match="short: truncated while copying"):
+            _copy_range(fin, fout, 8, 5)
+    assert (tmp_path / "copy").read_bytes() == b"45689"
