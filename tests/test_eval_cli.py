@@ -13,7 +13,7 @@ import yaml
 from conftest import ROOT
 from moeplace.cli import run
 from moeplace.errors import MoeplaceError
-from moeplace.eval.cli import read_checks
+from moeplace.eval.cli import read_checks, read_model_shape
 from moeplace.eval.metrics import evaluate, imbalance
 from moeplace.placement import Placement
 from moeplace.solve.balance import expected_gpu_loads
@@ -870,3 +870,20 @@ def test_check_without_the_defaults_cluster_drops_its_cost_model_parts(tmp_path:
                      "limits": {"max_imbalance": 1.5}}
     assert timed["cluster"] == tmp_path / "c.yaml" and timed["model_config"] == tmp_path / "m.yaml"
     assert timed["limits"] == {"max_moe_time_ratio": 0.9, "max_imbalance": 1.5}
+
+
+def test_model_shape_bounds_are_inclusive_and_the_kv_width_is_heads_times_dim(tmp_path: Path) -> None:
+    """read_model_shape: hidden_size 2**20 and top_k == experts are valid (the bounds themselves);
+    the K/V row is num_key_value_heads x head_dim wide, 2 x (2**19 + 1) is past 2**20; a missing
+    config.json is named by its OS reason alone."""
+    cfg = {"hidden_size": 2**20, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 2**19, "num_local_experts": 8, "num_experts_per_tok": 8}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert read_model_shape(tmp_path) == {"hidden_size": 2**20, "num_layers": 3, "num_kv_heads": 2,
+                                          "head_dim": 2**19, "num_experts": 8, "top_k": 8}
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_size": 32, "head_dim": 2**19 + 1}))
+    with pytest.raises(MoeplaceError, match=r"config.json num_key_value_heads x head_dim 1048578 is more than 1048576"):
+        read_model_shape(tmp_path)
+    with pytest.raises(MoeplaceError) as e:
+        read_model_shape(tmp_path / "nope")
+    assert str(e.value) == f"--model {tmp_path / 'nope'}: cannot read config.json: No such file or directory"

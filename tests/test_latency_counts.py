@@ -175,15 +175,8 @@ def test_commit_takes_only_the_counts_of_the_last_proposal() -> None:
     np.testing.assert_array_equal(models.e2g, second)
 
 
-def _recorded_search(monkeypatch: pytest.MonkeyPatch, num_layers: int, seed: int
-                     ) -> tuple[Trace, SearchModels, np.ndarray, list[np.ndarray], list[tuple[np.ndarray, list[int]]]]:
-    """A skewed 16-expert trace on 8 GPUs, its search models, a random 2-per-GPU layout and its
-    parts, with latency._accept replaced by a stand-in that notes each (candidate, layers) and
-    keeps none."""
-    trace, _ = planted_trace(200, num_layers, 16, 2, 8, seed=seed, zipf=1.2)
-    cm = load_cost_model(ROOT / "configs/cluster/h100-1x8-nvlink.yaml", MODEL)
-    models = SearchModels(LatencyModel(cm, trace, 1.0, smooth=True), fold_tokens(trace.num_tokens, seed=0))
-    best = np.stack([np.random.default_rng(layer).permutation(np.arange(16) % 8) for layer in range(num_layers)])
+def _record_tries(monkeypatch: pytest.MonkeyPatch) -> list[tuple[np.ndarray, list[int]]]:
+    """latency._accept replaced by a stand-in that notes each (candidate, layers) and keeps none."""
     tried: list[tuple[np.ndarray, list[int]]] = []
 
     def record(models: SearchModels, best: np.ndarray, cand: np.ndarray, parts: list[np.ndarray], layers: list[int]) -> bool:
@@ -191,7 +184,18 @@ def _recorded_search(monkeypatch: pytest.MonkeyPatch, num_layers: int, seed: int
         return False
 
     monkeypatch.setattr(latency, "_accept", record)
-    return trace, models, best, models.reset(best), tried
+    return tried
+
+
+def _recorded_search(monkeypatch: pytest.MonkeyPatch, num_layers: int, seed: int
+                     ) -> tuple[Trace, SearchModels, np.ndarray, list[np.ndarray], list[tuple[np.ndarray, list[int]]]]:
+    """A skewed 16-expert trace on 8 GPUs, its search models, a random 2-per-GPU layout, its
+    parts, and the tries of a search (`_record_tries`)."""
+    trace, _ = planted_trace(200, num_layers, 16, 2, 8, seed=seed, zipf=1.2)
+    cm = load_cost_model(ROOT / "configs/cluster/h100-1x8-nvlink.yaml", MODEL)
+    models = SearchModels(LatencyModel(cm, trace, 1.0, smooth=True), fold_tokens(trace.num_tokens, seed=0))
+    best = np.stack([np.random.default_rng(layer).permutation(np.arange(16) % 8) for layer in range(num_layers)])
+    return trace, models, best, models.reset(best), _record_tries(monkeypatch)
 
 
 @pytest.mark.parametrize("num_layers, cap", [(3, 7), (3, 6), (2, 4)])
@@ -268,7 +272,54 @@ def test_cap_moves_leave_a_hottest_gpu_holding_one_expert_alone(monkeypatch: pyt
     row = np.concatenate([[0], 1 + np.arange(15) % 7])  # expert 0 alone on GPU 0, 2 or 3 on the others
     best = np.stack([row, row])
     parts = models.reset(best)
-    tried: list[list[int]] = []
-    monkeypatch.setattr(latency, "_accept", lambda models, best, cand, parts, layers: tried.append(layers) or False)
+    tried = _record_tries(monkeypatch)
     assert latency._cap_moves(models, best, parts, 0, 6, np.random.default_rng(0), float("inf")) == 0
     assert tried == []
+
+
+def test_cap_moves_skip_a_full_b_with_no_expert_to_give_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full GPU b that holds a single expert at every other layer has none to give back to a:
+    that try is skipped (np.argmax of no partner layers raised), the others still run. 6 experts
+    on 3 GPUs, 4 each (the cap); layer 0 holds 2/3/1, layer 1 2/1/3, and GPU 0 (experts 0, 1,
+    chosen by every token) is the hottest: a move to GPU 1 is skipped, one to GPU 2 is paired at layer 1."""
+    t = np.arange(64)
+    layer_ids = np.stack([t % 2, 2 + t % 4], 1)  # experts 0/1 on GPU 0 take 32 each, 2..5 16 each
+    trace = make_trace(np.stack([layer_ids, layer_ids], 1), num_experts=6)
+    mc = ModelCost("m", 1000, 2.0, 2.0, expert_us_per_token=1.0, expert_fixed_us=1.0, batch_tokens=None)
+    cost = CostModel(Cluster("1x3", 1, 3, 1.0, 0.0, 1.0, 0.0), mc)
+    models = SearchModels(LatencyModel(cost, trace, 1.0, smooth=True), fold_tokens(trace.num_tokens, seed=0))
+    best = np.array([[0, 0, 1, 1, 1, 2], [0, 0, 1, 2, 2, 2]])
+    parts = models.reset(best)
+    tried = _record_tries(monkeypatch)
+    assert latency._cap_moves(models, best, parts, 0, 4, np.random.default_rng(0), float("inf")) == 0
+    assert 0 < len(tried) < 16  # 16 tries, b drawn from GPUs 1 and 2
+    for cand, layers in tried:
+        assert layers == [0, 1]
+        moved = np.flatnonzero(cand[0] != best[0])
+        assert len(moved) == 1 and moved[0] in (0, 1) and cand[0, moved[0]] == 2
+        assert np.flatnonzero(cand[1] != best[1]).tolist() == [3] and cand[1, 3] == 0  # ties: the first of 3, 4, 5
+        assert (np.bincount(cand.ravel(), minlength=3) == 4).all()
+    np.testing.assert_array_equal(best, [[0, 0, 1, 1, 1, 2], [0, 0, 1, 2, 2, 2]])
+
+
+def test_cap_moves_pair_where_a_has_the_most_spare_load_not_the_most_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The paired move lands where a's load is furthest below the layer's hottest GPU: 2 GPUs, 2
+    experts each per layer (6 each, the cap), GPU 0 hottest at layer 0. Layer 1: GPU 0 carries 90
+    of 100 tokens (spare 0); layer 2: 20 (spare 80 - 20 = 60), so layer 2 gives back b's least
+    selected expert there (expert 2: 30 tokens against expert 3's 50)."""
+    top1 = np.repeat([[0, 0, 1], [0, 0, 2], [0, 0, 3], [2, 0, 3], [2, 2, 3]], [20, 30, 10, 30, 10], axis=0)  # [100, 3]
+    trace = make_trace(top1[:, :, None], num_experts=4)
+    mc = ModelCost("m", 1000, 2.0, 2.0, expert_us_per_token=1.0, expert_fixed_us=1.0, batch_tokens=None)
+    cost = CostModel(Cluster("1x2", 1, 2, 1.0, 0.0, 1.0, 0.0), mc)
+    models = SearchModels(LatencyModel(cost, trace, 1.0, smooth=True), fold_tokens(trace.num_tokens, seed=0))
+    np.testing.assert_array_equal(models.selections, [[60, 0, 40, 0], [90, 0, 10, 0], [0, 20, 30, 50]])
+    best = np.tile([0, 0, 1, 1], (3, 1))
+    parts = models.reset(best)
+    tried = _record_tries(monkeypatch)
+    assert latency._cap_moves(models, best, parts, 0, 6, np.random.default_rng(0), float("inf")) == 0
+    assert len(tried) == 16
+    for cand, layers in tried:
+        assert layers == [0, 2] and (cand[1] == best[1]).all()
+        moved = np.flatnonzero(cand[0] != best[0])
+        assert len(moved) == 1 and moved[0] in (0, 1) and cand[0, moved[0]] == 1
+        assert np.flatnonzero(cand[2] != best[2]).tolist() == [2] and cand[2, 2] == 0
