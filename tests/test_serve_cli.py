@@ -555,6 +555,29 @@ def test_prompts_format_follows_the_suffix_then_the_content(model: tuple[Path, l
     assert prompts[0][0] == ([1, 2] if jsonl else first)
 
 
+def test_jsonl_prompt_lines_refuse_sampling_and_name_ignored_keys(tmp_path: Path) -> None:
+    """A batch JSONL line is read like an HTTP request: "temperature": 0.7 is refused (greedy
+    decoding would hide that it was ignored), and a key nothing reads ("max_token", a typo
+    that ran the default length) is named in one warning, with its line."""
+    import warnings
+
+    from moeplace.errors import MoeplaceError, MoeplaceWarning
+    from moeplace.serve.cli import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": [1, 2], "max_tokens": 3, "temperature": 0}\n{"prompt": [3], "max_token": 3}\n'
+                    '{"prompt": [4], "model": "m"}\n')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prompts = read_prompts(str(path), None, 512, 4096, 4)
+    assert [(p[1], p[2]) for p in prompts] == [([1, 2], 3), ([3], 4), ([4], 4)]
+    assert [str(w.message) for w in caught if issubclass(w.category, MoeplaceWarning)] == [
+        f"{path}:2: keys ['max_token'] ignored (a line reads \"prompt\" and \"max_tokens\")"]
+    path.write_text('{"prompt": [1, 2]}\n{"prompt": [3], "temperature": 0.7}\n')
+    with pytest.raises(MoeplaceError, match=r"p.jsonl:2: \"temperature\": 0.7 is not supported"):
+        read_prompts(str(path), None, 512, 4096, 4)
+
+
 @pytest.mark.parametrize("field, value", [("stop", "\n"), ("stop", ["x"]), ("echo", True), ("logprobs", 1),
                                           ("logprobs", 0), ("best_of", 2), ("best_of", True), ("suffix", "end")])
 def test_completion_fields_that_would_change_the_answer_are_refused(field: str, value: Any) -> None:

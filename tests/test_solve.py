@@ -1042,3 +1042,18 @@ def test_select_weights_records_the_fold_average_of_the_ratios_to_5_decimals(mon
         ratio.append(sum(ours[k] / base[k] for k in ("cross_gpu_top1", "dest_gpus_topk")))
     expected = round((ratio[0] + ratio[1]) / 2, 5)
     assert record is not None and expected != round(expected, 4) and record["scores"] == [expected] * 3
+
+
+def test_one_expert_per_layer_solves_and_analyzes(tmp_path: Path) -> None:
+    # a trace whose layers hold a single expert (an import of a one-column CSV, or ids all 0)
+    # made the local search's kick draw two distinct experts out of one: exit 3 from solve and
+    # analyze; there is nothing to swap, and every layout is the one layout
+    trace = make_trace(np.zeros((60, 3, 1), dtype=np.int64), num_experts=1)
+    path = tmp_path / "one.npz"
+    save_trace(trace, path)
+    out = tmp_path / "p.json"
+    assert run(["solve", str(path), "--gpus", "1", "--time-limit", "2", "-q", "-o", str(out)]) == 0
+    assert load_placement(out).expert_to_gpu.tolist() == [[0], [0], [0]]
+    assert run(["analyze", str(path), "--no-figures", "--time-limit", "1", "-o", str(tmp_path / "an")]) == 0
+    x = np.zeros((3, 1), dtype=np.int64)
+    assert list(heuristics.perturb(x, np.random.default_rng(0), window=2, strength=0.3)) in ([0, 1], [1, 2]) and not x.any()

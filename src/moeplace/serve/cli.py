@@ -10,8 +10,9 @@ from typing import Any
 
 import click
 
-from moeplace.errors import AlreadyReported, MoeplaceError
+from moeplace.errors import AlreadyReported, MoeplaceError, warn
 from moeplace.io import loads_json
+from moeplace.serve.httpserver import SAMPLING, BadRequest, check_greedy
 from moeplace.options import (
     DtypeChoice,
     FiniteFloat,
@@ -38,6 +39,8 @@ Several nodes: `torchrun --nnodes ... --nproc-per-node 8 -m moeplace serve ...` 
 (the same options, without --nproc-per-node; on a failure torchrun adds its own traceback after
 the ranks' one line and exits 1). Without either it runs as one rank holding every expert.
 """
+
+PROMPT_KEYS = {"prompt", "max_tokens", "temperature", *SAMPLING}  # what a JSONL prompt line may say
 
 
 @click.command("serve", epilog=EPILOG, context_settings={"max_content_width": 100})
@@ -272,6 +275,7 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int,
         raise MoeplaceError(f"{p}: cannot read it ({e.strerror or e})") from None
     jsonl = prompts_are_jsonl(p, lines)
     out = []
+    ignored = ""  # the first line with keys read by nothing (a typo of max_tokens ran the default)
     for num, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -284,6 +288,12 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int,
                 raise MoeplaceError(f"{where}: not valid JSON ({e})") from None
             if not isinstance(doc, dict) or "prompt" not in doc:
                 raise MoeplaceError(f"{where}: expected an object with a \"prompt\"")
+            try:  # as over HTTP: a request for sampling is refused, not answered greedily
+                check_greedy(doc)
+            except BadRequest as e:
+                raise MoeplaceError(f"{where}: {e}") from None
+            if (unknown := sorted(set(doc) - PROMPT_KEYS)) and not ignored:
+                ignored = f"{where}: keys {unknown} ignored (a line reads \"prompt\" and \"max_tokens\")"
             prompt, limit = doc["prompt"], doc.get("max_tokens", max_new_tokens)
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
                 raise MoeplaceError(f"{where}: max_tokens must be a positive integer")
@@ -307,6 +317,8 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int,
         out.append((prompt, ids, limit))
     if not out:
         raise MoeplaceError(f"{p}: no prompts")
+    if ignored:
+        warn(ignored)
     return out
 
 

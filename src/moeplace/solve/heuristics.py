@@ -229,6 +229,8 @@ def perturb(expert_to_gpu: np.ndarray, rng: np.random.Generator, window: int, st
     num_layers, num_experts = expert_to_gpu.shape
     start = int(rng.integers(0, max(num_layers - window, 0) + 1))
     layers = range(start, min(start + window, num_layers))
+    if num_experts < 2:  # one expert per layer: nothing to swap (and to search)
+        return layers
     for layer in layers:
         for _ in range(max(1, int(strength * num_experts / 2))):
             a, b = rng.choice(num_experts, 2, replace=False)
