@@ -535,7 +535,7 @@ def test_layers_range_is_checked_before_it_is_expanded(planted_file: Path, tmp_p
     """'0-99999999999' was expanded into a list first: out of memory, naming nothing."""
     from moeplace.analyze.cli import parse_pairs
 
-    argv = ["analyze", str(planted_file), "--no-solve", "--no-figures", "-o", str(tmp_path / "out"), "--layers"]
+    argv = ["analyze", str(planted_file), "--no-solve", "-o", str(tmp_path / "out"), "--layers"]
     assert run([*argv, f"0-{2**62}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"moeplace: error: --layers '0-{2**62}': pair indices must be in [0, 2] (pair l is MoE layer l -> l+1)"]
@@ -609,3 +609,19 @@ def test_mean_stats_of_one_row_and_of_partly_missing_ratios() -> None:
     assert mean_stats([{"pair": [0, 1], "mi": 0.5, "capture": {"1": 0.25}}]) == {"mi": 0.5, "capture": {"1": 0.25}}
     rows = [{"layer": 0, "mi_ratio": None, "gini": 0.5}, {"layer": 1, "mi_ratio": 2.0, "gini": 0.25}]
     assert mean_stats(rows) == {"mi_ratio": 2.0, "gini": 0.375}  # None skipped; the layer index is no statistic
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--no-figures", "--heatmap-mode", "top1"], "--heatmap-mode: --no-figures skips the part it sets; drop it or --no-figures"),
+    (["--no-figures", "--layers", "0"], "--layers: --no-figures skips the part it sets"),
+    (["--no-solve", "--gpus", "3"], "--gpus: --no-solve skips the part it sets"),  # a --gpus solve would refuse
+    (["--no-solve", "--time-limit", "3", "--gpus-per-node", "2"],
+     "--gpus-per-node, --time-limit: --no-solve skips the part they set; drop them or --no-solve"),
+])
+def test_options_of_a_skipped_part_are_refused(planted_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               args: list[str], message: str) -> None:
+    """They were accepted and ignored: a user believed the heatmaps or the solve used them."""
+    assert run(["analyze", str(planted_file), *args, "-q", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"moeplace: error: {message}") and "\n" not in err
+    assert not (tmp_path / "out").exists()

@@ -87,6 +87,7 @@ def _check_compatible(a: Source, b: Source, path_b: str) -> None:
 # options (-o, --compare, --hottest, --no-figures, -q) apply to any input.
 PER_TOKEN_OPTIONS = ("shuffles", "seed", "gpus", "gpus_per_node", "time_limit", "no_solve")
 HEATMAP_OPTIONS = ("layers_spec", "heatmap_mode")
+SOLVE_OPTIONS = ("gpus", "gpus_per_node", "time_limit")  # the placement-transfer part's
 
 
 def _refuse_inapplicable(ctx: click.Context, sources: dict[str, tuple[Source, str]]) -> None:
@@ -95,9 +96,7 @@ def _refuse_inapplicable(ctx: click.Context, sources: dict[str, tuple[Source, st
     if not load_only:
         return
     every = len(load_only) == len(sources)
-    names = HEATMAP_OPTIONS + (PER_TOKEN_OPTIONS if every else ())
-    given = [max(p.opts, key=len) for p in ctx.command.params
-             if p.name in names and ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
+    given = _given(ctx, HEATMAP_OPTIONS + (PER_TOKEN_OPTIONS if every else ()))
     if not given:
         return
     what = " and ".join(load_only)
@@ -107,6 +106,22 @@ def _refuse_inapplicable(ctx: click.Context, sources: dict[str, tuple[Source, st
                             f"{'it' if len(given) == 1 else 'them'}")
     raise MoeplaceError(f"{', '.join(given)}: the transition heatmaps need per-token paths in every input, and "
                         f"{what} is load-only (expert loads); drop {'it' if len(given) == 1 else 'them'}")
+
+
+def _refuse_skipped(ctx: click.Context, no_solve: bool, no_figures: bool) -> None:
+    """One line naming the options of a part --no-solve or --no-figures skips: they were
+    accepted and ignored (even a --gpus the solve would refuse)."""
+    for skipped, flag, names in ((no_solve, "--no-solve", SOLVE_OPTIONS), (no_figures, "--no-figures", HEATMAP_OPTIONS)):
+        if skipped and (given := _given(ctx, names)):
+            one = len(given) == 1
+            raise MoeplaceError(f"{', '.join(given)}: {flag} skips the part {'it sets' if one else 'they set'}; "
+                                f"drop {'it' if one else 'them'} or {flag}")
+
+
+def _given(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among `names` given on the command line (not defaulted), as spelled in --help."""
+    return [max(p.opts, key=len) for p in ctx.command.params
+            if p.name in names and ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
 
 
 @click.command("analyze", context_settings={"max_content_width": 100})
@@ -199,6 +214,7 @@ def analyze(
     if heatmap_mode is not None and heatmap_mode not in modes:
         raise MoeplaceError(f"--heatmap-mode {heatmap_mode}: not available for this input "
                             f"(available: {', '.join(modes) or 'none'})")
+    _refuse_skipped(click.get_current_context(), no_solve, no_figures)  # after the values' own checks
     num_gpus = None
     if not no_solve and traces:  # a placement is solved on per-token paths only
         num_gpus = gpus if gpus is not None else default_gpus(first.num_experts)
