@@ -72,6 +72,14 @@ MAX_HIDDEN_SIZE = 2**20
 MAX_BATCH_TOKENS = 2**40
 
 
+def given_options(ctx: click.Context, names: Iterable[str]) -> list[str]:
+    """Of the parameters `names`, those given on the command line (not defaulted), spelled as in
+    --help and in the command's parameter order: for refusing options a run would ignore."""
+    wanted = set(names)
+    return [max(p.opts, key=len) for p in ctx.command.params
+            if p.name in wanted and ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
+
+
 def yaml_number(value: Any) -> float | None:
     """A number read from YAML as a float, None when it is not one: an int or a float, or a
     string holding one (PyYAML reads YAML 1.1, where `1e-1` or `1e308`, with no dot, is a

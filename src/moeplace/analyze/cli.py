@@ -15,7 +15,7 @@ from moeplace.analyze.affinity import trace_modes
 from moeplace.analyze.report import AnalyzeConfig, Source, build_report, layer_names, source_loads, summary
 from moeplace.errors import MoeplaceError, TraceError, warn
 from moeplace.io import locked_stage, read_json, write_json_atomic
-from moeplace.options import POSITIVE, POSITIVE_INT, SEED
+from moeplace.options import POSITIVE, POSITIVE_INT, SEED, given_options
 from moeplace.placement import check_topology
 from moeplace.progress import silenced
 from moeplace.trace.format import Trace, is_load_only, load_loads, load_trace
@@ -96,7 +96,7 @@ def _refuse_inapplicable(ctx: click.Context, sources: dict[str, tuple[Source, st
     if not load_only:
         return
     every = len(load_only) == len(sources)
-    given = _given(ctx, HEATMAP_OPTIONS + (PER_TOKEN_OPTIONS if every else ()))
+    given = given_options(ctx, HEATMAP_OPTIONS + (PER_TOKEN_OPTIONS if every else ()))
     if not given:
         return
     what = " and ".join(load_only)
@@ -112,16 +112,10 @@ def _refuse_skipped(ctx: click.Context, no_solve: bool, no_figures: bool) -> Non
     """One line naming the options of a part --no-solve or --no-figures skips: they were
     accepted and ignored (even a --gpus the solve would refuse)."""
     for skipped, flag, names in ((no_solve, "--no-solve", SOLVE_OPTIONS), (no_figures, "--no-figures", HEATMAP_OPTIONS)):
-        if skipped and (given := _given(ctx, names)):
+        if skipped and (given := given_options(ctx, names)):
             one = len(given) == 1
             raise MoeplaceError(f"{', '.join(given)}: {flag} skips the part {'it sets' if one else 'they set'}; "
                                 f"drop {'it' if one else 'them'} or {flag}")
-
-
-def _given(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
-    """The options among `names` given on the command line (not defaulted), as spelled in --help."""
-    return [max(p.opts, key=len) for p in ctx.command.params
-            if p.name in names and ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
 
 
 @click.command("analyze", context_settings={"max_content_width": 100})

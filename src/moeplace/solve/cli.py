@@ -10,7 +10,7 @@ import click
 
 from moeplace.errors import warn
 from moeplace.options import (MAX_WEIGHT, NON_NEGATIVE_INT, OUTPUT_FILE, POSITIVE, POSITIVE_INT, SEED, WEIGHT, FiniteFloat,
-                              check_writable, writing)
+                              check_writable, given_options, writing)
 from moeplace.placement import Placement
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 # metrics of the summary table; their titles and formats are eval's (eval/report.py COLUMNS), so
 # the same figure of the same placement reads the same in `solve` and in `eval`
 METRICS = ("cross_gpu_top1", "cross_node_top1", "dest_gpus_topk", "imbalance_max")
+TRAFFIC_OPTIONS = ("node_cost", "top1_weight", "coselect_weight", "smoothing", "prior")  # read by traffic only
 
 
 def summary(placement: Placement, trace_name: str, trace_path: str | None = None, output: str | None = None) -> str:
@@ -280,22 +281,20 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         raise MoeplaceError("--cluster and --model-config give the latency objective its cost model: add --objective "
                             "latency (any placement's predicted time: moeplace eval --cluster)")
     ctx = click.get_current_context()
-    given = {name for name in ("compute_weight", "node_cost", "top1_weight", "coselect_weight", "smoothing", "prior")
-             if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
-    if objective != "latency" and "compute_weight" in given:
-        raise MoeplaceError("--compute-weight weighs the latency objective's compute term: add --objective latency")
-    if pareto and "compute_weight" in given:
-        raise MoeplaceError("--pareto solves for compute weights 0, 1, 4, 16 and 64 itself: drop --compute-weight")
-    if objective != "traffic" and (weights := sorted(given - {"compute_weight"})):
-        flags = ", ".join("--" + name.replace("_", "-") for name in weights)
-        raise MoeplaceError(f"{flags}: set the traffic objective's edge costs, which {objective} does not read "
-                            "(latency takes its costs from --cluster; balance has only loads)")
+    if given_options(ctx, ["compute_weight"]):
+        if objective != "latency":
+            raise MoeplaceError("--compute-weight weighs the latency objective's compute term: add --objective latency")
+        if pareto:
+            raise MoeplaceError("--pareto solves for compute weights 0, 1, 4, 16 and 64 itself: drop --compute-weight")
+    if objective != "traffic" and (weights := given_options(ctx, TRAFFIC_OPTIONS)):
+        raise MoeplaceError(f"{', '.join(weights)}: set the traffic objective's edge costs, which {objective} does not "
+                            "read (latency takes its costs from --cluster; balance has only loads)")
     if objective == "traffic" and redundant_experts:
         raise MoeplaceError("--redundant-experts applies to --objective latency or balance")
     if is_load_only(trace_path):
         if objective != "balance":
             raise MoeplaceError(f"{trace_path} holds expert loads only (no token paths): use --objective balance")
-        if click.get_current_context().get_parameter_source("train_fraction") != click.core.ParameterSource.DEFAULT:
+        if given_options(ctx, ["train_fraction"]):
             raise MoeplaceError(f"--train-fraction: {trace_path} holds expert loads only, no tokens to split")
         return _solve_loads(trace_path, gpus, gpus_per_node, redundant_experts, max_experts_per_gpu,
                             max_experts_per_gpu_total, time_limit, output, quiet)
