@@ -848,3 +848,24 @@ def test_vllm_ascend_map_device_counts(tmp_path: Path, capsys: pytest.CaptureFix
     path.write_text(json.dumps({"layer_list": [{"device_list": []}]}))
     assert _one_line_error(capsys, "--from", "vllm-ascend", str(path), "--gpus", "1", "-o", out).endswith(
         "the file is for 0 GPUs but --gpus is 1")
+
+
+def test_a_placement_fitted_on_another_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A model or trace of the placement's shape but another model_type, or its MoE layers at other
+    decoder layers than the fit trace recorded: the map would put other experts on each GPU."""
+    p = plain()
+    p.trace_model = {"model": "hub/qwen", "model_type": "qwen3_moe", "moe_layers": [1, 2, 3]}
+    src, out = _save(p, tmp_path), tmp_path / "loc.json"
+    model = fake_checkpoint(tmp_path / "ds", moe_layers=(1, 2, 3), num_hidden_layers=4)
+    assert cli(src, "--to", "sglang", "--model", str(model), "-o", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"fitted on the routing of a qwen3_moe model (hub/qwen), but the model {model} is a "
+                        "deepseek_v3 model: its expert ids number other experts; solve a placement on a trace of it")
+    ids = np.argsort(np.random.default_rng(1).random((16, 3, 8)), axis=-1)[..., :2]
+    save_trace(make_trace(ids, num_experts=8, meta={"moe_layers": [0, 1, 2], "num_decoder_layers": 4,
+                                                    "model_type": "qwen3_moe"}), tmp_path / "t.npz")
+    assert cli(src, "--to", "vllm", "--trace", str(tmp_path / "t.npz"), "-o", str(out)) == 2
+    assert "MoE layers at decoder layers [1, 2, 3], but the trace" in capsys.readouterr().err
+    assert not out.exists()
+    same = fake_checkpoint(tmp_path / "qwen", moe_layers=(1, 2, 3), num_hidden_layers=4, model_type="qwen3_moe")
+    assert cli(src, "--to", "sglang", "--model", str(same), "-o", str(out)) == 0

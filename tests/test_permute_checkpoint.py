@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from moeplace.cli import run
 from moeplace.errors import PlacementError
 from moeplace.export.permute import check_group_routing, check_not_applied, ep_size_note, permute_checkpoint
-from moeplace.models.checkpoint import CheckpointError, open_checkpoint
+from moeplace.models.checkpoint import CheckpointError, moe_blocks, open_checkpoint
 from moeplace.models.tiny import build_tiny_model
 from moeplace.placement import Placement
 from moeplace.serve.engine import check_placement
@@ -612,3 +612,33 @@ def test_a_file_cut_while_copying_is_an_error_not_a_hang(tmp_path: Path) -> None
         with pytest.raises(CheckpointError, match="short: truncated while copying"):
             _copy_range(fin, fout, 8, 5)
     assert (tmp_path / "copy").read_bytes() == b"45689"
+
+
+def test_a_placement_fitted_on_another_model_is_refused(qwen: Path, tmp_path: Path) -> None:
+    """Same shape is not the same model: the fit trace's model_type and MoE layers must match the
+    checkpoint's where the placement records them; a matching record (or none) passes."""
+    layers = [b.layer for b in moe_blocks(open_checkpoint(qwen))]
+    with pytest.raises(PlacementError, match=r"fitted on the routing of a mixtral model \(hub/mix\), but the "
+                                             r"checkpoint is a qwen3_moe model"):
+        permute_checkpoint(qwen, _placement(trace_model={"model": "hub/mix", "model_type": "mixtral"}),
+                           tmp_path / "a", progress=False)
+    shifted = [x + 1 for x in layers]
+    with pytest.raises(PlacementError, match=rf"MoE layers at decoder layers \[{shifted[0]}, {shifted[1]}\], but the "
+                                             rf"checkpoint has them at \[{layers[0]}, {layers[1]}\]"):
+        permute_checkpoint(qwen, _placement(trace_model={"model_type": "qwen3_moe", "moe_layers": shifted}),
+                           tmp_path / "b", progress=False)
+    assert not list(tmp_path.iterdir()), "a refused request wrote something"
+    permute_checkpoint(qwen, _placement(trace_model={"model_type": "qwen3_moe", "moe_layers": layers}),
+                       tmp_path / "c", progress=False)
+    assert (tmp_path / "c" / "config.json").exists()
+
+
+def test_serve_refuses_a_placement_fitted_on_another_model(qwen: Path) -> None:
+    """serve's check before any weight is read: the same record as permute-checkpoint's."""
+    spec = read_spec(qwen)
+    with pytest.raises(PlacementError, match=rf"a mixtral model, but the model {qwen} is a qwen3_moe model"):
+        check_placement(spec, _placement(trace_model={"model_type": "mixtral"}), 4)
+    with pytest.raises(PlacementError, match=r"MoE layers at decoder layers \[7, 8\]"):
+        check_placement(spec, _placement(trace_model={"moe_layers": [7, 8]}), 4)
+    fitted = _placement(trace_model={"model_type": "qwen3_moe", "moe_layers": list(spec.moe_layers)})
+    assert check_placement(spec, fitted, 4) is fitted

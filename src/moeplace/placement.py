@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -124,6 +125,24 @@ class Placement:
                 f"placement is for {self.num_layers} MoE layers x {self.num_experts} experts, "
                 f"but the {what} has {num_layers} x {num_experts}"
             )
+
+    def check_model(self, model_type: str | None, moe_layers: Sequence[int] | None, what: str) -> None:
+        """Reject a placement fitted on another model's routing, where both sides say which: the fit
+        trace's record (trace_model) names another model_type, or other decoder layers for the MoE
+        layers. check_fits passes two models of one shape; their expert ids number other experts.
+        A checkpoint of the same family and layers (a fine-tune, a copy) passes."""
+        fitted = self.trace_model or {}
+        fitted_type, fitted_layers = fitted.get("model_type"), fitted.get("moe_layers")
+        source = f" ({fitted['model']})" if isinstance(fitted.get("model"), str) else ""
+        if isinstance(fitted_type, str) and isinstance(model_type, str) and fitted_type != model_type:
+            raise PlacementError(
+                f"placement was fitted on the routing of a {fitted_type} model{source}, but the {what} is a "
+                f"{model_type} model: its expert ids number other experts; solve a placement on a trace of it")
+        if isinstance(fitted_layers, list) and moe_layers is not None and list(fitted_layers) != list(moe_layers):
+            raise PlacementError(
+                f"placement was fitted on a model{source} with its MoE layers at decoder layers "
+                f"{_short(fitted_layers)}, but the {what} has them at {_short(list(moe_layers))}: "
+                "solve a placement on a trace of it")
 
     def to_json(self) -> dict[str, Any]:
         """The v1 JSON document (a dict; numpy values are converted when written)."""
@@ -362,3 +381,9 @@ def check_topology(num_experts: int, num_gpus: int, gpus_per_node: int, balanced
             f"{num_experts} experts per layer cannot be split equally over {num_gpus} GPUs "
             f"({num_experts} % {num_gpus} = {num_experts % num_gpus}){': ' + hint if hint else ''}"
         )
+
+
+def _short(layers: list[Any]) -> str:
+    """A layer list for one error line: the first eight, then how many more."""
+    return str(layers[:8])[:-1] + (f", ... {len(layers)} in all]" if len(layers) > 8 else "]")
+

@@ -105,6 +105,8 @@ def _model_layers_unchecked(model: Path | None, trace: Path | None, moe_layers: 
         t: Trace | ExpertLoads = load_loads(trace) if is_load_only(trace) else load_trace(trace)
         if placement is not None:
             placement.check_fits(t.num_layers, t.num_experts, what=f"trace {trace}")
+            here = t.model_identity() or {}
+            placement.check_model(here.get("model_type"), here.get("moe_layers"), what=f"trace {trace}")
         layers, depth = t.meta.get("moe_layers"), t.meta.get("num_decoder_layers")
         if not isinstance(layers, list) or len(layers) != t.num_layers \
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
@@ -118,10 +120,13 @@ def _model_layers_unchecked(model: Path | None, trace: Path | None, moe_layers: 
 
         ckpt = open_checkpoint(model)
         blocks = moe_blocks(ckpt)
-        if placement is not None:
-            placement.check_fits(len(blocks), blocks[0].num_experts, what=f"model {model}")
         config = text_config(ckpt.config)
         depth, model_type = config.get("num_hidden_layers"), config.get("model_type")
+        if placement is not None:
+            placement.check_fits(len(blocks), blocks[0].num_experts, what=f"model {model}")
+            top_type = ckpt.config.get("model_type")  # what `trace` records: the top-level config's
+            placement.check_model(top_type if isinstance(top_type, str) else None, [b.layer for b in blocks],
+                                  what=f"model {model}")
         depth = num_hidden_layers or (int(depth) if isinstance(depth, int) else None)
         return [b.layer for b in blocks], depth, blocks[0].num_experts, model_type if isinstance(model_type, str) else None
     if moe_layers:

@@ -59,6 +59,7 @@ def check_placement(spec: ModelSpec, placement: Placement | None, world: int) ->
             raise MoeplaceError(f"{experts} experts cannot be split over {world} ranks; pass a --placement")
         return Placement(contiguous(moe_layers, experts, world), num_gpus=world, gpus_per_node=world)
     placement.check_fits(moe_layers, experts, what=f"model {spec.path}")
+    placement.check_model(spec.family, spec.moe_layers, what=f"model {spec.path}")
     check_not_applied(spec.path, placement)
     if placement.num_gpus != world:
         raise MoeplaceError(f"placement is for {plural(placement.num_gpus, 'GPU')} but {plural(world, 'rank')} "
