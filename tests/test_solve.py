@@ -683,8 +683,8 @@ def test_latency_solve_warns_when_the_model_config_is_not_the_traced_width(tmp_p
         assert lines == []
         return
     assert lines == [f"moeplace: warning: {tmp_path / 't.npz'} is a trace of a model of hidden_size 64 (trace meta), "
-                     f"{tmp_path / 'm.yaml'} gives hidden_size 1024: predicted bytes and times are those of hidden_size "
-                     "1024 (if that is not the what-if intended, give the traced model's figures)"]
+                     f"{tmp_path / 'm.yaml'} gives hidden_size 1024: predicted bytes and times are those of that model "
+                     "(if that is not the what-if intended, give the traced model's figures)"]
     # the model section in the cluster file: that file is named
     (tmp_path / "cm.yaml").write_text((tmp_path / "c.yaml").read_text() + (tmp_path / "m.yaml").read_text())
     assert run(args[:7] + [str(tmp_path / "cm.yaml"), "--pareto", "--time-limit", "2", "-q", "-o", str(tmp_path / "q.json")]) == 0

@@ -18,6 +18,7 @@ from moeplace.models.config import attention_shape, config_size
 from moeplace.options import (DTYPE_BYTES, MAX_HIDDEN_SIZE, NON_NEGATIVE, OUTPUT_FILE, Count, DtypeChoice, brief,
                                check_writable, plural, writing, yaml_number)
 from moeplace.placement import load_placement
+from moeplace.solve.costmodel import ModelFacts
 from moeplace.trace.format import is_load_only, load_loads, load_trace
 
 # threshold name (CLI --max-NAME, YAML max_NAME[_vs_contiguous]) -> metric it bounds
@@ -128,19 +129,15 @@ def gates(results: list[Verdict], limits: dict[str, float]) -> dict[str, Any]:
                         for v in results]}
 
 
-# (hidden size, what gave it) of a prediction, checked against the trace meta's hidden_size
-HiddenSize = tuple[int, str]
-
-
-def _cost_metric(cluster: Path, model_config: Path | None) -> tuple[MetricFn, HiddenSize]:
-    """The predicted MoE time metric of a cluster (+ model) config, and the hidden size it assumes."""
-    from moeplace.solve.costmodel import cost_metric, load_cost_model
+def _cost_metric(cluster: Path, model_config: Path | None) -> tuple[MetricFn, ModelFacts]:
+    """The predicted MoE time metric of a cluster (+ model) config, and what it assumes of the model."""
+    from moeplace.solve.costmodel import cost_metric, load_cost_model, model_facts
 
     cost = load_cost_model(cluster, model_config)
-    return cost_metric(cost), (cost.model.hidden_size, str(cost.model_source))
+    return cost_metric(cost), model_facts(cost)
 
 
-def _check_metric_fns(check: dict[str, Any]) -> tuple[list[MetricFn], list[HiddenSize]]:
+def _check_metric_fns(check: dict[str, Any]) -> tuple[list[MetricFn], list[ModelFacts]]:
     """A check's extra metrics: the predicted MoE time when it names a cluster config."""
     if "cluster" not in check:
         return [], []
@@ -149,11 +146,11 @@ def _check_metric_fns(check: dict[str, Any]) -> tuple[list[MetricFn], list[Hidde
 
 
 def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_fns: Sequence[MetricFn] = (),
-              hidden_sizes: Sequence[HiddenSize] = ()) -> dict[str, Any]:
+              assumed: Sequence[ModelFacts] = ()) -> dict[str, Any]:
     """Load both files and build the report (`metric_fns` add metrics to every layout); a
     load-only TRACE (moeplace.loads/v1) gets build_load_report's, load balance only.
-    hidden_sizes: those the metrics assume; one warning line each that the trace meta contradicts."""
-    from moeplace.solve.costmodel import hidden_size_mismatch
+    assumed: what the metrics assume of the model; one warning line each that the trace contradicts."""
+    from moeplace.solve.costmodel import model_mismatch
 
     placement = load_placement(placement_path)
 
@@ -174,8 +171,8 @@ def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_f
                                  loads_name=str(trace_path), num_groups=loads.meta.get("num_groups", 1))
     trace = load_trace(trace_path)
     check_fits(trace.num_layers, trace.num_experts)
-    for hidden, source in hidden_sizes:
-        if line := hidden_size_mismatch(trace, str(trace_path), hidden, source):
+    for facts in assumed:
+        if line := model_mismatch(trace, str(trace_path), facts):
             warn(line)
     return build_report(placement, trace, all_tokens=all_tokens, placement_name=str(placement_path),
                         trace_name=str(trace_path), metric_fns=metric_fns)
@@ -329,12 +326,12 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
     given = {key: v for key, v in limits.items() if v is not None}
     if cluster is None and any(gate_metric(key)[0] == "moe_time_us" for key in given):
         raise MoeplaceError("--max-moe-time-ratio needs --cluster (the cost model predicts the MoE time)")
-    columns, per_layer, fns, hidden_sizes = COLUMNS, PER_LAYER, [], []
+    columns, per_layer, fns, assumed = COLUMNS, PER_LAYER, [], []
     if cluster is not None:
         from moeplace.solve.costmodel import COST_COLUMNS, COST_PER_LAYER
 
-        fn, hidden = _cost_metric(cluster, model_config)
-        fns, hidden_sizes = [fn], [hidden]
+        fn, facts = _cost_metric(cluster, model_config)
+        fns, assumed = [fn], [facts]
         columns, per_layer = [*COLUMNS, *COST_COLUMNS], [*PER_LAYER, *COST_PER_LAYER]
     elif model_config is not None:
         raise MoeplaceError("--model-config needs --cluster")
@@ -342,8 +339,9 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
     if traffic is not None:
         fns.append(traffic_metric_fn(traffic["hidden_size"], traffic["element_bytes"], traffic["modes"],
                                      traffic["kv_bytes_per_rank"]))
-        hidden_sizes.append((traffic["hidden_size"], "--hidden-size" if model_dir is None else f"--model {model_dir}"))
-    report = _evaluate(placement, trace, all_tokens, fns, hidden_sizes)
+        assumed.append(ModelFacts("--hidden-size" if model_dir is None else f"--model {model_dir}",
+                                  traffic["hidden_size"]))
+    report = _evaluate(placement, trace, all_tokens, fns, assumed)
     if traffic is not None:
         routing = traffic.pop("model_routing")
         if routing not in (None, (report["num_experts"], report["top_k"])):

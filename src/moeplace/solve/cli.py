@@ -313,7 +313,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
                        redundant=redundant_experts, max_experts_per_gpu_total=max_experts_per_gpu_total)
         if (cost := loaded_cost_model(cluster, model_config)) is not None:
             options["cost"] = cost  # read once: the solver, its predicted times and --pareto take it
-            warn_hidden_size(cost, trace, trace_path)
+            warn_other_model(cost, trace, trace_path)
     if objective == "balance":
         options = dict(redundant=redundant_experts, max_experts_per_gpu=max_experts_per_gpu,
                        max_experts_per_gpu_total=max_experts_per_gpu_total)
@@ -364,15 +364,12 @@ def loaded_cost_model(cluster: Path | None, model_config: Path | None) -> CostMo
         return None
 
 
-def warn_hidden_size(cost: CostModel, trace: Any, trace_path: Path) -> None:
-    """One line on stderr, before the solve, when the cost model's hidden_size is not the one the
-    trace meta records (nothing for a trace that records none)."""
-    from moeplace.solve.costmodel import hidden_size_mismatch
+def warn_other_model(cost: CostModel, trace: Any, trace_path: Path) -> None:
+    """One line on stderr, before the solve, when the cost model describes another model than the
+    trace's (hidden size in the trace meta, expert count or top-k the model config states)."""
+    from moeplace.solve.costmodel import model_facts, model_mismatch
 
-    if trace.meta_hidden_size() is None:
-        return
-    line = hidden_size_mismatch(trace, str(trace_path), cost.model.hidden_size, str(cost.model_source))
-    if line:
+    if line := model_mismatch(trace, str(trace_path), model_facts(cost)):
         warn(line)
 
 

@@ -34,7 +34,7 @@ from moeplace.io import read_yaml
 from moeplace.options import MAX_BATCH_TOKENS, MAX_HIDDEN_SIZE, brief, yaml_number
 from moeplace.eval.metrics import initial_homes, remote_mask, token_gpus
 from moeplace.placement import Placement
-from moeplace.trace.format import Trace
+from moeplace.trace.format import MAX_EXPERTS, Trace
 
 SELF, INTRA, INTER = 0, 1, 2  # link classes
 
@@ -63,6 +63,8 @@ class ModelCost:
     expert_us_per_token: float  # one token through one expert FFN
     expert_fixed_us: float  # per active expert per layer: reading its weights
     batch_tokens: int | None  # tokens per step the trace is scaled to (None: as traced)
+    num_experts: int | None = None  # experts per MoE layer of the model these figures describe,
+    top_k: int | None = None  # and its top-k: checked against the trace (None: not stated)
 
 
 @dataclass(frozen=True)
@@ -112,18 +114,39 @@ def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = No
                      model_src)
 
 
-def hidden_size_mismatch(trace: Trace, trace_name: str, hidden_size: int, source: str) -> str:
-    """A one-line warning when `trace`'s meta records another hidden size than the `hidden_size`
-    that `source` (a model config, a cluster YAML, --hidden-size) gives the prediction, else "".
-    Never an error: modelling other hardware or a bigger model on a trace is a legitimate what-if,
-    but a mistyped config silently scales every predicted byte. No meta hidden_size (imports,
-    older traces): nothing to compare, nothing said."""
-    traced = trace.meta_hidden_size()
-    if traced is None or traced == hidden_size:
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a prediction assumes of the traced model, to check against the trace: where it came
+    from (a model config, --hidden-size, --model DIR) and the figures it states (None: not stated)."""
+
+    source: str
+    hidden_size: int
+    num_experts: int | None = None
+    top_k: int | None = None
+
+
+def model_facts(cost: CostModel) -> ModelFacts:
+    m = cost.model
+    return ModelFacts(str(cost.model_source), m.hidden_size, m.num_experts, m.top_k)
+
+
+def model_mismatch(trace: Trace, trace_name: str, facts: ModelFacts) -> str:
+    """A one-line warning when `trace` is not of the model `facts` describe, else "": its meta
+    records another hidden size, or it has another expert count or top-k than the model config
+    states. Never an error: modelling other hardware or a bigger model on a trace is a legitimate
+    what-if, but a wrong config (Mixtral's figures on FLAME's routing) silently scales every
+    predicted byte and microsecond. What neither side records is not compared."""
+    traced = {"hidden_size": trace.meta_hidden_size(), "num_experts": trace.num_experts, "top_k": trace.top_k}
+    stated = {"hidden_size": facts.hidden_size, "num_experts": facts.num_experts, "top_k": facts.top_k}
+    differ = [key for key in traced if traced[key] is not None and stated[key] is not None and traced[key] != stated[key]]
+    if not differ:
         return ""
-    return (f"{trace_name} is a trace of a model of hidden_size {traced} (trace meta), {source} gives hidden_size "
-            f"{hidden_size}: predicted bytes and times are those of hidden_size {hidden_size} (if that is not the "
-            "what-if intended, give the traced model's figures)")
+    said = {"hidden_size": " (trace meta)"}
+    return (f"{trace_name} is a trace of a model of "
+            + ", ".join(f"{key} {traced[key]}{said.get(key, '')}" for key in differ)
+            + f", {facts.source} gives " + ", ".join(f"{key} {stated[key]}" for key in differ)
+            + ": predicted bytes and times are those of that model (if that is not the what-if intended, give "
+            "the traced model's figures)")
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
@@ -135,7 +158,7 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 
 _CLUSTER_KEYS = {"name", "nodes", "gpus_per_node", "intra_node", "inter_node"}
 _LINK_KEYS = {"bandwidth_GBps", "latency_us"}
-_MODEL_KEYS = {"name", "hidden_size", "dtype_bytes", "dispatch_dtype_bytes", "combine_dtype_bytes",
+_MODEL_KEYS = {"name", "hidden_size", "num_experts", "top_k", "dtype_bytes", "dispatch_dtype_bytes", "combine_dtype_bytes",
                "expert_us_per_token", "expert_fixed_us", "batch_tokens"}
 
 
@@ -215,6 +238,8 @@ def _model(d: Any, src: str) -> ModelCost:
         expert_us_per_token=_field(d, "expert_us_per_token", src),
         expert_fixed_us=_field(d, "expert_fixed_us", src, positive=False, default=0.0),
         batch_tokens=batch,
+        num_experts=_field(d, "num_experts", src, int, default=None, most=MAX_EXPERTS),
+        top_k=_field(d, "top_k", src, int, default=None, most=MAX_EXPERTS),
     )
 
 
