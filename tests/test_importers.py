@@ -209,6 +209,20 @@ def test_loads_json_shapes_must_agree(tmp_path: Path) -> None:
         import_loads_json([a, b])
 
 
+def test_loads_json_keeps_a_token_count_only_when_every_file_has_one(tmp_path: Path,
+                                                                     recwarn: pytest.WarningsRecorder) -> None:
+    """Before: the sum over the files that had one, recorded as the whole loads' token count."""
+    files = [tmp_path / f"{name}.json" for name in "abc"]
+    for f, n in zip(files, (10, None, 7)):
+        f.write_text(json.dumps({"expert_popularity": [[1, 2], [3, 4]], **({} if n is None else {"total_input_tokens": n})}))
+    assert "total_input_tokens" not in import_loads_json(files).meta
+    assert [str(w.message) for w in recwarn.list] == ["2 of the 3 files record total_input_tokens: not kept (a sum "
+                                                      "over some of them would not be the loads' token count)"]
+    recwarn.clear()
+    assert import_loads_json([files[0], files[2]]).meta["total_input_tokens"] == 17
+    assert "total_input_tokens" not in import_loads_json([files[1]]).meta and not recwarn.list
+
+
 # --- found by a first-use tour (tour29): each was silent, misleading or an internal error --------
 
 

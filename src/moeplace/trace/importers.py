@@ -743,7 +743,7 @@ def import_loads_json(paths: Sequence[Path]) -> ExpertLoads:
     paths = [Path(p) for p in paths]
     _refuse_repeated_files(paths)
     total: np.ndarray | None = None
-    tokens = 0
+    tokens: list[int] = []  # of the files that record it
     for path in paths:
         doc = read_json(path, TraceError)
         present = [k for k in _COUNT_KEYS if isinstance(doc, dict) and k in doc]
@@ -756,12 +756,16 @@ def import_loads_json(paths: Sequence[Path]) -> ExpertLoads:
         if total is not None and counts.shape != total.shape:
             raise TraceError(f"{path}: {key} is {list(counts.shape)}, but {paths[0]} has {list(total.shape)}")
         total = counts if total is None else total + counts
-        n = doc.get("total_input_tokens", 0)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise TraceError(f"{path}: 'total_input_tokens' must be a non-negative integer, got {n!r}")
-        tokens += n
+        if "total_input_tokens" in doc:
+            n = doc["total_input_tokens"]
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise TraceError(f"{path}: 'total_input_tokens' must be a non-negative integer, got {n!r}")
+            tokens.append(n)
     assert total is not None  # paths is not empty
     meta: dict[str, Any] = {"source": "loads-json", "input": [p.name for p in paths]}
-    if tokens:
-        meta["total_input_tokens"] = tokens
+    if len(tokens) == len(paths):  # a sum over some of the files would understate the traffic's tokens
+        meta["total_input_tokens"] = sum(tokens)
+    elif tokens:
+        warn(f"{len(tokens)} of the {len(paths)} files record total_input_tokens: not kept (a sum over some "
+             "of them would not be the loads' token count)")
     return make_loads(total, meta, name=_names(paths))
