@@ -388,6 +388,42 @@ def test_launcher_runs_the_ranks(model: tuple[Path, list[list[int]]], tmp_path: 
     assert "OMP_NUM_THREADS" not in err and "Traceback" not in err  # torchrun's banner and report stay out
 
 
+def test_launcher_reads_piped_prompts_once_on_rank_0(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:
+    """`--prompts -` under the launcher: the ranks inherit its stdin and rank 0 alone reads it.
+    Before: "-: no such file" (and "/dev/stdin: no such file": a pipe is no regular file)."""
+    path, expected = model
+    placement = save_placement(tmp_path / "p.json", 2, 8, 2, seed=5)
+    proc = subprocess.Popen([sys.executable, "-m", "moeplace", "serve", "--nproc-per-node", "2", "--device", "cpu",
+                             "--model", str(path), "--placement", str(placement), "--prompts", "-",
+                             "--max-new-tokens", "6", "--ignore-eos"], text=True, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate("\n".join(json.dumps({"prompt": p}) for p in PROMPT_IDS) + "\n", timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    assert [json.loads(line)["token_ids"] for line in out.splitlines()] == expected
+
+
+@pytest.mark.parametrize("prompts", ["-", "/dev/stdin"])
+def test_prompts_from_a_pipe(model: tuple[Path, list[list[int]]], prompts: str) -> None:
+    """One rank, stdin a pipe: `-` and /dev/stdin both read it (before: "no such file")."""
+    path, expected = model
+    proc = subprocess.run([sys.executable, "-m", "moeplace", "serve", "--model", str(path), "--prompts", prompts,
+                           "--max-new-tokens", "6", "--ignore-eos"], capture_output=True, text=True, timeout=240,
+                          input="\n".join(json.dumps({"prompt": p}) for p in PROMPT_IDS) + "\n",
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads(line)["token_ids"] for line in proc.stdout.splitlines()] == expected
+
+
+def test_piped_prompt_errors_name_stdin(model: tuple[Path, list[list[int]]], monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad line of piped prompts is named <stdin>:LINE; a format is sniffed (no suffix to go by)."""
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'{"prompt": [1, 2]}\n{"prompt": [1, 999]}\n')))
+    assert run(["serve", "--model", str(model[0]), "--prompts", "-"]) == 2
+    assert "moeplace: error: <stdin>:2: token id out of range" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["world size", "bad prompt", "too long"])
 def test_launcher_failures_are_one_line(model: tuple[Path, list[list[int]]], tmp_path: Path, case: str) -> None:
     """Before: after the rank's line, torchrun's ChildFailedError traceback and failure table; then

@@ -57,10 +57,11 @@ PROMPT_KEYS = {"prompt", "max_tokens", "temperature", *SAMPLING}  # what a JSONL
 @click.option("--mode", type=click.Choice(["coherent", "standard"]), default="coherent", show_default=True,
               help="coherent: ExFlow context-coherent decode (a token continues on its top-1 expert's rank, "
                    "one Alltoall per MoE layer for top-1). standard: classic dispatch + combine to a home rank.")
-@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False),
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False, allow_dash=True),
               help="Batch input: one prompt per line (lines end at \\n only), or JSONL with {\"prompt\": "
                    "text or [token ids], \"max_tokens\": n}. A .jsonl file is JSONL, a .txt file is text; "
-                   "any other name is JSONL when its first non-blank line starts with '{'.")
+                   "any other name is JSONL when its first non-blank line starts with '{'. "
+                   "'-' reads standard input (e.g. a pipe).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
               help="Batch output JSONL: one {index, prompt, token_ids, text, finish_reason} per prompt "
                    "(default: stdout).")
@@ -265,21 +266,18 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int,
     prompts_are_jsonl). Lines end at "\n" (a "\r" before it is dropped) and at nothing else:
     str.splitlines would also split at U+2028, form feeds, \x1c-\x1e and \x85 inside a prompt."""
     p = Path(path)
-    if not p.is_file():
-        raise MoeplaceError(f"{p}: no such file")
+    name = STDIN_NAME if path == "-" else str(p)
     try:
-        lines = [ln.removesuffix("\r") for ln in p.read_bytes().decode("utf-8").split("\n")]
+        lines = [ln.removesuffix("\r") for ln in prompt_bytes(path).decode("utf-8").split("\n")]
     except UnicodeDecodeError:
-        raise MoeplaceError(f"{p}: not UTF-8 text") from None
-    except OSError as e:
-        raise MoeplaceError(f"{p}: cannot read it ({e.strerror or e})") from None
+        raise MoeplaceError(f"{name}: not UTF-8 text") from None
     jsonl = prompts_are_jsonl(p, lines)
     out = []
     ignored = ""  # the first line with keys read by nothing (a typo of max_tokens ran the default)
     for num, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        where = f"{p}:{num}"
+        where = f"{name}:{num}"
         limit = max_new_tokens
         if jsonl:
             try:
@@ -316,10 +314,35 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int,
                                 f"{max_positions} positions")
         out.append((prompt, ids, limit))
     if not out:
-        raise MoeplaceError(f"{p}: no prompts")
+        raise MoeplaceError(f"{name}: no prompts")
     if ignored:
         warn(ignored)
     return out
+
+
+STDIN_NAME = "<stdin>"
+
+
+def prompt_bytes(path: str) -> bytes:
+    """The prompts file's bytes; "-" is standard input. Only rank 0 calls this (serve's input
+    check), so piped prompts are read once; under --nproc-per-node the ranks inherit the
+    launcher's stdin (torch's elastic agent passes it on), so rank 0 reads the pipe there too.
+    Anything that reads is accepted: a pipe, /dev/stdin or a FIFO is no regular file, and an
+    is_file() check refused them as "no such file"."""
+    if path == "-":
+        try:
+            return sys.stdin.buffer.read()
+        except OSError as e:
+            raise MoeplaceError(f"{STDIN_NAME}: cannot read it ({e.strerror or e})") from None
+    p = Path(path)
+    if not p.exists():
+        raise MoeplaceError(f"{p}: no such file")
+    if p.is_dir():
+        raise MoeplaceError(f"{p}: is a directory")
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise MoeplaceError(f"{p}: cannot read it ({e.strerror or e})") from None
 
 
 def prompts_are_jsonl(path: Path, lines: list[str]) -> bool:
