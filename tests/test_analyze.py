@@ -29,7 +29,7 @@ from moeplace.analyze.affinity import (
     topm_capture,
     transition_counts,
 )
-from moeplace.analyze.stability import compare_affinity, matrix_correlations, split_halves
+from moeplace.analyze.stability import MIN_SIDE_TOKENS, compare_affinity, matrix_correlations, split_halves, stability
 from moeplace.cli import run
 from moeplace.trace.format import Trace, load_trace, make_loads, make_trace, save_loads, save_trace
 
@@ -492,6 +492,55 @@ def test_cli_bad_input_is_one_line(args: list[str], message: str, planted_file: 
     assert run(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("moeplace: error:") and message in err[0], err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus", "16"], "--gpus 16: more GPUs than the trace's 8 experts per layer; give --gpus one of 1, 2, 4, 8"),
+    (["--gpus", "3"], "--gpus 3: 8 experts per layer cannot be split equally over 3 GPUs; give --gpus one of "
+                      "1, 2, 4, 8"),
+    (["--gpus-per-node", "3"], "--gpus 8 (the default for 8 experts) is not a multiple of --gpus-per-node 3"),
+])
+def test_a_cluster_the_transfer_test_cannot_use_is_refused_in_analyzes_words(
+        args: list[str], message: str, planted_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Before: "16 GPUs for 8 experts: some GPU would hold no expert (--objective balance with
+    --redundant-experts adds copies)": options of solve, not of analyze."""
+    assert run(["analyze", str(planted_file), "-o", str(tmp_path / "a"), "--no-figures", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "--no-solve" in err[0], err
+    assert "--objective" not in err[0] and "--redundant-experts" not in err[0]
+
+
+def test_halves_too_small_to_mean_anything_are_skipped_and_the_rest_reported(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    """Before: two sequences of 49 and 1 tokens (or a 6-token trace) got correlations, captures
+    and a placement transfer computed on 1 (or 3) tokens, reported as if they meant something."""
+    t = planted(64, num_experts=16)
+    lopsided = tmp_path / "lopsided.npz"
+    save_trace(make_trace(t.topk_ids[:50], num_experts=16, sequence_ids=np.array([0] * 49 + [1])), lopsided)
+    tiny = tmp_path / "tiny.npz"
+    save_trace(make_trace(t.topk_ids[:6], num_experts=16), tiny)
+    for path, sides in ((lopsided, "49 and 1"), (tiny, "3 and 3")):
+        out = tmp_path / path.stem
+        assert run(["analyze", str(path), "-o", str(out), "--no-figures", "--shuffles", "2", "--time-limit", "1"]) == 0
+        report = json.loads((out / "analyze.json").read_text())["traces"]["A"]
+        halves = report["halves"]
+        assert set(halves) == {"split", "tokens", "skipped"}  # no modes, no placement
+        assert f"too few tokens to compare ({sides}): each side needs at least 25" in halves["skipped"]
+        assert report["affinity"]["modes"]["top1"]["per_pair"] and report["load"]  # the rest still stands
+        captured = capsys.readouterr()
+        assert f"skipped: too few tokens to compare ({sides})" in captured.out
+        assert "solving placements" not in captured.err  # no progress line for a transfer test not run
+
+
+def test_stability_needs_a_token_per_expert_and_the_share_floor_on_each_side() -> None:
+    big = planted(256, num_experts=64)  # 64 experts: one token per expert is the larger floor
+    assert "one per expert (64)" in stability(big.select_tokens(np.arange(63)), big, None, 1, 1.0, 0)["skipped"]
+    assert "skipped" not in stability(big.select_tokens(np.arange(64)), big, None, 1, 1.0, 0)
+    small = planted(64, num_experts=8)  # 8 experts: the share floor decides
+    n = MIN_SIDE_TOKENS
+    assert "skipped" in stability(small, small.select_tokens(np.arange(n - 1)), None, 1, 1.0, 0)
+    res = stability(small, small.select_tokens(np.arange(n)), None, 1, 1.0, 0)
+    assert "skipped" not in res and res["modes"]["top1"]["per_pair"]
 
 
 def test_figure_names_are_removed_only_beside_an_earlier_report(planted_file: Path, tmp_path: Path) -> None:

@@ -29,6 +29,25 @@ def default_gpus(num_experts: int) -> int:
     return max(g for g in range(1, MAX_DEFAULT_GPUS + 1) if num_experts % g == 0)
 
 
+def check_solve_cluster(num_experts: int, num_gpus: int, gpus_per_node: int, gpus_given: bool) -> None:
+    """The placement-transfer test's cluster, refused in analyze's own words: placement's
+    check_topology names solve's remedies (--objective balance, --redundant-experts), which
+    analyze has not; here the way out is a divisor of E for --gpus, or --no-solve."""
+    gpus = f"--gpus {num_gpus}" + ("" if gpus_given else f" (the default for {num_experts} experts)")
+    fits = ", ".join(str(g) for g in range(1, num_experts + 1) if num_experts % g == 0)
+    remedy = (f"give --gpus one of {fits} (the placement-transfer test gives every GPU E/G experts), or "
+              "--no-solve without it")
+    if num_gpus > num_experts:
+        raise MoeplaceError(f"{gpus}: more GPUs than the trace's {num_experts} experts per layer; {remedy}")
+    if num_experts % num_gpus:
+        raise MoeplaceError(f"{gpus}: {num_experts} experts per layer cannot be split equally over {num_gpus} GPUs; "
+                            f"{remedy}")
+    if num_gpus % gpus_per_node:
+        raise MoeplaceError(f"{gpus} is not a multiple of --gpus-per-node {gpus_per_node}; give a --gpus-per-node "
+                            f"that divides {num_gpus}, or --no-solve without the two")
+    check_topology(num_experts, num_gpus, gpus_per_node)  # anything else it refuses
+
+
 def parse_pairs(spec: str | None, num_pairs: int) -> list[int]:
     """Layer pairs to draw: "0,3,5-6" (pair l is MoE layer l -> l+1, 0-based in the trace).
 
@@ -213,7 +232,7 @@ def analyze(
     if not no_solve and traces:  # a placement is solved on per-token paths only
         num_gpus = gpus if gpus is not None else default_gpus(first.num_experts)
         gpus_per_node = gpus_per_node if gpus_per_node is not None else num_gpus
-        check_topology(first.num_experts, num_gpus, gpus_per_node)
+        check_solve_cluster(first.num_experts, num_gpus, gpus_per_node, gpus_given=gpus is not None)
     out = Path(out_dir) if out_dir else Path(f"analyze-{Path(trace_path).stem}")
     if out.exists() and not out.is_dir():
         raise MoeplaceError(f"-o {out}: exists and is not a directory")

@@ -24,7 +24,7 @@ from typing import Any, Union
 import numpy as np
 
 from moeplace.analyze.affinity import affinity, load_skew, mean_stats, trace_modes
-from moeplace.analyze.stability import load_correlation, split_halves, stability
+from moeplace.analyze.stability import load_correlation, split_halves, stability, too_few_tokens
 from moeplace.progress import Progress
 from moeplace.trace.format import ExpertLoads, Trace
 
@@ -170,7 +170,7 @@ def build_report(
 
 
 def _stability(a: Trace, b: Trace, cfg: AnalyzeConfig, what: str) -> dict[str, Any]:
-    if cfg.num_gpus is not None:
+    if cfg.num_gpus is not None and not too_few_tokens([a.num_tokens, b.num_tokens], a.num_experts):
         Progress(f"analyze {what}", after=0.0, every=0.0).update(
             0, f"solving placements ({cfg.num_gpus} GPUs, up to {cfg.time_limit:g} s each)")
     return stability(a, b, cfg.num_gpus, cfg.gpus_per_node, cfg.time_limit, cfg.seed)

@@ -38,6 +38,12 @@ from moeplace.solve.baselines import contiguous, greedy_load
 from moeplace.trace.format import Trace, split_tokens
 
 TRANSFER_METRICS = ("cross_gpu_top1", "dest_gpus_topk")
+# Fewest tokens a side of a comparison (a half, or a --compare input) needs for figures that mean
+# something. A capture share measured on n tokens has a standard error up to 1 / (2 sqrt(n)): 25
+# tokens keep it within 0.1 (the report prints two decimals). And at least one token per expert:
+# with fewer, most rows of the side's successor table (and of the loads a placement is solved on)
+# are empty by construction, so capture and placement transfer follow tie-breaking, not routing.
+MIN_SIDE_TOKENS = 25
 
 
 def split_halves(trace: Trace, seed: int) -> tuple[Trace, Trace, dict[str, Any]]:
@@ -181,12 +187,26 @@ def stability(
     time_limit: float,
     seed: int,
 ) -> dict[str, Any]:
-    """Affinity correlation and held-out capture A -> B; placement transfer unless num_gpus is None."""
+    """Affinity correlation and held-out capture A -> B; placement transfer unless num_gpus is None.
+    Skipped, with the reason, when a side is too small (too_few_tokens): the rest of analyze stands."""
+    tokens = [trace_a.num_tokens, trace_b.num_tokens]
+    if reason := too_few_tokens(tokens, trace_a.num_experts):
+        return {"tokens": tokens, "skipped": reason}
     out: dict[str, Any] = {
-        "tokens": [trace_a.num_tokens, trace_b.num_tokens],
+        "tokens": tokens,
         "load_corr": load_correlation(trace_a.expert_loads(), trace_b.expert_loads()),
         "modes": compare_affinity(trace_a, trace_b),
     }
     if num_gpus is not None and trace_a.num_layers > 1:
         out["placement"] = placement_transfer(trace_a, trace_b, num_gpus, gpus_per_node, time_limit, seed)
     return out
+
+
+def too_few_tokens(tokens: list[int], num_experts: int) -> str | None:
+    """Why sides of these token counts are too small to compare (MIN_SIDE_TOKENS), else None:
+    a lopsided split (49 tokens and 1) or a tiny trace gave figures that meant nothing."""
+    need = max(MIN_SIDE_TOKENS, num_experts)
+    if min(tokens) >= need:
+        return None
+    return (f"too few tokens to compare ({tokens[0]} and {tokens[1]}): each side needs at least {need}, the larger "
+            f"of {MIN_SIDE_TOKENS} (a share within +-0.1) and one per expert ({num_experts})")
