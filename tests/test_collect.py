@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -681,3 +684,111 @@ def test_threads_past_the_cpus_are_refused_before_any_work(tmp_path: Path, capsy
     err = capsys.readouterr().err.strip()
     assert err == f"moeplace: error: --threads {too_many}: this process may use {available_cpus()} CPUs", err
     assert not (tmp_path / "t.npz").exists()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_broken_config_json_is_named_before_the_tokenizer_loads(
+        tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path, family: str,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: invalid JSON failed in the tokenizer load, which took the blame ("pass --tokenizer");
+    no model_type or an unknown one said "Unrecognized model" or printed transformers' warning
+    above the error; a field of the wrong type crashed as an internal error (exit code 3)."""
+    import moeplace.trace.cli as trace_cli_mod
+
+    tokenizer_loads: list[str] = []
+    monkeypatch.setattr(trace_cli_mod, "_load_tokenizer", lambda *a, **k: tokenizer_loads.append(a[0]))
+    good = json.loads((tiny_dirs[family] / "config.json").read_text())
+    version = transformers.__version__
+    cases: list[tuple[str | None, str]] = [
+        (json.dumps(good).replace('"model_type":', '"model_type"', 1),
+         "config.json: not valid JSON (Expecting ':' delimiter: line 1 column"),
+        (json.dumps({k: v for k, v in good.items() if k != "model_type"}),
+         "config.json has no model_type (the transformers model family, e.g. 'mixtral')"),
+        (json.dumps(good | {"model_type": "foo"}),
+         f"config.json: model_type 'foo' is no model family transformers {version} knows (a newer transformers may know it)"),
+        (json.dumps(good | {"model_type": family[:-1]}),
+         f"config.json: model_type {family[:-1]!r} is no model family transformers {version} knows; did you mean {family!r}?"),
+        (json.dumps(good | {"model_type": 3}), "config.json: model_type 3 is not a string naming a model family"),
+        (json.dumps([good]), "config.json: not a JSON object"),
+        (json.dumps(good | {"hidden_size": "wide"}), "config.json: transformers cannot build a config from it ("),
+        (None, "config.json: no such file (a save_pretrained model directory holds one)"),
+    ]
+    for n, (text, message) in enumerate(cases):
+        broken = tmp_path / f"broken{n}"
+        shutil.copytree(tiny_dirs[family], broken)
+        if text is None:
+            (broken / "config.json").unlink()
+        else:
+            (broken / "config.json").write_text(text)
+        assert trace_cli(broken, corpus, tmp_path / "t.npz", "--max-tokens", "50") == 2, message
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"moeplace: error: {broken}") and message in err[0], (message, err)
+        assert tokenizer_loads == []
+
+
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is at the time (capsys's during a test)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@pytest.fixture
+def hf_log_to_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' log handler keeps the stderr of import time (pytest's own capture): point it at
+    the current one, which capsys reads, as a real run's handler writes to the process's stderr."""
+    from transformers.utils import logging as hf_logging
+
+    for handler in hf_logging.get_logger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            monkeypatch.setattr(handler, "stream", _CurrentStderr())
+
+
+def _loud_tokenizer_load(monkeypatch: pytest.MonkeyPatch, fail: bool) -> None:
+    """AutoTokenizer.from_pretrained that first logs and warns, as transformers does when it falls
+    back to another tokenizer reader, then fails (or loads)."""
+    from transformers.utils import logging as hf_logging
+
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def loud(*args: object, **kwargs: object) -> object:
+        hf_logging.get_logger("transformers.tokenization_utils").warning("falling back to another reader")
+        warnings.warn("a deprecated tokenizer option", FutureWarning, stacklevel=2)
+        if fail:
+            raise OSError("no tokenizer here")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", loud)
+
+
+def test_a_failed_load_prints_its_one_line_and_no_warning_above(
+        tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path, hf_log_to_stderr: None,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], recwarn: pytest.WarningsRecorder) -> None:
+    """Before: transformers' warnings of the failed load (a SentencePiece fallback of a bad
+    tokenizer.model, a rope_scaling it cannot validate) printed above moeplace's error line."""
+    odd = tmp_path / "odd-rope"
+    shutil.copytree(tiny_dirs["mixtral"], odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps(cfg | {"rope_scaling": {"type": "weird"}}))
+    assert trace_cli(odd, corpus, tmp_path / "t.npz", "--max-tokens", "50") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"moeplace: error: cannot load model {str(odd)!r}"), err
+    _loud_tokenizer_load(monkeypatch, fail=True)
+    assert trace_cli(tiny_dirs["mixtral"], corpus, tmp_path / "t.npz", "--max-tokens", "50") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"moeplace: error: cannot load a tokenizer from {str(tiny_dirs['mixtral'])!r} (no tokenizer here); "
+                   "pass --tokenizer PATH"]
+    # Python warnings go to pytest's recorder here (stderr in a real run): none was let through
+    assert [str(w.message) for w in recwarn if "tokenizer" in str(w.message)] == []
+
+
+def test_warnings_of_a_load_that_succeeds_are_still_shown(
+        tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path, hf_log_to_stderr: None,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    _loud_tokenizer_load(monkeypatch, fail=False)
+    with pytest.warns(FutureWarning, match="a deprecated tokenizer option"):
+        assert trace_cli(tiny_dirs["mixtral"], corpus, tmp_path / "t.npz", "--max-tokens", "50") == 0
+    assert "falling back to another reader" in capsys.readouterr().err

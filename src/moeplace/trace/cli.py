@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import json
+import logging
 import os
 import socket
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -13,6 +18,7 @@ import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError
 from moeplace.export.permute import permutation_record
+from moeplace.io import read_json
 from moeplace.options import OUTPUT_FILE, DtypeChoice, check_outside, check_writable, plural
 from moeplace.parallel import available_cpus
 
@@ -88,9 +94,12 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     if threads is not None:
         torch.set_num_threads(threads)
     dev = _device(device, torch)
-    # the tokenizer first: a bad --tokenizer must not wait for a model of tens of GB to load
-    tokenizer = _load_tokenizer(tokenizer_ref or model_ref, given=tokenizer_ref is not None)
-    model = _load_model(model_ref, dtype, dev)
+    with _warnings_held():  # a failed load is one line; its warnings are shown only when it succeeds
+        # config.json first (cheap, no weights): the tokenizer reads it too, and would take the blame
+        _check_config(model_ref)
+        # then the tokenizer: a bad --tokenizer must not wait for a model of tens of GB to load
+        tokenizer = _load_tokenizer(tokenizer_ref or model_ref, given=tokenizer_ref is not None)
+        model = _load_model(model_ref, dtype, dev)
     layers = find_moe_layers(model)
     bad_k = next((m for m in layers if not 1 <= m.top_k <= m.num_experts), None)
     if bad_k is not None:
@@ -229,6 +238,78 @@ def _load_model(ref: str, dtype: str, device: Any) -> Any:
     return model.to(device).eval()
 
 
+def _check_config(ref: str) -> None:
+    """Refuse a local model directory whose config.json transformers cannot use, naming the file and
+    what is wrong with it. Parses the JSON and builds the config object only: no weights are read."""
+    if not Path(ref).is_dir():
+        return  # a hub id: transformers fetches and reports on its own config
+    path = Path(ref) / "config.json"
+    if not path.is_file():
+        raise MoeplaceError(f"{path}: no such file (a save_pretrained model directory holds one)")
+    config = read_json(path, MoeplaceError)
+    if not isinstance(config, dict):
+        raise MoeplaceError(f"{path}: not a JSON object")
+    auto_map = config.get("auto_map")
+    if isinstance(auto_map, dict) and "AutoConfig" in auto_map:
+        return  # custom code's own config class: transformers asks whether to run it, as it always did
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    family = config.get("model_type")
+    if "model_type" in config and not isinstance(family, str):
+        raise MoeplaceError(f"{path}: model_type {json.dumps(family)} is not a string naming a model family")
+    if isinstance(family, str) and family not in CONFIG_MAPPING:
+        near = difflib.get_close_matches(family, list(CONFIG_MAPPING.keys()), n=1, cutoff=0.8)
+        hint = f"; did you mean {near[0]!r}?" if near else " (a newer transformers may know it)"
+        raise MoeplaceError(f"{path}: model_type {family!r} is no model family transformers "
+                            f"{transformers.__version__} knows{hint}")
+    try:
+        transformers.AutoConfig.from_pretrained(ref, local_files_only=True)
+    except Exception as e:  # a field of the wrong type or value: any error building the config is the file's
+        if "model_type" not in config:  # (transformers 4 guessed the family from the path's name)
+            raise MoeplaceError(f"{path} has no model_type (the transformers model family, e.g. 'mixtral')") from None
+        raise MoeplaceError(f"{path}: transformers cannot build a config from it ({_first_line(e)})") from None
+
+
+class _Held(logging.Handler):
+    """Keeps log records instead of writing them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _warnings_held() -> Iterator[None]:
+    """Hold back transformers' log lines and Python warnings while the block runs: shown, as they
+    would have been, when it succeeds (a user may need them); dropped when it raises, since the
+    error then says in one line what is wrong, and lines above it (a tokenizer falling back to
+    another reader, a config field it cannot validate) only bury it."""
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger()  # the library's root logger: its handler writes to stderr
+    handlers, held = list(logger.handlers), _Held()
+    for handler in handlers:
+        logger.removeHandler(handler)
+    logger.addHandler(held)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        logger.removeHandler(held)
+        for handler in handlers:
+            logger.addHandler(handler)
+    for record in held.records:  # reached only when the block succeeded
+        for handler in handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
 # what a Hugging Face tokenizer directory holds (one of them at least); serve.cli.load_tokenizer uses it too
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
@@ -305,6 +386,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
+    """The first line of an error's message, or all of it joined when that line ends in ':' (it
+    introduces the rest: "Validation error for field 'x':" alone says nothing)."""
+    lines = (str(e).strip() or type(e).__name__).splitlines()
+    return " ".join(" ".join(lines).split()) if lines[0].rstrip().endswith(":") else lines[0]
 
