@@ -776,6 +776,7 @@ def test_a_failed_load_prints_its_one_line_and_no_warning_above(
     assert trace_cli(odd, corpus, tmp_path / "t.npz", "--max-tokens", "50") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"moeplace: error: cannot load model {str(odd)!r}"), err
+    assert err[0].endswith(": KeyError: 'weird'"), err  # the bare key 'weird' said nothing of what failed
     _loud_tokenizer_load(monkeypatch, fail=True)
     assert trace_cli(tiny_dirs["mixtral"], corpus, tmp_path / "t.npz", "--max-tokens", "50") == 2
     err = capsys.readouterr().err.strip().splitlines()

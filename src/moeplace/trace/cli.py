@@ -389,5 +389,7 @@ def _first_line(e: BaseException) -> str:
     """The first line of an error's message, or all of it joined when that line ends in ':' (it
     introduces the rest: "Validation error for field 'x':" alone says nothing)."""
     lines = (str(e).strip() or type(e).__name__).splitlines()
-    return " ".join(" ".join(lines).split()) if lines[0].rstrip().endswith(":") else lines[0]
+    line = " ".join(" ".join(lines).split()) if lines[0].rstrip().endswith(":") else lines[0]
+    # a KeyError's text is the key alone ('weird'): name the kind of error with it
+    return f"{type(e).__name__}: {line}" if isinstance(e, LookupError) else line
 
