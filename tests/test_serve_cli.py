@@ -424,6 +424,21 @@ def test_piped_prompt_errors_name_stdin(model: tuple[Path, list[list[int]]], mon
     assert "moeplace: error: <stdin>:2: token id out of range" in capsys.readouterr().err
 
 
+def test_a_stream_with_no_end_is_refused_not_read_forever(model: tuple[Path, list[list[int]]], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """--prompts /dev/zero (or a pipe that never closes with data) used to be read until memory ran out."""
+    import moeplace.serve.cli as serve_cli
+
+    monkeypatch.setattr(serve_cli, "MAX_PROMPT_BYTES", 1 << 20)
+    assert run(["serve", "--model", str(model[0]), "--prompts", "/dev/zero"]) == 2
+    assert capsys.readouterr().err.strip() == "moeplace: error: /dev/zero: more than 1 MiB of prompts; split them " \
+                                              "over several runs"
+    exactly = tmp_path / "p.txt"
+    exactly.write_bytes(b"hello\n" * ((1 << 20) // 6) + b"x" * ((1 << 20) % 6))  # at the cap: read
+    assert serve_cli.prompt_bytes(str(exactly)) == exactly.read_bytes()
+
+
 @pytest.mark.parametrize("case", ["world size", "bad prompt", "too long"])
 def test_launcher_failures_are_one_line(model: tuple[Path, list[list[int]]], tmp_path: Path, case: str) -> None:
     """Before: after the rank's line, torchrun's ChildFailedError traceback and failure table; then

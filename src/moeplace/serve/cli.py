@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -323,26 +324,30 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int,
 STDIN_NAME = "<stdin>"
 
 
+MAX_PROMPT_BYTES = 1 << 28  # 256 MiB, far past any batch run; a stream with no end (/dev/zero) is refused, not read forever
+
+
 def prompt_bytes(path: str) -> bytes:
     """The prompts file's bytes; "-" is standard input. Only rank 0 calls this (serve's input
     check), so piped prompts are read once; under --nproc-per-node the ranks inherit the
     launcher's stdin (torch's elastic agent passes it on), so rank 0 reads the pipe there too.
     Anything that reads is accepted: a pipe, /dev/stdin or a FIFO is no regular file, and an
     is_file() check refused them as "no such file"."""
-    if path == "-":
-        try:
-            return sys.stdin.buffer.read()
-        except OSError as e:
-            raise MoeplaceError(f"{STDIN_NAME}: cannot read it ({e.strerror or e})") from None
-    p = Path(path)
-    if not p.exists():
-        raise MoeplaceError(f"{p}: no such file")
-    if p.is_dir():
-        raise MoeplaceError(f"{p}: is a directory")
+    name = STDIN_NAME if path == "-" else path
+    if path != "-":
+        p = Path(path)
+        if not p.exists():
+            raise MoeplaceError(f"{p}: no such file")
+        if p.is_dir():
+            raise MoeplaceError(f"{p}: is a directory")
     try:
-        return p.read_bytes()
+        with contextlib.nullcontext(sys.stdin.buffer) if path == "-" else open(path, "rb") as f:
+            data = f.read(MAX_PROMPT_BYTES + 1)
     except OSError as e:
-        raise MoeplaceError(f"{p}: cannot read it ({e.strerror or e})") from None
+        raise MoeplaceError(f"{name}: cannot read it ({e.strerror or e})") from None
+    if len(data) > MAX_PROMPT_BYTES:
+        raise MoeplaceError(f"{name}: more than {MAX_PROMPT_BYTES >> 20} MiB of prompts; split them over several runs")
+    return data
 
 
 def prompts_are_jsonl(path: Path, lines: list[str]) -> bool:
