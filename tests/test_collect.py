@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -793,3 +794,70 @@ def test_warnings_of_a_load_that_succeeds_are_still_shown(
     with pytest.warns(FutureWarning, match="a deprecated tokenizer option"):
         assert trace_cli(tiny_dirs["mixtral"], corpus, tmp_path / "t.npz", "--max-tokens", "50") == 0
     assert "falling back to another reader" in capsys.readouterr().err
+
+
+CUSTOM_CONFIG = "from transformers import MixtralConfig\n\nclass CustomConfig(MixtralConfig):\n    model_type = 'moeplace_custom'\n"
+CUSTOM_MODEL = ("from transformers import MixtralForCausalLM\nfrom .configuration_custom import CustomConfig\n\n"
+                "class CustomForCausalLM(MixtralForCausalLM):\n    config_class = CustomConfig\n")
+
+
+def custom_code_model(base: Path, out: Path) -> Path:
+    """A checkpoint whose family only its own Python files define (config.json auto_map), as many
+    hub MoE models are: a Mixtral under another model_type, with the tiny Mixtral's weights."""
+    import importlib.util
+
+    out.mkdir()
+    (out / "configuration_custom.py").write_text(CUSTOM_CONFIG)
+    (out / "modeling_custom.py").write_text(CUSTOM_MODEL)
+    (out / "__init__.py").write_text("")
+    spec = importlib.util.spec_from_file_location("custom_pkg", out / "__init__.py", submodule_search_locations=[str(out)])
+    assert spec is not None and spec.loader is not None
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["custom_pkg"] = package
+    try:
+        spec.loader.exec_module(package)
+        from custom_pkg.configuration_custom import CustomConfig  # type: ignore[import-not-found]
+        from custom_pkg.modeling_custom import CustomForCausalLM  # type: ignore[import-not-found]
+
+        mixtral = transformers.AutoModelForCausalLM.from_pretrained(base)
+        fields = {k: v for k, v in mixtral.config.to_dict().items()
+                  if k not in ("model_type", "architectures", "transformers_version")}
+        model = CustomForCausalLM(CustomConfig(**fields))
+        model.load_state_dict(mixtral.state_dict(), strict=True)
+        model.save_pretrained(out)
+    finally:
+        for name in [n for n in sys.modules if n.startswith("custom_pkg")]:
+            del sys.modules[name]
+    (out / "__init__.py").unlink()
+    config = json.loads((out / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig",
+                          "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (out / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, out / name)
+    return out
+
+
+def test_custom_code_models_run_only_with_trust_remote_code(tiny_dirs: dict[str, Path], corpus: Path,
+                                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: transformers asked "Do you wish to run the custom code? [y/N]" on the terminal (twice),
+    and there was no option to say yes without a terminal."""
+    model = custom_code_model(tiny_dirs["mixtral"], tmp_path / "custom")
+    capsys.readouterr()  # save_pretrained's progress
+    assert trace_cli(model, corpus, tmp_path / "t.npz") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"moeplace: error: {model}/config.json: model_type 'moeplace_custom' is defined by Python code in {model} "
+        f"(auto_map), not by transformers {transformers.__version__}: pass --trust-remote-code to run that code "
+        "(only for a checkpoint you trust)")
+    assert not (tmp_path / "t.npz").exists()
+    # with the flag it runs, in a process of its own: transformers copies the code into a module cache
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run([sys.executable, "-m", "moeplace", "trace", "--model", str(model), "--data", str(corpus),
+                           "-o", str(tmp_path / "t.npz"), "-q", "--trust-remote-code"],
+                          env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    t = load_trace(tmp_path / "t.npz")
+    assert t.meta["model_type"] == "moeplace_custom" and t.num_experts == 8 and t.top_k == 2
+    # the same routing as the tiny Mixtral whose weights it holds
+    assert trace_cli(tiny_dirs["mixtral"], corpus, tmp_path / "ref.npz") == 0
+    np.testing.assert_array_equal(t.topk_ids, load_trace(tmp_path / "ref.npz").topk_ids)

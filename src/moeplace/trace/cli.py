@@ -48,10 +48,14 @@ from moeplace.parallel import available_cpus
               help="Tokenizer to use  [default: the model's]")
 @click.option("--corpus", default=None,
               help="Corpus label stored in the trace meta  [default: the names of the data files read]")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Run the Python code a checkpoint ships (config.json auto_map) for a family transformers "
+                   "lacks. Only for checkpoints you trust; without it such a model is refused in one line, "
+                   "and never asked about.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress (stderr) and no summary line (stdout); errors only.")
 def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | None, max_tokens: int | None,
           batch_size: int, dtype: str, device: str, threads: int | None, tokenizer_ref: str | None,
-          corpus: str | None, quiet: bool) -> None:
+          corpus: str | None, trust_remote_code: bool, quiet: bool) -> None:
     """Record, for every token, the top-k experts and gate weights the model's own routers pick.
 
     \b
@@ -96,10 +100,11 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     dev = _device(device, torch)
     with _warnings_held():  # a failed load is one line; its warnings are shown only when it succeeds
         # config.json first (cheap, no weights): the tokenizer reads it too, and would take the blame
-        _check_config(model_ref)
+        _check_config(model_ref, trust_remote_code)
         # then the tokenizer: a bad --tokenizer must not wait for a model of tens of GB to load
-        tokenizer = _load_tokenizer(tokenizer_ref or model_ref, given=tokenizer_ref is not None)
-        model = _load_model(model_ref, dtype, dev)
+        tokenizer = _load_tokenizer(tokenizer_ref or model_ref, given=tokenizer_ref is not None,
+                                    trust_remote_code=trust_remote_code)
+        model = _load_model(model_ref, dtype, dev, trust_remote_code)
     layers = find_moe_layers(model)
     bad_k = next((m for m in layers if not 1 <= m.top_k <= m.num_experts), None)
     if bad_k is not None:
@@ -202,7 +207,7 @@ def _device(choice: str, torch: Any) -> Any:
     return torch.device(choice)
 
 
-def _load_model(ref: str, dtype: str, device: Any) -> Any:
+def _load_model(ref: str, dtype: str, device: Any, trust_remote_code: bool = False) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -214,7 +219,7 @@ def _load_model(ref: str, dtype: str, device: Any) -> Any:
     try:
         loaded: Any = AutoModelForCausalLM.from_pretrained(
             ref, dtype="auto" if dtype == "auto" else getattr(torch, dtype), local_files_only=local,
-            output_loading_info=True,
+            output_loading_info=True, trust_remote_code=trust_remote_code,
             ignore_mismatched_sizes=True,  # else it raises, pointing at a report hidden above; refused below, by name
         )
         model, info = loaded
@@ -225,7 +230,7 @@ def _load_model(ref: str, dtype: str, device: Any) -> Any:
                 moe_blocks(open_checkpoint(ref))
             except CheckpointError as reason:
                 raise MoeplaceError(f"cannot load model: {reason}") from None
-        raise MoeplaceError(f"cannot load model {ref!r}: {_first_line(e)}") from None
+        raise MoeplaceError(f"cannot load model {ref!r}: {_first_line(e)}{_remote_code_advice(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     # transformers initialises missing or mis-shaped weights at random and carries on: routing
@@ -238,7 +243,7 @@ def _load_model(ref: str, dtype: str, device: Any) -> Any:
     return model.to(device).eval()
 
 
-def _check_config(ref: str) -> None:
+def _check_config(ref: str, trust_remote_code: bool = False) -> None:
     """Refuse a local model directory whose config.json transformers cannot use, naming the file and
     what is wrong with it. Parses the JSON and builds the config object only: no weights are read."""
     if not Path(ref).is_dir():
@@ -249,13 +254,18 @@ def _check_config(ref: str) -> None:
     config = read_json(path, MoeplaceError)
     if not isinstance(config, dict):
         raise MoeplaceError(f"{path}: not a JSON object")
-    auto_map = config.get("auto_map")
-    if isinstance(auto_map, dict) and "AutoConfig" in auto_map:
-        return  # custom code's own config class: transformers asks whether to run it, as it always did
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     family = config.get("model_type")
+    auto_map = config.get("auto_map")
+    custom = isinstance(auto_map, dict) and "AutoConfig" in auto_map
+    if custom and not (isinstance(family, str) and family in CONFIG_MAPPING):  # no built-in class to fall back on
+        if not trust_remote_code:
+            raise MoeplaceError(f"{path}: model_type {family!r} is defined by Python code in {ref} (auto_map), not by "
+                                f"transformers {transformers.__version__}: pass --trust-remote-code to run that code "
+                                "(only for a checkpoint you trust)")
+        return  # its own config class: transformers builds it when the model loads
     if "model_type" in config and not isinstance(family, str):
         raise MoeplaceError(f"{path}: model_type {json.dumps(family)} is not a string naming a model family")
     if isinstance(family, str) and family not in CONFIG_MAPPING:
@@ -264,7 +274,7 @@ def _check_config(ref: str) -> None:
         raise MoeplaceError(f"{path}: model_type {family!r} is no model family transformers "
                             f"{transformers.__version__} knows{hint}")
     try:
-        transformers.AutoConfig.from_pretrained(ref, local_files_only=True)
+        transformers.AutoConfig.from_pretrained(ref, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as e:  # a field of the wrong type or value: any error building the config is the file's
         if "model_type" not in config:  # (transformers 4 guessed the family from the path's name)
             raise MoeplaceError(f"{path} has no model_type (the transformers model family, e.g. 'mixtral')") from None
@@ -314,7 +324,7 @@ def _warnings_held() -> Iterator[None]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
-def _load_tokenizer(ref: str, given: bool) -> Any:
+def _load_tokenizer(ref: str, given: bool, trust_remote_code: bool = False) -> Any:
     """The tokenizer of `ref`; `given`: it came from --tokenizer (so do not advise passing it)."""
     from transformers import AutoTokenizer
 
@@ -325,10 +335,21 @@ def _load_tokenizer(ref: str, given: bool) -> Any:
         raise MoeplaceError(f"cannot load a tokenizer from {ref!r}: it holds none of {', '.join(TOKENIZER_FILES)}"
                             + advice)
     try:
-        return AutoTokenizer.from_pretrained(ref, local_files_only=local)
+        return AutoTokenizer.from_pretrained(ref, local_files_only=local, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:
+        if remote := _remote_code_advice(e):
+            raise MoeplaceError(f"cannot load a tokenizer from {ref!r}{remote}") from None
         raise MoeplaceError(f"cannot load a tokenizer from {ref!r} ({_first_line(e)})"
                             + ("" if given else advice)) from None
+
+
+def _remote_code_advice(e: BaseException) -> str:
+    """What to do when transformers refused to run a checkpoint's own code (its message names
+    trust_remote_code), else "": transformers' own text says to pass a Python argument."""
+    if "trust_remote_code" not in str(e):
+        return ""
+    return (": it needs Python code shipped with the checkpoint (auto_map); pass --trust-remote-code to run it "
+            "(only for a checkpoint you trust)")
 
 
 def _resolve(ref: str, what: str, probe_file: str) -> bool:
