@@ -247,9 +247,11 @@ def load_tokenizer(model_dir: str) -> Any:
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(d))
+        # never run or ask about a tokenizer's own code: a rank waiting on a terminal prompt hangs the run
+        return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
     except Exception as e:
-        raise MoeplaceError(f"{d}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise MoeplaceError(f"{d}: cannot load its tokenizer ({type(e).__name__}: {first})") from None
 
 
 def bind_http(host: str, port: int) -> Any:
