@@ -660,7 +660,8 @@ def test_make_loads_refuses_wrong_shapes_and_dtypes(loads: np.ndarray, message: 
 def test_make_loads_refuses_one_bad_count_among_good_ones(bad: float) -> None:
     loads = np.ones((2, 4))
     loads[1, 2] = bad  # one bad cell is enough: the others are valid counts
-    with pytest.raises(TraceError, match=r"^x: expert_loads must be finite and non-negative$"):
+    with pytest.raises(TraceError, match=rf"^x: expert_loads must be finite and non-negative, got {bad:.6g} at "
+                                         r"layer 1, expert 2$"):
         make_loads(loads, name="x")
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import pickle
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -86,7 +90,7 @@ def test_csv_ignores_other_columns(tmp_path: Path) -> None:
     [
         (np.array([[0.3, 0.6, 0.0, 0.0]]), "1 rows, but"),
         (np.array([[0.3, 0.6, 0.0], [0.0, 0.5, 0.2]]), "3 expert columns"),
-        (np.array([[0.3, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.2]]), "layer1.csv: line 2 selects 1 experts, expected top-2"),
+        (np.array([[0.3, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.2]]), "layer1.csv: line 2 selects 1 expert, expected top-2"),
         (np.array([[0.3, -0.6, 0.0, 0.0], [0.0, 0.0, 0.5, 0.2]]), "finite and non-negative"),
     ],
 )
@@ -303,9 +307,9 @@ def test_csv_errors_name_the_file_line(tmp_path: Path, capsys: pytest.CaptureFix
     cases = {
         "short": (header + "0,0.5,0.5,0\n1,0.5,0.5,0\n2,0.5\n", "line 4 has 2 fields, header has 4"),
         "nan": (header + "0,0.5,0.5,0\n1,0.5,0.5,0\n2,0.5,x,0\n", "line 4: could not convert"),
-        "top-k": (header + "0,0.5,0.5,0\n1,0.5,0.5,0\n2,0.5,0,0\n", "line 4 selects 1 experts, expected top-2"),
+        "top-k": (header + "0,0.5,0.5,0\n1,0.5,0.5,0\n2,0.5,0,0\n", "line 4 selects 1 expert, expected top-2"),
         "negative": (header + "0,0.5,0.5,0\n1,0.5,0.5,0\n2,0.5,-1,0\n", "line 4: gate weights must be finite"),
-        "quoted": ('text,expert_0,expert_1\n"a\nb",0.5,0.5\nc,0.5,0\n', "line 4 selects 1 experts"),
+        "quoted": ('text,expert_0,expert_1\n"a\nb",0.5,0.5\nc,0.5,0\n', "line 4 selects 1 expert,"),
         "blank": (header + "0,0.5,0.5,0\n\n2,0.5,0.5,0\n", "line 3 is blank inside the table"),
     }
     for name, (text, message) in cases.items():
@@ -749,3 +753,107 @@ def test_csv_files_with_a_layer_number_twice_name_that_number(tmp_path: Path) ->
     files = [write_layer_csv(tmp_path / name, np.array([[0.6, 0.4]])) for name in ("layer1.csv", "layer2.csv", "a/layer2.csv")]
     with pytest.raises(TraceError, match=r"layer2.csv, \S+/a/layer2.csv: the same layer number 2 twice"):
         import_csv(files)
+
+
+# --- found by a bad-input sweep of `moeplace import` (each: traceback, hang, lost input or silence) --
+
+
+def test_output_onto_a_file_read_from_an_input_directory_is_refused(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `-o DIR/layer1.csv` (or a link to it, or DIR/tokens.txt) replaced that input with the
+    trace, exit 0: the data was lost and DIR no longer imported. A dump directory's x.pt alike."""
+    data = _layer_dir(tmp_path / "flame", ["layer0.csv", "layer1.csv"])
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    (tmp_path / "link.csv").symlink_to(data / "layer0.csv")
+    for out in (data / "layer1.csv", data / "layer5.csv", data / "tokens.txt", tmp_path / "link.csv"):
+        err = _cli_error(capsys, "import", "csv", str(data), "-o", str(out))
+        assert err.endswith(f"is inside the input directory {data}, where this import reads .csv and tokens.txt "
+                            "files: write the output elsewhere"), err
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    assert run(["import", "csv", str(data), "-o", str(data / "trace.npz"), "-q"]) == 0  # a name it never reads
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    _per_token_dumps(dumps)
+    assert "where this import reads .pt files" in _cli_error(capsys, "import", "sglang", str(dumps), "-o",
+                                                              str(dumps / "a.pt"))
+    assert not (dumps / "a.pt").exists()
+
+
+def test_csv_edge_cases_found_by_the_sweep_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "o.npz")
+    big_id = tmp_path / "big_id.csv"  # before: internal error (OverflowError), exit 3
+    big_id.write_text("token_id,expert_0,expert_1\n1,0.5,0.5\n99999999999999999999,0.5,0.5\n")
+    assert _cli_error(capsys, "import", "csv", str(big_id), "-o", out).endswith(
+        "line 3: token_id 99999999999999999999 out of range (above 2^63)")
+    superscript = tmp_path / "sup.csv"  # before: internal error ('²'.isdigit() is True, int('²') fails)
+    superscript.write_text("expert_0,expert_\u00b2,expert_1\n0.5,0,0.5\n")
+    assert "expert columns must be named expert_0..expert_N" in _cli_error(capsys, "import", "csv", str(superscript),
+                                                                          "-o", out)
+    wide = tmp_path / "wide.csv"  # before: a quadratic duplicate check, minutes with no word
+    wide.write_text(",".join(f"expert_{e}" for e in range(70_000)) + "\n" + ",".join(["0"] * 69_999 + ["1"]) + "\n")
+    assert "70000 expert columns, more than the 65536 experts a trace may have" in _cli_error(
+        capsys, "import", "csv", str(wide), "-o", out)
+    a = write_layer_csv(tmp_path / "a.csv", np.eye(4)[[0, 1, 2]])
+    (tmp_path / "b.csv").symlink_to(a)  # before: a 2-layer trace whose layers were one file
+    for twice in ([a, a], [a, tmp_path / "b.csv"]):
+        assert "given twice" in _cli_error(capsys, "import", "csv", *map(str, twice), "-o", out)
+    assert _cli_error(capsys, "import", "csv", str(a), "-k", "9", "-o", out).endswith(
+        "top-9 asked (-k), but the file has 4 experts")
+    gz = tmp_path / "g.csv"
+    gz.write_bytes(gzip.compress(a.read_bytes()))
+    assert _cli_error(capsys, "import", "csv", str(gz), "-o", out).endswith(
+        "not UTF-8 text (it looks like gzip-compressed (decompress it first))")
+    assert not Path(out).exists()
+
+
+def test_a_layer_file_that_cannot_be_read_is_named_not_dropped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a broken layer0.csv link or a directory named layer2.csv was skipped: a trace of the
+    other layers, exit 0, no word."""
+    data = _layer_dir(tmp_path / "d", ["layer0.csv", "layer1.csv"])
+    (data / "layer0.csv").unlink()
+    (data / "layer0.csv").symlink_to(tmp_path / "gone.csv")
+    out = str(tmp_path / "o.npz")
+    assert _cli_error(capsys, "import", "csv", str(data), "-o", out).endswith(
+        "layer0.csv: a broken link (its target does not exist)")
+    (data / "layer0.csv").unlink()
+    (data / "layer2.csv").mkdir()
+    assert _cli_error(capsys, "import", "csv", str(data), "-o", out).endswith(
+        "layer2.csv: a directory named like a layer file")
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)  # before: "no such file"; never opened (it would block)
+    assert _cli_error(capsys, "import", "csv", str(fifo), "-o", out).endswith(
+        "pipe.csv: not a regular file (a pipe or device); give a file (give one directory, or layer CSV files)")
+
+
+def test_exflow_files_that_are_not_npy_say_what_they_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: numpy's "contains pickled (object) data ... allow_pickle=True" for a text or gzip file."""
+    text, gz = tmp_path / "t.npy", tmp_path / "g.npy"
+    text.write_text("0,1\n2,3\n")
+    gz.write_bytes(gzip.compress(b"\x93NUMPY"))
+    out = str(tmp_path / "o.npz")
+    assert _cli_error(capsys, "import", "exflow", str(text), "-o", out).endswith(f"{text}: not a .npy file (no NUMPY header)")
+    assert _cli_error(capsys, "import", "exflow", str(gz), "-o", out).endswith(
+        "not a .npy file (no NUMPY header); it looks like gzip-compressed (decompress it first)")
+
+
+class _Getcwd:
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return os.getcwd, ()  # harmless, but a global that only real unpickling can call
+
+
+def test_sglang_dumps_the_sweep_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "o.npz")
+    legacy = tmp_path / "legacy.pt"  # a pickle that would call a function: refused, naming it
+    legacy.write_bytes(pickle.dumps({"records": _Getcwd()}, protocol=2))
+    assert re.search(r"refused: loading needs unpickling of arbitrary Python objects \(it holds \w+\.getcwd\)",
+                     _cli_error(capsys, "import", "sglang", str(legacy), "-o", out))
+    proto4 = tmp_path / "p4.pt"  # before: torch's UserWarning and its source line above the error
+    proto4.write_bytes(pickle.dumps({"records": _Getcwd()}, protocol=4))
+    _cli_error(capsys, "import", "sglang", str(proto4), "-o", out)  # checks one line
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    _per_token_dumps(dumps)
+    (dumps / "sub.pt").mkdir()  # before: "no such file" for a directory the glob matched
+    (dumps / "._x.pt").write_bytes(b"\x00\x05\x16\x07")  # a macOS copy's resource fork: skipped as csv does
+    assert run(["import", "sglang", str(dumps), "-q", "-o", out]) == 0
+    assert load_trace(out).num_tokens == 4

@@ -191,8 +191,17 @@ def existing_file(path: str | os.PathLike[str], kind: str, error: type[Exception
     if p.is_dir():
         raise error(f"{p}: is a directory, not a {kind} file")
     if not p.is_file():
-        raise error(f"{p}: no such file")
+        raise error(f"{p}: {not_a_file(p)}")
     return p
+
+
+def not_a_file(p: Path) -> str:
+    """Why `p`, which is no regular file, cannot be read as one: for "{p}: ..." errors."""
+    if p.is_symlink() and not p.exists():
+        return "a broken link (its target does not exist)"
+    if p.exists():  # a FIFO, a device, a socket: no size, no second read
+        return "not a regular file (a pipe or device); give a file"
+    return "no such file"
 
 
 def looks_like(path: Path) -> str | None:
@@ -207,6 +216,10 @@ def looks_like(path: Path) -> str | None:
         return "a zip archive (an .npz trace?)"
     if head.startswith(b"\x93NUMPY"):
         return "a .npy array (an ExFlow trace?)"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip-compressed (decompress it first)"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16 text (save it as UTF-8)"
     try:  # incremental: a last character cut at byte 512 is not an error
         text = codecs.getincrementaldecoder("utf-8")().decode(head).lstrip()
     except UnicodeDecodeError:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import TraceError, warn
-from moeplace.io import (NPY_FAILURES, existing_file, json_default, loads_json, npy_data_fits, npz_names, read_npz,
+from moeplace.io import (NPY_FAILURES, existing_file, json_default, looks_like, loads_json, npy_data_fits, npz_names, read_npz,
                          save_npz_atomic)
 
 TRACE_FORMAT = "moeplace.trace/v1"
@@ -315,6 +315,11 @@ def load_trace(path: str | Path) -> Trace:
 
 
 def _load_exflow_npy(p: Path) -> Trace:
+    with open(p, "rb") as f:
+        head = f.read(6)
+    if head[:2] != b"PK" and head != b"\x93NUMPY":  # numpy's own error would speak of pickled data
+        what = looks_like(p)
+        raise TraceError(f"{p}: not a .npy file (no NUMPY header){f'; it looks like {what}' if what else ''}")
     try:
         with open(p, "rb") as f:
             if not npy_data_fits(f, p.stat().st_size):
@@ -447,7 +452,9 @@ def make_loads(loads: np.ndarray, meta: dict[str, Any] | None = None, name: str 
         raise TraceError(f"{name}: num_experts must be in [1, {MAX_EXPERTS}], got {a.shape[1]}")
     a = a.astype(np.float64)
     if not np.isfinite(a).all() or (a < 0).any():
-        raise TraceError(f"{name}: {what} must be finite and non-negative")
+        layer, expert = (int(x) for x in np.argwhere(~np.isfinite(a) | (a < 0))[0])
+        raise TraceError(f"{name}: {what} must be finite and non-negative, got {a[layer, expert]:.6g} at layer {layer}, "
+                         f"expert {expert}")
     if (a >= MAX_LOAD).any():
         layer, expert = (int(x) for x in np.argwhere(a >= MAX_LOAD)[0])
         raise TraceError(f"{name}: {what} holds {a[layer, expert]:.6g} at layer {layer}, expert {expert}: "

@@ -15,13 +15,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from moeplace.errors import TraceError, warn
-from moeplace.io import file_key, read_json
+from moeplace.io import file_key, looks_like, not_a_file, read_json
 from moeplace.progress import Progress
 from moeplace.trace.format import MAX_EXPERTS, MAX_LOAD, ExpertLoads, Trace, make_loads, make_trace
 
@@ -44,7 +46,11 @@ def _csv_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
                 rows.append(row)
                 lines.append(start)  # a quoted field may span lines: name the row's first one
                 start = reader.line_num + 1
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError as e:
+        what = looks_like(path)
+        raise TraceError(f"{path}: not UTF-8 text " + (f"(it looks like {what})" if what else
+                         f"(byte {e.start}: {e.reason}); save it as UTF-8")) from None
+    except (OSError, csv.Error) as e:
         raise TraceError(f"{path}: unreadable CSV ({e})") from None
     while rows and not rows[-1]:
         rows.pop()
@@ -63,11 +69,13 @@ def read_dense_csv(path: Path, expert_prefix: str = "expert_") -> tuple[np.ndarr
     cols = [i for i, h in enumerate(header) if h.startswith(expert_prefix)]
     if not cols:
         raise TraceError(f"{path}: no '{expert_prefix}N' columns in the header")
+    if len(cols) > MAX_EXPERTS:
+        raise TraceError(f"{path}: {len(cols)} expert columns, more than the {MAX_EXPERTS} experts a trace may have")
     suffixes = [header[i][len(expert_prefix):] for i in cols]
-    if not all(x.isdigit() for x in suffixes):
+    if not all(x.isascii() and x.isdigit() for x in suffixes):  # str.isdigit alone passes '²'
         raise TraceError(f"{path}: expert columns must be named {expert_prefix}0..{expert_prefix}N")
     experts = [int(x) for x in suffixes]
-    repeated = sorted({e for e in experts if experts.count(e) > 1})
+    repeated = sorted(e for e, n in Counter(experts).items() if n > 1)  # a count per column was quadratic
     if repeated:
         raise TraceError(f"{path}: column {expert_prefix}{repeated[0]} appears more than once in the header")
     missing = sorted(set(range(max(experts) + 1)) - set(experts))
@@ -82,7 +90,7 @@ def read_dense_csv(path: Path, expert_prefix: str = "expert_") -> tuple[np.ndarr
     try:  # fast path: numpy parses the whole table when every column is numeric
         dense[:, experts] = np.array(body, dtype=np.float64)[:, cols]
         tok = np.array([row[tok_col] for row in body], dtype=np.int64) if tok_col is not None else None
-    except ValueError:  # other text columns, or a bad value: row by row, naming the bad line
+    except (ValueError, OverflowError):  # other text columns, or a bad value: row by row, naming the bad line
         tok = np.zeros(len(body), dtype=np.int64) if tok_col is not None else None
         for r, row in enumerate(body):
             try:
@@ -91,6 +99,8 @@ def read_dense_csv(path: Path, expert_prefix: str = "expert_") -> tuple[np.ndarr
                     tok[r] = int(row[tok_col])
             except ValueError as e:
                 raise TraceError(f"{path}: line {lines[r]}: {e}") from None
+            except OverflowError:  # past int64 (floats overflow to inf, not this)
+                raise TraceError(f"{path}: line {lines[r]}: token_id {row[tok_col or 0]} out of range (above 2^63)") from None
     return dense, tok, lines
 
 
@@ -110,9 +120,13 @@ def dense_to_topk(
         k = int(nnz.max())
     if k == 0:
         raise TraceError(f"{name}: no row selects any expert (all gate weights are 0)")
+    if k > dense.shape[1]:
+        raise TraceError(f"{name}: top-{k} asked (-k), but the file has {dense.shape[1]} experts")
     if (nnz < k).any():
         r = int(np.argmax(nnz < k))
-        raise TraceError(f"{name}: {where(r)} selects {int(nnz[r])} experts, expected top-{k}")
+        n = int(nnz[r])
+        raise TraceError(f"{name}: {where(r)} selects {n} expert{'' if n == 1 else 's'}, expected top-{k} "
+                         "(truncated, or fewer non-zero weights?)")
     ids = np.argsort(-dense, axis=1, kind="stable")[:, :k]
     return ids, np.take_along_axis(dense, ids, axis=1)
 
@@ -178,7 +192,11 @@ def layer_files(directory: Path) -> list[tuple[int, Path]]:
     found: list[tuple[int, Path]] = []
     other: list[Path] = []
     for p in directory.iterdir():
-        if p.name.startswith(".") or not p.is_file():
+        if p.name.startswith("."):
+            continue
+        if not p.is_file():  # a layer that cannot be read must not vanish from the trace unsaid
+            if _LAYER_FILE.fullmatch(p.name) or p.suffix.lower() == ".csv":
+                raise TraceError(f"{p}: {not_a_file(p) if not p.is_dir() else 'a directory named like a layer file'}")
             continue
         if m := _LAYER_FILE.fullmatch(p.name):
             found.append((int(m.group(1)), p))
@@ -242,7 +260,8 @@ def import_csv(paths: Sequence[Path], k: int | None = None) -> Trace:
         if p.is_dir():
             raise TraceError(f"{p}: a directory among files: give one directory alone, or layer CSV files only")
         if not p.is_file():
-            raise TraceError(f"{p}: no such file (give one directory, or layer CSV files)")
+            raise TraceError(f"{p}: {not_a_file(p)} (give one directory, or layer CSV files)")
+    _refuse_repeated_files(paths)  # the same file as two layers would be a made-up path
     matches = [_LAYER_FILE.fullmatch(p.name) for p in paths]
     numbers = [int(m.group(1)) for m in matches if m is not None]
     if len(numbers) == len(paths):
@@ -378,7 +397,7 @@ def load_torch_dump(path: Path) -> Any:
 
     path = Path(path)
     if not path.is_file():
-        raise TraceError(f"{path}: no such file")
+        raise TraceError(f"{path}: {not_a_file(path)}")
     if path.stat().st_size == 0:
         raise TraceError(f"{path}: file is empty")
     with open(path, "rb") as f:
@@ -388,9 +407,11 @@ def load_torch_dump(path: Path) -> Any:
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
         raise TraceError(f"{path}: not a torch.save file (no zip or pickle signature)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a pickle protocol, then refuses: the refusal says it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
         what = f" (it holds {found.group(1)})" if found else ""
         raise TraceError(
             f"{path}: refused: loading needs unpickling of arbitrary Python objects{what}; "
@@ -405,8 +426,8 @@ def _dump_files(paths: Sequence[Path]) -> list[Path]:
     """Files given, with a directory standing for its `*.pt` files (sorted by name)."""
     out: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(p.glob("*.pt"))
+        if p.is_dir():  # hidden files (a macOS ._x.pt) and directories named *.pt are no dumps
+            found = sorted(f for f in p.glob("*.pt") if f.is_file() and not f.name.startswith("."))
             if not found:
                 raise TraceError(f"{p}: no .pt files in this directory")
             out += found
@@ -624,6 +645,7 @@ def sglang_per_token(dumps: Sequence[tuple[Path, dict]], num_experts: int | None
     if no_map:
         raise TraceError(f"{_names(no_map)}: no 'last_physical_to_logical_map' (SGLang's per_token dumps carry it): "
                          "the recorded ids are physical slots, which cannot be mapped to logical experts without it")
+    given = num_experts is not None
     num_experts = num_experts if num_experts is not None else map_experts
     ids = ids[moe_layers]
     k = int(np.flatnonzero((ids >= 0).any(axis=(0, 1))).max()) + 1
@@ -633,6 +655,8 @@ def sglang_per_token(dumps: Sequence[tuple[Path, dict]], num_experts: int | None
     keep = (ids >= 0).all(axis=(1, 2))
     if not keep.any():
         raise TraceError(f"{files}: every recorded token misses an expert at some MoE layer: nothing to import")
+    if given and ids[keep].max() >= num_experts:  # the option's fault, not the dump's: say so
+        raise TraceError(f"{files}: --num-experts {num_experts}, but experts up to {int(ids[keep].max())} were selected")
 
     def per_token(i: int) -> np.ndarray | None:
         if any(r[i] is None for r in records):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -94,6 +95,28 @@ def _check_meta(extra: dict[str, Any], result: Trace | ExpertLoads) -> None:
             raise MoeplaceError(f"{shown}: decoder layer ids must be non-negative and ascending, each once")
 
 
+def _check_run(output: Path, inputs: Sequence[Path], meta: Sequence[str], reads: Sequence[str] = ()) -> None:
+    """Before reading anything: -o can be written and is no input, and --meta parses. `reads`:
+    the names an input directory's files are read by (".csv", "tokens.txt"): -o with one of them
+    inside an input directory (DIR/layer5.csv, DIR/tokens.txt, also through a link) would replace
+    a file the run reads from the directory, or be read by the next import of it. Another name
+    there (DIR/trace.npz) is left alone."""
+    check_writable(output, inputs=inputs)
+    name = output.name.lower()
+    if any(name == r or name.endswith(r) for r in reads):
+        for p in inputs:
+            if p.is_dir() and _inside(output, p):
+                raise MoeplaceError(f"-o {output}: is inside the input directory {p}, where this import reads "
+                                    f"{' and '.join(reads)} files: write the output elsewhere")
+    _parse_meta(meta)
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """`path` lies under `directory`, as spelled or once links are resolved."""
+    return (Path(os.path.abspath(path)).is_relative_to(os.path.abspath(directory))
+            or path.resolve().is_relative_to(directory.resolve()))
+
+
 def _write(result: Trace | ExpertLoads, output: Path, meta: Sequence[str], quiet: bool) -> None:
     """Save a trace or a load-only file with the user's meta, and say what was written."""
     extra = _parse_meta(meta)
@@ -166,7 +189,7 @@ def csv_cmd(paths: tuple[Path, ...], top_k: int | None, output: Path, meta: tupl
       moeplace import csv ../shared/data/flame-moe-290m-decoder -o flame.npz \\
           --meta model=flame-moe-290m --meta phase=decode
     """
-    check_writable(output, inputs=paths)
+    _check_run(output, paths, meta, reads=(".csv", "tokens.txt"))
     with silenced(quiet):
         trace = import_csv(paths, top_k)
     warn_layer_gaps(trace.meta.get("moe_layers", []))
@@ -215,8 +238,10 @@ def exflow_cmd(path: Path, num_experts: int | None, output: Path, meta: tuple[st
     if path.suffix.lower() != ".npy":
         raise MoeplaceError(f"{path}: an ExFlow trace is a .npy file")
     check_num_experts(num_experts, "--num-experts")
-    check_writable(output, inputs=[path])
+    _check_run(output, [path], meta)
     trace = load_trace(path)
+    if num_experts is not None and trace.num_experts > num_experts:
+        raise MoeplaceError(f"{path}: --num-experts {num_experts}, but its expert ids go up to {trace.num_experts - 1}")
     if num_experts is not None:
         trace = make_trace(trace.topk_ids, None, num_experts, meta=trace.meta, name=str(path))
     _write(trace, output, meta, quiet)
@@ -246,7 +271,7 @@ def sglang_cmd(paths: tuple[Path, ...], num_experts: int | None, output: Path, m
       moeplace import sglang $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR -o trace.npz
     """
     check_num_experts(num_experts, "--num-experts")
-    check_writable(output, inputs=paths)
+    _check_run(output, paths, meta, reads=(".pt",))
     _write(import_sglang(paths, num_experts), output, meta, quiet)
 
 
@@ -265,5 +290,5 @@ def loads_json_cmd(paths: tuple[Path, ...], output: Path, meta: tuple[str, ...],
       moeplace import loads-json ../shared/data/mixtral-8x7b-expert-loads/mixtral_8x7b_original/*.json \\
           -o mixtral-loads.npz
     """
-    check_writable(output, inputs=paths)
+    _check_run(output, paths, meta)
     _write(import_loads_json(paths), output, meta, quiet)
