@@ -49,7 +49,7 @@ def test_silenced_turns_off_progress_made_inside_it(capsys: pytest.CaptureFixtur
 
 def test_quiet_commands_print_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     layer = "token_id,expert_0,expert_1,expert_2,expert_3\n" + "".join(
-        f"{t},{0.6 if t % 2 else 0.0},{0.0 if t % 2 else 0.7},0.4,0.3\n" for t in range(16))
+        f"{t},{0.6 if t % 2 else 0.0},{0.0 if t % 2 else 0.7},0.4,0.3\n" for t in range(64))  # halves of 32: run
     for n in (2, 3):
         (tmp_path / f"layer{n}.csv").write_text(layer)
     trace = tmp_path / "t.npz"
