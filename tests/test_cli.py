@@ -186,3 +186,13 @@ def test_solve_refuses_options_its_objective_would_ignore(args: list[str], messa
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "p.json").exists()
+
+
+def test_ctrl_c_says_interrupted(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: "moeplace: aborted", which reads like a failure; serve and SIGTERM already named the signal."""
+    def interrupted(ctx: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.main, "invoke", interrupted)
+    assert cli.run(["solve"]) == 130
+    assert capsys.readouterr().err == "\nmoeplace: interrupted (SIGINT)\n"  # click's newline closes the ^C echo

@@ -921,3 +921,24 @@ def test_model_shape_bounds_are_inclusive_and_the_kv_width_is_heads_times_dim(tm
     with pytest.raises(MoeplaceError) as e:
         read_model_shape(tmp_path / "nope")
     assert str(e.value) == f"--model {tmp_path / 'nope'}: cannot read config.json: No such file or directory"
+
+
+def test_a_share_limit_above_one_is_refused_as_a_percentage(tmp_path: Path, trace_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `--max-cross-gpu 60` (meant as 60%) printed PASS forever: a share never exceeds 1.
+    Limits on counts (dest GPUs), imbalance and ratios to contiguous may exceed 1."""
+    affinity_placement(trace_path, None, tmp_path / "p.json")
+    args = ["eval", str(tmp_path / "p.json"), str(trace_path)]
+    assert run([*args, "--max-cross-gpu", "60"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "moeplace: error: --max-cross-gpu 60: the cross-GPU top-1 share is a fraction in [0, 1], so this limit "
+        "checks nothing; a percentage? give 0.6")
+    assert run([*args, "--max-cross-node", "1.5"]) == 2
+    assert "--max-cross-node 1.5: the cross-node top-1 share" in capsys.readouterr().err
+    assert run([*args, "--max-cross-gpu", "1", "--max-dest-gpus", "3", "--max-imbalance", "4"]) == 0
+    cfg = write_checks(tmp_path / "ci.yaml", [{"placement": "p.json", "trace": str(trace_path), "max_cross_gpu": 70}])
+    assert run(["check", str(cfg)]) == 2
+    assert "check 1 (unnamed): max_cross_gpu 70: the cross-GPU top-1 share is a fraction" in capsys.readouterr().err
+    cfg = write_checks(tmp_path / "ok.yaml", [{"placement": "p.json", "trace": str(trace_path),
+                                               "max_cross_gpu_vs_contiguous": 70}])
+    assert run(["check", str(cfg)]) == 0

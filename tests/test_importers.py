@@ -857,3 +857,13 @@ def test_sglang_dumps_the_sweep_found(tmp_path: Path, capsys: pytest.CaptureFixt
     (dumps / "._x.pt").write_bytes(b"\x00\x05\x16\x07")  # a macOS copy's resource fork: skipped as csv does
     assert run(["import", "sglang", str(dumps), "-q", "-o", out]) == 0
     assert load_trace(out).num_tokens == 4
+
+
+def test_a_npy_output_name_is_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: import and trace wrote an .npz archive under a .npy name, exit 0; every reader then
+    took it for an ExFlow array and refused it ("an .npz archive named .npy")."""
+    a = write_layer_csv(tmp_path / "a.csv", np.eye(4)[[0, 1, 2]])
+    for argv in (["import", "csv", str(a)], ["trace", "--model", str(tmp_path / "none"), "--data", str(a)]):
+        err = _cli_error(capsys, *argv, "-o", str(tmp_path / "t.NPY"))
+        assert "this writes an .npz archive, and a .npy name is read as an ExFlow array by every stage: name it .npz" in err
+    assert not (tmp_path / "t.NPY").exists()

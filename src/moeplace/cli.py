@@ -101,8 +101,9 @@ def run(argv: list[str] | None = None) -> int:
             return e.exit_code
         click.echo(f"moeplace: error: {' '.join(str(e).split())}", err=True)
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("moeplace: aborted", err=True)
+    except click.exceptions.Abort as e:  # click's form of Ctrl-C (after a newline closing the terminal's ^C)
+        cause = "interrupted (SIGINT)" if isinstance(e.__cause__, KeyboardInterrupt) else "aborted"
+        click.echo(f"moeplace: {cause}", err=True)
         return 130
     except KeyboardInterrupt:
         click.echo("moeplace: interrupted", err=True)

@@ -58,7 +58,20 @@ class OutputFile(click.Path):
         return super().convert(value, param, ctx)
 
 
+class NpzOutputFile(OutputFile):
+    """The file a trace or load file (.npz) is written to: a `.npy` name is refused before the
+    run, since every reader takes a .npy for an ExFlow array and would refuse the file after it."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        path = super().convert(value, param, ctx)
+        if Path(path).suffix.lower() == ".npy":
+            self.fail(f"{value!r}: this writes an .npz archive, and a .npy name is read as an ExFlow array by "
+                      "every stage: name it .npz", param, ctx)
+        return path
+
+
 OUTPUT_FILE = OutputFile()
+NPZ_OUTPUT = NpzOutputFile()
 SEED = Count(min=0)
 NON_NEGATIVE_INT = Count(min=0)
 POSITIVE_INT = Count(min=1)

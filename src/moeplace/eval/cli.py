@@ -324,6 +324,8 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
     if output is not None:
         check_writable(output, inputs=[placement, trace])
     given = {key: v for key, v in limits.items() if v is not None}
+    for key, v in given.items():
+        check_fraction_limit(key, v, "--" + key.replace("_", "-"))
     if cluster is None and any(gate_metric(key)[0] == "moe_time_us" for key in given):
         raise MoeplaceError("--max-moe-time-ratio needs --cluster (the cost model predicts the MoE time)")
     columns, per_layer, fns, assumed = COLUMNS, PER_LAYER, [], []
@@ -445,7 +447,19 @@ def _threshold(value: Any, key: str, label: str) -> float:
     number = yaml_number(value)
     if number is None or not 0 <= number < float("inf"):
         raise MoeplaceError(f"{label}: {key} must be a non-negative number, got {brief(value)}")
+    check_fraction_limit(key, number, f"{label}: {key}")
     return number
+
+
+FRACTIONS = {"max_cross_gpu", "max_cross_node"}  # limits on a share of transitions, in [0, 1]
+
+
+def check_fraction_limit(key: str, limit: float, named: str) -> None:
+    """A cross-GPU or cross-node limit above 1 checks nothing (a share never exceeds 1): almost
+    surely a percentage (60 for 0.60), so refused rather than passed forever."""
+    if key in FRACTIONS and limit > 1:
+        raise MoeplaceError(f"{named} {limit:g}: the {LABELS[THRESHOLDS[key.removeprefix('max_')]]} share is a "
+                            f"fraction in [0, 1], so this limit checks nothing; a percentage? give {limit / 100:g}")
 
 
 def _why(e: BaseException, check: dict[str, Any]) -> str:

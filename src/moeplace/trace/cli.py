@@ -19,7 +19,7 @@ import click
 from moeplace.errors import AlreadyReported, MoeplaceError
 from moeplace.export.permute import permutation_record
 from moeplace.io import read_json
-from moeplace.options import OUTPUT_FILE, DtypeChoice, check_outside, check_writable, plural
+from moeplace.options import NPZ_OUTPUT, DtypeChoice, check_outside, check_writable, plural
 from moeplace.parallel import available_cpus
 
 
@@ -31,7 +31,7 @@ from moeplace.parallel import available_cpus
                                    "directory of them (recursively, hidden names and LICENSE*/NOTICE*/"
                                    "COPYING* files skipped). Repeat for several; a file given twice is "
                                    "refused.")
-@click.option("-o", "--output", required=True, type=OUTPUT_FILE,
+@click.option("-o", "--output", required=True, type=NPZ_OUTPUT,
               help="Trace file to write (.npz, moeplace trace v1).")
 @click.option("--seq-len", default=None, type=click.IntRange(min=1), show_default=False,
               help="Tokens per sequence (each document is cut into windows)  [default: 512, or the model's "

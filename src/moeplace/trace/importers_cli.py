@@ -14,13 +14,13 @@ import numpy as np
 
 from moeplace.errors import MoeplaceError, warn
 from moeplace.io import loads_json
-from moeplace.options import OUTPUT_FILE, check_writable, writing
+from moeplace.options import NPZ_OUTPUT, check_writable, writing
 from moeplace.progress import silenced
 from moeplace.trace.format import ExpertLoads, Trace, layer_ranges, make_trace, save_loads, save_trace
 from moeplace.trace.importers import check_num_experts, import_csv, import_loads_json, import_sglang
 
 _OUTPUT = click.option(
-    "-o", "--output", required=True, type=OUTPUT_FILE,
+    "-o", "--output", required=True, type=NPZ_OUTPUT,
     help="Where to write the result (.npz; written atomically).",
 )
 _QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress on stderr, no summary line.")
