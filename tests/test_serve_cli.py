@@ -335,6 +335,9 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
                     b'{"prompt": 7}', b'[]', b'{"prompt": [1], "max_tokens": 17}', b'{"prompt": [1], "stream": true}',
                     b'{"prompt": [1], "n": 2}'):
             assert http(http_port, "/v1/completions", bad)[0] == 400, bad
+        code, body, _ = http(http_port, "/v1/completions", b'{"prompt": [1], "max_tokens": 17}')
+        assert code == 400 and json.loads(body)["error"]["message"] == (  # the cap is the operator's, say so
+            "max_tokens must be an integer in [1, 16] (the server's --max-new-tokens)")
         code, body, _ = http(http_port, "/v1/completions", b'{"prompt": [1], "stream": true}')
         assert code == 400 and "\"stream\": true is not supported" in json.loads(body)["error"]["message"]
         assert http(http_port, "/nowhere")[0] == 404
@@ -350,7 +353,7 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
         values = exposition(metrics)
         assert 'moeplace_alltoall_bytes_total{phase="decode"}' in values
         assert 'moeplace_cross_rank_tokens_total{phase="decode",layer="0"}' in values
-        assert values["moeplace_requests_total"] == "3" and values["moeplace_rejected_requests_total"] == "13"
+        assert values["moeplace_requests_total"] == "3" and values["moeplace_rejected_requests_total"] == "14"
         assert float(values["moeplace_decode_seconds_total"]) > 0
         # a rank dies: rank 0 notices within the timeout (heartbeats) and exits with one clear line
         procs[1].send_signal(signal.SIGKILL)

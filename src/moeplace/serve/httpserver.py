@@ -149,7 +149,7 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
     prompt = doc.get("prompt")
     max_tokens = doc.get("max_tokens", min(16, max_tokens_limit))
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= max_tokens_limit:
-        raise BadRequest(f"max_tokens must be an integer in [1, {max_tokens_limit}]")
+        raise BadRequest(f"max_tokens must be an integer in [1, {max_tokens_limit}] (the server's --max-new-tokens)")
     if isinstance(prompt, str):
         prompt = [prompt]
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
