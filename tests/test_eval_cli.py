@@ -942,3 +942,17 @@ def test_a_share_limit_above_one_is_refused_as_a_percentage(tmp_path: Path, trac
     cfg = write_checks(tmp_path / "ok.yaml", [{"placement": "p.json", "trace": str(trace_path),
                                                "max_cross_gpu_vs_contiguous": 70}])
     assert run(["check", str(cfg)]) == 0
+
+
+def test_check_given_another_kind_of_file_says_which(tmp_path: Path, trace_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a placement got "expected a mapping with a non-empty 'checks' list", a trace
+    "not valid YAML ('utf-8' codec can't decode byte ...)"."""
+    affinity_placement(trace_path, None, tmp_path / "p.json")
+    assert run(["check", str(tmp_path / "p.json")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "p.json: a moeplace.placement/v1 file, not a list of checks (a YAML file with a 'checks:' list, "
+        "e.g. configs/check-example.yaml)")
+    assert run(["check", str(trace_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "trace.npz: not YAML but a zip archive (an .npz trace?): is it the right file, or are two arguments swapped?")

@@ -642,3 +642,14 @@ def test_serve_refuses_a_placement_fitted_on_another_model(qwen: Path) -> None:
         check_placement(spec, _placement(trace_model={"moe_layers": [7, 8]}), 4)
     fitted = _placement(trace_model={"model_type": "qwen3_moe", "moe_layers": list(spec.moe_layers)})
     assert check_placement(spec, fitted, 4) is fitted
+
+
+def test_swapped_arguments_are_named(qwen: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: "MODEL_DIR: is a directory, not a JSON file", read as the placement."""
+    placement = tmp_path / "p.json"
+    _placement().save(placement)
+    assert run(["permute-checkpoint", str(placement), str(qwen), "-o", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"moeplace: error: {placement} is a file and {qwen} a directory: arguments swapped? permute-checkpoint "
+        "takes MODEL_DIR first, then PLACEMENT")
+    assert not (tmp_path / "out").exists()

@@ -307,6 +307,9 @@ def read_yaml(path: str | os.PathLike[str], error: type[Exception] = ValueError)
     try:
         return yaml.load(p.read_text(), Loader=UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
+        kind = looks_like(p)
+        if kind is not None and not kind.startswith(("JSON", "CSV")):  # JSON is YAML; a CSV line may be too
+            raise error(f"{p}: not YAML but {kind}: is it the right file, or are two arguments swapped?") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise error(f"{p}: not valid YAML ({first})") from None
     except RecursionError:  # PyYAML's composer recurses once per nesting level

@@ -324,8 +324,8 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
     if output is not None:
         check_writable(output, inputs=[placement, trace])
     given = {key: v for key, v in limits.items() if v is not None}
-    for key, v in given.items():
-        check_fraction_limit(key, v, "--" + key.replace("_", "-"))
+    for key, limit in given.items():
+        check_fraction_limit(key, limit, "--" + key.replace("_", "-"))
     if cluster is None and any(gate_metric(key)[0] == "moe_time_us" for key in given):
         raise MoeplaceError("--max-moe-time-ratio needs --cluster (the cost model predicts the MoE time)")
     columns, per_layer, fns, assumed = COLUMNS, PER_LAYER, [], []
@@ -379,6 +379,9 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
     Paths are relative to the YAML file's folder, so a config works from any directory.
     """
     doc = read_yaml(path, MoeplaceError)
+    if isinstance(doc, dict) and isinstance(doc.get("format"), str) and "checks" not in doc:  # JSON is YAML
+        raise MoeplaceError(f"{path}: a {doc['format']} file, not a list of checks (a YAML file with a 'checks:' "
+                            "list, e.g. configs/check-example.yaml)")
     if not isinstance(doc, dict) or not isinstance(doc.get("checks"), list) or not doc["checks"]:
         raise MoeplaceError(f"{path}: expected a mapping with a non-empty 'checks' list")
     unknown_top = set(doc) - {"checks", "defaults"}

@@ -315,6 +315,9 @@ Example:
 def permute_checkpoint(model_dir: Path, placement_path: Path, out_dir: Path, overwrite: bool, quiet: bool) -> None:
     from moeplace.export.permute import permute_checkpoint as run
 
+    if model_dir.is_file() and placement_path.is_dir():
+        raise MoeplaceError(f"{model_dir} is a file and {placement_path} a directory: arguments swapped? "
+                            "permute-checkpoint takes MODEL_DIR first, then PLACEMENT")
     placement = load_placement(placement_path)
     with _os_errors(out_dir, directory=True):
         record = run(model_dir, placement, out_dir, overwrite=overwrite, progress=not quiet,
