@@ -153,8 +153,9 @@ def eplb_baseline(loads: np.ndarray, placement: Placement, num_groups: Any = 1) 
     except MoeplaceError as e:
         return None, f"no eplb baseline ({e})"
     merged = layout.solver.get("merged_duplicates", 0)
+    copies = "1 copy" if merged == 1 else f"{merged} copies"
     return layout, (f"eplb: DeepSeek's EPLB with {redundant} redundant experts per layer ({layout.solver['name']}"
-                    + (f"; {merged} copies it put on a GPU already holding the expert merged" if merged else "") + ")")
+                    + (f"; {copies} it put on a GPU already holding the expert merged" if merged else "") + ")")
 
 
 def _other_model(fitted: dict[str, Any] | None, here: dict[str, Any] | None) -> str:

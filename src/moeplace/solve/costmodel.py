@@ -109,7 +109,7 @@ def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = No
             _known(mdoc, {"model"}, str(model_path))
         model_doc, model_src = mdoc.get("model", mdoc), str(model_path)
     if model_doc is None:
-        raise MoeplaceError(f"{cluster_path}: no 'model:' section; pass a model config (configs/model/*.yaml)")
+        raise MoeplaceError(f"{cluster_path}: no 'model:' section; pass --model-config (configs/model/*.yaml)")
     return CostModel(_cluster(doc["cluster"], str(cluster_path)), _model(model_doc, model_src), str(cluster_path),
                      model_src)
 
