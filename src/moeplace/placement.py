@@ -25,9 +25,9 @@ its replicas in the listed order; GPU 0's slots first. See `physical_slots`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -126,11 +126,12 @@ class Placement:
                 f"but the {what} has {num_layers} x {num_experts}"
             )
 
-    def check_model(self, model_type: str | None, moe_layers: Sequence[int] | None, what: str) -> None:
+    def check_model(self, model_type: object, moe_layers: Sequence[int] | None, what: str) -> None:
         """Reject a placement fitted on another model's routing, where both sides say which: the fit
         trace's record (trace_model) names another model_type, or other decoder layers for the MoE
         layers. check_fits passes two models of one shape; their expert ids number other experts.
-        A checkpoint of the same family and layers (a fine-tune, a copy) passes."""
+        A checkpoint of the same family and layers (a fine-tune, a copy) passes; `model_type` as a
+        config holds it (anything but a string: not known, not compared)."""
         fitted = self.trace_model or {}
         fitted_type, fitted_layers = fitted.get("model_type"), fitted.get("moe_layers")
         source = f" ({fitted['model']})" if isinstance(fitted.get("model"), str) else ""

@@ -124,9 +124,8 @@ def _model_layers_unchecked(model: Path | None, trace: Path | None, moe_layers: 
         depth, model_type = config.get("num_hidden_layers"), config.get("model_type")
         if placement is not None:
             placement.check_fits(len(blocks), blocks[0].num_experts, what=f"model {model}")
-            top_type = ckpt.config.get("model_type")  # what `trace` records: the top-level config's
-            placement.check_model(top_type if isinstance(top_type, str) else None, [b.layer for b in blocks],
-                                  what=f"model {model}")
+            # the top-level config's model_type, as `trace` records it
+            placement.check_model(ckpt.config.get("model_type"), [b.layer for b in blocks], what=f"model {model}")
         depth = num_hidden_layers or (int(depth) if isinstance(depth, int) else None)
         return [b.layer for b in blocks], depth, blocks[0].num_experts, model_type if isinstance(model_type, str) else None
     if moe_layers:

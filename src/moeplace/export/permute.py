@@ -190,10 +190,9 @@ def permute_checkpoint(
     blocks = moe_blocks(ckpt)
     placement.check_fits(len(blocks), blocks[0].num_experts, what="checkpoint")
     model_type = ckpt.config.get("model_type")
-    placement.check_model(model_type if isinstance(model_type, str) else None, [b.layer for b in blocks],
-                          what="checkpoint")
+    placement.check_model(model_type, [b.layer for b in blocks], what="checkpoint")
     check_not_applied(ckpt.root, placement)
-    new_to_old = permutation(placement, ckpt.config.get("model_type"))
+    new_to_old = permutation(placement, model_type)
     check_group_routing(ckpt.config, new_to_old)
     total = sum(e.end - e.begin for tensors in ckpt.shards.values() for e in tensors.values())
     plan = _plan(ckpt, blocks, new_to_old)
