@@ -196,3 +196,11 @@ def test_ctrl_c_says_interrupted(monkeypatch: pytest.MonkeyPatch, capsys: pytest
     monkeypatch.setattr(cli.main, "invoke", interrupted)
     assert cli.run(["solve"]) == 130
     assert capsys.readouterr().err == "\nmoeplace: interrupted (SIGINT)\n"  # click's newline closes the ^C echo
+
+
+def test_a_mistyped_command_names_the_nearest(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, line in ((["slove"], "No such command 'slove'; did you mean 'solve'? (see 'moeplace --help')"),
+                       (["import", "cvs"], "No such command 'cvs'; did you mean 'csv'? (see 'moeplace import --help')"),
+                       (["xyz"], "No such command 'xyz'. (see 'moeplace --help')")):  # nothing near: no guess
+        assert cli.run(argv) == 2
+        assert capsys.readouterr().err == f"moeplace: error: {line}\n"

@@ -9,6 +9,7 @@ one line with exit code 3 (MOEPLACE_TRACEBACK=1 re-raises it).
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import signal
@@ -39,7 +40,19 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 _NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
-class LazyGroup(click.Group):
+class SuggestingGroup(click.Group):
+    """A command group whose "No such command" names the nearest command (`moeplace slove`)."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        name = args[0] if args else ""
+        if args and self.get_command(ctx, name) is None and not name.startswith("-"):
+            near = difflib.get_close_matches(name, self.list_commands(ctx), n=1, cutoff=0.6)
+            if near:
+                raise click.UsageError(f"No such command {name!r}; did you mean {near[0]!r}?", ctx)
+        return super().resolve_command(ctx, args)
+
+
+class LazyGroup(SuggestingGroup):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from moeplace.errors import MoeplaceError, warn
 from moeplace.io import loads_json
+from moeplace.cli import SuggestingGroup
 from moeplace.options import NPZ_OUTPUT, check_writable, writing
 from moeplace.progress import silenced
 from moeplace.trace.format import ExpertLoads, Trace, layer_ranges, make_trace, save_loads, save_trace
@@ -150,7 +151,7 @@ def _sglang_note(meta: dict[str, Any]) -> str:
             f"batch recorded by several ranks), {pad} padding token{'s' * (pad != 1)} dropped")
 
 
-@click.group("import")
+@click.group("import", cls=SuggestingGroup)
 def import_() -> None:
     """Convert routing recorded by other tools into moeplace's formats.
 
