@@ -578,7 +578,9 @@ def test_cli_pareto_writes_its_weight_1_row_and_refuses_flags_it_would_ignore(tm
     assert f"{one['moe_time_us']:13.1f}" in text and "cross-node" not in text  # one node: no cross-node column
     for flags, message in [(["--objective", "balance", *cost], "--cluster and --model-config"),
                            (["--compute-weight", "4"], "--compute-weight weighs the latency objective"),
-                           (["--redundant-experts", "8"], "--redundant-experts applies to")]:
+                           (["--redundant-experts", "8"], "--redundant-experts applies to"),
+                           # before: "add --objective latency", then a second error asking for --cluster
+                           (["--pareto"], "add --objective latency --cluster CONFIG.yaml (see configs/cluster/)")]:
         assert run(["solve", str(tmp_path / "t.npz"), "--gpus", "8", *flags, "-o", str(out)]) == 2
         assert message in capsys.readouterr().err
     # balance says how it was solved and how long it took

@@ -321,7 +321,8 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         raise MoeplaceError("--max-experts-per-gpu applies to --objective balance")
     if pareto:
         if objective != "latency":
-            raise MoeplaceError("--pareto sweeps the latency objective's --compute-weight: add --objective latency")
+            raise MoeplaceError("--pareto sweeps the latency objective's --compute-weight: add --objective latency"
+                                + ("" if cluster is not None else " --cluster CONFIG.yaml (see configs/cluster/)"))
         placement = pareto_front(trace, gpus, gpus_per_node, time_limit, seed, train_fraction, options, not quiet)
     else:
         placement = solve_placement(trace, gpus, gpus_per_node, time_limit, seed, objective=objective,
