@@ -990,3 +990,14 @@ def test_latency_bound_under_a_cap_lets_one_gpu_hold_all_but_one_expert_per_othe
     for k, want in ((3, 0.0), (4, 2 * (1.5 + 0.5))):
         ids = np.stack([(t + j) % 6 for j in range(k)], 1)[:, None, :].repeat(2, axis=1)  # [8, 2, k]
         assert latency_bound(LatencyModel(cost, make_trace(ids, num_experts=6)), 4, 0, cap=6) == pytest.approx(want)
+
+
+def test_the_summary_says_a_large_latency_gap_is_mostly_the_bound() -> None:
+    """The tour's first latency solve printed "gap 97.4%" with no word on where it comes from."""
+    from moeplace.solve.cli import summary
+
+    note = "(the latency bound is loose: it counts only the traffic no placement can avoid"
+    for name, gap, shown in (("latency", 0.5, True), ("latency", 0.2, False), ("traffic", 0.5, False)):
+        p = Placement(np.zeros((1, 4), dtype=np.int64), 1, 1, objective={"name": name, "value": 2.0}, gap=gap, bound=1.0,
+                      solver={"method": "x"}, metrics={})
+        assert (note in summary(p, "t.npz")) == shown, (name, gap)
