@@ -405,3 +405,14 @@ def test_traffic_objective_terms_of_one_token_by_hand() -> None:
     top3 = edge_terms(make_trace(np.array([[[0, 1, 2], [0, 1, 2]]]), num_experts=3)).graph()
     assert top3.intra[1][0, 1] == 1.0 and top3.intra[1].sum() == 6.0
     assert not edge_terms(make_trace(np.array([[[0], [1]]]), num_experts=3)).graph().intra.any()
+
+
+def test_a_cluster_of_another_shape_names_the_shipped_config_that_fits() -> None:
+    """Before: the mismatch alone; solve's own load note named the shipped config, the error did not."""
+    cm = load_cost_model(ROOT / "configs/cluster/h100-2x8-ib.yaml", ROOT / "configs/model/flame-moe-290m.yaml")
+    with pytest.raises(MoeplaceError, match=r"has 2 node\(s\) x 8 GPUs, but the placement uses 4 GPUs with 4 per node "
+                                            r"\(the shipped \S*configs/cluster/h100-1x4-nvlink.yaml describes that cluster\)$"):
+        cm.check(4, 4)
+    with pytest.raises(MoeplaceError, match=r"uses 6 GPUs with 3 per node$"):  # none shipped: nothing named
+        cm.check(6, 3)
+    cm.check(16, 8)

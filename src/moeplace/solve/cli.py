@@ -117,9 +117,7 @@ def _time_table(placement: Placement) -> list[str]:
 
 
 LOAD_NOTE_RATIO = 1.25  # worst-layer max/mean load this far above contiguous's is worth a line
-# shipped configs (repository configs/) by (nodes, GPUs per node) and by a name in the trace's model
-SHIPPED_CLUSTERS = {(1, 4): "configs/cluster/h100-1x4-nvlink.yaml", (1, 8): "configs/cluster/h100-1x8-nvlink.yaml",
-                    (2, 8): "configs/cluster/h100-2x8-ib.yaml", (8, 8): "configs/cluster/h100-8x8-ib.yaml"}
+# shipped model configs (repository configs/model/) by a name in the trace's model
 SHIPPED_MODELS = {"tiny-moe": "configs/model/tiny-moe.yaml", "flame-moe-290m": "configs/model/flame-moe-290m.yaml",
                   "mixtral-8x7b": "configs/model/mixtral-8x7b.yaml", "deepseek-v3": "configs/model/deepseek-v3.yaml"}
 
@@ -149,10 +147,12 @@ def latency_command(placement: Placement, trace_path: str, output: str | None = 
     """The `moeplace solve --objective latency` command line for the same trace, GPUs and split,
     with the shipped cluster and model configs where one fits, else placeholders and a line on
     what to put in them."""
+    from moeplace.solve.costmodel import SHIPPED_CLUSTERS, shipped
+
     topology = (placement.num_nodes, placement.gpus_per_node)
     model = str((placement.trace_model or {}).get("model", "")).lower()
-    cluster = _shipped(SHIPPED_CLUSTERS.get(topology, "CLUSTER.yaml"))
-    model_config = _shipped(next((path for name, path in SHIPPED_MODELS.items() if name in model), "MODEL.yaml"))
+    cluster = shipped(SHIPPED_CLUSTERS.get(topology, "CLUSTER.yaml"))
+    model_config = shipped(next((path for name, path in SHIPPED_MODELS.items() if name in model), "MODEL.yaml"))
     out = "PLACEMENT.json" if output is None else str(Path(output).with_name(Path(output).stem + "-latency.json"))
     args = ["moeplace solve", quote(trace_path), f"--gpus {placement.num_gpus}"]
     if placement.num_nodes > 1:
@@ -169,13 +169,6 @@ def latency_command(placement: Placement, trace_path: str, output: str | None = 
     if model_config == "MODEL.yaml":
         lines.append("(MODEL.yaml: your model's figures, as in configs/model/*.yaml)")
     return lines
-
-
-def _shipped(config: str) -> str:
-    """A shipped config's path as the user can type it: relative where the working directory is
-    the repository, else the checkout's absolute path (editable install), else as in the repository."""
-    repository = Path(__file__).resolve().parents[3] / config
-    return config if Path(config).exists() or not repository.exists() else str(repository)
 
 
 def _objective_names() -> list[str]:

@@ -67,6 +67,18 @@ class ModelCost:
     top_k: int | None = None  # and its top-k: checked against the trace (None: not stated)
 
 
+# shipped cluster configs (repository configs/cluster/) by (nodes, GPUs per node)
+SHIPPED_CLUSTERS = {(1, 4): "configs/cluster/h100-1x4-nvlink.yaml", (1, 8): "configs/cluster/h100-1x8-nvlink.yaml",
+                    (2, 8): "configs/cluster/h100-2x8-ib.yaml", (8, 8): "configs/cluster/h100-8x8-ib.yaml"}
+
+
+def shipped(config: str) -> str:
+    """A shipped config's path as the user can type it: relative where the working directory is
+    the repository, else the checkout's absolute path (editable install), else as in the repository."""
+    repository = Path(__file__).resolve().parents[3] / config
+    return config if Path(config).exists() or not repository.exists() else str(repository)
+
+
 @dataclass(frozen=True)
 class CostModel:
     cluster: Cluster
@@ -84,9 +96,11 @@ class CostModel:
         c = self.cluster
         if (num_gpus, gpus_per_node) != (c.num_gpus, c.gpus_per_node):
             where = f"cluster config {self.source}" if self.source else f"cluster config {c.name!r}"
+            fits = SHIPPED_CLUSTERS.get((num_gpus // gpus_per_node, gpus_per_node))
             raise MoeplaceError(
                 f"{where} has {c.num_nodes} node(s) x {c.gpus_per_node} GPUs, but the placement "
                 f"uses {num_gpus} GPUs with {gpus_per_node} per node"
+                + (f" (the shipped {shipped(fits)} describes that cluster)" if fits else "")
             )
 
     def describe(self) -> dict[str, Any]:
