@@ -446,3 +446,16 @@ def test_deep_json_in_text_data_and_checkpoints(tmp_path: Path) -> None:
     _text(tmp_path, "model.safetensors.index.json", DEEP)
     with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: malformed shard index .*nested too deeply"):
         open_checkpoint(tmp_path)
+
+
+def test_a_missing_file_names_a_close_sibling(tmp_path: Path, capsys) -> None:
+    """A typo of a file beside it gets its name (the tour's configs/cluster/h100-1x4.yaml); nothing
+    close: plain "no such file"."""
+    (tmp_path / "h100-1x4-nvlink.yaml").write_text("cluster: {}\n")
+    trace = _trace(tmp_path)
+    assert run(["solve", str(trace), "--gpus", "4", "--cluster", str(tmp_path / "h100-1x4.yaml"), "-o",
+                str(tmp_path / "p.json")]) == 2
+    assert capsys.readouterr().err.strip() == (f"moeplace: error: {tmp_path / 'h100-1x4.yaml'}: no such file; "
+                                               f"did you mean {tmp_path / 'h100-1x4-nvlink.yaml'}?")
+    assert run(["solve", str(tmp_path / "zzz.npz"), "--gpus", "4", "-o", str(tmp_path / "p.json")]) == 2
+    assert capsys.readouterr().err.strip().endswith("zzz.npz: no such file")

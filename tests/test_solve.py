@@ -613,7 +613,7 @@ def test_cluster_without_objective_solves_latency_and_traffic_refuses_it(trace_f
     out = tmp_path / "p.json"
     assert run(["solve", str(trace_file), "--gpus", "4", "--time-limit", "3", *cost, "-o", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "note: --cluster given: solving --objective latency" in err
+    assert "note: --cluster given: solved --objective latency" in err
     assert load_placement(out).objective["name"] == "latency"
     assert run(["solve", str(trace_file), "--gpus", "4", "--objective", "traffic", *cost, "-o", str(out)]) == 2
     assert "--cluster and --model-config give the latency objective its cost model" in capsys.readouterr().err

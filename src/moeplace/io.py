@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import difflib
 import errno
 import glob
 import json
@@ -201,7 +202,12 @@ def not_a_file(p: Path) -> str:
         return "a broken link (its target does not exist)"
     if p.exists():  # a FIFO, a device, a socket: no size, no second read
         return "not a regular file (a pipe or device); give a file"
-    return "no such file"
+    try:  # a typo of a file beside it (configs/cluster/h100-1x4.yaml)
+        siblings = [q.name for q in p.parent.iterdir()] if p.parent.is_dir() else []
+    except OSError:
+        siblings = []
+    near = difflib.get_close_matches(p.name, siblings, n=1, cutoff=0.7)
+    return f"no such file; did you mean {p.parent / near[0]}?" if near else "no such file"
 
 
 def looks_like(path: Path) -> str | None:

@@ -267,11 +267,9 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     if objective is None and model_config and not cluster:
         raise MoeplaceError("--model-config completes the latency objective's --cluster: add --cluster CONFIG.yaml "
                             "(configs/cluster/*.yaml)")
+    implied = objective is None and cluster is not None  # said after the solve
     if objective is None:  # only latency reads a cluster: giving one asks for it
         objective = "latency" if cluster else "traffic"
-        if cluster and not quiet:
-            click.echo("moeplace solve: note: --cluster given: solving --objective latency (predicted MoE time; "
-                       "--objective traffic would ignore the cluster)", err=True)
     if max_experts_per_gpu_total is not None and objective == "traffic":
         raise MoeplaceError("--max-experts-per-gpu-total needs a load term: traffic alone would pile a layer's experts "
                             "on one GPU; use --objective latency (or balance)")
@@ -325,6 +323,9 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     else:
         placement = solve_placement(trace, gpus, gpus_per_node, time_limit, seed, objective=objective,
                                     train_fraction=train_fraction, progress=not quiet, **options)
+    if implied and not quiet:  # after the solve: an input error before it stays one line
+        click.echo("moeplace solve: note: --cluster given: solved --objective latency (predicted MoE time; "
+                   "--objective traffic would ignore the cluster)", err=True)
     with writing(output):
         placement.save(output)
     warn_no_engine_form(placement)
