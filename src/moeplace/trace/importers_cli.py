@@ -12,9 +12,9 @@ from typing import Any, Sequence
 import click
 import numpy as np
 
+from moeplace.cli import SuggestingGroup
 from moeplace.errors import MoeplaceError, warn
 from moeplace.io import loads_json
-from moeplace.cli import SuggestingGroup
 from moeplace.options import NPZ_OUTPUT, check_writable, writing
 from moeplace.progress import silenced
 from moeplace.trace.format import ExpertLoads, Trace, layer_ranges, make_trace, save_loads, save_trace
