@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import PlacementError, warn
-from moeplace.io import read_json, read_npz, save_npz_atomic, write_json_atomic
+from moeplace.io import existing_file, read_json, read_npz, save_npz_atomic, write_json_atomic
 from moeplace.placement import Placement, validate_placement
 from moeplace.trace.format import MAX_EXPERTS
 
@@ -235,8 +235,7 @@ def _same_slots(given: np.ndarray, log2phy: np.ndarray) -> bool:
 
 def read_document(p: Path) -> dict[str, Any]:
     """A JSON object, or the arrays of an .npz (never unpickled), or one clear error."""
-    if not p.is_file():
-        raise PlacementError(f"{p}: no such file")
+    existing_file(p, "EPLB", PlacementError)
     if p.suffix.lower() == ".npz":
         return read_npz(p, "EPLB", PlacementError)
     doc = read_json(p, PlacementError)

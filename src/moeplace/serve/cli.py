@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError, warn
-from moeplace.io import loads_json
+from moeplace.io import loads_json, not_a_file
 from moeplace.serve.httpserver import SAMPLING, BadRequest, check_greedy
 from moeplace.options import (
     DtypeChoice,
@@ -338,8 +338,8 @@ def prompt_bytes(path: str) -> bytes:
     name = STDIN_NAME if path == "-" else path
     if path != "-":
         p = Path(path)
-        if not p.exists():
-            raise MoeplaceError(f"{p}: no such file")
+        if not p.exists():  # (a pipe or FIFO exists and is read below)
+            raise MoeplaceError(f"{p}: {not_a_file(p)}")
         if p.is_dir():
             raise MoeplaceError(f"{p}: is a directory")
     try:
