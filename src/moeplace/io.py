@@ -200,6 +200,8 @@ def not_a_file(p: Path) -> str:
     """Why `p`, which is no regular file, cannot be read as one: for "{p}: ..." errors."""
     if p.is_symlink() and not p.exists():
         return "a broken link (its target does not exist)"
+    if p.is_dir():
+        return "is a directory, not a file"
     if p.exists():  # a FIFO, a device, a socket: no size, no second read
         return "not a regular file (a pipe or device); give a file"
     try:  # a typo of a file beside it (configs/cluster/h100-1x4.yaml)
