@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -286,6 +287,27 @@ def test_cli_writes_json_and_figures(planted_file: Path, tmp_path: Path, capsys:
     text = capsys.readouterr().out
     assert "Domain shift A -> B" in text and "transitions.png" in text
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_figures_say_which_file_is_a_and_which_b(planted_file: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The affinity plot's legends say "A"/"B" (file names there overflowed the panels): its title
+    names the files, as the heatmaps' panel titles do."""
+    from moeplace.analyze import plots
+
+    other = tmp_path / "other.npz"
+    save_trace(planted(512, num_experts=8, seed=7), other)
+    titles: dict[str, str] = {}
+    save = plots._save
+
+    def record(fig: Any, path: Path) -> Path:
+        titles[path.name] = fig._suptitle.get_text() if fig._suptitle else ""
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", record)
+    assert run(["analyze", str(planted_file), "--compare", str(other), "-o", str(tmp_path / "o"), "--no-solve",
+                "--shuffles", "2"]) == 0
+    assert titles["affinity.png"] == "A (planted), B (other)"
 
 
 def test_cli_with_solver(planted_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -322,7 +322,7 @@ def test_sglang_export_of_replicas_for_mixtral_names_a_way_that_works(tmp_path: 
     assert cli(_save(replicated(), tmp_path), "--to", "sglang", "--model", str(model),
                "-o", str(tmp_path / "loc.json")) == 0
     note = capsys.readouterr().err.strip().splitlines()[-1]
-    assert note.startswith("note: SGLang (0.5.23) does not use an expert map for Mixtral models, and `moeplace "
+    assert note.startswith("moeplace export: note: SGLang (0.5.23) does not use an expert map for Mixtral models, and `moeplace "
                            "permute-checkpoint` cannot create this placement's 4 redundant experts."), note
     assert "`moeplace serve --placement` runs it, copies included" in note
     assert "solve again without --redundant-experts" in note and "--to sglang" not in note
@@ -351,9 +351,11 @@ def test_model_already_renumbered_for_the_placement_is_refused(tmp_path: Path, c
 def test_sglang_without_layer_source_notes_its_assumption(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src, out = _save(plain(), tmp_path), str(tmp_path / "loc.json")
     assert cli(src, "--to", "sglang", "-o", out) == 0
-    err = capsys.readouterr().err
-    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    out_err = capsys.readouterr()
+    notes = [line for line in out_err.err.splitlines() if line.startswith("moeplace export: note:")]
     assert len(notes) == 1 and "decoder layers 0-2 are all MoE" in notes[0]
+    # what was written is the command's result (stdout, as trace, import and solve print it); notes are stderr
+    assert out_err.out.startswith(f"wrote {out}: 3 decoder layers") and "wrote" not in out_err.err
     assert cli(src, "--to", "sglang", "--moe-layers", "1-3", "-o", out) == 0
     assert "note:" not in capsys.readouterr().err
 

@@ -413,7 +413,7 @@ def test_overwrite_replaces_only_when_done(qwen: Path, tmp_path: Path, capsys: p
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert _cli(qwen, placement, out, "--overwrite") == 0
     assert not (out / "stale.txt").exists() and (out / "moeplace_permutation.json").is_file()
-    assert "experts per GPU on 4 GPUs" in capsys.readouterr().err
+    assert "experts per GPU on 4 GPUs" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "p.json"]
 
 

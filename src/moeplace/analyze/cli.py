@@ -331,5 +331,6 @@ def _draw(report: dict, conditionals: dict, sources: dict, pairs: list[int], mod
         cond = [conditionals[key][mode] for key in keys]
         paths.append(plots.transition_heatmaps(cond, titles, pairs, labels, mode, out / FIGURES[1]))
         affs = [report["traces"][key]["affinity"] for key in keys]
-        paths.append(plots.affinity_plot(affs, keys, labels, affs[0]["log_num_experts"], out / FIGURES[2]))
+        paths.append(plots.affinity_plot(affs, keys, labels, affs[0]["log_num_experts"], out / FIGURES[2],
+                                         ", ".join(titles)))
     return paths

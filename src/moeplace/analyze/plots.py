@@ -98,10 +98,12 @@ def affinity_plot(
     layer_names: Sequence[int],
     log_num_experts: float,
     path: Path,
+    title: str = "",
 ) -> Path:
     """Per layer pair: MI vs its shuffled baseline (top row) and top-m capture (bottom), per mode.
 
     affinities: the `affinity()` result of each trace (same pairs; modes drawn if all have them).
+    names: short legend keys ("A", "B"); `title` says which file each is (legends that long overflow).
     """
     modes = [m for m in affinities[0]["modes"] if all(m in a["modes"] for a in affinities)]
     labels = _pair_labels(layer_names)
@@ -137,4 +139,6 @@ def affinity_plot(
             ax.grid(alpha=0.3)
         ax_mi.legend(fontsize=7)
         ax_cap.legend(fontsize=7, ncol=len(affinities))
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)

@@ -223,40 +223,39 @@ def _write(placement: Placement, fmt: str, output: Path, model: Path | None, tra
         layers, depth, _, model_type = _model_layers(model, trace, moe_layers, num_hidden_layers, placement)
         table = sglang.write_sglang(placement, output, layers, depth)
         if layers is not None and model is None and trace is None and moe_layers is None:
-            click.echo(f"note: MoE layers {layers} from the placement's fit trace (trace_model.moe_layers); "
-                       "--model, --trace or --moe-layers overrides them", err=True)
+            click.echo(f"moeplace export: note: MoE layers {layers} from the placement's fit trace "
+                       "(trace_model.moe_layers); --model, --trace or --moe-layers overrides them", err=True)
         if layers is None:
-            click.echo(f"note: no --model, --trace or --moe-layers: MoE layer i taken as decoder layer i, so decoder "
-                       f"layers 0-{placement.num_layers - 1} are all MoE; give one of them if the model has dense "
-                       "layers", err=True)
+            click.echo("moeplace export: note: no --model, --trace or --moe-layers: MoE layer i taken as decoder "
+                       f"layer i, so decoder layers 0-{placement.num_layers - 1} are all MoE; give one of them if the "
+                       "model has dense layers", err=True)
         click.echo(f"wrote {output}: {table.shape[0]} decoder layers x {table.shape[1]} physical experts "
                    f"({placement.num_experts} logical + {redundant} redundant). SGLang: --ep-size {placement.num_gpus} "
                    f"--ep-num-redundant-experts {redundant} --init-expert-location {output} --ep-dispatch-algorithm static "
-                   "with an all-to-all backend (--moe-a2a-backend deepep), dynamic without one (docs/engines/sglang.md)",
-                   err=True)
+                   "with an all-to-all backend (--moe-a2a-backend deepep), dynamic without one (docs/engines/sglang.md)")
         if family := sglang.MAP_IGNORED.get(str(model_type)):
             if redundant:  # permute-checkpoint cannot make copies either: name what can run them
                 from moeplace.export.permute import replicas_way_out
 
-                click.echo(f"note: SGLang (0.5.23) does not use an expert map for {family} models, and "
-                           f"`moeplace permute-checkpoint` cannot create this placement's {redundant} redundant "
+                click.echo(f"moeplace export: note: SGLang (0.5.23) does not use an expert map for {family} models, "
+                           f"and `moeplace permute-checkpoint` cannot create this placement's {redundant} redundant "
                            f"experts. {replicas_way_out(str(model_type))}", err=True)
             else:
-                click.echo(f"note: SGLang (0.5.23) does not use an expert map for {family} models; realise the "
-                           "placement with `moeplace permute-checkpoint` instead (docs/engines/checkpoint.md)",
-                           err=True)
+                click.echo(f"moeplace export: note: SGLang (0.5.23) does not use an expert map for {family} models; "
+                           "realise the placement with `moeplace permute-checkpoint` instead "
+                           "(docs/engines/checkpoint.md)", err=True)
     elif fmt == "vllm":
         vllm.write_vllm(placement, output)
         click.echo(f"wrote {output}: vLLM EplbState arrays for {ep}; upstream vLLM cannot load them from a file: "
-                   "see docs/engines/vllm.md (moeplace permute-checkpoint)", err=True)
+                   "see docs/engines/vllm.md (moeplace permute-checkpoint)")
     elif fmt == "vllm-ascend":
         vllm.write_vllm_ascend(placement, output)
         click.echo(f"wrote {output}: vllm-ascend expert map for {ep}: --additional-config "
-                   f"'{{\"expert_map_path\": \"{output}\"}}'", err=True)
+                   f"'{{\"expert_map_path\": \"{output}\"}}'")
     else:
         eplb.write_eplb(placement, output)
         click.echo(f"wrote {output}: phy2log/log2phy/logcnt for {placement.num_layers} MoE layers, {ep}, "
-                   f"{redundant} redundant experts", err=True)
+                   f"{redundant} redundant experts")
 
 
 def _read(path: Path, fmt: str, output: Path, model: Path | None, trace: Path | None, moe_layers: str | None,
@@ -280,7 +279,7 @@ def _read(path: Path, fmt: str, output: Path, model: Path | None, trace: Path | 
             _model_layers(model, trace, None, None, placement)  # the fit check alone
     placement.save(output)
     click.echo(f"wrote {output}: {placement.num_layers} MoE layers x {placement.num_experts} experts on "
-               f"{placement.num_gpus} GPUs, {sum(map(len, placement.replicas))} replicas in all", err=True)
+               f"{placement.num_gpus} GPUs, {sum(map(len, placement.replicas))} replicas in all")
 
 
 PERMUTE_HELP = """Renumber a Hugging Face safetensors checkpoint's experts so that a plain
@@ -324,4 +323,4 @@ def permute_checkpoint(model_dir: Path, placement_path: Path, out_dir: Path, ove
     skipped = f"; not copied (unpermuted weights): {', '.join(record['skipped'])}" if record["skipped"] else ""
     click.echo(f"wrote {out_dir}: {len(record['moe_layers'])} MoE layers renumbered, {record['experts_per_gpu']} "
                f"experts per GPU on {placement.num_gpus} GPUs: serve with expert parallelism of size "
-               f"{placement.num_gpus}{skipped}", err=True)
+               f"{placement.num_gpus}{skipped}")
