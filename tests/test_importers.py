@@ -311,6 +311,8 @@ def test_csv_errors_name_the_file_line(tmp_path: Path, capsys: pytest.CaptureFix
         "negative": (header + "0,0.5,0.5,0\n1,0.5,0.5,0\n2,0.5,-1,0\n", "line 4: gate weights must be finite"),
         "quoted": ('text,expert_0,expert_1\n"a\nb",0.5,0.5\nc,0.5,0\n', "line 4 selects 1 expert,"),
         "blank": (header + "0,0.5,0.5,0\n\n2,0.5,0.5,0\n", "line 3 is blank inside the table"),
+        # csv reads CR CR LF as two line ends: the "blank" line is a stray CR, and the message says so
+        "crcrlf": ((header + "0,0.5,0.5,0\n1,0.5,0.5,0\n").replace("\n", "\r\r\n"), "lines end in CR CR LF"),
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).mkdir()

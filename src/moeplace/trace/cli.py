@@ -279,6 +279,19 @@ def _check_config(ref: str, trust_remote_code: bool = False) -> None:
         if "model_type" not in config:  # (transformers 4 guessed the family from the path's name)
             raise MoeplaceError(f"{path} has no model_type (the transformers model family, e.g. 'mixtral')") from None
         raise MoeplaceError(f"{path}: transformers cannot build a config from it ({_first_line(e)})") from None
+    for where, fields in (("", config), ("text_config.", config.get("text_config"))):
+        if not isinstance(fields, dict):
+            continue
+        for key in _SIZE_FIELDS:
+            value = fields.get(key)  # absent or null: the class default applies
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise MoeplaceError(f"{path}: {where}{key} is {json.dumps(value)}; a size must be a whole number >= 1")
+
+
+# Sizes transformers takes as they are (no sign check): -4 became torch's "negative dimension" in the load
+_SIZE_FIELDS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "num_local_experts",
+                "num_experts", "num_experts_per_tok")
 
 
 class _Held(logging.Handler):

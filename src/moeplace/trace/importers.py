@@ -59,8 +59,16 @@ def _csv_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
         raise TraceError(f"{path}: no data rows")
     blank = next((i for i, row in enumerate(rows) if not row), None)
     if blank is not None:
+        if _stray_carriage_return(path):  # csv reads CR CR LF as two line ends: every other row "blank"
+            raise TraceError(f"{path}: lines end in CR CR LF (a stray carriage return, e.g. a Windows file "
+                             "converted twice); strip it, e.g. `tr -d '\\r' < IN > OUT`")
         raise TraceError(f"{path}: line {lines[blank]} is blank inside the table (a lost row?)")
     return rows[0], rows[1:], lines[1:]
+
+
+def _stray_carriage_return(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\r\r\n" in f.read(1 << 20)
 
 
 def read_dense_csv(path: Path, expert_prefix: str = "expert_") -> tuple[np.ndarray, np.ndarray | None, list[int]]:

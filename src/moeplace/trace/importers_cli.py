@@ -15,7 +15,7 @@ import numpy as np
 from moeplace.cli import SuggestingGroup
 from moeplace.errors import MoeplaceError, warn
 from moeplace.io import loads_json
-from moeplace.options import NPZ_OUTPUT, check_writable, writing
+from moeplace.options import NPZ_OUTPUT, check_writable, plural, writing
 from moeplace.progress import silenced
 from moeplace.trace.format import ExpertLoads, Trace, layer_ranges, make_trace, save_loads, save_trace
 from moeplace.trace.importers import check_num_experts, import_csv, import_loads_json, import_sglang
@@ -131,13 +131,13 @@ def _write(result: Trace | ExpertLoads, output: Path, meta: Sequence[str], quiet
         return
     if isinstance(result, Trace):
         click.echo(
-            f"wrote {output}: trace of {result.num_tokens} tokens x {result.num_layers} MoE layers x "
-            f"top-{result.top_k} over {result.num_experts} experts"
+            f"wrote {output}: trace of {plural(result.num_tokens, 'token')} x {plural(result.num_layers, 'MoE layer')} x "
+            f"top-{result.top_k} over {plural(result.num_experts, 'expert')}"
             f"{'' if result.topk_weights is not None else ' (no gate weights)'}{_sglang_note(result.meta)}"
         )
     else:
         click.echo(
-            f"wrote {output}: load-only file, {result.num_layers} MoE layers x {result.num_experts} experts, "
+            f"wrote {output}: load-only file, {plural(result.num_layers, 'MoE layer')} x {plural(result.num_experts, 'expert')}, "
             f"{result.loads.sum():.0f} token-expert selections (usable where expert loads are accepted)"
         )
 
