@@ -937,9 +937,108 @@ def test_latency_bound_figures_by_hand() -> None:
     # replica (at most 8 / 2 once expert 0 is copied) is below the mean GPU, 6.875 and 7
     assert latency_bound(LatencyModel(two_nodes, trace), 4, 8) == pytest.approx(6.875 + 7)
     # a total cap of 4 over 2 layers lets a GPU hold min(8 - 4 + 1, 4 - 1) = 3 experts of a layer:
-    # ceil(3 / 3) - 1 = 0 remote GPUs; a cap of 2 leaves the 2 slots of equal counts
-    assert latency_bound(LatencyModel(two_nodes, trace), 4, 0, cap=4) == pytest.approx(15)
+    # ceil(3 / 3) - 1 = 0 remote GPUs, but pairs still split (an expert sits with 2 others at
+    # most): layer 0 loses 8 of expert 0's 16 pairs and 2 of 5's and 6's, 6 split pairs over
+    # 1 x 2 per extra GPU = 3 rows; layer 1 loses 2 of each expert's 6, 8 pairs = 4 rows (no node
+    # term: a node's 5 partners cover every row). 3 rows: 0.375 + 0.1875 us, 4 rows: 0.5 + 0.25,
+    # each phase + 0.25. A cap of 2 leaves the 2 slots of equal counts
+    assert latency_bound(LatencyModel(two_nodes, trace), 4, 0, cap=4) == pytest.approx(15 + 1.0625 + 1.25)
     assert latency_bound(LatencyModel(two_nodes, trace), 4, 0, cap=2) == pytest.approx(19)
+
+
+def test_latency_bound_counts_the_pairs_no_layout_keeps_together() -> None:
+    """Step 5's spread term by hand: 6 tokens choose each pair of 4 experts once (top-2), 2 GPUs of
+    2 experts (partners 1). An expert shares its GPU with 1 other, so 2 of its 3 pairs are split: 4 x 2 / 2 = 4
+    split pairs, each a second GPU for its token (floor(2/2) x ceil(2/2) = 1 pair per extra GPU),
+    so every layout sends >= 4 combine rows; the old term, ceil(2 / 2) - 1 = 0, gave none. Every
+    2 + 2 layout sends exactly 4: the bound is tight."""
+    pairs = np.array(list(itertools.combinations(range(4), 2)))  # [6, 2]
+    assert latency.spread_bound(latency.coselection(pairs, 4), 2, 1, 0, 2) == pytest.approx(4.0)
+    # a copy of one expert (on the other GPU) lets it sit with 2 others: its 3 pairs lose 1, the
+    # other three still lose 2: (1 + 3 x 2) / 2 = 3.5; a copy of each: 1 lost each, 2; with the 4
+    # slots a GPU those copies give (partners 3), nothing is forced
+    assert latency.spread_bound(latency.coselection(pairs, 4), 2, 1, 1, 2) == pytest.approx(3.5)
+    assert latency.spread_bound(latency.coselection(pairs, 4), 2, 1, 4, 2) == pytest.approx(4 * 1 / 2)
+    assert latency.spread_bound(latency.coselection(pairs, 4), 2, 3, 4, 2) == pytest.approx(0.0)  # 4 slots a GPU
+    # one place (max_copies 1): the copies cannot spread, whatever R
+    assert latency.spread_bound(latency.coselection(pairs, 4), 2, 1, 4, 1) == pytest.approx(4.0)
+    # a hub: expert 0 is chosen with 1, 2 and 3 (5 tokens each) and sits with one of them per
+    # copy; 2 copies at most (2 places) leave 5 tokens split, 3 places none
+    hub = make_trace(np.repeat([[0, 1], [0, 2], [0, 3]], 5, axis=0)[:, None, :], num_experts=4).topk_ids[:, 0]
+    assert latency.spread_bound(latency.coselection(hub, 4), 2, 1, 2, 2) == pytest.approx(5 / 2)
+    assert latency.spread_bound(latency.coselection(hub, 4), 2, 1, 2, 3) == pytest.approx(0.0)
+    trace = make_trace(np.stack([pairs, pairs], 1), num_experts=4)  # [6, 2 layers, 2]
+    mc = ModelCost("m", 1000, 2.0, 1.0, expert_us_per_token=0.0, expert_fixed_us=0.0, batch_tokens=None)
+    cost = CostModel(Cluster("1x2", 1, 2, 1.0, 0.5, 1.0, 0.5), mc)
+    layouts = [np.array(x) for x in itertools.product(range(2), repeat=4) if sum(x) == 2]
+    best = min(predict(cost, Placement(np.stack([a, b]), 2, 2), trace).total_us.sum() for a in layouts for b in layouts)
+    bound = latency_bound(LatencyModel(cost, trace), 2, 0)
+    # combine: >= 4 rows a layer over 2 GPUs at 1 GB/s (1000 bytes: 2 us) + 0.5; dispatch the same
+    # at 2 bytes (4 us), and from layer 1 the tokens that must move first: <= the best layout
+    assert 2 * (2.0 + 0.5 + 4.0 + 0.5) - 1e-9 <= bound <= best + 1e-9
+
+
+def test_latency_bound_counts_top1_tokens_that_must_leave_their_gpu() -> None:
+    """Step 5's dispatch term for top-1 routing (no pairs to split): 6 tokens of expert 0 go on to
+    experts 0, 0, 0, 1, 1, 2 of layer 1; expert 0's GPU holds 2 of them, so at best 3 + 2 stay
+    and 1 token must be sent: 1000 x 2 bytes over 2 GPUs at 1 GB/s, 1.0 us, + 0.5 latency. Layer 0
+    (tokens start on GPU t mod 2) and the combine (one expert a token) add nothing."""
+    ids = np.stack([np.zeros(6, dtype=np.int64), np.array([0, 0, 0, 1, 1, 2])], 1)[:, :, None]  # [6, 2, 1]
+    trace = make_trace(ids, num_experts=4)
+    mc = ModelCost("m", 1000, 2.0, 1.0, expert_us_per_token=0.0, expert_fixed_us=0.0, batch_tokens=None)
+    cost = CostModel(Cluster("1x2", 1, 2, 1.0, 0.5, 1.0, 0.5), mc)
+    assert latency_bound(LatencyModel(cost, trace), 2, 0) == pytest.approx(1.0 + 0.5)
+    layouts = [np.array(x) for x in itertools.product(range(2), repeat=4) if sum(x) == 2]
+    best = min(predict(cost, Placement(np.stack([a, b]), 2, 2), trace).total_us[1] for a in layouts for b in layouts)
+    # the best layout sends that one row, from one GPU (2.0 us + 0.5): the bound spreads volume evenly
+    assert best == pytest.approx(2.0 + 0.5)
+
+
+@pytest.mark.parametrize("nodes, gpn, intra, inter", [(1, 4, 2.0, 2.0), (2, 2, 1.0, 1.0), (2, 2, 3.0, 0.5),
+                                                      (4, 1, 1.0, 3.0)])
+def test_latency_bound_below_every_layout_with_copies_and_uneven_counts(nodes: int, gpn: int, intra: float,
+                                                                        inter: float) -> None:
+    """Step 5 against the exact cost (costmodel.predict, the serving rule included) of random
+    layouts: equal counts, R copies per layer, and uneven counts under a total cap, on random
+    routing with and without structure (top-1 and top-3)."""
+    rng = np.random.default_rng(nodes * 10 + gpn)
+    mc = ModelCost("m", 1000, 2.0, 1.0, expert_us_per_token=0.01, expert_fixed_us=0.5, batch_tokens=None)
+    cost = CostModel(Cluster("c", nodes, gpn, intra, 1.0, inter, 2.0), mc)
+    experts, gpus, layers = 8, 4, 3
+    for k, planted in [(3, False), (3, True), (1, True), (2, True)]:
+        if planted:
+            trace, _ = planted_trace(60, layers, experts, k, gpus, seed=int(rng.integers(1000)))
+        else:
+            ids = np.stack([rng.permutation(experts)[:k] for _ in range(60 * layers)]).reshape(60, layers, k)
+            trace = make_trace(ids, num_experts=experts)
+        model = LatencyModel(cost, trace)
+        for redundant in (0, 2, 4):
+            bound = latency_bound(model, gpus, redundant)
+            for _ in range(15):
+                e2g = np.stack([rng.permutation(np.repeat(np.arange(gpus), experts // gpus)) for _ in range(layers)])
+                replicas: list[list[tuple[int, int]]] = []
+                for layer in range(layers):  # R copies, none beside its own expert, at most (E + R) / G a GPU
+                    room = np.full(gpus, -(-(experts + redundant) // gpus) - experts // gpus)
+                    copies: list[tuple[int, int]] = []
+                    for e in rng.permutation(experts):
+                        for g in rng.permutation(gpus):
+                            if len(copies) < redundant and room[g] and g != e2g[layer, e] and (e, g) not in copies:
+                                copies.append((int(e), int(g)))
+                                room[g] -= 1
+                    replicas.append(copies)
+                assert all(len(c) == redundant for c in replicas)
+                value = predict(cost, Placement(e2g, gpus, gpn, replicas=replicas), trace).total_us.sum()
+                assert bound <= value + 1e-9, (k, planted, redundant)
+        cap = layers * experts // gpus + 2  # a GPU may hold 4 experts of a layer (two others 1 and 2)
+        bound = latency_bound(model, gpus, 0, cap=cap)
+        for _ in range(15):
+            counts = [3, 2, 2, 1] if rng.random() < 0.5 else [4, 2, 1, 1]
+            e2g = np.stack([rng.permutation(np.repeat(rng.permutation(gpus), counts)) for _ in range(layers)])
+            held = np.stack([np.bincount(row, minlength=gpus) for row in e2g]).sum(0)
+            if held.max() > cap:
+                continue
+            value = predict(cost, Placement(e2g, gpus, gpn), trace).total_us.sum()
+            assert bound <= value + 1e-9, (k, planted, "cap")
 
 
 def test_latency_replicas_take_the_lowest_value_ties_to_the_search_and_skip_repeats(
@@ -982,12 +1081,15 @@ def test_round_assignment_fills_each_gpus_least_count_before_any_fraction() -> N
 
 def test_latency_bound_under_a_cap_lets_one_gpu_hold_all_but_one_expert_per_other_gpu() -> None:
     """6 experts on 4 GPUs under a loose cap (6 over 2 layers): a GPU may hold 6 - 4 + 1 = 3 of a
-    layer, so top-3 tokens may need no remote GPU (bound 0) and top-4 ones ceil(4 / 3) - 1 = 1:
-    8 tokens x 1000 x (2 + 1) bytes over 4 GPUs at 4 GB/s, 1.5 us, plus 2 x 0.25 latency, a layer."""
+    layer, so top-4 tokens need ceil(4 / 3) - 1 = 1 remote GPU: 8 tokens x 1000 x (2 + 1) bytes over
+    4 GPUs at 4 GB/s, 1.5 us, plus 2 x 0.25 latency, a layer. Top-3 tokens could each fit on one
+    GPU, but not all at once: the 8 consecutive triples split 8 pairs (each expert sits with 2
+    of its 4 neighbours at most), 2 per extra GPU, so 4 rows a phase: 0.5 + 0.25 us + 2 x 0.25
+    (the best layout costs 7.83 us, by brute force)."""
     mc = ModelCost("m", 1000, 2.0, 1.0, expert_us_per_token=0.0, expert_fixed_us=0.0, batch_tokens=None)
     cost = CostModel(Cluster("2x2", 2, 2, 1.0, 0.5, 3.0, 0.25), mc)
     t = np.arange(8)
-    for k, want in ((3, 0.0), (4, 2 * (1.5 + 0.5))):
+    for k, want in ((3, 2 * (0.75 + 0.5)), (4, 2 * (1.5 + 0.5))):
         ids = np.stack([(t + j) % 6 for j in range(k)], 1)[:, None, :].repeat(2, axis=1)  # [8, 2, k]
         assert latency_bound(LatencyModel(cost, make_trace(ids, num_experts=6)), 4, 0, cap=6) == pytest.approx(want)
 

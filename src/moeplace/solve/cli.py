@@ -37,8 +37,8 @@ def summary(placement: Placement, trace_name: str, trace_path: str | None = None
                  f"({s.get('method')}, {s.get('seconds', 0):.1f} s"
                  f"{', stopped by --time-limit' if s.get('stopped_by_time_limit') else ''})")
     if o.get("name") == "latency" and placement.gap is not None and placement.gap > 0.25:
-        # a large gap here is mostly the bound: it charges every token only the remote GPUs its
-        # top-k cannot avoid, so it says little of how far the placement is from the best one
+        # a large gap here is mostly the bound: it takes each layer's least traffic on its own
+        # (one layout must serve every layer), so it says little of how far the placement is from the best one
         lines.append("  (the latency bound is loose: it counts only the traffic no placement can avoid; "
                      "docs/cost-model.md, \"Bounds\")")
     columns = summary_columns(placement.num_nodes)

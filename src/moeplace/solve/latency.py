@@ -43,9 +43,11 @@ chance. The reported value is the exact cost (what `moeplace eval --cluster` pre
    one choice among three whole candidates is not put to the fold test: folds of a quarter of
    the tokens, scaled to the batch, are too noisy to confirm even that 10% difference;
 5. lower bound: per layer, compute >= max(mean GPU, hottest replica) and each Alltoall phase >= the least
-   volume any placement must move (ceil(k / slots) - 1 remote GPUs per token) spread evenly
-   over the GPUs at the GPU's NVLink and network bandwidths summed (it sends on both at once),
-   plus the smallest link latency when that volume is positive.
+   volume any placement must move spread evenly over the GPUs at the GPU's NVLink and network
+   bandwidths summed (it sends on both at once), or its cross-node part at the network's alone,
+   plus the smallest link latency when that volume is positive. The least volume: ceil(k / slots)
+   - 1 remote GPUs per token; the co-selected pairs no layout keeps together (spread_bound); and,
+   without replicas, the tokens whose GPU can hold none of their experts (moved_bound).
 
 Deterministic for a seed: the amount of work is fixed (20 sweeps at most, fixed tries per step)
 and no step's result reads the clock. The time limit only cuts work short, recorded as
@@ -808,16 +810,89 @@ def latency_bound(model: LatencyModel, num_gpus: int, redundant: int, cap: int |
     # a GPU sends on its NVLink and its network link at once (costmodel.alltoall_us): at best
     # every byte moves at the two bandwidths summed
     bandwidth = (c.intra_gbps if c.gpus_per_node > 1 else 0.0) + (c.inter_gbps if c.num_nodes > 1 else 0.0)
+    latency = min(c.intra_latency_us, c.inter_latency_us) if c.num_nodes > 1 else c.intra_latency_us
+    pairs = trace.num_experts ** 2 <= MAX_BOUND_PAIRS
     total = 0.0
     for layer in range(trace.num_layers):
         # the slowest GPU is at least the mean GPU, and at least the hottest replica's tokens
         mean = (m.expert_fixed_us * active[layer] + m.expert_us_per_token * loads[layer].sum()) / num_gpus
         compute = max(mean, m.expert_us_per_token * replication_bound(loads[layer], num_gpus, redundant))
-        remote = max(0, math.ceil(trace.top_k / slots) - 1) * trace.num_tokens * model.scale
+        # messages per phase, summed over tokens: any GPU, then only those crossing nodes
+        ids = trace.topk_ids[:, layer]
+        gpu_msgs = float(max(0, math.ceil(trace.top_k / slots) - 1) * trace.num_tokens)
+        node_msgs = 0.0
+        if pairs:
+            together = coselection(ids, trace.num_experts)
+            gpu_msgs = max(gpu_msgs, spread_bound(together, trace.top_k, slots - 1, redundant, num_gpus))
+            if c.num_nodes > 1:
+                node_msgs = spread_bound(together, trace.top_k, c.gpus_per_node * slots - 1, redundant, c.num_nodes)
         comm = 0.0
-        if remote > 0:
-            for dtype_bytes in (m.dispatch_bytes, m.combine_bytes):
-                comm += remote * m.hidden_size * dtype_bytes / num_gpus / (bandwidth * 1e3)
-                comm += min(c.intra_latency_us, c.inter_latency_us) if c.num_nodes > 1 else c.intra_latency_us
+        for phase, dtype_bytes in enumerate((m.dispatch_bytes, m.combine_bytes)):
+            msgs = gpu_msgs
+            if phase == 0 and layer > 0 and pairs and redundant == 0:
+                msgs = max(msgs, moved_bound(trace.topk_ids[:, layer - 1, 0], ids, trace.num_experts, slots))
+            volume = model.scale * m.hidden_size * dtype_bytes / num_gpus / 1e3  # bytes per GPU / 1e3
+            if msgs > 0 or node_msgs > 0:
+                comm += max(msgs * volume / bandwidth, node_msgs * volume / c.inter_gbps) + latency
         total += model.w * compute + comm
     return total
+
+
+# The co-selection counts of the communication bound are [E, E] per layer: skipped above this
+MAX_BOUND_PAIRS = 2048 ** 2
+
+
+def coselection(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """Tokens choosing both experts i and j (i != j) of one layer: ids int [T, k] -> float64 [E, E]."""
+    together = sum(flow_counts(ids[:, a], ids, num_experts, num_experts) for a in range(ids.shape[1]))
+    together = np.asarray(together, dtype=np.float64)
+    np.fill_diagonal(together, 0.0)
+    return together
+
+
+def spread_bound(together: np.ndarray, top_k: int, partners: int, redundant: int, max_copies: int) -> float:
+    """Least sum over tokens of (places serving the token's k experts - 1), for any layout where a
+    place (a GPU, or a node) holds at most partners + 1 expert copies of the layer and the layer
+    has `redundant` extra copies, each expert on at most max_copies places.
+
+    together float [E, E] co-selection counts (`coselection`). Why it holds:
+    1. a token whose experts sit on D places has at most floor(k/2) * ceil(k/2) pairs split per
+       place beyond the first (a cut into D parts splits the most pairs per part at D = 2), so
+       D - 1 >= split pairs / (floor(k/2) * ceil(k/2));
+    2. a pair served on one place must sit together somewhere: expert i with c_i copies sits
+       with at most c_i * partners others, so at least its row sum less its c_i * partners
+       largest entries is split; each split pair is counted from both ends;
+    3. the copies that minimise that sum: c_i >= 1, sum(c_i - 1) <= redundant, c_i <= max_copies;
+       each row's loss is convex in c_i (its sorted entries fall), so giving copies one at a time
+       to the largest drop is optimal.
+    """
+    per_place = (top_k // 2) * ((top_k + 1) // 2)
+    if per_place == 0 or partners <= 0:
+        return 0.0
+    num_experts = together.shape[0]
+    ranked = -np.sort(-together, axis=1)
+    kept = np.concatenate([np.zeros((num_experts, 1)), np.cumsum(ranked, axis=1)], axis=1)  # [E, E + 1]
+    row = kept[:, -1]
+
+    def lost(copies: np.ndarray) -> np.ndarray:
+        return row - kept[np.arange(num_experts), np.minimum(copies * partners, num_experts)]
+
+    copies = np.ones(num_experts, dtype=np.int64)
+    for _ in range(min(redundant, num_experts * (max_copies - 1))):
+        drop = lost(copies) - lost(copies + 1)
+        drop[copies >= max_copies] = -1.0
+        best = int(np.argmax(drop))
+        if drop[best] <= 0:
+            break
+        copies[best] += 1
+    return float(lost(copies).sum()) / 2 / per_place
+
+
+def moved_bound(previous_top1: np.ndarray, ids: np.ndarray, num_experts: int, slots: int) -> float:
+    """Least number of tokens whose GPU holds none of their k experts (each such token sends at
+    least one dispatch message), without replicas: the GPU of previous top-1 expert i holds at
+    most `slots` experts of this layer, so at most the `slots` largest entries of i's row of
+    transitions stay home. previous_top1 int [T]; ids int [T, k]."""
+    flow = flow_counts(previous_top1, ids, num_experts, num_experts)
+    stay = np.minimum(-np.sort(-flow, axis=1)[:, :slots].sum(1), np.bincount(previous_top1, minlength=num_experts))
+    return float(np.bincount(previous_top1, minlength=num_experts).sum() - stay.sum())
