@@ -18,6 +18,7 @@ from moeplace.placement import Placement, load_placement
 from moeplace.solve import balance, eplb, latency, moetuner
 from moeplace.solve.balance import (_holds, balance_placement, batch_layer_loads, expected_gpu_loads, ilp_layer,
                                    layer_loads, layer_max_load, lpt_layer)
+from moeplace.solve.affinity import coselection
 from moeplace.solve.costmodel import Cluster, CostModel, ModelCost, layer_traffic, load_cost_model, predict
 from moeplace.solve.latency import (Z_ACCEPT, LatencyModel, SearchModels, count_range, fold_tokens, latency_bound,
                                    round_assignment, shrunk_loads, significant)
@@ -953,20 +954,20 @@ def test_latency_bound_counts_the_pairs_no_layout_keeps_together() -> None:
     so every layout sends >= 4 combine rows; the old term, ceil(2 / 2) - 1 = 0, gave none. Every
     2 + 2 layout sends exactly 4: the bound is tight."""
     pairs = np.array(list(itertools.combinations(range(4), 2)))  # [6, 2]
-    assert latency.spread_bound(latency.coselection(pairs, 4), 2, 1, 0, 2) == pytest.approx(4.0)
+    assert latency.spread_bound(coselection(pairs, 4), 2, 1, 0, 2) == pytest.approx(4.0)
     # a copy of one expert (on the other GPU) lets it sit with 2 others: its 3 pairs lose 1, the
     # other three still lose 2: (1 + 3 x 2) / 2 = 3.5; a copy of each: 1 lost each, 2; with the 4
     # slots a GPU those copies give (partners 3), nothing is forced
-    assert latency.spread_bound(latency.coselection(pairs, 4), 2, 1, 1, 2) == pytest.approx(3.5)
-    assert latency.spread_bound(latency.coselection(pairs, 4), 2, 1, 4, 2) == pytest.approx(4 * 1 / 2)
-    assert latency.spread_bound(latency.coselection(pairs, 4), 2, 3, 4, 2) == pytest.approx(0.0)  # 4 slots a GPU
+    assert latency.spread_bound(coselection(pairs, 4), 2, 1, 1, 2) == pytest.approx(3.5)
+    assert latency.spread_bound(coselection(pairs, 4), 2, 1, 4, 2) == pytest.approx(4 * 1 / 2)
+    assert latency.spread_bound(coselection(pairs, 4), 2, 3, 4, 2) == pytest.approx(0.0)  # 4 slots a GPU
     # one place (max_copies 1): the copies cannot spread, whatever R
-    assert latency.spread_bound(latency.coselection(pairs, 4), 2, 1, 4, 1) == pytest.approx(4.0)
+    assert latency.spread_bound(coselection(pairs, 4), 2, 1, 4, 1) == pytest.approx(4.0)
     # a hub: expert 0 is chosen with 1, 2 and 3 (5 tokens each) and sits with one of them per
     # copy; 2 copies at most (2 places) leave 5 tokens split, 3 places none
     hub = make_trace(np.repeat([[0, 1], [0, 2], [0, 3]], 5, axis=0)[:, None, :], num_experts=4).topk_ids[:, 0]
-    assert latency.spread_bound(latency.coselection(hub, 4), 2, 1, 2, 2) == pytest.approx(5 / 2)
-    assert latency.spread_bound(latency.coselection(hub, 4), 2, 1, 2, 3) == pytest.approx(0.0)
+    assert latency.spread_bound(coselection(hub, 4), 2, 1, 2, 2) == pytest.approx(5 / 2)
+    assert latency.spread_bound(coselection(hub, 4), 2, 1, 2, 3) == pytest.approx(0.0)
     trace = make_trace(np.stack([pairs, pairs], 1), num_experts=4)  # [6, 2 layers, 2]
     mc = ModelCost("m", 1000, 2.0, 1.0, expert_us_per_token=0.0, expert_fixed_us=0.0, batch_tokens=None)
     cost = CostModel(Cluster("1x2", 1, 2, 1.0, 0.5, 1.0, 0.5), mc)

@@ -74,6 +74,14 @@ def pair_weights(src: np.ndarray, src_w: np.ndarray, dst: np.ndarray, dst_w: np.
     return out.reshape(num_experts, num_experts)
 
 
+def coselection(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """Tokens choosing both experts i and j (i != j) of one layer: ids int [T, k] -> float64 [E, E]."""
+    ones = np.ones(ids.shape)
+    out = pair_weights(ids, ones, ids, ones, num_experts)
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
 @dataclass(frozen=True)
 class EdgeTerms:
     """The sums over tokens behind edge_weights, before the regularisation is chosen (float64).
@@ -134,8 +142,7 @@ def edge_terms(trace: Trace, top1_weight: float = 1.0) -> EdgeTerms:
     for layer in range(1, num_layers):  # layer 0 is nobody's destination in the metrics
         dst = ids[:, layer]
         if k > 1:
-            coselect[layer] = pair_weights(dst, np.ones((t, k)), dst, np.ones((t, k)), e)
-            np.fill_diagonal(coselect[layer], 0.0)
+            coselect[layer] = coselection(dst, e)
         top1[layer - 1] = pair_weights(ids[:, layer - 1, :1], ones, dst, dst_w, e)
         smooth[layer - 1] = pair_weights(ids[:, layer - 1], gate[:, layer - 1], dst, dst_w, e)
     return EdgeTerms(top1=top1, smooth=smooth, pairs=gate_weighted_transitions(trace).inter, coselect=coselect,

@@ -68,6 +68,7 @@ from scipy.stats import t as student_t
 from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import initial_homes
 from moeplace.progress import Progress
+from moeplace.solve.affinity import coselection
 from moeplace.solve.balance import balance_placement, replication_bound, total_slots_per_gpu
 from moeplace.solve.costmodel import (
     INTER, INTRA, CostModel, active_probability, alltoall_us, layer_time, layer_traffic, load_cost_model, token_scale,
@@ -826,11 +827,11 @@ def latency_bound(model: LatencyModel, num_gpus: int, redundant: int, cap: int |
             gpu_msgs = max(gpu_msgs, spread_bound(together, trace.top_k, slots - 1, redundant, num_gpus))
             if c.num_nodes > 1:
                 node_msgs = spread_bound(together, trace.top_k, c.gpus_per_node * slots - 1, redundant, c.num_nodes)
+        dispatch_msgs = gpu_msgs
+        if layer > 0 and pairs and redundant == 0:  # a token's GPU is its previous top-1 expert's
+            dispatch_msgs = max(gpu_msgs, moved_bound(trace.topk_ids[:, layer - 1, 0], ids, trace.num_experts, slots))
         comm = 0.0
-        for phase, dtype_bytes in enumerate((m.dispatch_bytes, m.combine_bytes)):
-            msgs = gpu_msgs
-            if phase == 0 and layer > 0 and pairs and redundant == 0:
-                msgs = max(msgs, moved_bound(trace.topk_ids[:, layer - 1, 0], ids, trace.num_experts, slots))
+        for msgs, dtype_bytes in ((dispatch_msgs, m.dispatch_bytes), (gpu_msgs, m.combine_bytes)):
             volume = model.scale * m.hidden_size * dtype_bytes / num_gpus / 1e3  # bytes per GPU / 1e3
             if msgs > 0 or node_msgs > 0:
                 comm += max(msgs * volume / bandwidth, node_msgs * volume / c.inter_gbps) + latency
@@ -842,20 +843,12 @@ def latency_bound(model: LatencyModel, num_gpus: int, redundant: int, cap: int |
 MAX_BOUND_PAIRS = 2048 ** 2
 
 
-def coselection(ids: np.ndarray, num_experts: int) -> np.ndarray:
-    """Tokens choosing both experts i and j (i != j) of one layer: ids int [T, k] -> float64 [E, E]."""
-    together = sum(flow_counts(ids[:, a], ids, num_experts, num_experts) for a in range(ids.shape[1]))
-    together = np.asarray(together, dtype=np.float64)
-    np.fill_diagonal(together, 0.0)
-    return together
-
-
 def spread_bound(together: np.ndarray, top_k: int, partners: int, redundant: int, max_copies: int) -> float:
     """Least sum over tokens of (places serving the token's k experts - 1), for any layout where a
     place (a GPU, or a node) holds at most partners + 1 expert copies of the layer and the layer
     has `redundant` extra copies, each expert on at most max_copies places.
 
-    together float [E, E] co-selection counts (`coselection`). Why it holds:
+    together float [E, E] co-selection counts (`affinity.coselection`). Why it holds:
     1. a token whose experts sit on D places has at most floor(k/2) * ceil(k/2) pairs split per
        place beyond the first (a cut into D parts splits the most pairs per part at D = 2), so
        D - 1 >= split pairs / (floor(k/2) * ceil(k/2));
@@ -895,4 +888,4 @@ def moved_bound(previous_top1: np.ndarray, ids: np.ndarray, num_experts: int, sl
     transitions stay home. previous_top1 int [T]; ids int [T, k]."""
     flow = flow_counts(previous_top1, ids, num_experts, num_experts)
     stay = np.minimum(-np.sort(-flow, axis=1)[:, :slots].sum(1), np.bincount(previous_top1, minlength=num_experts))
-    return float(np.bincount(previous_top1, minlength=num_experts).sum() - stay.sum())
+    return float(len(previous_top1) - stay.sum())
