@@ -19,6 +19,7 @@ import click
 from moeplace.errors import AlreadyReported, MoeplaceError
 from moeplace.export.permute import permutation_record
 from moeplace.io import read_json
+from moeplace.models.config import config_size
 from moeplace.options import NPZ_OUTPUT, DtypeChoice, check_outside, check_writable, plural
 from moeplace.parallel import available_cpus
 
@@ -279,13 +280,10 @@ def _check_config(ref: str, trust_remote_code: bool = False) -> None:
         if "model_type" not in config:  # (transformers 4 guessed the family from the path's name)
             raise MoeplaceError(f"{path} has no model_type (the transformers model family, e.g. 'mixtral')") from None
         raise MoeplaceError(f"{path}: transformers cannot build a config from it ({_first_line(e)})") from None
-    for where, fields in (("", config), ("text_config.", config.get("text_config"))):
-        if not isinstance(fields, dict):
-            continue
-        for key in _SIZE_FIELDS:
-            value = fields.get(key)  # absent or null: the class default applies
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise MoeplaceError(f"{path}: {where}{key} is {json.dumps(value)}; a size must be a whole number >= 1")
+    for where, fields in ((f"{path}:", config), (f"{path}: text_config", config.get("text_config"))):
+        if isinstance(fields, dict):
+            for key in _SIZE_FIELDS:  # absent or null: the class default applies
+                config_size(fields, where, key, default=1)
 
 
 # Sizes transformers takes as they are (no sign check): -4 became torch's "negative dimension" in the load
