@@ -20,6 +20,11 @@ planted; above 1 when noise lets it do better).
     python scripts/bench_solve.py --only learning-curve --splits 6
     python scripts/bench_solve.py --only learning-curve --splits 3 --trace T.npz --sizes 320,2500,10000 --test-tokens 5000
     python scripts/bench_solve.py --only tokens
+    python scripts/bench_solve.py --only load-cap --splits 3 --trace T.npz   # FLAME and T.npz
+
+Load cap: `solve --max-imbalance` (docs/solver.md, step 6) at no cap, contiguous's worst-layer
+imbalance on the fit tokens, 1.25 and 1.1: held-out ratios to contiguous and the held-out worst
+layer's max/mean token load, mean over splits (the cap holds on the fit tokens by construction).
 
 Learning curve: how the held-out ratio moves with the number of training tokens on FLAME. Per
 split, a seeded permutation keeps 160 tokens for testing and fits on the first n of the other
@@ -127,6 +132,32 @@ def print_targets(results: dict[int, np.ndarray], splits: int) -> None:
         for metric, target in targets.items():
             ratio = results[int(gpus)][METRICS.index(metric)]
             print(f"  {gpus} GPUs {metric:16} {ratio:.3f} <= {target}: {'met' if ratio <= target else 'NOT MET'}")
+
+
+def load_cap(splits: int, extra: list[Path]) -> None:
+    from moeplace.solve.solver import solve_placement
+    from moeplace.trace.format import load_trace
+
+    print("load cap: held-out top-1 / top-k ratio to contiguous, held-out imbalance max (contiguous's), mean over splits")
+    for path in [FLAME, *extra]:
+        trace = load_trace(path)
+        for gpus in (4, 8):
+            for cap in (None, "contiguous", 1.25, 1.1):
+                rows = []
+                for seed in range(splits):
+                    if cap == "contiguous":  # the uncapped solve records contiguous's imbalance on the fit tokens
+                        free = solve_placement(trace, gpus, time_limit=60, seed=seed, train_fraction=0.5)
+                        limit = max(free.metrics["train"]["contiguous"]["imbalance_max"], 1.0)
+                    else:
+                        limit = cap
+                    p = solve_placement(trace, gpus, time_limit=60, seed=seed, train_fraction=0.5, max_imbalance=limit)
+                    h = p.metrics["held_out"]
+                    rows.append([h["placement"][m] / h["contiguous"][m] for m in METRICS]
+                                + [h["placement"]["imbalance_max"], h["contiguous"]["imbalance_max"],
+                                   len(p.objective.get("layers_above_max_imbalance") or [])])
+                r = np.mean(rows, axis=0)
+                print(f"{path.name:32} {gpus} GPUs cap {str(cap):>10}: top-1 {r[0]:.3f} top-k {r[1]:.3f} "
+                      f"imbalance {r[2]:.3f} ({r[3]:.3f}) layers above cap {r[4]:.1f}", flush=True)
 
 
 LEARNING_SIZES = (80, 160, 240, 320, 480)
@@ -256,7 +287,7 @@ def tokens() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("quality", "scale", "learning-curve", "tokens"))
+    ap.add_argument("--only", choices=("quality", "scale", "learning-curve", "tokens", "load-cap"))
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--trace", type=Path, action="append", default=[],
                     help="quality: another trace for the table; learning-curve: the trace (default FLAME)")
@@ -280,6 +311,8 @@ def main() -> None:
         learning_curve(args.splits, args.trace[0] if args.trace else FLAME, args.sizes, args.test_tokens)
     if args.only == "tokens":  # not part of the default run: ~2 min on 2 cores
         tokens()
+    if args.only == "load-cap":  # not part of the default run
+        load_cap(args.splits, args.trace)
 
 
 if __name__ == "__main__":

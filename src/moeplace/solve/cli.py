@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from shlex import quote
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ def summary(placement: Placement, trace_name: str, trace_path: str | None = None
         # (one layout must serve every layer), so it says little of how far the placement is from the best one
         lines.append("  (the latency bound is loose: it counts only the traffic no placement can avoid; "
                      "docs/cost-model.md, \"Bounds\")")
+    lines.extend(cap_line(placement))
     columns = summary_columns(placement.num_nodes)
     for part, results in placement.metrics.items():
         base = results.get("contiguous", {})
@@ -127,8 +129,8 @@ def _load_note(placement: Placement, trace_path: str, output: str | None = None)
     not tokens, so at many GPUs co-selected experts can pile tokens on one GPU (1.7x contiguous's
     max/mean at 64 GPUs on a planted trace; 3.0 against 1.78 on the tour's 4-GPU tiny model).
     Worst of the train and held-out parts; the next step is the latency solve's command line."""
-    if placement.objective.get("name") != "traffic":
-        return []
+    if placement.objective.get("name") != "traffic" or placement.objective.get("max_imbalance") is not None:
+        return []  # capped: the user chose the load (cap_note says where the cap was not reached)
     worst: tuple[str, float, float] | None = None
     for part, r in placement.metrics.items():
         mine, base = (r.get(k, {}).get("imbalance_max") for k in ("placement", "contiguous"))
@@ -139,8 +141,21 @@ def _load_note(placement: Placement, trace_path: str, output: str | None = None)
     part, mine, base = worst
     return ["", f"note: the worst layer's max/mean token load per GPU is {mine:.2f} against contiguous's {base:.2f} "
                 f"({part.replace('_', '-')} tokens): --objective traffic keeps equal expert counts, not token load; "
+                f"--max-imbalance {math.ceil(base * 100) / 100:.2f} (contiguous's) caps it, and "
                 "--objective latency weighs both by predicted time (docs/cost-model.md):",
             *("  " + line for line in latency_command(placement, trace_path, output))]
+
+
+def cap_line(placement: Placement) -> list[str]:
+    """The summary's line on --max-imbalance: what the cap cost, and where it was not reached."""
+    o = placement.objective
+    if o.get("max_imbalance") is None:
+        return []
+    above = o.get("layers_above_max_imbalance") or []
+    where = ("every layer at or under it" if not above else
+             f"layers {above} stay above it (the least the swaps reached; --objective balance gives each layer's least)")
+    return [f"  load cap --max-imbalance {o['max_imbalance']:g} (fit tokens): traffic cost {o.get('value', 0):.6g} "
+            f"against {o.get('value_without_cap', 0):.6g} without it; {where}"]
 
 
 def latency_command(placement: Placement, trace_path: str, output: str | None = None) -> list[str]:
@@ -206,6 +221,10 @@ def _objective_names() -> list[str]:
                    "0.5, 2 by cross-validation (0.5 on large traces).")
 @click.option("--prior", type=WEIGHT, default=None, help="traffic: weight of the gate-weighted all-pairs transition prior "
                                                         "(default: see --smoothing).")
+@click.option("--max-imbalance", type=FiniteFloat(1.0, MAX_WEIGHT), default=None,
+              help="traffic: keep every layer's max/mean token load per GPU (fit tokens, as eval's imbalance) at or "
+                   "under this, e.g. 1.25: after the search, the cheapest swaps bring each layer under it and a swap "
+                   "descent that keeps it follows (docs/solver.md). Default: no cap (equal expert counts only).")
 @click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="latency: cluster config YAML (configs/cluster/*.yaml; docs/cost-model.md).")
 @click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -230,7 +249,7 @@ def _objective_names() -> list[str]:
 @click.option("--quiet", "-q", is_flag=True, help="No summary on stdout, no progress on stderr.")
 def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str | None, time_limit: float, seed: int,
           train_fraction: float, node_cost: float, top1_weight: float, coselect_weight: float | None,
-          smoothing: float | None, prior: float | None, cluster: Path | None, model_config: Path | None, compute_weight: float,
+          smoothing: float | None, prior: float | None, max_imbalance: float | None, cluster: Path | None, model_config: Path | None, compute_weight: float,
           redundant_experts: int, max_experts_per_gpu: int | None, max_experts_per_gpu_total: int | None, pareto: bool,
           output: Path, quiet: bool) -> None:
     """Place experts on GPUs so that a token's consecutive experts share a GPU.
@@ -285,6 +304,10 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     if objective != "traffic" and (weights := given_options(ctx, TRAFFIC_OPTIONS)):
         raise MoeplaceError(f"{', '.join(weights)}: set the traffic objective's edge costs, which {objective} does not "
                             "read (latency takes its costs from --cluster; balance has only loads)")
+    if objective != "traffic" and max_imbalance is not None:
+        raise MoeplaceError(f"--max-imbalance caps the traffic objective's load, which {objective} weighs itself "
+                            + ("(--compute-weight)" if objective == "latency" else "(it minimises the imbalance)")
+                            + ": drop it, or use --objective traffic")
     if objective == "traffic" and redundant_experts:
         raise MoeplaceError("--redundant-experts applies to --objective latency or balance")
     if is_load_only(trace_path):
@@ -303,7 +326,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     options: dict[str, Any] = {}
     if objective == "traffic":
         options = dict(node_cost=node_cost, top1_weight=top1_weight, coselect_weight=coselect_weight,
-                       smoothing=smoothing, prior=prior)
+                       smoothing=smoothing, prior=prior, max_imbalance=max_imbalance)
     if objective == "latency":
         options = dict(cluster=cluster, model_config=model_config, compute_weight=compute_weight,
                        redundant=redundant_experts, max_experts_per_gpu_total=max_experts_per_gpu_total)
@@ -329,6 +352,10 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     with writing(output):
         placement.save(output)
     warn_no_engine_form(placement)
+    if above := placement.objective.get("layers_above_max_imbalance"):
+        warn(f"--max-imbalance {max_imbalance:g}: {len(above)} MoE layer{'s' if len(above) > 1 else ''} ({above}) "
+             f"stay{'' if len(above) > 1 else 's'} above it on the fit tokens (no swap of equal expert counts got lower); --objective balance gives "
+             "each layer's least imbalance")
     if not quiet:
         click.echo(summary(placement, trace_path.name, str(trace_path), str(output)))
         if pareto:

@@ -66,34 +66,81 @@ def assign_layer(cost: np.ndarray) -> np.ndarray:
     return out
 
 
-def swap_descent(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distance: np.ndarray,
-                 max_swaps: int = 100_000, tol: float = 1e-9) -> float:
-    """Best-improvement swaps within one layer until none improves. Updates `gpus` [E] and
-    `cost` [E, G] in place; returns the total improvement (>= 0).
+def swap_deltas(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distance: np.ndarray) -> np.ndarray:
+    """Exact change of the layer's cost when experts a and b swap GPUs, float [E, E]:
 
     delta(a, b) = C[a,g_b] - C[a,g_a] + C[b,g_a] - C[b,g_b] + 2 intra[a,b] D[g_a,g_b]
-    (the last term undoes the a-b edge that both one-sided moves count).
+    (the last term undoes the a-b edge that both one-sided moves count). 0 for a and b on one GPU.
     """
+    own = cost[np.arange(len(gpus)), gpus]
+    cross = cost[:, gpus]  # [a, b] = C[a, g_b]
+    delta = cross - own[:, None] + cross.T - own[None, :]
+    if intra.any():
+        delta += 2.0 * intra * distance[gpus][:, gpus]
+    return delta
+
+
+def _swap(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distance: np.ndarray, a: int, b: int) -> None:
+    """Swap the GPUs of experts a and b in place, keeping `cost` [E, G] current."""
+    ga, gb = gpus[a], gpus[b]
+    if intra.any():  # experts co-selected with a (b) see a (b) change GPU
+        cost += np.outer(intra[:, a], distance[gb] - distance[ga])
+        cost += np.outer(intra[:, b], distance[ga] - distance[gb])
+    gpus[a], gpus[b] = gb, ga
+
+
+def swap_loads(gpus: np.ndarray, weight: np.ndarray, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
+    """GPU loads after each swap, float [E, E] twice: (load of a's GPU, load of b's GPU) once a
+    and b have swapped; weight float [E] the token load of each expert."""
+    load = np.bincount(gpus, weights=weight, minlength=num_gpus)
+    moved = weight[None, :] - weight[:, None]  # [a, b]: what a's GPU gains
+    return load[gpus][:, None] + moved, load[gpus][None, :] - moved
+
+
+def swap_descent(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distance: np.ndarray,
+                 max_swaps: int = 100_000, tol: float = 1e-9, weight: np.ndarray | None = None,
+                 limit: float = np.inf) -> float:
+    """Best-improvement swaps within one layer until none improves (swap_deltas). Updates `gpus`
+    [E] and `cost` [E, G] in place; returns the total improvement (>= 0). With `weight` float [E]
+    (expert token loads), swaps that leave either GPU's load above `limit` are not made."""
     gained = 0.0
-    has_intra = bool(intra.any())
     for _ in range(max_swaps):
-        own = cost[np.arange(len(gpus)), gpus]
-        cross = cost[:, gpus]  # [a, b] = C[a, g_b]
-        delta = cross - own[:, None] + cross.T - own[None, :]
-        if has_intra:
-            delta += 2.0 * intra * distance[gpus][:, gpus]
+        delta = swap_deltas(cost, gpus, intra, distance)
+        if weight is not None:
+            load_a, load_b = swap_loads(gpus, weight, distance.shape[0])
+            delta[(load_a > limit) | (load_b > limit)] = np.inf
         flat = int(np.argmin(delta))
         best = float(delta.flat[flat])
         if best >= -tol:
             break
-        a, b = divmod(flat, len(gpus))
-        ga, gb = gpus[a], gpus[b]
-        if has_intra:  # experts co-selected with a (b) see a (b) change GPU
-            cost += np.outer(intra[:, a], distance[gb] - distance[ga])
-            cost += np.outer(intra[:, b], distance[ga] - distance[gb])
-        gpus[a], gpus[b] = gb, ga
+        _swap(cost, gpus, intra, distance, *divmod(flat, len(gpus)))
         gained -= best
     return gained
+
+
+def relieve_layer(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distance: np.ndarray,
+                  weight: np.ndarray, limit: float, max_swaps: int = 100_000) -> bool:
+    """Bring one layer's largest GPU load down to `limit` by swaps, in place (gpus int [E], cost
+    float [E, G] as swap_descent; weight float [E] expert token loads). Returns whether it got there.
+
+    1. each step swaps an expert of the most loaded GPU with a lighter one elsewhere, so that
+       neither GPU ends at or above that load (the sorted loads fall, so it ends);
+    2. of those, the swap of least traffic cost per unit of load taken off the peak.
+    """
+    num_gpus = distance.shape[0]
+    for _ in range(max_swaps):
+        load = np.bincount(gpus, weights=weight, minlength=num_gpus)
+        hot = int(np.argmax(load))
+        if load[hot] <= limit:
+            return True
+        load_a, load_b = swap_loads(gpus, weight, num_gpus)
+        relief = load[hot] - np.maximum(load_a, load_b)
+        ok = (gpus[:, None] == hot) & (gpus[None, :] != hot) & (relief > 1e-9 * max(load[hot], 1.0))
+        if not ok.any():
+            return False
+        score = np.where(ok, swap_deltas(cost, gpus, intra, distance) / np.where(ok, relief, 1.0), np.inf)
+        _swap(cost, gpus, intra, distance, *divmod(int(np.argmin(score)), len(gpus)))
+    return False
 
 
 def improve_layer(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distance: np.ndarray) -> float:

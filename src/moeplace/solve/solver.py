@@ -47,7 +47,7 @@ from moeplace.solve.affinity import (
     AffinityGraph, EdgeTerms, distance_matrix, edge_terms, gate_weighted_transitions, placement_cost,
 )
 from moeplace.solve.baselines import all_baselines, contiguous, greedy_load, random_balanced
-from moeplace.solve.heuristics import chain_init, coordinate_descent, perturb
+from moeplace.solve.heuristics import chain_init, coordinate_descent, layer_costs, perturb, relieve_layer, swap_descent
 from moeplace.trace import paths
 from moeplace.trace.format import Trace, split_tokens
 
@@ -296,6 +296,48 @@ def search_traffic(
     return SearchResult(best, best_cost, bound, method, stats, cut)
 
 
+def cap_imbalance(graph: AffinityGraph, expert_to_gpu: np.ndarray, loads: np.ndarray, max_imbalance: float,
+                  distance: np.ndarray, sweeps: int = 3) -> list[int]:
+    """Bring every layer's max / mean token load per GPU to `max_imbalance` or under, in place,
+    at the least traffic cost the swaps find. expert_to_gpu int [L, E]; loads float [L, E] expert
+    token loads (Trace.expert_loads, what eval's imbalance counts). Returns the layers left above.
+
+    1. each layer over the cap: relieve_layer (cheapest swaps per unit of peak load taken off);
+       where those stop above it, again from the load-balanced packing of that layer
+       (greedy_load), keeping whichever of the two ends with the lower peak;
+    2. `sweeps` passes of swap descent that keeps every layer under its cap (the traffic search
+       before it never looked at loads, so it may have more to give back under the cap).
+    """
+    num_layers, num_experts = expert_to_gpu.shape
+    num_gpus = distance.shape[0]
+    limits = max_imbalance * loads.sum(axis=1) / num_gpus  # [L]: the cap as a GPU load
+
+    def peak(gpus: np.ndarray, layer: int) -> float:
+        return float(np.bincount(gpus, weights=loads[layer], minlength=num_gpus).max())
+
+    above = []
+    for layer in range(num_layers):  # 1.
+        gpus = expert_to_gpu[layer].copy()
+        cost = layer_costs(graph, expert_to_gpu, layer, distance)
+        if not relieve_layer(cost, gpus, graph.intra[layer], distance, loads[layer], limits[layer]):
+            packed = greedy_load(loads[layer:layer + 1], num_gpus)[0]
+            expert_to_gpu[layer] = packed  # the cost table's intra-layer part reads the layer's own GPUs
+            cost = layer_costs(graph, expert_to_gpu, layer, distance)
+            if not relieve_layer(cost, packed, graph.intra[layer], distance, loads[layer], limits[layer]):
+                above.append(layer)
+            if peak(packed, layer) <= peak(gpus, layer):
+                gpus = packed
+        expert_to_gpu[layer] = gpus
+    for _ in range(sweeps):  # 2.
+        for layer in range(num_layers):
+            gpus = expert_to_gpu[layer].copy()
+            limit = max(limits[layer], peak(gpus, layer))  # a layer left above keeps its peak
+            swap_descent(layer_costs(graph, expert_to_gpu, layer, distance), gpus, graph.intra[layer], distance,
+                         weight=loads[layer], limit=limit)
+            expert_to_gpu[layer] = gpus
+    return above
+
+
 def solve_traffic(
     trace: Trace,
     num_gpus: int,
@@ -312,19 +354,22 @@ def solve_traffic(
     restarts: int | None = None,
     kicks: int | None = None,
     exact: bool = True,
+    max_imbalance: float | None = None,
 ) -> SolveOutcome:
     """Minimise the traffic objective (affinity.placement_cost) of `trace`; see the module doc.
 
     coselect_weight/smoothing/prior: None = chosen by select_weights (cross-validation).
     restarts/kicks default by size (deterministic): 8/20 up to 4096 experts in all layers, else 2/4.
     exact=False skips the whole-model ILP of step 2 (step 4's single-layer ILPs still run).
+    max_imbalance: a cap on every layer's max / mean token load per GPU (cap_imbalance, after
+    the search); the bound stays the uncapped problem's, which is also one of the capped problem.
     """
     start = time.monotonic()
     if not node_cost >= 1.0:  # the ILP and the bound take the dearest move to be the cross-node one
         raise MoeplaceError(f"--node-cost {node_cost}: must be >= 1 (a cross-node move costs at least a "
                             "cross-GPU move inside a node)")
     if trace.num_layers < 2:
-        return _no_layer_pairs(trace, num_gpus, node_cost, top1_weight, seed, time_limit, start)
+        return _no_layer_pairs(trace, num_gpus, node_cost, top1_weight, seed, time_limit, start, max_imbalance)
     large = trace.num_layers * trace.num_experts > 4096
     restarts = (2 if large else 8) if restarts is None else restarts
     kicks = (4 if large else 20) if kicks is None else kicks
@@ -339,6 +384,14 @@ def solve_traffic(
     graph = terms.graph(coselect_weight, smoothing, prior)
     del terms  # four [L, E, E] arrays the search does not need
     found = search_traffic(graph, num_gpus, gpus_per_node, node_cost, deadline, seed, restarts, kicks, exact, progress)
+    cap: dict[str, Any] = {}
+    if max_imbalance is not None:
+        distance = distance_matrix(num_gpus, gpus_per_node, node_cost)
+        uncapped = found.cost
+        above = cap_imbalance(graph, found.expert_to_gpu, trace.expert_loads(), max_imbalance, distance)
+        found.cost = placement_cost(graph, found.expert_to_gpu, distance)
+        found.method += "+load-cap"
+        cap = {"max_imbalance": max_imbalance, "value_without_cap": uncapped, "layers_above_max_imbalance": above}
 
     elapsed = time.monotonic() - start
     return SolveOutcome(
@@ -346,6 +399,7 @@ def solve_traffic(
         objective={
             "name": "traffic",
             "value": found.cost,
+            **cap,
             "node_cost": node_cost,
             "top1_weight": top1_weight,
             "coselect_weight": coselect_weight,
@@ -372,13 +426,20 @@ def solve_traffic(
 
 
 def _no_layer_pairs(trace: Trace, num_gpus: int, node_cost: float, top1_weight: float, seed: int,
-                    time_limit: float, start: float) -> SolveOutcome:
+                    time_limit: float, start: float, max_imbalance: float | None = None) -> SolveOutcome:
     """A one-layer trace has no layer pairs, so every placement has traffic cost 0: of those,
     take the one that balances token load (greedy_load, equal counts per GPU) rather than the
     arbitrary contiguous start."""
+    loads = trace.expert_loads()
+    layout = greedy_load(loads, num_gpus)
+    cap: dict[str, Any] = {}
+    if max_imbalance is not None:  # the packing is all there is to try: say where it stays above
+        peaks = np.stack([np.bincount(g, weights=w, minlength=num_gpus) for g, w in zip(layout, loads)]).max(axis=1)
+        above = np.flatnonzero(peaks > max_imbalance * loads.sum(axis=1) / num_gpus).tolist()
+        cap = {"max_imbalance": max_imbalance, "value_without_cap": 0.0, "layers_above_max_imbalance": above}
     return SolveOutcome(
-        expert_to_gpu=greedy_load(trace.expert_loads(), num_gpus),
-        objective={"name": "traffic", "value": 0.0, "node_cost": node_cost, "top1_weight": top1_weight,
+        expert_to_gpu=layout,
+        objective={"name": "traffic", "value": 0.0, "node_cost": node_cost, "top1_weight": top1_weight, **cap,
                    "total_edge_weight": 0.0, "definition": "docs/solver.md"},
         solver={"method": "greedy-load: one MoE layer, no layer pairs",
                 "seed": seed, "time_limit_s": time_limit, "seconds": round(time.monotonic() - start, 3),
@@ -435,7 +496,7 @@ OBJECTIVES["balance"] = _solve_balance
 # one-line MoeplaceError instead of a NaN in the placement JSON or a numpy error from deep inside
 _WHOLE = {"num_gpus": 1, "gpus_per_node": 1, "seed": 0, "restarts": 0, "kicks": 0, "redundant": 0,
           "max_experts_per_gpu": 1, "max_experts_per_gpu_total": 1}
-_WEIGHTS = ("node_cost", "top1_weight", "coselect_weight", "smoothing", "prior", "compute_weight")
+_WEIGHTS = ("node_cost", "top1_weight", "coselect_weight", "smoothing", "prior", "compute_weight", "max_imbalance")
 
 
 def check_arguments(**values: Any) -> None:
@@ -452,7 +513,7 @@ def check_arguments(**values: Any) -> None:
                 raise MoeplaceError(f"{name} must be a whole number >= {_WHOLE[name]}, got {value!r}")
             continue
         number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-        low = 1.0 if name == "node_cost" else 0.0
+        low = 1.0 if name in ("node_cost", "max_imbalance") else 0.0  # no GPU carries less than the mean at its peak
         if name in _WEIGHTS and not (number and low <= value <= MAX_WEIGHT):
             raise MoeplaceError(f"{name} must be a number in [{low:g}, {MAX_WEIGHT:g}], got {value!r}")
         if name == "time_limit" and not (number and 0 < value < float("inf")):
