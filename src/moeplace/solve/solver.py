@@ -308,7 +308,7 @@ def cap_imbalance(graph: AffinityGraph, expert_to_gpu: np.ndarray, loads: np.nda
     2. `sweeps` passes of swap descent that keeps every layer under its cap (the traffic search
        before it never looked at loads, so it may have more to give back under the cap).
     """
-    num_layers, num_experts = expert_to_gpu.shape
+    num_layers = expert_to_gpu.shape[0]
     num_gpus = distance.shape[0]
     limits = max_imbalance * loads.sum(axis=1) / num_gpus  # [L]: the cap as a GPU load
 
