@@ -130,7 +130,7 @@ def _load_note(placement: Placement, trace_path: str, output: str | None = None)
     max/mean at 64 GPUs on a planted trace; 3.0 against 1.78 on the tour's 4-GPU tiny model).
     Worst of the train and held-out parts; the next step is the latency solve's command line."""
     if placement.objective.get("name") != "traffic" or placement.objective.get("max_imbalance") is not None:
-        return []  # capped: the user chose the load (cap_note says where the cap was not reached)
+        return []  # capped: the user chose the load (cap_line says where the cap was not reached)
     worst: tuple[str, float, float] | None = None
     for part, r in placement.metrics.items():
         mine, base = (r.get(k, {}).get("imbalance_max") for k in ("placement", "contiguous"))
@@ -354,8 +354,8 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     warn_no_engine_form(placement)
     if above := placement.objective.get("layers_above_max_imbalance"):
         warn(f"--max-imbalance {max_imbalance:g}: {len(above)} MoE layer{'s' if len(above) > 1 else ''} ({above}) "
-             f"stay{'' if len(above) > 1 else 's'} above it on the fit tokens (no swap of equal expert counts got lower); --objective balance gives "
-             "each layer's least imbalance")
+             f"stay{'' if len(above) > 1 else 's'} above it on the fit tokens (no swap of equal expert counts got "
+             "lower); --objective balance gives each layer's least imbalance")
     if not quiet:
         click.echo(summary(placement, trace_path.name, str(trace_path), str(output)))
         if pareto:

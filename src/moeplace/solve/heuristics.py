@@ -66,24 +66,25 @@ def assign_layer(cost: np.ndarray) -> np.ndarray:
     return out
 
 
-def swap_deltas(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distance: np.ndarray) -> np.ndarray:
+def swap_deltas(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray | None, distance: np.ndarray) -> np.ndarray:
     """Exact change of the layer's cost when experts a and b swap GPUs, float [E, E]:
 
     delta(a, b) = C[a,g_b] - C[a,g_a] + C[b,g_a] - C[b,g_b] + 2 intra[a,b] D[g_a,g_b]
     (the last term undoes the a-b edge that both one-sided moves count). 0 for a and b on one GPU.
+    intra None: the layer has no intra-layer edges (callers test that once, not per swap).
     """
     own = cost[np.arange(len(gpus)), gpus]
     cross = cost[:, gpus]  # [a, b] = C[a, g_b]
     delta = cross - own[:, None] + cross.T - own[None, :]
-    if intra.any():
+    if intra is not None:
         delta += 2.0 * intra * distance[gpus][:, gpus]
     return delta
 
 
-def _swap(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distance: np.ndarray, a: int, b: int) -> None:
-    """Swap the GPUs of experts a and b in place, keeping `cost` [E, G] current."""
+def _swap(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray | None, distance: np.ndarray, a: int, b: int) -> None:
+    """Swap the GPUs of experts a and b in place, keeping `cost` [E, G] current (intra as swap_deltas)."""
     ga, gb = gpus[a], gpus[b]
-    if intra.any():  # experts co-selected with a (b) see a (b) change GPU
+    if intra is not None:  # experts co-selected with a (b) see a (b) change GPU
         cost += np.outer(intra[:, a], distance[gb] - distance[ga])
         cost += np.outer(intra[:, b], distance[ga] - distance[gb])
     gpus[a], gpus[b] = gb, ga
@@ -104,8 +105,9 @@ def swap_descent(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distance
     [E] and `cost` [E, G] in place; returns the total improvement (>= 0). With `weight` float [E]
     (expert token loads), swaps that leave either GPU's load above `limit` are not made."""
     gained = 0.0
+    edges = intra if intra.any() else None
     for _ in range(max_swaps):
-        delta = swap_deltas(cost, gpus, intra, distance)
+        delta = swap_deltas(cost, gpus, edges, distance)
         if weight is not None:
             load_a, load_b = swap_loads(gpus, weight, distance.shape[0])
             delta[(load_a > limit) | (load_b > limit)] = np.inf
@@ -113,7 +115,7 @@ def swap_descent(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distance
         best = float(delta.flat[flat])
         if best >= -tol:
             break
-        _swap(cost, gpus, intra, distance, *divmod(flat, len(gpus)))
+        _swap(cost, gpus, edges, distance, *divmod(flat, len(gpus)))
         gained -= best
     return gained
 
@@ -128,6 +130,7 @@ def relieve_layer(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distanc
     2. of those, the swap of least traffic cost per unit of load taken off the peak.
     """
     num_gpus = distance.shape[0]
+    edges = intra if intra.any() else None
     for _ in range(max_swaps):
         load = np.bincount(gpus, weights=weight, minlength=num_gpus)
         hot = int(np.argmax(load))
@@ -138,8 +141,8 @@ def relieve_layer(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distanc
         ok = (gpus[:, None] == hot) & (gpus[None, :] != hot) & (relief > 1e-9 * max(load[hot], 1.0))
         if not ok.any():
             return False
-        score = np.where(ok, swap_deltas(cost, gpus, intra, distance) / np.where(ok, relief, 1.0), np.inf)
-        _swap(cost, gpus, intra, distance, *divmod(int(np.argmin(score)), len(gpus)))
+        score = np.where(ok, swap_deltas(cost, gpus, edges, distance) / np.where(ok, relief, 1.0), np.inf)
+        _swap(cost, gpus, edges, distance, *divmod(int(np.argmin(score)), len(gpus)))
     return False
 
 

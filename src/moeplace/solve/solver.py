@@ -318,6 +318,8 @@ def cap_imbalance(graph: AffinityGraph, expert_to_gpu: np.ndarray, loads: np.nda
     above = []
     for layer in range(num_layers):  # 1.
         gpus = expert_to_gpu[layer].copy()
+        if peak(gpus, layer) <= limits[layer]:
+            continue  # already under the cap: step 2 alone
         cost = layer_costs(graph, expert_to_gpu, layer, distance)
         if not relieve_layer(cost, gpus, graph.intra[layer], distance, loads[layer], limits[layer]):
             packed = greedy_load(loads[layer:layer + 1], num_gpus)[0]
