@@ -11,10 +11,14 @@ import pytest
 from moeplace.cli import run
 from moeplace.eval.metrics import evaluate
 from moeplace.placement import Placement
-from moeplace.solve.affinity import distance_matrix, edge_weights
+import itertools
+import time
+
+from moeplace.solve import ilp
+from moeplace.solve.affinity import distance_matrix, edge_weights, placement_cost
 from moeplace.solve.cli import summary
-from moeplace.solve.heuristics import relieve_layer, swap_deltas, swap_descent
-from moeplace.solve.solver import cap_imbalance, solve_placement
+from moeplace.solve.heuristics import LoadCap, coordinate_descent, relieve_layer, swap_deltas, swap_descent
+from moeplace.solve.solver import cap_imbalance, search_traffic, solve_placement
 from moeplace.solve.synthetic import planted_trace
 from moeplace.trace.format import save_trace
 
@@ -89,8 +93,9 @@ def test_solve_traffic_with_max_imbalance_meets_it_on_the_fit_tokens() -> None:
     assert o["max_imbalance"] == 1.05 and o["layers_above_max_imbalance"] == []
     assert o["value_without_cap"] == pytest.approx(free.objective["value"])
     assert o["value"] >= o["value_without_cap"] - 1e-9
-    assert capped.bound == free.bound and capped.bound <= o["value"]  # the uncapped bound holds under the cap
-    assert capped.solver["method"].endswith("+load-cap")
+    assert free.bound <= capped.bound <= o["value"]  # the uncapped bound holds under the cap; the capped one is tighter
+    assert ", then under the load cap: " in capped.solver["method"]
+    assert capped.solver["search_without_cap"]["bound"] == free.bound
     assert (np.bincount(capped.expert_to_gpu[2], minlength=4) == 4).all()  # still E/G experts per GPU
     assert "load cap --max-imbalance 1.05 (fit tokens)" in summary(capped, "t.npz")
     # a cap the uncapped placement already meets changes nothing but the record
@@ -105,11 +110,108 @@ def test_cap_imbalance_lists_the_layers_no_swap_can_bring_under_the_cap() -> Non
     graph = edge_weights(trace)
     d = distance_matrix(2, 2, 2.0)
     x = solve_placement(trace, 2, time_limit=5, seed=0).expert_to_gpu.copy()
-    assert cap_imbalance(graph, x, loads, 1.5, d) == [1]
+    assert cap_imbalance(graph, x, LoadCap.from_ratio(loads, 1.5, 2), d) == [1]
     peaks = np.array([loads_of(x[layer], loads[layer], 2).max() for layer in range(3)])
     assert peaks[1] == 103.0  # the least there is (the packed layer): 100 + the three lightest
     assert (peaks[[0, 2]] <= 1.5 * loads[[0, 2]].sum(axis=1) / 2 + 1e-9).all()
     assert all((np.bincount(row, minlength=2) == 4).all() for row in x)
+
+
+def _capped_optimum(graph, cap: LoadCap, num_gpus: int, d: np.ndarray) -> float:
+    """Brute force: the least traffic cost over every equal-count layout under the cap."""
+    experts = graph.num_experts
+    per_layer = []
+    for layer in range(graph.num_layers):
+        rows = []
+        for first in itertools.combinations(range(experts), experts // num_gpus):  # two GPUs
+            row = np.ones(experts, dtype=np.int64)
+            row[list(first)] = 0
+            if cap.peak(row, layer, num_gpus) <= cap.limits[layer]:
+                rows.append(row)
+        per_layer.append(rows)
+    return min(placement_cost(graph, np.stack(rows), d) for rows in itertools.product(*per_layer))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_capped_search_reaches_the_capped_optimum_of_a_small_model(seed: int) -> None:
+    """3 layers x 6 experts on 2 GPUs: the whole-model ILP with the cap's rows, from the capped
+    descent's incumbent, ends at the brute-force optimum over the layouts under the cap."""
+    trace, _ = planted_trace(200, 3, 6, 2, 2, zipf=1.2, seed=seed)
+    graph, d = edge_weights(trace), distance_matrix(2, 2, 1.0)
+    cap = LoadCap.from_ratio(trace.expert_loads(), 1.1, 2)
+    best = _capped_optimum(graph, cap, 2, d)
+    free = search_traffic(graph, 2, 2, 1.0, time.monotonic() + 60, 0, 4, 4)
+    assert free.cost < best - 1e-9  # the cap binds
+    got = search_traffic(graph, 2, 2, 1.0, time.monotonic() + 60, 0, 4, 4, cap=cap)
+    assert got.method == "exact-ilp" and cap.above(got.expert_to_gpu, 2) == []
+    assert got.cost == pytest.approx(best) and got.bound == pytest.approx(best, abs=1e-6)
+
+
+def test_window_ilp_with_an_unreachable_cap_returns_no_layout() -> None:
+    trace, _ = planted_trace(200, 2, 4, 2, 2, seed=0)
+    graph, d = edge_weights(trace), distance_matrix(2, 2, 1.0)
+    loads = np.array([[10.0, 1, 1, 1], [1, 1, 1, 1]])  # layer 0: 11 is the least a GPU can carry
+    start = np.array([[0, 0, 1, 1], [0, 1, 0, 1]])
+    res = ilp.solve_window(graph, start, range(2), d, 2, 30, cap=LoadCap(loads, np.array([10.5, 2.0])))
+    assert res.cost is None and np.array_equal(res.expert_to_gpu, start)
+    res = ilp.solve_window(graph, start, range(2), d, 2, 30, cap=LoadCap(loads, np.array([11.0, 2.0])))
+    assert res.optimal and LoadCap(loads, np.array([11.0, 2.0])).above(res.expert_to_gpu, 2) == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_capped_search_beats_capping_the_uncapped_layout(seed: int) -> None:
+    """Without the whole-model ILP (16 experts x 4 layers): the search under the cap starts from
+    the uncapped layout brought under it, keeps every layer at or under what that start reached,
+    and on these traces ends with less traffic than the start (what solve did before the cap
+    went into the search)."""
+    trace, _ = planted_trace(400, 4, 16, 2, 4, zipf=1.2, seed=seed)
+    graph, d = edge_weights(trace), distance_matrix(4, 4, 2.0)
+    cap = LoadCap.from_ratio(trace.expert_loads(), 1.1, 4)
+    far = time.monotonic() + 60
+    start = search_traffic(graph, 4, 4, 2.0, far, 0, 8, 20, exact=False).expert_to_gpu.copy()
+    cap_imbalance(graph, start, cap, d)
+    kept = cap.kept(start, 4)
+    got = search_traffic(graph, 4, 4, 2.0, far, 0, 8, 20, exact=False, cap=kept, incumbent=start)
+    assert kept.above(got.expert_to_gpu, 4) == [] and cap.above(got.expert_to_gpu, 4) == cap.above(start, 4)
+    assert got.cost == pytest.approx(placement_cost(graph, got.expert_to_gpu, d))
+    assert got.cost < placement_cost(graph, start, d) - 1e-6
+    assert all((np.bincount(row, minlength=4) == 4).all() for row in got.expert_to_gpu)
+
+
+def test_capped_search_never_trades_a_layer_above_the_cap_for_less_traffic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restarts and kicks whose descent ignores the cap find cheaper layouts with layers above
+    it; the search keeps the one with fewer layers above, whatever they cost."""
+    from moeplace.solve import solver
+
+    trace, _ = planted_trace(400, 4, 16, 2, 4, zipf=1.2, seed=0)
+    graph, d = edge_weights(trace), distance_matrix(4, 4, 2.0)
+    cap = LoadCap.from_ratio(trace.expert_loads(), 1.1, 4)
+    far = time.monotonic() + 60
+    start = search_traffic(graph, 4, 4, 2.0, far, 0, 8, 20, exact=False).expert_to_gpu.copy()
+    cap_imbalance(graph, start, cap, d)
+    kept = cap.kept(start, 4)
+    real = solver.coordinate_descent
+    monkeypatch.setattr(solver, "coordinate_descent", lambda *args, cap=None, **kwargs: real(*args, **kwargs))
+    got = search_traffic(graph, 4, 4, 2.0, far, 0, 8, 20, exact=False, layer_ilps=False, cap=kept, incumbent=start)
+    assert kept.above(got.expert_to_gpu, 4) == [] and np.array_equal(got.expert_to_gpu, start)
+    assert got.stats["kicks_accepted"] == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_capped_coordinate_descent_brings_layers_under_and_keeps_them(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    trace, _ = planted_trace(300, 4, 12, 2, 3, zipf=1.0, seed=seed)
+    graph, d = edge_weights(trace), distance_matrix(3, 3, 1.0)
+    cap = LoadCap.from_ratio(trace.expert_loads(), 1.2, 3)
+    x = np.stack([rng.permutation(np.repeat(np.arange(3), 4)) for _ in range(4)])
+    coordinate_descent(graph, x, d, cap=cap)
+    reachable = [layer for layer in range(4) if layer not in cap.above(x, 3)]
+    assert len(reachable) >= 3  # a random start is brought under wherever the swaps can
+    kept = cap.kept(x, 3)
+    before = placement_cost(graph, x, d)
+    coordinate_descent(graph, x, d, cap=kept)  # from a layout under its cap: moves keep it there
+    assert kept.above(x, 3) == [] and placement_cost(graph, x, d) <= before + 1e-9
+    assert all((np.bincount(row, minlength=3) == 4).all() for row in x)
 
 
 def test_cli_max_imbalance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -845,7 +845,9 @@ def test_coordinate_descent_alternates_sweep_direction_until_a_sweep_gains_too_l
     gains = iter([1.0] * 6 + [1e-3, 0.0, 0.0] + [0.0] * 3)  # sweeps 1-2 gain 3, 3 gains 1e-3, 4 nothing
     calls: list[int] = []
 
-    def fake_improve(graph: AffinityGraph, x: np.ndarray, layer: int, distance: np.ndarray) -> float:
+    def fake_improve(graph: AffinityGraph, x: np.ndarray, layer: int, distance: np.ndarray,
+                     cap: heuristics.LoadCap | None) -> float:
+        assert cap is None
         calls.append(layer)
         return next(gains)
 

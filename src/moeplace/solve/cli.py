@@ -223,8 +223,9 @@ def _objective_names() -> list[str]:
                                                         "(default: see --smoothing).")
 @click.option("--max-imbalance", type=FiniteFloat(1.0, MAX_WEIGHT), default=None,
               help="traffic: keep every layer's max/mean token load per GPU (fit tokens, as eval's imbalance) at or "
-                   "under this, e.g. 1.25: after the search, the cheapest swaps bring each layer under it and a swap "
-                   "descent that keeps it follows (docs/solver.md). Default: no cap (equal expert counts only).")
+                   "under this, e.g. 1.25: the search runs without it in half the time, the cheapest swaps bring "
+                   "its layout under it, and a second search keeps it throughout (docs/solver.md, step 6). "
+                   "Default: no cap (equal expert counts only).")
 @click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="latency: cluster config YAML (configs/cluster/*.yaml; docs/cost-model.md).")
 @click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None,

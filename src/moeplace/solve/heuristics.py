@@ -13,16 +13,50 @@ The moves, all keeping E/G experts of each layer per GPU:
     * chain_init: greedy chaining, an anchor layer grouped by co-selection into GPUs then nodes
       (cluster_layer, balanced_groups), each layer outwards assigned optimally to its neighbour.
     * perturb: a seeded random shuffle of a window of layers (iterated local search kicks).
+
+With a LoadCap (solve --max-imbalance) improve_layer and coordinate_descent keep each layer's
+token load per GPU under its limit: a layer above it is first brought under (meet_cap), and no
+move then takes a GPU above it again.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from moeplace.solve.affinity import AffinityGraph, one_hot
+from moeplace.solve.baselines import greedy_load
+
+
+@dataclass(frozen=True)
+class LoadCap:
+    """The most token load one GPU may carry in each layer: loads float [L, E] (tokens of each
+    expert, Trace.expert_loads), limits float [L]."""
+
+    loads: np.ndarray
+    limits: np.ndarray
+
+    @classmethod
+    def from_ratio(cls, loads: np.ndarray, max_imbalance: float, num_gpus: int) -> LoadCap:
+        """Max / mean load per GPU at most `max_imbalance` in every layer (eval's imbalance)."""
+        return cls(loads, max_imbalance * loads.sum(axis=1) / num_gpus)
+
+    def peak(self, gpus: np.ndarray, layer: int, num_gpus: int) -> float:
+        """Largest GPU load of `layer` laid out as gpus int [E]."""
+        return float(np.bincount(gpus, weights=self.loads[layer], minlength=num_gpus).max())
+
+    def above(self, expert_to_gpu: np.ndarray, num_gpus: int) -> list[int]:
+        """Layers of expert_to_gpu int [L, E] whose largest GPU load is over their limit."""
+        return [l for l in range(len(self.limits)) if self.peak(expert_to_gpu[l], l, num_gpus) > self.limits[l]]
+
+    def kept(self, expert_to_gpu: np.ndarray, num_gpus: int) -> LoadCap:
+        """The cap a search from expert_to_gpu [L, E] keeps: a layer it could not bring under its
+        limit keeps its own peak instead (moves never raise it)."""
+        peaks = np.array([self.peak(expert_to_gpu[l], l, num_gpus) for l in range(len(self.limits))])
+        return LoadCap(self.loads, np.maximum(self.limits, peaks))
 
 
 def layer_costs(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distance: np.ndarray,
@@ -146,25 +180,68 @@ def relieve_layer(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distanc
     return False
 
 
-def improve_layer(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distance: np.ndarray) -> float:
-    """Re-assign `layer` optimally given its neighbours, then swap-descend. In place; returns the gain."""
+def meet_cap(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distance: np.ndarray,
+             cap: LoadCap) -> bool:
+    """Bring `layer` of expert_to_gpu [L, E] under its cap at the least traffic cost the swaps
+    find, in place; returns whether it got there.
+
+    1. relieve_layer from the current layout;
+    2. where that stops above the limit, relieve_layer again from the layer's load-balanced
+       packing (greedy_load), and keep whichever of the two ends with the lower peak.
+    """
+    num_gpus, limit, loads = distance.shape[0], float(cap.limits[layer]), cap.loads[layer]
+    gpus = expert_to_gpu[layer].copy()
+    if relieve_layer(layer_costs(graph, expert_to_gpu, layer, distance), gpus, graph.intra[layer], distance,
+                     loads, limit):
+        expert_to_gpu[layer] = gpus
+        return True
+    packed = greedy_load(cap.loads[layer:layer + 1], num_gpus)[0]
+    expert_to_gpu[layer] = packed  # the cost table's intra-layer part reads the layer's own GPUs
+    met = relieve_layer(layer_costs(graph, expert_to_gpu, layer, distance), packed, graph.intra[layer], distance,
+                        loads, limit)
+    if not met and cap.peak(gpus, layer, num_gpus) < cap.peak(packed, layer, num_gpus):
+        expert_to_gpu[layer] = gpus
+    return met
+
+
+def improve_layer(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distance: np.ndarray,
+                  cap: LoadCap | None = None) -> float:
+    """Re-assign `layer` optimally given its neighbours, then swap-descend. In place; returns the gain.
+
+    With `cap`: a layer above its limit is first brought under it (meet_cap; the gain is counted
+    from there); the optimal re-assignment, where it lands above the limit, is relieved
+    (relieve_layer) and dropped if it stays above; the swaps keep the limit (or the layer's peak,
+    where the limit was out of reach)."""
+    num_gpus = distance.shape[0]
+    limit = np.inf
+    if cap is not None:
+        if cap.peak(expert_to_gpu[layer], layer, num_gpus) > cap.limits[layer]:
+            meet_cap(graph, expert_to_gpu, layer, distance, cap)
+        limit = max(float(cap.limits[layer]), cap.peak(expert_to_gpu[layer], layer, num_gpus))
     before = layer_cost(graph, expert_to_gpu, layer, distance)
     current = expert_to_gpu[layer].copy()
     candidate = assign_layer(layer_costs(graph, expert_to_gpu, layer, distance))
     expert_to_gpu[layer] = candidate
+    if cap is not None and cap.peak(candidate, layer, num_gpus) > limit:
+        cost = layer_costs(graph, expert_to_gpu, layer, distance)
+        if not relieve_layer(cost, candidate, graph.intra[layer], distance, cap.loads[layer], limit):
+            candidate = current
+        expert_to_gpu[layer] = candidate
     if layer_cost(graph, expert_to_gpu, layer, distance) > before:
         expert_to_gpu[layer] = current
     gpus = expert_to_gpu[layer].copy()
-    swap_descent(layer_costs(graph, expert_to_gpu, layer, distance), gpus, graph.intra[layer], distance)
+    swap_descent(layer_costs(graph, expert_to_gpu, layer, distance), gpus, graph.intra[layer], distance,
+                 weight=None if cap is None else cap.loads[layer], limit=limit)
     expert_to_gpu[layer] = gpus
     return before - layer_cost(graph, expert_to_gpu, layer, distance)
 
 
 def coordinate_descent(graph: AffinityGraph, expert_to_gpu: np.ndarray, distance: np.ndarray,
                        max_sweeps: int = 50, rel_tol: float = 1e-6, layers: range | None = None,
-                       deadline: float | None = None) -> int:
+                       deadline: float | None = None, cap: LoadCap | None = None) -> int:
     """Sweep improve_layer forward and backward until a sweep gains less than rel_tol of the
-    total edge weight, or time.monotonic() passes `deadline`. In place; returns the sweeps run."""
+    total edge weight, or time.monotonic() passes `deadline`. In place; returns the sweeps run.
+    With `cap`, every move keeps the layers under it (improve_layer)."""
     order = list(layers if layers is not None else range(expert_to_gpu.shape[0]))
     scale = max(graph.total_weight(), 1e-12)
     for sweep in range(1, max_sweeps + 1):
@@ -172,7 +249,7 @@ def coordinate_descent(graph: AffinityGraph, expert_to_gpu: np.ndarray, distance
         for layer in order if sweep % 2 else order[::-1]:
             if deadline is not None and time.monotonic() > deadline:
                 return sweep
-            gain += improve_layer(graph, expert_to_gpu, layer, distance)
+            gain += improve_layer(graph, expert_to_gpu, layer, distance, cap)
         if gain <= rel_tol * scale:
             return sweep
     return max_sweeps

@@ -25,6 +25,7 @@ import numpy as np
 import pulp
 
 from moeplace.solve.affinity import AffinityGraph, one_hot
+from moeplace.solve.heuristics import LoadCap
 
 _banner_lock = threading.Lock()
 _banner_done = False
@@ -79,12 +80,15 @@ def window_size(graph: AffinityGraph, layers: range, num_gpus: int, num_nodes: i
 
 
 def solve_window(graph: AffinityGraph, expert_to_gpu: np.ndarray, layers: range, distance: np.ndarray,
-                 gpus_per_node: int, time_limit: float, pin_first: bool = False) -> IlpResult:
+                 gpus_per_node: int, time_limit: float, pin_first: bool = False,
+                 cap: LoadCap | None = None) -> IlpResult:
     """Optimal placement of `layers` given every other layer of expert_to_gpu [L, E].
 
     `pin_first` breaks the symmetry of GPU labels on the first window layer (expert 0 on GPU 0;
     on one node expert e on a GPU <= e): valid only when nothing outside the window is fixed
-    (GPUs are interchangeable then).
+    (GPUs are interchangeable then; a cap, the same for every GPU, keeps them so).
+    `cap`: every window layer's token load per GPU at most its limit (the model is infeasible,
+    and no solution is returned, where a limit is out of reach).
     """
     start = time.monotonic()
     num_layers, num_experts = expert_to_gpu.shape
@@ -101,6 +105,9 @@ def solve_window(graph: AffinityGraph, expert_to_gpu: np.ndarray, layers: range,
             prob += pulp.lpSum(x[l, e, g] for g in gpus) == 1
         for g in gpus:
             prob += pulp.lpSum(x[l, e, g] for e in experts) == per_gpu
+            if cap is not None:
+                prob += pulp.lpSum(float(cap.loads[l, e]) * x[l, e, g] for e in experts if cap.loads[l, e]) \
+                    <= float(cap.limits[l])
     if pin_first:
         # any relabelling of GPUs (of GPUs within nodes, and of whole nodes) leaves the cost as
         # it is; on one node, number GPUs by first use over the first layer's experts: expert e

@@ -16,7 +16,10 @@ module implements `traffic` (docs/solver.md states it exactly):
        better), then ILP re-optimisation of single layers where tractable (each capped at
        LAYER_ILP_SECONDS; only a proven optimum is taken, so the result does not depend on how
        fast the machine got near one; a capped ILP is recorded as a cut);
-    5. a valid lower bound (ILP dual bound or ilp.combinatorial_bound) and the gap.
+    5. a valid lower bound (ILP dual bound or ilp.combinatorial_bound) and the gap;
+    6. only with max_imbalance (a token-load cap): steps 2-5 in half the time, their layout
+       brought under the cap (cap_imbalance), then steps 2-5 again from it with the cap in
+       every move and ILP (heuristics.LoadCap).
 
 Determinism: every random choice comes from `seed`; the amount of work is fixed by `restarts`
 and `kicks`. `time_limit` (and the per-layer ILP cap of step 4) only cuts work short, recorded as
@@ -47,7 +50,9 @@ from moeplace.solve.affinity import (
     AffinityGraph, EdgeTerms, distance_matrix, edge_terms, gate_weighted_transitions, placement_cost,
 )
 from moeplace.solve.baselines import all_baselines, contiguous, greedy_load, random_balanced
-from moeplace.solve.heuristics import chain_init, coordinate_descent, layer_costs, perturb, relieve_layer, swap_descent
+from moeplace.solve.heuristics import (
+    LoadCap, chain_init, coordinate_descent, layer_costs, meet_cap, perturb, swap_descent,
+)
 from moeplace.trace import paths
 from moeplace.trace.format import Trace, split_tokens
 
@@ -209,12 +214,19 @@ def search_traffic(
     exact: bool = True,
     progress: bool = False,
     layer_ilps: bool = True,
+    cap: LoadCap | None = None,
+    incumbent: np.ndarray | None = None,
 ) -> SearchResult:
     """Steps 1-5 of the module docstring on a fixed graph: the placement of least
     placement_cost, int64 [L, E], with a valid lower bound. exact=False skips step 2's
     whole-model ILP, layer_ilps=False step 4's single-layer ones (cross-validation's short
     searches skip both: on traces with few distinct co-selected pairs the layer ILPs are most
-    of the time of a solve).
+    of the time of a solve). `incumbent` int [L, E]: the start to beat instead of contiguous.
+
+    With `cap` (step 6): every descent keeps each layer's token load per GPU under its limit
+    (heuristics.improve_layer), the ILPs carry it as constraints, and a placement with fewer
+    layers above their limit always wins over one with less traffic. The bound is then one of
+    the capped problem (the uncapped bound bounds it too).
 
     The first greedy chaining always runs, even past `deadline` (it takes milliseconds), so a
     time limit spent elsewhere (e.g. on cross-validation of a large trace) still returns a
@@ -224,22 +236,25 @@ def search_traffic(
     num_nodes = num_gpus // gpus_per_node
     rng = np.random.default_rng(seed)
     start = time.monotonic()
-    bar = Progress("solve", total=restarts + kicks, enabled=progress)
+    bar = Progress("solve" if cap is None else "solve under the load cap", total=restarts + kicks, enabled=progress)
     stats: dict[str, Any] = {"restarts_run": 0, "kicks_run": 0, "kicks_accepted": 0, "layer_ilps": 0,
                              "layer_ilps_cut": 0}
 
-    # 1. incumbent: contiguous, then greedy chaining + coordinate descent from `restarts` seeds
-    best = contiguous(graph.num_layers, graph.num_experts, num_gpus)
-    best_cost = placement_cost(graph, best, distance)
+    def above(x: np.ndarray) -> int:  # layers over their load limit: fewer wins before traffic does
+        return 0 if cap is None else len(cap.above(x, num_gpus))
+
+    # 1. incumbent: contiguous (or the one given), then greedy chaining + coordinate descent from `restarts` seeds
+    best = contiguous(graph.num_layers, graph.num_experts, num_gpus) if incumbent is None else incumbent.copy()
+    best_cost, best_above = placement_cost(graph, best, distance), above(best)
     for r in range(restarts):
         if r > 0 and time.monotonic() > deadline:
             break
         anchor = None if r == 0 else int(rng.integers(graph.num_layers))  # diversify restarts
         x = chain_init(graph, num_gpus, gpus_per_node, distance, rng, anchor)
-        coordinate_descent(graph, x, distance, deadline=deadline)
-        cost = placement_cost(graph, x, distance)
-        if cost < best_cost:
-            best, best_cost = x, cost
+        coordinate_descent(graph, x, distance, deadline=deadline, cap=cap)
+        cost, x_above = placement_cost(graph, x, distance), above(x)
+        if (x_above, cost) < (best_above, best_cost):
+            best, best_cost, best_above = x, cost, x_above
         stats["restarts_run"] = r + 1
         bar.update(r + 1, f"restart {r + 1}/{restarts} cost {best_cost:.4g}")
 
@@ -249,10 +264,13 @@ def search_traffic(
     method = "chain+coordinate-descent+ils"
     if exact and ilp.window_size(graph, all_layers, num_gpus, num_nodes) <= EXACT_MAX_VARS \
             and time.monotonic() < deadline:
-        res = ilp.solve_window(graph, best, all_layers, distance, gpus_per_node,
-                               deadline - time.monotonic(), pin_first=True)
+        # the cap as the incumbent keeps it (its peak where it is above): the model stays
+        # feasible, and a bound under a looser cap still bounds the capped problem
+        res = ilp.solve_window(graph, best, all_layers, distance, gpus_per_node, deadline - time.monotonic(),
+                               pin_first=True, cap=None if cap is None else cap.kept(best, num_gpus))
         if res.cost is not None and res.cost < best_cost - 1e-9:
             best, best_cost = res.expert_to_gpu, placement_cost(graph, res.expert_to_gpu, distance)
+            best_above = above(best)
         if res.bound is not None:
             bound = max(bound, res.bound)
         method = "exact-ilp" if res.optimal else "ilp(time-limited)+heuristic"
@@ -264,10 +282,10 @@ def search_traffic(
             x = best.copy()
             touched = perturb(x, rng, window=2, strength=0.3)
             span = range(max(touched.start - 1, 0), min(touched.stop + 1, graph.num_layers))
-            coordinate_descent(graph, x, distance, layers=span, deadline=deadline)
-            cost = placement_cost(graph, x, distance)
-            if cost < best_cost - 1e-9:
-                best, best_cost = x, cost
+            coordinate_descent(graph, x, distance, layers=span, deadline=deadline, cap=cap)
+            cost, x_above = placement_cost(graph, x, distance), above(x)
+            if (x_above, cost) < (best_above, best_cost - 1e-9):
+                best, best_cost, best_above = x, cost, x_above
                 stats["kicks_accepted"] += 1
             stats["kicks_run"] = k + 1
             bar.update(restarts + k + 1, f"kick {k + 1}/{kicks} cost {best_cost:.4g}")
@@ -280,13 +298,14 @@ def search_traffic(
             if not graph.intra[layer].any() or ilp.window_size(graph, one, num_gpus, num_nodes) > LAYER_ILP_MAX_VARS:
                 continue
             res = ilp.solve_window(graph, best, one, distance, gpus_per_node,
-                                   min(deadline - time.monotonic(), LAYER_ILP_SECONDS))
+                                   min(deadline - time.monotonic(), LAYER_ILP_SECONDS),
+                                   cap=None if cap is None else cap.kept(best, num_gpus))
             stats["layer_ilps"] += 1
             if not res.optimal:  # HiGHS' incumbent at the cap: how good it is depends on the machine
                 stats["layer_ilps_cut"] += 1
             elif res.cost is not None:
                 cost = placement_cost(graph, res.expert_to_gpu, distance)
-                if cost < best_cost - 1e-9:
+                if cost < best_cost - 1e-9:  # under the kept cap: no layer goes above its limit
                     best, best_cost = res.expert_to_gpu, cost
     bar.close(f"cost {best_cost:.6g}, bound {bound:.6g}" if time.monotonic() - start > bar.after else "")
     cut = method != "exact-ilp" and (stats["restarts_run"] < restarts or time.monotonic() > deadline
@@ -296,48 +315,28 @@ def search_traffic(
     return SearchResult(best, best_cost, bound, method, stats, cut)
 
 
-def cap_imbalance(graph: AffinityGraph, expert_to_gpu: np.ndarray, loads: np.ndarray, max_imbalance: float,
-                  distance: np.ndarray, sweeps: int = 3) -> list[int]:
-    """Bring every layer's max / mean token load per GPU to `max_imbalance` or under, in place,
-    at the least traffic cost the swaps find. expert_to_gpu int [L, E]; loads float [L, E] expert
-    token loads (Trace.expert_loads, what eval's imbalance counts). Returns the layers left above.
+def cap_imbalance(graph: AffinityGraph, expert_to_gpu: np.ndarray, cap: LoadCap, distance: np.ndarray,
+                  sweeps: int = 3) -> list[int]:
+    """Bring every layer's largest token load per GPU to its cap's limit or under, in place, at
+    the least traffic cost the swaps find. expert_to_gpu int [L, E]. Returns the layers left above.
 
-    1. each layer over the cap: relieve_layer (cheapest swaps per unit of peak load taken off);
-       where those stop above it, again from the load-balanced packing of that layer
-       (greedy_load), keeping whichever of the two ends with the lower peak;
-    2. `sweeps` passes of swap descent that keeps every layer under its cap (the traffic search
+    1. each layer over its limit: heuristics.meet_cap (the cheapest swaps per unit of peak load
+       taken off, from the layout and, where those stop above, from the load-balanced packing);
+    2. `sweeps` passes of swap descent that keep every layer under its limit (the traffic search
        before it never looked at loads, so it may have more to give back under the cap).
     """
-    num_layers = expert_to_gpu.shape[0]
     num_gpus = distance.shape[0]
-    limits = max_imbalance * loads.sum(axis=1) / num_gpus  # [L]: the cap as a GPU load
-
-    def peak(gpus: np.ndarray, layer: int) -> float:
-        return float(np.bincount(gpus, weights=loads[layer], minlength=num_gpus).max())
-
-    above = []
-    for layer in range(num_layers):  # 1.
-        gpus = expert_to_gpu[layer].copy()
-        if peak(gpus, layer) <= limits[layer]:
-            continue  # already under the cap: step 2 alone
-        cost = layer_costs(graph, expert_to_gpu, layer, distance)
-        if not relieve_layer(cost, gpus, graph.intra[layer], distance, loads[layer], limits[layer]):
-            packed = greedy_load(loads[layer:layer + 1], num_gpus)[0]
-            expert_to_gpu[layer] = packed  # the cost table's intra-layer part reads the layer's own GPUs
-            cost = layer_costs(graph, expert_to_gpu, layer, distance)
-            if not relieve_layer(cost, packed, graph.intra[layer], distance, loads[layer], limits[layer]):
-                above.append(layer)
-            if peak(packed, layer) <= peak(gpus, layer):
-                gpus = packed
-        expert_to_gpu[layer] = gpus
+    for layer in range(expert_to_gpu.shape[0]):  # 1.
+        if cap.peak(expert_to_gpu[layer], layer, num_gpus) > cap.limits[layer]:
+            meet_cap(graph, expert_to_gpu, layer, distance, cap)
+    kept = cap.kept(expert_to_gpu, num_gpus)  # a layer left above keeps its peak
     for _ in range(sweeps):  # 2.
-        for layer in range(num_layers):
+        for layer in range(expert_to_gpu.shape[0]):
             gpus = expert_to_gpu[layer].copy()
-            limit = max(limits[layer], peak(gpus, layer))  # a layer left above keeps its peak
             swap_descent(layer_costs(graph, expert_to_gpu, layer, distance), gpus, graph.intra[layer], distance,
-                         weight=loads[layer], limit=limit)
+                         weight=cap.loads[layer], limit=float(kept.limits[layer]))
             expert_to_gpu[layer] = gpus
-    return above
+    return cap.above(expert_to_gpu, num_gpus)
 
 
 def solve_traffic(
@@ -363,8 +362,10 @@ def solve_traffic(
     coselect_weight/smoothing/prior: None = chosen by select_weights (cross-validation).
     restarts/kicks default by size (deterministic): 8/20 up to 4096 experts in all layers, else 2/4.
     exact=False skips the whole-model ILP of step 2 (step 4's single-layer ILPs still run).
-    max_imbalance: a cap on every layer's max / mean token load per GPU (cap_imbalance, after
-    the search); the bound stays the uncapped problem's, which is also one of the capped problem.
+    max_imbalance: a cap on every layer's max / mean token load per GPU (step 6): the search
+    runs without it, its layout is brought under it (cap_imbalance), and a second search keeps
+    it throughout from there; the bound is the better of the two searches' (each bounds the
+    capped problem).
     """
     start = time.monotonic()
     if not node_cost >= 1.0:  # the ILP and the bound take the dearest move to be the cross-node one
@@ -385,15 +386,28 @@ def solve_traffic(
     terms = edge_terms(trace, top1_weight) if terms is None else terms  # the folds' sums add up to the trace's
     graph = terms.graph(coselect_weight, smoothing, prior)
     del terms  # four [L, E, E] arrays the search does not need
-    found = search_traffic(graph, num_gpus, gpus_per_node, node_cost, deadline, seed, restarts, kicks, exact, progress)
-    cap: dict[str, Any] = {}
+    # with a cap the uncapped search gets half the time left: its layout, brought under the cap,
+    # is the capped search's incumbent (and what the cap cost is measured against)
+    uncapped_deadline = deadline if max_imbalance is None else (time.monotonic() + deadline) / 2
+    found = search_traffic(graph, num_gpus, gpus_per_node, node_cost, uncapped_deadline, seed, restarts, kicks, exact,
+                           progress)
+    capped: dict[str, Any] = {}
     if max_imbalance is not None:
         distance = distance_matrix(num_gpus, gpus_per_node, node_cost)
-        uncapped = found.cost
-        above = cap_imbalance(graph, found.expert_to_gpu, trace.expert_loads(), max_imbalance, distance)
-        found.cost = placement_cost(graph, found.expert_to_gpu, distance)
-        found.method += "+load-cap"
-        cap = {"max_imbalance": max_imbalance, "value_without_cap": uncapped, "layers_above_max_imbalance": above}
+        cap = LoadCap.from_ratio(trace.expert_loads(), max_imbalance, num_gpus)
+        capped = {"max_imbalance": max_imbalance, "value_without_cap": found.cost, "layers_above_max_imbalance": []}
+        if cap.above(found.expert_to_gpu, num_gpus):  # else the cap does not bind: the same search again would retrace it
+            start_layout = found.expert_to_gpu.copy()
+            cap_imbalance(graph, start_layout, cap, distance)
+            # a layer the swaps could not bring under the cap keeps the least peak they reached
+            under = search_traffic(graph, num_gpus, gpus_per_node, node_cost, deadline, seed, restarts, kicks, exact,
+                                   progress, cap=cap.kept(start_layout, num_gpus), incumbent=start_layout)
+            capped["layers_above_max_imbalance"] = cap.above(under.expert_to_gpu, num_gpus)
+            under.stats = {**under.stats, "search_without_cap": {"method": found.method, "bound": found.bound,
+                                                                 **found.stats}}
+            under.bound = max(under.bound, found.bound)
+            under.method, under.cut = f"{found.method}, then under the load cap: {under.method}", found.cut or under.cut
+            found = under
 
     elapsed = time.monotonic() - start
     return SolveOutcome(
@@ -401,7 +415,7 @@ def solve_traffic(
         objective={
             "name": "traffic",
             "value": found.cost,
-            **cap,
+            **capped,
             "node_cost": node_cost,
             "top1_weight": top1_weight,
             "coselect_weight": coselect_weight,
