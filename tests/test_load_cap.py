@@ -17,10 +17,13 @@ import time
 from moeplace.solve import ilp
 from moeplace.solve.affinity import distance_matrix, edge_weights, placement_cost
 from moeplace.solve.cli import summary
-from moeplace.solve.heuristics import LoadCap, coordinate_descent, relieve_layer, swap_deltas, swap_descent
+from moeplace.solve.baselines import random_balanced
+from moeplace.solve.heuristics import (
+    LoadCap, coordinate_descent, layer_costs, meet_cap, relieve_layer, swap_deltas, swap_descent,
+)
 from moeplace.solve.solver import cap_imbalance, search_traffic, solve_placement
 from moeplace.solve.synthetic import planted_trace
-from moeplace.trace.format import save_trace
+from moeplace.trace.format import Trace, save_trace
 
 
 def loads_of(gpus: np.ndarray, weight: np.ndarray, num_gpus: int) -> np.ndarray:
@@ -214,6 +217,102 @@ def test_capped_coordinate_descent_brings_layers_under_and_keeps_them(seed: int)
     assert all((np.bincount(row, minlength=3) == 4).all() for row in x)
 
 
+def _no_swap_meets(row: np.ndarray, loads: np.ndarray, limit: float, num_gpus: int) -> bool:
+    """No swap of two experts on different GPUs brings the layer's largest load to `limit`."""
+    for a, b in itertools.combinations(range(len(row)), 2):
+        if row[a] != row[b]:
+            swapped = row.copy()
+            swapped[[a, b]] = row[[b, a]]
+            if np.bincount(swapped, weights=loads, minlength=num_gpus).max() <= limit:
+                return False
+    return True
+
+
+def test_meet_cap_says_whether_the_layer_it_leaves_is_under_the_cap() -> None:
+    """The fallback from the load-balanced packing is the layout left in the row (it once left
+    the raw packing there, 4% above a cap it reported met)."""
+    trace, _ = planted_trace(4000, 6, 32, 2, 8, zipf=1.2, seed=3)
+    graph, d = edge_weights(trace), distance_matrix(4, 4, 2.0)
+    fallbacks = 0
+    for cap_ratio in (1.001, 1.003, 1.01):
+        cap = LoadCap.from_ratio(trace.expert_loads(), cap_ratio, 4)
+        for seed in range(4):
+            x = random_balanced(6, 32, 4, seed=seed)
+            for layer in range(6):
+                first = x[layer].copy()
+                fallbacks += not relieve_layer(layer_costs(graph, x, layer, d), first, graph.intra[layer], d,
+                                               cap.loads[layer], float(cap.limits[layer]))
+                met = meet_cap(graph, x, layer, d, cap)
+                assert met == (cap.peak(x[layer], layer, 4) <= cap.limits[layer])
+                assert cap.peak(x[layer], layer, 4) <= cap.peak(first, layer, 4)  # never above the first try's
+                assert (np.bincount(x[layer], minlength=4) == 8).all()
+    assert fallbacks > 10  # the packing path ran
+
+
+def test_solve_retries_the_cap_on_layers_left_above_it(tmp_path: Path) -> None:
+    """Skewed planted routing at 2 GPUs, cap 1.0 (perfect balance on the fit tokens): every
+    layer gets there (the search under the cap once kept four layers at the peak its first
+    pass reached, a single swap away from it); wherever a layer stays above a cap, no single
+    swap would bring it under."""
+    trace, _ = planted_trace(4000, 6, 32, 2, 8, zipf=1.2, seed=3)
+    p = solve_placement(trace, 2, time_limit=30, seed=0, max_imbalance=1.0)
+    assert p.objective["layers_above_max_imbalance"] == []
+    assert p.metrics["train"]["placement"]["imbalance_max"] == pytest.approx(1.0)
+    loads = trace.expert_loads()
+    tight = solve_placement(trace, 4, time_limit=30, seed=0, max_imbalance=1.0)
+    cap = LoadCap.from_ratio(loads, 1.0, 4)
+    assert tight.objective["layers_above_max_imbalance"] == cap.above(tight.expert_to_gpu, 4)
+    for layer in tight.objective["layers_above_max_imbalance"]:
+        assert _no_swap_meets(tight.expert_to_gpu[layer], loads[layer], float(cap.limits[layer]), 4)
+
+
+def test_one_layer_trace_swaps_its_packing_toward_the_cap() -> None:
+    trace, _ = planted_trace(2000, 1, 16, 2, 4, zipf=1.2, seed=3)
+    packed = solve_placement(trace, 4, time_limit=10, seed=0)
+    capped = solve_placement(trace, 4, time_limit=10, seed=0, max_imbalance=1.01)
+    before, after = (q.metrics["train"]["placement"]["imbalance_max"] for q in (packed, capped))
+    assert after < before  # 1.048 -> 1.012
+    loads = trace.expert_loads()[0]
+    assert capped.objective["layers_above_max_imbalance"] == [0]
+    assert _no_swap_meets(capped.expert_to_gpu[0], loads, 1.01 * loads.sum() / 4, 4)
+
+
+def test_a_peak_of_exactly_the_cap_is_under_it_as_eval_counts() -> None:
+    """Loads 80 / 35 / 45 / 40 on 2 GPUs: {80, 35} carries 115 = 1.15 x the mean 100, but
+    1.15 * 100 is 114.99999999999999 in floating point."""
+    ids = np.concatenate([np.full(n, e) for e, n in enumerate([80, 35, 45, 40])])
+    rng = np.random.default_rng(0)
+    trace = Trace(topk_ids=np.stack([rng.permutation(ids) for _ in range(2)], axis=1)[:, :, None], num_experts=4)
+    p = solve_placement(trace, 2, time_limit=10, seed=0, max_imbalance=1.15)
+    assert p.objective["layers_above_max_imbalance"] == []
+    assert evaluate(p, trace)["imbalance_max"] == pytest.approx(1.15)
+
+
+def test_a_cap_that_does_not_bind_gives_a_cut_search_the_rest_of_the_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moeplace.solve import solver
+
+    trace, _ = planted_trace(400, 4, 16, 2, 4, seed=3)
+    real, calls = solver.search_traffic, []
+
+    def first_cut(*args: object, **kwargs: object) -> solver.SearchResult:
+        found = real(*args, **kwargs)
+        calls.append((args[5], kwargs.get("incumbent") is not None))  # (seed, continued from a layout)
+        found.cut = len(calls) == 1  # as if the time limit had stopped the uncapped search
+        return found
+
+    monkeypatch.setattr(solver, "search_traffic", first_cut)
+    p = solve_placement(trace, 4, time_limit=30, seed=0, coselect_weight=2.0, smoothing=0.5, prior=0.5,
+                        max_imbalance=5.0)
+    assert calls == [(0, False), (1, True)]  # the rest on another seed, from the first layout
+    assert p.objective["value"] <= p.objective["value_without_cap"] + 1e-9
+    calls.clear()
+    monkeypatch.setattr(solver, "search_traffic", real)
+    free = solve_placement(trace, 4, time_limit=30, seed=0, coselect_weight=2.0, smoothing=0.5, prior=0.5)
+    loose = solve_placement(trace, 4, time_limit=30, seed=0, coselect_weight=2.0, smoothing=0.5, prior=0.5,
+                            max_imbalance=5.0)
+    assert np.array_equal(loose.expert_to_gpu, free.expert_to_gpu) and "load cap" not in loose.solver["method"]
+
+
 def test_cli_max_imbalance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trace, _ = planted_trace(400, 4, 16, 2, 4, seed=3)
     path, out = tmp_path / "t.npz", tmp_path / "p.json"
@@ -231,6 +330,13 @@ def test_cli_max_imbalance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"moeplace: warning: --max-imbalance 1: {len(above)} MoE layers ({above}) "
                                                "stay above it on the fit tokens")
+    # one expert per GPU: no layout changes a GPU's load, and the warning says what does
+    few, _ = planted_trace(400, 3, 4, 2, 4, zipf=1.2, seed=3)
+    save_trace(few, tmp_path / "few.npz")
+    assert run(["solve", str(tmp_path / "few.npz"), "--gpus", "4", "--max-imbalance", "1.1", "-q", "-o", str(out)]) == 0
+    assert "load cap" not in json.loads(out.read_text())["solver"]["method"]  # no second search to run
+    assert "(one expert per GPU, so every layout carries the same loads; --objective balance --redundant-experts R " \
+           "adds copies)" in capsys.readouterr().err
     for objective in ("balance", "latency"):
         assert run(base + ["--objective", objective, "--max-imbalance", "1.2", "-o", str(tmp_path / "q.json")]) == 2
         assert "--max-imbalance caps the traffic objective's load" in capsys.readouterr().err

@@ -224,7 +224,8 @@ def _objective_names() -> list[str]:
 @click.option("--max-imbalance", type=FiniteFloat(1.0, MAX_WEIGHT), default=None,
               help="traffic: keep every layer's max/mean token load per GPU (fit tokens, as eval's imbalance) at or "
                    "under this, e.g. 1.25: the search runs without it in half the time, the cheapest swaps bring "
-                   "its layout under it, and a second search keeps it throughout (docs/solver.md, step 6). "
+                   "its layout under it, and a second search keeps it throughout (docs/solver.md, step 6; a layer "
+                   "the swaps cannot bring under is listed, with a warning). "
                    "Default: no cap (equal expert counts only).")
 @click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="latency: cluster config YAML (configs/cluster/*.yaml; docs/cost-model.md).")
@@ -354,9 +355,12 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         placement.save(output)
     warn_no_engine_form(placement)
     if above := placement.objective.get("layers_above_max_imbalance"):
+        way = ("one expert per GPU, so every layout carries the same loads; --objective balance --redundant-experts R "
+               "adds copies" if trace.num_experts == gpus else
+               "the swaps found no layout of equal expert counts under it; --objective balance gives each layer's "
+               "least imbalance")
         warn(f"--max-imbalance {max_imbalance:g}: {len(above)} MoE layer{'s' if len(above) > 1 else ''} ({above}) "
-             f"stay{'' if len(above) > 1 else 's'} above it on the fit tokens (no swap of equal expert counts got "
-             "lower); --objective balance gives each layer's least imbalance")
+             f"stay{'' if len(above) > 1 else 's'} above it on the fit tokens ({way})")
     if not quiet:
         click.echo(summary(placement, trace_path.name, str(trace_path), str(output)))
         if pareto:

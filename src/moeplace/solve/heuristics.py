@@ -41,8 +41,10 @@ class LoadCap:
 
     @classmethod
     def from_ratio(cls, loads: np.ndarray, max_imbalance: float, num_gpus: int) -> LoadCap:
-        """Max / mean load per GPU at most `max_imbalance` in every layer (eval's imbalance)."""
-        return cls(loads, max_imbalance * loads.sum(axis=1) / num_gpus)
+        """Max / mean load per GPU at most `max_imbalance` in every layer (eval's imbalance). The
+        limit is widened by a relative 1e-12 so that a peak of exactly X times the mean counts as
+        under it whatever the rounding of X x mean (1.15 x 100 = 114.99999999999999)."""
+        return cls(loads, max_imbalance * loads.sum(axis=1) / num_gpus * (1 + 1e-12))
 
     def peak(self, gpus: np.ndarray, layer: int, num_gpus: int) -> float:
         """Largest GPU load of `layer` laid out as gpus int [E]."""
@@ -187,7 +189,8 @@ def meet_cap(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distan
 
     1. relieve_layer from the current layout;
     2. where that stops above the limit, relieve_layer again from the layer's load-balanced
-       packing (greedy_load), and keep whichever of the two ends with the lower peak.
+       packing (greedy_load), and keep whichever of the two ends with the lower peak (the first
+       on a tie: it moved fewer experts for the load).
     """
     num_gpus, limit, loads = distance.shape[0], float(cap.limits[layer]), cap.loads[layer]
     gpus = expert_to_gpu[layer].copy()
@@ -199,8 +202,8 @@ def meet_cap(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distan
     expert_to_gpu[layer] = packed  # the cost table's intra-layer part reads the layer's own GPUs
     met = relieve_layer(layer_costs(graph, expert_to_gpu, layer, distance), packed, graph.intra[layer], distance,
                         loads, limit)
-    if not met and cap.peak(gpus, layer, num_gpus) < cap.peak(packed, layer, num_gpus):
-        expert_to_gpu[layer] = gpus
+    expert_to_gpu[layer] = packed if met or cap.peak(packed, layer, num_gpus) < cap.peak(gpus, layer, num_gpus) \
+        else gpus
     return met
 
 

@@ -19,7 +19,7 @@ module implements `traffic` (docs/solver.md states it exactly):
     5. a valid lower bound (ILP dual bound or ilp.combinatorial_bound) and the gap;
     6. only with max_imbalance (a token-load cap): steps 2-5 in half the time, their layout
        brought under the cap (cap_imbalance), then steps 2-5 again from it with the cap in
-       every move and ILP (heuristics.LoadCap).
+       every move and in the whole-model ILP (heuristics.LoadCap), and cap_imbalance again.
 
 Determinism: every random choice comes from `seed`; the amount of work is fixed by `restarts`
 and `kicks`. `time_limit` (and the per-layer ILP cap of step 4) only cuts work short, recorded as
@@ -51,7 +51,7 @@ from moeplace.solve.affinity import (
 )
 from moeplace.solve.baselines import all_baselines, contiguous, greedy_load, random_balanced
 from moeplace.solve.heuristics import (
-    LoadCap, chain_init, coordinate_descent, layer_costs, meet_cap, perturb, swap_descent,
+    LoadCap, chain_init, coordinate_descent, layer_costs, meet_cap, perturb, relieve_layer, swap_descent,
 )
 from moeplace.trace import paths
 from moeplace.trace.format import Trace, split_tokens
@@ -230,7 +230,8 @@ def search_traffic(
 
     The first greedy chaining always runs, even past `deadline` (it takes milliseconds), so a
     time limit spent elsewhere (e.g. on cross-validation of a large trace) still returns a
-    placement built from the graph, never the bare contiguous start.
+    placement built from the graph, never the bare contiguous start (given an incumbent, it
+    runs only within the deadline).
     """
     distance = distance_matrix(num_gpus, gpus_per_node, node_cost)
     num_nodes = num_gpus // gpus_per_node
@@ -247,7 +248,7 @@ def search_traffic(
     best = contiguous(graph.num_layers, graph.num_experts, num_gpus) if incumbent is None else incumbent.copy()
     best_cost, best_above = placement_cost(graph, best, distance), above(best)
     for r in range(restarts):
-        if r > 0 and time.monotonic() > deadline:
+        if (r > 0 or incumbent is not None) and time.monotonic() > deadline:
             break
         anchor = None if r == 0 else int(rng.integers(graph.num_layers))  # diversify restarts
         x = chain_init(graph, num_gpus, gpus_per_node, distance, rng, anchor)
@@ -323,19 +324,27 @@ def cap_imbalance(graph: AffinityGraph, expert_to_gpu: np.ndarray, cap: LoadCap,
     1. each layer over its limit: heuristics.meet_cap (the cheapest swaps per unit of peak load
        taken off, from the layout and, where those stop above, from the load-balanced packing);
     2. `sweeps` passes of swap descent that keep every layer under its limit (the traffic search
-       before it never looked at loads, so it may have more to give back under the cap).
+       before it never looked at loads, so it may have more to give back under the cap); a
+       layer left above keeps its peak as its limit;
+    3. each layer still above: relieve_layer once more, since step 2 may have moved its peak to
+       another GPU. So no single swap brings a layer that is returned as above under its limit.
     """
     num_gpus = distance.shape[0]
     for layer in range(expert_to_gpu.shape[0]):  # 1.
         if cap.peak(expert_to_gpu[layer], layer, num_gpus) > cap.limits[layer]:
             meet_cap(graph, expert_to_gpu, layer, distance, cap)
-    kept = cap.kept(expert_to_gpu, num_gpus)  # a layer left above keeps its peak
+    kept = cap.kept(expert_to_gpu, num_gpus)
     for _ in range(sweeps):  # 2.
         for layer in range(expert_to_gpu.shape[0]):
             gpus = expert_to_gpu[layer].copy()
             swap_descent(layer_costs(graph, expert_to_gpu, layer, distance), gpus, graph.intra[layer], distance,
                          weight=cap.loads[layer], limit=float(kept.limits[layer]))
             expert_to_gpu[layer] = gpus
+    for layer in cap.above(expert_to_gpu, num_gpus):  # 3.
+        gpus = expert_to_gpu[layer].copy()
+        relieve_layer(layer_costs(graph, expert_to_gpu, layer, distance), gpus, graph.intra[layer], distance,
+                      cap.loads[layer], float(cap.limits[layer]))
+        expert_to_gpu[layer] = gpus
     return cap.above(expert_to_gpu, num_gpus)
 
 
@@ -362,10 +371,11 @@ def solve_traffic(
     coselect_weight/smoothing/prior: None = chosen by select_weights (cross-validation).
     restarts/kicks default by size (deterministic): 8/20 up to 4096 experts in all layers, else 2/4.
     exact=False skips the whole-model ILP of step 2 (step 4's single-layer ILPs still run).
-    max_imbalance: a cap on every layer's max / mean token load per GPU (step 6): the search
-    runs without it, its layout is brought under it (cap_imbalance), and a second search keeps
-    it throughout from there; the bound is the better of the two searches' (each bounds the
-    capped problem).
+    max_imbalance: a cap on every layer's max / mean token load per GPU (step 6; docs/solver.md
+    states when the second search runs): the search runs without it, its layout is brought
+    under it (cap_imbalance), a second search keeps it throughout from there, and cap_imbalance
+    tries again where a layer is still above; the bound is the better of the two searches'
+    (each bounds the capped problem).
     """
     start = time.monotonic()
     if not node_cost >= 1.0:  # the ILP and the bound take the dearest move to be the cross-node one
@@ -395,19 +405,28 @@ def solve_traffic(
     if max_imbalance is not None:
         distance = distance_matrix(num_gpus, gpus_per_node, node_cost)
         cap = LoadCap.from_ratio(trace.expert_loads(), max_imbalance, num_gpus)
-        capped = {"max_imbalance": max_imbalance, "value_without_cap": found.cost, "layers_above_max_imbalance": []}
-        if cap.above(found.expert_to_gpu, num_gpus):  # else the cap does not bind: the same search again would retrace it
+        capped = {"max_imbalance": max_imbalance, "value_without_cap": found.cost}
+        binds = bool(cap.above(found.expert_to_gpu, num_gpus))
+        # Not binding and not cut short: a search under the cap would retrace the one just run.
+        # One expert per GPU: every layout carries the same loads.
+        if (binds or found.cut) and trace.num_experts > num_gpus:
             start_layout = found.expert_to_gpu.copy()
             cap_imbalance(graph, start_layout, cap, distance)
-            # a layer the swaps could not bring under the cap keeps the least peak they reached
-            under = search_traffic(graph, num_gpus, gpus_per_node, node_cost, deadline, seed, restarts, kicks, exact,
-                                   progress, cap=cap.kept(start_layout, num_gpus), incumbent=start_layout)
-            capped["layers_above_max_imbalance"] = cap.above(under.expert_to_gpu, num_gpus)
+            # A layer the swaps could not bring under the cap keeps the least peak they reached.
+            # Single-layer ILPs are left out: the cap's knapsack rows make them slow, and a 5 s
+            # cap on each would let the machine's speed decide the result. Where the cap did not
+            # bind, the first search was cut short: the rest of the time goes on another seed.
+            under = search_traffic(graph, num_gpus, gpus_per_node, node_cost, deadline, seed if binds else seed + 1,
+                                   restarts, kicks, exact, progress, layer_ilps=False,
+                                   cap=cap.kept(start_layout, num_gpus), incumbent=start_layout)
+            cap_imbalance(graph, under.expert_to_gpu, cap, distance)  # tries the cap again where a layer is above it
+            under.cost = placement_cost(graph, under.expert_to_gpu, distance)
             under.stats = {**under.stats, "search_without_cap": {"method": found.method, "bound": found.bound,
                                                                  **found.stats}}
             under.bound = max(under.bound, found.bound)
             under.method, under.cut = f"{found.method}, then under the load cap: {under.method}", found.cut or under.cut
             found = under
+        capped["layers_above_max_imbalance"] = cap.above(found.expert_to_gpu, num_gpus)
 
     elapsed = time.monotonic() - start
     return SolveOutcome(
@@ -445,14 +464,19 @@ def _no_layer_pairs(trace: Trace, num_gpus: int, node_cost: float, top1_weight: 
                     time_limit: float, start: float, max_imbalance: float | None = None) -> SolveOutcome:
     """A one-layer trace has no layer pairs, so every placement has traffic cost 0: of those,
     take the one that balances token load (greedy_load, equal counts per GPU) rather than the
-    arbitrary contiguous start."""
+    arbitrary contiguous start; with a cap, swaps lower its peak further where it is above
+    (relieve_layer at no traffic cost)."""
     loads = trace.expert_loads()
     layout = greedy_load(loads, num_gpus)
     cap: dict[str, Any] = {}
-    if max_imbalance is not None:  # the packing is all there is to try: say where it stays above
-        peaks = np.stack([np.bincount(g, weights=w, minlength=num_gpus) for g, w in zip(layout, loads)]).max(axis=1)
-        above = np.flatnonzero(peaks > max_imbalance * loads.sum(axis=1) / num_gpus).tolist()
-        cap = {"max_imbalance": max_imbalance, "value_without_cap": 0.0, "layers_above_max_imbalance": above}
+    if max_imbalance is not None:
+        limits = LoadCap.from_ratio(loads, max_imbalance, num_gpus)
+        free = distance_matrix(num_gpus, num_gpus, 1.0)
+        for layer, gpus in enumerate(layout):
+            relieve_layer(np.zeros((trace.num_experts, num_gpus)), gpus, np.zeros((trace.num_experts,) * 2), free,
+                          loads[layer], float(limits.limits[layer]))
+        cap = {"max_imbalance": max_imbalance, "value_without_cap": 0.0,
+               "layers_above_max_imbalance": limits.above(layout, num_gpus)}
     return SolveOutcome(
         expert_to_gpu=layout,
         objective={"name": "traffic", "value": 0.0, "node_cost": node_cost, "top1_weight": top1_weight, **cap,
