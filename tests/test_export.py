@@ -324,7 +324,7 @@ def test_sglang_export_of_replicas_for_mixtral_names_a_way_that_works(tmp_path: 
     note = capsys.readouterr().err.strip().splitlines()[-1]
     assert note.startswith("moeplace export: note: SGLang (0.5.23) does not use an expert map for Mixtral models, and `moeplace "
                            "permute-checkpoint` cannot create this placement's 4 redundant experts."), note
-    assert "`moeplace serve --placement` runs it, copies included" in note
+    assert "Ways to run it: `moeplace serve --placement` (copies included" in note
     assert "solve again without --redundant-experts" in note and "--to sglang" not in note
 
 
@@ -871,3 +871,14 @@ def test_a_placement_fitted_on_another_model_is_refused(tmp_path: Path, capsys: 
     assert not out.exists()
     same = fake_checkpoint(tmp_path / "qwen", moe_layers=(1, 2, 3), num_hidden_layers=4, model_type="qwen3_moe")
     assert cli(src, "--to", "sglang", "--model", str(same), "-o", str(out)) == 0
+
+
+def test_vllm_export_of_replicas_does_not_send_the_user_to_permute_checkpoint(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """permute-checkpoint refuses copies, so the vLLM note names it only for a placement without them."""
+    assert cli(_save(replicated(), tmp_path), "--to", "vllm", "-o", str(tmp_path / "v.json")) == 0
+    out = capsys.readouterr().out
+    assert "`moeplace permute-checkpoint` cannot make this placement's copies" in out
+    plain = Placement(expert_to_gpu=random_balanced(2, 8, 4, seed=5), num_gpus=4, gpus_per_node=4)
+    assert cli(_save(plain, tmp_path), "--to", "vllm", "-o", str(tmp_path / "v.json")) == 0
+    assert "see docs/engines/vllm.md (moeplace permute-checkpoint)" in capsys.readouterr().out

@@ -249,6 +249,22 @@ def test_meet_cap_says_whether_the_layer_it_leaves_is_under_the_cap() -> None:
     assert fallbacks > 10  # the packing path ran
 
 
+def test_meet_cap_falls_back_to_the_balance_objectives_layout_where_the_swaps_stop() -> None:
+    """16 experts of one skewed layer on 4 GPUs, no edges: the relieving swaps stop at 1.012 from
+    the current layout and from the packing (1.048); the balance descent's layout gets under 1.01."""
+    from moeplace.solve.affinity import AffinityGraph
+    from moeplace.solve.baselines import greedy_load
+
+    trace, _ = planted_trace(2000, 1, 16, 2, 4, zipf=1.2, seed=3)
+    loads = np.repeat(trace.expert_loads(), 2, axis=0)  # two equal layers, so the graph has a layer pair
+    graph = AffinityGraph(np.zeros((1, 16, 16)), np.zeros((2, 16, 16)))
+    cap = LoadCap.from_ratio(loads, 1.01, 4)
+    x = greedy_load(loads, 4)
+    assert cap.peak(x[0], 0, 4) > 1.04 * loads[0].sum() / 4
+    assert meet_cap(graph, x, 0, distance_matrix(4, 4, 1.0), cap)
+    assert cap.above(x, 4) == [1] and (np.bincount(x[0], minlength=4) == 4).all()
+
+
 def test_solve_retries_the_cap_on_layers_left_above_it(tmp_path: Path) -> None:
     """Skewed planted routing at 2 GPUs, cap 1.0 (perfect balance on the fit tokens): every
     layer gets there (the search under the cap once kept four layers at the peak its first
@@ -267,14 +283,22 @@ def test_solve_retries_the_cap_on_layers_left_above_it(tmp_path: Path) -> None:
 
 
 def test_one_layer_trace_swaps_its_packing_toward_the_cap() -> None:
+    """Any layout of one layer is free of traffic: the packing (1.048) goes to the cap 1.01 (it
+    once stayed at the packing, then at 1.012, where the swaps from it stopped); at cap 1.0 it
+    ends at 1.003, the least any equal-count layout has (the balance objective proves it), listed above."""
     trace, _ = planted_trace(2000, 1, 16, 2, 4, zipf=1.2, seed=3)
     packed = solve_placement(trace, 4, time_limit=10, seed=0)
     capped = solve_placement(trace, 4, time_limit=10, seed=0, max_imbalance=1.01)
-    before, after = (q.metrics["train"]["placement"]["imbalance_max"] for q in (packed, capped))
-    assert after < before  # 1.048 -> 1.012
+    assert packed.metrics["train"]["placement"]["imbalance_max"] > 1.04
+    assert capped.metrics["train"]["placement"]["imbalance_max"] <= 1.01
+    assert capped.objective["layers_above_max_imbalance"] == []
+    exact = solve_placement(trace, 4, time_limit=10, seed=0, max_imbalance=1.0)
     loads = trace.expert_loads()[0]
-    assert capped.objective["layers_above_max_imbalance"] == [0]
-    assert _no_swap_meets(capped.expert_to_gpu[0], loads, 1.01 * loads.sum() / 4, 4)
+    assert exact.objective["layers_above_max_imbalance"] == [0]
+    assert _no_swap_meets(exact.expert_to_gpu[0], loads, loads.sum() / 4, 4)
+    least = solve_placement(trace, 4, time_limit=10, seed=0, objective="balance")
+    assert least.gap == 0.0 and exact.metrics["train"]["placement"]["imbalance_max"] == \
+        least.metrics["train"]["placement"]["imbalance_max"]
 
 
 def test_a_peak_of_exactly_the_cap_is_under_it_as_eval_counts() -> None:
@@ -313,6 +337,28 @@ def test_a_cap_that_does_not_bind_gives_a_cut_search_the_rest_of_the_time(monkey
     assert np.array_equal(loose.expert_to_gpu, free.expert_to_gpu) and "load cap" not in loose.solver["method"]
 
 
+def test_layers_at_their_floor_are_told_apart_and_the_summary_says_what_helps() -> None:
+    """Layer 0 (loads 30 / 1 / 1 / 1, 2 GPUs): the hot expert's GPU carries at least 30 + 1, so
+    31 is the least any equal-count layout has; layer 1 (10 / 9 / 1 / 1 as {10, 9} | {1, 1})
+    could go to 11. Both are above a cap of 1.0."""
+    from moeplace.solve.cli import cap_line, cap_remedy
+
+    cap = LoadCap.from_ratio(np.array([[30.0, 1, 1, 1], [10, 9, 1, 1]]), 1.0, 2)
+    x = np.array([[0, 0, 1, 1], [0, 0, 1, 1]])
+    assert cap.above(x, 2) == [0, 1] and cap.at_floor(x, 2) == [0]
+    objective = {"name": "traffic", "max_imbalance": 1.0, "value": 2.0, "value_without_cap": 1.0,
+                 "layers_above_max_imbalance": [0, 1], "layers_at_least_imbalance": [0]}
+    remedy = cap_remedy(objective)
+    assert remedy.startswith("layers [0] cannot go lower with equal expert counts (--redundant-experts R")
+    assert "for layers [1], the swaps found no layout of equal expert counts under it: --objective balance" in remedy
+    assert cap_remedy({**objective, "layers_at_least_imbalance": [0, 1]}).startswith("no layout of equal expert counts")
+    placed = Placement(x, 2, 2, objective=objective, metrics={"held_out": {"placement": {"imbalance_max": 1.4}}})
+    line = cap_line(placed)[0]
+    assert "on the held-out tokens the worst layer is at 1.400 (the cap holds on the fit tokens only)" in line
+    placed.metrics["held_out"]["placement"]["imbalance_max"] = 1.0
+    assert cap_line(placed)[0].endswith("worst layer is at 1.000")
+
+
 def test_cli_max_imbalance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trace, _ = planted_trace(400, 4, 16, 2, 4, seed=3)
     path, out = tmp_path / "t.npz", tmp_path / "p.json"
@@ -335,8 +381,8 @@ def test_cli_max_imbalance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     save_trace(few, tmp_path / "few.npz")
     assert run(["solve", str(tmp_path / "few.npz"), "--gpus", "4", "--max-imbalance", "1.1", "-q", "-o", str(out)]) == 0
     assert "load cap" not in json.loads(out.read_text())["solver"]["method"]  # no second search to run
-    assert "(one expert per GPU, so every layout carries the same loads; --objective balance --redundant-experts R " \
-           "adds copies)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "(no layout of equal expert counts goes lower" in err and "--redundant-experts R" in err
     for objective in ("balance", "latency"):
         assert run(base + ["--objective", objective, "--max-imbalance", "1.2", "-o", str(tmp_path / "q.json")]) == 2
         assert "--max-imbalance caps the traffic objective's load" in capsys.readouterr().err

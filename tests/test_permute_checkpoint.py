@@ -274,7 +274,7 @@ def test_replicas_on_mixtral_name_the_ways_that_work(tmp_path: Path, capsys: pyt
     assert run(["permute-checkpoint", str(model), str(placement), "-o", str(tmp_path / "out"), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "renumbering a checkpoint cannot create copies" in err[0], err
-    assert "`moeplace serve --placement` runs it, copies included" in err[0]
+    assert "Ways to run it: `moeplace serve --placement` (copies included" in err[0]
     assert "solve again without --redundant-experts" in err[0] and "--to sglang" not in err[0]
     assert not (tmp_path / "out").exists()
 

@@ -246,8 +246,9 @@ def _write(placement: Placement, fmt: str, output: Path, model: Path | None, tra
                            "(docs/engines/checkpoint.md)", err=True)
     elif fmt == "vllm":
         vllm.write_vllm(placement, output)
-        click.echo(f"wrote {output}: vLLM EplbState arrays for {ep}; upstream vLLM cannot load them from a file: "
-                   "see docs/engines/vllm.md (moeplace permute-checkpoint)")
+        way = ("see docs/engines/vllm.md (moeplace permute-checkpoint)" if not redundant else
+               "see docs/engines/vllm.md; `moeplace permute-checkpoint` cannot make this placement's copies")
+        click.echo(f"wrote {output}: vLLM EplbState arrays for {ep}; upstream vLLM cannot load them from a file: {way}")
     elif fmt == "vllm-ascend":
         vllm.write_vllm_ascend(placement, output)
         click.echo(f"wrote {output}: vllm-ascend expert map for {ep}: --additional-config "

@@ -79,13 +79,13 @@ def replicas_way_out(model_type: str | None) -> str:
 
     ways = []
     if model_type is None or model_type in FAMILIES:
-        ways.append("`moeplace serve --placement` runs it, copies included"
-                    + ("" if model_type else f" ({', '.join(FAMILIES)} models)"))
+        ways.append("`moeplace serve --placement` (copies included"
+                    + ("" if model_type else f"; {', '.join(FAMILIES)} models") + ")")
     if model_type not in MAP_IGNORED:
         ignored = "" if model_type else f" (not for {' or '.join(MAP_IGNORED.values())} models)"
-        ways.append(f"`moeplace export --to sglang` hands it to SGLang, which loads the copies{ignored}")
+        ways.append(f"`moeplace export --to sglang`, for SGLang, which loads the copies{ignored}")
     ways.append("drop the copies: solve again without --redundant-experts, then `moeplace permute-checkpoint`")
-    return "To run it: " + "; ".join(ways[:-1]) + "; or " + ways[-1] + " (docs/engines/checkpoint.md)"
+    return "Ways to run it: " + "; ".join(ways[:-1]) + "; or " + ways[-1] + " (docs/engines/checkpoint.md)"
 
 
 def permutation_record(model_dir: str | Path) -> dict[str, Any] | None:

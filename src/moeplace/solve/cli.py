@@ -146,14 +146,34 @@ def _load_note(placement: Placement, trace_path: str, output: str | None = None)
             *("  " + line for line in latency_command(placement, trace_path, output))]
 
 
+def cap_remedy(objective: dict[str, Any]) -> str:
+    """Why layers stay above --max-imbalance, and what would bring them under: copies where no
+    layout of equal counts goes lower (objective.layers_at_least_imbalance), else the balance
+    objective, which finds each layer's least."""
+    above = objective.get("layers_above_max_imbalance") or []
+    floor = objective.get("layers_at_least_imbalance") or []
+    copies = "--redundant-experts R with --objective balance or latency adds copies of the hot experts"
+    if above and sorted(floor) == sorted(above):
+        return ("no layout of equal expert counts goes lower: the GPU of the hottest expert carries at least it and "
+                f"the lightest others; {copies}")
+    rest = [layer for layer in above if layer not in floor]
+    return (f"{'layers ' + str(floor) + ' cannot go lower with equal expert counts (' + copies + '); ' if floor else ''}"
+            f"for {'layers ' + str(rest) if floor else 'them'}, the swaps found no layout of equal expert counts under "
+            "it: --objective balance gives each layer's least imbalance")
+
+
 def cap_line(placement: Placement) -> list[str]:
-    """The summary's line on --max-imbalance: what the cap cost, and where it was not reached."""
+    """The summary's line on --max-imbalance: what the cap cost, where it was not reached, and the
+    held-out imbalance beside it (the cap holds on the fit tokens only)."""
     o = placement.objective
     if o.get("max_imbalance") is None:
         return []
     above = o.get("layers_above_max_imbalance") or []
-    where = ("every layer at or under it" if not above else
-             f"layers {above} stay above it (the least the swaps reached; --objective balance gives each layer's least)")
+    where = "every layer at or under it" if not above else f"layers {above} stay above it ({cap_remedy(o)})"
+    held = placement.metrics.get("held_out", {}).get("placement", {}).get("imbalance_max")
+    if held is not None:
+        where += (f"; on the held-out tokens the worst layer is at {held:.3f}"
+                  + (" (the cap holds on the fit tokens only)" if held > o["max_imbalance"] * (1 + 1e-12) else ""))
     return [f"  load cap --max-imbalance {o['max_imbalance']:g} (fit tokens): traffic cost {o.get('value', 0):.6g} "
             f"against {o.get('value_without_cap', 0):.6g} without it; {where}"]
 
@@ -355,12 +375,8 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         placement.save(output)
     warn_no_engine_form(placement)
     if above := placement.objective.get("layers_above_max_imbalance"):
-        way = ("one expert per GPU, so every layout carries the same loads; --objective balance --redundant-experts R "
-               "adds copies" if trace.num_experts == gpus else
-               "the swaps found no layout of equal expert counts under it; --objective balance gives each layer's "
-               "least imbalance")
         warn(f"--max-imbalance {max_imbalance:g}: {len(above)} MoE layer{'s' if len(above) > 1 else ''} ({above}) "
-             f"stay{'' if len(above) > 1 else 's'} above it on the fit tokens ({way})")
+             f"stay{'' if len(above) > 1 else 's'} above it on the fit tokens ({cap_remedy(placement.objective)})")
     if not quiet:
         click.echo(summary(placement, trace_path.name, str(trace_path), str(output)))
         if pareto:

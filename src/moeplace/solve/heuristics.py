@@ -22,7 +22,7 @@ move then takes a GPU above it again.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -38,6 +38,24 @@ class LoadCap:
 
     loads: np.ndarray
     limits: np.ndarray
+    _balanced: dict[int, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+
+    def balanced_row(self, layer: int, num_gpus: int) -> np.ndarray:
+        """A load-balanced layout of `layer`, int [E] with E/G experts per GPU (a copy): the
+        greedy_load packing, improved by the balance objective's descent (balance.improve_layer,
+        swaps off the most loaded GPU scored by max load, then sum of squares) where the layer
+        has at most balance.IMPROVE_MAX_EXPERTS experts. Computed once per layer: it depends on
+        the loads only."""
+        if layer not in self._balanced:
+            from moeplace.solve import balance  # balance -> ilp -> this module
+
+            weight = self.loads[layer]
+            row = greedy_load(weight[None], num_gpus)[0]
+            if len(weight) <= balance.IMPROVE_MAX_EXPERTS:
+                copies = balance.improve_layer(weight, [[int(g)] for g in row], num_gpus, len(weight) // num_gpus)
+                row = np.array([c[0] for c in copies], dtype=np.int64)
+            self._balanced[layer] = row
+        return self._balanced[layer].copy()
 
     @classmethod
     def from_ratio(cls, loads: np.ndarray, max_imbalance: float, num_gpus: int) -> LoadCap:
@@ -54,11 +72,23 @@ class LoadCap:
         """Layers of expert_to_gpu int [L, E] whose largest GPU load is over their limit."""
         return [l for l in range(len(self.limits)) if self.peak(expert_to_gpu[l], l, num_gpus) > self.limits[l]]
 
+    def at_floor(self, expert_to_gpu: np.ndarray, num_gpus: int) -> list[int]:
+        """Layers above their limit whose largest GPU load no layout with E/G experts per GPU can
+        lower: the GPU of the hottest expert carries at least it and the E/G - 1 lightest others,
+        and the layer's peak is that much."""
+        out = []
+        for layer in self.above(expert_to_gpu, num_gpus):
+            weight = np.sort(self.loads[layer])
+            floor = weight[-1] + weight[:len(weight) // num_gpus - 1].sum()
+            if self.peak(expert_to_gpu[layer], layer, num_gpus) <= floor * (1 + 1e-12):
+                out.append(layer)
+        return out
+
     def kept(self, expert_to_gpu: np.ndarray, num_gpus: int) -> LoadCap:
         """The cap a search from expert_to_gpu [L, E] keeps: a layer it could not bring under its
         limit keeps its own peak instead (moves never raise it)."""
         peaks = np.array([self.peak(expert_to_gpu[l], l, num_gpus) for l in range(len(self.limits))])
-        return LoadCap(self.loads, np.maximum(self.limits, peaks))
+        return LoadCap(self.loads, np.maximum(self.limits, peaks), self._balanced)
 
 
 def layer_costs(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distance: np.ndarray,
@@ -187,24 +217,29 @@ def meet_cap(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distan
     """Bring `layer` of expert_to_gpu [L, E] under its cap at the least traffic cost the swaps
     find, in place; returns whether it got there.
 
-    1. relieve_layer from the current layout;
-    2. where that stops above the limit, relieve_layer again from the layer's load-balanced
-       packing (greedy_load), and keep whichever of the two ends with the lower peak (the first
-       on a tie: it moved fewer experts for the load).
+    relieve_layer from each start in turn until one ends under the limit: the current layout,
+    the layer's load-balanced packing (greedy_load), and that packing improved by the balance
+    objective's descent (LoadCap.balanced_row, where it differs). Where none does, the layer
+    keeps the lowest peak reached (the earlier start on a tie: it moved fewer experts).
     """
     num_gpus, limit, loads = distance.shape[0], float(cap.limits[layer]), cap.loads[layer]
-    gpus = expert_to_gpu[layer].copy()
-    if relieve_layer(layer_costs(graph, expert_to_gpu, layer, distance), gpus, graph.intra[layer], distance,
-                     loads, limit):
-        expert_to_gpu[layer] = gpus
-        return True
     packed = greedy_load(cap.loads[layer:layer + 1], num_gpus)[0]
-    expert_to_gpu[layer] = packed  # the cost table's intra-layer part reads the layer's own GPUs
-    met = relieve_layer(layer_costs(graph, expert_to_gpu, layer, distance), packed, graph.intra[layer], distance,
-                        loads, limit)
-    expert_to_gpu[layer] = packed if met or cap.peak(packed, layer, num_gpus) < cap.peak(gpus, layer, num_gpus) \
-        else gpus
-    return met
+    starts = [expert_to_gpu[layer].copy(), packed]
+    balanced = cap.balanced_row(layer, num_gpus)
+    if not np.array_equal(balanced, packed):
+        starts.append(balanced)
+    best: np.ndarray | None = None
+    for gpus in starts:
+        expert_to_gpu[layer] = gpus  # the cost table's intra-layer part reads the layer's own GPUs
+        if relieve_layer(layer_costs(graph, expert_to_gpu, layer, distance), gpus, graph.intra[layer], distance,
+                         loads, limit):
+            expert_to_gpu[layer] = gpus
+            return True
+        if best is None or cap.peak(gpus, layer, num_gpus) < cap.peak(best, layer, num_gpus):
+            best = gpus
+    assert best is not None
+    expert_to_gpu[layer] = best
+    return False
 
 
 def improve_layer(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distance: np.ndarray,

@@ -427,6 +427,7 @@ def solve_traffic(
             under.method, under.cut = f"{found.method}, then under the load cap: {under.method}", found.cut or under.cut
             found = under
         capped["layers_above_max_imbalance"] = cap.above(found.expert_to_gpu, num_gpus)
+        capped["layers_at_least_imbalance"] = cap.at_floor(found.expert_to_gpu, num_gpus)
 
     elapsed = time.monotonic() - start
     return SolveOutcome(
@@ -464,19 +465,24 @@ def _no_layer_pairs(trace: Trace, num_gpus: int, node_cost: float, top1_weight: 
                     time_limit: float, start: float, max_imbalance: float | None = None) -> SolveOutcome:
     """A one-layer trace has no layer pairs, so every placement has traffic cost 0: of those,
     take the one that balances token load (greedy_load, equal counts per GPU) rather than the
-    arbitrary contiguous start; with a cap, swaps lower its peak further where it is above
-    (relieve_layer at no traffic cost)."""
+    arbitrary contiguous start; with a cap, the balance objective's descent and then the
+    relieving swaps lower its peak further (LoadCap.balanced_row, relieve_layer at no traffic
+    cost), kept where lower."""
     loads = trace.expert_loads()
     layout = greedy_load(loads, num_gpus)
     cap: dict[str, Any] = {}
     if max_imbalance is not None:
-        limits = LoadCap.from_ratio(loads, max_imbalance, num_gpus)
+        load_cap = LoadCap.from_ratio(loads, max_imbalance, num_gpus)
         free = distance_matrix(num_gpus, num_gpus, 1.0)
-        for layer, gpus in enumerate(layout):
+        for layer in range(trace.num_layers):
+            gpus = load_cap.balanced_row(layer, num_gpus)
             relieve_layer(np.zeros((trace.num_experts, num_gpus)), gpus, np.zeros((trace.num_experts,) * 2), free,
-                          loads[layer], float(limits.limits[layer]))
+                          loads[layer], float(load_cap.limits[layer]))
+            if load_cap.peak(gpus, layer, num_gpus) < load_cap.peak(layout[layer], layer, num_gpus):
+                layout[layer] = gpus
         cap = {"max_imbalance": max_imbalance, "value_without_cap": 0.0,
-               "layers_above_max_imbalance": limits.above(layout, num_gpus)}
+               "layers_above_max_imbalance": load_cap.above(layout, num_gpus),
+               "layers_at_least_imbalance": load_cap.at_floor(layout, num_gpus)}
     return SolveOutcome(
         expert_to_gpu=layout,
         objective={"name": "traffic", "value": 0.0, "node_cost": node_cost, "top1_weight": top1_weight, **cap,
