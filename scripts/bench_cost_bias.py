@@ -113,7 +113,7 @@ def phase_vectors(src: np.ndarray, dst: np.ndarray, token: np.ndarray, num_token
     """Per-token us of one Alltoall phase per (side, class, GPU) entry, float [T, 4G]."""
     g = cost.cluster.num_gpus
     inter = (cost.link_class()[src, dst] == INTER).astype(np.int64)
-    us = bytes_per_token / (np.where(inter == 1, cost.cluster.inter_gbps, cost.cluster.intra_gbps) * 1e3)
+    us = bytes_per_token / (np.where(inter == 1, cost.cluster.inter_GBps, cost.cluster.intra_GBps) * 1e3)
     out = np.zeros((num_tokens, 4 * g))
     np.add.at(out, (token, inter * g + src), us)  # send
     np.add.at(out, (token, 2 * g + inter * g + dst), us)  # receive

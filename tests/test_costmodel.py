@@ -217,7 +217,7 @@ def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path: Path) -> None:
     """`1e3` (no dot) is a string to YAML 1.1, as check's thresholds already knew."""
     cm = load_cost_model(_write(tmp_path, ONE_NODE.replace("BW", "4e2")
                                 + "\nmodel: {hidden_size: 8, expert_us_per_token: 1e-2, batch_tokens: 1099511627776}"))
-    assert cm.cluster.intra_gbps == 400.0 and cm.model.expert_us_per_token == 0.01
+    assert cm.cluster.intra_GBps == 400.0 and cm.model.expert_us_per_token == 0.01
     assert cm.model.batch_tokens == 2**40  # the bound itself is allowed
 
 

@@ -648,7 +648,7 @@ def test_shipped_tour_configs_are_the_8_gpu_node_sliced_and_tiny_moe_scaled_from
     config; neither was shipped, so a user had to write both."""
     four, eight = (load_cost_model(ROOT / "configs" / "cluster" / f"h100-1x{g}-nvlink.yaml", MODEL) for g in (4, 8))
     assert (four.cluster.num_nodes, four.cluster.gpus_per_node) == (1, 4)
-    assert (four.cluster.intra_gbps, four.cluster.intra_latency_us) == (eight.cluster.intra_gbps, eight.cluster.intra_latency_us)
+    assert (four.cluster.intra_GBps, four.cluster.intra_latency_us) == (eight.cluster.intra_GBps, eight.cluster.intra_latency_us)
     tiny = load_cost_model(ROOT / "configs" / "cluster" / "h100-1x4-nvlink.yaml", ROOT / "configs" / "model" / "tiny-moe.yaml").model
     config = json.loads((ROOT / "checkpoints" / "tiny-moe" / "config.json").read_text())
     assert tiny.hidden_size == config["hidden_size"] and config["dtype"] == "bfloat16" and tiny.dispatch_bytes == 2

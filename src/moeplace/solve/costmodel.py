@@ -44,9 +44,9 @@ class Cluster:
     name: str
     num_nodes: int
     gpus_per_node: int
-    intra_gbps: float  # GB/s per GPU per direction, effective Alltoall bandwidth inside a node
+    intra_GBps: float  # GB/s per GPU per direction, effective Alltoall bandwidth inside a node
     intra_latency_us: float
-    inter_gbps: float  # GB/s per GPU per direction across nodes
+    inter_GBps: float  # GB/s per GPU per direction across nodes
     inter_latency_us: float
 
     @property
@@ -231,9 +231,9 @@ def _cluster(d: Any, src: str) -> Cluster:
         name=str(d.get("name", src)),
         num_nodes=num_nodes,
         gpus_per_node=_field(d, "gpus_per_node", src, int, most=MAX_GPUS),
-        intra_gbps=_field(intra, "bandwidth_GBps", f"{src}.intra_node", least=MIN_GBPS, most=MAX_GBPS),
+        intra_GBps=_field(intra, "bandwidth_GBps", f"{src}.intra_node", least=MIN_GBPS, most=MAX_GBPS),
         intra_latency_us=_field(intra, "latency_us", f"{src}.intra_node", positive=False),
-        inter_gbps=_field(inter, "bandwidth_GBps", f"{src}.inter_node", default=... if multi else 1.0,
+        inter_GBps=_field(inter, "bandwidth_GBps", f"{src}.inter_node", default=... if multi else 1.0,
                           least=MIN_GBPS, most=MAX_GBPS),
         inter_latency_us=_field(inter, "latency_us", f"{src}.inter_node", positive=False, default=... if multi else 0.0),
     )
@@ -290,7 +290,7 @@ def alltoall_us(counts: np.ndarray, bytes_per_token: float, cost: CostModel, lin
     def side(axis: int) -> np.ndarray:
         bi, bx = intra.sum(axis), inter.sum(axis)
         lat = np.maximum(np.where(bi > 0, c.intra_latency_us, 0.0), np.where(bx > 0, c.inter_latency_us, 0.0))
-        return np.maximum(bi / (c.intra_gbps * 1e3), bx / (c.inter_gbps * 1e3)) + lat  # GB/s = 1e3 bytes/us
+        return np.maximum(bi / (c.intra_GBps * 1e3), bx / (c.inter_GBps * 1e3)) + lat  # GB/s = 1e3 bytes/us
 
     slowest = np.maximum(side(-1), side(-2)).max(-1)  # sends, receives
     return float(slowest) if counts.ndim == 2 else slowest

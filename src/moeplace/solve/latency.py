@@ -713,7 +713,7 @@ def _layer_lp(model: LatencyModel, e2g: np.ndarray, layer: int, time_limit: floa
     links = model.links
     least, most = counts
     # us per token hidden state sent over each link class, per phase
-    us = {cls: m.hidden_size * m.dispatch_bytes * scale / (bw * 1e3) for cls, bw in ((INTRA, c.intra_gbps), (INTER, c.inter_gbps))}
+    us = {cls: m.hidden_size * m.dispatch_bytes * scale / (bw * 1e3) for cls, bw in ((INTRA, c.intra_GBps), (INTER, c.inter_GBps))}
     home = model.home0 if layer == 0 else e2g[layer - 1][ids[:, layer - 1, 0]]
     homed = flow_counts(home, ids[:, layer], num_gpus, num_experts)  # tokens at GPU h selecting expert e
     load = model.loads[layer] if model.loads is not None else np.bincount(ids[:, layer].ravel(), minlength=num_experts) * scale
@@ -810,7 +810,7 @@ def latency_bound(model: LatencyModel, num_gpus: int, redundant: int, cap: int |
     active = active_probability(trace.expert_loads() / trace.num_tokens, trace.num_tokens, model.scale).sum(1)
     # a GPU sends on its NVLink and its network link at once (costmodel.alltoall_us): at best
     # every byte moves at the two bandwidths summed
-    bandwidth = (c.intra_gbps if c.gpus_per_node > 1 else 0.0) + (c.inter_gbps if c.num_nodes > 1 else 0.0)
+    bandwidth = (c.intra_GBps if c.gpus_per_node > 1 else 0.0) + (c.inter_GBps if c.num_nodes > 1 else 0.0)
     latency = min(c.intra_latency_us, c.inter_latency_us) if c.num_nodes > 1 else c.intra_latency_us
     pairs = trace.num_experts ** 2 <= MAX_BOUND_PAIRS
     total = 0.0
@@ -834,7 +834,7 @@ def latency_bound(model: LatencyModel, num_gpus: int, redundant: int, cap: int |
         for msgs, dtype_bytes in ((dispatch_msgs, m.dispatch_bytes), (gpu_msgs, m.combine_bytes)):
             volume = model.scale * m.hidden_size * dtype_bytes / num_gpus / 1e3  # bytes per GPU / 1e3
             if msgs > 0 or node_msgs > 0:
-                comm += max(msgs * volume / bandwidth, node_msgs * volume / c.inter_gbps) + latency
+                comm += max(msgs * volume / bandwidth, node_msgs * volume / c.inter_GBps) + latency
         total += model.w * compute + comm
     return total
 
