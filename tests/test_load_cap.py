@@ -161,19 +161,25 @@ def test_window_ilp_with_an_unreachable_cap_returns_no_layout() -> None:
     assert res.optimal and LoadCap(loads, np.array([11.0, 2.0])).above(res.expert_to_gpu, 2) == []
 
 
+def _capped_start(seed: int) -> tuple:
+    """Skewed planted routing (16 experts x 4 layers, 4 GPUs), its graph and distances, a cap of
+    1.1, and the uncapped search's layout brought under it (what the search under the cap starts from)."""
+    trace, _ = planted_trace(400, 4, 16, 2, 4, zipf=1.2, seed=seed)
+    graph, d = edge_weights(trace), distance_matrix(4, 4, 2.0)
+    cap = LoadCap.from_ratio(trace.expert_loads(), 1.1, 4)
+    start = search_traffic(graph, 4, 4, 2.0, time.monotonic() + 60, 0, 8, 20, exact=False).expert_to_gpu.copy()
+    cap_imbalance(graph, start, cap, d)
+    return graph, d, cap, start
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_capped_search_beats_capping_the_uncapped_layout(seed: int) -> None:
     """Without the whole-model ILP (16 experts x 4 layers): the search under the cap starts from
     the uncapped layout brought under it, keeps every layer at or under what that start reached,
     and on these traces ends with less traffic than the start (what solve did before the cap
     went into the search)."""
-    trace, _ = planted_trace(400, 4, 16, 2, 4, zipf=1.2, seed=seed)
-    graph, d = edge_weights(trace), distance_matrix(4, 4, 2.0)
-    cap = LoadCap.from_ratio(trace.expert_loads(), 1.1, 4)
-    far = time.monotonic() + 60
-    start = search_traffic(graph, 4, 4, 2.0, far, 0, 8, 20, exact=False).expert_to_gpu.copy()
-    cap_imbalance(graph, start, cap, d)
-    kept = cap.kept(start, 4)
+    graph, d, cap, start = _capped_start(seed)
+    kept, far = cap.kept(start, 4), time.monotonic() + 60
     got = search_traffic(graph, 4, 4, 2.0, far, 0, 8, 20, exact=False, cap=kept, incumbent=start)
     assert kept.above(got.expert_to_gpu, 4) == [] and cap.above(got.expert_to_gpu, 4) == cap.above(start, 4)
     assert got.cost == pytest.approx(placement_cost(graph, got.expert_to_gpu, d))
@@ -186,13 +192,8 @@ def test_capped_search_never_trades_a_layer_above_the_cap_for_less_traffic(monke
     it; the search keeps the one with fewer layers above, whatever they cost."""
     from moeplace.solve import solver
 
-    trace, _ = planted_trace(400, 4, 16, 2, 4, zipf=1.2, seed=0)
-    graph, d = edge_weights(trace), distance_matrix(4, 4, 2.0)
-    cap = LoadCap.from_ratio(trace.expert_loads(), 1.1, 4)
-    far = time.monotonic() + 60
-    start = search_traffic(graph, 4, 4, 2.0, far, 0, 8, 20, exact=False).expert_to_gpu.copy()
-    cap_imbalance(graph, start, cap, d)
-    kept = cap.kept(start, 4)
+    graph, d, cap, start = _capped_start(0)
+    kept, far = cap.kept(start, 4), time.monotonic() + 60
     real = solver.coordinate_descent
     monkeypatch.setattr(solver, "coordinate_descent", lambda *args, cap=None, **kwargs: real(*args, **kwargs))
     got = search_traffic(graph, 4, 4, 2.0, far, 0, 8, 20, exact=False, layer_ilps=False, cap=kept, incumbent=start)
