@@ -38,24 +38,27 @@ class LoadCap:
 
     loads: np.ndarray
     limits: np.ndarray
-    _balanced: dict[int, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    _packings: dict[int, list[np.ndarray]] = field(default_factory=dict, compare=False, repr=False)
 
-    def balanced_row(self, layer: int, num_gpus: int) -> np.ndarray:
-        """A load-balanced layout of `layer`, int [E] with E/G experts per GPU (a copy): the
-        greedy_load packing, improved by the balance objective's descent (balance.improve_layer,
-        swaps off the most loaded GPU scored by max load, then sum of squares) where the layer
-        has at most balance.IMPROVE_MAX_EXPERTS experts. Computed once per layer: it depends on
-        the loads only."""
-        if layer not in self._balanced:
+    def packings(self, layer: int, num_gpus: int) -> list[np.ndarray]:
+        """Load-balanced layouts of `layer`, int [E] each with E/G experts per GPU (copies): the
+        greedy_load packing, then that packing improved by the balance objective's descent
+        (balance.improve_layer: swaps off the most loaded GPU scored by max load, then sum of
+        squares) where the layer has at most balance.IMPROVE_MAX_EXPERTS experts and the descent
+        moved something. Computed once per layer: they depend on the loads only, and meet_cap
+        asks for them on every layer above its limit of every restart."""
+        if layer not in self._packings:
             from moeplace.solve import balance  # balance -> ilp -> this module
 
             weight = self.loads[layer]
-            row = greedy_load(weight[None], num_gpus)[0]
+            rows = [greedy_load(weight[None], num_gpus)[0]]
             if len(weight) <= balance.IMPROVE_MAX_EXPERTS:
-                copies = balance.improve_layer(weight, [[int(g)] for g in row], num_gpus, len(weight) // num_gpus)
-                row = np.array([c[0] for c in copies], dtype=np.int64)
-            self._balanced[layer] = row
-        return self._balanced[layer].copy()
+                copies = balance.improve_layer(weight, [[int(g)] for g in rows[0]], num_gpus, len(weight) // num_gpus)
+                improved = np.array([c[0] for c in copies], dtype=np.int64)
+                if not np.array_equal(improved, rows[0]):
+                    rows.append(improved)
+            self._packings[layer] = rows
+        return [row.copy() for row in self._packings[layer]]
 
     @classmethod
     def from_ratio(cls, loads: np.ndarray, max_imbalance: float, num_gpus: int) -> LoadCap:
@@ -88,7 +91,7 @@ class LoadCap:
         """The cap a search from expert_to_gpu [L, E] keeps: a layer it could not bring under its
         limit keeps its own peak instead (moves never raise it)."""
         peaks = np.array([self.peak(expert_to_gpu[l], l, num_gpus) for l in range(len(self.limits))])
-        return LoadCap(self.loads, np.maximum(self.limits, peaks), self._balanced)
+        return LoadCap(self.loads, np.maximum(self.limits, peaks), self._packings)
 
 
 def layer_costs(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distance: np.ndarray,
@@ -218,18 +221,12 @@ def meet_cap(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distan
     find, in place; returns whether it got there.
 
     relieve_layer from each start in turn until one ends under the limit: the current layout,
-    the layer's load-balanced packing (greedy_load), and that packing improved by the balance
-    objective's descent (LoadCap.balanced_row, where it differs). Where none does, the layer
-    keeps the lowest peak reached (the earlier start on a tie: it moved fewer experts).
+    then the layer's load-balanced packings (LoadCap.packings). Where none does, the layer keeps
+    the lowest peak reached (the earlier start on a tie: it moved fewer experts).
     """
     num_gpus, limit, loads = distance.shape[0], float(cap.limits[layer]), cap.loads[layer]
-    packed = greedy_load(cap.loads[layer:layer + 1], num_gpus)[0]
-    starts = [expert_to_gpu[layer].copy(), packed]
-    balanced = cap.balanced_row(layer, num_gpus)
-    if not np.array_equal(balanced, packed):
-        starts.append(balanced)
     best: np.ndarray | None = None
-    for gpus in starts:
+    for gpus in [expert_to_gpu[layer].copy(), *cap.packings(layer, num_gpus)]:
         expert_to_gpu[layer] = gpus  # the cost table's intra-layer part reads the layer's own GPUs
         if relieve_layer(layer_costs(graph, expert_to_gpu, layer, distance), gpus, graph.intra[layer], distance,
                          loads, limit):

@@ -466,7 +466,7 @@ def _no_layer_pairs(trace: Trace, num_gpus: int, node_cost: float, top1_weight: 
     """A one-layer trace has no layer pairs, so every placement has traffic cost 0: of those,
     take the one that balances token load (greedy_load, equal counts per GPU) rather than the
     arbitrary contiguous start; with a cap, the balance objective's descent and then the
-    relieving swaps lower its peak further (LoadCap.balanced_row, relieve_layer at no traffic
+    relieving swaps lower its peak further (LoadCap.packings, relieve_layer at no traffic
     cost), kept where lower."""
     loads = trace.expert_loads()
     layout = greedy_load(loads, num_gpus)
@@ -475,7 +475,7 @@ def _no_layer_pairs(trace: Trace, num_gpus: int, node_cost: float, top1_weight: 
         load_cap = LoadCap.from_ratio(loads, max_imbalance, num_gpus)
         free = distance_matrix(num_gpus, num_gpus, 1.0)
         for layer in range(trace.num_layers):
-            gpus = load_cap.balanced_row(layer, num_gpus)
+            gpus = load_cap.packings(layer, num_gpus)[-1]
             relieve_layer(np.zeros((trace.num_experts, num_gpus)), gpus, np.zeros((trace.num_experts,) * 2), free,
                           loads[layer], float(load_cap.limits[layer]))
             if load_cap.peak(gpus, layer, num_gpus) < load_cap.peak(layout[layer], layer, num_gpus):
