@@ -322,7 +322,7 @@ def cap_imbalance(graph: AffinityGraph, expert_to_gpu: np.ndarray, cap: LoadCap,
     the least traffic cost the swaps find. expert_to_gpu int [L, E]. Returns the layers left above.
 
     1. each layer over its limit: heuristics.meet_cap (the cheapest swaps per unit of peak load
-       taken off, from the layout and, where those stop above, from the load-balanced packing);
+       taken off, from the layout and, where those stop above, from the load-balanced packings);
     2. `sweeps` passes of swap descent that keep every layer under its limit (the traffic search
        before it never looked at loads, so it may have more to give back under the cap); a
        layer left above keeps its peak as its limit;
