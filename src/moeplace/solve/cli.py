@@ -156,10 +156,12 @@ def cap_remedy(objective: dict[str, Any]) -> str:
     if above and sorted(floor) == sorted(above):
         return ("no layout of equal expert counts goes lower: the GPU of the hottest expert carries at least it and "
                 f"the lightest others; {copies}")
+    balance = ("the swaps found no layout of equal expert counts under it: --objective balance gives each layer's "
+               "least imbalance")
+    if not floor:
+        return f"for them, {balance}"
     rest = [layer for layer in above if layer not in floor]
-    return (f"{'layers ' + str(floor) + ' cannot go lower with equal expert counts (' + copies + '); ' if floor else ''}"
-            f"for {'layers ' + str(rest) if floor else 'them'}, the swaps found no layout of equal expert counts under "
-            "it: --objective balance gives each layer's least imbalance")
+    return f"layers {floor} cannot go lower with equal expert counts ({copies}); for layers {rest}, {balance}"
 
 
 def cap_line(placement: Placement) -> list[str]:
