@@ -882,3 +882,26 @@ def test_vllm_export_of_replicas_does_not_send_the_user_to_permute_checkpoint(
     plain = Placement(expert_to_gpu=random_balanced(2, 8, 4, seed=5), num_gpus=4, gpus_per_node=4)
     assert cli(_save(plain, tmp_path), "--to", "vllm", "-o", str(tmp_path / "v.json")) == 0
     assert "see docs/engines/vllm.md (moeplace permute-checkpoint)" in capsys.readouterr().out
+
+
+def test_sglang_read_without_layer_source_names_likely_dense_rows(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # a map written for a model whose decoder layers 0-1 are dense: read back without saying which
+    # rows are MoE, every row counts as one, and the note names the default-layout prefix
+    p = plain()  # a random layout: no MoE layer in the default one
+    out, back = tmp_path / "loc.json", str(tmp_path / "back.json")
+    assert cli(_save(p, tmp_path), "--to", "sglang", "--moe-layers", "2-4", "-o", str(out)) == 0
+    capsys.readouterr()
+    assert cli("--from", "sglang", str(out), "--gpus", str(p.num_gpus), "-o", back) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "each of the map's 5 rows taken as an MoE layer" in notes[0]
+    assert "rows 0-1 hold the default layout" in notes[0] and "give --moe-layers 2-4" in notes[0]
+    assert load_placement(back).num_layers == 5
+    assert cli("--from", "sglang", str(out), "--gpus", str(p.num_gpus), "--moe-layers", "2-4", "-o", back) == 0
+    assert "note:" not in capsys.readouterr().err and load_placement(back).num_layers == 3
+    # a map of MoE rows only: the note says what it assumed, and names no dense rows
+    assert cli(_save(p, tmp_path), "--to", "sglang", "--moe-layers", "0-2", "-o", str(out)) == 0
+    capsys.readouterr()
+    assert cli("--from", "sglang", str(out), "--gpus", str(p.num_gpus), "-o", back) == 0
+    err = capsys.readouterr().err
+    assert "3 rows taken as an MoE layer" in err and "default layout" not in err

@@ -274,6 +274,8 @@ def _read(path: Path, fmt: str, output: Path, model: Path | None, trace: Path | 
         placement = sglang.read_sglang(path, gpus, gpus_per_node, layers, num_experts, experts_from,
                                        _layers_source(model, trace, moe_layers))
         eplb.print_note(note)
+        if layers is None:
+            click.echo(f"moeplace export: note: {sglang.rows_note(placement)}", err=True)
     else:
         placement = (eplb.read_eplb if fmt == "eplb" else vllm.read_vllm)(path, gpus, gpus_per_node)
         if model is not None or trace is not None:

@@ -120,6 +120,24 @@ def read_sglang(path: str | Path, num_gpus: int, gpus_per_node: int, moe_layers:
                                    experts_from=experts_from)
 
 
+def rows_note(placement: Placement) -> str:
+    """What reading every row of a map as an MoE layer assumed, naming the leading rows that hold
+    the default layout: `export --to sglang` fills dense decoder layers' rows with it
+    (DeepSeek-V3's first 3), so such a prefix is likely dense layers read as MoE ones."""
+    phy2log = physical_to_logical(placement)
+    default = np.arange(phy2log.shape[1]) % placement.num_experts
+    prefix = 0
+    while prefix < len(phy2log) and np.array_equal(phy2log[prefix], default):
+        prefix += 1
+    note = (f"no --model, --trace or --moe-layers: each of the map's {placement.num_layers} rows taken as an MoE "
+            "layer")
+    if 0 < prefix < len(phy2log):
+        rows = "row 0 holds" if prefix == 1 else f"rows 0-{prefix - 1} hold"
+        note += (f"; {rows} the default layout, as dense layers do in the maps "
+                 f"`export --to sglang` writes: if they are dense, give --moe-layers {prefix}-{len(phy2log) - 1}")
+    return note + " (or --model/--trace, which say which layers are MoE)"
+
+
 def _load(p: Path) -> dict[str, Any]:
     if p.suffix.lower() == ".pt" and p.is_file():
         import torch  # only here: a .pt map is rare and torch is slow to import
