@@ -48,8 +48,9 @@ def test_balance_no_worse_than_eplb_on_real_loads(gpus: int, redundant: int) -> 
     p = balance_placement(w, gpus, gpus, redundant, time_limit=2.0, progress=False)
     ours = expected_gpu_loads(p, w).max(1)
     for policy in eplb.POLICIES:
-        _, own = eplb.eplb_placement(w, gpus, gpus, redundant, 1, policy)
-        assert (ours <= own.max(1) + 1e-6).all()
+        layout, own = eplb.eplb_placement(w, gpus, gpus, redundant, 1, policy)
+        assert (ours <= own.max(1) + 1e-6).all()  # EPLB's own load model
+        assert (ours <= expected_gpu_loads(layout, w).max(1) + 1e-6).all()  # and served as ours is (eval's rule)
     mean = w.sum(1) / gpus
     assert p.bound <= p.objective["value"] + 1e-9
     assert p.objective["value"] == pytest.approx((ours / mean).mean())
@@ -134,6 +135,12 @@ def test_cli_latency_eval_and_load_only_balance(tmp_path: Path, capsys: pytest.C
     assert set(json.loads(out.read_text())["solver"]["software"]) == {"moeplace", "highs", "pulp", "numpy"}
     m = load_placement(out).metrics  # EPLB on the same loads, alongside
     assert m["eplb"]["policy"] in eplb.POLICIES and m["imbalance_mean"] <= m["eplb"]["imbalance_mean"] + 1e-9
+    # also under the serving rule of moeplace's own figure, which eval's eplb row replays
+    capsys.readouterr()
+    assert run(["eval", str(out), str(tmp_path / "l.npz"), "--json"]) == 0
+    served = json.loads(capsys.readouterr().out)["layouts"]["eplb"]
+    assert m["eplb"]["served"]["imbalance_mean"] == pytest.approx(served["imbalance_mean"])
+    assert m["eplb"]["served"]["imbalance_max"] == pytest.approx(served["imbalance_max"])
     loads10 = tmp_path / "l10.npz"
     save_loads(make_loads(np.random.default_rng(1).random((2, 10)) * 100), loads10)
     assert run(["solve", str(loads10), "--gpus", "4", "-q", "-o", str(out)]) == 2  # traffic needs token paths

@@ -470,19 +470,26 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
                    f"worst layer {eval_format(m['imbalance_max'], 'imbalance_max')}; lower bound "
                    f"{eval_format(bound, 'imbalance_mean')}, gap {placement.gap:.2%} "
                    f"({placement.solver['method']}, {placement.solver['seconds']:.1f} s)")
-        if eplb is not None:
+        if eplb is not None:  # first as moeplace's own figure (and eval) count, then as EPLB counts itself
+            served = eplb["served"]
             click.echo(f"EPLB ({eplb['policy']}, DeepSeek's algorithm) on the same loads: mean "
-                       f"{eval_format(eplb['imbalance_mean'], 'imbalance_mean')}, "
-                       f"worst layer {eval_format(eplb['imbalance_max'], 'imbalance_max')}")
+                       f"{eval_format(served['imbalance_mean'], 'imbalance_mean')}, "
+                       f"worst layer {eval_format(served['imbalance_max'], 'imbalance_max')} (served by the least-loaded "
+                       f"copy, as above and in `moeplace eval`; {eval_format(eplb['imbalance_mean'], 'imbalance_mean')} "
+                       f"and {eval_format(eplb['imbalance_max'], 'imbalance_max')} under EPLB's own model, an expert's "
+                       "load split equally over its copies)")
         click.echo(f"wrote {output}")
 
 
 def _eplb_imbalance(loads: Any, gpus: int, gpus_per_node: int, redundant: int) -> dict[str, Any] | None:
     """EPLB's max/mean load per GPU on the same loads, under its own load model (an expert's load
-    split equally over its copies), the comparison docs/benchmarks.md makes; None where EPLB
-    cannot place them (its physical slots must split evenly over GPUs)."""
+    split equally over its copies, the comparison docs/benchmarks.md makes) and, in "served",
+    under the serving rule balance's own figure and eval use (least-loaded copy, after merging
+    copies EPLB put on one GPU); None where EPLB cannot place them (its physical slots must split
+    evenly over GPUs)."""
     from moeplace.errors import PlacementError
     from moeplace.eval.metrics import imbalance
+    from moeplace.solve.balance import expected_gpu_loads
     from moeplace.solve.eplb import eplb_placement
 
     try:
@@ -490,8 +497,11 @@ def _eplb_imbalance(loads: Any, gpus: int, gpus_per_node: int, redundant: int) -
     except PlacementError:
         return None
     ratio = imbalance(own)  # own [L, G]: EPLB's per-GPU loads, each layer's total kept
+    served = imbalance(expected_gpu_loads(p, loads))
     return {"policy": p.solver["name"].removeprefix("eplb-"), "imbalance_mean": float(ratio.mean()), "imbalance_max": float(ratio.max()),
-            "load_model": "equal split over replicas"}
+            "load_model": "equal split over replicas",
+            "served": {"imbalance_mean": float(served.mean()), "imbalance_max": float(served.max()),
+                       "load_model": "least-loaded serving over replicas (layer_loads)"}}
 
 
 PARETO_WEIGHTS = (0.0, 1.0, 4.0, 16.0, 64.0)
