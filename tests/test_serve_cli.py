@@ -75,7 +75,9 @@ def test_torchrun_batch_matches_transformers_and_prediction(model: tuple[Path, l
            "--prompts", str(prompts), "--out", str(out), "--stats-out", str(stats), "--routing-out", str(routing),
            "--max-new-tokens", "6", "--ignore-eos", "--timeout", "60",
            "--max-batch", "2"]  # 3 prompts: two batches (the second used to deadlock on the counters' all-reduce)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    # raw torchrun leaves its torchelastic_* log dir behind: in tmp_path, not /tmp
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["token_ids"] for r in rows[:2]] == expected
@@ -369,10 +371,18 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
                 p.communicate()
 
 
-def serve_launcher(args: list[str]) -> subprocess.Popen[str]:
-    """`moeplace serve --nproc-per-node 2` as a user runs it (the launcher starts the ranks)."""
+def serve_launcher(args: list[str], tmp: Path) -> subprocess.Popen[str]:
+    """`moeplace serve --nproc-per-node 2` as a user runs it (the launcher starts the ranks), with
+    TMPDIR `tmp` (made here), which `left_in` checks afterwards."""
+    tmp.mkdir(exist_ok=True)
     return subprocess.Popen([sys.executable, "-m", "moeplace", "serve", "--nproc-per-node", "2", "--device", "cpu",
-                             *args], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             *args], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, TMPDIR=str(tmp)))
+
+
+def left_in(tmp: Path) -> list[str]:
+    """What a launcher run left in its TMPDIR (before: a torchelastic_* log dir per run)."""
+    return sorted(p.name for p in tmp.iterdir())
 
 
 def test_launcher_runs_the_ranks(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:
@@ -383,9 +393,10 @@ def test_launcher_runs_the_ranks(model: tuple[Path, list[list[int]]], tmp_path: 
     out = tmp_path / "out.jsonl"
     proc = serve_launcher(["--model", str(path), "--placement", str(placement), "--prompts", str(prompts),
                            "--out", str(out), "--max-new-tokens", "6", "--ignore-eos", "--mode", "standard",
-                           "--max-batch", "1"])
+                           "--max-batch", "1"], tmp_path / "tmp")
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-2000:]
+    assert left_in(tmp_path / "tmp") == []
     assert [json.loads(line)["token_ids"] for line in out.read_text().splitlines()] == expected
     assert "--max-batch 1 runs as 2, a multiple of the 2 ranks" in err  # before: raised without a word
     assert "OMP_NUM_THREADS" not in err and "Traceback" not in err  # torchrun's banner and report stay out
@@ -399,7 +410,7 @@ def test_launcher_reads_piped_prompts_once_on_rank_0(model: tuple[Path, list[lis
     proc = subprocess.Popen([sys.executable, "-m", "moeplace", "serve", "--nproc-per-node", "2", "--device", "cpu",
                              "--model", str(path), "--placement", str(placement), "--prompts", "-",
                              "--max-new-tokens", "6", "--ignore-eos"], text=True, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, TMPDIR=str(tmp_path)))
     out, err = proc.communicate("\n".join(json.dumps({"prompt": p}) for p in PROMPT_IDS) + "\n", timeout=240)
     assert proc.returncode == 0, err[-2000:]
     assert [json.loads(line)["token_ids"] for line in out.splitlines()] == expected
@@ -455,9 +466,10 @@ def test_launcher_failures_are_one_line(model: tuple[Path, list[list[int]]], tmp
         placement = save_placement(tmp_path / "p2.json", 2, 8, 2)
         prompts.write_text('{"prompt": [1, 100000]}\n' if case == "bad prompt" else '{"prompt": [1, 2]}\n')
         expect = "token id out of range" if case == "bad prompt" else "2 prompt tokens + 65536 new exceed"
-    proc = serve_launcher(["--model", str(model[0]), "--placement", str(placement), "--prompts", str(prompts), *args])
+    proc = serve_launcher(["--model", str(model[0]), "--placement", str(placement), "--prompts", str(prompts), *args],
+                          tmp_path / "tmp")
     _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and left_in(tmp_path / "tmp") == []
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moeplace: error: ") and expect in lines[0], err
 
@@ -485,7 +497,8 @@ def wait_for_server(proc: subprocess.Popen) -> tuple[int, list[int]]:
 def test_launcher_reports_a_killed_rank_or_an_interrupt(model: tuple[Path, list[list[int]]], tmp_path: Path,
                                                         event: str) -> None:
     placement = save_placement(tmp_path / "p.json", 2, 8, 2)
-    proc = serve_launcher(["--model", str(model[0]), "--placement", str(placement), "--port", "0", "--timeout", "8"])
+    proc = serve_launcher(["--model", str(model[0]), "--placement", str(placement), "--port", "0", "--timeout", "8"],
+                          tmp_path / "tmp")
     ranks: list[int] = []
     try:
         http_port, ranks = wait_for_server(proc)
@@ -512,6 +525,7 @@ def test_launcher_reports_a_killed_rank_or_an_interrupt(model: tuple[Path, list[
         lines = err.strip().splitlines()
         if event == "rank 1 killed":
             assert proc.returncode == 2 and lines == ["moeplace: error: rank 1 of 2 was killed by SIGKILL"], err
+            assert left_in(tmp_path / "tmp") == []
         else:  # before: a "moeplace: error: interrupted" line per rank first
             assert proc.returncode == 130 and lines == ["moeplace: interrupted (SIGINT); ranks stopped"], err
             assert not any(running(pid) for pid in ranks)
@@ -782,7 +796,8 @@ def test_a_stopped_rank_ends_the_run_within_a_few_seconds_of_the_timeout(model: 
     """Before: rank 0's "lost contact" line came after --timeout, then the launcher waited out
     torch's 30 s SIGTERM grace on the stopped rank before SIGKILL."""
     placement = save_placement(tmp_path / "p.json", 2, 8, 2)
-    proc = serve_launcher(["--model", str(model[0]), "--placement", str(placement), "--port", "0", "--timeout", "2"])
+    proc = serve_launcher(["--model", str(model[0]), "--placement", str(placement), "--port", "0", "--timeout", "2"],
+                          tmp_path / "tmp")
     ranks: list[int] = []
     try:
         _, ranks = wait_for_server(proc)

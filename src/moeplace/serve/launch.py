@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 from typing import Any
 
 import click
@@ -72,8 +73,11 @@ def launch(nproc: int, serve_argv: list[str]) -> None:
     os.environ[LAUNCHER_ENV] = str(os.getpid())  # the ranks die with this process (dist.tie_to_launcher)
     _quiet_torch_launcher()
     _short_grace()
-    args = parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "moeplace", "serve",
-                       *serve_argv])
+    # torch's default log dir is a fresh /tmp/torchelastic_* per run that nothing removes; the ranks
+    # write no logs there (no --redirects), so a temporary one that goes with the run is enough
+    logs = tempfile.TemporaryDirectory(prefix="moeplace-serve-", ignore_cleanup_errors=True)
+    args = parse_args(["--standalone", "--nproc-per-node", str(nproc), "--log-dir", logs.name, "--module",
+                       "moeplace", "serve", *serve_argv])
     try:
         run(args)
     except ChildFailedError as e:
@@ -90,6 +94,8 @@ def launch(nproc: int, serve_argv: list[str]) -> None:
     except Exception as e:  # rendezvous or agent errors: torch's message, on one line
         raise MoeplaceError(f"cannot start {nproc} ranks ({type(e).__name__}: "
                             f"{' '.join(str(e).split())[:300]})") from None
+    finally:
+        logs.cleanup()
 
 
 def _short_grace() -> None:
