@@ -11,8 +11,8 @@ from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import serve_layer, token_gpus
 from moeplace.placement import Placement
 from moeplace.solve.affinity import distance_matrix, edge_terms, gate_weighted_transitions
-from moeplace.solve.costmodel import (Cluster, CostModel, ModelCost, active_probability, alltoall_us, load_cost_model,
-                                      predict)
+from moeplace.solve.costmodel import (Cluster, CostModel, ModelCost, active_probability, alltoall_us,
+                                      cost_model_from_record, load_cost_model, predict)
 from moeplace.solve.latency import LatencyModel, _layer_lp, count_range, fold_tokens, latency_bound, shrunk_loads
 from moeplace.solve.replicate import _pair_cost, add_replicas, propose
 from moeplace.solve.solver import solve_placement
@@ -42,6 +42,20 @@ def test_shipped_configs_load(path: Path) -> None:
     cm = load_cost_model(path, ROOT / "configs" / "model" / "flame-moe-290m.yaml")
     nodes, gpus = map(int, path.stem.split("-")[1].split("x"))  # h100-2x8-ib: 2 nodes of 8 GPUs
     assert (cm.cluster.num_gpus, cm.cluster.gpus_per_node) == (nodes * gpus, gpus)
+
+
+@pytest.mark.parametrize("cluster, model", [("h100-2x8-ib.yaml", "deepseek-v3.yaml"),
+                                            ("h100-1x8-nvlink.yaml", "flame-moe-290m.yaml")])
+def test_recorded_cost_model_reads_back_what_describe_wrote(cluster: str, model: str) -> None:
+    """A placement records describe(); eval rebuilds the very cost model from it, and refuses a
+    record it cannot read (a field edited, or a key of an older moeplace) naming the field."""
+    cost = load_cost_model(ROOT / "configs/cluster" / cluster, ROOT / "configs/model" / model)
+    back = cost_model_from_record(cost.describe(), "p.json: objective.cost_model", "recorded")
+    assert (back.cluster, back.model) == (cost.cluster, cost.model)
+    old = cost.describe()
+    old["cluster"] = {("intra_gbps" if k == "intra_GBps" else k): v for k, v in old["cluster"].items()}
+    with pytest.raises(MoeplaceError, match=r"p.json: objective.cost_model.cluster: unknown key\(s\) \['intra_gbps'\]"):
+        cost_model_from_record(old, "p.json: objective.cost_model", "recorded")
 
 
 def test_hand_computed_layer_times(tmp_path: Path) -> None:

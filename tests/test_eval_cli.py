@@ -452,8 +452,10 @@ def test_moe_time_ratio_gate_in_eval_and_check(tmp_path: Path, trace_path: Path,
     assert lines[0].startswith("PASS  fast (100 held-out tokens): moe_time_us/contiguous ")
     assert lines[1].startswith("FAIL  slow (100 held-out tokens): moe_time_us/contiguous ")
     cfg = write_checks(tmp_path / "ci.yaml", [{"placement": "p.json", "trace": "trace.npz", "max_moe_time_ratio": 1}])
-    assert run(["check", str(cfg)]) == 2
-    assert "max_moe_time_ratio needs 'cluster'" in capsys.readouterr().err
+    assert run(["check", str(cfg)]) == 2  # no cluster, and the placement records no cost model
+    assert capsys.readouterr().out == (f"ERROR check 1: max_moe_time_ratio needs 'cluster' (a cluster config YAML; "
+                                       f"model_config too when it has no model section): {tmp_path / 'p.json'} records "
+                                       "no cost model (`moeplace solve --objective latency --cluster ...` records one)\n")
 
 
 def replicated_placement(trace_path: Path, split: dict | None, path: Path) -> Placement:
@@ -836,9 +838,16 @@ def test_eplb_baseline_takes_the_expert_groups_of_the_trace_meta(trace_path: Pat
      "ci.yaml: check 1 (unnamed): all_tokens must be true or false"),
     ("checks: [{placement: p.json, trace: t.npz, max_imbalance: -0.5}]",
      "ci.yaml: check 1 (unnamed): max_imbalance must be a non-negative number, got -0.5"),
-    ("checks: [{placement: p.json, trace: t.npz, max_imbalance: 2, max_moe_time_ratio: 1}]",
-     "ci.yaml: check 1 (unnamed): max_moe_time_ratio needs 'cluster' (a cluster config YAML; model_config too "
-     "when it has no model section)"),
+    # limits no placement can pass: max/mean >= 1, a ratio of positive imbalances or times > 0
+    ("checks: [{placement: p.json, trace: t.npz, max_imbalance: 0.5}]",
+     "ci.yaml: check 1 (unnamed): max_imbalance 0.5: the imbalance (max/mean load per GPU) is at least 1 (1: every "
+     "GPU at the mean), so no placement passes"),
+    ("checks: [{placement: p.json, trace: t.npz, max_imbalance_vs_contiguous: 0}]",
+     "ci.yaml: check 1 (unnamed): max_imbalance_vs_contiguous 0: the ratio of two positive imbalances is above 0, "
+     "so no placement passes; give a positive ratio"),
+    ("checks: [{placement: p.json, trace: t.npz, max_moe_time_ratio: 0}]",
+     "ci.yaml: check 1 (unnamed): max_moe_time_ratio 0: the ratio of two positive times is above 0, so no "
+     "placement passes; give a positive ratio"),
     ("checks: [{name: true, placement: p.json, trace: t.npz, max_imbalance: 2}]",
      "ci.yaml: check 1 (True): name must be a string, got True"),  # a bool is no numeric name
 ])
@@ -858,11 +867,11 @@ def test_check_config_values_as_read(tmp_path: Path) -> None:
     cfg = tmp_path / "ci.yaml"
     cfg.write_text("defaults: {trace: t.npz, cluster: c.yaml}\n"
                    "checks:\n"
-                   "  - {name: 2026, placement: p.json, cluster: null, max_imbalance: 0, all_tokens: true}\n"
+                   "  - {name: 2026, placement: p.json, cluster: null, max_cross_gpu: 0, all_tokens: true}\n"
                    "  - {placement: q.json, max_moe_time_ratio: 0.9}\n")
     first, second = read_checks(cfg)
     assert first == {"name": "2026", "placement": tmp_path / "p.json", "trace": tmp_path / "t.npz", "all_tokens": True,
-                     "limits": {"max_imbalance": 0.0}}
+                     "limits": {"max_cross_gpu": 0.0}}
     assert second == {"name": "check 2", "placement": tmp_path / "q.json", "trace": tmp_path / "t.npz",
                       "cluster": tmp_path / "c.yaml", "limits": {"max_moe_time_ratio": 0.9}}
 
@@ -896,10 +905,9 @@ def test_check_without_the_defaults_cluster_drops_its_cost_model_parts(tmp_path:
                    "  - {name: loads, placement: p.json, cluster: null}\n"
                    "  - {name: own, placement: p.json, cluster: null, max_moe_time_ratio: 0.8}\n"
                    "  - {name: timed, placement: q.json}\n")
-    with pytest.raises(MoeplaceError, match=r"check 2 \(own\): max_moe_time_ratio needs 'cluster'"):
-        read_checks(cfg)  # one the check sets itself is still refused without a cluster
-    cfg.write_text(cfg.read_text().replace("  - {name: own, placement: p.json, cluster: null, max_moe_time_ratio: 0.8}\n", ""))
-    loads, timed = read_checks(cfg)
+    # one the check sets itself stays: the cost model its placement records, if any, predicts the time
+    loads, own, timed = read_checks(cfg)
+    assert "cluster" not in own and own["limits"] == {"max_moe_time_ratio": 0.8, "max_imbalance": 1.5}
     assert loads == {"name": "loads", "placement": tmp_path / "p.json", "trace": tmp_path / "t.npz",
                      "limits": {"max_imbalance": 1.5}}
     assert timed["cluster"] == tmp_path / "c.yaml" and timed["model_config"] == tmp_path / "m.yaml"
@@ -956,3 +964,106 @@ def test_check_given_another_kind_of_file_says_which(tmp_path: Path, trace_path:
     assert run(["check", str(trace_path)]) == 2
     assert capsys.readouterr().err.strip().endswith(
         "trace.npz: not YAML but a zip archive (an .npz trace?): is it the right file, or are two arguments swapped?")
+
+
+def test_eval_and_check_predict_with_the_cost_model_the_placement_records(tmp_path: Path, trace_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A latency solve records its cost model (objective.cost_model): eval and check predict the
+    MoE time with it when given no cluster, and say so; --cluster still wins; max_moe_time_ratio
+    needs no cluster then. A record of another model than the trace's, or a malformed one, is left
+    out with a one-line warning, and is the one-line error (exit 2) of a gate that needs it."""
+    (tmp_path / "c.yaml").write_text(CLUSTER_2X2.replace("model: {", "model: {name: tiny, num_experts: 8, top_k: 2, "))
+    p = tmp_path / "p.json"
+    assert run(["solve", str(trace_path), "--gpus", "4", "--gpus-per-node", "2", "--cluster", str(tmp_path / "c.yaml"),
+                "--train-fraction", "0.5", "--time-limit", "2", "--quiet", "-o", str(p)]) == 0
+    capsys.readouterr()
+    rc, recorded = eval_json(capsys, str(p), str(trace_path))
+    unnamed = f"{tmp_path / 'c.yaml'}: cluster"  # how a cluster config without a name is called
+    assert rc == 0 and recorded["cost_model"] == {"source": "placement", "cluster": unnamed, "model": "tiny"}
+    rc, given = eval_json(capsys, str(p), str(trace_path), "--cluster", str(tmp_path / "c.yaml"))
+    assert rc == 0 and given["layouts"] == recorded["layouts"]  # the same cost model, the same times
+    assert given["cost_model"]["source"] == "config" and given["cost_model"]["cluster_config"] == str(tmp_path / "c.yaml")
+    assert recorded["layouts"]["placement"]["moe_time_us"] > 0
+    assert run(["eval", str(p), str(trace_path)]) == 0
+    assert f"\n  predicted MoE time: cost model recorded in the placement ({unnamed}, tiny)\n" in capsys.readouterr().out
+    # an explicit --cluster wins: another expert cost, other times
+    (tmp_path / "slow.yaml").write_text((tmp_path / "c.yaml").read_text().replace("0.01}", "1.0}"))
+    rc, slow = eval_json(capsys, str(p), str(trace_path), "--cluster", str(tmp_path / "slow.yaml"))
+    assert slow["layouts"]["placement"]["moe_time_us"] > recorded["layouts"]["placement"]["moe_time_us"]
+    # the gate without --cluster, in eval and in check
+    ratio = recorded["vs_contiguous"]["placement"]["moe_time_us"]
+    assert run(["eval", str(p), str(trace_path), "--max-moe-time-ratio", f"{ratio + 0.01}"]) == 0
+    assert "moeplace eval: PASS: predicted MoE time / contiguous" in capsys.readouterr().out
+    cfg = write_checks(tmp_path / "ci.yaml", [{"name": "timed", "placement": "p.json", "max_moe_time_ratio": ratio + 0.01}],
+                       defaults={"trace": trace_path.name})
+    assert run(["check", str(cfg)]) == 0
+    assert capsys.readouterr().out.startswith("PASS  timed (100 held-out tokens): moe_time_us/contiguous ")
+    # a record of another model (top-3): its times would be that model's, so they are left out with
+    # a warning; a gate that needs them is refused with the reason; a cost model for this trace works
+    doc = json.loads(p.read_text())
+    doc["objective"]["cost_model"]["model"]["top_k"] = 3
+    (tmp_path / "other.json").write_text(json.dumps(doc))
+    other = (f"{tmp_path / 'other.json'} records the cost model of tiny (top_k 3), but {trace_path} has top_k 2: "
+             "give --cluster (and --model-config) for this trace's model to predict its MoE time")
+    rc, report = eval_json(capsys, str(tmp_path / "other.json"), str(trace_path))
+    assert rc == 0 and "cost_model" not in report and "moe_time_us" not in report["layouts"]["placement"]
+    assert run(["eval", str(tmp_path / "other.json"), str(trace_path)]) == 0
+    assert capsys.readouterr().err == f"moeplace: warning: {other} (no predicted MoE time in this report)\n"
+    assert run(["eval", str(tmp_path / "other.json"), str(trace_path), "--max-moe-time-ratio", "2"]) == 2
+    assert capsys.readouterr().err == f"moeplace: error: {other}\n"
+    assert run(["eval", str(tmp_path / "other.json"), str(trace_path), "--cluster", str(tmp_path / "c.yaml")]) == 0
+    capsys.readouterr()
+    cfg = write_checks(tmp_path / "ci.yaml", [{"name": "other", "placement": "other.json", "max_imbalance": 10},
+                                              {"name": "timed", "placement": "other.json", "max_moe_time_ratio": 2}],
+                       defaults={"trace": trace_path.name})
+    assert run(["check", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("PASS  other") and f"ERROR timed: {other}" in out
+    # a record edited by hand: named, one line; a warning unless a gate needs the time
+    doc["objective"]["cost_model"]["cluster"]["num_nodes"] = "two"
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    bad = f"{tmp_path / 'bad.json'}: objective.cost_model.cluster: 'num_nodes' must be an integer, got 'two'"
+    assert run(["eval", str(tmp_path / "bad.json"), str(trace_path)]) == 0
+    assert capsys.readouterr().err == f"moeplace: warning: {bad} (no predicted MoE time in this report)\n"
+    assert run(["eval", str(tmp_path / "bad.json"), str(trace_path), "--max-moe-time-ratio", "2"]) == 2
+    assert capsys.readouterr().err == f"moeplace: error: {bad}\n"
+
+
+def test_eval_refuses_limits_no_placement_can_pass(tmp_path: Path, trace_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """max/mean load per GPU is at least 1: --max-imbalance below 1 is a usage error (exit 2), as is
+    a zero limit on a ratio of positive values; the bounds themselves, and 0 traffic, still gate."""
+    affinity_placement(trace_path, None, tmp_path / "p.json")
+    args = ["eval", str(tmp_path / "p.json"), str(trace_path)]
+    assert run(args + ["--max-imbalance", "0.1"]) == 2
+    assert capsys.readouterr().err == ("moeplace: error: --max-imbalance 0.1: the imbalance (max/mean load per GPU) is at "
+                                       "least 1 (1: every GPU at the mean), so no placement passes; 10% above the mean "
+                                       "is 1.1\n")
+    assert run(args + ["--max-moe-time-ratio", "0"]) == 2  # said before it asks for a cost model
+    assert capsys.readouterr().err == ("moeplace: error: --max-moe-time-ratio 0: the ratio of two positive times is "
+                                       "above 0, so no placement passes; give a positive ratio\n")
+    assert run(args + ["--max-imbalance", "1"]) == 1  # can pass: a perfectly balanced layout
+    assert run(args + ["--max-cross-gpu", "0", "--max-dest-gpus", "0", "--max-dest-nodes", "0"]) == 1
+    capsys.readouterr()
+
+
+def test_check_suggests_no_eval_report_for_a_missing_placement(tmp_path: Path, trace_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped placement path: the did-you-mean names a file that could be one (same suffix, not
+    named like an eval report), never the eval report written beside it."""
+    (tmp_path / "p_eval.json").write_text("{}")  # `moeplace eval p.json ... -o p_eval.json`, p.json since moved
+    cfg = write_checks(tmp_path / "ci.yaml", [{"name": "a", "placement": "p.json", "max_imbalance": 10}],
+                       defaults={"trace": trace_path.name})
+    assert run(["check", str(cfg)]) == 2
+    assert capsys.readouterr().out == f"ERROR a: {tmp_path / 'p.json'}: no such file\n"
+    (tmp_path / "p.jsonl").write_text("{}")  # closer by name, but another kind of file
+    assert run(["check", str(cfg)]) == 2
+    assert capsys.readouterr().out == f"ERROR a: {tmp_path / 'p.json'}: no such file\n"
+    affinity_placement(trace_path, None, tmp_path / "p1x8.json")
+    cfg = write_checks(tmp_path / "ci.yaml", [{"name": "b", "placement": "p1x9.json", "max_imbalance": 10}],
+                       defaults={"trace": trace_path.name})
+    assert run(["check", str(cfg)]) == 2
+    assert capsys.readouterr().out == f"ERROR b: {tmp_path / 'p1x9.json'}: no such file; did you mean {tmp_path / 'p1x8.json'}?\n"
+    # a name like an eval report's may be offered one
+    from moeplace.io import not_a_file
+    assert not_a_file(tmp_path / "p_eval2.json") == f"no such file; did you mean {tmp_path / 'p_eval.json'}?"

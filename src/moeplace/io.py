@@ -208,8 +208,24 @@ def not_a_file(p: Path) -> str:
         siblings = [q.name for q in p.parent.iterdir()] if p.parent.is_dir() else []
     except OSError:
         siblings = []
-    near = difflib.get_close_matches(p.name, siblings, n=1, cutoff=0.7)
+    near = difflib.get_close_matches(p.name, [q for q in siblings if _could_be(q, p.name)], n=1, cutoff=0.7)
     return f"no such file; did you mean {p.parent / near[0]}?" if near else "no such file"
+
+
+def _could_be(candidate: str, asked: str) -> bool:
+    """Whether a file beside a missing one could be what was asked for, by name alone (nothing
+    is opened): the same suffix, and no eval report (`p_eval.json` beside a missing placement
+    `p.json`) unless an eval report was asked for."""
+    if Path(candidate).suffix.lower() != Path(asked).suffix.lower():
+        return False
+    return _eval_report_name(candidate) <= _eval_report_name(asked)
+
+
+def _eval_report_name(name: str) -> bool:
+    """A name like an eval report's (`p_eval.json`, `eval-p1x8.json`, `report.json`): a word of it,
+    split at anything not a letter or digit, begins with "eval" or is "report"."""
+    words = "".join(c if c.isalnum() else " " for c in Path(name).stem.lower()).split()
+    return any(w.startswith("eval") or w in ("report", "reports") for w in words)
 
 
 def looks_like(path: Path) -> str | None:

@@ -17,9 +17,9 @@ from moeplace.io import loads_json, read_yaml, write_json_atomic
 from moeplace.models.config import attention_shape, config_size
 from moeplace.options import (DTYPE_BYTES, MAX_HIDDEN_SIZE, NON_NEGATIVE, OUTPUT_FILE, Count, DtypeChoice, brief,
                                check_writable, plural, writing, yaml_number)
-from moeplace.placement import load_placement
-from moeplace.solve.costmodel import ModelFacts
-from moeplace.trace.format import is_load_only, load_loads, load_trace
+from moeplace.placement import Placement, load_placement
+from moeplace.solve.costmodel import COST_COLUMNS, COST_PER_LAYER, CostModel, ModelFacts
+from moeplace.trace.format import Trace, is_load_only, load_loads, load_trace
 
 # threshold name (CLI --max-NAME, YAML max_NAME[_vs_contiguous]) -> metric it bounds
 THRESHOLDS: dict[str, str] = {
@@ -129,30 +129,87 @@ def gates(results: list[Verdict], limits: dict[str, float]) -> dict[str, Any]:
                         for v in results]}
 
 
-def _cost_metric(cluster: Path, model_config: Path | None) -> tuple[MetricFn, ModelFacts]:
-    """The predicted MoE time metric of a cluster (+ model) config, and what it assumes of the model."""
+def _cost_metric(cluster: Path, model_config: Path | None) -> tuple[MetricFn, ModelFacts, dict[str, Any]]:
+    """The predicted MoE time metric of a cluster (+ model) config, what it assumes of the model,
+    and the report's `cost_model` record of where it came from."""
     from moeplace.solve.costmodel import cost_metric, load_cost_model, model_facts
 
     cost = load_cost_model(cluster, model_config)
-    return cost_metric(cost), model_facts(cost)
+    source = {"source": "config", "cluster_config": str(cluster),
+              "model_config": None if model_config is None else str(model_config)}
+    return cost_metric(cost), model_facts(cost), {**source, **_cost_names(cost)}
 
 
-def _check_metric_fns(check: dict[str, Any]) -> tuple[list[MetricFn], list[ModelFacts]]:
-    """A check's extra metrics: the predicted MoE time when it names a cluster config."""
+def _cost_names(cost: CostModel) -> dict[str, str]:
+    return {"cluster": cost.cluster.name, "model": cost.model.name}
+
+
+def _check_metric_fns(check: dict[str, Any]) -> dict[str, Any]:
+    """_evaluate's keyword arguments for a check's cost model: its cluster config's, or, when it
+    names none, the one its placement records (max_moe_time_ratio then needs one there)."""
     if "cluster" not in check:
-        return [], []
-    fn, hidden = _cost_metric(check["cluster"], check.get("model_config"))
-    return [fn], [hidden]
+        needs = any(gate_metric(k)[0] == "moe_time_us" for k in check["limits"])
+        return {"recorded": True, "none_recorded": f"max_moe_time_ratio needs 'cluster' (a cluster config YAML; "
+                                                   f"model_config too when it has no model section): {NO_RECORD}"
+                if needs else ""}
+    fn, facts, source = _cost_metric(check["cluster"], check.get("model_config"))
+    return {"metric_fns": [fn], "assumed": [facts], "cost_source": source}
+
+
+# why a placement's predicted MoE time needs a cluster config: it records no cost model (str.format template)
+NO_RECORD = "{placement} records no cost model (`moeplace solve --objective latency --cluster ...` records one)"
+
+
+def recorded_cost_model(placement: Placement, name: Path) -> CostModel | None:
+    """The cost model a latency solve recorded in the placement (objective.cost_model), or None
+    when it records none; a malformed record (edited by hand) is one line naming the field."""
+    from moeplace.solve.costmodel import cost_model_from_record
+
+    record = placement.objective.get("cost_model")
+    return None if record is None else cost_model_from_record(record, f"{name}: objective.cost_model",
+                                                              f"the cost model {name} records")
+
+
+def recorded_mismatch(cost: CostModel, trace: Trace, placement_path: Path, trace_path: Path) -> str:
+    """A line saying the model a placement's recorded cost model describes is not the trace's
+    (num_experts, top_k, hidden size in the trace meta; what either side does not state is not
+    compared), else "". Unlike model_mismatch's what-if, nobody chose this model for this trace:
+    its times would be another model's, so they are left out (an error when a gate needs them)."""
+    m = cost.model
+    traced = {"num_experts": trace.num_experts, "top_k": trace.top_k, "hidden_size": trace.meta_hidden_size()}
+    stated = {"num_experts": m.num_experts, "top_k": m.top_k, "hidden_size": m.hidden_size}
+    differ = [k for k in traced if traced[k] is not None and stated[k] is not None and traced[k] != stated[k]]
+    if not differ:
+        return ""
+    return (f"{placement_path} records the cost model of {m.name} ("
+            + ", ".join(f"{k} {stated[k]}" for k in differ) + f"), but {trace_path} has "
+            + ", ".join(f"{k} {traced[k]}" for k in differ)
+            + ": give --cluster (and --model-config) for this trace's model to predict its MoE time")
 
 
 def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_fns: Sequence[MetricFn] = (),
-              assumed: Sequence[ModelFacts] = ()) -> dict[str, Any]:
+              assumed: Sequence[ModelFacts] = (), recorded: bool = False, none_recorded: str = "",
+              cost_source: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load both files and build the report (`metric_fns` add metrics to every layout); a
     load-only TRACE (moeplace.loads/v1) gets build_load_report's, load balance only.
-    assumed: what the metrics assume of the model; one warning line each that the trace contradicts."""
-    from moeplace.solve.costmodel import model_mismatch
+    assumed: what the metrics assume of the model; one warning line each that the trace contradicts.
+    recorded: add the predicted MoE time of the cost model the placement records, if any (not
+    on a load-only TRACE); none_recorded: "" when no gate needs that time, else the error (a
+    template of {placement}) when the placement records none. A record that is malformed or of
+    another model than the trace's is then that error's reason; with no gate, a warning, and
+    the report has no MoE time.
+    cost_source: the report's `cost_model` (where the MoE time's cost model came from)."""
+    from moeplace.solve.costmodel import cost_metric, model_mismatch
 
     placement = load_placement(placement_path)
+    cost, unusable = None, ""
+    if recorded:
+        try:
+            cost = recorded_cost_model(placement, placement_path)
+        except MoeplaceError as e:  # e.g. a record edited by hand, or of an older moeplace
+            unusable = str(e)
+        if cost is None and none_recorded:
+            raise MoeplaceError(unusable or none_recorded.format(placement=placement_path))
 
     def check_fits(num_layers: int, num_experts: int, what: str = "trace") -> None:
         try:
@@ -171,11 +228,23 @@ def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_f
                                  loads_name=str(trace_path), num_groups=loads.meta.get("num_groups", 1))
     trace = load_trace(trace_path)
     check_fits(trace.num_layers, trace.num_experts)
+    if cost is not None and (unusable := recorded_mismatch(cost, trace, placement_path, trace_path)):
+        if none_recorded:
+            raise MoeplaceError(unusable)
+        cost = None
+    if cost is not None:
+        metric_fns = [cost_metric(cost), *metric_fns]
+        cost_source = {"source": "placement", **_cost_names(cost)}
+    elif unusable:
+        warn(f"{unusable} (no predicted MoE time in this report)")
     for facts in assumed:
         if line := model_mismatch(trace, str(trace_path), facts):
             warn(line)
-    return build_report(placement, trace, all_tokens=all_tokens, placement_name=str(placement_path),
-                        trace_name=str(trace_path), metric_fns=metric_fns)
+    report = build_report(placement, trace, all_tokens=all_tokens, placement_name=str(placement_path),
+                          trace_name=str(trace_path), metric_fns=metric_fns)
+    if cost_source is not None:
+        report["cost_model"] = cost_source
+    return report
 
 
 _LIMIT: dict[str, Any] = dict(type=NON_NEGATIVE, default=None, metavar="X")
@@ -251,9 +320,11 @@ def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str 
 @click.option("--max-dest-nodes", **_LIMIT, help="Exit 1 if the mean remote nodes per token (top-k) exceeds X.")
 @click.option("--max-imbalance", **_LIMIT, help="Exit 1 if the worst layer's max/mean load per GPU exceeds X.")
 @click.option("--max-moe-time-ratio", **_LIMIT,
-              help="Exit 1 if the placement's predicted MoE time over contiguous's exceeds X (needs --cluster).")
+              help="Exit 1 if the placement's predicted MoE time over contiguous's exceeds X (needs --cluster, "
+                   "or a placement that records its cost model).")
 @click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Cluster config YAML (configs/cluster/*.yaml): adds the predicted MoE-layer time, per layer too.")
+              help="Cluster config YAML (configs/cluster/*.yaml): adds the predicted MoE-layer time, per layer too "
+                   "(without it: with the cost model a latency solve recorded in PLACEMENT, if any).")
 @click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Model config YAML (configs/model/*.yaml) for --cluster, when the cluster file has no model section.")
 @click.option("--hidden-size", type=Count(min=1, max=MAX_HIDDEN_SIZE), default=None, metavar="H",
@@ -305,11 +376,16 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
     on the routing it recorded.
 
     \b
+    Predicted MoE time: with --cluster (+ --model-config), else with the cost model PLACEMENT
+    records (`solve --objective latency --cluster ...` does); the header says which.
+
+    \b
     Regression gate: --max-* thresholds bound the placement's metrics (--max-moe-time-ratio: its
-    predicted MoE time over contiguous's, with --cluster). One line per gate after the report,
+    predicted MoE time over contiguous's). One line per gate after the report,
     `moeplace eval: PASS: ...` (stdout; not with --json, whose report gets `gates`) or
     `moeplace eval: FAIL: cross-GPU top-1 0.7100 > 0.6 (--max-cross-gpu; ...)` (stderr).
-    Exit 0 all pass, 1 any fails, 2 bad input.
+    Exit 0 all pass, 1 any fails, 2 bad input (also a limit no placement passes: --max-imbalance
+    below 1, a zero --max-moe-time-ratio).
 
     \b
     Example:
@@ -325,16 +401,18 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
         check_writable(output, inputs=[placement, trace])
     given = {key: v for key, v in limits.items() if v is not None}
     for key, limit in given.items():
-        check_fraction_limit(key, limit, "--" + key.replace("_", "-"))
-    if cluster is None and any(gate_metric(key)[0] == "moe_time_us" for key in given):
-        raise MoeplaceError("--max-moe-time-ratio needs --cluster (the cost model predicts the MoE time)")
-    columns, per_layer, fns, assumed = COLUMNS, PER_LAYER, [], []
-    if cluster is not None:
-        from moeplace.solve.costmodel import COST_COLUMNS, COST_PER_LAYER
-
-        fn, facts = _cost_metric(cluster, model_config)
-        fns, assumed = [fn], [facts]
-        columns, per_layer = [*COLUMNS, *COST_COLUMNS], [*PER_LAYER, *COST_PER_LAYER]
+        check_limit_range(key, limit, "--" + key.replace("_", "-"))
+    needs_time = any(gate_metric(key)[0] == "moe_time_us" for key in given)
+    # the cost model columns show when the report has them: --cluster's, or the one the placement records
+    columns, per_layer = [*COLUMNS, *COST_COLUMNS], [*PER_LAYER, *COST_PER_LAYER]
+    fns: list[MetricFn] = []
+    assumed: list[ModelFacts] = []
+    cost: dict[str, Any] = {"recorded": True, "none_recorded": (
+        f"--max-moe-time-ratio needs --cluster (the cost model predicts the MoE time): {NO_RECORD}"
+        if needs_time else "")}
+    if cluster is not None:  # an explicit cluster config wins over a recorded cost model
+        fn, facts, source = _cost_metric(cluster, model_config)
+        fns, assumed, cost = [fn], [facts], {"cost_source": source}
     elif model_config is not None:
         raise MoeplaceError("--model-config needs --cluster")
     traffic = traffic_options(model_dir, hidden_size, dtype, runtime_mode)
@@ -343,7 +421,7 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
                                      traffic["kv_bytes_per_rank"]))
         assumed.append(ModelFacts("--hidden-size" if model_dir is None else f"--model {model_dir}",
                                   traffic["hidden_size"]))
-    report = _evaluate(placement, trace, all_tokens, fns, assumed)
+    report = _evaluate(placement, trace, all_tokens, fns, assumed, **cost)
     if traffic is not None:
         routing = traffic.pop("model_routing")
         if routing not in (None, (report["num_experts"], report["top_k"])):
@@ -423,9 +501,6 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
             raise MoeplaceError(f"{label}: no thresholds; set at least one of {sorted(_LIMIT_KEYS)}")
         if not isinstance(check.get("all_tokens", False), bool):
             raise MoeplaceError(f"{label}: all_tokens must be true or false")
-        if "cluster" not in check and any(gate_metric(k)[0] == "moe_time_us" for k in limits):
-            raise MoeplaceError(f"{label}: max_moe_time_ratio needs 'cluster' (a cluster config YAML; "
-                                "model_config too when it has no model section)")
         check["limits"] = limits
         check.setdefault("name", f"check {i + 1}")
         if isinstance(check["name"], (int, float)) and not isinstance(check["name"], bool):
@@ -450,19 +525,30 @@ def _threshold(value: Any, key: str, label: str) -> float:
     number = yaml_number(value)
     if number is None or not 0 <= number < float("inf"):
         raise MoeplaceError(f"{label}: {key} must be a non-negative number, got {brief(value)}")
-    check_fraction_limit(key, number, f"{label}: {key}")
+    check_limit_range(key, number, f"{label}: {key}")
     return number
 
 
 FRACTIONS = {"max_cross_gpu", "max_cross_node"}  # limits on a share of transitions, in [0, 1]
 
 
-def check_fraction_limit(key: str, limit: float, named: str) -> None:
-    """A cross-GPU or cross-node limit above 1 checks nothing (a share never exceeds 1): almost
-    surely a percentage (60 for 0.60), so refused rather than passed forever."""
+def check_limit_range(key: str, limit: float, named: str) -> None:
+    """Refuse a (non-negative) limit that no placement can pass or fail, rather than gate forever:
+    a cross-GPU or cross-node share above 1 (a share never exceeds 1: almost surely a
+    percentage, 60 for 0.60); an imbalance below 1 (max/mean is at least 1: 0.1 for 10% above
+    the mean?); a zero limit on a metric that is always positive (an imbalance ratio, a
+    predicted time ratio). Every other non-negative limit can pass (0 traffic on a layout that
+    keeps every token on its GPU)."""
     if key in FRACTIONS and limit > 1:
         raise MoeplaceError(f"{named} {limit:g}: the {LABELS[THRESHOLDS[key.removeprefix('max_')]]} share is a "
                             f"fraction in [0, 1], so this limit checks nothing; a percentage? give {limit / 100:g}")
+    if key == "max_imbalance" and limit < 1:
+        meant = f"; {limit:.0%} above the mean is {1 + limit:g}" if 0 < limit < 0.5 else ""  # 0.1 for 10%, likely
+        raise MoeplaceError(f"{named} {limit:g}: the imbalance (max/mean load per GPU) is at least 1 (1: every GPU "
+                            f"at the mean), so no placement passes{meant}")
+    if key in ("max_imbalance_vs_contiguous", "max_moe_time_ratio") and limit == 0:
+        raise MoeplaceError(f"{named} 0: the ratio of two positive {'imbalances' if 'imbalance' in key else 'times'} "
+                            "is above 0, so no placement passes; give a positive ratio")
 
 
 def _why(e: BaseException, check: dict[str, Any]) -> str:
@@ -497,14 +583,15 @@ def check(config: Path) -> None:
           all_tokens: false                    # optional
           max_cross_gpu_vs_contiguous: 0.70    # ratio to the contiguous layout
           max_dest_gpus: 3.0                   # absolute
-        - name: flame-1x8-latency              # needs cluster: adds the predicted MoE time
+        - name: flame-1x8-latency              # cluster adds the predicted MoE time
           placement: ../out/p1x8.json
           cluster: ../configs/cluster/h100-1x8-nvlink.yaml
           model_config: ../configs/model/flame-moe-290m.yaml   # when the cluster file has no model
           max_moe_time_ratio: 0.95             # placement's MoE time / contiguous's
     Thresholds: max_cross_gpu, max_cross_node, max_dest_gpus, max_dest_nodes, max_imbalance
     (worst layer's max/mean load), each also as max_<name>_vs_contiguous, and
-    max_moe_time_ratio; `null` in a check drops a default's threshold (or cluster); a node
+    max_moe_time_ratio (with cluster, or the cost model the placement records when the check
+    names no cluster); `null` in a check drops a default's threshold (or cluster); a node
     ratio on a one-node placement is n/a and holds. When the tokens are not a held-out split,
     a `tokens:` line under the check says what they are.
 
@@ -516,7 +603,7 @@ def check(config: Path) -> None:
     failed, broken, n = 0, 0, len(checks)
     for c in checks:
         try:
-            report = _evaluate(c["placement"], c["trace"], c.get("all_tokens", False), *_check_metric_fns(c))
+            report = _evaluate(c["placement"], c["trace"], c.get("all_tokens", False), **_check_metric_fns(c))
             results = threshold_results(report, c["limits"])
         except (MoeplaceError, MemoryError, RecursionError) as e:  # one bad input stops its check, not the gate
             broken += 1

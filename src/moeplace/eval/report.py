@@ -11,6 +11,9 @@ The report is a plain dict (what `--json` prints):
                                          metrics.evaluate()'s plus those of any `metric_fns`
     vs_contiguous {name: {metric: value / contiguous value}}   scalar float metrics only
     copies      {name: extra expert copies (replicas), summed over layers}
+    cost_model  (with the predicted MoE time) where its cost model came from: {"source": "placement"
+                (recorded by a latency solve) | "config", "cluster", "model": their names,
+                "cluster_config", "model_config": the files (config only)}
     baselines_note  on which loads the load baselines (greedy_load, eplb) were fitted; eplb's policy
 
 With a `traffic_metric_fn` (eval --hidden-size/--model), each layout's metrics also hold
@@ -386,6 +389,7 @@ def render_table(
         f"{'s' if report['num_nodes'] > 1 else ''})",
         f"  loads: {loads['total']:g} token-expert selections, {loads['note']}" if loads else
         f"  tokens: {report['tokens']['evaluated']} of {report['tokens']['total']}, {report['tokens']['note']}",
+        *([f"  predicted MoE time: {cost_model_line(report['cost_model'])}"] if "cost_model" in report else []),
         "",
     ]
     ratios = report["vs_contiguous"]
@@ -419,6 +423,16 @@ def render_table(
     if "traffic" in next(iter(report["layouts"].values())):
         lines += ["", *render_traffic(report)]
     return "\n".join(lines)
+
+
+def cost_model_line(source: dict[str, Any]) -> str:
+    """Where the predicted MoE time's cost model came from, for the report's header: the
+    placement's record (a latency solve's) or the cluster (+ model) config given."""
+    names = f"{source['cluster']}, {source['model']}"
+    if source["source"] == "placement":
+        return f"cost model recorded in the placement ({names})"
+    model = f" --model-config {source['model_config']}" if source.get("model_config") else ""
+    return f"--cluster {source['cluster_config']}{model} ({names})"
 
 
 def render_traffic(report: dict[str, Any]) -> list[str]:

@@ -128,6 +128,36 @@ def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = No
                      model_src)
 
 
+def cost_model_from_record(record: Any, src: str, model_source: str) -> CostModel:
+    """A CostModel from what describe() wrote (a placement's objective.cost_model), checked field
+    by field as a config is: a record edited by hand is one line naming the field."""
+    if not isinstance(record, dict):
+        raise MoeplaceError(f"{src} must be an object (cluster, model), got {brief(record)}")
+    c, m = record.get("cluster"), record.get("model")
+    cs, ms = f"{src}.cluster", f"{src}.model"
+    for d, fields, where in ((c, Cluster.__dataclass_fields__, cs), (m, ModelCost.__dataclass_fields__, ms)):
+        _known(d, set(fields), where)
+    cluster = Cluster(
+        name=str(c.get("name", "the recorded cluster")) if isinstance(c, dict) else "",
+        num_nodes=_field(c, "num_nodes", cs, int, most=MAX_GPUS),
+        gpus_per_node=_field(c, "gpus_per_node", cs, int, most=MAX_GPUS),
+        intra_GBps=_field(c, "intra_GBps", cs, least=MIN_GBPS, most=MAX_GBPS),
+        intra_latency_us=_field(c, "intra_latency_us", cs, positive=False),
+        inter_GBps=_field(c, "inter_GBps", cs, least=MIN_GBPS, most=MAX_GBPS),
+        inter_latency_us=_field(c, "inter_latency_us", cs, positive=False))
+    model = ModelCost(
+        name=str(m.get("name", "the recorded model")) if isinstance(m, dict) else "",
+        hidden_size=_field(m, "hidden_size", ms, int, most=MAX_HIDDEN_SIZE),
+        dispatch_bytes=_field(m, "dispatch_bytes", ms, most=MAX_DTYPE_BYTES),
+        combine_bytes=_field(m, "combine_bytes", ms, most=MAX_DTYPE_BYTES),
+        expert_us_per_token=_field(m, "expert_us_per_token", ms),
+        expert_fixed_us=_field(m, "expert_fixed_us", ms, positive=False),
+        batch_tokens=_field(m, "batch_tokens", ms, int, default=None, most=MAX_BATCH_TOKENS),
+        num_experts=_field(m, "num_experts", ms, int, default=None, most=MAX_EXPERTS),
+        top_k=_field(m, "top_k", ms, int, default=None, most=MAX_EXPERTS))
+    return CostModel(cluster, model, source=src, model_source=model_source)
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """What a prediction assumes of the traced model, to check against the trace: where it came
