@@ -68,10 +68,10 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     \b
     Output: TRACE.npz with topk_ids / topk_weights [tokens, moe_layers, k] (highest weight
     first), token_ids, sequence_ids, positions and meta (model, moe_layers, dtype, corpus...).
-    Routing is spooled to disk per batch; Ctrl-C writes the batches completed so far as a
-    valid, shorter trace (exit code 130), to -o when it does not exist yet, else beside it as
-    STEM.interrupted.npz (an existing trace is never replaced by a partial one). The output
-    file is replaced atomically.
+    Routing is spooled to disk per batch; Ctrl-C (or SIGTERM: `kill`, Slurm preemption, a
+    cancelled CI job) writes the batches completed so far as a valid, shorter trace (exit code
+    130, or 143), to -o when it does not exist yet, else beside it as STEM.interrupted.npz (an
+    existing trace is never replaced by a partial one). The output file is replaced atomically.
     \b
     Example:
       moeplace trace --model checkpoints/tiny-moe --data ../shared/data/text/c4_texts.txt \\
@@ -159,7 +159,8 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
                      max_tokens=max_tokens, progress=not quiet)
     if result.trace is None:
         if result.interrupted:
-            raise MoeplaceError("interrupted before the first batch completed: no trace written", exit_code=130)
+            raise MoeplaceError(f"{_stopped(result.interrupted)} before the first batch completed: no trace written",
+                                exit_code=_exit_code(result.interrupted))
         raise MoeplaceError(f"no tokens in {', '.join(map(str, files))}")
     t = result.trace
     assert t.sequence_ids is not None  # collect always records them
@@ -175,10 +176,21 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     save_trace(t, target)
     if result.interrupted:
         kept = f"; {output} left as it was" if target != output else ""
-        click.echo(f"wrote {target}: {_summary(t, moe_idx, read)} (interrupted: a valid shorter trace{kept})", err=True)
-        raise AlreadyReported(130)  # the line above says what was written, also with -q
+        click.echo(f"wrote {target}: {_summary(t, moe_idx, read)} ({_stopped(result.interrupted)}: a valid shorter "
+                   f"trace{kept})", err=True)
+        raise AlreadyReported(_exit_code(result.interrupted))  # the line above says what was written, also with -q
     if not quiet:  # the summary goes to stdout, like solve's, import's and export's; progress stays on stderr
         click.echo(f"wrote {output}: {_summary(t, moe_idx, read)}")
+
+
+def _stopped(signal_name: str) -> str:
+    return "interrupted" if signal_name == "SIGINT" else f"terminated ({signal_name})"
+
+
+def _exit_code(signal_name: str) -> int:
+    import signal
+
+    return 128 + int(signal.Signals[signal_name])  # the shell's code for a run a signal ended: 130, 143
 
 
 def _summary(t: Any, moe_idx: list[int], read: list[Path]) -> str:

@@ -14,7 +14,9 @@ parts into one Trace at the end (or at Ctrl-C, with whatever batches completed).
 from __future__ import annotations
 
 import contextlib
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -93,7 +95,7 @@ def route_batch(model: nn.Module, recorder: RouterRecorder, input_ids: torch.Ten
 @dataclass
 class Collected:
     trace: Trace | None  # None when no batch completed
-    interrupted: bool = False  # Ctrl-C stopped the run: `trace` holds the completed batches
+    interrupted: str = ""  # "SIGINT" (Ctrl-C) or "SIGTERM" stopped the run: `trace` holds the completed batches
     num_batches: int = 0
     seconds: float = 0.0
 
@@ -111,8 +113,9 @@ def collect(
 ) -> Collected:
     """Route every batch through `model`; return the trace of all completed batches.
 
-    Ctrl-C stops between or inside a batch: the batches already spooled form the trace and
-    `interrupted` is set (trace is None when no batch completed).
+    Ctrl-C or SIGTERM (`kill`, Slurm preemption, a cancelled CI job) stops between or inside a
+    batch: the batches already spooled form the trace and `interrupted` names the signal (trace
+    is None when no batch completed).
     """
     num_experts = layers[0].num_experts
     if any(m.num_experts != num_experts or m.top_k != layers[0].top_k for m in layers):
@@ -121,9 +124,9 @@ def collect(
     start = time.monotonic()
     done_tokens = 0
     warm: tuple[int, float] | None = None  # (tokens, time) after the first batch, which pays the warm-up
-    interrupted = False
+    interrupted = ""
     parts: list[Path] = []
-    with _spool(spool_dir) as spool, RouterRecorder(layers) as recorder:
+    with _spool(spool_dir) as spool, RouterRecorder(layers) as recorder, _sigterm_stops():
         try:
             for n, batch in enumerate(batches):
                 ids, weights = route_batch(model, recorder, torch.from_numpy(batch.input_ids).to(device))
@@ -138,12 +141,37 @@ def collect(
                 warm = warm or (done_tokens, now)
                 bar.update(done_tokens, f"{done_tokens} tokens, {rate:,.0f} tokens/s")
         except KeyboardInterrupt:
-            interrupted = True
+            interrupted = "SIGINT"
+        except _Terminated:
+            interrupted = "SIGTERM"
         seconds = time.monotonic() - start
         # Progress adds the elapsed time; with no batch done the run failed: no "done" line
         bar.close(f"{done_tokens} tokens" + (" (interrupted)" if interrupted else "") if parts else "")
         trace = _assemble(parts, num_experts, meta) if parts else None
     return Collected(trace, interrupted, len(parts), seconds)
+
+
+class _Terminated(Exception):
+    """SIGTERM while batches are routed: stop as Ctrl-C does."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """While batches are routed, SIGTERM stops the run with the batches done kept (as Ctrl-C);
+    outside, the CLI's handler unwinds and writes nothing. Signal handlers live in the main
+    thread only: elsewhere SIGTERM is left as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _token_columns(batch: Batch) -> np.ndarray:
