@@ -116,6 +116,30 @@ def test_solve_refuses_a_train_fraction_for_load_only_input(tmp_path: Path, caps
     assert cli.run(argv) == 0
 
 
+def test_solve_on_load_only_input_balances_without_being_told(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Loads allow only balance, as --cluster asks for latency: no --objective means balance
+    (before: "--redundant-experts applies to --objective latency or balance", with no word of
+    the input being load-only); the traffic objective's options say why they do not apply."""
+    import numpy as np
+
+    from moeplace.placement import load_placement
+    from moeplace.trace.format import make_loads, save_loads
+
+    save_loads(make_loads(np.arange(1, 17).reshape(2, 8)), tmp_path / "loads.npz")
+    argv = ["solve", str(tmp_path / "loads.npz"), "--gpus", "4", "--time-limit", "2", "-o", str(tmp_path / "p.json")]
+    assert cli.run([*argv, "--redundant-experts", "4"]) == 0
+    assert "; objective balance, all that loads without token paths allow" in capsys.readouterr().out
+    p = load_placement(tmp_path / "p.json")
+    assert p.objective["name"] == "balance" and p.num_replicas == 4
+    assert cli.run([*argv, "--max-imbalance", "1.2"]) == 2
+    assert capsys.readouterr().err == (f"moeplace: error: --max-imbalance: {tmp_path / 'loads.npz'} holds expert loads "
+                                       "only (no token paths), so the objective is balance, which minimises the "
+                                       "imbalance; the traffic objective's options need a trace\n")
+    assert cli.run([*argv, "--objective", "traffic"]) == 2  # asked for: refused, saying why
+    assert "holds expert loads only (no token paths): use --objective balance" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("redundant, load_only, warned", [(1, False, True), (4, False, False), (3, True, True),
                                                      (0, True, False)])
 def test_solve_says_when_no_engine_can_take_the_placement(redundant: int, load_only: bool, warned: bool, tmp_path: Path,

@@ -220,7 +220,8 @@ def _objective_names() -> list[str]:
                    "--max-experts-per-gpu(-total) allow other counts (latency, balance; see above).")
 @click.option("--gpus-per-node", type=POSITIVE_INT, default=None, help="GPUs per node (default: all G on one node).")
 @click.option("--objective", type=click.Choice(_objective_names()), default=None,
-              help="What to minimise (default: latency with --cluster, else traffic). traffic: weighted "
+              help="What to minimise (default: latency with --cluster, balance on a load-only input, else "
+                   "traffic). traffic: weighted "
                    "cross-GPU/cross-node transitions (docs/solver.md); "
                    "latency: predicted MoE-layer time under --cluster; balance: max token load per GPU, the only "
                    "one for load-only inputs (docs/cost-model.md).")
@@ -297,7 +298,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
       moeplace solve traces/flame-moe-290m-decoder.npz --gpus 8 --gpus-per-node 4 \\
           --train-fraction 0.5 --seed 0 -o placement.json
       # loads only (mixtral-loads.npz: the `moeplace import loads-json --help` example)
-      moeplace solve mixtral-loads.npz --gpus 4 --objective balance --max-experts-per-gpu-total 64 -o placement.json
+      moeplace solve mixtral-loads.npz --gpus 4 --redundant-experts 4 -o placement.json   # objective balance
       moeplace solve traces/flame-moe-290m-decoder.npz --gpus 16 --gpus-per-node 8 --objective latency \\
           --cluster configs/cluster/h100-2x8-ib.yaml --model-config configs/model/flame-moe-290m.yaml \\
           --redundant-experts 16 --train-fraction 0.5 -o placement.json
@@ -310,9 +311,11 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     if objective is None and model_config and not cluster:
         raise MoeplaceError("--model-config completes the latency objective's --cluster: add --cluster CONFIG.yaml "
                             "(configs/cluster/*.yaml)")
+    load_only = is_load_only(trace_path)
     implied = objective is None and cluster is not None  # said after the solve
+    loads_imply = objective is None and cluster is None and load_only  # balance is all loads allow
     if objective is None:  # only latency reads a cluster: giving one asks for it
-        objective = "latency" if cluster else "traffic"
+        objective = "latency" if cluster else "balance" if load_only else "traffic"
     if max_experts_per_gpu_total is not None and objective == "traffic":
         raise MoeplaceError("--max-experts-per-gpu-total needs a load term: traffic alone would pile a layer's experts "
                             "on one GPU; use --objective latency (or balance)")
@@ -325,6 +328,10 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
             raise MoeplaceError("--compute-weight weighs the latency objective's compute term: add --objective latency")
         if pareto:
             raise MoeplaceError("--pareto solves for compute weights 0, 1, 4, 16 and 64 itself: drop --compute-weight")
+    if loads_imply and ((weights := given_options(ctx, TRAFFIC_OPTIONS)) or max_imbalance is not None):
+        flags = ", ".join(weights) if weights else "--max-imbalance"
+        raise MoeplaceError(f"{flags}: {trace_path} holds expert loads only (no token paths), so the objective is "
+                            "balance, which minimises the imbalance; the traffic objective's options need a trace")
     if objective != "traffic" and (weights := given_options(ctx, TRAFFIC_OPTIONS)):
         raise MoeplaceError(f"{', '.join(weights)}: set the traffic objective's edge costs, which {objective} does not "
                             "read (latency takes its costs from --cluster; balance has only loads)")
@@ -334,13 +341,13 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
                             + ": drop it, or use --objective traffic")
     if objective == "traffic" and redundant_experts:
         raise MoeplaceError("--redundant-experts applies to --objective latency or balance")
-    if is_load_only(trace_path):
+    if load_only:
         if objective != "balance":
             raise MoeplaceError(f"{trace_path} holds expert loads only (no token paths): use --objective balance")
         if given_options(ctx, ["train_fraction"]):
             raise MoeplaceError(f"--train-fraction: {trace_path} holds expert loads only, no tokens to split")
         return _solve_loads(trace_path, gpus, gpus_per_node, redundant_experts, max_experts_per_gpu,
-                            max_experts_per_gpu_total, time_limit, output, quiet)
+                            max_experts_per_gpu_total, time_limit, output, quiet, implied=loads_imply)
     trace = load_trace(trace_path)
     if trace.meta.get("source") == "exflow-npy":  # the placement's expert count comes from the ids alone
         warn(f"{trace_path}: an ExFlow .npy records no expert count: {trace.num_experts} assumed (its largest id + 1); "
@@ -441,8 +448,10 @@ def warn_small_split(num_tokens: int, num_experts: int, train_fraction: float, s
 
 
 def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: int, max_experts_per_gpu: int | None,
-                 max_experts_per_gpu_total: int | None, time_limit: float, output: Path, quiet: bool) -> None:
-    """`balance` on a load-only input (moeplace.loads/v1): per-layer loads, no token paths."""
+                 max_experts_per_gpu_total: int | None, time_limit: float, output: Path, quiet: bool,
+                 implied: bool = False) -> None:
+    """`balance` on a load-only input (moeplace.loads/v1): per-layer loads, no token paths
+    (`implied`: no --objective was given, and the summary says why it is balance)."""
     from moeplace.placement import check_topology
     from moeplace.solve.balance import balance_placement
     from moeplace.solve.ilp import software
@@ -465,7 +474,8 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
     if not quiet:
         m = placement.metrics
         bound = float("nan") if placement.bound is None else placement.bound  # balance always sets one
-        click.echo(f"moeplace solve: {path.name} (load only) -> {gpus} GPUs, {redundant} redundant experts per layer")
+        click.echo(f"moeplace solve: {path.name} (load only) -> {gpus} GPUs, {redundant} redundant experts per layer"
+                   + ("; objective balance, all that loads without token paths allow" if implied else ""))
         click.echo(f"balance: max/mean load per GPU, mean over layers {eval_format(m['imbalance_mean'], 'imbalance_mean')}, "
                    f"worst layer {eval_format(m['imbalance_max'], 'imbalance_max')}; lower bound "
                    f"{eval_format(bound, 'imbalance_mean')}, gap {placement.gap:.2%} "
