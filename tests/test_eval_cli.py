@@ -159,7 +159,8 @@ def test_check_pass_and_fail(tmp_path: Path, trace_path: Path, capsys) -> None:
                        defaults={"trace": "trace.npz"})
     assert run(["check", str(cfg)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("PASS  good (100 held-out tokens): cross_gpu_top1/contiguous ") and out[-1] == "the 1 check passed"
+    assert out[0].startswith("PASS  good (100 held-out tokens): cross_gpu_top1/contiguous ")
+    assert out[-1] == "moeplace check: PASS: the 1 check passed"
     cfg = write_checks(tmp_path / "ci.yaml", [{"name": "good", "placement": "good.json", **limits},
                                               {"name": "bad", "placement": "bad.json", **limits}],
                        defaults={"trace": "trace.npz"})
@@ -167,7 +168,9 @@ def test_check_pass_and_fail(tmp_path: Path, trace_path: Path, capsys) -> None:
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert lines[0].startswith("PASS  good") and lines[1].startswith("FAIL  bad")
-    assert "cross_gpu_top1/contiguous 1.0000 > 0.7" in lines[1]
+    # the broken threshold first, the held ones after "within:" (before: one list in the YAML's order)
+    assert lines[1].startswith("FAIL  bad (100 held-out tokens): cross_gpu_top1/contiguous 1.0000 > 0.7; within: "
+                               "imbalance_max "), lines[1]
     assert captured.err.strip() == "moeplace check: FAIL: 1 of 2 checks failed (1 passed)"
 
 
@@ -587,6 +590,16 @@ def test_eval_and_check_score_a_placement_on_a_load_only_file(tmp_path: Path, ca
     want = imbalance(expected_gpu_loads(Placement(greedy_load(fit, 4), 4, 4), loads))
     assert report["layouts"]["greedy_load"]["imbalance_per_layer"] == pytest.approx(want.tolist())
     assert not np.array_equal(greedy_load(fit, 4), greedy_load(loads, 4))
+    # the loads line says whether they are the fit loads (in-sample), as the tokens line does;
+    # and counts as `import` does (before: 1.4e+06 token-expert selections, not in- or out-of-sample)
+    assert report["loads"]["note"].endswith("; other loads than the placement was fitted on")
+    save_loads(ExpertLoads(fit * 1e4, {"source": "loads-json"}), tmp_path / "big.npz")
+    p.fit_loads = fit * 1e4
+    p.save(tmp_path / "p.json")
+    assert run(["eval", str(tmp_path / "p.json"), str(tmp_path / "big.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "  loads: 1460000 token-expert selections, a load-only file" in out, out
+    assert "; in-sample: the placement was fitted on these loads\n" in out
 
 
 def test_eval_dtype_takes_serve_and_short_spellings(tmp_path: Path, trace_path: Path, capsys) -> None:
@@ -807,7 +820,7 @@ def test_eval_option_checks_json_layout_and_check_summary(tmp_path: Path, trace_
                                               {"name": "b", "placement": "p.json", "max_imbalance": 10}],
                        defaults={"trace": "trace.npz"})
     assert run(["check", str(cfg)]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "all 2 checks passed"
+    assert capsys.readouterr().out.splitlines()[-1] == "moeplace check: PASS: all 2 checks passed"
 
 
 def test_eplb_baseline_takes_the_expert_groups_of_the_trace_meta(trace_path: Path) -> None:
@@ -979,13 +992,15 @@ def test_eval_and_check_predict_with_the_cost_model_the_placement_records(tmp_pa
     capsys.readouterr()
     rc, recorded = eval_json(capsys, str(p), str(trace_path))
     unnamed = f"{tmp_path / 'c.yaml'}: cluster"  # how a cluster config without a name is called
-    assert rc == 0 and recorded["cost_model"] == {"source": "placement", "cluster": unnamed, "model": "tiny"}
+    assert rc == 0 and recorded["cost_model"] == {"source": "placement", "cluster": unnamed, "model": "tiny",
+                                                  "batch_tokens": None}
     rc, given = eval_json(capsys, str(p), str(trace_path), "--cluster", str(tmp_path / "c.yaml"))
     assert rc == 0 and given["layouts"] == recorded["layouts"]  # the same cost model, the same times
     assert given["cost_model"]["source"] == "config" and given["cost_model"]["cluster_config"] == str(tmp_path / "c.yaml")
     assert recorded["layouts"]["placement"]["moe_time_us"] > 0
     assert run(["eval", str(p), str(trace_path)]) == 0
-    assert f"\n  predicted MoE time: cost model recorded in the placement ({unnamed}, tiny)\n" in capsys.readouterr().out
+    assert (f"\n  predicted MoE time: us per step of the tokens scored; cost model recorded in the placement "
+            f"({unnamed}, tiny)\n") in capsys.readouterr().out
     # an explicit --cluster wins: another expert cost, other times
     (tmp_path / "slow.yaml").write_text((tmp_path / "c.yaml").read_text().replace("0.01}", "1.0}"))
     rc, slow = eval_json(capsys, str(p), str(trace_path), "--cluster", str(tmp_path / "slow.yaml"))

@@ -59,12 +59,16 @@ def test_round_trip_without_replicas_is_exact(tmp_path: Path, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_round_trip_with_replicas_keeps_every_copy(tmp_path: Path, fmt: str) -> None:
+def test_round_trip_with_replicas_keeps_every_copy(tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
     src, out, back = tmp_path / "p.json", tmp_path / "engine.json", tmp_path / "back.json"
     replicated().save(src)
     assert cli(str(src), "--to", fmt, "-o", str(out)) == 0
     gpus = [] if fmt != "sglang" else ["--gpus", "4", "--gpus-per-node", "2"]  # the others say their GPU count
+    capsys.readouterr()
     assert cli("--from", fmt, str(out), *gpus, "-o", str(back)) == 0
+    # counted as solve and the engines count them (before: "12 replicas in all", read as 12 experts)
+    assert capsys.readouterr().out == (f"wrote {back}: 3 MoE layers x 8 experts on 4 GPUs, 4 redundant experts per "
+                                       "layer (extra copies, as eval's copies column counts: 12 in all)\n")
     p = load_placement(back)
     assert slots_by_gpu(p) == slots_by_gpu(replicated())
     assert [sorted(map(sorted, p.holders(layer))) for layer in range(3)] == \

@@ -628,7 +628,7 @@ def test_gpus_help_says_when_counts_may_differ(capsys) -> None:
     helps = {option.name: option.help for option in solve_command.params if isinstance(option, click.Option)}
     assert helps["gpus"] == ("Expert-parallel GPUs G: each holds E/G experts of every layer, unless --redundant-experts "
                              "or --max-experts-per-gpu(-total) allow other counts (latency, balance; see above).")
-    assert "(default: latency with --cluster, else traffic)" in helps["objective"]
+    assert "(default: latency with --cluster, balance on a load-only input, else traffic)" in helps["objective"]
     assert run(["solve", "--help"]) == 0 and "Expert-parallel GPUs G: each holds" in capsys.readouterr().out
 
 

@@ -103,8 +103,17 @@ def shown(v: Verdict) -> tuple[str, str]:
 
 
 def _describe(verdicts: list[Verdict]) -> str:
-    return ", ".join(f"{v.what} n/a (one node)" if v.value is None else f"{v.what} {value} {'<=' if v.passed else '>'} {limit}"
-                     for v, (value, limit) in ((v, shown(v)) for v in verdicts))
+    """A check's verdicts in one line; when some fail, those first and the rest after "within:",
+    so the line says which thresholds broke without reading every sign."""
+    def one(v: Verdict) -> str:
+        value, limit = shown(v)
+        return f"{v.what} n/a (one node)" if v.value is None else f"{v.what} {value} {'<=' if v.passed else '>'} {limit}"
+
+    over = [one(v) for v in verdicts if not v.passed]
+    within = [one(v) for v in verdicts if v.passed]
+    if not over:
+        return ", ".join(within)
+    return ", ".join(over) + (f"; within: {', '.join(within)}" if within else "")
 
 
 def gate_line(v: Verdict, tokens: str) -> str:
@@ -140,8 +149,8 @@ def _cost_metric(cluster: Path, model_config: Path | None) -> tuple[MetricFn, Mo
     return cost_metric(cost), model_facts(cost), {**source, **_cost_names(cost)}
 
 
-def _cost_names(cost: CostModel) -> dict[str, str]:
-    return {"cluster": cost.cluster.name, "model": cost.model.name}
+def _cost_names(cost: CostModel) -> dict[str, Any]:
+    return {"cluster": cost.cluster.name, "model": cost.model.name, "batch_tokens": cost.model.batch_tokens}
 
 
 def _check_metric_fns(check: dict[str, Any]) -> dict[str, Any]:
@@ -623,4 +632,4 @@ def check(config: Path) -> None:
     if failed:  # a verdict, not bad input: not the `moeplace: error:` line
         click.echo(f"moeplace check: FAIL: {failed} of {plural(n, 'check')} failed ({passed} passed)", err=True)
         raise AlreadyReported(1)
-    click.echo(f"all {n} checks passed" if n > 1 else "the 1 check passed")
+    click.echo(f"moeplace check: PASS: {f'all {n} checks' if n > 1 else 'the 1 check'} passed")

@@ -13,6 +13,7 @@ The report is a plain dict (what `--json` prints):
     copies      {name: extra expert copies (replicas), summed over layers}
     cost_model  (with the predicted MoE time) where its cost model came from: {"source": "placement"
                 (recorded by a latency solve) | "config", "cluster", "model": their names,
+                "batch_tokens": the step the times are for (None: the tokens scored),
                 "cluster_config", "model_config": the files (config only)}
     baselines_note  on which loads the load baselines (greedy_load, eplb) were fitted; eplb's policy
 
@@ -301,12 +302,23 @@ def build_load_report(placement: Placement, loads: np.ndarray, *, placement_name
         "num_gpus": g, "gpus_per_node": gpn, "num_nodes": placement.num_nodes,
         "loads": {"total": float(loads.sum()), "note": (
             "a load-only file (expert loads, no token paths): load balance only; the traffic metrics "
-            "(cross-GPU/node, destinations, predicted time and bytes) need a routing trace")},
+            "(cross-GPU/node, destinations, predicted time and bytes) need a routing trace"
+            + _loads_sample(placement, loads))},
         "layouts": metrics,
         "vs_contiguous": _ratios(metrics),
         "copies": _copies(layouts),
         "baselines_note": baselines_note,
     }
+
+
+def _loads_sample(placement: Placement, loads: np.ndarray) -> str:
+    """Whether the loads scored are those the placement was fitted on (its recorded fit_loads),
+    as the tokens line says in-sample or held-out for a trace."""
+    if placement.fit_loads is None:
+        return ""
+    if placement.fit_loads.shape == loads.shape and np.allclose(placement.fit_loads, loads):
+        return "; in-sample: the placement was fitted on these loads"
+    return "; other loads than the placement was fitted on"
 
 
 def model_mismatch(placement: Placement, trace: Trace, trace_name: str) -> str:
@@ -387,7 +399,7 @@ def render_table(
         f"  {report['num_layers']} MoE layers x {report['num_experts']} experts{top_k}; "
         f"{report['num_gpus']} GPUs, {report['gpus_per_node']} per node ({report['num_nodes']} node"
         f"{'s' if report['num_nodes'] > 1 else ''})",
-        f"  loads: {loads['total']:g} token-expert selections, {loads['note']}" if loads else
+        f"  loads: {_count(loads['total'])} token-expert selections, {loads['note']}" if loads else
         f"  tokens: {report['tokens']['evaluated']} of {report['tokens']['total']}, {report['tokens']['note']}",
         *([f"  predicted MoE time: {cost_model_line(report['cost_model'])}"] if "cost_model" in report else []),
         "",
@@ -425,14 +437,21 @@ def render_table(
     return "\n".join(lines)
 
 
+def _count(total: float) -> str:
+    """A load total as `moeplace import` and `analyze` print it: 6756224, not 6.75622e+06."""
+    return f"{total:.0f}" if float(total).is_integer() else f"{total:g}"
+
+
 def cost_model_line(source: dict[str, Any]) -> str:
     """Where the predicted MoE time's cost model came from, for the report's header: the
     placement's record (a latency solve's) or the cluster (+ model) config given."""
     names = f"{source['cluster']}, {source['model']}"
+    batch = source.get("batch_tokens")
+    step = f"us per step of {batch} tokens (batch_tokens)" if batch else "us per step of the tokens scored"
     if source["source"] == "placement":
-        return f"cost model recorded in the placement ({names})"
+        return f"{step}; cost model recorded in the placement ({names})"
     model = f" --model-config {source['model_config']}" if source.get("model_config") else ""
-    return f"--cluster {source['cluster_config']}{model} ({names})"
+    return f"{step}; --cluster {source['cluster_config']}{model} ({names})"
 
 
 def render_traffic(report: dict[str, Any]) -> list[str]:

@@ -281,8 +281,11 @@ def _read(path: Path, fmt: str, output: Path, model: Path | None, trace: Path | 
         if model is not None or trace is not None:
             _model_layers(model, trace, None, None, placement)  # the fit check alone
     placement.save(output)
+    redundant = {len(r) for r in placement.replicas}  # an engine file holds as many in every layer
+    per_layer = f"{redundant.pop()}" if len(redundant) == 1 else f"{min(redundant)}-{max(redundant)}"
     click.echo(f"wrote {output}: {placement.num_layers} MoE layers x {placement.num_experts} experts on "
-               f"{placement.num_gpus} GPUs, {sum(map(len, placement.replicas))} replicas in all")
+               f"{placement.num_gpus} GPUs, {per_layer} redundant experts per layer (extra copies, as eval's copies "
+               f"column counts: {sum(map(len, placement.replicas))} in all)")
 
 
 PERMUTE_HELP = """Renumber a Hugging Face safetensors checkpoint's experts so that a plain

@@ -96,13 +96,16 @@ def _time_table(placement: Placement) -> list[str]:
     parts = {part: r for part, r in placement.metrics.items() if "moe_time_us" in r.get("placement", {})}
     if not parts:
         return []
-    cluster = placement.objective.get("cost_model", {}).get("cluster", {}).get("name", "the --cluster config")
+    cost_model = placement.objective.get("cost_model", {})
+    cluster = cost_model.get("cluster", {}).get("name", "the --cluster config")
+    batch = cost_model.get("model", {}).get("batch_tokens")
+    step = f"step of {batch} tokens (batch_tokens)" if batch else "step of the tokens scored"
     names = list(next(iter(parts.values())))
     traffic = placement.solver.get("start_times_us", {}).get("traffic")
     rows = {name: {part: r[name]["moe_time_us"] for part, r in parts.items() if name in r} for name in names}
     if traffic is not None and placement.objective.get("name") == "latency":
         rows["traffic"] = traffic
-    lines = ["", f"predicted MoE time (us, summed over {placement.num_layers} layers; {cluster}):",
+    lines = ["", f"predicted MoE time (us per {step}, summed over {placement.num_layers} layers; {cluster}):",
              "".ljust(26) + "".join(f"{part.replace('_', '-')} tokens".rjust(20) for part in parts)]
     for name, times in rows.items():
         cells = []
