@@ -51,6 +51,29 @@ def eval_json(capsys, *args: str) -> tuple[int, dict]:
     return rc, json.loads(out)
 
 
+def test_report_ends_its_table_with_the_placement_against_contiguous_in_words(tmp_path: Path, trace_path: Path,
+                                                                             capsys) -> None:
+    """One line a CI log or `make demo` reader takes in first: the x column of the placement's row
+    in words, on the tokens the report scored."""
+    affinity_placement(trace_path, {"train_fraction": 0.5, "seed": 0}, tmp_path / "p.json")
+    _, report = eval_json(capsys, str(tmp_path / "p.json"), str(trace_path))
+    x = report["vs_contiguous"]["placement"]
+    assert x["cross_gpu_top1"] < 1 and x["dest_gpus_topk"] < 1  # the paired layout keeps most moves on-GPU
+    assert run(["eval", str(tmp_path / "p.json"), str(trace_path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  in short: ")]
+
+    def words(r: float, what: str, lower: str, higher: str, after: bool = False) -> str:
+        change = "the same" if abs(r - 1) < 0.005 else f"{1 - r:.0%} {lower}" if r < 1 else f"{r - 1:.0%} {higher}"
+        return f"{what} {change}" if after or change == "the same" else f"{change} {what}"
+
+    node = words(x["cross_node_top1"], "cross-node top-1 transitions", "fewer", "more")
+    assert lines == [f"  in short: against contiguous on the {report['tokens']['evaluated']} held-out tokens: "
+                     f"{words(x['cross_gpu_top1'], 'cross-GPU top-1 transitions', 'fewer', 'more')}; {node}; "
+                     f"{words(x['dest_gpus_topk'], 'other GPUs per token (top-k)', 'fewer', 'more')}; "
+                     f"{words(x['imbalance_max'], 'worst layer' + chr(39) + 's max/mean load per GPU', 'lower', 'higher', True)}"]
+    assert lines[0].count("% fewer") >= 2
+
+
 def test_held_out_tokens_by_default(tmp_path: Path, trace_path: Path, capsys) -> None:
     split = {"train_fraction": 0.6, "seed": 3}
     p = affinity_placement(trace_path, split, tmp_path / "p.json")

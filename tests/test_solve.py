@@ -524,6 +524,19 @@ def test_summary_notes_when_traffic_piles_token_load_on_a_gpu() -> None:
     assert "note:" not in summary(placement("latency", 3.0), "t.npz")  # latency weighs load itself
 
 
+def test_summary_says_what_the_traffic_objective_counts_and_what_a_large_gap_means() -> None:
+    # `objective traffic: 45047.9, lower bound 25918, gap 42.5%` read as "42% from the best" to a
+    # first-time reader (make demo); the bound is loose when E/G is large, which docs/solver.md said
+    def placement(gap: float) -> Placement:
+        return Placement(contiguous(2, 8, 4), 4, 4, objective={"name": "traffic", "value": 100.0}, bound=100 * (1 - gap),
+                         gap=gap)
+    lines = summary(placement(0.4), "t.npz").splitlines()
+    assert lines[1].startswith("objective traffic: 100 (gate-weighted cross-GPU/cross-node moves of the fit tokens, "
+                               "docs/solver.md), lower bound 60, gap 40.0%")
+    assert lines[2].startswith('  (a large gap here means "not proven"')
+    assert "not proven" not in summary(placement(0.1), "t.npz")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"time_limit": float("nan")}, "time_limit (--time-limit) must be a positive number"),
     ({"coselect_weight": -5.0}, "coselect_weight must be a number in [0, 1e+06]"),

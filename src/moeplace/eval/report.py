@@ -423,6 +423,8 @@ def render_table(
                      + (f"; {report['baselines_note']})" if report.get("baselines_note") else ")"))
     elif report.get("baselines_note"):
         lines.append(f"  ({report['baselines_note']})")
+    if short := in_short(report):
+        lines.append(f"  in short: {short}")
     for key, title in per_layer:
         if key not in next(iter(report["layouts"].values())):
             continue
@@ -435,6 +437,34 @@ def render_table(
     if "traffic" in next(iter(report["layouts"].values())):
         lines += ["", *render_traffic(report)]
     return "\n".join(lines)
+
+
+# (metric, what it counts, words for lower / higher): the placement's row against contiguous, in words
+_SHORT = [("cross_gpu_top1", "cross-GPU top-1 transitions", "fewer", "more"),
+          ("cross_node_top1", "cross-node top-1 transitions", "fewer", "more"),
+          ("dest_gpus_topk", "other GPUs per token (top-k)", "fewer", "more"),
+          ("moe_time_us", "predicted MoE time", "lower", "higher"),
+          ("imbalance_max", "worst layer's max/mean load per GPU", "lower", "higher")]
+
+
+def in_short(report: dict[str, Any]) -> str:
+    """The placement against contiguous in one sentence (the table's x column in words): what a
+    reader of `make demo` or a CI log wants first; "" without a contiguous row."""
+    ratios = report["vs_contiguous"].get("placement", {})
+    said = []
+    for key, what, lower, higher in _SHORT:
+        r = ratios.get(key)
+        if r is None or (key == "cross_node_top1" and report["num_nodes"] == 1):
+            continue
+        change = ("the same" if abs(r - 1) < 0.005 else f"{1 - r:.0%} {lower}" if r < 1 else f"{r - 1:.0%} {higher}")
+        said.append(f"{what} {change}" if change == "the same" or lower == "lower" else f"{change} {what}")
+    if not said:
+        return ""
+    tokens = report.get("tokens")
+    on = ("these loads" if tokens is None else f"the {tokens['evaluated']} held-out tokens"
+          if tokens["subset"] == "held-out" else f"{tokens['evaluated']} tokens the placement was fitted on"
+          if "in-sample" in tokens["note"] else f"{tokens['evaluated']} tokens")
+    return f"against contiguous on {on}: " + "; ".join(said)
 
 
 def _count(total: float) -> str:

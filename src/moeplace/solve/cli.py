@@ -37,6 +37,10 @@ def summary(placement: Placement, trace_name: str, trace_path: str | None = None
     lines.append(f"objective {o.get('name')}: {o.get('value', float('nan')):.6g}{_unit(o)}, lower bound {bound}, gap {gap} "
                  f"({s.get('method')}, {s.get('seconds', 0):.1f} s"
                  f"{', stopped by --time-limit' if s.get('stopped_by_time_limit') else ''})")
+    if o.get("name") == "traffic" and placement.gap is not None and placement.gap > 0.25:
+        # the bound takes each expert's heaviest edges on its own, loose when E/G is large
+        lines.append("  (a large gap here means \"not proven\", not \"that far from the best\": the bound lets each "
+                     "expert keep its heaviest edges on its own; docs/solver.md, step 5)")
     if o.get("name") == "latency" and placement.gap is not None and placement.gap > 0.25:
         # a large gap here is mostly the bound: it takes each layer's least traffic on its own
         # (one layout must serve every layer), so it says little of how far the placement is from the best one
@@ -80,8 +84,10 @@ def eval_format(value: float, key: str) -> str:
 
 
 def _unit(objective: dict[str, Any]) -> str:
-    """The unit of a latency objective's value (predicted time); traffic's is a weighted count of
-    moves and balance's a load ratio, both said by their docs, not here."""
+    """What an objective's value counts (predicted time, weighted moves); balance's is a load
+    ratio, which its own line says."""
+    if objective.get("name") == "traffic":
+        return " (gate-weighted cross-GPU/cross-node moves of the fit tokens, docs/solver.md)"
     if objective.get("name") == "latency":
         return " us (predicted MoE time, summed over layers)"
     if objective.get("name") == "latency-weighted":
