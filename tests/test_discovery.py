@@ -92,6 +92,17 @@ def test_tiny_model_is_deterministic(tmp_path: Path) -> None:
     assert find_moe_layers(a)[0].router.e_score_correction_bias.abs().sum() > 0
 
 
+def test_building_a_tiny_model_prints_nothing(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Demos and tests build these often: no "Writing model shards" bar from transformers, and
+    its progress bars are left as they were."""
+    from transformers.utils import logging as hf_logging
+
+    capfd.readouterr()
+    build_tiny_model("olmoe", tmp_path / "m")
+    assert capfd.readouterr() == ("", "")
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def test_not_a_moe_model_names_what_is_missing() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with pytest.raises(MoeplaceError, match="no sparse MoE block"):

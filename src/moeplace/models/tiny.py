@@ -21,6 +21,8 @@ merges) is saved beside the weights, so `AutoTokenizer.from_pretrained(out_dir)`
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +105,23 @@ def build_tiny_model(
     with torch.no_grad():
         _randomise_routing_extras(model, seed)
     out = Path(out_dir)
-    model.save_pretrained(out)
+    with _no_progress_bars():  # transformers' "Writing model shards" bar, for a file of a few KB
+        model.save_pretrained(out)
     byte_tokenizer().save_pretrained(out)
     return out
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def byte_tokenizer() -> Any:
