@@ -97,10 +97,16 @@ def test_building_a_tiny_model_prints_nothing(tmp_path: Path, capfd: pytest.Capt
     its progress bars are left as they were."""
     from transformers.utils import logging as hf_logging
 
-    capfd.readouterr()
-    build_tiny_model("olmoe", tmp_path / "m")
-    assert capfd.readouterr() == ("", "")
-    assert hf_logging.is_progress_bar_enabled()
+    was = hf_logging.is_progress_bar_enabled()  # an in-process `trace` run earlier turns them off
+    hf_logging.enable_progress_bar()
+    try:
+        capfd.readouterr()
+        build_tiny_model("olmoe", tmp_path / "m")
+        assert capfd.readouterr() == ("", "")
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        if not was:
+            hf_logging.disable_progress_bar()
 
 
 def test_not_a_moe_model_names_what_is_missing() -> None:

@@ -323,3 +323,22 @@ def test_cap_moves_pair_where_a_has_the_most_spare_load_not_the_most_load(monkey
         moved = np.flatnonzero(cand[0] != best[0])
         assert len(moved) == 1 and moved[0] in (0, 1) and cand[0, moved[0]] == 1
         assert np.flatnonzero(cand[2] != best[2]).tolist() == [2] and cand[2, 2] == 0
+
+
+def test_slot_moves_go_alone_to_a_gpu_with_a_free_slot_at_the_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With per-layer slots (latency.primary_slots: G does not divide E, copies fill the rest) a
+    slot move takes one expert off the layer's hottest GPU to another GPU with fewer than `slots`
+    experts there, alone (no partner layer); with every GPU full, none is tried."""
+    trace, models, best, parts, tried = _recorded_search(monkeypatch, 3, seed=7)
+    best[1] = np.concatenate([np.repeat(np.arange(4), 3), np.arange(4, 8)])  # GPUs 0-3 hold 3, 4-7 one
+    parts = models.reset(best)
+    a = int(np.argmax(np.bincount(best[1], weights=trace.expert_loads()[1], minlength=8)))
+    assert latency._cap_moves(models, best, parts, 1, None, np.random.default_rng(0), float("inf"), slots=3) == 0
+    assert len(tried) == 16
+    for cand, layers in tried:
+        moved = np.flatnonzero(cand[1] != best[1])
+        assert layers == [1] and (cand[[0, 2]] == best[[0, 2]]).all()
+        assert len(moved) == 1 and best[1, moved[0]] == a and cand[1, moved[0]] in set(range(4, 8)) - {a}
+    tried.clear()
+    assert latency._cap_moves(models, best, parts, 0, None, np.random.default_rng(0), float("inf"), slots=2) == 0
+    assert tried == []  # layer 0 holds 2 per GPU: no GPU has a free slot

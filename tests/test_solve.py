@@ -537,6 +537,19 @@ def test_summary_says_what_the_traffic_objective_counts_and_what_a_large_gap_mea
     assert "not proven" not in summary(placement(0.1), "t.npz")
 
 
+def test_summary_names_a_step_cut_by_its_share_of_the_time_limit() -> None:
+    # a latency start's candidate ILPs cut by their 0.3 share, the solve not: said as such (before:
+    # "stopped by --time-limit" after 15.6 s of 60), and the stopped solve still says it stopped
+    def line(solver: dict) -> str:
+        p = Placement(contiguous(2, 8, 4), 4, 4, objective={"name": "latency", "value": 50.0}, bound=45.0, gap=0.1,
+                      solver={"method": "latency", "seconds": 15.6, **solver})
+        return summary(p, "t.npz").splitlines()[1]
+    assert line({"stopped_by_time_limit": False, "cut_steps": ["balance start (descent, ilp)"]}).endswith(
+        "(latency, 15.6 s, balance start (descent, ilp) cut by its share of --time-limit)")
+    assert line({"stopped_by_time_limit": True, "cut_steps": ["search"]}).endswith("15.6 s, stopped by --time-limit)")
+    assert line({"stopped_by_time_limit": False, "cut_steps": []}).endswith("(latency, 15.6 s)")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"time_limit": float("nan")}, "time_limit (--time-limit) must be a positive number"),
     ({"coselect_weight": -5.0}, "coselect_weight must be a number in [0, 1e+06]"),

@@ -622,7 +622,8 @@ def test_latency_summary_gives_the_unit_and_the_predicted_time_of_every_baseline
                 "--train-fraction", "0.5", "--cluster", str(CLUSTER), "--model-config", str(MODEL), "-o", str(out)]) == 0
     text = capsys.readouterr().out
     p = load_placement(out)
-    assert f"objective latency: {p.objective['value']:.6g} us (predicted MoE time, summed over layers)" in text
+    # to 0.1 us, as the table below prints times (before: 6 digits beside the table's 1 decimal)
+    assert f"objective latency: {p.objective['value']:.1f} us (predicted MoE time, summed over layers)" in text
     cost = load_cost_model(CLUSTER, MODEL)
     parts = {part: trace.select_tokens(idx) for part, idx in zip(("train", "held_out"), split_tokens(trace.num_tokens, 0.5, 0))}
     baselines = all_baselines(parts["train"].expert_loads(), 8, 0)  # as solve builds them: from the training loads
@@ -632,7 +633,8 @@ def test_latency_summary_gives_the_unit_and_the_predicted_time_of_every_baseline
             layout = p if name == "placement" else Placement(baselines[name], 8, 8)
             assert m["moe_time_us"] == pytest.approx(predict(cost, layout, sub).total_us.sum())
     assert p.metrics["train"]["placement"]["moe_time_us"] == pytest.approx(p.objective["value"])
-    table = text[text.index("predicted MoE time (us, summed over 3 layers; 1 node x 8 H100 (NVLink4)):"):].splitlines()
+    table = text[text.index("predicted MoE time (us per step of 8192 tokens (batch_tokens), summed over 3 layers; "
+                            "1 node x 8 H100 (NVLink4)):"):].splitlines()
     assert table[1].split() == ["train", "tokens", "held-out", "tokens"]
     base = {part: p.metrics[part]["contiguous"]["moe_time_us"] for part in ("train", "held_out")}
     mine = {part: p.metrics[part]["placement"]["moe_time_us"] for part in ("train", "held_out")}
@@ -1111,3 +1113,44 @@ def test_the_summary_says_a_large_latency_gap_is_mostly_the_bound() -> None:
         p = Placement(np.zeros((1, 4), dtype=np.int64), 1, 1, objective={"name": name, "value": 2.0}, gap=gap, bound=1.0,
                       solver={"method": "x"}, metrics={})
         assert (note in summary(p, "t.npz")) == shown, (name, gap)
+
+
+def test_latency_start_cut_by_its_share_is_recorded_not_the_solve_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A balance start whose candidate ILPs ran out of their share (HiGHS needs 3-4 s to prove a
+    16 x 8 layer under a total cap, the start's share of 60 s gives it 1.8 s) is a step cut short,
+    in solver.cut_steps; the solve stopped on its limit only where the search (or replicas) did."""
+    trace, _ = planted_trace(256, 3, 16, 2, 8, seed=4)
+    cm = load_cost_model(CLUSTER, MODEL)
+    monkeypatch.setattr(balance, "ilp_layer", lambda *a: (None, 0.0, True))  # HiGHS out of time, every layer
+    p = latency.solve_latency(trace, 8, 8, 60.0, 0, False, cost=cm, max_experts_per_gpu_total=7)
+    assert p.solver["stopped_by_time_limit"] is False
+    assert p.solver["cut_steps"] == ["balance start (ilp)", "balance equal start (ilp)"]
+    # a limit the search runs into: the solve as a whole stopped on it
+    cut = latency.solve_latency(trace, 8, 8, 1e-3, 0, False, cost=cm, max_experts_per_gpu_total=7)
+    assert cut.solver["stopped_by_time_limit"] is True and cut.solver["cut_steps"][0] == "search"
+
+
+def test_latency_copies_fill_equal_slots_where_g_does_not_divide_e() -> None:
+    """14 experts + 2 copies on 4 GPUs: 4 slots each, primaries spread unevenly (some GPU holds
+    fewer than 4 and takes copies); exactly R copies per layer, no GPU twice per expert, the value
+    the cost model predicts. A count the copies cannot even out is refused, naming the Rs that do."""
+    trace, _ = planted_trace(400, 3, 14, 2, 2, seed=4, zipf=1.2)
+    cm = load_cost_model(ROOT / "configs" / "cluster" / "h100-1x4-nvlink.yaml", MODEL)
+    out = latency.solve_latency(trace, 4, 4, 20.0, 0, False, cost=cm, redundant=2)
+    p = Placement(out.expert_to_gpu, 4, 4, out.replicas)
+    assert [len(r) for r in p.replicas] == [2] * 3
+    for layer in range(3):
+        assert [len(p.experts_on_gpu(layer, g)) for g in range(4)] == [4] * 4
+        assert all(len(set(h)) == len(h) for h in p.holders(layer))
+        assert np.bincount(out.expert_to_gpu[layer], minlength=4).min() < 4  # uneven primaries
+    assert set(out.starts) == {"balance", "traffic"} and out.solver["equal_slots"] is True
+    assert out.solver["slots_per_gpu"] == 4 and "slot_moves_accepted" in out.solver
+    assert out.objective["value"] == pytest.approx(predict(cm, p, trace).total_us.sum(), rel=1e-6)
+    with pytest.raises(MoeplaceError, match=r"14 \+ R a multiple of 4 \(R = 2, 6"):
+        latency.solve_latency(trace, 4, 4, 1.0, 0, False, cost=cm, redundant=1)
+    assert [r.tolist() for r in count_range(out.expert_to_gpu, 0, 4, None, slots=4)] == [[1] * 4, [4] * 4]
+    # as `moeplace solve` runs it (before: refused by the equal-count topology check)
+    placed = solve_placement(trace, 4, 4, 20.0, 0, objective="latency", cost=cm, redundant=2)
+    assert np.array_equal(placed.expert_to_gpu, out.expert_to_gpu) and placed.num_replicas == 2
+    with pytest.raises(MoeplaceError, match="or with --redundant-experts R where E \\+ R is a multiple of G"):
+        solve_placement(trace, 4, 4, 1.0, 0, objective="latency", cost=cm, redundant=1)

@@ -364,7 +364,8 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
     3. with max_experts_per_gpu_total, `fit_total_cap` makes the free per-layer counts fit it;
     4. objective = mean over layers of max / mean GPU load; bound from the per-layer bounds.
     The placement is deterministic unless the time limit cut a step short (recorded as
-    solver.stopped_by_time_limit: a descent, or a candidate ILP without its proof); the ILP's
+    solver.stopped_by_time_limit, and which in solver.cut_steps: "ilp", a candidate ILP without
+    its proof; "descent"; "total cap", step 3's descent); the ILP's
     dual bound, hence the reported gap, may be tighter on a faster machine. tight_bound=False
     skips the bound-only ILPs (up to 1 s a layer): the same placement, with the replication
     bound only, for callers that use the placement and not its gap (the latency objective's start).
@@ -389,7 +390,7 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
     deadline = start + time_limit * (0.8 if total_cap is not None else 1.0)  # the rest: step 3
     eplb_layers = _eplb_candidates(loads, num_gpus, gpus_per_node, redundant, num_groups, slots)
     plans: list[LayerPlan] = []
-    cut_short = False
+    cut: set[str] = set()  # the steps the time limit cut short: "ilp", "descent", "total cap"
     bar = Progress("balance", total=num_layers, enabled=progress)
     nvars = 2 * num_experts * num_gpus
     for layer in range(num_layers):
@@ -401,14 +402,16 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
         candidates += [(c[layer], name) for name, c in eplb_layers.items()]
         left = deadline - time.monotonic()
         candidate_ilp = nvars <= ILP_CANDIDATE_MAX_VARS
-        cut_short |= candidate_ilp and left <= 0
+        if candidate_ilp and left <= 0:
+            cut.add("ilp")
         if nvars <= ILP_MAX_VARS and left > 0 and (candidate_ilp or tight_bound):
             share = left / (num_layers - layer)
             copies, ilp_bound, timed_out = ilp_layer(w, num_gpus, slots, redundant,
                                                      share if candidate_ilp else min(1.0, share))
             bound = max(bound, ilp_bound)
             if candidate_ilp:
-                cut_short |= timed_out  # a faster machine might have proven it: another candidate
+                if timed_out:  # a faster machine might have proven it: another candidate
+                    cut.add("ilp")
                 lower = bound
                 if copies is not None:
                     candidates.append((copies, "ilp"))
@@ -422,17 +425,20 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
                 if improved[-1][0] <= lower * (1 + 1e-9):
                     break  # at the bound: provably optimal, the other candidates cannot beat it
             scored = improved
-            cut_short |= time.monotonic() > stop  # a descent may have stopped before its last move
+            if time.monotonic() > stop:  # a descent may have stopped before its last move
+                cut.add("descent")
         best, _, copies, method = min(scored, key=lambda s: (s[0], s[1]))
         plans.append(LayerPlan(copies, best, min(bound, best), method))
         bar.update(layer + 1, f"layer {layer + 1}/{num_layers}")
     bar.close()
     if total_cap is not None:
         plans = fit_total_cap(plans, loads, num_gpus, slots, total_cap, deadline + 0.2 * time_limit)
-        cut_short |= time.monotonic() > deadline + 0.2 * time_limit
+        if time.monotonic() > deadline + 0.2 * time_limit:
+            cut.add("total cap")
     placement = _to_placement(plans, loads, num_gpus, gpus_per_node, redundant, slots, total_cap)
     placement.solver |= {"time_limit_s": time_limit, "seconds": round(time.monotonic() - start, 3),
-                         "stopped_by_time_limit": cut_short}  # else deterministic: no step reads the clock
+                         "stopped_by_time_limit": bool(cut),  # else deterministic: no step reads the clock
+                         "cut_steps": sorted(cut)}
     return placement
 
 

@@ -33,10 +33,12 @@ def summary(placement: Placement, trace_name: str, trace_path: str | None = None
     if placement.split:
         lines.append(f"fitted on a {placement.split['train_fraction']:g} split of the tokens (seed {placement.split['seed']})")
     gap = "unknown" if placement.gap is None else f"{placement.gap:.1%}"
-    bound = "none" if placement.bound is None else f"{placement.bound:.6g}"
-    lines.append(f"objective {o.get('name')}: {o.get('value', float('nan')):.6g}{_unit(o)}, lower bound {bound}, gap {gap} "
+    # a time as the tables below print it (48.5 us, not 48.4655); a weighted count to 6 digits
+    fmt = ".1f" if str(o.get("name", "")).startswith("latency") else ".6g"
+    bound = "none" if placement.bound is None else f"{placement.bound:{fmt}}"
+    lines.append(f"objective {o.get('name')}: {o.get('value', float('nan')):{fmt}}{_unit(o)}, lower bound {bound}, gap {gap} "
                  f"({s.get('method')}, {s.get('seconds', 0):.1f} s"
-                 f"{', stopped by --time-limit' if s.get('stopped_by_time_limit') else ''})")
+                 f"{', stopped by --time-limit' if s.get('stopped_by_time_limit') else _share_cut(s)})")
     if o.get("name") == "traffic" and placement.gap is not None and placement.gap > 0.25:
         # the bound takes each expert's heaviest edges on its own, loose when E/G is large
         lines.append("  (a large gap here means \"not proven\", not \"that far from the best\": the bound lets each "
@@ -83,6 +85,13 @@ def eval_format(value: float, key: str) -> str:
     return format(value, next(c.fmt for c in [*COLUMNS, *COST_COLUMNS] if c.key == key))
 
 
+def _share_cut(solver: dict[str, Any]) -> str:
+    """Steps cut by their own share of --time-limit while the solve as a whole was not (a
+    latency start's candidate ILPs): said, since a longer limit or a faster machine may differ."""
+    steps = solver.get("cut_steps") or []
+    return f", {', '.join(steps)} cut by {'its' if len(steps) == 1 else 'their'} share of --time-limit" if steps else ""
+
+
 def _unit(objective: dict[str, Any]) -> str:
     """What an objective's value counts (predicted time, weighted moves); balance's is a load
     ratio, which its own line says."""
@@ -121,8 +130,11 @@ def _time_table(placement: Placement) -> list[str]:
             cells.append(("-" if t is None else f"{eval_format(t, 'moe_time_us')}{ratio}").rjust(20))
         lines.append(f"  {'moeplace' if name == 'placement' else name}".ljust(26) + "".join(cells))
     if "traffic" in rows:
-        lines.append("  (traffic: the traffic placement the latency search started from, "
-                     "`--objective traffic` with the same seed and split unless a time limit cut either; "
+        # where G does not divide E, copies fill the slots: the start was traffic's over E + R experts
+        what = ("traffic's placement of E + R experts, R of them never selected (their slots went to the copies)"
+                if placement.num_experts % placement.num_gpus else
+                "`--objective traffic` with the same seed and split unless a time limit cut either")
+        lines.append(f"  (traffic: the traffic placement the latency search started from, {what}; "
                      "like the baselines, it holds no replicas)")
     return lines
 

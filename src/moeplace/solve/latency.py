@@ -16,7 +16,15 @@ by chance in the training tokens passes the fold test as well, since the folds s
 chance. The reported value is the exact cost (what `moeplace eval --cluster` predicts).
 
 1. start: the traffic placement (solver.solve_traffic); the balance placement replaces it only
-   if it passes the acceptance rule (and is the only start where G does not divide E, under a cap);
+   if it passes the acceptance rule (and is the only start where G does not divide E, under a cap).
+   Where G does not divide E but E + R does (`--redundant-experts R`; 16 + 2 on 3 GPUs: 6 slots
+   each), a GPU holds at most S = (E + R) / G primaries per layer and its copies fill the rest
+   (primary_slots): the balance start under that per-layer limit, the traffic start as traffic's
+   placement of E + R experts, R of them never selected (their slots are the copies'); the LP
+   bounds each GPU's count by 1..S and the descent also tries slot moves (one expert off the
+   layer's slowest GPU to a GPU with fewer than S). Planted trace, 60 experts + 4 copies on 2 x 8
+   GPUs: 520.8 us on the training tokens and 530.6 held out, against 649.4 and 648.6 for
+   `balance` with the same copies (667.5 / 668.2 with the balance start alone);
 2. per layer, the LP relaxation (PuLP + HiGHS) of a MILP with auxiliary max-load and max-link
    variables on a linear surrogate: compute load per GPU (loads shrunk toward the layer mean by
    their Poisson noise), and per-GPU, per-link-class dispatch volumes of this layer (from the
@@ -50,12 +58,19 @@ chance. The reported value is the exact cost (what `moeplace eval --cluster` pre
    without replicas, the tokens whose GPU can hold none of their experts (moved_bound).
 
 Deterministic for a seed: the amount of work is fixed (20 sweeps at most, fixed tries per step)
-and no step's result reads the clock. The time limit only cuts work short, recorded as
-solver.stopped_by_time_limit (also set when the traffic or balance start was cut short).
+and no search step's result reads the clock. The time limit only cuts work short, recorded in
+solver.cut_steps: "search", "replicas", and "<name> start (<its steps>)" for a start cut by its
+own share (e.g. a balance start's candidate ILPs, 16 x 8 layers under a total cap, need 3-4 s
+each to prove: such a start may differ with a longer limit or on a faster machine).
+solver.stopped_by_time_limit says whether the solve as a whole stopped on the limit (the search
+or the replicas cut). A start's share alone does not set it: it did before 2026-11-24, and a
+planted 16-expert trace under a cap said "stopped by --time-limit" after 15.6 s of 60 (the
+placement with 150 s: the same).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import TYPE_CHECKING, Any, Iterable
@@ -405,7 +420,8 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
                   traffic_options: dict[str, Any] | None = None) -> SolveOutcome:
     """The `latency` objective (module docstring) -> solver.SolveOutcome.
 
-    1. starts: the traffic and balance placements, the better one by the acceptance rule;
+    1. starts: the traffic and balance placements, the better one by the acceptance rule (at
+       most S primaries a GPU where G divides E + R but not E: primary_slots);
     2-3. per-layer LP and swap descent (and cap moves) from it, each step through that rule
        (under a cap with G | E: the equal-count search, continued under the cap);
     4. replicas, on the searched placement and on the starts, the best kept;
@@ -430,7 +446,8 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
     bar = Progress("latency", enabled=progress)
 
     # 1. starts
-    firsts = _starts(trace, num_gpus, gpus_per_node, time_limit, seed, cap, traffic_options)
+    slots = primary_slots(trace.num_experts, num_gpus, redundant, cap)  # G does not divide E, E + R: uneven primaries
+    firsts = _starts(trace, num_gpus, gpus_per_node, time_limit, seed, cap, traffic_options, slots)
     starts: dict[str, np.ndarray] = {name: first.expert_to_gpu for name, first in firsts.items()}
     all_layers = list(range(trace.num_layers))
     costs = {name: np.array([m.weighted(p) for m, p in zip(models.all, models.layers(x, all_layers))])
@@ -476,8 +493,8 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
         start_name = pick_start("balance")
         best = starts[start_name].copy()
         bar.update(0, f"start {start_name}, search cost {scored[start_name]:.1f}")
-        stats, parts = _search(models, best, num_gpus, cap, np.random.default_rng(seed), deadline, bar)
-    cut_short = time.monotonic() > deadline or any(first.solver.get("stopped_by_time_limit") for first in firsts.values())
+        stats, parts = _search(models, best, num_gpus, cap, np.random.default_rng(seed), deadline, bar, slots)
+    cut = ["search"] if time.monotonic() > deadline else []  # the steps the time limit cut short
     searched = model.weighted(parts[0])
 
     # 4. replicas, on the searched placement and on the two starts (module docstring)
@@ -486,7 +503,9 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
     replicas_on = None
     if redundant:
         replicas_on, best, replicas, value = _replicas(exact, best, starts, redundant, end, token_folds)
-        cut_short |= time.monotonic() > end
+        if time.monotonic() > end:
+            cut.append("replicas")
+    cut += _cut_starts(firsts)
 
     # 5. bound
     bound = latency_bound(exact, num_gpus, redundant, cap)
@@ -502,14 +521,25 @@ def solve_latency(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: f
                 "search_costs": {"starts": scored, "final": searched},
                 "acceptance": {"z": Z_ACCEPT, "folds": len(models.all) - 1, "loads": "shrunk"},
                 "slots_per_gpu": math.ceil((trace.num_experts + redundant) / num_gpus) if cap is None else None,
-                "equal_slots": cap is None and redundant % num_gpus == 0, "max_experts_per_gpu_total": cap,
+                "equal_slots": cap is None and (trace.num_experts + redundant) % num_gpus == 0, "max_experts_per_gpu_total": cap,
                 "redundant_experts": redundant, "replicas_on": replicas_on, "seed": seed,
                 "time_limit_s": time_limit, "seconds": round(time.monotonic() - start, 3),
-                "stopped_by_time_limit": cut_short, **stats, **({"cap_searches": chains} if chains else {})},
+                "stopped_by_time_limit": bool({"search", "replicas"} & set(cut)), "cut_steps": cut, **stats, **({"cap_searches": chains} if chains else {})},
         bound=bound,
         gap=relative_gap(value, bound),
         starts=starts,
     )
+
+
+def _cut_starts(firsts: dict[str, Placement | SolveOutcome]) -> list[str]:
+    """The starts their own share of the time limit cut short, e.g. "balance start (ilp)": a
+    share cut is the start's, not the solve's (solve_latency's docstring)."""
+    out = []
+    for name, first in firsts.items():
+        if first.solver.get("stopped_by_time_limit"):
+            steps = first.solver.get("cut_steps")
+            out.append(f"{name} start" + (f" ({', '.join(steps)})" if steps else ""))
+    return out
 
 
 def _check_arguments(trace: Trace, num_gpus: int, redundant: int, cap: int | None) -> None:
@@ -522,19 +552,40 @@ def _check_arguments(trace: Trace, num_gpus: int, redundant: int, cap: int | Non
             raise MoeplaceError("--max-experts-per-gpu-total with --redundant-experts: replicas need equal slots "
                                 "per GPU; use --objective balance for both, or drop one")
         total_slots_per_gpu(trace.num_layers, trace.num_experts, num_gpus, 0, cap)  # C x G >= L x E, or a clear error
+    num_experts = trace.num_experts
+    if cap is None and num_experts % num_gpus and primary_slots(num_experts, num_gpus, redundant, cap) is None:
+        fill = (-num_experts) % num_gpus
+        raise MoeplaceError(f"{num_experts} experts per layer cannot be split equally over {num_gpus} GPUs: latency needs "
+                            f"--max-experts-per-gpu-total, or --redundant-experts R with {num_experts} + R a multiple of "
+                            f"{num_gpus} (R = {fill}, {fill + num_gpus}, ...: the copies fill equal slots)")
+
+
+def primary_slots(num_experts: int, num_gpus: int, redundant: int, cap: int | None) -> int | None:
+    """Slots per GPU where G does not divide E but E + R (16 experts + 2 copies on 3 GPUs: 6 each):
+    they bound a GPU's primaries per layer, its copies fill the rest (step 4); else None."""
+    if cap is None and redundant and num_experts % num_gpus and (num_experts + redundant) % num_gpus == 0:
+        return (num_experts + redundant) // num_gpus
+    return None
 
 
 def _starts(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: float, seed: int, cap: int | None,
-            traffic_options: dict[str, Any] | None) -> dict[str, Placement | SolveOutcome]:
+            traffic_options: dict[str, Any] | None, slots: int | None = None) -> dict[str, Placement | SolveOutcome]:
     """The balance placement and, where G divides E, the traffic one, each with 0.3 of the time
     (under a cap with G | E also the equal-count balance placement, "balance equal").
 
     Traffic keeps E / G experts per GPU: where G does not divide E only a cap allows a
-    placement, and balance is the one start."""
+    placement, and balance is the one start, or copies that fill `slots` per GPU (primary_slots):
+    then both starts hold at most `slots` primaries a GPU, the traffic one as traffic's placement
+    of E + R experts, R of them never selected (the slots they take are left to the copies)."""
     from moeplace.solve.solver import solve_traffic
 
     firsts: dict[str, Placement | SolveOutcome] = {"balance": balance_placement(trace.expert_loads(), num_gpus, gpus_per_node, 0, 0.3 * time_limit,
-        progress=False, max_experts_per_gpu_total=cap, tight_bound=False)}  # a start: its gap is not used
+        max_experts_per_gpu=slots, progress=False, max_experts_per_gpu_total=cap, tight_bound=False)}  # a start: its gap is not used
+    if slots is not None:
+        # traffic over E + R experts, the R extra never selected: the slots they take are the copies'
+        padded = solve_traffic(dataclasses.replace(trace, num_experts=slots * num_gpus), num_gpus, gpus_per_node,
+                               0.3 * time_limit, seed, False, **(traffic_options or {}))
+        firsts["traffic"] = dataclasses.replace(padded, expert_to_gpu=padded.expert_to_gpu[:, :trace.num_experts])
     if trace.num_experts % num_gpus == 0:
         firsts["traffic"] = solve_traffic(trace, num_gpus, gpus_per_node, 0.3 * time_limit, seed, False,
                                           **(traffic_options or {}))
@@ -545,14 +596,16 @@ def _starts(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: float, 
 
 
 def _search(models: SearchModels, best: np.ndarray, num_gpus: int, cap: int | None, rng: np.random.Generator,
-            deadline: float, bar: Progress) -> tuple[dict[str, int], list[np.ndarray]]:
-    """Sweeps of per-layer LP (small layers), swap descent and cap moves over `best` int [L, E],
-    in place, each change through the acceptance rule, until a sweep changes nothing or the
-    deadline -> (counts of accepted steps, the models' per-layer parts of the result)."""
+            deadline: float, bar: Progress, slots: int | None = None) -> tuple[dict[str, int], list[np.ndarray]]:
+    """Sweeps of per-layer LP (small layers), swap descent and cap moves (slot moves with
+    `slots`, primary_slots) over `best` int [L, E], in place, each change through the acceptance
+    rule, until a sweep changes nothing or the deadline -> (counts of accepted steps, the models'
+    per-layer parts of the result)."""
     model = models.all[0]
     num_layers, num_experts = best.shape
     parts = models.reset(best)
-    stats = {"lp_accepted": 0, "swaps_accepted": 0, "sweeps": 0} | ({"cap_moves_accepted": 0} if cap is not None else {})
+    moves = "cap_moves_accepted" if cap is not None else "slot_moves_accepted" if slots is not None else None
+    stats = {"lp_accepted": 0, "swaps_accepted": 0, "sweeps": 0} | ({moves: 0} if moves else {})
     small = num_experts * num_gpus <= LAYER_LP_MAX_VARS
     lp_refused: dict[int, bytes] = {}  # layer -> its neighbourhood when its LP step was refused
     for sweep in range(20):
@@ -561,7 +614,7 @@ def _search(models: SearchModels, best: np.ndarray, num_gpus: int, cap: int | No
             if time.monotonic() > deadline:
                 break
             if small:
-                counts = count_range(best, layer, num_gpus, cap)
+                counts = count_range(best, layer, num_gpus, cap, slots)
                 # the LP and the test of its rounding read only this layer, its neighbours and the
                 # count range: if none changed since the LP here was refused, it would be again
                 seen = _lp_inputs(best, layer, counts)
@@ -578,9 +631,9 @@ def _search(models: SearchModels, best: np.ndarray, num_gpus: int, cap: int | No
             n = _swap_descent(models, best, parts, layer, rng, deadline)
             stats["swaps_accepted"] += n
             improved |= n > 0
-            if cap is not None:
-                n = _cap_moves(models, best, parts, layer, cap, rng, deadline)
-                stats["cap_moves_accepted"] += n
+            if moves:
+                n = _cap_moves(models, best, parts, layer, cap, rng, deadline, slots=slots)
+                stats[moves] += n
                 improved |= n > 0
         stats["sweeps"] = sweep + 1
         bar.update(sweep + 1, f"sweep {sweep + 1}: search cost {model.weighted(parts[0]):.1f}")  # shrunk loads
@@ -645,10 +698,14 @@ def _swap_descent(models: SearchModels, best: np.ndarray, parts: list[np.ndarray
     return accepted
 
 
-def count_range(e2g: np.ndarray, layer: int, num_gpus: int, cap: int | None) -> tuple[np.ndarray, np.ndarray]:
+def count_range(e2g: np.ndarray, layer: int, num_gpus: int, cap: int | None,
+                slots: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(least, most) experts each GPU may hold at `layer`, int [G] each: E / G both without a total
-    cap; with one, at least 1 and at most what the GPU's other layers leave of the cap."""
+    cap; with one, at least 1 and at most what the GPU's other layers leave of the cap; with
+    `slots` (primary_slots: copies fill every GPU to it), at least 1 (0 where G > E) and at most it."""
     num_experts = e2g.shape[1]
+    if slots is not None:
+        return np.full(num_gpus, int(num_experts >= num_gpus)), np.full(num_gpus, slots)
     if cap is None:
         equal = np.full(num_gpus, num_experts // num_gpus)
         return equal, equal
@@ -657,11 +714,12 @@ def count_range(e2g: np.ndarray, layer: int, num_gpus: int, cap: int | None) -> 
     return np.ones(num_gpus, dtype=np.int64), cap - others
 
 
-def _cap_moves(models: SearchModels, best: np.ndarray, parts: list[np.ndarray], layer: int, cap: int,
-               rng: np.random.Generator, deadline: float, tries: int = 16) -> int:
+def _cap_moves(models: SearchModels, best: np.ndarray, parts: list[np.ndarray], layer: int, cap: int | None,
+               rng: np.random.Generator, deadline: float, tries: int = 16, *, slots: int | None = None) -> int:
     """Under a total cap: move an expert off `layer`'s slowest GPU a (by token load) to a GPU b.
     If b has room under the cap, alone; else paired with a move of one of b's experts to a at the
-    layer where a has the most spare load (so totals stay put). Returns moves accepted."""
+    layer where a has the most spare load (so totals stay put). With per-layer `slots` instead
+    (primary_slots), b is one with a free slot at `layer`, and the move is alone. Returns moves accepted."""
     model = models.all[0]
     num_gpus = model.cost.cluster.num_gpus
     expert_load = models.selections  # [L, E]
@@ -674,11 +732,16 @@ def _cap_moves(models: SearchModels, best: np.ndarray, parts: list[np.ndarray], 
         a = int(np.argmax(gpu_load[layer]))
         if counts[layer, a] < 2:
             break
-        b = int(rng.choice(np.flatnonzero(np.arange(num_gpus) != a)))
+        room = np.arange(num_gpus) != a
+        if slots is not None:
+            room &= counts[layer] < slots
+            if not room.any():
+                break
+        b = int(rng.choice(np.flatnonzero(room)))
         cand = best.copy()
         cand[layer, rng.choice(np.flatnonzero(best[layer] == a))] = b
         changed = [layer]
-        if counts[:, b].sum() >= cap:
+        if cap is not None and counts[:, b].sum() >= cap:
             # the partner layer: b can give one up and a has the most spare load there
             ok = np.flatnonzero((counts[:, b] >= 2) & (np.arange(best.shape[0]) != layer))
             if len(ok) == 0:

@@ -619,12 +619,16 @@ def solve_placement(
         raise MoeplaceError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
     check_arguments(num_gpus=num_gpus, gpus_per_node=gpus_per_node, time_limit=time_limit, seed=seed,
                     train_fraction=train_fraction, **options)
-    uneven = objective == "balance" or options.get("max_experts_per_gpu_total") is not None  # their own checks
+    redundant = options.get("redundant", 0)
+    # latency's copies may fill equal slots where G divides E + R but not E (latency.primary_slots)
+    fills = objective == "latency" and redundant > 0 and (trace.num_experts + redundant) % num_gpus == 0
+    uneven = objective == "balance" or options.get("max_experts_per_gpu_total") is not None or fills  # own checks
     check_topology(trace.num_experts, num_gpus, gpus_per_node, balanced=not uneven,
                    hint=f"--objective {objective} keeps E/G experts per GPU; --objective balance with "
                         "--redundant-experts, --max-experts-per-gpu or --max-experts-per-gpu-total, or latency with "
-                        "--max-experts-per-gpu-total, places them unevenly",
-                   redundant=options.get("redundant", 0) if objective == "balance" else 0)
+                        "--max-experts-per-gpu-total or with --redundant-experts R where E + R is a multiple of G, "
+                        "places them unevenly",
+                   redundant=redundant if objective == "balance" or fills else 0)
     train_idx, held_idx = split_tokens(trace.num_tokens, train_fraction, seed)
     fit = trace.select_tokens(train_idx) if train_fraction < 1.0 else trace
     held = trace.select_tokens(held_idx) if len(held_idx) else None
