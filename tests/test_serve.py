@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from moeplace.eval.metrics import evaluate
+from moeplace.eval.metrics import evaluate, gpu_loads, imbalance
 from moeplace.eval.traffic import predict_traffic, serving_gpus
 from moeplace.models.tiny import build_tiny_model
 from moeplace.placement import Placement, load_placement
@@ -157,13 +157,21 @@ def check_job(job: tuple[str, str, str], result: dict, models: dict, world: int)
     assert len(result["logits"]) == len(ref_logits) > 0, f"{family} {mode}: {len(result['logits'])} logits rows"
     for got, want in zip(result["logits"], ref_logits, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    measured = result["decode"]
     if world == 1:
-        assert result["decode"]["alltoall_bytes"] == 0
+        assert measured["alltoall_bytes"] == 0
+        # one rank runs every choice: k per token decoded and MoE layer
+        assert measured["rank_expert_tokens_per_layer"] == [[measured["tokens_processed"] * spec.top_k]] * len(
+            spec.moe_layers)
         return
     placement = load_placement(placement_path)
     trace = routing_trace(result["routing"], placement.num_layers, placement.num_experts)
     predicted = predict_traffic(placement, trace, mode, hidden_size=spec.hidden_size, element_bytes=4)
-    measured = result["decode"]
+    # each rank's expert load, counted where the experts ran, is eval's per-layer GPU load of the
+    # routing replayed (replicas: the copies the runtime's batches chose, serving_gpus)
+    loads = gpu_loads(placement, trace, serving_gpus(placement, trace, mode))
+    assert measured["rank_expert_tokens_per_layer"] == loads.astype(int).tolist()
+    assert measured["imbalance_per_layer"] == pytest.approx(imbalance(loads).tolist())
     assert measured["dispatch"]["bytes"] == predicted["dispatch_bytes"]
     assert measured["combine"]["bytes"] == predicted["combine_bytes"]
     assert measured["cross_rank_rows_per_layer"] == predicted["cross_rank_rows_per_layer"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -18,10 +19,11 @@ import pytest
 import torch
 
 from moeplace.cli import run
+from moeplace.eval.metrics import gpu_loads
 from moeplace.eval.traffic import predict_traffic
 from moeplace.models.tiny import build_tiny_model
 from moeplace.placement import Placement, load_placement
-from moeplace.serve.cli import held_experts
+from moeplace.serve.cli import CONTIGUOUS, held_experts
 from moeplace.serve.counters import Counters
 from moeplace.serve.httpserver import BadRequest, Stats, metrics_text, parse_completion
 from moeplace.solve.baselines import random_balanced
@@ -79,6 +81,11 @@ def test_torchrun_batch_matches_transformers_and_prediction(model: tuple[Path, l
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                           env=dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path)))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    sha = hashlib.sha256(placement.read_bytes()).hexdigest()[:12]
+    # which placement ran, in words on stderr and in the stats; each file written named on stdout
+    assert f"moeplace serve: batch of 3 prompts (2 ranks, coherent); placement {placement} (sha256 {sha})" in proc.stderr
+    assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("wrote ")] == [
+        f"wrote {out}", f"wrote {stats}", f"wrote {routing}"]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["token_ids"] for r in rows[:2]] == expected
     assert len(rows[2]["token_ids"]) == 3 and rows[2]["prompt"] == "hi there" and isinstance(rows[2]["text"], str)
@@ -88,6 +95,12 @@ def test_torchrun_batch_matches_transformers_and_prediction(model: tuple[Path, l
     decode = s["decode"]
     assert decode["alltoall_bytes"] > 0 and decode["alltoall_bytes"] == predicted["alltoall_bytes"]
     assert decode["alltoalls_per_layer_step"] == 2.0  # top-2: dispatch + combine
+    assert (s["placement"], s["placement_sha256"]) == (str(placement), sha)
+    # each rank's expert load per MoE layer: eval's per-GPU load of the routing replayed (2 choices a token)
+    loads = gpu_loads(load_placement(placement), load_trace(routing))
+    assert decode["rank_expert_tokens_per_layer"] == loads.astype(int).tolist()
+    assert sum(decode["rank_expert_tokens"]) == 2 * 2 * decode["tokens_processed"] == 48  # top-2 x 2 MoE layers
+    assert sum(map(sum, s["prefill"]["rank_expert_tokens_per_layer"])) == 2 * 2 * (5 + 3 + 8)  # every prompt token
 
     # `moeplace eval --model` on the recorded routing predicts what the ranks measured (issue 4)
     capsys.readouterr()
@@ -99,6 +112,7 @@ def test_torchrun_batch_matches_transformers_and_prediction(model: tuple[Path, l
     assert cli["dispatch_rows"] == decode["dispatch"]["rows"] and cli["combine_rows"] == decode["combine"]["rows"]
     assert cli["cross_rank_rows_per_layer"] == decode["cross_rank_rows_per_layer"]
     assert cli["alltoalls_per_layer"] == decode["alltoalls_per_layer_step"]
+    assert decode["imbalance_per_layer"] == pytest.approx(report["layouts"]["placement"]["imbalance_per_layer"])
     # K/V replication: every decoded token's entries of all 3 layers go to the other rank
     assert cli["kv_sync_bytes_per_token"] * cli["tokens"] == decode["kv_sync"]["bytes"] > 0
     # one key, one meaning: per token decoded (12: each prompt's last new token is never fed back), not per
@@ -248,20 +262,35 @@ def exposition(text: str) -> dict[str, str]:
 def test_metrics_text_is_valid_exposition() -> None:
     """Before: collectives_total samples inside collective_bytes_total's group; moeplace_info,
     moeplace_collectives_total and moeplace_cross_rank_tokens_total without HELP/TYPE."""
-    counters = Counters(2)
-    for phase in ("prefill", "decode"):
-        counters.phase = phase
-        for layer in range(2):
-            counters.record("dispatch", 3 + layer, 64 * (3 + layer), layer)
-            counters.record("combine", 2, 128, layer)
-        counters.record("kv_sync", 4, 256)
-        counters.steps[phase] += 1
+    def rank_counters(served: bool) -> Counters:
+        counters = Counters(2)
+        for phase in ("prefill", "decode"):
+            counters.phase = phase
+            for layer in range(2):
+                counters.record("dispatch", 3 + layer, 64 * (3 + layer), layer)
+                counters.record("combine", 2, 128, layer)
+            counters.record("kv_sync", 4, 256)
+            counters.steps[phase] += 1
+            if served:
+                counters.record_served(0, 3)
+                counters.record_served(1, 2)
+        return counters
+
+    # both ranks issue the same collectives (sent rows and bytes are summed); rank 1's experts ran nothing
+    vectors = [rank_counters(True).as_vector(0, 2), rank_counters(False).as_vector(1, 2)]
+    counters = Counters.from_vector(2, [a + b for a, b in zip(*vectors)], world=2)
     stats = Stats(generated_tokens=5, requests=1, counters={p: counters.summary(p) for p in ("prefill", "decode")})
-    values = exposition(metrics_text(stats, "coherent", 2))
+    values = exposition(metrics_text(stats, "coherent", 2, {"placement": 'out/a "b".json', "placement_sha256": "0123456789ab"}))
     assert values['moeplace_collectives_total{phase="decode",kind="dispatch"}'] == "2"
-    assert values['moeplace_collective_bytes_total{phase="prefill",kind="kv_sync"}'] == "256"
-    assert values['moeplace_cross_rank_tokens_total{phase="decode",layer="1"}'] == "6"  # 4 dispatched + 2 combined
-    assert values['moeplace_info{mode="coherent",world="2"}'] == "1"
+    assert values['moeplace_collective_bytes_total{phase="prefill",kind="kv_sync"}'] == "512"  # 256 from each rank
+    assert values['moeplace_cross_rank_tokens_total{phase="decode",layer="1"}'] == "12"  # 4 dispatched + 2 combined, per rank
+    assert values['moeplace_info{mode="coherent",world="2",placement="out/a \\"b\\".json",'
+                  'placement_sha256="0123456789ab"}'] == "1"  # the quote escaped
+    assert values['moeplace_expert_tokens_total{phase="decode",rank="0"}'] == "5"  # 3 + 2 over the MoE layers
+    assert values['moeplace_expert_tokens_total{phase="prefill",rank="1"}'] == "0"
+    contiguous = exposition(metrics_text(Stats(), "standard", 4, {"placement": CONTIGUOUS, "placement_sha256": None}))
+    assert contiguous == {'moeplace_info{mode="standard",world="4",placement="contiguous (no --placement)",'
+                          'placement_sha256=""}': "1", **{k: v for k, v in contiguous.items() if "info" not in k}}
 
 
 @pytest.mark.parametrize("field, message", [({"stream": True}, "stream"), ({"n": 2}, "\"n\" must be 1"),
@@ -357,6 +386,14 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
         assert 'moeplace_cross_rank_tokens_total{phase="decode",layer="0"}' in values
         assert values["moeplace_requests_total"] == "3" and values["moeplace_rejected_requests_total"] == "14"
         assert float(values["moeplace_decode_seconds_total"]) > 0
+        sha = hashlib.sha256(placement.read_bytes()).hexdigest()[:12]
+        assert json.loads(http(http_port, "/health")[1]) == {"status": "ok", "world": 2, "mode": "standard",
+                                                             "placement": str(placement), "placement_sha256": sha}
+        assert values[f'moeplace_info{{mode="standard",world="2",placement="{placement}",placement_sha256="{sha}"}}'] == "1"
+        # 3 requests: each decoded its tokens but the last (never fed back), 2 choices each, 2 MoE layers
+        decoded = int(values["moeplace_generated_tokens_total"]) - 3
+        decode_load = [int(values[f'moeplace_expert_tokens_total{{phase="decode",rank="{r}"}}']) for r in range(2)]
+        assert sum(decode_load) == decoded * 2 * 2 and decoded >= 10 and min(decode_load) > 0
         # a rank dies: rank 0 notices within the timeout (heartbeats) and exits with one clear line
         procs[1].send_signal(signal.SIGKILL)
         start = time.monotonic()
@@ -364,6 +401,7 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
         assert procs[0].returncode not in (0, None)
         assert "lost contact with a peer rank" in err and "Traceback" not in err
         assert time.monotonic() - start < 30
+        assert f"moeplace serve: http://127.0.0.1:{http_port} (2 ranks, standard); placement {placement} (sha256 {sha})" in err
     finally:
         for p in procs:
             if p.poll() is None:
@@ -698,6 +736,7 @@ def test_a_client_that_leaves_mid_request_is_no_server_error(capsys: pytest.Capt
     server.spec = SimpleNamespace(vocab_size=100, max_positions=64, eos_token_ids=[0])
     server.tokenizer, server.mode, server.world, server.model_name, server.created = None, "standard", 1, "m", 0
     server.max_tokens_limit, server.max_batch, server.jobs, server.stats = 16, 4, queue.Queue(), Stats()
+    server.placement = {"placement": CONTIGUOUS, "placement_sha256": None}
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
     def engine() -> None:  # answers each job once its client has gone
@@ -933,7 +972,8 @@ def test_queued_requests_get_503_when_the_runtime_fails(monkeypatch: pytest.Monk
     def loop() -> None:
         try:
             rt: Any = _FailingRuntime(started, release)
-            serve_forever(rt, server, None, 1, 16, heartbeat_s=0.1, model_name="m")
+            serve_forever(rt, server, None, 1, 16, heartbeat_s=0.1, model_name="m",
+                          placement={"placement": CONTIGUOUS, "placement_sha256": None})
         except BaseException as e:
             failure.append(e)
 
@@ -1104,3 +1144,36 @@ def test_timeout_must_be_a_finite_number_of_seconds(tmp_path: Path, capsys: pyte
     assert run(["serve", "--model", str(tmp_path), "--prompts", "x.txt", "--timeout", value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--timeout" in err[0] and message in err[0], err
+
+
+def test_batch_names_its_placement_and_the_files_it_wrote(model: tuple[Path, list[list[int]]], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: no line said which placement a run applied, and a batch run wrote --out without
+    the `wrote FILE` line every other command prints."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPT_IDS[0]}) + "\n")
+    out, stats = tmp_path / "o.jsonl", tmp_path / "s.json"
+    base = ["serve", "--model", str(model[0]), "--prompts", str(prompts), "--max-new-tokens", "2"]
+    assert run([*base, "--out", str(out), "--stats-out", str(stats)]) == 0
+    got = capsys.readouterr()
+    assert got.out.splitlines() == [f"wrote {out}: 1 generation, 2 tokens", f"wrote {stats}: counters of 1 rank (coherent)"]
+    assert "moeplace serve: batch of 1 prompt (1 rank, coherent); placement contiguous (no --placement)" in got.err
+    s = json.loads(stats.read_text())
+    assert (s["placement"], s["placement_sha256"]) == (CONTIGUOUS, None)
+    assert s["decode"]["rank_expert_tokens_per_layer"] == [[2], [2]]  # 1 token decoded, top-2, one rank
+    # generations on stdout: stdout stays JSONL, the other files are named on stderr
+    placement = save_placement(tmp_path / "one.json", 2, 8, 1)
+    assert run([*base, "--stats-out", str(stats), "--placement", str(placement)]) == 0
+    got = capsys.readouterr()
+    assert [json.loads(line)["index"] for line in got.out.splitlines()] == [0]
+    assert f"wrote {stats}: counters of 1 rank (coherent)" in got.err
+    sha = hashlib.sha256(placement.read_bytes()).hexdigest()[:12]
+    assert f"; placement {placement} (sha256 {sha})" in got.err
+    assert json.loads(stats.read_text())["placement_sha256"] == sha
+
+
+def test_max_new_tokens_help_says_it_caps_http_requests(capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: "Greedy tokens per prompt (a JSONL max_tokens overrides it)", silent on the HTTP cap."""
+    assert run(["serve", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "HTTP: the most a request's max_tokens may ask for (more is a 400)" in text

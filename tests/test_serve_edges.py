@@ -270,7 +270,7 @@ def test_generate_on_two_thread_ranks_matches_transformers(tmp_path: Path, mode:
         for got, want in zip(res.logits or [], results[0][0].logits, strict=True):
             torch.testing.assert_close(got, want)
     routing = np.concatenate([res.routing for res, _ in results])
-    vec = np.sum([c.as_vector() for _, c in results], axis=0).tolist()
+    vec = np.sum([c.as_vector(r, world) for r, (_, c) in enumerate(results)], axis=0).tolist()
     result = {"tokens": results[0][0].tokens, "logits": results[0][0].logits,
               "routing": routing[np.lexsort((routing[:, 2], routing[:, 1], routing[:, 0]))],
               "decode": Counters.from_vector(layers, vec, world).summary("decode", per_token=True)}

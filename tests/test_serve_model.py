@@ -199,7 +199,10 @@ def test_counters_merged_over_ranks_and_summarised() -> None:
             c.record("tokens", 0, 8)
         c.record("counts", 1, 8)  # no layer: totals only
         c.steps["decode"], c.tokens["decode"] = 3, 6
-        vectors.append(c.as_vector())
+        for layer in range(2):  # expert load: an int here, a 0-d tensor in the runtime (kept on its device)
+            c.record_served(layer, torch.tensor(4 * rank + layer + 1))
+            c.record_served(layer, 1)
+        vectors.append(c.as_vector(rank, 2))
     merged = Counters.from_vector(2, [a + b for a, b in zip(*vectors)], world=2)
     s = merged.summary("decode", per_token=True)
     assert (s["steps"], s["tokens_processed"]) == (3, 6)
@@ -213,16 +216,23 @@ def test_counters_merged_over_ranks_and_summarised() -> None:
     assert s["collectives_per_step"] == pytest.approx(16 / 3)
     assert s["cross_rank_rows_per_layer"] == [15, 21]  # dispatch 9 + combine 6; 15 + 6
     assert s["alltoall_bytes_per_token"] == 600 and s["all_bytes_per_token"] == pytest.approx(3664 / 6)
+    # each rank's load in its own column, summed by the same all-reduce: [layer][rank]
+    assert s["rank_expert_tokens_per_layer"] == [[2, 6], [3, 7]] and s["rank_expert_tokens"] == [5, 13]
+    assert s["imbalance_per_layer"] == [1.5, 1.4]  # max / mean, eval's definition
+    assert merged.summary("prefill")["rank_expert_tokens_per_layer"] == [[0, 0], [0, 0]]
     p = merged.summary("prefill")
     assert (p["steps"], p["tokens_processed"], p["dispatch"]["collectives"], p["dispatch"]["bytes"]) == (1, 5, 1, 20)
     assert p["cross_rank_rows_per_layer"] == [2, 0] and p["combine"]["collectives"] == 0
     assert p["alltoalls_per_layer_step"] == 0.5  # 1 dispatch, no combine / (1 step x 2 layers)
     # before any request (what /metrics shows at start): zeros, no division by 0, also once merged
-    for empty in (Counters(2), Counters.from_vector(2, [2 * x for x in Counters(2).as_vector()], world=2)):
+    for empty in (Counters(2), Counters.from_vector(2, [2 * x for x in Counters(2).as_vector(0, 2)], world=2)):
         e = empty.summary("decode", per_token=True)
         assert (e["steps"], e["tokens_processed"], e["alltoall_bytes"], e["alltoall_bytes_per_step"]) == (0, 0, 0, 0)
         assert e["cross_rank_rows_per_layer"] == [0, 0] and "alltoall_bytes_per_token" not in e
         assert e["alltoalls_per_layer_step"] == e["collectives_per_step"] == 0
+        assert e.get("imbalance_per_layer", [1.0, 1.0]) == [1.0, 1.0]  # no load: balanced, as eval says
+    with pytest.raises(ValueError, match="longer than its layout"):  # a vector of another world size
+        Counters.from_vector(2, Counters(2).as_vector(0, 4), world=2)
     assert Counters(0).summary("decode")["alltoalls_per_layer_step"] == 0  # no MoE layer: no division by 0
     assert {key[2] for key in c.per_layer} == {0, 1}  # the counts collective has no layer entry
     assert merged.per_layer[("decode", "dispatch", 0)] == [3, 9, 900]  # [collectives, rows, bytes]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -65,9 +66,11 @@ PROMPT_KEYS = {"prompt", "max_tokens", "temperature", *SAMPLING}  # what a JSONL
                    "'-' reads standard input (e.g. a pipe).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
               help="Batch output JSONL: one {index, prompt, token_ids, text, finish_reason} per prompt "
-                   "(default: stdout).")
+                   "(default: stdout). A `wrote FILE` line on stdout names each file written.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 1 << 16),
-              help="Greedy tokens per prompt (a JSONL max_tokens overrides it).")
+              help="Batch: greedy tokens per prompt (a JSONL max_tokens overrides it). HTTP: the most a "
+                   "request's max_tokens may ask for (more is a 400); a request without max_tokens gets "
+                   "16 or this, the smaller.")
 @click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1, 1 << 14),
               help="Sequences decoded together (batch: rounded down to a multiple of the number of ranks, "
                    "at least one per rank; HTTP: a request with more prompts is refused).")
@@ -84,7 +87,8 @@ PROMPT_KEYS = {"prompt", "max_tokens", "temperature", *SAMPLING}  # what a JSONL
 @click.option("--timeout", "timeout_s", default=60.0, show_default=True, type=FiniteFloat(1.0, MAX_TIMEOUT_S),
               help="Seconds a rank waits for a silent or dead peer before exiting with an error.")
 @click.option("--stats-out", type=click.Path(dir_okay=False),
-              help="Batch: write counters JSON (collectives, tokens and bytes to other ranks, tokens/s).")
+              help="Batch: write counters JSON (collectives, tokens and bytes to other ranks, each rank's "
+                   "expert load per MoE layer, tokens/s).")
 @click.option("--routing-out", type=click.Path(dir_okay=False),
               help="Batch: write the decode routing as a moeplace trace (.npz), e.g. to predict traffic.")
 def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None, mode: str,
@@ -179,9 +183,11 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
     rank, world, dev = engine.init_distributed(timeout_s, device)
     # rank 0's own inputs, checked before any weight is read; the others learn the verdict
     tokenizer = prompts = server = None
+    applied: dict[str, str | None] = {}
 
     def check() -> None:
-        nonlocal tokenizer, prompts, server
+        nonlocal tokenizer, prompts, server, applied
+        applied = placement_name(placement_path)
         for option, path in (("--out", out_path), ("--stats-out", stats_out), ("--routing-out", routing_out)):
             if path:
                 check_writable(Path(path), option, inputs=[prompts_path, placement_path])  # before the run
@@ -207,11 +213,12 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
     elif server is not None:
         from moeplace.serve.httpserver import serve_forever
 
-        click.echo(f"moeplace serve: http://{host}:{server.server_address[1]} ({world} ranks, {mode})", err=True)
+        click.echo(f"moeplace serve: http://{host}:{server.server_address[1]} ({plural(world, 'rank')}, {mode}); "
+                   f"{describe_placement(applied)}", err=True)
         stop = True
         try:
             serve_forever(rt, server, tokenizer, max_batch, max_new_tokens, heartbeat_s=heartbeat_s,
-                          model_name=Path(model_dir).name)
+                          model_name=Path(model_dir).name, placement=applied)
         except MoeplaceError:
             # a failed collective: one more broadcast on the broken group would only wait out the
             # timeout and replace the real error; the other ranks fail on their own
@@ -222,10 +229,34 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
                 engine.send_command(rt, engine.STOP)
     else:
         assert prompts is not None
-        run_batch(rt, prompts, max_batch, ignore_eos, tokenizer, out_path, stats_out, routing_out, placement_path)
+        click.echo(f"moeplace serve: batch of {plural(len(prompts), 'prompt')} ({plural(world, 'rank')}, {mode}); "
+                   f"{describe_placement(applied)}", err=True)
+        run_batch(rt, prompts, max_batch, ignore_eos, tokenizer, out_path, stats_out, routing_out, applied)
         engine.send_command(rt, engine.STOP)
     if world > 1:
         dist.destroy_process_group()
+
+
+CONTIGUOUS = "contiguous (no --placement)"
+
+
+def placement_name(placement_path: str | None) -> dict[str, str | None]:
+    """Which placement the run applies, for its start line, /health, /metrics and --stats-out:
+    the path as given and the first 12 hex digits of the file's sha256 (placement.json solved
+    again under the same name is another placement), or contiguous blocks without --placement."""
+    if placement_path is None:
+        return {"placement": CONTIGUOUS, "placement_sha256": None}
+    try:
+        digest = hashlib.sha256(Path(placement_path).read_bytes()).hexdigest()[:12]
+    except OSError as e:
+        raise MoeplaceError(f"{placement_path}: cannot read it ({e.strerror or e})") from None
+    return {"placement": placement_path, "placement_sha256": digest}
+
+
+def describe_placement(applied: dict[str, str | None]) -> str:
+    """`placement p.json (sha256 1a2b3c4d5e6f)`, or `placement contiguous (no --placement)`."""
+    sha = applied.get("placement_sha256")
+    return f"placement {applied.get('placement')}" + (f" (sha256 {sha})" if sha else "")
 
 
 def held_experts(local_experts: list[list[int]], num_experts: int) -> str:
@@ -363,8 +394,10 @@ def prompts_are_jsonl(path: Path, lines: list[str]) -> bool:
 
 def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int]], max_batch: int, ignore_eos: bool, tokenizer: Any,
               out_path: str | None, stats_out: str | None, routing_out: str | None,
-              placement_path: str | None) -> None:
-    """Rank 0: drive the batches, then write generations, counters and routing (atomically)."""
+              applied: dict[str, str | None]) -> None:
+    """Rank 0: drive the batches, then write generations, counters and routing (atomically).
+    Each file written gets a `wrote FILE: ...` line as every other command prints, on stdout, or
+    on stderr when the generations themselves go to stdout (no --out): that stays pure JSONL."""
     import numpy as np
 
     from moeplace.io import write_json_atomic, write_text_atomic
@@ -403,20 +436,23 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int]], max_batch: int
         text = tokenizer.decode(toks) if tokenizer is not None else None
         lines.append(json.dumps({"index": i, "prompt": prompt, "token_ids": toks, "text": text,
                                  "finish_reason": finish}))
+    to_stderr = not out_path
     if out_path:
         with writing(out_path):
             write_text_atomic(out_path, "\n".join(lines) + "\n")
+        click.echo(f"wrote {out_path}: {plural(len(lines), 'generation')}, {plural(generated, 'token')}")
     else:
         click.echo("\n".join(lines))
     if stats_out:
         with writing(stats_out):
             write_json_atomic(stats_out, {
-            "mode": rt.mode, "world": rt.comm.world, "model": str(spec.path), "placement": placement_path,
+            "mode": rt.mode, "world": rt.comm.world, "model": str(spec.path), **applied,
             "top_k": spec.top_k, "hidden_size": spec.hidden_size, "dtype": str(rt.model.dtype).removeprefix("torch."),
             "prompts": len(prompts), "generated_tokens": generated, "decode_seconds": seconds,
             "tokens_per_s": generated / seconds if seconds > 0 else None,
             "decode": counters.summary("decode", per_token=True), "prefill": counters.summary("prefill"),
         })
+        click.echo(f"wrote {stats_out}: counters of {plural(rt.comm.world, 'rank')} ({rt.mode})", err=to_stderr)
     if routing_out:
         rows = np.concatenate(routing)
         layers, k = len(spec.moe_layers), spec.top_k
@@ -428,3 +464,5 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int]], max_batch: int
                                  "world": rt.comm.world})
         with writing(routing_out):
             save_trace(trace, routing_out)
+        click.echo(f"wrote {routing_out}: decode routing of {plural(len(tokens), 'token')} x "
+                   f"{plural(layers, 'MoE layer')}", err=to_stderr)

@@ -42,6 +42,7 @@ def moe_coherent(model: RankModel, comm: Comm, moe: int, h: torch.Tensor, slots:
     rh, rids, rweights, rslots = unpack(got, hidden, [(k, torch.int32), (k, torch.float32), (1, torch.int32)])
     rids, rslots = rids.long(), rslots[:, 0].long()
     partial = model.experts(moe, rh, rids, rweights)
+    comm.counters.record_served(moe, (rids >= 0).sum())  # the choices run here (others are negative)
     rgpus = serving_ranks(rids, rank)
     g1 = rgpus[:, 0]
     mine = torch.nonzero(g1 == rank, as_tuple=True)[0]

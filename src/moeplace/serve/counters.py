@@ -13,6 +13,12 @@ Kinds of collective:
 
 Each rank counts what it sends to other ranks (never to itself); `merge` sums ranks. Collective
 counts are the same on every rank (they are collectives), so merged counts take one rank's.
+
+Expert load: each rank also counts the token-expert choices its own experts ran, per MoE layer
+(`record_served`; a token with two of its k experts on a rank counts 2 there, as eval's
+`gpu_loads` does). That is what a placement trades against traffic. The count stays on the
+rank's device until `as_vector` (no host sync per layer) and rides in the all-reduce that
+already merges the other counters: 2 x layers x world more integers per request, no collective.
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ class Counters:
     per_layer: dict[tuple[str, str, int], list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0]))
     steps: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     tokens: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # tokens processed per phase
+    # phase -> choices this rank's experts ran per MoE layer [L]: a device tensor (or ints) until as_vector
+    served: dict[str, Any] = field(default_factory=dict)
+    # merged only (from_vector): phase -> [layer][rank] choices each rank's experts ran
+    rank_loads: dict[str, list[list[int]]] = field(default_factory=dict)
 
     def record(self, kind: str, rows: int, nbytes: int, layer: int | None = None) -> None:
         """One collective of `kind` that sent `rows` rows / `nbytes` bytes to other ranks."""
@@ -45,8 +55,18 @@ class Counters:
             entry[1] += rows
             entry[2] += nbytes
 
-    def as_vector(self) -> list[int]:
-        """Flat int vector (fixed layout) so ranks can sum counters with one all-reduce."""
+    def record_served(self, layer: int, choices: Any) -> None:
+        """This rank's experts ran `choices` token-expert choices at MoE `layer` (an int, or a 0-d
+        tensor that is added on its device: no host sync in the layer)."""
+        acc = self.served.get(self.phase)
+        if acc is None:
+            acc = self.served[self.phase] = (choices.new_zeros(self.num_moe_layers) if hasattr(choices, "new_zeros")
+                                             else [0] * self.num_moe_layers)
+        acc[layer] += choices
+
+    def as_vector(self, rank: int, world: int) -> list[int]:
+        """Flat int vector (fixed layout) so ranks can sum counters with one all-reduce; this
+        rank's expert load fills its own column of the [layer][rank] block, zeros elsewhere."""
         out: list[int] = []
         for phase in ("prefill", "decode"):
             for kind in KINDS:
@@ -54,6 +74,11 @@ class Counters:
                 for layer in range(self.num_moe_layers):
                     out += self.per_layer.get((phase, kind, layer), [0, 0, 0])
             out += [self.steps.get(phase, 0), self.tokens.get(phase, 0)]
+            served = self.served.get(phase, [0] * self.num_moe_layers)
+            block = [0] * (self.num_moe_layers * world)
+            # a device tensor: read once here, per request, not once per layer and step
+            block[rank::world] = [int(x) for x in (served.tolist() if hasattr(served, "tolist") else served)]
+            out += block
         return out
 
     @classmethod
@@ -72,6 +97,9 @@ class Counters:
                         c.per_layer[(phase, kind, layer)] = [n // world, rows, nbytes]
             c.steps[phase] = next(it) // world
             c.tokens[phase] = next(it) // world
+            c.rank_loads[phase] = [[next(it) for _ in range(world)] for _ in range(num_moe_layers)]
+        if next(it, None) is not None:  # a layout mismatch must not pass as plausible figures
+            raise ValueError("counter vector longer than its layout")
         return c
 
     def summary(self, phase: str = "decode", per_token: bool = False) -> dict[str, Any]:
@@ -97,6 +125,11 @@ class Counters:
         out["cross_rank_rows_per_layer"] = [
             sum(self.per_layer.get((phase, k, m), [0, 0, 0])[1] for k in PAYLOAD) for m in range(self.num_moe_layers)
         ]
+        if phase in self.rank_loads:  # merged counters: each rank's expert load (eval's gpu_loads)
+            loads = self.rank_loads[phase]
+            out["rank_expert_tokens_per_layer"] = loads
+            out["rank_expert_tokens"] = [sum(col) for col in zip(*loads)]
+            out["imbalance_per_layer"] = [max(row) / (sum(row) / len(row)) if sum(row) else 1.0 for row in loads]
         if per_token and (tokens := self.tokens.get(phase, 0)):
             out["alltoall_bytes_per_token"] = payload / tokens
             out["all_bytes_per_token"] = sum(self.totals.get((phase, k), [0, 0, 0])[2] for k in KINDS) / tokens

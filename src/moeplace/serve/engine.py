@@ -218,9 +218,9 @@ def run_request(rt: Runtime, req: Request) -> Result:
 
 
 def merged_counters(rt: Runtime) -> Counters:
-    """Counters summed over ranks (one all-reduce, not itself counted)."""
+    """Counters summed over ranks (one all-reduce, not itself counted), each rank's expert load included."""
     c = rt.comm.counters
-    vec = torch.tensor(c.as_vector(), dtype=torch.int64, device=rt.comm.device)
+    vec = torch.tensor(c.as_vector(rt.comm.rank, rt.comm.world), dtype=torch.int64, device=rt.comm.device)
     if rt.comm.world > 1:
         dist.all_reduce(vec)
     return Counters.from_vector(c.num_moe_layers, vec.tolist(), rt.comm.world)

@@ -16,8 +16,10 @@ yet answered (running, queued, or arriving) gets a 503 with the reason.
                           400 unless null or their default; so is a request with more prompts
                           than --max-batch. "seed" and "user" are accepted (greedy needs no seed).
     GET  /v1/models       OpenAI list format: the one served model (the checkpoint's directory name)
-    GET  /health          {"status": "ok", "world": N, "mode": ...}
-    GET  /metrics         Prometheus text (tokens/s, Alltoall bytes, per-layer cross-rank tokens)
+    GET  /health          {"status": "ok", "world": N, "mode": ..., "placement": path as given or
+                          "contiguous (no --placement)", "placement_sha256": 12 hex digits or null}
+    GET  /metrics         Prometheus text (tokens/s, Alltoall bytes, per-layer cross-rank tokens,
+                          each rank's expert load; moeplace_info names mode, world and placement)
 Unknown path: 404; a route with the wrong method: 405 and an Allow header.
 """
 
@@ -173,14 +175,21 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
     return Job(prompts, max_tokens, texts)
 
 
-def metrics_text(stats: Stats, mode: str, world: int) -> str:
+def label_value(value: Any) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped (a path may hold them)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metrics_text(stats: Stats, mode: str, world: int, placement: dict[str, str | None]) -> str:
     """Prometheus text exposition of the server's counters: each metric family one contiguous
-    group (HELP, TYPE, then its samples)."""
+    group (HELP, TYPE, then its samples). `placement`: cli.placement_name's {placement, placement_sha256}."""
     c = stats.counters
     phases = [(phase, c[phase]) for phase in ("prefill", "decode") if phase in c]
+    info = (f'mode="{mode}",world="{world}",placement="{label_value(placement["placement"])}",'
+            f'placement_sha256="{label_value(placement["placement_sha256"] or "")}"')
     families: list[tuple[str, str, str, list[tuple[str, Any]]]] = [  # name, type, help, [(labels, value)]
-        ("moeplace_info", "gauge", "Constant 1; the labels describe the server.",
-         [(f'mode="{mode}",world="{world}"', 1)]),
+        ("moeplace_info", "gauge", "Constant 1; the labels describe the server (placement_sha256: first 12 hex "
+         "digits of the placement file's sha256, empty without --placement).", [(info, 1)]),
         ("moeplace_generated_tokens_total", "counter", "Tokens generated.", [("", stats.generated_tokens)]),
         ("moeplace_tokens_per_second", "gauge", "Decode throughput of the last batch.",
          [("", f"{stats.last_tokens_per_s:.3f}")]),
@@ -202,6 +211,10 @@ def metrics_text(stats: Stats, mode: str, world: int) -> str:
          "combine Alltoalls, per MoE layer.",
          [(f'phase="{phase}",layer="{layer}"', rows) for phase, s in phases
           for layer, rows in enumerate(s.get("cross_rank_rows_per_layer", []))]),
+        ("moeplace_expert_tokens_total", "counter", "Token-expert choices each rank's experts ran, summed over "
+         "MoE layers (the load the placement balances; a token with two experts on a rank counts 2).",
+         [(f'phase="{phase}",rank="{rank}"', n) for phase, s in phases
+          for rank, n in enumerate(s.get("rank_expert_tokens", []))]),
     ]
     lines = []
     for name, metric_type, help_text, samples in families:
@@ -257,9 +270,10 @@ class Handler(BaseHTTPRequestHandler):
         srv = self.server
         path = self._route("GET")
         if path == "/health":
-            self._send(200, json.dumps({"status": "ok", "world": srv.world, "mode": srv.mode}))
+            self._send(200, json.dumps({"status": "ok", "world": srv.world, "mode": srv.mode, **srv.placement}))
         elif path == "/metrics":
-            self._send(200, metrics_text(srv.stats.snapshot(), srv.mode, srv.world), "text/plain; version=0.0.4")
+            self._send(200, metrics_text(srv.stats.snapshot(), srv.mode, srv.world, srv.placement),
+                       "text/plain; version=0.0.4")
         elif path == "/v1/models":
             self._send(200, json.dumps({"object": "list", "data": [
                 {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "moeplace"}]}))
@@ -316,6 +330,7 @@ class Server(ThreadingHTTPServer):
     tokenizer: Any
     mode: str
     world: int
+    placement: dict[str, str | None]  # cli.placement_name: which placement the ranks apply
     model_name: str
     created: int  # start time, the model's "created" in /v1/models
     max_tokens_limit: int
@@ -377,9 +392,10 @@ def make_server(host: str, port: int) -> Server:
 
 
 def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, max_tokens_limit: int,
-                  heartbeat_s: float, model_name: str) -> None:
+                  heartbeat_s: float, model_name: str, placement: dict[str, str | None]) -> None:
     """Rank 0: answer HTTP and drive the other ranks until interrupted or a rank fails."""
     server.spec, server.tokenizer, server.mode, server.world = rt.model.spec, tokenizer, rt.mode, rt.comm.world
+    server.placement = placement
     server.model_name, server.max_tokens_limit, server.created = model_name, max_tokens_limit, int(time.time())
     server.max_batch = max_batch
     server.jobs, server.stats = queue.Queue(), Stats()

@@ -60,6 +60,7 @@ def moe_standard(model: RankModel, comm: Comm, moe: int, h: torch.Tensor, slots:
     got, recv_counts = comm.alltoall(rows, send_counts, "dispatch", moe)
     rh, rids, rweights, _ = unpack(got, hidden, [(k, torch.int32), (k, torch.float32), (1, torch.int32)])
     partial = model.experts(moe, rh, rids.long(), rweights)
+    comm.counters.record_served(moe, (rids >= 0).sum())  # the choices run here (others are negative)
     back, _ = comm.alltoall(partial, recv_counts, "combine", moe, recv_counts=send_counts)
     moe_out = torch.zeros_like(h).index_add_(0, token, back)
     return h + moe_out
