@@ -289,7 +289,12 @@ def test_cli_writes_a_placement_and_a_summary(trace_file, tmp_path, capsys):
     assert run(["solve", str(trace_file), "--gpus", "4", "--gpus-per-node", "2", "--train-fraction", "0.5",
                 "--seed", "3", "-o", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "held-out tokens (150)" in text and "contiguous" in text and "moeplace" in text and "cross-node top-1" in text
+    assert "held-out tokens (150)" in text and "cross-node top-1" in text
+    # rows named and ratioed as `moeplace eval` prints them: placement, contiguous at 1.00x, every column
+    held = text[text.index("held-out tokens (150)"):].splitlines()
+    assert held[1].split()[0] == "placement" and held[1].count("x)") == 4
+    assert held[2].split()[0] == "contiguous" and held[2].count("(1.00x)") == 4
+    assert "(x: ratio to contiguous, the default layout of Megatron, DeepSpeed, vLLM and SGLang; lower is better)" in text
     p = load_placement(out)
     assert (p.num_gpus, p.gpus_per_node, p.split) == (4, 2, {"train_fraction": 0.5, "seed": 3})
     doc = json.loads(out.read_text())

@@ -638,9 +638,9 @@ def test_latency_summary_gives_the_unit_and_the_predicted_time_of_every_baseline
     assert table[1].split() == ["train", "tokens", "held-out", "tokens"]
     base = {part: p.metrics[part]["contiguous"]["moe_time_us"] for part in ("train", "held_out")}
     mine = {part: p.metrics[part]["placement"]["moe_time_us"] for part in ("train", "held_out")}
-    assert table[2].split() == ["moeplace", f"{mine['train']:.1f}", f"({mine['train'] / base['train']:.2f}x)",
+    assert table[2].split() == ["placement", f"{mine['train']:.1f}", f"({mine['train'] / base['train']:.2f}x)",
                                 f"{mine['held_out']:.1f}", f"({mine['held_out'] / base['held_out']:.2f}x)"]
-    assert table[3].split() == ["contiguous", f"{base['train']:.1f}", f"{base['held_out']:.1f}"]
+    assert table[3].split() == ["contiguous", f"{base['train']:.1f}", "(1.00x)", f"{base['held_out']:.1f}", "(1.00x)"]
     # the traffic start on both parts: what `--objective traffic` gives with the same seed and split
     assert run(["solve", str(tmp_path / "t.npz"), "--gpus", "8", "--time-limit", "3", "--train-fraction", "0.5",
                 "-q", "-o", str(tmp_path / "traffic.json")]) == 0

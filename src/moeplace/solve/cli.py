@@ -55,13 +55,15 @@ def summary(placement: Placement, trace_name: str, trace_path: str | None = None
         lines.append("")
         lines.append(f"{part.replace('_', '-')} tokens ({results['placement']['tokens']}):".ljust(26)
                      + "".join(c.label.rjust(20) for c in columns))
-        for name, m in results.items():
+        for name, m in results.items():  # rows and ratios as `moeplace eval` prints them
             cells = []
             for c in columns:
                 key = c.key
-                ratio = f" ({m[key] / base[key]:.2f}x)" if base.get(key) and name != "contiguous" and key != "imbalance_max" else ""
+                ratio = f" ({m[key] / base[key]:.2f}x)" if base.get(key) else ""
                 cells.append(f"{format(m[key], c.fmt)}{ratio}".rjust(20))
-            lines.append(f"  {'moeplace' if name == 'placement' else name}".ljust(26) + "".join(cells))
+            lines.append(f"  {name}".ljust(26) + "".join(cells))
+    if placement.metrics:
+        lines.append("  (x: ratio to contiguous, the default layout of Megatron, DeepSpeed, vLLM and SGLang; lower is better)")
     lines.extend(_time_table(placement))
     lines.extend(_load_note(placement, trace_path or trace_name, output))
     return "\n".join(lines)
@@ -126,9 +128,9 @@ def _time_table(placement: Placement) -> list[str]:
         cells = []
         for part, r in parts.items():
             t, base = times.get(part), r.get("contiguous", {}).get("moe_time_us")
-            ratio = f" ({t / base:.2f}x)" if t is not None and base and name != "contiguous" else ""
+            ratio = f" ({t / base:.2f}x)" if t is not None and base else ""
             cells.append(("-" if t is None else f"{eval_format(t, 'moe_time_us')}{ratio}").rjust(20))
-        lines.append(f"  {'moeplace' if name == 'placement' else name}".ljust(26) + "".join(cells))
+        lines.append(f"  {name}".ljust(26) + "".join(cells))
     if "traffic" in rows:
         # where G does not divide E, copies fill the slots: the start was traffic's over E + R experts
         what = ("traffic's placement of E + R experts, R of them never selected (their slots went to the copies)"
