@@ -415,12 +415,16 @@ def test_cli_load_only_inputs(planted_file: Path, tmp_path: Path, capsys: pytest
     assert corr["mean"] == pytest.approx(np.corrcoef([8, 4, 2, 2, 1, 1, 1, 1], [1, 1, 1, 1, 2, 2, 4, 8])[0, 1])
     assert "placement" not in report["transfer"] and "modes" not in report["transfer"]
     assert [Path(p).name for p in report["figures"]] == ["load_heatmap.png"]
-    assert "load-only input" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "load-only input" in text
+    assert report["transfer"]["verdict"]["status"] == "not_measured"
+    assert (f"Verdict [A vs B], domain shift: expert-load correlation only (mean {corr['mean']:.3f}; a load-only "
+            "input has no per-token paths)") in text
     # a trace against loads of the same model: load correlation only
     assert run(["analyze", str(planted_file), "--compare", str(hot_last), "-o", str(out), "--no-solve",
                 "--no-figures", "--shuffles", "2"]) == 0
     report = json.loads((out / "analyze.json").read_text())
-    assert set(report["transfer"]) == {"load_corr"} and report["traces"]["A"]["affinity"]["modes"]
+    assert set(report["transfer"]) == {"load_corr", "verdict"} and report["traces"]["A"]["affinity"]["modes"]
     # the load-skew part's options apply to a load-only input
     assert run(["analyze", str(hot_first), "-o", str(out), "--hottest", "2", "--no-figures", "-q"]) == 0
     report = json.loads((out / "analyze.json").read_text())
@@ -609,7 +613,8 @@ def test_layers_range_is_checked_before_it_is_expanded(planted_file: Path, tmp_p
     argv = ["analyze", str(planted_file), "--no-solve", "-o", str(tmp_path / "out"), "--layers"]
     assert run([*argv, f"0-{2**62}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"moeplace: error: --layers '0-{2**62}': pair indices must be in [0, 2] (pair l is MoE layer l -> l+1)"]
+    assert err == [f"moeplace: error: --layers '0-{2**62}': pair indices must be in [0, 2] (pair l is MoE layer l -> l+1, "
+                   "MoE layers counted from 0; MoE layers 0-3 are decoder layers 3, 5, 7, 9)"]
     assert parse_pairs("2,0-1", 3) == [0, 1, 2]
 
 
@@ -696,3 +701,183 @@ def test_options_of_a_skipped_part_are_refused(planted_file: Path, tmp_path: Pat
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"moeplace: error: {message}") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# layer numbering: MoE layers 0..L-1 everywhere, decoder numbers beside them
+# ---------------------------------------------------------------------------------------------
+
+FLAME = ROOT / "traces" / "flame-moe-290m-decoder.npz"  # MoE layers 0-7 = decoder layers 2-9
+
+
+def test_tables_figures_and_layers_count_moe_layers_from_0_with_decoder_numbers_beside(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: FLAME's tables showed rows 2..9 and pairs "2>3".."8>9" while --layers 2 drew
+    "layer 4>5": the pair a user picked from the table was not the pair drawn."""
+    from moeplace.analyze import plots
+
+    titles: list[str] = []
+    save = plots._save
+
+    def record(fig: Any, path: Path) -> Path:
+        if path.name == "transitions.png":
+            titles.extend(ax.get_title() for ax in fig.axes if ax.get_title())
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", record)
+    out = tmp_path / "flame"
+    assert run(["analyze", str(FLAME), "--no-solve", "--shuffles", "2", "--layers", "0", "-o", str(out)]) == 0
+    report = json.loads((out / "analyze.json").read_text())
+    assert report["transition_pairs"] == [0]
+    assert titles == ["A (flame-moe-290m-decoder)\nMoE layers 0>1 (decoder 2>3)"]
+    text = capsys.readouterr().out
+    assert "Layer numbers: MoE layers 0-7 are the model's decoder layers 2-9" in text
+    lines = text.splitlines()
+    assert any(line.split()[:2] == ["0", "2"] for line in lines)  # load table: MoE 0, decoder 2
+    assert any(line.split()[:2] == ["0>1", "2>3"] for line in lines)  # affinity table: pair 0, decoder 2>3
+    assert f"{out / 'transitions.png'}  (pairs 0>1; decoder 2>3)" in text
+    # --no-figures draws no pairs, and says so in the JSON
+    assert run(["analyze", str(FLAME), "--no-solve", "--shuffles", "2", "--no-figures", "-q", "-o", str(out)]) == 0
+    assert json.loads((out / "analyze.json").read_text())["transition_pairs"] == []
+
+
+def test_layers_out_of_range_names_the_moe_to_decoder_mapping(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A decoder number typed for --layers ('8' for FLAME's last pair 8>9) is refused with the
+    mapping, not taken silently; a trace whose numbers agree gets no mapping."""
+    assert run(["analyze", str(FLAME), "--no-solve", "--no-figures", "--layers", "8", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["moeplace: error: --layers '8': pair indices must be in [0, 6] (pair l is MoE layer l -> l+1, "
+                   "MoE layers counted from 0; MoE layers 0-7 are decoder layers 2-9)"]
+    from moeplace.analyze.cli import parse_pairs
+
+    with pytest.raises(Exception, match=r"must be in \[0, 2\] \(pair l is MoE layer l -> l\+1, MoE layers counted "
+                                        r"from 0\)$"):
+        parse_pairs("3", 3, [0, 1, 2, 3])
+
+
+def test_labels_of_a_model_with_a_dense_first_layer() -> None:
+    from moeplace.analyze.report import decoder_differs, layer_label, number_ranges, numbering_line, pair_label
+
+    decoder = [1, 2, 3]  # e.g. qwen3 with a dense layer 0
+    assert decoder_differs(decoder) and not decoder_differs([0, 1, 2])
+    assert pair_label(decoder, 0) == "0>1 (decoder 1>2)" and pair_label([0, 1, 2], 1) == "1>2"
+    assert layer_label(decoder, 2) == "2 (decoder 3)" and layer_label([0, 1, 2], 2) == "2"
+    assert number_ranges([0, 2, 3, 4, 7]) == "0, 2-4, 7"
+    assert numbering_line([0, 1, 2]) is None
+    assert str(numbering_line(decoder)).startswith("Layer numbers: MoE layers 0-2 are the model's decoder layers 1-3;")
+
+
+# ---------------------------------------------------------------------------------------------
+# verdicts: load skew and domain shift
+# ---------------------------------------------------------------------------------------------
+
+
+def _routed(probs: np.ndarray, num_tokens: int, num_layers: int, seed: int = 0) -> Trace:
+    """Top-1 trace whose every layer draws each token's expert from `probs`, independently."""
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(len(probs), size=(num_tokens, num_layers, 1), p=probs)
+    return make_trace(ids, num_experts=len(probs))
+
+
+def _load_verdict(source: Any) -> dict[str, Any]:
+    from moeplace.analyze.report import AnalyzeConfig, analyze_loads, analyze_trace
+
+    cfg = AnalyzeConfig(num_shuffles=1, num_gpus=None)
+    if isinstance(source, Trace):
+        return analyze_trace(source, "t.npz", cfg)[0]["verdict"]["load"]
+    return analyze_loads(source, "l.npz", cfg)["verdict"]["load"]
+
+
+def test_load_verdict_high_low_and_too_few_selections() -> None:
+    from moeplace.analyze.report import LOAD_SKEW_HIGH, load_sampling_noise
+
+    hot = np.full(8, 0.6 / 7)
+    hot[3] = 0.4  # expert 3 takes 40% of 8: max/mean 3.2
+    high = _load_verdict(_routed(hot, 2000, 2))
+    assert high["status"] == "high" and high["max_over_mean"] > 3.0
+    assert "load skewed" in high["text"] and "--max-imbalance" in high["text"] and "--objective latency" in high["text"]
+    low = _load_verdict(planted(1024))  # top-1 exactly even, the second choice random
+    assert low["status"] == "low" and low["max_over_mean"] < LOAD_SKEW_HIGH
+    assert low["text"].startswith("load skew low, worst layer's max/mean expert load")
+    # even routing, 10 selections per expert over 8 layers x 64 experts: chance alone takes the
+    # worst layer to about 2 (the median of simulations is 2.05), so no verdict either way
+    for seed in range(5):
+        few = _load_verdict(_routed(np.full(64, 1 / 64), 640, 8, seed))
+        assert few["status"] == "too_few", (seed, few)
+        assert few["text"].startswith("too few selections to judge load skew")
+    # ... but a skew far beyond chance is high even there
+    one = np.full(64, 0.5 / 63)
+    one[0] = 0.5
+    assert _load_verdict(_routed(one, 640, 8))["status"] == "high"
+    # the chance level is that of the worst of L x E counts: more counts, higher; more tokens, lower
+    assert load_sampling_noise(10, 512) > load_sampling_noise(10, 64) > load_sampling_noise(1000, 64) > 1.0
+    assert load_sampling_noise(0, 8) == float("inf")
+
+
+def test_load_verdict_of_load_only_inputs_points_to_balance_not_traffic() -> None:
+    skewed = _load_verdict(make_loads(np.array([[8000.0, 1000, 1000, 1000, 1000, 1000, 1000, 1000]] * 4)))
+    assert skewed["status"] == "high" and "objective balance" in skewed["text"]
+    assert "traffic objective" not in skewed["text"]
+    # 2.5 selections per expert: max/mean 1.6 says nothing when chance alone reaches above 3
+    assert _load_verdict(make_loads(np.array([[4.0, 3, 3, 2, 2, 2, 2, 2]] * 4)))["status"] == "too_few"
+
+
+def _transfer(a_to_b: float | None, b_to_a: float | None) -> dict[str, Any]:
+    return {"modes": {}, "placement": {d: {"transferred": {"cross_gpu_top1": v}}
+                                       for d, v in (("a_to_b", a_to_b), ("b_to_a", b_to_a))}}
+
+
+def _traces(half_a: float | None, half_b: float | None) -> dict[str, Any]:
+    return {name: {"halves": {} if v is None else _transfer(v, v)} for name, v in (("A", half_a), ("B", half_b))}
+
+
+@pytest.mark.parametrize("a_to_b, b_to_a, halves, status, words", [
+    (0.95, 0.85, (0.9, 0.9), "keeps", "both >= 80%: one placement serves both domains"),
+    (0.9, 0.3, (0.9, 0.85), "loses", "under 50%: most of the gain is domain-specific"),
+    (0.6, 0.7, (0.9, 0.95), "partial", "between 50% and 80%: part of the gain is domain-specific"),
+    # the halves of B lose as much: sampling alone explains it, whatever the thresholds say
+    (0.6, 0.4, (0.9, 0.35), "sampling", "sampling noise alone can explain the loss"),
+    (0.4, None, (None, None), "loses", "one fitted on B n/a on A"),  # no halves measured: thresholds alone
+])
+def test_domain_verdict(a_to_b: float, b_to_a: float | None, halves: tuple, status: str, words: str) -> None:
+    from moeplace.analyze.report import domain_verdict
+
+    v = domain_verdict(_transfer(a_to_b, b_to_a), _traces(*halves))
+    assert v["status"] == status and words in v["text"], v
+    assert v["kept"] == min(x for x in (a_to_b, b_to_a) if x is not None)
+    nothing = domain_verdict(_transfer(None, None), _traces(0.9, 0.9))
+    assert nothing["kept"] is None and "gains nothing over contiguous" in nothing["text"]
+
+
+def test_domain_verdict_of_compare_runs(planted_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # the same chains (halves of one planted trace): one placement serves both
+    whole = planted(1024, num_experts=8)
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    save_trace(whole.select_tokens(np.arange(512)), a)
+    save_trace(whole.select_tokens(np.arange(512, 1024)), b)
+    common = ["--no-figures", "--shuffles", "2", "--gpus", "4", "--time-limit", "1", "-o", str(tmp_path / "o")]
+    assert run(["analyze", str(a), "--compare", str(b), *common]) == 0
+    verdict = json.loads((tmp_path / "o" / "analyze.json").read_text())["transfer"]["verdict"]
+    assert verdict["status"] == "keeps" and verdict["kept"] > 0.9
+    assert "Verdict [A vs B], domain shift: a placement fitted on A keeps" in capsys.readouterr().out
+    # other chains: the gain does not transfer
+    other = tmp_path / "other.npz"
+    save_trace(planted(512, num_experts=8, seed=7), other)
+    assert run(["analyze", str(planted_file), "--compare", str(other), *common]) == 0
+    verdict = json.loads((tmp_path / "o" / "analyze.json").read_text())["transfer"]["verdict"]
+    assert verdict["status"] == "loses" and verdict["kept"] < 0.5 and verdict["halves_kept"] > 0.9
+    assert "most of the gain is domain-specific" in capsys.readouterr().out
+    # --no-solve: not measured, and how to measure it
+    assert run(["analyze", str(planted_file), "--compare", str(other), "--no-solve", "--no-figures", "--shuffles", "2",
+                "-o", str(tmp_path / "o")]) == 0
+    assert ("Verdict [A vs B], domain shift: placement transfer not measured (--no-solve)"
+            in capsys.readouterr().out)
+    # two one-layer traces: load correlation only, for that reason (not "load-only")
+    one_a, one_b = tmp_path / "one_a.npz", tmp_path / "one_b.npz"
+    save_trace(make_trace(np.arange(40).reshape(40, 1, 1) % 4, num_experts=4), one_a)
+    save_trace(make_trace(np.arange(1, 41).reshape(40, 1, 1) % 4, num_experts=4), one_b)
+    assert run(["analyze", str(one_a), "--compare", str(one_b), "--no-figures", "--shuffles", "2", "--no-solve",
+                "-o", str(tmp_path / "o")]) == 0
+    text = capsys.readouterr().out
+    assert "expert-load correlation only (mean" in text and "one MoE layer: no layer pairs" in text
+    assert "load-only" not in text

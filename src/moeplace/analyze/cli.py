@@ -12,7 +12,16 @@ import click
 import numpy as np
 
 from moeplace.analyze.affinity import trace_modes
-from moeplace.analyze.report import AnalyzeConfig, Source, build_report, layer_names, source_loads, summary
+from moeplace.analyze.report import (
+    AnalyzeConfig,
+    Source,
+    build_report,
+    decoder_differs,
+    layer_names,
+    number_ranges,
+    source_loads,
+    summary,
+)
 from moeplace.errors import MoeplaceError, TraceError, warn
 from moeplace.io import locked_stage, read_json, write_json_atomic
 from moeplace.options import POSITIVE, POSITIVE_INT, SEED, given_options
@@ -48,10 +57,10 @@ def check_solve_cluster(num_experts: int, num_gpus: int, gpus_per_node: int, gpu
     check_topology(num_experts, num_gpus, gpus_per_node)  # anything else it refuses
 
 
-def parse_pairs(spec: str | None, num_pairs: int) -> list[int]:
-    """Layer pairs to draw: "0,3,5-6" (pair l is MoE layer l -> l+1, 0-based in the trace).
-
-    Default: up to four pairs spread from the first to the last.
+def parse_pairs(spec: str | None, num_pairs: int, decoder: list[int] | None = None) -> list[int]:
+    """Layer pairs to draw: "0,3,5-6", pair l being MoE layer l -> l+1 with MoE layers counted
+    from 0 as the report prints them (and solve and eval count them); `decoder`, the model's
+    layer numbers, only words the error. Default: up to four pairs spread from first to last.
     """
     if num_pairs < 1:
         if spec is not None:  # refused, not ignored, as every option that cannot apply
@@ -67,8 +76,10 @@ def parse_pairs(spec: str | None, num_pairs: int) -> list[int]:
             if last < first:
                 raise ValueError(part)
             if first < 0 or last >= num_pairs:  # before expanding: '0-99999999999' is refused, not built
+                mapping = (f"; MoE layers 0-{num_pairs} are decoder layers {number_ranges(decoder)}"
+                           if decoder and decoder_differs(decoder) else "")
                 raise MoeplaceError(f"--layers {spec!r}: pair indices must be in [0, {num_pairs - 1}] "
-                                    "(pair l is MoE layer l -> l+1)")
+                                    f"(pair l is MoE layer l -> l+1, MoE layers counted from 0{mapping})")
             pairs += list(range(first, last + 1))
     except ValueError:
         raise MoeplaceError(f"--layers {spec!r}: expected comma-separated pair indices or ranges, e.g. 0,3,5-6") from None
@@ -147,7 +158,10 @@ def _refuse_skipped(ctx: click.Context, no_solve: bool, no_figures: bool) -> Non
                    "transition-matrix correlation and placement gain transferred from TRACE to B.")
 @click.option("--layers", "layers_spec", default=None, metavar="PAIRS",
               help="Layer pairs for the transition heatmaps: '0,3,5-6', where pair l is MoE layer l -> l+1 "
-                   "(0-based in the trace). [default: up to 4 spread from first to last]")
+                   "and MoE layers are counted from 0, as the report's tables print them (and solve and eval "
+                   "count them), not by the model's decoder layer numbers: on a model whose MoE layers are "
+                   "decoder layers 2-9, pair 0 is the tables' row 0>1, decoder 2>3. "
+                   "[default: up to 4 spread from first to last]")
 @click.option("--gpus", type=POSITIVE_INT, default=None, metavar="N",
               help="GPUs for the placement-transfer test. [default: 8, or the largest divisor of E below 8]")
 @click.option("--gpus-per-node", type=POSITIVE_INT, default=None, metavar="N", help="GPUs per node. [default: all GPUs in one node]")
@@ -223,7 +237,7 @@ def analyze(
     _refuse_inapplicable(click.get_current_context(), sources)
     # transitions need per-token paths in every input
     modes = [m for m in trace_modes(traces[0]) if all(m in trace_modes(t) for t in traces)] if all_traces else []
-    pairs = parse_pairs(layers_spec, first.num_layers - 1) if all_traces else []
+    pairs = parse_pairs(layers_spec, first.num_layers - 1, layer_names(first.meta, first.num_layers)) if all_traces else []
     if heatmap_mode is not None and heatmap_mode not in modes:
         raise MoeplaceError(f"--heatmap-mode {heatmap_mode}: not available for this input "
                             f"(available: {', '.join(modes) or 'none'})")
@@ -252,6 +266,7 @@ def analyze(
                 mode = heatmap_mode or ("topk" if "topk" in modes else "top1")
                 drawn = _draw(report, conditionals, sources, pairs, mode, stage)
             report["figures"] = [str(out / p.name) for p in drawn]  # where they will be, not the stage
+            report["transition_pairs"] = pairs if any(p.name == FIGURES[1] for p in drawn) else []
             report["json"] = str(out / JSON_NAME)
             write_json_atomic(stage / JSON_NAME, report)
             _publish(stage, out)

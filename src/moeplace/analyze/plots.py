@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from moeplace.analyze.report import decoder_differs, layer_label, pair_label
 from moeplace.io import atomic_path
 
 # One colour per input (A, B); capture depths m are told apart by marker.
@@ -30,8 +31,16 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _pair_labels(layer_names: Sequence[int]) -> list[str]:
-    return [f"{a}>{b}" for a, b in zip(layer_names[:-1], layer_names[1:])]
+def _pair_ticks(layer_names: Sequence[int]) -> list[str]:
+    """Tick labels of the layer pairs: MoE numbers ("0>1"), decoder numbers below where they differ."""
+    both = decoder_differs(layer_names)
+    return [f"{a}>{a + 1}" + (f"\n({layer_names[a]}>{layer_names[a + 1]})" if both else "")
+            for a in range(len(layer_names) - 1)]
+
+
+def _axis_name(layer_names: Sequence[int], what: str) -> str:
+    """An axis's name: what the ticks count, and that the bracketed numbers are decoder layers."""
+    return f"{what} (decoder numbers in brackets)" if decoder_differs(layer_names) else what
 
 
 def _thin(labels: Sequence[str], most: int = 16) -> tuple[list[int], list[str]]:
@@ -55,8 +64,9 @@ def load_heatmap(loads: Sequence[np.ndarray], names: Sequence[str], layer_names:
         im = ax.imshow(r, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
         ax.set_title(f"{name}: expert load / layer mean")
         ax.set_xlabel("expert")
-        ax.set_ylabel("MoE layer")
-        ax.set_yticks(*_thin([str(n) for n in layer_names], 24))
+        ax.set_ylabel(_axis_name(layer_names, "MoE layer"))
+        both = decoder_differs(layer_names)
+        ax.set_yticks(*_thin([f"{i} ({n})" if both else str(i) for i, n in enumerate(layer_names)], 24))
     fig.colorbar(im, ax=list(axes), label="load / mean (1 = even)")
     return _save(fig, path)
 
@@ -77,16 +87,17 @@ def transition_heatmaps(
     shown = np.concatenate([c[pairs].ravel() for c in conditionals])
     nonzero = shown[shown > 0]
     vmax = float(np.quantile(nonzero, 0.995)) if nonzero.size else 1.0
-    fig = _figure(3.4 * len(pairs) + 1.2, 3.2 * len(conditionals) + 0.4)
+    fig = _figure(3.4 * len(pairs) + 1.2, 3.4 * len(conditionals) + 0.4)
     axes = fig.subplots(len(conditionals), len(pairs), squeeze=False)
-    labels = _pair_labels(layer_names)
     for row, (cond, name) in enumerate(zip(conditionals, names)):
         for col, pair in enumerate(pairs):
             ax = axes[row, col]
-            im = ax.imshow(cond[pair], cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
-            ax.set_title(f"{name}: layer {labels[pair]}", fontsize=10)
-            ax.set_xlabel(f"expert j at layer {layer_names[pair + 1]}")
-            ax.set_ylabel(f"expert i at layer {layer_names[pair]}")
+            # aspect "auto": a fixed aspect shrinks each panel inside its grid cell after the
+            # layout engine placed the labels, so one row's x-labels ran into the next row's titles
+            im = ax.imshow(cond[pair], cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest", aspect="auto")
+            ax.set_title(f"{name}\nMoE layers {pair_label(layer_names, pair)}", fontsize=9)
+            ax.set_xlabel(f"expert j at MoE layer {layer_label(layer_names, pair + 1)}", fontsize=9)
+            ax.set_ylabel(f"expert i at MoE layer {layer_label(layer_names, pair)}", fontsize=9)
     fig.suptitle(f"P(j | i), {MODE_TITLES[mode]}")
     fig.colorbar(im, ax=axes.ravel().tolist(), label="P(j | i)", shrink=0.8)
     return _save(fig, path)
@@ -106,7 +117,7 @@ def affinity_plot(
     names: short legend keys ("A", "B"); `title` says which file each is (legends that long overflow).
     """
     modes = [m for m in affinities[0]["modes"] if all(m in a["modes"] for a in affinities)]
-    labels = _pair_labels(layer_names)
+    labels = _pair_ticks(layer_names)
     x = np.arange(len(labels))
     ms = 6 if len(labels) <= 16 else 3  # marker size: keep deep models' lines readable
     fig = _figure(max(4.2, 0.1 * len(labels)) * len(modes) + 0.5, 6.4)
@@ -119,8 +130,10 @@ def affinity_plot(
             base = np.array([r.get("mi_baseline", np.nan) for r in rows])
             std = np.array([r.get("mi_baseline_std", 0.0) for r in rows])
             ax_mi.plot(x, mi, "o-", color=color, markersize=ms, label=f"{name}: MI")
-            ax_mi.plot(x, base, "--", color=color, alpha=0.8, label=f"{name}: shuffled +-2 std")
-            ax_mi.fill_between(x, base - 2 * std, base + 2 * std, color=color, alpha=0.2)
+            # the +-2 std band of the shuffles is usually thinner than the line (0.001-0.02 nats):
+            # drawn, it was invisible; its width goes in the legend instead
+            ax_mi.plot(x, base, "--", color=color, alpha=0.8,
+                       label=f"{name}: shuffled mean (2 std <= {2 * np.nanmax(std, initial=0.0):.2g} nats)")
             for m, marker in zip(rows[0]["capture"], "os^"):
                 ax_cap.plot(x, [r["capture"][m] for r in rows], marker + "-", color=color, markersize=ms,
                             label=f"{name}: top-{m}")
@@ -135,7 +148,7 @@ def affinity_plot(
         ax_cap.set_ylabel("share of transitions")
         for ax in (ax_mi, ax_cap):
             ax.set_xticks(*_thin(labels), rotation=45 if len(labels) > 8 else 0, fontsize=8)
-            ax.set_xlabel("layer pair")
+            ax.set_xlabel(_axis_name(layer_names, "MoE layer pair"))
             ax.grid(alpha=0.3)
         ax_mi.legend(fontsize=7)
         ax_cap.legend(fontsize=7, ncol=len(affinities))

@@ -7,19 +7,23 @@ Report schema ("moeplace.analyze/v1"):
                (printed as ratios to contiguous, `0.41x` as solve and eval print them, and the
                reduction contiguous - placement that `transferred` divides)
     figures    paths of the PNGs written
+    transition_pairs  the layer pairs transitions.png draws ([] when it is not drawn)
 
     trace_report = {info, load: [per layer], load_mean, affinity: {modes: {mode: {per_pair,
                     mean}}, log_num_experts, shuffles, seed}, halves: stability of two halves,
-                    verdict: {significant_pairs per mode, text}}
+                    verdict: {significant_pairs per mode, text (affinity), load: load_verdict}}
+    transfer.verdict = domain_verdict (with --compare)
 
-Layer pairs are indexed 0..L-2 into the trace's MoE layers; `info.moe_layers` maps them to the
-model's layer numbers (used in every printed label).
+Layer numbering, one rule everywhere in analyze (JSON, summary, figures, --layers): MoE layers
+are numbered 0..L-1 in the trace's order, as solve and eval number them, and pair l is MoE layer
+l -> l+1. Where the model's decoder layer numbers (`info.moe_layers`, from the trace's meta)
+differ, the summary and the figures print them beside the MoE numbers, e.g. "0>1 (decoder 2>3)".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 
@@ -38,6 +42,42 @@ def layer_names(meta: dict[str, Any], num_layers: int) -> list[int]:
     if isinstance(names, list) and len(names) == num_layers and all(isinstance(n, int) for n in names):
         return names
     return list(range(num_layers))
+
+
+def decoder_differs(decoder: Sequence[int]) -> bool:
+    """Whether some MoE layer's decoder number is not its MoE number (a dense layer before it)."""
+    return list(decoder) != list(range(len(decoder)))
+
+
+def layer_label(decoder: Sequence[int], layer: int) -> str:
+    """MoE layer `layer` as printed: its MoE number, with its decoder number where they differ."""
+    return f"{layer} (decoder {decoder[layer]})" if decoder_differs(decoder) else str(layer)
+
+
+def pair_label(decoder: Sequence[int], pair: int) -> str:
+    """Layer pair `pair` (MoE layer pair -> pair+1) as printed: "0>1", or "0>1 (decoder 2>3)"."""
+    label = f"{pair}>{pair + 1}"
+    return f"{label} (decoder {decoder[pair]}>{decoder[pair + 1]})" if decoder_differs(decoder) else label
+
+
+def number_ranges(numbers: Sequence[int]) -> str:
+    """[0, 2, 3, 4] -> "0, 2-4"."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def numbering_line(decoder: Sequence[int]) -> str | None:
+    """The summary's line that maps MoE to decoder numbers, where they differ (else None)."""
+    if not decoder_differs(decoder):
+        return None
+    return (f"Layer numbers: MoE layers {number_ranges(range(len(decoder)))} are the model's decoder layers "
+            f"{number_ranges(decoder)}; tables, figures and --layers count MoE layers from 0 (as solve and eval do), "
+            "decoder numbers beside them")
 
 
 def source_loads(source: Source) -> np.ndarray:
@@ -103,7 +143,7 @@ def analyze_trace(trace: Trace, path: str, cfg: AnalyzeConfig, name: str = "A") 
 def analyze_loads(loads: ExpertLoads, path: str, cfg: AnalyzeConfig) -> dict[str, Any]:
     """Report of a load-only input: load skew only (no per-token paths, so no affinity)."""
     load = load_skew(loads.loads, cfg.hottest)
-    return {
+    report: dict[str, Any] = {
         "info": trace_info(loads, path),
         "load": load,
         "load_mean": mean_stats(load),
@@ -112,9 +152,23 @@ def analyze_loads(loads: ExpertLoads, path: str, cfg: AnalyzeConfig) -> dict[str
         "verdict": {"text": "load-only input: load skew only; affinity and its stability need a per-token "
                             "trace (moeplace trace, or moeplace import of per-token dumps)."},
     }
+    report["verdict"]["load"] = load_verdict(report)
+    return report
 
 
+# The verdicts' thresholds, all here; reasoned, not fitted to a trace.
 SIGNIFICANT_STD = 3.0  # an MI excess beyond this many shuffle stds is counted as affinity
+# Load skew is "high" from the worst layer's hottest expert at 2x the mean expert load: each
+# expert that hot carries an extra mean expert's tokens, and the traffic objective (E/G experts per
+# GPU whatever their load) groups experts chosen together, hot ones most, so a few of them on one
+# GPU make it the bottleneck (docs/solver.md: 1.7x contiguous's worst-layer GPU max/mean on two
+# skewed traces). Below 2x no expert adds as much as a mean expert's load to its GPU.
+LOAD_SKEW_HIGH = 2.0
+# Share of the cross-GPU reduction (vs contiguous) a placement fitted on one trace keeps on the
+# other: from 80% one placement serves both (no more is lost than between two halves of one
+# small trace, e.g. FLAME's halves keep 76-87%); under 50% most of the gain is the domain's own.
+TRANSFER_KEEPS = 0.8
+TRANSFER_LOSES = 0.5
 
 
 def verdict(tr: dict[str, Any]) -> dict[str, Any]:
@@ -143,6 +197,110 @@ def verdict(tr: dict[str, Any]) -> dict[str, Any]:
                      "on the other"
                      if moved is not None else "solving a placement gains nothing over contiguous here")
     out["text"] = "; ".join(parts) + "." if parts else "no layer pairs to analyse."
+    out["load"] = load_verdict(tr)
+    return out
+
+
+def load_sampling_noise(selections_per_expert: float, num_counts: int) -> float:
+    """The max/mean expert load that sampling alone reaches on even routing, over `num_counts`
+    counts (L x E: the verdict takes the worst layer). A count of mean n exceeds n + t with
+    probability at most exp(-t^2 / (2 (n + t/3))) (Bernstein; a count of independent tokens has
+    variance <= n); t where num_counts times that is 1 gives 1 + t/n, about the 95th percentile
+    of the worst layer's max/mean in simulations of even routing (5 to 1000 selections per expert)."""
+    if selections_per_expert <= 0:
+        return float("inf")
+    a = 2.0 * np.log(max(num_counts, 2))
+    t = a / 6.0 + np.sqrt(a * a / 36.0 + a * selections_per_expert)
+    return 1.0 + float(t / selections_per_expert)
+
+
+def load_verdict(tr: dict[str, Any]) -> dict[str, Any]:
+    """Is the load skewed enough to constrain a placement? The worst layer's max/mean expert load
+    against LOAD_SKEW_HIGH, and against what sampling alone gives at this size: skew within that
+    is no evidence either way when chance alone can reach LOAD_SKEW_HIGH."""
+    info = tr["info"]
+    num_experts, decoder = info["num_experts"], info["moe_layers"]
+    per_layer = info["selections"] / len(decoder) if info["load_only"] else info["tokens"] * info["top_k"]
+    per_expert = per_layer / num_experts
+    noise = load_sampling_noise(per_expert, len(decoder) * num_experts)
+    worst = max(tr["load"], key=lambda r: r["max_over_mean"])
+    skew = worst["max_over_mean"]
+    where = f"worst layer's max/mean expert load {skew:.2f} (MoE layer {layer_label(decoder, worst['layer'])})"
+    chance = f"even routing reaches about {noise:.2f} by chance with {per_expert:.3g} selections per expert"
+    if skew >= max(LOAD_SKEW_HIGH, noise):
+        status = "high"
+        fix = ("a placement must absorb it: solve on these loads (objective balance) spreads it, and "
+               "--redundant-experts adds copies of the hottest experts" if info["load_only"] else
+               "the traffic objective alone keeps E/G experts per GPU whatever their load and may pile hot experts "
+               "on one GPU; cap it with solve --max-imbalance, or weigh load with --objective latency (with "
+               "--redundant-experts for copies of hot experts)")
+        text = f"load skewed, {where} >= {LOAD_SKEW_HIGH:g} ({chance}): {fix}"
+    elif noise >= LOAD_SKEW_HIGH:
+        status = "too_few"
+        text = f"too few selections to judge load skew: {where}, and {chance}"
+    else:
+        status = "low"
+        text = (f"load skew low, {where} < {LOAD_SKEW_HIGH:g} ({chance}): a traffic placement is unlikely to pile "
+                "load on a GPU")
+    pl = tr.get("halves", {}).get("placement")
+    if pl:  # what the traffic placement actually did to the GPU load on held-out tokens
+        ev = pl["a_to_b"]["evaluated"]
+        text += (f"; a placement solved on half 1 has worst-layer GPU max/mean {ev['solved_on_source']['imbalance_max']:.2f} "
+                 f"on half 2, contiguous {ev['contiguous']['imbalance_max']:.2f}")
+    return {"status": status, "text": text + ".", "worst_layer": worst["layer"], "max_over_mean": skew,
+            "sampling_noise": noise, "high": LOAD_SKEW_HIGH}
+
+
+def _halves_kept(tr: dict[str, Any]) -> float | None:
+    """Share of the cross-GPU reduction a placement solved on one half of a trace keeps on the
+    other (None where not measured): what sampling alone loses, with no domain shift."""
+    return tr.get("halves", {}).get("placement", {}).get("a_to_b", {}).get("transferred", {}).get("cross_gpu_top1")
+
+
+def domain_verdict(transfer: dict[str, Any], traces: dict[str, Any], no_paths: str | None = None) -> dict[str, Any]:
+    """With --compare: does a placement fitted on one trace keep its cross-GPU gain on the other,
+    i.e. is one placement enough or should each domain get its own? The worse direction of the
+    two decides (TRANSFER_KEEPS, TRANSFER_LOSES); a loss no larger than between two halves of one
+    trace (A's or B's, where only sampling differs) is not counted as domain shift.
+    `no_paths`: why there was no per-token comparison (a load-only input, one MoE layer)."""
+    out: dict[str, Any] = {"status": "not_measured", "keeps": TRANSFER_KEEPS, "loses": TRANSFER_LOSES, "kept": None}
+    pl = transfer.get("placement")
+    if "skipped" in transfer:
+        out["text"] = f"not measured: {transfer['skipped']}."
+    elif "modes" not in transfer:
+        out["text"] = (f"expert-load correlation only (mean {_f(transfer['load_corr']['mean'])}; {no_paths}): whether "
+                       "a traffic placement transfers needs per-token traces of both with two or more MoE layers.")
+    elif pl is None:
+        out["text"] = ("placement transfer not measured (--no-solve): run without it to see how much of a placement "
+                       "fitted on A keeps on B.")
+    else:
+        a_to_b, b_to_a = (pl[d]["transferred"]["cross_gpu_top1"] for d in ("a_to_b", "b_to_a"))
+        known = [v for v in (a_to_b, b_to_a) if v is not None]
+        if not known:
+            out["text"] = "solving on either trace gains nothing over contiguous: no placement gain to keep or lose."
+            return out
+        out["kept"] = kept = min(known)
+        halves = [v for v in (_halves_kept(traces["A"]), _halves_kept(traces["B"])) if v is not None]
+        out["halves_kept"] = own = min(halves, default=None)
+        said = (f"a placement fitted on A keeps {_pct(a_to_b) if a_to_b is not None else 'n/a'} of its cross-GPU "
+                f"reduction (vs contiguous) on B, one fitted on B {_pct(b_to_a) if b_to_a is not None else 'n/a'} on A")
+        ref = f" (between halves of one trace, where only sampling differs: {_pct(own)})" if own is not None else ""
+        if kept >= TRANSFER_KEEPS:
+            out["status"] = "keeps"
+            advice = f"both >= {_pct(TRANSFER_KEEPS)}: one placement serves both domains; re-solving per domain gains little"
+        elif own is not None and kept >= own:
+            out["status"] = "sampling"
+            advice = ("no more lost than between halves of one trace, so sampling noise alone can explain the loss: "
+                      "no evidence of domain shift; longer traces of each domain would tell whether re-solving pays")
+        elif kept < TRANSFER_LOSES:
+            out["status"] = "loses"
+            advice = (f"under {_pct(TRANSFER_LOSES)}: most of the gain is domain-specific; solve per domain (or on a "
+                      "trace of the traffic mix you serve)")
+        else:
+            out["status"] = "partial"
+            advice = (f"between {_pct(TRANSFER_LOSES)} and {_pct(TRANSFER_KEEPS)}: part of the gain is domain-specific; "
+                      "solve per domain if the weaker direction's traffic matters")
+        out["text"] = f"{said}{ref}; {advice}."
     return out
 
 
@@ -162,10 +320,14 @@ def build_report(
             report["traces"][name], conditionals[name] = analyze_loads(source, path, cfg), {}
     if "B" in sources:
         a, b = sources["A"][0], sources["B"][0]
+        no_paths = None
         if isinstance(a, Trace) and isinstance(b, Trace) and a.num_layers > 1:
             report["transfer"] = _stability(a, b, cfg, "A -> B")
         else:
             report["transfer"] = {"load_corr": load_correlation(source_loads(a), source_loads(b))}
+            no_paths = ("one MoE layer: no layer pairs" if isinstance(a, Trace) and isinstance(b, Trace)
+                        else "a load-only input has no per-token paths")
+        report["transfer"]["verdict"] = domain_verdict(report["transfer"], report["traces"], no_paths)
     return report, conditionals
 
 
@@ -191,28 +353,35 @@ def _pct(x: float | None, digits: int = 0) -> str:
 
 def _load_lines(tr: dict[str, Any]) -> list[str]:
     names = tr["info"]["moe_layers"]
-    lines = [f"  {'layer':>5}  {'max/mean':>8}  {'CV':>5}  {'Gini':>5}  {'H/logE':>6}  {'unused':>6}  hottest experts (share)"]
+    both = decoder_differs(names)  # a decoder column only where its numbers are not the MoE ones
+    dec = lambda text: f"  {text:>7}" if both else ""  # noqa: E731
+    lines = [f"  {'MoE':>5}{dec('decoder')}  {'max/mean':>8}  {'CV':>5}  {'Gini':>5}  {'H/logE':>6}  {'unused':>6}  "
+             "hottest experts (share)"]
     for row in tr["load"]:
         hot = ", ".join(f"{h['expert']} ({_pct(h['share'], 1)})" for h in row["hottest"])
-        lines.append(f"  {names[row['layer']]:>5}  {row['max_over_mean']:8.2f}  {row['cv']:5.2f}  {row['gini']:5.2f}"
-                     f"  {row['entropy_frac']:6.2f}  {row['unused']:6d}  {hot}")
+        lines.append(f"  {row['layer']:>5}{dec(str(names[row['layer']]))}  {row['max_over_mean']:8.2f}  {row['cv']:5.2f}"
+                     f"  {row['gini']:5.2f}  {row['entropy_frac']:6.2f}  {row['unused']:6d}  {hot}")
     return lines
 
 
 def _affinity_lines(tr: dict[str, Any], mode: str) -> list[str]:
     names = tr["info"]["moe_layers"]
+    both = decoder_differs(names)
+    dec = lambda text: f"  {text:>7}" if both else ""  # noqa: E731
     rows = tr["affinity"]["modes"][mode]["per_pair"]
     ms = list(rows[0]["capture"])
     cap_head = " ".join(f"{'top-' + m:>11}" for m in ms)
-    lines = [f"  {'pair':>7}  {'MI':>6}  {'shuffled':>15}  {'excess':>6}  {'ratio':>6}  {'H(j|i)/logE':>11}  {cap_head}"]
+    lines = [f"  {'pair':>7}{dec('decoder')}  {'MI':>6}  {'shuffled':>15}  {'excess':>6}  {'ratio':>6}  {'H(j|i)/logE':>11}  "
+             f"{cap_head}"]
     for r in [*rows, {**tr["affinity"]["modes"][mode]["mean"], "pair": None}]:
-        pair = "mean" if r["pair"] is None else f"{names[r['pair'][0]]}>{names[r['pair'][1]]}"
+        pair, decoder = ("mean", "") if r["pair"] is None else (
+            f"{r['pair'][0]}>{r['pair'][1]}", f"{names[r['pair'][0]]}>{names[r['pair'][1]]}")
         base = f"{_f(r.get('mi_baseline'))}+-{_f(r.get('mi_baseline_std'), '.2g')}"
         caps = " ".join(
             f"{_f(r['capture'][m], '.2f'):>5}({_f(r.get('capture_baseline', {}).get(m), '.2f')})" for m in ms
         )
-        lines.append(f"  {pair:>7}  {r['mi']:6.3f}  {base:>15}  {_f(r.get('mi_excess')):>6}  {_f(r.get('mi_ratio'), '.3g'):>6}"
-                     f"  {r['cond_entropy_frac']:11.2f}  {caps}")
+        lines.append(f"  {pair:>7}{dec(decoder)}  {r['mi']:6.3f}  {base:>15}  {_f(r.get('mi_excess')):>6}"
+                     f"  {_f(r.get('mi_ratio'), '.3g'):>6}  {r['cond_entropy_frac']:11.2f}  {caps}")
     return lines
 
 
@@ -281,6 +450,8 @@ def summary(report: dict[str, Any]) -> str:
                 else f"{info['tokens']} tokens, top-{info['top_k']}")
         out.append(f"[{name}] {info['path']}: {size}, {len(info['moe_layers'])} MoE layers, {info['num_experts']} experts"
                    + (f", model {info['model']}" if info["model"] else ""))
+        if line := numbering_line(info["moe_layers"]):
+            out.append(line)
         out.append("Load skew per layer:")
         out += _load_lines(tr)
         aff = tr["affinity"]
@@ -292,7 +463,8 @@ def summary(report: dict[str, Any]) -> str:
         split = halves.get("split", {})
         out.append("Stability between two halves" + (f" (split by {split['by']}, {split['tokens'][0]}/{split['tokens'][1]} tokens)" if split else "") + ":")
         out += _stability_lines(halves, "half 1", "half 2")
-        out.append(f"Verdict [{name}]: {tr['verdict']['text']}")
+        out.append(f"Verdict [{name}], load: {tr['verdict']['load']['text']}")
+        out.append(f"Verdict [{name}], affinity: {tr['verdict']['text']}")
         out.append("")
     if "B" in report["traces"]:
         out.append("Side by side (means over layers and layer pairs):")
@@ -300,12 +472,23 @@ def summary(report: dict[str, Any]) -> str:
     if "transfer" in report:
         out.append("Domain shift A -> B:")
         out += _stability_lines(report["transfer"], "A", "B")
+        out.append(f"Verdict [A vs B], domain shift: {report['transfer']['verdict']['text']}")
     if report.get("figures"):
         out.append("Figures:")
-        out += [f"  {p}" for p in report["figures"]]
+        out += [f"  {p}" + (_drawn_pairs(report) if p.endswith("transitions.png") else "") for p in report["figures"]]
     if report.get("json"):
         out.append(f"JSON: {report['json']}")
     return "\n".join(out)
+
+
+def _drawn_pairs(report: dict[str, Any]) -> str:
+    """Which layer pairs transitions.png shows, as the tables number them: "  (pairs 0>1, 2>3;
+    decoder 2>3, 4>5)"."""
+    decoder, pairs = report["traces"]["A"]["info"]["moe_layers"], report.get("transition_pairs", [])
+    if not pairs:
+        return ""
+    dec = "; decoder " + ", ".join(f"{decoder[p]}>{decoder[p + 1]}" for p in pairs) if decoder_differs(decoder) else ""
+    return f"  (pairs {', '.join(f'{p}>{p + 1}' for p in pairs)}{dec})"
 
 
 def _side_by_side(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
