@@ -1105,3 +1105,124 @@ def test_check_suggests_no_eval_report_for_a_missing_placement(tmp_path: Path, t
     # a name like an eval report's may be offered one
     from moeplace.io import not_a_file
     assert not_a_file(tmp_path / "p_eval2.json") == f"no such file; did you mean {tmp_path / 'p_eval.json'}?"
+
+
+def three_checks(tmp_path: Path, trace_path: Path) -> Path:
+    """A YAML with one passing, one failing and one erroring check (its placement is missing)."""
+    affinity_placement(trace_path, {"train_fraction": 0.5, "seed": 0}, tmp_path / "good.json")
+    return write_checks(tmp_path / "ci.yaml", [
+        {"name": "pass", "placement": "good.json", "max_cross_gpu_vs_contiguous": 0.7, "max_imbalance": 5},
+        {"name": "fail & <co>", "placement": "good.json", "max_cross_gpu": 0, "max_imbalance": 5},
+        {"name": "gone", "placement": "missing.json", "max_cross_gpu": 1},
+    ], defaults={"trace": "trace.npz"})
+
+
+def test_check_json_reports_every_check_and_keeps_the_exit_codes(tmp_path: Path, trace_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = three_checks(tmp_path, trace_path)
+    assert run(["check", str(cfg), "--json"]) == 2
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)  # stdout is the document alone
+    assert doc["passed"] is False
+    assert doc["summary"] == {"checks": 3, "passed": 1, "failed": 1, "errors": 1, "not_selected": 0}
+    ok, bad, gone = doc["checks"]
+    assert [c["status"] for c in doc["checks"]] == ["pass", "fail", "error"]
+    assert ok["placement"] == str(tmp_path / "good.json") and ok["trace"] == str(trace_path)
+    assert ok["tokens"]["subset"] == "held-out" and ok["tokens"]["evaluated"] == 100
+    assert [t["threshold"] for t in ok["thresholds"]] == ["max_cross_gpu_vs_contiguous", "max_imbalance"]
+    assert all(t["passed"] and t["value"] <= t["limit"] for t in ok["thresholds"])
+    broke = {t["threshold"]: t for t in bad["thresholds"]}
+    assert broke["max_cross_gpu"]["passed"] is False and broke["max_cross_gpu"]["limit"] == 0
+    assert broke["max_cross_gpu"]["value"] > 0 and broke["max_imbalance"]["passed"] is True
+    assert "error" not in ok and gone["error"] == f"{tmp_path / 'missing.json'}: no such file"
+    assert "thresholds" not in gone
+    # the summary line stays on stderr, as without --json
+    assert captured.err.strip() == "moeplace: error: 1 of 3 checks could not run (1 passed, 1 failed)"
+    cfg = write_checks(tmp_path / "ci.yaml", [{"name": "fail", "placement": "good.json", "max_cross_gpu": 0}],
+                       defaults={"trace": "trace.npz"})
+    assert run(["check", str(cfg), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["summary"]["failed"] == 1
+    assert captured.err.strip() == "moeplace check: FAIL: 1 of 1 check failed (0 passed)"
+    cfg = write_checks(tmp_path / "ci.yaml", [{"name": "ok", "placement": "good.json", "max_cross_gpu": 1}],
+                       defaults={"trace": "trace.npz"})
+    assert run(["check", str(cfg), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["passed"] is True and captured.err == ""
+
+
+def test_check_json_on_a_malformed_yaml_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 before any check runs: nothing on stdout for a JSON reader to half-parse."""
+    cfg = tmp_path / "ci.yaml"
+    cfg.write_text("checks: [unclosed")
+    assert run(["check", str(cfg), "--json", "--junit-xml", str(tmp_path / "r.xml")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1 and "not valid YAML" in captured.err
+    assert not (tmp_path / "r.xml").exists()
+
+
+def test_check_junit_xml_has_a_testcase_per_check(tmp_path: Path, trace_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import xml.etree.ElementTree as ET
+
+    cfg = three_checks(tmp_path, trace_path)
+    assert run(["check", str(cfg)]) == 2
+    text = capsys.readouterr()
+    report = tmp_path / "reports" / "check.xml"
+    assert run(["check", str(cfg), "--junit-xml", str(report)]) == 2
+    assert capsys.readouterr() == text  # the lines are as without the flag
+    root = ET.parse(report).getroot()
+    suite = root.find("testsuite")
+    assert suite is not None and suite.get("name") == "moeplace check"
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("3", "1", "1")
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == ["pass", "fail & <co>", "gone"]  # escaped, and read back whole
+    assert cases[0].find("failure") is None and cases[0].find("error") is None
+    failure = cases[1].find("failure")
+    assert failure is not None and failure.get("message", "").startswith("cross_gpu_top1 ")
+    assert "imbalance" not in failure.get("message", "")  # names the broken thresholds, not the held ones
+    error = cases[2].find("error")
+    assert error is not None and error.get("message") == f"{tmp_path / 'missing.json'}: no such file"
+    assert cases[2].find("failure") is None
+    assert not list(report.parent.glob(".*tmp"))  # written atomically: no temp file left beside it
+
+
+def test_check_junit_xml_writes_what_xml_cannot_hold_as_replacement_characters(tmp_path: Path, trace_path: Path,
+                                                                              capsys) -> None:
+    import xml.etree.ElementTree as ET
+
+    affinity_placement(trace_path, None, tmp_path / "good.json")
+    cfg = write_checks(tmp_path / "ci.yaml", [{"name": "bell\x07", "placement": "good.json", "max_cross_gpu": 1}],
+                       defaults={"trace": "trace.npz"})
+    assert run(["check", str(cfg), "--junit-xml", str(tmp_path / "r.xml")]) == 0
+    case = ET.parse(tmp_path / "r.xml").getroot().find("testsuite/testcase")
+    assert case is not None and case.get("name") == "bell\ufffd"
+
+
+def test_check_only_runs_the_named_checks(tmp_path: Path, trace_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = three_checks(tmp_path, trace_path)
+    assert run(["check", str(cfg), "--only", "pass"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("PASS  pass ") and out[-1] == "moeplace check: PASS: the 1 check passed" and len(out) == 2
+    assert run(["check", str(cfg), "--only", "gone", "--only", "pass", "--json"]) == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in doc["checks"]] == ["pass", "gone"]  # in the YAML's order
+    assert doc["summary"]["not_selected"] == 1
+
+
+def test_check_only_an_unknown_name_is_one_error_line(tmp_path: Path, trace_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = three_checks(tmp_path, trace_path)
+    assert run(["check", str(cfg), "--only", "pas", "--junit-xml", str(tmp_path / "r.xml")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not (tmp_path / "r.xml").exists()
+    assert captured.err == (f"moeplace: error: --only 'pas': {cfg} has no such check; did you mean 'pass'? "
+                            "its checks: 'pass', 'fail & <co>', 'gone'\n")
+    assert run(["check", str(cfg), "--only", "zzz"]) == 2
+    assert "did you mean" not in capsys.readouterr().err
+
+
+def test_check_help_teaches_the_ci_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["check", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--junit-xml out/check.xml --json" in out and "--only NAME" in out

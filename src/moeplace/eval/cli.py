@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
+import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -13,7 +17,7 @@ import click
 from moeplace.errors import AlreadyReported, MoeplaceError, warn
 from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_load_report, build_report,
                                   render_table, traffic_metric_fn)
-from moeplace.io import loads_json, read_yaml, write_json_atomic
+from moeplace.io import atomic_path, loads_json, read_yaml, write_json_atomic
 from moeplace.models.config import attention_shape, config_size
 from moeplace.options import (DTYPE_BYTES, MAX_HIDDEN_SIZE, NON_NEGATIVE, OUTPUT_FILE, Count, DtypeChoice, brief,
                                check_writable, plural, writing, yaml_number)
@@ -456,6 +460,7 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
 # --- moeplace check ------------------------------------------------------------------------------
 
 _CHECK_KEYS = {"name", "placement", "trace", "all_tokens", "cluster", "model_config"}
+_CHECK_FILES = ("placement", "trace", "cluster", "model_config")  # the paths a check reads
 _LIMIT_KEYS = {f"max_{n}{vs}" for n in THRESHOLDS for vs in ("", _VS)} | {f"max_{n}" for n in RATIO_THRESHOLDS}
 _THRESHOLD_NAMES = f"max_<{'|'.join(THRESHOLDS)}>[{_VS}], {', '.join(f'max_{n}' for n in RATIO_THRESHOLDS)}"
 
@@ -570,9 +575,126 @@ def _why(e: BaseException, check: dict[str, Any]) -> str:
     return str(e)
 
 
+class CheckRun(NamedTuple):
+    """One check's outcome: its report and verdicts, or the one line saying why it could not run."""
+    check: dict[str, Any]
+    report: dict[str, Any] | None  # None: it could not run
+    verdicts: list[Verdict]
+    error: str  # "" when it ran
+    seconds: float
+
+    @property
+    def status(self) -> str:
+        return "error" if self.report is None else "pass" if all(v.passed for v in self.verdicts) else "fail"
+
+
+def run_check(c: dict[str, Any]) -> CheckRun:
+    """Evaluate one check; one bad input stops its check, not the gate."""
+    start = time.perf_counter()
+    try:
+        report = _evaluate(c["placement"], c["trace"], c.get("all_tokens", False), **_check_metric_fns(c))
+        verdicts = threshold_results(report, c["limits"])
+    except (MoeplaceError, MemoryError, RecursionError) as e:
+        return CheckRun(c, None, [], _why(e, c), time.perf_counter() - start)
+    return CheckRun(c, report, verdicts, "", time.perf_counter() - start)
+
+
+def check_lines(r: CheckRun) -> list[str]:
+    """The text lines of a check: PASS/FAIL/ERROR, then what the tokens are when not a held-out split."""
+    if r.report is None:
+        return [f"ERROR {r.check['name']}: {r.error}"]
+    lines = [f"{r.status.upper():<4}  {r.check['name']} ({_scored(r.report)}): {_describe(r.verdicts)}"]
+    t = r.report.get("tokens")
+    if t is None:
+        lines.append(f"      loads: {r.report['loads']['note']}")
+    elif t["subset"] != "held-out":  # what eval says of these tokens (in-sample, another trace, another model)
+        lines.append(f"      tokens: {t['note']}")
+    return lines
+
+
+def select_checks(checks: list[dict[str, Any]], only: Sequence[str], config: Path) -> list[dict[str, Any]]:
+    """The checks --only names, in the YAML's order (all of them without --only); an unknown name
+    is an error before anything runs, so a typo never gates nothing."""
+    names = [c["name"] for c in checks]
+    for name in only:
+        if name not in names:
+            near = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise MoeplaceError(f"--only {name!r}: {config} has no such check; {hint}its checks: "
+                                + ", ".join(map(repr, names)))
+    return [c for c in checks if not only or c["name"] in only]
+
+
+def check_json(r: CheckRun) -> dict[str, Any]:
+    """A check in --json's document: status, inputs, what was scored, each threshold's verdict."""
+    out: dict[str, Any] = {"name": r.check["name"], "status": r.status, "placement": str(r.check["placement"]),
+                           "trace": str(r.check["trace"])}
+    if r.report is None:
+        return {**out, "error": r.error}
+    t = r.report.get("tokens")
+    out["tokens"] = None if t is None else {k: t[k] for k in ("subset", "evaluated", "total", "note")}
+    if t is None:
+        out["loads"] = {"total": r.report["loads"]["total"], "note": r.report["loads"]["note"]}
+    out["thresholds"] = [{"threshold": v.key, "metric": v.what, "limit": v.limit, "value": v.value,
+                          "passed": v.passed} for v in r.verdicts]
+    return out
+
+
+def summary_counts(runs: list[CheckRun], skipped: int) -> dict[str, int]:
+    statuses = [r.status for r in runs]
+    return {"checks": len(runs), "passed": statuses.count("pass"), "failed": statuses.count("fail"),
+            "errors": statuses.count("error"), "not_selected": skipped}
+
+
+# XML 1.0 has no way to write these (not even escaped): ElementTree would write them as they are
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml(text: str) -> str:
+    """Text an XML 1.0 parser accepts: control characters and lone surrogates (a path's
+    undecodable bytes) as U+FFFD; ElementTree escapes <, & and quotes itself."""
+    return _NOT_XML.sub("\ufffd", text)
+
+
+def junit_xml(runs: list[CheckRun], config: Path) -> ET.Element:
+    """A JUnit report: one testsuite "moeplace check", one testcase per check; a <failure> names
+    the broken thresholds, an <error> says why a check could not run."""
+    counts = summary_counts(runs, 0)
+    total = f"{sum(r.seconds for r in runs):.3f}"
+    attrs = {"name": "moeplace check", "tests": str(counts["checks"]), "failures": str(counts["failed"]),
+             "errors": str(counts["errors"]), "time": total}
+    root = ET.Element("testsuites", attrs)
+    suite = ET.SubElement(root, "testsuite", {**attrs, "skipped": "0", "file": _xml(str(config))})
+    for r in runs:
+        case = ET.SubElement(suite, "testcase", {"name": _xml(r.check["name"]), "classname": "moeplace check",
+                                                 "time": f"{r.seconds:.3f}"})
+        if r.report is None:
+            ET.SubElement(case, "error", {"message": _xml(r.error), "type": "error"}).text = _xml(r.error)
+            continue
+        lines = "\n".join(check_lines(r))
+        if r.status == "fail":
+            broken = _describe([v for v in r.verdicts if not v.passed])
+            ET.SubElement(case, "failure", {"message": _xml(broken), "type": "threshold"}).text = _xml(lines)
+        else:
+            ET.SubElement(case, "system-out").text = _xml(lines)
+    ET.indent(root)
+    return root
+
+
+def write_junit(path: Path, root: ET.Element) -> None:
+    with writing(path), atomic_path(path) as tmp:  # bytes: the declaration says UTF-8 whatever the locale
+        tmp.write_bytes(ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n")
+
+
 @click.command("check")
 @click.argument("config", type=click.Path(path_type=Path))
-def check(config: Path) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document (each check's status, files, tokens, thresholds; the counts) instead "
+                   "of the lines.")
+@click.option("--junit-xml", "junit", type=OUTPUT_FILE, default=None, metavar="FILE",
+              help="Also write a JUnit XML report (a testcase per check) for CI test reporters.")
+@click.option("--only", multiple=True, metavar="NAME", help="Run only the check NAME (repeatable).")
+def check(config: Path, as_json: bool, junit: Path | None, only: tuple[str, ...]) -> None:
     """CI regression gate: run the checks of a YAML file; exit 1 if any fails.
 
     \b
@@ -605,31 +727,41 @@ def check(config: Path) -> None:
     a `tokens:` line under the check says what they are.
 
     \b
+    For CI: --json prints one JSON document on stdout instead of the lines (per check: name,
+    status pass/fail/error, placement, trace, tokens, each threshold's limit, value and verdict,
+    or the error; then the counts); the FAIL or error summary line still goes to stderr, and
+    the exit codes are the same. --junit-xml FILE also writes a JUnit report (a <failure> names
+    the broken thresholds, an <error> a check that could not run) for GitLab, Jenkins or GitHub
+    test reporters. --only NAME runs only that check (repeatable; an unknown name is an error
+    listing the YAML's names). A malformed YAML or an unknown --only name is one error line on
+    stderr and exit 2, before any check runs: no JSON, no XML file.
+
+    \b
     Example (after `make demo`):
       moeplace check configs/check-example.yaml
+      moeplace check configs/check-example.yaml --only flame-decoder-8gpu-2node \\
+          --junit-xml out/check.xml --json > out/check.json
     """
-    checks = read_checks(config)
-    failed, broken, n = 0, 0, len(checks)
+    every = read_checks(config)
+    checks = select_checks(every, only, config)
+    if junit is not None:  # fail now, not after the checks have run
+        check_writable(junit, "--junit-xml", [config, *(c.get(k) for c in checks for k in _CHECK_FILES)])
+    runs = []
     for c in checks:
-        try:
-            report = _evaluate(c["placement"], c["trace"], c.get("all_tokens", False), **_check_metric_fns(c))
-            results = threshold_results(report, c["limits"])
-        except (MoeplaceError, MemoryError, RecursionError) as e:  # one bad input stops its check, not the gate
-            broken += 1
-            click.echo(f"ERROR {c['name']}: {_why(e, c)}")
-            continue
-        ok = all(v.passed for v in results)
-        failed += not ok
-        t = report.get("tokens")
-        click.echo(f"{'PASS' if ok else 'FAIL'}  {c['name']} ({_scored(report)}): {_describe(results)}")
-        if t is None:
-            click.echo(f"      loads: {report['loads']['note']}")
-        elif t["subset"] != "held-out":  # what eval says of these tokens (in-sample, another trace, another model)
-            click.echo(f"      tokens: {t['note']}")
-    passed = n - failed - broken
+        runs.append(run_check(c))
+        if not as_json:  # each line as its check ends: a long gate shows progress
+            click.echo("\n".join(check_lines(runs[-1])))
+    if junit is not None:
+        write_junit(junit, junit_xml(runs, config))
+    counts = summary_counts(runs, len(every) - len(checks))
+    n, passed, failed, broken = counts["checks"], counts["passed"], counts["failed"], counts["errors"]
+    if as_json:
+        click.echo(json.dumps({"config": str(config), "passed": not failed and not broken, "summary": counts,
+                               "checks": [check_json(r) for r in runs]}, indent=2))
     if broken:  # exit 2 wins: the gate did not run whole, whatever the others say
         raise MoeplaceError(f"{broken} of {plural(n, 'check')} could not run ({passed} passed, {failed} failed)")
     if failed:  # a verdict, not bad input: not the `moeplace: error:` line
         click.echo(f"moeplace check: FAIL: {failed} of {plural(n, 'check')} failed ({passed} passed)", err=True)
         raise AlreadyReported(1)
-    click.echo(f"moeplace check: PASS: {f'all {n} checks' if n > 1 else 'the 1 check'} passed")
+    if not as_json:
+        click.echo(f"moeplace check: PASS: {f'all {n} checks' if n > 1 else 'the 1 check'} passed")
