@@ -152,6 +152,59 @@ def test_progress_rate_leaves_the_warm_up_out(tiny_dirs: dict[str, Path], tmp_pa
     assert notes == ["12 tokens, 1 tokens/s", "24 tokens, 12 tokens/s", "36 tokens, 12 tokens/s"]
 
 
+def test_progress_says_the_time_left_once_a_few_percent_are_done(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from moeplace import progress as progress_mod
+
+    clock = iter([0.0, 1.0, 5.0, 100.0, 400.0])  # start, then each update
+    monkeypatch.setattr(progress_mod, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    bar = progress_mod.Progress("step", total=1000, after=0.0, every=0.0)
+    for done in (10, 100, 500, 40):  # 1% (too early to tell), 10%, 50%, then a slow run's 4%
+        bar.update(done, "x")
+    assert capsys.readouterr().err.splitlines() == [
+        "step:  1.0% x [1.0s]", "step: 10.0% x [5.0s, ~45s left]", "step: 50.0% x [100.0s, ~1m40s left]",
+        "step:  4.0% x [400.0s, ~2h40m left]"]
+    clock = iter([0.0, 50.0])
+    progress_mod.Progress("step", after=0.0, every=0.0).update(500, "x")  # no total: no share, no time left
+    assert capsys.readouterr().err.splitlines() == ["step: x [50.0s]"]
+
+
+def test_input_share_follows_the_text_read(tmp_path: Path) -> None:
+    """The share of the input bytes behind the first N tokens: interpolated within a piece of text,
+    a .jsonl file's JSON syntax caught up when the next file starts or the input ends."""
+    (tmp_path / "a.txt").write_text("x" * 10)
+    (tmp_path / "b.jsonl").write_text('{"text": "yyyy"}\n')  # 17 bytes, 4 of them text
+    files = expand_paths([tmp_path / "a.txt", tmp_path / "b.jsonl"])
+    share = collect_mod.InputShare([f.stat().st_size for f in files])
+
+    def tok(text: str) -> list[int]:
+        share.tokenized(text, len(text))
+        return [ord(c) for c in text]
+
+    windows = iter_windows(share.files(files), tok, 4)
+    seen, done = [], 0
+    for w in windows:
+        done += len(w)
+        seen.append(share.at(done) * 27)
+    assert seen == pytest.approx([4, 8, 10, 14])  # windows of 4, 4, 2 (a.txt) and 4 (b.jsonl's text)
+    assert share.at(done) == 1.0  # the input is all read
+
+
+def test_trace_without_max_tokens_shows_the_share_of_the_text_read(
+        tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from moeplace.progress import Progress
+
+    monkeypatch.setattr(collect_mod, "Progress", lambda *a, **kw: Progress(*a, **kw, after=0.0, every=0.0))
+    assert run(["trace", "--model", str(tiny_dirs["mixtral"]), "--data", str(corpus), "-o", str(tmp_path / "t.npz"),
+                "--seq-len", "64", "--batch-size", "2"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trace: ")]
+    shares = [float(line.split()[1].removesuffix("%")) for line in lines[:-1] if line.split()[1].endswith("%")]
+    # 576 tokens: 5 batches of 2 x 64, each line with its share
+    assert len(shares) == 5 and shares == sorted(shares) and shares[0] > 0 and shares[-1] == 100.0
+    assert lines[-2].endswith("left]") and lines[-1].startswith("trace: done 576 tokens")
+
+
 # ---- text input ----------------------------------------------------------------------------------
 
 def test_windows_and_batches(tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     import torch
 
     from moeplace.models.discovery import find_moe_layers, num_decoder_layers
-    from moeplace.trace.collect import collect
+    from moeplace.trace.collect import InputShare, collect
     from moeplace.trace.format import save_trace
     from moeplace.trace.text import expand_paths, iter_batches, iter_windows, validate
 
@@ -119,11 +119,16 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     elif max_positions is not None and seq_len > max_positions:
         raise MoeplaceError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
     vocab = model.get_input_embeddings().weight.shape[0]
+    # progress as the share of the --data text read: their sizes are known up front, the token count is not
+    sizes = [f.stat().st_size for f in files]
+    share = InputShare(sizes) if sum(sizes) > 0 else None  # a size-less file (procfs) gives no share
 
     def tokenize(text: str) -> list[int]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if ids and max(ids) >= vocab:
             raise MoeplaceError(f"tokenizer produced id {max(ids)} >= the model's vocabulary size {vocab}")
+        if share is not None:
+            share.tokenized(text, len(ids))
         return ids
 
     n_dec = num_decoder_layers(model)
@@ -154,9 +159,10 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
         meta["renumbered_from"] = str(record.get("source", "unknown"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sources: list[tuple[Path, int]] = []  # (file, its first window): which files the trace read
-    batches = iter_batches(iter_windows(files, tokenize, seq_len, max_tokens, sources), batch_size, pad_id)
+    walked = share.files(files) if share is not None else files  # marks where each file starts
+    batches = iter_batches(iter_windows(walked, tokenize, seq_len, max_tokens, sources), batch_size, pad_id)
     result = collect(model, layers, batches, device=dev, meta=meta, spool_dir=output.parent,
-                     max_tokens=max_tokens, progress=not quiet)
+                     max_tokens=max_tokens, share=share.at if share is not None else None, progress=not quiet)
     if result.trace is None:
         if result.interrupted:
             raise MoeplaceError(f"{_stopped(result.interrupted)} before the first batch completed: no trace written",

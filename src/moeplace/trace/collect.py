@@ -14,11 +14,13 @@ parts into one Trace at the end (or at Ctrl-C, with whatever batches completed).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,9 +111,13 @@ def collect(
     meta: dict[str, Any],
     spool_dir: str | Path | None = None,
     max_tokens: int | None = None,
+    share: Callable[[int], float] | None = None,
     progress: bool = False,
 ) -> Collected:
     """Route every batch through `model`; return the trace of all completed batches.
+
+    Progress shows the share done: of `max_tokens`, or of the input by `share(tokens routed)`
+    (0..1, e.g. `InputShare.at`), whichever is further; neither given, no share.
 
     Ctrl-C or SIGTERM (`kill`, Slurm preemption, a cancelled CI job) stops between or inside a
     batch: the batches already spooled form the trace and `interrupted` names the signal (trace
@@ -120,7 +126,7 @@ def collect(
     num_experts = layers[0].num_experts
     if any(m.num_experts != num_experts or m.top_k != layers[0].top_k for m in layers):
         raise MoeplaceError("MoE layers differ in num_experts or top_k; one trace needs them equal")
-    bar = Progress("trace", total=max_tokens, enabled=progress)
+    bar = Progress("trace", total=1.0 if max_tokens or share else None, enabled=progress)
     start = time.monotonic()
     done_tokens = 0
     warm: tuple[int, float] | None = None  # (tokens, time) after the first batch, which pays the warm-up
@@ -139,7 +145,8 @@ def collect(
                 since = warm or (0, start)  # from the second batch on, the rate leaves the warm-up out
                 rate = (done_tokens - since[0]) / max(now - since[1], 1e-9)
                 warm = warm or (done_tokens, now)
-                bar.update(done_tokens, f"{done_tokens} tokens, {rate:,.0f} tokens/s")
+                done = max(done_tokens / max_tokens if max_tokens else 0.0, share(done_tokens) if share else 0.0)
+                bar.update(done, f"{done_tokens} tokens, {rate:,.0f} tokens/s")
         except KeyboardInterrupt:
             interrupted = "SIGINT"
         except _Terminated:
@@ -149,6 +156,71 @@ def collect(
         bar.close(f"{done_tokens} tokens" + (" (interrupted)" if interrupted else "") if parts else "")
         trace = _assemble(parts, num_experts, meta) if parts else None
     return Collected(trace, interrupted, len(parts), seconds)
+
+
+class InputShare:
+    """How far through the input text files the first N tokens reach, as a share of the files' total size.
+
+    The tokenizer sees the text in order, a piece at a time: `tokenized` marks (tokens so far,
+    bytes so far) after each piece, and `at` interpolates between the marks, so the share moves
+    within a piece too (a .txt block is ~256K characters: tens of thousands of tokens). Bytes are
+    the UTF-8 size of the text tokenised: a .txt file's own size, bar CRs of CRLF line ends; a
+    .jsonl file's text fields leave its JSON syntax out, so the share lags there and catches up
+    when the next file starts or the input ends (`files` marks both).
+    """
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        self._starts = list(itertools.accumulate(sizes, initial=0))  # byte offset of each file in the input
+        self.total = self._starts[-1]
+        self._file = 0
+        self._tokens = 0
+        self._bytes = 0
+        self._marks: deque[tuple[int, int]] = deque([(0, 0)])  # (tokens, bytes) where each piece ends, in order
+
+    def files(self, files: Sequence[Path]) -> list[Path]:
+        """`files`, as a list whose iteration marks where each file starts (iter_windows walks it once)."""
+        return _Walked(files, self._reach)
+
+    def _reach(self, i: int) -> None:
+        """File i starts (i = the number of files: the input is all read)."""
+        self._file, self._bytes = i, self._starts[i]  # all before it is read, whatever its JSON syntax
+        self._marks.append((self._tokens, self._bytes))
+
+    def tokenized(self, text: str, num_tokens: int) -> None:
+        """The tokenizer turned the next `text` of the input into `num_tokens` tokens."""
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+        self._tokens += num_tokens
+        self._bytes = min(self._bytes + size, self._starts[self._file + 1])  # a file grown since: no share past it
+        self._marks.append((self._tokens, self._bytes))
+
+    def at(self, tokens: int) -> float:
+        """The share (0..1) of the input read to make the first `tokens` tokens; asked for rising counts."""
+        marks = self._marks
+        while len(marks) > 1 and marks[1][0] <= tokens:  # marks behind `tokens` are no longer needed
+            marks.popleft()
+        t0, b0 = marks[0]
+        if not self.total:
+            return 0.0
+        if len(marks) == 1:
+            return b0 / self.total
+        t1, b1 = marks[1]
+        return (b0 + (b1 - b0) * (tokens - t0) / (t1 - t0)) / self.total
+
+
+class _Walked(list[Path]):
+    """A list of files that calls `reach(i)` as an iteration over it reaches file i, and
+    `reach(len)` at its end."""
+
+    def __init__(self, files: Iterable[Path], reach: Callable[[int], None]) -> None:
+        super().__init__(files)
+        self._reach = reach
+
+    def __iter__(self) -> Iterator[Path]:
+        i = -1
+        for i, f in enumerate(super().__iter__()):
+            self._reach(i)
+            yield f
+        self._reach(i + 1)
 
 
 class _Terminated(Exception):
