@@ -867,7 +867,8 @@ def test_eplb_baseline_takes_the_expert_groups_of_the_trace_meta(trace_path: Pat
     ("checks: [{placement: p.json, trace: t.npz, max_imbalance: 2}, 3]", "ci.yaml: check 2 must be a mapping"),
     ("checks: [{name: a, placement: p.json, trace: t.npz, max_imbalance: 2},\n"
      "         {placement: q.json, trace: t.npz, max_imbalanse: 2}]", "ci.yaml: check 2 (unnamed): unknown keys ['max_imbalanse']; thresholds are "
-     "max_<cross_gpu|cross_node|dest_gpus|dest_nodes|imbalance>[_vs_contiguous], max_moe_time_ratio"),
+     "max_<cross_gpu|cross_node|dest_gpus|dest_nodes|imbalance>[_vs_contiguous|_vs_baseline], max_moe_time_ratio, "
+     "max_moe_time_vs_baseline"),
     ("checks: [{name: a, placement: p.json, trace: t.npz, model_config: m.yaml, max_imbalance: 2}]",
      "ci.yaml: check 1 (a): model_config needs cluster"),
     ("checks: [{placement: p.json, trace: t.npz, all_tokens: 'yes', max_imbalance: 2}]",
@@ -1226,3 +1227,187 @@ def test_check_help_teaches_the_ci_flags(capsys: pytest.CaptureFixture[str]) -> 
     assert run(["check", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--junit-xml out/check.xml --json" in out and "--only NAME" in out
+
+
+# --- check: baseline (the placement shipped last) ---------------------------------------------------
+
+
+def baseline_files(tmp_path: Path, trace_path: Path) -> dict[str, Placement]:
+    """good.json (affinity, fitted on split seed 0), released.json (its layout, fitted on another split:
+    scored on its own held-out tokens it would score otherwise) and worse.json (contiguous)."""
+    sha = load_trace(trace_path).sha256
+    good = affinity_placement(trace_path, {"train_fraction": 0.5, "seed": 0}, tmp_path / "good.json")
+    released = Placement(good.expert_to_gpu, 4, 2, trace_sha256=sha, split={"train_fraction": 0.5, "seed": 1})
+    released.save(tmp_path / "released.json")
+    worse = Placement(contiguous(4, 8, 4), 4, 2, trace_sha256=sha, split={"train_fraction": 0.5, "seed": 0})
+    worse.save(tmp_path / "worse.json")
+    return {"good": good, "released": released, "worse": worse}
+
+
+def test_check_against_a_baseline_on_the_placements_tokens(tmp_path: Path, trace_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The same layout as the baseline is 1.0 on every metric: the baseline is scored on the placement's
+    held-out tokens, not on its own split's; contiguous against it is worse and fails, naming the threshold."""
+    files = baseline_files(tmp_path, trace_path)
+    limits = {"max_cross_gpu_vs_baseline": 1.0, "max_dest_gpus_vs_baseline": 1.0, "max_imbalance_vs_baseline": 1.0}
+    cfg = write_checks(tmp_path / "ci.yaml", [{"name": "same", "placement": "good.json"},
+                                              {"name": "worse", "placement": "worse.json"}],
+                       defaults={"trace": "trace.npz", "baseline": "released.json", **limits})
+    assert run(["check", str(cfg)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("PASS  same (100 held-out tokens): cross_gpu_top1/baseline 1.0000 <= 1, "
+                      "dest_gpus_topk/baseline 1.0000 <= 1, imbalance_max/baseline 1.0000 <= 1")
+    assert out[1].startswith("FAIL  worse (100 held-out tokens): cross_gpu_top1/baseline "), out[1]
+    assert run(["check", str(cfg), "--json", "--junit-xml", str(tmp_path / "r.xml")]) == 1
+    same, worse = json.loads(capsys.readouterr().out)["checks"]
+    # the values eval gives each layout on the placement's held-out tokens
+    held = split_tokens(200, 0.5, 0)[1]
+    tokens = load_trace(trace_path).select_tokens(held)
+    mine, theirs = evaluate(files["worse"], tokens), evaluate(files["good"], tokens)
+    assert same["baseline"] == {"placement": str(tmp_path / "released.json"), "num_gpus": 4, "gpus_per_node": 2,
+                                "note": ""}
+    assert [(t["threshold"], t["metric"], t["value"], t["limit"]) for t in same["thresholds"]] == [
+        ("max_cross_gpu_vs_baseline", "cross_gpu_top1/baseline", 1.0, 1.0),
+        ("max_dest_gpus_vs_baseline", "dest_gpus_topk/baseline", 1.0, 1.0),
+        ("max_imbalance_vs_baseline", "imbalance_max/baseline", 1.0, 1.0)]
+    cross = {t["threshold"]: t for t in worse["thresholds"]}["max_cross_gpu_vs_baseline"]
+    assert cross["passed"] is False and cross["baseline_value"] == pytest.approx(theirs["cross_gpu_top1"])
+    assert cross["value"] == pytest.approx(mine["cross_gpu_top1"] / theirs["cross_gpu_top1"]) and cross["value"] > 1
+    failure = xml_root(tmp_path / "r.xml").find("testsuite/testcase[@name='worse']/failure")
+    assert failure is not None and failure.get("message", "").startswith("cross_gpu_top1/baseline ")
+
+
+def xml_root(path: Path):
+    import xml.etree.ElementTree as ET
+
+    return ET.parse(path).getroot()
+
+
+def test_check_baseline_of_another_shape_or_model_is_an_error_line(tmp_path: Path, trace_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    baseline_files(tmp_path, trace_path)
+    Placement(contiguous(3, 8, 4), 4, 2).save(tmp_path / "three.json")
+    Placement(contiguous(4, 8, 4), 4, 2, trace_model={"model_type": "mixtral"}).save(tmp_path / "mixtral.json")
+    good = json.loads((tmp_path / "good.json").read_text())
+    (tmp_path / "qwen.json").write_text(json.dumps({**good, "trace_model": {"model_type": "qwen2_moe"}}))
+    cfg = write_checks(tmp_path / "ci.yaml", [
+        {"name": "short", "placement": "good.json", "baseline": "three.json"},
+        {"name": "other", "placement": "qwen.json", "baseline": "mixtral.json"},
+        {"name": "gone", "placement": "good.json", "baseline": "nothing.json"},
+        {"name": "ok", "placement": "good.json", "baseline": "good.json"},
+    ], defaults={"trace": "trace.npz", "max_cross_gpu_vs_baseline": 1})
+    assert run(["check", str(cfg)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[:3] == [
+        f"ERROR short: baseline {tmp_path / 'three.json'} is for 3 MoE layers x 8 experts, but "
+        f"{tmp_path / 'good.json'} for 4 x 8: a baseline is a placement of the same model",
+        f"ERROR other: baseline {tmp_path / 'mixtral.json'} was fitted on another model than "
+        f"{tmp_path / 'qwen.json'}: model_type mixtral (the placement's: qwen2_moe)",
+        f"ERROR gone: baseline {tmp_path / 'nothing.json'}: no such file"]
+    assert captured.out.splitlines()[3].startswith("PASS  ok ")
+    assert captured.err.strip() == "moeplace: error: 3 of 4 checks could not run (1 passed, 0 failed)"
+
+
+@pytest.mark.parametrize("doc, message", [
+    ("checks: [{name: a, placement: p.json, trace: t.npz, max_cross_gpu_vs_baseline: 1}]",
+     "ci.yaml: check 1 (a): max_cross_gpu_vs_baseline needs 'baseline' (a placement file of the same model to "
+     "compare with)"),
+    # `baseline: null` drops the defaults' baseline and the thresholds on it; one the check sets itself stays
+    ("defaults: {baseline: b.json, max_cross_gpu_vs_baseline: 1}\n"
+     "checks: [{name: a, placement: p.json, trace: t.npz, baseline: null, max_dest_gpus_vs_baseline: 1}]",
+     "ci.yaml: check 1 (a): max_dest_gpus_vs_baseline needs 'baseline' (a placement file of the same model to "
+     "compare with)"),
+    ("checks: [{name: a, placement: p.json, trace: t.npz, baseline: b.json, max_cross_gpu: 0.5}]",
+     "ci.yaml: check 1 (a): baseline is set but no max_<metric>_vs_baseline threshold uses it"),
+    ("checks: [{name: a, placement: p.json, trace: t.npz, baseline: b.json, max_imbalance_vs_baseline: 0}]",
+     "ci.yaml: check 1 (a): max_imbalance_vs_baseline 0: the ratio of two positive imbalances is above 0, so no "
+     "placement passes; give a positive ratio"),
+])
+def test_check_baseline_config_errors_name_the_check(tmp_path: Path, doc: str, message: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "ci.yaml"
+    cfg.write_text(doc)
+    assert run(["check", str(cfg)]) == 2
+    assert capsys.readouterr().err == f"moeplace: error: {tmp_path}/{message}\n"
+
+
+def test_check_baseline_as_read(tmp_path: Path) -> None:
+    cfg = tmp_path / "ci.yaml"
+    cfg.write_text("defaults: {trace: t.npz, baseline: ../released/b.json, max_cross_gpu_vs_baseline: 1.05}\n"
+                   "checks:\n"
+                   "  - {name: a, placement: p.json, max_moe_time_vs_baseline: 1}\n"
+                   "  - {name: b, placement: p.json, baseline: null, max_imbalance: 2}\n"
+                   "  - {name: c, placement: p.json, max_cross_gpu_vs_baseline: null, max_imbalance: 2}\n")
+    a, b, c = read_checks(cfg)
+    assert a["baseline"] == tmp_path.parent / "released" / "b.json"
+    assert a["limits"] == {"max_cross_gpu_vs_baseline": 1.05, "max_moe_time_vs_baseline": 1.0}
+    assert "baseline" not in b and b["limits"] == {"max_imbalance": 2.0}
+    assert "baseline" not in c and c["limits"] == {"max_imbalance": 2.0}  # the defaults' baseline gates nothing here
+
+
+def test_check_baseline_of_zero_and_of_another_gpu_count(tmp_path: Path, trace_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A baseline on one node crosses no node: the ratio is undefined, it holds when the placement
+    crosses none either and fails otherwise; a baseline on other GPUs is compared, and said so."""
+    sha, split = load_trace(trace_path).sha256, {"train_fraction": 0.5, "seed": 0}
+    good = affinity_placement(trace_path, split, tmp_path / "good.json")  # 2 nodes x 2 GPUs
+    Placement(good.expert_to_gpu, 4, 4, trace_sha256=sha, split=split).save(tmp_path / "one-node.json")
+    Placement(contiguous(4, 8, 2), 2, 2, trace_sha256=sha, split=split).save(tmp_path / "two-gpus.json")
+    cfg = write_checks(tmp_path / "ci.yaml", [
+        {"name": "zero", "placement": "one-node.json", "baseline": "one-node.json"},
+        {"name": "nodes", "placement": "good.json", "baseline": "one-node.json"},
+        {"name": "gpus", "placement": "good.json", "baseline": "two-gpus.json", "max_cross_node_vs_baseline": None,
+         "max_cross_gpu_vs_baseline": 5},
+    ], defaults={"trace": "trace.npz", "max_cross_node_vs_baseline": 1})
+    assert run(["check", str(cfg)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "PASS  zero (100 held-out tokens): cross_node_top1/baseline n/a (0 here and in the baseline)"
+    assert out[1].startswith("FAIL  nodes (100 held-out tokens): cross_node_top1/baseline n/a: 0."), out[1]
+    assert out[1].endswith(" where the baseline has 0, worse at any ratio")
+    assert out[2] == (f"      baseline: {tmp_path / 'one-node.json'} is for 4 GPUs (1 node), this one for 4 "
+                      "(2 nodes); compared on the same tokens")
+    assert out[3].startswith("PASS  gpus (100 held-out tokens): cross_gpu_top1/baseline ")
+    assert out[4] == (f"      baseline: {tmp_path / 'two-gpus.json'} is for 2 GPUs (1 node), this one for 4 "
+                      "(2 nodes); compared on the same tokens")
+    assert run(["check", str(cfg), "--json", "--only", "nodes"]) == 1
+    (t,) = json.loads(capsys.readouterr().out)["checks"][0]["thresholds"]
+    assert t["value"] is None and t["baseline_value"] == 0 and t["passed"] is False and "baseline has 0" in t["note"]
+
+
+def test_check_moe_time_against_a_baseline(tmp_path: Path, trace_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """max_moe_time_vs_baseline: the baseline timed with the placement's cost model, on its tokens."""
+    baseline_files(tmp_path, trace_path)
+    (tmp_path / "c.yaml").write_text(CLUSTER_2X2)
+    cfg = write_checks(tmp_path / "ci.yaml", [
+        {"name": "faster", "placement": "good.json", "baseline": "worse.json"},
+        {"name": "slower", "placement": "worse.json", "baseline": "good.json"},
+        # `cluster: null` drops the defaults' time thresholds (as max_moe_time_ratio); one set here needs a cost model
+        {"name": "untimed", "placement": "good.json", "baseline": "worse.json", "cluster": None,
+         "max_moe_time_vs_baseline": 1},
+    ], defaults={"trace": "trace.npz", "cluster": "c.yaml", "max_moe_time_vs_baseline": 1})
+    assert run(["check", str(cfg)]) == 2
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert len(out) == 3, captured.err
+    assert out[0].startswith("PASS  faster (100 held-out tokens): moe_time_us/baseline 0.")
+    assert out[1].startswith("FAIL  slower (100 held-out tokens): moe_time_us/baseline 1.")
+    assert out[2].startswith("ERROR untimed: max_moe_time_vs_baseline needs 'cluster'")
+
+
+def test_check_help_documents_the_baseline(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["check", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline:" in out and "max_cross_gpu_vs_baseline" in out and "max_moe_time_vs_baseline" in out
+
+
+def test_check_baseline_on_a_load_only_file(tmp_path: Path, trace_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On expert loads the baseline is scored on the same loads: imbalance only."""
+    files = baseline_files(tmp_path, trace_path)
+    loads = load_trace(trace_path).expert_loads()
+    save_loads(ExpertLoads(loads, {"source": "loads-json"}), tmp_path / "loads.npz")
+    cfg = write_checks(tmp_path / "ci.yaml", [{"name": "balance", "placement": "worse.json", "baseline": "good.json",
+                                              "trace": "loads.npz", "max_imbalance_vs_baseline": 1.5}])
+    assert run(["check", str(cfg), "--json"]) == 0
+    (t,) = json.loads(capsys.readouterr().out)["checks"][0]["thresholds"]
+    mine, theirs = (imbalance(expected_gpu_loads(files[k], loads)).max() for k in ("worse", "good"))
+    assert t["baseline_value"] == pytest.approx(theirs) and t["value"] == pytest.approx(mine / theirs)

@@ -13,15 +13,18 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import click
+import numpy as np
 
 from moeplace.errors import AlreadyReported, MoeplaceError, warn
+from moeplace.eval.metrics import evaluate, imbalance
 from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_load_report, build_report,
-                                  render_table, traffic_metric_fn)
+                                  render_table, token_subsets, traffic_metric_fn)
 from moeplace.io import atomic_path, loads_json, read_yaml, write_json_atomic
 from moeplace.models.config import attention_shape, config_size
 from moeplace.options import (DTYPE_BYTES, MAX_HIDDEN_SIZE, NON_NEGATIVE, OUTPUT_FILE, Count, DtypeChoice, brief,
                                check_writable, plural, writing, yaml_number)
 from moeplace.placement import Placement, load_placement
+from moeplace.solve.balance import expected_gpu_loads
 from moeplace.solve.costmodel import COST_COLUMNS, COST_PER_LAYER, CostModel, ModelFacts
 from moeplace.trace.format import Trace, is_load_only, load_loads, load_trace
 
@@ -37,6 +40,10 @@ THRESHOLDS: dict[str, str] = {
 # the predicted MoE time needs a cost model (--cluster), and only its ratio travels between clusters
 RATIO_THRESHOLDS: dict[str, str] = {"moe_time_ratio": "moe_time_us"}
 _VS = "_vs_contiguous"
+# `moeplace check`'s max_NAME_vs_baseline: the metric's ratio to another placement's (a check's
+# `baseline:`) on the same tokens; every metric with a _vs_contiguous form, and the predicted MoE time
+_VS_BASE = "_vs_baseline"
+BASELINE_METRICS: dict[str, str] = {**THRESHOLDS, "moe_time": "moe_time_us"}
 # how a gate line names a metric
 LABELS: dict[str, str] = {
     "cross_gpu_top1": "cross-GPU top-1", "cross_node_top1": "cross-node top-1", "dest_gpus_topk": "dest GPUs top-k",
@@ -49,7 +56,9 @@ class Verdict(NamedTuple):
     value: float | None  # None: not applicable (a node ratio on one node)
     limit: float
     passed: bool
-    key: str = ""  # the threshold: max_NAME[_vs_contiguous]
+    key: str = ""  # the threshold: max_NAME[_vs_contiguous|_vs_baseline]
+    baseline: float | None = None  # _vs_baseline: the baseline placement's own value
+    note: str = ""  # shown instead of the value when it is None (a ratio to a zero baseline)
 
 
 def gate_metric(key: str) -> tuple[str, bool]:
@@ -57,6 +66,8 @@ def gate_metric(key: str) -> tuple[str, bool]:
     name = key.removeprefix("max_")
     if name in RATIO_THRESHOLDS:
         return RATIO_THRESHOLDS[name], True
+    if name.endswith(_VS_BASE):
+        return BASELINE_METRICS[name.removesuffix(_VS_BASE)], True
     return THRESHOLDS[name.removesuffix(_VS)], name.endswith(_VS)
 
 
@@ -74,6 +85,9 @@ def threshold_results(report: dict[str, Any], limits: dict[str, float]) -> list[
                 raise MoeplaceError(f"{key}: {report['trace']} is a load-only file (no token paths): only the "
                                     "imbalance thresholds apply to it")
             raise MoeplaceError(f"{key}: the report has no {metric} (the predicted MoE time needs a cluster config)")
+        if key.endswith(_VS_BASE):
+            out.append(baseline_verdict(report, key, float(limit)))
+            continue
         if ratio:
             ratios = report["vs_contiguous"].get("placement", {})
             if metric not in ratios and metric in NODE_METRICS and not report["layouts"]["placement"].get(metric):
@@ -91,6 +105,26 @@ def threshold_results(report: dict[str, Any], limits: dict[str, float]) -> list[
 
 
 NODE_METRICS = ("cross_node_top1", "dest_nodes_topk")
+
+
+def baseline_verdict(report: dict[str, Any], key: str, limit: float) -> Verdict:
+    """A max_NAME_vs_baseline verdict: the placement's value over the baseline's (report["baseline"],
+    on the same tokens). A zero baseline has no ratio: it holds when the placement's is 0 too, and
+    fails otherwise (anything is worse than nothing)."""
+    metric = gate_metric(key)[0]
+    base = report.get("baseline")
+    if base is None:
+        raise MoeplaceError(f"{key}: no baseline to compare with (the check's 'baseline:')")
+    if metric not in base["metrics"]:
+        why = f"; {base['note']}" if base["note"] else ""
+        raise MoeplaceError(f"{key}: the baseline {base['placement']} has no {metric}{why}")
+    value, theirs = float(report["layouts"]["placement"][metric]), float(base["metrics"][metric])
+    what = f"{metric}/baseline"
+    if theirs > 0:
+        return Verdict(what, value / theirs, limit, value / theirs <= limit, key, theirs)
+    if value == 0:
+        return Verdict(what, None, limit, True, key, theirs, "n/a (0 here and in the baseline)")
+    return Verdict(what, None, limit, False, key, theirs, f"n/a: {value:.4g} where the baseline has 0, worse at any ratio")
 
 
 def shown(v: Verdict) -> tuple[str, str]:
@@ -111,7 +145,9 @@ def _describe(verdicts: list[Verdict]) -> str:
     so the line says which thresholds broke without reading every sign."""
     def one(v: Verdict) -> str:
         value, limit = shown(v)
-        return f"{v.what} n/a (one node)" if v.value is None else f"{v.what} {value} {'<=' if v.passed else '>'} {limit}"
+        if v.value is None:
+            return f"{v.what} {v.note or 'n/a (one node)'}"
+        return f"{v.what} {value} {'<=' if v.passed else '>'} {limit}"
 
     over = [one(v) for v in verdicts if not v.passed]
     within = [one(v) for v in verdicts if v.passed]
@@ -161,10 +197,10 @@ def _check_metric_fns(check: dict[str, Any]) -> dict[str, Any]:
     """_evaluate's keyword arguments for a check's cost model: its cluster config's, or, when it
     names none, the one its placement records (max_moe_time_ratio then needs one there)."""
     if "cluster" not in check:
-        needs = any(gate_metric(k)[0] == "moe_time_us" for k in check["limits"])
-        return {"recorded": True, "none_recorded": f"max_moe_time_ratio needs 'cluster' (a cluster config YAML; "
-                                                   f"model_config too when it has no model section): {NO_RECORD}"
-                if needs else ""}
+        needs = [k for k in check["limits"] if gate_metric(k)[0] == "moe_time_us"]
+        return {"recorded": True, "none_recorded": f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} "
+                                                   "'cluster' (a cluster config YAML; model_config too when it has "
+                                                   f"no model section): {NO_RECORD}" if needs else ""}
     fn, facts, source = _cost_metric(check["cluster"], check.get("model_config"))
     return {"metric_fns": [fn], "assumed": [facts], "cost_source": source}
 
@@ -202,7 +238,7 @@ def recorded_mismatch(cost: CostModel, trace: Trace, placement_path: Path, trace
 
 def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_fns: Sequence[MetricFn] = (),
               assumed: Sequence[ModelFacts] = (), recorded: bool = False, none_recorded: str = "",
-              cost_source: dict[str, Any] | None = None) -> dict[str, Any]:
+              cost_source: dict[str, Any] | None = None, baseline: Path | None = None) -> dict[str, Any]:
     """Load both files and build the report (`metric_fns` add metrics to every layout); a
     load-only TRACE (moeplace.loads/v1) gets build_load_report's, load balance only.
     assumed: what the metrics assume of the model; one warning line each that the trace contradicts.
@@ -211,7 +247,9 @@ def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_f
     template of {placement}) when the placement records none. A record that is malformed or of
     another model than the trace's is then that error's reason; with no gate, a warning, and
     the report has no MoE time.
-    cost_source: the report's `cost_model` (where the MoE time's cost model came from)."""
+    cost_source: the report's `cost_model` (where the MoE time's cost model came from).
+    baseline (`moeplace check`): another placement of the model, scored on the same tokens or loads
+    as the report's `baseline` (see baseline_record)."""
     from moeplace.solve.costmodel import cost_metric, model_mismatch
 
     placement = load_placement(placement_path)
@@ -237,8 +275,11 @@ def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_f
                                 "`moeplace check`: `cluster: null` in that check)")
         loads = load_loads(trace_path)
         check_fits(loads.loads.shape[0], loads.loads.shape[1], what="loads")
-        return build_load_report(placement, loads.loads, placement_name=str(placement_path),
-                                 loads_name=str(trace_path), num_groups=loads.meta.get("num_groups", 1))
+        report = build_load_report(placement, loads.loads, placement_name=str(placement_path),
+                                   loads_name=str(trace_path), num_groups=loads.meta.get("num_groups", 1))
+        if baseline is not None:
+            report["baseline"] = baseline_record(baseline, placement, placement_path, loads.loads)
+        return report
     trace = load_trace(trace_path)
     check_fits(trace.num_layers, trace.num_experts)
     if cost is not None and (unusable := recorded_mismatch(cost, trace, placement_path, trace_path)):
@@ -257,7 +298,49 @@ def _evaluate(placement_path: Path, trace_path: Path, all_tokens: bool, metric_f
                           trace_name=str(trace_path), metric_fns=metric_fns)
     if cost_source is not None:
         report["cost_model"] = cost_source
+    if baseline is not None:
+        report["baseline"] = baseline_record(baseline, placement, placement_path, trace, all_tokens, metric_fns)
     return report
+
+
+def baseline_record(path: Path, placement: Placement, placement_path: Path, data: Trace | np.ndarray,
+                    all_tokens: bool = False, metric_fns: Sequence[MetricFn] = ()) -> dict[str, Any]:
+    """The report's `baseline` (`moeplace check`'s baseline:): {placement, num_gpus, gpus_per_node,
+    metrics (scalars), note}, scored on exactly the tokens the placement's report scored (its held-out
+    split, whatever split the baseline was fitted on), or on the same expert loads [L, E].
+
+    Another model or shape (layers, experts) is an error; another GPU count is a fair comparison
+    (the note says so), though the cost model of the placement's cluster then cannot time it."""
+    try:
+        base = load_placement(path)
+    except MoeplaceError as e:
+        raise type(e)(f"baseline {e}") from None
+    shape = data.shape if isinstance(data, np.ndarray) else (data.num_layers, data.num_experts)
+    if (base.num_layers, base.num_experts) != shape:
+        raise MoeplaceError(f"baseline {path} is for {base.num_layers} MoE layers x {base.num_experts} experts, but "
+                            f"{placement_path} for {shape[0]} x {shape[1]}: a baseline is a placement of the same model")
+    mine, theirs = placement.trace_model or {}, base.trace_model or {}
+    for key in ("model_type", "moe_layers"):  # one shape, two models: their expert ids number other experts
+        if key in mine and key in theirs and mine[key] != theirs[key]:
+            raise MoeplaceError(f"baseline {path} was fitted on another model than {placement_path}: {key} "
+                                f"{theirs[key]} (the placement's: {mine[key]})")
+    same_cluster = (base.num_gpus, base.gpus_per_node) == (placement.num_gpus, placement.gpus_per_node)
+    note = "" if same_cluster else (
+        f"{path} is for {base.num_gpus} GPUs ({plural(base.num_nodes, 'node')}), this one for "
+        f"{placement.num_gpus} ({plural(placement.num_nodes, 'node')}); compared on the same tokens")
+    if isinstance(data, np.ndarray):
+        imb = imbalance(expected_gpu_loads(base, data))
+        metrics: dict[str, Any] = {"imbalance_mean": float(imb.mean()), "imbalance_max": float(imb.max())}
+    else:
+        held = token_subsets(placement, data, all_tokens).evaluated  # the report's tokens: build_report's rule
+        tokens = data if held is None else data.select_tokens(held)
+        metrics = evaluate(base, tokens)
+        if same_cluster:  # a cost model is of the placement's cluster: it cannot time another GPU count
+            for fn in metric_fns:
+                metrics.update(fn(base, tokens))
+    return {"placement": str(path), "num_gpus": base.num_gpus, "gpus_per_node": base.gpus_per_node,
+            "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (float, int)) and not isinstance(v, bool)},
+            "note": note}
 
 
 _LIMIT: dict[str, Any] = dict(type=NON_NEGATIVE, default=None, metavar="X")
@@ -459,10 +542,13 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
 
 # --- moeplace check ------------------------------------------------------------------------------
 
-_CHECK_KEYS = {"name", "placement", "trace", "all_tokens", "cluster", "model_config"}
-_CHECK_FILES = ("placement", "trace", "cluster", "model_config")  # the paths a check reads
-_LIMIT_KEYS = {f"max_{n}{vs}" for n in THRESHOLDS for vs in ("", _VS)} | {f"max_{n}" for n in RATIO_THRESHOLDS}
-_THRESHOLD_NAMES = f"max_<{'|'.join(THRESHOLDS)}>[{_VS}], {', '.join(f'max_{n}' for n in RATIO_THRESHOLDS)}"
+_CHECK_KEYS = {"name", "placement", "trace", "all_tokens", "cluster", "model_config", "baseline"}
+_CHECK_FILES = ("placement", "trace", "cluster", "model_config", "baseline")  # the paths a check reads
+_BASELINE_KEYS = {f"max_{n}{_VS_BASE}" for n in BASELINE_METRICS}
+_LIMIT_KEYS = ({f"max_{n}{vs}" for n in THRESHOLDS for vs in ("", _VS)} | {f"max_{n}" for n in RATIO_THRESHOLDS}
+               | _BASELINE_KEYS)
+_THRESHOLD_NAMES = (f"max_<{'|'.join(THRESHOLDS)}>[{_VS}|{_VS_BASE}], "
+                    f"{', '.join(f'max_{n}' for n in RATIO_THRESHOLDS)}, max_moe_time{_VS_BASE}")
 
 
 def read_checks(path: Path) -> list[dict[str, Any]]:
@@ -495,10 +581,13 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
             for key in ("model_config", *(k for k in _LIMIT_KEYS if gate_metric(k)[0] == "moe_time_us")):
                 if key not in raw:
                     check.pop(key, None)
+        if "baseline" in raw and raw["baseline"] is None:  # likewise the defaults' thresholds on a baseline
+            for key in _BASELINE_KEYS - set(raw):
+                check.pop(key, None)
         unknown = set(check) - _CHECK_KEYS - _LIMIT_KEYS
         if unknown:
             raise MoeplaceError(f"{label}: unknown keys {_names(unknown)}; thresholds are {_THRESHOLD_NAMES}")
-        for key in ("placement", "trace", "cluster", "model_config"):
+        for key in _CHECK_FILES:
             if check.get(key) is None:
                 if key in ("placement", "trace"):
                     raise MoeplaceError(f"{label}: '{key}' (a path) is required")
@@ -513,6 +602,14 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
         limits = {k: _threshold(v, k, label) for k in list(check) if k in _LIMIT_KEYS and (v := check.pop(k)) is not None}
         if not limits:
             raise MoeplaceError(f"{label}: no thresholds; set at least one of {sorted(_LIMIT_KEYS)}")
+        against = sorted(k for k in limits if k in _BASELINE_KEYS)
+        if against and "baseline" not in check:
+            raise MoeplaceError(f"{label}: {', '.join(against)} need{'s' if len(against) == 1 else ''} 'baseline' "
+                                "(a placement file of the same model to compare with)")
+        if "baseline" in check and not against:
+            if "baseline" in raw:  # a baseline that gates nothing: `max_cross_gpu` meant as a ratio?
+                raise MoeplaceError(f"{label}: baseline is set but no max_<metric>{_VS_BASE} threshold uses it")
+            del check["baseline"]  # the defaults' baseline, for the checks that gate against it
         if not isinstance(check.get("all_tokens", False), bool):
             raise MoeplaceError(f"{label}: all_tokens must be true or false")
         check["limits"] = limits
@@ -560,7 +657,8 @@ def check_limit_range(key: str, limit: float, named: str) -> None:
         meant = f"; {limit:.0%} above the mean is {1 + limit:g}" if 0 < limit < 0.5 else ""  # 0.1 for 10%, likely
         raise MoeplaceError(f"{named} {limit:g}: the imbalance (max/mean load per GPU) is at least 1 (1: every GPU "
                             f"at the mean), so no placement passes{meant}")
-    if key in ("max_imbalance_vs_contiguous", "max_moe_time_ratio") and limit == 0:
+    if key in ("max_imbalance_vs_contiguous", "max_moe_time_ratio", "max_imbalance_vs_baseline",
+               "max_moe_time_vs_baseline") and limit == 0:
         raise MoeplaceError(f"{named} 0: the ratio of two positive {'imbalances' if 'imbalance' in key else 'times'} "
                             "is above 0, so no placement passes; give a positive ratio")
 
@@ -592,7 +690,8 @@ def run_check(c: dict[str, Any]) -> CheckRun:
     """Evaluate one check; one bad input stops its check, not the gate."""
     start = time.perf_counter()
     try:
-        report = _evaluate(c["placement"], c["trace"], c.get("all_tokens", False), **_check_metric_fns(c))
+        report = _evaluate(c["placement"], c["trace"], c.get("all_tokens", False), **_check_metric_fns(c),
+                           baseline=c.get("baseline"))
         verdicts = threshold_results(report, c["limits"])
     except (MoeplaceError, MemoryError, RecursionError) as e:
         return CheckRun(c, None, [], _why(e, c), time.perf_counter() - start)
@@ -609,6 +708,8 @@ def check_lines(r: CheckRun) -> list[str]:
         lines.append(f"      loads: {r.report['loads']['note']}")
     elif t["subset"] != "held-out":  # what eval says of these tokens (in-sample, another trace, another model)
         lines.append(f"      tokens: {t['note']}")
+    if r.report.get("baseline", {}).get("note"):  # a baseline on another GPU count
+        lines.append(f"      baseline: {r.report['baseline']['note']}")
     return lines
 
 
@@ -629,6 +730,10 @@ def check_json(r: CheckRun) -> dict[str, Any]:
     """A check in --json's document: status, inputs, what was scored, each threshold's verdict."""
     out: dict[str, Any] = {"name": r.check["name"], "status": r.status, "placement": str(r.check["placement"]),
                            "trace": str(r.check["trace"])}
+    if "baseline" in r.check:  # with what it is when the check ran: its GPUs, and a note on another count
+        out["baseline"] = {"placement": str(r.check["baseline"])}
+        if r.report is not None:
+            out["baseline"].update({k: r.report["baseline"][k] for k in ("num_gpus", "gpus_per_node", "note")})
     if r.report is None:
         return {**out, "error": r.error}
     t = r.report.get("tokens")
@@ -636,7 +741,8 @@ def check_json(r: CheckRun) -> dict[str, Any]:
     if t is None:
         out["loads"] = {"total": r.report["loads"]["total"], "note": r.report["loads"]["note"]}
     out["thresholds"] = [{"threshold": v.key, "metric": v.what, "limit": v.limit, "value": v.value,
-                          "passed": v.passed} for v in r.verdicts]
+                          **({"baseline_value": v.baseline} if v.key.endswith(_VS_BASE) else {}),
+                          **({"note": v.note} if v.note else {}), "passed": v.passed} for v in r.verdicts]
     return out
 
 
@@ -719,21 +825,34 @@ def check(config: Path, as_json: bool, junit: Path | None, only: tuple[str, ...]
           cluster: ../configs/cluster/h100-1x8-nvlink.yaml
           model_config: ../configs/model/flame-moe-290m.yaml   # when the cluster file has no model
           max_moe_time_ratio: 0.95             # placement's MoE time / contiguous's
+        - name: no-worse-than-released         # against the placement shipped last
+          placement: ../out/placement.json
+          baseline: ../placements/released.json
+          max_cross_gpu_vs_baseline: 1.0       # placement's value / baseline's, same tokens
     Thresholds: max_cross_gpu, max_cross_node, max_dest_gpus, max_dest_nodes, max_imbalance
-    (worst layer's max/mean load), each also as max_<name>_vs_contiguous, and
-    max_moe_time_ratio (with cluster, or the cost model the placement records when the check
-    names no cluster); `null` in a check drops a default's threshold (or cluster); a node
-    ratio on a one-node placement is n/a and holds. When the tokens are not a held-out split,
-    a `tokens:` line under the check says what they are.
+    (worst layer's max/mean load), each also as max_<name>_vs_contiguous and
+    max_<name>_vs_baseline, and max_moe_time_ratio, max_moe_time_vs_baseline (with cluster, or
+    the cost model the placement records when the check names no cluster); `null` in a check
+    drops a default's threshold (or cluster, or baseline, with the defaults' thresholds on it);
+    a node ratio to contiguous on a one-node placement is n/a and holds. When the tokens are
+    not a held-out split, a `tokens:` line under the check says what they are.
+
+    \b
+    baseline: another placement of the same model (layers, experts; else the check is an
+    ERROR), scored on exactly the placement's tokens; a _vs_baseline threshold needs one. A
+    baseline on another GPU count is compared, with a `baseline:` line saying so (its MoE time
+    is not predicted: the cost model is the placement's cluster). Where the baseline's value is
+    0 there is no ratio: the threshold holds if the placement's is 0 too, else it fails.
 
     \b
     For CI: --json prints one JSON document on stdout instead of the lines (per check: name,
-    status pass/fail/error, placement, trace, tokens, each threshold's limit, value and verdict,
-    or the error; then the counts); the FAIL or error summary line still goes to stderr, and
-    the exit codes are the same. --junit-xml FILE also writes a JUnit report (a <failure> names
-    the broken thresholds, an <error> a check that could not run) for GitLab, Jenkins or GitHub
-    test reporters. --only NAME runs only that check (repeatable; an unknown name is an error
-    listing the YAML's names). A malformed YAML or an unknown --only name is one error line on
+    status pass/fail/error, placement, trace, baseline, tokens, each threshold's limit, value,
+    verdict and, for a _vs_baseline one, the baseline's own value; or the error; then the
+    counts); the FAIL or error summary line still goes to stderr, and the exit codes are the
+    same. --junit-xml FILE also writes a JUnit report (a <failure> names the broken thresholds,
+    an <error> a check that could not run) for GitLab, Jenkins or GitHub test reporters.
+    --only NAME runs only that check (repeatable; an unknown name is an error listing the
+    YAML's names). A malformed YAML or an unknown --only name is one error line on
     stderr and exit 2, before any check runs: no JSON, no XML file.
 
     \b
