@@ -23,7 +23,7 @@ differ, the summary and the figures print them beside the MoE numbers, e.g. "0>1
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 
@@ -351,10 +351,15 @@ def _pct(x: float | None, digits: int = 0) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}%"
 
 
+def _decoder_column(decoder: Sequence[int]) -> Callable[[str], str]:
+    """A table's decoder-number cell: present only where those numbers are not the MoE ones."""
+    both = decoder_differs(decoder)
+    return lambda text: f"  {text:>7}" if both else ""
+
+
 def _load_lines(tr: dict[str, Any]) -> list[str]:
     names = tr["info"]["moe_layers"]
-    both = decoder_differs(names)  # a decoder column only where its numbers are not the MoE ones
-    dec = lambda text: f"  {text:>7}" if both else ""  # noqa: E731
+    dec = _decoder_column(names)
     lines = [f"  {'MoE':>5}{dec('decoder')}  {'max/mean':>8}  {'CV':>5}  {'Gini':>5}  {'H/logE':>6}  {'unused':>6}  "
              "hottest experts (share)"]
     for row in tr["load"]:
@@ -366,8 +371,7 @@ def _load_lines(tr: dict[str, Any]) -> list[str]:
 
 def _affinity_lines(tr: dict[str, Any], mode: str) -> list[str]:
     names = tr["info"]["moe_layers"]
-    both = decoder_differs(names)
-    dec = lambda text: f"  {text:>7}" if both else ""  # noqa: E731
+    dec = _decoder_column(names)
     rows = tr["affinity"]["modes"][mode]["per_pair"]
     ms = list(rows[0]["capture"])
     cap_head = " ".join(f"{'top-' + m:>11}" for m in ms)
