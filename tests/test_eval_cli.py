@@ -13,7 +13,8 @@ import yaml
 from conftest import ROOT
 from moeplace.cli import run
 from moeplace.errors import MoeplaceError
-from moeplace.eval.cli import read_checks, read_model_shape
+from moeplace.eval.check import read_checks
+from moeplace.eval.cli import read_model_shape
 from moeplace.eval.metrics import evaluate, imbalance
 from moeplace.placement import Placement
 from moeplace.solve.balance import expected_gpu_loads
@@ -800,7 +801,7 @@ def test_threshold_results_on_ratios_and_missing_metrics() -> None:
     """A node ratio on two nodes is judged like any other; only a one-node placement (nothing
     crosses nodes anywhere, no ratio) holds as n/a; a missing ratio or metric is one line."""
     from moeplace.errors import MoeplaceError
-    from moeplace.eval.cli import Verdict, threshold_results
+    from moeplace.eval.gates import Verdict, threshold_results
 
     report = {"trace": "t.npz",
               "layouts": {"placement": {"cross_gpu_top1": 0.0, "cross_node_top1": 0.3, "dest_nodes_topk": 0.0},
@@ -819,7 +820,7 @@ def test_threshold_results_on_ratios_and_missing_metrics() -> None:
 
 def test_gate_values_take_the_fewest_digits_that_keep_the_verdict() -> None:
     """shown(): 4 decimals unless they contradict the verdict, then 6 significant digits, 7, ..."""
-    from moeplace.eval.cli import Verdict, shown
+    from moeplace.eval.gates import Verdict, shown
 
     assert shown(Verdict("x", 0.58394, 0.6, True)) == ("0.5839", "0.6")
     assert shown(Verdict("x", 0.5839126, 0.58391, False)) == ("0.583913", "0.58391")  # 0.5839 <= 0.58391 would pass

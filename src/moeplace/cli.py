@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "analyze": ("moeplace.analyze.cli", "analyze", "Report load skew, inter-layer affinity and its stability, with figures."),
     "solve": ("moeplace.solve.cli", "solve", "Place experts on GPUs so consecutive experts of a token share a GPU."),
     "eval": ("moeplace.eval.cli", "eval_", "Replay a trace against a placement: traffic, imbalance, cost vs baselines."),
-    "check": ("moeplace.eval.cli", "check", "CI gate: fail when placements regress past thresholds in a YAML file."),
+    "check": ("moeplace.eval.check", "check", "CI gate: fail when placements regress past thresholds in a YAML file."),
     "serve": ("moeplace.serve.cli", "serve", "Expert-parallel inference under torchrun with the placement applied."),
     "export": ("moeplace.export.cli", "export", "Write a placement in the format SGLang, vLLM or DeepSeek EPLB reads."),
     "permute-checkpoint": ("moeplace.export.cli", "permute_checkpoint", "Renumber a checkpoint's experts so a contiguous layout realises a placement."),
