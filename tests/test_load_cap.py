@@ -16,7 +16,7 @@ import time
 
 from moeplace.solve import ilp
 from moeplace.solve.affinity import distance_matrix, edge_weights, placement_cost
-from moeplace.solve.cli import summary
+from moeplace.solve.summary import summary
 from moeplace.solve.baselines import random_balanced
 from moeplace.solve.heuristics import (
     LoadCap, coordinate_descent, layer_costs, meet_cap, relieve_layer, swap_deltas, swap_descent,
@@ -342,7 +342,7 @@ def test_layers_at_their_floor_are_told_apart_and_the_summary_says_what_helps() 
     """Layer 0 (loads 30 / 1 / 1 / 1, 2 GPUs): the hot expert's GPU carries at least 30 + 1, so
     31 is the least any equal-count layout has; layer 1 (10 / 9 / 1 / 1 as {10, 9} | {1, 1})
     could go to 11. Both are above a cap of 1.0."""
-    from moeplace.solve.cli import cap_line, cap_remedy
+    from moeplace.solve.summary import cap_line, cap_remedy
 
     cap = LoadCap.from_ratio(np.array([[30.0, 1, 1, 1], [10, 9, 1, 1]]), 1.0, 2)
     x = np.array([[0, 0, 1, 1], [0, 0, 1, 1]])

@@ -22,7 +22,8 @@ from moeplace.placement import Placement, load_placement
 from moeplace.solve import heuristics, ilp
 from moeplace.solve.affinity import AffinityGraph, EdgeTerms, distance_matrix, edge_terms, edge_weights, placement_cost
 from moeplace.solve.baselines import contiguous
-from moeplace.solve.cli import solve as solve_command, summary
+from moeplace.solve.cli import solve as solve_command
+from moeplace.solve.summary import summary
 from moeplace.solve.heuristics import assign_layer, cluster_layer, layer_cost, layer_costs, swap_descent
 from moeplace.solve.solver import (
     DEFAULT_WEIGHTS, SearchResult, cv_folds, plain_coordinate_ascent, relative_gap, search_traffic, select_weights,

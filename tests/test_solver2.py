@@ -1106,7 +1106,7 @@ def test_latency_bound_under_a_cap_lets_one_gpu_hold_all_but_one_expert_per_othe
 
 def test_the_summary_says_a_large_latency_gap_is_mostly_the_bound() -> None:
     """The tour's first latency solve printed "gap 97.4%" with no word on where it comes from."""
-    from moeplace.solve.cli import summary
+    from moeplace.solve.summary import summary
 
     note = "(the latency bound is loose: it counts only the traffic no placement can avoid"
     for name, gap, shown in (("latency", 0.5, True), ("latency", 0.2, False), ("traffic", 0.5, False)):
