@@ -25,7 +25,7 @@ from moeplace.errors import AlreadyReported, MoeplaceError, MoeplaceWarning
 # name -> (module, attribute, one-line help shown by `moeplace --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "trace": ("moeplace.trace.cli", "trace", "Record per-token routing of a Hugging Face MoE model into a trace."),
-    "import": ("moeplace.trace.importers_cli", "import_", "Convert traces of other tools (CSV, ExFlow, SGLang, per-layer load JSON) to moeplace's format."),
+    "import": ("moeplace.trace.importers_cli", "import_", "Convert traces of other tools (CSV, ExFlow, SGLang, per-layer load JSON) to moeplace's format; merge traces."),
     "analyze": ("moeplace.analyze.cli", "analyze", "Report load skew, inter-layer affinity and its stability, with figures."),
     "solve": ("moeplace.solve.cli", "solve", "Place experts on GPUs so consecutive experts of a token share a GPU."),
     "eval": ("moeplace.eval.cli", "eval_", "Replay a trace against a placement: traffic, imbalance, cost vs baselines."),

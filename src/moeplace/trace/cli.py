@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import click
@@ -20,8 +21,11 @@ from moeplace.errors import AlreadyReported, MoeplaceError
 from moeplace.export.permute import permutation_record
 from moeplace.io import read_json
 from moeplace.models.config import config_size
-from moeplace.options import NPZ_OUTPUT, DtypeChoice, check_outside, check_writable, plural
+from moeplace.options import NPZ_OUTPUT, DtypeChoice, check_outside, check_writable, plural, same_file
 from moeplace.parallel import available_cpus
+
+if TYPE_CHECKING:
+    from moeplace.trace.format import Trace
 
 
 @click.command("trace", context_settings={"show_default": True, "max_content_width": 100})
@@ -53,10 +57,14 @@ from moeplace.parallel import available_cpus
               help="Run the Python code a checkpoint ships (config.json auto_map) for a family transformers "
                    "lacks. Only for checkpoints you trust; without it such a model is refused in one line, "
                    "and never asked about.")
+@click.option("--resume", "resume", default=None, type=click.Path(path_type=Path), metavar="PARTIAL.npz",
+              help="Continue the trace an interrupted run wrote, given the same arguments: its windows are checked "
+                   "against --data and skipped (the model does not run on them), the rest traced; the result "
+                   "equals one uninterrupted run's. -o may be PARTIAL.npz itself; --max-tokens counts the whole trace.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress (stderr) and no summary line (stdout); errors only.")
 def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | None, max_tokens: int | None,
           batch_size: int, dtype: str, device: str, threads: int | None, tokenizer_ref: str | None,
-          corpus: str | None, trust_remote_code: bool, quiet: bool) -> None:
+          corpus: str | None, trust_remote_code: bool, resume: Path | None, quiet: bool) -> None:
     """Record, for every token, the top-k experts and gate weights the model's own routers pick.
 
     \b
@@ -72,17 +80,22 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     cancelled CI job) writes the batches completed so far as a valid, shorter trace (exit code
     130, or 143), to -o when it does not exist yet, else beside it as STEM.interrupted.npz (an
     existing trace is never replaced by a partial one). The output file is replaced atomically.
+    --resume PARTIAL.npz continues such a trace: the same arguments again, plus --resume; a
+    different model, --data file, --seq-len, --batch-size, --dtype, --device or text is refused.
     \b
     Example:
       moeplace trace --model checkpoints/tiny-moe --data ../shared/data/text/c4_texts.txt \\
           --max-tokens 20000 --seq-len 256 --dtype float32 -o c4.npz
+      # after Ctrl-C (or preemption) wrote c4.npz with the batches done:
+      moeplace trace --model checkpoints/tiny-moe --data ../shared/data/text/c4_texts.txt \\
+          --max-tokens 20000 --seq-len 256 --dtype float32 -o c4.npz --resume c4.npz
     """
     import torch
 
     from moeplace.models.discovery import find_moe_layers, num_decoder_layers
     from moeplace.trace.collect import InputShare, collect
     from moeplace.trace.format import save_trace
-    from moeplace.trace.text import expand_paths, iter_batches, iter_windows, validate
+    from moeplace.trace.text import expand_paths, iter_batches, iter_windows, skip_windows, validate
 
     if threads is not None and threads > available_cpus():  # 100000 threads crashed torch's OpenMP pool
         raise MoeplaceError(f"--threads {threads}: this process may use {available_cpus()} CPUs")
@@ -92,6 +105,7 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
         click.echo(f"trace: skipped {plural(len(skipped), 'licence/notice file')} in --data directories: "
                    f"{', '.join(map(str, skipped))} (give a file as --data itself to read it)", err=True)
     check_writable(output, inputs=files)  # fail before the model loads, not after the run
+    partial = _load_partial(resume, files, seq_len, batch_size, max_tokens) if resume is not None else None
     check_outside(output, "-o", model_ref, "--model")
     if tokenizer_ref is not None:
         check_outside(output, "-o", tokenizer_ref, "--tokenizer")
@@ -149,6 +163,7 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(dev),
         "seq_len": seq_len,
+        "batch_size": batch_size,  # batches decide padding, hence the exact floats: a resumed run keeps them
         "tokenizer": tokenizer_ref or model_ref,
     }
     if (hidden := _hidden_size(model.config)) is not None:  # a cost model's hidden_size is checked against it
@@ -160,33 +175,162 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sources: list[tuple[Path, int]] = []  # (file, its first window): which files the trace read
     walked = share.files(files) if share is not None else files  # marks where each file starts
-    batches = iter_batches(iter_windows(walked, tokenize, seq_len, max_tokens, sources), batch_size, pad_id)
+    windows = iter_windows(walked, tokenize, seq_len, max_tokens, sources)
+    held = 0  # windows (sequences) the partial trace holds
+    if partial is not None:
+        assert resume is not None and partial.token_ids is not None  # _load_partial checked these
+        assert partial.sequence_ids is not None and partial.positions is not None
+        if problem := _resume_difference(partial.meta, meta):
+            raise MoeplaceError(f"--resume {resume}: {problem}")
+        if not quiet:
+            click.echo(f"trace: checking the {partial.num_tokens} tokens of {resume} against --data", err=True)
+        held = skip_windows(windows, partial.token_ids, partial.sequence_ids, partial.positions, f"--resume {resume}")
+        nxt = next(windows, None)
+        if nxt is not None and held % batch_size:  # whole batches unless the text ended: other batches
+            raise MoeplaceError(f"--resume {resume}: holds {held} sequences, not whole batches of --batch-size "
+                                f"{batch_size}: it was traced with another --batch-size")
+        windows = itertools.chain([] if nxt is None else [nxt], windows)
+    batches = iter_batches(windows, batch_size, pad_id, first_seq=held)
     result = collect(model, layers, batches, device=dev, meta=meta, spool_dir=output.parent,
-                     max_tokens=max_tokens, share=share.at if share is not None else None, progress=not quiet)
+                     max_tokens=max_tokens, share=share.at if share is not None else None, progress=not quiet,
+                     done_before=partial.num_tokens if partial is not None else 0)
     if result.trace is None:
         if result.interrupted:
-            raise MoeplaceError(f"{_stopped(result.interrupted)} before the first batch completed: no trace written",
+            what = f"{resume} left as it was" if partial is not None else "no trace written"
+            raise MoeplaceError(f"{_stopped(result.interrupted)} before the first batch completed: {what}",
                                 exit_code=_exit_code(result.interrupted))
-        raise MoeplaceError(f"no tokens in {', '.join(map(str, files))}")
-    t = result.trace
+        if partial is None:
+            raise MoeplaceError(f"no tokens in {', '.join(map(str, files))}")
+    if partial is not None:
+        assert resume is not None
+        t = _resumed(partial, result.trace, meta, resume)
+    else:
+        assert result.trace is not None  # raised above otherwise
+        t = result.trace
     assert t.sequence_ids is not None  # collect always records them
-    windows = int(t.sequence_ids.max()) + 1
-    read = [f for f, first in sources if first < windows]  # --max-tokens or Ctrl-C may stop early
+    num_windows = int(t.sequence_ids.max()) + 1
+    read = [f for f, first in sources if first < num_windows]  # --max-tokens or Ctrl-C may stop early
     t.meta["data"] = [str(f) for f in read]
+    t.meta["data_bytes"] = [sizes[files.index(f)] for f in read]  # what a resumed run checks its --data by
     t.meta["corpus"] = corpus or ",".join(f.stem for f in read)
+    if partial is not None and result.trace is None:  # the text ended where the partial trace did
+        assert resume is not None
+        _finish_complete(t, partial, output, resume, _summary(t, moe_idx, read), quiet)
+        return
+    resumed = f"resumed from {resume} at {plural(partial.num_tokens, 'token')}" if partial is not None else ""
     target = output
     if result.interrupted:
         t.meta["interrupted"] = True
-        if output.exists():  # a complete trace may be there: a partial run must not replace it
+        # a complete trace may be there: a partial run must not replace it (the partial trace resumed may be)
+        if output.exists() and not (resume is not None and same_file(output, resume)):
             target = output.with_name(output.stem + ".interrupted.npz")
     save_trace(t, target)
     if result.interrupted:
         kept = f"; {output} left as it was" if target != output else ""
         click.echo(f"wrote {target}: {_summary(t, moe_idx, read)} ({_stopped(result.interrupted)}: a valid shorter "
-                   f"trace{kept})", err=True)
+                   f"trace{kept}{'; ' + resumed if resumed else ''})", err=True)
         raise AlreadyReported(_exit_code(result.interrupted))  # the line above says what was written, also with -q
     if not quiet:  # the summary goes to stdout, like solve's, import's and export's; progress stays on stderr
-        click.echo(f"wrote {output}: {_summary(t, moe_idx, read)}")
+        click.echo(f"wrote {output}: {_summary(t, moe_idx, read)}{f' ({resumed})' if resumed else ''}")
+
+
+# meta a resumed run may differ in from its partial trace: what was read so far, and the resume's own record
+_RESUME_FREE = ("corpus", "data", "data_bytes", "interrupted", "resumed", "format")
+# fields an older partial trace may lack (added since): not checked when absent
+_RESUME_NEWER = ("batch_size", "data_bytes")
+_OPTION = {"model": "--model", "tokenizer": "--tokenizer", "seq_len": "--seq-len", "batch_size": "--batch-size",
+           "dtype": "--dtype", "device": "--device"}
+
+
+def _load_partial(resume: Path, files: list[Path], seq_len: int | None, batch_size: int,
+                  max_tokens: int | None) -> Trace:
+    """The trace --resume names, checked against what is known before the model loads (the data
+    files by name and size, --seq-len when given, --batch-size, --max-tokens), one line otherwise."""
+    from moeplace.trace.format import load_trace
+
+    if resume.suffix.lower() != ".npz":
+        raise MoeplaceError(f"--resume {resume}: not a trace `moeplace trace` wrote (.npz)")
+    partial = load_trace(resume)
+    name = f"--resume {resume}"
+    source = partial.meta.get("source")
+    if source != "moeplace trace" or partial.token_ids is None or partial.sequence_ids is None \
+            or partial.positions is None:
+        raise MoeplaceError(f"{name}: not a trace `moeplace trace` wrote (meta source {json.dumps(source)}): "
+                            "only such a trace can be resumed")
+    early = {"batch_size": batch_size, **({"seq_len": seq_len} if seq_len is not None else {})}
+    if problem := _resume_difference(partial.meta, early, only=tuple(early)):
+        raise MoeplaceError(f"{name}: {problem}")
+    if max_tokens is not None and max_tokens < partial.num_tokens:
+        raise MoeplaceError(f"{name}: holds {partial.num_tokens} tokens, more than --max-tokens {max_tokens} "
+                            "(which counts the whole trace, the partial one included)")
+    read, sizes = partial.meta.get("data"), partial.meta.get("data_bytes")
+    if not isinstance(read, list):
+        raise MoeplaceError(f"{name}: its meta lists no data files (meta.data)")
+    for i, recorded in enumerate(read):
+        now = next((f for f in files if str(f) == recorded or same_file(f, Path(str(recorded)))), None)
+        if now is None:
+            raise MoeplaceError(f"{name}: it read {recorded}, which this run's --data does not give")
+        if isinstance(sizes, list) and i < len(sizes) and now.stat().st_size != sizes[i]:
+            raise MoeplaceError(f"{name}: {recorded} held {sizes[i]} bytes when traced, {now} holds "
+                                f"{now.stat().st_size} now")
+    return partial
+
+
+def _resume_difference(old: dict[str, Any], new: dict[str, Any], only: tuple[str, ...] = ()) -> str | None:
+    """The first field (in `new`'s order, then `old`'s) where a partial trace's meta and this run's
+    differ, as one phrase; None when they agree. `only`: compare those fields alone."""
+    from moeplace.trace.merge import same_directory
+
+    keys = list(only) or [*new, *(k for k in old if k not in new)]
+    for key in keys:
+        if key in _RESUME_FREE or (key in _RESUME_NEWER and key not in old):
+            continue
+        was, now = old.get(key), new.get(key)
+        if was == now or (key in ("model", "tokenizer") and same_directory(was, now)):
+            continue
+        what = _OPTION.get(key, f"the model's {key}")
+        return (f"it was traced with {what} {json.dumps(was)}, this run has {json.dumps(now)}"
+                if key in old and key in new else
+                f"{'its meta has no' if key not in old else 'this run has no'} {key}"
+                f" ({json.dumps(now if key not in old else was)} {'here' if key not in old else 'there'})")
+    return None
+
+
+def _resumed(partial: Trace, new: Trace | None, meta: dict[str, Any], resume: Path) -> Trace:
+    """The partial trace followed by the tokens traced since (None: none were), with this run's meta
+    plus meta.resumed (the partial traces it went on from: file, sha256, tokens)."""
+    import numpy as np
+
+    from moeplace.trace.format import make_trace
+
+    parts = [partial] if new is None else [partial, new]
+    joined = {key: np.concatenate([getattr(p, key) for p in parts])
+              for key in ("topk_ids", "topk_weights", "token_ids", "sequence_ids", "positions")}
+    meta = dict(meta)
+    earlier = partial.meta.get("resumed")
+    if new is not None:  # a trace nothing was added to was not resumed
+        record = {"file": str(resume), "sha256": partial.sha256, "tokens": partial.num_tokens}
+        meta["resumed"] = [*(earlier if isinstance(earlier, list) else []), record]
+    elif isinstance(earlier, list):
+        meta["resumed"] = earlier
+    return make_trace(joined["topk_ids"], joined["topk_weights"], partial.num_experts, token_ids=joined["token_ids"],
+                      sequence_ids=joined["sequence_ids"], positions=joined["positions"], meta=meta)
+
+
+def _finish_complete(t: Trace, partial: Trace, output: Path, resume: Path, summary: str, quiet: bool) -> None:
+    """A partial trace that already holds every window --data gives: left as it is when -o is that
+    file and nothing in it would change, else written (meta.interrupted dropped)."""
+    from moeplace.trace.format import save_trace
+
+    said = f"{resume} already holds every window of --data: nothing left to trace"
+    unchanged = {k: v for k, v in partial.meta.items() if k != "format"} == t.meta
+    if same_file(output, resume) and unchanged:
+        if not quiet:
+            click.echo(f"{said}; {output} left as it is")
+        return
+    save_trace(t, output)
+    if not quiet:
+        click.echo(f"wrote {output}: {summary} ({said})")
 
 
 def _stopped(signal_name: str) -> str:

@@ -113,11 +113,13 @@ def collect(
     max_tokens: int | None = None,
     share: Callable[[int], float] | None = None,
     progress: bool = False,
+    done_before: int = 0,
 ) -> Collected:
     """Route every batch through `model`; return the trace of all completed batches.
 
     Progress shows the share done: of `max_tokens`, or of the input by `share(tokens routed)`
-    (0..1, e.g. `InputShare.at`), whichever is further; neither given, no share.
+    (0..1, e.g. `InputShare.at`), whichever is further; neither given, no share. `done_before`:
+    tokens a partial trace already holds (`trace --resume`), counted in the share, not the rate.
 
     Ctrl-C or SIGTERM (`kill`, Slurm preemption, a cancelled CI job) stops between or inside a
     batch: the batches already spooled form the trace and `interrupted` names the signal (trace
@@ -145,15 +147,16 @@ def collect(
                 since = warm or (0, start)  # from the second batch on, the rate leaves the warm-up out
                 rate = (done_tokens - since[0]) / max(now - since[1], 1e-9)
                 warm = warm or (done_tokens, now)
-                done = max(done_tokens / max_tokens if max_tokens else 0.0, share(done_tokens) if share else 0.0)
-                bar.update(done, f"{done_tokens} tokens, {rate:,.0f} tokens/s")
+                total = done_before + done_tokens
+                done = max(total / max_tokens if max_tokens else 0.0, share(total) if share else 0.0)
+                bar.update(done, f"{total} tokens, {rate:,.0f} tokens/s")
         except KeyboardInterrupt:
             interrupted = "SIGINT"
         except _Terminated:
             interrupted = "SIGTERM"
         seconds = time.monotonic() - start
         # Progress adds the elapsed time; with no batch done the run failed: no "done" line
-        bar.close(f"{done_tokens} tokens" + (" (interrupted)" if interrupted else "") if parts else "")
+        bar.close(f"{done_before + done_tokens} tokens" + (" (interrupted)" if interrupted else "") if parts else "")
         trace = _assemble(parts, num_experts, meta) if parts else None
     return Collected(trace, interrupted, len(parts), seconds)
 

@@ -134,12 +134,20 @@ def _write(result: Trace | ExpertLoads, output: Path, meta: Sequence[str], quiet
             f"wrote {output}: trace of {plural(result.num_tokens, 'token')} x {plural(result.num_layers, 'MoE layer')} x "
             f"top-{result.top_k} over {plural(result.num_experts, 'expert')}"
             f"{'' if result.topk_weights is not None else ' (no gate weights)'}{_sglang_note(result.meta)}"
+            f"{_merge_note(result.meta)}"
         )
     else:
         click.echo(
             f"wrote {output}: load-only file, {plural(result.num_layers, 'MoE layer')} x {plural(result.num_experts, 'expert')}, "
             f"{result.loads.sum():.0f} token-expert selections (usable where expert loads are accepted)"
         )
+
+
+def _merge_note(meta: dict[str, Any]) -> str:
+    """Where a merged trace came from."""
+    if meta.get("source") != "moeplace import merge":
+        return ""
+    return f", merged from {plural(len(meta.get('inputs', [])), 'trace')} (corpus {meta.get('corpus')})"
 
 
 def _sglang_note(meta: dict[str, Any]) -> str:
@@ -158,7 +166,8 @@ def import_() -> None:
     \b
     Per-token paths become a v1 trace (.npz: topk_ids [tokens, moe_layers, k], ...), usable by
     every stage. Counts without paths become a load-only file (.npz: expert_loads
-    [moe_layers, experts]), usable where balancing needs only loads. Layouts: docs/import.md.
+    [moe_layers, experts]), usable where balancing needs only loads. `merge` joins v1 traces
+    of one model into one. Layouts: docs/import.md.
     """
 
 
@@ -293,3 +302,37 @@ def loads_json_cmd(paths: tuple[Path, ...], output: Path, meta: tuple[str, ...],
     """
     _check_run(output, paths, meta)
     _write(import_loads_json(paths), output, meta, quiet)
+
+
+@import_.command("merge")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_OUTPUT
+@_META
+@_QUIET
+def merge_cmd(paths: tuple[Path, ...], output: Path, meta: tuple[str, ...], quiet: bool) -> None:
+    """Concatenate v1 traces of one model (corpus shards traced apart, say) into one trace.
+
+    \b
+    The traces must agree on num_experts, MoE layers and k, and on meta model, model_type,
+    moe_layers, renumbered_from and hidden_size where both record them; else refused, naming
+    the file and the difference. Tokens keep the inputs' order; sequence ids of later inputs are
+    shifted past the earlier ones'. topk_weights, token_ids, sequence_ids and positions are kept
+    when every input has them (dropped, with a warning naming them, when only some do). meta
+    records the inputs (file, sha256, tokens) and joins their corpus labels.
+    Example:
+      moeplace import merge c4-part1.npz c4-part2.npz wiki.npz -o mixed.npz
+    """
+    from moeplace.trace.format import load_trace
+    from moeplace.trace.importers import _refuse_repeated_files
+    from moeplace.trace.merge import merge_traces
+
+    if len(paths) < 2:
+        raise MoeplaceError(f"import merge {paths[0]}: give at least two traces to merge")
+    _check_run(output, paths, meta)
+    _refuse_repeated_files(paths)  # its tokens would be counted twice
+    traces = [(str(p), load_trace(p)) for p in paths]
+    merged, dropped = merge_traces(traces)
+    for key in dropped:  # said: a stage needing them (eval's sequences, affinity by position) would miss them
+        lacking = [name for name, t in traces if getattr(t, key) is None]
+        warn(f"{key} dropped from the merged trace: {', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} none")
+    _write(merged, output, meta, quiet)

@@ -274,12 +274,45 @@ def _file_windows(f: Path, tokenize: Tokenize, seq_len: int) -> Iterator[list[in
             yield pending
 
 
-def iter_batches(windows: Iterable[np.ndarray], batch_size: int, pad_id: int = 0) -> Iterator[Batch]:
-    """Group windows into right-padded batches; sequence ids count windows from 0."""
+def skip_windows(windows: Iterator[np.ndarray], token_ids: np.ndarray, sequence_ids: np.ndarray,
+                 positions: np.ndarray, name: str) -> int:
+    """Consume from `windows` the windows a partial trace already holds, checking each against it.
+
+    token_ids, sequence_ids, positions int [T]: the partial trace's columns, sequences 0..n-1 in
+    order, positions counting from 0 in each. Returns n, the number of windows consumed. Raises
+    MoeplaceError naming `name` and the first sequence that differs from what `windows` gives
+    (other text, tokenizer, --seq-len or windowing), before any model runs on the rest.
+    """
+    counts = np.bincount(sequence_ids) if sequence_ids.size and sequence_ids.min() >= 0 else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    if (not counts.size or not counts.all() or np.any(np.diff(sequence_ids) < 0)
+            or not np.array_equal(positions, np.arange(sequence_ids.size) - starts[sequence_ids])):
+        raise MoeplaceError(f"{name}: its sequences are not windows numbered from 0 in order, positions from 0 in "
+                            "each, as `moeplace trace` writes them: it cannot be resumed")
+    for i in range(counts.size):
+        window = next(windows, None)
+        if window is None:
+            raise MoeplaceError(f"{name}: holds {counts.size} sequences, but --data gives only {i} windows now "
+                                "(other text, --seq-len or --max-tokens)")
+        held = token_ids[starts[i]: starts[i + 1]]
+        if len(held) != len(window) or not np.array_equal(held, window):
+            n = min(len(held), len(window))
+            other = np.flatnonzero(held[:n] != window[:n])
+            what = (f"token {other[0]} is {held[other[0]]} there, {window[other[0]]} now" if other.size
+                    else f"it holds {len(held)} tokens, the window now {len(window)}")
+            raise MoeplaceError(f"{name}: sequence {i} differs from what --data gives now ({what}): resume with the "
+                                "same --data, --tokenizer and --seq-len")
+    return int(counts.size)
+
+
+def iter_batches(windows: Iterable[np.ndarray], batch_size: int, pad_id: int = 0,
+                 first_seq: int = 0) -> Iterator[Batch]:
+    """Group windows into right-padded batches; sequence ids count windows from `first_seq`
+    (a resumed run's first window follows the partial trace's)."""
     if batch_size < 1:
         raise MoeplaceError(f"--batch-size must be >= 1, got {batch_size}")
     group: list[np.ndarray] = []
-    seq = 0
+    seq = first_seq
     for w in windows:
         group.append(w)
         if len(group) == batch_size:

@@ -1,0 +1,109 @@
+"""Concatenate v1 traces of one model (`moeplace import merge`): shards of a corpus traced apart.
+
+Inputs i = 0..n-1, each topk_ids int [T_i, L, k] over E experts (L, k and E the same for all),
+with optional topk_weights float [T_i, L, k] and token_ids / sequence_ids / positions int [T_i].
+The result holds topk_ids [sum T_i, L, k] in input order; an optional array is kept when every
+input has it, else dropped (and named). Sequence ids of each later input are shifted past the
+largest id before it, so sequences stay distinct: two traces of files a and b merge into what
+`moeplace trace --data a --data b` writes (windows never cross files), batching aside.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeplace.errors import TraceError
+from moeplace.trace.format import Trace, make_trace
+
+OPTIONAL = ("topk_weights", "token_ids", "sequence_ids", "positions")
+# meta that must agree where two inputs both record it: what says which model (and numbering) routed
+IDENTITY = ("model", "model_type", "moe_layers", "renumbered_from", "hidden_size")
+# meta that describes one input alone: recorded per input (meta.inputs), never carried as shared
+_PER_INPUT = ("source", "corpus", "data", "data_bytes", "interrupted", "resumed", "inputs", "format", "file",
+              "sha256")
+
+
+def merge_traces(traces: Sequence[tuple[str, Trace]]) -> tuple[Trace, list[str]]:
+    """(name, trace) pairs, in order -> (the concatenated trace, the optional arrays dropped).
+
+    Raises TraceError naming the first input that does not fit the first one: other num_experts,
+    MoE layer count, k, or meta model / model_type / moe_layers / renumbered_from / hidden_size
+    (checked where both record it). Meta of the result: source "moeplace import merge", inputs
+    (file, sha256, tokens; source, corpus and interrupted when recorded), corpus (the inputs'
+    labels joined by ','), data (the files read, when every input lists them) and every other
+    field all inputs record alike (dtype, seq_len, ...).
+    """
+    if len(traces) < 2:
+        raise TraceError("merge needs at least two traces")
+    first_name, first = traces[0]
+    for name, t in traces[1:]:
+        if (found := mismatch(first, t)) is not None:
+            field, mine, theirs = found
+            raise TraceError(f"{name}: {field} {_shown(theirs)}, but {first_name} has {_shown(mine)}: "
+                             "only traces of one model (and one expert numbering) merge")
+    kept = [key for key in OPTIONAL if all(getattr(t, key) is not None for _, t in traces)]
+    dropped = [key for key in OPTIONAL if key not in kept and any(getattr(t, key) is not None for _, t in traces)]
+    arrays: dict[str, np.ndarray] = {"topk_ids": np.concatenate([t.topk_ids for _, t in traces])}
+    for key in kept:
+        parts = [getattr(t, key) for _, t in traces]
+        arrays[key] = np.concatenate(_offset(parts) if key == "sequence_ids" else parts)
+    merged = make_trace(arrays.pop("topk_ids"), arrays.pop("topk_weights", None), first.num_experts,
+                        meta=merged_meta(traces), name="merged trace", **arrays)
+    return merged, dropped
+
+
+def mismatch(a: Trace, b: Trace) -> tuple[str, Any, Any] | None:
+    """(field, a's value, b's value) for the first way `b` does not fit `a`; None when it fits."""
+    for field, mine, theirs in (("num_experts", a.num_experts, b.num_experts),
+                                ("MoE layers", a.num_layers, b.num_layers), ("top-k", a.top_k, b.top_k)):
+        if mine != theirs:
+            return field, mine, theirs
+    for key in IDENTITY:
+        if key in a.meta and key in b.meta and a.meta[key] != b.meta[key] \
+                and not (key == "model" and same_directory(a.meta[key], b.meta[key])):
+            return f"meta {key}", a.meta[key], b.meta[key]
+    return None
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (str, list)) else str(value)
+
+
+def same_directory(a: Any, b: Any) -> bool:
+    """Two spellings of one local directory (a relative and an absolute path)."""
+    return (isinstance(a, str) and isinstance(b, str) and Path(a).is_dir() and Path(b).is_dir()
+            and Path(a).resolve() == Path(b).resolve())
+
+
+def _offset(parts: list[np.ndarray]) -> list[np.ndarray]:
+    """Sequence ids int [T_i] of each part shifted to start past the largest id before it."""
+    out: list[np.ndarray] = []
+    top = -1
+    for ids in parts:
+        shifted = ids - int(ids.min()) + top + 1 if out else ids
+        top = max(top, int(shifted.max()))
+        out.append(shifted)
+    return out
+
+
+def merged_meta(traces: Sequence[tuple[str, Trace]]) -> dict[str, Any]:
+    """Meta of the merged trace (see merge_traces)."""
+    metas = [t.meta for _, t in traces]
+    shared = {key: value for key, value in metas[0].items()
+              if key not in _PER_INPUT and all(key in m and m[key] == value for m in metas[1:])}
+    inputs = []
+    for name, t in traces:
+        record: dict[str, Any] = {"file": name, "sha256": t.sha256, "tokens": t.num_tokens}
+        record.update({key: t.meta[key] for key in ("source", "corpus", "interrupted") if key in t.meta})
+        inputs.append(record)
+    meta: dict[str, Any] = {"source": "moeplace import merge", **shared, "inputs": inputs,
+                            "corpus": ",".join(str(m.get("corpus") or Path(name).stem)
+                                               for (name, _), m in zip(traces, metas))}
+    if all(isinstance(m.get("data"), list) for m in metas):
+        meta["data"] = [f for m in metas for f in m["data"]]
+    return meta
