@@ -239,3 +239,17 @@ def test_skip_windows_checks_the_partial_traces_numbering() -> None:
     assert text_mod.skip_windows(windows, np.array([1, 2, 3, 4, 5]), np.array([0, 0, 0, 1, 1]),
                                  np.array([0, 1, 2, 0, 1]), "p") == 2
     assert next(windows).tolist() == [6]  # the next window is left for the run
+
+
+def test_a_trace_cut_inside_a_window_by_max_tokens_is_refused_with_the_reason(
+        models: dict[str, Path], data: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--max-tokens 40 with 16-token windows ends inside the third window: extending that trace
+    cannot continue the window it cut, and the refusal says so instead of "sequence 2 differs"."""
+    out = tmp_path / "t.npz"
+    assert trace(models["olmoe"], data, out, "--max-tokens", "40") == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert trace(models["olmoe"], data, out, "--max-tokens", "200", "--resume", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "its last sequence stops after 8 of this window's 16 tokens (its --max-tokens cut it)" in err, err
+    assert out.read_bytes() == before

@@ -298,6 +298,10 @@ def skip_windows(windows: Iterator[np.ndarray], token_ids: np.ndarray, sequence_
         if len(held) != len(window) or not np.array_equal(held, window):
             n = min(len(held), len(window))
             other = np.flatnonzero(held[:n] != window[:n])
+            if not other.size and len(held) < len(window) and i == counts.size - 1:
+                raise MoeplaceError(f"{name}: its last sequence stops after {len(held)} of this window's "
+                                    f"{len(window)} tokens (its --max-tokens cut it): a window cut short cannot be "
+                                    "continued; trace again with the larger --max-tokens")
             what = (f"token {other[0]} is {held[other[0]]} there, {window[other[0]]} now" if other.size
                     else f"it holds {len(held)} tokens, the window now {len(window)}")
             raise MoeplaceError(f"{name}: sequence {i} differs from what --data gives now ({what}): resume with the "
