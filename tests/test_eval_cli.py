@@ -14,7 +14,7 @@ from conftest import ROOT
 from moeplace.cli import run
 from moeplace.errors import MoeplaceError
 from moeplace.eval.check import read_checks
-from moeplace.eval.cli import read_model_shape
+from moeplace.models.config import read_model_shape
 from moeplace.eval.metrics import evaluate, imbalance
 from moeplace.placement import Placement
 from moeplace.solve.balance import expected_gpu_loads

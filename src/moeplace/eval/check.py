@@ -29,7 +29,7 @@ def check_metric_fns(check: dict[str, Any]) -> dict[str, Any]:
         return {"recorded": True, "none_recorded": f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} "
                                                    "'cluster' (a cluster config YAML; model_config too when it has "
                                                    f"no model section): {NO_RECORD}" if needs else ""}
-    fn, facts, source = cost_metric_fn(check["cluster"], check.get("model_config"))
+    fn, facts, source = cost_metric_fn(check["cluster"], check.get("model_config"), "check")
     return {"metric_fns": [fn], "assumed": [facts], "cost_source": source}
 
 

@@ -15,9 +15,9 @@ from moeplace.eval.gates import check_limit_range, gate_line, gate_metric, gates
 from moeplace.eval.metrics import evaluate, imbalance
 from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_load_report, build_report,
                                   render_table, token_subsets, traffic_metric_fn)
-from moeplace.io import loads_json, write_json_atomic
-from moeplace.models.config import attention_shape, config_size
-from moeplace.options import (DTYPE_BYTES, MAX_HIDDEN_SIZE, NON_NEGATIVE, OUTPUT_FILE, Count, DtypeChoice, brief,
+from moeplace.io import write_json_atomic
+from moeplace.models.config import read_model_shape
+from moeplace.options import (DTYPE_BYTES, MAX_HIDDEN_SIZE, NON_NEGATIVE, OUTPUT_FILE, Count, DtypeChoice,
                                check_writable, plural, writing)
 from moeplace.placement import Placement, load_placement
 from moeplace.solve.balance import expected_gpu_loads
@@ -25,14 +25,20 @@ from moeplace.solve.costmodel import COST_COLUMNS, COST_PER_LAYER, CostModel, Mo
 from moeplace.trace.format import Trace, is_load_only, load_loads, load_trace
 
 
-def cost_metric_fn(cluster: Path, model_config: Path | None) -> tuple[MetricFn, ModelFacts, dict[str, Any]]:
+def cost_metric_fn(cluster: Path, model_config: Path | None,
+                   command: str = "eval") -> tuple[MetricFn, ModelFacts, dict[str, Any]]:
     """The predicted MoE time metric of a cluster (+ model) config, what it assumes of the model,
-    and the report's `cost_model` record of where it came from."""
-    from moeplace.solve.costmodel import cost_metric, load_cost_model, model_facts
+    and the report's `cost_model` record of where it came from. A model section estimated from a
+    checkpoint is said on stderr (`moeplace COMMAND: note:`) and recorded as `model_estimate`."""
+    from moeplace.solve.costmodel import cost_metric, estimate_lines, estimate_record, load_cost_model, model_facts
 
     cost = load_cost_model(cluster, model_config)
-    source = {"source": "config", "cluster_config": str(cluster),
-              "model_config": None if model_config is None else str(model_config)}
+    for line in estimate_lines(cost):
+        click.echo(f"moeplace {command}: note: {line}", err=True)
+    source: dict[str, Any] = {"source": "config", "cluster_config": str(cluster),
+                              "model_config": None if model_config is None else str(model_config)}
+    if cost.estimate is not None:
+        source["model_estimate"] = estimate_record(cost)
     return cost_metric(cost), model_facts(cost), {**source, **_cost_names(cost)}
 
 
@@ -181,37 +187,6 @@ def baseline_record(path: Path, placement: Placement, placement_path: Path, data
 _LIMIT: dict[str, Any] = dict(type=NON_NEGATIVE, default=None, metavar="X")
 
 
-def read_model_shape(model_dir: Path) -> dict[str, int]:
-    """hidden_size and the K/V shape from a checkpoint's config.json (no torch, no transformers).
-
-    Sizes are checked as `moeplace serve` checks them (models/config.py): JSON integers >= 1,
-    null is absent, num_key_value_heads divides num_attention_heads; here also
-    num_experts_per_tok in [1, experts] (serve checks it against the routers' weights).
-    """
-    path = model_dir / "config.json"
-    try:
-        cfg = loads_json(path.read_text())
-    except OSError as e:
-        raise MoeplaceError(f"--model {model_dir}: cannot read config.json: {e.strerror or e}") from None
-    except ValueError as e:
-        raise MoeplaceError(f"--model {model_dir}: config.json is not valid JSON ({e})") from None
-    where = f"--model {model_dir}: config.json"
-    if not isinstance(cfg, dict):
-        raise MoeplaceError(f"{where} is not a JSON object")
-    need = "the traffic prediction"
-    hidden, _, kv_heads, head_dim = attention_shape(cfg, where, need)
-    for what, width in (("hidden_size", hidden), ("num_key_value_heads x head_dim", kv_heads * head_dim)):
-        if width > MAX_HIDDEN_SIZE:  # bytes past any model's, and past float range for a 1e300 one
-            raise MoeplaceError(f"{where} {what} {brief(width)} is more than {MAX_HIDDEN_SIZE} (2**20)")
-    experts = config_size(cfg, where, "num_local_experts", "num_experts", "n_routed_experts", needed_for=need)
-    top_k = config_size(cfg, where, "num_experts_per_tok", needed_for=need)
-    if top_k > experts:
-        raise MoeplaceError(f"{where} num_experts_per_tok {top_k} is not in [1, {experts}] "
-                            f"(config.json gives {experts} experts per layer)")
-    return {"hidden_size": hidden, "num_layers": config_size(cfg, where, "num_hidden_layers", needed_for=need),
-            "num_kv_heads": kv_heads, "head_dim": head_dim, "num_experts": experts, "top_k": top_k}
-
-
 def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str | None,
                     runtime_mode: str | None) -> dict[str, Any] | None:
     """The traffic settings of `eval` (None when no prediction is asked), validated."""
@@ -256,8 +231,10 @@ def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str 
 @click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Cluster config YAML (configs/cluster/*.yaml): adds the predicted MoE-layer time, per layer too "
                    "(without it: with the cost model a latency solve recorded in PLACEMENT, if any).")
-@click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Model config YAML (configs/model/*.yaml) for --cluster, when the cluster file has no model section.")
+@click.option("--model-config", type=click.Path(path_type=Path), default=None,
+              help="Model config YAML (configs/model/*.yaml) for --cluster, when the cluster file has no model section; "
+                   "or a checkpoint directory (or its config.json): expert costs estimated from its shape and the "
+                   "cluster file's gpu: figures (docs/cost-model.md), printed on stderr.")
 @click.option("--hidden-size", type=Count(min=1, max=MAX_HIDDEN_SIZE), default=None, metavar="H",
               help=f"Predict `moeplace serve`'s decode Alltoall bytes for activations of width H (at most {MAX_HIDDEN_SIZE}).")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -63,8 +63,10 @@ def _objective_names() -> list[str]:
                    "Default: no cap (equal expert counts only).")
 @click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="latency: cluster config YAML (configs/cluster/*.yaml; docs/cost-model.md).")
-@click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="latency: model config YAML (configs/model/*.yaml) when the cluster file has no model section.")
+@click.option("--model-config", type=click.Path(path_type=Path), default=None,
+              help="latency: model config YAML (configs/model/*.yaml) when the cluster file has no model section; "
+                   "or a checkpoint directory (or its config.json): expert costs estimated from its shape and the "
+                   "cluster file's gpu: figures (docs/cost-model.md), printed on stderr.")
 @click.option("--compute-weight", type=WEIGHT, default=1.0, show_default=True,
               help="latency: weight of the compute (balance) term against communication (1 = predicted time).")
 @click.option("--redundant-experts", type=NON_NEGATIVE_INT, default=0, show_default=True,
@@ -220,16 +222,20 @@ def warn_no_engine_form(placement: Placement) -> None:
 
 def loaded_cost_model(cluster: Path | None, model_config: Path | None) -> CostModel | None:
     """The cost model of --cluster/--model-config, or None when there is none or it does not
-    load: the solver then refuses it, in its order (cheap argument and topology checks first)."""
+    load: the solver then refuses it, in its order (cheap argument and topology checks first).
+    One estimated from a checkpoint is printed on stderr."""
     from moeplace.errors import MoeplaceError
-    from moeplace.solve.costmodel import load_cost_model
+    from moeplace.solve.costmodel import estimate_lines, load_cost_model
 
     if cluster is None:
         return None
     try:
-        return load_cost_model(cluster, model_config)
+        cost = load_cost_model(cluster, model_config)
     except MoeplaceError:
         return None
+    for line in estimate_lines(cost):  # a model section estimated from a checkpoint: said once, here
+        click.echo(f"moeplace solve: note: {line}", err=True)
+    return cost
 
 
 def warn_other_model(cost: CostModel, trace: Any, trace_path: Path) -> None:

@@ -17,7 +17,8 @@ Per MoE layer l (tail latency, the quantity MoETuner targets; docs/cost-model.md
 
 Token counts are scaled from the trace to `batch_tokens` tokens per step (model config) so
 times are those of a realistic batch. Where tokens sit follows eval/metrics.py: the top-1 GPU
-of the previous layer, `initial_homes` at layer 0.
+of the previous layer, `initial_homes` at layer 0. The model section may instead be estimated
+from a checkpoint's config.json and the cluster YAML's `gpu:` figures (estimate_model).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 
 from moeplace.errors import MoeplaceError
 from moeplace.io import read_yaml
-from moeplace.options import MAX_BATCH_TOKENS, MAX_HIDDEN_SIZE, brief, yaml_number
+from moeplace.options import DTYPE_BYTES, DTYPE_SPELLINGS, MAX_BATCH_TOKENS, MAX_HIDDEN_SIZE, brief, yaml_number
 from moeplace.eval.metrics import initial_homes, remote_mask, token_gpus
 from moeplace.placement import Placement
 from moeplace.trace.format import MAX_EXPERTS, Trace
@@ -85,6 +86,7 @@ class CostModel:
     model: ModelCost
     source: str | None = None  # the cluster YAML, for errors (the cluster's `name` may be shared or absent)
     model_source: str | None = None  # the YAML holding the model section (--model-config, else the cluster's)
+    estimate: dict[str, Any] | None = None  # how the model section was estimated from a config.json (else None)
 
     def link_class(self) -> np.ndarray:
         """SELF / INTRA / INTER of each (source, destination) GPU pair, int [G, G]."""
@@ -104,18 +106,34 @@ class CostModel:
             )
 
     def describe(self) -> dict[str, Any]:
-        return {"cluster": self.cluster.__dict__, "model": self.model.__dict__}
+        """The record a placement keeps (objective.cost_model); `estimate` only when the model
+        section was estimated from a checkpoint (cost_model_from_record reads cluster and model)."""
+        record = {"cluster": self.cluster.__dict__, "model": self.model.__dict__}
+        return record if self.estimate is None else {**record, "estimate": estimate_record(self)}
 
 
 def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = None) -> CostModel:
-    """Read a cluster YAML (with an optional `model:` section) and an optional model YAML.
+    """Read a cluster YAML (with an optional `model:` section) and an optional model YAML, or a
+    checkpoint directory (or its config.json) whose model section is estimated with the cluster
+    YAML's `gpu:` figures (estimate_model).
 
     Raises MoeplaceError naming the file and the missing or bad field.
     """
     doc = _read_yaml(cluster_path)
     if "cluster" not in doc:
         raise MoeplaceError(f"{cluster_path}: no 'cluster:' section (see configs/cluster/*.yaml)")
-    _known(doc, {"cluster", "model"}, str(cluster_path))
+    _known(doc, {"cluster", "model", "gpu"}, str(cluster_path))
+    cluster = _cluster(doc["cluster"], str(cluster_path))
+    if model_path is not None and is_checkpoint(Path(model_path)):
+        model_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+        if doc.get("gpu") is None:
+            raise MoeplaceError(f"{cluster_path}: no 'gpu:' section, needed to estimate the expert costs from "
+                                f"{model_dir / 'config.json'}: add gpu: {{dense_tflops: {{bfloat16: PEAK}}, hbm_GBps: "
+                                f"BANDWIDTH}} (as in {shipped(SHIPPED_CLUSTERS[(1, 8)])}), or give a model YAML")
+        model, estimate = estimate_model(model_dir, _gpu(doc["gpu"], str(cluster_path)), cluster.num_gpus)
+        return CostModel(cluster, model, str(cluster_path), str(model_dir), estimate)
+    if doc.get("gpu") is not None:
+        _gpu(doc["gpu"], str(cluster_path))  # checked whether or not this run uses it
     model_doc, model_src = doc.get("model"), str(cluster_path)
     if model_path is not None:
         mdoc = _read_yaml(model_path)
@@ -123,9 +141,137 @@ def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = No
             _known(mdoc, {"model"}, str(model_path))
         model_doc, model_src = mdoc.get("model", mdoc), str(model_path)
     if model_doc is None:
-        raise MoeplaceError(f"{cluster_path}: no 'model:' section; pass --model-config (configs/model/*.yaml)")
-    return CostModel(_cluster(doc["cluster"], str(cluster_path)), _model(model_doc, model_src), str(cluster_path),
-                     model_src)
+        raise MoeplaceError(f"{cluster_path}: no 'model:' section; pass --model-config (configs/model/*.yaml, "
+                            "or a checkpoint directory)")
+    return CostModel(cluster, _model(model_doc, model_src), str(cluster_path), model_src)
+
+
+def estimate_record(cost: CostModel) -> dict[str, Any] | None:
+    """How the model section was estimated from a checkpoint (for a placement or report), else None."""
+    return None if cost.estimate is None else {k: v for k, v in cost.estimate.items() if k != "note"}
+
+
+def estimate_lines(cost: CostModel) -> list[str]:
+    """The lines telling the user what was estimated from a checkpoint, and from where ([] for a model YAML)."""
+    return [] if cost.estimate is None else cost.estimate["note"].splitlines()
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether --model-config names a checkpoint (a directory, or its config.json), not a model YAML."""
+    return path.is_dir() or path.name == "config.json"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """A cluster YAML's `gpu:` section: the figures the expert costs are estimated from."""
+
+    name: str
+    dense_tflops: dict[str, float]  # peak dense (no sparsity) TFLOPS by compute dtype: bfloat16, float16, float32, float8
+    hbm_GBps: float  # HBM bandwidth, GB/s
+    efficiency: float | None  # share of the peak an expert's GEMMs reach; None: default_efficiency
+
+
+GPU_DTYPES = ("bfloat16", "float16", "float32", "float8")
+_GPU_KEYS = {"name", "dense_tflops", "hbm_GBps", "efficiency"}
+
+
+def _gpu(d: Any, src: str) -> Gpu:
+    src = f"{src}: gpu"
+    _known(d, _GPU_KEYS, src)
+    peaks = d.get("dense_tflops")
+    if not isinstance(peaks, dict) or not peaks:
+        raise MoeplaceError(f"{src}: 'dense_tflops' must map a dtype ({', '.join(GPU_DTYPES)}) to its peak "
+                            f"dense TFLOPS, got {brief(peaks)}")
+    _known(peaks, set(GPU_DTYPES), f"{src}.dense_tflops")
+    return Gpu(name=str(d.get("name", "the cluster's GPU")),
+               dense_tflops={k: _field(peaks, k, f"{src}.dense_tflops", most=MAX_GBPS) for k in peaks},
+               hbm_GBps=_field(d, "hbm_GBps", src, least=MIN_GBPS, most=MAX_GBPS),
+               efficiency=_field(d, "efficiency", src, default=None, most=1.0))
+
+
+# Compute efficiency the shipped model YAMLs assume (their comments), by the size of the expert's
+# weight matrices, hidden x FFN width: ~40% of the dense peak for FLAME-MoE's small expert GEMMs
+# (1024 x 704) and ~60% for Mixtral's large ones (4096 x 14336).
+EFFICIENCY_ANCHORS = ((1024 * 704, 0.40), (4096 * 14336, 0.60))
+
+
+def default_efficiency(hidden: int, ffn: int) -> float:
+    """The share of the peak an expert of hidden x ffn reaches, when the `gpu:` section gives no
+    `efficiency`: linear in log(hidden x ffn) between the two anchors the shipped model YAMLs state
+    (EFFICIENCY_ANCHORS), held at the nearer anchor outside them (GEMM efficiency grows with size
+    and saturates). Not fitted: the anchors are the shipped assumptions, taken as they are."""
+    (small, low), (large, high) = EFFICIENCY_ANCHORS
+    t = (math.log(hidden * ffn) - math.log(small)) / (math.log(large) - math.log(small))
+    return low + (high - low) * min(max(t, 0.0), 1.0)
+
+
+BATCH_TOKENS_PER_GPU = 1024  # the shipped FLAME, Mixtral (8192 at 8 GPUs) and tiny-moe (4096 at 4) configs
+
+
+def estimate_model(model_dir: Path, gpu: Gpu, num_gpus: int) -> tuple[ModelCost, dict[str, Any]]:
+    """A model section estimated from a checkpoint's config.json (no torch) and the GPU figures,
+    with the record of how (CostModel.estimate: the config read, the keys and figures used, a
+    one-line `note` for the user). A routed expert is a SwiGLU MLP of three hidden x ffn matmuls:
+
+        expert_us_per_token = 6 x hidden x ffn FLOP / (peak dense TFLOPS at its dtype x efficiency)
+        expert_fixed_us     = 3 x hidden x ffn x weight bytes / HBM bandwidth (its weights, read once)
+        batch_tokens        = 1024 x the cluster's GPUs
+
+    Shared experts (DeepSeek, Qwen2-MoE) are left out: every GPU runs them alike, no placement
+    changes their time. An fp8 checkpoint (quantization_config.quant_method "fp8") has 1-byte
+    weights and its GEMMs at the float8 peak; activations (dispatch, combine) are torch_dtype's."""
+    from moeplace.models.config import config_size, moe_shape, read_config_json
+
+    config = model_dir / "config.json"
+    cfg = read_config_json(model_dir, str(model_dir))
+    where, need = f"{config}", "the expert costs of --model-config"
+    shape = moe_shape(cfg, where, need)
+    ffn_keys = ("moe_intermediate_size", "intermediate_size")
+    ffn = config_size(cfg, where, *ffn_keys, needed_for=f"{need}: the expert FFN width")
+    ffn_key = next(k for k in ffn_keys if cfg.get(k) is not None)
+    notes = []
+    raw_dtype = cfg.get("torch_dtype", cfg.get("dtype"))
+    dtype = DTYPE_SPELLINGS.get(raw_dtype) if isinstance(raw_dtype, str) else None
+    if dtype is None:
+        dtype = "bfloat16"
+        notes.append(f"{'no torch_dtype' if raw_dtype is None else f'torch_dtype {brief(raw_dtype)}'}: bfloat16 assumed")
+    act_bytes = weight_bytes = DTYPE_BYTES[dtype]
+    compute = dtype
+    quant = cfg.get("quantization_config")
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method == "fp8":
+        compute, weight_bytes = "float8", 1
+    elif quant is not None:
+        notes.append(f"quantization {brief(method)} not modelled: {dtype} weights assumed")
+    if compute not in gpu.dense_tflops:
+        raise MoeplaceError(f"the cluster's gpu: section gives no dense_tflops for {compute} (the compute dtype of "
+                            f"{config}): add dense_tflops: {{{compute}: PEAK}}")
+    hidden = shape["hidden_size"]
+    efficiency = gpu.efficiency if gpu.efficiency is not None else default_efficiency(hidden, ffn)
+    peak = gpu.dense_tflops[compute]
+    flop = 6 * hidden * ffn  # 3 matmuls x 2 FLOP per multiply-add
+    per_token = flop / (peak * efficiency * 1e6)  # TFLOPS = 1e6 FLOP/us
+    fixed = 3 * hidden * ffn * weight_bytes / (gpu.hbm_GBps * 1e3)  # GB/s = 1e3 bytes/us
+    batch = BATCH_TOKENS_PER_GPU * num_gpus
+    for key, value in (("expert_us_per_token", per_token), ("expert_fixed_us", fixed)):
+        if not 0 < value <= MAX_TIME_US:
+            raise MoeplaceError(f"{config}: estimated {key} {value:g} is out of (0, {MAX_TIME_US:g}] (check the gpu: figures)")
+    name = str(cfg.get("model_type") or "model")
+    label = f"{model_dir.resolve().name or name} ({name}, estimated)"
+    model = ModelCost(name=label, hidden_size=hidden, dispatch_bytes=float(act_bytes), combine_bytes=float(act_bytes),
+                      expert_us_per_token=per_token, expert_fixed_us=fixed, batch_tokens=min(batch, MAX_BATCH_TOKENS),
+                      num_experts=shape["num_experts"], top_k=shape["top_k"])
+    note = (f"{label}: hidden {hidden}, {shape['num_experts']} experts top-{shape['top_k']}, expert FFN {ffn} ({ffn_key}), "
+            f"{compute}{'' if compute == dtype else f' weights, {dtype} activations'}: {per_token:.3g} us per token-expert "
+            f"(6 x {hidden} x {ffn} FLOP, SwiGLU, at {efficiency:.0%} of {gpu.name}'s {peak:g} TFLOPS), "
+            f"{fixed:.3g} us per active expert (3 x {hidden} x {ffn} x {weight_bytes} B at {gpu.hbm_GBps:g} GB/s), "
+            f"batch {batch} tokens ({BATCH_TOKENS_PER_GPU} per GPU)" + "".join(f"; {n}" for n in notes)
+            + f"\nestimated from {config}; write a model YAML to refine them (configs/model/*.yaml, docs/cost-model.md)")
+    estimate = {"config": str(config), "ffn_key": ffn_key, "ffn": ffn, "dtype": dtype, "compute_dtype": compute,
+                "weight_bytes": weight_bytes, "gpu": gpu.name, "peak_tflops": peak, "efficiency": efficiency,
+                "efficiency_rule": gpu.efficiency is None, "hbm_GBps": gpu.hbm_GBps,
+                "batch_tokens_per_gpu": BATCH_TOKENS_PER_GPU, "notes": notes, "note": note}
+    return model, estimate
 
 
 def cost_model_from_record(record: Any, src: str, model_source: str) -> CostModel:

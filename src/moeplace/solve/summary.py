@@ -221,7 +221,8 @@ def latency_command(placement: Placement, trace_path: str, output: str | None = 
         lines.append(f"(CLUSTER.yaml: configs/cluster/h100-1x8-nvlink.yaml with nodes: {topology[0]}, "
                      f"gpus_per_node: {topology[1]})")
     if model_config == "MODEL.yaml":
-        lines.append("(MODEL.yaml: your model's figures, as in configs/model/*.yaml)")
+        lines.append("(MODEL.yaml: your model's figures, as in configs/model/*.yaml; or the model's checkpoint "
+                     "directory, whose expert costs are then estimated from its config.json)")
     return lines
 
 
