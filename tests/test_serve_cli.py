@@ -306,17 +306,19 @@ def test_completion_options_the_server_cannot_honour(field: dict, message: str) 
 
 
 @pytest.mark.parametrize("field, message", [
-    ({"temperature": 0.7}, "\"temperature\": 0.7 is not supported: this server decodes greedily; send temperature 0"),
-    ({"temperature": 1}, "\"temperature\": 1 is not supported"),
+    ({"temperature": 2.5}, "\"temperature\": 2.5 is not supported: send a number in [0, 2] (0, the default, decodes "
+                           "greedily)"),
+    ({"temperature": -1}, "\"temperature\": -1 is not supported"),
     ({"temperature": "0"}, "\"temperature\": \"0\" is not supported"),
-    ({"top_p": 0.9}, "\"top_p\": 0.9 asks for sampling, which this server does not do (greedy decoding): leave it "
-                     "out, 1 or 1.0, or send temperature 0"),
+    ({"top_p": 0.9}, "\"top_p\": 0.9 asks for sampling, but the temperature is 0 (the default here, unlike OpenAI's "
+                     "1): send a \"temperature\" in (0, 2] to sample, or leave top_p out"),
     ({"top_k": 40}, "\"top_k\": 40 asks for sampling"),
     ({"temperature": None, "min_p": 0.1}, "\"min_p\": 0.1 asks for sampling"),
     ({"presence_penalty": 0.5}, "\"presence_penalty\" is not supported"),
     ({"logit_bias": {"5": 100}}, "\"logit_bias\" is not supported")])
-def test_sampling_is_refused_not_silently_greedy(field: dict, message: str) -> None:
-    """Before: "temperature": 0.7 or "top_p": 0.9 were answered 200 with the greedy completion."""
+def test_unsupported_sampling_is_refused_not_silently_greedy(field: dict, message: str) -> None:
+    """A filter without a temperature, a temperature out of range and what the server does not do
+    are refused; answering them greedily would hide that they were ignored."""
     with pytest.raises(BadRequest) as e:
         parse_completion(json.dumps({"prompt": [1, 2], **field}).encode(), None, 100, 64, 16)
     assert str(e.value).startswith(message), str(e.value)
@@ -360,8 +362,11 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
             {"prompt": PROMPT_IDS[0], "max_tokens": 6, "temperature": 0, "top_p": 0.5, "n": 1}).encode())
         assert code == 200 and json.loads(body)["choices"][0]["token_ids"] == doc["choices"][0]["token_ids"]
         code, body, _ = http(http_port, "/v1/completions", json.dumps(
-            {"prompt": PROMPT_IDS[0], "max_tokens": 6, "temperature": 0.9}).encode())
-        assert code == 400 and "send temperature 0 or leave it out" in json.loads(body)["error"]["message"]
+            {"prompt": PROMPT_IDS[0], "max_tokens": 6, "temperature": 0.9, "seed": 5}).encode())
+        assert code == 200 and json.loads(body)["seed"] == 5, body
+        code, body, _ = http(http_port, "/v1/completions", json.dumps(
+            {"prompt": PROMPT_IDS[0], "max_tokens": 6, "top_p": 0.9}).encode())
+        assert code == 400 and "asks for sampling, but the temperature is 0" in json.loads(body)["error"]["message"]
         for bad in (b"{not json", b'{"prompt": [1, 100000]}', b'{"prompt": [1], "max_tokens": 0}',
                     b'{"prompt": 7}', b'[]', b'{"prompt": [1], "max_tokens": 17}', b'{"prompt": [1], "stream": true}',
                     b'{"prompt": [1], "n": 2}'):
@@ -384,14 +389,14 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
         values = exposition(metrics)
         assert 'moeplace_alltoall_bytes_total{phase="decode"}' in values
         assert 'moeplace_cross_rank_tokens_total{phase="decode",layer="0"}' in values
-        assert values["moeplace_requests_total"] == "3" and values["moeplace_rejected_requests_total"] == "14"
+        assert values["moeplace_requests_total"] == "4" and values["moeplace_rejected_requests_total"] == "14"
         assert float(values["moeplace_decode_seconds_total"]) > 0
         sha = hashlib.sha256(placement.read_bytes()).hexdigest()[:12]
         assert json.loads(http(http_port, "/health")[1]) == {"status": "ok", "world": 2, "mode": "standard",
                                                              "placement": str(placement), "placement_sha256": sha}
         assert values[f'moeplace_info{{mode="standard",world="2",placement="{placement}",placement_sha256="{sha}"}}'] == "1"
         # 3 requests: each decoded its tokens but the last (never fed back), 2 choices each, 2 MoE layers
-        decoded = int(values["moeplace_generated_tokens_total"]) - 3
+        decoded = int(values["moeplace_generated_tokens_total"]) - 4
         decode_load = [int(values[f'moeplace_expert_tokens_total{{phase="decode",rank="{r}"}}']) for r in range(2)]
         assert sum(decode_load) == decoded * 2 * 2 and decoded >= 10 and min(decode_load) > 0
         # a rank dies: rank 0 notices within the timeout (heartbeats) and exits with one clear line
@@ -679,8 +684,8 @@ def test_jsonl_prompt_lines_refuse_sampling_and_name_ignored_keys(tmp_path: Path
     assert [(p[1], p[2]) for p in prompts] == [([1, 2], 3), ([3], 4), ([4], 4)]
     assert [str(w.message) for w in caught if issubclass(w.category, MoeplaceWarning)] == [
         f"{path}:2: keys ['max_token'] ignored (a line reads \"prompt\" and \"max_tokens\")"]
-    path.write_text('{"prompt": [1, 2]}\n{"prompt": [3], "temperature": 0.7}\n')
-    with pytest.raises(MoeplaceError, match=r"p.jsonl:2: \"temperature\": 0.7 is not supported"):
+    path.write_text('{"prompt": [1, 2]}\n{"prompt": [3], "temperature": 2.7}\n')
+    with pytest.raises(MoeplaceError, match=r"p.jsonl:2: \"temperature\": 2.7 is not supported"):
         read_prompts(str(path), None, 512, 4096, 4)
 
 
@@ -950,7 +955,7 @@ class _FailingRuntime:
         self.comm = SimpleNamespace(world=1)  # no broadcasts
         self.mode, self.record_routing = "standard", False
 
-    def generate(self, prompts: list[list[int]], max_new: list[int], ignore_eos: bool) -> Any:
+    def generate(self, prompts: list[list[int]], max_new: list[int], ignore_eos: bool, sampling: Any = None) -> Any:
         self.started.set()
         self.release.wait(30)
         raise RuntimeError("rank 1 died")

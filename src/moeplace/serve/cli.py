@@ -1,11 +1,13 @@
-"""`moeplace serve`: expert-parallel greedy generation under torchrun, batch or HTTP."""
+"""`moeplace serve`: expert-parallel generation (greedy or sampled) under torchrun, batch or HTTP."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,8 @@ import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError, warn
 from moeplace.io import loads_json, not_a_file
-from moeplace.serve.httpserver import SAMPLING, BadRequest, check_greedy
+from moeplace.serve.httpserver import MAX_TEMPERATURE, SAMPLING, BadRequest, parse_sampling
+from moeplace.serve.sampling import Sampling, int64
 from moeplace.options import (
     DtypeChoice,
     FiniteFloat,
@@ -42,7 +45,8 @@ Several nodes: `torchrun --nnodes ... --nproc-per-node 8 -m moeplace serve ...` 
 the ranks' one line and exits 1). Without either it runs as one rank holding every expert.
 """
 
-PROMPT_KEYS = {"prompt", "max_tokens", "temperature", *SAMPLING}  # what a JSONL prompt line may say
+SAMPLING_KEYS = ("temperature", *SAMPLING, "seed")  # read as over HTTP (httpserver.parse_sampling)
+PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS}  # what a JSONL prompt line may say
 
 
 @click.command("serve", epilog=EPILOG, context_settings={"max_content_width": 100})
@@ -68,13 +72,23 @@ PROMPT_KEYS = {"prompt", "max_tokens", "temperature", *SAMPLING}  # what a JSONL
               help="Batch output JSONL: one {index, prompt, token_ids, text, finish_reason} per prompt "
                    "(default: stdout). A `wrote FILE` line on stdout names each file written.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 1 << 16),
-              help="Batch: greedy tokens per prompt (a JSONL max_tokens overrides it). HTTP: the most a "
+              help="Batch: new tokens per prompt (a JSONL max_tokens overrides it). HTTP: the most a "
                    "request's max_tokens may ask for (more is a 400); a request without max_tokens gets "
                    "16 or this, the smaller.")
 @click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1, 1 << 14),
               help="Sequences decoded together (batch: rounded down to a multiple of the number of ranks, "
                    "at least one per rank; HTTP: a request with more prompts is refused).")
 @click.option("--ignore-eos", is_flag=True, help="Batch: do not stop at the end-of-sequence token.")
+@click.option("--temperature", type=FiniteFloat(0.0, MAX_TEMPERATURE),
+              help="Batch: sample at this temperature (default 0: greedy); a JSONL line's \"temperature\", "
+                   "\"top_p\", \"top_k\" and \"seed\" override these options. HTTP: per request.")
+@click.option("--top-p", type=FiniteFloat(0.0, 1.0, min_open=True),
+              help="Batch: sample from the smallest set of tokens holding this much probability (needs --temperature).")
+@click.option("--top-k", type=click.IntRange(-1), help="Batch: sample from the k likeliest tokens; 0 or -1: no "
+                                                       "limit (needs --temperature).")
+@click.option("--seed", type=click.IntRange(-(1 << 63), (1 << 63) - 1),
+              help="Batch: prompt i samples with seed + i (a JSONL \"seed\": that seed exactly). Default: a "
+                   "random seed; each sampled output line names its \"seed\", to replay it.")
 @click.option("--port", type=click.IntRange(0, 65535),
               help="Serve HTTP on rank 0: POST /v1/completions, GET /v1/models, GET /health, GET /metrics. The batch "
                    "options (--out, --stats-out, --routing-out, --ignore-eos) do not apply.")
@@ -93,6 +107,7 @@ PROMPT_KEYS = {"prompt", "max_tokens", "temperature", *SAMPLING}  # what a JSONL
               help="Batch: write the decode routing as a moeplace trace (.npz), e.g. to predict traffic.")
 def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None, mode: str,
           prompts_path: str | None, out_path: str | None, max_new_tokens: int, max_batch: int, ignore_eos: bool,
+          temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None,
           port: int | None, host: str, device: str, dtype: str | None, timeout_s: float, stats_out: str | None,
           routing_out: str | None) -> None:
     """Expert-parallel inference with a placement applied: each rank holds the non-expert weights
@@ -110,6 +125,9 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
     if (prompts_path is None) == (port is None):
         raise MoeplaceError("give exactly one of --prompts FILE (batch) or --port N (HTTP server)")
     refuse_other_mode(click.get_current_context(), http=port is not None)
+    if temperature is None and (top_p is not None or top_k is not None):  # a filter on greedy: moot
+        raise MoeplaceError("--top-p and --top-k shape sampling: give --temperature too (the default, 0, is greedy)")
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
     outputs = [("--out", out_path), ("--stats-out", stats_out), ("--routing-out", routing_out)]
     check_distinct_outputs(outputs)
     for option, path in outputs:
@@ -126,7 +144,7 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
     rank, world = world_from_env()
     try:
         _serve(model_dir, placement_path, mode, prompts_path, out_path, max_new_tokens, max_batch, ignore_eos,
-               port, host, device, dtype, timeout_s, stats_out, routing_out)
+               sampling, port, host, device, dtype, timeout_s, stats_out, routing_out)
     except (MoeplaceError, KeyboardInterrupt):
         if world == 1:
             raise
@@ -143,7 +161,7 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
         exit_hard(MoeplaceError(f"rank {rank}: internal error {type(e).__name__}: {e}"))
 
 
-BATCH_ONLY = ("out_path", "stats_out", "routing_out", "ignore_eos")
+BATCH_ONLY = ("out_path", "stats_out", "routing_out", "ignore_eos", "temperature", "top_p", "top_k", "seed")
 HTTP_ONLY = ("host",)
 
 
@@ -171,8 +189,9 @@ def exit_hard(e: BaseException | None) -> None:
 
 
 def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: str | None, out_path: str | None,
-           max_new_tokens: int, max_batch: int, ignore_eos: bool, port: int | None, host: str, device: str,
-           dtype: str | None, timeout_s: float, stats_out: str | None, routing_out: str | None) -> None:
+           max_new_tokens: int, max_batch: int, ignore_eos: bool, sampling: dict[str, Any], port: int | None,
+           host: str, device: str, dtype: str | None, timeout_s: float, stats_out: str | None,
+           routing_out: str | None) -> None:
     import torch.distributed as dist
 
     from moeplace.export.permute import ep_size_note
@@ -193,7 +212,8 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
                 check_writable(Path(path), option, inputs=[prompts_path, placement_path])  # before the run
         tokenizer = load_tokenizer(model_dir)
         if prompts_path:
-            prompts = read_prompts(prompts_path, tokenizer, spec.vocab_size, spec.max_positions, max_new_tokens)
+            prompts = read_prompts(prompts_path, tokenizer, spec.vocab_size, spec.max_positions, max_new_tokens,
+                                   sampling)
         else:
             server = bind_http(host, port or 0)
 
@@ -294,11 +314,13 @@ def bind_http(host: str, port: int) -> Any:
         raise MoeplaceError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
-def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int,
-                 max_new_tokens: int) -> list[tuple[Any, list[int], int]]:
-    """(original prompt, token ids, max new tokens) per prompt; plain lines or JSONL (see
-    prompts_are_jsonl). Lines end at "\n" (a "\r" before it is dropped) and at nothing else:
-    str.splitlines would also split at U+2028, form feeds, \x1c-\x1e and \x85 inside a prompt."""
+def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int, max_new_tokens: int,
+                 sampling: dict[str, Any] | None = None) -> list[tuple[Any, list[int], int, Sampling]]:
+    """(original prompt, token ids, max new tokens, sampling) per prompt; plain lines or JSONL
+    (see prompts_are_jsonl). Lines end at "\n" (a "\r" before it is dropped) and at nothing else:
+    str.splitlines would also split at U+2028, form feeds, \x1c-\x1e and \x85 inside a prompt.
+    sampling: the --temperature/--top-p/--top-k/--seed values (None: not given), which a JSONL
+    line's own keys override; prompt i without a "seed" of its own samples with seed + i."""
     p = Path(path)
     name = STDIN_NAME if path == "-" else str(p)
     try:
@@ -306,13 +328,16 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int,
     except UnicodeDecodeError:
         raise MoeplaceError(f"{name}: not UTF-8 text") from None
     jsonl = prompts_are_jsonl(p, lines)
-    out = []
+    out: list[tuple[Any, list[int], int, Sampling]] = []
     ignored = ""  # the first line with keys read by nothing (a typo of max_tokens ran the default)
+    defaults = {k: v for k, v in (sampling or {}).items() if v is not None}
+    base_seed = defaults.get("seed", secrets.randbits(63))  # drawn once: the run's seeds are base + i
     for num, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{name}:{num}"
         limit = max_new_tokens
+        doc: dict[str, Any] = {}  # a text line: the options' sampling
         if jsonl:
             try:
                 doc = loads_json(line)
@@ -320,10 +345,6 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int,
                 raise MoeplaceError(f"{where}: not valid JSON ({e})") from None
             if not isinstance(doc, dict) or "prompt" not in doc:
                 raise MoeplaceError(f"{where}: expected an object with a \"prompt\"")
-            try:  # as over HTTP: a request for sampling is refused, not answered greedily
-                check_greedy(doc)
-            except BadRequest as e:
-                raise MoeplaceError(f"{where}: {e}") from None
             if (unknown := sorted(set(doc) - PROMPT_KEYS)) and not ignored:
                 ignored = f"{where}: keys {unknown} ignored (a line reads \"prompt\" and \"max_tokens\")"
             prompt, limit = doc["prompt"], doc.get("max_tokens", max_new_tokens)
@@ -331,6 +352,12 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int,
                 raise MoeplaceError(f"{where}: max_tokens must be a positive integer")
         else:
             prompt = line
+        try:  # as over HTTP: a filter without a temperature is refused, not answered greedily
+            params = parse_sampling({**defaults, **{k: doc[k] for k in SAMPLING_KEYS if k in doc}})
+        except BadRequest as e:
+            raise MoeplaceError(f"{where}: {e}") from None
+        if not params.greedy and doc.get("seed") is None:
+            params = dataclasses.replace(params, seed=int64(base_seed + len(out)))
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise MoeplaceError(f"{where}: text prompt, but the model has no tokenizer (give token ids in JSONL)")
@@ -346,7 +373,7 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int,
         if len(ids) + limit > max_positions:
             raise MoeplaceError(f"{where}: {len(ids)} prompt tokens + {limit} new exceed the model's "
                                 f"{max_positions} positions")
-        out.append((prompt, ids, limit))
+        out.append((prompt, ids, limit, params))
     if not out:
         raise MoeplaceError(f"{name}: no prompts")
     if ignored:
@@ -392,7 +419,7 @@ def prompts_are_jsonl(path: Path, lines: list[str]) -> bool:
     return next((ln.lstrip().startswith("{") for ln in lines if ln.strip()), False)
 
 
-def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int]], max_batch: int, ignore_eos: bool, tokenizer: Any,
+def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int, Sampling]], max_batch: int, ignore_eos: bool, tokenizer: Any,
               out_path: str | None, stats_out: str | None, routing_out: str | None,
               applied: dict[str, str | None]) -> None:
     """Rank 0: drive the batches, then write generations, counters and routing (atomically).
@@ -418,7 +445,8 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int]], max_batch: int
     progress = Progress("serve: generating", total=len(prompts))
     for start in range(0, len(prompts), max_batch):
         chunk = prompts[start:start + max_batch]
-        req = engine.Request([c[1] for c in chunk], [c[2] for c in chunk], ignore_eos, routing_out is not None)
+        req = engine.Request([c[1] for c in chunk], [c[2] for c in chunk], ignore_eos, routing_out is not None,
+                             [c[3] for c in chunk])
         engine.send_command(rt, engine.GENERATE, req)
         res = engine.run_request(rt, req)
         counters = engine.merged_counters(rt)  # the other ranks all-reduce after every request
@@ -431,11 +459,11 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int]], max_batch: int
     generated = sum(len(t) for t in results)
     progress.close(f"{generated} tokens")
     lines = []
-    for i, ((prompt, _, _), toks) in enumerate(zip(prompts, results)):
+    for i, ((prompt, _, _, params), toks) in enumerate(zip(prompts, results)):
         finish = "stop" if toks and toks[-1] in spec.eos_token_ids and not ignore_eos else "length"
         text = tokenizer.decode(toks) if tokenizer is not None else None
-        lines.append(json.dumps({"index": i, "prompt": prompt, "token_ids": toks, "text": text,
-                                 "finish_reason": finish}))
+        line = {"index": i, "prompt": prompt, "token_ids": toks, "text": text, "finish_reason": finish}
+        lines.append(json.dumps(line if params.greedy else {**line, "seed": params.seed}))
     to_stderr = not out_path
     if out_path:
         with writing(out_path):

@@ -33,6 +33,7 @@ from moeplace.serve.dist import Comm, init_distributed, world_from_env
 from moeplace.serve.generate import MODES, Result, Runtime
 from moeplace.serve.model import ModelSpec, RankModel, read_spec
 from moeplace.serve.replicas import ExpertMap
+from moeplace.serve.sampling import Sampling, sampling_from_table, sampling_table
 from moeplace.solve.baselines import contiguous
 
 NOOP, GENERATE, STOP = 0, 1, 2  # commands rank 0 broadcasts
@@ -45,10 +46,15 @@ class Request:
     max_new_tokens: list[int]
     ignore_eos: bool = False
     record_routing: bool = False  # gather the decode routing (for traffic checks)
+    sampling: list[Sampling] | None = None  # per prompt (serve/sampling.py); None: all greedy
+
+    @property
+    def sampled(self) -> bool:
+        return self.sampling is not None and not all(p.greedy for p in self.sampling)
 
     @property
     def flags(self) -> int:
-        return int(self.ignore_eos) | 2 * int(self.record_routing)
+        return int(self.ignore_eos) | 2 * int(self.record_routing) | 4 * int(self.sampled)
 
 
 def check_placement(spec: ModelSpec, placement: Placement | None, world: int) -> Placement:
@@ -193,7 +199,12 @@ def receive_command(rt: Runtime) -> tuple[int, Request | None]:
     lens, max_new, flat = vals[:n], vals[n:2 * n], vals[2 * n:]
     starts = np.cumsum([0] + lens)
     prompts = [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
-    return cmd, Request(prompts, max_new, bool(flags & 1), bool(flags & 2))
+    sampling = None
+    if flags & 4:  # a token may be drawn on any rank (coherent mode): every rank needs every row's parameters
+        table = torch.zeros((n, 4), dtype=torch.int64, device=dev)
+        dist.broadcast(table, 0)
+        sampling = sampling_from_table(table.cpu())
+    return cmd, Request(prompts, max_new, bool(flags & 1), bool(flags & 2), sampling)
 
 
 def send_command(rt: Runtime, cmd: int, req: Request | None = None) -> None:
@@ -209,12 +220,16 @@ def send_command(rt: Runtime, cmd: int, req: Request | None = None) -> None:
         body = torch.tensor([len(p) for p in req.prompts] + list(req.max_new_tokens)
                             + [t for p in req.prompts for t in p], dtype=torch.int64, device=dev)
         dist.broadcast(body, 0)
+        if req.sampled:
+            assert req.sampling is not None
+            dist.broadcast(sampling_table(req.sampling).to(dev), 0)
 
 
 def run_request(rt: Runtime, req: Request) -> Result:
     """Every rank: generate for the request (rank 0 has already broadcast it)."""
     rt.record_routing = req.record_routing
-    return rt.generate(req.prompts, req.max_new_tokens, req.ignore_eos)
+    return rt.generate(req.prompts, req.max_new_tokens, req.ignore_eos,
+                       sampling=req.sampling if req.sampled else None)
 
 
 def merged_counters(rt: Runtime) -> Counters:

@@ -1,4 +1,4 @@
-"""Batched greedy decoding over the expert-parallel ranks (SPMD: every rank runs this loop).
+"""Batched decoding over the expert-parallel ranks (SPMD: every rank runs this loop).
 
 Sequences get slots 0..B-1; slot s is homed on rank s % world. Per call:
 
@@ -14,7 +14,10 @@ Sequences get slots 0..B-1; slot s is homed on rank s % world. Per call:
 A forward's global batch (the rows of every rank, ordered by (slot, position)) numbers its rows
 `first[slot] + position`; MoE layers with replicated experts choose copies on it (replicas.py).
 
-Greedy argmax; a sequence stops at its max_new_tokens or at an EOS id (unless ignore_eos).
+Greedy argmax by default; a sequence with sampling parameters (sampling.py) draws its token on
+the rank that holds its logits, and the same tokens all-reduce carries it, so sampling adds no
+collective (the parameters travel with the request: engine.send_command). A sequence stops at its
+max_new_tokens or at an EOS id (unless ignore_eos).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from moeplace.serve.coherent import moe_coherent
 from moeplace.serve.dist import Comm, meta_scale, pack, unpack
 from moeplace.serve.model import KVCache, RankModel
 from moeplace.serve.replicas import ExpertMap
+from moeplace.serve.sampling import GREEDY, Sampling, sample
 from moeplace.serve.standard import moe_standard
 
 MODES = ("coherent", "standard")
@@ -105,14 +109,19 @@ class Runtime:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: list[int], ignore_eos: bool = False,
-                 collect_logits: bool = False) -> Result:
-        """Greedy continuation of every prompt (same arguments on every rank)."""
+                 collect_logits: bool = False, sampling: list[Sampling] | None = None) -> Result:
+        """Continuation of every prompt (same arguments on every rank). sampling: per prompt
+        (a sequence's token may be drawn on any rank in coherent mode); None is greedy for all."""
         model, comm, dev = self.model, self.comm, self.comm.device
         spec = model.spec
         coherent = self.mode == "coherent" and comm.world > 1
         num = len(prompts)
         if num == 0 or min(map(len, prompts)) == 0:
             raise ValueError("generate needs at least one prompt and no empty prompt")
+        params = list(sampling) if sampling is not None else [GREEDY] * num
+        if len(params) != num:
+            raise ValueError(f"{len(params)} sampling parameters for {num} prompts")
+        sampled = [not p.greedy for p in params]
         for i, (p, n) in enumerate(zip(prompts, max_new_tokens)):
             if len(p) + n > spec.max_positions:  # RoPE past the trained context: silent garbage
                 raise MoeplaceError(f"prompt {i}: {len(p)} prompt tokens + {n} new exceed the model's "
@@ -155,6 +164,13 @@ class Runtime:
             logits = model.logits(h)  # [n, V] for the sequences whose token ended here
             next_ids = torch.full((num,), -1, dtype=torch.int64, device=dev)
             next_ids[here] = logits.argmax(-1)
+            if any(sampled):  # draw where the logits are; the all-reduce below carries the token
+                slots_here = here.tolist()
+                picked = [i for i, s in enumerate(slots_here) if sampled[s]]
+                if picked:  # step: the index of the token drawn, the same on any rank and batch
+                    drawn = [slots_here[i] for i in picked]
+                    next_ids[here[picked]] = sample(logits[picked], [params[s] for s in drawn],
+                                                    [len(generated[s]) for s in drawn])
             next_ids = comm.max_reduce(next_ids, "tokens")
             active = [s for s in range(num) if not done[s]]
             if collect_logits:

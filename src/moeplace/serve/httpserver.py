@@ -7,14 +7,19 @@ timeout even with no traffic, and the server then exits with that error instead 
 also stops when its launcher has gone (dist.tie_to_launcher). On the way out every request not
 yet answered (running, queued, or arriving) gets a 503 with the reason.
 
-    POST /v1/completions  {"prompt": str | [int] | [str, ...], "max_tokens": int = min(16, cap)}
-                          (cap: the server's --max-new-tokens). Greedy only: "temperature" other
-                          than 0 and sampling filters (SAMPLING: "top_p" < 1, ...) are 400, since
-                          the answer would silently be greedy anyway; "stream": true, "n" > 1, and
-                          the other fields that would change the answer (UNSUPPORTED: "stop",
-                          "echo", "logprobs", "best_of", "suffix", penalties, "logit_bias") are
-                          400 unless null or their default; so is a request with more prompts
-                          than --max-batch. "seed" and "user" are accepted (greedy needs no seed).
+    POST /v1/completions  {"prompt": str | [int] | [str, ...], "max_tokens": int = min(16, cap),
+                          "temperature": 0..2 = 0, "top_p": (0, 1] = 1, "top_k": int >= 1, or 0 or
+                          -1 for off, "seed": int} (cap: the server's --max-new-tokens).
+                          temperature 0 (the default here, not OpenAI's 1) decodes greedily; a
+                          sampling request without a seed gets a random one, and the response's
+                          "seed" names it (null when greedy), so it can be replayed; prompt i of
+                          a list samples with seed + i. A filter ("top_p" < 1, "top_k" > 1,
+                          "min_p") without a temperature is 400 (it would be silently greedy);
+                          so is "min_p" when sampling. "stream": true, "n" > 1, and the other
+                          fields that would change the answer (UNSUPPORTED: "stop", "echo",
+                          "logprobs", "best_of", "suffix", penalties, "logit_bias") are 400
+                          unless null or their default; so is a request with more prompts than
+                          --max-batch. "user" is accepted.
     GET  /v1/models       OpenAI list format: the one served model (the checkpoint's directory name)
     GET  /health          {"status": "ok", "world": N, "mode": ..., "placement": path as given or
                           "contiguous (no --placement)", "placement_sha256": 12 hex digits or null}
@@ -29,6 +34,7 @@ import dataclasses
 import json
 import os
 import queue
+import secrets
 import sys
 import threading
 import time
@@ -43,6 +49,7 @@ from moeplace.serve.counters import KINDS
 from moeplace.serve.dist import error_text, launcher_pid
 from moeplace.serve.engine import GENERATE, NOOP, Request, merged_counters, run_request, send_command
 from moeplace.serve.generate import Runtime
+from moeplace.serve.sampling import GREEDY, Sampling, int64
 
 MAX_BODY = 1 << 20  # bytes
 ROUTES = {"/v1/completions": "POST", "/v1/models": "GET", "/health": "GET", "/metrics": "GET"}
@@ -56,9 +63,10 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
     "logit_bias": (None, {}),
 }
-# sampling filters (OpenAI's top_p; vLLM's and SGLang's top_k, min_p) at values that keep greedy
-# decoding greedy: moot when temperature is 0, refused when the request would otherwise sample
+# sampling filters (OpenAI's top_p; vLLM's and SGLang's top_k, min_p) at values that filter
+# nothing: any other value asks for sampling, refused without a temperature (it would be moot)
 SAMPLING: dict[str, tuple[Any, ...]] = {"top_p": (None, 1, 1.0), "top_k": (None, -1, 0, 1), "min_p": (None, 0, 0.0)}
+MAX_TEMPERATURE = 2.0  # OpenAI's range
 
 
 class BadRequest(ValueError):
@@ -70,6 +78,7 @@ class Job:
     prompts: list[list[int]]
     max_tokens: int
     texts: bool  # answer with decoded text (prompt was text)
+    sampling: Sampling = GREEDY  # the request's; prompt i samples with seed + i (prompt_sampling)
     done: threading.Event = field(default_factory=threading.Event)
     result: list[list[int]] | None = None
     error: str | None = None
@@ -111,21 +120,52 @@ def _is_one_of(value: Any, allowed: tuple[Any, ...]) -> bool:
     return any(value == d and type(value) is type(d) for d in allowed)
 
 
-def check_greedy(doc: dict[str, Any]) -> None:
-    """Refuse a request that asks for sampling: this server decodes greedily, and answering a
-    "temperature": 0.7 request with the greedy completion would hide that it ignored it."""
-    temperature = doc.get("temperature")
-    if temperature is not None and (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
-                                    or temperature != 0):
-        raise BadRequest(f"\"temperature\": {json.dumps(temperature)[:80]} is not supported: this server decodes "
-                         "greedily; send temperature 0 or leave it out")
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_sampling(doc: dict[str, Any]) -> Sampling:
+    """The request's temperature, top_p, top_k and seed, checked (BadRequest). A request that
+    samples without a seed gets a random one (the response reports it); a greedy one keeps
+    GREEDY's. A filter without a temperature is refused: answering it greedily would hide that
+    it was ignored."""
+    temperature, top_p, top_k, seed = (doc.get(k) for k in ("temperature", "top_p", "top_k", "seed"))
+    if temperature is not None and not (_is_number(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
+        raise BadRequest(f"\"temperature\": {json.dumps(temperature)[:80]} is not supported: send a number in "
+                         f"[0, {MAX_TEMPERATURE:g}] (0, the default, decodes greedily)")
+    if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
+        raise BadRequest(f"\"top_p\" must be a number in (0, 1], got {json.dumps(top_p)[:80]}")
+    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= -1):
+        raise BadRequest(f"\"top_k\" must be an integer >= 1, or 0 or -1 for no limit, got {json.dumps(top_k)[:80]}")
+    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and -(1 << 63) <= seed < 1 << 63):
+        raise BadRequest(f"\"seed\" must be an integer in [-2**63, 2**63), got {json.dumps(seed)[:80]}")
     if temperature == 0:  # greedy asked for: a filter on the sampled set changes nothing
-        return
+        return GREEDY
     for name, neutral in SAMPLING.items():
-        if not _is_one_of(doc.get(name), neutral):
-            shown = " or ".join(json.dumps(v) for v in neutral[1:])
-            raise BadRequest(f"\"{name}\": {json.dumps(doc.get(name))[:80]} asks for sampling, which this server "
-                             f"does not do (greedy decoding): leave it out, {shown}, or send temperature 0")
+        if _is_one_of(doc.get(name), neutral):
+            continue
+        if temperature is None:
+            raise BadRequest(f"\"{name}\": {json.dumps(doc.get(name))[:80]} asks for sampling, but the temperature "
+                             "is 0 (the default here, unlike OpenAI's 1): send a \"temperature\" in "
+                             f"(0, {MAX_TEMPERATURE:g}] to sample, or leave {name} out")
+        if name == "min_p":
+            raise BadRequest(f"\"min_p\" is not supported (temperature, top_p and top_k are): leave it out or 0, "
+                             f"got {json.dumps(doc.get(name))[:80]}")
+    if temperature is None:
+        return GREEDY
+    params = Sampling(float(temperature), 1.0 if top_p is None else float(top_p),
+                      0 if top_k is None or top_k < 1 else min(top_k, 1 << 31),  # past any vocab: int64-safe
+                      0 if seed is None else seed)
+    if params.greedy:  # top_k 1: the argmax at any temperature
+        return GREEDY
+    return params if seed is not None else dataclasses.replace(params, seed=secrets.randbits(63))
+
+
+def prompt_sampling(params: Sampling, prompts: int) -> list[Sampling]:
+    """Each prompt's parameters: prompt i of a request samples with seed + i (alone, with that
+    seed, it gives the same tokens), so equal prompts in one request differ."""
+    return [params if params.greedy else dataclasses.replace(params, seed=int64(params.seed + i))
+            for i in range(prompts)]
 
 
 def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_tokens_limit: int,
@@ -142,12 +182,12 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
         raise BadRequest("\"stream\": true is not supported: each completion comes back in one response")
     n = doc.get("n", 1)
     if n != 1 or isinstance(n, bool):
-        raise BadRequest("\"n\" must be 1: decoding is greedy, one completion per prompt")
+        raise BadRequest("\"n\" must be 1: one completion per prompt (send the prompt again, or a list of it)")
     for name, defaults in UNSUPPORTED.items():
         if not _is_one_of(doc.get(name), defaults):
-            raise BadRequest(f"\"{name}\" is not supported (greedy decoding, plain completions): "
+            raise BadRequest(f"\"{name}\" is not supported (plain completions): "
                              f"leave it out or null, got {json.dumps(doc.get(name))[:80]}")
-    check_greedy(doc)
+    sampling = parse_sampling(doc)
     prompt = doc.get("prompt")
     max_tokens = doc.get("max_tokens", min(16, max_tokens_limit))
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= max_tokens_limit:
@@ -172,7 +212,7 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
             raise BadRequest(f"token id out of range [0, {vocab})")
         if len(p) + max_tokens > max_len:
             raise BadRequest(f"prompt ({len(p)} tokens) + max_tokens exceeds the context limit {max_len}")
-    return Job(prompts, max_tokens, texts)
+    return Job(prompts, max_tokens, texts, sampling)
 
 
 def label_value(value: Any) -> str:
@@ -317,7 +357,7 @@ class Handler(BaseHTTPRequestHandler):
         completion_tokens = sum(len(t) for t in job.result)
         self._send(200, json.dumps({
             "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-            "model": srv.model_name, "choices": choices,
+            "model": srv.model_name, "choices": choices, "seed": None if job.sampling.greedy else job.sampling.seed,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }))
@@ -416,8 +456,8 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
                         raise MoeplaceError(f"rank 0: the launcher (pid {launcher}) exited; stopping")
                     continue
             batch = next_batch(waiting, jobs, max_batch)
-            req = Request([p for j in batch for p in j.prompts],
-                          [j.max_tokens for j in batch for _ in j.prompts])
+            req = Request([p for j in batch for p in j.prompts], [j.max_tokens for j in batch for _ in j.prompts],
+                          sampling=[p for j in batch for p in prompt_sampling(j.sampling, len(j.prompts))])
             try:
                 send_command(rt, GENERATE, req)
                 result = run_request(rt, req)

@@ -1,0 +1,95 @@
+"""Per-sequence sampling (temperature, top-k, top-p) that replays from a seed.
+
+A draw depends only on the sequence's logits, its parameters and (seed, step), step being the
+index of the token being generated: not on the rank it runs on, the world size, the mode or
+the other sequences of the batch. The one random number a draw needs is a counter-based hash of
+(seed, step) (splitmix64, computed on the host: no generator state, the same on CPU and CUDA),
+turned into a token by inverse CDF over the logits sorted in descending order (stable: ties in
+index order, so top_k=1 and a tiny top_p give the argmax exactly, as greedy decoding does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+M64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """One sequence's decoding parameters. temperature 0 (or top_k 1) is greedy argmax;
+    top_k 0 and top_p 1 are off. seed: any integer (taken modulo 2**64)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+GREEDY = Sampling()
+
+
+def sampling_table(params: Sequence[Sampling]) -> torch.Tensor:
+    """int64 [n, 4] (temperature and top_p as their float64 bits, top_k, seed): what a request's
+    broadcast carries to the other ranks (engine.send_command); sampling_from_table reads it."""
+    floats = torch.tensor([[p.temperature, p.top_p] for p in params], dtype=torch.float64).view(torch.int64)
+    ints = torch.tensor([[p.top_k, p.seed] for p in params], dtype=torch.int64)
+    return torch.cat([floats, ints], dim=1)
+
+
+def sampling_from_table(table: torch.Tensor) -> list[Sampling]:
+    """The parameters sampling_table wrote, bit for bit, from int64 [n, 4] on the host."""
+    floats = table[:, :2].contiguous().view(torch.float64)
+    return [Sampling(float(f[0]), float(f[1]), int(i[0]), int(i[1]))
+            for f, i in zip(floats.tolist(), table[:, 2:].tolist())]
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def uniform(seed: int, step: int) -> float:
+    """A uniform number in [0, 1) determined by (seed, step) alone (53 random bits)."""
+    return (_splitmix64(_splitmix64(seed & M64) ^ (step & M64)) >> 11) * 2.0 ** -53
+
+
+def int64(value: int) -> int:
+    """`value` wrapped into the signed 64-bit range (a seed + prompt index past 2**63 - 1)."""
+    value &= M64
+    return value - (1 << 64) if value >> 63 else value
+
+
+def sample(logits: torch.Tensor, params: Sequence[Sampling], steps: Sequence[int]) -> torch.Tensor:
+    """Token ids [n] drawn from `logits` [n, V] (any float dtype; sampled in float32), row i with
+    params[i] at generation step steps[i]. Greedy rows give the argmax."""
+    n, vocab = logits.shape
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    x = logits.float()
+    # sort the raw logits: dividing by a temperature first could round two values into a tie
+    values, order = torch.sort(x, dim=-1, descending=True, stable=True)
+    dev = x.device
+    temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], dtype=torch.float32, device=dev)
+    top_k = torch.tensor([1 if p.greedy else p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+    u = torch.tensor([uniform(p.seed, s) for p, s in zip(params, steps)], dtype=torch.float32, device=dev)
+    probs = torch.exp((values - values[:, :1]) / temp[:, None])  # unnormalised, the top one is 1
+    cum = torch.cumsum(probs, dim=-1)
+    rank = torch.arange(vocab, device=dev)
+    # top-p: the smallest prefix whose mass reaches p (the most likely token always stays)
+    keep = (rank[None, :] < top_k[:, None]) & (cum - probs < top_p[:, None] * cum[:, -1:])
+    kept = torch.where(keep, probs, torch.zeros_like(probs))
+    cum = torch.cumsum(kept, dim=-1)
+    pick = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0]
+    pick = torch.minimum(pick, keep.sum(-1) - 1)  # rounding at the top end: never past the kept set
+    return order.gather(1, pick[:, None])[:, 0]
