@@ -172,6 +172,13 @@ def same_file(a: Path, b: Path) -> bool:
     return a.is_file() and b.is_file() and file_key(a) == file_key(b)
 
 
+def same_directory(a: Any, b: Any) -> bool:
+    """Two spellings of one existing local directory (meta strings: a relative and an absolute
+    path to one checkpoint, say); False for anything else (a hub id, None)."""
+    return (isinstance(a, str) and isinstance(b, str) and Path(a).is_dir() and Path(b).is_dir()
+            and file_key(a) == file_key(b))
+
+
 @contextlib.contextmanager
 def writing(path: Path | str) -> Iterator[None]:
     """Turn an OS failure while writing `path` (no permission, disk full) into one clear line."""

@@ -21,7 +21,8 @@ from moeplace.errors import AlreadyReported, MoeplaceError
 from moeplace.export.permute import permutation_record
 from moeplace.io import read_json
 from moeplace.models.config import config_size
-from moeplace.options import NPZ_OUTPUT, DtypeChoice, check_outside, check_writable, plural, same_file
+from moeplace.options import (NPZ_OUTPUT, DtypeChoice, check_outside, check_writable, plural, same_directory,
+                              same_file)
 from moeplace.parallel import available_cpus
 
 if TYPE_CHECKING:
@@ -279,8 +280,6 @@ def _load_partial(resume: Path, files: list[Path], seq_len: int | None, batch_si
 def _resume_difference(old: dict[str, Any], new: dict[str, Any], only: tuple[str, ...] = ()) -> str | None:
     """The first field (in `new`'s order, then `old`'s) where a partial trace's meta and this run's
     differ, as one phrase; None when they agree. `only`: compare those fields alone."""
-    from moeplace.trace.merge import same_directory
-
     keys = list(only) or [*new, *(k for k in old if k not in new)]
     for key in keys:
         if key in _RESUME_FREE or (key in _RESUME_NEWER and key not in old):

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import TraceError
+from moeplace.options import same_directory
 from moeplace.trace.format import Trace, make_trace
 
 OPTIONAL = ("topk_weights", "token_ids", "sequence_ids", "positions")
@@ -72,12 +73,6 @@ def mismatch(a: Trace, b: Trace) -> tuple[str, Any, Any] | None:
 
 def _shown(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (str, list)) else str(value)
-
-
-def same_directory(a: Any, b: Any) -> bool:
-    """Two spellings of one local directory (a relative and an absolute path)."""
-    return (isinstance(a, str) and isinstance(b, str) and Path(a).is_dir() and Path(b).is_dir()
-            and Path(a).resolve() == Path(b).resolve())
 
 
 def _offset(parts: list[np.ndarray]) -> list[np.ndarray]:
