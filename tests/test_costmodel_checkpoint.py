@@ -224,11 +224,15 @@ def test_eval_and_check_take_a_checkpoint(tmp_path: Path, capsys: pytest.Capture
     by_yaml = json.loads(capsys.readouterr().out)["layouts"]["placement"]["moe_time_us"]
     assert report["layouts"]["placement"]["moe_time_us"] == pytest.approx(by_yaml, rel=0.02)
     # check: model_config: a checkpoint directory, relative to the YAML file
+    # two checks on one checkpoint: its estimate is said once, not once per check
     (tmp_path / "ci.yaml").write_text(yaml.safe_dump({"checks": [
-        {"name": "ckpt", "placement": "p.json", "trace": "t.npz", "cluster": str(H100x4),
-         "model_config": str(Path("..") / tmp_path.name / "ckpt"), "max_moe_time_ratio": 10}]}))
+        {"name": name, "placement": "p.json", "trace": "t.npz", "cluster": str(H100x4),
+         "model_config": str(Path("..") / tmp_path.name / "ckpt"), "max_moe_time_ratio": 10}
+        for name in ("ckpt", "ckpt-again")]}))
     (tmp_path / "ckpt").symlink_to(TINY, target_is_directory=True)
     assert run(["check", str(tmp_path / "ci.yaml")]) == 0
     captured = capsys.readouterr()
     assert captured.out.splitlines()[0].startswith("PASS  ckpt") and "moe_time" in captured.out
+    assert "PASS  ckpt-again" in captured.out
     assert "moeplace check: note: estimated from " in captured.err and "ckpt/config.json" in captured.err
+    assert captured.err.count("moeplace check: note: ") == 2, captured.err  # the two lines, once

@@ -21,7 +21,7 @@ from moeplace.eval.gates import (BASELINE_METRICS, RATIO_THRESHOLDS, THRESHOLDS,
 from moeplace.io import atomic_path, read_yaml
 from moeplace.options import OUTPUT_FILE, brief, check_writable, plural, writing, yaml_number
 
-def check_metric_fns(check: dict[str, Any]) -> dict[str, Any]:
+def check_metric_fns(check: dict[str, Any], said: set[str] | None = None) -> dict[str, Any]:
     """evaluate_files's keyword arguments for a check's cost model: its cluster config's, or, when it
     names none, the one its placement records (max_moe_time_ratio then needs one there)."""
     if "cluster" not in check:
@@ -29,7 +29,7 @@ def check_metric_fns(check: dict[str, Any]) -> dict[str, Any]:
         return {"recorded": True, "none_recorded": f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} "
                                                    "'cluster' (a cluster config YAML; model_config too when it has "
                                                    f"no model section): {NO_RECORD}" if needs else ""}
-    fn, facts, source = cost_metric_fn(check["cluster"], check.get("model_config"), "check")
+    fn, facts, source = cost_metric_fn(check["cluster"], check.get("model_config"), "check", said)
     return {"metric_fns": [fn], "assumed": [facts], "cost_source": source}
 
 
@@ -156,12 +156,12 @@ class CheckRun(NamedTuple):
         return "error" if self.report is None else "pass" if all(v.passed for v in self.verdicts) else "fail"
 
 
-def run_check(c: dict[str, Any]) -> CheckRun:
+def run_check(c: dict[str, Any], said: set[str] | None = None) -> CheckRun:
     """Evaluate one check; one bad input stops its check, not the gate."""
     start = time.perf_counter()
     try:
-        report = evaluate_files(c["placement"], c["trace"], c.get("all_tokens", False), **check_metric_fns(c),
-                           baseline=c.get("baseline"))
+        report = evaluate_files(c["placement"], c["trace"], c.get("all_tokens", False), **check_metric_fns(c, said),
+                                baseline=c.get("baseline"))
         verdicts = threshold_results(report, c["limits"])
     except (MoeplaceError, MemoryError, RecursionError) as e:
         return CheckRun(c, None, [], _why(e, c), time.perf_counter() - start)
@@ -336,8 +336,9 @@ def check(config: Path, as_json: bool, junit: Path | None, only: tuple[str, ...]
     if junit is not None:  # fail now, not after the checks have run
         check_writable(junit, "--junit-xml", [config, *(c.get(k) for c in checks for k in _CHECK_FILES)])
     runs = []
+    said: set[str] = set()  # a checkpoint's cost estimate, said once however many checks use it
     for c in checks:
-        runs.append(run_check(c))
+        runs.append(run_check(c, said))
         if not as_json:  # each line as its check ends: a long gate shows progress
             click.echo("\n".join(check_lines(runs[-1])))
     if junit is not None:

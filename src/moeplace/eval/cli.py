@@ -25,8 +25,8 @@ from moeplace.solve.costmodel import COST_COLUMNS, COST_PER_LAYER, CostModel, Mo
 from moeplace.trace.format import Trace, is_load_only, load_loads, load_trace
 
 
-def cost_metric_fn(cluster: Path, model_config: Path | None,
-                   command: str = "eval") -> tuple[MetricFn, ModelFacts, dict[str, Any]]:
+def cost_metric_fn(cluster: Path, model_config: Path | None, command: str = "eval",
+                   said: set[str] | None = None) -> tuple[MetricFn, ModelFacts, dict[str, Any]]:
     """The predicted MoE time metric of a cluster (+ model) config, what it assumes of the model,
     and the report's `cost_model` record of where it came from. A model section estimated from a
     checkpoint is said on stderr (`moeplace COMMAND: note:`) and recorded as `model_estimate`."""
@@ -34,7 +34,10 @@ def cost_metric_fn(cluster: Path, model_config: Path | None,
 
     cost = load_cost_model(cluster, model_config)
     for line in estimate_lines(cost):
-        click.echo(f"moeplace {command}: note: {line}", err=True)
+        if said is None or line not in said:  # `said`: lines an earlier check of one run printed
+            click.echo(f"moeplace {command}: note: {line}", err=True)
+        if said is not None:
+            said.add(line)
     source: dict[str, Any] = {"source": "config", "cluster_config": str(cluster),
                               "model_config": None if model_config is None else str(model_config)}
     if cost.estimate is not None:
