@@ -90,7 +90,8 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS}  # what a JSONL prompt li
               help="Batch: prompt i samples with seed + i (a JSONL \"seed\": that seed exactly). Default: a "
                    "random seed; each sampled output line names its \"seed\", to replay it.")
 @click.option("--port", type=click.IntRange(0, 65535),
-              help="Serve HTTP on rank 0: POST /v1/completions, GET /v1/models, GET /health, GET /metrics. The batch "
+              help="Serve HTTP on rank 0: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, "
+                   "GET /metrics. The batch "
                    "options (--out, --stats-out, --routing-out, --ignore-eos) do not apply.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address (loopback by default).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,

@@ -1,4 +1,4 @@
-"""Rank 0's HTTP front end (stdlib): OpenAI-style completions, health and Prometheus metrics.
+"""Rank 0's HTTP front end (stdlib): OpenAI-style completions and chat, health and Prometheus metrics.
 
 Handler threads only validate and enqueue; rank 0's main thread (`serve_forever`) drains the
 queue in batches, broadcasts each batch to the other ranks and runs it, so the expert-parallel
@@ -20,6 +20,11 @@ yet answered (running, queued, or arriving) gets a 503 with the reason.
                           "logprobs", "best_of", "suffix", penalties, "logit_bias") are 400
                           unless null or their default; so is a request with more prompts than
                           --max-batch. "user" is accepted.
+    POST /v1/chat/completions  {"messages": [{"role": "system" | "user" | "assistant", "content": str},
+                          ...], "max_completion_tokens" (or "max_tokens"), sampling and refusals as
+                          above}: the prompt is the tokenizer's chat template with the generation
+                          prompt; the answer is OpenAI's chat.completion (special tokens skipped).
+                          No tokenizer or no chat template: 400 (/v1/completions still works).
     GET  /v1/models       OpenAI list format: the one served model (the checkpoint's directory name)
     GET  /health          {"status": "ok", "world": N, "mode": ..., "placement": path as given or
                           "contiguous (no --placement)", "placement_sha256": 12 hex digits or null}
@@ -52,7 +57,9 @@ from moeplace.serve.generate import Runtime
 from moeplace.serve.sampling import GREEDY, Sampling, int64
 
 MAX_BODY = 1 << 20  # bytes
-ROUTES = {"/v1/completions": "POST", "/v1/models": "GET", "/health": "GET", "/metrics": "GET"}
+ROUTES = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET",
+          "/metrics": "GET"}
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 # fields that change the completion, which this server does not implement: accepted only
@@ -66,6 +73,12 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 # sampling filters (OpenAI's top_p; vLLM's and SGLang's top_k, min_p) at values that filter
 # nothing: any other value asks for sampling, refused without a temperature (it would be moot)
 SAMPLING: dict[str, tuple[Any, ...]] = {"top_p": (None, 1, 1.0), "top_k": (None, -1, 0, 1), "min_p": (None, 0, 0.0)}
+# chat's own fields that would change the answer, at their defaults (chat's "logprobs" is a bool);
+# "echo", "best_of" and "suffix" are not chat fields, but a client sending them expects them honoured
+CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    **UNSUPPORTED, "logprobs": (None, False), "response_format": (None, {"type": "text"}),
+    "tools": (None, []), "functions": (None, []),
+}
 MAX_TEMPERATURE = 2.0  # OpenAI's range
 
 
@@ -79,6 +92,7 @@ class Job:
     max_tokens: int
     texts: bool  # answer with decoded text (prompt was text)
     sampling: Sampling = GREEDY  # the request's; prompt i samples with seed + i (prompt_sampling)
+    chat: bool = False  # answer as a chat.completion (/v1/chat/completions)
     done: threading.Event = field(default_factory=threading.Event)
     result: list[list[int]] | None = None
     error: str | None = None
@@ -168,30 +182,56 @@ def prompt_sampling(params: Sampling, prompts: int) -> list[Sampling]:
             for i in range(prompts)]
 
 
-def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_tokens_limit: int,
-                     max_prompts: int | None = None) -> Job:
-    """Validate a /v1/completions body into a Job; raises BadRequest with a readable reason.
-    `max_prompts`: the server's --max-batch (one request runs in one batch)."""
+def read_body(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object (BadRequest otherwise)."""
     try:
         doc = loads_json(body or b"null")  # deep nesting: ValueError, so a 400 like any bad body
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"body is not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise BadRequest("body must be a JSON object")
+    return doc
+
+
+def check_options(doc: dict[str, Any], unsupported: dict[str, tuple[Any, ...]], what: str) -> Sampling:
+    """Refuse what this server cannot honour ("stream", "n" > 1, `unsupported` fields off their
+    defaults; `what` names the endpoint in the message); return the request's sampling."""
     if doc.get("stream") not in (None, False):
         raise BadRequest("\"stream\": true is not supported: each completion comes back in one response")
     n = doc.get("n", 1)
     if n != 1 or isinstance(n, bool):
         raise BadRequest("\"n\" must be 1: one completion per prompt (send the prompt again, or a list of it)")
-    for name, defaults in UNSUPPORTED.items():
+    for name, defaults in unsupported.items():
         if not _is_one_of(doc.get(name), defaults):
-            raise BadRequest(f"\"{name}\" is not supported (plain completions): "
+            raise BadRequest(f"\"{name}\" is not supported ({what}): "
                              f"leave it out or null, got {json.dumps(doc.get(name))[:80]}")
-    sampling = parse_sampling(doc)
+    return parse_sampling(doc)
+
+
+def check_max_tokens(max_tokens: Any, limit: int, name: str = "max_tokens") -> int:
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= limit:
+        raise BadRequest(f"{name} must be an integer in [1, {limit}] (the server's --max-new-tokens)")
+    return max_tokens
+
+
+def check_prompt_ids(prompts: list[list[int]], vocab: int, max_len: int, max_tokens: int) -> None:
+    for p in prompts:
+        if not p:
+            raise BadRequest("empty prompt")
+        if min(p) < 0 or max(p) >= vocab:
+            raise BadRequest(f"token id out of range [0, {vocab})")
+        if len(p) + max_tokens > max_len:
+            raise BadRequest(f"prompt ({len(p)} tokens) + max_tokens exceeds the context limit {max_len}")
+
+
+def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_tokens_limit: int,
+                     max_prompts: int | None = None) -> Job:
+    """Validate a /v1/completions body into a Job; raises BadRequest with a readable reason.
+    `max_prompts`: the server's --max-batch (one request runs in one batch)."""
+    doc = read_body(body)
+    sampling = check_options(doc, UNSUPPORTED, "plain completions")
     prompt = doc.get("prompt")
-    max_tokens = doc.get("max_tokens", min(16, max_tokens_limit))
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= max_tokens_limit:
-        raise BadRequest(f"max_tokens must be an integer in [1, {max_tokens_limit}] (the server's --max-new-tokens)")
+    max_tokens = check_max_tokens(doc.get("max_tokens", min(16, max_tokens_limit)), max_tokens_limit)
     if isinstance(prompt, str):
         prompt = [prompt]
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -205,14 +245,63 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
     if max_prompts is not None and len(prompts) > max_prompts:
         raise BadRequest(f"{len(prompts)} prompts in one request; this server decodes at most {max_prompts} "
                          "sequences together (--max-batch): split the request")
-    for p in prompts:
-        if not p:
-            raise BadRequest("empty prompt")
-        if min(p) < 0 or max(p) >= vocab:
-            raise BadRequest(f"token id out of range [0, {vocab})")
-        if len(p) + max_tokens > max_len:
-            raise BadRequest(f"prompt ({len(p)} tokens) + max_tokens exceeds the context limit {max_len}")
+    check_prompt_ids(prompts, vocab, max_len, max_tokens)
     return Job(prompts, max_tokens, texts, sampling)
+
+
+def chat_messages(messages: Any) -> list[dict[str, str]]:
+    """The request's messages as [{role, content}], checked; BadRequest names the first bad field."""
+    if not isinstance(messages, list):
+        raise BadRequest(f"\"messages\" must be a list of {{\"role\", \"content\"}} objects, "
+                         f"got {json.dumps(messages)[:80]}")
+    if not messages:
+        raise BadRequest("\"messages\" is empty: send at least one message")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise BadRequest(f"\"{where}\" must be an object with \"role\" and \"content\", got {json.dumps(m)[:80]}")
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+            raise BadRequest(f"\"{where}.role\": {json.dumps(role)[:80]} is not supported: "
+                             f"one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise BadRequest(f"\"{where}.content\" must be a string (content parts are not supported), "
+                             f"got {json.dumps(content)[:80]}")
+        for key, value in m.items():  # "name", "tool_calls", ...: the template would not see them
+            if key not in ("role", "content") and value not in (None, []):
+                raise BadRequest(f"\"{where}.{key}\" is not supported (only role and content are read): "
+                                 f"leave it out or null, got {json.dumps(value)[:80]}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def parse_chat(body: bytes, tokenizer: Any, model_name: str, vocab: int, max_len: int, max_tokens_limit: int) -> Job:
+    """Validate a /v1/chat/completions body into a Job whose one prompt is the tokenizer's chat
+    template applied to the messages, with the generation prompt; raises BadRequest."""
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if not template:  # checked first: no chat request can succeed, whatever its body
+        has = "has no tokenizer" if tokenizer is None else "has a tokenizer without a chat template"
+        raise BadRequest(f"model {model_name} {has}, so no chat: use /v1/completions "
+                         "(a prompt string or token ids)")
+    doc = read_body(body)
+    sampling = check_options(doc, CHAT_UNSUPPORTED, "chat completions")
+    messages = chat_messages(doc.get("messages"))
+    given = {k: doc[k] for k in ("max_completion_tokens", "max_tokens") if doc.get(k) is not None}
+    if len(given) == 2 and given["max_completion_tokens"] != given["max_tokens"]:
+        raise BadRequest("\"max_completion_tokens\" and \"max_tokens\" differ: send one (max_tokens is "
+                         "OpenAI's older name for it)")
+    name, value = next(iter(given.items()), ("max_completion_tokens", min(16, max_tokens_limit)))
+    max_tokens = check_max_tokens(value, max_tokens_limit, name)
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as e:  # the template's own refusals (raise_exception: "roles must alternate", ...)
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise BadRequest(f"the chat template of model {model_name} refused the messages "
+                         f"({type(e).__name__}: {first[:200]})") from None
+    prompt = [int(t) for t in ids]
+    check_prompt_ids([prompt], vocab, max_len, max_tokens)
+    return Job([prompt], max_tokens, True, sampling, chat=True)
 
 
 def label_value(value: Any) -> str:
@@ -235,7 +324,7 @@ def metrics_text(stats: Stats, mode: str, world: int, placement: dict[str, str |
          [("", f"{stats.last_tokens_per_s:.3f}")]),
         ("moeplace_decode_seconds_total", "counter", "Wall time of generation, summed over batches.",
          [("", f"{stats.decode_seconds:.6f}")]),
-        ("moeplace_requests_total", "counter", "Completion requests served.", [("", stats.requests)]),
+        ("moeplace_requests_total", "counter", "Requests served (completions and chat completions together).", [("", stats.requests)]),
         ("moeplace_rejected_requests_total", "counter",
          "Requests answered with an error (400, 404, 405, 413, 503).", [("", stats.rejected)]),
         ("moeplace_collective_bytes_total", "counter", "Bytes sent to other ranks by kind of collective, "
@@ -299,7 +388,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         allowed = ROUTES.get(path)
         if allowed is None:
-            self._error(404, f"no route {path}")
+            routes = ", ".join(f"{method} {route}" for route, method in ROUTES.items())
+            self._error(404, f"no route {path} (routes: {routes})")
         elif allowed != method:
             self._error(405, f"{path} takes {allowed}", {"Allow": allowed})
         else:
@@ -320,7 +410,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         srv = self.server
-        if self._route("POST") is None:
+        path = self._route("POST")
+        if path is None:
             return
         if srv.closing is not None:  # also checked where the job is queued (`submit`): this saves the parse
             return self._error(503, srv.closing)
@@ -332,8 +423,13 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(413, f"body larger than {MAX_BODY} bytes")
         spec = srv.spec
         try:
-            job = parse_completion(self.rfile.read(length), srv.tokenizer, spec.vocab_size, spec.max_positions,
-                                   srv.max_tokens_limit, srv.max_batch)
+            body = self.rfile.read(length)
+            if path == "/v1/chat/completions":
+                job = parse_chat(body, srv.tokenizer, srv.model_name, spec.vocab_size, spec.max_positions,
+                                 srv.max_tokens_limit)
+            else:
+                job = parse_completion(body, srv.tokenizer, spec.vocab_size, spec.max_positions,
+                                       srv.max_tokens_limit, srv.max_batch)
         except BadRequest as e:
             return self._error(400, str(e))
         if not srv.submit(job):
@@ -348,19 +444,42 @@ class Handler(BaseHTTPRequestHandler):
         job.done.wait()
         if job.error or job.result is None:
             return self._error(503, job.error or "generation failed")
+        if job.chat:
+            return self._send(200, json.dumps(chat_response(job, srv.tokenizer, srv.model_name, spec.eos_token_ids)))
         choices = []
         for i, toks in enumerate(job.result):
             finish = "stop" if toks and toks[-1] in spec.eos_token_ids else "length"
             text = srv.tokenizer.decode(toks) if job.texts and srv.tokenizer is not None else ""
             choices.append({"index": i, "text": text, "token_ids": toks, "finish_reason": finish, "logprobs": None})
-        prompt_tokens = sum(len(p) for p in job.prompts)
-        completion_tokens = sum(len(t) for t in job.result)
         self._send(200, json.dumps({
             "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": srv.model_name, "choices": choices, "seed": None if job.sampling.greedy else job.sampling.seed,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "usage": usage(job),
         }))
+
+
+def usage(job: Job) -> dict[str, int]:
+    assert job.result is not None
+    prompt_tokens = sum(len(p) for p in job.prompts)
+    completion_tokens = sum(len(t) for t in job.result)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_response(job: Job, tokenizer: Any, model_name: str, eos_token_ids: tuple[int, ...]) -> dict[str, Any]:
+    """OpenAI's chat.completion for a finished chat Job (one prompt, one choice)."""
+    assert job.result is not None
+    toks = job.result[0]
+    stopped = bool(toks) and toks[-1] in eos_token_ids
+    # the stop token is no part of the answer, also where the tokenizer does not mark it special
+    text = tokenizer.decode(toks[:-1] if stopped else toks, skip_special_tokens=True)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+        "model": model_name, "seed": None if job.sampling.greedy else job.sampling.seed,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": "stop" if stopped else "length", "logprobs": None}],
+        "usage": usage(job),
+    }
 
 
 class Server(ThreadingHTTPServer):
