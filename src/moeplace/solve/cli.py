@@ -11,7 +11,7 @@ from moeplace.errors import warn
 from moeplace.options import (MAX_WEIGHT, NON_NEGATIVE_INT, OUTPUT_FILE, POSITIVE, POSITIVE_INT, SEED, WEIGHT, FiniteFloat,
                               check_writable, given_options, writing)
 from moeplace.placement import Placement
-from moeplace.solve.summary import cap_remedy, eval_format, render_front, summary
+from moeplace.solve.summary import cap_remedy, eval_format, migration_lines, render_front, summary
 
 if TYPE_CHECKING:
     from moeplace.solve.costmodel import CostModel
@@ -61,6 +61,19 @@ def _objective_names() -> list[str]:
                    "its layout under it, and a second search keeps it throughout (docs/solver.md, step 6; a layer "
                    "the swaps cannot bring under is listed, with a warning). "
                    "Default: no cap (equal expert counts only).")
+@click.option("--from", "from_path", metavar="CURRENT.json", type=click.Path(dir_okay=False, path_type=Path),
+              default=None,
+              help="Re-placement: the placement deployed now (same layers, experts, --gpus and --gpus-per-node). "
+                   "The result's GPUs are renamed (whole nodes, GPUs within a node, which the objectives do not "
+                   "see but for latency's layer 0) to keep the most experts where CURRENT has them; the JSON records CURRENT (path, sha256) "
+                   "and the moves, the summary 'moved N of M experts'. Example: moeplace solve new-trace.npz "
+                   "--gpus 8 --from placement.json --move-cost 20 -o placement-2.json (docs/solver.md, Re-placement).")
+@click.option("--move-cost", type=WEIGHT, default=None,
+              help="traffic, with --from: price each moved (layer, expert) at W token transitions (one transition: "
+                   "the mean edge weight of one fit token at one layer pair, printed in the summary), so an expert "
+                   "moves only where that saves more traffic; the summary gives the unpenalised solve's traffic "
+                   "beside it. E.g. W = expert weight bytes / (hidden size x dispatch bytes) x fit tokens / tokens "
+                   "served until the next re-placement. Default: no price (the free renaming only).")
 @click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="latency: cluster config YAML (configs/cluster/*.yaml; docs/cost-model.md).")
 @click.option("--model-config", type=click.Path(path_type=Path), default=None,
@@ -87,7 +100,8 @@ def _objective_names() -> list[str]:
 @click.option("--quiet", "-q", is_flag=True, help="No summary on stdout, no progress on stderr.")
 def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str | None, time_limit: float, seed: int,
           train_fraction: float, node_cost: float, top1_weight: float, coselect_weight: float | None,
-          smoothing: float | None, prior: float | None, max_imbalance: float | None, cluster: Path | None, model_config: Path | None, compute_weight: float,
+          smoothing: float | None, prior: float | None, max_imbalance: float | None, from_path: Path | None,
+          move_cost: float | None, cluster: Path | None, model_config: Path | None, compute_weight: float,
           redundant_experts: int, max_experts_per_gpu: int | None, max_experts_per_gpu_total: int | None, pareto: bool,
           output: Path, quiet: bool) -> None:
     """Place experts on GPUs so that a token's consecutive experts share a GPU.
@@ -115,12 +129,16 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
       moeplace solve traces/flame-moe-290m-decoder.npz --gpus 16 --gpus-per-node 8 --objective latency \\
           --cluster configs/cluster/h100-2x8-ib.yaml --model-config configs/model/flame-moe-290m.yaml \\
           --redundant-experts 16 --train-fraction 0.5 -o placement.json
+      # re-placement on new traffic, moving an expert only where it saves 20 token transitions
+      moeplace solve new-trace.npz --gpus 8 --gpus-per-node 4 --from placement.json --move-cost 20 \\
+          -o placement-2.json
     """
     from moeplace.errors import MoeplaceError
+    from moeplace.placement import load_placement
     from moeplace.solve.solver import solve_placement
     from moeplace.trace.format import is_load_only, load_trace
 
-    check_writable(output, inputs=[trace_path])  # before the solve, not after it
+    check_writable(output, inputs=[trace_path, from_path])  # before the solve, not after it
     if objective is None and model_config and not cluster:
         raise MoeplaceError("--model-config completes the latency objective's --cluster: add --cluster CONFIG.yaml "
                             "(configs/cluster/*.yaml)")
@@ -154,13 +172,23 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
                             + ": drop it, or use --objective traffic")
     if objective == "traffic" and redundant_experts:
         raise MoeplaceError("--redundant-experts applies to --objective latency or balance")
+    if move_cost is not None and from_path is None:
+        raise MoeplaceError("--move-cost prices moves away from a deployed placement: add --from CURRENT.json")
+    if move_cost is not None and objective != "traffic":
+        raise MoeplaceError(f"--move-cost prices moves in the traffic objective's search; {objective} takes --from "
+                            "(the free renaming of GPUs only): drop --move-cost, or use --objective traffic")
+    if from_path is not None and pareto:
+        raise MoeplaceError("--from with --pareto: the front's rows are solved apart; solve the chosen "
+                            "--compute-weight with --from")
+    current = None if from_path is None else load_placement(from_path)
     if load_only:
         if objective != "balance":
             raise MoeplaceError(f"{trace_path} holds expert loads only (no token paths): use --objective balance")
         if given_options(ctx, ["train_fraction"]):
             raise MoeplaceError(f"--train-fraction: {trace_path} holds expert loads only, no tokens to split")
         return _solve_loads(trace_path, gpus, gpus_per_node, redundant_experts, max_experts_per_gpu,
-                            max_experts_per_gpu_total, time_limit, output, quiet, implied=loads_imply)
+                            max_experts_per_gpu_total, time_limit, output, quiet, implied=loads_imply,
+                            current=current, from_path=from_path)
     trace = load_trace(trace_path)
     if trace.meta.get("source") == "exflow-npy":  # the placement's expert count comes from the ids alone
         warn(f"{trace_path}: an ExFlow .npy records no expert count: {trace.num_experts} assumed (its largest id + 1); "
@@ -171,6 +199,8 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     if objective == "traffic":
         options = dict(node_cost=node_cost, top1_weight=top1_weight, coselect_weight=coselect_weight,
                        smoothing=smoothing, prior=prior, max_imbalance=max_imbalance)
+        if move_cost is not None:
+            options["move_cost"] = move_cost
     if objective == "latency":
         options = dict(cluster=cluster, model_config=model_config, compute_weight=compute_weight,
                        redundant=redundant_experts, max_experts_per_gpu_total=max_experts_per_gpu_total)
@@ -189,7 +219,8 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         placement = pareto_front(trace, gpus, gpus_per_node, time_limit, seed, train_fraction, options, not quiet)
     else:
         placement = solve_placement(trace, gpus, gpus_per_node, time_limit, seed, objective=objective,
-                                    train_fraction=train_fraction, progress=not quiet, **options)
+                                    train_fraction=train_fraction, progress=not quiet, current=current,
+                                    current_path=None if from_path is None else str(from_path), **options)
     if implied and not quiet:  # after the solve: an input error before it stays one line
         click.echo("moeplace solve: note: --cluster given: solved --objective latency (predicted MoE time; "
                    "--objective traffic would ignore the cluster)", err=True)
@@ -266,19 +297,26 @@ def warn_small_split(num_tokens: int, num_experts: int, train_fraction: float, s
 
 def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: int, max_experts_per_gpu: int | None,
                  max_experts_per_gpu_total: int | None, time_limit: float, output: Path, quiet: bool,
-                 implied: bool = False) -> None:
+                 implied: bool = False, current: Placement | None = None, from_path: Path | None = None) -> None:
     """`balance` on a load-only input (moeplace.loads/v1): per-layer loads, no token paths
     (`implied`: no --objective was given, and the summary says why it is balance)."""
     from moeplace.placement import check_topology
     from moeplace.solve.balance import balance_placement
     from moeplace.solve.ilp import software
+    from moeplace.solve.migrate import best_relabeling, check_current, record, relabel
     from moeplace.trace.format import load_loads
 
     loads = load_loads(path)
     gpn = gpus_per_node or gpus
     check_topology(loads.num_experts, gpus, gpn, balanced=False, redundant=redundant)
+    if current is not None:
+        check_current(current, str(from_path), loads.num_layers, loads.num_experts, gpus, gpn)
     placement = balance_placement(loads.loads, gpus, gpn, redundant, time_limit, max_experts_per_gpu, progress=not quiet,
                                   max_experts_per_gpu_total=max_experts_per_gpu_total)
+    if current is not None:  # balance's value and metrics are per-GPU maxima: blind to the renaming
+        label = best_relabeling(placement.expert_to_gpu, current.expert_to_gpu, gpus, gpn)
+        placement.expert_to_gpu, placement.replicas = relabel(placement.expert_to_gpu, placement.replicas, label)
+        placement.extra["migration"] = record(placement.expert_to_gpu, current.expert_to_gpu, from_path)
     placement.trace_sha256 = loads.sha256 or None
     placement.trace_model = loads.model_identity()  # its moe_layers map MoE rows to decoder layers on export
     placement.solver["software"] = software()
@@ -305,6 +343,8 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
                        f"copy, as above and in `moeplace eval`; {eval_format(eplb['imbalance_mean'], 'imbalance_mean')} "
                        f"and {eval_format(eplb['imbalance_max'], 'imbalance_max')} under EPLB's own model, an expert's "
                        "load split equally over its copies)")
+        for line in migration_lines(placement):
+            click.echo(line)
         click.echo(f"wrote {output}")
 
 

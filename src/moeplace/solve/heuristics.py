@@ -27,8 +27,43 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from moeplace.solve.affinity import AffinityGraph, one_hot
+from moeplace.solve.affinity import AffinityGraph, one_hot, placement_cost
 from moeplace.solve.baselines import greedy_load
+
+
+@dataclass(frozen=True)
+class MovingGraph(AffinityGraph):
+    """The traffic graph plus a unary cost of each expert on each GPU, unary float [L, E, G]
+    (`solve --move-cost`: the penalty of a moved expert where g is not its CURRENT GPU, else 0).
+    Every layer score here (layer_costs, layer_cost) and the ILP windows add it; being
+    non-negative, it can only raise the optimum, so traffic-only bounds stay lower bounds."""
+
+    unary: np.ndarray
+
+
+def with_move_cost(graph: AffinityGraph, current: np.ndarray, penalty: float, num_gpus: int) -> MovingGraph:
+    """`graph` with a cost of `penalty` per (layer, expert) off its GPU in current int [L, E]."""
+    return MovingGraph(graph.inter, graph.intra, penalty * (1.0 - one_hot_layers(current, num_gpus)))
+
+
+def one_hot_layers(expert_to_gpu: np.ndarray, num_gpus: int) -> np.ndarray:
+    """float [L, E, G]: 1 where expert e of layer l is on GPU g."""
+    return (expert_to_gpu[..., None] == np.arange(num_gpus)).astype(np.float64)
+
+
+def unary_of(graph: AffinityGraph) -> np.ndarray | None:
+    """The unary costs [L, E, G] of a MovingGraph, None for a plain graph."""
+    return graph.unary if isinstance(graph, MovingGraph) else None
+
+
+def objective_cost(graph: AffinityGraph, expert_to_gpu: np.ndarray, distance: np.ndarray) -> float:
+    """placement_cost plus the unary costs (MovingGraph); placement_cost itself for a plain graph."""
+    cost = placement_cost(graph, expert_to_gpu, distance)
+    unary = unary_of(graph)
+    if unary is None:
+        return cost
+    layers, experts = np.indices(expert_to_gpu.shape)
+    return cost + float(unary[layers, experts, expert_to_gpu].sum())
 
 
 @dataclass(frozen=True)
@@ -110,11 +145,13 @@ def layer_costs(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, dis
         cost += graph.inter[layer] @ (one_hot(expert_to_gpu[layer + 1], num_gpus) @ distance.T)
     if intra:
         cost += graph.intra[layer] @ (one_hot(expert_to_gpu[layer], num_gpus) @ distance)
+    if (unary := unary_of(graph)) is not None:
+        cost += unary[layer]
     return cost
 
 
 def layer_cost(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distance: np.ndarray) -> float:
-    """Exact objective terms touching `layer` (in-, out- and intra-layer edges)."""
+    """Exact objective terms touching `layer` (in-, out- and intra-layer edges; its unary costs)."""
     ext = layer_costs(graph, expert_to_gpu, layer, distance, intra=False)
     gpus = expert_to_gpu[layer]
     own = ext[np.arange(len(gpus)), gpus].sum()
@@ -367,8 +404,9 @@ def chain_init(graph: AffinityGraph, num_gpus: int, gpus_per_node: int, distance
                rng: np.random.Generator, anchor: int | None = None) -> np.ndarray:
     """Greedy chaining from an anchor layer: the anchor grouped by co-selection (cluster_layer;
     seeded random when it has no intra-layer edges), then each layer outwards assigned
-    optimally (assign_layer) to the one before it."""
+    optimally (assign_layer) to the one before it (plus its unary costs, MovingGraph)."""
     num_layers, num_experts = graph.num_layers, graph.num_experts
+    unary = unary_of(graph)
     if anchor is None:
         anchor = int(np.argmax(graph.intra.sum(axis=(1, 2))))
     out = np.empty((num_layers, num_experts), dtype=np.int64)
@@ -378,10 +416,12 @@ def chain_init(graph: AffinityGraph, num_gpus: int, gpus_per_node: int, distance
         out[anchor] = rng.permutation(np.repeat(np.arange(num_gpus), num_experts // num_gpus))
     for layer in range(anchor + 1, num_layers):
         prev = one_hot(out[layer - 1], num_gpus) @ distance  # [E, G]
-        out[layer] = assign_layer(graph.inter[layer - 1].T @ prev)
+        cost = graph.inter[layer - 1].T @ prev
+        out[layer] = assign_layer(cost if unary is None else cost + unary[layer])
     for layer in range(anchor - 1, -1, -1):
         nxt = one_hot(out[layer + 1], num_gpus) @ distance.T
-        out[layer] = assign_layer(graph.inter[layer] @ nxt)
+        cost = graph.inter[layer] @ nxt
+        out[layer] = assign_layer(cost if unary is None else cost + unary[layer])
     return out
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pulp
 
 from moeplace.solve.affinity import AffinityGraph, one_hot
-from moeplace.solve.heuristics import LoadCap
+from moeplace.solve.heuristics import LoadCap, unary_of
 
 _banner_lock = threading.Lock()
 _banner_done = False
@@ -86,7 +86,9 @@ def solve_window(graph: AffinityGraph, expert_to_gpu: np.ndarray, layers: range,
 
     `pin_first` breaks the symmetry of GPU labels on the first window layer (expert 0 on GPU 0;
     on one node expert e on a GPU <= e): valid only when nothing outside the window is fixed
-    (GPUs are interchangeable then; a cap, the same for every GPU, keeps them so).
+    (GPUs are interchangeable then; a cap, the same for every GPU, keeps them so) and the graph
+    has no unary costs (heuristics.MovingGraph: they name GPUs; pin_first is ignored then).
+    Unary costs of the window layers are linear in x.
     `cap`: every window layer's token load per GPU at most its limit (the model is infeasible,
     and no solution is returned, where a limit is out of reach).
     """
@@ -97,6 +99,8 @@ def solve_window(graph: AffinityGraph, expert_to_gpu: np.ndarray, layers: range,
     node_cost = float(distance.max()) if num_nodes > 1 else 1.0
     per_gpu = num_experts // num_gpus
     gpus, experts = range(num_gpus), range(num_experts)
+    unary = unary_of(graph)
+    pin_first = pin_first and unary is None
 
     prob = pulp.LpProblem("moeplace_window", pulp.LpMinimize)
     x = {(l, e, g): pulp.LpVariable(f"x_{l}_{e}_{g}", cat=pulp.LpBinary) for l in layers for e in experts for g in gpus}
@@ -125,6 +129,8 @@ def solve_window(graph: AffinityGraph, expert_to_gpu: np.ndarray, layers: range,
             fixed += graph.inter[l - 1].T @ (one_hot(expert_to_gpu[l - 1], num_gpus) @ distance)
         if l + 1 < num_layers and l + 1 not in layers:
             fixed += graph.inter[l] @ (one_hot(expert_to_gpu[l + 1], num_gpus) @ distance.T)
+        if unary is not None:
+            fixed += unary[l]
         terms += [(x[l, e, g], float(fixed[e, g])) for e in experts for g in gpus if fixed[e, g]]
     # edges inside the window: pair variables
     edges: list[tuple[tuple[int, int], tuple[int, int], float]] = []

@@ -20,6 +20,9 @@ module implements `traffic` (docs/solver.md states it exactly):
     6. only with max_imbalance (a token-load cap): steps 2-5 in half the time, their layout
        brought under the cap (cap_imbalance), then steps 2-5 again from it with the cap in
        every move and in the whole-model ILP (heuristics.LoadCap), and cap_imbalance again.
+    7. only with --from (solve_placement's `current`): the GPUs renamed to keep the most experts
+       where the deployed placement has them (relabel_outcome, migrate.py); with move_cost the
+       search also prices each move (solve_traffic; docs/solver.md, "Re-placement").
 
 Determinism: every random choice comes from `seed`; the amount of work is fixed by `restarts`
 and `kicks`. `time_limit` (and the per-layer ILP cap of step 4) only cuts work short, recorded as
@@ -51,8 +54,10 @@ from moeplace.solve.affinity import (
 )
 from moeplace.solve.baselines import all_baselines, contiguous, greedy_load, random_balanced
 from moeplace.solve.heuristics import (
-    LoadCap, chain_init, coordinate_descent, layer_costs, meet_cap, perturb, relieve_layer, swap_descent,
+    LoadCap, chain_init, coordinate_descent, layer_costs, meet_cap, objective_cost, perturb, relieve_layer,
+    swap_descent, with_move_cost,
 )
+from moeplace.solve.migrate import best_relabeling, check_current, move_unit, moves, record, relabel
 from moeplace.trace import paths
 from moeplace.trace.format import Trace, split_tokens
 
@@ -216,12 +221,16 @@ def search_traffic(
     layer_ilps: bool = True,
     cap: LoadCap | None = None,
     incumbent: np.ndarray | None = None,
+    descend_incumbent: bool = False,
 ) -> SearchResult:
     """Steps 1-5 of the module docstring on a fixed graph: the placement of least
     placement_cost, int64 [L, E], with a valid lower bound. exact=False skips step 2's
     whole-model ILP, layer_ilps=False step 4's single-layer ones (cross-validation's short
     searches skip both: on traces with few distinct co-selected pairs the layer ILPs are most
-    of the time of a solve). `incumbent` int [L, E]: the start to beat instead of contiguous.
+    of the time of a solve). `incumbent` int [L, E]: the start to beat instead of contiguous;
+    `descend_incumbent`: coordinate descent from it too, before the restarts (--move-cost: the
+    local optimum next to the deployed placement).
+    On a heuristics.MovingGraph every cost here includes its unary costs (objective_cost).
 
     With `cap` (step 6): every descent keeps each layer's token load per GPU under its limit
     (heuristics.improve_layer), the ILPs carry it as constraints, and a placement with fewer
@@ -246,14 +255,20 @@ def search_traffic(
 
     # 1. incumbent: contiguous (or the one given), then greedy chaining + coordinate descent from `restarts` seeds
     best = contiguous(graph.num_layers, graph.num_experts, num_gpus) if incumbent is None else incumbent.copy()
-    best_cost, best_above = placement_cost(graph, best, distance), above(best)
+    best_cost, best_above = objective_cost(graph, best, distance), above(best)
+    if incumbent is not None and descend_incumbent:
+        x = incumbent.copy()
+        coordinate_descent(graph, x, distance, deadline=deadline, cap=cap)
+        cost, x_above = objective_cost(graph, x, distance), above(x)
+        if (x_above, cost) < (best_above, best_cost):
+            best, best_cost, best_above = x, cost, x_above
     for r in range(restarts):
         if (r > 0 or incumbent is not None) and time.monotonic() > deadline:
             break
         anchor = None if r == 0 else int(rng.integers(graph.num_layers))  # diversify restarts
         x = chain_init(graph, num_gpus, gpus_per_node, distance, rng, anchor)
         coordinate_descent(graph, x, distance, deadline=deadline, cap=cap)
-        cost, x_above = placement_cost(graph, x, distance), above(x)
+        cost, x_above = objective_cost(graph, x, distance), above(x)
         if (x_above, cost) < (best_above, best_cost):
             best, best_cost, best_above = x, cost, x_above
         stats["restarts_run"] = r + 1
@@ -270,7 +285,7 @@ def search_traffic(
         res = ilp.solve_window(graph, best, all_layers, distance, gpus_per_node, deadline - time.monotonic(),
                                pin_first=True, cap=None if cap is None else cap.kept(best, num_gpus))
         if res.cost is not None and res.cost < best_cost - 1e-9:
-            best, best_cost = res.expert_to_gpu, placement_cost(graph, res.expert_to_gpu, distance)
+            best, best_cost = res.expert_to_gpu, objective_cost(graph, res.expert_to_gpu, distance)
             best_above = above(best)
         if res.bound is not None:
             bound = max(bound, res.bound)
@@ -284,7 +299,7 @@ def search_traffic(
             touched = perturb(x, rng, window=2, strength=0.3)
             span = range(max(touched.start - 1, 0), min(touched.stop + 1, graph.num_layers))
             coordinate_descent(graph, x, distance, layers=span, deadline=deadline, cap=cap)
-            cost, x_above = placement_cost(graph, x, distance), above(x)
+            cost, x_above = objective_cost(graph, x, distance), above(x)
             if (x_above, cost) < (best_above, best_cost - 1e-9):
                 best, best_cost, best_above = x, cost, x_above
                 stats["kicks_accepted"] += 1
@@ -305,7 +320,7 @@ def search_traffic(
             if not res.optimal:  # HiGHS' incumbent at the cap: how good it is depends on the machine
                 stats["layer_ilps_cut"] += 1
             elif res.cost is not None:
-                cost = placement_cost(graph, res.expert_to_gpu, distance)
+                cost = objective_cost(graph, res.expert_to_gpu, distance)
                 if cost < best_cost - 1e-9:  # under the kept cap: no layer goes above its limit
                     best, best_cost = res.expert_to_gpu, cost
     bar.close(f"cost {best_cost:.6g}, bound {bound:.6g}" if time.monotonic() - start > bar.after else "")
@@ -365,6 +380,8 @@ def solve_traffic(
     kicks: int | None = None,
     exact: bool = True,
     max_imbalance: float | None = None,
+    current: np.ndarray | None = None,
+    move_cost: float | None = None,
 ) -> SolveOutcome:
     """Minimise the traffic objective (affinity.placement_cost) of `trace`; see the module doc.
 
@@ -376,13 +393,22 @@ def solve_traffic(
     under it (cap_imbalance), a second search keeps it throughout from there, and cap_imbalance
     tries again where a layer is still above; the bound is the better of the two searches'
     (each bounds the capped problem).
+    move_cost W (with current int [L, E], the deployed primaries): the plain search in half the
+    time left, then a search on the graph plus W x migrate.move_unit per (layer, expert) off its
+    CURRENT GPU (heuristics.MovingGraph), started from the better of CURRENT and the plain
+    result relabelled to it; the value is that penalised cost, objective.move_cost records its
+    traffic and the plain solve's. The bounds stay traffic-only ones (or the ILP's of the
+    penalised model): a non-negative unary term only raises the optimum, so they stay valid.
     """
     start = time.monotonic()
     if not node_cost >= 1.0:  # the ILP and the bound take the dearest move to be the cross-node one
         raise MoeplaceError(f"--node-cost {node_cost}: must be >= 1 (a cross-node move costs at least a "
                             "cross-GPU move inside a node)")
     if trace.num_layers < 2:
-        return _no_layer_pairs(trace, num_gpus, node_cost, top1_weight, seed, time_limit, start, max_imbalance)
+        out = _no_layer_pairs(trace, num_gpus, node_cost, top1_weight, seed, time_limit, start, max_imbalance)
+        if move_cost and current is not None and max_imbalance is None:  # every layout costs 0: keep CURRENT's
+            out.expert_to_gpu, out.solver["method"] = current.copy(), "kept --from: one MoE layer, no layer pairs"
+        return out
     large = trace.num_layers * trace.num_experts > 4096
     restarts = (2 if large else 8) if restarts is None else restarts
     kicks = (4 if large else 20) if kicks is None else kicks
@@ -396,38 +422,30 @@ def solve_traffic(
     terms = edge_terms(trace, top1_weight) if terms is None else terms  # the folds' sums add up to the trace's
     graph = terms.graph(coselect_weight, smoothing, prior)
     del terms  # four [L, E, E] arrays the search does not need
-    # with a cap the uncapped search gets half the time left: its layout, brought under the cap,
-    # is the capped search's incumbent (and what the cap cost is measured against)
-    uncapped_deadline = deadline if max_imbalance is None else (time.monotonic() + deadline) / 2
-    found = search_traffic(graph, num_gpus, gpus_per_node, node_cost, uncapped_deadline, seed, restarts, kicks, exact,
-                           progress)
-    capped: dict[str, Any] = {}
-    if max_imbalance is not None:
+    search = functools.partial(_search_capped, trace, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
+                               node_cost=node_cost, seed=seed, restarts=restarts, kicks=kicks, exact=exact,
+                               progress=progress, max_imbalance=max_imbalance)
+    moving: dict[str, Any] = {}
+    if move_cost is None:
+        found, capped = search(graph, deadline)
+    else:  # the plain solve in half the time left, then the penalised one from the better start
+        if current is None:
+            raise MoeplaceError("--move-cost prices moves away from a deployed placement: add --from CURRENT.json")
+        plain, _ = search(graph, (time.monotonic() + deadline) / 2)
+        plain_layout = relabel(plain.expert_to_gpu, [], best_relabeling(plain.expert_to_gpu, current, num_gpus,
+                                                                        gpus_per_node))[0]
+        unit = move_unit(graph.total_weight(), trace.num_tokens, trace.num_layers)
+        penalised = with_move_cost(graph, current, move_cost * unit, num_gpus)
         distance = distance_matrix(num_gpus, gpus_per_node, node_cost)
-        cap = LoadCap.from_ratio(trace.expert_loads(), max_imbalance, num_gpus)
-        capped = {"max_imbalance": max_imbalance, "value_without_cap": found.cost}
-        binds = bool(cap.above(found.expert_to_gpu, num_gpus))
-        # Not binding and not cut short: a search under the cap would retrace the one just run.
-        # One expert per GPU: every layout carries the same loads.
-        if (binds or found.cut) and trace.num_experts > num_gpus:
-            start_layout = found.expert_to_gpu.copy()
-            cap_imbalance(graph, start_layout, cap, distance)
-            # A layer the swaps could not bring under the cap keeps the least peak they reached.
-            # Single-layer ILPs are left out: the cap's knapsack rows make them slow, and a 5 s
-            # cap on each would let the machine's speed decide the result. Where the cap did not
-            # bind, the first search was cut short: the rest of the time goes on another seed.
-            under = search_traffic(graph, num_gpus, gpus_per_node, node_cost, deadline, seed if binds else seed + 1,
-                                   restarts, kicks, exact, progress, layer_ilps=False,
-                                   cap=cap.kept(start_layout, num_gpus), incumbent=start_layout)
-            cap_imbalance(graph, under.expert_to_gpu, cap, distance)  # tries the cap again where a layer is above it
-            under.cost = placement_cost(graph, under.expert_to_gpu, distance)
-            under.stats = {**under.stats, "search_without_cap": {"method": found.method, "bound": found.bound,
-                                                                 **found.stats}}
-            under.bound = max(under.bound, found.bound)
-            under.method, under.cut = f"{found.method}, then under the load cap: {under.method}", found.cut or under.cut
-            found = under
-        capped["layers_above_max_imbalance"] = cap.above(found.expert_to_gpu, num_gpus)
-        capped["layers_at_least_imbalance"] = cap.at_floor(found.expert_to_gpu, num_gpus)
+        # keeping CURRENT is always a candidate; the plain solve's layout (relabelled) another
+        start_layout = min((current, plain_layout), key=lambda x: objective_cost(penalised, x, distance))
+        found, capped = search(penalised, deadline, incumbent=start_layout)
+        moving = {"move_cost": {"W": move_cost, "unit": unit, "per_move": move_cost * unit,
+                                "unit_means": "one token transition: the mean edge weight of one fit token at one "
+                                              "layer pair (docs/solver.md, Re-placement)",
+                                "traffic": placement_cost(graph, found.expert_to_gpu, distance),
+                                "without_move_cost": {"value": plain.cost,
+                                                      "moved": int(moves(plain_layout, current).sum())}}}
 
     elapsed = time.monotonic() - start
     return SolveOutcome(
@@ -436,6 +454,7 @@ def solve_traffic(
             "name": "traffic",
             "value": found.cost,
             **capped,
+            **moving,
             "node_cost": node_cost,
             "top1_weight": top1_weight,
             "coselect_weight": coselect_weight,
@@ -459,6 +478,47 @@ def solve_traffic(
         bound=found.bound,
         gap=relative_gap(found.cost, found.bound),
     )
+
+
+def _search_capped(trace: Trace, graph: AffinityGraph, deadline: float, *, num_gpus: int, gpus_per_node: int,
+                   node_cost: float, seed: int, restarts: int, kicks: int, exact: bool, progress: bool,
+                   max_imbalance: float | None, incumbent: np.ndarray | None = None) -> tuple[SearchResult, dict[str, Any]]:
+    """search_traffic on `graph` by `deadline`, then (max_imbalance) step 6: the search under the
+    load cap. Returns the result and the objective's cap record. `incumbent` int [L, E]: a start
+    the first search also descends from (--move-cost)."""
+    # with a cap the uncapped search gets half the time left: its layout, brought under the cap,
+    # is the capped search's incumbent (and what the cap cost is measured against)
+    uncapped_deadline = deadline if max_imbalance is None else (time.monotonic() + deadline) / 2
+    found = search_traffic(graph, num_gpus, gpus_per_node, node_cost, uncapped_deadline, seed, restarts, kicks, exact,
+                           progress, incumbent=incumbent, descend_incumbent=incumbent is not None)
+    capped: dict[str, Any] = {}
+    if max_imbalance is not None:
+        distance = distance_matrix(num_gpus, gpus_per_node, node_cost)
+        cap = LoadCap.from_ratio(trace.expert_loads(), max_imbalance, num_gpus)
+        capped = {"max_imbalance": max_imbalance, "value_without_cap": found.cost}
+        binds = bool(cap.above(found.expert_to_gpu, num_gpus))
+        # Not binding and not cut short: a search under the cap would retrace the one just run.
+        # One expert per GPU: every layout carries the same loads.
+        if (binds or found.cut) and trace.num_experts > num_gpus:
+            start_layout = found.expert_to_gpu.copy()
+            cap_imbalance(graph, start_layout, cap, distance)
+            # A layer the swaps could not bring under the cap keeps the least peak they reached.
+            # Single-layer ILPs are left out: the cap's knapsack rows make them slow, and a 5 s
+            # cap on each would let the machine's speed decide the result. Where the cap did not
+            # bind, the first search was cut short: the rest of the time goes on another seed.
+            under = search_traffic(graph, num_gpus, gpus_per_node, node_cost, deadline, seed if binds else seed + 1,
+                                   restarts, kicks, exact, progress, layer_ilps=False,
+                                   cap=cap.kept(start_layout, num_gpus), incumbent=start_layout)
+            cap_imbalance(graph, under.expert_to_gpu, cap, distance)  # tries the cap again where a layer is above it
+            under.cost = objective_cost(graph, under.expert_to_gpu, distance)
+            under.stats = {**under.stats, "search_without_cap": {"method": found.method, "bound": found.bound,
+                                                                 **found.stats}}
+            under.bound = max(under.bound, found.bound)
+            under.method, under.cut = f"{found.method}, then under the load cap: {under.method}", found.cut or under.cut
+            found = under
+        capped["layers_above_max_imbalance"] = cap.above(found.expert_to_gpu, num_gpus)
+        capped["layers_at_least_imbalance"] = cap.at_floor(found.expert_to_gpu, num_gpus)
+    return found, capped
 
 
 def _no_layer_pairs(trace: Trace, num_gpus: int, node_cost: float, top1_weight: float, seed: int,
@@ -542,7 +602,8 @@ OBJECTIVES["balance"] = _solve_balance
 # one-line MoeplaceError instead of a NaN in the placement JSON or a numpy error from deep inside
 _WHOLE = {"num_gpus": 1, "gpus_per_node": 1, "seed": 0, "restarts": 0, "kicks": 0, "redundant": 0,
           "max_experts_per_gpu": 1, "max_experts_per_gpu_total": 1}
-_WEIGHTS = ("node_cost", "top1_weight", "coselect_weight", "smoothing", "prior", "compute_weight", "max_imbalance")
+_WEIGHTS = ("node_cost", "top1_weight", "coselect_weight", "smoothing", "prior", "compute_weight", "max_imbalance",
+            "move_cost")
 
 
 def check_arguments(**values: Any) -> None:
@@ -605,6 +666,8 @@ def solve_placement(
     objective: str = "traffic",
     train_fraction: float = 1.0,
     progress: bool = False,
+    current: Placement | None = None,
+    current_path: str | None = None,
     **options: Any,
 ) -> Placement:
     """Fit a placement of `trace` [T, L, k] on `num_gpus` GPUs (`gpus_per_node` per node,
@@ -613,6 +676,11 @@ def solve_placement(
     With train_fraction < 1 the objective sees only a seeded random split of the tokens
     (split_tokens(T, train_fraction, seed)); metrics["held_out"] replays the rest.
     `options` go to the objective (e.g. node_cost, restarts for `traffic`).
+
+    `current` (--from; read from `current_path`, recorded with its sha256): the deployed placement
+    of the same shape and topology. The result is relabelled (migrate.best_relabeling) to keep
+    most experts where `current` has them, and the JSON's "migration" records the moves;
+    options["move_cost"] (traffic only) also prices each move in the search.
     """
     gpus_per_node = num_gpus if gpus_per_node is None else gpus_per_node
     if objective not in OBJECTIVES:
@@ -629,6 +697,16 @@ def solve_placement(
                         "--max-experts-per-gpu-total or with --redundant-experts R where E + R is a multiple of G, "
                         "places them unevenly",
                    redundant=redundant if objective == "balance" or fills else 0)
+    move_cost = options.get("move_cost")
+    if move_cost is not None and (objective != "traffic" or current is None):
+        raise MoeplaceError("--move-cost prices moves of the traffic objective away from a deployed placement: "
+                            + ("add --from CURRENT.json" if current is None else f"{objective} takes --from (free "
+                               "relabelling only), not --move-cost; use --objective traffic"))
+    if current is not None:
+        check_current(current, current_path or "placement", trace.num_layers, trace.num_experts, num_gpus,
+                      gpus_per_node)
+        if move_cost is not None:
+            options = {**options, "current": current.expert_to_gpu}
     train_idx, held_idx = split_tokens(trace.num_tokens, train_fraction, seed)
     fit = trace.select_tokens(train_idx) if train_fraction < 1.0 else trace
     held = trace.select_tokens(held_idx) if len(held_idx) else None
@@ -636,6 +714,8 @@ def solve_placement(
     # small dense products: threaded BLAS only adds sync overhead (16x slower on a busy 2-core box)
     with single_blas_thread():
         outcome = OBJECTIVES[objective](fit, num_gpus, gpus_per_node, time_limit, seed, progress, **options)
+    migration = None if current is None else relabel_outcome(outcome, current, gpus_per_node, fit, options,
+                                                              current_path)
     fit_loads = fit.expert_loads()
     placement = Placement(
         expert_to_gpu=outcome.expert_to_gpu,
@@ -652,6 +732,7 @@ def solve_placement(
         split={"train_fraction": train_fraction, "seed": seed} if train_fraction < 1.0 else None,
         fit_paths=paths.sketch(fit.topk_ids),
         fit_loads=fit_loads,
+        extra={} if migration is None else {"migration": migration},
     )
     baselines = all_baselines(fit_loads, num_gpus, seed)
     parts = {"train": fit, "held_out": held} if held is not None else {"train": fit}
@@ -664,6 +745,40 @@ def solve_placement(
     if objective == "latency":
         add_predicted_times(placement, baselines, parts, options, outcome.starts)
     return placement
+
+
+def relabel_outcome(outcome: SolveOutcome, current: Placement, gpus_per_node: int, fit: Trace,
+                    options: dict[str, Any], current_path: str | None) -> dict[str, Any]:
+    """Rename the GPUs of `outcome` (layout and replicas) to keep the most primaries where
+    `current` has them (migrate.best_relabeling), in place; returns the placement's "migration"
+    record. Traffic and balance values are unchanged by it; with --move-cost the value is
+    re-priced with the moves left. Latency's predicted time may change at layer 0, whose tokens
+    start on GPU t % G whatever the labels (costmodel.predict, initial_homes): the value takes
+    that change, recorded as objective.relabeling_delta_us."""
+    num_gpus = current.num_gpus
+    label = best_relabeling(outcome.expert_to_gpu, current.expert_to_gpu, num_gpus, gpus_per_node)
+    before = Placement(outcome.expert_to_gpu, num_gpus, gpus_per_node, replicas=outcome.replicas)
+    outcome.expert_to_gpu, outcome.replicas = relabel(outcome.expert_to_gpu, before.replicas, label)
+    o = outcome.objective
+    migration = record(outcome.expert_to_gpu, current.expert_to_gpu, current_path)
+    if "move_cost" in o:
+        o["value"] = o["move_cost"]["traffic"] + o["move_cost"]["per_move"] * migration["moved"]
+        outcome.gap = relative_gap(o["value"], outcome.bound)
+    if str(o.get("name", "")).startswith("latency"):
+        from moeplace.solve.costmodel import load_cost_model, predict
+
+        cost = options.get("cost") or load_cost_model(options["cluster"], options.get("model_config"))
+        after = Placement(outcome.expert_to_gpu, num_gpus, gpus_per_node, replicas=outcome.replicas)
+        weight = float(options.get("compute_weight", 1.0))
+
+        def weighted(p: Placement) -> float:
+            t = predict(cost, p, fit)
+            return float(weight * t.compute_us.sum() + t.dispatch_us.sum() + t.combine_us.sum())
+
+        delta = weighted(after) - weighted(before)
+        o["value"], o["relabeling_delta_us"] = o["value"] + delta, delta
+        outcome.gap = relative_gap(o["value"], outcome.bound)
+    return migration
 
 
 def add_predicted_times(placement: Placement, baselines: dict[str, np.ndarray], parts: dict[str, Trace],

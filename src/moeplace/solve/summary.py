@@ -43,6 +43,7 @@ def summary(placement: Placement, trace_name: str, trace_path: str | None = None
         lines.append("  (the latency bound is loose: it counts only the traffic no placement can avoid; "
                      "docs/cost-model.md, \"Bounds\")")
     lines.extend(cap_line(placement))
+    lines.extend(migration_lines(placement))
     columns = summary_columns(placement.num_nodes)
     for part, results in placement.metrics.items():
         base = results.get("contiguous", {})
@@ -91,6 +92,8 @@ def _share_cut(solver: dict[str, Any]) -> str:
 def _unit(objective: dict[str, Any]) -> str:
     """What an objective's value counts (predicted time, weighted moves); balance's is a load
     ratio, which its own line says."""
+    if objective.get("name") == "traffic" and "move_cost" in objective:
+        return " (traffic of the fit tokens + --move-cost per moved expert, docs/solver.md, Re-placement)"
     if objective.get("name") == "traffic":
         return " (gate-weighted cross-GPU/cross-node moves of the fit tokens, docs/solver.md)"
     if objective.get("name") == "latency":
@@ -161,6 +164,23 @@ def _load_note(placement: Placement, trace_path: str, output: str | None = None)
                 f"--max-imbalance {math.ceil(base * 100) / 100:.2f} (contiguous's) caps it, and "
                 "--objective latency weighs both by predicted time (docs/cost-model.md):",
             *("  " + line for line in latency_command(placement, trace_path, output))]
+
+
+def migration_lines(placement: Placement) -> list[str]:
+    """--from: how many primaries moved from the deployed placement; with --move-cost, what W is
+    on this trace and the unpenalised solve's traffic and moves beside the result's."""
+    m = placement.extra.get("migration")
+    if not m:
+        return []
+    lines = [f"moved {m['moved']} of {m['of']} experts ({m['moved'] / max(m['of'], 1):.1%}) from {m['from']['path']}"]
+    mc = placement.objective.get("move_cost")
+    if mc:
+        plain = mc["without_move_cost"]
+        lines.append(f"  --move-cost {mc['W']:g} token transition{'' if mc['W'] == 1 else 's'} = {mc['per_move']:.4g} per moved expert (one "
+                     f"transition, a fit token's mean edge weight at one layer pair: {mc['unit']:.4g}); traffic "
+                     f"{mc['traffic']:.6g} against {plain['value']:.6g} for the unpenalised solve, which moved "
+                     f"{plain['moved']} of {m['of']}")
+    return lines
 
 
 def cap_remedy(objective: dict[str, Any]) -> str:
