@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,3 +26,19 @@ def small_trace() -> Trace:
     w = rng.random((24, 3, 2)).astype(np.float32)
     w = -np.sort(-w, axis=-1)
     return make_trace(ids, w, 8, sequence_ids=np.repeat(np.arange(4), 6), positions=np.tile(np.arange(6), 4))
+
+
+@pytest.fixture(scope="session")
+def one_rank_runtime() -> Callable[[Path], Any]:
+    """A factory: the coherent-mode runtime of a checkpoint on one CPU rank, built as `moeplace
+    serve` builds it, with RANK/WORLD_SIZE of the environment out of the way."""
+    from unittest import mock
+
+    from moeplace.serve.engine import build_runtime
+
+    def build(model: Path) -> Any:
+        with mock.patch.dict(os.environ):
+            for key in ("RANK", "WORLD_SIZE"):
+                os.environ.pop(key, None)
+            return build_runtime(str(model), None, "coherent", timeout_s=60, device="cpu")
+    return build

@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -50,13 +50,8 @@ def tokenizer(model: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def rt(model: Path) -> Runtime:
-    from moeplace.serve.engine import build_runtime
-
-    with mock.patch.dict(os.environ):
-        for key in ("RANK", "WORLD_SIZE"):
-            os.environ.pop(key, None)
-        return build_runtime(str(model), None, "coherent", timeout_s=60, device="cpu")
+def rt(model: Path, one_rank_runtime: Callable[[Path], Runtime]) -> Runtime:
+    return one_rank_runtime(model)
 
 
 @contextlib.contextmanager

@@ -8,9 +8,9 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -37,13 +37,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rt(model: Path) -> Runtime:
-    from moeplace.serve.engine import build_runtime
-
-    with mock.patch.dict(os.environ):
-        for key in ("RANK", "WORLD_SIZE"):
-            os.environ.pop(key, None)
-        return build_runtime(str(model), None, "coherent", timeout_s=60, device="cpu")
+def rt(model: Path, one_rank_runtime: Callable[[Path], Runtime]) -> Runtime:
+    return one_rank_runtime(model)
 
 
 def expected_probs(logits: np.ndarray, p: Sampling) -> np.ndarray:
