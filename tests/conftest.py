@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +42,45 @@ def one_rank_runtime() -> Callable[[Path], Any]:
                 os.environ.pop(key, None)
             return build_runtime(str(model), None, "coherent", timeout_s=60, device="cpu")
     return build
+
+
+@pytest.fixture(scope="session")
+def serving() -> Callable[..., Any]:
+    """A factory of context managers: rank 0's HTTP loop (`serve_forever`) on a one-rank runtime,
+    in a thread, with `tokenizer`, yielding its port; stopped through its heartbeat on exit."""
+    import contextlib
+    import threading
+    from unittest import mock
+
+    import moeplace.serve.httpserver as hs
+    from moeplace.serve.cli import CONTIGUOUS
+
+    @contextlib.contextmanager
+    def serve(rt: Any, tokenizer: Any, max_new_tokens: int = 16, model_name: str = "m") -> Iterator[int]:
+        stop = threading.Event()
+        beat = hs.send_command
+
+        def heartbeat(rt: Any, cmd: int, req: Any = None) -> None:
+            if stop.is_set():
+                raise RuntimeError("test over")
+            beat(rt, cmd, req)
+
+        srv = hs.make_server("127.0.0.1", 0)
+
+        def loop() -> None:
+            try:
+                hs.serve_forever(rt, srv, tokenizer, 8, max_new_tokens, heartbeat_s=0.1, model_name=model_name,
+                                 placement={"placement": CONTIGUOUS, "placement_sha256": None})
+            except RuntimeError:
+                pass
+
+        with mock.patch.object(hs, "send_command", heartbeat), mock.patch.dict(os.environ):
+            os.environ.pop("TORCHELASTIC_RUN_ID", None)  # no launcher to watch
+            thread = threading.Thread(target=loop, daemon=True)
+            thread.start()
+            try:
+                yield srv.server_address[1]
+            finally:
+                stop.set()
+                thread.join(10)
+    return serve

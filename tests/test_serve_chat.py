@@ -3,19 +3,16 @@ is what /v1/completions gives on those ids, in OpenAI's chat.completion shape; r
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 
 from moeplace.models.tiny import build_tiny_model, byte_tokenizer
-from moeplace.serve.cli import CONTIGUOUS, load_tokenizer
+from moeplace.serve.cli import load_tokenizer
 from moeplace.serve.generate import Runtime
 from moeplace.serve.httpserver import BadRequest, Job, chat_response, parse_chat
 from moeplace.serve.sampling import GREEDY, Sampling
@@ -54,44 +51,10 @@ def rt(model: Path, one_rank_runtime: Callable[[Path], Runtime]) -> Runtime:
     return one_rank_runtime(model)
 
 
-@contextlib.contextmanager
-def serving(rt: Runtime, tokenizer: Any) -> Iterator[int]:
-    """rank 0's HTTP loop on the 1-rank runtime, in a thread, with `tokenizer`; yields its port.
-    Stopped through its heartbeat."""
-    import moeplace.serve.httpserver as hs
-
-    stop = threading.Event()
-    beat = hs.send_command
-
-    def heartbeat(rt: Any, cmd: int, req: Any = None) -> None:
-        if stop.is_set():
-            raise RuntimeError("test over")
-        beat(rt, cmd, req)
-
-    srv = hs.make_server("127.0.0.1", 0)
-
-    def loop() -> None:
-        try:
-            hs.serve_forever(rt, srv, tokenizer, 8, LIMIT, heartbeat_s=0.1, model_name="chatty",
-                             placement={"placement": CONTIGUOUS, "placement_sha256": None})
-        except RuntimeError:
-            pass
-
-    with mock.patch.object(hs, "send_command", heartbeat), mock.patch.dict(os.environ):
-        os.environ.pop("TORCHELASTIC_RUN_ID", None)
-        thread = threading.Thread(target=loop, daemon=True)
-        thread.start()
-        try:
-            yield srv.server_address[1]
-        finally:
-            stop.set()
-            thread.join(10)
-
-
 @pytest.fixture
-def server(rt: Runtime, tokenizer: Any) -> Iterator[int]:
+def server(rt: Runtime, tokenizer: Any, serving: Callable[..., Any]) -> Iterator[int]:
     """Per test: two loops on one runtime would run its batches concurrently."""
-    with serving(rt, tokenizer) as port:
+    with serving(rt, tokenizer, LIMIT, "chatty") as port:
         yield port
 
 
@@ -167,11 +130,12 @@ def test_sampling_with_a_seed_replays(server: int, tokenizer: Any) -> None:
     assert len(others | {greedy}) > 1  # the seed matters: the replay check can fail
 
 
-def test_chat_and_completions_share_the_queue_batches_and_counters(rt: Runtime, tokenizer: Any) -> None:
+def test_chat_and_completions_share_the_queue_batches_and_counters(rt: Runtime, tokenizer: Any,
+                                                                   serving: Callable[..., Any]) -> None:
     """Concurrent chat and completion requests: each answer is the one it gets alone, and
     /metrics counts both kinds (and chat's refusals) in the same families."""
     ids = template_ids(tokenizer, MESSAGES)
-    with serving(rt, tokenizer) as port:
+    with serving(rt, tokenizer, LIMIT, "chatty") as port:
         alone = [chat(port, {"messages": MESSAGES, "max_tokens": NEW})[1]["choices"],
                  post(port, "/v1/completions", {"prompt": ids, "max_tokens": NEW})[1]["choices"]]
         results: list[Any] = [None] * 6
@@ -256,9 +220,10 @@ def test_refusals_over_http_and_the_routes(server: int) -> None:
     ("none", "model chatty has no tokenizer, so no chat: use /v1/completions (a prompt string or token ids)"),
     ("plain", "model chatty has a tokenizer without a chat template, so no chat: use /v1/completions (a prompt "
               "string or token ids)")])
-def test_no_chat_template_is_a_400_pointing_to_completions(rt: Runtime, which: str, message: str) -> None:
+def test_no_chat_template_is_a_400_pointing_to_completions(rt: Runtime, which: str, message: str,
+                                                           serving: Callable[..., Any]) -> None:
     tokenizer = None if which == "none" else byte_tokenizer()
-    with serving(rt, tokenizer) as port:
+    with serving(rt, tokenizer, LIMIT, "chatty") as port:
         bodies: list[dict[str, Any]] = [{"messages": MESSAGES}, {"messages": []}]
         for body in bodies:  # whatever the body: the server cannot chat
             code, doc = chat(port, body)

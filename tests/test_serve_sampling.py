@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,6 @@ import torch
 
 from moeplace.cli import run
 from moeplace.models.tiny import build_tiny_model
-from moeplace.serve.cli import CONTIGUOUS
 from moeplace.serve.generate import Runtime
 from moeplace.serve.httpserver import BadRequest, parse_completion
 from moeplace.serve.sampling import GREEDY, Sampling, sample, uniform
@@ -181,36 +179,12 @@ def test_same_seed_same_tokens_on_one_and_two_ranks_both_modes(rt: Runtime, mode
 
 
 @pytest.fixture
-def server(rt: Runtime, model: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+def server(rt: Runtime, model: Path, serving: Callable[..., Any]) -> Any:
     """rank 0's HTTP loop on the 1-rank runtime, in a thread; stopped through its heartbeat."""
-    import moeplace.serve.httpserver as hs
     from moeplace.serve.cli import load_tokenizer
 
-    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    stop = threading.Event()
-    beat = hs.send_command
-
-    def heartbeat(rt: Any, cmd: int, req: Any = None) -> None:
-        if stop.is_set():
-            raise RuntimeError("test over")
-        beat(rt, cmd, req)
-
-    monkeypatch.setattr(hs, "send_command", heartbeat)
-    srv = hs.make_server("127.0.0.1", 0)
-    tokenizer = load_tokenizer(str(model))
-
-    def loop() -> None:
-        try:
-            hs.serve_forever(rt, srv, tokenizer, 8, 16, heartbeat_s=0.1, model_name="m",
-                             placement={"placement": CONTIGUOUS, "placement_sha256": None})
-        except RuntimeError:
-            pass
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    yield srv.server_address[1]
-    stop.set()
-    thread.join(10)
+    with serving(rt, load_tokenizer(str(model))) as port:
+        yield port
 
 
 def complete(port: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
