@@ -171,10 +171,16 @@ def lpt_layer(weight: np.ndarray, num_gpus: int, slots: int, redundant: int) -> 
 
 
 def improve_layer(weight: np.ndarray, copies: list[list[int]], num_gpus: int, slots: int, lower: float = 0.0,
-                  deadline: float = float("inf")) -> list[list[int]]:
+                  deadline: float = float("inf"), current: np.ndarray | None = None,
+                  max_moves: int | None = None) -> list[list[int]]:
     """Steepest descent on (max load, sum of squared loads) with moves off the most loaded GPU:
     swap one of its copies with a copy elsewhere, or hand its slot of an expert with several
     copies to another expert (re-replication). Slot counts per GPU never change.
+
+    With `current` (bool [E, G], the deployed copies) and `max_moves`, only layouts with at most
+    max_moves copies that `current` lacks are taken (`copies` must be one), and a copy may also
+    relocate to a GPU with a free slot (counts may then change: from CURRENT's counts a single
+    relocation is often the only one-move step).
 
     Each step scores all its moves at once (`batch_layer_loads`), the current layout with them,
     so every comparison uses the same arithmetic.
@@ -198,12 +204,23 @@ def improve_layer(weight: np.ndarray, copies: list[list[int]], num_gpus: int, sl
                                       [hi if x == g else x for x in copies[f]]))
                 if len(copies[e]) > 1 and len(copies[f]) < num_gpus:  # re-replication: hi's slot e -> f
                     moves.append((e, f, [x for x in copies[e] if x != hi], copies[f] + [hi]))
+            if current is not None:  # relocation: e's copy on hi -> a GPU with a free slot
+                used = np.bincount([g for c in copies for g in c], minlength=num_gpus)
+                for g in range(num_gpus):
+                    if used[g] < slots and g not in copies[e]:
+                        ce = [g if x == hi else x for x in copies[e]]
+                        moves.append((e, e, ce, ce))
         if not moves:
             break
         holds = np.repeat(_holds(copies, num_gpus)[None], len(moves), axis=0)
         for t, (e, f, ce, cf) in enumerate(moves):
             holds[t, e], holds[t, f] = False, False
             holds[t, e, ce], holds[t, f, cf] = True, True
+        if current is not None and max_moves is not None:  # keep the layouts within the move limit
+            keep = np.flatnonzero((holds & ~current).sum((1, 2)) <= max_moves)
+            if keep.size == 0:
+                break
+            moves, holds = [moves[t] for t in keep], holds[keep]
         loads = batch_layer_loads(weight, holds, num_gpus)
         keys = _keys(loads)
         t = int(np.lexsort((np.arange(len(moves)), keys[:, 1], keys[:, 0]))[0])  # ties: first move
@@ -282,21 +299,31 @@ def _fill_rows(base: np.ndarray, mask: np.ndarray, amount: np.ndarray) -> np.nda
 
 
 def ilp_layer(weight: np.ndarray, num_gpus: int, slots: int, redundant: int,
-              time_limit: float) -> tuple[list[list[int]] | None, float, bool]:
+              time_limit: float, current: np.ndarray | None = None,
+              max_moves: int | None = None) -> tuple[list[list[int]] | None, float, bool]:
     """The model of the module docstring for one layer: (copies or None, dual bound, whether the
-    time limit stopped HiGHS)."""
+    time limit stopped HiGHS). With `current` (bool [E, G]) and `max_moves`: one more constraint,
+    sum of x[e, g] over the copies `current` lacks <= max_moves, and no symmetry cut (the GPU
+    names are fixed by CURRENT's)."""
     num_experts = len(weight)
     experts, gpus = range(num_experts), range(num_gpus)
     prob = pulp.LpProblem("balance", pulp.LpMinimize)
     # the symmetry cut's last GPU per expert: its rank in decreasing load (ties by expert id, so
-    # the model is the same on every run); none with replicas
-    last = np.argsort(np.argsort(-weight, kind="stable"), kind="stable") if redundant == 0 else None
+    # the model is the same on every run); none with replicas or a move limit
+    last = (np.argsort(np.argsort(-weight, kind="stable"), kind="stable")
+            if redundant == 0 and current is None else None)
     # binary, fixed at 0 past `last` (PuLP's "Binary" would reset that bound to 1)
     x = {(e, g): pulp.LpVariable(f"x_{e}_{g}", lowBound=0, upBound=int(last is None or g <= last[e]), cat="Integer")
          for e in experts for g in gpus}
     f = {(e, g): pulp.LpVariable(f"f_{e}_{g}", lowBound=0) for e in experts for g in gpus}
     top = pulp.LpVariable("T", lowBound=0)
-    prob += top
+    limited = current is not None and max_moves is not None
+    # with a move limit, fewer moves break ties between equal max loads: eps per move, so small
+    # that the max load found is within eps x (E + R) of the least, and the bound corrected by it
+    eps = 1e-7 * float(weight.sum()) / num_gpus if limited else 0.0
+    lacks = np.zeros((num_experts, num_gpus), dtype=bool) if current is None else ~current
+    moved = pulp.lpSum(x[e, g] for e in experts for g in gpus if lacks[e, g])
+    prob += top + eps * moved if limited else top
     for e in experts:
         prob += pulp.lpSum(f[e, g] for g in gpus) == float(weight[e])
         prob += pulp.lpSum(x[e, g] for g in gpus) >= 1
@@ -309,8 +336,10 @@ def ilp_layer(weight: np.ndarray, num_gpus: int, slots: int, redundant: int,
             prob += pulp.lpSum(x[e, g] for e in experts) >= 1
         prob += pulp.lpSum(f[e, g] for e in experts) <= top
     prob += top >= replication_bound(weight, num_gpus, redundant)  # a valid cut that tightens the LP
+    if limited:
+        prob += moved <= max_moves
     prob.solve(ilp.highs(max(time_limit, 0.05)))
-    bound = _dual_bound(prob)
+    bound = _dual_bound(prob) - eps * min(max_moves or 0, num_experts + redundant)
     status = ilp.highs_status(prob)
     timed_out = status == highspy.HighsModelStatus.kTimeLimit
     # A time-limited incumbent would make the placement depend on the machine's speed: only a
@@ -568,3 +597,113 @@ def _to_placement(plans: list[LayerPlan], loads: np.ndarray, num_gpus: int, gpus
         metrics={"imbalance_per_layer": ratio.tolist(), "imbalance_mean": obj, "imbalance_max": float(ratio.max())},
         fit_loads=loads,
     )
+
+
+def copy_moves(copies: list[list[int]], current: list[list[int]]) -> int:
+    """One layer's moves: (expert, GPU) copies of `copies` that `current` does not have (each a
+    transfer of the expert's weights to that GPU; which copy is the primary does not count)."""
+    return sum(len(set(c) - set(k)) for c, k in zip(copies, current))
+
+
+def check_current_copies(current: Placement, num_experts: int, redundant: int, slots: int) -> None:
+    """--max-moves starts from CURRENT's copies: refuse, in one line, a CURRENT whose layers do not
+    hold E + R copies within this solve's slots per GPU (N = 0 must be a valid result)."""
+    for layer in range(current.num_layers):
+        held = current.holders(layer)
+        count = sum(len(c) for c in held)
+        if count != num_experts + redundant:
+            raise PlacementError(f"--max-moves: CURRENT's layer {layer} holds {count} expert copies, this solve "
+                                 f"{num_experts + redundant} ({num_experts} experts + --redundant-experts {redundant}): "
+                                 "give the --redundant-experts CURRENT was solved with")
+        used = np.bincount([g for c in held for g in c], minlength=current.num_gpus)
+        if used.max() > slots or any(len(set(c)) < len(c) for c in held):
+            raise PlacementError(f"--max-moves: CURRENT's layer {layer} puts {int(used.max())} copies on a GPU (or two "
+                                 f"copies of an expert on one), over this solve's {slots} slots per GPU: raise "
+                                 "--max-experts-per-gpu")
+
+
+def _like_current(copies: list[list[int]], current: list[list[int]]) -> list[list[int]]:
+    """Copies ordered as CURRENT's (kept ones first, CURRENT's primary first when kept), new ones after."""
+    return [[g for g in k if g in c] + [g for g in c if g not in k] for c, k in zip(copies, current)]
+
+
+def balance_moves_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redundant: int,
+                            time_limit: float, max_experts_per_gpu: int | None, current: Placement,
+                            max_moves: int, progress: bool = False) -> Placement:
+    """`balance` that moves at most `max_moves` copies per layer away from CURRENT (--max-moves N).
+
+    A move is an (expert, GPU) copy of the result that CURRENT's layer does not have (`copy_moves`).
+    1. the plain balance solve (half the time limit), renamed by the one GPU permutation of all
+       layers that keeps the most copies where CURRENT has them (migrate.best_copy_relabeling):
+       the result is then written in CURRENT's GPU names, and moves are counted against them;
+    2. per layer, candidates: CURRENT itself (0 moves), the renamed plain layer when it moves at
+       most N, and the ILP with the move constraint (ilp_layer, where small enough and proven);
+       each improved by improve_layer keeping at most N moves; the least max load wins, ties
+       (within 1e-6 of the mean load) to fewer moves. N >= the plain layer's moves gives at most its max load; N = 0 gives CURRENT.
+    Bound per layer: the unconstrained replication bound (a relaxation of the constrained
+    problem, hence still valid) and the constrained ILP's dual bound.
+    """
+    from moeplace.solve.migrate import best_copy_relabeling
+
+    start = time.monotonic()
+    num_layers, num_experts = loads.shape
+    plain = balance_placement(loads, num_gpus, gpus_per_node, redundant, time_limit / 2, max_experts_per_gpu,
+                              progress=progress)
+    slots = int(plain.solver["slots_per_gpu"])
+    check_current_copies(current, num_experts, redundant, slots)
+    held = [current.holders(layer) for layer in range(num_layers)]
+    label = best_copy_relabeling([plain.holders(layer) for layer in range(num_layers)], held, num_gpus, gpus_per_node)
+    renamed = [[[int(label[g]) for g in c] for c in plain.holders(layer)] for layer in range(num_layers)]
+    plain_moves = [copy_moves(renamed[layer], held[layer]) for layer in range(num_layers)]
+    deadline = start + time_limit
+    cut: set[str] = set(plain.solver.get("cut_steps", []))
+    plans: list[LayerPlan] = []
+    bar = Progress("balance --max-moves", total=num_layers, enabled=progress)
+    for layer in range(num_layers):
+        w, cur = loads[layer], _holds(held[layer], num_gpus)
+        lower = bound = replication_bound(w, num_gpus, redundant)
+        candidates = [(held[layer], "current")]
+        if plain_moves[layer] <= max_moves:
+            candidates.append((renamed[layer], "plain"))
+        left = deadline - time.monotonic()
+        if 2 * num_experts * num_gpus <= ILP_CANDIDATE_MAX_VARS:
+            if left > 0:
+                copies, ilp_bound, timed_out = ilp_layer(w, num_gpus, slots, redundant, left / (num_layers - layer),
+                                                         cur, max_moves)
+                lower = bound = max(bound, ilp_bound)
+                if timed_out:
+                    cut.add("ilp")
+                if copies is not None and copy_moves(copies, held[layer]) <= max_moves:
+                    candidates.append((copies, "ilp"))
+            else:
+                cut.add("ilp")
+        scored = [(layer_max_load(w, c, num_gpus), copy_moves(c, held[layer]), i, c, m)
+                  for i, (c, m) in enumerate(candidates)]
+        if num_experts <= IMPROVE_MAX_EXPERTS and not any(s[0] <= lower * (1 + 1e-9) for s in scored):
+            stop = time.monotonic() + max(deadline - time.monotonic(), 0.0) / (num_layers - layer)
+            improved = []
+            for _, _, i, c, m in scored:
+                c = improve_layer(w, c, num_gpus, slots, lower, stop, cur, max_moves)
+                improved.append((layer_max_load(w, c, num_gpus), copy_moves(c, held[layer]), i, c, m))
+            scored = improved
+            if time.monotonic() > stop:
+                cut.add("descent")
+        unit = max(float(w.sum()) / num_gpus, 1e-12)  # ties within 1e-6 of the mean load: fewer moves win
+        least = min(s[0] for s in scored)
+        best, _, _, copies, method = min((s for s in scored if s[0] <= least + 1e-6 * unit), key=lambda s: (s[1], s[0], s[2]))
+        plans.append(LayerPlan(_like_current(copies, held[layer]), best, min(bound, best), method))
+        bar.update(layer + 1, f"layer {layer + 1}/{num_layers}")
+    bar.close()
+    placement = _to_placement(plans, loads, num_gpus, gpus_per_node, redundant, slots)
+    moved = [copy_moves(p.copies, k) for p, k in zip(plans, held)]
+    placement.objective["max_moves"] = {
+        "N": max_moves, "moved": int(sum(moved)), "of": num_layers * (num_experts + redundant),
+        "moved_per_layer": moved, "imbalance_per_layer": placement.metrics["imbalance_per_layer"],
+        "definition": "per layer, (expert, GPU) copies that CURRENT does not have, in CURRENT's GPU names",
+        "relabeling": "the plain solve's, best for copies kept (migrate.best_copy_relabeling)",
+        "plain": {"value": plain.objective["value"], "moved": int(sum(plain_moves)), "moved_per_layer": plain_moves,
+                  "imbalance_per_layer": plain.metrics["imbalance_per_layer"]}}
+    placement.solver |= {"method": "balance-moves", "time_limit_s": time_limit,
+                         "seconds": round(time.monotonic() - start, 3), "stopped_by_time_limit": bool(cut),
+                         "cut_steps": sorted(cut)}
+    return placement

@@ -74,6 +74,14 @@ def _objective_names() -> list[str]:
                    "moves only where that saves more traffic; the summary gives the unpenalised solve's traffic "
                    "beside it. E.g. W = expert weight bytes / (hidden size x dispatch bytes) x fit tokens / tokens "
                    "served until the next re-placement. Default: no price (the free renaming only).")
+@click.option("--max-moves", type=NON_NEGATIVE_INT, default=None,
+              help="balance, with --from: per layer, at most N expert copies the result holds that CURRENT does "
+                   "not (a copy of expert e on GPU g that CURRENT lacks: one weight transfer; primaries and "
+                   "replicas alike, after the GPU renaming), with the least max/mean load under that limit; the "
+                   "summary gives the moves and imbalance of the plain balance solve (run first, in half of "
+                   "--time-limit) beside it. N = 0 keeps CURRENT. Example: moeplace solve loads-b.npz --gpus 8 "
+                   "--redundant-experts 8 --from placement-a.json --max-moves 2 -o placement-b.json. "
+                   "Default: no limit.")
 @click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="latency: cluster config YAML (configs/cluster/*.yaml; docs/cost-model.md).")
 @click.option("--model-config", type=click.Path(path_type=Path), default=None,
@@ -101,7 +109,7 @@ def _objective_names() -> list[str]:
 def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str | None, time_limit: float, seed: int,
           train_fraction: float, node_cost: float, top1_weight: float, coselect_weight: float | None,
           smoothing: float | None, prior: float | None, max_imbalance: float | None, from_path: Path | None,
-          move_cost: float | None, cluster: Path | None, model_config: Path | None, compute_weight: float,
+          move_cost: float | None, max_moves: int | None, cluster: Path | None, model_config: Path | None, compute_weight: float,
           redundant_experts: int, max_experts_per_gpu: int | None, max_experts_per_gpu_total: int | None, pareto: bool,
           output: Path, quiet: bool) -> None:
     """Place experts on GPUs so that a token's consecutive experts share a GPU.
@@ -177,6 +185,14 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     if move_cost is not None and objective != "traffic":
         raise MoeplaceError(f"--move-cost prices moves in the traffic objective's search; {objective} takes --from "
                             "(the free renaming of GPUs only): drop --move-cost, or use --objective traffic")
+    if max_moves is not None and from_path is None:
+        raise MoeplaceError("--max-moves limits moves away from a deployed placement: add --from CURRENT.json")
+    if max_moves is not None and objective != "balance":
+        raise MoeplaceError(f"--max-moves limits the balance objective's moves; {objective} takes --from"
+                            + (" and --move-cost W" if objective == "traffic" else "") + ": use --objective balance")
+    if max_moves is not None and max_experts_per_gpu_total is not None:
+        raise MoeplaceError("--max-moves with --max-experts-per-gpu-total: the total cap's relabelling per layer "
+                            "would move experts the limit does not see; drop one of them")
     if from_path is not None and pareto:
         raise MoeplaceError("--from with --pareto: the front's rows are solved apart; solve the chosen "
                             "--compute-weight with --from")
@@ -188,7 +204,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
             raise MoeplaceError(f"--train-fraction: {trace_path} holds expert loads only, no tokens to split")
         return _solve_loads(trace_path, gpus, gpus_per_node, redundant_experts, max_experts_per_gpu,
                             max_experts_per_gpu_total, time_limit, output, quiet, implied=loads_imply,
-                            current=current, from_path=from_path)
+                            current=current, from_path=from_path, max_moves=max_moves)
     trace = load_trace(trace_path)
     if trace.meta.get("source") == "exflow-npy":  # the placement's expert count comes from the ids alone
         warn(f"{trace_path}: an ExFlow .npy records no expert count: {trace.num_experts} assumed (its largest id + 1); "
@@ -210,6 +226,8 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     if objective == "balance":
         options = dict(redundant=redundant_experts, max_experts_per_gpu=max_experts_per_gpu,
                        max_experts_per_gpu_total=max_experts_per_gpu_total)
+        if max_moves is not None:
+            options["max_moves"] = max_moves
     elif max_experts_per_gpu is not None:
         raise MoeplaceError("--max-experts-per-gpu applies to --objective balance")
     if pareto:
@@ -297,11 +315,12 @@ def warn_small_split(num_tokens: int, num_experts: int, train_fraction: float, s
 
 def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: int, max_experts_per_gpu: int | None,
                  max_experts_per_gpu_total: int | None, time_limit: float, output: Path, quiet: bool,
-                 implied: bool = False, current: Placement | None = None, from_path: Path | None = None) -> None:
+                 implied: bool = False, current: Placement | None = None, from_path: Path | None = None,
+                 max_moves: int | None = None) -> None:
     """`balance` on a load-only input (moeplace.loads/v1): per-layer loads, no token paths
     (`implied`: no --objective was given, and the summary says why it is balance)."""
     from moeplace.placement import check_topology
-    from moeplace.solve.balance import balance_placement
+    from moeplace.solve.balance import balance_moves_placement, balance_placement
     from moeplace.solve.ilp import software
     from moeplace.solve.migrate import best_relabeling, check_current, record, relabel
     from moeplace.trace.format import load_loads
@@ -311,9 +330,14 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
     check_topology(loads.num_experts, gpus, gpn, balanced=False, redundant=redundant)
     if current is not None:
         check_current(current, str(from_path), loads.num_layers, loads.num_experts, gpus, gpn)
-    placement = balance_placement(loads.loads, gpus, gpn, redundant, time_limit, max_experts_per_gpu, progress=not quiet,
-                                  max_experts_per_gpu_total=max_experts_per_gpu_total)
-    if current is not None:  # balance's value and metrics are per-GPU maxima: blind to the renaming
+    if current is not None and max_moves is not None:  # written in CURRENT's GPU names (its own renaming)
+        placement = balance_moves_placement(loads.loads, gpus, gpn, redundant, time_limit, max_experts_per_gpu, current,
+                                            max_moves, progress=not quiet)
+        placement.extra["migration"] = record(placement.expert_to_gpu, current.expert_to_gpu, from_path)
+    else:
+        placement = balance_placement(loads.loads, gpus, gpn, redundant, time_limit, max_experts_per_gpu,
+                                      progress=not quiet, max_experts_per_gpu_total=max_experts_per_gpu_total)
+    if current is not None and max_moves is None:  # balance's value and metrics are per-GPU maxima: blind to the renaming
         label = best_relabeling(placement.expert_to_gpu, current.expert_to_gpu, gpus, gpn)
         placement.expert_to_gpu, placement.replicas = relabel(placement.expert_to_gpu, placement.replicas, label)
         placement.extra["migration"] = record(placement.expert_to_gpu, current.expert_to_gpu, from_path)

@@ -10,7 +10,9 @@ dispatch may change; and replica serving breaks ties by node id. docs/solver.md,
 
 `best_relabeling` picks, of those permutations, the one that keeps the most (layer, expert)
 primaries on the GPU CURRENT has them on: exactly, as the best node matching (Hungarian) over the
-best GPU matchings of every node pair (Hungarian on the overlap counts).
+best GPU matchings of every node pair (Hungarian on the overlap counts). `best_copy_relabeling`
+does the same on (layer, expert, GPU) copies, replicas included: balance's --max-moves counts
+its moves on copies (balance.balance_moves_placement).
 """
 
 from __future__ import annotations
@@ -48,7 +50,25 @@ def best_relabeling(new: np.ndarray, current: np.ndarray, num_gpus: int, gpus_pe
 
     For a fixed node matching the GPU matchings of the node pairs are independent, so the optimum
     is the best node matching on the values of each pair's best GPU matching: exact."""
-    count = overlap(new, current, num_gpus)
+    return _best_matching(overlap(new, current, num_gpus), num_gpus, gpus_per_node)
+
+
+def best_copy_relabeling(new: list[list[list[int]]], current: list[list[list[int]]], num_gpus: int,
+                         gpus_per_node: int) -> np.ndarray:
+    """As best_relabeling, on copies: the permutation that keeps the most (layer, expert, GPU)
+    copies of `new` where `current` has one, both [L][E] lists of GPUs (Placement.holders). The
+    copies kept under a permutation are the sum of count[c, n] over the GPUs n it sends to c, so
+    the same matching is exact. label int [G]."""
+    count = np.zeros((num_gpus, num_gpus), dtype=np.int64)
+    for new_layer, cur_layer in zip(new, current):
+        for n_gpus, c_gpus in zip(new_layer, cur_layer):
+            for c in c_gpus:
+                count[c, n_gpus] += 1
+    return _best_matching(count, num_gpus, gpus_per_node)
+
+
+def _best_matching(count: np.ndarray, num_gpus: int, gpus_per_node: int) -> np.ndarray:
+    """The node-and-GPU permutation with the largest sum of count[label[n], n], int [G]."""
     num_nodes = num_gpus // gpus_per_node
     gpus = [np.arange(n * gpus_per_node, (n + 1) * gpus_per_node) for n in range(num_nodes)]
     value = np.zeros((num_nodes, num_nodes))

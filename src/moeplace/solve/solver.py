@@ -587,8 +587,15 @@ def _solve_latency(*args: Any, **options: Any) -> SolveOutcome:  # imported late
 
 def _solve_balance(trace: Trace, num_gpus: int, gpus_per_node: int, time_limit: float, seed: int,
                    progress: bool = False, *, redundant: int = 0, max_experts_per_gpu: int | None = None,
-                   max_experts_per_gpu_total: int | None = None) -> SolveOutcome:
-    from moeplace.solve.balance import balance_placement
+                   max_experts_per_gpu_total: int | None = None, max_moves: int | None = None,
+                   current: Placement | None = None) -> SolveOutcome:
+    from moeplace.solve.balance import balance_moves_placement, balance_placement
+    if max_moves is not None and current is not None:  # in CURRENT's GPU names: relabel_outcome keeps them
+        if max_experts_per_gpu_total is not None:
+            raise MoeplaceError("--max-moves with --max-experts-per-gpu-total: drop one of them")
+        p = balance_moves_placement(trace.expert_loads(), num_gpus, gpus_per_node, redundant, time_limit,
+                                    max_experts_per_gpu, current, max_moves, progress)
+        return SolveOutcome(p.expert_to_gpu, p.objective, p.solver, p.bound, p.gap, p.replicas)
     p = balance_placement(trace.expert_loads(), num_gpus, gpus_per_node, redundant, time_limit,
                           max_experts_per_gpu, progress=progress, max_experts_per_gpu_total=max_experts_per_gpu_total)
     return SolveOutcome(p.expert_to_gpu, p.objective, p.solver, p.bound, p.gap, p.replicas)
@@ -601,7 +608,7 @@ OBJECTIVES["balance"] = _solve_balance
 # what each number may be: the CLI's option types say the same; a library caller gets the same
 # one-line MoeplaceError instead of a NaN in the placement JSON or a numpy error from deep inside
 _WHOLE = {"num_gpus": 1, "gpus_per_node": 1, "seed": 0, "restarts": 0, "kicks": 0, "redundant": 0,
-          "max_experts_per_gpu": 1, "max_experts_per_gpu_total": 1}
+          "max_experts_per_gpu": 1, "max_experts_per_gpu_total": 1, "max_moves": 0}
 _WEIGHTS = ("node_cost", "top1_weight", "coselect_weight", "smoothing", "prior", "compute_weight", "max_imbalance",
             "move_cost")
 
@@ -702,11 +709,16 @@ def solve_placement(
         raise MoeplaceError("--move-cost prices moves of the traffic objective away from a deployed placement: "
                             + ("add --from CURRENT.json" if current is None else f"{objective} takes --from (free "
                                "relabelling only), not --move-cost; use --objective traffic"))
+    if options.get("max_moves") is not None and (objective != "balance" or current is None):
+        raise MoeplaceError("--max-moves limits moves of the balance objective away from a deployed placement: "
+                            + ("add --from CURRENT.json" if current is None else "use --objective balance"))
     if current is not None:
         check_current(current, current_path or "placement", trace.num_layers, trace.num_experts, num_gpus,
                       gpus_per_node)
         if move_cost is not None:
             options = {**options, "current": current.expert_to_gpu}
+        if options.get("max_moves") is not None:
+            options = {**options, "current": current}
     train_idx, held_idx = split_tokens(trace.num_tokens, train_fraction, seed)
     fit = trace.select_tokens(train_idx) if train_fraction < 1.0 else trace
     held = trace.select_tokens(held_idx) if len(held_idx) else None
@@ -757,6 +769,8 @@ def relabel_outcome(outcome: SolveOutcome, current: Placement, gpus_per_node: in
     that change, recorded as objective.relabeling_delta_us."""
     num_gpus = current.num_gpus
     label = best_relabeling(outcome.expert_to_gpu, current.expert_to_gpu, num_gpus, gpus_per_node)
+    if "max_moves" in outcome.objective:  # balance --max-moves: already in CURRENT's names, its limit counted there
+        label = np.arange(num_gpus)
     before = Placement(outcome.expert_to_gpu, num_gpus, gpus_per_node, replicas=outcome.replicas)
     outcome.expert_to_gpu, outcome.replicas = relabel(outcome.expert_to_gpu, before.replicas, label)
     o = outcome.objective

@@ -180,6 +180,14 @@ def migration_lines(placement: Placement) -> list[str]:
                      f"transition, a fit token's mean edge weight at one layer pair: {mc['unit']:.4g}); traffic "
                      f"{mc['traffic']:.6g} against {plain['value']:.6g} for the unpenalised solve, which moved "
                      f"{plain['moved']} of {m['of']}")
+    mm = placement.objective.get("max_moves")
+    if mm:
+        plain = mm["plain"]
+        lines.append(f"  --max-moves {mm['N']}: moved {mm['moved']} of {mm['of']} expert copies (per layer at most "
+                     f"{max(mm['moved_per_layer'], default=0)}; a copy CURRENT lacks), imbalance "
+                     f"{placement.objective['value']:.4f} (mean over layers of max/mean load); the plain balance "
+                     f"solve: {plain['value']:.4f}, moving {plain['moved']} (per layer at most "
+                     f"{max(plain['moved_per_layer'], default=0)})")
     return lines
 
 
