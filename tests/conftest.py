@@ -84,3 +84,21 @@ def serving() -> Callable[..., Any]:
                 stop.set()
                 thread.join(10)
     return serve
+
+
+@pytest.fixture(scope="session")
+def ctrl_c_at_batch() -> Callable[[int], Callable[..., Iterator[Any]]]:
+    """A factory: an `iter_batches` (trace/text.py, as it is at session start) that raises
+    KeyboardInterrupt (Ctrl-C) while batch n is being produced; monkeypatch it in."""
+    from moeplace.trace import text
+
+    real = text.iter_batches
+
+    def stop_after(n: int) -> Callable[..., Iterator[Any]]:
+        def batches(*args: Any, **kw: Any) -> Iterator[Any]:
+            for i, b in enumerate(real(*args, **kw)):
+                if i == n:
+                    raise KeyboardInterrupt
+                yield b
+        return batches
+    return stop_after

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -280,25 +280,17 @@ def test_trace_of_a_renumbered_checkpoint_says_so(tiny_dirs: dict[str, Path], co
 
 def test_cli_interrupt_writes_valid_shorter_trace(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    real = text_mod.iter_batches
-
-    def stop_after(n: int):  # Ctrl-C arrives while batch n is being produced
-        def batches(*args: object, **kw: object) -> Iterator[Batch]:
-            for i, b in enumerate(real(*args, **kw)):  # type: ignore[arg-type]
-                if i == n:
-                    raise KeyboardInterrupt
-                yield b
-        return batches
-
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   ctrl_c_at_batch: Callable[[int], Callable[..., Iterator[Batch]]],
+                                                   ) -> None:
     out = tmp_path / "t.npz"
-    monkeypatch.setattr(text_mod, "iter_batches", stop_after(2))
+    monkeypatch.setattr(text_mod, "iter_batches", ctrl_c_at_batch(2))
     assert trace_cli(tiny_dirs["olmoe"], corpus, out, "--seq-len", "16", "--batch-size", "2") == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("(interrupted: a valid shorter trace)"), err  # and no "aborted" after it
     t = load_trace(out)
     assert t.num_tokens == 64 and t.meta["interrupted"] is True
-    monkeypatch.setattr(text_mod, "iter_batches", stop_after(0))
+    monkeypatch.setattr(text_mod, "iter_batches", ctrl_c_at_batch(0))
     out0 = tmp_path / "none.npz"
     assert trace_cli(tiny_dirs["olmoe"], corpus, out0) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (

@@ -40,18 +40,6 @@ def trace(model: Path, data: list[Path], out: Path, *extra: str) -> int:
     return run([*args, *extra])
 
 
-def stop_after(n: int) -> Callable[..., Iterator[Batch]]:
-    """iter_batches that raises KeyboardInterrupt (Ctrl-C) while batch n is being produced."""
-    real = text_mod.iter_batches
-
-    def batches(*args: object, **kw: object) -> Iterator[Batch]:
-        for i, b in enumerate(real(*args, **kw)):  # type: ignore[arg-type]
-            if i == n:
-                raise KeyboardInterrupt
-            yield b
-    return batches
-
-
 def assert_same_trace(resumed: Path, full: Path) -> None:
     a, b = load_trace(resumed), load_trace(full)
     for key in ARRAYS:  # bit for bit: the weights compared as their bytes
@@ -63,19 +51,20 @@ def assert_same_trace(resumed: Path, full: Path) -> None:
 
 def test_resume_after_interruptions_equals_the_uninterrupted_trace(models: dict[str, Path], data: list[Path],
                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+                                                                   capsys: pytest.CaptureFixture[str],
+        ctrl_c_at_batch: Callable[[int], Callable[..., Iterator[Batch]]]) -> None:
     full, part = tmp_path / "full.npz", tmp_path / "part.npz"
     assert trace(models["olmoe"], data, full, "--max-tokens", "700") == 0
     assert load_trace(full).num_tokens == 700  # both files read: the resume crosses into b.jsonl
 
-    monkeypatch.setattr(text_mod, "iter_batches", stop_after(3))
+    monkeypatch.setattr(text_mod, "iter_batches", ctrl_c_at_batch(3))
     assert trace(models["olmoe"], data, part, "--max-tokens", "700") == 130
     first = load_trace(part)
     assert first.num_tokens == 96 and first.meta["interrupted"] is True and first.meta["batch_size"] == 2
     first_sha = file_sha256(part)
 
     # the resumed run is interrupted too: the partial trace itself grows (it is -o), nothing goes beside it
-    monkeypatch.setattr(text_mod, "iter_batches", stop_after(2))
+    monkeypatch.setattr(text_mod, "iter_batches", ctrl_c_at_batch(2))
     assert trace(models["olmoe"], data, part, "--max-tokens", "700", "--resume", str(part)) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith(f"(interrupted: a valid shorter trace; resumed from {part} at 96 tokens)"), err
@@ -93,11 +82,12 @@ def test_resume_after_interruptions_equals_the_uninterrupted_trace(models: dict[
 
 
 def test_the_model_does_not_run_on_the_windows_already_traced(models: dict[str, Path], data: list[Path],
-                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        ctrl_c_at_batch: Callable[[int], Callable[..., Iterator[Batch]]]) -> None:
     from moeplace.trace import collect as collect_mod
 
     part = tmp_path / "part.npz"
-    monkeypatch.setattr(text_mod, "iter_batches", stop_after(2))
+    monkeypatch.setattr(text_mod, "iter_batches", ctrl_c_at_batch(2))
     assert trace(models["mixtral"], data, part) == 130
     monkeypatch.undo()
     routed: list[int] = []
@@ -130,12 +120,13 @@ def test_a_complete_trace_is_left_as_it_is(models: dict[str, Path], data: list[P
 
 def test_an_interrupt_before_a_new_batch_leaves_the_partial_trace(models: dict[str, Path], data: list[Path],
                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+                                                                  capsys: pytest.CaptureFixture[str],
+        ctrl_c_at_batch: Callable[[int], Callable[..., Iterator[Batch]]]) -> None:
     part = tmp_path / "part.npz"
-    monkeypatch.setattr(text_mod, "iter_batches", stop_after(1))
+    monkeypatch.setattr(text_mod, "iter_batches", ctrl_c_at_batch(1))
     assert trace(models["olmoe"], data, part) == 130
     before = part.read_bytes()
-    monkeypatch.setattr(text_mod, "iter_batches", stop_after(0))
+    monkeypatch.setattr(text_mod, "iter_batches", ctrl_c_at_batch(0))
     capsys.readouterr()
     assert trace(models["olmoe"], data, part, "--resume", str(part)) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -144,10 +135,11 @@ def test_an_interrupt_before_a_new_batch_leaves_the_partial_trace(models: dict[s
 
 
 @pytest.fixture
-def partial(models: dict[str, Path], data: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def partial(models: dict[str, Path], data: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        ctrl_c_at_batch: Callable[[int], Callable[..., Iterator[Batch]]]) -> Path:
     part = tmp_path / "part.npz"
     with monkeypatch.context() as m:
-        m.setattr(text_mod, "iter_batches", stop_after(2))
+        m.setattr(text_mod, "iter_batches", ctrl_c_at_batch(2))
         assert trace(models["olmoe"], data, part) == 130
     return part
 
