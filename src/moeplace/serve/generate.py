@@ -122,6 +122,7 @@ class Runtime:
         if len(params) != num:
             raise ValueError(f"{len(params)} sampling parameters for {num} prompts")
         sampled = [not p.greedy for p in params]
+        any_sampled = any(sampled)  # the same for the whole call: greedy batches skip the host work
         for i, (p, n) in enumerate(zip(prompts, max_new_tokens)):
             if len(p) + n > spec.max_positions:  # RoPE past the trained context: silent garbage
                 raise MoeplaceError(f"prompt {i}: {len(p)} prompt tokens + {n} new exceed the model's "
@@ -164,7 +165,7 @@ class Runtime:
             logits = model.logits(h)  # [n, V] for the sequences whose token ended here
             next_ids = torch.full((num,), -1, dtype=torch.int64, device=dev)
             next_ids[here] = logits.argmax(-1)
-            if any(sampled):  # draw where the logits are; the all-reduce below carries the token
+            if any_sampled:  # draw where the logits are; the all-reduce below carries the token
                 slots_here = here.tolist()
                 picked = [i for i, s in enumerate(slots_here) if sampled[s]]
                 if picked:  # step: the index of the token drawn, the same on any rank and batch
