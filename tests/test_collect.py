@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -568,6 +570,42 @@ def test_dtype_takes_evals_spelling_too(tiny_dirs: dict[str, Path], corpus: Path
     for given, stored in (("bf16", "bfloat16"), ("fp32", "float32")):
         assert trace_cli(tiny_dirs["mixtral"], corpus, out, "--max-tokens", "20", "--dtype", given) == 0
         assert load_trace(out).meta["dtype"] == stored
+
+
+def router_sha256(ckpt: Path, dtype: torch.dtype | None = None) -> str:
+    """The routing fingerprint re-derived from the checkpoint's safetensors file: its router tensors
+    (`mlp.gate.*` / `mlp.router.*`) in decoder-layer order then by name, each as "NAME DTYPE SHAPE\n"
+    and its bytes (cast to `dtype` first, as `--dtype` loads them), sha256, first 16 hex digits."""
+    found = sorted((int(m[1]), m[2], t) for key, t in load_file(ckpt / "model.safetensors").items()
+                   if (m := re.fullmatch(r"model\.layers\.(\d+)\.mlp\.(?:gate|router)\.(\w+)", key)))
+    assert found, "no router tensors in the checkpoint"
+    h = hashlib.sha256()
+    for _, name, t in found:
+        t = t.to(dtype) if dtype is not None else t
+        h.update(f"{name} {str(t.dtype).removeprefix('torch.')} {list(t.shape)}\n".encode())
+        h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())  # numpy has no bf16
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3", "gpt_oss"])  # weight; + correction bias; + router bias
+def test_trace_records_the_router_weights_fingerprint(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path,
+                                                      family: str) -> None:
+    out = tmp_path / "t.npz"
+    assert trace_cli(tiny_dirs[family], corpus, out, "--max-tokens", "20") == 0
+    recorded = load_trace(out).meta["router_sha256"]
+    assert re.fullmatch(r"[0-9a-f]{16}", recorded) and recorded == router_sha256(tiny_dirs[family])
+
+
+def test_router_fingerprint_covers_the_dtype_loaded_and_not_the_path(tiny_dirs: dict[str, Path], corpus: Path,
+                                                                     tmp_path: Path) -> None:
+    copy = shutil.copytree(tiny_dirs["olmoe"], tmp_path / "elsewhere")
+    runs = {"fp32": (tiny_dirs["olmoe"], ()), "copy": (copy, ("--seq-len", "8")), "bf16": (copy, ("--dtype", "bf16"))}
+    found = {}
+    for label, (model, extra) in runs.items():
+        assert trace_cli(model, corpus, tmp_path / f"{label}.npz", "--max-tokens", "20", *extra) == 0
+        found[label] = load_trace(tmp_path / f"{label}.npz").meta["router_sha256"]
+    assert found["copy"] == found["fp32"] == router_sha256(tiny_dirs["olmoe"])  # the same weights: the same hash
+    assert found["bf16"] == router_sha256(copy, torch.bfloat16) != found["fp32"]
 
 
 # ---- the committed trained checkpoint -------------------------------------------------------------

@@ -46,11 +46,12 @@ def test_merge_equals_the_trace_of_the_concatenated_input(model: Path, tmp_path:
     assert merged.sequence_ids is not None and merged.sequence_ids[576] == 36  # b's first window follows a's 36
     meta = merged.meta
     assert meta["source"] == "moeplace import merge" and meta["corpus"] == whole.meta["corpus"] == "a,b"
+    fingerprint = whole.meta["router_sha256"]  # one model's: the same in every run
     assert meta["inputs"] == [
         {"file": str(tmp_path / n), "sha256": file_sha256(tmp_path / n), "tokens": t, "source": "moeplace trace",
-         "corpus": c} for n, t, c in (("a.npz", 576, "a"), ("b.npz", 215, "b"))]
+         "corpus": c, "router_sha256": fingerprint} for n, t, c in (("a.npz", 576, "a"), ("b.npz", 215, "b"))]
     assert meta["data"] == whole.meta["data"]
-    for key in ("model", "moe_layers", "hidden_size", "dtype", "seq_len", "num_experts", "top_k"):
+    for key in ("model", "moe_layers", "hidden_size", "dtype", "seq_len", "num_experts", "top_k", "router_sha256"):
         assert meta[key] == whole.meta[key], key
 
 
@@ -72,6 +73,9 @@ def test_sequence_ids_of_later_inputs_are_offset() -> None:
     np.testing.assert_array_equal(merged.topk_weights, np.concatenate([a.topk_weights, b.topk_weights, c.topk_weights]))
 
 
+FINGERPRINT = "0123456789abcdef"  # meta router_sha256 of trace a below
+
+
 @pytest.mark.parametrize("other, expected", [
     (synthetic(8, model="m2", moe_layers=[0, 1, 2]),
      'meta model "m2", but {a} has "m1": only traces of one model (and one expert numbering) merge'),
@@ -79,10 +83,17 @@ def test_sequence_ids_of_later_inputs_are_offset() -> None:
      "meta moe_layers [1, 2, 3], but {a} has [0, 1, 2]: only traces of one model"),
     (synthetic(8, k=3, model="m1"), "top-k 3, but {a} has 2: only traces"),
     (synthetic(8, experts=16, model="m1"), "num_experts 16, but {a} has 8: only traces"),
+    (synthetic(8, model="m1", moe_layers=[0, 1, 2], dtype="float32", router_sha256="fedcba9876543210"),
+     'meta router_sha256 "fedcba9876543210", but {a} has "0123456789abcdef" (other router weights: another '
+     "checkpoint, or one replaced at the same path): only traces of one model (and one expert numbering) merge"),
+    (synthetic(8, model="m1", moe_layers=[0, 1, 2], dtype="bfloat16", router_sha256="fedcba9876543210"),
+     'meta router_sha256 "fedcba9876543210", but {a} has "0123456789abcdef" (traced in "bfloat16", {a} in '
+     '"float32"): only traces'),
 ])
 def test_traces_of_another_model_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                              other: Trace, expected: str) -> None:
-    save_trace(synthetic(8, model="m1", moe_layers=[0, 1, 2]), tmp_path / "a.npz")
+    save_trace(synthetic(8, model="m1", moe_layers=[0, 1, 2], dtype="float32", router_sha256=FINGERPRINT),
+               tmp_path / "a.npz")
     save_trace(other, tmp_path / "b.npz")
     out = tmp_path / "m.npz"
     out.write_bytes(b"earlier")
@@ -91,6 +102,29 @@ def test_traces_of_another_model_are_refused(tmp_path: Path, capsys: pytest.Capt
     expected = expected.format(a=tmp_path / "a.npz")
     assert len(err) == 1 and err[0].startswith(f"moeplace: error: {tmp_path / 'b.npz'}: {expected}"), err
     assert out.read_bytes() == b"earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "b.npz", "m.npz"]
+
+
+def test_fingerprints_are_compared_also_when_the_first_input_has_none() -> None:
+    a, b = synthetic(4, model="m1"), synthetic(4, seed=1, model="m1", router_sha256=FINGERPRINT)
+    c = synthetic(4, seed=2, model="m1", router_sha256="fedcba9876543210")
+    with pytest.raises(TraceError, match=f'^c: meta router_sha256 "fedcba9876543210", but b has "{FINGERPRINT}" '):
+        merge_traces([("a", a), ("b", b), ("c", c)])
+
+
+def test_a_fingerprint_only_some_inputs_record_is_dropped_with_a_warning(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    names = [tmp_path / n for n in ("a.npz", "b.npz", "c.npz")]
+    save_trace(synthetic(8, model="m1", router_sha256=FINGERPRINT), names[0])
+    save_trace(synthetic(8, seed=1, model="m1"), names[1])  # traced before moeplace recorded it
+    save_trace(synthetic(8, seed=2, model="m1", router_sha256=FINGERPRINT), names[2])
+    out = tmp_path / "m.npz"
+    assert run(["import", "merge", *map(str, names), "-o", str(out), "-q"]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"moeplace: warning: router_sha256 dropped from the merged trace: {names[1]} has none (router weights not "
+        "compared)"]
+    meta = load_trace(out).meta
+    assert "router_sha256" not in meta and meta["model"] == "m1"
+    assert [i.get("router_sha256") for i in meta["inputs"]] == [FINGERPRINT, None, FINGERPRINT]  # kept per input
 
 
 def test_meta_recorded_by_one_input_only_is_no_difference() -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file, save_file
 
 from moeplace.cli import run
 from moeplace.models.tiny import build_tiny_model
@@ -210,6 +213,55 @@ def test_an_older_partial_trace_with_other_batches_is_refused(models: dict[str, 
     assert refused(capsys, code, older, before) == (
         f"moeplace: error: --resume {older}: holds 4 sequences, not whole batches of --batch-size 3: it was traced "
         "with another --batch-size")
+
+
+def test_a_checkpoint_whose_router_weights_changed_at_the_same_path_is_refused(
+        models: dict[str, Path], data: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, ctrl_c_at_batch: Callable[[int], Callable[..., Iterator[Batch]]]) -> None:
+    """A new fine-tune saved over the checkpoint: same path, config and tokenizer, other routers."""
+    ckpt = shutil.copytree(models["olmoe"], tmp_path / "ckpt")
+    part = tmp_path / "part.npz"
+    with monkeypatch.context() as m:
+        m.setattr(text_mod, "iter_batches", ctrl_c_at_batch(2))
+        assert trace(ckpt, data, part) == 130
+    traced_with = load_trace(part).meta["router_sha256"]
+    weights = load_file(ckpt / "model.safetensors")
+    weights["model.layers.2.mlp.gate.weight"][3, 5] += 1e-3  # one number of one router
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    before = part.read_bytes()
+    capsys.readouterr()
+    code = trace(ckpt, data, tmp_path / "out.npz", "--resume", str(part))
+    line = refused(capsys, code, part, before)
+    found = re.fullmatch(rf'moeplace: error: --resume {re.escape(str(part))}: it was traced with router weights '
+                         rf'router_sha256 "{traced_with}", --model\'s are "([0-9a-f]{{16}})" now: the checkpoint was '
+                         'replaced or changed since; trace it anew', line)
+    assert found and found[1] != traced_with, line
+
+
+def test_a_partial_trace_without_a_router_fingerprint_resumes_with_a_warning(
+        models: dict[str, Path], data: list[Path], partial: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Written before meta.router_sha256: resumed, saying the weights cannot be checked, and the
+    result claims no fingerprint (it would vouch for the partial trace's tokens too)."""
+    t = load_trace(partial)
+    assert "router_sha256" in t.meta
+    older = tmp_path / "older.npz"
+    save_trace(make_trace(t.topk_ids, t.topk_weights, t.num_experts, token_ids=t.token_ids,
+                          sequence_ids=t.sequence_ids, positions=t.positions,
+                          meta={k: v for k, v in t.meta.items() if k not in ("router_sha256", "format")}), older)
+    full, out = tmp_path / "full.npz", tmp_path / "out.npz"
+    assert trace(models["olmoe"], data, full) == 0
+    capsys.readouterr()
+    assert trace(models["olmoe"], data, out, "--resume", str(older)) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"moeplace: warning: --resume {older}: its meta has no router_sha256 (an older moeplace wrote it): the "
+        "model's weights cannot be checked against the ones it was traced with; the resumed trace records none"]
+    resumed, whole = load_trace(out), load_trace(full)
+    for key in ARRAYS:
+        assert getattr(resumed, key).tobytes() == getattr(whole, key).tobytes(), key
+    assert "router_sha256" not in resumed.meta and resumed.meta["resumed"][0]["file"] == str(older)
+    assert {k: v for k, v in resumed.meta.items() if k != "resumed"} == {
+        k: v for k, v in whole.meta.items() if k != "router_sha256"}
 
 
 def test_only_a_trace_moeplace_trace_wrote_resumes(models: dict[str, Path], data: list[Path], tmp_path: Path,

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import click
 
-from moeplace.errors import AlreadyReported, MoeplaceError
+from moeplace.errors import AlreadyReported, MoeplaceError, warn
 from moeplace.export.permute import permutation_record
 from moeplace.io import read_json
 from moeplace.models.config import config_size
@@ -61,7 +61,8 @@ if TYPE_CHECKING:
 @click.option("--resume", "resume", default=None, type=click.Path(path_type=Path), metavar="PARTIAL.npz",
               help="Continue the trace an interrupted run wrote, given the same arguments: its windows are checked "
                    "against --data and skipped (the model does not run on them), the rest traced; the result "
-                   "equals one uninterrupted run's. -o may be PARTIAL.npz itself; --max-tokens counts the whole trace.")
+                   "equals one uninterrupted run's. -o may be PARTIAL.npz itself; --max-tokens counts the whole trace. "
+                   "The model is checked by path, config and router weights (meta router_sha256).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress (stderr) and no summary line (stdout); errors only.")
 def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | None, max_tokens: int | None,
           batch_size: int, dtype: str, device: str, threads: int | None, tokenizer_ref: str | None,
@@ -82,7 +83,9 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     130, or 143), to -o when it does not exist yet, else beside it as STEM.interrupted.npz (an
     existing trace is never replaced by a partial one). The output file is replaced atomically.
     --resume PARTIAL.npz continues such a trace: the same arguments again, plus --resume; a
-    different model, --data file, --seq-len, --batch-size, --dtype, --device or text is refused.
+    different model, --data file, --seq-len, --batch-size, --dtype, --device or text is refused,
+    and so are other router weights at the same --model path (meta router_sha256 hashes every MoE
+    router's tensors, not the other weights: a fine-tune that froze the routers passes).
     \b
     Example:
       moeplace trace --model checkpoints/tiny-moe --data ../shared/data/text/c4_texts.txt \\
@@ -94,7 +97,7 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     import torch
 
     from moeplace.models.discovery import find_moe_layers, num_decoder_layers
-    from moeplace.trace.collect import InputShare, collect
+    from moeplace.trace.collect import InputShare, collect, router_fingerprint
     from moeplace.trace.format import save_trace
     from moeplace.trace.text import expand_paths, iter_batches, iter_windows, skip_windows, validate
 
@@ -173,6 +176,8 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
         # a checkpoint `permute-checkpoint` renumbered: its expert ids are not the original's, and a
         # placement of the original must not be scored on them unawares (eval warns)
         meta["renumbered_from"] = str(record.get("source", "unknown"))
+    # last: a field checked before it (--model, --dtype, renumbered_from) names a difference better
+    meta["router_sha256"] = router_fingerprint(layers)  # a checkpoint replaced at the same path
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sources: list[tuple[Path, int]] = []  # (file, its first window): which files the trace read
     walked = share.files(files) if share is not None else files  # marks where each file starts
@@ -183,6 +188,10 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
         assert partial.sequence_ids is not None and partial.positions is not None
         if problem := _resume_difference(partial.meta, meta):
             raise MoeplaceError(f"--resume {resume}: {problem}")
+        if "router_sha256" not in partial.meta:  # written before moeplace recorded it
+            warn(f"--resume {resume}: its meta has no router_sha256 (an older moeplace wrote it): the model's weights "
+                 "cannot be checked against the ones it was traced with; the resumed trace records none")
+            del meta["router_sha256"]  # it would vouch for the partial trace's tokens too
         if not quiet:
             click.echo(f"trace: checking the {partial.num_tokens} tokens of {resume} against --data", err=True)
         held = skip_windows(windows, partial.token_ids, partial.sequence_ids, partial.positions, f"--resume {resume}")
@@ -238,7 +247,7 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
 # meta a resumed run may differ in from its partial trace: what was read so far, and the resume's own record
 _RESUME_FREE = ("corpus", "data", "data_bytes", "interrupted", "resumed", "format")
 # fields an older partial trace may lack (added since): not checked when absent
-_RESUME_NEWER = ("batch_size", "data_bytes")
+_RESUME_NEWER = ("batch_size", "data_bytes", "router_sha256")
 _OPTION = {"model": "--model", "tokenizer": "--tokenizer", "seq_len": "--seq-len", "batch_size": "--batch-size",
            "dtype": "--dtype", "device": "--device"}
 
@@ -287,6 +296,9 @@ def _resume_difference(old: dict[str, Any], new: dict[str, Any], only: tuple[str
         was, now = old.get(key), new.get(key)
         if was == now or (key in ("model", "tokenizer") and same_directory(was, now)):
             continue
+        if key == "router_sha256" and key in old and key in new:
+            return (f"it was traced with router weights router_sha256 {json.dumps(was)}, --model's are "
+                    f"{json.dumps(now)} now: the checkpoint was replaced or changed since; trace it anew")
         what = _OPTION.get(key, f"the model's {key}")
         return (f"it was traced with {what} {json.dumps(was)}, this run has {json.dumps(now)}"
                 if key in old and key in new else

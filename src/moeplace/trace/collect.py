@@ -14,6 +14,7 @@ parts into one Trace at the end (or at Ctrl-C, with whatever batches completed).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import signal
 import tempfile
@@ -85,6 +86,24 @@ class RouterRecorder:
         self._ids = [None] * len(self.layers)
         self._weights = [None] * len(self.layers)
         return ids.gather(-1, order).numpy().astype(np.int64), weights.gather(-1, order).numpy()
+
+
+def router_fingerprint(layers: list[MoELayer]) -> str:
+    """The first 16 hex digits of sha256 over every MoE router's tensors as loaded, in MoE-layer
+    order: per router, each state_dict tensor (weight [E, hidden]; GPT-OSS's bias [E], DeepSeek-V3's
+    e_score_correction_bias [E]) in name order, as the line "NAME DTYPE SHAPE" (e.g. "weight float32
+    [8, 32]") and a newline, then its bytes. Identifies the routing weights, not the checkpoint:
+    the dtype is in it (a bf16 load differs from fp32), the path is not (a copy hashes alike), and
+    the other weights, which shape the hidden states the routers see, are not either."""
+    h = hashlib.sha256()
+    for layer in layers:
+        state = layer.router.state_dict()
+        for name in sorted(state):
+            t = state[name].detach()
+            h.update(f"{name} {str(t.dtype).removeprefix('torch.')} {list(t.shape)}\n".encode())
+            # the bytes themselves: bfloat16 has no numpy dtype, a uint8 view of any dtype does
+            h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
 
 
 @torch.inference_mode()

@@ -314,11 +314,12 @@ def merge_cmd(paths: tuple[Path, ...], output: Path, meta: tuple[str, ...], quie
 
     \b
     The traces must agree on num_experts, MoE layers and k, and on meta model, model_type,
-    moe_layers, renumbered_from and hidden_size where both record them; else refused, naming
-    the file and the difference. Tokens keep the inputs' order; sequence ids of later inputs are
-    shifted past the earlier ones'. topk_weights, token_ids, sequence_ids and positions are kept
-    when every input has them (dropped, with a warning naming them, when only some do). meta
-    records the inputs (file, sha256, tokens) and joins their corpus labels.
+    moe_layers, renumbered_from, hidden_size and router_sha256 (the router weights `moeplace
+    trace` hashed) where both record them; else refused, naming the files and the difference.
+    Tokens keep the inputs' order; sequence ids of later inputs are shifted past the earlier
+    ones'. topk_weights, token_ids, sequence_ids and positions are kept when every input has them
+    (dropped, with a warning naming them, when only some do); so is router_sha256. meta records
+    the inputs (file, sha256, tokens) and joins their corpus labels.
     Example:
       moeplace import merge c4-part1.npz c4-part2.npz wiki.npz -o mixed.npz
     """

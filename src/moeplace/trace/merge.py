@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from moeplace.errors import TraceError
+from moeplace.errors import TraceError, warn
 from moeplace.options import same_directory
 from moeplace.trace.format import Trace, make_trace
 
 OPTIONAL = ("topk_weights", "token_ids", "sequence_ids", "positions")
 # meta that must agree where two inputs both record it: what says which model (and numbering) routed
-IDENTITY = ("model", "model_type", "moe_layers", "renumbered_from", "hidden_size")
+# (router_sha256 last: a difference in a field before it is the better-named one)
+IDENTITY = ("model", "model_type", "moe_layers", "renumbered_from", "hidden_size", "router_sha256")
 # meta that describes one input alone: recorded per input (meta.inputs), never carried as shared
 _PER_INPUT = ("source", "corpus", "data", "data_bytes", "interrupted", "resumed", "inputs", "format", "file",
               "sha256")
@@ -32,28 +33,39 @@ _PER_INPUT = ("source", "corpus", "data", "data_bytes", "interrupted", "resumed"
 def merge_traces(traces: Sequence[tuple[str, Trace]]) -> tuple[Trace, list[str]]:
     """(name, trace) pairs, in order -> (the concatenated trace, the optional arrays dropped).
 
-    Raises TraceError naming the first input that does not fit the first one: other num_experts,
-    MoE layer count, k, or meta model / model_type / moe_layers / renumbered_from / hidden_size
-    (checked where both record it). Meta of the result: source "moeplace import merge", inputs
-    (file, sha256, tokens; source, corpus and interrupted when recorded), corpus (the inputs'
-    labels joined by ','), data (the files read, when every input lists them) and every other
-    field all inputs record alike (dtype, seq_len, ...).
+    Raises TraceError naming the first input that does not fit an earlier one: other num_experts,
+    MoE layer count, k, or meta model / model_type / moe_layers / renumbered_from / hidden_size /
+    router_sha256 (checked where both record it). Meta of the result: source "moeplace import
+    merge", inputs (file, sha256, tokens; source, corpus, interrupted and router_sha256 when
+    recorded), corpus (the inputs' labels joined by ','), data (the files read, when every input
+    lists them) and every other field all inputs record alike (dtype, seq_len, ...). router_sha256
+    recorded by only some inputs is left out, with a MoeplaceWarning naming those lacking it.
     """
     if len(traces) < 2:
         raise TraceError("merge needs at least two traces")
-    first_name, first = traces[0]
-    for name, t in traces[1:]:
-        if (found := mismatch(first, t)) is not None:
-            field, mine, theirs = found
-            raise TraceError(f"{name}: {field} {_shown(theirs)}, but {first_name} has {_shown(mine)}: "
-                             "only traces of one model (and one expert numbering) merge")
+    # each input is compared with the first, and with the first to record each IDENTITY field: two
+    # fingerprints that differ are caught also when the first input records none
+    refs: list[tuple[str, Trace]] = []
+    for name, t in traces:
+        for ref_name, ref in refs:
+            if (found := mismatch(ref, t)) is not None:
+                field, mine, theirs = found
+                raise TraceError(f"{name}: {field} {_shown(theirs)}, but {ref_name} has {_shown(mine)}"
+                                 f"{_why(field, ref_name, ref, t)}: only traces of one model (and one expert "
+                                 "numbering) merge")
+        if not refs or any(key in t.meta and all(key not in r.meta for _, r in refs) for key in IDENTITY):
+            refs.append((name, t))
+    lacking = [name for name, t in traces if "router_sha256" not in t.meta]
+    if lacking and len(lacking) < len(traces):  # said: the router weights of those were never compared
+        warn(f"router_sha256 dropped from the merged trace: {', '.join(lacking)} "
+             f"{'has' if len(lacking) == 1 else 'have'} none (router weights not compared)")
     kept = [key for key in OPTIONAL if all(getattr(t, key) is not None for _, t in traces)]
     dropped = [key for key in OPTIONAL if key not in kept and any(getattr(t, key) is not None for _, t in traces)]
     arrays: dict[str, np.ndarray] = {"topk_ids": np.concatenate([t.topk_ids for _, t in traces])}
     for key in kept:
         parts = [getattr(t, key) for _, t in traces]
         arrays[key] = np.concatenate(_offset(parts) if key == "sequence_ids" else parts)
-    merged = make_trace(arrays.pop("topk_ids"), arrays.pop("topk_weights", None), first.num_experts,
+    merged = make_trace(arrays.pop("topk_ids"), arrays.pop("topk_weights", None), traces[0][1].num_experts,
                         meta=merged_meta(traces), name="merged trace", **arrays)
     return merged, dropped
 
@@ -69,6 +81,16 @@ def mismatch(a: Trace, b: Trace) -> tuple[str, Any, Any] | None:
                 and not (key == "model" and same_directory(a.meta[key], b.meta[key])):
             return f"meta {key}", a.meta[key], b.meta[key]
     return None
+
+
+def _why(field: str, a_name: str, a: Trace, b: Trace) -> str:
+    """What a differing field means, when its name alone does not say it; else "" (b is the input named)."""
+    if field != "meta router_sha256":
+        return ""
+    dtype, theirs = a.meta.get("dtype"), b.meta.get("dtype")
+    if dtype is not None and theirs is not None and dtype != theirs:  # it hashes the weights as loaded
+        return f" (traced in {_shown(theirs)}, {a_name} in {_shown(dtype)})"
+    return " (other router weights: another checkpoint, or one replaced at the same path)"
 
 
 def _shown(value: Any) -> str:
@@ -94,7 +116,8 @@ def merged_meta(traces: Sequence[tuple[str, Trace]]) -> dict[str, Any]:
     inputs = []
     for name, t in traces:
         record: dict[str, Any] = {"file": name, "sha256": t.sha256, "tokens": t.num_tokens}
-        record.update({key: t.meta[key] for key in ("source", "corpus", "interrupted") if key in t.meta})
+        record.update({key: t.meta[key] for key in ("source", "corpus", "interrupted", "router_sha256")
+                       if key in t.meta})
         inputs.append(record)
     meta: dict[str, Any] = {"source": "moeplace import merge", **shared, "inputs": inputs,
                             "corpus": ",".join(str(m.get("corpus") or Path(name).stem)
