@@ -40,7 +40,6 @@ def test_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
     out = str(tmp_path / "p.json")
     for extra, says in ((["--objective", "balance", "--max-moves", "2"], "add --from CURRENT.json"),
-                        (["--from", str(cur), "--max-moves", "2"], "use --objective balance"),
                         (["--objective", "latency", "--from", str(cur), "--max-moves", "2"], "use --objective balance"),
                         (["--objective", "balance", "--from", str(cur), "--max-moves", "2",
                           "--max-experts-per-gpu-total", "8"], "drop one of them"),

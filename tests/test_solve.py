@@ -879,8 +879,8 @@ def test_coordinate_descent_alternates_sweep_direction_until_a_sweep_gains_too_l
     calls: list[int] = []
 
     def fake_improve(graph: AffinityGraph, x: np.ndarray, layer: int, distance: np.ndarray,
-                     cap: heuristics.LoadCap | None) -> float:
-        assert cap is None
+                     cap: heuristics.LoadCap | None, moves: heuristics.MoveLimit | None = None) -> float:
+        assert cap is None and moves is None
         calls.append(layer)
         return next(gains)
 

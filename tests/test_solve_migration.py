@@ -1,4 +1,4 @@
-"""Re-placement: `moeplace solve --from CURRENT.json [--move-cost W]` (solve/migrate.py)."""
+"""Re-placement: `moeplace solve --from CURRENT.json [--move-cost W] [--max-moves N]` (solve/migrate.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from moeplace.solve import ilp
 from moeplace.solve.affinity import distance_matrix, edge_weights, placement_cost
 from moeplace.solve.baselines import random_balanced
 from moeplace.solve.costmodel import load_cost_model, predict
-from moeplace.solve.heuristics import layer_costs, objective_cost, swap_deltas, with_move_cost
+from moeplace.solve.heuristics import (
+    MoveLimit, coordinate_descent, layer_costs, objective_cost, repair_layer, swap_deltas, swap_descent, with_move_cost,
+)
 from moeplace.solve.migrate import best_relabeling, moves, relabel
 from moeplace.solve.solver import solve_placement
 from moeplace.solve.synthetic import planted_trace
@@ -215,3 +217,182 @@ def test_latency_from_keeps_its_value_the_predicted_time_of_the_relabelled_place
     assert p.objective["value"] == pytest.approx(float(t.total_us.sum()), rel=1e-9)
     assert p.objective["value"] - plain.objective["value"] == pytest.approx(p.objective["relabeling_delta_us"], abs=1e-6)
     assert p.extra["migration"]["moved"] <= int((plain.expert_to_gpu != cur.expert_to_gpu).sum())
+
+
+# --- --max-moves N with the traffic objective ---------------------------------------------------
+
+
+def per_gpu_counts(layout: np.ndarray, num_gpus: int) -> list[list[int]]:
+    return [np.bincount(row, minlength=num_gpus).tolist() for row in layout]
+
+
+def test_repair_and_limited_swaps_keep_the_limit_and_equal_counts() -> None:
+    rng = np.random.default_rng(0)
+    distance = distance_matrix(4, 2, 2.0)
+    home = random_balanced(1, 16, 4, 1)[0]
+    for seed in range(5):
+        gpus = random_balanced(1, 16, 4, 10 + seed)[0]
+        cost = rng.random((16, 4)) * 10
+        intra = np.triu(rng.random((16, 16)) * (rng.random((16, 16)) < 0.2), 1)
+        intra = intra + intra.T
+        before = int((gpus != home).sum())
+        assert before > 4
+        for n in (4, 2, 1, 0):
+            x, c = gpus.copy(), cost.copy()
+            for a in range(16):  # the cost table with intra edges at x's GPUs, as layer_costs builds it
+                c[a] += intra[a] @ distance[x]
+            repair_layer(c, x, intra, distance, home, n)
+            moved = int((x != home).sum())
+            assert moved <= n and moved >= n - 1  # exchanges back revert one or two moves at a time, and stop at N
+            assert moved != 1  # equal counts: no layer moves exactly one expert
+            assert np.bincount(x, minlength=4).tolist() == [4] * 4
+            swap_descent(c, x, intra, distance, home=home, max_moves=n)
+            assert int((x != home).sum()) <= n and np.bincount(x, minlength=4).tolist() == [4] * 4
+        y, c = gpus.copy(), cost.copy()
+        swap_descent(c, y, intra, distance, home=home, max_moves=2)  # over the limit: no swap adds a move
+        assert int((y != home).sum()) <= before
+
+
+def test_limited_ilp_and_descent_against_brute_force() -> None:
+    """The single-layer and whole-model ILP take sum_e x[l, e, current(l, e)] >= E - N as a
+    constraint (and drop the GPU-symmetry pin: the limit names CURRENT's GPUs)."""
+    trace, _ = planted_trace(300, 2, 6, 2, 2, seed=11)
+    graph = edge_weights(trace)
+    distance = distance_matrix(2, 2, 1.0)
+    current = np.array([[1, 1, 1, 0, 0, 0], [0, 1, 0, 1, 0, 1]])
+    rows = [np.array(r) for r in itertools.product(range(2), repeat=6) if sum(r) == 3]
+    for n in (0, 2, 4):
+        limit = MoveLimit(current, n)
+        best = min(placement_cost(graph, np.stack([a, b]), distance) for a in rows for b in rows
+                   if (a != current[0]).sum() <= n and (b != current[1]).sum() <= n)
+        res = ilp.solve_window(graph, current, range(2), distance, 2, 30.0, pin_first=True, moves=limit)
+        assert res.optimal and res.cost == pytest.approx(best)
+        assert limit.over(res.expert_to_gpu) == []
+        one = ilp.solve_window(graph, current, range(1), distance, 2, 30.0, moves=limit)  # layer 1 fixed at CURRENT
+        assert limit.moves(one.expert_to_gpu[0], 0) <= n and one.expert_to_gpu[1].tolist() == current[1].tolist()
+        x = current.copy()
+        coordinate_descent(graph, x, distance, moves=limit)
+        assert limit.over(x) == [] and placement_cost(graph, x, distance) >= best - 1e-9
+    free = min(placement_cost(graph, np.stack([a, b]), distance) for a in rows for b in rows)
+    assert best == pytest.approx(free)  # N = 4 of 6: no limit here, the unlimited optimum
+
+
+def shifted(layers: int = 4, experts: int = 16, gpus: int = 4) -> tuple[Placement, Any]:
+    """CURRENT fitted on one planted trace, and another planted trace (the traffic moved)."""
+    old, _ = planted_trace(600, layers, experts, 2, gpus, seed=7)
+    new, _ = planted_trace(600, layers, experts, 2, gpus, seed=8)
+    return solve_placement(old, gpus, seed=0, **FAST), new
+
+
+def test_max_moves_holds_on_every_layer_and_zero_keeps_current() -> None:
+    current, new = shifted()
+    free = solve_placement(new, 4, seed=0, current=current, **FAST)
+    assert min(free.extra["migration"]["moved_per_layer"]) > 4  # the limits below bind
+    values = {}
+    for n in (0, 1, 2, 4):
+        p = solve_placement(new, 4, seed=0, current=current, max_moves=n, **FAST)
+        recount = moves(p.expert_to_gpu, current.expert_to_gpu).tolist()
+        mm = p.objective["max_moves"]
+        assert max(recount) <= n and mm["held"] and mm["N"] == n
+        assert mm["moved_per_layer"] == recount == p.extra["migration"]["moved_per_layer"]
+        assert per_gpu_counts(p.expert_to_gpu, 4) == [[4] * 4] * 4  # equal counts per GPU
+        assert p.objective["value"] == pytest.approx(placement_cost(
+            edge_weights(new, 1.0, p.objective["coselect_weight"], p.objective["smoothing"], p.objective["prior"]),
+            p.expert_to_gpu, distance_matrix(4, 4, 2.0)), rel=1e-9)
+        assert p.bound <= p.objective["value"] + 1e-6  # the unlimited bound stays a lower bound
+        assert mm["without_max_moves"]["traffic"] == pytest.approx(free.objective["value"], rel=1e-9)
+        values[n] = p.objective["value"]
+        if n <= 1:  # N = 1 allows no move either: CURRENT exactly, in its own GPU names
+            np.testing.assert_array_equal(p.expert_to_gpu, current.expert_to_gpu)
+    # CURRENT is a start of every N, so N > 0 is never worse than N = 0; here the limit binds
+    assert values[0] > values[2] > free.objective["value"] and values[0] > values[4] > free.objective["value"]
+    # both limits: the value is traffic + the move price, the moves within N
+    both = solve_placement(new, 4, seed=0, current=current, max_moves=2, move_cost=0.05, **FAST)
+    mc = both.objective["move_cost"]
+    assert max(moves(both.expert_to_gpu, current.expert_to_gpu)) <= 2
+    assert both.objective["value"] == pytest.approx(mc["traffic"] + mc["per_move"] * both.extra["migration"]["moved"])
+    assert both.objective["max_moves"]["traffic"] == pytest.approx(mc["traffic"])
+
+
+def test_max_moves_is_monotone_and_large_n_is_the_unlimited_optimum() -> None:
+    """Small enough for the whole-model ILP with and without the limit (exact-ilp): the optimum
+    falls as N grows, and N = E (every layer free) gives the unlimited one."""
+    old, _ = planted_trace(300, 3, 8, 2, 2, seed=7)
+    new, _ = planted_trace(300, 3, 8, 2, 2, seed=8)
+    current = solve_placement(old, 2, seed=0, **FAST)
+    free = solve_placement(new, 2, seed=0, current=current, **FAST)
+    assert free.solver["method"] == "exact-ilp" and max(free.extra["migration"]["moved_per_layer"]) > 2
+    values = []
+    for n in (0, 2, 4, 8):
+        p = solve_placement(new, 2, seed=0, current=current, max_moves=n, **FAST)
+        assert p.solver["method"].endswith("within --max-moves: exact-ilp")
+        assert max(moves(p.expert_to_gpu, current.expert_to_gpu)) <= n
+        values.append(p.objective["value"])
+    # HiGHS proves optimality to its relative MIP gap (1e-4), so "equal" and "not above" are within it
+    assert all(later <= earlier * (1 + 1e-4) for earlier, later in zip(values, values[1:]))
+    assert values[0] > values[-1] * 1.5  # the limit binds at N = 0
+    assert values[-1] == pytest.approx(free.objective["value"], rel=1e-4)
+
+
+def test_max_moves_on_one_layer_keeps_current_where_the_free_layout_moves_more() -> None:
+    old, _ = planted_trace(200, 1, 8, 2, 2, seed=1)
+    new, _ = planted_trace(200, 1, 8, 2, 2, seed=2)
+    current = Placement(np.array([[0, 1, 0, 1, 0, 1, 0, 1]]), 2, 2)
+    p = solve_placement(new, 2, current=current, max_moves=0, **FAST)
+    np.testing.assert_array_equal(p.expert_to_gpu, current.expert_to_gpu)
+    assert p.objective["max_moves"]["moved_per_layer"] == [0]
+    assert p.objective["max_moves"]["without_max_moves"]["moved"] > 0
+
+
+def test_cli_max_moves_records_moves_that_a_recount_confirms(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    old, _ = planted_trace(300, 3, 16, 2, 4, seed=5)
+    new, _ = planted_trace(300, 3, 16, 2, 4, seed=6)
+    save_trace(old, tmp_path / "old.npz")
+    save_trace(new, tmp_path / "new.npz")
+    cur = tmp_path / "cur.json"
+    assert run(["solve", str(tmp_path / "old.npz"), "--gpus", "4", "-q", "-o", str(cur)]) == 0
+    capsys.readouterr()
+    current = np.array(json.loads(cur.read_text())["expert_to_gpu"])
+    for n in (2, 1):
+        out = tmp_path / f"p{n}.json"
+        assert run(["solve", str(tmp_path / "new.npz"), "--gpus", "4", "--from", str(cur), "--max-moves", str(n),
+                    "--train-fraction", "0.5", "-o", str(out)]) == 0
+        text = capsys.readouterr().out
+        doc = json.loads(out.read_text())
+        recount = (np.array(doc["expert_to_gpu"]) != current).sum(axis=1).tolist()
+        mm = doc["objective"]["max_moves"]
+        assert mm["moved_per_layer"] == recount == doc["migration"]["moved_per_layer"] and max(recount) <= n
+        assert mm["N"] == n and mm["of"] == 48
+        mean = f"{sum(recount) / 3:.2f}"
+        assert (f"--max-moves {n} (experts off their CURRENT GPU, per layer): moved per layer mean {mean}, "
+                f"max {max(recount)}; the limit held on every layer") in text
+        assert ("N = 1 allows no move" in text) == (n == 1)
+        assert load_placement(out).objective["max_moves"] == mm  # kept on a round trip
+    assert recount == [0, 0, 0]  # N = 1: no move
+    assert mm["without_max_moves"]["moved"] > 0  # ... where the solve without the limit moves some
+
+
+def test_max_moves_refusals_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace, _ = planted_trace(200, 2, 8, 2, 4, seed=1)
+    save_trace(trace, tmp_path / "t.npz")
+    cur = tmp_path / "cur.json"
+    assert run(["solve", str(tmp_path / "t.npz"), "--gpus", "4", "-q", "-o", str(cur)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "p.json"
+    cluster = str(ROOT / "configs" / "cluster" / "h100-1x4-nvlink.yaml")
+    for extra, says in ((["--max-moves", "2"], "add --from CURRENT.json"),
+                        (["--objective", "latency", "--cluster", cluster, "--from", str(cur), "--max-moves", "2"],
+                         "traffic and balance"),
+                        (["--from", str(cur), "--max-moves", "2", "--max-imbalance", "1.2"], "drop one of them")):
+        assert run(["solve", str(tmp_path / "t.npz"), "--gpus", "4", *extra, "-q", "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+    with pytest.raises(MoeplaceError, match="add --from CURRENT.json"):  # the library says the same
+        solve_placement(trace, 4, max_moves=2, **FAST)
+    with pytest.raises(MoeplaceError, match="traffic and balance"):
+        solve_placement(trace, 4, objective="latency", current=load_placement(cur), max_moves=2, cluster=cluster,
+                        time_limit=5.0)
+    with pytest.raises(MoeplaceError, match="drop one of them"):
+        solve_placement(trace, 4, current=load_placement(cur), max_moves=2, max_imbalance=1.2, **FAST)

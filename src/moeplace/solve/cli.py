@@ -75,13 +75,16 @@ def _objective_names() -> list[str]:
                    "beside it. E.g. W = expert weight bytes / (hidden size x dispatch bytes) x fit tokens / tokens "
                    "served until the next re-placement. Default: no price (the free renaming only).")
 @click.option("--max-moves", type=NON_NEGATIVE_INT, default=None,
-              help="balance, with --from: per layer, at most N expert copies the result holds that CURRENT does "
-                   "not (a copy of expert e on GPU g that CURRENT lacks: one weight transfer; primaries and "
-                   "replicas alike, after the GPU renaming), with the least max/mean load under that limit; the "
-                   "summary gives the moves and imbalance of the plain balance solve (run first, in half of "
-                   "--time-limit) beside it. N = 0 keeps CURRENT. Example: moeplace solve loads-b.npz --gpus 8 "
-                   "--redundant-experts 8 --from placement-a.json --max-moves 2 -o placement-b.json. "
-                   "Default: no limit.")
+              help="traffic or balance, with --from: a budget of moves per layer. traffic: at most N experts of "
+                   "each layer off their CURRENT GPU (after the GPU renaming), with the least traffic (plus "
+                   "--move-cost, if given) under that limit; with E/G experts on every GPU a moved expert takes "
+                   "another's place, so a layer moves 0 or at least 2 experts and N = 1 allows no move. "
+                   "balance: at most N expert copies the result holds that CURRENT does not (a copy of expert e "
+                   "on GPU g that CURRENT lacks: one weight transfer; primaries and replicas alike, after the GPU "
+                   "renaming), with the least max/mean load under that limit. The solve without the limit runs "
+                   "first, in half of --time-limit; the summary gives its moves beside the result's. N = 0 keeps "
+                   "CURRENT. Not with --max-imbalance. Example: moeplace solve new-trace.npz --gpus 8 --from "
+                   "placement.json --max-moves 2 -o placement-2.json. Default: no limit.")
 @click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="latency: cluster config YAML (configs/cluster/*.yaml; docs/cost-model.md).")
 @click.option("--model-config", type=click.Path(path_type=Path), default=None,
@@ -140,6 +143,9 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
       # re-placement on new traffic, moving an expert only where it saves 20 token transitions
       moeplace solve new-trace.npz --gpus 8 --gpus-per-node 4 --from placement.json --move-cost 20 \\
           -o placement-2.json
+      # ... or moving at most 2 experts per layer
+      moeplace solve new-trace.npz --gpus 8 --gpus-per-node 4 --from placement.json --max-moves 2 \\
+          -o placement-2.json
     """
     from moeplace.errors import MoeplaceError
     from moeplace.placement import load_placement
@@ -187,9 +193,12 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
                             "(the free renaming of GPUs only): drop --move-cost, or use --objective traffic")
     if max_moves is not None and from_path is None:
         raise MoeplaceError("--max-moves limits moves away from a deployed placement: add --from CURRENT.json")
-    if max_moves is not None and objective != "balance":
-        raise MoeplaceError(f"--max-moves limits the balance objective's moves; {objective} takes --from"
-                            + (" and --move-cost W" if objective == "traffic" else "") + ": use --objective balance")
+    if max_moves is not None and objective not in ("traffic", "balance"):
+        raise MoeplaceError(f"--max-moves limits the moves of the traffic and balance objectives; {objective} takes "
+                            "--from (the free renaming of GPUs only): use --objective balance or --objective traffic")
+    if max_moves is not None and max_imbalance is not None:
+        raise MoeplaceError("--max-moves with --max-imbalance: the load cap's swaps would move experts the limit does "
+                            "not allow (and with few moves a layer may stay above the cap); drop one of them")
     if max_moves is not None and max_experts_per_gpu_total is not None:
         raise MoeplaceError("--max-moves with --max-experts-per-gpu-total: the total cap's relabelling per layer "
                             "would move experts the limit does not see; drop one of them")
@@ -217,6 +226,8 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
                        smoothing=smoothing, prior=prior, max_imbalance=max_imbalance)
         if move_cost is not None:
             options["move_cost"] = move_cost
+        if max_moves is not None:
+            options["max_moves"] = max_moves
     if objective == "latency":
         options = dict(cluster=cluster, model_config=model_config, compute_weight=compute_weight,
                        redundant=redundant_experts, max_experts_per_gpu_total=max_experts_per_gpu_total)

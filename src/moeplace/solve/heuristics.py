@@ -16,7 +16,9 @@ The moves, all keeping E/G experts of each layer per GPU:
 
 With a LoadCap (solve --max-imbalance) improve_layer and coordinate_descent keep each layer's
 token load per GPU under its limit: a layer above it is first brought under (meet_cap), and no
-move then takes a GPU above it again.
+move then takes a GPU above it again. With a MoveLimit (solve --from --max-moves) they keep each
+layer within N experts off their CURRENT GPU the same way: a layer over it is first brought
+within (meet_limit: the cheapest exchanges back), and no swap then takes it over N again.
 """
 
 from __future__ import annotations
@@ -64,6 +66,34 @@ def objective_cost(graph: AffinityGraph, expert_to_gpu: np.ndarray, distance: np
         return cost
     layers, experts = np.indices(expert_to_gpu.shape)
     return cost + float(unary[layers, experts, expert_to_gpu].sum())
+
+
+@dataclass(frozen=True)
+class MoveLimit:
+    """At most `max_moves` experts of each layer off their GPU in `current` int [L, E] (solve
+    --from CURRENT.json --max-moves N, counted in CURRENT's GPU names). With E/G experts on every
+    GPU an expert only moves by taking another's place, so a layer moves 0 or at least 2 experts:
+    N = 1 allows no move."""
+
+    current: np.ndarray
+    max_moves: int
+
+    def moves(self, gpus: np.ndarray, layer: int) -> int:
+        """Experts of `layer`, laid out as gpus int [E], that are off their CURRENT GPU."""
+        return int((gpus != self.current[layer]).sum())
+
+    def over(self, expert_to_gpu: np.ndarray) -> list[int]:
+        """Layers of expert_to_gpu int [L, E] with more than max_moves moves."""
+        return [l for l in range(len(self.current)) if self.moves(expert_to_gpu[l], l) > self.max_moves]
+
+
+def swap_moves(gpus: np.ndarray, home: np.ndarray) -> np.ndarray:
+    """The layer's moves (experts off their `home` GPU, both int [E]) once a and b have swapped
+    GPUs, int [E, E]; only a's and b's own moves change."""
+    moved = (gpus != home).astype(np.int64)
+    a_there = (gpus[None, :] != home[:, None]).astype(np.int64)  # [a, b]: a on b's GPU, off home
+    b_there = (gpus[:, None] != home[None, :]).astype(np.int64)  # [a, b]: b on a's GPU, off home
+    return int(moved.sum()) - moved[:, None] - moved[None, :] + a_there + b_there
 
 
 @dataclass(frozen=True)
@@ -206,10 +236,12 @@ def swap_loads(gpus: np.ndarray, weight: np.ndarray, num_gpus: int) -> tuple[np.
 
 def swap_descent(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distance: np.ndarray,
                  max_swaps: int = 100_000, tol: float = 1e-9, weight: np.ndarray | None = None,
-                 limit: float = np.inf) -> float:
+                 limit: float = np.inf, home: np.ndarray | None = None, max_moves: int = 0) -> float:
     """Best-improvement swaps within one layer until none improves (swap_deltas). Updates `gpus`
     [E] and `cost` [E, G] in place; returns the total improvement (>= 0). With `weight` float [E]
-    (expert token loads), swaps that leave either GPU's load above `limit` are not made."""
+    (expert token loads), swaps that leave either GPU's load above `limit` are not made; with
+    `home` int [E] (CURRENT's GPUs, MoveLimit), swaps that leave more than `max_moves` experts
+    off their home (or more than now, where the layer is over it) are not made."""
     gained = 0.0
     edges = intra if intra.any() else None
     for _ in range(max_swaps):
@@ -217,6 +249,8 @@ def swap_descent(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distance
         if weight is not None:
             load_a, load_b = swap_loads(gpus, weight, distance.shape[0])
             delta[(load_a > limit) | (load_b > limit)] = np.inf
+        if home is not None:
+            delta[swap_moves(gpus, home) > max(max_moves, int((gpus != home).sum()))] = np.inf
         flat = int(np.argmin(delta))
         best = float(delta.flat[flat])
         if best >= -tol:
@@ -252,6 +286,35 @@ def relieve_layer(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distanc
     return False
 
 
+def repair_layer(cost: np.ndarray, gpus: np.ndarray, intra: np.ndarray, distance: np.ndarray,
+                 home: np.ndarray, max_moves: int) -> None:
+    """Bring one layer within `max_moves` experts off their `home` GPU (int [E], MoveLimit) by
+    reverting moves, in place (gpus int [E], cost float [E, G] as swap_descent).
+
+    Each step is the exchange (a swap of two experts) that takes one or two experts back home at
+    the least cost per move reverted. One always exists while a layer has moves: GPU g = home(a)
+    of a moved expert a holds E/G experts but at most E/G - 1 of those whose home is g, so one of
+    them, b, is moved too, and swapping a and b takes a home. Equal counts per GPU hold throughout."""
+    edges = intra if intra.any() else None
+    while (now := int((gpus != home).sum())) > max_moves:
+        reverted = now - swap_moves(gpus, home)
+        ok = reverted > 0
+        score = np.where(ok, swap_deltas(cost, gpus, edges, distance) / np.where(ok, reverted, 1), np.inf)
+        _swap(cost, gpus, edges, distance, *divmod(int(np.argmin(score)), len(gpus)))
+
+
+def meet_limit(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distance: np.ndarray,
+               limit: MoveLimit) -> None:
+    """Bring `layer` of expert_to_gpu [L, E] within its move limit at the least cost the
+    exchanges back find (repair_layer), in place; a layer within it is left as it is."""
+    if limit.moves(expert_to_gpu[layer], layer) <= limit.max_moves:
+        return
+    gpus = expert_to_gpu[layer].copy()
+    repair_layer(layer_costs(graph, expert_to_gpu, layer, distance), gpus, graph.intra[layer], distance,
+                 limit.current[layer], limit.max_moves)
+    expert_to_gpu[layer] = gpus
+
+
 def meet_cap(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distance: np.ndarray,
              cap: LoadCap) -> bool:
     """Bring `layer` of expert_to_gpu [L, E] under its cap at the least traffic cost the swaps
@@ -277,19 +340,23 @@ def meet_cap(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distan
 
 
 def improve_layer(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, distance: np.ndarray,
-                  cap: LoadCap | None = None) -> float:
+                  cap: LoadCap | None = None, moves: MoveLimit | None = None) -> float:
     """Re-assign `layer` optimally given its neighbours, then swap-descend. In place; returns the gain.
 
     With `cap`: a layer above its limit is first brought under it (meet_cap; the gain is counted
     from there); the optimal re-assignment, where it lands above the limit, is relieved
     (relieve_layer) and dropped if it stays above; the swaps keep the limit (or the layer's peak,
-    where the limit was out of reach)."""
+    where the limit was out of reach).
+    With `moves` (MoveLimit) likewise: a layer over it is first brought within (meet_limit), the
+    re-assignment is brought within it by the same exchanges back, and the swaps keep it."""
     num_gpus = distance.shape[0]
     limit = np.inf
     if cap is not None:
         if cap.peak(expert_to_gpu[layer], layer, num_gpus) > cap.limits[layer]:
             meet_cap(graph, expert_to_gpu, layer, distance, cap)
         limit = max(float(cap.limits[layer]), cap.peak(expert_to_gpu[layer], layer, num_gpus))
+    if moves is not None:
+        meet_limit(graph, expert_to_gpu, layer, distance, moves)
     before = layer_cost(graph, expert_to_gpu, layer, distance)
     current = expert_to_gpu[layer].copy()
     candidate = assign_layer(layer_costs(graph, expert_to_gpu, layer, distance))
@@ -299,21 +366,27 @@ def improve_layer(graph: AffinityGraph, expert_to_gpu: np.ndarray, layer: int, d
         if not relieve_layer(cost, candidate, graph.intra[layer], distance, cap.loads[layer], limit):
             candidate = current
         expert_to_gpu[layer] = candidate
+    if moves is not None:
+        meet_limit(graph, expert_to_gpu, layer, distance, moves)
     if layer_cost(graph, expert_to_gpu, layer, distance) > before:
         expert_to_gpu[layer] = current
     gpus = expert_to_gpu[layer].copy()
     swap_descent(layer_costs(graph, expert_to_gpu, layer, distance), gpus, graph.intra[layer], distance,
-                 weight=None if cap is None else cap.loads[layer], limit=limit)
+                 weight=None if cap is None else cap.loads[layer], limit=limit,
+                 home=None if moves is None else moves.current[layer],
+                 max_moves=0 if moves is None else moves.max_moves)
     expert_to_gpu[layer] = gpus
     return before - layer_cost(graph, expert_to_gpu, layer, distance)
 
 
 def coordinate_descent(graph: AffinityGraph, expert_to_gpu: np.ndarray, distance: np.ndarray,
                        max_sweeps: int = 50, rel_tol: float = 1e-6, layers: range | None = None,
-                       deadline: float | None = None, cap: LoadCap | None = None) -> int:
+                       deadline: float | None = None, cap: LoadCap | None = None,
+                       moves: MoveLimit | None = None) -> int:
     """Sweep improve_layer forward and backward until a sweep gains less than rel_tol of the
     total edge weight, or time.monotonic() passes `deadline`. In place; returns the sweeps run.
-    With `cap`, every move keeps the layers under it (improve_layer)."""
+    With `cap`, every move keeps the layers under it; with `moves`, within their move limit
+    (improve_layer)."""
     order = list(layers if layers is not None else range(expert_to_gpu.shape[0]))
     scale = max(graph.total_weight(), 1e-12)
     for sweep in range(1, max_sweeps + 1):
@@ -321,7 +394,7 @@ def coordinate_descent(graph: AffinityGraph, expert_to_gpu: np.ndarray, distance
         for layer in order if sweep % 2 else order[::-1]:
             if deadline is not None and time.monotonic() > deadline:
                 return sweep
-            gain += improve_layer(graph, expert_to_gpu, layer, distance, cap)
+            gain += improve_layer(graph, expert_to_gpu, layer, distance, cap, moves)
         if gain <= rel_tol * scale:
             return sweep
     return max_sweeps

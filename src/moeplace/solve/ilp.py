@@ -10,6 +10,8 @@ window of all layers is the exact model. Variables (never one per token: edges a
 An edge of weight w inside the window costs w * (node_cost - (node_cost - 1) sum_n z - sum_g y)
 (the distance 0 / 1 / node_cost of affinity.distance_matrix; z is dropped on one node), an edge
 to a fixed layer is linear in x. Maximising y, z at the optimum makes them the indicators.
+With a move limit (solve --max-moves N), every window layer keeps at least E - N experts on
+their CURRENT GPU: sum_e x[l, e, current(l, e)] >= E - N.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import pulp
 
 from moeplace.solve.affinity import AffinityGraph, one_hot
-from moeplace.solve.heuristics import LoadCap, unary_of
+from moeplace.solve.heuristics import LoadCap, MoveLimit, unary_of
 
 _banner_lock = threading.Lock()
 _banner_done = False
@@ -81,16 +83,19 @@ def window_size(graph: AffinityGraph, layers: range, num_gpus: int, num_nodes: i
 
 def solve_window(graph: AffinityGraph, expert_to_gpu: np.ndarray, layers: range, distance: np.ndarray,
                  gpus_per_node: int, time_limit: float, pin_first: bool = False,
-                 cap: LoadCap | None = None) -> IlpResult:
+                 cap: LoadCap | None = None, moves: MoveLimit | None = None) -> IlpResult:
     """Optimal placement of `layers` given every other layer of expert_to_gpu [L, E].
 
     `pin_first` breaks the symmetry of GPU labels on the first window layer (expert 0 on GPU 0;
     on one node expert e on a GPU <= e): valid only when nothing outside the window is fixed
     (GPUs are interchangeable then; a cap, the same for every GPU, keeps them so) and the graph
-    has no unary costs (heuristics.MovingGraph: they name GPUs; pin_first is ignored then).
+    has no unary costs (heuristics.MovingGraph: they name GPUs; pin_first is ignored then) and no
+    move limit (it names CURRENT's GPUs; ignored then too).
     Unary costs of the window layers are linear in x.
     `cap`: every window layer's token load per GPU at most its limit (the model is infeasible,
     and no solution is returned, where a limit is out of reach).
+    `moves`: every window layer keeps at least E - N experts on their MoveLimit.current GPU
+    (N = moves.max_moves; CURRENT itself meets it, so the model stays feasible).
     """
     start = time.monotonic()
     num_layers, num_experts = expert_to_gpu.shape
@@ -100,7 +105,7 @@ def solve_window(graph: AffinityGraph, expert_to_gpu: np.ndarray, layers: range,
     per_gpu = num_experts // num_gpus
     gpus, experts = range(num_gpus), range(num_experts)
     unary = unary_of(graph)
-    pin_first = pin_first and unary is None
+    pin_first = pin_first and unary is None and moves is None
 
     prob = pulp.LpProblem("moeplace_window", pulp.LpMinimize)
     x = {(l, e, g): pulp.LpVariable(f"x_{l}_{e}_{g}", cat=pulp.LpBinary) for l in layers for e in experts for g in gpus}
@@ -112,6 +117,8 @@ def solve_window(graph: AffinityGraph, expert_to_gpu: np.ndarray, layers: range,
             if cap is not None:
                 prob += pulp.lpSum(float(cap.loads[l, e]) * x[l, e, g] for e in experts if cap.loads[l, e]) \
                     <= float(cap.limits[l])
+        if moves is not None:
+            prob += pulp.lpSum(x[l, e, int(moves.current[l, e])] for e in experts) >= num_experts - moves.max_moves
     if pin_first:
         # any relabelling of GPUs (of GPUs within nodes, and of whole nodes) leaves the cost as
         # it is; on one node, number GPUs by first use over the first layer's experts: expert e

@@ -22,7 +22,8 @@ module implements `traffic` (docs/solver.md states it exactly):
        every move and in the whole-model ILP (heuristics.LoadCap), and cap_imbalance again.
     7. only with --from (solve_placement's `current`): the GPUs renamed to keep the most experts
        where the deployed placement has them (relabel_outcome, migrate.py); with move_cost the
-       search also prices each move (solve_traffic; docs/solver.md, "Re-placement").
+       search also prices each move, with max_moves it keeps every layer within N moves
+       (solve_traffic, _search_limited; docs/solver.md, "Re-placement").
 
 Determinism: every random choice comes from `seed`; the amount of work is fixed by `restarts`
 and `kicks`. `time_limit` (and the per-layer ILP cap of step 4) only cuts work short, recorded as
@@ -54,8 +55,8 @@ from moeplace.solve.affinity import (
 )
 from moeplace.solve.baselines import all_baselines, contiguous, greedy_load, random_balanced
 from moeplace.solve.heuristics import (
-    LoadCap, chain_init, coordinate_descent, layer_costs, meet_cap, objective_cost, perturb, relieve_layer,
-    swap_descent, with_move_cost,
+    LoadCap, MoveLimit, chain_init, coordinate_descent, layer_costs, meet_cap, meet_limit, objective_cost, perturb,
+    relieve_layer, swap_descent, with_move_cost,
 )
 from moeplace.solve.migrate import best_relabeling, check_current, move_unit, moves, record, relabel
 from moeplace.trace import paths
@@ -222,6 +223,7 @@ def search_traffic(
     cap: LoadCap | None = None,
     incumbent: np.ndarray | None = None,
     descend_incumbent: bool = False,
+    moves: MoveLimit | None = None,
 ) -> SearchResult:
     """Steps 1-5 of the module docstring on a fixed graph: the placement of least
     placement_cost, int64 [L, E], with a valid lower bound. exact=False skips step 2's
@@ -236,6 +238,12 @@ def search_traffic(
     (heuristics.improve_layer), the ILPs carry it as constraints, and a placement with fewer
     layers above their limit always wins over one with less traffic. The bound is then one of
     the capped problem (the uncapped bound bounds it too).
+
+    With `moves` (--max-moves; the incumbent must be within it): every layout is kept within N
+    moves per layer of moves.current: the descents' swaps keep it, a chaining is renamed to
+    CURRENT's GPUs (migrate.best_relabeling) and a kicked window brought within it by the cheapest
+    exchanges back (heuristics.meet_limit), and the ILPs carry it as one row per layer. The bound
+    is then one of the limited problem (the unlimited one bounds it too).
 
     The first greedy chaining always runs, even past `deadline` (it takes milliseconds), so a
     time limit spent elsewhere (e.g. on cross-validation of a large trace) still returns a
@@ -258,7 +266,7 @@ def search_traffic(
     best_cost, best_above = objective_cost(graph, best, distance), above(best)
     if incumbent is not None and descend_incumbent:
         x = incumbent.copy()
-        coordinate_descent(graph, x, distance, deadline=deadline, cap=cap)
+        coordinate_descent(graph, x, distance, deadline=deadline, cap=cap, moves=moves)
         cost, x_above = objective_cost(graph, x, distance), above(x)
         if (x_above, cost) < (best_above, best_cost):
             best, best_cost, best_above = x, cost, x_above
@@ -267,7 +275,9 @@ def search_traffic(
             break
         anchor = None if r == 0 else int(rng.integers(graph.num_layers))  # diversify restarts
         x = chain_init(graph, num_gpus, gpus_per_node, distance, rng, anchor)
-        coordinate_descent(graph, x, distance, deadline=deadline, cap=cap)
+        if moves is not None:
+            x = within_limit(graph, x, distance, gpus_per_node, moves)
+        coordinate_descent(graph, x, distance, deadline=deadline, cap=cap, moves=moves)
         cost, x_above = objective_cost(graph, x, distance), above(x)
         if (x_above, cost) < (best_above, best_cost):
             best, best_cost, best_above = x, cost, x_above
@@ -283,7 +293,7 @@ def search_traffic(
         # the cap as the incumbent keeps it (its peak where it is above): the model stays
         # feasible, and a bound under a looser cap still bounds the capped problem
         res = ilp.solve_window(graph, best, all_layers, distance, gpus_per_node, deadline - time.monotonic(),
-                               pin_first=True, cap=None if cap is None else cap.kept(best, num_gpus))
+                               pin_first=True, cap=None if cap is None else cap.kept(best, num_gpus), moves=moves)
         if res.cost is not None and res.cost < best_cost - 1e-9:
             best, best_cost = res.expert_to_gpu, objective_cost(graph, res.expert_to_gpu, distance)
             best_above = above(best)
@@ -297,8 +307,11 @@ def search_traffic(
                 break
             x = best.copy()
             touched = perturb(x, rng, window=2, strength=0.3)
+            if moves is not None:  # the kicked window within the limit before its descent
+                for layer in touched:
+                    meet_limit(graph, x, layer, distance, moves)
             span = range(max(touched.start - 1, 0), min(touched.stop + 1, graph.num_layers))
-            coordinate_descent(graph, x, distance, layers=span, deadline=deadline, cap=cap)
+            coordinate_descent(graph, x, distance, layers=span, deadline=deadline, cap=cap, moves=moves)
             cost, x_above = objective_cost(graph, x, distance), above(x)
             if (x_above, cost) < (best_above, best_cost - 1e-9):
                 best, best_cost, best_above = x, cost, x_above
@@ -315,7 +328,7 @@ def search_traffic(
                 continue
             res = ilp.solve_window(graph, best, one, distance, gpus_per_node,
                                    min(deadline - time.monotonic(), LAYER_ILP_SECONDS),
-                                   cap=None if cap is None else cap.kept(best, num_gpus))
+                                   cap=None if cap is None else cap.kept(best, num_gpus), moves=moves)
             stats["layer_ilps"] += 1
             if not res.optimal:  # HiGHS' incumbent at the cap: how good it is depends on the machine
                 stats["layer_ilps_cut"] += 1
@@ -329,6 +342,18 @@ def search_traffic(
                                      or (method.startswith("chain") and stats["kicks_run"] < kicks)
                                      or stats["layer_ilps_cut"] > 0)
     return SearchResult(best, best_cost, bound, method, stats, cut)
+
+
+def within_limit(graph: AffinityGraph, expert_to_gpu: np.ndarray, distance: np.ndarray, gpus_per_node: int,
+                 moves: MoveLimit) -> np.ndarray:
+    """expert_to_gpu int [L, E] renamed to keep the most experts on their CURRENT GPU
+    (migrate.best_relabeling: free for the traffic objective), then every layer over the move
+    limit brought within it by the cheapest exchanges back (heuristics.meet_limit). A new array."""
+    num_gpus = distance.shape[0]
+    x = relabel(expert_to_gpu, [], best_relabeling(expert_to_gpu, moves.current, num_gpus, gpus_per_node))[0]
+    for layer in moves.over(x):
+        meet_limit(graph, x, layer, distance, moves)
+    return x
 
 
 def cap_imbalance(graph: AffinityGraph, expert_to_gpu: np.ndarray, cap: LoadCap, distance: np.ndarray,
@@ -382,6 +407,7 @@ def solve_traffic(
     max_imbalance: float | None = None,
     current: np.ndarray | None = None,
     move_cost: float | None = None,
+    max_moves: int | None = None,
 ) -> SolveOutcome:
     """Minimise the traffic objective (affinity.placement_cost) of `trace`; see the module doc.
 
@@ -399,15 +425,34 @@ def solve_traffic(
     result relabelled to it; the value is that penalised cost, objective.move_cost records its
     traffic and the plain solve's. The bounds stay traffic-only ones (or the ILP's of the
     penalised model): a non-negative unary term only raises the optimum, so they stay valid.
+    max_moves N (with current): at most N experts of each layer off their CURRENT GPU, counted
+    in CURRENT's GPU names: the solve above (plain, or with move_cost) in half the time left,
+    then _search_limited in the rest; with move_cost both apply. Not with max_imbalance (the
+    cap's swaps move experts the limit does not allow, and N = 0 may leave a layer above it).
     """
     start = time.monotonic()
     if not node_cost >= 1.0:  # the ILP and the bound take the dearest move to be the cross-node one
         raise MoeplaceError(f"--node-cost {node_cost}: must be >= 1 (a cross-node move costs at least a "
                             "cross-GPU move inside a node)")
+    if (move_cost is not None or max_moves is not None) and current is None:
+        raise MoeplaceError(f"{'--move-cost prices' if max_moves is None else '--max-moves limits'} moves away from "
+                            "a deployed placement: add --from CURRENT.json")
+    if max_moves is not None and max_imbalance is not None:
+        raise MoeplaceError("--max-moves with --max-imbalance: the load cap's swaps would move experts the limit does "
+                            "not allow (and with few moves a layer may stay above the cap); drop one of them")
     if trace.num_layers < 2:
         out = _no_layer_pairs(trace, num_gpus, node_cost, top1_weight, seed, time_limit, start, max_imbalance)
-        if move_cost and current is not None and max_imbalance is None:  # every layout costs 0: keep CURRENT's
-            out.expert_to_gpu, out.solver["method"] = current.copy(), "kept --from: one MoE layer, no layer pairs"
+        if current is not None and max_imbalance is None and (move_cost or max_moves is not None):
+            # every layout costs 0: keep CURRENT's where a move is priced or the load-balanced
+            # layout (renamed to CURRENT's GPUs) moves more than the limit allows
+            free = relabel(out.expert_to_gpu, [], best_relabeling(out.expert_to_gpu, current, num_gpus,
+                                                                  gpus_per_node))[0]
+            if move_cost or (max_moves is not None and (moves(free, current) > max_moves).any()):
+                out.expert_to_gpu, out.solver["method"] = current.copy(), "kept --from: one MoE layer, no layer pairs"
+            else:
+                out.expert_to_gpu = free
+            if max_moves is not None:
+                out.objective["max_moves"] = _limit_record(max_moves, out.expert_to_gpu, current, 0.0, 0.0, free)
         return out
     large = trace.num_layers * trace.num_experts > 4096
     restarts = (2 if large else 8) if restarts is None else restarts
@@ -425,27 +470,37 @@ def solve_traffic(
     search = functools.partial(_search_capped, trace, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
                                node_cost=node_cost, seed=seed, restarts=restarts, kicks=kicks, exact=exact,
                                progress=progress, max_imbalance=max_imbalance)
+    distance = distance_matrix(num_gpus, gpus_per_node, node_cost)
+    # with --max-moves, the solve without the limit gets half the time left: its layout, renamed
+    # and brought within the limit, is one start of the limited search
+    free_deadline = deadline if max_moves is None else (time.monotonic() + deadline) / 2
     moving: dict[str, Any] = {}
+    scored = graph  # what the search minimises: the traffic graph, or it plus the move cost
     if move_cost is None:
-        found, capped = search(graph, deadline)
+        found, capped = search(graph, free_deadline)
     else:  # the plain solve in half the time left, then the penalised one from the better start
-        if current is None:
-            raise MoeplaceError("--move-cost prices moves away from a deployed placement: add --from CURRENT.json")
-        plain, _ = search(graph, (time.monotonic() + deadline) / 2)
+        assert current is not None
+        plain, _ = search(graph, (time.monotonic() + free_deadline) / 2)
         plain_layout = relabel(plain.expert_to_gpu, [], best_relabeling(plain.expert_to_gpu, current, num_gpus,
                                                                         gpus_per_node))[0]
         unit = move_unit(graph.total_weight(), trace.num_tokens, trace.num_layers)
-        penalised = with_move_cost(graph, current, move_cost * unit, num_gpus)
-        distance = distance_matrix(num_gpus, gpus_per_node, node_cost)
+        scored = with_move_cost(graph, current, move_cost * unit, num_gpus)
         # keeping CURRENT is always a candidate; the plain solve's layout (relabelled) another
-        start_layout = min((current, plain_layout), key=lambda x: objective_cost(penalised, x, distance))
-        found, capped = search(penalised, deadline, incumbent=start_layout)
+        start_layout = min((current, plain_layout), key=lambda x: objective_cost(scored, x, distance))
+        found, capped = search(scored, free_deadline, incumbent=start_layout)
         moving = {"move_cost": {"W": move_cost, "unit": unit, "per_move": move_cost * unit,
                                 "unit_means": "one token transition: the mean edge weight of one fit token at one "
                                               "layer pair (docs/solver.md, Re-placement)",
-                                "traffic": placement_cost(graph, found.expert_to_gpu, distance),
                                 "without_move_cost": {"value": plain.cost,
                                                       "moved": int(moves(plain_layout, current).sum())}}}
+    if max_moves is not None:
+        assert current is not None
+        found, limited = _search_limited(graph, scored, found, current, max_moves, deadline, num_gpus=num_gpus,
+                                         gpus_per_node=gpus_per_node, node_cost=node_cost, seed=seed, kicks=kicks,
+                                         exact=exact, progress=progress)
+        capped = {**capped, "max_moves": limited}
+    if move_cost is not None:
+        moving["move_cost"]["traffic"] = placement_cost(graph, found.expert_to_gpu, distance)
 
     elapsed = time.monotonic() - start
     return SolveOutcome(
@@ -478,6 +533,59 @@ def solve_traffic(
         bound=found.bound,
         gap=relative_gap(found.cost, found.bound),
     )
+
+
+def _search_limited(graph: AffinityGraph, scored: AffinityGraph, free: SearchResult, current: np.ndarray,
+                    max_moves: int, deadline: float, *, num_gpus: int, gpus_per_node: int, node_cost: float,
+                    seed: int, kicks: int, exact: bool, progress: bool) -> tuple[SearchResult, dict[str, Any]]:
+    """The search under --max-moves N (heuristics.MoveLimit: per layer at most N experts off
+    their GPU in current int [L, E], in CURRENT's GPU names), by `deadline`, on `scored` (the
+    traffic `graph`, or it plus --move-cost's unary term). Returns the result, in CURRENT's GPU
+    names, and the objective's "max_moves" record.
+
+    1. starts: CURRENT itself (0 moves), and the solve without the limit (`free`) renamed to
+       CURRENT's GPUs (migrate.best_relabeling) and brought within the limit by the exchanges
+       back of least cost per move reverted (within_limit); each coordinate-descended with swaps
+       that keep every layer within N, the better kept (CURRENT on a tie);
+    2. search_traffic from it with no restarts: the kicks (each kicked window brought within
+       the limit before its descent) and the whole-model or single-layer ILPs, which carry the
+       limit as sum_e x[l, e, current(l, e)] >= E - N.
+    The bound is the better of the free solve's (a relaxation of the limited problem, so still
+    a lower bound) and the limited search's (its own combinatorial bound, or the ILP's)."""
+    distance = distance_matrix(num_gpus, gpus_per_node, node_cost)
+    limit = MoveLimit(current, max_moves)
+    renamed = relabel(free.expert_to_gpu, [], best_relabeling(free.expert_to_gpu, current, num_gpus,
+                                                              gpus_per_node))[0]
+    best, best_cost = current.copy(), np.inf
+    for x in (current.copy(), within_limit(scored, renamed, distance, gpus_per_node, limit)):
+        coordinate_descent(scored, x, distance, deadline=deadline, moves=limit)
+        if (cost := objective_cost(scored, x, distance)) < best_cost - 1e-9:
+            best, best_cost = x, cost
+    found = search_traffic(scored, num_gpus, gpus_per_node, node_cost, deadline, seed, restarts=0, kicks=kicks,
+                           exact=exact, progress=progress, incumbent=best, moves=limit)
+    found.stats = {**found.stats, "search_without_max_moves": {"method": free.method, "bound": free.bound,
+                                                               **free.stats}}
+    found.bound = max(found.bound, free.bound)
+    method = found.method.removeprefix("chain+")  # no restarts: no chaining ran
+    found.method, found.cut = f"{free.method}, then within --max-moves: {method}", free.cut or found.cut
+    traffic, free_traffic = (placement_cost(graph, x, distance) for x in (found.expert_to_gpu, renamed))
+    return found, _limit_record(max_moves, found.expert_to_gpu, current, traffic, free_traffic, renamed,
+                                objective_cost(scored, renamed, distance))
+
+
+def _limit_record(max_moves: int, layout: np.ndarray, current: np.ndarray, traffic: float, free_traffic: float,
+                  free_layout: np.ndarray, free_value: float | None = None) -> dict[str, Any]:
+    """The objective's "max_moves": N, the moves per layer of `layout` against `current` (both
+    int [L, E], in CURRENT's GPU names), whether every layer is within N, the result's traffic,
+    and the solve without the limit's traffic, value and moves (free_layout, renamed to CURRENT)."""
+    per_layer, free_per_layer = moves(layout, current), moves(free_layout, current)
+    return {"N": max_moves, "moved": int(per_layer.sum()), "of": int(layout.size),
+            "moved_per_layer": per_layer.tolist(), "held": bool((per_layer <= max_moves).all()),
+            "traffic": traffic,
+            "definition": "per layer, experts off their CURRENT GPU after the GPU renaming; with E/G experts per GPU a "
+                          "layer moves 0 or at least 2, so N = 1 allows no move",
+            "without_max_moves": {"traffic": free_traffic, "value": free_traffic if free_value is None else free_value,
+                                  "moved": int(free_per_layer.sum()), "moved_per_layer": free_per_layer.tolist()}}
 
 
 def _search_capped(trace: Trace, graph: AffinityGraph, deadline: float, *, num_gpus: int, gpus_per_node: int,
@@ -709,15 +817,17 @@ def solve_placement(
         raise MoeplaceError("--move-cost prices moves of the traffic objective away from a deployed placement: "
                             + ("add --from CURRENT.json" if current is None else f"{objective} takes --from (free "
                                "relabelling only), not --move-cost; use --objective traffic"))
-    if options.get("max_moves") is not None and (objective != "balance" or current is None):
-        raise MoeplaceError("--max-moves limits moves of the balance objective away from a deployed placement: "
-                            + ("add --from CURRENT.json" if current is None else "use --objective balance"))
+    if options.get("max_moves") is not None and (objective not in ("traffic", "balance") or current is None):
+        raise MoeplaceError("--max-moves limits moves of the traffic and balance objectives away from a deployed "
+                            "placement: " + ("add --from CURRENT.json" if current is None else
+                                             f"{objective} takes --from (the free renaming of GPUs only); use "
+                                             "--objective balance or --objective traffic"))
     if current is not None:
         check_current(current, current_path or "placement", trace.num_layers, trace.num_experts, num_gpus,
                       gpus_per_node)
-        if move_cost is not None:
+        if objective == "traffic" and (move_cost is not None or options.get("max_moves") is not None):
             options = {**options, "current": current.expert_to_gpu}
-        if options.get("max_moves") is not None:
+        if objective == "balance" and options.get("max_moves") is not None:
             options = {**options, "current": current}
     train_idx, held_idx = split_tokens(trace.num_tokens, train_fraction, seed)
     fit = trace.select_tokens(train_idx) if train_fraction < 1.0 else trace
@@ -764,17 +874,25 @@ def relabel_outcome(outcome: SolveOutcome, current: Placement, gpus_per_node: in
     """Rename the GPUs of `outcome` (layout and replicas) to keep the most primaries where
     `current` has them (migrate.best_relabeling), in place; returns the placement's "migration"
     record. Traffic and balance values are unchanged by it; with --move-cost the value is
-    re-priced with the moves left. Latency's predicted time may change at layer 0, whose tokens
-    start on GPU t % G whatever the labels (costmodel.predict, initial_homes): the value takes
-    that change, recorded as objective.relabeling_delta_us."""
+    re-priced with the moves left. --max-moves results are in CURRENT's GPU names already, their
+    limit counted there: balance keeps them; traffic takes the renaming only where it keeps every
+    layer within the limit (it then moves fewer experts at the same traffic). Latency's predicted
+    time may change at layer 0, whose tokens start on GPU t % G whatever the labels
+    (costmodel.predict, initial_homes): the value takes that change, recorded as
+    objective.relabeling_delta_us."""
     num_gpus = current.num_gpus
     label = best_relabeling(outcome.expert_to_gpu, current.expert_to_gpu, num_gpus, gpus_per_node)
-    if "max_moves" in outcome.objective:  # balance --max-moves: already in CURRENT's names, its limit counted there
+    o = outcome.objective
+    limited = o.get("max_moves")
+    if limited is not None and not (o.get("name") == "traffic" and (
+            moves(label[outcome.expert_to_gpu], current.expert_to_gpu) <= limited["N"]).all()):
         label = np.arange(num_gpus)
     before = Placement(outcome.expert_to_gpu, num_gpus, gpus_per_node, replicas=outcome.replicas)
     outcome.expert_to_gpu, outcome.replicas = relabel(outcome.expert_to_gpu, before.replicas, label)
-    o = outcome.objective
     migration = record(outcome.expert_to_gpu, current.expert_to_gpu, current_path)
+    if limited is not None and o.get("name") == "traffic":  # the moves as written (the renaming may keep more)
+        limited |= {"moved": migration["moved"], "moved_per_layer": migration["moved_per_layer"],
+                    "held": max(migration["moved_per_layer"], default=0) <= limited["N"]}
     if "move_cost" in o:
         o["value"] = o["move_cost"]["traffic"] + o["move_cost"]["per_move"] * migration["moved"]
         outcome.gap = relative_gap(o["value"], outcome.bound)

@@ -168,7 +168,8 @@ def _load_note(placement: Placement, trace_path: str, output: str | None = None)
 
 def migration_lines(placement: Placement) -> list[str]:
     """--from: how many primaries moved from the deployed placement; with --move-cost, what W is
-    on this trace and the unpenalised solve's traffic and moves beside the result's."""
+    on this trace and the unpenalised solve's traffic and moves beside the result's; with
+    --max-moves, the moves per layer against the limit and those of the solve without it."""
     m = placement.extra.get("migration")
     if not m:
         return []
@@ -181,13 +182,33 @@ def migration_lines(placement: Placement) -> list[str]:
                      f"{mc['traffic']:.6g} against {plain['value']:.6g} for the unpenalised solve, which moved "
                      f"{plain['moved']} of {m['of']}")
     mm = placement.objective.get("max_moves")
-    if mm:
+    if mm and placement.objective.get("name") == "traffic":
+        lines.extend(_traffic_limit_lines(mm))
+    elif mm:
         plain = mm["plain"]
         lines.append(f"  --max-moves {mm['N']}: moved {mm['moved']} of {mm['of']} expert copies (per layer at most "
                      f"{max(mm['moved_per_layer'], default=0)}; a copy CURRENT lacks), imbalance "
                      f"{placement.objective['value']:.4f} (mean over layers of max/mean load); the plain balance "
                      f"solve: {plain['value']:.4f}, moving {plain['moved']} (per layer at most "
                      f"{max(plain['moved_per_layer'], default=0)})")
+    return lines
+
+
+def _traffic_limit_lines(mm: dict[str, Any]) -> list[str]:
+    """traffic --max-moves N: the moves per layer (mean, max), whether the limit held on every
+    layer, and the solve without the limit beside it; what N = 1 means (no move at all)."""
+    def per_layer(moved: list[int]) -> str:
+        return f"per layer mean {sum(moved) / max(len(moved), 1):.2f}, max {max(moved, default=0)}"
+
+    free, n = mm["without_max_moves"], mm["N"]
+    over = [layer for layer, m in enumerate(mm["moved_per_layer"]) if m > n]
+    held = "held on every layer" if not over else f"NOT held on layers {over}"
+    lines = [f"  --max-moves {n} (experts off their CURRENT GPU, per layer): moved {per_layer(mm['moved_per_layer'])}; "
+             f"the limit {held}; traffic {mm['traffic']:.6g} against {free['traffic']:.6g} for the solve without the "
+             f"limit, which moved {free['moved']} ({per_layer(free['moved_per_layer'])})"]
+    if n == 1:
+        lines.append("  (N = 1 allows no move: with E/G experts on every GPU a moved expert takes another's place, "
+                     "so a layer moves 0 or at least 2 experts; --max-moves 2 allows one exchange per layer)")
     return lines
 
 
