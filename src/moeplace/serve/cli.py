@@ -40,6 +40,7 @@ Examples (4 ranks: gloo on CPU; on GPUs the same command uses NCCL, one GPU per 
   moeplace serve --nproc-per-node 4 --model checkpoints/tiny-moe \\
       --placement placement.json --port 8000
   curl -s localhost:8000/v1/completions -d '{"prompt": "Hello", "max_tokens": 16}'
+  curl -sN localhost:8000/v1/completions -d '{"prompt": "Hello", "stream": true}'   # token by token
 Several nodes: `torchrun --nnodes ... --nproc-per-node 8 -m moeplace serve ...` on each node
 (the same options, without --nproc-per-node; on a failure torchrun adds its own traceback after
 the ranks' one line and exits 1). Without either it runs as one rank holding every expert.
@@ -90,8 +91,8 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS}  # what a JSONL prompt li
               help="Batch: prompt i samples with seed + i (a JSONL \"seed\": that seed exactly). Default: a "
                    "random seed; each sampled output line names its \"seed\", to replay it.")
 @click.option("--port", type=click.IntRange(0, 65535),
-              help="Serve HTTP on rank 0: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, "
-                   "GET /metrics. The batch "
+              help="Serve HTTP on rank 0: POST /v1/completions, POST /v1/chat/completions (both also "
+                   "\"stream\": true, server-sent events), GET /v1/models, GET /health, GET /metrics. The batch "
                    "options (--out, --stats-out, --routing-out, --ignore-eos) do not apply.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address (loopback by default).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,

@@ -30,7 +30,7 @@ from moeplace.options import plural
 from moeplace.placement import Placement, load_placement
 from moeplace.serve.counters import Counters
 from moeplace.serve.dist import Comm, init_distributed, world_from_env
-from moeplace.serve.generate import MODES, Result, Runtime
+from moeplace.serve.generate import MODES, Result, Runtime, StepCallback
 from moeplace.serve.model import ModelSpec, RankModel, read_spec
 from moeplace.serve.replicas import ExpertMap
 from moeplace.serve.sampling import Sampling, sampling_from_table, sampling_table
@@ -225,11 +225,12 @@ def send_command(rt: Runtime, cmd: int, req: Request | None = None) -> None:
             dist.broadcast(sampling_table(req.sampling).to(dev), 0)
 
 
-def run_request(rt: Runtime, req: Request) -> Result:
-    """Every rank: generate for the request (rank 0 has already broadcast it)."""
+def run_request(rt: Runtime, req: Request, on_step: StepCallback | None = None) -> Result:
+    """Every rank: generate for the request (rank 0 has already broadcast it). on_step: rank 0's
+    streaming hook (Runtime.generate); it changes nothing the ranks exchange, so workers pass None."""
     rt.record_routing = req.record_routing
     return rt.generate(req.prompts, req.max_new_tokens, req.ignore_eos,
-                       sampling=req.sampling if req.sampled else None)
+                       sampling=req.sampling if req.sampled else None, on_step=on_step)
 
 
 def merged_counters(rt: Runtime) -> Counters:

@@ -18,11 +18,16 @@ Greedy argmax by default; a sequence with sampling parameters (sampling.py) draw
 the rank that holds its logits, and the same tokens all-reduce carries it, so sampling adds no
 collective (the parameters travel with the request: engine.send_command). A sequence stops at its
 max_new_tokens or at an EOS id (unless ignore_eos).
+
+Streaming (rank 0 only): `generate(on_step=...)` calls back after each decode step with the
+token every unfinished sequence just got, already on the host for the loop's own bookkeeping, so
+a caller that streams costs no extra collective or device read; without it nothing is done.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +42,10 @@ from moeplace.serve.sampling import GREEDY, Sampling, sample
 from moeplace.serve.standard import moe_standard
 
 MODES = ("coherent", "standard")
+# after each decode step: [(slot, new token, finished)] for every sequence that got a token, in
+# slot order; runs inside the decode loop, so it must be quick and must not raise (the other
+# ranks would wait at the step's collectives until the timeout)
+StepCallback = Callable[[list[tuple[int, int, bool]]], None]
 
 
 @dataclass
@@ -109,9 +118,12 @@ class Runtime:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: list[int], ignore_eos: bool = False,
-                 collect_logits: bool = False, sampling: list[Sampling] | None = None) -> Result:
+                 collect_logits: bool = False, sampling: list[Sampling] | None = None,
+                 on_step: StepCallback | None = None) -> Result:
         """Continuation of every prompt (same arguments on every rank). sampling: per prompt
-        (a sequence's token may be drawn on any rank in coherent mode); None is greedy for all."""
+        (a sequence's token may be drawn on any rank in coherent mode); None is greedy for all.
+        on_step: rank 0's streaming hook (StepCallback; every rank learns every token, but only
+        one should report them); other ranks pass None."""
         model, comm, dev = self.model, self.comm, self.comm.device
         spec = model.spec
         coherent = self.mode == "coherent" and comm.world > 1
@@ -185,6 +197,8 @@ class Runtime:
                 generated[s].append(tokens[s])
                 budget[s] -= 1
                 done[s] = budget[s] <= 0 or tokens[s] in eos
+            if on_step is not None:
+                on_step([(s, tokens[s], done[s]) for s in active])
             if all(done):
                 break
             # next step: unfinished sequences continue where their last token ended

@@ -2,10 +2,12 @@
 
 Handler threads only validate and enqueue; rank 0's main thread (`serve_forever`) drains the
 queue in batches, broadcasts each batch to the other ranks and runs it, so the expert-parallel
-collectives stay on one thread. While idle it sends heartbeats: a dead rank surfaces within the
-timeout even with no traffic, and the server then exits with that error instead of hanging; it
-also stops when its launcher has gone (dist.tie_to_launcher). On the way out every request not
-yet answered (running, queued, or arriving) gets a 503 with the reason.
+collectives stay on one thread; a streamed request's handler reads its tokens from a queue of
+its own, which the main thread fills after each decode step (Runtime.generate's on_step). While
+idle it sends heartbeats: a dead rank surfaces within the timeout even with no traffic, and the
+server then exits with that error instead of hanging; it also stops when its launcher has gone
+(dist.tie_to_launcher). On the way out every request not yet answered (running, queued, or
+arriving) gets a 503 with the reason.
 
     POST /v1/completions  {"prompt": str | [int] | [str, ...], "max_tokens": int = min(16, cap),
                           "temperature": 0..2 = 0, "top_p": (0, 1] = 1, "top_k": int >= 1, or 0 or
@@ -15,16 +17,27 @@ yet answered (running, queued, or arriving) gets a 503 with the reason.
                           "seed" names it (null when greedy), so it can be replayed; prompt i of
                           a list samples with seed + i. A filter ("top_p" < 1, "top_k" > 1,
                           "min_p") without a temperature is 400 (it would be silently greedy);
-                          so is "min_p" when sampling. "stream": true, "n" > 1, and the other
-                          fields that would change the answer (UNSUPPORTED: "stop", "echo",
-                          "logprobs", "best_of", "suffix", penalties, "logit_bias") are 400
-                          unless null or their default; so is a request with more prompts than
-                          --max-batch. "user" is accepted.
+                          so is "min_p" when sampling. "n" > 1, and the other fields that would
+                          change the answer (UNSUPPORTED: "stop", "echo", "logprobs", "best_of",
+                          "suffix", penalties, "logit_bias") are 400 unless null or their default;
+                          so is a request with more prompts than --max-batch. "user" is accepted.
     POST /v1/chat/completions  {"messages": [{"role": "system" | "user" | "assistant", "content": str},
                           ...], "max_completion_tokens" (or "max_tokens"), sampling and refusals as
                           above}: the prompt is the tokenizer's chat template with the generation
                           prompt; the answer is OpenAI's chat.completion (special tokens skipped).
                           No tokenizer or no chat template: 400 (/v1/completions still works).
+    "stream": true (both): server-sent events over chunked HTTP/1.1, one `data: {json}` event per
+                          new token of a choice (completions: "text_completion" chunks with "text"
+                          and "token_ids"; chat: "chat.completion.chunk", a role delta first, a
+                          finish delta {} last), the finishing token's event carrying
+                          finish_reason, then `data: [DONE]`. "stream_options": {"include_usage":
+                          bool} adds a last chunk with "choices": [] and "usage"; other keys, or
+                          stream_options without stream, are 400. Text deltas are decoded
+                          incrementally (`IncrementalText`): their concatenation is the
+                          non-streamed text. A failure before the first token is the usual 503;
+                          after it (status 200 sent), a `data: {"error": ...}` event ends the
+                          stream without [DONE]. A client that leaves mid-stream is dropped
+                          quietly; its sequences still decode to the end with their batch.
     GET  /v1/models       OpenAI list format: the one served model (the checkpoint's directory name)
     GET  /health          {"status": "ok", "world": N, "mode": ..., "placement": path as given or
                           "contiguous (no --placement)", "placement_sha256": 12 hex digits or null}
@@ -44,6 +57,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -53,7 +67,7 @@ from moeplace.io import loads_json
 from moeplace.serve.counters import KINDS
 from moeplace.serve.dist import error_text, launcher_pid
 from moeplace.serve.engine import GENERATE, NOOP, Request, merged_counters, run_request, send_command
-from moeplace.serve.generate import Runtime
+from moeplace.serve.generate import Runtime, StepCallback
 from moeplace.serve.sampling import GREEDY, Sampling, int64
 
 MAX_BODY = 1 << 20  # bytes
@@ -86,6 +100,11 @@ class BadRequest(ValueError):
     """Invalid client input: answered with HTTP 400 and the message."""
 
 
+# what rank 0's main thread hands a streamed job's handler: (prompt index, new token, finished);
+# None once the job is answered (result or error)
+StreamItem = tuple[int, int, bool] | None
+
+
 @dataclass
 class Job:
     prompts: list[list[int]]
@@ -93,9 +112,20 @@ class Job:
     texts: bool  # answer with decoded text (prompt was text)
     sampling: Sampling = GREEDY  # the request's; prompt i samples with seed + i (prompt_sampling)
     chat: bool = False  # answer as a chat.completion (/v1/chat/completions)
+    stream: bool = False  # answer as server-sent events, token by token
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     done: threading.Event = field(default_factory=threading.Event)
     result: list[list[int]] | None = None
     error: str | None = None
+    # filled by rank 0's main thread (streamed jobs only), read by the job's handler thread
+    events: "queue.SimpleQueue[StreamItem]" = field(default_factory=queue.SimpleQueue)
+    gone: bool = False  # the streaming client has left: its tokens need not be queued
+
+    def finish(self, result: list[list[int]] | None = None, error: str | None = None) -> None:
+        """Answer the job; wakes its handler, waiting on `done` or, streamed, on `events`."""
+        self.result, self.error = result, error
+        self.done.set()
+        self.events.put(None)
 
 
 @dataclass
@@ -194,10 +224,8 @@ def read_body(body: bytes) -> dict[str, Any]:
 
 
 def check_options(doc: dict[str, Any], unsupported: dict[str, tuple[Any, ...]], what: str) -> Sampling:
-    """Refuse what this server cannot honour ("stream", "n" > 1, `unsupported` fields off their
-    defaults; `what` names the endpoint in the message); return the request's sampling."""
-    if doc.get("stream") not in (None, False):
-        raise BadRequest("\"stream\": true is not supported: each completion comes back in one response")
+    """Refuse what this server cannot honour ("n" > 1, `unsupported` fields off their defaults;
+    `what` names the endpoint in the message); return the request's sampling."""
     n = doc.get("n", 1)
     if n != 1 or isinstance(n, bool):
         raise BadRequest("\"n\" must be 1: one completion per prompt (send the prompt again, or a list of it)")
@@ -206,6 +234,23 @@ def check_options(doc: dict[str, Any], unsupported: dict[str, tuple[Any, ...]], 
             raise BadRequest(f"\"{name}\" is not supported ({what}): "
                              f"leave it out or null, got {json.dumps(doc.get(name))[:80]}")
     return parse_sampling(doc)
+
+
+def parse_stream(doc: dict[str, Any]) -> tuple[bool, bool]:
+    """The request's ("stream", "stream_options".include_usage), checked (BadRequest): OpenAI's
+    one stream option, and only with "stream": true (OpenAI refuses it otherwise too)."""
+    stream, options = doc.get("stream"), doc.get("stream_options")
+    if not _is_one_of(stream, (None, False, True)):
+        raise BadRequest(f"\"stream\" must be true or false, got {json.dumps(stream)[:80]}")
+    if options is None:
+        return bool(stream), False
+    if not stream:
+        raise BadRequest("\"stream_options\" is only for \"stream\": true: leave it out or null")
+    usage = options.get("include_usage") if isinstance(options, dict) else None
+    if not isinstance(options, dict) or set(options) - {"include_usage"} or not _is_one_of(usage, (None, False, True)):
+        raise BadRequest("\"stream_options\" is not supported beyond {\"include_usage\": true | false}, "
+                         f"got {json.dumps(options)[:80]}")
+    return True, bool(usage)
 
 
 def check_max_tokens(max_tokens: Any, limit: int, name: str = "max_tokens") -> int:
@@ -230,6 +275,7 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
     `max_prompts`: the server's --max-batch (one request runs in one batch)."""
     doc = read_body(body)
     sampling = check_options(doc, UNSUPPORTED, "plain completions")
+    stream, include_usage = parse_stream(doc)
     prompt = doc.get("prompt")
     max_tokens = check_max_tokens(doc.get("max_tokens", min(16, max_tokens_limit)), max_tokens_limit)
     if isinstance(prompt, str):
@@ -246,7 +292,7 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
         raise BadRequest(f"{len(prompts)} prompts in one request; this server decodes at most {max_prompts} "
                          "sequences together (--max-batch): split the request")
     check_prompt_ids(prompts, vocab, max_len, max_tokens)
-    return Job(prompts, max_tokens, texts, sampling)
+    return Job(prompts, max_tokens, texts, sampling, stream=stream, include_usage=include_usage)
 
 
 def chat_messages(messages: Any) -> list[dict[str, str]]:
@@ -286,6 +332,7 @@ def parse_chat(body: bytes, tokenizer: Any, model_name: str, vocab: int, max_len
                          "(a prompt string or token ids)")
     doc = read_body(body)
     sampling = check_options(doc, CHAT_UNSUPPORTED, "chat completions")
+    stream, include_usage = parse_stream(doc)
     messages = chat_messages(doc.get("messages"))
     given = {k: doc[k] for k in ("max_completion_tokens", "max_tokens") if doc.get(k) is not None}
     if len(given) == 2 and given["max_completion_tokens"] != given["max_tokens"]:
@@ -301,7 +348,7 @@ def parse_chat(body: bytes, tokenizer: Any, model_name: str, vocab: int, max_len
                          f"({type(e).__name__}: {first[:200]})") from None
     prompt = [int(t) for t in ids]
     check_prompt_ids([prompt], vocab, max_len, max_tokens)
-    return Job([prompt], max_tokens, True, sampling, chat=True)
+    return Job([prompt], max_tokens, True, sampling, chat=True, stream=stream, include_usage=include_usage)
 
 
 def label_value(value: Any) -> str:
@@ -359,6 +406,7 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server: "Server"
+    chunked = True  # a stream's body in chunks (HTTP/1.1 clients)
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet: no per-request stderr lines
         pass
@@ -441,6 +489,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _answer(self, job: Job) -> None:
         srv, spec = self.server, self.server.spec
+        if job.stream:
+            return self._stream(job)
         job.done.wait()
         if job.error or job.result is None:
             return self._error(503, job.error or "generation failed")
@@ -456,6 +506,58 @@ class Handler(BaseHTTPRequestHandler):
             "model": srv.model_name, "choices": choices, "seed": None if job.sampling.greedy else job.sampling.seed,
             "usage": usage(job),
         }))
+
+    def _stream(self, job: Job) -> None:
+        """Write a streamed job's events as its tokens come, in chunked transfer encoding (no
+        Content-Length, so the connection stays usable; an HTTP/1.0 client, which knows no
+        chunks, gets the bare events and the end of the connection). Until its first token a
+        failure is the usual 503; after it, an error event that ends the stream (status 200 sent)."""
+        srv = self.server
+        items = [job.events.get()]
+        if items[0] is None and job.result is None:
+            return self._error(503, job.error or "generation failed")
+        chunks = StreamChunks(job, srv.tokenizer, srv.model_name, srv.spec.eos_token_ids)
+        self.chunked = self.request_version != "HTTP/1.0"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+        try:
+            self.end_headers()
+            events = chunks.start()
+            while True:
+                while True:  # what has come meanwhile goes out in one chunk
+                    try:
+                        items.append(job.events.get_nowait())
+                    except queue.Empty:
+                        break
+                ended = None in items
+                for item in items[:items.index(None)] if ended else items:
+                    assert item is not None
+                    events += chunks.token(*item)
+                if ended:
+                    break
+                self._write_chunk(sse(events))
+                events, items = [], [job.events.get()]
+            if job.error is None and job.result is not None:
+                self._write_chunk(sse(events + chunks.end()) + b"data: [DONE]\n\n")
+            else:  # failed mid-stream (a rank died, the server is closing): say so, no [DONE]
+                srv.stats.reject()
+                self.close_connection = True
+                error = {"message": job.error or "generation failed", "type": "server_error", "code": 503}
+                self._write_chunk(sse(events + [{"error": error}]))
+            if self.chunked:
+                self.wfile.write(b"0\r\n\r\n")  # the last chunk
+        except ConnectionError:  # the client left: stop writing; its batch decodes on
+            job.gone = True
+            self.close_connection = True
+
+    def _write_chunk(self, data: bytes) -> None:
+        if data:  # an empty chunk would end the body
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
 
 
 def usage(job: Job) -> dict[str, int]:
@@ -480,6 +582,123 @@ def chat_response(job: Job, tokenizer: Any, model_name: str, eos_token_ids: tupl
                      "finish_reason": "stop" if stopped else "length", "logprobs": None}],
         "usage": usage(job),
     }
+
+
+class IncrementalText:
+    """One sequence's text as its tokens come, in deltas whose concatenation is `decode(ids)` of
+    all of them: the non-streamed answer's text.
+
+    A delta is what the newest tokens add to the decoding of a short window of the tokens before
+    them (vLLM's prefix and read offsets): the window gives them their context (SentencePiece
+    drops the leading space of a text's first word only), and a token costs two decodes of a few
+    tokens, not of the whole sequence. A decoding that ends in U+FFFD is held back: the tokens end
+    inside a UTF-8 sequence (byte-level tokenizers split characters), which later tokens may
+    complete. `finish` flushes what is left, taken from one decoding of all the ids."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0  # the window: ids[prefix:read] is context, already sent
+        self.read = 0  # ids[read:] are not sent yet
+        self.context: str | None = ""  # decode(ids[prefix:read]), None until computed
+        self.sent: list[str] = []
+
+    def push(self, token: int) -> str:
+        """The text `token` completes ("" while a character is incomplete)."""
+        self.ids.append(token)
+        if self.context is None:
+            self.context = self.decode(self.ids[self.prefix:self.read])
+        text = self.decode(self.ids[self.prefix:])
+        if len(text) <= len(self.context) or text.endswith("\ufffd"):
+            return ""
+        delta = text[len(self.context):]
+        self.prefix, self.read, self.context = self.read, len(self.ids), None
+        self.sent.append(delta)
+        return delta
+
+    def finish(self) -> str:
+        """What is left once the sequence has ended: held-back bytes, as the whole text has them."""
+        whole, sent = self.decode(self.ids), "".join(self.sent)
+        if whole.startswith(sent):
+            rest = whole[len(sent):]
+        else:  # a tokenizer whose decoding of a window differs from the whole's: the window's rest
+            context = self.decode(self.ids[self.prefix:self.read]) if self.context is None else self.context
+            rest = self.decode(self.ids[self.prefix:])[len(context):]
+        self.prefix = self.read = len(self.ids)
+        self.context = ""
+        self.sent.append(rest)
+        return rest
+
+
+class StreamChunks:
+    """The server-sent events of one streamed Job, as dicts, built from its tokens as they come
+    (no I/O): OpenAI's text_completion / chat.completion.chunk objects, one id and created for all."""
+
+    def __init__(self, job: Job, tokenizer: Any, model_name: str, eos_token_ids: tuple[int, ...]) -> None:
+        self.job, self.eos = job, eos_token_ids
+        self.head = {"id": f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                     "object": "chat.completion.chunk" if job.chat else "text_completion",
+                     "created": int(time.time()), "model": model_name}
+        self.tail: dict[str, Any] = {"seed": None if job.sampling.greedy else job.sampling.seed}
+        if job.include_usage:  # OpenAI: every chunk has the field, null but in the last one
+            self.tail["usage"] = None
+        self.texts: list[IncrementalText] | None = None
+        if job.texts and tokenizer is not None:  # as the non-streamed answers decode
+            skip = {"skip_special_tokens": True} if job.chat else {}
+            self.texts = [IncrementalText(lambda ids: tokenizer.decode(ids, **skip)) for _ in job.prompts]
+
+    def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**self.head, "choices": choices, **self.tail}
+
+    def start(self) -> list[dict[str, Any]]:
+        """Chat: the assistant's role, before any content."""
+        if not self.job.chat:
+            return []
+        return [self.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                             "logprobs": None}])]
+
+    def token(self, i: int, token: int, finished: bool) -> list[dict[str, Any]]:
+        """The events of prompt i's new token; the last token's carry its finish_reason."""
+        reason = ("stop" if token in self.eos else "length") if finished else None
+        # chat: the stop token is no part of the answer (chat_response)
+        shown = not (self.job.chat and reason == "stop")
+        text = ""
+        if self.texts is not None:
+            text = (self.texts[i].push(token) if shown else "") + (self.texts[i].finish() if finished else "")
+        if not self.job.chat:
+            return [self.chunk([{"index": i, "text": text, "token_ids": [token], "finish_reason": reason,
+                                 "logprobs": None}])]
+        events = [self.chunk([{"index": 0, "delta": {"content": text}, "finish_reason": None, "logprobs": None}])
+                  ] if text else []
+        if finished:
+            events.append(self.chunk([{"index": 0, "delta": {}, "finish_reason": reason, "logprobs": None}]))
+        return events
+
+    def end(self) -> list[dict[str, Any]]:
+        """After every choice has finished: the usage chunk, when asked for."""
+        if not self.job.include_usage:
+            return []
+        return [{**self.chunk([]), "usage": usage(self.job)}]
+
+
+def sse(events: list[dict[str, Any]]) -> bytes:
+    """Server-sent events: one `data: JSON` line and a blank line each."""
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+
+
+def stream_router(batch: list[Job]) -> StepCallback | None:
+    """Runtime.generate's on_step for a batch (its prompts are slots 0.. in order): queue each
+    streamed job's tokens for its handler thread; None when no job streams (nothing to pay)."""
+    owners = [(job, i) for job in batch for i in range(len(job.prompts))]
+    if not any(job.stream for job in batch):
+        return None
+
+    def route(step: list[tuple[int, int, bool]]) -> None:
+        for slot, token, finished in step:
+            job, i = owners[slot]
+            if job.stream and not job.gone:
+                job.events.put((i, token, finished))
+    return route
 
 
 class Server(ThreadingHTTPServer):
@@ -534,8 +753,7 @@ class Server(ThreadingHTTPServer):
                 break
         for job in pending:
             if not job.done.is_set():
-                job.error = reason
-                job.done.set()
+                job.finish(error=reason)
         with self._cond:
             self._cond.wait_for(lambda: self._in_flight <= 0, timeout=grace_s)
 
@@ -579,17 +797,15 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
                           sampling=[p for j in batch for p in prompt_sampling(j.sampling, len(j.prompts))])
             try:
                 send_command(rt, GENERATE, req)
-                result = run_request(rt, req)
+                result = run_request(rt, req, stream_router(batch))
                 counters = merged_counters(rt)
             except BaseException as e:
                 for j in batch:
-                    j.error = f"runtime failed: {error_text(e)}"
-                    j.done.set()
+                    j.finish(error=f"runtime failed: {error_text(e)}")
                 raise
             it = iter(result.tokens)
             for j in batch:
-                j.result = [next(it) for _ in j.prompts]
-                j.done.set()
+                j.finish([next(it) for _ in j.prompts])
             stats.record_batch(len(batch), sum(len(t) for t in result.tokens), result.seconds,
                                {p: counters.summary(p) for p in ("prefill", "decode")})
     except Exception as e:  # a failed batch, heartbeat or launcher check: the queued jobs get it too
