@@ -881,3 +881,178 @@ def test_domain_verdict_of_compare_runs(planted_file: Path, tmp_path: Path, caps
     text = capsys.readouterr().out
     assert "expert-load correlation only (mean" in text and "one MoE layer: no layer pairs" in text
     assert "load-only" not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# --learning-curve: is the trace long enough to solve on?
+# ---------------------------------------------------------------------------------------------
+
+
+def _weak_planted(num_tokens: int = 200) -> Trace:
+    """SYNTHETIC planted affinity (16 experts on 4 GPUs, 4 layers, top-2) strong enough that the
+    whole trace finds it and weak enough that a few dozen tokens do not: the curve falls."""
+    from moeplace.solve.synthetic import planted_trace
+
+    return planted_trace(num_tokens, 4, 16, 2, 4, affinity=0.85, boost=10.0, seed=0)[0]
+
+
+def test_curve_training_sets_are_nested_and_never_hold_a_test_token() -> None:
+    from moeplace.analyze.curve import TEST_SHARE, curve_splits, min_side, plan
+
+    by_token, by_seq = _weak_planted(), planted(1024, num_experts=8)  # the second has 128 sequences of 8
+    for trace, by in ((by_token, "token"), (by_seq, "sequence")):
+        splits, sizes, _ = plan(trace, 3, seed=5)
+        pool = min(len(s.order) for s in splits)
+        assert sizes == [n for n in (round(pool / 8), round(pool / 4), round(pool / 2), pool) if n >= 25]
+        for split in splits:
+            test = set(split.test.tolist())
+            assert len(test) == len(split.test) >= max(TEST_SHARE * trace.num_tokens, min_side(trace.num_experts))
+            assert test.isdisjoint(split.order.tolist())
+            assert sorted(test | set(split.order.tolist())) == list(range(trace.num_tokens))  # nothing lost
+            sets = [set(split.train(n).tolist()) for n in sizes]
+            assert [len(s) for s in sets] == sizes
+            assert all(small < large for small, large in zip(sets, sets[1:]))  # nested, strictly
+            assert all(s.isdisjoint(test) for s in sets)
+            if by == "sequence":  # whole sequences: no text is both tested and trained on
+                seq = trace.sequence_ids
+                assert set(seq[split.test].tolist()).isdisjoint(seq[split.order].tolist())
+        assert len({tuple(s.test) for s in splits}) == 3  # the splits differ
+        again = curve_splits(trace, 3, seed=5)  # and are the seed's
+        assert all(np.array_equal(a.test, b.test) and np.array_equal(a.order, b.order) for a, b in zip(splits, again))
+        assert not np.array_equal(curve_splits(trace, 1, seed=6)[0].test, splits[0].test)
+    # by_token: 50 test tokens, a pool of 150: 1/8 of it (19) is under max(25, E = 16) and skipped
+    assert plan(by_token, 2, 0)[1] == [38, 75, 150] and plan(by_token, 2, 0)[2][0]["tokens"] == 19
+
+
+def test_curve_needs_the_tokens_its_refusal_names() -> None:
+    from moeplace.analyze.curve import min_curve_tokens, plan
+    from moeplace.errors import MoeplaceError
+
+    trace = _weak_planted(400)
+    need = min_curve_tokens(16)  # 3 x max(25, 16)
+    assert len(plan(trace.select_tokens(np.arange(need)), 2, 0)[1]) == 2
+    with pytest.raises(MoeplaceError, match=f"{need - 1} tokens are too few for a curve.*at least {need} tokens"):
+        plan(trace.select_tokens(np.arange(need - 1)), 2, 0)
+
+
+def test_learning_curve_falls_on_planted_affinity_and_its_ratios_are_evals(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    from moeplace.analyze.curve import learning_curve
+    from moeplace.placement import Placement
+    from moeplace.solve.baselines import contiguous
+    from moeplace.eval.metrics import evaluate
+
+    trace = _weak_planted()
+    calls: list[tuple[int, int, int]] = []
+    result = learning_curve(trace, 4, 2, 0.5, seed=0, num_splits=2, on_solve=lambda *a: calls.append(a))
+    rep = result.report
+    assert rep["sizes"] == [38, 75, 150] and rep["solves"] == 6 and len(calls) == 6
+    assert rep["split_by"] == "token" and rep["test_tokens"] == [50, 50]
+    first, last = rep["points"][0]["held_out"], rep["points"][-1]["held_out"]
+    for metric in ("cross_gpu_top1", "dest_gpus_topk"):  # more training tokens, a better held-out placement
+        assert last[metric]["mean"] < first[metric]["mean"], (metric, first, last)
+    # one point recomputed by `moeplace eval` on the split's test tokens, and in-sample on its training set
+    split, n = result.splits[1], 38
+    placement = result.placements[(1, n)]
+    assert placement.num_gpus == 4 and placement.gpus_per_node == 2
+    placement.save(tmp_path / "p.json")
+    save_trace(trace.select_tokens(split.test), tmp_path / "test.npz")
+    capsys.readouterr()
+    assert run(["eval", str(tmp_path / "p.json"), str(tmp_path / "test.npz"), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    point = rep["points"][0]
+    assert point["tokens"] == n
+    assert ev["tokens"]["evaluated"] == len(split.test) == 50  # every test token (not a split of them)
+    for metric in ("cross_gpu_top1", "dest_gpus_topk"):
+        assert point["held_out"][metric]["per_split"][1] == pytest.approx(ev["vs_contiguous"]["placement"][metric],
+                                                                         rel=1e-12)
+        fit = trace.select_tokens(split.train(n))
+        base = evaluate(Placement(contiguous(4, 16, 4), 4, 2), fit)
+        assert point["in_sample"][metric]["per_split"][1] == pytest.approx(
+            evaluate(placement, fit)[metric] / base[metric], rel=1e-12)
+        values = point["held_out"][metric]["per_split"]
+        assert point["held_out"][metric]["mean"] == pytest.approx(np.mean(values))
+        assert point["held_out"][metric]["se"] == pytest.approx(np.std(values, ddof=1) / np.sqrt(2))
+    assert rep["verdict"]["from_tokens"] == 75 and rep["verdict"]["to_tokens"] == 150
+
+
+def _points(*per_split: list[float | None]) -> list[dict[str, Any]]:
+    """Curve points of constructed held-out cross_gpu_top1 ratios per split, n = 100, 200, ..."""
+    return [{"tokens": 100 * 2**i, "held_out": {"cross_gpu_top1": {"per_split": list(v)}}}
+            for i, v in enumerate(per_split)]
+
+
+@pytest.mark.parametrize("small, large, status, gain, se", [
+    ([0.70, 0.72], [0.65, 0.68], "improving", 0.045, 0.005),  # > 2 SE and > 0.01
+    ([0.700, 0.710], [0.695, 0.703], "flat", 0.006, 0.001),  # > 2 SE, but under MIN_GAIN
+    ([0.70, 0.70], [0.65, 0.73], "flat", 0.01, 0.04),  # >= MIN_GAIN, within 2 SE
+    ([0.70, 0.70, 0.70], [0.68, 0.67, 0.66], "improving", 0.03, 0.00577),  # three splits
+    ([0.60, 0.61], [0.62, 0.63], "flat", -0.02, 0.0),  # worse: flat, and says "lost"
+])
+def test_curve_verdict_follows_its_rule(small: list[float], large: list[float], status: str, gain: float,
+                                        se: float) -> None:
+    from moeplace.analyze.curve import MIN_GAIN, SE_FACTOR, curve_verdict
+
+    v = curve_verdict(_points([0.9] * len(small), small, large), 8)
+    assert v["status"] == status and v["gain"] == pytest.approx(gain) and v["se"] == pytest.approx(se, abs=1e-5)
+    assert (v["gain"] > max(SE_FACTOR * v["se"], MIN_GAIN)) == (status == "improving")  # the rule as documented
+    assert (v["from_tokens"], v["to_tokens"]) == (200, 400)  # the last doubling, whatever came before
+    if status == "improving":
+        assert v["text"].startswith("still improving: a longer trace should give a better placement on 8 GPUs "
+                                    f"(the last doubling, 200 -> 400 training tokens, gained {gain:.3f} +- {se:.3f}")
+    else:
+        assert v["text"].startswith("flat: the trace is long enough for 8 GPUs (the last doubling, 200 -> 400 "
+                                    f"training tokens, {'lost' if gain < 0 else 'gained'} {abs(gain):.3f}")
+
+
+def test_curve_verdict_without_traffic_to_reduce() -> None:
+    from moeplace.analyze.curve import curve_verdict
+
+    v = curve_verdict(_points([None, None], [None, None]), 4)
+    assert v["status"] == "flat" and v["gain"] is None and "no cross-GPU traffic" in v["text"]
+
+
+def test_cli_learning_curve_writes_its_key_figure_and_verdict(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, out = tmp_path / "weak.npz", tmp_path / "o"
+    save_trace(_weak_planted(), path)
+    assert run(["analyze", str(path), "--learning-curve", "--gpus", "4", "--time-limit", "0.5", "--shuffles", "2",
+                "-o", str(out)]) == 0
+    report = json.loads((out / "analyze.json").read_text())
+    lc = report["learning_curve"]
+    assert lc["trace"] == "A" and lc["num_gpus"] == 4 and lc["splits"] == 2 and lc["sizes"] == [38, 75, 150]
+    assert lc["verdict"]["status"] in ("improving", "flat") and len(lc["points"]) == 3
+    assert str(out / "learning_curve.png") in report["figures"]
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    captured = capsys.readouterr()
+    assert f"Verdict [A], trace length: {lc['verdict']['text']}" in captured.out
+    assert "skipped 19 training tokens: too few tokens" in captured.out
+    solving = [line for line in captured.err.splitlines() if "learning curve" in line and "solving on" in line]
+    assert len(solving) == 6, captured.err  # a progress line per solve
+    # a later run without the curve removes the figure that the earlier report lists as its own
+    assert run(["analyze", str(path), "--no-solve", "--shuffles", "2", "-q", "-o", str(out)]) == 0
+    assert not (out / "learning_curve.png").exists()
+    assert "learning_curve" not in json.loads((out / "analyze.json").read_text())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{loads}", "--learning-curve"], "--learning-curve: not applicable to a load-only input"),
+    (["{loads}", "--compare", "{trace}", "--learning-curve"], "loads.npz) is load-only"),
+    (["{trace}", "--learning-curve", "--no-solve"], "--learning-curve solves placements"),
+    (["{trace}", "--curve-splits", "3"], "--curve-splits: sets the splits of --learning-curve"),
+    (["{trace}", "--learning-curve", "--curve-splits", "1"], "--curve-splits"),
+    (["{trace}", "--learning-curve", "--gpus", "1"], "one GPU has no cross-GPU traffic"),
+    (["{short}", "--learning-curve"], "60 tokens are too few for a curve"),
+    (["{one_layer}", "--learning-curve"], "one MoE layer, so no layer transitions"),
+])
+def test_cli_learning_curve_refusals(args: list[str], message: str, planted_file: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
+    loads, short, one_layer = tmp_path / "loads.npz", tmp_path / "short.npz", tmp_path / "one.npz"
+    save_loads(make_loads(np.ones((4, 8))), loads)
+    save_trace(planted(64, num_experts=8).select_tokens(np.arange(60)), short)  # needs 3 x max(25, 8) = 75
+    save_trace(make_trace(np.arange(400).reshape(400, 1, 1) % 4, num_experts=4), one_layer)
+    paths = {"trace": planted_file, "loads": loads, "short": short, "one_layer": one_layer}
+    out = tmp_path / "out"
+    assert run(["analyze", *(a.format(**paths) for a in args), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moeplace: error:") and message in err[0], err
+    assert not out.exists()  # refused before any work

@@ -115,7 +115,8 @@ def _check_compatible(a: Source, b: Source, path_b: str) -> None:
 # transfer need per-token paths in some input, the transition heatmaps in every input. Given for
 # an input that lacks them, they are refused rather than silently ignored; the load-skew part's
 # options (-o, --compare, --hottest, --no-figures, -q) apply to any input.
-PER_TOKEN_OPTIONS = ("shuffles", "seed", "gpus", "gpus_per_node", "time_limit", "no_solve")
+PER_TOKEN_OPTIONS = ("shuffles", "seed", "gpus", "gpus_per_node", "time_limit", "no_solve", "learning_curve",
+                     "curve_splits")
 HEATMAP_OPTIONS = ("layers_spec", "heatmap_mode")
 SOLVE_OPTIONS = ("gpus", "gpus_per_node", "time_limit")  # the placement-transfer part's
 
@@ -163,11 +164,20 @@ def _refuse_skipped(ctx: click.Context, no_solve: bool, no_figures: bool) -> Non
                    "decoder layers 2-9, pair 0 is the tables' row 0>1, decoder 2>3. "
                    "[default: up to 4 spread from first to last]")
 @click.option("--gpus", type=POSITIVE_INT, default=None, metavar="N",
-              help="GPUs for the placement-transfer test. [default: 8, or the largest divisor of E below 8]")
+              help="GPUs for the placement-transfer test and --learning-curve. [default: 8, or the largest divisor of E below 8]")
 @click.option("--gpus-per-node", type=POSITIVE_INT, default=None, metavar="N", help="GPUs per node. [default: all GPUs in one node]")
 @click.option("--time-limit", type=POSITIVE, default=10.0, show_default=True, metavar="SECONDS",
-              help="Seconds per placement solve (two per comparison).")
+              help="Seconds per placement solve (two per comparison; up to 4 x --curve-splits for "
+                   "--learning-curve).")
 @click.option("--no-solve", is_flag=True, help="Skip the placement-transfer test (statistics only; fast).")
+@click.option("--learning-curve", is_flag=True,
+              help="Is TRACE long enough to solve on? Per split, hold out a quarter of the tokens and solve on "
+                   "nested training sets of 1/8, 1/4, 1/2 and all of the rest (sizes under max(25, E) tokens "
+                   "skipped), scoring every placement on the same held-out tokens: up to 4 x --curve-splits solves "
+                   "of up to --time-limit each (FLAME, 8 GPUs: 6 solves, ~15 s). Uses --gpus (or its default) and "
+                   "--gpus-per-node; writes learning_curve.png and a verdict.")
+@click.option("--curve-splits", type=click.IntRange(2, 100), default=2, show_default=True, metavar="S",
+              help="Seeded splits of --learning-curve (standard errors over them).")
 @click.option("--shuffles", type=click.IntRange(1, 1000), default=8, show_default=True,
               help="Token shuffles for the MI / capture baseline (mean and std reported).")
 @click.option("--hottest", type=click.IntRange(1, 100), default=4, show_default=True,
@@ -186,6 +196,8 @@ def analyze(
     gpus_per_node: int | None,
     time_limit: float,
     no_solve: bool,
+    learning_curve: bool,
+    curve_splits: int,
     shuffles: int,
     hottest: int,
     heatmap_mode: str | None,
@@ -197,8 +209,9 @@ def analyze(
 
     TRACE is a v1 trace (.npz) or an ExFlow .npy; a load-only .npz (moeplace.loads/v1) gets the
     load skew (and, with --compare, the per-layer load correlation) only, and the options of the
-    other parts (--shuffles, --seed, --gpus, --gpus-per-node, --time-limit, --no-solve; --layers
-    and --heatmap-mode whenever an input is load-only) are refused for it.
+    other parts (--shuffles, --seed, --gpus, --gpus-per-node, --time-limit, --no-solve,
+    --learning-curve, --curve-splits; --layers and --heatmap-mode whenever an input is
+    load-only) are refused for it.
 
     \b
     Answers, per MoE layer and per consecutive layer pair l -> l+1:
@@ -211,13 +224,17 @@ def analyze(
       stability      two seeded halves (by sequence when the trace has sequence ids):
                      correlation of transition matrices, top-m capture of one half by the
                      other's successors, and the placement gain transferred: a placement
-                     solved on half 1 replayed on half 2, vs one solved on half 2.
+                     solved on half 1 replayed on half 2, vs one solved on half 2;
+      trace length   (--learning-curve) held-out ratio to contiguous of placements
+                     solved on 1/8 .. all of the non-held-out tokens: still improving
+                     (trace more) or flat (long enough for --gpus).
 
     \b
     Outputs (in -o DIR): analyze.json (everything above), load_heatmap.png,
     transitions.png (P(j | i) of the --layers pairs), affinity.png (MI vs shuffled and
-    top-m capture per layer pair); a figure that an earlier run's analyze.json in DIR lists
-    and this run does not draw (--no-figures, load-only input) is removed. All outputs are written first and then
+    top-m capture per layer pair), learning_curve.png (--learning-curve); a figure
+    that an earlier run's analyze.json in DIR lists and this run does not draw
+    (--no-figures, load-only input) is removed. All outputs are written first and then
     moved into DIR together: an error or interrupt leaves DIR as it was (the hidden temp
     directory of a run killed outright is removed by the next run into DIR). A summary is
     printed; progress goes to stderr.
@@ -226,6 +243,7 @@ def analyze(
     Examples:
       moeplace analyze traces/flame-moe-290m-decoder.npz -o out/flame
       moeplace analyze wiki.npz --compare code.npz --gpus 8 -o out/wiki-vs-code
+      moeplace analyze traces/flame-moe-290m-decoder.npz --learning-curve --gpus 8 -o out/flame
     """
     sources: dict[str, tuple[Source, str]] = {"A": (load_source(trace_path), trace_path)}
     if compare_path is not None:
@@ -247,6 +265,10 @@ def analyze(
         num_gpus = gpus if gpus is not None else default_gpus(first.num_experts)
         gpus_per_node = gpus_per_node if gpus_per_node is not None else num_gpus
         check_solve_cluster(first.num_experts, num_gpus, gpus_per_node, gpus_given=gpus is not None)
+    if learning_curve:
+        _check_curve(first, trace_path, no_solve, num_gpus, curve_splits, seed)
+    elif given_options(click.get_current_context(), ("curve_splits",)):
+        raise MoeplaceError("--curve-splits: sets the splits of --learning-curve; add --learning-curve or drop it")
     out = Path(out_dir) if out_dir else Path(f"analyze-{Path(trace_path).stem}")
     if out.exists() and not out.is_dir():
         raise MoeplaceError(f"-o {out}: exists and is not a directory")
@@ -256,7 +278,8 @@ def analyze(
         raise MoeplaceError(f"-o {out}: cannot create the output directory ({e.strerror})") from None
 
     cfg = AnalyzeConfig(num_shuffles=shuffles, seed=seed, hottest=hottest, num_gpus=num_gpus,
-                        gpus_per_node=gpus_per_node or 1, time_limit=time_limit)
+                        gpus_per_node=gpus_per_node or 1, time_limit=time_limit,
+                        curve_splits=curve_splits if learning_curve else None)
     with silenced(quiet):
         report, conditionals = build_report(sources, cfg)
     try:
@@ -265,6 +288,8 @@ def analyze(
             if not no_figures:
                 mode = heatmap_mode or ("topk" if "topk" in modes else "top1")
                 drawn = _draw(report, conditionals, sources, pairs, mode, stage)
+            if not no_figures and "learning_curve" in report:
+                drawn.append(_draw_curve(report, trace_path, stage))
             report["figures"] = [str(out / p.name) for p in drawn]  # where they will be, not the stage
             report["transition_pairs"] = pairs if any(p.name == FIGURES[1] for p in drawn) else []
             report["json"] = str(out / JSON_NAME)
@@ -276,7 +301,24 @@ def analyze(
         click.echo(summary(report))
 
 
-FIGURES = ("load_heatmap.png", "transitions.png", "affinity.png")
+FIGURES = ("load_heatmap.png", "transitions.png", "affinity.png", "learning_curve.png")
+
+
+def _check_curve(first: Source, path: str, no_solve: bool, num_gpus: int | None, splits: int, seed: int) -> None:
+    """--learning-curve's refusals, before any work: it solves placements on TRACE's per-token
+    paths, on more than one GPU, with enough tokens for two training sizes (curve.plan)."""
+    from moeplace.analyze.curve import plan
+
+    if not isinstance(first, Trace):
+        raise MoeplaceError(f"--learning-curve: TRACE ({path}) is load-only (expert loads, no per-token paths) and the "
+                            "curve solves placements on per-token paths; drop --learning-curve")
+    if no_solve:
+        raise MoeplaceError("--learning-curve solves placements (up to 4 x --curve-splits), which --no-solve "
+                            "skips; drop one of the two")
+    if num_gpus == 1:
+        raise MoeplaceError("--learning-curve on --gpus 1: one GPU has no cross-GPU traffic to reduce; give --gpus "
+                            "of the deployment (a divisor of E above 1)")
+    plan(first, splits, seed)
 
 
 STAGE_PREFIX = ".analyze."  # the staging directories' names: .analyze.*.tmp
@@ -349,3 +391,9 @@ def _draw(report: dict, conditionals: dict, sources: dict, pairs: list[int], mod
         paths.append(plots.affinity_plot(affs, keys, labels, affs[0]["log_num_experts"], out / FIGURES[2],
                                          ", ".join(titles)))
     return paths
+
+
+def _draw_curve(report: dict, trace_path: str, out: Path) -> Path:
+    from moeplace.analyze import plots  # matplotlib only when drawing
+
+    return plots.learning_curve_plot(report["learning_curve"], f"A ({Path(trace_path).stem})", out / FIGURES[3])

@@ -155,3 +155,33 @@ def affinity_plot(
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def learning_curve_plot(curve: dict[str, Any], title: str, path: Path) -> Path:
+    """Held-out (mean +- standard error over splits) and in-sample ratio to contiguous against the
+    number of training tokens (log x), one panel per metric; `curve` is report["learning_curve"]."""
+    points = curve["points"]
+    n = np.array([p["tokens"] for p in points], dtype=np.float64)
+    fig = _figure(9.0, 3.8)
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    for ax, metric, name in zip(axes, ("cross_gpu_top1", "dest_gpus_topk"), ("cross-GPU top-1", "dest GPUs top-k")):
+        held = np.array([np.nan if p["held_out"][metric]["mean"] is None else p["held_out"][metric]["mean"]
+                         for p in points])
+        se = np.array([p["held_out"][metric]["se"] or 0.0 for p in points])
+        own = np.array([np.nan if p["in_sample"][metric]["mean"] is None else p["in_sample"][metric]["mean"]
+                        for p in points])
+        ax.errorbar(n, held, yerr=se, fmt="o-", color=TRACE_COLORS[0], capsize=3,
+                    label=f"held-out (+- 1 SE, {curve['splits']} splits)")
+        ax.plot(n, own, "s--", color=TRACE_COLORS[0], alpha=0.6, markerfacecolor="none", label="in-sample")
+        ax.set_xscale("log")
+        ax.set_xticks(n, [str(int(x)) for x in n])
+        ax.minorticks_off()
+        ax.set_xlabel("training tokens (log scale)")
+        ax.set_ylabel("ratio to contiguous (lower is better)")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    tests = sorted(set(curve["test_tokens"]))
+    test = str(tests[0]) if len(tests) == 1 else f"{tests[0]}-{tests[-1]}"
+    fig.suptitle(f"{title}: learning curve on {curve['num_gpus']} GPUs, {test} held-out tokens per split", fontsize=10)
+    return _save(fig, path)

@@ -6,6 +6,9 @@ Report schema ("moeplace.analyze/v1"):
     transfer   A -> B stability (with --compare): correlation, held-out capture, placement gain
                (printed as ratios to contiguous, `0.41x` as solve and eval print them, and the
                reduction contiguous - placement that `transferred` divides)
+    learning_curve  (with --learning-curve) held-out and in-sample ratios to contiguous of
+               placements solved on nested training sets of TRACE, and the trace-length verdict
+               (analyze/curve.py)
     figures    paths of the PNGs written
     transition_pairs  the layer pairs transitions.png draws ([] when it is not drawn)
 
@@ -115,6 +118,7 @@ class AnalyzeConfig:
     num_gpus: int | None = 8
     gpus_per_node: int = 8
     time_limit: float = 10.0
+    curve_splits: int | None = None  # --learning-curve's splits; None: no curve
 
 
 def analyze_trace(trace: Trace, path: str, cfg: AnalyzeConfig, name: str = "A") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -328,7 +332,24 @@ def build_report(
             no_paths = ("one MoE layer: no layer pairs" if isinstance(a, Trace) and isinstance(b, Trace)
                         else "a load-only input has no per-token paths")
         report["transfer"]["verdict"] = domain_verdict(report["transfer"], report["traces"], no_paths)
+    first = sources["A"][0]
+    if cfg.curve_splits is not None and cfg.num_gpus is not None and isinstance(first, Trace):
+        report["learning_curve"] = {"trace": "A", **_curve(first, cfg)}
     return report, conditionals
+
+
+def _curve(trace: Trace, cfg: AnalyzeConfig) -> dict[str, Any]:
+    """The learning curve of TRACE, a progress line per solve on stderr."""
+    from moeplace.analyze.curve import learning_curve, plan
+
+    assert cfg.curve_splits is not None and cfg.num_gpus is not None
+    sizes = plan(trace, cfg.curve_splits, cfg.seed)[1]  # cheap: index arrays only
+    progress = Progress("analyze A: learning curve", total=cfg.curve_splits * len(sizes), after=0.0, every=0.0)
+    note = lambda done, split, n: progress.update(done, f"split {split + 1}/{cfg.curve_splits}: solving on {n} "  # noqa: E731
+                                                  f"training tokens ({cfg.num_gpus} GPUs, up to {cfg.time_limit:g} s)")
+    result = learning_curve(trace, cfg.num_gpus, cfg.gpus_per_node, cfg.time_limit, cfg.seed, cfg.curve_splits, note)
+    progress.close(f"{result.report['solves']} solves")
+    return result.report
 
 
 def _stability(a: Trace, b: Trace, cfg: AnalyzeConfig, what: str) -> dict[str, Any]:
@@ -470,6 +491,9 @@ def summary(report: dict[str, Any]) -> str:
         out.append(f"Verdict [{name}], load: {tr['verdict']['load']['text']}")
         out.append(f"Verdict [{name}], affinity: {tr['verdict']['text']}")
         out.append("")
+    if "learning_curve" in report:
+        out += _curve_lines(report["learning_curve"])
+        out.append("")
     if "B" in report["traces"]:
         out.append("Side by side (means over layers and layer pairs):")
         out += _side_by_side(report["traces"]["A"], report["traces"]["B"])
@@ -483,6 +507,28 @@ def summary(report: dict[str, Any]) -> str:
     if report.get("json"):
         out.append(f"JSON: {report['json']}")
     return "\n".join(out)
+
+
+def _curve_lines(lc: dict[str, Any]) -> list[str]:
+    """The learning curve's table (mean +- standard error over splits) and its verdict line."""
+    tests = sorted(set(lc["test_tokens"]))
+    test = str(tests[0]) if len(tests) == 1 else f"{tests[0]}-{tests[-1]}"
+    lines = [f"Learning curve [A] on {lc['num_gpus']} GPUs ({lc['gpus_per_node']} per node): placements solved on "
+             f"nested training sets, scored on {test} held-out tokens per split (split by {lc['split_by']}, "
+             f"{lc['splits']} splits, mean +- standard error; ratio to contiguous, lower is better):",
+             f"  {'training tokens':>15}  {'held-out top-1':>14}  {'held-out top-k':>14}  {'in-sample top-1':>15}  "
+             f"{'in-sample top-k':>15}"]
+    for p in lc["points"]:
+        held = [f"{_f(p['held_out'][m]['mean'])} +- {_f(p['held_out'][m]['se'])}" for m in ("cross_gpu_top1", "dest_gpus_topk")]
+        own = [_f(p["in_sample"][m]["mean"]) for m in ("cross_gpu_top1", "dest_gpus_topk")]
+        lines.append(f"  {p['tokens']:>15}  {held[0]:>14}  {held[1]:>14}  {own[0]:>15}  {own[1]:>15}")
+    for skip in lc["skipped_sizes"]:
+        lines.append(f"  skipped {skip['tokens']} training tokens: {skip['reason']}")
+    if lc["stopped_by_time_limit"]:
+        lines.append(f"  {lc['stopped_by_time_limit']} of {lc['solves']} solves stopped at --time-limit "
+                     f"{lc['time_limit']:g} s (their placements may differ between runs)")
+    lines.append(f"Verdict [A], trace length: {lc['verdict']['text']}")
+    return lines
 
 
 def _drawn_pairs(report: dict[str, Any]) -> str:
