@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,7 @@ from moeplace.errors import MoeplaceError
 from moeplace.io import looks_like, read_yaml
 from moeplace.models.checkpoint import CheckpointError, open_checkpoint, read_safetensors_header
 from moeplace.placement import Placement
-from moeplace.trace.format import make_trace, save_trace
+from moeplace.trace.format import load_trace, make_trace, save_trace
 from moeplace.trace.text import validate
 
 Setup = Callable[[Path], list[str]]
@@ -264,7 +265,19 @@ IMPORT_CASES: list[tuple[str, Setup, str]] = [
                                               "-o", str(t / "o.npz")])[1], "num_experts must be in [1, 65536]"),
     ("import-bad-meta", lambda t: ["import", "loads-json", str(_json(t, {"expert_loads": [[1, 2]]}, "l.json")),
                                    "--meta", "novalue", "-o", str(t / "o.npz")], "--meta expects KEY=VALUE"),
+    # a copy under another name (or a shard traced twice) was merged, its tokens counted twice; the
+    # copy's meta may differ (a re-save): the routing decides
+    ("merge-a-copy", lambda t: ["import", "merge", str(_trace(t)),
+                                str(_resaved(_trace(t), t / "copy.npz", corpus="shard2")), "-o", str(t / "o.npz")],
+     "copy.npz: the same routing as "),
 ]
+
+
+def _resaved(path: Path, out: Path, **meta: str) -> Path:
+    """The trace at `path` saved again to `out`, its meta extended by `meta`."""
+    t = load_trace(path)
+    save_trace(replace(t, meta={**t.meta, **meta}), out)
+    return out
 
 SOLVE_CASES: list[tuple[str, Setup, str]] = [
     ("solve-truncated-trace", lambda t: ["solve", str(_truncated(_trace(t))), "--gpus", "4", "-o", str(t / "p.json")],

@@ -222,6 +222,33 @@ def test_ctrl_c_says_interrupted(monkeypatch: pytest.MonkeyPatch, capsys: pytest
     assert capsys.readouterr().err == "\nmoeplace: interrupted (SIGINT)\n"  # click's newline closes the ^C echo
 
 
+@pytest.mark.parametrize("code, says", [(28, "No space left on device writing report.json"),  # ENOSPC
+                                         (30, "Read-only file system writing report.json")])  # EROFS
+def test_a_full_disk_is_one_line_not_an_internal_error(code: int, says: str, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `moeplace eval ... --json > /dev/full` was "internal error: OSError ... (a bug)", exit 3."""
+    import errno
+    import os
+
+    assert code in (errno.ENOSPC, errno.EROFS)
+
+    def full(ctx: object) -> None:
+        raise OSError(code, os.strerror(code), "report.json")
+
+    monkeypatch.setattr(cli.main, "invoke", full)
+    assert cli.run(["solve"]) == 2
+    assert capsys.readouterr().err == f"moeplace: error: {says}\n"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_stdout_on_a_full_device_is_one_line() -> None:
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "moeplace", "eval", "--help"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "moeplace: error: No space left on device writing the output"], done.stderr
+
+
 def test_a_mistyped_command_names_the_nearest(capsys: pytest.CaptureFixture[str]) -> None:
     for argv, line in ((["slove"], "No such command 'slove'; did you mean 'solve'? (see 'moeplace --help')"),
                        (["import", "cvs"], "No such command 'cvs'; did you mean 'csv'? (see 'moeplace import --help')"),

@@ -236,3 +236,114 @@ def test_eval_and_check_take_a_checkpoint(tmp_path: Path, capsys: pytest.Capture
     assert "PASS  ckpt-again" in captured.out
     assert "moeplace check: note: estimated from " in captured.err and "ckpt/config.json" in captured.err
     assert captured.err.count("moeplace check: note: ") == 2, captured.err  # the two lines, once
+
+
+# llm-compressor's FP8 schemes (compressed-tensors): dynamic FP8 activations (W8A8) or none (W8A16)
+_FLOAT8 = {"num_bits": 8, "type": "float", "strategy": "channel"}
+_CT_FP8 = {"quant_method": "compressed-tensors", "format": "float-quantized",
+           "config_groups": {"group_0": {"targets": ["Linear"], "weights": _FLOAT8,
+                                         "input_activations": {**_FLOAT8, "dynamic": True}}}}
+_CT_W8A16 = {"quant_method": "compressed-tensors",
+             "config_groups": {"group_0": {"targets": ["Linear"], "weights": _FLOAT8}}}
+_CT_INT8 = {"quant_method": "compressed-tensors",
+            "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "int"}}}}
+
+
+@pytest.mark.parametrize("quant, compute, weight_bytes, note", [
+    ({"quant_method": "FP8"}, "float8", 1, ""),  # method names compared case-insensitively, as the engines do
+    ({"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}, "float8", 1, ""),  # Meta's Llama FP8
+    ({"quant_method": "modelopt", "quant_algo": "FP8"}, "float8", 1, ""),  # NVIDIA ModelOpt
+    (_CT_FP8, "float8", 1, ""),
+    (_CT_W8A16, "bfloat16", 1, ""),  # FP8 weights read from HBM, upcast for bfloat16 GEMMs
+    (_CT_INT8, "bfloat16", 2, "quantization compressed-tensors (other than FP8 weights) not modelled"),
+    ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, "bfloat16", 2, "quantization 'modelopt' not modelled"),
+    ({"quant_method": "mxfp4"}, "bfloat16", 2, "quantization 'mxfp4' not modelled: bfloat16 weights assumed"),
+    ("fp8", "bfloat16", 2, "quantization_config 'fp8' (not an object) not modelled"),
+    ({"fmt": "e4m3"}, "bfloat16", 2, "quantization_config without quant_method not modelled"),
+])
+def test_fp8_quantization_variants(tmp_path: Path, quant: object, compute: str, weight_bytes: int, note: str) -> None:
+    """The FP8 spellings of quantization_config in checkpoints people serve give FP8 weights (1 byte
+    per weight read) and, unless only the weights are FP8, GEMMs at the float8 peak; any other
+    quantization is said in the note, never silently priced as FP8."""
+    cost = load_cost_model(H100, checkpoint(tmp_path, "m", {**MIXTRAL, "quantization_config": quant}))
+    e = cost.estimate
+    assert e is not None and (e["compute_dtype"], e["weight_bytes"], e["dtype"]) == (compute, weight_bytes, "bfloat16")
+    peak = {"float8": 1979, "bfloat16": 989}[compute]
+    assert cost.model.expert_us_per_token == pytest.approx(6 * 4096 * 14336 / (peak * 1e6 * 0.6))
+    assert cost.model.expert_fixed_us == pytest.approx(3 * 4096 * 14336 * weight_bytes / 3350e3)
+    assert cost.model.dispatch_bytes == cost.model.combine_bytes == 2  # activations stay the model's dtype
+    first = estimate_lines(cost)[0]
+    assert note in first if note else "not modelled" not in first
+    if weight_bytes == 1 and compute == "bfloat16":
+        assert "float8 weights, bfloat16 activations and GEMMs (weights upcast)" in first
+
+
+def test_a_null_torch_dtype_falls_back_to_dtype_and_the_note_names_the_key(tmp_path: Path) -> None:
+    """null counts as absent, as for every size (transformers 5 writes `dtype`); a value no dtype
+    names is said under the key it was read from."""
+    both = load_cost_model(H100, checkpoint(tmp_path, "a", {**MIXTRAL, "torch_dtype": None, "dtype": "float32"}))
+    assert both.estimate is not None and both.estimate["dtype"] == "float32" and both.model.dispatch_bytes == 4
+    odd = load_cost_model(H100, checkpoint(tmp_path, "b", {**{k: v for k, v in MIXTRAL.items() if k != "torch_dtype"},
+                                                           "dtype": 5}))
+    assert "; dtype 5: bfloat16 assumed" in estimate_lines(odd)[0]
+
+
+@pytest.mark.parametrize("cfg, message", [
+    # a width past float range made the estimate's arithmetic an internal error (exit 3)
+    ({**MIXTRAL, "intermediate_size": 10**400},
+     r"config.json intermediate_size 1000.* is more than 1048576 \(2\*\*20\)"),
+    ({**MIXTRAL, "moe_intermediate_size": 2**21}, r"config.json moe_intermediate_size 2097152 is more than 1048576"),
+    # past what a trace or a model YAML holds: solve recorded it, then eval refused its own record
+    ({**MIXTRAL, "num_local_experts": 10**9},
+     r"config.json num_local_experts 1000000000 is more than 65536 \(2\*\*16\), the most experts per layer"),
+])
+def test_sizes_past_the_bounds_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], cfg: dict,
+                                            message: str) -> None:
+    with pytest.raises(MoeplaceError, match=message):
+        load_cost_model(H100, checkpoint(tmp_path, "m", cfg))
+    trace = tmp_path / "t.npz"
+    save_trace(make_trace(np.zeros((4, 2, 2), dtype=np.int64) + [0, 1], num_experts=8), trace)
+    assert run(["eval", str(_plain_placement(tmp_path)), str(trace), "--cluster", str(H100), "--model-config",
+                str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moeplace: error: ") and len(err.splitlines()) == 1, err
+
+
+def _plain_placement(tmp: Path) -> Path:
+    from moeplace.placement import Placement
+
+    Placement(np.tile(np.arange(8), (2, 1)), num_gpus=8, gpus_per_node=8).save(tmp / "p.json")
+    return tmp / "p.json"
+
+
+@pytest.mark.parametrize("gpu", [[1], "H100", 5])
+def test_a_gpu_section_that_is_no_mapping_is_one_line(tmp_path: Path, gpu: object) -> None:
+    """`gpu:` a list or a string was an AttributeError (exit 3), also under a model YAML."""
+    doc = {**yaml.safe_load(H100.read_text()), "gpu": gpu}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    for model in (checkpoint(tmp_path, "mix", MIXTRAL), ROOT / "configs/model/mixtral-8x7b.yaml"):
+        with pytest.raises(MoeplaceError, match=r"c.yaml: gpu: expected a mapping \(dense_tflops, hbm_GBps; name, "
+                                                r"efficiency optional\), got "):
+            load_cost_model(tmp_path / "c.yaml", model)
+
+
+def test_a_missing_compute_peak_names_the_cluster_file(tmp_path: Path) -> None:
+    doc = {**yaml.safe_load(H100.read_text()), "gpu": {"dense_tflops": {"bfloat16": 989}, "hbm_GBps": 3350}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(MoeplaceError, match=rf"^{tmp_path / 'c.yaml'}: gpu: no dense_tflops for float8 \(the compute "
+                                            r"dtype of .*ds/config.json\): add dense_tflops: \{float8: PEAK\}$"):
+        load_cost_model(tmp_path / "c.yaml", checkpoint(tmp_path, "ds", DEEPSEEK_V3))
+
+
+def test_a_config_json_under_another_name_or_a_directory_without_one(tmp_path: Path) -> None:
+    """A config.json saved as mixtral.json was read as a model YAML and refused key by key
+    (dozens of "unknown" keys); a directory without config.json says so."""
+    (tmp_path / "mixtral.json").write_text(json.dumps(MIXTRAL))
+    with pytest.raises(MoeplaceError, match=r"mixtral.json: a Hugging Face config.json \(it has intermediate_size, "
+                                            r"model_type, num_experts_per_tok\), not a model YAML: a checkpoint's "
+                                            r"config is read from its directory, or from a file named config.json"):
+        load_cost_model(H100, tmp_path / "mixtral.json")
+    (tmp_path / "yamls").mkdir()
+    with pytest.raises(MoeplaceError, match=r"yamls: cannot read config.json: this directory has none \(a Hugging "
+                                            r"Face checkpoint directory holds one\)$"):
+        load_cost_model(H100, tmp_path / "yamls")

@@ -1412,3 +1412,60 @@ def test_check_baseline_on_a_load_only_file(tmp_path: Path, trace_path: Path, ca
     (t,) = json.loads(capsys.readouterr().out)["checks"][0]["thresholds"]
     mine, theirs = (imbalance(expected_gpu_loads(files[k], loads)).max() for k in ("worse", "good"))
     assert t["baseline_value"] == pytest.approx(theirs) and t["value"] == pytest.approx(mine / theirs)
+
+
+def test_eval_and_check_never_write_over_what_they_read(tmp_path: Path, trace_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`eval -o` (and `solve -o`) onto its --cluster or --model-config YAML, or into a checkpoint
+    directory it reads (--model, --model-config DIR or DIR/config.json), replaced that file with
+    the report (-o CKPT/config.json: the checkpoint's config); `check --junit-xml` likewise into a check's
+    model_config checkpoint. Refused before anything runs, as `trace -o` inside --model is."""
+    affinity_placement(trace_path, None, tmp_path / "p.json")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({
+        "model_type": "mixtral", "hidden_size": 32, "intermediate_size": 64, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4}))
+    cluster = tmp_path / "cluster.yaml"  # the placement's 2 nodes x 2 GPUs, with the figures an estimate needs
+    cluster.write_text(yaml.safe_dump({
+        "cluster": {"nodes": 2, "gpus_per_node": 2, "intra_node": {"bandwidth_GBps": 400, "latency_us": 5},
+                    "inter_node": {"bandwidth_GBps": 50, "latency_us": 10}},
+        "gpu": {"dense_tflops": {"bfloat16": 989}, "hbm_GBps": 3350}}))
+    model_yaml = tmp_path / "model.yaml"
+    model_yaml.write_text(yaml.safe_dump({"model": {"hidden_size": 32, "expert_us_per_token": 0.01}}))
+    before = {p: p.read_bytes() for p in (ckpt / "config.json", cluster, model_yaml)}
+    inside = "(it would replace or add to the files this run reads); write the output elsewhere"
+    cases = [
+        (["--cluster", cluster, "--model-config", model_yaml], cluster, f"is an input of this run ({cluster}); write the output elsewhere"),
+        (["--cluster", cluster, "--model-config", model_yaml], model_yaml, f"is an input of this run ({model_yaml}); write the output elsewhere"),
+        (["--cluster", cluster, "--model-config", ckpt], ckpt / "config.json",
+         f"is inside the --model-config directory {ckpt} {inside}"),
+        (["--cluster", cluster, "--model-config", ckpt / "config.json"], ckpt / "config.json",
+         f"is an input of this run ({ckpt / 'config.json'}); write the output elsewhere"),
+        (["--model", ckpt], ckpt / "config.json", f"is inside the --model directory {ckpt} {inside}"),
+    ]
+    # solve reads the same cost inputs (all but --model) and is refused alike, before it solves
+    runs = [["eval", str(tmp_path / "p.json"), str(trace_path), *map(str, extra), "-o", str(out)]
+            for extra, out, _ in cases]
+    runs += [["solve", str(trace_path), "--gpus", "4", "--gpus-per-node", "2", *map(str, extra), "-o", str(out)]
+             for extra, out, _ in cases[:4]]
+    for argv, message in zip(runs, [m for _, _, m in cases] + [m for _, _, m in cases[:4]]):
+        assert run(argv) == 2, argv
+        assert capsys.readouterr().err.strip().splitlines() == [f"moeplace: error: -o {argv[-1]}: {message}"], argv
+        assert {p: p.read_bytes() for p in before} == before and not (ckpt / "report.json").exists()
+    # the same runs with -o elsewhere succeed: only the destination was wrong; a lone config.json
+    # protects itself, not its folder (which may be the working directory)
+    assert run(["eval", str(tmp_path / "p.json"), str(trace_path), "--cluster", str(cluster), "--model-config",
+                str(ckpt), "-o", str(tmp_path / "report.json")]) == 0
+    assert run(["eval", str(tmp_path / "p.json"), str(trace_path), "--cluster", str(cluster), "--model-config",
+                str(ckpt / "config.json"), "-o", str(ckpt / "report.json")]) == 0
+    config = write_checks(tmp_path / "ci.yaml", [{"name": "ckpt", "placement": "p.json", "trace": "trace.npz",
+                                                  "cluster": "cluster.yaml", "model_config": "ckpt",
+                                                  "max_moe_time_ratio": 10}])
+    capsys.readouterr()
+    assert run(["check", str(config), "--junit-xml", str(ckpt / "config.json")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"moeplace: error: --junit-xml {ckpt / 'config.json'}: is inside the check 'ckpt' model_config directory "
+        f"{ckpt} {inside}"]
+    assert {p: p.read_bytes() for p in before} == before
+    assert run(["check", str(config), "--junit-xml", str(tmp_path / "ci.xml")]) == 0

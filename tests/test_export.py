@@ -238,13 +238,15 @@ def test_bad_export_requests_get_one_line(tmp_path: Path, capsys: pytest.Capture
     npz = tmp_path / "bad.npz"
     npz.write_bytes(b"PK\x03\x04 truncated")
     x = str(tmp_path / "x.json")
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
     cases = [
         ([src, "-o", x], "exactly one of --to"),
         ([src, "--to", "eplb", "--from", "eplb", "-o", x], "exactly one of --to"),
         ([src, "--to", "eplb", "--gpus", "4", "-o", x], "--gpus/--gpus-per-node are for --from"),
         ([src, "--to", "vllm", "--moe-layers", "1-3", "-o", x], "only apply to sglang (vllm files hold MoE layers only)"),
         ([str(uneven_path), "--to", "sglang", "-o", x], "layer 2: GPU 0 holds 3"),
-        ([src, "--to", "sglang", "--model", str(tmp_path), "-o", x], "no .safetensors weights"),
+        ([src, "--to", "sglang", "--model", str(empty), "-o", x], "no .safetensors weights"),
         ([str(tmp_path / "missing.json"), "--to", "sglang", "-o", x], "no such file"),
         ([src, "--to", "eplb", "-o", str(tmp_path)], "is a directory"),
         ([src, "--to", "sglang", "-o", str(tmp_path / "loc.pt")], "ends in .json"),
@@ -909,3 +911,41 @@ def test_sglang_read_without_layer_source_names_likely_dense_rows(tmp_path: Path
     assert cli("--from", "sglang", str(out), "--gpus", str(p.num_gpus), "-o", back) == 0
     err = capsys.readouterr().err
     assert "3 rows taken as an MoE layer" in err and "default layout" not in err
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "expert_location.json"])
+def test_an_output_inside_the_model_directory_is_refused_and_the_checkpoint_kept(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
+    """`--model CKPT -o CKPT/config.json` replaced the checkpoint's config (or weights) with the
+    engine map; any file written there becomes part of the checkpoint, as for `moeplace trace -o`."""
+    model = fake_checkpoint(tmp_path / "ckpt", (0, 1, 2), 3)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    src = _save(plain(), tmp_path)
+    assert cli(src, "--to", "sglang", "-o", str(tmp_path / "map.json")) == 0
+    capsys.readouterr()
+    for argv in ([src, "--to", "sglang"], [src, "--to", "eplb"],
+                 ["--from", "sglang", str(tmp_path / "map.json"), "--gpus", "4"]):
+        assert cli(*argv, "--model", str(model), "-o", str(model / name)) == 2, argv
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"moeplace: error: -o {model / name}: is inside the --model directory {model} (it would replace or add to "
+            "the files this run reads); write the output elsewhere"]
+        assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert cli(src, "--to", "sglang", "--model", str(model), "-o", str(tmp_path / "loc.json")) == 0  # beside it: fine
+
+
+def test_eplb_to_a_npy_name_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """JSON under a .npy name: np.load and every moeplace reader take a .npy for one array."""
+    src = _save(plain(), tmp_path)
+    assert cli(src, "--to", "eplb", "-o", str(tmp_path / "eplb.npy")) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"moeplace: error: -o {tmp_path / 'eplb.npy'}: --to eplb writes JSON, or an .npz archive of its arrays when -o "
+        "ends in .npz; a .npy file holds one array: name it .npz or .json")
+    assert not (tmp_path / "eplb.npy").exists()
+
+
+def test_a_vllm_state_without_an_expert_count_names_none(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The count is the largest id + 1 there; "(num_logical_experts = None)" named a field the file lacks."""
+    (tmp_path / "state.json").write_text(json.dumps({"physical_to_logical_map": [[0, 1, 2, -1]]}))
+    assert cli("--from", "vllm", str(tmp_path / "state.json"), "--gpus", "2", "-o", str(tmp_path / "p.json")) == 2
+    assert capsys.readouterr().err.strip() == (f"moeplace: error: {tmp_path / 'state.json'}: layer 0 slot 3 holds "
+                                               "expert id -1, outside [0, 3)")

@@ -10,6 +10,7 @@ one line with exit code 3 (MOEPLACE_TRACEBACK=1 re-raises it).
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
 import os
 import signal
@@ -146,13 +147,29 @@ def run(argv: list[str] | None = None) -> int:
         what = f" in {files}" if files else ""
         click.echo(f"moeplace: error: input nested too deeply{what}", err=True)
         return 2
+    except OSError as e:
+        if e.errno not in _STORAGE_ERRNOS or os.environ.get("MOEPLACE_TRACEBACK"):
+            return _internal_error(e)
+        # a full disk or a read-only file system (also under stdout: `--json > /dev/full`): the
+        # machine's state, not a bug; files moeplace writes are renamed into place only when whole
+        where = f" writing {e.filename}" if e.filename else " writing the output"
+        click.echo(f"moeplace: error: {e.strerror or os.strerror(e.errno or 0)}{where}", err=True)
+        return 2
     except Exception as e:  # a bug, not bad input: still one line; the traceback on request
-        if os.environ.get("MOEPLACE_TRACEBACK"):
-            raise
-        click.echo(f"moeplace: internal error: {type(e).__name__}: {' '.join(str(e).split())} "
-                   "(a bug: please report it; MOEPLACE_TRACEBACK=1 shows the traceback)", err=True)
-        return 3
+        return _internal_error(e)
     return 0
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def _internal_error(e: Exception) -> int:
+    """A bug, not bad input: one line, exit 3; with MOEPLACE_TRACEBACK set, the traceback."""
+    if os.environ.get("MOEPLACE_TRACEBACK"):
+        raise e
+    click.echo(f"moeplace: internal error: {type(e).__name__}: {' '.join(str(e).split())} "
+               "(a bug: please report it; MOEPLACE_TRACEBACK=1 shows the traceback)", err=True)
+    return 3
 
 
 def _file_arguments(argv: list[str]) -> str:

@@ -10,7 +10,7 @@ import contextlib
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,17 @@ def check_writable(path: Path, option: str = "-o", inputs: Iterable[Path | str |
             pass
     except OSError as e:
         raise MoeplaceError(f"{option} {path}: cannot write in {parent} ({e.strerror or e})") from None
+
+
+def check_output(output: Path, option: str, files: Sequence[Path | None],
+                 directories: Sequence[tuple[Path | None, str]]) -> None:
+    """Before the run: `output` can be written, is none of the `files` read (a cluster or model
+    YAML, a placement) and lies outside every checkpoint directory read ((path or None, the option
+    naming it)): `-o CKPT/config.json` would replace the checkpoint's config with a report."""
+    check_writable(output, option, inputs=files)
+    for directory, name in directories:
+        if directory is not None:
+            check_outside(output, option, directory, name)
 
 
 def check_outside(output: Path, option: str, directory: str | Path, name: str) -> None:

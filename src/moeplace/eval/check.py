@@ -19,7 +19,8 @@ from moeplace.eval.cli import NO_RECORD, cost_metric_fn, evaluate_files
 from moeplace.eval.gates import (BASELINE_METRICS, RATIO_THRESHOLDS, THRESHOLDS, VS_BASELINE, VS_CONTIGUOUS, Verdict,
                                  check_limit_range, describe, gate_metric, scored, threshold_results)
 from moeplace.io import atomic_path, read_yaml
-from moeplace.options import OUTPUT_FILE, brief, check_writable, plural, writing, yaml_number
+from moeplace.options import OUTPUT_FILE, brief, check_output, plural, writing, yaml_number
+from moeplace.solve.costmodel import checkpoint_dir
 
 def check_metric_fns(check: dict[str, Any], said: set[str] | None = None) -> dict[str, Any]:
     """evaluate_files's keyword arguments for a check's cost model: its cluster config's, or, when it
@@ -268,7 +269,8 @@ def write_junit(path: Path, root: ET.Element) -> None:
               help="Print one JSON document (each check's status, files, tokens, thresholds; the counts) instead "
                    "of the lines.")
 @click.option("--junit-xml", "junit", type=OUTPUT_FILE, default=None, metavar="FILE",
-              help="Also write a JUnit XML report (a testcase per check) for CI test reporters.")
+              help="Also write a JUnit XML report (a testcase per check) for CI test reporters; not a file a "
+                   "check reads, nor inside a model_config checkpoint directory.")
 @click.option("--only", multiple=True, metavar="NAME", help="Run only the check NAME (repeatable).")
 def check(config: Path, as_json: bool, junit: Path | None, only: tuple[str, ...]) -> None:
     """CI regression gate: run the checks of a YAML file; exit 1 if any fails.
@@ -334,7 +336,8 @@ def check(config: Path, as_json: bool, junit: Path | None, only: tuple[str, ...]
     every = read_checks(config)
     checks = select_checks(every, only, config)
     if junit is not None:  # fail now, not after the checks have run
-        check_writable(junit, "--junit-xml", [config, *(c.get(k) for c in checks for k in _CHECK_FILES)])
+        check_output(junit, "--junit-xml", [config, *(c.get(k) for c in checks for k in _CHECK_FILES)],
+                     [(checkpoint_dir(c.get("model_config")), f"check {c['name']!r} model_config") for c in checks])
     runs = []
     said: set[str] = set()  # a checkpoint's cost estimate, said once however many checks use it
     for c in checks:

@@ -18,10 +18,10 @@ from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_rati
 from moeplace.io import write_json_atomic
 from moeplace.models.config import read_model_shape
 from moeplace.options import (DTYPE_BYTES, MAX_HIDDEN_SIZE, NON_NEGATIVE, OUTPUT_FILE, Count, DtypeChoice,
-                               check_writable, plural, writing)
+                               check_output, plural, writing)
 from moeplace.placement import Placement, load_placement
 from moeplace.solve.balance import expected_gpu_loads
-from moeplace.solve.costmodel import COST_COLUMNS, COST_PER_LAYER, CostModel, ModelFacts
+from moeplace.solve.costmodel import COST_COLUMNS, COST_PER_LAYER, CostModel, ModelFacts, checkpoint_dir
 from moeplace.trace.format import Trace, is_load_only, load_loads, load_trace
 
 
@@ -220,7 +220,8 @@ def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str 
 @click.argument("trace", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
 @click.option("-o", "--output", type=OUTPUT_FILE, default=None,
-              help="Also write the JSON report to this file (atomically).")
+              help="Also write the JSON report to this file (atomically); not a file the run reads, nor inside "
+                   "a checkpoint directory it reads (--model, --model-config DIR).")
 @click.option("--all-tokens", is_flag=True,
               help="Evaluate every token, even when the placement was fitted on part of this trace.")
 @click.option("--max-cross-gpu", **_LIMIT, help="Exit 1 if the fraction of top-1 transitions crossing GPUs exceeds X.")
@@ -309,7 +310,8 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
       moeplace eval P.json routing.npz --model MODEL_DIR --dtype fp32
     """
     if output is not None:
-        check_writable(output, inputs=[placement, trace])
+        check_output(output, "-o", [placement, trace, cluster, model_config],
+                     [(model_dir, "--model"), (checkpoint_dir(model_config), "--model-config")])
     given = {key: v for key, v in limits.items() if v is not None}
     for key, limit in given.items():
         check_limit_range(key, limit, "--" + key.replace("_", "-"))

@@ -11,7 +11,7 @@ import click
 from moeplace.errors import MoeplaceError, PlacementError
 from moeplace.export.sglang import MAX_DECODER_LAYERS
 from moeplace.placement import Placement, load_placement
-from moeplace.options import OUTPUT_FILE, check_writable
+from moeplace.options import OUTPUT_FILE, check_outside, check_writable
 
 TO_FORMATS = ("sglang", "vllm", "vllm-ascend", "eplb")
 
@@ -151,7 +151,8 @@ EXPORT_HELP = """Write a placement in the format an engine reads, or read an eng
                logical_replica_count) with ep_size; upstream vLLM has no file option:
                see docs/engines/vllm.md (use permute-checkpoint)
   vllm-ascend  the expert map read by vllm-ascend's expert_map_path
-  eplb         DeepSeek EPLB phy2log / log2phy / logcnt (JSON; .npz when -o ends in .npz)
+  eplb         DeepSeek EPLB phy2log / log2phy / logcnt (JSON; .npz when -o ends in .npz;
+               a .npy name is refused)
 --from FORMAT (sglang, vllm, vllm-ascend, eplb): INPUT is that engine's file; -o gets a
   moeplace placement for `moeplace eval`. Give --gpus (the engine's EP size) unless the file
   says it, and --gpus-per-node unless the file says it (sglang and vllm-ascend files never do;
@@ -177,7 +178,7 @@ Examples:
 @click.option("--model", type=click.Path(path_type=Path),
               help="Hugging Face model dir: checks the placement (written or read, any format) fits it; for sglang "
                    "also which decoder layers are MoE. --to: refuses a `permute-checkpoint` output already "
-                   "renumbered for this placement.")
+                   "renumbered for this placement. -o may not be inside it.")
 @click.option("--trace", type=click.Path(path_type=Path),
               help="A trace of this model (`moeplace trace`, or a load-only file `moeplace import` wrote): checks the "
                    "placement (written or read, any format) fits it; for sglang its meta also says which decoder "
@@ -194,7 +195,12 @@ def export(input_path: Path, to_format: str | None, from_format: str | None, out
     if (to_format is None) == (from_format is None):
         raise MoeplaceError("give exactly one of --to FORMAT (write a placement) or --from FORMAT (read an engine file)")
     check_writable(output, inputs=[input_path, trace])
+    if model is not None:  # -o MODEL/config.json would replace the checkpoint's config (or weights) with the map
+        check_outside(output, "-o", model, "--model")
     if to_format:
+        if to_format == "eplb" and output.suffix.lower() == ".npy":  # numpy's np.load would find JSON there
+            raise MoeplaceError(f"-o {output}: --to eplb writes JSON, or an .npz archive of its arrays when -o ends in "
+                                ".npz; a .npy file holds one array: name it .npz or .json")
         if gpus is not None or gpus_per_node is not None:
             raise MoeplaceError("--gpus/--gpus-per-node are for --from; --to uses the placement's own topology")
         placement = load_placement(input_path)

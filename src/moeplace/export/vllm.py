@@ -105,7 +105,8 @@ def read_vllm(path: str | Path, num_gpus: int | None, gpus_per_node: int | None)
                                                  counts["gpus_per_node"], "ep_size", "gpus_per_node")
     placement = placement_from_physical(doc["physical_to_logical_map"], num_gpus, gpus_per_node,
                                         counts["num_logical_experts"], name=str(p), source="vllm",
-                                        experts_from=f"num_logical_experts = {counts['num_logical_experts']}")
+                                        experts_from=f"num_logical_experts = {counts['num_logical_experts']}"
+                                        if counts["num_logical_experts"] is not None else "")
     _check_state(doc, counts, p, placement.num_experts)
     print_note(note)
     return placement

@@ -48,6 +48,10 @@ def read_config_json(model_dir: Path, label: str) -> dict[str, Any]:
     try:
         cfg = loads_json((model_dir / "config.json").read_text())
     except OSError as e:
+        config = model_dir / "config.json"
+        if model_dir.is_dir() and not (config.exists() or config.is_symlink()):  # a directory of model YAMLs, say
+            raise MoeplaceError(f"{label}: cannot read config.json: this directory has none (a Hugging Face "
+                                "checkpoint directory holds one)") from None
         raise MoeplaceError(f"{label}: cannot read config.json: {e.strerror or e}") from None
     except ValueError as e:
         raise MoeplaceError(f"{label}: config.json is not valid JSON ({e})") from None
@@ -64,10 +68,18 @@ def check_width(where: str, what: str, width: int) -> int:
 
 
 def moe_shape(cfg: dict[str, Any], where: str, needed_for: str) -> dict[str, int]:
-    """hidden_size, num_experts (num_local_experts / num_experts / n_routed_experts) and top_k
-    (num_experts_per_tok, in [1, experts]) of a config.json, checked."""
+    """hidden_size, num_experts (num_local_experts / num_experts / n_routed_experts, at most
+    MAX_EXPERTS, what a trace and a cost model hold) and top_k (num_experts_per_tok, in [1,
+    experts]) of a config.json, checked."""
+    from moeplace.trace.format import MAX_EXPERTS
+
     hidden = check_width(where, "hidden_size", config_size(cfg, where, "hidden_size", needed_for=needed_for))
-    experts = config_size(cfg, where, "num_local_experts", "num_experts", "n_routed_experts", needed_for=needed_for)
+    expert_keys = ("num_local_experts", "num_experts", "n_routed_experts")
+    experts = config_size(cfg, where, *expert_keys, needed_for=needed_for)
+    if experts > MAX_EXPERTS:  # a cost model records it, and a record past the bound is refused when read back
+        key = next(k for k in expert_keys if cfg.get(k) is not None)
+        raise MoeplaceError(f"{where} {key} {brief(experts)} is more than {MAX_EXPERTS} (2**16), the most experts per "
+                            "layer moeplace handles")
     top_k = config_size(cfg, where, "num_experts_per_tok", needed_for=needed_for)
     if top_k > experts:
         raise MoeplaceError(f"{where} num_experts_per_tok {top_k} is not in [1, {experts}] "

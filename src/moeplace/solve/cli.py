@@ -9,7 +9,7 @@ import click
 
 from moeplace.errors import warn
 from moeplace.options import (MAX_WEIGHT, NON_NEGATIVE_INT, OUTPUT_FILE, POSITIVE, POSITIVE_INT, SEED, WEIGHT, FiniteFloat,
-                              check_writable, given_options, writing)
+                              check_output, given_options, writing)
 from moeplace.placement import Placement
 from moeplace.solve.summary import cap_remedy, eval_format, migration_lines, render_front, summary
 
@@ -149,10 +149,13 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     """
     from moeplace.errors import MoeplaceError
     from moeplace.placement import load_placement
+    from moeplace.solve.costmodel import checkpoint_dir
     from moeplace.solve.solver import solve_placement
     from moeplace.trace.format import is_load_only, load_trace
 
-    check_writable(output, inputs=[trace_path, from_path])  # before the solve, not after it
+    # before the solve, not after it; -o CKPT/config.json would replace the checkpoint's config
+    check_output(output, "-o", [trace_path, from_path, cluster, model_config],
+                 [(checkpoint_dir(model_config), "--model-config")])
     if objective is None and model_config and not cluster:
         raise MoeplaceError("--model-config completes the latency objective's --cluster: add --cluster CONFIG.yaml "
                             "(configs/cluster/*.yaml)")

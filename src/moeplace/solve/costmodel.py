@@ -137,6 +137,10 @@ def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = No
     model_doc, model_src = doc.get("model"), str(cluster_path)
     if model_path is not None:
         mdoc = _read_yaml(model_path)
+        if "model" not in mdoc and (hf := sorted(HF_CONFIG_KEYS & set(mdoc))):  # not dozens of "unknown" keys
+            raise MoeplaceError(f"{model_path}: a Hugging Face config.json (it has {', '.join(hf[:3])}), not a model "
+                                "YAML: a checkpoint's config is read from its directory, or from a file named "
+                                "config.json (rename it, or put it in a directory of its own)")
         if "model" in mdoc:
             _known(mdoc, {"model"}, str(model_path))
         model_doc, model_src = mdoc.get("model", mdoc), str(model_path)
@@ -161,6 +165,19 @@ def is_checkpoint(path: Path) -> bool:
     return path.is_dir() or path.name == "config.json"
 
 
+def checkpoint_dir(model_config: Path | None) -> Path | None:
+    """The checkpoint directory --model-config (or a check's model_config) names, None for a file
+    (a model YAML, or a config.json, which a caller protects as the input file it is; the folder
+    around a lone config.json may be the working directory): an output inside the directory would
+    replace or add to the checkpoint's files (options.check_outside)."""
+    return model_config if model_config is not None and model_config.is_dir() else None
+
+
+# keys of a Hugging Face config.json that no model YAML has: such a file given under another name
+HF_CONFIG_KEYS = {"model_type", "architectures", "transformers_version", "num_local_experts", "n_routed_experts",
+                  "num_experts_per_tok", "intermediate_size", "moe_intermediate_size"}
+
+
 @dataclass(frozen=True)
 class Gpu:
     """A cluster YAML's `gpu:` section: the figures the expert costs are estimated from."""
@@ -169,6 +186,7 @@ class Gpu:
     dense_tflops: dict[str, float]  # peak dense (no sparsity) TFLOPS by compute dtype: bfloat16, float16, float32, float8
     hbm_GBps: float  # HBM bandwidth, GB/s
     efficiency: float | None  # share of the peak an expert's GEMMs reach; None: default_efficiency
+    source: str = "the cluster's gpu:"  # where the section is ("CLUSTER.yaml: gpu"), for errors
 
 
 GPU_DTYPES = ("bfloat16", "float16", "float32", "float8")
@@ -177,6 +195,9 @@ _GPU_KEYS = {"name", "dense_tflops", "hbm_GBps", "efficiency"}
 
 def _gpu(d: Any, src: str) -> Gpu:
     src = f"{src}: gpu"
+    if not isinstance(d, dict):
+        raise MoeplaceError(f"{src}: expected a mapping (dense_tflops, hbm_GBps; name, efficiency optional), "
+                            f"got {brief(d)}")
     _known(d, _GPU_KEYS, src)
     peaks = d.get("dense_tflops")
     if not isinstance(peaks, dict) or not peaks:
@@ -186,7 +207,7 @@ def _gpu(d: Any, src: str) -> Gpu:
     return Gpu(name=str(d.get("name", "the cluster's GPU")),
                dense_tflops={k: _field(peaks, k, f"{src}.dense_tflops", most=MAX_GBPS) for k in peaks},
                hbm_GBps=_field(d, "hbm_GBps", src, least=MIN_GBPS, most=MAX_GBPS),
-               efficiency=_field(d, "efficiency", src, default=None, most=1.0))
+               efficiency=_field(d, "efficiency", src, default=None, most=1.0), source=src)
 
 
 # Compute efficiency the shipped model YAMLs assume (their comments), by the size of the expert's
@@ -208,6 +229,45 @@ def default_efficiency(hidden: int, ffn: int) -> float:
 BATCH_TOKENS_PER_GPU = 1024  # the shipped FLAME, Mixtral (8192 at 8 GPUs) and tiny-moe (4096 at 4) configs
 
 
+def fp8_quantization(quant: Any) -> tuple[bool, bool, str]:
+    """(FP8 weights, FP8 GEMMs, what is not modelled: "" when nothing) of a config.json's
+    `quantization_config`, as the engines read its FP8 spellings (method names case-insensitive):
+
+        quant_method fp8 (DeepSeek-V3, Qwen3 -FP8), fbgemm_fp8 (Llama FP8),
+        modelopt with quant_algo FP8 (NVIDIA ModelOpt)    FP8 weights, FP8 GEMMs (activations
+                                                           quantized on the fly)
+        compressed-tensors (llm-compressor), every config group's weights float 8-bit:
+            its input_activations float 8-bit too         FP8 weights, FP8 GEMMs
+            else (W8A16)                                  FP8 weights, GEMMs at the model's dtype
+
+    Another method (int4 AWQ/GPTQ, MXFP4, ...) or a malformed section is named as not modelled."""
+    if quant is None:
+        return False, False, ""
+    if not isinstance(quant, dict):
+        return False, False, f"quantization_config {brief(quant)} (not an object)"
+    method = quant.get("quant_method")
+    name = method.lower() if isinstance(method, str) else None
+    if name in ("fp8", "fbgemm_fp8"):
+        return True, True, ""
+    algo = quant.get("quant_algo")
+    if name == "modelopt" and isinstance(algo, str) and algo.upper() == "FP8":
+        return True, True, ""
+    if name == "compressed-tensors":
+        groups = quant.get("config_groups")
+        schemes = list(groups.values()) if isinstance(groups, dict) else []
+
+        def float8(scheme: Any, part: str) -> bool:
+            args = scheme.get(part) if isinstance(scheme, dict) else None
+            return isinstance(args, dict) and args.get("type") == "float" and args.get("num_bits") == 8
+
+        if schemes and all(float8(g, "weights") for g in schemes):
+            return True, all(float8(g, "input_activations") for g in schemes), ""
+        return False, False, "quantization compressed-tensors (other than FP8 weights)"
+    if method is None:
+        return False, False, "quantization_config without quant_method"
+    return False, False, f"quantization {brief(method)}"
+
+
 def estimate_model(model_dir: Path, gpu: Gpu, num_gpus: int) -> tuple[ModelCost, dict[str, Any]]:
     """A model section estimated from a checkpoint's config.json (no torch) and the GPU figures,
     with the record of how (CostModel.estimate: the config read, the keys and figures used, a
@@ -218,9 +278,10 @@ def estimate_model(model_dir: Path, gpu: Gpu, num_gpus: int) -> tuple[ModelCost,
         batch_tokens        = 1024 x the cluster's GPUs
 
     Shared experts (DeepSeek, Qwen2-MoE) are left out: every GPU runs them alike, no placement
-    changes their time. An fp8 checkpoint (quantization_config.quant_method "fp8") has 1-byte
-    weights and its GEMMs at the float8 peak; activations (dispatch, combine) are torch_dtype's."""
-    from moeplace.models.config import config_size, moe_shape, read_config_json
+    changes their time. An FP8 checkpoint (fp8_quantization: quant_method fp8, fbgemm_fp8, modelopt
+    FP8, compressed-tensors float 8-bit) has 1-byte weights and its GEMMs at the float8 peak (at
+    the dtype's for FP8 weights alone); activations (dispatch, combine) are torch_dtype's."""
+    from moeplace.models.config import check_width, config_size, moe_shape, read_config_json
 
     config = model_dir / "config.json"
     cfg = read_config_json(model_dir, str(model_dir))
@@ -229,23 +290,24 @@ def estimate_model(model_dir: Path, gpu: Gpu, num_gpus: int) -> tuple[ModelCost,
     ffn_keys = ("moe_intermediate_size", "intermediate_size")
     ffn = config_size(cfg, where, *ffn_keys, needed_for=f"{need}: the expert FFN width")
     ffn_key = next(k for k in ffn_keys if cfg.get(k) is not None)
+    check_width(where, ffn_key, ffn)  # a 400-digit width overflows the float arithmetic below
     notes = []
-    raw_dtype = cfg.get("torch_dtype", cfg.get("dtype"))
+    dtype_key = next((k for k in ("torch_dtype", "dtype") if cfg.get(k) is not None), None)  # null is absent
+    raw_dtype = cfg[dtype_key] if dtype_key is not None else None
     dtype = DTYPE_SPELLINGS.get(raw_dtype) if isinstance(raw_dtype, str) else None
     if dtype is None:
         dtype = "bfloat16"
-        notes.append(f"{'no torch_dtype' if raw_dtype is None else f'torch_dtype {brief(raw_dtype)}'}: bfloat16 assumed")
-    act_bytes = weight_bytes = DTYPE_BYTES[dtype]
-    compute = dtype
-    quant = cfg.get("quantization_config")
-    method = quant.get("quant_method") if isinstance(quant, dict) else None
-    if method == "fp8":
-        compute, weight_bytes = "float8", 1
-    elif quant is not None:
-        notes.append(f"quantization {brief(method)} not modelled: {dtype} weights assumed")
+        said = "no torch_dtype" if dtype_key is None else f"{dtype_key} {brief(raw_dtype)}"
+        notes.append(f"{said}: bfloat16 assumed")
+    act_bytes = DTYPE_BYTES[dtype]
+    fp8_weights, fp8_compute, unmodelled = fp8_quantization(cfg.get("quantization_config"))
+    compute = "float8" if fp8_compute else dtype
+    weight_bytes = 1 if fp8_weights else act_bytes
+    if unmodelled:
+        notes.append(f"{unmodelled} not modelled: {dtype} weights assumed")
     if compute not in gpu.dense_tflops:
-        raise MoeplaceError(f"the cluster's gpu: section gives no dense_tflops for {compute} (the compute dtype of "
-                            f"{config}): add dense_tflops: {{{compute}: PEAK}}")
+        raise MoeplaceError(f"{gpu.source}: no dense_tflops for {compute} (the compute dtype of {config}): add "
+                            f"dense_tflops: {{{compute}: PEAK}}")
     hidden = shape["hidden_size"]
     efficiency = gpu.efficiency if gpu.efficiency is not None else default_efficiency(hidden, ffn)
     peak = gpu.dense_tflops[compute]
@@ -261,8 +323,10 @@ def estimate_model(model_dir: Path, gpu: Gpu, num_gpus: int) -> tuple[ModelCost,
     model = ModelCost(name=label, hidden_size=hidden, dispatch_bytes=float(act_bytes), combine_bytes=float(act_bytes),
                       expert_us_per_token=per_token, expert_fixed_us=fixed, batch_tokens=min(batch, MAX_BATCH_TOKENS),
                       num_experts=shape["num_experts"], top_k=shape["top_k"])
+    precision = (dtype if not fp8_weights else f"float8 weights, {dtype} activations"
+                 + ("" if fp8_compute else " and GEMMs (weights upcast)"))
     note = (f"{label}: hidden {hidden}, {shape['num_experts']} experts top-{shape['top_k']}, expert FFN {ffn} ({ffn_key}), "
-            f"{compute}{'' if compute == dtype else f' weights, {dtype} activations'}: {per_token:.3g} us per token-expert "
+            f"{precision}: {per_token:.3g} us per token-expert "
             f"(6 x {hidden} x {ffn} FLOP, SwiGLU, at {efficiency:.0%} of {gpu.name}'s {peak:g} TFLOPS), "
             f"{fixed:.3g} us per active expert (3 x {hidden} x {ffn} x {weight_bytes} B at {gpu.hbm_GBps:g} GB/s), "
             f"batch {batch} tokens ({BATCH_TOKENS_PER_GPU} per GPU)" + "".join(f"; {n}" for n in notes)

@@ -316,6 +316,8 @@ def merge_cmd(paths: tuple[Path, ...], output: Path, meta: tuple[str, ...], quie
     The traces must agree on num_experts, MoE layers and k, and on meta model, model_type,
     moe_layers, renumbered_from, hidden_size and router_sha256 (the router weights `moeplace
     trace` hashed) where both record them; else refused, naming the files and the difference.
+    A file given twice, or an input with the same routing as another (a copy under another name,
+    the same text traced twice), is refused: its tokens would count twice.
     Tokens keep the inputs' order; sequence ids of later inputs are shifted past the earlier
     ones'. topk_weights, token_ids, sequence_ids and positions are kept when every input has them
     (dropped, with a warning naming them, when only some do); so is router_sha256. meta records

@@ -35,11 +35,13 @@ def merge_traces(traces: Sequence[tuple[str, Trace]]) -> tuple[Trace, list[str]]
 
     Raises TraceError naming the first input that does not fit an earlier one: other num_experts,
     MoE layer count, k, or meta model / model_type / moe_layers / renumbered_from / hidden_size /
-    router_sha256 (checked where both record it). Meta of the result: source "moeplace import
-    merge", inputs (file, sha256, tokens; source, corpus, interrupted and router_sha256 when
-    recorded), corpus (the inputs' labels joined by ','), data (the files read, when every input
-    lists them) and every other field all inputs record alike (dtype, seq_len, ...). router_sha256
-    recorded by only some inputs is left out, with a MoeplaceWarning naming those lacking it.
+    router_sha256 (checked where both record it); then the first whose routing (topk_ids, token
+    order included) repeats an earlier input's (a copy: its tokens would count twice). Meta of
+    the result: source "moeplace import merge", inputs (file, sha256, tokens; source, corpus,
+    interrupted and router_sha256 when recorded), corpus (the inputs' labels joined by ','), data
+    (the files read, when every input lists them) and every other field all inputs record alike
+    (dtype, seq_len, ...). router_sha256 recorded by only some inputs is left out, with a
+    MoeplaceWarning naming those lacking it.
     """
     if len(traces) < 2:
         raise TraceError("merge needs at least two traces")
@@ -55,6 +57,7 @@ def merge_traces(traces: Sequence[tuple[str, Trace]]) -> tuple[Trace, list[str]]
                                  "numbering) merge")
         if not refs or any(key in t.meta and all(key not in r.meta for _, r in refs) for key in IDENTITY):
             refs.append((name, t))
+    _refuse_repeated_routing(traces)
     lacking = [name for name, t in traces if "router_sha256" not in t.meta]
     if lacking and len(lacking) < len(traces):  # said: the router weights of those were never compared
         warn(f"router_sha256 dropped from the merged trace: {', '.join(lacking)} "
@@ -68,6 +71,19 @@ def merge_traces(traces: Sequence[tuple[str, Trace]]) -> tuple[Trace, list[str]]
     merged = make_trace(arrays.pop("topk_ids"), arrays.pop("topk_weights", None), traces[0][1].num_experts,
                         meta=merged_meta(traces), name="merged trace", **arrays)
     return merged, dropped
+
+
+def _refuse_repeated_routing(traces: Sequence[tuple[str, Trace]]) -> None:
+    """Refuse an input whose routing (every token's experts, in order) is an earlier input's: a
+    copy of one file under another name, or a shard traced twice, would count its tokens twice
+    (the CLI refuses one file given twice; this catches the copies)."""
+    seen: dict[str, str] = {}
+    for name, t in traces:
+        key = t.routing_sha256()
+        if key in seen:
+            raise TraceError(f"{name}: the same routing as {seen[key]} (every token's experts alike: a copy, or the "
+                             "same text traced twice?): merged, its tokens would be counted twice")
+        seen[key] = name
 
 
 def mismatch(a: Trace, b: Trace) -> tuple[str, Any, Any] | None:
