@@ -174,7 +174,9 @@ def test_refusals_name_the_difference(tmp_path: Path) -> None:
     assert not Path(out).exists()
 
 
-def test_cli_records_the_from_placement_and_the_moves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def deployed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A traffic shift: cur.json solved on old.npz (planted, 16 experts, 4 GPUs), new.npz the
+    new routing of the same shape; returns cur.json's path."""
     old, _ = planted_trace(300, 3, 16, 2, 4, seed=5)
     new, _ = planted_trace(300, 3, 16, 2, 4, seed=6)
     save_trace(old, tmp_path / "old.npz")
@@ -182,6 +184,11 @@ def test_cli_records_the_from_placement_and_the_moves(tmp_path: Path, capsys: py
     cur = tmp_path / "cur.json"
     assert run(["solve", str(tmp_path / "old.npz"), "--gpus", "4", "-q", "-o", str(cur)]) == 0
     capsys.readouterr()
+    return cur
+
+
+def test_cli_records_the_from_placement_and_the_moves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cur = deployed(tmp_path, capsys)  # new.npz beside it
     assert run(["solve", str(tmp_path / "new.npz"), "--gpus", "4", "--from", str(cur), "--move-cost", "0.5",
                 "-o", str(tmp_path / "p.json")]) == 0
     text = capsys.readouterr().out
@@ -346,13 +353,7 @@ def test_max_moves_on_one_layer_keeps_current_where_the_free_layout_moves_more()
 
 def test_cli_max_moves_records_moves_that_a_recount_confirms(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    old, _ = planted_trace(300, 3, 16, 2, 4, seed=5)
-    new, _ = planted_trace(300, 3, 16, 2, 4, seed=6)
-    save_trace(old, tmp_path / "old.npz")
-    save_trace(new, tmp_path / "new.npz")
-    cur = tmp_path / "cur.json"
-    assert run(["solve", str(tmp_path / "old.npz"), "--gpus", "4", "-q", "-o", str(cur)]) == 0
-    capsys.readouterr()
+    cur = deployed(tmp_path, capsys)  # new.npz beside it
     current = np.array(json.loads(cur.read_text())["expert_to_gpu"])
     for n in (2, 1):
         out = tmp_path / f"p{n}.json"
