@@ -616,8 +616,7 @@ def test_two_outputs_naming_one_file_are_refused(model: tuple[Path, list[list[in
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.json", "hardlink.json", "p.jsonl"]
 
 
-@pytest.mark.parametrize("extra", [["--out", "o.jsonl"], ["--stats-out", "s.json"], ["--routing-out", "r.npz"],
-                                   ["--ignore-eos"]])
+@pytest.mark.parametrize("extra", [["--out", "o.jsonl"], ["--stats-out", "s.json"], ["--ignore-eos"]])
 def test_batch_options_are_refused_with_port(model: tuple[Path, list[list[int]]], tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str], extra: list[str],
                                              monkeypatch: pytest.MonkeyPatch) -> None:

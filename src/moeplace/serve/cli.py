@@ -8,7 +8,10 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import click
 from moeplace.errors import AlreadyReported, MoeplaceError, warn
 from moeplace.io import loads_json, not_a_file
 from moeplace.serve.httpserver import MAX_TEMPERATURE, SAMPLING, BadRequest, parse_sampling
+from moeplace.serve.engine import ROUTING_EVERY_S, ROUTING_MAX_TOKENS
 from moeplace.serve.sampling import Sampling, int64
 from moeplace.options import (
     DtypeChoice,
@@ -38,9 +42,10 @@ Examples (4 ranks: gloo on CPU; on GPUs the same command uses NCCL, one GPU per 
   moeplace serve --nproc-per-node 4 --model checkpoints/tiny-moe \\
       --placement placement.json --prompts prompts.txt --out out.jsonl --max-new-tokens 32
   moeplace serve --nproc-per-node 4 --model checkpoints/tiny-moe \\
-      --placement placement.json --port 8000
+      --placement placement.json --port 8000 --routing-out live.npz   # records the served routing
   curl -s localhost:8000/v1/completions -d '{"prompt": "Hello", "max_tokens": 16}'
   curl -sN localhost:8000/v1/completions -d '{"prompt": "Hello", "stream": true}'   # token by token
+  moeplace solve live.npz --gpus 4 --from placement.json --max-moves 2 -o new.json   # re-place for it
 Several nodes: `torchrun --nnodes ... --nproc-per-node 8 -m moeplace serve ...` on each node
 (the same options, without --nproc-per-node; on a failure torchrun adds its own traceback after
 the ranks' one line and exits 1). Without either it runs as one rank holding every expert.
@@ -93,7 +98,7 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS}  # what a JSONL prompt li
 @click.option("--port", type=click.IntRange(0, 65535),
               help="Serve HTTP on rank 0: POST /v1/completions, POST /v1/chat/completions (both also "
                    "\"stream\": true, server-sent events), GET /v1/models, GET /health, GET /metrics. The batch "
-                   "options (--out, --stats-out, --routing-out, --ignore-eos) do not apply.")
+                   "options (--out, --stats-out, --ignore-eos, sampling) do not apply; --routing-out does.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address (loopback by default).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA + NCCL when GPUs are visible, else CPU + gloo.")
@@ -106,19 +111,30 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS}  # what a JSONL prompt li
               help="Batch: write counters JSON (collectives, tokens and bytes to other ranks, each rank's "
                    "expert load per MoE layer, tokens/s).")
 @click.option("--routing-out", type=click.Path(dir_okay=False),
-              help="Batch: write the decode routing as a moeplace trace (.npz), e.g. to predict traffic.")
+              help="Write the decode routing (top-k ids and gate weights of every token a decode step runs) "
+                   "as a moeplace trace (.npz), to predict traffic or re-solve (`moeplace solve TRACE --from "
+                   "placement.json --max-moves N`). HTTP: the served traffic's, written every --routing-every "
+                   "seconds and when the server stops.")
+@click.option("--routing-every", type=FiniteFloat(0.0, MAX_TIMEOUT_S, min_open=True), default=ROUTING_EVERY_S,
+              show_default=True,
+              help="HTTP, with --routing-out: rewrite the file this often (seconds) while tokens come in, so a "
+                   "killed server loses at most this much routing.")
+@click.option("--routing-max-tokens", type=click.IntRange(1, 1 << 40), default=ROUTING_MAX_TOKENS, show_default=True,
+              help="HTTP, with --routing-out: record this many decode tokens, then stop recording (memory on rank "
+                   "0: about 2.8 kB a token for DeepSeek-V3's 58 MoE layers x top-8).")
 def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None, mode: str,
           prompts_path: str | None, out_path: str | None, max_new_tokens: int, max_batch: int, ignore_eos: bool,
           temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None,
           port: int | None, host: str, device: str, dtype: str | None, timeout_s: float, stats_out: str | None,
-          routing_out: str | None) -> None:
+          routing_out: str | None, routing_every: float, routing_max_tokens: int) -> None:
     """Expert-parallel inference with a placement applied: each rank holds the non-expert weights
     and only its own experts, read straight from the checkpoint's safetensors.
 
     \b
     Inputs:  --model checkpoint, --placement JSON, and --prompts FILE (batch) or --port (HTTP);
              --nproc-per-node N starts N ranks here (or launch it under torchrun).
-    Outputs: --out JSONL generations; --stats-out counters; --routing-out decode routing trace.
+    Outputs: --out JSONL generations; --stats-out counters; --routing-out decode routing trace
+             (batch or HTTP).
     A placement for another model or another world size is rejected before any weight is read;
     a rank that dies makes the others exit with an error within --timeout.
     """
@@ -127,6 +143,10 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
     if (prompts_path is None) == (port is None):
         raise MoeplaceError("give exactly one of --prompts FILE (batch) or --port N (HTTP server)")
     refuse_other_mode(click.get_current_context(), http=port is not None)
+    for param in ("routing_every", "routing_max_tokens"):  # moot without the file they shape
+        if routing_out is None and click.get_current_context().get_parameter_source(param) \
+                != click.core.ParameterSource.DEFAULT:
+            raise MoeplaceError(f"--{param.replace('_', '-')} shapes the --routing-out file: give --routing-out FILE")
     if temperature is None and (top_p is not None or top_k is not None):  # a filter on greedy: moot
         raise MoeplaceError("--top-p and --top-k shape sampling: give --temperature too (the default, 0, is greedy)")
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
@@ -141,12 +161,19 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
         if launch.under_torchrun():
             raise MoeplaceError("--nproc-per-node starts the ranks itself; under torchrun leave it out")
         launch.precheck(model_dir, placement_path, mode, device, nproc_per_node)
-        launch.launch(nproc_per_node, launch.command_line(click.get_current_context(), "nproc_per_node"))
+        grace = launch.ROUTING_GRACE_S if port is not None and routing_out else launch.SHUTDOWN_GRACE_S
+        launch.launch(nproc_per_node, launch.command_line(click.get_current_context(), "nproc_per_node"), grace)
         return
     rank, world = world_from_env()
     try:
         _serve(model_dir, placement_path, mode, prompts_path, out_path, max_new_tokens, max_batch, ignore_eos,
-               sampling, port, host, device, dtype, timeout_s, stats_out, routing_out)
+               sampling, port, host, device, dtype, timeout_s, stats_out, routing_out, (routing_every, routing_max_tokens))
+    except Terminated as e:  # the routing is written: now end as the signal would have
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(e.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), e.signum)
+        os._exit(128 + e.signum)  # (not reached: the default action ends the process)
     except (MoeplaceError, KeyboardInterrupt):
         if world == 1:
             raise
@@ -163,8 +190,49 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
         exit_hard(MoeplaceError(f"rank {rank}: internal error {type(e).__name__}: {e}"))
 
 
-BATCH_ONLY = ("out_path", "stats_out", "routing_out", "ignore_eos", "temperature", "top_p", "top_k", "seed")
-HTTP_ONLY = ("host",)
+BATCH_ONLY = ("out_path", "stats_out", "ignore_eos", "temperature", "top_p", "top_k", "seed")
+HTTP_ONLY = ("host", "routing_every", "routing_max_tokens")
+
+
+class Terminated(BaseException):
+    """SIGTERM (or a SIGINT whose default action would end the process) on rank 0 of an HTTP
+    server recording routing: unwinds serve_forever, which writes the file, instead of dying on
+    the spot; `serve` then ends the process by the same signal, as before (no line of its own)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def writes_routing_on_signals(routing: Any) -> Iterator[None]:
+    """While serving with --routing-out (`routing`, an engine.RoutingLog; None: nothing to do):
+    SIGTERM (torchrun's agent stops the ranks with it, and so do process managers) raises
+    Terminated; so does SIGINT where it would kill outright (under --nproc-per-node,
+    dist.tie_to_launcher), while Python's own SIGINT handling raises KeyboardInterrupt, which
+    unwinds as well. Once the loop has ended (`routing.closing`: the server closes, then the last
+    write) a signal waits for the write: the agent that SIGTERMs the ranks after one died would
+    otherwise cut it short. Main thread only (signal handlers)."""
+    if routing is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        if routing.closing:
+            pending.append(signum)
+            return
+        raise Terminated(signum)
+
+    wanted = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) == signal.SIG_DFL else [])
+    before = {sig: signal.signal(sig, stop) for sig in wanted}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    if pending:  # the loop ended on its own, a signal came during the write: end by it now
+        raise Terminated(pending[0])
 
 
 def refuse_other_mode(ctx: click.Context, http: bool) -> None:
@@ -193,7 +261,8 @@ def exit_hard(e: BaseException | None) -> None:
 def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: str | None, out_path: str | None,
            max_new_tokens: int, max_batch: int, ignore_eos: bool, sampling: dict[str, Any], port: int | None,
            host: str, device: str, dtype: str | None, timeout_s: float, stats_out: str | None,
-           routing_out: str | None) -> None:
+           routing_out: str | None, routing_limits: tuple[float, int] = (ROUTING_EVERY_S, ROUTING_MAX_TOKENS)) -> None:
+    """routing_limits: (--routing-every, --routing-max-tokens), for the HTTP server's --routing-out."""
     import torch.distributed as dist
 
     from moeplace.export.permute import ep_size_note
@@ -238,12 +307,17 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
         click.echo(f"moeplace serve: http://{host}:{server.server_address[1]} ({plural(world, 'rank')}, {mode}); "
                    f"{describe_placement(applied)}", err=True)
         stop = True
+        routing = None
+        if routing_out:
+            routing = engine.RoutingLog(routing_out, rt, max_tokens=routing_limits[1], every_s=routing_limits[0])
         try:
-            serve_forever(rt, server, tokenizer, max_batch, max_new_tokens, heartbeat_s=heartbeat_s,
-                          model_name=Path(model_dir).name, placement=applied)
-        except MoeplaceError:
+            with writes_routing_on_signals(routing):
+                serve_forever(rt, server, tokenizer, max_batch, max_new_tokens, heartbeat_s=heartbeat_s,
+                              model_name=Path(model_dir).name, placement=applied, routing=routing)
+        except (MoeplaceError, Terminated):
             # a failed collective: one more broadcast on the broken group would only wait out the
-            # timeout and replace the real error; the other ranks fail on their own
+            # timeout and replace the real error; the other ranks fail on their own. A signal:
+            # rank 0 ends as it did before it caught it (the others get it too, or lose contact)
             stop = False
             raise
         finally:
@@ -432,6 +506,7 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int, Sampling]], max_
     from moeplace.io import write_json_atomic, write_text_atomic
     from moeplace.progress import Progress
     from moeplace.serve import engine
+    from moeplace.serve.generate import decode_routing
     from moeplace.trace.format import make_trace, save_trace
 
     spec = rt.model.spec
@@ -442,7 +517,7 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int, Sampling]], max_
                    f"ranks (a prompt's home rank is its index % {world})", err=True)
     max_batch = batch
     results: list[list[int]] = []
-    routing: list[np.ndarray] = []
+    routing: list[dict[str, np.ndarray]] = []  # decode_routing's arrays per batch
     seconds = 0.0
     progress = Progress("serve: generating", total=len(prompts))
     for start in range(0, len(prompts), max_batch):
@@ -454,9 +529,9 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int, Sampling]], max_
         counters = engine.merged_counters(rt)  # the other ranks all-reduce after every request
         results += res.tokens
         seconds += res.seconds
-        if res.routing is not None:
-            res.routing[:, 0] += start  # slot -> prompt index
-            routing.append(res.routing)
+        if res.routing is not None:  # sequence id: the prompt's index (slot + start)
+            routing.append(decode_routing(res.routing, res.routing_weights, req.prompts, res.tokens,
+                                          len(spec.moe_layers), start))
         progress.update(start + len(chunk))
     generated = sum(len(t) for t in results)
     progress.close(f"{generated} tokens")
@@ -484,15 +559,15 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int, Sampling]], max_
         })
         click.echo(f"wrote {stats_out}: counters of {plural(rt.comm.world, 'rank')} ({rt.mode})", err=to_stderr)
     if routing_out:
-        rows = np.concatenate(routing)
-        layers, k = len(spec.moe_layers), spec.top_k
-        tokens = rows.reshape(-1, layers, 3 + k)
-        trace = make_trace(tokens[:, :, 3:], None, spec.num_experts, sequence_ids=tokens[:, 0, 0],
-                           positions=tokens[:, 0, 1], name=routing_out,
+        layers = len(spec.moe_layers)
+        arrays = {key: np.concatenate([r[key] for r in routing]) for key in routing[0]}
+        trace = make_trace(arrays["topk_ids"], arrays.get("topk_weights"), spec.num_experts,
+                           sequence_ids=arrays["sequence_ids"], positions=arrays["positions"],
+                           token_ids=arrays["token_ids"], name=routing_out,
                            meta={"source": "moeplace serve (decode)", "model": str(spec.path),
                                  "moe_layers": list(spec.moe_layers), "home_rank": "sequence_id % world",
                                  "world": rt.comm.world})
         with writing(routing_out):
             save_trace(trace, routing_out)
-        click.echo(f"wrote {routing_out}: decode routing of {plural(len(tokens), 'token')} x "
+        click.echo(f"wrote {routing_out}: decode routing of {plural(trace.num_tokens, 'token')} x "
                    f"{plural(layers, 'MoE layer')}", err=to_stderr)

@@ -10,6 +10,8 @@ Order on every rank (so a bad placement costs nothing):
     4. rank 0 reads requests (file or HTTP) and broadcasts each batch as a command; the other
        ranks follow the commands; idle rank 0 sends heartbeats, so a dead rank is noticed by
        the others within the timeout even when no request arrives
+
+`RoutingLog` is rank 0's record of the HTTP server's decode routing (`serve --port --routing-out`).
 """
 
 from __future__ import annotations
@@ -17,24 +19,28 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
+import click
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from moeplace.errors import AlreadyReported, MoeplaceError
 from moeplace.export.permute import check_not_applied
+from moeplace.io import atomic_path, json_default
 from moeplace.options import plural
 from moeplace.placement import Placement, load_placement
 from moeplace.serve.counters import Counters
 from moeplace.serve.dist import Comm, init_distributed, world_from_env
-from moeplace.serve.generate import MODES, Result, Runtime, StepCallback
+from moeplace.serve.generate import MODES, Result, Runtime, StepCallback, decode_routing
 from moeplace.serve.model import ModelSpec, RankModel, read_spec
 from moeplace.serve.replicas import ExpertMap
 from moeplace.serve.sampling import Sampling, sampling_from_table, sampling_table
 from moeplace.solve.baselines import contiguous
+from moeplace.trace.format import TRACE_FORMAT
 
 NOOP, GENERATE, STOP = 0, 1, 2  # commands rank 0 broadcasts
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,7 +51,7 @@ class Request:
     prompts: list[list[int]]
     max_new_tokens: list[int]
     ignore_eos: bool = False
-    record_routing: bool = False  # gather the decode routing (for traffic checks)
+    record_routing: bool = False  # gather the decode routing (--routing-out: traffic checks, re-solving)
     sampling: list[Sampling] | None = None  # per prompt (serve/sampling.py); None: all greedy
 
     @property
@@ -252,3 +258,124 @@ def worker_loop(rt: Runtime) -> None:
             merged_counters(rt)
         elif cmd == STOP:
             return
+
+
+# --routing-max-tokens' default. A decode token costs L x k x (2 B id + 4 B gate weight) + 24 B
+# (sequence, position, token id): 2.8 kB for DeepSeek-V3 (58 MoE layers, top-8, 256 experts), so
+# 200k tokens hold 0.56 GB on rank 0's host, twice that while a write joins the batches' arrays.
+ROUTING_MAX_TOKENS = 200_000
+ROUTING_EVERY_S = 300.0
+
+
+class RoutingLog:
+    """Rank 0's decode routing of the batches an HTTP server ran, kept as per-batch arrays and
+    written as a v1 trace (`moeplace.trace/v1`, batch mode's layout and meta; uncompressed, see
+    `write`) every `every_s` seconds when tokens were added (`maybe_write`, from a thread: the
+    main thread keeps serving) and when the server stops (`close`). Sequence ids count up over
+    requests and batches, each batch starting at a multiple of the world size: a sequence's home
+    rank (its slot % world) stays its id % world, as eval's traffic model reads it. Recording
+    stops at `max_tokens`, with one note on stderr. Only rank 0's main thread calls the methods;
+    a writer thread touches only the numpy arrays of its snapshot."""
+
+    def __init__(self, path: str, rt: Runtime, max_tokens: int = ROUTING_MAX_TOKENS,
+                 every_s: float = ROUTING_EVERY_S, source: str = "moeplace serve (decode, http)") -> None:
+        spec = rt.model.spec
+        self.path, self.max_tokens, self.every_s = path, max_tokens, every_s
+        self.num_experts, self.num_layers, self.world = spec.num_experts, len(spec.moe_layers), rt.comm.world
+        self.meta = {"source": source, "model": str(spec.path), "moe_layers": list(spec.moe_layers),
+                     "home_rank": "sequence_id % world", "world": rt.comm.world}
+        self.chunks: list[dict[str, np.ndarray]] = []  # never changed once appended: a snapshot is a list copy
+        self.tokens = 0  # recorded
+        self.next_sequence = 0
+        self.written = 0  # tokens in the file on disk (set by whichever thread wrote it)
+        self.last_write = time.monotonic()
+        self.writer: threading.Thread | None = None
+        self.failure: str | None = None  # the writer thread's last error, reported once by the main thread
+        self.reported: str | None = None
+        self.closing = False  # set when the server loop has ended: the last write follows
+
+    @property
+    def recording(self) -> bool:
+        """Whether the next batch's routing is wanted (Request.record_routing)."""
+        return self.tokens < self.max_tokens
+
+    def add(self, req: Request, result: Result) -> None:
+        """Keep a served batch's decode routing (slots 0.. are its prompts, in order)."""
+        first = self.next_sequence
+        self.next_sequence += -(-len(req.prompts) // self.world) * self.world
+        if result.routing is None or not self.recording:
+            return
+        arrays = decode_routing(result.routing, result.routing_weights, req.prompts, result.tokens,
+                                self.num_layers, first)
+        room = self.max_tokens - self.tokens
+        if len(arrays["positions"]) >= room:
+            arrays = {key: a[:room] for key, a in arrays.items()}
+            click.echo(f"moeplace serve: note: --routing-out {self.path} holds {plural(self.max_tokens, 'decode token')} "
+                       "(--routing-max-tokens): recording stops here; the file keeps them", err=True)
+        arrays["topk_ids"] = arrays["topk_ids"].astype(np.int16 if self.num_experts <= 32767 else np.int32)
+        if len(arrays["positions"]):
+            self.chunks.append(arrays)
+            self.tokens += len(arrays["positions"])
+
+    def maybe_write(self) -> None:
+        """Start a write in a thread when `every_s` has passed since the last one, tokens were
+        added since, and no write is under way."""
+        self.report_failure()
+        if self.tokens == self.written or time.monotonic() - self.last_write < self.every_s or \
+                (self.writer is not None and self.writer.is_alive()):
+            return
+        self.last_write = time.monotonic()
+        self.writer = threading.Thread(target=self._write_quietly, args=(list(self.chunks),),
+                                       name="moeplace-routing-writer", daemon=True)
+        self.writer.start()
+
+    def close(self) -> None:
+        """When the server stops: finish a write under way, then write what it lacks, here
+        (raises MoeplaceError when the file cannot be written)."""
+        self.closing = True
+        if self.writer is not None:
+            self.writer.join()
+        self.report_failure()
+        if self.tokens > self.written:
+            try:
+                self.write(list(self.chunks))
+            except OSError as e:
+                raise MoeplaceError(f"cannot write {self.path}: {e.strerror or e}") from None
+        if self.written:
+            click.echo(f"wrote {self.path}: decode routing of {plural(self.written, 'token')} x "
+                       f"{plural(self.num_layers, 'MoE layer')}")
+        else:  # a trace holds at least one token
+            click.echo(f"moeplace serve: note: no decode step ran, so {self.path} was not written", err=True)
+
+    def report_failure(self) -> None:
+        failure = self.failure
+        if failure is not None and failure != self.reported:
+            click.echo(f"moeplace serve: warning: cannot write {self.path}: {failure} (will try again)", err=True)
+            self.reported = failure
+
+    def _write_quietly(self, chunks: list[dict[str, np.ndarray]]) -> None:
+        try:
+            self.write(chunks)
+            self.failure = None
+        except Exception as e:  # a full disk: said by the main thread, tried again at the next period
+            self.failure = (e.strerror if isinstance(e, OSError) else None) or str(e)
+
+    def write(self, chunks: list[dict[str, np.ndarray]]) -> None:
+        """`chunks` as one trace file, atomically (temp file + rename: a reader, or a SIGKILL,
+        sees the old file or the new one). The arrays are save_trace's (ids as int16 when the
+        experts fit), stored uncompressed: 200k DeepSeek-V3-shaped tokens take about 1.5 s
+        where np.savez_compressed took 47 s, and gate weights barely compress. The rows come
+        from the router's topk (distinct ids, weights highest first), so they are not re-checked
+        here; load_trace checks what it reads."""
+        if not chunks:
+            return
+        arrays: dict[str, Any] = {key: np.concatenate([c[key] for c in chunks])
+                                  for key in ("topk_ids", "sequence_ids", "positions", "token_ids")}
+        if all("topk_weights" in c for c in chunks):
+            arrays["topk_weights"] = np.concatenate([c["topk_weights"] for c in chunks])
+        arrays["num_experts"] = np.asarray(self.num_experts, dtype=np.int64)
+        arrays["meta"] = np.asarray(json.dumps({**self.meta, "format": TRACE_FORMAT}, default=json_default))
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "wb") as f:  # a file object: numpy would add '.npz' to a name
+                np.savez(f, allow_pickle=False, **arrays)
+        self.written = len(arrays["positions"])

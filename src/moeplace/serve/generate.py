@@ -55,6 +55,7 @@ class Result:
     logits: list[torch.Tensor] | None = None  # [steps, vocab] per prompt when collected
     # decode routing, gathered on every rank: (slot, position, moe layer) -> top-k ids
     routing: np.ndarray | None = None  # int64 [rows, 3 + k]
+    routing_weights: np.ndarray | None = None  # float32 [rows, k]: the gate weights of those ids, row for row
 
 
 @dataclass
@@ -64,7 +65,8 @@ class Runtime:
     experts: ExpertMap  # which rank serves each token-expert choice
     mode: str = "coherent"
     record_routing: bool = False
-    _routing: list[torch.Tensor] = field(default_factory=list)
+    _routing: list[torch.Tensor] = field(default_factory=list)  # int64 [n, 3 + k] per MoE layer call
+    _routing_weights: list[torch.Tensor] = field(default_factory=list)  # int64 [n, k]: float32 bits
 
     def moe(self, moe: int, h: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
             batch: tuple[torch.Tensor, int], coherent: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +74,12 @@ class Runtime:
         first, size = batch
         gpus = self.experts.serving(self.comm, moe, ids, first[slots] + positions, size)
         if self.record_routing and self.comm.counters.phase == "decode":
+            # the gate weights ride along as their float32 bits: one host copy per call, one gather
             meta = torch.stack([slots, positions, torch.full_like(slots, moe)], dim=1)
-            self._routing.append(torch.cat([meta, ids], dim=1).cpu())
+            bits = weights.float().contiguous().view(torch.int32).long()
+            row = torch.cat([meta, ids, bits], dim=1).cpu()
+            self._routing.append(row[:, :-bits.shape[1]])
+            self._routing_weights.append(row[:, -bits.shape[1]:])
         if coherent:
             return moe_coherent(self.model, self.comm, moe, h, slots, ids, weights, gpus)
         return moe_standard(self.model, self.comm, moe, h, slots, ids, weights, gpus), slots
@@ -139,7 +145,7 @@ class Runtime:
             if len(p) + n > spec.max_positions:  # RoPE past the trained context: silent garbage
                 raise MoeplaceError(f"prompt {i}: {len(p)} prompt tokens + {n} new exceed the model's "
                                     f"{spec.max_positions} positions")
-        self._routing = []
+        self._routing, self._routing_weights = [], []
         cache = KVCache(spec, num, max(len(p) + n for p, n in zip(prompts, max_new_tokens)), dev, model.dtype,
                         stride=1 if coherent else comm.world)
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=dev)
@@ -215,18 +221,29 @@ class Runtime:
             comm.counters.steps["decode"] += 1
             comm.counters.tokens["decode"] += num - sum(done)
         seconds = time.perf_counter() - start
+        routing = weights = None
+        if self.record_routing:
+            gathered = self._gather_routing()
+            k = spec.top_k
+            routing = gathered[:, :3 + k]
+            if gathered.shape[1] == 3 + 2 * k:  # (a gather of the ids alone gives no weights)
+                weights = gathered[:, 3 + k:].astype(np.int32).view(np.float32)
         return Result(
             tokens=generated,
             seconds=seconds,
             logits=[torch.stack(x) if x else torch.empty(0, spec.vocab_size) for x in logits_out]
             if collect_logits else None,
-            routing=self._gather_routing() if self.record_routing else None,
+            routing=routing,
+            routing_weights=weights,
         )
 
     def _gather_routing(self) -> np.ndarray:
-        """All ranks' decode routing rows [slot, position, moe, ids...], sorted (not counted)."""
+        """All ranks' decode routing rows [slot, position, moe, ids (k)..., weight bits (k)...],
+        sorted by (slot, position, moe) (not counted): int64 [rows, 3 + 2k]."""
         k = self.model.spec.top_k
-        mine = torch.cat(self._routing) if self._routing else torch.empty((0, 3 + k), dtype=torch.int64)
+        width = 3 + 2 * k
+        mine = torch.cat([torch.cat(self._routing), torch.cat(self._routing_weights)], dim=1) if self._routing \
+            else torch.empty((0, width), dtype=torch.int64)
         if self.comm.world > 1:
             import torch.distributed as dist
 
@@ -234,10 +251,30 @@ class Runtime:
             sizes = [torch.empty_like(size) for _ in range(self.comm.world)]
             dist.all_gather(sizes, size)
             top = int(max(s.item() for s in sizes))
-            padded = torch.full((top, 3 + k), -1, dtype=torch.int64, device=self.comm.device)
+            padded = torch.full((top, width), -1, dtype=torch.int64, device=self.comm.device)
             padded[: mine.shape[0]] = mine.to(self.comm.device)
             parts = [torch.empty_like(padded) for _ in range(self.comm.world)]
             dist.all_gather(parts, padded)
             mine = torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).cpu()
         rows = mine.numpy()
         return rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))]
+
+
+def decode_routing(routing: np.ndarray, weights: np.ndarray | None, prompts: list[list[int]],
+                   tokens: list[list[int]], num_moe_layers: int, first_sequence: int = 0) -> dict[str, np.ndarray]:
+    """A Result's decode routing as a trace's per-token arrays: topk_ids int64 [T, L, k],
+    topk_weights float32 [T, L, k] (when recorded), sequence_ids (first_sequence + slot),
+    positions and token_ids, int64 [T]. T counts the tokens fed to a decode step: every generated
+    token but each sequence's last (nothing runs it through the model). The token at position p
+    of slot s is the one generated there, tokens[s][p - len(prompts[s])]."""
+    k = routing.shape[1] - 3
+    rows = routing.reshape(-1, num_moe_layers, 3 + k)  # sorted by (slot, position, moe): one token a block
+    slots, positions = rows[:, 0, 0], rows[:, 0, 1]
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+    starts = np.cumsum([0] + [len(t) for t in tokens])[:-1]
+    flat = np.array([t for seq in tokens for t in seq], dtype=np.int64)
+    out = {"topk_ids": rows[:, :, 3:], "sequence_ids": first_sequence + slots, "positions": positions,
+           "token_ids": flat[starts[slots] + positions - lengths[slots]]}
+    if weights is not None:
+        out["topk_weights"] = weights.reshape(-1, num_moe_layers, k)
+    return out

@@ -7,7 +7,9 @@ its own, which the main thread fills after each decode step (Runtime.generate's 
 idle it sends heartbeats: a dead rank surfaces within the timeout even with no traffic, and the
 server then exits with that error instead of hanging; it also stops when its launcher has gone
 (dist.tie_to_launcher). On the way out every request not yet answered (running, queued, or
-arriving) gets a 503 with the reason.
+arriving) gets a 503 with the reason. With --routing-out, the loop also keeps each batch's decode
+routing (engine.RoutingLog) and writes it periodically and on the way out (docs/runtime.md,
+"Recording live routing").
 
     POST /v1/completions  {"prompt": str | [int] | [str, ...], "max_tokens": int = min(16, cap),
                           "temperature": 0..2 = 0, "top_p": (0, 1] = 1, "top_k": int >= 1, or 0 or
@@ -66,7 +68,7 @@ from moeplace.errors import MoeplaceError
 from moeplace.io import loads_json
 from moeplace.serve.counters import KINDS
 from moeplace.serve.dist import error_text, launcher_pid
-from moeplace.serve.engine import GENERATE, NOOP, Request, merged_counters, run_request, send_command
+from moeplace.serve.engine import GENERATE, NOOP, Request, RoutingLog, merged_counters, run_request, send_command
 from moeplace.serve.generate import Runtime, StepCallback
 from moeplace.serve.sampling import GREEDY, Sampling, int64
 
@@ -769,8 +771,12 @@ def make_server(host: str, port: int) -> Server:
 
 
 def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, max_tokens_limit: int,
-                  heartbeat_s: float, model_name: str, placement: dict[str, str | None]) -> None:
-    """Rank 0: answer HTTP and drive the other ranks until interrupted or a rank fails."""
+                  heartbeat_s: float, model_name: str, placement: dict[str, str | None],
+                  routing: RoutingLog | None = None) -> None:
+    """Rank 0: answer HTTP and drive the other ranks until interrupted or a rank fails.
+    routing: record each batch's decode routing there (while it has room), write it every
+    `routing.every_s` (checked after each batch and each idle heartbeat) and on the way out,
+    however the loop ends (Ctrl-C, a dead rank: what was gathered is valid data)."""
     server.spec, server.tokenizer, server.mode, server.world = rt.model.spec, tokenizer, rt.mode, rt.comm.world
     server.placement = placement
     server.model_name, server.max_tokens_limit, server.created = model_name, max_tokens_limit, int(time.time())
@@ -788,12 +794,15 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
                 try:
                     waiting.append(jobs.get(timeout=heartbeat_s))
                 except queue.Empty:
+                    if routing is not None:
+                        routing.maybe_write()
                     send_command(rt, NOOP)  # heartbeat: raises if a rank died
                     if launcher is not None and os.getppid() != launcher:  # where no PR_SET_PDEATHSIG (not Linux)
                         raise MoeplaceError(f"rank 0: the launcher (pid {launcher}) exited; stopping")
                     continue
             batch = next_batch(waiting, jobs, max_batch)
             req = Request([p for j in batch for p in j.prompts], [j.max_tokens for j in batch for _ in j.prompts],
+                          record_routing=routing is not None and routing.recording,
                           sampling=[p for j in batch for p in prompt_sampling(j.sampling, len(j.prompts))])
             try:
                 send_command(rt, GENERATE, req)
@@ -808,13 +817,33 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
                 j.finish([next(it) for _ in j.prompts])
             stats.record_batch(len(batch), sum(len(t) for t in result.tokens), result.seconds,
                                {p: counters.summary(p) for p in ("prefill", "decode")})
+            if routing is not None:  # after the answers: the clients do not wait for it
+                routing.add(req, result)
+                routing.maybe_write()
     except Exception as e:  # a failed batch, heartbeat or launcher check: the queued jobs get it too
         reason = f"runtime failed: {error_text(e)}"
         raise
     finally:
-        server.close(reason, waiting)
-        server.shutdown()
-        server.server_close()
+        if routing is not None:
+            routing.closing = True  # from here a SIGTERM waits for the last write (cli.writes_routing_on_signals)
+        try:
+            server.close(reason, waiting)
+            server.shutdown()
+            server.server_close()
+        finally:
+            if routing is not None:
+                close_routing(routing)
+
+
+def close_routing(routing: RoutingLog) -> None:
+    """The last write, on the way out: its failure is raised unless the loop is already
+    unwinding with an error of its own (which stays the one reported; the write's is printed)."""
+    try:
+        routing.close()
+    except MoeplaceError as e:
+        if sys.exc_info()[1] is None:
+            raise
+        print(f"moeplace serve: warning: {e}", file=sys.stderr, flush=True)
 
 
 def next_batch(waiting: list[Job], jobs: "queue.Queue[Job]", max_batch: int) -> list[Job]:

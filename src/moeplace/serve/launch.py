@@ -28,6 +28,9 @@ import click
 from moeplace.errors import AlreadyReported, MoeplaceError
 
 SHUTDOWN_GRACE_S = 3  # SIGTERM -> SIGKILL; the ranks hold nothing that needs a clean exit
+# ... unless rank 0 records live routing (--port --routing-out): its last write of up to
+# --routing-max-tokens tokens takes seconds (docs/runtime.md, "Recording live routing")
+ROUTING_GRACE_S = 30
 
 
 def command_line(ctx: click.Context, drop: str) -> list[str]:
@@ -61,8 +64,9 @@ def precheck(model_dir: str, placement_path: str | None, mode: str, device: str,
                             f"visible (one rank per GPU; --device cpu runs ranks on the CPU)")
 
 
-def launch(nproc: int, serve_argv: list[str]) -> None:
-    """Run `moeplace serve SERVE_ARGV` on `nproc` local ranks; raises when one fails."""
+def launch(nproc: int, serve_argv: list[str], grace_s: int = SHUTDOWN_GRACE_S) -> None:
+    """Run `moeplace serve SERVE_ARGV` on `nproc` local ranks; raises when one fails. grace_s:
+    the ranks' SIGTERM -> SIGKILL grace when the run stops (_short_grace)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -72,7 +76,7 @@ def launch(nproc: int, serve_argv: list[str]) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning banner
     os.environ[LAUNCHER_ENV] = str(os.getpid())  # the ranks die with this process (dist.tie_to_launcher)
     _quiet_torch_launcher()
-    _short_grace()
+    _short_grace(grace_s)
     # torch's default log dir is a fresh /tmp/torchelastic_* per run that nothing removes; the ranks
     # write no logs there (no --redirects), so a temporary one that goes with the run is enough
     logs = tempfile.TemporaryDirectory(prefix="moeplace-serve-", ignore_cleanup_errors=True)
@@ -98,8 +102,8 @@ def launch(nproc: int, serve_argv: list[str]) -> None:
         logs.cleanup()
 
 
-def _short_grace() -> None:
-    """SIGTERM -> SIGKILL grace of SHUTDOWN_GRACE_S seconds for the ranks, in this launcher process.
+def _short_grace(grace_s: int = SHUTDOWN_GRACE_S) -> None:
+    """SIGTERM -> SIGKILL grace of `grace_s` seconds for the ranks, in this launcher process.
 
     When one rank fails, the agent's process context SIGTERMs the others and waits up to 30 s
     before SIGKILL. A rank that cannot take SIGTERM (stopped, or stuck in the kernel) kept the
@@ -119,12 +123,12 @@ def _short_grace() -> None:
     if list(inspect.signature(close).parameters)[:3] != ["self", "death_sig", "timeout"]:
         return  # a private method whose signature changed: patching it blind could break shutdown
 
-    def close_soon(self: Any, death_sig: Any = None, timeout: int = SHUTDOWN_GRACE_S) -> None:
-        close(self, death_sig, min(timeout, SHUTDOWN_GRACE_S))
+    def close_soon(self: Any, death_sig: Any = None, timeout: int = grace_s) -> None:
+        close(self, death_sig, min(timeout, grace_s))
 
     close_soon.moeplace_grace = True  # type: ignore[attr-defined]
     PContext.close = close_soon  # type: ignore[method-assign]
-    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_GRACE_S))  # the agent's own shutdown
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(grace_s))  # the agent's own shutdown
 
 
 def first_failure(failures: dict[int, Any]) -> tuple[int, int]:

@@ -1,0 +1,307 @@
+"""`moeplace serve --port P --routing-out FILE`: the HTTP server records the decode routing of the
+traffic it serves and writes it as a trace (periodically and when it stops), the input of
+`moeplace solve --from CURRENT.json --max-moves N`. In-process on a one-rank runtime (rank 0's
+loop in a thread, as tests/conftest.py's `serving`), plus one launcher run stopped by Ctrl-C."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import pytest
+
+import moeplace.serve.httpserver as hs
+from moeplace.cli import run
+from moeplace.models.tiny import build_tiny_model, byte_tokenizer
+from moeplace.serve import engine
+from moeplace.serve.cli import CONTIGUOUS, Terminated, load_tokenizer, writes_routing_on_signals
+from moeplace.serve.engine import RoutingLog
+from moeplace.serve.generate import Runtime
+from moeplace.trace.format import Trace, load_trace
+from test_serve_cli import running, save_placement, wait_for_server
+
+LIMIT = 8  # the servers' --max-new-tokens
+# (prompts, max_tokens) of the requests, sent one after another; batch mode runs the same
+# batches from JSONL with --max-batch 2 (the first request's two prompts, then the third alone)
+REQUESTS = [(["hi", "mixture"], 6), (["MoE"], 4)]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = build_tiny_model("qwen3_moe", tmp_path_factory.mktemp("live-routing") / "live", num_experts=8, top_k=2,
+                            num_layers=3, seed=6)
+    byte_tokenizer().save_pretrained(path)  # a request with several prompts sends text
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model: Path) -> Any:
+    return load_tokenizer(str(model))
+
+
+@pytest.fixture(scope="module")
+def rt(model: Path, one_rank_runtime: Callable[[Path], Runtime]) -> Runtime:
+    return one_rank_runtime(model)
+
+
+@contextlib.contextmanager
+def live(rt: Runtime, tokenizer: Any, routing: RoutingLog) -> Iterator[int]:
+    """conftest's `serving` with a RoutingLog: rank 0's HTTP loop in a thread, yielding its port;
+    on exit it stops through its heartbeat (a failed collective, as a dead rank), which writes."""
+    stop = threading.Event()
+    beat = hs.send_command
+
+    def heartbeat(rt: Any, cmd: int, req: Any = None) -> None:
+        if stop.is_set():
+            raise RuntimeError("test over")
+        beat(rt, cmd, req)
+
+    srv = hs.make_server("127.0.0.1", 0)
+
+    def loop() -> None:
+        with contextlib.suppress(RuntimeError):
+            hs.serve_forever(rt, srv, tokenizer, 8, LIMIT, heartbeat_s=0.05, model_name="live",
+                             placement={"placement": CONTIGUOUS, "placement_sha256": None}, routing=routing)
+
+    with mock.patch.object(hs, "send_command", heartbeat), mock.patch.dict(os.environ):
+        os.environ.pop("TORCHELASTIC_RUN_ID", None)  # no launcher to watch
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        try:
+            yield srv.server_address[1]
+        finally:
+            stop.set()
+            thread.join(30)
+            assert not thread.is_alive()
+
+
+def complete(port: int, prompts: list[str], max_tokens: int) -> dict[str, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": prompts, "max_tokens": max_tokens}))
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        assert resp.status == 200, body
+        return body
+    finally:
+        conn.close()
+
+
+def by_sequence(trace: Trace) -> list[dict[str, np.ndarray]]:
+    """A trace's tokens per sequence, in sequence-id order (each sorted by position)."""
+    assert trace.sequence_ids is not None and trace.positions is not None
+    out = []
+    for seq in np.unique(trace.sequence_ids):
+        sel = np.flatnonzero(trace.sequence_ids == seq)
+        sel = sel[np.argsort(trace.positions[sel], kind="stable")]
+        out.append({"positions": trace.positions[sel], "topk_ids": trace.topk_ids[sel],
+                    "topk_weights": trace.topk_weights[sel] if trace.topk_weights is not None else None,
+                    "token_ids": trace.token_ids[sel] if trace.token_ids is not None else None})
+    return out
+
+
+def test_served_routing_is_batch_modes(rt: Runtime, tokenizer: Any, model: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Two requests over HTTP, then the server stops: the file holds every token a decode step
+    ran (each completion's tokens but its last: nothing runs that one through the model), ids
+    unique across requests and batches, with the gate weights and token ids, equal to what batch
+    mode's --routing-out records for the same prompts; `moeplace solve --from --max-moves` reads it."""
+    path = tmp_path / "live.npz"
+    answers = []
+    with live(rt, tokenizer, RoutingLog(str(path), rt, every_s=3600)) as port:
+        for prompts, max_tokens in REQUESTS:
+            answers.append(complete(port, prompts, max_tokens))
+        assert not path.exists()  # --routing-every not reached: written when the server stops
+    assert f"wrote {path}: decode routing of" in capsys.readouterr().out
+    got = load_trace(path)
+    completions = [c["token_ids"] for a in answers for c in a["choices"]]
+    assert sum(a["usage"]["completion_tokens"] for a in answers) == sum(map(len, completions))
+    assert got.num_tokens == sum(len(c) - 1 for c in completions) > 0
+    assert got.meta["source"] == "moeplace serve (decode, http)" and got.meta["world"] == 1
+    assert got.meta["moe_layers"] == list(rt.model.spec.moe_layers) and got.num_experts == 8
+    assert got.sequence_ids is not None
+    first = sum(len(c["token_ids"]) - 1 for c in answers[0]["choices"])  # the file lists the batches in order
+    ids = [set(got.sequence_ids[:first].tolist()), set(got.sequence_ids[first:].tolist())]
+    assert len(ids[0]) == 2 and len(ids[1]) == 1 and not ids[0] & ids[1]  # distinct per request and batch
+
+    prompts_file = tmp_path / "p.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p, "max_tokens": n}) + "\n"
+                                    for prompts, n in REQUESTS for p in prompts))
+    batch = tmp_path / "batch.npz"
+    assert run(["serve", "--model", str(model), "--prompts", str(prompts_file), "--routing-out", str(batch),
+                "--max-batch", "2", "--device", "cpu", "--out", str(tmp_path / "out.jsonl")]) == 0
+    want = load_trace(batch)
+    assert want.topk_weights is not None and want.token_ids is not None  # batch mode records them too now
+    seqs, want_seqs = by_sequence(got), by_sequence(want)
+    assert len(seqs) == len(want_seqs) == 3
+    for seq, want_seq, tokens, prompt in zip(seqs, want_seqs, completions, [p for r in REQUESTS for p in r[0]]):
+        start = len(tokenizer.encode(prompt, add_special_tokens=False))
+        np.testing.assert_array_equal(seq["positions"], start + np.arange(len(tokens) - 1))
+        np.testing.assert_array_equal(seq["token_ids"], tokens[:-1])  # the token each decode step ran
+        for key in ("positions", "topk_ids", "topk_weights", "token_ids"):
+            np.testing.assert_array_equal(seq[key], want_seq[key])
+    w = got.topk_weights
+    assert w is not None and (w > 0).all() and (np.diff(w, axis=-1) <= 0).all()  # the router's, highest first
+
+    placement = save_placement(tmp_path / "placement.json", 2, 8, 2)
+    capsys.readouterr()
+    assert run(["solve", str(path), "--gpus", "2", "--from", str(placement), "--max-moves", "2", "-q",
+                "-o", str(tmp_path / "new.json")]) == 0
+    assert (tmp_path / "new.json").is_file()
+
+
+def test_periodic_writes_are_always_loadable(rt: Runtime, tokenizer: Any, tmp_path: Path) -> None:
+    """--routing-every: the file appears while the server runs and is rewritten as tokens come,
+    each version on disk a whole trace (temp file + rename), the last one written on stop."""
+    path = tmp_path / "live.npz"
+    routing = RoutingLog(str(path), rt, every_s=0.01)
+    seen: list[int] = []
+    watching = threading.Event()
+    problems: list[BaseException] = []
+
+    def watch() -> None:
+        while not watching.is_set():
+            if path.exists():
+                try:
+                    seen.append(load_trace(path).num_tokens)
+                except BaseException as e:  # a half-written file would land here
+                    problems.append(e)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with live(rt, tokenizer, routing) as port:
+            served = 0
+            for prompts, max_tokens in REQUESTS * 2:
+                answer = complete(port, prompts, max_tokens)
+                served += sum(len(c["token_ids"]) - 1 for c in answer["choices"])
+                deadline = time.monotonic() + 20
+                while routing.written < served and time.monotonic() < deadline:  # the writer thread's
+                    time.sleep(0.01)
+                assert routing.written == served  # on disk while the server runs
+                assert load_trace(path).num_tokens == served
+    finally:
+        watching.set()
+        watcher.join(10)
+    assert not problems, problems[0]
+    assert len(set(seen)) >= 2 and seen == sorted(seen)  # several versions, each whole, never shrinking
+    assert load_trace(path).num_tokens == served
+    assert [p.name for p in tmp_path.iterdir()] == ["live.npz"]  # no temp file left behind
+
+
+def test_max_tokens_caps_the_recording(rt: Runtime, tokenizer: Any, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "live.npz"
+    with live(rt, tokenizer, RoutingLog(str(path), rt, max_tokens=7, every_s=3600)) as port:
+        for prompts, max_tokens in REQUESTS:  # 5 + 4 decode tokens, then 3: past the cap
+            complete(port, prompts, max_tokens)
+        assert rt.record_routing is False  # the last batch ran without gathering any routing
+    trace = load_trace(path)
+    assert trace.num_tokens == 7
+    err = capsys.readouterr().err
+    assert err.count("(--routing-max-tokens): recording stops here") == 1, err
+
+
+def test_bad_routing_out_is_refused_before_weights_load(model: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def loaded(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(engine, "load_runtime", loaded)
+    (tmp_path / "file").write_text("")
+    base = ["serve", "--model", str(model), "--port", "0", "--device", "cpu"]
+    cases = [
+        (["--routing-out", str(tmp_path / "file" / "r.npz")], f"--routing-out {tmp_path / 'file' / 'r.npz'}: "
+         f"{tmp_path / 'file'} is not a directory"),
+        (["--routing-out", str(tmp_path)], "is a directory"),
+        (["--routing-out", str(model / "r.npz")], "is inside the --model directory"),
+        (["--routing-every", "5"], "--routing-every shapes the --routing-out file: give --routing-out FILE"),
+        (["--routing-out", "r.npz", "--routing-max-tokens", "0"], "--routing-max-tokens"),
+    ]
+    for extra, message in cases:
+        assert run([*base, *extra]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("moeplace: error: ") and message in lines[0], lines
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": [1, 2]}\n')
+    assert run(["serve", "--model", str(model), "--prompts", str(prompts), "--routing-every", "5"]) == 2
+    assert capsys.readouterr().err.strip() == ("moeplace: error: --routing-every applies to the HTTP server "
+                                               "(--port), not to batch runs (--prompts)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "p.jsonl"]
+
+
+def test_sigterm_unwinds_but_waits_for_the_last_write() -> None:
+    """Rank 0's SIGTERM handler while recording: serving, it raises Terminated (serve_forever's
+    `finally` then writes); once the loop has ended (`closing`), it lets the write finish and
+    raises after it. The handlers before are restored either way."""
+    before = signal.getsignal(signal.SIGTERM)
+    routing = types.SimpleNamespace(closing=False)
+    with pytest.raises(Terminated) as stopped:
+        with writes_routing_on_signals(routing):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # (the handler runs before this returns)
+    assert stopped.value.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    steps = []
+    with pytest.raises(Terminated):
+        with writes_routing_on_signals(routing):
+            routing.closing = True
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("the write went on")
+    assert steps == ["the write went on"] and signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("event", ["launcher interrupted", "rank 1 killed"])
+def test_a_stopped_launcher_leaves_the_routing(model: Path, tmp_path: Path, event: str) -> None:
+    """Production's stops under `--nproc-per-node 2`: Ctrl-C (the agent SIGTERMs the ranks), or a
+    rank that dies (rank 0 loses contact, and the agent SIGTERMs it meanwhile). Rank 0 writes
+    what it recorded; the launcher's one line and exit code stay as they were without it."""
+    path = tmp_path / "live.npz"
+    placement = save_placement(tmp_path / "p.json", 2, 8, 2)
+    (tmp_path / "tmp").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "moeplace", "serve", "--nproc-per-node", "2", "--device", "cpu",
+                             "--model", str(model), "--placement", str(placement), "--port", "0", "--timeout", "8",
+                             "--routing-out", str(path)], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, TMPDIR=str(tmp_path / "tmp"), OMP_NUM_THREADS="1"))
+    ranks: list[int] = []
+    try:
+        port, ranks = wait_for_server(proc)
+        answer = complete(port, *REQUESTS[0])
+        if event == "rank 1 killed":
+            rank1 = next(pid for pid in ranks if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+            os.kill(rank1, signal.SIGKILL)
+        else:
+            proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        lines = err.strip().splitlines()
+        if event == "rank 1 killed":
+            assert proc.returncode == 2 and lines == ["moeplace: error: rank 1 of 2 was killed by SIGKILL"], err
+        else:
+            assert proc.returncode == 130 and lines == ["moeplace: interrupted (SIGINT); ranks stopped"], err
+        trace = load_trace(path)
+        assert trace.num_tokens == sum(len(c["token_ids"]) - 1 for c in answer["choices"])
+        assert trace.meta["world"] == 2 and f"wrote {path}" in out
+        w = trace.topk_weights  # gathered from both ranks next to the ids
+        assert w is not None and (w > 0).all() and (np.diff(w, axis=-1) <= 0).all()
+        assert trace.sequence_ids is not None and set(trace.sequence_ids.tolist()) == {0, 1}  # home rank: id % 2
+    finally:
+        for pid in ranks:  # only when the test failed: never leave a server behind
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
