@@ -16,7 +16,7 @@ from moeplace.errors import MoeplaceError
 from moeplace.eval.check import read_checks
 from moeplace.models.config import read_model_shape
 from moeplace.eval.metrics import evaluate, imbalance
-from moeplace.placement import Placement
+from moeplace.placement import Placement, load_placement
 from moeplace.solve.balance import expected_gpu_loads
 from moeplace.solve.baselines import contiguous, greedy_load
 from moeplace.solve.eplb import eplb_placement
@@ -1469,3 +1469,133 @@ def test_eval_and_check_never_write_over_what_they_read(tmp_path: Path, trace_pa
         f"{ckpt} {inside}"]
     assert {p: p.read_bytes() for p in before} == before
     assert run(["check", str(config), "--junit-xml", str(tmp_path / "ci.xml")]) == 0
+
+
+def sequence_trace(path: Path, sequences: int = 20, seed: int = 3) -> Path:
+    """Sequences of 6-30 tokens (ids 100, 103, ...: not 0..S-1) with the e -> e + 1 affinity of
+    trace_path; each sequence has its own start expert, so its tokens route alike."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(6, 31, size=sequences)
+    seq = np.repeat(100 + 3 * np.arange(sequences), sizes)
+    start = rng.integers(0, 8, size=sequences)[(seq - 100) // 3]
+    top1 = (start[:, None] + np.arange(4)[None, :]) % 8
+    top1 = np.where(rng.random(top1.shape) < 0.2, rng.integers(0, 8, size=top1.shape), top1)
+    second = (top1 + 1 + rng.integers(0, 7, size=top1.shape)) % 8
+    save_trace(make_trace(np.stack([top1, second], axis=-1), num_experts=8, sequence_ids=seq), path)
+    return path
+
+
+def held_out_sequences(sequence_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The rule of docs/eval.md, written out apart from trace.format: distinct ids in a seeded
+    order; whole sequences to the fit until it holds round(F x T) tokens; the rest held out."""
+    ids = sorted(set(sequence_ids.tolist()))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    fit: set[int] = set()
+    for i in order:
+        if sum(int((sequence_ids == s).sum()) for s in fit) >= round(fraction * len(sequence_ids)):
+            break
+        fit.add(ids[i])
+    return np.array([t for t, s in enumerate(sequence_ids.tolist()) if s not in fit])
+
+
+def test_solve_split_by_sequence_is_recorded_and_eval_scores_the_held_out_sequences(tmp_path: Path, capsys) -> None:
+    path = sequence_trace(tmp_path / "seq.npz")
+    trace = load_trace(path)
+    out = tmp_path / "p.json"
+    assert run(["solve", str(path), "--gpus", "4", "--gpus-per-node", "2", "--train-fraction", "0.4", "--seed", "5",
+                "--split-by", "sequence", "--time-limit", "5", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "fitted on a 0.4 split of whole sequences (seed 5)" in text
+    held = held_out_sequences(trace.sequence_ids, 0.4, 5)
+    assert f"held-out sequences ({len(held)} tokens):" in text
+    assert "--split-by sequence gives" not in text  # the note is for token splits
+    doc = json.loads(out.read_text())
+    assert doc["split"] == {"train_fraction": 0.4, "seed": 5, "by": "sequence"}
+    assert doc["metrics"]["held_out"]["placement"]["tokens"] == len(held)
+    rc, report = eval_json(capsys, str(out), str(path))
+    assert rc == 0 and report["tokens"]["subset"] == "held-out" and report["tokens"]["evaluated"] == len(held)
+    assert report["tokens"]["split_by"] == "sequence" and report["tokens"]["note"].startswith(
+        f"held-out sequences, {len(set(trace.sequence_ids[held].tolist()))} of them, not seen by the solver")
+    expected = evaluate(load_placement(out), trace.select_tokens(held))
+    assert report["layouts"]["placement"]["cross_gpu_top1"] == expected["cross_gpu_top1"]
+    assert report["layouts"]["placement"]["dest_gpus_topk"] == expected["dest_gpus_topk"]
+    assert report["tokens"]["fit_path_share"] is not None
+    assert run(["eval", str(out), str(path)]) == 0
+    assert "tokens of held-out sequences" in capsys.readouterr().out  # the in-short line
+    cfg = write_checks(tmp_path / "ci.yaml", [{"name": "seq", "placement": "p.json", "trace": "seq.npz",
+                                              "max_imbalance": 100}])
+    assert run(["check", str(cfg), "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)["checks"][0]
+    assert check["tokens"]["evaluated"] == len(held) and check["tokens"]["note"].startswith("held-out sequences"), check
+
+
+def test_a_placement_without_split_by_still_holds_out_tokens(tmp_path: Path, capsys) -> None:
+    """Placements of earlier moeplace (no "by") and "by": "token" re-draw split_tokens, also on a
+    trace with sequence ids."""
+    path = sequence_trace(tmp_path / "seq.npz")
+    trace = load_trace(path)
+    _, held = split_tokens(trace.num_tokens, 0.5, 2)
+    reports = []
+    for split in ({"train_fraction": 0.5, "seed": 2}, {"train_fraction": 0.5, "seed": 2, "by": "token"}):
+        affinity_placement(path, split, tmp_path / "p.json")
+        rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(path))
+        assert rc == 0 and report["tokens"]["evaluated"] == len(held) and report["tokens"]["split_by"] == "token"
+        assert report["tokens"]["note"].startswith("held-out tokens, not seen by the solver")
+        expected = evaluate(load_placement(tmp_path / "p.json"), trace.select_tokens(held))
+        assert report["layouts"]["placement"]["cross_gpu_top1"] == expected["cross_gpu_top1"]
+        reports.append(report["layouts"])
+    assert reports[0] == reports[1]
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("no-sequence-ids", "t.npz: a split by sequence needs the trace's sequence_ids, and it has none"),
+    ("one-sequence", "t.npz: a split by sequence needs two or more sequences, the trace holds 1"),
+    ("no-fraction", "--split-by sequence says which tokens --train-fraction holds out"),
+    ("loads", "--split-by: "),  # named first: --train-fraction is not given
+])
+def test_solve_split_by_sequence_refusals_are_one_line(tmp_path: Path, capsys, case: str, needle: str) -> None:
+    ids = np.stack([np.arange(40) % 8, (np.arange(40) + 1) % 8], axis=-1)[:, None, :].repeat(2, axis=1)
+    path = tmp_path / "t.npz"
+    if case == "loads":
+        save_loads(ExpertLoads(np.ones((2, 8))), path)
+    else:
+        seq = None if case == "no-sequence-ids" else np.zeros(40, dtype=np.int64) if case == "one-sequence" else \
+            np.arange(40) // 10
+        save_trace(make_trace(ids, num_experts=8, sequence_ids=seq), path)
+    fraction = [] if case in ("no-fraction", "loads") else ["--train-fraction", "0.5"]
+    objective = ["--objective", "balance"] if case == "loads" else []
+    out = tmp_path / "p.json"
+    assert run(["solve", str(path), "--gpus", "4", *fraction, *objective, "--split-by", "sequence", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moeplace: error:") and needle in err[0], err
+    assert not out.exists()
+
+
+def test_eval_refuses_to_guess_held_out_sequences_of_a_file_without_them(tmp_path: Path, capsys) -> None:
+    """The same routing re-saved without sequence ids (as an ExFlow .npy of it would be): the
+    held-out sequences cannot be re-drawn, so eval says so in one line; --all-tokens scores all."""
+    path = sequence_trace(tmp_path / "seq.npz")
+    trace = load_trace(path)
+    out = tmp_path / "p.json"
+    assert run(["solve", str(path), "--gpus", "4", "--train-fraction", "0.5", "--split-by", "sequence",
+                "--time-limit", "1", "-q", "-o", str(out)]) == 0
+    bare = tmp_path / "bare.npz"
+    save_trace(make_trace(trace.topk_ids, num_experts=8), bare)
+    capsys.readouterr()
+    assert run(["eval", str(out), str(bare)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "this file has no sequence_ids: its held-out sequences cannot be re-drawn" in err[0], err
+    rc, report = eval_json(capsys, str(out), str(bare), "--all-tokens")
+    assert rc == 0 and report["tokens"]["evaluated"] == trace.num_tokens
+
+
+def test_solve_notes_that_a_token_split_of_sequences_shares_them(tmp_path: Path, capsys) -> None:
+    note = "the held-out tokens share sequences with the fit ones"
+    ids = np.stack([np.arange(256) % 8, (np.arange(256) + 1) % 8], axis=-1)[:, None, :].repeat(2, axis=1)
+    for length, shown in ((2, True), (1, False)):  # median tokens per sequence against SHARED_SEQUENCE
+        path = tmp_path / f"t{length}.npz"
+        save_trace(make_trace(ids, num_experts=8, sequence_ids=np.arange(256) // length), path)
+        for split_by in ("token", "sequence"):
+            assert run(["solve", str(path), "--gpus", "4", "--train-fraction", "0.5", "--split-by", split_by,
+                        "--time-limit", "5", "-o", str(tmp_path / "p.json")]) == 0
+            assert (note in capsys.readouterr().out) == (shown and split_by == "token"), (length, split_by)

@@ -17,7 +17,7 @@ from moeplace.export.eplb import read_document
 from moeplace.io import loads_json, read_json, read_yaml
 from moeplace.placement import Placement, check_topology, load_placement
 from moeplace.trace.format import (MAX_EXPERTS, Trace, is_load_only, load_loads, load_trace, make_loads, make_trace, save_loads,
-                                   save_trace, split_tokens)
+                                   save_trace, split_sequences, split_tokens, split_trace)
 
 
 def test_trace_round_trip(tmp_path: Path, small_trace) -> None:
@@ -101,6 +101,51 @@ def test_split_is_seeded_and_disjoint() -> None:
     np.testing.assert_array_equal(a_train, b_train)
     assert len(a_train) == 50 and not set(a_train) & set(a_test)
     assert len(set(a_train) | set(a_test)) == 100
+
+
+def test_split_sequences_keeps_sequences_whole_near_the_fraction() -> None:
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 40, size=30)  # uneven lengths, ids not in order and not contiguous
+    seq = np.repeat(rng.permutation(1000)[:30] * 7, sizes)
+    seq = seq[rng.permutation(len(seq))]  # tokens of one sequence need not be adjacent
+    total = len(seq)
+    for fraction in (0.1, 0.3, 0.5, 0.9):
+        for seed in range(5):
+            train, held = split_sequences(seq, fraction, seed)
+            assert np.all(np.diff(train) > 0) and np.all(np.diff(held) > 0)  # sorted, no repeats
+            np.testing.assert_array_equal(np.sort(np.concatenate([train, held])), np.arange(total))  # disjoint, covering
+            assert not set(seq[train]) & set(seq[held])  # every sequence on one side only
+            assert set(seq[train]) and set(seq[held])
+            # train reaches round(F x T) and overshoots by less than the sequence that reached it
+            target = round(fraction * total)
+            assert target <= len(train) < target + sizes.max()
+            again, _ = split_sequences(seq, fraction, seed)
+            np.testing.assert_array_equal(train, again)  # deterministic per seed
+    draws = {tuple(split_sequences(seq, 0.5, s)[0]) for s in range(5)}
+    assert len(draws) > 1  # the seed changes the draw
+
+
+def test_split_sequences_edges_and_refusals() -> None:
+    two = np.array([5, 5, 5, 5, 5, 5, 5, 5, 9, 9])  # one sequence covers the whole fraction
+    for fraction in (0.01, 0.99):
+        train, held = split_sequences(two, fraction, 0)
+        assert len(set(two[train])) == 1 and len(set(two[held])) == 1  # one sequence each side at F < 1
+    train, held = split_sequences(two, 1.0, 0)
+    assert len(train) == 10 and len(held) == 0
+    train, held = split_sequences(np.zeros(6, dtype=np.int64), 0.5, 0)
+    assert len(train) == 6 and len(held) == 0  # one sequence: train whole
+    with pytest.raises(TraceError, match=r"train fraction must be in \(0, 1\]"):
+        split_sequences(two, 0.0, 0)
+    ids = np.zeros((10, 2, 1), dtype=np.int64)
+    with pytest.raises(TraceError, match="^t.npz: a split by sequence needs the trace's sequence_ids, and it has none"):
+        split_trace(make_trace(ids, num_experts=2), 0.5, 0, "sequence", "t.npz")
+    with pytest.raises(TraceError, match="^t.npz: a split by sequence needs two or more sequences, the trace holds 1$"):
+        split_trace(make_trace(ids, num_experts=2, sequence_ids=np.ones(10, dtype=np.int64)), 0.5, 0, "sequence",
+                    "t.npz")
+    with pytest.raises(TraceError, match="split by must be one of token, sequence, got 'text'"):
+        split_trace(make_trace(ids, num_experts=2), 0.5, 0, "text")
+    token = split_trace(make_trace(ids, num_experts=2), 0.5, 3)  # by token: split_tokens as before
+    np.testing.assert_array_equal(token[0], split_tokens(10, 0.5, 3)[0])
 
 
 def test_loads_round_trip_and_from_trace(tmp_path: Path, small_trace) -> None:
@@ -605,6 +650,9 @@ def _placement_doc(**changes: object) -> dict:
     (_placement_doc(split={"train_fraction": 0, "seed": 0}), r"'split' must hold train_fraction in \(0, 1\]"),
     (_placement_doc(split={"train_fraction": 1.5, "seed": 0}), r"'split' must hold train_fraction in \(0, 1\]"),
     (_placement_doc(split={"train_fraction": 0.5, "seed": -1}), "an integer seed >= 0"),
+    (_placement_doc(split={"train_fraction": 0.5, "seed": 0, "by": "text"}),
+     r"p.json: 'split' by must be one of 'token', 'sequence', got 'text'$"),
+    (_placement_doc(split={"train_fraction": 0.5, "seed": 0, "by": None}), "'split' by must be one of"),
     (_placement_doc(num_gpus=0), "p.json: num_gpus must be a positive integer, got 0$"),
     (_placement_doc(num_layers=0, expert_to_gpu=[]), "p.json: num_layers must be a positive integer, got 0$"),
     (_placement_doc(num_layers=(1 << 31) + 1), "p.json: num_layers must be a positive integer, got 2147483649$"),
@@ -618,7 +666,8 @@ def test_placement_json_shapes_are_one_error(tmp_path: Path, doc: object, messag
 
 
 def test_placement_json_keeps_split_edges_unknown_keys_and_huge_loads(tmp_path: Path) -> None:
-    for split in ({"train_fraction": 1, "seed": 0}, {"train_fraction": 1e-9, "seed": 7}):  # (0, 1], seed >= 0
+    for split in ({"train_fraction": 1, "seed": 0}, {"train_fraction": 1e-9, "seed": 7},  # (0, 1], seed >= 0
+                  {"train_fraction": 0.5, "seed": 0, "by": "sequence"}, {"train_fraction": 0.5, "seed": 0, "by": "token"}):
         (tmp_path / "p.json").write_text(json.dumps(_placement_doc(split=split)))
         assert load_placement(tmp_path / "p.json").split == split
     # keys another tool added travel through load and save unchanged; known keys are not duplicated

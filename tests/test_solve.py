@@ -30,7 +30,7 @@ from moeplace.solve.solver import (
     solve_placement, solve_traffic,
 )
 from moeplace.solve.synthetic import planted_trace
-from moeplace.trace.format import Trace, load_trace, make_trace, save_trace, split_tokens
+from moeplace.trace.format import Trace, load_trace, make_trace, save_trace, split_sequences, split_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -238,6 +238,24 @@ def test_beats_the_plain_heuristic_on_held_out_synthetic_tokens():
     ours, theirs, base = (evaluate(Placement(x, 8, 8), held) for x in (p.expert_to_gpu, plain, contiguous(8, 64, 8)))
     for metric in ("cross_gpu_top1", "dest_gpus_topk"):
         assert ours[metric] < theirs[metric] - 0.02 * base[metric]
+
+
+def test_split_by_sequence_fits_whole_sequences_and_records_it():
+    planted, _ = planted_trace(300, 3, 8, 2, 4, seed=2)
+    seq = np.arange(300) // 15  # 20 sequences of 15 tokens
+    trace = make_trace(planted.topk_ids, planted.topk_weights, 8, sequence_ids=seq)
+    p = solve_placement(trace, 4, time_limit=5, seed=3, train_fraction=0.5, split_by="sequence")
+    assert p.split == {"train_fraction": 0.5, "seed": 3, "by": "sequence"}
+    train, held = split_sequences(seq, 0.5, 3)
+    assert not set(seq[train]) & set(seq[held]) and len(train) == 150  # 10 whole sequences reach 150 exactly
+    np.testing.assert_array_equal(p.fit_loads, trace.select_tokens(train).expert_loads())
+    assert p.metrics["held_out"]["placement"] == evaluate(p, trace.select_tokens(held))
+    # at fraction 1 nothing is held out, whatever the split would keep whole
+    assert solve_placement(trace, 4, time_limit=5, train_fraction=1.0, split_by="sequence").split is None
+    with pytest.raises(MoeplaceError, match="split_by must be one of token, sequence, got 'text'"):
+        solve_placement(trace, 4, time_limit=5, train_fraction=0.5, split_by="text")
+    with pytest.raises(MoeplaceError, match="trace: a split by sequence needs the trace's sequence_ids"):
+        solve_placement(planted, 4, time_limit=5, train_fraction=0.5, split_by="sequence")
 
 
 def test_deterministic_per_seed_and_balanced():

@@ -11,7 +11,9 @@ A JSON file:
     replicas       [L] lists of [expert, gpu]: extra copies (redundant experts); [] when none
     objective, solver, bound, gap, metrics, trace_sha256, trace_routing_sha256, trace_model, split:
                    how it was made (informative; eval finds the fit trace by either sha256 to hold
-                   out its split, and notes a trace of another model_type or MoE layers)
+                   out its split, and notes a trace of another model_type or MoE layers);
+                   split is {train_fraction, seed} and, for whole sequences held out
+                   (solve --split-by sequence), by: "sequence" (absent or "token": a token split)
     fit_paths      a fixed-size sketch of the fit tokens' routing paths (trace/paths.py): eval
                    says what share of another trace's tokens repeat them (null when unknown)
     fit_loads      [L][E] token-expert selections per expert of the fit tokens (or the fit load
@@ -34,6 +36,7 @@ import numpy as np
 
 from moeplace.errors import PlacementError
 from moeplace.io import read_json, write_json_atomic
+from moeplace.trace.format import SPLIT_BY
 from moeplace.trace.paths import sketch_problem
 
 PLACEMENT_FORMAT = "moeplace.placement/v1"
@@ -58,7 +61,7 @@ class Placement:
     trace_sha256: str | None = None
     trace_routing_sha256: str | None = None  # Trace.routing_sha256: the fit trace in any file
     trace_model: dict[str, Any] | None = None  # Trace.model_identity of the fit trace
-    split: dict[str, Any] | None = None  # {"train_fraction": f, "seed": s} when fitted on a split
+    split: dict[str, Any] | None = None  # {"train_fraction": f, "seed": s[, "by": "sequence"]} when fitted on a split
     fit_paths: dict[str, Any] | None = None  # trace/paths.py sketch of the fit tokens' routing paths
     fit_loads: np.ndarray | None = None  # float64 [L, E] expert loads of the fit tokens
     extra: dict[str, Any] = field(default_factory=dict)  # other keys, kept on round-trip
@@ -292,6 +295,8 @@ def placement_from_json(doc: Any, name: str = "placement") -> Placement:
             and _is_int(split.get("seed")) and split["seed"] >= 0):
         raise PlacementError(f"{name}: 'split' must hold train_fraction in (0, 1] and an integer seed >= 0, "
                              f"got {split!r}")
+    if split is not None and split.get("by", "token") not in SPLIT_BY:  # eval must re-draw the same held-out part
+        raise PlacementError(f"{name}: 'split' by must be one of {', '.join(map(repr, SPLIT_BY))}, got {split['by']!r}")
     for key in ("objective", "solver", "metrics", "trace_model"):  # objects as solve writes them; eval reads solver.get(...)
         if not isinstance(doc.get(key, {}), (dict, type(None))):
             raise PlacementError(f"{name}: '{key}' must be a JSON object or null, got {_json_kind(doc[key])}")

@@ -119,7 +119,9 @@ def curve_splits(trace: Trace, num_splits: int, seed: int) -> list[CurveSplit]:
             rank = np.empty(len(ids), dtype=np.int64)
             rank[rng.permutation(len(ids))] = np.arange(len(ids))
             order = np.lexsort((np.arange(num_tokens), rank[inverse]))  # sequence by sequence, in trace order
-            # whole sequences until the target: the test set ends where a sequence ends
+            # whole sequences until the target: the test set ends where a sequence ends. Not
+            # trace.format.split_sequences: this order also ranks the training pool (nested sets),
+            # the test set comes first and is seeded by (seed, s), so sharing it would move every curve
             ends = np.flatnonzero(np.diff(rank[inverse][order], append=len(ids)) != 0) + 1
             cut = int(ends[min(int(np.searchsorted(ends, target)), len(ends) - 1)])
         else:

@@ -51,6 +51,8 @@ def split_halves(trace: Trace, seed: int) -> tuple[Trace, Trace, dict[str, Any]]
 
     Splitting by sequence keeps a sequence's tokens together, so the halves do not share
     context (neighbouring tokens of one text route alike and would flatter the stability).
+    Half of the sequences each, not trace.format.split_sequences' half of the tokens: that rule
+    would move the halves of every report already written (and the shipped stability figures).
     """
     seq_ids = trace.sequence_ids
     seqs = None if seq_ids is None else np.unique(seq_ids)

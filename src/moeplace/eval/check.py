@@ -208,7 +208,7 @@ def check_json(r: CheckRun) -> dict[str, Any]:
     if r.report is None:
         return {**out, "error": r.error}
     t = r.report.get("tokens")
-    out["tokens"] = None if t is None else {k: t[k] for k in ("subset", "evaluated", "total", "note")}
+    out["tokens"] = None if t is None else {k: t[k] for k in ("subset", "evaluated", "total", "split_by", "note") if k in t}
     if t is None:
         out["loads"] = {"total": r.report["loads"]["total"], "note": r.report["loads"]["note"]}
     out["thresholds"] = [{"threshold": v.key, "metric": v.what, "limit": v.limit, "value": v.value,

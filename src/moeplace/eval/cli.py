@@ -262,7 +262,8 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
     than the placement's (trace meta) is evaluated with a warning.
     Tokens: when PLACEMENT was fitted on a split of this very trace (the same file, or the same
     routing in another file: a copy, a re-import, a re-save with other meta), only the
-    held-out tokens are evaluated (--all-tokens: all); any other trace is evaluated whole.
+    held-out tokens are evaluated (--all-tokens: all), re-drawn with its seeded split: by token, or
+    whole held-out sequences for `solve --split-by sequence`; any other trace is evaluated whole.
     Baselines, on the same GPUs and tokens: contiguous, round_robin, random (the solve's seed) and
     greedy_load (load balancing fitted on the tokens the placement was fitted on); with replicas
     also eplb (DeepSeek's EPLB with as many redundant experts), and a `copies` column.

@@ -5,6 +5,7 @@ The report is a plain dict (what `--json` prints):
     placement, trace                     paths as given
     num_layers, num_experts, top_k, num_gpus, gpus_per_node, num_nodes
     tokens      {"subset": "held-out" | "all", "evaluated": n, "total": T, "note": why,
+                 "split_by": "token" | "sequence" (the placement's split of this trace; null: none),
                  "fit_path_share": share of the evaluated tokens whose routing path is a fit token's
                                    (exact, or estimated from the placement's fit_paths; null if unknown)}
     layouts     {name: metrics}          "placement" first, then each baseline; metrics are
@@ -43,7 +44,7 @@ from moeplace.solve.balance import expected_gpu_loads
 from moeplace.solve.baselines import all_baselines, contiguous, greedy_load
 from moeplace.solve.eplb import eplb_placement
 from moeplace.trace import paths
-from moeplace.trace.format import Trace, split_tokens
+from moeplace.trace.format import Trace, sequence_split_problem, split_trace
 
 MetricFn = Callable[[Placement, Trace], dict[str, Any]]
 
@@ -107,6 +108,7 @@ class TokenSubsets:
     fit: np.ndarray | None  # token indices the placement was fitted on; None: all, or unknown
     note: str
     fit_path_share: float | None  # share of the evaluated tokens whose routing path is a fit token's
+    split_by: str | None = None  # "token" | "sequence": how the placement's split of this trace was drawn
 
 
 def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> TokenSubsets:
@@ -131,20 +133,38 @@ def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> Token
         return TokenSubsets(None, None, "all tokens: in-sample, the placement was fitted on all of them "
                                         "(solve --train-fraction holds some out)", 1.0)
     fraction, seed = split["train_fraction"], split["seed"]  # checked when the placement was loaded
-    train, held = split_tokens(trace.num_tokens, fraction, seed)
+    by = split.get("by", "token")  # placements before --split-by: a token split
+    if by == "sequence" and sequence_split_problem(trace):
+        # the same routing without its sequence ids (an ExFlow .npy, some imports): the held-out
+        # sequences cannot be re-drawn; the fit loads still give the load baselines with --all-tokens
+        if all_tokens:
+            return TokenSubsets(None, None, "all tokens (--all-tokens); the placement was fitted on whole sequences "
+                                            "of this routing, which this file cannot name (no sequence ids)", None, by)
+        lacks = "has no sequence_ids" if trace.sequence_ids is None else "holds one sequence"
+        raise MoeplaceError(f"the placement was fitted on a split by sequence of this trace's routing, and this file "
+                            f"{lacks}: its held-out sequences cannot be re-drawn; evaluate the trace file it was "
+                            "fitted on, or use --all-tokens")
+    train, held = split_trace(trace, fraction, seed, by)
     evaluated = None if all_tokens or len(held) == 0 else held
     hashes = paths.path_hashes(trace.topk_ids)  # [T]: the fit tokens are known, so the share is exact
     scored = hashes if evaluated is None else hashes[evaluated]
     share = float(np.isin(scored, hashes[train]).mean()) if len(scored) else None
     if all_tokens:
-        return TokenSubsets(None, train, f"all tokens (--all-tokens), {len(train)} of them seen by the solver", share)
+        return TokenSubsets(None, train, f"all tokens (--all-tokens), {len(train)} of them seen by the solver", share,
+                            by)
     if len(held) == 0:
         return TokenSubsets(None, train, f"all tokens: in-sample (train_fraction {fraction} leaves none held out)",
-                            share)
+                            share, by)
+    if by == "sequence":
+        assert trace.sequence_ids is not None  # sequence_split_problem said so
+        count = len(np.unique(trace.sequence_ids[held]))
+        return TokenSubsets(held, train, (
+            f"held-out sequences, {count} of them, not seen by the solver (split by sequence, train_fraction "
+            f"{fraction}, seed {seed}); --all-tokens to use every token"), share, by)
     return TokenSubsets(held, train, (
         f"held-out tokens, not seen by the solver (split train_fraction {fraction}, seed {seed}); "
         "--all-tokens to use every token"
-    ), share)
+    ), share, by)
 
 
 def eplb_baseline(loads: np.ndarray, placement: Placement, num_groups: Any = 1) -> tuple[Placement | None, str]:
@@ -259,6 +279,7 @@ def build_report(
             "evaluated": evaluated.num_tokens,
             "total": trace.num_tokens,
             "fit_path_share": subsets.fit_path_share,
+            "split_by": subsets.split_by,
             "note": note,
         },
         "layouts": metrics,
@@ -461,7 +482,8 @@ def in_short(report: dict[str, Any]) -> str:
     if not said:
         return ""
     tokens = report.get("tokens")
-    on = ("these loads" if tokens is None else f"the {tokens['evaluated']} held-out tokens"
+    held_out = "tokens of held-out sequences" if tokens and tokens.get("split_by") == "sequence" else "held-out tokens"
+    on = ("these loads" if tokens is None else f"the {tokens['evaluated']} {held_out}"
           if tokens["subset"] == "held-out" else f"{tokens['evaluated']} tokens the placement was fitted on"
           if "in-sample" in tokens["note"] else f"{tokens['evaluated']} tokens")
     return f"against contiguous on {on}: " + "; ".join(said)

@@ -43,6 +43,12 @@ def _objective_names() -> list[str]:
 @click.option("--train-fraction", type=FiniteFloat(0.0, 1.0, min_open=True), default=1.0, show_default=True,
               help="Fit on this seeded random fraction of the tokens; metrics also on the rest (held out). "
                    "Warns when either part has fewer tokens than experts per layer.")
+@click.option("--split-by", type=click.Choice(["token", "sequence"]), default="token", show_default=True,
+              help="With --train-fraction: hold out random tokens (token), or whole sequences, fitting on whole "
+                   "sequences until the fit tokens reach the fraction (sequence: needs the trace's sequence_ids and "
+                   "two or more sequences). Tokens of one text route alike, so a token split shares texts between "
+                   "the parts and flatters the held-out figure on long sequences; sequence gives it on unseen text. "
+                   "eval and check re-draw the same held-out part.")
 @click.option("--node-cost", type=FiniteFloat(1.0, MAX_WEIGHT), default=2.0, show_default=True,
               help="traffic: cost of a cross-node move relative to a cross-GPU move inside a node (>= 1: a move across "
                    "nodes is never cheaper than one inside a node).")
@@ -110,7 +116,7 @@ def _objective_names() -> list[str]:
 @click.option("--output", "-o", type=OUTPUT_FILE, required=True, help="Placement JSON to write.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary on stdout, no progress on stderr.")
 def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str | None, time_limit: float, seed: int,
-          train_fraction: float, node_cost: float, top1_weight: float, coselect_weight: float | None,
+          train_fraction: float, split_by: str, node_cost: float, top1_weight: float, coselect_weight: float | None,
           smoothing: float | None, prior: float | None, max_imbalance: float | None, from_path: Path | None,
           move_cost: float | None, max_moves: int | None, cluster: Path | None, model_config: Path | None, compute_weight: float,
           redundant_experts: int, max_experts_per_gpu: int | None, max_experts_per_gpu_total: int | None, pareto: bool,
@@ -135,6 +141,8 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     Example:
       moeplace solve traces/flame-moe-290m-decoder.npz --gpus 8 --gpus-per-node 4 \\
           --train-fraction 0.5 --seed 0 -o placement.json
+      # hold out whole sequences (texts the solver never saw), not random tokens
+      moeplace solve trace.npz --gpus 4 --train-fraction 0.5 --split-by sequence -o placement.json
       # loads only (mixtral-loads.npz: the `moeplace import loads-json --help` example)
       moeplace solve mixtral-loads.npz --gpus 4 --redundant-experts 4 -o placement.json   # objective balance
       moeplace solve traces/flame-moe-290m-decoder.npz --gpus 16 --gpus-per-node 8 --objective latency \\
@@ -151,7 +159,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     from moeplace.placement import load_placement
     from moeplace.solve.costmodel import checkpoint_dir
     from moeplace.solve.solver import solve_placement
-    from moeplace.trace.format import is_load_only, load_trace
+    from moeplace.trace.format import is_load_only, load_trace, median_sequence_tokens, sequence_split_problem
 
     # before the solve, not after it; -o CKPT/config.json would replace the checkpoint's config
     check_output(output, "-o", [trace_path, from_path, cluster, model_config],
@@ -212,17 +220,22 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     if load_only:
         if objective != "balance":
             raise MoeplaceError(f"{trace_path} holds expert loads only (no token paths): use --objective balance")
-        if given_options(ctx, ["train_fraction"]):
-            raise MoeplaceError(f"--train-fraction: {trace_path} holds expert loads only, no tokens to split")
+        if given := given_options(ctx, ["train_fraction", "split_by"]):
+            raise MoeplaceError(f"{given[0]}: {trace_path} holds expert loads only, no tokens to split")
         return _solve_loads(trace_path, gpus, gpus_per_node, redundant_experts, max_experts_per_gpu,
                             max_experts_per_gpu_total, time_limit, output, quiet, implied=loads_imply,
                             current=current, from_path=from_path, max_moves=max_moves)
+    if split_by == "sequence" and train_fraction >= 1.0:
+        raise MoeplaceError("--split-by sequence says which tokens --train-fraction holds out: add --train-fraction "
+                            "F < 1 (e.g. 0.5)")
     trace = load_trace(trace_path)
     if trace.meta.get("source") == "exflow-npy":  # the placement's expert count comes from the ids alone
         warn(f"{trace_path}: an ExFlow .npy records no expert count: {trace.num_experts} assumed (its largest id + 1); "
              f"if the model has more, `moeplace import exflow {trace_path} --num-experts N -o TRACE.npz` records it")
+    if split_by == "sequence" and (problem := sequence_split_problem(trace, str(trace_path))):
+        raise MoeplaceError(f"--split-by sequence: {problem}; use --split-by token")
     if train_fraction < 1.0:
-        warn_small_split(trace.num_tokens, trace.num_experts, train_fraction, seed)
+        warn_small_split(trace, train_fraction, seed, split_by)
     options: dict[str, Any] = {}
     if objective == "traffic":
         options = dict(node_cost=node_cost, top1_weight=top1_weight, coselect_weight=coselect_weight,
@@ -248,10 +261,12 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         if objective != "latency":
             raise MoeplaceError("--pareto sweeps the latency objective's --compute-weight: add --objective latency"
                                 + ("" if cluster is not None else " --cluster CONFIG.yaml (see configs/cluster/)"))
-        placement = pareto_front(trace, gpus, gpus_per_node, time_limit, seed, train_fraction, options, not quiet)
+        placement = pareto_front(trace, gpus, gpus_per_node, time_limit, seed, train_fraction, options, not quiet,
+                                 split_by=split_by)
     else:
         placement = solve_placement(trace, gpus, gpus_per_node, time_limit, seed, objective=objective,
-                                    train_fraction=train_fraction, progress=not quiet, current=current,
+                                    train_fraction=train_fraction, split_by=split_by, progress=not quiet,
+                                    current=current,
                                     current_path=None if from_path is None else str(from_path), **options)
     if implied and not quiet:  # after the solve: an input error before it stays one line
         click.echo("moeplace solve: note: --cluster given: solved --objective latency (predicted MoE time; "
@@ -263,7 +278,8 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         warn(f"--max-imbalance {max_imbalance:g}: {len(above)} MoE layer{'s' if len(above) > 1 else ''} ({above}) "
              f"stay{'' if len(above) > 1 else 's'} above it on the fit tokens ({cap_remedy(placement.objective)})")
     if not quiet:
-        click.echo(summary(placement, trace_path.name, str(trace_path), str(output)))
+        click.echo(summary(placement, trace_path.name, str(trace_path), str(output),
+                           median_sequence=median_sequence_tokens(trace)))
         if pareto:
             click.echo("\n" + render_front(placement.solver["pareto"]))
         click.echo(f"\nwrote {output}")
@@ -310,16 +326,17 @@ def warn_other_model(cost: CostModel, trace: Any, trace_path: Path) -> None:
         warn(line)
 
 
-def warn_small_split(num_tokens: int, num_experts: int, train_fraction: float, seed: int) -> None:
+def warn_small_split(trace: Any, train_fraction: float, seed: int, split_by: str = "token") -> None:
     """One line on stderr when --train-fraction leaves a part with fewer tokens T than experts E
     per layer. Then at least E - T experts of every layer are no token's top-1 in that part and at
     most T of a layer pair's E x E top-1 transitions are seen: a fit places most experts without
     evidence, and held-out metrics describe a handful of experts, not the placement. (`eval` scores
     a small held-out part as it is, the count in its tokens line; an empty one falls back to all
     tokens, in-sample, and says so.)"""
-    from moeplace.trace.format import split_tokens
+    from moeplace.trace.format import split_trace
 
-    train, held = split_tokens(num_tokens, train_fraction, seed)
+    num_tokens, num_experts = trace.num_tokens, trace.num_experts
+    train, held = split_trace(trace, train_fraction, seed, split_by)
     few = [what for what, part in (("a reliable fit", train), ("reliable held-out metrics", held)) if len(part) < num_experts]
     if few:
         warn(f"--train-fraction {train_fraction:g} fits on {len(train)} and holds out {len(held)} of {num_tokens} "
@@ -413,28 +430,30 @@ PARETO_WEIGHTS = (0.0, 1.0, 4.0, 16.0, 64.0)
 
 
 def pareto_front(trace: Any, gpus: int, gpus_per_node: int | None, time_limit: float, seed: int,
-                 train_fraction: float, options: dict[str, Any], progress: bool = True) -> Placement:
+                 train_fraction: float, options: dict[str, Any], progress: bool = True,
+                 split_by: str = "token") -> Placement:
     """Solve `latency` at each compute weight, each in an equal share of the time limit; the
     weight-1 placement, its solver["pareto"] holding one row per weight: predicted compute and
     communication (held-out tokens when there is a split), cross-GPU top-1, imbalance, and
     whether the time limit cut that solve."""
     from moeplace.solve.costmodel import load_cost_model, predict
     from moeplace.solve.solver import solve_placement
-    from moeplace.trace.format import split_tokens
+    from moeplace.trace.format import split_trace
 
     cost = options.get("cost") or (load_cost_model(options["cluster"], options["model_config"])
                                    if options.get("cluster") else None)
     if cost is None:
         from moeplace.errors import MoeplaceError
         raise MoeplaceError("--pareto needs --cluster CONFIG.yaml")
-    _, held = split_tokens(trace.num_tokens, train_fraction, seed)
-    sub = trace.select_tokens(held) if train_fraction < 1.0 and len(held) else trace
+    held = split_trace(trace, train_fraction, seed, split_by)[1] if train_fraction < 1.0 else None
+    sub = trace.select_tokens(held) if held is not None and len(held) else trace
     part = "held_out" if sub is not trace else "train"
     opts = {k: v for k, v in options.items() if k not in ("cluster", "model_config", "compute_weight", "cost")}
     rows, chosen = [], None
     for w in PARETO_WEIGHTS:
         p = solve_placement(trace, gpus, gpus_per_node, time_limit / len(PARETO_WEIGHTS), seed, objective="latency",
-                            train_fraction=train_fraction, progress=progress, cost=cost, compute_weight=w, **opts)
+                            train_fraction=train_fraction, split_by=split_by, progress=progress, cost=cost,
+                            compute_weight=w, **opts)
         t = predict(cost, p, sub)
         m = p.metrics[part]["placement"]
         rows.append({"compute_weight": w, "compute_us": float(t.compute_us.sum()),

@@ -60,7 +60,7 @@ from moeplace.solve.heuristics import (
 )
 from moeplace.solve.migrate import best_relabeling, check_current, move_unit, moves, record, relabel
 from moeplace.trace import paths
-from moeplace.trace.format import Trace, split_tokens
+from moeplace.trace.format import SPLIT_BY, Trace, split_trace
 
 EXACT_MAX_VARS = 1_500  # window_size of the whole model below which the exact ILP is tried
 LAYER_ILP_MAX_VARS = 3_000  # window_size of one layer below which it is re-solved by ILP
@@ -780,6 +780,7 @@ def solve_placement(
     *,
     objective: str = "traffic",
     train_fraction: float = 1.0,
+    split_by: str = "token",
     progress: bool = False,
     current: Placement | None = None,
     current_path: str | None = None,
@@ -789,7 +790,9 @@ def solve_placement(
     default all on one node), and report metrics of it and of every baseline.
 
     With train_fraction < 1 the objective sees only a seeded random split of the tokens
-    (split_tokens(T, train_fraction, seed)); metrics["held_out"] replays the rest.
+    (split_tokens(T, train_fraction, seed)), or with split_by="sequence" a seeded split of whole
+    sequences (split_sequences; the trace needs sequence_ids and two or more sequences);
+    metrics["held_out"] replays the rest.
     `options` go to the objective (e.g. node_cost, restarts for `traffic`).
 
     `current` (--from; read from `current_path`, recorded with its sha256): the deployed placement
@@ -829,7 +832,10 @@ def solve_placement(
             options = {**options, "current": current.expert_to_gpu}
         if objective == "balance" and options.get("max_moves") is not None:
             options = {**options, "current": current}
-    train_idx, held_idx = split_tokens(trace.num_tokens, train_fraction, seed)
+    if split_by not in SPLIT_BY:
+        raise MoeplaceError(f"split_by must be one of {', '.join(SPLIT_BY)}, got {split_by!r}")
+    # every token is fitted at fraction 1, whatever the split would keep whole
+    train_idx, held_idx = split_trace(trace, train_fraction, seed, split_by if train_fraction < 1.0 else "token")
     fit = trace.select_tokens(train_idx) if train_fraction < 1.0 else trace
     held = trace.select_tokens(held_idx) if len(held_idx) else None
 
@@ -851,7 +857,7 @@ def solve_placement(
         trace_sha256=trace.sha256 or None,
         trace_routing_sha256=trace.routing_sha256(),
         trace_model=trace.model_identity(),
-        split={"train_fraction": train_fraction, "seed": seed} if train_fraction < 1.0 else None,
+        split=split_record(train_fraction, seed, split_by),
         fit_paths=paths.sketch(fit.topk_ids),
         fit_loads=fit_loads,
         extra={} if migration is None else {"migration": migration},
@@ -867,6 +873,14 @@ def solve_placement(
     if objective == "latency":
         add_predicted_times(placement, baselines, parts, options, outcome.starts)
     return placement
+
+
+def split_record(train_fraction: float, seed: int, split_by: str) -> dict[str, Any] | None:
+    """The placement's split: None when fitted on every token; "by" only for a sequence split, so
+    a token split reads as before this option (and as placements written before it)."""
+    if train_fraction >= 1.0:
+        return None
+    return {"train_fraction": train_fraction, "seed": seed} | ({"by": "sequence"} if split_by == "sequence" else {})
 
 
 def relabel_outcome(outcome: SolveOutcome, current: Placement, gpus_per_node: int, fit: Trace,

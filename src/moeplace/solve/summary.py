@@ -18,14 +18,19 @@ if TYPE_CHECKING:
 METRICS = ("cross_gpu_top1", "cross_node_top1", "dest_gpus_topk", "imbalance_max")
 
 
-def summary(placement: Placement, trace_name: str, trace_path: str | None = None, output: str | None = None) -> str:
+def summary(placement: Placement, trace_name: str, trace_path: str | None = None, output: str | None = None,
+            median_sequence: float | None = None) -> str:
     """Human summary: the placement vs every baseline, on train and held-out tokens.
-    trace_path, output: as given on the command line, for the command the load note suggests."""
+    trace_path, output: as given on the command line, for the command the load note suggests;
+    median_sequence: the trace's median tokens per sequence (None: no sequence ids), for the note
+    that a token split of long sequences flatters the held-out figure."""
     s, o = placement.solver, placement.objective
     lines = [f"moeplace solve: {trace_name} -> {placement.num_gpus} GPUs "
              f"({placement.num_nodes} node{'s' if placement.num_nodes > 1 else ''} x {placement.gpus_per_node})"]
+    by_sequence = placement.split is not None and placement.split.get("by") == "sequence"
     if placement.split:
-        lines.append(f"fitted on a {placement.split['train_fraction']:g} split of the tokens (seed {placement.split['seed']})")
+        what = "whole sequences" if by_sequence else "the tokens"
+        lines.append(f"fitted on a {placement.split['train_fraction']:g} split of {what} (seed {placement.split['seed']})")
     gap = "unknown" if placement.gap is None else f"{placement.gap:.1%}"
     # a time as the tables below print it (48.5 us, not 48.4655); a weighted count to 6 digits
     fmt = ".1f" if str(o.get("name", "")).startswith("latency") else ".6g"
@@ -45,10 +50,15 @@ def summary(placement: Placement, trace_name: str, trace_path: str | None = None
     lines.extend(cap_line(placement))
     lines.extend(migration_lines(placement))
     columns = summary_columns(placement.num_nodes)
+    titles = {part: (f"held-out sequences ({results['placement']['tokens']} tokens):"
+                     if by_sequence and part == "held_out" else
+                     f"{part.replace('_', '-')} tokens ({results['placement']['tokens']}):")
+              for part, results in placement.metrics.items()}
+    width = max([26, *(len(t) + 1 for t in titles.values())])  # one label column for every table
     for part, results in placement.metrics.items():
         base = results.get("contiguous", {})
         lines.append("")
-        lines.append(f"{part.replace('_', '-')} tokens ({results['placement']['tokens']}):".ljust(26)
+        lines.append(titles[part].ljust(width)
                      + "".join(c.label.rjust(20) for c in columns))
         for name, m in results.items():  # rows and ratios as `moeplace eval` prints them
             cells = []
@@ -56,12 +66,27 @@ def summary(placement: Placement, trace_name: str, trace_path: str | None = None
                 key = c.key
                 ratio = f" ({m[key] / base[key]:.2f}x)" if base.get(key) else ""
                 cells.append(f"{format(m[key], c.fmt)}{ratio}".rjust(20))
-            lines.append(f"  {name}".ljust(26) + "".join(cells))
+            lines.append(f"  {name}".ljust(width) + "".join(cells))
     if placement.metrics:
         lines.append("  (x: ratio to contiguous, the default layout of Megatron, DeepSpeed, vLLM and SGLang; lower is better)")
+    lines.extend(_shared_sequences_note(placement, median_sequence))
     lines.extend(_time_table(placement))
     lines.extend(_load_note(placement, trace_path or trace_name, output))
     return "\n".join(lines)
+
+
+def _shared_sequences_note(placement: Placement, median_sequence: float | None) -> list[str]:
+    """A note under the tables when the held-out tokens were drawn token by token from sequences
+    of SHARED_SEQUENCE or more tokens (median): neighbouring tokens of one text route alike, so
+    the held-out figure is partly in-sample (FLAME, 10-token sequences: docs/eval.md)."""
+    from moeplace.trace.format import SHARED_SEQUENCE
+
+    split = placement.split
+    if (not split or split.get("by", "token") != "token" or "held_out" not in placement.metrics
+            or median_sequence is None or median_sequence < SHARED_SEQUENCE):
+        return []
+    return [f"  note: the held-out tokens share sequences with the fit ones (median {median_sequence:g} tokens per "
+            "sequence); --split-by sequence gives the figure on unseen text"]
 
 
 def summary_columns(num_nodes: int) -> list[Column]:
@@ -262,6 +287,8 @@ def latency_command(placement: Placement, trace_path: str, output: str | None = 
         args.append(f"--gpus-per-node {placement.gpus_per_node}")
     if placement.split:
         args.append(f"--train-fraction {placement.split['train_fraction']:g}")
+        if placement.split.get("by") == "sequence":
+            args.append("--split-by sequence")
     if placement.solver.get("seed"):
         args.append(f"--seed {placement.solver['seed']}")
     args += ["--objective latency", f"--cluster {quote(cluster)}", f"--model-config {quote(model_config)}", f"-o {quote(out)}"]

@@ -169,6 +169,69 @@ def split_tokens(num_tokens: int, train_fraction: float, seed: int) -> tuple[np.
     return np.sort(perm[:n_train]), np.sort(perm[n_train:])
 
 
+SPLIT_BY = ("token", "sequence")  # solve --split-by; a placement's split["by"] (absent: token)
+# median tokens per sequence from which a token split puts parts of one text on both sides
+# (solve's note): measured flattering on FLAME's 10-token sequences too (docs/eval.md)
+SHARED_SEQUENCE = 2
+
+
+def split_sequences(sequence_ids: np.ndarray, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of token indices into (train, held_out), both sorted, keeping sequences whole.
+
+    sequence_ids int [T]. The distinct ids are put in a seeded random order; train takes whole
+    sequences in that order until its tokens first reach n = max(1, round(train_fraction x T)),
+    split_tokens' count (the sequence that reaches it is in train, so train's token share is at
+    most one sequence above the fraction, never below it). With two or more sequences and a
+    fraction below 1, at least one sequence is on each side; one sequence goes to train whole.
+    """
+    if not 0.0 < train_fraction <= 1.0:
+        raise TraceError(f"train fraction must be in (0, 1], got {train_fraction}")
+    seq = np.asarray(sequence_ids)
+    ids, inverse, sizes = np.unique(seq, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)  # numpy 2.0-2.1 give it the input's shape
+    order = np.random.default_rng(seed).permutation(len(ids))  # [S] sequence indices
+    target = max(1, int(round(train_fraction * len(seq))))
+    count = int(np.searchsorted(np.cumsum(sizes[order]), target)) + 1  # first prefix reaching the target
+    if train_fraction < 1.0 and len(ids) >= 2:
+        count = min(count, len(ids) - 1)
+    in_train = np.zeros(len(ids), dtype=bool)
+    in_train[order[:count]] = True
+    mask = in_train[inverse]
+    return np.flatnonzero(mask), np.flatnonzero(~mask)
+
+
+def split_trace(trace: Trace, train_fraction: float, seed: int, by: str = "token",
+                name: str = "trace") -> tuple[np.ndarray, np.ndarray]:
+    """(train, held_out) token indices of `trace`, sorted: split_tokens, or split_sequences with
+    by="sequence", which needs sequence_ids and two or more sequences (TraceError naming `name`)."""
+    if by == "token":
+        return split_tokens(trace.num_tokens, train_fraction, seed)
+    if by != "sequence":
+        raise TraceError(f"split by must be one of {', '.join(SPLIT_BY)}, got {by!r}")
+    if problem := sequence_split_problem(trace, name):
+        raise TraceError(problem)
+    assert trace.sequence_ids is not None
+    return split_sequences(trace.sequence_ids, train_fraction, seed)
+
+
+def sequence_split_problem(trace: Trace, name: str = "trace") -> str | None:
+    """Why `trace` cannot be split by sequence (no sequence_ids, or one sequence), else None."""
+    if trace.sequence_ids is None:
+        return (f"{name}: a split by sequence needs the trace's sequence_ids, and it has none (ExFlow .npy and "
+                "some imports record none)")
+    count = len(np.unique(trace.sequence_ids))
+    if count < 2:
+        return f"{name}: a split by sequence needs two or more sequences, the trace holds {count}"
+    return None
+
+
+def median_sequence_tokens(trace: Trace) -> float | None:
+    """Median tokens per sequence, None when the trace has no sequence_ids."""
+    if trace.sequence_ids is None:
+        return None
+    return float(np.median(np.unique(trace.sequence_ids, return_counts=True)[1]))
+
+
 def validate_trace(trace: Trace, name: str = "trace") -> Trace:
     """Check shapes, dtypes and ranges; raise TraceError naming `name` and the problem."""
     ids = trace.topk_ids
