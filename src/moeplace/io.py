@@ -22,7 +22,7 @@ import tokenize
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Hashable, Iterable, Iterator
+from typing import Any, Hashable, Iterable, Iterator, Mapping
 
 try:
     import fcntl
@@ -437,10 +437,10 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
-def save_npz_atomic(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
+def save_npz_atomic(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], compress: bool = True) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object stops numpy appending '.npz' to the name
-            np.savez_compressed(f, allow_pickle=False, **arrays)  # never write object arrays
+            (np.savez_compressed if compress else np.savez)(f, allow_pickle=False, **arrays)  # never object arrays
 
 
 def json_default(obj: Any) -> Any:

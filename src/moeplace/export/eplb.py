@@ -176,8 +176,8 @@ def write_eplb(placement: Placement, path: str | Path) -> None:
     log2phy, logcnt = logical_to_physical(phy2log, placement.num_experts)
     meta = {"num_gpus": placement.num_gpus, "gpus_per_node": placement.gpus_per_node}
     if str(path).lower().endswith(".npz"):  # OUT.NPZ too: the name says the format
-        save_npz_atomic(path, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt,
-                        **{k: np.asarray(v) for k, v in meta.items()})
+        save_npz_atomic(path, {"phy2log": phy2log, "log2phy": log2phy, "logcnt": logcnt,
+                               **{k: np.asarray(v) for k, v in meta.items()}})
     else:
         write_json_atomic(path, {"phy2log": phy2log, "log2phy": log2phy, "logcnt": logcnt, **meta})
 

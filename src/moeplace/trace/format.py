@@ -449,11 +449,17 @@ def _parse_meta(raw: np.ndarray | None, p: Path) -> dict[str, Any]:
     return meta
 
 
-def save_trace(trace: Trace, path: str | Path) -> None:
-    """Write a v1 trace atomically (temp file + rename); refuses what loading would refuse."""
-    problem = weight_order_problem(validate_trace(trace, str(path)), str(path))
-    if problem:  # what moeplace writes keeps the v1 promise
-        raise TraceError(f"{problem}: a v1 trace lists each token's experts by gate weight, highest first")
+def save_trace(trace: Trace, path: str | Path, compress: bool = True, checked: bool = False) -> None:
+    """Write a v1 trace atomically (temp file + rename); refuses what loading would refuse.
+
+    compress=False stores the arrays as they are: gate weights barely compress, and a large
+    trace written often (serve's live routing, engine.RoutingLog) takes seconds instead of tens
+    of them. checked=True skips the validation, for arrays that come straight from a router's
+    top-k (distinct ids, weights highest first); load_trace still checks what it reads."""
+    if not checked:
+        problem = weight_order_problem(validate_trace(trace, str(path)), str(path))
+        if problem:  # what moeplace writes keeps the v1 promise
+            raise TraceError(f"{problem}: a v1 trace lists each token's experts by gate weight, highest first")
     arrays: dict[str, np.ndarray] = {
         "topk_ids": trace.topk_ids.astype(_id_dtype(trace.num_experts)),
         "num_experts": np.asarray(trace.num_experts, dtype=np.int64),
@@ -465,7 +471,7 @@ def save_trace(trace: Trace, path: str | Path) -> None:
         a = getattr(trace, key)
         if a is not None:
             arrays[key] = a.astype(np.int64)
-    save_npz_atomic(path, **arrays)
+    save_npz_atomic(path, arrays, compress)
 
 
 def _id_dtype(num_experts: int) -> type:
@@ -528,11 +534,10 @@ def make_loads(loads: np.ndarray, meta: dict[str, Any] | None = None, name: str 
 
 
 def save_loads(loads: ExpertLoads, path: str | Path) -> None:
-    save_npz_atomic(
-        path,
-        expert_loads=loads.loads,
-        meta=np.asarray(json.dumps({**loads.meta, "format": LOADS_FORMAT}, default=json_default)),
-    )
+    save_npz_atomic(path, {
+        "expert_loads": loads.loads,
+        "meta": np.asarray(json.dumps({**loads.meta, "format": LOADS_FORMAT}, default=json_default)),
+    })
 
 
 def is_load_only(path: str | Path) -> bool:
