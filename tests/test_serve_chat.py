@@ -89,6 +89,9 @@ def test_the_prompt_is_the_chat_template_with_the_generation_prompt(tokenizer: A
     job = parse({"messages": [{"role": "user", "content": "", "name": None}], "model": "x", "stream": False, "n": 1,
                  "logprobs": False, "response_format": {"type": "text"}, "tools": [], "user": "u"}, tokenizer)
     assert job.prompts == [list(b"<|user|>\n<|assistant|>")]
+    # OpenAI's "developer" role (its newer name for system) reaches the template as "system"
+    developer = [{"role": "developer", "content": "Be brief."}, MESSAGES[1]]
+    assert parse({"messages": developer}, tokenizer).prompts == [template_ids(tokenizer, MESSAGES)]
 
 
 def test_the_answer_is_the_completion_of_those_ids(server: int, tokenizer: Any) -> None:
@@ -162,7 +165,7 @@ def test_chat_and_completions_share_the_queue_batches_and_counters(rt: Runtime, 
     ({"messages": "hi"}, "\"messages\" must be a list of {\"role\", \"content\"} objects, got \"hi\""),
     ({"messages": []}, "\"messages\" is empty: send at least one message"),
     ({"messages": [MESSAGES[0], "hi"]}, "\"messages[1]\" must be an object with \"role\" and \"content\", got \"hi\""),
-    ({"messages": [{"content": "hi"}]}, "\"messages[0].role\": null is not supported: one of system, user, assistant"),
+    ({"messages": [{"content": "hi"}]}, "\"messages[0].role\": null is not supported: one of system, user, assistant, developer"),
     ({"messages": [MESSAGES[0], {"role": "tool", "content": "x"}]}, "\"messages[1].role\": \"tool\" is not supported"),
     ({"messages": [{"role": "User", "content": "x"}]}, "\"messages[0].role\": \"User\" is not supported"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
@@ -184,8 +187,9 @@ def test_chat_and_completions_share_the_queue_batches_and_counters(rt: Runtime, 
     ({"messages": MESSAGES, "n": 2}, "\"n\" must be 1"),
     ({"messages": MESSAGES, "top_p": 0.9}, "\"top_p\": 0.9 asks for sampling, but the temperature is 0"),
     ({"messages": MESSAGES, "temperature": 3}, "\"temperature\": 3 is not supported"),
-    ({"messages": MESSAGES, "logprobs": True}, "\"logprobs\" is not supported (chat completions): leave it out or "
-                                               "null, got true"),
+    ({"messages": MESSAGES, "logprobs": 1}, "\"logprobs\" must be true or false (chat completions; "
+                                            "\"top_logprobs\" says how many alternatives), got 1"),
+    ({"messages": MESSAGES, "top_logprobs": 2}, "\"top_logprobs\" needs \"logprobs\": true"),
     ({"messages": MESSAGES, "tools": [{"type": "function"}]}, "\"tools\" is not supported (chat completions)"),
     ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, "\"response_format\" is not supported"),
     ({"messages": MESSAGES, "stop": ["\n"]}, "\"stop\" is not supported (chat completions)")])

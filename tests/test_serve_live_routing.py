@@ -151,8 +151,11 @@ def test_served_routing_is_batch_modes(rt: Runtime, tokenizer: Any, model: Path,
         start = len(tokenizer.encode(prompt, add_special_tokens=False))
         np.testing.assert_array_equal(seq["positions"], start + np.arange(len(tokens) - 1))
         np.testing.assert_array_equal(seq["token_ids"], tokens[:-1])  # the token each decode step ran
-        for key in ("positions", "topk_ids", "topk_weights", "token_ids"):
+        for key in ("positions", "topk_ids", "token_ids"):
             np.testing.assert_array_equal(seq[key], want_seq[key])
+        # two model instances (the fixture's, the batch run's): CPU kernels may round the last
+        # float32 bit differently (seen once, 6e-8), so the weights agree to rounding, not bit for bit
+        np.testing.assert_allclose(seq["topk_weights"], want_seq["topk_weights"], rtol=1e-6, atol=1e-7)
     w = got.topk_weights
     assert w is not None and (w > 0).all() and (np.diff(w, axis=-1) <= 0).all()  # the router's, highest first
 

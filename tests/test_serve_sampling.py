@@ -3,6 +3,7 @@ seed whatever the batch, world size or mode, and the HTTP and batch front ends."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,14 +41,17 @@ def rt(model: Path, one_rank_runtime: Callable[[Path], Runtime]) -> Runtime:
 
 
 def expected_probs(logits: np.ndarray, p: Sampling) -> np.ndarray:
-    """The distribution a sampler with `p` must follow, computed independently in float64."""
+    """The distribution a sampler with `p` must follow, computed independently in float64: min_p
+    first, then top_k and top_p, top_p's mass that of the tokens min_p kept (vLLM's order)."""
     order = np.argsort(-logits, kind="stable")
     probs = np.exp((logits - logits.max()) / p.temperature)
     probs /= probs.sum()
+    allowed = probs >= p.min_p * probs.max()
+    base = probs[allowed].sum()
     keep = np.zeros_like(probs, dtype=bool)
     mass = 0.0
     for rank, token in enumerate(order):
-        if (p.top_k and rank >= p.top_k) or mass >= p.top_p:
+        if (p.top_k and rank >= p.top_k) or mass >= p.top_p * base or not allowed[token]:
             break
         keep[token] = True
         mass += probs[token]
@@ -56,7 +60,9 @@ def expected_probs(logits: np.ndarray, p: Sampling) -> np.ndarray:
 
 
 @pytest.mark.parametrize("params, by_step", [(Sampling(1.0), False), (Sampling(0.7, top_k=3), True),
-                                             (Sampling(1.3, top_p=0.8), False), (Sampling(2.0, 0.95, 4), True)])
+                                             (Sampling(1.3, top_p=0.8), False), (Sampling(2.0, 0.95, 4), True),
+                                             (Sampling(1.0, min_p=0.2), False),
+                                             (Sampling(1.5, 0.8, 0, min_p=0.1), True)])
 def test_sampled_tokens_follow_the_distribution(params: Sampling, by_step: bool) -> None:
     """4000 draws of a fixed logits vector, over seeds (or over the steps of one seed): each
     token's frequency within Z binomial standard errors of its probability; filtered-out tokens
@@ -67,7 +73,7 @@ def test_sampled_tokens_follow_the_distribution(params: Sampling, by_step: bool)
         rows = [params] * n
         steps = list(range(n))
     else:
-        rows = [Sampling(params.temperature, params.top_p, params.top_k, seed) for seed in range(n)]
+        rows = [dataclasses.replace(params, seed=seed) for seed in range(n)]
         steps = [0] * n
     drawn = sample(torch.tensor(logits, dtype=torch.float32).expand(n, -1), rows, steps)
     freq = np.bincount(drawn.numpy(), minlength=len(logits)) / n
@@ -134,9 +140,10 @@ def test_runtime_sampling_replays_and_greedy_limits(rt: Runtime) -> None:
     assert got[0] == first[0] and got[2] == first[2] and got[1] == greedy[1]
 
 
-def _rank(rank: int, world: int, port: int, model: str, jobs: list[tuple[str, list[Sampling]]], out: str) -> None:
+def _rank(rank: int, world: int, port: int, model: str, jobs: list[tuple[str, list[Sampling], int | None]],
+          out: str) -> None:
     """As `moeplace serve` runs: rank 0 broadcasts each batch and samples with its parameters;
-    rank 1 follows the commands, learning the parameters from the request's broadcast."""
+    rank 1 follows the commands, learning the parameters (and logprobs' N) from the request's broadcast."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -145,12 +152,13 @@ def _rank(rank: int, world: int, port: int, model: str, jobs: list[tuple[str, li
     from moeplace.serve.engine import run_request, send_command
 
     results = []
-    for mode, sampling in jobs:
+    for mode, sampling, logprobs in jobs:
         rt = build_runtime(model, None, mode, timeout_s=60, device="cpu")
         if rank == 0:
-            req = Request(PROMPTS, [NEW] * len(PROMPTS), ignore_eos=True, sampling=sampling)
+            req = Request(PROMPTS, [NEW] * len(PROMPTS), ignore_eos=True, sampling=sampling, logprobs=logprobs)
             send_command(rt, GENERATE, req)
-            results.append(run_request(rt, req).tokens)
+            result = run_request(rt, req)
+            results.append((result.tokens, result.logprobs))
             merged_counters(rt)
             send_command(rt, STOP)
         else:
@@ -164,10 +172,14 @@ def _rank(rank: int, world: int, port: int, model: str, jobs: list[tuple[str, li
 def test_same_seed_same_tokens_on_one_and_two_ranks_both_modes(rt: Runtime, model: Path, tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    sampling = [Sampling(1.0, seed=11), GREEDY, Sampling(1.5, 0.9, 0, 12), Sampling(0.7, 1.0, 8, -5)]
+    # min_p travels in the sampling table: a rank that lacked it would draw from more tokens
+    sampling = [Sampling(1.0, seed=11), GREEDY, Sampling(1.5, 0.9, 0, 12, 0.05), Sampling(0.7, 1.0, 8, -5)]
     want = generate(rt, PROMPTS, sampling)
     assert want[1] == generate(rt, PROMPTS, None)[1] and want != generate(rt, PROMPTS, None)
-    jobs = [("coherent", sampling), ("standard", sampling)]
+    one = rt.generate(PROMPTS, [NEW] * len(PROMPTS), ignore_eos=True, sampling=sampling, logprobs=2)
+    assert one.tokens == want and one.logprobs is not None
+    # logprobs on 2 ranks (standard only: the coherent run checks plain sampling, as before)
+    jobs = [("coherent", sampling, None), ("standard", sampling, 2)]
     ctx = mp.spawn(_rank, args=(2, free_port(), str(model), jobs, str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 240
     while not ctx.join(timeout=1):
@@ -175,7 +187,14 @@ def test_same_seed_same_tokens_on_one_and_two_ranks_both_modes(rt: Runtime, mode
             for p in ctx.processes:
                 p.kill()
             pytest.fail("2 ranks did not finish (hang)")
-    assert torch.load(tmp_path / "results.pt") == [want, want]
+    (coherent, none), (standard, logprobs) = torch.load(tmp_path / "results.pt")
+    assert coherent == want and standard == want and none is None and logprobs is not None
+    # the logits of 2 ranks add expert outputs in another order: equal to float32 rounding
+    for got, ref in zip(logprobs, one.logprobs):
+        assert len(got) == len(ref) == NEW
+        for (lp, top), (lp1, top1) in zip(got, ref):
+            assert [i for i, _ in top] == [i for i, _ in top1]
+            assert np.allclose([lp] + [v for _, v in top], [lp1] + [v for _, v in top1], atol=1e-4)
 
 
 @pytest.fixture
@@ -231,9 +250,13 @@ def test_http_samples_replays_and_reports_its_seed(rt: Runtime, server: int) -> 
     ({"top_p": 0.9}, "\"top_p\": 0.9 asks for sampling, but the temperature is 0 (the default here, unlike "
                      "OpenAI's 1): send a \"temperature\" in (0, 2] to sample, or leave top_p out"),
     ({"temperature": None, "top_k": 40}, "\"top_k\": 40 asks for sampling, but the temperature is 0"),
-    ({"temperature": 0.5, "min_p": 0.1}, "\"min_p\" is not supported (temperature, top_p and top_k are)"),
+    ({"temperature": 0.5, "min_p": 1.5}, "\"min_p\" must be a number in [0, 1], got 1.5"),
+    ({"temperature": 0.5, "min_p": -0.1}, "\"min_p\" must be a number in [0, 1], got -0.1"),
+    ({"temperature": 0.5, "min_p": True}, "\"min_p\" must be a number in [0, 1], got true"),
+    ({"min_p": 0.2}, "\"min_p\": 0.2 asks for sampling, but the temperature is 0"),
     ({"temperature": 0.5, "n": 2}, "\"n\" must be 1"),
-    ({"temperature": 0.5, "logprobs": 1}, "\"logprobs\" is not supported")])
+    ({"temperature": 0.5, "logprobs": 6}, "\"logprobs\" must be an integer in [0, 5] (the alternatives per token, "
+                                          "OpenAI's cap), got 6")])
 def test_bad_sampling_values_are_a_400_with_one_message(field: dict, message: str) -> None:
     with pytest.raises(BadRequest) as e:
         parse_completion(json.dumps({"prompt": [1, 2], **field}).encode(), None, 100, 64, 16)
@@ -248,6 +271,8 @@ def test_sampling_fields_accepted(server: int) -> None:
     assert parsed({"temperature": 1.2, "top_k": 1}) == GREEDY  # top_k 1 is the argmax
     assert parsed({"temperature": 1, "top_p": 0.5, "top_k": 0, "seed": -9}) == Sampling(1.0, 0.5, 0, -9)
     assert parsed({"temperature": 2, "top_k": 7, "seed": 1, "min_p": 0}) == Sampling(2.0, 1.0, 7, 1)
+    assert parsed({"temperature": 2, "seed": 1, "min_p": 0.25}) == Sampling(2.0, 1.0, 0, 1, 0.25)
+    assert parsed({"temperature": 2, "seed": 1, "min_p": 1}) == Sampling(2.0, seed=1, min_p=1.0)
     assert parsed({"temperature": 0.5, "top_k": -1, "seed": 1}) == Sampling(0.5, 1.0, 0, 1)
     # over the wire: a refusal is a 400 with the message, and the server goes on
     code, doc = complete(server, {"prompt": [1, 2], "temperature": 3})

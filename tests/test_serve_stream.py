@@ -292,14 +292,15 @@ def test_incremental_text_decodes_each_token_in_its_context() -> None:
 
 def test_generate_reports_each_step_and_the_router_queues_them(rt: Runtime) -> None:
     prompts = [list("Grüße".encode()), [5, 6, 7], list(b"hello")]
-    steps: list[list[tuple[int, int, bool]]] = []
+    steps: list[list[tuple[int, int, bool, Any]]] = []
     sampling = [Sampling(1.0, seed=5), GREEDY, GREEDY]
     result = rt.generate(prompts, [LIMIT, 3, LIMIT], on_step=steps.append, sampling=sampling)
     assert result.tokens == rt.generate(prompts, [LIMIT, 3, LIMIT], sampling=sampling).tokens  # the hook: no change
     got: list[list[int]] = [[], [], []]
     for step in steps:
-        assert [s for s, _, _ in step] == sorted({s for s, _, _ in step})
-        for slot, token, finished in step:
+        assert [s for s, _, _, _ in step] == sorted({s for s, _, _, _ in step})
+        for slot, token, finished, logprobs in step:
+            assert logprobs is None  # none asked for
             assert not got[slot] or got[slot][-1] not in EOS  # no token after a stop
             got[slot].append(token)
             assert finished == (len(got[slot]) == len(result.tokens[slot]))
@@ -309,10 +310,11 @@ def test_generate_reports_each_step_and_the_router_queues_them(rt: Runtime) -> N
     assert stream_router([plain]) is None
     route = stream_router([plain, streamed])
     assert route is not None
-    route([(0, 7, False), (1, 8, False), (2, 9, True)])
+    route([(0, 7, False, None), (1, 8, False, None), (2, 9, True, None)])
     streamed.gone = True
-    route([(1, 10, True)])
-    assert plain.events.empty() and [streamed.events.get_nowait() for _ in range(2)] == [(0, 8, False), (1, 9, True)]
+    route([(1, 10, True, None)])
+    assert plain.events.empty() and [streamed.events.get_nowait() for _ in range(2)] == [(0, 8, False, None),
+                                                                                          (1, 9, True, None)]
     assert streamed.events.empty()
 
 
@@ -330,7 +332,7 @@ def test_a_client_that_leaves_mid_stream_leaves_the_server_serving(
         return real_router(batch)
 
     def run(rt: Runtime, req: Any, on_step: Any = None) -> Any:
-        def step(s: list[tuple[int, int, bool]]) -> None:
+        def step(s: list[tuple[int, int, bool, Any]]) -> None:
             on_step(s)
             left.wait(30)  # the client leaves after the first token: the rest meets a closed socket
         return real_run(rt, req, step if on_step is not None and not left.is_set() else on_step)
@@ -376,7 +378,7 @@ def test_a_failure_mid_stream_is_an_error_event_and_before_it_a_503(
     def run(rt: Runtime, req: Any, on_step: Any = None) -> Any:
         taken = 0
 
-        def step(s: list[tuple[int, int, bool]]) -> None:
+        def step(s: list[tuple[int, int, bool, Any]]) -> None:
             nonlocal taken
             if taken == fail_after[0]:
                 raise RuntimeError("rank 1 died")

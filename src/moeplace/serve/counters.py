@@ -27,7 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("dispatch", "combine", "counts", "kv_sync", "tokens", "routing")
+KINDS = ("dispatch", "combine", "counts", "kv_sync", "tokens", "routing", "logprobs")
 PAYLOAD = ("dispatch", "combine")  # the Alltoalls whose bytes the placement decides
 
 

@@ -21,7 +21,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import click
 import numpy as np
@@ -30,7 +30,6 @@ import torch.distributed as dist
 
 from moeplace.errors import AlreadyReported, MoeplaceError
 from moeplace.export.permute import check_not_applied
-from moeplace.io import atomic_path, json_default
 from moeplace.options import plural
 from moeplace.placement import Placement, load_placement
 from moeplace.serve.counters import Counters
@@ -38,9 +37,9 @@ from moeplace.serve.dist import Comm, init_distributed, world_from_env
 from moeplace.serve.generate import MODES, Result, Runtime, StepCallback, decode_routing
 from moeplace.serve.model import ModelSpec, RankModel, read_spec
 from moeplace.serve.replicas import ExpertMap
-from moeplace.serve.sampling import Sampling, sampling_from_table, sampling_table
+from moeplace.serve.sampling import TABLE_WIDTH, Sampling, sampling_from_table, sampling_table
 from moeplace.solve.baselines import contiguous
-from moeplace.trace.format import TRACE_FORMAT
+from moeplace.trace.format import Trace, save_trace
 
 NOOP, GENERATE, STOP = 0, 1, 2  # commands rank 0 broadcasts
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,6 +52,9 @@ class Request:
     ignore_eos: bool = False
     record_routing: bool = False  # gather the decode routing (--routing-out: traffic checks, re-solving)
     sampling: list[Sampling] | None = None  # per prompt (serve/sampling.py); None: all greedy
+    # N >= 0: every token's log-probability and the N likeliest alternatives, for the whole
+    # batch (the largest N a request of it asked for); None: none (no collective for them)
+    logprobs: int | None = None
 
     @property
     def sampled(self) -> bool:
@@ -60,7 +62,10 @@ class Request:
 
     @property
     def flags(self) -> int:
-        return int(self.ignore_eos) | 2 * int(self.record_routing) | 4 * int(self.sampled)
+        """The header's flags: bits 0-3 ignore_eos, record_routing, sampled, logprobs; N above them."""
+        wants = self.logprobs is not None
+        return (int(self.ignore_eos) | 2 * int(self.record_routing) | 4 * int(self.sampled) | 8 * int(wants)
+                | (self.logprobs or 0) << 4)
 
 
 def check_placement(spec: ModelSpec, placement: Placement | None, world: int) -> Placement:
@@ -207,10 +212,11 @@ def receive_command(rt: Runtime) -> tuple[int, Request | None]:
     prompts = [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
     sampling = None
     if flags & 4:  # a token may be drawn on any rank (coherent mode): every rank needs every row's parameters
-        table = torch.zeros((n, 4), dtype=torch.int64, device=dev)
+        table = torch.zeros((n, TABLE_WIDTH), dtype=torch.int64, device=dev)
         dist.broadcast(table, 0)
         sampling = sampling_from_table(table.cpu())
-    return cmd, Request(prompts, max_new, bool(flags & 1), bool(flags & 2), sampling)
+    return cmd, Request(prompts, max_new, bool(flags & 1), bool(flags & 2), sampling,
+                        flags >> 4 if flags & 8 else None)
 
 
 def send_command(rt: Runtime, cmd: int, req: Request | None = None) -> None:
@@ -236,7 +242,7 @@ def run_request(rt: Runtime, req: Request, on_step: StepCallback | None = None) 
     streaming hook (Runtime.generate); it changes nothing the ranks exchange, so workers pass None."""
     rt.record_routing = req.record_routing
     return rt.generate(req.prompts, req.max_new_tokens, req.ignore_eos,
-                       sampling=req.sampling if req.sampled else None, on_step=on_step)
+                       sampling=req.sampling if req.sampled else None, on_step=on_step, logprobs=req.logprobs)
 
 
 def merged_counters(rt: Runtime) -> Counters:
@@ -361,21 +367,17 @@ class RoutingLog:
             self.failure = (e.strerror if isinstance(e, OSError) else None) or str(e)
 
     def write(self, chunks: list[dict[str, np.ndarray]]) -> None:
-        """`chunks` as one trace file, atomically (temp file + rename: a reader, or a SIGKILL,
-        sees the old file or the new one). The arrays are save_trace's (ids as int16 when the
-        experts fit), stored uncompressed: 200k DeepSeek-V3-shaped tokens take about 1.5 s
-        where np.savez_compressed took 47 s, and gate weights barely compress. The rows come
-        from the router's topk (distinct ids, weights highest first), so they are not re-checked
-        here; load_trace checks what it reads."""
+        """`chunks` as one trace file, atomically (save_trace: a reader, or a SIGKILL, sees the
+        old file or the new one), uncompressed and unchecked: 200k DeepSeek-V3-shaped tokens take
+        about 1.5 s where compression took 47 s (gate weights barely compress), and the rows come
+        from the router's topk (distinct ids, weights highest first); load_trace checks what it reads."""
         if not chunks:
             return
-        arrays: dict[str, Any] = {key: np.concatenate([c[key] for c in chunks])
-                                  for key in ("topk_ids", "sequence_ids", "positions", "token_ids")}
-        if all("topk_weights" in c for c in chunks):
-            arrays["topk_weights"] = np.concatenate([c["topk_weights"] for c in chunks])
-        arrays["num_experts"] = np.asarray(self.num_experts, dtype=np.int64)
-        arrays["meta"] = np.asarray(json.dumps({**self.meta, "format": TRACE_FORMAT}, default=json_default))
-        with atomic_path(self.path) as tmp:
-            with open(tmp, "wb") as f:  # a file object: numpy would add '.npz' to a name
-                np.savez(f, allow_pickle=False, **arrays)
-        self.written = len(arrays["positions"])
+        joined = {key: np.concatenate([c[key] for c in chunks]) for key in ("topk_ids", "sequence_ids", "positions",
+                                                                          "token_ids")}
+        weights = np.concatenate([c["topk_weights"] for c in chunks]) if all("topk_weights" in c for c in chunks) \
+            else None
+        trace = Trace(joined["topk_ids"], self.num_experts, weights, token_ids=joined["token_ids"],
+                      sequence_ids=joined["sequence_ids"], positions=joined["positions"], meta=self.meta)
+        save_trace(trace, self.path, compress=False, checked=True)
+        self.written = trace.num_tokens

@@ -19,9 +19,15 @@ the rank that holds its logits, and the same tokens all-reduce carries it, so sa
 collective (the parameters travel with the request: engine.send_command). A sequence stops at its
 max_new_tokens or at an EOS id (unless ignore_eos).
 
+Log-probabilities (`generate(logprobs=N)`): the rank that holds a sequence's logits computes its
+token's log-probability and the N largest (sampling.token_logprobs), and one more all-reduce per
+step, kind "logprobs" ([B, 1 + 2N] float64, -inf where a rank has no row), gives them to every
+rank; a call without logprobs issues none.
+
 Streaming (rank 0 only): `generate(on_step=...)` calls back after each decode step with the
-token every unfinished sequence just got, already on the host for the loop's own bookkeeping, so
-a caller that streams costs no extra collective or device read; without it nothing is done.
+token every unfinished sequence just got (and its log-probabilities when asked for), already on
+the host for the loop's own bookkeeping, so a caller that streams costs no extra collective or
+device read; without it nothing is done.
 """
 
 from __future__ import annotations
@@ -38,14 +44,18 @@ from moeplace.serve.coherent import moe_coherent
 from moeplace.serve.dist import Comm, meta_scale, pack, unpack
 from moeplace.serve.model import KVCache, RankModel
 from moeplace.serve.replicas import ExpertMap
-from moeplace.serve.sampling import GREEDY, Sampling, sample
+from moeplace.serve.sampling import GREEDY, Sampling, read_logprobs, sample, token_logprobs
 from moeplace.serve.standard import moe_standard
 
 MODES = ("coherent", "standard")
-# after each decode step: [(slot, new token, finished)] for every sequence that got a token, in
-# slot order; runs inside the decode loop, so it must be quick and must not raise (the other
-# ranks would wait at the step's collectives until the timeout)
-StepCallback = Callable[[list[tuple[int, int, bool]]], None]
+# a generated token's log-probability and the N likeliest tokens' [(id, log-probability)],
+# highest first, under the raw model distribution (sampling.token_logprobs)
+TokenLogprobs = tuple[float, list[tuple[int, float]]]
+# after each decode step: [(slot, new token, finished, its TokenLogprobs or None when the call
+# asked for none)] for every sequence that got a token, in slot order; runs inside the decode
+# loop, so it must be quick and must not raise (the other ranks would wait at the step's
+# collectives until the timeout)
+StepCallback = Callable[[list[tuple[int, int, bool, TokenLogprobs | None]]], None]
 
 
 @dataclass
@@ -56,6 +66,7 @@ class Result:
     # decode routing, gathered on every rank: (slot, position, moe layer) -> top-k ids
     routing: np.ndarray | None = None  # int64 [rows, 3 + k]
     routing_weights: np.ndarray | None = None  # float32 [rows, k]: the gate weights of those ids, row for row
+    logprobs: list[list[TokenLogprobs]] | None = None  # per prompt, per generated token, when asked for
 
 
 @dataclass
@@ -125,11 +136,13 @@ class Runtime:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: list[int], ignore_eos: bool = False,
                  collect_logits: bool = False, sampling: list[Sampling] | None = None,
-                 on_step: StepCallback | None = None) -> Result:
+                 on_step: StepCallback | None = None, logprobs: int | None = None) -> Result:
         """Continuation of every prompt (same arguments on every rank). sampling: per prompt
         (a sequence's token may be drawn on any rank in coherent mode); None is greedy for all.
         on_step: rank 0's streaming hook (StepCallback; every rank learns every token, but only
-        one should report them); other ranks pass None."""
+        one should report them); other ranks pass None. logprobs: N >= 0 gives every generated
+        token's log-probability and the N likeliest alternatives (Result.logprobs; one more
+        collective per step); None: none, no collective."""
         model, comm, dev = self.model, self.comm, self.comm.device
         spec = model.spec
         coherent = self.mode == "coherent" and comm.world > 1
@@ -151,6 +164,9 @@ class Runtime:
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=dev)
         budget = list(max_new_tokens)  # host-side bookkeeping: one device read per step
         generated: list[list[int]] = [[] for _ in range(num)]
+        logprobs_out: list[list[TokenLogprobs]] = [[] for _ in range(num)]
+        if logprobs is not None and not 0 <= logprobs <= spec.vocab_size:
+            raise ValueError(f"logprobs must be None or in [0, {spec.vocab_size}], got {logprobs}")
         logits_out: list[list[torch.Tensor]] = [[] for _ in range(num)]
         eos = set() if ignore_eos else set(spec.eos_token_ids)
 
@@ -190,8 +206,14 @@ class Runtime:
                     drawn = [slots_here[i] for i in picked]
                     next_ids[here[picked]] = sample(logits[picked], [params[s] for s in drawn],
                                                     [len(generated[s]) for s in drawn])
-            next_ids = comm.max_reduce(next_ids, "tokens")
             active = [s for s in range(num) if not done[s]]
+            step_logprobs: dict[int, TokenLogprobs] = {}  # active slot -> its token's, when asked for
+            if logprobs is not None:  # where the logits are, for the token chosen there: one max all-reduce
+                lp = torch.full((num, 1 + 2 * logprobs), float("-inf"), dtype=torch.float64, device=dev)
+                lp[here] = token_logprobs(logits, next_ids[here], logprobs)
+                lp_rows = comm.max_reduce(lp, "logprobs").tolist()
+                step_logprobs = {s: read_logprobs(lp_rows[s]) for s in active}
+            next_ids = comm.max_reduce(next_ids, "tokens")
             if collect_logits:
                 full = torch.full((num, spec.vocab_size), float("-inf"), device=dev)
                 full[here] = logits
@@ -201,10 +223,12 @@ class Runtime:
             tokens = next_ids.tolist()
             for s in active:
                 generated[s].append(tokens[s])
+                if step_logprobs:
+                    logprobs_out[s].append(step_logprobs[s])
                 budget[s] -= 1
                 done[s] = budget[s] <= 0 or tokens[s] in eos
             if on_step is not None:
-                on_step([(s, tokens[s], done[s]) for s in active])
+                on_step([(s, tokens[s], done[s], step_logprobs.get(s)) for s in active])
             if all(done):
                 break
             # next step: unfinished sequences continue where their last token ended
@@ -235,6 +259,7 @@ class Runtime:
             if collect_logits else None,
             routing=routing,
             routing_weights=weights,
+            logprobs=logprobs_out if logprobs is not None else None,
         )
 
     def _gather_routing(self) -> np.ndarray:

@@ -13,26 +13,36 @@ routing (engine.RoutingLog) and writes it periodically and on the way out (docs/
 
     POST /v1/completions  {"prompt": str | [int] | [str, ...], "max_tokens": int = min(16, cap),
                           "temperature": 0..2 = 0, "top_p": (0, 1] = 1, "top_k": int >= 1, or 0 or
-                          -1 for off, "seed": int} (cap: the server's --max-new-tokens).
-                          temperature 0 (the default here, not OpenAI's 1) decodes greedily; a
-                          sampling request without a seed gets a random one, and the response's
-                          "seed" names it (null when greedy), so it can be replayed; prompt i of
-                          a list samples with seed + i. A filter ("top_p" < 1, "top_k" > 1,
-                          "min_p") without a temperature is 400 (it would be silently greedy);
-                          so is "min_p" when sampling. "n" > 1, and the other fields that would
-                          change the answer (UNSUPPORTED: "stop", "echo", "logprobs", "best_of",
-                          "suffix", penalties, "logit_bias") are 400 unless null or their default;
-                          so is a request with more prompts than --max-batch. "user" is accepted.
-    POST /v1/chat/completions  {"messages": [{"role": "system" | "user" | "assistant", "content": str},
+                          -1 for off, "min_p": [0, 1] = 0, "seed": int, "logprobs": 0..5}
+                          (cap: the server's --max-new-tokens). temperature 0 (the default here,
+                          not OpenAI's 1) decodes greedily; a sampling request without a seed
+                          gets a random one, and the response's "seed" names it (null when
+                          greedy), so it can be replayed; prompt i of a list samples with seed +
+                          i. A filter ("top_p" < 1, "top_k" > 1, "min_p" > 0) without a
+                          temperature is 400 (it would be silently greedy). "logprobs": N gives
+                          each choice OpenAI's legacy {"tokens", "token_logprobs", "top_logprobs"
+                          (the N likeliest), "text_offset"}, of the raw model distribution (before
+                          temperature and filters, as vLLM); a token is its id's decoding, or
+                          "token_id:N" with no tokenizer. "n" > 1, and the other fields that would
+                          change the answer (UNSUPPORTED: "stop", "echo", "best_of", "suffix",
+                          penalties, "logit_bias") are 400 unless null or their default; so is a
+                          request with more prompts than --max-batch. "user" is accepted.
+    POST /v1/chat/completions  {"messages": [{"role": "system" | "developer" | "user" | "assistant", "content": str},
                           ...], "max_completion_tokens" (or "max_tokens"), sampling and refusals as
                           above}: the prompt is the tokenizer's chat template with the generation
                           prompt; the answer is OpenAI's chat.completion (special tokens skipped).
-                          No tokenizer or no chat template: 400 (/v1/completions still works).
+                          "logprobs": true (+ "top_logprobs": 0..20) gives choices[0].logprobs =
+                          {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}, one entry
+                          per generated token, the stop token included; "top_logprobs" without
+                          "logprobs": true is 400. No tokenizer or no chat template: 400
+                          (/v1/completions still works).
     "stream": true (both): server-sent events over chunked HTTP/1.1, one `data: {json}` event per
                           new token of a choice (completions: "text_completion" chunks with "text"
                           and "token_ids"; chat: "chat.completion.chunk", a role delta first, a
                           finish delta {} last), the finishing token's event carrying
-                          finish_reason, then `data: [DONE]`. "stream_options": {"include_usage":
+                          finish_reason, then `data: [DONE]`; with logprobs, each event carries
+                          those of its tokens (chat: of the tokens since the last event, as a
+                          token that adds no text has none). "stream_options": {"include_usage":
                           bool} adds a last chunk with "choices": [] and "usage"; other keys, or
                           stream_options without stream, are 400. Text deltas are decoded
                           incrementally (`IncrementalText`): their concatenation is the
@@ -69,19 +79,21 @@ from moeplace.io import loads_json
 from moeplace.serve.counters import KINDS
 from moeplace.serve.dist import error_text, launcher_pid
 from moeplace.serve.engine import GENERATE, NOOP, Request, RoutingLog, merged_counters, run_request, send_command
-from moeplace.serve.generate import Runtime, StepCallback
+from moeplace.serve.generate import Runtime, StepCallback, TokenLogprobs
 from moeplace.serve.sampling import GREEDY, Sampling, int64
 
 MAX_BODY = 1 << 20  # bytes
 ROUTES = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET",
           "/metrics": "GET"}
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "developer")
+# OpenAI's newer name for the system role; chat templates know "system", so it is passed on as that
+TEMPLATE_ROLE = {"developer": "system"}
 
 
 # fields that change the completion, which this server does not implement: accepted only
 # absent or at these values (what OpenAI clients send by default); anything else is a 400
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "stop": (None, []), "echo": (None, False), "logprobs": (None,), "best_of": (None, 1), "suffix": (None, ""),
+    "stop": (None, []), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
     # these reshape the logits, so they change even a greedy answer
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
     "logit_bias": (None, {}),
@@ -89,22 +101,24 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 # sampling filters (OpenAI's top_p; vLLM's and SGLang's top_k, min_p) at values that filter
 # nothing: any other value asks for sampling, refused without a temperature (it would be moot)
 SAMPLING: dict[str, tuple[Any, ...]] = {"top_p": (None, 1, 1.0), "top_k": (None, -1, 0, 1), "min_p": (None, 0, 0.0)}
-# chat's own fields that would change the answer, at their defaults (chat's "logprobs" is a bool);
-# "echo", "best_of" and "suffix" are not chat fields, but a client sending them expects them honoured
+# chat's own fields that would change the answer, at their defaults; "echo", "best_of" and
+# "suffix" are not chat fields, but a client sending them expects them honoured
 CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    **UNSUPPORTED, "logprobs": (None, False), "response_format": (None, {"type": "text"}),
-    "tools": (None, []), "functions": (None, []),
+    **UNSUPPORTED, "response_format": (None, {"type": "text"}), "tools": (None, []), "functions": (None, []),
 }
 MAX_TEMPERATURE = 2.0  # OpenAI's range
+# alternatives per token: OpenAI's caps ("logprobs" of completions, "top_logprobs" of chat)
+MAX_LOGPROBS, MAX_TOP_LOGPROBS = 5, 20
+MIN_LOGPROB = -9999.0  # vLLM's floor: JSON has no -Infinity
 
 
 class BadRequest(ValueError):
     """Invalid client input: answered with HTTP 400 and the message."""
 
 
-# what rank 0's main thread hands a streamed job's handler: (prompt index, new token, finished);
-# None once the job is answered (result or error)
-StreamItem = tuple[int, int, bool] | None
+# what rank 0's main thread hands a streamed job's handler: (prompt index, new token, finished,
+# its log-probabilities when the job asked for them); None once the job is answered (result or error)
+StreamItem = tuple[int, int, bool, TokenLogprobs | None] | None
 
 
 @dataclass
@@ -116,16 +130,19 @@ class Job:
     chat: bool = False  # answer as a chat.completion (/v1/chat/completions)
     stream: bool = False  # answer as server-sent events, token by token
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    logprobs: int | None = None  # N: each token's log-probability and the N likeliest; None: none
     done: threading.Event = field(default_factory=threading.Event)
     result: list[list[int]] | None = None
+    result_logprobs: list[list[TokenLogprobs]] | None = None  # per prompt, per token, when asked for
     error: str | None = None
     # filled by rank 0's main thread (streamed jobs only), read by the job's handler thread
     events: "queue.SimpleQueue[StreamItem]" = field(default_factory=queue.SimpleQueue)
     gone: bool = False  # the streaming client has left: its tokens need not be queued
 
-    def finish(self, result: list[list[int]] | None = None, error: str | None = None) -> None:
+    def finish(self, result: list[list[int]] | None = None, error: str | None = None,
+               logprobs: list[list[TokenLogprobs]] | None = None) -> None:
         """Answer the job; wakes its handler, waiting on `done` or, streamed, on `events`."""
-        self.result, self.error = result, error
+        self.result, self.error, self.result_logprobs = result, error, logprobs
         self.done.set()
         self.events.put(None)
 
@@ -171,11 +188,11 @@ def _is_number(value: Any) -> bool:
 
 
 def parse_sampling(doc: dict[str, Any]) -> Sampling:
-    """The request's temperature, top_p, top_k and seed, checked (BadRequest). A request that
+    """The request's temperature, top_p, top_k, min_p and seed, checked (BadRequest). A request that
     samples without a seed gets a random one (the response reports it); a greedy one keeps
     GREEDY's. A filter without a temperature is refused: answering it greedily would hide that
     it was ignored."""
-    temperature, top_p, top_k, seed = (doc.get(k) for k in ("temperature", "top_p", "top_k", "seed"))
+    temperature, top_p, top_k, min_p, seed = (doc.get(k) for k in ("temperature", "top_p", "top_k", "min_p", "seed"))
     if temperature is not None and not (_is_number(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
         raise BadRequest(f"\"temperature\": {json.dumps(temperature)[:80]} is not supported: send a number in "
                          f"[0, {MAX_TEMPERATURE:g}] (0, the default, decodes greedily)")
@@ -183,6 +200,8 @@ def parse_sampling(doc: dict[str, Any]) -> Sampling:
         raise BadRequest(f"\"top_p\" must be a number in (0, 1], got {json.dumps(top_p)[:80]}")
     if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= -1):
         raise BadRequest(f"\"top_k\" must be an integer >= 1, or 0 or -1 for no limit, got {json.dumps(top_k)[:80]}")
+    if min_p is not None and not (_is_number(min_p) and 0 <= min_p <= 1):
+        raise BadRequest(f"\"min_p\" must be a number in [0, 1], got {json.dumps(min_p)[:80]}")
     if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and -(1 << 63) <= seed < 1 << 63):
         raise BadRequest(f"\"seed\" must be an integer in [-2**63, 2**63), got {json.dumps(seed)[:80]}")
     if temperature == 0:  # greedy asked for: a filter on the sampled set changes nothing
@@ -194,14 +213,11 @@ def parse_sampling(doc: dict[str, Any]) -> Sampling:
             raise BadRequest(f"\"{name}\": {json.dumps(doc.get(name))[:80]} asks for sampling, but the temperature "
                              "is 0 (the default here, unlike OpenAI's 1): send a \"temperature\" in "
                              f"(0, {MAX_TEMPERATURE:g}] to sample, or leave {name} out")
-        if name == "min_p":
-            raise BadRequest(f"\"min_p\" is not supported (temperature, top_p and top_k are): leave it out or 0, "
-                             f"got {json.dumps(doc.get(name))[:80]}")
     if temperature is None:
         return GREEDY
     params = Sampling(float(temperature), 1.0 if top_p is None else float(top_p),
                       0 if top_k is None or top_k < 1 else min(top_k, 1 << 31),  # past any vocab: int64-safe
-                      0 if seed is None else seed)
+                      0 if seed is None else seed, 0.0 if min_p is None else float(min_p))
     if params.greedy:  # top_k 1: the argmax at any temperature
         return GREEDY
     return params if seed is not None else dataclasses.replace(params, seed=secrets.randbits(63))
@@ -236,6 +252,33 @@ def check_options(doc: dict[str, Any], unsupported: dict[str, tuple[Any, ...]], 
             raise BadRequest(f"\"{name}\" is not supported ({what}): "
                              f"leave it out or null, got {json.dumps(doc.get(name))[:80]}")
     return parse_sampling(doc)
+
+
+def parse_logprobs(doc: dict[str, Any]) -> int | None:
+    """A completions request's "logprobs": N alternatives per token, 0..MAX_LOGPROBS (OpenAI's
+    cap), or None (absent or null: none), checked (BadRequest)."""
+    logprobs = doc.get("logprobs")
+    if logprobs is not None and not (isinstance(logprobs, int) and not isinstance(logprobs, bool)
+                                     and 0 <= logprobs <= MAX_LOGPROBS):
+        raise BadRequest(f"\"logprobs\" must be an integer in [0, {MAX_LOGPROBS}] (the alternatives per token, "
+                         f"OpenAI's cap), got {json.dumps(logprobs)[:80]}")
+    return logprobs
+
+
+def parse_chat_logprobs(doc: dict[str, Any]) -> int | None:
+    """A chat request's "logprobs" (a bool) and "top_logprobs" (0..MAX_TOP_LOGPROBS, only with
+    "logprobs": true, as OpenAI checks): the alternatives per token, or None for none."""
+    logprobs, top = doc.get("logprobs"), doc.get("top_logprobs")
+    if not _is_one_of(logprobs, (None, False, True)):
+        raise BadRequest(f"\"logprobs\" must be true or false (chat completions; \"top_logprobs\" says how many "
+                         f"alternatives), got {json.dumps(logprobs)[:80]}")
+    if top is not None and logprobs is not True:
+        raise BadRequest(f"\"top_logprobs\" needs \"logprobs\": true, got \"top_logprobs\": {json.dumps(top)[:80]} "
+                         f"with \"logprobs\": {json.dumps(logprobs)}")
+    if top is not None and not (isinstance(top, int) and not isinstance(top, bool) and 0 <= top <= MAX_TOP_LOGPROBS):
+        raise BadRequest(f"\"top_logprobs\" must be an integer in [0, {MAX_TOP_LOGPROBS}] (OpenAI's cap), "
+                         f"got {json.dumps(top)[:80]}")
+    return (top or 0) if logprobs else None
 
 
 def parse_stream(doc: dict[str, Any]) -> tuple[bool, bool]:
@@ -277,6 +320,7 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
     `max_prompts`: the server's --max-batch (one request runs in one batch)."""
     doc = read_body(body)
     sampling = check_options(doc, UNSUPPORTED, "plain completions")
+    logprobs = parse_logprobs(doc)
     stream, include_usage = parse_stream(doc)
     prompt = doc.get("prompt")
     max_tokens = check_max_tokens(doc.get("max_tokens", min(16, max_tokens_limit)), max_tokens_limit)
@@ -294,7 +338,7 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
         raise BadRequest(f"{len(prompts)} prompts in one request; this server decodes at most {max_prompts} "
                          "sequences together (--max-batch): split the request")
     check_prompt_ids(prompts, vocab, max_len, max_tokens)
-    return Job(prompts, max_tokens, texts, sampling, stream=stream, include_usage=include_usage)
+    return Job(prompts, max_tokens, texts, sampling, stream=stream, include_usage=include_usage, logprobs=logprobs)
 
 
 def chat_messages(messages: Any) -> list[dict[str, str]]:
@@ -320,7 +364,7 @@ def chat_messages(messages: Any) -> list[dict[str, str]]:
             if key not in ("role", "content") and value not in (None, []):
                 raise BadRequest(f"\"{where}.{key}\" is not supported (only role and content are read): "
                                  f"leave it out or null, got {json.dumps(value)[:80]}")
-        out.append({"role": role, "content": content})
+        out.append({"role": TEMPLATE_ROLE.get(role) or str(role), "content": content})
     return out
 
 
@@ -334,6 +378,7 @@ def parse_chat(body: bytes, tokenizer: Any, model_name: str, vocab: int, max_len
                          "(a prompt string or token ids)")
     doc = read_body(body)
     sampling = check_options(doc, CHAT_UNSUPPORTED, "chat completions")
+    logprobs = parse_chat_logprobs(doc)
     stream, include_usage = parse_stream(doc)
     messages = chat_messages(doc.get("messages"))
     given = {k: doc[k] for k in ("max_completion_tokens", "max_tokens") if doc.get(k) is not None}
@@ -350,7 +395,8 @@ def parse_chat(body: bytes, tokenizer: Any, model_name: str, vocab: int, max_len
                          f"({type(e).__name__}: {first[:200]})") from None
     prompt = [int(t) for t in ids]
     check_prompt_ids([prompt], vocab, max_len, max_tokens)
-    return Job([prompt], max_tokens, True, sampling, chat=True, stream=stream, include_usage=include_usage)
+    return Job([prompt], max_tokens, True, sampling, chat=True, stream=stream, include_usage=include_usage,
+               logprobs=logprobs)
 
 
 def label_value(value: Any) -> str:
@@ -502,7 +548,10 @@ class Handler(BaseHTTPRequestHandler):
         for i, toks in enumerate(job.result):
             finish = "stop" if toks and toks[-1] in spec.eos_token_ids else "length"
             text = srv.tokenizer.decode(toks) if job.texts and srv.tokenizer is not None else ""
-            choices.append({"index": i, "text": text, "token_ids": toks, "finish_reason": finish, "logprobs": None})
+            logprobs = None
+            if job.logprobs is not None and job.result_logprobs is not None:
+                logprobs = completion_logprobs(toks, job.result_logprobs[i], job.logprobs, srv.tokenizer)[0]
+            choices.append({"index": i, "text": text, "token_ids": toks, "finish_reason": finish, "logprobs": logprobs})
         self._send(200, json.dumps({
             "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": srv.model_name, "choices": choices, "seed": None if job.sampling.greedy else job.sampling.seed,
@@ -570,6 +619,45 @@ def usage(job: Job) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def token_text(tokenizer: Any, token: int) -> str:
+    """A token as a logprobs entry names it: its id's decoding (a piece of a multi-byte character
+    decodes to U+FFFD), or "token_id:N" with no tokenizer (vLLM's spelling)."""
+    return tokenizer.decode([token]) if tokenizer is not None else f"token_id:{token}"
+
+
+def completion_logprobs(tokens: list[int], logprobs: list[TokenLogprobs], top: int, tokenizer: Any,
+                        offset: int = 0) -> tuple[dict[str, Any], int]:
+    """OpenAI's legacy logprobs of `tokens` (a choice, or a stream chunk's part of it): {"tokens",
+    "token_logprobs", "top_logprobs" ({token: log-prob} of the `top` likeliest; tokens that
+    decode alike share a key, the likeliest's value), "text_offset" (from `offset`, the length of the
+    token strings before: vLLM's)}; and the offset after them."""
+    out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token, (lp, alternatives) in zip(tokens, logprobs):
+        text = token_text(tokenizer, token)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(max(lp, MIN_LOGPROB))
+        top_logprobs: dict[str, float] = {}
+        for i, v in alternatives[:top]:  # tokens that decode alike: the likeliest's
+            top_logprobs.setdefault(token_text(tokenizer, i), max(v, MIN_LOGPROB))
+        out["top_logprobs"].append(top_logprobs)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out, offset
+
+
+def chat_logprob(tokenizer: Any, token: int, logprob: float) -> dict[str, Any]:
+    text = token_text(tokenizer, token)
+    return {"token": text, "logprob": max(logprob, MIN_LOGPROB), "bytes": list(text.encode("utf-8", "replace"))}
+
+
+def chat_logprobs(tokens: list[int], logprobs: list[TokenLogprobs], top: int, tokenizer: Any) -> list[dict[str, Any]]:
+    """OpenAI chat's logprobs "content" entries of `tokens`: {"token", "logprob", "bytes" (the
+    token string's UTF-8), "top_logprobs": [the `top` likeliest, as {"token", "logprob", "bytes"}]}."""
+    return [{**chat_logprob(tokenizer, token, lp),
+             "top_logprobs": [chat_logprob(tokenizer, i, v) for i, v in alternatives[:top]]}
+            for token, (lp, alternatives) in zip(tokens, logprobs)]
+
+
 def chat_response(job: Job, tokenizer: Any, model_name: str, eos_token_ids: tuple[int, ...]) -> dict[str, Any]:
     """OpenAI's chat.completion for a finished chat Job (one prompt, one choice)."""
     assert job.result is not None
@@ -577,11 +665,14 @@ def chat_response(job: Job, tokenizer: Any, model_name: str, eos_token_ids: tupl
     stopped = bool(toks) and toks[-1] in eos_token_ids
     # the stop token is no part of the answer, also where the tokenizer does not mark it special
     text = tokenizer.decode(toks[:-1] if stopped else toks, skip_special_tokens=True)
+    logprobs = None  # every token's, the stop token's too: the probability of stopping is information
+    if job.logprobs is not None and job.result_logprobs is not None:
+        logprobs = {"content": chat_logprobs(toks, job.result_logprobs[0], job.logprobs, tokenizer)}
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
         "model": model_name, "seed": None if job.sampling.greedy else job.sampling.seed,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": "stop" if stopped else "length", "logprobs": None}],
+                     "finish_reason": "stop" if stopped else "length", "logprobs": logprobs}],
         "usage": usage(job),
     }
 
@@ -634,10 +725,14 @@ class IncrementalText:
 
 class StreamChunks:
     """The server-sent events of one streamed Job, as dicts, built from its tokens as they come
-    (no I/O): OpenAI's text_completion / chat.completion.chunk objects, one id and created for all."""
+    (no I/O): OpenAI's text_completion / chat.completion.chunk objects, one id and created for all.
+    With logprobs, each event carries those of its tokens; a chat token that adds no text has no
+    event, so its entry waits for the next one (the finish event takes the stop token's)."""
 
     def __init__(self, job: Job, tokenizer: Any, model_name: str, eos_token_ids: tuple[int, ...]) -> None:
-        self.job, self.eos = job, eos_token_ids
+        self.job, self.eos, self.tokenizer = job, eos_token_ids, tokenizer
+        self.offsets = [0] * len(job.prompts)  # completions: each choice's text_offset so far
+        self.pending: list[dict[str, Any]] = []  # chat: logprobs entries not yet sent
         self.head = {"id": f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                      "object": "chat.completion.chunk" if job.chat else "text_completion",
                      "created": int(time.time()), "model": model_name}
@@ -659,22 +754,39 @@ class StreamChunks:
         return [self.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                              "logprobs": None}])]
 
-    def token(self, i: int, token: int, finished: bool) -> list[dict[str, Any]]:
-        """The events of prompt i's new token; the last token's carry its finish_reason."""
+    def token(self, i: int, token: int, finished: bool,
+              logprobs: TokenLogprobs | None = None) -> list[dict[str, Any]]:
+        """The events of prompt i's new token (with its log-probabilities when the job asked for
+        them); the last token's carry its finish_reason."""
         reason = ("stop" if token in self.eos else "length") if finished else None
         # chat: the stop token is no part of the answer (chat_response)
         shown = not (self.job.chat and reason == "stop")
         text = ""
         if self.texts is not None:
             text = (self.texts[i].push(token) if shown else "") + (self.texts[i].finish() if finished else "")
+        top = self.job.logprobs
         if not self.job.chat:
+            lps = None
+            if top is not None and logprobs is not None:
+                lps, self.offsets[i] = completion_logprobs([token], [logprobs], top, self.tokenizer, self.offsets[i])
             return [self.chunk([{"index": i, "text": text, "token_ids": [token], "finish_reason": reason,
-                                 "logprobs": None}])]
-        events = [self.chunk([{"index": 0, "delta": {"content": text}, "finish_reason": None, "logprobs": None}])
-                  ] if text else []
+                                 "logprobs": lps}])]
+        entry = chat_logprobs([token], [logprobs], top, self.tokenizer) if top is not None and logprobs else []
+        if shown:
+            self.pending += entry
+        events = [self.chunk([{"index": 0, "delta": {"content": text}, "finish_reason": None,
+                               "logprobs": self.take_logprobs()}])] if text else []
         if finished:
-            events.append(self.chunk([{"index": 0, "delta": {}, "finish_reason": reason, "logprobs": None}]))
+            if not shown:  # the stop token, not in the content: its entry rides on the finish event
+                self.pending += entry
+            events.append(self.chunk([{"index": 0, "delta": {}, "finish_reason": reason,
+                                       "logprobs": self.take_logprobs()}]))
         return events
+
+    def take_logprobs(self) -> dict[str, Any] | None:
+        """Chat: the entries waiting for an event, as its "logprobs" (None when there are none)."""
+        pending, self.pending = self.pending, []
+        return {"content": pending} if pending else None
 
     def end(self) -> list[dict[str, Any]]:
         """After every choice has finished: the usage chunk, when asked for."""
@@ -695,11 +807,11 @@ def stream_router(batch: list[Job]) -> StepCallback | None:
     if not any(job.stream for job in batch):
         return None
 
-    def route(step: list[tuple[int, int, bool]]) -> None:
-        for slot, token, finished in step:
+    def route(step: list[tuple[int, int, bool, TokenLogprobs | None]]) -> None:
+        for slot, token, finished, logprobs in step:
             job, i = owners[slot]
             if job.stream and not job.gone:
-                job.events.put((i, token, finished))
+                job.events.put((i, token, finished, logprobs if job.logprobs is not None else None))
     return route
 
 
@@ -801,9 +913,11 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
                         raise MoeplaceError(f"rank 0: the launcher (pid {launcher}) exited; stopping")
                     continue
             batch = next_batch(waiting, jobs, max_batch)
+            asked = [j.logprobs for j in batch if j.logprobs is not None]  # the batch computes the most asked for
             req = Request([p for j in batch for p in j.prompts], [j.max_tokens for j in batch for _ in j.prompts],
                           record_routing=routing is not None and routing.recording,
-                          sampling=[p for j in batch for p in prompt_sampling(j.sampling, len(j.prompts))])
+                          sampling=[p for j in batch for p in prompt_sampling(j.sampling, len(j.prompts))],
+                          logprobs=max(asked) if asked else None)
             try:
                 send_command(rt, GENERATE, req)
                 result = run_request(rt, req, stream_router(batch))
@@ -813,8 +927,10 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
                     j.finish(error=f"runtime failed: {error_text(e)}")
                 raise
             it = iter(result.tokens)
+            lps = iter(result.logprobs or [])
             for j in batch:
-                j.finish([next(it) for _ in j.prompts])
+                j.finish([next(it) for _ in j.prompts],
+                         logprobs=[next(lps) for _ in j.prompts] if result.logprobs is not None else None)
             stats.record_batch(len(batch), sum(len(t) for t in result.tokens), result.seconds,
                                {p: counters.summary(p) for p in ("prefill", "decode")})
             if routing is not None:  # after the answers: the clients do not wait for it

@@ -1,4 +1,5 @@
-"""Per-sequence sampling (temperature, top-k, top-p) that replays from a seed.
+"""Per-sequence sampling (temperature, min-p, top-k, top-p) that replays from a seed, and the
+log-probabilities a request may ask for.
 
 A draw depends only on the sequence's logits, its parameters and (seed, step), step being the
 index of the token being generated: not on the rank it runs on, the world size, the mode or
@@ -6,6 +7,11 @@ the other sequences of the batch. The one random number a draw needs is a counte
 (seed, step) (splitmix64, computed on the host: no generator state, the same on CPU and CUDA),
 turned into a token by inverse CDF over the logits sorted in descending order (stable: ties in
 index order, so top_k=1 and a tiny top_p give the argmax exactly, as greedy decoding does).
+The filters apply in vLLM's (V1) order: temperature, then min_p, then top_k and top_p, top_p's
+mass measured over the tokens min_p kept.
+
+Log-probabilities (`token_logprobs`) are those of the raw model distribution, log_softmax of the
+logits before temperature and filters, as vLLM returns by default.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ M64 = (1 << 64) - 1
 @dataclass(frozen=True)
 class Sampling:
     """One sequence's decoding parameters. temperature 0 (or top_k 1) is greedy argmax;
-    top_k 0 and top_p 1 are off. seed: any integer (taken modulo 2**64)."""
+    top_k 0, top_p 1 and min_p 0 are off. seed: any integer (taken modulo 2**64). min_p: keep
+    the tokens whose probability (after temperature) is at least min_p x the likeliest's."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    min_p: float = 0.0
 
     @property
     def greedy(self) -> bool:
@@ -36,19 +44,23 @@ class Sampling:
 GREEDY = Sampling()
 
 
+TABLE_WIDTH = 5  # columns of sampling_table
+
+
 def sampling_table(params: Sequence[Sampling]) -> torch.Tensor:
-    """int64 [n, 4] (temperature and top_p as their float64 bits, top_k, seed): what a request's
-    broadcast carries to the other ranks (engine.send_command); sampling_from_table reads it."""
-    floats = torch.tensor([[p.temperature, p.top_p] for p in params], dtype=torch.float64).view(torch.int64)
+    """int64 [n, TABLE_WIDTH] (temperature, top_p and min_p as their float64 bits, top_k, seed):
+    what a request's broadcast carries to the other ranks (engine.send_command), so that every
+    rank draws exactly as rank 0 would; sampling_from_table reads it."""
+    floats = torch.tensor([[p.temperature, p.top_p, p.min_p] for p in params], dtype=torch.float64)
     ints = torch.tensor([[p.top_k, p.seed] for p in params], dtype=torch.int64)
-    return torch.cat([floats, ints], dim=1)
+    return torch.cat([floats.view(torch.int64), ints], dim=1)
 
 
 def sampling_from_table(table: torch.Tensor) -> list[Sampling]:
-    """The parameters sampling_table wrote, bit for bit, from int64 [n, 4] on the host."""
-    floats = table[:, :2].contiguous().view(torch.float64)
-    return [Sampling(float(f[0]), float(f[1]), int(i[0]), int(i[1]))
-            for f, i in zip(floats.tolist(), table[:, 2:].tolist())]
+    """The parameters sampling_table wrote, bit for bit, from int64 [n, TABLE_WIDTH] on the host."""
+    floats = table[:, :3].contiguous().view(torch.float64)
+    return [Sampling(float(f[0]), float(f[1]), int(i[0]), int(i[1]), float(f[2]))
+            for f, i in zip(floats.tolist(), table[:, 3:].tolist())]
 
 
 def _splitmix64(z: int) -> int:
@@ -82,14 +94,35 @@ def sample(logits: torch.Tensor, params: Sequence[Sampling], steps: Sequence[int
     temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], dtype=torch.float32, device=dev)
     top_k = torch.tensor([1 if p.greedy else p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+    min_p = torch.tensor([0.0 if p.greedy else p.min_p for p in params], dtype=torch.float32, device=dev)
     u = torch.tensor([uniform(p.seed, s) for p, s in zip(params, steps)], dtype=torch.float32, device=dev)
     probs = torch.exp((values - values[:, :1]) / temp[:, None])  # unnormalised, the top one is 1
-    cum = torch.cumsum(probs, dim=-1)
+    # min-p (vLLM's first filter): relative to the top token's probability, here 1; a prefix of
+    # the sorted row that always holds the top token
+    kept_min_p = probs >= min_p[:, None]
+    cum = torch.cumsum(torch.where(kept_min_p, probs, torch.zeros_like(probs)), dim=-1)
     rank = torch.arange(vocab, device=dev)
-    # top-p: the smallest prefix whose mass reaches p (the most likely token always stays)
-    keep = (rank[None, :] < top_k[:, None]) & (cum - probs < top_p[:, None] * cum[:, -1:])
+    # top-p: the smallest prefix whose mass reaches p of what min_p kept (the top token always stays)
+    keep = kept_min_p & (rank[None, :] < top_k[:, None]) & (cum - probs < top_p[:, None] * cum[:, -1:])
     kept = torch.where(keep, probs, torch.zeros_like(probs))
     cum = torch.cumsum(kept, dim=-1)
     pick = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0]
     pick = torch.minimum(pick, keep.sum(-1) - 1)  # rounding at the top end: never past the kept set
     return order.gather(1, pick[:, None])[:, 0]
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> torch.Tensor:
+    """float64 [n, 1 + 2 top]: per row of `logits` [n, V], the log-probability of token `chosen`
+    [n] under the raw model distribution (log_softmax in float32, before temperature and
+    filters: vLLM's default), then the `top` largest log-probabilities, highest first, then
+    their token ids (exact in float64). One tensor so that one collective carries it all."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(lp, top, dim=-1)
+    return torch.cat([lp.gather(1, chosen[:, None]).double(), values.double(), ids.double()], dim=1)
+
+
+def read_logprobs(row: list[float]) -> tuple[float, list[tuple[int, float]]]:
+    """One row of token_logprobs on the host: (the token's log-probability, [(id, log-prob)]
+    of the likeliest, highest first)."""
+    top = (len(row) - 1) // 2
+    return row[0], [(int(row[1 + top + j]), row[1 + j]) for j in range(top)]
