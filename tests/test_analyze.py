@@ -935,6 +935,22 @@ def test_curve_needs_the_tokens_its_refusal_names() -> None:
         plan(trace.select_tokens(np.arange(need - 1)), 2, 0)
 
 
+def test_curve_refuses_whole_sequence_test_sets_that_leave_one_training_size() -> None:
+    """80 tokens (above min_curve_tokens) in 10 sequences of 8: the whole-sequence test set of 32
+    leaves a pool of 48, whose halves (24) fall under the floor of 25: one size, no doubling to
+    read a verdict from, so refused naming the sizes (not a crash after the solves)."""
+    from moeplace.analyze.curve import min_curve_tokens, plan
+    from moeplace.errors import MoeplaceError
+
+    rng = np.random.default_rng(0)
+    ids = np.stack([np.stack([rng.choice(16, 2, replace=False) for _ in range(2)]) for _ in range(80)])
+    trace = make_trace(ids, num_experts=16, sequence_ids=np.repeat(np.arange(10), 8))
+    assert trace.num_tokens >= min_curve_tokens(16)
+    with pytest.raises(MoeplaceError, match="80 tokens are too few for a curve: whole-sequence test sets of up to 32 "
+                                            "leave 48 for training"):
+        plan(trace, 2, 0)
+
+
 def test_learning_curve_falls_on_planted_affinity_and_its_ratios_are_evals(tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture) -> None:
     from moeplace.analyze.curve import learning_curve

@@ -238,6 +238,9 @@ def test_a_full_disk_is_one_line_not_an_internal_error(code: int, says: str, mon
     monkeypatch.setattr(cli.main, "invoke", full)
     assert cli.run(["solve"]) == 2
     assert capsys.readouterr().err == f"moeplace: error: {says}\n"
+    monkeypatch.setenv("MOEPLACE_TRACEBACK", "1")  # the traceback on request, as for any other error
+    with pytest.raises(OSError, match=os.strerror(code)):
+        cli.run(["solve"])
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")

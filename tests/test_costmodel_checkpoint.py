@@ -247,6 +247,13 @@ _CT_W8A16 = {"quant_method": "compressed-tensors",
              "config_groups": {"group_0": {"targets": ["Linear"], "weights": _FLOAT8}}}
 _CT_INT8 = {"quant_method": "compressed-tensors",
             "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "int"}}}}
+# NVFP4 (llm-compressor): float weights, but 4-bit
+_CT_FP4 = {"quant_method": "compressed-tensors",
+           "config_groups": {"group_0": {"weights": {"num_bits": 4, "type": "float", "group_size": 16}}}}
+# FP8 attention weights but int4 experts: not every group's weights are FP8, so not priced as FP8
+_CT_MIXED = {"quant_method": "compressed-tensors",
+             "config_groups": {"group_0": {"targets": ["re:.*self_attn.*"], "weights": _FLOAT8},
+                               "group_1": {"targets": ["re:.*experts.*"], "weights": {"num_bits": 4, "type": "int"}}}}
 
 
 @pytest.mark.parametrize("quant, compute, weight_bytes, note", [
@@ -256,6 +263,8 @@ _CT_INT8 = {"quant_method": "compressed-tensors",
     (_CT_FP8, "float8", 1, ""),
     (_CT_W8A16, "bfloat16", 1, ""),  # FP8 weights read from HBM, upcast for bfloat16 GEMMs
     (_CT_INT8, "bfloat16", 2, "quantization compressed-tensors (other than FP8 weights) not modelled"),
+    (_CT_MIXED, "bfloat16", 2, "quantization compressed-tensors (other than FP8 weights) not modelled"),
+    (_CT_FP4, "bfloat16", 2, "quantization compressed-tensors (other than FP8 weights) not modelled"),
     ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, "bfloat16", 2, "quantization 'modelopt' not modelled"),
     ({"quant_method": "mxfp4"}, "bfloat16", 2, "quantization 'mxfp4' not modelled: bfloat16 weights assumed"),
     ("fp8", "bfloat16", 2, "quantization_config 'fp8' (not an object) not modelled"),

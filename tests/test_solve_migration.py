@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from moeplace.solve.heuristics import (
     MoveLimit, coordinate_descent, layer_costs, objective_cost, repair_layer, swap_deltas, swap_descent, with_move_cost,
 )
 from moeplace.solve.migrate import best_relabeling, moves, relabel
-from moeplace.solve.solver import solve_placement
+from moeplace.solve.solver import SearchResult, _search_limited, solve_placement
 from moeplace.solve.synthetic import planted_trace
 from moeplace.trace.format import save_trace
 
@@ -256,7 +257,9 @@ def test_repair_and_limited_swaps_keep_the_limit_and_equal_counts() -> None:
             swap_descent(c, x, intra, distance, home=home, max_moves=n)
             assert int((x != home).sum()) <= n and np.bincount(x, minlength=4).tolist() == [4] * 4
         y, c = gpus.copy(), cost.copy()
-        swap_descent(c, y, intra, distance, home=home, max_moves=2)  # over the limit: no swap adds a move
+        # over the limit: no swap adds a move, but swaps that keep the layer as far over it still improve it
+        # (one swap reverts at most two moves, so none of them brings `before` > 4 moves within N = 2)
+        assert swap_descent(c, y, intra, distance, home=home, max_moves=2) > 0
         assert int((y != home).sum()) <= before
 
 
@@ -321,6 +324,23 @@ def test_max_moves_holds_on_every_layer_and_zero_keeps_current() -> None:
     assert both.objective["max_moves"]["traffic"] == pytest.approx(mc["traffic"])
 
 
+def test_limited_search_is_never_worse_than_current_descended_within_the_limit() -> None:
+    """CURRENT is a start of the limited search: however poor the free solve's layout (here a random
+    one, as a free solve cut short by its time limit may leave), the result is at least as good as
+    CURRENT improved by swaps within N (a search from the repaired free layout alone ends worse)."""
+    new, _ = planted_trace(400, 4, 16, 2, 4, seed=210)
+    graph, distance = edge_weights(new), distance_matrix(4, 4, 2.0)
+    current, poor = random_balanced(4, 16, 4, 10), random_balanced(4, 16, 4, 60)
+    free = SearchResult(poor, objective_cost(graph, poor, distance), 0.0, "random", {}, False)
+    limit = MoveLimit(current, 6)
+    x = current.copy()
+    coordinate_descent(graph, x, distance, moves=limit)
+    found, record = _search_limited(graph, graph, free, current, 6, time.monotonic() + 60, num_gpus=4, gpus_per_node=4,
+                                    node_cost=2.0, seed=0, kicks=0, exact=False, progress=False)
+    assert limit.over(found.expert_to_gpu) == [] and record["held"]
+    assert found.cost <= objective_cost(graph, x, distance) + 1e-9
+
+
 def test_max_moves_is_monotone_and_large_n_is_the_unlimited_optimum() -> None:
     """Small enough for the whole-model ILP with and without the limit (exact-ilp): the optimum
     falls as N grows, and N = E (every layer free) gives the unlimited one."""
@@ -334,6 +354,8 @@ def test_max_moves_is_monotone_and_large_n_is_the_unlimited_optimum() -> None:
         p = solve_placement(new, 2, seed=0, current=current, max_moves=n, **FAST)
         assert p.solver["method"].endswith("within --max-moves: exact-ilp")
         assert max(moves(p.expert_to_gpu, current.expert_to_gpu)) <= n
+        # the bound is the better of the unlimited one and the limited ILP's, which proves this optimum
+        assert p.objective["value"] * (1 - 1e-4) <= p.bound <= p.objective["value"] + 1e-6
         values.append(p.objective["value"])
     # HiGHS proves optimality to its relative MIP gap (1e-4), so "equal" and "not above" are within it
     assert all(later <= earlier * (1 + 1e-4) for earlier, later in zip(values, values[1:]))

@@ -127,6 +127,17 @@ def test_a_fingerprint_only_some_inputs_record_is_dropped_with_a_warning(tmp_pat
     assert [i.get("router_sha256") for i in meta["inputs"]] == [FINGERPRINT, None, FINGERPRINT]  # kept per input
 
 
+def test_an_input_with_an_earlier_inputs_routing_is_refused() -> None:
+    """A copy (other meta, other arrays beside topk_ids) two inputs after its original: its tokens
+    would count twice. Another input with the same meta but other routing merges."""
+    a, b = synthetic(8, model="m1"), synthetic(8, seed=1, model="m1")
+    copy = make_trace(a.topk_ids, a.topk_weights, 8, meta={"model": "m1", "corpus": "shard2"})
+    with pytest.raises(TraceError, match=r"^c\.npz: the same routing as a\.npz \(every token's experts alike"):
+        merge_traces([("a.npz", a), ("b.npz", b), ("c.npz", copy)])
+    merged, _ = merge_traces([("a.npz", a), ("b.npz", b)])
+    assert merged.num_tokens == 16
+
+
 def test_meta_recorded_by_one_input_only_is_no_difference() -> None:
     merged, _ = merge_traces([("a", synthetic(4, model="m1", dtype="float32")), ("b", synthetic(4, seed=1))])
     assert "model" not in merged.meta and "dtype" not in merged.meta  # not shared by every input: not claimed
