@@ -78,7 +78,9 @@ def test_limit_holds_and_imbalance_falls_as_it_grows(redundant: int) -> None:
             assert all(p.holders(layer) == current.holders(layer) for layer in range(LAYERS))
             assert p.expert_to_gpu.tolist() == current.expert_to_gpu.tolist()
         values.append(p.objective["value"])
-    assert all(later <= earlier + 1e-9 for earlier, later in zip(values, values[1:]))
+    # per layer, layouts within 1e-6 of the mean load count as tied and the one with fewer moves
+    # wins (balance_moves_placement's documented rule), so a larger N may end up to 1e-6 higher
+    assert all(later <= earlier + 1e-6 for earlier, later in zip(values, values[1:])), values
     assert values[-1] < values[0] - 0.01  # the limit binds: CURRENT is well off B's balance
     assert values[-1] == pytest.approx(plain.objective["value"], abs=1e-5)  # no limit: the plain solve's value
     assert p.objective["max_moves"]["plain"]["value"] == pytest.approx(plain.objective["value"], abs=1e-5)
