@@ -47,7 +47,9 @@ def one_rank_runtime() -> Callable[[Path], Any]:
 @pytest.fixture(scope="session")
 def serving() -> Callable[..., Any]:
     """A factory of context managers: rank 0's HTTP loop (`serve_forever`) on a one-rank runtime,
-    in a thread, with `tokenizer`, yielding its port; stopped through its heartbeat on exit."""
+    in a thread, with `tokenizer` (and a RoutingLog for --routing-out), yielding its port;
+    stopped through its heartbeat on exit (a failed collective, as a dead rank: a RoutingLog
+    then writes), which the exit waits for."""
     import contextlib
     import threading
     from unittest import mock
@@ -56,7 +58,8 @@ def serving() -> Callable[..., Any]:
     from moeplace.serve.cli import CONTIGUOUS
 
     @contextlib.contextmanager
-    def serve(rt: Any, tokenizer: Any, max_new_tokens: int = 16, model_name: str = "m") -> Iterator[int]:
+    def serve(rt: Any, tokenizer: Any, max_new_tokens: int = 16, model_name: str = "m",
+              routing: Any = None) -> Iterator[int]:
         stop = threading.Event()
         beat = hs.send_command
 
@@ -70,7 +73,7 @@ def serving() -> Callable[..., Any]:
         def loop() -> None:
             try:
                 hs.serve_forever(rt, srv, tokenizer, 8, max_new_tokens, heartbeat_s=0.1, model_name=model_name,
-                                 placement={"placement": CONTIGUOUS, "placement_sha256": None})
+                                 placement={"placement": CONTIGUOUS, "placement_sha256": None}, routing=routing)
             except RuntimeError:
                 pass
 
@@ -82,7 +85,8 @@ def serving() -> Callable[..., Any]:
                 yield srv.server_address[1]
             finally:
                 stop.set()
-                thread.join(10)
+                thread.join(30)
+                assert not thread.is_alive()
     return serve
 
 

@@ -5,7 +5,6 @@ loop in a thread, as tests/conftest.py's `serving`), plus one launcher run stopp
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -15,19 +14,17 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import pytest
 
-import moeplace.serve.httpserver as hs
 from moeplace.cli import run
 from moeplace.models.tiny import build_tiny_model, byte_tokenizer
 from moeplace.serve import engine
-from moeplace.serve.cli import CONTIGUOUS, Terminated, load_tokenizer, writes_routing_on_signals
+from moeplace.serve.cli import Terminated, load_tokenizer, writes_routing_on_signals
 from moeplace.serve.engine import RoutingLog
 from moeplace.serve.generate import Runtime
 from moeplace.trace.format import Trace, load_trace
@@ -57,37 +54,6 @@ def rt(model: Path, one_rank_runtime: Callable[[Path], Runtime]) -> Runtime:
     return one_rank_runtime(model)
 
 
-@contextlib.contextmanager
-def live(rt: Runtime, tokenizer: Any, routing: RoutingLog) -> Iterator[int]:
-    """conftest's `serving` with a RoutingLog: rank 0's HTTP loop in a thread, yielding its port;
-    on exit it stops through its heartbeat (a failed collective, as a dead rank), which writes."""
-    stop = threading.Event()
-    beat = hs.send_command
-
-    def heartbeat(rt: Any, cmd: int, req: Any = None) -> None:
-        if stop.is_set():
-            raise RuntimeError("test over")
-        beat(rt, cmd, req)
-
-    srv = hs.make_server("127.0.0.1", 0)
-
-    def loop() -> None:
-        with contextlib.suppress(RuntimeError):
-            hs.serve_forever(rt, srv, tokenizer, 8, LIMIT, heartbeat_s=0.05, model_name="live",
-                             placement={"placement": CONTIGUOUS, "placement_sha256": None}, routing=routing)
-
-    with mock.patch.object(hs, "send_command", heartbeat), mock.patch.dict(os.environ):
-        os.environ.pop("TORCHELASTIC_RUN_ID", None)  # no launcher to watch
-        thread = threading.Thread(target=loop, daemon=True)
-        thread.start()
-        try:
-            yield srv.server_address[1]
-        finally:
-            stop.set()
-            thread.join(30)
-            assert not thread.is_alive()
-
-
 def complete(port: int, prompts: list[str], max_tokens: int) -> dict[str, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
@@ -114,6 +80,7 @@ def by_sequence(trace: Trace) -> list[dict[str, np.ndarray]]:
 
 
 def test_served_routing_is_batch_modes(rt: Runtime, tokenizer: Any, model: Path, tmp_path: Path,
+                                       serving: Callable[..., Any],
                                        capsys: pytest.CaptureFixture[str]) -> None:
     """Two requests over HTTP, then the server stops: the file holds every token a decode step
     ran (each completion's tokens but its last: nothing runs that one through the model), ids
@@ -121,7 +88,7 @@ def test_served_routing_is_batch_modes(rt: Runtime, tokenizer: Any, model: Path,
     mode's --routing-out records for the same prompts; `moeplace solve --from --max-moves` reads it."""
     path = tmp_path / "live.npz"
     answers = []
-    with live(rt, tokenizer, RoutingLog(str(path), rt, every_s=3600)) as port:
+    with serving(rt, tokenizer, LIMIT, "live", routing=RoutingLog(str(path), rt, every_s=3600)) as port:
         for prompts, max_tokens in REQUESTS:
             answers.append(complete(port, prompts, max_tokens))
         assert not path.exists()  # --routing-every not reached: written when the server stops
@@ -166,7 +133,8 @@ def test_served_routing_is_batch_modes(rt: Runtime, tokenizer: Any, model: Path,
     assert (tmp_path / "new.json").is_file()
 
 
-def test_periodic_writes_are_always_loadable(rt: Runtime, tokenizer: Any, tmp_path: Path) -> None:
+def test_periodic_writes_are_always_loadable(rt: Runtime, tokenizer: Any, tmp_path: Path,
+                                             serving: Callable[..., Any]) -> None:
     """--routing-every: the file appears while the server runs and is rewritten as tokens come,
     each version on disk a whole trace (temp file + rename), the last one written on stop."""
     path = tmp_path / "live.npz"
@@ -187,7 +155,7 @@ def test_periodic_writes_are_always_loadable(rt: Runtime, tokenizer: Any, tmp_pa
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        with live(rt, tokenizer, routing) as port:
+        with serving(rt, tokenizer, LIMIT, "live", routing=routing) as port:
             served = 0
             for prompts, max_tokens in REQUESTS * 2:
                 answer = complete(port, prompts, max_tokens)
@@ -206,10 +174,10 @@ def test_periodic_writes_are_always_loadable(rt: Runtime, tokenizer: Any, tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["live.npz"]  # no temp file left behind
 
 
-def test_max_tokens_caps_the_recording(rt: Runtime, tokenizer: Any, tmp_path: Path,
+def test_max_tokens_caps_the_recording(rt: Runtime, tokenizer: Any, tmp_path: Path, serving: Callable[..., Any],
                                        capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "live.npz"
-    with live(rt, tokenizer, RoutingLog(str(path), rt, max_tokens=7, every_s=3600)) as port:
+    with serving(rt, tokenizer, LIMIT, "live", routing=RoutingLog(str(path), rt, max_tokens=7, every_s=3600)) as port:
         for prompts, max_tokens in REQUESTS:  # 5 + 4 decode tokens, then 3: past the cap
             complete(port, prompts, max_tokens)
         assert rt.record_routing is False  # the last batch ran without gathering any routing
