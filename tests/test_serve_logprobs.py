@@ -14,14 +14,12 @@ from typing import Any
 import pytest
 import torch
 
-from moeplace.models.tiny import build_tiny_model, byte_tokenizer
 from moeplace.serve.cli import load_tokenizer
 from moeplace.serve.generate import Runtime
 from moeplace.serve.httpserver import BadRequest, completion_logprobs, parse_chat, parse_completion
 from moeplace.serve.sampling import GREEDY, Sampling, sample
-from test_serve_chat import MESSAGES, TEMPLATE
-from test_serve_edges import set_eos
-from test_serve_stream import EOS, LIMIT, TEXT, post, stream
+from test_serve_chat import MESSAGES
+from test_serve_stream import EOS, LIMIT, TEXT, chat_checkpoint, post, stream
 
 PROMPTS = [list(b"hello"), [5, 6, 7, 200, 9], list("Grüße".encode())]
 
@@ -30,13 +28,7 @@ PROMPTS = [list(b"hello"), [5, 6, 7, 200, 9], list("Grüße".encode())]
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """test_serve_stream's checkpoint: byte tokenizer with a chat template, EOS ids `EOS` (the
     greedy chat answer and "hello"'s stop there within LIMIT tokens)."""
-    path = build_tiny_model("qwen3_moe", tmp_path_factory.mktemp("serve-logprobs") / "lp", num_experts=8,
-                            top_k=2, num_layers=3, seed=4)
-    tokenizer = byte_tokenizer()
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(path)
-    set_eos(path, EOS)
-    return path
+    return chat_checkpoint(tmp_path_factory.mktemp("serve-logprobs") / "lp")
 
 
 @pytest.fixture(scope="module")

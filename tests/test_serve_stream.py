@@ -33,16 +33,20 @@ EOS = [1, 19]
 TEXT = "<|user|>hi\n<|assistant|>"  # the chat prompt as plain text
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """test_serve_chat's checkpoint (its byte tokenizer with TEMPLATE), with EOS ids `EOS`."""
-    path = build_tiny_model("qwen3_moe", tmp_path_factory.mktemp("serve-stream") / "streamy", num_experts=8,
-                            top_k=2, num_layers=3, seed=4)
+def chat_checkpoint(path: Path) -> Path:
+    """test_serve_chat's checkpoint (its byte tokenizer with TEMPLATE), with EOS ids `EOS`, at
+    `path` (test_serve_logprobs builds the same one)."""
+    path = build_tiny_model("qwen3_moe", path, num_experts=8, top_k=2, num_layers=3, seed=4)
     tokenizer = byte_tokenizer()
     tokenizer.chat_template = TEMPLATE
     tokenizer.save_pretrained(path)
     set_eos(path, EOS)
     return path
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return chat_checkpoint(tmp_path_factory.mktemp("serve-stream") / "streamy")
 
 
 @pytest.fixture(scope="module")
