@@ -58,6 +58,8 @@ METRICS = ("cross_gpu_top1", "dest_gpus_topk")
 # name: (tokens, layers, experts, top_k, gpus, gpus_per_node, target seconds)
 SCALE = {
     "mixtral-8x7b": (2048, 32, 8, 2, 8, 8, 5.0),
+    "mixtral-4gpu": (2048, 32, 8, 2, 4, 4, 5.0),  # 2,520 layouts per layer: the exact shortest path
+    "mixtral-2x2": (2048, 32, 8, 2, 4, 2, 5.0),  # the same on 2 nodes of 2 GPUs
     "olmoe": (2048, 16, 64, 8, 8, 8, 5.0),
     "deepseek-v3": (4096, 58, 256, 8, 64, 8, 60.0),
 }

@@ -14,7 +14,7 @@ from moeplace.placement import Placement
 import itertools
 import time
 
-from moeplace.solve import ilp
+from moeplace.solve import chain, ilp
 from moeplace.solve.affinity import distance_matrix, edge_weights, placement_cost
 from moeplace.solve.summary import summary
 from moeplace.solve.baselines import random_balanced
@@ -135,10 +135,14 @@ def _capped_optimum(graph, cap: LoadCap, num_gpus: int, d: np.ndarray) -> float:
     return min(placement_cost(graph, np.stack(rows), d) for rows in itertools.product(*per_layer))
 
 
+@pytest.mark.parametrize("method", ["exact-dp", "exact-ilp"])
 @pytest.mark.parametrize("seed", range(4))
-def test_capped_search_reaches_the_capped_optimum_of_a_small_model(seed: int) -> None:
-    """3 layers x 6 experts on 2 GPUs: the whole-model ILP with the cap's rows, from the capped
-    descent's incumbent, ends at the brute-force optimum over the layouts under the cap."""
+def test_capped_search_reaches_the_capped_optimum_of_a_small_model(seed: int, method: str, monkeypatch) -> None:
+    """3 layers x 6 experts on 2 GPUs: the shortest path over the layouts under the cap, or (with
+    it turned off) the whole-model ILP with the cap's rows from the capped descent's incumbent,
+    ends at the brute-force optimum over the layouts under the cap."""
+    if method == "exact-ilp":
+        monkeypatch.setattr(chain, "MAX_LAYOUTS", 0)
     trace, _ = planted_trace(200, 3, 6, 2, 2, zipf=1.2, seed=seed)
     graph, d = edge_weights(trace), distance_matrix(2, 2, 1.0)
     cap = LoadCap.from_ratio(trace.expert_loads(), 1.1, 2)
@@ -146,7 +150,7 @@ def test_capped_search_reaches_the_capped_optimum_of_a_small_model(seed: int) ->
     free = search_traffic(graph, 2, 2, 1.0, time.monotonic() + 60, 0, 4, 4)
     assert free.cost < best - 1e-9  # the cap binds
     got = search_traffic(graph, 2, 2, 1.0, time.monotonic() + 60, 0, 4, 4, cap=cap)
-    assert got.method == "exact-ilp" and cap.above(got.expert_to_gpu, 2) == []
+    assert got.method == method and cap.above(got.expert_to_gpu, 2) == []
     assert got.cost == pytest.approx(best) and got.bound == pytest.approx(best, abs=1e-6)
 
 

@@ -19,7 +19,7 @@ from moeplace.cli import run
 from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import evaluate
 from moeplace.placement import Placement, load_placement
-from moeplace.solve import heuristics, ilp
+from moeplace.solve import chain, heuristics, ilp
 from moeplace.solve.affinity import AffinityGraph, EdgeTerms, distance_matrix, edge_terms, edge_weights, placement_cost
 from moeplace.solve.baselines import contiguous
 from moeplace.solve.cli import solve as solve_command
@@ -166,6 +166,7 @@ def test_layer_ilps_keep_only_proven_optima_and_cross_validation_runs_none(monke
     assert got.method == "chain+coordinate-descent+ils"
     assert got.cost == pytest.approx(placement_cost(graph, got.expert_to_gpu, distance_matrix(2, 2, 2.0)))
     assert got.cost >= honest.cost - 1e-9  # the optimal layer ILPs can only have helped
+    monkeypatch.setattr(chain, "MAX_LAYOUTS", 0)  # the whole-model ILP, not the shortest path over 70 layouts
     whole = search_traffic(graph, 2, 2, 2.0, far, 0, restarts=2, kicks=4)  # the exact model, "stopped" too
     assert whole.method == "ilp(time-limited)+heuristic" and whole.cut
     calls.clear()
@@ -209,10 +210,16 @@ def test_window_ilp_with_fixed_neighbours_and_nodes():
     np.testing.assert_array_equal(res.expert_to_gpu[[0, 2]], x[[0, 2]])
 
 
-def test_small_models_are_solved_exactly(small_trace):
+def test_small_models_are_solved_exactly(small_trace, monkeypatch):
+    """8 experts on 2 GPUs: the shortest path over 70 layouts per layer; without it the
+    whole-model ILP proves the same optimum."""
     out = solve_traffic(small_trace, 2, 2, time_limit=30, seed=0, progress=False)
-    assert out.solver["method"] == "exact-ilp"
-    assert out.gap == pytest.approx(0.0, abs=1e-6)
+    assert out.solver["method"] == "exact-dp" and out.gap == pytest.approx(0.0, abs=1e-12)
+    monkeypatch.setattr(chain, "MAX_LAYOUTS", 0)
+    by_ilp = solve_traffic(small_trace, 2, 2, time_limit=30, seed=0, progress=False)
+    assert by_ilp.solver["method"] == "exact-ilp"
+    assert by_ilp.gap == pytest.approx(0.0, abs=1e-6)
+    assert by_ilp.objective["value"] == pytest.approx(out.objective["value"], rel=1e-9)
     assert np.bincount(out.expert_to_gpu[0], minlength=2).tolist() == [4, 4]
 
 

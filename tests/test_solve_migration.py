@@ -16,7 +16,7 @@ from moeplace.cli import run
 from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import evaluate
 from moeplace.placement import Placement, load_placement
-from moeplace.solve import ilp
+from moeplace.solve import chain, ilp
 from moeplace.solve.affinity import distance_matrix, edge_weights, placement_cost
 from moeplace.solve.baselines import random_balanced
 from moeplace.solve.costmodel import load_cost_model, predict
@@ -341,18 +341,22 @@ def test_limited_search_is_never_worse_than_current_descended_within_the_limit()
     assert found.cost <= objective_cost(graph, x, distance) + 1e-9
 
 
-def test_max_moves_is_monotone_and_large_n_is_the_unlimited_optimum() -> None:
-    """Small enough for the whole-model ILP with and without the limit (exact-ilp): the optimum
-    falls as N grows, and N = E (every layer free) gives the unlimited one."""
+@pytest.mark.parametrize("method", ["exact-dp", "exact-ilp"])
+def test_max_moves_is_monotone_and_large_n_is_the_unlimited_optimum(method: str, monkeypatch) -> None:
+    """Small enough for an exact method with and without the limit (the shortest path over
+    layouts, or with it turned off the whole-model ILP): the optimum falls as N grows, and N = E
+    (every layer free) gives the unlimited one."""
+    if method == "exact-ilp":
+        monkeypatch.setattr(chain, "MAX_LAYOUTS", 0)
     old, _ = planted_trace(300, 3, 8, 2, 2, seed=7)
     new, _ = planted_trace(300, 3, 8, 2, 2, seed=8)
     current = solve_placement(old, 2, seed=0, **FAST)
     free = solve_placement(new, 2, seed=0, current=current, **FAST)
-    assert free.solver["method"] == "exact-ilp" and max(free.extra["migration"]["moved_per_layer"]) > 2
+    assert free.solver["method"] == method and max(free.extra["migration"]["moved_per_layer"]) > 2
     values = []
     for n in (0, 2, 4, 8):
         p = solve_placement(new, 2, seed=0, current=current, max_moves=n, **FAST)
-        assert p.solver["method"].endswith("within --max-moves: exact-ilp")
+        assert p.solver["method"].endswith(f"within --max-moves: {method}")
         assert max(moves(p.expert_to_gpu, current.expert_to_gpu)) <= n
         # the bound is the better of the unlimited one and the limited ILP's, which proves this optimum
         assert p.objective["value"] * (1 - 1e-4) <= p.bound <= p.objective["value"] + 1e-6

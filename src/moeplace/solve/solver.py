@@ -10,8 +10,9 @@ module implements `traffic` (docs/solver.md states it exactly):
        steps 2-5 are search_traffic on that graph, which cross-validation also runs per candidate;
     2. the incumbent: `restarts` greedy chainings, each improved by coordinate descent (optimal
        per-layer transport re-assignment + Kernighan-Lin swaps), the best kept;
-    3. exact integer program (ilp.solve_window over all layers) when the model is small, from
-       that incumbent;
+    3. the exact optimum when the model is small: a shortest path through whole-layer layouts
+       where a layer has few of them (chain.solve_chain), else the integer program
+       (ilp.solve_window over all layers) from that incumbent;
     4. `kicks` rounds of iterated local search (perturb a window of layers, descend, keep if
        better), then ILP re-optimisation of single layers where tractable (each capped at
        LAYER_ILP_SECONDS; only a proven optimum is taken, so the result does not depend on how
@@ -49,7 +50,7 @@ from moeplace.eval.metrics import evaluate
 from moeplace.parallel import thread_map
 from moeplace.placement import Placement, check_topology
 from moeplace.progress import Progress
-from moeplace.solve import ilp
+from moeplace.solve import chain, ilp
 from moeplace.solve.affinity import (
     AffinityGraph, EdgeTerms, distance_matrix, edge_terms, gate_weighted_transitions, placement_cost,
 )
@@ -63,6 +64,7 @@ from moeplace.trace import paths
 from moeplace.trace.format import SPLIT_BY, Trace, split_trace
 
 EXACT_MAX_VARS = 1_500  # window_size of the whole model below which the exact ILP is tried
+EXACT_METHODS = ("exact-dp", "exact-ilp")  # a proven optimum: no time limit cut it
 LAYER_ILP_MAX_VARS = 3_000  # window_size of one layer below which it is re-solved by ILP
 LAYER_ILP_SECONDS = 5.0  # cap on one layer's ILP (step 4)
 # Cross-validated regularisation (select_weights). The grid spans the estimators that the
@@ -288,7 +290,18 @@ def search_traffic(
     bound = ilp.combinatorial_bound(graph, num_gpus, gpus_per_node, node_cost)
     all_layers = range(graph.num_layers)
     method = "chain+coordinate-descent+ils"
-    if exact and ilp.window_size(graph, all_layers, num_gpus, num_nodes) <= EXACT_MAX_VARS \
+    path = None
+    if exact and chain.tractable(graph.num_experts, num_gpus) and time.monotonic() < deadline:
+        # few layouts per layer: the shortest path through them is the optimum (chain.py)
+        path = chain.solve_chain(graph, distance, deadline, cap=None if cap is None else cap.kept(best, num_gpus),
+                                 moves=moves)
+    if path is not None:
+        cost = objective_cost(graph, path.expert_to_gpu, distance)
+        if cost < best_cost - 1e-9:  # ties keep the incumbent, as the ILP's do
+            best, best_cost, best_above = path.expert_to_gpu, cost, above(path.expert_to_gpu)
+        bound = max(bound, min(path.value, best_cost))  # the optimum (the two sums differ in rounding only)
+        method = "exact-dp"
+    elif exact and ilp.window_size(graph, all_layers, num_gpus, num_nodes) <= EXACT_MAX_VARS \
             and time.monotonic() < deadline:
         # the cap as the incumbent keeps it (its peak where it is above): the model stays
         # feasible, and a bound under a looser cap still bounds the capped problem
@@ -337,7 +350,7 @@ def search_traffic(
                 if cost < best_cost - 1e-9:  # under the kept cap: no layer goes above its limit
                     best, best_cost = res.expert_to_gpu, cost
     bar.close(f"cost {best_cost:.6g}, bound {bound:.6g}" if time.monotonic() - start > bar.after else "")
-    cut = method != "exact-ilp" and (stats["restarts_run"] < restarts or time.monotonic() > deadline
+    cut = method not in EXACT_METHODS and (stats["restarts_run"] < restarts or time.monotonic() > deadline
                                      or method.startswith("ilp(time-limited)")
                                      or (method.startswith("chain") and stats["kicks_run"] < kicks)
                                      or stats["layer_ilps_cut"] > 0)
@@ -771,6 +784,22 @@ class _SingleBlasThread:
 single_blas_thread = _SingleBlasThread()
 
 
+def check_layout(num_experts: int, num_gpus: int, gpus_per_node: int, objective: str, redundant: int,
+                 total_cap: int | None) -> None:
+    """The GPUs against the experts, for `objective`: E/G experts per GPU unless the objective
+    places them unevenly (balance, a total cap, or latency's copies filling equal slots where G
+    divides E + R but not E: latency.primary_slots), which check their own counts. `moeplace
+    solve` runs it before its warnings, so that a refused run prints one line."""
+    fills = objective == "latency" and redundant > 0 and (num_experts + redundant) % num_gpus == 0
+    uneven = objective == "balance" or total_cap is not None or fills
+    check_topology(num_experts, num_gpus, gpus_per_node, balanced=not uneven,
+                   hint=f"--objective {objective} keeps E/G experts per GPU; --objective balance with "
+                        "--redundant-experts, --max-experts-per-gpu or --max-experts-per-gpu-total, or latency with "
+                        "--max-experts-per-gpu-total or with --redundant-experts R where E + R is a multiple of G, "
+                        "places them unevenly",
+                   redundant=redundant if objective == "balance" or fills else 0)
+
+
 def solve_placement(
     trace: Trace,
     num_gpus: int,
@@ -805,16 +834,8 @@ def solve_placement(
         raise MoeplaceError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
     check_arguments(num_gpus=num_gpus, gpus_per_node=gpus_per_node, time_limit=time_limit, seed=seed,
                     train_fraction=train_fraction, **options)
-    redundant = options.get("redundant", 0)
-    # latency's copies may fill equal slots where G divides E + R but not E (latency.primary_slots)
-    fills = objective == "latency" and redundant > 0 and (trace.num_experts + redundant) % num_gpus == 0
-    uneven = objective == "balance" or options.get("max_experts_per_gpu_total") is not None or fills  # own checks
-    check_topology(trace.num_experts, num_gpus, gpus_per_node, balanced=not uneven,
-                   hint=f"--objective {objective} keeps E/G experts per GPU; --objective balance with "
-                        "--redundant-experts, --max-experts-per-gpu or --max-experts-per-gpu-total, or latency with "
-                        "--max-experts-per-gpu-total or with --redundant-experts R where E + R is a multiple of G, "
-                        "places them unevenly",
-                   redundant=redundant if objective == "balance" or fills else 0)
+    check_layout(trace.num_experts, num_gpus, gpus_per_node, objective, options.get("redundant", 0),
+                 options.get("max_experts_per_gpu_total"))
     move_cost = options.get("move_cost")
     if move_cost is not None and (objective != "traffic" or current is None):
         raise MoeplaceError("--move-cost prices moves of the traffic objective away from a deployed placement: "
