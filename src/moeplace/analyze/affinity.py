@@ -56,7 +56,7 @@ def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
     """Shannon entropy in nats of distributions along `axis` (need not be normalised)."""
     total = p.sum(axis=axis, keepdims=True)
     q = np.divide(p, total, out=np.zeros_like(p, dtype=np.float64), where=total > 0)
-    return -(q * np.log(np.where(q > 0, q, 1.0))).sum(axis=axis)
+    return 0.0 - (q * np.log(np.where(q > 0, q, 1.0))).sum(axis=axis)  # 0 - x, not -x: -0.0 printed '-0.00'
 
 
 def load_skew(loads: np.ndarray, hottest: int = 4) -> list[dict[str, Any]]:

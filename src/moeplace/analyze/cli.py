@@ -24,7 +24,7 @@ from moeplace.analyze.report import (
 )
 from moeplace.errors import MoeplaceError, TraceError, warn
 from moeplace.io import locked_stage, read_json, write_json_atomic
-from moeplace.options import POSITIVE, POSITIVE_INT, SEED, given_options
+from moeplace.options import POSITIVE, POSITIVE_INT, SEED, given_options, same_file
 from moeplace.placement import check_topology
 from moeplace.progress import silenced
 from moeplace.trace.format import Trace, is_load_only, load_loads, load_trace
@@ -164,7 +164,8 @@ def _refuse_skipped(ctx: click.Context, no_solve: bool, no_figures: bool) -> Non
                    "decoder layers 2-9, pair 0 is the tables' row 0>1, decoder 2>3. "
                    "[default: up to 4 spread from first to last]")
 @click.option("--gpus", type=POSITIVE_INT, default=None, metavar="N",
-              help="GPUs for the placement-transfer test and --learning-curve. [default: 8, or the largest divisor of E below 8]")
+              help="GPUs for the placement-transfer test and --learning-curve (1: no cross-GPU traffic, so the "
+                   "test measures nothing and says so). [default: 8, or the largest divisor of E below 8]")
 @click.option("--gpus-per-node", type=POSITIVE_INT, default=None, metavar="N", help="GPUs per node. [default: all GPUs in one node]")
 @click.option("--time-limit", type=POSITIVE, default=10.0, show_default=True, metavar="SECONDS",
               help="Seconds per placement solve (two per comparison; up to 4 x --curve-splits for "
@@ -245,6 +246,10 @@ def analyze(
       moeplace analyze wiki.npz --compare code.npz --gpus 8 -o out/wiki-vs-code
       moeplace analyze traces/flame-moe-290m-decoder.npz --learning-curve --gpus 8 -o out/flame
     """
+    out = Path(out_dir) if out_dir else Path(f"analyze-{Path(trace_path).stem}")
+    if out.exists() and not out.is_dir():
+        raise MoeplaceError(f"-o {out}: exists and is not a directory")
+    _check_inputs_kept(out, [("TRACE", trace_path), ("--compare", compare_path)])
     sources: dict[str, tuple[Source, str]] = {"A": (load_source(trace_path), trace_path)}
     if compare_path is not None:
         sources["B"] = (load_source(compare_path), compare_path)
@@ -269,9 +274,6 @@ def analyze(
         _check_curve(first, trace_path, no_solve, num_gpus, curve_splits, seed)
     elif given_options(click.get_current_context(), ("curve_splits",)):
         raise MoeplaceError("--curve-splits: sets the splits of --learning-curve; add --learning-curve or drop it")
-    out = Path(out_dir) if out_dir else Path(f"analyze-{Path(trace_path).stem}")
-    if out.exists() and not out.is_dir():
-        raise MoeplaceError(f"-o {out}: exists and is not a directory")
     try:  # fail before the work, not after it
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -319,6 +321,17 @@ def _check_curve(first: Source, path: str, no_solve: bool, num_gpus: int | None,
         raise MoeplaceError("--learning-curve on --gpus 1: one GPU has no cross-GPU traffic to reduce; give --gpus "
                             "of the deployment (a divisor of E above 1)")
     plan(first, splits, seed)
+
+
+def _check_inputs_kept(out: Path, inputs: list[tuple[str, str | None]]) -> None:
+    """Refuse, before the work, an input that is one of the files this run writes (or removes) in
+    `out`: `moeplace analyze DIR/affinity.png -o DIR` (a trace under that name, or a link to it)
+    would be replaced by the figure. (option, path or None)."""
+    for name in (JSON_NAME, *FIGURES):
+        for option, path in inputs:
+            if path is not None and same_file(out / name, Path(path)):
+                raise MoeplaceError(f"-o {out}: this run writes {out / name}, which is {option} ({path}); "
+                                    "write the report elsewhere")
 
 
 STAGE_PREFIX = ".analyze."  # the staging directories' names: .analyze.*.tmp

@@ -175,6 +175,11 @@ TRANSFER_KEEPS = 0.8
 TRANSFER_LOSES = 0.5
 
 
+# --gpus 1: every layout is the same, so the placement test's "no gain" is no verdict on the trace
+ONE_GPU = ("on --gpus 1 every expert shares the one GPU, so there is no cross-GPU traffic for a placement to reduce "
+           "(give --gpus of the deployment to measure the placement gain)")
+
+
 def verdict(tr: dict[str, Any]) -> dict[str, Any]:
     """The one-paragraph answer: how many layer pairs show affinity, and does it transfer?"""
     modes = tr["affinity"]["modes"]
@@ -195,7 +200,9 @@ def verdict(tr: dict[str, Any]) -> dict[str, Any]:
         m = halves["modes"]["top1"]["mean"]
         parts.append(f"on the held-out half, top-1 successors capture {m['capture_heldout']['1']:.2f} of top-1 "
                      f"transitions vs {m['capture_heldout_marginal']['1']:.2f} without affinity")
-    if "placement" in halves:
+    if "placement" in halves and halves["placement"].get("num_gpus") == 1:  # not the trace's fault: say so
+        parts.append(ONE_GPU)
+    elif "placement" in halves:
         moved = halves["placement"]["a_to_b"]["transferred"]["cross_gpu_top1"]
         parts.append(f"a placement solved on one half keeps {_pct(moved)} of its cross-GPU reduction (vs contiguous) "
                      "on the other"
@@ -280,8 +287,9 @@ def domain_verdict(transfer: dict[str, Any], traces: dict[str, Any], no_paths: s
     else:
         a_to_b, b_to_a = (pl[d]["transferred"]["cross_gpu_top1"] for d in ("a_to_b", "b_to_a"))
         known = [v for v in (a_to_b, b_to_a) if v is not None]
-        if not known:
-            out["text"] = "solving on either trace gains nothing over contiguous: no placement gain to keep or lose."
+        if pl.get("num_gpus") == 1 or not known:
+            out["text"] = (f"not measured: {ONE_GPU}." if pl.get("num_gpus") == 1 else
+                           "solving on either trace gains nothing over contiguous: no placement gain to keep or lose.")
             return out
         out["kept"] = kept = min(known)
         halves = [v for v in (_halves_kept(traces["A"]), _halves_kept(traces["B"])) if v is not None]

@@ -39,7 +39,9 @@ def _objective_names() -> list[str]:
 @click.option("--time-limit", type=POSITIVE, default=60.0, show_default=True,
               help="Seconds for the search; the best placement found by then is written. Reading the "
                    "tokens and the final metrics come on top (seconds on 100,000s of tokens).")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the split and the search (same seed, same result).")
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Seed of the split and the search (same seed, same result); refused for a load-only input, "
+                   "which draws nothing at random.")
 @click.option("--train-fraction", type=FiniteFloat(0.0, 1.0, min_open=True), default=1.0, show_default=True,
               help="Fit on this seeded random fraction of the tokens; metrics also on the rest (held out). "
                    "Warns when either part has fewer tokens than experts per layer.")
@@ -112,7 +114,7 @@ def _objective_names() -> list[str]:
 @click.option("--pareto", is_flag=True,
               help="latency: solve for compute weights 0 (traffic only), 1, 4, 16, 64 (balance heavy), each in a fifth "
                    "of --time-limit; print the compute / communication front and store it in the placement "
-                   "(solver.pareto); writes the weight-1 placement.")
+                   "(solver.pareto); writes the weight-1 placement. Not for a load-only input (balance).")
 @click.option("--output", "-o", type=OUTPUT_FILE, required=True, help="Placement JSON to write.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary on stdout, no progress on stderr.")
 def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str | None, time_limit: float, seed: int,
@@ -158,7 +160,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     from moeplace.errors import MoeplaceError
     from moeplace.placement import load_placement
     from moeplace.solve.costmodel import checkpoint_dir
-    from moeplace.solve.solver import solve_placement
+    from moeplace.solve.solver import check_layout, solve_placement
     from moeplace.trace.format import is_load_only, load_trace, median_sequence_tokens, sequence_split_problem
 
     # before the solve, not after it; -o CKPT/config.json would replace the checkpoint's config
@@ -216,24 +218,57 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     if from_path is not None and pareto:
         raise MoeplaceError("--from with --pareto: the front's rows are solved apart; solve the chosen "
                             "--compute-weight with --from")
-    current = None if from_path is None else load_placement(from_path)
-    if load_only:
+    if load_only:  # what a load-only input cannot take, before any file is read
         if objective != "balance":
             raise MoeplaceError(f"{trace_path} holds expert loads only (no token paths): use --objective balance")
         if given := given_options(ctx, ["train_fraction", "split_by"]):
             raise MoeplaceError(f"{given[0]}: {trace_path} holds expert loads only, no tokens to split")
-        return _solve_loads(trace_path, gpus, gpus_per_node, redundant_experts, max_experts_per_gpu,
-                            max_experts_per_gpu_total, time_limit, output, quiet, implied=loads_imply,
-                            current=current, from_path=from_path, max_moves=max_moves)
+        if pareto:
+            raise MoeplaceError(f"--pareto sweeps the latency objective's --compute-weight, and {trace_path} holds "
+                                "expert loads only (no token paths), so the objective is balance: drop --pareto")
+        if given_options(ctx, ["seed"]):
+            raise MoeplaceError(f"--seed: {trace_path} holds expert loads only: balance on loads draws nothing at "
+                                "random (no split, no random baseline), so a seed changes nothing; drop it")
+    if pareto and objective != "latency":
+        raise MoeplaceError("--pareto sweeps the latency objective's --compute-weight: add --objective latency"
+                            + ("" if cluster is not None else " --cluster CONFIG.yaml (see configs/cluster/)"))
+    if max_experts_per_gpu is not None and objective != "balance":
+        raise MoeplaceError(f"--max-experts-per-gpu applies to --objective balance ({objective} keeps equal counts, "
+                            "or takes --max-experts-per-gpu-total)")
+    if objective == "latency" and max_experts_per_gpu_total is not None and redundant_experts:
+        raise MoeplaceError("--max-experts-per-gpu-total with --redundant-experts: replicas need equal slots per GPU; "
+                            "use --objective balance for both, or drop one")
     if split_by == "sequence" and train_fraction >= 1.0:
         raise MoeplaceError("--split-by sequence says which tokens --train-fraction holds out: add --train-fraction "
                             "F < 1 (e.g. 0.5)")
+    gpn = gpus if gpus_per_node is None else gpus_per_node
+    if gpus % gpn:  # needs no trace: said before reading one
+        raise MoeplaceError(f"--gpus {gpus} is not a multiple of --gpus-per-node {gpn}")
+    if objective == "latency" and cluster is None:
+        raise MoeplaceError("--objective latency needs --cluster CONFIG.yaml (see configs/cluster/)")
+    current = None if from_path is None else load_placement(from_path)
+    if current is not None:  # its GPUs now; its layers and experts once the trace is read
+        from moeplace.solve.migrate import check_current
+        check_current(current, str(from_path), current.num_layers, current.num_experts, gpus, gpn)
+    if load_only:
+        return _solve_loads(trace_path, gpus, gpus_per_node, redundant_experts, max_experts_per_gpu,
+                            max_experts_per_gpu_total, time_limit, output, quiet, implied=loads_imply,
+                            current=current, from_path=from_path, max_moves=max_moves)
     trace = load_trace(trace_path)
+    if split_by == "sequence" and (problem := sequence_split_problem(trace, str(trace_path))):
+        raise MoeplaceError(f"--split-by sequence: {problem}; use --split-by token")
+    # the solver's first refusals, here before this command's warnings: a refused run prints one line
+    check_layout(trace.num_experts, gpus, gpn, objective, redundant_experts, max_experts_per_gpu_total)
+    if current is not None:
+        check_current(current, str(from_path), trace.num_layers, trace.num_experts, gpus, gpn)
+    cost = None
+    if objective == "latency" and cluster is not None:  # after the topology, as the solver orders them
+        from moeplace.solve.costmodel import load_cost_model
+        cost = load_cost_model(cluster, model_config)
+        cost.check(gpus, gpn)
     if trace.meta.get("source") == "exflow-npy":  # the placement's expert count comes from the ids alone
         warn(f"{trace_path}: an ExFlow .npy records no expert count: {trace.num_experts} assumed (its largest id + 1); "
              f"if the model has more, `moeplace import exflow {trace_path} --num-experts N -o TRACE.npz` records it")
-    if split_by == "sequence" and (problem := sequence_split_problem(trace, str(trace_path))):
-        raise MoeplaceError(f"--split-by sequence: {problem}; use --split-by token")
     if train_fraction < 1.0:
         warn_small_split(trace, train_fraction, seed, split_by)
     options: dict[str, Any] = {}
@@ -247,20 +282,15 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     if objective == "latency":
         options = dict(cluster=cluster, model_config=model_config, compute_weight=compute_weight,
                        redundant=redundant_experts, max_experts_per_gpu_total=max_experts_per_gpu_total)
-        if (cost := loaded_cost_model(cluster, model_config)) is not None:
+        if cost is not None:  # always, by now
             options["cost"] = cost  # read once: the solver, its predicted times and --pareto take it
-            warn_other_model(cost, trace, trace_path)
+            announce_cost_model(cost, trace, trace_path)
     if objective == "balance":
         options = dict(redundant=redundant_experts, max_experts_per_gpu=max_experts_per_gpu,
                        max_experts_per_gpu_total=max_experts_per_gpu_total)
         if max_moves is not None:
             options["max_moves"] = max_moves
-    elif max_experts_per_gpu is not None:
-        raise MoeplaceError("--max-experts-per-gpu applies to --objective balance")
     if pareto:
-        if objective != "latency":
-            raise MoeplaceError("--pareto sweeps the latency objective's --compute-weight: add --objective latency"
-                                + ("" if cluster is not None else " --cluster CONFIG.yaml (see configs/cluster/)"))
         placement = pareto_front(trace, gpus, gpus_per_node, time_limit, seed, train_fraction, options, not quiet,
                                  split_by=split_by)
     else:
@@ -299,29 +329,14 @@ def warn_no_engine_form(placement: Placement) -> None:
              "`moeplace serve` take it, `moeplace export` will refuse it")
 
 
-def loaded_cost_model(cluster: Path | None, model_config: Path | None) -> CostModel | None:
-    """The cost model of --cluster/--model-config, or None when there is none or it does not
-    load: the solver then refuses it, in its order (cheap argument and topology checks first).
-    One estimated from a checkpoint is printed on stderr."""
-    from moeplace.errors import MoeplaceError
-    from moeplace.solve.costmodel import estimate_lines, load_cost_model
-
-    if cluster is None:
-        return None
-    try:
-        cost = load_cost_model(cluster, model_config)
-    except MoeplaceError:
-        return None
-    for line in estimate_lines(cost):  # a model section estimated from a checkpoint: said once, here
-        click.echo(f"moeplace solve: note: {line}", err=True)
-    return cost
-
-
-def warn_other_model(cost: CostModel, trace: Any, trace_path: Path) -> None:
-    """One line on stderr, before the solve, when the cost model describes another model than the
+def announce_cost_model(cost: CostModel, trace: Any, trace_path: Path) -> None:
+    """On stderr, once every input is checked and before the solve: the model section estimated
+    from a checkpoint, and one warning when the cost model describes another model than the
     trace's (hidden size in the trace meta, expert count or top-k the model config states)."""
-    from moeplace.solve.costmodel import model_facts, model_mismatch
+    from moeplace.solve.costmodel import estimate_lines, model_facts, model_mismatch
 
+    for line in estimate_lines(cost):
+        click.echo(f"moeplace solve: note: {line}", err=True)
     if line := model_mismatch(trace, str(trace_path), model_facts(cost)):
         warn(line)
 
