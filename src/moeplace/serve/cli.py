@@ -19,7 +19,7 @@ import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError, warn
 from moeplace.io import loads_json, not_a_file
-from moeplace.serve.httpserver import MAX_TEMPERATURE, SAMPLING, BadRequest, parse_sampling
+from moeplace.serve.httpserver import MAX_TEMPERATURE, SAMPLING, BadRequest, check_text, parse_sampling
 from moeplace.serve.engine import ROUTING_EVERY_S, ROUTING_MAX_TOKENS
 from moeplace.serve.sampling import Sampling, int64
 from moeplace.options import (
@@ -76,7 +76,8 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS}  # what a JSONL prompt li
                    "'-' reads standard input (e.g. a pipe).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
               help="Batch output JSONL: one {index, prompt, token_ids, text, finish_reason} per prompt "
-                   "(default: stdout). A `wrote FILE` line on stdout names each file written.")
+                   "(default: stdout). A `wrote FILE` line names each file written (on stderr when the "
+                   "generations go to stdout).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 1 << 16),
               help="Batch: new tokens per prompt (a JSONL max_tokens overrides it). HTTP: the most a "
                    "request's max_tokens may ask for (more is a 400); a request without max_tokens gets "
@@ -87,7 +88,8 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS}  # what a JSONL prompt li
 @click.option("--ignore-eos", is_flag=True, help="Batch: do not stop at the end-of-sequence token.")
 @click.option("--temperature", type=FiniteFloat(0.0, MAX_TEMPERATURE),
               help="Batch: sample at this temperature (default 0: greedy); a JSONL line's \"temperature\", "
-                   "\"top_p\", \"top_k\" and \"seed\" override these options. HTTP: per request.")
+                   "\"top_p\", \"top_k\" and \"seed\" override these options (and its \"min_p\" applies). "
+                   "HTTP: per request.")
 @click.option("--top-p", type=FiniteFloat(0.0, 1.0, min_open=True),
               help="Batch: sample from the smallest set of tokens holding this much probability (needs --temperature).")
 @click.option("--top-k", type=click.IntRange(-1), help="Batch: sample from the k likeliest tokens; 0 or -1: no "
@@ -399,8 +401,8 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int, max_
     line's own keys override; prompt i without a "seed" of its own samples with seed + i."""
     p = Path(path)
     name = STDIN_NAME if path == "-" else str(p)
-    try:
-        lines = [ln.removesuffix("\r") for ln in prompt_bytes(path).decode("utf-8").split("\n")]
+    try:  # utf-8-sig: a BOM (Windows editors write one) is no part of the first line
+        lines = [ln.removesuffix("\r") for ln in prompt_bytes(path).decode("utf-8-sig").split("\n")]
     except UnicodeDecodeError:
         raise MoeplaceError(f"{name}: not UTF-8 text") from None
     jsonl = prompts_are_jsonl(p, lines)
@@ -437,6 +439,10 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int, max_
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise MoeplaceError(f"{where}: text prompt, but the model has no tokenizer (give token ids in JSONL)")
+            try:  # a JSONL "\ud800" is valid JSON but no text: the tokenizer would raise a TypeError
+                check_text(prompt, "prompt")
+            except BadRequest as e:
+                raise MoeplaceError(f"{where}: {e}") from None
             ids = list(tokenizer.encode(prompt, add_special_tokens=False))
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = prompt

@@ -55,7 +55,11 @@ routing (engine.RoutingLog) and writes it periodically and on the way out (docs/
                           "contiguous (no --placement)", "placement_sha256": 12 hex digits or null}
     GET  /metrics         Prometheus text (tokens/s, Alltoall bytes, per-layer cross-rank tokens,
                           each rank's expert load; moeplace_info names mode, world and placement)
-Unknown path: 404; a route with the wrong method: 405 and an Allow header.
+Unknown path: 404; a route with the wrong method (PUT, DELETE, PATCH, OPTIONS too): 405 and an Allow
+header; HEAD of a GET route: its headers. Bodies: Content-Length (digits only) or chunked, at most
+MAX_BODY bytes (413; a refused body is still read, up to MAX_DRAIN, so the client gets the answer
+rather than a broken pipe); no length: 411. A client silent for CLIENT_TIMEOUT_S is dropped (408
+when a body was under way). Protocol errors too are OpenAI-shaped JSON.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ import dataclasses
 import json
 import os
 import queue
+import re
 import secrets
 import sys
 import threading
@@ -73,6 +78,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 from moeplace.errors import MoeplaceError
 from moeplace.io import loads_json
@@ -83,6 +89,14 @@ from moeplace.serve.generate import Runtime, StepCallback, TokenLogprobs
 from moeplace.serve.sampling import GREEDY, Sampling, int64
 
 MAX_BODY = 1 << 20  # bytes
+# a body over MAX_BODY is still read (and dropped) up to this size before the connection closes:
+# a client that sends it all before reading (urllib, requests) gets the 413, not a broken pipe
+MAX_DRAIN = 16 * MAX_BODY
+# seconds a client may stay silent (before its request, inside it, or not reading a stream):
+# then its connection is dropped, so a stalled client cannot hold a handler thread for ever
+CLIENT_TIMEOUT_S = 60.0
+# connections waiting to be accepted: socketserver's 5 reset a burst of a dozen clients
+LISTEN_BACKLOG = 1024
 ROUTES = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET",
           "/metrics": "GET"}
 CHAT_ROLES = ("system", "user", "assistant", "developer")
@@ -105,6 +119,8 @@ SAMPLING: dict[str, tuple[Any, ...]] = {"top_p": (None, 1, 1.0), "top_k": (None,
 # "suffix" are not chat fields, but a client sending them expects them honoured
 CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     **UNSUPPORTED, "response_format": (None, {"type": "text"}), "tools": (None, []), "functions": (None, []),
+    # without tools, a choice that demands a call cannot be honoured (OpenAI refuses it too)
+    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
 }
 MAX_TEMPERATURE = 2.0  # OpenAI's range
 # alternatives per token: OpenAI's caps ("logprobs" of completions, "top_logprobs" of chat)
@@ -114,6 +130,25 @@ MIN_LOGPROB = -9999.0  # vLLM's floor: JSON has no -Infinity
 
 class BadRequest(ValueError):
     """Invalid client input: answered with HTTP 400 and the message."""
+
+
+class ClientError(Exception):
+    """A request the HTTP layer refuses (its body's framing or size): answered with `code`."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_text(text: str, where: str) -> str:
+    """`text` when it is Unicode text: JSON's \\ud800 escapes a lone surrogate, which no tokenizer
+    can encode (BadRequest)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(f"{where} is not valid Unicode text: a lone surrogate "
+                         f"{text[e.start]!a} at character {e.start}") from None
+    return text
 
 
 # what rank 0's main thread hands a streamed job's handler: (prompt index, new token, finished,
@@ -244,8 +279,7 @@ def read_body(body: bytes) -> dict[str, Any]:
 def check_options(doc: dict[str, Any], unsupported: dict[str, tuple[Any, ...]], what: str) -> Sampling:
     """Refuse what this server cannot honour ("n" > 1, `unsupported` fields off their defaults;
     `what` names the endpoint in the message); return the request's sampling."""
-    n = doc.get("n", 1)
-    if n != 1 or isinstance(n, bool):
+    if not _is_one_of(doc.get("n"), (None, 1)):  # 1.0 and true are no integer 1, as for best_of
         raise BadRequest("\"n\" must be 1: one completion per prompt (send the prompt again, or a list of it)")
     for name, defaults in unsupported.items():
         if not _is_one_of(doc.get(name), defaults):
@@ -323,7 +357,8 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
     logprobs = parse_logprobs(doc)
     stream, include_usage = parse_stream(doc)
     prompt = doc.get("prompt")
-    max_tokens = check_max_tokens(doc.get("max_tokens", min(16, max_tokens_limit)), max_tokens_limit)
+    max_tokens = doc.get("max_tokens")  # null: the default, as OpenAI's (and chat's here)
+    max_tokens = check_max_tokens(min(16, max_tokens_limit) if max_tokens is None else max_tokens, max_tokens_limit)
     if isinstance(prompt, str):
         prompt = [prompt]
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -331,7 +366,9 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         if tokenizer is None:
             raise BadRequest("this model has no tokenizer: send token ids (\"prompt\": [1, 2, 3])")
-        prompts, texts = [list(tokenizer.encode(p, add_special_tokens=False)) for p in prompt], True
+        prompts = [list(tokenizer.encode(check_text(p, "prompt" if len(prompt) == 1 else f"prompt[{i}]"),
+                                         add_special_tokens=False)) for i, p in enumerate(prompt)]
+        texts = True
     else:
         raise BadRequest("prompt must be a string, a list of strings or a list of token ids")
     if max_prompts is not None and len(prompts) > max_prompts:
@@ -364,7 +401,7 @@ def chat_messages(messages: Any) -> list[dict[str, str]]:
             if key not in ("role", "content") and value not in (None, []):
                 raise BadRequest(f"\"{where}.{key}\" is not supported (only role and content are read): "
                                  f"leave it out or null, got {json.dumps(value)[:80]}")
-        out.append({"role": TEMPLATE_ROLE.get(role) or str(role), "content": content})
+        out.append({"role": TEMPLATE_ROLE.get(role) or str(role), "content": check_text(content, f"{where}.content")})
     return out
 
 
@@ -421,7 +458,7 @@ def metrics_text(stats: Stats, mode: str, world: int, placement: dict[str, str |
          [("", f"{stats.decode_seconds:.6f}")]),
         ("moeplace_requests_total", "counter", "Requests served (completions and chat completions together).", [("", stats.requests)]),
         ("moeplace_rejected_requests_total", "counter",
-         "Requests answered with an error (400, 404, 405, 413, 503).", [("", stats.rejected)]),
+         "Requests answered with an error (a 4xx or 5xx status).", [("", stats.rejected)]),
         ("moeplace_collective_bytes_total", "counter", "Bytes sent to other ranks by kind of collective, "
          "summed over ranks.",
          [(f'phase="{phase}",kind="{kind}"', s[kind]["bytes"]) for phase, s in phases for kind in KINDS if kind in s]),
@@ -455,9 +492,37 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: "Server"
     chunked = True  # a stream's body in chunks (HTTP/1.1 clients)
+    timeout = CLIENT_TIMEOUT_S  # the connection's socket timeout (StreamRequestHandler.setup)
+    body_pending = False  # the request's body is not read yet: _send reads and drops it after the answer
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet: no per-request stderr lines
         pass
+
+    def parse_request(self) -> bool:
+        self.body_pending = False  # (a refused Expect: 100-continue has no body coming)
+        if not super().parse_request():
+            return False
+        self.body_pending = self.headers.get("Content-Length", "0").strip() not in ("", "0") or \
+            "Transfer-Encoding" in self.headers
+        return True
+
+    def handle_expect_100(self) -> bool:
+        """Refuse a body over the limit before the client sends it (curl asks first for large ones)."""
+        try:
+            length = self._content_length()
+        except ClientError:
+            length = None  # the request is refused with the reason once it is read
+        if length is not None and length > MAX_BODY:
+            self._error(413, f"body larger than {MAX_BODY} bytes")
+            return False
+        return super().handle_expect_100()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line or headers, an unknown method, a
+        URI too long) in the JSON shape of every other error, not an HTML page."""
+        if self.request_version == "HTTP/0.9":  # a request line it could not read: answer with a status line
+            self.request_version = "HTTP/1.0"
+        self._error(code, message or self.responses.get(code, ("error",))[0])
 
     def _send(self, code: int, body: str, ctype: str = "application/json",
               headers: dict[str, str] | None = None) -> None:
@@ -467,11 +532,17 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
+        if self.close_connection:  # say so: a keep-alive client would send its next request into the void
+            self.send_header("Connection", "close")
         try:
             self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client left: nobody to answer
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except OSError:  # the client left or stalled: nobody to answer
             self.close_connection = True
+            return
+        if self.body_pending:  # answered without reading it (404, 413, ...): read it now
+            self._drain()
 
     def _error(self, code: int, msg: str, headers: dict[str, str] | None = None) -> None:
         self.server.stats.reject()
@@ -479,22 +550,106 @@ class Handler(BaseHTTPRequestHandler):
         kind = "invalid_request_error" if code < 500 else "server_error"
         self._send(code, json.dumps({"error": {"message": msg, "type": kind, "code": code}}), headers=headers)
 
+    def _path(self) -> str:
+        """The request target's path: without the query, also in absolute form (http://host/path,
+        which RFC 9112 has servers accept)."""
+        if self.path.startswith("/"):
+            return self.path.split("?", 1)[0]
+        return urlsplit(self.path).path or "/"
+
     def _route(self, method: str) -> str | None:
-        """The request's path when `method` serves it; else answers 404 or 405 and returns None."""
-        path = self.path.split("?", 1)[0]
+        """The request's path when `method` serves it (HEAD: a GET route); else answers 404 or 405
+        and returns None."""
+        path = self._path()
         allowed = ROUTES.get(path)
         if allowed is None:
             routes = ", ".join(f"{method} {route}" for route, method in ROUTES.items())
             self._error(404, f"no route {path} (routes: {routes})")
-        elif allowed != method:
+        elif allowed != method and not (method == "HEAD" and allowed == "GET"):
             self._error(405, f"{path} takes {allowed}", {"Allow": allowed})
         else:
             return path
         return None
 
+    def _content_length(self) -> int | None:
+        """The Content-Length, None without one; ClientError(400) unless plain digits, or given
+        twice with two values (int() reads "+36", " 36" and "3_6" too)."""
+        values = {v.strip() for v in self.headers.get_all("Content-Length") or []}
+        if not values:
+            return None
+        if len(values) > 1:
+            raise ClientError(400, f"conflicting Content-Length headers ({', '.join(sorted(values))})")
+        value = values.pop()
+        if not re.fullmatch(r"[0-9]{1,20}", value):
+            raise ClientError(400, f"bad Content-Length {value[:40]!r}: send the body's size in bytes")
+        return int(value)
+
+    def _body(self) -> bytes:
+        """The request body, Content-Length or chunked, checked against MAX_BODY (ClientError)."""
+        encoding = ",".join(self.headers.get_all("Transfer-Encoding") or []).strip().lower()
+        length = self._content_length()
+        if encoding and length is not None:  # RFC 9112 6.3: a request smuggling risk; refuse
+            raise ClientError(400, "both Transfer-Encoding and Content-Length: send one")
+        if encoding:
+            if encoding != "chunked":
+                raise ClientError(501, f"Transfer-Encoding {encoding[:40]!r} is not supported: send the body "
+                                       "as is (Content-Length) or chunked")
+            self.body_pending = False  # a broken chunked body cannot be skipped: the connection closes
+            return self._read_chunked()
+        if length is None:
+            raise ClientError(411, "no Content-Length: send the JSON body with its size (or chunked)")
+        if length > MAX_BODY:
+            raise ClientError(413, f"body larger than {MAX_BODY} bytes")
+        self.body_pending = False
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise ClientError(400, f"the body ended after {len(body)} of its {length} bytes (Content-Length)")
+        return body
+
+    def _read_chunked(self) -> bytes:
+        """A chunked body (RFC 9112 7.1): hex sizes (extensions ignored), data, trailers."""
+        body = bytearray()
+        while True:
+            line = self.rfile.readline(1024)
+            size = line.split(b";", 1)[0].strip()
+            if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9a-fA-F]{1,16}", size):
+                raise ClientError(400, f"bad chunk size line {line[:40]!r} in the chunked body")
+            n = int(size, 16)
+            if n == 0:
+                break
+            if len(body) + n > MAX_BODY:
+                raise ClientError(413, f"body larger than {MAX_BODY} bytes")
+            chunk = self.rfile.read(n)
+            if len(chunk) < n or self.rfile.readline(3).strip():
+                raise ClientError(400, "a chunk of the chunked body is cut short or longer than its size")
+            body += chunk
+        for _ in range(100):  # trailer fields, up to the blank line
+            if self.rfile.readline(8192).strip() == b"":
+                return bytes(body)
+        raise ClientError(400, "too many trailer fields after the chunked body")
+
+    def _drain(self) -> None:
+        """Read and drop the body of a request answered without it: a client that sends it all
+        before reading (urllib, requests) then gets the answer, not a broken pipe, and the next
+        request on the connection starts where it should. Beyond MAX_DRAIN, or chunked, the
+        connection just closes."""
+        self.body_pending = False
+        try:
+            left = self._content_length()
+        except ClientError:
+            return
+        if left is None or left > MAX_DRAIN or "Transfer-Encoding" in self.headers:
+            self.close_connection = True
+            return
+        try:
+            while left > 0 and (n := len(self.rfile.read(min(left, 1 << 16)))):
+                left -= n
+        except OSError:
+            self.close_connection = True
+
     def do_GET(self) -> None:
         srv = self.server
-        path = self._route("GET")
+        path = self._route(self.command)  # GET or HEAD
         if path == "/health":
             self._send(200, json.dumps({"status": "ok", "world": srv.world, "mode": srv.mode, **srv.placement}))
         elif path == "/metrics":
@@ -504,6 +659,14 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, json.dumps({"object": "list", "data": [
                 {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "moeplace"}]}))
 
+    do_HEAD = do_GET  # the same status and headers; _send leaves out the body
+
+    def _no_such_method(self) -> None:
+        """A method no route takes: 404 for an unknown path, else 405 naming the route's."""
+        self._route(self.command)
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _no_such_method
+
     def do_POST(self) -> None:
         srv = self.server
         path = self._route("POST")
@@ -511,15 +674,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         if srv.closing is not None:  # also checked where the job is queued (`submit`): this saves the parse
             return self._error(503, srv.closing)
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            return self._error(400, "bad Content-Length")
-        if length < 0 or length > MAX_BODY:
-            return self._error(413, f"body larger than {MAX_BODY} bytes")
         spec = srv.spec
         try:
-            body = self.rfile.read(length)
+            body = self._body()
             if path == "/v1/chat/completions":
                 job = parse_chat(body, srv.tokenizer, srv.model_name, spec.vocab_size, spec.max_positions,
                                  srv.max_tokens_limit)
@@ -528,6 +685,18 @@ class Handler(BaseHTTPRequestHandler):
                                        srv.max_tokens_limit, srv.max_batch)
         except BadRequest as e:
             return self._error(400, str(e))
+        except ClientError as e:
+            return self._error(e.code, str(e))
+        except TimeoutError:
+            return self._error(408, f"the request body did not arrive within {self.timeout:g} s")
+        except OSError:  # the client left mid-body: nobody to answer
+            self.close_connection = True
+            return
+        except Exception as e:  # a bug (or a tokenizer's surprise): a 500 and one line, not a dropped connection
+            first = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+            print(f"moeplace serve: warning: internal error reading a request to {path}: {type(e).__name__}: "
+                  f"{first}", file=sys.stderr, flush=True)
+            return self._error(500, f"internal error ({type(e).__name__}: {first})")
         if not srv.submit(job):
             return self._error(503, srv.closing or "the server is shutting down")
         try:
@@ -602,7 +771,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._write_chunk(sse(events + [{"error": error}]))
             if self.chunked:
                 self.wfile.write(b"0\r\n\r\n")  # the last chunk
-        except ConnectionError:  # the client left: stop writing; its batch decodes on
+        except OSError:  # the client left, or stopped reading (CLIENT_TIMEOUT_S): stop writing; its batch decodes on
             job.gone = True
             self.close_connection = True
 
@@ -817,6 +986,7 @@ def stream_router(batch: list[Job]) -> StepCallback | None:
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG  # (the kernel caps it at net.core.somaxconn)
     # set by serve_forever
     spec: Any
     tokenizer: Any
@@ -872,9 +1042,16 @@ class Server(ThreadingHTTPServer):
             self._cond.wait_for(lambda: self._in_flight <= 0, timeout=grace_s)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that disconnects mid-request is no error of the server's (no traceback)."""
-        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+        """A client that disconnects or stalls mid-request is no error of the server's; anything
+        else escaping a handler (a bug) is one line, not a traceback (MOEPLACE_TRACEBACK=1: it)."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            return
+        if os.environ.get("MOEPLACE_TRACEBACK"):
             super().handle_error(request, client_address)
+        else:
+            print(f"moeplace serve: warning: internal error answering {client_address[0]}: "
+                  f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
 
 
 def make_server(host: str, port: int) -> Server:
