@@ -468,7 +468,7 @@ def test_a_missing_file_names_a_close_sibling(tmp_path: Path, capsys) -> None:
     trace = _trace(tmp_path)
     assert run(["solve", str(trace), "--gpus", "4", "--cluster", str(tmp_path / "h100-1x4.yaml"), "-o",
                 str(tmp_path / "p.json")]) == 2
-    assert capsys.readouterr().err.strip() == (f"moeplace: error: {tmp_path / 'h100-1x4.yaml'}: no such file; "
+    assert capsys.readouterr().err.strip() == (f"moeplace: error: --cluster {tmp_path / 'h100-1x4.yaml'}: no such file; "
                                                f"did you mean {tmp_path / 'h100-1x4-nvlink.yaml'}?")
     assert run(["solve", str(tmp_path / "zzz.npz"), "--gpus", "4", "-o", str(tmp_path / "p.json")]) == 2
     assert capsys.readouterr().err.strip().endswith("zzz.npz: no such file")

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import ROOT
 from moeplace import cli
-from moeplace.placement import load_placement
+from moeplace.placement import Placement, load_placement
+from moeplace.solve.baselines import contiguous
 from moeplace.solve.synthetic import planted_trace
 from moeplace.trace.format import make_loads, make_trace, save_loads, save_trace
 
@@ -78,6 +79,117 @@ def test_solve_refuses_a_from_placement_of_other_gpus_before_reading_the_trace(
                     str(tmp_path / "p.json"), "-q"]) == 2
     line = one_error_line(capsys)
     assert f"--from {current}: it has 2 GPUs, this solve 4" in line
+
+
+@pytest.mark.parametrize("layers, experts, said", [
+    (2, 8, "it has 2 MoE layers, this solve 3"),
+    (3, 16, "it has 16 experts per layer, this solve 8"),
+])
+def test_solve_refuses_a_from_placement_of_another_shape_before_reading_the_trace(
+        trace_path: Path, tmp_path: Path, layers: int, experts: int, said: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The trace's layers and experts come from its headers (trace_shape): before, the refusal
+    came after the whole trace was read (7 s on a 176 MB trace)."""
+    current = tmp_path / "cur.json"
+    Placement(contiguous(layers, experts, 4), num_gpus=4, gpus_per_node=4).save(current)
+    no_trace_read(monkeypatch)
+    assert cli.run(["solve", str(trace_path), "--gpus", "4", "--from", str(current), "-o",
+                    str(tmp_path / "p.json"), "-q"]) == 2
+    assert f"--from {current}: {said}" in one_error_line(capsys)
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_solve_from_on_a_trace_without_an_expert_count_checks_the_experts_once_read(
+        trace_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """An ExFlow .npy stores no expert count (the ids tell it): its layers are refused before the
+    read, its experts after it, still in one line."""
+    from moeplace.trace.format import load_trace
+
+    npy = tmp_path / "t.npy"
+    np.save(npy, load_trace(trace_path).topk_ids[:, :, 0])
+    current, out = tmp_path / "cur.json", tmp_path / "p.json"
+    Placement(contiguous(3, 16, 4), num_gpus=4, gpus_per_node=4).save(current)
+    argv = ["solve", str(npy), "--gpus", "4", "--from", str(current), "-o", str(out), "-q"]
+    assert cli.run(argv) == 2
+    assert "it has 16 experts per layer, this solve 8" in one_error_line(capsys)
+    Placement(contiguous(2, 8, 4), num_gpus=4, gpus_per_node=4).save(current)
+    no_trace_read(monkeypatch)
+    assert cli.run(argv) == 2
+    assert "it has 2 MoE layers, this solve 3" in one_error_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command, flag", [
+    ("solve", "--from"), ("solve", "--cluster"), ("solve", "--model-config"),
+    ("eval", "--cluster"), ("eval", "--model-config"),
+])
+def test_a_missing_file_names_its_flag(trace_path: Path, tmp_path: Path, command: str, flag: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: "nope.json: no such file", whichever of a command's files it was."""
+    missing = tmp_path / ("nope.json" if flag == "--from" else "nope.yaml")
+    given = {"--cluster": CLUSTER_1X4, "--model-config": TINY_MODEL, flag: missing}
+    cost = [] if flag == "--from" else ["--cluster", str(given["--cluster"]), "--model-config",
+                                        str(given["--model-config"])]
+    if command == "solve":
+        argv = ["solve", str(trace_path), "--gpus", "4", *(["--from", str(missing)] if flag == "--from" else
+                                                          ["--objective", "latency", *cost]),
+                "-o", str(tmp_path / "p.json"), "-q"]
+    else:
+        placement = tmp_path / "placement.json"
+        Placement(contiguous(3, 8, 4), num_gpus=4, gpus_per_node=4).save(placement)
+        argv = ["eval", str(placement), str(trace_path), *cost]
+    assert cli.run(argv) == 2
+    assert one_error_line(capsys) == f"moeplace: error: {flag} {missing}: no such file"
+
+
+@pytest.mark.parametrize("key", ["cluster", "model_config"])
+def test_check_names_the_key_of_a_missing_cost_model_file(trace_path: Path, tmp_path: Path, key: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    Placement(contiguous(3, 8, 4), num_gpus=4, gpus_per_node=4).save(tmp_path / "p.json")
+    check = {"name": "a", "placement": "p.json", "trace": trace_path.name, "cluster": str(CLUSTER_1X4),
+             "model_config": str(TINY_MODEL), key: "nope.yaml", "max_imbalance": 10}
+    (tmp_path / "ci.yaml").write_text(json.dumps({"checks": [check]}))  # JSON is YAML
+    assert cli.run(["check", str(tmp_path / "ci.yaml")]) == 2
+    assert capsys.readouterr().out == f"ERROR a: {key} {tmp_path / 'nope.yaml'}: no such file\n"
+
+
+def test_seed_is_refused_above_int64(trace_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 23-digit seed was accepted and written into the placement as a JSON integer past 2**64."""
+    out = tmp_path / "p.json"
+    argv = ["solve", str(trace_path), "--gpus", "2", "--train-fraction", "0.5", "--time-limit", "1", "-o", str(out), "-q"]
+    for seed in ("99999999999999999999999", str(2**63)):
+        assert cli.run([*argv, "--seed", seed]) == 2
+        assert "is not a seed: seeds are integers from 0 to 2**63 - 1" in one_error_line(capsys)
+        assert not out.exists()
+    assert cli.run([*argv, "--seed", str(2**63 - 1)]) == 0  # the largest is taken, and recorded as it is
+    assert json.loads(out.read_text())["split"]["seed"] == 2**63 - 1
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--objective", "balance", "--redundant-experts", "1"], "at most 0 copies fit 1 GPU without"),
+    (["--objective", "latency", "--cluster", str(CLUSTER_1X4), "--model-config", str(TINY_MODEL)],
+     "has 1 node(s) x 4 GPUs, but the placement uses 1 GPU with 1 per node"),
+])
+def test_solve_on_one_gpu_says_gpu_not_gpus(trace_path: Path, tmp_path: Path, flags: list[str], said: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.run(["solve", str(trace_path), "--gpus", "1", *flags, "-o", str(tmp_path / "p.json"), "-q"]) == 2
+    line = one_error_line(capsys)
+    assert said in line and "1 GPUs" not in line, line
+
+
+def test_load_only_summary_and_analyze_progress_on_one_gpu(trace_path: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    loads = tmp_path / "loads.npz"
+    save_loads(make_loads(np.arange(1.0, 17.0).reshape(2, 8)), loads)
+    assert cli.run(["solve", str(loads), "--gpus", "1", "--time-limit", "1", "-o", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert "(load only) -> 1 GPU, 0 redundant" in out and "1 GPUs" not in out, out
+    assert cli.run(["analyze", str(trace_path), "--compare", str(trace_path), "--gpus", "1", "--shuffles", "2",
+                    "--time-limit", "1", "--no-figures", "-o", str(tmp_path / "a")]) == 0
+    captured = capsys.readouterr()
+    assert "solving placements (1 GPU, up to 1 s each)" in captured.err  # the progress line
+    assert "placement on 1 GPU (1 per node)" in captured.out
+    assert "1 GPUs" not in captured.out + captured.err
 
 
 @pytest.mark.parametrize("flags, flag", [(["--pareto"], "--pareto"), (["--seed", "3"], "--seed")])

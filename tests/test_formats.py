@@ -739,3 +739,99 @@ def test_load_loads_of_an_npz_with_neither_member_and_npz_named_npy(tmp_path: Pa
     # a .npy name is an ExFlow trace to every stage, whatever it holds: load_trace names the problem
     assert not is_load_only(_npz(tmp_path / "loads.npy", expert_loads=np.ones((2, 2))))
     assert is_load_only(_npz(tmp_path / "loads.npz", expert_loads=np.ones((2, 2))))
+
+
+def test_trace_shape_reads_the_headers_only(tmp_path: Path, small_trace: Trace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trace_shape answers from the .npy headers, compressed or not; num_experts None where the
+    file stores none (an ExFlow .npy, an .npz without the member: inferred from the ids)."""
+    import moeplace.trace.format as fmt
+
+    save_trace(small_trace, tmp_path / "z.npz")
+    save_trace(small_trace, tmp_path / "plain.npz", compress=False)
+    _npz(tmp_path / "bare.npz", topk_ids=small_trace.topk_ids.astype(np.int16))
+    np.save(tmp_path / "exflow.npy", small_trace.topk_ids[:, :, 0].astype(np.int32))
+    # against load_trace's own reading, before it is made to fail
+    expected = {name: (t.num_tokens, t.num_layers, t.top_k, t.num_experts)
+                for name, t in ((n, load_trace(tmp_path / n)) for n in ("z.npz", "plain.npz", "bare.npz", "exflow.npy"))}
+    assert expected["z.npz"] == expected["plain.npz"] == (24, 3, 2, 8)
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("trace_shape read the tokens")
+
+    monkeypatch.setattr(fmt, "load_trace", refuse)
+    for name in ("z.npz", "plain.npz"):
+        assert fmt.trace_shape(tmp_path / name) == expected[name]
+    assert fmt.trace_shape(tmp_path / "bare.npz") == (24, 3, 2, None)  # load_trace infers 8 from the ids
+    assert fmt.trace_shape(tmp_path / "exflow.npy") == (24, 3, 1, None)
+    # what only the data shows is load_trace's to find
+    assert fmt.trace_shape(_npz(tmp_path / "ids.npz", topk_ids=np.array([[[0, 9]]]), num_experts=np.array(8))) == (1, 1, 2, 8)
+
+
+def _npy_bytes(shape: tuple[int, ...], data: bytes) -> bytes:
+    """An .npy of int64 whose header declares `shape`, followed by `data` as it is."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": "<i8", "fortran_order": False, "shape": shape})
+    return out.getvalue() + data
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: t / "missing.npz",
+    lambda t: t / "missing.npy",
+    lambda t: _text(t / "empty.npz", ""),
+    lambda t: _text(t / "t.npz", "a,b,c\n1,2,3\n"),
+    lambda t: _text(t / "t.npy", "a,b,c\n1,2,3\n"),
+    lambda t: _npz(t / "loads.npz", expert_loads=np.ones((2, 4))),
+    lambda t: _npz(t / "2d.npz", topk_ids=np.zeros((4, 2), np.int64)),
+    lambda t: _npz(t / "float.npz", topk_ids=np.zeros((4, 2, 2), np.float32)),
+    lambda t: _npz(t / "empty-ids.npz", topk_ids=np.zeros((0, 2, 2), np.int64), num_experts=np.array(8)),
+    lambda t: _npz(t / "n.npz", topk_ids=np.array([[[0, 1]]]), num_experts=np.array([8, 8])),
+    lambda t: _npz(t / "n0.npz", topk_ids=np.array([[[0, 1]]]), num_experts=np.array(0)),
+    lambda t: _npz(t / "k.npz", topk_ids=np.array([[[0, 1, 2]]]), num_experts=np.array(2)),
+    lambda t: _npz(t / "v2.npz", topk_ids=np.array([[[0, 1]]]), meta=np.asarray('{"format": "moeplace.trace/v2"}')),
+    lambda t: _npz(t / "meta.npz", topk_ids=np.array([[[0, 1]]]), meta=np.asarray("{not json")),
+    lambda t: _zip(t / "cut.npz", {"topk_ids.npy": _npy_bytes((1000, 16, 4), b"\0" * 64)}),
+    lambda t: _zip(t / "cutw.npz", {"topk_ids.npy": _npy_bytes((1, 1, 2), np.array([0, 1]).tobytes()),
+                                    "topk_weights.npy": _npy_bytes((1, 1, 2), b"\0" * 8)}),
+    lambda t: _zip(t / "raw.npz", {"topk_ids.npy": b"not an array"}),
+    lambda t: _bytes(t / "cut.npy", _npy_bytes((1000, 16), b"\0" * 64)),
+    lambda t: _npy_object(t / "obj.npy"),
+    lambda t: _npz_named_npy(t / "z.npy"),
+])
+def test_trace_shape_refuses_as_load_trace_does(tmp_path: Path, make) -> None:
+    """A file that is not a readable trace: the same one line from trace_shape as from load_trace."""
+    from moeplace.trace.format import trace_shape
+
+    path = make(tmp_path)
+    with pytest.raises(TraceError) as loaded:
+        load_trace(path)
+    with pytest.raises(TraceError) as shaped:
+        trace_shape(path)
+    assert str(shaped.value) == str(loaded.value) and "\n" not in str(shaped.value)
+
+
+def _text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _npy_object(path: Path) -> Path:
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return path
+
+
+def _npz_named_npy(path: Path) -> Path:
+    with open(path, "wb") as f:
+        np.savez(f, topk_ids=np.array([[[0, 1]]]))
+    return path

@@ -184,7 +184,7 @@ def test_chat_and_completions_share_the_queue_batches_and_counters(rt: Runtime, 
      "\"max_completion_tokens\" and \"max_tokens\" differ: send one"),
     ({"messages": MESSAGES, "stream_options": {"include_usage": True}},
      "\"stream_options\" is only for \"stream\": true: leave it out or null"),
-    ({"messages": MESSAGES, "n": 2}, "\"n\" must be 1"),
+    ({"messages": MESSAGES, "n": 17}, "\"n\" must be 1 to 16"),
     ({"messages": MESSAGES, "top_p": 0.9}, "\"top_p\": 0.9 asks for sampling, but the temperature is 0"),
     ({"messages": MESSAGES, "temperature": 3}, "\"temperature\": 3 is not supported"),
     ({"messages": MESSAGES, "logprobs": 1}, "\"logprobs\" must be true or false (chat completions; "
@@ -192,7 +192,7 @@ def test_chat_and_completions_share_the_queue_batches_and_counters(rt: Runtime, 
     ({"messages": MESSAGES, "top_logprobs": 2}, "\"top_logprobs\" needs \"logprobs\": true"),
     ({"messages": MESSAGES, "tools": [{"type": "function"}]}, "\"tools\" is not supported (chat completions)"),
     ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, "\"response_format\" is not supported"),
-    ({"messages": MESSAGES, "stop": ["\n"]}, "\"stop\" is not supported (chat completions)")])
+    ({"messages": MESSAGES, "stop": [""]}, "\"stop\" must be a string or a list")])
 def test_bad_requests_are_a_400_naming_the_first_bad_field(body: dict, message: str, tokenizer: Any) -> None:
     with pytest.raises(BadRequest) as e:
         parse(body, tokenizer)

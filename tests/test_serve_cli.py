@@ -293,7 +293,7 @@ def test_metrics_text_is_valid_exposition() -> None:
                           'placement_sha256=""}': "1", **{k: v for k, v in contiguous.items() if "info" not in k}}
 
 
-@pytest.mark.parametrize("field, message", [({"stream": "yes"}, "stream"), ({"n": 2}, "\"n\" must be 1"),
+@pytest.mark.parametrize("field, message", [({"stream": "yes"}, "stream"), ({"n": 17}, "\"n\" must be 1 to 16"),
                                             ({"n": True}, "\"n\" must be 1")])
 def test_completion_options_the_server_cannot_honour(field: dict, message: str) -> None:
     """Before: "n": 2 was answered 200 with one completion; a "stream" that is not a bool is refused."""
@@ -369,7 +369,7 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
         assert code == 400 and "asks for sampling, but the temperature is 0" in json.loads(body)["error"]["message"]
         for bad in (b"{not json", b'{"prompt": [1, 100000]}', b'{"prompt": [1], "max_tokens": 0}',
                     b'{"prompt": 7}', b'[]', b'{"prompt": [1], "max_tokens": 17}', b'{"prompt": [1], "stream": 1}',
-                    b'{"prompt": [1], "n": 2}'):
+                    b'{"prompt": [1], "n": 17}'):
             assert http(http_port, "/v1/completions", bad)[0] == 400, bad
         code, body, _ = http(http_port, "/v1/completions", b'{"prompt": [1], "max_tokens": 17}')
         assert code == 400 and json.loads(body)["error"]["message"] == (  # the cap is the operator's, say so
@@ -380,7 +380,7 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
         code, body, headers = http(http_port, "/v1/completions")  # before: 404
         assert code == 405 and headers["Allow"] == "POST" and "takes POST" in json.loads(body)["error"]["message"]
         code, _, headers = http(http_port, "/health", b"{}")
-        assert code == 405 and headers["Allow"] == "GET"
+        assert code == 405 and headers["Allow"] == "GET, HEAD"  # a GET route answers HEAD too
         code, body, _ = http(http_port, "/v1/models")  # before: 404
         assert code == 200 and [(m["id"], m["object"]) for m in json.loads(body)["data"]] == [(path.name, "model")]
         assert json.loads(body)["object"] == "list"

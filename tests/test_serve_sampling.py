@@ -254,7 +254,7 @@ def test_http_samples_replays_and_reports_its_seed(rt: Runtime, server: int) -> 
     ({"temperature": 0.5, "min_p": -0.1}, "\"min_p\" must be a number in [0, 1], got -0.1"),
     ({"temperature": 0.5, "min_p": True}, "\"min_p\" must be a number in [0, 1], got true"),
     ({"min_p": 0.2}, "\"min_p\": 0.2 asks for sampling, but the temperature is 0"),
-    ({"temperature": 0.5, "n": 2}, "\"n\" must be 1"),
+    ({"temperature": 0.5, "n": 17}, "\"n\" must be 1 to 16"),
     ({"temperature": 0.5, "logprobs": 6}, "\"logprobs\" must be an integer in [0, 5] (the alternatives per token, "
                                           "OpenAI's cap), got 6")])
 def test_bad_sampling_values_are_a_400_with_one_message(field: dict, message: str) -> None:

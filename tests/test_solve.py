@@ -389,7 +389,7 @@ def test_cli_reads_exflow_npy(tmp_path, capsys):
     # below 1 the exact ILP optimised another objective and the "bound" exceeded the cost found
     (["--gpus", "4", "--node-cost", "0.5"], "'--node-cost': 0.5 is not in the range 1.0<=x<=1000000.0"),
     (["--gpus", "4", "--node-cost", "inf"], "'--node-cost': inf is not in the range 1.0<=x<=1000000.0"),
-    (["--gpus", "4", "--seed", "-1"], "'--seed': -1 is not in the range x>=0"),
+    (["--gpus", "4", "--seed", "-1"], "'--seed': -1 is not a seed: seeds are integers from 0 to 2**63 - 1"),
     (["--gpus", "4", "--objective", "latency", "--compute-weight", "inf"], "--compute-weight"),
 ])
 def test_cli_bad_options_exit_2_with_one_line(trace_file, tmp_path, capsys, args, needle):

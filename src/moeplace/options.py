@@ -45,6 +45,33 @@ class Count(click.IntRange):
             self.fail(f"{brief(value)} is not an integer in the range {self._describe_range()}.", param, ctx)
 
 
+MAX_SEED = 2**63 - 1  # numpy's generators take more, but a placement records the seed as a JSON int64
+
+
+class Seed(Count):
+    """A seed in [0, MAX_SEED]: a 23-digit seed was accepted and written into the placement JSON as
+    an integer no int64 reader (jq, Go, Java, numpy) takes back."""
+
+    def __init__(self) -> None:
+        super().__init__(min=0, max=MAX_SEED)
+
+    def _describe_range(self) -> str:
+        return "0<=x<=2**63-1"  # not 19 digits in --help and errors
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            number = value if isinstance(value, int) else None
+            if isinstance(value, str):
+                with contextlib.suppress(ValueError):
+                    number = int(value.strip())
+            if number is None:
+                raise
+            self.fail(f"{brief(number)} is not a seed: seeds are integers from 0 to 2**63 - 1 "
+                      f"({MAX_SEED}).", param, ctx)
+
+
 class OutputFile(click.Path):
     """A file to write: `-o out/` names a directory (Path would drop the slash and write a file
     called `out`), so a trailing separator is refused."""
@@ -72,7 +99,7 @@ class NpzOutputFile(OutputFile):
 
 OUTPUT_FILE = OutputFile()
 NPZ_OUTPUT = NpzOutputFile()
-SEED = Count(min=0)
+SEED = Seed()
 NON_NEGATIVE_INT = Count(min=0)
 POSITIVE_INT = Count(min=1)
 NON_NEGATIVE = FiniteFloat(min=0.0)

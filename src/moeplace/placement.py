@@ -253,9 +253,15 @@ def _replicas_problem(replicas: Any, e2g: np.ndarray, num_gpus: int) -> str | No
     return None
 
 
-def load_placement(path: str | Path) -> Placement:
-    """Read and check a v1 placement JSON; PlacementError (one line naming the file) if it is not one."""
-    return placement_from_json(read_json(path, PlacementError), str(path))
+def load_placement(path: str | Path, label: str = "") -> Placement:
+    """Read and check a v1 placement JSON; PlacementError (one line naming the file) if it is not one.
+    `label`, the option or key that named the file (e.g. "--from"), starts each error: "nope.json:
+    no such file" does not say which of a command's files is missing."""
+    try:
+        doc = read_json(path, PlacementError)
+    except PlacementError as e:
+        raise PlacementError(f"{label} {e}" if label else str(e)) from None
+    return placement_from_json(doc, f"{label} {path}" if label else str(path))
 
 
 def placement_from_json(doc: Any, name: str = "placement") -> Placement:

@@ -40,6 +40,7 @@ import numpy as np
 from moeplace.analyze.stability import MIN_SIDE_TOKENS, too_few_tokens
 from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import evaluate
+from moeplace.options import plural
 from moeplace.placement import Placement
 from moeplace.solve.baselines import contiguous
 from moeplace.trace.format import Trace
@@ -249,7 +250,7 @@ def curve_verdict(points: list[dict[str, Any]], num_gpus: int) -> dict[str, Any]
                            "se_factor": SE_FACTOR, "min_gain": MIN_GAIN, "gain": None, "se": None}
     if not len(drops):  # contiguous has no cross-GPU transitions to reduce
         out["status"] = "flat"
-        out["text"] = f"flat: no cross-GPU traffic to reduce on {num_gpus} GPUs, whatever the trace length."
+        out["text"] = f"flat: no cross-GPU traffic to reduce on {plural(num_gpus, 'GPU')}, whatever the trace length."
         return out
     gain = float(drops.mean())
     se = float(drops.std(ddof=1) / np.sqrt(len(drops))) if len(drops) > 1 else None
@@ -261,8 +262,9 @@ def curve_verdict(points: list[dict[str, Any]], num_gpus: int) -> dict[str, Any]
             f"{MIN_GAIN:g})")
     if gain > threshold:
         out["status"] = "improving"
-        out["text"] = f"still improving: a longer trace should give a better placement on {num_gpus} GPUs ({said})."
+        out["text"] = (f"still improving: a longer trace should give a better placement on {plural(num_gpus, 'GPU')} "
+                       f"({said}).")
     else:
         out["status"] = "flat"
-        out["text"] = f"flat: the trace is long enough for {num_gpus} GPUs ({said})."
+        out["text"] = f"flat: the trace is long enough for {plural(num_gpus, 'GPU')} ({said})."
     return out

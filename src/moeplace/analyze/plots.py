@@ -13,6 +13,7 @@ import numpy as np
 
 from moeplace.analyze.report import decoder_differs, layer_label, pair_label
 from moeplace.io import atomic_path
+from moeplace.options import plural
 
 # One colour per input (A, B); capture depths m are told apart by marker.
 TRACE_COLORS = ("tab:blue", "tab:orange")
@@ -183,5 +184,6 @@ def learning_curve_plot(curve: dict[str, Any], title: str, path: Path) -> Path:
         ax.legend(fontsize=8)
     tests = sorted(set(curve["test_tokens"]))
     test = str(tests[0]) if len(tests) == 1 else f"{tests[0]}-{tests[-1]}"
-    fig.suptitle(f"{title}: learning curve on {curve['num_gpus']} GPUs, {test} held-out tokens per split", fontsize=10)
+    fig.suptitle(f"{title}: learning curve on {plural(curve['num_gpus'], 'GPU')}, {test} held-out tokens per split",
+                 fontsize=10)
     return _save(fig, path)

@@ -32,6 +32,7 @@ import numpy as np
 
 from moeplace.analyze.affinity import affinity, load_skew, mean_stats, trace_modes
 from moeplace.analyze.stability import load_correlation, split_halves, stability, too_few_tokens
+from moeplace.options import plural
 from moeplace.progress import Progress
 from moeplace.trace.format import ExpertLoads, Trace
 
@@ -353,8 +354,9 @@ def _curve(trace: Trace, cfg: AnalyzeConfig) -> dict[str, Any]:
     assert cfg.curve_splits is not None and cfg.num_gpus is not None
     sizes = plan(trace, cfg.curve_splits, cfg.seed)[1]  # cheap: index arrays only
     progress = Progress("analyze A: learning curve", total=cfg.curve_splits * len(sizes), after=0.0, every=0.0)
+    gpus = plural(cfg.num_gpus, "GPU")
     note = lambda done, split, n: progress.update(done, f"split {split + 1}/{cfg.curve_splits}: solving on {n} "  # noqa: E731
-                                                  f"training tokens ({cfg.num_gpus} GPUs, up to {cfg.time_limit:g} s)")
+                                                  f"training tokens ({gpus}, up to {cfg.time_limit:g} s)")
     result = learning_curve(trace, cfg.num_gpus, cfg.gpus_per_node, cfg.time_limit, cfg.seed, cfg.curve_splits, note)
     progress.close(f"{result.report['solves']} solves")
     return result.report
@@ -363,7 +365,7 @@ def _curve(trace: Trace, cfg: AnalyzeConfig) -> dict[str, Any]:
 def _stability(a: Trace, b: Trace, cfg: AnalyzeConfig, what: str) -> dict[str, Any]:
     if cfg.num_gpus is not None and not too_few_tokens([a.num_tokens, b.num_tokens], a.num_experts):
         Progress(f"analyze {what}", after=0.0, every=0.0).update(
-            0, f"solving placements ({cfg.num_gpus} GPUs, up to {cfg.time_limit:g} s each)")
+            0, f"solving placements ({plural(cfg.num_gpus, 'GPU')}, up to {cfg.time_limit:g} s each)")
     return stability(a, b, cfg.num_gpus, cfg.gpus_per_node, cfg.time_limit, cfg.seed)
 
 
@@ -450,7 +452,7 @@ def _transfer_lines(pl: dict[str, Any], direction: str, a: str, b: str) -> list[
     res = pl[direction]
     ev = res["evaluated"]
     base = ev["contiguous"]
-    lines = [f"  placement on {pl['num_gpus']} GPUs ({pl['gpus_per_node']} per node), replayed on {b} "
+    lines = [f"  placement on {plural(pl['num_gpus'], 'GPU')} ({pl['gpus_per_node']} per node), replayed on {b} "
              "(x: ratio to contiguous, lower is better):",
              f"    {'':22} {'cross_gpu_top1':>16} {'dest_gpus_topk':>16} {'imbalance_max':>13}"]
     for key, label in (("contiguous", "contiguous"), ("greedy_load_from_source", f"greedy_load ({a})"),
@@ -521,8 +523,8 @@ def _curve_lines(lc: dict[str, Any]) -> list[str]:
     """The learning curve's table (mean +- standard error over splits) and its verdict line."""
     tests = sorted(set(lc["test_tokens"]))
     test = str(tests[0]) if len(tests) == 1 else f"{tests[0]}-{tests[-1]}"
-    lines = [f"Learning curve [A] on {lc['num_gpus']} GPUs ({lc['gpus_per_node']} per node): placements solved on "
-             f"nested training sets, scored on {test} held-out tokens per split (split by {lc['split_by']}, "
+    lines = [f"Learning curve [A] on {plural(lc['num_gpus'], 'GPU')} ({lc['gpus_per_node']} per node): placements "
+             f"solved on nested training sets, scored on {test} held-out tokens per split (split by {lc['split_by']}, "
              f"{lc['splits']} splits, mean +- standard error; ratio to contiguous, lower is better):",
              f"  {'training tokens':>15}  {'held-out top-1':>14}  {'held-out top-k':>14}  {'in-sample top-1':>15}  "
              f"{'in-sample top-k':>15}"]

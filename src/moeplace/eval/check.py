@@ -30,7 +30,8 @@ def check_metric_fns(check: dict[str, Any], said: set[str] | None = None) -> dic
         return {"recorded": True, "none_recorded": f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} "
                                                    "'cluster' (a cluster config YAML; model_config too when it has "
                                                    f"no model section): {NO_RECORD}" if needs else ""}
-    fn, facts, source = cost_metric_fn(check["cluster"], check.get("model_config"), "check", said)
+    fn, facts, source = cost_metric_fn(check["cluster"], check.get("model_config"), "check", said,
+                                       ("cluster", "model_config"))
     return {"metric_fns": [fn], "assumed": [facts], "cost_source": source}
 
 

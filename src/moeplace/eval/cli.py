@@ -25,14 +25,15 @@ from moeplace.solve.costmodel import COST_COLUMNS, COST_PER_LAYER, CostModel, Mo
 from moeplace.trace.format import Trace, is_load_only, load_loads, load_trace
 
 
-def cost_metric_fn(cluster: Path, model_config: Path | None, command: str = "eval",
-                   said: set[str] | None = None) -> tuple[MetricFn, ModelFacts, dict[str, Any]]:
+def cost_metric_fn(cluster: Path, model_config: Path | None, command: str = "eval", said: set[str] | None = None,
+                   labels: tuple[str, str] = ("--cluster", "--model-config")) -> tuple[MetricFn, ModelFacts, dict[str, Any]]:
     """The predicted MoE time metric of a cluster (+ model) config, what it assumes of the model,
     and the report's `cost_model` record of where it came from. A model section estimated from a
-    checkpoint is said on stderr (`moeplace COMMAND: note:`) and recorded as `model_estimate`."""
+    checkpoint is said on stderr (`moeplace COMMAND: note:`) and recorded as `model_estimate`.
+    labels: what named the two files (options, or `moeplace check`'s keys), for the errors."""
     from moeplace.solve.costmodel import cost_metric, estimate_lines, estimate_record, load_cost_model, model_facts
 
-    cost = load_cost_model(cluster, model_config)
+    cost = load_cost_model(cluster, model_config, *labels)
     for line in estimate_lines(cost):
         if said is None or line not in said:  # `said`: lines an earlier check of one run printed
             click.echo(f"moeplace {command}: note: {line}", err=True)
@@ -155,10 +156,7 @@ def baseline_record(path: Path, placement: Placement, placement_path: Path, data
 
     Another model or shape (layers, experts) is an error; another GPU count is a fair comparison
     (the note says so), though the cost model of the placement's cluster then cannot time it."""
-    try:
-        base = load_placement(path)
-    except MoeplaceError as e:
-        raise type(e)(f"baseline {e}") from None
+    base = load_placement(path, "baseline")
     shape = data.shape if isinstance(data, np.ndarray) else (data.num_layers, data.num_experts)
     if (base.num_layers, base.num_experts) != shape:
         raise MoeplaceError(f"baseline {path} is for {base.num_layers} MoE layers x {base.num_experts} experts, but "
@@ -170,7 +168,7 @@ def baseline_record(path: Path, placement: Placement, placement_path: Path, data
                                 f"{theirs[key]} (the placement's: {mine[key]})")
     same_cluster = (base.num_gpus, base.gpus_per_node) == (placement.num_gpus, placement.gpus_per_node)
     note = "" if same_cluster else (
-        f"{path} is for {base.num_gpus} GPUs ({plural(base.num_nodes, 'node')}), this one for "
+        f"{path} is for {plural(base.num_gpus, 'GPU')} ({plural(base.num_nodes, 'node')}), this one for "
         f"{placement.num_gpus} ({plural(placement.num_nodes, 'node')}); compared on the same tokens")
     if isinstance(data, np.ndarray):
         imb = imbalance(expected_gpu_loads(base, data))

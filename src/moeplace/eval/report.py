@@ -38,6 +38,7 @@ from moeplace.errors import MoeplaceError, warn
 from moeplace.eval.metrics import evaluate, imbalance
 from moeplace.eval.traffic import predict_traffic
 from moeplace.export.permute import permutation_record
+from moeplace.options import plural
 from moeplace.placement import Placement
 from moeplace.progress import Progress
 from moeplace.solve.balance import expected_gpu_loads
@@ -418,7 +419,7 @@ def render_table(
     lines = [
         f"placement {report['placement']} on {'loads' if loads else 'trace'} {report['trace']}",
         f"  {report['num_layers']} MoE layers x {report['num_experts']} experts{top_k}; "
-        f"{report['num_gpus']} GPUs, {report['gpus_per_node']} per node ({report['num_nodes']} node"
+        f"{plural(report['num_gpus'], 'GPU')}, {report['gpus_per_node']} per node ({report['num_nodes']} node"
         f"{'s' if report['num_nodes'] > 1 else ''})",
         f"  loads: {_count(loads['total'])} token-expert selections, {loads['note']}" if loads else
         f"  tokens: {report['tokens']['evaluated']} of {report['tokens']['total']}, {report['tokens']['note']}",

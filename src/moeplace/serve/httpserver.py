@@ -13,25 +13,33 @@ routing (engine.RoutingLog) and writes it periodically and on the way out (docs/
 
     POST /v1/completions  {"prompt": str | [int] | [str, ...], "max_tokens": int = min(16, cap),
                           "temperature": 0..2 = 0, "top_p": (0, 1] = 1, "top_k": int >= 1, or 0 or
-                          -1 for off, "min_p": [0, 1] = 0, "seed": int, "logprobs": 0..5}
+                          -1 for off, "min_p": [0, 1] = 0, "seed": int, "logprobs": 0..5,
+                          "n": 1..16 = 1, "stop": str | [str, ...]}
                           (cap: the server's --max-new-tokens). temperature 0 (the default here,
                           not OpenAI's 1) decodes greedily; a sampling request without a seed
                           gets a random one, and the response's "seed" names it (null when
-                          greedy), so it can be replayed; prompt i of a list samples with seed +
-                          i. A filter ("top_p" < 1, "top_k" > 1, "min_p" > 0) without a
+                          greedy), so it can be replayed. "n" choices per prompt, prompt-major
+                          (choice p * n + j: prompt p's j-th); choice i samples with seed + i
+                          (greedy: n equal choices); prompts x n must fit in --max-batch. "stop"
+                          (up to 4 non-empty strings): a choice's text ends right before the
+                          first stop string in its generated text, finish_reason "stop", its
+                          tokens (usage, token_ids, logprobs) up to the one that completed it;
+                          the sequence decodes on with its batch (the ranks do not detokenize),
+                          the rest dropped. A filter ("top_p" < 1, "top_k" > 1, "min_p" > 0) without a
                           temperature is 400 (it would be silently greedy). "logprobs": N gives
                           each choice OpenAI's legacy {"tokens", "token_logprobs", "top_logprobs"
                           (the N likeliest), "text_offset"}, of the raw model distribution (before
                           temperature and filters, as vLLM); a token is its id's decoding, or
-                          "token_id:N" with no tokenizer. "n" > 1, and the other fields that would
-                          change the answer (UNSUPPORTED: "stop", "echo", "best_of", "suffix",
-                          penalties, "logit_bias") are 400 unless null or their default; so is a
-                          request with more prompts than --max-batch. "user" is accepted.
+                          "token_id:N" with no tokenizer. The other fields that would change the
+                          answer (UNSUPPORTED: "echo", "suffix", penalties, "logit_bias"; "best_of"
+                          unless equal to n) are 400 unless null or their default; so is a request
+                          of more sequences than --max-batch. "user" is accepted.
     POST /v1/chat/completions  {"messages": [{"role": "system" | "developer" | "user" | "assistant", "content": str},
                           ...], "max_completion_tokens" (or "max_tokens"), sampling and refusals as
                           above}: the prompt is the tokenizer's chat template with the generation
-                          prompt; the answer is OpenAI's chat.completion (special tokens skipped).
-                          "logprobs": true (+ "top_logprobs": 0..20) gives choices[0].logprobs =
+                          prompt; the answer is OpenAI's chat.completion (special tokens skipped),
+                          n choices of the one prompt; "stop" looks in the content.
+                          "logprobs": true (+ "top_logprobs": 0..20) gives each choice's logprobs =
                           {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}, one entry
                           per generated token, the stop token included; "top_logprobs" without
                           "logprobs": true is 400. No tokenizer or no chat template: 400
@@ -40,7 +48,9 @@ routing (engine.RoutingLog) and writes it periodically and on the way out (docs/
                           new token of a choice (completions: "text_completion" chunks with "text"
                           and "token_ids"; chat: "chat.completion.chunk", a role delta first, a
                           finish delta {} last), the finishing token's event carrying
-                          finish_reason, then `data: [DONE]`; with logprobs, each event carries
+                          finish_reason (each event one choice's, by "index"), then `data:
+                          [DONE]`, as soon as every choice has ended; text that may begin a stop
+                          string is held back until the next tokens tell; with logprobs, each event carries
                           those of its tokens (chat: of the tokens since the last event, as a
                           token that adds no text has none). "stream_options": {"include_usage":
                           bool} adds a last chunk with "choices": [] and "usage"; other keys, or
@@ -107,7 +117,7 @@ TEMPLATE_ROLE = {"developer": "system"}
 # fields that change the completion, which this server does not implement: accepted only
 # absent or at these values (what OpenAI clients send by default); anything else is a 400
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "stop": (None, []), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
+    "echo": (None, False), "suffix": (None, ""),
     # these reshape the logits, so they change even a greedy answer
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
     "logit_bias": (None, {}),
@@ -116,7 +126,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 # nothing: any other value asks for sampling, refused without a temperature (it would be moot)
 SAMPLING: dict[str, tuple[Any, ...]] = {"top_p": (None, 1, 1.0), "top_k": (None, -1, 0, 1), "min_p": (None, 0, 0.0)}
 # chat's own fields that would change the answer, at their defaults; "echo", "best_of" and
-# "suffix" are not chat fields, but a client sending them expects them honoured
+# "suffix" are not chat fields, but a client sending them expects them honoured (best_of: check_options)
 CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     **UNSUPPORTED, "response_format": (None, {"type": "text"}), "tools": (None, []), "functions": (None, []),
     # without tools, a choice that demands a call cannot be honoured (OpenAI refuses it too)
@@ -126,6 +136,9 @@ MAX_TEMPERATURE = 2.0  # OpenAI's range
 # alternatives per token: OpenAI's caps ("logprobs" of completions, "top_logprobs" of chat)
 MAX_LOGPROBS, MAX_TOP_LOGPROBS = 5, 20
 MIN_LOGPROB = -9999.0  # vLLM's floor: JSON has no -Infinity
+MAX_N = 16  # choices per prompt ("n")
+# "stop": OpenAI's 4 strings; the length bounds the per-token work of holding back a stop's beginning
+MAX_STOPS, MAX_STOP_CHARS = 4, 1024
 
 
 class BadRequest(ValueError):
@@ -151,28 +164,32 @@ def check_text(text: str, where: str) -> str:
     return text
 
 
-# what rank 0's main thread hands a streamed job's handler: (prompt index, new token, finished,
+# what rank 0's main thread hands a streamed job's handler: (choice index, new token, finished,
 # its log-probabilities when the job asked for them); None once the job is answered (result or error)
 StreamItem = tuple[int, int, bool, TokenLogprobs | None] | None
 
 
 @dataclass
 class Job:
+    # one per sequence, i.e. per choice: each prompt of the request `n` times, prompt-major (choice
+    # p * n + j is prompt p's j-th: OpenAI's and vLLM's index order)
     prompts: list[list[int]]
     max_tokens: int
     texts: bool  # answer with decoded text (prompt was text)
-    sampling: Sampling = GREEDY  # the request's; prompt i samples with seed + i (prompt_sampling)
+    sampling: Sampling = GREEDY  # the request's; choice i samples with seed + i (prompt_sampling)
     chat: bool = False  # answer as a chat.completion (/v1/chat/completions)
     stream: bool = False  # answer as server-sent events, token by token
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     logprobs: int | None = None  # N: each token's log-probability and the N likeliest; None: none
+    n: int = 1  # choices per prompt: `prompts` holds each prompt n times
+    stop: tuple[str, ...] = ()  # stop strings: a choice's text ends before the first (StopText)
     done: threading.Event = field(default_factory=threading.Event)
-    result: list[list[int]] | None = None
-    result_logprobs: list[list[TokenLogprobs]] | None = None  # per prompt, per token, when asked for
+    result: list[list[int]] | None = None  # per choice, every token decoded (a stop string's cut comes later)
+    result_logprobs: list[list[TokenLogprobs]] | None = None  # per choice, per token, when asked for
     error: str | None = None
     # filled by rank 0's main thread (streamed jobs only), read by the job's handler thread
     events: "queue.SimpleQueue[StreamItem]" = field(default_factory=queue.SimpleQueue)
-    gone: bool = False  # the streaming client has left: its tokens need not be queued
+    gone: bool = False  # its stream has ended (answered, or the client left): its tokens need not be queued
 
     def finish(self, result: list[list[int]] | None = None, error: str | None = None,
                logprobs: list[list[TokenLogprobs]] | None = None) -> None:
@@ -259,8 +276,9 @@ def parse_sampling(doc: dict[str, Any]) -> Sampling:
 
 
 def prompt_sampling(params: Sampling, prompts: int) -> list[Sampling]:
-    """Each prompt's parameters: prompt i of a request samples with seed + i (alone, with that
-    seed, it gives the same tokens), so equal prompts in one request differ."""
+    """Each sequence's parameters: sequence (choice) i of a request samples with seed + i (its
+    prompt alone, with that seed, gives the same tokens), so equal prompts in one request, and
+    the n choices of one prompt, differ."""
     return [params if params.greedy else dataclasses.replace(params, seed=int64(params.seed + i))
             for i in range(prompts)]
 
@@ -276,16 +294,48 @@ def read_body(body: bytes) -> dict[str, Any]:
     return doc
 
 
-def check_options(doc: dict[str, Any], unsupported: dict[str, tuple[Any, ...]], what: str) -> Sampling:
-    """Refuse what this server cannot honour ("n" > 1, `unsupported` fields off their defaults;
-    `what` names the endpoint in the message); return the request's sampling."""
-    if not _is_one_of(doc.get("n"), (None, 1)):  # 1.0 and true are no integer 1, as for best_of
-        raise BadRequest("\"n\" must be 1: one completion per prompt (send the prompt again, or a list of it)")
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_options(doc: dict[str, Any], unsupported: dict[str, tuple[Any, ...]], what: str) -> tuple[Sampling, int]:
+    """Refuse what this server cannot honour (`unsupported` fields off their defaults; `what`
+    names the endpoint in the message); return the request's sampling and "n" (1..MAX_N, null 1).
+    "best_of" is accepted only where it changes nothing: null or equal to n (vLLM's default)."""
+    n = doc.get("n")
+    if n is not None and not (_is_int(n) and 1 <= n <= MAX_N):  # 1.0 and true are no integer 1
+        raise BadRequest(f"\"n\" must be 1 to {MAX_N} (an integer: the completions per prompt), "
+                         f"got {json.dumps(n)[:80]}")
+    n = 1 if n is None else n
+    best_of = doc.get("best_of")
+    if best_of is not None and not (_is_int(best_of) and best_of == n):
+        raise BadRequest(f"\"best_of\" is not supported ({what}): leave it out, null or equal to \"n\" ({n}), "
+                         f"got {json.dumps(best_of)[:80]}")
     for name, defaults in unsupported.items():
         if not _is_one_of(doc.get(name), defaults):
             raise BadRequest(f"\"{name}\" is not supported ({what}): "
                              f"leave it out or null, got {json.dumps(doc.get(name))[:80]}")
-    return parse_sampling(doc)
+    return parse_sampling(doc), n
+
+
+def parse_stop(doc: dict[str, Any], tokenizer: Any) -> tuple[str, ...]:
+    """The request's "stop": a string or a list of up to MAX_STOPS non-empty strings (null and []:
+    none), each at most MAX_STOP_CHARS characters, duplicates dropped; checked (BadRequest). The
+    strings are looked for in the decoded answer, so a model without a tokenizer refuses them."""
+    stop = doc.get("stop")
+    if stop is None or stop == []:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not 1 <= len(stops) <= MAX_STOPS or \
+            not all(isinstance(s, str) and 1 <= len(s) <= MAX_STOP_CHARS for s in stops):
+        raise BadRequest(f"\"stop\" must be a string or a list of at most {MAX_STOPS} strings, each of 1 to "
+                         f"{MAX_STOP_CHARS} characters, got {json.dumps(stop)[:80]}")
+    if tokenizer is None:
+        raise BadRequest("\"stop\" is not supported: this model has no tokenizer, so its answers have no text "
+                         "to look for a stop string in")
+    for i, s in enumerate(stops):
+        check_text(s, "stop" if isinstance(stop, str) else f"stop[{i}]")
+    return tuple(dict.fromkeys(stops))
 
 
 def parse_logprobs(doc: dict[str, Any]) -> int | None:
@@ -351,9 +401,10 @@ def check_prompt_ids(prompts: list[list[int]], vocab: int, max_len: int, max_tok
 def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_tokens_limit: int,
                      max_prompts: int | None = None) -> Job:
     """Validate a /v1/completions body into a Job; raises BadRequest with a readable reason.
-    `max_prompts`: the server's --max-batch (one request runs in one batch)."""
+    `max_prompts`: the server's --max-batch (one request runs in one batch: its prompts x n)."""
     doc = read_body(body)
-    sampling = check_options(doc, UNSUPPORTED, "plain completions")
+    sampling, n = check_options(doc, UNSUPPORTED, "plain completions")
+    stop = parse_stop(doc, tokenizer)
     logprobs = parse_logprobs(doc)
     stream, include_usage = parse_stream(doc)
     prompt = doc.get("prompt")
@@ -371,11 +422,14 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
         texts = True
     else:
         raise BadRequest("prompt must be a string, a list of strings or a list of token ids")
-    if max_prompts is not None and len(prompts) > max_prompts:
-        raise BadRequest(f"{len(prompts)} prompts in one request; this server decodes at most {max_prompts} "
-                         "sequences together (--max-batch): split the request")
+    if max_prompts is not None and len(prompts) * n > max_prompts:
+        asked = f"{len(prompts)} prompts" if n == 1 else \
+            f"{len(prompts)} prompt(s) x \"n\" {n} = {len(prompts) * n} sequences"
+        raise BadRequest(f"{asked} in one request; this server decodes at most {max_prompts} sequences together "
+                         "(--max-batch): split the request" + (" or lower \"n\"" if n > 1 else ""))
     check_prompt_ids(prompts, vocab, max_len, max_tokens)
-    return Job(prompts, max_tokens, texts, sampling, stream=stream, include_usage=include_usage, logprobs=logprobs)
+    return Job([p for p in prompts for _ in range(n)], max_tokens, texts, sampling, stream=stream,
+               include_usage=include_usage, logprobs=logprobs, n=n, stop=stop)
 
 
 def chat_messages(messages: Any) -> list[dict[str, str]]:
@@ -405,16 +459,22 @@ def chat_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def parse_chat(body: bytes, tokenizer: Any, model_name: str, vocab: int, max_len: int, max_tokens_limit: int) -> Job:
-    """Validate a /v1/chat/completions body into a Job whose one prompt is the tokenizer's chat
-    template applied to the messages, with the generation prompt; raises BadRequest."""
+def parse_chat(body: bytes, tokenizer: Any, model_name: str, vocab: int, max_len: int, max_tokens_limit: int,
+               max_prompts: int | None = None) -> Job:
+    """Validate a /v1/chat/completions body into a Job whose prompt (n times, one per choice) is
+    the tokenizer's chat template applied to the messages, with the generation prompt; raises
+    BadRequest. `max_prompts`: the server's --max-batch, which the n choices must fit in."""
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if not template:  # checked first: no chat request can succeed, whatever its body
         has = "has no tokenizer" if tokenizer is None else "has a tokenizer without a chat template"
         raise BadRequest(f"model {model_name} {has}, so no chat: use /v1/completions "
                          "(a prompt string or token ids)")
     doc = read_body(body)
-    sampling = check_options(doc, CHAT_UNSUPPORTED, "chat completions")
+    sampling, n = check_options(doc, CHAT_UNSUPPORTED, "chat completions")
+    if max_prompts is not None and n > max_prompts:
+        raise BadRequest(f"\"n\" {n}: {n} sequences in one request; this server decodes at most {max_prompts} "
+                         "sequences together (--max-batch): lower \"n\"")
+    stop = parse_stop(doc, tokenizer)
     logprobs = parse_chat_logprobs(doc)
     stream, include_usage = parse_stream(doc)
     messages = chat_messages(doc.get("messages"))
@@ -432,8 +492,8 @@ def parse_chat(body: bytes, tokenizer: Any, model_name: str, vocab: int, max_len
                          f"({type(e).__name__}: {first[:200]})") from None
     prompt = [int(t) for t in ids]
     check_prompt_ids([prompt], vocab, max_len, max_tokens)
-    return Job([prompt], max_tokens, True, sampling, chat=True, stream=stream, include_usage=include_usage,
-               logprobs=logprobs)
+    return Job([prompt] * n, max_tokens, True, sampling, chat=True, stream=stream, include_usage=include_usage,
+               logprobs=logprobs, n=n, stop=stop)
 
 
 def label_value(value: Any) -> str:
@@ -566,7 +626,7 @@ class Handler(BaseHTTPRequestHandler):
             routes = ", ".join(f"{method} {route}" for route, method in ROUTES.items())
             self._error(404, f"no route {path} (routes: {routes})")
         elif allowed != method and not (method == "HEAD" and allowed == "GET"):
-            self._error(405, f"{path} takes {allowed}", {"Allow": allowed})
+            self._error(405, f"{path} takes {allowed}", {"Allow": "GET, HEAD" if allowed == "GET" else allowed})
         else:
             return path
         return None
@@ -679,7 +739,7 @@ class Handler(BaseHTTPRequestHandler):
             body = self._body()
             if path == "/v1/chat/completions":
                 job = parse_chat(body, srv.tokenizer, srv.model_name, spec.vocab_size, spec.max_positions,
-                                 srv.max_tokens_limit)
+                                 srv.max_tokens_limit, srv.max_batch)
             else:
                 job = parse_completion(body, srv.tokenizer, spec.vocab_size, spec.max_positions,
                                        srv.max_tokens_limit, srv.max_batch)
@@ -714,17 +774,17 @@ class Handler(BaseHTTPRequestHandler):
         if job.chat:
             return self._send(200, json.dumps(chat_response(job, srv.tokenizer, srv.model_name, spec.eos_token_ids)))
         choices = []
-        for i, toks in enumerate(job.result):
-            finish = "stop" if toks and toks[-1] in spec.eos_token_ids else "length"
-            text = srv.tokenizer.decode(toks) if job.texts and srv.tokenizer is not None else ""
+        answers = job_choices(job, srv.tokenizer, spec.eos_token_ids)
+        for i, a in enumerate(answers):
             logprobs = None
-            if job.logprobs is not None and job.result_logprobs is not None:
-                logprobs = completion_logprobs(toks, job.result_logprobs[i], job.logprobs, srv.tokenizer)[0]
-            choices.append({"index": i, "text": text, "token_ids": toks, "finish_reason": finish, "logprobs": logprobs})
+            if job.logprobs is not None and a.logprobs is not None:
+                logprobs = completion_logprobs(a.tokens, a.logprobs, job.logprobs, srv.tokenizer)[0]
+            choices.append({"index": i, "text": a.text, "token_ids": a.tokens, "finish_reason": a.finish_reason,
+                            "logprobs": logprobs})
         self._send(200, json.dumps({
             "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": srv.model_name, "choices": choices, "seed": None if job.sampling.greedy else job.sampling.seed,
-            "usage": usage(job),
+            "usage": usage(job, sum(len(a.tokens) for a in answers)),
         }))
 
     def _stream(self, job: Job) -> None:
@@ -758,11 +818,14 @@ class Handler(BaseHTTPRequestHandler):
                 for item in items[:items.index(None)] if ended else items:
                     assert item is not None
                     events += chunks.token(*item)
-                if ended:
+                if ended or chunks.done:
                     break
                 self._write_chunk(sse(events))
                 events, items = [], [job.events.get()]
-            if job.error is None and job.result is not None:
+            # every choice has ended (stop strings can end them all before their batch does: the
+            # sequences decode on, unanswered), or the job finished without an error
+            if chunks.done or (job.error is None and job.result is not None):
+                job.gone = True  # what the batch still decodes for it need not be queued
                 self._write_chunk(sse(events + chunks.end()) + b"data: [DONE]\n\n")
             else:  # failed mid-stream (a rank died, the server is closing): say so, no [DONE]
                 srv.stats.reject()
@@ -780,12 +843,60 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
 
 
-def usage(job: Job) -> dict[str, int]:
-    assert job.result is not None
-    prompt_tokens = sum(len(p) for p in job.prompts)
-    completion_tokens = sum(len(t) for t in job.result)
+def usage(job: Job, completion_tokens: int) -> dict[str, int]:
+    """OpenAI's usage: each prompt's tokens once, however many choices it has (as OpenAI counts
+    them), and the choices' tokens (`completion_tokens`: up to a stop string's last token)."""
+    prompt_tokens = sum(len(p) for p in job.prompts[::job.n])
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass
+class Choice:
+    """One finished choice as answered: its tokens up to where it ended (a stop string's last token
+    included, the tokens decoded after it dropped), its text and why it ended."""
+
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "stop" (an EOS token or a stop string) or "length"
+    logprobs: list[TokenLogprobs] | None  # of `tokens`, when the job asked for them
+
+
+def choice_decoder(job: Job, tokenizer: Any) -> Callable[[list[int]], str]:
+    """How a choice's text is decoded: chat skips special tokens (its content has none)."""
+    if job.chat:
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids)
+
+
+def job_choices(job: Job, tokenizer: Any, eos_token_ids: tuple[int, ...]) -> list[Choice]:
+    """A finished job's choices. Without stop strings the text is the decoding of the tokens (chat:
+    without the EOS token that ended it); with them, the tokens go through StopText one by one as a
+    stream's do, so a streamed answer's deltas put together are this text."""
+    assert job.result is not None
+    out = []
+    for i, toks in enumerate(job.result):
+        eos = bool(toks) and toks[-1] in eos_token_ids
+        reason = "stop" if eos else "length"
+        # the EOS token is no part of a chat answer, also where the tokenizer does not mark it special
+        shown = toks[:-1] if job.chat and eos else toks
+        if job.stop and tokenizer is not None:
+            matcher = StopText(choice_decoder(job, tokenizer), job.stop)
+            text = ""
+            for count, token in enumerate(shown, 1):
+                text += matcher.push(token)
+                if matcher.stopped:
+                    toks, reason = toks[:count], "stop"
+                    break
+            else:
+                text += matcher.finish()
+                reason = "stop" if matcher.stopped else reason
+        else:
+            text = choice_decoder(job, tokenizer)(shown) if job.texts and tokenizer is not None else ""
+        lps = job.result_logprobs[i][:len(toks)] if job.logprobs is not None and job.result_logprobs is not None \
+            else None
+        out.append(Choice(toks, text if job.texts else "", reason, lps))
+    return out
 
 
 def token_text(tokenizer: Any, token: int) -> str:
@@ -828,21 +939,19 @@ def chat_logprobs(tokens: list[int], logprobs: list[TokenLogprobs], top: int, to
 
 
 def chat_response(job: Job, tokenizer: Any, model_name: str, eos_token_ids: tuple[int, ...]) -> dict[str, Any]:
-    """OpenAI's chat.completion for a finished chat Job (one prompt, one choice)."""
-    assert job.result is not None
-    toks = job.result[0]
-    stopped = bool(toks) and toks[-1] in eos_token_ids
-    # the stop token is no part of the answer, also where the tokenizer does not mark it special
-    text = tokenizer.decode(toks[:-1] if stopped else toks, skip_special_tokens=True)
-    logprobs = None  # every token's, the stop token's too: the probability of stopping is information
-    if job.logprobs is not None and job.result_logprobs is not None:
-        logprobs = {"content": chat_logprobs(toks, job.result_logprobs[0], job.logprobs, tokenizer)}
+    """OpenAI's chat.completion for a finished chat Job (one prompt, n choices)."""
+    answers = job_choices(job, tokenizer, eos_token_ids)
+    choices = []
+    for i, a in enumerate(answers):
+        logprobs = None  # every token's, the stop token's too: the probability of stopping is information
+        if job.logprobs is not None and a.logprobs is not None:
+            logprobs = {"content": chat_logprobs(a.tokens, a.logprobs, job.logprobs, tokenizer)}
+        choices.append({"index": i, "message": {"role": "assistant", "content": a.text},
+                        "finish_reason": a.finish_reason, "logprobs": logprobs})
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-        "model": model_name, "seed": None if job.sampling.greedy else job.sampling.seed,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": "stop" if stopped else "length", "logprobs": logprobs}],
-        "usage": usage(job),
+        "model": model_name, "seed": None if job.sampling.greedy else job.sampling.seed, "choices": choices,
+        "usage": usage(job, sum(len(a.tokens) for a in answers)),
     }
 
 
@@ -892,47 +1001,120 @@ class IncrementalText:
         return rest
 
 
+def held_back(text: str, stops: tuple[str, ...], sent: int) -> int:
+    """The length of the longest end of `text` (within its unsent part, after `sent` characters)
+    that is the beginning of a stop string: what must wait until the next text shows whether
+    the stop string follows."""
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text) - sent), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return held
+
+
+class StopText:
+    """One choice's text, token by token, cut before the first stop string (vLLM's stop
+    strings): `push` gives what a token adds that can be sent, as IncrementalText's deltas but
+    holding back an end that may be the beginning of a stop string; once a stop string is seen,
+    `stopped` is set and the text ends right before it (of those seen at one token, the one that
+    starts first). Only generated text is searched, never the prompt. Without stop strings it is
+    IncrementalText. The deltas put together are the answer's text, streamed or not (job_choices)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...]) -> None:
+        self.incremental = IncrementalText(decode)
+        self.stops = stops
+        self.longest = max(map(len, stops), default=0)
+        self.text = ""  # the deltas so far, the held-back end included
+        self.sent = 0  # characters of `text` given out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The text `token` adds that can be sent now ("" once stopped)."""
+        return self._take(self.incremental.push(token), final=False)
+
+    def finish(self) -> str:
+        """The sequence has ended: the rest, held-back text included (up to a stop string in it)."""
+        return self._take(self.incremental.finish(), final=True)
+
+    def _take(self, delta: str, final: bool) -> str:
+        if self.stopped:
+            return ""
+        # a stop string found now ends in `delta`: it starts at most longest - 1 characters before it
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += delta
+        found = [i for stop in self.stops if (i := self.text.find(stop, start)) >= 0]
+        if found:  # it starts after `sent`: what began it was held back
+            self.stopped, end = True, min(found)
+        else:
+            end = len(self.text) if final else len(self.text) - held_back(self.text, self.stops, self.sent)
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+
 class StreamChunks:
     """The server-sent events of one streamed Job, as dicts, built from its tokens as they come
-    (no I/O): OpenAI's text_completion / chat.completion.chunk objects, one id and created for all.
-    With logprobs, each event carries those of its tokens; a chat token that adds no text has no
-    event, so its entry waits for the next one (the finish event takes the stop token's)."""
+    (no I/O): OpenAI's text_completion / chat.completion.chunk objects, one id and created for all,
+    each event one choice's (its "index"). With logprobs, each event carries those of its tokens;
+    a chat token that adds no text has no event, so its entry waits for the next one (the finish
+    event takes the stop token's). With stop strings a choice's text goes through StopText: text
+    that may begin a stop string waits, the token that completes one ends the choice
+    (finish_reason "stop"), and the tokens decoded after it are dropped."""
 
     def __init__(self, job: Job, tokenizer: Any, model_name: str, eos_token_ids: tuple[int, ...]) -> None:
         self.job, self.eos, self.tokenizer = job, eos_token_ids, tokenizer
-        self.offsets = [0] * len(job.prompts)  # completions: each choice's text_offset so far
-        self.pending: list[dict[str, Any]] = []  # chat: logprobs entries not yet sent
+        choices = len(job.prompts)
+        self.offsets = [0] * choices  # completions: each choice's text_offset so far
+        self.pending: list[list[dict[str, Any]]] = [[] for _ in range(choices)]  # chat: logprobs entries not yet sent
+        self.counts = [0] * choices  # each choice's tokens answered (its usage)
+        self.ended = [False] * choices  # each choice's finish_reason sent
         self.head = {"id": f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                      "object": "chat.completion.chunk" if job.chat else "text_completion",
                      "created": int(time.time()), "model": model_name}
         self.tail: dict[str, Any] = {"seed": None if job.sampling.greedy else job.sampling.seed}
         if job.include_usage:  # OpenAI: every chunk has the field, null but in the last one
             self.tail["usage"] = None
-        self.texts: list[IncrementalText] | None = None
-        if job.texts and tokenizer is not None:  # as the non-streamed answers decode
-            skip = {"skip_special_tokens": True} if job.chat else {}
-            self.texts = [IncrementalText(lambda ids: tokenizer.decode(ids, **skip)) for _ in job.prompts]
+        self.texts: list[StopText] | None = None
+        if (job.texts or job.stop) and tokenizer is not None:  # as the non-streamed answers decode
+            self.texts = [StopText(choice_decoder(job, tokenizer), job.stop) for _ in job.prompts]
+
+    @property
+    def done(self) -> bool:
+        """Every choice has ended (its last token, or a stop string): the stream can end."""
+        return all(self.ended)
 
     def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {**self.head, "choices": choices, **self.tail}
 
     def start(self) -> list[dict[str, Any]]:
-        """Chat: the assistant's role, before any content."""
+        """Chat: each choice's assistant role, before any content."""
         if not self.job.chat:
             return []
-        return [self.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                             "logprobs": None}])]
+        return [self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                             "logprobs": None}]) for i in range(len(self.job.prompts))]
 
     def token(self, i: int, token: int, finished: bool,
               logprobs: TokenLogprobs | None = None) -> list[dict[str, Any]]:
-        """The events of prompt i's new token (with its log-probabilities when the job asked for
-        them); the last token's carry its finish_reason."""
+        """The events of choice i's new token (with its log-probabilities when the job asked for
+        them); the last token's carry its finish_reason; none after a stop string."""
+        if self.ended[i]:  # decoded on with its batch after its stop string: not answered
+            return []
         reason = ("stop" if token in self.eos else "length") if finished else None
-        # chat: the stop token is no part of the answer (chat_response)
+        # chat: the stop token is no part of the answer (job_choices)
         shown = not (self.job.chat and reason == "stop")
         text = ""
         if self.texts is not None:
-            text = (self.texts[i].push(token) if shown else "") + (self.texts[i].finish() if finished else "")
+            matcher = self.texts[i]
+            text = matcher.push(token) if shown else ""
+            if reason is not None:
+                text += matcher.finish()
+            if matcher.stopped:
+                reason = "stop"
+            if not self.job.texts:  # a token-id prompt: text only to find the stop strings in
+                text = ""
+        self.counts[i] += 1
+        self.ended[i] = reason is not None
         top = self.job.logprobs
         if not self.job.chat:
             lps = None
@@ -942,26 +1124,26 @@ class StreamChunks:
                                  "logprobs": lps}])]
         entry = chat_logprobs([token], [logprobs], top, self.tokenizer) if top is not None and logprobs else []
         if shown:
-            self.pending += entry
-        events = [self.chunk([{"index": 0, "delta": {"content": text}, "finish_reason": None,
-                               "logprobs": self.take_logprobs()}])] if text else []
-        if finished:
+            self.pending[i] += entry
+        events = [self.chunk([{"index": i, "delta": {"content": text}, "finish_reason": None,
+                               "logprobs": self.take_logprobs(i)}])] if text else []
+        if reason is not None:
             if not shown:  # the stop token, not in the content: its entry rides on the finish event
-                self.pending += entry
-            events.append(self.chunk([{"index": 0, "delta": {}, "finish_reason": reason,
-                                       "logprobs": self.take_logprobs()}]))
+                self.pending[i] += entry
+            events.append(self.chunk([{"index": i, "delta": {}, "finish_reason": reason,
+                                       "logprobs": self.take_logprobs(i)}]))
         return events
 
-    def take_logprobs(self) -> dict[str, Any] | None:
-        """Chat: the entries waiting for an event, as its "logprobs" (None when there are none)."""
-        pending, self.pending = self.pending, []
+    def take_logprobs(self, i: int) -> dict[str, Any] | None:
+        """Chat: choice i's entries waiting for an event, as its "logprobs" (None when there are none)."""
+        pending, self.pending[i] = self.pending[i], []
         return {"content": pending} if pending else None
 
     def end(self) -> list[dict[str, Any]]:
-        """After every choice has finished: the usage chunk, when asked for."""
+        """After every choice has ended: the usage chunk, when asked for."""
         if not self.job.include_usage:
             return []
-        return [{**self.chunk([]), "usage": usage(self.job)}]
+        return [{**self.chunk([]), "usage": usage(self.job, sum(self.counts))}]
 
 
 def sse(events: list[dict[str, Any]]) -> bytes:

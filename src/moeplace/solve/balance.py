@@ -47,6 +47,7 @@ import numpy as np
 import pulp
 
 from moeplace.errors import PlacementError
+from moeplace.options import plural
 from moeplace.placement import Placement
 from moeplace.progress import Progress
 from moeplace.solve import eplb, ilp
@@ -130,7 +131,7 @@ def slots_per_gpu(num_experts: int, num_gpus: int, redundant: int, max_experts_p
     if max_experts_per_gpu < need:
         raise PlacementError(
             f"--max-experts-per-gpu {max_experts_per_gpu} cannot hold {num_experts} experts + {redundant} "
-            f"redundant over {num_gpus} GPUs (needs >= {need})"
+            f"redundant over {plural(num_gpus, 'GPU')} (needs >= {need})"
         )
     return max_experts_per_gpu
 
@@ -370,7 +371,7 @@ def total_slots_per_gpu(num_layers: int, num_experts: int, num_gpus: int, redund
     copies = num_experts + redundant
     if cap * num_gpus < num_layers * copies:
         raise PlacementError(
-            f"--max-experts-per-gpu-total {cap} x {num_gpus} GPUs cannot hold {num_layers} layers x {copies} "
+            f"--max-experts-per-gpu-total {cap} x {plural(num_gpus, 'GPU')} cannot hold {num_layers} layers x {copies} "
             f"expert copies (needs >= {math.ceil(num_layers * copies / num_gpus)})"
         )
     free = max(math.ceil(copies / num_gpus), copies - num_gpus + 1)
@@ -402,7 +403,7 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
     num_layers, num_experts = loads.shape
     if redundant > num_experts * (num_gpus - 1):
         raise PlacementError(f"--redundant-experts {redundant}: at most {num_experts * (num_gpus - 1)} copies "
-                             f"fit {num_gpus} GPUs without two copies of one expert on a GPU")
+                             f"fit {plural(num_gpus, 'GPU')} without two copies of one expert on a GPU")
     total_cap = max_experts_per_gpu_total
     if total_cap is not None:
         slots = total_slots_per_gpu(num_layers, num_experts, num_gpus, redundant, total_cap, max_experts_per_gpu)
@@ -414,7 +415,8 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
                 f"--max-experts-per-gpu, --max-experts-per-gpu-total or --redundant-experts to fill the slots"
             )
     if slots * num_gpus < num_experts + redundant:
-        raise PlacementError(f"{num_gpus} GPUs x {slots} slots cannot hold {num_experts + redundant} expert copies")
+        raise PlacementError(f"{plural(num_gpus, 'GPU')} x {slots} slots cannot hold {num_experts + redundant} expert "
+                             "copies")
     start = time.monotonic()
     deadline = start + time_limit * (0.8 if total_cap is not None else 1.0)  # the rest: step 3
     eplb_layers = _eplb_candidates(loads, num_gpus, gpus_per_node, redundant, num_groups, slots)

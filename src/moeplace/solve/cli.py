@@ -9,7 +9,7 @@ import click
 
 from moeplace.errors import warn
 from moeplace.options import (MAX_WEIGHT, NON_NEGATIVE_INT, OUTPUT_FILE, POSITIVE, POSITIVE_INT, SEED, WEIGHT, FiniteFloat,
-                              check_output, given_options, writing)
+                              check_output, given_options, plural, writing)
 from moeplace.placement import Placement
 from moeplace.solve.summary import cap_remedy, eval_format, migration_lines, render_front, summary
 
@@ -161,7 +161,8 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     from moeplace.placement import load_placement
     from moeplace.solve.costmodel import checkpoint_dir
     from moeplace.solve.solver import check_layout, solve_placement
-    from moeplace.trace.format import is_load_only, load_trace, median_sequence_tokens, sequence_split_problem
+    from moeplace.trace.format import (is_load_only, load_trace, median_sequence_tokens, sequence_split_problem,
+                                       trace_shape)
 
     # before the solve, not after it; -o CKPT/config.json would replace the checkpoint's config
     check_output(output, "-o", [trace_path, from_path, cluster, model_config],
@@ -246,10 +247,15 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         raise MoeplaceError(f"--gpus {gpus} is not a multiple of --gpus-per-node {gpn}")
     if objective == "latency" and cluster is None:
         raise MoeplaceError("--objective latency needs --cluster CONFIG.yaml (see configs/cluster/)")
-    current = None if from_path is None else load_placement(from_path)
-    if current is not None:  # its GPUs now; its layers and experts once the trace is read
-        from moeplace.solve.migrate import check_current
-        check_current(current, str(from_path), current.num_layers, current.num_experts, gpus, gpn)
+    current = None if from_path is None else load_placement(from_path, "--from")
+    if current is not None:  # its GPUs, and the layers and experts the trace's headers state: before the tokens
+        from moeplace.solve.migrate import check_current  # are read (seconds on a large trace)
+
+        layers, experts = current.num_layers, current.num_experts  # a load-only input is small: checked once read
+        if not load_only:
+            _, layers, _, stored = trace_shape(trace_path)
+            experts = experts if stored is None else stored  # none stored: inferred from the ids, checked once read
+        check_current(current, str(from_path), layers, experts, gpus, gpn)
     if load_only:
         return _solve_loads(trace_path, gpus, gpus_per_node, redundant_experts, max_experts_per_gpu,
                             max_experts_per_gpu_total, time_limit, output, quiet, implied=loads_imply,
@@ -264,7 +270,7 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
     cost = None
     if objective == "latency" and cluster is not None:  # after the topology, as the solver orders them
         from moeplace.solve.costmodel import load_cost_model
-        cost = load_cost_model(cluster, model_config)
+        cost = load_cost_model(cluster, model_config, "--cluster", "--model-config")
         cost.check(gpus, gpn)
     if trace.meta.get("source") == "exflow-npy":  # the placement's expert count comes from the ids alone
         warn(f"{trace_path}: an ExFlow .npy records no expert count: {trace.num_experts} assumed (its largest id + 1); "
@@ -399,7 +405,8 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
     if not quiet:
         m = placement.metrics
         bound = float("nan") if placement.bound is None else placement.bound  # balance always sets one
-        click.echo(f"moeplace solve: {path.name} (load only) -> {gpus} GPUs, {redundant} redundant experts per layer"
+        click.echo(f"moeplace solve: {path.name} (load only) -> {plural(gpus, 'GPU')}, {redundant} redundant experts "
+                   "per layer"
                    + ("; objective balance, all that loads without token paths allow" if implied else ""))
         click.echo(f"balance: max/mean load per GPU, mean over layers {eval_format(m['imbalance_mean'], 'imbalance_mean')}, "
                    f"worst layer {eval_format(m['imbalance_max'], 'imbalance_max')}; lower bound "

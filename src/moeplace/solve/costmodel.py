@@ -32,7 +32,7 @@ import numpy as np
 
 from moeplace.errors import MoeplaceError
 from moeplace.io import read_yaml
-from moeplace.options import DTYPE_BYTES, DTYPE_SPELLINGS, MAX_BATCH_TOKENS, MAX_HIDDEN_SIZE, brief, yaml_number
+from moeplace.options import DTYPE_BYTES, DTYPE_SPELLINGS, MAX_BATCH_TOKENS, MAX_HIDDEN_SIZE, brief, plural, yaml_number
 from moeplace.eval.metrics import initial_homes, remote_mask, token_gpus
 from moeplace.placement import Placement
 from moeplace.trace.format import MAX_EXPERTS, Trace
@@ -100,8 +100,8 @@ class CostModel:
             where = f"cluster config {self.source}" if self.source else f"cluster config {c.name!r}"
             fits = SHIPPED_CLUSTERS.get((num_gpus // gpus_per_node, gpus_per_node))
             raise MoeplaceError(
-                f"{where} has {c.num_nodes} node(s) x {c.gpus_per_node} GPUs, but the placement "
-                f"uses {num_gpus} GPUs with {gpus_per_node} per node"
+                f"{where} has {c.num_nodes} node(s) x {plural(c.gpus_per_node, 'GPU')}, but the placement "
+                f"uses {plural(num_gpus, 'GPU')} with {gpus_per_node} per node"
                 + (f" (the shipped {shipped(fits)} describes that cluster)" if fits else "")
             )
 
@@ -112,14 +112,17 @@ class CostModel:
         return record if self.estimate is None else {**record, "estimate": estimate_record(self)}
 
 
-def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = None) -> CostModel:
+def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = None, cluster_label: str = "",
+                    model_label: str = "") -> CostModel:
     """Read a cluster YAML (with an optional `model:` section) and an optional model YAML, or a
     checkpoint directory (or its config.json) whose model section is estimated with the cluster
     YAML's `gpu:` figures (estimate_model).
 
-    Raises MoeplaceError naming the file and the missing or bad field.
+    Raises MoeplaceError naming the file and the missing or bad field; a file that cannot be read
+    as a YAML mapping also by its label, the option or key that named it ("--cluster"; `moeplace
+    check`: "cluster"), as "nope.yaml: no such file" does not say which of the two is missing.
     """
-    doc = _read_yaml(cluster_path)
+    doc = _read_yaml(cluster_path, cluster_label)
     if "cluster" not in doc:
         raise MoeplaceError(f"{cluster_path}: no 'cluster:' section (see configs/cluster/*.yaml)")
     _known(doc, {"cluster", "model", "gpu"}, str(cluster_path))
@@ -130,13 +133,13 @@ def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = No
             raise MoeplaceError(f"{cluster_path}: no 'gpu:' section, needed to estimate the expert costs from "
                                 f"{model_dir / 'config.json'}: add gpu: {{dense_tflops: {{bfloat16: PEAK}}, hbm_GBps: "
                                 f"BANDWIDTH}} (as in {shipped(SHIPPED_CLUSTERS[(1, 8)])}), or give a model YAML")
-        model, estimate = estimate_model(model_dir, _gpu(doc["gpu"], str(cluster_path)), cluster.num_gpus)
+        model, estimate = estimate_model(model_dir, _gpu(doc["gpu"], str(cluster_path)), cluster.num_gpus, model_label)
         return CostModel(cluster, model, str(cluster_path), str(model_dir), estimate)
     if doc.get("gpu") is not None:
         _gpu(doc["gpu"], str(cluster_path))  # checked whether or not this run uses it
     model_doc, model_src = doc.get("model"), str(cluster_path)
     if model_path is not None:
-        mdoc = _read_yaml(model_path)
+        mdoc = _read_yaml(model_path, model_label)
         if "model" not in mdoc and (hf := sorted(HF_CONFIG_KEYS & set(mdoc))):  # not dozens of "unknown" keys
             raise MoeplaceError(f"{model_path}: a Hugging Face config.json (it has {', '.join(hf[:3])}), not a model "
                                 "YAML: a checkpoint's config is read from its directory, or from a file named "
@@ -268,7 +271,7 @@ def fp8_quantization(quant: Any) -> tuple[bool, bool, str]:
     return False, False, f"quantization {brief(method)}"
 
 
-def estimate_model(model_dir: Path, gpu: Gpu, num_gpus: int) -> tuple[ModelCost, dict[str, Any]]:
+def estimate_model(model_dir: Path, gpu: Gpu, num_gpus: int, label: str = "") -> tuple[ModelCost, dict[str, Any]]:
     """A model section estimated from a checkpoint's config.json (no torch) and the GPU figures,
     with the record of how (CostModel.estimate: the config read, the keys and figures used, a
     one-line `note` for the user). A routed expert is a SwiGLU MLP of three hidden x ffn matmuls:
@@ -280,11 +283,12 @@ def estimate_model(model_dir: Path, gpu: Gpu, num_gpus: int) -> tuple[ModelCost,
     Shared experts (DeepSeek, Qwen2-MoE) are left out: every GPU runs them alike, no placement
     changes their time. An FP8 checkpoint (fp8_quantization: quant_method fp8, fbgemm_fp8, modelopt
     FP8, compressed-tensors float 8-bit) has 1-byte weights and its GEMMs at the float8 peak (at
-    the dtype's for FP8 weights alone); activations (dispatch, combine) are torch_dtype's."""
+    the dtype's for FP8 weights alone); activations (dispatch, combine) are torch_dtype's.
+    `label` (e.g. "--model-config") starts the errors of reading config.json."""
     from moeplace.models.config import check_width, config_size, moe_shape, read_config_json
 
     config = model_dir / "config.json"
-    cfg = read_config_json(model_dir, str(model_dir))
+    cfg = read_config_json(model_dir, f"{label} {model_dir}" if label else str(model_dir))
     where, need = f"{config}", "the expert costs of --model-config"
     shape = moe_shape(cfg, where, need)
     ffn_keys = ("moe_intermediate_size", "intermediate_size")
@@ -403,10 +407,14 @@ def model_mismatch(trace: Trace, trace_name: str, facts: ModelFacts) -> str:
             "the traced model's figures)")
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
-    doc = read_yaml(path, MoeplaceError)
+def _read_yaml(path: str | Path, label: str = "") -> dict[str, Any]:
+    """A YAML mapping; `label` (the option or key that named the file) starts the errors."""
+    try:
+        doc = read_yaml(path, MoeplaceError)
+    except MoeplaceError as e:
+        raise MoeplaceError(f"{label} {e}" if label else str(e)) from None
     if not isinstance(doc, dict):
-        raise MoeplaceError(f"{path}: expected a YAML mapping")
+        raise MoeplaceError(f"{label + ' ' if label else ''}{path}: expected a YAML mapping")
     return doc
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from shlex import quote
 from typing import TYPE_CHECKING, Any
 
+from moeplace.options import plural
 from moeplace.placement import Placement
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ def summary(placement: Placement, trace_name: str, trace_path: str | None = None
     median_sequence: the trace's median tokens per sequence (None: no sequence ids), for the note
     that a token split of long sequences flatters the held-out figure."""
     s, o = placement.solver, placement.objective
-    lines = [f"moeplace solve: {trace_name} -> {placement.num_gpus} GPUs "
+    lines = [f"moeplace solve: {trace_name} -> {plural(placement.num_gpus, 'GPU')} "
              f"({placement.num_nodes} node{'s' if placement.num_nodes > 1 else ''} x {placement.gpus_per_node})"]
     by_sequence = placement.split is not None and placement.split.get("by") == "sequence"
     if placement.split:
