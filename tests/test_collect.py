@@ -497,7 +497,8 @@ def test_cli_bad_inputs(tiny_dirs: dict[str, Path], corpus: Path, tmp_path: Path
         (["--model", str(truncated)], "cannot load model"),
         # the tokenizer is checked before the weights load (a real model takes minutes)
         (["--model", str(truncated), "--tokenizer", str(not_a_tokenizer)], "cannot load a tokenizer"),
-        (["--model", str(model), "--data", str(tmp_path / "nope.txt")], "no such file"),
+        (["--model", str(model), "--data", str(tmp_path / "nope.txt")], f"--data {tmp_path / 'nope.txt'}: no such file"),
+        (["--model", str(model), "--resume", str(tmp_path / "nope.npz")], f"--resume {tmp_path / 'nope.npz'}: no such file"),
         (["--model", str(model), "--data", str(tmp_path / "data.csv")], "unsupported text file"),
         (["--model", str(model), "--data", str(tmp_path / "empty.txt")], "no tokens"),
         (["--model", str(model), "--data", str(tmp_path / "binary.txt")], "not UTF-8"),

@@ -75,6 +75,23 @@ def test_report_ends_its_table_with_the_placement_against_contiguous_in_words(tm
     assert lines[0].count("% fewer") >= 2
 
 
+def test_in_short_names_the_tokens_as_the_tokens_line_does(tmp_path: Path, trace_path: Path, capsys) -> None:
+    """Fitted on all of a trace: "tokens the placement was fitted on"; on another trace: plain
+    tokens (its note says tokens it shares with the fit trace "score in-sample", which once made
+    the line claim they were all fitted on)."""
+    affinity_placement(trace_path, None, tmp_path / "p.json")
+    other = load_trace(trace_path)
+    save_trace(make_trace(other.topk_ids[:150], None, 8), tmp_path / "other.npz")
+
+    def short(path: Path) -> str:
+        assert run(["eval", str(tmp_path / "p.json"), str(path)]) == 0
+        (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  in short: ")]
+        return line
+
+    assert short(trace_path).startswith("  in short: against contiguous on 200 tokens the placement was fitted on: ")
+    assert short(tmp_path / "other.npz").startswith("  in short: against contiguous on 150 tokens: ")
+
+
 def test_held_out_tokens_by_default(tmp_path: Path, trace_path: Path, capsys) -> None:
     split = {"train_fraction": 0.6, "seed": 3}
     p = affinity_placement(trace_path, split, tmp_path / "p.json")

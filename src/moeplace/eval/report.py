@@ -486,7 +486,7 @@ def in_short(report: dict[str, Any]) -> str:
     held_out = "tokens of held-out sequences" if tokens and tokens.get("split_by") == "sequence" else "held-out tokens"
     on = ("these loads" if tokens is None else f"the {tokens['evaluated']} {held_out}"
           if tokens["subset"] == "held-out" else f"{tokens['evaluated']} tokens the placement was fitted on"
-          if "in-sample" in tokens["note"] else f"{tokens['evaluated']} tokens")
+          if tokens["note"].startswith("all tokens: in-sample") else f"{tokens['evaluated']} tokens")
     return f"against contiguous on {on}: " + "; ".join(said)
 
 

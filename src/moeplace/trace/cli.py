@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import click
 
-from moeplace.errors import AlreadyReported, MoeplaceError, warn
+from moeplace.errors import AlreadyReported, MoeplaceError, TraceError, warn
 from moeplace.export.permute import permutation_record
 from moeplace.io import read_json
 from moeplace.models.config import config_size
@@ -104,7 +104,10 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     if threads is not None and threads > available_cpus():  # 100000 threads crashed torch's OpenMP pool
         raise MoeplaceError(f"--threads {threads}: this process may use {available_cpus()} CPUs")
     skipped: list[Path] = []
-    files = expand_paths(data, skipped)
+    try:
+        files = expand_paths(data, skipped)
+    except MoeplaceError as e:  # name the flag, as solve's --from and --cluster do
+        raise MoeplaceError(f"--data {e}") from None
     if skipped and not quiet:  # said, since a directory's file list is otherwise silent
         click.echo(f"trace: skipped {plural(len(skipped), 'licence/notice file')} in --data directories: "
                    f"{', '.join(map(str, skipped))} (give a file as --data itself to read it)", err=True)
@@ -260,7 +263,10 @@ def _load_partial(resume: Path, files: list[Path], seq_len: int | None, batch_si
 
     if resume.suffix.lower() != ".npz":
         raise MoeplaceError(f"--resume {resume}: not a trace `moeplace trace` wrote (.npz)")
-    partial = load_trace(resume)
+    try:
+        partial = load_trace(resume)
+    except TraceError as e:
+        raise TraceError(f"--resume {e}") from None
     name = f"--resume {resume}"
     source = partial.meta.get("source")
     if source != "moeplace trace" or partial.token_ids is None or partial.sequence_ids is None \
