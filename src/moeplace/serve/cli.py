@@ -13,14 +13,31 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError, warn
 from moeplace.io import loads_json, not_a_file
-from moeplace.serve.httpserver import MAX_TEMPERATURE, SAMPLING, BadRequest, check_text, parse_sampling
+from moeplace.serve.httpserver import (
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    MAX_TEMPERATURE,
+    SAMPLING,
+    BadRequest,
+    Job,
+    check_options,
+    check_text,
+    completion_logprobs,
+    job_choices,
+    parse_logprobs,
+    parse_stop,
+    prompt_sampling,
+)
 from moeplace.serve.engine import ROUTING_EVERY_S, ROUTING_MAX_TOKENS
+from moeplace.serve.generate import TokenLogprobs
 from moeplace.serve.sampling import Sampling, int64
 from moeplace.options import (
     DtypeChoice,
@@ -52,7 +69,9 @@ the ranks' one line and exits 1). Without either it runs as one rank holding eve
 """
 
 SAMPLING_KEYS = ("temperature", *SAMPLING, "seed")  # read as over HTTP (httpserver.parse_sampling)
-PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS}  # what a JSONL prompt line may say
+# a line's keys that read as a /v1/completions body's (check_options, parse_stop, parse_logprobs)
+CHOICE_KEYS = ("n", "best_of", "stop", "logprobs")
+PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS, *CHOICE_KEYS}  # what a JSONL prompt line may say
 
 
 @click.command("serve", epilog=EPILOG, context_settings={"max_content_width": 100})
@@ -71,13 +90,15 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS}  # what a JSONL prompt li
                    "one Alltoall per MoE layer for top-1). standard: classic dispatch + combine to a home rank.")
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False, allow_dash=True),
               help="Batch input: one prompt per line (lines end at \\n only), or JSONL with {\"prompt\": "
-                   "text or [token ids], \"max_tokens\": n}. A .jsonl file is JSONL, a .txt file is text; "
+                   "text or [token ids], \"max_tokens\": n} (and a /v1/completions body's sampling, \"n\", "
+                   "\"stop\" and \"logprobs\"). A .jsonl file is JSONL, a .txt file is text; "
                    "any other name is JSONL when its first non-blank line starts with '{'. "
                    "'-' reads standard input (e.g. a pipe).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
               help="Batch output JSONL: one {index, prompt, token_ids, text, finish_reason} per prompt "
-                   "(default: stdout). A `wrote FILE` line names each file written (on stderr when the "
-                   "generations go to stdout).")
+                   "(default: stdout); with n > 1, one per choice, its \"choice\" added; \"logprobs\" where "
+                   "asked for, \"seed\" where sampled. A `wrote FILE` line names each file written (on stderr "
+                   "when the generations go to stdout).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 1 << 16),
               help="Batch: new tokens per prompt (a JSONL max_tokens overrides it). HTTP: the most a "
                    "request's max_tokens may ask for (more is a 400); a request without max_tokens gets "
@@ -88,19 +109,35 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS}  # what a JSONL prompt li
 @click.option("--ignore-eos", is_flag=True, help="Batch: do not stop at the end-of-sequence token.")
 @click.option("--temperature", type=FiniteFloat(0.0, MAX_TEMPERATURE),
               help="Batch: sample at this temperature (default 0: greedy); a JSONL line's \"temperature\", "
-                   "\"top_p\", \"top_k\" and \"seed\" override these options (and its \"min_p\" applies). "
-                   "HTTP: per request.")
+                   "\"top_p\", \"top_k\", \"min_p\" and \"seed\" override these options. HTTP: per request.")
 @click.option("--top-p", type=FiniteFloat(0.0, 1.0, min_open=True),
               help="Batch: sample from the smallest set of tokens holding this much probability (needs --temperature).")
 @click.option("--top-k", type=click.IntRange(-1), help="Batch: sample from the k likeliest tokens; 0 or -1: no "
                                                        "limit (needs --temperature).")
+@click.option("--min-p", type=FiniteFloat(0.0, 1.0),
+              help="Batch: sample from the tokens whose probability (after the temperature) is at least this "
+                   "fraction of the likeliest's (needs --temperature).")
 @click.option("--seed", type=click.IntRange(-(1 << 63), (1 << 63) - 1),
-              help="Batch: prompt i samples with seed + i (a JSONL \"seed\": that seed exactly). Default: a "
-                   "random seed; each sampled output line names its \"seed\", to replay it.")
+              help="Batch: prompt i samples with seed + i (with n: sequence i of the run, prompt-major; a JSONL "
+                   "\"seed\": that seed exactly, + j for choice j). Default: a random seed; each sampled output "
+                   "line names its \"seed\", to replay it.")
+@click.option("--choices", "-n", "n", type=click.IntRange(1, MAX_N), metavar="N",
+              help="Batch: choices per prompt, the API's \"n\" (default 1; a JSONL \"n\" overrides it), one output "
+                   "line each, prompt-major; choice j samples with its prompt's seed + j, and the prompts after it "
+                   "count on from there (greedy: n equal choices). Not --n: torchrun's parser takes that for its "
+                   "--nnodes/--nproc-per-node.")
+@click.option("--stop", multiple=True, metavar="TEXT",
+              help=f"Batch: end a choice's text right before the first of these strings in it (repeatable, up "
+                   f"to {MAX_STOPS}; finish_reason \"stop\", token_ids up to the token completing it; a JSONL "
+                   f"\"stop\" replaces them). Needs a tokenizer.")
+@click.option("--logprobs", type=click.IntRange(0, MAX_LOGPROBS), metavar="K",
+              help="Batch: give each output line the \"logprobs\" of /v1/completions: every token's "
+                   "log-probability and the K likeliest alternatives (a JSONL \"logprobs\" overrides it).")
 @click.option("--port", type=click.IntRange(0, 65535),
               help="Serve HTTP on rank 0: POST /v1/completions, POST /v1/chat/completions (both also "
                    "\"stream\": true, server-sent events), GET /v1/models, GET /health, GET /metrics. The batch "
-                   "options (--out, --stats-out, --ignore-eos, sampling) do not apply; --routing-out does.")
+                   "options (--out, --stats-out, --ignore-eos, sampling, --choices, --stop, --logprobs) do not apply; "
+                   "--routing-out does.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address (loopback by default).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA + NCCL when GPUs are visible, else CPU + gloo.")
@@ -126,8 +163,9 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS}  # what a JSONL prompt li
                    "0: about 2.8 kB a token for DeepSeek-V3's 58 MoE layers x top-8).")
 def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None, mode: str,
           prompts_path: str | None, out_path: str | None, max_new_tokens: int, max_batch: int, ignore_eos: bool,
-          temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None,
-          port: int | None, host: str, device: str, dtype: str | None, timeout_s: float, stats_out: str | None,
+          temperature: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
+          seed: int | None, n: int | None, stop: tuple[str, ...], logprobs: int | None, port: int | None,
+          host: str, device: str, dtype: str | None, timeout_s: float, stats_out: str | None,
           routing_out: str | None, routing_every: float, routing_max_tokens: int) -> None:
     """Expert-parallel inference with a placement applied: each rank holds the non-expert weights
     and only its own experts, read straight from the checkpoint's safetensors.
@@ -151,7 +189,12 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
             raise MoeplaceError(f"--{param.replace('_', '-')} shapes the --routing-out file: give --routing-out FILE")
     if temperature is None and (top_p is not None or top_k is not None):  # a filter on greedy: moot
         raise MoeplaceError("--top-p and --top-k shape sampling: give --temperature too (the default, 0, is greedy)")
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
+    if temperature is None and min_p is not None:
+        raise MoeplaceError("--min-p shapes sampling: give --temperature too (the default, 0, is greedy)")
+    check_stop_option(stop)
+    # what a JSONL line's own keys override (None: not given); a text line gets them as they are
+    defaults = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p, "seed": seed,
+                "n": n, "stop": list(stop) or None, "logprobs": logprobs}
     outputs = [("--out", out_path), ("--stats-out", stats_out), ("--routing-out", routing_out)]
     check_distinct_outputs(outputs)
     for option, path in outputs:
@@ -164,12 +207,13 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
             raise MoeplaceError("--nproc-per-node starts the ranks itself; under torchrun leave it out")
         launch.precheck(model_dir, placement_path, mode, device, nproc_per_node)
         grace = launch.ROUTING_GRACE_S if port is not None and routing_out else launch.SHUTDOWN_GRACE_S
-        launch.launch(nproc_per_node, launch.command_line(click.get_current_context(), "nproc_per_node"), grace)
+        argv = launch.command_line(click.get_current_context(), "nproc_per_node")
+        launch.launch(nproc_per_node, argv, grace)
         return
     rank, world = world_from_env()
     try:
         _serve(model_dir, placement_path, mode, prompts_path, out_path, max_new_tokens, max_batch, ignore_eos,
-               sampling, port, host, device, dtype, timeout_s, stats_out, routing_out, (routing_every, routing_max_tokens))
+               defaults, port, host, device, dtype, timeout_s, stats_out, routing_out, (routing_every, routing_max_tokens))
     except Terminated as e:  # the routing is written: now end as the signal would have
         sys.stdout.flush()
         sys.stderr.flush()
@@ -192,7 +236,8 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
         exit_hard(MoeplaceError(f"rank {rank}: internal error {type(e).__name__}: {e}"))
 
 
-BATCH_ONLY = ("out_path", "stats_out", "ignore_eos", "temperature", "top_p", "top_k", "seed")
+BATCH_ONLY = ("out_path", "stats_out", "ignore_eos", "temperature", "top_p", "top_k", "min_p", "seed", "n", "stop",
+              "logprobs")
 HTTP_ONLY = ("host", "routing_every", "routing_max_tokens")
 
 
@@ -249,6 +294,21 @@ def refuse_other_mode(ctx: click.Context, http: bool) -> None:
                                 "(--prompts)")
 
 
+def check_stop_option(stop: tuple[str, ...]) -> None:
+    """--stop's strings, as parse_stop checks a JSONL "stop" but named as the option: up to
+    MAX_STOPS, each of 1 to MAX_STOP_CHARS characters of Unicode text (an argument that is no
+    UTF-8 reaches Python as lone surrogates). The tokenizer they need is checked with the prompts."""
+    if len(stop) > MAX_STOPS:
+        raise MoeplaceError(f"--stop: at most {MAX_STOPS} stop strings, got {len(stop)}")
+    for text in stop:
+        if not 1 <= len(text) <= MAX_STOP_CHARS:
+            raise MoeplaceError(f"--stop: a stop string has 1 to {MAX_STOP_CHARS} characters, got {len(text)}")
+        try:
+            check_text(text, "--stop")
+        except BadRequest as e:
+            raise MoeplaceError(str(e)) from None
+
+
 def exit_hard(e: BaseException | None) -> None:
     """Print one line and leave at once: tearing down a broken process group can hang."""
     code = e.exit_code if isinstance(e, MoeplaceError) else 130
@@ -261,10 +321,11 @@ def exit_hard(e: BaseException | None) -> None:
 
 
 def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: str | None, out_path: str | None,
-           max_new_tokens: int, max_batch: int, ignore_eos: bool, sampling: dict[str, Any], port: int | None,
+           max_new_tokens: int, max_batch: int, ignore_eos: bool, defaults: dict[str, Any], port: int | None,
            host: str, device: str, dtype: str | None, timeout_s: float, stats_out: str | None,
            routing_out: str | None, routing_limits: tuple[float, int] = (ROUTING_EVERY_S, ROUTING_MAX_TOKENS)) -> None:
-    """routing_limits: (--routing-every, --routing-max-tokens), for the HTTP server's --routing-out."""
+    """defaults: what a batch JSONL line's keys override (read_prompts). routing_limits:
+    (--routing-every, --routing-max-tokens), for the HTTP server's --routing-out."""
     import torch.distributed as dist
 
     from moeplace.export.permute import ep_size_note
@@ -286,7 +347,7 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
         tokenizer = load_tokenizer(model_dir)
         if prompts_path:
             prompts = read_prompts(prompts_path, tokenizer, spec.vocab_size, spec.max_positions, max_new_tokens,
-                                   sampling)
+                                   defaults)
         else:
             server = bind_http(host, port or 0)
 
@@ -327,8 +388,10 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
                 engine.send_command(rt, engine.STOP)
     else:
         assert prompts is not None
-        click.echo(f"moeplace serve: batch of {plural(len(prompts), 'prompt')} ({plural(world, 'rank')}, {mode}); "
-                   f"{describe_placement(applied)}", err=True)
+        sequences = sum(p.n for p in prompts)  # with n > 1: its choices each decode as a sequence
+        size = plural(len(prompts), "prompt") + (f", {plural(sequences, 'sequence')}" if sequences > len(prompts) else "")
+        click.echo(f"moeplace serve: batch of {size} ({plural(world, 'rank')}, {mode}); {describe_placement(applied)}",
+                   err=True)
         run_batch(rt, prompts, max_batch, ignore_eos, tokenizer, out_path, stats_out, routing_out, applied)
         engine.send_command(rt, engine.STOP)
     if world > 1:
@@ -392,13 +455,28 @@ def bind_http(host: str, port: int) -> Any:
         raise MoeplaceError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
+class BatchPrompt(NamedTuple):
+    """One prompt of a batch run, as read_prompts checked it."""
+
+    prompt: Any  # as the file gives it: text or token ids
+    ids: list[int]
+    max_tokens: int
+    sampling: Sampling  # its first choice's; choice j samples with seed + j (httpserver.prompt_sampling)
+    n: int = 1  # choices (sequences) of this prompt
+    stop: tuple[str, ...] = ()  # stop strings (httpserver.StopText)
+    logprobs: int | None = None  # alternatives per token in its "logprobs"; None: no log-probabilities
+
+
 def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int, max_new_tokens: int,
-                 sampling: dict[str, Any] | None = None) -> list[tuple[Any, list[int], int, Sampling]]:
-    """(original prompt, token ids, max new tokens, sampling) per prompt; plain lines or JSONL
-    (see prompts_are_jsonl). Lines end at "\n" (a "\r" before it is dropped) and at nothing else:
-    str.splitlines would also split at U+2028, form feeds, \x1c-\x1e and \x85 inside a prompt.
-    sampling: the --temperature/--top-p/--top-k/--seed values (None: not given), which a JSONL
-    line's own keys override; prompt i without a "seed" of its own samples with seed + i."""
+                 defaults: dict[str, Any] | None = None) -> list[BatchPrompt]:
+    """Each prompt of a batch file; plain lines or JSONL (see prompts_are_jsonl). Lines end at
+    "\n" (a "\r" before it is dropped) and at nothing else: str.splitlines would also split at
+    U+2028, form feeds, \x1c-\x1e and \x85 inside a prompt. A JSONL line's keys are read as a
+    /v1/completions body's (the same checks and messages, prefixed FILE:LINE). defaults: the
+    options' values of those keys ("temperature", "top_p", "top_k", "min_p", "seed", "n", "stop",
+    "logprobs"; None: not given), which a JSONL line's own keys override. Sequences are numbered
+    over the file, prompt-major (prompt i's n choices, then prompt i + 1's); sequence k without a
+    "seed" of its line samples with seed + k (without n, prompt i with seed + i)."""
     p = Path(path)
     name = STDIN_NAME if path == "-" else str(p)
     try:  # utf-8-sig: a BOM (Windows editors write one) is no part of the first line
@@ -406,16 +484,20 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int, max_
     except UnicodeDecodeError:
         raise MoeplaceError(f"{name}: not UTF-8 text") from None
     jsonl = prompts_are_jsonl(p, lines)
-    out: list[tuple[Any, list[int], int, Sampling]] = []
+    out: list[BatchPrompt] = []
     ignored = ""  # the first line with keys read by nothing (a typo of max_tokens ran the default)
-    defaults = {k: v for k, v in (sampling or {}).items() if v is not None}
-    base_seed = defaults.get("seed", secrets.randbits(63))  # drawn once: the run's seeds are base + i
+    defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
+    if defaults.get("stop") and tokenizer is None:  # before any line: no line can use them
+        raise MoeplaceError("--stop: this model has no tokenizer, so its generations have no text to look for a "
+                            "stop string in")
+    base_seed = defaults.get("seed", secrets.randbits(63))  # drawn once: the run's seeds are base + k
+    sequences = 0  # the choices of the prompts before this one
     for num, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{name}:{num}"
         limit = max_new_tokens
-        doc: dict[str, Any] = {}  # a text line: the options' sampling
+        doc: dict[str, Any] = {}  # a text line: the options' values
         if jsonl:
             try:
                 doc = loads_json(line)
@@ -430,12 +512,14 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int, max_
                 raise MoeplaceError(f"{where}: max_tokens must be a positive integer")
         else:
             prompt = line
+        given = {**defaults, **{k: doc[k] for k in (*SAMPLING_KEYS, *CHOICE_KEYS) if k in doc}}
         try:  # as over HTTP: a filter without a temperature is refused, not answered greedily
-            params = parse_sampling({**defaults, **{k: doc[k] for k in SAMPLING_KEYS if k in doc}})
+            params, n = check_options(given, {}, "batch runs")
+            stop, logprobs = parse_stop(given, tokenizer), parse_logprobs(given)
         except BadRequest as e:
             raise MoeplaceError(f"{where}: {e}") from None
         if not params.greedy and doc.get("seed") is None:
-            params = dataclasses.replace(params, seed=int64(base_seed + len(out)))
+            params = dataclasses.replace(params, seed=int64(base_seed + sequences))
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise MoeplaceError(f"{where}: text prompt, but the model has no tokenizer (give token ids in JSONL)")
@@ -455,7 +539,8 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int, max_
         if len(ids) + limit > max_positions:
             raise MoeplaceError(f"{where}: {len(ids)} prompt tokens + {limit} new exceed the model's "
                                 f"{max_positions} positions")
-        out.append((prompt, ids, limit, params))
+        out.append(BatchPrompt(prompt, ids, limit, params, n, stop, logprobs))
+        sequences += n
     if not out:
         raise MoeplaceError(f"{name}: no prompts")
     if ignored:
@@ -501,10 +586,44 @@ def prompts_are_jsonl(path: Path, lines: list[str]) -> bool:
     return next((ln.lstrip().startswith("{") for ln in lines if ln.strip()), False)
 
 
-def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int, Sampling]], max_batch: int, ignore_eos: bool, tokenizer: Any,
+def batch_records(prompts: list[BatchPrompt], tokens: list[list[int]], logprobs: list[list[TokenLogprobs] | None],
+                  tokenizer: Any, eos_token_ids: tuple[int, ...]) -> list[str]:
+    """The output lines (JSON) of a run: one per sequence, prompt-major, from every sequence's
+    `tokens` and `logprobs` (None where its batch computed none) as decoded. Each is
+    {"index" (its prompt's), "choice" (j, only in a run where some prompt has n > 1), "prompt",
+    "token_ids", "text" (null without a tokenizer), "finish_reason", "logprobs" (where its
+    prompt asked for them), "seed" (where it was sampled)}; without these options, the lines
+    of the runs before them byte for byte. A choice's tokens, text, finish_reason and
+    log-probabilities are /v1/completions': httpserver.job_choices cuts them at a stop string
+    and completion_logprobs shapes them (every token's string decoded, also for a token-id prompt).
+    eos_token_ids: () with --ignore-eos (a last token that is EOS by chance ended nothing)."""
+    choices = any(p.n > 1 for p in prompts)
+    lines = []
+    first = 0  # the prompt's first sequence
+    for i, p in enumerate(prompts):
+        job = Job([p.ids] * p.n, p.max_tokens, tokenizer is not None, p.sampling, logprobs=p.logprobs, n=p.n,
+                  stop=p.stop)
+        job.result = tokens[first:first + p.n]
+        if p.logprobs is not None:  # its batches computed them: the largest N of the batch, its N shown
+            job.result_logprobs = [lp for lp in logprobs[first:first + p.n] if lp is not None]
+            assert len(job.result_logprobs) == p.n
+        first += p.n
+        for j, (a, params) in enumerate(zip(job_choices(job, tokenizer, eos_token_ids),
+                                             prompt_sampling(p.sampling, p.n))):
+            line: dict[str, Any] = {"index": i, **({"choice": j} if choices else {}), "prompt": p.prompt,
+                                    "token_ids": a.tokens, "text": a.text if tokenizer is not None else None,
+                                    "finish_reason": a.finish_reason}
+            if p.logprobs is not None and a.logprobs is not None:
+                line["logprobs"] = completion_logprobs(a.tokens, a.logprobs, p.logprobs, tokenizer)[0]
+            lines.append(json.dumps(line if params.greedy else {**line, "seed": params.seed}))
+    return lines
+
+
+def run_batch(rt: Any, prompts: list[BatchPrompt], max_batch: int, ignore_eos: bool, tokenizer: Any,
               out_path: str | None, stats_out: str | None, routing_out: str | None,
               applied: dict[str, str | None]) -> None:
     """Rank 0: drive the batches, then write generations, counters and routing (atomically).
+    Each prompt runs as its n sequences (choices), prompt-major; a batch is any max_batch of them.
     Each file written gets a `wrote FILE: ...` line as every other command prints, on stdout, or
     on stderr when the generations themselves go to stdout (no --out): that stays pure JSONL."""
     import numpy as np
@@ -516,37 +635,38 @@ def run_batch(rt: Any, prompts: list[tuple[Any, list[int], int, Sampling]], max_
     from moeplace.trace.format import make_trace, save_trace
 
     spec = rt.model.spec
-    # batches start at multiples of the world size, so a prompt's home rank is index % world
+    # batches start at multiples of the world size, so a sequence's home rank is its index % world
     world = rt.comm.world
     if (batch := max(max_batch - max_batch % world, world)) != max_batch:
         click.echo(f"moeplace serve: note: --max-batch {max_batch} runs as {batch}, a multiple of the {world} "
                    f"ranks (a prompt's home rank is its index % {world})", err=True)
     max_batch = batch
+    # (prompt, its choice's sampling) per sequence: choice j of a prompt samples with its seed + j
+    sequences = [(p, params) for p in prompts for params in prompt_sampling(p.sampling, p.n)]
     results: list[list[int]] = []
+    logprobs: list[list[TokenLogprobs] | None] = []  # per sequence, where its batch computed them
     routing: list[dict[str, np.ndarray]] = []  # decode_routing's arrays per batch
     seconds = 0.0
-    progress = Progress("serve: generating", total=len(prompts))
-    for start in range(0, len(prompts), max_batch):
-        chunk = prompts[start:start + max_batch]
-        req = engine.Request([c[1] for c in chunk], [c[2] for c in chunk], ignore_eos, routing_out is not None,
-                             [c[3] for c in chunk])
+    progress = Progress("serve: generating", total=len(sequences))
+    for start in range(0, len(sequences), max_batch):
+        chunk = sequences[start:start + max_batch]
+        asked = [p.logprobs for p, _ in chunk if p.logprobs is not None]  # the batch computes the most asked for
+        req = engine.Request([p.ids for p, _ in chunk], [p.max_tokens for p, _ in chunk], ignore_eos,
+                             routing_out is not None, [params for _, params in chunk],
+                             logprobs=max(asked) if asked else None)
         engine.send_command(rt, engine.GENERATE, req)
         res = engine.run_request(rt, req)
         counters = engine.merged_counters(rt)  # the other ranks all-reduce after every request
         results += res.tokens
+        logprobs += res.logprobs if res.logprobs is not None else [None] * len(chunk)
         seconds += res.seconds
-        if res.routing is not None:  # sequence id: the prompt's index (slot + start)
+        if res.routing is not None:  # sequence id: the sequence's index (slot + start)
             routing.append(decode_routing(res.routing, res.routing_weights, req.prompts, res.tokens,
                                           len(spec.moe_layers), start))
         progress.update(start + len(chunk))
     generated = sum(len(t) for t in results)
     progress.close(f"{generated} tokens")
-    lines = []
-    for i, ((prompt, _, _, params), toks) in enumerate(zip(prompts, results)):
-        finish = "stop" if toks and toks[-1] in spec.eos_token_ids and not ignore_eos else "length"
-        text = tokenizer.decode(toks) if tokenizer is not None else None
-        line = {"index": i, "prompt": prompt, "token_ids": toks, "text": text, "finish_reason": finish}
-        lines.append(json.dumps(line if params.greedy else {**line, "seed": params.seed}))
+    lines = batch_records(prompts, results, logprobs, tokenizer, () if ignore_eos else spec.eos_token_ids)
     to_stderr = not out_path
     if out_path:
         with writing(out_path):

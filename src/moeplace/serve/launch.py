@@ -34,7 +34,9 @@ ROUTING_GRACE_S = 30
 
 
 def command_line(ctx: click.Context, drop: str) -> list[str]:
-    """The options of the running click command as argv, minus `drop`; defaults are not repeated."""
+    """The options of the running click command as argv, minus `drop`; defaults are not repeated.
+    Values go as `--option=value`, one per value of a repeated option (--stop): a value that
+    starts with "-" then stays a value for torchrun's parser and for click."""
     argv: list[str] = []
     for param in ctx.command.params:
         if not isinstance(param, click.Option) or param.name == drop or param.name is None:
@@ -46,7 +48,7 @@ def command_line(ctx: click.Context, drop: str) -> list[str]:
             if value:
                 argv.append(param.opts[0])
         elif value is not None:
-            argv += [param.opts[0], str(value)]
+            argv += [f"{param.opts[0]}={v}" for v in (value if param.multiple else (value,))]
     return argv
 
 

@@ -62,7 +62,6 @@ def all_layouts(num_experts: int, num_gpus: int) -> np.ndarray:
 class ChainResult:
     expert_to_gpu: np.ndarray  # int64 [L, E], an optimal placement
     value: float  # its objective value as the recursion summed it
-    seconds: float
 
 
 def solve_chain(graph: AffinityGraph, distance: np.ndarray, deadline: float, cap: LoadCap | None = None,
@@ -70,7 +69,6 @@ def solve_chain(graph: AffinityGraph, distance: np.ndarray, deadline: float, cap
     """The placement of least objective_cost (placement_cost plus unary costs), int64 [L, E],
     exactly. None where a layer has no layout within `cap` / `moves`, or past `deadline` (checked
     between layers; the caller keeps what it had). Requires tractable(E, G)."""
-    start = time.monotonic()
     num_layers, num_experts = graph.num_layers, graph.num_experts
     num_gpus = distance.shape[0]
     layouts = all_layouts(num_experts, num_gpus)  # [S, E]
@@ -123,4 +121,4 @@ def solve_chain(graph: AffinityGraph, distance: np.ndarray, deadline: float, cap
         out[layer] = layouts[candidates[layer][pick]]
         if layer > 0:
             pick = int(came_from[layer - 1][pick])
-    return ChainResult(out, total_value, time.monotonic() - start)
+    return ChainResult(out, total_value)
