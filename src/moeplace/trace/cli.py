@@ -107,7 +107,7 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
     try:
         files = expand_paths(data, skipped)
     except MoeplaceError as e:  # name the flag, as solve's --from and --cluster do
-        raise MoeplaceError(f"--data {e}") from None
+        raise MoeplaceError(str(e) if str(e).startswith("--data ") else f"--data {e}") from None
     if skipped and not quiet:  # said, since a directory's file list is otherwise silent
         click.echo(f"trace: skipped {plural(len(skipped), 'licence/notice file')} in --data directories: "
                    f"{', '.join(map(str, skipped))} (give a file as --data itself to read it)", err=True)
