@@ -13,6 +13,7 @@ import pytest
 
 from conftest import ROOT
 from moeplace import cli
+from moeplace.errors import MoeplaceError
 from moeplace.placement import Placement, load_placement
 from moeplace.solve.baselines import contiguous
 from moeplace.solve.synthetic import planted_trace
@@ -79,6 +80,21 @@ def test_solve_refuses_a_from_placement_of_other_gpus_before_reading_the_trace(
                     str(tmp_path / "p.json"), "-q"]) == 2
     line = one_error_line(capsys)
     assert f"--from {current}: it has 2 GPUs, this solve 4" in line
+
+
+def test_solve_refuses_gpus_that_do_not_divide_the_experts_before_reading_the_trace(
+        trace_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """8 experts (the stored count, from the headers) on 3 GPUs: refused with the solver's own
+    line (the library's, which reads the tokens first) before the tokens are read."""
+    from moeplace.solve.solver import solve_placement
+    from moeplace.trace.format import load_trace
+
+    with pytest.raises(MoeplaceError) as library:
+        solve_placement(load_trace(trace_path), 3)
+    no_trace_read(monkeypatch)
+    assert cli.run(["solve", str(trace_path), "--gpus", "3", "-o", str(tmp_path / "p.json"), "-q"]) == 2
+    assert one_error_line(capsys) == f"moeplace: error: {library.value}" and "8 experts" in str(library.value)
+    assert not (tmp_path / "p.json").exists()
 
 
 @pytest.mark.parametrize("layers, experts, said", [

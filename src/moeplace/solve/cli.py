@@ -247,15 +247,18 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         raise MoeplaceError(f"--gpus {gpus} is not a multiple of --gpus-per-node {gpn}")
     if objective == "latency" and cluster is None:
         raise MoeplaceError("--objective latency needs --cluster CONFIG.yaml (see configs/cluster/)")
+    # what the trace's headers state, before its tokens are read (seconds on a large trace); a
+    # load-only input is small and checked once read; no stored expert count: inferred from the ids
+    shape = None if load_only else trace_shape(trace_path)
+    stored = None if shape is None else shape[3]
+    if stored is not None and split_by != "sequence":  # (a sequence-split problem is said first, once read)
+        check_layout(stored, gpus, gpn, objective, redundant_experts, max_experts_per_gpu_total)
     current = None if from_path is None else load_placement(from_path, "--from")
-    if current is not None:  # its GPUs, and the layers and experts the trace's headers state: before the tokens
-        from moeplace.solve.migrate import check_current  # are read (seconds on a large trace)
+    if current is not None:  # its GPUs, and the trace's layers and experts
+        from moeplace.solve.migrate import check_current
 
-        layers, experts = current.num_layers, current.num_experts  # a load-only input is small: checked once read
-        if not load_only:
-            _, layers, _, stored = trace_shape(trace_path)
-            experts = experts if stored is None else stored  # none stored: inferred from the ids, checked once read
-        check_current(current, str(from_path), layers, experts, gpus, gpn)
+        layers = current.num_layers if shape is None else shape[1]
+        check_current(current, str(from_path), layers, current.num_experts if stored is None else stored, gpus, gpn)
     if load_only:
         return _solve_loads(trace_path, gpus, gpus_per_node, redundant_experts, max_experts_per_gpu,
                             max_experts_per_gpu_total, time_limit, output, quiet, implied=loads_imply,
