@@ -536,6 +536,39 @@ def wait_for_server(proc: subprocess.Popen) -> tuple[int, list[int]]:
     return http_port, ranks
 
 
+def rank_pid(ranks: list[int], rank: int) -> int:
+    """The pid of `rank` among a launcher's rank processes (by their RANK environment variable)."""
+    key = f"RANK={rank}".encode()
+    return next(pid for pid in ranks if key in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+
+
+def stop_launcher(proc: subprocess.Popen, ranks: list[int], event: str) -> tuple[str, str]:
+    """End a launcher's run as production does ("rank 1 killed": SIGKILL rank 1; else Ctrl-C
+    to the launcher) and check its one line and exit code. (stdout, stderr)."""
+    if event == "rank 1 killed":
+        os.kill(rank_pid(ranks, 1), signal.SIGKILL)
+    else:
+        proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    lines = err.strip().splitlines()
+    if event == "rank 1 killed":
+        assert proc.returncode == 2 and lines == ["moeplace: error: rank 1 of 2 was killed by SIGKILL"], err
+    else:  # before: a "moeplace: error: interrupted" line per rank first
+        assert proc.returncode == 130 and lines == ["moeplace: interrupted (SIGINT); ranks stopped"], err
+    return out, err
+
+
+def reap(proc: subprocess.Popen, ranks: list[int]) -> None:
+    """Never leave a server behind: kill what is left of a launcher and its ranks (only a failed
+    test leaves anything)."""
+    for pid in ranks:
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
 @pytest.mark.parametrize("event", ["rank 1 killed", "launcher interrupted", "launcher killed"])
 def test_launcher_reports_a_killed_rank_or_an_interrupt(model: tuple[Path, list[list[int]]], tmp_path: Path,
                                                         event: str) -> None:
@@ -559,26 +592,13 @@ def test_launcher_reports_a_killed_rank_or_an_interrupt(model: tuple[Path, list[
                 time.sleep(0.1)
             assert not any(running(pid) for pid in ranks) and not listening()
             return
+        stop_launcher(proc, ranks, event)
         if event == "rank 1 killed":
-            rank1 = next(pid for pid in ranks if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
-            os.kill(rank1, signal.SIGKILL)
-        else:
-            proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-        lines = err.strip().splitlines()
-        if event == "rank 1 killed":
-            assert proc.returncode == 2 and lines == ["moeplace: error: rank 1 of 2 was killed by SIGKILL"], err
             assert left_in(tmp_path / "tmp") == []
-        else:  # before: a "moeplace: error: interrupted" line per rank first
-            assert proc.returncode == 130 and lines == ["moeplace: interrupted (SIGINT); ranks stopped"], err
+        else:
             assert not any(running(pid) for pid in ranks)
     finally:
-        for pid in ranks:  # only when the test failed: never leave a server behind
-            if running(pid):
-                os.kill(pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+        reap(proc, ranks)
 
 
 def test_launcher_refused_under_torchrun(model: tuple[Path, list[list[int]]], tmp_path: Path,
@@ -844,20 +864,14 @@ def test_a_stopped_rank_ends_the_run_within_a_few_seconds_of_the_timeout(model: 
     ranks: list[int] = []
     try:
         _, ranks = wait_for_server(proc)
-        rank1 = next(pid for pid in ranks if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
-        os.kill(rank1, signal.SIGSTOP)
+        os.kill(rank_pid(ranks, 1), signal.SIGSTOP)
         start = time.monotonic()
         _, err = proc.communicate(timeout=60)
         assert time.monotonic() - start < 2 + 12, err  # the timeout, the grace (3 s), slack for a busy machine
         assert proc.returncode == 2 and "lost contact with a peer rank" in err and "Traceback" not in err, err
         assert "GLHF" not in err and "typically caused" not in err
     finally:
-        for pid in ranks:
-            if running(pid):
-                os.kill(pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+        reap(proc, ranks)
 
 
 def test_a_slow_prompts_file_on_rank_0_is_not_a_timeout(model: tuple[Path, list[list[int]]], tmp_path: Path) -> None:

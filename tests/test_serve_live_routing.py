@@ -28,7 +28,7 @@ from moeplace.serve.cli import Terminated, load_tokenizer, writes_routing_on_sig
 from moeplace.serve.engine import RoutingLog
 from moeplace.serve.generate import Runtime
 from moeplace.trace.format import Trace, load_trace
-from test_serve_cli import running, save_placement, wait_for_server
+from test_serve_cli import reap, save_placement, stop_launcher, wait_for_server
 
 LIMIT = 8  # the servers' --max-new-tokens
 # (prompts, max_tokens) of the requests, sent one after another; batch mode runs the same
@@ -252,17 +252,7 @@ def test_a_stopped_launcher_leaves_the_routing(model: Path, tmp_path: Path, even
     try:
         port, ranks = wait_for_server(proc)
         answer = complete(port, *REQUESTS[0])
-        if event == "rank 1 killed":
-            rank1 = next(pid for pid in ranks if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
-            os.kill(rank1, signal.SIGKILL)
-        else:
-            proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-        lines = err.strip().splitlines()
-        if event == "rank 1 killed":
-            assert proc.returncode == 2 and lines == ["moeplace: error: rank 1 of 2 was killed by SIGKILL"], err
-        else:
-            assert proc.returncode == 130 and lines == ["moeplace: interrupted (SIGINT); ranks stopped"], err
+        out, _ = stop_launcher(proc, ranks, event)
         trace = load_trace(path)
         assert trace.num_tokens == sum(len(c["token_ids"]) - 1 for c in answer["choices"])
         assert trace.meta["world"] == 2 and f"wrote {path}" in out
@@ -270,9 +260,4 @@ def test_a_stopped_launcher_leaves_the_routing(model: Path, tmp_path: Path, even
         assert w is not None and (w > 0).all() and (np.diff(w, axis=-1) <= 0).all()
         assert trace.sequence_ids is not None and set(trace.sequence_ids.tolist()) == {0, 1}  # home rank: id % 2
     finally:
-        for pid in ranks:  # only when the test failed: never leave a server behind
-            if running(pid):
-                os.kill(pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+        reap(proc, ranks)
