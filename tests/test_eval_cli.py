@@ -815,21 +815,35 @@ def test_replay_progress_counts_each_layout(trace_path: Path, monkeypatch: pytes
 
 
 def test_threshold_results_on_ratios_and_missing_metrics() -> None:
-    """A node ratio on two nodes is judged like any other; only a one-node placement (nothing
-    crosses nodes anywhere, no ratio) holds as n/a; a missing ratio or metric is one line."""
+    """A node ratio on two nodes is judged like any other. Where contiguous's value is 0 there is
+    no ratio: the threshold holds when the placement's is 0 too (n/a; on one node, for a node
+    metric, "one node") and fails otherwise, as against a zero baseline; no contiguous layout at
+    all, or a missing metric, is one line."""
     from moeplace.errors import MoeplaceError
     from moeplace.eval.gates import Verdict, threshold_results
 
-    report = {"trace": "t.npz",
-              "layouts": {"placement": {"cross_gpu_top1": 0.0, "cross_node_top1": 0.3, "dest_nodes_topk": 0.0},
-                          "contiguous": {"cross_gpu_top1": 0.0, "cross_node_top1": 0.4, "dest_nodes_topk": 0.0}},
+    report = {"trace": "t.npz", "num_nodes": 2,
+              "layouts": {"placement": {"cross_gpu_top1": 0.0, "cross_node_top1": 0.3, "dest_nodes_topk": 0.0,
+                                        "dest_gpus_topk": 0.25},
+                          "contiguous": {"cross_gpu_top1": 0.0, "cross_node_top1": 0.4, "dest_nodes_topk": 0.0,
+                                         "dest_gpus_topk": 0.0}},
               "vs_contiguous": {"placement": {"cross_node_top1": 0.75}}}
-    assert threshold_results(report, {"max_cross_node_vs_contiguous": 0.5, "max_dest_nodes_vs_contiguous": 0.5}) == [
+    assert threshold_results(report, {"max_cross_node_vs_contiguous": 0.5, "max_dest_nodes_vs_contiguous": 0.5,
+                                      "max_cross_gpu_vs_contiguous": 1.0, "max_dest_gpus_vs_contiguous": 9.0}) == [
         Verdict("cross_node_top1/contiguous", 0.75, 0.5, False, "max_cross_node_vs_contiguous"),
-        Verdict("dest_nodes_topk/contiguous", None, 0.5, True, "max_dest_nodes_vs_contiguous")]
+        Verdict("dest_nodes_topk/contiguous", None, 0.5, True, "max_dest_nodes_vs_contiguous",
+                note="n/a (0 here and in contiguous)"),
+        Verdict("cross_gpu_top1/contiguous", None, 1.0, True, "max_cross_gpu_vs_contiguous",
+                note="n/a (0 here and in contiguous)"),
+        Verdict("dest_gpus_topk/contiguous", None, 9.0, False, "max_dest_gpus_vs_contiguous",
+                note="n/a: 0.25 where contiguous has 0, worse at any ratio")]
+    one_node = {**report, "num_nodes": 1}
+    assert threshold_results(one_node, {"max_dest_nodes_vs_contiguous": 0.5}) == [
+        Verdict("dest_nodes_topk/contiguous", None, 0.5, True, "max_dest_nodes_vs_contiguous", note="n/a (one node)")]
+    no_contiguous = {**report, "layouts": {"placement": report["layouts"]["placement"]}, "vs_contiguous": {}}
     with pytest.raises(MoeplaceError, match=r"^max_cross_gpu_vs_contiguous: no contiguous cross_gpu_top1 to compare "
                                             r"with on this trace$"):
-        threshold_results(report, {"max_cross_gpu_vs_contiguous": 1.0})
+        threshold_results(no_contiguous, {"max_cross_gpu_vs_contiguous": 1.0})
     with pytest.raises(MoeplaceError, match=r"^max_moe_time_ratio: the report has no moe_time_us \(the predicted MoE "
                                             r"time needs a cluster config\)$"):
         threshold_results(report, {"max_moe_time_ratio": 1.0})

@@ -30,9 +30,9 @@ def check_metric_fns(check: dict[str, Any], said: set[str] | None = None) -> dic
         return {"recorded": True, "none_recorded": f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} "
                                                    "'cluster' (a cluster config YAML; model_config too when it has "
                                                    f"no model section): {NO_RECORD}" if needs else ""}
-    fn, facts, source = cost_metric_fn(check["cluster"], check.get("model_config"), "check", said,
-                                       ("cluster", "model_config"))
-    return {"metric_fns": [fn], "assumed": [facts], "cost_source": source}
+    fn, facts, source, cost = cost_metric_fn(check["cluster"], check.get("model_config"), "check", said,
+                                             ("cluster", "model_config"))
+    return {"metric_fns": [fn], "assumed": [facts], "cost_source": source, "cluster": cost}
 
 
 _CHECK_KEYS = {"name", "placement", "trace", "all_tokens", "cluster", "model_config", "baseline"}
@@ -111,6 +111,9 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
             check["name"] = str(check["name"])  # `name: 2026` is a fine name
         if not isinstance(check["name"], str):
             raise MoeplaceError(f"{label}: name must be a string, got {check['name']!r}")
+        if not check["name"].strip() or check["name"].splitlines() != [check["name"]]:
+            # it starts the check's PASS/FAIL line: a line break in it could forge another check's line
+            raise MoeplaceError(f"{path}: check {i + 1}: name must be one line of text, not empty, got {check['name']!r}")
         twice = next((c for c in checks if c["name"] == check["name"]), None)
         if twice is not None:  # the PASS/FAIL lines and the JSON report name checks: one name, one check
             raise MoeplaceError(f"{path}: checks {checks.index(twice) + 1} and {i + 1} are both named {check['name']!r}")
@@ -307,7 +310,8 @@ def check(config: Path, as_json: bool, junit: Path | None, only: tuple[str, ...]
     max_<name>_vs_baseline, and max_moe_time_ratio, max_moe_time_vs_baseline (with cluster, or
     the cost model the placement records when the check names no cluster); `null` in a check
     drops a default's threshold (or cluster, or baseline, with the defaults' thresholds on it);
-    a node ratio to contiguous on a one-node placement is n/a and holds. When the tokens are
+    a ratio to contiguous where contiguous has 0 (a node ratio on one node, any ratio on one
+    GPU) is n/a: it holds if the placement's value is 0 too, else it fails. When the tokens are
     not a held-out split, a `tokens:` line under the check says what they are.
 
     \b

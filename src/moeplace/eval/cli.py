@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import click
 import numpy as np
@@ -22,13 +22,15 @@ from moeplace.options import (DTYPE_BYTES, MAX_HIDDEN_SIZE, NON_NEGATIVE, OUTPUT
 from moeplace.placement import Placement, load_placement
 from moeplace.solve.balance import expected_gpu_loads
 from moeplace.solve.costmodel import COST_COLUMNS, COST_PER_LAYER, CostModel, ModelFacts, checkpoint_dir
-from moeplace.trace.format import Trace, is_load_only, load_loads, load_trace
+from moeplace.trace.format import Trace, is_load_only, load_loads, load_trace, trace_shape
 
 
 def cost_metric_fn(cluster: Path, model_config: Path | None, command: str = "eval", said: set[str] | None = None,
-                   labels: tuple[str, str] = ("--cluster", "--model-config")) -> tuple[MetricFn, ModelFacts, dict[str, Any]]:
+                   labels: tuple[str, str] = ("--cluster", "--model-config")
+                   ) -> tuple[MetricFn, ModelFacts, dict[str, Any], CostModel]:
     """The predicted MoE time metric of a cluster (+ model) config, what it assumes of the model,
-    and the report's `cost_model` record of where it came from. A model section estimated from a
+    the report's `cost_model` record of where it came from, and the cost model itself (whose
+    cluster a placement must be on: evaluate_files's `cluster`). A model section estimated from a
     checkpoint is said on stderr (`moeplace COMMAND: note:`) and recorded as `model_estimate`.
     labels: what named the two files (options, or `moeplace check`'s keys), for the errors."""
     from moeplace.solve.costmodel import cost_metric, estimate_lines, estimate_record, load_cost_model, model_facts
@@ -43,7 +45,7 @@ def cost_metric_fn(cluster: Path, model_config: Path | None, command: str = "eva
                               "model_config": None if model_config is None else str(model_config)}
     if cost.estimate is not None:
         source["model_estimate"] = estimate_record(cost)
-    return cost_metric(cost), model_facts(cost), {**source, **_cost_names(cost)}
+    return cost_metric(cost), model_facts(cost), {**source, **_cost_names(cost)}, cost
 
 
 def _cost_names(cost: CostModel) -> dict[str, Any]:
@@ -83,7 +85,8 @@ def recorded_mismatch(cost: CostModel, trace: Trace, placement_path: Path, trace
 
 def evaluate_files(placement_path: Path, trace_path: Path, all_tokens: bool, metric_fns: Sequence[MetricFn] = (),
               assumed: Sequence[ModelFacts] = (), recorded: bool = False, none_recorded: str = "",
-              cost_source: dict[str, Any] | None = None, baseline: Path | None = None) -> dict[str, Any]:
+              cost_source: dict[str, Any] | None = None, baseline: Path | None = None, cluster: CostModel | None = None,
+              check_routing: Callable[[int, int], None] | None = None, needs_sequences: str = "") -> dict[str, Any]:
     """Load both files and build the report (`metric_fns` add metrics to every layout); a
     load-only TRACE (moeplace.loads/v1) gets build_load_report's, load balance only.
     assumed: what the metrics assume of the model; one warning line each that the trace contradicts.
@@ -94,7 +97,14 @@ def evaluate_files(placement_path: Path, trace_path: Path, all_tokens: bool, met
     the report has no MoE time.
     cost_source: the report's `cost_model` (where the MoE time's cost model came from).
     baseline (`moeplace check`): another placement of the model, scored on the same tokens or loads
-    as the report's `baseline` (see baseline_record)."""
+    as the report's `baseline` (see baseline_record).
+    cluster: the cost model of `metric_fns` (--cluster), whose GPUs the placement's must be;
+    check_routing(num_experts, top_k): raises when the trace is not of the model another input
+    describes (eval --model); needs_sequences: the options whose metrics need the trace's
+    sequence ids (eval's traffic prediction), refused once the trace is read, before the replay.
+    What the trace's headers state (moeplace.trace.format.trace_shape: layers, experts, top-k) is
+    checked before its tokens are read, seconds on a large trace; a file that stores no expert
+    count (an ExFlow .npy) is checked once read, with the same messages."""
     from moeplace.solve.costmodel import cost_metric, model_mismatch
 
     placement = load_placement(placement_path)
@@ -123,10 +133,25 @@ def evaluate_files(placement_path: Path, trace_path: Path, all_tokens: bool, met
         report = build_load_report(placement, loads.loads, placement_name=str(placement_path),
                                    loads_name=str(trace_path), num_groups=loads.meta.get("num_groups", 1))
         if baseline is not None:
-            report["baseline"] = baseline_record(baseline, placement, placement_path, loads.loads)
+            report["baseline"] = baseline_record(baseline, baseline_placement(baseline, placement, placement_path),
+                                                 placement, loads.loads)
         return report
+    _, layers, top_k, stored = trace_shape(trace_path)
+    if stored is not None:  # else inferred from the ids: checked below, once read
+        check_fits(layers, stored)
+    base = None if baseline is None else baseline_placement(baseline, placement, placement_path)
+    if cluster is not None:  # a cost model of another cluster cannot time it (said before the tokens are read)
+        cluster.check(placement.num_gpus, placement.gpus_per_node)
+    if stored is not None and check_routing is not None:
+        check_routing(stored, top_k)
     trace = load_trace(trace_path)
     check_fits(trace.num_layers, trace.num_experts)
+    if stored is None and check_routing is not None:
+        check_routing(trace.num_experts, trace.top_k)
+    if needs_sequences and trace.sequence_ids is None:  # said now, not after the placement's replay
+        raise MoeplaceError(f"{needs_sequences}: the traffic prediction needs the sequence of each token (home rank = "
+                            f"sequence % GPUs), and {trace_path} has no sequence_ids (an ExFlow .npy or an import "
+                            "without them; `moeplace trace` and `serve --routing-out` record them)")
     if cost is not None and (unusable := recorded_mismatch(cost, trace, placement_path, trace_path)):
         if none_recorded:
             raise MoeplaceError(unusable)
@@ -143,21 +168,17 @@ def evaluate_files(placement_path: Path, trace_path: Path, all_tokens: bool, met
                           trace_name=str(trace_path), metric_fns=metric_fns)
     if cost_source is not None:
         report["cost_model"] = cost_source
-    if baseline is not None:
-        report["baseline"] = baseline_record(baseline, placement, placement_path, trace, all_tokens, metric_fns)
+    if baseline is not None and base is not None:
+        report["baseline"] = baseline_record(baseline, base, placement, trace, all_tokens, metric_fns)
     return report
 
 
-def baseline_record(path: Path, placement: Placement, placement_path: Path, data: Trace | np.ndarray,
-                    all_tokens: bool = False, metric_fns: Sequence[MetricFn] = ()) -> dict[str, Any]:
-    """The report's `baseline` (`moeplace check`'s baseline:): {placement, num_gpus, gpus_per_node,
-    metrics (scalars), note}, scored on exactly the tokens the placement's report scored (its held-out
-    split, whatever split the baseline was fitted on), or on the same expert loads [L, E].
-
-    Another model or shape (layers, experts) is an error; another GPU count is a fair comparison
-    (the note says so), though the cost model of the placement's cluster then cannot time it."""
+def baseline_placement(path: Path, placement: Placement, placement_path: Path) -> Placement:
+    """A check's `baseline:` placement, read and checked against the placement (which fits the
+    trace, or is checked against it before the baseline is used): another shape (layers,
+    experts) or model is an error; another GPU count is a fair comparison (baseline_record)."""
     base = load_placement(path, "baseline")
-    shape = data.shape if isinstance(data, np.ndarray) else (data.num_layers, data.num_experts)
+    shape = (placement.num_layers, placement.num_experts)
     if (base.num_layers, base.num_experts) != shape:
         raise MoeplaceError(f"baseline {path} is for {base.num_layers} MoE layers x {base.num_experts} experts, but "
                             f"{placement_path} for {shape[0]} x {shape[1]}: a baseline is a placement of the same model")
@@ -166,6 +187,17 @@ def baseline_record(path: Path, placement: Placement, placement_path: Path, data
         if key in mine and key in theirs and mine[key] != theirs[key]:
             raise MoeplaceError(f"baseline {path} was fitted on another model than {placement_path}: {key} "
                                 f"{theirs[key]} (the placement's: {mine[key]})")
+    return base
+
+
+def baseline_record(path: Path, base: Placement, placement: Placement, data: Trace | np.ndarray,
+                    all_tokens: bool = False, metric_fns: Sequence[MetricFn] = ()) -> dict[str, Any]:
+    """The report's `baseline` (`moeplace check`'s baseline:): {placement, num_gpus, gpus_per_node,
+    metrics (scalars), note}, scored on exactly the tokens the placement's report scored (its held-out
+    split, whatever split the baseline was fitted on), or on the same expert loads [L, E].
+
+    Another GPU count is a fair comparison (the note says so), though the cost model of the
+    placement's cluster then cannot time it."""
     same_cluster = (base.num_gpus, base.gpus_per_node) == (placement.num_gpus, placement.gpus_per_node)
     note = "" if same_cluster else (
         f"{path} is for {plural(base.num_gpus, 'GPU')} ({plural(base.num_nodes, 'node')}), this one for "
@@ -323,8 +355,8 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
         f"--max-moe-time-ratio needs --cluster (the cost model predicts the MoE time): {NO_RECORD}"
         if needs_time else "")}
     if cluster is not None:  # an explicit cluster config wins over a recorded cost model
-        fn, facts, source = cost_metric_fn(cluster, model_config)
-        fns, assumed, cost = [fn], [facts], {"cost_source": source}
+        fn, facts, source, model = cost_metric_fn(cluster, model_config)
+        fns, assumed, cost = [fn], [facts], {"cost_source": source, "cluster": model}
     elif model_config is not None:
         raise MoeplaceError("--model-config needs --cluster")
     traffic = traffic_options(model_dir, hidden_size, dtype, runtime_mode)
@@ -333,12 +365,16 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
                                      traffic["kv_bytes_per_rank"]))
         assumed.append(ModelFacts("--hidden-size" if model_dir is None else f"--model {model_dir}",
                                   traffic["hidden_size"]))
-    report = evaluate_files(placement, trace, all_tokens, fns, assumed, **cost)
-    if traffic is not None:
-        routing = traffic.pop("model_routing")
-        if routing not in (None, (report["num_experts"], report["top_k"])):
+    routing = None if traffic is None else traffic.pop("model_routing")
+
+    def check_routing(num_experts: int, top_k: int) -> None:  # from the trace's headers when they say
+        if routing is not None and routing != (num_experts, top_k):
             raise MoeplaceError(f"--model {model_dir} is not the model of {trace}: {routing[0]} experts top-{routing[1]}, "
-                                f"the trace {report['num_experts']} experts top-{report['top_k']}")
+                                f"the trace {num_experts} experts top-{top_k}")
+
+    report = evaluate_files(placement, trace, all_tokens, fns, assumed, **cost, check_routing=check_routing,
+                            needs_sequences="" if traffic is None else "--model" if model_dir else "--hidden-size")
+    if traffic is not None:
         report["traffic"] = traffic
         add_traffic_ratios(report)
     results = threshold_results(report, given)

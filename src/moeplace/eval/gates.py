@@ -69,13 +69,9 @@ def threshold_results(report: dict[str, Any], limits: dict[str, float]) -> list[
             continue
         if ratio:
             ratios = report["vs_contiguous"].get("placement", {})
-            if metric not in ratios and metric in NODE_METRICS and not report["layouts"]["placement"].get(metric):
-                # one node: nothing crosses nodes in any layout, so there is no ratio and nothing to regress
-                # (a shared YAML's cross-node gate then holds, shown as n/a, rather than failing the run)
-                out.append(Verdict(f"{metric}/contiguous", None, float(limit), True, key))
+            if metric not in ratios:  # contiguous's value is 0: no ratio
+                out.append(zero_contiguous_verdict(report, key, float(limit)))
                 continue
-            if metric not in ratios:
-                raise MoeplaceError(f"{key}: no contiguous {metric} to compare with on this trace")
             what, value = f"{metric}/contiguous", ratios[metric]
         else:
             what, value = metric, report["layouts"]["placement"][metric]
@@ -84,6 +80,25 @@ def threshold_results(report: dict[str, Any], limits: dict[str, float]) -> list[
 
 
 NODE_METRICS = ("cross_node_top1", "dest_nodes_topk")
+ONE_NODE = "n/a (one node)"
+
+
+def zero_contiguous_verdict(report: dict[str, Any], key: str, limit: float) -> Verdict:
+    """A max_NAME_vs_contiguous verdict where contiguous's value is 0, so there is no ratio: on one
+    node nothing crosses nodes, on one GPU nothing crosses GPUs, nor with one MoE layer or tokens
+    that keep their experts' GPU. It holds when the placement's value is 0 too (nothing to regress:
+    a shared YAML's gate then holds, shown as n/a, rather than failing the run) and fails otherwise
+    (anything is worse than nothing), as against a zero baseline. No contiguous layout at all (more
+    GPUs than experts) is an error."""
+    metric = gate_metric(key)[0]
+    theirs = report["layouts"].get("contiguous", {}).get(metric)
+    if not isinstance(theirs, float) or theirs != 0:
+        raise MoeplaceError(f"{key}: no contiguous {metric} to compare with on this trace")
+    value, what = float(report["layouts"]["placement"][metric]), f"{metric}/contiguous"
+    if value == 0:
+        one_node = metric in NODE_METRICS and report.get("num_nodes", 1) == 1
+        return Verdict(what, None, limit, True, key, note=ONE_NODE if one_node else "n/a (0 here and in contiguous)")
+    return Verdict(what, None, limit, False, key, note=f"n/a: {value:.4g} where contiguous has 0, worse at any ratio")
 
 
 def baseline_verdict(report: dict[str, Any], key: str, limit: float) -> Verdict:
@@ -125,7 +140,7 @@ def describe(verdicts: list[Verdict]) -> str:
     def one(v: Verdict) -> str:
         value, limit = shown(v)
         if v.value is None:
-            return f"{v.what} {v.note or 'n/a (one node)'}"
+            return f"{v.what} {v.note or ONE_NODE}"
         return f"{v.what} {value} {'<=' if v.passed else '>'} {limit}"
 
     over = [one(v) for v in verdicts if not v.passed]
@@ -140,7 +155,7 @@ def gate_line(v: Verdict, tokens: str) -> str:
     metric, ratio = gate_metric(v.key)
     what = LABELS[metric] + (" / contiguous" if ratio else "")
     value, limit = shown(v)
-    verdict = "n/a (one node)" if v.value is None else f"{value} {'<=' if v.passed else '>'} {limit}"
+    verdict = (v.note or ONE_NODE) if v.value is None else f"{value} {'<=' if v.passed else '>'} {limit}"
     return f"moeplace eval: {'PASS' if v.passed else 'FAIL'}: {what} {verdict} (--{v.key.replace('_', '-')}; {tokens})"
 
 
@@ -153,8 +168,8 @@ def scored(report: dict[str, Any]) -> str:
 def gates(results: list[Verdict], limits: dict[str, float]) -> dict[str, Any]:
     """The report's record of the regression gate: thresholds given, each verdict, overall."""
     return {"thresholds": limits, "passed": all(v.passed for v in results),
-            "results": [{"threshold": v.key, "metric": v.what, "value": v.value, "limit": v.limit, "passed": v.passed}
-                        for v in results]}
+            "results": [{"threshold": v.key, "metric": v.what, "value": v.value, "limit": v.limit,
+                         **({"note": v.note} if v.note else {}), "passed": v.passed} for v in results]}
 
 
 

@@ -126,8 +126,15 @@ def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> Token
         recorded = placement.trace_sha256 or placement.trace_routing_sha256
         why = ("not the trace the placement was fitted on, by file and routing hash; tokens it shares with that "
                "trace score in-sample") if recorded else "the placement records no trace"
-        share = None if placement.fit_paths is None else paths.fit_path_share(trace.topk_ids, placement.fit_paths)[0]
-        repeats = "" if share is None else f"; {share:.0%} of them repeat a fit token's routing path (fit_paths)"
+        fit_k = _fit_top_k(placement)
+        if placement.fit_paths is not None and fit_k not in (None, trace.top_k):
+            # a path is the k experts of every layer: a top-1 re-import (ExFlow .npy) of the fit trace
+            # matches none of its top-k paths, which would read as "0% in-sample"
+            share, repeats = None, (f"; the placement was fitted on top-{fit_k} routing and this trace is "
+                                    f"top-{trace.top_k}: its tokens' paths cannot be compared with the fit tokens'")
+        else:
+            share = None if placement.fit_paths is None else paths.fit_path_share(trace.topk_ids, placement.fit_paths)[0]
+            repeats = "" if share is None else f"; {share:.0%} of them repeat a fit token's routing path (fit_paths)"
         return TokenSubsets(None, None, f"all tokens ({why}){repeats}", share)
     split = placement.split
     if not split:
@@ -166,6 +173,14 @@ def token_subsets(placement: Placement, trace: Trace, all_tokens: bool) -> Token
         f"held-out tokens, not seen by the solver (split train_fraction {fraction}, seed {seed}); "
         "--all-tokens to use every token"
     ), share, by)
+
+
+def _fit_top_k(placement: Placement) -> int | None:
+    """The fit trace's top-k as solve records it (metrics.train.placement.top_k), else None."""
+    train = placement.metrics.get("train") if isinstance(placement.metrics, dict) else None
+    layout = train.get("placement") if isinstance(train, dict) else None
+    k = layout.get("top_k") if isinstance(layout, dict) else None
+    return k if isinstance(k, int) and not isinstance(k, bool) else None
 
 
 def eplb_baseline(loads: np.ndarray, placement: Placement, num_groups: Any = 1) -> tuple[Placement | None, str]:
