@@ -171,6 +171,22 @@ def test_a_stop_string_cuts_the_text_and_tokens_as_http_does(shared: dict[str, A
     assert len(with_lp["logprobs"]["tokens"]) == len(with_lp["logprobs"]["top_logprobs"]) == count
 
 
+def test_a_stop_string_ends_its_sequence_at_the_next_step(model: Path, tokenizer: Any, full: dict[str, Any],
+                                                          stop: str, tmp_path: Path) -> None:
+    """The record is the cut one, and the batch stopped decoding right after the token that
+    completed the stop string: `count` decode steps and tokens, not LIMIT - 1 steps and LIMIT
+    tokens (before)."""
+    count = completing(tokenizer, full["token_ids"], stop)
+    stats = tmp_path / "s.json"
+    _, records = batch(model, tmp_path / "p.jsonl", [{"prompt": PROMPT, "stop": stop}], "--stats-out", str(stats))
+    assert records == [{"index": 0, "prompt": PROMPT, "token_ids": full["token_ids"][:count],
+                        "text": full["text"][:full["text"].index(stop)], "finish_reason": "stop"}]
+    figures = json.loads(stats.read_text())
+    decode = figures["decode"]
+    assert (decode["steps"], figures["generated_tokens"], decode["tokens"]["collectives"]) == (count, count, count + 1)
+    assert count < LIMIT - 1
+
+
 def test_without_the_options_the_output_is_unchanged_byte_for_byte(model: Path, tokenizer: Any, server: int,
                                                                    tmp_path: Path) -> None:
     """The records of the runs before these options: {index, prompt, token_ids, text,
@@ -316,4 +332,10 @@ def test_two_ranks_give_the_one_rank_records(model: Path, tmp_path: Path, stop: 
         if "logprobs" in a:
             assert a["logprobs"]["tokens"] == b["logprobs"]["tokens"]
             assert b["logprobs"]["token_logprobs"] == pytest.approx(a["logprobs"]["token_logprobs"], abs=1e-4)
-    assert sorted(set(load_trace(routing).sequence_ids.tolist())) == list(range(len(two)))
+    trace = load_trace(routing)
+    assert sorted(set(trace.sequence_ids.tolist())) == list(range(len(two)))
+    # the stopped greedy choices ended at the step after their stop string on both ranks: every
+    # kept token was fed to a step (the last to the one that ended them), none after (before:
+    # LIMIT - 1 tokens each, decoded to the budget)
+    for k in (3, 4):
+        assert int((trace.sequence_ids == k).sum()) == len(two[k]["token_ids"]) < LIMIT - 1

@@ -23,7 +23,7 @@ from moeplace.eval.metrics import gpu_loads
 from moeplace.eval.traffic import predict_traffic
 from moeplace.models.tiny import build_tiny_model
 from moeplace.placement import Placement, load_placement
-from moeplace.serve.cli import CONTIGUOUS, held_experts
+from moeplace.serve.cli import CONTIGUOUS, held_experts, load_tokenizer
 from moeplace.serve.counters import Counters
 from moeplace.serve.httpserver import BadRequest, Stats, metrics_text, parse_completion
 from moeplace.solve.baselines import random_balanced
@@ -399,6 +399,24 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
         decoded = int(values["moeplace_generated_tokens_total"]) - 4
         decode_load = [int(values[f'moeplace_expert_tokens_total{{phase="decode",rank="{r}"}}']) for r in range(2)]
         assert sum(decode_load) == decoded * 2 * 2 and decoded >= 10 and min(decode_load) > 0
+        # a stop string on 2 ranks: rank 0 finds it at token `count`, and the next step's tokens
+        # all-reduce ends the sequence on both: count + 1 all-reduces, not one per token of the
+        # 16 (before), and the answer cut as ever
+        tokenizer = load_tokenizer(str(path))
+        code, body, _ = http(http_port, "/v1/completions", json.dumps({"prompt": PROMPT_IDS[0],
+                                                                         "max_tokens": 16}).encode())
+        tokens = json.loads(body)["choices"][0]["token_ids"]
+        text = tokenizer.decode(tokens)
+        stop = next(text[i:i + 2] for i in range(1, len(text) - 1) if text[i:i + 2].isascii()
+                    and text[i:i + 2].isprintable())  # one byte, so one token, each
+        count = next(c for c in range(1, len(tokens) + 1) if stop in tokenizer.decode(tokens[:c]))
+        key = 'moeplace_collectives_total{phase="decode",kind="tokens"}'
+        before = int(exposition(http(http_port, "/metrics")[1])[key])
+        code, body, _ = http(http_port, "/v1/completions", json.dumps({"prompt": PROMPT_IDS[0], "max_tokens": 16,
+                                                                         "stop": stop}).encode())
+        choice = json.loads(body)["choices"][0]
+        assert code == 200 and (choice["token_ids"], choice["finish_reason"]) == (tokens[:count], "stop")
+        assert int(exposition(http(http_port, "/metrics")[1])[key]) - before == count + 1 < len(tokens) == 16
         # a rank dies: rank 0 notices within the timeout (heartbeats) and exits with one clear line
         procs[1].send_signal(signal.SIGKILL)
         start = time.monotonic()

@@ -5,8 +5,10 @@ answer is derived from what the same server returns without stop, or with n = 1.
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from moeplace.serve.cli import load_tokenizer
 from moeplace.serve.generate import Runtime
 from moeplace.serve.httpserver import BadRequest, StopText, parse_chat, parse_completion
 from test_serve_chat import MESSAGES
+from test_serve_cli import exposition
 from test_serve_stream import chat_checkpoint, joined_completion, post, stream
 
 LIMIT = 16  # the server's --max-new-tokens; the serving fixture's --max-batch is 8
@@ -83,6 +86,49 @@ def test_a_stop_string_ends_the_text_before_it(server: int, tokenizer: Any) -> N
     # a token-id prompt answers no text, but its tokens end at the stop string all the same
     ids = completion(server, {"prompt": tokenizer.encode(PROMPT), "stop": stop})["choices"][0]
     assert ids["text"] == "" and ids["token_ids"] == whole["token_ids"][:count] and ids["finish_reason"] == "stop"
+
+
+def decode_figures(port: int) -> tuple[int, int]:
+    """The server's (tokens all-reduces of the decode phase, tokens generated) so far: one
+    all-reduce per decode step of a batch, and one after its prefill."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", "/metrics")
+        values = exposition(conn.getresponse().read().decode())
+    finally:
+        conn.close()
+    return (int(values.get('moeplace_collectives_total{phase="decode",kind="tokens"}', 0)),
+            int(values["moeplace_generated_tokens_total"]))
+
+
+def test_a_stopped_sequence_ends_at_the_next_step_and_its_neighbour_runs_on(server: int, tokenizer: Any) -> None:
+    """The batch of a request whose stop string completes at token `count` of LIMIT runs `count`
+    + 1 steps (the last one's token dropped), not LIMIT (before: LIMIT); the answer is the same;
+    a sequence beside it in the batch runs on to its end, token for token what it is alone."""
+    whole = completion(server, {"prompt": PROMPT})["choices"][0]
+    stop = ascii_pair(whole["text"], 1)
+    count = completing(tokenizer, whole["token_ids"], stop)
+    other = completion(server, {"prompt": "Grüße"})["choices"][0]
+    assert count < LIMIT // 2 and stop not in other["text"] and len(other["token_ids"]) == LIMIT
+    for stream_it in (False, True):
+        body = {"prompt": PROMPT, "max_tokens": LIMIT, "stop": stop}
+        before = decode_figures(server)
+        if stream_it:
+            _, events = stream(server, "/v1/completions", body)
+            (choice,) = joined_completion(events, 1)
+        else:
+            (choice,) = completion(server, body)["choices"]
+        # a stream can end (its stop string seen) before its batch has been counted: wait for it
+        deadline = time.monotonic() + 30
+        while (after := decode_figures(server)) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert choice["token_ids"] == whole["token_ids"][:count] and choice["finish_reason"] == "stop"
+        assert choice["text"] == whole["text"][:whole["text"].index(stop)]
+        assert (after[0] - before[0], after[1] - before[1]) == (count + 1, count)
+    doc = completion(server, {"prompt": [PROMPT, "Grüße"], "stop": stop})
+    assert [c["token_ids"] for c in doc["choices"]] == [whole["token_ids"][:count], other["token_ids"]]
+    assert [c["finish_reason"] for c in doc["choices"]] == ["stop", "length"]
+    assert doc["choices"][1]["text"] == other["text"]
 
 
 def test_a_stop_string_not_in_the_text_changes_nothing_and_is_held_back_when_begun(server: int) -> None:
@@ -253,10 +299,12 @@ def test_stop_text_sends_only_what_the_answer_keeps() -> None:
             p = prefixes[ends - 1]
             want = p[:min(p.find(s) for s in stops if s in p)]
         text, sent = StopText(tok.decode, stops), ""
+        watch = StopText(tok.decode, stops, hold=False)  # StopWatch's: the same token stops it
         for c, token in enumerate(ids, 1):
             sent += text.push(token)
+            watch.push(token)
             assert want.startswith(sent), (ids, stops, sent, want)
-            assert text.stopped == (c == ends), (ids, stops, c)
+            assert text.stopped == watch.stopped == (c == ends), (ids, stops, c)
             if text.stopped:
                 break
         else:

@@ -28,6 +28,7 @@ from moeplace.serve.httpserver import (
     SAMPLING,
     BadRequest,
     Job,
+    StopWatch,
     check_options,
     check_text,
     completion_logprobs,
@@ -37,7 +38,7 @@ from moeplace.serve.httpserver import (
     prompt_sampling,
 )
 from moeplace.serve.engine import ROUTING_EVERY_S, ROUTING_MAX_TOKENS
-from moeplace.serve.generate import TokenLogprobs
+from moeplace.serve.generate import StepCallback, TokenLogprobs
 from moeplace.serve.sampling import Sampling, int64
 from moeplace.options import (
     DtypeChoice,
@@ -128,8 +129,8 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS, *CHOICE_KEYS}  # what a J
                    "--nnodes/--nproc-per-node.")
 @click.option("--stop", multiple=True, metavar="TEXT",
               help=f"Batch: end a choice's text right before the first of these strings in it (repeatable, up "
-                   f"to {MAX_STOPS}; finish_reason \"stop\", token_ids up to the token completing it; a JSONL "
-                   f"\"stop\" replaces them). Needs a tokenizer.")
+                   f"to {MAX_STOPS}; finish_reason \"stop\", token_ids up to the token completing it, and its sequence "
+                   f"stops decoding at the next step; a JSONL \"stop\" replaces them). Needs a tokenizer.")
 @click.option("--logprobs", type=click.IntRange(0, MAX_LOGPROBS), metavar="K",
               help="Batch: give each output line the \"logprobs\" of /v1/completions: every token's "
                    "log-probability and the K likeliest alternatives (a JSONL \"logprobs\" overrides it).")
@@ -619,6 +620,17 @@ def batch_records(prompts: list[BatchPrompt], tokens: list[list[int]], logprobs:
     return lines
 
 
+def stop_hook(tokenizer: Any, stops: list[tuple[str, ...]]) -> StepCallback | None:
+    """Runtime.generate's on_step for a batch run's batch (`stops`: each sequence's stop strings):
+    the slots whose stop string a token completed end at the next step (httpserver.StopWatch),
+    their records unchanged (batch_records cuts them there). None when no sequence has any: a
+    run without stop strings pays nothing."""
+    watch = StopWatch(tokenizer, [(s, False) for s in stops])
+    if not watch.watching:
+        return None
+    return lambda step: [slot for slot, token, finished, _ in step if watch.completed(slot, token, finished)]
+
+
 def run_batch(rt: Any, prompts: list[BatchPrompt], max_batch: int, ignore_eos: bool, tokenizer: Any,
               out_path: str | None, stats_out: str | None, routing_out: str | None,
               applied: dict[str, str | None]) -> None:
@@ -655,7 +667,7 @@ def run_batch(rt: Any, prompts: list[BatchPrompt], max_batch: int, ignore_eos: b
                              routing_out is not None, [params for _, params in chunk],
                              logprobs=max(asked) if asked else None)
         engine.send_command(rt, engine.GENERATE, req)
-        res = engine.run_request(rt, req)
+        res = engine.run_request(rt, req, stop_hook(tokenizer, [p.stop for p, _ in chunk]))
         counters = engine.merged_counters(rt)  # the other ranks all-reduce after every request
         results += res.tokens
         logprobs += res.logprobs if res.logprobs is not None else [None] * len(chunk)

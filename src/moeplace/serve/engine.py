@@ -239,7 +239,8 @@ def send_command(rt: Runtime, cmd: int, req: Request | None = None) -> None:
 
 def run_request(rt: Runtime, req: Request, on_step: StepCallback | None = None) -> Result:
     """Every rank: generate for the request (rank 0 has already broadcast it). on_step: rank 0's
-    streaming hook (Runtime.generate); it changes nothing the ranks exchange, so workers pass None."""
+    hook (Runtime.generate: streaming, and slots to end early, whose flags ride in the tokens
+    all-reduce every rank runs anyway); workers pass None."""
     rt.record_routing = req.record_routing
     return rt.generate(req.prompts, req.max_new_tokens, req.ignore_eos,
                        sampling=req.sampling if req.sampled else None, on_step=on_step, logprobs=req.logprobs)

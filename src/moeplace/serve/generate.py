@@ -28,12 +28,22 @@ Streaming (rank 0 only): `generate(on_step=...)` calls back after each decode st
 token every unfinished sequence just got (and its log-probabilities when asked for), already on
 the host for the loop's own bookkeeping, so a caller that streams costs no extra collective or
 device read; without it nothing is done.
+
+Ending early (rank 0 only): on_step may return slots that must end now (a stop string completed,
+a streaming client left). Rank 0 puts END in those slots of the next step's tokens all-reduce,
+which the max lets win over any rank's token, so every rank learns it from the collective it
+runs anyway: no extra collective, no extra byte. Every rank then marks those slots done and
+drops the token they got at that step (not in tokens, logprobs or logits: the answer is what it
+would have been had they decoded on, cut after the token rank 0 last saw). So a sequence asked to
+end after step t computes one more step, t + 1, whose token is discarded; its recorded routing
+(record_routing) keeps that step's rows, as it records what was computed: its last kept token
+was fed to the model there (decode_routing).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,10 +62,14 @@ MODES = ("coherent", "standard")
 # highest first, under the raw model distribution (sampling.token_logprobs)
 TokenLogprobs = tuple[float, list[tuple[int, float]]]
 # after each decode step: [(slot, new token, finished, its TokenLogprobs or None when the call
-# asked for none)] for every sequence that got a token, in slot order; runs inside the decode
-# loop, so it must be quick and must not raise (the other ranks would wait at the step's
+# asked for none)] for every sequence that got a token, in slot order; returns the slots (of
+# unfinished sequences; others are ignored) that must end now, or None: they end at the next
+# step, whose token for them is dropped (module docstring, "Ending early"). Runs inside the
+# decode loop, so it must be quick and must not raise (the other ranks would wait at the step's
 # collectives until the timeout)
-StepCallback = Callable[[list[tuple[int, int, bool, TokenLogprobs | None]]], None]
+StepCallback = Callable[[list[tuple[int, int, bool, TokenLogprobs | None]]], Iterable[int] | None]
+# a slot's value in the tokens all-reduce that ends it: above every token id, so the max keeps it
+END = 1 << 62
 
 
 @dataclass
@@ -140,9 +154,9 @@ class Runtime:
         """Continuation of every prompt (same arguments on every rank). sampling: per prompt
         (a sequence's token may be drawn on any rank in coherent mode); None is greedy for all.
         on_step: rank 0's streaming hook (StepCallback; every rank learns every token, but only
-        one should report them); other ranks pass None. logprobs: N >= 0 gives every generated
-        token's log-probability and the N likeliest alternatives (Result.logprobs; one more
-        collective per step); None: none, no collective."""
+        one should report them), which may end sequences early; other ranks pass None.
+        logprobs: N >= 0 gives every generated token's log-probability and the N likeliest
+        alternatives (Result.logprobs; one more collective per step); None: none, no collective."""
         model, comm, dev = self.model, self.comm, self.comm.device
         spec = model.spec
         coherent = self.mode == "coherent" and comm.world > 1
@@ -193,6 +207,7 @@ class Runtime:
 
         comm.counters.phase = "decode"
         done = [b <= 0 for b in budget]
+        ending: list[int] = []  # slots on_step asked to end: END in the next tokens all-reduce
         longest = max(map(len, prompts))  # host-side bound of every sequence's length
         start = time.perf_counter()
         while True:
@@ -213,22 +228,30 @@ class Runtime:
                 lp[here] = token_logprobs(logits, next_ids[here], logprobs)
                 lp_rows = comm.max_reduce(lp, "logprobs").tolist()
                 step_logprobs = {s: read_logprobs(lp_rows[s]) for s in active}
+            if ending:  # rank 0 only (the others have no on_step): the max makes it every rank's
+                next_ids[ending] = END
+                ending = []
             next_ids = comm.max_reduce(next_ids, "tokens")
+            tokens = next_ids.tolist()
+            for s in active:
+                if tokens[s] == END:  # asked to end after the last step: this step's token is dropped
+                    done[s] = True
+            active = [s for s in active if tokens[s] != END]
             if collect_logits:
                 full = torch.full((num, spec.vocab_size), float("-inf"), device=dev)
                 full[here] = logits
                 rows = comm.max_reduce(full, "debug").cpu()
                 for s in active:
                     logits_out[s].append(rows[s])
-            tokens = next_ids.tolist()
             for s in active:
                 generated[s].append(tokens[s])
                 if step_logprobs:
                     logprobs_out[s].append(step_logprobs[s])
                 budget[s] -= 1
                 done[s] = budget[s] <= 0 or tokens[s] in eos
-            if on_step is not None:
-                on_step([(s, tokens[s], done[s], step_logprobs.get(s)) for s in active])
+            if on_step is not None and active:
+                asked = on_step([(s, tokens[s], done[s], step_logprobs.get(s)) for s in active])
+                ending = sorted({s for s in asked if 0 <= s < num and not done[s]}) if asked is not None else []
             if all(done):
                 break
             # next step: unfinished sequences continue where their last token ended
@@ -290,8 +313,9 @@ def decode_routing(routing: np.ndarray, weights: np.ndarray | None, prompts: lis
     """A Result's decode routing as a trace's per-token arrays: topk_ids int64 [T, L, k],
     topk_weights float32 [T, L, k] (when recorded), sequence_ids (first_sequence + slot),
     positions and token_ids, int64 [T]. T counts the tokens fed to a decode step: every generated
-    token but each sequence's last (nothing runs it through the model). The token at position p
-    of slot s is the one generated there, tokens[s][p - len(prompts[s])]."""
+    token but each sequence's last (nothing runs it through the model), except in a sequence
+    ended early (on_step), whose last kept token was fed to the step that ended it. The token at
+    position p of slot s is the one generated there, tokens[s][p - len(prompts[s])]."""
     k = routing.shape[1] - 3
     rows = routing.reshape(-1, num_moe_layers, 3 + k)  # sorted by (slot, position, moe): one token a block
     slots, positions = rows[:, 0, 0], rows[:, 0, 1]

@@ -3,7 +3,9 @@
 Handler threads only validate and enqueue; rank 0's main thread (`serve_forever`) drains the
 queue in batches, broadcasts each batch to the other ranks and runs it, so the expert-parallel
 collectives stay on one thread; a streamed request's handler reads its tokens from a queue of
-its own, which the main thread fills after each decode step (Runtime.generate's on_step). While
+its own, which the main thread fills after each decode step (Runtime.generate's on_step, `step_hook`,
+which also ends early the sequences whose stop string is complete or whose streaming client has
+gone: docs/runtime.md, "Stop strings and `n`"). While
 idle it sends heartbeats: a dead rank surfaces within the timeout even with no traffic, and the
 server then exits with that error instead of hanging; it also stops when its launcher has gone
 (dist.tie_to_launcher). On the way out every request not yet answered (running, queued, or
@@ -24,11 +26,12 @@ routing (engine.RoutingLog) and writes it periodically and on the way out (docs/
                           (up to 4 non-empty strings): a choice's text ends right before the
                           first stop string in its generated text, finish_reason "stop", its
                           tokens (usage, token_ids, logprobs) up to the one that completed it;
-                          the sequence decodes on with its batch (the ranks do not detokenize),
-                          the rest dropped. A filter ("top_p" < 1, "top_k" > 1, "min_p" > 0) without a
-                          temperature is 400 (it would be silently greedy). "logprobs": N gives
-                          each choice OpenAI's legacy {"tokens", "token_logprobs", "top_logprobs"
-                          (the N likeliest), "text_offset"}, of the raw model distribution (before
+                          rank 0 finds it as the tokens come (StopWatch) and the sequence ends at
+                          the batch's next step (its token dropped). A filter ("top_p" < 1,
+                          "top_k" > 1, "min_p" > 0) without a temperature is 400 (it would be
+                          silently greedy). "logprobs": N gives each choice OpenAI's legacy
+                          {"tokens", "token_logprobs", "top_logprobs" (the N likeliest),
+                          "text_offset"}, of the raw model distribution (before
                           temperature and filters, as vLLM); a token is its id's decoding, or
                           "token_id:N" with no tokenizer. The other fields that would change the
                           answer (UNSUPPORTED: "echo", "suffix", penalties, "logit_bias"; "best_of"
@@ -59,7 +62,8 @@ routing (engine.RoutingLog) and writes it periodically and on the way out (docs/
                           non-streamed text. A failure before the first token is the usual 503;
                           after it (status 200 sent), a `data: {"error": ...}` event ends the
                           stream without [DONE]. A client that leaves mid-stream is dropped
-                          quietly; its sequences still decode to the end with their batch.
+                          quietly; its sequences end at the batch's next step after the handler
+                          notices (`gone`).
     GET  /v1/models       OpenAI list format: the one served model (the checkpoint's directory name)
     GET  /health          {"status": "ok", "world": N, "mode": ..., "placement": path as given or
                           "contiguous (no --placement)", "placement_sha256": 12 hex digits or null}
@@ -511,7 +515,8 @@ def metrics_text(stats: Stats, mode: str, world: int, placement: dict[str, str |
     families: list[tuple[str, str, str, list[tuple[str, Any]]]] = [  # name, type, help, [(labels, value)]
         ("moeplace_info", "gauge", "Constant 1; the labels describe the server (placement_sha256: first 12 hex "
          "digits of the placement file's sha256, empty without --placement).", [(info, 1)]),
-        ("moeplace_generated_tokens_total", "counter", "Tokens generated.", [("", stats.generated_tokens)]),
+        ("moeplace_generated_tokens_total", "counter", "Tokens generated (a sequence ended early counts up "
+         "to its last token kept).", [("", stats.generated_tokens)]),
         ("moeplace_tokens_per_second", "gauge", "Decode throughput of the last batch.",
          [("", f"{stats.last_tokens_per_s:.3f}")]),
         ("moeplace_decode_seconds_total", "counter", "Wall time of generation, summed over batches.",
@@ -822,10 +827,10 @@ class Handler(BaseHTTPRequestHandler):
                     break
                 self._write_chunk(sse(events))
                 events, items = [], [job.events.get()]
-            # every choice has ended (stop strings can end them all before their batch does: the
-            # sequences decode on, unanswered), or the job finished without an error
+            # every choice has ended (stop strings can end them all before their batch does), or
+            # the job finished without an error
             if chunks.done or (job.error is None and job.result is not None):
-                job.gone = True  # what the batch still decodes for it need not be queued
+                job.gone = True  # what the batch still decodes for it need not be queued: step_hook ends it
                 self._write_chunk(sse(events + chunks.end()) + b"data: [DONE]\n\n")
             else:  # failed mid-stream (a rank died, the server is closing): say so, no [DONE]
                 srv.stats.reject()
@@ -834,7 +839,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._write_chunk(sse(events + [{"error": error}]))
             if self.chunked:
                 self.wfile.write(b"0\r\n\r\n")  # the last chunk
-        except OSError:  # the client left, or stopped reading (CLIENT_TIMEOUT_S): stop writing; its batch decodes on
+        except OSError:  # the client left, or stopped reading (CLIENT_TIMEOUT_S): stop writing; step_hook ends
+            # its sequences at the batch's next step
             job.gone = True
             self.close_connection = True
 
@@ -862,9 +868,9 @@ class Choice:
     logprobs: list[TokenLogprobs] | None  # of `tokens`, when the job asked for them
 
 
-def choice_decoder(job: Job, tokenizer: Any) -> Callable[[list[int]], str]:
+def choice_decoder(chat: bool, tokenizer: Any) -> Callable[[list[int]], str]:
     """How a choice's text is decoded: chat skips special tokens (its content has none)."""
-    if job.chat:
+    if chat:
         return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
     return lambda ids: tokenizer.decode(ids)
 
@@ -881,7 +887,7 @@ def job_choices(job: Job, tokenizer: Any, eos_token_ids: tuple[int, ...]) -> lis
         # the EOS token is no part of a chat answer, also where the tokenizer does not mark it special
         shown = toks[:-1] if job.chat and eos else toks
         if job.stop and tokenizer is not None:
-            matcher = StopText(choice_decoder(job, tokenizer), job.stop)
+            matcher = StopText(choice_decoder(job.chat, tokenizer), job.stop)
             text = ""
             for count, token in enumerate(shown, 1):
                 text += matcher.push(token)
@@ -892,7 +898,7 @@ def job_choices(job: Job, tokenizer: Any, eos_token_ids: tuple[int, ...]) -> lis
                 text += matcher.finish()
                 reason = "stop" if matcher.stopped else reason
         else:
-            text = choice_decoder(job, tokenizer)(shown) if job.texts and tokenizer is not None else ""
+            text = choice_decoder(job.chat, tokenizer)(shown) if job.texts and tokenizer is not None else ""
         lps = job.result_logprobs[i][:len(toks)] if job.logprobs is not None and job.result_logprobs is not None \
             else None
         out.append(Choice(toks, text if job.texts else "", reason, lps))
@@ -1020,11 +1026,13 @@ class StopText:
     holding back an end that may be the beginning of a stop string; once a stop string is seen,
     `stopped` is set and the text ends right before it (of those seen at one token, the one that
     starts first). Only generated text is searched, never the prompt. Without stop strings it is
-    IncrementalText. The deltas put together are the answer's text, streamed or not (job_choices)."""
+    IncrementalText. The deltas put together are the answer's text, streamed or not (job_choices).
+    hold: False only looks for the stop strings (StopWatch): `stopped` is set at the same token,
+    but `push` holds nothing back (it skips that search), so its text is not for sending."""
 
-    def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...]) -> None:
+    def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...], hold: bool = True) -> None:
         self.incremental = IncrementalText(decode)
-        self.stops = stops
+        self.stops, self.hold = stops, hold
         self.longest = max(map(len, stops), default=0)
         self.text = ""  # the deltas so far, the held-back end included
         self.sent = 0  # characters of `text` given out
@@ -1048,7 +1056,8 @@ class StopText:
         if found:  # it starts after `sent`: what began it was held back
             self.stopped, end = True, min(found)
         else:
-            end = len(self.text) if final else len(self.text) - held_back(self.text, self.stops, self.sent)
+            end = len(self.text) if final or not self.hold else \
+                len(self.text) - held_back(self.text, self.stops, self.sent)
         out, self.sent = self.text[self.sent:end], end
         return out
 
@@ -1060,7 +1069,8 @@ class StreamChunks:
     a chat token that adds no text has no event, so its entry waits for the next one (the finish
     event takes the stop token's). With stop strings a choice's text goes through StopText: text
     that may begin a stop string waits, the token that completes one ends the choice
-    (finish_reason "stop"), and the tokens decoded after it are dropped."""
+    (finish_reason "stop"); rank 0 ends its sequence then (step_hook), and any token that still
+    comes after it is dropped."""
 
     def __init__(self, job: Job, tokenizer: Any, model_name: str, eos_token_ids: tuple[int, ...]) -> None:
         self.job, self.eos, self.tokenizer = job, eos_token_ids, tokenizer
@@ -1077,7 +1087,7 @@ class StreamChunks:
             self.tail["usage"] = None
         self.texts: list[StopText] | None = None
         if (job.texts or job.stop) and tokenizer is not None:  # as the non-streamed answers decode
-            self.texts = [StopText(choice_decoder(job, tokenizer), job.stop) for _ in job.prompts]
+            self.texts = [StopText(choice_decoder(job.chat, tokenizer), job.stop) for _ in job.prompts]
 
     @property
     def done(self) -> bool:
@@ -1098,7 +1108,7 @@ class StreamChunks:
               logprobs: TokenLogprobs | None = None) -> list[dict[str, Any]]:
         """The events of choice i's new token (with its log-probabilities when the job asked for
         them); the last token's carry its finish_reason; none after a stop string."""
-        if self.ended[i]:  # decoded on with its batch after its stop string: not answered
+        if self.ended[i]:  # after its stop string (where rank 0's StopWatch failed to end it): not answered
             return []
         reason = ("stop" if token in self.eos else "length") if finished else None
         # chat: the stop token is no part of the answer (job_choices)
@@ -1151,19 +1161,67 @@ def sse(events: list[dict[str, Any]]) -> bytes:
     return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
 
 
-def stream_router(batch: list[Job]) -> StepCallback | None:
-    """Runtime.generate's on_step for a batch (its prompts are slots 0.. in order): queue each
-    streamed job's tokens for its handler thread; None when no job streams (nothing to pay)."""
-    owners = [(job, i) for job in batch for i in range(len(job.prompts))]
-    if not any(job.stream for job in batch):
-        return None
+class StopWatch:
+    """Rank 0's search for stop strings while a batch decodes, so that a sequence can end at the
+    step after the token that completes its first stop string (Runtime.generate's on_step)
+    instead of decoding on to its EOS or max_tokens: one StopText per sequence that has stop
+    strings, fed its tokens as they come, as job_choices feeds the finished answer's, so it stops
+    at the token where the answer is cut (a finished sequence's last token needs no search: it
+    ends anyway). The answer is then what it would have been. Never raises: a decoding that fails
+    ends the search for that sequence, which then decodes on and is cut afterwards, as before.
+    The tokenizer is shared with the handler threads: decoding only reads it."""
 
-    def route(step: list[tuple[int, int, bool, TokenLogprobs | None]]) -> None:
+    def __init__(self, tokenizer: Any, sequences: list[tuple[tuple[str, ...], bool]]) -> None:
+        """sequences: per slot, (its stop strings, whether it is a chat choice: choice_decoder)."""
+        self.texts: list[StopText | None] = [
+            StopText(choice_decoder(chat, tokenizer), stops, hold=False) if stops and tokenizer is not None else None
+            for stops, chat in sequences]
+
+    @property
+    def watching(self) -> bool:
+        """Some sequence has stop strings to look for."""
+        return any(t is not None for t in self.texts)
+
+    def completed(self, slot: int, token: int, finished: bool) -> bool:
+        """Whether `token`, the slot's newest, completes a stop string (the sequence can end now)."""
+        text = self.texts[slot]
+        if text is None or finished:
+            return False
+        try:
+            text.push(token)
+        except Exception:  # a tokenizer's surprise: no early end for it, its answer is cut as before
+            self.texts[slot] = None
+            return False
+        if text.stopped:
+            self.texts[slot] = None
+        return text.stopped
+
+
+def step_hook(batch: list[Job], tokenizer: Any) -> StepCallback | None:
+    """Runtime.generate's on_step for a batch (its prompts are slots 0.. in order): queue each
+    streamed job's tokens for its handler thread, and return the slots to end now: those whose
+    stop string a token completed (StopWatch, streamed or not) and the unfinished ones of a
+    streamed job whose stream has ended (`gone`: its client left, or every choice ended at a stop
+    string). None when no job streams or has stop strings (nothing to pay)."""
+    if not any(job.stream or job.stop for job in batch):
+        return None
+    owners = [(job, i) for job in batch for i in range(len(job.prompts))]
+    watch = StopWatch(tokenizer, [(job.stop, job.chat) for job, _ in owners])
+
+    def hook(step: list[tuple[int, int, bool, TokenLogprobs | None]]) -> list[int]:
+        ended = []
         for slot, token, finished, logprobs in step:
             job, i = owners[slot]
-            if job.stream and not job.gone:
+            if job.gone:  # (set by its handler thread: a read that comes late costs a step)
+                if not finished:
+                    ended.append(slot)
+                continue
+            if job.stream:
                 job.events.put((i, token, finished, logprobs if job.logprobs is not None else None))
-    return route
+            if watch.completed(slot, token, finished):
+                ended.append(slot)
+        return ended
+    return hook
 
 
 class Server(ThreadingHTTPServer):
@@ -1279,7 +1337,7 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
                           logprobs=max(asked) if asked else None)
             try:
                 send_command(rt, GENERATE, req)
-                result = run_request(rt, req, stream_router(batch))
+                result = run_request(rt, req, step_hook(batch, tokenizer))
                 counters = merged_counters(rt)
             except BaseException as e:
                 for j in batch:
