@@ -45,6 +45,34 @@ def one_rank_runtime() -> Callable[[Path], Any]:
 
 
 @pytest.fixture(scope="session")
+def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """test_serve_stream's chat checkpoint (`chat_checkpoint`: byte tokenizer, chat template, EOS
+    ids whose greedy answers stop within a few tokens), built once for the serve tests that read
+    it. Shared, so read-only: a test that would change it copies it first; the session's end
+    checks that none did."""
+    from test_serve_stream import chat_checkpoint
+
+    path = chat_checkpoint(tmp_path_factory.mktemp("chat-model") / "chat")
+    before = tree_state(path)
+    yield path
+    assert tree_state(path) == before, f"a test changed the shared chat checkpoint {path}: copy it first"
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(chat_model: Path) -> Any:
+    """`chat_model`'s tokenizer, loaded as `moeplace serve` loads it (tests only read it)."""
+    from moeplace.serve.cli import load_tokenizer
+
+    return load_tokenizer(str(chat_model))
+
+
+def tree_state(path: Path) -> list[tuple[str, int, int]]:
+    """Each file under `path`: (relative path, size, mtime in ns): what a write would change."""
+    return sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+                  for f in path.rglob("*") if f.is_file())
+
+
+@pytest.fixture(scope="session")
 def serving() -> Callable[..., Any]:
     """A factory of context managers: rank 0's HTTP loop (`serve_forever`) on a one-rank runtime,
     in a thread, with `tokenizer` (and a RoutingLog for --routing-out), yielding its port;

@@ -17,10 +17,10 @@ import pytest
 
 from moeplace.cli import run
 from moeplace.errors import MoeplaceError
-from moeplace.serve.cli import load_tokenizer, read_prompts
+from moeplace.serve.cli import read_prompts
 from moeplace.trace.format import load_trace
 from test_serve_stop_n import ascii_pair, completing
-from test_serve_stream import chat_checkpoint, post
+from test_serve_stream import post
 
 LIMIT = 16  # --max-new-tokens and the HTTP server's cap
 PROMPT = "The cat"  # its greedy answer runs to LIMIT tokens, no EOS (test_serve_stop_n)
@@ -29,19 +29,9 @@ SAMPLED = {"temperature": 1.0, "seed": 41}
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return chat_checkpoint(tmp_path_factory.mktemp("serve-batch-options") / "batchy")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model: Path) -> Any:
-    return load_tokenizer(str(model))
-
-
-@pytest.fixture(scope="module")
-def server(model: Path, tokenizer: Any, one_rank_runtime: Callable[[Path], Any],
+def server(chat_model: Path, chat_tokenizer: Any, one_rank_runtime: Callable[[Path], Any],
            serving: Callable[..., Any]) -> Iterator[int]:
-    with serving(one_rank_runtime(model), tokenizer, LIMIT) as port:
+    with serving(one_rank_runtime(chat_model), chat_tokenizer, LIMIT) as port:
         yield port
 
 
@@ -78,7 +68,8 @@ def stop(full: dict[str, Any]) -> str:
 
 
 @pytest.fixture(scope="module")
-def shared(model: Path, tokenizer: Any, stop: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def shared(chat_model: Path, chat_tokenizer: Any, stop: str,
+           tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One run most tests read: its lines, its records grouped by line, its bytes."""
     lines: list[dict[str, Any]] = [
         {"prompt": PROMPT},  # 0: greedy, whole
@@ -86,14 +77,14 @@ def shared(model: Path, tokenizer: Any, stop: str, tmp_path_factory: pytest.Temp
         {"prompt": PROMPT, "stop": [stop, "\x7f\x7f"], "logprobs": 1},  # 2
         {"prompt": PROMPT, "n": 3, "logprobs": 2, **SAMPLED},  # 3: seeds 41, 42, 43
         {"prompt": PROMPT, "temperature": 1.0, "seed": 43},  # 4: line 3's third choice alone
-        {"prompt": tokenizer.encode(PROMPT), "stop": stop},  # 5: token ids
+        {"prompt": chat_tokenizer.encode(PROMPT), "stop": stop},  # 5: token ids
         {"prompt": PROMPT, "n": 2, "temperature": 1.0},  # 6: --seed + its sequences' indices 8, 9
         {"prompt": PROMPT, "temperature": 1.0},  # 7: sequence 10
         {"prompt": PROMPT, "n": 2},  # 8: greedy: two equal choices
     ]
     path = tmp_path_factory.mktemp("shared") / "p.jsonl"
     # --max-batch 4: line 3's choices and line 6's are split over two batches
-    data, records = batch(model, path, lines, "--seed", "100", "--max-batch", "4")
+    data, records = batch(chat_model, path, lines, "--seed", "100", "--max-batch", "4")
     by_line: list[list[dict[str, Any]]] = [[] for _ in lines]
     for r in records:
         by_line[r["index"]].append(r)
@@ -101,7 +92,7 @@ def shared(model: Path, tokenizer: Any, stop: str, tmp_path_factory: pytest.Temp
 
 
 def test_n_choices_are_records_prompt_major_with_their_seeds(shared: dict[str, Any], full: dict[str, Any],
-                                                            model: Path) -> None:
+                                                            chat_model: Path) -> None:
     by_line = shared["by_line"]
     assert [(r["index"], r["choice"]) for r in shared["records"]] == [
         (i, j) for i, line in enumerate(shared["lines"]) for j in range(line.get("n", 1))]
@@ -115,7 +106,7 @@ def test_n_choices_are_records_prompt_major_with_their_seeds(shared: dict[str, A
     assert len({tuple(r["token_ids"]) for r in by_line[3]}) == 3  # sampled with other seeds: other tokens
     assert [r["token_ids"] for r in by_line[8]] == [full["token_ids"]] * 2 == [by_line[0][0]["token_ids"]] * 2
     # reproducible: the same file and --seed give the same bytes
-    again, _ = batch(model, shared["path"], shared["lines"], "--seed", "100", "--max-batch", "4")
+    again, _ = batch(chat_model, shared["path"], shared["lines"], "--seed", "100", "--max-batch", "4")
     assert again == shared["bytes"]
 
 
@@ -133,12 +124,12 @@ def test_n_choices_equal_the_http_answer_and_their_seed_alone(shared: dict[str, 
 @pytest.mark.parametrize("line, stops", [({"prompt": PROMPT, "n": 3, "logprobs": 2, **SAMPLED}, False),
                                          ({"prompt": PROMPT, "logprobs": 1}, True),
                                          ({"prompt": EOS_PROMPT, "logprobs": 0}, False)])
-def test_logprobs_equal_the_http_answers(model: Path, server: int, stop: str, tmp_path: Path,
+def test_logprobs_equal_the_http_answers(chat_model: Path, server: int, stop: str, tmp_path: Path,
                                          line: dict[str, Any], stops: bool) -> None:
     """The same sequences in one batch as the HTTP request's: the same "logprobs" objects, to the
     bit (in another batch, the logits can differ in their last float32 bits)."""
     line = {**line, "stop": stop} if stops else line
-    _, records = batch(model, tmp_path / "p.jsonl", [line])
+    _, records = batch(chat_model, tmp_path / "p.jsonl", [line])
     doc = completion(server, line)
     assert len(records) == len(doc["choices"]) == line.get("n", 1)
     for record, choice in zip(records, doc["choices"]):
@@ -152,11 +143,11 @@ def test_logprobs_equal_the_http_answers(model: Path, server: int, stop: str, tm
 
 
 def test_a_stop_string_cuts_the_text_and_tokens_as_http_does(shared: dict[str, Any], full: dict[str, Any],
-                                                             tokenizer: Any, stop: str) -> None:
+                                                             chat_tokenizer: Any, stop: str) -> None:
     whole = shared["by_line"][0][0]
     assert (whole["token_ids"], whole["text"], whole["finish_reason"]) == \
         (full["token_ids"], full["text"], "length")
-    cut, count = full["text"].index(stop), completing(tokenizer, full["token_ids"], stop)
+    cut, count = full["text"].index(stop), completing(chat_tokenizer, full["token_ids"], stop)
     assert 0 < cut and count < LIMIT
     (record,) = shared["by_line"][1]
     assert whole["text"].startswith(record["text"]) and record["text"] == full["text"][:cut]
@@ -171,14 +162,14 @@ def test_a_stop_string_cuts_the_text_and_tokens_as_http_does(shared: dict[str, A
     assert len(with_lp["logprobs"]["tokens"]) == len(with_lp["logprobs"]["top_logprobs"]) == count
 
 
-def test_a_stop_string_ends_its_sequence_at_the_next_step(model: Path, tokenizer: Any, full: dict[str, Any],
+def test_a_stop_string_ends_its_sequence_at_the_next_step(chat_model: Path, chat_tokenizer: Any, full: dict[str, Any],
                                                           stop: str, tmp_path: Path) -> None:
     """The record is the cut one, and the batch stopped decoding right after the token that
     completed the stop string: `count` decode steps and tokens, not LIMIT - 1 steps and LIMIT
     tokens (before)."""
-    count = completing(tokenizer, full["token_ids"], stop)
+    count = completing(chat_tokenizer, full["token_ids"], stop)
     stats = tmp_path / "s.json"
-    _, records = batch(model, tmp_path / "p.jsonl", [{"prompt": PROMPT, "stop": stop}], "--stats-out", str(stats))
+    _, records = batch(chat_model, tmp_path / "p.jsonl", [{"prompt": PROMPT, "stop": stop}], "--stats-out", str(stats))
     assert records == [{"index": 0, "prompt": PROMPT, "token_ids": full["token_ids"][:count],
                         "text": full["text"][:full["text"].index(stop)], "finish_reason": "stop"}]
     figures = json.loads(stats.read_text())
@@ -187,33 +178,34 @@ def test_a_stop_string_ends_its_sequence_at_the_next_step(model: Path, tokenizer
     assert count < LIMIT - 1
 
 
-def test_without_the_options_the_output_is_unchanged_byte_for_byte(model: Path, tokenizer: Any, server: int,
+def test_without_the_options_the_output_is_unchanged_byte_for_byte(chat_model: Path, chat_tokenizer: Any, server: int,
                                                                    tmp_path: Path) -> None:
     """The records of the runs before these options: {index, prompt, token_ids, text,
     finish_reason} and "seed" where sampled, in that order, one per prompt; "n": 1, "stop": null
     or [] and "logprobs": null in a line, or --choices 1, change no byte."""
-    ids = tokenizer.encode(PROMPT)
+    ids = chat_tokenizer.encode(PROMPT)
     lines: list[dict[str, Any]] = [{"prompt": EOS_PROMPT}, {"prompt": PROMPT, "max_tokens": 5},
                                    {"prompt": ids, "temperature": 0.8}, {"prompt": "Grüße", "temperature": 1.3,
                                                                          "top_p": 0.9, "seed": 7}]
-    data, records = batch(model, tmp_path / "p.jsonl", lines, "--seed", "11")
+    data, records = batch(chat_model, tmp_path / "p.jsonl", lines, "--seed", "11")
     want = []
     for i, line in enumerate(lines):
         seed = line.get("seed", 11 + i) if "temperature" in line else None
         body = {k: v for k, v in line.items() if k != "seed"} | ({"seed": seed} if seed is not None else {})
         (choice,) = completion(server, body)["choices"]
         record = {"index": i, "prompt": line["prompt"], "token_ids": choice["token_ids"],
-                  "text": tokenizer.decode(choice["token_ids"]), "finish_reason": choice["finish_reason"]}
+                  "text": chat_tokenizer.decode(choice["token_ids"]), "finish_reason": choice["finish_reason"]}
         want.append(json.dumps(record if seed is None else {**record, "seed": seed}))
     assert data == ("\n".join(want) + "\n").encode()
     assert {r["finish_reason"] for r in records} == {"stop", "length"}  # both kinds
     neutral = [{**lines[0], "n": 1}, {**lines[1], "stop": None, "logprobs": None}, {**lines[2], "stop": []},
                lines[3]]
-    assert batch(model, tmp_path / "p.jsonl", neutral, "--seed", "11", "--choices", "1")[0] == data
+    assert batch(chat_model, tmp_path / "p.jsonl", neutral, "--seed", "11", "--choices", "1")[0] == data
 
 
-def test_min_p_option_and_line(model: Path, server: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _, records = batch(model, tmp_path / "p.txt", [PROMPT, EOS_PROMPT], "--temperature", "1.0", "--min-p", "0.9",
+def test_min_p_option_and_line(chat_model: Path, server: int, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    _, records = batch(chat_model, tmp_path / "p.txt", [PROMPT, EOS_PROMPT], "--temperature", "1.0", "--min-p", "0.9",
                        "--seed", "5")
     for i, (record, prompt) in enumerate(zip(records, [PROMPT, EOS_PROMPT])):
         choice = completion(server, {"prompt": prompt, "temperature": 1.0, "min_p": 0.9, "seed": 5 + i})["choices"][0]
@@ -221,11 +213,11 @@ def test_min_p_option_and_line(model: Path, server: int, tmp_path: Path, capsys:
     plain = completion(server, {"prompt": PROMPT, "temperature": 1.0, "seed": 5})["choices"][0]["token_ids"]
     assert records[0]["token_ids"] != plain  # min_p 0.9 applied: another draw than without it
     # a line's own "min_p" wins over the option, as its other sampling keys do
-    _, (own,) = batch(model, tmp_path / "p.jsonl", [{"prompt": PROMPT, "min_p": 0}], "--temperature", "1.0",
+    _, (own,) = batch(chat_model, tmp_path / "p.jsonl", [{"prompt": PROMPT, "min_p": 0}], "--temperature", "1.0",
                       "--min-p", "0.9", "--seed", "5")
     assert own["token_ids"] == plain
     capsys.readouterr()
-    base = ["serve", "--model", str(model), "--device", "cpu", "--prompts", str(tmp_path / "p.txt")]
+    base = ["serve", "--model", str(chat_model), "--device", "cpu", "--prompts", str(tmp_path / "p.txt")]
     for args, message in [(["--min-p", "0.9"], "--min-p shapes sampling: give --temperature too"),
                           (["--temperature", "1", "--min-p", "1.5"], "--min-p"),
                           (["--port", "0", "--min-p", "0.9"], "--min-p applies to batch runs (--prompts)")]:
@@ -247,14 +239,15 @@ def test_min_p_option_and_line(model: Path, server: int, tmp_path: Path, capsys:
     ({"logprobs": 6}, "\"logprobs\" must be an integer in [0, 5]"),
     ({"logprobs": True}, "\"logprobs\" must be an integer in [0, 5]"),
     ({"logprobs": -1}, "\"logprobs\" must be an integer in [0, 5]")])
-def test_bad_line_values_are_one_line_naming_file_line_and_field(model: Path, tmp_path: Path, field: dict[str, Any],
-                                                                 message: str,
+def test_bad_line_values_are_one_line_naming_file_line_and_field(chat_model: Path, tmp_path: Path,
+                                                                 field: dict[str, Any], message: str,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n" + json.dumps({"prompt": PROMPT, **field}) + "\n")
     out = tmp_path / "o.jsonl"
     out.write_text("before\n")
-    assert run(["serve", "--model", str(model), "--device", "cpu", "--prompts", str(prompts), "--out", str(out)]) == 2
+    assert run(["serve", "--model", str(chat_model), "--device", "cpu", "--prompts", str(prompts),
+                "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"moeplace: error: {prompts}:2: {message}"), err
     # refused before any output: the file is as it was, and no temporary file is left
@@ -270,11 +263,12 @@ def test_bad_line_values_are_one_line_naming_file_line_and_field(model: Path, tm
     (["--port", "0", "--stop", "a"], "--stop applies to batch runs (--prompts), not to the HTTP server"),
     (["--port", "0", "--choices", "2"], "--choices applies to batch runs"),
     (["--port", "0", "--logprobs", "1"], "--logprobs applies to batch runs")])
-def test_bad_options_are_one_line(model: Path, tmp_path: Path, args: list[str], message: str,
+def test_bad_options_are_one_line(chat_model: Path, tmp_path: Path, args: list[str], message: str,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text(PROMPT + "\n")
-    base = ["serve", "--model", str(model), "--device", "cpu"] + ([] if "--port" in args else ["--prompts", str(prompts)])
+    base = ["serve", "--model", str(chat_model), "--device", "cpu"] + \
+        ([] if "--port" in args else ["--prompts", str(prompts)])
     assert run([*base, *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("moeplace: error: ") and message in err[0], err
@@ -303,7 +297,7 @@ def test_the_launcher_passes_each_stop_string_and_the_choices() -> None:
     assert serve.make_context("serve", argv).params["stop"] == ("-x", "y z")  # the ranks read what was given
 
 
-def test_two_ranks_give_the_one_rank_records(model: Path, tmp_path: Path, stop: str, full: dict[str, Any]) -> None:
+def test_two_ranks_give_the_one_rank_records(chat_model: Path, tmp_path: Path, stop: str, full: dict[str, Any]) -> None:
     """--choices, --stop (one string that starts with "-", through the launcher), --logprobs and a
     line overriding them, on 2 gloo ranks with batches of 2 sequences: the records of one rank
     (log-probabilities to float32 summation order), and a routing trace whose sequences are the
@@ -312,10 +306,10 @@ def test_two_ranks_give_the_one_rank_records(model: Path, tmp_path: Path, stop: 
                                    {"prompt": PROMPT, "temperature": 0}]
     args = ["--choices", "2", "--stop", "-\x7f", "--stop", stop, "--logprobs", "1", "--temperature", "1.0", "--seed", "7",
             "--max-batch", "2"]
-    _, one = batch(model, tmp_path / "p.jsonl", lines, *args)
+    _, one = batch(chat_model, tmp_path / "p.jsonl", lines, *args)
     out, routing = tmp_path / "two.jsonl", tmp_path / "r.npz"
     proc = subprocess.run([sys.executable, "-m", "moeplace", "serve", "--nproc-per-node", "2", "--device", "cpu",
-                           "--model", str(model), "--prompts", str(tmp_path / "p.jsonl"), "--out", str(out),
+                           "--model", str(chat_model), "--prompts", str(tmp_path / "p.jsonl"), "--out", str(out),
                            "--routing-out", str(routing), "--max-new-tokens", str(LIMIT), *args],
                           capture_output=True, text=True, timeout=240,
                           env=dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path)))

@@ -14,7 +14,7 @@ import pytest
 from moeplace.models.tiny import build_tiny_model, byte_tokenizer
 from moeplace.serve.cli import load_tokenizer
 from moeplace.serve.generate import Runtime
-from moeplace.serve.httpserver import BadRequest, Job, chat_response, parse_chat
+from moeplace.serve.openai import BadRequest, Job, chat_response, parse_chat
 from moeplace.serve.sampling import GREEDY, Sampling
 from test_serve_cli import exposition, http
 

@@ -25,7 +25,8 @@ from moeplace.models.tiny import build_tiny_model
 from moeplace.placement import Placement, load_placement
 from moeplace.serve.cli import CONTIGUOUS, held_experts, load_tokenizer
 from moeplace.serve.counters import Counters
-from moeplace.serve.httpserver import BadRequest, Stats, metrics_text, parse_completion
+from moeplace.serve.metrics import Stats, metrics_text
+from moeplace.serve.openai import BadRequest, parse_completion
 from moeplace.solve.baselines import random_balanced
 from moeplace.trace.format import load_trace
 from test_serve import free_port
@@ -393,7 +394,8 @@ def test_http_server_and_dead_rank(model: tuple[Path, list[list[int]]], tmp_path
         assert float(values["moeplace_decode_seconds_total"]) > 0
         sha = hashlib.sha256(placement.read_bytes()).hexdigest()[:12]
         assert json.loads(http(http_port, "/health")[1]) == {"status": "ok", "world": 2, "mode": "standard",
-                                                             "placement": str(placement), "placement_sha256": sha}
+                                                             "placement": str(placement), "placement_sha256": sha,
+                                                             "nodes": 1}
         assert values[f'moeplace_info{{mode="standard",world="2",placement="{placement}",placement_sha256="{sha}"}}'] == "1"
         # 3 requests: each decoded its tokens but the last (never fed back), 2 choices each, 2 MoE layers
         decoded = int(values["moeplace_generated_tokens_total"]) - 4
@@ -744,7 +746,8 @@ def test_a_request_never_exceeds_max_batch_sequences() -> None:
     """Before: --max-batch counted requests: one request with 5000 prompts ran as one batch."""
     import queue
 
-    from moeplace.serve.httpserver import Job, next_batch
+    from moeplace.serve.httpserver import next_batch
+    from moeplace.serve.openai import Job
 
     class Tokenizer:
         def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -998,7 +1001,8 @@ def test_queued_requests_get_503_when_the_runtime_fails(monkeypatch: pytest.Monk
     waited on `done` until the process died (here: until the client's timeout)."""
     import threading
 
-    from moeplace.serve.httpserver import Job, make_server, serve_forever
+    from moeplace.serve.httpserver import make_server, serve_forever
+    from moeplace.serve.openai import Job
 
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)  # no launcher to watch
     started, release = threading.Event(), threading.Event()

@@ -20,29 +20,18 @@ import pytest
 
 import moeplace.serve.httpserver as hs
 from moeplace.errors import MoeplaceError
-from moeplace.serve.cli import load_tokenizer, read_prompts
+from moeplace.serve.cli import read_prompts
 from moeplace.serve.generate import Runtime
 from test_serve_chat import MESSAGES
-from test_serve_stream import chat_checkpoint
 
 LIMIT = 8  # the server's --max-new-tokens
 GOOD = {"prompt": "hello", "max_tokens": 4}
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return chat_checkpoint(tmp_path_factory.mktemp("serve-audit") / "audited")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model: Path) -> Any:
-    return load_tokenizer(str(model))
-
-
-@pytest.fixture(scope="module")
-def port(model: Path, tokenizer: Any, one_rank_runtime: Callable[[Path], Runtime],
+def port(chat_model: Path, chat_tokenizer: Any, one_rank_runtime: Callable[[Path], Runtime],
          serving: Callable[..., Any]) -> Iterator[int]:
-    with serving(one_rank_runtime(model), tokenizer, LIMIT, "audited") as p:
+    with serving(one_rank_runtime(chat_model), chat_tokenizer, LIMIT, "audited") as p:
         yield p
 
 
@@ -259,22 +248,22 @@ def rejected(port: int) -> int:
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
-def test_a_prompts_file_with_a_bom(tmp_path: Path, tokenizer: Any, suffix: str) -> None:
+def test_a_prompts_file_with_a_bom(tmp_path: Path, chat_tokenizer: Any, suffix: str) -> None:
     """Editors on Windows start UTF-8 files with a BOM: it broke JSONL's first line and became a
     character of a text file's first prompt."""
     line = json.dumps({"prompt": "hi there"}) if suffix == ".jsonl" else "hi there"
     plain, bom = tmp_path / f"plain{suffix}", tmp_path / f"bom{suffix}"
     plain.write_text(line + "\n", encoding="utf-8")
     bom.write_text(line + "\n", encoding="utf-8-sig")
-    assert [p[1] for p in read_prompts(str(bom), tokenizer, 256, 256, 4)] == \
-        [p[1] for p in read_prompts(str(plain), tokenizer, 256, 256, 4)] == [list(b"hi there")]
+    assert [p[1] for p in read_prompts(str(bom), chat_tokenizer, 256, 256, 4)] == \
+        [p[1] for p in read_prompts(str(plain), chat_tokenizer, 256, 256, 4)] == [list(b"hi there")]
 
 
-def test_a_prompts_line_that_is_not_unicode(tmp_path: Path, tokenizer: Any) -> None:
+def test_a_prompts_line_that_is_not_unicode(tmp_path: Path, chat_tokenizer: Any) -> None:
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "fine"}\n{"prompt": "x\\ud800"}\n')  # was an internal error (exit 3)
     with pytest.raises(MoeplaceError, match=r"p.jsonl:2: .*not valid Unicode"):
-        read_prompts(str(path), tokenizer, 256, 256, 4)
+        read_prompts(str(path), chat_tokenizer, 256, 256, 4)
 
 
 def test_concurrent_bad_and_good_requests(port: int, reference: list[int]) -> None:

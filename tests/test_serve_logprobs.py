@@ -14,36 +14,23 @@ from typing import Any
 import pytest
 import torch
 
-from moeplace.serve.cli import load_tokenizer
 from moeplace.serve.generate import Runtime
-from moeplace.serve.httpserver import BadRequest, completion_logprobs, parse_chat, parse_completion
+from moeplace.serve.openai import BadRequest, completion_logprobs, parse_chat, parse_completion
 from moeplace.serve.sampling import GREEDY, Sampling, sample
 from test_serve_chat import MESSAGES
-from test_serve_stream import EOS, LIMIT, TEXT, chat_checkpoint, post, stream
+from test_serve_stream import EOS, LIMIT, TEXT, post, stream
 
 PROMPTS = [list(b"hello"), [5, 6, 7, 200, 9], list("Grüße".encode())]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """test_serve_stream's checkpoint: byte tokenizer with a chat template, EOS ids `EOS` (the
-    greedy chat answer and "hello"'s stop there within LIMIT tokens)."""
-    return chat_checkpoint(tmp_path_factory.mktemp("serve-logprobs") / "lp")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model: Path) -> Any:
-    return load_tokenizer(str(model))
-
-
-@pytest.fixture(scope="module")
-def rt(model: Path, one_rank_runtime: Callable[[Path], Runtime]) -> Runtime:
-    return one_rank_runtime(model)
+def rt(chat_model: Path, one_rank_runtime: Callable[[Path], Runtime]) -> Runtime:
+    return one_rank_runtime(chat_model)
 
 
 @pytest.fixture
-def server(rt: Runtime, tokenizer: Any, serving: Callable[..., Any]) -> Iterator[int]:
-    with serving(rt, tokenizer, LIMIT, "lp") as port:
+def server(rt: Runtime, chat_tokenizer: Any, serving: Callable[..., Any]) -> Iterator[int]:
+    with serving(rt, chat_tokenizer, LIMIT, "lp") as port:
         yield port
 
 
@@ -51,7 +38,7 @@ def collectives(rt: Runtime, kind: str) -> int:
     return rt.comm.counters.totals.get(("decode", kind), [0, 0, 0])[0]
 
 
-def test_logprobs_are_log_softmax_of_transformers_logits(rt: Runtime, model: Path) -> None:
+def test_logprobs_are_log_softmax_of_transformers_logits(rt: Runtime, chat_model: Path) -> None:
     """Greedy, sampled and min_p rows: each token's log-probability and the top 3 equal
     log_softmax of transformers' float32 logits for the same sequence (the raw distribution,
     not the temperature's); the tokens are those of a run without logprobs."""
@@ -65,7 +52,7 @@ def test_logprobs_are_log_softmax_of_transformers_logits(rt: Runtime, model: Pat
     # one more collective per step, exactly
     assert collectives(rt, "logprobs") - before[0] == collectives(rt, "tokens") - before[1] == LIMIT
     assert got.tokens == plain.tokens and got.logprobs is not None and plain.logprobs is None
-    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(chat_model, dtype=torch.float32).eval()
     for i, (prompt, tokens, lps) in enumerate(zip(PROMPTS, got.tokens, got.logprobs)):
         with torch.no_grad():
             logits = ref(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
@@ -111,7 +98,7 @@ def test_min_p_filters_after_temperature_and_before_top_p() -> None:
     assert drawn(Sampling(2.0, min_p=1.0)) == {0}  # only the likeliest
 
 
-def test_http_completion_logprobs(rt: Runtime, server: int, tokenizer: Any) -> None:
+def test_http_completion_logprobs(rt: Runtime, server: int, chat_tokenizer: Any) -> None:
     body = {"prompt": ["hello", TEXT], "max_tokens": LIMIT}
     code, plain = post(server, "/v1/completions", body)
     code2, doc = post(server, "/v1/completions", {**body, "logprobs": 2})
@@ -122,13 +109,13 @@ def test_http_completion_logprobs(rt: Runtime, server: int, tokenizer: Any) -> N
     for choice, lps in zip(doc["choices"], want):
         got = choice["logprobs"]
         assert set(got) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
-        assert got["tokens"] == [tokenizer.decode([t]) for t in choice["token_ids"]]
+        assert got["tokens"] == [chat_tokenizer.decode([t]) for t in choice["token_ids"]]
         assert got["token_logprobs"] == [lp for lp, _ in lps]
         assert all(len(top) == 2 for _, top in lps)
         tops: list[dict[str, float]] = [{} for _ in lps]
         for keyed, (_, top) in zip(tops, lps):
             for t, v in top:  # tokens that decode alike (bytes of split characters: U+FFFD) keep the likeliest
-                keyed.setdefault(tokenizer.decode([t]), v)
+                keyed.setdefault(chat_tokenizer.decode([t]), v)
         assert got["top_logprobs"] == tops
         offsets = [0]
         for token in got["tokens"][:-1]:
@@ -138,14 +125,14 @@ def test_http_completion_logprobs(rt: Runtime, server: int, tokenizer: Any) -> N
     code, doc = post(server, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 3, "logprobs": 0})
     choice = doc["choices"][0]
     assert code == 200 and choice["text"] == ""
-    assert choice["logprobs"]["tokens"] == [tokenizer.decode([t]) for t in choice["token_ids"]]
+    assert choice["logprobs"]["tokens"] == [chat_tokenizer.decode([t]) for t in choice["token_ids"]]
     assert choice["logprobs"]["top_logprobs"] == [{}, {}, {}]
     out, end = completion_logprobs([7, 300], [(-0.5, [(7, -0.5), (9, -2.0)]), (-float("inf"), [])], 1, None, 4)
     assert out == {"tokens": ["token_id:7", "token_id:300"], "token_logprobs": [-0.5, -9999.0],
                    "top_logprobs": [{"token_id:7": -0.5}, {}], "text_offset": [4, 14]} and end == 26
 
 
-def test_http_chat_logprobs(server: int, tokenizer: Any) -> None:
+def test_http_chat_logprobs(server: int, chat_tokenizer: Any) -> None:
     body = {"messages": MESSAGES, "max_tokens": LIMIT}
     code, plain = post(server, "/v1/chat/completions", body)
     code2, doc = post(server, "/v1/chat/completions", {**body, "logprobs": True, "top_logprobs": 3})
@@ -159,7 +146,7 @@ def test_http_chat_logprobs(server: int, tokenizer: Any) -> None:
         assert entry["top_logprobs"][0] == {k: entry[k] for k in ("token", "logprob", "bytes")}  # greedy
         values = [t["logprob"] for t in entry["top_logprobs"]]
         assert values == sorted(values, reverse=True)
-    assert content[-1]["token"] == tokenizer.decode([EOS[1]])
+    assert content[-1]["token"] == chat_tokenizer.decode([EOS[1]])
     code, doc = post(server, "/v1/chat/completions", {**body, "logprobs": True})
     assert code == 200 and all(e["top_logprobs"] == [] for e in doc["choices"][0]["logprobs"]["content"])
 
@@ -204,10 +191,11 @@ def test_streamed_chat_logprobs_put_together_are_the_answer(server: int) -> None
     ("chat", {"temperature": 1, "min_p": "0.1"}, "\"min_p\" must be a number in [0, 1], got \"0.1\""),
     ("chat", {"min_p": 0.1}, "\"min_p\": 0.1 asks for sampling, but the temperature is 0"),
 ])
-def test_refusals_are_a_400_with_one_message(path: str, body: dict[str, Any], message: str, tokenizer: Any) -> None:
+def test_refusals_are_a_400_with_one_message(path: str, body: dict[str, Any], message: str,
+                                             chat_tokenizer: Any) -> None:
     with pytest.raises(BadRequest) as e:
         if path == "chat":
-            parse_chat(json.dumps({"messages": MESSAGES, **body}).encode(), tokenizer, "lp", 300, 64, LIMIT)
+            parse_chat(json.dumps({"messages": MESSAGES, **body}).encode(), chat_tokenizer, "lp", 300, 64, LIMIT)
         else:
             parse_completion(json.dumps({"prompt": [1, 2], **body}).encode(), None, 300, 64, LIMIT)
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)

@@ -19,7 +19,7 @@ import torch
 from moeplace.cli import run
 from moeplace.models.tiny import build_tiny_model
 from moeplace.serve.generate import Runtime
-from moeplace.serve.httpserver import BadRequest, parse_completion
+from moeplace.serve.openai import BadRequest, parse_completion
 from moeplace.serve.sampling import GREEDY, Sampling, sample, uniform
 from test_serve import free_port
 from test_serve_cli import http

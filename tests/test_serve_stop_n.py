@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from moeplace.models.tiny import byte_tokenizer
-from moeplace.serve.cli import load_tokenizer
 from moeplace.serve.generate import Runtime
-from moeplace.serve.httpserver import BadRequest, StopText, parse_chat, parse_completion
+from moeplace.serve.openai import BadRequest, parse_chat, parse_completion
+from moeplace.serve.text import StopText
 from test_serve_chat import MESSAGES
 from test_serve_cli import exposition
-from test_serve_stream import chat_checkpoint, joined_completion, post, stream
+from test_serve_stream import joined_completion, post, stream
 
 LIMIT = 16  # the server's --max-new-tokens; the serving fixture's --max-batch is 8
 PROMPT = "The cat"  # its greedy answer runs to LIMIT tokens, no EOS, with ASCII and split characters
@@ -29,20 +29,10 @@ SAMPLED = {"temperature": 1.0, "seed": 41}
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return chat_checkpoint(tmp_path_factory.mktemp("serve-stop-n") / "stopn")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model: Path) -> Any:
-    return load_tokenizer(str(model))
-
-
-@pytest.fixture(scope="module")
-def server(model: Path, tokenizer: Any, one_rank_runtime: Callable[[Path], Runtime],
+def server(chat_model: Path, chat_tokenizer: Any, one_rank_runtime: Callable[[Path], Runtime],
            serving: Callable[..., Any]) -> Iterator[int]:
     # named as test_serve_stream's server: its joined_completion checks the name
-    with serving(one_rank_runtime(model), tokenizer, LIMIT, "streamy") as port:
+    with serving(one_rank_runtime(chat_model), chat_tokenizer, LIMIT, "streamy") as port:
         yield port
 
 
@@ -64,13 +54,13 @@ def completing(tokenizer: Any, tokens: list[int], stop: str, **decode: Any) -> i
     return next(c for c in range(1, len(tokens) + 1) if stop in tokenizer.decode(tokens[:c], **decode))
 
 
-def test_a_stop_string_ends_the_text_before_it(server: int, tokenizer: Any) -> None:
+def test_a_stop_string_ends_the_text_before_it(server: int, chat_tokenizer: Any) -> None:
     full = completion(server, {"prompt": PROMPT})
     (whole,) = full["choices"]
     assert whole["finish_reason"] == "length" and len(whole["token_ids"]) == LIMIT
     stop = ascii_pair(whole["text"], 1)  # not at the very start: some text comes before it
     cut = whole["text"].index(stop)
-    count = completing(tokenizer, whole["token_ids"], stop)
+    count = completing(chat_tokenizer, whole["token_ids"], stop)
     assert 0 < cut and count < LIMIT
     for form in (stop, [stop]):
         doc = completion(server, {"prompt": PROMPT, "stop": form, "logprobs": 2})
@@ -84,7 +74,7 @@ def test_a_stop_string_ends_the_text_before_it(server: int, tokenizer: Any) -> N
     assert PROMPT not in whole["text"]
     assert completion(server, {"prompt": PROMPT, "stop": PROMPT})["choices"][0] == whole
     # a token-id prompt answers no text, but its tokens end at the stop string all the same
-    ids = completion(server, {"prompt": tokenizer.encode(PROMPT), "stop": stop})["choices"][0]
+    ids = completion(server, {"prompt": chat_tokenizer.encode(PROMPT), "stop": stop})["choices"][0]
     assert ids["text"] == "" and ids["token_ids"] == whole["token_ids"][:count] and ids["finish_reason"] == "stop"
 
 
@@ -101,13 +91,13 @@ def decode_figures(port: int) -> tuple[int, int]:
             int(values["moeplace_generated_tokens_total"]))
 
 
-def test_a_stopped_sequence_ends_at_the_next_step_and_its_neighbour_runs_on(server: int, tokenizer: Any) -> None:
+def test_a_stopped_sequence_ends_at_the_next_step_and_its_neighbour_runs_on(server: int, chat_tokenizer: Any) -> None:
     """The batch of a request whose stop string completes at token `count` of LIMIT runs `count`
     + 1 steps (the last one's token dropped), not LIMIT (before: LIMIT); the answer is the same;
     a sequence beside it in the batch runs on to its end, token for token what it is alone."""
     whole = completion(server, {"prompt": PROMPT})["choices"][0]
     stop = ascii_pair(whole["text"], 1)
-    count = completing(tokenizer, whole["token_ids"], stop)
+    count = completing(chat_tokenizer, whole["token_ids"], stop)
     other = completion(server, {"prompt": "Grüße"})["choices"][0]
     assert count < LIMIT // 2 and stop not in other["text"] and len(other["token_ids"]) == LIMIT
     for stream_it in (False, True):
@@ -147,7 +137,7 @@ def test_a_stop_string_not_in_the_text_changes_nothing_and_is_held_back_when_beg
     assert pair in texts and sent == whole["text"][:i], texts
 
 
-def test_a_stop_string_across_tokens_of_one_character_in_chat(server: int, tokenizer: Any) -> None:
+def test_a_stop_string_across_tokens_of_one_character_in_chat(server: int, chat_tokenizer: Any) -> None:
     """The chat answer's content has a character of two or more bytes (two tokens): stopping at it
     needs both; the streamed deltas put together are the content."""
     full = post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": LIMIT, "logprobs": True})[1]
@@ -155,9 +145,9 @@ def test_a_stop_string_across_tokens_of_one_character_in_chat(server: int, token
     content = whole["message"]["content"]
     stop = next(c for c in content if len(c.encode()) > 1 and c != "\ufffd")
     cut = content.index(stop)
-    prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompt = chat_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
     tokens = completion(server, {"prompt": [int(t) for t in prompt]})["choices"][0]["token_ids"]
-    count = completing(tokenizer, tokens, stop, skip_special_tokens=True)
+    count = completing(chat_tokenizer, tokens, stop, skip_special_tokens=True)
     assert len(stop.encode()) > 1 and count < len(whole["logprobs"]["content"])
     body = {"messages": MESSAGES, "max_tokens": LIMIT, "stop": [stop], "logprobs": True}
     code, doc = post(server, "/v1/chat/completions", body)
@@ -230,7 +220,7 @@ def test_n_greedy_choices_are_identical(server: int) -> None:
     assert doc["usage"]["completion_tokens"] == 3 * len(one["token_ids"])
 
 
-def test_n_times_prompts_over_max_batch_is_a_400(server: int, tokenizer: Any) -> None:
+def test_n_times_prompts_over_max_batch_is_a_400(server: int, chat_tokenizer: Any) -> None:
     code, doc = post(server, "/v1/completions", {"prompt": [PROMPT, "a", "b"], "n": 3})
     message = doc["error"]["message"]
     assert code == 400 and "\"n\" 3 = 9 sequences" in message and "at most 8" in message and "--max-batch" in message
@@ -257,9 +247,9 @@ def test_n_times_prompts_over_max_batch_is_a_400(server: int, tokenizer: Any) ->
     ({"best_of": 2}, "\"best_of\" is not supported"),
     ({"n": 2, "best_of": 2.0}, "\"best_of\" is not supported"),
 ])
-def test_bad_stop_and_n_values_are_a_400(tokenizer: Any, server: int, body: dict[str, Any], message: str) -> None:
-    for parse in (lambda b: parse_completion(b, tokenizer, 256, 256, LIMIT),
-                  lambda b: parse_chat(b, tokenizer, "streamy", 256, 256, LIMIT)):
+def test_bad_stop_and_n_values_are_a_400(chat_tokenizer: Any, server: int, body: dict[str, Any], message: str) -> None:
+    for parse in (lambda b: parse_completion(b, chat_tokenizer, 256, 256, LIMIT),
+                  lambda b: parse_chat(b, chat_tokenizer, "streamy", 256, 256, LIMIT)):
         with pytest.raises(BadRequest) as e:
             parse(json.dumps({"prompt": "hi", "messages": MESSAGES, **body}).encode())
         assert str(e.value).startswith(message), str(e.value)

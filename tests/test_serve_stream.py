@@ -19,10 +19,11 @@ import pytest
 
 import moeplace.serve.httpserver as hs
 from moeplace.models.tiny import build_tiny_model, byte_tokenizer
-from moeplace.serve.cli import load_tokenizer
 from moeplace.serve.generate import Runtime
-from moeplace.serve.httpserver import BadRequest, IncrementalText, Job, parse_chat, parse_completion, step_hook
+from moeplace.serve.httpserver import step_hook
+from moeplace.serve.openai import BadRequest, Job, parse_chat, parse_completion
 from moeplace.serve.sampling import GREEDY, Sampling
+from moeplace.serve.text import IncrementalText
 from test_serve_chat import MESSAGES, TEMPLATE
 from test_serve_cli import exposition
 from test_serve_edges import set_eos
@@ -35,7 +36,7 @@ TEXT = "<|user|>hi\n<|assistant|>"  # the chat prompt as plain text
 
 def chat_checkpoint(path: Path) -> Path:
     """test_serve_chat's checkpoint (its byte tokenizer with TEMPLATE), with EOS ids `EOS`, at
-    `path` (test_serve_logprobs builds the same one)."""
+    `path`: conftest's `chat_model`, built once for the serve tests that share it."""
     path = build_tiny_model("qwen3_moe", path, num_experts=8, top_k=2, num_layers=3, seed=4)
     tokenizer = byte_tokenizer()
     tokenizer.chat_template = TEMPLATE
@@ -45,23 +46,13 @@ def chat_checkpoint(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return chat_checkpoint(tmp_path_factory.mktemp("serve-stream") / "streamy")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model: Path) -> Any:
-    return load_tokenizer(str(model))
-
-
-@pytest.fixture(scope="module")
-def rt(model: Path, one_rank_runtime: Callable[[Path], Runtime]) -> Runtime:
-    return one_rank_runtime(model)
+def rt(chat_model: Path, one_rank_runtime: Callable[[Path], Runtime]) -> Runtime:
+    return one_rank_runtime(chat_model)
 
 
 @pytest.fixture
-def server(rt: Runtime, tokenizer: Any, serving: Callable[..., Any]) -> Iterator[int]:
-    with serving(rt, tokenizer, LIMIT, "streamy") as port:
+def server(rt: Runtime, chat_tokenizer: Any, serving: Callable[..., Any]) -> Iterator[int]:
+    with serving(rt, chat_tokenizer, LIMIT, "streamy") as port:
         yield port
 
 
@@ -233,17 +224,17 @@ def test_chunked_framing_on_the_wire_and_keep_alive(server: int) -> None:
     ({"stream": "true"}, "\"stream\" must be true or false, got \"true\""),
     ({"stream": 1}, "\"stream\" must be true or false, got 1"),
 ])
-def test_bad_stream_fields_are_a_400(tokenizer: Any, body: dict[str, Any], message: str) -> None:
-    for parse in (lambda b: parse_completion(b, tokenizer, 256, 256, LIMIT),
-                  lambda b: parse_chat(b, tokenizer, "streamy", 256, 256, LIMIT)):
+def test_bad_stream_fields_are_a_400(chat_tokenizer: Any, body: dict[str, Any], message: str) -> None:
+    for parse in (lambda b: parse_completion(b, chat_tokenizer, 256, 256, LIMIT),
+                  lambda b: parse_chat(b, chat_tokenizer, "streamy", 256, 256, LIMIT)):
         with pytest.raises(BadRequest) as e:
             parse(json.dumps({"prompt": "hi", "messages": MESSAGES, **body}).encode())
         assert str(e.value).startswith(message), str(e.value)
 
 
-def test_stream_fields_accepted(tokenizer: Any, server: int) -> None:
+def test_stream_fields_accepted(chat_tokenizer: Any, server: int) -> None:
     def job(body: dict[str, Any]) -> Job:
-        return parse_completion(json.dumps({"prompt": [1, 2], **body}).encode(), tokenizer, 256, 256, LIMIT)
+        return parse_completion(json.dumps({"prompt": [1, 2], **body}).encode(), chat_tokenizer, 256, 256, LIMIT)
 
     assert (job({}).stream, job({}).include_usage) == (False, False)
     assert not job({"stream": False, "stream_options": None}).stream
@@ -251,7 +242,7 @@ def test_stream_fields_accepted(tokenizer: Any, server: int) -> None:
     assert job({"stream": True, "stream_options": {"include_usage": True}}).include_usage
     assert not job({"stream": True, "stream_options": {}}).include_usage
     chat = parse_chat(json.dumps({"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}})
-                      .encode(), tokenizer, "streamy", 256, 256, LIMIT)
+                      .encode(), chat_tokenizer, "streamy", 256, 256, LIMIT)
     assert chat.stream and chat.include_usage and chat.chat
     # over the wire: a 400 as any refusal, and the server goes on
     code, doc = post(server, "/v1/completions", {"prompt": [1, 2], "stream_options": {"include_usage": True}})
@@ -323,7 +314,7 @@ def test_generate_reports_each_step_and_the_router_queues_them(rt: Runtime) -> N
 
 
 def test_a_client_that_leaves_mid_stream_leaves_the_server_serving(
-        rt: Runtime, tokenizer: Any, serving: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+        rt: Runtime, chat_tokenizer: Any, serving: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     """The handler stops writing without a traceback, the abandoned sequence ends at the step
     after the handler noticed (its batch does not decode on to the end), and the next requests
@@ -349,7 +340,7 @@ def test_a_client_that_leaves_mid_stream_leaves_the_server_serving(
     monkeypatch.setattr(hs, "step_hook", hook)
     # its greedy answer runs to LIMIT, its first tokens ASCII characters: each one an event
     body = json.dumps({"prompt": "The cat", "max_tokens": LIMIT, "stream": True}).encode()
-    with serving(rt, tokenizer, LIMIT, "streamy") as port:
+    with serving(rt, chat_tokenizer, LIMIT, "streamy") as port:
         with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
                       % (len(body), body))
@@ -394,7 +385,7 @@ def wait_for(condition: Callable[[], bool], timeout_s: float) -> None:
 
 
 def test_a_failure_mid_stream_is_an_error_event_and_before_it_a_503(
-        rt: Runtime, tokenizer: Any, serving: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+        rt: Runtime, chat_tokenizer: Any, serving: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
     real_run = hs.run_request
     fail_after: list[int] = []
 
@@ -412,7 +403,7 @@ def test_a_failure_mid_stream_is_an_error_event_and_before_it_a_503(
     monkeypatch.setattr(hs, "run_request", run)
     for after in (2, 0):
         fail_after[:] = [after]
-        with serving(rt, tokenizer, LIMIT, "streamy") as port:
+        with serving(rt, chat_tokenizer, LIMIT, "streamy") as port:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             conn.request("POST", "/v1/completions", json.dumps({"prompt": [5, 6, 7], "max_tokens": 8, "stream": True}))
             resp = conn.getresponse()

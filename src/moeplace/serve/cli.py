@@ -19,7 +19,9 @@ import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError, warn
 from moeplace.io import loads_json, not_a_file
-from moeplace.serve.httpserver import (
+from moeplace.serve.engine import ROUTING_EVERY_S, ROUTING_MAX_TOKENS
+from moeplace.serve.generate import StepCallback, TokenLogprobs
+from moeplace.serve.openai import (
     MAX_LOGPROBS,
     MAX_N,
     MAX_STOP_CHARS,
@@ -28,7 +30,6 @@ from moeplace.serve.httpserver import (
     SAMPLING,
     BadRequest,
     Job,
-    StopWatch,
     check_options,
     check_text,
     completion_logprobs,
@@ -37,9 +38,8 @@ from moeplace.serve.httpserver import (
     parse_stop,
     prompt_sampling,
 )
-from moeplace.serve.engine import ROUTING_EVERY_S, ROUTING_MAX_TOKENS
-from moeplace.serve.generate import StepCallback, TokenLogprobs
 from moeplace.serve.sampling import Sampling, int64
+from moeplace.serve.text import StopWatch
 from moeplace.options import (
     DtypeChoice,
     FiniteFloat,
@@ -69,7 +69,7 @@ Several nodes: `torchrun --nnodes ... --nproc-per-node 8 -m moeplace serve ...` 
 the ranks' one line and exits 1). Without either it runs as one rank holding every expert.
 """
 
-SAMPLING_KEYS = ("temperature", *SAMPLING, "seed")  # read as over HTTP (httpserver.parse_sampling)
+SAMPLING_KEYS = ("temperature", *SAMPLING, "seed")  # read as over HTTP (openai.parse_sampling)
 # a line's keys that read as a /v1/completions body's (check_options, parse_stop, parse_logprobs)
 CHOICE_KEYS = ("n", "best_of", "stop", "logprobs")
 PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS, *CHOICE_KEYS}  # what a JSONL prompt line may say
@@ -140,6 +140,11 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS, *CHOICE_KEYS}  # what a J
                    "options (--out, --stats-out, --ignore-eos, sampling, --choices, --stop, --logprobs) do not apply; "
                    "--routing-out does.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address (loopback by default).")
+@click.option("--chat-template", metavar="FILE",
+              help="HTTP: the Jinja chat template /v1/chat/completions applies (vLLM's flag): a file, or the "
+                   "template text itself (a value with '{', '}' or a newline that names no file), replacing the "
+                   "tokenizer's own; for a checkpoint whose tokenizer has none. Checked at start-up by rendering "
+                   "a one-message conversation.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA + NCCL when GPUs are visible, else CPU + gloo.")
 @click.option("--dtype", type=DtypeChoice(),
@@ -147,6 +152,10 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS, *CHOICE_KEYS}  # what a J
                    "on CPU, bfloat16 on CUDA.")
 @click.option("--timeout", "timeout_s", default=60.0, show_default=True, type=FiniteFloat(1.0, MAX_TIMEOUT_S),
               help="Seconds a rank waits for a silent or dead peer before exiting with an error.")
+@click.option("--strict-topology", is_flag=True,
+              help="Refuse to run (exit 2, before any weight is read) when the ranks' nodes (torchrun's node "
+                   "rank, else the hostname) are not the placement's (GPU g on node g // gpus_per_node); "
+                   "without it, rank 0 warns and the run goes on.")
 @click.option("--stats-out", type=click.Path(dir_okay=False),
               help="Batch: write counters JSON (collectives, tokens and bytes to other ranks, each rank's "
                    "expert load per MoE layer, tokens/s).")
@@ -166,8 +175,9 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
           prompts_path: str | None, out_path: str | None, max_new_tokens: int, max_batch: int, ignore_eos: bool,
           temperature: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
           seed: int | None, n: int | None, stop: tuple[str, ...], logprobs: int | None, port: int | None,
-          host: str, device: str, dtype: str | None, timeout_s: float, stats_out: str | None,
-          routing_out: str | None, routing_every: float, routing_max_tokens: int) -> None:
+          host: str, chat_template: str | None, device: str, dtype: str | None, timeout_s: float,
+          strict_topology: bool, stats_out: str | None, routing_out: str | None, routing_every: float,
+          routing_max_tokens: int) -> None:
     """Expert-parallel inference with a placement applied: each rank holds the non-expert weights
     and only its own experts, read straight from the checkpoint's safetensors.
 
@@ -176,8 +186,9 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
              --nproc-per-node N starts N ranks here (or launch it under torchrun).
     Outputs: --out JSONL generations; --stats-out counters; --routing-out decode routing trace
              (batch or HTTP).
-    A placement for another model or another world size is rejected before any weight is read;
-    a rank that dies makes the others exit with an error within --timeout.
+    A placement for another model or another world size is rejected before any weight is read,
+    and one for other nodes than the ranks' is named (--strict-topology: rejected); a rank that
+    dies makes the others exit with an error within --timeout.
     """
     from moeplace.serve.dist import world_from_env
 
@@ -207,6 +218,8 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
         if launch.under_torchrun():
             raise MoeplaceError("--nproc-per-node starts the ranks itself; under torchrun leave it out")
         launch.precheck(model_dir, placement_path, mode, device, nproc_per_node)
+        if chat_template is not None:  # its file, once here rather than after N ranks have started
+            read_chat_template(chat_template)
         grace = launch.ROUTING_GRACE_S if port is not None and routing_out else launch.SHUTDOWN_GRACE_S
         argv = launch.command_line(click.get_current_context(), "nproc_per_node")
         launch.launch(nproc_per_node, argv, grace)
@@ -214,7 +227,8 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
     rank, world = world_from_env()
     try:
         _serve(model_dir, placement_path, mode, prompts_path, out_path, max_new_tokens, max_batch, ignore_eos,
-               defaults, port, host, device, dtype, timeout_s, stats_out, routing_out, (routing_every, routing_max_tokens))
+               defaults, port, host, device, dtype, timeout_s, stats_out, routing_out, (routing_every, routing_max_tokens),
+               chat_template, strict_topology)
     except Terminated as e:  # the routing is written: now end as the signal would have
         sys.stdout.flush()
         sys.stderr.flush()
@@ -239,7 +253,7 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
 
 BATCH_ONLY = ("out_path", "stats_out", "ignore_eos", "temperature", "top_p", "top_k", "min_p", "seed", "n", "stop",
               "logprobs")
-HTTP_ONLY = ("host", "routing_every", "routing_max_tokens")
+HTTP_ONLY = ("host", "routing_every", "routing_max_tokens", "chat_template")  # batch runs have no chat path
 
 
 class Terminated(BaseException):
@@ -324,20 +338,24 @@ def exit_hard(e: BaseException | None) -> None:
 def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: str | None, out_path: str | None,
            max_new_tokens: int, max_batch: int, ignore_eos: bool, defaults: dict[str, Any], port: int | None,
            host: str, device: str, dtype: str | None, timeout_s: float, stats_out: str | None,
-           routing_out: str | None, routing_limits: tuple[float, int] = (ROUTING_EVERY_S, ROUTING_MAX_TOKENS)) -> None:
+           routing_out: str | None, routing_limits: tuple[float, int] = (ROUTING_EVERY_S, ROUTING_MAX_TOKENS),
+           chat_template: str | None = None, strict_topology: bool = False) -> None:
     """defaults: what a batch JSONL line's keys override (read_prompts). routing_limits:
-    (--routing-every, --routing-max-tokens), for the HTTP server's --routing-out."""
+    (--routing-every, --routing-max-tokens), for the HTTP server's --routing-out. chat_template:
+    --chat-template's value (a file or the template), which rank 0 sets on its tokenizer.
+    strict_topology: a placement whose nodes are not the ranks' is an error, not a warning."""
     import torch.distributed as dist
 
     from moeplace.export.permute import ep_size_note
     from moeplace.progress import Progress
     from moeplace.serve import engine
+    from moeplace.serve.dist import node_key
 
     spec, placement = engine.prepare(model_dir, placement_path, mode)
     rank, world, dev = engine.init_distributed(timeout_s, device)
     # rank 0's own inputs, checked before any weight is read; the others learn the verdict
     tokenizer = prompts = server = None
-    applied: dict[str, str | None] = {}
+    applied: dict[str, Any] = {}
 
     def check() -> None:
         nonlocal tokenizer, prompts, server, applied
@@ -346,6 +364,8 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
             if path:
                 check_writable(Path(path), option, inputs=[prompts_path, placement_path])  # before the run
         tokenizer = load_tokenizer(model_dir)
+        if chat_template is not None:
+            set_chat_template(tokenizer, chat_template, model_dir)
         if prompts_path:
             prompts = read_prompts(prompts_path, tokenizer, spec.vocab_size, spec.max_positions, max_new_tokens,
                                    defaults)
@@ -354,10 +374,20 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
 
     heartbeat_s = max(0.5, timeout_s / 4)
     error = engine.check_inputs(rank, world, dev, check if rank == 0 else None, heartbeat_s)
-    engine.agree(rank, world, dev, str(error) if error else None,
-                 engine.fingerprint(spec, placement, mode, engine.resolve_dtype(dtype, dev)))
+    node, source = node_key()
+    keys, strict = engine.agree(rank, world, dev, str(error) if error else None,
+                                engine.fingerprint(spec, placement, mode, engine.resolve_dtype(dtype, dev)),
+                                node, strict_topology)
     if error:
         raise error
+    applied["nodes"] = max(engine.node_layout(keys)) + 1  # (rank 0's: /health and --stats-out)
+    # every rank has the same keys and strictness (agree's all-reduce), so all decide alike: no hang
+    if placement_path is not None and (problem := engine.topology_problem(placement, keys, placement_path, source)):
+        if strict:
+            raise MoeplaceError(f"{problem} (--strict-topology)") if rank == 0 else \
+                AlreadyReported(MoeplaceError.exit_code)
+        if rank == 0:
+            warn(problem)
     if rank == 0 and placement_path is None and (note := ep_size_note(model_dir, world)):
         click.echo(f"moeplace serve: note: {note}", err=True)
     progress = Progress("serve: loading weights", enabled=rank == 0)
@@ -415,7 +445,7 @@ def placement_name(placement_path: str | None) -> dict[str, str | None]:
     return {"placement": placement_path, "placement_sha256": digest}
 
 
-def describe_placement(applied: dict[str, str | None]) -> str:
+def describe_placement(applied: dict[str, Any]) -> str:
     """`placement p.json (sha256 1a2b3c4d5e6f)`, or `placement contiguous (no --placement)`."""
     sha = applied.get("placement_sha256")
     return f"placement {applied.get('placement')}" + (f" (sha256 {sha})" if sha else "")
@@ -447,6 +477,68 @@ def load_tokenizer(model_dir: str) -> Any:
         raise MoeplaceError(f"{d}: cannot load its tokenizer ({type(e).__name__}: {first})") from None
 
 
+MAX_TEMPLATE_BYTES = 1 << 20  # 1 MiB: real chat templates are a few kB
+
+
+def read_chat_template(value: str) -> tuple[str, str]:
+    """--chat-template's (text, name for messages): the file `value` names, else `value` itself
+    when it holds Jinja's '{' or '}' or a newline (vLLM's rule; a value without them is a path
+    that does not exist). os.path, not Path: template text longer than a path may be raises
+    ENAMETOOLONG from Path.exists on some Pythons."""
+    if os.path.isdir(value):
+        raise MoeplaceError(f"--chat-template {value}: is a directory (give a file holding a Jinja chat template)")
+    if os.path.exists(value):
+        try:
+            with open(value, "rb") as f:
+                data = f.read(MAX_TEMPLATE_BYTES + 1)
+        except OSError as e:
+            raise MoeplaceError(f"--chat-template {value}: cannot read it ({e.strerror or e})") from None
+        if len(data) > MAX_TEMPLATE_BYTES:
+            raise MoeplaceError(f"--chat-template {value}: more than {MAX_TEMPLATE_BYTES >> 20} MiB, not a chat "
+                                "template")
+        try:
+            text, name = data.decode("utf-8-sig"), value
+        except UnicodeDecodeError:
+            raise MoeplaceError(f"--chat-template {value}: not UTF-8 text") from None
+    elif any(c in value for c in "{}\n"):
+        text, name = value, "(the template text)"
+    else:
+        raise MoeplaceError(f"--chat-template {value}: no such file (give a file holding a Jinja chat template, "
+                            "or the template text)")
+    if not text.strip():
+        raise MoeplaceError(f"--chat-template {name}: the template is empty")
+    return text, name
+
+
+CHECK_MESSAGES = [{"role": "user", "content": "Hello"}]  # what a chat template must render at start-up
+
+
+def set_chat_template(tokenizer: Any, value: str, model_dir: str) -> None:
+    """Rank 0's tokenizer takes --chat-template's template (the chat route, parse_chat, reads
+    `tokenizer.chat_template`), after rendering a one-message conversation with it: transformers
+    compiles a template only when a request applies it, so a syntax error would otherwise be a
+    400 on every chat request instead of one line at start-up."""
+    text, name = read_chat_template(value)
+    if tokenizer is None:
+        raise MoeplaceError(f"--chat-template {name}: model {model_dir} has no tokenizer to apply it with "
+                            "(without one the server takes token ids on /v1/completions only)")
+    tokenizer.chat_template = text
+    try:
+        rendered = tokenizer.apply_chat_template(CHECK_MESSAGES, add_generation_prompt=True, tokenize=False)
+    except Exception as e:
+        from jinja2 import TemplateSyntaxError
+
+        first = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        if isinstance(e, TemplateSyntaxError):
+            raise MoeplaceError(f"--chat-template {name}: not a valid Jinja template ({type(e).__name__}: {first}, "
+                                f"line {e.lineno})") from None
+        raise MoeplaceError(f"--chat-template {name}: rendering a one-message conversation ({CHECK_MESSAGES}) "
+                            f"fails ({type(e).__name__}: {first})") from None
+    if not isinstance(rendered, str) or not rendered:
+        raise MoeplaceError(f"--chat-template {name}: renders a one-message conversation ({CHECK_MESSAGES}) "
+                            "as no text")
+
+
 def bind_http(host: str, port: int) -> Any:
     from moeplace.serve.httpserver import make_server
 
@@ -462,9 +554,9 @@ class BatchPrompt(NamedTuple):
     prompt: Any  # as the file gives it: text or token ids
     ids: list[int]
     max_tokens: int
-    sampling: Sampling  # its first choice's; choice j samples with seed + j (httpserver.prompt_sampling)
+    sampling: Sampling  # its first choice's; choice j samples with seed + j (openai.prompt_sampling)
     n: int = 1  # choices (sequences) of this prompt
-    stop: tuple[str, ...] = ()  # stop strings (httpserver.StopText)
+    stop: tuple[str, ...] = ()  # stop strings (text.StopText)
     logprobs: int | None = None  # alternatives per token in its "logprobs"; None: no log-probabilities
 
 
@@ -595,7 +687,7 @@ def batch_records(prompts: list[BatchPrompt], tokens: list[list[int]], logprobs:
     "token_ids", "text" (null without a tokenizer), "finish_reason", "logprobs" (where its
     prompt asked for them), "seed" (where it was sampled)}; without these options, the lines
     of the runs before them byte for byte. A choice's tokens, text, finish_reason and
-    log-probabilities are /v1/completions': httpserver.job_choices cuts them at a stop string
+    log-probabilities are /v1/completions': openai.job_choices cuts them at a stop string
     and completion_logprobs shapes them (every token's string decoded, also for a token-id prompt).
     eos_token_ids: () with --ignore-eos (a last token that is EOS by chance ended nothing)."""
     choices = any(p.n > 1 for p in prompts)
@@ -622,7 +714,7 @@ def batch_records(prompts: list[BatchPrompt], tokens: list[list[int]], logprobs:
 
 def stop_hook(tokenizer: Any, stops: list[tuple[str, ...]]) -> StepCallback | None:
     """Runtime.generate's on_step for a batch run's batch (`stops`: each sequence's stop strings):
-    the slots whose stop string a token completed end at the next step (httpserver.StopWatch),
+    the slots whose stop string a token completed end at the next step (text.StopWatch),
     their records unchanged (batch_records cuts them there). None when no sequence has any: a
     run without stop strings pays nothing."""
     watch = StopWatch(tokenizer, [(s, False) for s in stops])
@@ -633,7 +725,7 @@ def stop_hook(tokenizer: Any, stops: list[tuple[str, ...]]) -> StepCallback | No
 
 def run_batch(rt: Any, prompts: list[BatchPrompt], max_batch: int, ignore_eos: bool, tokenizer: Any,
               out_path: str | None, stats_out: str | None, routing_out: str | None,
-              applied: dict[str, str | None]) -> None:
+              applied: dict[str, Any]) -> None:
     """Rank 0: drive the batches, then write generations, counters and routing (atomically).
     Each prompt runs as its n sequences (choices), prompt-major; a batch is any max_batch of them.
     Each file written gets a `wrote FILE: ...` line as every other command prints, on stdout, or

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import hashlib
 import os
 import re
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 
@@ -38,6 +40,22 @@ def world_from_env() -> tuple[int, int]:
         return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         raise MoeplaceError("RANK/WORLD_SIZE must be integers (set by torchrun)") from None
+
+
+NODE_BY_GROUP_RANK, NODE_BY_HOSTNAME = "torchrun's node rank", "hostname"
+
+
+def node_key() -> tuple[int, str]:
+    """This rank's node as a 63-bit id (equal ids: one node), and what it was read from.
+
+    torchrun's GROUP_RANK (its agent's node rank) when set: two containers on one host may share
+    a hostname, and one host may run several agents on purpose (a fake multi-node job); the
+    hostname otherwise (a launcher of one's own, or one process). Hashed, so that every rank
+    sends one int64 whatever the hostname's length."""
+    group = os.environ.get("GROUP_RANK", "").strip()
+    key, source = (f"group_rank={group}", NODE_BY_GROUP_RANK) if group else \
+        (f"hostname={socket.gethostname()}", NODE_BY_HOSTNAME)
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1, source
 
 
 def wants_cuda(device: str) -> bool:

@@ -5,7 +5,9 @@ Order on every rank (so a bad placement costs nothing):
        reject a placement made for another model or another world size (no weight read yet)
     2. join the process group (timeout: a rank that never arrives is an error, not a hang); rank 0
        checks its own inputs (prompts file, HTTP port) while telling the others it is still at it
-       (`check_inputs`: no timeout for a large prompts file), and broadcasts the verdict (`agree`)
+       (`check_inputs`: no timeout for a large prompts file), and broadcasts the verdict (`agree`,
+       whose all-reduce also tells every rank each rank's node: `topology_problem` compares them
+       with the placement's nodes)
     3. load the replicated weights and this rank's experts
     4. rank 0 reads requests (file or HTTP) and broadcasts each batch as a command; the other
        ranks follow the commands; idle rank 0 sends heartbeats, so a dead rank is noticed by
@@ -20,6 +22,7 @@ import hashlib
 import json
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -155,25 +158,89 @@ def check_inputs(rank: int, world: int, device: torch.device, check: Callable[[]
     return None
 
 
-def agree(rank: int, world: int, device: torch.device, error: str | None, shared: int = 0) -> None:
+def agree(rank: int, world: int, device: torch.device, error: str | None, shared: int = 0, node: int = 0,
+          strict: bool = False) -> tuple[list[int], bool]:
     """After joining: rank 0 tells the others whether its own input checks passed; then every
     rank checks that all run the same `shared` fingerprint (placement, mode, model, dtype):
     ranks started with different --placement files would route a token to a rank that lacks its
     expert and silently add nothing for it; with different --dtype they would misread each
-    other's rows, or wait forever on Alltoalls of different sizes."""
+    other's rows, or wait forever on Alltoalls of different sizes.
+
+    The same all-reduce (max) also carries each rank's `node` id (dist.node_key; slot r is rank
+    r's, -1 elsewhere) and whether a rank asked for `strict` (--strict-topology): every rank
+    learns every rank's node and decides the topology check alike, with no collective more.
+    Returns (node id per rank, strict on any rank); world 1: ([node], strict)."""
     if world == 1:
-        return
+        return [node], strict
     flag = torch.tensor([int(error is not None)], dtype=torch.int64, device=device)
     dist.broadcast(flag, 0)
     if flag.item():
         if rank > 0:
             raise AlreadyReported(MoeplaceError.exit_code)  # rank 0's line says why; one line, not N
-        return
-    spread = torch.tensor([shared, -shared], dtype=torch.int64, device=device)
-    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
-    if spread[0].item() != -spread[1].item():
+        return [], strict
+    nodes = [-1] * world
+    nodes[rank] = node
+    table = torch.tensor([shared, -shared, int(strict), *nodes], dtype=torch.int64, device=device)
+    dist.all_reduce(table, op=dist.ReduceOp.MAX)
+    values = table.tolist()
+    if values[0] != -values[1]:
         raise MoeplaceError(f"rank {rank}: the ranks were started with different placements, modes, models or "
                             "dtypes; give every rank the same --placement, --mode, --model and --dtype")
+    return values[3:], bool(values[2])
+
+
+def node_layout(keys: list[int]) -> list[int]:
+    """Each rank's node, numbered 0, 1, ... in the order the ranks first name them: two layouts
+    group the ranks alike exactly when their node_layouts are equal. keys [world]: any id per
+    rank, equal on one node (dist.node_key's, or a placement's rank // gpus_per_node)."""
+    number: dict[int, int] = {}
+    return [number.setdefault(k, len(number)) for k in keys]
+
+
+def describe_layout(nodes: list[int]) -> str:
+    """A node_layout in words: '4 nodes x 4', '2 nodes of 3 + 1 ranks', with ', ranks not in node
+    order (nodes by rank: 0 1 0 1)' when a node's ranks are not consecutive."""
+    counts = Counter(nodes)
+    sizes = [counts[n] for n in range(len(counts))]
+    text = f"{plural(len(sizes), 'node')} x {sizes[0]}" if len(set(sizes)) == 1 else \
+        f"{plural(len(sizes), 'node')} of {' + '.join(map(str, sizes))} ranks"
+    if nodes != sorted(nodes):
+        shown = " ".join(map(str, nodes[:16])) + (" ..." if len(nodes) > 16 else "")
+        text += f", ranks not in node order (nodes by rank: {shown})"
+    return text
+
+
+def topology_problem(placement: Placement, keys: list[int], name: str, source: str) -> str | None:
+    """One line when the ranks' real nodes (`keys`, a node id per rank; read from `source`)
+    group them otherwise than the placement's rank // gpus_per_node does, else None. GPU g's
+    experts run on rank g, so the solver's care to keep a token's experts inside a node holds
+    only where rank g's node is g's node in the placement."""
+    world = len(keys)
+    gpn = placement.gpus_per_node
+    assumed = node_layout([r // gpn for r in range(world)])
+    real = node_layout(keys)
+    if real == assumed:
+        return None
+    # a placement node whose ranks run on several real nodes: traffic it kept inside a node
+    # crosses nodes; otherwise the real nodes only merge its nodes (no traffic is worse for it)
+    spans: dict[int, set[int]] = {}
+    for a, r in zip(assumed, real):
+        spans.setdefault(a, set()).add(r)
+    split = any(len(s) > 1 for s in spans.values())
+    effect = ("traffic the placement keeps inside a node will cross nodes" if split else
+              "ranks it puts on different nodes share a node, so its node-aware choices buy nothing here")
+    sizes = set(Counter(real).values())
+    in_order = real == sorted(real)
+    if len(sizes) > 1:
+        fix = f"start the same number of ranks on each node, node by node ({gpn} for this placement)"
+    elif in_order:
+        fix = f"re-solve with --gpus-per-node {sizes.pop()}"
+    elif sizes == {gpn}:
+        fix = f"give each node consecutive ranks (rank r on node r // {gpn})"
+    else:
+        fix = f"give each node consecutive ranks and re-solve with --gpus-per-node {sizes.pop()}"
+    return (f"placement {name} assumes {plural(placement.num_nodes, 'node')} x {plural(gpn, 'GPU')}, but the "
+            f"ranks run on {describe_layout(real)} (by {source}): {effect}; {fix}")
 
 
 def load_runtime(spec: ModelSpec, placement: Placement, mode: str, rank: int, world: int, device: torch.device,
