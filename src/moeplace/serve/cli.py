@@ -526,7 +526,10 @@ def set_chat_template(tokenizer: Any, value: str, model_dir: str) -> None:
     try:
         rendered = tokenizer.apply_chat_template(CHECK_MESSAGES, add_generation_prompt=True, tokenize=False)
     except Exception as e:
-        from jinja2 import TemplateSyntaxError
+        try:
+            from jinja2 import TemplateSyntaxError
+        except ImportError:  # transformers renders templates with jinja2: without it, e says so
+            TemplateSyntaxError = ()  # type: ignore[assignment,misc]
 
         first = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
         if isinstance(e, TemplateSyntaxError):
