@@ -136,18 +136,21 @@ def evaluate_files(placement_path: Path, trace_path: Path, all_tokens: bool, met
             report["baseline"] = baseline_record(baseline, baseline_placement(baseline, placement, placement_path),
                                                  placement, loads.loads)
         return report
-    _, layers, top_k, stored = trace_shape(trace_path)
-    if stored is not None:  # else inferred from the ids: checked below, once read
-        check_fits(layers, stored)
+    # the shape from the file's headers, so a misfit is refused before its tokens are read; a file
+    # that stores no expert count (an ExFlow .npy) is read first, its count inferred from the ids
+    _, layers, top_k, num_experts = trace_shape(trace_path)
+    trace = None
+    if num_experts is None:
+        trace = load_trace(trace_path)
+        layers, num_experts, top_k = trace.num_layers, trace.num_experts, trace.top_k
+    check_fits(layers, num_experts)
     base = None if baseline is None else baseline_placement(baseline, placement, placement_path)
-    if cluster is not None:  # a cost model of another cluster cannot time it (said before the tokens are read)
+    if cluster is not None:  # a cost model of another cluster cannot time it
         cluster.check(placement.num_gpus, placement.gpus_per_node)
-    if stored is not None and check_routing is not None:
-        check_routing(stored, top_k)
-    trace = load_trace(trace_path)
-    check_fits(trace.num_layers, trace.num_experts)
-    if stored is None and check_routing is not None:
-        check_routing(trace.num_experts, trace.top_k)
+    if check_routing is not None:
+        check_routing(num_experts, top_k)
+    if trace is None:
+        trace = load_trace(trace_path)
     if needs_sequences and trace.sequence_ids is None:  # said now, not after the placement's replay
         raise MoeplaceError(f"{needs_sequences}: the traffic prediction needs the sequence of each token (home rank = "
                             f"sequence % GPUs), and {trace_path} has no sequence_ids (an ExFlow .npy or an import "
