@@ -81,7 +81,7 @@ def test_global_policy_layout_by_hand() -> None:
     assert phy2log.tolist() == [[1, 0, 3, 0, 0, 2]]
     assert eplb.eplb_gpu_loads(w, phy2log, logcnt, 2).tolist() == [[11.0, 10.0]]
     placement, loads = eplb.eplb_placement(w, num_gpus=2, gpus_per_node=2, redundant=2)
-    assert placement.expert_to_gpu.tolist() == [[0, 0, 1, 0]] and placement.replicas == [[(0, 1)]]
+    assert placement.expert_to_gpu.tolist() == [[0, 0, 1, 0]] and placement.replicas == (((0, 1),),)
     assert placement.solver["merged_duplicates"] == 1  # GPU 1's two replicas of expert 0
     assert loads.tolist() == [[11.0, 10.0]]
 
@@ -103,7 +103,7 @@ def test_unknown_policy_and_default_redundancy() -> None:
     with pytest.raises(PlacementError, match="unknown EPLB policy"):
         eplb.rebalance_experts(w, 4, num_groups=1, num_nodes=1, num_gpus=2, policy="greedy")
     placement, _ = eplb.eplb_placement(w, num_gpus=2, gpus_per_node=2)
-    assert placement.solver["redundant_experts"] == 0 and placement.replicas == [[]]
+    assert placement.solver["redundant_experts"] == 0 and placement.replicas == ((),)
 
 
 def test_replicate_propose_rules_by_hand() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -539,7 +540,7 @@ def test_replicas_get_an_eplb_baseline_with_as_many_copies(tmp_path: Path, trace
     # oracle fitted on the replayed tokens
     p = replicated_placement(trace_path, None, tmp_path / "p.json")
     fit_loads = trace.select_tokens(train).expert_loads()
-    p.fit_loads = fit_loads
+    p = replace(p, fit_loads=fit_loads)
     p.save(tmp_path / "p.json")
     rc, report = eval_json(capsys, str(tmp_path / "p.json"), str(tmp_path / "other.npz"))
     assert rc == 0 and "greedy_load and eplb fitted on the placement's recorded fit loads" in report["baselines_note"]
@@ -624,7 +625,7 @@ def test_eval_and_check_score_a_placement_on_a_load_only_file(tmp_path: Path, ca
     assert lines[0].startswith("PASS  check 1 (expert loads): imbalance_max/contiguous ") and lines[1].startswith("      loads: ")
     # a placement that records its fit loads: the baselines are fitted on those, not on the file replayed
     fit = np.array([[10, 10, 10, 10, 10, 10, 10, 40], [8, 7, 6, 5, 4, 3, 2, 1]], dtype=np.float64)
-    p.fit_loads = fit
+    p = replace(p, fit_loads=fit)
     p.save(tmp_path / "p.json")
     rc, report = eval_json(capsys, *args[1:])
     assert rc == 0 and "greedy_load and eplb fitted on the placement's recorded fit loads" in report["baselines_note"]
@@ -635,7 +636,7 @@ def test_eval_and_check_score_a_placement_on_a_load_only_file(tmp_path: Path, ca
     # and counts as `import` does (before: 1.4e+06 token-expert selections, not in- or out-of-sample)
     assert report["loads"]["note"].endswith("; other loads than the placement was fitted on")
     save_loads(ExpertLoads(fit * 1e4, {"source": "loads-json"}), tmp_path / "big.npz")
-    p.fit_loads = fit * 1e4
+    p = replace(p, fit_loads=fit * 1e4)
     p.save(tmp_path / "p.json")
     assert run(["eval", str(tmp_path / "p.json"), str(tmp_path / "big.npz")]) == 0
     out = capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,13 @@ FORMATS = ("sglang", "vllm", "vllm-ascend", "eplb")
 
 def plain() -> Placement:
     return Placement(expert_to_gpu=random_balanced(3, 8, 4, seed=3), num_gpus=4, gpus_per_node=2)
+
+
+def with_row(p: Placement, layer: int, gpus: list[int]) -> Placement:
+    """`p` with one layer's experts on `gpus` (a Placement is frozen: a changed one is new)."""
+    layout = p.expert_to_gpu.copy()
+    layout[layer] = gpus
+    return replace(p, expert_to_gpu=layout)
 
 
 def replicated() -> Placement:
@@ -166,7 +174,7 @@ def test_duplicate_copy_on_one_gpu_is_counted_once(capsys: pytest.CaptureFixture
     table = [[0, 0, 1, 2, 3, 1]]  # GPU 0: 0, 0, 1; GPU 1: 2, 3, 1
     with pytest.warns(MoeplaceWarning, match="counted once"):
         p = placement_from_physical(table, num_gpus=2, gpus_per_node=2)
-    assert p.expert_to_gpu.tolist() == [[0, 0, 1, 1]] and p.replicas == [[(1, 1)]]
+    assert p.expert_to_gpu.tolist() == [[0, 0, 1, 1]] and p.replicas == (((1, 1),),)
 
 
 def test_logical_to_physical_pads_with_minus_one() -> None:
@@ -175,12 +183,11 @@ def test_logical_to_physical_pads_with_minus_one() -> None:
 
 
 def test_placements_with_no_engine_form_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    uneven = plain()
-    uneven.expert_to_gpu[0] = [0, 0, 0, 1, 1, 2, 2, 3]
+    uneven = with_row(plain(), 0, [0, 0, 0, 1, 1, 2, 2, 3])
     with pytest.raises(PlacementError, match="layer 0: GPU 0 holds 3 physical experts but GPU 3 holds 1"):
         physical_to_logical(uneven)
-    ragged = replicated()
-    ragged.replicas[1] = ragged.replicas[1][:0]  # layer 1 without replicas: 8 slots vs 12
+    full = replicated()
+    ragged = replace(full, replicas=[full.replicas[0], (), full.replicas[2]])  # layer 1 without replicas: 8 slots vs 12
     with pytest.raises(PlacementError, match="different numbers of physical experts"):
         physical_to_logical(ragged)
 
@@ -231,8 +238,7 @@ def test_bad_engine_files_get_one_line(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_bad_export_requests_get_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = _save(plain(), tmp_path)
-    uneven = plain()
-    uneven.expert_to_gpu[2] = [0, 0, 0, 1, 1, 2, 2, 3]
+    uneven = with_row(plain(), 2, [0, 0, 0, 1, 1, 2, 2, 3])
     uneven_path = tmp_path / "uneven.json"
     uneven.save(uneven_path)
     npz = tmp_path / "bad.npz"
@@ -369,8 +375,7 @@ def test_sglang_without_layer_source_notes_its_assumption(tmp_path: Path, capsys
 def test_sglang_rows_from_the_placements_fit_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # a placement solved on FLAME records moe_layers [2..9]; without --trace the map had rows
     # 0-7, and SGLang (which does not check the row count) read every layer two rows off
-    p = plain()
-    p.trace_model = {"model": "m", "moe_layers": [2, 4, 5]}
+    p = replace(plain(), trace_model={"model": "m", "moe_layers": [2, 4, 5]})
     src, out = _save(p, tmp_path), tmp_path / "loc.json"
     assert cli(src, "--to", "sglang", "-o", str(out)) == 0
     assert "MoE layers [2, 4, 5] from the placement's fit trace" in capsys.readouterr().err
@@ -634,7 +639,7 @@ def test_from_eplb_log2phy_narrower_than_the_derived_one_is_read(tmp_path: Path)
                                 "log2phy": [[[0, 4], [1, 5], [2, -1], [3, -1]]]}))
     assert cli("--from", "eplb", str(path), "-o", str(tmp_path / "p.json")) == 0
     p = load_placement(tmp_path / "p.json")
-    assert p.expert_to_gpu.tolist() == [[0, 0, 0, 1]] and p.replicas == [[(0, 1), (1, 1)]]
+    assert p.expert_to_gpu.tolist() == [[0, 0, 0, 1]] and p.replicas == (((0, 1), (1, 1)),)
 
 
 def test_sglang_map_checks_its_layer_arguments() -> None:
@@ -663,7 +668,7 @@ def test_from_vllm_state_with_only_the_physical_map(tmp_path: Path) -> None:
     path.write_text(json.dumps({"physical_to_logical_map": [[0, 1, 2, 3, 1, 0]], "ep_size": 2}))
     assert cli("--from", "vllm", str(path), "-o", str(tmp_path / "p.json")) == 0
     p = load_placement(tmp_path / "p.json")  # slots 0-2 on GPU 0, 3-5 on GPU 1
-    assert p.expert_to_gpu.tolist() == [[0, 0, 0, 1]] and p.replicas == [[(1, 1), (0, 1)]]
+    assert p.expert_to_gpu.tolist() == [[0, 0, 0, 1]] and p.replicas == (((1, 1), (0, 1)),)
 
 
 @pytest.mark.parametrize("gpus, per_node", [(0, 1), (4, 0), (4, 3)])
@@ -702,7 +707,7 @@ def test_map_with_as_many_redundant_slots_as_experts_is_warned_about() -> None:
         placement_from_physical([[0, 1, 0, 1]], num_gpus=2, gpus_per_node=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert placement_from_physical([[0, 1, 0]], num_gpus=3, gpus_per_node=3).replicas == [[(0, 2)]]
+        assert placement_from_physical([[0, 1, 0]], num_gpus=3, gpus_per_node=3).replicas == (((0, 2),),)
 
 
 # --- engine files found by the mutation pass on the export readers
@@ -861,8 +866,7 @@ def test_vllm_ascend_map_device_counts(tmp_path: Path, capsys: pytest.CaptureFix
 def test_a_placement_fitted_on_another_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A model or trace of the placement's shape but another model_type, or its MoE layers at other
     decoder layers than the fit trace recorded: the map would put other experts on each GPU."""
-    p = plain()
-    p.trace_model = {"model": "hub/qwen", "model_type": "qwen3_moe", "moe_layers": [1, 2, 3]}
+    p = replace(plain(), trace_model={"model": "hub/qwen", "model_type": "qwen3_moe", "moe_layers": [1, 2, 3]})
     src, out = _save(p, tmp_path), tmp_path / "loc.json"
     model = fake_checkpoint(tmp_path / "ds", moe_layers=(1, 2, 3), num_hidden_layers=4)
     assert cli(src, "--to", "sglang", "--model", str(model), "-o", str(out)) == 2

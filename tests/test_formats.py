@@ -6,6 +6,7 @@ import io
 import json
 import warnings
 import zipfile
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import numpy as np
@@ -163,16 +164,13 @@ def test_placement_round_trip_and_checks(tmp_path: Path) -> None:
     p.save(tmp_path / "p.json")
     back = load_placement(tmp_path / "p.json")
     np.testing.assert_array_equal(back.expert_to_gpu, p.expert_to_gpu)
-    assert back.replicas == [[(2, 0)], []]
+    assert back.replicas == (((2, 0),), ())
     assert back.fit_loads is not None and back.fit_loads.tolist() == [[3, 0, 5, 1], [2, 2, 4, 1.5]]
     counts = Placement(np.array([[0, 1]]), 2, 2, fit_loads=np.array([[7.0, 2.0]])).to_json()["fit_loads"]
     assert counts == [[7, 2]] and isinstance(counts[0][0], int)  # token counts are written as integers
-    late = Placement(np.array([[0, 1]]), 2, 2)
-    late.fit_loads = np.ones((3, 3))  # set after construction: save checks it, writes nothing
-    with pytest.raises(PlacementError, match=r"late.json: fit_loads must have the layout's shape"):
-        late.save(tmp_path / "late.json")
-    assert not (tmp_path / "late.json").exists()
-    late.fit_loads = [[1, 2]]  # a list, as a library caller may give it
+    with pytest.raises(PlacementError, match=r"fit_loads must have the layout's shape"):
+        Placement(np.array([[0, 1]]), 2, 2, fit_loads=np.ones((3, 3)))
+    late = replace(Placement(np.array([[0, 1]]), 2, 2), fit_loads=[[1, 2]])  # a list, as a library caller may give it
     late.save(tmp_path / "late.json")
     assert load_placement(tmp_path / "late.json").fit_loads.tolist() == [[1, 2]]
     assert back.physical_slots(0) == [(0, 0), (0, 1), (0, 2), (1, 2), (1, 3)]
@@ -492,35 +490,34 @@ def test_placement_constructor_checks_small_and_empty_layouts(tmp_path: Path) ->
     assert not (tmp_path / "empty.json").exists()
 
 
-def test_save_checks_fields_changed_after_construction(tmp_path: Path) -> None:
-    # Placement is a mutable dataclass: save re-checks what construction checked, writes nothing bad
-    p = Placement(np.array([[0, 1], [1, 0]]), num_gpus=2, gpus_per_node=2)
-    p.expert_to_gpu[1, 0] = 2
-    with pytest.raises(PlacementError, match=r"q.json: a GPU id in expert_to_gpu is outside \[0, 2\)"):
-        p.save(tmp_path / "q.json")
-    p.expert_to_gpu[1, 0] = -1
-    with pytest.raises(PlacementError, match="outside"):
-        p.save(tmp_path / "q.json")
-    p.expert_to_gpu[1, 0] = 1
-    p.gpus_per_node = 0
-    with pytest.raises(PlacementError, match="q.json: num_gpus and gpus_per_node must be >= 1"):
-        p.save(tmp_path / "q.json")
-    p.gpus_per_node, p.num_gpus = 2, 0
-    with pytest.raises(PlacementError, match="must be >= 1"):
-        p.save(tmp_path / "q.json")
-    p.num_gpus = 3
-    with pytest.raises(PlacementError, match="q.json: num_gpus=3 is not a multiple of gpus_per_node=2"):
-        p.save(tmp_path / "q.json")
-    assert not (tmp_path / "q.json").exists()
-    p.num_gpus = 2
-    p.replicas[1].append((1, 0))  # expert 1 of layer 1 is on GPU 0 already
-    with pytest.raises(PlacementError, match="q.json: expert 1 of layer 1 has two copies on GPU 0"):
-        p.save(tmp_path / "q.json")
-    p.replicas[1].clear()
-    p.save(tmp_path / "q.json")
+def test_placement_is_frozen_and_a_changed_one_is_checked_again(tmp_path: Path) -> None:
+    # a checked placement stays checked: no field re-bound, no array or replica list changed in place
+    layout = np.array([[0, 1], [1, 0]])
+    p = Placement(layout, num_gpus=2, gpus_per_node=2, replicas=[[], [(0, 0)]], fit_loads=np.ones((2, 2)))
+    layout[1, 0] = 7  # the caller's array stays theirs
+    assert p.expert_to_gpu.tolist() == [[0, 1], [1, 0]]
+    with pytest.raises(ValueError, match="read-only"):
+        p.expert_to_gpu[1, 0] = 2
+    with pytest.raises(ValueError, match="read-only"):
+        p.fit_loads[0, 0] = -1.0  # type: ignore[index]
+    with pytest.raises(FrozenInstanceError):
+        p.num_gpus = 3  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        p.replicas[1].append((1, 0))  # type: ignore[attr-defined]
+    assert p.replicas == ((), ((0, 0),))
+    # a changed placement is a new one, checked as construction checks
+    with pytest.raises(PlacementError, match="num_gpus 3 is not a multiple of gpus_per_node 2"):
+        replace(p, num_gpus=3)
+    with pytest.raises(PlacementError, match=r"GPU ids outside \[0, 2\)"):
+        replace(p, expert_to_gpu=np.array([[0, 1], [2, 0]]))
+    with pytest.raises(PlacementError, match="expert 1 of layer 1 has two copies on GPU 0"):
+        replace(p, replicas=[[], [(1, 0)]])
+    moved = replace(p, expert_to_gpu=np.array([[1, 0], [1, 0]]), bound=1.0)
+    assert (moved.bound, p.bound, moved.replicas) == (1.0, None, p.replicas)
+    moved.save(tmp_path / "q.json")
+    assert load_placement(tmp_path / "q.json").expert_to_gpu.tolist() == [[1, 0], [1, 0]]
     Placement(np.array([[0, 0]]), num_gpus=1, gpus_per_node=1).save(tmp_path / "one.json")  # one GPU is fine
     assert load_placement(tmp_path / "one.json").num_gpus == 1
-    assert load_placement(tmp_path / "q.json").expert_to_gpu.tolist() == [[0, 1], [1, 0]]
 
 
 @pytest.mark.parametrize("pair", [(1, 1.5), (1.0, 1), (1, True)])

@@ -8,6 +8,7 @@ import re
 import struct
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -255,8 +256,9 @@ def test_replicas_uneven_and_foreign_placements_are_refused(qwen: Path, tmp_path
     with pytest.raises(PlacementError, match="replicates experts.*--to sglang"):
         other_gpu = (int(_placement().expert_to_gpu[0, 0]) + 1) % 4  # a copy of expert 0 where it is not
         permute_checkpoint(qwen, _placement(replicas=[[(0, other_gpu)], []]), tmp_path / "a", progress=False)
-    uneven = _placement()
-    uneven.expert_to_gpu[1] = [0, 0, 0, 1, 1, 2, 2, 3]
+    layout = _placement().expert_to_gpu.copy()
+    layout[1] = [0, 0, 0, 1, 1, 2, 2, 3]
+    uneven = replace(_placement(), expert_to_gpu=layout)
     with pytest.raises(PlacementError, match="layer 1: GPU 0 holds 3 physical experts but GPU 3 holds 1"):
         permute_checkpoint(qwen, uneven, tmp_path / "b", progress=False)
     with pytest.raises(PlacementError, match="placement is for 3 MoE layers x 8 experts, but the checkpoint has 2 x 8"):

@@ -42,17 +42,22 @@ from moeplace.trace.paths import sketch_problem
 PLACEMENT_FORMAT = "moeplace.placement/v1"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Placement:
     """Which GPU holds each expert of each MoE layer (placement format v1, docs/solver.md): the
     primary copy in `expert_to_gpu` [L, E], extra copies in `replicas`, and what produced it
     (objective, solver, bound/gap, metrics, the fit trace's hashes and split). Checked on
-    construction; `save` writes the JSON atomically, `load_placement` reads and checks it."""
+    construction; `save` writes the JSON atomically, `load_placement` reads and checks it.
 
-    expert_to_gpu: np.ndarray  # int64 [L, E]
+    Frozen, so a checked placement stays checked: the fields cannot be re-bound, the arrays are
+    read-only copies and `replicas` is tuples. A changed placement is a new one, checked again:
+    `dataclasses.replace(p, bound=..., metrics=...)`. The provenance dicts (objective, solver,
+    metrics, extra) are records that their maker may still annotate."""
+
+    expert_to_gpu: np.ndarray  # int64 [L, E], read-only
     num_gpus: int
     gpus_per_node: int
-    replicas: list[list[tuple[int, int]]] = field(default_factory=list)  # per layer (expert, gpu)
+    replicas: Sequence[Sequence[tuple[int, int]]] = ()  # per layer (expert, gpu); stored as tuples
     objective: dict[str, Any] = field(default_factory=dict)
     solver: dict[str, Any] = field(default_factory=dict)
     bound: float | None = None
@@ -72,7 +77,9 @@ class Placement:
             # a float layout would be truncated (0.9 -> GPU 0); a ragged one fails later, obscurely
             raise PlacementError(f"expert_to_gpu must be an integer array [layers, experts], got {raw.dtype} "
                                  f"of shape {raw.shape}")
-        self.expert_to_gpu = raw.astype(np.int64)  # a copy: the caller's array stays theirs
+        layout = raw.astype(np.int64)  # a copy: the caller's array stays theirs
+        layout.flags.writeable = False
+        object.__setattr__(self, "expert_to_gpu", layout)  # (frozen: construction sets through object)
         for name in ("num_gpus", "gpus_per_node"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -82,12 +89,16 @@ class Placement:
         if raw.size and not (0 <= self.expert_to_gpu.min() and self.expert_to_gpu.max() < self.num_gpus):
             raise PlacementError(f"expert_to_gpu holds GPU ids outside [0, {self.num_gpus})")
         if self.fit_loads is not None:
-            self.fit_loads = _checked_loads(self.fit_loads, raw.shape)
-        if not self.replicas:
-            self.replicas = [[] for _ in range(self.num_layers)]
-        problem = _replicas_problem(self.replicas, self.expert_to_gpu, self.num_gpus)
+            loads = _checked_loads(self.fit_loads, raw.shape)
+            loads.flags.writeable = False
+            object.__setattr__(self, "fit_loads", loads)
+        replicas: Any = self.replicas
+        if isinstance(replicas, (list, tuple)) and not replicas:
+            replicas = [[] for _ in range(self.num_layers)]
+        problem = _replicas_problem(replicas, self.expert_to_gpu, self.num_gpus)
         if problem:  # here, not as an IndexError in holders() later
             raise PlacementError(problem)
+        object.__setattr__(self, "replicas", tuple(tuple((int(e), int(g)) for e, g in r) for r in replicas))
 
     @property
     def num_layers(self) -> int:
@@ -186,24 +197,11 @@ _KNOWN = {
 
 
 def validate_placement(p: Placement, name: str = "placement") -> Placement:
-    """Check internal consistency; raise PlacementError naming `name` and the problem."""
-    e2g = p.expert_to_gpu
-    if e2g.ndim != 2 or 0 in e2g.shape:
+    """What construction leaves open, for a placement to be used or written: a non-empty table,
+    and no GPU without a copy; raise PlacementError naming `name` and the problem. (The rest is
+    checked on construction, and a Placement is frozen.)"""
+    if p.expert_to_gpu.ndim != 2 or 0 in p.expert_to_gpu.shape:
         raise PlacementError(f"{name}: expert_to_gpu must be a non-empty [layers][experts] table")
-    if p.num_gpus < 1 or p.gpus_per_node < 1:
-        raise PlacementError(f"{name}: num_gpus and gpus_per_node must be >= 1")
-    if p.num_gpus % p.gpus_per_node:
-        raise PlacementError(f"{name}: num_gpus={p.num_gpus} is not a multiple of gpus_per_node={p.gpus_per_node}")
-    if e2g.min() < 0 or e2g.max() >= p.num_gpus:
-        raise PlacementError(f"{name}: a GPU id in expert_to_gpu is outside [0, {p.num_gpus})")
-    problem = _replicas_problem(p.replicas, e2g, p.num_gpus)
-    if problem:
-        raise PlacementError(f"{name}: {problem}")
-    if p.fit_loads is not None:  # also when set after construction (solve fills fields in later)
-        try:
-            p.fit_loads = _checked_loads(p.fit_loads, e2g.shape)
-        except PlacementError as e:
-            raise PlacementError(f"{name}: {e}") from None
     copies = p.num_experts + p.num_replicas  # the most copies any layer has
     if p.num_gpus > copies:  # checked before any stage loops or allocates per GPU (2**31 of them)
         held = f"{p.num_experts} experts" + (f" + {p.num_replicas} replicas" if p.num_replicas else "")
@@ -236,8 +234,8 @@ def _replicas_problem(replicas: Any, e2g: np.ndarray, num_gpus: int) -> str | No
     """What is wrong with `replicas` for the layout `e2g` [L, E] (one list per layer of (expert,
     gpu) integer pairs in range, no second copy of an expert on one GPU), else None."""
     num_layers, num_experts = e2g.shape
-    if not isinstance(replicas, list) or len(replicas) != num_layers:
-        got = len(replicas) if isinstance(replicas, list) else type(replicas).__name__
+    if not isinstance(replicas, (list, tuple)) or len(replicas) != num_layers:
+        got = len(replicas) if isinstance(replicas, (list, tuple)) else type(replicas).__name__
         return f"replicas must have one list per layer ({num_layers}), got {got}"
     for layer, reps in enumerate(replicas):
         seen: set[tuple[int, int]] = set()

@@ -467,9 +467,9 @@ def balance_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int, redu
         if time.monotonic() > deadline + 0.2 * time_limit:
             cut.add("total cap")
     placement = _to_placement(plans, loads, num_gpus, gpus_per_node, redundant, slots, total_cap)
-    placement.solver |= {"time_limit_s": time_limit, "seconds": round(time.monotonic() - start, 3),
-                         "stopped_by_time_limit": bool(cut),  # else deterministic: no step reads the clock
-                         "cut_steps": sorted(cut)}
+    placement.solver.update({"time_limit_s": time_limit, "seconds": round(time.monotonic() - start, 3),
+                             "stopped_by_time_limit": bool(cut),  # else deterministic: no step reads the clock
+                             "cut_steps": sorted(cut)})
     return placement
 
 
@@ -705,7 +705,7 @@ def balance_moves_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int
         "relabeling": "the plain solve's, best for copies kept (migrate.best_copy_relabeling)",
         "plain": {"value": plain.objective["value"], "moved": int(sum(plain_moves)), "moved_per_layer": plain_moves,
                   "imbalance_per_layer": plain.metrics["imbalance_per_layer"]}}
-    placement.solver |= {"method": "balance-moves", "time_limit_s": time_limit,
-                         "seconds": round(time.monotonic() - start, 3), "stopped_by_time_limit": bool(cut),
-                         "cut_steps": sorted(cut)}
+    placement.solver.update({"method": "balance-moves", "time_limit_s": time_limit,
+                             "seconds": round(time.monotonic() - start, 3), "stopped_by_time_limit": bool(cut),
+                             "cut_steps": sorted(cut)})
     return placement

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -394,10 +395,11 @@ def _solve_loads(path: Path, gpus: int, gpus_per_node: int | None, redundant: in
                                       progress=not quiet, max_experts_per_gpu_total=max_experts_per_gpu_total)
     if current is not None and max_moves is None:  # balance's value and metrics are per-GPU maxima: blind to the renaming
         label = best_relabeling(placement.expert_to_gpu, current.expert_to_gpu, gpus, gpn)
-        placement.expert_to_gpu, placement.replicas = relabel(placement.expert_to_gpu, placement.replicas, label)
+        layout, replicas = relabel(placement.expert_to_gpu, placement.replicas, label)
+        placement = replace(placement, expert_to_gpu=layout, replicas=replicas)
         placement.extra["migration"] = record(placement.expert_to_gpu, current.expert_to_gpu, from_path)
-    placement.trace_sha256 = loads.sha256 or None
-    placement.trace_model = loads.model_identity()  # its moe_layers map MoE rows to decoder layers on export
+    placement = replace(placement, trace_sha256=loads.sha256 or None,
+                        trace_model=loads.model_identity())  # its moe_layers map MoE rows to decoder layers on export
     placement.solver["software"] = software()
     eplb = _eplb_imbalance(loads.loads, gpus, gpn, redundant)
     if eplb is not None:

@@ -18,6 +18,7 @@ its moves on copies (balance.balance_moves_placement).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def _best_matching(count: np.ndarray, num_gpus: int, gpus_per_node: int) -> np.n
     return label
 
 
-def relabel(expert_to_gpu: np.ndarray, replicas: list[list[tuple[int, int]]], label: np.ndarray
+def relabel(expert_to_gpu: np.ndarray, replicas: Sequence[Sequence[tuple[int, int]]], label: np.ndarray
             ) -> tuple[np.ndarray, list[list[tuple[int, int]]]]:
     """The layout (int [L, E]) and replicas with every GPU g renamed label[g]."""
     return label[expert_to_gpu], [[(int(e), int(label[g])) for e, g in layer] for layer in replicas]

@@ -39,6 +39,7 @@ import itertools
 import operator
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -87,7 +88,7 @@ class SolveOutcome:
     solver: dict[str, Any]  # method, settings, timings
     bound: float | None = None
     gap: float | None = None
-    replicas: list[list[tuple[int, int]]] = field(default_factory=list)
+    replicas: Sequence[Sequence[tuple[int, int]]] = field(default_factory=list)
     starts: dict[str, np.ndarray] = field(default_factory=dict)  # latency: its start layouts [L, E] (not saved)
 
 
@@ -885,12 +886,12 @@ def solve_placement(
     )
     baselines = all_baselines(fit_loads, num_gpus, seed)
     parts = {"train": fit, "held_out": held} if held is not None else {"train": fit}
-    placement.metrics = {
+    placement.metrics.update({  # (a record: the frozen placement's own dict, filled once it can be evaluated)
         part: {"placement": evaluate(placement, sub)} | {
             name: evaluate(Placement(layout, num_gpus, gpus_per_node), sub) for name, layout in baselines.items()
         }
         for part, sub in parts.items()
-    }
+    })
     if objective == "latency":
         add_predicted_times(placement, baselines, parts, options, outcome.starts)
     return placement
