@@ -39,7 +39,7 @@ class ExpertMap:
     @classmethod
     def from_placement(cls, placement: Placement, device: torch.device) -> "ExpertMap":
         holders = [placement.holders(m) if placement.replicas[m] else None for m in range(placement.num_layers)]
-        return cls(torch.as_tensor(placement.expert_to_gpu, device=device), holders, placement.gpus_per_node)
+        return cls(torch.tensor(placement.expert_to_gpu, device=device), holders, placement.gpus_per_node)
 
     def serving(self, comm: Comm, moe: int, ids: torch.Tensor, index: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Rank serving each choice of this rank's tokens, int64 [n, k].
