@@ -300,17 +300,17 @@ def test_generate_reports_each_step_and_the_router_queues_them(rt: Runtime) -> N
             got[slot].append(token)
             assert finished == (len(got[slot]) == len(result.tokens[slot]))
     assert got == result.tokens and len(got[1]) == 3 and got[2][-1] in EOS and len(got[2]) < LIMIT  # one stopped
-    # the hook: slot -> (job, prompt index); nothing for jobs that neither stream nor stop
+    # the hook: slot -> (job, prompt index); every batch gets one (any client may leave)
     plain, streamed = Job([[1]], 4, False), Job([[1], [2]], 4, False, stream=True)
-    assert step_hook([plain], None) is None
     route = step_hook([plain, streamed], None)
-    assert route is not None
     assert route([(0, 7, False, None), (1, 8, False, None), (2, 9, True, None)]) == []  # nothing to end
     streamed.gone = True  # its client left: its unfinished sequences end, nothing more is queued
     assert route([(0, 9, False, None), (1, 10, False, None), (2, 11, True, None)]) == [1]
     assert plain.events.empty() and [streamed.events.get_nowait() for _ in range(2)] == [(0, 8, False, None),
                                                                                           (1, 9, True, None)]
     assert streamed.events.empty()
+    plain.gone = True  # a non-streamed client left too: its unfinished slot ends, nothing is queued
+    assert route([(0, 3, False, None)]) == [0] and plain.events.empty()
 
 
 def test_a_client_that_leaves_mid_stream_leaves_the_server_serving(

@@ -6,7 +6,7 @@ thread (`serve_forever`) drains the queue in batches, broadcasts each batch to t
 and runs it, so the expert-parallel collectives stay on one thread; a streamed request's handler
 reads its tokens from a queue of its own, which the main thread fills after each decode step
 (Runtime.generate's on_step, `step_hook`, which also ends early the sequences whose stop string
-is complete or whose streaming client has gone: docs/runtime.md, "Stop strings and `n`"). While
+is complete or whose client has gone: docs/runtime.md, "Stop strings and `n`"). While
 idle it sends heartbeats: a dead rank surfaces within the timeout even with no traffic, and the
 server then exits with that error instead of hanging; it also stops when its launcher has gone
 (dist.tie_to_launcher). On the way out every request not yet answered (running, queued, or
@@ -21,7 +21,10 @@ routing (engine.RoutingLog) and writes it periodically and on the way out (docs/
                           after it (status 200 sent), a `data: {"error": ...}` event ends the
                           stream without [DONE]. A client that leaves mid-stream is dropped
                           quietly; its sequences end at the batch's next step after the handler
-                          notices (`gone`).
+                          notices (`gone`). A client that closes its connection while it waits
+                          (non-streamed, or before its first token) is noticed within
+                          GONE_POLL_S (`client_left`): the same early end, or, still queued, no
+                          slot in a batch (`next_batch`); nothing is written to it.
     GET  /v1/models       OpenAI list format: the one served model (the checkpoint's directory name)
     GET  /health          {"status": "ok", "world": N, "mode": ..., "placement": path as given or
                           "contiguous (no --placement)", "placement_sha256": 12 hex digits or null,
@@ -42,9 +45,12 @@ import json
 import os
 import queue
 import re
+import selectors
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -58,6 +64,7 @@ from moeplace.serve.openai import (
     BadRequest,
     Job,
     StreamChunks,
+    StreamItem,
     chat_response,
     completion_response,
     parse_chat,
@@ -75,6 +82,11 @@ MAX_DRAIN = 16 * MAX_BODY
 CLIENT_TIMEOUT_S = 60.0
 # connections waiting to be accepted: socketserver's 5 reset a burst of a dozen clients
 LISTEN_BACKLOG = 1024
+# seconds between two looks at a waiting client's connection (client_left): the most a departed
+# client's sequences decode on before rank 0 can end them (a few decode steps of a real model),
+# against one wake-up and one poll per waiting request per slice on rank 0's interpreter, whose
+# main thread drives the decode
+GONE_POLL_S = 0.25
 ROUTES = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET",
           "/metrics": "GET"}
 
@@ -309,7 +321,8 @@ class Handler(BaseHTTPRequestHandler):
         srv, spec = self.server, self.server.spec
         if job.stream:
             return self._stream(job)
-        job.done.wait()
+        if not self._wait_watching(job, job.done.wait):
+            return
         if job.error or job.result is None:
             return self._error(503, job.error or "generation failed")
         respond = chat_response if job.chat else completion_response
@@ -321,7 +334,18 @@ class Handler(BaseHTTPRequestHandler):
         chunks, gets the bare events and the end of the connection). Until its first token a
         failure is the usual 503; after it, an error event that ends the stream (status 200 sent)."""
         srv = self.server
-        items = [job.events.get()]
+        items: list[StreamItem] = []
+
+        def first(timeout: float) -> bool:  # its first token (or its end) has come
+            try:
+                items.append(job.events.get(timeout=timeout))
+            except queue.Empty:
+                return False
+            return True
+        # before its first token nothing is written that could fail: the client may have left
+        # while it was queued or in prefill (after it, the next write notices)
+        if not self._wait_watching(job, first):
+            return
         if items[0] is None and job.result is None:
             return self._error(503, job.error or "generation failed")
         chunks = StreamChunks(job, srv.tokenizer, srv.model_name, srv.spec.eos_token_ids)
@@ -366,10 +390,42 @@ class Handler(BaseHTTPRequestHandler):
             # its sequences at the batch's next step
             job.gone = True
             self.close_connection = True
+            srv.stats.abandon()
+
+    def _wait_watching(self, job: Job, came: Callable[[float], bool]) -> bool:
+        """Wait for what `came(timeout)` waits for (True once it has come), looking between slices of
+        GONE_POLL_S whether the client has closed its connection (`client_left`): if so, mark the
+        job `gone` (rank 0 drops it from the queue or ends its sequences at the next step), drop
+        the connection without writing, and return False. A quick answer never registers a watch."""
+        if came(GONE_POLL_S):
+            return True
+        with selectors.DefaultSelector() as watch:  # (poll or epoll: any descriptor number, unlike select())
+            watch.register(self.connection, selectors.EVENT_READ)
+            while not came(GONE_POLL_S):
+                if client_left(self.connection, watch):
+                    job.gone = True
+                    self.close_connection = True
+                    self.server.stats.abandon()
+                    return False
+        return True
 
     def _write_chunk(self, data: bytes) -> None:
         if data:  # an empty chunk would end the body
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+
+
+def client_left(conn: socket.socket, watch: selectors.BaseSelector) -> bool:
+    """Whether the client has closed its side of `conn` (registered in `watch` for reading): the
+    connection is readable and a peek finds its end (b""), or it was reset. Readable with bytes (a
+    kept-alive client's pipelined next request) is not gone; nothing is consumed. A client that
+    only shuts down its sending side (SHUT_WR) and still reads looks gone too (docs/runtime.md,
+    "Streaming"). One poll per call, and a peek only when readable."""
+    try:
+        if not watch.select(0):
+            return False
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except OSError:  # reset (ConnectionResetError), or the connection failed otherwise
+        return True
 
 
 def sse(events: list[dict[str, Any]]) -> bytes:
@@ -377,14 +433,13 @@ def sse(events: list[dict[str, Any]]) -> bytes:
     return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
 
 
-def step_hook(batch: list[Job], tokenizer: Any) -> StepCallback | None:
+def step_hook(batch: list[Job], tokenizer: Any) -> StepCallback:
     """Runtime.generate's on_step for a batch (its prompts are slots 0.. in order): queue each
     streamed job's tokens for its handler thread, and return the slots to end now: those whose
-    stop string a token completed (StopWatch, streamed or not) and the unfinished ones of a
-    streamed job whose stream has ended (`gone`: its client left, or every choice ended at a stop
-    string). None when no job streams or has stop strings (nothing to pay)."""
-    if not any(job.stream or job.stop for job in batch):
-        return None
+    stop string a token completed (StopWatch, streamed or not) and the unfinished ones of a job
+    that is `gone` (its client left, streamed or not, or every choice of its stream ended at a
+    stop string). Every batch gets one, as any client may leave: its cost is a Python loop over
+    the step's slots, microseconds against a decode step."""
     owners = [(job, i) for job in batch for i in range(len(job.prompts))]
     watch = StopWatch(tokenizer, [(job.stop, job.chat) for job, _ in owners])
 
@@ -510,6 +565,8 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
                         raise MoeplaceError(f"rank 0: the launcher (pid {launcher}) exited; stopping")
                     continue
             batch = next_batch(waiting, jobs, max_batch)
+            if not batch:  # every job taken had lost its client
+                continue
             asked = [j.logprobs for j in batch if j.logprobs is not None]  # the batch computes the most asked for
             req = Request([p for j in batch for p in j.prompts], [j.max_tokens for j in batch for _ in j.prompts],
                           record_routing=routing is not None and routing.recording,
@@ -562,11 +619,16 @@ def close_routing(routing: RoutingLog) -> None:
 def next_batch(waiting: list[Job], jobs: "queue.Queue[Job]", max_batch: int) -> list[Job]:
     """The next batch: waiting jobs first, then queued ones, in order, while their prompts fit in
     `max_batch` sequences (a job never has more: parse_completion). The job that does not fit
-    is left in `waiting` for the batch after."""
+    is left in `waiting` for the batch after. A job whose client has already left (`gone`: its
+    handler has returned, counting it abandoned) is finished unanswered and takes no slot; the
+    batch may then be empty."""
     batch: list[Job] = []
     size = 0
     while waiting or not jobs.empty():
         job = waiting.pop(0) if waiting else jobs.get_nowait()
+        if job.gone:
+            job.finish(error="the client left before its batch")  # (nobody reads it)
+            continue
         if batch and size + len(job.prompts) > max_batch:
             waiting.insert(0, job)
             break

@@ -24,12 +24,17 @@ class Stats:
     last_tokens_per_s: float = 0.0
     requests: int = 0
     rejected: int = 0
+    abandoned: int = 0  # requests whose client left before its answer (handler threads count them)
     counters: dict[str, Any] = field(default_factory=dict)  # replaced whole, never mutated
     lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def reject(self) -> None:
         with self.lock:
             self.rejected += 1
+
+    def abandon(self) -> None:
+        with self.lock:
+            self.abandoned += 1
 
     def record_batch(self, requests: int, generated: int, seconds: float, counters: dict[str, Any]) -> None:
         with self.lock:
@@ -69,6 +74,9 @@ def metrics_text(stats: Stats, mode: str, world: int, placement: dict[str, str |
         ("moeplace_requests_total", "counter", "Requests served (completions and chat completions together).", [("", stats.requests)]),
         ("moeplace_rejected_requests_total", "counter",
          "Requests answered with an error (a 4xx or 5xx status).", [("", stats.rejected)]),
+        ("moeplace_abandoned_requests_total", "counter", "Requests whose client left before their answer was "
+         "complete: their sequences ended early (counted in moeplace_requests_total too), or, still queued, "
+         "never ran.", [("", stats.abandoned)]),
         ("moeplace_collective_bytes_total", "counter", "Bytes sent to other ranks by kind of collective, "
          "summed over ranks.",
          [(f'phase="{phase}",kind="{kind}"', s[kind]["bytes"]) for phase, s in phases for kind in KINDS if kind in s]),
