@@ -11,10 +11,11 @@ import click
 import numpy as np
 
 from moeplace.errors import AlreadyReported, MoeplaceError, warn
-from moeplace.eval.gates import check_limit_range, gate_line, gate_metric, gates, scored, threshold_results
+from moeplace.eval.gates import (BASELINE_METRICS, LABELS, VS_BASELINE, check_limit_range, gate_line, gate_metric, gates,
+                                 scored, threshold_results)
 from moeplace.eval.metrics import evaluate, imbalance
 from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_load_report, build_report,
-                                  render_table, token_subsets, traffic_metric_fn)
+                                  render_table, token_subsets, traffic_metric_fn, vs_baseline)
 from moeplace.io import write_json_atomic
 from moeplace.models.config import read_model_shape
 from moeplace.options import (DTYPE_BYTES, MAX_HIDDEN_SIZE, NON_NEGATIVE, OUTPUT_FILE, Count, DtypeChoice,
@@ -96,8 +97,8 @@ def evaluate_files(placement_path: Path, trace_path: Path, all_tokens: bool, met
     another model than the trace's is then that error's reason; with no gate, a warning, and
     the report has no MoE time.
     cost_source: the report's `cost_model` (where the MoE time's cost model came from).
-    baseline (`moeplace check`): another placement of the model, scored on the same tokens or loads
-    as the report's `baseline` (see baseline_record).
+    baseline (eval --baseline, `moeplace check`'s baseline:): another placement of the model, scored
+    on the same tokens or loads as the report's `baseline` (see baseline_record).
     cluster: the cost model of `metric_fns` (--cluster), whose GPUs the placement's must be;
     check_routing(num_experts, top_k): raises when the trace is not of the model another input
     describes (eval --model); needs_sequences: the options whose metrics need the trace's
@@ -195,19 +196,22 @@ def baseline_placement(path: Path, placement: Placement, placement_path: Path) -
 
 def baseline_record(path: Path, base: Placement, placement: Placement, data: Trace | np.ndarray,
                     all_tokens: bool = False, metric_fns: Sequence[MetricFn] = ()) -> dict[str, Any]:
-    """The report's `baseline` (`moeplace check`'s baseline:): {placement, num_gpus, gpus_per_node,
-    metrics (scalars), note}, scored on exactly the tokens the placement's report scored (its held-out
-    split, whatever split the baseline was fitted on), or on the same expert loads [L, E].
+    """The report's `baseline` (eval --baseline, `moeplace check`'s baseline:): {placement, num_gpus,
+    gpus_per_node, copies, metrics (scalars), per_layer (the per-layer lists: imbalance_per_layer, ...),
+    note, and traffic when a metric fn predicts it},
+    scored on exactly the tokens the placement's report scored (its held-out split, whatever split
+    the baseline was fitted on), or on the same expert loads [L, E].
 
     Another GPU count is a fair comparison (the note says so), though the cost model of the
-    placement's cluster then cannot time it."""
+    placement's cluster then cannot time it (nor are `metric_fns` run on it)."""
     same_cluster = (base.num_gpus, base.gpus_per_node) == (placement.num_gpus, placement.gpus_per_node)
     note = "" if same_cluster else (
         f"{path} is for {plural(base.num_gpus, 'GPU')} ({plural(base.num_nodes, 'node')}), this one for "
         f"{placement.num_gpus} ({plural(placement.num_nodes, 'node')}); compared on the same tokens")
     if isinstance(data, np.ndarray):
         imb = imbalance(expected_gpu_loads(base, data))
-        metrics: dict[str, Any] = {"imbalance_mean": float(imb.mean()), "imbalance_max": float(imb.max())}
+        metrics: dict[str, Any] = {"imbalance_per_layer": imb.tolist(), "imbalance_mean": float(imb.mean()),
+                                   "imbalance_max": float(imb.max())}
     else:
         held = token_subsets(placement, data, all_tokens).evaluated  # the report's tokens: build_report's rule
         tokens = data if held is None else data.select_tokens(held)
@@ -216,11 +220,21 @@ def baseline_record(path: Path, base: Placement, placement: Placement, data: Tra
             for fn in metric_fns:
                 metrics.update(fn(base, tokens))
     return {"placement": str(path), "num_gpus": base.num_gpus, "gpus_per_node": base.gpus_per_node,
+            "copies": sum(len(r) for r in base.replicas),
             "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (float, int)) and not isinstance(v, bool)},
-            "note": note}
+            "per_layer": {k: v for k, v in metrics.items() if isinstance(v, list)},
+            "note": note, **({"traffic": metrics["traffic"]} if "traffic" in metrics else {})}
 
 
 _LIMIT: dict[str, Any] = dict(type=NON_NEGATIVE, default=None, metavar="X")
+
+
+def _vs_baseline_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--max-NAME-vs-baseline for each metric check's max_NAME_vs_baseline bounds (gates.BASELINE_METRICS)."""
+    for name, metric in reversed(BASELINE_METRICS.items()):
+        f = click.option(f"--max-{name.replace('_', '-')}-vs-baseline", **_LIMIT,
+                         help=f"Exit 1 if the placement's {LABELS[metric]} over --baseline's exceeds X.")(f)
+    return f
 
 
 def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str | None,
@@ -257,6 +271,9 @@ def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str 
                    "a checkpoint directory it reads (--model, --model-config DIR).")
 @click.option("--all-tokens", is_flag=True,
               help="Evaluate every token, even when the placement was fitted on part of this trace.")
+@click.option("--baseline", type=click.Path(path_type=Path), default=None, metavar="OTHER.json",
+              help="Also score another placement of the same model (the one deployed) on exactly PLACEMENT's "
+                   "tokens: a `baseline` row, and PLACEMENT's values over the baseline's.")
 @click.option("--max-cross-gpu", **_LIMIT, help="Exit 1 if the fraction of top-1 transitions crossing GPUs exceeds X.")
 @click.option("--max-cross-node", **_LIMIT, help="Exit 1 if the fraction crossing nodes exceeds X.")
 @click.option("--max-dest-gpus", **_LIMIT, help="Exit 1 if the mean remote GPUs per token (top-k) exceeds X.")
@@ -265,6 +282,7 @@ def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str 
 @click.option("--max-moe-time-ratio", **_LIMIT,
               help="Exit 1 if the placement's predicted MoE time over contiguous's exceeds X (needs --cluster, "
                    "or a placement that records its cost model).")
+@_vs_baseline_options
 @click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Cluster config YAML (configs/cluster/*.yaml): adds the predicted MoE-layer time, per layer too "
                    "(without it: with the cost model a latency solve recorded in PLACEMENT, if any).")
@@ -282,8 +300,9 @@ def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str 
 @click.option("--runtime-mode", type=click.Choice(["standard", "coherent", "both"]), default=None,
               help="Runtime mode(s) to predict.  [default: both]")
 def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_tokens: bool,
-          cluster: Path | None = None, model_config: Path | None = None, hidden_size: int | None = None,
-          model_dir: Path | None = None, dtype: str | None = None, runtime_mode: str | None = None,
+          baseline: Path | None = None, cluster: Path | None = None, model_config: Path | None = None,
+          hidden_size: int | None = None, model_dir: Path | None = None, dtype: str | None = None,
+          runtime_mode: str | None = None,
           **limits: float | None) -> None:
     """Replay TRACE against PLACEMENT, side by side with the baseline layouts.
 
@@ -300,6 +319,9 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
     Baselines, on the same GPUs and tokens: contiguous, round_robin, random (the solve's seed) and
     greedy_load (load balancing fitted on the tokens the placement was fitted on); with replicas
     also eplb (DeepSeek's EPLB with as many redundant experts), and a `copies` column.
+    --baseline OTHER.json: another placement of the same model (the one deployed), scored on
+    exactly PLACEMENT's tokens (or loads), whatever it was fitted on; another shape or model is
+    one error line (exit 2), another GPU count is compared and said so (no MoE time for it).
 
     \b
     Metrics (per layout; definitions in docs/eval.md):
@@ -308,6 +330,9 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
                                      than the token's own that hold one of its k experts
       imbalance                      per layer max/mean token load per GPU (max and mean over layers)
     Output: tables with the ratio to contiguous (lower is better), or JSON with --json.
+    With --baseline: a `baseline` row, and a line `vs baseline OTHER.json (on the same tokens):
+    cross-GPU top-1 0.5839 vs 0.6012 (0.971x); ...` (PLACEMENT's value vs OTHER's, and their
+    ratio); JSON `baseline` (its metrics) and `vs_baseline` {metric: ratio, null where OTHER's is 0}.
 
     \b
     Traffic prediction (--hidden-size H or --model DIR; --dtype, --runtime-mode): for every
@@ -327,11 +352,13 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
 
     \b
     Regression gate: --max-* thresholds bound the placement's metrics (--max-moe-time-ratio: its
-    predicted MoE time over contiguous's). One line per gate after the report,
+    predicted MoE time over contiguous's; --max-*-vs-baseline: its value over --baseline's, which
+    they need; a baseline value of 0 has no ratio: the gate holds if the placement's is 0 too,
+    else it fails). One line per gate after the report,
     `moeplace eval: PASS: ...` (stdout; not with --json, whose report gets `gates`) or
     `moeplace eval: FAIL: cross-GPU top-1 0.7100 > 0.6 (--max-cross-gpu; ...)` (stderr).
     Exit 0 all pass, 1 any fails, 2 bad input (also a limit no placement passes: --max-imbalance
-    below 1, a zero --max-moe-time-ratio).
+    below 1, a zero --max-moe-time-ratio; a --max-*-vs-baseline without --baseline).
 
     \b
     Example:
@@ -342,21 +369,28 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
           --max-moe-time-ratio 0.95
       moeplace serve ... --placement P.json --routing-out routing.npz   # then:
       moeplace eval P.json routing.npz --model MODEL_DIR --dtype fp32
+      # re-placement: what the moves buy over the placement served (docs/solver.md)
+      moeplace solve live.npz --from placement.json --max-moves 2 -o new.json
+      moeplace eval new.json live.npz --baseline placement.json --max-cross-gpu-vs-baseline 1
     """
     if output is not None:
-        check_output(output, "-o", [placement, trace, cluster, model_config],
+        check_output(output, "-o", [placement, trace, baseline, cluster, model_config],
                      [(model_dir, "--model"), (checkpoint_dir(model_config), "--model-config")])
     given = {key: v for key, v in limits.items() if v is not None}
     for key, limit in given.items():
-        check_limit_range(key, limit, "--" + key.replace("_", "-"))
-    needs_time = any(gate_metric(key)[0] == "moe_time_us" for key in given)
+        check_limit_range(key, limit, _flag(key))
+    against = [_flag(key) for key in given if key.endswith(VS_BASELINE)]
+    if against and baseline is None:
+        raise MoeplaceError(f"{' and '.join(against)} need{'s' if len(against) == 1 else ''} --baseline "
+                            "(a placement file of the same model to compare with)")
+    timed = [_flag(key) for key in given if gate_metric(key)[0] == "moe_time_us"]
     # the cost model columns show when the report has them: --cluster's, or the one the placement records
     columns, per_layer = [*COLUMNS, *COST_COLUMNS], [*PER_LAYER, *COST_PER_LAYER]
     fns: list[MetricFn] = []
     assumed: list[ModelFacts] = []
     cost: dict[str, Any] = {"recorded": True, "none_recorded": (
-        f"--max-moe-time-ratio needs --cluster (the cost model predicts the MoE time): {NO_RECORD}"
-        if needs_time else "")}
+        f"{' and '.join(timed)} need{'s' if len(timed) == 1 else ''} --cluster (the cost model predicts the MoE "
+        f"time): {NO_RECORD}" if timed else "")}
     if cluster is not None:  # an explicit cluster config wins over a recorded cost model
         fn, facts, source, model = cost_metric_fn(cluster, model_config)
         fns, assumed, cost = [fn], [facts], {"cost_source": source, "cluster": model}
@@ -375,8 +409,11 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
             raise MoeplaceError(f"--model {model_dir} is not the model of {trace}: {routing[0]} experts top-{routing[1]}, "
                                 f"the trace {num_experts} experts top-{top_k}")
 
-    report = evaluate_files(placement, trace, all_tokens, fns, assumed, **cost, check_routing=check_routing,
+    report = evaluate_files(placement, trace, all_tokens, fns, assumed, **cost, baseline=baseline,
+                            check_routing=check_routing,
                             needs_sequences="" if traffic is None else "--model" if model_dir else "--hidden-size")
+    if baseline is not None:
+        report["vs_baseline"] = vs_baseline(report)
     if traffic is not None:
         report["traffic"] = traffic
         add_traffic_ratios(report)
@@ -393,3 +430,8 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
             click.echo(gate_line(v, tokens), err=not v.passed)
     if not all(v.passed for v in results):
         raise AlreadyReported(1)  # said above, one line per failed gate
+
+
+def _flag(key: str) -> str:
+    """The option of a threshold: max_cross_gpu_vs_baseline -> --max-cross-gpu-vs-baseline."""
+    return "--" + key.replace("_", "-")

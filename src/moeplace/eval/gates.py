@@ -19,8 +19,9 @@ THRESHOLDS: dict[str, str] = {
 # the predicted MoE time needs a cost model (--cluster), and only its ratio travels between clusters
 RATIO_THRESHOLDS: dict[str, str] = {"moe_time_ratio": "moe_time_us"}
 VS_CONTIGUOUS = "_vs_contiguous"
-# `moeplace check`'s max_NAME_vs_baseline: the metric's ratio to another placement's (a check's
-# `baseline:`) on the same tokens; every metric with a _vs_contiguous form, and the predicted MoE time
+# `moeplace check`'s max_NAME_vs_baseline (eval's --max-NAME-vs-baseline): the metric's ratio to another
+# placement's (a check's `baseline:`, eval's --baseline) on the same tokens; every metric with a
+# _vs_contiguous form, and the predicted MoE time
 VS_BASELINE = "_vs_baseline"
 BASELINE_METRICS: dict[str, str] = {**THRESHOLDS, "moe_time": "moe_time_us"}
 # how a gate line names a metric
@@ -108,7 +109,7 @@ def baseline_verdict(report: dict[str, Any], key: str, limit: float) -> Verdict:
     metric = gate_metric(key)[0]
     base = report.get("baseline")
     if base is None:
-        raise MoeplaceError(f"{key}: no baseline to compare with (the check's 'baseline:')")
+        raise MoeplaceError(f"{key}: no baseline to compare with (the check's 'baseline:', eval's --baseline)")
     if metric not in base["metrics"]:
         why = f"; {base['note']}" if base["note"] else ""
         raise MoeplaceError(f"{key}: the baseline {base['placement']} has no {metric}{why}")
@@ -153,7 +154,7 @@ def describe(verdicts: list[Verdict]) -> str:
 def gate_line(v: Verdict, tokens: str) -> str:
     """`moeplace eval`'s line for one gate: `moeplace eval: FAIL: cross-GPU top-1 0.7100 > 0.6 (--max-cross-gpu; ...)`."""
     metric, ratio = gate_metric(v.key)
-    what = LABELS[metric] + (" / contiguous" if ratio else "")
+    what = LABELS[metric] + ((" / baseline" if v.key.endswith(VS_BASELINE) else " / contiguous") if ratio else "")
     value, limit = shown(v)
     verdict = (v.note or ONE_NODE) if v.value is None else f"{value} {'<=' if v.passed else '>'} {limit}"
     return f"moeplace eval: {'PASS' if v.passed else 'FAIL'}: {what} {verdict} (--{v.key.replace('_', '-')}; {tokens})"
@@ -169,6 +170,7 @@ def gates(results: list[Verdict], limits: dict[str, float]) -> dict[str, Any]:
     """The report's record of the regression gate: thresholds given, each verdict, overall."""
     return {"thresholds": limits, "passed": all(v.passed for v in results),
             "results": [{"threshold": v.key, "metric": v.what, "value": v.value, "limit": v.limit,
+                         **({"baseline_value": v.baseline} if v.key.endswith(VS_BASELINE) else {}),
                          **({"note": v.note} if v.note else {}), "passed": v.passed} for v in results]}
 
 

@@ -17,6 +17,11 @@ The report is a plain dict (what `--json` prints):
                 "batch_tokens": the step the times are for (None: the tokens scored),
                 "cluster_config", "model_config": the files (config only)}
     baselines_note  on which loads the load baselines (greedy_load, eplb) were fitted; eplb's policy
+    baseline    (eval --baseline, check's baseline:) another placement scored on exactly these tokens
+                or loads: {placement, num_gpus, gpus_per_node, copies, metrics (scalars), per_layer
+                (lists), note, traffic (with a traffic_metric_fn, on the same cluster)}; eval/cli.py's
+                baseline_record
+    vs_baseline (eval --baseline) {metric: placement value / baseline value}, None where the baseline's is 0
 
 With a `traffic_metric_fn` (eval --hidden-size/--model), each layout's metrics also hold
 `traffic` {mode: eval/traffic.py's prediction + `kv_sync_bytes_per_token` (coherent, when the
@@ -35,6 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from moeplace.errors import MoeplaceError, warn
+from moeplace.eval.gates import LABELS
 from moeplace.eval.metrics import evaluate, imbalance
 from moeplace.eval.traffic import predict_traffic
 from moeplace.export.permute import permutation_record
@@ -91,13 +97,14 @@ def traffic_metric_fn(hidden_size: int, element_bytes: int, modes: Sequence[str]
 
 def add_traffic_ratios(report: dict[str, Any]) -> None:
     """Each layout's and mode's predicted bytes per token over standard + contiguous (the
-    runtime's baseline: classic expert parallelism, default layout), in place. None without a
-    contiguous baseline (uneven placement) or without the standard mode (--runtime-mode coherent)."""
+    runtime's baseline: classic expert parallelism, default layout), in place; the --baseline
+    placement's too, when it was predicted. None without a contiguous baseline (uneven placement)
+    or without the standard mode (--runtime-mode coherent)."""
     base = report["layouts"].get("contiguous", {}).get("traffic", {}).get("standard")
     if base is None or base["alltoall_bytes_per_token"] == 0:
         return
-    for m in report["layouts"].values():
-        for p in m["traffic"].values():
+    for _, m in table_layouts(report):
+        for p in m.get("traffic", {}).values():
             p["vs_standard_contiguous"] = p["alltoall_bytes_per_token"] / base["alltoall_bytes_per_token"]
 
 
@@ -416,6 +423,30 @@ def _ratios(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def vs_baseline(report: dict[str, Any]) -> dict[str, float | None]:
+    """The report's `vs_baseline`: the placement's value over the --baseline placement's (scored on
+    the same tokens or loads) for every scalar metric both have. None where the baseline's value
+    is 0: there is no ratio (a gate on it holds when the placement's is 0 too, gates.baseline_verdict)."""
+    mine, theirs = report["layouts"]["placement"], report["baseline"]["metrics"]
+    return {k: v / theirs[k] if theirs[k] > 0 else None for k, v in mine.items() if isinstance(v, float) and k in theirs}
+
+
+# the row name of eval --baseline's placement: a fixed name, not the file's stem, which is often
+# `placement` (the re-placement workflow's deployed placement.json) or a baseline's own name
+BASELINE_ROW = "baseline"
+
+
+def table_layouts(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, metrics) in table order: the placement, then the --baseline placement when the report
+    has one (its record's metrics, per-layer lists and traffic when predicted), then the others."""
+    rows = list(report["layouts"].items())
+    base = report.get("baseline")
+    if base is None:
+        return rows
+    extra = {"traffic": base["traffic"]} if "traffic" in base else {}
+    return rows[:1] + [(BASELINE_ROW, {**base["metrics"], **base.get("per_layer", {}), **extra})] + rows[1:]
+
+
 def visible_columns(report: dict[str, Any], columns: Sequence[Column] = COLUMNS) -> list[Column]:
     """Columns this report can fill (node columns only for multi-node clusters)."""
     first = next(iter(report["layouts"].values()))
@@ -441,13 +472,22 @@ def render_table(
         *([f"  predicted MoE time: {cost_model_line(report['cost_model'])}"] if "cost_model" in report else []),
         "",
     ]
-    ratios = report["vs_contiguous"]
-    copies = report.get("copies", {})
+    ratios = dict(report["vs_contiguous"])
+    copies = dict(report.get("copies", {}))
+    base = report.get("baseline")
+    if base is not None:
+        copies[BASELINE_ROW] = base.get("copies", 0)
+        if "contiguous" in report["layouts"]:  # the baseline's ratio to contiguous, as the others'
+            ratios[BASELINE_ROW] = _ratios({"contiguous": report["layouts"]["contiguous"],
+                                            BASELINE_ROW: base["metrics"]})[BASELINE_ROW]
     with_copies = any(copies.values())
     rows = [["layout"] + (["copies"] if with_copies else []) + [c.label for c in cols]]
-    for name, m in report["layouts"].items():
+    for name, m in table_layouts(report):
         cells = [name] + ([str(copies.get(name, 0))] if with_copies else [])
         for c in cols:
+            if c.key not in m:  # the baseline's MoE time on another GPU count: not predicted
+                cells.append("-")
+                continue
             cell = format(m[c.key], c.fmt)
             r = ratios.get(name, {}).get(c.key)
             cells.append(cell + (f" ({r:.2f}x)" if r is not None else ""))
@@ -462,14 +502,16 @@ def render_table(
         lines.append(f"  ({report['baselines_note']})")
     if short := in_short(report):
         lines.append(f"  in short: {short}")
+    if base is not None:
+        lines += against_baseline(report, cols)
     for key, title in per_layer:
         if key not in next(iter(report["layouts"].values())):
             continue
         lines += ["", title + ":"]
-        names = list(report["layouts"])
-        table = [["layer"] + names]
+        shown = [(name, m[key]) for name, m in table_layouts(report) if key in m]  # a baseline's: not on other GPUs
+        table = [["layer"] + [name for name, _ in shown]]
         for layer in range(report["num_layers"]):
-            table.append([str(layer)] + [f"{report['layouts'][n][key][layer]:.3f}" for n in names])
+            table.append([str(layer)] + [f"{values[layer]:.3f}" for _, values in shown])
         lines += _align(table)
     if "traffic" in next(iter(report["layouts"].values())):
         lines += ["", *render_traffic(report)]
@@ -505,6 +547,27 @@ def in_short(report: dict[str, Any]) -> str:
     return f"against contiguous on {on}: " + "; ".join(said)
 
 
+def against_baseline(report: dict[str, Any], cols: Sequence[Column]) -> list[str]:
+    """The placement against the --baseline placement, the headline metrics shown in the table
+    (value vs the baseline's, and their ratio) in one line; a second saying so when the baseline
+    is for another GPU count."""
+    base = report["baseline"]
+    ratios, mine = vs_baseline(report), report["layouts"]["placement"]
+    said = []
+    for key, *_ in _SHORT:
+        c = next((c for c in cols if c.key == key), None)
+        if c is None or key not in base["metrics"]:
+            continue
+        r = ratios.get(key)
+        said.append(f"{LABELS[key]} {mine[key]:{c.fmt}} vs {base['metrics'][key]:{c.fmt}} "
+                    + (f"({r:.3f}x)" if r is not None else "(no ratio: 0 in the baseline)"))
+    same = "the same loads" if report.get("tokens") is None else "the same tokens"
+    lines = [f"  vs baseline {base['placement']} (on {same}): " + "; ".join(said)]
+    if base["note"]:
+        lines.append(f"  (baseline: {base['note']})")
+    return lines
+
+
 def _count(total: float) -> str:
     """A load total as `moeplace import` and `analyze` print it: 6756224, not 6.75622e+06."""
     return f"{total:.0f}" if float(total).is_integer() else f"{total:g}"
@@ -526,8 +589,8 @@ def render_traffic(report: dict[str, Any]) -> list[str]:
     """The predicted decode Alltoall traffic: a row per layout and runtime mode."""
     rows = [["layout", "mode", "alltoalls/layer", "dispatch rows/token", "combine rows/token", "bytes/token",
              "x standard+contiguous", "kv_sync bytes/token"]]
-    for name, m in report["layouts"].items():
-        for mode, p in m["traffic"].items():
+    for name, m in table_layouts(report):
+        for mode, p in m.get("traffic", {}).items():
             tokens = max(p["tokens"], 1)
             ratio = p.get("vs_standard_contiguous")
             kv = p.get("kv_sync_bytes_per_token")
