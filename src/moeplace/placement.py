@@ -26,6 +26,7 @@ its replicas in the listed order; GPU 0's slots first. See `physical_slots`.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,14 +36,14 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import PlacementError
-from moeplace.io import read_json, write_json_atomic
+from moeplace.io import json_default, read_json, write_json_atomic
 from moeplace.trace.format import SPLIT_BY
 from moeplace.trace.paths import sketch_problem
 
 PLACEMENT_FORMAT = "moeplace.placement/v1"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Placement:
     """Which GPU holds each expert of each MoE layer (placement format v1, docs/solver.md): the
     primary copy in `expert_to_gpu` [L, E], extra copies in `replicas`, and what produced it
@@ -52,7 +53,12 @@ class Placement:
     Frozen, so a checked placement stays checked: the fields cannot be re-bound, the arrays are
     read-only copies and `replicas` is tuples. A changed placement is a new one, checked again:
     `dataclasses.replace(p, bound=..., metrics=...)`. The provenance dicts (objective, solver,
-    metrics, extra) are records that their maker may still annotate."""
+    metrics, extra) are records that their maker may still annotate.
+
+    `p == q` when both write the same JSON document (a saved and re-loaded placement equals the
+    original); the hash is the table's (layout, replicas, cluster), so placements can key dicts.
+    (The dataclass default compared the ndarray fields as a tuple: "truth value of an array is
+    ambiguous", and hashed them: "unhashable type".)"""
 
     expert_to_gpu: np.ndarray  # int64 [L, E], read-only
     num_gpus: int
@@ -84,6 +90,7 @@ class Placement:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise PlacementError(f"{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))  # a numpy integer as Python's: equal JSON, no overflow
         if self.num_gpus % self.gpus_per_node:
             raise PlacementError(f"num_gpus {self.num_gpus} is not a multiple of gpus_per_node {self.gpus_per_node}")
         if raw.size and not (0 <= self.expert_to_gpu.min() and self.expert_to_gpu.max() < self.num_gpus):
@@ -93,12 +100,24 @@ class Placement:
             loads.flags.writeable = False
             object.__setattr__(self, "fit_loads", loads)
         replicas: Any = self.replicas
+        if isinstance(replicas, np.ndarray) and replicas.ndim == 3:  # [L, R, 2]: as many replicas in every layer
+            replicas = list(replicas)
         if isinstance(replicas, (list, tuple)) and not replicas:
             replicas = [[] for _ in range(self.num_layers)]
         problem = _replicas_problem(replicas, self.expert_to_gpu, self.num_gpus)
         if problem:  # here, not as an IndexError in holders() later
             raise PlacementError(problem)
         object.__setattr__(self, "replicas", tuple(tuple((int(e), int(g)) for e, g in r) for r in replicas))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Placement):
+            return NotImplemented
+        return self is other or _document_text(self) == _document_text(other)
+
+    def __hash__(self) -> int:
+        # only what construction froze (equal documents have equal tables); the dicts may be annotated
+        return hash((self.num_gpus, self.gpus_per_node, self.expert_to_gpu.shape, self.expert_to_gpu.tobytes(),
+                     self.replicas))
 
     @property
     def num_layers(self) -> int:
@@ -232,15 +251,20 @@ def _checked_loads(loads: Any, shape: tuple[int, ...]) -> np.ndarray:
 
 def _replicas_problem(replicas: Any, e2g: np.ndarray, num_gpus: int) -> str | None:
     """What is wrong with `replicas` for the layout `e2g` [L, E] (one list per layer of (expert,
-    gpu) integer pairs in range, no second copy of an expert on one GPU), else None."""
+    gpu) integer pairs in range, no second copy of an expert on one GPU), else None. A layer and a
+    pair may be numpy arrays ([R, 2] and [2] of integers: np.argwhere's rows); a layer may not be a
+    set or a mapping, whose order is not the listed order physical slots follow."""
     num_layers, num_experts = e2g.shape
     if not isinstance(replicas, (list, tuple)) or len(replicas) != num_layers:
         got = len(replicas) if isinstance(replicas, (list, tuple)) else type(replicas).__name__
         return f"replicas must have one list per layer ({num_layers}), got {got}"
     for layer, reps in enumerate(replicas):
+        if not (isinstance(reps, (list, tuple)) or isinstance(reps, np.ndarray) and reps.ndim == 2):
+            return f"replicas of layer {layer} must be a list of (expert, gpu) pairs, got {type(reps).__name__}"
         seen: set[tuple[int, int]] = set()
         for pair in reps:
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(x) for x in pair)):
+            if not (isinstance(pair, (tuple, list)) or isinstance(pair, np.ndarray) and pair.ndim == 1) \
+                    or len(pair) != 2 or not all(_is_int(x) for x in pair):
                 return f"replica {pair!r} of layer {layer} is not an (expert, gpu) pair of integers"
             e, g = (int(x) for x in pair)
             if not (0 <= e < num_experts and 0 <= g < num_gpus):
@@ -343,6 +367,19 @@ def placement_from_json(doc: Any, name: str = "placement") -> Placement:
     except PlacementError as e:  # construction checks the layout and replicas: name the file
         raise PlacementError(f"{name}: {e}") from None
     return validate_placement(p, name)
+
+
+def _document_text(p: Placement) -> str:
+    """`p`'s JSON document as canonical text, for equality: key order ignored, NaN equal to NaN,
+    numpy scalars as their values, anything JSON cannot hold as its repr."""
+    return json.dumps(p.to_json(), sort_keys=True, default=_any_default)
+
+
+def _any_default(obj: Any) -> Any:
+    try:
+        return json_default(obj)
+    except TypeError:
+        return repr(obj)
 
 
 def _numbers(a: np.ndarray) -> list[Any]:
