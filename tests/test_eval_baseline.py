@@ -228,7 +228,7 @@ def test_baseline_moe_time_and_traffic(tmp_path: Path, small_trace: Trace, capsy
     assert "moe_time_us" not in report["baseline"]["metrics"] and "traffic" not in report["baseline"]
     assert error_line(capsys, ["eval", str(tmp_path / "new.json"), str(tmp_path / "t.npz"), "--baseline",
                                str(tmp_path / "two.json"), *cost, "--max-moe-time-vs-baseline", "1"]).startswith(
-        f"moeplace: error: max_moe_time_vs_baseline: the baseline {tmp_path / 'two.json'} has no moe_time_us; ")
+        f"moeplace: error: --max-moe-time-vs-baseline: the baseline {tmp_path / 'two.json'} has no moe_time_us; ")
 
 
 def test_baseline_on_a_load_only_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -254,7 +254,7 @@ def test_baseline_on_a_load_only_file(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "moeplace eval: PASS: imbalance max / baseline " in out and "(--max-imbalance-vs-baseline; expert loads)" in out
     assert error_line(capsys, ["eval", str(tmp_path / "new.json"), str(tmp_path / "loads.npz"), "--baseline",
                                str(tmp_path / "old.json"), "--max-cross-gpu-vs-baseline", "1"]) == (
-        f"moeplace: error: max_cross_gpu_vs_baseline: {tmp_path / 'loads.npz'} is a load-only file (no token paths): "
+        f"moeplace: error: --max-cross-gpu-vs-baseline: {tmp_path / 'loads.npz'} is a load-only file (no token paths): "
         "only the imbalance thresholds apply to it")
 
 

@@ -207,7 +207,8 @@ def baseline_record(path: Path, base: Placement, placement: Placement, data: Tra
     same_cluster = (base.num_gpus, base.gpus_per_node) == (placement.num_gpus, placement.gpus_per_node)
     note = "" if same_cluster else (
         f"{path} is for {plural(base.num_gpus, 'GPU')} ({plural(base.num_nodes, 'node')}), this one for "
-        f"{placement.num_gpus} ({plural(placement.num_nodes, 'node')}); compared on the same tokens")
+        f"{placement.num_gpus} ({plural(placement.num_nodes, 'node')}); compared on the same "
+        + ("loads" if isinstance(data, np.ndarray) else "tokens"))
     if isinstance(data, np.ndarray):
         imb = imbalance(expected_gpu_loads(base, data))
         metrics: dict[str, Any] = {"imbalance_per_layer": imb.tolist(), "imbalance_mean": float(imb.mean()),
@@ -417,7 +418,7 @@ def eval_(placement: Path, trace: Path, as_json: bool, output: Path | None, all_
     if traffic is not None:
         report["traffic"] = traffic
         add_traffic_ratios(report)
-    results = threshold_results(report, given)
+    results = threshold_results(report, given, _flag)  # errors name the option, not check's YAML key
     if given:
         report["gates"] = gates(results, given)
     if output is not None:

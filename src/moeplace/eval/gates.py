@@ -3,7 +3,7 @@ threshold bounds, its verdict on an eval report, and how a verdict is printed.""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from moeplace.errors import MoeplaceError
 
@@ -51,27 +51,30 @@ def gate_metric(key: str) -> tuple[str, bool]:
     return THRESHOLDS[name.removesuffix(VS_CONTIGUOUS)], name.endswith(VS_CONTIGUOUS)
 
 
-def threshold_results(report: dict[str, Any], limits: dict[str, float]) -> list[Verdict]:
+def threshold_results(report: dict[str, Any], limits: dict[str, float],
+                      named: Callable[[str], str] = str) -> list[Verdict]:
     """The verdict of each limit on the report's placement.
 
     `limits` keys: `max_NAME` bounds the metric, `max_NAME_vs_contiguous` its ratio to contiguous,
     `max_moe_time_ratio` the predicted MoE time's ratio (the report needs the cost model's metrics).
+    named(key): how an error names a limit (eval: its option, --max-NAME; check: the YAML key).
     """
     out = []
     for key, limit in limits.items():
         metric, ratio = gate_metric(key)
         if metric not in report["layouts"]["placement"]:
             if "loads" in report:
-                raise MoeplaceError(f"{key}: {report['trace']} is a load-only file (no token paths): only the "
-                                    "imbalance thresholds apply to it")
-            raise MoeplaceError(f"{key}: the report has no {metric} (the predicted MoE time needs a cluster config)")
+                raise MoeplaceError(f"{named(key)}: {report['trace']} is a load-only file (no token paths): only "
+                                    "the imbalance thresholds apply to it")
+            raise MoeplaceError(f"{named(key)}: the report has no {metric} (the predicted MoE time needs a cluster "
+                                "config)")
         if key.endswith(VS_BASELINE):
-            out.append(baseline_verdict(report, key, float(limit)))
+            out.append(baseline_verdict(report, key, float(limit), named(key)))
             continue
         if ratio:
             ratios = report["vs_contiguous"].get("placement", {})
             if metric not in ratios:  # contiguous's value is 0: no ratio
-                out.append(zero_contiguous_verdict(report, key, float(limit)))
+                out.append(zero_contiguous_verdict(report, key, float(limit), named(key)))
                 continue
             what, value = f"{metric}/contiguous", ratios[metric]
         else:
@@ -84,17 +87,17 @@ NODE_METRICS = ("cross_node_top1", "dest_nodes_topk")
 ONE_NODE = "n/a (one node)"
 
 
-def zero_contiguous_verdict(report: dict[str, Any], key: str, limit: float) -> Verdict:
+def zero_contiguous_verdict(report: dict[str, Any], key: str, limit: float, name: str = "") -> Verdict:
     """A max_NAME_vs_contiguous verdict where contiguous's value is 0, so there is no ratio: on one
     node nothing crosses nodes, on one GPU nothing crosses GPUs, nor with one MoE layer or tokens
     that keep their experts' GPU. It holds when the placement's value is 0 too (nothing to regress:
     a shared YAML's gate then holds, shown as n/a, rather than failing the run) and fails otherwise
     (anything is worse than nothing), as against a zero baseline. No contiguous layout at all (more
-    GPUs than experts) is an error."""
+    GPUs than experts) is an error, naming the limit `name` (default: `key`)."""
     metric = gate_metric(key)[0]
     theirs = report["layouts"].get("contiguous", {}).get(metric)
     if not isinstance(theirs, float) or theirs != 0:
-        raise MoeplaceError(f"{key}: no contiguous {metric} to compare with on this trace")
+        raise MoeplaceError(f"{name or key}: no contiguous {metric} to compare with on this trace")
     value, what = float(report["layouts"]["placement"][metric]), f"{metric}/contiguous"
     if value == 0:
         one_node = metric in NODE_METRICS and report.get("num_nodes", 1) == 1
@@ -102,17 +105,17 @@ def zero_contiguous_verdict(report: dict[str, Any], key: str, limit: float) -> V
     return Verdict(what, None, limit, False, key, note=f"n/a: {value:.4g} where contiguous has 0, worse at any ratio")
 
 
-def baseline_verdict(report: dict[str, Any], key: str, limit: float) -> Verdict:
+def baseline_verdict(report: dict[str, Any], key: str, limit: float, name: str = "") -> Verdict:
     """A max_NAME_vs_baseline verdict: the placement's value over the baseline's (report["baseline"],
     on the same tokens). A zero baseline has no ratio: it holds when the placement's is 0 too, and
-    fails otherwise (anything is worse than nothing)."""
-    metric = gate_metric(key)[0]
+    fails otherwise (anything is worse than nothing). Errors name the limit `name` (default: `key`)."""
+    metric, name = gate_metric(key)[0], name or key
     base = report.get("baseline")
     if base is None:
-        raise MoeplaceError(f"{key}: no baseline to compare with (the check's 'baseline:', eval's --baseline)")
+        raise MoeplaceError(f"{name}: no baseline to compare with (the check's 'baseline:', eval's --baseline)")
     if metric not in base["metrics"]:
         why = f"; {base['note']}" if base["note"] else ""
-        raise MoeplaceError(f"{key}: the baseline {base['placement']} has no {metric}{why}")
+        raise MoeplaceError(f"{name}: the baseline {base['placement']} has no {metric}{why}")
     value, theirs = float(report["layouts"]["placement"][metric]), float(base["metrics"][metric])
     what = f"{metric}/baseline"
     if theirs > 0:
