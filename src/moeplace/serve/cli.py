@@ -10,6 +10,7 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,11 +219,12 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
         if launch.under_torchrun():
             raise MoeplaceError("--nproc-per-node starts the ranks itself; under torchrun leave it out")
         launch.precheck(model_dir, placement_path, mode, device, nproc_per_node)
-        if chat_template is not None:  # its file, once here rather than after N ranks have started
-            read_chat_template(chat_template)
         grace = launch.ROUTING_GRACE_S if port is not None and routing_out else launch.SHUTDOWN_GRACE_S
-        argv = launch.command_line(click.get_current_context(), "nproc_per_node")
-        launch.launch(nproc_per_node, argv, grace)
+        with staged_chat_template(chat_template) as template:  # its file, once here rather than after N ranks have started
+            if template is not None:
+                click.get_current_context().params["chat_template"] = template
+            argv = launch.command_line(click.get_current_context(), "nproc_per_node")
+            launch.launch(nproc_per_node, argv, grace)
         return
     rank, world = world_from_env()
     try:
@@ -508,6 +510,29 @@ def read_chat_template(value: str) -> tuple[str, str]:
     if not text.strip():
         raise MoeplaceError(f"--chat-template {name}: the template is empty")
     return text, name
+
+
+@contextlib.contextmanager
+def staged_chat_template(value: str | None) -> Iterator[str | None]:
+    """--chat-template as `--nproc-per-node`'s ranks are to be given it, read (and checked) once by
+    the launcher: `value` itself, unless it names a file that is not a regular one (a pipe:
+    `/dev/stdin` fed by `cat`, bash's `<(...)`), which this read empties or the ranks cannot
+    open; then a private copy of what it held, removed when the ranks are done."""
+    if value is None:
+        yield None
+        return
+    text, _ = read_chat_template(value)
+    if not os.path.exists(value) or os.path.isfile(value):  # template text, or a file the ranks re-read
+        yield value
+        return
+    # named after the original: a rank's error line names this copy
+    fd, copy = tempfile.mkstemp(prefix=f"moeplace-copy-of-{Path(value).name}-", suffix=".jinja")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        yield copy
+    finally:
+        os.unlink(copy)
 
 
 CHECK_MESSAGES = [{"role": "user", "content": "Hello"}]  # what a chat template must render at start-up
