@@ -26,7 +26,7 @@ from moeplace.models.tiny import build_tiny_model, byte_tokenizer
 from moeplace.serve import engine
 from moeplace.serve.cli import Terminated, load_tokenizer, writes_routing_on_signals
 from moeplace.serve.engine import RoutingLog
-from moeplace.serve.generate import Runtime
+from moeplace.serve.generate import Result, Runtime
 from moeplace.trace.format import Trace, load_trace
 from test_serve_cli import reap, save_placement, stop_launcher, wait_for_server
 
@@ -261,3 +261,163 @@ def test_a_stopped_launcher_leaves_the_routing(model: Path, tmp_path: Path, even
         assert trace.sequence_ids is not None and set(trace.sequence_ids.tolist()) == {0, 1}  # home rank: id % 2
     finally:
         reap(proc, ranks)
+
+
+
+def fake_batch(prompt_lengths: list[int], new_tokens: list[int], layers: int, k: int = 2,
+               experts: int = 8) -> tuple[engine.Request, Result]:
+    """A served batch as run_request returns it with record_routing, without running the model:
+    slot s has a prompt of prompt_lengths[s] tokens and generated new_tokens[s], so its decode
+    steps ran positions len .. len + n - 2 (the last token is never fed back). The routing rows
+    (slot, position, moe, ids...) are sorted as _gather_routing sorts them; the ids are distinct
+    in a row and vary with slot, position and layer, the weights decrease along k."""
+    rows, weights = [], []
+    for slot, (length, n) in enumerate(zip(prompt_lengths, new_tokens)):
+        for position in range(length, length + n - 1):
+            for moe in range(layers):
+                first = (3 * slot + position + moe) % experts
+                rows.append([slot, position, moe, *((first + j) % experts for j in range(k))])
+                weights.append([(k - j) / (k * (k + 1) / 2) + 0.01 * position for j in range(k)])
+    req = engine.Request([[7] * length for length in prompt_lengths], list(new_tokens), record_routing=True)
+    tokens = [[100 + 10 * slot + j for j in range(n)] for slot, n in enumerate(new_tokens)]
+    return req, Result(tokens=tokens, seconds=0.0, routing=np.array(rows, dtype=np.int64).reshape(-1, 3 + k),
+                       routing_weights=np.array(weights, dtype=np.float32).reshape(-1, k))
+
+
+# (prompt lengths, new tokens) per batch; sequence ids (world 1: one per prompt) 0-1, 2, 3-4, 5,
+# 6-8; decode tokens 5, 3, 14 (more than test_keep_last's window of 10 alone), 1, 6: 29
+BATCHES = [([2, 3], [3, 4]), ([4], [4]), ([1, 2], [8, 8]), ([5], [2]), ([2, 2, 3], [2, 3, 4])]
+
+
+def recorded(rt: Runtime, path: Path, batches: list[tuple[list[int], list[int]]], **options: Any) -> RoutingLog:
+    """A RoutingLog of `path` (no periodic write) that has added `batches`, then closed; checks
+    after each batch that it records on and holds at most max_tokens, in arrays of its own."""
+    routing = RoutingLog(str(path), rt, every_s=3600, **options)
+    for lengths, new in batches:
+        req, result = fake_batch(lengths, new, len(rt.model.spec.moe_layers))
+        routing.add(req, result)
+        assert routing.recording
+        assert routing.tokens == sum(len(c["positions"]) for c in routing.chunks) <= routing.max_tokens
+        for chunk in routing.chunks:  # before: `positions` was a view keeping the batch's gathered rows alive
+            assert not any(np.shares_memory(a, result.routing) for a in chunk.values())
+    routing.close()
+    return routing
+
+
+def test_keep_last_holds_the_most_recent_tokens(rt: Runtime, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """--routing-keep last: recording goes on past --routing-max-tokens; the oldest batches are
+    dropped and the oldest one kept is cut at its head, so that the file holds exactly the last
+    max_tokens tokens of everything recorded, ids and positions as recorded (the first id is not
+    0), with the window in its meta; one note when the window fills. solve and eval read it."""
+    recorded(rt, tmp_path / "all.npz", BATCHES, max_tokens=1000)
+    everything = load_trace(tmp_path / "all.npz")
+    assert everything.num_tokens == 29 and "keep" not in everything.meta and "dropped_tokens" not in everything.meta
+    capsys.readouterr()
+    path = tmp_path / "live.npz"
+    routing = recorded(rt, path, BATCHES, max_tokens=10, keep="last")
+    out, err = capsys.readouterr()
+    assert err.count(f"--routing-out {path} now keeps the most recent 10 decode tokens (--routing-keep last): "
+                     "older batches are dropped") == 1, err
+    assert "recording stops here" not in err and f"wrote {path}: decode routing of 10 tokens x" in out
+    got = load_trace(path)
+    assert got.num_tokens == routing.tokens == 10 and routing.added == 29
+    assert {key: got.meta.get(key) for key in ("keep", "routing_max_tokens", "dropped_tokens")} == \
+        {"keep": "last", "routing_max_tokens": 10, "dropped_tokens": 19}
+    # the last batch whole (sequences 6-8), the one before (5), and the last 3 tokens of the
+    # batch before that: its second sequence's last positions (its first, 3, is dropped whole)
+    assert got.sequence_ids is not None and got.positions is not None
+    assert got.sequence_ids.tolist() == [4, 4, 4, 5, 6, 7, 7, 8, 8, 8]
+    assert got.positions.tolist() == [6, 7, 8, 5, 2, 2, 3, 3, 4, 5]
+    for key in ("topk_ids", "topk_weights", "token_ids", "sequence_ids", "positions"):
+        np.testing.assert_array_equal(getattr(got, key), getattr(everything, key)[-10:])
+
+    placement = save_placement(tmp_path / "placement.json", len(rt.model.spec.moe_layers), 8, 2)
+    assert run(["solve", str(path), "--gpus", "2", "--from", str(placement), "--max-moves", "2", "-q",
+                "-o", str(tmp_path / "new.json")]) == 0
+    capsys.readouterr()
+    assert run(["eval", str(tmp_path / "new.json"), str(path), "--baseline", str(placement)]) == 0, \
+        capsys.readouterr().err
+
+
+def test_keep_last_writes_when_the_window_changes(rt: Runtime, tmp_path: Path) -> None:
+    """A full window holds as many tokens after a batch as before it, other ones: the periodic
+    write goes by the tokens ever added (before: by the count held, so the file stayed stale),
+    and writes nothing new when nothing was added."""
+    path = tmp_path / "live.npz"
+    routing = RoutingLog(str(path), rt, max_tokens=4, every_s=0.0, keep="last")
+    layers = len(rt.model.spec.moe_layers)
+    for batch, want in ((([2], [5]), 0), (([3], [5]), 1)):  # 4 decode tokens each: sequence 0, then 1
+        routing.add(*fake_batch(*batch, layers))
+        routing.maybe_write()
+        assert routing.writer is not None
+        routing.writer.join(20)
+        assert routing.tokens == 4 and routing.written == routing.added
+        got = load_trace(path)
+        assert got.sequence_ids is not None and got.sequence_ids.tolist() == [want] * 4
+        assert got.meta["dropped_tokens"] == 4 * want
+    writer = routing.writer
+    routing.maybe_write()
+    assert routing.writer is writer  # nothing added since: no write
+    mtime = path.stat().st_mtime_ns
+    routing.close()
+    assert path.stat().st_mtime_ns == mtime  # the file on disk is already the last version
+
+
+def test_keep_last_over_http(rt: Runtime, tokenizer: Any, tmp_path: Path, serving: Callable[..., Any],
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The server records every batch once the window is full (before: the batch after the cap
+    ran without gathering), and the file holds the last tokens the decode steps ran."""
+    path = tmp_path / "live.npz"
+    routing = RoutingLog(str(path), rt, max_tokens=4, every_s=3600, keep="last")
+    answers = []
+    with serving(rt, tokenizer, LIMIT, "live", routing=routing) as port:
+        for prompts, max_tokens in REQUESTS:  # 5 + 4 decode tokens, then 3: the window fills in the first
+            answers.append(complete(port, prompts, max_tokens))
+        assert rt.record_routing is True  # the last batch gathered its routing
+    ran = []  # (sequence id, position, token id) of each decode step, in the order the file lists them
+    for seq, (choice, prompt) in enumerate(zip([c for a in answers for c in a["choices"]],
+                                               [p for r in REQUESTS for p in r[0]])):
+        start = len(tokenizer.encode(prompt, add_special_tokens=False))
+        ran += [(seq, start + i, t) for i, t in enumerate(choice["token_ids"][:-1])]
+    assert len(ran) > 4
+    got = load_trace(path)
+    assert got.sequence_ids is not None and got.positions is not None and got.token_ids is not None
+    assert list(zip(got.sequence_ids.tolist(), got.positions.tolist(), got.token_ids.tolist())) == ran[-4:]
+    assert got.meta["keep"] == "last" and got.meta["dropped_tokens"] == len(ran) - 4
+    assert capsys.readouterr().err.count("(--routing-keep last): older batches are dropped") == 1
+
+
+def test_routing_keep_options(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """--routing-keep is refused where it would shape nothing (no --routing-out; a batch run),
+    as --routing-every is, one line and exit 2 before any weight is read; with --port and
+    --routing-out it reaches the server's RoutingLog."""
+    import moeplace.serve.httpserver as httpserver
+
+    load = engine.load_runtime
+    monkeypatch.setattr(engine, "load_runtime", lambda *args, **kwargs: pytest.fail("weights were loaded"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": [1, 2]}\n')
+    base = ["serve", "--model", str(model), "--device", "cpu"]
+    cases = [
+        (["--port", "0", "--routing-keep", "last"],
+         "--routing-keep shapes the --routing-out file: give --routing-out FILE"),
+        (["--port", "0", "--routing-keep", "first"], "--routing-keep shapes the --routing-out file"),
+        (["--prompts", str(prompts), "--routing-out", str(tmp_path / "r.npz"), "--routing-keep", "last"],
+         "--routing-keep applies to the HTTP server (--port), not to batch runs (--prompts)"),
+        (["--port", "0", "--routing-out", str(tmp_path / "r.npz"), "--routing-keep", "newest"],
+         "'newest' is not one of 'first', 'last'"),
+    ]
+    for extra, message in cases:
+        assert run([*base, *extra]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("moeplace: error: ") and message in lines[0], lines
+
+    monkeypatch.setattr(engine, "load_runtime", load)
+    served: list[RoutingLog] = []
+    monkeypatch.setattr(httpserver, "serve_forever", lambda *args, routing, **kwargs: served.append(routing))
+    assert run([*base, "--port", "0", "--routing-out", str(tmp_path / "live.npz"), "--routing-keep", "last",
+                "--routing-max-tokens", "5"]) == 0
+    assert [(r.keep, r.max_tokens) for r in served] == [("last", 5)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]

@@ -20,7 +20,7 @@ import click
 
 from moeplace.errors import AlreadyReported, MoeplaceError, warn
 from moeplace.io import loads_json, not_a_file
-from moeplace.serve.engine import ROUTING_EVERY_S, ROUTING_MAX_TOKENS
+from moeplace.serve.engine import ROUTING_EVERY_S, ROUTING_KEEP, ROUTING_MAX_TOKENS
 from moeplace.serve.generate import StepCallback, TokenLogprobs
 from moeplace.serve.openai import (
     MAX_LOGPROBS,
@@ -170,15 +170,20 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS, *CHOICE_KEYS}  # what a J
               help="HTTP, with --routing-out: rewrite the file this often (seconds) while tokens come in, so a "
                    "killed server loses at most this much routing.")
 @click.option("--routing-max-tokens", type=click.IntRange(1, 1 << 40), default=ROUTING_MAX_TOKENS, show_default=True,
-              help="HTTP, with --routing-out: record this many decode tokens, then stop recording (memory on rank "
-                   "0: about 2.8 kB a token for DeepSeek-V3's 58 MoE layers x top-8).")
+              help="HTTP, with --routing-out: hold at most this many decode tokens (memory on rank 0: about 2.8 kB "
+                   "a token for DeepSeek-V3's 58 MoE layers x top-8); --routing-keep says which.")
+@click.option("--routing-keep", type=click.Choice(ROUTING_KEEP), default="first", show_default=True,
+              help="HTTP, with --routing-out: first: the first --routing-max-tokens decode tokens, then recording "
+                   "stops; last: record for the server's whole life, keeping the most recent --routing-max-tokens "
+                   "(the oldest batches are dropped; the trace's meta says keep \"last\" and dropped_tokens), the "
+                   "traffic as it is now, to re-place on.")
 def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None, mode: str,
           prompts_path: str | None, out_path: str | None, max_new_tokens: int, max_batch: int, ignore_eos: bool,
           temperature: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
           seed: int | None, n: int | None, stop: tuple[str, ...], logprobs: int | None, port: int | None,
           host: str, chat_template: str | None, device: str, dtype: str | None, timeout_s: float,
           strict_topology: bool, stats_out: str | None, routing_out: str | None, routing_every: float,
-          routing_max_tokens: int) -> None:
+          routing_max_tokens: int, routing_keep: str) -> None:
     """Expert-parallel inference with a placement applied: each rank holds the non-expert weights
     and only its own experts, read straight from the checkpoint's safetensors.
 
@@ -196,7 +201,7 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
     if (prompts_path is None) == (port is None):
         raise MoeplaceError("give exactly one of --prompts FILE (batch) or --port N (HTTP server)")
     refuse_other_mode(click.get_current_context(), http=port is not None)
-    for param in ("routing_every", "routing_max_tokens"):  # moot without the file they shape
+    for param in ("routing_every", "routing_max_tokens", "routing_keep"):  # moot without the file they shape
         if routing_out is None and click.get_current_context().get_parameter_source(param) \
                 != click.core.ParameterSource.DEFAULT:
             raise MoeplaceError(f"--{param.replace('_', '-')} shapes the --routing-out file: give --routing-out FILE")
@@ -229,7 +234,8 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
     rank, world = world_from_env()
     try:
         _serve(model_dir, placement_path, mode, prompts_path, out_path, max_new_tokens, max_batch, ignore_eos,
-               defaults, port, host, device, dtype, timeout_s, stats_out, routing_out, (routing_every, routing_max_tokens),
+               defaults, port, host, device, dtype, timeout_s, stats_out, routing_out,
+               (routing_every, routing_max_tokens, routing_keep),
                chat_template, strict_topology)
     except Terminated as e:  # the routing is written: now end as the signal would have
         sys.stdout.flush()
@@ -255,7 +261,8 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
 
 BATCH_ONLY = ("out_path", "stats_out", "ignore_eos", "temperature", "top_p", "top_k", "min_p", "seed", "n", "stop",
               "logprobs")
-HTTP_ONLY = ("host", "routing_every", "routing_max_tokens", "chat_template")  # batch runs have no chat path
+# batch runs have no chat path
+HTTP_ONLY = ("host", "routing_every", "routing_max_tokens", "routing_keep", "chat_template")
 
 
 class Terminated(BaseException):
@@ -340,11 +347,12 @@ def exit_hard(e: BaseException | None) -> None:
 def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: str | None, out_path: str | None,
            max_new_tokens: int, max_batch: int, ignore_eos: bool, defaults: dict[str, Any], port: int | None,
            host: str, device: str, dtype: str | None, timeout_s: float, stats_out: str | None,
-           routing_out: str | None, routing_limits: tuple[float, int] = (ROUTING_EVERY_S, ROUTING_MAX_TOKENS),
+           routing_out: str | None,
+           routing_limits: tuple[float, int, str] = (ROUTING_EVERY_S, ROUTING_MAX_TOKENS, "first"),
            chat_template: str | None = None, strict_topology: bool = False) -> None:
     """defaults: what a batch JSONL line's keys override (read_prompts). routing_limits:
-    (--routing-every, --routing-max-tokens), for the HTTP server's --routing-out. chat_template:
-    --chat-template's value (a file or the template), which rank 0 sets on its tokenizer.
+    (--routing-every, --routing-max-tokens, --routing-keep), for the HTTP server's --routing-out.
+    chat_template: --chat-template's value (a file or the template), which rank 0 sets on its tokenizer.
     strict_topology: a placement whose nodes are not the ranks' is an error, not a warning."""
     import torch.distributed as dist
 
@@ -405,7 +413,8 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
         stop = True
         routing = None
         if routing_out:
-            routing = engine.RoutingLog(routing_out, rt, max_tokens=routing_limits[1], every_s=routing_limits[0])
+            routing = engine.RoutingLog(routing_out, rt, max_tokens=routing_limits[1], every_s=routing_limits[0],
+                                        keep=routing_limits[2])
         try:
             with writes_routing_on_signals(routing):
                 serve_forever(rt, server, tokenizer, max_batch, max_new_tokens, heartbeat_s=heartbeat_s,

@@ -339,6 +339,9 @@ def worker_loop(rt: Runtime) -> None:
 # 200k tokens hold 0.56 GB on rank 0's host, twice that while a write joins the batches' arrays.
 ROUTING_MAX_TOKENS = 200_000
 ROUTING_EVERY_S = 300.0
+# --routing-keep: the first max_tokens decode tokens (then recording stops), or a window of the
+# last max_tokens (recording goes on for the server's life; the oldest tokens are dropped)
+ROUTING_KEEP = ("first", "last")
 
 
 class RoutingLog:
@@ -347,21 +350,32 @@ class RoutingLog:
     `write`) every `every_s` seconds when tokens were added (`maybe_write`, from a thread: the
     main thread keeps serving) and when the server stops (`close`). Sequence ids count up over
     requests and batches, each batch starting at a multiple of the world size: a sequence's home
-    rank (its slot % world) stays its id % world, as eval's traffic model reads it. Recording
-    stops at `max_tokens`, with one note on stderr. Only rank 0's main thread calls the methods;
-    a writer thread touches only the numpy arrays of its snapshot."""
+    rank (its slot % world) stays its id % world, as eval's traffic model reads it. At most
+    `max_tokens` are held: keep="first" stops recording there, with one note on stderr;
+    keep="last" records on and drops the oldest (`_drop_oldest`), with one note when the window
+    first fills, and says so in the trace's meta. Only rank 0's main thread calls the methods; a
+    writer thread touches only the numpy arrays of its snapshot."""
 
     def __init__(self, path: str, rt: Runtime, max_tokens: int = ROUTING_MAX_TOKENS,
-                 every_s: float = ROUTING_EVERY_S, source: str = "moeplace serve (decode, http)") -> None:
+                 every_s: float = ROUTING_EVERY_S, source: str = "moeplace serve (decode, http)",
+                 keep: str = "first") -> None:
+        if keep not in ROUTING_KEEP:
+            raise ValueError(f"keep must be one of {ROUTING_KEEP}, got {keep!r}")
         spec = rt.model.spec
-        self.path, self.max_tokens, self.every_s = path, max_tokens, every_s
+        self.path, self.max_tokens, self.every_s, self.keep = path, max_tokens, every_s, keep
         self.num_experts, self.num_layers, self.world = spec.num_experts, len(spec.moe_layers), rt.comm.world
         self.meta = {"source": source, "model": str(spec.path), "moe_layers": list(spec.moe_layers),
                      "home_rank": "sequence_id % world", "world": rt.comm.world}
-        self.chunks: list[dict[str, np.ndarray]] = []  # never changed once appended: a snapshot is a list copy
-        self.tokens = 0  # recorded
+        # never changed once appended (a snapshot is a list copy): dropping replaces list elements
+        self.chunks: list[dict[str, np.ndarray]] = []
+        self.tokens = 0  # held in chunks
+        # tokens ever added: the version of what is held (with keep="last" the held count can
+        # stay at max_tokens while the tokens change); dropped = added - tokens
+        self.added = 0
+        self.filled = False  # keep="last": the window has filled (said once)
         self.next_sequence = 0
-        self.written = 0  # tokens in the file on disk (set by whichever thread wrote it)
+        self.written = 0  # `added` when the file on disk was snapshot (set by whichever thread wrote it)
+        self.written_tokens = 0  # tokens in the file on disk
         self.last_write = time.monotonic()
         self.writer: threading.Thread | None = None
         self.failure: str | None = None  # the writer thread's last error, reported once by the main thread
@@ -371,7 +385,7 @@ class RoutingLog:
     @property
     def recording(self) -> bool:
         """Whether the next batch's routing is wanted (Request.record_routing)."""
-        return self.tokens < self.max_tokens
+        return self.keep == "last" or self.tokens < self.max_tokens
 
     def add(self, req: Request, result: Result) -> None:
         """Keep a served batch's decode routing (slots 0.. are its prompts, in order)."""
@@ -382,24 +396,55 @@ class RoutingLog:
         arrays = decode_routing(result.routing, result.routing_weights, req.prompts, result.tokens,
                                 self.num_layers, first)
         room = self.max_tokens - self.tokens
-        if len(arrays["positions"]) >= room:
+        if self.keep == "first" and len(arrays["positions"]) >= room:
             arrays = {key: a[:room] for key, a in arrays.items()}
             click.echo(f"moeplace serve: note: --routing-out {self.path} holds {plural(self.max_tokens, 'decode token')} "
                        "(--routing-max-tokens): recording stops here; the file keeps them", err=True)
         arrays["topk_ids"] = arrays["topk_ids"].astype(np.int16 if self.num_experts <= 32767 else np.int32)
-        if len(arrays["positions"]):
-            self.chunks.append(arrays)
-            self.tokens += len(arrays["positions"])
+        # own copies: `positions` is a view into the batch's whole gathered routing (int64, 3 + 2k
+        # columns a row), which it would keep alive, about three times the token's own cost
+        arrays = {key: a if a.base is None else a.copy() for key, a in arrays.items()}
+        if not len(arrays["positions"]):
+            return
+        self.chunks.append(arrays)
+        self.tokens += len(arrays["positions"])
+        self.added += len(arrays["positions"])
+        if self.keep == "last" and self.tokens >= self.max_tokens:
+            if not self.filled:
+                self.filled = True
+                click.echo(f"moeplace serve: note: --routing-out {self.path} now keeps the most recent "
+                           f"{plural(self.max_tokens, 'decode token')} (--routing-keep last): older batches are "
+                           "dropped", err=True)
+            if self.tokens > self.max_tokens:
+                self._drop_oldest(self.tokens - self.max_tokens)
+
+    def _drop_oldest(self, excess: int) -> None:
+        """Drop `excess` tokens from the head: the oldest batches whole, then the head of the
+        oldest one left, so that exactly max_tokens stay (a bound the memory and the file size can
+        be told from, even where one batch holds more than the window). A batch's tokens are in
+        (slot, position) order, so the cut takes its first slots' sequences whole and the first
+        positions of at most one sequence; positions and sequence ids stay as recorded. Replaces
+        list elements and arrays, never changes one: a writer's snapshot stays as it was."""
+        drop = 0
+        while excess >= len(self.chunks[drop]["positions"]):
+            excess -= len(self.chunks[drop]["positions"])
+            drop += 1
+        kept = self.chunks[drop:]
+        if excess:  # a copy: a view would keep the dropped head's memory
+            kept[0] = {key: a[excess:].copy() for key, a in kept[0].items()}
+        self.chunks = kept
+        self.tokens = sum(len(c["positions"]) for c in kept)
 
     def maybe_write(self) -> None:
         """Start a write in a thread when `every_s` has passed since the last one, tokens were
-        added since, and no write is under way."""
+        added since (`added`: with keep="last" the count held may not change), and no write is
+        under way."""
         self.report_failure()
-        if self.tokens == self.written or time.monotonic() - self.last_write < self.every_s or \
+        if self.added == self.written or time.monotonic() - self.last_write < self.every_s or \
                 (self.writer is not None and self.writer.is_alive()):
             return
         self.last_write = time.monotonic()
-        self.writer = threading.Thread(target=self._write_quietly, args=(list(self.chunks),),
+        self.writer = threading.Thread(target=self._write_quietly, args=(list(self.chunks), self.added),
                                        name="moeplace-routing-writer", daemon=True)
         self.writer.start()
 
@@ -410,13 +455,13 @@ class RoutingLog:
         if self.writer is not None:
             self.writer.join()
         self.report_failure()
-        if self.tokens > self.written:
+        if self.added > self.written:
             try:
-                self.write(list(self.chunks))
+                self.write(list(self.chunks), self.added)
             except OSError as e:
                 raise MoeplaceError(f"cannot write {self.path}: {e.strerror or e}") from None
-        if self.written:
-            click.echo(f"wrote {self.path}: decode routing of {plural(self.written, 'token')} x "
+        if self.written_tokens:
+            click.echo(f"wrote {self.path}: decode routing of {plural(self.written_tokens, 'token')} x "
                        f"{plural(self.num_layers, 'MoE layer')}")
         else:  # a trace holds at least one token
             click.echo(f"moeplace serve: note: no decode step ran, so {self.path} was not written", err=True)
@@ -427,25 +472,30 @@ class RoutingLog:
             click.echo(f"moeplace serve: warning: cannot write {self.path}: {failure} (will try again)", err=True)
             self.reported = failure
 
-    def _write_quietly(self, chunks: list[dict[str, np.ndarray]]) -> None:
+    def _write_quietly(self, chunks: list[dict[str, np.ndarray]], added: int) -> None:
         try:
-            self.write(chunks)
+            self.write(chunks, added)
             self.failure = None
         except Exception as e:  # a full disk: said by the main thread, tried again at the next period
             self.failure = (e.strerror if isinstance(e, OSError) else None) or str(e)
 
-    def write(self, chunks: list[dict[str, np.ndarray]]) -> None:
-        """`chunks` as one trace file, atomically (save_trace: a reader, or a SIGKILL, sees the
-        old file or the new one), uncompressed and unchecked: 200k DeepSeek-V3-shaped tokens take
-        about 1.5 s where compression took 47 s (gate weights barely compress), and the rows come
-        from the router's topk (distinct ids, weights highest first); load_trace checks what it reads."""
+    def write(self, chunks: list[dict[str, np.ndarray]], added: int) -> None:
+        """`chunks` (a snapshot of `self.chunks`, taken when `added` tokens had been added) as one
+        trace file, atomically (save_trace: a reader, or a SIGKILL, sees the old file or the new
+        one), uncompressed and unchecked: 200k DeepSeek-V3-shaped tokens take about 1.5 s where
+        compression took 47 s (gate weights barely compress), and the rows come from the router's
+        topk (distinct ids, weights highest first); load_trace checks what it reads. keep="last"
+        adds meta keep, routing_max_tokens and dropped_tokens (tokens recorded before the file's)."""
         if not chunks:
             return
         joined = {key: np.concatenate([c[key] for c in chunks]) for key in ("topk_ids", "sequence_ids", "positions",
                                                                           "token_ids")}
         weights = np.concatenate([c["topk_weights"] for c in chunks]) if all("topk_weights" in c for c in chunks) \
             else None
+        meta = self.meta if self.keep == "first" else \
+            {**self.meta, "keep": "last", "routing_max_tokens": self.max_tokens,
+             "dropped_tokens": added - len(joined["positions"])}
         trace = Trace(joined["topk_ids"], self.num_experts, weights, token_ids=joined["token_ids"],
-                      sequence_ids=joined["sequence_ids"], positions=joined["positions"], meta=self.meta)
+                      sequence_ids=joined["sequence_ids"], positions=joined["positions"], meta=meta)
         save_trace(trace, self.path, compress=False, checked=True)
-        self.written = trace.num_tokens
+        self.written, self.written_tokens = added, trace.num_tokens

@@ -538,9 +538,10 @@ def serve_forever(rt: Runtime, server: Server, tokenizer: Any, max_batch: int, m
                   heartbeat_s: float, model_name: str, placement: dict[str, str | None],
                   routing: RoutingLog | None = None) -> None:
     """Rank 0: answer HTTP and drive the other ranks until interrupted or a rank fails.
-    routing: record each batch's decode routing there (while it has room), write it every
-    `routing.every_s` (checked after each batch and each idle heartbeat) and on the way out,
-    however the loop ends (Ctrl-C, a dead rank: what was gathered is valid data)."""
+    routing: record each batch's decode routing there (while it has room, or, keep="last", a
+    window of the latest), write it every `routing.every_s` (checked after each batch and each
+    idle heartbeat) and on the way out, however the loop ends (Ctrl-C, a dead rank: what was
+    gathered is valid data)."""
     server.spec, server.tokenizer, server.mode, server.world = rt.model.spec, tokenizer, rt.mode, rt.comm.world
     server.placement = placement
     server.model_name, server.max_tokens_limit, server.created = model_name, max_tokens_limit, int(time.time())
