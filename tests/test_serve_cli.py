@@ -315,7 +315,7 @@ def test_completion_options_the_server_cannot_honour(field: dict, message: str) 
                      "1): send a \"temperature\" in (0, 2] to sample, or leave top_p out"),
     ({"top_k": 40}, "\"top_k\": 40 asks for sampling"),
     ({"temperature": None, "min_p": 0.1}, "\"min_p\": 0.1 asks for sampling"),
-    ({"presence_penalty": 0.5}, "\"presence_penalty\" is not supported"),
+    ({"presence_penalty": 2.5}, "\"presence_penalty\" must be a number in [-2, 2]"),
     ({"logit_bias": {"5": 100}}, "\"logit_bias\" is not supported")])
 def test_unsupported_sampling_is_refused_not_silently_greedy(field: dict, message: str) -> None:
     """A filter without a temperature, a temperature out of range and what the server does not do

@@ -28,6 +28,7 @@ from moeplace.serve.openai import (
     MAX_STOP_CHARS,
     MAX_STOPS,
     MAX_TEMPERATURE,
+    PENALTIES,
     SAMPLING,
     BadRequest,
     Job,
@@ -70,7 +71,7 @@ Several nodes: `torchrun --nnodes ... --nproc-per-node 8 -m moeplace serve ...` 
 the ranks' one line and exits 1). Without either it runs as one rank holding every expert.
 """
 
-SAMPLING_KEYS = ("temperature", *SAMPLING, "seed")  # read as over HTTP (openai.parse_sampling)
+SAMPLING_KEYS = ("temperature", *SAMPLING, "seed", *PENALTIES)  # read as over HTTP (openai.parse_sampling)
 # a line's keys that read as a /v1/completions body's (check_options, parse_stop, parse_logprobs)
 CHOICE_KEYS = ("n", "best_of", "stop", "logprobs")
 PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS, *CHOICE_KEYS}  # what a JSONL prompt line may say
@@ -111,7 +112,8 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS, *CHOICE_KEYS}  # what a J
 @click.option("--ignore-eos", is_flag=True, help="Batch: do not stop at the end-of-sequence token.")
 @click.option("--temperature", type=FiniteFloat(0.0, MAX_TEMPERATURE),
               help="Batch: sample at this temperature (default 0: greedy); a JSONL line's \"temperature\", "
-                   "\"top_p\", \"top_k\", \"min_p\" and \"seed\" override these options. HTTP: per request.")
+                   "\"top_p\", \"top_k\", \"min_p\", \"seed\" and penalties override these options. HTTP: per "
+                   "request.")
 @click.option("--top-p", type=FiniteFloat(0.0, 1.0, min_open=True),
               help="Batch: sample from the smallest set of tokens holding this much probability (needs --temperature).")
 @click.option("--top-k", type=click.IntRange(-1), help="Batch: sample from the k likeliest tokens; 0 or -1: no "
@@ -119,6 +121,15 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS, *CHOICE_KEYS}  # what a J
 @click.option("--min-p", type=FiniteFloat(0.0, 1.0),
               help="Batch: sample from the tokens whose probability (after the temperature) is at least this "
                    "fraction of the likeliest's (needs --temperature).")
+@click.option("--presence-penalty", type=FiniteFloat(*PENALTIES["presence_penalty"][:2]),
+              help="Batch: subtract this from the logit of every token generated so far (default 0: off; "
+                   "greedy or sampled).")
+@click.option("--frequency-penalty", type=FiniteFloat(*PENALTIES["frequency_penalty"][:2]),
+              help="Batch: subtract this from a token's logit once per time it was generated so far (default "
+                   "0: off; greedy or sampled).")
+@click.option("--repetition-penalty", type=FiniteFloat(*PENALTIES["repetition_penalty"][:2]),
+              help="Batch: divide the positive logits (multiply the others) of the tokens of the prompt or "
+                   "generated so far by this (default 1: off; greedy or sampled).")
 @click.option("--seed", type=click.IntRange(-(1 << 63), (1 << 63) - 1),
               help="Batch: prompt i samples with seed + i (with n: sequence i of the run, prompt-major; a JSONL "
                    "\"seed\": that seed exactly, + j for choice j). Default: a random seed; each sampled output "
@@ -180,6 +191,7 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS, *CHOICE_KEYS}  # what a J
 def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None, mode: str,
           prompts_path: str | None, out_path: str | None, max_new_tokens: int, max_batch: int, ignore_eos: bool,
           temperature: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
+          presence_penalty: float | None, frequency_penalty: float | None, repetition_penalty: float | None,
           seed: int | None, n: int | None, stop: tuple[str, ...], logprobs: int | None, port: int | None,
           host: str, chat_template: str | None, device: str, dtype: str | None, timeout_s: float,
           strict_topology: bool, stats_out: str | None, routing_out: str | None, routing_every: float,
@@ -212,7 +224,8 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
     check_stop_option(stop)
     # what a JSONL line's own keys override (None: not given); a text line gets them as they are
     defaults = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p, "seed": seed,
-                "n": n, "stop": list(stop) or None, "logprobs": logprobs}
+                "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
+                "repetition_penalty": repetition_penalty, "n": n, "stop": list(stop) or None, "logprobs": logprobs}
     outputs = [("--out", out_path), ("--stats-out", stats_out), ("--routing-out", routing_out)]
     check_distinct_outputs(outputs)
     for option, path in outputs:
@@ -259,8 +272,8 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
         exit_hard(MoeplaceError(f"rank {rank}: internal error {type(e).__name__}: {e}"))
 
 
-BATCH_ONLY = ("out_path", "stats_out", "ignore_eos", "temperature", "top_p", "top_k", "min_p", "seed", "n", "stop",
-              "logprobs")
+BATCH_ONLY = ("out_path", "stats_out", "ignore_eos", "temperature", "top_p", "top_k", "min_p", "seed", *PENALTIES,
+              "n", "stop", "logprobs")
 # batch runs have no chat path
 HTTP_ONLY = ("host", "routing_every", "routing_max_tokens", "routing_keep", "chat_template")
 
@@ -603,8 +616,8 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int, max_
     "\n" (a "\r" before it is dropped) and at nothing else: str.splitlines would also split at
     U+2028, form feeds, \x1c-\x1e and \x85 inside a prompt. A JSONL line's keys are read as a
     /v1/completions body's (the same checks and messages, prefixed FILE:LINE). defaults: the
-    options' values of those keys ("temperature", "top_p", "top_k", "min_p", "seed", "n", "stop",
-    "logprobs"; None: not given), which a JSONL line's own keys override. Sequences are numbered
+    options' values of those keys ("temperature", "top_p", "top_k", "min_p", "seed", the penalties,
+    "n", "stop", "logprobs"; None: not given), which a JSONL line's own keys override. Sequences are numbered
     over the file, prompt-major (prompt i's n choices, then prompt i + 1's); sequence k without a
     "seed" of its line samples with seed + k (without n, prompt i with seed + i)."""
     p = Path(path)

@@ -61,7 +61,8 @@ class Request:
 
     @property
     def sampled(self) -> bool:
-        return self.sampling is not None and not all(p.greedy for p in self.sampling)
+        """Some sequence samples or has a penalty: every rank needs the parameters (sampling table)."""
+        return self.sampling is not None and not all(p.plain for p in self.sampling)
 
     @property
     def flags(self) -> int:

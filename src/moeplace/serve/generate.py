@@ -19,6 +19,14 @@ the rank that holds its logits, and the same tokens all-reduce carries it, so sa
 collective (the parameters travel with the request: engine.send_command). A sequence stops at its
 max_new_tokens or at an EOS id (unless ignore_eos).
 
+Penalties (presence, frequency, repetition: sampling.apply_penalties) need each sequence's
+generated tokens, and the repetition penalty its prompt's: every rank keeps, for the sequences
+that have a penalty only, an int32 [P, V] count of their generated tokens (updated each step from
+the tokens all-reduce every rank runs anyway) and, when some has a repetition penalty, a bool
+[P, V] mask of their prompt tokens, so whichever rank holds a sequence's logits penalises them
+(greedy rows too: their token is the argmax of the penalised logits). A call in which no
+sequence has a penalty allocates none of it and does no penalty work.
+
 Log-probabilities (`generate(logprobs=N)`): the rank that holds a sequence's logits computes its
 token's log-probability and the N largest (sampling.token_logprobs), and one more all-reduce per
 step, kind "logprobs" ([B, 1 + 2N] float64, -inf where a rank has no row), gives them to every
@@ -54,7 +62,7 @@ from moeplace.serve.coherent import moe_coherent
 from moeplace.serve.dist import Comm, meta_scale, pack, unpack
 from moeplace.serve.model import KVCache, RankModel
 from moeplace.serve.replicas import ExpertMap
-from moeplace.serve.sampling import GREEDY, Sampling, read_logprobs, sample, token_logprobs
+from moeplace.serve.sampling import GREEDY, Sampling, apply_penalties, read_logprobs, sample, token_logprobs
 from moeplace.serve.standard import moe_standard
 
 MODES = ("coherent", "standard")
@@ -81,6 +89,55 @@ class Result:
     routing: np.ndarray | None = None  # int64 [rows, 3 + k]
     routing_weights: np.ndarray | None = None  # float32 [rows, k]: the gate weights of those ids, row for row
     logprobs: list[list[TokenLogprobs]] | None = None  # per prompt, per generated token, when asked for
+
+
+@dataclass
+class Penalties:
+    """This rank's state of the sequences with a penalty (sampling.apply_penalties) in one
+    generate call: their generated tokens' counts and, for repetition penalties, prompt tokens."""
+
+    rows: list[int]  # per slot: its row of counts and prompt, or -1 for a sequence without penalties
+    counts: torch.Tensor  # int32 [P, V]: how often each token was generated so far
+    prompt: torch.Tensor | None  # bool [P, V]: the prompt's tokens; None when no repetition penalty
+
+    @classmethod
+    def start(cls, params: list[Sampling], prompts: list[list[int]], vocab: int,
+              dev: torch.device) -> Penalties | None:
+        """The state of a call with these per-slot parameters, or None (nothing allocated) when no
+        sequence has a penalty."""
+        slots = [s for s, p in enumerate(params) if p.penalised]
+        if not slots:
+            return None
+        rows = [-1] * len(params)
+        for row, s in enumerate(slots):
+            rows[s] = row
+        prompt = None
+        if any(params[s].repetition_penalty != 1 for s in slots):
+            prompt = torch.zeros((len(slots), vocab), dtype=torch.bool, device=dev)
+            at = torch.tensor([rows[s] for s in slots for _ in prompts[s]], dtype=torch.int64, device=dev)
+            prompt[at, torch.tensor([t for s in slots for t in prompts[s]], dtype=torch.int64, device=dev)] = True
+        return cls(rows, torch.zeros((len(slots), vocab), dtype=torch.int32, device=dev), prompt)
+
+    def apply(self, logits: torch.Tensor, slots: list[int], params: list[Sampling]) -> torch.Tensor:
+        """logits [n, V] of the sequences in `slots` (host list, row for row) with the penalised
+        ones' rows penalised (a float32 copy), or `logits` itself when none of them is here."""
+        picked = [i for i, s in enumerate(slots) if self.rows[s] >= 0]
+        if not picked:
+            return logits
+        dev = logits.device
+        rows = torch.tensor([self.rows[slots[i]] for i in picked], dtype=torch.int64, device=dev)
+        at = torch.tensor(picked, dtype=torch.int64, device=dev)
+        out = logits.to(torch.float32, copy=True)
+        out[at] = apply_penalties(out[at], self.counts[rows], None if self.prompt is None else self.prompt[rows],
+                                  [params[slots[i]] for i in picked])
+        return out
+
+    def count(self, slots: list[int], tokens: list[int]) -> None:
+        """Slot s generated tokens[s], for each s in `slots` (the step's, as every rank learned them)."""
+        pairs = [(self.rows[s], tokens[s]) for s in slots if self.rows[s] >= 0]
+        if pairs:
+            at = torch.tensor(pairs, dtype=torch.int64, device=self.counts.device)
+            self.counts[at[:, 0], at[:, 1]] += 1  # one token per sequence per step: no repeated index
 
 
 @dataclass
@@ -151,8 +208,9 @@ class Runtime:
     def generate(self, prompts: list[list[int]], max_new_tokens: list[int], ignore_eos: bool = False,
                  collect_logits: bool = False, sampling: list[Sampling] | None = None,
                  on_step: StepCallback | None = None, logprobs: int | None = None) -> Result:
-        """Continuation of every prompt (same arguments on every rank). sampling: per prompt
-        (a sequence's token may be drawn on any rank in coherent mode); None is greedy for all.
+        """Continuation of every prompt (same arguments on every rank). sampling: per prompt, its
+        draw and penalties (a sequence's token may be chosen on any rank in coherent mode); None
+        is greedy for all.
         on_step: rank 0's streaming hook (StepCallback; every rank learns every token, but only
         one should report them), which may end sequences early; other ranks pass None.
         logprobs: N >= 0 gives every generated token's log-probability and the N likeliest
@@ -173,6 +231,7 @@ class Runtime:
                 raise MoeplaceError(f"prompt {i}: {len(p)} prompt tokens + {n} new exceed the model's "
                                     f"{spec.max_positions} positions")
         self._routing, self._routing_weights = [], []
+        penalties = Penalties.start(params, prompts, spec.vocab_size, dev)  # None: no sequence has one
         cache = KVCache(spec, num, max(len(p) + n for p, n in zip(prompts, max_new_tokens)), dev, model.dtype,
                         stride=1 if coherent else comm.world)
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=dev)
@@ -212,14 +271,18 @@ class Runtime:
         start = time.perf_counter()
         while True:
             logits = model.logits(h)  # [n, V] for the sequences whose token ended here
+            # what the token is chosen from: the raw logits, or penalised (log-probabilities stay raw)
+            scores = logits
+            slots_here = here.tolist() if any_sampled or penalties is not None else []
+            if penalties is not None:
+                scores = penalties.apply(logits, slots_here, params)
             next_ids = torch.full((num,), -1, dtype=torch.int64, device=dev)
-            next_ids[here] = logits.argmax(-1)
+            next_ids[here] = scores.argmax(-1)
             if any_sampled:  # draw where the logits are; the all-reduce below carries the token
-                slots_here = here.tolist()
                 picked = [i for i, s in enumerate(slots_here) if sampled[s]]
                 if picked:  # step: the index of the token drawn, the same on any rank and batch
                     drawn = [slots_here[i] for i in picked]
-                    next_ids[here[picked]] = sample(logits[picked], [params[s] for s in drawn],
+                    next_ids[here[picked]] = sample(scores[picked], [params[s] for s in drawn],
                                                     [len(generated[s]) for s in drawn])
             active = [s for s in range(num) if not done[s]]
             step_logprobs: dict[int, TokenLogprobs] = {}  # active slot -> its token's, when asked for
@@ -249,6 +312,8 @@ class Runtime:
                     logprobs_out[s].append(step_logprobs[s])
                 budget[s] -= 1
                 done[s] = budget[s] <= 0 or tokens[s] in eos
+            if penalties is not None:  # every rank counts every token it just learned
+                penalties.count(active, tokens)
             if on_step is not None and active:
                 asked = on_step([(s, tokens[s], done[s], step_logprobs.get(s)) for s in active])
                 ending = sorted({s for s in asked if 0 <= s < num and not done[s]}) if asked is not None else []

@@ -6,8 +6,9 @@ threads here, only the Job's `done` and `events` through which rank 0's main thr
 
     POST /v1/completions  {"prompt": str | [int] | [str, ...], "max_tokens": int = min(16, cap),
                           "temperature": 0..2 = 0, "top_p": (0, 1] = 1, "top_k": int >= 1, or 0 or
-                          -1 for off, "min_p": [0, 1] = 0, "seed": int, "logprobs": 0..5,
-                          "n": 1..16 = 1, "stop": str | [str, ...]}
+                          -1 for off, "min_p": [0, 1] = 0, "seed": int, "presence_penalty" and
+                          "frequency_penalty": [-2, 2] = 0, "repetition_penalty": [0.01, 100] = 1,
+                          "logprobs": 0..5, "n": 1..16 = 1, "stop": str | [str, ...]}
                           (cap: the server's --max-new-tokens). temperature 0 (the default here,
                           not OpenAI's 1) decodes greedily; a sampling request without a seed
                           gets a random one, and the response's "seed" names it (null when
@@ -20,12 +21,13 @@ threads here, only the Job's `done` and `events` through which rank 0's main thr
                           rank 0 finds it as the tokens come (text.StopWatch) and the sequence ends
                           at the batch's next step (its token dropped). A filter ("top_p" < 1,
                           "top_k" > 1, "min_p" > 0) without a temperature is 400 (it would be
-                          silently greedy). "logprobs": N gives each choice OpenAI's legacy
-                          {"tokens", "token_logprobs", "top_logprobs" (the N likeliest),
-                          "text_offset"}, of the raw model distribution (before
-                          temperature and filters, as vLLM); a token is its id's decoding, or
+                          silently greedy); penalties apply greedy or sampled. "logprobs": N
+                          gives each choice OpenAI's legacy {"tokens", "token_logprobs",
+                          "top_logprobs" (the N likeliest), "text_offset"}, of the raw model
+                          distribution (before penalties, temperature and filters, as vLLM); a
+                          token is its id's decoding, or
                           "token_id:N" with no tokenizer. The other fields that would change the
-                          answer (UNSUPPORTED: "echo", "suffix", penalties, "logit_bias"; "best_of"
+                          answer (UNSUPPORTED: "echo", "suffix", "logit_bias"; "best_of"
                           unless equal to n) are 400 unless null or their default; so is a request
                           of more sequences than --max-batch. "user" is accepted.
     POST /v1/chat/completions  {"messages": [{"role": "system" | "developer" | "user" | "assistant", "content": str},
@@ -79,8 +81,7 @@ TEMPLATE_ROLE = {"developer": "system"}
 # absent or at these values (what OpenAI clients send by default); anything else is a 400
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "echo": (None, False), "suffix": (None, ""),
-    # these reshape the logits, so they change even a greedy answer
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
+    # reshapes the logits, so it changes even a greedy answer
     "logit_bias": (None, {}),
 }
 # sampling filters (OpenAI's top_p; vLLM's and SGLang's top_k, min_p) at values that filter
@@ -94,6 +95,13 @@ CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
 }
 MAX_TEMPERATURE = 2.0  # OpenAI's range
+# penalties (sampling.apply_penalties), greedy or sampled: name -> (low, high, default). OpenAI's
+# [-2, 2] for presence and frequency; vLLM takes any repetition penalty > 0, but past [0.01, 100]
+# it is all-or-nothing already and a float32 logit divided by it could overflow to inf
+PENALTIES: dict[str, tuple[float, float, float]] = {
+    "presence_penalty": (-2.0, 2.0, 0.0), "frequency_penalty": (-2.0, 2.0, 0.0),
+    "repetition_penalty": (0.01, 100.0, 1.0),
+}
 # alternatives per token: OpenAI's caps ("logprobs" of completions, "top_logprobs" of chat)
 MAX_LOGPROBS, MAX_TOP_LOGPROBS = 5, 20
 MIN_LOGPROB = -9999.0  # vLLM's floor: JSON has no -Infinity
@@ -161,11 +169,26 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def parse_penalties(doc: dict[str, Any]) -> Sampling:
+    """GREEDY with the request's PENALTIES (null: the default), checked (BadRequest)."""
+    values = []
+    for name, (low, high, default) in PENALTIES.items():
+        value = doc.get(name)
+        if value is not None and not (_is_number(value) and low <= value <= high):  # NaN fails too
+            raise BadRequest(f"\"{name}\" must be a number in [{low:g}, {high:g}] ({default:g}: off), "
+                             f"got {json.dumps(value)[:80]}")
+        values.append(default if value is None else float(value))
+    presence, frequency, repetition = values
+    return dataclasses.replace(GREEDY, presence_penalty=presence, frequency_penalty=frequency,
+                               repetition_penalty=repetition)
+
+
 def parse_sampling(doc: dict[str, Any]) -> Sampling:
-    """The request's temperature, top_p, top_k, min_p and seed, checked (BadRequest). A request that
-    samples without a seed gets a random one (the response reports it); a greedy one keeps
-    GREEDY's. A filter without a temperature is refused: answering it greedily would hide that
-    it was ignored."""
+    """The request's temperature, top_p, top_k, min_p, seed and penalties, checked (BadRequest). A
+    request that samples without a seed gets a random one (the response reports it); a greedy
+    one keeps GREEDY's, with its penalties. A filter without a temperature is refused: answering
+    it greedily would hide that it was ignored. Penalties need no temperature: they change the
+    greedy answer too."""
     temperature, top_p, top_k, min_p, seed = (doc.get(k) for k in ("temperature", "top_p", "top_k", "min_p", "seed"))
     if temperature is not None and not (_is_number(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
         raise BadRequest(f"\"temperature\": {json.dumps(temperature)[:80]} is not supported: send a number in "
@@ -178,8 +201,9 @@ def parse_sampling(doc: dict[str, Any]) -> Sampling:
         raise BadRequest(f"\"min_p\" must be a number in [0, 1], got {json.dumps(min_p)[:80]}")
     if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and -(1 << 63) <= seed < 1 << 63):
         raise BadRequest(f"\"seed\" must be an integer in [-2**63, 2**63), got {json.dumps(seed)[:80]}")
+    greedy = parse_penalties(doc)
     if temperature == 0:  # greedy asked for: a filter on the sampled set changes nothing
-        return GREEDY
+        return greedy
     for name, neutral in SAMPLING.items():
         if _is_one_of(doc.get(name), neutral):
             continue
@@ -188,12 +212,12 @@ def parse_sampling(doc: dict[str, Any]) -> Sampling:
                              "is 0 (the default here, unlike OpenAI's 1): send a \"temperature\" in "
                              f"(0, {MAX_TEMPERATURE:g}] to sample, or leave {name} out")
     if temperature is None:
-        return GREEDY
-    params = Sampling(float(temperature), 1.0 if top_p is None else float(top_p),
-                      0 if top_k is None or top_k < 1 else min(top_k, 1 << 31),  # past any vocab: int64-safe
-                      0 if seed is None else seed, 0.0 if min_p is None else float(min_p))
+        return greedy
+    params = dataclasses.replace(greedy, temperature=float(temperature), top_p=1.0 if top_p is None else float(top_p),
+                                 top_k=0 if top_k is None or top_k < 1 else min(top_k, 1 << 31),  # int64-safe
+                                 seed=0 if seed is None else seed, min_p=0.0 if min_p is None else float(min_p))
     if params.greedy:  # top_k 1: the argmax at any temperature
-        return GREEDY
+        return greedy
     return params if seed is not None else dataclasses.replace(params, seed=secrets.randbits(63))
 
 

@@ -10,8 +10,13 @@ index order, so top_k=1 and a tiny top_p give the argmax exactly, as greedy deco
 The filters apply in vLLM's (V1) order: temperature, then min_p, then top_k and top_p, top_p's
 mass measured over the tokens min_p kept.
 
+Penalties (apply_penalties) reshape the logits before all of that, greedy rows' too (their token
+is the argmax of the penalised logits), as vLLM's sampler applies them first (its
+model_executor/layers/utils.py apply_penalties: repetition on the prompt's and the generated
+tokens, then frequency and presence on the generated ones).
+
 Log-probabilities (`token_logprobs`) are those of the raw model distribution, log_softmax of the
-logits before temperature and filters, as vLLM returns by default.
+logits before penalties, temperature and filters, as vLLM returns by default.
 """
 
 from __future__ import annotations
@@ -28,39 +33,59 @@ M64 = (1 << 64) - 1
 class Sampling:
     """One sequence's decoding parameters. temperature 0 (or top_k 1) is greedy argmax;
     top_k 0, top_p 1 and min_p 0 are off. seed: any integer (taken modulo 2**64). min_p: keep
-    the tokens whose probability (after temperature) is at least min_p x the likeliest's."""
+    the tokens whose probability (after temperature) is at least min_p x the likeliest's.
+    Penalties (apply_penalties; 0, 0 and 1 are off), greedy or not: presence_penalty is
+    subtracted from the logit of every token generated so far, frequency_penalty once per time
+    it was generated; repetition_penalty divides the positive logits (multiplies the others) of
+    every token of the prompt or generated so far."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
     min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def penalised(self) -> bool:
+        """Some penalty reshapes this sequence's logits (Runtime.generate then keeps its counts)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def plain(self) -> bool:
+        """Greedy argmax of the raw logits: the default decoding, which needs no parameters sent."""
+        return self.greedy and not self.penalised
+
 
 GREEDY = Sampling()
 
 
-TABLE_WIDTH = 5  # columns of sampling_table
+# the float64 fields of sampling_table, in its column order; top_k and seed follow
+TABLE_FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+TABLE_WIDTH = len(TABLE_FLOATS) + 2  # columns of sampling_table
 
 
 def sampling_table(params: Sequence[Sampling]) -> torch.Tensor:
-    """int64 [n, TABLE_WIDTH] (temperature, top_p and min_p as their float64 bits, top_k, seed):
-    what a request's broadcast carries to the other ranks (engine.send_command), so that every
-    rank draws exactly as rank 0 would; sampling_from_table reads it."""
-    floats = torch.tensor([[p.temperature, p.top_p, p.min_p] for p in params], dtype=torch.float64)
+    """int64 [n, TABLE_WIDTH] (TABLE_FLOATS as their float64 bits, then top_k, seed): what a
+    request's broadcast carries to the other ranks (engine.send_command), so that every rank
+    draws and penalises exactly as rank 0 would; sampling_from_table reads it."""
+    floats = torch.tensor([[getattr(p, f) for f in TABLE_FLOATS] for p in params], dtype=torch.float64)
     ints = torch.tensor([[p.top_k, p.seed] for p in params], dtype=torch.int64)
     return torch.cat([floats.view(torch.int64), ints], dim=1)
 
 
 def sampling_from_table(table: torch.Tensor) -> list[Sampling]:
     """The parameters sampling_table wrote, bit for bit, from int64 [n, TABLE_WIDTH] on the host."""
-    floats = table[:, :3].contiguous().view(torch.float64)
-    return [Sampling(float(f[0]), float(f[1]), int(i[0]), int(i[1]), float(f[2]))
-            for f, i in zip(floats.tolist(), table[:, 3:].tolist())]
+    width = len(TABLE_FLOATS)
+    floats = table[:, :width].contiguous().view(torch.float64)
+    return [Sampling(**dict(zip(TABLE_FLOATS, f)), top_k=int(i[0]), seed=int(i[1]))
+            for f, i in zip(floats.tolist(), table[:, width:].tolist())]
 
 
 def _splitmix64(z: int) -> int:
@@ -79,6 +104,27 @@ def int64(value: int) -> int:
     """`value` wrapped into the signed 64-bit range (a seed + prompt index past 2**63 - 1)."""
     value &= M64
     return value - (1 << 64) if value >> 63 else value
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, prompt: torch.Tensor | None,
+                    params: Sequence[Sampling]) -> torch.Tensor:
+    """float32 [n, V]: `logits` [n, V] (any float dtype) with row i's penalties of params[i]
+    applied, in vLLM's order (model_executor/layers/utils.py apply_penalties): repetition first,
+    over the tokens of the prompt or generated (logit / r where positive, x r otherwise), then
+    frequency (- f x count) and presence (- p where generated). counts: int32 [n, V], how often
+    each token was generated so far; prompt: bool [n, V], the prompt's tokens, or None when no
+    row has a repetition penalty. A row without penalties comes back unchanged (x / 1 - 0)."""
+    x = logits.float()
+    dev = x.device
+    freq = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=dev)
+    pres = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=dev)
+    generated = counts > 0
+    if any(p.repetition_penalty != 1 for p in params):
+        rep = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev)
+        seen = generated | prompt if prompt is not None else generated
+        r = torch.where(seen, rep[:, None], torch.ones_like(x))
+        x = torch.where(x > 0, x / r, x * r)
+    return x - freq[:, None] * counts - pres[:, None] * generated
 
 
 def sample(logits: torch.Tensor, params: Sequence[Sampling], steps: Sequence[int]) -> torch.Tensor:
