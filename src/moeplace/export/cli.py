@@ -11,7 +11,7 @@ import click
 from moeplace.errors import MoeplaceError, PlacementError
 from moeplace.export.sglang import MAX_DECODER_LAYERS
 from moeplace.placement import Placement, load_placement
-from moeplace.options import OUTPUT_FILE, check_outside, check_writable
+from moeplace.options import OUTPUT_FILE, check_outside, check_writable, plural
 
 TO_FORMATS = ("sglang", "vllm", "vllm-ascend", "eplb")
 
@@ -148,8 +148,8 @@ EXPORT_HELP = """Write a placement in the format an engine reads, or read an eng
                --init-expert-location (rows for every decoder layer: give --model, --trace
                or --moe-layers/--num-hidden-layers when some layers are dense)
   vllm         vLLM EplbState arrays (physical_to_logical_map, logical_to_physical_map,
-               logical_replica_count) with ep_size; upstream vLLM has no file option:
-               see docs/engines/vllm.md (use permute-checkpoint)
+               logical_replica_count) with ep_size, as JSON (an .npz name is refused); upstream
+               vLLM has no file option: see docs/engines/vllm.md (use permute-checkpoint)
   vllm-ascend  the expert map read by vllm-ascend's expert_map_path
   eplb         DeepSeek EPLB phy2log / log2phy / logcnt (JSON; .npz when -o ends in .npz;
                a .npy name is refused)
@@ -201,6 +201,9 @@ def export(input_path: Path, to_format: str | None, from_format: str | None, out
         if to_format == "eplb" and output.suffix.lower() == ".npy":  # numpy's np.load would find JSON there
             raise MoeplaceError(f"-o {output}: --to eplb writes JSON, or an .npz archive of its arrays when -o ends in "
                                 ".npz; a .npy file holds one array: name it .npz or .json")
+        if to_format == "vllm" and output.suffix.lower() == ".npz":  # --from reads an .npz name as an archive
+            raise MoeplaceError(f"-o {output}: --to vllm writes JSON, and an .npz name is read back (--from vllm) as a "
+                                "numpy archive: name it .json")
         if gpus is not None or gpus_per_node is not None:
             raise MoeplaceError("--gpus/--gpus-per-node are for --from; --to uses the placement's own topology")
         placement = load_placement(input_path)
@@ -244,8 +247,8 @@ def _write(placement: Placement, fmt: str, output: Path, model: Path | None, tra
                 from moeplace.export.permute import replicas_way_out
 
                 click.echo(f"moeplace export: note: SGLang (0.5.23) does not use an expert map for {family} models, "
-                           f"and `moeplace permute-checkpoint` cannot create this placement's {redundant} redundant "
-                           f"experts. {replicas_way_out(str(model_type))}", err=True)
+                           f"and `moeplace permute-checkpoint` cannot create this placement's "
+                           f"{plural(redundant, 'redundant expert')}. {replicas_way_out(str(model_type))}", err=True)
             else:
                 click.echo(f"moeplace export: note: SGLang (0.5.23) does not use an expert map for {family} models; "
                            "realise the placement with `moeplace permute-checkpoint` instead "
@@ -262,7 +265,7 @@ def _write(placement: Placement, fmt: str, output: Path, model: Path | None, tra
     else:
         eplb.write_eplb(placement, output)
         click.echo(f"wrote {output}: phy2log/log2phy/logcnt for {placement.num_layers} MoE layers, {ep}, "
-                   f"{redundant} redundant experts")
+                   f"{plural(redundant, 'redundant expert')}")
 
 
 def _read(path: Path, fmt: str, output: Path, model: Path | None, trace: Path | None, moe_layers: str | None,
@@ -290,7 +293,7 @@ def _read(path: Path, fmt: str, output: Path, model: Path | None, trace: Path | 
     redundant = {len(r) for r in placement.replicas}  # an engine file holds as many in every layer
     per_layer = f"{redundant.pop()}" if len(redundant) == 1 else f"{min(redundant)}-{max(redundant)}"
     click.echo(f"wrote {output}: {placement.num_layers} MoE layers x {placement.num_experts} experts on "
-               f"{placement.num_gpus} GPUs, {per_layer} redundant experts per layer (extra copies, as eval's copies "
+               f"{placement.num_gpus} GPUs, {per_layer} redundant expert{'' if per_layer == '1' else 's'} per layer (extra copies, as eval's copies "
                f"column counts: {sum(map(len, placement.replicas))} in all)")
 
 

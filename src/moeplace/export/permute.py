@@ -144,14 +144,15 @@ def check_not_applied(model_dir: str | Path, placement: Placement) -> None:
             f"({record.get('source')}) with it")
 
 
-def check_group_routing(config: dict[str, Any], new_to_old: np.ndarray) -> None:
+def check_group_routing(config: dict[str, Any], new_to_old: np.ndarray, where: str = "config.json") -> None:
     """Reject a renumbering that breaks group-limited routing (DeepSeek n_group / topk_group).
 
     Such routers score contiguous id blocks of E / n_group experts as groups and keep the best
     topk_group groups, so each new group must be exactly one old group, or routing changes.
+    `where` names the config in the one-line error for a count that is not an integer.
     """
     cfg = text_config(config)
-    n_group, topk_group = int(cfg.get("n_group") or 1), int(cfg.get("topk_group") or 1)
+    n_group, topk_group = _group_count(cfg, "n_group", where), _group_count(cfg, "topk_group", where)
     num_experts = new_to_old.shape[1]
     # DeepSeek-V2's plain "greedy" top-k ignores the groups
     if n_group <= 1 or topk_group >= n_group or num_experts % n_group or cfg.get("topk_method") == "greedy":
@@ -168,6 +169,17 @@ def check_group_routing(config: dict[str, Any], new_to_old: np.ndarray) -> None:
                 f"{sorted(set(old_groups[g].tolist()))} in new group {g}: renumbering would change routing. "
                 "Solve with whole groups per GPU block, or use `moeplace export --to sglang`"
             )
+
+
+def _group_count(cfg: dict[str, Any], key: str, where: str) -> int:
+    """n_group / topk_group of a config: a JSON integer (absent, null or 0: no groups, 1). A string,
+    float or list is refused, not cast: int("x") failed, int(4.5) would check groups of another size."""
+    value = cfg.get(key)
+    if value is None:
+        return 1
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CheckpointError(f"{where}: {key} must be an integer, got {json.dumps(value)[:40]}")
+    return value or 1
 
 
 def permute_checkpoint(
@@ -193,9 +205,14 @@ def permute_checkpoint(
     placement.check_model(model_type, [b.layer for b in blocks], what="checkpoint")
     check_not_applied(ckpt.root, placement)
     new_to_old = permutation(placement, model_type)
-    check_group_routing(ckpt.config, new_to_old)
+    config_path = ckpt.root / "config.json"
+    check_group_routing(ckpt.config, new_to_old, str(config_path))
     total = sum(e.end - e.begin for tensors in ckpt.shards.values() for e in tensors.values())
     plan = _plan(ckpt, blocks, new_to_old)
+    if not config_path.is_file():  # the checks above found no family and no groups in it: they did not run
+        raise CheckpointError(f"{ckpt.root}: no config.json: permute-checkpoint reads the model family and its group-"
+                              "limited routing (n_group, topk_group) there, to refuse a renumbering that would change "
+                              "routing, and copies it beside the renumbered weights; give the save_pretrained directory")
 
     with contextlib.ExitStack() as stack:
         try:  # where it cannot be written, say so (not "0.0 GiB free" as a pseudo-filesystem reports)

@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import pickle
 import socket
 import warnings
 from collections.abc import Iterator
@@ -181,7 +182,10 @@ def trace(model_ref: str, data: tuple[Path, ...], output: Path, seq_len: int | N
         meta["renumbered_from"] = str(record.get("source", "unknown"))
     # last: a field checked before it (--model, --dtype, renumbered_from) names a difference better
     meta["router_sha256"] = router_fingerprint(layers)  # a checkpoint replaced at the same path
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # padded positions are dropped, and no real token sees them (causal, right-padded): any id of the
+    # embedding will do. A pad token added to a tokenizer may lie past the model's vocabulary.
+    pad = tokenizer.pad_token_id
+    pad_id = pad if isinstance(pad, int) and 0 <= pad < vocab else 0
     sources: list[tuple[Path, int]] = []  # (file, its first window): which files the trace read
     walked = share.files(files) if share is not None else files  # marks where each file starts
     windows = iter_windows(walked, tokenize, seq_len, max_tokens, sources)
@@ -401,10 +405,16 @@ def _load_model(ref: str, dtype: str, device: Any, trust_remote_code: bool = Fal
             ref, dtype="auto" if dtype == "auto" else getattr(torch, dtype), local_files_only=local,
             output_loading_info=True, trust_remote_code=trust_remote_code,
             ignore_mismatched_sizes=True,  # else it raises, pointing at a report hidden above; refused below, by name
+            weights_only=True,  # pickled weights (.bin) give tensors only, never arbitrary objects (its default, said)
         )
         model, info = loaded
     except Exception as e:  # corrupt files raise library-specific types (SafetensorError, ...)
-        if local:  # transformers' message may point at a report it did not print: say what is wrong
+        if isinstance(e, pickle.UnpicklingError):  # a .bin that needs more than tensors: never unpickled
+            from moeplace.trace.importers import pickled_object
+            raise MoeplaceError(f"cannot load model {ref!r}: refused: its pickled weights need unpickling of arbitrary "
+                                f"Python objects{pickled_object(e)}; moeplace reads tensors only (weights_only=True): "
+                                "convert them to safetensors") from None
+        if local and _has_safetensors(Path(ref)):  # transformers' message may point at a report it did not print
             from moeplace.models.checkpoint import CheckpointError, moe_blocks, open_checkpoint
             try:
                 moe_blocks(open_checkpoint(ref))
@@ -421,6 +431,14 @@ def _load_model(ref: str, dtype: str, device: Any, trust_remote_code: bool = Fal
             shapes = f" (checkpoint {list(bad[0][1])}, config.json makes {list(bad[0][2])})" if len(bad[0]) == 3 else ""
             raise MoeplaceError(f"cannot load model {ref!r}: {len(bad)} weight(s) {what}, e.g. {bad[0][0]}{shapes}")
     return model.to(device).eval()
+
+
+def _has_safetensors(root: Path) -> bool:
+    """Whether a model directory holds safetensors weights, which moeplace's own reader can check
+    (a checkpoint of pickled .bin weights only is transformers' to read: it says what is wrong)."""
+    from moeplace.models.checkpoint import INDEX_NAME
+
+    return (root / INDEX_NAME).is_file() or any(root.glob("*.safetensors"))
 
 
 def _check_config(ref: str, trust_remote_code: bool = False) -> None:

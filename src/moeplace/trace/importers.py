@@ -419,15 +419,20 @@ def load_torch_dump(path: Path) -> Any:
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
-        what = f" (it holds {found.group(1)})" if found else ""
         raise TraceError(
-            f"{path}: refused: loading needs unpickling of arbitrary Python objects{what}; "
+            f"{path}: refused: loading needs unpickling of arbitrary Python objects{pickled_object(e)}; "
             "moeplace reads only tensors and plain containers"
         ) from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TraceError(f"{path}: truncated or not a torch.save file ({first})") from None
+
+
+def pickled_object(e: BaseException) -> str:
+    """' (it holds posix.system)': the object torch.load(weights_only=True) refused to unpickle, as
+    its UnpicklingError names it; "" when it names none."""
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+    return f" (it holds {found.group(1)})" if found else ""
 
 
 def _dump_files(paths: Sequence[Path]) -> list[Path]:
@@ -560,11 +565,26 @@ def _sglang_record(rec: Any, p2l: np.ndarray | None, name: str) -> _SglangRecord
         if ids.max() >= p2l.shape[1]:
             raise TraceError(f"{name}: physical expert id {int(ids.max())} out of range [0, {p2l.shape[1]})")
         ids = np.where(ids >= 0, p2l[np.arange(ids.shape[0])[:, None, None], ids.clip(0)], -1)
-    try:
-        pass_id, rank = int(rec.get("forward_pass_id") or 0), int(rec.get("rank") or 0)
-    except (TypeError, ValueError):
-        raise TraceError(f"{name}: forward_pass_id and rank must be integers") from None
-    return pass_id, rank, ids, per_token[0], per_token[1], name
+    return _record_int(rec, "forward_pass_id", name), _record_int(rec, "rank", name), ids, per_token[0], \
+        per_token[1], name
+
+
+def _record_int(rec: dict, key: str, name: str) -> int:
+    """A record's `key` (forward_pass_id, rank): an integer, a one-element integer tensor, or absent
+    (0); anything else (1.5 would be truncated, a tensor of several values is no one pass) refused."""
+    import torch
+
+    value = rec.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and not value.is_complex() and value.dtype != torch.bool:
+        return int(value.item())
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    shown = f"a tensor of shape {list(value.shape)} dtype {value.dtype}" if isinstance(value, torch.Tensor) \
+        else repr(value)[:40]
+    raise TraceError(f"{name}: {key} must be an integer, got {shown}")
 
 
 def _check_record_experts(rec: _SglangRecord, moe_layers: np.ndarray, k: int) -> None:

@@ -283,10 +283,12 @@ def skip_windows(windows: Iterator[np.ndarray], token_ids: np.ndarray, sequence_
     MoeplaceError naming `name` and the first sequence that differs from what `windows` gives
     (other text, tokenizer, --seq-len or windowing), before any model runs on the rest.
     """
-    counts = np.bincount(sequence_ids) if sequence_ids.size and sequence_ids.min() >= 0 else np.zeros(0, np.int64)
+    steps = np.diff(sequence_ids)
+    # 0, 0, 1, 1, 2...: checked before bincount, which a stray id of 10**12 would size in terabytes
+    numbered = sequence_ids.size > 0 and sequence_ids[0] == 0 and not np.any((steps != 0) & (steps != 1))
+    counts = np.bincount(sequence_ids) if numbered else np.zeros(0, np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
-    if (not counts.size or not counts.all() or np.any(np.diff(sequence_ids) < 0)
-            or not np.array_equal(positions, np.arange(sequence_ids.size) - starts[sequence_ids])):
+    if not numbered or not np.array_equal(positions, np.arange(sequence_ids.size) - starts[sequence_ids]):
         raise MoeplaceError(f"{name}: its sequences are not windows numbered from 0 in order, positions from 0 in "
                             "each, as `moeplace trace` writes them: it cannot be resumed")
     for i in range(counts.size):
