@@ -229,3 +229,36 @@ def read_responses(s: socket.socket, count: int) -> list[tuple[int, dict[str, An
         assert chunk, f"the server closed the connection after {len(out)} responses"
         data += chunk
     return out
+
+
+def test_a_stream_that_has_nothing_to_write_still_notices_its_client_leave(
+        server: int, batches: Batches, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokens that add no text (a character's first bytes, a stop string's held-back start) give a
+    stream nothing to write, so no failed write tells that its client left. Before: its handler
+    waited for the next token, unaware, and the sequence decoded on to its max_tokens."""
+    monkeypatch.setattr(hs.StreamChunks, "token", lambda self, *item: [])  # no token adds text
+    real_hook = hs.step_hook
+
+    def step_hook(batch: list[Job], tokenizer: Any) -> Any:
+        hook, steps = real_hook(batch, tokenizer), [0]
+
+        def held(step: list[tuple[int, int, bool, Any]]) -> Any:
+            steps[0] += 1
+            if steps[0] == 2:  # the first token went to the handler at step 1: the client has its headers
+                wait_for(lambda: all(j.gone for j in batch), WAIT_S)
+            return hook(step)
+        return held
+
+    monkeypatch.setattr(hs, "step_hook", step_hook)
+    s = send(server, {"prompt": LEAVER, "max_tokens": LIMIT, "stream": True})
+    head = b""
+    while b"\r\n\r\n" not in head:  # the status line and headers came with its first token
+        chunk = s.recv(1 << 16)
+        assert chunk, "the server closed the stream before its headers"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200")
+    leave(s, "close")
+    values = counted(server, 1)
+    # its first two tokens (the second step's hook saw it gone and ended it there), not 64
+    assert [len(t) for t in batches.tokens(LEAVER)] == [2]
+    assert values["moeplace_abandoned_requests_total"] == "1" and values["moeplace_rejected_requests_total"] == "0"

@@ -336,15 +336,15 @@ class Handler(BaseHTTPRequestHandler):
         srv = self.server
         items: list[StreamItem] = []
 
-        def first(timeout: float) -> bool:  # its first token (or its end) has come
+        def arrived(timeout: float) -> bool:  # its next token (or its end) has come
             try:
                 items.append(job.events.get(timeout=timeout))
             except queue.Empty:
                 return False
             return True
         # before its first token nothing is written that could fail: the client may have left
-        # while it was queued or in prefill (after it, the next write notices)
-        if not self._wait_watching(job, first):
+        # while it was queued or in prefill (after it, a failed write or client_left notices)
+        if not self._wait_watching(job, arrived):
             return
         if items[0] is None and job.result is None:
             return self._error(503, job.error or "generation failed")
@@ -357,7 +357,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
         else:
             self.close_connection = True
+        watch = selectors.DefaultSelector()  # (poll or epoll: any descriptor number, unlike select())
         try:
+            watch.register(self.connection, selectors.EVENT_READ)
             self.end_headers()
             events = chunks.start()
             while True:
@@ -372,8 +374,17 @@ class Handler(BaseHTTPRequestHandler):
                     events += chunks.token(*item)
                 if ended or chunks.done:
                     break
-                self._write_chunk(sse(events))
-                events, items = [], [job.events.get()]
+                # a failed write tells that the client left; a round with nothing to write (tokens
+                # that add no text yet, held back for a stop string) and a wait for the next token
+                # look at the connection instead (client_left), as a non-streamed wait does
+                if events:
+                    self._write_chunk(sse(events))
+                elif client_left(self.connection, watch):
+                    raise ConnectionResetError("the client left")
+                events, items = [], []
+                while not arrived(GONE_POLL_S):
+                    if client_left(self.connection, watch):
+                        raise ConnectionResetError("the client left")
             # every choice has ended (stop strings can end them all before their batch does), or
             # the job finished without an error
             if chunks.done or (job.error is None and job.result is not None):
@@ -391,6 +402,8 @@ class Handler(BaseHTTPRequestHandler):
             job.gone = True
             self.close_connection = True
             srv.stats.abandon()
+        finally:
+            watch.close()
 
     def _wait_watching(self, job: Job, came: Callable[[float], bool]) -> bool:
         """Wait for what `came(timeout)` waits for (True once it has come), looking between slices of
