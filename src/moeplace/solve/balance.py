@@ -187,6 +187,8 @@ def improve_layer(weight: np.ndarray, copies: list[list[int]], num_gpus: int, sl
     so every comparison uses the same arithmetic.
     """
     copies = [list(c) for c in copies]
+    if time.monotonic() > deadline:  # before scoring the start: 0.16 s a layout at 64 x 64 (+R 64)
+        return copies
     num_experts = len(weight)
     cur = batch_layer_loads(weight, _holds(copies, num_gpus)[None], num_gpus)[0]
     best_key = _keys(cur[None])[0]
@@ -649,10 +651,11 @@ def balance_moves_placement(loads: np.ndarray, num_gpus: int, gpus_per_node: int
 
     start = time.monotonic()
     num_layers, num_experts = loads.shape
+    slots = slots_per_gpu(num_experts, num_gpus, redundant, max_experts_per_gpu)  # balance_placement's, as it sets them
+    check_current_copies(current, num_experts, redundant, slots)  # a refused CURRENT: before the solve, not after it
     plain = balance_placement(loads, num_gpus, gpus_per_node, redundant, time_limit / 2, max_experts_per_gpu,
                               progress=progress)
-    slots = int(plain.solver["slots_per_gpu"])
-    check_current_copies(current, num_experts, redundant, slots)
+    assert int(plain.solver["slots_per_gpu"]) == slots
     held = [current.holders(layer) for layer in range(num_layers)]
     label = best_copy_relabeling([plain.holders(layer) for layer in range(num_layers)], held, num_gpus, gpus_per_node)
     renamed = [[[int(label[g]) for g in c] for c in plain.holders(layer)] for layer in range(num_layers)]

@@ -78,22 +78,23 @@ def _objective_names() -> list[str]:
                    "and the moves, the summary 'moved N of M experts'. Example: moeplace solve new-trace.npz "
                    "--gpus 8 --from placement.json --move-cost 20 -o placement-2.json (docs/solver.md, Re-placement).")
 @click.option("--move-cost", type=WEIGHT, default=None,
-              help="traffic, with --from: price each moved (layer, expert) at W token transitions (one transition: "
-                   "the mean edge weight of one fit token at one layer pair, printed in the summary), so an expert "
-                   "moves only where that saves more traffic; the summary gives the unpenalised solve's traffic "
-                   "beside it. E.g. W = expert weight bytes / (hidden size x dispatch bytes) x fit tokens / tokens "
-                   "served until the next re-placement. Default: no price (the free renaming only).")
+              help="traffic, with --from (a CURRENT of E/G experts per GPU): price each moved (layer, expert) at W "
+                   "token transitions (one transition: the mean edge weight of one fit token at one layer pair, "
+                   "printed in the summary), so an expert moves only where that saves more traffic; the summary gives "
+                   "the unpenalised solve's traffic beside it. E.g. W = expert weight bytes / (hidden size x dispatch "
+                   "bytes) x fit tokens / tokens served until the next re-placement. Default: no price (the free "
+                   "renaming only).")
 @click.option("--max-moves", type=NON_NEGATIVE_INT, default=None,
-              help="traffic or balance, with --from: a budget of moves per layer. traffic: at most N experts of "
-                   "each layer off their CURRENT GPU (after the GPU renaming), with the least traffic (plus "
-                   "--move-cost, if given) under that limit; with E/G experts on every GPU a moved expert takes "
-                   "another's place, so a layer moves 0 or at least 2 experts and N = 1 allows no move. "
-                   "balance: at most N expert copies the result holds that CURRENT does not (a copy of expert e "
-                   "on GPU g that CURRENT lacks: one weight transfer; primaries and replicas alike, after the GPU "
-                   "renaming), with the least max/mean load under that limit. The solve without the limit runs "
-                   "first, in half of --time-limit; the summary gives its moves beside the result's. N = 0 keeps "
-                   "CURRENT. Not with --max-imbalance. Example: moeplace solve new-trace.npz --gpus 8 --from "
-                   "placement.json --max-moves 2 -o placement-2.json. Default: no limit.")
+              help="traffic or balance, with --from: a budget of moves per layer. traffic: at most N experts of each "
+                   "layer off their CURRENT GPU (after the GPU renaming; CURRENT of E/G experts per GPU), with the "
+                   "least traffic (plus --move-cost, if given) under that limit; with E/G experts on every GPU a moved "
+                   "expert takes another's place, so a layer moves 0 or at least 2 experts and N = 1 allows no move. "
+                   "balance: at most N expert copies the result holds that CURRENT does not (a copy of expert e on GPU "
+                   "g that CURRENT lacks: one weight transfer; primaries and replicas alike, after the GPU renaming), "
+                   "with the least max/mean load under that limit. The solve without the limit runs first, in half of "
+                   "--time-limit; the summary gives its moves beside the result's. N = 0 keeps CURRENT. Not with "
+                   "--max-imbalance. Example: moeplace solve new-trace.npz --gpus 8 --from placement.json --max-moves "
+                   "2 -o placement-2.json. Default: no limit.")
 @click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="latency: cluster config YAML (configs/cluster/*.yaml; docs/cost-model.md).")
 @click.option("--model-config", type=click.Path(path_type=Path), default=None,
@@ -256,10 +257,12 @@ def solve(trace_path: Path, gpus: int, gpus_per_node: int | None, objective: str
         check_layout(stored, gpus, gpn, objective, redundant_experts, max_experts_per_gpu_total)
     current = None if from_path is None else load_placement(from_path, "--from")
     if current is not None:  # its GPUs, and the trace's layers and experts
-        from moeplace.solve.migrate import check_current
+        from moeplace.solve.migrate import check_current, check_equal_counts
 
         layers = current.num_layers if shape is None else shape[1]
         check_current(current, str(from_path), layers, current.num_experts if stored is None else stored, gpus, gpn)
+        if objective == "traffic" and (move_cost is not None or max_moves is not None):
+            check_equal_counts(current, str(from_path), "--move-cost" if move_cost is not None else "--max-moves")
     if load_only:
         return _solve_loads(trace_path, gpus, gpus_per_node, redundant_experts, max_experts_per_gpu,
                             max_experts_per_gpu_total, time_limit, output, quiet, implied=loads_imply,

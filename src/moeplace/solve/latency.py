@@ -82,6 +82,7 @@ from scipy.stats import t as student_t
 
 from moeplace.errors import MoeplaceError
 from moeplace.eval.metrics import initial_homes
+from moeplace.options import plural
 from moeplace.progress import Progress
 from moeplace.solve.affinity import coselection
 from moeplace.solve.balance import balance_placement, replication_bound, total_slots_per_gpu
@@ -546,7 +547,7 @@ def _check_arguments(trace: Trace, num_gpus: int, redundant: int, cap: int | Non
     """One-line errors for copies or a memory cap no placement can meet."""
     if redundant > trace.num_experts * (num_gpus - 1):
         raise MoeplaceError(f"--redundant-experts {redundant}: at most {trace.num_experts * (num_gpus - 1)} copies "
-                            f"fit {num_gpus} GPUs without two copies of one expert on a GPU")
+                            f"fit {plural(num_gpus, 'GPU')} without two copies of one expert on a GPU")
     if cap is not None:
         if redundant:
             raise MoeplaceError("--max-experts-per-gpu-total with --redundant-experts: replicas need equal slots "
@@ -691,6 +692,8 @@ def _swap_descent(models: SearchModels, best: np.ndarray, parts: list[np.ndarray
         hot = np.flatnonzero(row == np.argmax(load)) if rng.random() < 0.5 else np.arange(len(row))
         a = int(rng.choice(hot))
         others = np.flatnonzero(row != row[a])
+        if not others.size:  # the layer's experts all on one GPU (--gpus 1): nothing to swap
+            break
         b = int(rng.choice(others))
         cand = best.copy()
         cand[layer, [a, b]] = cand[layer, [b, a]]

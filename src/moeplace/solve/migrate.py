@@ -40,6 +40,24 @@ def check_current(current: Placement, name: str, num_layers: int, num_experts: i
                                 "model and the GPUs; solve without --from for another shape)")
 
 
+def check_equal_counts(current: Placement, name: str, option: str) -> None:
+    """Refuse, for the traffic objective's --move-cost or --max-moves (`option`), a from-placement
+    whose primaries are not E/G per GPU in every layer (a balance or latency placement of uneven
+    counts): traffic keeps E/G experts on every GPU, so CURRENT would be a start outside its
+    layouts (--move-cost kept it, 7 experts on one GPU and none on two) and the moves back to it
+    cannot end within N (--max-moves looped without end)."""
+    per_gpu = current.num_experts // current.num_gpus
+    for layer, row in enumerate(current.expert_to_gpu):
+        counts = np.bincount(row, minlength=current.num_gpus)
+        if (counts != per_gpu).any():
+            gpu = int(np.argmax(counts != per_gpu))
+            raise MoeplaceError(f"{option} with --from {name}: its layer {layer} holds {int(counts[gpu])} experts "
+                                f"on GPU {gpu}, and the traffic objective keeps E/G = {per_gpu} on every GPU, so "
+                                "the moves are counted from a layout it cannot hold; drop " + option
+                                + " (--from alone renames the GPUs)"
+                                + (", or use --objective balance --max-moves" if option == "--max-moves" else ""))
+
+
 def overlap(new: np.ndarray, current: np.ndarray, num_gpus: int) -> np.ndarray:
     """count[c, n]: (layer, expert) pairs on GPU c in `current` and on GPU n in `new`, both int [L, E]. int [G, G]."""
     return np.bincount((current * num_gpus + new).ravel(), minlength=num_gpus * num_gpus).reshape(num_gpus, num_gpus)

@@ -60,7 +60,7 @@ from moeplace.solve.heuristics import (
     LoadCap, MoveLimit, chain_init, coordinate_descent, layer_costs, meet_cap, meet_limit, objective_cost, perturb,
     relieve_layer, swap_descent, with_move_cost,
 )
-from moeplace.solve.migrate import best_relabeling, check_current, move_unit, moves, record, relabel
+from moeplace.solve.migrate import best_relabeling, check_current, check_equal_counts, move_unit, moves, record, relabel
 from moeplace.trace import paths
 from moeplace.trace.format import SPLIT_BY, Trace, split_trace
 
@@ -851,6 +851,8 @@ def solve_placement(
         check_current(current, current_path or "placement", trace.num_layers, trace.num_experts, num_gpus,
                       gpus_per_node)
         if objective == "traffic" and (move_cost is not None or options.get("max_moves") is not None):
+            check_equal_counts(current, current_path or "placement",
+                               "--move-cost" if move_cost is not None else "--max-moves")
             options = {**options, "current": current.expert_to_gpu}
         if objective == "balance" and options.get("max_moves") is not None:
             options = {**options, "current": current}
