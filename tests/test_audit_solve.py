@@ -12,8 +12,11 @@ from moeplace import cli
 from moeplace.errors import MoeplaceError
 from moeplace.placement import Placement, load_placement
 from moeplace.solve.baselines import contiguous
-from moeplace.solve.synthetic import planted_trace
-from moeplace.trace.format import make_loads, save_loads, save_trace
+from moeplace.trace.format import make_loads, save_loads
+import test_cli_audit
+from test_cli_audit import one_error_line
+
+trace_path = test_cli_audit.trace_path  # its fixture: a planted 64-token trace, 3 layers x 8 experts, top-2
 
 ONE_GPU_CLUSTER = """cluster:
   name: 1 node x 1 GPU
@@ -31,23 +34,6 @@ MODEL_8 = """model:
   expert_fixed_us: 0.0147
   batch_tokens: 4096
 """
-
-
-@pytest.fixture
-def trace_path(tmp_path: Path) -> Path:
-    """A planted 64-token trace, 3 layers x 8 experts, top-2."""
-    trace, _ = planted_trace(64, 3, 8, 2, 4, seed=0)
-    path = tmp_path / "t.npz"
-    save_trace(trace, path)
-    return path
-
-
-def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    """stderr holds exactly one line, the error (no traceback, no warning); returned."""
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moeplace: error: "), err
-    return lines[0]
 
 
 def uneven_current(path: Path) -> Path:

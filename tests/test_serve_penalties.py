@@ -6,7 +6,6 @@ them), no state and no work for a batch without penalties, and the HTTP and batc
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -18,27 +17,15 @@ import torch
 
 import moeplace.serve.generate as generate_module
 from moeplace.cli import run
-from moeplace.models.tiny import build_tiny_model
 from moeplace.serve.generate import Penalties, Runtime
 from moeplace.serve.openai import BadRequest, parse_chat, parse_completion
 from moeplace.serve.sampling import GREEDY, Sampling, apply_penalties, sample, sampling_from_table, sampling_table
-from test_serve import free_port
-from test_serve_sampling import PROMPTS, _rank, complete
+import test_serve_sampling
+from test_serve_sampling import PROMPTS, complete, run_two_ranks
 
+model, rt = test_serve_sampling.model, test_serve_sampling.rt  # its fixtures: the checkpoint, one rank
 LONG = 24  # new tokens: PROMPTS[0]'s greedy answer repeats a 6-token cycle within them
 NEW = 6  # test_serve_sampling's NEW: what its _rank generates per prompt
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # test_serve_sampling's checkpoint (the one its _rank helper is used with)
-    return build_tiny_model("qwen3_moe", tmp_path_factory.mktemp("serve-penalties") / "qwen3", num_experts=8, top_k=2,
-                            num_layers=3, seed=2)
-
-
-@pytest.fixture(scope="module")
-def rt(model: Path, one_rank_runtime: Callable[[Path], Runtime]) -> Runtime:
-    return one_rank_runtime(model)
 
 
 def generate(rt: Runtime, prompts: list[list[int]], sampling: list[Sampling] | None, new: int = LONG,
@@ -188,19 +175,6 @@ def test_log_probabilities_stay_raw(rt: Runtime) -> None:
         assert abs(got - float(lp[token])) < 1e-4
         assert [t for t, _ in top] == lp.topk(3).indices.tolist()
     assert res.tokens[0] != generate(rt, [PROMPTS[0]], None, 3)[0]  # the penalties did change the answer
-
-
-def run_two_ranks(model: Path, tmp_path: Path, jobs: list[tuple[str, list[Sampling], int | None]]) -> list[Any]:
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(_rank, args=(2, free_port(), str(model), jobs, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2 ranks did not finish (hang)")
-    return torch.load(tmp_path / "results.pt")
 
 
 def test_same_tokens_on_one_and_two_ranks_both_modes(rt: Runtime, model: Path, tmp_path: Path) -> None:

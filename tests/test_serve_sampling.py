@@ -169,8 +169,22 @@ def _rank(rank: int, world: int, port: int, model: str, jobs: list[tuple[str, li
     dist.destroy_process_group()
 
 
-def test_same_seed_same_tokens_on_one_and_two_ranks_both_modes(rt: Runtime, model: Path, tmp_path: Path) -> None:
+def run_two_ranks(model: Path, tmp_path: Path, jobs: list[tuple[str, list[Sampling], int | None]]) -> list[Any]:
+    """_rank's results of `jobs` (mode, per-prompt sampling, logprobs) on 2 gloo ranks: per job
+    (tokens, logprobs)."""
     import torch.multiprocessing as mp
+
+    ctx = mp.spawn(_rank, args=(2, free_port(), str(model), jobs, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("2 ranks did not finish (hang)")
+    return torch.load(tmp_path / "results.pt", weights_only=True)  # lists of ints and floats
+
+
+def test_same_seed_same_tokens_on_one_and_two_ranks_both_modes(rt: Runtime, model: Path, tmp_path: Path) -> None:
 
     # min_p travels in the sampling table: a rank that lacked it would draw from more tokens
     sampling = [Sampling(1.0, seed=11), GREEDY, Sampling(1.5, 0.9, 0, 12, 0.05), Sampling(0.7, 1.0, 8, -5)]
@@ -180,14 +194,7 @@ def test_same_seed_same_tokens_on_one_and_two_ranks_both_modes(rt: Runtime, mode
     assert one.tokens == want and one.logprobs is not None
     # logprobs on 2 ranks (standard only: the coherent run checks plain sampling, as before)
     jobs = [("coherent", sampling, None), ("standard", sampling, 2)]
-    ctx = mp.spawn(_rank, args=(2, free_port(), str(model), jobs, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2 ranks did not finish (hang)")
-    (coherent, none), (standard, logprobs) = torch.load(tmp_path / "results.pt")
+    (coherent, none), (standard, logprobs) = run_two_ranks(model, tmp_path, jobs)
     assert coherent == want and standard == want and none is None and logprobs is not None
     # the logits of 2 ranks add expert outputs in another order: equal to float32 rounding
     for got, ref in zip(logprobs, one.logprobs):
