@@ -380,11 +380,10 @@ class Handler(BaseHTTPRequestHandler):
                 if events:
                     self._write_chunk(sse(events))
                 elif client_left(self.connection, watch):
-                    raise ConnectionResetError("the client left")
+                    return self._left(job)
                 events, items = [], []
-                while not arrived(GONE_POLL_S):
-                    if client_left(self.connection, watch):
-                        raise ConnectionResetError("the client left")
+                if not self._wait_watching(job, arrived, watch):
+                    return
             # every choice has ended (stop strings can end them all before their batch does), or
             # the job finished without an error
             if chunks.done or (job.error is None and job.result is not None):
@@ -397,30 +396,40 @@ class Handler(BaseHTTPRequestHandler):
                 self._write_chunk(sse(events + [{"error": error}]))
             if self.chunked:
                 self.wfile.write(b"0\r\n\r\n")  # the last chunk
-        except OSError:  # the client left, or stopped reading (CLIENT_TIMEOUT_S): stop writing; step_hook ends
-            # its sequences at the batch's next step
-            job.gone = True
-            self.close_connection = True
-            srv.stats.abandon()
+        except OSError:  # the client left, or stopped reading (CLIENT_TIMEOUT_S): stop writing
+            self._left(job)
         finally:
             watch.close()
 
-    def _wait_watching(self, job: Job, came: Callable[[float], bool]) -> bool:
+    def _wait_watching(self, job: Job, came: Callable[[float], bool],
+                       watch: selectors.BaseSelector | None = None) -> bool:
         """Wait for what `came(timeout)` waits for (True once it has come), looking between slices of
-        GONE_POLL_S whether the client has closed its connection (`client_left`): if so, mark the
-        job `gone` (rank 0 drops it from the queue or ends its sequences at the next step), drop
-        the connection without writing, and return False. A quick answer never registers a watch."""
+        GONE_POLL_S whether the client has closed its connection (`client_left`, on `watch`, the
+        connection's selector, or one of its own): if so, `_left` and return False. A quick answer
+        never registers a watch of its own."""
         if came(GONE_POLL_S):
             return True
-        with selectors.DefaultSelector() as watch:  # (poll or epoll: any descriptor number, unlike select())
+        own = watch is None
+        if watch is None:
+            watch = selectors.DefaultSelector()  # (poll or epoll: any descriptor number, unlike select())
             watch.register(self.connection, selectors.EVENT_READ)
+        try:
             while not came(GONE_POLL_S):
                 if client_left(self.connection, watch):
-                    job.gone = True
-                    self.close_connection = True
-                    self.server.stats.abandon()
+                    self._left(job)
                     return False
+        finally:
+            if own:
+                watch.close()
         return True
+
+    def _left(self, job: Job) -> None:
+        """The client has gone: mark the job `gone` (rank 0 drops it from the queue, or step_hook
+        ends its sequences at the batch's next step), drop the connection without writing more,
+        and count it abandoned."""
+        job.gone = True
+        self.close_connection = True
+        self.server.stats.abandon()
 
     def _write_chunk(self, data: bytes) -> None:
         if data:  # an empty chunk would end the body
