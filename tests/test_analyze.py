@@ -521,9 +521,9 @@ def test_cli_bad_input_is_one_line(args: list[str], message: str, planted_file: 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--gpus", "16"], "--gpus 16: more GPUs than the trace's 8 experts per layer; give --gpus one of 1, 2, 4, 8"),
-    (["--gpus", "3"], "--gpus 3: 8 experts per layer cannot be split equally over 3 GPUs; give --gpus one of "
-                      "1, 2, 4, 8"),
+    (["--gpus", "16"], "--gpus 16 for 8 experts: some GPU would hold no expert; give --gpus one of 1, 2, 4, 8"),
+    (["--gpus", "3"], "--gpus 3: 8 experts per layer cannot be split equally over 3 GPUs (8 % 3 = 2): give --gpus "
+                      "one of 1, 2, 4, 8"),
     (["--gpus-per-node", "3"], "--gpus 8 (the default for 8 experts) is not a multiple of --gpus-per-node 3"),
 ])
 def test_a_cluster_the_transfer_test_cannot_use_is_refused_in_analyzes_words(

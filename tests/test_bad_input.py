@@ -316,6 +316,11 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, setup: Setup, message: str
     assert not list(tmp_path.glob("o.npz")), "no output may be left behind on error"
 
 
+def _link(link: Path, target: Path) -> Path:
+    link.symlink_to(target)
+    return link
+
+
 def _exflow(tmp: Path) -> Path:
     np.save(tmp / "ex.npy", np.random.default_rng(0).integers(0, 8, (16, 4)))
     return tmp / "ex.npy"
@@ -327,11 +332,12 @@ def _exflow(tmp: Path) -> Path:
     lambda t: ["eval", str(_placement(t)), str(_trace(t)), "-o", str(t / "p.json")],
     lambda t: ["eval", str(_placement(t)), str(_trace(t)), "-o", str(t / "t.npz")],
     lambda t: ["export", str(_placement(t)), "--to", "sglang", "-o", str(t / "p.json")],
-    # (import exflow's own input, a .npy, is refused as an output name before this check)
+    # import writes .npz names only (an input's .csv, .json or ExFlow .npy name is refused as an
+    # output name before this check): a link of that name to the input
     lambda t: ["import", "csv", str(_text(t, "layer0.csv", "expert_0,expert_1\n0.6,0.4\n")), "-o",
-               str(t / "layer0.csv")],
+               str(_link(t / "csv.npz", t / "layer0.csv"))],
     lambda t: ["import", "loads-json", str(_json(t, {"expert_popularity": [[1, 2], [3, 4]]}, "l.json")),
-               "-o", str(t / "l.json")],
+               "-o", str(_link(t / "json.npz", t / "l.json"))],
 ])
 def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path: Path, argv: Callable[[Path], list[str]],
                                                                    capsys) -> None:

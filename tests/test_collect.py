@@ -636,20 +636,21 @@ def test_output_inside_the_model_or_tokenizer_directory_is_refused(tiny_dirs: di
     tok = tmp_path / "tok"
     byte_tokenizer().save_pretrained(tok)
     before = {p: p.read_bytes() for d in (victim, tok) for p in d.iterdir()}
-    os.link(victim / "config.json", tmp_path / "hard.json")  # the checkpoint's file under another name
+    os.link(victim / "config.json", tmp_path / "hard.npz")  # the checkpoint's file under another name
     (tmp_path / "link.npz").symlink_to(victim / "model.safetensors")
     cases = [
-        (victim / "model.safetensors", [], "--model"),
-        (victim / "config.json", [], "--model"),
         (victim / "sub" / "new.npz", [], "--model"),  # a new file: it would become part of the checkpoint
-        (tmp_path / "hard.json", [], "--model"),
+        (tmp_path / "hard.npz", [], "--model"),
         (tmp_path / "link.npz", [], "--model"),
-        (tok / "tokenizer.json", ["--tokenizer", str(tok)], "--tokenizer"),
+        (tok / "new.npz", ["--tokenizer", str(tok)], "--tokenizer"),
     ]
     for out, extra, name in cases:
         assert trace_cli(victim, corpus, out, *extra) == 2, out
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith(f"moeplace: error: -o {out}: is inside the {name} directory"), err
+    for out in (victim / "model.safetensors", victim / "config.json", tok / "tokenizer.json"):
+        assert trace_cli(victim, corpus, out) == 2, out  # refused sooner: not an .npz name
+        assert "name it .npz" in capsys.readouterr().err
     assert {p: p.read_bytes() for d in (victim, tok) for p in d.iterdir()} == before
     assert trace_cli(victim, corpus, tmp_path / "t.npz", "--tokenizer", str(tok), "--max-tokens", "20") == 0
 

@@ -766,19 +766,24 @@ def test_output_onto_a_file_read_from_an_input_directory_is_refused(tmp_path: Pa
     trace, exit 0: the data was lost and DIR no longer imported. A dump directory's x.pt alike."""
     data = _layer_dir(tmp_path / "flame", ["layer0.csv", "layer1.csv"])
     before = {p.name: p.read_bytes() for p in data.iterdir()}
-    (tmp_path / "link.csv").symlink_to(data / "layer0.csv")
-    for out in (data / "layer1.csv", data / "layer5.csv", data / "tokens.txt", tmp_path / "link.csv"):
-        err = _cli_error(capsys, "import", "csv", str(data), "-o", str(out))
-        assert err.endswith(f"is inside the input directory {data}, where this import reads .csv and tokens.txt "
-                            "files: write the output elsewhere"), err
+    # an input's own name is not .npz (refused by the option); a link named .npz to one is refused here
+    for out in (data / "layer1.csv", data / "tokens.txt"):
+        assert "name it .npz" in _cli_error(capsys, "import", "csv", str(data), "-o", str(out))
+    (tmp_path / "link.npz").symlink_to(data / "layer0.csv")
+    err = _cli_error(capsys, "import", "csv", str(data), "-o", str(tmp_path / "link.npz"))
+    assert err.endswith(f"is inside the input directory {data}, where this import reads .csv and tokens.txt "
+                        "files: write the output elsewhere"), err
     assert {p.name: p.read_bytes() for p in data.iterdir()} == before
     assert run(["import", "csv", str(data), "-o", str(data / "trace.npz"), "-q"]) == 0  # a name it never reads
     dumps = tmp_path / "dumps"
     dumps.mkdir()
     _per_token_dumps(dumps)
+    dump = next(dumps.glob("*.pt"))
+    (tmp_path / "dump-link.npz").symlink_to(dump)
+    before = dump.read_bytes()
     assert "where this import reads .pt files" in _cli_error(capsys, "import", "sglang", str(dumps), "-o",
-                                                              str(dumps / "a.pt"))
-    assert not (dumps / "a.pt").exists()
+                                                              str(tmp_path / "dump-link.npz"))
+    assert dump.read_bytes() == before
 
 
 def test_csv_edge_cases_found_by_the_sweep_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

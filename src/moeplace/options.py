@@ -86,14 +86,21 @@ class OutputFile(click.Path):
 
 
 class NpzOutputFile(OutputFile):
-    """The file a trace or load file (.npz) is written to: a `.npy` name is refused before the
-    run, since every reader takes a .npy for an ExFlow array and would refuse the file after it."""
+    """The file a trace or load file (.npz) is written to: its name must end in .npz (any case),
+    since readers go by the name: a .npy is read as an ExFlow array by every stage, a .txt or
+    .jsonl as text by `trace --data`, and `trace --resume` takes .npz only. A FIFO or device that
+    exists is written through whatever its name (check_writable): `-o /dev/null`."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        path = super().convert(value, param, ctx)
-        if Path(path).suffix.lower() == ".npy":
+        path = Path(super().convert(value, param, ctx))
+        suffix = path.suffix.lower()
+        if suffix == ".npy":
             self.fail(f"{value!r}: this writes an .npz archive, and a .npy name is read as an ExFlow array by "
                       "every stage: name it .npz", param, ctx)
+        written_through = path.exists() and not path.is_file() and not path.is_dir()
+        if suffix != ".npz" and not written_through:
+            self.fail(f"{str(value)!r}: this writes an .npz archive, and readers go by the name (a .txt or .jsonl "
+                      "is read as text by trace --data; --resume takes .npz only): name it .npz", param, ctx)
         return path
 
 

@@ -411,22 +411,33 @@ def _json_int(value: Any, key: str, name: str) -> int:
 
 
 def check_topology(num_experts: int, num_gpus: int, gpus_per_node: int, balanced: bool = True,
-                   hint: str = "", redundant: int = 0) -> None:
-    """Reject impossible clusters before any work: one clear line each (`hint` ends the line
-    about unequal counts: what the caller offers instead). `redundant` extra copies per layer
-    let more GPUs than experts each hold one (EPLB-style 16-way EP of 8 experts)."""
+                   hint: str = "", redundant: int = 0, *, gpus_named: str = "", fewer_gpus: str | None = None,
+                   per_node_hint: str = "") -> None:
+    """Reject impossible clusters before any work: one clear line each. `redundant` extra copies
+    per layer let more GPUs than experts each hold one (EPLB-style 16-way EP of 8 experts).
+
+    The rules are the same for every command; the ways out are the caller's, since they name its
+    options: `hint` ends the line about unequal counts, `fewer_gpus` the one about more GPUs than
+    copies (default: solve's, which adds copies), `per_node_hint` the one about --gpus-per-node.
+    `gpus_named` is how the GPU count was given, heading those lines (e.g. "--gpus 8 (the default
+    for 8 experts)"; default: "--gpus G" where a line names the option).
+    """
     if num_gpus < 1:
         raise PlacementError(f"--gpus must be >= 1, got {num_gpus}")
     if gpus_per_node < 1 or num_gpus % gpus_per_node:
-        raise PlacementError(f"--gpus {num_gpus} is not a multiple of --gpus-per-node {gpus_per_node}")
+        raise PlacementError(f"{gpus_named or f'--gpus {num_gpus}'} is not a multiple of --gpus-per-node "
+                             f"{gpus_per_node}{'; ' + per_node_hint if per_node_hint else ''}")
     if num_gpus > num_experts + redundant:
         copies = f"{num_experts} experts" + (f" + {redundant} redundant copies" if redundant else "")
-        raise PlacementError(f"{num_gpus} GPUs for {copies}: some GPU would hold no expert"
-                             + ("" if redundant else " (--objective balance with --redundant-experts adds copies)"))
+        if fewer_gpus is None:
+            way_out = "" if redundant else " (--objective balance with --redundant-experts adds copies)"
+        else:
+            way_out = f"; {fewer_gpus}" if fewer_gpus else ""
+        raise PlacementError(f"{gpus_named or f'{num_gpus} GPUs'} for {copies}: some GPU would hold no expert{way_out}")
     if balanced and num_experts % num_gpus:
         raise PlacementError(
-            f"{num_experts} experts per layer cannot be split equally over {num_gpus} GPUs "
-            f"({num_experts} % {num_gpus} = {num_experts % num_gpus}){': ' + hint if hint else ''}"
+            f"{gpus_named + ': ' if gpus_named else ''}{num_experts} experts per layer cannot be split equally over "
+            f"{num_gpus} GPUs ({num_experts} % {num_gpus} = {num_experts % num_gpus}){': ' + hint if hint else ''}"
         )
 
 

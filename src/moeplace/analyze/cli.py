@@ -39,22 +39,15 @@ def default_gpus(num_experts: int) -> int:
 
 
 def check_solve_cluster(num_experts: int, num_gpus: int, gpus_per_node: int, gpus_given: bool) -> None:
-    """The placement-transfer test's cluster, refused in analyze's own words: placement's
-    check_topology names solve's remedies (--objective balance, --redundant-experts), which
-    analyze has not; here the way out is a divisor of E for --gpus, or --no-solve."""
-    gpus = f"--gpus {num_gpus}" + ("" if gpus_given else f" (the default for {num_experts} experts)")
+    """The placement-transfer test's cluster: placement's check_topology rules, with analyze's
+    ways out (a divisor of E for --gpus, or --no-solve), not solve's (--objective balance,
+    --redundant-experts), which analyze has not."""
     fits = ", ".join(str(g) for g in range(1, num_experts + 1) if num_experts % g == 0)
     remedy = (f"give --gpus one of {fits} (the placement-transfer test gives every GPU E/G experts), or "
               "--no-solve without it")
-    if num_gpus > num_experts:
-        raise MoeplaceError(f"{gpus}: more GPUs than the trace's {num_experts} experts per layer; {remedy}")
-    if num_experts % num_gpus:
-        raise MoeplaceError(f"{gpus}: {num_experts} experts per layer cannot be split equally over {num_gpus} GPUs; "
-                            f"{remedy}")
-    if num_gpus % gpus_per_node:
-        raise MoeplaceError(f"{gpus} is not a multiple of --gpus-per-node {gpus_per_node}; give a --gpus-per-node "
-                            f"that divides {num_gpus}, or --no-solve without the two")
-    check_topology(num_experts, num_gpus, gpus_per_node)  # anything else it refuses
+    check_topology(num_experts, num_gpus, gpus_per_node, hint=remedy, fewer_gpus=remedy,
+                   gpus_named=f"--gpus {num_gpus}" + ("" if gpus_given else f" (the default for {num_experts} experts)"),
+                   per_node_hint=f"give a --gpus-per-node that divides {num_gpus}, or --no-solve without the two")
 
 
 def parse_pairs(spec: str | None, num_pairs: int, decoder: list[int] | None = None) -> list[int]:
@@ -112,9 +105,10 @@ def _check_compatible(a: Source, b: Source, path_b: str) -> None:
 
 
 # Options of the parts a load-only input does not get: affinity, stability halves and placement
-# transfer need per-token paths in some input, the transition heatmaps in every input. Given for
-# an input that lacks them, they are refused rather than silently ignored; the load-skew part's
-# options (-o, --compare, --hottest, --no-figures, -q) apply to any input.
+# transfer need per-token paths in some input (LOADS --compare TRACE solves TRACE's halves, with
+# --time-limit, --gpus and --seed), the transition heatmaps in every input. Given when no input
+# uses them, they are refused rather than silently ignored; the load-skew part's options (-o,
+# --compare, --hottest, --no-figures, -q) apply to any input.
 PER_TOKEN_OPTIONS = ("shuffles", "seed", "gpus", "gpus_per_node", "time_limit", "no_solve", "learning_curve",
                      "curve_splits")
 HEATMAP_OPTIONS = ("layers_spec", "heatmap_mode")
@@ -209,10 +203,11 @@ def analyze(
     """Report load skew, inter-layer affinity and its stability for TRACE, with figures.
 
     TRACE is a v1 trace (.npz) or an ExFlow .npy; a load-only .npz (moeplace.loads/v1) gets the
-    load skew (and, with --compare, the per-layer load correlation) only, and the options of the
-    other parts (--shuffles, --seed, --gpus, --gpus-per-node, --time-limit, --no-solve,
-    --learning-curve, --curve-splits; --layers and --heatmap-mode whenever an input is
-    load-only) are refused for it.
+    load skew (and, with --compare, the per-layer load correlation) only. Options of a part no
+    input gets are refused: --shuffles, --seed, --gpus, --gpus-per-node, --time-limit,
+    --no-solve and --curve-splits when no input has per-token paths (LOADS --compare B.npz
+    still solves B's halves: they apply), --learning-curve when TRACE is load-only, --layers and
+    --heatmap-mode whenever an input is load-only.
 
     \b
     Answers, per MoE layer and per consecutive layer pair l -> l+1:

@@ -263,6 +263,16 @@ def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str 
             "model_routing": (shape["num_experts"], shape["top_k"]) if model_dir is not None else None}
 
 
+def _once(ctx: click.Context, param: click.Parameter, values: tuple[Path, ...]) -> Path | None:
+    """The one value of a single-file option declared multiple=True, so that a repeat is seen:
+    click keeps the last of a repeated option silently, and `--baseline A --baseline B` scored B
+    alone while the user may have meant A, or both."""
+    if len(values) > 1:
+        raise click.BadParameter(f"given {len(values)} times ({', '.join(map(str, values))}): one placement "
+                                 "is compared; give it once", ctx, param)
+    return values[0] if values else None
+
+
 @click.command("eval")
 @click.argument("placement", type=click.Path(path_type=Path))
 @click.argument("trace", type=click.Path(path_type=Path))
@@ -272,9 +282,9 @@ def traffic_options(model_dir: Path | None, hidden_size: int | None, dtype: str 
                    "a checkpoint directory it reads (--model, --model-config DIR).")
 @click.option("--all-tokens", is_flag=True,
               help="Evaluate every token, even when the placement was fitted on part of this trace.")
-@click.option("--baseline", type=click.Path(path_type=Path), default=None, metavar="OTHER.json",
+@click.option("--baseline", type=click.Path(path_type=Path), multiple=True, callback=_once, metavar="OTHER.json",
               help="Also score another placement of the same model (the one deployed) on exactly PLACEMENT's "
-                   "tokens: a `baseline` row, and PLACEMENT's values over the baseline's.")
+                   "tokens: a `baseline` row, and PLACEMENT's values over the baseline's. Given once.")
 @click.option("--max-cross-gpu", **_LIMIT, help="Exit 1 if the fraction of top-1 transitions crossing GPUs exceeds X.")
 @click.option("--max-cross-node", **_LIMIT, help="Exit 1 if the fraction crossing nodes exceeds X.")
 @click.option("--max-dest-gpus", **_LIMIT, help="Exit 1 if the mean remote GPUs per token (top-k) exceeds X.")

@@ -116,9 +116,14 @@ def _model_layers_unchecked(model: Path | None, trace: Path | None, moe_layers: 
         return ([int(x) for x in layers], num_hidden_layers or (int(depth) if isinstance(depth, int) else None),
                 t.num_experts, model_type if isinstance(model_type, str) else None)
     if model is not None:
+        from moeplace.export.permute import require_config
         from moeplace.models.checkpoint import moe_blocks, open_checkpoint, text_config
 
         ckpt = open_checkpoint(model)
+        # without it the family check passed unseen and the SGLang rows ended at the last MoE layer
+        require_config(ckpt, "export reads the model family and its decoder layer count (num_hidden_layers) "
+                             "there, to check the placement is of this model and to give SGLang a row per decoder "
+                             "layer")
         blocks = moe_blocks(ckpt)
         config = text_config(ckpt.config)
         depth, model_type = config.get("num_hidden_layers"), config.get("model_type")
@@ -176,7 +181,8 @@ Examples:
 @click.option("--from", "from_format", type=click.Choice(TO_FORMATS), help="Read INPUT (this engine's file) into a placement.")
 @click.option("-o", "--output", type=OUTPUT_FILE, required=True, help="File to write (atomically).")
 @click.option("--model", type=click.Path(path_type=Path),
-              help="Hugging Face model dir: checks the placement (written or read, any format) fits it; for sglang "
+              help="Hugging Face model dir (save_pretrained: config.json and safetensors weights; one without "
+                   "config.json is refused): checks the placement (written or read, any format) fits it; for sglang "
                    "also which decoder layers are MoE. --to: refuses a `permute-checkpoint` output already "
                    "renumbered for this placement. -o may not be inside it.")
 @click.option("--trace", type=click.Path(path_type=Path),

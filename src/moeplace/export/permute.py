@@ -144,6 +144,14 @@ def check_not_applied(model_dir: str | Path, placement: Placement) -> None:
             f"({record.get('source')}) with it")
 
 
+def require_config(ckpt: Checkpoint, why: str) -> None:
+    """Refuse a model directory without config.json (open_checkpoint reads it as {}: every check
+    of the family or the layer count then passes unseen). `why`: what the command reads there,
+    "COMMAND reads ... there, to ...", for the one line."""
+    if not (ckpt.root / "config.json").is_file():
+        raise CheckpointError(f"{ckpt.root}: no config.json: {why}; give the save_pretrained directory")
+
+
 def check_group_routing(config: dict[str, Any], new_to_old: np.ndarray, where: str = "config.json") -> None:
     """Reject a renumbering that breaks group-limited routing (DeepSeek n_group / topk_group).
 
@@ -209,10 +217,10 @@ def permute_checkpoint(
     check_group_routing(ckpt.config, new_to_old, str(config_path))
     total = sum(e.end - e.begin for tensors in ckpt.shards.values() for e in tensors.values())
     plan = _plan(ckpt, blocks, new_to_old)
-    if not config_path.is_file():  # the checks above found no family and no groups in it: they did not run
-        raise CheckpointError(f"{ckpt.root}: no config.json: permute-checkpoint reads the model family and its group-"
-                              "limited routing (n_group, topk_group) there, to refuse a renumbering that would change "
-                              "routing, and copies it beside the renumbered weights; give the save_pretrained directory")
+    # the checks above found no family and no groups in a missing config: they did not run
+    require_config(ckpt, "permute-checkpoint reads the model family and its group-limited routing (n_group, "
+                         "topk_group) there, to refuse a renumbering that would change routing, and copies it beside "
+                         "the renumbered weights")
 
     with contextlib.ExitStack() as stack:
         try:  # where it cannot be written, say so (not "0.0 GiB free" as a pseudo-filesystem reports)

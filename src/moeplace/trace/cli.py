@@ -38,8 +38,9 @@ if TYPE_CHECKING:
                                    "directory of them (recursively, hidden names and LICENSE*/NOTICE*/"
                                    "COPYING* files skipped). Repeat for several; a file given twice is "
                                    "refused.")
-@click.option("-o", "--output", required=True, type=NPZ_OUTPUT,
-              help="Trace file to write (.npz, moeplace trace v1).")
+@click.option("-o", "--output", required=True, type=NPZ_OUTPUT, metavar="TRACE.npz",
+              help="Trace file to write (moeplace trace v1); its name must end in .npz (a FIFO or device, "
+                   "e.g. /dev/null, is written through whatever its name).")
 @click.option("--seq-len", default=None, type=click.IntRange(min=1), show_default=False,
               help="Tokens per sequence (each document is cut into windows)  [default: 512, or the model's "
                    "max_position_embeddings when smaller]")

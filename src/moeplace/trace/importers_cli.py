@@ -21,8 +21,9 @@ from moeplace.trace.format import ExpertLoads, Trace, layer_ranges, make_trace, 
 from moeplace.trace.importers import check_num_experts, import_csv, import_loads_json, import_sglang
 
 _OUTPUT = click.option(
-    "-o", "--output", required=True, type=NPZ_OUTPUT,
-    help="Where to write the result (.npz; written atomically).",
+    "-o", "--output", required=True, type=NPZ_OUTPUT, metavar="OUT.npz",
+    help="Where to write the result (written atomically); its name must end in .npz (an existing pipe or "
+         "device, e.g. /dev/null, is written through whatever its name).",
 )
 _QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress on stderr, no summary line.")
 _META = click.option(
@@ -100,11 +101,13 @@ def _check_run(output: Path, inputs: Sequence[Path], meta: Sequence[str], reads:
     """Before reading anything: -o can be written and is no input, and --meta parses. `reads`:
     the names an input directory's files are read by (".csv", "tokens.txt"): -o with one of them
     inside an input directory (DIR/layer5.csv, DIR/tokens.txt, also through a link) would replace
-    a file the run reads from the directory, or be read by the next import of it. Another name
-    there (DIR/trace.npz) is left alone."""
+    a file the run reads from the directory, or be read by the next import of it (a link named
+    out.npz to one of them alike). Another name there (DIR/trace.npz) is left alone."""
     check_writable(output, inputs=inputs)
-    name = output.name.lower()
-    if any(name == r or name.endswith(r) for r in reads):
+    # the name as given and the one a link resolves to: the write goes through a link (atomic_path),
+    # so `-o out.npz` linked to DIR/layer0.csv would replace that input
+    names = {output.name.lower(), output.resolve().name.lower()}
+    if any(name == r or name.endswith(r) for r in reads for name in names):
         for p in inputs:
             if p.is_dir() and _inside(output, p):
                 raise MoeplaceError(f"-o {output}: is inside the input directory {p}, where this import reads "
