@@ -149,3 +149,15 @@ def test_eval_refuses_a_repeated_baseline(tmp_path: Path, capsys: pytest.Capture
     assert not out.exists()
     assert run(["eval", str(a), str(trace), "--baseline", str(b), "--json"]) == 0  # once: as before
     assert json.loads(capsys.readouterr().out)["baseline"]["placement"] == str(b)
+
+
+def test_serve_routing_out_must_be_named_npz(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """serve --routing-out writes a trace (.npz) as trace and import do: another name is refused by
+    the same option type, before the model is looked at."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": [1, 2]}\n')
+    out = str(tmp_path / "routing.json")
+    err = one_error_line(capsys, ["serve", "--model", str(tmp_path / "no-model"), "--prompts", str(prompts),
+                                  "--routing-out", out])
+    assert err.startswith(f"Invalid value for '--routing-out': {out!r}: this writes an .npz archive"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]

@@ -641,8 +641,8 @@ def test_two_outputs_naming_one_file_are_refused(model: tuple[Path, list[list[in
     cases = [
         (["--out", "same.json", "--stats-out", "same.json"], "--stats-out same.json: is the same file as --out same.json"),
         (["--out", "r.npz", "--routing-out", str(tmp_path / "sub" / ".." / "r.npz")], "is the same file as --out r.npz"),
-        (["--nproc-per-node", "2", "--device", "cpu", "--stats-out", "s.json", "--routing-out", "./s.json"],
-         "--routing-out ./s.json: is the same file as --stats-out s.json"),  # the launcher refuses it too
+        (["--nproc-per-node", "2", "--device", "cpu", "--stats-out", "s.npz", "--routing-out", "./s.npz"],
+         "--routing-out s.npz: is the same file as --stats-out s.npz"),  # the launcher refuses it too
     ]
     for extra, message in cases:
         assert run([*base, *extra]) == 2

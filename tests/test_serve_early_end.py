@@ -19,7 +19,7 @@ import torch
 from moeplace.models.tiny import build_tiny_model
 from moeplace.placement import load_placement
 from moeplace.serve.counters import Counters
-from moeplace.serve.generate import Result, decode_routing
+from moeplace.serve.generate import Result, routing_arrays
 from moeplace.serve.model import RankModel, read_spec
 from moeplace.serve.replicas import ExpertMap
 from moeplace.serve.sampling import GREEDY, Sampling
@@ -107,11 +107,11 @@ def test_a_slot_ended_by_the_hook_keeps_its_tokens_so_far_and_the_others_run_on(
         assert n == c.steps["decode"] + 1 and nbytes == n * len(PROMPTS) * 8 * (world - 1)
         assert c.totals[("decode", "logprobs")][0] == n
     # routing keeps what was computed: slot 1's 3 kept tokens were all fed to the model, the last
-    # at the step that ended it; decode_routing reads them
+    # at the step that ended it; routing_arrays reads them
     rows = np.concatenate([r[2].routing for r in ranks if r[2].routing is not None and len(r[2].routing)])
     rows = rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))].astype(np.int64)
     first = len(PROMPTS[1])
     assert sorted(set(rows[rows[:, 0] == 1, 1].tolist())) == list(range(first, first + END_AT))
-    arrays = decode_routing(rows, None, PROMPTS, ended.tokens, len(read_spec(model).moe_layers))
+    arrays = routing_arrays(rows, None, PROMPTS, ended.tokens, len(read_spec(model).moe_layers))
     mine = arrays["sequence_ids"] == 1
     assert arrays["token_ids"][mine].tolist() == ended.tokens[1]

@@ -16,6 +16,7 @@ from moeplace.eval.gates import (BASELINE_METRICS, LABELS, VS_BASELINE, check_li
 from moeplace.eval.metrics import evaluate, imbalance
 from moeplace.eval.report import (COLUMNS, PER_LAYER, MetricFn, add_traffic_ratios, build_load_report, build_report,
                                   render_table, token_subsets, traffic_metric_fn, vs_baseline)
+from moeplace.eval.traffic import traffic_scope_note
 from moeplace.io import write_json_atomic
 from moeplace.models.config import read_model_shape
 from moeplace.options import (DTYPE_BYTES, MAX_HIDDEN_SIZE, NON_NEGATIVE, OUTPUT_FILE, Count, DtypeChoice,
@@ -156,6 +157,8 @@ def evaluate_files(placement_path: Path, trace_path: Path, all_tokens: bool, met
         raise MoeplaceError(f"{needs_sequences}: the traffic prediction needs the sequence of each token (home rank = "
                             f"sequence % GPUs), and {trace_path} has no sequence_ids (an ExFlow .npy or an import "
                             "without them; `moeplace trace` and `serve --routing-out` record them)")
+    if needs_sequences and (note := traffic_scope_note(trace, str(trace_path))):  # a serve --routing-prefill file
+        click.echo(f"moeplace eval: note: {note}", err=True)
     if cost is not None and (unusable := recorded_mismatch(cost, trace, placement_path, trace_path)):
         if none_recorded:
             raise MoeplaceError(unusable)

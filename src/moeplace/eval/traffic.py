@@ -19,6 +19,14 @@ expert ranks D (|D| <= k) and current rank `here`:
 Row sizes: a dispatch row is [hidden | k expert ids | k gate weights | slot] = hidden * b +
 4 * (2k + 1) bytes (b: bytes per activation element); a combine row is hidden * b bytes.
 Collectives per MoE layer and step: standard 2, coherent 1 for top-1 and 2 for top-k.
+
+Decode tokens only: a `serve --routing-out --routing-prefill` trace also holds its prompt tokens
+(meta "phases" has "prefill"; meta "prompt_lengths" gives each sequence's prompt length, below
+which its positions are prompt tokens). Prefill is one forward of whole prompts on their home
+ranks (standard path, counted apart in serve's --stats-out "prefill"), not decode steps, so
+the prediction leaves those tokens out (`decode_tokens`) and says how many (`prompt_tokens`).
+Any other trace (`moeplace trace`, imports, decode-only serve files) is taken as decode tokens,
+as before.
 """
 
 from __future__ import annotations
@@ -98,15 +106,59 @@ def start_ranks(trace: Trace, gpus: np.ndarray, num_gpus: int) -> np.ndarray:
     return start
 
 
+def holds_prompt_tokens(trace: Trace) -> bool:
+    """Whether the trace says it holds prompt (prefill) tokens besides decode tokens: meta
+    "phases" (serve --routing-prefill) lists "prefill"."""
+    phases = trace.meta.get("phases")
+    return isinstance(phases, list) and "prefill" in phases
+
+
+def decode_tokens(trace: Trace) -> np.ndarray | None:
+    """Indices of the trace's decode tokens, int64 [D] ascending, when it holds prompt tokens
+    too (holds_prompt_tokens): the tokens at or past their sequence's meta "prompt_lengths"
+    entry; None when every token is a decode step's. Raises TraceError when the meta cannot
+    tell them apart (no prompt_lengths, or none for one of its sequences: a file whose sequence
+    ids were renumbered)."""
+    if not holds_prompt_tokens(trace):
+        return None
+    seq, pos = _sequences(trace)
+    table = trace.meta.get("prompt_lengths")
+    pairs = None
+    if isinstance(table, list):
+        try:
+            pairs = np.asarray(table, dtype=np.int64).reshape(-1, 2)
+        except (TypeError, ValueError, OverflowError):
+            pass
+        if pairs is not None and len(pairs) != len(table):  # a flat list, or rows of another width
+            pairs = None
+    if pairs is None:
+        raise TraceError("the trace holds prompt tokens (meta phases) but no valid meta prompt_lengths ([[sequence "
+                         "id, prompt length], ...]): its decode tokens cannot be told from them")
+    pairs = pairs[np.argsort(pairs[:, 0], kind="stable")]
+    at = np.minimum(np.searchsorted(pairs[:, 0], seq), max(len(pairs) - 1, 0))
+    listed = pairs[at, 0] == seq if len(pairs) else np.zeros(len(seq), dtype=bool)
+    if not listed.all():
+        raise TraceError(f"the trace holds prompt tokens (meta phases) but its meta prompt_lengths lists no sequence "
+                         f"{int(seq[~listed][0])}: its decode tokens cannot be told from its prompt tokens")
+    return np.flatnonzero(pos >= pairs[at, 1])
+
+
 def predict_traffic(placement: Placement, trace: Trace, mode: str, hidden_size: int,
                     element_bytes: int) -> dict[str, Any]:
-    """Cross-rank rows and bytes of each Alltoall kind, totals and per generated token.
+    """Cross-rank rows and bytes of each Alltoall kind, totals and per decoded token.
 
     trace: the decoded tokens (sequence_ids and positions required); placement: replicas allowed.
+    A trace that also holds prompt tokens (holds_prompt_tokens) is predicted on its decode
+    tokens alone: `tokens` counts those, and `prompt_tokens` the prompt tokens left out.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     placement.check_fits(trace.num_layers, trace.num_experts)
+    decode = decode_tokens(trace)
+    prompt_tokens = None
+    if decode is not None:
+        prompt_tokens = trace.num_tokens - len(decode)
+        trace = trace.select_tokens(decode)
     num_gpus, k = placement.num_gpus, trace.top_k
     gpus = serving_gpus(placement, trace, mode)  # [T, L, k]
     distinct = remote_destinations(gpus, np.full(gpus.shape[:2], -1))  # |D| [T, L]
@@ -134,4 +186,18 @@ def predict_traffic(placement: Placement, trace: Trace, mode: str, hidden_size: 
         "alltoall_bytes_per_token": (d_bytes + c_bytes) / tokens,
         "alltoalls_per_layer": 1 if mode == "coherent" and k == 1 else 2,
         "cross_rank_rows_per_layer": (dispatch + combine).sum(axis=0).tolist(),
+        **({} if prompt_tokens is None else {"prompt_tokens": prompt_tokens}),
     }
+
+
+def traffic_scope_note(trace: Trace, name: str) -> str | None:
+    """One line for eval to print when the traffic prediction leaves some of the trace's tokens
+    out (a serve --routing-prefill trace: its prompt tokens), else None. Raises TraceError as
+    decode_tokens does."""
+    decode = decode_tokens(trace)
+    if decode is None:
+        return None
+    prompt = trace.num_tokens - len(decode)
+    return (f"{name} holds {prompt} prompt (prefill) and {len(decode)} decode tokens (meta phases): the predicted "
+            "Alltoall traffic covers the decode tokens only, as serve's --stats-out \"decode\" counts them; the "
+            "placement metrics cover all tokens")

@@ -43,6 +43,7 @@ from moeplace.serve.openai import (
 from moeplace.serve.sampling import Sampling, int64
 from moeplace.serve.text import StopWatch
 from moeplace.options import (
+    NPZ_OUTPUT,
     DtypeChoice,
     FiniteFloat,
     check_distinct_outputs,
@@ -63,6 +64,7 @@ Examples (4 ranks: gloo on CPU; on GPUs the same command uses NCCL, one GPU per 
       --placement placement.json --prompts prompts.txt --out out.jsonl --max-new-tokens 32
   moeplace serve --nproc-per-node 4 --model checkpoints/tiny-moe \\
       --placement placement.json --port 8000 --routing-out live.npz   # records the served routing
+  # add --routing-prefill to record the prompts' routing too: most of a server's tokens, data sooner
   curl -s localhost:8000/v1/completions -d '{"prompt": "Hello", "max_tokens": 16}'
   curl -sN localhost:8000/v1/completions -d '{"prompt": "Hello", "stream": true}'   # token by token
   moeplace solve live.npz --gpus 4 --from placement.json --max-moves 2 -o new.json   # re-place for it
@@ -171,20 +173,25 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS, *CHOICE_KEYS}  # what a J
 @click.option("--stats-out", type=click.Path(dir_okay=False),
               help="Batch: write counters JSON (collectives, tokens and bytes to other ranks, each rank's "
                    "expert load per MoE layer, tokens/s).")
-@click.option("--routing-out", type=click.Path(dir_okay=False),
-              help="Write the decode routing (top-k ids and gate weights of every token a decode step runs) "
-                   "as a moeplace trace (.npz), to predict traffic or re-solve (`moeplace solve TRACE --from "
-                   "placement.json --max-moves N`). HTTP: the served traffic's, written every --routing-every "
-                   "seconds and when the server stops.")
+@click.option("--routing-out", type=NPZ_OUTPUT, metavar="TRACE.npz",
+              help="Write the decode routing (top-k ids and gate weights of every token a decode step runs; "
+                   "--routing-prefill: every prompt token's too) as a moeplace trace (.npz), to predict traffic "
+                   "or re-solve (`moeplace solve TRACE --from placement.json --max-moves N`). HTTP: the served "
+                   "traffic's, written every --routing-every seconds and when the server stops.")
+@click.option("--routing-prefill/--no-routing-prefill", default=False, show_default=True,
+              help="With --routing-out: record every prompt token's routing too (prefill), each sequence's "
+                   "prompt tokens before its decode tokens, in position order; the trace's meta says so "
+                   "(\"phases\", \"prompt_lengths\"). Prompt tokens count in --routing-max-tokens.")
 @click.option("--routing-every", type=FiniteFloat(0.0, MAX_TIMEOUT_S, min_open=True), default=ROUTING_EVERY_S,
               show_default=True,
               help="HTTP, with --routing-out: rewrite the file this often (seconds) while tokens come in, so a "
                    "killed server loses at most this much routing.")
 @click.option("--routing-max-tokens", type=click.IntRange(1, 1 << 40), default=ROUTING_MAX_TOKENS, show_default=True,
-              help="HTTP, with --routing-out: hold at most this many decode tokens (memory on rank 0: about 2.8 kB "
-                   "a token for DeepSeek-V3's 58 MoE layers x top-8); --routing-keep says which.")
+              help="HTTP, with --routing-out: hold at most this many decode tokens (with --routing-prefill, "
+                   "prompt and decode tokens; memory on rank 0: about 2.8 kB a token for DeepSeek-V3's 58 MoE "
+                   "layers x top-8); --routing-keep says which.")
 @click.option("--routing-keep", type=click.Choice(ROUTING_KEEP), default="first", show_default=True,
-              help="HTTP, with --routing-out: first: the first --routing-max-tokens decode tokens, then recording "
+              help="HTTP, with --routing-out: first: the first --routing-max-tokens tokens, then recording "
                    "stops; last: record for the server's whole life, keeping the most recent --routing-max-tokens "
                    "(the oldest batches are dropped; the trace's meta says keep \"last\" and dropped_tokens), the "
                    "traffic as it is now, to re-place on.")
@@ -194,8 +201,8 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
           presence_penalty: float | None, frequency_penalty: float | None, repetition_penalty: float | None,
           seed: int | None, n: int | None, stop: tuple[str, ...], logprobs: int | None, port: int | None,
           host: str, chat_template: str | None, device: str, dtype: str | None, timeout_s: float,
-          strict_topology: bool, stats_out: str | None, routing_out: str | None, routing_every: float,
-          routing_max_tokens: int, routing_keep: str) -> None:
+          strict_topology: bool, stats_out: str | None, routing_out: str | None, routing_prefill: bool,
+          routing_every: float, routing_max_tokens: int, routing_keep: str) -> None:
     """Expert-parallel inference with a placement applied: each rank holds the non-expert weights
     and only its own experts, read straight from the checkpoint's safetensors.
 
@@ -203,20 +210,24 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
     Inputs:  --model checkpoint, --placement JSON, and --prompts FILE (batch) or --port (HTTP);
              --nproc-per-node N starts N ranks here (or launch it under torchrun).
     Outputs: --out JSONL generations; --stats-out counters; --routing-out decode routing trace
-             (batch or HTTP).
+             (batch or HTTP; --routing-prefill: the prompts' routing too).
     A placement for another model or another world size is rejected before any weight is read,
     and one for other nodes than the ranks' is named (--strict-topology: rejected); a rank that
     dies makes the others exit with an error within --timeout.
     """
     from moeplace.serve.dist import world_from_env
 
+    routing_out = None if routing_out is None else str(routing_out)  # (NPZ_OUTPUT gives a Path)
     if (prompts_path is None) == (port is None):
         raise MoeplaceError("give exactly one of --prompts FILE (batch) or --port N (HTTP server)")
     refuse_other_mode(click.get_current_context(), http=port is not None)
-    for param in ("routing_every", "routing_max_tokens", "routing_keep"):  # moot without the file they shape
+    for param in ("routing_prefill", "routing_every", "routing_max_tokens", "routing_keep"):  # moot without the file
         if routing_out is None and click.get_current_context().get_parameter_source(param) \
                 != click.core.ParameterSource.DEFAULT:
-            raise MoeplaceError(f"--{param.replace('_', '-')} shapes the --routing-out file: give --routing-out FILE")
+            flag = param.replace("_", "-")
+            if param == "routing_prefill" and not routing_prefill:  # named as given
+                flag = "no-" + flag
+            raise MoeplaceError(f"--{flag} shapes the --routing-out file: give --routing-out FILE")
     if temperature is None and (top_p is not None or top_k is not None):  # a filter on greedy: moot
         raise MoeplaceError("--top-p and --top-k shape sampling: give --temperature too (the default, 0, is greedy)")
     if temperature is None and min_p is not None:
@@ -249,7 +260,7 @@ def serve(nproc_per_node: int | None, model_dir: str, placement_path: str | None
         _serve(model_dir, placement_path, mode, prompts_path, out_path, max_new_tokens, max_batch, ignore_eos,
                defaults, port, host, device, dtype, timeout_s, stats_out, routing_out,
                (routing_every, routing_max_tokens, routing_keep),
-               chat_template, strict_topology)
+               chat_template, strict_topology, routing_prefill)
     except Terminated as e:  # the routing is written: now end as the signal would have
         sys.stdout.flush()
         sys.stderr.flush()
@@ -362,11 +373,14 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
            host: str, device: str, dtype: str | None, timeout_s: float, stats_out: str | None,
            routing_out: str | None,
            routing_limits: tuple[float, int, str] = (ROUTING_EVERY_S, ROUTING_MAX_TOKENS, "first"),
-           chat_template: str | None = None, strict_topology: bool = False) -> None:
+           chat_template: str | None = None, strict_topology: bool = False,
+           routing_prefill: bool = False) -> None:
     """defaults: what a batch JSONL line's keys override (read_prompts). routing_limits:
     (--routing-every, --routing-max-tokens, --routing-keep), for the HTTP server's --routing-out.
     chat_template: --chat-template's value (a file or the template), which rank 0 sets on its tokenizer.
-    strict_topology: a placement whose nodes are not the ranks' is an error, not a warning."""
+    strict_topology: a placement whose nodes are not the ranks' is an error, not a warning.
+    routing_prefill: --routing-out records the prompts' routing too (rank 0's setting: every
+    command carries it to the other ranks, engine.send_command)."""
     import torch.distributed as dist
 
     from moeplace.export.permute import ep_size_note
@@ -427,7 +441,7 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
         routing = None
         if routing_out:
             routing = engine.RoutingLog(routing_out, rt, max_tokens=routing_limits[1], every_s=routing_limits[0],
-                                        keep=routing_limits[2])
+                                        keep=routing_limits[2], prefill=routing_prefill)
         try:
             with writes_routing_on_signals(routing):
                 serve_forever(rt, server, tokenizer, max_batch, max_new_tokens, heartbeat_s=heartbeat_s,
@@ -447,6 +461,7 @@ def _serve(model_dir: str, placement_path: str | None, mode: str, prompts_path: 
         size = plural(len(prompts), "prompt") + (f", {plural(sequences, 'sequence')}" if sequences > len(prompts) else "")
         click.echo(f"moeplace serve: batch of {size} ({plural(world, 'rank')}, {mode}); {describe_placement(applied)}",
                    err=True)
+        rt.record_prefill = routing_prefill and routing_out is not None
         run_batch(rt, prompts, max_batch, ignore_eos, tokenizer, out_path, stats_out, routing_out, applied)
         engine.send_command(rt, engine.STOP)
     if world > 1:
@@ -785,7 +800,7 @@ def run_batch(rt: Any, prompts: list[BatchPrompt], max_batch: int, ignore_eos: b
     from moeplace.io import write_json_atomic, write_text_atomic
     from moeplace.progress import Progress
     from moeplace.serve import engine
-    from moeplace.serve.generate import decode_routing
+    from moeplace.serve.generate import routing_arrays
     from moeplace.trace.format import make_trace, save_trace
 
     spec = rt.model.spec
@@ -799,7 +814,7 @@ def run_batch(rt: Any, prompts: list[BatchPrompt], max_batch: int, ignore_eos: b
     sequences = [(p, params) for p in prompts for params in prompt_sampling(p.sampling, p.n)]
     results: list[list[int]] = []
     logprobs: list[list[TokenLogprobs] | None] = []  # per sequence, where its batch computed them
-    routing: list[dict[str, np.ndarray]] = []  # decode_routing's arrays per batch
+    routing: list[dict[str, np.ndarray]] = []  # routing_arrays' per batch (prompt tokens too: rt.record_prefill)
     seconds = 0.0
     progress = Progress("serve: generating", total=len(sequences))
     for start in range(0, len(sequences), max_batch):
@@ -815,7 +830,7 @@ def run_batch(rt: Any, prompts: list[BatchPrompt], max_batch: int, ignore_eos: b
         logprobs += res.logprobs if res.logprobs is not None else [None] * len(chunk)
         seconds += res.seconds
         if res.routing is not None:  # sequence id: the sequence's index (slot + start)
-            routing.append(decode_routing(res.routing, res.routing_weights, req.prompts, res.tokens,
+            routing.append(routing_arrays(res.routing, res.routing_weights, req.prompts, res.tokens,
                                           len(spec.moe_layers), start))
         progress.update(start + len(chunk))
     generated = sum(len(t) for t in results)
@@ -841,13 +856,16 @@ def run_batch(rt: Any, prompts: list[BatchPrompt], max_batch: int, ignore_eos: b
     if routing_out:
         layers = len(spec.moe_layers)
         arrays = {key: np.concatenate([r[key] for r in routing]) for key in routing[0]}
+        prefill = rt.record_prefill
+        meta = {"source": engine.routing_source(prefill, http=False), "model": str(spec.path),
+                "moe_layers": list(spec.moe_layers), "home_rank": "sequence_id % world", "world": rt.comm.world}
+        if prefill:
+            meta.update(engine.phase_meta(arrays["sequence_ids"], arrays["prompt_lengths"]))
         trace = make_trace(arrays["topk_ids"], arrays.get("topk_weights"), spec.num_experts,
                            sequence_ids=arrays["sequence_ids"], positions=arrays["positions"],
-                           token_ids=arrays["token_ids"], name=routing_out,
-                           meta={"source": "moeplace serve (decode)", "model": str(spec.path),
-                                 "moe_layers": list(spec.moe_layers), "home_rank": "sequence_id % world",
-                                 "world": rt.comm.world})
+                           token_ids=arrays["token_ids"], name=routing_out, meta=meta)
         with writing(routing_out):
             save_trace(trace, routing_out)
-        click.echo(f"wrote {routing_out}: decode routing of {plural(trace.num_tokens, 'token')} x "
-                   f"{plural(layers, 'MoE layer')}", err=to_stderr)
+        prompt = engine.prompt_token_count(arrays["positions"], arrays["prompt_lengths"])
+        click.echo(f"wrote {routing_out}: {engine.routing_summary(trace.num_tokens, layers, prefill, prompt)}",
+                   err=to_stderr)

@@ -13,7 +13,8 @@ Order on every rank (so a bad placement costs nothing):
        ranks follow the commands; idle rank 0 sends heartbeats, so a dead rank is noticed by
        the others within the timeout even when no request arrives
 
-`RoutingLog` is rank 0's record of the HTTP server's decode routing (`serve --port --routing-out`).
+`RoutingLog` is rank 0's record of the HTTP server's decode routing, and with --routing-prefill
+its prompts' too (`serve --port --routing-out`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import click
 import numpy as np
@@ -37,7 +38,7 @@ from moeplace.options import plural
 from moeplace.placement import Placement, load_placement
 from moeplace.serve.counters import Counters
 from moeplace.serve.dist import Comm, init_distributed, world_from_env
-from moeplace.serve.generate import MODES, Result, Runtime, StepCallback, decode_routing
+from moeplace.serve.generate import MODES, Result, Runtime, StepCallback, routing_arrays
 from moeplace.serve.model import ModelSpec, RankModel, read_spec
 from moeplace.serve.replicas import ExpertMap
 from moeplace.serve.sampling import TABLE_WIDTH, Sampling, sampling_from_table, sampling_table
@@ -45,6 +46,9 @@ from moeplace.solve.baselines import contiguous
 from moeplace.trace.format import Trace, save_trace
 
 NOOP, GENERATE, STOP = 0, 1, 2  # commands rank 0 broadcasts
+# a GENERATE header's flag: rank 0's Runtime.record_prefill, which every rank records by
+# (send_command sets it, receive_command applies it), so the ranks never disagree on it
+RECORD_PREFILL = 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,7 +57,9 @@ class Request:
     prompts: list[list[int]]
     max_new_tokens: list[int]
     ignore_eos: bool = False
-    record_routing: bool = False  # gather the decode routing (--routing-out: traffic checks, re-solving)
+    # gather the decode routing (--routing-out: traffic checks, re-solving); the prefill's too
+    # where rank 0's runtime has record_prefill (--routing-prefill: a flag of the command, not of the request)
+    record_routing: bool = False
     sampling: list[Sampling] | None = None  # per prompt (serve/sampling.py); None: all greedy
     # N >= 0: every token's log-probability and the N likeliest alternatives, for the whole
     # batch (the largest N a request of it asked for); None: none (no collective for them)
@@ -66,10 +72,11 @@ class Request:
 
     @property
     def flags(self) -> int:
-        """The header's flags: bits 0-3 ignore_eos, record_routing, sampled, logprobs; N above them."""
+        """The header's flags: bits 0-3 ignore_eos, record_routing, sampled, logprobs; bit 4
+        (RECORD_PREFILL) is send_command's; N above them."""
         wants = self.logprobs is not None
         return (int(self.ignore_eos) | 2 * int(self.record_routing) | 4 * int(self.sampled) | 8 * int(wants)
-                | (self.logprobs or 0) << 4)
+                | (self.logprobs or 0) << 5)
 
 
 def check_placement(spec: ModelSpec, placement: Placement | None, world: int) -> Placement:
@@ -265,7 +272,8 @@ def build_runtime(model_dir: str, placement_path: str | None, mode: str, timeout
 
 
 def receive_command(rt: Runtime) -> tuple[int, Request | None]:
-    """Worker side of send_command: (command, request when GENERATE)."""
+    """Worker side of send_command: (command, request when GENERATE); a GENERATE also sets the
+    runtime's record_prefill to rank 0's."""
     dev = rt.comm.device
     header = torch.zeros(4, dtype=torch.int64, device=dev)
     dist.broadcast(header, 0)
@@ -278,23 +286,25 @@ def receive_command(rt: Runtime) -> tuple[int, Request | None]:
     lens, max_new, flat = vals[:n], vals[n:2 * n], vals[2 * n:]
     starts = np.cumsum([0] + lens)
     prompts = [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
+    rt.record_prefill = bool(flags & RECORD_PREFILL)
     sampling = None
     if flags & 4:  # a token may be drawn on any rank (coherent mode): every rank needs every row's parameters
         table = torch.zeros((n, TABLE_WIDTH), dtype=torch.int64, device=dev)
         dist.broadcast(table, 0)
         sampling = sampling_from_table(table.cpu())
     return cmd, Request(prompts, max_new, bool(flags & 1), bool(flags & 2), sampling,
-                        flags >> 4 if flags & 8 else None)
+                        flags >> 5 if flags & 8 else None)
 
 
 def send_command(rt: Runtime, cmd: int, req: Request | None = None) -> None:
-    """Rank 0 side: broadcast (cmd, request) to the other ranks."""
+    """Rank 0 side: broadcast (cmd, request) to the other ranks, with rank 0's record_prefill."""
     if rt.comm.world == 1:
         return
     dev = rt.comm.device
     n = len(req.prompts) if req else 0
     total = sum(len(p) for p in req.prompts) if req else 0
-    header = torch.tensor([cmd, n, total, req.flags if req else 0], dtype=torch.int64, device=dev)
+    flags = req.flags | RECORD_PREFILL * int(rt.record_prefill) if req else 0
+    header = torch.tensor([cmd, n, total, flags], dtype=torch.int64, device=dev)
     dist.broadcast(header, 0)
     if cmd == GENERATE and req is not None:
         body = torch.tensor([len(p) for p in req.prompts] + list(req.max_new_tokens)
@@ -338,35 +348,71 @@ def worker_loop(rt: Runtime) -> None:
 # --routing-max-tokens' default. A decode token costs L x k x (2 B id + 4 B gate weight) + 24 B
 # (sequence, position, token id): 2.8 kB for DeepSeek-V3 (58 MoE layers, top-8, 256 experts), so
 # 200k tokens hold 0.56 GB on rank 0's host, twice that while a write joins the batches' arrays.
+# With --routing-prefill a prompt token costs as much, and every token 4 B more (its prompt's length).
 ROUTING_MAX_TOKENS = 200_000
 ROUTING_EVERY_S = 300.0
-# --routing-keep: the first max_tokens decode tokens (then recording stops), or a window of the
-# last max_tokens (recording goes on for the server's life; the oldest tokens are dropped)
+# --routing-keep: the first max_tokens tokens (then recording stops), or a window of the last
+# max_tokens (recording goes on for the server's life; the oldest tokens are dropped)
 ROUTING_KEEP = ("first", "last")
 
 
+def routing_source(prefill: bool, http: bool) -> str:
+    """A --routing-out trace's meta source: "moeplace serve (decode)", "(prefill+decode, http)"..."""
+    return f"moeplace serve ({'prefill+decode' if prefill else 'decode'}{', http' if http else ''})"
+
+
+def phase_meta(sequence_ids: np.ndarray, prompt_lengths: np.ndarray) -> dict[str, Any]:
+    """The meta of a --routing-prefill trace that says which tokens are prompt tokens: phases
+    ["prefill", "decode"], and prompt_lengths [[sequence id, its prompt's length], ...] for every
+    sequence in the file, by id: its tokens at positions below the length are prompt tokens
+    (prefill), the others tokens a decode step ran. sequence_ids, prompt_lengths: int [T], per token."""
+    seqs, first = np.unique(sequence_ids, return_index=True)
+    return {"phases": ["prefill", "decode"],
+            "prompt_lengths": [[int(q), int(n)] for q, n in zip(seqs, prompt_lengths[first])]}
+
+
+def prompt_token_count(positions: np.ndarray, prompt_lengths: np.ndarray) -> int:
+    """How many of the tokens are prompt tokens (position below their prompt's length)."""
+    return int(np.count_nonzero(positions < prompt_lengths))
+
+
+def routing_summary(tokens: int, layers: int, prefill: bool, prompt: int) -> str:
+    """What a --routing-out file holds, for its `wrote FILE: ...` line: "decode routing of 30
+    tokens x 2 MoE layers", or with prefill "prefill+decode routing of 46 tokens (16 prompt, 30
+    decode) x 2 MoE layers"."""
+    if not prefill:
+        return f"decode routing of {plural(tokens, 'token')} x {plural(layers, 'MoE layer')}"
+    return (f"prefill+decode routing of {plural(tokens, 'token')} ({prompt} prompt, {tokens - prompt} decode) x "
+            f"{plural(layers, 'MoE layer')}")
+
+
 class RoutingLog:
-    """Rank 0's decode routing of the batches an HTTP server ran, kept as per-batch arrays and
-    written as a v1 trace (`moeplace.trace/v1`, batch mode's layout and meta; uncompressed, see
-    `write`) every `every_s` seconds when tokens were added (`maybe_write`, from a thread: the
-    main thread keeps serving) and when the server stops (`close`). Sequence ids count up over
+    """Rank 0's decode routing of the batches an HTTP server ran (prefill=True: the prompts'
+    routing too, each sequence's tokens in position order, with phase_meta), kept as per-batch
+    arrays and written as a v1 trace (`moeplace.trace/v1`, batch mode's layout and meta;
+    uncompressed, see `write`) every `every_s` seconds when tokens were added (`maybe_write`, from
+    a thread: the main thread keeps serving) and when the server stops (`close`). Sequence ids count up over
     requests and batches, each batch starting at a multiple of the world size: a sequence's home
     rank (its slot % world) stays its id % world, as eval's traffic model reads it. At most
     `max_tokens` are held: keep="first" stops recording there, with one note on stderr;
     keep="last" records on and drops the oldest (`_drop_oldest`), with one note when the window
-    first fills, and says so in the trace's meta. Only rank 0's main thread calls the methods; a
-    writer thread touches only the numpy arrays of its snapshot."""
+    first fills, and says so in the trace's meta. Prompt tokens count as tokens there. Only rank
+    0's main thread calls the methods; a writer thread touches only the numpy arrays of its
+    snapshot. prefill sets rank 0's rt.record_prefill, which every command carries to the other
+    ranks (send_command)."""
 
     def __init__(self, path: str, rt: Runtime, max_tokens: int = ROUTING_MAX_TOKENS,
-                 every_s: float = ROUTING_EVERY_S, source: str = "moeplace serve (decode, http)",
-                 keep: str = "first") -> None:
+                 every_s: float = ROUTING_EVERY_S, source: str | None = None,
+                 keep: str = "first", prefill: bool = False) -> None:
         if keep not in ROUTING_KEEP:
             raise ValueError(f"keep must be one of {ROUTING_KEEP}, got {keep!r}")
         spec = rt.model.spec
         self.path, self.max_tokens, self.every_s, self.keep = path, max_tokens, every_s, keep
         self.num_experts, self.num_layers, self.world = spec.num_experts, len(spec.moe_layers), rt.comm.world
-        self.meta = {"source": source, "model": str(spec.path), "moe_layers": list(spec.moe_layers),
-                     "home_rank": "sequence_id % world", "world": rt.comm.world}
+        self.prefill = rt.record_prefill = prefill
+        self.unit = "prompt and decode token" if prefill else "decode token"  # what the notes count
+        self.meta = {"source": source or routing_source(prefill, http=True), "model": str(spec.path),
+                     "moe_layers": list(spec.moe_layers), "home_rank": "sequence_id % world", "world": rt.comm.world}
         # never changed once appended (a snapshot is a list copy): dropping replaces list elements
         self.chunks: list[dict[str, np.ndarray]] = []
         self.tokens = 0  # held in chunks
@@ -377,6 +423,7 @@ class RoutingLog:
         self.next_sequence = 0
         self.written = 0  # `added` when the file on disk was snapshot (set by whichever thread wrote it)
         self.written_tokens = 0  # tokens in the file on disk
+        self.written_prompt = 0  # of which prompt tokens (prefill)
         self.last_write = time.monotonic()
         self.writer: threading.Thread | None = None
         self.failure: str | None = None  # the writer thread's last error, reported once by the main thread
@@ -389,17 +436,21 @@ class RoutingLog:
         return self.keep == "last" or self.tokens < self.max_tokens
 
     def add(self, req: Request, result: Result) -> None:
-        """Keep a served batch's decode routing (slots 0.. are its prompts, in order)."""
+        """Keep a served batch's recorded routing (slots 0.. are its prompts, in order)."""
         first = self.next_sequence
         self.next_sequence += -(-len(req.prompts) // self.world) * self.world
         if result.routing is None or not self.recording:
             return
-        arrays = decode_routing(result.routing, result.routing_weights, req.prompts, result.tokens,
+        arrays = routing_arrays(result.routing, result.routing_weights, req.prompts, result.tokens,
                                 self.num_layers, first)
+        if self.prefill:  # (phase_meta's, at each write); int32: a prompt fits max_positions
+            arrays["prompt_lengths"] = arrays["prompt_lengths"].astype(np.int32)
+        else:
+            del arrays["prompt_lengths"]
         room = self.max_tokens - self.tokens
         if self.keep == "first" and len(arrays["positions"]) >= room:
             arrays = {key: a[:room] for key, a in arrays.items()}
-            click.echo(f"moeplace serve: note: --routing-out {self.path} holds {plural(self.max_tokens, 'decode token')} "
+            click.echo(f"moeplace serve: note: --routing-out {self.path} holds {plural(self.max_tokens, self.unit)} "
                        "(--routing-max-tokens): recording stops here; the file keeps them", err=True)
         arrays["topk_ids"] = arrays["topk_ids"].astype(np.int16 if self.num_experts <= 32767 else np.int32)
         # own copies: `positions` is a view into the batch's whole gathered routing (int64, 3 + 2k
@@ -414,7 +465,7 @@ class RoutingLog:
             if not self.filled:
                 self.filled = True
                 click.echo(f"moeplace serve: note: --routing-out {self.path} now keeps the most recent "
-                           f"{plural(self.max_tokens, 'decode token')} (--routing-keep last): older batches are "
+                           f"{plural(self.max_tokens, self.unit)} (--routing-keep last): older batches are "
                            "dropped", err=True)
             if self.tokens > self.max_tokens:
                 self._drop_oldest(self.tokens - self.max_tokens)
@@ -462,10 +513,11 @@ class RoutingLog:
             except OSError as e:
                 raise MoeplaceError(f"cannot write {self.path}: {e.strerror or e}") from None
         if self.written_tokens:
-            click.echo(f"wrote {self.path}: decode routing of {plural(self.written_tokens, 'token')} x "
-                       f"{plural(self.num_layers, 'MoE layer')}")
+            summary = routing_summary(self.written_tokens, self.num_layers, self.prefill, self.written_prompt)
+            click.echo(f"wrote {self.path}: {summary}")
         else:  # a trace holds at least one token
-            click.echo(f"moeplace serve: note: no decode step ran, so {self.path} was not written", err=True)
+            ran = "no request was recorded" if self.prefill else "no decode step ran"
+            click.echo(f"moeplace serve: note: {ran}, so {self.path} was not written", err=True)
 
     def report_failure(self) -> None:
         failure = self.failure
@@ -496,7 +548,12 @@ class RoutingLog:
         meta = self.meta if self.keep == "first" else \
             {**self.meta, "keep": "last", "routing_max_tokens": self.max_tokens,
              "dropped_tokens": added - len(joined["positions"])}
+        prompt = 0
+        if self.prefill:
+            lengths = np.concatenate([c["prompt_lengths"] for c in chunks])
+            meta = {**meta, **phase_meta(joined["sequence_ids"], lengths)}
+            prompt = prompt_token_count(joined["positions"], lengths)
         trace = Trace(joined["topk_ids"], self.num_experts, weights, token_ids=joined["token_ids"],
                       sequence_ids=joined["sequence_ids"], positions=joined["positions"], meta=meta)
         save_trace(trace, self.path, compress=False, checked=True)
-        self.written, self.written_tokens = added, trace.num_tokens
+        self.written, self.written_tokens, self.written_prompt = added, trace.num_tokens, prompt

@@ -45,7 +45,13 @@ drops the token they got at that step (not in tokens, logprobs or logits: the an
 would have been had they decoded on, cut after the token rank 0 last saw). So a sequence asked to
 end after step t computes one more step, t + 1, whose token is discarded; its recorded routing
 (record_routing) keeps that step's rows, as it records what was computed: its last kept token
-was fed to the model there (decode_routing).
+was fed to the model there (routing_arrays).
+
+Recording routing (record_routing; serve --routing-out): each MoE layer call copies its rows'
+(slot, position, layer, top-k ids, gate weights) to the host, and the call ends with one
+all-gather of every rank's rows (_gather_routing). Decode steps are recorded; with
+record_prefill the prefill's too, on the home rank that ran each prompt, so a sequence's rows
+cover positions 0.. in order: its prompt, then each token a decode step ran.
 """
 
 from __future__ import annotations
@@ -85,7 +91,8 @@ class Result:
     tokens: list[list[int]]  # generated ids per prompt
     seconds: float  # wall time of decode (prefill excluded)
     logits: list[torch.Tensor] | None = None  # [steps, vocab] per prompt when collected
-    # decode routing, gathered on every rank: (slot, position, moe layer) -> top-k ids
+    # recorded routing (decode steps; prefill too with Runtime.record_prefill), gathered on every
+    # rank: (slot, position, moe layer) -> top-k ids, sorted by (slot, position, moe layer)
     routing: np.ndarray | None = None  # int64 [rows, 3 + k]
     routing_weights: np.ndarray | None = None  # float32 [rows, k]: the gate weights of those ids, row for row
     logprobs: list[list[TokenLogprobs]] | None = None  # per prompt, per generated token, when asked for
@@ -147,6 +154,9 @@ class Runtime:
     experts: ExpertMap  # which rank serves each token-expert choice
     mode: str = "coherent"
     record_routing: bool = False
+    # with record_routing, the prefill's routing too (serve --routing-prefill): every prompt
+    # token's, recorded on its home rank. Rank 0's travels to the others in each command (engine)
+    record_prefill: bool = False
     _routing: list[torch.Tensor] = field(default_factory=list)  # int64 [n, 3 + k] per MoE layer call
     _routing_weights: list[torch.Tensor] = field(default_factory=list)  # int64 [n, k]: float32 bits
 
@@ -155,7 +165,8 @@ class Runtime:
         ids, weights = self.model.route(moe, h)
         first, size = batch
         gpus = self.experts.serving(self.comm, moe, ids, first[slots] + positions, size)
-        if self.record_routing and self.comm.counters.phase == "decode":
+        phase = self.comm.counters.phase
+        if self.record_routing and (phase == "decode" or (phase == "prefill" and self.record_prefill)):
             # the gate weights ride along as their float32 bits: one host copy per call, one gather
             meta = torch.stack([slots, positions, torch.full_like(slots, moe)], dim=1)
             bits = weights.float().contiguous().view(torch.int32).long()
@@ -351,8 +362,10 @@ class Runtime:
         )
 
     def _gather_routing(self) -> np.ndarray:
-        """All ranks' decode routing rows [slot, position, moe, ids (k)..., weight bits (k)...],
-        sorted by (slot, position, moe) (not counted): int64 [rows, 3 + 2k]."""
+        """All ranks' recorded routing rows [slot, position, moe, ids (k)..., weight bits (k)...],
+        sorted by (slot, position, moe) (not counted): int64 [rows, 3 + 2k]. A sequence's prompt
+        rows (record_prefill: from its home rank) come before its decode rows (from whichever
+        rank each layer ran on), its positions being smaller."""
         k = self.model.spec.top_k
         width = 3 + 2 * k
         mine = torch.cat([torch.cat(self._routing), torch.cat(self._routing_weights)], dim=1) if self._routing \
@@ -373,22 +386,27 @@ class Runtime:
         return rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))]
 
 
-def decode_routing(routing: np.ndarray, weights: np.ndarray | None, prompts: list[list[int]],
+def routing_arrays(routing: np.ndarray, weights: np.ndarray | None, prompts: list[list[int]],
                    tokens: list[list[int]], num_moe_layers: int, first_sequence: int = 0) -> dict[str, np.ndarray]:
-    """A Result's decode routing as a trace's per-token arrays: topk_ids int64 [T, L, k],
-    topk_weights float32 [T, L, k] (when recorded), sequence_ids (first_sequence + slot),
-    positions and token_ids, int64 [T]. T counts the tokens fed to a decode step: every generated
-    token but each sequence's last (nothing runs it through the model), except in a sequence
-    ended early (on_step), whose last kept token was fed to the step that ended it. The token at
-    position p of slot s is the one generated there, tokens[s][p - len(prompts[s])]."""
+    """A Result's recorded routing as a trace's per-token arrays, in the rows' (slot, position)
+    order: topk_ids int64 [T, L, k], topk_weights float32 [T, L, k] (when recorded),
+    sequence_ids (first_sequence + slot), positions, token_ids and prompt_lengths (the length of
+    the token's sequence's prompt: positions below it are prompt tokens), int64 [T].
+
+    T counts the tokens recorded: with record_prefill every prompt token (positions 0 ..
+    len(prompt) - 1), and the tokens fed to a decode step: every generated token but each
+    sequence's last (nothing runs it through the model), except in a sequence ended early
+    (on_step), whose last kept token was fed to the step that ended it. The token at position
+    p of slot s is (prompts[s] + tokens[s])[p]: a prompt token, or the one generated there."""
     k = routing.shape[1] - 3
     rows = routing.reshape(-1, num_moe_layers, 3 + k)  # sorted by (slot, position, moe): one token a block
     slots, positions = rows[:, 0, 0], rows[:, 0, 1]
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-    starts = np.cumsum([0] + [len(t) for t in tokens])[:-1]
-    flat = np.array([t for seq in tokens for t in seq], dtype=np.int64)
+    starts = np.cumsum([0] + [len(p) + len(t) for p, t in zip(prompts, tokens)])[:-1]
+    flat = np.array([t for p, seq in zip(prompts, tokens) for t in (*p, *seq)], dtype=np.int64)
     out = {"topk_ids": rows[:, :, 3:], "sequence_ids": first_sequence + slots, "positions": positions,
-           "token_ids": flat[starts[slots] + positions - lengths[slots]]}
+           "token_ids": flat[starts[slots] + positions], "prompt_lengths": lengths[slots]}
     if weights is not None:
         out["topk_weights"] = weights.reshape(-1, num_moe_layers, k)
     return out
+

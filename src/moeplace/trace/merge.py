@@ -5,12 +5,15 @@ with optional topk_weights float [T_i, L, k] and token_ids / sequence_ids / posi
 The result holds topk_ids [sum T_i, L, k] in input order; an optional array is kept when every
 input has it, else dropped (and named). Sequence ids of each later input are shifted past the
 largest id before it, so sequences stay distinct: two traces of files a and b merge into what
-`moeplace trace --data a --data b` writes (windows never cross files), batching aside.
+`moeplace trace --data a --data b` writes (windows never cross files), batching aside. Files of
+`serve --routing-out` (meta world: W ranks) shift by multiples of W, so each sequence keeps its
+home rank (id % W); with --routing-prefill their meta prompt_lengths move with the ids.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ OPTIONAL = ("topk_weights", "token_ids", "sequence_ids", "positions")
 IDENTITY = ("model", "model_type", "moe_layers", "renumbered_from", "hidden_size", "router_sha256")
 # meta that describes one input alone: recorded per input (meta.inputs), never carried as shared
 _PER_INPUT = ("source", "corpus", "data", "data_bytes", "interrupted", "resumed", "inputs", "format", "file",
-              "sha256")
+              "sha256", "phases", "prompt_lengths")
 
 
 def merge_traces(traces: Sequence[tuple[str, Trace]]) -> tuple[Trace, list[str]]:
@@ -65,12 +68,40 @@ def merge_traces(traces: Sequence[tuple[str, Trace]]) -> tuple[Trace, list[str]]
     kept = [key for key in OPTIONAL if all(getattr(t, key) is not None for _, t in traces)]
     dropped = [key for key in OPTIONAL if key not in kept and any(getattr(t, key) is not None for _, t in traces)]
     arrays: dict[str, np.ndarray] = {"topk_ids": np.concatenate([t.topk_ids for _, t in traces])}
+    meta = merged_meta(traces)
     for key in kept:
         parts = [getattr(t, key) for _, t in traces]
-        arrays[key] = np.concatenate(_offset(parts) if key == "sequence_ids" else parts)
+        if key == "sequence_ids":
+            shifted = _offset(parts, _home_ranks(traces))
+            meta.update(_merged_phases(traces, [int(a[0] - b[0]) if len(a) else 0 for a, b in zip(shifted, parts)]))
+            parts = shifted
+        arrays[key] = np.concatenate(parts)
     merged = make_trace(arrays.pop("topk_ids"), arrays.pop("topk_weights", None), traces[0][1].num_experts,
-                        meta=merged_meta(traces), name="merged trace", **arrays)
+                        meta=meta, name="merged trace", **arrays)
     return merged, dropped
+
+
+def _merged_phases(traces: Sequence[tuple[str, Trace]], shifts: list[int]) -> dict[str, Any]:
+    """Meta phases and prompt_lengths of the merged trace when some input holds prompt tokens (a
+    `serve --routing-prefill` file; eval's traffic prediction keeps its decode tokens by them):
+    each input's [sequence id, prompt length] rows moved by its sequence-id shift, and a length 0
+    for every sequence of an input without them (all its tokens count as decode tokens, as eval
+    takes such a file alone). {} when no input holds prompt tokens. An input whose prompt_lengths
+    is not such a list is carried as it is, for eval to refuse in one line."""
+    if not any("prefill" in (t.meta.get("phases") or ()) for _, t in traces):
+        return {}
+    rows: list[list[Any]] = []
+    for (_, t), shift in zip(traces, shifts):
+        table = t.meta.get("prompt_lengths")
+        if "prefill" not in (t.meta.get("phases") or ()):
+            assert t.sequence_ids is not None  # (only called when every input has them)
+            rows += [[int(q) + shift, 0] for q in np.unique(t.sequence_ids)]
+        elif isinstance(table, list) and all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], int)
+                                             for r in table):
+            rows += [[r[0] + shift, r[1]] for r in table]
+        else:
+            return {"phases": ["prefill", "decode"], "prompt_lengths": table}
+    return {"phases": ["prefill", "decode"], "prompt_lengths": rows}
 
 
 def _refuse_repeated_routing(traces: Sequence[tuple[str, Trace]]) -> None:
@@ -113,15 +144,25 @@ def _shown(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (str, list)) else str(value)
 
 
-def _offset(parts: list[np.ndarray]) -> list[np.ndarray]:
-    """Sequence ids int [T_i] of each part shifted to start past the largest id before it."""
+def _offset(parts: list[np.ndarray], align: int = 1) -> list[np.ndarray]:
+    """Sequence ids int [T_i] of each part shifted to start past the largest id before it, by a
+    multiple of `align`: a sequence's id % align is kept (its home rank in a `serve --routing-out`
+    file of `align` ranks, which eval's traffic prediction reads as sequence id % world)."""
     out: list[np.ndarray] = []
     top = -1
     for ids in parts:
-        shifted = ids - int(ids.min()) + top + 1 if out else ids
+        shift = -(-(top + 1 - int(ids.min())) // align) * align if out else 0
+        shifted = ids + shift
         top = max(top, int(shifted.max()))
         out.append(shifted)
     return out
+
+
+def _home_ranks(traces: Sequence[tuple[str, Trace]]) -> int:
+    """The least common multiple of the inputs' meta world (serve --routing-out files), 1 when none
+    records one: the sequence-id shifts keep each id's remainder by every input's world."""
+    worlds = [t.meta.get("world") for _, t in traces]
+    return math.lcm(*(w for w in worlds if isinstance(w, int) and not isinstance(w, bool) and 0 < w <= 1 << 20), 1)
 
 
 def merged_meta(traces: Sequence[tuple[str, Trace]]) -> dict[str, Any]:
