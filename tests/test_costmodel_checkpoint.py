@@ -159,7 +159,7 @@ def test_dense_llama_and_a_cluster_without_gpu_are_one_line(tmp_path: Path, caps
                                             r"hbm_GBps: BANDWIDTH\}"):
         load_cost_model(tmp_path / "c.yaml", mix)
     assert load_cost_model(tmp_path / "c.yaml", ROOT / "configs/model/mixtral-8x7b.yaml").estimate is None
-    with pytest.raises(MoeplaceError, match=r"no 'model:' section; pass --model-config \(configs/model/\*.yaml, or a "
+    with pytest.raises(MoeplaceError, match=r"no 'model:' section; give --model-config \(configs/model/\*.yaml, or a "
                                             r"checkpoint directory\)"):
         load_cost_model(tmp_path / "c.yaml")
     # a gpu: section without the checkpoint's compute dtype names the key to add

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import reprlib
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -148,8 +149,17 @@ def yaml_number(value: Any) -> float | None:
     return None
 
 
+_SHORT = reprlib.Repr()  # a container's repr cut as it is built (a few items, two levels), not after
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxset, _SHORT.maxdict = 2, 3, 3, 3, 3
+_SHORT.maxstring = _SHORT.maxother = 30
+
+
 def brief(value: Any, width: int = 40) -> str:
-    """repr(value), cut to about `width` characters: a one-line error about a 400-digit number."""
+    """repr(value), cut to about `width` characters: a one-line error about a 400-digit number.
+    A list or mapping shows its first few items, two levels deep, only: a YAML alias of aliases
+    (`b: [*a, *a, *a]`, `c: [*b, *b, *b]`, ...) is a few lines whose whole repr runs to gigabytes."""
+    if isinstance(value, (list, tuple, dict, set, frozenset)):
+        return _SHORT.repr(value)  # ~100 characters at most: its own limits, and '...' where it cut
     try:
         text = repr(value)
     except ValueError:  # an int past Python's limit on digits printed

@@ -170,8 +170,8 @@ class Placement:
         source = f" ({fitted['model']})" if isinstance(fitted.get("model"), str) else ""
         if isinstance(fitted_type, str) and isinstance(model_type, str) and fitted_type != model_type:
             raise PlacementError(
-                f"placement was fitted on the routing of a {fitted_type} model{source}, but the {what} is a "
-                f"{model_type} model: its expert ids number other experts; solve a placement on a trace of it")
+                f"placement was fitted on the routing of {_a(fitted_type)} model{source}, but the {what} is "
+                f"{_a(model_type)} model: its expert ids number other experts; solve a placement on a trace of it")
         if isinstance(fitted_layers, list) and moe_layers is not None and list(fitted_layers) != list(moe_layers):
             raise PlacementError(
                 f"placement was fitted on a model{source} with its MoE layers at decoder layers "
@@ -408,6 +408,11 @@ def _json_int(value: Any, key: str, name: str) -> int:
     if not _is_int(value) or not 1 <= value <= 1 << 31:
         raise PlacementError(f"{name}: {key} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _a(word: str) -> str:
+    """'a mixtral', 'an olmoe': the article of a model family's name in a sentence."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
 def check_topology(num_experts: int, num_gpus: int, gpus_per_node: int, balanced: bool = True,

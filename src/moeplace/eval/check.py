@@ -69,7 +69,8 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
         if not isinstance(raw, dict):
             raise MoeplaceError(f"{path}: check {i + 1} must be a mapping")
         check = {**defaults, **raw}
-        label = f"{path}: check {i + 1} ({check.get('name', 'unnamed')})"
+        name = check.get("name", "unnamed")
+        label = f"{path}: check {i + 1} ({name if isinstance(name, str) else brief(name)})"
         if "cluster" in raw and raw["cluster"] is None:  # no cost model here: nor the defaults' parts of one
             for key in ("model_config", *(k for k in _LIMIT_KEYS if gate_metric(k)[0] == "moe_time_us")):
                 if key not in raw:
@@ -87,7 +88,7 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
                 check.pop(key, None)  # `cluster: null` drops a default's
                 continue
             if not isinstance(check[key], str) or not check[key].strip():
-                raise MoeplaceError(f"{label}: '{key}' must be a path (a non-empty string), got {check[key]!r}")
+                raise MoeplaceError(f"{label}: '{key}' must be a path (a non-empty string), got {brief(check[key])}")
             check[key] = Path(os.path.normpath(path.parent / Path(check[key]).expanduser()))
         if "model_config" in check and "cluster" not in check:
             raise MoeplaceError(f"{label}: model_config needs cluster")
@@ -110,10 +111,10 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
         if isinstance(check["name"], (int, float)) and not isinstance(check["name"], bool):
             check["name"] = str(check["name"])  # `name: 2026` is a fine name
         if not isinstance(check["name"], str):
-            raise MoeplaceError(f"{label}: name must be a string, got {check['name']!r}")
+            raise MoeplaceError(f"{label}: name must be a string, got {brief(check['name'])}")
         if not check["name"].strip() or check["name"].splitlines() != [check["name"]]:
             # it starts the check's PASS/FAIL line: a line break in it could forge another check's line
-            raise MoeplaceError(f"{path}: check {i + 1}: name must be one line of text, not empty, got {check['name']!r}")
+            raise MoeplaceError(f"{path}: check {i + 1}: name must be one line of text, not empty, got {brief(check['name'])}")
         twice = next((c for c in checks if c["name"] == check["name"]), None)
         if twice is not None:  # the PASS/FAIL lines and the JSON report name checks: one name, one check
             raise MoeplaceError(f"{path}: checks {checks.index(twice) + 1} and {i + 1} are both named {check['name']!r}")

@@ -342,6 +342,6 @@ def permute_checkpoint(model_dir: Path, placement_path: Path, out_dir: Path, ove
         record = run(model_dir, placement, out_dir, overwrite=overwrite, progress=not quiet,
                      inputs=[placement_path])
     skipped = f"; not copied (unpermuted weights): {', '.join(record['skipped'])}" if record["skipped"] else ""
-    click.echo(f"wrote {out_dir}: {len(record['moe_layers'])} MoE layers renumbered, {record['experts_per_gpu']} "
-               f"experts per GPU on {placement.num_gpus} GPUs: serve with expert parallelism of size "
-               f"{placement.num_gpus}{skipped}")
+    click.echo(f"wrote {out_dir}: {plural(len(record['moe_layers']), 'MoE layer')} renumbered, "
+               f"{plural(record['experts_per_gpu'], 'expert')} per GPU on {plural(placement.num_gpus, 'GPU')}: serve "
+               f"with expert parallelism of size {placement.num_gpus}{skipped}")

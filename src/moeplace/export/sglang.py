@@ -19,6 +19,7 @@ Layout SGLang assumes:
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,10 @@ def _load(p: Path) -> dict[str, Any]:
             with warnings.catch_warnings():  # torch warns about the file before refusing it: the error says it all
                 warnings.simplefilter("ignore")
                 doc = torch.load(p, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # torch's own text says to retry with weights_only=False: never here
+            raise PlacementError(f"{p}: a weights-only load refuses it (it holds Python objects, or is no torch file); "
+                                 "moeplace never unpickles: save the map as JSON, or as a dict of tensors "
+                                 "(torch.save({'physical_to_logical_map': tensor}))") from None
         except Exception as e:  # torch raises many types for a bad or unsafe file
             raise PlacementError(f"{p}: not a readable weights-only torch file ({type(e).__name__}: {e})") from None
         if not isinstance(doc, dict):

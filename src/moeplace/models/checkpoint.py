@@ -139,6 +139,17 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[st
     end = max((e.end for e in entries.values()), default=base)
     if end > size or any(e.begin > e.end or e.begin < base for e in entries.values()):
         raise CheckpointError(f"{path}: truncated or corrupt: tensor data runs past the end of the file ({size} bytes)")
+    # as the safetensors library requires: the tensors tile the data, each starting where the one
+    # before ends; two that share bytes would be written out as two copies of one tensor's data
+    at = base
+    for name, entry in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if entry.begin != at:
+            raise CheckpointError(f"{path}: corrupt header: tensor {name} starts at byte {entry.begin - base} of the "
+                                  f"data, not {at - base} where the tensor before it ends ("
+                                  + ("it overlaps that one)" if entry.begin < at else "a gap between them)"))
+        at = entry.end
+    if at != size:
+        raise CheckpointError(f"{path}: corrupt: {size - at} bytes after the last tensor's data")
     return entries, metadata
 
 
@@ -234,10 +245,20 @@ def moe_blocks(ckpt: Checkpoint) -> list[MoeBlock]:
         num_experts = weight[0]
         # 3. consistency
         if per_expert and set(per_expert) != set(range(num_experts)):
+            missing = sorted(set(range(num_experts)) - set(per_expert))
             raise CheckpointError(
                 f"{ckpt.root}: {prefix} has expert ids {min(per_expert)}..{max(per_expert)} ({len(per_expert)} experts) "
                 f"but its router scores {num_experts}"
+                + (f": no tensors of expert {', '.join(map(str, missing[:3]))}{'...' if len(missing) > 3 else ''}"
+                   if missing else "")
             )
+        # every expert has the same tensors (w1, w2, w3; weight_scale ...): renumbering one that lacks
+        # one would move the hole to another id, in a checkpoint transformers refuses to load
+        kinds = {e: {n.removeprefix(f"{prefix}.experts.{e}.") for n in names} for e, names in per_expert.items()}
+        every = set().union(*kinds.values()) if kinds else set()
+        if lacking := next(((e, sorted(every - k)) for e, k in sorted(kinds.items()) if k != every), None):
+            raise CheckpointError(f"{ckpt.root}: {prefix}.experts.{lacking[0]} has no {lacking[1][0]} tensor, which "
+                                  "other experts of the layer have: a missing or truncated shard?")
         router = routers.get(prefix, [])
         # a per-tensor scale is saved as [] or [1] (both occur in fp8 checkpoints): either way one value
         # for every expert, which renumbering leaves alone; with E = 1 the order is the identity anyway

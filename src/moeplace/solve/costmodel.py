@@ -148,8 +148,9 @@ def load_cost_model(cluster_path: str | Path, model_path: str | Path | None = No
             _known(mdoc, {"model"}, str(model_path))
         model_doc, model_src = mdoc.get("model", mdoc), str(model_path)
     if model_doc is None:
-        raise MoeplaceError(f"{cluster_path}: no 'model:' section; pass --model-config (configs/model/*.yaml, "
-                            "or a checkpoint directory)")
+        wanted = model_label or "--model-config"  # an option, or `moeplace check`'s key
+        raise MoeplaceError(f"{cluster_path}: no 'model:' section; give {wanted if wanted.startswith('-') else 'a ' + wanted + ': key'} "
+                            "(configs/model/*.yaml, or a checkpoint directory)")
     return CostModel(cluster, _model(model_doc, model_src), str(cluster_path), model_src)
 
 
@@ -207,7 +208,7 @@ def _gpu(d: Any, src: str) -> Gpu:
         raise MoeplaceError(f"{src}: 'dense_tflops' must map a dtype ({', '.join(GPU_DTYPES)}) to its peak "
                             f"dense TFLOPS, got {brief(peaks)}")
     _known(peaks, set(GPU_DTYPES), f"{src}.dense_tflops")
-    return Gpu(name=str(d.get("name", "the cluster's GPU")),
+    return Gpu(name=_name(d, src, "the cluster's GPU"),
                dense_tflops={k: _field(peaks, k, f"{src}.dense_tflops", most=MAX_GBPS) for k in peaks},
                hbm_GBps=_field(d, "hbm_GBps", src, least=MIN_GBPS, most=MAX_GBPS),
                efficiency=_field(d, "efficiency", src, default=None, most=1.0), source=src)
@@ -467,6 +468,16 @@ def _field(d: Any, key: str, src: str, kind: type = float, positive: bool = True
     return kind(number)
 
 
+def _name(d: dict[str, Any], src: str, default: str) -> str:
+    """A section's optional `name`: text (a number is read as its text). Anything else is refused:
+    a list or mapping there (a YAML alias of aliases can stand for gigabytes) would be carried into
+    every report and --json document that names the cluster or model."""
+    name = d.get("name", default)
+    if isinstance(name, bool) or not isinstance(name, (str, int, float)):
+        raise MoeplaceError(f"{src}: 'name' must be text, got {brief(name)}")
+    return str(name)
+
+
 def _cluster(d: Any, src: str) -> Cluster:
     src = f"{src}: cluster"
     intra, inter = (d.get(k, {}) if isinstance(d, dict) else None for k in ("intra_node", "inter_node"))
@@ -476,7 +487,7 @@ def _cluster(d: Any, src: str) -> Cluster:
     num_nodes = _field(d, "nodes", src, int, most=MAX_GPUS)
     multi = num_nodes > 1  # a single node never uses the network: its figures are optional
     return Cluster(
-        name=str(d.get("name", src)),
+        name=_name(d, src, src),
         num_nodes=num_nodes,
         gpus_per_node=_field(d, "gpus_per_node", src, int, most=MAX_GPUS),
         intra_GBps=_field(intra, "bandwidth_GBps", f"{src}.intra_node", least=MIN_GBPS, most=MAX_GBPS),
@@ -493,7 +504,7 @@ def _model(d: Any, src: str) -> ModelCost:
     dtype = _field(d, "dtype_bytes", src, default=2.0, most=MAX_DTYPE_BYTES)
     batch = _field(d, "batch_tokens", src, int, default=None, most=MAX_BATCH_TOKENS)
     return ModelCost(
-        name=str(d.get("name", src)),
+        name=_name(d, src, src),
         hidden_size=_field(d, "hidden_size", src, int, most=MAX_HIDDEN_SIZE),
         dispatch_bytes=_field(d, "dispatch_dtype_bytes", src, default=dtype, most=MAX_DTYPE_BYTES),
         combine_bytes=_field(d, "combine_dtype_bytes", src, default=dtype, most=MAX_DTYPE_BYTES),
