@@ -161,3 +161,20 @@ def test_serve_routing_out_must_be_named_npz(tmp_path: Path, capsys: pytest.Capt
                                   "--routing-out", out])
     assert err.startswith(f"Invalid value for '--routing-out': {out!r}: this writes an .npz archive"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
+
+
+def test_a_group_count_the_config_leaves_out_is_transformers_default() -> None:
+    """Before: a DeepSeek-V3 config without n_group / topk_group counted as no groups, so
+    permute-checkpoint renumbered across groups; transformers loads that config with its class
+    defaults (n_group 8, topk_group 4) and routes over groups, so routing changed. A family
+    transformers does not know keeps the old reading (no groups)."""
+    from moeplace.export.permute import check_group_routing
+
+    mixing = np.array([[2, 3, 0, 1] + list(range(4, 16))])  # keeps 2-expert groups whole
+    mixing[0, [1, 4]] = mixing[0, [4, 1]]  # now new group 0 holds old experts 2 and 4: old groups 1 and 2
+    with pytest.raises(PlacementError, match=r"n_group=8, topk_group=4\).*mix old groups"):
+        check_group_routing({"model_type": "deepseek_v3"}, mixing)
+    check_group_routing({"model_type": "deepseek_v3", "n_group": 1, "topk_group": 1}, mixing)  # written: no groups
+    check_group_routing({"model_type": "deepseek_v2"}, mixing)  # V2's defaults: greedy, no groups
+    check_group_routing({"model_type": "no-such-family"}, mixing)
+    check_group_routing({"model_type": "deepseek_v3"}, np.array([[2, 3, 0, 1] + list(range(4, 16))]))

@@ -157,9 +157,11 @@ def check_group_routing(config: dict[str, Any], new_to_old: np.ndarray, where: s
 
     Such routers score contiguous id blocks of E / n_group experts as groups and keep the best
     topk_group groups, so each new group must be exactly one old group, or routing changes.
-    `where` names the config in the one-line error for a count that is not an integer.
+    A field the config leaves out is what transformers gives it (_class_defaults): a DeepSeek-V3
+    config without n_group routes over 8 groups. `where` names the config in the one-line error
+    for a count that is not an integer.
     """
-    cfg = text_config(config)
+    cfg = {**_class_defaults(text_config(config)), **text_config(config)}
     n_group, topk_group = _group_count(cfg, "n_group", where), _group_count(cfg, "topk_group", where)
     num_experts = new_to_old.shape[1]
     # DeepSeek-V2's plain "greedy" top-k ignores the groups
@@ -177,6 +179,23 @@ def check_group_routing(config: dict[str, Any], new_to_old: np.ndarray, where: s
                 f"{sorted(set(old_groups[g].tolist()))} in new group {g}: renumbering would change routing. "
                 "Solve with whole groups per GPU block, or use `moeplace export --to sglang`"
             )
+
+
+def _class_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The routing fields a config leaves out, as transformers fills them when it loads the model:
+    its config class's defaults (DeepseekV3Config: n_group 8, topk_group 4; DeepSeek-V2's: no
+    groups, "greedy"), for n_group, topk_group and topk_method only. {} for a family transformers
+    does not know, or a config that writes all three (transformers is then not imported)."""
+    keys = ("n_group", "topk_group", "topk_method")
+    if all(k in cfg for k in keys) or not isinstance(cfg.get("model_type"), str):
+        return {}
+    try:
+        from transformers import CONFIG_MAPPING
+
+        defaults = CONFIG_MAPPING[cfg["model_type"]]()
+    except Exception:  # an unknown family (KeyError), or a class that cannot be built bare: no defaults
+        return {}
+    return {k: getattr(defaults, k) for k in keys if k not in cfg and hasattr(defaults, k)}
 
 
 def _group_count(cfg: dict[str, Any], key: str, where: str) -> int:
