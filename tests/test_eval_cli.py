@@ -1090,7 +1090,9 @@ def test_eval_and_check_predict_with_the_cost_model_the_placement_records(tmp_pa
                        defaults={"trace": trace_path.name})
     assert run(["check", str(cfg)]) == 2
     out = capsys.readouterr().out
-    assert out.startswith("PASS  other") and f"ERROR timed: {other}" in out
+    # in check's words: its keys, not eval's options
+    in_check = other.replace("give --cluster (and --model-config)", "give a 'cluster' key (and 'model_config')")
+    assert out.startswith("PASS  other") and f"ERROR timed: {in_check}" in out
     # a record edited by hand: named, one line; a warning unless a gate needs the time
     doc["objective"]["cost_model"]["cluster"]["num_nodes"] = "two"
     (tmp_path / "bad.json").write_text(json.dumps(doc))

@@ -27,7 +27,8 @@ def check_metric_fns(check: dict[str, Any], said: set[str] | None = None) -> dic
     names none, the one its placement records (max_moe_time_ratio then needs one there)."""
     if "cluster" not in check:
         needs = [k for k in check["limits"] if gate_metric(k)[0] == "moe_time_us"]
-        return {"recorded": True, "none_recorded": f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} "
+        return {"recorded": True, "cost_keys": ("a 'cluster' key", "'model_config'"),
+                "none_recorded": f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} "
                                                    "'cluster' (a cluster config YAML; model_config too when it has "
                                                    f"no model section): {NO_RECORD}" if needs else ""}
     fn, facts, source, cost = cost_metric_fn(check["cluster"], check.get("model_config"), "check", said,

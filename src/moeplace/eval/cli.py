@@ -68,11 +68,14 @@ def recorded_cost_model(placement: Placement, name: Path) -> CostModel | None:
                                                               f"the cost model {name} records")
 
 
-def recorded_mismatch(cost: CostModel, trace: Trace, placement_path: Path, trace_path: Path) -> str:
+def recorded_mismatch(cost: CostModel, trace: Trace, placement_path: Path, trace_path: Path,
+                      cost_keys: tuple[str, str] = ("--cluster", "--model-config")) -> str:
     """A line saying the model a placement's recorded cost model describes is not the trace's
     (num_experts, top_k, hidden size in the trace meta; what either side does not state is not
     compared), else "". Unlike model_mismatch's what-if, nobody chose this model for this trace:
-    its times would be another model's, so they are left out (an error when a gate needs them)."""
+    its times would be another model's, so they are left out (an error when a gate needs them).
+    cost_keys: what names the cluster and model configs to give instead (eval's options, or
+    `moeplace check`'s keys)."""
     m = cost.model
     traced = {"num_experts": trace.num_experts, "top_k": trace.top_k, "hidden_size": trace.meta_hidden_size()}
     stated = {"num_experts": m.num_experts, "top_k": m.top_k, "hidden_size": m.hidden_size}
@@ -82,13 +85,14 @@ def recorded_mismatch(cost: CostModel, trace: Trace, placement_path: Path, trace
     return (f"{placement_path} records the cost model of {m.name} ("
             + ", ".join(f"{k} {stated[k]}" for k in differ) + f"), but {trace_path} has "
             + ", ".join(f"{k} {traced[k]}" for k in differ)
-            + ": give --cluster (and --model-config) for this trace's model to predict its MoE time")
+            + f": give {cost_keys[0]} (and {cost_keys[1]}) for this trace's model to predict its MoE time")
 
 
 def evaluate_files(placement_path: Path, trace_path: Path, all_tokens: bool, metric_fns: Sequence[MetricFn] = (),
               assumed: Sequence[ModelFacts] = (), recorded: bool = False, none_recorded: str = "",
               cost_source: dict[str, Any] | None = None, baseline: Path | None = None, cluster: CostModel | None = None,
-              check_routing: Callable[[int, int], None] | None = None, needs_sequences: str = "") -> dict[str, Any]:
+              check_routing: Callable[[int, int], None] | None = None, needs_sequences: str = "",
+              cost_keys: tuple[str, str] = ("--cluster", "--model-config")) -> dict[str, Any]:
     """Load both files and build the report (`metric_fns` add metrics to every layout); a
     load-only TRACE (moeplace.loads/v1) gets build_load_report's, load balance only.
     assumed: what the metrics assume of the model; one warning line each that the trace contradicts.
@@ -96,7 +100,8 @@ def evaluate_files(placement_path: Path, trace_path: Path, all_tokens: bool, met
     on a load-only TRACE); none_recorded: "" when no gate needs that time, else the error (a
     template of {placement}) when the placement records none. A record that is malformed or of
     another model than the trace's is then that error's reason; with no gate, a warning, and
-    the report has no MoE time.
+    the report has no MoE time. cost_keys: what names a cluster and a model config in that error
+    (eval's options, or check's keys).
     cost_source: the report's `cost_model` (where the MoE time's cost model came from).
     baseline (eval --baseline, `moeplace check`'s baseline:): another placement of the model, scored
     on the same tokens or loads as the report's `baseline` (see baseline_record).
@@ -159,7 +164,7 @@ def evaluate_files(placement_path: Path, trace_path: Path, all_tokens: bool, met
                             "without them; `moeplace trace` and `serve --routing-out` record them)")
     if needs_sequences and (note := traffic_scope_note(trace, str(trace_path))):  # a serve --routing-prefill file
         click.echo(f"moeplace eval: note: {note}", err=True)
-    if cost is not None and (unusable := recorded_mismatch(cost, trace, placement_path, trace_path)):
+    if cost is not None and (unusable := recorded_mismatch(cost, trace, placement_path, trace_path, cost_keys)):
         if none_recorded:
             raise MoeplaceError(unusable)
         cost = None
