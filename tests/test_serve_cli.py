@@ -316,7 +316,7 @@ def test_completion_options_the_server_cannot_honour(field: dict, message: str) 
     ({"top_k": 40}, "\"top_k\": 40 asks for sampling"),
     ({"temperature": None, "min_p": 0.1}, "\"min_p\": 0.1 asks for sampling"),
     ({"presence_penalty": 2.5}, "\"presence_penalty\" must be a number in [-2, 2]"),
-    ({"logit_bias": {"5": 100}}, "\"logit_bias\" is not supported")])
+    ({"logit_bias": {"500": 100}}, "\"logit_bias\": key \"500\" is not a token id of this model")])
 def test_unsupported_sampling_is_refused_not_silently_greedy(field: dict, message: str) -> None:
     """A filter without a temperature, a temperature out of range and what the server does not do
     are refused; answering them greedily would hide that they were ignored."""

@@ -73,7 +73,8 @@ Several nodes: `torchrun --nnodes ... --nproc-per-node 8 -m moeplace serve ...` 
 the ranks' one line and exits 1). Without either it runs as one rank holding every expert.
 """
 
-SAMPLING_KEYS = ("temperature", *SAMPLING, "seed", *PENALTIES)  # read as over HTTP (openai.parse_sampling)
+# read as over HTTP (openai.parse_sampling); "logit_bias" has no option (a map is awkward on a command line)
+SAMPLING_KEYS = ("temperature", *SAMPLING, "seed", *PENALTIES, "logit_bias")
 # a line's keys that read as a /v1/completions body's (check_options, parse_stop, parse_logprobs)
 CHOICE_KEYS = ("n", "best_of", "stop", "logprobs")
 PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS, *CHOICE_KEYS}  # what a JSONL prompt line may say
@@ -95,8 +96,8 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS, *CHOICE_KEYS}  # what a J
                    "one Alltoall per MoE layer for top-1). standard: classic dispatch + combine to a home rank.")
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False, allow_dash=True),
               help="Batch input: one prompt per line (lines end at \\n only), or JSONL with {\"prompt\": "
-                   "text or [token ids], \"max_tokens\": n} (and a /v1/completions body's sampling, \"n\", "
-                   "\"stop\" and \"logprobs\"). A .jsonl file is JSONL, a .txt file is text; "
+                   "text or [token ids], \"max_tokens\": n} (and a /v1/completions body's sampling, "
+                   "\"logit_bias\", \"n\", \"stop\" and \"logprobs\"). A .jsonl file is JSONL, a .txt file is text; "
                    "any other name is JSONL when its first non-blank line starts with '{'. "
                    "'-' reads standard input (e.g. a pipe).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
@@ -630,9 +631,10 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int, max_
     """Each prompt of a batch file; plain lines or JSONL (see prompts_are_jsonl). Lines end at
     "\n" (a "\r" before it is dropped) and at nothing else: str.splitlines would also split at
     U+2028, form feeds, \x1c-\x1e and \x85 inside a prompt. A JSONL line's keys are read as a
-    /v1/completions body's (the same checks and messages, prefixed FILE:LINE). defaults: the
-    options' values of those keys ("temperature", "top_p", "top_k", "min_p", "seed", the penalties,
-    "n", "stop", "logprobs"; None: not given), which a JSONL line's own keys override. Sequences are numbered
+    /v1/completions body's (the same checks and messages, prefixed FILE:LINE; "logit_bias" too,
+    its token ids in [0, vocab)). defaults: the options' values of those keys ("temperature",
+    "top_p", "top_k", "min_p", "seed", the penalties, "n", "stop", "logprobs"; None: not given),
+    which a JSONL line's own keys override. Sequences are numbered
     over the file, prompt-major (prompt i's n choices, then prompt i + 1's); sequence k without a
     "seed" of its line samples with seed + k (without n, prompt i with seed + i)."""
     p = Path(path)
@@ -672,7 +674,7 @@ def read_prompts(path: str, tokenizer: Any, vocab: int, max_positions: int, max_
             prompt = line
         given = {**defaults, **{k: doc[k] for k in (*SAMPLING_KEYS, *CHOICE_KEYS) if k in doc}}
         try:  # as over HTTP: a filter without a temperature is refused, not answered greedily
-            params, n = check_options(given, {}, "batch runs")
+            params, n = check_options(given, {}, "batch runs", vocab)
             stop, logprobs = parse_stop(given, tokenizer), parse_logprobs(given)
         except BadRequest as e:
             raise MoeplaceError(f"{where}: {e}") from None

@@ -41,7 +41,7 @@ from moeplace.serve.dist import Comm, init_distributed, world_from_env
 from moeplace.serve.generate import MODES, Result, Runtime, StepCallback, routing_arrays
 from moeplace.serve.model import ModelSpec, RankModel, read_spec
 from moeplace.serve.replicas import ExpertMap
-from moeplace.serve.sampling import TABLE_WIDTH, Sampling, sampling_from_table, sampling_table
+from moeplace.serve.sampling import TABLE_WIDTH, Sampling, bias_table, sampling_from_table, sampling_table
 from moeplace.solve.baselines import contiguous
 from moeplace.trace.format import Trace, save_trace
 
@@ -67,7 +67,8 @@ class Request:
 
     @property
     def sampled(self) -> bool:
-        """Some sequence samples or has a penalty: every rank needs the parameters (sampling table)."""
+        """Some sequence samples or has a penalty or a logit bias: every rank needs the parameters
+        (sampling table)."""
         return self.sampling is not None and not all(p.plain for p in self.sampling)
 
     @property
@@ -291,13 +292,22 @@ def receive_command(rt: Runtime) -> tuple[int, Request | None]:
     if flags & 4:  # a token may be drawn on any rank (coherent mode): every rank needs every row's parameters
         table = torch.zeros((n, TABLE_WIDTH), dtype=torch.int64, device=dev)
         dist.broadcast(table, 0)
-        sampling = sampling_from_table(table.cpu())
+        table = table.cpu()
+        biases: torch.Tensor | None = None
+        if total_biases := int(table[:, -1].sum()):  # the rows' logit_bias pairs (sampling.bias_table)
+            biases = torch.zeros((total_biases, 2), dtype=torch.int64, device=dev)
+            dist.broadcast(biases, 0)
+            biases = biases.cpu()
+        sampling = sampling_from_table(table, biases)
     return cmd, Request(prompts, max_new, bool(flags & 1), bool(flags & 2), sampling,
                         flags >> 5 if flags & 8 else None)
 
 
 def send_command(rt: Runtime, cmd: int, req: Request | None = None) -> None:
-    """Rank 0 side: broadcast (cmd, request) to the other ranks, with rank 0's record_prefill."""
+    """Rank 0 side: broadcast (cmd, request) to the other ranks, with rank 0's record_prefill: the
+    header [cmd, n, total, flags]; for GENERATE the body (prompt lengths, max_new_tokens, prompt
+    ids), the sampling table when some sequence is not plain greedy, and the bias table when some
+    has a logit bias (the sampling table's last column says how many pairs each row has)."""
     if rt.comm.world == 1:
         return
     dev = rt.comm.device
@@ -313,6 +323,8 @@ def send_command(rt: Runtime, cmd: int, req: Request | None = None) -> None:
         if req.sampled:
             assert req.sampling is not None
             dist.broadcast(sampling_table(req.sampling).to(dev), 0)
+            if any(p.biased for p in req.sampling):  # variable length: its own broadcast, only when there is one
+                dist.broadcast(bias_table(req.sampling).to(dev), 0)
 
 
 def run_request(rt: Runtime, req: Request, on_step: StepCallback | None = None) -> Result:

@@ -27,6 +27,11 @@ the tokens all-reduce every rank runs anyway) and, when some has a repetition pe
 (greedy rows too: their token is the argmax of the penalised logits). A call in which no
 sequence has a penalty allocates none of it and does no penalty work.
 
+A logit bias (sampling.apply_logit_bias: OpenAI's `logit_bias`) is added to the raw logits
+before the penalties, greedy rows' too: every rank keeps a float32 [Q, V] row of biases for the
+Q sequences that have one (LogitBiases; the request's broadcast carries the biases, bit for bit),
+built once per call; a call in which no sequence has a bias allocates none and does no bias work.
+
 Log-probabilities (`generate(logprobs=N)`): the rank that holds a sequence's logits computes its
 token's log-probability and the N largest (sampling.token_logprobs), and one more all-reduce per
 step, kind "logprobs" ([B, 1 + 2N] float64, -inf where a rank has no row), gives them to every
@@ -68,7 +73,8 @@ from moeplace.serve.coherent import moe_coherent
 from moeplace.serve.dist import Comm, meta_scale, pack, unpack
 from moeplace.serve.model import KVCache, RankModel
 from moeplace.serve.replicas import ExpertMap
-from moeplace.serve.sampling import GREEDY, Sampling, apply_penalties, read_logprobs, sample, token_logprobs
+from moeplace.serve.sampling import (GREEDY, Sampling, apply_penalties, logit_bias_rows, read_logprobs, sample,
+                                     token_logprobs)
 from moeplace.serve.standard import moe_standard
 
 MODES = ("coherent", "standard")
@@ -96,6 +102,40 @@ class Result:
     routing: np.ndarray | None = None  # int64 [rows, 3 + k]
     routing_weights: np.ndarray | None = None  # float32 [rows, k]: the gate weights of those ids, row for row
     logprobs: list[list[TokenLogprobs]] | None = None  # per prompt, per generated token, when asked for
+
+
+@dataclass
+class LogitBiases:
+    """This rank's logit bias rows of the sequences with a bias (sampling.apply_logit_bias) in one
+    generate call."""
+
+    rows: list[int]  # per slot: its row of `table`, or -1 for a sequence without a bias
+    table: torch.Tensor  # float32 [Q, V]: the biases at their token ids, 0 elsewhere
+
+    @classmethod
+    def start(cls, params: list[Sampling], vocab: int, dev: torch.device) -> LogitBiases | None:
+        """The bias rows of a call with these per-slot parameters, or None (nothing allocated)
+        when no sequence has a bias."""
+        slots = [s for s, p in enumerate(params) if p.biased]
+        if not slots:
+            return None
+        rows = [-1] * len(params)
+        for row, s in enumerate(slots):
+            rows[s] = row
+        return cls(rows, logit_bias_rows([params[s] for s in slots], vocab, dev))
+
+    def apply(self, logits: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """logits [n, V] of the sequences in `slots` (host list, row for row) with the biased ones'
+        biases added (a float32 copy), or `logits` itself when none of them is here."""
+        picked = [i for i, s in enumerate(slots) if self.rows[s] >= 0]
+        if not picked:
+            return logits
+        dev = logits.device
+        rows = torch.tensor([self.rows[slots[i]] for i in picked], dtype=torch.int64, device=dev)
+        at = torch.tensor(picked, dtype=torch.int64, device=dev)
+        out = logits.to(torch.float32, copy=True)
+        out[at] += self.table[rows]
+        return out
 
 
 @dataclass
@@ -220,8 +260,8 @@ class Runtime:
                  collect_logits: bool = False, sampling: list[Sampling] | None = None,
                  on_step: StepCallback | None = None, logprobs: int | None = None) -> Result:
         """Continuation of every prompt (same arguments on every rank). sampling: per prompt, its
-        draw and penalties (a sequence's token may be chosen on any rank in coherent mode); None
-        is greedy for all.
+        draw, logit bias and penalties (a sequence's token may be chosen on any rank in coherent
+        mode); None is greedy for all.
         on_step: rank 0's streaming hook (StepCallback; every rank learns every token, but only
         one should report them), which may end sequences early; other ranks pass None.
         logprobs: N >= 0 gives every generated token's log-probability and the N likeliest
@@ -243,6 +283,7 @@ class Runtime:
                                     f"{spec.max_positions} positions")
         self._routing, self._routing_weights = [], []
         penalties = Penalties.start(params, prompts, spec.vocab_size, dev)  # None: no sequence has one
+        biases = LogitBiases.start(params, spec.vocab_size, dev)  # None: no sequence has one
         cache = KVCache(spec, num, max(len(p) + n for p, n in zip(prompts, max_new_tokens)), dev, model.dtype,
                         stride=1 if coherent else comm.world)
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=dev)
@@ -282,11 +323,14 @@ class Runtime:
         start = time.perf_counter()
         while True:
             logits = model.logits(h)  # [n, V] for the sequences whose token ended here
-            # what the token is chosen from: the raw logits, or penalised (log-probabilities stay raw)
+            # what the token is chosen from: the raw logits, or biased then penalised (vLLM's order;
+            # log-probabilities stay raw)
             scores = logits
-            slots_here = here.tolist() if any_sampled or penalties is not None else []
+            slots_here = here.tolist() if any_sampled or penalties is not None or biases is not None else []
+            if biases is not None:
+                scores = biases.apply(scores, slots_here)
             if penalties is not None:
-                scores = penalties.apply(logits, slots_here, params)
+                scores = penalties.apply(scores, slots_here, params)
             next_ids = torch.full((num,), -1, dtype=torch.int64, device=dev)
             next_ids[here] = scores.argmax(-1)
             if any_sampled:  # draw where the logits are; the all-reduce below carries the token

@@ -8,6 +8,7 @@ threads here, only the Job's `done` and `events` through which rank 0's main thr
                           "temperature": 0..2 = 0, "top_p": (0, 1] = 1, "top_k": int >= 1, or 0 or
                           -1 for off, "min_p": [0, 1] = 0, "seed": int, "presence_penalty" and
                           "frequency_penalty": [-2, 2] = 0, "repetition_penalty": [0.01, 100] = 1,
+                          "logit_bias": {"token id": [-100, 100], ...} (up to 300) = {},
                           "logprobs": 0..5, "n": 1..16 = 1, "stop": str | [str, ...]}
                           (cap: the server's --max-new-tokens). temperature 0 (the default here,
                           not OpenAI's 1) decodes greedily; a sampling request without a seed
@@ -21,14 +22,16 @@ threads here, only the Job's `done` and `events` through which rank 0's main thr
                           rank 0 finds it as the tokens come (text.StopWatch) and the sequence ends
                           at the batch's next step (its token dropped). A filter ("top_p" < 1,
                           "top_k" > 1, "min_p" > 0) without a temperature is 400 (it would be
-                          silently greedy); penalties apply greedy or sampled. "logprobs": N
+                          silently greedy); penalties apply greedy or sampled, and so does
+                          "logit_bias" (added to those tokens' raw logits before the penalties,
+                          as vLLM; ids in [0, vocab), at most 300 of them). "logprobs": N
                           gives each choice OpenAI's legacy {"tokens", "token_logprobs",
                           "top_logprobs" (the N likeliest), "text_offset"}, of the raw model
-                          distribution (before penalties, temperature and filters, as vLLM); a
-                          token is its id's decoding, or
+                          distribution (before bias, penalties, temperature and filters, as
+                          vLLM); a token is its id's decoding, or
                           "token_id:N" with no tokenizer. The other fields that would change the
-                          answer (UNSUPPORTED: "echo", "suffix", "logit_bias"; "best_of"
-                          unless equal to n) are 400 unless null or their default; so is a request
+                          answer (UNSUPPORTED: "echo", "suffix"; "best_of" unless equal to n)
+                          are 400 unless null or their default; so is a request
                           of more sequences than --max-batch. "user" is accepted.
     POST /v1/chat/completions  {"messages": [{"role": "system" | "developer" | "user" | "assistant", "content": str},
                           ...], "max_completion_tokens" (or "max_tokens"), sampling and refusals as
@@ -60,6 +63,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import queue
+import re
 import secrets
 import threading
 import time
@@ -79,11 +83,7 @@ TEMPLATE_ROLE = {"developer": "system"}
 
 # fields that change the completion, which this server does not implement: accepted only
 # absent or at these values (what OpenAI clients send by default); anything else is a 400
-UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "echo": (None, False), "suffix": (None, ""),
-    # reshapes the logits, so it changes even a greedy answer
-    "logit_bias": (None, {}),
-}
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {"echo": (None, False), "suffix": (None, "")}
 # sampling filters (OpenAI's top_p; vLLM's and SGLang's top_k, min_p) at values that filter
 # nothing: any other value asks for sampling, refused without a temperature (it would be moot)
 SAMPLING: dict[str, tuple[Any, ...]] = {"top_p": (None, 1, 1.0), "top_k": (None, -1, 0, 1), "min_p": (None, 0, 0.0)}
@@ -102,6 +102,11 @@ PENALTIES: dict[str, tuple[float, float, float]] = {
     "presence_penalty": (-2.0, 2.0, 0.0), "frequency_penalty": (-2.0, 2.0, 0.0),
     "repetition_penalty": (0.01, 100.0, 1.0),
 }
+# "logit_bias": OpenAI's range of a bias (-100 bans a token, 100 all but forces it), and a cap of
+# ours on the entries: OpenAI's reference names none we could confirm; 300 is far more than
+# banning a few tokens or forcing a choice among a few labels needs, and bounds a request's table
+LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS = 100.0, 300
+TOKEN_ID = re.compile(r"-?[0-9]+")  # a logit_bias key: a decimal integer (vLLM reads it with int())
 # alternatives per token: OpenAI's caps ("logprobs" of completions, "top_logprobs" of chat)
 MAX_LOGPROBS, MAX_TOP_LOGPROBS = 5, 20
 MIN_LOGPROB = -9999.0  # vLLM's floor: JSON has no -Infinity
@@ -183,12 +188,43 @@ def parse_penalties(doc: dict[str, Any]) -> Sampling:
                                repetition_penalty=repetition)
 
 
-def parse_sampling(doc: dict[str, Any]) -> Sampling:
-    """The request's temperature, top_p, top_k, min_p, seed and penalties, checked (BadRequest). A
-    request that samples without a seed gets a random one (the response reports it); a greedy
-    one keeps GREEDY's, with its penalties. A filter without a temperature is refused: answering
-    it greedily would hide that it was ignored. Penalties need no temperature: they change the
-    greedy answer too."""
+def parse_logit_bias(doc: dict[str, Any], vocab: int) -> tuple[tuple[int, float], ...]:
+    """The request's "logit_bias" ({"token id": bias}; null and {}: none) as Sampling.logit_bias,
+    (id, bias) pairs sorted by id, checked (BadRequest): keys decimal token ids in [0, vocab)
+    (vLLM refuses ids out of range too), one entry per id, values finite numbers in
+    [-LOGIT_BIAS_RANGE, LOGIT_BIAS_RANGE], at most MAX_LOGIT_BIAS entries."""
+    bias = doc.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise BadRequest(f"\"logit_bias\" must be an object {{\"token id\": bias in [-{LOGIT_BIAS_RANGE:g}, "
+                         f"{LOGIT_BIAS_RANGE:g}], ...}}, got {json.dumps(bias)[:80]}")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise BadRequest(f"\"logit_bias\" has {len(bias)} entries; at most {MAX_LOGIT_BIAS}")
+    pairs: dict[int, float] = {}
+    for key, value in bias.items():
+        # 20 digits: past int64, and short of int()'s limit on digits (a ValueError)
+        token = int(key) if TOKEN_ID.fullmatch(key) and len(key) <= 20 else None
+        if token is None and TOKEN_ID.fullmatch(key):
+            token = vocab  # a long number: out of range
+        if token is None or not 0 <= token < vocab:
+            raise BadRequest(f"\"logit_bias\": key {json.dumps(key)[:80]} is not a token id of this model "
+                             f"(an integer in [0, {vocab}), as a string)")
+        if token in pairs:
+            raise BadRequest(f"\"logit_bias\": token id {token} is given twice")
+        if not (_is_number(value) and -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE):  # NaN fails too
+            raise BadRequest(f"\"logit_bias\": the bias of token id {token} must be a number in "
+                             f"[-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}], got {json.dumps(value)[:80]}")
+        pairs[token] = float(value)
+    return tuple(sorted(pairs.items()))
+
+
+def parse_sampling(doc: dict[str, Any], vocab: int) -> Sampling:
+    """The request's temperature, top_p, top_k, min_p, seed, penalties and logit bias (token ids
+    in [0, vocab)), checked (BadRequest). A request that samples without a seed gets a random one
+    (the response reports it); a greedy one keeps GREEDY's, with its penalties and bias. A filter
+    without a temperature is refused: answering it greedily would hide that it was ignored.
+    Penalties and a bias need no temperature: they change the greedy answer too."""
     temperature, top_p, top_k, min_p, seed = (doc.get(k) for k in ("temperature", "top_p", "top_k", "min_p", "seed"))
     if temperature is not None and not (_is_number(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
         raise BadRequest(f"\"temperature\": {json.dumps(temperature)[:80]} is not supported: send a number in "
@@ -201,7 +237,7 @@ def parse_sampling(doc: dict[str, Any]) -> Sampling:
         raise BadRequest(f"\"min_p\" must be a number in [0, 1], got {json.dumps(min_p)[:80]}")
     if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and -(1 << 63) <= seed < 1 << 63):
         raise BadRequest(f"\"seed\" must be an integer in [-2**63, 2**63), got {json.dumps(seed)[:80]}")
-    greedy = parse_penalties(doc)
+    greedy = dataclasses.replace(parse_penalties(doc), logit_bias=parse_logit_bias(doc, vocab))
     if temperature == 0:  # greedy asked for: a filter on the sampled set changes nothing
         return greedy
     for name, neutral in SAMPLING.items():
@@ -244,9 +280,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_options(doc: dict[str, Any], unsupported: dict[str, tuple[Any, ...]], what: str) -> tuple[Sampling, int]:
+def check_options(doc: dict[str, Any], unsupported: dict[str, tuple[Any, ...]], what: str,
+                  vocab: int) -> tuple[Sampling, int]:
     """Refuse what this server cannot honour (`unsupported` fields off their defaults; `what`
-    names the endpoint in the message); return the request's sampling and "n" (1..MAX_N, null 1).
+    names the endpoint in the message); return the request's sampling (a logit bias's token ids
+    in [0, vocab)) and "n" (1..MAX_N, null 1).
     "best_of" is accepted only where it changes nothing: null or equal to n (vLLM's default)."""
     n = doc.get("n")
     if n is not None and not (_is_int(n) and 1 <= n <= MAX_N):  # 1.0 and true are no integer 1
@@ -261,7 +299,7 @@ def check_options(doc: dict[str, Any], unsupported: dict[str, tuple[Any, ...]], 
         if not _is_one_of(doc.get(name), defaults):
             raise BadRequest(f"\"{name}\" is not supported ({what}): "
                              f"leave it out or null, got {json.dumps(doc.get(name))[:80]}")
-    return parse_sampling(doc), n
+    return parse_sampling(doc, vocab), n
 
 
 def parse_stop(doc: dict[str, Any], tokenizer: Any) -> tuple[str, ...]:
@@ -349,7 +387,7 @@ def parse_completion(body: bytes, tokenizer: Any, vocab: int, max_len: int, max_
     """Validate a /v1/completions body into a Job; raises BadRequest with a readable reason.
     `max_prompts`: the server's --max-batch (one request runs in one batch: its prompts x n)."""
     doc = read_body(body)
-    sampling, n = check_options(doc, UNSUPPORTED, "plain completions")
+    sampling, n = check_options(doc, UNSUPPORTED, "plain completions", vocab)
     stop = parse_stop(doc, tokenizer)
     logprobs = parse_logprobs(doc)
     stream, include_usage = parse_stream(doc)
@@ -416,7 +454,7 @@ def parse_chat(body: bytes, tokenizer: Any, model_name: str, vocab: int, max_len
         raise BadRequest(f"model {model_name} {has}, so no chat: use /v1/completions "
                          "(a prompt string or token ids)")
     doc = read_body(body)
-    sampling, n = check_options(doc, CHAT_UNSUPPORTED, "chat completions")
+    sampling, n = check_options(doc, CHAT_UNSUPPORTED, "chat completions", vocab)
     if max_prompts is not None and n > max_prompts:
         raise BadRequest(f"\"n\" {n}: {n} sequences in one request; this server decodes at most {max_prompts} "
                          "sequences together (--max-batch): lower \"n\"")

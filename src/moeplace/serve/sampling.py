@@ -10,13 +10,14 @@ index order, so top_k=1 and a tiny top_p give the argmax exactly, as greedy deco
 The filters apply in vLLM's (V1) order: temperature, then min_p, then top_k and top_p, top_p's
 mass measured over the tokens min_p kept.
 
-Penalties (apply_penalties) reshape the logits before all of that, greedy rows' too (their token
-is the argmax of the penalised logits), as vLLM's sampler applies them first (its
-model_executor/layers/utils.py apply_penalties: repetition on the prompt's and the generated
-tokens, then frequency and presence on the generated ones).
+A logit bias (OpenAI's `logit_bias`: apply_logit_bias) is added to the raw logits of its tokens
+first, then penalties (apply_penalties) reshape the logits, before all of that and greedy rows'
+too (their token is the argmax of the biased and penalised logits), in vLLM's V1 sampler order
+(v1/sample/sampler.py: the logit bias processor, then apply_penalties: repetition on the
+prompt's and the generated tokens, then frequency and presence on the generated ones).
 
 Log-probabilities (`token_logprobs`) are those of the raw model distribution, log_softmax of the
-logits before penalties, temperature and filters, as vLLM returns by default.
+logits before bias, penalties, temperature and filters, as vLLM returns by default.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ class Sampling:
     Penalties (apply_penalties; 0, 0 and 1 are off), greedy or not: presence_penalty is
     subtracted from the logit of every token generated so far, frequency_penalty once per time
     it was generated; repetition_penalty divides the positive logits (multiplies the others) of
-    every token of the prompt or generated so far."""
+    every token of the prompt or generated so far. logit_bias: (token id, bias) pairs, sorted by
+    id (so that equal requests are equal), each bias added to its token's raw logit before the
+    penalties, greedy or not (apply_logit_bias); () is off."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -47,6 +50,7 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -58,34 +62,61 @@ class Sampling:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     @property
+    def biased(self) -> bool:
+        """A logit bias reshapes this sequence's logits (Runtime.generate then keeps its bias row)."""
+        return bool(self.logit_bias)
+
+    @property
     def plain(self) -> bool:
         """Greedy argmax of the raw logits: the default decoding, which needs no parameters sent."""
-        return self.greedy and not self.penalised
+        return self.greedy and not self.penalised and not self.biased
 
 
 GREEDY = Sampling()
 
 
-# the float64 fields of sampling_table, in its column order; top_k and seed follow
+# the float64 fields of sampling_table, in its column order; top_k, seed and the logit bias's
+# length follow
 TABLE_FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
-TABLE_WIDTH = len(TABLE_FLOATS) + 2  # columns of sampling_table
+TABLE_WIDTH = len(TABLE_FLOATS) + 3  # columns of sampling_table
 
 
 def sampling_table(params: Sequence[Sampling]) -> torch.Tensor:
-    """int64 [n, TABLE_WIDTH] (TABLE_FLOATS as their float64 bits, then top_k, seed): what a
-    request's broadcast carries to the other ranks (engine.send_command), so that every rank
-    draws and penalises exactly as rank 0 would; sampling_from_table reads it."""
+    """int64 [n, TABLE_WIDTH] (TABLE_FLOATS as their float64 bits, then top_k, seed and how many
+    (token, bias) pairs the row's logit_bias has): what a request's broadcast carries to the
+    other ranks (engine.send_command), so that every rank draws and penalises exactly as rank 0
+    would; sampling_from_table reads it. The biases themselves, of variable length, travel in
+    bias_table, sent only when the last column is not all 0."""
     floats = torch.tensor([[getattr(p, f) for f in TABLE_FLOATS] for p in params], dtype=torch.float64)
-    ints = torch.tensor([[p.top_k, p.seed] for p in params], dtype=torch.int64)
+    ints = torch.tensor([[p.top_k, p.seed, len(p.logit_bias)] for p in params], dtype=torch.int64)
     return torch.cat([floats.view(torch.int64), ints], dim=1)
 
 
-def sampling_from_table(table: torch.Tensor) -> list[Sampling]:
-    """The parameters sampling_table wrote, bit for bit, from int64 [n, TABLE_WIDTH] on the host."""
+def bias_table(params: Sequence[Sampling]) -> torch.Tensor:
+    """int64 [total, 2]: every row's logit_bias pairs in row order, (token id, the bias's float64
+    bits), total being the sum of sampling_table's last column."""
+    ids = torch.tensor([t for p in params for t, _ in p.logit_bias], dtype=torch.int64)
+    bits = torch.tensor([b for p in params for _, b in p.logit_bias], dtype=torch.float64).view(torch.int64)
+    return torch.stack([ids, bits], dim=1)
+
+
+def sampling_from_table(table: torch.Tensor, biases: torch.Tensor | None = None) -> list[Sampling]:
+    """The parameters sampling_table (and bias_table: `biases`, None when no row has a bias) wrote,
+    bit for bit, from int64 [n, TABLE_WIDTH] (and [total, 2]) on the host. ValueError when the
+    table's counts of biases do not add up to the bias table's rows (a bias is never dropped)."""
     width = len(TABLE_FLOATS)
     floats = table[:, :width].contiguous().view(torch.float64)
-    return [Sampling(**dict(zip(TABLE_FLOATS, f)), top_k=int(i[0]), seed=int(i[1]))
-            for f, i in zip(floats.tolist(), table[:, width:].tolist())]
+    ints = table[:, width:].tolist()
+    biases = torch.empty((0, 2), dtype=torch.int64) if biases is None else biases
+    ids, values = biases[:, 0].tolist(), biases[:, 1].contiguous().view(torch.float64).tolist()
+    starts = [0]
+    for i in ints:
+        starts.append(starts[-1] + i[2])
+    if starts[-1] != len(ids):
+        raise ValueError(f"the sampling table names {starts[-1]} logit biases, the bias table holds {len(ids)}")
+    pairs = [tuple(zip(ids[a:b], values[a:b])) for a, b in zip(starts[:-1], starts[1:])]
+    return [Sampling(**dict(zip(TABLE_FLOATS, f)), top_k=int(i[0]), seed=int(i[1]), logit_bias=b)
+            for f, i, b in zip(floats.tolist(), ints, pairs)]
 
 
 def _splitmix64(z: int) -> int:
@@ -104,6 +135,27 @@ def int64(value: int) -> int:
     """`value` wrapped into the signed 64-bit range (a seed + prompt index past 2**63 - 1)."""
     value &= M64
     return value - (1 << 64) if value >> 63 else value
+
+
+def logit_bias_rows(params: Sequence[Sampling], vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 [n, V]: row i holds params[i].logit_bias at its token ids (each bias rounded to
+    float32 once) and 0 elsewhere, so that adding it leaves every other logit as it was."""
+    rows = torch.zeros((len(params), vocab), dtype=torch.float32, device=device)
+    at = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias]
+    if at:
+        i, t, b = zip(*at)
+        if not 0 <= min(t) <= max(t) < vocab:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {min(t)} .. {max(t)}")
+        rows[torch.tensor(i, device=device), torch.tensor(t, device=device)] = \
+            torch.tensor(b, dtype=torch.float64).to(torch.float32).to(device)
+    return rows
+
+
+def apply_logit_bias(logits: torch.Tensor, params: Sequence[Sampling]) -> torch.Tensor:
+    """float32 [n, V]: `logits` [n, V] (any float dtype) with row i's params[i].logit_bias added
+    to its tokens' logits, in float32 (vLLM's V1 logit bias processor, before the penalties); a
+    row without a bias comes back unchanged."""
+    return logits.float() + logit_bias_rows(params, logits.shape[1], logits.device)
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, prompt: torch.Tensor | None,
