@@ -297,3 +297,21 @@ def test_a_trace_cut_inside_a_window_by_max_tokens_is_refused_with_the_reason(
     err = capsys.readouterr().err
     assert "its last sequence stops after 8 of this window's 16 tokens (its --max-tokens cut it)" in err, err
     assert out.read_bytes() == before
+
+
+def test_a_trace_output_missing_what_resuming_reads_is_named(models: dict[str, Path], data: list[Path],
+                                                              tmp_path: Path, small_trace: object,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a `moeplace trace` file that lost its positions (an edit, another tool) was refused as
+    'not a trace moeplace trace wrote (meta source "moeplace trace")', the right source given as
+    the reason. The missing array is named."""
+    import dataclasses
+
+    stripped = tmp_path / "stripped.npz"
+    save_trace(dataclasses.replace(small_trace, meta={"source": "moeplace trace"}, positions=None,  # type: ignore
+                                   token_ids=np.arange(24)), stripped)
+    before = stripped.read_bytes()
+    code = trace(models["olmoe"], data, tmp_path / "out.npz", "--resume", str(stripped))
+    message = refused(capsys, code, stripped, before)
+    assert message.startswith(f"moeplace: error: --resume {stripped}: has no positions, which every `moeplace "
+                              "trace` output holds"), message

@@ -274,10 +274,13 @@ def _load_partial(resume: Path, files: list[Path], seq_len: int | None, batch_si
         raise TraceError(f"--resume {e}") from None
     name = f"--resume {resume}"
     source = partial.meta.get("source")
-    if source != "moeplace trace" or partial.token_ids is None or partial.sequence_ids is None \
-            or partial.positions is None:
+    if source != "moeplace trace":
         raise MoeplaceError(f"{name}: not a trace `moeplace trace` wrote (meta source {json.dumps(source)}): "
                             "only such a trace can be resumed")
+    lacking = [key for key in ("token_ids", "sequence_ids", "positions") if getattr(partial, key) is None]
+    if lacking:  # its source says `moeplace trace`, but an edit or a tool dropped what resuming reads
+        raise MoeplaceError(f"{name}: has no {' or '.join(lacking)}, which every `moeplace trace` output holds and "
+                            "resuming needs (to skip the text already traced): trace anew")
     early = {"batch_size": batch_size, **({"seq_len": seq_len} if seq_len is not None else {})}
     if problem := _resume_difference(partial.meta, early, only=tuple(early)):
         raise MoeplaceError(f"{name}: {problem}")
