@@ -327,8 +327,6 @@ def test_merge_keeps_which_tokens_are_prompt_tokens(model: Path, tmp_path: Path,
     the inputs' traffic (ids shift by multiples of the files' world, keeping home ranks), saying
     which tokens it covers. Before, prompt_lengths (different in the two) was dropped, so eval
     refused the merged file."""
-    from moeplace.eval.traffic import holds_prompt_tokens
-
     decode_only, _, decode_path = serve_batch(model, tmp_path, "decode")
     prefill, _, prefill_path = serve_batch(model, tmp_path, "prefill", "--routing-prefill")
     # as if served on 2 ranks (meta world 2): home rank = sequence id % 2, which merge keeps
@@ -338,7 +336,7 @@ def test_merge_keeps_which_tokens_are_prompt_tokens(model: Path, tmp_path: Path,
     merged_path = tmp_path / "merged.npz"
     assert run(["import", "merge", decode_path, prefill_path, "-o", str(merged_path), "-q"]) == 0
     merged = load_trace(merged_path)
-    assert holds_prompt_tokens(merged) and not holds_prompt_tokens(decode_only)
+    assert merged.holds_prompt_tokens() and not decode_only.holds_prompt_tokens()
     idx = decode_tokens(merged)
     own = decode_tokens(prefill)
     assert idx is not None and own is not None

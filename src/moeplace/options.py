@@ -149,7 +149,15 @@ def yaml_number(value: Any) -> float | None:
     return None
 
 
-_SHORT = reprlib.Repr()  # a container's repr cut as it is built (a few items, two levels), not after
+class _ShortRepr(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:  # past Python's limit on digits printed (YAML reads 0xfff... past it)
+            return "<an integer too large to print>"
+
+
+_SHORT = _ShortRepr()  # a container's repr cut as it is built (a few items, two levels), not after
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxset, _SHORT.maxdict = 2, 3, 3, 3, 3
 _SHORT.maxstring = _SHORT.maxother = 30
 

@@ -106,34 +106,16 @@ def start_ranks(trace: Trace, gpus: np.ndarray, num_gpus: int) -> np.ndarray:
     return start
 
 
-def holds_prompt_tokens(trace: Trace) -> bool:
-    """Whether the trace says it holds prompt (prefill) tokens besides decode tokens: meta
-    "phases" (serve --routing-prefill) lists "prefill"."""
-    phases = trace.meta.get("phases")
-    return isinstance(phases, list) and "prefill" in phases
-
-
 def decode_tokens(trace: Trace) -> np.ndarray | None:
     """Indices of the trace's decode tokens, int64 [D] ascending, when it holds prompt tokens
-    too (holds_prompt_tokens): the tokens at or past their sequence's meta "prompt_lengths"
+    too (Trace.holds_prompt_tokens): the tokens at or past their sequence's meta "prompt_lengths"
     entry; None when every token is a decode step's. Raises TraceError when the meta cannot
-    tell them apart (no prompt_lengths, or none for one of its sequences: a file whose sequence
-    ids were renumbered)."""
-    if not holds_prompt_tokens(trace):
+    tell them apart (no valid prompt_lengths: _prompt_length_pairs; or none for one of its
+    sequences: a file whose sequence ids were renumbered)."""
+    if not trace.holds_prompt_tokens():
         return None
     seq, pos = _sequences(trace)
-    table = trace.meta.get("prompt_lengths")
-    pairs = None
-    if isinstance(table, list):
-        try:
-            pairs = np.asarray(table, dtype=np.int64).reshape(-1, 2)
-        except (TypeError, ValueError, OverflowError):
-            pass
-        if pairs is not None and len(pairs) != len(table):  # a flat list, or rows of another width
-            pairs = None
-    if pairs is None:
-        raise TraceError("the trace holds prompt tokens (meta phases) but no valid meta prompt_lengths ([[sequence "
-                         "id, prompt length], ...]): its decode tokens cannot be told from them")
+    pairs = _prompt_length_pairs(trace.meta.get("prompt_lengths"))
     pairs = pairs[np.argsort(pairs[:, 0], kind="stable")]
     at = np.minimum(np.searchsorted(pairs[:, 0], seq), max(len(pairs) - 1, 0))
     listed = pairs[at, 0] == seq if len(pairs) else np.zeros(len(seq), dtype=bool)
@@ -143,12 +125,34 @@ def decode_tokens(trace: Trace) -> np.ndarray | None:
     return np.flatnonzero(pos >= pairs[at, 1])
 
 
+def _prompt_length_pairs(table: Any) -> np.ndarray:
+    """Meta prompt_lengths as int64 [S, 2] (sequence id, prompt length), checked: JSON integers
+    (not true/false, floats or strings, which numpy would cast: 3.9 to 3, true to 1), lengths
+    >= 0, each sequence once (else which of two lengths holds is a guess). TraceError otherwise."""
+    what = "the trace holds prompt tokens (meta phases) but"
+    ints = isinstance(table, list) and all(
+        isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                    and -(1 << 63) <= v < 1 << 63 for v in r) for r in table)
+    if not ints:
+        raise TraceError(f"{what} no valid meta prompt_lengths ([[sequence id, prompt length], ...], integers): its "
+                         "decode tokens cannot be told from them")
+    pairs = np.array(table, dtype=np.int64).reshape(-1, 2)
+    if (pairs[:, 1] < 0).any():
+        row = table[int(np.flatnonzero(pairs[:, 1] < 0)[0])]
+        raise TraceError(f"{what} its meta prompt_lengths gives sequence {row[0]} a negative length ({row[1]})")
+    ids, counts = np.unique(pairs[:, 0], return_counts=True)
+    if (counts > 1).any():
+        raise TraceError(f"{what} its meta prompt_lengths lists sequence {int(ids[counts > 1][0])} "
+                         f"{int(counts[counts > 1][0])} times: which length holds is unknown")
+    return pairs
+
+
 def predict_traffic(placement: Placement, trace: Trace, mode: str, hidden_size: int,
                     element_bytes: int) -> dict[str, Any]:
     """Cross-rank rows and bytes of each Alltoall kind, totals and per decoded token.
 
     trace: the decoded tokens (sequence_ids and positions required); placement: replicas allowed.
-    A trace that also holds prompt tokens (holds_prompt_tokens) is predicted on its decode
+    A trace that also holds prompt tokens (Trace.holds_prompt_tokens) is predicted on its decode
     tokens alone: `tokens` counts those, and `prompt_tokens` the prompt tokens left out.
     """
     if mode not in MODES:
@@ -193,11 +197,15 @@ def predict_traffic(placement: Placement, trace: Trace, mode: str, hidden_size: 
 def traffic_scope_note(trace: Trace, name: str) -> str | None:
     """One line for eval to print when the traffic prediction leaves some of the trace's tokens
     out (a serve --routing-prefill trace: its prompt tokens), else None. Raises TraceError as
-    decode_tokens does."""
+    decode_tokens does, and for a trace of prompt tokens alone (every request ended at its
+    first token): a per-token prediction over no token would print 0 bytes a token."""
     decode = decode_tokens(trace)
     if decode is None:
         return None
     prompt = trace.num_tokens - len(decode)
+    if not len(decode):
+        raise TraceError(f"{name} holds {prompt} prompt (prefill) tokens and no decode token (meta phases): there is "
+                         "no decode traffic to predict; leave out --model and --hidden-size for the placement metrics")
     return (f"{name} holds {prompt} prompt (prefill) and {len(decode)} decode tokens (meta phases): the predicted "
             "Alltoall traffic covers the decode tokens only, as serve's --stats-out \"decode\" counts them; the "
             "placement metrics cover all tokens")

@@ -858,6 +858,10 @@ def run_batch(rt: Any, prompts: list[BatchPrompt], max_batch: int, ignore_eos: b
     if routing_out:
         layers = len(spec.moe_layers)
         arrays = {key: np.concatenate([r[key] for r in routing]) for key in routing[0]}
+        if not len(arrays["positions"]):  # a trace holds at least one token: said as the HTTP server says it
+            click.echo(f"moeplace serve: note: no decode step ran (every sequence ended at its first token), so "
+                       f"{routing_out} was not written", err=True)
+            return
         prefill = rt.record_prefill
         meta = {"source": engine.routing_source(prefill, http=False), "model": str(spec.path),
                 "moe_layers": list(spec.moe_layers), "home_rank": "sequence_id % world", "world": rt.comm.world}

@@ -76,6 +76,13 @@ class Trace:
         value = self.meta.get("hidden_size")
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
+    def holds_prompt_tokens(self) -> bool:
+        """Whether the trace says it holds prompt (prefill) tokens besides decode tokens: meta
+        "phases" (`serve --routing-out --routing-prefill`) is a list naming "prefill"; its meta
+        "prompt_lengths" then tells them apart (eval/traffic.py decode_tokens)."""
+        phases = self.meta.get("phases")
+        return isinstance(phases, list) and "prefill" in phases
+
     def routing_sha256(self) -> str:
         """sha256 of the routing itself (topk_ids, token order included), whatever file holds
         it: a copy, a re-import or a re-save with other meta has the file's sha256 changed, not this."""

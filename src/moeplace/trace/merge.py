@@ -88,16 +88,16 @@ def _merged_phases(traces: Sequence[tuple[str, Trace]], shifts: list[int]) -> di
     for every sequence of an input without them (all its tokens count as decode tokens, as eval
     takes such a file alone). {} when no input holds prompt tokens. An input whose prompt_lengths
     is not such a list is carried as it is, for eval to refuse in one line."""
-    if not any("prefill" in (t.meta.get("phases") or ()) for _, t in traces):
+    if not any(t.holds_prompt_tokens() for _, t in traces):
         return {}
     rows: list[list[Any]] = []
     for (_, t), shift in zip(traces, shifts):
         table = t.meta.get("prompt_lengths")
-        if "prefill" not in (t.meta.get("phases") or ()):
+        if not t.holds_prompt_tokens():
             assert t.sequence_ids is not None  # (only called when every input has them)
             rows += [[int(q) + shift, 0] for q in np.unique(t.sequence_ids)]
         elif isinstance(table, list) and all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], int)
-                                             for r in table):
+                                             and not isinstance(r[0], bool) for r in table):
             rows += [[r[0] + shift, r[1]] for r in table]
         else:
             return {"phases": ["prefill", "decode"], "prompt_lengths": table}
@@ -152,7 +152,11 @@ def _offset(parts: list[np.ndarray], align: int = 1) -> list[np.ndarray]:
     top = -1
     for ids in parts:
         shift = -(-(top + 1 - int(ids.min())) // align) * align if out else 0
-        shifted = ids + shift
+        if int(ids.max()) + shift >= 1 << 63 or shift >= 1 << 63:  # numpy would wrap past int64 (or fail)
+            raise TraceError(f"sequence ids past 2**63 - 1 when merged (the earlier inputs' ids run to {top}"
+                             + (f", shifted by multiples of {align}, the least common multiple of their meta world"
+                                if align > 1 else "") + "): merge fewer files, or files whose ids are smaller")
+        shifted = ids + np.int64(shift)
         top = max(top, int(shifted.max()))
         out.append(shifted)
     return out
