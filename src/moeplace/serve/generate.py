@@ -104,6 +104,26 @@ class Result:
     logprobs: list[list[TokenLogprobs]] | None = None  # per prompt, per generated token, when asked for
 
 
+def slot_rows(wanted: list[bool]) -> list[int]:
+    """Per slot, its row in a table of the wanted slots only (in slot order), or -1."""
+    rows, row = [-1] * len(wanted), 0
+    for s, w in enumerate(wanted):
+        if w:
+            rows[s], row = row, row + 1
+    return rows
+
+
+def picked_rows(rows: list[int], slots: list[int], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Of a step's logits rows (their sequences `slots`, host list, row for row), those whose
+    sequence has a table row (`rows`: slot_rows'): (their positions in the logits, their table
+    rows), int64 on `dev`; None when none of them has one."""
+    picked = [i for i, s in enumerate(slots) if rows[s] >= 0]
+    if not picked:
+        return None
+    return (torch.tensor(picked, dtype=torch.int64, device=dev),
+            torch.tensor([rows[slots[i]] for i in picked], dtype=torch.int64, device=dev))
+
+
 @dataclass
 class LogitBiases:
     """This rank's logit bias rows of the sequences with a bias (sampling.apply_logit_bias) in one
@@ -116,23 +136,16 @@ class LogitBiases:
     def start(cls, params: list[Sampling], vocab: int, dev: torch.device) -> LogitBiases | None:
         """The bias rows of a call with these per-slot parameters, or None (nothing allocated)
         when no sequence has a bias."""
-        slots = [s for s, p in enumerate(params) if p.biased]
-        if not slots:
+        if not any(p.biased for p in params):
             return None
-        rows = [-1] * len(params)
-        for row, s in enumerate(slots):
-            rows[s] = row
-        return cls(rows, logit_bias_rows([params[s] for s in slots], vocab, dev))
+        return cls(slot_rows([p.biased for p in params]), logit_bias_rows([p for p in params if p.biased], vocab, dev))
 
     def apply(self, logits: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """logits [n, V] of the sequences in `slots` (host list, row for row) with the biased ones'
         biases added (a float32 copy), or `logits` itself when none of them is here."""
-        picked = [i for i, s in enumerate(slots) if self.rows[s] >= 0]
-        if not picked:
+        if (picked := picked_rows(self.rows, slots, logits.device)) is None:
             return logits
-        dev = logits.device
-        rows = torch.tensor([self.rows[slots[i]] for i in picked], dtype=torch.int64, device=dev)
-        at = torch.tensor(picked, dtype=torch.int64, device=dev)
+        at, rows = picked
         out = logits.to(torch.float32, copy=True)
         out[at] += self.table[rows]
         return out
@@ -155,9 +168,7 @@ class Penalties:
         slots = [s for s, p in enumerate(params) if p.penalised]
         if not slots:
             return None
-        rows = [-1] * len(params)
-        for row, s in enumerate(slots):
-            rows[s] = row
+        rows = slot_rows([p.penalised for p in params])
         prompt = None
         if any(params[s].repetition_penalty != 1 for s in slots):
             prompt = torch.zeros((len(slots), vocab), dtype=torch.bool, device=dev)
@@ -168,15 +179,12 @@ class Penalties:
     def apply(self, logits: torch.Tensor, slots: list[int], params: list[Sampling]) -> torch.Tensor:
         """logits [n, V] of the sequences in `slots` (host list, row for row) with the penalised
         ones' rows penalised (a float32 copy), or `logits` itself when none of them is here."""
-        picked = [i for i, s in enumerate(slots) if self.rows[s] >= 0]
-        if not picked:
+        if (picked := picked_rows(self.rows, slots, logits.device)) is None:
             return logits
-        dev = logits.device
-        rows = torch.tensor([self.rows[slots[i]] for i in picked], dtype=torch.int64, device=dev)
-        at = torch.tensor(picked, dtype=torch.int64, device=dev)
+        at, rows = picked
         out = logits.to(torch.float32, copy=True)
         out[at] = apply_penalties(out[at], self.counts[rows], None if self.prompt is None else self.prompt[rows],
-                                  [params[slots[i]] for i in picked])
+                                  [params[s] for s in slots if self.rows[s] >= 0])  # the picked rows' (host)
         return out
 
     def count(self, slots: list[int], tokens: list[int]) -> None:
