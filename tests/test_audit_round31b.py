@@ -158,3 +158,17 @@ def test_brief_shows_a_container_of_a_huge_integer() -> None:
 
     assert "too large to print" in brief([1, 10**5000])
     assert brief(10**5000) == "an integer too large to print"
+
+
+def test_an_unsupported_field_names_the_values_it_accepts() -> None:
+    """Before: every refusal said "leave it out or null", though "tool_choice": "auto", "echo": false
+    or "tools": [] are accepted too; the line now lists what changes nothing."""
+    from moeplace.serve.openai import CHAT_UNSUPPORTED, BadRequest, check_options
+
+    with pytest.raises(BadRequest, match=r'"tool_choice" is not supported \(chat completions\): leave it out or '
+                                         r'send null or "none" or "auto", got "required"'):
+        check_options({"tool_choice": "required"}, CHAT_UNSUPPORTED, "chat completions", 100)
+    with pytest.raises(BadRequest, match=r'"echo" is not supported \(chat completions\): leave it out or send null '
+                                         r"or false, got true"):
+        check_options({"echo": True}, CHAT_UNSUPPORTED, "chat completions", 100)
+    check_options({"tool_choice": "auto", "echo": False, "tools": []}, CHAT_UNSUPPORTED, "chat completions", 100)

@@ -174,7 +174,7 @@ def test_chat_and_completions_share_the_queue_batches_and_counters(rt: Runtime, 
                                        "got null"),
     ({"messages": [MESSAGES[0], {"role": "user", "content": 7}]}, "\"messages[1].content\" must be a string"),
     ({"messages": [{"role": "user", "content": "x", "name": "bob"}]},
-     "\"messages[0].name\" is not supported (only role and content are read): leave it out or null, got \"bob\""),
+     "\"messages[0].name\" is not supported (only role and content are read): leave it out or send null or [], got \"bob\""),
     ({"messages": [{"role": "assistant", "content": "x"}]},
      "the chat template of model chatty refused the messages (TemplateError: Conversation must start with a system "
      "or user message)"),

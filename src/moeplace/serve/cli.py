@@ -111,7 +111,7 @@ PROMPT_KEYS = {"prompt", "max_tokens", *SAMPLING_KEYS, *CHOICE_KEYS}  # what a J
                    "16 or this, the smaller.")
 @click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1, 1 << 14),
               help="Sequences decoded together (batch: rounded down to a multiple of the number of ranks, "
-                   "at least one per rank; HTTP: a request with more prompts is refused).")
+                   "at least one per rank; HTTP: a request of more sequences, prompts x n, is refused).")
 @click.option("--ignore-eos", is_flag=True, help="Batch: do not stop at the end-of-sequence token.")
 @click.option("--temperature", type=FiniteFloat(0.0, MAX_TEMPERATURE),
               help="Batch: sample at this temperature (default 0: greedy); a JSONL line's \"temperature\", "

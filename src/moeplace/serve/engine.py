@@ -390,8 +390,8 @@ def prompt_token_count(positions: np.ndarray, prompt_lengths: np.ndarray) -> int
 
 def routing_summary(tokens: int, layers: int, prefill: bool, prompt: int) -> str:
     """What a --routing-out file holds, for its `wrote FILE: ...` line: "decode routing of 30
-    tokens x 2 MoE layers", or with prefill "prefill+decode routing of 46 tokens (16 prompt, 30
-    decode) x 2 MoE layers"."""
+    tokens x 4 MoE layers", or with prefill "prefill+decode routing of 46 tokens (16 prompt, 30
+    decode) x 4 MoE layers"."""
     if not prefill:
         return f"decode routing of {plural(tokens, 'token')} x {plural(layers, 'MoE layer')}"
     return (f"prefill+decode routing of {plural(tokens, 'token')} ({prompt} prompt, {tokens - prompt} decode) x "
@@ -547,8 +547,8 @@ class RoutingLog:
     def write(self, chunks: list[dict[str, np.ndarray]], added: int) -> None:
         """`chunks` (a snapshot of `self.chunks`, taken when `added` tokens had been added) as one
         trace file, atomically (save_trace: a reader, or a SIGKILL, sees the old file or the new
-        one), uncompressed and unchecked: 200k DeepSeek-V3-shaped tokens take about 1.5 s where
-        compression took 47 s (gate weights barely compress), and the rows come from the router's
+        one), uncompressed and unchecked: 200k DeepSeek-V3-shaped tokens took 3.0-4.0 s on 2 shared
+        CPU cores where compression took 47 s (docs/runtime.md) (gate weights barely compress), and the rows come from the router's
         topk (distinct ids, weights highest first); load_trace checks what it reads. keep="last"
         adds meta keep, routing_max_tokens and dropped_tokens (tokens recorded before the file's)."""
         if not chunks:

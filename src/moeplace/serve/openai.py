@@ -297,8 +297,9 @@ def check_options(doc: dict[str, Any], unsupported: dict[str, tuple[Any, ...]], 
                          f"got {json.dumps(best_of)[:80]}")
     for name, defaults in unsupported.items():
         if not _is_one_of(doc.get(name), defaults):
+            accepted = " or ".join(json.dumps(d) for d in defaults)  # what changes nothing: null, false, "auto" ...
             raise BadRequest(f"\"{name}\" is not supported ({what}): "
-                             f"leave it out or null, got {json.dumps(doc.get(name))[:80]}")
+                             f"leave it out or send {accepted}, got {json.dumps(doc.get(name))[:80]}")
     return parse_sampling(doc, vocab), n
 
 
@@ -438,7 +439,7 @@ def chat_messages(messages: Any) -> list[dict[str, str]]:
         for key, value in m.items():  # "name", "tool_calls", ...: the template would not see them
             if key not in ("role", "content") and value not in (None, []):
                 raise BadRequest(f"\"{where}.{key}\" is not supported (only role and content are read): "
-                                 f"leave it out or null, got {json.dumps(value)[:80]}")
+                                 f"leave it out or send null or [], got {json.dumps(value)[:80]}")
         out.append({"role": TEMPLATE_ROLE.get(role) or str(role), "content": check_text(content, f"{where}.content")})
     return out
 
