@@ -863,8 +863,7 @@ def run_batch(rt: Any, prompts: list[BatchPrompt], max_batch: int, ignore_eos: b
                        f"{routing_out} was not written", err=True)
             return
         prefill = rt.record_prefill
-        meta = {"source": engine.routing_source(prefill, http=False), "model": str(spec.path),
-                "moe_layers": list(spec.moe_layers), "home_rank": "sequence_id % world", "world": rt.comm.world}
+        meta = engine.routing_meta(spec, rt.comm.world, prefill, http=False)
         if prefill:
             meta.update(engine.phase_meta(arrays["sequence_ids"], arrays["prompt_lengths"]))
         trace = make_trace(arrays["topk_ids"], arrays.get("topk_weights"), spec.num_experts,

@@ -368,9 +368,13 @@ ROUTING_EVERY_S = 300.0
 ROUTING_KEEP = ("first", "last")
 
 
-def routing_source(prefill: bool, http: bool) -> str:
-    """A --routing-out trace's meta source: "moeplace serve (decode)", "(prefill+decode, http)"..."""
-    return f"moeplace serve ({'prefill+decode' if prefill else 'decode'}{', http' if http else ''})"
+def routing_meta(spec: ModelSpec, world: int, prefill: bool, http: bool) -> dict[str, Any]:
+    """A --routing-out trace's meta, batch or HTTP: source ("moeplace serve (decode)",
+    "(prefill+decode, http)" ...), model, moe_layers, and how eval finds a token's home rank
+    (phase_meta adds a prefill file's prompt lengths)."""
+    return {"source": f"moeplace serve ({'prefill+decode' if prefill else 'decode'}{', http' if http else ''})",
+            "model": str(spec.path), "moe_layers": list(spec.moe_layers), "home_rank": "sequence_id % world",
+            "world": world}
 
 
 def phase_meta(sequence_ids: np.ndarray, prompt_lengths: np.ndarray) -> dict[str, Any]:
@@ -423,8 +427,9 @@ class RoutingLog:
         self.num_experts, self.num_layers, self.world = spec.num_experts, len(spec.moe_layers), rt.comm.world
         self.prefill = rt.record_prefill = prefill
         self.unit = "prompt and decode token" if prefill else "decode token"  # what the notes count
-        self.meta = {"source": source or routing_source(prefill, http=True), "model": str(spec.path),
-                     "moe_layers": list(spec.moe_layers), "home_rank": "sequence_id % world", "world": rt.comm.world}
+        self.meta = routing_meta(spec, rt.comm.world, prefill, http=True)
+        if source is not None:
+            self.meta["source"] = source
         # never changed once appended (a snapshot is a list copy): dropping replaces list elements
         self.chunks: list[dict[str, np.ndarray]] = []
         self.tokens = 0  # held in chunks
